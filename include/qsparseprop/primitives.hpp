@@ -1,0 +1,153 @@
+// Primitive descriptors and primitives for sparse Linear and Conv2d, in the
+// shape of oneDNN v3: a primitive_desc validates a configuration (and throws
+// std::invalid_argument naming the argument and the rule when it refuses),
+// picks an implementation, and a primitive executes it on a dnnl::stream with
+// dnnl::memory arguments keyed by DNNL_ARG_*.
+//
+// Arguments (all dense tensors f32, plain row-major layouts):
+//   forward          SRC, WEIGHTS (nnz values), BIAS (optional) -> DST,
+//                    WORKSPACE (s8 + forward_training: the quantized SRC,
+//                    which is all backward-weights needs)
+//   backward_data    DIFF_DST, WEIGHTS, QSP_ARG_ROUNDING_SEED (s8) -> DIFF_SRC
+//   backward_weights SRC (f32) or WORKSPACE (s8), DIFF_DST,
+//                    QSP_ARG_ROUNDING_SEED (s8) -> DIFF_WEIGHTS (nnz), DIFF_BIAS
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <unordered_map>
+
+#include <oneapi/dnnl/dnnl.hpp>
+
+#include "qsparseprop/formats.hpp"
+
+namespace qsp {
+
+// A 1-D s32 memory of 2 elements (low, high 32 bits) holding the 64-bit seed
+// of the stochastic rounding of output gradients (s8 scheme only).
+constexpr int QSP_ARG_ROUNDING_SEED = 1 << 24;
+
+enum class prop_kind { forward_training, forward_inference };
+enum class quant_scheme { f32, s8 };
+const char *to_string(quant_scheme s);
+
+struct primitive_attr {
+    // OpenMP team size for this primitive; 0 = omp_get_max_threads().
+    int num_threads = 0;
+};
+
+struct conv2d_geometry {
+    int64_t kernel_h = 1, kernel_w = 1;
+    int64_t stride_h = 1, stride_w = 1;
+    int64_t pad_top = 0, pad_left = 0, pad_bottom = 0, pad_right = 0;
+    int64_t dilation_h = 1, dilation_w = 1; // 1 = dense kernel (torch's convention)
+    int64_t groups = 1;
+};
+
+using exec_args = std::unordered_map<int, dnnl::memory>;
+
+namespace detail {
+struct pd_impl;
+}
+
+// Common part of every primitive descriptor: what the dispatcher chose.
+class primitive_desc_base {
+public:
+    std::string impl_info_str() const;
+    quant_scheme scheme() const;
+    prop_kind prop() const;
+    const csr_pattern &pattern() const;
+    int num_threads() const;
+    dnnl::memory::desc weights_desc() const; // nnz f32 values
+    dnnl::memory::desc workspace_desc() const; // zero-size when none
+    const std::shared_ptr<detail::pd_impl> &impl() const { return impl_; }
+
+protected:
+    std::shared_ptr<detail::pd_impl> impl_;
+};
+
+class primitive_base {
+public:
+    void execute(const dnnl::stream &stream, const exec_args &args) const;
+
+protected:
+    std::shared_ptr<detail::pd_impl> pd_;
+};
+
+// ---- Linear: src B x K, weights N x K (CSR), dst B x N -------------------
+
+struct sparse_linear_forward : primitive_base {
+    struct primitive_desc : primitive_desc_base {
+        primitive_desc(const dnnl::engine &engine, prop_kind prop,
+                const dnnl::memory::desc &src_desc, const csr_pattern &weights,
+                const dnnl::memory::desc &bias_desc, const dnnl::memory::desc &dst_desc,
+                quant_scheme scheme, const primitive_attr &attr = {});
+        primitive_desc(const dnnl::engine &engine, prop_kind prop,
+                const dnnl::memory::desc &src_desc, const csr_pattern &weights,
+                const dnnl::memory::desc &dst_desc, quant_scheme scheme,
+                const primitive_attr &attr = {});
+        dnnl::memory::desc src_desc() const;
+        dnnl::memory::desc dst_desc() const;
+        dnnl::memory::desc bias_desc() const;
+    };
+    explicit sparse_linear_forward(const primitive_desc &pd);
+};
+
+struct sparse_linear_backward_data : primitive_base {
+    struct primitive_desc : primitive_desc_base {
+        primitive_desc(const dnnl::engine &engine, const dnnl::memory::desc &diff_src_desc,
+                const csr_pattern &weights, const dnnl::memory::desc &diff_dst_desc,
+                const sparse_linear_forward::primitive_desc &hint);
+    };
+    explicit sparse_linear_backward_data(const primitive_desc &pd);
+};
+
+struct sparse_linear_backward_weights : primitive_base {
+    struct primitive_desc : primitive_desc_base {
+        // diff_bias_desc may be a zero memory::desc when there is no bias.
+        primitive_desc(const dnnl::engine &engine, const dnnl::memory::desc &src_desc,
+                const csr_pattern &weights, const dnnl::memory::desc &diff_bias_desc,
+                const dnnl::memory::desc &diff_dst_desc,
+                const sparse_linear_forward::primitive_desc &hint);
+    };
+    explicit sparse_linear_backward_weights(const primitive_desc &pd);
+};
+
+// ---- Conv2d: src N x C x H x W, weights OC x (C/groups * KH * KW) (CSR),
+// dst N x OC x OH x OW -------------------------------------------------------
+
+struct sparse_conv2d_forward : primitive_base {
+    struct primitive_desc : primitive_desc_base {
+        primitive_desc(const dnnl::engine &engine, prop_kind prop,
+                const dnnl::memory::desc &src_desc, const csr_pattern &weights,
+                const dnnl::memory::desc &bias_desc, const dnnl::memory::desc &dst_desc,
+                const conv2d_geometry &geometry, quant_scheme scheme,
+                const primitive_attr &attr = {});
+        dnnl::memory::desc src_desc() const;
+        dnnl::memory::desc dst_desc() const;
+        const conv2d_geometry &geometry() const;
+    };
+    explicit sparse_conv2d_forward(const primitive_desc &pd);
+};
+
+struct sparse_conv2d_backward_data : primitive_base {
+    struct primitive_desc : primitive_desc_base {
+        primitive_desc(const dnnl::engine &engine, const dnnl::memory::desc &diff_src_desc,
+                const csr_pattern &weights, const dnnl::memory::desc &diff_dst_desc,
+                const sparse_conv2d_forward::primitive_desc &hint);
+    };
+    explicit sparse_conv2d_backward_data(const primitive_desc &pd);
+};
+
+struct sparse_conv2d_backward_weights : primitive_base {
+    struct primitive_desc : primitive_desc_base {
+        primitive_desc(const dnnl::engine &engine, const dnnl::memory::desc &src_desc,
+                const csr_pattern &weights, const dnnl::memory::desc &diff_bias_desc,
+                const dnnl::memory::desc &diff_dst_desc,
+                const sparse_conv2d_forward::primitive_desc &hint);
+    };
+    explicit sparse_conv2d_backward_weights(const primitive_desc &pd);
+};
+
+} // namespace qsp

@@ -1,0 +1,55 @@
+// The int8 ("s8") training scheme, stated once so that every implementation
+// (reference, JIT, quantized-dense, the Python prototype) computes the same
+// integers. See docs/quantization.md for the derivation and error bounds.
+//
+//   weights    Wq[n,j] = clamp(rne(W[n,j] / sw[n]), -127, 127),
+//              sw[n] = max_j |W[n,j]| / 127   (per output channel)
+//   activations Xq = clamp(rne(X / sx)), sx = max |X| / 127 (per tensor: one
+//              scale serves the forward reduction over k *and* the
+//              backward-weights reduction over the batch)
+//   grads for dW  G1 = clamp(sr(dY / sg1)), sg1 = max |dY| / 127
+//   grads for dX  G2 = clamp(sr(dY[.,n] * sw[n] / sg2)), sg2 = max |dY*sw| / 127
+//              (the weight's per-channel scale is folded into the gradient,
+//              so the backward-data reduction over n is a pure integer sum)
+//   forward     Y[b,n]  = float(sum_k Xq Wq) * (sx * sw[n]) + bias[n]
+//   bwd-data    dX[b,k] = float(sum_n G2 Wq) * sg2
+//   bwd-weights dW[n,k] = float(sum_b G1 Xq) * (sg1 * sx)   (only at nonzeros)
+//   bwd-bias    db[n]   = sum_b dY[b,n] in fp32 (cheap, exact enough)
+//
+// rne = round half to even; sr = stochastic rounding floor(v + u) with u from
+// stochastic_rounding_noise(seed, flat index): counter based, so the result
+// does not depend on the thread count or the order of work. A scale of 0
+// (all-zero tensor) quantizes to zeros. Sums are exact integers: an int32
+// accumulator is only valid for int32_safe_reduction_length terms
+// (127 * 255 * L < 2^31 also covers a u8-shifted VNNI operand); longer
+// reductions are split into such pieces and the pieces added in int64.
+#pragma once
+
+#include <cstdint>
+
+namespace qsp {
+
+constexpr int quant_max = 127;
+constexpr int64_t int32_safe_reduction_length = 65536;
+
+inline uint32_t mix32(uint32_t x) {
+    // "lowbias32" integer hash: full avalanche, cheap in SIMD and in torch.
+    x ^= x >> 16;
+    x *= 0x7feb352du;
+    x ^= x >> 15;
+    x *= 0x846ca68bu;
+    x ^= x >> 16;
+    return x;
+}
+
+inline uint32_t rounding_seed32(uint64_t seed) {
+    return mix32(static_cast<uint32_t>(seed) ^ mix32(static_cast<uint32_t>(seed >> 32) + 0x9e3779b9u));
+}
+
+// Uniform in [0, 1) with 24 bits, exactly representable in fp32.
+inline float stochastic_rounding_noise(uint32_t seed32, uint64_t index) {
+    uint32_t h = mix32(static_cast<uint32_t>(index) ^ seed32);
+    return static_cast<float>(h >> 8) * (1.0f / 16777216.0f);
+}
+
+} // namespace qsp

@@ -1,0 +1,37 @@
+#include "jit/jit_generator.hpp"
+
+#include <atomic>
+#include <cstdio>
+#include <cstdlib>
+#include <stdexcept>
+
+namespace qsp::jit {
+
+jit_generator::jit_generator(std::string name, size_t max_code_size)
+    // DontSetProtectRWE: Xbyak would otherwise map the buffer RWX.
+    : Xbyak::CodeGenerator(max_code_size, Xbyak::DontSetProtectRWE), name_(std::move(name)) {}
+
+const void *jit_generator::create_kernel() {
+    if (sealed_) throw std::logic_error("jit_generator::create_kernel called twice for " + name_);
+    generate();
+    ready(); // resolves labels while still writable
+    setProtectModeRE();
+    sealed_ = true;
+    dump();
+    return getCode();
+}
+
+void jit_generator::dump() const {
+    const char *env = std::getenv("QSP_JIT_DUMP");
+    if (!env || !*env || *env == '0') return;
+    static std::atomic<int> counter{0};
+    const char *dir = std::getenv("QSP_JIT_DUMP_DIR");
+    const std::string path = std::string(dir && *dir ? dir : ".") + "/qsp_jit_" + name_ + "."
+            + std::to_string(counter++) + ".bin";
+    if (FILE *f = std::fopen(path.c_str(), "wb")) {
+        std::fwrite(getCode(), 1, getSize(), f);
+        std::fclose(f);
+    }
+}
+
+} // namespace qsp::jit

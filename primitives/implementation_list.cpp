@@ -1,0 +1,14 @@
+// The ordered list of implementations, the one place a new kernel family is
+// registered (XNNPACK-style): faster ones first, the reference last. The
+// first whose why_not() is empty wins; QSP_VERBOSE=dispatch prints the rest.
+#include "primitives/primitive_impl.hpp"
+#include "primitives/ref/ref_implementation.hpp"
+
+namespace qsp::detail {
+
+const std::vector<implementation> &implementation_list() {
+    static const std::vector<implementation> list = {ref_implementation()};
+    return list;
+}
+
+} // namespace qsp::detail

@@ -1,0 +1,76 @@
+#include "qsparseprop/runtime.hpp"
+
+#include <algorithm>
+#include <atomic>
+#include <cctype>
+#include <cstdlib>
+#include <stdexcept>
+
+#include <xbyak/xbyak_util.h>
+
+namespace qsp {
+
+namespace {
+
+cpu_isa detect() {
+    Xbyak::util::Cpu cpu;
+    using C = Xbyak::util::Cpu;
+    const bool avx512_core = cpu.has(C::tAVX512F) && cpu.has(C::tAVX512BW)
+            && cpu.has(C::tAVX512VL) && cpu.has(C::tAVX512DQ);
+    if (avx512_core && cpu.has(C::tAVX512_VNNI)) return cpu_isa::avx512_core_vnni;
+    if (avx512_core) return cpu_isa::avx512_core;
+    if (cpu.has(C::tAVX2) && cpu.has(C::tFMA)) return cpu_isa::avx2;
+    return cpu_isa::ref;
+}
+
+// -1 = not read yet; the environment is read once, at first use, like
+// oneDNN's ONEDNN_MAX_CPU_ISA.
+std::atomic<int> max_isa_cap{-1};
+
+cpu_isa cap() {
+    int c = max_isa_cap.load();
+    if (c < 0) {
+        const char *env = std::getenv("QSP_MAX_CPU_ISA");
+        int from_env = static_cast<int>(cpu_isa::avx512_core_vnni);
+        if (env && *env) from_env = static_cast<int>(cpu_isa_from_string(env));
+        max_isa_cap.compare_exchange_strong(c, from_env);
+        c = max_isa_cap.load();
+    }
+    return static_cast<cpu_isa>(c);
+}
+
+} // namespace
+
+const char *to_string(cpu_isa isa) {
+    switch (isa) {
+        case cpu_isa::ref: return "ref";
+        case cpu_isa::avx2: return "avx2";
+        case cpu_isa::avx512_core: return "avx512_core";
+        case cpu_isa::avx512_core_vnni: return "avx512_core_vnni";
+    }
+    return "unknown";
+}
+
+cpu_isa cpu_isa_from_string(const std::string &name) {
+    std::string n(name);
+    std::transform(n.begin(), n.end(), n.begin(), [](unsigned char ch) { return std::tolower(ch); });
+    if (n == "ref" || n == "none") return cpu_isa::ref;
+    if (n == "avx2") return cpu_isa::avx2;
+    if (n == "avx512_core" || n == "avx512") return cpu_isa::avx512_core;
+    if (n == "avx512_vnni" || n == "avx512_core_vnni" || n == "all") return cpu_isa::avx512_core_vnni;
+    throw std::invalid_argument("QSP_MAX_CPU_ISA: unknown ISA '" + name
+            + "'; accepted: ref, avx2, avx512_core, avx512_vnni (or avx512_core_vnni), all");
+}
+
+cpu_isa detected_cpu_isa() {
+    static const cpu_isa isa = detect();
+    return isa;
+}
+
+cpu_isa effective_cpu_isa() { return std::min(detected_cpu_isa(), cap()); }
+
+void set_max_cpu_isa(cpu_isa c) { max_isa_cap.store(static_cast<int>(c)); }
+
+const char *version() { return QSP_VERSION_STRING; }
+
+} // namespace qsp

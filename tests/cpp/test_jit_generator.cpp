@@ -1,0 +1,76 @@
+// The generator base: generated code runs, and its pages are never
+// writable and executable at the same time.
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <sstream>
+#include <string>
+
+#include <gtest/gtest.h>
+
+#include "jit/jit_generator.hpp"
+
+namespace qsp::test {
+
+namespace {
+
+class return_constant_kernel : public jit::jit_generator {
+public:
+    explicit return_constant_kernel(int value) : jit_generator("return_constant", 4096), value_(value) {}
+
+private:
+    void generate() override {
+        mov(eax, value_);
+        ret();
+    }
+    int value_;
+};
+
+// Permissions ("r-xp", ...) of the mapping that holds addr.
+std::string permissions_of(const void *addr) {
+    std::ifstream maps("/proc/self/maps");
+    std::string line;
+    const auto a = reinterpret_cast<uintptr_t>(addr);
+    while (std::getline(maps, line)) {
+        uintptr_t lo, hi;
+        char perms[8] = {};
+        if (std::sscanf(line.c_str(), "%lx-%lx %7s", &lo, &hi, perms) == 3 && a >= lo && a < hi)
+            return perms;
+    }
+    return "";
+}
+
+} // namespace
+
+TEST(JitGenerator, generated_code_runs_and_is_never_writable_and_executable) {
+    return_constant_kernel k(42);
+    const void *entry = k.create_kernel();
+    EXPECT_EQ(k.entry<int (*)()>()(), 42);
+    const std::string perms = permissions_of(entry);
+    ASSERT_EQ(perms.size(), 4u) << "code page not found in /proc/self/maps";
+    EXPECT_EQ(perms[0], 'r');
+    EXPECT_EQ(perms[1], '-') << "code is writable: " << perms;
+    EXPECT_EQ(perms[2], 'x');
+    EXPECT_THROW(k.create_kernel(), std::logic_error);
+}
+
+TEST(JitGenerator, dump_writes_the_code_for_objdump) {
+    const std::string dir = ::testing::TempDir();
+    setenv("QSP_JIT_DUMP", "1", 1);
+    setenv("QSP_JIT_DUMP_DIR", dir.c_str(), 1);
+    return_constant_kernel k(7);
+    k.create_kernel();
+    unsetenv("QSP_JIT_DUMP");
+    bool found = false;
+    for (int i = 0; i < 16 && !found; ++i) {
+        std::ifstream f(dir + "/qsp_jit_return_constant." + std::to_string(i) + ".bin", std::ios::binary);
+        if (!f) continue;
+        std::stringstream bytes;
+        bytes << f.rdbuf();
+        found = bytes.str() == std::string(reinterpret_cast<const char *>(k.code()), k.code_size());
+    }
+    EXPECT_TRUE(found);
+}
+
+} // namespace qsp::test

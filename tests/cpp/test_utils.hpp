@@ -1,0 +1,89 @@
+// Shared helpers of the C++ tests: random sparse weights with forced empty
+// and full rows, dnnl memory wrappers, and tolerance checks.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <random>
+#include <vector>
+
+#include <gtest/gtest.h>
+#include <oneapi/dnnl/dnnl.hpp>
+
+#include "qsparseprop/qsparseprop.hpp"
+
+namespace qsp::test {
+
+inline std::vector<float> random_vector(size_t n, std::mt19937 &rng, float lo = -1.f, float hi = 1.f) {
+    std::uniform_real_distribution<float> d(lo, hi);
+    std::vector<float> v(n);
+    for (auto &x : v)
+        x = d(rng);
+    return v;
+}
+
+// rows x cols dense matrix with about `sparsity` zeros; when rows >= 3 and the
+// sparsity is strictly between 0 and 1, row 0 is forced empty and row 1 full,
+// the two edges a row-wise kernel must get right.
+inline std::vector<float> random_sparse_dense(int64_t rows, int64_t cols, double sparsity,
+        std::mt19937 &rng) {
+    std::uniform_real_distribution<float> val(-1.f, 1.f);
+    std::uniform_real_distribution<double> u(0.0, 1.0);
+    std::vector<float> w(static_cast<size_t>(rows * cols));
+    for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < cols; ++c) {
+            bool keep = u(rng) >= sparsity;
+            if (rows >= 3 && sparsity > 0 && sparsity < 1) keep = r == 0 ? false : r == 1 ? true : keep;
+            float x = val(rng);
+            if (x == 0.f) x = 0.5f; // a kept weight must not be an accidental zero
+            w[r * cols + c] = keep ? x : 0.f;
+        }
+    return w;
+}
+
+inline dnnl::memory wrap(const dnnl::engine &eng, const dnnl::memory::desc &md, const void *data) {
+    return dnnl::memory(md, eng, const_cast<void *>(data));
+}
+
+inline dnnl::memory::desc f32_desc(const dnnl::memory::dims &dims) {
+    dnnl::memory::dims strides(dims.size(), 1);
+    for (int i = static_cast<int>(dims.size()) - 2; i >= 0; --i)
+        strides[i] = strides[i + 1] * dims[i + 1];
+    return dnnl::memory::desc(dims, dnnl::memory::data_type::f32, strides);
+}
+
+inline dnnl::memory seed_memory(const dnnl::engine &eng, std::vector<int32_t> &storage, uint64_t seed) {
+    storage = {static_cast<int32_t>(static_cast<uint32_t>(seed)),
+            static_cast<int32_t>(static_cast<uint32_t>(seed >> 32))};
+    return dnnl::memory(dnnl::memory::desc({2}, dnnl::memory::data_type::s32, dnnl::memory::dims{1}),
+            eng, storage.data());
+}
+
+// |got - want| <= rel * magnitude + abs, where magnitude is the sum of
+// |terms| of the reduction (so cancellation does not make the check brittle).
+inline void expect_close(const std::vector<float> &got, const std::vector<double> &want,
+        const std::vector<double> &magnitude, double rel, const char *what) {
+    ASSERT_EQ(got.size(), want.size()) << what;
+    int reported = 0;
+    for (size_t i = 0; i < got.size(); ++i) {
+        const double tol = rel * magnitude[i] + 1e-6;
+        if (!(std::fabs(got[i] - want[i]) <= tol) && reported++ < 5)
+            ADD_FAILURE() << what << "[" << i << "]: got " << got[i] << ", want " << want[i]
+                          << " (tol " << tol << ")";
+    }
+}
+
+// Every ISA level up to the detected one, so each test runs on each tier.
+inline std::vector<cpu_isa> isa_levels() {
+    std::vector<cpu_isa> out;
+    for (int i = 0; i <= static_cast<int>(detected_cpu_isa()); ++i)
+        out.push_back(static_cast<cpu_isa>(i));
+    return out;
+}
+
+struct isa_cap_guard {
+    explicit isa_cap_guard(cpu_isa isa) { set_max_cpu_isa(isa); }
+    ~isa_cap_guard() { set_max_cpu_isa(cpu_isa::avx512_core_vnni); }
+};
+
+} // namespace qsp::test
