@@ -1,0 +1,268 @@
+"""torch.library custom ops over the C++ primitives, with autograd.
+
+Each layer owns a C++ kernel object (its pattern and cached primitives);
+ops find it by an integer id, so the op schemas hold only tensors and
+scalars (``torch.compile`` and ``gradcheck`` work on them). Saved for
+backward: the f32 input (f32) or the int8 workspace (s8: a quarter of the
+memory).
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import weakref
+from typing import Any
+
+import torch
+
+from . import _C
+
+_registry: dict[int, Any] = {}
+_registry_lock = threading.Lock()
+_next_id = itertools.count(1)
+
+
+def register_kernel(owner: object, kernel: Any) -> int:
+    """Registers ``kernel`` for as long as ``owner`` lives; returns its id."""
+    kid = next(_next_id)
+    with _registry_lock:
+        _registry[kid] = kernel
+    weakref.finalize(owner, _registry.pop, kid, None)
+    return kid
+
+
+def unregister_kernel(kid: int) -> None:
+    with _registry_lock:
+        _registry.pop(kid, None)
+
+
+def kernel_of(kid: int) -> Any:
+    try:
+        return _registry[kid]
+    except KeyError:
+        raise ValueError(f"qsparseprop kernel id {kid} is not registered (its layer was freed)")
+
+
+def _np(t: torch.Tensor | None):
+    return None if t is None else t.detach().numpy()
+
+
+def _empty(dtype=torch.float32) -> torch.Tensor:
+    return torch.empty(0, dtype=dtype)
+
+
+def _threads() -> int:
+    return torch.get_num_threads()
+
+
+# ---- Linear -------------------------------------------------------------------
+
+
+@torch.library.custom_op("qsparseprop::linear_forward", mutates_args=())
+def linear_forward(
+    x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None, kid: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """y = x @ W.T + bias for a 2-D contiguous float32 x; returns (y, workspace)."""
+    k = kernel_of(kid)
+    batch = x.shape[0]
+    y = torch.empty(batch, k.out_features, dtype=torch.float32)
+    ws = torch.empty(k.workspace_bytes(batch, _threads()), dtype=torch.uint8)
+    k.forward(_np(x), _np(values), _np(bias), y.numpy(), ws.numpy() if ws.numel() else None, _threads())
+    return y, ws
+
+
+@linear_forward.register_fake
+def _(x, values, bias, kid, seed):
+    k = kernel_of(kid)
+    return x.new_empty(x.shape[0], k.out_features), x.new_empty(0, dtype=torch.uint8)
+
+
+@torch.library.custom_op("qsparseprop::linear_backward", mutates_args=())
+def linear_backward(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    workspace: torch.Tensor,
+    values: torch.Tensor,
+    kid: int,
+    seed: int,
+    need_input_grad: bool,
+    need_values_grad: bool,
+    need_bias_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    k = kernel_of(kid)
+    batch = grad_y.shape[0]
+    dx, dv, db = _empty(), _empty(), _empty()
+    if need_input_grad:
+        dx = torch.empty(batch, k.in_features, dtype=torch.float32)
+        k.backward_data(_np(grad_y), _np(values), dx.numpy(), seed, _threads())
+    if need_values_grad or need_bias_grad:
+        dv = torch.empty_like(values)
+        db = torch.empty(k.out_features, dtype=torch.float32) if k.with_bias else _empty()
+        k.backward_weights(
+            _np(x) if x.numel() or k.scheme == "f32" else None,
+            _np(workspace) if workspace.numel() else None,
+            _np(grad_y),
+            dv.detach().numpy(),
+            db.numpy() if k.with_bias else None,
+            seed,
+            _threads(),
+        )
+    return dx, dv, db
+
+
+@linear_backward.register_fake
+def _(grad_y, x, workspace, values, kid, seed, need_input_grad, need_values_grad, need_bias_grad):
+    k = kernel_of(kid)
+    dx = grad_y.new_empty(grad_y.shape[0], k.in_features) if need_input_grad else grad_y.new_empty(0)
+    dv = values.new_empty(values.shape) if (need_values_grad or need_bias_grad) else values.new_empty(0)
+    db = grad_y.new_empty(k.out_features) if k.with_bias and (need_values_grad or need_bias_grad) else grad_y.new_empty(0)
+    return dx, dv, db
+
+
+def _linear_setup(ctx, inputs, output):
+    x, values, bias, kid, seed = inputs
+    _, ws = output
+    k = kernel_of(kid)
+    # s8 keeps only the int8 workspace; f32 keeps the input.
+    ctx.save_for_backward(x if k.scheme == "f32" else _empty(), ws, values)
+    ctx.kid, ctx.seed, ctx.has_bias = kid, seed, bias is not None
+
+
+def _linear_backward(ctx, grad_y, grad_ws):
+    x, ws, values = ctx.saved_tensors
+    dx, dv, db = linear_backward(
+        grad_y.contiguous(), x, ws, values, ctx.kid, ctx.seed,
+        ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2],
+    )
+    return (
+        dx if ctx.needs_input_grad[0] else None,
+        dv if ctx.needs_input_grad[1] else None,
+        db if ctx.has_bias and ctx.needs_input_grad[2] else None,
+        None,
+        None,
+    )
+
+
+torch.library.register_autograd(
+    "qsparseprop::linear_forward", _linear_backward, setup_context=_linear_setup
+)
+
+
+# ---- Conv2d -------------------------------------------------------------------
+
+
+@torch.library.custom_op("qsparseprop::conv2d_forward", mutates_args=())
+def conv2d_forward(
+    x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None, kid: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse conv2d of a 4-D contiguous float32 NCHW x; returns (y, workspace)."""
+    k = kernel_of(kid)
+    oh, ow = k.output_hw(x.shape[2], x.shape[3])
+    y = torch.empty(x.shape[0], k.out_channels, oh, ow, dtype=torch.float32)
+    ws = torch.empty(k.workspace_bytes(list(x.shape), _threads()), dtype=torch.uint8)
+    k.forward(_np(x), _np(values), _np(bias), y.numpy(), ws.numpy() if ws.numel() else None, _threads())
+    return y, ws
+
+
+@conv2d_forward.register_fake
+def _(x, values, bias, kid, seed):
+    k = kernel_of(kid)
+    oh, ow = k.output_hw(x.shape[2], x.shape[3])
+    return x.new_empty(x.shape[0], k.out_channels, oh, ow), x.new_empty(0, dtype=torch.uint8)
+
+
+@torch.library.custom_op("qsparseprop::conv2d_backward", mutates_args=())
+def conv2d_backward(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    workspace: torch.Tensor,
+    values: torch.Tensor,
+    input_shape: list[int],
+    kid: int,
+    seed: int,
+    need_input_grad: bool,
+    need_values_grad: bool,
+    need_bias_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    k = kernel_of(kid)
+    dx, dv, db = _empty(), _empty(), _empty()
+    if need_input_grad:
+        dx = torch.empty(input_shape, dtype=torch.float32)
+        k.backward_data(_np(grad_y), _np(values), dx.numpy(), seed, _threads())
+    if need_values_grad or need_bias_grad:
+        dv = torch.empty_like(values)
+        db = torch.empty(k.out_channels, dtype=torch.float32) if k.with_bias else _empty()
+        k.backward_weights(
+            _np(x) if k.scheme == "f32" else None,
+            _np(workspace) if workspace.numel() else None,
+            _np(grad_y),
+            dv.detach().numpy(),
+            db.numpy() if k.with_bias else None,
+            list(input_shape),
+            seed,
+            _threads(),
+        )
+    return dx, dv, db
+
+
+@conv2d_backward.register_fake
+def _(grad_y, x, workspace, values, input_shape, kid, seed, need_input_grad, need_values_grad, need_bias_grad):
+    k = kernel_of(kid)
+    need_w = need_values_grad or need_bias_grad
+    dx = grad_y.new_empty(input_shape) if need_input_grad else grad_y.new_empty(0)
+    dv = values.new_empty(values.shape) if need_w else values.new_empty(0)
+    db = grad_y.new_empty(k.out_channels) if k.with_bias and need_w else grad_y.new_empty(0)
+    return dx, dv, db
+
+
+def _conv_setup(ctx, inputs, output):
+    x, values, bias, kid, seed = inputs
+    _, ws = output
+    k = kernel_of(kid)
+    ctx.save_for_backward(x if k.scheme == "f32" else _empty(), ws, values)
+    ctx.kid, ctx.seed, ctx.has_bias, ctx.input_shape = kid, seed, bias is not None, list(x.shape)
+
+
+def _conv_backward(ctx, grad_y, grad_ws):
+    x, ws, values = ctx.saved_tensors
+    dx, dv, db = conv2d_backward(
+        grad_y.contiguous(), x, ws, values, ctx.input_shape, ctx.kid, ctx.seed,
+        ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2],
+    )
+    return (
+        dx if ctx.needs_input_grad[0] else None,
+        dv if ctx.needs_input_grad[1] else None,
+        db if ctx.has_bias and ctx.needs_input_grad[2] else None,
+        None,
+        None,
+    )
+
+
+torch.library.register_autograd(
+    "qsparseprop::conv2d_forward", _conv_backward, setup_context=_conv_setup
+)
+
+
+def make_linear_kernel(in_features, out_features, row_ptr, col_idx, scheme, with_bias):
+    k = _C.LinearKernel(in_features, out_features, _np(row_ptr), _np(col_idx), scheme, with_bias)
+    return _KernelHandle(k, in_features=in_features, out_features=out_features, with_bias=with_bias)
+
+
+def make_conv2d_kernel(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                       row_ptr, col_idx, scheme, with_bias):
+    k = _C.Conv2dKernel(in_channels, out_channels, list(kernel_size), list(stride), list(padding),
+                        list(dilation), groups, _np(row_ptr), _np(col_idx), scheme, with_bias)
+    return _KernelHandle(k, in_channels=in_channels, out_channels=out_channels, with_bias=with_bias)
+
+
+class _KernelHandle:
+    """The C++ kernel plus the facts the ops need about the layer."""
+
+    def __init__(self, kernel, **facts):
+        self._k = kernel
+        self.__dict__.update(facts)
+        self.scheme = kernel.scheme
+
+    def __getattr__(self, name):
+        return getattr(self._k, name)

@@ -1,0 +1,421 @@
+"""Sparse layers: drop-in replacements for ``nn.Linear`` and ``nn.Conv2d``.
+
+The trainable parameters are the nonzero values (``values``, an
+``nn.Parameter`` of nnz elements); the pattern lives in int buffers
+(``row_ptr``, ``col_idx``), so ``state_dict``, ``.to()``, ``deepcopy`` and
+pickling work as for any module, and pruned weights stay exactly zero for
+the whole fine-tune (they have no parameter to update).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import _ops
+
+_SCHEMES = ("f32", "s8")
+
+
+# ---- pattern extraction ----------------------------------------------------------
+
+
+def _mask_and_weight(module: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The pruning mask (if the module has one) and the effective weight.
+
+    Understands ``torch.nn.utils.prune`` (``weight_orig`` * ``weight_mask``)
+    and parametrizations with a ``mask`` attribute (``torch.ao.pruning``'s
+    FakeSparsity); otherwise there is no mask and the nonzeros define the
+    pattern.
+    """
+    weight = module.weight.detach()
+    mask = getattr(module, "weight_mask", None)
+    if mask is None and hasattr(module, "parametrizations") and "weight" in module.parametrizations:
+        for p in module.parametrizations["weight"]:
+            if hasattr(p, "mask"):
+                mask = p.mask if mask is None else mask * p.mask
+    return (None if mask is None else mask.detach() != 0), weight
+
+
+def _csr_from(weight2d: torch.Tensor, mask2d: torch.Tensor | None, threshold: float):
+    if threshold < 0:
+        raise ValueError(f"threshold must be >= 0, got {threshold}")
+    w = weight2d.detach().to(torch.float32).contiguous()
+    if mask2d is not None:
+        row_ptr, col_idx = _ops._C.csr_from_mask(mask2d.to(torch.uint8).contiguous().numpy())
+    else:
+        row_ptr, col_idx = _ops._C.csr_from_dense(w.numpy(), float(threshold))
+    row_ptr = torch.from_numpy(row_ptr)
+    col_idx = torch.from_numpy(col_idx)
+    rows = torch.repeat_interleave(torch.arange(w.shape[0]), row_ptr.diff())
+    values = w[rows, col_idx.long()].clone()
+    return row_ptr, col_idx, values
+
+
+def _as_index_tensor(t, name: str, dtype: torch.dtype) -> torch.Tensor:
+    t = torch.as_tensor(t)
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integers, got dtype {t.dtype}")
+    if t.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
+    if t.dtype != dtype:
+        info = torch.iinfo(dtype)
+        if t.numel() and (int(t.min()) < info.min or int(t.max()) > info.max):
+            raise ValueError(f"{name} has values outside the {dtype} range")
+    return t.to(device="cpu", dtype=dtype).contiguous()
+
+
+# ---- shared base ----------------------------------------------------------------
+
+
+class _SparseModule(nn.Module):
+    """Pattern buffers, values parameter, kernel lifetime and input checks."""
+
+    scheme = "f32"
+    prototype = False
+
+    def _init_sparse(self, rows, cols, row_ptr, col_idx, values, bias, seed: int):
+        row_ptr = _as_index_tensor(row_ptr, "row_ptr", torch.int64)
+        col_idx = _as_index_tensor(col_idx, "col_idx", torch.int32)
+        _ops._C.validate_csr(rows, cols, row_ptr.numpy(), col_idx.numpy())  # ValueError if malformed
+        values = torch.as_tensor(values)
+        if not values.is_floating_point():
+            raise TypeError(f"values must be a floating tensor, got dtype {values.dtype}")
+        if values.shape != (col_idx.numel(),):
+            raise ValueError(
+                f"values must have shape ({col_idx.numel()},) (one per column index), got {tuple(values.shape)}"
+            )
+        self.register_buffer("row_ptr", row_ptr)
+        self.register_buffer("col_idx", col_idx)
+        self.values = nn.Parameter(values.detach().to(torch.float32).clone())
+        if bias is None:
+            self.register_parameter("bias", None)
+        else:
+            bias = torch.as_tensor(bias)
+            if bias.shape != (rows,):
+                raise ValueError(f"bias must have shape ({rows},), got {tuple(bias.shape)}")
+            self.bias = nn.Parameter(bias.detach().to(torch.float32).clone())
+        if not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        self.seed = seed
+        self._step = 0
+        self._kernel_key = None
+        self._kid = None
+
+    @property
+    def nnz(self) -> int:
+        return self.col_idx.numel()
+
+    @property
+    def density(self) -> float:
+        total = self._rows() * self._cols()
+        return self.nnz / total if total else 0.0
+
+    def _rows(self) -> int:
+        raise NotImplementedError
+
+    def _cols(self) -> int:
+        raise NotImplementedError
+
+    def _make_kernel(self):
+        raise NotImplementedError
+
+    def _kernel_id(self) -> int:
+        # Rebuilt when the pattern buffers change (load_state_dict, .to()).
+        key = (self.row_ptr.data_ptr(), self.col_idx.data_ptr(), self.row_ptr._version,
+               self.col_idx._version, self.bias is not None)
+        if key != self._kernel_key:
+            if self._kid is not None:
+                _ops.unregister_kernel(self._kid)
+            self._kid = _ops.register_kernel(self, self._make_kernel())
+            self._kernel_key = key
+        return self._kid
+
+    def _next_seed(self) -> int:
+        # A fresh rounding stream per training step, reproducible from self.seed.
+        if self.training and torch.is_grad_enabled():
+            self._step += 1
+        return (self.seed * 0x9E3779B1 + self._step) & ((1 << 63) - 1)
+
+    def _dense_weight_2d(self) -> torch.Tensor:
+        rows = torch.repeat_interleave(torch.arange(self._rows()), self.row_ptr.diff())
+        dense = self.values.new_zeros(self._rows(), self._cols())
+        return dense.index_put((rows, self.col_idx.long()), self.values)
+
+    def _check_input(self, x, ndims: tuple[int, ...], what: str) -> torch.Tensor:
+        name = type(self).__name__
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name}: input must be a torch.Tensor, got {type(x).__name__}")
+        if x.device.type != "cpu":
+            raise ValueError(f"{name}: input must be on the CPU (qsparseprop runs on x86 CPUs), got device {x.device}")
+        if x.dtype != torch.float32:
+            if x.dtype in (torch.bfloat16, torch.float16) and torch.is_autocast_enabled("cpu"):
+                x = x.float()  # under autocast we compute in f32/s8 and return f32
+            else:
+                raise TypeError(
+                    f"{name}: input must be float32, got {x.dtype} (convert with .float(); "
+                    "bfloat16/float16 are accepted only under torch.autocast('cpu'))"
+                )
+        if x.dim() not in ndims:
+            raise ValueError(f"{name}: input must be {what}, got shape {tuple(x.shape)}")
+        if self.values.dtype != torch.float32:
+            raise TypeError(f"{name}: values must be float32, got {self.values.dtype} (the layer was cast; use .float())")
+        return x
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_kid"] = None  # C++ kernels are rebuilt on first use
+        state["_kernel_key"] = None
+        return state
+
+
+# ---- Linear ---------------------------------------------------------------------
+
+
+class SparseLinear(_SparseModule):
+    """``y = x Wᵀ + b`` with a CSR-sparse ``W`` (out_features x in_features), in f32.
+
+    Example:
+        >>> import torch
+        >>> from qsparseprop import SparseLinear
+        >>> dense = torch.nn.Linear(64, 32)
+        >>> with torch.no_grad():
+        ...     dense.weight[dense.weight.abs() < 0.1] = 0
+        >>> layer = SparseLinear.from_dense(dense)
+        >>> layer(torch.randn(8, 64)).shape
+        torch.Size([8, 32])
+    """
+
+    def __init__(self, in_features: int, out_features: int, row_ptr, col_idx, values,
+                 bias=None, seed: int = 0):
+        super().__init__()
+        for n, v in (("in_features", in_features), ("out_features", out_features)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{n} must be a positive int, got {v!r}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self._init_sparse(out_features, in_features, row_ptr, col_idx, values, bias, seed)
+
+    @classmethod
+    def from_dense(cls, module: nn.Linear, threshold: float = 0.0, seed: int = 0) -> "SparseLinear":
+        """Converts an ``nn.Linear``; a pruning mask, if any, defines the pattern,
+        else the entries with ``|w| > threshold``."""
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"module must be a torch.nn.Linear, got {type(module).__name__}")
+        mask, weight = _mask_and_weight(module)
+        row_ptr, col_idx, values = _csr_from(weight, mask, threshold)
+        bias = None if module.bias is None else module.bias.detach()
+        return cls(module.in_features, module.out_features, row_ptr, col_idx, values, bias, seed)
+
+    def to_dense(self) -> nn.Linear:
+        """A dense ``nn.Linear`` with the same weights (zeros where pruned)."""
+        m = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        with torch.no_grad():
+            m.weight.copy_(self._dense_weight_2d())
+            if self.bias is not None:
+                m.bias.copy_(self.bias)
+        return m
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight (a differentiable view built from ``values``)."""
+        return self._dense_weight_2d()
+
+    def _rows(self):
+        return self.out_features
+
+    def _cols(self):
+        return self.in_features
+
+    def _make_kernel(self):
+        return _ops.make_linear_kernel(self.in_features, self.out_features, self.row_ptr,
+                                       self.col_idx, self.scheme, self.bias is not None)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        x = self._check_input(input, tuple(range(1, 9)), "at least 1-D (..., in_features)")
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"{type(self).__name__}: input's last dimension must be in_features="
+                f"{self.in_features}, got shape {tuple(x.shape)}"
+            )
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if x2.shape[0] == 0:
+            return F.linear(x, self._dense_weight_2d(), self.bias)
+        y = self._compute(x2.contiguous())
+        return y.reshape(*lead, self.out_features)
+
+    def _compute(self, x2: torch.Tensor) -> torch.Tensor:
+        y, _ = _ops.linear_forward(x2, self.values, self.bias, self._kernel_id(), self._next_seed())
+        return y
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, density={self.density:.4f}, scheme={self.scheme}")
+
+
+class QuantizedSparseLinear(SparseLinear):
+    """``SparseLinear`` computing in the int8 scheme (docs/quantization.md):
+    int8 weights (per output channel), activations (saved for backward in
+    int8) and output gradients (stochastic rounding seeded by ``seed``)."""
+
+    scheme = "s8"
+
+
+# ---- Conv2d ---------------------------------------------------------------------
+
+
+def _pair(v, name: str) -> tuple[int, int]:
+    t = (v, v) if isinstance(v, int) else tuple(v)
+    if len(t) != 2 or not all(isinstance(i, int) for i in t):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
+    return t
+
+
+def _resolve_padding(padding, kernel_size, dilation) -> tuple[int, int, int, int]:
+    """(top, left, bottom, right) from torch's padding argument."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0, 0, 0)
+        if padding == "same":
+            total = [d * (k - 1) for k, d in zip(kernel_size, dilation)]
+            # torch puts the odd pixel at the bottom / right
+            return (total[0] // 2, total[1] // 2, total[0] - total[0] // 2, total[1] - total[1] // 2)
+        raise ValueError(f"padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
+    ph, pw = _pair(padding, "padding")
+    return (ph, pw, ph, pw)
+
+
+class SparseConv2d(_SparseModule):
+    """2-D convolution with a CSR-sparse weight: one row per output channel,
+    columns over (in_channel/groups, kh, kw). Supports stride, zero padding
+    (including 'same'/'valid'), dilation and groups, like ``nn.Conv2d``.
+
+    ``vectorizing_over_on`` picks the JIT kernels' inner dimension (True: the
+    output width, for large images; False: the batch; None: decided per
+    layer). The reference kernels are correct for either.
+
+    Example:
+        >>> import torch
+        >>> from qsparseprop import SparseConv2d
+        >>> conv = torch.nn.Conv2d(8, 16, 3, padding=1)
+        >>> layer = SparseConv2d.from_dense(conv, threshold=0.05)
+        >>> layer(torch.randn(2, 8, 10, 10)).shape
+        torch.Size([2, 16, 10, 10])
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, row_ptr, col_idx, values,
+                 bias=None, stride=1, padding=0, dilation=1, groups: int = 1,
+                 vectorizing_over_on: bool | None = None, seed: int = 0):
+        super().__init__()
+        for n, v in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{n} must be a positive int, got {v!r}")
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(
+                f"in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible by groups ({groups})"
+            )
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size = _pair(kernel_size, "kernel_size")
+        self.stride = _pair(stride, "stride")
+        self.dilation = _pair(dilation, "dilation")
+        for n, t, lo in (("kernel_size", self.kernel_size, 1), ("stride", self.stride, 1), ("dilation", self.dilation, 1)):
+            if min(t) < lo:
+                raise ValueError(f"{n} must be >= {lo}, got {t}")
+        self.padding = padding
+        self._pads = _resolve_padding(padding, self.kernel_size, self.dilation)
+        if min(self._pads) < 0:
+            raise ValueError(f"padding must be >= 0, got {padding!r}")
+        if vectorizing_over_on not in (None, True, False):
+            raise TypeError(f"vectorizing_over_on must be None, True or False, got {vectorizing_over_on!r}")
+        self.vectorizing_over_on = vectorizing_over_on
+        self._init_sparse(out_channels, in_channels // groups * self.kernel_size[0] * self.kernel_size[1],
+                          row_ptr, col_idx, values, bias, seed)
+
+    @classmethod
+    def from_dense(cls, module: nn.Conv2d, threshold: float = 0.0, vectorizing_over_on: bool | None = None,
+                   seed: int = 0) -> "SparseConv2d":
+        """Converts an ``nn.Conv2d`` (zero padding only); a pruning mask, if
+        any, defines the pattern, else the entries with ``|w| > threshold``."""
+        if not isinstance(module, nn.Conv2d):
+            raise TypeError(f"module must be a torch.nn.Conv2d, got {type(module).__name__}")
+        if module.padding_mode != "zeros":
+            raise ValueError(
+                f"padding_mode={module.padding_mode!r} is not supported; only 'zeros' (pad the input "
+                "yourself with F.pad and use padding=0)"
+            )
+        mask, weight = _mask_and_weight(module)
+        oc = module.out_channels
+        row_ptr, col_idx, values = _csr_from(weight.reshape(oc, -1), None if mask is None else mask.reshape(oc, -1),
+                                             threshold)
+        bias = None if module.bias is None else module.bias.detach()
+        return cls(module.in_channels, oc, module.kernel_size, row_ptr, col_idx, values, bias,
+                   module.stride, module.padding, module.dilation, module.groups, vectorizing_over_on, seed)
+
+    def to_dense(self) -> nn.Conv2d:
+        """A dense ``nn.Conv2d`` with the same weights (zeros where pruned)."""
+        m = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                      self.dilation, self.groups, bias=self.bias is not None)
+        with torch.no_grad():
+            m.weight.copy_(self.weight)
+            if self.bias is not None:
+                m.bias.copy_(self.bias)
+        return m
+
+    @property
+    def weight(self) -> torch.Tensor:
+        kh, kw = self.kernel_size
+        return self._dense_weight_2d().reshape(self.out_channels, self.in_channels // self.groups, kh, kw)
+
+    def _rows(self):
+        return self.out_channels
+
+    def _cols(self):
+        return self.in_channels // self.groups * self.kernel_size[0] * self.kernel_size[1]
+
+    def _make_kernel(self):
+        return _ops.make_conv2d_kernel(self.in_channels, self.out_channels, self.kernel_size, self.stride,
+                                       self._pads, self.dilation, self.groups, self.row_ptr, self.col_idx,
+                                       self.scheme, self.bias is not None)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        x = self._check_input(input, (3, 4), "3-D (C, H, W) or 4-D (N, C, H, W)")
+        unbatched = x.dim() == 3
+        if unbatched:
+            x = x.unsqueeze(0)
+        if x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"{type(self).__name__}: input must have in_channels={self.in_channels} channels, "
+                f"got shape {tuple(input.shape)}"
+            )
+        t, l, b, r = self._pads
+        (kh, kw), (dh, dw) = self.kernel_size, self.dilation
+        if x.shape[2] + t + b < dh * (kh - 1) + 1 or x.shape[3] + l + r < dw * (kw - 1) + 1:
+            raise ValueError(
+                f"{type(self).__name__}: input spatial size {tuple(x.shape[2:])} (padded {x.shape[2] + t + b}x"
+                f"{x.shape[3] + l + r}) is smaller than the dilated kernel {dh * (kh - 1) + 1}x{dw * (kw - 1) + 1}"
+            )
+        channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        if x.shape[0] == 0:
+            y = F.conv2d(F.pad(x, (l, r, t, b)), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+        else:
+            y = self._compute(x.contiguous())
+        if channels_last:
+            y = y.contiguous(memory_format=torch.channels_last)
+        return y.squeeze(0) if unbatched else y
+
+    def _compute(self, x: torch.Tensor) -> torch.Tensor:
+        y, _ = _ops.conv2d_forward(x, self.values, self.bias, self._kernel_id(), self._next_seed())
+        return y
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
+                f"bias={self.bias is not None}, density={self.density:.4f}, scheme={self.scheme}")
+
+
+class QuantizedSparseConv2d(SparseConv2d):
+    """``SparseConv2d`` computing in the int8 scheme (docs/quantization.md)."""
+
+    scheme = "s8"

@@ -1,0 +1,23 @@
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def prune_random_(module: torch.nn.Module, sparsity: float, generator_seed: int = 0) -> torch.nn.Module:
+    """Zeroes a random `sparsity` fraction of the weight in place (exact zeros)."""
+    g = torch.Generator().manual_seed(generator_seed)
+    with torch.no_grad():
+        keep = torch.rand(module.weight.shape, generator=g) >= sparsity
+        module.weight.mul_(keep)
+    return module
+
+
+def assert_close_rel(got: torch.Tensor, want: torch.Tensor, rel: float, what: str = ""):
+    """Max abs error within rel * max |want| (+ tiny floor)."""
+    err = (got - want).abs().max().item() if got.numel() else 0.0
+    scale = want.abs().max().item() if want.numel() else 0.0
+    assert err <= rel * scale + 1e-6, f"{what}: max error {err:.3g} > {rel} * {scale:.3g}"

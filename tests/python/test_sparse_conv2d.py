@@ -1,0 +1,95 @@
+"""SparseConv2d (f32) against dense torch.nn.Conv2d."""
+
+import pytest
+import torch
+
+from qsparseprop import SparseConv2d
+
+from conftest import assert_close_rel, prune_random_
+
+
+def _compare(dense: torch.nn.Conv2d, x: torch.Tensor, rel=1e-4, **kw):
+    sparse = SparseConv2d.from_dense(dense, **kw)
+    dense.zero_grad(set_to_none=True)
+    xd = x.clone().requires_grad_(True)
+    xs = x.clone().requires_grad_(True)
+    yd, ys = dense(xd), sparse(xs)
+    assert ys.shape == yd.shape
+    assert_close_rel(ys, yd, rel, "forward")
+    g = torch.randn_like(yd)
+    yd.backward(g)
+    ys.backward(g)
+    assert_close_rel(xs.grad, xd.grad, rel, "input grad")
+    mask = (dense.weight != 0).reshape(dense.out_channels, -1)
+    sparse_grad = torch.zeros_like(mask, dtype=torch.float32)
+    rows = torch.repeat_interleave(torch.arange(dense.out_channels), sparse.row_ptr.diff())
+    sparse_grad[rows, sparse.col_idx.long()] = sparse.values.grad
+    assert_close_rel(sparse_grad[mask], dense.weight.grad.reshape(dense.out_channels, -1)[mask], rel, "weight grad")
+    if dense.bias is not None:
+        assert_close_rel(sparse.bias.grad, dense.bias.grad, rel, "bias grad")
+    return ys
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.9, 1.0])
+@pytest.mark.parametrize(
+    "conv_args",
+    [
+        dict(in_channels=3, out_channels=5, kernel_size=3, padding=1),
+        dict(in_channels=4, out_channels=6, kernel_size=3, stride=2),
+        dict(in_channels=2, out_channels=3, kernel_size=5, stride=3, padding=2),
+        dict(in_channels=3, out_channels=4, kernel_size=7, stride=2, padding=3),
+        dict(in_channels=4, out_channels=4, kernel_size=1),
+        dict(in_channels=4, out_channels=6, kernel_size=3, padding=2, dilation=2, groups=2),
+        dict(in_channels=6, out_channels=6, kernel_size=3, padding="same", groups=6, bias=False),
+        dict(in_channels=3, out_channels=2, kernel_size=(2, 4), padding="same", dilation=(1, 2)),
+        dict(in_channels=3, out_channels=2, kernel_size=(3, 1), stride=(1, 2), padding="valid"),
+    ],
+)
+def test_matches_dense(conv_args, sparsity):
+    dense = prune_random_(torch.nn.Conv2d(**conv_args), sparsity)
+    _compare(dense, torch.randn(2, conv_args["in_channels"], 11, 9))
+
+
+def test_batch_one_unbatched_and_channels_last():
+    dense = prune_random_(torch.nn.Conv2d(3, 8, 3, padding=1), 0.9)
+    _compare(dense, torch.randn(1, 3, 7, 7))
+    _compare(dense, torch.randn(3, 7, 7))
+    x = torch.randn(2, 3, 6, 5).contiguous(memory_format=torch.channels_last)
+    before = x.clone()
+    ys = _compare(dense, x)
+    assert ys.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(x, before)
+
+
+def test_vectorizing_over_on_is_accepted_and_kept():
+    dense = prune_random_(torch.nn.Conv2d(3, 4, 3, padding=1), 0.8)
+    for flag in (None, True, False):
+        s = SparseConv2d.from_dense(dense, vectorizing_over_on=flag)
+        assert s.vectorizing_over_on is flag
+        _compare(dense, torch.randn(2, 3, 8, 8), vectorizing_over_on=flag)
+
+
+def test_nan_propagates_like_dense():
+    dense = prune_random_(torch.nn.Conv2d(2, 3, 3, padding=1), 0.9)
+    sparse = SparseConv2d.from_dense(dense)
+    x = torch.randn(2, 2, 6, 6)
+    x[0, 1, 2, 2] = float("nan")
+    yd, ys = dense(x), sparse(x)
+    assert torch.equal(torch.isnan(yd), torch.isnan(ys))
+
+
+@pytest.mark.filterwarnings("ignore:Input #")
+def test_gradcheck_f32():
+    from qsparseprop import _ops
+
+    dense = prune_random_(torch.nn.Conv2d(2, 3, 3, stride=2, padding=1), 0.5)
+    sparse = SparseConv2d.from_dense(dense)
+    kid = sparse._kernel_id()
+    inputs = (
+        torch.randn(2, 2, 5, 5, requires_grad=True),
+        sparse.values.detach().clone().requires_grad_(),
+        sparse.bias.detach().clone().requires_grad_(),
+    )
+    assert torch.autograd.gradcheck(
+        lambda x, v, b: _ops.conv2d_forward(x, v, b, kid, 0)[0], inputs, eps=1e-2, atol=1e-2, rtol=1e-2
+    )

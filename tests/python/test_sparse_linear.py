@@ -1,0 +1,113 @@
+"""SparseLinear (f32) against dense torch.nn.Linear."""
+
+import pytest
+import torch
+
+from qsparseprop import SparseLinear
+
+from conftest import assert_close_rel, prune_random_
+
+
+def _compare(dense: torch.nn.Linear, x: torch.Tensor, rel=1e-4):
+    sparse = SparseLinear.from_dense(dense)
+    dense.zero_grad(set_to_none=True)
+    xd = x.clone().requires_grad_(True)
+    xs = x.clone().requires_grad_(True)
+    yd, ys = dense(xd), sparse(xs)
+    assert ys.shape == yd.shape
+    assert_close_rel(ys, yd, rel, "forward")
+    g = torch.randn_like(yd)
+    yd.backward(g)
+    ys.backward(g)
+    assert_close_rel(xs.grad, xd.grad, rel, "input grad")
+    mask = dense.weight != 0
+    assert_close_rel(sparse.weight.detach()[mask], dense.weight[mask], 0, "weights")
+    dense_grad_at_nz = dense.weight.grad[mask]
+    sparse_grad = torch.zeros_like(dense.weight)
+    rows = torch.repeat_interleave(torch.arange(dense.out_features), sparse.row_ptr.diff())
+    sparse_grad[rows, sparse.col_idx.long()] = sparse.values.grad
+    assert_close_rel(sparse_grad[mask], dense_grad_at_nz, rel, "weight grad at nonzeros")
+    if dense.bias is not None:
+        assert_close_rel(sparse.bias.grad, dense.bias.grad, rel, "bias grad")
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 0.99, 1.0])
+@pytest.mark.parametrize("batch,k,n", [(1, 17, 65), (3, 63, 1), (17, 1, 3), (65, 255, 63), (255, 3, 17)])
+def test_matches_dense(batch, k, n, sparsity):
+    dense = prune_random_(torch.nn.Linear(k, n), sparsity)
+    _compare(dense, torch.randn(batch, k))
+
+
+def test_no_bias_extra_leading_dims_and_1d_input():
+    dense = prune_random_(torch.nn.Linear(20, 7, bias=False), 0.8)
+    _compare(dense, torch.randn(2, 3, 5, 20))
+    _compare(dense, torch.randn(20))
+
+
+def test_non_contiguous_input_is_not_modified():
+    dense = prune_random_(torch.nn.Linear(16, 9), 0.9)
+    base = torch.randn(16, 12)
+    x = base.t()  # 12 x 16, non-contiguous
+    before = x.clone()
+    _compare(dense, x)
+    assert torch.equal(x, before)
+
+
+def test_empty_batch():
+    sparse = SparseLinear.from_dense(prune_random_(torch.nn.Linear(8, 4), 0.5))
+    assert sparse(torch.randn(0, 8)).shape == (0, 4)
+
+
+def test_changing_batch_size_reuses_layer():
+    dense = prune_random_(torch.nn.Linear(30, 10), 0.9)
+    sparse = SparseLinear.from_dense(dense)
+    for b in (5, 1, 64, 5):
+        x = torch.randn(b, 30)
+        assert_close_rel(sparse(x), dense(x), 1e-4)
+
+
+def test_thread_counts_agree():
+    dense = prune_random_(torch.nn.Linear(40, 30), 0.8)
+    sparse = SparseLinear.from_dense(dense)
+    x = torch.randn(9, 40)
+    old = torch.get_num_threads()
+    try:
+        outs = []
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            outs.append(sparse(x))
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_nan_and_inf_propagate_like_dense():
+    dense = prune_random_(torch.nn.Linear(10, 6), 0.9)
+    sparse = SparseLinear.from_dense(dense)
+    x = torch.randn(4, 10)
+    x[1, 3] = float("nan")
+    x[2, 5] = float("inf")
+    yd, ys = dense(x), sparse(x)
+    assert torch.equal(torch.isnan(yd), torch.isnan(ys))
+    assert torch.equal(torch.isinf(yd), torch.isinf(ys))
+    fin = torch.isfinite(yd)
+    assert_close_rel(ys[fin], yd[fin], 1e-4)
+
+
+@pytest.mark.filterwarnings("ignore:Input #")
+def test_gradcheck_f32():
+    """torch.autograd.gradcheck through the custom op: analytic gradients
+    (backward-data, backward-weights, bias) against finite differences of
+    our own forward. float32 only, hence the loose eps/tolerances."""
+    from qsparseprop import _ops
+
+    sparse = SparseLinear.from_dense(prune_random_(torch.nn.Linear(6, 5), 0.5))
+    kid = sparse._kernel_id()
+    inputs = (
+        torch.randn(3, 6, requires_grad=True),
+        sparse.values.detach().clone().requires_grad_(),
+        sparse.bias.detach().clone().requires_grad_(),
+    )
+    assert torch.autograd.gradcheck(
+        lambda x, v, b: _ops.linear_forward(x, v, b, kid, 0)[0], inputs, eps=1e-2, atol=1e-2, rtol=1e-2
+    )
