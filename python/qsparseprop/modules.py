@@ -121,8 +121,9 @@ class _SparseModule(nn.Module):
     def _make_kernel(self):
         raise NotImplementedError
 
+    @torch.compiler.disable
     def _kernel_id(self) -> int:
-        # Rebuilt when the pattern buffers change (load_state_dict, .to()).
+        # Host-side bookkeeping, kept out of compiled graphs. Rebuilt when the pattern buffers change (load_state_dict, .to()).
         key = (self.row_ptr.data_ptr(), self.col_idx.data_ptr(), self.row_ptr._version,
                self.col_idx._version, self.bias is not None)
         if key != self._kernel_key:

@@ -99,15 +99,21 @@ def swap_modules_with_sparse(
         raise ValueError(f"min_sparsity must be in [0, 1], got {min_sparsity}")
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
-    target = model if inplace else copy.deepcopy(model)
+    target = model if inplace else _deepcopy_model(model)
 
     # Each candidate's real input shape, from one forward pass.
     shapes: dict[str, tuple[int, ...]] = {}
+
+    def record(name):
+        def hook(module, args):
+            shapes.setdefault(name, tuple(args[0].shape))  # returns None: args unchanged
+
+        return hook
+
     hooks = []
     for name, mod in target.named_modules():
         if type(mod) in (nn.Linear, nn.Conv2d):
-            hooks.append(mod.register_forward_pre_hook(
-                lambda m, args, name=name: shapes.setdefault(name, tuple(args[0].shape))))
+            hooks.append(mod.register_forward_pre_hook(record(name)))
     try:
         with torch.no_grad():
             target(torch.randn(tuple(input_shape)))
@@ -145,6 +151,18 @@ def swap_modules_with_sparse(
     if verbose:
         print(format_swap_report(report))
     return target
+
+
+def _deepcopy_model(model: nn.Module) -> nn.Module:
+    # torch.nn.utils.prune leaves `weight` as a computed (non-leaf) tensor
+    # attribute, which deepcopy refuses; copy those as detached tensors (the
+    # pruning hook recomputes them on the next forward).
+    memo = {}
+    for mod in model.modules():
+        w = mod.__dict__.get("weight")
+        if isinstance(w, torch.Tensor) and not w.is_leaf:
+            memo[id(w)] = w.detach().clone()
+    return copy.deepcopy(model, memo)
 
 
 def format_swap_report(report: list[SwapDecision]) -> str:

@@ -1,0 +1,129 @@
+"""Every bad input raises a clear TypeError / ValueError naming the
+argument, and leaves the caller's tensors untouched."""
+
+import pytest
+import torch
+
+from qsparseprop import QuantizedSparseLinear, SparseConv2d, SparseLinear, swap_modules_with_sparse
+
+from conftest import prune_random_
+
+
+@pytest.fixture
+def linear():
+    return SparseLinear.from_dense(prune_random_(torch.nn.Linear(8, 4), 0.5))
+
+
+@pytest.fixture
+def conv():
+    return SparseConv2d.from_dense(prune_random_(torch.nn.Conv2d(3, 4, 3), 0.5))
+
+
+def _untouched(fn, *tensors):
+    before = [t.clone() for t in tensors]
+    fn()
+    for t, b in zip(tensors, before):
+        assert torch.equal(t, b) or (torch.isnan(t) == torch.isnan(b)).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int32, torch.bfloat16])
+def test_wrong_dtype(linear, dtype):
+    x = torch.ones(2, 8, dtype=dtype)
+    with pytest.raises(TypeError, match="input must be float32"):
+        _untouched(lambda: linear(x), x)
+
+
+def test_bf16_accepted_under_autocast(linear):
+    x = torch.randn(2, 8).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = linear(x)
+    assert y.dtype == torch.float32 and y.shape == (2, 4)
+
+
+def test_not_a_tensor_and_wrong_device(linear):
+    with pytest.raises(TypeError, match="must be a torch.Tensor"):
+        linear([[1.0] * 8])
+    with pytest.raises(ValueError, match="must be on the CPU"):
+        linear(torch.ones(2, 8, device="meta"))
+
+
+def test_wrong_shape_and_rank(linear, conv):
+    x = torch.ones(2, 9)
+    with pytest.raises(ValueError, match="in_features=8"):
+        _untouched(lambda: linear(x), x)
+    with pytest.raises(ValueError, match="at least 1-D"):
+        linear(torch.tensor(1.0))
+    with pytest.raises(ValueError, match="3-D .* or 4-D"):
+        conv(torch.ones(1, 1, 3, 5, 5))
+    with pytest.raises(ValueError, match="in_channels=3"):
+        conv(torch.ones(1, 2, 5, 5))
+    with pytest.raises(ValueError, match="smaller than the dilated kernel"):
+        conv(torch.ones(1, 3, 2, 5))
+
+
+def test_layer_cast_to_double_is_refused(linear):
+    linear.double()
+    with pytest.raises(TypeError, match="values must be float32"):
+        linear(torch.ones(2, 8))
+
+
+def test_unsupported_conv_options():
+    with pytest.raises(ValueError, match="padding_mode='reflect'"):
+        SparseConv2d.from_dense(torch.nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"))
+    with pytest.raises(ValueError, match="divisible by groups"):
+        SparseConv2d(3, 4, 3, [0] * 5, [], [], groups=2)
+    with pytest.raises(ValueError, match="padding must be"):
+        SparseConv2d(3, 4, 3, [0] * 5, [], [], padding="full")
+    with pytest.raises(TypeError, match="module must be a torch.nn.Conv2d"):
+        SparseConv2d.from_dense(torch.nn.Linear(3, 4))
+    with pytest.raises(TypeError, match="vectorizing_over_on"):
+        SparseConv2d(3, 4, 3, [0] * 5, [], [], vectorizing_over_on="yes")
+
+
+@pytest.mark.parametrize(
+    "row_ptr,col_idx,values,match,exc",
+    [
+        ([0, 1, 2], [0, 1], [1.0, 2.0], "rows \\+ 1", ValueError),
+        ([1, 1, 1, 2, 2], [0, 1], [1.0, 2.0], "row_ptr\\[0\\] must be 0", ValueError),
+        ([0, 2, 1, 2, 2], [0, 1], [1.0, 2.0], "non-decreasing", ValueError),
+        ([0, 1, 1, 1, 3], [0, 1], [1.0, 2.0], "number of column indices", ValueError),
+        ([0, 1, 1, 1, 2], [0, 8], [1.0, 2.0], "out of range", ValueError),
+        ([0, 2, 2, 2, 2], [3, 1], [1.0, 2.0], "strictly increasing", ValueError),
+        ([0, 2, 2, 2, 2], [1, 1], [1.0, 2.0], "no duplicates", ValueError),
+        ([0, 1, 1, 1, 2], [0, 1], [1.0], "values must have shape", ValueError),
+        ([0.0, 1, 1, 1, 2], [0, 1], [1.0, 2.0], "row_ptr must hold integers", TypeError),
+        ([0, 1, 1, 1, 2], [0, 1], [1, 2], "values must be a floating", TypeError),
+        ([[0, 1, 1, 1, 2]], [0, 1], [1.0, 2.0], "row_ptr must be 1-D", ValueError),
+    ],
+)
+def test_malformed_index_arrays(row_ptr, col_idx, values, match, exc):
+    with pytest.raises(exc, match=match):
+        SparseLinear(8, 4, torch.tensor(row_ptr), torch.tensor(col_idx), torch.tensor(values))
+
+
+def test_bad_constructor_and_swap_arguments():
+    with pytest.raises(ValueError, match="in_features must be a positive int"):
+        SparseLinear(0, 4, [0] * 5, [], [])
+    with pytest.raises(TypeError, match="module must be a torch.nn.Linear"):
+        SparseLinear.from_dense(torch.nn.Conv2d(1, 1, 1))
+    with pytest.raises(ValueError, match="threshold must be >= 0"):
+        SparseLinear.from_dense(torch.nn.Linear(3, 3), threshold=-1.0)
+    with pytest.raises(TypeError, match="seed must be an int"):
+        QuantizedSparseLinear.from_dense(torch.nn.Linear(3, 3), seed=1.5)
+    with pytest.raises(ValueError, match="input_shape"):
+        swap_modules_with_sparse(torch.nn.Linear(3, 3), (0, 3))
+    with pytest.raises(ValueError, match="min_sparsity"):
+        swap_modules_with_sparse(torch.nn.Linear(3, 3), (1, 3), min_sparsity=2)
+    with pytest.raises(TypeError, match="model must be"):
+        swap_modules_with_sparse("model", (1, 3))
+
+
+def test_forward_and_backward_leave_inputs_untouched(linear):
+    x = torch.randn(3, 8, requires_grad=True)
+    before = x.detach().clone()
+    y = linear(x)
+    g = torch.randn_like(y)
+    g_before = g.clone()
+    y.backward(g)
+    assert torch.equal(x.detach(), before)
+    assert torch.equal(g, g_before)

@@ -1,0 +1,118 @@
+"""Conversion from pruned modules, and the module plumbing users rely on:
+state_dict, deepcopy, pickle, .to(), to_dense, zeros staying zero."""
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+from torch.nn.utils import prune
+
+from qsparseprop import QuantizedSparseConv2d, QuantizedSparseLinear, SparseConv2d, SparseLinear
+
+from conftest import prune_random_
+
+LAYERS = [
+    (SparseLinear, lambda: torch.nn.Linear(12, 7), (5, 12)),
+    (QuantizedSparseLinear, lambda: torch.nn.Linear(12, 7), (5, 12)),
+    (SparseConv2d, lambda: torch.nn.Conv2d(3, 4, 3, padding=1), (2, 3, 6, 6)),
+    (QuantizedSparseConv2d, lambda: torch.nn.Conv2d(3, 4, 3, padding=1), (2, 3, 6, 6)),
+]
+
+
+@pytest.mark.parametrize("cls,make,shape", LAYERS)
+def test_state_dict_round_trip_and_copies(cls, make, shape):
+    layer = cls.from_dense(prune_random_(make(), 0.8), seed=4).eval()
+    x = torch.randn(shape)
+    y = layer(x)
+    sd = layer.state_dict()
+    assert set(sd) == {"values", "bias", "row_ptr", "col_idx"}
+    fresh = cls.from_dense(prune_random_(make(), 0.8, generator_seed=0)).eval()
+    fresh.load_state_dict(sd)
+    assert torch.equal(fresh(x), y)
+    assert torch.equal(copy.deepcopy(layer)(x), y)
+    assert torch.equal(pickle.loads(pickle.dumps(layer))(x), y)
+    buf = io.BytesIO()
+    torch.save(layer, buf)
+    buf.seek(0)
+    assert torch.equal(torch.load(buf, weights_only=False)(x), y)
+    assert torch.equal(layer.to(torch.device("cpu"))(x), y)
+
+
+def test_load_state_dict_with_another_pattern_rebuilds_the_kernel():
+    # Two patterns of the same nnz: loading one into the other must not run
+    # the first pattern's cached kernel.
+    a = SparseLinear(4, 3, [0, 1, 2, 3], [0, 1, 2], torch.ones(3))
+    b = SparseLinear(4, 3, [0, 2, 2, 3], [1, 3, 0], torch.tensor([1.0, 2.0, 3.0]))
+    x = torch.randn(5, 4)
+    a(x)  # builds a's kernel
+    a.load_state_dict(b.state_dict())
+    torch.testing.assert_close(a(x), b(x))
+    torch.testing.assert_close(a(x), b.to_dense()(x))
+
+
+def test_prune_mask_defines_pattern_even_where_weight_is_zero():
+    lin = torch.nn.Linear(8, 4)
+    prune.l1_unstructured(lin, "weight", amount=0.75)
+    kept = lin.weight_mask.bool()
+    r, c = kept.nonzero()[0]
+    with torch.no_grad():
+        lin.weight_orig[r, c] = 0.0  # kept by the mask, but exactly zero
+    s = SparseLinear.from_dense(lin)
+    assert s.nnz == int(kept.sum())
+    torch.testing.assert_close(s.to_dense().weight, lin.weight)
+
+
+def test_parametrization_mask_is_understood():
+    from torch.ao.pruning import WeightNormSparsifier
+
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8))
+    sparsifier = WeightNormSparsifier(sparsity_level=0.9, sparse_block_shape=(1, 1), zeros_per_block=1)
+    sparsifier.prepare(model, [{"tensor_fqn": "0.weight"}])
+    sparsifier.step()
+    lin = model[0]
+    mask = lin.parametrizations.weight[0].mask
+    s = SparseLinear.from_dense(lin)
+    assert s.nnz == int(mask.sum())
+    x = torch.randn(4, 16)
+    torch.testing.assert_close(s(x), lin(x))
+
+
+def test_pruned_weights_stay_zero_through_training():
+    dense = prune_random_(torch.nn.Linear(20, 10), 0.9)
+    zeros = dense.weight == 0
+    for cls in (SparseLinear, QuantizedSparseLinear):
+        s = cls.from_dense(dense)
+        opt = torch.optim.AdamW(s.parameters(), lr=0.1, weight_decay=0.1)
+        for _ in range(5):
+            opt.zero_grad()
+            s(torch.randn(8, 20)).pow(2).mean().backward()
+            opt.step()
+        w = s.to_dense().weight
+        assert torch.all(w[zeros] == 0)
+        assert not torch.equal(w[~zeros], dense.weight[~zeros]), "training changed nothing"
+
+
+def test_to_dense_round_trip_conv():
+    conv = prune_random_(torch.nn.Conv2d(4, 6, 3, stride=2, padding=1, dilation=1, groups=2), 0.7)
+    back = SparseConv2d.from_dense(conv).to_dense()
+    assert torch.equal(back.weight, conv.weight)
+    x = torch.randn(2, 4, 9, 9)
+    torch.testing.assert_close(back(x), conv(x))
+
+
+def test_threshold_conversion():
+    lin = torch.nn.Linear(30, 20)
+    s = SparseLinear.from_dense(lin, threshold=0.1)
+    assert s.nnz == int((lin.weight.abs() > 0.1).sum())
+
+
+def test_torch_compile_traces_the_custom_ops():
+    s = SparseLinear.from_dense(prune_random_(torch.nn.Linear(12, 6), 0.8))
+    x = torch.randn(4, 12, requires_grad=True)
+    compiled = torch.compile(s, backend="aot_eager")
+    y = compiled(x)
+    y.sum().backward()
+    torch.testing.assert_close(y, s(x))
+    assert x.grad is not None
