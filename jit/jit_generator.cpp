@@ -27,7 +27,7 @@ void jit_generator::dump() const {
     static std::atomic<int> counter{0};
     const char *dir = std::getenv("QSP_JIT_DUMP_DIR");
     const std::string path = std::string(dir && *dir ? dir : ".") + "/qsp_jit_" + name_ + "."
-            + std::to_string(counter++) + ".bin";
+                             + std::to_string(counter++) + ".bin";
     if (FILE *f = std::fopen(path.c_str(), "wb")) {
         std::fwrite(getCode(), 1, getSize(), f);
         std::fclose(f);

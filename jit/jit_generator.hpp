@@ -27,8 +27,7 @@ public:
     // Runs generate(), seals the code (RX, not writable) and dumps it when
     // QSP_JIT_DUMP is set. Call once; returns the entry point.
     const void *create_kernel();
-    template <typename fn_t>
-    fn_t entry() const {
+    template <typename fn_t> fn_t entry() const {
         return reinterpret_cast<fn_t>(const_cast<uint8_t *>(getCode()));
     }
 

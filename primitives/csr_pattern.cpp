@@ -16,14 +16,16 @@ struct csr_pattern::storage {
 
 namespace {
 
-[[noreturn]] void refuse(const std::string &what) { throw std::invalid_argument(what); }
+[[noreturn]] void refuse(const std::string &what) {
+    throw std::invalid_argument(what);
+}
 
 void check_dims(int64_t rows, int64_t cols) {
     if (rows < 0) refuse("csr_pattern: rows must be >= 0, got " + std::to_string(rows));
     if (cols < 0) refuse("csr_pattern: cols must be >= 0, got " + std::to_string(cols));
     if (cols > std::numeric_limits<int32_t>::max())
         refuse("csr_pattern: cols = " + std::to_string(cols)
-                + " does not fit the 32-bit column index (max 2147483647)");
+               + " does not fit the 32-bit column index (max 2147483647)");
 }
 
 uint64_t fnv1a(uint64_t h, const void *data, size_t bytes) {
@@ -35,22 +37,33 @@ uint64_t fnv1a(uint64_t h, const void *data, size_t bytes) {
     return h;
 }
 
-
 } // namespace
 
 csr_pattern::csr_pattern() : s_(std::make_shared<storage>()) {}
 csr_pattern::csr_pattern(std::shared_ptr<const storage> s) : s_(std::move(s)) {}
 
-int64_t csr_pattern::rows() const { return s_->rows; }
-int64_t csr_pattern::cols() const { return s_->cols; }
-int64_t csr_pattern::nnz() const { return static_cast<int64_t>(s_->col_idx.size()); }
+int64_t csr_pattern::rows() const {
+    return s_->rows;
+}
+int64_t csr_pattern::cols() const {
+    return s_->cols;
+}
+int64_t csr_pattern::nnz() const {
+    return static_cast<int64_t>(s_->col_idx.size());
+}
 double csr_pattern::density() const {
     double total = static_cast<double>(s_->rows) * static_cast<double>(s_->cols);
     return total > 0 ? static_cast<double>(nnz()) / total : 0.0;
 }
-const int64_t *csr_pattern::row_ptr() const { return s_->row_ptr.data(); }
-const int32_t *csr_pattern::col_idx() const { return s_->col_idx.data(); }
-uint64_t csr_pattern::hash() const { return s_->hash; }
+const int64_t *csr_pattern::row_ptr() const {
+    return s_->row_ptr.data();
+}
+const int32_t *csr_pattern::col_idx() const {
+    return s_->col_idx.data();
+}
+uint64_t csr_pattern::hash() const {
+    return s_->hash;
+}
 
 static std::shared_ptr<csr_pattern::storage> finish(std::shared_ptr<csr_pattern::storage> s) {
     uint64_t h = 14695981039346656037ull;
@@ -77,7 +90,8 @@ static std::shared_ptr<csr_pattern::storage> build(int64_t rows, int64_t cols, k
     return finish(s);
 }
 
-csr_pattern csr_pattern::from_dense(const float *dense, int64_t rows, int64_t cols, float threshold) {
+csr_pattern csr_pattern::from_dense(const float *dense, int64_t rows, int64_t cols,
+                                    float threshold) {
     if (!(threshold >= 0.f))
         refuse("csr_pattern::from_dense: threshold must be >= 0, got " + std::to_string(threshold));
     if (!dense && rows * cols > 0) refuse("csr_pattern::from_dense: dense is null");
@@ -93,7 +107,7 @@ csr_pattern csr_pattern::from_mask(const uint8_t *mask, int64_t rows, int64_t co
 }
 
 csr_pattern csr_pattern::from_indices(int64_t rows, int64_t cols, std::vector<int64_t> row_ptr,
-        std::vector<int32_t> col_idx) {
+                                      std::vector<int32_t> col_idx) {
     check_dims(rows, cols);
     std::ostringstream why;
     if (static_cast<int64_t>(row_ptr.size()) != rows + 1) {
@@ -153,7 +167,8 @@ void csr_pattern::scatter(const float *values, float *dense) const {
             dense[r * s_->cols + s_->col_idx[i]] = values[i];
 }
 
-csr_weights csr_weights::from_dense(const float *dense, int64_t rows, int64_t cols, float threshold) {
+csr_weights csr_weights::from_dense(const float *dense, int64_t rows, int64_t cols,
+                                    float threshold) {
     csr_weights w;
     w.pattern = csr_pattern::from_dense(dense, rows, cols, threshold);
     w.values.resize(static_cast<size_t>(w.pattern.nnz()));

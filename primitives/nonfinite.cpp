@@ -42,7 +42,7 @@ void execute_with_dense_semantics(const problem &p, const tensors &t) {
             ref::conv2d_fwd_f32(p.conv, full, dense.data(), t.src, t.bias, t.dst, nt);
         else
             ref::conv2d_bwd_data_f32(p.conv, full, ref::transpose_conv2d_pattern(full),
-                    dense.data(), t.diff_dst, t.diff_src, nt);
+                                     dense.data(), t.diff_dst, t.diff_src, nt);
     }
 }
 

@@ -13,18 +13,18 @@
 
 namespace qsp {
 
-const char *to_string(quant_scheme s) { return s == quant_scheme::s8 ? "s8" : "f32"; }
+const char *to_string(quant_scheme s) {
+    return s == quant_scheme::s8 ? "s8" : "f32";
+}
 
 namespace detail {
 
 int64_t problem::src_elems() const {
-    return op == op_kind::linear ? batch * in
-                                 : conv.batch * conv.in_c * conv.in_h * conv.in_w;
+    return op == op_kind::linear ? batch * in : conv.batch * conv.in_c * conv.in_h * conv.in_w;
 }
 
 int64_t problem::dst_elems() const {
-    return op == op_kind::linear ? batch * out
-                                 : conv.batch * conv.out_c * conv.out_h * conv.out_w;
+    return op == op_kind::linear ? batch * out : conv.batch * conv.out_c * conv.out_h * conv.out_w;
 }
 
 std::string problem::shape_str() const {
@@ -34,10 +34,10 @@ std::string problem::shape_str() const {
     } else {
         const auto &g = conv.g;
         s << "mb" << conv.batch << "_ic" << conv.in_c << "ih" << conv.in_h << "iw" << conv.in_w
-          << "_oc" << conv.out_c << "oh" << conv.out_h << "ow" << conv.out_w << "_kh"
-          << g.kernel_h << "kw" << g.kernel_w << "sh" << g.stride_h << "sw" << g.stride_w << "ph"
-          << g.pad_top << "_" << g.pad_bottom << "pw" << g.pad_left << "_" << g.pad_right << "dh"
-          << g.dilation_h << "dw" << g.dilation_w << "g" << g.groups;
+          << "_oc" << conv.out_c << "oh" << conv.out_h << "ow" << conv.out_w << "_kh" << g.kernel_h
+          << "kw" << g.kernel_w << "sh" << g.stride_h << "sw" << g.stride_w << "ph" << g.pad_top
+          << "_" << g.pad_bottom << "pw" << g.pad_left << "_" << g.pad_right << "dh" << g.dilation_h
+          << "dw" << g.dilation_w << "g" << g.groups;
     }
     s << ",density=" << pattern.density() << ",nnz=" << pattern.nnz();
     return s.str();
@@ -61,8 +61,8 @@ dnnl::memory::desc plain_f32(const dnnl::memory::dims &dims) {
     return dnnl::memory::desc(dims, dnnl::memory::data_type::f32, strides);
 }
 
-void check_plain_f32(const char *primitive_name, const char *arg_name,
-        const dnnl::memory::desc &md, const dnnl::memory::dims &dims, const char *meaning) {
+void check_plain_f32(const char *primitive_name, const char *arg_name, const dnnl::memory::desc &md,
+                     const dnnl::memory::dims &dims, const char *meaning) {
     std::ostringstream why;
     if (md.is_zero()) {
         why << arg_name << " is required (" << meaning << " = " << dims_str(dims) << ")";
@@ -78,7 +78,7 @@ void check_plain_f32(const char *primitive_name, const char *arg_name,
         refuse(primitive_name, why.str());
     }
     if (md.get_format_kind() != dnnl::memory::format_kind::blocked
-            || md.get_strides() != plain_f32(dims).get_strides()) {
+        || md.get_strides() != plain_f32(dims).get_strides()) {
         why << arg_name << " must be dense row-major (strides "
             << dims_str(plain_f32(dims).get_strides()) << "); pass a contiguous tensor";
         refuse(primitive_name, why.str());
@@ -88,7 +88,7 @@ void check_plain_f32(const char *primitive_name, const char *arg_name,
 int resolve_num_threads(const primitive_attr &attr, const char *primitive_name) {
     if (attr.num_threads < 0)
         refuse(primitive_name, "attr.num_threads must be >= 0 (0 = OpenMP default), got "
-                        + std::to_string(attr.num_threads));
+                                       + std::to_string(attr.num_threads));
     return attr.num_threads > 0 ? attr.num_threads : omp_get_max_threads();
 }
 
@@ -103,7 +103,7 @@ void dispatch(pd_impl &pd, const dnnl::engine &engine) {
         if (!why.empty()) {
             if (verbose_level() >= 2)
                 runtime::verbose_print(std::string("dispatch,") + pd.primitive_name + ","
-                        + impl.name + ",skipped: " + why);
+                                       + impl.name + ",skipped: " + why);
             skipped += std::string(skipped.empty() ? "" : "; ") + impl.name + ": " + why;
             continue;
         }
@@ -128,34 +128,35 @@ dnnl::memory::desc seed_desc() {
 void finish_pd(pd_impl &pd, const dnnl::engine &engine) {
     const problem &p = pd.prob;
     pd.weights_md = plain_f32({p.pattern.nnz()});
-    pd.workspace_md = p.needs_workspace() && p.dir == direction::forward
-            ? dnnl::memory::desc({static_cast<dnnl::memory::dim>(workspace_bytes(p))},
-                    dnnl::memory::data_type::u8, dnnl::memory::dims{1})
-            : dnnl::memory::desc();
+    pd.workspace_md =
+            p.needs_workspace() && p.dir == direction::forward
+                    ? dnnl::memory::desc({static_cast<dnnl::memory::dim>(workspace_bytes(p))},
+                                         dnnl::memory::data_type::u8, dnnl::memory::dims{1})
+                    : dnnl::memory::desc();
     const dnnl::memory::desc ws_md({static_cast<dnnl::memory::dim>(workspace_bytes(p))},
-            dnnl::memory::data_type::u8, dnnl::memory::dims{1});
+                                   dnnl::memory::data_type::u8, dnnl::memory::dims{1});
     const bool s8 = p.scheme == quant_scheme::s8;
     switch (p.dir) {
         case direction::forward:
             pd.args = {{DNNL_ARG_SRC, "src", pd.src_md, true},
-                    {DNNL_ARG_WEIGHTS, "weights", pd.weights_md, true},
-                    {DNNL_ARG_DST, "dst", pd.dst_md, true}};
+                       {DNNL_ARG_WEIGHTS, "weights", pd.weights_md, true},
+                       {DNNL_ARG_DST, "dst", pd.dst_md, true}};
             if (p.with_bias) pd.args.push_back({DNNL_ARG_BIAS, "bias", pd.bias_md, true});
             if (!pd.workspace_md.is_zero())
                 pd.args.push_back({DNNL_ARG_WORKSPACE, "workspace", pd.workspace_md, true});
             break;
         case direction::backward_data:
             pd.args = {{DNNL_ARG_DIFF_DST, "diff_dst", pd.dst_md, true},
-                    {DNNL_ARG_WEIGHTS, "weights", pd.weights_md, true},
-                    {DNNL_ARG_DIFF_SRC, "diff_src", pd.src_md, true}};
+                       {DNNL_ARG_WEIGHTS, "weights", pd.weights_md, true},
+                       {DNNL_ARG_DIFF_SRC, "diff_src", pd.src_md, true}};
             if (s8) pd.args.push_back({QSP_ARG_ROUNDING_SEED, "rounding_seed", seed_desc(), true});
             break;
         case direction::backward_weights:
             pd.args = {{DNNL_ARG_DIFF_DST, "diff_dst", pd.dst_md, true},
-                    {DNNL_ARG_DIFF_WEIGHTS, "diff_weights", pd.weights_md, true}};
+                       {DNNL_ARG_DIFF_WEIGHTS, "diff_weights", pd.weights_md, true}};
             if (s8) {
                 pd.args.push_back({DNNL_ARG_WORKSPACE, "workspace (the forward's quantized src)",
-                        ws_md, true});
+                                   ws_md, true});
                 pd.args.push_back({QSP_ARG_ROUNDING_SEED, "rounding_seed", seed_desc(), true});
             } else {
                 pd.args.push_back({DNNL_ARG_SRC, "src", pd.src_md, true});
@@ -168,7 +169,7 @@ void finish_pd(pd_impl &pd, const dnnl::engine &engine) {
 
 void check_hint(const char *primitive_name, const pd_impl &hint, const csr_pattern &weights) {
     if (hint.prob.pattern.hash() != weights.hash() || hint.prob.pattern.rows() != weights.rows()
-            || hint.prob.pattern.cols() != weights.cols())
+        || hint.prob.pattern.cols() != weights.cols())
         refuse(primitive_name, "weights pattern differs from the one of the forward hint");
     if (hint.prob.scheme == quant_scheme::s8 && hint.prob.prop != prop_kind::forward_training)
         refuse(primitive_name, "an s8 backward needs a forward_training hint (its workspace "
@@ -177,13 +178,27 @@ void check_hint(const char *primitive_name, const pd_impl &hint, const csr_patte
 
 } // namespace detail
 
-std::string primitive_desc_base::impl_info_str() const { return impl_->impl_name; }
-quant_scheme primitive_desc_base::scheme() const { return impl_->prob.scheme; }
-prop_kind primitive_desc_base::prop() const { return impl_->prob.prop; }
-const csr_pattern &primitive_desc_base::pattern() const { return impl_->prob.pattern; }
-int primitive_desc_base::num_threads() const { return impl_->prob.num_threads; }
-dnnl::memory::desc primitive_desc_base::weights_desc() const { return impl_->weights_md; }
-dnnl::memory::desc primitive_desc_base::workspace_desc() const { return impl_->workspace_md; }
+std::string primitive_desc_base::impl_info_str() const {
+    return impl_->impl_name;
+}
+quant_scheme primitive_desc_base::scheme() const {
+    return impl_->prob.scheme;
+}
+prop_kind primitive_desc_base::prop() const {
+    return impl_->prob.prop;
+}
+const csr_pattern &primitive_desc_base::pattern() const {
+    return impl_->prob.pattern;
+}
+int primitive_desc_base::num_threads() const {
+    return impl_->prob.num_threads;
+}
+dnnl::memory::desc primitive_desc_base::weights_desc() const {
+    return impl_->weights_md;
+}
+dnnl::memory::desc primitive_desc_base::workspace_desc() const {
+    return impl_->workspace_md;
+}
 
 void primitive_base::execute(const dnnl::stream &stream, const exec_args &args) const {
     using namespace detail;
@@ -196,34 +211,55 @@ void primitive_base::execute(const dnnl::stream &stream, const exec_args &args) 
         if (it == args.end()) {
             if (spec.required)
                 refuse(pd.primitive_name, std::string("execute: argument ") + spec.name
-                                + " is required (dims " + dims_str(spec.desc.get_dims()) + ")");
+                                                  + " is required (dims "
+                                                  + dims_str(spec.desc.get_dims()) + ")");
             continue;
         }
         if (it->second.get_desc() != spec.desc)
-            refuse(pd.primitive_name, std::string("execute: argument ") + spec.name
-                            + " does not match the descriptor it was created with (expected dims "
-                            + dims_str(spec.desc.get_dims()) + ", got "
-                            + dims_str(it->second.get_desc().get_dims()) + ")");
+            refuse(pd.primitive_name,
+                   std::string("execute: argument ") + spec.name
+                           + " does not match the descriptor it was created with (expected dims "
+                           + dims_str(spec.desc.get_dims()) + ", got "
+                           + dims_str(it->second.get_desc().get_dims()) + ")");
         void *h = it->second.get_data_handle();
         if (!h && spec.desc.get_size() > 0)
-            refuse(pd.primitive_name, std::string("execute: argument ") + spec.name
-                            + " has no data handle");
+            refuse(pd.primitive_name,
+                   std::string("execute: argument ") + spec.name + " has no data handle");
         switch (spec.arg) {
-            case DNNL_ARG_SRC: t.src = static_cast<const float *>(h); break;
-            case DNNL_ARG_WEIGHTS: t.weights = static_cast<const float *>(h); break;
-            case DNNL_ARG_BIAS: t.bias = static_cast<const float *>(h); break;
-            case DNNL_ARG_DST: t.dst = static_cast<float *>(h); break;
-            case DNNL_ARG_WORKSPACE: t.workspace = static_cast<uint8_t *>(h); break;
-            case DNNL_ARG_DIFF_DST: t.diff_dst = static_cast<const float *>(h); break;
-            case DNNL_ARG_DIFF_SRC: t.diff_src = static_cast<float *>(h); break;
-            case DNNL_ARG_DIFF_WEIGHTS: t.diff_weights = static_cast<float *>(h); break;
-            case DNNL_ARG_DIFF_BIAS: t.diff_bias = static_cast<float *>(h); break;
+            case DNNL_ARG_SRC:
+                t.src = static_cast<const float *>(h);
+                break;
+            case DNNL_ARG_WEIGHTS:
+                t.weights = static_cast<const float *>(h);
+                break;
+            case DNNL_ARG_BIAS:
+                t.bias = static_cast<const float *>(h);
+                break;
+            case DNNL_ARG_DST:
+                t.dst = static_cast<float *>(h);
+                break;
+            case DNNL_ARG_WORKSPACE:
+                t.workspace = static_cast<uint8_t *>(h);
+                break;
+            case DNNL_ARG_DIFF_DST:
+                t.diff_dst = static_cast<const float *>(h);
+                break;
+            case DNNL_ARG_DIFF_SRC:
+                t.diff_src = static_cast<float *>(h);
+                break;
+            case DNNL_ARG_DIFF_WEIGHTS:
+                t.diff_weights = static_cast<float *>(h);
+                break;
+            case DNNL_ARG_DIFF_BIAS:
+                t.diff_bias = static_cast<float *>(h);
+                break;
             case QSP_ARG_ROUNDING_SEED: {
                 const auto *s = static_cast<const uint32_t *>(h);
                 t.seed = static_cast<uint64_t>(s[0]) | (static_cast<uint64_t>(s[1]) << 32);
                 break;
             }
-            default: break;
+            default:
+                break;
         }
     }
     const double t0 = runtime::now_ms();

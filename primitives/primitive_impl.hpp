@@ -114,8 +114,8 @@ int resolve_num_threads(const primitive_attr &attr, const char *primitive_name);
 [[noreturn]] void refuse(const char *primitive_name, const std::string &why);
 std::string dims_str(const dnnl::memory::dims &d);
 // Requires an f32 memory desc of exactly `dims`, dense row-major.
-void check_plain_f32(const char *primitive_name, const char *arg_name,
-        const dnnl::memory::desc &md, const dnnl::memory::dims &dims, const char *meaning);
+void check_plain_f32(const char *primitive_name, const char *arg_name, const dnnl::memory::desc &md,
+                     const dnnl::memory::dims &dims, const char *meaning);
 dnnl::memory::desc plain_f32(const dnnl::memory::dims &dims);
 
 } // namespace qsp::detail

@@ -14,7 +14,7 @@ void check_geometry(const char *prim, const conv2d_geometry &g) {
     auto at_least = [&](int64_t v, int64_t lo, const char *name) {
         if (v < lo)
             refuse(prim, std::string("geometry.") + name + " must be >= " + std::to_string(lo)
-                            + ", got " + std::to_string(v));
+                                 + ", got " + std::to_string(v));
     };
     at_least(g.kernel_h, 1, "kernel_h");
     at_least(g.kernel_w, 1, "kernel_w");
@@ -30,43 +30,46 @@ void check_geometry(const char *prim, const conv2d_geometry &g) {
 }
 
 int64_t out_size(int64_t in, int64_t k, int64_t stride, int64_t pad_lo, int64_t pad_hi,
-        int64_t dilation) {
+                 int64_t dilation) {
     return (in + pad_lo + pad_hi - dilation * (k - 1) - 1) / stride + 1;
 }
 
 std::shared_ptr<pd_impl> make_conv_pd(const char *prim, direction dir, prop_kind prop,
-        quant_scheme scheme, const dnnl::memory::desc &src_md, const csr_pattern &w,
-        const dnnl::memory::desc &bias_md, const dnnl::memory::desc &dst_md,
-        const conv2d_geometry &g, int num_threads) {
+                                      quant_scheme scheme, const dnnl::memory::desc &src_md,
+                                      const csr_pattern &w, const dnnl::memory::desc &bias_md,
+                                      const dnnl::memory::desc &dst_md, const conv2d_geometry &g,
+                                      int num_threads) {
     check_geometry(prim, g);
     const char *src_name = dir == direction::backward_data ? "diff_src_desc" : "src_desc";
     const char *dst_name = dir == direction::forward ? "dst_desc" : "diff_dst_desc";
     if (src_md.is_zero() || src_md.get_ndims() != 4)
-        refuse(prim, std::string(src_name) + " must be 4-D (N x C x H x W), got dims "
-                        + (src_md.is_zero() ? std::string("none") : dims_str(src_md.get_dims())));
+        refuse(prim,
+               std::string(src_name) + " must be 4-D (N x C x H x W), got dims "
+                       + (src_md.is_zero() ? std::string("none") : dims_str(src_md.get_dims())));
     const auto sd = src_md.get_dims();
     ref::conv2d_shape s{sd[0], sd[1], sd[2], sd[3], w.rows(), 0, 0, g};
     if (s.batch < 1) refuse(prim, std::string(src_name) + " batch must be >= 1");
     if (s.in_c % g.groups != 0)
         refuse(prim, "input channels (" + std::to_string(s.in_c) + ") must be divisible by groups ("
-                        + std::to_string(g.groups) + ")");
+                             + std::to_string(g.groups) + ")");
     if (s.out_c % g.groups != 0)
         refuse(prim, "output channels = weights rows (" + std::to_string(s.out_c)
-                        + ") must be divisible by groups (" + std::to_string(g.groups) + ")");
+                             + ") must be divisible by groups (" + std::to_string(g.groups) + ")");
     const int64_t cols = s.in_c / g.groups * g.kernel_h * g.kernel_w;
     if (w.cols() != cols)
         refuse(prim, "weights pattern has " + std::to_string(w.cols())
-                        + " columns but C/groups * KH * KW = " + std::to_string(cols)
-                        + " (columns are (ic * KH + kh) * KW + kw)");
+                             + " columns but C/groups * KH * KW = " + std::to_string(cols)
+                             + " (columns are (ic * KH + kh) * KW + kw)");
     s.out_h = out_size(s.in_h, g.kernel_h, g.stride_h, g.pad_top, g.pad_bottom, g.dilation_h);
     s.out_w = out_size(s.in_w, g.kernel_w, g.stride_w, g.pad_left, g.pad_right, g.dilation_w);
     if (s.in_h < 1 || s.in_w < 1 || s.out_h < 1 || s.out_w < 1)
         refuse(prim, "input " + std::to_string(s.in_h) + "x" + std::to_string(s.in_w)
-                        + " is too small for the (dilated) kernel with this padding: output would be "
-                        + std::to_string(s.out_h) + "x" + std::to_string(s.out_w));
+                             + " is too small for the (dilated) kernel with this padding: output "
+                               "would be "
+                             + std::to_string(s.out_h) + "x" + std::to_string(s.out_w));
     check_plain_f32(prim, src_name, src_md, sd, "N x C x H x W");
     check_plain_f32(prim, dst_name, dst_md, {s.batch, s.out_c, s.out_h, s.out_w},
-            "N x OC x OH x OW");
+                    "N x OC x OH x OW");
 
     auto pd = std::make_shared<pd_impl>();
     pd->primitive_name = prim;
@@ -81,7 +84,7 @@ std::shared_ptr<pd_impl> make_conv_pd(const char *prim, direction dir, prop_kind
     p.with_bias = !bias_md.is_zero();
     if (p.with_bias)
         check_plain_f32(prim, dir == direction::forward ? "bias_desc" : "diff_bias_desc", bias_md,
-                {s.out_c}, "out_channels");
+                        {s.out_c}, "out_channels");
     p.num_threads = num_threads;
     pd->src_md = plain_f32(sd);
     pd->dst_md = plain_f32({s.batch, s.out_c, s.out_h, s.out_w});
@@ -91,33 +94,40 @@ std::shared_ptr<pd_impl> make_conv_pd(const char *prim, direction dir, prop_kind
 
 } // namespace
 
-sparse_conv2d_forward::primitive_desc::primitive_desc(const dnnl::engine &engine, prop_kind prop,
-        const dnnl::memory::desc &src_desc, const csr_pattern &weights,
-        const dnnl::memory::desc &bias_desc, const dnnl::memory::desc &dst_desc,
-        const conv2d_geometry &geometry, quant_scheme scheme, const primitive_attr &attr) {
+sparse_conv2d_forward::primitive_desc::primitive_desc(
+        const dnnl::engine &engine, prop_kind prop, const dnnl::memory::desc &src_desc,
+        const csr_pattern &weights, const dnnl::memory::desc &bias_desc,
+        const dnnl::memory::desc &dst_desc, const conv2d_geometry &geometry, quant_scheme scheme,
+        const primitive_attr &attr) {
     const char *name = "sparse_conv2d_forward";
     impl_ = make_conv_pd(name, direction::forward, prop, scheme, src_desc, weights, bias_desc,
-            dst_desc, geometry, resolve_num_threads(attr, name));
+                         dst_desc, geometry, resolve_num_threads(attr, name));
     finish_pd(*impl_, engine);
 }
 
-dnnl::memory::desc sparse_conv2d_forward::primitive_desc::src_desc() const { return impl_->src_md; }
-dnnl::memory::desc sparse_conv2d_forward::primitive_desc::dst_desc() const { return impl_->dst_md; }
+dnnl::memory::desc sparse_conv2d_forward::primitive_desc::src_desc() const {
+    return impl_->src_md;
+}
+dnnl::memory::desc sparse_conv2d_forward::primitive_desc::dst_desc() const {
+    return impl_->dst_md;
+}
 const conv2d_geometry &sparse_conv2d_forward::primitive_desc::geometry() const {
     return impl_->geometry;
 }
 
-sparse_conv2d_forward::sparse_conv2d_forward(const primitive_desc &pd) { pd_ = pd.impl(); }
+sparse_conv2d_forward::sparse_conv2d_forward(const primitive_desc &pd) {
+    pd_ = pd.impl();
+}
 
-sparse_conv2d_backward_data::primitive_desc::primitive_desc(const dnnl::engine &engine,
-        const dnnl::memory::desc &diff_src_desc, const csr_pattern &weights,
-        const dnnl::memory::desc &diff_dst_desc,
+sparse_conv2d_backward_data::primitive_desc::primitive_desc(
+        const dnnl::engine &engine, const dnnl::memory::desc &diff_src_desc,
+        const csr_pattern &weights, const dnnl::memory::desc &diff_dst_desc,
         const sparse_conv2d_forward::primitive_desc &hint) {
     const char *name = "sparse_conv2d_backward_data";
     check_hint(name, *hint.impl(), weights);
-    impl_ = make_conv_pd(name, direction::backward_data, hint.prop(), hint.scheme(),
-            diff_src_desc, weights, dnnl::memory::desc(), diff_dst_desc, hint.geometry(),
-            hint.num_threads());
+    impl_ = make_conv_pd(name, direction::backward_data, hint.prop(), hint.scheme(), diff_src_desc,
+                         weights, dnnl::memory::desc(), diff_dst_desc, hint.geometry(),
+                         hint.num_threads());
     finish_pd(*impl_, engine);
 }
 
@@ -125,15 +135,15 @@ sparse_conv2d_backward_data::sparse_conv2d_backward_data(const primitive_desc &p
     pd_ = pd.impl();
 }
 
-sparse_conv2d_backward_weights::primitive_desc::primitive_desc(const dnnl::engine &engine,
-        const dnnl::memory::desc &src_desc, const csr_pattern &weights,
+sparse_conv2d_backward_weights::primitive_desc::primitive_desc(
+        const dnnl::engine &engine, const dnnl::memory::desc &src_desc, const csr_pattern &weights,
         const dnnl::memory::desc &diff_bias_desc, const dnnl::memory::desc &diff_dst_desc,
         const sparse_conv2d_forward::primitive_desc &hint) {
     const char *name = "sparse_conv2d_backward_weights";
     check_hint(name, *hint.impl(), weights);
-    impl_ = make_conv_pd(name, direction::backward_weights, hint.prop(), hint.scheme(),
-            src_desc, weights, diff_bias_desc, diff_dst_desc, hint.geometry(),
-            hint.num_threads());
+    impl_ = make_conv_pd(name, direction::backward_weights, hint.prop(), hint.scheme(), src_desc,
+                         weights, diff_bias_desc, diff_dst_desc, hint.geometry(),
+                         hint.num_threads());
     finish_pd(*impl_, engine);
 }
 

@@ -36,12 +36,13 @@ std::string shape_str(const dims &d) {
 template <typename T>
 T *checked(const py::array &a, const char *name, const dims &shape, bool writable) {
     if (!a.dtype().is(py::dtype::of<T>()))
-        throw py::type_error(std::string(name) + " must have dtype " + std::string(py::str(py::dtype::of<T>()))
-                + ", got " + std::string(py::str(a.dtype())));
+        throw py::type_error(std::string(name) + " must have dtype "
+                             + std::string(py::str(py::dtype::of<T>())) + ", got "
+                             + std::string(py::str(a.dtype())));
     dims got(a.shape(), a.shape() + a.ndim());
     if (got != shape)
         throw py::value_error(std::string(name) + " must have shape " + shape_str(shape) + ", got "
-                + shape_str(got));
+                              + shape_str(got));
     if (!(a.flags() & py::array::c_style))
         throw py::value_error(std::string(name) + " must be C-contiguous");
     if (writable && !a.writeable()) throw py::value_error(std::string(name) + " must be writable");
@@ -62,19 +63,19 @@ qsp::quant_scheme scheme_from(const std::string &s) {
 }
 
 qsp::csr_pattern pattern_from(int64_t rows, int64_t cols, const py::array &row_ptr,
-        const py::array &col_idx) {
+                              const py::array &col_idx) {
     if (row_ptr.ndim() != 1) throw py::value_error("row_ptr must be 1-D");
     if (col_idx.ndim() != 1) throw py::value_error("col_idx must be 1-D");
     const auto *rp = checked<int64_t>(row_ptr, "row_ptr", {row_ptr.shape(0)}, false);
     const auto *ci = checked<int32_t>(col_idx, "col_idx", {col_idx.shape(0)}, false);
-    return qsp::csr_pattern::from_indices(rows, cols, std::vector<int64_t>(rp, rp + row_ptr.shape(0)),
-            std::vector<int32_t>(ci, ci + col_idx.shape(0)));
+    return qsp::csr_pattern::from_indices(rows, cols,
+                                          std::vector<int64_t>(rp, rp + row_ptr.shape(0)),
+                                          std::vector<int32_t>(ci, ci + col_idx.shape(0)));
 }
 
 // Shared by Linear and Conv2d: the layer's pattern, its primitives per input
 // shape and thread count, and the execution of the three directions.
-template <typename fwd_t, typename bwd_data_t, typename bwd_weights_t>
-class sparse_layer {
+template <typename fwd_t, typename bwd_data_t, typename bwd_weights_t> class sparse_layer {
 public:
     sparse_layer(qsp::csr_pattern pattern, qsp::quant_scheme scheme, bool with_bias)
         : pattern_(std::move(pattern)), scheme_(scheme), with_bias_(with_bias),
@@ -106,9 +107,16 @@ protected:
         const auto bias_md = with_bias_ ? f32_md({dst[1]}) : dnnl::memory::desc();
         typename fwd_t::primitive_desc fwd_pd = make(engine_, src_md, bias_md, dst_md, attr);
         typename bwd_data_t::primitive_desc bd_pd(engine_, src_md, pattern_, dst_md, fwd_pd);
-        typename bwd_weights_t::primitive_desc bw_pd(engine_, src_md, pattern_, bias_md, dst_md, fwd_pd);
-        primitives p{fwd_pd, fwd_t(fwd_pd), bwd_data_t(bd_pd), bwd_weights_t(bw_pd), src, dst,
-                fwd_pd.impl_info_str() + "/" + bd_pd.impl_info_str() + "/" + bw_pd.impl_info_str()};
+        typename bwd_weights_t::primitive_desc bw_pd(engine_, src_md, pattern_, bias_md, dst_md,
+                                                     fwd_pd);
+        primitives p{fwd_pd,
+                     fwd_t(fwd_pd),
+                     bwd_data_t(bd_pd),
+                     bwd_weights_t(bw_pd),
+                     src,
+                     dst,
+                     fwd_pd.impl_info_str() + "/" + bd_pd.impl_info_str() + "/"
+                             + bw_pd.impl_info_str()};
         return cache_.emplace(key, std::move(p)).first->second;
     }
 
@@ -119,39 +127,50 @@ protected:
     dnnl::memory seed_mem(int32_t *storage, uint64_t seed) const {
         storage[0] = static_cast<int32_t>(static_cast<uint32_t>(seed));
         storage[1] = static_cast<int32_t>(static_cast<uint32_t>(seed >> 32));
-        return dnnl::memory(dnnl::memory::desc({2}, dnnl::memory::data_type::s32, dnnl::memory::dims{1}),
+        return dnnl::memory(
+                dnnl::memory::desc({2}, dnnl::memory::data_type::s32, dnnl::memory::dims{1}),
                 engine_, storage);
     }
 
-    size_t workspace_bytes_of(const primitives &p) const { return p.fwd_pd.workspace_desc().get_size(); }
+    size_t workspace_bytes_of(const primitives &p) const {
+        return p.fwd_pd.workspace_desc().get_size();
+    }
 
     void forward(const primitives &p, const py::array &x, const py::array &values,
-            const py::object &bias, py::array &y, const py::object &workspace) {
-        qsp::exec_args args{{DNNL_ARG_SRC, mem(f32_md(p.src), checked<float>(x, "x", p.src, false))},
-                {DNNL_ARG_WEIGHTS, mem(f32_md({nnz()}), checked<float>(values, "values", {nnz()}, false))},
+                 const py::object &bias, py::array &y, const py::object &workspace) {
+        qsp::exec_args args{
+                {DNNL_ARG_SRC, mem(f32_md(p.src), checked<float>(x, "x", p.src, false))},
+                {DNNL_ARG_WEIGHTS,
+                 mem(f32_md({nnz()}), checked<float>(values, "values", {nnz()}, false))},
                 {DNNL_ARG_DST, mem(f32_md(p.dst), checked<float>(y, "out", p.dst, true))}};
         if (with_bias_) {
-            if (bias.is_none()) throw py::value_error("bias is required: the layer was created with a bias");
-            args[DNNL_ARG_BIAS] = mem(f32_md({p.dst[1]}),
-                    checked<float>(bias.cast<py::array>(), "bias", {p.dst[1]}, false));
+            if (bias.is_none())
+                throw py::value_error("bias is required: the layer was created with a bias");
+            args[DNNL_ARG_BIAS] =
+                    mem(f32_md({p.dst[1]}),
+                        checked<float>(bias.cast<py::array>(), "bias", {p.dst[1]}, false));
         }
         const auto ws_md = p.fwd_pd.workspace_desc();
         if (!ws_md.is_zero()) {
             if (workspace.is_none())
-                throw py::value_error("workspace is required for s8 training (the quantized input)");
-            args[DNNL_ARG_WORKSPACE] = mem(ws_md,
-                    checked<uint8_t>(workspace.cast<py::array>(), "workspace",
-                            {static_cast<int64_t>(ws_md.get_size())}, true));
+                throw py::value_error(
+                        "workspace is required for s8 training (the quantized input)");
+            args[DNNL_ARG_WORKSPACE] =
+                    mem(ws_md, checked<uint8_t>(workspace.cast<py::array>(), "workspace",
+                                                {static_cast<int64_t>(ws_md.get_size())}, true));
         }
         py::gil_scoped_release release;
         p.fwd.execute(stream_, args);
     }
 
     void backward_data(const primitives &p, const py::array &dy, const py::array &values,
-            py::array &dx, uint64_t seed) {
+                       py::array &dx, uint64_t seed) {
         int32_t seed_storage[2];
-        qsp::exec_args args{{DNNL_ARG_DIFF_DST, mem(f32_md(p.dst), checked<float>(dy, "grad_out", p.dst, false))},
-                {DNNL_ARG_WEIGHTS, mem(f32_md({nnz()}), checked<float>(values, "values", {nnz()}, false))},
+        qsp::exec_args args{
+                {DNNL_ARG_DIFF_DST,
+                 mem(f32_md(p.dst), checked<float>(dy, "grad_out", p.dst, false))},
+                {DNNL_ARG_WEIGHTS,
+                 mem(f32_md({nnz()}), checked<float>(values, "values", {nnz()}, false))},
                 {DNNL_ARG_DIFF_SRC, mem(f32_md(p.src), checked<float>(dx, "grad_in", p.src, true))},
                 {qsp::QSP_ARG_ROUNDING_SEED, seed_mem(seed_storage, seed)}};
         py::gil_scoped_release release;
@@ -159,24 +178,33 @@ protected:
     }
 
     void backward_weights(const primitives &p, const py::object &x, const py::object &workspace,
-            const py::array &dy, py::array &dvalues, const py::object &dbias, uint64_t seed) {
+                          const py::array &dy, py::array &dvalues, const py::object &dbias,
+                          uint64_t seed) {
         int32_t seed_storage[2];
-        qsp::exec_args args{{DNNL_ARG_DIFF_DST, mem(f32_md(p.dst), checked<float>(dy, "grad_out", p.dst, false))},
-                {DNNL_ARG_DIFF_WEIGHTS, mem(f32_md({nnz()}), checked<float>(dvalues, "grad_values", {nnz()}, true))},
+        qsp::exec_args args{
+                {DNNL_ARG_DIFF_DST,
+                 mem(f32_md(p.dst), checked<float>(dy, "grad_out", p.dst, false))},
+                {DNNL_ARG_DIFF_WEIGHTS,
+                 mem(f32_md({nnz()}), checked<float>(dvalues, "grad_values", {nnz()}, true))},
                 {qsp::QSP_ARG_ROUNDING_SEED, seed_mem(seed_storage, seed)}};
         if (scheme_ == qsp::quant_scheme::s8) {
-            if (workspace.is_none()) throw py::value_error("workspace (from forward) is required for s8");
+            if (workspace.is_none())
+                throw py::value_error("workspace (from forward) is required for s8");
             const int64_t bytes = static_cast<int64_t>(workspace_bytes_of(p));
-            args[DNNL_ARG_WORKSPACE] = mem(dnnl::memory::desc({bytes}, dnnl::memory::data_type::u8, dnnl::memory::dims{1}),
+            args[DNNL_ARG_WORKSPACE] = mem(
+                    dnnl::memory::desc({bytes}, dnnl::memory::data_type::u8, dnnl::memory::dims{1}),
                     checked<uint8_t>(workspace.cast<py::array>(), "workspace", {bytes}, false));
         } else {
             if (x.is_none()) throw py::value_error("x is required for f32 backward_weights");
-            args[DNNL_ARG_SRC] = mem(f32_md(p.src), checked<float>(x.cast<py::array>(), "x", p.src, false));
+            args[DNNL_ARG_SRC] =
+                    mem(f32_md(p.src), checked<float>(x.cast<py::array>(), "x", p.src, false));
         }
         if (with_bias_) {
-            if (dbias.is_none()) throw py::value_error("grad_bias is required: the layer has a bias");
-            args[DNNL_ARG_DIFF_BIAS] = mem(f32_md({p.dst[1]}),
-                    checked<float>(dbias.cast<py::array>(), "grad_bias", {p.dst[1]}, true));
+            if (dbias.is_none())
+                throw py::value_error("grad_bias is required: the layer has a bias");
+            args[DNNL_ARG_DIFF_BIAS] =
+                    mem(f32_md({p.dst[1]}),
+                        checked<float>(dbias.cast<py::array>(), "grad_bias", {p.dst[1]}, true));
         }
         py::gil_scoped_release release;
         p.bwd_weights.execute(stream_, args);
@@ -191,55 +219,67 @@ protected:
     std::map<std::pair<dims, int>, primitives> cache_;
 };
 
-class linear_layer : public sparse_layer<qsp::sparse_linear_forward, qsp::sparse_linear_backward_data,
-                             qsp::sparse_linear_backward_weights> {
+class linear_layer
+    : public sparse_layer<qsp::sparse_linear_forward, qsp::sparse_linear_backward_data,
+                          qsp::sparse_linear_backward_weights> {
 public:
     linear_layer(int64_t in, int64_t out, const py::array &row_ptr, const py::array &col_idx,
-            const std::string &scheme, bool with_bias)
-        : sparse_layer(pattern_from(out, in, row_ptr, col_idx), scheme_from(scheme), with_bias), in_(in),
-          out_(out) {}
+                 const std::string &scheme, bool with_bias)
+        : sparse_layer(pattern_from(out, in, row_ptr, col_idx), scheme_from(scheme), with_bias),
+          in_(in), out_(out) {}
 
     const primitives &prims(int64_t batch, int threads) {
         return get({batch, in_}, {batch, out_}, threads,
-                [&](const dnnl::engine &e, const dnnl::memory::desc &s, const dnnl::memory::desc &b,
-                        const dnnl::memory::desc &d, const qsp::primitive_attr &a) {
-                    return qsp::sparse_linear_forward::primitive_desc(
-                            e, qsp::prop_kind::forward_training, s, pattern_, b, d, scheme_, a);
-                });
+                   [&](const dnnl::engine &e, const dnnl::memory::desc &s,
+                       const dnnl::memory::desc &b, const dnnl::memory::desc &d,
+                       const qsp::primitive_attr &a) {
+                       return qsp::sparse_linear_forward::primitive_desc(
+                               e, qsp::prop_kind::forward_training, s, pattern_, b, d, scheme_, a);
+                   });
     }
 
-    size_t workspace_bytes(int64_t batch, int threads) { return workspace_bytes_of(prims(batch, threads)); }
+    size_t workspace_bytes(int64_t batch, int threads) {
+        return workspace_bytes_of(prims(batch, threads));
+    }
     std::string implementations(int64_t batch, int threads) { return prims(batch, threads).impls; }
 
     void fwd(const py::array &x, const py::array &values, const py::object &bias, py::array &y,
-            const py::object &ws, int threads) {
+             const py::object &ws, int threads) {
         forward(prims(batch_of(x), threads), x, values, bias, y, ws);
     }
-    void bwd_data(const py::array &dy, const py::array &values, py::array &dx, uint64_t seed, int threads) {
+    void bwd_data(const py::array &dy, const py::array &values, py::array &dx, uint64_t seed,
+                  int threads) {
         backward_data(prims(batch_of(dy), threads), dy, values, dx, seed);
     }
     void bwd_weights(const py::object &x, const py::object &ws, const py::array &dy, py::array &dv,
-            const py::object &db, uint64_t seed, int threads) {
+                     const py::object &db, uint64_t seed, int threads) {
         backward_weights(prims(batch_of(dy), threads), x, ws, dy, dv, db, seed);
     }
 
 private:
     static int64_t batch_of(const py::array &a) {
-        if (a.ndim() != 2) throw py::value_error("expected a 2-D array (batch x features), got " + std::to_string(a.ndim()) + "-D");
+        if (a.ndim() != 2)
+            throw py::value_error("expected a 2-D array (batch x features), got "
+                                  + std::to_string(a.ndim()) + "-D");
         return a.shape(0);
     }
     int64_t in_, out_;
 };
 
-class conv2d_layer : public sparse_layer<qsp::sparse_conv2d_forward, qsp::sparse_conv2d_backward_data,
-                             qsp::sparse_conv2d_backward_weights> {
+class conv2d_layer
+    : public sparse_layer<qsp::sparse_conv2d_forward, qsp::sparse_conv2d_backward_data,
+                          qsp::sparse_conv2d_backward_weights> {
 public:
-    conv2d_layer(int64_t in_c, int64_t out_c, std::array<int64_t, 2> kernel, std::array<int64_t, 2> stride,
-            std::array<int64_t, 4> padding, std::array<int64_t, 2> dilation, int64_t groups,
-            const py::array &row_ptr, const py::array &col_idx, const std::string &scheme, bool with_bias)
-        : sparse_layer(pattern_from(out_c, groups > 0 && in_c % groups == 0 ? in_c / groups * kernel[0] * kernel[1] : -1,
-                               row_ptr, col_idx),
-                scheme_from(scheme), with_bias),
+    conv2d_layer(int64_t in_c, int64_t out_c, std::array<int64_t, 2> kernel,
+                 std::array<int64_t, 2> stride, std::array<int64_t, 4> padding,
+                 std::array<int64_t, 2> dilation, int64_t groups, const py::array &row_ptr,
+                 const py::array &col_idx, const std::string &scheme, bool with_bias)
+        : sparse_layer(pattern_from(out_c,
+                                    groups > 0 && in_c % groups == 0
+                                            ? in_c / groups * kernel[0] * kernel[1]
+                                            : -1,
+                                    row_ptr, col_idx),
+                       scheme_from(scheme), with_bias),
           in_c_(in_c), out_c_(out_c) {
         g_.kernel_h = kernel[0];
         g_.kernel_w = kernel[1];
@@ -255,38 +295,48 @@ public:
     }
 
     std::array<int64_t, 2> output_hw(int64_t h, int64_t w) const {
-        return {(h + g_.pad_top + g_.pad_bottom - g_.dilation_h * (g_.kernel_h - 1) - 1) / g_.stride_h + 1,
-                (w + g_.pad_left + g_.pad_right - g_.dilation_w * (g_.kernel_w - 1) - 1) / g_.stride_w + 1};
+        return {(h + g_.pad_top + g_.pad_bottom - g_.dilation_h * (g_.kernel_h - 1) - 1)
+                                / g_.stride_h
+                        + 1,
+                (w + g_.pad_left + g_.pad_right - g_.dilation_w * (g_.kernel_w - 1) - 1)
+                                / g_.stride_w
+                        + 1};
     }
 
     const primitives &prims(const dims &src, int threads) {
         const auto o = output_hw(src[2], src[3]);
-        return get(src, {src[0], out_c_, o[0], o[1]}, threads,
+        return get(
+                src, {src[0], out_c_, o[0], o[1]}, threads,
                 [&](const dnnl::engine &e, const dnnl::memory::desc &s, const dnnl::memory::desc &b,
-                        const dnnl::memory::desc &d, const qsp::primitive_attr &a) {
+                    const dnnl::memory::desc &d, const qsp::primitive_attr &a) {
                     return qsp::sparse_conv2d_forward::primitive_desc(
                             e, qsp::prop_kind::forward_training, s, pattern_, b, d, g_, scheme_, a);
                 });
     }
 
-    size_t workspace_bytes(const dims &src, int threads) { return workspace_bytes_of(prims(src, threads)); }
+    size_t workspace_bytes(const dims &src, int threads) {
+        return workspace_bytes_of(prims(src, threads));
+    }
     std::string implementations(const dims &src, int threads) { return prims(src, threads).impls; }
 
     void fwd(const py::array &x, const py::array &values, const py::object &bias, py::array &y,
-            const py::object &ws, int threads) {
+             const py::object &ws, int threads) {
         forward(prims(shape4(x), threads), x, values, bias, y, ws);
     }
-    void bwd_data(const py::array &dy, const py::array &values, py::array &dx, uint64_t seed, int threads) {
+    void bwd_data(const py::array &dy, const py::array &values, py::array &dx, uint64_t seed,
+                  int threads) {
         backward_data(prims(shape4(dx), threads), dy, values, dx, seed);
     }
     void bwd_weights(const py::object &x, const py::object &ws, const py::array &dy, py::array &dv,
-            const py::object &db, const dims &src, uint64_t seed, int threads) {
+                     const py::object &db, const dims &src, uint64_t seed, int threads) {
         backward_weights(prims(src, threads), x, ws, dy, dv, db, seed);
     }
 
 private:
     static dims shape4(const py::array &a) {
-        if (a.ndim() != 4) throw py::value_error("expected a 4-D array (N x C x H x W), got " + std::to_string(a.ndim()) + "-D");
+        if (a.ndim() != 4)
+            throw py::value_error("expected a 4-D array (N x C x H x W), got "
+                                  + std::to_string(a.ndim()) + "-D");
         return dims(a.shape(), a.shape() + 4);
     }
     int64_t in_c_, out_c_;
@@ -307,17 +357,24 @@ PYBIND11_MODULE(_C, m) {
     m.doc() = "qsparseprop C++ core (primitives over numpy buffers)";
     m.def("version", &qsp::version);
     m.def("detected_cpu_isa", [] { return std::string(qsp::to_string(qsp::detected_cpu_isa())); });
-    m.def("effective_cpu_isa", [] { return std::string(qsp::to_string(qsp::effective_cpu_isa())); });
-    m.def("set_max_cpu_isa", [](const std::string &s) { qsp::set_max_cpu_isa(qsp::cpu_isa_from_string(s)); });
+    m.def("effective_cpu_isa",
+          [] { return std::string(qsp::to_string(qsp::effective_cpu_isa())); });
+    m.def("set_max_cpu_isa",
+          [](const std::string &s) { qsp::set_max_cpu_isa(qsp::cpu_isa_from_string(s)); });
     m.def("set_verbose", [](int level) { qsp::set_verbose_level(level); });
     m.def("verbose_level", &qsp::verbose_level);
     m.def("rounding_seed32", &qsp::rounding_seed32);
 
-    m.def("csr_from_dense", [](const py::array &dense, float threshold) {
-        if (dense.ndim() != 2) throw py::value_error("dense must be 2-D");
-        const auto *d = checked<float>(dense, "dense", {dense.shape(0), dense.shape(1)}, false);
-        return pattern_arrays(qsp::csr_pattern::from_dense(d, dense.shape(0), dense.shape(1), threshold));
-    }, py::arg("dense"), py::arg("threshold") = 0.f);
+    m.def(
+            "csr_from_dense",
+            [](const py::array &dense, float threshold) {
+                if (dense.ndim() != 2) throw py::value_error("dense must be 2-D");
+                const auto *d =
+                        checked<float>(dense, "dense", {dense.shape(0), dense.shape(1)}, false);
+                return pattern_arrays(
+                        qsp::csr_pattern::from_dense(d, dense.shape(0), dense.shape(1), threshold));
+            },
+            py::arg("dense"), py::arg("threshold") = 0.f);
     m.def("csr_from_mask", [](const py::array &mask) {
         if (mask.ndim() != 2) throw py::value_error("mask must be 2-D");
         const auto *d = checked<uint8_t>(mask, "mask", {mask.shape(0), mask.shape(1)}, false);
@@ -328,9 +385,10 @@ PYBIND11_MODULE(_C, m) {
     });
 
     py::class_<linear_layer>(m, "LinearKernel")
-            .def(py::init<int64_t, int64_t, const py::array &, const py::array &, const std::string &, bool>(),
-                    py::arg("in_features"), py::arg("out_features"), py::arg("row_ptr"), py::arg("col_idx"),
-                    py::arg("scheme"), py::arg("with_bias"))
+            .def(py::init<int64_t, int64_t, const py::array &, const py::array &,
+                          const std::string &, bool>(),
+                 py::arg("in_features"), py::arg("out_features"), py::arg("row_ptr"),
+                 py::arg("col_idx"), py::arg("scheme"), py::arg("with_bias"))
             .def_property_readonly("nnz", &linear_layer::nnz)
             .def_property_readonly("scheme", &linear_layer::scheme)
             .def("workspace_bytes", &linear_layer::workspace_bytes)
@@ -340,12 +398,12 @@ PYBIND11_MODULE(_C, m) {
             .def("backward_weights", &linear_layer::bwd_weights);
 
     py::class_<conv2d_layer>(m, "Conv2dKernel")
-            .def(py::init<int64_t, int64_t, std::array<int64_t, 2>, std::array<int64_t, 2>, std::array<int64_t, 4>,
-                         std::array<int64_t, 2>, int64_t, const py::array &, const py::array &, const std::string &,
-                         bool>(),
-                    py::arg("in_channels"), py::arg("out_channels"), py::arg("kernel_size"), py::arg("stride"),
-                    py::arg("padding"), py::arg("dilation"), py::arg("groups"), py::arg("row_ptr"),
-                    py::arg("col_idx"), py::arg("scheme"), py::arg("with_bias"))
+            .def(py::init<int64_t, int64_t, std::array<int64_t, 2>, std::array<int64_t, 2>,
+                          std::array<int64_t, 4>, std::array<int64_t, 2>, int64_t,
+                          const py::array &, const py::array &, const std::string &, bool>(),
+                 py::arg("in_channels"), py::arg("out_channels"), py::arg("kernel_size"),
+                 py::arg("stride"), py::arg("padding"), py::arg("dilation"), py::arg("groups"),
+                 py::arg("row_ptr"), py::arg("col_idx"), py::arg("scheme"), py::arg("with_bias"))
             .def_property_readonly("nnz", &conv2d_layer::nnz)
             .def_property_readonly("scheme", &conv2d_layer::scheme)
             .def("output_hw", &conv2d_layer::output_hw)

@@ -15,8 +15,8 @@ namespace {
 cpu_isa detect() {
     Xbyak::util::Cpu cpu;
     using C = Xbyak::util::Cpu;
-    const bool avx512_core = cpu.has(C::tAVX512F) && cpu.has(C::tAVX512BW)
-            && cpu.has(C::tAVX512VL) && cpu.has(C::tAVX512DQ);
+    const bool avx512_core = cpu.has(C::tAVX512F) && cpu.has(C::tAVX512BW) && cpu.has(C::tAVX512VL)
+                             && cpu.has(C::tAVX512DQ);
     if (avx512_core && cpu.has(C::tAVX512_VNNI)) return cpu_isa::avx512_core_vnni;
     if (avx512_core) return cpu_isa::avx512_core;
     if (cpu.has(C::tAVX2) && cpu.has(C::tFMA)) return cpu_isa::avx2;
@@ -43,22 +43,29 @@ cpu_isa cap() {
 
 const char *to_string(cpu_isa isa) {
     switch (isa) {
-        case cpu_isa::ref: return "ref";
-        case cpu_isa::avx2: return "avx2";
-        case cpu_isa::avx512_core: return "avx512_core";
-        case cpu_isa::avx512_core_vnni: return "avx512_core_vnni";
+        case cpu_isa::ref:
+            return "ref";
+        case cpu_isa::avx2:
+            return "avx2";
+        case cpu_isa::avx512_core:
+            return "avx512_core";
+        case cpu_isa::avx512_core_vnni:
+            return "avx512_core_vnni";
     }
     return "unknown";
 }
 
 cpu_isa cpu_isa_from_string(const std::string &name) {
     std::string n(name);
-    std::transform(n.begin(), n.end(), n.begin(), [](unsigned char ch) { return std::tolower(ch); });
+    std::transform(n.begin(), n.end(), n.begin(),
+                   [](unsigned char ch) { return std::tolower(ch); });
     if (n == "ref" || n == "none") return cpu_isa::ref;
     if (n == "avx2") return cpu_isa::avx2;
     if (n == "avx512_core" || n == "avx512") return cpu_isa::avx512_core;
-    if (n == "avx512_vnni" || n == "avx512_core_vnni" || n == "all") return cpu_isa::avx512_core_vnni;
-    throw std::invalid_argument("QSP_MAX_CPU_ISA: unknown ISA '" + name
+    if (n == "avx512_vnni" || n == "avx512_core_vnni" || n == "all")
+        return cpu_isa::avx512_core_vnni;
+    throw std::invalid_argument(
+            "QSP_MAX_CPU_ISA: unknown ISA '" + name
             + "'; accepted: ref, avx2, avx512_core, avx512_vnni (or avx512_core_vnni), all");
 }
 
@@ -67,10 +74,16 @@ cpu_isa detected_cpu_isa() {
     return isa;
 }
 
-cpu_isa effective_cpu_isa() { return std::min(detected_cpu_isa(), cap()); }
+cpu_isa effective_cpu_isa() {
+    return std::min(detected_cpu_isa(), cap());
+}
 
-void set_max_cpu_isa(cpu_isa c) { max_isa_cap.store(static_cast<int>(c)); }
+void set_max_cpu_isa(cpu_isa c) {
+    max_isa_cap.store(static_cast<int>(c));
+}
 
-const char *version() { return QSP_VERSION_STRING; }
+const char *version() {
+    return QSP_VERSION_STRING;
+}
 
 } // namespace qsp

@@ -32,7 +32,9 @@ int verbose_level() {
     return l;
 }
 
-void set_verbose_level(int l) { level.store(l < 0 ? 0 : l); }
+void set_verbose_level(int l) {
+    level.store(l < 0 ? 0 : l);
+}
 
 namespace runtime {
 

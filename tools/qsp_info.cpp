@@ -10,7 +10,7 @@ int main() {
     const dnnl_version_t *v = dnnl_version();
     std::printf("qsparseprop %s\n", qsp::version());
     std::printf("cpu isa: detected %s, effective %s\n", qsp::to_string(qsp::detected_cpu_isa()),
-            qsp::to_string(qsp::effective_cpu_isa()));
+                qsp::to_string(qsp::effective_cpu_isa()));
     std::printf("oneDNN %d.%d.%d (%s)\n", v->major, v->minor, v->patch, v->hash);
     return 0;
 }

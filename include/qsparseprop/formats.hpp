@@ -21,14 +21,14 @@ public:
     // Keeps the entries with |w| > threshold (threshold >= 0). NaN weights are
     // kept (they are not zero, and dropping them would hide them).
     static csr_pattern from_dense(const float *dense, int64_t rows, int64_t cols,
-            float threshold = 0.f);
+                                  float threshold = 0.f);
     // Keeps the entries where mask != 0, whatever their value: a pruning mask
     // defines the pattern even where a kept weight is exactly zero.
     static csr_pattern from_mask(const uint8_t *mask, int64_t rows, int64_t cols);
     // Validates user-provided index arrays; throws std::invalid_argument
     // naming the argument and the broken rule.
-    static csr_pattern from_indices(int64_t rows, int64_t cols,
-            std::vector<int64_t> row_ptr, std::vector<int32_t> col_idx);
+    static csr_pattern from_indices(int64_t rows, int64_t cols, std::vector<int64_t> row_ptr,
+                                    std::vector<int32_t> col_idx);
 
     int64_t rows() const;
     int64_t cols() const;
@@ -61,7 +61,7 @@ struct csr_weights {
     std::vector<float> values;
 
     static csr_weights from_dense(const float *dense, int64_t rows, int64_t cols,
-            float threshold = 0.f);
+                                  float threshold = 0.f);
     std::vector<float> to_dense() const;
 };
 

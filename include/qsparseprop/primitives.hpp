@@ -59,7 +59,7 @@ public:
     prop_kind prop() const;
     const csr_pattern &pattern() const;
     int num_threads() const;
-    dnnl::memory::desc weights_desc() const; // nnz f32 values
+    dnnl::memory::desc weights_desc() const;   // nnz f32 values
     dnnl::memory::desc workspace_desc() const; // zero-size when none
     const std::shared_ptr<detail::pd_impl> &impl() const { return impl_; }
 
@@ -80,13 +80,13 @@ protected:
 struct sparse_linear_forward : primitive_base {
     struct primitive_desc : primitive_desc_base {
         primitive_desc(const dnnl::engine &engine, prop_kind prop,
-                const dnnl::memory::desc &src_desc, const csr_pattern &weights,
-                const dnnl::memory::desc &bias_desc, const dnnl::memory::desc &dst_desc,
-                quant_scheme scheme, const primitive_attr &attr = {});
+                       const dnnl::memory::desc &src_desc, const csr_pattern &weights,
+                       const dnnl::memory::desc &bias_desc, const dnnl::memory::desc &dst_desc,
+                       quant_scheme scheme, const primitive_attr &attr = {});
         primitive_desc(const dnnl::engine &engine, prop_kind prop,
-                const dnnl::memory::desc &src_desc, const csr_pattern &weights,
-                const dnnl::memory::desc &dst_desc, quant_scheme scheme,
-                const primitive_attr &attr = {});
+                       const dnnl::memory::desc &src_desc, const csr_pattern &weights,
+                       const dnnl::memory::desc &dst_desc, quant_scheme scheme,
+                       const primitive_attr &attr = {});
         dnnl::memory::desc src_desc() const;
         dnnl::memory::desc dst_desc() const;
         dnnl::memory::desc bias_desc() const;
@@ -97,8 +97,8 @@ struct sparse_linear_forward : primitive_base {
 struct sparse_linear_backward_data : primitive_base {
     struct primitive_desc : primitive_desc_base {
         primitive_desc(const dnnl::engine &engine, const dnnl::memory::desc &diff_src_desc,
-                const csr_pattern &weights, const dnnl::memory::desc &diff_dst_desc,
-                const sparse_linear_forward::primitive_desc &hint);
+                       const csr_pattern &weights, const dnnl::memory::desc &diff_dst_desc,
+                       const sparse_linear_forward::primitive_desc &hint);
     };
     explicit sparse_linear_backward_data(const primitive_desc &pd);
 };
@@ -107,9 +107,9 @@ struct sparse_linear_backward_weights : primitive_base {
     struct primitive_desc : primitive_desc_base {
         // diff_bias_desc may be a zero memory::desc when there is no bias.
         primitive_desc(const dnnl::engine &engine, const dnnl::memory::desc &src_desc,
-                const csr_pattern &weights, const dnnl::memory::desc &diff_bias_desc,
-                const dnnl::memory::desc &diff_dst_desc,
-                const sparse_linear_forward::primitive_desc &hint);
+                       const csr_pattern &weights, const dnnl::memory::desc &diff_bias_desc,
+                       const dnnl::memory::desc &diff_dst_desc,
+                       const sparse_linear_forward::primitive_desc &hint);
     };
     explicit sparse_linear_backward_weights(const primitive_desc &pd);
 };
@@ -120,10 +120,10 @@ struct sparse_linear_backward_weights : primitive_base {
 struct sparse_conv2d_forward : primitive_base {
     struct primitive_desc : primitive_desc_base {
         primitive_desc(const dnnl::engine &engine, prop_kind prop,
-                const dnnl::memory::desc &src_desc, const csr_pattern &weights,
-                const dnnl::memory::desc &bias_desc, const dnnl::memory::desc &dst_desc,
-                const conv2d_geometry &geometry, quant_scheme scheme,
-                const primitive_attr &attr = {});
+                       const dnnl::memory::desc &src_desc, const csr_pattern &weights,
+                       const dnnl::memory::desc &bias_desc, const dnnl::memory::desc &dst_desc,
+                       const conv2d_geometry &geometry, quant_scheme scheme,
+                       const primitive_attr &attr = {});
         dnnl::memory::desc src_desc() const;
         dnnl::memory::desc dst_desc() const;
         const conv2d_geometry &geometry() const;
@@ -134,8 +134,8 @@ struct sparse_conv2d_forward : primitive_base {
 struct sparse_conv2d_backward_data : primitive_base {
     struct primitive_desc : primitive_desc_base {
         primitive_desc(const dnnl::engine &engine, const dnnl::memory::desc &diff_src_desc,
-                const csr_pattern &weights, const dnnl::memory::desc &diff_dst_desc,
-                const sparse_conv2d_forward::primitive_desc &hint);
+                       const csr_pattern &weights, const dnnl::memory::desc &diff_dst_desc,
+                       const sparse_conv2d_forward::primitive_desc &hint);
     };
     explicit sparse_conv2d_backward_data(const primitive_desc &pd);
 };
@@ -143,9 +143,9 @@ struct sparse_conv2d_backward_data : primitive_base {
 struct sparse_conv2d_backward_weights : primitive_base {
     struct primitive_desc : primitive_desc_base {
         primitive_desc(const dnnl::engine &engine, const dnnl::memory::desc &src_desc,
-                const csr_pattern &weights, const dnnl::memory::desc &diff_bias_desc,
-                const dnnl::memory::desc &diff_dst_desc,
-                const sparse_conv2d_forward::primitive_desc &hint);
+                       const csr_pattern &weights, const dnnl::memory::desc &diff_bias_desc,
+                       const dnnl::memory::desc &diff_dst_desc,
+                       const sparse_conv2d_forward::primitive_desc &hint);
     };
     explicit sparse_conv2d_backward_weights(const primitive_desc &pd);
 };

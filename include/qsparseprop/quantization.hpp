@@ -43,7 +43,8 @@ inline uint32_t mix32(uint32_t x) {
 }
 
 inline uint32_t rounding_seed32(uint64_t seed) {
-    return mix32(static_cast<uint32_t>(seed) ^ mix32(static_cast<uint32_t>(seed >> 32) + 0x9e3779b9u));
+    return mix32(static_cast<uint32_t>(seed)
+                 ^ mix32(static_cast<uint32_t>(seed >> 32) + 0x9e3779b9u));
 }
 
 // Uniform in [0, 1) with 24 bits, exactly representable in fp32.

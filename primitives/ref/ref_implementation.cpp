@@ -34,7 +34,7 @@ public:
             execute_s8(t);
         if (p_.dir == direction::backward_weights && t.diff_bias)
             ref::bias_grad(t.diff_dst, t.diff_bias, p_.outer(), p_.channels(), p_.channel_inner(),
-                    p_.num_threads);
+                           p_.num_threads);
     }
 
 private:
@@ -43,16 +43,26 @@ private:
         const bool lin = p_.op == op_kind::linear;
         switch (p_.dir) {
             case direction::forward:
-                if (lin) ref::linear_fwd_f32(p_.pattern, t.weights, t.src, t.bias, t.dst, p_.batch, nt);
-                else ref::conv2d_fwd_f32(p_.conv, p_.pattern, t.weights, t.src, t.bias, t.dst, nt);
+                if (lin)
+                    ref::linear_fwd_f32(p_.pattern, t.weights, t.src, t.bias, t.dst, p_.batch, nt);
+                else
+                    ref::conv2d_fwd_f32(p_.conv, p_.pattern, t.weights, t.src, t.bias, t.dst, nt);
                 break;
             case direction::backward_data:
-                if (lin) ref::linear_bwd_data_f32(p_.pattern, t.weights, t.diff_dst, t.diff_src, p_.batch, nt);
-                else ref::conv2d_bwd_data_f32(p_.conv, p_.pattern, transposed_, t.weights, t.diff_dst, t.diff_src, nt);
+                if (lin)
+                    ref::linear_bwd_data_f32(p_.pattern, t.weights, t.diff_dst, t.diff_src,
+                                             p_.batch, nt);
+                else
+                    ref::conv2d_bwd_data_f32(p_.conv, p_.pattern, transposed_, t.weights,
+                                             t.diff_dst, t.diff_src, nt);
                 break;
             case direction::backward_weights:
-                if (lin) ref::linear_bwd_weights_f32(p_.pattern, t.src, t.diff_dst, t.diff_weights, p_.batch, nt);
-                else ref::conv2d_bwd_weights_f32(p_.conv, p_.pattern, t.src, t.diff_dst, t.diff_weights, nt);
+                if (lin)
+                    ref::linear_bwd_weights_f32(p_.pattern, t.src, t.diff_dst, t.diff_weights,
+                                                p_.batch, nt);
+                else
+                    ref::conv2d_bwd_weights_f32(p_.conv, p_.pattern, t.src, t.diff_dst,
+                                                t.diff_weights, nt);
                 break;
         }
     }
@@ -78,10 +88,10 @@ private:
                 if (t.workspace) std::memcpy(view(t.workspace).scale, &src_scale, sizeof(float));
                 if (lin)
                     ref::linear_fwd_s8(p_.pattern, wq.data(), w_scale.data(), src_q, src_scale,
-                            t.bias, t.dst, p_.batch, nt);
+                                       t.bias, t.dst, p_.batch, nt);
                 else
                     ref::conv2d_fwd_s8(p_.conv, p_.pattern, wq.data(), w_scale.data(), src_q,
-                            src_scale, t.bias, t.dst, nt);
+                                       src_scale, t.bias, t.dst, nt);
                 break;
             }
             case direction::backward_data: {
@@ -89,15 +99,15 @@ private:
                 std::vector<float> w_scale(static_cast<size_t>(p_.pattern.rows()));
                 ref::quantize_weights(p_.pattern, t.weights, wq.data(), w_scale.data(), nt);
                 std::vector<int8_t> g2(static_cast<size_t>(p_.dst_elems()));
-                const float g2_scale = ref::quantize_stochastic(t.diff_dst, p_.dst_elems(),
-                        w_scale.data(), p_.channels(), p_.channel_inner(),
-                        rounding_seed32(2 * t.seed + 1), g2.data(), nt);
+                const float g2_scale = ref::quantize_stochastic(
+                        t.diff_dst, p_.dst_elems(), w_scale.data(), p_.channels(),
+                        p_.channel_inner(), rounding_seed32(2 * t.seed + 1), g2.data(), nt);
                 if (lin)
-                    ref::linear_bwd_data_s8(p_.pattern, wq.data(), g2.data(), g2_scale,
-                            t.diff_src, p_.batch, nt);
+                    ref::linear_bwd_data_s8(p_.pattern, wq.data(), g2.data(), g2_scale, t.diff_src,
+                                            p_.batch, nt);
                 else
                     ref::conv2d_bwd_data_s8(p_.conv, p_.pattern, transposed_, wq.data(), g2.data(),
-                            g2_scale, t.diff_src, nt);
+                                            g2_scale, t.diff_src, nt);
                 break;
             }
             case direction::backward_weights: {
@@ -105,14 +115,15 @@ private:
                 std::memcpy(&src_scale, view(t.workspace).scale, sizeof(float));
                 const int8_t *src_q = view(t.workspace).src_q;
                 std::vector<int8_t> g1(static_cast<size_t>(p_.dst_elems()));
-                const float g1_scale = ref::quantize_stochastic(t.diff_dst, p_.dst_elems(),
-                        nullptr, 1, 1, rounding_seed32(2 * t.seed), g1.data(), nt);
+                const float g1_scale =
+                        ref::quantize_stochastic(t.diff_dst, p_.dst_elems(), nullptr, 1, 1,
+                                                 rounding_seed32(2 * t.seed), g1.data(), nt);
                 if (lin)
                     ref::linear_bwd_weights_s8(p_.pattern, src_q, src_scale, g1.data(), g1_scale,
-                            t.diff_weights, p_.batch, nt);
+                                               t.diff_weights, p_.batch, nt);
                 else
                     ref::conv2d_bwd_weights_s8(p_.conv, p_.pattern, src_q, src_scale, g1.data(),
-                            g1_scale, t.diff_weights, nt);
+                                               g1_scale, t.diff_weights, nt);
                 break;
             }
         }

@@ -27,8 +27,8 @@ struct s8_types {
 };
 
 inline int8_t clamp_q(float v) {
-    return static_cast<int8_t>(std::min(std::max(v, -static_cast<float>(quant_max)),
-            static_cast<float>(quant_max)));
+    return static_cast<int8_t>(
+            std::min(std::max(v, -static_cast<float>(quant_max)), static_cast<float>(quant_max)));
 }
 
 float scale_from_abs_max(float amax) {
@@ -62,7 +62,7 @@ float quantize_rne(const float *x, int64_t n, int8_t *q, int num_threads) {
 }
 
 void quantize_weights(const csr_pattern &p, const float *values, int8_t *q, float *scale,
-        int num_threads) {
+                      int num_threads) {
     const int64_t *rp = p.row_ptr();
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t r = 0; r < p.rows(); ++r) {
@@ -76,7 +76,7 @@ void quantize_weights(const csr_pattern &p, const float *values, int8_t *q, floa
 }
 
 float quantize_stochastic(const float *x, int64_t n, const float *multiplier, int64_t channels,
-        int64_t inner, uint32_t seed32, int8_t *q, int num_threads) {
+                          int64_t inner, uint32_t seed32, int8_t *q, int num_threads) {
     auto value = [&](int64_t i) {
         return multiplier ? x[i] * multiplier[(i / inner) % channels] : x[i];
     };
@@ -92,8 +92,9 @@ float quantize_stochastic(const float *x, int64_t n, const float *multiplier, in
     const float inv = usable ? 1.f / scale : 0.f;
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t i = 0; i < n; ++i)
-        q[i] = usable ? clamp_q(std::floor(value(i) * inv
-                               + stochastic_rounding_noise(seed32, static_cast<uint64_t>(i))))
+        q[i] = usable ? clamp_q(
+                       std::floor(value(i) * inv
+                                  + stochastic_rounding_noise(seed32, static_cast<uint64_t>(i))))
                       : 0;
     return scale;
 }
@@ -104,7 +105,8 @@ namespace {
 
 template <typename T, typename epilogue_fn>
 void linear_fwd(const csr_pattern &p, const typename T::w_t *w, const typename T::src_t *src,
-        const float *bias, float *dst, int64_t batch, int num_threads, epilogue_fn epilogue) {
+                const float *bias, float *dst, int64_t batch, int num_threads,
+                epilogue_fn epilogue) {
     const int64_t K = p.cols(), N = p.rows();
     const int64_t *rp = p.row_ptr();
     const int32_t *ci = p.col_idx();
@@ -114,15 +116,15 @@ void linear_fwd(const csr_pattern &p, const typename T::w_t *w, const typename T
             typename T::acc_t acc = 0;
             for (int64_t i = rp[n]; i < rp[n + 1]; ++i)
                 acc += static_cast<typename T::acc_t>(w[i])
-                        * static_cast<typename T::acc_t>(src[b * K + ci[i]]);
+                       * static_cast<typename T::acc_t>(src[b * K + ci[i]]);
             dst[b * N + n] = epilogue(acc, n) + (bias ? bias[n] : 0.f);
         }
 }
 
 template <typename T, typename epilogue_fn>
 void linear_bwd_data(const csr_pattern &p, const typename T::w_t *w,
-        const typename T::src_t *diff_dst, float *diff_src, int64_t batch, int num_threads,
-        epilogue_fn epilogue) {
+                     const typename T::src_t *diff_dst, float *diff_src, int64_t batch,
+                     int num_threads, epilogue_fn epilogue) {
     const int64_t K = p.cols(), N = p.rows();
     const int64_t *rp = p.row_ptr();
     const int32_t *ci = p.col_idx();
@@ -146,8 +148,8 @@ void linear_bwd_data(const csr_pattern &p, const typename T::w_t *w,
 
 template <typename T, typename epilogue_fn>
 void linear_bwd_weights(const csr_pattern &p, const typename T::src_t *src,
-        const typename T::src_t *diff_dst, float *diff_w, int64_t batch, int num_threads,
-        epilogue_fn epilogue) {
+                        const typename T::src_t *diff_dst, float *diff_w, int64_t batch,
+                        int num_threads, epilogue_fn epilogue) {
     const int64_t K = p.cols(), N = p.rows();
     const int64_t *rp = p.row_ptr();
     const int32_t *ci = p.col_idx();
@@ -157,7 +159,7 @@ void linear_bwd_weights(const csr_pattern &p, const typename T::src_t *src,
             typename T::acc_t acc = 0;
             for (int64_t b = 0; b < batch; ++b)
                 acc += static_cast<typename T::acc_t>(diff_dst[b * N + n])
-                        * static_cast<typename T::acc_t>(src[b * K + ci[i]]);
+                       * static_cast<typename T::acc_t>(src[b * K + ci[i]]);
             diff_w[i] = epilogue(acc);
         }
 }
@@ -165,25 +167,25 @@ void linear_bwd_weights(const csr_pattern &p, const typename T::src_t *src,
 } // namespace
 
 void linear_fwd_f32(const csr_pattern &p, const float *w, const float *src, const float *bias,
-        float *dst, int64_t batch, int num_threads) {
+                    float *dst, int64_t batch, int num_threads) {
     linear_fwd<f32_types>(p, w, src, bias, dst, batch, num_threads,
-            [](float acc, int64_t) { return acc; });
+                          [](float acc, int64_t) { return acc; });
 }
 
 void linear_bwd_data_f32(const csr_pattern &p, const float *w, const float *diff_dst,
-        float *diff_src, int64_t batch, int num_threads) {
+                         float *diff_src, int64_t batch, int num_threads) {
     linear_bwd_data<f32_types>(p, w, diff_dst, diff_src, batch, num_threads,
-            [](float acc) { return acc; });
+                               [](float acc) { return acc; });
 }
 
 void linear_bwd_weights_f32(const csr_pattern &p, const float *src, const float *diff_dst,
-        float *diff_w, int64_t batch, int num_threads) {
+                            float *diff_w, int64_t batch, int num_threads) {
     linear_bwd_weights<f32_types>(p, src, diff_dst, diff_w, batch, num_threads,
-            [](float acc) { return acc; });
+                                  [](float acc) { return acc; });
 }
 
 void bias_grad(const float *diff_dst, float *diff_bias, int64_t outer, int64_t channels,
-        int64_t inner, int num_threads) {
+               int64_t inner, int num_threads) {
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t c = 0; c < channels; ++c) {
         float acc = 0.f;
@@ -195,26 +197,26 @@ void bias_grad(const float *diff_dst, float *diff_bias, int64_t outer, int64_t c
 }
 
 void linear_fwd_s8(const csr_pattern &p, const int8_t *wq, const float *w_scale,
-        const int8_t *src_q, float src_scale, const float *bias, float *dst, int64_t batch,
-        int num_threads) {
-    linear_fwd<s8_types>(p, wq, src_q, bias, dst, batch, num_threads,
-            [=](int64_t acc, int64_t n) {
-                return static_cast<float>(acc) * (src_scale * w_scale[n]);
-            });
+                   const int8_t *src_q, float src_scale, const float *bias, float *dst,
+                   int64_t batch, int num_threads) {
+    linear_fwd<s8_types>(p, wq, src_q, bias, dst, batch, num_threads, [=](int64_t acc, int64_t n) {
+        return static_cast<float>(acc) * (src_scale * w_scale[n]);
+    });
 }
 
 void linear_bwd_data_s8(const csr_pattern &p, const int8_t *wq, const int8_t *diff_dst_q,
-        float diff_dst_scale, float *diff_src, int64_t batch, int num_threads) {
-    linear_bwd_data<s8_types>(p, wq, diff_dst_q, diff_src, batch, num_threads,
-            [=](int64_t acc) { return static_cast<float>(acc) * diff_dst_scale; });
+                        float diff_dst_scale, float *diff_src, int64_t batch, int num_threads) {
+    linear_bwd_data<s8_types>(p, wq, diff_dst_q, diff_src, batch, num_threads, [=](int64_t acc) {
+        return static_cast<float>(acc) * diff_dst_scale;
+    });
 }
 
 void linear_bwd_weights_s8(const csr_pattern &p, const int8_t *src_q, float src_scale,
-        const int8_t *diff_dst_q, float diff_dst_scale, float *diff_w, int64_t batch,
-        int num_threads) {
+                           const int8_t *diff_dst_q, float diff_dst_scale, float *diff_w,
+                           int64_t batch, int num_threads) {
     const float scale = diff_dst_scale * src_scale;
     linear_bwd_weights<s8_types>(p, src_q, diff_dst_q, diff_w, batch, num_threads,
-            [=](int64_t acc) { return static_cast<float>(acc) * scale; });
+                                 [=](int64_t acc) { return static_cast<float>(acc) * scale; });
 }
 
 // ---- Conv2d -----------------------------------------------------------------
@@ -240,8 +242,8 @@ inline int64_t in_coord(int64_t o, int64_t k, int64_t stride, int64_t pad, int64
 
 template <typename T, typename epilogue_fn>
 void conv2d_fwd(const conv2d_shape &s, const csr_pattern &p, const typename T::w_t *w,
-        const typename T::src_t *src, const float *bias, float *dst, int num_threads,
-        epilogue_fn epilogue) {
+                const typename T::src_t *src, const float *bias, float *dst, int num_threads,
+                epilogue_fn epilogue) {
     const auto &g = s.g;
     const int64_t icg = s.in_c / g.groups, out_plane = s.out_h * s.out_w;
     const int64_t *rp = p.row_ptr();
@@ -262,11 +264,11 @@ void conv2d_fwd(const conv2d_shape &s, const csr_pattern &p, const typename T::w
                         const int64_t ih = in_coord(oh, t.kh, g.stride_h, g.pad_top, g.dilation_h);
                         if (ih < 0 || ih >= s.in_h) continue;
                         for (int64_t ow = 0; ow < s.out_w; ++ow) {
-                            const int64_t iw
-                                    = in_coord(ow, t.kw, g.stride_w, g.pad_left, g.dilation_w);
+                            const int64_t iw =
+                                    in_coord(ow, t.kw, g.stride_w, g.pad_left, g.dilation_w);
                             if (iw < 0 || iw >= s.in_w) continue;
-                            acc[oh * s.out_w + ow]
-                                    += wv * static_cast<typename T::acc_t>(plane[ih * s.in_w + iw]);
+                            acc[oh * s.out_w + ow] +=
+                                    wv * static_cast<typename T::acc_t>(plane[ih * s.in_w + iw]);
                         }
                     }
                 }
@@ -280,8 +282,8 @@ void conv2d_fwd(const conv2d_shape &s, const csr_pattern &p, const typename T::w
 
 template <typename T, typename epilogue_fn>
 void conv2d_bwd_data(const conv2d_shape &s, const conv2d_transposed_pattern &t,
-        const typename T::w_t *w, const typename T::src_t *diff_dst, float *diff_src,
-        int num_threads, epilogue_fn epilogue) {
+                     const typename T::w_t *w, const typename T::src_t *diff_dst, float *diff_src,
+                     int num_threads, epilogue_fn epilogue) {
     const auto &g = s.g;
     const int64_t icg = s.in_c / g.groups, ocg = s.out_c / g.groups;
     const int64_t in_plane = s.in_h * s.in_w, out_plane = s.out_h * s.out_w;
@@ -303,16 +305,16 @@ void conv2d_bwd_data(const conv2d_shape &s, const conv2d_transposed_pattern &t,
                             const auto wv = static_cast<typename T::acc_t>(w[t.value_index[e]]);
                             const auto *dplane = diff_dst + (n * s.out_c + oc) * out_plane;
                             for (int64_t oh = 0; oh < s.out_h; ++oh) {
-                                const int64_t ih
-                                        = in_coord(oh, kh, g.stride_h, g.pad_top, g.dilation_h);
+                                const int64_t ih =
+                                        in_coord(oh, kh, g.stride_h, g.pad_top, g.dilation_h);
                                 if (ih < 0 || ih >= s.in_h) continue;
                                 for (int64_t ow = 0; ow < s.out_w; ++ow) {
-                                    const int64_t iw = in_coord(
-                                            ow, kw, g.stride_w, g.pad_left, g.dilation_w);
+                                    const int64_t iw =
+                                            in_coord(ow, kw, g.stride_w, g.pad_left, g.dilation_w);
                                     if (iw < 0 || iw >= s.in_w) continue;
                                     acc[ih * s.in_w + iw] += wv
-                                            * static_cast<typename T::acc_t>(
-                                                    dplane[oh * s.out_w + ow]);
+                                                             * static_cast<typename T::acc_t>(
+                                                                     dplane[oh * s.out_w + ow]);
                                 }
                             }
                         }
@@ -325,9 +327,9 @@ void conv2d_bwd_data(const conv2d_shape &s, const conv2d_transposed_pattern &t,
 }
 
 template <typename T, typename epilogue_fn>
-void conv2d_bwd_weights(const conv2d_shape &s, const csr_pattern &p,
-        const typename T::src_t *src, const typename T::src_t *diff_dst, float *diff_w,
-        int num_threads, epilogue_fn epilogue) {
+void conv2d_bwd_weights(const conv2d_shape &s, const csr_pattern &p, const typename T::src_t *src,
+                        const typename T::src_t *diff_dst, float *diff_w, int num_threads,
+                        epilogue_fn epilogue) {
     const auto &g = s.g;
     const int64_t icg = s.in_c / g.groups, out_plane = s.out_h * s.out_w;
     const int64_t *rp = p.row_ptr();
@@ -348,7 +350,7 @@ void conv2d_bwd_weights(const conv2d_shape &s, const csr_pattern &p,
                         const int64_t iw = in_coord(ow, t.kw, g.stride_w, g.pad_left, g.dilation_w);
                         if (iw < 0 || iw >= s.in_w) continue;
                         acc += static_cast<typename T::acc_t>(dplane[oh * s.out_w + ow])
-                                * static_cast<typename T::acc_t>(plane[ih * s.in_w + iw]);
+                               * static_cast<typename T::acc_t>(plane[ih * s.in_w + iw]);
                     }
                 }
             }
@@ -380,46 +382,48 @@ conv2d_transposed_pattern transpose_conv2d_pattern(const csr_pattern &p) {
     return t;
 }
 
-void conv2d_fwd_f32(const conv2d_shape &s, const csr_pattern &p, const float *w,
-        const float *src, const float *bias, float *dst, int num_threads) {
+void conv2d_fwd_f32(const conv2d_shape &s, const csr_pattern &p, const float *w, const float *src,
+                    const float *bias, float *dst, int num_threads) {
     conv2d_fwd<f32_types>(s, p, w, src, bias, dst, num_threads,
-            [](float acc, int64_t) { return acc; });
+                          [](float acc, int64_t) { return acc; });
 }
 
 void conv2d_bwd_data_f32(const conv2d_shape &s, const csr_pattern &,
-        const conv2d_transposed_pattern &t, const float *w, const float *diff_dst,
-        float *diff_src, int num_threads) {
+                         const conv2d_transposed_pattern &t, const float *w, const float *diff_dst,
+                         float *diff_src, int num_threads) {
     conv2d_bwd_data<f32_types>(s, t, w, diff_dst, diff_src, num_threads,
-            [](float acc) { return acc; });
+                               [](float acc) { return acc; });
 }
 
 void conv2d_bwd_weights_f32(const conv2d_shape &s, const csr_pattern &p, const float *src,
-        const float *diff_dst, float *diff_w, int num_threads) {
+                            const float *diff_dst, float *diff_w, int num_threads) {
     conv2d_bwd_weights<f32_types>(s, p, src, diff_dst, diff_w, num_threads,
-            [](float acc) { return acc; });
+                                  [](float acc) { return acc; });
 }
 
 void conv2d_fwd_s8(const conv2d_shape &s, const csr_pattern &p, const int8_t *wq,
-        const float *w_scale, const int8_t *src_q, float src_scale, const float *bias,
-        float *dst, int num_threads) {
+                   const float *w_scale, const int8_t *src_q, float src_scale, const float *bias,
+                   float *dst, int num_threads) {
     conv2d_fwd<s8_types>(s, p, wq, src_q, bias, dst, num_threads, [=](int64_t acc, int64_t oc) {
         return static_cast<float>(acc) * (src_scale * w_scale[oc]);
     });
 }
 
 void conv2d_bwd_data_s8(const conv2d_shape &s, const csr_pattern &,
-        const conv2d_transposed_pattern &t, const int8_t *wq, const int8_t *diff_dst_q,
-        float diff_dst_scale, float *diff_src, int num_threads) {
-    conv2d_bwd_data<s8_types>(s, t, wq, diff_dst_q, diff_src, num_threads,
-            [=](int64_t acc) { return static_cast<float>(acc) * diff_dst_scale; });
+                        const conv2d_transposed_pattern &t, const int8_t *wq,
+                        const int8_t *diff_dst_q, float diff_dst_scale, float *diff_src,
+                        int num_threads) {
+    conv2d_bwd_data<s8_types>(s, t, wq, diff_dst_q, diff_src, num_threads, [=](int64_t acc) {
+        return static_cast<float>(acc) * diff_dst_scale;
+    });
 }
 
 void conv2d_bwd_weights_s8(const conv2d_shape &s, const csr_pattern &p, const int8_t *src_q,
-        float src_scale, const int8_t *diff_dst_q, float diff_dst_scale, float *diff_w,
-        int num_threads) {
+                           float src_scale, const int8_t *diff_dst_q, float diff_dst_scale,
+                           float *diff_w, int num_threads) {
     const float scale = diff_dst_scale * src_scale;
     conv2d_bwd_weights<s8_types>(s, p, src_q, diff_dst_q, diff_w, num_threads,
-            [=](int64_t acc) { return static_cast<float>(acc) * scale; });
+                                 [=](int64_t acc) { return static_cast<float>(acc) * scale; });
 }
 
 } // namespace qsp::ref

@@ -21,32 +21,32 @@ float abs_max(const float *x, int64_t n);
 float quantize_rne(const float *x, int64_t n, int8_t *q, int num_threads);
 // Per-row symmetric weights: scale[r] = max_j |values in row r| / 127.
 void quantize_weights(const csr_pattern &p, const float *values, int8_t *q, float *scale,
-        int num_threads);
+                      int num_threads);
 // Stochastic rounding of v[i] = x[i] * (multiplier ? multiplier[(i / inner) % channels] : 1)
 // with noise stochastic_rounding_noise(seed32, i); returns the scale.
 float quantize_stochastic(const float *x, int64_t n, const float *multiplier, int64_t channels,
-        int64_t inner, uint32_t seed32, int8_t *q, int num_threads);
+                          int64_t inner, uint32_t seed32, int8_t *q, int num_threads);
 
 // ---- Linear: X B x K, W N x K (CSR), Y B x N ------------------------------
 
 void linear_fwd_f32(const csr_pattern &p, const float *w, const float *src, const float *bias,
-        float *dst, int64_t batch, int num_threads);
+                    float *dst, int64_t batch, int num_threads);
 void linear_bwd_data_f32(const csr_pattern &p, const float *w, const float *diff_dst,
-        float *diff_src, int64_t batch, int num_threads);
+                         float *diff_src, int64_t batch, int num_threads);
 void linear_bwd_weights_f32(const csr_pattern &p, const float *src, const float *diff_dst,
-        float *diff_w, int64_t batch, int num_threads);
+                            float *diff_w, int64_t batch, int num_threads);
 // db[n] = sum_b dY[b, n] (shared by both schemes; also the Conv2d one with inner > 1).
 void bias_grad(const float *diff_dst, float *diff_bias, int64_t outer, int64_t channels,
-        int64_t inner, int num_threads);
+               int64_t inner, int num_threads);
 
 void linear_fwd_s8(const csr_pattern &p, const int8_t *wq, const float *w_scale,
-        const int8_t *src_q, float src_scale, const float *bias, float *dst, int64_t batch,
-        int num_threads);
+                   const int8_t *src_q, float src_scale, const float *bias, float *dst,
+                   int64_t batch, int num_threads);
 void linear_bwd_data_s8(const csr_pattern &p, const int8_t *wq, const int8_t *diff_dst_q,
-        float diff_dst_scale, float *diff_src, int64_t batch, int num_threads);
+                        float diff_dst_scale, float *diff_src, int64_t batch, int num_threads);
 void linear_bwd_weights_s8(const csr_pattern &p, const int8_t *src_q, float src_scale,
-        const int8_t *diff_dst_q, float diff_dst_scale, float *diff_w, int64_t batch,
-        int num_threads);
+                           const int8_t *diff_dst_q, float diff_dst_scale, float *diff_w,
+                           int64_t batch, int num_threads);
 
 // ---- Conv2d: X N x C x H x W, W OC x (C/G * KH * KW) (CSR), Y N x OC x OH x OW
 
@@ -67,22 +67,23 @@ struct conv2d_transposed_pattern {
 };
 conv2d_transposed_pattern transpose_conv2d_pattern(const csr_pattern &p);
 
-void conv2d_fwd_f32(const conv2d_shape &s, const csr_pattern &p, const float *w,
-        const float *src, const float *bias, float *dst, int num_threads);
+void conv2d_fwd_f32(const conv2d_shape &s, const csr_pattern &p, const float *w, const float *src,
+                    const float *bias, float *dst, int num_threads);
 void conv2d_bwd_data_f32(const conv2d_shape &s, const csr_pattern &p,
-        const conv2d_transposed_pattern &t, const float *w, const float *diff_dst,
-        float *diff_src, int num_threads);
+                         const conv2d_transposed_pattern &t, const float *w, const float *diff_dst,
+                         float *diff_src, int num_threads);
 void conv2d_bwd_weights_f32(const conv2d_shape &s, const csr_pattern &p, const float *src,
-        const float *diff_dst, float *diff_w, int num_threads);
+                            const float *diff_dst, float *diff_w, int num_threads);
 
 void conv2d_fwd_s8(const conv2d_shape &s, const csr_pattern &p, const int8_t *wq,
-        const float *w_scale, const int8_t *src_q, float src_scale, const float *bias,
-        float *dst, int num_threads);
+                   const float *w_scale, const int8_t *src_q, float src_scale, const float *bias,
+                   float *dst, int num_threads);
 void conv2d_bwd_data_s8(const conv2d_shape &s, const csr_pattern &p,
-        const conv2d_transposed_pattern &t, const int8_t *wq, const int8_t *diff_dst_q,
-        float diff_dst_scale, float *diff_src, int num_threads);
+                        const conv2d_transposed_pattern &t, const int8_t *wq,
+                        const int8_t *diff_dst_q, float diff_dst_scale, float *diff_src,
+                        int num_threads);
 void conv2d_bwd_weights_s8(const conv2d_shape &s, const csr_pattern &p, const int8_t *src_q,
-        float src_scale, const int8_t *diff_dst_q, float diff_dst_scale, float *diff_w,
-        int num_threads);
+                           float src_scale, const int8_t *diff_dst_q, float diff_dst_scale,
+                           float *diff_w, int num_threads);
 
 } // namespace qsp::ref

@@ -1,9 +1,9 @@
 """qsparseprop: fast sparse (and int8) training of pruned networks on x86 CPUs.
 
-    >>> import torch, qsparseprop
-    >>> layer = qsparseprop.SparseLinear.from_dense(torch.nn.Linear(16, 8))
-    >>> layer(torch.randn(4, 16)).shape
-    torch.Size([4, 8])
+>>> import torch, qsparseprop
+>>> layer = qsparseprop.SparseLinear.from_dense(torch.nn.Linear(16, 8))
+>>> layer(torch.randn(4, 16)).shape
+torch.Size([4, 8])
 """
 
 # torch first: its libgomp is then the one OpenMP runtime of the process

@@ -41,7 +41,7 @@ def kernel_of(kid: int) -> Any:
     try:
         return _registry[kid]
     except KeyError:
-        raise ValueError(f"qsparseprop kernel id {kid} is not registered (its layer was freed)")
+        raise ValueError(f"qsparseprop kernel id {kid} is not registered (its layer was freed)") from None
 
 
 def _np(t: torch.Tensor | None):
@@ -116,7 +116,11 @@ def _(grad_y, x, workspace, values, kid, seed, need_input_grad, need_values_grad
     k = kernel_of(kid)
     dx = grad_y.new_empty(grad_y.shape[0], k.in_features) if need_input_grad else grad_y.new_empty(0)
     dv = values.new_empty(values.shape) if (need_values_grad or need_bias_grad) else values.new_empty(0)
-    db = grad_y.new_empty(k.out_features) if k.with_bias and (need_values_grad or need_bias_grad) else grad_y.new_empty(0)
+    db = (
+        grad_y.new_empty(k.out_features)
+        if k.with_bias and (need_values_grad or need_bias_grad)
+        else grad_y.new_empty(0)
+    )
     return dx, dv, db
 
 
@@ -132,8 +136,15 @@ def _linear_setup(ctx, inputs, output):
 def _linear_backward(ctx, grad_y, grad_ws):
     x, ws, values = ctx.saved_tensors
     dx, dv, db = linear_backward(
-        grad_y.contiguous(), x, ws, values, ctx.kid, ctx.seed,
-        ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2],
+        grad_y.contiguous(),
+        x,
+        ws,
+        values,
+        ctx.kid,
+        ctx.seed,
+        ctx.needs_input_grad[0],
+        ctx.needs_input_grad[1],
+        ctx.has_bias and ctx.needs_input_grad[2],
     )
     return (
         dx if ctx.needs_input_grad[0] else None,
@@ -144,9 +155,7 @@ def _linear_backward(ctx, grad_y, grad_ws):
     )
 
 
-torch.library.register_autograd(
-    "qsparseprop::linear_forward", _linear_backward, setup_context=_linear_setup
-)
+torch.library.register_autograd("qsparseprop::linear_forward", _linear_backward, setup_context=_linear_setup)
 
 
 # ---- Conv2d -------------------------------------------------------------------
@@ -227,8 +236,16 @@ def _conv_setup(ctx, inputs, output):
 def _conv_backward(ctx, grad_y, grad_ws):
     x, ws, values = ctx.saved_tensors
     dx, dv, db = conv2d_backward(
-        grad_y.contiguous(), x, ws, values, ctx.input_shape, ctx.kid, ctx.seed,
-        ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2],
+        grad_y.contiguous(),
+        x,
+        ws,
+        values,
+        ctx.input_shape,
+        ctx.kid,
+        ctx.seed,
+        ctx.needs_input_grad[0],
+        ctx.needs_input_grad[1],
+        ctx.has_bias and ctx.needs_input_grad[2],
     )
     return (
         dx if ctx.needs_input_grad[0] else None,
@@ -239,9 +256,7 @@ def _conv_backward(ctx, grad_y, grad_ws):
     )
 
 
-torch.library.register_autograd(
-    "qsparseprop::conv2d_forward", _conv_backward, setup_context=_conv_setup
-)
+torch.library.register_autograd("qsparseprop::conv2d_forward", _conv_backward, setup_context=_conv_setup)
 
 
 def make_linear_kernel(in_features, out_features, row_ptr, col_idx, scheme, with_bias):
@@ -249,10 +264,22 @@ def make_linear_kernel(in_features, out_features, row_ptr, col_idx, scheme, with
     return _KernelHandle(k, in_features=in_features, out_features=out_features, with_bias=with_bias)
 
 
-def make_conv2d_kernel(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
-                       row_ptr, col_idx, scheme, with_bias):
-    k = _C.Conv2dKernel(in_channels, out_channels, list(kernel_size), list(stride), list(padding),
-                        list(dilation), groups, _np(row_ptr), _np(col_idx), scheme, with_bias)
+def make_conv2d_kernel(
+    in_channels, out_channels, kernel_size, stride, padding, dilation, groups, row_ptr, col_idx, scheme, with_bias
+):
+    k = _C.Conv2dKernel(
+        in_channels,
+        out_channels,
+        list(kernel_size),
+        list(stride),
+        list(padding),
+        list(dilation),
+        groups,
+        _np(row_ptr),
+        _np(col_idx),
+        scheme,
+        with_bias,
+    )
     return _KernelHandle(k, in_channels=in_channels, out_channels=out_channels, with_bias=with_bias)
 
 

@@ -123,9 +123,15 @@ class _SparseModule(nn.Module):
 
     @torch.compiler.disable
     def _kernel_id(self) -> int:
-        # Host-side bookkeeping, kept out of compiled graphs. Rebuilt when the pattern buffers change (load_state_dict, .to()).
-        key = (self.row_ptr.data_ptr(), self.col_idx.data_ptr(), self.row_ptr._version,
-               self.col_idx._version, self.bias is not None)
+        # Host-side bookkeeping, kept out of compiled graphs. Rebuilt when the
+        # pattern buffers change (load_state_dict, .to()).
+        key = (
+            self.row_ptr.data_ptr(),
+            self.col_idx.data_ptr(),
+            self.row_ptr._version,
+            self.col_idx._version,
+            self.bias is not None,
+        )
         if key != self._kernel_key:
             if self._kid is not None:
                 _ops.unregister_kernel(self._kid)
@@ -161,7 +167,9 @@ class _SparseModule(nn.Module):
         if x.dim() not in ndims:
             raise ValueError(f"{name}: input must be {what}, got shape {tuple(x.shape)}")
         if self.values.dtype != torch.float32:
-            raise TypeError(f"{name}: values must be float32, got {self.values.dtype} (the layer was cast; use .float())")
+            raise TypeError(
+                f"{name}: values must be float32, got {self.values.dtype} (the layer was cast; use .float())"
+            )
         return x
 
     def __getstate__(self):
@@ -188,8 +196,7 @@ class SparseLinear(_SparseModule):
         torch.Size([8, 32])
     """
 
-    def __init__(self, in_features: int, out_features: int, row_ptr, col_idx, values,
-                 bias=None, seed: int = 0):
+    def __init__(self, in_features: int, out_features: int, row_ptr, col_idx, values, bias=None, seed: int = 0):
         super().__init__()
         for n, v in (("in_features", in_features), ("out_features", out_features)):
             if not isinstance(v, int) or v < 1:
@@ -230,8 +237,9 @@ class SparseLinear(_SparseModule):
         return self.in_features
 
     def _make_kernel(self):
-        return _ops.make_linear_kernel(self.in_features, self.out_features, self.row_ptr,
-                                       self.col_idx, self.scheme, self.bias is not None)
+        return _ops.make_linear_kernel(
+            self.in_features, self.out_features, self.row_ptr, self.col_idx, self.scheme, self.bias is not None
+        )
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         x = self._check_input(input, tuple(range(1, 9)), "at least 1-D (..., in_features)")
@@ -252,8 +260,10 @@ class SparseLinear(_SparseModule):
         return y
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, density={self.density:.4f}, scheme={self.scheme}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, density={self.density:.4f}, scheme={self.scheme}"
+        )
 
 
 class QuantizedSparseLinear(SparseLinear):
@@ -280,7 +290,7 @@ def _resolve_padding(padding, kernel_size, dilation) -> tuple[int, int, int, int
         if padding == "valid":
             return (0, 0, 0, 0)
         if padding == "same":
-            total = [d * (k - 1) for k, d in zip(kernel_size, dilation)]
+            total = [d * (k - 1) for k, d in zip(kernel_size, dilation, strict=True)]
             # torch puts the odd pixel at the bottom / right
             return (total[0] // 2, total[1] // 2, total[0] - total[0] // 2, total[1] - total[1] // 2)
         raise ValueError(f"padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
@@ -306,9 +316,22 @@ class SparseConv2d(_SparseModule):
         torch.Size([2, 16, 10, 10])
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, row_ptr, col_idx, values,
-                 bias=None, stride=1, padding=0, dilation=1, groups: int = 1,
-                 vectorizing_over_on: bool | None = None, seed: int = 0):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        row_ptr,
+        col_idx,
+        values,
+        bias=None,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        vectorizing_over_on: bool | None = None,
+        seed: int = 0,
+    ):
         super().__init__()
         for n, v in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)):
             if not isinstance(v, int) or v < 1:
@@ -321,7 +344,11 @@ class SparseConv2d(_SparseModule):
         self.kernel_size = _pair(kernel_size, "kernel_size")
         self.stride = _pair(stride, "stride")
         self.dilation = _pair(dilation, "dilation")
-        for n, t, lo in (("kernel_size", self.kernel_size, 1), ("stride", self.stride, 1), ("dilation", self.dilation, 1)):
+        for n, t, lo in (
+            ("kernel_size", self.kernel_size, 1),
+            ("stride", self.stride, 1),
+            ("dilation", self.dilation, 1),
+        ):
             if min(t) < lo:
                 raise ValueError(f"{n} must be >= {lo}, got {t}")
         self.padding = padding
@@ -331,12 +358,20 @@ class SparseConv2d(_SparseModule):
         if vectorizing_over_on not in (None, True, False):
             raise TypeError(f"vectorizing_over_on must be None, True or False, got {vectorizing_over_on!r}")
         self.vectorizing_over_on = vectorizing_over_on
-        self._init_sparse(out_channels, in_channels // groups * self.kernel_size[0] * self.kernel_size[1],
-                          row_ptr, col_idx, values, bias, seed)
+        self._init_sparse(
+            out_channels,
+            in_channels // groups * self.kernel_size[0] * self.kernel_size[1],
+            row_ptr,
+            col_idx,
+            values,
+            bias,
+            seed,
+        )
 
     @classmethod
-    def from_dense(cls, module: nn.Conv2d, threshold: float = 0.0, vectorizing_over_on: bool | None = None,
-                   seed: int = 0) -> "SparseConv2d":
+    def from_dense(
+        cls, module: nn.Conv2d, threshold: float = 0.0, vectorizing_over_on: bool | None = None, seed: int = 0
+    ) -> "SparseConv2d":
         """Converts an ``nn.Conv2d`` (zero padding only); a pruning mask, if
         any, defines the pattern, else the entries with ``|w| > threshold``."""
         if not isinstance(module, nn.Conv2d):
@@ -348,16 +383,38 @@ class SparseConv2d(_SparseModule):
             )
         mask, weight = _mask_and_weight(module)
         oc = module.out_channels
-        row_ptr, col_idx, values = _csr_from(weight.reshape(oc, -1), None if mask is None else mask.reshape(oc, -1),
-                                             threshold)
+        row_ptr, col_idx, values = _csr_from(
+            weight.reshape(oc, -1), None if mask is None else mask.reshape(oc, -1), threshold
+        )
         bias = None if module.bias is None else module.bias.detach()
-        return cls(module.in_channels, oc, module.kernel_size, row_ptr, col_idx, values, bias,
-                   module.stride, module.padding, module.dilation, module.groups, vectorizing_over_on, seed)
+        return cls(
+            module.in_channels,
+            oc,
+            module.kernel_size,
+            row_ptr,
+            col_idx,
+            values,
+            bias,
+            module.stride,
+            module.padding,
+            module.dilation,
+            module.groups,
+            vectorizing_over_on,
+            seed,
+        )
 
     def to_dense(self) -> nn.Conv2d:
         """A dense ``nn.Conv2d`` with the same weights (zeros where pruned)."""
-        m = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-                      self.dilation, self.groups, bias=self.bias is not None)
+        m = nn.Conv2d(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+            bias=self.bias is not None,
+        )
         with torch.no_grad():
             m.weight.copy_(self.weight)
             if self.bias is not None:
@@ -376,9 +433,19 @@ class SparseConv2d(_SparseModule):
         return self.in_channels // self.groups * self.kernel_size[0] * self.kernel_size[1]
 
     def _make_kernel(self):
-        return _ops.make_conv2d_kernel(self.in_channels, self.out_channels, self.kernel_size, self.stride,
-                                       self._pads, self.dilation, self.groups, self.row_ptr, self.col_idx,
-                                       self.scheme, self.bias is not None)
+        return _ops.make_conv2d_kernel(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            self.stride,
+            self._pads,
+            self.dilation,
+            self.groups,
+            self.row_ptr,
+            self.col_idx,
+            self.scheme,
+            self.bias is not None,
+        )
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         x = self._check_input(input, (3, 4), "3-D (C, H, W) or 4-D (N, C, H, W)")
@@ -390,16 +457,19 @@ class SparseConv2d(_SparseModule):
                 f"{type(self).__name__}: input must have in_channels={self.in_channels} channels, "
                 f"got shape {tuple(input.shape)}"
             )
-        t, l, b, r = self._pads
+        top, left, bottom, right = self._pads
         (kh, kw), (dh, dw) = self.kernel_size, self.dilation
-        if x.shape[2] + t + b < dh * (kh - 1) + 1 or x.shape[3] + l + r < dw * (kw - 1) + 1:
+        if x.shape[2] + top + bottom < dh * (kh - 1) + 1 or x.shape[3] + left + right < dw * (kw - 1) + 1:
             raise ValueError(
-                f"{type(self).__name__}: input spatial size {tuple(x.shape[2:])} (padded {x.shape[2] + t + b}x"
-                f"{x.shape[3] + l + r}) is smaller than the dilated kernel {dh * (kh - 1) + 1}x{dw * (kw - 1) + 1}"
+                f"{type(self).__name__}: input spatial size {tuple(x.shape[2:])} (padded "
+                f"{x.shape[2] + top + bottom}x{x.shape[3] + left + right}) is smaller than the dilated "
+                f"kernel {dh * (kh - 1) + 1}x{dw * (kw - 1) + 1}"
             )
         channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
         if x.shape[0] == 0:
-            y = F.conv2d(F.pad(x, (l, r, t, b)), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+            y = F.conv2d(
+                F.pad(x, (left, right, top, bottom)), self.weight, self.bias, self.stride, 0, self.dilation, self.groups
+            )
         else:
             y = self._compute(x.contiguous())
         if channels_last:
@@ -411,9 +481,11 @@ class SparseConv2d(_SparseModule):
         return y
 
     def extra_repr(self) -> str:
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
-                f"bias={self.bias is not None}, density={self.density:.4f}, scheme={self.scheme}")
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
+            f"bias={self.bias is not None}, density={self.density:.4f}, scheme={self.scheme}"
+        )
 
 
 class QuantizedSparseConv2d(SparseConv2d):

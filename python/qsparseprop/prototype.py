@@ -53,8 +53,8 @@ class _PrototypeConv2dFn(torch.autograd.Function):
     def forward(ctx, x, values, bias, w_dense, row_ptr, col_idx, seed, pads, stride, dilation, groups):
         wq, sw = q.quantize_weight_rows(w_dense)
         xq, sx = q.quantize_rne(x)
-        t, l, b, r = pads
-        xpad = F.pad(xq.double(), (l, r, t, b))
+        top, left, bottom, right = pads
+        xpad = F.pad(xq.double(), (left, right, top, bottom))
         acc = F.conv2d(xpad, wq.double(), None, stride, 0, dilation, groups).float()
         y = acc * (sx * sw).reshape(1, -1, 1, 1)
         y = y + (bias.reshape(1, -1, 1, 1) if bias is not None else 0.0)
@@ -65,16 +65,16 @@ class _PrototypeConv2dFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):
         xq, sx, wq, sw, row_ptr, col_idx = ctx.saved_tensors
-        seed, (t, l, b, r), stride, dilation, groups, has_bias, pad_shape = ctx.conf
+        seed, (top, left, bottom, right), stride, dilation, groups, has_bias, pad_shape = ctx.conf
         seed_dw, seed_dx = q.gradient_seeds(seed)
         dx = dv = db = None
         if ctx.needs_input_grad[0]:
             g2, sg2 = q.quantize_stochastic(gy, seed_dx, sw)
             dxp = torch.nn.grad.conv2d_input(pad_shape, wq.double(), g2.double(), stride, 0, dilation, groups)
-            dx = dxp[:, :, t:pad_shape[2] - b, l:pad_shape[3] - r].float() * sg2
+            dx = dxp[:, :, top : pad_shape[2] - bottom, left : pad_shape[3] - right].float() * sg2
         if ctx.needs_input_grad[1]:
             g1, sg1 = q.quantize_stochastic(gy, seed_dw)
-            xpad = F.pad(xq.double(), (l, r, t, b))
+            xpad = F.pad(xq.double(), (left, right, top, bottom))
             dw = torch.nn.grad.conv2d_weight(xpad, wq.shape, g1.double(), stride, 0, dilation, groups)
             dv = _gather(dw.float().reshape(wq.shape[0], -1) * (sg1 * sx), row_ptr, col_idx)
         if has_bias and ctx.needs_input_grad[2]:
@@ -88,8 +88,9 @@ class PrototypeQuantizedSparseLinear(QuantizedSparseLinear):
     prototype = True
 
     def _compute(self, x2: torch.Tensor) -> torch.Tensor:
-        return _PrototypeLinearFn.apply(x2, self.values, self.bias, self._dense_weight_2d().detach(),
-                                        self.row_ptr, self.col_idx, self._next_seed())
+        return _PrototypeLinearFn.apply(
+            x2, self.values, self.bias, self._dense_weight_2d().detach(), self.row_ptr, self.col_idx, self._next_seed()
+        )
 
 
 class PrototypeQuantizedSparseConv2d(QuantizedSparseConv2d):
@@ -98,6 +99,16 @@ class PrototypeQuantizedSparseConv2d(QuantizedSparseConv2d):
     prototype = True
 
     def _compute(self, x: torch.Tensor) -> torch.Tensor:
-        return _PrototypeConv2dFn.apply(x, self.values, self.bias, self.weight.detach(), self.row_ptr,
-                                        self.col_idx, self._next_seed(), self._pads, self.stride,
-                                        self.dilation, self.groups)
+        return _PrototypeConv2dFn.apply(
+            x,
+            self.values,
+            self.bias,
+            self.weight.detach(),
+            self.row_ptr,
+            self.col_idx,
+            self._next_seed(),
+            self._pads,
+            self.stride,
+            self.dilation,
+            self.groups,
+        )

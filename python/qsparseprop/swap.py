@@ -86,7 +86,7 @@ def swap_modules_with_sparse(
         >>> net = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
         >>> for m in net:
         ...     if isinstance(m, torch.nn.Linear):
-        ...         torch.nn.utils.prune.l1_unstructured(m, "weight", amount=0.9)
+        ...         _ = torch.nn.utils.prune.l1_unstructured(m, "weight", amount=0.9)
         >>> net = swap_modules_with_sparse(net, (16, 32), verbose=False, min_speedup=0.0)
         >>> type(net[0]).__name__
         'QuantizedSparseLinear'

@@ -10,37 +10,79 @@ namespace qsp::test {
 
 class SparseConv2dTester {
 public:
-    SparseConv2dTester &batch(int64_t v) { n_ = v; return *this; }
-    SparseConv2dTester &channels(int64_t in, int64_t out) { c_ = in; oc_ = out; return *this; }
-    SparseConv2dTester &image(int64_t h, int64_t w) { h_ = h; w_ = w; return *this; }
-    SparseConv2dTester &kernel(int64_t kh, int64_t kw) { g_.kernel_h = kh; g_.kernel_w = kw; return *this; }
-    SparseConv2dTester &stride(int64_t sh, int64_t sw) { g_.stride_h = sh; g_.stride_w = sw; return *this; }
-    SparseConv2dTester &padding(int64_t t, int64_t l, int64_t b, int64_t r) {
-        g_.pad_top = t; g_.pad_left = l; g_.pad_bottom = b; g_.pad_right = r; return *this;
+    SparseConv2dTester &batch(int64_t v) {
+        n_ = v;
+        return *this;
     }
-    SparseConv2dTester &dilation(int64_t dh, int64_t dw) { g_.dilation_h = dh; g_.dilation_w = dw; return *this; }
-    SparseConv2dTester &groups(int64_t g) { g_.groups = g; return *this; }
-    SparseConv2dTester &sparsity(double v) { sparsity_ = v; return *this; }
-    SparseConv2dTester &threads(int v) { threads_ = v; return *this; }
-    SparseConv2dTester &seed(unsigned v) { seed_ = v; return *this; }
+    SparseConv2dTester &channels(int64_t in, int64_t out) {
+        c_ = in;
+        oc_ = out;
+        return *this;
+    }
+    SparseConv2dTester &image(int64_t h, int64_t w) {
+        h_ = h;
+        w_ = w;
+        return *this;
+    }
+    SparseConv2dTester &kernel(int64_t kh, int64_t kw) {
+        g_.kernel_h = kh;
+        g_.kernel_w = kw;
+        return *this;
+    }
+    SparseConv2dTester &stride(int64_t sh, int64_t sw) {
+        g_.stride_h = sh;
+        g_.stride_w = sw;
+        return *this;
+    }
+    SparseConv2dTester &padding(int64_t t, int64_t l, int64_t b, int64_t r) {
+        g_.pad_top = t;
+        g_.pad_left = l;
+        g_.pad_bottom = b;
+        g_.pad_right = r;
+        return *this;
+    }
+    SparseConv2dTester &dilation(int64_t dh, int64_t dw) {
+        g_.dilation_h = dh;
+        g_.dilation_w = dw;
+        return *this;
+    }
+    SparseConv2dTester &groups(int64_t g) {
+        g_.groups = g;
+        return *this;
+    }
+    SparseConv2dTester &sparsity(double v) {
+        sparsity_ = v;
+        return *this;
+    }
+    SparseConv2dTester &threads(int v) {
+        threads_ = v;
+        return *this;
+    }
+    SparseConv2dTester &seed(unsigned v) {
+        seed_ = v;
+        return *this;
+    }
 
     std::string describe() const {
         return "N=" + std::to_string(n_) + " C=" + std::to_string(c_) + " OC=" + std::to_string(oc_)
-                + " HxW=" + std::to_string(h_) + "x" + std::to_string(w_) + " k="
-                + std::to_string(g_.kernel_h) + "x" + std::to_string(g_.kernel_w) + " s="
-                + std::to_string(g_.stride_h) + "," + std::to_string(g_.stride_w) + " p="
-                + std::to_string(g_.pad_top) + "," + std::to_string(g_.pad_left) + ","
-                + std::to_string(g_.pad_bottom) + "," + std::to_string(g_.pad_right) + " d="
-                + std::to_string(g_.dilation_h) + "," + std::to_string(g_.dilation_w) + " g="
-                + std::to_string(g_.groups) + " sparsity=" + std::to_string(sparsity_);
+               + " HxW=" + std::to_string(h_) + "x" + std::to_string(w_)
+               + " k=" + std::to_string(g_.kernel_h) + "x" + std::to_string(g_.kernel_w)
+               + " s=" + std::to_string(g_.stride_h) + "," + std::to_string(g_.stride_w)
+               + " p=" + std::to_string(g_.pad_top) + "," + std::to_string(g_.pad_left) + ","
+               + std::to_string(g_.pad_bottom) + "," + std::to_string(g_.pad_right)
+               + " d=" + std::to_string(g_.dilation_h) + "," + std::to_string(g_.dilation_w)
+               + " g=" + std::to_string(g_.groups) + " sparsity=" + std::to_string(sparsity_);
     }
 
     void Test() const {
         SCOPED_TRACE(describe());
         std::mt19937 rng(seed_);
-        const int64_t G = g_.groups, icg = c_ / G, ocg = oc_ / G, KH = g_.kernel_h, KW = g_.kernel_w;
-        const int64_t OH = (h_ + g_.pad_top + g_.pad_bottom - g_.dilation_h * (KH - 1) - 1) / g_.stride_h + 1;
-        const int64_t OW = (w_ + g_.pad_left + g_.pad_right - g_.dilation_w * (KW - 1) - 1) / g_.stride_w + 1;
+        const int64_t G = g_.groups, icg = c_ / G, ocg = oc_ / G, KH = g_.kernel_h,
+                      KW = g_.kernel_w;
+        const int64_t OH =
+                (h_ + g_.pad_top + g_.pad_bottom - g_.dilation_h * (KH - 1) - 1) / g_.stride_h + 1;
+        const int64_t OW =
+                (w_ + g_.pad_left + g_.pad_right - g_.dilation_w * (KW - 1) - 1) / g_.stride_w + 1;
         const int64_t cols = icg * KH * KW;
         auto dense_w = random_sparse_dense(oc_, cols, sparsity_, rng);
         auto w = csr_weights::from_dense(dense_w.data(), oc_, cols);
@@ -55,27 +97,32 @@ public:
         const auto src_md = f32_desc({n_, c_, h_, w_}), dst_md = f32_desc({n_, oc_, OH, OW});
         const auto bias_md = f32_desc({oc_});
         sparse_conv2d_forward::primitive_desc fwd_pd(eng, prop_kind::forward_training, src_md,
-                w.pattern, bias_md, dst_md, g_, quant_scheme::f32, attr);
+                                                     w.pattern, bias_md, dst_md, g_,
+                                                     quant_scheme::f32, attr);
         const auto wmd = fwd_pd.weights_desc();
         std::vector<float> y(dy.size(), -7.f), dx(x.size(), -7.f), dw(w.values.size(), -7.f),
                 db(b.size(), -7.f);
         sparse_conv2d_forward(fwd_pd).execute(strm,
-                {{DNNL_ARG_SRC, wrap(eng, src_md, x.data())}, {DNNL_ARG_WEIGHTS, wrap(eng, wmd, w.values.data())},
-                        {DNNL_ARG_BIAS, wrap(eng, bias_md, b.data())}, {DNNL_ARG_DST, wrap(eng, dst_md, y.data())}});
-        sparse_conv2d_backward_data(sparse_conv2d_backward_data::primitive_desc(eng, src_md, w.pattern, dst_md, fwd_pd))
+                                              {{DNNL_ARG_SRC, wrap(eng, src_md, x.data())},
+                                               {DNNL_ARG_WEIGHTS, wrap(eng, wmd, w.values.data())},
+                                               {DNNL_ARG_BIAS, wrap(eng, bias_md, b.data())},
+                                               {DNNL_ARG_DST, wrap(eng, dst_md, y.data())}});
+        sparse_conv2d_backward_data(
+                sparse_conv2d_backward_data::primitive_desc(eng, src_md, w.pattern, dst_md, fwd_pd))
                 .execute(strm, {{DNNL_ARG_DIFF_DST, wrap(eng, dst_md, dy.data())},
-                                       {DNNL_ARG_WEIGHTS, wrap(eng, wmd, w.values.data())},
-                                       {DNNL_ARG_DIFF_SRC, wrap(eng, src_md, dx.data())}});
-        sparse_conv2d_backward_weights(
-                sparse_conv2d_backward_weights::primitive_desc(eng, src_md, w.pattern, bias_md, dst_md, fwd_pd))
+                                {DNNL_ARG_WEIGHTS, wrap(eng, wmd, w.values.data())},
+                                {DNNL_ARG_DIFF_SRC, wrap(eng, src_md, dx.data())}});
+        sparse_conv2d_backward_weights(sparse_conv2d_backward_weights::primitive_desc(
+                                               eng, src_md, w.pattern, bias_md, dst_md, fwd_pd))
                 .execute(strm, {{DNNL_ARG_SRC, wrap(eng, src_md, x.data())},
-                                       {DNNL_ARG_DIFF_DST, wrap(eng, dst_md, dy.data())},
-                                       {DNNL_ARG_DIFF_WEIGHTS, wrap(eng, wmd, dw.data())},
-                                       {DNNL_ARG_DIFF_BIAS, wrap(eng, bias_md, db.data())}});
+                                {DNNL_ARG_DIFF_DST, wrap(eng, dst_md, dy.data())},
+                                {DNNL_ARG_DIFF_WEIGHTS, wrap(eng, wmd, dw.data())},
+                                {DNNL_ARG_DIFF_BIAS, wrap(eng, bias_md, db.data())}});
 
         // Naive dense direct convolution and its two gradients, in double.
         std::vector<double> y_ref(y.size()), y_mag(y.size()), dx_ref(x.size()), dx_mag(x.size());
-        std::vector<double> dwd(dense_w.size()), dwd_mag(dense_w.size()), db_ref(b.size()), db_mag(b.size());
+        std::vector<double> dwd(dense_w.size()), dwd_mag(dense_w.size()), db_ref(b.size()),
+                db_mag(b.size());
         for (int64_t n = 0; n < n_; ++n)
             for (int64_t oc = 0; oc < oc_; ++oc)
                 for (int64_t oh = 0; oh < OH; ++oh)
@@ -87,12 +134,15 @@ public:
                         for (int64_t ic = 0; ic < icg; ++ic)
                             for (int64_t kh = 0; kh < KH; ++kh)
                                 for (int64_t kw = 0; kw < KW; ++kw) {
-                                    const int64_t ih = oh * g_.stride_h - g_.pad_top + kh * g_.dilation_h;
-                                    const int64_t iw = ow * g_.stride_w - g_.pad_left + kw * g_.dilation_w;
+                                    const int64_t ih =
+                                            oh * g_.stride_h - g_.pad_top + kh * g_.dilation_h;
+                                    const int64_t iw =
+                                            ow * g_.stride_w - g_.pad_left + kw * g_.dilation_w;
                                     if (ih < 0 || ih >= h_ || iw < 0 || iw >= w_) continue;
                                     const size_t xi = static_cast<size_t>(
                                             ((n * c_ + (oc / ocg) * icg + ic) * h_ + ih) * w_ + iw);
-                                    const size_t wi = static_cast<size_t>(oc * cols + (ic * KH + kh) * KW + kw);
+                                    const size_t wi = static_cast<size_t>(
+                                            oc * cols + (ic * KH + kh) * KW + kw);
                                     acc += double(x[xi]) * dense_w[wi];
                                     mag += std::fabs(double(x[xi]) * dense_w[wi]);
                                     dx_ref[xi] += double(dy[yi]) * dense_w[wi];

@@ -11,18 +11,39 @@ namespace qsp::test {
 
 class SparseLinearTester {
 public:
-    SparseLinearTester &batch(int64_t v) { batch_ = v; return *this; }
-    SparseLinearTester &in(int64_t v) { in_ = v; return *this; }
-    SparseLinearTester &out(int64_t v) { out_ = v; return *this; }
-    SparseLinearTester &sparsity(double v) { sparsity_ = v; return *this; }
-    SparseLinearTester &threads(int v) { threads_ = v; return *this; }
-    SparseLinearTester &bias(bool v) { bias_ = v; return *this; }
-    SparseLinearTester &seed(unsigned v) { seed_ = v; return *this; }
+    SparseLinearTester &batch(int64_t v) {
+        batch_ = v;
+        return *this;
+    }
+    SparseLinearTester &in(int64_t v) {
+        in_ = v;
+        return *this;
+    }
+    SparseLinearTester &out(int64_t v) {
+        out_ = v;
+        return *this;
+    }
+    SparseLinearTester &sparsity(double v) {
+        sparsity_ = v;
+        return *this;
+    }
+    SparseLinearTester &threads(int v) {
+        threads_ = v;
+        return *this;
+    }
+    SparseLinearTester &bias(bool v) {
+        bias_ = v;
+        return *this;
+    }
+    SparseLinearTester &seed(unsigned v) {
+        seed_ = v;
+        return *this;
+    }
 
     void Test() const {
-        SCOPED_TRACE("B=" + std::to_string(batch_) + " K=" + std::to_string(in_) + " N="
-                + std::to_string(out_) + " sparsity=" + std::to_string(sparsity_)
-                + " threads=" + std::to_string(threads_));
+        SCOPED_TRACE("B=" + std::to_string(batch_) + " K=" + std::to_string(in_)
+                     + " N=" + std::to_string(out_) + " sparsity=" + std::to_string(sparsity_)
+                     + " threads=" + std::to_string(threads_));
         std::mt19937 rng(seed_);
         const int64_t B = batch_, K = in_, N = out_;
         auto dense_w = random_sparse_dense(N, K, sparsity_, rng);
@@ -38,27 +59,30 @@ public:
         const auto src_md = f32_desc({B, K}), dst_md = f32_desc({B, N});
         const auto bias_md = bias_ ? f32_desc({N}) : dnnl::memory::desc();
         sparse_linear_forward::primitive_desc fwd_pd(eng, prop_kind::forward_training, src_md,
-                w.pattern, bias_md, dst_md, quant_scheme::f32, attr);
+                                                     w.pattern, bias_md, dst_md, quant_scheme::f32,
+                                                     attr);
         std::vector<float> y(static_cast<size_t>(B * N), -7.f);
         exec_args fwd_args{{DNNL_ARG_SRC, wrap(eng, src_md, x.data())},
-                {DNNL_ARG_WEIGHTS, wrap(eng, fwd_pd.weights_desc(), w.values.data())},
-                {DNNL_ARG_DST, wrap(eng, dst_md, y.data())}};
+                           {DNNL_ARG_WEIGHTS, wrap(eng, fwd_pd.weights_desc(), w.values.data())},
+                           {DNNL_ARG_DST, wrap(eng, dst_md, y.data())}};
         if (bias_) fwd_args[DNNL_ARG_BIAS] = wrap(eng, bias_md, b.data());
         sparse_linear_forward(fwd_pd).execute(strm, fwd_args);
 
-        sparse_linear_backward_data::primitive_desc bwd_d_pd(eng, src_md, w.pattern, dst_md, fwd_pd);
+        sparse_linear_backward_data::primitive_desc bwd_d_pd(eng, src_md, w.pattern, dst_md,
+                                                             fwd_pd);
         std::vector<float> dx(static_cast<size_t>(B * K), -7.f);
-        sparse_linear_backward_data(bwd_d_pd)
-                .execute(strm, {{DNNL_ARG_DIFF_DST, wrap(eng, dst_md, dy.data())},
-                                       {DNNL_ARG_WEIGHTS, wrap(eng, fwd_pd.weights_desc(), w.values.data())},
-                                       {DNNL_ARG_DIFF_SRC, wrap(eng, src_md, dx.data())}});
+        sparse_linear_backward_data(bwd_d_pd).execute(
+                strm, {{DNNL_ARG_DIFF_DST, wrap(eng, dst_md, dy.data())},
+                       {DNNL_ARG_WEIGHTS, wrap(eng, fwd_pd.weights_desc(), w.values.data())},
+                       {DNNL_ARG_DIFF_SRC, wrap(eng, src_md, dx.data())}});
 
-        sparse_linear_backward_weights::primitive_desc bwd_w_pd(
-                eng, src_md, w.pattern, bias_md, dst_md, fwd_pd);
-        std::vector<float> dw(static_cast<size_t>(w.pattern.nnz()), -7.f), db(static_cast<size_t>(N), -7.f);
+        sparse_linear_backward_weights::primitive_desc bwd_w_pd(eng, src_md, w.pattern, bias_md,
+                                                                dst_md, fwd_pd);
+        std::vector<float> dw(static_cast<size_t>(w.pattern.nnz()), -7.f),
+                db(static_cast<size_t>(N), -7.f);
         exec_args bw_args{{DNNL_ARG_SRC, wrap(eng, src_md, x.data())},
-                {DNNL_ARG_DIFF_DST, wrap(eng, dst_md, dy.data())},
-                {DNNL_ARG_DIFF_WEIGHTS, wrap(eng, fwd_pd.weights_desc(), dw.data())}};
+                          {DNNL_ARG_DIFF_DST, wrap(eng, dst_md, dy.data())},
+                          {DNNL_ARG_DIFF_WEIGHTS, wrap(eng, fwd_pd.weights_desc(), dw.data())}};
         if (bias_) bw_args[DNNL_ARG_DIFF_BIAS] = wrap(eng, bias_md, db.data());
         sparse_linear_backward_weights(bwd_w_pd).execute(strm, bw_args);
 

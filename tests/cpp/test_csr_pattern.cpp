@@ -6,8 +6,7 @@ namespace qsp::test {
 
 namespace {
 // Expects std::invalid_argument whose message contains `needle`.
-template <typename fn_t>
-void expect_refusal(fn_t fn, const std::string &needle) {
+template <typename fn_t> void expect_refusal(fn_t fn, const std::string &needle) {
     try {
         fn();
         ADD_FAILURE() << "expected a refusal mentioning '" << needle << "'";
@@ -56,11 +55,23 @@ TEST(CsrPattern, from_indices_accepts_valid_and_hashes_content) {
 TEST(CsrPattern, from_indices_rejects_each_malformed_input) {
     expect_refusal([] { csr_pattern::from_indices(-1, 4, {0}, {}); }, "rows must be >= 0");
     expect_refusal([] { csr_pattern::from_indices(2, -4, {0, 0, 0}, {}); }, "cols must be >= 0");
-    expect_refusal([] { csr_pattern::from_indices(1, int64_t(1) << 31, {0, 0}, {}); }, "32-bit column index");
+    expect_refusal(
+            [] {
+                csr_pattern::from_indices(1, int64_t(1) << 31, {0, 0}, {});
+            },
+            "32-bit column index");
     expect_refusal([] { csr_pattern::from_indices(3, 4, {0, 1, 2}, {0, 1}); }, "rows + 1");
-    expect_refusal([] { csr_pattern::from_indices(2, 4, {1, 1, 2}, {0, 1}); }, "row_ptr[0] must be 0");
+    expect_refusal(
+            [] {
+                csr_pattern::from_indices(2, 4, {1, 1, 2}, {0, 1});
+            },
+            "row_ptr[0] must be 0");
     expect_refusal([] { csr_pattern::from_indices(2, 4, {0, 2, 1}, {0, 1}); }, "non-decreasing");
-    expect_refusal([] { csr_pattern::from_indices(2, 4, {0, 1, 3}, {0, 1}); }, "number of column indices");
+    expect_refusal(
+            [] {
+                csr_pattern::from_indices(2, 4, {0, 1, 3}, {0, 1});
+            },
+            "number of column indices");
     expect_refusal([] { csr_pattern::from_indices(2, 4, {0, 1, 2}, {0, 4}); }, "out of range");
     expect_refusal([] { csr_pattern::from_indices(2, 4, {0, 1, 2}, {-1, 0}); }, "out of range");
     expect_refusal([] { csr_pattern::from_indices(1, 4, {0, 2}, {2, 1}); }, "strictly increasing");

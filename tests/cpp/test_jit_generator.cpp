@@ -17,7 +17,8 @@ namespace {
 
 class return_constant_kernel : public jit::jit_generator {
 public:
-    explicit return_constant_kernel(int value) : jit_generator("return_constant", 4096), value_(value) {}
+    explicit return_constant_kernel(int value)
+        : jit_generator("return_constant", 4096), value_(value) {}
 
 private:
     void generate() override {
@@ -64,7 +65,8 @@ TEST(JitGenerator, dump_writes_the_code_for_objdump) {
     unsetenv("QSP_JIT_DUMP");
     bool found = false;
     for (int i = 0; i < 16 && !found; ++i) {
-        std::ifstream f(dir + "/qsp_jit_return_constant." + std::to_string(i) + ".bin", std::ios::binary);
+        std::ifstream f(dir + "/qsp_jit_return_constant." + std::to_string(i) + ".bin",
+                        std::ios::binary);
         if (!f) continue;
         std::stringstream bytes;
         bytes << f.rdbuf();

@@ -7,8 +7,7 @@
 namespace qsp::test {
 
 namespace {
-template <typename fn_t>
-void expect_refusal(fn_t fn, const std::string &needle) {
+template <typename fn_t> void expect_refusal(fn_t fn, const std::string &needle) {
     try {
         fn();
         ADD_FAILURE() << "expected a refusal mentioning '" << needle << "'";
@@ -29,33 +28,68 @@ TEST(PrimitiveApi, linear_descriptor_refusals) {
     auto p = small_pattern(6, 5);
     using pd_t = sparse_linear_forward::primitive_desc;
     auto fwd = prop_kind::forward_training;
-    expect_refusal([&] { pd_t(eng, fwd, f32_desc({4, 7}), p, f32_desc({4, 6}), quant_scheme::f32); },
+    expect_refusal(
+            [&] {
+                pd_t(eng, fwd, f32_desc({4, 7}), p, f32_desc({4, 6}), quant_scheme::f32);
+            },
             "src_desc has 7 in_features but the weights pattern has 5");
-    expect_refusal([&] { pd_t(eng, fwd, f32_desc({4, 5, 1}), p, f32_desc({4, 6}), quant_scheme::f32); },
+    expect_refusal(
+            [&] {
+                pd_t(eng, fwd, f32_desc({4, 5, 1}), p, f32_desc({4, 6}), quant_scheme::f32);
+            },
             "src_desc must be 2-D");
-    expect_refusal([&] { pd_t(eng, fwd, f32_desc({4, 5}), p, f32_desc({4, 7}), quant_scheme::f32); },
+    expect_refusal(
+            [&] {
+                pd_t(eng, fwd, f32_desc({4, 5}), p, f32_desc({4, 7}), quant_scheme::f32);
+            },
             "dst_desc must have dims");
-    expect_refusal([&] { pd_t(eng, fwd, f32_desc({4, 5}), p, f32_desc({5}), f32_desc({4, 6}), quant_scheme::f32); },
+    expect_refusal(
+            [&] {
+                pd_t(eng, fwd, f32_desc({4, 5}), p, f32_desc({5}), f32_desc({4, 6}),
+                     quant_scheme::f32);
+            },
             "bias_desc must have dims");
     dnnl::memory::desc s8_md({4, 5}, dnnl::memory::data_type::s8, dnnl::memory::format_tag::ab);
-    expect_refusal([&] { pd_t(eng, fwd, s8_md, p, f32_desc({4, 6}), quant_scheme::f32); }, "must be f32");
-    dnnl::memory::desc col_major({4, 5}, dnnl::memory::data_type::f32, dnnl::memory::format_tag::ba);
-    expect_refusal([&] { pd_t(eng, fwd, col_major, p, f32_desc({4, 6}), quant_scheme::f32); }, "row-major");
+    expect_refusal(
+            [&] {
+                pd_t(eng, fwd, s8_md, p, f32_desc({4, 6}), quant_scheme::f32);
+            },
+            "must be f32");
+    dnnl::memory::desc col_major({4, 5}, dnnl::memory::data_type::f32,
+                                 dnnl::memory::format_tag::ba);
+    expect_refusal(
+            [&] {
+                pd_t(eng, fwd, col_major, p, f32_desc({4, 6}), quant_scheme::f32);
+            },
+            "row-major");
     primitive_attr bad;
     bad.num_threads = -2;
-    expect_refusal([&] { pd_t(eng, fwd, f32_desc({4, 5}), p, f32_desc({4, 6}), quant_scheme::f32, bad); },
+    expect_refusal(
+            [&] {
+                pd_t(eng, fwd, f32_desc({4, 5}), p, f32_desc({4, 6}), quant_scheme::f32, bad);
+            },
             "num_threads");
     // Backward with a hint for another pattern.
     pd_t hint(eng, fwd, f32_desc({4, 5}), p, f32_desc({4, 6}), quant_scheme::f32);
-    expect_refusal([&] {
-        sparse_linear_backward_data::primitive_desc(eng, f32_desc({4, 5}), small_pattern(6, 5).hash() == p.hash()
-                ? csr_pattern::from_indices(6, 5, {0, 0, 0, 0, 0, 0, 0}, {}) : p, f32_desc({4, 6}), hint);
-    }, "differs from the one of the forward hint");
-    pd_t inference(eng, prop_kind::forward_inference, f32_desc({4, 5}), p, f32_desc({4, 6}), quant_scheme::s8);
-    expect_refusal([&] {
-        sparse_linear_backward_weights::primitive_desc(eng, f32_desc({4, 5}), p, dnnl::memory::desc(),
-                f32_desc({4, 6}), inference);
-    }, "forward_training hint");
+    expect_refusal(
+            [&] {
+                sparse_linear_backward_data::primitive_desc(
+                        eng, f32_desc({4, 5}),
+                        small_pattern(6, 5).hash() == p.hash()
+                                ? csr_pattern::from_indices(6, 5, {0, 0, 0, 0, 0, 0, 0}, {})
+                                : p,
+                        f32_desc({4, 6}), hint);
+            },
+            "differs from the one of the forward hint");
+    pd_t inference(eng, prop_kind::forward_inference, f32_desc({4, 5}), p, f32_desc({4, 6}),
+                   quant_scheme::s8);
+    expect_refusal(
+            [&] {
+                sparse_linear_backward_weights::primitive_desc(eng, f32_desc({4, 5}), p,
+                                                               dnnl::memory::desc(),
+                                                               f32_desc({4, 6}), inference);
+            },
+            "forward_training hint");
 }
 
 TEST(PrimitiveApi, conv_descriptor_refusals) {
@@ -66,27 +100,50 @@ TEST(PrimitiveApi, conv_descriptor_refusals) {
     conv2d_geometry g{3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 1};
     auto ok_dst = f32_desc({1, 4, 5, 5});
     auto none = dnnl::memory::desc();
-    expect_refusal([&] { pd_t(eng, fwd, f32_desc({1, 3, 5, 5}), p, none, ok_dst, g, quant_scheme::f32); },
+    expect_refusal(
+            [&] {
+                pd_t(eng, fwd, f32_desc({1, 3, 5, 5}), p, none, ok_dst, g, quant_scheme::f32);
+            },
             "weights pattern has 18 columns but C/groups * KH * KW = 27");
     auto g2 = g;
     g2.groups = 3;
-    expect_refusal([&] { pd_t(eng, fwd, f32_desc({1, 2, 5, 5}), p, none, ok_dst, g2, quant_scheme::f32); },
+    expect_refusal(
+            [&] {
+                pd_t(eng, fwd, f32_desc({1, 2, 5, 5}), p, none, ok_dst, g2, quant_scheme::f32);
+            },
             "divisible by groups");
     auto g3 = g;
     g3.stride_h = 0;
-    expect_refusal([&] { pd_t(eng, fwd, f32_desc({1, 2, 5, 5}), p, none, ok_dst, g3, quant_scheme::f32); },
+    expect_refusal(
+            [&] {
+                pd_t(eng, fwd, f32_desc({1, 2, 5, 5}), p, none, ok_dst, g3, quant_scheme::f32);
+            },
             "geometry.stride_h must be >= 1");
     auto g4 = g;
     g4.dilation_w = 0;
-    expect_refusal([&] { pd_t(eng, fwd, f32_desc({1, 2, 5, 5}), p, none, ok_dst, g4, quant_scheme::f32); },
+    expect_refusal(
+            [&] {
+                pd_t(eng, fwd, f32_desc({1, 2, 5, 5}), p, none, ok_dst, g4, quant_scheme::f32);
+            },
             "dilation_w");
     auto g5 = g;
     g5.pad_top = g5.pad_bottom = g5.pad_left = g5.pad_right = 0;
-    expect_refusal([&] { pd_t(eng, fwd, f32_desc({1, 2, 2, 2}), p, none, f32_desc({1, 4, 1, 1}), g5, quant_scheme::f32); },
+    expect_refusal(
+            [&] {
+                pd_t(eng, fwd, f32_desc({1, 2, 2, 2}), p, none, f32_desc({1, 4, 1, 1}), g5,
+                     quant_scheme::f32);
+            },
             "too small");
-    expect_refusal([&] { pd_t(eng, fwd, f32_desc({1, 2, 5, 5}), p, none, f32_desc({1, 4, 3, 3}), g, quant_scheme::f32); },
+    expect_refusal(
+            [&] {
+                pd_t(eng, fwd, f32_desc({1, 2, 5, 5}), p, none, f32_desc({1, 4, 3, 3}), g,
+                     quant_scheme::f32);
+            },
             "dst_desc must have dims");
-    expect_refusal([&] { pd_t(eng, fwd, f32_desc({2, 5, 5}), p, none, ok_dst, g, quant_scheme::f32); },
+    expect_refusal(
+            [&] {
+                pd_t(eng, fwd, f32_desc({2, 5, 5}), p, none, ok_dst, g, quant_scheme::f32);
+            },
             "must be 4-D");
 }
 
@@ -95,41 +152,51 @@ TEST(PrimitiveApi, execute_refusals_and_verbose) {
     dnnl::stream s(eng);
     auto p = small_pattern(6, 5);
     sparse_linear_forward::primitive_desc pd(eng, prop_kind::forward_training, f32_desc({4, 5}), p,
-            f32_desc({4, 6}), quant_scheme::s8);
+                                             f32_desc({4, 6}), quant_scheme::s8);
     EXPECT_EQ(pd.impl_info_str(), "ref:any");
     EXPECT_FALSE(pd.workspace_desc().is_zero());
     std::vector<float> x(20, 1.f), y(24), v(static_cast<size_t>(p.nnz()), 1.f), wrong(30);
     std::vector<uint8_t> ws(pd.workspace_desc().get_size());
     sparse_linear_forward prim(pd);
-    expect_refusal([&] {
-        prim.execute(s, {{DNNL_ARG_SRC, wrap(eng, pd.src_desc(), x.data())},
-                {DNNL_ARG_DST, wrap(eng, pd.dst_desc(), y.data())},
-                {DNNL_ARG_WORKSPACE, wrap(eng, pd.workspace_desc(), ws.data())}});
-    }, "argument weights is required");
-    expect_refusal([&] {
-        prim.execute(s, {{DNNL_ARG_SRC, wrap(eng, f32_desc({6, 5}), wrong.data())},
-                {DNNL_ARG_WEIGHTS, wrap(eng, pd.weights_desc(), v.data())},
-                {DNNL_ARG_DST, wrap(eng, pd.dst_desc(), y.data())},
-                {DNNL_ARG_WORKSPACE, wrap(eng, pd.workspace_desc(), ws.data())}});
-    }, "argument src does not match");
-    expect_refusal([&] {
-        prim.execute(s, {{DNNL_ARG_SRC, wrap(eng, pd.src_desc(), x.data())},
-                {DNNL_ARG_WEIGHTS, wrap(eng, pd.weights_desc(), v.data())},
-                {DNNL_ARG_DST, wrap(eng, pd.dst_desc(), y.data())}});
-    }, "argument workspace is required");
+    expect_refusal(
+            [&] {
+                prim.execute(s, {{DNNL_ARG_SRC, wrap(eng, pd.src_desc(), x.data())},
+                                 {DNNL_ARG_DST, wrap(eng, pd.dst_desc(), y.data())},
+                                 {DNNL_ARG_WORKSPACE, wrap(eng, pd.workspace_desc(), ws.data())}});
+            },
+            "argument weights is required");
+    expect_refusal(
+            [&] {
+                prim.execute(s, {{DNNL_ARG_SRC, wrap(eng, f32_desc({6, 5}), wrong.data())},
+                                 {DNNL_ARG_WEIGHTS, wrap(eng, pd.weights_desc(), v.data())},
+                                 {DNNL_ARG_DST, wrap(eng, pd.dst_desc(), y.data())},
+                                 {DNNL_ARG_WORKSPACE, wrap(eng, pd.workspace_desc(), ws.data())}});
+            },
+            "argument src does not match");
+    expect_refusal(
+            [&] {
+                prim.execute(s, {{DNNL_ARG_SRC, wrap(eng, pd.src_desc(), x.data())},
+                                 {DNNL_ARG_WEIGHTS, wrap(eng, pd.weights_desc(), v.data())},
+                                 {DNNL_ARG_DST, wrap(eng, pd.dst_desc(), y.data())}});
+            },
+            "argument workspace is required");
 
     set_verbose_level(2);
     testing::internal::CaptureStdout();
     prim.execute(s, {{DNNL_ARG_SRC, wrap(eng, pd.src_desc(), x.data())},
-            {DNNL_ARG_WEIGHTS, wrap(eng, pd.weights_desc(), v.data())},
-            {DNNL_ARG_DST, wrap(eng, pd.dst_desc(), y.data())},
-            {DNNL_ARG_WORKSPACE, wrap(eng, pd.workspace_desc(), ws.data())}});
-    sparse_linear_forward::primitive_desc pd2(eng, prop_kind::forward_inference, f32_desc({2, 5}), p,
-            f32_desc({2, 6}), quant_scheme::f32);
+                     {DNNL_ARG_WEIGHTS, wrap(eng, pd.weights_desc(), v.data())},
+                     {DNNL_ARG_DST, wrap(eng, pd.dst_desc(), y.data())},
+                     {DNNL_ARG_WORKSPACE, wrap(eng, pd.workspace_desc(), ws.data())}});
+    sparse_linear_forward::primitive_desc pd2(eng, prop_kind::forward_inference, f32_desc({2, 5}),
+                                              p, f32_desc({2, 6}), quant_scheme::f32);
     const std::string out = testing::internal::GetCapturedStdout();
     set_verbose_level(0);
-    EXPECT_NE(out.find("qsp_verbose,exec,sparse_linear_forward,ref:any,s8,mb4ic5oc6"), std::string::npos) << out;
-    EXPECT_NE(out.find("qsp_verbose,create,sparse_linear_forward,ref:any,f32,mb2ic5oc6"), std::string::npos) << out;
+    EXPECT_NE(out.find("qsp_verbose,exec,sparse_linear_forward,ref:any,s8,mb4ic5oc6"),
+              std::string::npos)
+            << out;
+    EXPECT_NE(out.find("qsp_verbose,create,sparse_linear_forward,ref:any,f32,mb2ic5oc6"),
+              std::string::npos)
+            << out;
 }
 
 TEST(PrimitiveApi, non_finite_inputs_propagate_like_dense) {
@@ -139,14 +206,15 @@ TEST(PrimitiveApi, non_finite_inputs_propagate_like_dense) {
     dnnl::stream s(eng);
     auto w = csr_weights{csr_pattern::from_indices(2, 3, {0, 2, 3}, {0, 2, 1}), {1.f, 2.f, 3.f}};
     std::vector<float> x = {1.f, 1.f, INFINITY, 1.f, 2.f, 3.f}, y(4);
-    sparse_linear_forward::primitive_desc pd(eng, prop_kind::forward_inference, f32_desc({2, 3}), w.pattern,
-            f32_desc({2, 2}), quant_scheme::f32);
-    sparse_linear_forward(pd).execute(s, {{DNNL_ARG_SRC, wrap(eng, pd.src_desc(), x.data())},
-            {DNNL_ARG_WEIGHTS, wrap(eng, pd.weights_desc(), w.values.data())},
-            {DNNL_ARG_DST, wrap(eng, pd.dst_desc(), y.data())}});
-    EXPECT_TRUE(std::isinf(y[0]));  // 1*1 + 2*Inf
-    EXPECT_TRUE(std::isnan(y[1]));  // 3*1 + 0*Inf
-    EXPECT_EQ(y[2], 1.f + 6.f);     // row 1 untouched
+    sparse_linear_forward::primitive_desc pd(eng, prop_kind::forward_inference, f32_desc({2, 3}),
+                                             w.pattern, f32_desc({2, 2}), quant_scheme::f32);
+    sparse_linear_forward(pd).execute(
+            s, {{DNNL_ARG_SRC, wrap(eng, pd.src_desc(), x.data())},
+                {DNNL_ARG_WEIGHTS, wrap(eng, pd.weights_desc(), w.values.data())},
+                {DNNL_ARG_DST, wrap(eng, pd.dst_desc(), y.data())}});
+    EXPECT_TRUE(std::isinf(y[0])); // 1*1 + 2*Inf
+    EXPECT_TRUE(std::isnan(y[1])); // 3*1 + 0*Inf
+    EXPECT_EQ(y[2], 1.f + 6.f);    // row 1 untouched
     EXPECT_EQ(y[3], 6.f);
 }
 

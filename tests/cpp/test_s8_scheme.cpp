@@ -16,7 +16,9 @@ struct quantized {
     float scale = 0.f;
 };
 
-int8_t clamp127(float v) { return static_cast<int8_t>(std::max(-127.f, std::min(127.f, v))); }
+int8_t clamp127(float v) {
+    return static_cast<int8_t>(std::max(-127.f, std::min(127.f, v)));
+}
 
 quantized model_rne(const std::vector<float> &x) {
     float amax = 0.f;
@@ -32,7 +34,7 @@ quantized model_rne(const std::vector<float> &x) {
 
 // v[i] = x[i] * mult[channel(i)], stochastically rounded.
 quantized model_sr(const std::vector<float> &x, const std::vector<float> &mult, int64_t channels,
-        int64_t inner, uint64_t seed_stream) {
+                   int64_t inner, uint64_t seed_stream) {
     std::vector<float> v(x.size());
     for (size_t i = 0; i < x.size(); ++i)
         v[i] = mult.empty() ? x[i] : x[i] * mult[(i / inner) % channels];
@@ -44,13 +46,14 @@ quantized model_sr(const std::vector<float> &x, const std::vector<float> &mult, 
     r.q.resize(x.size());
     const uint32_t s32 = rounding_seed32(seed_stream);
     for (size_t i = 0; i < x.size(); ++i)
-        r.q[i] = r.scale > 0 ? clamp127(std::floor(v[i] * (1.f / r.scale) + stochastic_rounding_noise(s32, i)))
+        r.q[i] = r.scale > 0 ? clamp127(
+                         std::floor(v[i] * (1.f / r.scale) + stochastic_rounding_noise(s32, i)))
                              : 0;
     return r;
 }
 
 struct model_weights {
-    std::vector<int8_t> q; // nnz
+    std::vector<int8_t> q;    // nnz
     std::vector<float> scale; // rows
 };
 
@@ -69,7 +72,8 @@ model_weights model_weight_quant(const csr_pattern &p, const std::vector<float> 
     return m;
 }
 
-void expect_bitwise_equal(const std::vector<float> &got, const std::vector<float> &want, const char *what) {
+void expect_bitwise_equal(const std::vector<float> &got, const std::vector<float> &want,
+                          const char *what) {
     ASSERT_EQ(got.size(), want.size());
     int reported = 0;
     for (size_t i = 0; i < got.size(); ++i)
@@ -83,7 +87,8 @@ struct linear_s8_run {
 };
 
 linear_s8_run run_linear_s8(const csr_weights &w, int64_t B, const std::vector<float> &x,
-        const std::vector<float> &b, const std::vector<float> &dy, uint64_t seed, int threads) {
+                            const std::vector<float> &b, const std::vector<float> &dy,
+                            uint64_t seed, int threads) {
     const int64_t K = w.pattern.cols(), N = w.pattern.rows();
     dnnl::engine eng(dnnl::engine::kind::cpu, 0);
     dnnl::stream s(eng);
@@ -91,7 +96,7 @@ linear_s8_run run_linear_s8(const csr_weights &w, int64_t B, const std::vector<f
     attr.num_threads = threads;
     const auto src_md = f32_desc({B, K}), dst_md = f32_desc({B, N}), bias_md = f32_desc({N});
     sparse_linear_forward::primitive_desc fwd(eng, prop_kind::forward_training, src_md, w.pattern,
-            bias_md, dst_md, quant_scheme::s8, attr);
+                                              bias_md, dst_md, quant_scheme::s8, attr);
     linear_s8_run r;
     r.y.resize(static_cast<size_t>(B * N));
     r.dx.resize(x.size());
@@ -99,23 +104,26 @@ linear_s8_run run_linear_s8(const csr_weights &w, int64_t B, const std::vector<f
     r.db.resize(static_cast<size_t>(N));
     r.workspace.resize(fwd.workspace_desc().get_size());
     const auto wmd = fwd.weights_desc();
-    sparse_linear_forward(fwd).execute(s, {{DNNL_ARG_SRC, wrap(eng, src_md, x.data())},
-            {DNNL_ARG_WEIGHTS, wrap(eng, wmd, w.values.data())}, {DNNL_ARG_BIAS, wrap(eng, bias_md, b.data())},
-            {DNNL_ARG_DST, wrap(eng, dst_md, r.y.data())},
-            {DNNL_ARG_WORKSPACE, wrap(eng, fwd.workspace_desc(), r.workspace.data())}});
+    sparse_linear_forward(fwd).execute(
+            s, {{DNNL_ARG_SRC, wrap(eng, src_md, x.data())},
+                {DNNL_ARG_WEIGHTS, wrap(eng, wmd, w.values.data())},
+                {DNNL_ARG_BIAS, wrap(eng, bias_md, b.data())},
+                {DNNL_ARG_DST, wrap(eng, dst_md, r.y.data())},
+                {DNNL_ARG_WORKSPACE, wrap(eng, fwd.workspace_desc(), r.workspace.data())}});
     std::vector<int32_t> seed_storage;
-    sparse_linear_backward_data(sparse_linear_backward_data::primitive_desc(eng, src_md, w.pattern, dst_md, fwd))
+    sparse_linear_backward_data(
+            sparse_linear_backward_data::primitive_desc(eng, src_md, w.pattern, dst_md, fwd))
             .execute(s, {{DNNL_ARG_DIFF_DST, wrap(eng, dst_md, dy.data())},
-                                {DNNL_ARG_WEIGHTS, wrap(eng, wmd, w.values.data())},
-                                {DNNL_ARG_DIFF_SRC, wrap(eng, src_md, r.dx.data())},
-                                {QSP_ARG_ROUNDING_SEED, seed_memory(eng, seed_storage, seed)}});
-    sparse_linear_backward_weights(
-            sparse_linear_backward_weights::primitive_desc(eng, src_md, w.pattern, bias_md, dst_md, fwd))
+                         {DNNL_ARG_WEIGHTS, wrap(eng, wmd, w.values.data())},
+                         {DNNL_ARG_DIFF_SRC, wrap(eng, src_md, r.dx.data())},
+                         {QSP_ARG_ROUNDING_SEED, seed_memory(eng, seed_storage, seed)}});
+    sparse_linear_backward_weights(sparse_linear_backward_weights::primitive_desc(
+                                           eng, src_md, w.pattern, bias_md, dst_md, fwd))
             .execute(s, {{DNNL_ARG_WORKSPACE, wrap(eng, fwd.workspace_desc(), r.workspace.data())},
-                                {DNNL_ARG_DIFF_DST, wrap(eng, dst_md, dy.data())},
-                                {DNNL_ARG_DIFF_WEIGHTS, wrap(eng, wmd, r.dw.data())},
-                                {DNNL_ARG_DIFF_BIAS, wrap(eng, bias_md, r.db.data())},
-                                {QSP_ARG_ROUNDING_SEED, seed_memory(eng, seed_storage, seed)}});
+                         {DNNL_ARG_DIFF_DST, wrap(eng, dst_md, dy.data())},
+                         {DNNL_ARG_DIFF_WEIGHTS, wrap(eng, wmd, r.dw.data())},
+                         {DNNL_ARG_DIFF_BIAS, wrap(eng, bias_md, r.db.data())},
+                         {QSP_ARG_ROUNDING_SEED, seed_memory(eng, seed_storage, seed)}});
     return r;
 }
 
@@ -125,8 +133,10 @@ class SparseLinearS8 : public ::testing::TestWithParam<std::tuple<int64_t, doubl
 
 TEST_P(SparseLinearS8, matches_exact_integer_model) {
     const auto [size, sparsity] = GetParam();
-    for (auto [B, K, N] : {std::tuple<int64_t, int64_t, int64_t>{size, 17, 65}, {3, size, 63}, {17, 65, size}}) {
-        SCOPED_TRACE("B=" + std::to_string(B) + " K=" + std::to_string(K) + " N=" + std::to_string(N));
+    for (auto [B, K, N] :
+         {std::tuple<int64_t, int64_t, int64_t>{size, 17, 65}, {3, size, 63}, {17, 65, size}}) {
+        SCOPED_TRACE("B=" + std::to_string(B) + " K=" + std::to_string(K)
+                     + " N=" + std::to_string(N));
         std::mt19937 rng(static_cast<unsigned>(B * 1000 + K * 10 + N));
         auto dense = random_sparse_dense(N, K, sparsity, rng);
         auto w = csr_weights::from_dense(dense.data(), N, K);
@@ -174,8 +184,8 @@ TEST_P(SparseLinearS8, matches_exact_integer_model) {
 }
 
 INSTANTIATE_TEST_SUITE_P(odd_sizes_x_sparsity, SparseLinearS8,
-        ::testing::Combine(::testing::Values(1, 3, 17, 63, 65, 255),
-                ::testing::Values(0.0, 0.5, 0.9, 0.99, 1.0)));
+                         ::testing::Combine(::testing::Values(1, 3, 17, 63, 65, 255),
+                                            ::testing::Values(0.0, 0.5, 0.9, 0.99, 1.0)));
 
 TEST(S8Scheme, seeded_rounding_is_reproducible_and_thread_independent) {
     std::mt19937 rng(9);
@@ -204,7 +214,8 @@ TEST(S8Scheme, stochastic_rounding_is_unbiased_and_clamps) {
     const int seeds = 64;
     std::vector<int8_t> q(n);
     for (int s = 0; s < seeds; ++s) {
-        const float scale = ref::quantize_stochastic(x.data(), n, nullptr, 1, 1, rounding_seed32(s), q.data(), 2);
+        const float scale = ref::quantize_stochastic(x.data(), n, nullptr, 1, 1, rounding_seed32(s),
+                                                     q.data(), 2);
         EXPECT_FLOAT_EQ(scale, 1.f / 127.f);
         EXPECT_EQ(q[0], 127);
         for (int64_t i = 1; i < n; ++i) {
@@ -241,57 +252,64 @@ TEST(S8Scheme, reduction_longer_than_int32_allows_is_exact) {
     ASSERT_GT(want, 2147483647.0);
     dnnl::engine eng(dnnl::engine::kind::cpu, 0);
     dnnl::stream s(eng);
-    {   // forward: reduction over K
+    { // forward: reduction over K
         std::vector<float> dense(L, 1.f), x(L, 1.f), y(1);
         auto w = csr_weights::from_dense(dense.data(), 1, L);
-        sparse_linear_forward::primitive_desc pd(eng, prop_kind::forward_inference, f32_desc({1, L}),
-                w.pattern, f32_desc({1, 1}), quant_scheme::s8);
-        sparse_linear_forward(pd).execute(s, {{DNNL_ARG_SRC, wrap(eng, pd.src_desc(), x.data())},
-                {DNNL_ARG_WEIGHTS, wrap(eng, pd.weights_desc(), w.values.data())},
-                {DNNL_ARG_DST, wrap(eng, pd.dst_desc(), y.data())}});
+        sparse_linear_forward::primitive_desc pd(eng, prop_kind::forward_inference,
+                                                 f32_desc({1, L}), w.pattern, f32_desc({1, 1}),
+                                                 quant_scheme::s8);
+        sparse_linear_forward(pd).execute(
+                s, {{DNNL_ARG_SRC, wrap(eng, pd.src_desc(), x.data())},
+                    {DNNL_ARG_WEIGHTS, wrap(eng, pd.weights_desc(), w.values.data())},
+                    {DNNL_ARG_DST, wrap(eng, pd.dst_desc(), y.data())}});
         EXPECT_EQ(y[0], float(int64_t(want)) * ((1.f / 127.f) * (1.f / 127.f)));
         EXPECT_NEAR(y[0], double(L), 1e-5 * L);
     }
-    {   // backward-weights: reduction over the batch
+    { // backward-weights: reduction over the batch
         std::vector<float> one(1, 1.f), x(L, 1.f), dy(L, 1.f), dw(1);
         auto w = csr_weights::from_dense(one.data(), 1, 1);
         const auto src_md = f32_desc({L, 1});
-        sparse_linear_forward::primitive_desc fwd(eng, prop_kind::forward_training, src_md, w.pattern,
-                src_md, quant_scheme::s8);
+        sparse_linear_forward::primitive_desc fwd(eng, prop_kind::forward_training, src_md,
+                                                  w.pattern, src_md, quant_scheme::s8);
         std::vector<float> y(L);
         std::vector<uint8_t> ws(fwd.workspace_desc().get_size());
-        sparse_linear_forward(fwd).execute(s, {{DNNL_ARG_SRC, wrap(eng, src_md, x.data())},
-                {DNNL_ARG_WEIGHTS, wrap(eng, fwd.weights_desc(), w.values.data())},
-                {DNNL_ARG_DST, wrap(eng, src_md, y.data())},
-                {DNNL_ARG_WORKSPACE, wrap(eng, fwd.workspace_desc(), ws.data())}});
+        sparse_linear_forward(fwd).execute(
+                s, {{DNNL_ARG_SRC, wrap(eng, src_md, x.data())},
+                    {DNNL_ARG_WEIGHTS, wrap(eng, fwd.weights_desc(), w.values.data())},
+                    {DNNL_ARG_DST, wrap(eng, src_md, y.data())},
+                    {DNNL_ARG_WORKSPACE, wrap(eng, fwd.workspace_desc(), ws.data())}});
         std::vector<int32_t> seed;
-        sparse_linear_backward_weights::primitive_desc bwd(eng, src_md, w.pattern, dnnl::memory::desc(),
-                src_md, fwd);
-        sparse_linear_backward_weights(bwd).execute(s, {{DNNL_ARG_WORKSPACE, wrap(eng, fwd.workspace_desc(), ws.data())},
-                {DNNL_ARG_DIFF_DST, wrap(eng, src_md, dy.data())},
-                {DNNL_ARG_DIFF_WEIGHTS, wrap(eng, fwd.weights_desc(), dw.data())},
-                {QSP_ARG_ROUNDING_SEED, seed_memory(eng, seed, 3)}});
+        sparse_linear_backward_weights::primitive_desc bwd(eng, src_md, w.pattern,
+                                                           dnnl::memory::desc(), src_md, fwd);
+        sparse_linear_backward_weights(bwd).execute(
+                s, {{DNNL_ARG_WORKSPACE, wrap(eng, fwd.workspace_desc(), ws.data())},
+                    {DNNL_ARG_DIFF_DST, wrap(eng, src_md, dy.data())},
+                    {DNNL_ARG_DIFF_WEIGHTS, wrap(eng, fwd.weights_desc(), dw.data())},
+                    {QSP_ARG_ROUNDING_SEED, seed_memory(eng, seed, 3)}});
         EXPECT_EQ(dw[0], float(int64_t(want)) * ((1.f / 127.f) * (1.f / 127.f)));
     }
-    {   // conv backward-weights: reduction over N * OH * OW = 375 * 375
+    { // conv backward-weights: reduction over N * OH * OW = 375 * 375
         const int64_t H = 375;
         std::vector<float> one(1, 1.f), x(H * H, 1.f), dy(H * H, 1.f), dw(1), y(H * H);
         auto w = csr_weights::from_dense(one.data(), 1, 1);
         const auto md = f32_desc({1, 1, H, H});
         conv2d_geometry g;
         sparse_conv2d_forward::primitive_desc fwd(eng, prop_kind::forward_training, md, w.pattern,
-                dnnl::memory::desc(), md, g, quant_scheme::s8);
+                                                  dnnl::memory::desc(), md, g, quant_scheme::s8);
         std::vector<uint8_t> ws(fwd.workspace_desc().get_size());
-        sparse_conv2d_forward(fwd).execute(s, {{DNNL_ARG_SRC, wrap(eng, md, x.data())},
-                {DNNL_ARG_WEIGHTS, wrap(eng, fwd.weights_desc(), w.values.data())},
-                {DNNL_ARG_DST, wrap(eng, md, y.data())},
-                {DNNL_ARG_WORKSPACE, wrap(eng, fwd.workspace_desc(), ws.data())}});
+        sparse_conv2d_forward(fwd).execute(
+                s, {{DNNL_ARG_SRC, wrap(eng, md, x.data())},
+                    {DNNL_ARG_WEIGHTS, wrap(eng, fwd.weights_desc(), w.values.data())},
+                    {DNNL_ARG_DST, wrap(eng, md, y.data())},
+                    {DNNL_ARG_WORKSPACE, wrap(eng, fwd.workspace_desc(), ws.data())}});
         std::vector<int32_t> seed;
-        sparse_conv2d_backward_weights::primitive_desc bwd(eng, md, w.pattern, dnnl::memory::desc(), md, fwd);
-        sparse_conv2d_backward_weights(bwd).execute(s, {{DNNL_ARG_WORKSPACE, wrap(eng, fwd.workspace_desc(), ws.data())},
-                {DNNL_ARG_DIFF_DST, wrap(eng, md, dy.data())},
-                {DNNL_ARG_DIFF_WEIGHTS, wrap(eng, fwd.weights_desc(), dw.data())},
-                {QSP_ARG_ROUNDING_SEED, seed_memory(eng, seed, 3)}});
+        sparse_conv2d_backward_weights::primitive_desc bwd(eng, md, w.pattern, dnnl::memory::desc(),
+                                                           md, fwd);
+        sparse_conv2d_backward_weights(bwd).execute(
+                s, {{DNNL_ARG_WORKSPACE, wrap(eng, fwd.workspace_desc(), ws.data())},
+                    {DNNL_ARG_DIFF_DST, wrap(eng, md, dy.data())},
+                    {DNNL_ARG_DIFF_WEIGHTS, wrap(eng, fwd.weights_desc(), dw.data())},
+                    {QSP_ARG_ROUNDING_SEED, seed_memory(eng, seed, 3)}});
         const double want_conv = 127.0 * 127.0 * H * H;
         EXPECT_EQ(dw[0], float(int64_t(want_conv)) * ((1.f / 127.f) * (1.f / 127.f)));
     }
@@ -300,8 +318,10 @@ TEST(S8Scheme, reduction_longer_than_int32_allows_is_exact) {
 // Conv2d s8 against the same integer model, with the reduction done by a
 // naive dense convolution over the quantized integers (exact in double).
 TEST(SparseConv2dS8, matches_exact_integer_model) {
-    for (auto [groups, stride, pad] : {std::tuple<int64_t, int64_t, int64_t>{1, 1, 1}, {2, 2, 0}, {1, 3, 2}}) {
-        const int64_t N = 2, C = 4, OC = 6, H = 9, W = 7, KH = 3, KW = 3, icg = C / groups, ocg = OC / groups;
+    for (auto [groups, stride, pad] :
+         {std::tuple<int64_t, int64_t, int64_t>{1, 1, 1}, {2, 2, 0}, {1, 3, 2}}) {
+        const int64_t N = 2, C = 4, OC = 6, H = 9, W = 7, KH = 3, KW = 3, icg = C / groups,
+                      ocg = OC / groups;
         const int64_t OH = (H + 2 * pad - KH) / stride + 1, OW = (W + 2 * pad - KW) / stride + 1;
         const int64_t cols = icg * KH * KW;
         std::mt19937 rng(static_cast<unsigned>(groups * 100 + stride * 10 + pad));
@@ -313,25 +333,31 @@ TEST(SparseConv2dS8, matches_exact_integer_model) {
         dnnl::engine eng(dnnl::engine::kind::cpu, 0);
         dnnl::stream s(eng);
         const auto src_md = f32_desc({N, C, H, W}), dst_md = f32_desc({N, OC, OH, OW});
-        sparse_conv2d_forward::primitive_desc fwd(eng, prop_kind::forward_training, src_md, w.pattern,
-                dnnl::memory::desc(), dst_md, g, quant_scheme::s8);
+        sparse_conv2d_forward::primitive_desc fwd(eng, prop_kind::forward_training, src_md,
+                                                  w.pattern, dnnl::memory::desc(), dst_md, g,
+                                                  quant_scheme::s8);
         std::vector<float> y(dy.size()), dx(x.size()), dw(w.values.size());
         std::vector<uint8_t> ws(fwd.workspace_desc().get_size());
         std::vector<int32_t> seed;
         const auto wmd = fwd.weights_desc();
-        sparse_conv2d_forward(fwd).execute(s, {{DNNL_ARG_SRC, wrap(eng, src_md, x.data())},
-                {DNNL_ARG_WEIGHTS, wrap(eng, wmd, w.values.data())}, {DNNL_ARG_DST, wrap(eng, dst_md, y.data())},
-                {DNNL_ARG_WORKSPACE, wrap(eng, fwd.workspace_desc(), ws.data())}});
-        sparse_conv2d_backward_data(sparse_conv2d_backward_data::primitive_desc(eng, src_md, w.pattern, dst_md, fwd))
-                .execute(s, {{DNNL_ARG_DIFF_DST, wrap(eng, dst_md, dy.data())}, {DNNL_ARG_WEIGHTS, wrap(eng, wmd, w.values.data())},
-                                    {DNNL_ARG_DIFF_SRC, wrap(eng, src_md, dx.data())},
-                                    {QSP_ARG_ROUNDING_SEED, seed_memory(eng, seed, 11)}});
-        sparse_conv2d_backward_weights(sparse_conv2d_backward_weights::primitive_desc(
-                                               eng, src_md, w.pattern, dnnl::memory::desc(), dst_md, fwd))
+        sparse_conv2d_forward(fwd).execute(
+                s, {{DNNL_ARG_SRC, wrap(eng, src_md, x.data())},
+                    {DNNL_ARG_WEIGHTS, wrap(eng, wmd, w.values.data())},
+                    {DNNL_ARG_DST, wrap(eng, dst_md, y.data())},
+                    {DNNL_ARG_WORKSPACE, wrap(eng, fwd.workspace_desc(), ws.data())}});
+        sparse_conv2d_backward_data(
+                sparse_conv2d_backward_data::primitive_desc(eng, src_md, w.pattern, dst_md, fwd))
+                .execute(s, {{DNNL_ARG_DIFF_DST, wrap(eng, dst_md, dy.data())},
+                             {DNNL_ARG_WEIGHTS, wrap(eng, wmd, w.values.data())},
+                             {DNNL_ARG_DIFF_SRC, wrap(eng, src_md, dx.data())},
+                             {QSP_ARG_ROUNDING_SEED, seed_memory(eng, seed, 11)}});
+        sparse_conv2d_backward_weights(
+                sparse_conv2d_backward_weights::primitive_desc(eng, src_md, w.pattern,
+                                                               dnnl::memory::desc(), dst_md, fwd))
                 .execute(s, {{DNNL_ARG_WORKSPACE, wrap(eng, fwd.workspace_desc(), ws.data())},
-                                    {DNNL_ARG_DIFF_DST, wrap(eng, dst_md, dy.data())},
-                                    {DNNL_ARG_DIFF_WEIGHTS, wrap(eng, wmd, dw.data())},
-                                    {QSP_ARG_ROUNDING_SEED, seed_memory(eng, seed, 11)}});
+                             {DNNL_ARG_DIFF_DST, wrap(eng, dst_md, dy.data())},
+                             {DNNL_ARG_DIFF_WEIGHTS, wrap(eng, wmd, dw.data())},
+                             {QSP_ARG_ROUNDING_SEED, seed_memory(eng, seed, 11)}});
 
         const auto xq = model_rne(x);
         const auto wq = model_weight_quant(w.pattern, w.values);
@@ -349,10 +375,12 @@ TEST(SparseConv2dS8, matches_exact_integer_model) {
                         for (int64_t ic = 0; ic < icg; ++ic)
                             for (int64_t kh = 0; kh < KH; ++kh)
                                 for (int64_t kw = 0; kw < KW; ++kw) {
-                                    const int64_t ih = oh * stride - pad + kh, iw = ow * stride - pad + kw;
+                                    const int64_t ih = oh * stride - pad + kh,
+                                                  iw = ow * stride - pad + kw;
                                     if (ih < 0 || ih >= H || iw < 0 || iw >= W) continue;
                                     const int64_t yi = ((n * OC + oc) * OH + oh) * OW + ow;
-                                    const int64_t xi = ((n * C + (oc / ocg) * icg + ic) * H + ih) * W + iw;
+                                    const int64_t xi =
+                                            ((n * C + (oc / ocg) * icg + ic) * H + ih) * W + iw;
                                     const int64_t wi = oc * cols + (ic * KH + kh) * KW + kw;
                                     yacc[yi] += int64_t(wqd[wi]) * xq.q[xi];
                                     dxacc[xi] += int64_t(wqd[wi]) * g2.q[yi];

@@ -18,21 +18,35 @@ TEST_P(SparseLinearF32, matches_dense_in_every_dimension) {
         SCOPED_TRACE(to_string(isa));
         SparseLinearTester().batch(size).in(17).out(65).sparsity(sparsity).threads(threads).Test();
         SparseLinearTester().batch(3).in(size).out(63).sparsity(sparsity).threads(threads).Test();
-        SparseLinearTester().batch(17).in(65).out(size).sparsity(sparsity).threads(threads).bias(false).Test();
+        SparseLinearTester()
+                .batch(17)
+                .in(65)
+                .out(size)
+                .sparsity(sparsity)
+                .threads(threads)
+                .bias(false)
+                .Test();
     }
 }
 
 INSTANTIATE_TEST_SUITE_P(odd_sizes_x_sparsity, SparseLinearF32,
-        ::testing::Combine(::testing::ValuesIn(odd_sizes), ::testing::ValuesIn(sparsities),
-                ::testing::Values(1, 3)));
+                         ::testing::Combine(::testing::ValuesIn(odd_sizes),
+                                            ::testing::ValuesIn(sparsities),
+                                            ::testing::Values(1, 3)));
 
 TEST(SparseLinearF32Edges, random_shapes) {
     std::mt19937 rng(42);
     std::uniform_int_distribution<int64_t> dim(1, 300);
     std::uniform_real_distribution<double> sp(0.0, 1.0);
     for (int i = 0; i < 12; ++i)
-        SparseLinearTester().batch(dim(rng)).in(dim(rng)).out(dim(rng)).sparsity(sp(rng))
-                .threads(1 + i % 2).seed(static_cast<unsigned>(i)).Test();
+        SparseLinearTester()
+                .batch(dim(rng))
+                .in(dim(rng))
+                .out(dim(rng))
+                .sparsity(sp(rng))
+                .threads(1 + i % 2)
+                .seed(static_cast<unsigned>(i))
+                .Test();
 }
 
 TEST(SparseLinearF32Edges, results_do_not_depend_on_thread_count) {
@@ -47,12 +61,14 @@ TEST(SparseLinearF32Edges, results_do_not_depend_on_thread_count) {
     for (int threads : {1, 2, 5}) {
         primitive_attr attr;
         attr.num_threads = threads;
-        sparse_linear_forward::primitive_desc pd(eng, prop_kind::forward_inference, f32_desc({B, K}),
-                w.pattern, f32_desc({B, N}), quant_scheme::f32, attr);
+        sparse_linear_forward::primitive_desc pd(eng, prop_kind::forward_inference,
+                                                 f32_desc({B, K}), w.pattern, f32_desc({B, N}),
+                                                 quant_scheme::f32, attr);
         std::vector<float> y(static_cast<size_t>(B * N));
-        sparse_linear_forward(pd).execute(s, {{DNNL_ARG_SRC, wrap(eng, pd.src_desc(), x.data())},
-                {DNNL_ARG_WEIGHTS, wrap(eng, pd.weights_desc(), w.values.data())},
-                {DNNL_ARG_DST, wrap(eng, pd.dst_desc(), y.data())}});
+        sparse_linear_forward(pd).execute(
+                s, {{DNNL_ARG_SRC, wrap(eng, pd.src_desc(), x.data())},
+                    {DNNL_ARG_WEIGHTS, wrap(eng, pd.weights_desc(), w.values.data())},
+                    {DNNL_ARG_DST, wrap(eng, pd.dst_desc(), y.data())}});
         outs.push_back(y);
     }
     EXPECT_EQ(outs[0], outs[1]);

@@ -14,7 +14,8 @@
 
 namespace qsp::test {
 
-inline std::vector<float> random_vector(size_t n, std::mt19937 &rng, float lo = -1.f, float hi = 1.f) {
+inline std::vector<float> random_vector(size_t n, std::mt19937 &rng, float lo = -1.f,
+                                        float hi = 1.f) {
     std::uniform_real_distribution<float> d(lo, hi);
     std::vector<float> v(n);
     for (auto &x : v)
@@ -26,14 +27,15 @@ inline std::vector<float> random_vector(size_t n, std::mt19937 &rng, float lo = 
 // sparsity is strictly between 0 and 1, row 0 is forced empty and row 1 full,
 // the two edges a row-wise kernel must get right.
 inline std::vector<float> random_sparse_dense(int64_t rows, int64_t cols, double sparsity,
-        std::mt19937 &rng) {
+                                              std::mt19937 &rng) {
     std::uniform_real_distribution<float> val(-1.f, 1.f);
     std::uniform_real_distribution<double> u(0.0, 1.0);
     std::vector<float> w(static_cast<size_t>(rows * cols));
     for (int64_t r = 0; r < rows; ++r)
         for (int64_t c = 0; c < cols; ++c) {
             bool keep = u(rng) >= sparsity;
-            if (rows >= 3 && sparsity > 0 && sparsity < 1) keep = r == 0 ? false : r == 1 ? true : keep;
+            if (rows >= 3 && sparsity > 0 && sparsity < 1)
+                keep = r == 0 ? false : r == 1 ? true : keep;
             float x = val(rng);
             if (x == 0.f) x = 0.5f; // a kept weight must not be an accidental zero
             w[r * cols + c] = keep ? x : 0.f;
@@ -52,17 +54,19 @@ inline dnnl::memory::desc f32_desc(const dnnl::memory::dims &dims) {
     return dnnl::memory::desc(dims, dnnl::memory::data_type::f32, strides);
 }
 
-inline dnnl::memory seed_memory(const dnnl::engine &eng, std::vector<int32_t> &storage, uint64_t seed) {
+inline dnnl::memory seed_memory(const dnnl::engine &eng, std::vector<int32_t> &storage,
+                                uint64_t seed) {
     storage = {static_cast<int32_t>(static_cast<uint32_t>(seed)),
-            static_cast<int32_t>(static_cast<uint32_t>(seed >> 32))};
-    return dnnl::memory(dnnl::memory::desc({2}, dnnl::memory::data_type::s32, dnnl::memory::dims{1}),
-            eng, storage.data());
+               static_cast<int32_t>(static_cast<uint32_t>(seed >> 32))};
+    return dnnl::memory(
+            dnnl::memory::desc({2}, dnnl::memory::data_type::s32, dnnl::memory::dims{1}), eng,
+            storage.data());
 }
 
 // |got - want| <= rel * magnitude + abs, where magnitude is the sum of
 // |terms| of the reduction (so cancellation does not make the check brittle).
 inline void expect_close(const std::vector<float> &got, const std::vector<double> &want,
-        const std::vector<double> &magnitude, double rel, const char *what) {
+                         const std::vector<double> &magnitude, double rel, const char *what) {
     ASSERT_EQ(got.size(), want.size()) << what;
     int reported = 0;
     for (size_t i = 0; i < got.size(); ++i) {

@@ -4,9 +4,8 @@ argument, and leaves the caller's tensors untouched."""
 import pytest
 import torch
 
-from qsparseprop import QuantizedSparseLinear, SparseConv2d, SparseLinear, swap_modules_with_sparse
-
 from conftest import prune_random_
+from qsparseprop import QuantizedSparseLinear, SparseConv2d, SparseLinear, swap_modules_with_sparse
 
 
 @pytest.fixture
@@ -22,7 +21,7 @@ def conv():
 def _untouched(fn, *tensors):
     before = [t.clone() for t in tensors]
     fn()
-    for t, b in zip(tensors, before):
+    for t, b in zip(tensors, before, strict=True):
         assert torch.equal(t, b) or (torch.isnan(t) == torch.isnan(b)).all()
 
 

@@ -4,14 +4,13 @@ within the documented error bounds of dense f32, seeded and int8-saving."""
 import pytest
 import torch
 
+from conftest import prune_random_
 from qsparseprop import (
     PrototypeQuantizedSparseConv2d,
     PrototypeQuantizedSparseLinear,
     QuantizedSparseConv2d,
     QuantizedSparseLinear,
 )
-
-from conftest import prune_random_
 
 # Documented in README.md and docs/quantization.md: relative Frobenius error
 # vs dense fp32 on Gaussian data, per-tensor activation / gradient scales.
@@ -120,7 +119,9 @@ def test_s8_saves_int8_not_the_float_input():
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         q(x)
-    float_bytes = sum(t.numel() * t.element_size() for t in saved if t.dtype == torch.float32 and t.numel() >= x.numel())
+    float_bytes = sum(
+        t.numel() * t.element_size() for t in saved if t.dtype == torch.float32 and t.numel() >= x.numel()
+    )
     int8 = [t for t in saved if t.dtype == torch.uint8]
     assert float_bytes == 0, "the f32 input must not be kept for backward"
     assert int8 and int8[0].numel() == x.numel() + 64

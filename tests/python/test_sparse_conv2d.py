@@ -3,9 +3,8 @@
 import pytest
 import torch
 
-from qsparseprop import SparseConv2d
-
 from conftest import assert_close_rel, prune_random_
+from qsparseprop import SparseConv2d
 
 
 def _compare(dense: torch.nn.Conv2d, x: torch.Tensor, rel=1e-4, **kw):

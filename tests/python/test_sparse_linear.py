@@ -3,9 +3,8 @@
 import pytest
 import torch
 
-from qsparseprop import SparseLinear
-
 from conftest import assert_close_rel, prune_random_
+from qsparseprop import SparseLinear
 
 
 def _compare(dense: torch.nn.Linear, x: torch.Tensor, rel=1e-4):

@@ -9,9 +9,8 @@ import pytest
 import torch
 from torch.nn.utils import prune
 
-from qsparseprop import QuantizedSparseConv2d, QuantizedSparseLinear, SparseConv2d, SparseLinear
-
 from conftest import prune_random_
+from qsparseprop import QuantizedSparseConv2d, QuantizedSparseLinear, SparseConv2d, SparseLinear
 
 LAYERS = [
     (SparseLinear, lambda: torch.nn.Linear(12, 7), (5, 12)),

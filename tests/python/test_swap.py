@@ -17,9 +17,14 @@ from qsparseprop import (
 def _model(sparsity=0.9):
     torch.manual_seed(0)
     m = nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(16, 16, 3, padding=1, stride=2), nn.ReLU(),
-        nn.Flatten(), nn.Linear(16 * 4 * 4, 32), nn.ReLU(), nn.Linear(32, 10),
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1, stride=2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(16 * 4 * 4, 32),
+        nn.ReLU(),
+        nn.Linear(32, 10),
     )
     for mod in m:
         if isinstance(mod, (nn.Linear, nn.Conv2d)):
