@@ -25,8 +25,10 @@ consumer() {
 stage "C++ user project: find_package(qsparseprop)" consumer
 
 lint() {
-  ruff check python tests benchmarks &&
-    ruff format --check python tests benchmarks &&
+  local py_dirs=(python tests)
+  [[ -d benchmarks ]] && py_dirs+=(benchmarks)
+  ruff check "${py_dirs[@]}" &&
+    ruff format --check "${py_dirs[@]}" &&
     clang-format --dry-run -Werror $(git ls-files '*.cpp' '*.hpp')
 }
 stage "lint (ruff, clang-format)" lint

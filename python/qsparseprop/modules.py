@@ -351,6 +351,10 @@ class SparseConv2d(_SparseModule):
         ):
             if min(t) < lo:
                 raise ValueError(f"{n} must be >= {lo}, got {t}")
+        if padding == "same" and self.stride != (1, 1):
+            raise ValueError(
+                f"padding='same' is not supported for strided convolutions (stride={self.stride}), as in torch"
+            )
         self.padding = padding
         self._pads = _resolve_padding(padding, self.kernel_size, self.dilation)
         if min(self._pads) < 0:

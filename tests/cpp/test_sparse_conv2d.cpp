@@ -7,7 +7,7 @@ class SparseConv2dF32 : public ::testing::TestWithParam<std::tuple<int64_t, int6
 // kernel size x stride x padding, at several sparsities.
 TEST_P(SparseConv2dF32, matches_dense_direct_convolution) {
     const auto [k, stride, pad] = GetParam();
-    for (double sparsity : {0.0, 0.5, 0.9, 1.0})
+    for (double sparsity : {0.0, 0.5, 0.9, 0.99, 1.0})
         SparseConv2dTester()
                 .batch(2)
                 .channels(3, 5)

@@ -73,6 +73,8 @@ def test_unsupported_conv_options():
         SparseConv2d(3, 4, 3, [0] * 5, [], [], groups=2)
     with pytest.raises(ValueError, match="padding must be"):
         SparseConv2d(3, 4, 3, [0] * 5, [], [], padding="full")
+    with pytest.raises(ValueError, match="padding='same' is not supported for strided"):
+        SparseConv2d(3, 4, 3, [0] * 5, [], [], padding="same", stride=2)
     with pytest.raises(TypeError, match="module must be a torch.nn.Conv2d"):
         SparseConv2d.from_dense(torch.nn.Linear(3, 4))
     with pytest.raises(TypeError, match="vectorizing_over_on"):
