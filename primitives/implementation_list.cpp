@@ -1,13 +1,17 @@
 // The ordered list of implementations, the one place a new kernel family is
 // registered (XNNPACK-style): faster ones first, the reference last. The
 // first whose why_not() is empty wins; QSP_VERBOSE=dispatch prints the rest.
+#include "primitives/jit_linear_f32.hpp"
 #include "primitives/primitive_impl.hpp"
 #include "primitives/ref/ref_implementation.hpp"
 
 namespace qsp::detail {
 
 const std::vector<implementation> &implementation_list() {
-    static const std::vector<implementation> list = {ref_implementation()};
+    static const std::vector<implementation> list = {
+            jit_avx512_linear_f32_implementation(),
+            ref_implementation(),
+    };
     return list;
 }
 

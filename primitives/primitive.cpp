@@ -262,6 +262,7 @@ void primitive_base::execute(const dnnl::stream &stream, const exec_args &args) 
                 break;
         }
     }
+    t.batch = pd.prob.outer();
     const double t0 = runtime::now_ms();
     const char *how = pd.impl_name.c_str();
     if (needs_dense_semantics(pd.prob, t)) {

@@ -61,6 +61,7 @@ struct tensors {
     float *diff_weights = nullptr;
     float *diff_bias = nullptr;
     uint64_t seed = 0;
+    int64_t batch = 0; // of this execution (plans may be shared across batch sizes)
 };
 
 struct kernel {
@@ -73,7 +74,7 @@ struct implementation {
     // Empty when the implementation can run the problem, else the reason it
     // cannot (printed under QSP_VERBOSE=dispatch).
     std::function<std::string(const problem &)> why_not;
-    std::function<std::unique_ptr<kernel>(const problem &)> create;
+    std::function<std::shared_ptr<const kernel>(const problem &)> create;
 };
 
 // Ordered fastest first; the reference implementation, which accepts every

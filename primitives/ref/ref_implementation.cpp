@@ -137,8 +137,8 @@ private:
 
 implementation ref_implementation() {
     return {"ref:any", [](const problem &) { return std::string(); },
-            [](const problem &p) -> std::unique_ptr<kernel> {
-                return std::make_unique<ref_kernel>(p);
+            [](const problem &p) -> std::shared_ptr<const kernel> {
+                return std::make_shared<const ref_kernel>(p);
             }};
 }
 

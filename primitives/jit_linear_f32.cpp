@@ -1,0 +1,240 @@
+// "jit:avx512_core" for sparse Linear in f32: the batch-innermost tile
+// layout, nnz-balanced row partitions (no write ever collides: no barriers,
+// no atomics, no private copies of dW), and the AVX-512 kernels of
+// jit/jit_avx512_sparse_f32. The per-layer plan (offsets, transposed pattern,
+// partitions, kernels) is built once per (pattern, shape, threads, ISA) and
+// kept in the kernel cache.
+#include <algorithm>
+#include <memory>
+#include <sstream>
+
+#include <omp.h>
+
+#include "jit/jit_avx512_sparse_f32.hpp"
+#include "primitives/jit_linear_f32.hpp"
+#include "primitives/tile_layout.hpp"
+#include "qsparseprop/runtime.hpp"
+#include "runtime/kernel_cache.hpp"
+#include "runtime/verbose.hpp"
+
+namespace qsp::detail {
+
+namespace {
+
+using spmm_kernel = jit::jit_avx512_spmm_f32_kernel;
+using sddmm_kernel = jit::jit_avx512_sddmm_f32_kernel;
+
+template <typename kernel_t>
+std::array<std::shared_ptr<const kernel_t>, 4> code_for(const char *op) {
+    // Generic code (the pattern lives in the plan's arrays), shared by layers.
+    static runtime::kernel_cache<kernel_t> cache;
+    std::array<std::shared_ptr<const kernel_t>, 4> out;
+    for (int nv = 1; nv <= 4; ++nv) {
+        runtime::kernel_key key{op, 0, {nv}, 0, static_cast<int>(cpu_isa::avx512_core), 0, 0};
+        out[nv - 1] =
+                cache.get_or_create(key, [nv] { return std::make_shared<const kernel_t>(nv); });
+    }
+    return out;
+}
+
+// Row boundaries giving each part about the same cost (nnz + a per-row overhead).
+std::vector<int64_t> balance_rows(const int64_t *row_ptr, int64_t rows, int parts) {
+    constexpr int64_t row_cost = 8;
+    const int64_t total = row_ptr[rows] + row_cost * rows;
+    std::vector<int64_t> bounds{0};
+    int64_t r = 0;
+    for (int part = 1; part < parts; ++part) {
+        const int64_t target = total * part / parts;
+        while (r < rows && row_ptr[r] + row_cost * r < target)
+            ++r;
+        bounds.push_back(r);
+    }
+    bounds.push_back(rows);
+    return bounds;
+}
+
+template <typename T> std::unique_ptr<T[]> uninitialized(int64_t n) {
+    return std::unique_ptr<T[]>(new T[static_cast<size_t>(std::max<int64_t>(n, 1))]);
+}
+
+class jit_linear_f32_kernel : public kernel {
+public:
+    explicit jit_linear_f32_kernel(const problem &p) : p_(p) {
+        const csr_pattern &w = p.pattern;
+        const int64_t *rp = w.row_ptr();
+        const int32_t *ci = w.col_idx();
+        const int64_t nnz = w.nnz();
+        if (p.dir == direction::backward_data) {
+            // Transposed pattern: rows are input features k, entries output
+            // features n; perm_ maps a CSC slot to its CSR value.
+            rows_ = p.in;
+            row_ptr_.assign(static_cast<size_t>(rows_) + 1, 0);
+            for (int64_t e = 0; e < nnz; ++e)
+                ++row_ptr_[ci[e] + 1];
+            for (int64_t k = 0; k < rows_; ++k)
+                row_ptr_[k + 1] += row_ptr_[k];
+            offsets_.assign(static_cast<size_t>(nnz) + 16, 0);
+            perm_.resize(static_cast<size_t>(nnz));
+            std::vector<int64_t> next(row_ptr_.begin(), row_ptr_.end() - 1);
+            for (int64_t n = 0; n < p.out; ++n)
+                for (int64_t e = rp[n]; e < rp[n + 1]; ++e) {
+                    const int64_t slot = next[ci[e]]++;
+                    offsets_[slot] = static_cast<int32_t>(n * jit::tile_row_bytes);
+                    perm_[slot] = e;
+                }
+        } else {
+            rows_ = p.out;
+            row_ptr_.assign(rp, rp + rows_ + 1);
+            offsets_.assign(static_cast<size_t>(nnz) + 16, 0); // +16: sddmm reads a whole group
+            for (int64_t e = 0; e < nnz; ++e)
+                offsets_[e] = static_cast<int32_t>(int64_t(ci[e]) * jit::tile_row_bytes);
+        }
+        bounds_ = balance_rows(row_ptr_.data(), rows_, std::max(1, p.num_threads));
+        p_.batch = 0; // the plan serves every batch size; executions pass theirs
+        if (p.dir == direction::backward_weights)
+            sddmm_ = code_for<sddmm_kernel>("avx512_sddmm_f32");
+        else
+            spmm_ = code_for<spmm_kernel>("avx512_spmm_f32");
+    }
+
+    void execute(const tensors &t) const override {
+        switch (p_.dir) {
+            case direction::forward:
+                forward(t);
+                break;
+            case direction::backward_data:
+                backward_data(t);
+                break;
+            case direction::backward_weights:
+                backward_weights(t);
+                break;
+        }
+    }
+
+private:
+    // Runs body(part, tile) for every (row part, batch tile), parts spread
+    // over the team; a part's rows are written by one thread only.
+    template <typename body_t> void for_parts(int64_t batch, body_t body) const {
+        const int parts = static_cast<int>(bounds_.size()) - 1;
+        const int64_t tiles = tile_count(batch);
+#pragma omp parallel num_threads(p_.num_threads)
+        {
+            const int nthr = omp_get_num_threads(), tid = omp_get_thread_num();
+            for (int part = tid; part < parts; part += nthr)
+                for (int64_t tile = 0; tile < tiles; ++tile)
+                    body(part, tile);
+        }
+    }
+
+    void run_spmm(int64_t batch, const float *values, const float *src_tiles, int64_t src_channels,
+                  float *dst_tiles) const {
+        for_parts(batch, [&](int part, int64_t tile) {
+            jit::spmm_call_params c{values,
+                                    offsets_.data(),
+                                    row_ptr_.data(),
+                                    bounds_[part],
+                                    bounds_[part + 1],
+                                    src_tiles + tile * src_channels * jit::tile_batch,
+                                    dst_tiles + tile * rows_ * jit::tile_batch};
+            (*spmm_[tile_vectors(batch, tile) - 1])(c);
+        });
+    }
+
+    void forward(const tensors &t) const {
+        const int nt = p_.num_threads;
+        auto x = uninitialized<float>(tiled_elems(t.batch, p_.in));
+        auto y = uninitialized<float>(tiled_elems(t.batch, p_.out));
+        pack_tiles(t.src, t.batch, p_.in, x.get(), nt);
+        run_spmm(t.batch, t.weights, x.get(), p_.in, y.get());
+        unpack_tiles(y.get(), t.batch, p_.out, t.bias, t.dst, nt);
+    }
+
+    void backward_data(const tensors &t) const {
+        const int nt = p_.num_threads;
+        auto dy = uninitialized<float>(tiled_elems(t.batch, p_.out));
+        auto dx = uninitialized<float>(tiled_elems(t.batch, p_.in));
+        auto values = uninitialized<float>(static_cast<int64_t>(perm_.size()));
+        pack_tiles(t.diff_dst, t.batch, p_.out, dy.get(), nt);
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (int64_t s = 0; s < static_cast<int64_t>(perm_.size()); ++s)
+            values[s] = t.weights[perm_[s]];
+        run_spmm(t.batch, values.get(), dy.get(), p_.out, dx.get());
+        unpack_tiles(dx.get(), t.batch, p_.in, nullptr, t.diff_src, nt);
+    }
+
+    void backward_weights(const tensors &t) const {
+        const int nt = p_.num_threads;
+        auto x = uninitialized<float>(tiled_elems(t.batch, p_.in));
+        auto dy = uninitialized<float>(tiled_elems(t.batch, p_.out));
+        pack_tiles(t.src, t.batch, p_.in, x.get(), nt);
+        pack_tiles(t.diff_dst, t.batch, p_.out, dy.get(), nt);
+        std::fill(t.diff_weights, t.diff_weights + p_.pattern.nnz(), 0.f);
+        // Tiles inside parts: each dW row accumulates its tiles in order,
+        // so the result does not depend on the thread count.
+        for_parts(t.batch, [&](int part, int64_t tile) {
+            jit::sddmm_call_params c{offsets_.data(),
+                                     row_ptr_.data(),
+                                     bounds_[part],
+                                     bounds_[part + 1],
+                                     x.get() + tile * p_.in * jit::tile_batch,
+                                     dy.get() + tile * p_.out * jit::tile_batch,
+                                     t.diff_weights};
+            (*sddmm_[tile_vectors(t.batch, tile) - 1])(c);
+        });
+        if (t.diff_bias) ref::bias_grad(t.diff_dst, t.diff_bias, t.batch, p_.out, 1, nt);
+    }
+
+    problem p_;
+    int64_t rows_ = 0;
+    std::vector<int64_t> row_ptr_, perm_, bounds_;
+    std::vector<int32_t> offsets_;
+    std::array<std::shared_ptr<const spmm_kernel>, 4> spmm_;
+    std::array<std::shared_ptr<const sddmm_kernel>, 4> sddmm_;
+};
+
+// Plans are per layer: the key carries the pattern hash and the thread count.
+runtime::kernel_cache<kernel> &plan_cache() {
+    static runtime::kernel_cache<kernel> cache;
+    return cache;
+}
+
+} // namespace
+
+implementation jit_avx512_linear_f32_implementation() {
+    return {"jit:avx512_core",
+            [](const problem &p) -> std::string {
+                if (p.op != op_kind::linear) return "Conv2d has no JIT kernel yet";
+                if (p.scheme != quant_scheme::f32)
+                    return "f32 only (s8 has no sparse VNNI kernel yet)";
+                if (effective_cpu_isa() < cpu_isa::avx512_core)
+                    return std::string("needs avx512_core, effective ISA is ")
+                           + to_string(effective_cpu_isa());
+                if (std::max(p.in, p.out) > (int64_t(1) << 31) / jit::tile_row_bytes)
+                    return "a dimension exceeds the 32-bit tile offsets";
+                return "";
+            },
+            [](const problem &p) -> std::shared_ptr<const kernel> {
+                runtime::kernel_key key{"linear_f32",
+                                        static_cast<int>(p.dir),
+                                        {p.in, p.out},
+                                        0,
+                                        static_cast<int>(cpu_isa::avx512_core),
+                                        p.num_threads,
+                                        p.pattern.hash()};
+                const double t0 = runtime::now_ms();
+                bool generated = false;
+                auto plan = plan_cache().get_or_create(
+                        key, [&] { return std::make_shared<const jit_linear_f32_kernel>(p); },
+                        &generated);
+                if (verbose_level() >= 1) {
+                    std::ostringstream line;
+                    line << "jit,plan," << key.str() << ","
+                         << (generated ? "generated" : "cache_hit") << ","
+                         << runtime::now_ms() - t0;
+                    runtime::verbose_print(line.str());
+                }
+                return plan; // batch-independent: shared by every batch size
+            }};
+}
+
+} // namespace qsp::detail

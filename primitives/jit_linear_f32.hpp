@@ -1,0 +1,10 @@
+#pragma once
+
+#include "primitives/primitive_impl.hpp"
+
+namespace qsp::detail {
+
+// "jit:avx512_core": sparse Linear in f32 on the AVX-512 JIT kernels.
+implementation jit_avx512_linear_f32_implementation();
+
+} // namespace qsp::detail

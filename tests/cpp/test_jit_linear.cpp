@@ -1,0 +1,146 @@
+// The JIT Linear kernels against the reference implementation: same
+// problems, every ISA tier the machine has, odd sizes, empty and full rows,
+// several thread counts, and batch sizes that change while the per-layer
+// plan is shared.
+#include "test_utils.hpp"
+
+namespace qsp::test {
+
+namespace {
+
+struct f32_outputs {
+    std::vector<float> y, dx, dw, db;
+    std::string impl;
+};
+
+f32_outputs run_f32(const csr_weights &w, int64_t B, const std::vector<float> &x,
+                    const std::vector<float> &dy, const std::vector<float> &b, int threads) {
+    const int64_t K = w.pattern.cols(), N = w.pattern.rows();
+    dnnl::engine eng(dnnl::engine::kind::cpu, 0);
+    dnnl::stream s(eng);
+    primitive_attr attr;
+    attr.num_threads = threads;
+    const auto src_md = f32_desc({B, K}), dst_md = f32_desc({B, N}), bias_md = f32_desc({N});
+    sparse_linear_forward::primitive_desc fwd(eng, prop_kind::forward_training, src_md, w.pattern,
+                                              bias_md, dst_md, quant_scheme::f32, attr);
+    sparse_linear_backward_data::primitive_desc bd(eng, src_md, w.pattern, dst_md, fwd);
+    sparse_linear_backward_weights::primitive_desc bw(eng, src_md, w.pattern, bias_md, dst_md, fwd);
+    f32_outputs o;
+    o.y.assign(static_cast<size_t>(B * N), NAN);
+    o.dx.assign(x.size(), NAN);
+    o.dw.assign(w.values.size(), NAN);
+    o.db.assign(static_cast<size_t>(N), NAN);
+    o.impl = fwd.impl_info_str() + "/" + bd.impl_info_str() + "/" + bw.impl_info_str();
+    const auto wmd = fwd.weights_desc();
+    sparse_linear_forward(fwd).execute(s, {{DNNL_ARG_SRC, wrap(eng, src_md, x.data())},
+                                           {DNNL_ARG_WEIGHTS, wrap(eng, wmd, w.values.data())},
+                                           {DNNL_ARG_BIAS, wrap(eng, bias_md, b.data())},
+                                           {DNNL_ARG_DST, wrap(eng, dst_md, o.y.data())}});
+    sparse_linear_backward_data(bd).execute(s,
+                                            {{DNNL_ARG_DIFF_DST, wrap(eng, dst_md, dy.data())},
+                                             {DNNL_ARG_WEIGHTS, wrap(eng, wmd, w.values.data())},
+                                             {DNNL_ARG_DIFF_SRC, wrap(eng, src_md, o.dx.data())}});
+    sparse_linear_backward_weights(bw).execute(
+            s, {{DNNL_ARG_SRC, wrap(eng, src_md, x.data())},
+                {DNNL_ARG_DIFF_DST, wrap(eng, dst_md, dy.data())},
+                {DNNL_ARG_DIFF_WEIGHTS, wrap(eng, wmd, o.dw.data())},
+                {DNNL_ARG_DIFF_BIAS, wrap(eng, bias_md, o.db.data())}});
+    return o;
+}
+
+// |a - b| <= 1e-5 * (|a| + |b|) + tiny, elementwise (both are f32 sums of the
+// same terms in different orders).
+void expect_close_rel(const std::vector<float> &a, const std::vector<float> &b, double scale,
+                      const char *what) {
+    ASSERT_EQ(a.size(), b.size());
+    int bad = 0;
+    for (size_t i = 0; i < a.size(); ++i)
+        if (!(std::fabs(a[i] - b[i]) <= 1e-5 * scale + 1e-6) && bad++ < 5)
+            ADD_FAILURE() << what << "[" << i << "]: " << a[i] << " vs " << b[i];
+}
+
+void compare_tiers(int64_t B, int64_t K, int64_t N, double sparsity, int threads, unsigned seed) {
+    SCOPED_TRACE("B=" + std::to_string(B) + " K=" + std::to_string(K) + " N=" + std::to_string(N)
+                 + " sparsity=" + std::to_string(sparsity) + " threads=" + std::to_string(threads));
+    std::mt19937 rng(seed);
+    auto dense = random_sparse_dense(N, K, sparsity, rng);
+    auto w = csr_weights::from_dense(dense.data(), N, K);
+    auto x = random_vector(static_cast<size_t>(B * K), rng);
+    auto dy = random_vector(static_cast<size_t>(B * N), rng);
+    auto b = random_vector(static_cast<size_t>(N), rng);
+    f32_outputs want;
+    {
+        isa_cap_guard cap(cpu_isa::ref);
+        want = run_f32(w, B, x, dy, b, threads);
+        ASSERT_EQ(want.impl, "ref:any/ref:any/ref:any");
+    }
+    // Magnitude bounds of the sums: max row length times the value ranges (<= 1).
+    const double scale_fwd = double(K) + 1, scale_bd = double(N), scale_bw = double(B) + 1;
+    for (cpu_isa isa : isa_levels()) {
+        if (isa == cpu_isa::ref) continue;
+        isa_cap_guard cap(isa);
+        SCOPED_TRACE(to_string(isa));
+        auto got = run_f32(w, B, x, dy, b, threads);
+        if (isa >= cpu_isa::avx512_core) {
+            EXPECT_EQ(got.impl, "jit:avx512_core/jit:avx512_core/jit:avx512_core");
+        }
+        expect_close_rel(got.y, want.y, scale_fwd, "forward");
+        expect_close_rel(got.dx, want.dx, scale_bd, "backward_data");
+        expect_close_rel(got.dw, want.dw, scale_bw, "backward_weights");
+        expect_close_rel(got.db, want.db, scale_bw, "diff_bias");
+    }
+}
+
+} // namespace
+
+class JitLinearF32 : public ::testing::TestWithParam<std::tuple<int64_t, double>> {};
+
+TEST_P(JitLinearF32, matches_reference_on_every_tier) {
+    const auto [size, sparsity] = GetParam();
+    compare_tiers(size, 33, 47, sparsity, 2, 1);
+    compare_tiers(70, size, 31, sparsity, 3, 2);
+    compare_tiers(17, 65, size, sparsity, 1, 3);
+}
+
+INSTANTIATE_TEST_SUITE_P(odd_sizes_x_sparsity, JitLinearF32,
+                         ::testing::Combine(::testing::Values(1, 3, 15, 17, 63, 65, 257),
+                                            ::testing::Values(0.0, 0.5, 0.9, 0.99, 1.0)));
+
+TEST(JitLinearF32Edges, larger_layers_and_thread_counts) {
+    for (int threads : {1, 2, 3, 8})
+        compare_tiers(129, 300, 200, 0.9, threads, 7);
+    compare_tiers(256, 768, 64, 0.95, 2, 8);
+}
+
+TEST(JitLinearF32Edges, batch_size_changes_share_one_plan) {
+    if (effective_cpu_isa() < cpu_isa::avx512_core) return; // the ref path has no plan to share
+    std::mt19937 rng(11);
+    const int64_t K = 45, N = 38;
+    auto dense = random_sparse_dense(N, K, 0.8, rng);
+    auto w = csr_weights::from_dense(dense.data(), N, K);
+    set_verbose_level(1);
+    testing::internal::CaptureStdout();
+    for (int64_t B : {5, 64, 1, 130, 5}) {
+        auto x = random_vector(static_cast<size_t>(B * K), rng);
+        auto dy = random_vector(static_cast<size_t>(B * N), rng);
+        auto b = random_vector(static_cast<size_t>(N), rng);
+        auto got = run_f32(w, B, x, dy, b, 2);
+        f32_outputs want;
+        {
+            isa_cap_guard cap(cpu_isa::ref);
+            want = run_f32(w, B, x, dy, b, 2);
+        }
+        expect_close_rel(got.y, want.y, K + 1, "forward");
+        expect_close_rel(got.dx, want.dx, N, "backward_data");
+        expect_close_rel(got.dw, want.dw, B + 1, "backward_weights");
+    }
+    const std::string out = testing::internal::GetCapturedStdout();
+    set_verbose_level(0);
+    size_t generated = 0;
+    for (size_t at = out.find(",generated,"); at != std::string::npos;
+         at = out.find(",generated,", at + 1))
+        ++generated;
+    EXPECT_EQ(generated, 3u) << "one plan per direction, whatever the batch size:\n" << out;
+}
+
+} // namespace qsp::test
