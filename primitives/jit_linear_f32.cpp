@@ -53,8 +53,21 @@ std::vector<int64_t> balance_rows(const int64_t *row_ptr, int64_t rows, int part
     return bounds;
 }
 
-template <typename T> std::unique_ptr<T[]> uninitialized(int64_t n) {
-    return std::unique_ptr<T[]>(new T[static_cast<size_t>(std::max<int64_t>(n, 1))]);
+// Per-calling-thread scratch that persists between calls: a fresh multi-MB
+// allocation per call costs page faults comparable to the kernel itself.
+// Slot s of a call is valid until the same thread's next call.
+float *scratch(int slot, int64_t elems) {
+    struct buffer {
+        std::unique_ptr<float[]> data;
+        int64_t size = 0;
+    };
+    thread_local buffer buffers[3];
+    buffer &b = buffers[slot];
+    if (b.size < elems) {
+        b.data.reset(new float[static_cast<size_t>(elems)]);
+        b.size = elems;
+    }
+    return b.data.get();
 }
 
 class jit_linear_f32_kernel : public kernel {
@@ -142,32 +155,32 @@ private:
 
     void forward(const tensors &t) const {
         const int nt = p_.num_threads;
-        auto x = uninitialized<float>(tiled_elems(t.batch, p_.in));
-        auto y = uninitialized<float>(tiled_elems(t.batch, p_.out));
-        pack_tiles(t.src, t.batch, p_.in, x.get(), nt);
-        run_spmm(t.batch, t.weights, x.get(), p_.in, y.get());
-        unpack_tiles(y.get(), t.batch, p_.out, t.bias, t.dst, nt);
+        float *x = scratch(0, tiled_elems(t.batch, p_.in));
+        float *y = scratch(1, tiled_elems(t.batch, p_.out));
+        pack_tiles(t.src, t.batch, p_.in, x, nt);
+        run_spmm(t.batch, t.weights, x, p_.in, y);
+        unpack_tiles(y, t.batch, p_.out, t.bias, t.dst, nt);
     }
 
     void backward_data(const tensors &t) const {
         const int nt = p_.num_threads;
-        auto dy = uninitialized<float>(tiled_elems(t.batch, p_.out));
-        auto dx = uninitialized<float>(tiled_elems(t.batch, p_.in));
-        auto values = uninitialized<float>(static_cast<int64_t>(perm_.size()));
-        pack_tiles(t.diff_dst, t.batch, p_.out, dy.get(), nt);
+        float *dy = scratch(0, tiled_elems(t.batch, p_.out));
+        float *dx = scratch(1, tiled_elems(t.batch, p_.in));
+        float *values = scratch(2, static_cast<int64_t>(perm_.size()));
+        pack_tiles(t.diff_dst, t.batch, p_.out, dy, nt);
 #pragma omp parallel for num_threads(nt) schedule(static)
         for (int64_t s = 0; s < static_cast<int64_t>(perm_.size()); ++s)
             values[s] = t.weights[perm_[s]];
-        run_spmm(t.batch, values.get(), dy.get(), p_.out, dx.get());
-        unpack_tiles(dx.get(), t.batch, p_.in, nullptr, t.diff_src, nt);
+        run_spmm(t.batch, values, dy, p_.out, dx);
+        unpack_tiles(dx, t.batch, p_.in, nullptr, t.diff_src, nt);
     }
 
     void backward_weights(const tensors &t) const {
         const int nt = p_.num_threads;
-        auto x = uninitialized<float>(tiled_elems(t.batch, p_.in));
-        auto dy = uninitialized<float>(tiled_elems(t.batch, p_.out));
-        pack_tiles(t.src, t.batch, p_.in, x.get(), nt);
-        pack_tiles(t.diff_dst, t.batch, p_.out, dy.get(), nt);
+        float *x = scratch(0, tiled_elems(t.batch, p_.in));
+        float *dy = scratch(1, tiled_elems(t.batch, p_.out));
+        pack_tiles(t.src, t.batch, p_.in, x, nt);
+        pack_tiles(t.diff_dst, t.batch, p_.out, dy, nt);
         std::fill(t.diff_weights, t.diff_weights + p_.pattern.nnz(), 0.f);
         // Tiles inside parts: each dW row accumulates its tiles in order,
         // so the result does not depend on the thread count.
@@ -176,12 +189,25 @@ private:
                                      row_ptr_.data(),
                                      bounds_[part],
                                      bounds_[part + 1],
-                                     x.get() + tile * p_.in * jit::tile_batch,
-                                     dy.get() + tile * p_.out * jit::tile_batch,
+                                     x + tile * p_.in * jit::tile_batch,
+                                     dy + tile * p_.out * jit::tile_batch,
                                      t.diff_weights};
             (*sddmm_[tile_vectors(t.batch, tile) - 1])(c);
         });
-        if (t.diff_bias) ref::bias_grad(t.diff_dst, t.diff_bias, t.batch, p_.out, 1, nt);
+        if (t.diff_bias) {
+            // Rows of the dY tiles are contiguous: the bias gradient is a row sum.
+            const int64_t tiles = tile_count(t.batch);
+#pragma omp parallel for num_threads(nt) schedule(static)
+            for (int64_t n = 0; n < p_.out; ++n) {
+                float acc = 0.f;
+                for (int64_t tile = 0; tile < tiles; ++tile) {
+                    const float *row = dy + (tile * p_.out + n) * jit::tile_batch;
+                    for (int j = 0; j < jit::tile_batch; ++j)
+                        acc += row[j];
+                }
+                t.diff_bias[n] = acc;
+            }
+        }
     }
 
     problem p_;

@@ -1,5 +1,7 @@
 #include "primitives/tile_layout.hpp"
 
+#include "qsparseprop/runtime.hpp"
+
 #include <algorithm>
 #include <cstring>
 
@@ -10,7 +12,8 @@ constexpr int64_t tb = jit::tile_batch;
 constexpr int64_t channel_block = 16;
 } // namespace
 
-void pack_tiles(const float *src, int64_t batch, int64_t channels, float *tiles, int num_threads) {
+void pack_tiles_portable(const float *src, int64_t batch, int64_t channels, float *tiles,
+                         int num_threads) {
     const int64_t tiles_n = tile_count(batch);
     const int64_t blocks = (channels + channel_block - 1) / channel_block;
 #pragma omp parallel for collapse(2) num_threads(num_threads) schedule(static)
@@ -30,8 +33,8 @@ void pack_tiles(const float *src, int64_t batch, int64_t channels, float *tiles,
         }
 }
 
-void unpack_tiles(const float *tiles, int64_t batch, int64_t channels, const float *bias,
-                  float *dst, int num_threads) {
+void unpack_tiles_portable(const float *tiles, int64_t batch, int64_t channels, const float *bias,
+                           float *dst, int num_threads) {
     const int64_t blocks = (channels + channel_block - 1) / channel_block;
 #pragma omp parallel for collapse(2) num_threads(num_threads) schedule(static)
     for (int64_t b = 0; b < batch; ++b)
@@ -42,6 +45,21 @@ void unpack_tiles(const float *tiles, int64_t batch, int64_t channels, const flo
             for (int64_t c = c0; c < c1; ++c)
                 dst[b * channels + c] = tile[c * tb + j] + (bias ? bias[c] : 0.f);
         }
+}
+
+void pack_tiles(const float *src, int64_t batch, int64_t channels, float *tiles, int num_threads) {
+    if (effective_cpu_isa() >= cpu_isa::avx512_core)
+        pack_tiles_avx512(src, batch, channels, tiles, num_threads);
+    else
+        pack_tiles_portable(src, batch, channels, tiles, num_threads);
+}
+
+void unpack_tiles(const float *tiles, int64_t batch, int64_t channels, const float *bias,
+                  float *dst, int num_threads) {
+    if (effective_cpu_isa() >= cpu_isa::avx512_core)
+        unpack_tiles_avx512(tiles, batch, channels, bias, dst, num_threads);
+    else
+        unpack_tiles_portable(tiles, batch, channels, bias, dst, num_threads);
 }
 
 } // namespace qsp::detail

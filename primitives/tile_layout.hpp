@@ -22,10 +22,18 @@ inline int tile_vectors(int64_t batch, int64_t t) {
     return static_cast<int>(((rows < jit::tile_batch ? rows : jit::tile_batch) + 15) / 16);
 }
 
-// src[batch x channels] -> tiles.
+// src[batch x channels] -> tiles. Uses AVX-512 when the effective ISA allows.
 void pack_tiles(const float *src, int64_t batch, int64_t channels, float *tiles, int num_threads);
 // tiles -> dst[batch x channels] (+ bias[channel] when given).
 void unpack_tiles(const float *tiles, int64_t batch, int64_t channels, const float *bias,
                   float *dst, int num_threads);
+
+// The AVX-512 versions (tile_layout_avx512.cpp) and the portable ones.
+void pack_tiles_avx512(const float *src, int64_t batch, int64_t channels, float *tiles, int num_threads);
+void unpack_tiles_avx512(const float *tiles, int64_t batch, int64_t channels, const float *bias, float *dst,
+        int num_threads);
+void pack_tiles_portable(const float *src, int64_t batch, int64_t channels, float *tiles, int num_threads);
+void unpack_tiles_portable(const float *tiles, int64_t batch, int64_t channels, const float *bias, float *dst,
+        int num_threads);
 
 } // namespace qsp::detail

@@ -1,0 +1,198 @@
+// "dense:onednn_s8": the s8 scheme for Linear on oneDNN's int8 matmul (AMX,
+// VNNI or whatever oneDNN picks), the implementation DESIGN.md 3 asks for
+// beside the sparse JIT. The quantized weights are scattered into a dense
+// int8 matrix per call (they change every optimizer step); the three
+// products run dense with int32 outputs, and the epilogues apply the scheme's
+// scales exactly as the reference does, so the results equal the reference
+// bit for bit.
+#include <algorithm>
+#include <cstring>
+#include <memory>
+#include <mutex>
+
+#include <omp.h>
+
+#include "primitives/dense_s8_linear.hpp"
+#include "primitives/quantize.hpp"
+#include "qsparseprop/quantization.hpp"
+#include "qsparseprop/runtime.hpp"
+
+namespace qsp::detail {
+
+namespace {
+
+using dt = dnnl::memory::data_type;
+
+dnnl::memory::desc strided(const dnnl::memory::dims &dims, dt type,
+                           const dnnl::memory::dims &strides) {
+    return dnnl::memory::desc(dims, type, strides);
+}
+
+// Restores the caller's OpenMP team size after running oneDNN with ours
+// (oneDNN's OpenMP runtime sizes its team from the calling thread's ICV).
+struct omp_threads_guard {
+    explicit omp_threads_guard(int n) : saved(omp_get_max_threads()) { omp_set_num_threads(n); }
+    ~omp_threads_guard() { omp_set_num_threads(saved); }
+    int saved;
+};
+
+template <typename T> T *scratch(int slot, size_t elems) {
+    struct buffer {
+        std::unique_ptr<unsigned char[]> data;
+        size_t bytes = 0;
+    };
+    thread_local buffer buffers[5];
+    buffer &b = buffers[slot];
+    if (b.bytes < elems * sizeof(T)) {
+        b.data.reset(new unsigned char[elems * sizeof(T)]);
+        b.bytes = elems * sizeof(T);
+    }
+    return reinterpret_cast<T *>(b.data.get());
+}
+
+class dense_s8_linear_kernel : public kernel {
+public:
+    explicit dense_s8_linear_kernel(const problem &p) : p_(p), engine_(dnnl::engine::kind::cpu, 0) {
+        const int64_t B = p.batch, K = p.in, N = p.out;
+        dnnl::primitive_attr attr;
+        attr.set_scratchpad_mode(dnnl::scratchpad_mode::library);
+        switch (p.dir) {
+            case direction::forward: // Xq[B,K] * Wq^T -> [B,N]
+                a_md_ = strided({B, K}, dt::s8, {K, 1});
+                b_md_ = strided({K, N}, dt::s8, {1, K});
+                c_md_ = strided({B, N}, dt::s32, {N, 1});
+                break;
+            case direction::backward_data: // G2[B,N] * Wq[N,K] -> [B,K]
+                a_md_ = strided({B, N}, dt::s8, {N, 1});
+                b_md_ = strided({N, K}, dt::s8, {K, 1});
+                c_md_ = strided({B, K}, dt::s32, {K, 1});
+                break;
+            case direction::backward_weights: // G1^T[N,B] * Xq[B,K] -> [N,K]
+                a_md_ = strided({N, B}, dt::s8, {1, N});
+                b_md_ = strided({B, K}, dt::s8, {K, 1});
+                c_md_ = strided({N, K}, dt::s32, {K, 1});
+                break;
+        }
+        matmul_pd_ = dnnl::matmul::primitive_desc(engine_, a_md_, b_md_, c_md_, attr);
+        matmul_ = dnnl::matmul(matmul_pd_);
+    }
+
+    void execute(const tensors &t) const override {
+        const int nt = p_.num_threads;
+        const int64_t B = p_.batch, K = p_.in, N = p_.out, nnz = p_.pattern.nnz();
+        // Quantized weights (per output channel); backward-weights has none.
+        int8_t *wq = scratch<int8_t>(0, static_cast<size_t>(nnz));
+        float *w_scale = scratch<float>(1, static_cast<size_t>(N));
+        if (p_.dir != direction::backward_weights)
+            ref::quantize_weights(p_.pattern, t.weights, wq, w_scale, nt);
+        const int64_t *rp = p_.pattern.row_ptr();
+        const int32_t *ci = p_.pattern.col_idx();
+        int32_t *acc = scratch<int32_t>(2, static_cast<size_t>(p_.dir == direction::forward ? B * N
+                                                               : p_.dir == direction::backward_data
+                                                                       ? B * K
+                                                                       : N * K));
+        switch (p_.dir) {
+            case direction::forward: {
+                int8_t *wd = dense_weights(wq);
+                int8_t *xq =
+                        t.workspace
+                                ? reinterpret_cast<int8_t *>(t.workspace + workspace_header_bytes)
+                                : scratch<int8_t>(3, static_cast<size_t>(B * K));
+                const float sx = fast_quantize_rne(t.src, B * K, xq, nt);
+                if (t.workspace) std::memcpy(t.workspace, &sx, sizeof(float));
+                run(xq, wd, acc);
+#pragma omp parallel for num_threads(nt) schedule(static)
+                for (int64_t b = 0; b < B; ++b)
+                    for (int64_t n = 0; n < N; ++n)
+                        t.dst[b * N + n] = static_cast<float>(acc[b * N + n]) * (sx * w_scale[n])
+                                           + (t.bias ? t.bias[n] : 0.f);
+                break;
+            }
+            case direction::backward_data: {
+                int8_t *wd = dense_weights(wq);
+                int8_t *g2 = scratch<int8_t>(3, static_cast<size_t>(B * N));
+                const float sg2 = fast_quantize_stochastic(t.diff_dst, B * N, w_scale, N,
+                                                           rounding_seed32(2 * t.seed + 1), g2, nt);
+                run(g2, wd, acc);
+#pragma omp parallel for num_threads(nt) schedule(static)
+                for (int64_t i = 0; i < B * K; ++i)
+                    t.diff_src[i] = static_cast<float>(acc[i]) * sg2;
+                break;
+            }
+            case direction::backward_weights: {
+                float sx;
+                std::memcpy(&sx, t.workspace, sizeof(float));
+                const int8_t *xq =
+                        reinterpret_cast<const int8_t *>(t.workspace + workspace_header_bytes);
+                int8_t *g1 = scratch<int8_t>(3, static_cast<size_t>(B * N));
+                const float sg1 = fast_quantize_stochastic(t.diff_dst, B * N, nullptr, 1,
+                                                           rounding_seed32(2 * t.seed), g1, nt);
+                run(g1, xq, acc);
+                const float scale = sg1 * sx;
+#pragma omp parallel for num_threads(nt) schedule(static)
+                for (int64_t n = 0; n < N; ++n)
+                    for (int64_t e = rp[n]; e < rp[n + 1]; ++e)
+                        t.diff_weights[e] = static_cast<float>(acc[n * K + ci[e]]) * scale;
+                if (t.diff_bias) ref::bias_grad(t.diff_dst, t.diff_bias, B, N, 1, nt);
+                break;
+            }
+        }
+    }
+
+private:
+    int8_t *dense_weights(const int8_t *wq) const {
+        const int64_t K = p_.in, N = p_.out;
+        // The calling thread's buffer (taken before the parallel region: the
+        // workers have thread_locals of their own).
+        int8_t *dense = scratch<int8_t>(4, static_cast<size_t>(N * K));
+        const int64_t *rp = p_.pattern.row_ptr();
+        const int32_t *ci = p_.pattern.col_idx();
+#pragma omp parallel for num_threads(p_.num_threads) schedule(static)
+        for (int64_t n = 0; n < N; ++n) {
+            std::memset(dense + n * K, 0, static_cast<size_t>(K));
+            for (int64_t e = rp[n]; e < rp[n + 1]; ++e)
+                dense[n * K + ci[e]] = wq[e];
+        }
+        return dense;
+    }
+
+    void run(const void *a, const void *b, int32_t *c) const {
+        dnnl::memory am(a_md_, engine_, const_cast<void *>(a)),
+                bm(b_md_, engine_, const_cast<void *>(b)), cm(c_md_, engine_, c);
+        omp_threads_guard guard(p_.num_threads);
+        dnnl::stream stream(engine_); // per call: executions may run concurrently
+        matmul_.execute(stream, {{DNNL_ARG_SRC, am}, {DNNL_ARG_WEIGHTS, bm}, {DNNL_ARG_DST, cm}});
+        stream.wait();
+    }
+
+    problem p_;
+    dnnl::engine engine_;
+    dnnl::memory::desc a_md_, b_md_, c_md_;
+    dnnl::matmul::primitive_desc matmul_pd_;
+    dnnl::matmul matmul_;
+};
+
+} // namespace
+
+implementation dense_onednn_s8_linear_implementation() {
+    return {"dense:onednn_s8",
+            [](const problem &p) -> std::string {
+                if (p.op != op_kind::linear) return "Linear only";
+                if (p.scheme != quant_scheme::s8) return "s8 only";
+                if (effective_cpu_isa() == cpu_isa::ref)
+                    return "QSP_MAX_CPU_ISA=ref selects the reference";
+                const int64_t reduction = p.dir == direction::forward         ? p.in
+                                          : p.dir == direction::backward_data ? p.out
+                                                                              : p.batch;
+                if (reduction > int32_safe_reduction_length)
+                    return "reduction of " + std::to_string(reduction)
+                           + " terms could overflow oneDNN's int32 accumulator";
+                if (p.out * p.in > (int64_t(1) << 31)) return "dense weights over 2 GiB";
+                return "";
+            },
+            [](const problem &p) -> std::shared_ptr<const kernel> {
+                return std::make_shared<const dense_s8_linear_kernel>(p);
+            }};
+}
+
+} // namespace qsp::detail

@@ -1,0 +1,135 @@
+// AVX-512 quantization passes (this file alone is compiled with the
+// avx512_core flags; called only after CPU detection). Same operations as
+// ref::quantize_rne / ref::quantize_stochastic, so the integers agree.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include <omp.h>
+
+#include "primitives/quantize.hpp"
+#include "qsparseprop/quantization.hpp"
+
+namespace qsp::detail {
+
+namespace {
+
+inline __mmask16 first(int64_t n) {
+    return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+}
+
+// max |x| with NaN propagation, over x[i] * mult[i % channels] when mult is given.
+float abs_max(const float *x, int64_t n, const float *mult, int64_t channels, int num_threads) {
+    float result = 0.f;
+    int nan = 0;
+#pragma omp parallel num_threads(num_threads) reduction(max : result) reduction(| : nan)
+    {
+        __m512 m = _mm512_setzero_ps();
+        __mmask16 bad = 0;
+        const __m512 sign = _mm512_set1_ps(-0.f);
+        if (!mult) {
+#pragma omp for schedule(static)
+            for (int64_t i = 0; i < n; i += 16) {
+                const __m512 v = _mm512_maskz_loadu_ps(first(n - i), x + i);
+                bad |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+                m = _mm512_max_ps(m, _mm512_andnot_ps(sign, v));
+            }
+        } else {
+            // Rows of `channels`: the multiplier vector repeats per row.
+            const int64_t rows = n / channels;
+#pragma omp for schedule(static)
+            for (int64_t r = 0; r < rows; ++r)
+                for (int64_t c = 0; c < channels; c += 16) {
+                    const __mmask16 k = first(channels - c);
+                    const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, x + r * channels + c),
+                                                   _mm512_maskz_loadu_ps(k, mult + c));
+                    bad |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+                    m = _mm512_max_ps(m, _mm512_andnot_ps(sign, v));
+                }
+        }
+        result = std::max(result, _mm512_reduce_max_ps(m));
+        nan |= bad != 0;
+    }
+    return nan ? std::numeric_limits<float>::quiet_NaN() : result;
+}
+
+struct scale_t {
+    float scale, inv;
+    bool usable;
+};
+
+scale_t scale_of(float amax) {
+    scale_t s;
+    s.scale = std::isfinite(amax) ? amax / static_cast<float>(quant_max)
+                                  : std::numeric_limits<float>::quiet_NaN();
+    s.usable = std::isfinite(s.scale) && s.scale > 0.f;
+    s.inv = s.usable ? 1.f / s.scale : 0.f;
+    return s;
+}
+
+inline void store_q(int8_t *q, __m512 v, __mmask16 k) {
+    const __m512 lim = _mm512_set1_ps(static_cast<float>(quant_max));
+    v = _mm512_min_ps(_mm512_max_ps(v, _mm512_sub_ps(_mm512_setzero_ps(), lim)), lim);
+    _mm512_mask_cvtepi32_storeu_epi8(q, k, _mm512_cvttps_epi32(v)); // v is integral already
+}
+
+inline __m512i mix32(__m512i x) {
+    x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+    x = _mm512_mullo_epi32(x, _mm512_set1_epi32(static_cast<int>(0x7feb352du)));
+    x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
+    x = _mm512_mullo_epi32(x, _mm512_set1_epi32(static_cast<int>(0x846ca68bu)));
+    return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+}
+
+} // namespace
+
+float quantize_rne_avx512(const float *x, int64_t n, int8_t *q, int num_threads) {
+    const scale_t s = scale_of(abs_max(x, n, nullptr, 1, num_threads));
+    const __m512 inv = _mm512_set1_ps(s.inv);
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 k = first(n - i);
+        if (!s.usable) {
+            _mm512_mask_cvtepi32_storeu_epi8(q + i, k, _mm512_setzero_si512());
+            continue;
+        }
+        const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, x + i), inv);
+        store_q(q + i, _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), k);
+    }
+    return s.scale;
+}
+
+float quantize_stochastic_avx512(const float *x, int64_t n, const float *multiplier,
+                                 int64_t channels, uint32_t seed32, int8_t *q, int num_threads) {
+    const scale_t s = scale_of(abs_max(x, n, multiplier, channels, num_threads));
+    const __m512 inv = _mm512_set1_ps(s.inv);
+    const __m512 two_m24 = _mm512_set1_ps(1.0f / 16777216.0f);
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i seed = _mm512_set1_epi32(static_cast<int>(seed32));
+    const int64_t rows = multiplier ? n / channels : 1, cols = multiplier ? channels : n;
+#pragma omp parallel for collapse(2) num_threads(num_threads) schedule(static)
+    for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < cols; c += 16) {
+            const int64_t i = r * cols + c;
+            const __mmask16 k = first(cols - c);
+            if (!s.usable) {
+                _mm512_mask_cvtepi32_storeu_epi8(q + i, k, _mm512_setzero_si512());
+                continue;
+            }
+            __m512 v = _mm512_maskz_loadu_ps(k, x + i);
+            if (multiplier) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(k, multiplier + c));
+            // noise of element i + lane: mix32(uint32(i + lane) ^ seed32) >> 8, times 2^-24
+            const __m512i idx = _mm512_add_epi32(
+                    _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(i))), lane);
+            const __m512i h = mix32(_mm512_xor_si512(idx, seed));
+            const __m512 u = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(h, 8)), two_m24);
+            const __m512 f = _mm512_roundscale_ps(_mm512_add_ps(_mm512_mul_ps(v, inv), u),
+                                                  _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+            store_q(q + i, f, k);
+        }
+    return s.scale;
+}
+
+} // namespace qsp::detail

@@ -1,0 +1,208 @@
+"""Layer benchmark: ours vs dense PyTorch, interleaved in one process.
+
+    python -m qsparseprop.bench linear                       # L1-L4 x {0.8,0.9,0.95,0.98} x {f32,s8}
+    python -m qsparseprop.bench linear --shapes L1 --sparsities 0.9 --repeats 20
+    python -m qsparseprop.bench linear --isa avx512_vnni     # both ISAs capped: a CPU without AMX
+
+For each case it times forward and backward (input + parameter gradients) of
+our layer, dense ``torch.nn.Linear`` in fp32 and under
+``torch.autocast("cpu", dtype=torch.bfloat16)``, and ``torch.sparse.mm`` with
+a CSR weight (forward only), interleaving them round by round, and reports
+medians and the ratios measured in this run. Machines are noisy: read the
+ratios, not the absolute times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+from . import QuantizedSparseLinear, SparseLinear, _C
+
+LINEAR_SHAPES = {  # name: (batch, in_features, out_features)
+    "L1": (256, 768, 3072),
+    "L2": (256, 3072, 768),
+    "L3": (128, 4096, 4096),
+    "L4": (64, 512, 1000),
+}
+# Measured on the development machine (2 cores): DESIGN.md section 7.
+PEAK_GFLOPS = {"f32": 350.0, "s8": 1500.0}
+
+
+def _random_pruned_linear(k: int, n: int, sparsity: float, seed: int) -> torch.nn.Linear:
+    g = torch.Generator().manual_seed(seed)
+    lin = torch.nn.Linear(k, n)
+    with torch.no_grad():
+        lin.weight.mul_(torch.rand(lin.weight.shape, generator=g) >= sparsity)
+    return lin
+
+
+class _Timer:
+    """Forward and backward times of one variant, one sample per round."""
+
+    def __init__(self, name, forward, backward_needed=True):
+        self.name, self.forward, self.backward_needed = name, forward, backward_needed
+        self.fwd, self.bwd = [], []
+
+    def run_once(self, x, g):
+        xg = x.detach().requires_grad_(self.backward_needed)
+        t0 = time.perf_counter()
+        y = self.forward(xg)
+        t1 = time.perf_counter()
+        if self.backward_needed:
+            y.backward(g)
+        t2 = time.perf_counter()
+        return (t1 - t0) * 1e3, (t2 - t1) * 1e3
+
+    def sample(self, x, g, record: bool):
+        f, b = self.run_once(x, g)
+        if record:
+            self.fwd.append(f)
+            self.bwd.append(b)
+
+    def medians(self):
+        f, b = statistics.median(self.fwd), statistics.median(self.bwd)
+        tot = statistics.median([a + c for a, c in zip(self.fwd, self.bwd, strict=True)])
+        return f, b, tot
+
+
+def bench_linear_case(name, batch, k, n, sparsity, scheme, repeats, warmup, seed=0) -> dict:
+    dense = _random_pruned_linear(k, n, sparsity, seed)
+    cls = QuantizedSparseLinear if scheme == "s8" else SparseLinear
+    ours = cls.from_dense(dense, seed=seed)
+    w_csr = dense.weight.detach().to_sparse_csr()
+
+    def dense_bf16(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return dense(x)
+
+    timers = [
+        _Timer("ours", ours),
+        _Timer("dense_fp32", dense),
+        _Timer("dense_bf16", dense_bf16),
+        _Timer("torch_csr_fwd", lambda x: torch.sparse.mm(w_csr, x.t()).t(), backward_needed=False),
+    ]
+    x = torch.randn(batch, k)
+    g = torch.randn(batch, n)
+    for r in range(warmup + repeats):
+        order = timers[r % len(timers) :] + timers[: r % len(timers)]  # rotate: no fixed position bias
+        for t in order:
+            ours.zero_grad(set_to_none=True)
+            dense.zero_grad(set_to_none=True)
+            t.sample(x, g, record=r >= warmup)
+    res = {t.name: t.medians() for t in timers}
+    of, ob, ot = res["ours"]
+    kern = _C.LinearKernel(k, n, ours.row_ptr.numpy(), ours.col_idx.numpy(), scheme, True)
+    impls = kern.implementations(batch, torch.get_num_threads())
+    useful_flop = 3 * 2 * batch * ours.nnz  # fwd + bwd-data + bwd-weights at the nonzeros
+    gflops = useful_flop / (ot * 1e-3) / 1e9
+    return dict(
+        shape=name, batch=batch, in_features=k, out_features=n, sparsity=sparsity, scheme=scheme,
+        threads=torch.get_num_threads(), isa=_C.effective_cpu_isa(), impl=impls,
+        ours_fwd_ms=of, ours_bwd_ms=ob, ours_total_ms=ot,
+        fp32_fwd_ms=res["dense_fp32"][0], fp32_total_ms=res["dense_fp32"][2],
+        bf16_fwd_ms=res["dense_bf16"][0], bf16_total_ms=res["dense_bf16"][2],
+        csr_fwd_ms=res["torch_csr_fwd"][0],
+        speedup_vs_fp32=res["dense_fp32"][2] / ot, speedup_vs_bf16=res["dense_bf16"][2] / ot,
+        fwd_speedup_vs_csr=res["torch_csr_fwd"][0] / of,
+        useful_gflops=gflops, pct_peak=100.0 * gflops / PEAK_GFLOPS[scheme],
+        repeats=repeats,
+    )  # fmt: skip
+
+
+def format_rows(rows: list[dict]) -> str:
+    head = (f"{'shape':<5} {'sp':>5} {'sch':<4} {'fwd ms':>8} {'bwd ms':>8} {'total':>8} {'fp32':>8} {'bf16':>8} "
+            f"{'x fp32':>7} {'x bf16':>7} {'x csr':>6} {'GF/s':>6} {'%pk':>5}  impl (fwd/bwd-data/bwd-weights)")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r['shape']:<5} {r['sparsity']:>5.2f} {r['scheme']:<4} {r['ours_fwd_ms']:>8.3f} {r['ours_bwd_ms']:>8.3f} "
+            f"{r['ours_total_ms']:>8.3f} {r['fp32_total_ms']:>8.3f} {r['bf16_total_ms']:>8.3f} "
+            f"{r['speedup_vs_fp32']:>7.2f} {r['speedup_vs_bf16']:>7.2f} {r['fwd_speedup_vs_csr']:>6.2f} "
+            f"{r['useful_gflops']:>6.1f} {r['pct_peak']:>5.1f}  {r['impl']}"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = sorted({r["shape"] for r in rows})
+    fig, axes = plt.subplots(1, len(shapes), figsize=(4.5 * len(shapes), 3.6), squeeze=False)
+    for ax, shape in zip(axes[0], shapes, strict=True):
+        for scheme in ("f32", "s8"):
+            for base, style in (("fp32", "-o"), ("bf16", "--s")):
+                pts = sorted((r["sparsity"], r[f"speedup_vs_{base}"]) for r in rows
+                             if r["shape"] == shape and r["scheme"] == scheme)  # fmt: skip
+                if pts:
+                    ax.plot(*zip(*pts, strict=True), style, label=f"{scheme} vs dense {base}")
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_title(shape)
+        ax.set_xlabel("sparsity")
+        ax.set_ylabel("speedup (fwd+bwd)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def _reexec_capped(isa: str) -> None:
+    """oneDNN reads its ISA cap once, at first use: set both caps, then re-exec."""
+    env = dict(os.environ, QSP_MAX_CPU_ISA=isa, ONEDNN_MAX_CPU_ISA="AVX512_CORE_VNNI", QSP_BENCH_CAPPED="1")
+    os.execvpe(sys.executable, [sys.executable, "-m", "qsparseprop.bench", *sys.argv[1:]], env)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=["linear"], help="which layer family")
+    p.add_argument("--shapes", default="L1,L2,L3,L4", help="comma-separated names of " + ",".join(LINEAR_SHAPES))
+    p.add_argument("--sparsities", default="0.8,0.9,0.95,0.98")
+    p.add_argument("--schemes", default="f32,s8")
+    p.add_argument("--repeats", type=int, default=10, help="timed rounds (medians are reported)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None, help="default: torch.get_num_threads()")
+    p.add_argument("--isa", choices=["avx512_vnni"], help="cap our ISA and oneDNN's (no AMX)")
+    p.add_argument("--json", help="write the rows as JSON here")
+    p.add_argument("--png", help="draw speedup vs sparsity per shape here")
+    a = p.parse_args(argv)
+    if a.isa and not os.environ.get("QSP_BENCH_CAPPED") and argv is None:
+        _reexec_capped(a.isa)
+    shapes = [s.strip() for s in a.shapes.split(",")]
+    unknown = [s for s in shapes if s not in LINEAR_SHAPES]
+    if unknown:
+        p.error(f"unknown shapes {unknown}; known: {', '.join(LINEAR_SHAPES)}")
+    schemes = [s.strip() for s in a.schemes.split(",")]
+    if any(s not in ("f32", "s8") for s in schemes):
+        p.error("--schemes takes f32 and/or s8")
+    sparsities = [float(s) for s in a.sparsities.split(",")]
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    print(f"qsparseprop {_C.version()} bench linear: threads={torch.get_num_threads()} "
+          f"isa={_C.effective_cpu_isa()} ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', '-')} "
+          f"repeats={a.repeats}", flush=True)  # fmt: skip
+    rows = []
+    for shape in shapes:
+        b, k, n = LINEAR_SHAPES[shape]
+        for sp in sparsities:
+            for scheme in schemes:
+                rows.append(bench_linear_case(shape, b, k, n, sp, scheme, a.repeats, a.warmup))
+                print(format_rows(rows[-1:]).splitlines()[-1], flush=True)
+    print()
+    print(format_rows(rows))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    if a.png:
+        plot(rows, a.png)
+
+
+if __name__ == "__main__":
+    main()
