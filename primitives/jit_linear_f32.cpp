@@ -10,7 +10,8 @@
 
 #include <omp.h>
 
-#include "jit/jit_avx512_sparse_f32.hpp"
+#include "jit/jit_avx512_sddmm.hpp"
+#include "jit/jit_avx512_spmm_f32.hpp"
 #include "primitives/jit_linear_f32.hpp"
 #include "primitives/tile_layout.hpp"
 #include "qsparseprop/runtime.hpp"
@@ -22,17 +23,16 @@ namespace qsp::detail {
 namespace {
 
 using spmm_kernel = jit::jit_avx512_spmm_f32_kernel;
-using sddmm_kernel = jit::jit_avx512_sddmm_f32_kernel;
+using sddmm_kernel = jit::jit_avx512_sddmm_kernel;
 
-template <typename kernel_t>
-std::array<std::shared_ptr<const kernel_t>, 4> code_for(const char *op) {
+template <typename kernel_t, typename make_fn>
+std::array<std::shared_ptr<const kernel_t>, 4> code_for(const char *op, make_fn make) {
     // Generic code (the pattern lives in the plan's arrays), shared by layers.
     static runtime::kernel_cache<kernel_t> cache;
     std::array<std::shared_ptr<const kernel_t>, 4> out;
     for (int nv = 1; nv <= 4; ++nv) {
         runtime::kernel_key key{op, 0, {nv}, 0, static_cast<int>(cpu_isa::avx512_core), 0, 0};
-        out[nv - 1] =
-                cache.get_or_create(key, [nv] { return std::make_shared<const kernel_t>(nv); });
+        out[nv - 1] = cache.get_or_create(key, [&] { return make(nv); });
     }
     return out;
 }
@@ -105,9 +105,13 @@ public:
         bounds_ = balance_rows(row_ptr_.data(), rows_, std::max(1, p.num_threads));
         p_.batch = 0; // the plan serves every batch size; executions pass theirs
         if (p.dir == direction::backward_weights)
-            sddmm_ = code_for<sddmm_kernel>("avx512_sddmm_f32");
+            sddmm_ = code_for<sddmm_kernel>("avx512_sddmm_f32", [](int nv) {
+                return std::make_shared<const sddmm_kernel>(jit::sddmm_type::f32, nv);
+            });
         else
-            spmm_ = code_for<spmm_kernel>("avx512_spmm_f32");
+            spmm_ = code_for<spmm_kernel>("avx512_spmm_f32", [](int nv) {
+                return std::make_shared<const spmm_kernel>(nv);
+            });
     }
 
     void execute(const tensors &t) const override {

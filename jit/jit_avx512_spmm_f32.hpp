@@ -5,8 +5,7 @@
 //
 //   spmm  dst_tile[r, :] = sum_{c in row r} w(r,c) * src_tile[c, :]
 //         (forward with the CSR of W; backward-data with its transpose)
-//   sddmm dw(r,c) += dot(dy_tile[r, :], x_tile[c, :])   for (r,c) in the pattern
-//         (backward-weights; 16 nonzeros reduced together by a shuffle tree)
+// (backward-weights is the SDDMM of jit_avx512_sddmm.hpp)
 //
 // Lanes past the batch are zero in every tile (the packing pass pads them),
 // so kernels always work on full vectors; the batch tail only changes n_vec
@@ -33,15 +32,6 @@ struct spmm_call_params {
     float *dst_tile;
 };
 
-struct sddmm_call_params {
-    const int32_t *src_offsets; // per nonzero: column * tile_row_bytes (+16 readable pad entries)
-    const int64_t *row_ptr;
-    int64_t row_begin, row_end;
-    const float *x_tile;
-    const float *dy_tile;
-    float *diff_values; // accumulated into
-};
-
 class jit_avx512_spmm_f32_kernel : public jit_generator {
 public:
     explicit jit_avx512_spmm_f32_kernel(int n_vec);
@@ -51,18 +41,6 @@ private:
     void generate() override;
     int n_vec_;
     void (*fn_)(const spmm_call_params *) = nullptr;
-};
-
-class jit_avx512_sddmm_f32_kernel : public jit_generator {
-public:
-    explicit jit_avx512_sddmm_f32_kernel(int n_vec);
-    void operator()(const sddmm_call_params &p) const { fn_(&p); }
-
-private:
-    void generate() override;
-    int n_vec_;
-    std::array<int32_t, 16> lane_of_{}; // output lane of nonzero j after the tree
-    void (*fn_)(const sddmm_call_params *) = nullptr;
 };
 
 } // namespace qsp::jit

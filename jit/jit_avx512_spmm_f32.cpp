@@ -1,0 +1,101 @@
+#include "jit/jit_avx512_spmm_f32.hpp"
+
+#include <cstddef>
+#include <stdexcept>
+#include <string>
+
+namespace qsp::jit {
+
+using namespace Xbyak;
+
+namespace {
+
+void check_n_vec(int n_vec) {
+    if (n_vec < 1 || n_vec > tile_batch / 16)
+        throw std::invalid_argument("jit kernel: n_vec must be in [1, 4], got "
+                                    + std::to_string(n_vec));
+}
+
+// Code of one kernel stays far below this; the bound only guards mistakes.
+constexpr size_t kernel_code_bytes = 16 * 1024;
+
+} // namespace
+
+jit_avx512_spmm_f32_kernel::jit_avx512_spmm_f32_kernel(int n_vec)
+    : jit_generator("avx512_spmm_f32_v" + std::to_string(n_vec), kernel_code_bytes), n_vec_(n_vec) {
+    check_n_vec(n_vec);
+    fn_ = reinterpret_cast<decltype(fn_)>(const_cast<void *>(create_kernel()));
+}
+
+void jit_avx512_spmm_f32_kernel::generate() {
+    const Reg64 param = rdi;
+    const Reg64 values = r8, offsets = r9, row_ptr = r10, row = r11, row_end = r12, src = r13,
+                dst = r14, i = rax, end = rdx;
+    const Reg64 off[4] = {rsi, rdi, rbx, rbp}; // rdi is free once the params are read
+    const int nv = n_vec_;
+    // Two accumulator sets alternate between consecutive nonzeros so that
+    // FMA latency (4 cycles) does not serialise a row's updates.
+    auto acc = [&](int set, int v) { return Zmm(set * 4 + v); };
+
+    for (const Reg64 &r : {rbx, rbp, r12, r13, r14, r15})
+        push(r);
+    mov(values, ptr[param + offsetof(spmm_call_params, values)]);
+    mov(offsets, ptr[param + offsetof(spmm_call_params, src_offsets)]);
+    mov(row_ptr, ptr[param + offsetof(spmm_call_params, row_ptr)]);
+    mov(row, ptr[param + offsetof(spmm_call_params, row_begin)]);
+    mov(row_end, ptr[param + offsetof(spmm_call_params, row_end)]);
+    mov(src, ptr[param + offsetof(spmm_call_params, src_tile)]);
+    mov(dst, ptr[param + offsetof(spmm_call_params, dst_tile)]);
+
+    Label row_loop, quad_loop, single_loop, store, done;
+    L(row_loop);
+    cmp(row, row_end);
+    jge(done, T_NEAR);
+    for (int s = 0; s < 2; ++s)
+        for (int v = 0; v < nv; ++v)
+            vxorps(acc(s, v), acc(s, v), acc(s, v));
+    mov(i, ptr[row_ptr + row * 8]);
+    mov(end, ptr[row_ptr + row * 8 + 8]);
+
+    L(quad_loop);
+    lea(rcx, ptr[i + 4]);
+    cmp(rcx, end);
+    jg(single_loop, T_NEAR);
+    for (int u = 0; u < 4; ++u)
+        movsxd(off[u], dword[offsets + i * 4 + u * 4]);
+    for (int u = 0; u < 4; ++u) {
+        vbroadcastss(Zmm(8 + u), dword[values + i * 4 + u * 4]);
+        for (int v = 0; v < nv; ++v)
+            vfmadd231ps(acc(u % 2, v), Zmm(8 + u), zword[src + off[u] + v * 64]);
+    }
+    add(i, 4);
+    jmp(quad_loop);
+
+    L(single_loop);
+    cmp(i, end);
+    jge(store, T_NEAR);
+    movsxd(off[0], dword[offsets + i * 4]);
+    vbroadcastss(zmm8, dword[values + i * 4]);
+    for (int v = 0; v < nv; ++v)
+        vfmadd231ps(acc(0, v), zmm8, zword[src + off[0] + v * 64]);
+    inc(i);
+    jmp(single_loop);
+
+    L(store);
+    mov(rcx, row);
+    shl(rcx, 8); // * tile_row_bytes
+    for (int v = 0; v < nv; ++v) {
+        vaddps(acc(0, v), acc(0, v), acc(1, v));
+        vmovups(zword[dst + rcx + v * 64], acc(0, v));
+    }
+    inc(row);
+    jmp(row_loop);
+
+    L(done);
+    vzeroupper();
+    for (const Reg64 &r : {r15, r14, r13, r12, rbp, rbx})
+        pop(r);
+    ret();
+}
+
+} // namespace qsp::jit
