@@ -14,6 +14,7 @@
 
 #include "primitives/dense_s8_linear.hpp"
 #include "primitives/quantize.hpp"
+#include "primitives/scratch.hpp"
 #include "qsparseprop/quantization.hpp"
 #include "qsparseprop/runtime.hpp"
 
@@ -35,20 +36,6 @@ struct omp_threads_guard {
     ~omp_threads_guard() { omp_set_num_threads(saved); }
     int saved;
 };
-
-template <typename T> T *scratch(int slot, size_t elems) {
-    struct buffer {
-        std::unique_ptr<unsigned char[]> data;
-        size_t bytes = 0;
-    };
-    thread_local buffer buffers[5];
-    buffer &b = buffers[slot];
-    if (b.bytes < elems * sizeof(T)) {
-        b.data.reset(new unsigned char[elems * sizeof(T)]);
-        b.bytes = elems * sizeof(T);
-    }
-    return reinterpret_cast<T *>(b.data.get());
-}
 
 class dense_s8_linear_kernel : public kernel {
 public:
@@ -81,23 +68,23 @@ public:
         const int nt = p_.num_threads;
         const int64_t B = p_.batch, K = p_.in, N = p_.out, nnz = p_.pattern.nnz();
         // Quantized weights (per output channel); backward-weights has none.
-        int8_t *wq = scratch<int8_t>(0, static_cast<size_t>(nnz));
-        float *w_scale = scratch<float>(1, static_cast<size_t>(N));
+        int8_t *wq = scratch<int8_t>(0, static_cast<int64_t>(nnz));
+        float *w_scale = scratch<float>(1, static_cast<int64_t>(N));
         if (p_.dir != direction::backward_weights)
             ref::quantize_weights(p_.pattern, t.weights, wq, w_scale, nt);
         const int64_t *rp = p_.pattern.row_ptr();
         const int32_t *ci = p_.pattern.col_idx();
-        int32_t *acc = scratch<int32_t>(2, static_cast<size_t>(p_.dir == direction::forward ? B * N
-                                                               : p_.dir == direction::backward_data
-                                                                       ? B * K
-                                                                       : N * K));
+        int32_t *acc = scratch<int32_t>(2, static_cast<int64_t>(p_.dir == direction::forward ? B * N
+                                                                : p_.dir == direction::backward_data
+                                                                        ? B * K
+                                                                        : N * K));
         switch (p_.dir) {
             case direction::forward: {
                 int8_t *wd = dense_weights(wq);
                 int8_t *xq =
                         t.workspace
                                 ? reinterpret_cast<int8_t *>(t.workspace + workspace_header_bytes)
-                                : scratch<int8_t>(3, static_cast<size_t>(B * K));
+                                : scratch<int8_t>(3, static_cast<int64_t>(B * K));
                 const float sx = fast_quantize_rne(t.src, B * K, xq, nt);
                 if (t.workspace) std::memcpy(t.workspace, &sx, sizeof(float));
                 run(xq, wd, acc);
@@ -110,7 +97,7 @@ public:
             }
             case direction::backward_data: {
                 int8_t *wd = dense_weights(wq);
-                int8_t *g2 = scratch<int8_t>(3, static_cast<size_t>(B * N));
+                int8_t *g2 = scratch<int8_t>(3, static_cast<int64_t>(B * N));
                 const float sg2 = fast_quantize_stochastic(t.diff_dst, B * N, w_scale, N,
                                                            rounding_seed32(2 * t.seed + 1), g2, nt);
                 run(g2, wd, acc);
@@ -124,7 +111,7 @@ public:
                 std::memcpy(&sx, t.workspace, sizeof(float));
                 const int8_t *xq =
                         reinterpret_cast<const int8_t *>(t.workspace + workspace_header_bytes);
-                int8_t *g1 = scratch<int8_t>(3, static_cast<size_t>(B * N));
+                int8_t *g1 = scratch<int8_t>(3, static_cast<int64_t>(B * N));
                 const float sg1 = fast_quantize_stochastic(t.diff_dst, B * N, nullptr, 1,
                                                            rounding_seed32(2 * t.seed), g1, nt);
                 run(g1, xq, acc);
@@ -144,7 +131,7 @@ private:
         const int64_t K = p_.in, N = p_.out;
         // The calling thread's buffer (taken before the parallel region: the
         // workers have thread_locals of their own).
-        int8_t *dense = scratch<int8_t>(4, static_cast<size_t>(N * K));
+        int8_t *dense = scratch<int8_t>(4, static_cast<int64_t>(N * K));
         const int64_t *rp = p_.pattern.row_ptr();
         const int32_t *ci = p_.pattern.col_idx();
 #pragma omp parallel for num_threads(p_.num_threads) schedule(static)

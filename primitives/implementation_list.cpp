@@ -3,6 +3,7 @@
 // first whose why_not() is empty wins; QSP_VERBOSE=dispatch prints the rest.
 #include "primitives/dense_s8_linear.hpp"
 #include "primitives/jit_linear_f32.hpp"
+#include "primitives/jit_linear_s8.hpp"
 #include "primitives/primitive_impl.hpp"
 #include "primitives/ref/ref_implementation.hpp"
 
@@ -11,6 +12,7 @@ namespace qsp::detail {
 const std::vector<implementation> &implementation_list() {
     static const std::vector<implementation> list = {
             jit_avx512_linear_f32_implementation(),
+            jit_avx512_vnni_linear_s8_implementation(),
             dense_onednn_s8_linear_implementation(),
             ref_implementation(),
     };

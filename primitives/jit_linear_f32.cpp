@@ -13,6 +13,7 @@
 #include "jit/jit_avx512_sddmm.hpp"
 #include "jit/jit_avx512_spmm_f32.hpp"
 #include "primitives/jit_linear_f32.hpp"
+#include "primitives/scratch.hpp"
 #include "primitives/tile_layout.hpp"
 #include "qsparseprop/runtime.hpp"
 #include "runtime/kernel_cache.hpp"
@@ -35,39 +36,6 @@ std::array<std::shared_ptr<const kernel_t>, 4> code_for(const char *op, make_fn 
         out[nv - 1] = cache.get_or_create(key, [&] { return make(nv); });
     }
     return out;
-}
-
-// Row boundaries giving each part about the same cost (nnz + a per-row overhead).
-std::vector<int64_t> balance_rows(const int64_t *row_ptr, int64_t rows, int parts) {
-    constexpr int64_t row_cost = 8;
-    const int64_t total = row_ptr[rows] + row_cost * rows;
-    std::vector<int64_t> bounds{0};
-    int64_t r = 0;
-    for (int part = 1; part < parts; ++part) {
-        const int64_t target = total * part / parts;
-        while (r < rows && row_ptr[r] + row_cost * r < target)
-            ++r;
-        bounds.push_back(r);
-    }
-    bounds.push_back(rows);
-    return bounds;
-}
-
-// Per-calling-thread scratch that persists between calls: a fresh multi-MB
-// allocation per call costs page faults comparable to the kernel itself.
-// Slot s of a call is valid until the same thread's next call.
-float *scratch(int slot, int64_t elems) {
-    struct buffer {
-        std::unique_ptr<float[]> data;
-        int64_t size = 0;
-    };
-    thread_local buffer buffers[3];
-    buffer &b = buffers[slot];
-    if (b.size < elems) {
-        b.data.reset(new float[static_cast<size_t>(elems)]);
-        b.size = elems;
-    }
-    return b.data.get();
 }
 
 class jit_linear_f32_kernel : public kernel {
@@ -159,8 +127,8 @@ private:
 
     void forward(const tensors &t) const {
         const int nt = p_.num_threads;
-        float *x = scratch(0, tiled_elems(t.batch, p_.in));
-        float *y = scratch(1, tiled_elems(t.batch, p_.out));
+        float *x = scratch<float>(0, tiled_elems(t.batch, p_.in));
+        float *y = scratch<float>(1, tiled_elems(t.batch, p_.out));
         pack_tiles(t.src, t.batch, p_.in, x, nt);
         run_spmm(t.batch, t.weights, x, p_.in, y);
         unpack_tiles(y, t.batch, p_.out, t.bias, t.dst, nt);
@@ -168,9 +136,9 @@ private:
 
     void backward_data(const tensors &t) const {
         const int nt = p_.num_threads;
-        float *dy = scratch(0, tiled_elems(t.batch, p_.out));
-        float *dx = scratch(1, tiled_elems(t.batch, p_.in));
-        float *values = scratch(2, static_cast<int64_t>(perm_.size()));
+        float *dy = scratch<float>(0, tiled_elems(t.batch, p_.out));
+        float *dx = scratch<float>(1, tiled_elems(t.batch, p_.in));
+        float *values = scratch<float>(2, static_cast<int64_t>(perm_.size()));
         pack_tiles(t.diff_dst, t.batch, p_.out, dy, nt);
 #pragma omp parallel for num_threads(nt) schedule(static)
         for (int64_t s = 0; s < static_cast<int64_t>(perm_.size()); ++s)
@@ -181,8 +149,8 @@ private:
 
     void backward_weights(const tensors &t) const {
         const int nt = p_.num_threads;
-        float *x = scratch(0, tiled_elems(t.batch, p_.in));
-        float *dy = scratch(1, tiled_elems(t.batch, p_.out));
+        float *x = scratch<float>(0, tiled_elems(t.batch, p_.in));
+        float *dy = scratch<float>(1, tiled_elems(t.batch, p_.out));
         pack_tiles(t.src, t.batch, p_.in, x, nt);
         pack_tiles(t.diff_dst, t.batch, p_.out, dy, nt);
         std::fill(t.diff_weights, t.diff_weights + p_.pattern.nnz(), 0.f);

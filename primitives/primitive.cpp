@@ -1,14 +1,22 @@
 // The parts every primitive shares: dispatch, argument checking, execution,
 // verbose output, and the dense-semantics path for non-finite inputs.
+#include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <random>
 #include <sstream>
 #include <stdexcept>
+#include <unordered_map>
+#include <vector>
 
 #include <omp.h>
 
 #include "primitives/nonfinite.hpp"
 #include "primitives/primitive_impl.hpp"
 #include "qsparseprop/runtime.hpp"
+#include "runtime/kernel_cache.hpp"
 #include "runtime/verbose.hpp"
 
 namespace qsp {
@@ -92,12 +100,77 @@ int resolve_num_threads(const primitive_attr &attr, const char *primitive_name) 
     return attr.num_threads > 0 ? attr.num_threads : omp_get_max_threads();
 }
 
+namespace {
+
+bool measuring_enabled() {
+    const char *env = std::getenv("QSP_DISPATCH");
+    return !(env && std::strcmp(env, "first") == 0);
+}
+
+// Median ms of a few executions of k on random data of p's shapes.
+double measure(const problem &p, const kernel &k) {
+    std::mt19937 rng(1);
+    std::uniform_real_distribution<float> u(-1.f, 1.f);
+    auto filled = [&](int64_t n) {
+        std::vector<float> v(static_cast<size_t>(std::max<int64_t>(n, 1)));
+        for (float &x : v)
+            x = u(rng);
+        return v;
+    };
+    auto src = filled(p.src_elems()), dst = filled(p.dst_elems()), w = filled(p.pattern.nnz()),
+         bias = filled(p.channels()), dsrc = filled(p.src_elems()), ddst = filled(p.dst_elems()),
+         dw = filled(p.pattern.nnz()), db = filled(p.channels());
+    std::vector<uint8_t> ws(workspace_bytes(p));
+    const float one = 1.f;
+    std::memcpy(ws.data(), &one, sizeof(float));
+    for (size_t i = workspace_header_bytes; i < ws.size(); ++i)
+        ws[i] = static_cast<uint8_t>(rng());
+    tensors t;
+    t.src = src.data();
+    t.weights = w.data();
+    t.bias = p.with_bias ? bias.data() : nullptr;
+    t.dst = dst.data();
+    t.workspace = p.scheme == quant_scheme::s8 ? ws.data() : nullptr;
+    t.diff_dst = ddst.data();
+    t.diff_src = dsrc.data();
+    t.diff_weights = dw.data();
+    t.diff_bias = p.with_bias ? db.data() : nullptr;
+    t.batch = p.outer();
+    std::vector<double> times;
+    for (int r = 0; r < 4; ++r) {
+        const double t0 = runtime::now_ms();
+        k.execute(t);
+        if (r > 0) times.push_back(runtime::now_ms() - t0); // the first run warms caches
+    }
+    std::sort(times.begin(), times.end());
+    return times[times.size() / 2];
+}
+
+// Decisions are remembered per problem (not per descriptor): measuring once
+// per layer shape is enough.
+std::mutex decisions_mutex;
+std::unordered_map<runtime::kernel_key, std::string, runtime::kernel_key_hash> decisions;
+
+runtime::kernel_key decision_key(const pd_impl &pd) {
+    const problem &p = pd.prob;
+    return runtime::kernel_key{pd.primitive_name,
+                               static_cast<int>(p.dir),
+                               {p.batch, p.in, p.out, p.src_elems(), p.dst_elems()},
+                               static_cast<int>(p.scheme),
+                               static_cast<int>(effective_cpu_isa()),
+                               p.num_threads,
+                               p.pattern.hash()};
+}
+
+} // namespace
+
 void dispatch(pd_impl &pd, const dnnl::engine &engine) {
     if (engine.get_kind() != dnnl::engine::kind::cpu)
         refuse(pd.primitive_name, "engine must be a CPU engine (dnnl::engine::kind::cpu)");
     pd.engine = engine;
     const double t0 = runtime::now_ms();
     std::string skipped;
+    std::vector<const implementation *> candidates;
     for (const auto &impl : implementation_list()) {
         std::string why = impl.why_not(pd.prob);
         if (!why.empty()) {
@@ -107,18 +180,57 @@ void dispatch(pd_impl &pd, const dnnl::engine &engine) {
             skipped += std::string(skipped.empty() ? "" : "; ") + impl.name + ": " + why;
             continue;
         }
-        pd.impl_name = impl.name;
-        pd.kern = impl.create(pd.prob);
-        if (verbose_level() >= 1) {
-            std::ostringstream line;
-            line << "create," << pd.primitive_name << "," << pd.impl_name << ","
-                 << to_string(pd.prob.scheme) << "," << pd.prob.shape_str()
-                 << ",threads=" << pd.prob.num_threads << "," << runtime::now_ms() - t0;
-            runtime::verbose_print(line.str());
-        }
-        return;
+        candidates.push_back(&impl);
     }
-    refuse(pd.primitive_name, "no implementation accepts this problem (" + skipped + ")");
+    if (candidates.empty())
+        refuse(pd.primitive_name, "no implementation accepts this problem (" + skipped + ")");
+    // The list is ordered fastest-first by expectation; where several
+    // optimised implementations accept a problem (the reference never
+    // competes), the fastest *measured* on this layer's shape wins.
+    const implementation *chosen = candidates.front();
+    std::shared_ptr<const kernel> chosen_kernel;
+    std::vector<const implementation *> contenders;
+    for (const implementation *c : candidates)
+        if (std::string(c->name) != "ref:any") contenders.push_back(c);
+    if (contenders.size() > 1 && measuring_enabled()) {
+        const auto key = decision_key(pd);
+        std::string remembered;
+        {
+            std::lock_guard<std::mutex> lock(decisions_mutex);
+            auto it = decisions.find(key);
+            if (it != decisions.end()) remembered = it->second;
+        }
+        std::ostringstream report;
+        double best = 0;
+        for (const implementation *c : contenders) {
+            if (!remembered.empty() && remembered != c->name) continue;
+            auto k = c->create(pd.prob);
+            const double ms = remembered.empty() ? measure(pd.prob, *k) : 0.0;
+            report << (report.tellp() > 0 ? "," : "") << c->name << "=" << ms;
+            if (!chosen_kernel || ms < best) {
+                best = ms;
+                chosen = c;
+                chosen_kernel = k;
+            }
+        }
+        if (remembered.empty()) {
+            std::lock_guard<std::mutex> lock(decisions_mutex);
+            decisions[key] = chosen->name;
+        }
+        if (verbose_level() >= 2)
+            runtime::verbose_print(std::string("dispatch,") + pd.primitive_name + ",measured,"
+                                   + (remembered.empty() ? report.str() : "remembered") + ",chose "
+                                   + chosen->name);
+    }
+    pd.impl_name = chosen->name;
+    pd.kern = chosen_kernel ? chosen_kernel : chosen->create(pd.prob);
+    if (verbose_level() >= 1) {
+        std::ostringstream line;
+        line << "create," << pd.primitive_name << "," << pd.impl_name << ","
+             << to_string(pd.prob.scheme) << "," << pd.prob.shape_str()
+             << ",threads=" << pd.prob.num_threads << "," << runtime::now_ms() - t0;
+        runtime::verbose_print(line.str());
+    }
 }
 
 dnnl::memory::desc seed_desc() {

@@ -10,11 +10,24 @@ namespace qsp::detail {
 float fast_quantize_rne(const float *x, int64_t n, int8_t *q, int num_threads);
 // Linear only (inner == 1): multiplier indexed by i % channels.
 float fast_quantize_stochastic(const float *x, int64_t n, const float *multiplier, int64_t channels,
-        uint32_t seed32, int8_t *q, int num_threads);
+                               uint32_t seed32, int8_t *q, int num_threads);
 
 // The AVX-512 bodies (quantize_avx512.cpp).
 float quantize_rne_avx512(const float *x, int64_t n, int8_t *q, int num_threads);
-float quantize_stochastic_avx512(const float *x, int64_t n, const float *multiplier, int64_t channels,
-        uint32_t seed32, int8_t *q, int num_threads);
+float quantize_stochastic_avx512(const float *x, int64_t n, const float *multiplier,
+                                 int64_t channels, uint32_t seed32, int8_t *q, int num_threads);
+
+// Backward-weights operands of the s8 VNNI kernel, in the int8 tile layout
+// (batch-innermost, 64 bytes per row; tile_layout.hpp):
+// G1 = sr(dY / sg1) stored as G1 + 128 (u8; padding 128, i.e. G = 0), the
+// same integers as ref::quantize_stochastic with inner = 1; returns sg1.
+float quantize_stochastic_to_s8_tiles_avx512(const float *x, int64_t batch, int64_t channels,
+                                             uint32_t seed32, uint8_t *tiles, int num_threads);
+// int8 [batch x channels] -> int8 tiles (padding 0).
+void pack_s8_tiles_avx512(const int8_t *x, int64_t batch, int64_t channels, int8_t *tiles,
+                          int num_threads);
+// sums[c] = sum_b x[b, c].
+void column_sums_s8(const int8_t *x, int64_t batch, int64_t channels, int32_t *sums,
+                    int num_threads);
 
 } // namespace qsp::detail

@@ -9,7 +9,9 @@
 
 #include <omp.h>
 
+#include "primitives/avx512_util.hpp"
 #include "primitives/quantize.hpp"
+#include "primitives/tile_layout.hpp"
 #include "qsparseprop/quantization.hpp"
 
 namespace qsp::detail {
@@ -17,7 +19,7 @@ namespace qsp::detail {
 namespace {
 
 inline __mmask16 first(int64_t n) {
-    return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+    return avx512::first_lanes(n);
 }
 
 // max |x| with NaN propagation, over x[i] * mult[i % channels] when mult is given.
@@ -130,6 +132,101 @@ float quantize_stochastic_avx512(const float *x, int64_t n, const float *multipl
             store_q(q + i, f, k);
         }
     return s.scale;
+}
+
+float quantize_stochastic_to_s8_tiles_avx512(const float *x, int64_t batch, int64_t channels,
+                                             uint32_t seed32, uint8_t *tiles, int num_threads) {
+    const int64_t n = batch * channels;
+    const scale_t s = scale_of(abs_max(x, n, nullptr, 1, num_threads));
+    const __m512 inv = _mm512_set1_ps(s.inv);
+    const __m512 two_m24 = _mm512_set1_ps(1.0f / 16777216.0f);
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    // element (b, c) has flat index b * channels + c: lanes of a transposed
+    // vector are consecutive b, so their indices step by `channels`
+    const __m512i lane_stride =
+            _mm512_mullo_epi32(lane, _mm512_set1_epi32(static_cast<int>(channels)));
+    const __m512i seed = _mm512_set1_epi32(static_cast<int>(seed32));
+    const __m512i shift = _mm512_set1_epi32(128);
+    const __m512 lim = _mm512_set1_ps(static_cast<float>(quant_max));
+    const int64_t tb = jit::tile_batch, tiles_n = tile_count(batch), cblocks = (channels + 15) / 16;
+#pragma omp parallel for collapse(2) num_threads(num_threads) schedule(static)
+    for (int64_t t = 0; t < tiles_n; ++t)
+        for (int64_t cb = 0; cb < cblocks; ++cb) {
+            const int64_t c0 = cb * 16, cn = std::min<int64_t>(16, channels - c0);
+            const __mmask16 cmask = first(cn);
+            uint8_t *tile = tiles + t * channels * tb;
+            for (int64_t j0 = 0; j0 < tb; j0 += 16) {
+                __m512 r[16];
+                for (int i = 0; i < 16; ++i) {
+                    const int64_t b = t * tb + j0 + i;
+                    r[i] = b < batch ? _mm512_maskz_loadu_ps(cmask, x + b * channels + c0)
+                                     : _mm512_setzero_ps();
+                }
+                avx512::transpose16(r);
+                const int64_t base = (t * tb + j0) * channels + c0;
+                for (int64_t c = 0; c < cn; ++c) {
+                    __m512i q = _mm512_setzero_si512(); // padding / unusable scale: G = 0
+                    if (s.usable) {
+                        const __m512i idx =
+                                _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(
+                                                         static_cast<uint32_t>(base + c))),
+                                                 lane_stride);
+                        const __m512i h = mix32(_mm512_xor_si512(idx, seed));
+                        const __m512 u =
+                                _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(h, 8)), two_m24);
+                        __m512 f = _mm512_roundscale_ps(_mm512_add_ps(_mm512_mul_ps(r[c], inv), u),
+                                                        _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+                        f = _mm512_min_ps(_mm512_max_ps(f, _mm512_sub_ps(_mm512_setzero_ps(), lim)),
+                                          lim);
+                        q = _mm512_cvttps_epi32(f);
+                    }
+                    _mm_storeu_si128(reinterpret_cast<__m128i *>(tile + (c0 + c) * tb + j0),
+                                     _mm512_cvtepi32_epi8(_mm512_add_epi32(q, shift)));
+                }
+            }
+        }
+    return s.scale;
+}
+
+void pack_s8_tiles_avx512(const int8_t *x, int64_t batch, int64_t channels, int8_t *tiles,
+                          int num_threads) {
+    const int64_t tb = jit::tile_batch, tiles_n = tile_count(batch), cblocks = (channels + 15) / 16;
+#pragma omp parallel for collapse(2) num_threads(num_threads) schedule(static)
+    for (int64_t t = 0; t < tiles_n; ++t)
+        for (int64_t cb = 0; cb < cblocks; ++cb) {
+            const int64_t c0 = cb * 16, cn = std::min<int64_t>(16, channels - c0);
+            const __mmask16 cmask = first(cn);
+            int8_t *tile = tiles + t * channels * tb;
+            for (int64_t j0 = 0; j0 < tb; j0 += 16) {
+                __m512 r[16];
+                for (int i = 0; i < 16; ++i) {
+                    const int64_t b = t * tb + j0 + i;
+                    const __m128i bytes =
+                            b < batch ? _mm_maskz_loadu_epi8(cmask, x + b * channels + c0)
+                                      : _mm_setzero_si128();
+                    r[i] = _mm512_castsi512_ps(_mm512_cvtepi8_epi32(bytes));
+                }
+                avx512::transpose16(r); // moves 32-bit lanes bit for bit
+                for (int64_t c = 0; c < cn; ++c)
+                    _mm_storeu_si128(reinterpret_cast<__m128i *>(tile + (c0 + c) * tb + j0),
+                                     _mm512_cvtepi32_epi8(_mm512_castps_si512(r[c])));
+            }
+        }
+}
+
+void column_sums_s8(const int8_t *x, int64_t batch, int64_t channels, int32_t *sums,
+                    int num_threads) {
+    constexpr int64_t chunk = 256;
+    const int64_t chunks = (channels + chunk - 1) / chunk;
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t ch = 0; ch < chunks; ++ch) {
+        const int64_t c0 = ch * chunk, c1 = std::min(channels, c0 + chunk);
+        for (int64_t c = c0; c < c1; ++c)
+            sums[c] = 0;
+        for (int64_t b = 0; b < batch; ++b)
+            for (int64_t c = c0; c < c1; ++c)
+                sums[c] += x[b * channels + c];
+    }
 }
 
 } // namespace qsp::detail

@@ -29,11 +29,13 @@ void unpack_tiles(const float *tiles, int64_t batch, int64_t channels, const flo
                   float *dst, int num_threads);
 
 // The AVX-512 versions (tile_layout_avx512.cpp) and the portable ones.
-void pack_tiles_avx512(const float *src, int64_t batch, int64_t channels, float *tiles, int num_threads);
-void unpack_tiles_avx512(const float *tiles, int64_t batch, int64_t channels, const float *bias, float *dst,
-        int num_threads);
-void pack_tiles_portable(const float *src, int64_t batch, int64_t channels, float *tiles, int num_threads);
-void unpack_tiles_portable(const float *tiles, int64_t batch, int64_t channels, const float *bias, float *dst,
-        int num_threads);
+void pack_tiles_avx512(const float *src, int64_t batch, int64_t channels, float *tiles,
+                       int num_threads);
+void unpack_tiles_avx512(const float *tiles, int64_t batch, int64_t channels, const float *bias,
+                         float *dst, int num_threads);
+void pack_tiles_portable(const float *src, int64_t batch, int64_t channels, float *tiles,
+                         int num_threads);
+void unpack_tiles_portable(const float *tiles, int64_t batch, int64_t channels, const float *bias,
+                           float *dst, int num_threads);
 
 } // namespace qsp::detail

@@ -84,6 +84,14 @@ void expect_bitwise_equal(const std::vector<float> &got, const std::vector<float
 struct linear_s8_run {
     std::vector<float> y, dx, dw, db;
     std::vector<uint8_t> workspace;
+    std::string bwd_weights_impl;
+};
+
+// QSP_DISPATCH=first makes the first accepting implementation win instead
+// of the fastest measured one, so each optimised kernel can be tested.
+struct dispatch_mode_guard {
+    explicit dispatch_mode_guard(const char *mode) { setenv("QSP_DISPATCH", mode, 1); }
+    ~dispatch_mode_guard() { unsetenv("QSP_DISPATCH"); }
 };
 
 linear_s8_run run_linear_s8(const csr_weights &w, int64_t B, const std::vector<float> &x,
@@ -117,13 +125,15 @@ linear_s8_run run_linear_s8(const csr_weights &w, int64_t B, const std::vector<f
                          {DNNL_ARG_WEIGHTS, wrap(eng, wmd, w.values.data())},
                          {DNNL_ARG_DIFF_SRC, wrap(eng, src_md, r.dx.data())},
                          {QSP_ARG_ROUNDING_SEED, seed_memory(eng, seed_storage, seed)}});
-    sparse_linear_backward_weights(sparse_linear_backward_weights::primitive_desc(
-                                           eng, src_md, w.pattern, bias_md, dst_md, fwd))
-            .execute(s, {{DNNL_ARG_WORKSPACE, wrap(eng, fwd.workspace_desc(), r.workspace.data())},
-                         {DNNL_ARG_DIFF_DST, wrap(eng, dst_md, dy.data())},
-                         {DNNL_ARG_DIFF_WEIGHTS, wrap(eng, wmd, r.dw.data())},
-                         {DNNL_ARG_DIFF_BIAS, wrap(eng, bias_md, r.db.data())},
-                         {QSP_ARG_ROUNDING_SEED, seed_memory(eng, seed_storage, seed)}});
+    sparse_linear_backward_weights::primitive_desc bw_pd(eng, src_md, w.pattern, bias_md, dst_md,
+                                                         fwd);
+    r.bwd_weights_impl = bw_pd.impl_info_str();
+    sparse_linear_backward_weights(bw_pd).execute(
+            s, {{DNNL_ARG_WORKSPACE, wrap(eng, fwd.workspace_desc(), r.workspace.data())},
+                {DNNL_ARG_DIFF_DST, wrap(eng, dst_md, dy.data())},
+                {DNNL_ARG_DIFF_WEIGHTS, wrap(eng, wmd, r.dw.data())},
+                {DNNL_ARG_DIFF_BIAS, wrap(eng, bias_md, r.db.data())},
+                {QSP_ARG_ROUNDING_SEED, seed_memory(eng, seed_storage, seed)}});
     return r;
 }
 
@@ -145,44 +155,49 @@ TEST_P(SparseLinearS8, matches_exact_integer_model) {
         auto b = random_vector(static_cast<size_t>(N), rng);
         const uint64_t seed = 0x1234567890abcdefull + size;
         for (cpu_isa isa : isa_levels()) {
-            isa_cap_guard cap(isa);
-            SCOPED_TRACE(to_string(isa));
-            auto run = run_linear_s8(w, B, x, b, dy, seed, 3);
+            for (const char *mode : {"first", "measure"}) {
+                isa_cap_guard cap(isa);
+                dispatch_mode_guard dispatch(mode);
+                SCOPED_TRACE(std::string(to_string(isa)) + " dispatch=" + mode);
+                auto run = run_linear_s8(w, B, x, b, dy, seed, 3);
+                if (isa == cpu_isa::avx512_core_vnni && std::string(mode) == "first")
+                    EXPECT_EQ(run.bwd_weights_impl, "jit:avx512_core_vnni");
 
-            const auto xq = model_rne(x);
-            const auto wq = model_weight_quant(w.pattern, w.values);
-            const auto g1 = model_sr(dy, {}, 1, 1, 2 * seed);
-            const auto g2 = model_sr(dy, wq.scale, N, 1, 2 * seed + 1);
-            const int64_t *rp = w.pattern.row_ptr();
-            const int32_t *ci = w.pattern.col_idx();
-            std::vector<float> y(run.y.size()), dx(run.dx.size()), dw(run.dw.size());
-            std::vector<int64_t> dx_acc(dx.size(), 0);
-            for (int64_t i = 0; i < B; ++i)
-                for (int64_t n = 0; n < N; ++n) {
-                    int64_t acc = 0;
-                    for (int64_t e = rp[n]; e < rp[n + 1]; ++e) {
-                        acc += int64_t(wq.q[e]) * xq.q[i * K + ci[e]];
-                        dx_acc[i * K + ci[e]] += int64_t(wq.q[e]) * g2.q[i * N + n];
+                const auto xq = model_rne(x);
+                const auto wq = model_weight_quant(w.pattern, w.values);
+                const auto g1 = model_sr(dy, {}, 1, 1, 2 * seed);
+                const auto g2 = model_sr(dy, wq.scale, N, 1, 2 * seed + 1);
+                const int64_t *rp = w.pattern.row_ptr();
+                const int32_t *ci = w.pattern.col_idx();
+                std::vector<float> y(run.y.size()), dx(run.dx.size()), dw(run.dw.size());
+                std::vector<int64_t> dx_acc(dx.size(), 0);
+                for (int64_t i = 0; i < B; ++i)
+                    for (int64_t n = 0; n < N; ++n) {
+                        int64_t acc = 0;
+                        for (int64_t e = rp[n]; e < rp[n + 1]; ++e) {
+                            acc += int64_t(wq.q[e]) * xq.q[i * K + ci[e]];
+                            dx_acc[i * K + ci[e]] += int64_t(wq.q[e]) * g2.q[i * N + n];
+                        }
+                        y[i * N + n] = float(acc) * (xq.scale * wq.scale[n]) + b[n];
                     }
-                    y[i * N + n] = float(acc) * (xq.scale * wq.scale[n]) + b[n];
-                }
-            for (size_t i = 0; i < dx.size(); ++i)
-                dx[i] = float(dx_acc[i]) * g2.scale;
-            for (int64_t n = 0; n < N; ++n)
-                for (int64_t e = rp[n]; e < rp[n + 1]; ++e) {
-                    int64_t acc = 0;
-                    for (int64_t i = 0; i < B; ++i)
-                        acc += int64_t(g1.q[i * N + n]) * xq.q[i * K + ci[e]];
-                    dw[e] = float(acc) * (g1.scale * xq.scale);
-                }
-            expect_bitwise_equal(run.y, y, "forward dst");
-            expect_bitwise_equal(run.dx, dx, "backward_data diff_src");
-            expect_bitwise_equal(run.dw, dw, "backward_weights diff_weights");
-            // The workspace holds the quantized src and its scale.
-            float ws_scale;
-            std::memcpy(&ws_scale, run.workspace.data(), sizeof(float));
-            EXPECT_EQ(ws_scale, xq.scale);
-            EXPECT_EQ(0, std::memcmp(run.workspace.data() + 64, xq.q.data(), xq.q.size()));
+                for (size_t i = 0; i < dx.size(); ++i)
+                    dx[i] = float(dx_acc[i]) * g2.scale;
+                for (int64_t n = 0; n < N; ++n)
+                    for (int64_t e = rp[n]; e < rp[n + 1]; ++e) {
+                        int64_t acc = 0;
+                        for (int64_t i = 0; i < B; ++i)
+                            acc += int64_t(g1.q[i * N + n]) * xq.q[i * K + ci[e]];
+                        dw[e] = float(acc) * (g1.scale * xq.scale);
+                    }
+                expect_bitwise_equal(run.y, y, "forward dst");
+                expect_bitwise_equal(run.dx, dx, "backward_data diff_src");
+                expect_bitwise_equal(run.dw, dw, "backward_weights diff_weights");
+                // The workspace holds the quantized src and its scale.
+                float ws_scale;
+                std::memcpy(&ws_scale, run.workspace.data(), sizeof(float));
+                EXPECT_EQ(ws_scale, xq.scale);
+                EXPECT_EQ(0, std::memcmp(run.workspace.data() + 64, xq.q.data(), xq.q.size()));
+            }
         }
     }
 }
