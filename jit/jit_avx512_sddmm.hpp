@@ -14,7 +14,7 @@
 
 #include <cstdint>
 
-#include "jit/jit_avx512_spmm_f32.hpp"
+#include "jit/jit_avx512_spmm.hpp"
 #include "jit/jit_generator.hpp"
 
 namespace qsp::jit {

@@ -11,7 +11,7 @@
 #include <omp.h>
 
 #include "jit/jit_avx512_sddmm.hpp"
-#include "jit/jit_avx512_spmm_f32.hpp"
+#include "jit/jit_avx512_spmm.hpp"
 #include "primitives/jit_linear_f32.hpp"
 #include "primitives/scratch.hpp"
 #include "primitives/tile_layout.hpp"
@@ -23,7 +23,7 @@ namespace qsp::detail {
 
 namespace {
 
-using spmm_kernel = jit::jit_avx512_spmm_f32_kernel;
+using spmm_kernel = jit::jit_avx512_spmm_kernel;
 using sddmm_kernel = jit::jit_avx512_sddmm_kernel;
 
 template <typename kernel_t, typename make_fn>
@@ -78,7 +78,7 @@ public:
             });
         else
             spmm_ = code_for<spmm_kernel>("avx512_spmm_f32", [](int nv) {
-                return std::make_shared<const spmm_kernel>(nv);
+                return std::make_shared<const spmm_kernel>(jit::spmm_type::f32, nv);
             });
     }
 
@@ -203,7 +203,7 @@ implementation jit_avx512_linear_f32_implementation() {
             [](const problem &p) -> std::string {
                 if (p.op != op_kind::linear) return "Conv2d has no JIT kernel yet";
                 if (p.scheme != quant_scheme::f32)
-                    return "f32 only (s8 has no sparse VNNI kernel yet)";
+                    return "f32 only (s8 runs on jit:avx512_core_vnni)";
                 if (effective_cpu_isa() < cpu_isa::avx512_core)
                     return std::string("needs avx512_core, effective ISA is ")
                            + to_string(effective_cpu_isa());

@@ -1,11 +1,17 @@
-// "jit:avx512_core_vnni" for sparse Linear in s8: backward-weights, where
-// int8 wins most (DESIGN.md 3.1): dW at the nonzeros is a dot product over
-// the batch, and one vpdpbusd multiplies 64 int8 pairs. vpdpbusd is
-// unsigned x signed, so G1 is stored shifted by +128 and the exact term
-// 128 * sum_b X[b, k] is subtracted afterwards (no sign tricks). The sums
-// are exact int32 (255 * 127 * batch < 2^31 for batch <= 65536), so the
-// result equals the reference bit for bit.
+// "jit:avx512_core_vnni" for sparse Linear in s8, on vpdpbusd (u8 x s8,
+// 4 multiply-adds per 32-bit lane). The unsigned operand is always stored
+// shifted by +128 and the exact term 128 * sum(other operand) subtracted
+// afterwards (no sign tricks: the peer's is wrong at -128). Sums are exact
+// int32 (255 * 127 * length < 2^31 for lengths <= 65536), so every result
+// equals the reference bit for bit.
+//
+//   forward        SpMM over "k-quads" (DESIGN.md 3.2): one vpdpbusd per 16
+//                  batch elements per non-empty quad of 4 columns of a row.
+//   backward-data  the same over the transposed pattern (quads of rows).
+//   backward-weights SDDMM (DESIGN.md 3.1): one vpdpbusd per nonzero per 64
+//                  batch elements, 16 nonzeros reduced together.
 #include <algorithm>
+#include <array>
 #include <cstring>
 #include <memory>
 #include <sstream>
@@ -27,6 +33,7 @@ namespace qsp::detail {
 namespace {
 
 using sddmm_kernel = jit::jit_avx512_sddmm_kernel;
+using spmm_kernel = jit::jit_avx512_spmm_kernel;
 
 std::shared_ptr<const sddmm_kernel> vnni_sddmm_code() {
     static runtime::kernel_cache<sddmm_kernel> cache;
@@ -35,6 +42,154 @@ std::shared_ptr<const sddmm_kernel> vnni_sddmm_code() {
     return cache.get_or_create(
             key, [] { return std::make_shared<const sddmm_kernel>(jit::sddmm_type::s8_vnni, 1); });
 }
+
+std::array<std::shared_ptr<const spmm_kernel>, 4> vnni_spmm_code() {
+    static runtime::kernel_cache<spmm_kernel> cache;
+    std::array<std::shared_ptr<const spmm_kernel>, 4> out;
+    for (int nv = 1; nv <= 4; ++nv) {
+        runtime::kernel_key key{"avx512_vnni_spmm_s8q",
+                                0,
+                                {nv},
+                                1,
+                                static_cast<int>(cpu_isa::avx512_core_vnni),
+                                0,
+                                0};
+        out[nv - 1] = cache.get_or_create(key, [nv] {
+            return std::make_shared<const spmm_kernel>(jit::spmm_type::s8_quads, nv);
+        });
+    }
+    return out;
+}
+
+// Forward (rows = output features, quads over input features) and
+// backward-data (rows = input features, quads over output features).
+class jit_linear_s8_spmm_kernel : public kernel {
+public:
+    explicit jit_linear_s8_spmm_kernel(const problem &p) : p_(p) {
+        const csr_pattern &w = p.pattern;
+        const int64_t *rp = w.row_ptr();
+        const int32_t *ci = w.col_idx();
+        const int64_t nnz = w.nnz();
+        const bool fwd = p.dir == direction::forward;
+        rows_ = fwd ? p.out : p.in;
+        // The pattern seen row by row in this direction: local entry l has
+        // column col[l] and its value at value_index_[l].
+        entry_ptr_.assign(static_cast<size_t>(rows_) + 1, 0);
+        std::vector<int64_t> col(static_cast<size_t>(nnz));
+        value_index_.resize(static_cast<size_t>(nnz));
+        if (fwd) {
+            entry_ptr_.assign(rp, rp + rows_ + 1);
+            for (int64_t e = 0; e < nnz; ++e) {
+                col[e] = ci[e];
+                value_index_[e] = e;
+            }
+        } else {
+            for (int64_t e = 0; e < nnz; ++e)
+                ++entry_ptr_[ci[e] + 1];
+            for (int64_t k = 0; k < rows_; ++k)
+                entry_ptr_[k + 1] += entry_ptr_[k];
+            std::vector<int64_t> next(entry_ptr_.begin(), entry_ptr_.end() - 1);
+            for (int64_t n = 0; n < p.out; ++n)
+                for (int64_t e = rp[n]; e < rp[n + 1]; ++e) {
+                    const int64_t l = next[ci[e]]++;
+                    col[l] = n; // ascending n within a row of the transpose
+                    value_index_[l] = e;
+                }
+        }
+        // Quads: consecutive entries of a row with the same col / 4 share one.
+        quad_ptr_.assign(static_cast<size_t>(rows_) + 1, 0);
+        quad_of_.resize(static_cast<size_t>(nnz));
+        byte_of_.resize(static_cast<size_t>(nnz));
+        for (int64_t r = 0; r < rows_; ++r) {
+            int64_t last = -1;
+            for (int64_t l = entry_ptr_[r]; l < entry_ptr_[r + 1]; ++l) {
+                if (col[l] / 4 != last) {
+                    last = col[l] / 4;
+                    offsets_.push_back(static_cast<int32_t>(last * jit::tile_row_bytes));
+                }
+                quad_of_[l] = static_cast<int64_t>(offsets_.size()) - 1;
+                byte_of_[l] = static_cast<uint8_t>(col[l] % 4);
+            }
+            quad_ptr_[r + 1] = static_cast<int64_t>(offsets_.size());
+        }
+        bounds_ = balance_rows(quad_ptr_.data(), rows_, std::max(1, p.num_threads));
+        code_ = vnni_spmm_code();
+        p_.batch = 0; // the plan serves every batch size
+    }
+
+    void execute(const tensors &t) const override {
+        const int nt = p_.num_threads;
+        const bool fwd = p_.dir == direction::forward;
+        const int64_t B = t.batch, K = p_.in, N = p_.out, nnz = p_.pattern.nnz();
+        const int64_t src_ch = fwd ? K : N, tiles = tile_count(B), tb = jit::tile_batch;
+        const int64_t quads = (src_ch + 3) / 4, entries = static_cast<int64_t>(offsets_.size());
+        auto *wq = scratch<int8_t>(0, nnz);
+        auto *w_scale = scratch<float>(1, N);
+        auto *words = scratch<uint32_t>(2, entries);
+        auto *correction = scratch<int32_t>(3, rows_);
+        auto *src_q = scratch<int8_t>(4, B * src_ch);
+        auto *src_tiles = scratch<uint8_t>(5, tiles * quads * tb * 4);
+        auto *acc = scratch<int32_t>(6, tiles * rows_ * tb);
+        auto *row_scale = scratch<float>(7, rows_);
+        ref::quantize_weights(p_.pattern, t.weights, wq, w_scale, nt);
+        // Quad words and the +128 correction of each row, from this step's weights.
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (int64_t r = 0; r < rows_; ++r) {
+            for (int64_t q = quad_ptr_[r]; q < quad_ptr_[r + 1]; ++q)
+                words[q] = 0;
+            int32_t sum = 0;
+            for (int64_t l = entry_ptr_[r]; l < entry_ptr_[r + 1]; ++l) {
+                const int8_t v = wq[value_index_[l]];
+                words[quad_of_[l]] |= static_cast<uint32_t>(static_cast<uint8_t>(v))
+                                      << (8 * byte_of_[l]);
+                sum += v;
+            }
+            correction[r] = 128 * sum;
+        }
+        float scale;
+        if (fwd) {
+            int8_t *xq = t.workspace
+                                 ? reinterpret_cast<int8_t *>(t.workspace + workspace_header_bytes)
+                                 : src_q;
+            scale = fast_quantize_rne(t.src, B * K, xq, nt);
+            if (t.workspace) std::memcpy(t.workspace, &scale, sizeof(float));
+            pack_quad_tiles_avx512(xq, B, K, src_tiles, nt);
+            for (int64_t n = 0; n < N; ++n)
+                row_scale[n] = scale * w_scale[n];
+        } else {
+            scale = fast_quantize_stochastic(t.diff_dst, B * N, w_scale, N,
+                                             rounding_seed32(2 * t.seed + 1), src_q, nt);
+            pack_quad_tiles_avx512(src_q, B, N, src_tiles, nt);
+            std::fill(row_scale, row_scale + rows_, scale);
+        }
+        const int parts = static_cast<int>(bounds_.size()) - 1;
+#pragma omp parallel num_threads(nt)
+        {
+            const int nthr = omp_get_num_threads(), tid = omp_get_thread_num();
+            for (int part = tid; part < parts; part += nthr)
+                for (int64_t tile = 0; tile < tiles; ++tile) {
+                    jit::spmm_call_params c{words,
+                                            offsets_.data(),
+                                            quad_ptr_.data(),
+                                            bounds_[part],
+                                            bounds_[part + 1],
+                                            src_tiles + tile * quads * tb * 4,
+                                            acc + tile * rows_ * tb};
+                    (*code_[tile_vectors(B, tile) - 1])(c);
+                }
+        }
+        unpack_s32_tiles_avx512(acc, B, rows_, correction, row_scale, fwd ? t.bias : nullptr,
+                                fwd ? t.dst : t.diff_src, nt);
+    }
+
+private:
+    problem p_;
+    int64_t rows_ = 0;
+    std::vector<int64_t> entry_ptr_, value_index_, quad_ptr_, quad_of_, bounds_;
+    std::vector<uint8_t> byte_of_;
+    std::vector<int32_t> offsets_;
+    std::array<std::shared_ptr<const spmm_kernel>, 4> code_;
+};
 
 class jit_linear_s8_bwd_weights_kernel : public kernel {
 public:
@@ -110,17 +265,17 @@ implementation jit_avx512_vnni_linear_s8_implementation() {
             [](const problem &p) -> std::string {
                 if (p.op != op_kind::linear) return "Linear only";
                 if (p.scheme != quant_scheme::s8) return "s8 only";
-                if (p.dir != direction::backward_weights)
-                    return "only backward_weights has a sparse VNNI kernel yet";
                 if (effective_cpu_isa() < cpu_isa::avx512_core_vnni)
                     return std::string("needs avx512_core_vnni, effective ISA is ")
                            + to_string(effective_cpu_isa());
-                if (p.batch > int32_safe_reduction_length)
-                    return "batch " + std::to_string(p.batch) + " > "
-                           + std::to_string(int32_safe_reduction_length)
-                           + " could overflow the int32 accumulators";
-                if (p.in > (int64_t(1) << 31) / jit::s8_tile_row_bytes)
-                    return "in_features exceed the tile offsets";
+                const int64_t reduction = p.dir == direction::forward         ? p.in
+                                          : p.dir == direction::backward_data ? p.out
+                                                                              : p.batch;
+                if (reduction > int32_safe_reduction_length)
+                    return "a reduction of " + std::to_string(reduction) + " > "
+                           + std::to_string(int32_safe_reduction_length) + " terms could overflow int32";
+                if (std::max(p.in, p.out) > (int64_t(1) << 31) / jit::tile_row_bytes)
+                    return "a dimension exceeds the 32-bit tile offsets";
                 return "";
             },
             [](const problem &p) -> std::shared_ptr<const kernel> {
@@ -135,7 +290,11 @@ implementation jit_avx512_vnni_linear_s8_implementation() {
                 bool generated = false;
                 auto plan = plan_cache().get_or_create(
                         key,
-                        [&] { return std::make_shared<const jit_linear_s8_bwd_weights_kernel>(p); },
+                        [&]() -> std::shared_ptr<const kernel> {
+                            if (p.dir == direction::backward_weights)
+                                return std::make_shared<const jit_linear_s8_bwd_weights_kernel>(p);
+                            return std::make_shared<const jit_linear_s8_spmm_kernel>(p);
+                        },
                         &generated);
                 if (verbose_level() >= 1) {
                     std::ostringstream line;

@@ -26,6 +26,13 @@ float quantize_stochastic_to_s8_tiles_avx512(const float *x, int64_t batch, int6
 // int8 [batch x channels] -> int8 tiles (padding 0).
 void pack_s8_tiles_avx512(const int8_t *x, int64_t batch, int64_t channels, int8_t *tiles,
                           int num_threads);
+// int8 [batch x channels] -> "quad" tiles for the s8 SpMM: for each tile
+// and quad of 4 columns, 64 batch dwords holding the 4 bytes as u8 (x + 128).
+void pack_quad_tiles_avx512(const int8_t *x, int64_t batch, int64_t channels, uint8_t *tiles, int num_threads);
+// int32 tiles (channels x 64 per tile) -> dst[b, c] =
+// float(tile - correction[c]) * scale[c] (+ bias[c]).
+void unpack_s32_tiles_avx512(const int32_t *tiles, int64_t batch, int64_t channels, const int32_t *correction,
+        const float *scale, const float *bias, float *dst, int num_threads);
 // sums[c] = sum_b x[b, c].
 void column_sums_s8(const int8_t *x, int64_t batch, int64_t channels, int32_t *sums,
                     int num_threads);

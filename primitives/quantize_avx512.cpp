@@ -214,6 +214,64 @@ void pack_s8_tiles_avx512(const int8_t *x, int64_t batch, int64_t channels, int8
         }
 }
 
+void pack_quad_tiles_avx512(const int8_t *x, int64_t batch, int64_t channels, uint8_t *tiles,
+                            int num_threads) {
+    const int64_t tb = jit::tile_batch, tiles_n = tile_count(batch), quads = (channels + 3) / 4;
+    const int64_t qblocks = (quads + 15) / 16;
+    const __m512i flip = _mm512_set1_epi32(static_cast<int>(0x80808080u)); // s8 x -> u8 x + 128
+#pragma omp parallel for collapse(2) num_threads(num_threads) schedule(static)
+    for (int64_t t = 0; t < tiles_n; ++t)
+        for (int64_t qb = 0; qb < qblocks; ++qb) {
+            const int64_t c0 = qb * 64, cn = std::min<int64_t>(64, channels - c0);
+            const __mmask64 cmask = cn >= 64 ? ~__mmask64(0) : ((__mmask64(1) << cn) - 1);
+            const int64_t qn = std::min<int64_t>(16, quads - qb * 16);
+            uint8_t *tile = tiles + t * quads * tb * 4;
+            for (int64_t j0 = 0; j0 < tb; j0 += 16) {
+                __m512 r[16];
+                for (int i = 0; i < 16; ++i) {
+                    const int64_t b = t * tb + j0 + i;
+                    r[i] = _mm512_castsi512_ps(
+                            b < batch ? _mm512_maskz_loadu_epi8(cmask, x + b * channels + c0)
+                                      : _mm512_setzero_si512());
+                }
+                avx512::transpose16(r); // 16 batch dwords (4 columns each) per quad
+                for (int64_t q = 0; q < qn; ++q)
+                    _mm512_storeu_si512(tile + ((qb * 16 + q) * tb + j0) * 4,
+                                        _mm512_xor_si512(_mm512_castps_si512(r[q]), flip));
+            }
+        }
+}
+
+void unpack_s32_tiles_avx512(const int32_t *tiles, int64_t batch, int64_t channels,
+                             const int32_t *correction, const float *scale, const float *bias,
+                             float *dst, int num_threads) {
+    const int64_t tb = jit::tile_batch, tiles_n = tile_count(batch), cblocks = (channels + 15) / 16;
+#pragma omp parallel for collapse(2) num_threads(num_threads) schedule(static)
+    for (int64_t t = 0; t < tiles_n; ++t)
+        for (int64_t cb = 0; cb < cblocks; ++cb) {
+            const int64_t c0 = cb * 16, cn = std::min<int64_t>(16, channels - c0);
+            const __mmask16 cmask = first(cn);
+            const __m512i corr = _mm512_maskz_loadu_epi32(cmask, correction + c0);
+            const __m512 sc = _mm512_maskz_loadu_ps(cmask, scale + c0);
+            const __m512 bs = bias ? _mm512_maskz_loadu_ps(cmask, bias + c0) : _mm512_setzero_ps();
+            const int32_t *tile = tiles + t * channels * tb;
+            for (int64_t j0 = 0; j0 < tb && t * tb + j0 < batch; j0 += 16) {
+                __m512 r[16];
+                for (int i = 0; i < 16; ++i)
+                    r[i] = i < cn ? _mm512_castsi512_ps(
+                                   _mm512_loadu_si512(tile + (c0 + i) * tb + j0))
+                                  : _mm512_setzero_ps();
+                avx512::transpose16(r);
+                for (int64_t i = 0; i < 16 && t * tb + j0 + i < batch; ++i) {
+                    const __m512i exact = _mm512_sub_epi32(_mm512_castps_si512(r[i]), corr);
+                    __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(exact), sc);
+                    if (bias) y = _mm512_add_ps(y, bs);
+                    _mm512_mask_storeu_ps(dst + (t * tb + j0 + i) * channels + c0, cmask, y);
+                }
+            }
+        }
+}
+
 void column_sums_s8(const int8_t *x, int64_t batch, int64_t channels, int32_t *sums,
                     int num_threads) {
     constexpr int64_t chunk = 256;

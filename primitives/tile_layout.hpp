@@ -6,7 +6,7 @@
 
 #include <cstdint>
 
-#include "jit/jit_avx512_spmm_f32.hpp"
+#include "jit/jit_avx512_spmm.hpp"
 
 namespace qsp::detail {
 

@@ -1,4 +1,4 @@
-#include "jit/jit_avx512_spmm_f32.hpp"
+#include "jit/jit_avx512_spmm.hpp"
 
 #include <cstddef>
 #include <stdexcept>
@@ -21,18 +21,24 @@ constexpr size_t kernel_code_bytes = 16 * 1024;
 
 } // namespace
 
-jit_avx512_spmm_f32_kernel::jit_avx512_spmm_f32_kernel(int n_vec)
-    : jit_generator("avx512_spmm_f32_v" + std::to_string(n_vec), kernel_code_bytes), n_vec_(n_vec) {
+jit_avx512_spmm_kernel::jit_avx512_spmm_kernel(spmm_type type, int n_vec)
+    : jit_generator(std::string(type == spmm_type::f32 ? "avx512_spmm_f32_v" : "avx512_vnni_spmm_s8q_v")
+                      + std::to_string(n_vec),
+              kernel_code_bytes),
+      type_(type), n_vec_(n_vec) {
     check_n_vec(n_vec);
     fn_ = reinterpret_cast<decltype(fn_)>(const_cast<void *>(create_kernel()));
 }
 
-void jit_avx512_spmm_f32_kernel::generate() {
+void jit_avx512_spmm_kernel::generate() {
     const Reg64 param = rdi;
     const Reg64 values = r8, offsets = r9, row_ptr = r10, row = r11, row_end = r12, src = r13,
                 dst = r14, i = rax, end = rdx;
     const Reg64 off[4] = {rsi, rdi, rbx, rbp}; // rdi is free once the params are read
     const int nv = n_vec_;
+    const bool s8 = type_ == spmm_type::s8_quads;
+    // s8: the u8 source vectors go to registers (vpdpbusd's unsigned operand)
+    auto xreg = [](int u, int v) { return Zmm(12 + (u % 2) * 4 + v); };
     // Two accumulator sets alternate between consecutive nonzeros so that
     // FMA latency (4 cycles) does not serialise a row's updates.
     auto acc = [&](int set, int v) { return Zmm(set * 4 + v); };
@@ -64,9 +70,16 @@ void jit_avx512_spmm_f32_kernel::generate() {
     for (int u = 0; u < 4; ++u)
         movsxd(off[u], dword[offsets + i * 4 + u * 4]);
     for (int u = 0; u < 4; ++u) {
-        vbroadcastss(Zmm(8 + u), dword[values + i * 4 + u * 4]);
-        for (int v = 0; v < nv; ++v)
-            vfmadd231ps(acc(u % 2, v), Zmm(8 + u), zword[src + off[u] + v * 64]);
+        if (s8) {
+            for (int v = 0; v < nv; ++v) {
+                vmovdqu32(xreg(u, v), zword[src + off[u] + v * 64]);
+                vpdpbusd(acc(u % 2, v), xreg(u, v), zword_b[values + i * 4 + u * 4]);
+            }
+        } else {
+            vbroadcastss(Zmm(8 + u), dword[values + i * 4 + u * 4]);
+            for (int v = 0; v < nv; ++v)
+                vfmadd231ps(acc(u % 2, v), Zmm(8 + u), zword[src + off[u] + v * 64]);
+        }
     }
     add(i, 4);
     jmp(quad_loop);
@@ -75,9 +88,16 @@ void jit_avx512_spmm_f32_kernel::generate() {
     cmp(i, end);
     jge(store, T_NEAR);
     movsxd(off[0], dword[offsets + i * 4]);
-    vbroadcastss(zmm8, dword[values + i * 4]);
-    for (int v = 0; v < nv; ++v)
-        vfmadd231ps(acc(0, v), zmm8, zword[src + off[0] + v * 64]);
+    if (s8) {
+        for (int v = 0; v < nv; ++v) {
+            vmovdqu32(xreg(0, v), zword[src + off[0] + v * 64]);
+            vpdpbusd(acc(0, v), xreg(0, v), zword_b[values + i * 4]);
+        }
+    } else {
+        vbroadcastss(zmm8, dword[values + i * 4]);
+        for (int v = 0; v < nv; ++v)
+            vfmadd231ps(acc(0, v), zmm8, zword[src + off[0] + v * 64]);
+    }
     inc(i);
     jmp(single_loop);
 
@@ -85,7 +105,10 @@ void jit_avx512_spmm_f32_kernel::generate() {
     mov(rcx, row);
     shl(rcx, 8); // * tile_row_bytes
     for (int v = 0; v < nv; ++v) {
-        vaddps(acc(0, v), acc(0, v), acc(1, v));
+        if (s8)
+            vpaddd(acc(0, v), acc(0, v), acc(1, v));
+        else
+            vaddps(acc(0, v), acc(0, v), acc(1, v));
         vmovups(zword[dst + rcx + v * 64], acc(0, v));
     }
     inc(row);
