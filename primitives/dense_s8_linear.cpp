@@ -71,7 +71,7 @@ public:
         int8_t *wq = scratch<int8_t>(0, static_cast<int64_t>(nnz));
         float *w_scale = scratch<float>(1, static_cast<int64_t>(N));
         if (p_.dir != direction::backward_weights)
-            ref::quantize_weights(p_.pattern, t.weights, wq, w_scale, nt);
+            fast_quantize_weights(p_.pattern, t.weights, wq, w_scale, nt);
         const int64_t *rp = p_.pattern.row_ptr();
         const int32_t *ci = p_.pattern.col_idx();
         int32_t *acc = scratch<int32_t>(2, static_cast<int64_t>(p_.dir == direction::forward ? B * N

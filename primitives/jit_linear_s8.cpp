@@ -131,7 +131,7 @@ public:
         auto *src_tiles = scratch<uint8_t>(5, tiles * quads * tb * 4);
         auto *acc = scratch<int32_t>(6, tiles * rows_ * tb);
         auto *row_scale = scratch<float>(7, rows_);
-        ref::quantize_weights(p_.pattern, t.weights, wq, w_scale, nt);
+        fast_quantize_weights(p_.pattern, t.weights, wq, w_scale, nt);
         // Quad words and the +128 correction of each row, from this step's weights.
 #pragma omp parallel for num_threads(nt) schedule(static)
         for (int64_t r = 0; r < rows_; ++r) {
@@ -273,7 +273,8 @@ implementation jit_avx512_vnni_linear_s8_implementation() {
                                                                               : p.batch;
                 if (reduction > int32_safe_reduction_length)
                     return "a reduction of " + std::to_string(reduction) + " > "
-                           + std::to_string(int32_safe_reduction_length) + " terms could overflow int32";
+                           + std::to_string(int32_safe_reduction_length)
+                           + " terms could overflow int32";
                 if (std::max(p.in, p.out) > (int64_t(1) << 31) / jit::tile_row_bytes)
                     return "a dimension exceeds the 32-bit tile offsets";
                 return "";

@@ -18,4 +18,12 @@ float fast_quantize_stochastic(const float *x, int64_t n, const float *multiplie
     return ref::quantize_stochastic(x, n, multiplier, channels, 1, seed32, q, num_threads);
 }
 
+void fast_quantize_weights(const csr_pattern &p, const float *values, int8_t *q, float *scale,
+                           int num_threads) {
+    if (effective_cpu_isa() >= cpu_isa::avx512_core)
+        quantize_weights_avx512(p.row_ptr(), p.rows(), values, q, scale, num_threads);
+    else
+        ref::quantize_weights(p, values, q, scale, num_threads);
+}
+
 } // namespace qsp::detail

@@ -5,6 +5,8 @@
 
 #include <cstdint>
 
+#include "qsparseprop/formats.hpp"
+
 namespace qsp::detail {
 
 float fast_quantize_rne(const float *x, int64_t n, int8_t *q, int num_threads);
@@ -12,7 +14,13 @@ float fast_quantize_rne(const float *x, int64_t n, int8_t *q, int num_threads);
 float fast_quantize_stochastic(const float *x, int64_t n, const float *multiplier, int64_t channels,
                                uint32_t seed32, int8_t *q, int num_threads);
 
+// Per-row (output channel) weight quantization, as ref::quantize_weights.
+void fast_quantize_weights(const csr_pattern &p, const float *values, int8_t *q, float *scale,
+                           int num_threads);
+
 // The AVX-512 bodies (quantize_avx512.cpp).
+void quantize_weights_avx512(const int64_t *row_ptr, int64_t rows, const float *values, int8_t *q,
+                             float *scale, int num_threads);
 float quantize_rne_avx512(const float *x, int64_t n, int8_t *q, int num_threads);
 float quantize_stochastic_avx512(const float *x, int64_t n, const float *multiplier,
                                  int64_t channels, uint32_t seed32, int8_t *q, int num_threads);
@@ -28,11 +36,13 @@ void pack_s8_tiles_avx512(const int8_t *x, int64_t batch, int64_t channels, int8
                           int num_threads);
 // int8 [batch x channels] -> "quad" tiles for the s8 SpMM: for each tile
 // and quad of 4 columns, 64 batch dwords holding the 4 bytes as u8 (x + 128).
-void pack_quad_tiles_avx512(const int8_t *x, int64_t batch, int64_t channels, uint8_t *tiles, int num_threads);
+void pack_quad_tiles_avx512(const int8_t *x, int64_t batch, int64_t channels, uint8_t *tiles,
+                            int num_threads);
 // int32 tiles (channels x 64 per tile) -> dst[b, c] =
 // float(tile - correction[c]) * scale[c] (+ bias[c]).
-void unpack_s32_tiles_avx512(const int32_t *tiles, int64_t batch, int64_t channels, const int32_t *correction,
-        const float *scale, const float *bias, float *dst, int num_threads);
+void unpack_s32_tiles_avx512(const int32_t *tiles, int64_t batch, int64_t channels,
+                             const int32_t *correction, const float *scale, const float *bias,
+                             float *dst, int num_threads);
 // sums[c] = sum_b x[b, c].
 void column_sums_s8(const int8_t *x, int64_t batch, int64_t channels, int32_t *sums,
                     int num_threads);

@@ -272,6 +272,36 @@ void unpack_s32_tiles_avx512(const int32_t *tiles, int64_t batch, int64_t channe
         }
 }
 
+void quantize_weights_avx512(const int64_t *row_ptr, int64_t rows, const float *values, int8_t *q,
+                             float *scale, int num_threads) {
+    const __m512 sign = _mm512_set1_ps(-0.f);
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+        const int64_t b = row_ptr[r], e = row_ptr[r + 1];
+        __m512 m = _mm512_setzero_ps();
+        __mmask16 bad = 0;
+        for (int64_t i = b; i < e; i += 16) {
+            const __m512 v = _mm512_maskz_loadu_ps(first(e - i), values + i);
+            bad |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+            m = _mm512_max_ps(m, _mm512_andnot_ps(sign, v));
+        }
+        const scale_t s =
+                scale_of(bad ? std::numeric_limits<float>::quiet_NaN() : _mm512_reduce_max_ps(m));
+        const __m512 inv = _mm512_set1_ps(s.inv);
+        for (int64_t i = b; i < e; i += 16) {
+            const __mmask16 k = first(e - i);
+            if (!s.usable) {
+                _mm512_mask_cvtepi32_storeu_epi8(q + i, k, _mm512_setzero_si512());
+                continue;
+            }
+            const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, values + i), inv);
+            store_q(q + i, _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC),
+                    k);
+        }
+        scale[r] = s.scale;
+    }
+}
+
 void column_sums_s8(const int8_t *x, int64_t batch, int64_t channels, int32_t *sums,
                     int num_threads) {
     constexpr int64_t chunk = 256;

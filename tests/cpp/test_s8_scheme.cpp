@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "primitives/quantize.hpp"
 #include "primitives/ref/ref_kernels.hpp"
 #include "test_utils.hpp"
 
@@ -417,6 +418,48 @@ TEST(SparseConv2dS8, matches_exact_integer_model) {
         expect_bitwise_equal(dx, dxm, "conv backward_data diff_src");
         expect_bitwise_equal(dw, dwm, "conv backward_weights diff_weights");
     }
+}
+
+} // namespace qsp::test
+
+namespace qsp::test {
+
+// The fast (AVX-512) quantization passes against the reference, bit for bit,
+// including all-zero and non-finite tensors and odd lengths.
+TEST(S8Scheme, fast_quantization_passes_equal_reference) {
+    if (detected_cpu_isa() < cpu_isa::avx512_core) return; // only the reference exists here
+    std::mt19937 rng(21);
+    for (int64_t rows : {1, 3, 17})
+        for (int64_t cols : {1, 15, 16, 33, 100}) {
+            SCOPED_TRACE(std::to_string(rows) + "x" + std::to_string(cols));
+            for (int variant = 0; variant < 3; ++variant) {
+                auto x = random_vector(static_cast<size_t>(rows * cols), rng, -2.f, 3.f);
+                if (variant == 1) std::fill(x.begin(), x.end(), 0.f);
+                if (variant == 2) x[x.size() / 2] = std::nanf("");
+                auto mult = random_vector(static_cast<size_t>(cols), rng, 0.1f, 2.f);
+                const int64_t n = rows * cols;
+                std::vector<int8_t> a(n), b(n);
+                const float sa = detail::quantize_rne_avx512(x.data(), n, a.data(), 2);
+                const float sb = ref::quantize_rne(x.data(), n, b.data(), 2);
+                EXPECT_EQ(std::memcmp(&sa, &sb, 4), 0);
+                if (variant != 2) EXPECT_EQ(a, b);
+                const float ta = detail::quantize_stochastic_avx512(x.data(), n, mult.data(), cols,
+                                                                    99, a.data(), 3);
+                const float tb = ref::quantize_stochastic(x.data(), n, mult.data(), cols, 1, 99,
+                                                          b.data(), 1);
+                EXPECT_EQ(std::memcmp(&ta, &tb, 4), 0);
+                if (variant != 2) EXPECT_EQ(a, b);
+                auto dense = random_sparse_dense(rows, cols, 0.5, rng);
+                auto w = csr_weights::from_dense(dense.data(), rows, cols);
+                std::vector<int8_t> qa(w.values.size() + 1), qb(w.values.size() + 1);
+                std::vector<float> wa(rows), wb(rows);
+                detail::quantize_weights_avx512(w.pattern.row_ptr(), rows, w.values.data(),
+                                                qa.data(), wa.data(), 2);
+                ref::quantize_weights(w.pattern, w.values.data(), qb.data(), wb.data(), 2);
+                EXPECT_EQ(qa, qb);
+                EXPECT_EQ(std::memcmp(wa.data(), wb.data(), 4 * rows), 0);
+            }
+        }
 }
 
 } // namespace qsp::test
