@@ -110,3 +110,23 @@ def test_gradcheck_f32():
     assert torch.autograd.gradcheck(
         lambda x, v, b: _ops.linear_forward(x, v, b, kid, 0)[0], inputs, eps=1e-2, atol=1e-2, rtol=1e-2
     )
+
+
+def test_uses_the_fastest_implementation_automatically():
+    """On a CPU with AVX-512 the layers run the JIT kernels (or, for s8, the
+    measured-faster of the VNNI JIT and oneDNN's int8 matmul), not the reference."""
+    import qsparseprop
+    from qsparseprop import QuantizedSparseLinear, _C
+
+    isa = qsparseprop.cpu_isa()
+    for cls in (SparseLinear, QuantizedSparseLinear):
+        layer = cls.from_dense(prune_random_(torch.nn.Linear(64, 48), 0.9))
+        kern = _C.LinearKernel(64, 48, layer.row_ptr.numpy(), layer.col_idx.numpy(), layer.scheme, True)
+        impls = kern.implementations(32, torch.get_num_threads()).split("/")
+        assert len(impls) == 3
+        if isa == "ref":
+            assert impls == ["ref:any"] * 3
+        elif cls is SparseLinear and isa in ("avx512_core", "avx512_core_vnni"):
+            assert impls == ["jit:avx512_core"] * 3
+        elif cls is QuantizedSparseLinear:
+            assert all(i in ("jit:avx512_core_vnni", "dense:onednn_s8") for i in impls), impls
