@@ -22,9 +22,10 @@ constexpr size_t kernel_code_bytes = 16 * 1024;
 } // namespace
 
 jit_avx512_spmm_kernel::jit_avx512_spmm_kernel(spmm_type type, int n_vec)
-    : jit_generator(std::string(type == spmm_type::f32 ? "avx512_spmm_f32_v" : "avx512_vnni_spmm_s8q_v")
-                      + std::to_string(n_vec),
-              kernel_code_bytes),
+    : jit_generator(
+            std::string(type == spmm_type::f32 ? "avx512_spmm_f32_v" : "avx512_vnni_spmm_s8q_v")
+                    + std::to_string(n_vec),
+            kernel_code_bytes),
       type_(type), n_vec_(n_vec) {
     check_n_vec(n_vec);
     fn_ = reinterpret_cast<decltype(fn_)>(const_cast<void *>(create_kernel()));

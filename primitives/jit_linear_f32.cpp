@@ -5,11 +5,13 @@
 // partitions, kernels) is built once per (pattern, shape, threads, ISA) and
 // kept in the kernel cache.
 #include <algorithm>
+#include <functional>
 #include <memory>
 #include <sstream>
 
 #include <omp.h>
 
+#include "jit/jit_avx2_sparse_f32.hpp"
 #include "jit/jit_avx512_sddmm.hpp"
 #include "jit/jit_avx512_spmm.hpp"
 #include "primitives/jit_linear_f32.hpp"
@@ -23,24 +25,28 @@ namespace qsp::detail {
 
 namespace {
 
-using spmm_kernel = jit::jit_avx512_spmm_kernel;
-using sddmm_kernel = jit::jit_avx512_sddmm_kernel;
+using spmm_call = std::function<void(const jit::spmm_call_params &)>;
+using sddmm_call = std::function<void(const jit::sddmm_call_params &)>;
 
-template <typename kernel_t, typename make_fn>
-std::array<std::shared_ptr<const kernel_t>, 4> code_for(const char *op, make_fn make) {
-    // Generic code (the pattern lives in the plan's arrays), shared by layers.
+// The code of one kernel family for every n_vec, from a cache shared by all
+// layers (the pattern lives in the plan's arrays, not in the code).
+template <typename kernel_t, typename params_t, typename make_fn>
+std::vector<std::function<void(const params_t &)>> code_for(const char *op, cpu_isa isa,
+                                                            int variants, make_fn make) {
     static runtime::kernel_cache<kernel_t> cache;
-    std::array<std::shared_ptr<const kernel_t>, 4> out;
-    for (int nv = 1; nv <= 4; ++nv) {
-        runtime::kernel_key key{op, 0, {nv}, 0, static_cast<int>(cpu_isa::avx512_core), 0, 0};
-        out[nv - 1] = cache.get_or_create(key, [&] { return make(nv); });
+    std::vector<std::function<void(const params_t &)>> out;
+    for (int nv = 1; nv <= variants; ++nv) {
+        runtime::kernel_key key{op, 0, {nv}, 0, static_cast<int>(isa), 0, 0};
+        std::shared_ptr<const kernel_t> k = cache.get_or_create(key, [&] { return make(nv); });
+        out.emplace_back([k](const params_t &c) { (*k)(c); });
     }
     return out;
 }
 
 class jit_linear_f32_kernel : public kernel {
 public:
-    explicit jit_linear_f32_kernel(const problem &p) : p_(p) {
+    jit_linear_f32_kernel(const problem &p, cpu_isa isa)
+        : p_(p), lanes_(isa >= cpu_isa::avx512_core ? 16 : jit::avx2_lanes) {
         const csr_pattern &w = p.pattern;
         const int64_t *rp = w.row_ptr();
         const int32_t *ci = w.col_idx();
@@ -72,14 +78,32 @@ public:
         }
         bounds_ = balance_rows(row_ptr_.data(), rows_, std::max(1, p.num_threads));
         p_.batch = 0; // the plan serves every batch size; executions pass theirs
-        if (p.dir == direction::backward_weights)
-            sddmm_ = code_for<sddmm_kernel>("avx512_sddmm_f32", [](int nv) {
-                return std::make_shared<const sddmm_kernel>(jit::sddmm_type::f32, nv);
-            });
-        else
-            spmm_ = code_for<spmm_kernel>("avx512_spmm_f32", [](int nv) {
-                return std::make_shared<const spmm_kernel>(jit::spmm_type::f32, nv);
-            });
+        const int variants = jit::tile_batch / lanes_;
+        if (isa >= cpu_isa::avx512_core) {
+            if (p.dir == direction::backward_weights)
+                sddmm_ = code_for<jit::jit_avx512_sddmm_kernel, jit::sddmm_call_params>(
+                        "avx512_sddmm_f32", isa, variants, [](int nv) {
+                            return std::make_shared<const jit::jit_avx512_sddmm_kernel>(
+                                    jit::sddmm_type::f32, nv);
+                        });
+            else
+                spmm_ = code_for<jit::jit_avx512_spmm_kernel, jit::spmm_call_params>(
+                        "avx512_spmm_f32", isa, variants, [](int nv) {
+                            return std::make_shared<const jit::jit_avx512_spmm_kernel>(
+                                    jit::spmm_type::f32, nv);
+                        });
+        } else {
+            if (p.dir == direction::backward_weights)
+                sddmm_ = code_for<jit::jit_avx2_sddmm_f32_kernel, jit::sddmm_call_params>(
+                        "avx2_sddmm_f32", isa, variants, [](int nv) {
+                            return std::make_shared<const jit::jit_avx2_sddmm_f32_kernel>(nv);
+                        });
+            else
+                spmm_ = code_for<jit::jit_avx2_spmm_f32_kernel, jit::spmm_call_params>(
+                        "avx2_spmm_f32", isa, variants, [](int nv) {
+                            return std::make_shared<const jit::jit_avx2_spmm_f32_kernel>(nv);
+                        });
+        }
     }
 
     void execute(const tensors &t) const override {
@@ -121,7 +145,7 @@ private:
                                     bounds_[part + 1],
                                     src_tiles + tile * src_channels * jit::tile_batch,
                                     dst_tiles + tile * rows_ * jit::tile_batch};
-            (*spmm_[tile_vectors(batch, tile) - 1])(c);
+            spmm_[tile_vectors(batch, tile, lanes_) - 1](c);
         });
     }
 
@@ -164,7 +188,7 @@ private:
                                      x + tile * p_.in * jit::tile_batch,
                                      dy + tile * p_.out * jit::tile_batch,
                                      t.diff_weights};
-            (*sddmm_[tile_vectors(t.batch, tile) - 1])(c);
+            sddmm_[tile_vectors(t.batch, tile, lanes_) - 1](c);
         });
         if (t.diff_bias) {
             // Rows of the dY tiles are contiguous: the bias gradient is a row sum.
@@ -183,11 +207,12 @@ private:
     }
 
     problem p_;
+    int lanes_; // of one vector: 16 (AVX-512) or 8 (AVX2)
     int64_t rows_ = 0;
     std::vector<int64_t> row_ptr_, perm_, bounds_;
     std::vector<int32_t> offsets_;
-    std::array<std::shared_ptr<const spmm_kernel>, 4> spmm_;
-    std::array<std::shared_ptr<const sddmm_kernel>, 4> sddmm_;
+    std::vector<spmm_call> spmm_;
+    std::vector<sddmm_call> sddmm_;
 };
 
 // Plans are per layer: the key carries the pattern hash and the thread count.
@@ -198,31 +223,31 @@ runtime::kernel_cache<kernel> &plan_cache() {
 
 } // namespace
 
-implementation jit_avx512_linear_f32_implementation() {
-    return {"jit:avx512_core",
-            [](const problem &p) -> std::string {
+namespace {
+
+implementation jit_linear_f32_implementation(const char *name, cpu_isa isa) {
+    return {name,
+            [isa](const problem &p) -> std::string {
                 if (p.op != op_kind::linear) return "Conv2d has no JIT kernel yet";
                 if (p.scheme != quant_scheme::f32)
                     return "f32 only (s8 runs on jit:avx512_core_vnni)";
-                if (effective_cpu_isa() < cpu_isa::avx512_core)
-                    return std::string("needs avx512_core, effective ISA is ")
+                if (effective_cpu_isa() < isa)
+                    return std::string("needs ") + to_string(isa) + ", effective ISA is "
                            + to_string(effective_cpu_isa());
+                if (isa == cpu_isa::avx2 && effective_cpu_isa() >= cpu_isa::avx512_core)
+                    return "superseded by jit:avx512_core on this CPU";
                 if (std::max(p.in, p.out) > (int64_t(1) << 31) / jit::tile_row_bytes)
                     return "a dimension exceeds the 32-bit tile offsets";
                 return "";
             },
-            [](const problem &p) -> std::shared_ptr<const kernel> {
-                runtime::kernel_key key{"linear_f32",
-                                        static_cast<int>(p.dir),
-                                        {p.in, p.out},
-                                        0,
-                                        static_cast<int>(cpu_isa::avx512_core),
-                                        p.num_threads,
-                                        p.pattern.hash()};
+            [isa](const problem &p) -> std::shared_ptr<const kernel> {
+                runtime::kernel_key key{
+                        "linear_f32",          static_cast<int>(p.dir), {p.in, p.out},   0,
+                        static_cast<int>(isa), p.num_threads,           p.pattern.hash()};
                 const double t0 = runtime::now_ms();
                 bool generated = false;
                 auto plan = plan_cache().get_or_create(
-                        key, [&] { return std::make_shared<const jit_linear_f32_kernel>(p); },
+                        key, [&] { return std::make_shared<const jit_linear_f32_kernel>(p, isa); },
                         &generated);
                 if (verbose_level() >= 1) {
                     std::ostringstream line;
@@ -233,6 +258,16 @@ implementation jit_avx512_linear_f32_implementation() {
                 }
                 return plan; // batch-independent: shared by every batch size
             }};
+}
+
+} // namespace
+
+implementation jit_avx512_linear_f32_implementation() {
+    return jit_linear_f32_implementation("jit:avx512_core", cpu_isa::avx512_core);
+}
+
+implementation jit_avx2_linear_f32_implementation() {
+    return jit_linear_f32_implementation("jit:avx2", cpu_isa::avx2);
 }
 
 } // namespace qsp::detail

@@ -16,10 +16,11 @@ inline int64_t tile_count(int64_t batch) {
 inline int64_t tiled_elems(int64_t batch, int64_t channels) {
     return tile_count(batch) * channels * jit::tile_batch;
 }
-// Vectors of 16 in tile t (1..4): the last tile may be partial.
-inline int tile_vectors(int64_t batch, int64_t t) {
+// Vectors of `lanes` in tile t (the last tile may be partial).
+inline int tile_vectors(int64_t batch, int64_t t, int lanes = 16) {
     const int64_t rows = batch - t * jit::tile_batch;
-    return static_cast<int>(((rows < jit::tile_batch ? rows : jit::tile_batch) + 15) / 16);
+    return static_cast<int>(((rows < jit::tile_batch ? rows : jit::tile_batch) + lanes - 1)
+                            / lanes);
 }
 
 // src[batch x channels] -> tiles. Uses AVX-512 when the effective ISA allows.

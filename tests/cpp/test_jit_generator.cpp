@@ -85,8 +85,10 @@ namespace qsp::test {
 // Every real kernel family, not only the test kernel: sealed RX, never W+X.
 // (Generating code needs no AVX-512; only running it does.)
 TEST(JitGenerator, real_kernels_are_never_writable_and_executable) {
-    jit::jit_avx512_spmm_kernel spmm_f32(jit::spmm_type::f32, 4), spmm_s8(jit::spmm_type::s8_quads, 2);
-    jit::jit_avx512_sddmm_kernel sddmm_f32(jit::sddmm_type::f32, 3), sddmm_s8(jit::sddmm_type::s8_vnni, 1);
+    jit::jit_avx512_spmm_kernel spmm_f32(jit::spmm_type::f32, 4),
+            spmm_s8(jit::spmm_type::s8_quads, 2);
+    jit::jit_avx512_sddmm_kernel sddmm_f32(jit::sddmm_type::f32, 3),
+            sddmm_s8(jit::sddmm_type::s8_vnni, 1);
     for (const jit::jit_generator *k : std::initializer_list<const jit::jit_generator *>{
                  &spmm_f32, &spmm_s8, &sddmm_f32, &sddmm_s8}) {
         const std::string perms = permissions_of(k->code());

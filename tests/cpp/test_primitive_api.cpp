@@ -204,8 +204,9 @@ TEST(PrimitiveApi, execute_refusals_and_verbose) {
     EXPECT_NE(out.find("qsp_verbose,exec,sparse_linear_forward," + s8_impl + ",s8,mb4ic5oc6"),
               std::string::npos)
             << out;
-    const std::string f32_impl =
-            effective_cpu_isa() >= cpu_isa::avx512_core ? "jit:avx512_core" : "ref:any";
+    const std::string f32_impl = effective_cpu_isa() >= cpu_isa::avx512_core ? "jit:avx512_core"
+                                 : effective_cpu_isa() == cpu_isa::avx2      ? "jit:avx2"
+                                                                             : "ref:any";
     EXPECT_NE(out.find("qsp_verbose,create,sparse_linear_forward," + f32_impl + ",f32,mb2ic5oc6"),
               std::string::npos)
             << out;
