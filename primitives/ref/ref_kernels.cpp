@@ -185,7 +185,7 @@ void linear_bwd_weights_f32(const csr_pattern &p, const float *src, const float 
 }
 
 void bias_grad(const float *diff_dst, float *diff_bias, int64_t outer, int64_t channels,
-        int64_t inner, int num_threads) {
+               int64_t inner, int num_threads) {
     if (inner == 1) {
         // Row-major [outer x channels]: sum whole rows into a block of
         // channels (each channel still adds in outer order).

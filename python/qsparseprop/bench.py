@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from . import QuantizedSparseLinear, SparseLinear, _C
+from . import _C, QuantizedSparseLinear, SparseLinear
 
 LINEAR_SHAPES = {  # name: (batch, in_features, out_features)
     "L1": (256, 768, 3072),
@@ -117,8 +117,10 @@ def bench_linear_case(name, batch, k, n, sparsity, scheme, repeats, warmup, seed
 
 
 def format_rows(rows: list[dict]) -> str:
-    head = (f"{'shape':<5} {'sp':>5} {'sch':<4} {'fwd ms':>8} {'bwd ms':>8} {'total':>8} {'fp32':>8} {'bf16':>8} "
-            f"{'x fp32':>7} {'x bf16':>7} {'x csr':>6} {'GF/s':>6} {'%pk':>5}  impl (fwd/bwd-data/bwd-weights)")
+    head = (
+        f"{'shape':<5} {'sp':>5} {'sch':<4} {'fwd ms':>8} {'bwd ms':>8} {'total':>8} {'fp32':>8} {'bf16':>8} "
+        f"{'x fp32':>7} {'x bf16':>7} {'x csr':>6} {'GF/s':>6} {'%pk':>5}  impl (fwd/bwd-data/bwd-weights)"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(

@@ -116,7 +116,7 @@ def test_uses_the_fastest_implementation_automatically():
     """On a CPU with AVX-512 the layers run the JIT kernels (or, for s8, the
     measured-faster of the VNNI JIT and oneDNN's int8 matmul), not the reference."""
     import qsparseprop
-    from qsparseprop import QuantizedSparseLinear, _C
+    from qsparseprop import _C, QuantizedSparseLinear
 
     isa = qsparseprop.cpu_isa()
     for cls in (SparseLinear, QuantizedSparseLinear):
