@@ -144,8 +144,11 @@ class SparseLinearS8 : public ::testing::TestWithParam<std::tuple<int64_t, doubl
 
 TEST_P(SparseLinearS8, matches_exact_integer_model) {
     const auto [size, sparsity] = GetParam();
-    for (auto [B, K, N] :
-         {std::tuple<int64_t, int64_t, int64_t>{size, 17, 65}, {3, size, 63}, {17, 65, size}}) {
+    for (auto [B, K, N] : {std::tuple<int64_t, int64_t, int64_t>{size, 17, 65},
+                           {3, size, 63},
+                           {17, 65, size},
+                           // wide enough for several column blocks of the s8 SpMM, both directions
+                           {std::min<int64_t>(size, 17), 1000, 400}}) {
         SCOPED_TRACE("B=" + std::to_string(B) + " K=" + std::to_string(K)
                      + " N=" + std::to_string(N));
         std::mt19937 rng(static_cast<unsigned>(B * 1000 + K * 10 + N));
