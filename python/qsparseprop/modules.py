@@ -256,8 +256,7 @@ class SparseLinear(_SparseModule):
         return y.reshape(*lead, self.out_features)
 
     def _compute(self, x2: torch.Tensor) -> torch.Tensor:
-        y, _ = _ops.linear_forward(x2, self.values, self.bias, self._kernel_id(), self._next_seed())
-        return y
+        return _ops.linear(x2, self.values, self.bias, self._kernel_id(), self._next_seed())
 
     def extra_repr(self) -> str:
         return (
@@ -481,8 +480,7 @@ class SparseConv2d(_SparseModule):
         return y.squeeze(0) if unbatched else y
 
     def _compute(self, x: torch.Tensor) -> torch.Tensor:
-        y, _ = _ops.conv2d_forward(x, self.values, self.bias, self._kernel_id(), self._next_seed())
-        return y
+        return _ops.conv2d(x, self.values, self.bias, self._kernel_id(), self._next_seed())
 
     def extra_repr(self) -> str:
         return (
