@@ -19,8 +19,6 @@ void check_n_vec(int n_vec) {
                                     + std::to_string(n_vec));
 }
 
-const Reg64 callee_saved[] = {util::rbx, util::rbp, util::r12, util::r13, util::r14, util::r15};
-
 // Lane labels through the 8 -> 1 reduction tree (vperm2f128, then two
 // vshufps rounds), to find where each nonzero's sum lands.
 using lanes8 = std::array<int, 8>;
@@ -79,8 +77,7 @@ void jit_avx2_spmm_f32_kernel::generate() {
                 dst = r14, i = rax, end = rdx;
     const Reg64 off[4] = {rsi, rdi, rbx, rbp};
     const int nv = n_vec_;
-    for (const Reg64 &r : callee_saved)
-        push(r);
+    preamble();
     mov(values, ptr[param + offsetof(spmm_call_params, values)]);
     mov(offsets, ptr[param + offsetof(spmm_call_params, src_offsets)]);
     mov(row_ptr, ptr[param + offsetof(spmm_call_params, row_ptr)]);
@@ -131,10 +128,7 @@ void jit_avx2_spmm_f32_kernel::generate() {
     jmp(row_loop);
 
     L(done);
-    vzeroupper();
-    for (int k = 5; k >= 0; --k)
-        pop(callee_saved[k]);
-    ret();
+    postamble();
 }
 
 jit_avx2_sddmm_f32_kernel::jit_avx2_sddmm_f32_kernel(int n_vec)
@@ -149,8 +143,7 @@ void jit_avx2_sddmm_f32_kernel::generate() {
                 i = rax, end = rdx, off = rsi, dy_row = rbp;
     const int nv = n_vec_;
     const Ymm tmp(8), tree_a(9), tree_b(10), lane_index(13), perm(14), mask(15);
-    for (const Reg64 &r : callee_saved)
-        push(r);
+    preamble();
     mov(offsets, ptr[param + offsetof(sddmm_call_params, src_offsets)]);
     mov(row_ptr, ptr[param + offsetof(sddmm_call_params, row_ptr)]);
     mov(row, ptr[param + offsetof(sddmm_call_params, row_begin)]);
@@ -214,10 +207,7 @@ void jit_avx2_sddmm_f32_kernel::generate() {
     jmp(row_loop);
 
     L(done);
-    vzeroupper();
-    for (int k = 5; k >= 0; --k)
-        pop(callee_saved[k]);
-    ret();
+    postamble();
 
     align(32);
     L(tables);

@@ -31,8 +31,7 @@ void jit_avx512_sddmm_kernel::generate() {
     const Zmm perm(27), old(26);
     auto g = [](int v) { return Zmm(28 + v); };
 
-    for (const Reg64 &r : {rbx, rbp, r12, r13, r14, r15})
-        push(r);
+    preamble();
     mov(offsets, ptr[param + offsetof(sddmm_call_params, src_offsets)]);
     mov(row_ptr, ptr[param + offsetof(sddmm_call_params, row_ptr)]);
     mov(row, ptr[param + offsetof(sddmm_call_params, row_begin)]);
@@ -95,10 +94,7 @@ void jit_avx512_sddmm_kernel::generate() {
     jmp(row_loop);
 
     L(done);
-    vzeroupper();
-    for (const Reg64 &r : {r15, r14, r13, r12, rbp, rbx})
-        pop(r);
-    ret();
+    postamble();
 
     align(64);
     L(perm_table);

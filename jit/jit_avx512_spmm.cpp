@@ -44,8 +44,7 @@ void jit_avx512_spmm_kernel::generate() {
     // FMA latency (4 cycles) does not serialise a row's updates.
     auto acc = [&](int set, int v) { return Zmm(set * 4 + v); };
 
-    for (const Reg64 &r : {rbx, rbp, r12, r13, r14, r15})
-        push(r);
+    preamble();
     mov(values, ptr[param + offsetof(spmm_call_params, values)]);
     mov(offsets, ptr[param + offsetof(spmm_call_params, src_offsets)]);
     mov(row_ptr, ptr[param + offsetof(spmm_call_params, row_ptr)]);
@@ -116,10 +115,7 @@ void jit_avx512_spmm_kernel::generate() {
     jmp(row_loop);
 
     L(done);
-    vzeroupper();
-    for (const Reg64 &r : {r15, r14, r13, r12, rbp, rbx})
-        pop(r);
-    ret();
+    postamble();
 }
 
 } // namespace qsp::jit

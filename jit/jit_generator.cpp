@@ -21,6 +21,23 @@ const void *jit_generator::create_kernel() {
     return getCode();
 }
 
+namespace {
+const Xbyak::Reg64 callee_saved[] = {Xbyak::util::rbx, Xbyak::util::rbp, Xbyak::util::r12,
+                                     Xbyak::util::r13, Xbyak::util::r14, Xbyak::util::r15};
+} // namespace
+
+void jit_generator::preamble() {
+    for (const Xbyak::Reg64 &r : callee_saved)
+        push(r);
+}
+
+void jit_generator::postamble() {
+    vzeroupper();
+    for (int k = 5; k >= 0; --k)
+        pop(callee_saved[k]);
+    ret();
+}
+
 void jit_generator::dump() const {
     const char *env = std::getenv("QSP_JIT_DUMP");
     if (!env || !*env || *env == '0') return;

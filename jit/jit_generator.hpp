@@ -33,6 +33,11 @@ public:
 
 protected:
     virtual void generate() = 0;
+    // System V entry / exit of every kernel: save the callee-saved GPRs the
+    // kernels use (rbx, rbp, r12-r15); on exit clear the upper vector state
+    // (no AVX-SSE transition penalty in the caller), restore and return.
+    void preamble();
+    void postamble();
 
 private:
     void dump() const;
