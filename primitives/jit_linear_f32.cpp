@@ -7,7 +7,6 @@
 #include <algorithm>
 #include <functional>
 #include <memory>
-#include <sstream>
 
 #include <omp.h>
 
@@ -15,11 +14,11 @@
 #include "jit/jit_avx512_sddmm.hpp"
 #include "jit/jit_avx512_spmm.hpp"
 #include "primitives/jit_linear_f32.hpp"
+#include "primitives/plan_cache.hpp"
 #include "primitives/scratch.hpp"
 #include "primitives/tile_layout.hpp"
 #include "qsparseprop/runtime.hpp"
 #include "runtime/kernel_cache.hpp"
-#include "runtime/verbose.hpp"
 
 namespace qsp::detail {
 
@@ -215,12 +214,6 @@ private:
     std::vector<sddmm_call> sddmm_;
 };
 
-// Plans are per layer: the key carries the pattern hash and the thread count.
-runtime::kernel_cache<kernel> &plan_cache() {
-    static runtime::kernel_cache<kernel> cache;
-    return cache;
-}
-
 } // namespace
 
 namespace {
@@ -244,19 +237,8 @@ implementation jit_linear_f32_implementation(const char *name, cpu_isa isa) {
                 runtime::kernel_key key{
                         "linear_f32",          static_cast<int>(p.dir), {p.in, p.out},   0,
                         static_cast<int>(isa), p.num_threads,           p.pattern.hash()};
-                const double t0 = runtime::now_ms();
-                bool generated = false;
-                auto plan = plan_cache().get_or_create(
-                        key, [&] { return std::make_shared<const jit_linear_f32_kernel>(p, isa); },
-                        &generated);
-                if (verbose_level() >= 1) {
-                    std::ostringstream line;
-                    line << "jit,plan," << key.str() << ","
-                         << (generated ? "generated" : "cache_hit") << ","
-                         << runtime::now_ms() - t0;
-                    runtime::verbose_print(line.str());
-                }
-                return plan; // batch-independent: shared by every batch size
+                return cached_plan(
+                        key, [&] { return std::make_shared<const jit_linear_f32_kernel>(p, isa); });
             }};
 }
 

@@ -14,19 +14,18 @@
 #include <array>
 #include <cstring>
 #include <memory>
-#include <sstream>
 
 #include <omp.h>
 
 #include "jit/jit_avx512_sddmm.hpp"
 #include "primitives/jit_linear_s8.hpp"
+#include "primitives/plan_cache.hpp"
 #include "primitives/quantize.hpp"
 #include "primitives/scratch.hpp"
 #include "primitives/tile_layout.hpp"
 #include "qsparseprop/quantization.hpp"
 #include "qsparseprop/runtime.hpp"
 #include "runtime/kernel_cache.hpp"
-#include "runtime/verbose.hpp"
 
 namespace qsp::detail {
 
@@ -253,11 +252,6 @@ private:
     std::shared_ptr<const sddmm_kernel> code_;
 };
 
-runtime::kernel_cache<kernel> &plan_cache() {
-    static runtime::kernel_cache<kernel> cache;
-    return cache;
-}
-
 } // namespace
 
 implementation jit_avx512_vnni_linear_s8_implementation() {
@@ -287,24 +281,11 @@ implementation jit_avx512_vnni_linear_s8_implementation() {
                                         static_cast<int>(cpu_isa::avx512_core_vnni),
                                         p.num_threads,
                                         p.pattern.hash()};
-                const double t0 = runtime::now_ms();
-                bool generated = false;
-                auto plan = plan_cache().get_or_create(
-                        key,
-                        [&]() -> std::shared_ptr<const kernel> {
-                            if (p.dir == direction::backward_weights)
-                                return std::make_shared<const jit_linear_s8_bwd_weights_kernel>(p);
-                            return std::make_shared<const jit_linear_s8_spmm_kernel>(p);
-                        },
-                        &generated);
-                if (verbose_level() >= 1) {
-                    std::ostringstream line;
-                    line << "jit,plan," << key.str() << ","
-                         << (generated ? "generated" : "cache_hit") << ","
-                         << runtime::now_ms() - t0;
-                    runtime::verbose_print(line.str());
-                }
-                return plan;
+                return cached_plan(key, [&]() -> std::shared_ptr<const kernel> {
+                    if (p.dir == direction::backward_weights)
+                        return std::make_shared<const jit_linear_s8_bwd_weights_kernel>(p);
+                    return std::make_shared<const jit_linear_s8_spmm_kernel>(p);
+                });
             }};
 }
 
