@@ -4,6 +4,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "jit/jit_int8_dot.hpp"
 #include "jit/jit_reduce16.hpp"
 
 namespace qsp::jit {
@@ -11,12 +12,13 @@ namespace qsp::jit {
 using namespace Xbyak;
 
 jit_avx512_sddmm_kernel::jit_avx512_sddmm_kernel(sddmm_type type, int n_vec)
-    : jit_generator(
-            std::string(type == sddmm_type::f32 ? "avx512_sddmm_f32_v" : "avx512_vnni_sddmm_s8_v")
-                    + std::to_string(n_vec),
-            16 * 1024),
+    : jit_generator(std::string(type == sddmm_type::f32       ? "avx512_sddmm_f32_v"
+                                : type == sddmm_type::s8_vnni ? "avx512_vnni_sddmm_s8_v"
+                                                              : "avx512_sddmm_s8_v")
+                            + std::to_string(n_vec),
+                    16 * 1024),
       type_(type), n_vec_(n_vec) {
-    if (n_vec < 1 || n_vec > 4 || (type == sddmm_type::s8_vnni && n_vec != 1))
+    if (n_vec < 1 || n_vec > 4 || (type != sddmm_type::f32 && n_vec != 1))
         throw std::invalid_argument("sddmm kernel: n_vec must be 1..4 (f32) or 1 (s8), got "
                                     + std::to_string(n_vec));
     fn_ = reinterpret_cast<decltype(fn_)>(const_cast<void *>(create_kernel()));
@@ -27,7 +29,10 @@ void jit_avx512_sddmm_kernel::generate() {
     const Reg64 offsets = r9, row_ptr = r10, row = r11, row_end = r12, x = r13, dy = r14, dw = r15,
                 i = rax, end = rdx, off = rsi;
     const int nv = n_vec_;
-    const bool s8 = type_ == sddmm_type::s8_vnni;
+    const bool s8 = type_ != sddmm_type::f32, vnni = type_ == sddmm_type::s8_vnni;
+    // Without VNNI: G's nibbles split once per row (G is fixed along the
+    // row); zmm16/17 (the tree's, free while the dots run) hold products.
+    const Zmm g_lo(29), g_hi(30), ones16(31), nibble_mask(26), t_lo(16), t_hi(17);
     const Zmm perm(27), old(26);
     auto g = [](int v) { return Zmm(28 + v); };
 
@@ -49,6 +54,10 @@ void jit_avx512_sddmm_kernel::generate() {
     shl(rcx, s8 ? 6 : 8); // * row bytes
     for (int v = 0; v < nv; ++v)
         vmovups(g(v), zword[dy + rcx + v * 64]);
+    if (s8 && !vnni) { // before i is loaded: the constants go through eax
+        emit_int8_dot_constants(*this, ones16, nibble_mask);
+        emit_split_nibbles(*this, g(0), g_lo, g_hi, nibble_mask);
+    }
     mov(i, ptr[row_ptr + row * 8]);
     mov(end, ptr[row_ptr + row * 8 + 8]);
 
@@ -69,7 +78,10 @@ void jit_avx512_sddmm_kernel::generate() {
     kmovw(k1, ebx);
     for (int j = 0; j < 16; ++j) {
         movsxd(off, dword[offsets + i * 4 + j * 4]);
-        if (s8) {
+        if (s8 && !vnni) {
+            emit_dot_u8s8_nibbles(*this, Zmm(j), g_lo, g_hi, zword[x + off], ones16, t_lo, t_hi,
+                                  false);
+        } else if (s8) {
             // 16 lanes x 4 byte pairs: (G + 128) as u8 times X as s8
             vpxord(Zmm(j), Zmm(j), Zmm(j));
             vpdpbusd(Zmm(j), g(0), zword[x + off]);

@@ -30,7 +30,8 @@ struct sddmm_call_params {
     void *diff_values; // accumulated into (f32 or int32)
 };
 
-enum class sddmm_type { f32, s8_vnni };
+// s8_bw: s8_vnni without VNNI (AVX-512BW nibble dot products, jit_int8_dot.hpp).
+enum class sddmm_type { f32, s8_vnni, s8_bw };
 
 class jit_avx512_sddmm_kernel : public jit_generator {
 public:

@@ -1,5 +1,7 @@
 #include "jit/jit_avx512_spmm.hpp"
 
+#include "jit/jit_int8_dot.hpp"
+
 #include <cstddef>
 #include <stdexcept>
 #include <string>
@@ -22,10 +24,11 @@ constexpr size_t kernel_code_bytes = 16 * 1024;
 } // namespace
 
 jit_avx512_spmm_kernel::jit_avx512_spmm_kernel(spmm_type type, int n_vec)
-    : jit_generator(
-            std::string(type == spmm_type::f32 ? "avx512_spmm_f32_v" : "avx512_vnni_spmm_s8q_v")
-                    + std::to_string(n_vec),
-            kernel_code_bytes),
+    : jit_generator(std::string(type == spmm_type::f32        ? "avx512_spmm_f32_v"
+                                : type == spmm_type::s8_quads ? "avx512_vnni_spmm_s8q_v"
+                                                              : "avx512_spmm_s8q_v")
+                            + std::to_string(n_vec),
+                    kernel_code_bytes),
       type_(type), n_vec_(n_vec) {
     check_n_vec(n_vec);
     fn_ = reinterpret_cast<decltype(fn_)>(const_cast<void *>(create_kernel()));
@@ -37,7 +40,19 @@ void jit_avx512_spmm_kernel::generate() {
                 dst = r14, i = rax, end = rdx;
     const Reg64 off[4] = {rsi, rdi, rbx, rbp}; // rdi is free once the params are read
     const int nv = n_vec_;
-    const bool s8 = type_ == spmm_type::s8_quads;
+    const bool s8 = type_ != spmm_type::f32, vnni = type_ == spmm_type::s8_quads;
+    // Without VNNI: the weight dword broadcast to a register, nibbles of x
+    // and the int16 -> int32 products in temporaries (jit_int8_dot.hpp).
+    const Zmm ones16(26), nibble_mask(27), x_lo(24), x_hi(25), t_lo(28), t_hi(29);
+    auto wreg = [](int u) { return Zmm(20 + u); };
+    auto dot = [&](const Zmm &acc, const Zmm &x, int u, const Address &w) {
+        if (vnni) {
+            vpdpbusd(acc, x, w);
+            return;
+        }
+        emit_split_nibbles(*this, x, x_lo, x_hi, nibble_mask);
+        emit_dot_u8s8_nibbles(*this, acc, x_lo, x_hi, wreg(u), ones16, t_lo, t_hi, true);
+    };
     // s8: the u8 source vectors go to registers (vpdpbusd's unsigned operand)
     auto xreg = [](int u, int v) { return Zmm(12 + (u % 2) * 4 + v); };
     // Two accumulator sets alternate between consecutive nonzeros so that
@@ -53,6 +68,7 @@ void jit_avx512_spmm_kernel::generate() {
     mov(src, ptr[param + offsetof(spmm_call_params, src_tile)]);
     mov(dst, ptr[param + offsetof(spmm_call_params, dst_tile)]);
 
+    if (s8 && !vnni) emit_int8_dot_constants(*this, ones16, nibble_mask);
     Label row_loop, quad_loop, single_loop, store, done;
     L(row_loop);
     cmp(row, row_end);
@@ -71,9 +87,10 @@ void jit_avx512_spmm_kernel::generate() {
         movsxd(off[u], dword[offsets + i * 4 + u * 4]);
     for (int u = 0; u < 4; ++u) {
         if (s8) {
+            if (!vnni) vpbroadcastd(wreg(u), dword[values + i * 4 + u * 4]);
             for (int v = 0; v < nv; ++v) {
                 vmovdqu32(xreg(u, v), zword[src + off[u] + v * 64]);
-                vpdpbusd(acc(u % 2, v), xreg(u, v), zword_b[values + i * 4 + u * 4]);
+                dot(acc(u % 2, v), xreg(u, v), u, zword_b[values + i * 4 + u * 4]);
             }
         } else {
             vbroadcastss(Zmm(8 + u), dword[values + i * 4 + u * 4]);
@@ -89,9 +106,10 @@ void jit_avx512_spmm_kernel::generate() {
     jge(store, T_NEAR);
     movsxd(off[0], dword[offsets + i * 4]);
     if (s8) {
+        if (!vnni) vpbroadcastd(wreg(0), dword[values + i * 4]);
         for (int v = 0; v < nv; ++v) {
             vmovdqu32(xreg(0, v), zword[src + off[0] + v * 64]);
-            vpdpbusd(acc(0, v), xreg(0, v), zword_b[values + i * 4]);
+            dot(acc(0, v), xreg(0, v), 0, zword_b[values + i * 4]);
         }
     } else {
         vbroadcastss(zmm8, dword[values + i * 4]);

@@ -41,7 +41,9 @@ struct spmm_call_params {
     void *dst_tile; // f32 or int32
 };
 
-enum class spmm_type { f32, s8_quads };
+// s8_quads_bw: the same as s8_quads without VNNI (AVX-512BW nibble dot
+// products, jit_int8_dot.hpp).
+enum class spmm_type { f32, s8_quads, s8_quads_bw };
 
 class jit_avx512_spmm_kernel : public jit_generator {
 public:

@@ -1,9 +1,9 @@
 // "jit:avx512_core_vnni" for sparse Linear in s8, on vpdpbusd (u8 x s8,
-// 4 multiply-adds per 32-bit lane). The unsigned operand is always stored
-// shifted by +128 and the exact term 128 * sum(other operand) subtracted
-// afterwards (no sign tricks: the peer's is wrong at -128). Sums are exact
-// int32 (255 * 127 * length < 2^31 for lengths <= 65536), so every result
-// equals the reference bit for bit.
+// 4 multiply-adds per 32-bit lane), and "jit:avx512_core", the same kernels
+// with vpdpbusd emulated exactly on AVX-512BW (jit/jit_int8_dot.hpp). The unsigned operand is
+// always stored shifted by +128 and the exact term 128 * sum(other operand) subtracted afterwards
+// (no sign tricks: the peer's is wrong at -128). Sums are exact int32 (255 * 127 * length < 2^31
+// for lengths <= 65536), so every result equals the reference bit for bit.
 //
 //   forward        SpMM over "k-quads" (DESIGN.md 3.2): one vpdpbusd per 16
 //                  batch elements per non-empty quad of 4 columns of a row.
@@ -34,27 +34,26 @@ namespace {
 using sddmm_kernel = jit::jit_avx512_sddmm_kernel;
 using spmm_kernel = jit::jit_avx512_spmm_kernel;
 
-std::shared_ptr<const sddmm_kernel> vnni_sddmm_code() {
+// Generic code shared by all layers: VNNI, or the AVX-512BW emulation.
+std::shared_ptr<const sddmm_kernel> sddmm_code(bool vnni) {
     static runtime::kernel_cache<sddmm_kernel> cache;
-    runtime::kernel_key key{
-            "avx512_vnni_sddmm_s8", 0, {1}, 1, static_cast<int>(cpu_isa::avx512_core_vnni), 0, 0};
-    return cache.get_or_create(
-            key, [] { return std::make_shared<const sddmm_kernel>(jit::sddmm_type::s8_vnni, 1); });
+    const cpu_isa isa = vnni ? cpu_isa::avx512_core_vnni : cpu_isa::avx512_core;
+    runtime::kernel_key key{"avx512_sddmm_s8", 0, {1}, 1, static_cast<int>(isa), 0, 0};
+    return cache.get_or_create(key, [vnni] {
+        return std::make_shared<const sddmm_kernel>(
+                vnni ? jit::sddmm_type::s8_vnni : jit::sddmm_type::s8_bw, 1);
+    });
 }
 
-std::array<std::shared_ptr<const spmm_kernel>, 4> vnni_spmm_code() {
+std::array<std::shared_ptr<const spmm_kernel>, 4> spmm_code(bool vnni) {
     static runtime::kernel_cache<spmm_kernel> cache;
+    const cpu_isa isa = vnni ? cpu_isa::avx512_core_vnni : cpu_isa::avx512_core;
     std::array<std::shared_ptr<const spmm_kernel>, 4> out;
     for (int nv = 1; nv <= 4; ++nv) {
-        runtime::kernel_key key{"avx512_vnni_spmm_s8q",
-                                0,
-                                {nv},
-                                1,
-                                static_cast<int>(cpu_isa::avx512_core_vnni),
-                                0,
-                                0};
-        out[nv - 1] = cache.get_or_create(key, [nv] {
-            return std::make_shared<const spmm_kernel>(jit::spmm_type::s8_quads, nv);
+        runtime::kernel_key key{"avx512_spmm_s8q", 0, {nv}, 1, static_cast<int>(isa), 0, 0};
+        out[nv - 1] = cache.get_or_create(key, [nv, vnni] {
+            return std::make_shared<const spmm_kernel>(
+                    vnni ? jit::spmm_type::s8_quads : jit::spmm_type::s8_quads_bw, nv);
         });
     }
     return out;
@@ -64,7 +63,7 @@ std::array<std::shared_ptr<const spmm_kernel>, 4> vnni_spmm_code() {
 // backward-data (rows = input features, quads over output features).
 class jit_linear_s8_spmm_kernel : public kernel {
 public:
-    explicit jit_linear_s8_spmm_kernel(const problem &p) : p_(p) {
+    jit_linear_s8_spmm_kernel(const problem &p, bool vnni) : p_(p) {
         const csr_pattern &w = p.pattern;
         const int64_t *rp = w.row_ptr();
         const int32_t *ci = w.col_idx();
@@ -112,7 +111,7 @@ public:
             quad_ptr_[r + 1] = static_cast<int64_t>(offsets_.size());
         }
         bounds_ = balance_rows(quad_ptr_.data(), rows_, std::max(1, p.num_threads));
-        code_ = vnni_spmm_code();
+        code_ = spmm_code(vnni);
         p_.batch = 0; // the plan serves every batch size
     }
 
@@ -192,14 +191,14 @@ private:
 
 class jit_linear_s8_bwd_weights_kernel : public kernel {
 public:
-    explicit jit_linear_s8_bwd_weights_kernel(const problem &p) : p_(p) {
+    jit_linear_s8_bwd_weights_kernel(const problem &p, bool vnni) : p_(p) {
         const int64_t nnz = p.pattern.nnz();
         const int32_t *ci = p.pattern.col_idx();
         offsets_.assign(static_cast<size_t>(nnz) + 16, 0); // +16: a group may read past the row
         for (int64_t e = 0; e < nnz; ++e)
             offsets_[e] = static_cast<int32_t>(int64_t(ci[e]) * jit::s8_tile_row_bytes);
         bounds_ = balance_rows(p.pattern.row_ptr(), p.out, std::max(1, p.num_threads));
-        code_ = vnni_sddmm_code();
+        code_ = sddmm_code(vnni);
         p_.batch = 0; // the plan serves every batch size
     }
 
@@ -254,14 +253,19 @@ private:
 
 } // namespace
 
-implementation jit_avx512_vnni_linear_s8_implementation() {
-    return {"jit:avx512_core_vnni",
-            [](const problem &p) -> std::string {
+namespace {
+
+implementation jit_linear_s8_implementation(const char *name, cpu_isa isa) {
+    const bool vnni = isa == cpu_isa::avx512_core_vnni;
+    return {name,
+            [isa, vnni](const problem &p) -> std::string {
                 if (p.op != op_kind::linear) return "Linear only";
                 if (p.scheme != quant_scheme::s8) return "s8 only";
-                if (effective_cpu_isa() < cpu_isa::avx512_core_vnni)
-                    return std::string("needs avx512_core_vnni, effective ISA is ")
+                if (effective_cpu_isa() < isa)
+                    return std::string("needs ") + to_string(isa) + ", effective ISA is "
                            + to_string(effective_cpu_isa());
+                if (!vnni && effective_cpu_isa() >= cpu_isa::avx512_core_vnni)
+                    return "superseded by jit:avx512_core_vnni on this CPU";
                 const int64_t reduction = p.dir == direction::forward         ? p.in
                                           : p.dir == direction::backward_data ? p.out
                                                                               : p.batch;
@@ -273,20 +277,26 @@ implementation jit_avx512_vnni_linear_s8_implementation() {
                     return "a dimension exceeds the 32-bit tile offsets";
                 return "";
             },
-            [](const problem &p) -> std::shared_ptr<const kernel> {
-                runtime::kernel_key key{"linear_s8",
-                                        static_cast<int>(p.dir),
-                                        {p.in, p.out},
-                                        1,
-                                        static_cast<int>(cpu_isa::avx512_core_vnni),
-                                        p.num_threads,
-                                        p.pattern.hash()};
-                return cached_plan(key, [&]() -> std::shared_ptr<const kernel> {
+            [isa, vnni](const problem &p) -> std::shared_ptr<const kernel> {
+                runtime::kernel_key key{
+                        "linear_s8",           static_cast<int>(p.dir), {p.in, p.out},   1,
+                        static_cast<int>(isa), p.num_threads,           p.pattern.hash()};
+                return cached_plan(key, [&, vnni]() -> std::shared_ptr<const kernel> {
                     if (p.dir == direction::backward_weights)
-                        return std::make_shared<const jit_linear_s8_bwd_weights_kernel>(p);
-                    return std::make_shared<const jit_linear_s8_spmm_kernel>(p);
+                        return std::make_shared<const jit_linear_s8_bwd_weights_kernel>(p, vnni);
+                    return std::make_shared<const jit_linear_s8_spmm_kernel>(p, vnni);
                 });
             }};
+}
+
+} // namespace
+
+implementation jit_avx512_vnni_linear_s8_implementation() {
+    return jit_linear_s8_implementation("jit:avx512_core_vnni", cpu_isa::avx512_core_vnni);
+}
+
+implementation jit_avx512_linear_s8_implementation() {
+    return jit_linear_s8_implementation("jit:avx512_core", cpu_isa::avx512_core);
 }
 
 } // namespace qsp::detail

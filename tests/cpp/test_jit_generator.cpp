@@ -77,6 +77,7 @@ TEST(JitGenerator, dump_writes_the_code_for_objdump) {
 
 } // namespace qsp::test
 
+#include "jit/jit_avx2_sparse_f32.hpp"
 #include "jit/jit_avx512_sddmm.hpp"
 #include "jit/jit_avx512_spmm.hpp"
 
@@ -86,11 +87,14 @@ namespace qsp::test {
 // (Generating code needs no AVX-512; only running it does.)
 TEST(JitGenerator, real_kernels_are_never_writable_and_executable) {
     jit::jit_avx512_spmm_kernel spmm_f32(jit::spmm_type::f32, 4),
-            spmm_s8(jit::spmm_type::s8_quads, 2);
+            spmm_s8(jit::spmm_type::s8_quads, 2), spmm_s8_bw(jit::spmm_type::s8_quads_bw, 1);
     jit::jit_avx512_sddmm_kernel sddmm_f32(jit::sddmm_type::f32, 3),
-            sddmm_s8(jit::sddmm_type::s8_vnni, 1);
+            sddmm_s8(jit::sddmm_type::s8_vnni, 1), sddmm_s8_bw(jit::sddmm_type::s8_bw, 1);
+    jit::jit_avx2_spmm_f32_kernel spmm_avx2(8);
+    jit::jit_avx2_sddmm_f32_kernel sddmm_avx2(5);
     for (const jit::jit_generator *k : std::initializer_list<const jit::jit_generator *>{
-                 &spmm_f32, &spmm_s8, &sddmm_f32, &sddmm_s8}) {
+                 &spmm_f32, &spmm_s8, &spmm_s8_bw, &sddmm_f32, &sddmm_s8, &sddmm_s8_bw, &spmm_avx2,
+                 &sddmm_avx2}) {
         const std::string perms = permissions_of(k->code());
         ASSERT_EQ(perms.size(), 4u) << k->name();
         EXPECT_EQ(perms.substr(0, 3), "r-x") << k->name();
