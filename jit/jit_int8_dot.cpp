@@ -2,24 +2,43 @@
 
 namespace qsp::jit {
 
-void emit_int8_dot_constants(Xbyak::CodeGenerator &g, const Xbyak::Zmm &ones16,
-                             const Xbyak::Zmm &nibble_mask) {
+void emit_int8_dot_constants(Xbyak::CodeGenerator &g, const Xbyak::Xmm &ones16,
+                             const Xbyak::Xmm &nibble_mask) {
+    // AVX2 has no broadcast from a GPR: go through the low xmm.
+    const bool evex = ones16.isZMM();
     g.mov(g.eax, 0x00010001);
-    g.vpbroadcastd(ones16, g.eax);
+    if (evex) {
+        g.vpbroadcastd(ones16, g.eax);
+    } else {
+        g.vmovd(Xbyak::Xmm(ones16.getIdx()), g.eax);
+        g.vpbroadcastd(ones16, Xbyak::Xmm(ones16.getIdx()));
+    }
     g.mov(g.eax, 0x0f0f0f0f);
-    g.vpbroadcastd(nibble_mask, g.eax);
+    if (evex) {
+        g.vpbroadcastd(nibble_mask, g.eax);
+    } else {
+        g.vmovd(Xbyak::Xmm(nibble_mask.getIdx()), g.eax);
+        g.vpbroadcastd(nibble_mask, Xbyak::Xmm(nibble_mask.getIdx()));
+    }
 }
 
-void emit_split_nibbles(Xbyak::CodeGenerator &g, const Xbyak::Zmm &a, const Xbyak::Zmm &lo,
-                        const Xbyak::Zmm &hi, const Xbyak::Zmm &nibble_mask) {
-    g.vpandd(lo, a, nibble_mask);
-    g.vpsrlw(hi, a, 4); // bits of the neighbour byte land in the high nibble: masked off
-    g.vpandd(hi, hi, nibble_mask);
+void emit_split_nibbles(Xbyak::CodeGenerator &g, const Xbyak::Xmm &a, const Xbyak::Xmm &lo,
+                        const Xbyak::Xmm &hi, const Xbyak::Xmm &nibble_mask) {
+    // vpandd is EVEX only; vpand has no zmm form.
+    if (a.isZMM()) {
+        g.vpandd(lo, a, nibble_mask);
+        g.vpsrlw(hi, a, 4); // bits of the neighbour byte land in the high nibble: masked off
+        g.vpandd(hi, hi, nibble_mask);
+    } else {
+        g.vpand(lo, a, nibble_mask);
+        g.vpsrlw(hi, a, 4);
+        g.vpand(hi, hi, nibble_mask);
+    }
 }
 
-void emit_dot_u8s8_nibbles(Xbyak::CodeGenerator &g, const Xbyak::Zmm &acc, const Xbyak::Zmm &a_lo,
-                           const Xbyak::Zmm &a_hi, const Xbyak::Operand &b,
-                           const Xbyak::Zmm &ones16, const Xbyak::Zmm &t_lo, const Xbyak::Zmm &t_hi,
+void emit_dot_u8s8_nibbles(Xbyak::CodeGenerator &g, const Xbyak::Xmm &acc, const Xbyak::Xmm &a_lo,
+                           const Xbyak::Xmm &a_hi, const Xbyak::Operand &b,
+                           const Xbyak::Xmm &ones16, const Xbyak::Xmm &t_lo, const Xbyak::Xmm &t_hi,
                            bool accumulate) {
     g.vpmaddubsw(t_lo, a_lo, b);
     g.vpmaddubsw(t_hi, a_hi, b);

@@ -1,4 +1,5 @@
-// u8 x s8 dot products of 4-byte groups without VNNI (AVX-512BW only), exact.
+// u8 x s8 dot products of 4-byte groups without VNNI, exact, on zmm
+// (AVX-512BW, EVEX) or ymm (AVX2, VEX) registers.
 // vpdpbusd adds a[4i..4i+3] . b[4i..4i+3] to 32-bit lane i; vpmaddubsw alone
 // would saturate (255 * 127 * 2 > 32767), so a is split into nibbles,
 // a = 16 * hi + lo: each vpmaddubsw pair sum is at most 15 * 127 * 2, then
@@ -12,18 +13,18 @@
 namespace qsp::jit {
 
 // Fills ones16 (int16 1s) and nibble_mask (0x0f bytes), using eax.
-void emit_int8_dot_constants(Xbyak::CodeGenerator &g, const Xbyak::Zmm &ones16,
-                             const Xbyak::Zmm &nibble_mask);
+void emit_int8_dot_constants(Xbyak::CodeGenerator &g, const Xbyak::Xmm &ones16,
+                             const Xbyak::Xmm &nibble_mask);
 
 // lo = a & 0x0f, hi = (a >> 4) & 0x0f, bytewise.
-void emit_split_nibbles(Xbyak::CodeGenerator &g, const Xbyak::Zmm &a, const Xbyak::Zmm &lo,
-                        const Xbyak::Zmm &hi, const Xbyak::Zmm &nibble_mask);
+void emit_split_nibbles(Xbyak::CodeGenerator &g, const Xbyak::Xmm &a, const Xbyak::Xmm &lo,
+                        const Xbyak::Xmm &hi, const Xbyak::Xmm &nibble_mask);
 
 // acc (+)= per-lane sums of (16 * a_hi + a_lo) * b over 4-byte groups; b is a
 // zmm or a 64-byte memory operand. With `accumulate` false acc is overwritten.
-void emit_dot_u8s8_nibbles(Xbyak::CodeGenerator &g, const Xbyak::Zmm &acc, const Xbyak::Zmm &a_lo,
-                           const Xbyak::Zmm &a_hi, const Xbyak::Operand &b,
-                           const Xbyak::Zmm &ones16, const Xbyak::Zmm &t_lo, const Xbyak::Zmm &t_hi,
+void emit_dot_u8s8_nibbles(Xbyak::CodeGenerator &g, const Xbyak::Xmm &acc, const Xbyak::Xmm &a_lo,
+                           const Xbyak::Xmm &a_hi, const Xbyak::Operand &b,
+                           const Xbyak::Xmm &ones16, const Xbyak::Xmm &t_lo, const Xbyak::Xmm &t_hi,
                            bool accumulate);
 
 } // namespace qsp::jit

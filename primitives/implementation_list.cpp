@@ -10,11 +10,17 @@
 namespace qsp::detail {
 
 const std::vector<implementation> &implementation_list() {
+    // clang-format off
     static const std::vector<implementation> list = {
-            jit_avx512_linear_f32_implementation(),     jit_avx2_linear_f32_implementation(),
-            jit_avx512_vnni_linear_s8_implementation(), jit_avx512_linear_s8_implementation(),
-            dense_onednn_s8_linear_implementation(),    ref_implementation(),
+        jit_avx512_linear_f32_implementation(),
+        jit_avx2_linear_f32_implementation(),
+        jit_avx512_vnni_linear_s8_implementation(),
+        jit_avx512_linear_s8_implementation(),
+        jit_avx2_linear_s8_implementation(),
+        dense_onednn_s8_linear_implementation(),
+        ref_implementation(),
     };
+    // clang-format on
     return list;
 }
 

@@ -223,7 +223,7 @@ implementation jit_linear_f32_implementation(const char *name, cpu_isa isa) {
             [isa](const problem &p) -> std::string {
                 if (p.op != op_kind::linear) return "Conv2d has no JIT kernel yet";
                 if (p.scheme != quant_scheme::f32)
-                    return "f32 only (s8 runs on jit:avx512_core_vnni)";
+                    return "f32 only (s8 has implementations of its own)";
                 if (effective_cpu_isa() < isa)
                     return std::string("needs ") + to_string(isa) + ", effective ISA is "
                            + to_string(effective_cpu_isa());

@@ -13,10 +13,13 @@
 #include <algorithm>
 #include <array>
 #include <cstring>
+#include <functional>
 #include <memory>
 
 #include <omp.h>
 
+#include "jit/jit_avx2_sparse_f32.hpp"
+#include "jit/jit_avx2_sparse_s8.hpp"
 #include "jit/jit_avx512_sddmm.hpp"
 #include "primitives/jit_linear_s8.hpp"
 #include "primitives/plan_cache.hpp"
@@ -34,27 +37,50 @@ namespace {
 using sddmm_kernel = jit::jit_avx512_sddmm_kernel;
 using spmm_kernel = jit::jit_avx512_spmm_kernel;
 
-// Generic code shared by all layers: VNNI, or the AVX-512BW emulation.
-std::shared_ptr<const sddmm_kernel> sddmm_code(bool vnni) {
-    static runtime::kernel_cache<sddmm_kernel> cache;
-    const cpu_isa isa = vnni ? cpu_isa::avx512_core_vnni : cpu_isa::avx512_core;
-    runtime::kernel_key key{"avx512_sddmm_s8", 0, {1}, 1, static_cast<int>(isa), 0, 0};
-    return cache.get_or_create(key, [vnni] {
-        return std::make_shared<const sddmm_kernel>(
-                vnni ? jit::sddmm_type::s8_vnni : jit::sddmm_type::s8_bw, 1);
-    });
+using spmm_call = std::function<void(const jit::spmm_call_params &)>;
+using sddmm_call = std::function<void(const jit::sddmm_call_params &)>;
+
+// Generic code shared by all layers, for the tier: VNNI, AVX-512BW (emulated
+// dot products) or AVX2 (emulated, ymm).
+sddmm_call sddmm_code(cpu_isa isa) {
+    static runtime::kernel_cache<jit::jit_generator> cache;
+    runtime::kernel_key key{"sddmm_s8", 0, {1}, 1, static_cast<int>(isa), 0, 0};
+    if (isa == cpu_isa::avx2) {
+        auto k = std::static_pointer_cast<const jit::jit_avx2_sddmm_s8_kernel>(cache.get_or_create(
+                key, [] { return std::make_shared<const jit::jit_avx2_sddmm_s8_kernel>(); }));
+        return [k](const jit::sddmm_call_params &c) { (*k)(c); };
+    }
+    auto k = std::static_pointer_cast<const sddmm_kernel>(cache.get_or_create(key, [isa] {
+        return std::make_shared<const sddmm_kernel>(isa == cpu_isa::avx512_core_vnni
+                                                            ? jit::sddmm_type::s8_vnni
+                                                            : jit::sddmm_type::s8_bw,
+                                                    1);
+    }));
+    return [k](const jit::sddmm_call_params &c) { (*k)(c); };
 }
 
-std::array<std::shared_ptr<const spmm_kernel>, 4> spmm_code(bool vnni) {
-    static runtime::kernel_cache<spmm_kernel> cache;
-    const cpu_isa isa = vnni ? cpu_isa::avx512_core_vnni : cpu_isa::avx512_core;
-    std::array<std::shared_ptr<const spmm_kernel>, 4> out;
-    for (int nv = 1; nv <= 4; ++nv) {
-        runtime::kernel_key key{"avx512_spmm_s8q", 0, {nv}, 1, static_cast<int>(isa), 0, 0};
-        out[nv - 1] = cache.get_or_create(key, [nv, vnni] {
-            return std::make_shared<const spmm_kernel>(
-                    vnni ? jit::spmm_type::s8_quads : jit::spmm_type::s8_quads_bw, nv);
-        });
+std::vector<spmm_call> spmm_code(cpu_isa isa) {
+    static runtime::kernel_cache<jit::jit_generator> cache;
+    const int variants = isa == cpu_isa::avx2 ? jit::tile_batch / jit::avx2_lanes : 4;
+    std::vector<spmm_call> out;
+    for (int nv = 1; nv <= variants; ++nv) {
+        runtime::kernel_key key{"spmm_s8q", 0, {nv}, 1, static_cast<int>(isa), 0, 0};
+        if (isa == cpu_isa::avx2) {
+            auto k = std::static_pointer_cast<const jit::jit_avx2_spmm_s8_kernel>(
+                    cache.get_or_create(key, [nv] {
+                        return std::make_shared<const jit::jit_avx2_spmm_s8_kernel>(nv);
+                    }));
+            out.emplace_back([k](const jit::spmm_call_params &c) { (*k)(c); });
+        } else {
+            auto k =
+                    std::static_pointer_cast<const spmm_kernel>(cache.get_or_create(key, [nv, isa] {
+                        return std::make_shared<const spmm_kernel>(
+                                isa == cpu_isa::avx512_core_vnni ? jit::spmm_type::s8_quads
+                                                                 : jit::spmm_type::s8_quads_bw,
+                                nv);
+                    }));
+            out.emplace_back([k](const jit::spmm_call_params &c) { (*k)(c); });
+        }
     }
     return out;
 }
@@ -63,7 +89,8 @@ std::array<std::shared_ptr<const spmm_kernel>, 4> spmm_code(bool vnni) {
 // backward-data (rows = input features, quads over output features).
 class jit_linear_s8_spmm_kernel : public kernel {
 public:
-    jit_linear_s8_spmm_kernel(const problem &p, bool vnni) : p_(p) {
+    jit_linear_s8_spmm_kernel(const problem &p, cpu_isa isa)
+        : p_(p), lanes_(isa == cpu_isa::avx2 ? jit::avx2_lanes : 16) {
         const csr_pattern &w = p.pattern;
         const int64_t *rp = w.row_ptr();
         const int32_t *ci = w.col_idx();
@@ -111,7 +138,7 @@ public:
             quad_ptr_[r + 1] = static_cast<int64_t>(offsets_.size());
         }
         bounds_ = balance_rows(quad_ptr_.data(), rows_, std::max(1, p.num_threads));
-        code_ = spmm_code(vnni);
+        code_ = spmm_code(isa);
         p_.batch = 0; // the plan serves every batch size
     }
 
@@ -151,13 +178,13 @@ public:
                                  : src_q;
             scale = fast_quantize_rne(t.src, B * K, xq, nt);
             if (t.workspace) std::memcpy(t.workspace, &scale, sizeof(float));
-            pack_quad_tiles_avx512(xq, B, K, src_tiles, nt);
+            pack_quad_tiles(xq, B, K, src_tiles, nt);
             for (int64_t n = 0; n < N; ++n)
                 row_scale[n] = scale * w_scale[n];
         } else {
             scale = fast_quantize_stochastic(t.diff_dst, B * N, w_scale, N,
                                              rounding_seed32(2 * t.seed + 1), src_q, nt);
-            pack_quad_tiles_avx512(src_q, B, N, src_tiles, nt);
+            pack_quad_tiles(src_q, B, N, src_tiles, nt);
             std::fill(row_scale, row_scale + rows_, scale);
         }
         const int parts = static_cast<int>(bounds_.size()) - 1;
@@ -173,11 +200,11 @@ public:
                                             bounds_[part + 1],
                                             src_tiles + tile * quads * tb * 4,
                                             acc + tile * rows_ * tb};
-                    (*code_[tile_vectors(B, tile) - 1])(c);
+                    code_[tile_vectors(B, tile, lanes_) - 1](c);
                 }
         }
-        unpack_s32_tiles_avx512(acc, B, rows_, correction, row_scale, fwd ? t.bias : nullptr,
-                                fwd ? t.dst : t.diff_src, nt);
+        unpack_s32_tiles(acc, B, rows_, correction, row_scale, fwd ? t.bias : nullptr,
+                         fwd ? t.dst : t.diff_src, nt);
     }
 
 private:
@@ -186,19 +213,20 @@ private:
     std::vector<int64_t> entry_ptr_, value_index_, quad_ptr_, quad_of_, bounds_;
     std::vector<uint8_t> byte_of_;
     std::vector<int32_t> offsets_;
-    std::array<std::shared_ptr<const spmm_kernel>, 4> code_;
+    int lanes_;
+    std::vector<spmm_call> code_;
 };
 
 class jit_linear_s8_bwd_weights_kernel : public kernel {
 public:
-    jit_linear_s8_bwd_weights_kernel(const problem &p, bool vnni) : p_(p) {
+    jit_linear_s8_bwd_weights_kernel(const problem &p, cpu_isa isa) : p_(p) {
         const int64_t nnz = p.pattern.nnz();
         const int32_t *ci = p.pattern.col_idx();
         offsets_.assign(static_cast<size_t>(nnz) + 16, 0); // +16: a group may read past the row
         for (int64_t e = 0; e < nnz; ++e)
             offsets_[e] = static_cast<int32_t>(int64_t(ci[e]) * jit::s8_tile_row_bytes);
         bounds_ = balance_rows(p.pattern.row_ptr(), p.out, std::max(1, p.num_threads));
-        code_ = sddmm_code(vnni);
+        code_ = sddmm_code(isa);
         p_.batch = 0; // the plan serves every batch size
     }
 
@@ -213,9 +241,9 @@ public:
         auto *x_tiles = scratch<int8_t>(1, tiles * K * tb);
         auto *col_sum = scratch<int32_t>(2, K);
         auto *acc = scratch<int32_t>(3, nnz);
-        const float sg1 = quantize_stochastic_to_s8_tiles_avx512(
-                t.diff_dst, B, N, rounding_seed32(2 * t.seed), g_tiles, nt);
-        pack_s8_tiles_avx512(xq, B, K, x_tiles, nt);
+        const float sg1 = quantize_stochastic_to_s8_tiles(t.diff_dst, B, N,
+                                                          rounding_seed32(2 * t.seed), g_tiles, nt);
+        pack_s8_tiles(xq, B, K, x_tiles, nt);
         column_sums_s8(xq, B, K, col_sum, nt);
         std::fill(acc, acc + nnz, 0);
         const int parts = static_cast<int>(bounds_.size()) - 1;
@@ -231,7 +259,7 @@ public:
                                              x_tiles + tile * K * tb,
                                              g_tiles + tile * N * tb,
                                              acc};
-                    (*code_)(c);
+                    code_(c);
                 }
         }
         const float scale = sg1 * sx;
@@ -248,7 +276,7 @@ private:
     problem p_;
     std::vector<int32_t> offsets_;
     std::vector<int64_t> bounds_;
-    std::shared_ptr<const sddmm_kernel> code_;
+    sddmm_call code_;
 };
 
 } // namespace
@@ -264,8 +292,11 @@ implementation jit_linear_s8_implementation(const char *name, cpu_isa isa) {
                 if (effective_cpu_isa() < isa)
                     return std::string("needs ") + to_string(isa) + ", effective ISA is "
                            + to_string(effective_cpu_isa());
-                if (!vnni && effective_cpu_isa() >= cpu_isa::avx512_core_vnni)
+                if (!vnni && isa == cpu_isa::avx512_core
+                    && effective_cpu_isa() >= cpu_isa::avx512_core_vnni)
                     return "superseded by jit:avx512_core_vnni on this CPU";
+                if (isa == cpu_isa::avx2 && effective_cpu_isa() >= cpu_isa::avx512_core)
+                    return "superseded by the AVX-512 kernels on this CPU";
                 const int64_t reduction = p.dir == direction::forward         ? p.in
                                           : p.dir == direction::backward_data ? p.out
                                                                               : p.batch;
@@ -281,10 +312,10 @@ implementation jit_linear_s8_implementation(const char *name, cpu_isa isa) {
                 runtime::kernel_key key{
                         "linear_s8",           static_cast<int>(p.dir), {p.in, p.out},   1,
                         static_cast<int>(isa), p.num_threads,           p.pattern.hash()};
-                return cached_plan(key, [&, vnni]() -> std::shared_ptr<const kernel> {
+                return cached_plan(key, [&, isa]() -> std::shared_ptr<const kernel> {
                     if (p.dir == direction::backward_weights)
-                        return std::make_shared<const jit_linear_s8_bwd_weights_kernel>(p, vnni);
-                    return std::make_shared<const jit_linear_s8_spmm_kernel>(p, vnni);
+                        return std::make_shared<const jit_linear_s8_bwd_weights_kernel>(p, isa);
+                    return std::make_shared<const jit_linear_s8_spmm_kernel>(p, isa);
                 });
             }};
 }
@@ -297,6 +328,10 @@ implementation jit_avx512_vnni_linear_s8_implementation() {
 
 implementation jit_avx512_linear_s8_implementation() {
     return jit_linear_s8_implementation("jit:avx512_core", cpu_isa::avx512_core);
+}
+
+implementation jit_avx2_linear_s8_implementation() {
+    return jit_linear_s8_implementation("jit:avx2", cpu_isa::avx2);
 }
 
 } // namespace qsp::detail

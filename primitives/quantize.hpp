@@ -25,6 +25,17 @@ float quantize_rne_avx512(const float *x, int64_t n, int8_t *q, int num_threads)
 float quantize_stochastic_avx512(const float *x, int64_t n, const float *multiplier,
                                  int64_t channels, uint32_t seed32, int8_t *q, int num_threads);
 
+// The s8 JIT's tile passes, AVX-512 or portable (same results).
+float quantize_stochastic_to_s8_tiles(const float *x, int64_t batch, int64_t channels,
+                                      uint32_t seed32, uint8_t *tiles, int num_threads);
+void pack_s8_tiles(const int8_t *x, int64_t batch, int64_t channels, int8_t *tiles,
+                   int num_threads);
+void pack_quad_tiles(const int8_t *x, int64_t batch, int64_t channels, uint8_t *tiles,
+                     int num_threads);
+void unpack_s32_tiles(const int32_t *tiles, int64_t batch, int64_t channels,
+                      const int32_t *correction, const float *scale, const float *bias, float *dst,
+                      int num_threads);
+
 // Backward-weights operands of the s8 VNNI kernel, in the int8 tile layout
 // (batch-innermost, 64 bytes per row; tile_layout.hpp):
 // G1 = sr(dY / sg1) stored as G1 + 128 (u8; padding 128, i.e. G = 0), the

@@ -78,6 +78,7 @@ TEST(JitGenerator, dump_writes_the_code_for_objdump) {
 } // namespace qsp::test
 
 #include "jit/jit_avx2_sparse_f32.hpp"
+#include "jit/jit_avx2_sparse_s8.hpp"
 #include "jit/jit_avx512_sddmm.hpp"
 #include "jit/jit_avx512_spmm.hpp"
 
@@ -92,6 +93,8 @@ TEST(JitGenerator, real_kernels_are_never_writable_and_executable) {
             sddmm_s8(jit::sddmm_type::s8_vnni, 1), sddmm_s8_bw(jit::sddmm_type::s8_bw, 1);
     jit::jit_avx2_spmm_f32_kernel spmm_avx2(8);
     jit::jit_avx2_sddmm_f32_kernel sddmm_avx2(5);
+    jit::jit_avx2_spmm_s8_kernel spmm_avx2_s8(3);
+    jit::jit_avx2_sddmm_s8_kernel sddmm_avx2_s8;
     for (const jit::jit_generator *k : std::initializer_list<const jit::jit_generator *>{
                  &spmm_f32, &spmm_s8, &spmm_s8_bw, &sddmm_f32, &sddmm_s8, &sddmm_s8_bw, &spmm_avx2,
                  &sddmm_avx2}) {
