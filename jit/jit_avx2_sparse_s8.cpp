@@ -16,8 +16,11 @@ namespace {
 constexpr size_t kernel_code_bytes = 32 * 1024;
 } // namespace
 
-jit_avx2_spmm_s8_kernel::jit_avx2_spmm_s8_kernel(int n_vec)
-    : jit_generator("avx2_spmm_s8q_v" + std::to_string(n_vec), kernel_code_bytes), n_vec_(n_vec) {
+jit_avx2_spmm_s8_kernel::jit_avx2_spmm_s8_kernel(int n_vec, bool avx_vnni)
+    : jit_generator(std::string(avx_vnni ? "avx_vnni_spmm_s8q_v" : "avx2_spmm_s8q_v")
+                            + std::to_string(n_vec),
+                    kernel_code_bytes),
+      n_vec_(n_vec), avx_vnni_(avx_vnni) {
     if (n_vec < 1 || n_vec > tile_batch / avx2_lanes)
         throw std::invalid_argument("avx2 s8 spmm: n_vec must be in [1, 8], got "
                                     + std::to_string(n_vec));
@@ -40,7 +43,7 @@ void jit_avx2_spmm_s8_kernel::generate() {
     mov(row_end, ptr[param + offsetof(spmm_call_params, row_end)]);
     mov(src, ptr[param + offsetof(spmm_call_params, src_tile)]);
     mov(dst, ptr[param + offsetof(spmm_call_params, dst_tile)]);
-    emit_int8_dot_constants(*this, ones16, nibble_mask);
+    if (!avx_vnni_) emit_int8_dot_constants(*this, ones16, nibble_mask);
 
     Label row_loop, entry_loop, store, done;
     L(row_loop);
@@ -57,6 +60,10 @@ void jit_avx2_spmm_s8_kernel::generate() {
     vpbroadcastd(w, dword[values + i * 4]);
     for (int v = 0; v < nv; ++v) {
         vmovdqu(x, yword[src + off + v * 32]);
+        if (avx_vnni_) {
+            vpdpbusd(Ymm(v), x, w, VexEncoding);
+            continue;
+        }
         emit_split_nibbles(*this, x, x_lo, x_hi, nibble_mask);
         emit_dot_u8s8_nibbles(*this, Ymm(v), x_lo, x_hi, w, ones16, t_lo, t_hi, true);
     }
@@ -115,8 +122,9 @@ std::array<int32_t, 8> tree_lane_of() {
 
 } // namespace
 
-jit_avx2_sddmm_s8_kernel::jit_avx2_sddmm_s8_kernel()
-    : jit_generator("avx2_sddmm_s8", kernel_code_bytes) {
+jit_avx2_sddmm_s8_kernel::jit_avx2_sddmm_s8_kernel(bool avx_vnni)
+    : jit_generator(avx_vnni ? "avx_vnni_sddmm_s8" : "avx2_sddmm_s8", kernel_code_bytes),
+      avx_vnni_(avx_vnni) {
     fn_ = reinterpret_cast<decltype(fn_)>(const_cast<void *>(create_kernel()));
 }
 
@@ -144,12 +152,17 @@ void jit_avx2_sddmm_s8_kernel::generate() {
     L(row_loop);
     cmp(row, row_end);
     jge(done, T_NEAR);
-    emit_int8_dot_constants(*this, ones16, scratch); // scratch = nibble mask for the split
     mov(rcx, row);
-    shl(rcx, 6); // * 64 bytes
-    for (int v = 0; v < 2; ++v) {
-        vmovdqu(t_lo, yword[dy + rcx + v * 32]);
-        emit_split_nibbles(*this, t_lo, g_lo(v), g_hi(v), scratch);
+    shl(rcx, 6);     // * 64 bytes
+    if (avx_vnni_) { // G + 128 stays whole: g_lo(v) holds it
+        for (int v = 0; v < 2; ++v)
+            vmovdqu(g_lo(v), yword[dy + rcx + v * 32]);
+    } else {
+        emit_int8_dot_constants(*this, ones16, scratch); // scratch = nibble mask for the split
+        for (int v = 0; v < 2; ++v) {
+            vmovdqu(t_lo, yword[dy + rcx + v * 32]);
+            emit_split_nibbles(*this, t_lo, g_lo(v), g_hi(v), scratch);
+        }
     }
     mov(i, ptr[row_ptr + row * 8]);
     mov(end, ptr[row_ptr + row * 8 + 8]);
@@ -159,9 +172,14 @@ void jit_avx2_sddmm_s8_kernel::generate() {
     jge(next_row, T_NEAR);
     for (int j = 0; j < 8; ++j) {
         movsxd(off, dword[offsets + i * 4 + j * 4]);
-        for (int v = 0; v < 2; ++v)
-            emit_dot_u8s8_nibbles(*this, Ymm(j), g_lo(v), g_hi(v), yword[x + off + v * 32], ones16,
-                                  t_lo, t_hi, v > 0);
+        if (avx_vnni_) vpxor(Ymm(j), Ymm(j), Ymm(j));
+        for (int v = 0; v < 2; ++v) {
+            if (avx_vnni_)
+                vpdpbusd(Ymm(j), g_lo(v), yword[x + off + v * 32], VexEncoding);
+            else
+                emit_dot_u8s8_nibbles(*this, Ymm(j), g_lo(v), g_hi(v), yword[x + off + v * 32],
+                                      ones16, t_lo, t_hi, v > 0);
+        }
     }
     for (int j = 0; j < 4; ++j) {
         vperm2i128(t_lo, Ymm(2 * j), Ymm(2 * j + 1), 0x20);

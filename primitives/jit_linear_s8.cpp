@@ -44,10 +44,13 @@ using sddmm_call = std::function<void(const jit::sddmm_call_params &)>;
 // dot products) or AVX2 (emulated, ymm).
 sddmm_call sddmm_code(cpu_isa isa) {
     static runtime::kernel_cache<jit::jit_generator> cache;
-    runtime::kernel_key key{"sddmm_s8", 0, {1}, 1, static_cast<int>(isa), 0, 0};
+    const bool avx_vnni = isa == cpu_isa::avx2 && cpu_has_avx_vnni();
+    runtime::kernel_key key{"sddmm_s8", 0, {1, avx_vnni}, 1, static_cast<int>(isa), 0, 0};
     if (isa == cpu_isa::avx2) {
-        auto k = std::static_pointer_cast<const jit::jit_avx2_sddmm_s8_kernel>(cache.get_or_create(
-                key, [] { return std::make_shared<const jit::jit_avx2_sddmm_s8_kernel>(); }));
+        auto k = std::static_pointer_cast<const jit::jit_avx2_sddmm_s8_kernel>(
+                cache.get_or_create(key, [avx_vnni] {
+                    return std::make_shared<const jit::jit_avx2_sddmm_s8_kernel>(avx_vnni);
+                }));
         return [k](const jit::sddmm_call_params &c) { (*k)(c); };
     }
     auto k = std::static_pointer_cast<const sddmm_kernel>(cache.get_or_create(key, [isa] {
@@ -62,13 +65,14 @@ sddmm_call sddmm_code(cpu_isa isa) {
 std::vector<spmm_call> spmm_code(cpu_isa isa) {
     static runtime::kernel_cache<jit::jit_generator> cache;
     const int variants = isa == cpu_isa::avx2 ? jit::tile_batch / jit::avx2_lanes : 4;
+    const bool avx_vnni = isa == cpu_isa::avx2 && cpu_has_avx_vnni();
     std::vector<spmm_call> out;
     for (int nv = 1; nv <= variants; ++nv) {
-        runtime::kernel_key key{"spmm_s8q", 0, {nv}, 1, static_cast<int>(isa), 0, 0};
+        runtime::kernel_key key{"spmm_s8q", 0, {nv, avx_vnni}, 1, static_cast<int>(isa), 0, 0};
         if (isa == cpu_isa::avx2) {
             auto k = std::static_pointer_cast<const jit::jit_avx2_spmm_s8_kernel>(
-                    cache.get_or_create(key, [nv] {
-                        return std::make_shared<const jit::jit_avx2_spmm_s8_kernel>(nv);
+                    cache.get_or_create(key, [nv, avx_vnni] {
+                        return std::make_shared<const jit::jit_avx2_spmm_s8_kernel>(nv, avx_vnni);
                     }));
             out.emplace_back([k](const jit::spmm_call_params &c) { (*k)(c); });
         } else {

@@ -74,6 +74,11 @@ cpu_isa detected_cpu_isa() {
     return isa;
 }
 
+bool cpu_has_avx_vnni() {
+    static const bool has = Xbyak::util::Cpu().has(Xbyak::util::Cpu::tAVX_VNNI);
+    return has;
+}
+
 cpu_isa effective_cpu_isa() {
     return std::min(detected_cpu_isa(), cap());
 }

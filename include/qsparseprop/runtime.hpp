@@ -15,6 +15,9 @@ cpu_isa cpu_isa_from_string(const std::string &name);
 
 // What this CPU supports, ignoring any cap.
 cpu_isa detected_cpu_isa();
+// AVX-VNNI (VEX vpdpbusd on ymm): used by the AVX2 tier's int8 kernels
+// instead of their emulated dot products. Detected, not capped.
+bool cpu_has_avx_vnni();
 // min(detected, cap); the cap comes from set_max_cpu_isa() or, at first use,
 // from the QSP_MAX_CPU_ISA environment variable.
 cpu_isa effective_cpu_isa();

@@ -93,8 +93,8 @@ TEST(JitGenerator, real_kernels_are_never_writable_and_executable) {
             sddmm_s8(jit::sddmm_type::s8_vnni, 1), sddmm_s8_bw(jit::sddmm_type::s8_bw, 1);
     jit::jit_avx2_spmm_f32_kernel spmm_avx2(8);
     jit::jit_avx2_sddmm_f32_kernel sddmm_avx2(5);
-    jit::jit_avx2_spmm_s8_kernel spmm_avx2_s8(3);
-    jit::jit_avx2_sddmm_s8_kernel sddmm_avx2_s8;
+    jit::jit_avx2_spmm_s8_kernel spmm_avx2_s8(3, false), spmm_avx_vnni_s8(2, true);
+    jit::jit_avx2_sddmm_s8_kernel sddmm_avx2_s8(false), sddmm_avx_vnni_s8(true);
     for (const jit::jit_generator *k : std::initializer_list<const jit::jit_generator *>{
                  &spmm_f32, &spmm_s8, &spmm_s8_bw, &sddmm_f32, &sddmm_s8, &sddmm_s8_bw, &spmm_avx2,
                  &sddmm_avx2}) {
