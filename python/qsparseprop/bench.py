@@ -20,6 +20,7 @@ import os
 import statistics
 import sys
 import time
+import warnings
 
 import torch
 
@@ -76,7 +77,9 @@ def bench_linear_case(name, batch, k, n, sparsity, scheme, repeats, warmup, seed
     dense = _random_pruned_linear(k, n, sparsity, seed)
     cls = QuantizedSparseLinear if scheme == "s8" else SparseLinear
     ours = cls.from_dense(dense, seed=seed)
-    w_csr = dense.weight.detach().to_sparse_csr()
+    with warnings.catch_warnings():  # "sparse CSR support is in beta" is torch's, not ours
+        warnings.simplefilter("ignore", UserWarning)
+        w_csr = dense.weight.detach().to_sparse_csr()
 
     def dense_bf16(x):
         with torch.autocast("cpu", dtype=torch.bfloat16):
