@@ -12,6 +12,7 @@ namespace qsp::detail {
 float fast_quantize_rne(const float *x, int64_t n, int8_t *q, int num_threads) {
     if (effective_cpu_isa() >= cpu_isa::avx512_core)
         return quantize_rne_avx512(x, n, q, num_threads);
+    if (effective_cpu_isa() >= cpu_isa::avx2) return quantize_rne_avx2(x, n, q, num_threads);
     return ref::quantize_rne(x, n, q, num_threads);
 }
 
@@ -19,6 +20,8 @@ float fast_quantize_stochastic(const float *x, int64_t n, const float *multiplie
                                uint32_t seed32, int8_t *q, int num_threads) {
     if (effective_cpu_isa() >= cpu_isa::avx512_core)
         return quantize_stochastic_avx512(x, n, multiplier, channels, seed32, q, num_threads);
+    if (effective_cpu_isa() >= cpu_isa::avx2)
+        return quantize_stochastic_avx2(x, n, multiplier, channels, seed32, q, num_threads);
     return ref::quantize_stochastic(x, n, multiplier, channels, 1, seed32, q, num_threads);
 }
 
@@ -40,8 +43,8 @@ float quantize_stochastic_to_s8_tiles(const float *x, int64_t batch, int64_t cha
         return quantize_stochastic_to_s8_tiles_avx512(x, batch, channels, seed32, tiles,
                                                       num_threads);
     std::vector<int8_t> q(static_cast<size_t>(batch * channels));
-    const float scale = ref::quantize_stochastic(x, batch * channels, nullptr, 1, 1, seed32,
-                                                 q.data(), num_threads);
+    const float scale = fast_quantize_stochastic(x, batch * channels, nullptr, 1, seed32, q.data(),
+                                                 num_threads);
     const int64_t tiles_n = tile_count(batch);
 #pragma omp parallel for collapse(2) num_threads(num_threads) schedule(static)
     for (int64_t t = 0; t < tiles_n; ++t)

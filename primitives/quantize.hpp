@@ -18,6 +18,11 @@ float fast_quantize_stochastic(const float *x, int64_t n, const float *multiplie
 void fast_quantize_weights(const csr_pattern &p, const float *values, int8_t *q, float *scale,
                            int num_threads);
 
+// The AVX2 bodies (quantize_avx2.cpp).
+float quantize_rne_avx2(const float *x, int64_t n, int8_t *q, int num_threads);
+float quantize_stochastic_avx2(const float *x, int64_t n, const float *multiplier, int64_t channels,
+                               uint32_t seed32, int8_t *q, int num_threads);
+
 // The AVX-512 bodies (quantize_avx512.cpp).
 void quantize_weights_avx512(const int64_t *row_ptr, int64_t rows, const float *values, int8_t *q,
                              float *scale, int num_threads);

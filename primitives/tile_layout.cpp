@@ -50,6 +50,8 @@ void unpack_tiles_portable(const float *tiles, int64_t batch, int64_t channels, 
 void pack_tiles(const float *src, int64_t batch, int64_t channels, float *tiles, int num_threads) {
     if (effective_cpu_isa() >= cpu_isa::avx512_core)
         pack_tiles_avx512(src, batch, channels, tiles, num_threads);
+    else if (effective_cpu_isa() >= cpu_isa::avx2)
+        pack_tiles_avx2(src, batch, channels, tiles, num_threads);
     else
         pack_tiles_portable(src, batch, channels, tiles, num_threads);
 }
@@ -58,6 +60,8 @@ void unpack_tiles(const float *tiles, int64_t batch, int64_t channels, const flo
                   float *dst, int num_threads) {
     if (effective_cpu_isa() >= cpu_isa::avx512_core)
         unpack_tiles_avx512(tiles, batch, channels, bias, dst, num_threads);
+    else if (effective_cpu_isa() >= cpu_isa::avx2)
+        unpack_tiles_avx2(tiles, batch, channels, bias, dst, num_threads);
     else
         unpack_tiles_portable(tiles, batch, channels, bias, dst, num_threads);
 }

@@ -34,6 +34,10 @@ void pack_tiles_avx512(const float *src, int64_t batch, int64_t channels, float 
                        int num_threads);
 void unpack_tiles_avx512(const float *tiles, int64_t batch, int64_t channels, const float *bias,
                          float *dst, int num_threads);
+void pack_tiles_avx2(const float *src, int64_t batch, int64_t channels, float *tiles,
+                     int num_threads);
+void unpack_tiles_avx2(const float *tiles, int64_t batch, int64_t channels, const float *bias,
+                       float *dst, int num_threads);
 void pack_tiles_portable(const float *src, int64_t batch, int64_t channels, float *tiles,
                          int num_threads);
 void unpack_tiles_portable(const float *tiles, int64_t batch, int64_t channels, const float *bias,

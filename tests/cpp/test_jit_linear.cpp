@@ -149,7 +149,7 @@ TEST(JitLinearF32Edges, batch_size_changes_share_one_plan) {
 
 namespace qsp::test {
 
-// The AVX-512 layout passes against the portable ones, bit for bit.
+// The AVX-512 and AVX2 layout passes against the portable ones, bit for bit.
 TEST(TileLayout, avx512_passes_match_portable) {
     if (detected_cpu_isa() < cpu_isa::avx512_core) return; // nothing to compare on this CPU
     std::mt19937 rng(4);
@@ -169,6 +169,12 @@ TEST(TileLayout, avx512_passes_match_portable) {
             EXPECT_EQ(ua, ub);
             detail::unpack_tiles_avx512(a.data(), batch, channels, nullptr, ua.data(), 1);
             EXPECT_EQ(ua, src);
+            // the AVX2 versions
+            std::vector<float> c(n, 5.f), uc(src.size(), 3.f);
+            detail::pack_tiles_avx2(src.data(), batch, channels, c.data(), 2);
+            EXPECT_EQ(c, b);
+            detail::unpack_tiles_avx2(c.data(), batch, channels, bias.data(), uc.data(), 3);
+            EXPECT_EQ(uc, ub);
         }
 }
 

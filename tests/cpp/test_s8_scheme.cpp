@@ -455,6 +455,17 @@ TEST(S8Scheme, fast_quantization_passes_equal_reference) {
                                                           b.data(), 1);
                 EXPECT_EQ(std::memcmp(&ta, &tb, 4), 0);
                 if (variant != 2) EXPECT_EQ(a, b);
+                // the AVX2 versions
+                std::vector<int8_t> c(n);
+                const float ra = detail::quantize_rne_avx2(x.data(), n, c.data(), 2);
+                ref::quantize_rne(x.data(), n, b.data(), 2);
+                EXPECT_EQ(std::memcmp(&ra, &sb, 4), 0);
+                if (variant != 2) EXPECT_EQ(c, b);
+                const float rs = detail::quantize_stochastic_avx2(x.data(), n, mult.data(), cols,
+                                                                  99, c.data(), 3);
+                ref::quantize_stochastic(x.data(), n, mult.data(), cols, 1, 99, b.data(), 1);
+                EXPECT_EQ(std::memcmp(&rs, &tb, 4), 0);
+                if (variant != 2) EXPECT_EQ(c, b);
                 auto dense = random_sparse_dense(rows, cols, 0.5, rng);
                 auto w = csr_weights::from_dense(dense.data(), rows, cols);
                 std::vector<int8_t> qa(w.values.size() + 1), qb(w.values.size() + 1);
