@@ -41,20 +41,6 @@ float abs_max(const float *x, int64_t n, const float *mult, int64_t channels, in
     return nan ? std::numeric_limits<float>::quiet_NaN() : result;
 }
 
-struct scale_t {
-    float scale, inv;
-    bool usable;
-};
-
-scale_t scale_of(float amax) {
-    scale_t s;
-    s.scale = std::isfinite(amax) ? amax / static_cast<float>(quant_max)
-                                  : std::numeric_limits<float>::quiet_NaN();
-    s.usable = std::isfinite(s.scale) && s.scale > 0.f;
-    s.inv = s.usable ? 1.f / s.scale : 0.f;
-    return s;
-}
-
 // Clamps integral floats to +-127 and stores the first n (<= 8) as int8.
 inline void store_q(int8_t *q, __m256 v, int64_t n) {
     const __m256 lim = _mm256_set1_ps(static_cast<float>(quant_max));
@@ -79,7 +65,7 @@ inline __m256i mix32(__m256i x) {
 } // namespace
 
 float quantize_rne_avx2(const float *x, int64_t n, int8_t *q, int num_threads) {
-    const scale_t s = scale_of(abs_max(x, n, nullptr, 1, num_threads));
+    const quant_scale s = quant_scale_from_abs_max(abs_max(x, n, nullptr, 1, num_threads));
     const __m256 inv = _mm256_set1_ps(s.inv);
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t i = 0; i < n; i += 8) {
@@ -96,7 +82,8 @@ float quantize_rne_avx2(const float *x, int64_t n, int8_t *q, int num_threads) {
 
 float quantize_stochastic_avx2(const float *x, int64_t n, const float *multiplier, int64_t channels,
                                uint32_t seed32, int8_t *q, int num_threads) {
-    const scale_t s = scale_of(abs_max(x, n, multiplier, channels, num_threads));
+    const quant_scale s =
+            quant_scale_from_abs_max(abs_max(x, n, multiplier, channels, num_threads));
     const __m256 inv = _mm256_set1_ps(s.inv);
     const __m256 two_m24 = _mm256_set1_ps(1.0f / 16777216.0f);
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);

@@ -57,20 +57,6 @@ float abs_max(const float *x, int64_t n, const float *mult, int64_t channels, in
     return nan ? std::numeric_limits<float>::quiet_NaN() : result;
 }
 
-struct scale_t {
-    float scale, inv;
-    bool usable;
-};
-
-scale_t scale_of(float amax) {
-    scale_t s;
-    s.scale = std::isfinite(amax) ? amax / static_cast<float>(quant_max)
-                                  : std::numeric_limits<float>::quiet_NaN();
-    s.usable = std::isfinite(s.scale) && s.scale > 0.f;
-    s.inv = s.usable ? 1.f / s.scale : 0.f;
-    return s;
-}
-
 inline void store_q(int8_t *q, __m512 v, __mmask16 k) {
     const __m512 lim = _mm512_set1_ps(static_cast<float>(quant_max));
     v = _mm512_min_ps(_mm512_max_ps(v, _mm512_sub_ps(_mm512_setzero_ps(), lim)), lim);
@@ -88,7 +74,7 @@ inline __m512i mix32(__m512i x) {
 } // namespace
 
 float quantize_rne_avx512(const float *x, int64_t n, int8_t *q, int num_threads) {
-    const scale_t s = scale_of(abs_max(x, n, nullptr, 1, num_threads));
+    const quant_scale s = quant_scale_from_abs_max(abs_max(x, n, nullptr, 1, num_threads));
     const __m512 inv = _mm512_set1_ps(s.inv);
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t i = 0; i < n; i += 16) {
@@ -105,7 +91,8 @@ float quantize_rne_avx512(const float *x, int64_t n, int8_t *q, int num_threads)
 
 float quantize_stochastic_avx512(const float *x, int64_t n, const float *multiplier,
                                  int64_t channels, uint32_t seed32, int8_t *q, int num_threads) {
-    const scale_t s = scale_of(abs_max(x, n, multiplier, channels, num_threads));
+    const quant_scale s =
+            quant_scale_from_abs_max(abs_max(x, n, multiplier, channels, num_threads));
     const __m512 inv = _mm512_set1_ps(s.inv);
     const __m512 two_m24 = _mm512_set1_ps(1.0f / 16777216.0f);
     const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -137,7 +124,7 @@ float quantize_stochastic_avx512(const float *x, int64_t n, const float *multipl
 float quantize_stochastic_to_s8_tiles_avx512(const float *x, int64_t batch, int64_t channels,
                                              uint32_t seed32, uint8_t *tiles, int num_threads) {
     const int64_t n = batch * channels;
-    const scale_t s = scale_of(abs_max(x, n, nullptr, 1, num_threads));
+    const quant_scale s = quant_scale_from_abs_max(abs_max(x, n, nullptr, 1, num_threads));
     const __m512 inv = _mm512_set1_ps(s.inv);
     const __m512 two_m24 = _mm512_set1_ps(1.0f / 16777216.0f);
     const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -285,8 +272,8 @@ void quantize_weights_avx512(const int64_t *row_ptr, int64_t rows, const float *
             bad |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
             m = _mm512_max_ps(m, _mm512_andnot_ps(sign, v));
         }
-        const scale_t s =
-                scale_of(bad ? std::numeric_limits<float>::quiet_NaN() : _mm512_reduce_max_ps(m));
+        const quant_scale s = quant_scale_from_abs_max(bad ? std::numeric_limits<float>::quiet_NaN()
+                                                           : _mm512_reduce_max_ps(m));
         const __m512 inv = _mm512_set1_ps(s.inv);
         for (int64_t i = b; i < e; i += 16) {
             const __mmask16 k = first(e - i);

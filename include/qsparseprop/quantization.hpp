@@ -25,12 +25,32 @@
 // reductions are split into such pieces and the pieces added in int64.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
+#include <limits>
 
 namespace qsp {
 
 constexpr int quant_max = 127;
 constexpr int64_t int32_safe_reduction_length = 65536;
+
+// The scale of a tensor (or row) from its max |value|: amax / 127, NaN when
+// amax is not finite; `inv` is what values are multiplied by (0 when the
+// scale is 0 or NaN: everything quantizes to 0 and the result carries the
+// NaN scale).
+struct quant_scale {
+    float scale, inv;
+    bool usable;
+};
+
+inline quant_scale quant_scale_from_abs_max(float amax) {
+    quant_scale s;
+    s.scale = std::isfinite(amax) ? amax / static_cast<float>(quant_max)
+                                  : std::numeric_limits<float>::quiet_NaN();
+    s.usable = std::isfinite(s.scale) && s.scale > 0.f;
+    s.inv = s.usable ? 1.f / s.scale : 0.f;
+    return s;
+}
 
 inline uint32_t mix32(uint32_t x) {
     // "lowbias32" integer hash: full avalanche, cheap in SIMD and in torch.

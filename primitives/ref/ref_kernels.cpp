@@ -31,11 +31,6 @@ inline int8_t clamp_q(float v) {
             std::min(std::max(v, -static_cast<float>(quant_max)), static_cast<float>(quant_max)));
 }
 
-float scale_from_abs_max(float amax) {
-    if (!std::isfinite(amax)) return std::numeric_limits<float>::quiet_NaN();
-    return amax / static_cast<float>(quant_max);
-}
-
 } // namespace
 
 // ---- quantization -----------------------------------------------------------
@@ -52,9 +47,7 @@ float abs_max(const float *x, int64_t n) {
 }
 
 float quantize_rne(const float *x, int64_t n, int8_t *q, int num_threads) {
-    const float scale = scale_from_abs_max(abs_max(x, n));
-    const bool usable = std::isfinite(scale) && scale > 0.f;
-    const float inv = usable ? 1.f / scale : 0.f;
+    const auto [scale, inv, usable] = quant_scale_from_abs_max(abs_max(x, n));
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t i = 0; i < n; ++i)
         q[i] = usable ? clamp_q(std::nearbyint(x[i] * inv)) : 0;
@@ -66,9 +59,8 @@ void quantize_weights(const csr_pattern &p, const float *values, int8_t *q, floa
     const int64_t *rp = p.row_ptr();
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t r = 0; r < p.rows(); ++r) {
-        const float s = scale_from_abs_max(abs_max(values + rp[r], rp[r + 1] - rp[r]));
-        const bool usable = std::isfinite(s) && s > 0.f;
-        const float inv = usable ? 1.f / s : 0.f;
+        const auto [s, inv, usable] =
+                quant_scale_from_abs_max(abs_max(values + rp[r], rp[r + 1] - rp[r]));
         for (int64_t i = rp[r]; i < rp[r + 1]; ++i)
             q[i] = usable ? clamp_q(std::nearbyint(values[i] * inv)) : 0;
         scale[r] = s;
@@ -87,9 +79,8 @@ float quantize_stochastic(const float *x, int64_t n, const float *multiplier, in
         nan |= std::isnan(a);
         amax = std::max(amax, a);
     }
-    const float scale = scale_from_abs_max(nan ? std::numeric_limits<float>::quiet_NaN() : amax);
-    const bool usable = std::isfinite(scale) && scale > 0.f;
-    const float inv = usable ? 1.f / scale : 0.f;
+    const auto [scale, inv, usable] =
+            quant_scale_from_abs_max(nan ? std::numeric_limits<float>::quiet_NaN() : amax);
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t i = 0; i < n; ++i)
         q[i] = usable ? clamp_q(
