@@ -1,6 +1,7 @@
 #include "jit/jit_avx2_sparse_f32.hpp"
 
-#include <array>
+#include "jit/jit_reduce16.hpp"
+
 #include <cstddef>
 #include <stdexcept>
 #include <string>
@@ -17,50 +18,6 @@ void check_n_vec(int n_vec) {
     if (n_vec < 1 || n_vec > tile_batch / avx2_lanes)
         throw std::invalid_argument("avx2 kernel: n_vec must be in [1, 8], got "
                                     + std::to_string(n_vec));
-}
-
-// Lane labels through the 8 -> 1 reduction tree (vperm2f128, then two
-// vshufps rounds), to find where each nonzero's sum lands.
-using lanes8 = std::array<int, 8>;
-
-lanes8 perm2f128(const lanes8 &a, const lanes8 &b, int imm) {
-    lanes8 r{};
-    for (int h = 0; h < 2; ++h) {
-        const int sel = (imm >> (4 * h)) & 3;
-        const lanes8 &s = sel < 2 ? a : b;
-        for (int e = 0; e < 4; ++e)
-            r[h * 4 + e] = s[(sel & 1) * 4 + e];
-    }
-    return r;
-}
-
-lanes8 shufps8(const lanes8 &a, const lanes8 &b, int imm) {
-    lanes8 r{};
-    for (int h = 0; h < 2; ++h)
-        for (int e = 0; e < 4; ++e)
-            r[h * 4 + e] = (e < 2 ? a : b)[h * 4 + ((imm >> (2 * e)) & 3)];
-    return r;
-}
-
-lanes8 same(const lanes8 &x, const lanes8 &y) {
-    if (x != y) throw std::logic_error("avx2 reduction tree mixes different nonzeros");
-    return x;
-}
-
-std::array<int32_t, 8> reduce8_lane_of() {
-    std::array<lanes8, 8> v{};
-    for (int j = 0; j < 8; ++j)
-        v[j].fill(j);
-    for (int j = 0; j < 4; ++j)
-        v[j] = same(perm2f128(v[2 * j], v[2 * j + 1], 0x20),
-                    perm2f128(v[2 * j], v[2 * j + 1], 0x31));
-    for (int j = 0; j < 2; ++j)
-        v[j] = same(shufps8(v[2 * j], v[2 * j + 1], 0x44), shufps8(v[2 * j], v[2 * j + 1], 0xEE));
-    v[0] = same(shufps8(v[0], v[1], 0x88), shufps8(v[0], v[1], 0xDD));
-    std::array<int32_t, 8> lane_of{};
-    for (int lane = 0; lane < 8; ++lane)
-        lane_of[v[0][lane]] = lane;
-    return lane_of;
 }
 
 } // namespace
@@ -182,19 +139,7 @@ void jit_avx2_sddmm_f32_kernel::generate() {
             vfmadd231ps(Ymm(j), tmp, yword[dy_row + v * 32]);
         }
     }
-    for (int j = 0; j < 4; ++j) {
-        vperm2f128(tree_a, Ymm(2 * j), Ymm(2 * j + 1), 0x20);
-        vperm2f128(tree_b, Ymm(2 * j), Ymm(2 * j + 1), 0x31);
-        vaddps(Ymm(j), tree_a, tree_b);
-    }
-    for (int j = 0; j < 2; ++j) {
-        vshufps(tree_a, Ymm(2 * j), Ymm(2 * j + 1), 0x44);
-        vshufps(tree_b, Ymm(2 * j), Ymm(2 * j + 1), 0xEE);
-        vaddps(Ymm(j), tree_a, tree_b);
-    }
-    vshufps(tree_a, ymm0, ymm1, 0x88);
-    vshufps(tree_b, ymm0, ymm1, 0xDD);
-    vaddps(ymm0, tree_a, tree_b);
+    emit_reduce8(*this, reduce16_kind::f32, tree_a, tree_b);
     vpermps(ymm1, perm, ymm0);
     vmaskmovps(ymm2, mask, yword[dw + i * 4]);
     vaddps(ymm2, ymm2, ymm1);

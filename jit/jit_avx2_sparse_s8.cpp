@@ -1,12 +1,12 @@
 #include "jit/jit_avx2_sparse_s8.hpp"
 
-#include <array>
 #include <cstddef>
 #include <stdexcept>
 #include <string>
 
 #include "jit/jit_avx2_sparse_f32.hpp"
 #include "jit/jit_int8_dot.hpp"
+#include "jit/jit_reduce16.hpp"
 
 namespace qsp::jit {
 
@@ -82,46 +82,6 @@ void jit_avx2_spmm_s8_kernel::generate() {
     postamble();
 }
 
-namespace {
-
-// Lane labels through the 8 -> 1 tree (as jit_avx2_sparse_f32.cpp).
-using lanes8 = std::array<int, 8>;
-
-lanes8 perm2x128(const lanes8 &a, const lanes8 &b, int imm) {
-    lanes8 r{};
-    for (int h = 0; h < 2; ++h) {
-        const int sel = (imm >> (4 * h)) & 3;
-        for (int e = 0; e < 4; ++e)
-            r[h * 4 + e] = (sel < 2 ? a : b)[(sel & 1) * 4 + e];
-    }
-    return r;
-}
-
-lanes8 shuffle(const lanes8 &a, const lanes8 &b, int imm) {
-    lanes8 r{};
-    for (int h = 0; h < 2; ++h)
-        for (int e = 0; e < 4; ++e)
-            r[h * 4 + e] = (e < 2 ? a : b)[h * 4 + ((imm >> (2 * e)) & 3)];
-    return r;
-}
-
-std::array<int32_t, 8> tree_lane_of() {
-    std::array<lanes8, 8> v{};
-    for (int j = 0; j < 8; ++j)
-        v[j].fill(j);
-    for (int j = 0; j < 4; ++j)
-        v[j] = perm2x128(v[2 * j], v[2 * j + 1], 0x20);
-    for (int j = 0; j < 2; ++j)
-        v[j] = shuffle(v[2 * j], v[2 * j + 1], 0x44);
-    v[0] = shuffle(v[0], v[1], 0x88);
-    std::array<int32_t, 8> lane_of{};
-    for (int lane = 0; lane < 8; ++lane)
-        lane_of[v[0][lane]] = lane;
-    return lane_of;
-}
-
-} // namespace
-
 jit_avx2_sddmm_s8_kernel::jit_avx2_sddmm_s8_kernel(bool avx_vnni)
     : jit_generator(avx_vnni ? "avx_vnni_sddmm_s8" : "avx2_sddmm_s8", kernel_code_bytes),
       avx_vnni_(avx_vnni) {
@@ -181,19 +141,7 @@ void jit_avx2_sddmm_s8_kernel::generate() {
                                       ones16, t_lo, t_hi, v > 0);
         }
     }
-    for (int j = 0; j < 4; ++j) {
-        vperm2i128(t_lo, Ymm(2 * j), Ymm(2 * j + 1), 0x20);
-        vperm2i128(t_hi, Ymm(2 * j), Ymm(2 * j + 1), 0x31);
-        vpaddd(Ymm(j), t_lo, t_hi);
-    }
-    for (int j = 0; j < 2; ++j) {
-        vshufps(t_lo, Ymm(2 * j), Ymm(2 * j + 1), 0x44);
-        vshufps(t_hi, Ymm(2 * j), Ymm(2 * j + 1), 0xEE);
-        vpaddd(Ymm(j), t_lo, t_hi);
-    }
-    vshufps(t_lo, ymm0, ymm1, 0x88);
-    vshufps(t_hi, ymm0, ymm1, 0xDD);
-    vpaddd(ymm0, t_lo, t_hi);
+    emit_reduce8(*this, reduce16_kind::s32, t_lo, t_hi);
     vmovdqu(scratch, yword[rip + tables]);
     vpermd(ymm1, scratch, ymm0);
     // store mask: lanes j < min(8, end - i)
@@ -217,7 +165,7 @@ void jit_avx2_sddmm_s8_kernel::generate() {
 
     align(32);
     L(tables);
-    for (int32_t lane : tree_lane_of())
+    for (int32_t lane : reduce8_lane_of())
         dd(static_cast<uint32_t>(lane));
     for (int j = 0; j < 8; ++j)
         dd(static_cast<uint32_t>(j));

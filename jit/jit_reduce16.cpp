@@ -64,7 +64,78 @@ std::array<int32_t, 16> simulate() {
     return lane_of;
 }
 
+using lanes8 = std::array<int, 8>;
+
+lanes8 lanes_perm2x128(const lanes8 &a, const lanes8 &b, int imm) {
+    lanes8 r{};
+    for (int h = 0; h < 2; ++h) {
+        const int sel = (imm >> (4 * h)) & 3;
+        for (int e = 0; e < 4; ++e)
+            r[h * 4 + e] = (sel < 2 ? a : b)[(sel & 1) * 4 + e];
+    }
+    return r;
+}
+
+lanes8 lanes_shufps8(const lanes8 &a, const lanes8 &b, int imm) {
+    lanes8 r{};
+    for (int h = 0; h < 2; ++h)
+        for (int e = 0; e < 4; ++e)
+            r[h * 4 + e] = (e < 2 ? a : b)[h * 4 + ((imm >> (2 * e)) & 3)];
+    return r;
+}
+
+lanes8 lanes_add8(const lanes8 &x, const lanes8 &y) {
+    if (x != y) throw std::logic_error("reduce8: the tree mixes different inputs");
+    return x;
+}
+
+std::array<int32_t, 8> simulate8() {
+    std::array<lanes8, 8> v{};
+    for (int j = 0; j < 8; ++j)
+        v[j].fill(j);
+    for (int j = 0; j < 4; ++j)
+        v[j] = lanes_add8(lanes_perm2x128(v[2 * j], v[2 * j + 1], 0x20),
+                          lanes_perm2x128(v[2 * j], v[2 * j + 1], 0x31));
+    for (int j = 0; j < 2; ++j)
+        v[j] = lanes_add8(lanes_shufps8(v[2 * j], v[2 * j + 1], 0x44),
+                          lanes_shufps8(v[2 * j], v[2 * j + 1], 0xEE));
+    v[0] = lanes_add8(lanes_shufps8(v[0], v[1], 0x88), lanes_shufps8(v[0], v[1], 0xDD));
+    std::array<int32_t, 8> lane_of{};
+    for (int lane = 0; lane < 8; ++lane)
+        lane_of[v[0][lane]] = lane;
+    return lane_of;
+}
+
 } // namespace
+
+const std::array<int32_t, 8> &reduce8_lane_of() {
+    static const std::array<int32_t, 8> lane_of = simulate8();
+    return lane_of;
+}
+
+void emit_reduce8(Xbyak::CodeGenerator &g, reduce16_kind kind, const Xbyak::Ymm &tmp_a,
+                  const Xbyak::Ymm &tmp_b) {
+    using Xbyak::Ymm;
+    auto add = [&](const Ymm &d) {
+        if (kind == reduce16_kind::f32)
+            g.vaddps(d, tmp_a, tmp_b);
+        else
+            g.vpaddd(d, tmp_a, tmp_b);
+    };
+    for (int j = 0; j < 4; ++j) { // vperm2f128 moves integer lanes bit for bit too
+        g.vperm2f128(tmp_a, Ymm(2 * j), Ymm(2 * j + 1), 0x20);
+        g.vperm2f128(tmp_b, Ymm(2 * j), Ymm(2 * j + 1), 0x31);
+        add(Ymm(j));
+    }
+    for (int j = 0; j < 2; ++j) {
+        g.vshufps(tmp_a, Ymm(2 * j), Ymm(2 * j + 1), 0x44);
+        g.vshufps(tmp_b, Ymm(2 * j), Ymm(2 * j + 1), 0xEE);
+        add(Ymm(j));
+    }
+    g.vshufps(tmp_a, Ymm(0), Ymm(1), 0x88);
+    g.vshufps(tmp_b, Ymm(0), Ymm(1), 0xDD);
+    add(Ymm(0));
+}
 
 const std::array<int32_t, 16> &reduce16_lane_of() {
     static const std::array<int32_t, 16> lane_of = simulate();
