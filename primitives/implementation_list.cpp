@@ -1,24 +1,40 @@
 // The ordered list of implementations, the one place a new kernel family is
-// registered (XNNPACK-style): faster ones first, the reference last. The
-// first whose why_not() is empty wins; QSP_VERBOSE=dispatch prints the rest.
-#include "primitives/dense_s8_linear.hpp"
-#include "primitives/jit_linear_f32.hpp"
-#include "primitives/jit_linear_s8.hpp"
-#include "primitives/primitive_impl.hpp"
+// registered (XNNPACK-style) and the only file of primitives/ that names
+// implementation families: the core walks the list without knowing them.
+// Order = expectation, best first; the first that accepts a problem is
+// picked unless the tuner stored another decision (qsparseprop/tuning.hpp);
+// the reference, which accepts everything, is last.
+#include "primitives/core/implementation.hpp"
+#include "primitives/dense_onednn/dense_s8_linear.hpp"
+#include "primitives/ref/dense_semantics.hpp"
 #include "primitives/ref/ref_implementation.hpp"
+#include "primitives/sparse_jit/jit_linear_f32.hpp"
+#include "primitives/sparse_jit/jit_linear_s8.hpp"
 
 namespace qsp::detail {
+
+namespace {
+
+// f32 layers must behave like dense torch on NaN/Inf inputs, whichever
+// implementation runs them: the guard takes the rare calls that need it.
+implementation with_dense_semantics(implementation impl) {
+    auto create = impl.create;
+    impl.create = [create](const problem &p) { return with_dense_semantics(p, create(p)); };
+    return impl;
+}
+
+} // namespace
 
 const std::vector<implementation> &implementation_list() {
     // clang-format off
     static const std::vector<implementation> list = {
-        jit_avx512_linear_f32_implementation(),
-        jit_avx2_linear_f32_implementation(),
+        with_dense_semantics(jit_avx512_linear_f32_implementation()),
+        with_dense_semantics(jit_avx2_linear_f32_implementation()),
         jit_avx512_vnni_linear_s8_implementation(),
         jit_avx512_linear_s8_implementation(),
         jit_avx2_linear_s8_implementation(),
         dense_onednn_s8_linear_implementation(),
-        ref_implementation(),
+        with_dense_semantics(ref_implementation()),
     };
     // clang-format on
     return list;

@@ -36,9 +36,13 @@ public:
     double density() const;
     const int64_t *row_ptr() const;
     const int32_t *col_idx() const;
-    // Content hash of (rows, cols, row_ptr, col_idx): the key under which
-    // kernels and plans specialised for this pattern are cached.
+    // Content hash of (rows, cols, row_ptr, col_idx). It picks a cache
+    // bucket only: two different patterns can share a hash, so every cache
+    // also compares the patterns themselves (operator==).
     uint64_t hash() const;
+    // Same rows, cols, row_ptr and col_idx (O(nnz), O(1) for copies).
+    bool operator==(const csr_pattern &other) const;
+    bool operator!=(const csr_pattern &other) const { return !(*this == other); }
 
     // values[nnz] <- dense[rows x cols] at the pattern's positions.
     void gather(const float *dense, float *values) const;

@@ -13,6 +13,7 @@
 //                    QSP_ARG_ROUNDING_SEED (s8) -> DIFF_WEIGHTS (nnz), DIFF_BIAS
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -33,8 +34,15 @@ enum class quant_scheme { f32, s8 };
 const char *to_string(quant_scheme s);
 
 struct primitive_attr {
-    // OpenMP team size for this primitive; 0 = omp_get_max_threads().
+    // OpenMP team size for this primitive; 0 = omp_get_max_threads()
+    // (backward descriptors: 0 = the forward hint's).
     int num_threads = 0;
+    // Forces an implementation by the name impl_info_str() prints (e.g.
+    // "jit:avx512_core_vnni", "dense:onednn_s8", "ref:any") instead of the
+    // tuned or first-in-order pick; a descriptor whose forced implementation
+    // cannot run the problem is refused with that implementation's reason.
+    // Empty = pick as usual.
+    std::string implementation;
 };
 
 struct conv2d_geometry {
@@ -45,16 +53,31 @@ struct conv2d_geometry {
     int64_t groups = 1;
 };
 
+// Checks a Conv2d geometry before anything is computed from it: kernel
+// sizes, strides, dilations and groups >= 1, paddings >= 0, and (when given,
+// i.e. > 0) channel counts divisible by groups. Throws std::invalid_argument
+// naming the field and the value.
+void check_conv2d_geometry(const conv2d_geometry &g, int64_t in_channels = 0,
+                           int64_t out_channels = 0);
+// Output height and width of a convolution of an in_h x in_w input (after
+// check_conv2d_geometry); throws std::invalid_argument when the input is
+// empty or the dilated kernel does not fit the padded input.
+std::array<int64_t, 2> conv2d_output_hw(const conv2d_geometry &g, int64_t in_h, int64_t in_w);
+
 using exec_args = std::unordered_map<int, dnnl::memory>;
 
 namespace detail {
 struct pd_impl;
 }
 
-// Common part of every primitive descriptor: what the dispatcher chose.
+// Common part of every primitive descriptor: the validated problem and the
+// implementation picked for it (the tuner's stored decision for this
+// problem, else the first implementation in list order that accepts it;
+// see qsparseprop/tuning.hpp). Creating a descriptor measures nothing.
 class primitive_desc_base {
 public:
     std::string impl_info_str() const;
+    const char *primitive_name() const;
     quant_scheme scheme() const;
     prop_kind prop() const;
     const csr_pattern &pattern() const;
@@ -98,7 +121,8 @@ struct sparse_linear_backward_data : primitive_base {
     struct primitive_desc : primitive_desc_base {
         primitive_desc(const dnnl::engine &engine, const dnnl::memory::desc &diff_src_desc,
                        const csr_pattern &weights, const dnnl::memory::desc &diff_dst_desc,
-                       const sparse_linear_forward::primitive_desc &hint);
+                       const sparse_linear_forward::primitive_desc &hint,
+                       const primitive_attr &attr = {});
     };
     explicit sparse_linear_backward_data(const primitive_desc &pd);
 };
@@ -109,7 +133,8 @@ struct sparse_linear_backward_weights : primitive_base {
         primitive_desc(const dnnl::engine &engine, const dnnl::memory::desc &src_desc,
                        const csr_pattern &weights, const dnnl::memory::desc &diff_bias_desc,
                        const dnnl::memory::desc &diff_dst_desc,
-                       const sparse_linear_forward::primitive_desc &hint);
+                       const sparse_linear_forward::primitive_desc &hint,
+                       const primitive_attr &attr = {});
     };
     explicit sparse_linear_backward_weights(const primitive_desc &pd);
 };
@@ -135,7 +160,8 @@ struct sparse_conv2d_backward_data : primitive_base {
     struct primitive_desc : primitive_desc_base {
         primitive_desc(const dnnl::engine &engine, const dnnl::memory::desc &diff_src_desc,
                        const csr_pattern &weights, const dnnl::memory::desc &diff_dst_desc,
-                       const sparse_conv2d_forward::primitive_desc &hint);
+                       const sparse_conv2d_forward::primitive_desc &hint,
+                       const primitive_attr &attr = {});
     };
     explicit sparse_conv2d_backward_data(const primitive_desc &pd);
 };
@@ -145,7 +171,8 @@ struct sparse_conv2d_backward_weights : primitive_base {
         primitive_desc(const dnnl::engine &engine, const dnnl::memory::desc &src_desc,
                        const csr_pattern &weights, const dnnl::memory::desc &diff_bias_desc,
                        const dnnl::memory::desc &diff_dst_desc,
-                       const sparse_conv2d_forward::primitive_desc &hint);
+                       const sparse_conv2d_forward::primitive_desc &hint,
+                       const primitive_attr &attr = {});
     };
     explicit sparse_conv2d_backward_weights(const primitive_desc &pd);
 };

@@ -5,3 +5,4 @@
 #include "qsparseprop/primitives.hpp"
 #include "qsparseprop/quantization.hpp"
 #include "qsparseprop/runtime.hpp"
+#include "qsparseprop/tuning.hpp"

@@ -1,7 +1,11 @@
-// Runtime controls: CPU ISA detection and cap, verbose levels, version.
+// Runtime controls: CPU ISA detection and cap, verbose levels, the sizes of
+// the in-memory caches and of the scratch memory pool, version.
 #pragma once
 
+#include <cstddef>
+#include <cstdint>
 #include <string>
+#include <vector>
 
 namespace qsp {
 
@@ -29,5 +33,36 @@ int verbose_level();
 void set_verbose_level(int level);
 
 const char *version();
+
+// ---- caches --------------------------------------------------------------
+// Every in-memory cache is an LRU bounded by its capacity (entries; from
+// QSP_CACHE_CAPACITY, default 1024) and compares its keys in full.
+struct cache_info {
+    std::string name; // "jit_code:spmm", "jit_plan", "tuning_decisions", ...
+    size_t size = 0, capacity = 0;
+    uint64_t hits = 0, misses = 0, generations = 0, evictions = 0;
+};
+std::vector<cache_info> cache_infos();
+// Empties every cache (primitives already created keep what they hold).
+void clear_caches();
+// Sets the capacity of every cache (entries; 0 keeps nothing).
+void set_cache_capacity(size_t entries);
+
+// ---- scratch memory --------------------------------------------------------
+// Executions borrow scratch buffers from one pool and give them back when
+// they finish, so layers share memory instead of each keeping its own. The
+// pool keeps at most `capacity_bytes` of idle buffers (QSP_SCRATCH_CAPACITY_MB,
+// default 256 MiB); a larger idle remainder (say, after one huge layer) is
+// returned to the system at once.
+struct scratch_info {
+    size_t idle_bytes = 0;     // kept for reuse
+    size_t in_use_bytes = 0;   // lent to running executions
+    size_t capacity_bytes = 0; // most idle bytes kept
+    size_t peak_bytes = 0;     // most bytes held at once (idle + in use)
+};
+scratch_info scratch_pool_info();
+void set_scratch_capacity(size_t bytes);
+// Returns every idle buffer to the system now.
+void release_scratch();
 
 } // namespace qsp

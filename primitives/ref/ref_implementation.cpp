@@ -1,24 +1,18 @@
-// The reference implementation as a dispatchable kernel: quantization passes
-// (s8) around the reference loops. Accepts every valid problem.
-#include <cstring>
+// The reference implementation as a dispatchable kernel: the portable
+// quantization passes (s8) around the reference loops, following the s8
+// protocol. Accepts every valid problem.
+#include "primitives/ref/ref_implementation.hpp"
+
 #include <vector>
 
-#include "primitives/primitive_impl.hpp"
-#include "primitives/ref/ref_implementation.hpp"
-#include "qsparseprop/quantization.hpp"
+#include "primitives/core/s8_protocol.hpp"
+#include "primitives/passes/bias_grad.hpp"
+#include "primitives/passes/quantize.hpp"
+#include "primitives/ref/ref_kernels.hpp"
 
 namespace qsp::detail {
 
 namespace {
-
-struct workspace_view {
-    float *scale;
-    int8_t *src_q;
-};
-
-workspace_view view(uint8_t *ws) {
-    return {reinterpret_cast<float *>(ws), reinterpret_cast<int8_t *>(ws + workspace_header_bytes)};
-}
 
 class ref_kernel : public kernel {
 public:
@@ -27,14 +21,15 @@ public:
             transposed_ = ref::transpose_conv2d_pattern(p.pattern);
     }
 
-    void execute(const tensors &t) const override {
+    const char *execute(const tensors &t) const override {
         if (p_.scheme == quant_scheme::f32)
             execute_f32(t);
         else
             execute_s8(t);
         if (p_.dir == direction::backward_weights && t.diff_bias)
-            ref::bias_grad(t.diff_dst, t.diff_bias, p_.outer(), p_.channels(), p_.channel_inner(),
-                           p_.num_threads);
+            bias_grad(t.diff_dst, t.diff_bias, p_.outer(), p_.channels(), p_.channel_inner(),
+                      p_.num_threads);
+        return nullptr;
     }
 
 private:
@@ -75,17 +70,17 @@ private:
             case direction::forward: {
                 std::vector<int8_t> wq(static_cast<size_t>(nnz));
                 std::vector<float> w_scale(static_cast<size_t>(p_.pattern.rows()));
-                ref::quantize_weights(p_.pattern, t.weights, wq.data(), w_scale.data(), nt);
+                portable::quantize_weights(p_.pattern, t.weights, wq.data(), w_scale.data(), nt);
                 std::vector<int8_t> local;
                 int8_t *src_q;
                 if (t.workspace) {
-                    src_q = view(t.workspace).src_q;
+                    src_q = s8::workspace_view{t.workspace}.src_q();
                 } else {
                     local.resize(static_cast<size_t>(p_.src_elems()));
                     src_q = local.data();
                 }
-                const float src_scale = ref::quantize_rne(t.src, p_.src_elems(), src_q, nt);
-                if (t.workspace) std::memcpy(view(t.workspace).scale, &src_scale, sizeof(float));
+                const float src_scale = portable::quantize_rne(t.src, p_.src_elems(), src_q, nt);
+                if (t.workspace) s8::workspace_view{t.workspace}.set_src_scale(src_scale);
                 if (lin)
                     ref::linear_fwd_s8(p_.pattern, wq.data(), w_scale.data(), src_q, src_scale,
                                        t.bias, t.dst, p_.batch, nt);
@@ -97,11 +92,11 @@ private:
             case direction::backward_data: {
                 std::vector<int8_t> wq(static_cast<size_t>(nnz));
                 std::vector<float> w_scale(static_cast<size_t>(p_.pattern.rows()));
-                ref::quantize_weights(p_.pattern, t.weights, wq.data(), w_scale.data(), nt);
+                portable::quantize_weights(p_.pattern, t.weights, wq.data(), w_scale.data(), nt);
                 std::vector<int8_t> g2(static_cast<size_t>(p_.dst_elems()));
-                const float g2_scale = ref::quantize_stochastic(
+                const float g2_scale = portable::quantize_stochastic(
                         t.diff_dst, p_.dst_elems(), w_scale.data(), p_.channels(),
-                        p_.channel_inner(), rounding_seed32(2 * t.seed + 1), g2.data(), nt);
+                        p_.channel_inner(), s8::dx_stream(t.seed), g2.data(), nt);
                 if (lin)
                     ref::linear_bwd_data_s8(p_.pattern, wq.data(), g2.data(), g2_scale, t.diff_src,
                                             p_.batch, nt);
@@ -111,19 +106,17 @@ private:
                 break;
             }
             case direction::backward_weights: {
-                float src_scale;
-                std::memcpy(&src_scale, view(t.workspace).scale, sizeof(float));
-                const int8_t *src_q = view(t.workspace).src_q;
+                const s8::workspace_view ws{t.workspace};
                 std::vector<int8_t> g1(static_cast<size_t>(p_.dst_elems()));
                 const float g1_scale =
-                        ref::quantize_stochastic(t.diff_dst, p_.dst_elems(), nullptr, 1, 1,
-                                                 rounding_seed32(2 * t.seed), g1.data(), nt);
+                        portable::quantize_stochastic(t.diff_dst, p_.dst_elems(), nullptr, 1, 1,
+                                                      s8::dw_stream(t.seed), g1.data(), nt);
                 if (lin)
-                    ref::linear_bwd_weights_s8(p_.pattern, src_q, src_scale, g1.data(), g1_scale,
-                                               t.diff_weights, p_.batch, nt);
+                    ref::linear_bwd_weights_s8(p_.pattern, ws.src_q(), ws.src_scale(), g1.data(),
+                                               g1_scale, t.diff_weights, p_.batch, nt);
                 else
-                    ref::conv2d_bwd_weights_s8(p_.conv, p_.pattern, src_q, src_scale, g1.data(),
-                                               g1_scale, t.diff_weights, nt);
+                    ref::conv2d_bwd_weights_s8(p_.conv, p_.pattern, ws.src_q(), ws.src_scale(),
+                                               g1.data(), g1_scale, t.diff_weights, nt);
                 break;
             }
         }

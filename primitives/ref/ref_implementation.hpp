@@ -1,6 +1,6 @@
 #pragma once
 
-#include "primitives/primitive_impl.hpp"
+#include "primitives/core/implementation.hpp"
 
 namespace qsp::detail {
 

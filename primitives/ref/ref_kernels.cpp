@@ -4,9 +4,11 @@
 #include <cmath>
 #include <limits>
 
-#include "qsparseprop/quantization.hpp"
+#include "primitives/core/s8_protocol.hpp"
 
 namespace qsp::ref {
+
+namespace s8 = detail::s8;
 
 namespace {
 
@@ -26,69 +28,7 @@ struct s8_types {
     using acc_t = int64_t;
 };
 
-inline int8_t clamp_q(float v) {
-    return static_cast<int8_t>(
-            std::min(std::max(v, -static_cast<float>(quant_max)), static_cast<float>(quant_max)));
-}
-
 } // namespace
-
-// ---- quantization -----------------------------------------------------------
-
-float abs_max(const float *x, int64_t n) {
-    float m = 0.f;
-    bool nan = false;
-    for (int64_t i = 0; i < n; ++i) {
-        float a = std::fabs(x[i]);
-        nan |= std::isnan(a);
-        m = std::max(m, a);
-    }
-    return nan ? std::numeric_limits<float>::quiet_NaN() : m;
-}
-
-float quantize_rne(const float *x, int64_t n, int8_t *q, int num_threads) {
-    const auto [scale, inv, usable] = quant_scale_from_abs_max(abs_max(x, n));
-#pragma omp parallel for num_threads(num_threads) schedule(static)
-    for (int64_t i = 0; i < n; ++i)
-        q[i] = usable ? clamp_q(std::nearbyint(x[i] * inv)) : 0;
-    return scale;
-}
-
-void quantize_weights(const csr_pattern &p, const float *values, int8_t *q, float *scale,
-                      int num_threads) {
-    const int64_t *rp = p.row_ptr();
-#pragma omp parallel for num_threads(num_threads) schedule(static)
-    for (int64_t r = 0; r < p.rows(); ++r) {
-        const auto [s, inv, usable] =
-                quant_scale_from_abs_max(abs_max(values + rp[r], rp[r + 1] - rp[r]));
-        for (int64_t i = rp[r]; i < rp[r + 1]; ++i)
-            q[i] = usable ? clamp_q(std::nearbyint(values[i] * inv)) : 0;
-        scale[r] = s;
-    }
-}
-
-float quantize_stochastic(const float *x, int64_t n, const float *multiplier, int64_t channels,
-                          int64_t inner, uint32_t seed32, int8_t *q, int num_threads) {
-    auto value = [&](int64_t i) {
-        return multiplier ? x[i] * multiplier[(i / inner) % channels] : x[i];
-    };
-    float amax = 0.f;
-    bool nan = false;
-    for (int64_t i = 0; i < n; ++i) {
-        float a = std::fabs(value(i));
-        nan |= std::isnan(a);
-        amax = std::max(amax, a);
-    }
-    const auto [scale, inv, usable] =
-            quant_scale_from_abs_max(nan ? std::numeric_limits<float>::quiet_NaN() : amax);
-#pragma omp parallel for num_threads(num_threads) schedule(static)
-    for (int64_t i = 0; i < n; ++i)
-        q[i] = usable ? clamp_q(
-                       std::floor(value(i) * inv
-                                  + stochastic_rounding_noise(seed32, static_cast<uint64_t>(i))))
-                      : 0;
-    return scale;
-}
 
 // ---- Linear -----------------------------------------------------------------
 
@@ -175,40 +115,11 @@ void linear_bwd_weights_f32(const csr_pattern &p, const float *src, const float 
                                   [](float acc) { return acc; });
 }
 
-void bias_grad(const float *diff_dst, float *diff_bias, int64_t outer, int64_t channels,
-               int64_t inner, int num_threads) {
-    if (inner == 1) {
-        // Row-major [outer x channels]: sum whole rows into a block of
-        // channels (each channel still adds in outer order).
-        constexpr int64_t block = 256;
-        const int64_t blocks = (channels + block - 1) / block;
-#pragma omp parallel for num_threads(num_threads) schedule(static)
-        for (int64_t cb = 0; cb < blocks; ++cb) {
-            const int64_t c0 = cb * block, c1 = std::min(channels, c0 + block);
-            float acc[block] = {};
-            for (int64_t o = 0; o < outer; ++o)
-                for (int64_t c = c0; c < c1; ++c)
-                    acc[c - c0] += diff_dst[o * channels + c];
-            for (int64_t c = c0; c < c1; ++c)
-                diff_bias[c] = acc[c - c0];
-        }
-        return;
-    }
-#pragma omp parallel for num_threads(num_threads) schedule(static)
-    for (int64_t c = 0; c < channels; ++c) {
-        float acc = 0.f;
-        for (int64_t o = 0; o < outer; ++o)
-            for (int64_t i = 0; i < inner; ++i)
-                acc += diff_dst[(o * channels + c) * inner + i];
-        diff_bias[c] = acc;
-    }
-}
-
 void linear_fwd_s8(const csr_pattern &p, const int8_t *wq, const float *w_scale,
                    const int8_t *src_q, float src_scale, const float *bias, float *dst,
                    int64_t batch, int num_threads) {
     linear_fwd<s8_types>(p, wq, src_q, bias, dst, batch, num_threads, [=](int64_t acc, int64_t n) {
-        return static_cast<float>(acc) * (src_scale * w_scale[n]);
+        return static_cast<float>(acc) * s8::forward_scale(src_scale, w_scale[n]);
     });
 }
 
@@ -222,7 +133,7 @@ void linear_bwd_data_s8(const csr_pattern &p, const int8_t *wq, const int8_t *di
 void linear_bwd_weights_s8(const csr_pattern &p, const int8_t *src_q, float src_scale,
                            const int8_t *diff_dst_q, float diff_dst_scale, float *diff_w,
                            int64_t batch, int num_threads) {
-    const float scale = diff_dst_scale * src_scale;
+    const float scale = s8::backward_weights_scale(diff_dst_scale, src_scale);
     linear_bwd_weights<s8_types>(p, src_q, diff_dst_q, diff_w, batch, num_threads,
                                  [=](int64_t acc) { return static_cast<float>(acc) * scale; });
 }
@@ -413,7 +324,7 @@ void conv2d_fwd_s8(const conv2d_shape &s, const csr_pattern &p, const int8_t *wq
                    const float *w_scale, const int8_t *src_q, float src_scale, const float *bias,
                    float *dst, int num_threads) {
     conv2d_fwd<s8_types>(s, p, wq, src_q, bias, dst, num_threads, [=](int64_t acc, int64_t oc) {
-        return static_cast<float>(acc) * (src_scale * w_scale[oc]);
+        return static_cast<float>(acc) * s8::forward_scale(src_scale, w_scale[oc]);
     });
 }
 
@@ -429,7 +340,7 @@ void conv2d_bwd_data_s8(const conv2d_shape &s, const csr_pattern &,
 void conv2d_bwd_weights_s8(const conv2d_shape &s, const csr_pattern &p, const int8_t *src_q,
                            float src_scale, const int8_t *diff_dst_q, float diff_dst_scale,
                            float *diff_w, int num_threads) {
-    const float scale = diff_dst_scale * src_scale;
+    const float scale = s8::backward_weights_scale(diff_dst_scale, src_scale);
     conv2d_bwd_weights<s8_types>(s, p, src_q, diff_dst_q, diff_w, num_threads,
                                  [=](int64_t acc) { return static_cast<float>(acc) * scale; });
 }

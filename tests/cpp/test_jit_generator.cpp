@@ -4,8 +4,10 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <functional>
 #include <sstream>
 #include <string>
+#include <vector>
 
 #include <gtest/gtest.h>
 
@@ -77,32 +79,77 @@ TEST(JitGenerator, dump_writes_the_code_for_objdump) {
 
 } // namespace qsp::test
 
-#include "jit/jit_avx2_sparse_f32.hpp"
-#include "jit/jit_avx2_sparse_s8.hpp"
-#include "jit/jit_avx512_sddmm.hpp"
-#include "jit/jit_avx512_spmm.hpp"
+#include "jit/jit_uni_sddmm_kernel.hpp"
+#include "jit/jit_uni_spmm_kernel.hpp"
 
 namespace qsp::test {
 
-// Every real kernel family, not only the test kernel: sealed RX, never W+X.
-// (Generating code needs no AVX-512; only running it does.)
-TEST(JitGenerator, real_kernels_are_never_writable_and_executable) {
-    jit::jit_avx512_spmm_kernel spmm_f32(jit::spmm_type::f32, 4),
-            spmm_s8(jit::spmm_type::s8_quads, 2), spmm_s8_bw(jit::spmm_type::s8_quads_bw, 1);
-    jit::jit_avx512_sddmm_kernel sddmm_f32(jit::sddmm_type::f32, 3),
-            sddmm_s8(jit::sddmm_type::s8_vnni, 1), sddmm_s8_bw(jit::sddmm_type::s8_bw, 1);
-    jit::jit_avx2_spmm_f32_kernel spmm_avx2(8);
-    jit::jit_avx2_sddmm_f32_kernel sddmm_avx2(5);
-    jit::jit_avx2_spmm_s8_kernel spmm_avx2_s8(3, false), spmm_avx_vnni_s8(2, true);
-    jit::jit_avx2_sddmm_s8_kernel sddmm_avx2_s8(false), sddmm_avx_vnni_s8(true);
-    for (const jit::jit_generator *k : std::initializer_list<const jit::jit_generator *>{
-                 &spmm_f32, &spmm_s8, &spmm_s8_bw, &sddmm_f32, &sddmm_s8, &sddmm_s8_bw, &spmm_avx2,
-                 &sddmm_avx2}) {
-        const std::string perms = permissions_of(k->code());
-        ASSERT_EQ(perms.size(), 4u) << k->name();
-        EXPECT_EQ(perms.substr(0, 3), "r-x") << k->name();
-        EXPECT_GT(k->code_size(), 0u);
+namespace {
+
+// Every parameter set the generators accept (generating code needs no
+// AVX-512; only running it does).
+std::vector<jit::sparse_kernel_params> every_kernel_params(bool sddmm) {
+    std::vector<jit::sparse_kernel_params> out;
+    for (cpu_isa isa : {cpu_isa::avx2, cpu_isa::avx512_core, cpu_isa::avx512_core_vnni})
+        for (jit::sparse_dtype dt : {jit::sparse_dtype::f32, jit::sparse_dtype::s8})
+            for (bool avx_vnni : {false, true}) {
+                if (avx_vnni && (isa != cpu_isa::avx2 || dt != jit::sparse_dtype::s8)) continue;
+                const int max_vec = sddmm && dt == jit::sparse_dtype::s8
+                                            ? 1
+                                            : jit::tile_batch / jit::vector_lanes(isa);
+                for (int nv = 1; nv <= max_vec; ++nv)
+                    out.push_back(jit::sparse_kernel_params{isa, dt, nv, avx_vnni});
+            }
+    return out;
+}
+
+void expect_sealed(const jit::jit_generator &k) {
+    const std::string perms = permissions_of(k.code());
+    ASSERT_EQ(perms.size(), 4u) << k.name();
+    EXPECT_EQ(perms.substr(0, 3), "r-x") << k.name();
+    EXPECT_GT(k.code_size(), 0u) << k.name();
+}
+
+} // namespace
+
+// Every real kernel variant, not only the test kernel: sealed RX, never W+X.
+TEST(JitGenerator, every_kernel_variant_is_never_writable_and_executable) {
+    int variants = 0;
+    for (const auto &p : every_kernel_params(false)) {
+        SCOPED_TRACE("spmm " + p.str());
+        expect_sealed(*jit::spmm_kernel(p));
+        ++variants;
     }
+    for (const auto &p : every_kernel_params(true)) {
+        SCOPED_TRACE("sddmm " + p.str());
+        expect_sealed(*jit::sddmm_kernel(p));
+        ++variants;
+    }
+    EXPECT_EQ(variants, (4 + 8 + 4 + 8 + 4 + 4 + 8) + (8 + 1 + 4 + 1 + 4 + 1 + 1));
+}
+
+// The code cache is keyed by every generator parameter: the same
+// parameters give the same code, any other parameter other code.
+TEST(JitGenerator, code_cache_keys_on_every_parameter) {
+    const jit::sparse_kernel_params base{cpu_isa::avx2, jit::sparse_dtype::s8, 2, false};
+    EXPECT_EQ(jit::spmm_kernel(base), jit::spmm_kernel(base));
+    for (auto change : std::vector<std::function<void(jit::sparse_kernel_params &)>>{
+                 [](jit::sparse_kernel_params &p) { p.isa = cpu_isa::avx512_core; },
+                 [](jit::sparse_kernel_params &p) { p.dtype = jit::sparse_dtype::f32; },
+                 [](jit::sparse_kernel_params &p) { p.n_vec = 3; },
+                 [](jit::sparse_kernel_params &p) { p.avx_vnni = true; }}) {
+        jit::sparse_kernel_params other = base;
+        change(other);
+        EXPECT_FALSE(other == base);
+        EXPECT_NE(jit::spmm_kernel(other), jit::spmm_kernel(base)) << other.str();
+        EXPECT_EQ(jit::spmm_kernel(other)->params(), other);
+    }
+    EXPECT_THROW(jit::spmm_kernel({cpu_isa::avx2, jit::sparse_dtype::f32, 9, false}),
+                 std::invalid_argument);
+    EXPECT_THROW(jit::sddmm_kernel({cpu_isa::avx512_core, jit::sparse_dtype::s8, 2, false}),
+                 std::invalid_argument);
+    EXPECT_THROW(jit::spmm_kernel({cpu_isa::avx512_core, jit::sparse_dtype::s8, 1, true}),
+                 std::invalid_argument);
 }
 
 } // namespace qsp::test

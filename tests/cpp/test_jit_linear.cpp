@@ -2,7 +2,6 @@
 // problems, every ISA tier the machine has, odd sizes, empty and full rows,
 // several thread counts, and batch sizes that change while the per-layer
 // plan is shared.
-#include "primitives/tile_layout.hpp"
 #include "test_utils.hpp"
 
 namespace qsp::test {
@@ -143,39 +142,6 @@ TEST(JitLinearF32Edges, batch_size_changes_share_one_plan) {
          at = out.find(",generated,", at + 1))
         ++generated;
     EXPECT_EQ(generated, 3u) << "one plan per direction, whatever the batch size:\n" << out;
-}
-
-} // namespace qsp::test
-
-namespace qsp::test {
-
-// The AVX-512 and AVX2 layout passes against the portable ones, bit for bit.
-TEST(TileLayout, avx512_passes_match_portable) {
-    if (detected_cpu_isa() < cpu_isa::avx512_core) return; // nothing to compare on this CPU
-    std::mt19937 rng(4);
-    for (int64_t batch : {1, 15, 16, 17, 63, 64, 65, 130})
-        for (int64_t channels : {1, 3, 16, 17, 40}) {
-            SCOPED_TRACE(std::to_string(batch) + "x" + std::to_string(channels));
-            auto src = random_vector(static_cast<size_t>(batch * channels), rng);
-            auto bias = random_vector(static_cast<size_t>(channels), rng);
-            const auto n = static_cast<size_t>(detail::tiled_elems(batch, channels));
-            std::vector<float> a(n, 7.f), b(n, 9.f);
-            detail::pack_tiles_avx512(src.data(), batch, channels, a.data(), 2);
-            detail::pack_tiles_portable(src.data(), batch, channels, b.data(), 2);
-            EXPECT_EQ(a, b);
-            std::vector<float> ua(src.size(), 1.f), ub(src.size(), 2.f);
-            detail::unpack_tiles_avx512(a.data(), batch, channels, bias.data(), ua.data(), 3);
-            detail::unpack_tiles_portable(b.data(), batch, channels, bias.data(), ub.data(), 3);
-            EXPECT_EQ(ua, ub);
-            detail::unpack_tiles_avx512(a.data(), batch, channels, nullptr, ua.data(), 1);
-            EXPECT_EQ(ua, src);
-            // the AVX2 versions
-            std::vector<float> c(n, 5.f), uc(src.size(), 3.f);
-            detail::pack_tiles_avx2(src.data(), batch, channels, c.data(), 2);
-            EXPECT_EQ(c, b);
-            detail::unpack_tiles_avx2(c.data(), batch, channels, bias.data(), uc.data(), 3);
-            EXPECT_EQ(uc, ub);
-        }
 }
 
 } // namespace qsp::test

@@ -1,5 +1,6 @@
 // Descriptor and execution refusals: each names the argument and the rule.
 #include <cstdio>
+#include <functional>
 #include <stdexcept>
 
 #include "test_utils.hpp"
@@ -118,7 +119,7 @@ TEST(PrimitiveApi, conv_descriptor_refusals) {
             [&] {
                 pd_t(eng, fwd, f32_desc({1, 2, 5, 5}), p, none, ok_dst, g3, quant_scheme::f32);
             },
-            "geometry.stride_h must be >= 1");
+            "stride_h must be >= 1, got 0");
     auto g4 = g;
     g4.dilation_w = 0;
     expect_refusal(
@@ -133,7 +134,7 @@ TEST(PrimitiveApi, conv_descriptor_refusals) {
                 pd_t(eng, fwd, f32_desc({1, 2, 2, 2}), p, none, f32_desc({1, 4, 1, 1}), g5,
                      quant_scheme::f32);
             },
-            "too small");
+            "smaller than the dilated kernel 3x3");
     expect_refusal(
             [&] {
                 pd_t(eng, fwd, f32_desc({1, 2, 5, 5}), p, none, f32_desc({1, 4, 3, 3}), g,
@@ -145,6 +146,85 @@ TEST(PrimitiveApi, conv_descriptor_refusals) {
                 pd_t(eng, fwd, f32_desc({2, 5, 5}), p, none, ok_dst, g, quant_scheme::f32);
             },
             "must be 4-D");
+}
+
+// Every geometry check happens before anything is computed from the
+// geometry (a stride of 0 must be an error, not a division by zero).
+TEST(PrimitiveApi, conv_geometry_is_checked_before_use) {
+    conv2d_geometry ok{3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 1};
+    EXPECT_NO_THROW(check_conv2d_geometry(ok, 4, 8));
+    EXPECT_EQ(conv2d_output_hw(ok, 5, 7), (std::array<int64_t, 2>{5, 7}));
+    struct bad_case {
+        std::function<void(conv2d_geometry &)> change;
+        const char *needle;
+    };
+    for (const bad_case &c : std::vector<bad_case>{
+                 {[](conv2d_geometry &g) { g.stride_w = 0; }, "stride_w must be >= 1, got 0"},
+                 {[](conv2d_geometry &g) { g.stride_h = -2; }, "stride_h must be >= 1, got -2"},
+                 {[](conv2d_geometry &g) { g.pad_left = -1; }, "pad_left must be >= 0, got -1"},
+                 {[](conv2d_geometry &g) { g.pad_bottom = -3; }, "pad_bottom must be >= 0"},
+                 {[](conv2d_geometry &g) { g.dilation_h = 0; }, "dilation_h must be >= 1"},
+                 {[](conv2d_geometry &g) { g.kernel_w = 0; }, "kernel_w must be >= 1"},
+                 {[](conv2d_geometry &g) { g.groups = 0; }, "groups must be >= 1, got 0"},
+                 {[](conv2d_geometry &g) { g.groups = 3; },
+                  "in_channels (4) must be divisible by groups (3)"},
+                 {[](conv2d_geometry &g) { g.stride_h = int64_t(1) << 40; },
+                  "stride_h must be <= 2^31"},
+         }) {
+        conv2d_geometry g = ok;
+        c.change(g);
+        expect_refusal([&] { check_conv2d_geometry(g, 4, 8); }, c.needle);
+        if (g.groups != 3) expect_refusal([&] { conv2d_output_hw(g, 5, 7); }, c.needle);
+    }
+    conv2d_geometry g = ok;
+    g.groups = 2;
+    expect_refusal([&] { check_conv2d_geometry(g, 4, 6 + 1); },
+                   "out_channels (7) must be divisible by groups (2)");
+    expect_refusal([&] { conv2d_output_hw(ok, 0, 7); },
+                   "input height and width must be in [1, 2^31]");
+    // ... and through a descriptor, named as the descriptor's refusal.
+    dnnl::engine eng(dnnl::engine::kind::cpu, 0);
+    auto p = small_pattern(4, 2 * 3 * 3);
+    conv2d_geometry zero_stride = ok;
+    zero_stride.stride_w = 0;
+    expect_refusal(
+            [&] {
+                sparse_conv2d_forward::primitive_desc(eng, prop_kind::forward_training,
+                                                      f32_desc({1, 2, 5, 5}), p,
+                                                      dnnl::memory::desc(), f32_desc({1, 4, 5, 5}),
+                                                      zero_stride, quant_scheme::s8);
+            },
+            "sparse_conv2d_forward: conv2d geometry: stride_w must be >= 1, got 0");
+}
+
+TEST(PrimitiveApi, forced_implementation) {
+    dnnl::engine eng(dnnl::engine::kind::cpu, 0);
+    auto p = small_pattern(6, 5);
+    primitive_attr attr;
+    attr.implementation = "ref:any";
+    sparse_linear_forward::primitive_desc pd(eng, prop_kind::forward_training, f32_desc({4, 5}), p,
+                                             f32_desc({4, 6}), quant_scheme::s8, attr);
+    EXPECT_EQ(pd.impl_info_str(), "ref:any");
+    sparse_linear_backward_data::primitive_desc bd(eng, f32_desc({4, 5}), p, f32_desc({4, 6}), pd,
+                                                   attr);
+    EXPECT_EQ(bd.impl_info_str(), "ref:any");
+    EXPECT_EQ(bd.num_threads(), pd.num_threads()) << "the hint's team size by default";
+    attr.implementation = "dense:onednn_s8";
+    expect_refusal(
+            [&] {
+                sparse_linear_forward::primitive_desc(eng, prop_kind::forward_training,
+                                                      f32_desc({4, 5}), p, f32_desc({4, 6}),
+                                                      quant_scheme::f32, attr);
+            },
+            "attr.implementation 'dense:onednn_s8' cannot run this problem: s8 only");
+    attr.implementation = "jit:magic";
+    expect_refusal(
+            [&] {
+                sparse_linear_forward::primitive_desc(eng, prop_kind::forward_training,
+                                                      f32_desc({4, 5}), p, f32_desc({4, 6}),
+                                                      quant_scheme::f32, attr);
+            },
+            "attr.implementation 'jit:magic' is not an implementation (known: ");
 }
 
 TEST(PrimitiveApi, execute_refusals_and_verbose) {

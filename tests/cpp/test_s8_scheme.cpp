@@ -4,8 +4,7 @@
 #include <algorithm>
 #include <cstring>
 
-#include "primitives/quantize.hpp"
-#include "primitives/ref/ref_kernels.hpp"
+#include "primitives/passes/quantize.hpp"
 #include "test_utils.hpp"
 
 namespace qsp::test {
@@ -88,21 +87,17 @@ struct linear_s8_run {
     std::string bwd_weights_impl;
 };
 
-// QSP_DISPATCH=first makes the first accepting implementation win instead
-// of the fastest measured one, so each optimised kernel can be tested.
-struct dispatch_mode_guard {
-    explicit dispatch_mode_guard(const char *mode) { setenv("QSP_DISPATCH", mode, 1); }
-    ~dispatch_mode_guard() { unsetenv("QSP_DISPATCH"); }
-};
-
+// `impl` forces one implementation for all three directions ("" = the
+// usual pick), so every implementation is held to the model.
 linear_s8_run run_linear_s8(const csr_weights &w, int64_t B, const std::vector<float> &x,
                             const std::vector<float> &b, const std::vector<float> &dy,
-                            uint64_t seed, int threads) {
+                            uint64_t seed, int threads, const std::string &impl = "") {
     const int64_t K = w.pattern.cols(), N = w.pattern.rows();
     dnnl::engine eng(dnnl::engine::kind::cpu, 0);
     dnnl::stream s(eng);
     primitive_attr attr;
     attr.num_threads = threads;
+    attr.implementation = impl;
     const auto src_md = f32_desc({B, K}), dst_md = f32_desc({B, N}), bias_md = f32_desc({N});
     sparse_linear_forward::primitive_desc fwd(eng, prop_kind::forward_training, src_md, w.pattern,
                                               bias_md, dst_md, quant_scheme::s8, attr);
@@ -121,13 +116,13 @@ linear_s8_run run_linear_s8(const csr_weights &w, int64_t B, const std::vector<f
                 {DNNL_ARG_WORKSPACE, wrap(eng, fwd.workspace_desc(), r.workspace.data())}});
     std::vector<int32_t> seed_storage;
     sparse_linear_backward_data(
-            sparse_linear_backward_data::primitive_desc(eng, src_md, w.pattern, dst_md, fwd))
+            sparse_linear_backward_data::primitive_desc(eng, src_md, w.pattern, dst_md, fwd, attr))
             .execute(s, {{DNNL_ARG_DIFF_DST, wrap(eng, dst_md, dy.data())},
                          {DNNL_ARG_WEIGHTS, wrap(eng, wmd, w.values.data())},
                          {DNNL_ARG_DIFF_SRC, wrap(eng, src_md, r.dx.data())},
                          {QSP_ARG_ROUNDING_SEED, seed_memory(eng, seed_storage, seed)}});
     sparse_linear_backward_weights::primitive_desc bw_pd(eng, src_md, w.pattern, bias_md, dst_md,
-                                                         fwd);
+                                                         fwd, attr);
     r.bwd_weights_impl = bw_pd.impl_info_str();
     sparse_linear_backward_weights(bw_pd).execute(
             s, {{DNNL_ARG_WORKSPACE, wrap(eng, fwd.workspace_desc(), r.workspace.data())},
@@ -138,7 +133,40 @@ linear_s8_run run_linear_s8(const csr_weights &w, int64_t B, const std::vector<f
     return r;
 }
 
+// oneDNN's int8 is exact only with VNNI or AMX (elsewhere the library
+// refuses it; see the test below).
+bool onednn_has_vnni() {
+    using isa = dnnl::cpu_isa;
+    const isa e = dnnl::get_effective_cpu_isa();
+    for (isa v : {isa::avx2_vnni, isa::avx2_vnni_2, isa::avx512_core_vnni, isa::avx512_core_bf16,
+                  isa::avx512_core_fp16, isa::avx512_core_amx, isa::avx512_core_amx_fp16})
+        if (e == v) return true;
+    return false;
+}
+
 } // namespace
+
+TEST(S8Scheme, dense_onednn_only_where_its_int8_is_exact) {
+    auto w = csr_weights::from_dense(std::vector<float>(12, 1.f).data(), 3, 4);
+    dnnl::engine eng(dnnl::engine::kind::cpu, 0);
+    primitive_attr attr;
+    attr.implementation = "dense:onednn_s8";
+    auto make = [&] {
+        return sparse_linear_forward::primitive_desc(eng, prop_kind::forward_training,
+                                                     f32_desc({2, 4}), w.pattern, f32_desc({2, 3}),
+                                                     quant_scheme::s8, attr);
+    };
+    if (onednn_has_vnni() && effective_cpu_isa() != cpu_isa::ref) {
+        EXPECT_EQ(make().impl_info_str(), "dense:onednn_s8");
+    } else {
+        try {
+            make();
+            ADD_FAILURE() << "dense:onednn_s8 accepted without VNNI";
+        } catch (const std::invalid_argument &e) {
+            EXPECT_NE(std::string(e.what()).find("dense:onednn_s8"), std::string::npos) << e.what();
+        }
+    }
+}
 
 class SparseLinearS8 : public ::testing::TestWithParam<std::tuple<int64_t, double>> {};
 
@@ -159,16 +187,22 @@ TEST_P(SparseLinearS8, matches_exact_integer_model) {
         auto b = random_vector(static_cast<size_t>(N), rng);
         const uint64_t seed = 0x1234567890abcdefull + size;
         for (cpu_isa isa : isa_levels()) {
-            for (const char *mode : {"first", "measure"}) {
+            // Every implementation an s8 Linear has at this tier.
+            std::vector<std::string> impls = {"", "ref:any"};
+            if (isa >= cpu_isa::avx2) {
+                impls.push_back(isa == cpu_isa::avx512_core_vnni ? "jit:avx512_core_vnni"
+                                : isa == cpu_isa::avx512_core    ? "jit:avx512_core"
+                                                                 : "jit:avx2");
+                if (onednn_has_vnni()) impls.push_back("dense:onednn_s8");
+            }
+            for (const std::string &impl : impls) {
                 isa_cap_guard cap(isa);
-                dispatch_mode_guard dispatch(mode);
-                SCOPED_TRACE(std::string(to_string(isa)) + " dispatch=" + mode);
-                auto run = run_linear_s8(w, B, x, b, dy, seed, 3);
-                if (std::string(mode) == "first" && isa >= cpu_isa::avx2)
-                    EXPECT_EQ(run.bwd_weights_impl,
-                              isa == cpu_isa::avx512_core_vnni ? "jit:avx512_core_vnni"
-                              : isa == cpu_isa::avx512_core    ? "jit:avx512_core"
-                                                               : "jit:avx2");
+                SCOPED_TRACE(std::string(to_string(isa))
+                             + " implementation=" + (impl.empty() ? "(picked)" : impl));
+                auto run = run_linear_s8(w, B, x, b, dy, seed, 3, impl);
+                if (impl.empty() && isa >= cpu_isa::avx2)
+                    EXPECT_EQ(run.bwd_weights_impl, impls[2]) << "first in list order";
+                if (!impl.empty()) EXPECT_EQ(run.bwd_weights_impl, impl);
 
                 const auto xq = model_rne(x);
                 const auto wq = model_weight_quant(w.pattern, w.values);
@@ -240,8 +274,8 @@ TEST(S8Scheme, stochastic_rounding_is_unbiased_and_clamps) {
     const int seeds = 64;
     std::vector<int8_t> q(n);
     for (int s = 0; s < seeds; ++s) {
-        const float scale = ref::quantize_stochastic(x.data(), n, nullptr, 1, 1, rounding_seed32(s),
-                                                     q.data(), 2);
+        const float scale = detail::portable::quantize_stochastic(x.data(), n, nullptr, 1, 1,
+                                                                  rounding_seed32(s), q.data(), 2);
         EXPECT_FLOAT_EQ(scale, 1.f / 127.f);
         EXPECT_EQ(q[0], 127);
         for (int64_t i = 1; i < n; ++i) {
@@ -253,7 +287,7 @@ TEST(S8Scheme, stochastic_rounding_is_unbiased_and_clamps) {
     // Extremes land on +-127, never wrap.
     std::vector<float> y = {-1.f, 1.f, -0.99999f, 0.99999f};
     std::vector<int8_t> qy(4);
-    ref::quantize_stochastic(y.data(), 4, nullptr, 1, 1, 1, qy.data(), 1);
+    detail::portable::quantize_stochastic(y.data(), 4, nullptr, 1, 1, 1, qy.data(), 1);
     EXPECT_EQ(qy[0], -127);
     EXPECT_EQ(qy[1], 127);
     EXPECT_GE(qy[2], -127);
@@ -263,12 +297,12 @@ TEST(S8Scheme, stochastic_rounding_is_unbiased_and_clamps) {
 TEST(S8Scheme, all_zero_and_non_finite_tensors) {
     std::vector<float> z(10, 0.f);
     std::vector<int8_t> q(10, 1);
-    EXPECT_EQ(ref::quantize_rne(z.data(), 10, q.data(), 1), 0.f);
+    EXPECT_EQ(detail::portable::quantize_rne(z.data(), 10, q.data(), 1), 0.f);
     EXPECT_TRUE(std::all_of(q.begin(), q.end(), [](int8_t v) { return v == 0; }));
     z[3] = std::nanf("");
-    EXPECT_TRUE(std::isnan(ref::quantize_rne(z.data(), 10, q.data(), 1)));
+    EXPECT_TRUE(std::isnan(detail::portable::quantize_rne(z.data(), 10, q.data(), 1)));
     z[3] = INFINITY;
-    EXPECT_TRUE(std::isnan(ref::quantize_rne(z.data(), 10, q.data(), 1)));
+    EXPECT_TRUE(std::isnan(detail::portable::quantize_rne(z.data(), 10, q.data(), 1)));
 }
 
 // 127 * 127 * 140000 = 2.26e9 > 2^31: a naive int32 accumulator wraps.
@@ -424,59 +458,6 @@ TEST(SparseConv2dS8, matches_exact_integer_model) {
         expect_bitwise_equal(dx, dxm, "conv backward_data diff_src");
         expect_bitwise_equal(dw, dwm, "conv backward_weights diff_weights");
     }
-}
-
-} // namespace qsp::test
-
-namespace qsp::test {
-
-// The fast (AVX-512) quantization passes against the reference, bit for bit,
-// including all-zero and non-finite tensors and odd lengths.
-TEST(S8Scheme, fast_quantization_passes_equal_reference) {
-    if (detected_cpu_isa() < cpu_isa::avx512_core) return; // only the reference exists here
-    std::mt19937 rng(21);
-    for (int64_t rows : {1, 3, 17})
-        for (int64_t cols : {1, 15, 16, 33, 100}) {
-            SCOPED_TRACE(std::to_string(rows) + "x" + std::to_string(cols));
-            for (int variant = 0; variant < 3; ++variant) {
-                auto x = random_vector(static_cast<size_t>(rows * cols), rng, -2.f, 3.f);
-                if (variant == 1) std::fill(x.begin(), x.end(), 0.f);
-                if (variant == 2) x[x.size() / 2] = std::nanf("");
-                auto mult = random_vector(static_cast<size_t>(cols), rng, 0.1f, 2.f);
-                const int64_t n = rows * cols;
-                std::vector<int8_t> a(n), b(n);
-                const float sa = detail::quantize_rne_avx512(x.data(), n, a.data(), 2);
-                const float sb = ref::quantize_rne(x.data(), n, b.data(), 2);
-                EXPECT_EQ(std::memcmp(&sa, &sb, 4), 0);
-                if (variant != 2) EXPECT_EQ(a, b);
-                const float ta = detail::quantize_stochastic_avx512(x.data(), n, mult.data(), cols,
-                                                                    99, a.data(), 3);
-                const float tb = ref::quantize_stochastic(x.data(), n, mult.data(), cols, 1, 99,
-                                                          b.data(), 1);
-                EXPECT_EQ(std::memcmp(&ta, &tb, 4), 0);
-                if (variant != 2) EXPECT_EQ(a, b);
-                // the AVX2 versions
-                std::vector<int8_t> c(n);
-                const float ra = detail::quantize_rne_avx2(x.data(), n, c.data(), 2);
-                ref::quantize_rne(x.data(), n, b.data(), 2);
-                EXPECT_EQ(std::memcmp(&ra, &sb, 4), 0);
-                if (variant != 2) EXPECT_EQ(c, b);
-                const float rs = detail::quantize_stochastic_avx2(x.data(), n, mult.data(), cols,
-                                                                  99, c.data(), 3);
-                ref::quantize_stochastic(x.data(), n, mult.data(), cols, 1, 99, b.data(), 1);
-                EXPECT_EQ(std::memcmp(&rs, &tb, 4), 0);
-                if (variant != 2) EXPECT_EQ(c, b);
-                auto dense = random_sparse_dense(rows, cols, 0.5, rng);
-                auto w = csr_weights::from_dense(dense.data(), rows, cols);
-                std::vector<int8_t> qa(w.values.size() + 1), qb(w.values.size() + 1);
-                std::vector<float> wa(rows), wb(rows);
-                detail::quantize_weights_avx512(w.pattern.row_ptr(), rows, w.values.data(),
-                                                qa.data(), wa.data(), 2);
-                ref::quantize_weights(w.pattern, w.values.data(), qb.data(), wb.data(), 2);
-                EXPECT_EQ(qa, qb);
-                EXPECT_EQ(std::memcmp(wa.data(), wb.data(), 4 * rows), 0);
-            }
-        }
 }
 
 } // namespace qsp::test

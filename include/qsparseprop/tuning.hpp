@@ -1,0 +1,65 @@
+// The tuner: a step of its own, apart from creating descriptors. Where
+// several implementations accept a layer's problem in one direction (say
+// the sparse VNNI JIT and oneDNN's dense int8 matmul for an s8 Linear), it
+// times each on data of the problem's shapes, keeps the incumbent unless a
+// rival is clearly faster, and stores the decision; descriptors created
+// afterwards for the same problem pick it. The decision store is an
+// in-memory LRU (cache "tuning_decisions") keyed by the whole problem:
+// pattern (compared in full), shapes, scheme, direction, threads and ISA.
+//
+//   qsp::sparse_linear_forward::primitive_desc pd(...);   // picks, measures nothing
+//   qsp::tuning_result r = qsp::tune(pd);                 // measures, stores
+//   qsp::sparse_linear_forward::primitive_desc tuned(...); // same args: picks r.chosen
+//
+// QSP_VERBOSE=dispatch prints every measurement and decision.
+#pragma once
+
+#include <cstddef>
+#include <string>
+#include <vector>
+
+#include "qsparseprop/primitives.hpp"
+
+namespace qsp {
+
+struct tuning_options {
+    int warmup_runs = 2; // untimed runs per candidate (caches, page faults, code)
+    int timed_runs = 7;  // timed runs per candidate; their median counts
+    // A rival replaces the incumbent only when its median is at least this
+    // fraction lower: near-ties keep the incumbent, so decisions do not flip
+    // with noise.
+    double min_gain = 0.10;
+    // Measure even when a decision is stored (the stored one is then the
+    // incumbent).
+    bool retune = false;
+};
+
+struct tuning_measurement {
+    std::string implementation;
+    double median_ms = 0;
+    std::vector<double> runs_ms;
+};
+
+struct tuning_result {
+    std::string primitive;  // "sparse_linear_forward", ...
+    std::string problem;    // shapes, density, nnz
+    std::string incumbent;  // the stored decision, else the first accepting in list order
+    std::string chosen;
+    bool measured = false;  // false: a stored decision was reused, or nothing to compare
+    std::vector<tuning_measurement> candidates; // empty unless measured
+};
+
+// Compares the implementations that accept pd's problem (the reference
+// never competes) and stores the decision. Thread-safe; throws
+// std::invalid_argument for bad options.
+tuning_result tune(const primitive_desc_base &pd, const tuning_options &options = {});
+
+// The decision rule alone: the index of the candidate to keep given the
+// medians, the incumbent's index and min_gain.
+size_t choose_implementation(const std::vector<double> &median_ms, size_t incumbent,
+                             double min_gain);
+
+// Forgets every stored decision.
+void clear_tuning_decisions();
+
+} // namespace qsp

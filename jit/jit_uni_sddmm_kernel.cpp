@@ -1,0 +1,237 @@
+#include "jit/jit_uni_sddmm_kernel.hpp"
+
+#include <cstddef>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+#include "jit/jit_int8_dot.hpp"
+#include "jit/jit_reduce.hpp"
+#include "runtime/lru_cache.hpp"
+
+namespace qsp::jit {
+
+using namespace Xbyak;
+
+namespace {
+
+constexpr size_t kernel_code_bytes = 32 * 1024;
+
+void check_params(const sparse_kernel_params &p) {
+    if (p.isa == cpu_isa::ref)
+        throw std::invalid_argument("jit sddmm: the reference tier has no generated code");
+    const int max_vec = p.dtype == sparse_dtype::s8 ? 1 : tile_batch / vector_lanes(p.isa);
+    if (p.n_vec < 1 || p.n_vec > max_vec)
+        throw std::invalid_argument("jit sddmm: n_vec must be in [1, " + std::to_string(max_vec)
+                                    + "] for " + p.str() + ", got " + std::to_string(p.n_vec));
+    if (p.avx_vnni && (p.isa != cpu_isa::avx2 || p.dtype != sparse_dtype::s8))
+        throw std::invalid_argument("jit sddmm: avx_vnni applies to the avx2 s8 kernel only");
+}
+
+} // namespace
+
+jit_sddmm_kernel::jit_sddmm_kernel(const sparse_kernel_params &params)
+    : jit_generator("sddmm_" + params.str(), kernel_code_bytes), params_(params) {
+    check_params(params);
+}
+
+template <cpu_isa isa>
+jit_uni_sddmm_kernel_t<isa>::jit_uni_sddmm_kernel_t(const sparse_kernel_params &params)
+    : jit_sddmm_kernel(params) {
+    finish();
+}
+
+template <cpu_isa isa> void jit_uni_sddmm_kernel_t<isa>::generate() {
+    constexpr bool avx512 = isa != cpu_isa::avx2;
+    using Vmm = typename std::conditional<avx512, Zmm, Ymm>::type;
+    constexpr int vlen = avx512 ? 64 : 32;
+    constexpr int group = avx512 ? 16 : 8; // nonzeros reduced together
+    const bool s8 = params_.dtype == sparse_dtype::s8;
+    const bool native_dot = s8 && (isa == cpu_isa::avx512_core_vnni || params_.avx_vnni);
+    // Vectors per tile row this kernel reads: a 64-byte s8 row is 1 zmm or 2 ymm.
+    const int nv = s8 ? s8_tile_row_bytes / vlen : params_.n_vec;
+
+    // Registers. Accumulators of the group: 0..group-1.
+    // avx512: 16..25 the reduction tree (16/17 hold emulated products while
+    //   the dots run), 26 the old dW / the nibble mask (refilled per row),
+    //   27 the lane permutation, 28..31 the dY row (f32; s8: 28 whole,
+    //   29/30 its nibbles, 31 ones).
+    // avx2: 8..11 the dY row (s8: whole or nibbles; f32 reads dY from L1),
+    //   8 an x load (f32), 12 ones, 13/14 products and the tree, 15 the
+    //   nibble mask / permutation / store mask.
+    auto acc = [](int j) { return Vmm(j); };
+    auto g = [&](int v) { return Vmm(avx512 ? 28 + v : 8 + v); };
+    auto g_lo = [&](int v) { return Vmm(avx512 ? 29 : 8 + v); };
+    auto g_hi = [&](int v) { return Vmm(avx512 ? 30 : 10 + v); };
+    const Vmm ones16(avx512 ? 31 : 12), t_lo(avx512 ? 16 : 13), t_hi(avx512 ? 17 : 14),
+            nibble_mask(avx512 ? 26 : 15), x_tmp(8);
+
+    const Reg64 param = rdi;
+    const Reg64 offsets = r9, row_ptr = r10, row = r11, row_end = r12, x = r13, dy = r14, dw = r15,
+                i = rax, end = rdx, off = rsi, dy_row = rbp;
+
+    preamble();
+    mov(offsets, ptr[param + offsetof(sddmm_call_params, src_offsets)]);
+    mov(row_ptr, ptr[param + offsetof(sddmm_call_params, row_ptr)]);
+    mov(row, ptr[param + offsetof(sddmm_call_params, row_begin)]);
+    mov(row_end, ptr[param + offsetof(sddmm_call_params, row_end)]);
+    mov(x, ptr[param + offsetof(sddmm_call_params, x_tile)]);
+    mov(dy, ptr[param + offsetof(sddmm_call_params, dy_tile)]);
+    mov(dw, ptr[param + offsetof(sddmm_call_params, diff_values)]);
+    Label tables, row_loop, group_loop, next_row, done;
+    if (avx512) vmovups(Zmm(27), ptr[rip + tables]);
+
+    L(row_loop);
+    cmp(row, row_end);
+    jge(done, T_NEAR);
+    mov(dy_row, row);
+    shl(dy_row, s8 ? s8_tile_row_shift : tile_row_shift);
+    add(dy_row, dy);
+    // The dY row is fixed along the row: into registers once (AVX2 f32
+    // keeps it in L1: there are not enough registers).
+    if (s8 && !native_dot) {
+        // before i is loaded: the constants go through eax
+        emit_int8_dot_constants(*this, ones16, nibble_mask);
+        for (int v = 0; v < nv; ++v) {
+            vmovups(t_lo, ptr[dy_row + v * vlen]);
+            emit_split_nibbles(*this, t_lo, g_lo(v), g_hi(v), nibble_mask);
+        }
+    } else if (s8 || avx512) {
+        for (int v = 0; v < nv; ++v)
+            vmovups(g(v), ptr[dy_row + v * vlen]);
+    }
+    mov(i, ptr[row_ptr + row * 8]);
+    mov(end, ptr[row_ptr + row * 8 + 8]);
+
+    L(group_loop);
+    cmp(i, end);
+    jge(next_row, T_NEAR);
+    if (avx512) {
+        // k1 = lanes of this group that are real nonzeros of the row; the
+        // rest compute on whatever offsets follow (always readable: padded)
+        // and are masked off at the store.
+        mov(rcx, end);
+        sub(rcx, i);
+        mov(ebx, group);
+        cmp(rcx, rbx);
+        cmovg(rcx, rbx);
+        mov(ebx, 1);
+        shl(ebx, cl);
+        dec(ebx);
+        kmovw(k1, ebx);
+    }
+    for (int j = 0; j < group; ++j) {
+        movsxd(off, dword[offsets + i * 4 + j * 4]);
+        if (!s8) {
+            for (int v = 0; v < nv; ++v) {
+                const Address xv = ptr[x + off + v * vlen];
+                if (avx512) {
+                    if (v == 0)
+                        vmulps(acc(j), g(0), xv);
+                    else
+                        vfmadd231ps(acc(j), g(v), xv);
+                } else {
+                    vmovups(x_tmp, xv);
+                    if (v == 0)
+                        vmulps(acc(j), x_tmp, ptr[dy_row]);
+                    else
+                        vfmadd231ps(acc(j), x_tmp, ptr[dy_row + v * vlen]);
+                }
+            }
+        } else if (native_dot) {
+            if (avx512)
+                vpxord(acc(j), acc(j), acc(j));
+            else
+                vpxor(acc(j), acc(j), acc(j));
+            for (int v = 0; v < nv; ++v) {
+                if (avx512)
+                    vpdpbusd(acc(j), g(v), ptr[x + off + v * vlen]);
+                else
+                    vpdpbusd(acc(j), g(v), ptr[x + off + v * vlen], VexEncoding);
+            }
+        } else {
+            for (int v = 0; v < nv; ++v)
+                emit_dot_u8s8_nibbles(*this, acc(j), g_lo(v), g_hi(v), ptr[x + off + v * vlen],
+                                      ones16, t_lo, t_hi, v > 0);
+        }
+    }
+    const reduce_kind kind = s8 ? reduce_kind::s32 : reduce_kind::f32;
+    if (avx512) {
+        const Zmm ordered(emit_reduce16(*this, kind, Zmm(27))), old(26);
+        vmovups(old | k1 | T_z, ptr[dw + i * 4]);
+        if (s8)
+            vpaddd(old, old, ordered);
+        else
+            vaddps(old, old, ordered);
+        vmovups(ptr[dw + i * 4] | k1, old);
+    } else {
+        const Ymm scratch(15);
+        emit_reduce8(*this, kind, t_lo, t_hi);
+        vmovdqu(scratch, ptr[rip + tables]);
+        if (s8)
+            vpermd(ymm1, scratch, ymm0);
+        else
+            vpermps(ymm1, scratch, ymm0);
+        // store mask: lanes j < min(8, end - i)
+        mov(rcx, end);
+        sub(rcx, i);
+        vmovd(Xmm(scratch.getIdx()), ecx); // only the low bits matter: compared below
+        vpbroadcastd(scratch, Xmm(scratch.getIdx()));
+        vpcmpgtd(scratch, scratch, ptr[rip + tables + 32]);
+        if (s8) {
+            vpmaskmovd(ymm2, scratch, ptr[dw + i * 4]);
+            vpaddd(ymm2, ymm2, ymm1);
+            vpmaskmovd(ptr[dw + i * 4], scratch, ymm2);
+        } else {
+            vmaskmovps(ymm2, scratch, ptr[dw + i * 4]);
+            vaddps(ymm2, ymm2, ymm1);
+            vmaskmovps(ptr[dw + i * 4], scratch, ymm2);
+        }
+    }
+    add(i, group);
+    jmp(group_loop);
+
+    L(next_row);
+    inc(row);
+    jmp(row_loop);
+
+    L(done);
+    postamble();
+
+    align(64);
+    L(tables);
+    if (avx512) {
+        for (int32_t lane : reduce16_lane_of())
+            dd(static_cast<uint32_t>(lane));
+    } else {
+        for (int32_t lane : reduce8_lane_of())
+            dd(static_cast<uint32_t>(lane));
+        for (int j = 0; j < 8; ++j) // lane index, for the store mask
+            dd(static_cast<uint32_t>(j));
+    }
+}
+
+template class jit_uni_sddmm_kernel_t<cpu_isa::avx2>;
+template class jit_uni_sddmm_kernel_t<cpu_isa::avx512_core>;
+template class jit_uni_sddmm_kernel_t<cpu_isa::avx512_core_vnni>;
+
+std::shared_ptr<const jit_sddmm_kernel> sddmm_kernel(const sparse_kernel_params &params) {
+    static runtime::lru_cache<sparse_kernel_params, jit_sddmm_kernel, sparse_kernel_params_hash>
+            cache("jit_code:sddmm");
+    return cache.get_or_create(params, [&]() -> std::shared_ptr<const jit_sddmm_kernel> {
+        switch (params.isa) {
+            case cpu_isa::avx2:
+                return std::make_shared<const jit_uni_sddmm_kernel_t<cpu_isa::avx2>>(params);
+            case cpu_isa::avx512_core:
+                return std::make_shared<const jit_uni_sddmm_kernel_t<cpu_isa::avx512_core>>(params);
+            case cpu_isa::avx512_core_vnni:
+                return std::make_shared<const jit_uni_sddmm_kernel_t<cpu_isa::avx512_core_vnni>>(
+                        params);
+            case cpu_isa::ref:
+                break;
+        }
+        throw std::invalid_argument("jit sddmm: no generated code for " + params.str());
+    });
+}
+
+} // namespace qsp::jit

@@ -1,0 +1,214 @@
+#include "jit/jit_uni_spmm_kernel.hpp"
+
+#include <cstddef>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+#include "jit/jit_int8_dot.hpp"
+#include "runtime/lru_cache.hpp"
+
+namespace qsp::jit {
+
+using namespace Xbyak;
+
+std::string sparse_kernel_params::str() const {
+    return std::string(to_string(isa)) + (dtype == sparse_dtype::f32 ? "_f32" : "_s8")
+           + (avx_vnni ? "_avx_vnni" : "") + "_v" + std::to_string(n_vec);
+}
+
+size_t sparse_kernel_params_hash::operator()(const sparse_kernel_params &p) const {
+    uint64_t h = runtime::hash_mix(0, static_cast<uint64_t>(p.isa));
+    h = runtime::hash_mix(h, static_cast<uint64_t>(p.dtype));
+    h = runtime::hash_mix(h, static_cast<uint64_t>(p.n_vec));
+    return static_cast<size_t>(runtime::hash_mix(h, p.avx_vnni));
+}
+
+int vector_lanes(cpu_isa isa) {
+    return isa >= cpu_isa::avx512_core ? 16 : 8;
+}
+
+sparse_kernel_params make_sparse_kernel_params(cpu_isa isa, sparse_dtype dtype, int n_vec) {
+    sparse_kernel_params p;
+    p.isa = isa;
+    p.dtype = dtype;
+    p.n_vec = n_vec;
+    p.avx_vnni = isa == cpu_isa::avx2 && dtype == sparse_dtype::s8 && cpu_has_avx_vnni();
+    return p;
+}
+
+namespace {
+
+// Code of one kernel stays far below this; the bound only guards mistakes.
+constexpr size_t kernel_code_bytes = 32 * 1024;
+
+void check_params(const sparse_kernel_params &p) {
+    const int max_vec = tile_batch / vector_lanes(p.isa);
+    if (p.isa == cpu_isa::ref)
+        throw std::invalid_argument("jit spmm: the reference tier has no generated code");
+    if (p.n_vec < 1 || p.n_vec > max_vec)
+        throw std::invalid_argument("jit spmm: n_vec must be in [1, " + std::to_string(max_vec)
+                                    + "] on " + to_string(p.isa) + ", got "
+                                    + std::to_string(p.n_vec));
+    if (p.avx_vnni && (p.isa != cpu_isa::avx2 || p.dtype != sparse_dtype::s8))
+        throw std::invalid_argument("jit spmm: avx_vnni applies to the avx2 s8 kernel only");
+}
+
+} // namespace
+
+jit_spmm_kernel::jit_spmm_kernel(const sparse_kernel_params &params)
+    : jit_generator("spmm_" + params.str(), kernel_code_bytes), params_(params) {
+    check_params(params);
+}
+
+template <cpu_isa isa>
+jit_uni_spmm_kernel_t<isa>::jit_uni_spmm_kernel_t(const sparse_kernel_params &params)
+    : jit_spmm_kernel(params) {
+    finish();
+}
+
+template <cpu_isa isa> void jit_uni_spmm_kernel_t<isa>::generate() {
+    constexpr bool avx512 = isa != cpu_isa::avx2;
+    using Vmm = typename std::conditional<avx512, Zmm, Ymm>::type;
+    constexpr int vlen = avx512 ? 64 : 32;
+    const int nv = params_.n_vec;
+    const bool s8 = params_.dtype == sparse_dtype::s8;
+    const bool native_dot = s8 && (isa == cpu_isa::avx512_core_vnni || params_.avx_vnni);
+
+    // Entries per step of the main loop, and accumulator sets alternating
+    // between consecutive entries so that the multiply-add latency (4
+    // cycles) does not serialise a row. AVX2 has 16 registers: one set of up
+    // to 8 accumulators already hides the latency, and the emulated s8 dot
+    // products need the rest, so that kernel takes one entry per step.
+    const int unroll = (!avx512 && s8) ? 1 : 4;
+    const int sets = avx512 ? 2 : 1;
+    auto acc = [&](int u, int v) { return Vmm((u % sets) * nv + v); };
+    // avx512: 0..7 accumulators, 8..11 f32 broadcasts, 12..19 s8 sources,
+    //         20..23 s8 weights, 24..29 nibbles, constants, products.
+    // avx2:   0..7 accumulators, 8..11 f32 broadcasts; s8: 8 source,
+    //         9 weights, 10..15 nibbles, constants, products.
+    auto bcast = [](int u) { return Vmm(8 + u); };
+    auto src_reg = [&](int u, int v) { return avx512 ? Vmm(12 + (u % 2) * 4 + v) : Vmm(8); };
+    auto w_reg = [&](int u) { return avx512 ? Vmm(20 + u) : Vmm(9); };
+    const Vmm x_lo(avx512 ? 24 : 10), x_hi(avx512 ? 25 : 11), ones16(avx512 ? 26 : 14),
+            nibble_mask(avx512 ? 27 : 15), t_lo(avx512 ? 28 : 12), t_hi(avx512 ? 29 : 13);
+
+    const Reg64 param = rdi;
+    const Reg64 values = r8, offsets = r9, row_ptr = r10, row = r11, row_end = r12, src = r13,
+                dst = r14, i = rax, end = rdx;
+    const Reg64 off[4] = {rsi, rdi, rbx, rbp}; // rdi is free once the params are read
+
+    // One entry u of this step: its weight at values[i + u], its source row
+    // at src + off[u].
+    auto entry = [&](int u) {
+        const Address w_mem = dword[values + i * 4 + u * 4];
+        if (!s8) {
+            vbroadcastss(bcast(u), w_mem);
+            for (int v = 0; v < nv; ++v)
+                vfmadd231ps(acc(u, v), bcast(u), ptr[src + off[u] + v * vlen]);
+            return;
+        }
+        if (avx512 && native_dot) {
+            for (int v = 0; v < nv; ++v) {
+                vmovups(src_reg(u, v), ptr[src + off[u] + v * vlen]);
+                vpdpbusd(acc(u, v), src_reg(u, v), ptr_b[values + i * 4 + u * 4]);
+            }
+            return;
+        }
+        vpbroadcastd(w_reg(u), w_mem);
+        for (int v = 0; v < nv; ++v) {
+            vmovups(src_reg(u, v), ptr[src + off[u] + v * vlen]);
+            if (native_dot) {
+                vpdpbusd(acc(u, v), src_reg(u, v), w_reg(u), VexEncoding);
+            } else {
+                emit_split_nibbles(*this, src_reg(u, v), x_lo, x_hi, nibble_mask);
+                emit_dot_u8s8_nibbles(*this, acc(u, v), x_lo, x_hi, w_reg(u), ones16, t_lo, t_hi,
+                                      true);
+            }
+        }
+    };
+
+    preamble();
+    mov(values, ptr[param + offsetof(spmm_call_params, values)]);
+    mov(offsets, ptr[param + offsetof(spmm_call_params, src_offsets)]);
+    mov(row_ptr, ptr[param + offsetof(spmm_call_params, row_ptr)]);
+    mov(row, ptr[param + offsetof(spmm_call_params, row_begin)]);
+    mov(row_end, ptr[param + offsetof(spmm_call_params, row_end)]);
+    mov(src, ptr[param + offsetof(spmm_call_params, src_tile)]);
+    mov(dst, ptr[param + offsetof(spmm_call_params, dst_tile)]);
+    if (s8 && !native_dot) emit_int8_dot_constants(*this, ones16, nibble_mask);
+
+    Label row_loop, step_loop, single_loop, store, done;
+    L(row_loop);
+    cmp(row, row_end);
+    jge(done, T_NEAR);
+    for (int s = 0; s < sets; ++s)
+        for (int v = 0; v < nv; ++v)
+            vxorps(acc(s, v), acc(s, v), acc(s, v));
+    mov(i, ptr[row_ptr + row * 8]);
+    mov(end, ptr[row_ptr + row * 8 + 8]);
+
+    if (unroll > 1) {
+        L(step_loop);
+        lea(rcx, ptr[i + unroll]);
+        cmp(rcx, end);
+        jg(single_loop, T_NEAR);
+        for (int u = 0; u < unroll; ++u)
+            movsxd(off[u], dword[offsets + i * 4 + u * 4]);
+        for (int u = 0; u < unroll; ++u)
+            entry(u);
+        add(i, unroll);
+        jmp(step_loop);
+    }
+
+    L(single_loop);
+    cmp(i, end);
+    jge(store, T_NEAR);
+    movsxd(off[0], dword[offsets + i * 4]);
+    entry(0);
+    inc(i);
+    jmp(single_loop);
+
+    L(store);
+    mov(rcx, row);
+    shl(rcx, tile_row_shift);
+    for (int v = 0; v < nv; ++v) {
+        if (sets > 1) {
+            if (s8)
+                vpaddd(acc(0, v), acc(0, v), acc(1, v));
+            else
+                vaddps(acc(0, v), acc(0, v), acc(1, v));
+        }
+        vmovups(ptr[dst + rcx + v * vlen], acc(0, v));
+    }
+    inc(row);
+    jmp(row_loop);
+
+    L(done);
+    postamble();
+}
+
+template class jit_uni_spmm_kernel_t<cpu_isa::avx2>;
+template class jit_uni_spmm_kernel_t<cpu_isa::avx512_core>;
+template class jit_uni_spmm_kernel_t<cpu_isa::avx512_core_vnni>;
+
+std::shared_ptr<const jit_spmm_kernel> spmm_kernel(const sparse_kernel_params &params) {
+    static runtime::lru_cache<sparse_kernel_params, jit_spmm_kernel, sparse_kernel_params_hash>
+            cache("jit_code:spmm");
+    return cache.get_or_create(params, [&]() -> std::shared_ptr<const jit_spmm_kernel> {
+        switch (params.isa) {
+            case cpu_isa::avx2:
+                return std::make_shared<const jit_uni_spmm_kernel_t<cpu_isa::avx2>>(params);
+            case cpu_isa::avx512_core:
+                return std::make_shared<const jit_uni_spmm_kernel_t<cpu_isa::avx512_core>>(params);
+            case cpu_isa::avx512_core_vnni:
+                return std::make_shared<const jit_uni_spmm_kernel_t<cpu_isa::avx512_core_vnni>>(
+                        params);
+            case cpu_isa::ref:
+                break;
+        }
+        throw std::invalid_argument("jit spmm: no generated code for " + params.str());
+    });
+}
+
+} // namespace qsp::jit

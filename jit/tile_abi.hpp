@@ -1,0 +1,71 @@
+// The tile ABI shared by the JIT generators, the per-layer plans and the
+// layout passes: how batch-innermost tiles are laid out and what a kernel
+// call receives. Changing anything here changes all three.
+//
+// A tiled tensor of `batch` rows and `channels` columns is
+// ceil(batch / tile_batch) tiles; a tile holds `tile_batch` batch elements of
+// every channel, contiguous per channel ("row" of the tile). Lanes past the
+// batch are zero (the packing passes pad them), so kernels always work on
+// whole vectors and the batch tail only changes how many vectors of a row a
+// kernel touches (n_vec): no code is regenerated when the batch size changes.
+//
+//   f32 / int32 tiles  row = tile_batch 4-byte elements (tile_row_bytes)
+//   int8 tiles         row = tile_batch bytes (s8_tile_row_bytes)
+//   quad tiles (s8 SpMM source) row c holds, per batch element, the 4 bytes
+//                      of channels 4c..4c+3 as u8 (value + 128): one dword
+//                      per batch element, tile_row_bytes per row
+#pragma once
+
+#include <cstdint>
+
+namespace qsp::jit {
+
+constexpr int tile_batch = 64;
+constexpr int tile_row_bytes = tile_batch * 4;
+constexpr int tile_row_shift = 8; // log2(tile_row_bytes)
+constexpr int s8_tile_row_bytes = tile_batch;
+constexpr int s8_tile_row_shift = 6;
+static_assert(1 << tile_row_shift == tile_row_bytes, "tile_row_shift");
+static_assert(1 << s8_tile_row_shift == s8_tile_row_bytes, "s8_tile_row_shift");
+
+// SpMM: dst_tile[r, :] = sum over entries e of row r of values[e] * src_tile[src row of e, :]
+// (forward with the CSR of W; backward-data with its transpose). Rows
+// [row_begin, row_end) are computed; each is written whole (not accumulated).
+struct spmm_call_params {
+    const void *values;         // per entry: f32 weight, or the s8 quad dword
+    const int32_t *src_offsets; // per entry: source row * tile_row_bytes
+    const int64_t *row_ptr;
+    int64_t row_begin, row_end;
+    const void *src_tile;
+    void *dst_tile; // f32, or int32 sums of (x + 128) * w for s8
+};
+
+// SDDMM (backward-weights): diff_values[e] += dot(dy_tile[r, :], x_tile[c, :])
+// for every entry e = (r, c) of rows [row_begin, row_end). Entries are
+// processed in groups (16 on AVX-512, 8 on AVX2) and a group may read up to
+// 16 offsets past the last entry: src_offsets must hold 16 readable extra
+// entries.
+struct sddmm_call_params {
+    const int32_t *src_offsets; // per entry: column * (s8_)tile_row_bytes
+    const int64_t *row_ptr;
+    int64_t row_begin, row_end;
+    const void *x_tile;  // f32, or s8 X
+    const void *dy_tile; // f32, or u8 G + 128
+    void *diff_values;   // accumulated into (f32 or int32)
+};
+constexpr int sddmm_offset_padding = 16;
+
+inline int64_t tile_count(int64_t batch) {
+    return (batch + tile_batch - 1) / tile_batch;
+}
+inline int64_t tiled_elems(int64_t batch, int64_t channels) {
+    return tile_count(batch) * channels * tile_batch;
+}
+// Vectors of `lanes` elements that tile t of a batch covers (the last tile
+// may be partial).
+inline int tile_vectors(int64_t batch, int64_t t, int lanes) {
+    const int64_t rows = batch - t * tile_batch;
+    return static_cast<int>(((rows < tile_batch ? rows : tile_batch) + lanes - 1) / lanes);
+}
+
+} // namespace qsp::jit

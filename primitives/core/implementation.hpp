@@ -1,0 +1,62 @@
+// What an implementation family gives the core: a kernel that executes one
+// problem, and an entry of the implementation list (a name, the reason it
+// refuses a problem, and how to create its kernel). The core names no
+// implementation; primitives/implementation_list.cpp registers them.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "primitives/core/problem.hpp"
+
+namespace qsp::detail {
+
+// The raw tensors of one execution (already checked against the descriptor).
+struct tensors {
+    const float *src = nullptr;
+    const float *weights = nullptr;
+    const float *bias = nullptr;
+    float *dst = nullptr;
+    uint8_t *workspace = nullptr;
+    const float *diff_dst = nullptr;
+    float *diff_src = nullptr;
+    float *diff_weights = nullptr;
+    float *diff_bias = nullptr;
+    uint64_t seed = 0;
+    int64_t batch = 0; // of this execution (plans may be shared across batch sizes)
+};
+
+struct kernel {
+    virtual ~kernel() = default;
+    // Runs the problem; returns the name of what ran when that is not the
+    // implementation that created the kernel (e.g. a fallback for one
+    // call), else nullptr.
+    virtual const char *execute(const tensors &t) const = 0;
+};
+
+struct implementation {
+    const char *name;
+    // Empty when the implementation can run the problem, else the reason it
+    // cannot (printed under QSP_VERBOSE=dispatch).
+    std::function<std::string(const problem &)> why_not;
+    std::function<std::shared_ptr<const kernel>(const problem &)> create;
+};
+
+// Ordered by expectation, best first; the first that accepts a problem is
+// picked unless the tuner stored another decision. The reference, which
+// accepts every valid problem, is last.
+const std::vector<implementation> &implementation_list();
+
+struct refusal {
+    const char *implementation;
+    std::string reason;
+};
+// The implementations that accept p, in list order; `refusals` (optional)
+// collects why the others do not.
+std::vector<const implementation *>
+accepting_implementations(const problem &p, std::vector<refusal> *refusals = nullptr);
+
+} // namespace qsp::detail

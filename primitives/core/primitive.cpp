@@ -1,0 +1,86 @@
+// Execution: the arguments are checked against the descriptor, then the
+// picked implementation's kernel runs.
+#include <sstream>
+
+#include "primitives/core/pd_impl.hpp"
+#include "qsparseprop/runtime.hpp"
+#include "runtime/verbose.hpp"
+
+namespace qsp {
+
+using namespace detail;
+
+void primitive_base::execute(const dnnl::stream &stream, const exec_args &args) const {
+    const pd_impl &pd = *pd_;
+    if (stream.get_engine().get_kind() != dnnl::engine::kind::cpu)
+        refuse(pd.primitive_name, "stream must belong to a CPU engine");
+    tensors t;
+    for (const auto &spec : pd.args) {
+        auto it = args.find(spec.arg);
+        if (it == args.end()) {
+            if (spec.required)
+                refuse(pd.primitive_name, std::string("execute: argument ") + spec.name
+                                                  + " is required (dims "
+                                                  + dims_str(spec.desc.get_dims()) + ")");
+            continue;
+        }
+        if (it->second.get_desc() != spec.desc)
+            refuse(pd.primitive_name,
+                   std::string("execute: argument ") + spec.name
+                           + " does not match the descriptor it was created with (expected dims "
+                           + dims_str(spec.desc.get_dims()) + ", got "
+                           + dims_str(it->second.get_desc().get_dims()) + ")");
+        void *h = it->second.get_data_handle();
+        if (!h && spec.desc.get_size() > 0)
+            refuse(pd.primitive_name,
+                   std::string("execute: argument ") + spec.name + " has no data handle");
+        switch (spec.arg) {
+            case DNNL_ARG_SRC:
+                t.src = static_cast<const float *>(h);
+                break;
+            case DNNL_ARG_WEIGHTS:
+                t.weights = static_cast<const float *>(h);
+                break;
+            case DNNL_ARG_BIAS:
+                t.bias = static_cast<const float *>(h);
+                break;
+            case DNNL_ARG_DST:
+                t.dst = static_cast<float *>(h);
+                break;
+            case DNNL_ARG_WORKSPACE:
+                t.workspace = static_cast<uint8_t *>(h);
+                break;
+            case DNNL_ARG_DIFF_DST:
+                t.diff_dst = static_cast<const float *>(h);
+                break;
+            case DNNL_ARG_DIFF_SRC:
+                t.diff_src = static_cast<float *>(h);
+                break;
+            case DNNL_ARG_DIFF_WEIGHTS:
+                t.diff_weights = static_cast<float *>(h);
+                break;
+            case DNNL_ARG_DIFF_BIAS:
+                t.diff_bias = static_cast<float *>(h);
+                break;
+            case QSP_ARG_ROUNDING_SEED: {
+                const auto *s = static_cast<const uint32_t *>(h);
+                t.seed = static_cast<uint64_t>(s[0]) | (static_cast<uint64_t>(s[1]) << 32);
+                break;
+            }
+            default:
+                break;
+        }
+    }
+    t.batch = pd.prob.outer();
+    const double t0 = runtime::now_ms();
+    const char *ran = pd.kern->execute(t);
+    if (verbose_level() >= 1) {
+        std::ostringstream line;
+        line << "exec," << pd.primitive_name << "," << (ran ? ran : pd.impl_name.c_str()) << ","
+             << to_string(pd.prob.scheme) << "," << pd.prob.shape_str()
+             << ",threads=" << pd.prob.num_threads << "," << runtime::now_ms() - t0;
+        runtime::verbose_print(line.str());
+    }
+}
+
+} // namespace qsp

@@ -1,0 +1,220 @@
+// What every primitive descriptor shares: argument checks, the argument
+// list of each direction, and the pick of an implementation.
+#include <omp.h>
+
+#include <sstream>
+#include <stdexcept>
+
+#include "primitives/core/pd_impl.hpp"
+#include "primitives/core/s8_protocol.hpp"
+#include "primitives/core/tuner.hpp"
+#include "qsparseprop/runtime.hpp"
+#include "runtime/verbose.hpp"
+
+namespace qsp {
+
+namespace detail {
+
+[[noreturn]] void refuse(const char *primitive_name, const std::string &why) {
+    throw std::invalid_argument(std::string(primitive_name) + ": " + why);
+}
+
+std::string dims_str(const dnnl::memory::dims &d) {
+    std::string s = "[";
+    for (size_t i = 0; i < d.size(); ++i)
+        s += (i ? ", " : "") + std::to_string(d[i]);
+    return s + "]";
+}
+
+dnnl::memory::desc plain_f32(const dnnl::memory::dims &dims) {
+    dnnl::memory::dims strides(dims.size(), 1);
+    for (int i = static_cast<int>(dims.size()) - 2; i >= 0; --i)
+        strides[i] = strides[i + 1] * dims[i + 1];
+    return dnnl::memory::desc(dims, dnnl::memory::data_type::f32, strides);
+}
+
+void check_plain_f32(const char *primitive_name, const char *arg_name, const dnnl::memory::desc &md,
+                     const dnnl::memory::dims &dims, const char *meaning) {
+    std::ostringstream why;
+    if (md.is_zero()) {
+        why << arg_name << " is required (" << meaning << " = " << dims_str(dims) << ")";
+        refuse(primitive_name, why.str());
+    }
+    if (md.get_data_type() != dnnl::memory::data_type::f32) {
+        why << arg_name << " must be f32, got data type " << static_cast<int>(md.get_data_type());
+        refuse(primitive_name, why.str());
+    }
+    if (md.get_dims() != dims) {
+        why << arg_name << " must have dims " << meaning << " = " << dims_str(dims) << ", got "
+            << dims_str(md.get_dims());
+        refuse(primitive_name, why.str());
+    }
+    if (md.get_format_kind() != dnnl::memory::format_kind::blocked
+        || md.get_strides() != plain_f32(dims).get_strides()) {
+        why << arg_name << " must be dense row-major (strides "
+            << dims_str(plain_f32(dims).get_strides()) << "); pass a contiguous tensor";
+        refuse(primitive_name, why.str());
+    }
+}
+
+int resolve_num_threads(const primitive_attr &attr, const char *primitive_name, int fallback) {
+    if (attr.num_threads < 0)
+        refuse(primitive_name, "attr.num_threads must be >= 0 (0 = default), got "
+                                       + std::to_string(attr.num_threads));
+    if (attr.num_threads > 0) return attr.num_threads;
+    return fallback > 0 ? fallback : omp_get_max_threads();
+}
+
+std::vector<const implementation *> accepting_implementations(const problem &p,
+                                                              std::vector<refusal> *refusals) {
+    std::vector<const implementation *> out;
+    for (const auto &impl : implementation_list()) {
+        std::string why = impl.why_not(p);
+        if (why.empty())
+            out.push_back(&impl);
+        else if (refusals)
+            refusals->push_back(refusal{impl.name, std::move(why)});
+    }
+    return out;
+}
+
+namespace {
+
+void pick(pd_impl &pd) {
+    const double t0 = runtime::now_ms();
+    std::vector<refusal> refusals;
+    const auto candidates = accepting_implementations(pd.prob, &refusals);
+    std::string all_reasons;
+    for (const refusal &r : refusals) {
+        if (verbose_level() >= 2)
+            runtime::verbose_print(std::string("dispatch,") + pd.primitive_name + ","
+                                   + r.implementation + ",skipped: " + r.reason);
+        all_reasons +=
+                (all_reasons.empty() ? "" : "; ") + std::string(r.implementation) + ": " + r.reason;
+    }
+    if (candidates.empty())
+        refuse(pd.primitive_name, "no implementation accepts this problem (" + all_reasons + ")");
+    const implementation *chosen = candidates.front();
+    const char *why = " (first accepting in list order)";
+    if (!pd.forced_impl.empty()) {
+        chosen = nullptr;
+        for (const implementation *c : candidates)
+            if (pd.forced_impl == c->name) chosen = c;
+        if (!chosen) {
+            std::string names, reason;
+            for (const auto &impl : implementation_list()) {
+                names += (names.empty() ? "" : ", ") + std::string(impl.name);
+                if (pd.forced_impl == impl.name) reason = impl.why_not(pd.prob);
+            }
+            refuse(pd.primitive_name,
+                   "attr.implementation '" + pd.forced_impl + "' "
+                           + (reason.empty() ? "is not an implementation (known: " + names + ")"
+                                             : "cannot run this problem: " + reason));
+        }
+        why = " (forced by attr.implementation)";
+    } else {
+        const std::string stored = stored_decision(pd.prob);
+        for (const implementation *c : candidates)
+            if (!stored.empty() && stored == c->name) {
+                chosen = c;
+                why = " (tuned decision)";
+            }
+    }
+    if (verbose_level() >= 2)
+        runtime::verbose_print(std::string("dispatch,") + pd.primitive_name + ",picked "
+                               + chosen->name + why);
+    pd.impl_name = chosen->name;
+    pd.kern = chosen->create(pd.prob);
+    if (verbose_level() >= 1) {
+        std::ostringstream line;
+        line << "create," << pd.primitive_name << "," << pd.impl_name << ","
+             << to_string(pd.prob.scheme) << "," << pd.prob.shape_str()
+             << ",threads=" << pd.prob.num_threads << "," << runtime::now_ms() - t0;
+        runtime::verbose_print(line.str());
+    }
+}
+
+} // namespace
+
+dnnl::memory::desc seed_desc() {
+    return dnnl::memory::desc({2}, dnnl::memory::data_type::s32, dnnl::memory::dims{1});
+}
+
+void finish_pd(pd_impl &pd, const dnnl::engine &engine) {
+    if (engine.get_kind() != dnnl::engine::kind::cpu)
+        refuse(pd.primitive_name, "engine must be a CPU engine (dnnl::engine::kind::cpu)");
+    pd.engine = engine;
+    const problem &p = pd.prob;
+    pd.weights_md = plain_f32({p.pattern.nnz()});
+    const dnnl::memory::desc ws_md({static_cast<dnnl::memory::dim>(s8::workspace_bytes(p))},
+                                   dnnl::memory::data_type::u8, dnnl::memory::dims{1});
+    pd.workspace_md =
+            p.needs_workspace() && p.dir == direction::forward ? ws_md : dnnl::memory::desc();
+    const bool s8 = p.scheme == quant_scheme::s8;
+    switch (p.dir) {
+        case direction::forward:
+            pd.args = {{DNNL_ARG_SRC, "src", pd.src_md, true},
+                       {DNNL_ARG_WEIGHTS, "weights", pd.weights_md, true},
+                       {DNNL_ARG_DST, "dst", pd.dst_md, true}};
+            if (p.with_bias) pd.args.push_back({DNNL_ARG_BIAS, "bias", pd.bias_md, true});
+            if (!pd.workspace_md.is_zero())
+                pd.args.push_back({DNNL_ARG_WORKSPACE, "workspace", pd.workspace_md, true});
+            break;
+        case direction::backward_data:
+            pd.args = {{DNNL_ARG_DIFF_DST, "diff_dst", pd.dst_md, true},
+                       {DNNL_ARG_WEIGHTS, "weights", pd.weights_md, true},
+                       {DNNL_ARG_DIFF_SRC, "diff_src", pd.src_md, true}};
+            if (s8) pd.args.push_back({QSP_ARG_ROUNDING_SEED, "rounding_seed", seed_desc(), true});
+            break;
+        case direction::backward_weights:
+            pd.args = {{DNNL_ARG_DIFF_DST, "diff_dst", pd.dst_md, true},
+                       {DNNL_ARG_DIFF_WEIGHTS, "diff_weights", pd.weights_md, true}};
+            if (s8) {
+                pd.args.push_back({DNNL_ARG_WORKSPACE, "workspace (the forward's quantized src)",
+                                   ws_md, true});
+                pd.args.push_back({QSP_ARG_ROUNDING_SEED, "rounding_seed", seed_desc(), true});
+            } else {
+                pd.args.push_back({DNNL_ARG_SRC, "src", pd.src_md, true});
+            }
+            if (p.with_bias) pd.args.push_back({DNNL_ARG_DIFF_BIAS, "diff_bias", pd.bias_md, true});
+            break;
+    }
+    pick(pd);
+}
+
+void check_hint(const char *primitive_name, const pd_impl &hint, const csr_pattern &weights) {
+    if (hint.prob.pattern != weights)
+        refuse(primitive_name, "weights pattern differs from the one of the forward hint");
+    if (hint.prob.scheme == quant_scheme::s8 && hint.prob.prop != prop_kind::forward_training)
+        refuse(primitive_name, "an s8 backward needs a forward_training hint (its workspace "
+                               "holds the quantized src); got forward_inference");
+}
+
+} // namespace detail
+
+std::string primitive_desc_base::impl_info_str() const {
+    return impl_->impl_name;
+}
+const char *primitive_desc_base::primitive_name() const {
+    return impl_->primitive_name;
+}
+quant_scheme primitive_desc_base::scheme() const {
+    return impl_->prob.scheme;
+}
+prop_kind primitive_desc_base::prop() const {
+    return impl_->prob.prop;
+}
+const csr_pattern &primitive_desc_base::pattern() const {
+    return impl_->prob.pattern;
+}
+int primitive_desc_base::num_threads() const {
+    return impl_->prob.num_threads;
+}
+dnnl::memory::desc primitive_desc_base::weights_desc() const {
+    return impl_->weights_md;
+}
+dnnl::memory::desc primitive_desc_base::workspace_desc() const {
+    return impl_->workspace_md;
+}
+
+} // namespace qsp

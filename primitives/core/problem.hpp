@@ -1,0 +1,59 @@
+// The problem a primitive descriptor describes: which layer, which
+// direction, which scheme, which shapes, which pattern. Implementations
+// read it; caches of plans and tuning decisions key on it.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "qsparseprop/primitives.hpp"
+
+namespace qsp::detail {
+
+enum class op_kind { linear, conv2d };
+enum class direction { forward, backward_data, backward_weights };
+const char *to_string(direction d);
+
+// A validated Conv2d geometry applied to one input shape.
+struct conv2d_shape {
+    int64_t batch = 0, in_c = 0, in_h = 0, in_w = 0, out_c = 0, out_h = 0, out_w = 0;
+    conv2d_geometry g{};
+    bool operator==(const conv2d_shape &o) const;
+};
+
+struct problem {
+    op_kind op = op_kind::linear;
+    direction dir = direction::forward;
+    prop_kind prop = prop_kind::forward_training;
+    quant_scheme scheme = quant_scheme::f32;
+    csr_pattern pattern;
+    // Linear: batch x in -> batch x out. Conv2d: conv.
+    int64_t batch = 0, in = 0, out = 0;
+    conv2d_shape conv{};
+    bool with_bias = false;
+    int num_threads = 1;
+
+    int64_t src_elems() const;
+    int64_t dst_elems() const;
+    // Output channels, the size of one channel's slice of dst (Linear: out,
+    // 1; Conv2d: OC, OH*OW) and the batch in front of them.
+    int64_t channels() const { return op == op_kind::linear ? out : conv.out_c; }
+    int64_t channel_inner() const { return op == op_kind::linear ? 1 : conv.out_h * conv.out_w; }
+    int64_t outer() const { return op == op_kind::linear ? batch : conv.batch; }
+    bool needs_workspace() const {
+        return scheme == quant_scheme::s8 && prop == prop_kind::forward_training;
+    }
+    std::string shape_str() const;
+
+    // The same problem with the batch size set to 0: what a plan that serves
+    // every batch size is specialised for.
+    problem without_batch() const;
+    // Every field equal, the pattern compared in full (not by its hash).
+    bool operator==(const problem &o) const;
+};
+
+struct problem_hash {
+    size_t operator()(const problem &p) const;
+};
+
+} // namespace qsp::detail

@@ -1,0 +1,62 @@
+// The s8 training step, stated once for every s8 implementation (reference,
+// sparse JIT, quantized-dense): what the forward saves for the backward,
+// which rounding stream each backward direction draws from, and which scale
+// multiplies which exact integer sum. The quantization rules themselves are
+// in include/qsparseprop/quantization.hpp.
+//
+//   forward          Xq, sx = quantize_rne(X)      -> workspace (for backward-weights)
+//                    Wq, sw = quantize_weights(W)   per output channel
+//                    Y[b,n] = float(sum Xq Wq) * forward_scale(sx, sw[n]) + bias[n]
+//   backward-data    G2, sg2 = quantize_stochastic(dY * sw[n], dx_stream(seed))
+//                    dX = float(sum G2 Wq) * sg2
+//   backward-weights G1, sg1 = quantize_stochastic(dY, dw_stream(seed))
+//                    dW = float(sum G1 Xq) * backward_weights_scale(sg1, sx)
+//                    (Xq and sx read back from the forward's workspace)
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+
+#include "primitives/core/problem.hpp"
+#include "qsparseprop/quantization.hpp"
+
+namespace qsp::detail::s8 {
+
+// Workspace: a header holding the activation scale (64 bytes keep Xq
+// cache-line aligned), then Xq (one byte per src element: a quarter of
+// saving the f32 src).
+constexpr size_t workspace_header_bytes = 64;
+inline size_t workspace_bytes(const problem &p) {
+    return workspace_header_bytes + static_cast<size_t>(p.src_elems());
+}
+
+struct workspace_view {
+    uint8_t *base;
+    float src_scale() const {
+        float s;
+        std::memcpy(&s, base, sizeof(float));
+        return s;
+    }
+    void set_src_scale(float s) const { std::memcpy(base, &s, sizeof(float)); }
+    int8_t *src_q() const { return reinterpret_cast<int8_t *>(base + workspace_header_bytes); }
+};
+
+// Independent rounding streams of the two quantized copies of dY.
+inline uint32_t dw_stream(uint64_t seed) {
+    return rounding_seed32(2 * seed);
+}
+inline uint32_t dx_stream(uint64_t seed) {
+    return rounding_seed32(2 * seed + 1);
+}
+
+// The float scale of an exact integer sum, in the order every
+// implementation applies it (so their results agree bit for bit).
+inline float forward_scale(float src_scale, float weight_scale) {
+    return src_scale * weight_scale;
+}
+inline float backward_weights_scale(float g1_scale, float src_scale) {
+    return g1_scale * src_scale;
+}
+
+} // namespace qsp::detail::s8

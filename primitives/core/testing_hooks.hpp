@@ -1,0 +1,13 @@
+// Hooks for tests only: they change behaviour no user should change.
+#pragma once
+
+#include <cstdint>
+
+namespace qsp::detail {
+
+// While on, csr_pattern::hash() returns `value` for every pattern: two
+// layers then share every hashed field, and each must still get its own
+// plans and decisions (caches compare the patterns themselves).
+void force_pattern_hash_for_testing(bool on, uint64_t value = 0);
+
+} // namespace qsp::detail

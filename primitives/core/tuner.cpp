@@ -1,0 +1,189 @@
+// The tuner (include/qsparseprop/tuning.hpp): measures the implementations
+// that accept a problem and stores the decision that dispatch then reads.
+#include "primitives/core/tuner.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <random>
+#include <sstream>
+#include <stdexcept>
+#include <vector>
+
+#include "primitives/core/pd_impl.hpp"
+#include "primitives/core/s8_protocol.hpp"
+#include "qsparseprop/tuning.hpp"
+#include "runtime/lru_cache.hpp"
+#include "runtime/verbose.hpp"
+
+namespace qsp {
+
+namespace detail {
+
+namespace {
+
+// A decision holds for one problem at one effective ISA (the cap can
+// change while the process runs).
+struct decision_key {
+    problem prob;
+    cpu_isa isa;
+    bool operator==(const decision_key &o) const { return isa == o.isa && prob == o.prob; }
+};
+struct decision_key_hash {
+    size_t operator()(const decision_key &k) const {
+        return problem_hash()(k.prob) ^ static_cast<size_t>(k.isa);
+    }
+};
+struct decision {
+    std::string impl;
+};
+
+runtime::lru_cache<decision_key, decision, decision_key_hash> &decision_store() {
+    static runtime::lru_cache<decision_key, decision, decision_key_hash> store("tuning_decisions");
+    return store;
+}
+
+std::vector<float> random_data(int64_t n, std::mt19937 &rng) {
+    std::uniform_real_distribution<float> u(-1.f, 1.f);
+    std::vector<float> v(static_cast<size_t>(std::max<int64_t>(n, 1)));
+    for (float &x : v)
+        x = u(rng);
+    return v;
+}
+
+// Executions of one problem on random data of its shapes, for timing.
+class timing_bench {
+public:
+    explicit timing_bench(const problem &p) : p_(p) {
+        std::mt19937 rng(1);
+        src_ = random_data(p.src_elems(), rng);
+        dst_ = random_data(p.dst_elems(), rng);
+        w_ = random_data(p.pattern.nnz(), rng);
+        bias_ = random_data(p.channels(), rng);
+        dsrc_ = random_data(p.src_elems(), rng);
+        ddst_ = random_data(p.dst_elems(), rng);
+        dw_ = random_data(p.pattern.nnz(), rng);
+        db_ = random_data(p.channels(), rng);
+        ws_.resize(s8::workspace_bytes(p));
+        s8::workspace_view{ws_.data()}.set_src_scale(1.f / 127.f);
+        for (size_t i = s8::workspace_header_bytes; i < ws_.size(); ++i)
+            ws_[i] = static_cast<uint8_t>(rng());
+        t_.src = src_.data();
+        t_.weights = w_.data();
+        t_.bias = p.with_bias ? bias_.data() : nullptr;
+        t_.dst = dst_.data();
+        t_.workspace = p.scheme == quant_scheme::s8 ? ws_.data() : nullptr;
+        t_.diff_dst = ddst_.data();
+        t_.diff_src = dsrc_.data();
+        t_.diff_weights = dw_.data();
+        t_.diff_bias = p.with_bias ? db_.data() : nullptr;
+        t_.seed = 12345;
+        t_.batch = p.outer();
+    }
+
+    std::vector<double> runs_ms(const kernel &k, int warmup, int timed) const {
+        for (int r = 0; r < warmup; ++r)
+            k.execute(t_);
+        std::vector<double> ms;
+        for (int r = 0; r < timed; ++r) {
+            const double t0 = runtime::now_ms();
+            k.execute(t_);
+            ms.push_back(runtime::now_ms() - t0);
+        }
+        return ms;
+    }
+
+private:
+    problem p_;
+    std::vector<float> src_, dst_, w_, bias_, dsrc_, ddst_, dw_, db_;
+    std::vector<uint8_t> ws_;
+    tensors t_;
+};
+
+double median(std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    const size_t n = v.size();
+    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+} // namespace
+
+std::string stored_decision(const problem &p) {
+    auto d = decision_store().find(decision_key{p, effective_cpu_isa()});
+    return d ? d->impl : std::string();
+}
+
+} // namespace detail
+
+size_t choose_implementation(const std::vector<double> &median_ms, size_t incumbent,
+                             double min_gain) {
+    if (incumbent >= median_ms.size())
+        throw std::invalid_argument("choose_implementation: incumbent index out of range");
+    size_t best = incumbent;
+    for (size_t i = 0; i < median_ms.size(); ++i)
+        if (median_ms[i] < median_ms[best]) best = i;
+    // The rival must beat the incumbent clearly, not by noise.
+    return median_ms[best] <= median_ms[incumbent] * (1.0 - min_gain) ? best : incumbent;
+}
+
+tuning_result tune(const primitive_desc_base &pd, const tuning_options &options) {
+    using namespace detail;
+    if (options.warmup_runs < 0 || options.timed_runs < 1)
+        throw std::invalid_argument("tune: options need warmup_runs >= 0 and timed_runs >= 1, got "
+                                    + std::to_string(options.warmup_runs) + " and "
+                                    + std::to_string(options.timed_runs));
+    if (!(options.min_gain >= 0.0 && options.min_gain < 1.0))
+        throw std::invalid_argument("tune: options.min_gain must be in [0, 1), got "
+                                    + std::to_string(options.min_gain));
+    const pd_impl &impl = *pd.impl();
+    const problem &p = impl.prob;
+    tuning_result r;
+    r.primitive = impl.primitive_name;
+    r.problem = p.shape_str();
+    std::vector<const implementation *> rivals;
+    for (const implementation *c : accepting_implementations(p))
+        if (std::string(c->name).rfind("ref:", 0) != 0) rivals.push_back(c); // never competes
+    const std::string stored = stored_decision(p);
+    size_t incumbent = 0;
+    for (size_t i = 0; i < rivals.size(); ++i)
+        if (rivals[i]->name == stored) incumbent = i;
+    r.incumbent = rivals.empty() ? impl.impl_name : rivals[incumbent]->name;
+    r.chosen = stored.empty() ? r.incumbent : stored;
+    if (rivals.size() < 2 || (!stored.empty() && !options.retune)) {
+        if (verbose_level() >= 2)
+            runtime::verbose_print(std::string("tune,") + r.primitive + "," + r.problem + ","
+                                   + (rivals.size() < 2 ? "nothing to compare" : "stored decision")
+                                   + ",chose " + r.chosen);
+        return r;
+    }
+    const timing_bench bench(p);
+    std::vector<double> medians;
+    for (const implementation *c : rivals) {
+        auto k = c->create(p);
+        tuning_measurement m;
+        m.implementation = c->name;
+        m.runs_ms = bench.runs_ms(*k, options.warmup_runs, options.timed_runs);
+        m.median_ms = median(m.runs_ms);
+        medians.push_back(m.median_ms);
+        r.candidates.push_back(std::move(m));
+    }
+    r.chosen = rivals[choose_implementation(medians, incumbent, options.min_gain)]->name;
+    r.measured = true;
+    decision_store().put(decision_key{p, effective_cpu_isa()},
+                         std::make_shared<const decision>(decision{r.chosen}));
+    if (verbose_level() >= 2) {
+        std::ostringstream line;
+        line << "tune," << r.primitive << "," << r.problem << ",threads=" << p.num_threads;
+        for (const auto &m : r.candidates)
+            line << "," << m.implementation << "=" << m.median_ms << "ms";
+        line << ",runs=" << options.timed_runs << ",incumbent " << r.incumbent << ",chose "
+             << r.chosen;
+        runtime::verbose_print(line.str());
+    }
+    return r;
+}
+
+void clear_tuning_decisions() {
+    detail::decision_store().clear();
+}
+
+} // namespace qsp

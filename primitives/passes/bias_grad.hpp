@@ -1,0 +1,15 @@
+// The bias gradient, shared by every implementation of both schemes (fp32
+// sums: cheap, and exact enough for a bias).
+#pragma once
+
+#include <cstdint>
+
+namespace qsp::detail {
+
+// diff_bias[c] = sum over o, i of diff_dst[(o * channels + c) * inner + i]
+// (Linear: inner = 1; Conv2d: inner = OH * OW), each channel summed in a
+// fixed order so the result does not depend on the thread count.
+void bias_grad(const float *diff_dst, float *diff_bias, int64_t outer, int64_t channels,
+               int64_t inner, int num_threads);
+
+} // namespace qsp::detail

@@ -1,0 +1,83 @@
+// Dispatch of the s8 passes over the tiers the effective ISA allows.
+#include "primitives/passes/quantize.hpp"
+
+#include <vector>
+
+#include "qsparseprop/runtime.hpp"
+
+namespace qsp::detail {
+
+namespace {
+bool has_avx512() {
+    return effective_cpu_isa() >= cpu_isa::avx512_core;
+}
+bool has_avx2() {
+    return effective_cpu_isa() >= cpu_isa::avx2;
+}
+} // namespace
+
+float quantize_rne(const float *x, int64_t n, int8_t *q, int num_threads) {
+    if (has_avx512()) return quantize_rne_avx512(x, n, q, num_threads);
+    if (has_avx2()) return quantize_rne_avx2(x, n, q, num_threads);
+    return portable::quantize_rne(x, n, q, num_threads);
+}
+
+float quantize_stochastic(const float *x, int64_t n, const float *multiplier, int64_t channels,
+                          int64_t inner, uint32_t seed32, int8_t *q, int num_threads) {
+    if (inner == 1 && has_avx512())
+        return quantize_stochastic_avx512(x, n, multiplier, channels, seed32, q, num_threads);
+    if (inner == 1 && has_avx2())
+        return quantize_stochastic_avx2(x, n, multiplier, channels, seed32, q, num_threads);
+    return portable::quantize_stochastic(x, n, multiplier, channels, inner, seed32, q, num_threads);
+}
+
+void quantize_weights(const csr_pattern &p, const float *values, int8_t *q, float *scale,
+                      int num_threads) {
+    if (has_avx512())
+        quantize_weights_avx512(p.row_ptr(), p.rows(), values, q, scale, num_threads);
+    else
+        portable::quantize_weights(p, values, q, scale, num_threads);
+}
+
+float quantize_stochastic_to_s8_tiles(const float *x, int64_t batch, int64_t channels,
+                                      uint32_t seed32, uint8_t *tiles, int num_threads) {
+    if (has_avx512())
+        return quantize_stochastic_to_s8_tiles_avx512(x, batch, channels, seed32, tiles,
+                                                      num_threads);
+    if (!has_avx2())
+        return portable::quantize_stochastic_to_s8_tiles(x, batch, channels, seed32, tiles,
+                                                         num_threads);
+    std::vector<int8_t> q(static_cast<size_t>(batch * channels));
+    const float scale = quantize_stochastic_avx2(x, batch * channels, nullptr, 1, seed32, q.data(),
+                                                 num_threads);
+    portable::shift_to_s8_tiles(q.data(), batch, channels, tiles, num_threads);
+    return scale;
+}
+
+void pack_s8_tiles(const int8_t *x, int64_t batch, int64_t channels, int8_t *tiles,
+                   int num_threads) {
+    if (has_avx512()) return pack_s8_tiles_avx512(x, batch, channels, tiles, num_threads);
+    portable::pack_s8_tiles(x, batch, channels, tiles, num_threads);
+}
+
+void pack_quad_tiles(const int8_t *x, int64_t batch, int64_t channels, uint8_t *tiles,
+                     int num_threads) {
+    if (has_avx512()) return pack_quad_tiles_avx512(x, batch, channels, tiles, num_threads);
+    portable::pack_quad_tiles(x, batch, channels, tiles, num_threads);
+}
+
+void unpack_s32_tiles(const int32_t *tiles, int64_t batch, int64_t channels,
+                      const int32_t *correction, const float *scale, const float *bias, float *dst,
+                      int num_threads) {
+    if (has_avx512())
+        return unpack_s32_tiles_avx512(tiles, batch, channels, correction, scale, bias, dst,
+                                       num_threads);
+    portable::unpack_s32_tiles(tiles, batch, channels, correction, scale, bias, dst, num_threads);
+}
+
+void column_sums_s8(const int8_t *x, int64_t batch, int64_t channels, int32_t *sums,
+                    int num_threads) {
+    portable::column_sums_s8(x, batch, channels, sums, num_threads);
+}
+
+} // namespace qsp::detail

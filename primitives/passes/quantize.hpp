@@ -1,0 +1,92 @@
+// The s8 quantization passes (the rules of include/qsparseprop/quantization.hpp)
+// and the s8 tile passes of the JIT kernels. Every tier computes the same
+// integers bit for bit (the same float operations in the same order, just
+// more lanes at a time): the portable tier is the statement, the AVX2 and
+// AVX-512 tiers are tested against it.
+#pragma once
+
+#include <cstdint>
+
+#include "qsparseprop/formats.hpp"
+
+namespace qsp::detail {
+
+// ---- at the best tier the effective ISA allows --------------------------------
+
+// Per-tensor round-half-even; returns the scale (0 for an all-zero tensor,
+// NaN when x holds NaN/Inf).
+float quantize_rne(const float *x, int64_t n, int8_t *q, int num_threads);
+// Stochastic rounding of v[i] = x[i] * (multiplier ? multiplier[(i / inner) %
+// channels] : 1) with noise stochastic_rounding_noise(seed32, i); returns
+// the scale. The vector tiers take inner == 1 only (Linear); others run the
+// portable tier.
+float quantize_stochastic(const float *x, int64_t n, const float *multiplier, int64_t channels,
+                          int64_t inner, uint32_t seed32, int8_t *q, int num_threads);
+// Per-row (output channel) symmetric weights: scale[r] = max |row r| / 127.
+void quantize_weights(const csr_pattern &p, const float *values, int8_t *q, float *scale,
+                      int num_threads);
+
+// Backward-weights operand of the s8 SDDMM, in the int8 tile layout:
+// G1 = sr(dY / sg1) stored as G1 + 128 (u8; padding 128, i.e. G = 0), the
+// same integers as quantize_stochastic with no multiplier; returns sg1.
+float quantize_stochastic_to_s8_tiles(const float *x, int64_t batch, int64_t channels,
+                                      uint32_t seed32, uint8_t *tiles, int num_threads);
+// int8 [batch x channels] -> int8 tiles (padding 0).
+void pack_s8_tiles(const int8_t *x, int64_t batch, int64_t channels, int8_t *tiles,
+                   int num_threads);
+// int8 [batch x channels] -> quad tiles of the s8 SpMM (jit/tile_abi.hpp).
+void pack_quad_tiles(const int8_t *x, int64_t batch, int64_t channels, uint8_t *tiles,
+                     int num_threads);
+// int32 tiles -> dst[b, c] = float(tile - correction[c]) * scale[c] (+ bias[c]).
+void unpack_s32_tiles(const int32_t *tiles, int64_t batch, int64_t channels,
+                      const int32_t *correction, const float *scale, const float *bias, float *dst,
+                      int num_threads);
+// sums[c] = sum_b x[b, c] (the +128 correction of the s8 SDDMM).
+void column_sums_s8(const int8_t *x, int64_t batch, int64_t channels, int32_t *sums,
+                    int num_threads);
+
+// ---- the tiers ------------------------------------------------------------------
+
+namespace portable {
+float abs_max(const float *x, int64_t n);
+float quantize_rne(const float *x, int64_t n, int8_t *q, int num_threads);
+float quantize_stochastic(const float *x, int64_t n, const float *multiplier, int64_t channels,
+                          int64_t inner, uint32_t seed32, int8_t *q, int num_threads);
+void quantize_weights(const csr_pattern &p, const float *values, int8_t *q, float *scale,
+                      int num_threads);
+float quantize_stochastic_to_s8_tiles(const float *x, int64_t batch, int64_t channels,
+                                      uint32_t seed32, uint8_t *tiles, int num_threads);
+// The int8 [batch x channels] q as u8 tiles of q + 128 (padding 128: G = 0).
+void shift_to_s8_tiles(const int8_t *q, int64_t batch, int64_t channels, uint8_t *tiles,
+                       int num_threads);
+void pack_s8_tiles(const int8_t *x, int64_t batch, int64_t channels, int8_t *tiles,
+                   int num_threads);
+void pack_quad_tiles(const int8_t *x, int64_t batch, int64_t channels, uint8_t *tiles,
+                     int num_threads);
+void unpack_s32_tiles(const int32_t *tiles, int64_t batch, int64_t channels,
+                      const int32_t *correction, const float *scale, const float *bias, float *dst,
+                      int num_threads);
+void column_sums_s8(const int8_t *x, int64_t batch, int64_t channels, int32_t *sums,
+                    int num_threads);
+} // namespace portable
+
+float quantize_rne_avx2(const float *x, int64_t n, int8_t *q, int num_threads);
+float quantize_stochastic_avx2(const float *x, int64_t n, const float *multiplier, int64_t channels,
+                               uint32_t seed32, int8_t *q, int num_threads);
+
+float quantize_rne_avx512(const float *x, int64_t n, int8_t *q, int num_threads);
+float quantize_stochastic_avx512(const float *x, int64_t n, const float *multiplier,
+                                 int64_t channels, uint32_t seed32, int8_t *q, int num_threads);
+void quantize_weights_avx512(const int64_t *row_ptr, int64_t rows, const float *values, int8_t *q,
+                             float *scale, int num_threads);
+float quantize_stochastic_to_s8_tiles_avx512(const float *x, int64_t batch, int64_t channels,
+                                             uint32_t seed32, uint8_t *tiles, int num_threads);
+void pack_s8_tiles_avx512(const int8_t *x, int64_t batch, int64_t channels, int8_t *tiles,
+                          int num_threads);
+void pack_quad_tiles_avx512(const int8_t *x, int64_t batch, int64_t channels, uint8_t *tiles,
+                            int num_threads);
+void unpack_s32_tiles_avx512(const int32_t *tiles, int64_t batch, int64_t channels,
+                             const int32_t *correction, const float *scale, const float *bias,
+                             float *dst, int num_threads);
+
+} // namespace qsp::detail

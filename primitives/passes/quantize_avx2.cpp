@@ -1,0 +1,126 @@
+// The AVX2 tier of the s8 quantization passes (called only after CPU
+// detection): the same float operations as the portable tier, 8 lanes at a
+// time, so the integers agree bit for bit.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "primitives/passes/quantize.hpp"
+#include "primitives/passes/simd_avx2.hpp"
+#include "qsparseprop/quantization.hpp"
+
+QSP_BEGIN_TARGET(QSP_ISA_AVX2)
+
+namespace qsp::detail {
+
+namespace avx2 {
+namespace {
+
+// max |x[i] * mult[i % channels]| (mult optional), NaN if any is NaN.
+float abs_max(const float *x, int64_t n, const float *mult, int64_t channels, int num_threads) {
+    float result = 0.f;
+    int nan = 0;
+    const int64_t rows = mult ? n / channels : 1, cols = mult ? channels : n;
+#pragma omp parallel num_threads(num_threads) reduction(max : result) reduction(| : nan)
+    {
+        __m256 m = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+        const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+#pragma omp for collapse(2) schedule(static)
+        for (int64_t r = 0; r < rows; ++r)
+            for (int64_t c = 0; c < cols; c += 8) {
+                const __m256i k = avx2::first_lanes(cols - c);
+                __m256 v = _mm256_maskload_ps(x + r * cols + c, k);
+                if (mult) v = _mm256_mul_ps(v, _mm256_maskload_ps(mult + c, k));
+                bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+                m = _mm256_max_ps(m, _mm256_and_ps(v, abs_mask));
+            }
+        alignas(32) float lanes[8];
+        _mm256_store_ps(lanes, m);
+        for (float l : lanes)
+            result = std::max(result, l);
+        nan |= _mm256_movemask_ps(bad) != 0;
+    }
+    return nan ? std::numeric_limits<float>::quiet_NaN() : result;
+}
+
+// Clamps integral floats to +-127 and stores the first n (<= 8) as int8.
+inline void store_q(int8_t *q, __m256 v, int64_t n) {
+    const __m256 lim = _mm256_set1_ps(static_cast<float>(quant_max));
+    v = _mm256_min_ps(_mm256_max_ps(v, _mm256_sub_ps(_mm256_setzero_ps(), lim)), lim);
+    const __m256i i32 = _mm256_cvttps_epi32(v);
+    const __m128i w16 =
+            _mm_packs_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));
+    const __m128i b8 = _mm_packs_epi16(w16, w16);
+    alignas(16) int8_t bytes[16];
+    _mm_store_si128(reinterpret_cast<__m128i *>(bytes), b8);
+    std::copy(bytes, bytes + std::min<int64_t>(n, 8), q);
+}
+
+inline __m256i mix32(__m256i x) {
+    x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+    x = _mm256_mullo_epi32(x, _mm256_set1_epi32(static_cast<int>(0x7feb352du)));
+    x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 15));
+    x = _mm256_mullo_epi32(x, _mm256_set1_epi32(static_cast<int>(0x846ca68bu)));
+    return _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+}
+
+} // namespace
+} // namespace avx2
+
+using avx2::abs_max;
+using avx2::mix32;
+using avx2::store_q;
+
+float quantize_rne_avx2(const float *x, int64_t n, int8_t *q, int num_threads) {
+    const quant_scale s = quant_scale_from_abs_max(abs_max(x, n, nullptr, 1, num_threads));
+    const __m256 inv = _mm256_set1_ps(s.inv);
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t i = 0; i < n; i += 8) {
+        const int64_t left = n - i;
+        if (!s.usable) {
+            std::fill(q + i, q + i + std::min<int64_t>(left, 8), int8_t(0));
+            continue;
+        }
+        const __m256 v = _mm256_mul_ps(_mm256_maskload_ps(x + i, avx2::first_lanes(left)), inv);
+        store_q(q + i, _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), left);
+    }
+    return s.scale;
+}
+
+float quantize_stochastic_avx2(const float *x, int64_t n, const float *multiplier, int64_t channels,
+                               uint32_t seed32, int8_t *q, int num_threads) {
+    const quant_scale s =
+            quant_scale_from_abs_max(abs_max(x, n, multiplier, channels, num_threads));
+    const __m256 inv = _mm256_set1_ps(s.inv);
+    const __m256 two_m24 = _mm256_set1_ps(1.0f / 16777216.0f);
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i seed = _mm256_set1_epi32(static_cast<int>(seed32));
+    const int64_t rows = multiplier ? n / channels : 1, cols = multiplier ? channels : n;
+#pragma omp parallel for collapse(2) num_threads(num_threads) schedule(static)
+    for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < cols; c += 8) {
+            const int64_t i = r * cols + c, left = cols - c;
+            if (!s.usable) {
+                std::fill(q + i, q + i + std::min<int64_t>(left, 8), int8_t(0));
+                continue;
+            }
+            const __m256i k = avx2::first_lanes(left);
+            __m256 v = _mm256_maskload_ps(x + i, k);
+            if (multiplier) v = _mm256_mul_ps(v, _mm256_maskload_ps(multiplier + c, k));
+            const __m256i idx = _mm256_add_epi32(
+                    _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(i))), lane);
+            const __m256i h = mix32(_mm256_xor_si256(idx, seed));
+            const __m256 u = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(h, 8)), two_m24);
+            store_q(q + i,
+                    _mm256_round_ps(_mm256_add_ps(_mm256_mul_ps(v, inv), u),
+                                    _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC),
+                    left);
+        }
+    return s.scale;
+}
+
+} // namespace qsp::detail
+
+QSP_END_TARGET

@@ -1,0 +1,307 @@
+// The AVX-512 tier of the s8 passes (called only after CPU detection): the
+// same float operations as the portable tier, 16 lanes at a time, so the
+// integers agree.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include <omp.h>
+
+#include "jit/tile_abi.hpp"
+#include "primitives/passes/quantize.hpp"
+#include "primitives/passes/simd_avx512.hpp"
+#include "qsparseprop/quantization.hpp"
+
+QSP_BEGIN_TARGET(QSP_ISA_AVX512)
+
+namespace qsp::detail {
+
+namespace avx512 {
+namespace {
+
+inline __mmask16 first(int64_t n) {
+    return first_lanes(n);
+}
+
+// max |x| with NaN propagation, over x[i] * mult[i % channels] when mult is given.
+float abs_max(const float *x, int64_t n, const float *mult, int64_t channels, int num_threads) {
+    float result = 0.f;
+    int nan = 0;
+#pragma omp parallel num_threads(num_threads) reduction(max : result) reduction(| : nan)
+    {
+        __m512 m = _mm512_setzero_ps();
+        __mmask16 bad = 0;
+        const __m512 sign = _mm512_set1_ps(-0.f);
+        if (!mult) {
+#pragma omp for schedule(static)
+            for (int64_t i = 0; i < n; i += 16) {
+                const __m512 v = _mm512_maskz_loadu_ps(first(n - i), x + i);
+                bad |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+                m = _mm512_max_ps(m, _mm512_andnot_ps(sign, v));
+            }
+        } else {
+            // Rows of `channels`: the multiplier vector repeats per row.
+            const int64_t rows = n / channels;
+#pragma omp for schedule(static)
+            for (int64_t r = 0; r < rows; ++r)
+                for (int64_t c = 0; c < channels; c += 16) {
+                    const __mmask16 k = first(channels - c);
+                    const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, x + r * channels + c),
+                                                   _mm512_maskz_loadu_ps(k, mult + c));
+                    bad |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+                    m = _mm512_max_ps(m, _mm512_andnot_ps(sign, v));
+                }
+        }
+        result = std::max(result, _mm512_reduce_max_ps(m));
+        nan |= bad != 0;
+    }
+    return nan ? std::numeric_limits<float>::quiet_NaN() : result;
+}
+
+inline void store_q(int8_t *q, __m512 v, __mmask16 k) {
+    const __m512 lim = _mm512_set1_ps(static_cast<float>(quant_max));
+    v = _mm512_min_ps(_mm512_max_ps(v, _mm512_sub_ps(_mm512_setzero_ps(), lim)), lim);
+    _mm512_mask_cvtepi32_storeu_epi8(q, k, _mm512_cvttps_epi32(v)); // v is integral already
+}
+
+inline __m512i mix32(__m512i x) {
+    x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+    x = _mm512_mullo_epi32(x, _mm512_set1_epi32(static_cast<int>(0x7feb352du)));
+    x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
+    x = _mm512_mullo_epi32(x, _mm512_set1_epi32(static_cast<int>(0x846ca68bu)));
+    return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+}
+
+} // namespace
+} // namespace avx512
+
+using avx512::abs_max;
+using avx512::first;
+using avx512::mix32;
+using avx512::store_q;
+
+float quantize_rne_avx512(const float *x, int64_t n, int8_t *q, int num_threads) {
+    const quant_scale s = quant_scale_from_abs_max(abs_max(x, n, nullptr, 1, num_threads));
+    const __m512 inv = _mm512_set1_ps(s.inv);
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 k = first(n - i);
+        if (!s.usable) {
+            _mm512_mask_cvtepi32_storeu_epi8(q + i, k, _mm512_setzero_si512());
+            continue;
+        }
+        const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, x + i), inv);
+        store_q(q + i, _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), k);
+    }
+    return s.scale;
+}
+
+float quantize_stochastic_avx512(const float *x, int64_t n, const float *multiplier,
+                                 int64_t channels, uint32_t seed32, int8_t *q, int num_threads) {
+    const quant_scale s =
+            quant_scale_from_abs_max(abs_max(x, n, multiplier, channels, num_threads));
+    const __m512 inv = _mm512_set1_ps(s.inv);
+    const __m512 two_m24 = _mm512_set1_ps(1.0f / 16777216.0f);
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i seed = _mm512_set1_epi32(static_cast<int>(seed32));
+    const int64_t rows = multiplier ? n / channels : 1, cols = multiplier ? channels : n;
+#pragma omp parallel for collapse(2) num_threads(num_threads) schedule(static)
+    for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < cols; c += 16) {
+            const int64_t i = r * cols + c;
+            const __mmask16 k = first(cols - c);
+            if (!s.usable) {
+                _mm512_mask_cvtepi32_storeu_epi8(q + i, k, _mm512_setzero_si512());
+                continue;
+            }
+            __m512 v = _mm512_maskz_loadu_ps(k, x + i);
+            if (multiplier) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(k, multiplier + c));
+            // noise of element i + lane: mix32(uint32(i + lane) ^ seed32) >> 8, times 2^-24
+            const __m512i idx = _mm512_add_epi32(
+                    _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(i))), lane);
+            const __m512i h = mix32(_mm512_xor_si512(idx, seed));
+            const __m512 u = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(h, 8)), two_m24);
+            const __m512 f = _mm512_roundscale_ps(_mm512_add_ps(_mm512_mul_ps(v, inv), u),
+                                                  _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+            store_q(q + i, f, k);
+        }
+    return s.scale;
+}
+
+float quantize_stochastic_to_s8_tiles_avx512(const float *x, int64_t batch, int64_t channels,
+                                             uint32_t seed32, uint8_t *tiles, int num_threads) {
+    const int64_t n = batch * channels;
+    const quant_scale s = quant_scale_from_abs_max(abs_max(x, n, nullptr, 1, num_threads));
+    const __m512 inv = _mm512_set1_ps(s.inv);
+    const __m512 two_m24 = _mm512_set1_ps(1.0f / 16777216.0f);
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    // element (b, c) has flat index b * channels + c: lanes of a transposed
+    // vector are consecutive b, so their indices step by `channels`
+    const __m512i lane_stride =
+            _mm512_mullo_epi32(lane, _mm512_set1_epi32(static_cast<int>(channels)));
+    const __m512i seed = _mm512_set1_epi32(static_cast<int>(seed32));
+    const __m512i shift = _mm512_set1_epi32(128);
+    const __m512 lim = _mm512_set1_ps(static_cast<float>(quant_max));
+    const int64_t tb = jit::tile_batch, tiles_n = jit::tile_count(batch),
+                  cblocks = (channels + 15) / 16;
+#pragma omp parallel for collapse(2) num_threads(num_threads) schedule(static)
+    for (int64_t t = 0; t < tiles_n; ++t)
+        for (int64_t cb = 0; cb < cblocks; ++cb) {
+            const int64_t c0 = cb * 16, cn = std::min<int64_t>(16, channels - c0);
+            const __mmask16 cmask = first(cn);
+            uint8_t *tile = tiles + t * channels * tb;
+            for (int64_t j0 = 0; j0 < tb; j0 += 16) {
+                __m512 r[16];
+                for (int i = 0; i < 16; ++i) {
+                    const int64_t b = t * tb + j0 + i;
+                    r[i] = b < batch ? _mm512_maskz_loadu_ps(cmask, x + b * channels + c0)
+                                     : _mm512_setzero_ps();
+                }
+                avx512::transpose16(r);
+                const int64_t base = (t * tb + j0) * channels + c0;
+                for (int64_t c = 0; c < cn; ++c) {
+                    __m512i q = _mm512_setzero_si512(); // padding / unusable scale: G = 0
+                    if (s.usable) {
+                        const __m512i idx =
+                                _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(
+                                                         static_cast<uint32_t>(base + c))),
+                                                 lane_stride);
+                        const __m512i h = mix32(_mm512_xor_si512(idx, seed));
+                        const __m512 u =
+                                _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(h, 8)), two_m24);
+                        __m512 f = _mm512_roundscale_ps(_mm512_add_ps(_mm512_mul_ps(r[c], inv), u),
+                                                        _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+                        f = _mm512_min_ps(_mm512_max_ps(f, _mm512_sub_ps(_mm512_setzero_ps(), lim)),
+                                          lim);
+                        q = _mm512_cvttps_epi32(f);
+                    }
+                    _mm_storeu_si128(reinterpret_cast<__m128i *>(tile + (c0 + c) * tb + j0),
+                                     _mm512_cvtepi32_epi8(_mm512_add_epi32(q, shift)));
+                }
+            }
+        }
+    return s.scale;
+}
+
+void pack_s8_tiles_avx512(const int8_t *x, int64_t batch, int64_t channels, int8_t *tiles,
+                          int num_threads) {
+    const int64_t tb = jit::tile_batch, tiles_n = jit::tile_count(batch),
+                  cblocks = (channels + 15) / 16;
+#pragma omp parallel for collapse(2) num_threads(num_threads) schedule(static)
+    for (int64_t t = 0; t < tiles_n; ++t)
+        for (int64_t cb = 0; cb < cblocks; ++cb) {
+            const int64_t c0 = cb * 16, cn = std::min<int64_t>(16, channels - c0);
+            const __mmask16 cmask = first(cn);
+            int8_t *tile = tiles + t * channels * tb;
+            for (int64_t j0 = 0; j0 < tb; j0 += 16) {
+                __m512 r[16];
+                for (int i = 0; i < 16; ++i) {
+                    const int64_t b = t * tb + j0 + i;
+                    const __m128i bytes =
+                            b < batch ? _mm_maskz_loadu_epi8(cmask, x + b * channels + c0)
+                                      : _mm_setzero_si128();
+                    r[i] = _mm512_castsi512_ps(_mm512_cvtepi8_epi32(bytes));
+                }
+                avx512::transpose16(r); // moves 32-bit lanes bit for bit
+                for (int64_t c = 0; c < cn; ++c)
+                    _mm_storeu_si128(reinterpret_cast<__m128i *>(tile + (c0 + c) * tb + j0),
+                                     _mm512_cvtepi32_epi8(_mm512_castps_si512(r[c])));
+            }
+        }
+}
+
+void pack_quad_tiles_avx512(const int8_t *x, int64_t batch, int64_t channels, uint8_t *tiles,
+                            int num_threads) {
+    const int64_t tb = jit::tile_batch, tiles_n = jit::tile_count(batch),
+                  quads = (channels + 3) / 4;
+    const int64_t qblocks = (quads + 15) / 16;
+    const __m512i flip = _mm512_set1_epi32(static_cast<int>(0x80808080u)); // s8 x -> u8 x + 128
+#pragma omp parallel for collapse(2) num_threads(num_threads) schedule(static)
+    for (int64_t t = 0; t < tiles_n; ++t)
+        for (int64_t qb = 0; qb < qblocks; ++qb) {
+            const int64_t c0 = qb * 64, cn = std::min<int64_t>(64, channels - c0);
+            const __mmask64 cmask = cn >= 64 ? ~__mmask64(0) : ((__mmask64(1) << cn) - 1);
+            const int64_t qn = std::min<int64_t>(16, quads - qb * 16);
+            uint8_t *tile = tiles + t * quads * tb * 4;
+            for (int64_t j0 = 0; j0 < tb; j0 += 16) {
+                __m512 r[16];
+                for (int i = 0; i < 16; ++i) {
+                    const int64_t b = t * tb + j0 + i;
+                    r[i] = _mm512_castsi512_ps(
+                            b < batch ? _mm512_maskz_loadu_epi8(cmask, x + b * channels + c0)
+                                      : _mm512_setzero_si512());
+                }
+                avx512::transpose16(r); // 16 batch dwords (4 columns each) per quad
+                for (int64_t q = 0; q < qn; ++q)
+                    _mm512_storeu_si512(tile + ((qb * 16 + q) * tb + j0) * 4,
+                                        _mm512_xor_si512(_mm512_castps_si512(r[q]), flip));
+            }
+        }
+}
+
+void unpack_s32_tiles_avx512(const int32_t *tiles, int64_t batch, int64_t channels,
+                             const int32_t *correction, const float *scale, const float *bias,
+                             float *dst, int num_threads) {
+    const int64_t tb = jit::tile_batch, tiles_n = jit::tile_count(batch),
+                  cblocks = (channels + 15) / 16;
+#pragma omp parallel for collapse(2) num_threads(num_threads) schedule(static)
+    for (int64_t t = 0; t < tiles_n; ++t)
+        for (int64_t cb = 0; cb < cblocks; ++cb) {
+            const int64_t c0 = cb * 16, cn = std::min<int64_t>(16, channels - c0);
+            const __mmask16 cmask = first(cn);
+            const __m512i corr = _mm512_maskz_loadu_epi32(cmask, correction + c0);
+            const __m512 sc = _mm512_maskz_loadu_ps(cmask, scale + c0);
+            const __m512 bs = bias ? _mm512_maskz_loadu_ps(cmask, bias + c0) : _mm512_setzero_ps();
+            const int32_t *tile = tiles + t * channels * tb;
+            for (int64_t j0 = 0; j0 < tb && t * tb + j0 < batch; j0 += 16) {
+                __m512 r[16];
+                for (int i = 0; i < 16; ++i)
+                    r[i] = i < cn ? _mm512_castsi512_ps(
+                                   _mm512_loadu_si512(tile + (c0 + i) * tb + j0))
+                                  : _mm512_setzero_ps();
+                avx512::transpose16(r);
+                for (int64_t i = 0; i < 16 && t * tb + j0 + i < batch; ++i) {
+                    const __m512i exact = _mm512_sub_epi32(_mm512_castps_si512(r[i]), corr);
+                    __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(exact), sc);
+                    if (bias) y = _mm512_add_ps(y, bs);
+                    _mm512_mask_storeu_ps(dst + (t * tb + j0 + i) * channels + c0, cmask, y);
+                }
+            }
+        }
+}
+
+void quantize_weights_avx512(const int64_t *row_ptr, int64_t rows, const float *values, int8_t *q,
+                             float *scale, int num_threads) {
+    const __m512 sign = _mm512_set1_ps(-0.f);
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+        const int64_t b = row_ptr[r], e = row_ptr[r + 1];
+        __m512 m = _mm512_setzero_ps();
+        __mmask16 bad = 0;
+        for (int64_t i = b; i < e; i += 16) {
+            const __m512 v = _mm512_maskz_loadu_ps(first(e - i), values + i);
+            bad |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+            m = _mm512_max_ps(m, _mm512_andnot_ps(sign, v));
+        }
+        const quant_scale s = quant_scale_from_abs_max(bad ? std::numeric_limits<float>::quiet_NaN()
+                                                           : _mm512_reduce_max_ps(m));
+        const __m512 inv = _mm512_set1_ps(s.inv);
+        for (int64_t i = b; i < e; i += 16) {
+            const __mmask16 k = first(e - i);
+            if (!s.usable) {
+                _mm512_mask_cvtepi32_storeu_epi8(q + i, k, _mm512_setzero_si512());
+                continue;
+            }
+            const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, values + i), inv);
+            store_q(q + i, _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC),
+                    k);
+        }
+        scale[r] = s.scale;
+    }
+}
+
+} // namespace qsp::detail
+
+QSP_END_TARGET

@@ -1,0 +1,161 @@
+// The portable tier of the s8 passes: the plain statement of each rule
+// (include/qsparseprop/quantization.hpp), the fallback on any CPU, and what
+// the vector tiers are tested against.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "jit/tile_abi.hpp"
+#include "primitives/passes/quantize.hpp"
+#include "qsparseprop/quantization.hpp"
+
+namespace qsp::detail {
+
+namespace portable {
+
+namespace {
+
+constexpr int64_t tb = jit::tile_batch;
+
+inline int8_t clamp_q(float v) {
+    return static_cast<int8_t>(
+            std::min(std::max(v, -static_cast<float>(quant_max)), static_cast<float>(quant_max)));
+}
+
+} // namespace
+
+void shift_to_s8_tiles(const int8_t *q, int64_t batch, int64_t channels, uint8_t *tiles,
+                       int num_threads) {
+    const int64_t tiles_n = jit::tile_count(batch);
+#pragma omp parallel for collapse(2) num_threads(num_threads) schedule(static)
+    for (int64_t t = 0; t < tiles_n; ++t)
+        for (int64_t c = 0; c < channels; ++c)
+            for (int64_t j = 0; j < tb; ++j) {
+                const int64_t b = t * tb + j;
+                tiles[(t * channels + c) * tb + j] =
+                        static_cast<uint8_t>((b < batch ? q[b * channels + c] : 0) + 128);
+            }
+}
+
+float abs_max(const float *x, int64_t n) {
+    float m = 0.f;
+    bool nan = false;
+    for (int64_t i = 0; i < n; ++i) {
+        float a = std::fabs(x[i]);
+        nan |= std::isnan(a);
+        m = std::max(m, a);
+    }
+    return nan ? std::numeric_limits<float>::quiet_NaN() : m;
+}
+
+float quantize_rne(const float *x, int64_t n, int8_t *q, int num_threads) {
+    const auto [scale, inv, usable] = quant_scale_from_abs_max(abs_max(x, n));
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t i = 0; i < n; ++i)
+        q[i] = usable ? clamp_q(std::nearbyint(x[i] * inv)) : 0;
+    return scale;
+}
+
+void quantize_weights(const csr_pattern &p, const float *values, int8_t *q, float *scale,
+                      int num_threads) {
+    const int64_t *rp = p.row_ptr();
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t r = 0; r < p.rows(); ++r) {
+        const auto [s, inv, usable] =
+                quant_scale_from_abs_max(abs_max(values + rp[r], rp[r + 1] - rp[r]));
+        for (int64_t i = rp[r]; i < rp[r + 1]; ++i)
+            q[i] = usable ? clamp_q(std::nearbyint(values[i] * inv)) : 0;
+        scale[r] = s;
+    }
+}
+
+float quantize_stochastic(const float *x, int64_t n, const float *multiplier, int64_t channels,
+                          int64_t inner, uint32_t seed32, int8_t *q, int num_threads) {
+    auto value = [&](int64_t i) {
+        return multiplier ? x[i] * multiplier[(i / inner) % channels] : x[i];
+    };
+    float amax = 0.f;
+    bool nan = false;
+    for (int64_t i = 0; i < n; ++i) {
+        float a = std::fabs(value(i));
+        nan |= std::isnan(a);
+        amax = std::max(amax, a);
+    }
+    const auto [scale, inv, usable] =
+            quant_scale_from_abs_max(nan ? std::numeric_limits<float>::quiet_NaN() : amax);
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t i = 0; i < n; ++i)
+        q[i] = usable ? clamp_q(
+                       std::floor(value(i) * inv
+                                  + stochastic_rounding_noise(seed32, static_cast<uint64_t>(i))))
+                      : 0;
+    return scale;
+}
+
+float quantize_stochastic_to_s8_tiles(const float *x, int64_t batch, int64_t channels,
+                                      uint32_t seed32, uint8_t *tiles, int num_threads) {
+    std::vector<int8_t> q(static_cast<size_t>(batch * channels));
+    const float scale =
+            quantize_stochastic(x, batch * channels, nullptr, 1, 1, seed32, q.data(), num_threads);
+    shift_to_s8_tiles(q.data(), batch, channels, tiles, num_threads);
+    return scale;
+}
+
+void pack_s8_tiles(const int8_t *x, int64_t batch, int64_t channels, int8_t *tiles,
+                   int num_threads) {
+    const int64_t tiles_n = jit::tile_count(batch);
+#pragma omp parallel for collapse(2) num_threads(num_threads) schedule(static)
+    for (int64_t t = 0; t < tiles_n; ++t)
+        for (int64_t c = 0; c < channels; ++c)
+            for (int64_t j = 0; j < tb; ++j) {
+                const int64_t b = t * tb + j;
+                tiles[(t * channels + c) * tb + j] = b < batch ? x[b * channels + c] : 0;
+            }
+}
+
+void pack_quad_tiles(const int8_t *x, int64_t batch, int64_t channels, uint8_t *tiles,
+                     int num_threads) {
+    const int64_t tiles_n = jit::tile_count(batch), quads = (channels + 3) / 4;
+#pragma omp parallel for collapse(2) num_threads(num_threads) schedule(static)
+    for (int64_t t = 0; t < tiles_n; ++t)
+        for (int64_t q = 0; q < quads; ++q)
+            for (int64_t j = 0; j < tb; ++j)
+                for (int64_t k = 0; k < 4; ++k) {
+                    const int64_t b = t * tb + j, c = 4 * q + k;
+                    const int8_t v = b < batch && c < channels ? x[b * channels + c] : 0;
+                    tiles[((t * quads + q) * tb + j) * 4 + k] =
+                            static_cast<uint8_t>(v ^ 0x80); // x + 128
+                }
+}
+
+void unpack_s32_tiles(const int32_t *tiles, int64_t batch, int64_t channels,
+                      const int32_t *correction, const float *scale, const float *bias, float *dst,
+                      int num_threads) {
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t b = 0; b < batch; ++b)
+        for (int64_t c = 0; c < channels; ++c) {
+            const int32_t acc = tiles[((b / tb) * channels + c) * tb + b % tb];
+            const float y = static_cast<float>(acc - correction[c]) * scale[c];
+            dst[b * channels + c] = bias ? y + bias[c] : y;
+        }
+}
+
+void column_sums_s8(const int8_t *x, int64_t batch, int64_t channels, int32_t *sums,
+                    int num_threads) {
+    constexpr int64_t chunk = 256;
+    const int64_t chunks = (channels + chunk - 1) / chunk;
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t ch = 0; ch < chunks; ++ch) {
+        const int64_t c0 = ch * chunk, c1 = std::min(channels, c0 + chunk);
+        for (int64_t c = c0; c < c1; ++c)
+            sums[c] = 0;
+        for (int64_t b = 0; b < batch; ++b)
+            for (int64_t c = c0; c < c1; ++c)
+                sums[c] += x[b * channels + c];
+    }
+}
+
+} // namespace portable
+
+} // namespace qsp::detail

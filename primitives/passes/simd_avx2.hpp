@@ -1,0 +1,42 @@
+// Small AVX2 helpers shared by the *_avx2.cpp passes (compiled for AVX2
+// inside this header's own target region).
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "primitives/passes/isa_target.hpp"
+
+QSP_BEGIN_TARGET(QSP_ISA_AVX2)
+
+namespace qsp::detail::avx2 {
+
+// r[i] <- column i of the 8 x 8 matrix whose rows are r[0..7].
+inline void transpose8(__m256 r[8]) {
+    __m256 t[8], u[8];
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {
+        u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+        u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+        u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+    for (int i = 0; i < 4; ++i) {
+        r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+        r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+    }
+}
+
+// All-ones in the first n (0..8) lanes: the mask of maskload / maskstore.
+inline __m256i first_lanes(int64_t n) {
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n < 8 ? n : 8)), lane);
+}
+
+} // namespace qsp::detail::avx2
+
+QSP_END_TARGET

@@ -1,0 +1,70 @@
+// Dispatch over the tiers, and the portable tier of the f32 layout passes.
+#include "primitives/passes/tile_layout.hpp"
+
+#include <algorithm>
+#include <cstring>
+
+#include "qsparseprop/runtime.hpp"
+
+namespace qsp::detail {
+
+namespace {
+constexpr int64_t tb = jit::tile_batch;
+constexpr int64_t channel_block = 16;
+} // namespace
+
+void pack_tiles_portable(const float *src, int64_t batch, int64_t channels, float *tiles,
+                         int num_threads) {
+    const int64_t tiles_n = tile_count(batch);
+    const int64_t blocks = (channels + channel_block - 1) / channel_block;
+#pragma omp parallel for collapse(2) num_threads(num_threads) schedule(static)
+    for (int64_t t = 0; t < tiles_n; ++t)
+        for (int64_t cb = 0; cb < blocks; ++cb) {
+            const int64_t c0 = cb * channel_block, c1 = std::min(channels, c0 + channel_block);
+            const int64_t rows = std::min(tb, batch - t * tb);
+            float *tile = tiles + t * channels * tb;
+            float block[channel_block][tb]; // transposed in cache, then streamed out
+            for (int64_t j = 0; j < tb; ++j) {
+                const float *row = src + (t * tb + j) * channels;
+                for (int64_t c = c0; c < c1; ++c)
+                    block[c - c0][j] = j < rows ? row[c] : 0.f;
+            }
+            for (int64_t c = c0; c < c1; ++c)
+                std::memcpy(tile + c * tb, block[c - c0], sizeof(float) * tb);
+        }
+}
+
+void unpack_tiles_portable(const float *tiles, int64_t batch, int64_t channels, const float *bias,
+                           float *dst, int num_threads) {
+    const int64_t blocks = (channels + channel_block - 1) / channel_block;
+#pragma omp parallel for collapse(2) num_threads(num_threads) schedule(static)
+    for (int64_t b = 0; b < batch; ++b)
+        for (int64_t cb = 0; cb < blocks; ++cb) {
+            const int64_t t = b / tb, j = b % tb;
+            const float *tile = tiles + t * channels * tb;
+            const int64_t c0 = cb * channel_block, c1 = std::min(channels, c0 + channel_block);
+            for (int64_t c = c0; c < c1; ++c)
+                dst[b * channels + c] = tile[c * tb + j] + (bias ? bias[c] : 0.f);
+        }
+}
+
+void pack_tiles(const float *src, int64_t batch, int64_t channels, float *tiles, int num_threads) {
+    if (effective_cpu_isa() >= cpu_isa::avx512_core)
+        pack_tiles_avx512(src, batch, channels, tiles, num_threads);
+    else if (effective_cpu_isa() >= cpu_isa::avx2)
+        pack_tiles_avx2(src, batch, channels, tiles, num_threads);
+    else
+        pack_tiles_portable(src, batch, channels, tiles, num_threads);
+}
+
+void unpack_tiles(const float *tiles, int64_t batch, int64_t channels, const float *bias,
+                  float *dst, int num_threads) {
+    if (effective_cpu_isa() >= cpu_isa::avx512_core)
+        unpack_tiles_avx512(tiles, batch, channels, bias, dst, num_threads);
+    else if (effective_cpu_isa() >= cpu_isa::avx2)
+        unpack_tiles_avx2(tiles, batch, channels, bias, dst, num_threads);
+    else
+        unpack_tiles_portable(tiles, batch, channels, bias, dst, num_threads);
+}
+
+} // namespace qsp::detail

@@ -1,0 +1,64 @@
+// The AVX2 tier of the f32 layout passes (called only after CPU detection):
+// 8 x 8 transposes in registers, as tile_layout_avx512.cpp does with 16 x 16.
+#include <immintrin.h>
+
+#include <algorithm>
+
+#include "primitives/passes/simd_avx2.hpp"
+#include "primitives/passes/tile_layout.hpp"
+
+QSP_BEGIN_TARGET(QSP_ISA_AVX2)
+
+namespace qsp::detail {
+
+void pack_tiles_avx2(const float *src, int64_t batch, int64_t channels, float *tiles,
+                     int num_threads) {
+    constexpr int64_t tb = jit::tile_batch;
+    const int64_t tiles_n = tile_count(batch), cblocks = (channels + 7) / 8;
+#pragma omp parallel for collapse(2) num_threads(num_threads) schedule(static)
+    for (int64_t t = 0; t < tiles_n; ++t)
+        for (int64_t cb = 0; cb < cblocks; ++cb) {
+            const int64_t c0 = cb * 8, cn = std::min<int64_t>(8, channels - c0);
+            const __m256i cmask = avx2::first_lanes(cn);
+            float *tile = tiles + t * channels * tb;
+            for (int64_t j0 = 0; j0 < tb; j0 += 8) {
+                __m256 r[8];
+                for (int i = 0; i < 8; ++i) {
+                    const int64_t b = t * tb + j0 + i;
+                    r[i] = b < batch ? _mm256_maskload_ps(src + b * channels + c0, cmask)
+                                     : _mm256_setzero_ps();
+                }
+                avx2::transpose8(r);
+                for (int64_t c = 0; c < cn; ++c)
+                    _mm256_storeu_ps(tile + (c0 + c) * tb + j0, r[c]);
+            }
+        }
+}
+
+void unpack_tiles_avx2(const float *tiles, int64_t batch, int64_t channels, const float *bias,
+                       float *dst, int num_threads) {
+    constexpr int64_t tb = jit::tile_batch;
+    const int64_t tiles_n = tile_count(batch), cblocks = (channels + 7) / 8;
+#pragma omp parallel for collapse(2) num_threads(num_threads) schedule(static)
+    for (int64_t t = 0; t < tiles_n; ++t)
+        for (int64_t cb = 0; cb < cblocks; ++cb) {
+            const int64_t c0 = cb * 8, cn = std::min<int64_t>(8, channels - c0);
+            const __m256i cmask = avx2::first_lanes(cn);
+            const __m256 b = bias ? _mm256_maskload_ps(bias + c0, cmask) : _mm256_setzero_ps();
+            const float *tile = tiles + t * channels * tb;
+            for (int64_t j0 = 0; j0 < tb && t * tb + j0 < batch; j0 += 8) {
+                __m256 r[8];
+                for (int i = 0; i < 8; ++i)
+                    r[i] = i < cn ? _mm256_loadu_ps(tile + (c0 + i) * tb + j0)
+                                  : _mm256_setzero_ps();
+                avx2::transpose8(r);
+                for (int64_t i = 0; i < 8 && t * tb + j0 + i < batch; ++i)
+                    _mm256_maskstore_ps(dst + (t * tb + j0 + i) * channels + c0, cmask,
+                                        _mm256_add_ps(r[i], b));
+            }
+        }
+}
+
+} // namespace qsp::detail
+
+QSP_END_TARGET

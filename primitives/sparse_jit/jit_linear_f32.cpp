@@ -1,0 +1,210 @@
+// Sparse Linear in f32 on the JIT kernels ("jit:avx512_core", "jit:avx2"):
+// the batch-innermost tile layout, nnz-balanced row partitions (no write
+// ever collides: no barriers, no atomics, no private copies of dW), and the
+// SpMM / SDDMM kernels of jit/. The per-layer plan (offsets, transposed
+// pattern, partitions, kernels) is built once per problem and kept in the
+// plan cache; every batch size shares it.
+#include "primitives/sparse_jit/jit_linear_f32.hpp"
+
+#include <algorithm>
+#include <memory>
+
+#include <omp.h>
+
+#include "jit/jit_uni_sddmm_kernel.hpp"
+#include "jit/jit_uni_spmm_kernel.hpp"
+#include "primitives/passes/tile_layout.hpp"
+#include "primitives/sparse_jit/plan_cache.hpp"
+#include "runtime/scratch_pool.hpp"
+
+namespace qsp::detail {
+
+namespace {
+
+class jit_linear_f32_plan : public kernel {
+public:
+    jit_linear_f32_plan(const problem &p, cpu_isa isa)
+        : p_(p.without_batch()), lanes_(jit::vector_lanes(isa)) {
+        const csr_pattern &w = p.pattern;
+        const int64_t *rp = w.row_ptr();
+        const int32_t *ci = w.col_idx();
+        const int64_t nnz = w.nnz();
+        offsets_.assign(static_cast<size_t>(nnz) + jit::sddmm_offset_padding, 0);
+        if (p.dir == direction::backward_data) {
+            // Transposed pattern: rows are input features k, entries output
+            // features n; perm_ maps a CSC slot to its CSR value.
+            rows_ = p.in;
+            row_ptr_.assign(static_cast<size_t>(rows_) + 1, 0);
+            for (int64_t e = 0; e < nnz; ++e)
+                ++row_ptr_[ci[e] + 1];
+            for (int64_t k = 0; k < rows_; ++k)
+                row_ptr_[k + 1] += row_ptr_[k];
+            perm_.resize(static_cast<size_t>(nnz));
+            std::vector<int64_t> next(row_ptr_.begin(), row_ptr_.end() - 1);
+            for (int64_t n = 0; n < p.out; ++n)
+                for (int64_t e = rp[n]; e < rp[n + 1]; ++e) {
+                    const int64_t slot = next[ci[e]]++;
+                    offsets_[slot] = static_cast<int32_t>(n * jit::tile_row_bytes);
+                    perm_[slot] = e;
+                }
+        } else {
+            rows_ = p.out;
+            row_ptr_.assign(rp, rp + rows_ + 1);
+            for (int64_t e = 0; e < nnz; ++e)
+                offsets_[e] = static_cast<int32_t>(int64_t(ci[e]) * jit::tile_row_bytes);
+        }
+        bounds_ = balance_rows(row_ptr_.data(), rows_, std::max(1, p.num_threads));
+        // One kernel per tail length (vectors of the last tile).
+        for (int nv = 1; nv <= jit::tile_batch / lanes_; ++nv) {
+            const auto params = jit::make_sparse_kernel_params(isa, jit::sparse_dtype::f32, nv);
+            if (p.dir == direction::backward_weights)
+                sddmm_.push_back(jit::sddmm_kernel(params));
+            else
+                spmm_.push_back(jit::spmm_kernel(params));
+        }
+    }
+
+    const char *execute(const tensors &t) const override {
+        runtime::scratchpad sp;
+        switch (p_.dir) {
+            case direction::forward:
+                forward(t, sp);
+                break;
+            case direction::backward_data:
+                backward_data(t, sp);
+                break;
+            case direction::backward_weights:
+                backward_weights(t, sp);
+                break;
+        }
+        return nullptr;
+    }
+
+private:
+    // Runs body(part, tile) for every (row part, batch tile), parts spread
+    // over the team; a part's rows are written by one thread only.
+    template <typename body_t> void for_parts(int64_t batch, body_t body) const {
+        const int parts = static_cast<int>(bounds_.size()) - 1;
+        const int64_t tiles = tile_count(batch);
+#pragma omp parallel num_threads(p_.num_threads)
+        {
+            const int nthr = omp_get_num_threads(), tid = omp_get_thread_num();
+            for (int part = tid; part < parts; part += nthr)
+                for (int64_t tile = 0; tile < tiles; ++tile)
+                    body(part, tile);
+        }
+    }
+
+    void run_spmm(int64_t batch, const float *values, const float *src_tiles, int64_t src_channels,
+                  float *dst_tiles) const {
+        for_parts(batch, [&](int part, int64_t tile) {
+            jit::spmm_call_params c{values,
+                                    offsets_.data(),
+                                    row_ptr_.data(),
+                                    bounds_[part],
+                                    bounds_[part + 1],
+                                    src_tiles + tile * src_channels * jit::tile_batch,
+                                    dst_tiles + tile * rows_ * jit::tile_batch};
+            (*spmm_[tile_vectors(batch, tile, lanes_) - 1])(c);
+        });
+    }
+
+    void forward(const tensors &t, runtime::scratchpad &sp) const {
+        const int nt = p_.num_threads;
+        float *x = sp.get<float>(0, tiled_elems(t.batch, p_.in));
+        float *y = sp.get<float>(1, tiled_elems(t.batch, p_.out));
+        pack_tiles(t.src, t.batch, p_.in, x, nt);
+        run_spmm(t.batch, t.weights, x, p_.in, y);
+        unpack_tiles(y, t.batch, p_.out, t.bias, t.dst, nt);
+    }
+
+    void backward_data(const tensors &t, runtime::scratchpad &sp) const {
+        const int nt = p_.num_threads;
+        float *dy = sp.get<float>(0, tiled_elems(t.batch, p_.out));
+        float *dx = sp.get<float>(1, tiled_elems(t.batch, p_.in));
+        float *values = sp.get<float>(2, static_cast<int64_t>(perm_.size()));
+        pack_tiles(t.diff_dst, t.batch, p_.out, dy, nt);
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (int64_t s = 0; s < static_cast<int64_t>(perm_.size()); ++s)
+            values[s] = t.weights[perm_[s]];
+        run_spmm(t.batch, values, dy, p_.out, dx);
+        unpack_tiles(dx, t.batch, p_.in, nullptr, t.diff_src, nt);
+    }
+
+    void backward_weights(const tensors &t, runtime::scratchpad &sp) const {
+        const int nt = p_.num_threads;
+        float *x = sp.get<float>(0, tiled_elems(t.batch, p_.in));
+        float *dy = sp.get<float>(1, tiled_elems(t.batch, p_.out));
+        pack_tiles(t.src, t.batch, p_.in, x, nt);
+        pack_tiles(t.diff_dst, t.batch, p_.out, dy, nt);
+        std::fill(t.diff_weights, t.diff_weights + p_.pattern.nnz(), 0.f);
+        // Tiles inside parts: each dW row accumulates its tiles in order,
+        // so the result does not depend on the thread count.
+        for_parts(t.batch, [&](int part, int64_t tile) {
+            jit::sddmm_call_params c{offsets_.data(),
+                                     row_ptr_.data(),
+                                     bounds_[part],
+                                     bounds_[part + 1],
+                                     x + tile * p_.in * jit::tile_batch,
+                                     dy + tile * p_.out * jit::tile_batch,
+                                     t.diff_weights};
+            (*sddmm_[tile_vectors(t.batch, tile, lanes_) - 1])(c);
+        });
+        if (t.diff_bias) {
+            // Rows of the dY tiles are contiguous: the bias gradient is a row sum.
+            const int64_t tiles = tile_count(t.batch);
+#pragma omp parallel for num_threads(nt) schedule(static)
+            for (int64_t n = 0; n < p_.out; ++n) {
+                float acc = 0.f;
+                for (int64_t tile = 0; tile < tiles; ++tile) {
+                    const float *row = dy + (tile * p_.out + n) * jit::tile_batch;
+                    for (int j = 0; j < jit::tile_batch; ++j)
+                        acc += row[j];
+                }
+                t.diff_bias[n] = acc;
+            }
+        }
+    }
+
+    problem p_; // batch 0: the plan serves every batch size
+    int lanes_;
+    int64_t rows_ = 0;
+    std::vector<int64_t> row_ptr_, perm_, bounds_;
+    std::vector<int32_t> offsets_;
+    std::vector<std::shared_ptr<const jit::jit_spmm_kernel>> spmm_;
+    std::vector<std::shared_ptr<const jit::jit_sddmm_kernel>> sddmm_;
+};
+
+implementation jit_linear_f32_implementation(const char *name, cpu_isa isa) {
+    return {name,
+            [isa](const problem &p) -> std::string {
+                if (p.op != op_kind::linear) return "Conv2d has no JIT kernel yet";
+                if (p.scheme != quant_scheme::f32)
+                    return "f32 only (s8 has implementations of its own)";
+                if (effective_cpu_isa() < isa)
+                    return std::string("needs ") + to_string(isa) + ", effective ISA is "
+                           + to_string(effective_cpu_isa());
+                if (isa == cpu_isa::avx2 && effective_cpu_isa() >= cpu_isa::avx512_core)
+                    return "superseded by jit:avx512_core on this CPU";
+                if (std::max(p.in, p.out) > (int64_t(1) << 31) / jit::tile_row_bytes)
+                    return "a dimension exceeds the 32-bit tile offsets";
+                return "";
+            },
+            [name, isa](const problem &p) -> std::shared_ptr<const kernel> {
+                return cached_plan(name, isa, p, [&] {
+                    return std::make_shared<const jit_linear_f32_plan>(p, isa);
+                });
+            }};
+}
+
+} // namespace
+
+implementation jit_avx512_linear_f32_implementation() {
+    return jit_linear_f32_implementation("jit:avx512_core", cpu_isa::avx512_core);
+}
+
+implementation jit_avx2_linear_f32_implementation() {
+    return jit_linear_f32_implementation("jit:avx2", cpu_isa::avx2);
+}
+
+} // namespace qsp::detail

@@ -1,0 +1,12 @@
+#pragma once
+
+#include "primitives/core/implementation.hpp"
+
+namespace qsp::detail {
+
+// "jit:avx512_core": sparse Linear in f32 on the AVX-512 JIT kernels.
+implementation jit_avx512_linear_f32_implementation();
+// "jit:avx2": the same on AVX2 + FMA, for CPUs without AVX-512.
+implementation jit_avx2_linear_f32_implementation();
+
+} // namespace qsp::detail

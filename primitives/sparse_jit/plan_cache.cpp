@@ -1,0 +1,62 @@
+#include "primitives/sparse_jit/plan_cache.hpp"
+
+#include <cstring>
+#include <sstream>
+
+#include "runtime/lru_cache.hpp"
+#include "runtime/verbose.hpp"
+
+namespace qsp::detail {
+
+namespace {
+
+struct plan_key {
+    const char *impl; // a string literal of the implementation list
+    cpu_isa isa;
+    problem prob; // batch 0
+    bool operator==(const plan_key &o) const {
+        return isa == o.isa && std::strcmp(impl, o.impl) == 0 && prob == o.prob;
+    }
+};
+struct plan_key_hash {
+    size_t operator()(const plan_key &k) const {
+        return static_cast<size_t>(
+                runtime::hash_mix(problem_hash()(k.prob), static_cast<uint64_t>(k.isa)));
+    }
+};
+
+} // namespace
+
+std::shared_ptr<const kernel>
+cached_plan(const char *impl, cpu_isa isa, const problem &p,
+            const std::function<std::shared_ptr<const kernel>()> &make) {
+    static runtime::lru_cache<plan_key, kernel, plan_key_hash> cache("jit_plan");
+    const double t0 = runtime::now_ms();
+    bool generated = false;
+    auto plan = cache.get_or_create(plan_key{impl, isa, p.without_batch()}, make, &generated);
+    if (verbose_level() >= 1) {
+        std::ostringstream line;
+        line << "jit,plan," << impl << "," << to_string(direction(p.dir)) << ","
+             << p.without_batch().shape_str() << ",threads=" << p.num_threads << ","
+             << (generated ? "generated" : "cache_hit") << "," << runtime::now_ms() - t0;
+        runtime::verbose_print(line.str());
+    }
+    return plan;
+}
+
+std::vector<int64_t> balance_rows(const int64_t *row_ptr, int64_t rows, int parts) {
+    constexpr int64_t row_cost = 8;
+    const int64_t total = row_ptr[rows] + row_cost * rows;
+    std::vector<int64_t> bounds{0};
+    int64_t r = 0;
+    for (int part = 1; part < parts; ++part) {
+        const int64_t target = total * part / parts;
+        while (r < rows && row_ptr[r] + row_cost * r < target)
+            ++r;
+        bounds.push_back(r);
+    }
+    bounds.push_back(rows);
+    return bounds;
+}
+
+} // namespace qsp::detail

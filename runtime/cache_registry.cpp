@@ -1,0 +1,91 @@
+// The registry of every live cache, for cache_infos() / clear_caches().
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <cstdlib>
+#include <mutex>
+#include <stdexcept>
+#include <vector>
+
+#include "runtime/lru_cache.hpp"
+
+namespace qsp::runtime {
+
+namespace {
+
+struct registry {
+    std::mutex mutex;
+    std::vector<cache_base *> caches;
+};
+
+// Leaked on purpose: caches are function-local statics of other files and
+// may be destroyed after a registry that is itself a static.
+registry &the_registry() {
+    static registry *r = new registry;
+    return *r;
+}
+
+// Set by set_cache_capacity(): also the capacity of caches created later.
+std::atomic<long long> capacity_override{-1};
+
+} // namespace
+
+cache_base::cache_base(std::string name) : name_(std::move(name)) {
+    registry &r = the_registry();
+    std::lock_guard<std::mutex> lock(r.mutex);
+    r.caches.push_back(this);
+}
+
+cache_base::~cache_base() {
+    registry &r = the_registry();
+    std::lock_guard<std::mutex> lock(r.mutex);
+    r.caches.erase(std::remove(r.caches.begin(), r.caches.end(), this), r.caches.end());
+}
+
+size_t default_cache_capacity() {
+    const long long o = capacity_override.load();
+    if (o >= 0) return static_cast<size_t>(o);
+    const char *env = std::getenv("QSP_CACHE_CAPACITY");
+    if (!env || !*env) return 1024;
+    char *end = nullptr;
+    errno = 0;
+    const long long v = std::strtoll(env, &end, 10);
+    if (errno != 0 || !end || *end != '\0' || v < 0)
+        throw std::invalid_argument(
+                std::string("QSP_CACHE_CAPACITY must be a number of entries >= 0 "
+                            "(0 = keep nothing), got '")
+                + env + "'");
+    return static_cast<size_t>(v);
+}
+
+} // namespace qsp::runtime
+
+namespace qsp {
+
+std::vector<cache_info> cache_infos() {
+    auto &r = runtime::the_registry();
+    std::lock_guard<std::mutex> lock(r.mutex);
+    std::vector<cache_info> out;
+    for (const runtime::cache_base *c : r.caches)
+        out.push_back(c->info());
+    std::sort(out.begin(), out.end(),
+              [](const cache_info &a, const cache_info &b) { return a.name < b.name; });
+    return out;
+}
+
+void clear_caches() {
+    auto &r = runtime::the_registry();
+    std::lock_guard<std::mutex> lock(r.mutex);
+    for (runtime::cache_base *c : r.caches)
+        c->clear();
+}
+
+void set_cache_capacity(size_t entries) {
+    runtime::capacity_override.store(static_cast<long long>(entries));
+    auto &r = runtime::the_registry();
+    std::lock_guard<std::mutex> lock(r.mutex);
+    for (runtime::cache_base *c : r.caches)
+        c->set_capacity(entries);
+}
+
+} // namespace qsp

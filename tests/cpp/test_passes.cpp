@@ -1,0 +1,172 @@
+// The layout and quantization passes: every vector tier the CPU has against
+// the portable tier, bit for bit, over odd sizes, all-zero and non-finite
+// tensors. (Under an emulated AVX2-only CPU the AVX2 tier is what runs.)
+#include <cstring>
+#include <functional>
+
+#include "jit/tile_abi.hpp"
+#include "primitives/passes/quantize.hpp"
+#include "primitives/passes/tile_layout.hpp"
+#include "test_utils.hpp"
+
+namespace qsp::test {
+
+namespace {
+
+bool cpu_has(cpu_isa isa) {
+    return detected_cpu_isa() >= isa;
+}
+
+void expect_same_bits(float a, float b, const char *what) {
+    EXPECT_EQ(std::memcmp(&a, &b, sizeof(float)), 0) << what << ": " << a << " vs " << b;
+}
+
+} // namespace
+
+TEST(Passes, f32_tile_layout_tiers_match_portable) {
+    std::mt19937 rng(4);
+    for (int64_t batch : {1, 7, 15, 16, 17, 63, 64, 65, 130})
+        for (int64_t channels : {1, 3, 8, 9, 16, 17, 40}) {
+            SCOPED_TRACE(std::to_string(batch) + "x" + std::to_string(channels));
+            auto src = random_vector(static_cast<size_t>(batch * channels), rng);
+            auto bias = random_vector(static_cast<size_t>(channels), rng);
+            const auto n = static_cast<size_t>(jit::tiled_elems(batch, channels));
+            std::vector<float> want(n, 9.f), want_out(src.size(), 2.f);
+            detail::pack_tiles_portable(src.data(), batch, channels, want.data(), 2);
+            detail::unpack_tiles_portable(want.data(), batch, channels, bias.data(),
+                                          want_out.data(), 3);
+            std::vector<float> round_trip(src.size());
+            detail::unpack_tiles_portable(want.data(), batch, channels, nullptr, round_trip.data(),
+                                          1);
+            EXPECT_EQ(round_trip, src);
+            using pack_fn = void (*)(const float *, int64_t, int64_t, float *, int);
+            using unpack_fn =
+                    void (*)(const float *, int64_t, int64_t, const float *, float *, int);
+            struct tier {
+                cpu_isa isa;
+                pack_fn pack;
+                unpack_fn unpack;
+            };
+            for (const tier &t :
+                 {tier{cpu_isa::avx2, detail::pack_tiles_avx2, detail::unpack_tiles_avx2},
+                  tier{cpu_isa::avx512_core, detail::pack_tiles_avx512,
+                       detail::unpack_tiles_avx512}}) {
+                if (!cpu_has(t.isa)) continue;
+                SCOPED_TRACE(to_string(t.isa));
+                std::vector<float> got(n, 7.f), got_out(src.size(), 1.f);
+                t.pack(src.data(), batch, channels, got.data(), 2);
+                EXPECT_EQ(got, want);
+                t.unpack(got.data(), batch, channels, bias.data(), got_out.data(), 3);
+                EXPECT_EQ(got_out, want_out);
+            }
+        }
+}
+
+TEST(Passes, quantization_tiers_match_portable) {
+    std::mt19937 rng(21);
+    for (int64_t rows : {1, 3, 17})
+        for (int64_t cols : {1, 7, 8, 15, 16, 33, 100}) {
+            SCOPED_TRACE(std::to_string(rows) + "x" + std::to_string(cols));
+            for (int variant = 0; variant < 4; ++variant) {
+                auto x = random_vector(static_cast<size_t>(rows * cols), rng, -2.f, 3.f);
+                if (variant == 1) std::fill(x.begin(), x.end(), 0.f);
+                if (variant == 2) x[x.size() / 2] = std::nanf("");
+                if (variant == 3) x[0] = INFINITY;
+                auto mult = random_vector(static_cast<size_t>(cols), rng, 0.1f, 2.f);
+                const int64_t n = rows * cols;
+                const bool finite = variant < 2;
+                std::vector<int8_t> want_rne(n), want_sr(n);
+                const float s_rne = detail::portable::quantize_rne(x.data(), n, want_rne.data(), 2);
+                const float s_sr = detail::portable::quantize_stochastic(
+                        x.data(), n, mult.data(), cols, 1, 99, want_sr.data(), 1);
+                if (cpu_has(cpu_isa::avx2)) {
+                    std::vector<int8_t> got(n);
+                    expect_same_bits(detail::quantize_rne_avx2(x.data(), n, got.data(), 2), s_rne,
+                                     "avx2 rne scale");
+                    if (finite) EXPECT_EQ(got, want_rne);
+                    expect_same_bits(detail::quantize_stochastic_avx2(x.data(), n, mult.data(),
+                                                                      cols, 99, got.data(), 3),
+                                     s_sr, "avx2 stochastic scale");
+                    if (finite) EXPECT_EQ(got, want_sr);
+                }
+                if (cpu_has(cpu_isa::avx512_core)) {
+                    std::vector<int8_t> got(n);
+                    expect_same_bits(detail::quantize_rne_avx512(x.data(), n, got.data(), 2), s_rne,
+                                     "avx512 rne scale");
+                    if (finite) EXPECT_EQ(got, want_rne);
+                    expect_same_bits(detail::quantize_stochastic_avx512(x.data(), n, mult.data(),
+                                                                        cols, 99, got.data(), 3),
+                                     s_sr, "avx512 stochastic scale");
+                    if (finite) EXPECT_EQ(got, want_sr);
+                    auto dense = random_sparse_dense(rows, cols, 0.5, rng);
+                    auto w = csr_weights::from_dense(dense.data(), rows, cols);
+                    std::vector<int8_t> qa(w.values.size() + 1), qb(w.values.size() + 1);
+                    std::vector<float> wa(rows), wb(rows);
+                    detail::quantize_weights_avx512(w.pattern.row_ptr(), rows, w.values.data(),
+                                                    qa.data(), wa.data(), 2);
+                    detail::portable::quantize_weights(w.pattern, w.values.data(), qb.data(),
+                                                       wb.data(), 2);
+                    EXPECT_EQ(qa, qb);
+                    EXPECT_EQ(std::memcmp(wa.data(), wb.data(), 4 * rows), 0);
+                }
+            }
+        }
+}
+
+TEST(Passes, s8_tile_passes_match_portable) {
+    std::mt19937 rng(5);
+    for (int64_t batch : {1, 15, 16, 17, 64, 65, 130})
+        for (int64_t channels : {1, 3, 4, 5, 16, 17, 63, 64, 65, 100}) {
+            SCOPED_TRACE(std::to_string(batch) + "x" + std::to_string(channels));
+            const int64_t n = batch * channels, tiles = jit::tile_count(batch);
+            std::vector<int8_t> xq(static_cast<size_t>(n));
+            for (auto &v : xq)
+                v = static_cast<int8_t>(static_cast<int>(rng() % 255) - 127);
+            auto x = random_vector(static_cast<size_t>(n), rng);
+            std::vector<int32_t> sums(channels), want_sums(channels);
+            detail::portable::column_sums_s8(xq.data(), batch, channels, want_sums.data(), 2);
+            detail::column_sums_s8(xq.data(), batch, channels, sums.data(), 3);
+            EXPECT_EQ(sums, want_sums);
+            for (int64_t c = 0; c < channels; ++c) {
+                int32_t s = 0;
+                for (int64_t b = 0; b < batch; ++b)
+                    s += xq[b * channels + c];
+                ASSERT_EQ(want_sums[c], s);
+            }
+            // The dispatched passes (whatever tier runs here) against the portable ones.
+            const size_t tile_bytes = static_cast<size_t>(tiles * channels * jit::tile_batch);
+            const size_t quad_bytes =
+                    static_cast<size_t>(tiles * ((channels + 3) / 4) * 4 * jit::tile_batch);
+            std::vector<uint8_t> g(tile_bytes, 1), g_want(tile_bytes, 2);
+            expect_same_bits(detail::quantize_stochastic_to_s8_tiles(x.data(), batch, channels, 7,
+                                                                     g.data(), 2),
+                             detail::portable::quantize_stochastic_to_s8_tiles(
+                                     x.data(), batch, channels, 7, g_want.data(), 1),
+                             "G1 scale");
+            EXPECT_EQ(g, g_want);
+            std::vector<int8_t> t(tile_bytes, 1), t_want(tile_bytes, 2);
+            detail::pack_s8_tiles(xq.data(), batch, channels, t.data(), 2);
+            detail::portable::pack_s8_tiles(xq.data(), batch, channels, t_want.data(), 1);
+            EXPECT_EQ(t, t_want);
+            std::vector<uint8_t> q(quad_bytes, 1), q_want(quad_bytes, 2);
+            detail::pack_quad_tiles(xq.data(), batch, channels, q.data(), 2);
+            detail::portable::pack_quad_tiles(xq.data(), batch, channels, q_want.data(), 1);
+            EXPECT_EQ(q, q_want);
+            std::vector<int32_t> acc(static_cast<size_t>(tiles * channels * jit::tile_batch));
+            for (auto &v : acc)
+                v = static_cast<int32_t>(rng() % 200001) - 100000;
+            std::vector<int32_t> corr(channels);
+            for (auto &v : corr)
+                v = static_cast<int32_t>(rng() % 1001) - 500;
+            auto scale = random_vector(static_cast<size_t>(channels), rng, 0.001f, 0.1f);
+            auto bias = random_vector(static_cast<size_t>(channels), rng);
+            std::vector<float> y(static_cast<size_t>(n), 1.f), y_want(static_cast<size_t>(n), 2.f);
+            detail::unpack_s32_tiles(acc.data(), batch, channels, corr.data(), scale.data(),
+                                     bias.data(), y.data(), 2);
+            detail::portable::unpack_s32_tiles(acc.data(), batch, channels, corr.data(),
+                                               scale.data(), bias.data(), y_want.data(), 1);
+            EXPECT_EQ(y, y_want);
+        }
+}
+
+} // namespace qsp::test
