@@ -152,6 +152,10 @@ public:
         // Entries being generated stay: their owner fills them and evicts.
         for (auto it = lru_.begin(); it != lru_.end();) {
             auto e = index_.find(*it);
+            if (e == index_.end()) { // unreachable while key hashes are stable
+                it = lru_.erase(it);
+                continue;
+            }
             if (e->second.future.wait_for(std::chrono::seconds(0)) != std::future_status::ready) {
                 ++it;
                 continue;
@@ -174,6 +178,10 @@ private:
         while (index_.size() > capacity_ && it != lru_.begin()) {
             --it;
             auto e = index_.find(*it);
+            if (e == index_.end()) { // unreachable while key hashes are stable
+                it = lru_.erase(it);
+                continue;
+            }
             if (e->second.future.wait_for(std::chrono::seconds(0)) != std::future_status::ready)
                 continue;
             index_.erase(e);

@@ -41,11 +41,11 @@ struct tuning_measurement {
 };
 
 struct tuning_result {
-    std::string primitive;  // "sparse_linear_forward", ...
-    std::string problem;    // shapes, density, nnz
-    std::string incumbent;  // the stored decision, else the first accepting in list order
+    std::string primitive; // "sparse_linear_forward", ...
+    std::string problem;   // shapes, density, nnz
+    std::string incumbent; // the stored decision, else the first accepting in list order
     std::string chosen;
-    bool measured = false;  // false: a stored decision was reused, or nothing to compare
+    bool measured = false; // false: a stored decision was reused, or nothing to compare
     std::vector<tuning_measurement> candidates; // empty unless measured
 };
 

@@ -13,7 +13,8 @@ struct csr_pattern::storage {
     int64_t rows = 0, cols = 0;
     std::vector<int64_t> row_ptr{0};
     std::vector<int32_t> col_idx;
-    uint64_t hash = 0;
+    uint64_t content_hash = 0; // of the arrays: rejects unequal patterns early
+    uint64_t hash = 0;         // what hash() reports (the content hash, or a test's)
 };
 
 namespace {
@@ -30,8 +31,9 @@ void check_dims(int64_t rows, int64_t cols) {
                + " does not fit the 32-bit column index (max 2147483647)");
 }
 
-// Test hook (primitives/core/testing_hooks.hpp): every pattern reports this
-// hash, so tests can show that no cache trusts a hash alone.
+// Test hook (primitives/core/testing_hooks.hpp): patterns built while it is
+// on report this hash (for their whole life: a cache key's hash must never
+// change), so tests can show that no cache trusts a hash alone.
 std::atomic<bool> hash_forced{false};
 std::atomic<uint64_t> forced_hash{0};
 
@@ -69,7 +71,7 @@ const int32_t *csr_pattern::col_idx() const {
     return s_->col_idx.data();
 }
 uint64_t csr_pattern::hash() const {
-    return hash_forced.load(std::memory_order_relaxed) ? forced_hash.load() : s_->hash;
+    return s_->hash;
 }
 
 bool csr_pattern::operator==(const csr_pattern &o) const {
@@ -77,7 +79,7 @@ bool csr_pattern::operator==(const csr_pattern &o) const {
     const storage &a = *s_, &b = *o.s_;
     // The stored content hashes only reject early; equality is the content.
     return a.rows == b.rows && a.cols == b.cols && a.col_idx.size() == b.col_idx.size()
-           && a.hash == b.hash
+           && a.content_hash == b.content_hash
            && std::memcmp(a.row_ptr.data(), b.row_ptr.data(), a.row_ptr.size() * sizeof(int64_t))
                       == 0
            && (a.col_idx.empty()
@@ -92,7 +94,8 @@ static std::shared_ptr<csr_pattern::storage> finish(std::shared_ptr<csr_pattern:
     h = fnv1a(h, &s->cols, sizeof(s->cols));
     h = fnv1a(h, s->row_ptr.data(), s->row_ptr.size() * sizeof(int64_t));
     h = fnv1a(h, s->col_idx.data(), s->col_idx.size() * sizeof(int32_t));
-    s->hash = h;
+    s->content_hash = h;
+    s->hash = hash_forced.load() ? forced_hash.load() : h;
     return s;
 }
 

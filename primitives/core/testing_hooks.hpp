@@ -5,9 +5,9 @@
 
 namespace qsp::detail {
 
-// While on, csr_pattern::hash() returns `value` for every pattern: two
-// layers then share every hashed field, and each must still get its own
-// plans and decisions (caches compare the patterns themselves).
+// While on, patterns built report `value` as their hash() (for their whole
+// life): two layers then share every hashed field, and each must still get
+// its own plans and decisions (caches compare the patterns themselves).
 void force_pattern_hash_for_testing(bool on, uint64_t value = 0);
 
 } // namespace qsp::detail
