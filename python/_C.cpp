@@ -1,9 +1,13 @@
 // qsparseprop._C: the pybind11 bridge from Python to the C++ primitives.
 // It knows numpy buffers, not torch (the package passes tensor.numpy()
 // views, zero-copy), so the module builds without torch headers and works
-// with any torch build. Each layer object caches its primitives per
-// (input shape, thread count); the pattern is fixed at construction.
-#include <map>
+// with any torch build. Each layer object keeps its primitives for the last
+// few (input shape, thread count) pairs; the pattern is fixed at
+// construction. The first time a layer sees a shape, its three directions
+// are tuned (qsp::tune) unless QSP_TUNE=0.
+#include <cstdlib>
+#include <cstring>
+#include <list>
 #include <mutex>
 #include <sstream>
 #include <tuple>
@@ -14,6 +18,7 @@
 
 #include <oneapi/dnnl/dnnl.hpp>
 
+#include "primitives/core/testing_hooks.hpp"
 #include "qsparseprop/qsparseprop.hpp"
 
 namespace py = pybind11;
@@ -94,30 +99,59 @@ protected:
         dims src, dst;
         std::string impls;
     };
+    struct entry {
+        dims src;
+        int threads;
+        std::shared_ptr<const primitives> prims;
+    };
+
+    // Primitives of the most recent input shapes of this layer: a training
+    // loop needs one or two (the last batch of an epoch is smaller), and
+    // each entry holds three primitives, so a few are plenty.
+    static constexpr size_t shapes_kept = 8;
 
     template <typename make_fwd_pd>
-    const primitives &get(const dims &src, const dims &dst, int threads, make_fwd_pd make) {
+    std::shared_ptr<const primitives> get(const dims &src, const dims &dst, int threads,
+                                          make_fwd_pd make) {
         std::lock_guard<std::mutex> lock(mutex_);
-        auto key = std::make_pair(src, threads);
-        auto it = cache_.find(key);
-        if (it != cache_.end()) return it->second;
+        for (auto it = cache_.begin(); it != cache_.end(); ++it)
+            if (it->src == src && it->threads == threads) {
+                cache_.splice(cache_.begin(), cache_, it);
+                return cache_.front().prims;
+            }
         qsp::primitive_attr attr;
         attr.num_threads = threads;
         const auto src_md = f32_md(src), dst_md = f32_md(dst);
         const auto bias_md = with_bias_ ? f32_md({dst[1]}) : dnnl::memory::desc();
-        typename fwd_t::primitive_desc fwd_pd = make(engine_, src_md, bias_md, dst_md, attr);
-        typename bwd_data_t::primitive_desc bd_pd(engine_, src_md, pattern_, dst_md, fwd_pd);
-        typename bwd_weights_t::primitive_desc bw_pd(engine_, src_md, pattern_, bias_md, dst_md,
-                                                     fwd_pd);
-        primitives p{fwd_pd,
-                     fwd_t(fwd_pd),
-                     bwd_data_t(bd_pd),
-                     bwd_weights_t(bw_pd),
-                     src,
-                     dst,
-                     fwd_pd.impl_info_str() + "/" + bd_pd.impl_info_str() + "/"
-                             + bw_pd.impl_info_str()};
-        return cache_.emplace(key, std::move(p)).first->second;
+        // Tuning is its own step: measure where implementations compete,
+        // then create the descriptors, which pick the stored decisions.
+        auto fwd_pd = tuned([&] { return make(engine_, src_md, bias_md, dst_md, attr); });
+        auto bd_pd = tuned([&] {
+            return typename bwd_data_t::primitive_desc(engine_, src_md, pattern_, dst_md, fwd_pd);
+        });
+        auto bw_pd = tuned([&] {
+            return typename bwd_weights_t::primitive_desc(engine_, src_md, pattern_, bias_md,
+                                                          dst_md, fwd_pd);
+        });
+        auto p = std::make_shared<const primitives>(
+                primitives{fwd_pd, fwd_t(fwd_pd), bwd_data_t(bd_pd), bwd_weights_t(bw_pd), src, dst,
+                           fwd_pd.impl_info_str() + "/" + bd_pd.impl_info_str() + "/"
+                                   + bw_pd.impl_info_str()});
+        cache_.push_front(entry{src, threads, p});
+        if (cache_.size() > shapes_kept) cache_.pop_back();
+        return p;
+    }
+
+    static bool tuning_enabled() {
+        const char *env = std::getenv("QSP_TUNE");
+        return !(env && (std::strcmp(env, "0") == 0 || std::strcmp(env, "off") == 0));
+    }
+
+    template <typename make_pd> static auto tuned(make_pd make) {
+        auto pd = make();
+        if (!tuning_enabled()) return pd;
+        const qsp::tuning_result r = qsp::tune(pd);
+        return r.chosen == pd.impl_info_str() ? pd : make();
     }
 
     dnnl::memory mem(const dnnl::memory::desc &md, const void *p) const {
@@ -136,13 +170,18 @@ protected:
         return p.fwd_pd.workspace_desc().get_size();
     }
 
-    void forward(const primitives &p, const py::array &x, const py::array &values,
-                 const py::object &bias, py::array &y, const py::object &workspace) {
+    // Allocates the output and the workspace (s8 training: the quantized
+    // input, else empty) and runs the forward: one call from Python.
+    py::tuple forward(const primitives &p, const py::array &x, const py::array &values,
+                      const py::object &bias) {
+        py::array_t<float> y(p.dst);
+        const auto ws_md = p.fwd_pd.workspace_desc();
+        py::array_t<uint8_t> workspace(static_cast<py::ssize_t>(ws_md.get_size()));
         qsp::exec_args args{
                 {DNNL_ARG_SRC, mem(f32_md(p.src), checked<float>(x, "x", p.src, false))},
                 {DNNL_ARG_WEIGHTS,
                  mem(f32_md({nnz()}), checked<float>(values, "values", {nnz()}, false))},
-                {DNNL_ARG_DST, mem(f32_md(p.dst), checked<float>(y, "out", p.dst, true))}};
+                {DNNL_ARG_DST, mem(f32_md(p.dst), y.mutable_data())}};
         if (with_bias_) {
             if (bias.is_none())
                 throw py::value_error("bias is required: the layer was created with a bias");
@@ -150,17 +189,12 @@ protected:
                     mem(f32_md({p.dst[1]}),
                         checked<float>(bias.cast<py::array>(), "bias", {p.dst[1]}, false));
         }
-        const auto ws_md = p.fwd_pd.workspace_desc();
-        if (!ws_md.is_zero()) {
-            if (workspace.is_none())
-                throw py::value_error(
-                        "workspace is required for s8 training (the quantized input)");
-            args[DNNL_ARG_WORKSPACE] =
-                    mem(ws_md, checked<uint8_t>(workspace.cast<py::array>(), "workspace",
-                                                {static_cast<int64_t>(ws_md.get_size())}, true));
+        if (!ws_md.is_zero()) args[DNNL_ARG_WORKSPACE] = mem(ws_md, workspace.mutable_data());
+        {
+            py::gil_scoped_release release;
+            p.fwd.execute(stream_, args);
         }
-        py::gil_scoped_release release;
-        p.fwd.execute(stream_, args);
+        return py::make_tuple(y, workspace);
     }
 
     void backward_data(const primitives &p, const py::array &dy, const py::array &values,
@@ -216,7 +250,7 @@ protected:
     dnnl::engine engine_;
     dnnl::stream stream_;
     std::mutex mutex_;
-    std::map<std::pair<dims, int>, primitives> cache_;
+    std::list<entry> cache_; // most recent first
 };
 
 class linear_layer
@@ -228,7 +262,7 @@ public:
         : sparse_layer(pattern_from(out, in, row_ptr, col_idx), scheme_from(scheme), with_bias),
           in_(in), out_(out) {}
 
-    const primitives &prims(int64_t batch, int threads) {
+    std::shared_ptr<const primitives> prims(int64_t batch, int threads) {
         return get({batch, in_}, {batch, out_}, threads,
                    [&](const dnnl::engine &e, const dnnl::memory::desc &s,
                        const dnnl::memory::desc &b, const dnnl::memory::desc &d,
@@ -239,21 +273,21 @@ public:
     }
 
     size_t workspace_bytes(int64_t batch, int threads) {
-        return workspace_bytes_of(prims(batch, threads));
+        return workspace_bytes_of(*prims(batch, threads));
     }
-    std::string implementations(int64_t batch, int threads) { return prims(batch, threads).impls; }
+    std::string implementations(int64_t batch, int threads) { return prims(batch, threads)->impls; }
 
-    void fwd(const py::array &x, const py::array &values, const py::object &bias, py::array &y,
-             const py::object &ws, int threads) {
-        forward(prims(batch_of(x), threads), x, values, bias, y, ws);
+    py::tuple fwd(const py::array &x, const py::array &values, const py::object &bias,
+                  int threads) {
+        return forward(*prims(batch_of(x), threads), x, values, bias);
     }
     void bwd_data(const py::array &dy, const py::array &values, py::array &dx, uint64_t seed,
                   int threads) {
-        backward_data(prims(batch_of(dy), threads), dy, values, dx, seed);
+        backward_data(*prims(batch_of(dy), threads), dy, values, dx, seed);
     }
     void bwd_weights(const py::object &x, const py::object &ws, const py::array &dy, py::array &dv,
                      const py::object &db, uint64_t seed, int threads) {
-        backward_weights(prims(batch_of(dy), threads), x, ws, dy, dv, db, seed);
+        backward_weights(*prims(batch_of(dy), threads), x, ws, dy, dv, db, seed);
     }
 
 private:
@@ -275,35 +309,19 @@ public:
                  std::array<int64_t, 2> dilation, int64_t groups, const py::array &row_ptr,
                  const py::array &col_idx, const std::string &scheme, bool with_bias)
         : sparse_layer(pattern_from(out_c,
-                                    groups > 0 && in_c % groups == 0
-                                            ? in_c / groups * kernel[0] * kernel[1]
-                                            : -1,
+                                    checked_columns(in_c, out_c, kernel, stride, padding, dilation,
+                                                    groups),
                                     row_ptr, col_idx),
                        scheme_from(scheme), with_bias),
-          in_c_(in_c), out_c_(out_c) {
-        g_.kernel_h = kernel[0];
-        g_.kernel_w = kernel[1];
-        g_.stride_h = stride[0];
-        g_.stride_w = stride[1];
-        g_.pad_top = padding[0];
-        g_.pad_left = padding[1];
-        g_.pad_bottom = padding[2];
-        g_.pad_right = padding[3];
-        g_.dilation_h = dilation[0];
-        g_.dilation_w = dilation[1];
-        g_.groups = groups;
-    }
+          in_c_(in_c), out_c_(out_c), g_(geometry(kernel, stride, padding, dilation, groups)) {}
 
+    // Validates in C++ before anything is computed (a stride of 0 is a
+    // ValueError, never a division by zero).
     std::array<int64_t, 2> output_hw(int64_t h, int64_t w) const {
-        return {(h + g_.pad_top + g_.pad_bottom - g_.dilation_h * (g_.kernel_h - 1) - 1)
-                                / g_.stride_h
-                        + 1,
-                (w + g_.pad_left + g_.pad_right - g_.dilation_w * (g_.kernel_w - 1) - 1)
-                                / g_.stride_w
-                        + 1};
+        return qsp::conv2d_output_hw(g_, h, w);
     }
 
-    const primitives &prims(const dims &src, int threads) {
+    std::shared_ptr<const primitives> prims(const dims &src, int threads) {
         const auto o = output_hw(src[2], src[3]);
         return get(
                 src, {src[0], out_c_, o[0], o[1]}, threads,
@@ -315,24 +333,59 @@ public:
     }
 
     size_t workspace_bytes(const dims &src, int threads) {
-        return workspace_bytes_of(prims(src, threads));
+        return workspace_bytes_of(*prims(src, threads));
     }
-    std::string implementations(const dims &src, int threads) { return prims(src, threads).impls; }
+    std::string implementations(const dims &src, int threads) { return prims(src, threads)->impls; }
 
-    void fwd(const py::array &x, const py::array &values, const py::object &bias, py::array &y,
-             const py::object &ws, int threads) {
-        forward(prims(shape4(x), threads), x, values, bias, y, ws);
+    py::tuple fwd(const py::array &x, const py::array &values, const py::object &bias,
+                  int threads) {
+        return forward(*prims(shape4(x), threads), x, values, bias);
     }
     void bwd_data(const py::array &dy, const py::array &values, py::array &dx, uint64_t seed,
                   int threads) {
-        backward_data(prims(shape4(dx), threads), dy, values, dx, seed);
+        backward_data(*prims(shape4(dx), threads), dy, values, dx, seed);
     }
     void bwd_weights(const py::object &x, const py::object &ws, const py::array &dy, py::array &dv,
                      const py::object &db, const dims &src, uint64_t seed, int threads) {
-        backward_weights(prims(src, threads), x, ws, dy, dv, db, seed);
+        if (src.size() != 4)
+            throw py::value_error("input_shape must have 4 entries (N, C, H, W), got "
+                                  + std::to_string(src.size()));
+        backward_weights(*prims(src, threads), x, ws, dy, dv, db, seed);
     }
 
 private:
+    static qsp::conv2d_geometry geometry(std::array<int64_t, 2> kernel,
+                                         std::array<int64_t, 2> stride,
+                                         std::array<int64_t, 4> padding,
+                                         std::array<int64_t, 2> dilation, int64_t groups) {
+        qsp::conv2d_geometry g;
+        g.kernel_h = kernel[0];
+        g.kernel_w = kernel[1];
+        g.stride_h = stride[0];
+        g.stride_w = stride[1];
+        g.pad_top = padding[0];
+        g.pad_left = padding[1];
+        g.pad_bottom = padding[2];
+        g.pad_right = padding[3];
+        g.dilation_h = dilation[0];
+        g.dilation_w = dilation[1];
+        g.groups = groups;
+        return g;
+    }
+
+    // The pattern's column count, computed only after every check passed.
+    static int64_t checked_columns(int64_t in_c, int64_t out_c, std::array<int64_t, 2> kernel,
+                                   std::array<int64_t, 2> stride, std::array<int64_t, 4> padding,
+                                   std::array<int64_t, 2> dilation, int64_t groups) {
+        if (in_c < 1)
+            throw py::value_error("in_channels must be >= 1, got " + std::to_string(in_c));
+        if (out_c < 1)
+            throw py::value_error("out_channels must be >= 1, got " + std::to_string(out_c));
+        const auto g = geometry(kernel, stride, padding, dilation, groups);
+        qsp::check_conv2d_geometry(g, in_c, out_c); // std::invalid_argument -> ValueError
+        return in_c / g.groups * g.kernel_h * g.kernel_w;
+    }
+
     static dims shape4(const py::array &a) {
         if (a.ndim() != 4)
             throw py::value_error("expected a 4-D array (N x C x H x W), got "
@@ -364,6 +417,30 @@ PYBIND11_MODULE(_C, m) {
     m.def("set_verbose", [](int level) { qsp::set_verbose_level(level); });
     m.def("verbose_level", &qsp::verbose_level);
     m.def("rounding_seed32", &qsp::rounding_seed32);
+
+    m.def("cache_info", [] {
+        py::list out;
+        for (const qsp::cache_info &c : qsp::cache_infos())
+            out.append(py::dict(py::arg("name") = c.name, py::arg("size") = c.size,
+                                py::arg("capacity") = c.capacity, py::arg("hits") = c.hits,
+                                py::arg("misses") = c.misses,
+                                py::arg("generations") = c.generations,
+                                py::arg("evictions") = c.evictions));
+        return out;
+    });
+    m.def("clear_caches", &qsp::clear_caches);
+    m.def("set_cache_capacity", &qsp::set_cache_capacity, py::arg("entries"));
+    m.def("clear_tuning_decisions", &qsp::clear_tuning_decisions);
+    m.def("scratch_info", [] {
+        const qsp::scratch_info s = qsp::scratch_pool_info();
+        return py::dict(
+                py::arg("idle_bytes") = s.idle_bytes, py::arg("in_use_bytes") = s.in_use_bytes,
+                py::arg("capacity_bytes") = s.capacity_bytes, py::arg("peak_bytes") = s.peak_bytes);
+    });
+    m.def("set_scratch_capacity", &qsp::set_scratch_capacity, py::arg("bytes"));
+    m.def("release_scratch", &qsp::release_scratch);
+    m.def("_force_pattern_hash_for_testing", &qsp::detail::force_pattern_hash_for_testing,
+          py::arg("on"), py::arg("value") = 0);
 
     m.def(
             "csr_from_dense",

@@ -29,8 +29,37 @@ def set_max_cpu_isa(isa: str) -> None:
 
 
 def set_verbose(level: int) -> None:
-    """0 quiet, 1 one line per primitive creation/execution, 2 also dispatch reasons."""
+    """0 quiet, 1 one line per primitive creation/execution, 2 also dispatch and tuning."""
     _C.set_verbose(level)
+
+
+def cache_info() -> list[dict]:
+    """Every in-memory cache (generated code, plans, tuning decisions): name,
+    size, capacity and hit/miss/eviction counts. Each is an LRU bounded by its
+    capacity (``QSP_CACHE_CAPACITY`` entries, default 1024).
+
+    >>> import qsparseprop
+    >>> all(c["size"] <= c["capacity"] for c in qsparseprop.cache_info())
+    True
+    """
+    return _C.cache_info()
+
+
+def clear_caches() -> None:
+    """Empties every cache; layers already created keep what they hold."""
+    _C.clear_caches()
+
+
+def scratch_info() -> dict:
+    """The scratch memory pool that executions borrow from: ``idle_bytes``
+    kept for reuse (at most ``capacity_bytes``, ``QSP_SCRATCH_CAPACITY_MB``,
+    default 256 MiB), ``in_use_bytes``, ``peak_bytes``."""
+    return _C.scratch_info()
+
+
+def release_scratch() -> None:
+    """Returns every idle scratch buffer to the system now."""
+    _C.release_scratch()
 
 
 __all__ = [
@@ -46,4 +75,8 @@ __all__ = [
     "cpu_isa",
     "set_max_cpu_isa",
     "set_verbose",
+    "cache_info",
+    "clear_caches",
+    "scratch_info",
+    "release_scratch",
 ]

@@ -59,13 +59,14 @@ def _threads() -> int:
 # ---- Linear -------------------------------------------------------------------
 
 
-def _linear_forward_impl(x, values, bias, kid):
-    k = kernel_of(kid)
-    batch = x.shape[0]
-    y = torch.empty(batch, k.out_features, dtype=torch.float32)
-    ws = torch.empty(k.workspace_bytes(batch, _threads()), dtype=torch.uint8)
-    k.forward(_np(x), _np(values), _np(bias), y.numpy(), ws.numpy() if ws.numel() else None, _threads())
-    return y, ws
+def _forward_impl(x, values, bias, kid):
+    # One call into C++: it allocates y and the workspace (the int8 input
+    # saved for backward by s8 training; empty otherwise).
+    y, ws = kernel_of(kid).forward(_np(x), _np(values), _np(bias), _threads())
+    return torch.from_numpy(y), torch.from_numpy(ws)
+
+
+_linear_forward_impl = _forward_impl
 
 
 @torch.library.custom_op("qsparseprop::linear_forward", mutates_args=())
@@ -165,13 +166,7 @@ torch.library.register_autograd("qsparseprop::linear_forward", _linear_backward,
 # ---- Conv2d -------------------------------------------------------------------
 
 
-def _conv2d_forward_impl(x, values, bias, kid):
-    k = kernel_of(kid)
-    oh, ow = k.output_hw(x.shape[2], x.shape[3])
-    y = torch.empty(x.shape[0], k.out_channels, oh, ow, dtype=torch.float32)
-    ws = torch.empty(k.workspace_bytes(list(x.shape), _threads()), dtype=torch.uint8)
-    k.forward(_np(x), _np(values), _np(bias), y.numpy(), ws.numpy() if ws.numel() else None, _threads())
-    return y, ws
+_conv2d_forward_impl = _forward_impl
 
 
 @torch.library.custom_op("qsparseprop::conv2d_forward", mutates_args=())

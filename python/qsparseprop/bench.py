@@ -32,7 +32,7 @@ LINEAR_SHAPES = {  # name: (batch, in_features, out_features)
     "L3": (128, 4096, 4096),
     "L4": (64, 512, 1000),
 }
-# Measured on the development machine (2 cores): DESIGN.md section 7.
+# 2-core peaks measured on the development machines (docs/benchmarks.md).
 PEAK_GFLOPS = {"f32": 350.0, "s8": 1500.0}
 
 

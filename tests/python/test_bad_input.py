@@ -128,3 +128,59 @@ def test_forward_and_backward_leave_inputs_untouched(linear):
     y.backward(g)
     assert torch.equal(x.detach(), before)
     assert torch.equal(g, g_before)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(stride=0), "stride must be >= 1"),
+        (dict(stride=(1, -1)), "stride must be >= 1"),
+        (dict(padding=-1), "padding must be >= 0"),
+        (dict(padding=(0, -2)), "padding must be >= 0"),
+        (dict(dilation=0), "dilation must be >= 1"),
+        (dict(groups=2), "divisible by groups"),
+        (dict(groups=0), "groups must be a positive int"),
+        (dict(kernel_size=0), "kernel_size must be >= 1"),
+    ],
+)
+def test_bad_conv_geometry_is_a_clear_error(kwargs, match):
+    args = dict(in_channels=3, out_channels=4, kernel_size=3, row_ptr=[0] * 5, col_idx=[], values=[])
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        SparseConv2d(**args)
+
+
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("stride", (0, 1), "stride_h must be >= 1, got 0"),
+        ("stride", (1, 0), "stride_w must be >= 1, got 0"),
+        ("dilation", (0, 1), "dilation_h must be >= 1"),
+        ("_pads", (0, -1, 0, 0), "pad_left must be >= 0, got -1"),
+        ("groups", 2, "divisible by groups"),
+    ],
+)
+def test_geometry_changed_before_the_first_call_is_refused_in_cpp(conv, field, value, match):
+    # Attributes set after construction skip the Python checks: the C++ core
+    # checks the geometry again before any arithmetic (a stride of 0 used to
+    # end the process with SIGFPE).
+    setattr(conv, field, value)
+    with pytest.raises(ValueError, match=match):
+        conv(torch.ones(1, 3, 5, 5))
+
+
+def test_cpp_kernel_refuses_bad_geometry_directly():
+    from qsparseprop import _C
+
+    rp, ci = torch.zeros(5, dtype=torch.int64).numpy(), torch.zeros(0, dtype=torch.int32).numpy()
+    good = dict(kernel_size=[3, 3], stride=[1, 1], padding=[1, 1, 1, 1], dilation=[1, 1], groups=1)
+    for change, match in [
+        (dict(stride=[0, 0]), "stride_h must be >= 1"),
+        (dict(padding=[0, 0, -1, 0]), "pad_bottom must be >= 0"),
+        (dict(dilation=[1, 0]), "dilation_w must be >= 1"),
+        (dict(groups=2), "in_channels \\(3\\) must be divisible by groups \\(2\\)"),
+        (dict(groups=0), "groups must be >= 1"),
+    ]:
+        args = dict(good, **change)
+        with pytest.raises(ValueError, match=match):
+            _C.Conv2dKernel(3, 4, row_ptr=rp, col_idx=ci, scheme="f32", with_bias=False, **args)

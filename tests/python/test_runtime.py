@@ -1,0 +1,84 @@
+"""The runtime a user can see: exact cache keys, bounded caches, scratch
+memory given back, and tuning as an explicit, stored step."""
+
+import gc
+
+import pytest
+import torch
+
+import qsparseprop
+from conftest import prune_random_
+from qsparseprop import _C, QuantizedSparseLinear, SparseLinear
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+@pytest.fixture
+def forced_hash():
+    _C._force_pattern_hash_for_testing(True, 0xC0FFEE)
+    yield
+    _C._force_pattern_hash_for_testing(False)
+
+
+@pytest.mark.parametrize("cls", [SparseLinear, QuantizedSparseLinear])
+def test_layers_whose_patterns_share_a_hash_compute_their_own_results(forced_hash, cls):
+    a = prune_random_(torch.nn.Linear(96, 80), 0.85, generator_seed=1)
+    b = prune_random_(torch.nn.Linear(96, 80), 0.85, generator_seed=2)
+    sa, sb = cls.from_dense(a), cls.from_dense(b)
+    assert not torch.equal(sa.col_idx, sb.col_idx)
+    x = torch.randn(70, 96)
+    for layer, dense in ((sa, a), (sb, b), (sa, a)):
+        y = layer(x)
+        want = dense(x)
+        tol = 1e-5 if cls is SparseLinear else 0.03
+        assert (y - want).abs().max() <= tol * want.abs().max(), type(layer).__name__
+
+
+def test_every_cache_is_bounded_and_visible():
+    layer = SparseLinear.from_dense(prune_random_(torch.nn.Linear(40, 30), 0.8))
+    for batch in range(1, 41):  # the last batch of an epoch, a few times over
+        layer(torch.randn(batch, 40)).sum().backward()
+    infos = {c["name"]: c for c in qsparseprop.cache_info()}
+    assert {"jit_plan", "tuning_decisions"} <= set(infos) or qsparseprop.cpu_isa() == "ref"
+    for c in infos.values():
+        assert c["size"] <= c["capacity"], c
+    # Plans do not depend on the batch size: one per direction for all 40.
+    if "jit_plan" in infos:
+        assert infos["jit_plan"]["generations"] <= infos["jit_plan"]["misses"]
+
+
+def test_a_huge_one_off_layer_leaves_no_scratch_resident():
+    qsparseprop.release_scratch()
+    gc.collect()
+    before = _resident_bytes()
+    layer = SparseLinear.from_dense(prune_random_(torch.nn.Linear(4096, 4096), 0.999))
+    x = torch.randn(16384, 4096)  # 256 MiB; its tiles and the output's need 512 MiB of scratch
+    y = layer(x)
+    assert qsparseprop.scratch_info()["peak_bytes"] >= 512 << 20
+    del x, y, layer
+    gc.collect()
+    info = qsparseprop.scratch_info()
+    assert info["in_use_bytes"] == 0
+    assert info["idle_bytes"] <= info["capacity_bytes"]  # the pool keeps at most its capacity
+    grown = _resident_bytes() - before
+    assert grown < info["idle_bytes"] + (64 << 20), f"{grown >> 20} MiB resident after the layer is gone"
+    qsparseprop.release_scratch()
+    grown = _resident_bytes() - before
+    assert grown < 64 << 20, f"{grown >> 20} MiB still resident after release_scratch()"
+
+
+def test_tuning_is_stored_and_reused(capfd):
+    layer = QuantizedSparseLinear.from_dense(prune_random_(torch.nn.Linear(256, 512), 0.99))
+    qsparseprop.set_verbose(2)
+    try:
+        layer(torch.randn(64, 256)).sum().backward()
+        first = capfd.readouterr().out
+        layer(torch.randn(64, 256)).sum().backward()
+        second = capfd.readouterr().out
+    finally:
+        qsparseprop.set_verbose(0)
+    assert "qsp_verbose,tune,sparse_linear_forward," in first
+    assert "qsp_verbose,tune," not in second, "a shape is tuned once"
