@@ -74,8 +74,10 @@ def check(path: str) -> list[str]:
         if tier > allowed_tier(function) and function not in problems:
             problems[function] = (tier, instruction)
     names = {1: "AVX/AVX2", 2: "AVX-512"}
-    return [f"{path}: {fn}: {names[t]} instruction `{ins}` in a function whose name does not admit it"
-            for fn, (t, ins) in sorted(problems.items())]
+    return [
+        f"{path}: {fn}: {names[t]} instruction `{ins}` in a function whose name does not admit it"
+        for fn, (t, ins) in sorted(problems.items())
+    ]
 
 
 def main(argv: list[str]) -> int:
@@ -86,8 +88,11 @@ def main(argv: list[str]) -> int:
     for p in problems:
         print(p)
     if problems:
-        print(f"{len(problems)} function(s) hold instructions above their tier: move portable code out of "
-              "the target regions, or name the function after its tier", file=sys.stderr)
+        print(
+            f"{len(problems)} function(s) hold instructions above their tier: move portable code out of "
+            "the target regions, or name the function after its tier",
+            file=sys.stderr,
+        )
         return 1
     print(f"ISA hygiene: ok ({', '.join(argv)})")
     return 0

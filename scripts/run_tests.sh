@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# All tests: installs what is needed, then runs the GoogleTest suite, the
-# find_package(qsparseprop) consumer, linters, and pytest (with doctests).
-# Every stage runs; the script fails if any stage failed.
+# All tests: installs what is needed, then runs the GoogleTest suite (native,
+# capped to the reference tier, under AddressSanitizer + UBSan, and on
+# emulated CPUs: AVX2-only and without AVX), a forward + backward of every
+# Python module on the emulated CPUs, the static checks (ISA hygiene of the
+# built code, include layering), the find_package(qsparseprop) consumer,
+# linters, and pytest (with doctests). Every stage runs; the script fails if
+# any stage failed.
 set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bash "$ROOT/scripts/setup.sh" || exit 1
@@ -9,11 +13,45 @@ cd "$ROOT"
 # shellcheck disable=SC1091
 source .venv/bin/activate
 failed=()
-stage() { local name=$1; shift; printf '\n== %s\n' "$name"; "$@" || failed+=("$name"); }
+stage() { local name=$1; shift; printf '\n== %s\n' "$name"; local t0=$SECONDS; "$@" || failed+=("$name"); printf '   (%ss)\n' $((SECONDS - t0)); }
 
 stage "C++ tests (ctest)" ctest --test-dir build --output-on-failure -j2
 stage "C++ tests with QSP_MAX_CPU_ISA=ref from the environment" \
   env QSP_MAX_CPU_ISA=ref ./build/tests/cpp/qsp_tests --gtest_brief=1
+
+sanitized() {
+  if [[ ! -f build-asan/build.ninja ]]; then
+    cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DQSP_SANITIZE=ON \
+      -DQSP_BUILD_TOOLS=OFF -DCMAKE_PREFIX_PATH="$ROOT/.venv" >/dev/null || return 1
+  fi
+  ninja -C build-asan | tail -n 1 &&
+    ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
+      ./build-asan/tests/cpp/qsp_tests --gtest_brief=1
+}
+stage "C++ tests under AddressSanitizer + UndefinedBehaviorSanitizer" sanitized
+
+# qemu-user runs the x86-64 program on a CPU model of our choice: an
+# instruction above the model's ISA ends the run with SIGILL (which
+# QSP_MAX_CPU_ISA alone cannot show: it caps our dispatch, not the compiler).
+emulated() { # CPU model, then the command
+  local cpu=$1; shift
+  qemu-x86_64 -cpu "$cpu" "$@" 2> >(grep -v "TCG doesn't support requested feature" >&2)
+}
+stage "C++ tests on an emulated AVX2-only CPU (qemu -cpu Haswell)" \
+  emulated Haswell ./build/tests/cpp/qsp_tests --gtest_brief=1
+stage "C++ tests on an emulated CPU without AVX (qemu -cpu Nehalem)" \
+  emulated Nehalem ./build/tests/cpp/qsp_tests --gtest_brief=1
+stage "Python modules on the emulated AVX2-only CPU" \
+  emulated Haswell .venv/bin/python tests/emulated/every_module_forward_backward.py avx2
+stage "Python modules on the emulated CPU without AVX" \
+  emulated Nehalem .venv/bin/python tests/emulated/every_module_forward_backward.py ref
+
+isa_hygiene() {
+  python scripts/check_isa_hygiene.py build/libqsparseprop.so \
+    "$(python -c 'import qsparseprop._C as c; print(c.__file__)')"
+}
+stage "ISA hygiene of the built code (objdump)" isa_hygiene
+stage "include layering (arrows one way)" python scripts/check_layering.py
 
 consumer() {
   cmake --install build --prefix build/install >/dev/null &&
@@ -25,7 +63,7 @@ consumer() {
 stage "C++ user project: find_package(qsparseprop)" consumer
 
 lint() {
-  local py_dirs=(python tests)
+  local py_dirs=(python tests scripts)
   [[ -d benchmarks ]] && py_dirs+=(benchmarks)
   ruff check "${py_dirs[@]}" &&
     ruff format --check "${py_dirs[@]}" &&

@@ -18,8 +18,9 @@ for cand in python3.11 python3; do
 done
 [[ -n $PY ]] || { echo "setup: Python 3.11 is required (python3.11 or python3 on PATH)" >&2; exit 1; }
 
-# Debian packages: compiler, Xbyak, GoogleTest, Google Benchmark, clang-format.
-APT_PACKAGES=(g++ git libxbyak-dev libgtest-dev libbenchmark-dev clang-format)
+# Debian packages: compiler, Xbyak, GoogleTest, Google Benchmark, clang-format,
+# qemu-user (the emulated-CPU test runs), binutils (objdump: the ISA check).
+APT_PACKAGES=(g++ git libxbyak-dev libgtest-dev libbenchmark-dev clang-format qemu-user binutils)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
