@@ -1,4 +1,4 @@
-// The DESIGN.md API example, as a user would write it: prints "ok" when
+// The README's C++ example, as a user would write it: prints "ok" when
 // the sparse forward equals the dense product.
 #include <cmath>
 #include <cstdio>
