@@ -68,7 +68,8 @@ using exec_args = std::unordered_map<int, dnnl::memory>;
 
 namespace detail {
 struct pd_impl;
-}
+struct kernel;
+} // namespace detail
 
 // Common part of every primitive descriptor: the validated problem and the
 // implementation picked for it (the tuner's stored decision for this
@@ -90,12 +91,17 @@ protected:
     std::shared_ptr<detail::pd_impl> impl_;
 };
 
+// A primitive builds what its descriptor's implementation needs to run (the
+// per-layer plan, generated code; both cached, so a second primitive of the
+// same layer finds them) and executes it.
 class primitive_base {
 public:
     void execute(const dnnl::stream &stream, const exec_args &args) const;
 
 protected:
+    void init(const primitive_desc_base &pd);
     std::shared_ptr<detail::pd_impl> pd_;
+    std::shared_ptr<const detail::kernel> kernel_;
 };
 
 // ---- Linear: src B x K, weights N x K (CSR), dst B x N -------------------

@@ -42,7 +42,12 @@ struct implementation {
     // Empty when the implementation can run the problem, else the reason it
     // cannot (printed under QSP_VERBOSE=dispatch).
     std::function<std::string(const problem &)> why_not;
+    // Builds what executing the problem needs (plans, generated code):
+    // called when a primitive is created, not when its descriptor is.
     std::function<std::shared_ptr<const kernel>(const problem &)> create;
+    // The portable oracle and fallback: the tuner never times it against
+    // the optimised implementations.
+    bool is_reference = false;
 };
 
 // Ordered by expectation, best first; the first that accepts a problem is

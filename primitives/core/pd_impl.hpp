@@ -25,7 +25,7 @@ struct pd_impl {
     dnnl::engine engine;
     std::string forced_impl; // primitive_attr::implementation
     std::string impl_name;
-    std::shared_ptr<const kernel> kern;
+    const implementation *impl = nullptr; // the pick; primitives create its kernel
     std::vector<arg_spec> args;
     dnnl::memory::desc weights_md, workspace_md;
     dnnl::memory::desc src_md, dst_md, bias_md;
@@ -35,7 +35,7 @@ struct pd_impl {
 // From a validated problem and src/dst/bias descs: derives the weights and
 // workspace descs and the argument list of the direction, then picks the
 // implementation (the tuner's stored decision for this problem, else the
-// first in list order) and creates its kernel. Measures nothing.
+// first in list order). Measures nothing and builds nothing.
 void finish_pd(pd_impl &pd, const dnnl::engine &engine);
 // Backward descriptors: the hint must describe the same layer.
 void check_hint(const char *primitive_name, const pd_impl &hint, const csr_pattern &weights);

@@ -1,5 +1,6 @@
-// Execution: the arguments are checked against the descriptor, then the
-// picked implementation's kernel runs.
+// Primitives: creation builds the picked implementation's kernel (plans and
+// generated code, from their caches when another primitive built them);
+// execution checks the arguments against the descriptor, then runs it.
 #include <sstream>
 
 #include "primitives/core/pd_impl.hpp"
@@ -9,6 +10,19 @@
 namespace qsp {
 
 using namespace detail;
+
+void primitive_base::init(const primitive_desc_base &pd) {
+    pd_ = pd.impl();
+    const double t0 = runtime::now_ms();
+    kernel_ = pd_->impl->create(pd_->prob);
+    if (verbose_level() >= 1) {
+        std::ostringstream line;
+        line << "create," << pd_->primitive_name << "," << pd_->impl_name << ","
+             << to_string(pd_->prob.scheme) << "," << pd_->prob.shape_str()
+             << ",threads=" << pd_->prob.num_threads << "," << runtime::now_ms() - t0;
+        runtime::verbose_print(line.str());
+    }
+}
 
 void primitive_base::execute(const dnnl::stream &stream, const exec_args &args) const {
     const pd_impl &pd = *pd_;
@@ -73,7 +87,7 @@ void primitive_base::execute(const dnnl::stream &stream, const exec_args &args) 
     }
     t.batch = pd.prob.outer();
     const double t0 = runtime::now_ms();
-    const char *ran = pd.kern->execute(t);
+    const char *ran = kernel_->execute(t);
     if (verbose_level() >= 1) {
         std::ostringstream line;
         line << "exec," << pd.primitive_name << "," << (ran ? ran : pd.impl_name.c_str()) << ","

@@ -81,7 +81,6 @@ std::vector<const implementation *> accepting_implementations(const problem &p,
 namespace {
 
 void pick(pd_impl &pd) {
-    const double t0 = runtime::now_ms();
     std::vector<refusal> refusals;
     const auto candidates = accepting_implementations(pd.prob, &refusals);
     std::string all_reasons;
@@ -124,14 +123,7 @@ void pick(pd_impl &pd) {
         runtime::verbose_print(std::string("dispatch,") + pd.primitive_name + ",picked "
                                + chosen->name + why);
     pd.impl_name = chosen->name;
-    pd.kern = chosen->create(pd.prob);
-    if (verbose_level() >= 1) {
-        std::ostringstream line;
-        line << "create," << pd.primitive_name << "," << pd.impl_name << ","
-             << to_string(pd.prob.scheme) << "," << pd.prob.shape_str()
-             << ",threads=" << pd.prob.num_threads << "," << runtime::now_ms() - t0;
-        runtime::verbose_print(line.str());
-    }
+    pd.impl = chosen;
 }
 
 } // namespace

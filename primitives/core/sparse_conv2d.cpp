@@ -100,7 +100,7 @@ const conv2d_geometry &sparse_conv2d_forward::primitive_desc::geometry() const {
 }
 
 sparse_conv2d_forward::sparse_conv2d_forward(const primitive_desc &pd) {
-    pd_ = pd.impl();
+    init(pd);
 }
 
 sparse_conv2d_backward_data::primitive_desc::primitive_desc(
@@ -117,7 +117,7 @@ sparse_conv2d_backward_data::primitive_desc::primitive_desc(
 }
 
 sparse_conv2d_backward_data::sparse_conv2d_backward_data(const primitive_desc &pd) {
-    pd_ = pd.impl();
+    init(pd);
 }
 
 sparse_conv2d_backward_weights::primitive_desc::primitive_desc(
@@ -134,7 +134,7 @@ sparse_conv2d_backward_weights::primitive_desc::primitive_desc(
 }
 
 sparse_conv2d_backward_weights::sparse_conv2d_backward_weights(const primitive_desc &pd) {
-    pd_ = pd.impl();
+    init(pd);
 }
 
 } // namespace qsp

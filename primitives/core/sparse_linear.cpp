@@ -90,7 +90,7 @@ dnnl::memory::desc sparse_linear_forward::primitive_desc::bias_desc() const {
 }
 
 sparse_linear_forward::sparse_linear_forward(const primitive_desc &pd) {
-    pd_ = pd.impl();
+    init(pd);
 }
 
 sparse_linear_backward_data::primitive_desc::primitive_desc(
@@ -107,7 +107,7 @@ sparse_linear_backward_data::primitive_desc::primitive_desc(
 }
 
 sparse_linear_backward_data::sparse_linear_backward_data(const primitive_desc &pd) {
-    pd_ = pd.impl();
+    init(pd);
 }
 
 sparse_linear_backward_weights::primitive_desc::primitive_desc(
@@ -124,7 +124,7 @@ sparse_linear_backward_weights::primitive_desc::primitive_desc(
 }
 
 sparse_linear_backward_weights::sparse_linear_backward_weights(const primitive_desc &pd) {
-    pd_ = pd.impl();
+    init(pd);
 }
 
 } // namespace qsp

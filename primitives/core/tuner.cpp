@@ -141,7 +141,7 @@ tuning_result tune(const primitive_desc_base &pd, const tuning_options &options)
     r.problem = p.shape_str();
     std::vector<const implementation *> rivals;
     for (const implementation *c : accepting_implementations(p))
-        if (std::string(c->name).rfind("ref:", 0) != 0) rivals.push_back(c); // never competes
+        if (!c->is_reference) rivals.push_back(c);
     const std::string stored = stored_decision(p);
     size_t incumbent = 0;
     for (size_t i = 0; i < rivals.size(); ++i)

@@ -132,7 +132,8 @@ implementation ref_implementation() {
     return {"ref:any", [](const problem &) { return std::string(); },
             [](const problem &p) -> std::shared_ptr<const kernel> {
                 return std::make_shared<const ref_kernel>(p);
-            }};
+            },
+            /*is_reference=*/true};
 }
 
 } // namespace qsp::detail

@@ -281,7 +281,13 @@ TEST(PrimitiveApi, execute_refusals_and_verbose) {
                      {DNNL_ARG_WORKSPACE, wrap(eng, pd.workspace_desc(), ws.data())}});
     sparse_linear_forward::primitive_desc pd2(eng, prop_kind::forward_inference, f32_desc({2, 5}),
                                               p, f32_desc({2, 6}), quant_scheme::f32);
-    const std::string out = testing::internal::GetCapturedStdout();
+    const std::string before_primitive = testing::internal::GetCapturedStdout();
+    testing::internal::CaptureStdout();
+    sparse_linear_forward prim2(pd2); // plans and code are built here, not by the descriptor
+    const std::string out = before_primitive + testing::internal::GetCapturedStdout();
+    EXPECT_EQ(before_primitive.find("qsp_verbose,create,sparse_linear_forward,jit"),
+              std::string::npos)
+            << before_primitive;
     set_verbose_level(0);
     EXPECT_NE(out.find("qsp_verbose,exec,sparse_linear_forward," + s8_impl + ",s8,mb4ic5oc6"),
               std::string::npos)
