@@ -353,7 +353,6 @@ public:
         backward_weights(*prims(src, threads), x, ws, dy, dv, db, seed);
     }
 
-private:
     static qsp::conv2d_geometry geometry(std::array<int64_t, 2> kernel,
                                          std::array<int64_t, 2> stride,
                                          std::array<int64_t, 4> padding,
@@ -373,6 +372,7 @@ private:
         return g;
     }
 
+private:
     // The pattern's column count, computed only after every check passed.
     static int64_t checked_columns(int64_t in_c, int64_t out_c, std::array<int64_t, 2> kernel,
                                    std::array<int64_t, 2> stride, std::array<int64_t, 4> padding,
@@ -418,6 +418,17 @@ PYBIND11_MODULE(_C, m) {
     m.def("verbose_level", &qsp::verbose_level);
     m.def("rounding_seed32", &qsp::rounding_seed32);
 
+    m.def(
+            "check_conv2d_geometry",
+            [](std::array<int64_t, 2> kernel, std::array<int64_t, 2> stride,
+               std::array<int64_t, 4> padding, std::array<int64_t, 2> dilation, int64_t groups,
+               int64_t in_channels, int64_t out_channels) {
+                qsp::check_conv2d_geometry(
+                        conv2d_layer::geometry(kernel, stride, padding, dilation, groups),
+                        in_channels, out_channels);
+            },
+            py::arg("kernel_size"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
+            py::arg("groups"), py::arg("in_channels"), py::arg("out_channels"));
     m.def("cache_info", [] {
         py::list out;
         for (const qsp::cache_info &c : qsp::cache_infos())

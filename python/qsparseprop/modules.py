@@ -332,32 +332,28 @@ class SparseConv2d(_SparseModule):
         seed: int = 0,
     ):
         super().__init__()
-        for n, v in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)):
+        for n, v in (("in_channels", in_channels), ("out_channels", out_channels)):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{n} must be a positive int, got {v!r}")
-        if in_channels % groups or out_channels % groups:
-            raise ValueError(
-                f"in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible by groups ({groups})"
-            )
+        if not isinstance(groups, int):
+            raise ValueError(f"groups must be an int, got {groups!r}")
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.kernel_size = _pair(kernel_size, "kernel_size")
         self.stride = _pair(stride, "stride")
         self.dilation = _pair(dilation, "dilation")
-        for n, t, lo in (
-            ("kernel_size", self.kernel_size, 1),
-            ("stride", self.stride, 1),
-            ("dilation", self.dilation, 1),
-        ):
-            if min(t) < lo:
-                raise ValueError(f"{n} must be >= {lo}, got {t}")
         if padding == "same" and self.stride != (1, 1):
             raise ValueError(
                 f"padding='same' is not supported for strided convolutions (stride={self.stride}), as in torch"
             )
         self.padding = padding
         self._pads = _resolve_padding(padding, self.kernel_size, self.dilation)
-        if min(self._pads) < 0:
-            raise ValueError(f"padding must be >= 0, got {padding!r}")
+        # Every value rule (sizes, strides, dilations, groups >= 1, paddings
+        # >= 0, channels divisible by groups) is checked once, in C++, with
+        # the messages C++ callers get too.
+        _ops._C.check_conv2d_geometry(
+            list(self.kernel_size), list(self.stride), list(self._pads), list(self.dilation), groups,
+            in_channels, out_channels,
+        )  # fmt: skip
         if vectorizing_over_on not in (None, True, False):
             raise TypeError(f"vectorizing_over_on must be None, True or False, got {vectorizing_over_on!r}")
         self.vectorizing_over_on = vectorizing_over_on

@@ -71,7 +71,7 @@ def test_unsupported_conv_options():
         SparseConv2d.from_dense(torch.nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"))
     with pytest.raises(ValueError, match="divisible by groups"):
         SparseConv2d(3, 4, 3, [0] * 5, [], [], groups=2)
-    with pytest.raises(ValueError, match="padding must be"):
+    with pytest.raises(ValueError, match="padding must be an int, a pair, 'same' or 'valid'"):
         SparseConv2d(3, 4, 3, [0] * 5, [], [], padding="full")
     with pytest.raises(ValueError, match="padding='same' is not supported for strided"):
         SparseConv2d(3, 4, 3, [0] * 5, [], [], padding="same", stride=2)
@@ -133,17 +133,20 @@ def test_forward_and_backward_leave_inputs_untouched(linear):
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(stride=0), "stride must be >= 1"),
-        (dict(stride=(1, -1)), "stride must be >= 1"),
-        (dict(padding=-1), "padding must be >= 0"),
-        (dict(padding=(0, -2)), "padding must be >= 0"),
-        (dict(dilation=0), "dilation must be >= 1"),
-        (dict(groups=2), "divisible by groups"),
-        (dict(groups=0), "groups must be a positive int"),
-        (dict(kernel_size=0), "kernel_size must be >= 1"),
+        (dict(stride=0), "stride_h must be >= 1, got 0"),
+        (dict(stride=(1, -1)), "stride_w must be >= 1, got -1"),
+        (dict(padding=-1), "pad_top must be >= 0, got -1"),
+        (dict(padding=(0, -2)), "pad_left must be >= 0, got -2"),
+        (dict(dilation=0), "dilation_h must be >= 1"),
+        (dict(groups=2), "in_channels \\(3\\) must be divisible by groups \\(2\\)"),
+        (dict(groups=0), "groups must be >= 1, got 0"),
+        (dict(groups=1.5), "groups must be an int"),
+        (dict(kernel_size=0), "kernel_h must be >= 1"),
+        (dict(stride="2"), "stride must be an int or a pair of ints"),
     ],
 )
 def test_bad_conv_geometry_is_a_clear_error(kwargs, match):
+    # The same C++ check, and message, as for C++ callers.
     args = dict(in_channels=3, out_channels=4, kernel_size=3, row_ptr=[0] * 5, col_idx=[], values=[])
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
