@@ -115,7 +115,7 @@ def bench_linear_case(name, batch, k, n, sparsity, scheme, repeats, warmup, seed
         speedup_vs_fp32=res["dense_fp32"][2] / ot, speedup_vs_bf16=res["dense_bf16"][2] / ot,
         fwd_speedup_vs_csr=res["torch_csr_fwd"][0] / of,
         useful_gflops=gflops, pct_peak=100.0 * gflops / PEAK_GFLOPS[scheme],
-        repeats=repeats,
+        repeats=repeats, **machine(),
     )  # fmt: skip
 
 
@@ -159,6 +159,22 @@ def plot(rows: list[dict], path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def machine() -> dict:
+    """The CPU model and whether it has AMX (dense int8/bf16 are much faster there)."""
+    model, flags = "unknown", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and model == "unknown":
+                    model = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    return {"cpu": model, "amx": "amx_tile" in flags, "avx512_vnni": "avx512_vnni" in flags}
+
+
 def _reexec_capped(isa: str) -> None:
     """oneDNN reads its ISA cap once, at first use: set both caps, then re-exec."""
     env = dict(os.environ, QSP_MAX_CPU_ISA=isa, ONEDNN_MAX_CPU_ISA="AVX512_CORE_VNNI", QSP_BENCH_CAPPED="1")
@@ -190,9 +206,11 @@ def main(argv: list[str] | None = None) -> None:
     sparsities = [float(s) for s in a.sparsities.split(",")]
     if a.threads:
         torch.set_num_threads(a.threads)
-    print(f"qsparseprop {_C.version()} bench linear: threads={torch.get_num_threads()} "
-          f"isa={_C.effective_cpu_isa()} ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', '-')} "
-          f"repeats={a.repeats}", flush=True)  # fmt: skip
+    m = machine()
+    print(f"qsparseprop {_C.version()} bench linear: cpu={m['cpu']!r} amx={'yes' if m['amx'] else 'no'} "
+          f"threads={torch.get_num_threads()} isa={_C.effective_cpu_isa()} "
+          f"ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', '-')} repeats={a.repeats}",
+          flush=True)  # fmt: skip
     rows = []
     for shape in shapes:
         b, k, n = LINEAR_SHAPES[shape]
