@@ -15,8 +15,6 @@ using namespace Xbyak;
 
 namespace {
 
-constexpr size_t kernel_code_bytes = 32 * 1024;
-
 void check_params(const sparse_kernel_params &p) {
     if (p.isa == cpu_isa::ref)
         throw std::invalid_argument("jit sddmm: the reference tier has no generated code");
@@ -30,14 +28,10 @@ void check_params(const sparse_kernel_params &p) {
 
 } // namespace
 
-jit_sddmm_kernel::jit_sddmm_kernel(const sparse_kernel_params &params)
-    : jit_generator("sddmm_" + params.str(), kernel_code_bytes), params_(params) {
-    check_params(params);
-}
-
 template <cpu_isa isa>
 jit_uni_sddmm_kernel_t<isa>::jit_uni_sddmm_kernel_t(const sparse_kernel_params &params)
-    : jit_sddmm_kernel(params) {
+    : jit_sddmm_kernel("sddmm", params) {
+    check_params(params);
     finish();
 }
 
@@ -218,19 +212,8 @@ template class jit_uni_sddmm_kernel_t<cpu_isa::avx512_core_vnni>;
 std::shared_ptr<const jit_sddmm_kernel> sddmm_kernel(const sparse_kernel_params &params) {
     static runtime::lru_cache<sparse_kernel_params, jit_sddmm_kernel, sparse_kernel_params_hash>
             cache("jit_code:sddmm");
-    return cache.get_or_create(params, [&]() -> std::shared_ptr<const jit_sddmm_kernel> {
-        switch (params.isa) {
-            case cpu_isa::avx2:
-                return std::make_shared<const jit_uni_sddmm_kernel_t<cpu_isa::avx2>>(params);
-            case cpu_isa::avx512_core:
-                return std::make_shared<const jit_uni_sddmm_kernel_t<cpu_isa::avx512_core>>(params);
-            case cpu_isa::avx512_core_vnni:
-                return std::make_shared<const jit_uni_sddmm_kernel_t<cpu_isa::avx512_core_vnni>>(
-                        params);
-            case cpu_isa::ref:
-                break;
-        }
-        throw std::invalid_argument("jit sddmm: no generated code for " + params.str());
+    return cache.get_or_create(params, [&] {
+        return make_for_isa<jit_uni_sddmm_kernel_t, jit_sddmm_kernel>(params, "sddmm");
     });
 }
 

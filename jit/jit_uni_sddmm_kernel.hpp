@@ -15,25 +15,12 @@
 
 #include <memory>
 
-#include "jit/jit_generator.hpp"
-#include "jit/jit_uni_spmm_kernel.hpp"
+#include "jit/jit_sparse_kernel.hpp"
 #include "jit/tile_abi.hpp"
 
 namespace qsp::jit {
 
-class jit_sddmm_kernel : public jit_generator {
-public:
-    void operator()(const sddmm_call_params &p) const { fn_(&p); }
-    const sparse_kernel_params &params() const { return params_; }
-
-protected:
-    explicit jit_sddmm_kernel(const sparse_kernel_params &params);
-    void finish() { fn_ = reinterpret_cast<decltype(fn_)>(const_cast<void *>(create_kernel())); }
-    sparse_kernel_params params_;
-
-private:
-    void (*fn_)(const sddmm_call_params *) = nullptr;
-};
+using jit_sddmm_kernel = jit_sparse_kernel<sddmm_call_params>;
 
 template <cpu_isa isa> class jit_uni_sddmm_kernel_t : public jit_sddmm_kernel {
 public:

@@ -12,35 +12,7 @@ namespace qsp::jit {
 
 using namespace Xbyak;
 
-std::string sparse_kernel_params::str() const {
-    return std::string(to_string(isa)) + (dtype == sparse_dtype::f32 ? "_f32" : "_s8")
-           + (avx_vnni ? "_avx_vnni" : "") + "_v" + std::to_string(n_vec);
-}
-
-size_t sparse_kernel_params_hash::operator()(const sparse_kernel_params &p) const {
-    uint64_t h = runtime::hash_mix(0, static_cast<uint64_t>(p.isa));
-    h = runtime::hash_mix(h, static_cast<uint64_t>(p.dtype));
-    h = runtime::hash_mix(h, static_cast<uint64_t>(p.n_vec));
-    return static_cast<size_t>(runtime::hash_mix(h, p.avx_vnni));
-}
-
-int vector_lanes(cpu_isa isa) {
-    return isa >= cpu_isa::avx512_core ? 16 : 8;
-}
-
-sparse_kernel_params make_sparse_kernel_params(cpu_isa isa, sparse_dtype dtype, int n_vec) {
-    sparse_kernel_params p;
-    p.isa = isa;
-    p.dtype = dtype;
-    p.n_vec = n_vec;
-    p.avx_vnni = isa == cpu_isa::avx2 && dtype == sparse_dtype::s8 && cpu_has_avx_vnni();
-    return p;
-}
-
 namespace {
-
-// Code of one kernel stays far below this; the bound only guards mistakes.
-constexpr size_t kernel_code_bytes = 32 * 1024;
 
 void check_params(const sparse_kernel_params &p) {
     const int max_vec = tile_batch / vector_lanes(p.isa);
@@ -56,14 +28,10 @@ void check_params(const sparse_kernel_params &p) {
 
 } // namespace
 
-jit_spmm_kernel::jit_spmm_kernel(const sparse_kernel_params &params)
-    : jit_generator("spmm_" + params.str(), kernel_code_bytes), params_(params) {
-    check_params(params);
-}
-
 template <cpu_isa isa>
 jit_uni_spmm_kernel_t<isa>::jit_uni_spmm_kernel_t(const sparse_kernel_params &params)
-    : jit_spmm_kernel(params) {
+    : jit_spmm_kernel("spmm", params) {
+    check_params(params);
     finish();
 }
 
@@ -195,19 +163,8 @@ template class jit_uni_spmm_kernel_t<cpu_isa::avx512_core_vnni>;
 std::shared_ptr<const jit_spmm_kernel> spmm_kernel(const sparse_kernel_params &params) {
     static runtime::lru_cache<sparse_kernel_params, jit_spmm_kernel, sparse_kernel_params_hash>
             cache("jit_code:spmm");
-    return cache.get_or_create(params, [&]() -> std::shared_ptr<const jit_spmm_kernel> {
-        switch (params.isa) {
-            case cpu_isa::avx2:
-                return std::make_shared<const jit_uni_spmm_kernel_t<cpu_isa::avx2>>(params);
-            case cpu_isa::avx512_core:
-                return std::make_shared<const jit_uni_spmm_kernel_t<cpu_isa::avx512_core>>(params);
-            case cpu_isa::avx512_core_vnni:
-                return std::make_shared<const jit_uni_spmm_kernel_t<cpu_isa::avx512_core_vnni>>(
-                        params);
-            case cpu_isa::ref:
-                break;
-        }
-        throw std::invalid_argument("jit spmm: no generated code for " + params.str());
+    return cache.get_or_create(params, [&] {
+        return make_for_isa<jit_uni_spmm_kernel_t, jit_spmm_kernel>(params, "spmm");
     });
 }
 

@@ -19,51 +19,12 @@
 
 #include <memory>
 
-#include "jit/jit_generator.hpp"
+#include "jit/jit_sparse_kernel.hpp"
 #include "jit/tile_abi.hpp"
-#include "qsparseprop/runtime.hpp"
 
 namespace qsp::jit {
 
-enum class sparse_dtype { f32, s8 };
-
-// Everything a generated sparse kernel is specialised for: the key of the
-// code cache (compared field by field).
-struct sparse_kernel_params {
-    cpu_isa isa = cpu_isa::avx2;
-    sparse_dtype dtype = sparse_dtype::f32;
-    int n_vec = 1;         // vectors per tile row this kernel touches (batch tail)
-    bool avx_vnni = false; // avx2 + s8 only: VEX vpdpbusd instead of emulation
-
-    bool operator==(const sparse_kernel_params &o) const {
-        return isa == o.isa && dtype == o.dtype && n_vec == o.n_vec && avx_vnni == o.avx_vnni;
-    }
-    std::string str() const;
-};
-struct sparse_kernel_params_hash {
-    size_t operator()(const sparse_kernel_params &p) const;
-};
-
-// Batch lanes per vector register of the tier (f32: floats; s8: the dword
-// lanes of one batch element each): 16 on AVX-512, 8 on AVX2.
-int vector_lanes(cpu_isa isa);
-
-// The parameters for a tier; avx_vnni is decided from the CPU.
-sparse_kernel_params make_sparse_kernel_params(cpu_isa isa, sparse_dtype dtype, int n_vec);
-
-class jit_spmm_kernel : public jit_generator {
-public:
-    void operator()(const spmm_call_params &p) const { fn_(&p); }
-    const sparse_kernel_params &params() const { return params_; }
-
-protected:
-    jit_spmm_kernel(const sparse_kernel_params &params);
-    void finish() { fn_ = reinterpret_cast<decltype(fn_)>(const_cast<void *>(create_kernel())); }
-    sparse_kernel_params params_;
-
-private:
-    void (*fn_)(const spmm_call_params *) = nullptr;
-};
+using jit_spmm_kernel = jit_sparse_kernel<spmm_call_params>;
 
 template <cpu_isa isa> class jit_uni_spmm_kernel_t : public jit_spmm_kernel {
 public:

@@ -1,0 +1,32 @@
+#include "jit/jit_sparse_kernel.hpp"
+
+#include "runtime/lru_cache.hpp"
+
+namespace qsp::jit {
+
+std::string sparse_kernel_params::str() const {
+    return std::string(to_string(isa)) + (dtype == sparse_dtype::f32 ? "_f32" : "_s8")
+           + (avx_vnni ? "_avx_vnni" : "") + "_v" + std::to_string(n_vec);
+}
+
+size_t sparse_kernel_params_hash::operator()(const sparse_kernel_params &p) const {
+    uint64_t h = runtime::hash_mix(0, static_cast<uint64_t>(p.isa));
+    h = runtime::hash_mix(h, static_cast<uint64_t>(p.dtype));
+    h = runtime::hash_mix(h, static_cast<uint64_t>(p.n_vec));
+    return static_cast<size_t>(runtime::hash_mix(h, p.avx_vnni));
+}
+
+int vector_lanes(cpu_isa isa) {
+    return isa >= cpu_isa::avx512_core ? 16 : 8;
+}
+
+sparse_kernel_params make_sparse_kernel_params(cpu_isa isa, sparse_dtype dtype, int n_vec) {
+    sparse_kernel_params p;
+    p.isa = isa;
+    p.dtype = dtype;
+    p.n_vec = n_vec;
+    p.avx_vnni = isa == cpu_isa::avx2 && dtype == sparse_dtype::s8 && cpu_has_avx_vnni();
+    return p;
+}
+
+} // namespace qsp::jit
