@@ -18,15 +18,10 @@ namespace {
 
 constexpr int64_t tb = jit::tile_batch;
 
-inline int8_t clamp_q(float v) {
-    return static_cast<int8_t>(
-            std::min(std::max(v, -static_cast<float>(quant_max)), static_cast<float>(quant_max)));
-}
-
-} // namespace
-
-void shift_to_s8_tiles(const int8_t *q, int64_t batch, int64_t channels, uint8_t *tiles,
-                       int num_threads) {
+// int8 [batch x channels] -> tiles of (x + offset) as out_t, padding = offset.
+template <typename out_t>
+void pack_bytes_to_tiles(const int8_t *x, int64_t batch, int64_t channels, out_t *tiles, int offset,
+                         int num_threads) {
     const int64_t tiles_n = jit::tile_count(batch);
 #pragma omp parallel for collapse(2) num_threads(num_threads) schedule(static)
     for (int64_t t = 0; t < tiles_n; ++t)
@@ -34,9 +29,16 @@ void shift_to_s8_tiles(const int8_t *q, int64_t batch, int64_t channels, uint8_t
             for (int64_t j = 0; j < tb; ++j) {
                 const int64_t b = t * tb + j;
                 tiles[(t * channels + c) * tb + j] =
-                        static_cast<uint8_t>((b < batch ? q[b * channels + c] : 0) + 128);
+                        static_cast<out_t>((b < batch ? x[b * channels + c] : 0) + offset);
             }
 }
+
+inline int8_t clamp_q(float v) {
+    return static_cast<int8_t>(
+            std::min(std::max(v, -static_cast<float>(quant_max)), static_cast<float>(quant_max)));
+}
+
+} // namespace
 
 float abs_max(const float *x, int64_t n) {
     float m = 0.f;
@@ -102,16 +104,14 @@ float quantize_stochastic_to_s8_tiles(const float *x, int64_t batch, int64_t cha
     return scale;
 }
 
+void shift_to_s8_tiles(const int8_t *q, int64_t batch, int64_t channels, uint8_t *tiles,
+                       int num_threads) {
+    pack_bytes_to_tiles(q, batch, channels, tiles, 128, num_threads);
+}
+
 void pack_s8_tiles(const int8_t *x, int64_t batch, int64_t channels, int8_t *tiles,
                    int num_threads) {
-    const int64_t tiles_n = jit::tile_count(batch);
-#pragma omp parallel for collapse(2) num_threads(num_threads) schedule(static)
-    for (int64_t t = 0; t < tiles_n; ++t)
-        for (int64_t c = 0; c < channels; ++c)
-            for (int64_t j = 0; j < tb; ++j) {
-                const int64_t b = t * tb + j;
-                tiles[(t * channels + c) * tb + j] = b < batch ? x[b * channels + c] : 0;
-            }
+    pack_bytes_to_tiles(x, batch, channels, tiles, 0, num_threads);
 }
 
 void pack_quad_tiles(const int8_t *x, int64_t batch, int64_t channels, uint8_t *tiles,
