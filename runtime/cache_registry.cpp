@@ -80,6 +80,10 @@ void clear_caches() {
         c->clear();
 }
 
+size_t cache_capacity() {
+    return runtime::default_cache_capacity();
+}
+
 void set_cache_capacity(size_t entries) {
     runtime::capacity_override.store(static_cast<long long>(entries));
     auto &r = runtime::the_registry();

@@ -45,8 +45,12 @@ struct cache_info {
 std::vector<cache_info> cache_infos();
 // Empties every cache (primitives already created keep what they hold).
 void clear_caches();
-// Sets the capacity of every cache (entries; 0 keeps nothing).
+// Sets the capacity of every cache, and of those created later (entries;
+// 0 keeps nothing).
 void set_cache_capacity(size_t entries);
+// The capacity caches are created with (QSP_CACHE_CAPACITY, or the last
+// set_cache_capacity()).
+size_t cache_capacity();
 
 // ---- scratch memory --------------------------------------------------------
 // Executions borrow scratch buffers from one pool and give them back when
