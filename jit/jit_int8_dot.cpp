@@ -3,23 +3,16 @@
 namespace qsp::jit {
 
 void emit_int8_dot_constants(Xbyak::CodeGenerator &g, const Xbyak::Xmm &ones16,
-                             const Xbyak::Xmm &nibble_mask) {
-    // AVX2 has no broadcast from a GPR: go through the low xmm.
-    const bool evex = ones16.isZMM();
-    g.mov(g.eax, 0x00010001);
-    if (evex) {
-        g.vpbroadcastd(ones16, g.eax);
-    } else {
-        g.vmovd(Xbyak::Xmm(ones16.getIdx()), g.eax);
-        g.vpbroadcastd(ones16, Xbyak::Xmm(ones16.getIdx()));
-    }
-    g.mov(g.eax, 0x0f0f0f0f);
-    if (evex) {
-        g.vpbroadcastd(nibble_mask, g.eax);
-    } else {
-        g.vmovd(Xbyak::Xmm(nibble_mask.getIdx()), g.eax);
-        g.vpbroadcastd(nibble_mask, Xbyak::Xmm(nibble_mask.getIdx()));
-    }
+                             const Xbyak::Xmm &nibble_mask, const Xbyak::Label &table) {
+    g.vpbroadcastd(ones16, g.dword[g.rip + table]);
+    g.vpbroadcastd(nibble_mask, g.dword[g.rip + table + 4]);
+}
+
+void emit_int8_dot_constant_table(Xbyak::CodeGenerator &g, Xbyak::Label &table) {
+    g.align(4);
+    g.L(table);
+    g.dd(0x00010001u); // int16 ones
+    g.dd(0x0f0f0f0fu); // low-nibble mask
 }
 
 void emit_split_nibbles(Xbyak::CodeGenerator &g, const Xbyak::Xmm &a, const Xbyak::Xmm &lo,

@@ -12,9 +12,13 @@
 
 namespace qsp::jit {
 
-// Fills ones16 (int16 1s) and nibble_mask (0x0f bytes), using eax.
+// Fills ones16 (int16 1s) and nibble_mask (0x0f bytes) from `table`, where
+// emit_int8_dot_constant_table() put them (no general register is touched,
+// so kernels can refill them anywhere).
 void emit_int8_dot_constants(Xbyak::CodeGenerator &g, const Xbyak::Xmm &ones16,
-                             const Xbyak::Xmm &nibble_mask);
+                             const Xbyak::Xmm &nibble_mask, const Xbyak::Label &table);
+// The two dwords behind `table` (emit after the code, e.g. after postamble).
+void emit_int8_dot_constant_table(Xbyak::CodeGenerator &g, Xbyak::Label &table);
 
 // lo = a & 0x0f, hi = (a >> 4) & 0x0f, bytewise.
 void emit_split_nibbles(Xbyak::CodeGenerator &g, const Xbyak::Xmm &a, const Xbyak::Xmm &lo,

@@ -47,9 +47,9 @@ template <cpu_isa isa> void jit_uni_sddmm_kernel_t<isa>::generate() {
 
     // Registers. Accumulators of the group: 0..group-1.
     // avx512: 16..25 the reduction tree (16/17 hold emulated products while
-    //   the dots run), 26 the old dW / the nibble mask (refilled per row),
-    //   27 the lane permutation, 28..31 the dY row (f32; s8: 28 whole,
-    //   29/30 its nibbles, 31 ones).
+    //   the dots run), 26 the old dW / the nibble mask (refilled per group),
+    //   27 the lane permutation, 28..31 the dY row of the pixel (f32; s8: 28
+    //   whole, 29/30 its nibbles, 31 ones).
     // avx2: 8..11 the dY row (s8: whole or nibbles; f32 reads dY from L1),
     //   8 an x load (f32), 12 ones, 13/14 products and the tree, 15 the
     //   nibble mask / permutation / store mask.
@@ -60,40 +60,73 @@ template <cpu_isa isa> void jit_uni_sddmm_kernel_t<isa>::generate() {
     const Vmm ones16(avx512 ? 31 : 12), t_lo(avx512 ? 16 : 13), t_hi(avx512 ? 17 : 14),
             nibble_mask(avx512 ? 26 : 15), x_tmp(8);
 
-    const Reg64 param = rdi;
-    const Reg64 offsets = r9, row_ptr = r10, row = r11, row_end = r12, x = r13, dy = r14, dw = r15,
-                i = rax, end = rdx, off = rsi, dy_row = rbp;
+    // General registers; rdi keeps the params. The pixel loop's row starts
+    // and counter live in a small stack frame.
+    const Reg64 param = rdi, offsets = r9, row_ptr = r10, row = r11, row_end = r12, dw = r15,
+                i = rax, end = rdx, off = rsi, x_pix = rbx, dy_pix = rbp, pix_w = rcx, dy_row = r13,
+                tmp = r14;
+    const Address pix_h_left = qword[rsp], x_pix_row = qword[rsp + 8], dy_pix_row = qword[rsp + 16];
+    auto field = [&](size_t offset) { return qword[param + offset]; };
+    constexpr size_t pix = offsetof(sddmm_call_params, pix);
 
+    // dY of the current pixel into registers (AVX2 f32 reads it from L1:
+    // there are not enough registers).
+    auto load_dy = [&] {
+        if (s8 && !native_dot) {
+            for (int v = 0; v < nv; ++v) {
+                vmovups(t_lo, ptr[dy_pix + v * vlen]);
+                emit_split_nibbles(*this, t_lo, g_lo(v), g_hi(v), nibble_mask);
+            }
+        } else if (s8 || avx512) {
+            for (int v = 0; v < nv; ++v)
+                vmovups(g(v), ptr[dy_pix + v * vlen]);
+        }
+    };
+    // acc_j += dot(dY of the pixel, x row of entry i + j at the pixel)
+    auto dot = [&](int j) {
+        movsxd(off, dword[offsets + i * 4 + j * 4]);
+        for (int v = 0; v < nv; ++v) {
+            const Address xv = ptr[x_pix + off + v * vlen];
+            if (!s8) {
+                if (avx512) {
+                    vfmadd231ps(acc(j), g(v), xv);
+                } else {
+                    vmovups(x_tmp, xv);
+                    vfmadd231ps(acc(j), x_tmp, ptr[dy_pix + v * vlen]);
+                }
+            } else if (native_dot) {
+                if (avx512)
+                    vpdpbusd(acc(j), g(v), xv);
+                else
+                    vpdpbusd(acc(j), g(v), xv, VexEncoding);
+            } else {
+                emit_dot_u8s8_nibbles(*this, acc(j), g_lo(v), g_hi(v), xv, ones16, t_lo, t_hi,
+                                      true);
+            }
+        }
+    };
+
+    Label tables, constants, row_loop, group_loop, pix_h_loop, pix_w_loop, next_row, done;
     preamble();
-    mov(offsets, ptr[param + offsetof(sddmm_call_params, src_offsets)]);
-    mov(row_ptr, ptr[param + offsetof(sddmm_call_params, row_ptr)]);
-    mov(row, ptr[param + offsetof(sddmm_call_params, row_begin)]);
-    mov(row_end, ptr[param + offsetof(sddmm_call_params, row_end)]);
-    mov(x, ptr[param + offsetof(sddmm_call_params, x_tile)]);
-    mov(dy, ptr[param + offsetof(sddmm_call_params, dy_tile)]);
-    mov(dw, ptr[param + offsetof(sddmm_call_params, diff_values)]);
-    Label tables, row_loop, group_loop, next_row, done;
+    sub(rsp, 24);
+    mov(offsets, field(offsetof(sddmm_call_params, src_offsets)));
+    mov(row_ptr, field(offsetof(sddmm_call_params, row_ptr)));
+    mov(row, field(offsetof(sddmm_call_params, row_begin)));
+    mov(row_end, field(offsetof(sddmm_call_params, row_end)));
+    mov(dw, field(offsetof(sddmm_call_params, diff_values)));
+    // An empty pixel grid computes nothing (the loops below count down).
+    cmp(field(pix + offsetof(pixel_grid, n_h)), 1);
+    jl(done, T_NEAR);
+    cmp(field(pix + offsetof(pixel_grid, n_w)), 1);
+    jl(done, T_NEAR);
     if (avx512) vmovups(Zmm(27), ptr[rip + tables]);
 
     L(row_loop);
     cmp(row, row_end);
     jge(done, T_NEAR);
     mov(dy_row, row);
-    shl(dy_row, s8 ? s8_tile_row_shift : tile_row_shift);
-    add(dy_row, dy);
-    // The dY row is fixed along the row: into registers once (AVX2 f32
-    // keeps it in L1: there are not enough registers).
-    if (s8 && !native_dot) {
-        // before i is loaded: the constants go through eax
-        emit_int8_dot_constants(*this, ones16, nibble_mask);
-        for (int v = 0; v < nv; ++v) {
-            vmovups(t_lo, ptr[dy_row + v * vlen]);
-            emit_split_nibbles(*this, t_lo, g_lo(v), g_hi(v), nibble_mask);
-        }
-    } else if (s8 || avx512) {
-        for (int v = 0; v < nv; ++v)
-            vmovups(g(v), ptr[dy_row + v * vlen]);
-    }
+    imul(dy_row, field(offsetof(sddmm_call_params, dy_row_stride)));
+    add(dy_row, field(offsetof(sddmm_call_params, dy_tile)));
     mov(i, ptr[row_ptr + row * 8]);
     mov(end, ptr[row_ptr + row * 8 + 8]);
 
@@ -106,49 +139,43 @@ template <cpu_isa isa> void jit_uni_sddmm_kernel_t<isa>::generate() {
         // and are masked off at the store.
         mov(rcx, end);
         sub(rcx, i);
-        mov(ebx, group);
-        cmp(rcx, rbx);
-        cmovg(rcx, rbx);
-        mov(ebx, 1);
-        shl(ebx, cl);
-        dec(ebx);
-        kmovw(k1, ebx);
+        mov(tmp, group);
+        cmp(rcx, tmp);
+        cmovg(rcx, tmp);
+        mov(tmp.cvt32(), 1);
+        shl(tmp.cvt32(), cl);
+        dec(tmp.cvt32());
+        kmovw(k1, tmp.cvt32());
     }
-    for (int j = 0; j < group; ++j) {
-        movsxd(off, dword[offsets + i * 4 + j * 4]);
-        if (!s8) {
-            for (int v = 0; v < nv; ++v) {
-                const Address xv = ptr[x + off + v * vlen];
-                if (avx512) {
-                    if (v == 0)
-                        vmulps(acc(j), g(0), xv);
-                    else
-                        vfmadd231ps(acc(j), g(v), xv);
-                } else {
-                    vmovups(x_tmp, xv);
-                    if (v == 0)
-                        vmulps(acc(j), x_tmp, ptr[dy_row]);
-                    else
-                        vfmadd231ps(acc(j), x_tmp, ptr[dy_row + v * vlen]);
-                }
-            }
-        } else if (native_dot) {
-            if (avx512)
-                vpxord(acc(j), acc(j), acc(j));
-            else
-                vpxor(acc(j), acc(j), acc(j));
-            for (int v = 0; v < nv; ++v) {
-                if (avx512)
-                    vpdpbusd(acc(j), g(v), ptr[x + off + v * vlen]);
-                else
-                    vpdpbusd(acc(j), g(v), ptr[x + off + v * vlen], VexEncoding);
-            }
-        } else {
-            for (int v = 0; v < nv; ++v)
-                emit_dot_u8s8_nibbles(*this, acc(j), g_lo(v), g_hi(v), ptr[x + off + v * vlen],
-                                      ones16, t_lo, t_hi, v > 0);
-        }
-    }
+    if (s8 && !native_dot) emit_int8_dot_constants(*this, ones16, nibble_mask, constants);
+    for (int j = 0; j < group; ++j)
+        vpxor(Xmm(j), Xmm(j), Xmm(j)); // zeroes the whole register (VEX)
+    mov(x_pix, field(offsetof(sddmm_call_params, x_tile)));
+    mov(dy_pix, dy_row);
+    mov(x_pix_row, x_pix);
+    mov(dy_pix_row, dy_pix);
+    mov(tmp, field(pix + offsetof(pixel_grid, n_h)));
+    mov(pix_h_left, tmp);
+
+    L(pix_h_loop);
+    mov(pix_w, field(pix + offsetof(pixel_grid, n_w)));
+    L(pix_w_loop);
+    load_dy();
+    for (int j = 0; j < group; ++j)
+        dot(j);
+    add(x_pix, field(pix + offsetof(pixel_grid, src_w)));
+    add(dy_pix, field(pix + offsetof(pixel_grid, dst_w)));
+    dec(pix_w);
+    jnz(pix_w_loop, T_NEAR);
+    mov(x_pix, x_pix_row);
+    add(x_pix, field(pix + offsetof(pixel_grid, src_h)));
+    mov(x_pix_row, x_pix);
+    mov(dy_pix, dy_pix_row);
+    add(dy_pix, field(pix + offsetof(pixel_grid, dst_h)));
+    mov(dy_pix_row, dy_pix);
+    dec(pix_h_left);
+    jnz(pix_h_loop, T_NEAR);
+
     const reduce_kind kind = s8 ? reduce_kind::s32 : reduce_kind::f32;
     if (avx512) {
         const Zmm ordered(emit_reduce16(*this, kind, Zmm(27))), old(26);
@@ -167,9 +194,9 @@ template <cpu_isa isa> void jit_uni_sddmm_kernel_t<isa>::generate() {
         else
             vpermps(ymm1, scratch, ymm0);
         // store mask: lanes j < min(8, end - i)
-        mov(rcx, end);
-        sub(rcx, i);
-        vmovd(Xmm(scratch.getIdx()), ecx); // only the low bits matter: compared below
+        mov(tmp, end);
+        sub(tmp, i);
+        vmovd(Xmm(scratch.getIdx()), tmp.cvt32()); // only the low bits matter: compared below
         vpbroadcastd(scratch, Xmm(scratch.getIdx()));
         vpcmpgtd(scratch, scratch, ptr[rip + tables + 32]);
         if (s8) {
@@ -183,13 +210,14 @@ template <cpu_isa isa> void jit_uni_sddmm_kernel_t<isa>::generate() {
         }
     }
     add(i, group);
-    jmp(group_loop);
+    jmp(group_loop, T_NEAR);
 
     L(next_row);
     inc(row);
-    jmp(row_loop);
+    jmp(row_loop, T_NEAR);
 
     L(done);
+    add(rsp, 24);
     postamble();
 
     align(64);
@@ -203,6 +231,7 @@ template <cpu_isa isa> void jit_uni_sddmm_kernel_t<isa>::generate() {
         for (int j = 0; j < 8; ++j) // lane index, for the store mask
             dd(static_cast<uint32_t>(j));
     }
+    if (s8 && !native_dot) emit_int8_dot_constant_table(*this, constants);
 }
 
 template class jit_uni_sddmm_kernel_t<cpu_isa::avx2>;

@@ -61,10 +61,15 @@ template <cpu_isa isa> void jit_uni_spmm_kernel_t<isa>::generate() {
     const Vmm x_lo(avx512 ? 24 : 10), x_hi(avx512 ? 25 : 11), ones16(avx512 ? 26 : 14),
             nibble_mask(avx512 ? 27 : 15), t_lo(avx512 ? 28 : 12), t_hi(avx512 ? 29 : 13);
 
-    const Reg64 param = rdi;
+    // General registers. The pixel loop's bases and counters that do not
+    // fit live in a small stack frame.
     const Reg64 values = r8, offsets = r9, row_ptr = r10, row = r11, row_end = r12, src = r13,
-                dst = r14, i = rax, end = rdx;
-    const Reg64 off[4] = {rsi, rdi, rbx, rbp}; // rdi is free once the params are read
+                dst = r14, pix_w = r15, i = rax, end = rdx, tmp = rcx;
+    const Reg64 off[4] = {rsi, rdi, rbx, rbp}; // rdi (the params) is saved in the frame
+    const Address params = qword[rsp], pix_h_left = qword[rsp + 8], src_pix_row = qword[rsp + 16],
+                  dst_pix_row = qword[rsp + 24];
+    auto field = [&](size_t offset) { return qword[tmp + offset]; }; // after mov(tmp, params)
+    constexpr size_t pix = offsetof(spmm_call_params, pix);
 
     // One entry u of this step: its weight at values[i + u], its source row
     // at src + off[u].
@@ -96,20 +101,41 @@ template <cpu_isa isa> void jit_uni_spmm_kernel_t<isa>::generate() {
         }
     };
 
+    Label constants, row_loop, pix_h_loop, pix_w_loop, step_loop, single_loop, store, done;
     preamble();
-    mov(values, ptr[param + offsetof(spmm_call_params, values)]);
-    mov(offsets, ptr[param + offsetof(spmm_call_params, src_offsets)]);
-    mov(row_ptr, ptr[param + offsetof(spmm_call_params, row_ptr)]);
-    mov(row, ptr[param + offsetof(spmm_call_params, row_begin)]);
-    mov(row_end, ptr[param + offsetof(spmm_call_params, row_end)]);
-    mov(src, ptr[param + offsetof(spmm_call_params, src_tile)]);
-    mov(dst, ptr[param + offsetof(spmm_call_params, dst_tile)]);
-    if (s8 && !native_dot) emit_int8_dot_constants(*this, ones16, nibble_mask);
+    sub(rsp, 32);
+    mov(params, rdi);
+    mov(tmp, rdi);
+    mov(values, field(offsetof(spmm_call_params, values)));
+    mov(offsets, field(offsetof(spmm_call_params, src_offsets)));
+    mov(row_ptr, field(offsetof(spmm_call_params, row_ptr)));
+    mov(row, field(offsetof(spmm_call_params, row_begin)));
+    mov(row_end, field(offsetof(spmm_call_params, row_end)));
+    // An empty pixel grid computes nothing (the loops below count down).
+    cmp(field(pix + offsetof(pixel_grid, n_h)), 1);
+    jl(done, T_NEAR);
+    cmp(field(pix + offsetof(pixel_grid, n_w)), 1);
+    jl(done, T_NEAR);
+    if (s8 && !native_dot) emit_int8_dot_constants(*this, ones16, nibble_mask, constants);
 
-    Label row_loop, step_loop, single_loop, store, done;
     L(row_loop);
     cmp(row, row_end);
     jge(done, T_NEAR);
+    mov(tmp, params);
+    mov(src, field(offsetof(spmm_call_params, src_tile)));
+    mov(dst, row);
+    imul(dst, field(offsetof(spmm_call_params, dst_row_stride)));
+    add(dst, field(offsetof(spmm_call_params, dst_tile)));
+    mov(src_pix_row, src);
+    mov(dst_pix_row, dst);
+    mov(i, field(pix + offsetof(pixel_grid, n_h)));
+    mov(pix_h_left, i);
+
+    L(pix_h_loop);
+    mov(tmp, params);
+    mov(pix_w, field(pix + offsetof(pixel_grid, n_w)));
+
+    L(pix_w_loop);
     for (int s = 0; s < sets; ++s)
         for (int v = 0; v < nv; ++v)
             vxorps(acc(s, v), acc(s, v), acc(s, v));
@@ -118,8 +144,8 @@ template <cpu_isa isa> void jit_uni_spmm_kernel_t<isa>::generate() {
 
     if (unroll > 1) {
         L(step_loop);
-        lea(rcx, ptr[i + unroll]);
-        cmp(rcx, end);
+        lea(tmp, ptr[i + unroll]);
+        cmp(tmp, end);
         jg(single_loop, T_NEAR);
         for (int u = 0; u < unroll; ++u)
             movsxd(off[u], dword[offsets + i * 4 + u * 4]);
@@ -138,8 +164,6 @@ template <cpu_isa isa> void jit_uni_spmm_kernel_t<isa>::generate() {
     jmp(single_loop);
 
     L(store);
-    mov(rcx, row);
-    shl(rcx, tile_row_shift);
     for (int v = 0; v < nv; ++v) {
         if (sets > 1) {
             if (s8)
@@ -147,13 +171,31 @@ template <cpu_isa isa> void jit_uni_spmm_kernel_t<isa>::generate() {
             else
                 vaddps(acc(0, v), acc(0, v), acc(1, v));
         }
-        vmovups(ptr[dst + rcx + v * vlen], acc(0, v));
+        vmovups(ptr[dst + v * vlen], acc(0, v));
     }
+    // next pixel of the row of pixels
+    mov(tmp, params);
+    add(src, field(pix + offsetof(pixel_grid, src_w)));
+    add(dst, field(pix + offsetof(pixel_grid, dst_w)));
+    dec(pix_w);
+    jnz(pix_w_loop, T_NEAR);
+    // next row of pixels
+    mov(src, src_pix_row);
+    add(src, field(pix + offsetof(pixel_grid, src_h)));
+    mov(src_pix_row, src);
+    mov(dst, dst_pix_row);
+    add(dst, field(pix + offsetof(pixel_grid, dst_h)));
+    mov(dst_pix_row, dst);
+    dec(pix_h_left);
+    jnz(pix_h_loop, T_NEAR);
+
     inc(row);
-    jmp(row_loop);
+    jmp(row_loop, T_NEAR);
 
     L(done);
+    add(rsp, 32);
     postamble();
+    if (s8 && !native_dot) emit_int8_dot_constant_table(*this, constants);
 }
 
 template class jit_uni_spmm_kernel_t<cpu_isa::avx2>;

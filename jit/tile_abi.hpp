@@ -28,16 +28,28 @@ constexpr int s8_tile_row_shift = 6;
 static_assert(1 << tile_row_shift == tile_row_bytes, "tile_row_shift");
 static_assert(1 << s8_tile_row_shift == s8_tile_row_bytes, "s8_tile_row_shift");
 
-// SpMM: dst_tile[r, :] = sum over entries e of row r of values[e] * src_tile[src row of e, :]
-// (forward with the CSR of W; backward-data with its transpose). Rows
-// [row_begin, row_end) are computed; each is written whole (not accumulated).
+// Kernels loop over a 2-D grid of pixels (Conv2d output or input positions;
+// Linear: one pixel). Pixel (ph, pw) moves the source by ph * src_h + pw *
+// src_w bytes and the destination by ph * dst_h + pw * dst_w bytes.
+struct pixel_grid {
+    int64_t n_h = 1, n_w = 1; // >= 1 each
+    int64_t src_h = 0, src_w = 0;
+    int64_t dst_h = 0, dst_w = 0;
+};
+
+// SpMM: for every pixel, dst[r] = sum over entries e of row r of
+// values[e] * src[offset of e] (tile rows: tile_batch lanes), for rows
+// [row_begin, row_end); forward with the CSR of W, backward-data with its
+// transpose. Each destination row is written whole (not accumulated).
 struct spmm_call_params {
     const void *values;         // per entry: f32 weight, or the s8 quad dword
-    const int32_t *src_offsets; // per entry: source row * tile_row_bytes
+    const int32_t *src_offsets; // per entry: byte offset of its source row from the pixel's base
     const int64_t *row_ptr;
     int64_t row_begin, row_end;
     const void *src_tile;
-    void *dst_tile; // f32, or int32 sums of (x + 128) * w for s8
+    void *dst_tile;                          // f32, or int32 sums of (x + 128) * w for s8
+    int64_t dst_row_stride = tile_row_bytes; // bytes from one destination row to the next
+    pixel_grid pix{};
 };
 
 // SDDMM (backward-weights): diff_values[e] += dot(dy_tile[r, :], x_tile[c, :])
@@ -45,13 +57,17 @@ struct spmm_call_params {
 // processed in groups (16 on AVX-512, 8 on AVX2) and a group may read up to
 // 16 offsets past the last entry: src_offsets must hold 16 readable extra
 // entries.
+// With pixels, each entry's dot product runs over every pixel of the grid
+// too (src = x, dst = dy in its strides).
 struct sddmm_call_params {
-    const int32_t *src_offsets; // per entry: column * (s8_)tile_row_bytes
+    const int32_t *src_offsets; // per entry: byte offset of its x row from the pixel's base
     const int64_t *row_ptr;
     int64_t row_begin, row_end;
-    const void *x_tile;  // f32, or s8 X
-    const void *dy_tile; // f32, or u8 G + 128
-    void *diff_values;   // accumulated into (f32 or int32)
+    const void *x_tile;                     // f32, or s8 X
+    const void *dy_tile;                    // f32, or u8 G + 128
+    void *diff_values;                      // accumulated into (f32 or int32)
+    int64_t dy_row_stride = tile_row_bytes; // bytes from one dY row to the next (s8: 64)
+    pixel_grid pix{};
 };
 constexpr int sddmm_offset_padding = 16;
 

@@ -204,7 +204,8 @@ public:
                                              bounds_[part + 1],
                                              x_tiles + tile * K * tb,
                                              g_tiles + tile * N * tb,
-                                             acc};
+                                             acc,
+                                             jit::s8_tile_row_bytes};
                     (*code_)(c);
                 }
         }
