@@ -24,10 +24,14 @@ float quantize_rne(const float *x, int64_t n, int8_t *q, int num_threads) {
 
 float quantize_stochastic(const float *x, int64_t n, const float *multiplier, int64_t channels,
                           int64_t inner, uint32_t seed32, int8_t *q, int num_threads) {
-    if (inner == 1 && has_avx512())
-        return quantize_stochastic_avx512(x, n, multiplier, channels, seed32, q, num_threads);
-    if (inner == 1 && has_avx2())
-        return quantize_stochastic_avx2(x, n, multiplier, channels, seed32, q, num_threads);
+    // The vector tiers see the tensor as whole rows: of `channels` columns
+    // (inner == 1) or of `inner` elements sharing one multiplier.
+    const bool whole_rows = !multiplier || n % (inner == 1 ? channels : inner) == 0;
+    if (whole_rows && has_avx512())
+        return quantize_stochastic_avx512(x, n, multiplier, channels, inner, seed32, q,
+                                          num_threads);
+    if (whole_rows && has_avx2())
+        return quantize_stochastic_avx2(x, n, multiplier, channels, inner, seed32, q, num_threads);
     return portable::quantize_stochastic(x, n, multiplier, channels, inner, seed32, q, num_threads);
 }
 
@@ -48,8 +52,8 @@ float quantize_stochastic_to_s8_tiles(const float *x, int64_t batch, int64_t cha
         return portable::quantize_stochastic_to_s8_tiles(x, batch, channels, seed32, tiles,
                                                          num_threads);
     std::vector<int8_t> q(static_cast<size_t>(batch * channels));
-    const float scale = quantize_stochastic_avx2(x, batch * channels, nullptr, 1, seed32, q.data(),
-                                                 num_threads);
+    const float scale = quantize_stochastic_avx2(x, batch * channels, nullptr, 1, 1, seed32,
+                                                 q.data(), num_threads);
     portable::shift_to_s8_tiles(q.data(), batch, channels, tiles, num_threads);
     return scale;
 }

@@ -18,8 +18,7 @@ namespace qsp::detail {
 float quantize_rne(const float *x, int64_t n, int8_t *q, int num_threads);
 // Stochastic rounding of v[i] = x[i] * (multiplier ? multiplier[(i / inner) %
 // channels] : 1) with noise stochastic_rounding_noise(seed32, i); returns
-// the scale. The vector tiers take inner == 1 only (Linear); others run the
-// portable tier.
+// the scale.
 float quantize_stochastic(const float *x, int64_t n, const float *multiplier, int64_t channels,
                           int64_t inner, uint32_t seed32, int8_t *q, int num_threads);
 // Per-row (output channel) symmetric weights: scale[r] = max |row r| / 127.
@@ -72,11 +71,12 @@ void column_sums_s8(const int8_t *x, int64_t batch, int64_t channels, int32_t *s
 
 float quantize_rne_avx2(const float *x, int64_t n, int8_t *q, int num_threads);
 float quantize_stochastic_avx2(const float *x, int64_t n, const float *multiplier, int64_t channels,
-                               uint32_t seed32, int8_t *q, int num_threads);
+                               int64_t inner, uint32_t seed32, int8_t *q, int num_threads);
 
 float quantize_rne_avx512(const float *x, int64_t n, int8_t *q, int num_threads);
 float quantize_stochastic_avx512(const float *x, int64_t n, const float *multiplier,
-                                 int64_t channels, uint32_t seed32, int8_t *q, int num_threads);
+                                 int64_t channels, int64_t inner, uint32_t seed32, int8_t *q,
+                                 int num_threads);
 void quantize_weights_avx512(const int64_t *row_ptr, int64_t rows, const float *values, int8_t *q,
                              float *scale, int num_threads);
 float quantize_stochastic_to_s8_tiles_avx512(const float *x, int64_t batch, int64_t channels,

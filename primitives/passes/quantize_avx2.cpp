@@ -18,11 +18,19 @@ namespace qsp::detail {
 namespace avx2 {
 namespace {
 
-// max |x[i] * mult[i % channels]| (mult optional), NaN if any is NaN.
-float abs_max(const float *x, int64_t n, const float *mult, int64_t channels, int num_threads) {
+// max |x[i] * mult[(i / inner) % channels]| (mult optional), NaN if any is
+// NaN. As rows of `cols`: a multiplier vector over the columns (inner == 1),
+// or a scalar per row (inner > 1: Conv2d's planes of one channel).
+float abs_max(const float *x, int64_t n, const float *mult, int64_t channels, int64_t inner,
+              int num_threads) {
     float result = 0.f;
     int nan = 0;
-    const int64_t rows = mult ? n / channels : 1, cols = mult ? channels : n;
+    const int64_t rows = !mult        ? 1
+                         : inner == 1 ? n / channels
+                                      : n / inner,
+                  cols = !mult        ? n
+                         : inner == 1 ? channels
+                                      : inner;
 #pragma omp parallel num_threads(num_threads) reduction(max : result) reduction(| : nan)
     {
         __m256 m = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
@@ -32,7 +40,9 @@ float abs_max(const float *x, int64_t n, const float *mult, int64_t channels, in
             for (int64_t c = 0; c < cols; c += 8) {
                 const __m256i k = avx2::first_lanes(cols - c);
                 __m256 v = _mm256_maskload_ps(x + r * cols + c, k);
-                if (mult) v = _mm256_mul_ps(v, _mm256_maskload_ps(mult + c, k));
+                if (mult)
+                    v = _mm256_mul_ps(v, inner > 1 ? _mm256_set1_ps(mult[r % channels])
+                                                   : _mm256_maskload_ps(mult + c, k));
                 bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
                 m = _mm256_max_ps(m, _mm256_and_ps(v, abs_mask));
             }
@@ -74,7 +84,7 @@ using avx2::mix32;
 using avx2::store_q;
 
 float quantize_rne_avx2(const float *x, int64_t n, int8_t *q, int num_threads) {
-    const quant_scale s = quant_scale_from_abs_max(abs_max(x, n, nullptr, 1, num_threads));
+    const quant_scale s = quant_scale_from_abs_max(abs_max(x, n, nullptr, 1, 1, num_threads));
     const __m256 inv = _mm256_set1_ps(s.inv);
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t i = 0; i < n; i += 8) {
@@ -90,14 +100,19 @@ float quantize_rne_avx2(const float *x, int64_t n, int8_t *q, int num_threads) {
 }
 
 float quantize_stochastic_avx2(const float *x, int64_t n, const float *multiplier, int64_t channels,
-                               uint32_t seed32, int8_t *q, int num_threads) {
+                               int64_t inner, uint32_t seed32, int8_t *q, int num_threads) {
     const quant_scale s =
-            quant_scale_from_abs_max(abs_max(x, n, multiplier, channels, num_threads));
+            quant_scale_from_abs_max(abs_max(x, n, multiplier, channels, inner, num_threads));
     const __m256 inv = _mm256_set1_ps(s.inv);
     const __m256 two_m24 = _mm256_set1_ps(1.0f / 16777216.0f);
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     const __m256i seed = _mm256_set1_epi32(static_cast<int>(seed32));
-    const int64_t rows = multiplier ? n / channels : 1, cols = multiplier ? channels : n;
+    const int64_t rows = !multiplier  ? 1
+                         : inner == 1 ? n / channels
+                                      : n / inner,
+                  cols = !multiplier  ? n
+                         : inner == 1 ? channels
+                                      : inner;
 #pragma omp parallel for collapse(2) num_threads(num_threads) schedule(static)
     for (int64_t r = 0; r < rows; ++r)
         for (int64_t c = 0; c < cols; c += 8) {
@@ -108,7 +123,9 @@ float quantize_stochastic_avx2(const float *x, int64_t n, const float *multiplie
             }
             const __m256i k = avx2::first_lanes(left);
             __m256 v = _mm256_maskload_ps(x + i, k);
-            if (multiplier) v = _mm256_mul_ps(v, _mm256_maskload_ps(multiplier + c, k));
+            if (multiplier)
+                v = _mm256_mul_ps(v, inner > 1 ? _mm256_set1_ps(multiplier[r % channels])
+                                               : _mm256_maskload_ps(multiplier + c, k));
             const __m256i idx = _mm256_add_epi32(
                     _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(i))), lane);
             const __m256i h = mix32(_mm256_xor_si256(idx, seed));

@@ -26,38 +26,54 @@ inline __mmask16 first(int64_t n) {
 }
 
 // max |x| with NaN propagation, over x[i] * mult[i % channels] when mult is given.
-float abs_max(const float *x, int64_t n, const float *mult, int64_t channels, int num_threads) {
+// How v[i] = x[i] * multiplier is laid out: rows of `cols` elements; the
+// multiplier is a vector over the columns (inner == 1: Linear's channels),
+// a scalar per row (inner > 1: Conv2d's planes of one channel), or absent.
+struct multiplier_rows {
+    int64_t rows, cols;
+    const float *mult;
+    int64_t channels;
+    bool per_row;
+    multiplier_rows(int64_t n, const float *m, int64_t ch, int64_t inner)
+        : rows(!m           ? 1
+               : inner == 1 ? n / ch
+                            : n / inner),
+          cols(!m           ? n
+               : inner == 1 ? ch
+                            : inner),
+          mult(m), channels(ch), per_row(m && inner > 1) {}
+    __m512 values(const float *x, int64_t r, int64_t c, __mmask16 k) const {
+        const __m512 v = _mm512_maskz_loadu_ps(k, x + r * cols + c);
+        if (!mult) return v;
+        return _mm512_mul_ps(v, per_row ? _mm512_set1_ps(mult[r % channels])
+                                        : _mm512_maskz_loadu_ps(k, mult + c));
+    }
+};
+
+// max |v| with NaN propagation.
+float abs_max(const float *x, const multiplier_rows &m, int num_threads) {
     float result = 0.f;
     int nan = 0;
 #pragma omp parallel num_threads(num_threads) reduction(max : result) reduction(| : nan)
     {
-        __m512 m = _mm512_setzero_ps();
+        __m512 mx = _mm512_setzero_ps();
         __mmask16 bad = 0;
         const __m512 sign = _mm512_set1_ps(-0.f);
-        if (!mult) {
-#pragma omp for schedule(static)
-            for (int64_t i = 0; i < n; i += 16) {
-                const __m512 v = _mm512_maskz_loadu_ps(first(n - i), x + i);
+#pragma omp for collapse(2) schedule(static)
+        for (int64_t r = 0; r < m.rows; ++r)
+            for (int64_t c = 0; c < m.cols; c += 16) {
+                const __m512 v = m.values(x, r, c, first(m.cols - c));
                 bad |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-                m = _mm512_max_ps(m, _mm512_andnot_ps(sign, v));
+                mx = _mm512_max_ps(mx, _mm512_andnot_ps(sign, v));
             }
-        } else {
-            // Rows of `channels`: the multiplier vector repeats per row.
-            const int64_t rows = n / channels;
-#pragma omp for schedule(static)
-            for (int64_t r = 0; r < rows; ++r)
-                for (int64_t c = 0; c < channels; c += 16) {
-                    const __mmask16 k = first(channels - c);
-                    const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, x + r * channels + c),
-                                                   _mm512_maskz_loadu_ps(k, mult + c));
-                    bad |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-                    m = _mm512_max_ps(m, _mm512_andnot_ps(sign, v));
-                }
-        }
-        result = std::max(result, _mm512_reduce_max_ps(m));
+        result = std::max(result, _mm512_reduce_max_ps(mx));
         nan |= bad != 0;
     }
     return nan ? std::numeric_limits<float>::quiet_NaN() : result;
+}
+
+float abs_max(const float *x, int64_t n, int num_threads) {
+    return abs_max(x, multiplier_rows(n, nullptr, 1, 1), num_threads);
 }
 
 inline void store_q(int8_t *q, __m512 v, __mmask16 k) {
@@ -80,10 +96,11 @@ inline __m512i mix32(__m512i x) {
 using avx512::abs_max;
 using avx512::first;
 using avx512::mix32;
+using avx512::multiplier_rows;
 using avx512::store_q;
 
 float quantize_rne_avx512(const float *x, int64_t n, int8_t *q, int num_threads) {
-    const quant_scale s = quant_scale_from_abs_max(abs_max(x, n, nullptr, 1, num_threads));
+    const quant_scale s = quant_scale_from_abs_max(abs_max(x, n, num_threads));
     const __m512 inv = _mm512_set1_ps(s.inv);
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t i = 0; i < n; i += 16) {
@@ -99,25 +116,24 @@ float quantize_rne_avx512(const float *x, int64_t n, int8_t *q, int num_threads)
 }
 
 float quantize_stochastic_avx512(const float *x, int64_t n, const float *multiplier,
-                                 int64_t channels, uint32_t seed32, int8_t *q, int num_threads) {
-    const quant_scale s =
-            quant_scale_from_abs_max(abs_max(x, n, multiplier, channels, num_threads));
+                                 int64_t channels, int64_t inner, uint32_t seed32, int8_t *q,
+                                 int num_threads) {
+    const multiplier_rows m(n, multiplier, channels, inner);
+    const quant_scale s = quant_scale_from_abs_max(abs_max(x, m, num_threads));
     const __m512 inv = _mm512_set1_ps(s.inv);
     const __m512 two_m24 = _mm512_set1_ps(1.0f / 16777216.0f);
     const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const __m512i seed = _mm512_set1_epi32(static_cast<int>(seed32));
-    const int64_t rows = multiplier ? n / channels : 1, cols = multiplier ? channels : n;
 #pragma omp parallel for collapse(2) num_threads(num_threads) schedule(static)
-    for (int64_t r = 0; r < rows; ++r)
-        for (int64_t c = 0; c < cols; c += 16) {
-            const int64_t i = r * cols + c;
-            const __mmask16 k = first(cols - c);
+    for (int64_t r = 0; r < m.rows; ++r)
+        for (int64_t c = 0; c < m.cols; c += 16) {
+            const int64_t i = r * m.cols + c;
+            const __mmask16 k = first(m.cols - c);
             if (!s.usable) {
                 _mm512_mask_cvtepi32_storeu_epi8(q + i, k, _mm512_setzero_si512());
                 continue;
             }
-            __m512 v = _mm512_maskz_loadu_ps(k, x + i);
-            if (multiplier) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(k, multiplier + c));
+            const __m512 v = m.values(x, r, c, k);
             // noise of element i + lane: mix32(uint32(i + lane) ^ seed32) >> 8, times 2^-24
             const __m512i idx = _mm512_add_epi32(
                     _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(i))), lane);
@@ -133,7 +149,7 @@ float quantize_stochastic_avx512(const float *x, int64_t n, const float *multipl
 float quantize_stochastic_to_s8_tiles_avx512(const float *x, int64_t batch, int64_t channels,
                                              uint32_t seed32, uint8_t *tiles, int num_threads) {
     const int64_t n = batch * channels;
-    const quant_scale s = quant_scale_from_abs_max(abs_max(x, n, nullptr, 1, num_threads));
+    const quant_scale s = quant_scale_from_abs_max(abs_max(x, n, num_threads));
     const __m512 inv = _mm512_set1_ps(s.inv);
     const __m512 two_m24 = _mm512_set1_ps(1.0f / 16777216.0f);
     const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);

@@ -21,7 +21,7 @@ void pack_tiles_avx2(const float *src, int64_t batch, int64_t channels, float *t
             const int64_t c0 = cb * 8, cn = std::min<int64_t>(8, channels - c0);
             const __m256i cmask = avx2::first_lanes(cn);
             float *tile = tiles + t * channels * tb;
-            for (int64_t j0 = 0; j0 < tb; j0 += 8) {
+            for (int64_t j0 = 0; j0 < tile_lanes(batch, t); j0 += 8) {
                 __m256 r[8];
                 for (int i = 0; i < 8; ++i) {
                     const int64_t b = t * tb + j0 + i;
@@ -36,7 +36,7 @@ void pack_tiles_avx2(const float *src, int64_t batch, int64_t channels, float *t
 }
 
 void unpack_tiles_avx2(const float *tiles, int64_t batch, int64_t channels, const float *bias,
-                       float *dst, int num_threads) {
+                       float *dst, int num_threads, int64_t bias_inner) {
     constexpr int64_t tb = jit::tile_batch;
     const int64_t tiles_n = tile_count(batch), cblocks = (channels + 7) / 8;
 #pragma omp parallel for collapse(2) num_threads(num_threads) schedule(static)
@@ -44,7 +44,15 @@ void unpack_tiles_avx2(const float *tiles, int64_t batch, int64_t channels, cons
         for (int64_t cb = 0; cb < cblocks; ++cb) {
             const int64_t c0 = cb * 8, cn = std::min<int64_t>(8, channels - c0);
             const __m256i cmask = avx2::first_lanes(cn);
-            const __m256 b = bias ? _mm256_maskload_ps(bias + c0, cmask) : _mm256_setzero_ps();
+            __m256 b = _mm256_setzero_ps();
+            if (bias && bias_inner == 1) {
+                b = _mm256_maskload_ps(bias + c0, cmask);
+            } else if (bias) {
+                alignas(32) float lanes[8] = {};
+                for (int64_t k = 0; k < cn; ++k)
+                    lanes[k] = bias[(c0 + k) / bias_inner];
+                b = _mm256_load_ps(lanes);
+            }
             const float *tile = tiles + t * channels * tb;
             for (int64_t j0 = 0; j0 < tb && t * tb + j0 < batch; j0 += 8) {
                 __m256 r[8];

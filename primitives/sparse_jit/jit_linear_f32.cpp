@@ -157,8 +157,9 @@ private:
             for (int64_t n = 0; n < p_.out; ++n) {
                 float acc = 0.f;
                 for (int64_t tile = 0; tile < tiles; ++tile) {
+                    // the lanes the packing wrote: the batch, zero-padded
                     const float *row = dy + (tile * p_.out + n) * jit::tile_batch;
-                    for (int j = 0; j < jit::tile_batch; ++j)
+                    for (int64_t j = 0; j < tile_lanes(t.batch, tile); ++j)
                         acc += row[j];
                 }
                 t.diff_bias[n] = acc;

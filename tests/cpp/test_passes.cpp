@@ -23,9 +23,22 @@ void expect_same_bits(float a, float b, const char *what) {
 
 } // namespace
 
+// The lanes of each tile row that the kernels read (tile_lanes): equal.
+void expect_same_read_lanes(const std::vector<float> &got, const std::vector<float> &want,
+                            int64_t batch, int64_t rows_per_tile, const char *what) {
+    ASSERT_EQ(got.size(), want.size());
+    for (int64_t t = 0; t < jit::tile_count(batch); ++t)
+        for (int64_t r = 0; r < rows_per_tile; ++r)
+            for (int64_t j = 0; j < detail::tile_lanes(batch, t); ++j) {
+                const size_t i = static_cast<size_t>((t * rows_per_tile + r) * jit::tile_batch + j);
+                ASSERT_EQ(got[i], want[i])
+                        << what << ": tile " << t << " row " << r << " lane " << j;
+            }
+}
+
 TEST(Passes, f32_tile_layout_tiers_match_portable) {
     std::mt19937 rng(4);
-    for (int64_t batch : {1, 7, 15, 16, 17, 63, 64, 65, 130})
+    for (int64_t batch : {1, 7, 15, 16, 17, 33, 63, 64, 65, 130})
         for (int64_t channels : {1, 3, 8, 9, 16, 17, 40}) {
             SCOPED_TRACE(std::to_string(batch) + "x" + std::to_string(channels));
             auto src = random_vector(static_cast<size_t>(batch * channels), rng);
@@ -39,9 +52,16 @@ TEST(Passes, f32_tile_layout_tiers_match_portable) {
             detail::unpack_tiles_portable(want.data(), batch, channels, nullptr, round_trip.data(),
                                           1);
             EXPECT_EQ(round_trip, src);
+            // bias per group of `inner` channels (Conv2d: per output channel)
+            std::vector<float> inner_out(src.size()), inner_want(src.size());
+            detail::unpack_tiles_portable(want.data(), batch, channels, bias.data(),
+                                          inner_want.data(), 1, 4);
+            for (int64_t b = 0; b < batch; ++b)
+                for (int64_t c = 0; c < channels; ++c)
+                    ASSERT_EQ(inner_want[b * channels + c], src[b * channels + c] + bias[c / 4]);
             using pack_fn = void (*)(const float *, int64_t, int64_t, float *, int);
             using unpack_fn =
-                    void (*)(const float *, int64_t, int64_t, const float *, float *, int);
+                    void (*)(const float *, int64_t, int64_t, const float *, float *, int, int64_t);
             struct tier {
                 cpu_isa isa;
                 pack_fn pack;
@@ -55,11 +75,53 @@ TEST(Passes, f32_tile_layout_tiers_match_portable) {
                 SCOPED_TRACE(to_string(t.isa));
                 std::vector<float> got(n, 7.f), got_out(src.size(), 1.f);
                 t.pack(src.data(), batch, channels, got.data(), 2);
-                EXPECT_EQ(got, want);
-                t.unpack(got.data(), batch, channels, bias.data(), got_out.data(), 3);
+                expect_same_read_lanes(got, want, batch, channels, "pack");
+                t.unpack(want.data(), batch, channels, bias.data(), got_out.data(), 3, 1);
                 EXPECT_EQ(got_out, want_out);
+                t.unpack(want.data(), batch, channels, bias.data(), inner_out.data(), 2, 4);
+                EXPECT_EQ(inner_out, inner_want);
             }
         }
+}
+
+TEST(Passes, padded_conv_tiles_match_portable_and_the_definition) {
+    std::mt19937 rng(6);
+    for (int64_t batch : {1, 17, 64, 70})
+        for (auto [c, h, w] :
+             {std::tuple<int64_t, int64_t, int64_t>{1, 1, 1}, {3, 5, 7}, {2, 4, 17}, {5, 1, 33}})
+            for (auto pad : {detail::spatial_pad{0, 0, 0, 0}, detail::spatial_pad{1, 1, 1, 1},
+                             detail::spatial_pad{2, 0, 3, 1}}) {
+                SCOPED_TRACE(std::to_string(batch) + "x" + std::to_string(c) + "x"
+                             + std::to_string(h) + "x" + std::to_string(w) + " pad "
+                             + std::to_string(pad.top) + std::to_string(pad.bottom)
+                             + std::to_string(pad.left) + std::to_string(pad.right));
+                const int64_t hp = h + pad.top + pad.bottom, wp = w + pad.left + pad.right;
+                const int64_t rows = c * hp * wp;
+                auto src = random_vector(static_cast<size_t>(batch * c * h * w), rng);
+                const auto n = static_cast<size_t>(jit::tiled_elems(batch, rows));
+                std::vector<float> want(n, 5.f);
+                detail::pack_tiles_padded_portable(src.data(), batch, c, h, w, pad, want.data(), 2);
+                for (int64_t b = 0; b < batch; ++b)
+                    for (int64_t ch = 0; ch < c; ++ch)
+                        for (int64_t y = 0; y < hp; ++y)
+                            for (int64_t x = 0; x < wp; ++x) {
+                                const int64_t iy = y - pad.top, ix = x - pad.left;
+                                const float v = iy >= 0 && iy < h && ix >= 0 && ix < w
+                                                        ? src[((b * c + ch) * h + iy) * w + ix]
+                                                        : 0.f;
+                                const int64_t t = b / jit::tile_batch, j = b % jit::tile_batch;
+                                ASSERT_EQ(
+                                        want[((t * rows) + (ch * hp + y) * wp + x) * jit::tile_batch
+                                             + j],
+                                        v);
+                            }
+                if (cpu_has(cpu_isa::avx512_core)) {
+                    std::vector<float> got(n, 3.f);
+                    detail::pack_tiles_padded_avx512(src.data(), batch, c, h, w, pad, got.data(),
+                                                     3);
+                    expect_same_read_lanes(got, want, batch, rows, "padded pack avx512");
+                }
+            }
 }
 
 TEST(Passes, quantization_tiers_match_portable) {
@@ -79,13 +141,34 @@ TEST(Passes, quantization_tiers_match_portable) {
                 const float s_rne = detail::portable::quantize_rne(x.data(), n, want_rne.data(), 2);
                 const float s_sr = detail::portable::quantize_stochastic(
                         x.data(), n, mult.data(), cols, 1, 99, want_sr.data(), 1);
+                // Conv2d's layout: one multiplier per plane of `cols` (3 channels)
+                auto mult_planes = random_vector(3, rng, 0.1f, 2.f);
+                std::vector<int8_t> want_planes(n);
+                const float s_planes = detail::portable::quantize_stochastic(
+                        x.data(), n, mult_planes.data(), 3, cols, 77, want_planes.data(), 2);
+                if (cols > 1 && cpu_has(cpu_isa::avx2)) {
+                    std::vector<int8_t> got(n);
+                    expect_same_bits(detail::quantize_stochastic_avx2(x.data(), n,
+                                                                      mult_planes.data(), 3, cols,
+                                                                      77, got.data(), 3),
+                                     s_planes, "avx2 per-plane scale");
+                    if (finite) EXPECT_EQ(got, want_planes);
+                }
+                if (cols > 1 && cpu_has(cpu_isa::avx512_core)) {
+                    std::vector<int8_t> got(n);
+                    expect_same_bits(detail::quantize_stochastic_avx512(x.data(), n,
+                                                                        mult_planes.data(), 3, cols,
+                                                                        77, got.data(), 3),
+                                     s_planes, "avx512 per-plane scale");
+                    if (finite) EXPECT_EQ(got, want_planes);
+                }
                 if (cpu_has(cpu_isa::avx2)) {
                     std::vector<int8_t> got(n);
                     expect_same_bits(detail::quantize_rne_avx2(x.data(), n, got.data(), 2), s_rne,
                                      "avx2 rne scale");
                     if (finite) EXPECT_EQ(got, want_rne);
                     expect_same_bits(detail::quantize_stochastic_avx2(x.data(), n, mult.data(),
-                                                                      cols, 99, got.data(), 3),
+                                                                      cols, 1, 99, got.data(), 3),
                                      s_sr, "avx2 stochastic scale");
                     if (finite) EXPECT_EQ(got, want_sr);
                 }
@@ -95,7 +178,7 @@ TEST(Passes, quantization_tiers_match_portable) {
                                      "avx512 rne scale");
                     if (finite) EXPECT_EQ(got, want_rne);
                     expect_same_bits(detail::quantize_stochastic_avx512(x.data(), n, mult.data(),
-                                                                        cols, 99, got.data(), 3),
+                                                                        cols, 1, 99, got.data(), 3),
                                      s_sr, "avx512 stochastic scale");
                     if (finite) EXPECT_EQ(got, want_sr);
                     auto dense = random_sparse_dense(rows, cols, 0.5, rng);
