@@ -12,6 +12,7 @@
 #include "jit/tile_abi.hpp"
 #include "primitives/passes/quantize.hpp"
 #include "primitives/passes/simd_avx512.hpp"
+#include "primitives/passes/tile_layout.hpp"
 #include "qsparseprop/quantization.hpp"
 
 QSP_BEGIN_TARGET(QSP_ISA_AVX512)
@@ -259,7 +260,7 @@ void pack_quad_tiles_avx512(const int8_t *x, int64_t batch, int64_t channels, ui
 
 void unpack_s32_tiles_avx512(const int32_t *tiles, int64_t batch, int64_t channels,
                              const int32_t *correction, const float *scale, const float *bias,
-                             float *dst, int num_threads) {
+                             float *dst, int num_threads, int64_t inner) {
     const int64_t tb = jit::tile_batch, tiles_n = jit::tile_count(batch),
                   cblocks = (channels + 15) / 16;
 #pragma omp parallel for collapse(2) num_threads(num_threads) schedule(static)
@@ -267,9 +268,25 @@ void unpack_s32_tiles_avx512(const int32_t *tiles, int64_t batch, int64_t channe
         for (int64_t cb = 0; cb < cblocks; ++cb) {
             const int64_t c0 = cb * 16, cn = std::min<int64_t>(16, channels - c0);
             const __mmask16 cmask = first(cn);
-            const __m512i corr = _mm512_maskz_loadu_epi32(cmask, correction + c0);
-            const __m512 sc = _mm512_maskz_loadu_ps(cmask, scale + c0);
-            const __m512 bs = bias ? _mm512_maskz_loadu_ps(cmask, bias + c0) : _mm512_setzero_ps();
+            __m512i corr;
+            __m512 sc, bs = _mm512_setzero_ps();
+            if (inner == 1) {
+                corr = _mm512_maskz_loadu_epi32(cmask, correction + c0);
+                sc = _mm512_maskz_loadu_ps(cmask, scale + c0);
+                if (bias) bs = _mm512_maskz_loadu_ps(cmask, bias + c0);
+            } else { // one value per output channel: (channel, pixel) rows share it
+                alignas(64) int32_t c16[16] = {};
+                alignas(64) float s16[16] = {}, b16[16] = {};
+                for (int64_t k = 0; k < cn; ++k) {
+                    const int64_t o = (c0 + k) / inner;
+                    c16[k] = correction[o];
+                    s16[k] = scale[o];
+                    b16[k] = bias ? bias[o] : 0.f;
+                }
+                corr = _mm512_load_si512(c16);
+                sc = _mm512_load_ps(s16);
+                bs = _mm512_load_ps(b16);
+            }
             const int32_t *tile = tiles + t * channels * tb;
             for (int64_t j0 = 0; j0 < tb && t * tb + j0 < batch; j0 += 16) {
                 __m512 r[16];
@@ -286,6 +303,110 @@ void unpack_s32_tiles_avx512(const int32_t *tiles, int64_t batch, int64_t channe
                 }
             }
         }
+}
+
+void pack_quad_tiles_padded_avx512(const int8_t *x, int64_t batch, int64_t channels, int64_t h,
+                                   int64_t w, const spatial_pad &pad, uint8_t *tiles,
+                                   int num_threads) {
+    const int64_t tb = jit::tile_batch, hp_n = h + pad.top + pad.bottom,
+                  wp_n = w + pad.left + pad.right, quads = (channels + 3) / 4, plane = h * w,
+                  tiles_n = jit::tile_count(batch), wblocks = (w + 15) / 16;
+    const __m512i flip = _mm512_set1_epi32(static_cast<int>(0x80808080u)); // x -> x + 128 as u8
+#pragma omp parallel for collapse(3) num_threads(num_threads) schedule(static)
+    for (int64_t t = 0; t < tiles_n; ++t)
+        for (int64_t q = 0; q < quads; ++q)
+            for (int64_t hp = 0; hp < hp_n; ++hp) {
+                const int64_t lanes = tile_lanes(batch, t), y = hp - pad.top;
+                uint32_t *row0 = reinterpret_cast<uint32_t *>(tiles)
+                                 + ((t * quads + q) * hp_n + hp) * wp_n * tb;
+                auto fill_rows = [&](int64_t from, int64_t to) { // x = 0 everywhere
+                    for (int64_t wp = from; wp < to; ++wp)
+                        for (int64_t j0 = 0; j0 < lanes; j0 += 16)
+                            _mm512_storeu_si512(row0 + wp * tb + j0, flip);
+                };
+                if (y < 0 || y >= h) {
+                    fill_rows(0, wp_n);
+                    continue;
+                }
+                fill_rows(0, pad.left);
+                fill_rows(pad.left + w, wp_n);
+                for (int64_t wb = 0; wb < wblocks; ++wb) {
+                    const int64_t x0 = wb * 16, xn = std::min<int64_t>(16, w - x0);
+                    const __mmask16 xmask = first(xn);
+                    for (int64_t j0 = 0; j0 < lanes; j0 += 16) {
+                        __m512 r[16];
+                        for (int i = 0; i < 16; ++i) {
+                            const int64_t b = t * tb + j0 + i;
+                            __m128i ch[4];
+                            for (int k = 0; k < 4; ++k) {
+                                const int64_t c = 4 * q + k;
+                                ch[k] = b < batch && c < channels ? _mm_maskz_loadu_epi8(
+                                                xmask, x + (b * channels + c) * plane + y * w + x0)
+                                                                  : _mm_setzero_si128();
+                            }
+                            // 16 dwords, one per w: the bytes of channels 4q..4q+3
+                            const __m128i lo01 = _mm_unpacklo_epi8(ch[0], ch[1]),
+                                          hi01 = _mm_unpackhi_epi8(ch[0], ch[1]),
+                                          lo23 = _mm_unpacklo_epi8(ch[2], ch[3]),
+                                          hi23 = _mm_unpackhi_epi8(ch[2], ch[3]);
+                            __m512i v = _mm512_castsi128_si512(_mm_unpacklo_epi16(lo01, lo23));
+                            v = _mm512_inserti32x4(v, _mm_unpackhi_epi16(lo01, lo23), 1);
+                            v = _mm512_inserti32x4(v, _mm_unpacklo_epi16(hi01, hi23), 2);
+                            v = _mm512_inserti32x4(v, _mm_unpackhi_epi16(hi01, hi23), 3);
+                            r[i] = _mm512_castsi512_ps(v);
+                        }
+                        avx512::transpose16(r); // moves 32-bit lanes bit for bit
+                        for (int64_t k = 0; k < xn; ++k)
+                            _mm512_storeu_si512(row0 + (pad.left + x0 + k) * tb + j0,
+                                                _mm512_xor_si512(_mm512_castps_si512(r[k]), flip));
+                    }
+                }
+            }
+}
+
+void pack_s8_tiles_padded_avx512(const int8_t *x, int64_t batch, int64_t channels, int64_t h,
+                                 int64_t w, const spatial_pad &pad, int8_t *tiles,
+                                 int num_threads) {
+    const int64_t tb = jit::tile_batch, hp_n = h + pad.top + pad.bottom,
+                  wp_n = w + pad.left + pad.right, plane = h * w, tiles_n = jit::tile_count(batch),
+                  wblocks = (w + 15) / 16;
+#pragma omp parallel for collapse(3) num_threads(num_threads) schedule(static)
+    for (int64_t t = 0; t < tiles_n; ++t)
+        for (int64_t c = 0; c < channels; ++c)
+            for (int64_t hp = 0; hp < hp_n; ++hp) {
+                const int64_t y = hp - pad.top;
+                int8_t *row0 = tiles + ((t * channels + c) * hp_n + hp) * wp_n * tb;
+                auto zero_rows = [&](int64_t from, int64_t to) {
+                    for (int64_t wp = from; wp < to; ++wp)
+                        _mm512_storeu_si512(row0 + wp * tb, _mm512_setzero_si512());
+                };
+                if (y < 0 || y >= h) {
+                    zero_rows(0, wp_n);
+                    continue;
+                }
+                zero_rows(0, pad.left);
+                zero_rows(pad.left + w, wp_n);
+                for (int64_t wb = 0; wb < wblocks; ++wb) {
+                    const int64_t x0 = wb * 16, xn = std::min<int64_t>(16, w - x0);
+                    const __mmask16 xmask = first(xn);
+                    for (int64_t j0 = 0; j0 < tb; j0 += 16) {
+                        __m512 r[16];
+                        for (int i = 0; i < 16; ++i) {
+                            const int64_t b = t * tb + j0 + i;
+                            const __m128i bytes =
+                                    b < batch ? _mm_maskz_loadu_epi8(
+                                            xmask, x + (b * channels + c) * plane + y * w + x0)
+                                              : _mm_setzero_si128();
+                            r[i] = _mm512_castsi512_ps(_mm512_cvtepi8_epi32(bytes));
+                        }
+                        avx512::transpose16(r);
+                        for (int64_t k = 0; k < xn; ++k)
+                            _mm_storeu_si128(reinterpret_cast<__m128i *>(
+                                                     row0 + (pad.left + x0 + k) * tb + j0),
+                                             _mm512_cvtepi32_epi8(_mm512_castps_si512(r[k])));
+                    }
+                }
+            }
 }
 
 void quantize_weights_avx512(const int64_t *row_ptr, int64_t rows, const float *values, int8_t *q,
