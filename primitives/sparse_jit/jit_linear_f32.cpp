@@ -15,6 +15,7 @@
 #include "jit/jit_uni_spmm_kernel.hpp"
 #include "primitives/passes/tile_layout.hpp"
 #include "primitives/sparse_jit/plan_cache.hpp"
+#include "primitives/sparse_jit/spmm_plan.hpp"
 #include "runtime/scratch_pool.hpp"
 
 namespace qsp::detail {
@@ -24,36 +25,13 @@ namespace {
 class jit_linear_f32_plan : public kernel {
 public:
     jit_linear_f32_plan(const problem &p, cpu_isa isa)
-        : p_(p.without_batch()), lanes_(jit::vector_lanes(isa)) {
-        const csr_pattern &w = p.pattern;
-        const int64_t *rp = w.row_ptr();
-        const int32_t *ci = w.col_idx();
-        const int64_t nnz = w.nnz();
-        offsets_.assign(static_cast<size_t>(nnz) + jit::sddmm_offset_padding, 0);
-        if (p.dir == direction::backward_data) {
-            // Transposed pattern: rows are input features k, entries output
-            // features n; perm_ maps a CSC slot to its CSR value.
-            rows_ = p.in;
-            row_ptr_.assign(static_cast<size_t>(rows_) + 1, 0);
-            for (int64_t e = 0; e < nnz; ++e)
-                ++row_ptr_[ci[e] + 1];
-            for (int64_t k = 0; k < rows_; ++k)
-                row_ptr_[k + 1] += row_ptr_[k];
-            perm_.resize(static_cast<size_t>(nnz));
-            std::vector<int64_t> next(row_ptr_.begin(), row_ptr_.end() - 1);
-            for (int64_t n = 0; n < p.out; ++n)
-                for (int64_t e = rp[n]; e < rp[n + 1]; ++e) {
-                    const int64_t slot = next[ci[e]]++;
-                    offsets_[slot] = static_cast<int32_t>(n * jit::tile_row_bytes);
-                    perm_[slot] = e;
-                }
-        } else {
-            rows_ = p.out;
-            row_ptr_.assign(rp, rp + rows_ + 1);
-            for (int64_t e = 0; e < nnz; ++e)
-                offsets_[e] = static_cast<int32_t>(int64_t(ci[e]) * jit::tile_row_bytes);
-        }
-        bounds_ = balance_rows(row_ptr_.data(), rows_, std::max(1, p.num_threads));
+        : p_(p.without_batch()), lanes_(jit::vector_lanes(isa)),
+          rows_(p.dir == direction::backward_data
+                        ? entry_plan(transposed_rows(p.pattern.row_ptr(), p.pattern.col_idx(),
+                                                     p.out, p.in),
+                                     row_offset, p.num_threads)
+                        : entry_plan(csr_rows(p.pattern.row_ptr(), p.pattern.col_idx(), p.out),
+                                     row_offset, p.num_threads)) {
         // One kernel per tail length (vectors of the last tile).
         for (int nv = 1; nv <= jit::tile_batch / lanes_; ++nv) {
             const auto params = jit::make_sparse_kernel_params(isa, jit::sparse_dtype::f32, nv);
@@ -81,10 +59,13 @@ public:
     }
 
 private:
+    // A source row of the tiles: one tile row per feature.
+    static int64_t row_offset(int64_t, int64_t feature) { return feature * jit::tile_row_bytes; }
+
     // Runs body(part, tile) for every (row part, batch tile), parts spread
     // over the team; a part's rows are written by one thread only.
     template <typename body_t> void for_parts(int64_t batch, body_t body) const {
-        const int parts = static_cast<int>(bounds_.size()) - 1;
+        const int parts = static_cast<int>(rows_.bounds.size()) - 1;
         const int64_t tiles = tile_count(batch);
 #pragma omp parallel num_threads(p_.num_threads)
         {
@@ -99,12 +80,12 @@ private:
                   float *dst_tiles) const {
         for_parts(batch, [&](int part, int64_t tile) {
             jit::spmm_call_params c{values,
-                                    offsets_.data(),
-                                    row_ptr_.data(),
-                                    bounds_[part],
-                                    bounds_[part + 1],
+                                    rows_.offsets.data(),
+                                    rows_.row_ptr.data(),
+                                    rows_.bounds[part],
+                                    rows_.bounds[part + 1],
                                     src_tiles + tile * src_channels * jit::tile_batch,
-                                    dst_tiles + tile * rows_ * jit::tile_batch};
+                                    dst_tiles + tile * rows_.rows * jit::tile_batch};
             (*spmm_[tile_vectors(batch, tile, lanes_) - 1])(c);
         });
     }
@@ -122,11 +103,9 @@ private:
         const int nt = p_.num_threads;
         float *dy = sp.get<float>(0, tiled_elems(t.batch, p_.out));
         float *dx = sp.get<float>(1, tiled_elems(t.batch, p_.in));
-        float *values = sp.get<float>(2, static_cast<int64_t>(perm_.size()));
+        const float *values =
+                rows_.values(t.weights, sp.get<float>(2, p_.pattern.nnz()), nt); // transposed order
         pack_tiles(t.diff_dst, t.batch, p_.out, dy, nt);
-#pragma omp parallel for num_threads(nt) schedule(static)
-        for (int64_t s = 0; s < static_cast<int64_t>(perm_.size()); ++s)
-            values[s] = t.weights[perm_[s]];
         run_spmm(t.batch, values, dy, p_.out, dx);
         unpack_tiles(dx, t.batch, p_.in, nullptr, t.diff_src, nt);
     }
@@ -141,10 +120,10 @@ private:
         // Tiles inside parts: each dW row accumulates its tiles in order,
         // so the result does not depend on the thread count.
         for_parts(t.batch, [&](int part, int64_t tile) {
-            jit::sddmm_call_params c{offsets_.data(),
-                                     row_ptr_.data(),
-                                     bounds_[part],
-                                     bounds_[part + 1],
+            jit::sddmm_call_params c{rows_.offsets.data(),
+                                     rows_.row_ptr.data(),
+                                     rows_.bounds[part],
+                                     rows_.bounds[part + 1],
                                      x + tile * p_.in * jit::tile_batch,
                                      dy + tile * p_.out * jit::tile_batch,
                                      t.diff_weights};
@@ -169,9 +148,7 @@ private:
 
     problem p_; // batch 0: the plan serves every batch size
     int lanes_;
-    int64_t rows_ = 0;
-    std::vector<int64_t> row_ptr_, perm_, bounds_;
-    std::vector<int32_t> offsets_;
+    entry_plan rows_; // forward, backward-weights: the CSR; backward-data: its transpose
     std::vector<std::shared_ptr<const jit::jit_spmm_kernel>> spmm_;
     std::vector<std::shared_ptr<const jit::jit_sddmm_kernel>> sddmm_;
 };

@@ -24,6 +24,7 @@
 #include "primitives/passes/quantize.hpp"
 #include "primitives/passes/tile_layout.hpp"
 #include "primitives/sparse_jit/plan_cache.hpp"
+#include "primitives/sparse_jit/spmm_plan.hpp"
 #include "runtime/scratch_pool.hpp"
 
 namespace qsp::detail {
@@ -35,54 +36,13 @@ namespace {
 class jit_linear_s8_spmm_plan : public kernel {
 public:
     jit_linear_s8_spmm_plan(const problem &p, cpu_isa isa)
-        : p_(p.without_batch()), lanes_(jit::vector_lanes(isa)) {
-        const csr_pattern &w = p.pattern;
-        const int64_t *rp = w.row_ptr();
-        const int32_t *ci = w.col_idx();
-        const int64_t nnz = w.nnz();
-        const bool fwd = p.dir == direction::forward;
-        rows_ = fwd ? p.out : p.in;
-        // The pattern seen row by row in this direction: local entry l has
-        // column col[l] and its value at value_index_[l].
-        entry_ptr_.assign(static_cast<size_t>(rows_) + 1, 0);
-        std::vector<int64_t> col(static_cast<size_t>(nnz));
-        value_index_.resize(static_cast<size_t>(nnz));
-        if (fwd) {
-            entry_ptr_.assign(rp, rp + rows_ + 1);
-            for (int64_t e = 0; e < nnz; ++e) {
-                col[e] = ci[e];
-                value_index_[e] = e;
-            }
-        } else {
-            for (int64_t e = 0; e < nnz; ++e)
-                ++entry_ptr_[ci[e] + 1];
-            for (int64_t k = 0; k < rows_; ++k)
-                entry_ptr_[k + 1] += entry_ptr_[k];
-            std::vector<int64_t> next(entry_ptr_.begin(), entry_ptr_.end() - 1);
-            for (int64_t n = 0; n < p.out; ++n)
-                for (int64_t e = rp[n]; e < rp[n + 1]; ++e) {
-                    const int64_t l = next[ci[e]]++;
-                    col[l] = n; // ascending n within a row of the transpose
-                    value_index_[l] = e;
-                }
-        }
-        // Quads: consecutive entries of a row with the same col / 4 share one.
-        quad_ptr_.assign(static_cast<size_t>(rows_) + 1, 0);
-        quad_of_.resize(static_cast<size_t>(nnz));
-        byte_of_.resize(static_cast<size_t>(nnz));
-        for (int64_t r = 0; r < rows_; ++r) {
-            int64_t last = -1;
-            for (int64_t l = entry_ptr_[r]; l < entry_ptr_[r + 1]; ++l) {
-                if (col[l] / 4 != last) {
-                    last = col[l] / 4;
-                    offsets_.push_back(static_cast<int32_t>(last * jit::tile_row_bytes));
-                }
-                quad_of_[l] = static_cast<int64_t>(offsets_.size()) - 1;
-                byte_of_[l] = static_cast<uint8_t>(col[l] % 4);
-            }
-            quad_ptr_[r + 1] = static_cast<int64_t>(offsets_.size());
-        }
-        bounds_ = balance_rows(quad_ptr_.data(), rows_, std::max(1, p.num_threads));
+        : p_(p.without_batch()), lanes_(jit::vector_lanes(isa)),
+          quads_(p.dir == direction::forward
+                         ? quad_plan(csr_rows(p.pattern.row_ptr(), p.pattern.col_idx(), p.out),
+                                     quad_offset, p.num_threads)
+                         : quad_plan(transposed_rows(p.pattern.row_ptr(), p.pattern.col_idx(),
+                                                     p.out, p.in),
+                                     quad_offset, p.num_threads)) {
         for (int nv = 1; nv <= jit::tile_batch / lanes_; ++nv)
             code_.push_back(jit::spmm_kernel(
                     jit::make_sparse_kernel_params(isa, jit::sparse_dtype::s8, nv)));
@@ -94,30 +54,17 @@ public:
         const bool fwd = p_.dir == direction::forward;
         const int64_t B = t.batch, K = p_.in, N = p_.out, nnz = p_.pattern.nnz();
         const int64_t src_ch = fwd ? K : N, tiles = tile_count(B), tb = jit::tile_batch;
-        const int64_t quads = (src_ch + 3) / 4, entries = static_cast<int64_t>(offsets_.size());
+        const int64_t quads = (src_ch + 3) / 4, entries = quads_.quads(), rows = quads_.rows;
         auto *wq = sp.get<int8_t>(0, nnz);
         auto *w_scale = sp.get<float>(1, N);
         auto *words = sp.get<uint32_t>(2, entries);
-        auto *correction = sp.get<int32_t>(3, rows_);
+        auto *correction = sp.get<int32_t>(3, rows);
         auto *src_q = sp.get<int8_t>(4, B * src_ch);
         auto *src_tiles = sp.get<uint8_t>(5, tiles * quads * tb * 4);
-        auto *acc = sp.get<int32_t>(6, tiles * rows_ * tb);
-        auto *row_scale = sp.get<float>(7, rows_);
+        auto *acc = sp.get<int32_t>(6, tiles * rows * tb);
+        auto *row_scale = sp.get<float>(7, rows);
         quantize_weights(p_.pattern, t.weights, wq, w_scale, nt);
-        // Quad words and the +128 correction of each row, from this step's weights.
-#pragma omp parallel for num_threads(nt) schedule(static)
-        for (int64_t r = 0; r < rows_; ++r) {
-            for (int64_t q = quad_ptr_[r]; q < quad_ptr_[r + 1]; ++q)
-                words[q] = 0;
-            int32_t sum = 0;
-            for (int64_t l = entry_ptr_[r]; l < entry_ptr_[r + 1]; ++l) {
-                const int8_t v = wq[value_index_[l]];
-                words[quad_of_[l]] |= static_cast<uint32_t>(static_cast<uint8_t>(v))
-                                      << (8 * byte_of_[l]);
-                sum += v;
-            }
-            correction[r] = 128 * sum;
-        }
+        quads_.fill(wq, words, correction, nt); // from this step's weights
         if (fwd) {
             const s8::workspace_view ws{t.workspace};
             int8_t *xq = t.workspace ? ws.src_q() : src_q;
@@ -130,50 +77,49 @@ public:
             const float sg2 = quantize_stochastic(t.diff_dst, B * N, w_scale, N, 1,
                                                   s8::dx_stream(t.seed), src_q, nt);
             pack_quad_tiles(src_q, B, N, src_tiles, nt);
-            std::fill(row_scale, row_scale + rows_, sg2);
+            std::fill(row_scale, row_scale + rows, sg2);
         }
-        const int parts = static_cast<int>(bounds_.size()) - 1;
+        const int parts = static_cast<int>(quads_.bounds.size()) - 1;
 #pragma omp parallel num_threads(nt)
         {
             const int nthr = omp_get_num_threads(), tid = omp_get_thread_num();
             for (int part = tid; part < parts; part += nthr)
                 for (int64_t tile = 0; tile < tiles; ++tile) {
                     jit::spmm_call_params c{words,
-                                            offsets_.data(),
-                                            quad_ptr_.data(),
-                                            bounds_[part],
-                                            bounds_[part + 1],
+                                            quads_.offsets.data(),
+                                            quads_.quad_ptr.data(),
+                                            quads_.bounds[part],
+                                            quads_.bounds[part + 1],
                                             src_tiles + tile * quads * tb * 4,
-                                            acc + tile * rows_ * tb};
+                                            acc + tile * rows * tb};
                     (*code_[tile_vectors(B, tile, lanes_) - 1])(c);
                 }
         }
-        unpack_s32_tiles(acc, B, rows_, correction, row_scale, fwd ? t.bias : nullptr,
+        unpack_s32_tiles(acc, B, rows, correction, row_scale, fwd ? t.bias : nullptr,
                          fwd ? t.dst : t.diff_src, nt);
         return nullptr;
     }
 
 private:
-    problem p_;
-    int64_t rows_ = 0;
-    std::vector<int64_t> entry_ptr_, value_index_, quad_ptr_, quad_of_, bounds_;
-    std::vector<uint8_t> byte_of_;
-    std::vector<int32_t> offsets_;
+    // A quad's source row: one tile row per 4 features.
+    static int64_t quad_offset(int64_t, int64_t quad) {
+        return quad * jit::tile_row_bytes;
+    }
+
+    problem p_; // batch 0: the plan serves every batch size
     int lanes_;
+    quad_plan quads_; // forward: the CSR; backward-data: its transpose
     std::vector<std::shared_ptr<const jit::jit_spmm_kernel>> code_;
 };
 
 class jit_linear_s8_bwd_weights_plan : public kernel {
 public:
-    jit_linear_s8_bwd_weights_plan(const problem &p, cpu_isa isa) : p_(p.without_batch()) {
-        const int64_t nnz = p.pattern.nnz();
-        const int32_t *ci = p.pattern.col_idx();
-        offsets_.assign(static_cast<size_t>(nnz) + jit::sddmm_offset_padding, 0);
-        for (int64_t e = 0; e < nnz; ++e)
-            offsets_[e] = static_cast<int32_t>(int64_t(ci[e]) * jit::s8_tile_row_bytes);
-        bounds_ = balance_rows(p.pattern.row_ptr(), p.out, std::max(1, p.num_threads));
-        code_ = jit::sddmm_kernel(jit::make_sparse_kernel_params(isa, jit::sparse_dtype::s8, 1));
-    }
+    jit_linear_s8_bwd_weights_plan(const problem &p, cpu_isa isa)
+        : p_(p.without_batch()),
+          entries_(
+                  csr_rows(p.pattern.row_ptr(), p.pattern.col_idx(), p.out),
+                  [](int64_t, int64_t k) { return k * jit::s8_tile_row_bytes; }, p.num_threads),
+          code_(jit::sddmm_kernel(jit::make_sparse_kernel_params(isa, jit::sparse_dtype::s8, 1))) {}
 
     const char *execute(const tensors &t) const override {
         runtime::scratchpad sp;
@@ -192,16 +138,16 @@ public:
         pack_s8_tiles(xq, B, K, x_tiles, nt);
         column_sums_s8(xq, B, K, col_sum, nt);
         std::fill(acc, acc + nnz, 0);
-        const int parts = static_cast<int>(bounds_.size()) - 1;
+        const int parts = static_cast<int>(entries_.bounds.size()) - 1;
 #pragma omp parallel num_threads(nt)
         {
             const int nthr = omp_get_num_threads(), tid = omp_get_thread_num();
             for (int part = tid; part < parts; part += nthr)
                 for (int64_t tile = 0; tile < tiles; ++tile) {
-                    jit::sddmm_call_params c{offsets_.data(),
-                                             p_.pattern.row_ptr(),
-                                             bounds_[part],
-                                             bounds_[part + 1],
+                    jit::sddmm_call_params c{entries_.offsets.data(),
+                                             entries_.row_ptr.data(),
+                                             entries_.bounds[part],
+                                             entries_.bounds[part + 1],
                                              x_tiles + tile * K * tb,
                                              g_tiles + tile * N * tb,
                                              acc,
@@ -222,8 +168,7 @@ public:
 
 private:
     problem p_; // batch 0: the plan serves every batch size
-    std::vector<int32_t> offsets_;
-    std::vector<int64_t> bounds_;
+    entry_plan entries_;
     std::shared_ptr<const jit::jit_sddmm_kernel> code_;
 };
 

@@ -44,19 +44,4 @@ cached_plan(const char *impl, cpu_isa isa, const problem &p,
     return plan;
 }
 
-std::vector<int64_t> balance_rows(const int64_t *row_ptr, int64_t rows, int parts) {
-    constexpr int64_t row_cost = 8;
-    const int64_t total = row_ptr[rows] + row_cost * rows;
-    std::vector<int64_t> bounds{0};
-    int64_t r = 0;
-    for (int part = 1; part < parts; ++part) {
-        const int64_t target = total * part / parts;
-        while (r < rows && row_ptr[r] + row_cost * r < target)
-            ++r;
-        bounds.push_back(r);
-    }
-    bounds.push_back(rows);
-    return bounds;
-}
-
 } // namespace qsp::detail

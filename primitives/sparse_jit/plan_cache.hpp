@@ -22,9 +22,4 @@ std::shared_ptr<const kernel>
 cached_plan(const char *impl, cpu_isa isa, const problem &p,
             const std::function<std::shared_ptr<const kernel>()> &make);
 
-// Row boundaries for `parts` parts of about equal cost (entries + a per-row
-// overhead): the partition of a plan's rows over threads. Each part's rows
-// are written by one thread only: no barriers, no atomics, no private copies.
-std::vector<int64_t> balance_rows(const int64_t *row_ptr, int64_t rows, int parts);
-
 } // namespace qsp::detail

@@ -1,0 +1,134 @@
+#include "primitives/sparse_jit/spmm_plan.hpp"
+
+#include <algorithm>
+#include <limits>
+#include <stdexcept>
+
+#include "jit/tile_abi.hpp"
+
+namespace qsp::detail {
+
+namespace {
+
+int32_t checked_offset(int64_t bytes) {
+    // why_not() refuses problems whose tiles exceed the 32-bit offsets; this
+    // guards the plans against a mistake there.
+    if (bytes < 0 || bytes > std::numeric_limits<int32_t>::max())
+        throw std::logic_error("sparse JIT plan: source offset " + std::to_string(bytes)
+                               + " outside the 32-bit range");
+    return static_cast<int32_t>(bytes);
+}
+
+} // namespace
+
+sparse_rows csr_rows(const int64_t *row_ptr, const int32_t *col_idx, int64_t rows) {
+    sparse_rows m;
+    for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t e = row_ptr[r]; e < row_ptr[r + 1]; ++e)
+            m.add(col_idx[e], e);
+        m.end_row();
+    }
+    return m;
+}
+
+sparse_rows transposed_rows(const int64_t *row_ptr, const int32_t *col_idx, int64_t rows,
+                            int64_t cols) {
+    sparse_rows m;
+    m.rows = cols;
+    const int64_t nnz = row_ptr[rows];
+    m.row_ptr.assign(static_cast<size_t>(cols) + 1, 0);
+    for (int64_t e = 0; e < nnz; ++e)
+        ++m.row_ptr[col_idx[e] + 1];
+    for (int64_t c = 0; c < cols; ++c)
+        m.row_ptr[c + 1] += m.row_ptr[c];
+    m.key.resize(static_cast<size_t>(nnz));
+    m.value_index.resize(static_cast<size_t>(nnz));
+    std::vector<int64_t> next(m.row_ptr.begin(), m.row_ptr.end() - 1);
+    for (int64_t r = 0; r < rows; ++r) // ascending r: keys ascend within a row of the transpose
+        for (int64_t e = row_ptr[r]; e < row_ptr[r + 1]; ++e) {
+            const int64_t slot = next[col_idx[e]]++;
+            m.key[slot] = r;
+            m.value_index[slot] = e;
+        }
+    return m;
+}
+
+entry_plan::entry_plan(const sparse_rows &m, const std::function<int64_t(int64_t, int64_t)> &offset,
+                       int parts)
+    : rows(m.rows), row_ptr(m.row_ptr) {
+    offsets.assign(static_cast<size_t>(m.entries()) + jit::sddmm_offset_padding, 0);
+    bool identity = true;
+    for (int64_t r = 0; r < rows; ++r)
+        for (int64_t e = row_ptr[r]; e < row_ptr[r + 1]; ++e) {
+            offsets[e] = checked_offset(offset(r, m.key[e]));
+            identity = identity && m.value_index[e] == e;
+        }
+    if (!identity) value_index = m.value_index;
+    bounds = balance_rows(row_ptr.data(), rows, std::max(1, parts));
+}
+
+const float *entry_plan::values(const float *csr_values, float *scratch, int num_threads) const {
+    if (value_index.empty()) return csr_values;
+    const int64_t n = static_cast<int64_t>(value_index.size());
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t s = 0; s < n; ++s)
+        scratch[s] = csr_values[value_index[s]];
+    return scratch;
+}
+
+quad_plan::quad_plan(const sparse_rows &m,
+                     const std::function<int64_t(int64_t, int64_t)> &quad_offset, int parts)
+    : rows(m.rows), entry_ptr(m.row_ptr), value_index(m.value_index) {
+    const int64_t n = m.entries();
+    quad_ptr.assign(static_cast<size_t>(rows) + 1, 0);
+    quad_of.resize(static_cast<size_t>(n));
+    byte_of.resize(static_cast<size_t>(n));
+    for (int64_t r = 0; r < rows; ++r) {
+        int64_t last = -1;
+        for (int64_t l = entry_ptr[r]; l < entry_ptr[r + 1]; ++l) {
+            const int64_t quad = m.key[l] / 4;
+            if (quad != last) {
+                if (quad < last) throw std::logic_error("quad plan: keys must ascend within a row");
+                last = quad;
+                offsets.push_back(checked_offset(quad_offset(r, quad)));
+            }
+            quad_of[l] = static_cast<int64_t>(offsets.size()) - 1;
+            byte_of[l] = static_cast<uint8_t>(m.key[l] % 4);
+        }
+        quad_ptr[r + 1] = static_cast<int64_t>(offsets.size());
+    }
+    bounds = balance_rows(quad_ptr.data(), rows, std::max(1, parts));
+}
+
+void quad_plan::fill(const int8_t *wq, uint32_t *words, int32_t *correction,
+                     int num_threads) const {
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t q = quad_ptr[r]; q < quad_ptr[r + 1]; ++q)
+            words[q] = 0;
+        int32_t sum = 0;
+        for (int64_t l = entry_ptr[r]; l < entry_ptr[r + 1]; ++l) {
+            const int8_t v = wq[value_index[l]];
+            words[quad_of[l]] |= static_cast<uint32_t>(static_cast<uint8_t>(v)) << (8 * byte_of[l]);
+            sum += v;
+        }
+        correction[r] = 128 * sum;
+    }
+}
+
+std::vector<int64_t> balance_rows(const int64_t *row_ptr, int64_t rows, int parts) {
+    constexpr int64_t row_cost = 8;
+    const int64_t total = row_ptr[rows] + row_cost * rows;
+    std::vector<int64_t> bounds{0};
+    int64_t r = 0;
+    for (int part = 1; part < parts; ++part) {
+        const int64_t target = total * part / parts;
+        while (r < rows && row_ptr[r] + row_cost * r < target)
+            ++r;
+        bounds.push_back(r);
+    }
+    bounds.push_back(rows);
+    return bounds;
+}
+
+} // namespace qsp::detail

@@ -1,0 +1,78 @@
+// A sparse matrix as the SpMM kernels walk it in one direction (Linear
+// forward: the CSR; backward-data: its transpose; Conv2d: per output channel,
+// or per input channel and stride phase), and the arrays the kernels take:
+// per row its entries, per entry the byte offset of its source tile row and
+// where its value comes from. Built once per layer and direction (a plan),
+// so the per-layer pattern work happens at conversion, not per step.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <vector>
+
+namespace qsp::detail {
+
+// Entries per row, each with a key (its column in the direction's
+// numbering, ascending within a row) and the index of its value in the
+// layer's CSR values.
+struct sparse_rows {
+    int64_t rows = 0;
+    std::vector<int64_t> row_ptr{0};
+    std::vector<int64_t> key;
+    std::vector<int64_t> value_index;
+
+    void add(int64_t k, int64_t value) {
+        key.push_back(k);
+        value_index.push_back(value);
+    }
+    void end_row() {
+        row_ptr.push_back(static_cast<int64_t>(key.size()));
+        ++rows;
+    }
+    int64_t entries() const { return static_cast<int64_t>(key.size()); }
+};
+
+// The CSR itself (row r, key = column) and its transpose (row = column,
+// key = row, ascending).
+sparse_rows csr_rows(const int64_t *row_ptr, const int32_t *col_idx, int64_t rows);
+sparse_rows transposed_rows(const int64_t *row_ptr, const int32_t *col_idx, int64_t rows,
+                            int64_t cols);
+
+// One kernel entry per nonzero: the f32 SpMM, and every SDDMM.
+struct entry_plan {
+    int64_t rows = 0;
+    std::vector<int64_t> row_ptr, bounds;
+    std::vector<int32_t> offsets;     // + sddmm_offset_padding readable entries
+    std::vector<int64_t> value_index; // empty: the CSR order itself
+    // offset(row, key): byte offset of the entry's source row from the
+    // pixel base; parts: the thread count (rows are split nnz-balanced).
+    entry_plan(const sparse_rows &m, const std::function<int64_t(int64_t, int64_t)> &offset,
+               int parts);
+    // The values in kernel order (the CSR values when no permutation is needed).
+    const float *values(const float *csr_values, float *scratch, int num_threads) const;
+};
+
+// s8 SpMM arrays over "quads": consecutive entries of a row whose keys share
+// key / 4 form one kernel entry (their 4 int8 weights packed in a dword, the
+// source row holding the 4 matching bytes per batch element).
+struct quad_plan {
+    int64_t rows = 0;
+    std::vector<int64_t> quad_ptr, bounds; // kernel rows over quads
+    std::vector<int32_t> offsets;          // per quad
+    std::vector<int64_t> entry_ptr, value_index, quad_of;
+    std::vector<uint8_t> byte_of;
+    // quad_offset(row, key / 4): byte offset of the quad's source row.
+    quad_plan(const sparse_rows &m, const std::function<int64_t(int64_t, int64_t)> &quad_offset,
+              int parts);
+    int64_t quads() const { return static_cast<int64_t>(offsets.size()); }
+    // From this step's quantized weights: the quad dwords, and per row the
+    // exact term 128 * sum(w) that the kernel's +128 shift adds.
+    void fill(const int8_t *wq, uint32_t *words, int32_t *correction, int num_threads) const;
+};
+
+// Row boundaries for `parts` parts of about equal cost (entries + a per-row
+// overhead): the partition of a plan's rows over threads. Each part's rows
+// are written by one thread only: no barriers, no atomics, no private copies.
+std::vector<int64_t> balance_rows(const int64_t *row_ptr, int64_t rows, int parts);
+
+} // namespace qsp::detail
