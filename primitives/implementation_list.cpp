@@ -8,6 +8,7 @@
 #include "primitives/dense_onednn/dense_s8_linear.hpp"
 #include "primitives/ref/dense_semantics.hpp"
 #include "primitives/ref/ref_implementation.hpp"
+#include "primitives/sparse_jit/jit_conv2d.hpp"
 #include "primitives/sparse_jit/jit_linear_f32.hpp"
 #include "primitives/sparse_jit/jit_linear_s8.hpp"
 
@@ -33,6 +34,11 @@ const std::vector<implementation> &implementation_list() {
         jit_avx512_vnni_linear_s8_implementation(),
         jit_avx512_linear_s8_implementation(),
         jit_avx2_linear_s8_implementation(),
+        with_dense_semantics(jit_avx512_conv2d_f32_implementation()),
+        with_dense_semantics(jit_avx2_conv2d_f32_implementation()),
+        jit_avx512_vnni_conv2d_s8_implementation(),
+        jit_avx512_conv2d_s8_implementation(),
+        jit_avx2_conv2d_s8_implementation(),
         dense_onednn_s8_linear_implementation(),
         with_dense_semantics(ref_implementation()),
     };

@@ -156,7 +156,8 @@ private:
 implementation jit_linear_f32_implementation(const char *name, cpu_isa isa) {
     return {name,
             [isa](const problem &p) -> std::string {
-                if (p.op != op_kind::linear) return "Conv2d has no JIT kernel yet";
+                if (p.op != op_kind::linear)
+                    return "Linear only (Conv2d has implementations of its own)";
                 if (p.scheme != quant_scheme::f32)
                     return "f32 only (s8 has implementations of its own)";
                 if (effective_cpu_isa() < isa)

@@ -176,7 +176,8 @@ implementation jit_linear_s8_implementation(const char *name, cpu_isa isa) {
     const bool vnni = isa == cpu_isa::avx512_core_vnni;
     return {name,
             [isa, vnni](const problem &p) -> std::string {
-                if (p.op != op_kind::linear) return "Linear only";
+                if (p.op != op_kind::linear)
+                    return "Linear only (Conv2d has implementations of its own)";
                 if (p.scheme != quant_scheme::s8) return "s8 only";
                 if (effective_cpu_isa() < isa)
                     return std::string("needs ") + to_string(isa) + ", effective ISA is "

@@ -1,0 +1,82 @@
+// Conv2d on the sparse JIT kernels, "batch-innermost": every tensor is kept
+// in tiles of 64 batch elements (jit/tile_abi.hpp) whose rows are (channel,
+// h, w) positions, so a weight (oc, ic, kh, kw) is one broadcast and a few
+// vector multiply-adds per output pixel, and the kernels' pixel grid walks
+// the output (forward, backward-weights) or the input (backward-data).
+//
+//   forward           x tiles, zero-padded: rows (ic, h + top + bottom, w + left + right);
+//                     y tiles rows (oc, oh, ow); a row oc's entry (ic, kh, kw)
+//                     reads x at (ic, oh * sh + kh * dh, ow * sw + kw * dw)
+//   backward-data     gathered, never scattered (no two threads write one
+//                     element): input positions split by stride phase
+//                     (ih + top) % sh, (iw + left) % sw; in one phase, input
+//                     channel ic takes the taps (oc, kh, kw) whose output
+//                     position is whole, from dY tiles padded so that every
+//                     such tap reads inside them
+//   backward-weights  an SDDMM whose dot products run over batch and pixels
+//
+// This header states the geometry once for the f32 and s8 plans.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "primitives/core/problem.hpp"
+#include "primitives/passes/tile_layout.hpp"
+#include "primitives/sparse_jit/spmm_plan.hpp"
+
+namespace qsp::detail {
+
+struct conv_layout {
+    int64_t in_c, in_h, in_w, out_c, out_h, out_w;
+    int64_t kh, kw, sh, sw, dh, dw, groups, icg, ocg;
+    spatial_pad x_pad;  // the convolution's own padding
+    int64_t hp, wp;     // padded input
+    spatial_pad dy_pad; // backward-data: dY padded so every tap reads inside
+    int64_t ohp, owp;   // padded dY
+
+    // A stride phase of the input, for backward-data: the real input
+    // positions (ih, iw) with (ih + top) % sh == ph and (iw + left) % sw == pw.
+    struct phase {
+        int64_t ph, pw;
+        int64_t ih0, iw0; // the first such position
+        int64_t n_h, n_w; // how many along h and w (>= 1)
+        int64_t qh0, qw0; // (ih0 + top - ph) / sh, (iw0 + left - pw) / sw
+    };
+    std::vector<phase> phases;
+
+    explicit conv_layout(const conv2d_shape &s);
+
+    int64_t out_pixels() const { return out_h * out_w; }
+    int64_t in_pixels() const { return in_h * in_w; }
+    int64_t group_of_out(int64_t oc) const { return oc / ocg; }
+
+    struct tap {
+        int64_t ic, kh, kw; // ic within the group
+    };
+    tap decode(int64_t col) const { return {col / (kh * kw), (col / kw) % kh, col % kw}; }
+
+    // Forward / backward-weights: the tile row, in the padded x tiles, that
+    // entry (oc, col) reads at output pixel (0, 0).
+    int64_t x_row(int64_t oc, int64_t col) const;
+    // The whole problem seen per output channel (the CSR), with the s8 keys
+    // ((kh, kw), ic / 4, ic % 4) that make quads of 4 channels at one tap.
+    sparse_rows forward_rows(const csr_pattern &p, bool s8_quads) const;
+    int64_t forward_quad_row(int64_t quad) const; // padded x quad-tile row of a quad key
+
+    // Backward-data, one phase: per input channel, the taps (oc, kh, kw)
+    // whose output position is whole, keyed for s8 quads over oc.
+    sparse_rows backward_data_rows(const csr_pattern &p, const phase &ph, bool s8_quads) const;
+    // The padded dY (quad-)tile row entry key of phase ph reads at the
+    // phase's first pixel.
+    int64_t dy_row(const phase &ph, int64_t oc, int64_t kh, int64_t kw) const;
+    int64_t backward_data_quad_row(const phase &ph, int64_t quad) const;
+    // Decodes a backward-data key of this layout.
+    void decode_backward_key(int64_t key, bool s8_quads, int64_t &oc, int64_t &kh,
+                             int64_t &kw) const;
+
+    // m: the output row offset of tap k in a phase, (p - k * d) / s, when whole.
+    static bool tap_in_phase(int64_t p, int64_t k, int64_t d, int64_t s, int64_t &m);
+};
+
+} // namespace qsp::detail

@@ -1,0 +1,522 @@
+// Sparse Conv2d on the JIT kernels, f32 and s8, batch-innermost
+// (conv_layout.hpp): the same SpMM / SDDMM kernels as Linear, walking a grid
+// of pixels; the per-layer plans (entries, offsets, stride phases, row
+// partitions) are built once per problem and cached; every batch size
+// shares them. Threading as for Linear: nnz-balanced row parts written by
+// one thread each, tiles in order inside a part, so no write collides and
+// results do not depend on the thread count.
+#include "primitives/sparse_jit/jit_conv2d.hpp"
+
+#include <algorithm>
+#include <limits>
+#include <memory>
+
+#include <omp.h>
+
+#include "jit/jit_uni_sddmm_kernel.hpp"
+#include "jit/jit_uni_spmm_kernel.hpp"
+#include "primitives/core/s8_protocol.hpp"
+#include "primitives/passes/bias_grad.hpp"
+#include "primitives/passes/quantize.hpp"
+#include "primitives/passes/tile_layout.hpp"
+#include "primitives/sparse_jit/conv_layout.hpp"
+#include "primitives/sparse_jit/plan_cache.hpp"
+#include "runtime/scratch_pool.hpp"
+
+namespace qsp::detail {
+
+namespace {
+
+constexpr int64_t tb = jit::tile_batch;
+constexpr int64_t rb = jit::tile_row_bytes;     // f32 / int32 / quad tile rows
+constexpr int64_t rb8 = jit::s8_tile_row_bytes; // int8 tile rows
+
+// body(part, tile) for every row part of `bounds` and batch tile; parts are
+// spread over the team and a part's rows are written by one thread only.
+template <typename body_t>
+void for_parts(const std::vector<int64_t> &bounds, int64_t tiles, int threads, body_t body) {
+    const int parts = static_cast<int>(bounds.size()) - 1;
+#pragma omp parallel num_threads(threads)
+    {
+        const int nthr = omp_get_num_threads(), tid = omp_get_thread_num();
+        for (int part = tid; part < parts; part += nthr)
+            for (int64_t tile = 0; tile < tiles; ++tile)
+                body(part, tile);
+    }
+}
+
+template <typename plan_t>
+jit::spmm_call_params spmm_call(const plan_t &plan, const std::vector<int64_t> &row_ptr, int part,
+                                const void *values, const void *src, void *dst,
+                                int64_t dst_row_stride, const jit::pixel_grid &pix) {
+    jit::spmm_call_params c{values,
+                            plan.offsets.data(),
+                            row_ptr.data(),
+                            plan.bounds[part],
+                            plan.bounds[part + 1],
+                            src,
+                            dst};
+    c.dst_row_stride = dst_row_stride;
+    c.pix = pix;
+    return c;
+}
+
+// The forward's pixel grid over the output, for tile rows of `row_bytes`.
+jit::pixel_grid output_grid(const conv_layout &l, int64_t rows_h, int64_t row_bytes) {
+    jit::pixel_grid g;
+    g.n_h = rows_h;
+    g.n_w = l.out_w;
+    g.src_h = l.sh * l.wp * row_bytes;
+    g.src_w = l.sw * row_bytes;
+    g.dst_h = l.out_w * row_bytes;
+    g.dst_w = row_bytes;
+    return g;
+}
+
+// Backward-data: phase f's pixel grid over the input.
+jit::pixel_grid phase_grid(const conv_layout &l, const conv_layout::phase &f) {
+    jit::pixel_grid g;
+    g.n_h = f.n_h;
+    g.n_w = f.n_w;
+    g.src_h = l.owp * rb;
+    g.src_w = rb;
+    g.dst_h = l.sh * l.in_w * rb;
+    g.dst_w = l.sw * rb;
+    return g;
+}
+
+std::vector<std::shared_ptr<const jit::jit_spmm_kernel>> spmm_kernels(cpu_isa isa,
+                                                                      jit::sparse_dtype dt) {
+    std::vector<std::shared_ptr<const jit::jit_spmm_kernel>> out;
+    for (int nv = 1; nv <= jit::tile_batch / jit::vector_lanes(isa); ++nv)
+        out.push_back(jit::spmm_kernel(jit::make_sparse_kernel_params(isa, dt, nv)));
+    return out;
+}
+
+// ---- f32 -----------------------------------------------------------------------
+
+class jit_conv2d_f32_plan : public kernel {
+public:
+    jit_conv2d_f32_plan(const problem &p, cpu_isa isa)
+        : p_(p.without_batch()), l_(p.conv), lanes_(jit::vector_lanes(isa)) {
+        const int threads = p.num_threads;
+        if (p.dir == direction::backward_data) {
+            for (const auto &f : l_.phases) {
+                const sparse_rows rows = l_.backward_data_rows(p.pattern, f, false);
+                phases_.push_back({f, entry_plan(
+                                              rows,
+                                              [&](int64_t, int64_t key) {
+                                                  int64_t oc, kh, kw;
+                                                  l_.decode_backward_key(key, false, oc, kh, kw);
+                                                  return l_.dy_row(f, oc, kh, kw) * rb;
+                                              },
+                                              threads)});
+            }
+            spmm_ = spmm_kernels(isa, jit::sparse_dtype::f32);
+            return;
+        }
+        entries_ = std::make_unique<entry_plan>(
+                l_.forward_rows(p.pattern, false),
+                [&](int64_t oc, int64_t col) { return l_.x_row(oc, col) * rb; }, threads);
+        if (p.dir == direction::forward) {
+            spmm_ = spmm_kernels(isa, jit::sparse_dtype::f32);
+        } else {
+            for (int nv = 1; nv <= jit::tile_batch / lanes_; ++nv)
+                sddmm_.push_back(jit::sddmm_kernel(
+                        jit::make_sparse_kernel_params(isa, jit::sparse_dtype::f32, nv)));
+        }
+    }
+
+    const char *execute(const tensors &t) const override {
+        runtime::scratchpad sp;
+        switch (p_.dir) {
+            case direction::forward:
+                forward(t, sp);
+                break;
+            case direction::backward_data:
+                backward_data(t, sp);
+                break;
+            case direction::backward_weights:
+                backward_weights(t, sp);
+                break;
+        }
+        return nullptr;
+    }
+
+private:
+    struct phase_plan {
+        conv_layout::phase phase;
+        entry_plan plan;
+    };
+
+    int64_t x_rows() const { return l_.in_c * l_.hp * l_.wp; }
+
+    void forward(const tensors &t, runtime::scratchpad &sp) const {
+        const int nt = p_.num_threads;
+        const int64_t B = t.batch, y_rows = l_.out_c * l_.out_pixels();
+        float *x = sp.get<float>(0, tiled_elems(B, x_rows()));
+        float *y = sp.get<float>(1, tiled_elems(B, y_rows));
+        pack_tiles_padded(t.src, B, l_.in_c, l_.in_h, l_.in_w, l_.x_pad, x, nt);
+        const jit::pixel_grid grid = output_grid(l_, l_.out_h, rb);
+        for_parts(entries_->bounds, tile_count(B), nt, [&](int part, int64_t tile) {
+            const auto c = spmm_call(*entries_, entries_->row_ptr, part, t.weights,
+                                     x + tile * x_rows() * tb, y + tile * y_rows * tb,
+                                     l_.out_pixels() * rb, grid);
+            (*spmm_[tile_vectors(B, tile, lanes_) - 1])(c);
+        });
+        unpack_tiles(y, B, y_rows, t.bias, t.dst, nt, l_.out_pixels());
+    }
+
+    void backward_data(const tensors &t, runtime::scratchpad &sp) const {
+        const int nt = p_.num_threads;
+        const int64_t B = t.batch, dy_rows = l_.out_c * l_.ohp * l_.owp,
+                      dx_rows = l_.in_c * l_.in_pixels();
+        float *dy = sp.get<float>(0, tiled_elems(B, dy_rows));
+        float *dx = sp.get<float>(1, tiled_elems(B, dx_rows));
+        float *values = sp.get<float>(2, p_.pattern.nnz());
+        pack_tiles_padded(t.diff_dst, B, l_.out_c, l_.out_h, l_.out_w, l_.dy_pad, dy, nt);
+        for (const phase_plan &f : phases_) {
+            const float *v = f.plan.values(t.weights, values, nt);
+            const jit::pixel_grid grid = phase_grid(l_, f.phase);
+            const int64_t start = (f.phase.ih0 * l_.in_w + f.phase.iw0) * tb;
+            for_parts(f.plan.bounds, tile_count(B), nt, [&](int part, int64_t tile) {
+                const auto c =
+                        spmm_call(f.plan, f.plan.row_ptr, part, v, dy + tile * dy_rows * tb,
+                                  dx + tile * dx_rows * tb + start, l_.in_pixels() * rb, grid);
+                (*spmm_[tile_vectors(B, tile, lanes_) - 1])(c);
+            });
+        }
+        unpack_tiles(dx, B, dx_rows, nullptr, t.diff_src, nt);
+    }
+
+    void backward_weights(const tensors &t, runtime::scratchpad &sp) const {
+        const int nt = p_.num_threads;
+        const int64_t B = t.batch, dy_rows = l_.out_c * l_.out_pixels();
+        float *x = sp.get<float>(0, tiled_elems(B, x_rows()));
+        float *dy = sp.get<float>(1, tiled_elems(B, dy_rows));
+        pack_tiles_padded(t.src, B, l_.in_c, l_.in_h, l_.in_w, l_.x_pad, x, nt);
+        pack_tiles(t.diff_dst, B, dy_rows, dy, nt);
+        std::fill(t.diff_weights, t.diff_weights + p_.pattern.nnz(), 0.f);
+        const jit::pixel_grid grid = output_grid(l_, l_.out_h, rb);
+        for_parts(entries_->bounds, tile_count(B), nt, [&](int part, int64_t tile) {
+            jit::sddmm_call_params c{entries_->offsets.data(),
+                                     entries_->row_ptr.data(),
+                                     entries_->bounds[part],
+                                     entries_->bounds[part + 1],
+                                     x + tile * x_rows() * tb,
+                                     dy + tile * dy_rows * tb,
+                                     t.diff_weights};
+            c.dy_row_stride = l_.out_pixels() * rb;
+            c.pix = grid;
+            (*sddmm_[tile_vectors(B, tile, lanes_) - 1])(c);
+        });
+        if (t.diff_bias) bias_grad(t.diff_dst, t.diff_bias, B, l_.out_c, l_.out_pixels(), nt);
+    }
+
+    problem p_; // batch 0: the plan serves every batch size
+    conv_layout l_;
+    int lanes_;
+    std::unique_ptr<entry_plan> entries_; // forward, backward-weights: per output channel
+    std::vector<phase_plan> phases_;      // backward-data: per stride phase
+    std::vector<std::shared_ptr<const jit::jit_spmm_kernel>> spmm_;
+    std::vector<std::shared_ptr<const jit::jit_sddmm_kernel>> sddmm_;
+};
+
+// ---- s8 ------------------------------------------------------------------------
+
+class jit_conv2d_s8_plan : public kernel {
+public:
+    jit_conv2d_s8_plan(const problem &p, cpu_isa isa)
+        : p_(p.without_batch()), l_(p.conv), lanes_(jit::vector_lanes(isa)) {
+        const int threads = p.num_threads;
+        switch (p.dir) {
+            case direction::forward:
+                quads_ = std::make_unique<quad_plan>(
+                        l_.forward_rows(p.pattern, true),
+                        [&](int64_t, int64_t quad) { return l_.forward_quad_row(quad) * rb; },
+                        threads);
+                spmm_ = spmm_kernels(isa, jit::sparse_dtype::s8);
+                break;
+            case direction::backward_data:
+                for (const auto &f : l_.phases)
+                    phases_.push_back({f, quad_plan(
+                                                  l_.backward_data_rows(p.pattern, f, true),
+                                                  [&](int64_t, int64_t quad) {
+                                                      return l_.backward_data_quad_row(f, quad)
+                                                             * rb;
+                                                  },
+                                                  threads)});
+                spmm_ = spmm_kernels(isa, jit::sparse_dtype::s8);
+                break;
+            case direction::backward_weights:
+                entries_ = std::make_unique<entry_plan>(
+                        l_.forward_rows(p.pattern, false),
+                        [&](int64_t oc, int64_t col) { return l_.x_row(oc, col) * rb8; }, threads);
+                sddmm_ = jit::sddmm_kernel(
+                        jit::make_sparse_kernel_params(isa, jit::sparse_dtype::s8, 1));
+                // Per entry: where its window sum of X sits (tap-major).
+                tap_of_entry_.resize(static_cast<size_t>(p.pattern.nnz()));
+                for (int64_t oc = 0; oc < l_.out_c; ++oc)
+                    for (int64_t e = p.pattern.row_ptr()[oc]; e < p.pattern.row_ptr()[oc + 1];
+                         ++e) {
+                        const auto tp = l_.decode(p.pattern.col_idx()[e]);
+                        const int64_t ic = l_.group_of_out(oc) * l_.icg + tp.ic;
+                        tap_of_entry_[e] = (ic * l_.kh + tp.kh) * l_.kw + tp.kw;
+                    }
+                break;
+        }
+    }
+
+    const char *execute(const tensors &t) const override {
+        runtime::scratchpad sp;
+        switch (p_.dir) {
+            case direction::forward:
+                forward(t, sp);
+                break;
+            case direction::backward_data:
+                backward_data(t, sp);
+                break;
+            case direction::backward_weights:
+                backward_weights(t, sp);
+                break;
+        }
+        return nullptr;
+    }
+
+    // The s8 SDDMM sums int32 pieces of at most this many batch x pixel
+    // terms (255 * 127 * 65536 < 2^31); the pieces are added in int64.
+    static constexpr int64_t max_piece_pixels = int32_safe_reduction_length / jit::tile_batch;
+
+private:
+    struct phase_plan {
+        conv_layout::phase phase;
+        quad_plan plan;
+    };
+
+    void forward(const tensors &t, runtime::scratchpad &sp) const {
+        const int nt = p_.num_threads;
+        const int64_t B = t.batch, nnz = p_.pattern.nnz(), oc = l_.out_c;
+        const int64_t x_rows = (l_.in_c + 3) / 4 * l_.hp * l_.wp, y_rows = oc * l_.out_pixels();
+        auto *wq = sp.get<int8_t>(0, nnz);
+        auto *w_scale = sp.get<float>(1, oc);
+        auto *words = sp.get<uint32_t>(2, quads_->quads());
+        auto *correction = sp.get<int32_t>(3, oc);
+        auto *x = sp.get<uint8_t>(4, tile_count(B) * x_rows * rb);
+        auto *acc = sp.get<int32_t>(5, tiled_elems(B, y_rows));
+        auto *row_scale = sp.get<float>(6, oc);
+        const int64_t src_elems = B * l_.in_c * l_.in_pixels();
+        auto *local_xq = t.workspace ? nullptr : sp.get<int8_t>(7, src_elems);
+        quantize_weights(p_.pattern, t.weights, wq, w_scale, nt);
+        quads_->fill(wq, words, correction, nt);
+        const s8::workspace_view ws{t.workspace};
+        int8_t *xq = t.workspace ? ws.src_q() : local_xq;
+        const float sx = quantize_rne(t.src, src_elems, xq, nt);
+        if (t.workspace) ws.set_src_scale(sx);
+        pack_quad_tiles_padded(xq, B, l_.in_c, l_.in_h, l_.in_w, l_.x_pad, x, nt);
+        for (int64_t o = 0; o < oc; ++o)
+            row_scale[o] = s8::forward_scale(sx, w_scale[o]);
+        const jit::pixel_grid grid = output_grid(l_, l_.out_h, rb);
+        for_parts(quads_->bounds, tile_count(B), nt, [&](int part, int64_t tile) {
+            const auto c = spmm_call(*quads_, quads_->quad_ptr, part, words, x + tile * x_rows * rb,
+                                     acc + tile * y_rows * tb, l_.out_pixels() * rb, grid);
+            (*spmm_[tile_vectors(B, tile, lanes_) - 1])(c);
+        });
+        unpack_s32_tiles(acc, B, y_rows, correction, row_scale, t.bias, t.dst, nt, l_.out_pixels());
+    }
+
+    void backward_data(const tensors &t, runtime::scratchpad &sp) const {
+        const int nt = p_.num_threads;
+        const int64_t B = t.batch, nnz = p_.pattern.nnz(), oc = l_.out_c, in_px = l_.in_pixels();
+        const int64_t dy_rows = (oc + 3) / 4 * l_.ohp * l_.owp, dx_rows = l_.in_c * in_px;
+        int64_t max_quads = 1;
+        for (const phase_plan &f : phases_)
+            max_quads = std::max(max_quads, f.plan.quads());
+        auto *wq = sp.get<int8_t>(0, nnz);
+        auto *w_scale = sp.get<float>(1, oc);
+        auto *g2 = sp.get<int8_t>(2, B * oc * l_.out_pixels());
+        auto *dy = sp.get<uint8_t>(3, tile_count(B) * dy_rows * rb);
+        auto *acc = sp.get<int32_t>(4, tiled_elems(B, dx_rows));
+        auto *words = sp.get<uint32_t>(5, max_quads);
+        auto *phase_corr = sp.get<int32_t>(6, l_.in_c);
+        auto *correction = sp.get<int32_t>(7, dx_rows);
+        auto *scale = sp.get<float>(8, dx_rows);
+        quantize_weights(p_.pattern, t.weights, wq, w_scale, nt);
+        const float sg2 = quantize_stochastic(t.diff_dst, B * oc * l_.out_pixels(), w_scale, oc,
+                                              l_.out_pixels(), s8::dx_stream(t.seed), g2, nt);
+        pack_quad_tiles_padded(g2, B, oc, l_.out_h, l_.out_w, l_.dy_pad, dy, nt);
+        for (const phase_plan &f : phases_) {
+            f.plan.fill(wq, words, phase_corr, nt);
+            const jit::pixel_grid grid = phase_grid(l_, f.phase);
+            const int64_t start = (f.phase.ih0 * l_.in_w + f.phase.iw0) * tb;
+            for_parts(f.plan.bounds, tile_count(B), nt, [&](int part, int64_t tile) {
+                const auto c =
+                        spmm_call(f.plan, f.plan.quad_ptr, part, words, dy + tile * dy_rows * rb,
+                                  acc + tile * dx_rows * tb + start, in_px * rb, grid);
+                (*spmm_[tile_vectors(B, tile, lanes_) - 1])(c);
+            });
+            // Each input pixel's +128 correction is that of its phase's taps.
+#pragma omp parallel for num_threads(nt) schedule(static)
+            for (int64_t ic = 0; ic < l_.in_c; ++ic)
+                for (int64_t a = 0; a < f.phase.n_h; ++a)
+                    for (int64_t b = 0; b < f.phase.n_w; ++b)
+                        correction[ic * in_px + (f.phase.ih0 + a * l_.sh) * l_.in_w + f.phase.iw0
+                                   + b * l_.sw] = phase_corr[ic];
+        }
+        std::fill(scale, scale + dx_rows, sg2);
+        unpack_s32_tiles(acc, B, dx_rows, correction, scale, nullptr, t.diff_src, nt);
+    }
+
+    void backward_weights(const tensors &t, runtime::scratchpad &sp) const {
+        const int nt = p_.num_threads;
+        const int64_t B = t.batch, nnz = p_.pattern.nnz(), oc = l_.out_c;
+        const int64_t x_rows = l_.in_c * l_.hp * l_.wp, dy_rows = oc * l_.out_pixels();
+        const int64_t taps = l_.in_c * l_.kh * l_.kw, tiles = tile_count(B);
+        const s8::workspace_view ws{t.workspace};
+        const int8_t *xq = ws.src_q();
+        auto *g1 = sp.get<uint8_t>(0, tiles * dy_rows * rb8);
+        auto *x = sp.get<int8_t>(1, tiles * x_rows * rb8);
+        auto *piece = sp.get<int32_t>(2, nnz + jit::sddmm_offset_padding);
+        auto *acc = sp.get<int64_t>(3, nnz);
+        auto *plane_sum = sp.get<int32_t>(4, l_.in_c * l_.in_pixels());
+        auto *window_sum = sp.get<int64_t>(5, taps);
+        const float sg1 = quantize_stochastic_to_s8_tiles(t.diff_dst, B, dy_rows,
+                                                          s8::dw_stream(t.seed), g1, nt);
+        pack_s8_tiles_padded(xq, B, l_.in_c, l_.in_h, l_.in_w, l_.x_pad, x, nt);
+        window_sums(xq, B, plane_sum, window_sum, nt);
+        std::fill(acc, acc + nnz, int64_t(0));
+        // Pieces: whole output rows, at most max_piece_pixels pixels per tile.
+        const int64_t rows_per_piece = std::max<int64_t>(1, max_piece_pixels / l_.out_w);
+        for (int64_t tile = 0; tile < tiles; ++tile)
+            for (int64_t oh0 = 0; oh0 < l_.out_h; oh0 += rows_per_piece) {
+                const int64_t rows = std::min(rows_per_piece, l_.out_h - oh0);
+                std::fill(piece, piece + nnz, 0);
+                const jit::pixel_grid grid = output_grid(l_, rows, rb8);
+                for_parts(entries_->bounds, 1, nt, [&](int part, int64_t) {
+                    jit::sddmm_call_params c{entries_->offsets.data(),
+                                             entries_->row_ptr.data(),
+                                             entries_->bounds[part],
+                                             entries_->bounds[part + 1],
+                                             x + (tile * x_rows + oh0 * l_.sh * l_.wp) * rb8,
+                                             g1 + (tile * dy_rows + oh0 * l_.out_w) * rb8,
+                                             piece};
+                    c.dy_row_stride = l_.out_pixels() * rb8;
+                    c.pix = grid;
+                    (*sddmm_)(c);
+                });
+#pragma omp parallel for num_threads(nt) schedule(static)
+                for (int64_t e = 0; e < nnz; ++e)
+                    acc[e] += piece[e];
+            }
+        const float scale = s8::backward_weights_scale(sg1, ws.src_scale());
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (int64_t e = 0; e < nnz; ++e)
+            t.diff_weights[e] =
+                    static_cast<float>(acc[e] - 128 * window_sum[tap_of_entry_[e]]) * scale;
+        if (t.diff_bias) bias_grad(t.diff_dst, t.diff_bias, B, oc, l_.out_pixels(), nt);
+    }
+
+    // window_sum[(ic, kh, kw)] = sum over batch and output pixels of the X
+    // value tap (kh, kw) reads (0 in the padding): what the SDDMM's +128
+    // shift of G adds to each weight of that tap.
+    void window_sums(const int8_t *xq, int64_t batch, int32_t *plane_sum, int64_t *window_sum,
+                     int nt) const {
+        const int64_t px = l_.in_pixels();
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (int64_t ic = 0; ic < l_.in_c; ++ic) {
+            int32_t *s = plane_sum + ic * px;
+            std::fill(s, s + px, 0);
+            for (int64_t b = 0; b < batch; ++b) {
+                const int8_t *plane = xq + (b * l_.in_c + ic) * px;
+                for (int64_t i = 0; i < px; ++i)
+                    s[i] += plane[i];
+            }
+            for (int64_t k_h = 0; k_h < l_.kh; ++k_h)
+                for (int64_t k_w = 0; k_w < l_.kw; ++k_w) {
+                    int64_t sum = 0;
+                    for (int64_t oh = 0; oh < l_.out_h; ++oh) {
+                        const int64_t ih = oh * l_.sh + k_h * l_.dh - l_.x_pad.top;
+                        if (ih < 0 || ih >= l_.in_h) continue;
+                        for (int64_t ow = 0; ow < l_.out_w; ++ow) {
+                            const int64_t iw = ow * l_.sw + k_w * l_.dw - l_.x_pad.left;
+                            if (iw >= 0 && iw < l_.in_w) sum += s[ih * l_.in_w + iw];
+                        }
+                    }
+                    window_sum[(ic * l_.kh + k_h) * l_.kw + k_w] = sum;
+                }
+        }
+    }
+
+    problem p_; // batch 0: the plan serves every batch size
+    conv_layout l_;
+    int lanes_;
+    std::unique_ptr<quad_plan> quads_;    // forward
+    std::vector<phase_plan> phases_;      // backward-data
+    std::unique_ptr<entry_plan> entries_; // backward-weights
+    std::vector<int64_t> tap_of_entry_;   // backward-weights
+    std::vector<std::shared_ptr<const jit::jit_spmm_kernel>> spmm_;
+    std::shared_ptr<const jit::jit_sddmm_kernel> sddmm_;
+};
+
+// ---- implementations ---------------------------------------------------------------
+
+// Why the batch-innermost kernels cannot take a Conv2d problem ("" if they can).
+std::string conv_refusal(const problem &p, quant_scheme scheme, cpu_isa isa) {
+    if (p.op != op_kind::conv2d) return "Conv2d only (Linear has implementations of its own)";
+    if (p.scheme != scheme) return std::string(to_string(scheme)) + " only";
+    const cpu_isa eff = effective_cpu_isa();
+    if (eff < isa)
+        return std::string("needs ") + to_string(isa) + ", effective ISA is " + to_string(eff);
+    if (isa == cpu_isa::avx2 && eff >= cpu_isa::avx512_core)
+        return "superseded by the AVX-512 kernels on this CPU";
+    if (scheme == quant_scheme::s8 && isa == cpu_isa::avx512_core
+        && eff >= cpu_isa::avx512_core_vnni)
+        return "superseded by jit:avx512_core_vnni on this CPU";
+    const conv_layout l(p.conv);
+    constexpr int64_t limit = std::numeric_limits<int32_t>::max() / jit::tile_row_bytes;
+    if (l.in_c * l.hp * l.wp > limit || l.out_c * l.ohp * l.owp > limit
+        || l.in_c * l.in_pixels() > limit || l.out_c * l.out_pixels() > limit)
+        return "a tensor's tile rows exceed the 32-bit tile offsets";
+    if (scheme == quant_scheme::s8) {
+        const int64_t fwd_terms = l.icg * l.kh * l.kw, bwd_terms = l.ocg * l.kh * l.kw;
+        if (std::max(fwd_terms, bwd_terms) > int32_safe_reduction_length)
+            return "a reduction of " + std::to_string(std::max(fwd_terms, bwd_terms))
+                   + " terms could overflow int32";
+        if (l.out_w > jit_conv2d_s8_plan::max_piece_pixels)
+            return "output width " + std::to_string(l.out_w) + " > "
+                   + std::to_string(jit_conv2d_s8_plan::max_piece_pixels)
+                   + ": one output row would overflow the int32 pieces of backward-weights";
+    }
+    return "";
+}
+
+implementation jit_conv2d_implementation(const char *name, quant_scheme scheme, cpu_isa isa) {
+    return {name, [scheme, isa](const problem &p) { return conv_refusal(p, scheme, isa); },
+            [name, scheme, isa](const problem &p) -> std::shared_ptr<const kernel> {
+                return cached_plan(name, isa, p, [&]() -> std::shared_ptr<const kernel> {
+                    if (scheme == quant_scheme::s8)
+                        return std::make_shared<const jit_conv2d_s8_plan>(p, isa);
+                    return std::make_shared<const jit_conv2d_f32_plan>(p, isa);
+                });
+            }};
+}
+
+} // namespace
+
+implementation jit_avx512_conv2d_f32_implementation() {
+    return jit_conv2d_implementation("jit:avx512_core", quant_scheme::f32, cpu_isa::avx512_core);
+}
+implementation jit_avx2_conv2d_f32_implementation() {
+    return jit_conv2d_implementation("jit:avx2", quant_scheme::f32, cpu_isa::avx2);
+}
+implementation jit_avx512_vnni_conv2d_s8_implementation() {
+    return jit_conv2d_implementation("jit:avx512_core_vnni", quant_scheme::s8,
+                                     cpu_isa::avx512_core_vnni);
+}
+implementation jit_avx512_conv2d_s8_implementation() {
+    return jit_conv2d_implementation("jit:avx512_core", quant_scheme::s8, cpu_isa::avx512_core);
+}
+implementation jit_avx2_conv2d_s8_implementation() {
+    return jit_conv2d_implementation("jit:avx2", quant_scheme::s8, cpu_isa::avx2);
+}
+
+} // namespace qsp::detail

@@ -1,0 +1,259 @@
+// The JIT Conv2d implementations against the reference: every ISA tier the
+// CPU has, f32 (1e-5 relative, the sums' order differs) and s8 (bit for bit:
+// both compute the scheme's exact integers), over kernel sizes 1 to 7 and
+// non-square, strides, asymmetric padding, dilation, groups (depthwise too),
+// odd channel counts and image sizes, thread counts 1-3, and batch sizes that
+// change while one plan serves them.
+#include <cstring>
+
+#include "test_utils.hpp"
+
+namespace qsp::test {
+
+namespace {
+
+struct conv_case {
+    int64_t batch, in_c, out_c, h, w;
+    conv2d_geometry g;
+    double sparsity;
+    std::string str() const {
+        return "N" + std::to_string(batch) + " C" + std::to_string(in_c) + " OC"
+               + std::to_string(out_c) + " " + std::to_string(h) + "x" + std::to_string(w) + " k"
+               + std::to_string(g.kernel_h) + "x" + std::to_string(g.kernel_w) + " s"
+               + std::to_string(g.stride_h) + "," + std::to_string(g.stride_w) + " p"
+               + std::to_string(g.pad_top) + std::to_string(g.pad_bottom)
+               + std::to_string(g.pad_left) + std::to_string(g.pad_right) + " d"
+               + std::to_string(g.dilation_h) + "," + std::to_string(g.dilation_w) + " g"
+               + std::to_string(g.groups) + " sparsity " + std::to_string(sparsity);
+    }
+};
+
+struct outputs {
+    std::vector<float> y, dx, dw, db;
+    std::string impl;
+};
+
+outputs run(const conv_case &c, const csr_weights &w, const std::vector<float> &x,
+            const std::vector<float> &dy, const std::vector<float> &bias, quant_scheme scheme,
+            int threads, const std::string &impl) {
+    dnnl::engine eng(dnnl::engine::kind::cpu, 0);
+    dnnl::stream s(eng);
+    const auto o = conv2d_output_hw(c.g, c.h, c.w);
+    const auto src_md = f32_desc({c.batch, c.in_c, c.h, c.w}),
+               dst_md = f32_desc({c.batch, c.out_c, o[0], o[1]}), bias_md = f32_desc({c.out_c});
+    primitive_attr attr;
+    attr.num_threads = threads;
+    attr.implementation = impl;
+    sparse_conv2d_forward::primitive_desc fwd(eng, prop_kind::forward_training, src_md, w.pattern,
+                                              bias_md, dst_md, c.g, scheme, attr);
+    sparse_conv2d_backward_data::primitive_desc bd(eng, src_md, w.pattern, dst_md, fwd, attr);
+    sparse_conv2d_backward_weights::primitive_desc bw(eng, src_md, w.pattern, bias_md, dst_md, fwd,
+                                                      attr);
+    outputs r;
+    r.impl = fwd.impl_info_str() + "/" + bd.impl_info_str() + "/" + bw.impl_info_str();
+    r.y.assign(dy.size(), NAN);
+    r.dx.assign(x.size(), NAN);
+    r.dw.assign(w.values.size(), NAN);
+    r.db.assign(static_cast<size_t>(c.out_c), NAN);
+    std::vector<uint8_t> ws(std::max<size_t>(fwd.workspace_desc().get_size(), 1));
+    std::vector<int32_t> seed;
+    const auto wmd = fwd.weights_desc();
+    exec_args fa{{DNNL_ARG_SRC, wrap(eng, src_md, x.data())},
+                 {DNNL_ARG_WEIGHTS, wrap(eng, wmd, w.values.data())},
+                 {DNNL_ARG_BIAS, wrap(eng, bias_md, bias.data())},
+                 {DNNL_ARG_DST, wrap(eng, dst_md, r.y.data())}};
+    if (scheme == quant_scheme::s8)
+        fa[DNNL_ARG_WORKSPACE] = wrap(eng, fwd.workspace_desc(), ws.data());
+    sparse_conv2d_forward(fwd).execute(s, fa);
+    sparse_conv2d_backward_data(bd).execute(s,
+                                            {{DNNL_ARG_DIFF_DST, wrap(eng, dst_md, dy.data())},
+                                             {DNNL_ARG_WEIGHTS, wrap(eng, wmd, w.values.data())},
+                                             {DNNL_ARG_DIFF_SRC, wrap(eng, src_md, r.dx.data())},
+                                             {QSP_ARG_ROUNDING_SEED, seed_memory(eng, seed, 9)}});
+    exec_args ba{{DNNL_ARG_DIFF_DST, wrap(eng, dst_md, dy.data())},
+                 {DNNL_ARG_DIFF_WEIGHTS, wrap(eng, wmd, r.dw.data())},
+                 {DNNL_ARG_DIFF_BIAS, wrap(eng, bias_md, r.db.data())},
+                 {QSP_ARG_ROUNDING_SEED, seed_memory(eng, seed, 9)}};
+    if (scheme == quant_scheme::s8)
+        ba[DNNL_ARG_WORKSPACE] = wrap(eng, fwd.workspace_desc(), ws.data());
+    else
+        ba[DNNL_ARG_SRC] = wrap(eng, src_md, x.data());
+    sparse_conv2d_backward_weights(bw).execute(s, ba);
+    return r;
+}
+
+// |a - b| <= 1e-5 * scale + tiny: both are f32 sums of the same terms.
+void expect_close(const std::vector<float> &a, const std::vector<float> &b, double scale,
+                  const char *what) {
+    ASSERT_EQ(a.size(), b.size());
+    int bad = 0;
+    for (size_t i = 0; i < a.size(); ++i)
+        if (!(std::fabs(a[i] - b[i]) <= 1e-5 * scale + 1e-6) && bad++ < 5)
+            ADD_FAILURE() << what << "[" << i << "]: " << a[i] << " vs " << b[i];
+}
+
+void expect_bitwise(const std::vector<float> &a, const std::vector<float> &b, const char *what) {
+    ASSERT_EQ(a.size(), b.size());
+    int bad = 0;
+    for (size_t i = 0; i < a.size(); ++i)
+        if (std::memcmp(&a[i], &b[i], sizeof(float)) != 0 && bad++ < 5)
+            ADD_FAILURE() << what << "[" << i << "]: " << a[i] << " vs reference " << b[i];
+}
+
+std::string jit_name(cpu_isa isa, quant_scheme scheme) {
+    if (isa == cpu_isa::avx2) return "jit:avx2";
+    if (scheme == quant_scheme::s8 && isa == cpu_isa::avx512_core_vnni)
+        return "jit:avx512_core_vnni";
+    return "jit:avx512_core";
+}
+
+// Every tier and both schemes against the reference, for one case.
+void compare_with_reference(const conv_case &c, int threads, unsigned seed) {
+    SCOPED_TRACE(c.str() + " threads " + std::to_string(threads));
+    std::mt19937 rng(seed);
+    const int64_t cols = c.in_c / c.g.groups * c.g.kernel_h * c.g.kernel_w;
+    auto w = csr_weights::from_dense(random_sparse_dense(c.out_c, cols, c.sparsity, rng).data(),
+                                     c.out_c, cols);
+    const auto o = conv2d_output_hw(c.g, c.h, c.w);
+    auto x = random_vector(static_cast<size_t>(c.batch * c.in_c * c.h * c.w), rng);
+    auto dy = random_vector(static_cast<size_t>(c.batch * c.out_c * o[0] * o[1]), rng);
+    auto bias = random_vector(static_cast<size_t>(c.out_c), rng);
+    // magnitude bounds of the f32 sums (values in [-1, 1])
+    const double fwd_scale = double(cols) + 1,
+                 bd_scale = double(c.out_c * c.g.kernel_h * c.g.kernel_w),
+                 bw_scale = double(c.batch * o[0] * o[1]) + 1;
+    for (quant_scheme scheme : {quant_scheme::f32, quant_scheme::s8}) {
+        SCOPED_TRACE(to_string(scheme));
+        const outputs want = run(c, w, x, dy, bias, scheme, threads, "ref:any");
+        for (cpu_isa isa : isa_levels()) {
+            if (isa == cpu_isa::ref) continue;
+            isa_cap_guard cap(isa);
+            SCOPED_TRACE(to_string(isa));
+            const std::string name = jit_name(isa, scheme);
+            const outputs got = run(c, w, x, dy, bias, scheme, threads, "");
+            EXPECT_EQ(got.impl, name + "/" + name + "/" + name) << "first in list order";
+            if (scheme == quant_scheme::s8) {
+                expect_bitwise(got.y, want.y, "forward");
+                expect_bitwise(got.dx, want.dx, "backward_data");
+                expect_bitwise(got.dw, want.dw, "backward_weights");
+            } else {
+                expect_close(got.y, want.y, fwd_scale, "forward");
+                expect_close(got.dx, want.dx, bd_scale, "backward_data");
+                expect_close(got.dw, want.dw, bw_scale, "backward_weights");
+            }
+            expect_close(got.db, want.db, bw_scale, "diff_bias");
+        }
+    }
+}
+
+conv2d_geometry geometry(int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t pt, int64_t pb,
+                         int64_t pl, int64_t pr, int64_t dh, int64_t dw, int64_t groups) {
+    conv2d_geometry g;
+    g.kernel_h = kh;
+    g.kernel_w = kw;
+    g.stride_h = sh;
+    g.stride_w = sw;
+    g.pad_top = pt;
+    g.pad_bottom = pb;
+    g.pad_left = pl;
+    g.pad_right = pr;
+    g.dilation_h = dh;
+    g.dilation_w = dw;
+    g.groups = groups;
+    return g;
+}
+
+} // namespace
+
+class JitConv2d : public ::testing::TestWithParam<std::tuple<int64_t, int64_t, int64_t>> {};
+
+// kernel size x stride x padding, each at several sparsities and thread counts.
+TEST_P(JitConv2d, matches_reference_on_every_tier) {
+    const auto [k, stride, pad] = GetParam();
+    int threads = 1;
+    for (double sparsity : {0.0, 0.6, 0.95, 1.0}) {
+        const conv_case c{3,       5, 6,
+                          9,       8, geometry(k, k, stride, stride, pad, pad, pad, pad, 1, 1, 1),
+                          sparsity};
+        if (c.h + 2 * pad < k || c.w + 2 * pad < k) continue;
+        compare_with_reference(c, threads, static_cast<unsigned>(k * 100 + stride * 10 + pad));
+        threads = threads % 3 + 1;
+    }
+}
+
+INSTANTIATE_TEST_SUITE_P(kernel_stride_padding, JitConv2d,
+                         ::testing::Combine(::testing::Values(1, 3, 5, 7),
+                                            ::testing::Values(1, 2, 3),
+                                            ::testing::Values(0, 1, 3)));
+
+TEST(JitConv2dEdges, non_square_asymmetric_dilated_grouped_depthwise) {
+    const std::vector<conv_case> cases = {
+            {2, 3, 4, 11, 9, geometry(3, 5, 2, 1, 0, 1, 2, 3, 1, 1, 1), 0.5},
+            {2, 3, 4, 12, 12, geometry(3, 3, 1, 2, 2, 2, 3, 3, 2, 3, 1), 0.7},
+            {3, 6, 9, 7, 10, geometry(3, 3, 2, 2, 1, 1, 1, 1, 1, 1, 3), 0.6},
+            {2, 8, 8, 9, 9, geometry(3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 8), 0.3}, // depthwise
+            {2, 17, 17, 5, 7, geometry(3, 3, 2, 2, 1, 1, 1, 1, 1, 1, 17),
+             0.0},                                                             // depthwise, strided
+            {1, 3, 5, 1, 1, geometry(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1), 0.2},   // 1x1 image
+            {2, 1, 3, 5, 7, geometry(3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 1), 0.4},   // one input channel
+            {4, 3, 8, 23, 23, geometry(7, 7, 2, 2, 3, 3, 3, 3, 1, 1, 1), 0.8}, // a stem
+            {2, 4, 6, 6, 6, geometry(2, 4, 3, 2, 0, 2, 1, 0, 2, 1, 2), 0.5},   // stride > kernel
+    };
+    int threads = 1;
+    unsigned seed = 50;
+    for (const conv_case &c : cases) {
+        compare_with_reference(c, threads, seed++);
+        threads = threads % 3 + 1;
+    }
+}
+
+TEST(JitConv2dEdges, odd_channel_counts_and_batches) {
+    unsigned seed = 80;
+    for (int64_t n : {1, 3, 17, 65})
+        compare_with_reference({n, 3, 4, 5, 6, geometry(3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 1), 0.5}, 2,
+                               seed++);
+    for (int64_t ch : {1, 3, 17})
+        compare_with_reference(
+                {2, ch, ch + 2, 6, 5, geometry(3, 3, 2, 2, 1, 1, 1, 1, 1, 1, 1), 0.7}, 3, seed++);
+}
+
+// One layer, one plan per direction, batch sizes changing between calls.
+TEST(JitConv2dEdges, batch_size_changes_share_one_plan) {
+    std::mt19937 rng(90);
+    const conv_case base{0, 4, 6, 7, 7, geometry(3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 1), 0.8};
+    const int64_t cols = 4 * 9;
+    auto w = csr_weights::from_dense(random_sparse_dense(6, cols, 0.8, rng).data(), 6, cols);
+    auto bias = random_vector(6, rng);
+    set_verbose_level(1);
+    testing::internal::CaptureStdout();
+    for (int64_t n : {5, 64, 1, 70, 5}) {
+        conv_case c = base;
+        c.batch = n;
+        auto x = random_vector(static_cast<size_t>(n * 4 * 49), rng);
+        auto dy = random_vector(static_cast<size_t>(n * 6 * 49), rng);
+        for (quant_scheme scheme : {quant_scheme::f32, quant_scheme::s8}) {
+            const outputs got = run(c, w, x, dy, bias, scheme, 2, "");
+            const outputs want = run(c, w, x, dy, bias, scheme, 2, "ref:any");
+            if (scheme == quant_scheme::s8) {
+                expect_bitwise(got.y, want.y, "forward");
+                expect_bitwise(got.dx, want.dx, "backward_data");
+                expect_bitwise(got.dw, want.dw, "backward_weights");
+            } else {
+                expect_close(got.y, want.y, cols + 1, "forward");
+                expect_close(got.dx, want.dx, 6 * 9, "backward_data");
+                expect_close(got.dw, want.dw, n * 49 + 1, "backward_weights");
+            }
+        }
+    }
+    const std::string out = testing::internal::GetCapturedStdout();
+    set_verbose_level(0);
+    if (effective_cpu_isa() < cpu_isa::avx2) return; // the reference has no plans
+    size_t generated = 0;
+    for (size_t at = out.find(",generated,"); at != std::string::npos;
+         at = out.find(",generated,", at + 1))
+        ++generated;
+    EXPECT_EQ(generated, 6u) << "one plan per direction and scheme, whatever the batch size:\n"
+                             << out;
+}
+
+} // namespace qsp::test
