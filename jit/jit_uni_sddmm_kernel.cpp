@@ -106,12 +106,15 @@ template <cpu_isa isa> void jit_uni_sddmm_kernel_t<isa>::generate() {
         }
     };
 
-    Label tables, constants, row_loop, group_loop, pix_h_loop, pix_w_loop, next_row, done;
+    // Rows of pixels outside: the source rows one row of pixels needs stay
+    // in cache while every group of every row uses them; each group reduces
+    // and adds its sums once per row of pixels.
+    Label tables, constants, pix_h_loop, row_loop, rows_done, group_loop, pix_w_loop, next_row,
+            done;
     preamble();
     sub(rsp, 24);
     mov(offsets, field(offsetof(sddmm_call_params, src_offsets)));
     mov(row_ptr, field(offsetof(sddmm_call_params, row_ptr)));
-    mov(row, field(offsetof(sddmm_call_params, row_begin)));
     mov(row_end, field(offsetof(sddmm_call_params, row_end)));
     mov(dw, field(offsetof(sddmm_call_params, diff_values)));
     // An empty pixel grid computes nothing (the loops below count down).
@@ -120,13 +123,22 @@ template <cpu_isa isa> void jit_uni_sddmm_kernel_t<isa>::generate() {
     cmp(field(pix + offsetof(pixel_grid, n_w)), 1);
     jl(done, T_NEAR);
     if (avx512) vmovups(Zmm(27), ptr[rip + tables]);
+    mov(tmp, field(offsetof(sddmm_call_params, x_tile)));
+    mov(x_pix_row, tmp);
+    mov(tmp, field(offsetof(sddmm_call_params, dy_tile)));
+    mov(dy_pix_row, tmp);
+    mov(tmp, field(pix + offsetof(pixel_grid, n_h)));
+    mov(pix_h_left, tmp);
+
+    L(pix_h_loop);
+    mov(row, field(offsetof(sddmm_call_params, row_begin)));
 
     L(row_loop);
     cmp(row, row_end);
-    jge(done, T_NEAR);
+    jge(rows_done, T_NEAR);
     mov(dy_row, row);
     imul(dy_row, field(offsetof(sddmm_call_params, dy_row_stride)));
-    add(dy_row, field(offsetof(sddmm_call_params, dy_tile)));
+    add(dy_row, dy_pix_row);
     mov(i, ptr[row_ptr + row * 8]);
     mov(end, ptr[row_ptr + row * 8 + 8]);
 
@@ -150,14 +162,8 @@ template <cpu_isa isa> void jit_uni_sddmm_kernel_t<isa>::generate() {
     if (s8 && !native_dot) emit_int8_dot_constants(*this, ones16, nibble_mask, constants);
     for (int j = 0; j < group; ++j)
         vpxor(Xmm(j), Xmm(j), Xmm(j)); // zeroes the whole register (VEX)
-    mov(x_pix, field(offsetof(sddmm_call_params, x_tile)));
+    mov(x_pix, x_pix_row);
     mov(dy_pix, dy_row);
-    mov(x_pix_row, x_pix);
-    mov(dy_pix_row, dy_pix);
-    mov(tmp, field(pix + offsetof(pixel_grid, n_h)));
-    mov(pix_h_left, tmp);
-
-    L(pix_h_loop);
     mov(pix_w, field(pix + offsetof(pixel_grid, n_w)));
     L(pix_w_loop);
     load_dy();
@@ -167,14 +173,6 @@ template <cpu_isa isa> void jit_uni_sddmm_kernel_t<isa>::generate() {
     add(dy_pix, field(pix + offsetof(pixel_grid, dst_w)));
     dec(pix_w);
     jnz(pix_w_loop, T_NEAR);
-    mov(x_pix, x_pix_row);
-    add(x_pix, field(pix + offsetof(pixel_grid, src_h)));
-    mov(x_pix_row, x_pix);
-    mov(dy_pix, dy_pix_row);
-    add(dy_pix, field(pix + offsetof(pixel_grid, dst_h)));
-    mov(dy_pix_row, dy_pix);
-    dec(pix_h_left);
-    jnz(pix_h_loop, T_NEAR);
 
     const reduce_kind kind = s8 ? reduce_kind::s32 : reduce_kind::f32;
     if (avx512) {
@@ -215,6 +213,16 @@ template <cpu_isa isa> void jit_uni_sddmm_kernel_t<isa>::generate() {
     L(next_row);
     inc(row);
     jmp(row_loop, T_NEAR);
+
+    L(rows_done);
+    mov(tmp, x_pix_row);
+    add(tmp, field(pix + offsetof(pixel_grid, src_h)));
+    mov(x_pix_row, tmp);
+    mov(tmp, dy_pix_row);
+    add(tmp, field(pix + offsetof(pixel_grid, dst_h)));
+    mov(dy_pix_row, tmp);
+    dec(pix_h_left);
+    jnz(pix_h_loop, T_NEAR);
 
     L(done);
     add(rsp, 24);

@@ -66,8 +66,9 @@ template <cpu_isa isa> void jit_uni_spmm_kernel_t<isa>::generate() {
     const Reg64 values = r8, offsets = r9, row_ptr = r10, row = r11, row_end = r12, src = r13,
                 dst = r14, pix_w = r15, i = rax, end = rdx, tmp = rcx;
     const Reg64 off[4] = {rsi, rdi, rbx, rbp}; // rdi (the params) is saved in the frame
-    const Address params = qword[rsp], pix_h_left = qword[rsp + 8], src_pix_row = qword[rsp + 16],
-                  dst_pix_row = qword[rsp + 24];
+    const Address params = qword[rsp], pix_h_left = qword[rsp + 8],
+                  src_pix_row = qword[rsp + 16], dst_pix_row = qword[rsp + 24],
+                  dst_row_stride = qword[rsp + 32];
     auto field = [&](size_t offset) { return qword[tmp + offset]; }; // after mov(tmp, params)
     constexpr size_t pix = offsetof(spmm_call_params, pix);
 
@@ -101,31 +102,29 @@ template <cpu_isa isa> void jit_uni_spmm_kernel_t<isa>::generate() {
         }
     };
 
-    Label constants, row_loop, pix_h_loop, pix_w_loop, step_loop, single_loop, store, done;
+    // Pixels outside, rows inside: one pixel's source neighbourhood (every
+    // input channel at every tap) stays in cache while all the rows of the
+    // part use it; the other order streams the source once per row.
+    Label constants, pix_h_loop, pix_w_loop, row_loop, rows_done, step_loop, single_loop, store,
+            done;
     preamble();
-    sub(rsp, 32);
+    sub(rsp, 40);
     mov(params, rdi);
     mov(tmp, rdi);
     mov(values, field(offsetof(spmm_call_params, values)));
     mov(offsets, field(offsetof(spmm_call_params, src_offsets)));
     mov(row_ptr, field(offsetof(spmm_call_params, row_ptr)));
-    mov(row, field(offsetof(spmm_call_params, row_begin)));
     mov(row_end, field(offsetof(spmm_call_params, row_end)));
+    mov(i, field(offsetof(spmm_call_params, dst_row_stride)));
+    mov(dst_row_stride, i);
     // An empty pixel grid computes nothing (the loops below count down).
     cmp(field(pix + offsetof(pixel_grid, n_h)), 1);
     jl(done, T_NEAR);
     cmp(field(pix + offsetof(pixel_grid, n_w)), 1);
     jl(done, T_NEAR);
     if (s8 && !native_dot) emit_int8_dot_constants(*this, ones16, nibble_mask, constants);
-
-    L(row_loop);
-    cmp(row, row_end);
-    jge(done, T_NEAR);
-    mov(tmp, params);
     mov(src, field(offsetof(spmm_call_params, src_tile)));
-    mov(dst, row);
-    imul(dst, field(offsetof(spmm_call_params, dst_row_stride)));
-    add(dst, field(offsetof(spmm_call_params, dst_tile)));
+    mov(dst, field(offsetof(spmm_call_params, dst_tile)));
     mov(src_pix_row, src);
     mov(dst_pix_row, dst);
     mov(i, field(pix + offsetof(pixel_grid, n_h)));
@@ -136,6 +135,12 @@ template <cpu_isa isa> void jit_uni_spmm_kernel_t<isa>::generate() {
     mov(pix_w, field(pix + offsetof(pixel_grid, n_w)));
 
     L(pix_w_loop);
+    mov(tmp, params);
+    mov(row, field(offsetof(spmm_call_params, row_begin)));
+
+    L(row_loop);
+    cmp(row, row_end);
+    jge(rows_done, T_NEAR);
     for (int s = 0; s < sets; ++s)
         for (int v = 0; v < nv; ++v)
             vxorps(acc(s, v), acc(s, v), acc(s, v));
@@ -164,6 +169,9 @@ template <cpu_isa isa> void jit_uni_spmm_kernel_t<isa>::generate() {
     jmp(single_loop);
 
     L(store);
+    mov(tmp, row);
+    imul(tmp, dst_row_stride);
+    add(tmp, dst);
     for (int v = 0; v < nv; ++v) {
         if (sets > 1) {
             if (s8)
@@ -171,8 +179,12 @@ template <cpu_isa isa> void jit_uni_spmm_kernel_t<isa>::generate() {
             else
                 vaddps(acc(0, v), acc(0, v), acc(1, v));
         }
-        vmovups(ptr[dst + v * vlen], acc(0, v));
+        vmovups(ptr[tmp + v * vlen], acc(0, v));
     }
+    inc(row);
+    jmp(row_loop, T_NEAR);
+
+    L(rows_done);
     // next pixel of the row of pixels
     mov(tmp, params);
     add(src, field(pix + offsetof(pixel_grid, src_w)));
@@ -189,11 +201,8 @@ template <cpu_isa isa> void jit_uni_spmm_kernel_t<isa>::generate() {
     dec(pix_h_left);
     jnz(pix_h_loop, T_NEAR);
 
-    inc(row);
-    jmp(row_loop, T_NEAR);
-
     L(done);
-    add(rsp, 32);
+    add(rsp, 40);
     postamble();
     if (s8 && !native_dot) emit_int8_dot_constant_table(*this, constants);
 }
