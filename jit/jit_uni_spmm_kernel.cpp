@@ -66,9 +66,8 @@ template <cpu_isa isa> void jit_uni_spmm_kernel_t<isa>::generate() {
     const Reg64 values = r8, offsets = r9, row_ptr = r10, row = r11, row_end = r12, src = r13,
                 dst = r14, pix_w = r15, i = rax, end = rdx, tmp = rcx;
     const Reg64 off[4] = {rsi, rdi, rbx, rbp}; // rdi (the params) is saved in the frame
-    const Address params = qword[rsp], pix_h_left = qword[rsp + 8],
-                  src_pix_row = qword[rsp + 16], dst_pix_row = qword[rsp + 24],
-                  dst_row_stride = qword[rsp + 32];
+    const Address params = qword[rsp], pix_h_left = qword[rsp + 8], src_pix_row = qword[rsp + 16],
+                  dst_pix_row = qword[rsp + 24], dst_row_stride = qword[rsp + 32];
     auto field = [&](size_t offset) { return qword[tmp + offset]; }; // after mov(tmp, params)
     constexpr size_t pix = offsetof(spmm_call_params, pix);
 

@@ -57,6 +57,24 @@ struct spmm_call_params {
 // processed in groups (16 on AVX-512, 8 on AVX2) and a group may read up to
 // 16 offsets past the last entry: src_offsets must hold 16 readable extra
 // entries.
+// Scatter SpMM (Conv2d): the transposed walk. For every pixel, each source
+// row is loaded once and multiplied into the destination rows of its entries
+// (dst[row of e] += values[e] * src row); the pixel's destination rows are
+// zeroed first. Source rows are few and reused by many entries, destination
+// rows (one per output channel) stay in L1: one load of a source vector
+// serves every output channel that uses it, instead of one load per entry.
+struct spmm_scatter_call_params {
+    const void *values;           // per entry: f32 weight, or the s8 quad dword
+    const int32_t *entry_offsets; // per entry: byte offset of its destination row
+    const int32_t *src_offsets;   // per source row: byte offset from the pixel's source base
+    const int64_t *row_ptr;       // source row s owns entries [row_ptr[s], row_ptr[s + 1])
+    int64_t n_src_rows;
+    int64_t n_dst_rows, dst_row_stride; // the pixel's destination rows, zeroed first
+    const void *src_tile;
+    void *dst_tile;
+    pixel_grid pix{};
+};
+
 // With pixels, each entry's dot product runs over every pixel of the grid
 // too (src = x, dst = dy in its strides).
 struct sddmm_call_params {

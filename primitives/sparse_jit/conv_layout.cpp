@@ -1,6 +1,7 @@
 #include "primitives/sparse_jit/conv_layout.hpp"
 
 #include <algorithm>
+#include <array>
 #include <numeric>
 
 namespace qsp::detail {
@@ -165,6 +166,68 @@ int64_t conv_layout::backward_data_quad_row(const phase &f, int64_t quad) const 
     int64_t oc, k_h, k_w;
     decode_backward_key(quad * 4, true, oc, k_h, k_w);
     return dy_row(f, oc / 4, k_h, k_w); // quad tiles: one row per 4 channels
+}
+
+namespace {
+
+// Rows from (source row, key, value index) triples: rows in source-row
+// order, keys ascending within each.
+sparse_rows rows_from(int64_t rows, std::vector<std::array<int64_t, 3>> &triples) {
+    std::sort(triples.begin(), triples.end());
+    sparse_rows m;
+    size_t t = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+        for (; t < triples.size() && triples[t][0] == r; ++t)
+            m.add(triples[t][1], triples[t][2]);
+        m.end_row();
+    }
+    return m;
+}
+
+} // namespace
+
+conv_layout::scatter_rows conv_layout::forward_scatter(const csr_pattern &p, bool s8_quads) const {
+    const int64_t *rp = p.row_ptr();
+    const int32_t *ci = p.col_idx();
+    const int64_t chans = s8_quads ? ceil_div4(in_c) : in_c, rows = chans * kh * kw;
+    std::vector<std::array<int64_t, 3>> triples;
+    for (int64_t oc = 0; oc < out_c; ++oc)
+        for (int64_t e = rp[oc]; e < rp[oc + 1]; ++e) {
+            const tap t = decode(ci[e]);
+            const int64_t ic = group_of_out(oc) * icg + t.ic;
+            const int64_t src = ((s8_quads ? ic / 4 : ic) * kh + t.kh) * kw + t.kw;
+            triples.push_back({src, s8_quads ? oc * 4 + ic % 4 : oc, e});
+        }
+    scatter_rows out{rows_from(rows, triples), {}};
+    for (int64_t r = 0; r < rows; ++r) {
+        const int64_t c = r / (kh * kw), k_h = (r / kw) % kh, k_w = r % kw;
+        out.src_row.push_back((c * hp + k_h * dh) * wp + k_w * dw);
+    }
+    return out;
+}
+
+conv_layout::scatter_rows conv_layout::backward_data_scatter(const csr_pattern &p, const phase &f,
+                                                             bool s8_quads) const {
+    const int64_t *rp = p.row_ptr();
+    const int32_t *ci = p.col_idx();
+    const int64_t chans = s8_quads ? ceil_div4(out_c) : out_c, rows = chans * kh * kw;
+    std::vector<std::array<int64_t, 3>> triples;
+    for (int64_t oc = 0; oc < out_c; ++oc)
+        for (int64_t e = rp[oc]; e < rp[oc + 1]; ++e) {
+            const tap t = decode(ci[e]);
+            int64_t mh, mw;
+            if (!tap_in_phase(f.ph, t.kh, dh, sh, mh) || !tap_in_phase(f.pw, t.kw, dw, sw, mw))
+                continue;
+            const int64_t ic = group_of_out(oc) * icg + t.ic;
+            const int64_t src = ((s8_quads ? oc / 4 : oc) * kh + t.kh) * kw + t.kw;
+            triples.push_back({src, s8_quads ? ic * 4 + oc % 4 : ic, e});
+        }
+    scatter_rows out{rows_from(rows, triples), {}};
+    for (int64_t r = 0; r < rows; ++r) {
+        const int64_t c = r / (kh * kw), k_h = (r / kw) % kh, k_w = r % kw;
+        out.src_row.push_back(dy_row(f, c, k_h, k_w)); // quads: one row per 4 channels
+    }
+    return out;
 }
 
 } // namespace qsp::detail

@@ -5,14 +5,17 @@
 // the output (forward, backward-weights) or the input (backward-data).
 //
 //   forward           x tiles, zero-padded: rows (ic, h + top + bottom, w + left + right);
-//                     y tiles rows (oc, oh, ow); a row oc's entry (ic, kh, kw)
-//                     reads x at (ic, oh * sh + kh * dh, ow * sw + kw * dw)
-//   backward-data     gathered, never scattered (no two threads write one
-//                     element): input positions split by stride phase
-//                     (ih + top) % sh, (iw + left) % sw; in one phase, input
-//                     channel ic takes the taps (oc, kh, kw) whose output
-//                     position is whole, from dY tiles padded so that every
-//                     such tap reads inside them
+//                     y tiles rows (oc, oh, ow). Per output pixel, each source
+//                     row (ic, kh, kw), read at (ic, oh * sh + kh * dh,
+//                     ow * sw + kw * dw), is loaded once and added into the
+//                     rows oc of its nonzeros (the scatter SpMM: y's rows of
+//                     one pixel stay in L1, x is read once per tap)
+//   backward-data     the same per input pixel, split by stride phase
+//                     (ih + top) % sh, (iw + left) % sw: in one phase, source
+//                     rows are the taps (oc, kh, kw) whose output position is
+//                     whole, read from dY tiles padded so that every such tap
+//                     reads inside them; each input pixel is written by one
+//                     thread only
 //   backward-weights  an SDDMM whose dot products run over batch and pixels
 //
 // This header states the geometry once for the f32 and s8 plans.
@@ -74,6 +77,21 @@ struct conv_layout {
     // Decodes a backward-data key of this layout.
     void decode_backward_key(int64_t key, bool s8_quads, int64_t &oc, int64_t &kh,
                              int64_t &kw) const;
+
+    // The scatter walks (tile_abi.hpp): source rows, each with the tile row
+    // it reads at the grid's first pixel, and per source row its entries
+    // keyed by destination channel (s8: channel * 4 + the source channel's
+    // byte in the quad, so that quad_plan packs one dword per destination).
+    struct scatter_rows {
+        sparse_rows rows;
+        std::vector<int64_t> src_row;
+    };
+    // Forward: source rows (ic, kh, kw), or (ic / 4, kh, kw) quads for s8;
+    // destinations oc.
+    scatter_rows forward_scatter(const csr_pattern &p, bool s8_quads) const;
+    // Backward-data, one phase: source rows (oc, kh, kw) of the phase's
+    // taps, or (oc / 4, kh, kw) quads; destinations ic.
+    scatter_rows backward_data_scatter(const csr_pattern &p, const phase &ph, bool s8_quads) const;
 
     // m: the output row offset of tap k in a phase, (p - k * d) / s, when whole.
     static bool tap_in_phase(int64_t p, int64_t k, int64_t d, int64_t s, int64_t &m);

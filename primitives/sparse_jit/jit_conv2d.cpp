@@ -14,7 +14,7 @@
 #include <omp.h>
 
 #include "jit/jit_uni_sddmm_kernel.hpp"
-#include "jit/jit_uni_spmm_kernel.hpp"
+#include "jit/jit_uni_spmm_scatter_kernel.hpp"
 #include "primitives/core/s8_protocol.hpp"
 #include "primitives/passes/bias_grad.hpp"
 #include "primitives/passes/quantize.hpp"
@@ -45,20 +45,75 @@ void for_parts(const std::vector<int64_t> &bounds, int64_t tiles, int threads, b
     }
 }
 
-template <typename plan_t>
-jit::spmm_call_params spmm_call(const plan_t &plan, const std::vector<int64_t> &row_ptr, int part,
-                                const void *values, const void *src, void *dst,
-                                int64_t dst_row_stride, const jit::pixel_grid &pix) {
-    jit::spmm_call_params c{values,
-                            plan.offsets.data(),
-                            row_ptr.data(),
-                            plan.bounds[part],
-                            plan.bounds[part + 1],
-                            src,
-                            dst};
-    c.dst_row_stride = dst_row_stride;
-    c.pix = pix;
-    return c;
+// body(tile, h0, h1) for every batch tile and block [h0, h1) of a pixel
+// grid's rows, spread over the team: blocks write disjoint pixels.
+template <typename body_t>
+void for_pixel_blocks(int64_t tiles, int64_t grid_rows, int threads, body_t body) {
+    const int64_t blocks = std::min<int64_t>(grid_rows, std::max<int64_t>(1, 2 * threads / tiles));
+    const int64_t items = tiles * blocks;
+#pragma omp parallel num_threads(threads)
+    {
+        const int nthr = omp_get_num_threads(), tid = omp_get_thread_num();
+        for (int64_t item = tid; item < items; item += nthr) {
+            const int64_t tile = item / blocks, b = item % blocks;
+            body(tile, grid_rows * b / blocks, grid_rows * (b + 1) / blocks);
+        }
+    }
+}
+
+// The source rows' byte offsets of a scatter walk.
+std::vector<int32_t> src_offsets(const std::vector<int64_t> &src_rows, int64_t row_bytes) {
+    std::vector<int32_t> out;
+    for (int64_t r : src_rows)
+        out.push_back(static_cast<int32_t>(r * row_bytes));
+    return out;
+}
+
+std::vector<std::shared_ptr<const jit::jit_spmm_scatter_kernel>>
+scatter_kernels(cpu_isa isa, jit::sparse_dtype dt) {
+    std::vector<std::shared_ptr<const jit::jit_spmm_scatter_kernel>> out;
+    for (int nv = 1; nv <= jit::tile_batch / jit::vector_lanes(isa); ++nv)
+        out.push_back(jit::spmm_scatter_kernel(jit::make_sparse_kernel_params(isa, dt, nv)));
+    return out;
+}
+
+// One scatter walk of a plan: the entries' plan (f32: entry_plan, s8:
+// quad_plan, their offsets being the destination rows') and the source rows.
+template <typename plan_t> struct scatter_walk {
+    plan_t entries;
+    std::vector<int32_t> src;
+    const std::vector<int64_t> &row_ptr() const;
+};
+template <> const std::vector<int64_t> &scatter_walk<entry_plan>::row_ptr() const {
+    return entries.row_ptr;
+}
+template <> const std::vector<int64_t> &scatter_walk<quad_plan>::row_ptr() const {
+    return entries.quad_ptr;
+}
+
+// Runs a scatter walk over a pixel grid of every tile: dst rows are
+// (channel, pixel) with `dst_rows` channels per pixel, `dst_row_stride`
+// bytes apart.
+template <typename walk_t, typename kernels_t>
+void run_scatter(const walk_t &w, const kernels_t &kernels, int lanes, int64_t batch,
+                 const void *values, const uint8_t *src, int64_t src_tile_bytes, uint8_t *dst,
+                 int64_t dst_tile_bytes, int64_t dst_rows, int64_t dst_row_stride,
+                 const jit::pixel_grid &grid, int threads) {
+    for_pixel_blocks(
+            tile_count(batch), grid.n_h, threads, [&](int64_t tile, int64_t h0, int64_t h1) {
+                jit::spmm_scatter_call_params c{values,
+                                                w.entries.offsets.data(),
+                                                w.src.data(),
+                                                w.row_ptr().data(),
+                                                static_cast<int64_t>(w.src.size()),
+                                                dst_rows,
+                                                dst_row_stride,
+                                                src + tile * src_tile_bytes + h0 * grid.src_h,
+                                                dst + tile * dst_tile_bytes + h0 * grid.dst_h};
+                c.pix = grid;
+                c.pix.n_h = h1 - h0;
+                (*kernels[tile_vectors(batch, tile, lanes) - 1])(c);
+            });
 }
 
 // The forward's pixel grid over the output, for tile rows of `row_bytes`.
@@ -85,14 +140,6 @@ jit::pixel_grid phase_grid(const conv_layout &l, const conv_layout::phase &f) {
     return g;
 }
 
-std::vector<std::shared_ptr<const jit::jit_spmm_kernel>> spmm_kernels(cpu_isa isa,
-                                                                      jit::sparse_dtype dt) {
-    std::vector<std::shared_ptr<const jit::jit_spmm_kernel>> out;
-    for (int nv = 1; nv <= jit::tile_batch / jit::vector_lanes(isa); ++nv)
-        out.push_back(jit::spmm_kernel(jit::make_sparse_kernel_params(isa, dt, nv)));
-    return out;
-}
-
 // ---- f32 -----------------------------------------------------------------------
 
 class jit_conv2d_f32_plan : public kernel {
@@ -100,30 +147,41 @@ public:
     jit_conv2d_f32_plan(const problem &p, cpu_isa isa)
         : p_(p.without_batch()), l_(p.conv), lanes_(jit::vector_lanes(isa)) {
         const int threads = p.num_threads;
-        if (p.dir == direction::backward_data) {
-            for (const auto &f : l_.phases) {
-                const sparse_rows rows = l_.backward_data_rows(p.pattern, f, false);
-                phases_.push_back({f, entry_plan(
-                                              rows,
-                                              [&](int64_t, int64_t key) {
-                                                  int64_t oc, kh, kw;
-                                                  l_.decode_backward_key(key, false, oc, kh, kw);
-                                                  return l_.dy_row(f, oc, kh, kw) * rb;
-                                              },
-                                              threads)});
+        switch (p.dir) {
+            case direction::forward: {
+                auto walk = l_.forward_scatter(p.pattern, false);
+                const int64_t stride = l_.out_pixels() * rb;
+                forward_ = std::make_unique<scatter_walk<entry_plan>>(scatter_walk<entry_plan>{
+                        entry_plan(
+                                walk.rows, [&](int64_t, int64_t oc) { return oc * stride; },
+                                threads),
+                        src_offsets(walk.src_row, rb)});
+                scatter_ = scatter_kernels(isa, jit::sparse_dtype::f32);
+                break;
             }
-            spmm_ = spmm_kernels(isa, jit::sparse_dtype::f32);
-            return;
-        }
-        entries_ = std::make_unique<entry_plan>(
-                l_.forward_rows(p.pattern, false),
-                [&](int64_t oc, int64_t col) { return l_.x_row(oc, col) * rb; }, threads);
-        if (p.dir == direction::forward) {
-            spmm_ = spmm_kernels(isa, jit::sparse_dtype::f32);
-        } else {
-            for (int nv = 1; nv <= jit::tile_batch / lanes_; ++nv)
-                sddmm_.push_back(jit::sddmm_kernel(
-                        jit::make_sparse_kernel_params(isa, jit::sparse_dtype::f32, nv)));
+            case direction::backward_data: {
+                const int64_t stride = l_.in_pixels() * rb;
+                for (const auto &f : l_.phases) {
+                    auto walk = l_.backward_data_scatter(p.pattern, f, false);
+                    phases_.push_back(
+                            {f, scatter_walk<entry_plan>{
+                                        entry_plan(
+                                                walk.rows,
+                                                [&](int64_t, int64_t ic) { return ic * stride; },
+                                                threads),
+                                        src_offsets(walk.src_row, rb)}});
+                }
+                scatter_ = scatter_kernels(isa, jit::sparse_dtype::f32);
+                break;
+            }
+            case direction::backward_weights:
+                entries_ = std::make_unique<entry_plan>(
+                        l_.forward_rows(p.pattern, false),
+                        [&](int64_t oc, int64_t col) { return l_.x_row(oc, col) * rb; }, threads);
+                for (int nv = 1; nv <= jit::tile_batch / lanes_; ++nv)
+                    sddmm_.push_back(jit::sddmm_kernel(
+                            jit::make_sparse_kernel_params(isa, jit::sparse_dtype::f32, nv)));
+                break;
         }
     }
 
@@ -146,7 +204,7 @@ public:
 private:
     struct phase_plan {
         conv_layout::phase phase;
-        entry_plan plan;
+        scatter_walk<entry_plan> walk;
     };
 
     int64_t x_rows() const { return l_.in_c * l_.hp * l_.wp; }
@@ -156,14 +214,12 @@ private:
         const int64_t B = t.batch, y_rows = l_.out_c * l_.out_pixels();
         float *x = sp.get<float>(0, tiled_elems(B, x_rows()));
         float *y = sp.get<float>(1, tiled_elems(B, y_rows));
+        float *values = sp.get<float>(2, p_.pattern.nnz());
         pack_tiles_padded(t.src, B, l_.in_c, l_.in_h, l_.in_w, l_.x_pad, x, nt);
-        const jit::pixel_grid grid = output_grid(l_, l_.out_h, rb);
-        for_parts(entries_->bounds, tile_count(B), nt, [&](int part, int64_t tile) {
-            const auto c = spmm_call(*entries_, entries_->row_ptr, part, t.weights,
-                                     x + tile * x_rows() * tb, y + tile * y_rows * tb,
-                                     l_.out_pixels() * rb, grid);
-            (*spmm_[tile_vectors(B, tile, lanes_) - 1])(c);
-        });
+        run_scatter(*forward_, scatter_, lanes_, B, forward_->entries.values(t.weights, values, nt),
+                    reinterpret_cast<const uint8_t *>(x), x_rows() * rb,
+                    reinterpret_cast<uint8_t *>(y), y_rows * rb, l_.out_c, l_.out_pixels() * rb,
+                    output_grid(l_, l_.out_h, rb), nt);
         unpack_tiles(y, B, y_rows, t.bias, t.dst, nt, l_.out_pixels());
     }
 
@@ -176,15 +232,11 @@ private:
         float *values = sp.get<float>(2, p_.pattern.nnz());
         pack_tiles_padded(t.diff_dst, B, l_.out_c, l_.out_h, l_.out_w, l_.dy_pad, dy, nt);
         for (const phase_plan &f : phases_) {
-            const float *v = f.plan.values(t.weights, values, nt);
-            const jit::pixel_grid grid = phase_grid(l_, f.phase);
-            const int64_t start = (f.phase.ih0 * l_.in_w + f.phase.iw0) * tb;
-            for_parts(f.plan.bounds, tile_count(B), nt, [&](int part, int64_t tile) {
-                const auto c =
-                        spmm_call(f.plan, f.plan.row_ptr, part, v, dy + tile * dy_rows * tb,
-                                  dx + tile * dx_rows * tb + start, l_.in_pixels() * rb, grid);
-                (*spmm_[tile_vectors(B, tile, lanes_) - 1])(c);
-            });
+            const int64_t start = (f.phase.ih0 * l_.in_w + f.phase.iw0) * rb;
+            run_scatter(f.walk, scatter_, lanes_, B, f.walk.entries.values(t.weights, values, nt),
+                        reinterpret_cast<const uint8_t *>(dy), dy_rows * rb,
+                        reinterpret_cast<uint8_t *>(dx) + start, dx_rows * rb, l_.in_c,
+                        l_.in_pixels() * rb, phase_grid(l_, f.phase), nt);
         }
         unpack_tiles(dx, B, dx_rows, nullptr, t.diff_src, nt);
     }
@@ -216,9 +268,10 @@ private:
     problem p_; // batch 0: the plan serves every batch size
     conv_layout l_;
     int lanes_;
-    std::unique_ptr<entry_plan> entries_; // forward, backward-weights: per output channel
-    std::vector<phase_plan> phases_;      // backward-data: per stride phase
-    std::vector<std::shared_ptr<const jit::jit_spmm_kernel>> spmm_;
+    std::unique_ptr<scatter_walk<entry_plan>> forward_; // forward
+    std::vector<phase_plan> phases_;                    // backward-data, per stride phase
+    std::unique_ptr<entry_plan> entries_;               // backward-weights
+    std::vector<std::shared_ptr<const jit::jit_spmm_scatter_kernel>> scatter_;
     std::vector<std::shared_ptr<const jit::jit_sddmm_kernel>> sddmm_;
 };
 
@@ -230,24 +283,36 @@ public:
         : p_(p.without_batch()), l_(p.conv), lanes_(jit::vector_lanes(isa)) {
         const int threads = p.num_threads;
         switch (p.dir) {
-            case direction::forward:
-                quads_ = std::make_unique<quad_plan>(
-                        l_.forward_rows(p.pattern, true),
-                        [&](int64_t, int64_t quad) { return l_.forward_quad_row(quad) * rb; },
-                        threads);
-                spmm_ = spmm_kernels(isa, jit::sparse_dtype::s8);
+            case direction::forward: {
+                auto walk = l_.forward_scatter(p.pattern, true);
+                const int64_t stride = l_.out_pixels() * rb;
+                forward_ = std::make_unique<scatter_walk<quad_plan>>(scatter_walk<quad_plan>{
+                        quad_plan(
+                                walk.rows, [&](int64_t, int64_t oc) { return oc * stride; },
+                                threads),
+                        src_offsets(walk.src_row, rb)});
+                scatter_ = scatter_kernels(isa, jit::sparse_dtype::s8);
                 break;
-            case direction::backward_data:
-                for (const auto &f : l_.phases)
-                    phases_.push_back({f, quad_plan(
-                                                  l_.backward_data_rows(p.pattern, f, true),
-                                                  [&](int64_t, int64_t quad) {
-                                                      return l_.backward_data_quad_row(f, quad)
-                                                             * rb;
-                                                  },
-                                                  threads)});
-                spmm_ = spmm_kernels(isa, jit::sparse_dtype::s8);
+            }
+            case direction::backward_data: {
+                const int64_t stride = l_.in_pixels() * rb;
+                for (const auto &f : l_.phases) {
+                    auto walk = l_.backward_data_scatter(p.pattern, f, true);
+                    phase_plan pp{f,
+                                  scatter_walk<quad_plan>{
+                                          quad_plan(
+                                                  walk.rows,
+                                                  [&](int64_t, int64_t ic) { return ic * stride; },
+                                                  threads),
+                                          src_offsets(walk.src_row, rb)},
+                                  {}};
+                    for (int64_t key : walk.rows.key)
+                        pp.dst_channel.push_back(key / 4);
+                    phases_.push_back(std::move(pp));
+                }
+                scatter_ = scatter_kernels(isa, jit::sparse_dtype::s8);
                 break;
+            }
             case direction::backward_weights:
                 entries_ = std::make_unique<entry_plan>(
                         l_.forward_rows(p.pattern, false),
@@ -290,24 +355,34 @@ public:
 private:
     struct phase_plan {
         conv_layout::phase phase;
-        quad_plan plan;
+        scatter_walk<quad_plan> walk;
+        std::vector<int64_t> dst_channel; // per entry: its input channel
     };
 
     void forward(const tensors &t, runtime::scratchpad &sp) const {
         const int nt = p_.num_threads;
         const int64_t B = t.batch, nnz = p_.pattern.nnz(), oc = l_.out_c;
         const int64_t x_rows = (l_.in_c + 3) / 4 * l_.hp * l_.wp, y_rows = oc * l_.out_pixels();
+        const int64_t src_elems = B * l_.in_c * l_.in_pixels();
+        const quad_plan &q = forward_->entries;
         auto *wq = sp.get<int8_t>(0, nnz);
         auto *w_scale = sp.get<float>(1, oc);
-        auto *words = sp.get<uint32_t>(2, quads_->quads());
-        auto *correction = sp.get<int32_t>(3, oc);
+        auto *words = sp.get<uint32_t>(2, q.quads());
+        auto *row_sums = sp.get<int32_t>(3, q.rows);
         auto *x = sp.get<uint8_t>(4, tile_count(B) * x_rows * rb);
         auto *acc = sp.get<int32_t>(5, tiled_elems(B, y_rows));
         auto *row_scale = sp.get<float>(6, oc);
-        const int64_t src_elems = B * l_.in_c * l_.in_pixels();
-        auto *local_xq = t.workspace ? nullptr : sp.get<int8_t>(7, src_elems);
+        auto *correction = sp.get<int32_t>(7, oc);
+        auto *local_xq = t.workspace ? nullptr : sp.get<int8_t>(8, src_elems);
         quantize_weights(p_.pattern, t.weights, wq, w_scale, nt);
-        quads_->fill(wq, words, correction, nt);
+        q.fill(wq, words, row_sums, nt);
+        const int64_t *rp = p_.pattern.row_ptr();
+        for (int64_t o = 0; o < oc; ++o) { // what the +128 shift adds to each output channel
+            int32_t sum = 0;
+            for (int64_t e = rp[o]; e < rp[o + 1]; ++e)
+                sum += wq[e];
+            correction[o] = 128 * sum;
+        }
         const s8::workspace_view ws{t.workspace};
         int8_t *xq = t.workspace ? ws.src_q() : local_xq;
         const float sx = quantize_rne(t.src, src_elems, xq, nt);
@@ -315,12 +390,9 @@ private:
         pack_quad_tiles_padded(xq, B, l_.in_c, l_.in_h, l_.in_w, l_.x_pad, x, nt);
         for (int64_t o = 0; o < oc; ++o)
             row_scale[o] = s8::forward_scale(sx, w_scale[o]);
-        const jit::pixel_grid grid = output_grid(l_, l_.out_h, rb);
-        for_parts(quads_->bounds, tile_count(B), nt, [&](int part, int64_t tile) {
-            const auto c = spmm_call(*quads_, quads_->quad_ptr, part, words, x + tile * x_rows * rb,
-                                     acc + tile * y_rows * tb, l_.out_pixels() * rb, grid);
-            (*spmm_[tile_vectors(B, tile, lanes_) - 1])(c);
-        });
+        run_scatter(*forward_, scatter_, lanes_, B, words, x, x_rows * rb,
+                    reinterpret_cast<uint8_t *>(acc), y_rows * rb, oc, l_.out_pixels() * rb,
+                    output_grid(l_, l_.out_h, rb), nt);
         unpack_s32_tiles(acc, B, y_rows, correction, row_scale, t.bias, t.dst, nt, l_.out_pixels());
     }
 
@@ -328,33 +400,36 @@ private:
         const int nt = p_.num_threads;
         const int64_t B = t.batch, nnz = p_.pattern.nnz(), oc = l_.out_c, in_px = l_.in_pixels();
         const int64_t dy_rows = (oc + 3) / 4 * l_.ohp * l_.owp, dx_rows = l_.in_c * in_px;
-        int64_t max_quads = 1;
-        for (const phase_plan &f : phases_)
-            max_quads = std::max(max_quads, f.plan.quads());
+        int64_t max_quads = 1, max_rows = 1;
+        for (const phase_plan &f : phases_) {
+            max_quads = std::max(max_quads, f.walk.entries.quads());
+            max_rows = std::max(max_rows, f.walk.entries.rows);
+        }
         auto *wq = sp.get<int8_t>(0, nnz);
         auto *w_scale = sp.get<float>(1, oc);
         auto *g2 = sp.get<int8_t>(2, B * oc * l_.out_pixels());
         auto *dy = sp.get<uint8_t>(3, tile_count(B) * dy_rows * rb);
         auto *acc = sp.get<int32_t>(4, tiled_elems(B, dx_rows));
         auto *words = sp.get<uint32_t>(5, max_quads);
-        auto *phase_corr = sp.get<int32_t>(6, l_.in_c);
-        auto *correction = sp.get<int32_t>(7, dx_rows);
-        auto *scale = sp.get<float>(8, dx_rows);
+        auto *row_sums = sp.get<int32_t>(6, max_rows);
+        auto *phase_corr = sp.get<int32_t>(7, l_.in_c);
+        auto *correction = sp.get<int32_t>(8, dx_rows);
+        auto *scale = sp.get<float>(9, dx_rows);
         quantize_weights(p_.pattern, t.weights, wq, w_scale, nt);
         const float sg2 = quantize_stochastic(t.diff_dst, B * oc * l_.out_pixels(), w_scale, oc,
                                               l_.out_pixels(), s8::dx_stream(t.seed), g2, nt);
         pack_quad_tiles_padded(g2, B, oc, l_.out_h, l_.out_w, l_.dy_pad, dy, nt);
         for (const phase_plan &f : phases_) {
-            f.plan.fill(wq, words, phase_corr, nt);
-            const jit::pixel_grid grid = phase_grid(l_, f.phase);
-            const int64_t start = (f.phase.ih0 * l_.in_w + f.phase.iw0) * tb;
-            for_parts(f.plan.bounds, tile_count(B), nt, [&](int part, int64_t tile) {
-                const auto c =
-                        spmm_call(f.plan, f.plan.quad_ptr, part, words, dy + tile * dy_rows * rb,
-                                  acc + tile * dx_rows * tb + start, in_px * rb, grid);
-                (*spmm_[tile_vectors(B, tile, lanes_) - 1])(c);
-            });
-            // Each input pixel's +128 correction is that of its phase's taps.
+            const quad_plan &q = f.walk.entries;
+            q.fill(wq, words, row_sums, nt);
+            // what the +128 shift adds to each input channel in this phase
+            std::fill(phase_corr, phase_corr + l_.in_c, 0);
+            for (size_t l = 0; l < f.dst_channel.size(); ++l)
+                phase_corr[f.dst_channel[l]] += 128 * wq[q.value_index[l]];
+            const int64_t start = (f.phase.ih0 * l_.in_w + f.phase.iw0) * rb;
+            run_scatter(f.walk, scatter_, lanes_, B, words, dy, dy_rows * rb,
+                        reinterpret_cast<uint8_t *>(acc) + start, dx_rows * rb, l_.in_c, in_px * rb,
+                        phase_grid(l_, f.phase), nt);
 #pragma omp parallel for num_threads(nt) schedule(static)
             for (int64_t ic = 0; ic < l_.in_c; ++ic)
                 for (int64_t a = 0; a < f.phase.n_h; ++a)
@@ -449,11 +524,11 @@ private:
     problem p_; // batch 0: the plan serves every batch size
     conv_layout l_;
     int lanes_;
-    std::unique_ptr<quad_plan> quads_;    // forward
-    std::vector<phase_plan> phases_;      // backward-data
-    std::unique_ptr<entry_plan> entries_; // backward-weights
-    std::vector<int64_t> tap_of_entry_;   // backward-weights
-    std::vector<std::shared_ptr<const jit::jit_spmm_kernel>> spmm_;
+    std::unique_ptr<scatter_walk<quad_plan>> forward_; // forward
+    std::vector<phase_plan> phases_;                    // backward-data, per stride phase
+    std::unique_ptr<entry_plan> entries_;               // backward-weights
+    std::vector<int64_t> tap_of_entry_;                 // backward-weights
+    std::vector<std::shared_ptr<const jit::jit_spmm_scatter_kernel>> scatter_;
     std::shared_ptr<const jit::jit_sddmm_kernel> sddmm_;
 };
 
