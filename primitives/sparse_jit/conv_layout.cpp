@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <array>
-#include <numeric>
 
 namespace qsp::detail {
 
@@ -10,24 +9,6 @@ namespace {
 
 int64_t ceil_div4(int64_t n) {
     return (n + 3) / 4;
-}
-
-// Sorts each row's entries by key (rows built in another order).
-void sort_rows(sparse_rows &m) {
-    for (int64_t r = 0; r < m.rows; ++r) {
-        const int64_t b = m.row_ptr[r], e = m.row_ptr[r + 1];
-        std::vector<int64_t> order(static_cast<size_t>(e - b));
-        std::iota(order.begin(), order.end(), b);
-        std::sort(order.begin(), order.end(),
-                  [&](int64_t x, int64_t y) { return m.key[x] < m.key[y]; });
-        std::vector<int64_t> keys, values;
-        for (int64_t i : order) {
-            keys.push_back(m.key[i]);
-            values.push_back(m.value_index[i]);
-        }
-        std::copy(keys.begin(), keys.end(), m.key.begin() + b);
-        std::copy(values.begin(), values.end(), m.value_index.begin() + b);
-    }
 }
 
 } // namespace
@@ -91,81 +72,19 @@ conv_layout::conv_layout(const conv2d_shape &s)
 int64_t conv_layout::x_row(int64_t oc, int64_t col) const {
     const tap t = decode(col);
     const int64_t ic = group_of_out(oc) * icg + t.ic;
-    return (ic * hp + t.kh * dh) * wp + t.kw * dw;
+    return (t.kh * dh * wp + t.kw * dw) * in_c + ic;
 }
 
-sparse_rows conv_layout::forward_rows(const csr_pattern &p, bool s8_quads) const {
-    sparse_rows m = csr_rows(p.row_ptr(), p.col_idx(), p.rows());
-    if (!s8_quads) return m;
-    const int64_t ic4 = ceil_div4(in_c);
-    for (int64_t oc = 0; oc < m.rows; ++oc)
-        for (int64_t e = m.row_ptr[oc]; e < m.row_ptr[oc + 1]; ++e) {
-            const tap t = decode(m.key[e]);
-            const int64_t ic = group_of_out(oc) * icg + t.ic;
-            m.key[e] = ((t.kh * kw + t.kw) * ic4 + ic / 4) * 4 + ic % 4;
-        }
-    sort_rows(m);
-    return m;
+sparse_rows conv_layout::forward_rows(const csr_pattern &p) const {
+    return csr_rows(p.row_ptr(), p.col_idx(), p.rows());
 }
 
-int64_t conv_layout::forward_quad_row(int64_t quad) const {
-    const int64_t ic4 = ceil_div4(in_c), k = quad / ic4, c4 = quad % ic4;
-    return (c4 * hp + (k / kw) * dh) * wp + (k % kw) * dw;
-}
-
-sparse_rows conv_layout::backward_data_rows(const csr_pattern &p, const phase &f,
-                                            bool s8_quads) const {
-    // Bucket the entries by absolute input channel, keep the phase's taps.
-    const int64_t *rp = p.row_ptr();
-    const int32_t *ci = p.col_idx();
-    const int64_t oc4 = ceil_div4(out_c);
-    std::vector<std::vector<std::pair<int64_t, int64_t>>> per_ic(static_cast<size_t>(in_c));
-    for (int64_t oc = 0; oc < out_c; ++oc)
-        for (int64_t e = rp[oc]; e < rp[oc + 1]; ++e) {
-            const tap t = decode(ci[e]);
-            int64_t mh, mw;
-            if (!tap_in_phase(f.ph, t.kh, dh, sh, mh) || !tap_in_phase(f.pw, t.kw, dw, sw, mw))
-                continue;
-            const int64_t ic = group_of_out(oc) * icg + t.ic;
-            const int64_t key = s8_quads ? ((t.kh * kw + t.kw) * oc4 + oc / 4) * 4 + oc % 4
-                                         : (oc * kh + t.kh) * kw + t.kw;
-            per_ic[ic].emplace_back(key, e);
-        }
-    sparse_rows m;
-    for (auto &row : per_ic) {
-        std::sort(row.begin(), row.end());
-        for (const auto &[key, e] : row)
-            m.add(key, e);
-        m.end_row();
-    }
-    return m;
-}
-
-void conv_layout::decode_backward_key(int64_t key, bool s8_quads, int64_t &oc, int64_t &k_h,
-                                      int64_t &k_w) const {
-    if (s8_quads) {
-        const int64_t oc4 = ceil_div4(out_c), quad = key / 4;
-        oc = (quad % oc4) * 4 + key % 4;
-        k_h = (quad / oc4) / kw;
-        k_w = (quad / oc4) % kw;
-    } else {
-        oc = key / (kh * kw);
-        k_h = (key / kw) % kh;
-        k_w = key % kw;
-    }
-}
-
-int64_t conv_layout::dy_row(const phase &f, int64_t oc, int64_t k_h, int64_t k_w) const {
+int64_t conv_layout::dy_row(const phase &f, int64_t c, int64_t channels, int64_t k_h,
+                            int64_t k_w) const {
     int64_t mh = 0, mw = 0;
     tap_in_phase(f.ph, k_h, dh, sh, mh);
     tap_in_phase(f.pw, k_w, dw, sw, mw);
-    return (oc * ohp + f.qh0 + mh + dy_pad.top) * owp + f.qw0 + mw + dy_pad.left;
-}
-
-int64_t conv_layout::backward_data_quad_row(const phase &f, int64_t quad) const {
-    int64_t oc, k_h, k_w;
-    decode_backward_key(quad * 4, true, oc, k_h, k_w);
-    return dy_row(f, oc / 4, k_h, k_w); // quad tiles: one row per 4 channels
+    return ((f.qh0 + mh + dy_pad.top) * owp + f.qw0 + mw + dy_pad.left) * channels + c;
 }
 
 namespace {
@@ -201,7 +120,7 @@ conv_layout::scatter_rows conv_layout::forward_scatter(const csr_pattern &p, boo
     scatter_rows out{rows_from(rows, triples), {}};
     for (int64_t r = 0; r < rows; ++r) {
         const int64_t c = r / (kh * kw), k_h = (r / kw) % kh, k_w = r % kw;
-        out.src_row.push_back((c * hp + k_h * dh) * wp + k_w * dw);
+        out.src_row.push_back((k_h * dh * wp + k_w * dw) * chans + c);
     }
     return out;
 }
@@ -225,7 +144,7 @@ conv_layout::scatter_rows conv_layout::backward_data_scatter(const csr_pattern &
     scatter_rows out{rows_from(rows, triples), {}};
     for (int64_t r = 0; r < rows; ++r) {
         const int64_t c = r / (kh * kw), k_h = (r / kw) % kh, k_w = r % kw;
-        out.src_row.push_back(dy_row(f, c, k_h, k_w)); // quads: one row per 4 channels
+        out.src_row.push_back(dy_row(f, c, chans, k_h, k_w)); // quads: a row per 4 channels
     }
     return out;
 }

@@ -4,8 +4,9 @@
 // vector multiply-adds per output pixel, and the kernels' pixel grid walks
 // the output (forward, backward-weights) or the input (backward-data).
 //
-//   forward           x tiles, zero-padded: rows (ic, h + top + bottom, w + left + right);
-//                     y tiles rows (oc, oh, ow). Per output pixel, each source
+//   forward           x tiles, zero-padded: rows (h + top + bottom, w + left +
+//                     right, ic), pixel-major (passes/conv_tiles.hpp says why);
+//                     y tiles rows (oh, ow, oc). Per output pixel, each source
 //                     row (ic, kh, kw), read at (ic, oh * sh + kh * dh,
 //                     ow * sw + kw * dw), is loaded once and added into the
 //                     rows oc of its nonzeros (the scatter SpMM: y's rows of
@@ -59,24 +60,14 @@ struct conv_layout {
     };
     tap decode(int64_t col) const { return {col / (kh * kw), (col / kw) % kh, col % kw}; }
 
-    // Forward / backward-weights: the tile row, in the padded x tiles, that
-    // entry (oc, col) reads at output pixel (0, 0).
+    // Backward-weights: the padded x tile row that entry (oc, col) reads at
+    // output pixel (0, 0) (rows are pixel-major: (pixel, channel)), and the
+    // problem per output channel (the CSR).
     int64_t x_row(int64_t oc, int64_t col) const;
-    // The whole problem seen per output channel (the CSR), with the s8 keys
-    // ((kh, kw), ic / 4, ic % 4) that make quads of 4 channels at one tap.
-    sparse_rows forward_rows(const csr_pattern &p, bool s8_quads) const;
-    int64_t forward_quad_row(int64_t quad) const; // padded x quad-tile row of a quad key
-
-    // Backward-data, one phase: per input channel, the taps (oc, kh, kw)
-    // whose output position is whole, keyed for s8 quads over oc.
-    sparse_rows backward_data_rows(const csr_pattern &p, const phase &ph, bool s8_quads) const;
-    // The padded dY (quad-)tile row entry key of phase ph reads at the
-    // phase's first pixel.
-    int64_t dy_row(const phase &ph, int64_t oc, int64_t kh, int64_t kw) const;
-    int64_t backward_data_quad_row(const phase &ph, int64_t quad) const;
-    // Decodes a backward-data key of this layout.
-    void decode_backward_key(int64_t key, bool s8_quads, int64_t &oc, int64_t &kh,
-                             int64_t &kw) const;
+    sparse_rows forward_rows(const csr_pattern &p) const;
+    // Backward-data: the padded dY (quad-)tile row, of `channels` rows per
+    // pixel, that tap (c, kh, kw) of phase ph reads at the phase's first pixel.
+    int64_t dy_row(const phase &ph, int64_t c, int64_t channels, int64_t kh, int64_t kw) const;
 
     // The scatter walks (tile_abi.hpp): source rows, each with the tile row
     // it reads at the grid's first pixel, and per source row its entries

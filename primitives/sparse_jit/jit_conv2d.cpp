@@ -17,6 +17,7 @@
 #include "jit/jit_uni_spmm_scatter_kernel.hpp"
 #include "primitives/core/s8_protocol.hpp"
 #include "primitives/passes/bias_grad.hpp"
+#include "primitives/passes/conv_tiles.hpp"
 #include "primitives/passes/quantize.hpp"
 #include "primitives/passes/tile_layout.hpp"
 #include "primitives/sparse_jit/conv_layout.hpp"
@@ -116,27 +117,33 @@ void run_scatter(const walk_t &w, const kernels_t &kernels, int lanes, int64_t b
             });
 }
 
-// The forward's pixel grid over the output, for tile rows of `row_bytes`.
-jit::pixel_grid output_grid(const conv_layout &l, int64_t rows_h, int64_t row_bytes) {
+// The pixel grid over `rows_h` rows of the output: the source (padded x,
+// `src_pixel_bytes` per pixel) moves by the stride, the destination (one
+// output pixel, `dst_pixel_bytes`) by one.
+jit::pixel_grid output_grid(const conv_layout &l, int64_t rows_h, int64_t src_pixel_bytes,
+                            int64_t dst_pixel_bytes) {
     jit::pixel_grid g;
     g.n_h = rows_h;
     g.n_w = l.out_w;
-    g.src_h = l.sh * l.wp * row_bytes;
-    g.src_w = l.sw * row_bytes;
-    g.dst_h = l.out_w * row_bytes;
-    g.dst_w = row_bytes;
+    g.src_h = l.sh * l.wp * src_pixel_bytes;
+    g.src_w = l.sw * src_pixel_bytes;
+    g.dst_h = l.out_w * dst_pixel_bytes;
+    g.dst_w = dst_pixel_bytes;
     return g;
 }
 
-// Backward-data: phase f's pixel grid over the input.
-jit::pixel_grid phase_grid(const conv_layout &l, const conv_layout::phase &f) {
+// Backward-data: phase f's pixel grid over the input; the source (padded
+// dY, `src_pixel_bytes` per pixel) moves by one pixel, the destination (dX,
+// in_c rows per pixel) by the stride.
+jit::pixel_grid phase_grid(const conv_layout &l, const conv_layout::phase &f,
+                           int64_t src_pixel_bytes) {
     jit::pixel_grid g;
     g.n_h = f.n_h;
     g.n_w = f.n_w;
-    g.src_h = l.owp * rb;
-    g.src_w = rb;
-    g.dst_h = l.sh * l.in_w * rb;
-    g.dst_w = l.sw * rb;
+    g.src_h = l.owp * src_pixel_bytes;
+    g.src_w = src_pixel_bytes;
+    g.dst_h = l.sh * l.in_w * l.in_c * rb;
+    g.dst_w = l.sw * l.in_c * rb;
     return g;
 }
 
@@ -150,7 +157,7 @@ public:
         switch (p.dir) {
             case direction::forward: {
                 auto walk = l_.forward_scatter(p.pattern, false);
-                const int64_t stride = l_.out_pixels() * rb;
+                const int64_t stride = rb; // destination rows: one pixel's channels, contiguous
                 forward_ = std::make_unique<scatter_walk<entry_plan>>(scatter_walk<entry_plan>{
                         entry_plan(
                                 walk.rows, [&](int64_t, int64_t oc) { return oc * stride; },
@@ -160,7 +167,7 @@ public:
                 break;
             }
             case direction::backward_data: {
-                const int64_t stride = l_.in_pixels() * rb;
+                const int64_t stride = rb; // destination rows: one pixel's channels, contiguous
                 for (const auto &f : l_.phases) {
                     auto walk = l_.backward_data_scatter(p.pattern, f, false);
                     phases_.push_back(
@@ -176,7 +183,7 @@ public:
             }
             case direction::backward_weights:
                 entries_ = std::make_unique<entry_plan>(
-                        l_.forward_rows(p.pattern, false),
+                        l_.forward_rows(p.pattern),
                         [&](int64_t oc, int64_t col) { return l_.x_row(oc, col) * rb; }, threads);
                 for (int nv = 1; nv <= jit::tile_batch / lanes_; ++nv)
                     sddmm_.push_back(jit::sddmm_kernel(
@@ -215,12 +222,12 @@ private:
         float *x = sp.get<float>(0, tiled_elems(B, x_rows()));
         float *y = sp.get<float>(1, tiled_elems(B, y_rows));
         float *values = sp.get<float>(2, p_.pattern.nnz());
-        pack_tiles_padded(t.src, B, l_.in_c, l_.in_h, l_.in_w, l_.x_pad, x, nt);
+        pack_conv_tiles(t.src, B, l_.in_c, l_.in_h, l_.in_w, l_.x_pad, x, nt);
         run_scatter(*forward_, scatter_, lanes_, B, forward_->entries.values(t.weights, values, nt),
                     reinterpret_cast<const uint8_t *>(x), x_rows() * rb,
-                    reinterpret_cast<uint8_t *>(y), y_rows * rb, l_.out_c, l_.out_pixels() * rb,
-                    output_grid(l_, l_.out_h, rb), nt);
-        unpack_tiles(y, B, y_rows, t.bias, t.dst, nt, l_.out_pixels());
+                    reinterpret_cast<uint8_t *>(y), y_rows * rb, l_.out_c, rb,
+                    output_grid(l_, l_.out_h, l_.in_c * rb, l_.out_c * rb), nt);
+        unpack_conv_tiles(y, B, l_.out_c, l_.out_pixels(), t.bias, t.dst, nt);
     }
 
     void backward_data(const tensors &t, runtime::scratchpad &sp) const {
@@ -230,15 +237,15 @@ private:
         float *dy = sp.get<float>(0, tiled_elems(B, dy_rows));
         float *dx = sp.get<float>(1, tiled_elems(B, dx_rows));
         float *values = sp.get<float>(2, p_.pattern.nnz());
-        pack_tiles_padded(t.diff_dst, B, l_.out_c, l_.out_h, l_.out_w, l_.dy_pad, dy, nt);
+        pack_conv_tiles(t.diff_dst, B, l_.out_c, l_.out_h, l_.out_w, l_.dy_pad, dy, nt);
         for (const phase_plan &f : phases_) {
-            const int64_t start = (f.phase.ih0 * l_.in_w + f.phase.iw0) * rb;
+            const int64_t start = (f.phase.ih0 * l_.in_w + f.phase.iw0) * l_.in_c * rb;
             run_scatter(f.walk, scatter_, lanes_, B, f.walk.entries.values(t.weights, values, nt),
                         reinterpret_cast<const uint8_t *>(dy), dy_rows * rb,
-                        reinterpret_cast<uint8_t *>(dx) + start, dx_rows * rb, l_.in_c,
-                        l_.in_pixels() * rb, phase_grid(l_, f.phase), nt);
+                        reinterpret_cast<uint8_t *>(dx) + start, dx_rows * rb, l_.in_c, rb,
+                        phase_grid(l_, f.phase, l_.out_c * rb), nt);
         }
-        unpack_tiles(dx, B, dx_rows, nullptr, t.diff_src, nt);
+        unpack_conv_tiles(dx, B, l_.in_c, l_.in_pixels(), nullptr, t.diff_src, nt);
     }
 
     void backward_weights(const tensors &t, runtime::scratchpad &sp) const {
@@ -246,10 +253,10 @@ private:
         const int64_t B = t.batch, dy_rows = l_.out_c * l_.out_pixels();
         float *x = sp.get<float>(0, tiled_elems(B, x_rows()));
         float *dy = sp.get<float>(1, tiled_elems(B, dy_rows));
-        pack_tiles_padded(t.src, B, l_.in_c, l_.in_h, l_.in_w, l_.x_pad, x, nt);
-        pack_tiles(t.diff_dst, B, dy_rows, dy, nt);
+        pack_conv_tiles(t.src, B, l_.in_c, l_.in_h, l_.in_w, l_.x_pad, x, nt);
+        pack_tiles(t.diff_dst, B, dy_rows, dy, nt); // channel-major: rows (oc, pixel)
         std::fill(t.diff_weights, t.diff_weights + p_.pattern.nnz(), 0.f);
-        const jit::pixel_grid grid = output_grid(l_, l_.out_h, rb);
+        const jit::pixel_grid grid = output_grid(l_, l_.out_h, l_.in_c * rb, rb);
         for_parts(entries_->bounds, tile_count(B), nt, [&](int part, int64_t tile) {
             jit::sddmm_call_params c{entries_->offsets.data(),
                                      entries_->row_ptr.data(),
@@ -285,7 +292,7 @@ public:
         switch (p.dir) {
             case direction::forward: {
                 auto walk = l_.forward_scatter(p.pattern, true);
-                const int64_t stride = l_.out_pixels() * rb;
+                const int64_t stride = rb; // destination rows: one pixel's channels, contiguous
                 forward_ = std::make_unique<scatter_walk<quad_plan>>(scatter_walk<quad_plan>{
                         quad_plan(
                                 walk.rows, [&](int64_t, int64_t oc) { return oc * stride; },
@@ -295,7 +302,7 @@ public:
                 break;
             }
             case direction::backward_data: {
-                const int64_t stride = l_.in_pixels() * rb;
+                const int64_t stride = rb; // destination rows: one pixel's channels, contiguous
                 for (const auto &f : l_.phases) {
                     auto walk = l_.backward_data_scatter(p.pattern, f, true);
                     phase_plan pp{f,
@@ -315,7 +322,7 @@ public:
             }
             case direction::backward_weights:
                 entries_ = std::make_unique<entry_plan>(
-                        l_.forward_rows(p.pattern, false),
+                        l_.forward_rows(p.pattern),
                         [&](int64_t oc, int64_t col) { return l_.x_row(oc, col) * rb8; }, threads);
                 sddmm_ = jit::sddmm_kernel(
                         jit::make_sparse_kernel_params(isa, jit::sparse_dtype::s8, 1));
@@ -387,13 +394,14 @@ private:
         int8_t *xq = t.workspace ? ws.src_q() : local_xq;
         const float sx = quantize_rne(t.src, src_elems, xq, nt);
         if (t.workspace) ws.set_src_scale(sx);
-        pack_quad_tiles_padded(xq, B, l_.in_c, l_.in_h, l_.in_w, l_.x_pad, x, nt);
+        pack_conv_quad_tiles(xq, B, l_.in_c, l_.in_h, l_.in_w, l_.x_pad, x, nt);
         for (int64_t o = 0; o < oc; ++o)
             row_scale[o] = s8::forward_scale(sx, w_scale[o]);
         run_scatter(*forward_, scatter_, lanes_, B, words, x, x_rows * rb,
-                    reinterpret_cast<uint8_t *>(acc), y_rows * rb, oc, l_.out_pixels() * rb,
-                    output_grid(l_, l_.out_h, rb), nt);
-        unpack_s32_tiles(acc, B, y_rows, correction, row_scale, t.bias, t.dst, nt, l_.out_pixels());
+                    reinterpret_cast<uint8_t *>(acc), y_rows * rb, oc, rb,
+                    output_grid(l_, l_.out_h, (l_.in_c + 3) / 4 * rb, oc * rb), nt);
+        unpack_conv_s32_tiles(acc, B, oc, l_.out_pixels(), correction, l_.out_pixels(), row_scale,
+                              l_.out_pixels(), t.bias, t.dst, nt);
     }
 
     void backward_data(const tensors &t, runtime::scratchpad &sp) const {
@@ -413,12 +421,11 @@ private:
         auto *words = sp.get<uint32_t>(5, max_quads);
         auto *row_sums = sp.get<int32_t>(6, max_rows);
         auto *phase_corr = sp.get<int32_t>(7, l_.in_c);
-        auto *correction = sp.get<int32_t>(8, dx_rows);
-        auto *scale = sp.get<float>(9, dx_rows);
+        auto *correction = sp.get<int32_t>(8, dx_rows); // channel-major: (ic, pixel)
         quantize_weights(p_.pattern, t.weights, wq, w_scale, nt);
         const float sg2 = quantize_stochastic(t.diff_dst, B * oc * l_.out_pixels(), w_scale, oc,
                                               l_.out_pixels(), s8::dx_stream(t.seed), g2, nt);
-        pack_quad_tiles_padded(g2, B, oc, l_.out_h, l_.out_w, l_.dy_pad, dy, nt);
+        pack_conv_quad_tiles(g2, B, oc, l_.out_h, l_.out_w, l_.dy_pad, dy, nt);
         for (const phase_plan &f : phases_) {
             const quad_plan &q = f.walk.entries;
             q.fill(wq, words, row_sums, nt);
@@ -426,10 +433,10 @@ private:
             std::fill(phase_corr, phase_corr + l_.in_c, 0);
             for (size_t l = 0; l < f.dst_channel.size(); ++l)
                 phase_corr[f.dst_channel[l]] += 128 * wq[q.value_index[l]];
-            const int64_t start = (f.phase.ih0 * l_.in_w + f.phase.iw0) * rb;
+            const int64_t start = (f.phase.ih0 * l_.in_w + f.phase.iw0) * l_.in_c * rb;
             run_scatter(f.walk, scatter_, lanes_, B, words, dy, dy_rows * rb,
-                        reinterpret_cast<uint8_t *>(acc) + start, dx_rows * rb, l_.in_c, in_px * rb,
-                        phase_grid(l_, f.phase), nt);
+                        reinterpret_cast<uint8_t *>(acc) + start, dx_rows * rb, l_.in_c, rb,
+                        phase_grid(l_, f.phase, (oc + 3) / 4 * rb), nt);
 #pragma omp parallel for num_threads(nt) schedule(static)
             for (int64_t ic = 0; ic < l_.in_c; ++ic)
                 for (int64_t a = 0; a < f.phase.n_h; ++a)
@@ -437,8 +444,8 @@ private:
                         correction[ic * in_px + (f.phase.ih0 + a * l_.sh) * l_.in_w + f.phase.iw0
                                    + b * l_.sw] = phase_corr[ic];
         }
-        std::fill(scale, scale + dx_rows, sg2);
-        unpack_s32_tiles(acc, B, dx_rows, correction, scale, nullptr, t.diff_src, nt);
+        unpack_conv_s32_tiles(acc, B, l_.in_c, in_px, correction, 1, &sg2, dx_rows, nullptr,
+                              t.diff_src, nt);
     }
 
     void backward_weights(const tensors &t, runtime::scratchpad &sp) const {
@@ -456,7 +463,7 @@ private:
         auto *window_sum = sp.get<int64_t>(5, taps);
         const float sg1 = quantize_stochastic_to_s8_tiles(t.diff_dst, B, dy_rows,
                                                           s8::dw_stream(t.seed), g1, nt);
-        pack_s8_tiles_padded(xq, B, l_.in_c, l_.in_h, l_.in_w, l_.x_pad, x, nt);
+        pack_conv_s8_tiles(xq, B, l_.in_c, l_.in_h, l_.in_w, l_.x_pad, x, nt);
         window_sums(xq, B, plane_sum, window_sum, nt);
         std::fill(acc, acc + nnz, int64_t(0));
         // Pieces: whole output rows, at most max_piece_pixels pixels per tile.
@@ -465,15 +472,16 @@ private:
             for (int64_t oh0 = 0; oh0 < l_.out_h; oh0 += rows_per_piece) {
                 const int64_t rows = std::min(rows_per_piece, l_.out_h - oh0);
                 std::fill(piece, piece + nnz, 0);
-                const jit::pixel_grid grid = output_grid(l_, rows, rb8);
+                const jit::pixel_grid grid = output_grid(l_, rows, l_.in_c * rb8, rb8);
                 for_parts(entries_->bounds, 1, nt, [&](int part, int64_t) {
-                    jit::sddmm_call_params c{entries_->offsets.data(),
-                                             entries_->row_ptr.data(),
-                                             entries_->bounds[part],
-                                             entries_->bounds[part + 1],
-                                             x + (tile * x_rows + oh0 * l_.sh * l_.wp) * rb8,
-                                             g1 + (tile * dy_rows + oh0 * l_.out_w) * rb8,
-                                             piece};
+                    jit::sddmm_call_params c{
+                            entries_->offsets.data(),
+                            entries_->row_ptr.data(),
+                            entries_->bounds[part],
+                            entries_->bounds[part + 1],
+                            x + (tile * x_rows + oh0 * l_.sh * l_.wp * l_.in_c) * rb8,
+                            g1 + (tile * dy_rows + oh0 * l_.out_w) * rb8,
+                            piece};
                     c.dy_row_stride = l_.out_pixels() * rb8;
                     c.pix = grid;
                     (*sddmm_)(c);
@@ -525,9 +533,9 @@ private:
     conv_layout l_;
     int lanes_;
     std::unique_ptr<scatter_walk<quad_plan>> forward_; // forward
-    std::vector<phase_plan> phases_;                    // backward-data, per stride phase
-    std::unique_ptr<entry_plan> entries_;               // backward-weights
-    std::vector<int64_t> tap_of_entry_;                 // backward-weights
+    std::vector<phase_plan> phases_;                   // backward-data, per stride phase
+    std::unique_ptr<entry_plan> entries_;              // backward-weights
+    std::vector<int64_t> tap_of_entry_;                // backward-weights
     std::vector<std::shared_ptr<const jit::jit_spmm_scatter_kernel>> scatter_;
     std::shared_ptr<const jit::jit_sddmm_kernel> sddmm_;
 };

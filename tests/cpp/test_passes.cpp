@@ -5,6 +5,7 @@
 #include <functional>
 
 #include "jit/tile_abi.hpp"
+#include "primitives/passes/conv_tiles.hpp"
 #include "primitives/passes/quantize.hpp"
 #include "primitives/passes/tile_layout.hpp"
 #include "test_utils.hpp"
@@ -340,6 +341,134 @@ TEST(Passes, s32_unpack_per_output_channel_matches_portable) {
                                      bias.data(), got.data(), 2, inner);
             EXPECT_EQ(got, want);
         }
+}
+
+// The Conv2d passes (pixel-major rows): the portable tier against their
+// definition, the dispatched tier (AVX-512 where the CPU has it) against it.
+TEST(Passes, conv_tiles_match_the_definition_on_every_tier) {
+    std::mt19937 rng(10);
+    for (int64_t batch : {1, 17, 64, 70})
+        for (auto [c, h, w] :
+             {std::tuple<int64_t, int64_t, int64_t>{1, 1, 1}, {3, 5, 7}, {5, 4, 17}, {8, 2, 33}})
+            for (auto pad : {detail::spatial_pad{0, 0, 0, 0}, detail::spatial_pad{1, 2, 3, 1}}) {
+                SCOPED_TRACE(std::to_string(batch) + "x" + std::to_string(c) + "x"
+                             + std::to_string(h) + "x" + std::to_string(w) + " pad "
+                             + std::to_string(pad.top));
+                const int64_t hp = h + pad.top + pad.bottom, wp = w + pad.left + pad.right;
+                const int64_t tiles = jit::tile_count(batch), quads = (c + 3) / 4, px = h * w;
+                auto at = [&](int64_t y, int64_t xx) {
+                    const int64_t iy = y - pad.top, ix = xx - pad.left;
+                    return iy >= 0 && iy < h && ix >= 0 && ix < w ? iy * w + ix : int64_t(-1);
+                };
+                // f32 pack
+                auto src = random_vector(static_cast<size_t>(batch * c * px), rng);
+                const int64_t rows = hp * wp * c;
+                std::vector<float> want(static_cast<size_t>(tiles * rows * 64), 7.f);
+                detail::portable::pack_conv_tiles(src.data(), batch, c, h, w, pad, want.data(), 2);
+                for (int64_t b = 0; b < batch; ++b)
+                    for (int64_t y = 0; y < hp; ++y)
+                        for (int64_t xx = 0; xx < wp; ++xx)
+                            for (int64_t ch = 0; ch < c; ++ch) {
+                                const int64_t s = at(y, xx);
+                                ASSERT_EQ(want[static_cast<size_t>(
+                                                  ((b / 64) * rows + (y * wp + xx) * c + ch) * 64
+                                                  + b % 64)],
+                                          s < 0 ? 0.f : src[(b * c + ch) * px + s]);
+                            }
+                std::vector<float> got(want.size(), 3.f);
+                detail::pack_conv_tiles(src.data(), batch, c, h, w, pad, got.data(), 3);
+                expect_same_read_lanes(got, want, batch, rows, "pack_conv_tiles");
+                // f32 unpack (no padding: rows = pixels x channels)
+                auto y_tiles = random_vector(static_cast<size_t>(tiles * px * c * 64), rng);
+                auto bias = random_vector(static_cast<size_t>(c), rng);
+                std::vector<float> out_want(static_cast<size_t>(batch * c * px)),
+                        out_got(out_want.size());
+                detail::portable::unpack_conv_tiles(y_tiles.data(), batch, c, px, bias.data(),
+                                                    out_want.data(), 1);
+                for (int64_t b = 0; b < batch; ++b)
+                    for (int64_t ch = 0; ch < c; ++ch)
+                        for (int64_t p = 0; p < px; ++p)
+                            ASSERT_EQ(out_want[(b * c + ch) * px + p],
+                                      y_tiles[static_cast<size_t>(
+                                              ((b / 64) * px * c + p * c + ch) * 64 + b % 64)]
+                                              + bias[ch]);
+                detail::unpack_conv_tiles(y_tiles.data(), batch, c, px, bias.data(), out_got.data(),
+                                          2);
+                EXPECT_EQ(out_got, out_want);
+                // int8 packs
+                std::vector<int8_t> xq(static_cast<size_t>(batch * c * px));
+                for (auto &v : xq)
+                    v = static_cast<int8_t>(static_cast<int>(rng() % 255) - 127);
+                const int64_t qrows = hp * wp * quads;
+                std::vector<uint8_t> qwant(static_cast<size_t>(tiles * qrows * 256), 1),
+                        qgot(qwant.size(), 2);
+                detail::portable::pack_conv_quad_tiles(xq.data(), batch, c, h, w, pad, qwant.data(),
+                                                       2);
+                for (int64_t b = 0; b < batch; ++b)
+                    for (int64_t y = 0; y < hp; ++y)
+                        for (int64_t xx = 0; xx < wp; ++xx)
+                            for (int64_t ch = 0; ch < quads * 4; ++ch) {
+                                const int64_t s = at(y, xx);
+                                const int v = s < 0 || ch >= c ? 0 : xq[(b * c + ch) * px + s];
+                                ASSERT_EQ(
+                                        qwant[static_cast<size_t>(
+                                                (((b / 64) * qrows + (y * wp + xx) * quads + ch / 4)
+                                                         * 64
+                                                 + b % 64)
+                                                        * 4
+                                                + ch % 4)],
+                                        v + 128);
+                            }
+                detail::pack_conv_quad_tiles(xq.data(), batch, c, h, w, pad, qgot.data(), 3);
+                for (int64_t t = 0; t < tiles; ++t)
+                    for (int64_t r = 0; r < qrows; ++r)
+                        for (int64_t j = 0; j < detail::tile_lanes(batch, t) * 4; ++j) {
+                            const size_t i = static_cast<size_t>((t * qrows + r) * 256 + j);
+                            ASSERT_EQ(qgot[i], qwant[i]) << "quad tile " << t << " row " << r;
+                        }
+                std::vector<int8_t> swant(static_cast<size_t>(tiles * rows * 64), 1),
+                        sgot(swant.size(), 2);
+                detail::portable::pack_conv_s8_tiles(xq.data(), batch, c, h, w, pad, swant.data(),
+                                                     2);
+                for (int64_t b = 0; b < tiles * 64; ++b)
+                    for (int64_t y = 0; y < hp; ++y)
+                        for (int64_t xx = 0; xx < wp; ++xx)
+                            for (int64_t ch = 0; ch < c; ++ch) {
+                                const int64_t s = at(y, xx);
+                                ASSERT_EQ(swant[static_cast<size_t>(
+                                                  ((b / 64) * rows + (y * wp + xx) * c + ch) * 64
+                                                  + b % 64)],
+                                          s < 0 || b >= batch ? 0 : xq[(b * c + ch) * px + s]);
+                            }
+                detail::pack_conv_s8_tiles(xq.data(), batch, c, h, w, pad, sgot.data(), 3);
+                EXPECT_EQ(sgot, swant);
+                // int32 unpack, correction per channel and per (channel, pixel)
+                std::vector<int32_t> acc(static_cast<size_t>(tiles * px * c * 64));
+                for (auto &v : acc)
+                    v = static_cast<int32_t>(rng() % 200001) - 100000;
+                std::vector<int32_t> corr(static_cast<size_t>(c * px));
+                for (auto &v : corr)
+                    v = static_cast<int32_t>(rng() % 1001) - 500;
+                auto scale = random_vector(static_cast<size_t>(c), rng, 0.001f, 0.1f);
+                for (int64_t corr_inner : {px, int64_t(1)}) {
+                    std::vector<float> w32(static_cast<size_t>(batch * c * px)), g32(w32.size());
+                    detail::portable::unpack_conv_s32_tiles(acc.data(), batch, c, px, corr.data(),
+                                                            corr_inner, scale.data(), px,
+                                                            bias.data(), w32.data(), 2);
+                    for (int64_t b = 0; b < batch; ++b)
+                        for (int64_t ch = 0; ch < c; ++ch)
+                            for (int64_t p = 0; p < px; ++p) {
+                                const int32_t a = acc[static_cast<size_t>(
+                                        ((b / 64) * px * c + p * c + ch) * 64 + b % 64)];
+                                ASSERT_EQ(w32[(b * c + ch) * px + p],
+                                          float(a - corr[(ch * px + p) / corr_inner]) * scale[ch]
+                                                  + bias[ch]);
+                            }
+                    detail::unpack_conv_s32_tiles(acc.data(), batch, c, px, corr.data(), corr_inner,
+                                                  scale.data(), px, bias.data(), g32.data(), 3);
+                    EXPECT_EQ(g32, w32);
+                }
+            }
 }
 
 } // namespace qsp::test

@@ -1,0 +1,255 @@
+// The AVX-512 tier of the Conv2d layout passes (called only after CPU
+// detection): 16 x 16 transposes over (batch, w) for one channel and image
+// row; pixel-major rows are written 16 at a time, channels * 256 bytes apart.
+#include <immintrin.h>
+
+#include <algorithm>
+
+#include "primitives/passes/conv_tiles.hpp"
+#include "primitives/passes/simd_avx512.hpp"
+
+QSP_BEGIN_TARGET(QSP_ISA_AVX512)
+
+namespace qsp::detail {
+
+namespace avx512 {
+namespace {
+
+constexpr int64_t tb = jit::tile_batch;
+
+// 16 values of v[(c * pixels + p) / inner] for p in [p0, p0 + n).
+template <typename T>
+inline void per_pixel(const T *v, int64_t inner, int64_t c, int64_t pixels, int64_t p0, int64_t n,
+                      T out[16]) {
+    for (int64_t k = 0; k < 16; ++k)
+        out[k] = k < n ? v[(c * pixels + p0 + k) / inner] : T(0);
+}
+
+// body(t, y, x) for every padded pixel outside the image, over all tiles.
+template <typename body_t>
+void for_padding_pixels(int64_t tiles, int64_t h, int64_t w, const spatial_pad &pad, body_t body) {
+    const int64_t hp = h + pad.top + pad.bottom, wp = w + pad.left + pad.right;
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t t = 0; t < tiles; ++t)
+        for (int64_t y = 0; y < hp; ++y) {
+            const bool pad_row = y < pad.top || y >= pad.top + h;
+            for (int64_t x = 0; x < wp; ++x)
+                if (pad_row || x < pad.left || x >= pad.left + w) body(t, y, x);
+        }
+}
+
+} // namespace
+} // namespace avx512
+
+using avx512::first_lanes;
+using avx512::transpose16;
+
+void pack_conv_tiles_avx512(const float *src, int64_t batch, int64_t channels, int64_t h, int64_t w,
+                            const spatial_pad &pad, float *tiles, int num_threads) {
+    const int64_t tb = jit::tile_batch, wp = w + pad.left + pad.right,
+                  rows = (h + pad.top + pad.bottom) * wp * channels, plane = h * w,
+                  tiles_n = jit::tile_count(batch), wblocks = (w + 15) / 16;
+#pragma omp parallel num_threads(num_threads)
+    {
+// One block of 16 image columns of one image row at a time, all channels
+// inside: its destination (16 pixels x channels rows) is contiguous.
+#pragma omp for collapse(3) schedule(static)
+        for (int64_t t = 0; t < tiles_n; ++t)
+            for (int64_t y = 0; y < h; ++y)
+                for (int64_t wb = 0; wb < wblocks; ++wb)
+                    for (int64_t c = 0; c < channels; ++c) {
+                        const int64_t x0 = wb * 16, xn = std::min<int64_t>(16, w - x0);
+                        const __mmask16 xmask = first_lanes(xn);
+                        float *base = tiles
+                                      + (t * rows + ((y + pad.top) * wp + x0 + pad.left) * channels
+                                         + c) * tb;
+                        for (int64_t j0 = 0; j0 < tile_lanes(batch, t); j0 += 16) {
+                            __m512 r[16];
+                            for (int i = 0; i < 16; ++i) {
+                                const int64_t b = t * tb + j0 + i;
+                                r[i] = b < batch ? _mm512_maskz_loadu_ps(
+                                               xmask, src + (b * channels + c) * plane + y * w + x0)
+                                                 : _mm512_setzero_ps();
+                            }
+                            transpose16(r);
+                            for (int64_t k = 0; k < xn; ++k)
+                                _mm512_storeu_ps(base + k * channels * tb + j0, r[k]);
+                        }
+                    }
+        avx512::for_padding_pixels(tiles_n, h, w, pad, [&](int64_t t, int64_t y, int64_t x) {
+            float *row = tiles + (t * rows + (y * wp + x) * channels) * tb;
+            for (int64_t c = 0; c < channels; ++c)
+                for (int64_t j0 = 0; j0 < tile_lanes(batch, t); j0 += 16)
+                    _mm512_storeu_ps(row + c * tb + j0, _mm512_setzero_ps());
+        });
+    }
+}
+
+void unpack_conv_tiles_avx512(const float *tiles, int64_t batch, int64_t channels, int64_t pixels,
+                              const float *bias, float *dst, int num_threads) {
+    const int64_t tb = jit::tile_batch, rows = pixels * channels, tiles_n = jit::tile_count(batch),
+                  pblocks = (pixels + 15) / 16;
+    // One block of 16 pixels at a time, all channels inside: its source
+    // (16 pixels x channels rows) is contiguous.
+#pragma omp parallel for collapse(2) num_threads(num_threads) schedule(static)
+    for (int64_t t = 0; t < tiles_n; ++t)
+        for (int64_t pb = 0; pb < pblocks; ++pb)
+            for (int64_t c = 0; c < channels; ++c) {
+                const int64_t p0 = pb * 16, pn = std::min<int64_t>(16, pixels - p0);
+                const __mmask16 pmask = first_lanes(pn);
+                const __m512 bs = _mm512_set1_ps(bias ? bias[c] : 0.f);
+                for (int64_t j0 = 0; j0 < tb && t * tb + j0 < batch; j0 += 16) {
+                    __m512 r[16];
+                    for (int i = 0; i < 16; ++i)
+                        r[i] = i < pn ? _mm512_loadu_ps(
+                                       tiles + (t * rows + (p0 + i) * channels + c) * tb + j0)
+                                      : _mm512_setzero_ps();
+                    transpose16(r);
+                    for (int64_t i = 0; i < 16 && t * tb + j0 + i < batch; ++i)
+                        _mm512_mask_storeu_ps(dst + ((t * tb + j0 + i) * channels + c) * pixels
+                                                      + p0,
+                                              pmask, bias ? _mm512_add_ps(r[i], bs) : r[i]);
+                }
+            }
+}
+
+void pack_conv_quad_tiles_avx512(const int8_t *x, int64_t batch, int64_t channels, int64_t h,
+                                 int64_t w, const spatial_pad &pad, uint8_t *tiles,
+                                 int num_threads) {
+    const int64_t tb = jit::tile_batch, wp = w + pad.left + pad.right, quads = (channels + 3) / 4,
+                  rows = (h + pad.top + pad.bottom) * wp * quads, plane = h * w,
+                  tiles_n = jit::tile_count(batch), wblocks = (w + 15) / 16;
+    const __m512i flip = _mm512_set1_epi32(static_cast<int>(0x80808080u)); // x -> x + 128 as u8
+    uint32_t *words = reinterpret_cast<uint32_t *>(tiles);
+#pragma omp parallel num_threads(num_threads)
+    {
+#pragma omp for collapse(3) schedule(static)
+        for (int64_t t = 0; t < tiles_n; ++t)
+            for (int64_t y = 0; y < h; ++y)
+                for (int64_t wb = 0; wb < wblocks; ++wb)
+                    for (int64_t q = 0; q < quads; ++q) {
+                        const int64_t x0 = wb * 16, xn = std::min<int64_t>(16, w - x0);
+                        const __mmask16 xmask = first_lanes(xn);
+                        uint32_t *base = words
+                                         + (t * rows + ((y + pad.top) * wp + x0 + pad.left) * quads
+                                            + q) * tb;
+                        for (int64_t j0 = 0; j0 < tile_lanes(batch, t); j0 += 16) {
+                            __m512 r[16];
+                            for (int i = 0; i < 16; ++i) {
+                                const int64_t b = t * tb + j0 + i;
+                                __m128i ch[4];
+                                for (int k = 0; k < 4; ++k) {
+                                    const int64_t c = 4 * q + k;
+                                    ch[k] = b < batch && c < channels ? _mm_maskz_loadu_epi8(
+                                                    xmask,
+                                                    x + (b * channels + c) * plane + y * w + x0)
+                                                                      : _mm_setzero_si128();
+                                }
+                                // 16 dwords, one per w: the bytes of channels 4q..4q+3
+                                const __m128i lo01 = _mm_unpacklo_epi8(ch[0], ch[1]),
+                                              hi01 = _mm_unpackhi_epi8(ch[0], ch[1]),
+                                              lo23 = _mm_unpacklo_epi8(ch[2], ch[3]),
+                                              hi23 = _mm_unpackhi_epi8(ch[2], ch[3]);
+                                __m512i v = _mm512_castsi128_si512(_mm_unpacklo_epi16(lo01, lo23));
+                                v = _mm512_inserti32x4(v, _mm_unpackhi_epi16(lo01, lo23), 1);
+                                v = _mm512_inserti32x4(v, _mm_unpacklo_epi16(hi01, hi23), 2);
+                                v = _mm512_inserti32x4(v, _mm_unpackhi_epi16(hi01, hi23), 3);
+                                r[i] = _mm512_castsi512_ps(v);
+                            }
+                            transpose16(r); // moves 32-bit lanes bit for bit
+                            for (int64_t k = 0; k < xn; ++k)
+                                _mm512_storeu_si512(
+                                        base + k * quads * tb + j0,
+                                        _mm512_xor_si512(_mm512_castps_si512(r[k]), flip));
+                        }
+                    }
+        avx512::for_padding_pixels(tiles_n, h, w, pad, [&](int64_t t, int64_t y, int64_t xx) {
+            uint32_t *row = words + (t * rows + (y * wp + xx) * quads) * tb;
+            for (int64_t q = 0; q < quads; ++q)
+                for (int64_t j0 = 0; j0 < tile_lanes(batch, t); j0 += 16)
+                    _mm512_storeu_si512(row + q * tb + j0, flip); // x = 0
+        });
+    }
+}
+
+void pack_conv_s8_tiles_avx512(const int8_t *x, int64_t batch, int64_t channels, int64_t h,
+                               int64_t w, const spatial_pad &pad, int8_t *tiles, int num_threads) {
+    const int64_t tb = jit::tile_batch, wp = w + pad.left + pad.right,
+                  rows = (h + pad.top + pad.bottom) * wp * channels, plane = h * w,
+                  tiles_n = jit::tile_count(batch), wblocks = (w + 15) / 16;
+#pragma omp parallel num_threads(num_threads)
+    {
+#pragma omp for collapse(3) schedule(static)
+        for (int64_t t = 0; t < tiles_n; ++t)
+            for (int64_t y = 0; y < h; ++y)
+                for (int64_t wb = 0; wb < wblocks; ++wb)
+                    for (int64_t c = 0; c < channels; ++c) {
+                        const int64_t x0 = wb * 16, xn = std::min<int64_t>(16, w - x0);
+                        const __mmask16 xmask = first_lanes(xn);
+                        int8_t *base = tiles
+                                       + (t * rows + ((y + pad.top) * wp + x0 + pad.left) * channels
+                                          + c) * tb;
+                        for (int64_t j0 = 0; j0 < tb; j0 += 16) {
+                            __m512 r[16];
+                            for (int i = 0; i < 16; ++i) {
+                                const int64_t b = t * tb + j0 + i;
+                                const __m128i bytes =
+                                        b < batch ? _mm_maskz_loadu_epi8(
+                                                xmask, x + (b * channels + c) * plane + y * w + x0)
+                                                  : _mm_setzero_si128();
+                                r[i] = _mm512_castsi512_ps(_mm512_cvtepi8_epi32(bytes));
+                            }
+                            transpose16(r);
+                            for (int64_t k = 0; k < xn; ++k)
+                                _mm_storeu_si128(
+                                        reinterpret_cast<__m128i *>(base + k * channels * tb + j0),
+                                        _mm512_cvtepi32_epi8(_mm512_castps_si512(r[k])));
+                        }
+                    }
+        avx512::for_padding_pixels(tiles_n, h, w, pad, [&](int64_t t, int64_t y, int64_t xx) {
+            int8_t *row = tiles + (t * rows + (y * wp + xx) * channels) * tb;
+            for (int64_t c = 0; c < channels; ++c)
+                _mm512_storeu_si512(row + c * tb, _mm512_setzero_si512());
+        });
+    }
+}
+
+void unpack_conv_s32_tiles_avx512(const int32_t *tiles, int64_t batch, int64_t channels,
+                                  int64_t pixels, const int32_t *correction,
+                                  int64_t correction_inner, const float *scale, int64_t scale_inner,
+                                  const float *bias, float *dst, int num_threads) {
+    const int64_t tb = jit::tile_batch, rows = pixels * channels, tiles_n = jit::tile_count(batch),
+                  pblocks = (pixels + 15) / 16;
+#pragma omp parallel for collapse(2) num_threads(num_threads) schedule(static)
+    for (int64_t t = 0; t < tiles_n; ++t)
+        for (int64_t pb = 0; pb < pblocks; ++pb)
+            for (int64_t c = 0; c < channels; ++c) {
+                const int64_t p0 = pb * 16, pn = std::min<int64_t>(16, pixels - p0);
+                const __mmask16 pmask = first_lanes(pn);
+                alignas(64) int32_t c16[16];
+                alignas(64) float s16[16];
+                avx512::per_pixel(correction, correction_inner, c, pixels, p0, pn, c16);
+                avx512::per_pixel(scale, scale_inner, c, pixels, p0, pn, s16);
+                const __m512i corr = _mm512_load_si512(c16);
+                const __m512 sc = _mm512_load_ps(s16), bs = _mm512_set1_ps(bias ? bias[c] : 0.f);
+                for (int64_t j0 = 0; j0 < tb && t * tb + j0 < batch; j0 += 16) {
+                    __m512 r[16];
+                    for (int i = 0; i < 16; ++i)
+                        r[i] = i < pn ? _mm512_castsi512_ps(_mm512_loadu_si512(
+                                       tiles + (t * rows + (p0 + i) * channels + c) * tb + j0))
+                                      : _mm512_setzero_ps();
+                    transpose16(r);
+                    for (int64_t i = 0; i < 16 && t * tb + j0 + i < batch; ++i) {
+                        const __m512i exact = _mm512_sub_epi32(_mm512_castps_si512(r[i]), corr);
+                        __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(exact), sc);
+                        if (bias) y = _mm512_add_ps(y, bs);
+                        _mm512_mask_storeu_ps(
+                                dst + ((t * tb + j0 + i) * channels + c) * pixels + p0, pmask, y);
+                    }
+                }
+            }
+}
+
+} // namespace qsp::detail
+
+QSP_END_TARGET
