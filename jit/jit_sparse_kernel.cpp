@@ -6,14 +6,18 @@ namespace qsp::jit {
 
 std::string sparse_kernel_params::str() const {
     return std::string(to_string(isa)) + (dtype == sparse_dtype::f32 ? "_f32" : "_s8")
-           + (avx_vnni ? "_avx_vnni" : "") + "_v" + std::to_string(n_vec);
+           + (avx_vnni ? "_avx_vnni" : "") + "_v" + std::to_string(n_vec)
+           + (n_rows != 1 ? "_r" + std::to_string(n_rows) : "")
+           + (tail != 0 ? "_t" + std::to_string(tail) : "");
 }
 
 size_t sparse_kernel_params_hash::operator()(const sparse_kernel_params &p) const {
     uint64_t h = runtime::hash_mix(0, static_cast<uint64_t>(p.isa));
     h = runtime::hash_mix(h, static_cast<uint64_t>(p.dtype));
     h = runtime::hash_mix(h, static_cast<uint64_t>(p.n_vec));
-    return static_cast<size_t>(runtime::hash_mix(h, p.avx_vnni));
+    h = runtime::hash_mix(h, p.avx_vnni);
+    h = runtime::hash_mix(h, static_cast<uint64_t>(p.n_rows));
+    return static_cast<size_t>(runtime::hash_mix(h, static_cast<uint64_t>(p.tail)));
 }
 
 int vector_lanes(cpu_isa isa) {

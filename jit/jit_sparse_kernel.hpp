@@ -19,9 +19,14 @@ struct sparse_kernel_params {
     sparse_dtype dtype = sparse_dtype::f32;
     int n_vec = 1;         // vectors per tile row this kernel touches (batch tail)
     bool avx_vnni = false; // avx2 + s8 only: VEX vpdpbusd instead of emulation
+    // Output-width-innermost kernels (width_abi.hpp) only: output rows per
+    // step, and the lanes of the last vector that are real (0: all).
+    int n_rows = 1;
+    int tail = 0;
 
     bool operator==(const sparse_kernel_params &o) const {
-        return isa == o.isa && dtype == o.dtype && n_vec == o.n_vec && avx_vnni == o.avx_vnni;
+        return isa == o.isa && dtype == o.dtype && n_vec == o.n_vec && avx_vnni == o.avx_vnni
+               && n_rows == o.n_rows && tail == o.tail;
     }
     std::string str() const;
 };

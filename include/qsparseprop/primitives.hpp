@@ -33,6 +33,14 @@ enum class prop_kind { forward_training, forward_inference };
 enum class quant_scheme { f32, s8 };
 const char *to_string(quant_scheme s);
 
+// Conv2d: the dimension the JIT kernels put in vector lanes. `batch`
+// (batch-innermost tiles) suits small images and deep layers, where a row of
+// an image fills few lanes; `output_width` (NCHW planes, lanes along an
+// output row) suits large images and early layers, and needs no transposes.
+// `any` lets dispatch and the tuner decide per layer and direction.
+enum class conv_vectorization { any, batch, output_width };
+const char *to_string(conv_vectorization v);
+
 struct primitive_attr {
     // OpenMP team size for this primitive; 0 = omp_get_max_threads()
     // (backward descriptors: 0 = the forward hint's).
@@ -43,6 +51,10 @@ struct primitive_attr {
     // cannot run the problem is refused with that implementation's reason.
     // Empty = pick as usual.
     std::string implementation;
+    // Conv2d only: restricts the JIT implementations to one vectorization
+    // (the reference and dense implementations are not restricted).
+    // Backward descriptors left at `any` follow their forward hint.
+    conv_vectorization vectorization = conv_vectorization::any;
 };
 
 struct conv2d_geometry {

@@ -35,6 +35,13 @@ struct kernel {
     // implementation that created the kernel (e.g. a fallback for one
     // call), else nullptr.
     virtual const char *execute(const tensors &t) const = 0;
+    // True when the kernel itself detects a NaN or Inf in its input (f32
+    // forward / backward-data), in a pass over the input it makes anyway:
+    // it then returns non_finite_input having written no output, and the
+    // dense-semantics guard runs the call instead of reading the input a
+    // second time to check it.
+    virtual bool checks_finite_input() const { return false; }
+    static constexpr const char *non_finite_input = "non-finite input";
 };
 
 struct implementation {

@@ -11,6 +11,18 @@ const char *to_string(quant_scheme s) {
     return s == quant_scheme::s8 ? "s8" : "f32";
 }
 
+const char *to_string(conv_vectorization v) {
+    switch (v) {
+        case conv_vectorization::any:
+            return "any";
+        case conv_vectorization::batch:
+            return "batch";
+        case conv_vectorization::output_width:
+            return "output_width";
+    }
+    return "invalid";
+}
+
 void check_conv2d_geometry(const conv2d_geometry &g, int64_t in_channels, int64_t out_channels) {
     auto at_least = [](int64_t v, int64_t lo, const char *name, const char *note) {
         if (v < lo)
@@ -119,6 +131,8 @@ std::string problem::shape_str() const {
           << "kw" << g.kernel_w << "sh" << g.stride_h << "sw" << g.stride_w << "ph" << g.pad_top
           << "_" << g.pad_bottom << "pw" << g.pad_left << "_" << g.pad_right << "dh" << g.dilation_h
           << "dw" << g.dilation_w << "g" << g.groups;
+        if (vectorization != conv_vectorization::any)
+            s << ",vectorization=" << to_string(vectorization);
     }
     s << ",density=" << pattern.density() << ",nnz=" << pattern.nnz();
     return s.str();
@@ -134,17 +148,33 @@ problem problem::without_batch() const {
 bool problem::operator==(const problem &o) const {
     return op == o.op && dir == o.dir && prop == o.prop && scheme == o.scheme && batch == o.batch
            && in == o.in && out == o.out && conv == o.conv && with_bias == o.with_bias
-           && num_threads == o.num_threads && pattern == o.pattern;
+           && num_threads == o.num_threads && vectorization == o.vectorization
+           && pattern == o.pattern;
 }
 
 size_t problem_hash::operator()(const problem &p) const {
     using runtime::hash_mix;
     uint64_t h = p.pattern.hash();
-    for (int64_t v :
-         {int64_t(p.op), int64_t(p.dir), int64_t(p.prop), int64_t(p.scheme), p.batch, p.in, p.out,
-          p.conv.batch, p.conv.in_c, p.conv.in_h, p.conv.in_w, p.conv.out_c, p.conv.g.kernel_h,
-          p.conv.g.kernel_w, p.conv.g.stride_h, p.conv.g.stride_w, p.conv.g.groups,
-          int64_t(p.with_bias), int64_t(p.num_threads)})
+    for (int64_t v : {int64_t(p.op),
+                      int64_t(p.dir),
+                      int64_t(p.prop),
+                      int64_t(p.scheme),
+                      p.batch,
+                      p.in,
+                      p.out,
+                      p.conv.batch,
+                      p.conv.in_c,
+                      p.conv.in_h,
+                      p.conv.in_w,
+                      p.conv.out_c,
+                      p.conv.g.kernel_h,
+                      p.conv.g.kernel_w,
+                      p.conv.g.stride_h,
+                      p.conv.g.stride_w,
+                      p.conv.g.groups,
+                      int64_t(p.with_bias),
+                      int64_t(p.num_threads),
+                      int64_t(p.vectorization)})
         h = hash_mix(h, static_cast<uint64_t>(v));
     return static_cast<size_t>(h);
 }

@@ -32,6 +32,7 @@ struct problem {
     conv2d_shape conv{};
     bool with_bias = false;
     int num_threads = 1;
+    conv_vectorization vectorization = conv_vectorization::any; // Conv2d only
 
     int64_t src_elems() const;
     int64_t dst_elems() const;

@@ -15,7 +15,7 @@ std::shared_ptr<pd_impl> make_conv_pd(const char *prim, direction dir, prop_kind
                                       quant_scheme scheme, const dnnl::memory::desc &src_md,
                                       const csr_pattern &w, const dnnl::memory::desc &bias_md,
                                       const dnnl::memory::desc &dst_md, const conv2d_geometry &g,
-                                      int num_threads) {
+                                      int num_threads, conv_vectorization vectorization) {
     const char *src_name = dir == direction::backward_data ? "diff_src_desc" : "src_desc";
     const char *dst_name = dir == direction::forward ? "dst_desc" : "diff_dst_desc";
     if (src_md.is_zero() || src_md.get_ndims() != 4)
@@ -69,10 +69,20 @@ std::shared_ptr<pd_impl> make_conv_pd(const char *prim, direction dir, prop_kind
         check_plain_f32(prim, dir == direction::forward ? "bias_desc" : "diff_bias_desc", bias_md,
                         {s.out_c}, "out_channels");
     p.num_threads = num_threads;
+    if (vectorization != conv_vectorization::any && vectorization != conv_vectorization::batch
+        && vectorization != conv_vectorization::output_width)
+        refuse(prim, "attr.vectorization must be any, batch or output_width, got "
+                             + std::to_string(static_cast<int>(vectorization)));
+    p.vectorization = vectorization;
     pd->src_md = plain_f32(sd);
     pd->dst_md = plain_f32({s.batch, s.out_c, s.out_h, s.out_w});
     if (p.with_bias) pd->bias_md = plain_f32({s.out_c});
     return pd;
+}
+
+conv_vectorization backward_vectorization(const primitive_attr &attr, const pd_impl &hint) {
+    return attr.vectorization != conv_vectorization::any ? attr.vectorization
+                                                         : hint.prob.vectorization;
 }
 
 } // namespace
@@ -84,7 +94,7 @@ sparse_conv2d_forward::primitive_desc::primitive_desc(
         const primitive_attr &attr) {
     const char *name = "sparse_conv2d_forward";
     impl_ = make_conv_pd(name, direction::forward, prop, scheme, src_desc, weights, bias_desc,
-                         dst_desc, geometry, resolve_num_threads(attr, name));
+                         dst_desc, geometry, resolve_num_threads(attr, name), attr.vectorization);
     impl_->forced_impl = attr.implementation;
     finish_pd(*impl_, engine);
 }
@@ -111,7 +121,8 @@ sparse_conv2d_backward_data::primitive_desc::primitive_desc(
     check_hint(name, *hint.impl(), weights);
     impl_ = make_conv_pd(name, direction::backward_data, hint.prop(), hint.scheme(), diff_src_desc,
                          weights, dnnl::memory::desc(), diff_dst_desc, hint.geometry(),
-                         resolve_num_threads(attr, name, hint.num_threads()));
+                         resolve_num_threads(attr, name, hint.num_threads()),
+                         backward_vectorization(attr, *hint.impl()));
     impl_->forced_impl = attr.implementation;
     finish_pd(*impl_, engine);
 }
@@ -128,7 +139,8 @@ sparse_conv2d_backward_weights::primitive_desc::primitive_desc(
     check_hint(name, *hint.impl(), weights);
     impl_ = make_conv_pd(name, direction::backward_weights, hint.prop(), hint.scheme(), src_desc,
                          weights, diff_bias_desc, diff_dst_desc, hint.geometry(),
-                         resolve_num_threads(attr, name, hint.num_threads()));
+                         resolve_num_threads(attr, name, hint.num_threads()),
+                         backward_vectorization(attr, *hint.impl()));
     impl_->forced_impl = attr.implementation;
     finish_pd(*impl_, engine);
 }

@@ -57,6 +57,14 @@ std::shared_ptr<pd_impl> make_linear_pd(const char *prim, direction dir, prop_ki
     return pd;
 }
 
+// The team size, after refusing what only Conv2d accepts.
+int linear_threads(const primitive_attr &attr, const char *name, int fallback = 0) {
+    if (attr.vectorization != conv_vectorization::any)
+        refuse(name, std::string("attr.vectorization applies to Conv2d only; got ")
+                             + to_string(attr.vectorization) + " (leave it at any)");
+    return resolve_num_threads(attr, name, fallback);
+}
+
 } // namespace
 
 sparse_linear_forward::primitive_desc::primitive_desc(
@@ -65,7 +73,7 @@ sparse_linear_forward::primitive_desc::primitive_desc(
         const dnnl::memory::desc &dst_desc, quant_scheme scheme, const primitive_attr &attr) {
     const char *name = "sparse_linear_forward";
     impl_ = make_linear_pd(name, direction::forward, prop, scheme, src_desc, weights, bias_desc,
-                           dst_desc, resolve_num_threads(attr, name));
+                           dst_desc, linear_threads(attr, name));
     impl_->forced_impl = attr.implementation;
     finish_pd(*impl_, engine);
 }
@@ -101,7 +109,7 @@ sparse_linear_backward_data::primitive_desc::primitive_desc(
     check_hint(name, *hint.impl(), weights);
     impl_ = make_linear_pd(name, direction::backward_data, hint.prop(), hint.scheme(),
                            diff_src_desc, weights, dnnl::memory::desc(), diff_dst_desc,
-                           resolve_num_threads(attr, name, hint.num_threads()));
+                           linear_threads(attr, name, hint.num_threads()));
     impl_->forced_impl = attr.implementation;
     finish_pd(*impl_, engine);
 }
@@ -118,7 +126,7 @@ sparse_linear_backward_weights::primitive_desc::primitive_desc(
     check_hint(name, *hint.impl(), weights);
     impl_ = make_linear_pd(name, direction::backward_weights, hint.prop(), hint.scheme(), src_desc,
                            weights, diff_bias_desc, diff_dst_desc,
-                           resolve_num_threads(attr, name, hint.num_threads()));
+                           linear_threads(attr, name, hint.num_threads()));
     impl_->forced_impl = attr.implementation;
     finish_pd(*impl_, engine);
 }

@@ -44,10 +44,15 @@ public:
         : p_(p), inner_(std::move(inner)) {}
 
     const char *execute(const tensors &t) const override {
-        const bool fwd = p_.dir == direction::forward;
-        const float *in = fwd ? t.src : t.diff_dst;
-        const int64_t n = fwd ? p_.src_elems() : p_.dst_elems();
-        if (all_finite(in, n, p_.num_threads)) return inner_->execute(t);
+        if (inner_->checks_finite_input()) {
+            const char *ran = inner_->execute(t);
+            if (ran != kernel::non_finite_input) return ran;
+        } else {
+            const bool fwd = p_.dir == direction::forward;
+            const float *in = fwd ? t.src : t.diff_dst;
+            const int64_t n = fwd ? p_.src_elems() : p_.dst_elems();
+            if (all_finite(in, n, p_.num_threads)) return inner_->execute(t);
+        }
         execute_with_dense_weights(p_, t);
         return "ref:dense_semantics";
     }

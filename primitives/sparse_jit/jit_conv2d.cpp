@@ -20,6 +20,7 @@
 #include "primitives/passes/conv_tiles.hpp"
 #include "primitives/passes/quantize.hpp"
 #include "primitives/passes/tile_layout.hpp"
+#include "primitives/sparse_jit/conv_common.hpp"
 #include "primitives/sparse_jit/conv_layout.hpp"
 #include "primitives/sparse_jit/plan_cache.hpp"
 #include "runtime/scratch_pool.hpp"
@@ -464,7 +465,7 @@ private:
         const float sg1 = quantize_stochastic_to_s8_tiles(t.diff_dst, B, dy_rows,
                                                           s8::dw_stream(t.seed), g1, nt);
         pack_conv_s8_tiles(xq, B, l_.in_c, l_.in_h, l_.in_w, l_.x_pad, x, nt);
-        window_sums(xq, B, plane_sum, window_sum, nt);
+        conv_window_sums(l_, xq, B, plane_sum, window_sum, nt);
         std::fill(acc, acc + nnz, int64_t(0));
         // Pieces: whole output rows, at most max_piece_pixels pixels per tile.
         const int64_t rows_per_piece = std::max<int64_t>(1, max_piece_pixels / l_.out_w);
@@ -498,37 +499,6 @@ private:
         if (t.diff_bias) bias_grad(t.diff_dst, t.diff_bias, B, oc, l_.out_pixels(), nt);
     }
 
-    // window_sum[(ic, kh, kw)] = sum over batch and output pixels of the X
-    // value tap (kh, kw) reads (0 in the padding): what the SDDMM's +128
-    // shift of G adds to each weight of that tap.
-    void window_sums(const int8_t *xq, int64_t batch, int32_t *plane_sum, int64_t *window_sum,
-                     int nt) const {
-        const int64_t px = l_.in_pixels();
-#pragma omp parallel for num_threads(nt) schedule(static)
-        for (int64_t ic = 0; ic < l_.in_c; ++ic) {
-            int32_t *s = plane_sum + ic * px;
-            std::fill(s, s + px, 0);
-            for (int64_t b = 0; b < batch; ++b) {
-                const int8_t *plane = xq + (b * l_.in_c + ic) * px;
-                for (int64_t i = 0; i < px; ++i)
-                    s[i] += plane[i];
-            }
-            for (int64_t k_h = 0; k_h < l_.kh; ++k_h)
-                for (int64_t k_w = 0; k_w < l_.kw; ++k_w) {
-                    int64_t sum = 0;
-                    for (int64_t oh = 0; oh < l_.out_h; ++oh) {
-                        const int64_t ih = oh * l_.sh + k_h * l_.dh - l_.x_pad.top;
-                        if (ih < 0 || ih >= l_.in_h) continue;
-                        for (int64_t ow = 0; ow < l_.out_w; ++ow) {
-                            const int64_t iw = ow * l_.sw + k_w * l_.dw - l_.x_pad.left;
-                            if (iw >= 0 && iw < l_.in_w) sum += s[ih * l_.in_w + iw];
-                        }
-                    }
-                    window_sum[(ic * l_.kh + k_h) * l_.kw + k_w] = sum;
-                }
-        }
-    }
-
     problem p_; // batch 0: the plan serves every batch size
     conv_layout l_;
     int lanes_;
@@ -542,10 +512,15 @@ private:
 
 // ---- implementations ---------------------------------------------------------------
 
-// Why the batch-innermost kernels cannot take a Conv2d problem ("" if they can).
-std::string conv_refusal(const problem &p, quant_scheme scheme, cpu_isa isa) {
+} // namespace
+
+std::string conv_isa_refusal(const problem &p, quant_scheme scheme, cpu_isa isa,
+                             conv_vectorization strategy) {
     if (p.op != op_kind::conv2d) return "Conv2d only (Linear has implementations of its own)";
     if (p.scheme != scheme) return std::string(to_string(scheme)) + " only";
+    if (p.vectorization != conv_vectorization::any && p.vectorization != strategy)
+        return std::string("vectorizes over ") + to_string(strategy) + "; attr.vectorization is "
+               + to_string(p.vectorization);
     const cpu_isa eff = effective_cpu_isa();
     if (eff < isa)
         return std::string("needs ") + to_string(isa) + ", effective ISA is " + to_string(eff);
@@ -553,7 +528,44 @@ std::string conv_refusal(const problem &p, quant_scheme scheme, cpu_isa isa) {
         return "superseded by the AVX-512 kernels on this CPU";
     if (scheme == quant_scheme::s8 && isa == cpu_isa::avx512_core
         && eff >= cpu_isa::avx512_core_vnni)
-        return "superseded by jit:avx512_core_vnni on this CPU";
+        return "superseded by the avx512_core_vnni kernels on this CPU";
+    return "";
+}
+
+void conv_window_sums(const conv_layout &l, const int8_t *xq, int64_t batch, int32_t *plane_sum,
+                      int64_t *window_sum, int num_threads) {
+    const int64_t px = l.in_pixels();
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t ic = 0; ic < l.in_c; ++ic) {
+        int32_t *s = plane_sum + ic * px;
+        std::fill(s, s + px, 0);
+        for (int64_t b = 0; b < batch; ++b) {
+            const int8_t *plane = xq + (b * l.in_c + ic) * px;
+            for (int64_t i = 0; i < px; ++i)
+                s[i] += plane[i];
+        }
+        for (int64_t k_h = 0; k_h < l.kh; ++k_h)
+            for (int64_t k_w = 0; k_w < l.kw; ++k_w) {
+                int64_t sum = 0;
+                for (int64_t oh = 0; oh < l.out_h; ++oh) {
+                    const int64_t ih = oh * l.sh + k_h * l.dh - l.x_pad.top;
+                    if (ih < 0 || ih >= l.in_h) continue;
+                    for (int64_t ow = 0; ow < l.out_w; ++ow) {
+                        const int64_t iw = ow * l.sw + k_w * l.dw - l.x_pad.left;
+                        if (iw >= 0 && iw < l.in_w) sum += s[ih * l.in_w + iw];
+                    }
+                }
+                window_sum[(ic * l.kh + k_h) * l.kw + k_w] = sum;
+            }
+    }
+}
+
+namespace {
+
+// Why the batch-innermost kernels cannot take a Conv2d problem ("" if they can).
+std::string conv_refusal(const problem &p, quant_scheme scheme, cpu_isa isa) {
+    std::string why = conv_isa_refusal(p, scheme, isa, conv_vectorization::batch);
+    if (!why.empty()) return why;
     const conv_layout l(p.conv);
     constexpr int64_t limit = std::numeric_limits<int32_t>::max() / jit::tile_row_bytes;
     if (l.in_c * l.hp * l.wp > limit || l.out_c * l.ohp * l.owp > limit
@@ -586,20 +598,22 @@ implementation jit_conv2d_implementation(const char *name, quant_scheme scheme, 
 } // namespace
 
 implementation jit_avx512_conv2d_f32_implementation() {
-    return jit_conv2d_implementation("jit:avx512_core", quant_scheme::f32, cpu_isa::avx512_core);
+    return jit_conv2d_implementation("jit:avx512_core:batch", quant_scheme::f32,
+                                     cpu_isa::avx512_core);
 }
 implementation jit_avx2_conv2d_f32_implementation() {
-    return jit_conv2d_implementation("jit:avx2", quant_scheme::f32, cpu_isa::avx2);
+    return jit_conv2d_implementation("jit:avx2:batch", quant_scheme::f32, cpu_isa::avx2);
 }
 implementation jit_avx512_vnni_conv2d_s8_implementation() {
-    return jit_conv2d_implementation("jit:avx512_core_vnni", quant_scheme::s8,
+    return jit_conv2d_implementation("jit:avx512_core_vnni:batch", quant_scheme::s8,
                                      cpu_isa::avx512_core_vnni);
 }
 implementation jit_avx512_conv2d_s8_implementation() {
-    return jit_conv2d_implementation("jit:avx512_core", quant_scheme::s8, cpu_isa::avx512_core);
+    return jit_conv2d_implementation("jit:avx512_core:batch", quant_scheme::s8,
+                                     cpu_isa::avx512_core);
 }
 implementation jit_avx2_conv2d_s8_implementation() {
-    return jit_conv2d_implementation("jit:avx2", quant_scheme::s8, cpu_isa::avx2);
+    return jit_conv2d_implementation("jit:avx2:batch", quant_scheme::s8, cpu_isa::avx2);
 }
 
 } // namespace qsp::detail

@@ -1,9 +1,9 @@
-// The JIT Conv2d implementations against the reference: every ISA tier the
-// CPU has, f32 (1e-5 relative, the sums' order differs) and s8 (bit for bit:
-// both compute the scheme's exact integers), over kernel sizes 1 to 7 and
-// non-square, strides, asymmetric padding, dilation, groups (depthwise too),
-// odd channel counts and image sizes, thread counts 1-3, and batch sizes that
-// change while one plan serves them.
+// The JIT Conv2d implementations against the reference: both vectorizations
+// (batch-innermost, output-width-innermost) at every ISA tier the CPU has, f32 (1e-5 relative, the
+// sums' order differs) and s8 (bit for bit: both compute the scheme's exact integers), over kernel
+// sizes 1 to 7 and non-square, strides, asymmetric padding, dilation, groups (depthwise too), odd
+// channel counts and image sizes, thread counts 1-3, and batch sizes that change while one plan
+// serves them.
 #include <cstring>
 
 #include "test_utils.hpp"
@@ -35,7 +35,8 @@ struct outputs {
 
 outputs run(const conv_case &c, const csr_weights &w, const std::vector<float> &x,
             const std::vector<float> &dy, const std::vector<float> &bias, quant_scheme scheme,
-            int threads, const std::string &impl) {
+            int threads, const std::string &impl,
+            conv_vectorization vectorization = conv_vectorization::any) {
     dnnl::engine eng(dnnl::engine::kind::cpu, 0);
     dnnl::stream s(eng);
     const auto o = conv2d_output_hw(c.g, c.h, c.w);
@@ -44,6 +45,7 @@ outputs run(const conv_case &c, const csr_weights &w, const std::vector<float> &
     primitive_attr attr;
     attr.num_threads = threads;
     attr.implementation = impl;
+    attr.vectorization = vectorization;
     sparse_conv2d_forward::primitive_desc fwd(eng, prop_kind::forward_training, src_md, w.pattern,
                                               bias_md, dst_md, c.g, scheme, attr);
     sparse_conv2d_backward_data::primitive_desc bd(eng, src_md, w.pattern, dst_md, fwd, attr);
@@ -100,12 +102,16 @@ void expect_bitwise(const std::vector<float> &a, const std::vector<float> &b, co
             ADD_FAILURE() << what << "[" << i << "]: " << a[i] << " vs reference " << b[i];
 }
 
-std::string jit_name(cpu_isa isa, quant_scheme scheme) {
-    if (isa == cpu_isa::avx2) return "jit:avx2";
+std::string jit_name(cpu_isa isa, quant_scheme scheme, conv_vectorization v) {
+    const char *strategy = v == conv_vectorization::batch ? ":batch" : ":width";
+    if (isa == cpu_isa::avx2) return std::string("jit:avx2") + strategy;
     if (scheme == quant_scheme::s8 && isa == cpu_isa::avx512_core_vnni)
-        return "jit:avx512_core_vnni";
-    return "jit:avx512_core";
+        return std::string("jit:avx512_core_vnni") + strategy;
+    return std::string("jit:avx512_core") + strategy;
 }
+
+const conv_vectorization strategies[] = {conv_vectorization::batch,
+                                         conv_vectorization::output_width};
 
 // Every tier and both schemes against the reference, for one case.
 void compare_with_reference(const conv_case &c, int threads, unsigned seed) {
@@ -125,24 +131,25 @@ void compare_with_reference(const conv_case &c, int threads, unsigned seed) {
     for (quant_scheme scheme : {quant_scheme::f32, quant_scheme::s8}) {
         SCOPED_TRACE(to_string(scheme));
         const outputs want = run(c, w, x, dy, bias, scheme, threads, "ref:any");
-        for (cpu_isa isa : isa_levels()) {
-            if (isa == cpu_isa::ref) continue;
-            isa_cap_guard cap(isa);
-            SCOPED_TRACE(to_string(isa));
-            const std::string name = jit_name(isa, scheme);
-            const outputs got = run(c, w, x, dy, bias, scheme, threads, "");
-            EXPECT_EQ(got.impl, name + "/" + name + "/" + name) << "first in list order";
-            if (scheme == quant_scheme::s8) {
-                expect_bitwise(got.y, want.y, "forward");
-                expect_bitwise(got.dx, want.dx, "backward_data");
-                expect_bitwise(got.dw, want.dw, "backward_weights");
-            } else {
-                expect_close(got.y, want.y, fwd_scale, "forward");
-                expect_close(got.dx, want.dx, bd_scale, "backward_data");
-                expect_close(got.dw, want.dw, bw_scale, "backward_weights");
+        for (cpu_isa isa : isa_levels())
+            for (conv_vectorization v : strategies) {
+                if (isa == cpu_isa::ref) continue;
+                isa_cap_guard cap(isa);
+                SCOPED_TRACE(std::string(to_string(isa)) + " " + to_string(v));
+                const std::string name = jit_name(isa, scheme, v);
+                const outputs got = run(c, w, x, dy, bias, scheme, threads, "", v);
+                EXPECT_EQ(got.impl, name + "/" + name + "/" + name);
+                if (scheme == quant_scheme::s8) {
+                    expect_bitwise(got.y, want.y, "forward");
+                    expect_bitwise(got.dx, want.dx, "backward_data");
+                    expect_bitwise(got.dw, want.dw, "backward_weights");
+                } else {
+                    expect_close(got.y, want.y, fwd_scale, "forward");
+                    expect_close(got.dx, want.dx, bd_scale, "backward_data");
+                    expect_close(got.dw, want.dw, bw_scale, "backward_weights");
+                }
+                expect_close(got.db, want.db, bw_scale, "diff_bias");
             }
-            expect_close(got.db, want.db, bw_scale, "diff_bias");
-        }
     }
 }
 
@@ -198,6 +205,9 @@ TEST(JitConv2dEdges, non_square_asymmetric_dilated_grouped_depthwise) {
             {2, 1, 3, 5, 7, geometry(3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 1), 0.4},   // one input channel
             {4, 3, 8, 23, 23, geometry(7, 7, 2, 2, 3, 3, 3, 3, 1, 1, 1), 0.8}, // a stem
             {2, 4, 6, 6, 6, geometry(2, 4, 3, 2, 0, 2, 1, 0, 2, 1, 2), 0.5},   // stride > kernel
+            // channels in several groups of the width kernels (f32 and s8)
+            {1, 120, 120, 24, 24, geometry(3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 1), 0.9},
+            {2, 40, 24, 40, 40, geometry(3, 3, 2, 2, 1, 1, 1, 1, 1, 1, 1), 0.8},
     };
     int threads = 1;
     unsigned seed = 50;
@@ -231,19 +241,20 @@ TEST(JitConv2dEdges, batch_size_changes_share_one_plan) {
         c.batch = n;
         auto x = random_vector(static_cast<size_t>(n * 4 * 49), rng);
         auto dy = random_vector(static_cast<size_t>(n * 6 * 49), rng);
-        for (quant_scheme scheme : {quant_scheme::f32, quant_scheme::s8}) {
-            const outputs got = run(c, w, x, dy, bias, scheme, 2, "");
-            const outputs want = run(c, w, x, dy, bias, scheme, 2, "ref:any");
-            if (scheme == quant_scheme::s8) {
-                expect_bitwise(got.y, want.y, "forward");
-                expect_bitwise(got.dx, want.dx, "backward_data");
-                expect_bitwise(got.dw, want.dw, "backward_weights");
-            } else {
-                expect_close(got.y, want.y, cols + 1, "forward");
-                expect_close(got.dx, want.dx, 6 * 9, "backward_data");
-                expect_close(got.dw, want.dw, n * 49 + 1, "backward_weights");
+        for (quant_scheme scheme : {quant_scheme::f32, quant_scheme::s8})
+            for (conv_vectorization v : strategies) {
+                const outputs got = run(c, w, x, dy, bias, scheme, 2, "", v);
+                const outputs want = run(c, w, x, dy, bias, scheme, 2, "ref:any");
+                if (scheme == quant_scheme::s8) {
+                    expect_bitwise(got.y, want.y, "forward");
+                    expect_bitwise(got.dx, want.dx, "backward_data");
+                    expect_bitwise(got.dw, want.dw, "backward_weights");
+                } else {
+                    expect_close(got.y, want.y, cols + 1, "forward");
+                    expect_close(got.dx, want.dx, 6 * 9, "backward_data");
+                    expect_close(got.dw, want.dw, n * 49 + 1, "backward_weights");
+                }
             }
-        }
     }
     const std::string out = testing::internal::GetCapturedStdout();
     set_verbose_level(0);
@@ -252,8 +263,45 @@ TEST(JitConv2dEdges, batch_size_changes_share_one_plan) {
     for (size_t at = out.find(",generated,"); at != std::string::npos;
          at = out.find(",generated,", at + 1))
         ++generated;
-    EXPECT_EQ(generated, 6u) << "one plan per direction and scheme, whatever the batch size:\n"
-                             << out;
+    EXPECT_EQ(generated, 12u) << "one plan per direction, scheme and vectorization, whatever "
+                                 "the batch size:\n"
+                              << out;
+}
+
+} // namespace qsp::test
+
+namespace qsp::test {
+
+// An Inf in x or a NaN in dY reaches every output a dense convolution
+// would reach (0 * Inf = NaN at the pruned weights), whichever
+// vectorization runs: the width kernels' packs check their inputs.
+TEST(JitConv2dEdges, non_finite_inputs_follow_dense_semantics) {
+    std::mt19937 rng(95);
+    const conv_case c{2, 3, 4, 6, 7, geometry(3, 3, 1, 2, 1, 1, 1, 1, 1, 1, 1), 0.7};
+    const int64_t cols = 3 * 9;
+    auto w = csr_weights::from_dense(random_sparse_dense(4, cols, 0.7, rng).data(), 4, cols);
+    const auto o = conv2d_output_hw(c.g, c.h, c.w);
+    auto x = random_vector(static_cast<size_t>(2 * 3 * 6 * 7), rng);
+    auto dy = random_vector(static_cast<size_t>(2 * 4 * o[0] * o[1]), rng);
+    auto bias = random_vector(4, rng);
+    x[40] = INFINITY;
+    dy[9] = NAN;
+    const outputs want = run(c, w, x, dy, bias, quant_scheme::f32, 2, "ref:any");
+    size_t nan_y = 0;
+    for (float v : want.y)
+        nan_y += std::isnan(v);
+    ASSERT_GT(nan_y, 4u) << "the Inf must reach outputs through pruned weights too";
+    for (cpu_isa isa : isa_levels())
+        for (conv_vectorization v : strategies) {
+            if (isa == cpu_isa::ref) continue;
+            isa_cap_guard cap(isa);
+            SCOPED_TRACE(std::string(to_string(isa)) + " " + to_string(v));
+            const outputs got = run(c, w, x, dy, bias, quant_scheme::f32, 2, "", v);
+            for (size_t i = 0; i < want.y.size(); ++i)
+                ASSERT_EQ(std::isnan(got.y[i]), std::isnan(want.y[i])) << "y[" << i << "]";
+            for (size_t i = 0; i < want.dx.size(); ++i)
+                ASSERT_EQ(std::isnan(got.dx[i]), std::isnan(want.dx[i])) << "dx[" << i << "]";
+        }
 }
 
 } // namespace qsp::test

@@ -1,0 +1,283 @@
+#include "jit/jit_uni_sddmm_width_kernel.hpp"
+
+#include <cstddef>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+#include "jit/jit_int8_dot.hpp"
+#include "jit/jit_uni_spmm_width_kernel.hpp"
+#include "runtime/lru_cache.hpp"
+
+namespace qsp::jit {
+
+using namespace Xbyak;
+
+namespace {
+
+bool emulated_dot(cpu_isa isa, sparse_dtype dtype, bool avx_vnni) {
+    return dtype == sparse_dtype::s8 && isa != cpu_isa::avx512_core_vnni && !avx_vnni;
+}
+
+// How the entries are unrolled: `entries` at a time, each summed in
+// `chains` independent registers (multiply-add latency hidden).
+struct unroll_t {
+    int entries, chains;
+};
+unroll_t unroll_for(cpu_isa isa, bool emulated) {
+    if (emulated) return {2, 1}; // the products' temporaries serialise anyway
+    return isa >= cpu_isa::avx512_core ? unroll_t{4, 2} : unroll_t{2, 2};
+}
+
+void check_params(const sparse_kernel_params &p) {
+    const int lanes = vector_lanes(p.isa);
+    if (p.n_rows < 1 || p.n_rows > width_max_rows)
+        throw std::invalid_argument("jit sddmm_width: n_rows must be in [1, "
+                                    + std::to_string(width_max_rows) + "], got "
+                                    + std::to_string(p.n_rows));
+    const int max_dy = sddmm_width_max_dy_vectors(p.isa, p.dtype, p.avx_vnni);
+    if (p.n_vec < 1 || p.n_rows * p.n_vec > max_dy)
+        throw std::invalid_argument("jit sddmm_width: n_rows * n_vec must be in [1, "
+                                    + std::to_string(max_dy) + "] for " + p.str());
+    if (p.tail < 0 || p.tail >= lanes || (p.dtype == sparse_dtype::s8 && p.tail != 0))
+        throw std::invalid_argument("jit sddmm_width: tail must be in [0, " + std::to_string(lanes)
+                                    + ") (s8: 0, its dY rows are padded), got "
+                                    + std::to_string(p.tail));
+    if (p.avx_vnni && (p.isa != cpu_isa::avx2 || p.dtype != sparse_dtype::s8))
+        throw std::invalid_argument("jit sddmm_width: avx_vnni applies to the avx2 s8 kernel only");
+}
+
+} // namespace
+
+int sddmm_width_max_dy_vectors(cpu_isa isa, sparse_dtype dtype, bool avx_vnni) {
+    const bool avx512 = isa >= cpu_isa::avx512_core;
+    const int regs = avx512 ? 32 : 16;
+    if (emulated_dot(isa, dtype, avx_vnni)) // nibbles of each dY vector, 4 helpers, 2 sums
+        return (regs - 6) / 2;
+    const unroll_t u = unroll_for(isa, false);
+    return regs - u.entries * u.chains;
+}
+
+template <cpu_isa isa>
+jit_uni_sddmm_width_kernel_t<isa>::jit_uni_sddmm_width_kernel_t(const sparse_kernel_params &params)
+    : jit_sddmm_width_kernel("sddmm_width", params) {
+    check_params(params);
+    finish();
+}
+
+template <cpu_isa isa> void jit_uni_sddmm_width_kernel_t<isa>::generate() {
+    constexpr bool avx512 = isa != cpu_isa::avx2;
+    using Vmm = typename std::conditional<avx512, Zmm, Ymm>::type;
+    constexpr int vlen = avx512 ? 64 : 32, n_regs = avx512 ? 32 : 16;
+    const int nv = params_.n_vec, tail = params_.tail;
+    const bool s8 = params_.dtype == sparse_dtype::s8;
+    const bool emulated = emulated_dot(isa, params_.dtype, params_.avx_vnni);
+    const unroll_t un = unroll_for(isa, emulated);
+
+    // Vector registers: dY from 0 up (emulated: its nibbles, interleaved),
+    // sums from the top, then the emulation's helpers.
+    auto g = [&](int k) { return Vmm(emulated ? 2 * k : k); };
+    auto g_hi = [&](int k) { return Vmm(2 * k + 1); };
+    auto sum = [&](int u, int c) { return Vmm(n_regs - 1 - (u * un.chains + c)); };
+    const int helpers = n_regs - un.entries * un.chains;
+    const Vmm ones16(helpers - 1), nibble_mask(helpers - 2), p_lo(helpers - 3), p_hi(helpers - 4);
+
+    // General registers; rdi keeps the params; the block's position and the
+    // row's end live in a small stack frame.
+    const Reg64 param = rdi, offsets = r9, group_ptr = r10, i = rax, row = r15, tmp = rcx, pp = rbx;
+    const Reg64 off[4] = {rsi, rbp, r8, rdx};
+    const Reg64 x_row[width_max_rows] = {r11, r12, r13, r14};
+    const Address rows_left = qword[rsp], x_blk = qword[rsp + 8], dy_blk = qword[rsp + 16],
+                  end = qword[rsp + 24], group = qword[rsp + 32];
+    auto field = [&](size_t offset) { return qword[param + offset]; };
+    using cp = sddmm_width_call_params;
+
+    auto zero = [&](const Vmm &v) {
+        if (avx512)
+            vpxord(v, v, v);
+        else
+            vpxor(v, v, v);
+    };
+    auto add_vec = [&](const Vmm &a, const Vmm &b) {
+        if (s8)
+            vpaddd(a, a, b);
+        else
+            vaddps(a, a, b);
+    };
+    Label constants, mask_table;
+
+    // `count` entries from i: their sums start from their partials and add
+    // every dY vector times the entry's x window.
+    auto entries = [&](int count, int rows) {
+        for (int u = 0; u < count; ++u)
+            movsxd(off[u], dword[offsets + i * 4 + u * 4]);
+        for (int u = 0; u < count; ++u) {
+            vmovups(sum(u, 0), ptr[pp + u * vlen]);
+            for (int c = 1; c < un.chains; ++c)
+                zero(sum(u, c));
+        }
+        for (int r = 0; r < rows; ++r)
+            for (int v = 0; v < nv; ++v) {
+                const int k = r * nv + v;
+                for (int u = 0; u < count; ++u) {
+                    const Address x = ptr[x_row[r] + off[u] + v * vlen];
+                    const Vmm &s = sum(u, k % un.chains);
+                    if (!s8)
+                        vfmadd231ps(s, g(k), x);
+                    else if (emulated)
+                        emit_dot_u8s8_nibbles(*this, s, g(k), g_hi(k), x, ones16, p_lo, p_hi, true);
+                    else if (avx512)
+                        vpdpbusd(s, g(k), x);
+                    else
+                        vpdpbusd(s, g(k), x, VexEncoding);
+                }
+            }
+        for (int u = 0; u < count; ++u) {
+            for (int c = 1; c < un.chains; ++c)
+                add_vec(sum(u, 0), sum(u, c));
+            vmovups(ptr[pp + u * vlen], sum(u, 0));
+        }
+    };
+
+    // One block of `rows` output rows: every group, and in it every channel
+    // of the row range (the group's x rows stay in L1 across channels).
+    auto block = [&](int rows) {
+        Label groups_loop, groups_done, row_loop, group_loop, single_loop, row_done, rows_done;
+        mov(x_row[0], x_blk);
+        for (int r = 1; r < rows; ++r) {
+            mov(x_row[r], x_row[r - 1]);
+            add(x_row[r], field(offsetof(cp, x_row_step)));
+        }
+        mov(group, 0);
+        L(groups_loop);
+        mov(tmp, group);
+        cmp(tmp, field(offsetof(cp, n_groups)));
+        jge(groups_done, T_NEAR);
+        mov(row, field(offsetof(cp, row_begin)));
+        L(row_loop);
+        cmp(row, field(offsetof(cp, row_end)));
+        jge(rows_done, T_NEAR);
+        // The channel's dY rows of the block into registers.
+        mov(tmp, row);
+        imul(tmp, field(offsetof(cp, dy_channel_stride)));
+        add(tmp, dy_blk);
+        if (!avx512 && tail != 0) vmovups(sum(0, 0), ptr[rip + mask_table]);
+        for (int r = 0; r < rows; ++r) {
+            if (r > 0) add(tmp, field(offsetof(cp, dy_row_stride)));
+            for (int v = 0; v < nv; ++v) {
+                const int k = r * nv + v;
+                const Address a = ptr[tmp + v * vlen];
+                const bool masked = v == nv - 1 && tail != 0;
+                const Vmm dst = emulated ? p_lo : g(k);
+                if (!masked)
+                    vmovups(dst, a);
+                else if (avx512)
+                    vmovups(dst | k1 | T_z, a);
+                else
+                    vmaskmovps(dst, sum(0, 0), a);
+                if (emulated) emit_split_nibbles(*this, p_lo, g(k), g_hi(k), nibble_mask);
+            }
+        }
+        // entries [group_ptr[row * (n_groups + 1) + group], ... + 1)
+        mov(i, row);
+        imul(i, field(offsetof(cp, n_groups)));
+        add(i, row);
+        add(i, group);
+        mov(tmp, ptr[group_ptr + i * 8 + 8]);
+        mov(end, tmp);
+        mov(i, ptr[group_ptr + i * 8]);
+        mov(pp, i);
+        shl(pp, avx512 ? 6 : 5);
+        add(pp, field(offsetof(cp, partial)));
+        L(group_loop);
+        lea(tmp, ptr[i + un.entries]);
+        cmp(tmp, end);
+        jg(single_loop, T_NEAR);
+        entries(un.entries, rows);
+        add(i, un.entries);
+        add(pp, un.entries * vlen);
+        jmp(group_loop, T_NEAR);
+        L(single_loop);
+        cmp(i, end);
+        jge(row_done, T_NEAR);
+        entries(1, rows);
+        inc(i);
+        add(pp, vlen);
+        jmp(single_loop, T_NEAR);
+        L(row_done);
+        inc(row);
+        jmp(row_loop, T_NEAR);
+        L(rows_done);
+        inc(group);
+        jmp(groups_loop, T_NEAR);
+        L(groups_done);
+    };
+    auto advance = [&](int rows) {
+        sub(rows_left, rows);
+        mov(tmp, field(offsetof(cp, x_row_step)));
+        if (rows > 1) imul(tmp, tmp, rows);
+        add(x_blk, tmp);
+        mov(tmp, field(offsetof(cp, dy_row_stride)));
+        if (rows > 1) imul(tmp, tmp, rows);
+        add(dy_blk, tmp);
+    };
+
+    Label block_loop, single_rows, done;
+    preamble();
+    sub(rsp, 40);
+    mov(offsets, field(offsetof(cp, x_offsets)));
+    mov(group_ptr, field(offsetof(cp, group_ptr)));
+    if (emulated) emit_int8_dot_constants(*this, ones16, nibble_mask, constants);
+    if (avx512 && tail != 0) {
+        mov(tmp.cvt32(), (1 << tail) - 1);
+        kmovw(k1, tmp.cvt32());
+    }
+    mov(tmp, field(offsetof(cp, n_out_rows)));
+    mov(rows_left, tmp);
+    mov(tmp, field(offsetof(cp, x)));
+    mov(x_blk, tmp);
+    mov(tmp, field(offsetof(cp, dy)));
+    mov(dy_blk, tmp);
+    const int nr = params_.n_rows;
+    if (nr > 1) {
+        L(block_loop);
+        cmp(rows_left, nr);
+        jl(single_rows, T_NEAR);
+        block(nr);
+        advance(nr);
+        jmp(block_loop, T_NEAR);
+    }
+    L(single_rows);
+    cmp(rows_left, 1);
+    jl(done, T_NEAR);
+    block(1);
+    advance(1);
+    jmp(single_rows, T_NEAR);
+    L(done);
+    add(rsp, 40);
+    postamble();
+    if (emulated) emit_int8_dot_constant_table(*this, constants);
+    if (!avx512 && tail != 0) {
+        align(32);
+        L(mask_table);
+        for (int l = 0; l < 8; ++l)
+            dd(l < tail ? 0xffffffffu : 0u);
+    }
+}
+
+template class jit_uni_sddmm_width_kernel_t<cpu_isa::avx2>;
+template class jit_uni_sddmm_width_kernel_t<cpu_isa::avx512_core>;
+template class jit_uni_sddmm_width_kernel_t<cpu_isa::avx512_core_vnni>;
+
+std::shared_ptr<const jit_sddmm_width_kernel>
+sddmm_width_kernel(const sparse_kernel_params &params) {
+    static runtime::lru_cache<sparse_kernel_params, jit_sddmm_width_kernel,
+                              sparse_kernel_params_hash>
+            cache("jit_code:sddmm_width");
+    return cache.get_or_create(params, [&] {
+        return make_for_isa<jit_uni_sddmm_width_kernel_t, jit_sddmm_width_kernel>(params,
+                                                                                  "sddmm_width");
+    });
+}
+
+} // namespace qsp::jit

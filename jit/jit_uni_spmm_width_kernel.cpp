@@ -1,0 +1,289 @@
+#include "jit/jit_uni_spmm_width_kernel.hpp"
+
+#include <cstddef>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+#include "jit/jit_int8_dot.hpp"
+#include "runtime/lru_cache.hpp"
+
+namespace qsp::jit {
+
+using namespace Xbyak;
+
+namespace {
+
+bool emulated_dot(cpu_isa isa, sparse_dtype dtype, bool avx_vnni) {
+    return dtype == sparse_dtype::s8 && isa != cpu_isa::avx512_core_vnni && !avx_vnni;
+}
+
+void check_params(const sparse_kernel_params &p) {
+    const int lanes = vector_lanes(p.isa);
+    if (p.n_rows < 1 || p.n_rows > width_max_rows)
+        throw std::invalid_argument("jit spmm_width: n_rows must be in [1, "
+                                    + std::to_string(width_max_rows) + "], got "
+                                    + std::to_string(p.n_rows));
+    const int max_acc = spmm_width_max_accumulators(p.isa, p.dtype, p.avx_vnni);
+    if (p.n_vec < 1 || p.n_rows * p.n_vec > max_acc)
+        throw std::invalid_argument("jit spmm_width: n_rows * n_vec must be in [1, "
+                                    + std::to_string(max_acc) + "] for " + p.str());
+    if (p.tail < 0 || p.tail >= lanes)
+        throw std::invalid_argument("jit spmm_width: tail must be in [0, " + std::to_string(lanes)
+                                    + "), got " + std::to_string(p.tail));
+    if (p.avx_vnni && (p.isa != cpu_isa::avx2 || p.dtype != sparse_dtype::s8))
+        throw std::invalid_argument("jit spmm_width: avx_vnni applies to the avx2 s8 kernel only");
+}
+
+} // namespace
+
+int spmm_width_max_accumulators(cpu_isa isa, sparse_dtype dtype, bool avx_vnni) {
+    const int regs = isa >= cpu_isa::avx512_core ? 32 : 16;
+    // The weight and two source temporaries; emulated dot products also
+    // hold nibbles, two constants and two products.
+    return regs - (emulated_dot(isa, dtype, avx_vnni) ? 8 : 3);
+}
+
+template <cpu_isa isa>
+jit_uni_spmm_width_kernel_t<isa>::jit_uni_spmm_width_kernel_t(const sparse_kernel_params &params)
+    : jit_spmm_width_kernel("spmm_width", params) {
+    check_params(params);
+    finish();
+}
+
+template <cpu_isa isa> void jit_uni_spmm_width_kernel_t<isa>::generate() {
+    constexpr bool avx512 = isa != cpu_isa::avx2;
+    using Vmm = typename std::conditional<avx512, Zmm, Ymm>::type;
+    constexpr int vlen = avx512 ? 64 : 32, n_regs = avx512 ? 32 : 16;
+    const int nv = params_.n_vec, tail = params_.tail;
+    const bool s8 = params_.dtype == sparse_dtype::s8;
+    const bool emulated = emulated_dot(isa, params_.dtype, params_.avx_vnni);
+
+    // Vector registers: sums from 0 up, the rest from the top.
+    auto acc = [nv](int r, int v) { return Vmm(r * nv + v); };
+    const Vmm w(n_regs - 1), tmp0(n_regs - 2), tmp1(n_regs - 3);
+    const Vmm lo(n_regs - 3), hi(n_regs - 4), ones16(n_regs - 5), nibble_mask(n_regs - 6),
+            p_lo(n_regs - 7), p_hi(n_regs - 8);
+
+    // General registers; rdi keeps the params, the block's position lives in
+    // a small stack frame.
+    const Reg64 param = rdi, values = r8, offsets = r9, group_ptr = r10, i = rax, end = rdx,
+                off = rsi, row = r15, tmp = rcx, dptr = rbx;
+    const Reg64 src_row[width_max_rows] = {r11, r12, r13, r14};
+    const Address rows_left = qword[rsp], src_blk = qword[rsp + 8], dst_blk = qword[rsp + 16],
+                  group = qword[rsp + 24];
+    auto field = [&](size_t offset) { return qword[param + offset]; };
+    using cp = spmm_width_call_params;
+
+    auto zero = [&](const Vmm &v) {
+        if (avx512)
+            vpxord(v, v, v);
+        else
+            vpxor(v, v, v);
+    };
+    Label constants, mask_table;
+    auto store = [&](const Vmm &v, const Address &a, bool masked) {
+        if (!masked) {
+            vmovups(a, v);
+        } else if (avx512) {
+            vmovups(a | k1, v);
+        } else {
+            vmovups(tmp0, ptr[rip + mask_table]);
+            vmaskmovps(a, tmp0, v);
+        }
+    };
+    auto load = [&](const Vmm &v, const Address &a, bool masked) {
+        if (!masked) {
+            vmovups(v, a);
+        } else if (avx512) {
+            vmovups(v | k1 | T_z, a);
+        } else {
+            vmovups(tmp0, ptr[rip + mask_table]);
+            vmaskmovps(v, tmp0, a);
+        }
+    };
+
+    // One block of `rows` output rows: every group, and in it every channel
+    // of the row range.
+    auto block = [&](int rows) {
+        Label group_loop, groups_done, row_loop, entry_loop, entries_done, rows_done, first_group,
+                sums_ready, not_last;
+        mov(src_row[0], src_blk);
+        for (int r = 1; r < rows; ++r) {
+            mov(src_row[r], src_row[r - 1]);
+            add(src_row[r], field(offsetof(cp, src_row_step)));
+        }
+        mov(qword[rsp + 24], 0);
+        L(group_loop);
+        mov(tmp, group);
+        cmp(tmp, field(offsetof(cp, n_groups)));
+        jge(groups_done, T_NEAR);
+        mov(row, field(offsetof(cp, row_begin)));
+        L(row_loop);
+        cmp(row, field(offsetof(cp, row_end)));
+        jge(rows_done, T_NEAR);
+        mov(dptr, row);
+        imul(dptr, field(offsetof(cp, dst_channel_stride)));
+        add(dptr, dst_blk);
+        // The sums start from the bias (f32) or zero (s8) in the first
+        // group, from what the previous group stored in the others.
+        cmp(group, 0);
+        je(first_group, T_NEAR);
+        mov(tmp, dptr);
+        for (int r = 0; r < rows; ++r) {
+            if (r > 0) add(tmp, field(offsetof(cp, dst_row_stride)));
+            for (int v = 0; v < nv; ++v)
+                load(acc(r, v), ptr[tmp + v * vlen], v == nv - 1 && tail != 0);
+        }
+        jmp(sums_ready, T_NEAR);
+        L(first_group);
+        if (s8) {
+            for (int r = 0; r < rows; ++r)
+                for (int v = 0; v < nv; ++v)
+                    zero(acc(r, v));
+        } else {
+            mov(tmp, field(offsetof(cp, bias)));
+            for (int r = 0; r < rows; ++r)
+                for (int v = 0; v < nv; ++v)
+                    vbroadcastss(acc(r, v), dword[tmp + row * 4]);
+        }
+        L(sums_ready);
+        // entries [group_ptr[row * (n_groups + 1) + group], ... + 1)
+        mov(i, row);
+        imul(i, field(offsetof(cp, n_groups)));
+        add(i, row);
+        add(i, group);
+        mov(end, ptr[group_ptr + i * 8 + 8]);
+        mov(i, ptr[group_ptr + i * 8]);
+        L(entry_loop);
+        cmp(i, end);
+        jge(entries_done, T_NEAR);
+        movsxd(off, dword[offsets + i * 4]);
+        if (s8)
+            vpbroadcastd(w, dword[values + i * 4]);
+        else
+            vbroadcastss(w, dword[values + i * 4]);
+        for (int r = 0; r < rows; ++r)
+            for (int v = 0; v < nv; ++v) {
+                const Address x = ptr[src_row[r] + off + v * vlen];
+                if (!s8) {
+                    vfmadd231ps(acc(r, v), w, x);
+                } else if (!emulated) {
+                    const Vmm &t = (r * nv + v) % 2 ? tmp1 : tmp0; // two loads in flight
+                    vmovups(t, x);
+                    if (avx512)
+                        vpdpbusd(acc(r, v), t, w);
+                    else
+                        vpdpbusd(acc(r, v), t, w, VexEncoding);
+                } else {
+                    vmovups(tmp0, x);
+                    emit_split_nibbles(*this, tmp0, lo, hi, nibble_mask);
+                    emit_dot_u8s8_nibbles(*this, acc(r, v), lo, hi, w, ones16, p_lo, p_hi, true);
+                }
+            }
+        inc(i);
+        jmp(entry_loop);
+        L(entries_done);
+        if (s8) { // after the last group: float(sum - correction) * scale + bias
+            mov(tmp, group);
+            inc(tmp);
+            cmp(tmp, field(offsetof(cp, n_groups)));
+            jne(not_last, T_NEAR);
+            const Vmm corr(tmp0), scale(tmp1), bias(w);
+            mov(tmp, field(offsetof(cp, correction)));
+            vpbroadcastd(corr, dword[tmp + row * 4]);
+            mov(tmp, field(offsetof(cp, scale)));
+            vbroadcastss(scale, dword[tmp + row * 4]);
+            mov(tmp, field(offsetof(cp, bias)));
+            vbroadcastss(bias, dword[tmp + row * 4]);
+            for (int r = 0; r < rows; ++r)
+                for (int v = 0; v < nv; ++v) {
+                    vpsubd(acc(r, v), acc(r, v), corr);
+                    vcvtdq2ps(acc(r, v), acc(r, v));
+                    // two roundings, as the scheme states (not one fused)
+                    vmulps(acc(r, v), acc(r, v), scale);
+                    vaddps(acc(r, v), acc(r, v), bias);
+                }
+            L(not_last);
+        }
+        for (int r = 0; r < rows; ++r) {
+            if (r > 0) add(dptr, field(offsetof(cp, dst_row_stride)));
+            for (int v = 0; v < nv; ++v)
+                store(acc(r, v), ptr[dptr + v * vlen], v == nv - 1 && tail != 0);
+        }
+        inc(row);
+        jmp(row_loop, T_NEAR);
+        L(rows_done);
+        inc(group);
+        jmp(group_loop, T_NEAR);
+        L(groups_done);
+    };
+    auto advance = [&](int rows) {
+        sub(rows_left, rows);
+        mov(tmp, field(offsetof(cp, src_row_step)));
+        if (rows > 1) imul(tmp, tmp, rows);
+        add(src_blk, tmp);
+        mov(tmp, field(offsetof(cp, dst_row_stride)));
+        if (rows > 1) imul(tmp, tmp, rows);
+        add(dst_blk, tmp);
+    };
+
+    Label block_loop, single_loop, done;
+    preamble();
+    sub(rsp, 32);
+    mov(values, field(offsetof(cp, values)));
+    mov(offsets, field(offsetof(cp, src_offsets)));
+    mov(group_ptr, field(offsetof(cp, group_ptr)));
+    if (emulated) emit_int8_dot_constants(*this, ones16, nibble_mask, constants);
+    if (avx512 && tail != 0) {
+        mov(tmp.cvt32(), (1 << tail) - 1);
+        kmovw(k1, tmp.cvt32());
+    }
+    mov(tmp, field(offsetof(cp, n_out_rows)));
+    mov(rows_left, tmp);
+    mov(tmp, field(offsetof(cp, src)));
+    mov(src_blk, tmp);
+    mov(tmp, field(offsetof(cp, dst)));
+    mov(dst_blk, tmp);
+    const int nr = params_.n_rows;
+    if (nr > 1) {
+        L(block_loop);
+        cmp(rows_left, nr);
+        jl(single_loop, T_NEAR);
+        block(nr);
+        advance(nr);
+        jmp(block_loop, T_NEAR);
+    }
+    L(single_loop);
+    cmp(rows_left, 1);
+    jl(done, T_NEAR);
+    block(1);
+    advance(1);
+    jmp(single_loop, T_NEAR);
+    L(done);
+    add(rsp, 32);
+    postamble();
+    if (emulated) emit_int8_dot_constant_table(*this, constants);
+    if (!avx512 && tail != 0) {
+        align(32);
+        L(mask_table);
+        for (int l = 0; l < 8; ++l)
+            dd(l < tail ? 0xffffffffu : 0u);
+    }
+}
+
+template class jit_uni_spmm_width_kernel_t<cpu_isa::avx2>;
+template class jit_uni_spmm_width_kernel_t<cpu_isa::avx512_core>;
+template class jit_uni_spmm_width_kernel_t<cpu_isa::avx512_core_vnni>;
+
+std::shared_ptr<const jit_spmm_width_kernel> spmm_width_kernel(const sparse_kernel_params &params) {
+    static runtime::lru_cache<sparse_kernel_params, jit_spmm_width_kernel,
+                              sparse_kernel_params_hash>
+            cache("jit_code:spmm_width");
+    return cache.get_or_create(params, [&] {
+        return make_for_isa<jit_uni_spmm_width_kernel_t, jit_spmm_width_kernel>(params,
+                                                                                "spmm_width");
+    });
+}
+
+} // namespace qsp::jit

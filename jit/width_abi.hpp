@@ -1,0 +1,76 @@
+// The ABI of the output-width-innermost ("width") kernels, shared by their
+// generators, the Conv2d width plans and the layout passes. Vector lanes run
+// along one row of an image (16 output columns per zmm, 8 per ymm); images
+// stay in planes (NCHW), so a large image needs no transposes and its
+// channels are whole contiguous rows.
+//
+// Sources are zero-padded planes whose rows are long enough for every vector
+// a kernel reads (the lanes past the image read the padding's zeros, never
+// unwritten memory): a weight is one broadcast and one multiply-add per
+// vector of an output row, and the source of an output row moves by a fixed
+// step per row. A horizontal stride is taken out of the lanes by splitting
+// each padded row into `stride` column phases (column c at phase c % s,
+// index c / s), so lanes are always consecutive in memory.
+//
+//   f32 source          one float per position
+//   s8 SpMM source      quads: one dword per position holding the u8 bytes
+//                       (value + 128) of 4 consecutive channels, one plane
+//                       per 4 channels
+//   s8 SDDMM            x: one s8 byte per position; dY: u8 (g + 128) rows
+//                       whose bytes past the output width are 0 (they add
+//                       nothing); a dword lane sums 4 consecutive columns
+#pragma once
+
+#include <cstdint>
+
+namespace qsp::jit {
+
+// Width SpMM (Conv2d forward, and backward-data per stride phase): for every
+// output row a in [0, n_out_rows) and channel r in [row_begin, row_end),
+// dst[r][a][lane] = epilogue(sum over entries e of channel r of values[e] *
+// src[src_offsets[e] + a * src_row_step + lane]), written for the real lanes
+// only (the last vector is masked to the kernel's tail).
+//   f32: epilogue(s) = s + bias[r]
+//   s8:  epilogue(s) = float(s - correction[r]) * scale[r] + bias[r], where s
+//        sums the u8 x s8 quad dot products
+struct spmm_width_call_params {
+    const void *values;         // per entry: f32 weight, or the s8 quad dword
+    const int32_t *src_offsets; // per entry: byte offset from the source base of output row 0
+    // Entries of channel r whose source channel is in group g:
+    // [group_ptr[r * (n_groups + 1) + g], group_ptr[r * (n_groups + 1) + g + 1]).
+    // Groups run outermost (after the block of rows), so that the source rows
+    // of one group stay in L1 while every channel uses them; a channel's sums
+    // are stored after each group and reloaded by the next (s8: as int32
+    // bits in dst, until the last group's epilogue).
+    const int64_t *group_ptr;
+    int64_t n_groups;
+    int64_t row_begin, row_end;
+    const void *src;
+    int64_t src_row_step; // bytes the source moves per output row
+    int64_t n_out_rows;
+    float *dst; // row a of channel r: dst + r * dst_channel_stride + a * dst_row_stride bytes
+    int64_t dst_channel_stride, dst_row_stride; // bytes
+    const float *bias;         // per channel, always given (zeros when the layer has none)
+    const int32_t *correction; // s8: per channel
+    const float *scale;        // s8: per channel
+};
+
+// Width SDDMM (Conv2d backward-weights): for every entry e of rows
+// [row_begin, row_end), partial[e] (one vector of lane sums, f32 or int32) +=
+// sum over output rows a of dy[r][a][lane] * x[x_offsets[e] + a * x_row_step
+// + lane]. f32 dY rows are read as they are (the tail lanes masked to zero);
+// s8 dY rows are padded with zero bytes.
+struct sddmm_width_call_params {
+    const int32_t *x_offsets; // per entry: byte offset from the x base of output row 0
+    const int64_t *group_ptr; // as in spmm_width_call_params
+    int64_t n_groups;
+    int64_t row_begin, row_end;
+    const void *x;
+    int64_t x_row_step; // bytes x moves per output row
+    const void *dy;
+    int64_t dy_channel_stride, dy_row_stride; // bytes
+    int64_t n_out_rows;
+    void *partial; // entry e's vector at partial + e * vector bytes
+};
+
+} // namespace qsp::jit

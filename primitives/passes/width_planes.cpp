@@ -1,0 +1,133 @@
+// Portable on purpose: these passes are row copies (the compiler's vector
+// code at the baseline ISA keeps them at memory speed); only the column
+// phases of a strided layer move elements one at a time.
+#include "primitives/passes/width_planes.hpp"
+
+#include <algorithm>
+#include <cstring>
+
+namespace qsp::detail {
+
+namespace {
+
+// dst plane (n, c) from rows of the source: fill(row pointer, padded row)
+// writes the whole padded row `row_len` long.
+template <typename T, typename fill_t>
+void for_planes(int64_t planes, const width_plane &plane, T *dst, int num_threads, fill_t fill) {
+#pragma omp parallel for collapse(2) num_threads(num_threads) schedule(static)
+    for (int64_t p = 0; p < planes; ++p)
+        for (int64_t r = 0; r < plane.rows; ++r)
+            fill(dst + p * plane.size() + r * plane.row_len(), p, r);
+}
+
+template <typename T, typename U, typename convert_t>
+void pack_rows(const U *src, int64_t batch, int64_t channels, int64_t h, int64_t w,
+               const spatial_pad &pad, const width_plane &plane, T *dst, T zero, int num_threads,
+               convert_t convert) {
+    for_planes(batch * channels, plane, dst, num_threads, [&](T *row, int64_t p, int64_t r) {
+        std::fill(row, row + plane.row_len(), zero);
+        const int64_t y = r - pad.top;
+        if (y < 0 || y >= h) return;
+        const U *in = src + (p * h + y) * w;
+        if (plane.phases == 1) {
+            for (int64_t x = 0; x < w; ++x)
+                row[pad.left + x] = convert(in[x]);
+            return;
+        }
+        for (int64_t x = 0; x < w; ++x)
+            row[plane.at(0, pad.left + x)] = convert(in[x]);
+    });
+}
+
+} // namespace
+
+bool pack_width_planes(const float *src, int64_t batch, int64_t channels, int64_t h, int64_t w,
+                       const spatial_pad &pad, const width_plane &plane, float *dst,
+                       int num_threads) {
+    const int64_t planes = batch * channels, row_len = plane.row_len();
+    uint32_t seen = 0; // bit 31 set once an exponent field was all ones (NaN or Inf)
+#pragma omp parallel for collapse(2) num_threads(num_threads) schedule(static) reduction(| : seen)
+    for (int64_t p = 0; p < planes; ++p)
+        for (int64_t r = 0; r < plane.rows; ++r) {
+            float *row = dst + p * plane.size() + r * row_len;
+            const int64_t y = r - pad.top;
+            if (y < 0 || y >= h) {
+                std::fill(row, row + row_len, 0.f);
+                continue;
+            }
+            const float *in = src + (p * h + y) * w;
+            if (plane.phases == 1) {
+                std::fill(row, row + pad.left, 0.f);
+                uint32_t s = 0;
+                for (int64_t x = 0; x < w; ++x) {
+                    uint32_t bits;
+                    std::memcpy(&bits, in + x, 4);
+                    s |= (bits & 0x7f800000u) + 0x00800000u; // carries into bit 31 iff all ones
+                    row[pad.left + x] = in[x];
+                }
+                seen |= s;
+                std::fill(row + pad.left + w, row + row_len, 0.f);
+                continue;
+            }
+            std::fill(row, row + row_len, 0.f);
+            for (int64_t x = 0; x < w; ++x) {
+                uint32_t bits;
+                std::memcpy(&bits, in + x, 4);
+                seen |= (bits & 0x7f800000u) + 0x00800000u;
+                row[plane.at(0, pad.left + x)] = in[x];
+            }
+        }
+    return (seen & 0x80000000u) == 0;
+}
+
+void pack_width_planes(const int8_t *src, int64_t batch, int64_t channels, int64_t h, int64_t w,
+                       const spatial_pad &pad, const width_plane &plane, int8_t *dst,
+                       int num_threads) {
+    pack_rows(src, batch, channels, h, w, pad, plane, dst, int8_t(0), num_threads,
+              [](int8_t v) { return v; });
+}
+
+void pack_width_quads(const int8_t *src, int64_t batch, int64_t channels, int64_t h, int64_t w,
+                      const spatial_pad &pad, const width_plane &plane, uint32_t *dst,
+                      int num_threads) {
+    const int64_t quads = (channels + 3) / 4;
+    for_planes(batch * quads, plane, dst, num_threads, [&](uint32_t *row, int64_t p, int64_t r) {
+        std::fill(row, row + plane.row_len(), 0x80808080u);
+        const int64_t y = r - pad.top;
+        if (y < 0 || y >= h) return;
+        const int64_t b = p / quads, q = p % quads;
+        auto *bytes = reinterpret_cast<uint8_t *>(row);
+        for (int k = 0; k < 4 && 4 * q + k < channels; ++k) {
+            const int8_t *in = src + ((b * channels + 4 * q + k) * h + y) * w;
+            for (int64_t x = 0; x < w; ++x)
+                bytes[plane.at(0, pad.left + x) * 4 + k] = static_cast<uint8_t>(in[x] + 128);
+        }
+    });
+}
+
+void pack_width_dy_u8(const int8_t *g, int64_t batch, int64_t channels, int64_t h, int64_t w,
+                      int64_t row_bytes, uint8_t *dst, int num_threads) {
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t r = 0; r < batch * channels * h; ++r) {
+        const int8_t *in = g + r * w;
+        uint8_t *out = dst + r * row_bytes;
+        for (int64_t x = 0; x < w; ++x)
+            out[x] = static_cast<uint8_t>(in[x] + 128);
+        std::memset(out + w, 0, static_cast<size_t>(row_bytes - w));
+    }
+}
+
+void scatter_width_phase(const float *phase, int64_t batch, int64_t channels, int64_t n_h,
+                         int64_t n_w, int64_t h, int64_t w, int64_t h0, int64_t w0, int64_t sh,
+                         int64_t sw, float *out, int num_threads) {
+#pragma omp parallel for collapse(2) num_threads(num_threads) schedule(static)
+    for (int64_t p = 0; p < batch * channels; ++p)
+        for (int64_t a = 0; a < n_h; ++a) {
+            const float *in = phase + (p * n_h + a) * n_w;
+            float *o = out + (p * h + h0 + a * sh) * w + w0;
+            for (int64_t j = 0; j < n_w; ++j)
+                o[j * sw] = in[j];
+        }
+}
+
+} // namespace qsp::detail

@@ -1,0 +1,53 @@
+// The layout passes of the output-width-innermost Conv2d kernels
+// (jit/width_abi.hpp): NCHW tensors -> zero-padded planes whose rows are
+// split into column phases (the horizontal stride) and long enough for every
+// vector a kernel reads; and the inverse for outputs written per phase.
+// Every element of a destination is written (padding, phase slack and the
+// lanes past an image included): kernels read whole vectors of them.
+#pragma once
+
+#include <cstdint>
+
+#include "primitives/passes/tile_layout.hpp"
+
+namespace qsp::detail {
+
+// One padded plane: `rows` rows of `phases` column phases, `phase_len`
+// elements each; padded column c sits at phase c % phases, index c / phases.
+struct width_plane {
+    int64_t rows = 0, phases = 1, phase_len = 0;
+    int64_t row_len() const { return phases * phase_len; }
+    int64_t size() const { return rows * row_len(); }
+    // Element offset of padded position (row, column).
+    int64_t at(int64_t row, int64_t col) const {
+        return row * row_len() + (col % phases) * phase_len + col / phases;
+    }
+};
+
+// f32 src[batch][channels][h][w] -> planes[batch][channels] (zeros around).
+// Returns whether every value was finite (no NaN or Inf): the check costs
+// nothing here, the values pass through registers anyway.
+bool pack_width_planes(const float *src, int64_t batch, int64_t channels, int64_t h, int64_t w,
+                       const spatial_pad &pad, const width_plane &plane, float *dst,
+                       int num_threads);
+// int8 -> int8 planes (0 around): x of the s8 SDDMM.
+void pack_width_planes(const int8_t *src, int64_t batch, int64_t channels, int64_t h, int64_t w,
+                       const spatial_pad &pad, const width_plane &plane, int8_t *dst,
+                       int num_threads);
+// int8 -> quad planes[batch][ceil(channels / 4)]: per position the 4 bytes
+// of channels 4q..4q+3 as u8 (x + 128); 128 (x = 0) around and past the
+// channels. The s8 SpMM source.
+void pack_width_quads(const int8_t *src, int64_t batch, int64_t channels, int64_t h, int64_t w,
+                      const spatial_pad &pad, const width_plane &plane, uint32_t *dst,
+                      int num_threads);
+// int8 g[batch][channels][h][w] -> u8 rows of row_bytes >= w: g + 128, then
+// zeros (the s8 SDDMM's dY: the zeros add nothing).
+void pack_width_dy_u8(const int8_t *g, int64_t batch, int64_t channels, int64_t h, int64_t w,
+                      int64_t row_bytes, uint8_t *dst, int num_threads);
+// Backward-data of a horizontal stride: out[b][c][h0 + a * sh][w0 + j * sw]
+// = phase[b][c][a][j] for a < n_h, j < n_w (phase rows n_w long).
+void scatter_width_phase(const float *phase, int64_t batch, int64_t channels, int64_t n_h,
+                         int64_t n_w, int64_t h, int64_t w, int64_t h0, int64_t w0, int64_t sh,
+                         int64_t sw, float *out, int num_threads);
+
+} // namespace qsp::detail

@@ -1,0 +1,26 @@
+// What the batch-innermost and the output-width-innermost Conv2d plans share.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "primitives/core/problem.hpp"
+#include "primitives/sparse_jit/conv_layout.hpp"
+
+namespace qsp::detail {
+
+// Why a Conv2d JIT family of `strategy` at `isa` cannot take p for reasons
+// of kind rather than size: the operation, the scheme, the CPU, a tier
+// superseded on this CPU, a vectorization forced to the other strategy
+// ("" if none applies).
+std::string conv_isa_refusal(const problem &p, quant_scheme scheme, cpu_isa isa,
+                             conv_vectorization strategy);
+
+// s8 backward-weights: window_sum[(ic, kh, kw)] = the sum over batch and
+// output pixels of the X value that tap (kh, kw) reads (0 in the padding),
+// what a +128 shift of G adds to each weight of that tap. plane_sum: scratch
+// of in_c * in_h * in_w.
+void conv_window_sums(const conv_layout &l, const int8_t *xq, int64_t batch, int32_t *plane_sum,
+                      int64_t *window_sum, int num_threads);
+
+} // namespace qsp::detail

@@ -1,0 +1,144 @@
+#include "primitives/sparse_jit/conv_width.hpp"
+
+#include <algorithm>
+#include <array>
+
+namespace qsp::detail {
+
+int width_split::chunk_vectors(int64_t c) const {
+    return static_cast<int>(std::min(chunk, vectors - c * chunk));
+}
+
+int width_split::tail(int64_t c) const {
+    return c == chunks() - 1 ? static_cast<int>(width % lanes) : 0;
+}
+
+width_split split_width(int64_t width, int64_t lanes, int max_vectors) {
+    width_split s;
+    s.width = width;
+    s.lanes = lanes;
+    s.vectors = (width + lanes - 1) / lanes;
+    // At most half the registers per row, so a step takes two rows or more;
+    // chunks of equal size.
+    const int64_t max_chunk = std::max(1, max_vectors / 2);
+    const int64_t chunks = (s.vectors + max_chunk - 1) / max_chunk;
+    s.chunk = (s.vectors + chunks - 1) / chunks;
+    return s;
+}
+
+int64_t group_channels(int64_t channels, int64_t channel_bytes) {
+    // Half of the smallest L1 of the CPUs we target (32 KiB): the other half
+    // holds the weights, offsets and the sums that are stored per group.
+    constexpr int64_t budget = 16 * 1024;
+    const int64_t fit = std::max<int64_t>(4, budget / std::max<int64_t>(channel_bytes, 1) / 4 * 4);
+    if (fit >= channels) return channels;
+    // equal groups, each a multiple of 4
+    const int64_t groups = (channels + fit - 1) / fit;
+    return ((channels + groups - 1) / groups + 3) / 4 * 4;
+}
+
+std::vector<int64_t> group_bounds(const sparse_rows &m, const std::vector<int64_t> &item_ptr,
+                                  const std::vector<int64_t> *item_of,
+                                  const std::function<int64_t(int64_t)> &channel_of,
+                                  int64_t group_size, int64_t n_groups) {
+    std::vector<int64_t> out;
+    out.reserve(static_cast<size_t>(m.rows * (n_groups + 1)));
+    for (int64_t r = 0; r < m.rows; ++r) {
+        int64_t l = m.row_ptr[r];
+        for (int64_t g = 0; g < n_groups; ++g) {
+            // keys ascend with the channel's group: the first entry of group >= g
+            while (l < m.row_ptr[r + 1] && channel_of(m.key[l]) / group_size < g)
+                ++l;
+            out.push_back(l == m.row_ptr[r + 1] ? item_ptr[r + 1] : (item_of ? (*item_of)[l] : l));
+        }
+        out.push_back(item_ptr[r + 1]);
+    }
+    return out;
+}
+
+namespace {
+
+// Rows from (row, key, value index) triples, keys ascending within a row.
+sparse_rows rows_from(int64_t rows, std::vector<std::array<int64_t, 3>> &triples) {
+    std::sort(triples.begin(), triples.end());
+    sparse_rows m;
+    size_t t = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+        for (; t < triples.size() && triples[t][0] == r; ++t)
+            m.add(triples[t][1], triples[t][2]);
+        m.end_row();
+    }
+    return m;
+}
+
+} // namespace
+
+width_plane conv_width::x_plane(int64_t read_lanes) const {
+    width_plane p;
+    p.rows = l.hp;
+    p.phases = l.sw;
+    const int64_t last_start = (l.kw - 1) * l.dw / l.sw; // the largest tap start in a phase
+    p.phase_len = std::max((l.wp + l.sw - 1) / l.sw, last_start + read_lanes);
+    return p;
+}
+
+int64_t conv_width::x_tap(const width_plane &plane, int64_t tap) const {
+    return plane.at(tap / l.kw * l.dh, tap % l.kw * l.dw);
+}
+
+sparse_rows conv_width::forward_rows(const csr_pattern &p) const {
+    const int64_t *rp = p.row_ptr();
+    const int32_t *ci = p.col_idx();
+    std::vector<std::array<int64_t, 3>> triples;
+    for (int64_t oc = 0; oc < l.out_c; ++oc)
+        for (int64_t e = rp[oc]; e < rp[oc + 1]; ++e) {
+            const conv_layout::tap t = l.decode(ci[e]);
+            const int64_t ic = l.group_of_out(oc) * l.icg + t.ic;
+            triples.push_back({oc, key(ic, t.kh * l.kw + t.kw, taps), e});
+        }
+    return rows_from(l.out_c, triples);
+}
+
+width_plane conv_width::dy_plane(const std::vector<int64_t> &read_lanes) const {
+    width_plane p;
+    p.rows = l.ohp;
+    p.phases = 1;
+    p.phase_len = l.owp;
+    for (size_t i = 0; i < l.phases.size(); ++i) {
+        const conv_layout::phase &f = l.phases[i];
+        for (int64_t k = 0; k < l.kw; ++k) {
+            int64_t m;
+            if (conv_layout::tap_in_phase(f.pw, k, l.dw, l.sw, m))
+                p.phase_len = std::max(p.phase_len, f.qw0 + m + l.dy_pad.left + read_lanes[i]);
+        }
+    }
+    return p;
+}
+
+int64_t conv_width::dy_tap(const width_plane &plane, const conv_layout::phase &f,
+                           int64_t tap) const {
+    int64_t mh = 0, mw = 0;
+    conv_layout::tap_in_phase(f.ph, tap / l.kw, l.dh, l.sh, mh);
+    conv_layout::tap_in_phase(f.pw, tap % l.kw, l.dw, l.sw, mw);
+    return plane.at(f.qh0 + mh + l.dy_pad.top, f.qw0 + mw + l.dy_pad.left);
+}
+
+sparse_rows conv_width::backward_data_rows(const csr_pattern &p,
+                                           const conv_layout::phase &f) const {
+    const int64_t *rp = p.row_ptr();
+    const int32_t *ci = p.col_idx();
+    std::vector<std::array<int64_t, 3>> triples;
+    for (int64_t oc = 0; oc < l.out_c; ++oc)
+        for (int64_t e = rp[oc]; e < rp[oc + 1]; ++e) {
+            const conv_layout::tap t = l.decode(ci[e]);
+            int64_t mh, mw;
+            if (!conv_layout::tap_in_phase(f.ph, t.kh, l.dh, l.sh, mh)
+                || !conv_layout::tap_in_phase(f.pw, t.kw, l.dw, l.sw, mw))
+                continue;
+            const int64_t ic = l.group_of_out(oc) * l.icg + t.ic;
+            triples.push_back({ic, key(oc, t.kh * l.kw + t.kw, taps), e});
+        }
+    return rows_from(l.in_c, triples);
+}
+
+} // namespace qsp::detail

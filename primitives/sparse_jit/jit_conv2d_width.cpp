@@ -1,0 +1,710 @@
+// Sparse Conv2d on the output-width-innermost JIT kernels (conv_width.hpp),
+// f32 and s8. Plans (entries, offsets, plane geometry, kernels per chunk of
+// an output row) are built once per problem and serve every batch size.
+// Threading: whole images per thread when there are enough of them, else
+// images x nnz-balanced channel parts; backward-weights splits channels
+// only, each thread adding its entries' partial sums image after image.
+// Every output element is summed by one call in one order: results do not
+// depend on the thread count.
+#include <algorithm>
+#include <limits>
+#include <memory>
+
+#include <omp.h>
+
+#include "jit/jit_uni_sddmm_width_kernel.hpp"
+#include "jit/jit_uni_spmm_width_kernel.hpp"
+#include "primitives/core/s8_protocol.hpp"
+#include "primitives/passes/bias_grad.hpp"
+#include "primitives/passes/quantize.hpp"
+#include "primitives/passes/width_planes.hpp"
+#include "primitives/sparse_jit/conv_common.hpp"
+#include "primitives/sparse_jit/conv_width.hpp"
+#include "primitives/sparse_jit/jit_conv2d.hpp"
+#include "primitives/sparse_jit/plan_cache.hpp"
+#include "runtime/scratch_pool.hpp"
+
+namespace qsp::detail {
+
+namespace {
+
+using jit::sparse_dtype;
+
+// The kernels covering one output row: one per chunk of the split.
+template <typename kernel_t> struct row_calls {
+    width_split split;
+    std::vector<std::shared_ptr<const kernel_t>> kernels;
+};
+
+row_calls<jit::jit_spmm_width_kernel> spmm_calls(cpu_isa isa, sparse_dtype dt, int64_t width) {
+    const jit::sparse_kernel_params base = jit::make_sparse_kernel_params(isa, dt, 1);
+    const int max_acc = jit::spmm_width_max_accumulators(isa, dt, base.avx_vnni);
+    row_calls<jit::jit_spmm_width_kernel> c{split_width(width, jit::vector_lanes(isa), max_acc),
+                                            {}};
+    for (int64_t ch = 0; ch < c.split.chunks(); ++ch) {
+        jit::sparse_kernel_params k = base;
+        k.n_vec = c.split.chunk_vectors(ch);
+        k.n_rows = std::min(jit::width_max_rows, max_acc / k.n_vec);
+        k.tail = c.split.tail(ch);
+        c.kernels.push_back(jit::spmm_width_kernel(k));
+    }
+    return c;
+}
+
+// s8 lanes are bytes: a dword lane sums 4 output columns, so a vector
+// covers 4x the columns and no tail is masked (dY rows are zero-padded).
+row_calls<jit::jit_sddmm_width_kernel> sddmm_calls(cpu_isa isa, sparse_dtype dt, int64_t width) {
+    const jit::sparse_kernel_params base = jit::make_sparse_kernel_params(isa, dt, 1);
+    const bool s8 = dt == sparse_dtype::s8;
+    const int max_dy = jit::sddmm_width_max_dy_vectors(isa, dt, base.avx_vnni);
+    const int64_t lanes = jit::vector_lanes(isa) * (s8 ? 4 : 1);
+    row_calls<jit::jit_sddmm_width_kernel> c{split_width(width, lanes, max_dy), {}};
+    for (int64_t ch = 0; ch < c.split.chunks(); ++ch) {
+        jit::sparse_kernel_params k = base;
+        k.n_vec = c.split.chunk_vectors(ch);
+        k.n_rows = std::min(jit::width_max_rows, max_dy / k.n_vec);
+        k.tail = s8 ? 0 : c.split.tail(ch);
+        c.kernels.push_back(jit::sddmm_width_kernel(k));
+    }
+    return c;
+}
+
+// body(image, row_begin, row_end): whole images per thread when there are
+// enough of them to share, else images x the plan's channel parts.
+template <typename body_t>
+void for_images(int64_t batch, const std::vector<int64_t> &bounds, int threads, body_t body) {
+    const int64_t parts = batch >= 4 * threads ? 1 : static_cast<int64_t>(bounds.size()) - 1;
+    const int64_t rows = bounds.back(), items = batch * parts;
+#pragma omp parallel num_threads(threads)
+    {
+        const int nthr = omp_get_num_threads(), tid = omp_get_thread_num();
+        for (int64_t item = tid; item < items; item += nthr) {
+            const int64_t b = item / parts, part = item % parts;
+            body(b, parts == 1 ? 0 : bounds[part], parts == 1 ? rows : bounds[part + 1]);
+        }
+    }
+}
+
+// body(row_begin, row_end) for each channel part, one thread per part.
+template <typename body_t>
+void for_parts(const std::vector<int64_t> &bounds, int threads, body_t body) {
+    const int parts = static_cast<int>(bounds.size()) - 1;
+#pragma omp parallel num_threads(threads)
+    {
+        const int nthr = omp_get_num_threads(), tid = omp_get_thread_num();
+        for (int part = tid; part < parts; part += nthr)
+            body(bounds[part], bounds[part + 1]);
+    }
+}
+
+// The entries' byte offsets in x planes (forward, backward-weights): channel
+// plane + tap position, `elem_bytes` per position.
+std::function<int64_t(int64_t, int64_t)> x_offset(const conv_width &w, const width_plane &plane,
+                                                  int64_t elem_bytes) {
+    return [&w, plane, elem_bytes](int64_t, int64_t key) {
+        return (w.key_channel(key) * plane.size() + w.x_tap(plane, w.key_tap(key))) * elem_bytes;
+    };
+}
+// The same for s8 quads (key / 4 of the quad plan).
+std::function<int64_t(int64_t, int64_t)> x_quad_offset(const conv_width &w,
+                                                       const width_plane &plane) {
+    return [&w, plane](int64_t, int64_t quad) {
+        const int64_t key = quad * 4;
+        return (w.key_quad(key) * plane.size() + w.x_tap(plane, w.key_tap(key))) * 4;
+    };
+}
+
+// The groups of source channels of a plan (width_abi.hpp's group_ptr).
+struct grouping {
+    int64_t n = 1;
+    std::vector<int64_t> ptr;
+};
+// rows_touched: source rows one block of output rows reads per channel;
+// channel_bytes_per_row: bytes of one such row per channel.
+grouping make_grouping(const conv_width &w, const sparse_rows &m, const entry_plan *entries,
+                       const quad_plan *quads, int64_t channels, int64_t rows_touched,
+                       int64_t channel_bytes_per_row) {
+    grouping g;
+    const int64_t size = group_channels(channels, rows_touched * channel_bytes_per_row);
+    g.n = (channels + size - 1) / size;
+    auto channel_of = [&w](int64_t key) { return w.key_channel(key); };
+    g.ptr = entries ? group_bounds(m, entries->row_ptr, nullptr, channel_of, size, g.n)
+                    : group_bounds(m, quads->quad_ptr, &quads->quad_of, channel_of, size, g.n);
+    return g;
+}
+
+// Source rows that a block of the kernels' output rows reads per channel.
+template <typename calls_t> int64_t block_rows(const calls_t &calls, int64_t step, int64_t span) {
+    return (calls.kernels.front()->params().n_rows - 1) * step + span;
+}
+
+// A phase of backward-data: the kernels over its row width and its entries.
+template <typename entries_t> struct phase_plan {
+    conv_layout::phase phase;
+    row_calls<jit::jit_spmm_width_kernel> calls;
+    std::unique_ptr<entries_t> entries;
+    grouping groups;
+};
+
+// The phases' kernels, and the dY plane all their reads fit in.
+template <typename entries_t>
+width_plane make_phases(const conv_width &w, cpu_isa isa, sparse_dtype dt,
+                        std::vector<phase_plan<entries_t>> &phases) {
+    std::vector<int64_t> read_lanes;
+    for (const auto &f : w.l.phases) {
+        phases.push_back({f, spmm_calls(isa, dt, f.n_w), nullptr, {}});
+        read_lanes.push_back(phases.back().calls.split.read_lanes());
+    }
+    return w.dy_plane(read_lanes);
+}
+
+// Runs the SpMM kernels of one output layout over every image: `src` holds
+// `src_image` elements (of `elem_bytes`) per image, dst rows of channel r
+// start at dst + r * dst_channel (floats) and are dst_row floats apart.
+struct spmm_run {
+    const void *values;
+    const int32_t *offsets;
+    const grouping *groups;
+    const std::vector<int64_t> *bounds;
+    const uint8_t *src;
+    int64_t src_image_bytes, src_row_step, elem_bytes, n_out_rows;
+    float *dst;
+    int64_t dst_image, dst_channel, dst_row;
+    const float *bias;
+    const int32_t *correction;
+    const float *scale;
+
+    template <typename calls_t> void operator()(const calls_t &calls, int64_t batch, int nt) const {
+        for_images(batch, *bounds, nt, [&](int64_t b, int64_t r0, int64_t r1) {
+            for (int64_t ch = 0; ch < calls.split.chunks(); ++ch) {
+                const int64_t lane = calls.split.first_lane(ch);
+                const jit::spmm_width_call_params c{values,
+                                                    offsets,
+                                                    groups->ptr.data(),
+                                                    groups->n,
+                                                    r0,
+                                                    r1,
+                                                    src + b * src_image_bytes + lane * elem_bytes,
+                                                    src_row_step,
+                                                    n_out_rows,
+                                                    dst + b * dst_image + lane,
+                                                    dst_channel * 4,
+                                                    dst_row * 4,
+                                                    bias,
+                                                    correction,
+                                                    scale};
+                (*calls.kernels[ch])(c);
+            }
+        });
+    }
+};
+
+// ---- f32 -----------------------------------------------------------------------
+
+class jit_conv2d_width_f32_plan : public kernel {
+public:
+    jit_conv2d_width_f32_plan(const problem &p, cpu_isa isa) : p_(p.without_batch()), w_(p.conv) {
+        const int threads = p.num_threads;
+        const sparse_dtype dt = sparse_dtype::f32;
+        switch (p.dir) {
+            case direction::forward: {
+                fwd_ = spmm_calls(isa, dt, w_.l.out_w);
+                plane_ = w_.x_plane(fwd_.split.read_lanes());
+                const sparse_rows m = w_.forward_rows(p.pattern);
+                entries_ = std::make_unique<entry_plan>(m, x_offset(w_, plane_, 4), threads);
+                groups_ = make_grouping(w_, m, entries_.get(), nullptr, w_.l.in_c,
+                                        block_rows(fwd_, w_.l.sh, x_span()), plane_.row_len() * 4);
+                break;
+            }
+            case direction::backward_data:
+                plane_ = make_phases(w_, isa, dt, phases_);
+                for (auto &f : phases_) {
+                    const conv_layout::phase ph = f.phase;
+                    const width_plane plane = plane_;
+                    const conv_width &w = w_;
+                    const sparse_rows m = w_.backward_data_rows(p.pattern, ph);
+                    f.entries = std::make_unique<entry_plan>(
+                            m,
+                            [&w, ph, plane](int64_t, int64_t key) {
+                                return (w.key_channel(key) * plane.size()
+                                        + w.dy_tap(plane, ph, w.key_tap(key)))
+                                       * 4;
+                            },
+                            threads);
+                    f.groups =
+                            make_grouping(w_, m, f.entries.get(), nullptr, w_.l.out_c,
+                                          block_rows(f.calls, 1, dy_span()), plane_.row_len() * 4);
+                }
+                break;
+            case direction::backward_weights: {
+                bwd_ = sddmm_calls(isa, dt, w_.l.out_w);
+                plane_ = w_.x_plane(bwd_.split.read_lanes());
+                const sparse_rows m = w_.forward_rows(p.pattern);
+                entries_ = std::make_unique<entry_plan>(m, x_offset(w_, plane_, 4), threads);
+                groups_ = make_grouping(w_, m, entries_.get(), nullptr, w_.l.in_c,
+                                        block_rows(bwd_, w_.l.sh, x_span()), plane_.row_len() * 4);
+                break;
+            }
+        }
+    }
+
+    const char *execute(const tensors &t) const override {
+        runtime::scratchpad sp;
+        switch (p_.dir) {
+            case direction::forward:
+                return forward(t, sp);
+            case direction::backward_data:
+                return backward_data(t, sp);
+            case direction::backward_weights:
+                backward_weights(t, sp);
+                break;
+        }
+        return nullptr;
+    }
+    // The packs of x (forward) and dY (backward-data) check them.
+    bool checks_finite_input() const override { return true; }
+
+private:
+    const conv_layout &l() const { return w_.l; }
+    int64_t x_span() const { return (l().kh - 1) * l().dh + 1; }
+    int64_t dy_span() const { return (l().kh - 1) * l().dh / l().sh + 1; }
+
+    const float *bias_or_zeros(const float *bias, int64_t n, float *scratch) const {
+        if (bias) return bias;
+        std::fill(scratch, scratch + n, 0.f);
+        return scratch;
+    }
+
+    const char *forward(const tensors &t, runtime::scratchpad &sp) const {
+        const int nt = p_.num_threads;
+        const int64_t B = t.batch, image = l().in_c * plane_.size();
+        float *x = sp.get<float>(0, B * image);
+        if (!pack_width_planes(t.src, B, l().in_c, l().in_h, l().in_w, l().x_pad, plane_, x, nt))
+            return kernel::non_finite_input;
+        const spmm_run run{entries_->values(t.weights, sp.get<float>(1, p_.pattern.nnz()), nt),
+                           entries_->offsets.data(),
+                           &groups_,
+                           &entries_->bounds,
+                           reinterpret_cast<const uint8_t *>(x),
+                           image * 4,
+                           l().sh * plane_.row_len() * 4,
+                           4,
+                           l().out_h,
+                           t.dst,
+                           l().out_c * l().out_pixels(),
+                           l().out_pixels(),
+                           l().out_w,
+                           bias_or_zeros(t.bias, l().out_c, sp.get<float>(2, l().out_c)),
+                           nullptr,
+                           nullptr};
+        run(fwd_, B, nt);
+        return nullptr;
+    }
+
+    const char *backward_data(const tensors &t, runtime::scratchpad &sp) const {
+        const int nt = p_.num_threads;
+        const int64_t B = t.batch, image = l().out_c * plane_.size(), in_px = l().in_pixels();
+        float *dy = sp.get<float>(0, B * image);
+        if (!pack_width_planes(t.diff_dst, B, l().out_c, l().out_h, l().out_w, l().dy_pad, plane_,
+                               dy, nt))
+            return kernel::non_finite_input;
+        const float *zeros = bias_or_zeros(nullptr, l().in_c, sp.get<float>(2, l().in_c));
+        for (const auto &f : phases_) {
+            const conv_layout::phase &ph = f.phase;
+            const bool in_place = l().sw == 1;
+            float *phase_out =
+                    in_place ? nullptr : sp.get<float>(3, B * l().in_c * ph.n_h * ph.n_w);
+            const spmm_run run{f.entries->values(t.weights, sp.get<float>(1, p_.pattern.nnz()), nt),
+                               f.entries->offsets.data(),
+                               &f.groups,
+                               &f.entries->bounds,
+                               reinterpret_cast<const uint8_t *>(dy),
+                               image * 4,
+                               plane_.row_len() * 4,
+                               4,
+                               ph.n_h,
+                               in_place ? t.diff_src + ph.ih0 * l().in_w + ph.iw0 : phase_out,
+                               l().in_c * (in_place ? in_px : ph.n_h * ph.n_w),
+                               in_place ? in_px : ph.n_h * ph.n_w,
+                               in_place ? l().sh * l().in_w : ph.n_w,
+                               zeros,
+                               nullptr,
+                               nullptr};
+            run(f.calls, B, nt);
+            if (!in_place)
+                scatter_width_phase(phase_out, B, l().in_c, ph.n_h, ph.n_w, l().in_h, l().in_w,
+                                    ph.ih0, ph.iw0, l().sh, l().sw, t.diff_src, nt);
+        }
+        return nullptr;
+    }
+
+    void backward_weights(const tensors &t, runtime::scratchpad &sp) const {
+        const int nt = p_.num_threads;
+        const int64_t B = t.batch, image = l().in_c * plane_.size(), nnz = p_.pattern.nnz();
+        const int64_t vl = bwd_.split.lanes, out_image = l().out_c * l().out_pixels();
+        float *x = sp.get<float>(0, B * image);
+        float *partial = sp.get<float>(1, nnz * vl);
+        pack_width_planes(t.src, B, l().in_c, l().in_h, l().in_w, l().x_pad, plane_, x, nt);
+        const entry_plan &e = *entries_;
+        for_parts(e.bounds, nt, [&](int64_t r0, int64_t r1) {
+            std::fill(partial + e.row_ptr[r0] * vl, partial + e.row_ptr[r1] * vl, 0.f);
+            for (int64_t b = 0; b < B; ++b)
+                for (int64_t ch = 0; ch < bwd_.split.chunks(); ++ch) {
+                    const int64_t lane = bwd_.split.first_lane(ch);
+                    const jit::sddmm_width_call_params c{e.offsets.data(),
+                                                         groups_.ptr.data(),
+                                                         groups_.n,
+                                                         r0,
+                                                         r1,
+                                                         x + b * image + lane,
+                                                         l().sh * plane_.row_len() * 4,
+                                                         t.diff_dst + b * out_image + lane,
+                                                         l().out_pixels() * 4,
+                                                         l().out_w * 4,
+                                                         l().out_h,
+                                                         partial};
+                    (*bwd_.kernels[ch])(c);
+                }
+            for (int64_t i = e.row_ptr[r0]; i < e.row_ptr[r1]; ++i) {
+                float s = 0.f;
+                for (int64_t k = 0; k < vl; ++k)
+                    s += partial[i * vl + k];
+                t.diff_weights[e.value_index.empty() ? i : e.value_index[i]] = s;
+            }
+        });
+        if (t.diff_bias) bias_grad(t.diff_dst, t.diff_bias, B, l().out_c, l().out_pixels(), nt);
+    }
+
+    problem p_; // batch 0: the plan serves every batch size
+    conv_width w_;
+    width_plane plane_; // forward / backward-weights: x; backward-data: dY
+    row_calls<jit::jit_spmm_width_kernel> fwd_;
+    row_calls<jit::jit_sddmm_width_kernel> bwd_;
+    std::unique_ptr<entry_plan> entries_;
+    grouping groups_;
+    std::vector<phase_plan<entry_plan>> phases_;
+};
+
+// ---- s8 ------------------------------------------------------------------------
+
+class jit_conv2d_width_s8_plan : public kernel {
+public:
+    // The SDDMM's int32 lanes each add at most 4 * 255 * 128 per dY vector:
+    // partial sums are moved into int64 before this many vectors.
+    static constexpr int64_t max_lane_steps = std::numeric_limits<int32_t>::max() / (4 * 255 * 128);
+
+    jit_conv2d_width_s8_plan(const problem &p, cpu_isa isa) : p_(p.without_batch()), w_(p.conv) {
+        const int threads = p.num_threads;
+        const sparse_dtype dt = sparse_dtype::s8;
+        switch (p.dir) {
+            case direction::forward: {
+                fwd_ = spmm_calls(isa, dt, w_.l.out_w);
+                plane_ = w_.x_plane(fwd_.split.read_lanes());
+                const sparse_rows m = w_.forward_rows(p.pattern);
+                quads_ = std::make_unique<quad_plan>(m, x_quad_offset(w_, plane_), threads);
+                // a quad plane row holds 4 channels: row_len bytes per channel
+                groups_ = make_grouping(w_, m, nullptr, quads_.get(), w_.l.in_c,
+                                        block_rows(fwd_, w_.l.sh, x_span()), plane_.row_len());
+                break;
+            }
+            case direction::backward_data:
+                plane_ = make_phases(w_, isa, dt, phases_);
+                for (auto &f : phases_) {
+                    const conv_layout::phase ph = f.phase;
+                    const width_plane plane = plane_;
+                    const conv_width &w = w_;
+                    const sparse_rows m = w_.backward_data_rows(p.pattern, ph);
+                    f.entries = std::make_unique<quad_plan>(
+                            m,
+                            [&w, ph, plane](int64_t, int64_t quad) {
+                                const int64_t key = quad * 4;
+                                return (w.key_quad(key) * plane.size()
+                                        + w.dy_tap(plane, ph, w.key_tap(key)))
+                                       * 4;
+                            },
+                            threads);
+                    f.groups = make_grouping(w_, m, nullptr, f.entries.get(), w_.l.out_c,
+                                             block_rows(f.calls, 1, dy_span()), plane_.row_len());
+                }
+                break;
+            case direction::backward_weights: {
+                bwd_ = sddmm_calls(isa, dt, w_.l.out_w);
+                plane_ = w_.x_plane(bwd_.split.read_lanes());
+                const sparse_rows m = w_.forward_rows(p.pattern);
+                entries_ = std::make_unique<entry_plan>(m, x_offset(w_, plane_, 1), threads);
+                groups_ = make_grouping(w_, m, entries_.get(), nullptr, w_.l.in_c,
+                                        block_rows(bwd_, w_.l.sh, x_span()), plane_.row_len());
+                const entry_plan &e = *entries_;
+                tap_of_entry_.resize(static_cast<size_t>(p.pattern.nnz()));
+                for (int64_t oc = 0; oc < w_.l.out_c; ++oc)
+                    for (int64_t i = e.row_ptr[oc]; i < e.row_ptr[oc + 1]; ++i) {
+                        const int64_t v = e.value_index.empty() ? i : e.value_index[i];
+                        const auto tp = w_.l.decode(p.pattern.col_idx()[v]);
+                        const int64_t ic = w_.l.group_of_out(oc) * w_.l.icg + tp.ic;
+                        tap_of_entry_[i] = (ic * w_.l.kh + tp.kh) * w_.l.kw + tp.kw;
+                    }
+                break;
+            }
+        }
+    }
+
+    const char *execute(const tensors &t) const override {
+        runtime::scratchpad sp;
+        switch (p_.dir) {
+            case direction::forward:
+                forward(t, sp);
+                break;
+            case direction::backward_data:
+                backward_data(t, sp);
+                break;
+            case direction::backward_weights:
+                backward_weights(t, sp);
+                break;
+        }
+        return nullptr;
+    }
+
+private:
+    const conv_layout &l() const { return w_.l; }
+    int64_t x_span() const { return (l().kh - 1) * l().dh + 1; }
+    int64_t dy_span() const { return (l().kh - 1) * l().dh / l().sh + 1; }
+
+    void forward(const tensors &t, runtime::scratchpad &sp) const {
+        const int nt = p_.num_threads;
+        const int64_t B = t.batch, nnz = p_.pattern.nnz(), oc = l().out_c;
+        const int64_t image = (l().in_c + 3) / 4 * plane_.size();
+        const int64_t src_elems = B * l().in_c * l().in_pixels();
+        auto *wq = sp.get<int8_t>(0, nnz);
+        auto *w_scale = sp.get<float>(1, oc);
+        auto *words = sp.get<uint32_t>(2, quads_->quads());
+        auto *correction = sp.get<int32_t>(3, oc);
+        auto *x = sp.get<uint32_t>(4, B * image);
+        auto *row_scale = sp.get<float>(5, oc);
+        auto *zeros = sp.get<float>(6, oc);
+        auto *local_xq = t.workspace ? nullptr : sp.get<int8_t>(7, src_elems);
+        quantize_weights(p_.pattern, t.weights, wq, w_scale, nt);
+        quads_->fill(wq, words, correction, nt);
+        const s8::workspace_view ws{t.workspace};
+        int8_t *xq = t.workspace ? ws.src_q() : local_xq;
+        const float sx = quantize_rne(t.src, src_elems, xq, nt);
+        if (t.workspace) ws.set_src_scale(sx);
+        pack_width_quads(xq, B, l().in_c, l().in_h, l().in_w, l().x_pad, plane_, x, nt);
+        for (int64_t o = 0; o < oc; ++o)
+            row_scale[o] = s8::forward_scale(sx, w_scale[o]);
+        std::fill(zeros, zeros + oc, 0.f);
+        const spmm_run run{words,
+                           quads_->offsets.data(),
+                           &groups_,
+                           &quads_->bounds,
+                           reinterpret_cast<const uint8_t *>(x),
+                           image * 4,
+                           l().sh * plane_.row_len() * 4,
+                           4,
+                           l().out_h,
+                           t.dst,
+                           oc * l().out_pixels(),
+                           l().out_pixels(),
+                           l().out_w,
+                           t.bias ? t.bias : zeros,
+                           correction,
+                           row_scale};
+        run(fwd_, B, nt);
+    }
+
+    void backward_data(const tensors &t, runtime::scratchpad &sp) const {
+        const int nt = p_.num_threads;
+        const int64_t B = t.batch, nnz = p_.pattern.nnz(), oc = l().out_c, ic = l().in_c;
+        const int64_t image = (oc + 3) / 4 * plane_.size(), in_px = l().in_pixels();
+        int64_t max_quads = 1;
+        for (const auto &f : phases_)
+            max_quads = std::max(max_quads, f.entries->quads());
+        auto *wq = sp.get<int8_t>(0, nnz);
+        auto *w_scale = sp.get<float>(1, oc);
+        auto *g2 = sp.get<int8_t>(2, B * oc * l().out_pixels());
+        auto *dy = sp.get<uint32_t>(3, B * image);
+        auto *words = sp.get<uint32_t>(4, max_quads);
+        auto *correction = sp.get<int32_t>(5, ic);
+        auto *scale = sp.get<float>(6, ic);
+        auto *zeros = sp.get<float>(7, ic);
+        quantize_weights(p_.pattern, t.weights, wq, w_scale, nt);
+        const float sg2 = quantize_stochastic(t.diff_dst, B * oc * l().out_pixels(), w_scale, oc,
+                                              l().out_pixels(), s8::dx_stream(t.seed), g2, nt);
+        pack_width_quads(g2, B, oc, l().out_h, l().out_w, l().dy_pad, plane_, dy, nt);
+        std::fill(scale, scale + ic, sg2);
+        std::fill(zeros, zeros + ic, 0.f);
+        for (const auto &f : phases_) {
+            const conv_layout::phase &ph = f.phase;
+            f.entries->fill(wq, words, correction, nt);
+            const bool in_place = l().sw == 1;
+            float *phase_out = in_place ? nullptr : sp.get<float>(8, B * ic * ph.n_h * ph.n_w);
+            const spmm_run run{words,
+                               f.entries->offsets.data(),
+                               &f.groups,
+                               &f.entries->bounds,
+                               reinterpret_cast<const uint8_t *>(dy),
+                               image * 4,
+                               plane_.row_len() * 4,
+                               4,
+                               ph.n_h,
+                               in_place ? t.diff_src + ph.ih0 * l().in_w + ph.iw0 : phase_out,
+                               ic * (in_place ? in_px : ph.n_h * ph.n_w),
+                               in_place ? in_px : ph.n_h * ph.n_w,
+                               in_place ? l().sh * l().in_w : ph.n_w,
+                               zeros,
+                               correction,
+                               scale};
+            run(f.calls, B, nt);
+            if (!in_place)
+                scatter_width_phase(phase_out, B, ic, ph.n_h, ph.n_w, l().in_h, l().in_w, ph.ih0,
+                                    ph.iw0, l().sh, l().sw, t.diff_src, nt);
+        }
+    }
+
+    void backward_weights(const tensors &t, runtime::scratchpad &sp) const {
+        const int nt = p_.num_threads;
+        const int64_t B = t.batch, nnz = p_.pattern.nnz(), oc = l().out_c;
+        const int64_t image = l().in_c * plane_.size(), vl = bwd_.split.lanes / 4;
+        const int64_t row_bytes = bwd_.split.read_lanes(), dy_image = oc * l().out_h * row_bytes;
+        const int64_t taps = l().in_c * l().kh * l().kw;
+        const s8::workspace_view ws{t.workspace};
+        const int8_t *xq = ws.src_q();
+        auto *g1 = sp.get<int8_t>(0, B * oc * l().out_pixels());
+        auto *dy = sp.get<uint8_t>(1, B * dy_image);
+        auto *x = sp.get<int8_t>(2, B * image);
+        auto *partial = sp.get<int32_t>(3, nnz * vl);
+        auto *acc = sp.get<int64_t>(4, nnz);
+        auto *plane_sum = sp.get<int32_t>(5, l().in_c * l().in_pixels());
+        auto *window_sum = sp.get<int64_t>(6, taps);
+        const float sg1 = quantize_stochastic(t.diff_dst, B * oc * l().out_pixels(), nullptr, 1, 1,
+                                              s8::dw_stream(t.seed), g1, nt);
+        pack_width_dy_u8(g1, B, oc, l().out_h, l().out_w, row_bytes, dy, nt);
+        pack_width_planes(xq, B, l().in_c, l().in_h, l().in_w, l().x_pad, plane_, x, nt);
+        conv_window_sums(l(), xq, B, plane_sum, window_sum, nt);
+        // int32 lanes take at most max_lane_steps vectors: output rows per
+        // call, and calls per flush into int64, are bounded by it.
+        const int64_t vectors = bwd_.split.vectors;
+        const int64_t rows_per_call = std::max<int64_t>(1, max_lane_steps / vectors);
+        const entry_plan &e = *entries_;
+        for_parts(e.bounds, nt, [&](int64_t r0, int64_t r1) {
+            const int64_t i0 = e.row_ptr[r0], i1 = e.row_ptr[r1];
+            std::fill(partial + i0 * vl, partial + i1 * vl, 0);
+            std::fill(acc + i0, acc + i1, int64_t(0));
+            auto flush = [&] {
+                for (int64_t i = i0; i < i1; ++i) {
+                    int64_t s = 0;
+                    for (int64_t k = 0; k < vl; ++k)
+                        s += partial[i * vl + k];
+                    acc[i] += s;
+                }
+                std::fill(partial + i0 * vl, partial + i1 * vl, 0);
+            };
+            int64_t steps = 0;
+            for (int64_t b = 0; b < B; ++b)
+                for (int64_t oh0 = 0; oh0 < l().out_h; oh0 += rows_per_call) {
+                    const int64_t rows = std::min(rows_per_call, l().out_h - oh0);
+                    if (steps + rows * vectors > max_lane_steps) {
+                        flush();
+                        steps = 0;
+                    }
+                    steps += rows * vectors;
+                    for (int64_t ch = 0; ch < bwd_.split.chunks(); ++ch) {
+                        const int64_t lane = bwd_.split.first_lane(ch);
+                        const jit::sddmm_width_call_params c{
+                                e.offsets.data(),
+                                groups_.ptr.data(),
+                                groups_.n,
+                                r0,
+                                r1,
+                                x + b * image + oh0 * l().sh * plane_.row_len() + lane,
+                                l().sh * plane_.row_len(),
+                                dy + b * dy_image + oh0 * row_bytes + lane,
+                                l().out_h * row_bytes,
+                                row_bytes,
+                                rows,
+                                partial};
+                        (*bwd_.kernels[ch])(c);
+                    }
+                }
+            flush();
+        });
+        const float scale = s8::backward_weights_scale(sg1, ws.src_scale());
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (int64_t i = 0; i < nnz; ++i)
+            t.diff_weights[e.value_index.empty() ? i : e.value_index[i]] =
+                    static_cast<float>(acc[i] - 128 * window_sum[tap_of_entry_[i]]) * scale;
+        if (t.diff_bias) bias_grad(t.diff_dst, t.diff_bias, B, oc, l().out_pixels(), nt);
+    }
+
+    problem p_; // batch 0: the plan serves every batch size
+    conv_width w_;
+    width_plane plane_;
+    row_calls<jit::jit_spmm_width_kernel> fwd_;
+    row_calls<jit::jit_sddmm_width_kernel> bwd_;
+    std::unique_ptr<quad_plan> quads_;          // forward
+    grouping groups_;                           // forward, backward-weights
+    std::vector<phase_plan<quad_plan>> phases_; // backward-data
+    std::unique_ptr<entry_plan> entries_;       // backward-weights
+    std::vector<int64_t> tap_of_entry_;         // backward-weights, per kernel entry
+};
+
+// ---- implementations ---------------------------------------------------------------
+
+std::string width_refusal(const problem &p, quant_scheme scheme, cpu_isa isa) {
+    std::string why = conv_isa_refusal(p, scheme, isa, conv_vectorization::output_width);
+    if (!why.empty()) return why;
+    const conv_width w(p.conv);
+    const int64_t lanes = jit::vector_lanes(isa);
+    const bool s8 = scheme == quant_scheme::s8;
+    // Every entry offset of every direction fits 32 bits.
+    const int64_t fwd_lanes = (w.l.out_w + lanes - 1) / lanes * lanes;
+    const int64_t sddmm_lanes =
+            s8 ? (w.l.out_w + 4 * lanes - 1) / (4 * lanes) * 4 * lanes : fwd_lanes;
+    std::vector<int64_t> phase_lanes;
+    for (const auto &f : w.l.phases)
+        phase_lanes.push_back((f.n_w + lanes - 1) / lanes * lanes);
+    const int64_t x_chans = s8 ? (w.l.in_c + 3) / 4 : w.l.in_c,
+                  dy_chans = s8 ? (w.l.out_c + 3) / 4 : w.l.out_c;
+    const int64_t biggest = std::max({x_chans * w.x_plane(fwd_lanes).size() * 4,
+                                      w.l.in_c * w.x_plane(sddmm_lanes).size() * (s8 ? 1 : 4),
+                                      dy_chans * w.dy_plane(phase_lanes).size() * 4});
+    if (biggest > std::numeric_limits<int32_t>::max())
+        return "an image's padded planes exceed the 32-bit entry offsets";
+    if (s8) {
+        const int64_t terms = std::max(w.l.icg, w.l.ocg) * w.l.kh * w.l.kw;
+        if (terms > int32_safe_reduction_length)
+            return "a reduction of " + std::to_string(terms) + " terms could overflow int32";
+    }
+    return "";
+}
+
+implementation width_implementation(const char *name, quant_scheme scheme, cpu_isa isa) {
+    return {name, [scheme, isa](const problem &p) { return width_refusal(p, scheme, isa); },
+            [name, scheme, isa](const problem &p) -> std::shared_ptr<const kernel> {
+                return cached_plan(name, isa, p, [&]() -> std::shared_ptr<const kernel> {
+                    if (scheme == quant_scheme::s8)
+                        return std::make_shared<const jit_conv2d_width_s8_plan>(p, isa);
+                    return std::make_shared<const jit_conv2d_width_f32_plan>(p, isa);
+                });
+            }};
+}
+
+} // namespace
+
+implementation jit_avx512_conv2d_width_f32_implementation() {
+    return width_implementation("jit:avx512_core:width", quant_scheme::f32, cpu_isa::avx512_core);
+}
+implementation jit_avx2_conv2d_width_f32_implementation() {
+    return width_implementation("jit:avx2:width", quant_scheme::f32, cpu_isa::avx2);
+}
+implementation jit_avx512_vnni_conv2d_width_s8_implementation() {
+    return width_implementation("jit:avx512_core_vnni:width", quant_scheme::s8,
+                                cpu_isa::avx512_core_vnni);
+}
+implementation jit_avx512_conv2d_width_s8_implementation() {
+    return width_implementation("jit:avx512_core:width", quant_scheme::s8, cpu_isa::avx512_core);
+}
+implementation jit_avx2_conv2d_width_s8_implementation() {
+    return width_implementation("jit:avx2:width", quant_scheme::s8, cpu_isa::avx2);
+}
+
+} // namespace qsp::detail
