@@ -91,6 +91,9 @@ public:
     std::string scheme() const { return qsp::to_string(scheme_); }
 
 protected:
+    // Conv2d: which vectorization the JIT may use (any: the tuner decides).
+    qsp::conv_vectorization vectorization_ = qsp::conv_vectorization::any;
+
     struct primitives {
         typename fwd_t::primitive_desc fwd_pd;
         fwd_t fwd;
@@ -121,6 +124,7 @@ protected:
             }
         qsp::primitive_attr attr;
         attr.num_threads = threads;
+        attr.vectorization = vectorization_; // backward descriptors follow the forward hint
         const auto src_md = f32_md(src), dst_md = f32_md(dst);
         const auto bias_md = with_bias_ ? f32_md({dst[1]}) : dnnl::memory::desc();
         // Tuning is its own step: measure where implementations compete,
@@ -307,13 +311,25 @@ public:
     conv2d_layer(int64_t in_c, int64_t out_c, std::array<int64_t, 2> kernel,
                  std::array<int64_t, 2> stride, std::array<int64_t, 4> padding,
                  std::array<int64_t, 2> dilation, int64_t groups, const py::array &row_ptr,
-                 const py::array &col_idx, const std::string &scheme, bool with_bias)
+                 const py::array &col_idx, const std::string &scheme, bool with_bias,
+                 const std::string &vectorization)
         : sparse_layer(pattern_from(out_c,
                                     checked_columns(in_c, out_c, kernel, stride, padding, dilation,
                                                     groups),
                                     row_ptr, col_idx),
                        scheme_from(scheme), with_bias),
-          in_c_(in_c), out_c_(out_c), g_(geometry(kernel, stride, padding, dilation, groups)) {}
+          in_c_(in_c), out_c_(out_c), g_(geometry(kernel, stride, padding, dilation, groups)) {
+        if (vectorization == "any")
+            vectorization_ = qsp::conv_vectorization::any;
+        else if (vectorization == "batch")
+            vectorization_ = qsp::conv_vectorization::batch;
+        else if (vectorization == "output_width")
+            vectorization_ = qsp::conv_vectorization::output_width;
+        else
+            throw py::value_error("vectorization must be 'any', 'batch' or 'output_width', got '"
+                                  + vectorization + "'");
+    }
+    std::string vectorization() const { return qsp::to_string(vectorization_); }
 
     // Validates in C++ before anything is computed (a stride of 0 is a
     // ValueError, never a division by zero).
@@ -488,10 +504,13 @@ PYBIND11_MODULE(_C, m) {
     py::class_<conv2d_layer>(m, "Conv2dKernel")
             .def(py::init<int64_t, int64_t, std::array<int64_t, 2>, std::array<int64_t, 2>,
                           std::array<int64_t, 4>, std::array<int64_t, 2>, int64_t,
-                          const py::array &, const py::array &, const std::string &, bool>(),
+                          const py::array &, const py::array &, const std::string &, bool,
+                          const std::string &>(),
                  py::arg("in_channels"), py::arg("out_channels"), py::arg("kernel_size"),
                  py::arg("stride"), py::arg("padding"), py::arg("dilation"), py::arg("groups"),
-                 py::arg("row_ptr"), py::arg("col_idx"), py::arg("scheme"), py::arg("with_bias"))
+                 py::arg("row_ptr"), py::arg("col_idx"), py::arg("scheme"), py::arg("with_bias"),
+                 py::arg("vectorization") = "any")
+            .def_property_readonly("vectorization", &conv2d_layer::vectorization)
             .def_property_readonly("nnz", &conv2d_layer::nnz)
             .def_property_readonly("scheme", &conv2d_layer::scheme)
             .def("output_hw", &conv2d_layer::output_hw)

@@ -90,19 +90,45 @@ void pack_width_planes(const int8_t *src, int64_t batch, int64_t channels, int64
 void pack_width_quads(const int8_t *src, int64_t batch, int64_t channels, int64_t h, int64_t w,
                       const spatial_pad &pad, const width_plane &plane, uint32_t *dst,
                       int num_threads) {
-    const int64_t quads = (channels + 3) / 4;
-    for_planes(batch * quads, plane, dst, num_threads, [&](uint32_t *row, int64_t p, int64_t r) {
-        std::fill(row, row + plane.row_len(), 0x80808080u);
-        const int64_t y = r - pad.top;
-        if (y < 0 || y >= h) return;
-        const int64_t b = p / quads, q = p % quads;
-        auto *bytes = reinterpret_cast<uint8_t *>(row);
-        for (int k = 0; k < 4 && 4 * q + k < channels; ++k) {
-            const int8_t *in = src + ((b * channels + 4 * q + k) * h + y) * w;
+    const int64_t quads = (channels + 3) / 4, row_len = plane.row_len();
+    constexpr uint32_t zero = 0x80808080u; // four x = 0 as u8 (x + 128)
+    static const int8_t zeros_row[1] = {0};
+#pragma omp parallel for collapse(2) num_threads(num_threads) schedule(static)
+    for (int64_t p = 0; p < batch * quads; ++p)
+        for (int64_t r = 0; r < plane.rows; ++r) {
+            uint32_t *row = dst + p * plane.size() + r * row_len;
+            const int64_t y = r - pad.top;
+            if (y < 0 || y >= h) {
+                std::fill(row, row + row_len, zero);
+                continue;
+            }
+            const int64_t b = p / quads, q = p % quads;
+            // the 4 channel rows (a missing channel reads 0 from every column)
+            const int8_t *in[4];
+            int64_t step[4];
+            for (int k = 0; k < 4; ++k) {
+                const bool real = 4 * q + k < channels;
+                in[k] = real ? src + ((b * channels + 4 * q + k) * h + y) * w : zeros_row;
+                step[k] = real ? 1 : 0;
+            }
+            auto word = [&](int64_t x) {
+                return (static_cast<uint32_t>(static_cast<uint8_t>(in[0][x * step[0]]))
+                        | static_cast<uint32_t>(static_cast<uint8_t>(in[1][x * step[1]])) << 8
+                        | static_cast<uint32_t>(static_cast<uint8_t>(in[2][x * step[2]])) << 16
+                        | static_cast<uint32_t>(static_cast<uint8_t>(in[3][x * step[3]])) << 24)
+                       ^ zero;
+            };
+            if (plane.phases == 1) {
+                std::fill(row, row + pad.left, zero);
+                for (int64_t x = 0; x < w; ++x)
+                    row[pad.left + x] = word(x);
+                std::fill(row + pad.left + w, row + row_len, zero);
+                continue;
+            }
+            std::fill(row, row + row_len, zero);
             for (int64_t x = 0; x < w; ++x)
-                bytes[plane.at(0, pad.left + x) * 4 + k] = static_cast<uint8_t>(in[x] + 128);
+                row[plane.at(0, pad.left + x)] = word(x);
         }
-    });
 }
 
 void pack_width_dy_u8(const int8_t *g, int64_t batch, int64_t channels, int64_t h, int64_t w,

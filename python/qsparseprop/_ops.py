@@ -300,7 +300,18 @@ def make_linear_kernel(in_features, out_features, row_ptr, col_idx, scheme, with
 
 
 def make_conv2d_kernel(
-    in_channels, out_channels, kernel_size, stride, padding, dilation, groups, row_ptr, col_idx, scheme, with_bias
+    in_channels,
+    out_channels,
+    kernel_size,
+    stride,
+    padding,
+    dilation,
+    groups,
+    row_ptr,
+    col_idx,
+    scheme,
+    with_bias,
+    vectorization="any",
 ):
     k = _C.Conv2dKernel(
         in_channels,
@@ -314,6 +325,7 @@ def make_conv2d_kernel(
         _np(col_idx),
         scheme,
         with_bias,
+        vectorization,
     )
     return _KernelHandle(k, in_channels=in_channels, out_channels=out_channels, with_bias=with_bias)
 

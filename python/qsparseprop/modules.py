@@ -444,6 +444,7 @@ class SparseConv2d(_SparseModule):
             self.col_idx,
             self.scheme,
             self.bias is not None,
+            {None: "any", True: "output_width", False: "batch"}[self.vectorizing_over_on],
         )
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """SparseConv2d (f32) against dense torch.nn.Conv2d."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -60,12 +61,32 @@ def test_batch_one_unbatched_and_channels_last():
     assert torch.equal(x, before)
 
 
-def test_vectorizing_over_on_is_accepted_and_kept():
+def test_vectorizing_over_on_picks_the_kernels():
+    """True: output-width-innermost, False: batch-innermost, None: the tuner's
+    choice of either; every choice matches dense torch."""
+    from qsparseprop import _C, _ops
+
     dense = prune_random_(torch.nn.Conv2d(3, 4, 3, padding=1), 0.8)
-    for flag in (None, True, False):
+    for flag, strategy in ((None, None), (True, "width"), (False, "batch")):
         s = SparseConv2d.from_dense(dense, vectorizing_over_on=flag)
         assert s.vectorizing_over_on is flag
         _compare(dense, torch.randn(2, 3, 8, 8), vectorizing_over_on=flag)
+        kernel = _ops.kernel_of(s._kernel_id())
+        assert kernel.vectorization == {None: "any", True: "output_width", False: "batch"}[flag]
+        impls = kernel.implementations([2, 3, 8, 8], torch.get_num_threads()).split("/")
+        assert len(impls) == 3
+        if _C.effective_cpu_isa() != "ref":
+            assert all(i.startswith("jit:") for i in impls), impls
+            if strategy:
+                assert all(i.endswith(":" + strategy) for i in impls), impls
+
+
+def test_conv2d_kernel_refuses_an_unknown_vectorization():
+    from qsparseprop import _C
+
+    with pytest.raises(ValueError, match="vectorization must be 'any', 'batch' or 'output_width'"):
+        _C.Conv2dKernel(3, 4, [3, 3], [1, 1], [1, 1, 1, 1], [1, 1], 1, np.array([0, 0, 0, 0, 0]),
+                        np.array([], dtype=np.int32), "f32", False, "rows")  # fmt: skip
 
 
 def test_nan_propagates_like_dense():
