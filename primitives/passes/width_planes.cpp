@@ -1,12 +1,22 @@
-// Portable on purpose: these passes are row copies (the compiler's vector
-// code at the baseline ISA keeps them at memory speed); only the column
-// phases of a strided layer move elements one at a time.
+// Dispatch over the tiers, and the portable tier of the width plane packs.
+// Planes with column phases (a horizontal stride) always take the portable
+// loop: strided layers are few, and their packs move one value at a time.
 #include "primitives/passes/width_planes.hpp"
 
 #include <algorithm>
 #include <cstring>
 
+#include "qsparseprop/runtime.hpp"
+
 namespace qsp::detail {
+
+namespace {
+
+bool avx512_tier(const width_plane &plane) {
+    return plane.phases == 1 && effective_cpu_isa() >= cpu_isa::avx512_core;
+}
+
+} // namespace
 
 namespace {
 
@@ -44,6 +54,14 @@ void pack_rows(const U *src, int64_t batch, int64_t channels, int64_t h, int64_t
 bool pack_width_planes(const float *src, int64_t batch, int64_t channels, int64_t h, int64_t w,
                        const spatial_pad &pad, const width_plane &plane, float *dst,
                        int num_threads) {
+    if (avx512_tier(plane))
+        return pack_width_planes_avx512(src, batch, channels, h, w, pad, plane, dst, num_threads);
+    return portable::pack_width_planes(src, batch, channels, h, w, pad, plane, dst, num_threads);
+}
+
+bool portable::pack_width_planes(const float *src, int64_t batch, int64_t channels, int64_t h,
+                                 int64_t w, const spatial_pad &pad, const width_plane &plane,
+                                 float *dst, int num_threads) {
     const int64_t planes = batch * channels, row_len = plane.row_len();
     uint32_t seen = 0; // bit 31 set once an exponent field was all ones (NaN or Inf)
 #pragma omp parallel for collapse(2) num_threads(num_threads) schedule(static) reduction(| : seen)
@@ -90,6 +108,14 @@ void pack_width_planes(const int8_t *src, int64_t batch, int64_t channels, int64
 void pack_width_quads(const int8_t *src, int64_t batch, int64_t channels, int64_t h, int64_t w,
                       const spatial_pad &pad, const width_plane &plane, uint32_t *dst,
                       int num_threads) {
+    if (avx512_tier(plane))
+        return pack_width_quads_avx512(src, batch, channels, h, w, pad, plane, dst, num_threads);
+    portable::pack_width_quads(src, batch, channels, h, w, pad, plane, dst, num_threads);
+}
+
+void portable::pack_width_quads(const int8_t *src, int64_t batch, int64_t channels, int64_t h,
+                                int64_t w, const spatial_pad &pad, const width_plane &plane,
+                                uint32_t *dst, int num_threads) {
     const int64_t quads = (channels + 3) / 4, row_len = plane.row_len();
     constexpr uint32_t zero = 0x80808080u; // four x = 0 as u8 (x + 128)
     static const int8_t zeros_row[1] = {0};

@@ -50,4 +50,21 @@ void scatter_width_phase(const float *phase, int64_t batch, int64_t channels, in
                          int64_t n_w, int64_t h, int64_t w, int64_t h0, int64_t w0, int64_t sh,
                          int64_t sw, float *out, int num_threads);
 
+// The tiers (the same values bit for bit; tested).
+namespace portable {
+bool pack_width_planes(const float *src, int64_t batch, int64_t channels, int64_t h, int64_t w,
+                       const spatial_pad &pad, const width_plane &plane, float *dst,
+                       int num_threads);
+void pack_width_quads(const int8_t *src, int64_t batch, int64_t channels, int64_t h, int64_t w,
+                      const spatial_pad &pad, const width_plane &plane, uint32_t *dst,
+                      int num_threads);
+} // namespace portable
+// Planes without column phases only.
+bool pack_width_planes_avx512(const float *src, int64_t batch, int64_t channels, int64_t h,
+                              int64_t w, const spatial_pad &pad, const width_plane &plane,
+                              float *dst, int num_threads);
+void pack_width_quads_avx512(const int8_t *src, int64_t batch, int64_t channels, int64_t h,
+                             int64_t w, const spatial_pad &pad, const width_plane &plane,
+                             uint32_t *dst, int num_threads);
+
 } // namespace qsp::detail

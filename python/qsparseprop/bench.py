@@ -2,14 +2,17 @@
 
     python -m qsparseprop.bench linear                       # L1-L4 x {0.8,0.9,0.95,0.98} x {f32,s8}
     python -m qsparseprop.bench linear --shapes L1 --sparsities 0.9 --repeats 20
-    python -m qsparseprop.bench linear --isa avx512_vnni     # both ISAs capped: a CPU without AMX
+    python -m qsparseprop.bench conv                         # C1-C4, S2, P1, DW, STEM x sparsities x schemes
+    python -m qsparseprop.bench conv --isa avx512_vnni       # both ISAs capped: a CPU without AMX
 
 For each case it times forward and backward (input + parameter gradients) of
-our layer, dense ``torch.nn.Linear`` in fp32 and under
-``torch.autocast("cpu", dtype=torch.bfloat16)``, and ``torch.sparse.mm`` with
-a CSR weight (forward only), interleaving them round by round, and reports
-medians and the ratios measured in this run. Machines are noisy: read the
-ratios, not the absolute times.
+our layer, the dense torch layer (``nn.Linear`` / ``nn.Conv2d``) in fp32 and
+under ``torch.autocast("cpu", dtype=torch.bfloat16)``, and for Linear
+``torch.sparse.mm`` with a CSR weight (forward only), interleaving them round
+by round, and reports medians and the ratios measured in this run, with the
+useful GFLOP/s (multiply-adds at the nonzeros, three directions) as a share
+of the peak measured at start (dense fp32 / int8 matrix products in torch).
+Machines are noisy: read the ratios, not the absolute times.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import warnings
 
 import torch
 
-from . import _C, QuantizedSparseLinear, SparseLinear
+from . import _C, QuantizedSparseConv2d, QuantizedSparseLinear, SparseConv2d, SparseLinear
 
 LINEAR_SHAPES = {  # name: (batch, in_features, out_features)
     "L1": (256, 768, 3072),
@@ -34,6 +37,41 @@ LINEAR_SHAPES = {  # name: (batch, in_features, out_features)
 }
 # 2-core peaks measured on the development machines (docs/benchmarks.md).
 PEAK_GFLOPS = {"f32": 350.0, "s8": 1500.0}
+
+# name: (batch, in_channels, out_channels, image, kernel, stride, padding, groups)
+CONV_SHAPES = {
+    "C1": (32, 64, 64, 56, 3, 1, 1, 1),
+    "C2": (32, 128, 128, 28, 3, 1, 1, 1),
+    "C3": (32, 256, 256, 14, 3, 1, 1, 1),
+    "C4": (32, 512, 512, 7, 3, 1, 1, 1),
+    "S2": (32, 128, 256, 28, 3, 2, 1, 1),  # a ResNet downsampling 3x3, stride 2
+    "P1": (32, 256, 256, 14, 1, 1, 0, 1),  # pointwise
+    "DW": (32, 256, 256, 28, 3, 1, 1, 256),  # depthwise
+    "STEM": (8, 3, 64, 224, 7, 2, 3, 1),  # the ResNet stem
+}
+
+
+def measured_peak_gflops(threads: int) -> dict:
+    """What this machine does on dense matrix products right now (torch, fp32
+    and int8 when torch has an int8 product): the denominators of %peak."""
+    n, reps = 1024, 5
+    out = {}
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        torch.mm(a, b)
+    out["f32"] = 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
+    try:
+        ai, bi = torch.randint(-127, 127, (n, n), dtype=torch.int8), torch.randint(-127, 127, (n, n), dtype=torch.int8)
+        torch._int_mm(ai, bi)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            torch._int_mm(ai, bi)
+        out["s8"] = 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
+    except (RuntimeError, AttributeError):
+        out["s8"] = 4 * out["f32"]  # no int8 product here: 4 x fp32, the lane ratio
+    return out
 
 
 def _random_pruned_linear(k: int, n: int, sparsity: float, seed: int) -> torch.nn.Linear:
@@ -119,6 +157,54 @@ def bench_linear_case(name, batch, k, n, sparsity, scheme, repeats, warmup, seed
     )  # fmt: skip
 
 
+def _random_pruned_conv(c_in, c_out, k, stride, pad, groups, sparsity, seed) -> torch.nn.Conv2d:
+    g = torch.Generator().manual_seed(seed)
+    conv = torch.nn.Conv2d(c_in, c_out, k, stride=stride, padding=pad, groups=groups)
+    with torch.no_grad():
+        conv.weight.mul_(torch.rand(conv.weight.shape, generator=g) >= sparsity)
+    return conv
+
+
+def bench_conv_case(name, shape, sparsity, scheme, repeats, warmup, peak, vectorization=None, seed=0) -> dict:
+    batch, c_in, c_out, hw, k, stride, pad, groups = shape
+    dense = _random_pruned_conv(c_in, c_out, k, stride, pad, groups, sparsity, seed)
+    cls = QuantizedSparseConv2d if scheme == "s8" else SparseConv2d
+    ours = cls.from_dense(dense, vectorizing_over_on=vectorization, seed=seed)
+
+    def dense_bf16(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return dense(x)
+
+    timers = [_Timer("ours", ours), _Timer("dense_fp32", dense), _Timer("dense_bf16", dense_bf16)]
+    x = torch.randn(batch, c_in, hw, hw)
+    out_hw = (hw + 2 * pad - k) // stride + 1
+    g = torch.randn(batch, c_out, out_hw, out_hw)
+    for r in range(warmup + repeats):
+        order = timers[r % len(timers) :] + timers[: r % len(timers)]
+        for t in order:
+            ours.zero_grad(set_to_none=True)
+            dense.zero_grad(set_to_none=True)
+            t.sample(x, g, record=r >= warmup)
+    res = {t.name: t.medians() for t in timers}
+    of, ob, ot = res["ours"]
+    from . import _ops
+
+    impls = _ops.kernel_of(ours._kernel_id()).implementations(list(x.shape), torch.get_num_threads())
+    useful_flop = 3 * 2 * batch * out_hw * out_hw * ours.nnz
+    gflops = useful_flop / (ot * 1e-3) / 1e9
+    return dict(
+        shape=name, batch=batch, in_channels=c_in, out_channels=c_out, image=hw, kernel=k, stride=stride,
+        padding=pad, groups=groups, sparsity=sparsity, scheme=scheme, vectorizing_over_on=vectorization,
+        threads=torch.get_num_threads(), isa=_C.effective_cpu_isa(), impl=impls,
+        ours_fwd_ms=of, ours_bwd_ms=ob, ours_total_ms=ot,
+        fp32_fwd_ms=res["dense_fp32"][0], fp32_total_ms=res["dense_fp32"][2],
+        bf16_fwd_ms=res["dense_bf16"][0], bf16_total_ms=res["dense_bf16"][2],
+        speedup_vs_fp32=res["dense_fp32"][2] / ot, speedup_vs_bf16=res["dense_bf16"][2] / ot,
+        useful_gflops=gflops, peak_gflops=peak[scheme], pct_peak=100.0 * gflops / peak[scheme],
+        repeats=repeats, **machine(),
+    )  # fmt: skip
+
+
 def format_rows(rows: list[dict]) -> str:
     head = (
         f"{'shape':<5} {'sp':>5} {'sch':<4} {'fwd ms':>8} {'bwd ms':>8} {'total':>8} {'fp32':>8} {'bf16':>8} "
@@ -129,7 +215,8 @@ def format_rows(rows: list[dict]) -> str:
         lines.append(
             f"{r['shape']:<5} {r['sparsity']:>5.2f} {r['scheme']:<4} {r['ours_fwd_ms']:>8.3f} {r['ours_bwd_ms']:>8.3f} "
             f"{r['ours_total_ms']:>8.3f} {r['fp32_total_ms']:>8.3f} {r['bf16_total_ms']:>8.3f} "
-            f"{r['speedup_vs_fp32']:>7.2f} {r['speedup_vs_bf16']:>7.2f} {r['fwd_speedup_vs_csr']:>6.2f} "
+            f"{r['speedup_vs_fp32']:>7.2f} {r['speedup_vs_bf16']:>7.2f} "
+            f"{r['fwd_speedup_vs_csr'] if 'fwd_speedup_vs_csr' in r else float('nan'):>6.2f} "
             f"{r['useful_gflops']:>6.1f} {r['pct_peak']:>5.1f}  {r['impl']}"
         )
     return "\n".join(lines)
@@ -183,8 +270,18 @@ def _reexec_capped(isa: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["linear"], help="which layer family")
-    p.add_argument("--shapes", default="L1,L2,L3,L4", help="comma-separated names of " + ",".join(LINEAR_SHAPES))
+    p.add_argument("what", choices=["linear", "conv"], help="which layer family")
+    p.add_argument(
+        "--shapes",
+        default=None,
+        help=f"comma-separated names (linear: {','.join(LINEAR_SHAPES)}; conv: {','.join(CONV_SHAPES)}); default all",
+    )
+    p.add_argument(
+        "--vectorization",
+        choices=["auto", "width", "batch"],
+        default="auto",
+        help="conv: vectorizing_over_on=None (the tuner picks), True (output width) or False (batch)",
+    )
     p.add_argument("--sparsities", default="0.8,0.9,0.95,0.98")
     p.add_argument("--schemes", default="f32,s8")
     p.add_argument("--repeats", type=int, default=10, help="timed rounds (medians are reported)")
@@ -196,10 +293,11 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     if a.isa and not os.environ.get("QSP_BENCH_CAPPED") and argv is None:
         _reexec_capped(a.isa)
-    shapes = [s.strip() for s in a.shapes.split(",")]
-    unknown = [s for s in shapes if s not in LINEAR_SHAPES]
+    known = LINEAR_SHAPES if a.what == "linear" else CONV_SHAPES
+    shapes = [s.strip() for s in a.shapes.split(",")] if a.shapes else list(known)
+    unknown = [s for s in shapes if s not in known]
     if unknown:
-        p.error(f"unknown shapes {unknown}; known: {', '.join(LINEAR_SHAPES)}")
+        p.error(f"unknown {a.what} shapes {unknown}; known: {', '.join(known)}")
     schemes = [s.strip() for s in a.schemes.split(",")]
     if any(s not in ("f32", "s8") for s in schemes):
         p.error("--schemes takes f32 and/or s8")
@@ -207,16 +305,22 @@ def main(argv: list[str] | None = None) -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     m = machine()
-    print(f"qsparseprop {_C.version()} bench linear: cpu={m['cpu']!r} amx={'yes' if m['amx'] else 'no'} "
+    peak = measured_peak_gflops(torch.get_num_threads())
+    print(f"qsparseprop {_C.version()} bench {a.what}: cpu={m['cpu']!r} amx={'yes' if m['amx'] else 'no'} "
           f"threads={torch.get_num_threads()} isa={_C.effective_cpu_isa()} "
-          f"ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', '-')} repeats={a.repeats}",
+          f"ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', '-')} repeats={a.repeats} "
+          f"measured peak: fp32 {peak['f32']:.0f} GFLOP/s, int8 {peak['s8']:.0f} GOP/s",
           flush=True)  # fmt: skip
+    vec = {"auto": None, "width": True, "batch": False}[a.vectorization]
     rows = []
     for shape in shapes:
-        b, k, n = LINEAR_SHAPES[shape]
         for sp in sparsities:
             for scheme in schemes:
-                rows.append(bench_linear_case(shape, b, k, n, sp, scheme, a.repeats, a.warmup))
+                if a.what == "linear":
+                    b, k, n = LINEAR_SHAPES[shape]
+                    rows.append(bench_linear_case(shape, b, k, n, sp, scheme, a.repeats, a.warmup))
+                else:
+                    rows.append(bench_conv_case(shape, CONV_SHAPES[shape], sp, scheme, a.repeats, a.warmup, peak, vec))
                 print(format_rows(rows[-1:]).splitlines()[-1], flush=True)
     print()
     print(format_rows(rows))

@@ -8,6 +8,7 @@
 #include "primitives/passes/conv_tiles.hpp"
 #include "primitives/passes/quantize.hpp"
 #include "primitives/passes/tile_layout.hpp"
+#include "primitives/passes/width_planes.hpp"
 #include "test_utils.hpp"
 
 namespace qsp::test {
@@ -467,6 +468,83 @@ TEST(Passes, conv_tiles_match_the_definition_on_every_tier) {
                     detail::unpack_conv_s32_tiles(acc.data(), batch, c, px, corr.data(), corr_inner,
                                                   scale.data(), px, bias.data(), g32.data(), 3);
                     EXPECT_EQ(g32, w32);
+                }
+            }
+}
+
+// The width planes (jit/width_abi.hpp) against their definition: every
+// position written, the image where it belongs (column phases included),
+// zeros / x = 0 elsewhere; the AVX-512 tier bit for bit; the finite check.
+TEST(Passes, width_planes_match_the_definition_on_every_tier) {
+    std::mt19937 rng(12);
+    for (auto [c, h, w] :
+         {std::tuple<int64_t, int64_t, int64_t>{1, 1, 1}, {3, 5, 7}, {6, 4, 17}, {5, 2, 33}})
+        for (int64_t phases : {1, 2, 3})
+            for (auto pad : {detail::spatial_pad{0, 0, 0, 0}, detail::spatial_pad{1, 2, 3, 1}}) {
+                SCOPED_TRACE(std::to_string(c) + "x" + std::to_string(h) + "x" + std::to_string(w)
+                             + " phases " + std::to_string(phases) + " pad "
+                             + std::to_string(pad.top));
+                const int64_t batch = 2, wp = w + pad.left + pad.right;
+                detail::width_plane plane;
+                plane.rows = h + pad.top + pad.bottom;
+                plane.phases = phases;
+                plane.phase_len = (wp + phases - 1) / phases + 5; // slack past the image
+                auto src = random_vector(static_cast<size_t>(batch * c * h * w), rng);
+                std::vector<int8_t> xq(src.size());
+                for (auto &v : xq)
+                    v = static_cast<int8_t>(static_cast<int>(rng() % 255) - 127);
+                auto value = [&](int64_t b, int64_t ch, int64_t r, int64_t col) -> int64_t {
+                    const int64_t y = r - pad.top, x = col - pad.left;
+                    if (ch >= c || y < 0 || y >= h || x < 0 || x >= w) return -1;
+                    return ((b * c + ch) * h + y) * w + x;
+                };
+                const int64_t size = plane.size(), quads = (c + 3) / 4;
+                std::vector<float> f_want(static_cast<size_t>(batch * c * size), 7.f);
+                std::vector<uint32_t> q_want(static_cast<size_t>(batch * quads * size), 7u);
+                EXPECT_TRUE(detail::portable::pack_width_planes(src.data(), batch, c, h, w, pad,
+                                                                plane, f_want.data(), 2));
+                detail::portable::pack_width_quads(xq.data(), batch, c, h, w, pad, plane,
+                                                   q_want.data(), 2);
+                for (int64_t b = 0; b < batch; ++b)
+                    for (int64_t r = 0; r < plane.rows; ++r)
+                        for (int64_t e = 0; e < plane.row_len(); ++e) {
+                            // element e of the row is column (e % len) * phases + e / len
+                            const int64_t col =
+                                    (e % plane.phase_len) * phases + e / plane.phase_len;
+                            for (int64_t ch = 0; ch < c; ++ch) {
+                                const int64_t s = col < wp ? value(b, ch, r, col) : -1;
+                                ASSERT_EQ(f_want[static_cast<size_t>((b * c + ch) * size
+                                                                     + r * plane.row_len() + e)],
+                                          s < 0 ? 0.f : src[s]);
+                            }
+                            for (int64_t q = 0; q < quads; ++q) {
+                                uint32_t word = 0;
+                                for (int k = 0; k < 4; ++k) {
+                                    const int64_t s = col < wp ? value(b, 4 * q + k, r, col) : -1;
+                                    word |= static_cast<uint32_t>((s < 0 ? 0 : xq[s]) + 128)
+                                            << (8 * k);
+                                }
+                                ASSERT_EQ(q_want[static_cast<size_t>((b * quads + q) * size
+                                                                     + r * plane.row_len() + e)],
+                                          word);
+                            }
+                        }
+                // The dispatching entry points (AVX-512 where the CPU and the
+                // plane allow) write the same, and see a NaN or an Inf.
+                std::vector<float> f_got(f_want.size(), 3.f);
+                std::vector<uint32_t> q_got(q_want.size(), 3u);
+                EXPECT_TRUE(detail::pack_width_planes(src.data(), batch, c, h, w, pad, plane,
+                                                      f_got.data(), 3));
+                detail::pack_width_quads(xq.data(), batch, c, h, w, pad, plane, q_got.data(), 3);
+                EXPECT_EQ(f_got, f_want);
+                EXPECT_EQ(q_got, q_want);
+                for (float bad : {NAN, INFINITY, -INFINITY}) {
+                    auto dirty = src;
+                    dirty[dirty.size() - 1] = bad;
+                    EXPECT_FALSE(detail::pack_width_planes(dirty.data(), batch, c, h, w, pad, plane,
+                                                           f_got.data(), 2));
+                    EXPECT_FALSE(detail::portable::pack_width_planes(dirty.data(), batch, c, h, w,
+                                                                     pad, plane, f_got.data(), 1));
                 }
             }
 }

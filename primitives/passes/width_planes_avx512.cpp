@@ -1,0 +1,101 @@
+// The AVX-512 tier of the width plane packs (called only after CPU
+// detection), for planes without column phases: a row is its left padding,
+// the image row moved 16 values per masked load / store, and its right
+// padding, with no call per row (rows are short: the portable loop's
+// per-row overhead, not memory, bounded it).
+#include <immintrin.h>
+
+#include <algorithm>
+
+#include "primitives/passes/simd_avx512.hpp"
+#include "primitives/passes/width_planes.hpp"
+
+QSP_BEGIN_TARGET(QSP_ISA_AVX512)
+
+namespace qsp::detail {
+
+namespace {
+
+using avx512::first_lanes;
+
+// row[from, to) = value, 16 lanes a store.
+inline void fill_lanes(uint32_t *row, int64_t from, int64_t to, __m512i value) {
+    for (int64_t j = from; j < to; j += 16)
+        _mm512_mask_storeu_epi32(row + j, first_lanes(to - j), value);
+}
+
+} // namespace
+
+bool pack_width_planes_avx512(const float *src, int64_t batch, int64_t channels, int64_t h,
+                              int64_t w, const spatial_pad &pad, const width_plane &plane,
+                              float *dst, int num_threads) {
+    const int64_t planes = batch * channels, row_len = plane.row_len();
+    const __m512i zero = _mm512_setzero_si512();
+    int bad = 0;
+#pragma omp parallel for collapse(2) num_threads(num_threads) schedule(static) reduction(| : bad)
+    for (int64_t p = 0; p < planes; ++p)
+        for (int64_t r = 0; r < plane.rows; ++r) {
+            auto *row = reinterpret_cast<uint32_t *>(dst + p * plane.size() + r * row_len);
+            const int64_t y = r - pad.top;
+            if (y < 0 || y >= h) {
+                fill_lanes(row, 0, row_len, zero);
+                continue;
+            }
+            const float *in = src + (p * h + y) * w;
+            fill_lanes(row, 0, pad.left, zero);
+            __mmask16 nonfinite = 0;
+            for (int64_t x = 0; x < w; x += 16) {
+                const __mmask16 m = first_lanes(w - x);
+                const __m512 v = _mm512_maskz_loadu_ps(m, in + x);
+                nonfinite |= _mm512_mask_fpclass_ps_mask(m, v, 0x99); // NaN, +Inf, -Inf
+                _mm512_mask_storeu_ps(reinterpret_cast<float *>(row) + pad.left + x, m, v);
+            }
+            bad |= nonfinite != 0;
+            fill_lanes(row, pad.left + w, row_len, zero);
+        }
+    return !bad;
+}
+
+void pack_width_quads_avx512(const int8_t *src, int64_t batch, int64_t channels, int64_t h,
+                             int64_t w, const spatial_pad &pad, const width_plane &plane,
+                             uint32_t *dst, int num_threads) {
+    const int64_t quads = (channels + 3) / 4, row_len = plane.row_len();
+    const __m512i zero = _mm512_set1_epi32(static_cast<int>(0x80808080u)); // x = 0 as u8
+#pragma omp parallel for collapse(2) num_threads(num_threads) schedule(static)
+    for (int64_t p = 0; p < batch * quads; ++p)
+        for (int64_t r = 0; r < plane.rows; ++r) {
+            uint32_t *row = dst + p * plane.size() + r * row_len;
+            const int64_t y = r - pad.top;
+            if (y < 0 || y >= h) {
+                fill_lanes(row, 0, row_len, zero);
+                continue;
+            }
+            const int64_t b = p / quads, q = p % quads;
+            fill_lanes(row, 0, pad.left, zero);
+            for (int64_t x = 0; x < w; x += 16) {
+                const __mmask16 m = first_lanes(w - x);
+                __m128i ch[4];
+                for (int k = 0; k < 4; ++k) {
+                    const int64_t c = 4 * q + k;
+                    ch[k] = c < channels ? _mm_maskz_loadu_epi8(
+                                    m, src + ((b * channels + c) * h + y) * w + x)
+                                         : _mm_setzero_si128();
+                }
+                // 16 dwords, one per column: the bytes of channels 4q..4q+3
+                const __m128i lo01 = _mm_unpacklo_epi8(ch[0], ch[1]),
+                              hi01 = _mm_unpackhi_epi8(ch[0], ch[1]),
+                              lo23 = _mm_unpacklo_epi8(ch[2], ch[3]),
+                              hi23 = _mm_unpackhi_epi8(ch[2], ch[3]);
+                __m512i v = _mm512_castsi128_si512(_mm_unpacklo_epi16(lo01, lo23));
+                v = _mm512_inserti32x4(v, _mm_unpackhi_epi16(lo01, lo23), 1);
+                v = _mm512_inserti32x4(v, _mm_unpacklo_epi16(hi01, hi23), 2);
+                v = _mm512_inserti32x4(v, _mm_unpackhi_epi16(hi01, hi23), 3);
+                _mm512_mask_storeu_epi32(row + pad.left + x, m, _mm512_xor_si512(v, zero));
+            }
+            fill_lanes(row, pad.left + w, row_len, zero);
+        }
+}
+
+} // namespace qsp::detail
+
+QSP_END_TARGET
