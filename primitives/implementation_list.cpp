@@ -5,6 +5,7 @@
 // picked unless the tuner stored another decision (qsparseprop/tuning.hpp);
 // the reference, which accepts everything, is last.
 #include "primitives/core/implementation.hpp"
+#include "primitives/dense_onednn/dense_s8_conv2d.hpp"
 #include "primitives/dense_onednn/dense_s8_linear.hpp"
 #include "primitives/ref/dense_semantics.hpp"
 #include "primitives/ref/ref_implementation.hpp"
@@ -45,6 +46,7 @@ const std::vector<implementation> &implementation_list() {
         jit_avx2_conv2d_s8_implementation(),
         jit_avx2_conv2d_width_s8_implementation(),
         dense_onednn_s8_linear_implementation(),
+        dense_onednn_s8_conv2d_implementation(),
         with_dense_semantics(ref_implementation()),
     };
     // clang-format on

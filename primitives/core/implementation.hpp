@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -55,6 +56,9 @@ struct implementation {
     // The portable oracle and fallback: the tuner never times it against
     // the optimised implementations.
     bool is_reference = false;
+    // The operation it implements (none: every one). Implementations of
+    // another operation are not candidates, and are not listed as refusals.
+    std::optional<op_kind> op;
 };
 
 // Ordered by expectation, best first; the first that accepts a problem is

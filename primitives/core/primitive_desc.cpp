@@ -1,5 +1,6 @@
 // What every primitive descriptor shares: argument checks, the argument
 // list of each direction, and the pick of an implementation.
+#include <algorithm>
 #include <omp.h>
 
 #include <sstream>
@@ -69,6 +70,7 @@ std::vector<const implementation *> accepting_implementations(const problem &p,
                                                               std::vector<refusal> *refusals) {
     std::vector<const implementation *> out;
     for (const auto &impl : implementation_list()) {
+        if (impl.op && *impl.op != p.op) continue;
         std::string why = impl.why_not(p);
         if (why.empty())
             out.push_back(&impl);
@@ -100,14 +102,21 @@ void pick(pd_impl &pd) {
         for (const implementation *c : candidates)
             if (pd.forced_impl == c->name) chosen = c;
         if (!chosen) {
-            std::string names, reason;
+            std::vector<std::string> known; // this operation's names, once each
+            std::string reason;
             for (const auto &impl : implementation_list()) {
-                names += (names.empty() ? "" : ", ") + std::string(impl.name);
+                if (impl.op && *impl.op != pd.prob.op) continue;
+                if (std::find(known.begin(), known.end(), impl.name) == known.end())
+                    known.emplace_back(impl.name);
                 if (pd.forced_impl == impl.name) reason = impl.why_not(pd.prob);
             }
+            std::string names;
+            for (const std::string &n : known)
+                names += (names.empty() ? "" : ", ") + n;
             refuse(pd.primitive_name,
                    "attr.implementation '" + pd.forced_impl + "' "
-                           + (reason.empty() ? "is not an implementation (known: " + names + ")"
+                           + (reason.empty() ? "is not an implementation of this operation (known: "
+                                                       + names + ")"
                                              : "cannot run this problem: " + reason));
         }
         why = " (forced by attr.implementation)";

@@ -14,6 +14,7 @@
 
 #include "primitives/core/s8_protocol.hpp"
 #include "primitives/dense_onednn/dense_s8_linear.hpp"
+#include "primitives/dense_onednn/onednn_common.hpp"
 #include "primitives/passes/bias_grad.hpp"
 #include "primitives/passes/quantize.hpp"
 #include "qsparseprop/runtime.hpp"
@@ -28,27 +29,6 @@ using dt = dnnl::memory::data_type;
 dnnl::memory::desc strided(const dnnl::memory::dims &dims, dt type,
                            const dnnl::memory::dims &strides) {
     return dnnl::memory::desc(dims, type, strides);
-}
-
-// Restores the caller's OpenMP team size after running oneDNN with ours
-// (oneDNN's OpenMP runtime sizes its team from the calling thread's ICV).
-struct omp_threads_guard {
-    explicit omp_threads_guard(int n) : saved(omp_get_max_threads()) { omp_set_num_threads(n); }
-    ~omp_threads_guard() { omp_set_num_threads(saved); }
-    int saved;
-};
-
-// oneDNN's int8 kernels without VNNI multiply with vpmaddubsw, which
-// saturates pairs of u8 x s8 products at int16 (255 * 127 * 2 > 32767): the
-// sums are then not exact and the scheme's results would differ from every
-// other implementation. Only VNNI (AVX-512 VNNI, AVX-VNNI) and AMX, as
-// oneDNN itself will run them, are exact.
-bool onednn_int8_is_exact() {
-    const auto isa = static_cast<unsigned>(dnnl::get_effective_cpu_isa());
-    const unsigned avx2_vnni_bit = dnnl_cpu_isa_avx2_vnni & ~unsigned(dnnl_cpu_isa_avx2);
-    const unsigned avx512_vnni_bit =
-            dnnl_cpu_isa_avx512_core_vnni & ~unsigned(dnnl_cpu_isa_avx512_core);
-    return (isa & (avx2_vnni_bit | avx512_vnni_bit)) != 0;
 }
 
 class dense_s8_linear_kernel : public kernel {
@@ -142,16 +122,8 @@ public:
 
 private:
     int8_t *dense_weights(const int8_t *wq, runtime::scratchpad &sp) const {
-        const int64_t K = p_.in, N = p_.out;
-        int8_t *dense = sp.get<int8_t>(4, static_cast<int64_t>(N * K));
-        const int64_t *rp = p_.pattern.row_ptr();
-        const int32_t *ci = p_.pattern.col_idx();
-#pragma omp parallel for num_threads(p_.num_threads) schedule(static)
-        for (int64_t n = 0; n < N; ++n) {
-            std::memset(dense + n * K, 0, static_cast<size_t>(K));
-            for (int64_t e = rp[n]; e < rp[n + 1]; ++e)
-                dense[n * K + ci[e]] = wq[e];
-        }
+        int8_t *dense = sp.get<int8_t>(4, static_cast<int64_t>(p_.out * p_.in));
+        scatter_dense_s8(p_.pattern, wq, dense, p_.num_threads);
         return dense;
     }
 
@@ -179,6 +151,26 @@ private:
 
 } // namespace
 
+bool onednn_int8_is_exact() {
+    const auto isa = static_cast<unsigned>(dnnl::get_effective_cpu_isa());
+    const unsigned avx2_vnni_bit = dnnl_cpu_isa_avx2_vnni & ~unsigned(dnnl_cpu_isa_avx2);
+    const unsigned avx512_vnni_bit =
+            dnnl_cpu_isa_avx512_core_vnni & ~unsigned(dnnl_cpu_isa_avx512_core);
+    return (isa & (avx2_vnni_bit | avx512_vnni_bit)) != 0;
+}
+
+void scatter_dense_s8(const csr_pattern &p, const int8_t *wq, int8_t *dense, int num_threads) {
+    const int64_t cols = p.cols();
+    const int64_t *rp = p.row_ptr();
+    const int32_t *ci = p.col_idx();
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t n = 0; n < p.rows(); ++n) {
+        std::memset(dense + n * cols, 0, static_cast<size_t>(cols));
+        for (int64_t e = rp[n]; e < rp[n + 1]; ++e)
+            dense[n * cols + ci[e]] = wq[e];
+    }
+}
+
 implementation dense_onednn_s8_linear_implementation() {
     return {"dense:onednn_s8",
             [](const problem &p) -> std::string {
@@ -201,7 +193,8 @@ implementation dense_onednn_s8_linear_implementation() {
             },
             [](const problem &p) -> std::shared_ptr<const kernel> {
                 return std::make_shared<const dense_s8_linear_kernel>(p);
-            }};
+            },
+            false, op_kind::linear};
 }
 
 } // namespace qsp::detail

@@ -592,7 +592,8 @@ implementation jit_conv2d_implementation(const char *name, quant_scheme scheme, 
                         return std::make_shared<const jit_conv2d_s8_plan>(p, isa);
                     return std::make_shared<const jit_conv2d_f32_plan>(p, isa);
                 });
-            }};
+            },
+            false, op_kind::conv2d};
 }
 
 } // namespace

@@ -685,7 +685,8 @@ implementation width_implementation(const char *name, quant_scheme scheme, cpu_i
                         return std::make_shared<const jit_conv2d_width_s8_plan>(p, isa);
                     return std::make_shared<const jit_conv2d_width_f32_plan>(p, isa);
                 });
-            }};
+            },
+            false, op_kind::conv2d};
 }
 
 } // namespace

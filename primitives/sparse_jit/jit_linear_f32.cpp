@@ -173,7 +173,8 @@ implementation jit_linear_f32_implementation(const char *name, cpu_isa isa) {
                 return cached_plan(name, isa, p, [&] {
                     return std::make_shared<const jit_linear_f32_plan>(p, isa);
                 });
-            }};
+            },
+            false, op_kind::linear};
 }
 
 } // namespace

@@ -204,7 +204,8 @@ implementation jit_linear_s8_implementation(const char *name, cpu_isa isa) {
                         return std::make_shared<const jit_linear_s8_bwd_weights_plan>(p, isa);
                     return std::make_shared<const jit_linear_s8_spmm_plan>(p, isa);
                 });
-            }};
+            },
+            false, op_kind::linear};
 }
 
 } // namespace

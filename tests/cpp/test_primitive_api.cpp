@@ -224,7 +224,8 @@ TEST(PrimitiveApi, forced_implementation) {
                                                       f32_desc({4, 5}), p, f32_desc({4, 6}),
                                                       quant_scheme::f32, attr);
             },
-            "attr.implementation 'jit:magic' is not an implementation (known: ");
+            "attr.implementation 'jit:magic' is not an implementation of this operation (known: "
+            "jit:avx512_core, jit:avx2, jit:avx512_core_vnni, dense:onednn_s8, ref:any)");
 }
 
 TEST(PrimitiveApi, execute_refusals_and_verbose) {

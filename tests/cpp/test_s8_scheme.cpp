@@ -133,17 +133,6 @@ linear_s8_run run_linear_s8(const csr_weights &w, int64_t B, const std::vector<f
     return r;
 }
 
-// oneDNN's int8 is exact only with VNNI or AMX (elsewhere the library
-// refuses it; see the test below).
-bool onednn_has_vnni() {
-    using isa = dnnl::cpu_isa;
-    const isa e = dnnl::get_effective_cpu_isa();
-    for (isa v : {isa::avx2_vnni, isa::avx2_vnni_2, isa::avx512_core_vnni, isa::avx512_core_bf16,
-                  isa::avx512_core_fp16, isa::avx512_core_amx, isa::avx512_core_amx_fp16})
-        if (e == v) return true;
-    return false;
-}
-
 } // namespace
 
 TEST(S8Scheme, dense_onednn_only_where_its_int8_is_exact) {

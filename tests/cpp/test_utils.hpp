@@ -90,4 +90,15 @@ struct isa_cap_guard {
     ~isa_cap_guard() { set_max_cpu_isa(cpu_isa::avx512_core_vnni); }
 };
 
+// oneDNN's int8 is exact only with VNNI or AMX (elsewhere the library
+// refuses it; see the test below).
+inline bool onednn_has_vnni() {
+    using isa = dnnl::cpu_isa;
+    const isa e = dnnl::get_effective_cpu_isa();
+    for (isa v : {isa::avx2_vnni, isa::avx2_vnni_2, isa::avx512_core_vnni, isa::avx512_core_bf16,
+                  isa::avx512_core_fp16, isa::avx512_core_amx, isa::avx512_core_amx_fp16})
+        if (e == v) return true;
+    return false;
+}
+
 } // namespace qsp::test
