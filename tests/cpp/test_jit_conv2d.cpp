@@ -411,3 +411,57 @@ TEST(DenseOnednnConv2d, matches_the_reference_bit_for_bit) {
 }
 
 } // namespace qsp::test
+
+namespace qsp::test {
+
+// The s8 backward-weights reduction over N x OH x OW = 32 x 56 x 56 terms of
+// the largest products: sum (G + 128) * X alone would reach 255 * 127 *
+// 100352 > 2^31, so every implementation has to split it (int32 pieces
+// moved into int64). Every tier and vectorization equals the reference bit
+// for bit, and the reference equals the exact product.
+TEST(JitConv2dEdges, s8_backward_weights_reduction_of_32x56x56_does_not_overflow) {
+    for (int64_t k : {1, 3}) {
+        SCOPED_TRACE("kernel " + std::to_string(k));
+        const conv_case c{
+                32, 1, 2, 56, 56, geometry(k, k, 1, 1, k / 2, k / 2, k / 2, k / 2, 1, 1, 1), 0.0};
+        std::vector<float> dense(static_cast<size_t>(2 * k * k), 0.5f);
+        auto w = csr_weights::from_dense(dense.data(), 2, k * k);
+        std::vector<float> x(static_cast<size_t>(32 * 56 * 56), 1.f); // quantizes to 127
+        std::vector<float> dy(static_cast<size_t>(32 * 2 * 56 * 56), 1.f);
+        std::vector<float> bias(2, 0.f);
+        const outputs want = run(c, w, x, dy, bias, quant_scheme::s8, 2, "ref:any");
+        // centre tap: every one of the 100352 terms is 127 * 127 (scales 1/127)
+        const size_t centre = static_cast<size_t>(k * k / 2);
+        EXPECT_FLOAT_EQ(want.dw[centre], static_cast<float>(32 * 56 * 56));
+        for (cpu_isa isa : isa_levels())
+            for (conv_vectorization v : strategies) {
+                if (isa == cpu_isa::ref) continue;
+                isa_cap_guard cap(isa);
+                SCOPED_TRACE(std::string(to_string(isa)) + " " + to_string(v));
+                const outputs got = run(c, w, x, dy, bias, quant_scheme::s8, 2, "", v);
+                expect_bitwise(got.dw, want.dw, "backward_weights");
+            }
+    }
+}
+
+
+// One lane of the width SDDMM gets 4 columns x 17000 rows of 255 * 127:
+// more than int32 holds, so its partial sums must move to int64 on the way.
+TEST(JitConv2dEdges, s8_backward_weights_of_a_tall_image_moves_partial_sums_to_int64) {
+    const conv_case c{1, 1, 1, 17000, 4, geometry(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1), 0.0};
+    std::vector<float> one(1, 1.f), bias(1, 0.f);
+    auto w = csr_weights::from_dense(one.data(), 1, 1);
+    std::vector<float> x(17000 * 4, 1.f), dy(17000 * 4, 1.f);
+    const outputs want = run(c, w, x, dy, bias, quant_scheme::s8, 1, "ref:any");
+    EXPECT_FLOAT_EQ(want.dw[0], 17000.f * 4);
+    for (cpu_isa isa : isa_levels())
+        for (conv_vectorization v : strategies) {
+            if (isa == cpu_isa::ref) continue;
+            isa_cap_guard cap(isa);
+            SCOPED_TRACE(std::string(to_string(isa)) + " " + to_string(v));
+            const outputs got = run(c, w, x, dy, bias, quant_scheme::s8, 1, "", v);
+            expect_bitwise(got.dw, want.dw, "backward_weights");
+        }
+}
+
+} // namespace qsp::test
