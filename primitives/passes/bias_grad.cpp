@@ -23,12 +23,25 @@ void bias_grad(const float *diff_dst, float *diff_bias, int64_t outer, int64_t c
         }
         return;
     }
+    // 16 independent partial sums per channel (one vector of them: a single
+    // running sum is bound by the add latency), combined in a fixed order:
+    // the result does not depend on the thread count.
+    constexpr int64_t lanes = 16;
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t c = 0; c < channels; ++c) {
+        float part[lanes] = {};
+        for (int64_t o = 0; o < outer; ++o) {
+            const float *p = diff_dst + (o * channels + c) * inner;
+            int64_t i = 0;
+            for (; i + lanes <= inner; i += lanes)
+                for (int64_t l = 0; l < lanes; ++l)
+                    part[l] += p[i + l];
+            for (; i < inner; ++i)
+                part[i % lanes] += p[i];
+        }
         float acc = 0.f;
-        for (int64_t o = 0; o < outer; ++o)
-            for (int64_t i = 0; i < inner; ++i)
-                acc += diff_dst[(o * channels + c) * inner + i];
+        for (int64_t l = 0; l < lanes; ++l)
+            acc += part[l];
         diff_bias[c] = acc;
     }
 }

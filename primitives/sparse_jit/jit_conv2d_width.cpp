@@ -125,7 +125,15 @@ grouping make_grouping(const conv_width &w, const sparse_rows &m, const entry_pl
                        const quad_plan *quads, int64_t channels, int64_t rows_touched,
                        int64_t channel_bytes_per_row) {
     grouping g;
-    const int64_t size = group_channels(channels, rows_touched * channel_bytes_per_row);
+    int64_t size = group_channels(channels, rows_touched * channel_bytes_per_row);
+    // Each group stores and reloads every channel's sums: worth it only
+    // while a channel has several items per group to amortise that (at 98 %
+    // sparsity C1 has ~12 entries per channel: one group, else the stores
+    // and reloads outweighed the multiply-adds).
+    const int64_t items = entries ? entries->row_ptr.back() : quads->quad_ptr.back();
+    const int64_t max_groups = std::max<int64_t>(1, items / std::max<int64_t>(m.rows, 1) / 6);
+    if ((channels + size - 1) / size > max_groups)
+        size = std::min(channels, ((channels + max_groups - 1) / max_groups + 3) / 4 * 4);
     g.n = (channels + size - 1) / size;
     auto channel_of = [&w](int64_t key) { return w.key_channel(key); };
     g.ptr = entries ? group_bounds(m, entries->row_ptr, nullptr, channel_of, size, g.n)
