@@ -80,20 +80,6 @@ void unpack_s32_tiles(const int32_t *tiles, int64_t batch, int64_t channels,
                                inner);
 }
 
-void pack_quad_tiles_padded(const int8_t *x, int64_t batch, int64_t channels, int64_t h, int64_t w,
-                            const spatial_pad &pad, uint8_t *tiles, int num_threads) {
-    if (has_avx512())
-        return pack_quad_tiles_padded_avx512(x, batch, channels, h, w, pad, tiles, num_threads);
-    portable::pack_quad_tiles_padded(x, batch, channels, h, w, pad, tiles, num_threads);
-}
-
-void pack_s8_tiles_padded(const int8_t *x, int64_t batch, int64_t channels, int64_t h, int64_t w,
-                          const spatial_pad &pad, int8_t *tiles, int num_threads) {
-    if (has_avx512())
-        return pack_s8_tiles_padded_avx512(x, batch, channels, h, w, pad, tiles, num_threads);
-    portable::pack_s8_tiles_padded(x, batch, channels, h, w, pad, tiles, num_threads);
-}
-
 void column_sums_s8(const int8_t *x, int64_t batch, int64_t channels, int32_t *sums,
                     int num_threads) {
     portable::column_sums_s8(x, batch, channels, sums, num_threads);

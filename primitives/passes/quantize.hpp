@@ -43,16 +43,6 @@ void unpack_s32_tiles(const int32_t *tiles, int64_t batch, int64_t channels,
                       const int32_t *correction, const float *scale, const float *bias, float *dst,
                       int num_threads, int64_t inner = 1);
 
-// Conv2d: int8 x[batch][channels][h][w] -> quad tiles with rows (channel / 4,
-// h + top + bottom, w + left + right): per batch lane the 4 bytes of
-// channels 4q..4q+3 as u8 (x + 128); 128 (x = 0) in the padding and past
-// the channels.
-void pack_quad_tiles_padded(const int8_t *x, int64_t batch, int64_t channels, int64_t h, int64_t w,
-                            const spatial_pad &pad, uint8_t *tiles, int num_threads);
-// Conv2d: int8 x -> int8 tiles with rows (channel, padded h, padded w), 0 in
-// the padding; all 64 lanes written (the s8 SDDMM reads whole rows).
-void pack_s8_tiles_padded(const int8_t *x, int64_t batch, int64_t channels, int64_t h, int64_t w,
-                          const spatial_pad &pad, int8_t *tiles, int num_threads);
 // sums[c] = sum_b x[b, c] (the +128 correction of the s8 SDDMM).
 void column_sums_s8(const int8_t *x, int64_t batch, int64_t channels, int32_t *sums,
                     int num_threads);
@@ -80,10 +70,6 @@ void unpack_s32_tiles(const int32_t *tiles, int64_t batch, int64_t channels,
                       int num_threads, int64_t inner = 1);
 void column_sums_s8(const int8_t *x, int64_t batch, int64_t channels, int32_t *sums,
                     int num_threads);
-void pack_quad_tiles_padded(const int8_t *x, int64_t batch, int64_t channels, int64_t h, int64_t w,
-                            const spatial_pad &pad, uint8_t *tiles, int num_threads);
-void pack_s8_tiles_padded(const int8_t *x, int64_t batch, int64_t channels, int64_t h, int64_t w,
-                          const spatial_pad &pad, int8_t *tiles, int num_threads);
 } // namespace portable
 
 float quantize_rne_avx2(const float *x, int64_t n, int8_t *q, int num_threads);
@@ -105,10 +91,5 @@ void pack_quad_tiles_avx512(const int8_t *x, int64_t batch, int64_t channels, ui
 void unpack_s32_tiles_avx512(const int32_t *tiles, int64_t batch, int64_t channels,
                              const int32_t *correction, const float *scale, const float *bias,
                              float *dst, int num_threads, int64_t inner = 1);
-void pack_quad_tiles_padded_avx512(const int8_t *x, int64_t batch, int64_t channels, int64_t h,
-                                   int64_t w, const spatial_pad &pad, uint8_t *tiles,
-                                   int num_threads);
-void pack_s8_tiles_padded_avx512(const int8_t *x, int64_t batch, int64_t channels, int64_t h,
-                                 int64_t w, const spatial_pad &pad, int8_t *tiles, int num_threads);
 
 } // namespace qsp::detail

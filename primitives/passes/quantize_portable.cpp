@@ -143,54 +143,6 @@ void unpack_s32_tiles(const int32_t *tiles, int64_t batch, int64_t channels,
         }
 }
 
-void pack_quad_tiles_padded(const int8_t *x, int64_t batch, int64_t channels, int64_t h, int64_t w,
-                            const spatial_pad &pad, uint8_t *tiles, int num_threads) {
-    const int64_t hp_n = h + pad.top + pad.bottom, wp_n = w + pad.left + pad.right;
-    const int64_t quads = (channels + 3) / 4, plane = h * w, tiles_n = jit::tile_count(batch);
-#pragma omp parallel for collapse(3) num_threads(num_threads) schedule(static)
-    for (int64_t t = 0; t < tiles_n; ++t)
-        for (int64_t q = 0; q < quads; ++q)
-            for (int64_t hp = 0; hp < hp_n; ++hp) {
-                const int64_t lanes = tile_lanes(batch, t), y = hp - pad.top;
-                uint8_t *row0 = tiles + ((t * quads + q) * hp_n + hp) * wp_n * tb * 4;
-                for (int64_t wp = 0; wp < wp_n; ++wp) {
-                    const int64_t xx = wp - pad.left;
-                    const bool inside = y >= 0 && y < h && xx >= 0 && xx < w;
-                    for (int64_t j = 0; j < lanes; ++j)
-                        for (int64_t k = 0; k < 4; ++k) {
-                            const int64_t b = t * tb + j, c = 4 * q + k;
-                            const int8_t v = inside && b < batch && c < channels
-                                                     ? x[(b * channels + c) * plane + y * w + xx]
-                                                     : 0;
-                            row0[(wp * tb + j) * 4 + k] = static_cast<uint8_t>(v ^ 0x80);
-                        }
-                }
-            }
-}
-
-void pack_s8_tiles_padded(const int8_t *x, int64_t batch, int64_t channels, int64_t h, int64_t w,
-                          const spatial_pad &pad, int8_t *tiles, int num_threads) {
-    const int64_t hp_n = h + pad.top + pad.bottom, wp_n = w + pad.left + pad.right;
-    const int64_t plane = h * w, tiles_n = jit::tile_count(batch);
-#pragma omp parallel for collapse(3) num_threads(num_threads) schedule(static)
-    for (int64_t t = 0; t < tiles_n; ++t)
-        for (int64_t c = 0; c < channels; ++c)
-            for (int64_t hp = 0; hp < hp_n; ++hp) {
-                const int64_t y = hp - pad.top;
-                int8_t *row0 = tiles + ((t * channels + c) * hp_n + hp) * wp_n * tb;
-                for (int64_t wp = 0; wp < wp_n; ++wp) {
-                    const int64_t xx = wp - pad.left;
-                    const bool inside = y >= 0 && y < h && xx >= 0 && xx < w;
-                    for (int64_t j = 0; j < tb; ++j) {
-                        const int64_t b = t * tb + j;
-                        row0[wp * tb + j] = inside && b < batch
-                                                    ? x[(b * channels + c) * plane + y * w + xx]
-                                                    : 0;
-                    }
-                }
-            }
-}
-
 void column_sums_s8(const int8_t *x, int64_t batch, int64_t channels, int32_t *sums,
                     int num_threads) {
     constexpr int64_t chunk = 256;

@@ -67,35 +67,4 @@ void unpack_tiles(const float *tiles, int64_t batch, int64_t channels, const flo
         unpack_tiles_portable(tiles, batch, channels, bias, dst, num_threads, bias_inner);
 }
 
-void pack_tiles_padded_portable(const float *src, int64_t batch, int64_t channels, int64_t h,
-                                int64_t w, const spatial_pad &pad, float *tiles, int num_threads) {
-    const int64_t hp_n = h + pad.top + pad.bottom, wp_n = w + pad.left + pad.right;
-    const int64_t tiles_n = tile_count(batch), plane = h * w;
-#pragma omp parallel for collapse(3) num_threads(num_threads) schedule(static)
-    for (int64_t t = 0; t < tiles_n; ++t)
-        for (int64_t c = 0; c < channels; ++c)
-            for (int64_t hp = 0; hp < hp_n; ++hp) {
-                const int64_t lanes = tile_lanes(batch, t), y = hp - pad.top;
-                float *row0 = tiles + ((t * channels + c) * hp_n + hp) * wp_n * tb;
-                for (int64_t wp = 0; wp < wp_n; ++wp) {
-                    const int64_t x = wp - pad.left;
-                    const bool inside = y >= 0 && y < h && x >= 0 && x < w;
-                    for (int64_t j = 0; j < lanes; ++j) {
-                        const int64_t b = t * tb + j;
-                        row0[wp * tb + j] = inside && b < batch
-                                                    ? src[(b * channels + c) * plane + y * w + x]
-                                                    : 0.f;
-                    }
-                }
-            }
-}
-
-void pack_tiles_padded(const float *src, int64_t batch, int64_t channels, int64_t h, int64_t w,
-                       const spatial_pad &pad, float *tiles, int num_threads) {
-    if (effective_cpu_isa() >= cpu_isa::avx512_core)
-        pack_tiles_padded_avx512(src, batch, channels, h, w, pad, tiles, num_threads);
-    else
-        pack_tiles_padded_portable(src, batch, channels, h, w, pad, tiles, num_threads);
-}
-
 } // namespace qsp::detail

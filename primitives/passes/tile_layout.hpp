@@ -31,18 +31,12 @@ void unpack_tiles(const float *tiles, int64_t batch, int64_t channels, const flo
 struct spatial_pad {
     int64_t top = 0, bottom = 0, left = 0, right = 0;
 };
-// src[batch][channels][h][w] -> tiles of rows (channel, h + top + bottom,
-// w + left + right), padding rows zero (the Conv2d kernels' source layout).
-void pack_tiles_padded(const float *src, int64_t batch, int64_t channels, int64_t h, int64_t w,
-                       const spatial_pad &pad, float *tiles, int num_threads);
 
 // The tiers (same results bit for bit; tested).
 void pack_tiles_portable(const float *src, int64_t batch, int64_t channels, float *tiles,
                          int num_threads);
 void unpack_tiles_portable(const float *tiles, int64_t batch, int64_t channels, const float *bias,
                            float *dst, int num_threads, int64_t bias_inner = 1);
-void pack_tiles_padded_portable(const float *src, int64_t batch, int64_t channels, int64_t h,
-                                int64_t w, const spatial_pad &pad, float *tiles, int num_threads);
 void pack_tiles_avx2(const float *src, int64_t batch, int64_t channels, float *tiles,
                      int num_threads);
 void unpack_tiles_avx2(const float *tiles, int64_t batch, int64_t channels, const float *bias,
@@ -51,7 +45,5 @@ void pack_tiles_avx512(const float *src, int64_t batch, int64_t channels, float 
                        int num_threads);
 void unpack_tiles_avx512(const float *tiles, int64_t batch, int64_t channels, const float *bias,
                          float *dst, int num_threads, int64_t bias_inner = 1);
-void pack_tiles_padded_avx512(const float *src, int64_t batch, int64_t channels, int64_t h,
-                              int64_t w, const spatial_pad &pad, float *tiles, int num_threads);
 
 } // namespace qsp::detail

@@ -78,47 +78,6 @@ void unpack_tiles_avx512(const float *tiles, int64_t batch, int64_t channels, co
         }
 }
 
-void pack_tiles_padded_avx512(const float *src, int64_t batch, int64_t channels, int64_t h,
-                              int64_t w, const spatial_pad &pad, float *tiles, int num_threads) {
-    const int64_t hp_n = h + pad.top + pad.bottom, wp_n = w + pad.left + pad.right;
-    const int64_t tiles_n = tile_count(batch), plane = h * w, wblocks = (w + 15) / 16;
-#pragma omp parallel for collapse(3) num_threads(num_threads) schedule(static)
-    for (int64_t t = 0; t < tiles_n; ++t)
-        for (int64_t c = 0; c < channels; ++c)
-            for (int64_t hp = 0; hp < hp_n; ++hp) {
-                const int64_t lanes = tile_lanes(batch, t), y = hp - pad.top;
-                float *row0 = tiles + ((t * channels + c) * hp_n + hp) * wp_n * tb;
-                const __m512 zero = _mm512_setzero_ps();
-                auto zero_rows = [&](int64_t from, int64_t to) {
-                    for (int64_t wp = from; wp < to; ++wp)
-                        for (int64_t j0 = 0; j0 < lanes; j0 += 16)
-                            _mm512_storeu_ps(row0 + wp * tb + j0, zero);
-                };
-                if (y < 0 || y >= h) {
-                    zero_rows(0, wp_n);
-                    continue;
-                }
-                zero_rows(0, pad.left);
-                zero_rows(pad.left + w, wp_n);
-                for (int64_t wb = 0; wb < wblocks; ++wb) {
-                    const int64_t x0 = wb * 16, xn = std::min<int64_t>(16, w - x0);
-                    const __mmask16 xmask = first(xn);
-                    for (int64_t j0 = 0; j0 < lanes; j0 += 16) {
-                        __m512 r[16];
-                        for (int i = 0; i < 16; ++i) {
-                            const int64_t b = t * tb + j0 + i;
-                            r[i] = b < batch ? _mm512_maskz_loadu_ps(
-                                           xmask, src + (b * channels + c) * plane + y * w + x0)
-                                             : zero;
-                        }
-                        transpose16(r);
-                        for (int64_t k = 0; k < xn; ++k)
-                            _mm512_storeu_ps(row0 + (pad.left + x0 + k) * tb + j0, r[k]);
-                    }
-                }
-            }
-}
-
 } // namespace qsp::detail
 
 QSP_END_TARGET

@@ -133,7 +133,7 @@ implementation ref_implementation() {
             [](const problem &p) -> std::shared_ptr<const kernel> {
                 return std::make_shared<const ref_kernel>(p);
             },
-            /*is_reference=*/true};
+            /*is_reference=*/true, /*op=*/std::nullopt};
 }
 
 } // namespace qsp::detail

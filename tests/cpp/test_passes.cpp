@@ -86,46 +86,6 @@ TEST(Passes, f32_tile_layout_tiers_match_portable) {
         }
 }
 
-TEST(Passes, padded_conv_tiles_match_portable_and_the_definition) {
-    std::mt19937 rng(6);
-    for (int64_t batch : {1, 17, 64, 70})
-        for (auto [c, h, w] :
-             {std::tuple<int64_t, int64_t, int64_t>{1, 1, 1}, {3, 5, 7}, {2, 4, 17}, {5, 1, 33}})
-            for (auto pad : {detail::spatial_pad{0, 0, 0, 0}, detail::spatial_pad{1, 1, 1, 1},
-                             detail::spatial_pad{2, 0, 3, 1}}) {
-                SCOPED_TRACE(std::to_string(batch) + "x" + std::to_string(c) + "x"
-                             + std::to_string(h) + "x" + std::to_string(w) + " pad "
-                             + std::to_string(pad.top) + std::to_string(pad.bottom)
-                             + std::to_string(pad.left) + std::to_string(pad.right));
-                const int64_t hp = h + pad.top + pad.bottom, wp = w + pad.left + pad.right;
-                const int64_t rows = c * hp * wp;
-                auto src = random_vector(static_cast<size_t>(batch * c * h * w), rng);
-                const auto n = static_cast<size_t>(jit::tiled_elems(batch, rows));
-                std::vector<float> want(n, 5.f);
-                detail::pack_tiles_padded_portable(src.data(), batch, c, h, w, pad, want.data(), 2);
-                for (int64_t b = 0; b < batch; ++b)
-                    for (int64_t ch = 0; ch < c; ++ch)
-                        for (int64_t y = 0; y < hp; ++y)
-                            for (int64_t x = 0; x < wp; ++x) {
-                                const int64_t iy = y - pad.top, ix = x - pad.left;
-                                const float v = iy >= 0 && iy < h && ix >= 0 && ix < w
-                                                        ? src[((b * c + ch) * h + iy) * w + ix]
-                                                        : 0.f;
-                                const int64_t t = b / jit::tile_batch, j = b % jit::tile_batch;
-                                ASSERT_EQ(
-                                        want[((t * rows) + (ch * hp + y) * wp + x) * jit::tile_batch
-                                             + j],
-                                        v);
-                            }
-                if (cpu_has(cpu_isa::avx512_core)) {
-                    std::vector<float> got(n, 3.f);
-                    detail::pack_tiles_padded_avx512(src.data(), batch, c, h, w, pad, got.data(),
-                                                     3);
-                    expect_same_read_lanes(got, want, batch, rows, "padded pack avx512");
-                }
-            }
-}
-
 TEST(Passes, quantization_tiers_match_portable) {
     std::mt19937 rng(21);
     for (int64_t rows : {1, 3, 17})
@@ -252,67 +212,6 @@ TEST(Passes, s8_tile_passes_match_portable) {
                                                scale.data(), bias.data(), y_want.data(), 1);
             EXPECT_EQ(y, y_want);
         }
-}
-
-TEST(Passes, padded_s8_conv_tiles_match_portable_and_the_definition) {
-    std::mt19937 rng(8);
-    for (int64_t batch : {1, 17, 64, 70})
-        for (auto [c, h, w] :
-             {std::tuple<int64_t, int64_t, int64_t>{1, 1, 1}, {3, 5, 7}, {5, 4, 17}, {8, 1, 33}})
-            for (auto pad : {detail::spatial_pad{0, 0, 0, 0}, detail::spatial_pad{1, 2, 0, 1}}) {
-                SCOPED_TRACE(std::to_string(batch) + "x" + std::to_string(c) + "x"
-                             + std::to_string(h) + "x" + std::to_string(w) + " pad "
-                             + std::to_string(pad.top));
-                const int64_t hp = h + pad.top + pad.bottom, wp = w + pad.left + pad.right;
-                const int64_t quads = (c + 3) / 4, tiles = jit::tile_count(batch);
-                std::vector<int8_t> x(static_cast<size_t>(batch * c * h * w));
-                for (auto &v : x)
-                    v = static_cast<int8_t>(static_cast<int>(rng() % 255) - 127);
-                auto at = [&](int64_t b, int64_t ch, int64_t y, int64_t xx) -> int {
-                    const int64_t iy = y - pad.top, ix = xx - pad.left;
-                    return iy >= 0 && iy < h && ix >= 0 && ix < w && ch < c
-                                   ? x[((b * c + ch) * h + iy) * w + ix]
-                                   : 0;
-                };
-                const int64_t quad_rows = quads * hp * wp;
-                std::vector<uint8_t> qt(
-                        static_cast<size_t>(tiles * quad_rows * jit::tile_row_bytes), 1);
-                detail::portable::pack_quad_tiles_padded(x.data(), batch, c, h, w, pad, qt.data(),
-                                                         2);
-                for (int64_t b = 0; b < batch; ++b)
-                    for (int64_t q = 0; q < quads; ++q)
-                        for (int64_t y = 0; y < hp; ++y)
-                            for (int64_t xx = 0; xx < wp; ++xx)
-                                for (int64_t k = 0; k < 4; ++k) {
-                                    const int64_t row = (q * hp + y) * wp + xx;
-                                    const size_t i = static_cast<size_t>(
-                                            ((b / 64 * quad_rows + row) * 64 + b % 64) * 4 + k);
-                                    ASSERT_EQ(qt[i], at(b, 4 * q + k, y, xx) + 128);
-                                }
-                const int64_t rows = c * hp * wp;
-                std::vector<int8_t> st(static_cast<size_t>(tiles * rows * 64), 1);
-                detail::portable::pack_s8_tiles_padded(x.data(), batch, c, h, w, pad, st.data(), 2);
-                for (int64_t b = 0; b < tiles * 64; ++b)
-                    for (int64_t ch = 0; ch < c; ++ch)
-                        for (int64_t y = 0; y < hp; ++y)
-                            for (int64_t xx = 0; xx < wp; ++xx)
-                                ASSERT_EQ(st[static_cast<size_t>(
-                                                  (b / 64 * rows + (ch * hp + y) * wp + xx) * 64
-                                                  + b % 64)],
-                                          b < batch ? at(b, ch, y, xx) : 0);
-                // the dispatched tier (AVX-512 where the CPU has it)
-                std::vector<uint8_t> qt2(qt.size(), 7);
-                detail::pack_quad_tiles_padded(x.data(), batch, c, h, w, pad, qt2.data(), 3);
-                for (int64_t t = 0; t < tiles; ++t)
-                    for (int64_t r = 0; r < quad_rows; ++r)
-                        for (int64_t j = 0; j < detail::tile_lanes(batch, t) * 4; ++j) {
-                            const size_t i = static_cast<size_t>((t * quad_rows + r) * 256 + j);
-                            ASSERT_EQ(qt2[i], qt[i]) << "tile " << t << " row " << r;
-                        }
-                std::vector<int8_t> st2(st.size(), 7);
-                detail::pack_s8_tiles_padded(x.data(), batch, c, h, w, pad, st2.data(), 3);
-                EXPECT_EQ(st2, st);
-            }
 }
 
 TEST(Passes, s32_unpack_per_output_channel_matches_portable) {
