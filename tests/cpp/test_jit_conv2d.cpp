@@ -444,7 +444,6 @@ TEST(JitConv2dEdges, s8_backward_weights_reduction_of_32x56x56_does_not_overflow
     }
 }
 
-
 // One lane of the width SDDMM gets 4 columns x 17000 rows of 255 * 127:
 // more than int32 holds, so its partial sums must move to int64 on the way.
 TEST(JitConv2dEdges, s8_backward_weights_of_a_tall_image_moves_partial_sums_to_int64) {
