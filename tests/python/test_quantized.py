@@ -54,9 +54,10 @@ def test_linear_kernel_equals_prototype_bit_for_bit(batch, k, n, sparsity):
         dict(in_channels=2, out_channels=4, kernel_size=(1, 5), padding="same", bias=False),
     ],
 )
-def test_conv_kernel_equals_prototype_bit_for_bit(conv_args):
+@pytest.mark.parametrize("vectorizing_over_on", [None, True, False])
+def test_conv_kernel_equals_prototype_bit_for_bit(conv_args, vectorizing_over_on):
     dense = prune_random_(torch.nn.Conv2d(**conv_args), 0.7)
-    kern = QuantizedSparseConv2d.from_dense(dense, seed=3)
+    kern = QuantizedSparseConv2d.from_dense(dense, vectorizing_over_on=vectorizing_over_on, seed=3)
     proto = PrototypeQuantizedSparseConv2d.from_dense(dense, seed=3)
     x = torch.randn(2, conv_args["in_channels"], 9, 8)
     g = torch.randn_like(dense(x))

@@ -45,9 +45,10 @@ def _compare(dense: torch.nn.Conv2d, x: torch.Tensor, rel=1e-4, **kw):
         dict(in_channels=3, out_channels=2, kernel_size=(3, 1), stride=(1, 2), padding="valid"),
     ],
 )
-def test_matches_dense(conv_args, sparsity):
+@pytest.mark.parametrize("vectorizing_over_on", [None, True, False])
+def test_matches_dense(conv_args, sparsity, vectorizing_over_on):
     dense = prune_random_(torch.nn.Conv2d(**conv_args), sparsity)
-    _compare(dense, torch.randn(2, conv_args["in_channels"], 11, 9))
+    _compare(dense, torch.randn(2, conv_args["in_channels"], 11, 9), vectorizing_over_on=vectorizing_over_on)
 
 
 def test_batch_one_unbatched_and_channels_last():
