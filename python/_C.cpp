@@ -61,6 +61,19 @@ dnnl::memory::desc f32_md(const dims &d) {
     return dnnl::memory::desc(d, dnnl::memory::data_type::f32, strides);
 }
 
+// An array whose memory is lent by the library's pool and given back when
+// the array (and whatever tensor wraps it) is freed: outputs of every step
+// reuse pages that are already mapped instead of faulting in fresh ones.
+template <typename T> py::array_t<T> pooled_array(const dims &shape) {
+    size_t n = 1;
+    for (int64_t d : shape)
+        n *= static_cast<size_t>(d);
+    void *p = qsp::acquire_output_buffer(std::max<size_t>(n * sizeof(T), 1));
+    py::capsule owner(p, [](void *q) { qsp::release_output_buffer(q); });
+    return py::array_t<T>(std::vector<py::ssize_t>(shape.begin(), shape.end()), static_cast<T *>(p),
+                          owner);
+}
+
 qsp::quant_scheme scheme_from(const std::string &s) {
     if (s == "f32") return qsp::quant_scheme::f32;
     if (s == "s8") return qsp::quant_scheme::s8;
@@ -178,9 +191,10 @@ protected:
     // input, else empty) and runs the forward: one call from Python.
     py::tuple forward(const primitives &p, const py::array &x, const py::array &values,
                       const py::object &bias) {
-        py::array_t<float> y(p.dst);
+        py::array_t<float> y = pooled_array<float>(p.dst);
         const auto ws_md = p.fwd_pd.workspace_desc();
-        py::array_t<uint8_t> workspace(static_cast<py::ssize_t>(ws_md.get_size()));
+        py::array_t<uint8_t> workspace =
+                pooled_array<uint8_t>({static_cast<int64_t>(ws_md.get_size())});
         qsp::exec_args args{
                 {DNNL_ARG_SRC, mem(f32_md(p.src), checked<float>(x, "x", p.src, false))},
                 {DNNL_ARG_WEIGHTS,
@@ -201,18 +215,23 @@ protected:
         return py::make_tuple(y, workspace);
     }
 
-    void backward_data(const primitives &p, const py::array &dy, const py::array &values,
-                       py::array &dx, uint64_t seed) {
+    // Allocates dx (from the pool) and runs backward-data.
+    py::array backward_data(const primitives &p, const py::array &dy, const py::array &values,
+                            uint64_t seed) {
+        py::array_t<float> dx = pooled_array<float>(p.src);
         int32_t seed_storage[2];
         qsp::exec_args args{
                 {DNNL_ARG_DIFF_DST,
                  mem(f32_md(p.dst), checked<float>(dy, "grad_out", p.dst, false))},
                 {DNNL_ARG_WEIGHTS,
                  mem(f32_md({nnz()}), checked<float>(values, "values", {nnz()}, false))},
-                {DNNL_ARG_DIFF_SRC, mem(f32_md(p.src), checked<float>(dx, "grad_in", p.src, true))},
+                {DNNL_ARG_DIFF_SRC, mem(f32_md(p.src), dx.mutable_data())},
                 {qsp::QSP_ARG_ROUNDING_SEED, seed_mem(seed_storage, seed)}};
-        py::gil_scoped_release release;
-        p.bwd_data.execute(stream_, args);
+        {
+            py::gil_scoped_release release;
+            p.bwd_data.execute(stream_, args);
+        }
+        return dx;
     }
 
     void backward_weights(const primitives &p, const py::object &x, const py::object &workspace,
@@ -285,9 +304,8 @@ public:
                   int threads) {
         return forward(*prims(batch_of(x), threads), x, values, bias);
     }
-    void bwd_data(const py::array &dy, const py::array &values, py::array &dx, uint64_t seed,
-                  int threads) {
-        backward_data(*prims(batch_of(dy), threads), dy, values, dx, seed);
+    py::array bwd_data(const py::array &dy, const py::array &values, uint64_t seed, int threads) {
+        return backward_data(*prims(batch_of(dy), threads), dy, values, seed);
     }
     void bwd_weights(const py::object &x, const py::object &ws, const py::array &dy, py::array &dv,
                      const py::object &db, uint64_t seed, int threads) {
@@ -357,9 +375,12 @@ public:
                   int threads) {
         return forward(*prims(shape4(x), threads), x, values, bias);
     }
-    void bwd_data(const py::array &dy, const py::array &values, py::array &dx, uint64_t seed,
-                  int threads) {
-        backward_data(*prims(shape4(dx), threads), dy, values, dx, seed);
+    py::array bwd_data(const py::array &dy, const py::array &values, const dims &src, uint64_t seed,
+                       int threads) {
+        if (src.size() != 4)
+            throw py::value_error("input_shape must have 4 entries (N, C, H, W), got "
+                                  + std::to_string(src.size()));
+        return backward_data(*prims(src, threads), dy, values, seed);
     }
     void bwd_weights(const py::object &x, const py::object &ws, const py::array &dy, py::array &dv,
                      const py::object &db, const dims &src, uint64_t seed, int threads) {

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <mutex>
 #include <new>
@@ -207,6 +208,27 @@ void set_scratch_capacity(size_t bytes) {
 
 void release_scratch() {
     runtime::the_pool().release_idle();
+}
+
+namespace {
+// The pool buffer's size sits in a header in front of what the caller gets
+// (64 bytes: the alignment survives).
+constexpr size_t output_header = 64;
+} // namespace
+
+void *acquire_output_buffer(size_t bytes) {
+    if (bytes > std::numeric_limits<size_t>::max() - output_header) throw std::bad_alloc();
+    const runtime::buffer b = runtime::the_pool().acquire(bytes + output_header);
+    std::memcpy(b.data, &b.size, sizeof b.size);
+    return static_cast<uint8_t *>(b.data) + output_header;
+}
+
+void release_output_buffer(void *buffer) {
+    if (!buffer) return;
+    uint8_t *base = static_cast<uint8_t *>(buffer) - output_header;
+    size_t size;
+    std::memcpy(&size, base, sizeof size);
+    runtime::the_pool().release(runtime::buffer{base, size});
 }
 
 } // namespace qsp

@@ -69,4 +69,13 @@ void set_scratch_capacity(size_t bytes);
 // Returns every idle buffer to the system now.
 void release_scratch();
 
+// Memory for outputs that outlive the call producing them (a tensor handed
+// to a framework, freed whenever the framework frees it), lent by the same
+// pool: a fresh multi-MB output costs a page fault per 4 KiB page every
+// step, a recycled one does not. 64-byte aligned; at least `bytes` (>= 1).
+// Give it back with release_output_buffer (and nothing else); counted as in
+// use until then.
+void *acquire_output_buffer(size_t bytes);
+void release_output_buffer(void *buffer);
+
 } // namespace qsp

@@ -85,11 +85,9 @@ def _(x, values, bias, kid, seed):
 
 def _linear_backward_impl(grad_y, x, workspace, values, kid, seed, need_input_grad, need_values_grad, need_bias_grad):
     k = kernel_of(kid)
-    batch = grad_y.shape[0]
     dx, dv, db = _empty(), _empty(), _empty()
     if need_input_grad:
-        dx = torch.empty(batch, k.in_features, dtype=torch.float32)
-        k.backward_data(_np(grad_y), _np(values), dx.numpy(), seed, _threads())
+        dx = torch.from_numpy(k.backward_data(_np(grad_y), _np(values), seed, _threads()))
     if need_values_grad or need_bias_grad:
         dv = torch.empty_like(values)
         db = torch.empty(k.out_features, dtype=torch.float32) if k.with_bias else _empty()
@@ -190,8 +188,7 @@ def _conv2d_backward_impl(
     k = kernel_of(kid)
     dx, dv, db = _empty(), _empty(), _empty()
     if need_input_grad:
-        dx = torch.empty(input_shape, dtype=torch.float32)
-        k.backward_data(_np(grad_y), _np(values), dx.numpy(), seed, _threads())
+        dx = torch.from_numpy(k.backward_data(_np(grad_y), _np(values), list(input_shape), seed, _threads()))
     if need_values_grad or need_bias_grad:
         dv = torch.empty_like(values)
         db = torch.empty(k.out_channels, dtype=torch.float32) if k.with_bias else _empty()

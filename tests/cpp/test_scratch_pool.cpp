@@ -1,6 +1,7 @@
 // The scratch pool: buffers are reused across executions, concurrent
 // executions get distinct buffers, and idle memory beyond the capacity is
 // returned to the system (a huge one-off layer leaves nothing resident).
+#include <cstring>
 #include <fstream>
 #include <thread>
 
@@ -95,6 +96,31 @@ TEST(ScratchPool, capacity_can_be_lowered_and_idle_memory_released) {
     EXPECT_EQ(scratch_pool_info().idle_bytes, 0u);
     set_scratch_capacity(capacity);
     EXPECT_THROW(runtime::scratchpad().bytes(10, 1), std::logic_error);
+}
+
+} // namespace qsp::test
+
+namespace qsp::test {
+
+// Output buffers outlive calls: in use until released, then idle and handed
+// out again (no fresh pages), 64-byte aligned, their size remembered.
+TEST(ScratchPool, output_buffers_are_lent_and_recycled) {
+    release_scratch();
+    const size_t before = scratch_pool_info().in_use_bytes;
+    void *a = acquire_output_buffer(3 << 20);
+    ASSERT_NE(a, nullptr);
+    EXPECT_EQ(reinterpret_cast<uintptr_t>(a) % 64, 0u);
+    std::memset(a, 1, 3 << 20); // all of it is usable
+    EXPECT_GE(scratch_pool_info().in_use_bytes, before + (3 << 20));
+    release_output_buffer(a);
+    EXPECT_EQ(scratch_pool_info().in_use_bytes, before);
+    EXPECT_GE(scratch_pool_info().idle_bytes, size_t(3) << 20);
+    void *b = acquire_output_buffer(2 << 20); // fits the idle one: recycled
+    EXPECT_EQ(b, a);
+    release_output_buffer(b);
+    release_output_buffer(nullptr); // harmless
+    release_scratch();
+    EXPECT_EQ(scratch_pool_info().idle_bytes, 0u);
 }
 
 } // namespace qsp::test

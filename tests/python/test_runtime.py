@@ -82,3 +82,25 @@ def test_tuning_is_stored_and_reused(capfd):
         qsparseprop.set_verbose(0)
     assert "qsp_verbose,tune,sparse_linear_forward," in first
     assert "qsp_verbose,tune," not in second, "a shape is tuned once"
+
+
+def test_outputs_live_in_pooled_memory_until_torch_frees_them():
+    """Outputs (y, dx, the s8 workspace) are lent by the pool: in use while a
+    tensor holds them, back in the pool (and reused, no fresh pages) once
+    torch frees them."""
+    qsparseprop.release_scratch()
+    gc.collect()
+    layer = QuantizedSparseLinear.from_dense(prune_random_(torch.nn.Linear(512, 1024), 0.9))
+    x = torch.randn(256, 512, requires_grad=True)
+    y = layer(x)
+    held = qsparseprop.scratch_info()["in_use_bytes"]
+    assert held >= y.numel() * 4  # y, and the int8 workspace autograd keeps
+    y.backward(torch.randn_like(y))
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    del y
+    gc.collect()
+    assert qsparseprop.scratch_info()["in_use_bytes"] < held  # y went back
+    x.grad = None
+    del x
+    gc.collect()
+    assert qsparseprop.scratch_info()["in_use_bytes"] == 0
