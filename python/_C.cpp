@@ -487,6 +487,17 @@ PYBIND11_MODULE(_C, m) {
     });
     m.def("set_scratch_capacity", &qsp::set_scratch_capacity, py::arg("bytes"));
     m.def("release_scratch", &qsp::release_scratch);
+    m.def("set_profiling", &qsp::set_profiling, py::arg("on"));
+    m.def("profiling", &qsp::profiling);
+    m.def("clear_profile", &qsp::clear_profile);
+    m.def("profile_info", [] {
+        py::list out;
+        for (const auto &e : qsp::profile_info())
+            out.append(py::dict(py::arg("direction") = e.direction, py::arg("calls") = e.calls,
+                                py::arg("total_ms") = e.total_ms,
+                                py::arg("kernel_ms") = e.kernel_ms));
+        return out;
+    });
     m.def("_force_pattern_hash_for_testing", &qsp::detail::force_pattern_hash_for_testing,
           py::arg("on"), py::arg("value") = 0);
 

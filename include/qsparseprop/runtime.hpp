@@ -69,6 +69,22 @@ void set_scratch_capacity(size_t bytes);
 // Returns every idle buffer to the system now.
 void release_scratch();
 
+// ---- profiling ----------------------------------------------------------------
+// Per direction, summed over executions since the last clear_profile(): the
+// executions' total time and the part inside the sparse kernels' parallel
+// regions (total - kernel: the passes — packing, quantization, transposes —
+// and the call). Off unless set_profiling(true) or QSP_PROFILE=1; off, it
+// costs one atomic load per execution.
+struct profile_entry {
+    std::string direction; // forward, backward_data, backward_weights
+    int64_t calls = 0;
+    double total_ms = 0, kernel_ms = 0;
+};
+void set_profiling(bool on);
+bool profiling();
+std::vector<profile_entry> profile_info();
+void clear_profile();
+
 // Memory for outputs that outlive the call producing them (a tensor handed
 // to a framework, freed whenever the framework frees it), lent by the same
 // pool: a fresh multi-MB output costs a page fault per 4 KiB page every

@@ -87,7 +87,12 @@ void primitive_base::execute(const dnnl::stream &stream, const exec_args &args) 
     }
     t.batch = pd.prob.outer();
     const double t0 = runtime::now_ms();
-    const char *ran = kernel_->execute(t);
+    const char *ran = nullptr;
+    {
+        runtime::profile_scope total(static_cast<runtime::profile_direction>(pd.prob.dir),
+                                     runtime::profile_phase::total);
+        ran = kernel_->execute(t);
+    }
     if (verbose_level() >= 1) {
         std::ostringstream line;
         line << "exec," << pd.primitive_name << "," << (ran ? ran : pd.impl_name.c_str()) << ","

@@ -7,12 +7,22 @@
 #include <string>
 
 #include "qsparseprop/primitives.hpp"
+#include "runtime/profile.hpp"
 
 namespace qsp::detail {
 
 enum class op_kind { linear, conv2d };
 enum class direction { forward, backward_data, backward_weights };
 const char *to_string(direction d);
+
+static_assert(static_cast<int>(direction::backward_weights)
+                      == static_cast<int>(runtime::profile_direction::backward_weights),
+              "direction and profile_direction list the directions in the same order");
+// A scope whose time counts as kernel time of direction d (profiling).
+inline runtime::profile_scope kernel_time(direction d) {
+    return runtime::profile_scope(static_cast<runtime::profile_direction>(d),
+                                  runtime::profile_phase::kernel);
+}
 
 // A validated Conv2d geometry applied to one input shape.
 struct conv2d_shape {

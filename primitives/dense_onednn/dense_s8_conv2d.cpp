@@ -152,6 +152,7 @@ private:
             return dnnl::memory(md, engine_, sp.bytes(slot, std::max<size_t>(md.get_size(), 1)));
         };
         omp_threads_guard guard(p_.num_threads);
+        const auto timed = kernel_time(p_.dir);
         dnnl::stream stream(engine_); // per call: executions may run concurrently
         dnnl::memory us(user_src_, engine_, const_cast<int8_t *>(src)),
                 uw(user_w_, engine_, const_cast<int8_t *>(w)), ud(user_dst_, engine_, dst);

@@ -134,6 +134,7 @@ private:
         dnnl::memory scratch(scratch_md, engine_,
                              sp.bytes(5, std::max<size_t>(scratch_md.get_size(), 1)));
         omp_threads_guard guard(p_.num_threads);
+        const auto timed = kernel_time(p_.dir);
         dnnl::stream stream(engine_); // per call: executions may run concurrently
         matmul_.execute(stream, {{DNNL_ARG_SRC, am},
                                  {DNNL_ARG_WEIGHTS, bm},

@@ -22,10 +22,13 @@ public:
     }
 
     const char *execute(const tensors &t) const override {
-        if (p_.scheme == quant_scheme::f32)
-            execute_f32(t);
-        else
-            execute_s8(t);
+        {
+            const auto timed = kernel_time(p_.dir); // the reference is all kernel
+            if (p_.scheme == quant_scheme::f32)
+                execute_f32(t);
+            else
+                execute_s8(t);
+        }
         if (p_.dir == direction::backward_weights && t.diff_bias)
             bias_grad(t.diff_dst, t.diff_bias, p_.outer(), p_.channels(), p_.channel_inner(),
                       p_.num_threads);

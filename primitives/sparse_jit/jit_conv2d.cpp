@@ -36,7 +36,9 @@ constexpr int64_t rb8 = jit::s8_tile_row_bytes; // int8 tile rows
 // body(part, tile) for every row part of `bounds` and batch tile; parts are
 // spread over the team and a part's rows are written by one thread only.
 template <typename body_t>
-void for_parts(const std::vector<int64_t> &bounds, int64_t tiles, int threads, body_t body) {
+void for_parts(direction dir, const std::vector<int64_t> &bounds, int64_t tiles, int threads,
+               body_t body) {
+    const auto timed = kernel_time(dir);
     const int parts = static_cast<int>(bounds.size()) - 1;
 #pragma omp parallel num_threads(threads)
     {
@@ -50,7 +52,8 @@ void for_parts(const std::vector<int64_t> &bounds, int64_t tiles, int threads, b
 // body(tile, h0, h1) for every batch tile and block [h0, h1) of a pixel
 // grid's rows, spread over the team: blocks write disjoint pixels.
 template <typename body_t>
-void for_pixel_blocks(int64_t tiles, int64_t grid_rows, int threads, body_t body) {
+void for_pixel_blocks(direction dir, int64_t tiles, int64_t grid_rows, int threads, body_t body) {
+    const auto timed = kernel_time(dir);
     const int64_t blocks = std::min<int64_t>(grid_rows, std::max<int64_t>(1, 2 * threads / tiles));
     const int64_t items = tiles * blocks;
 #pragma omp parallel num_threads(threads)
@@ -97,12 +100,12 @@ template <> const std::vector<int64_t> &scatter_walk<quad_plan>::row_ptr() const
 // (channel, pixel) with `dst_rows` channels per pixel, `dst_row_stride`
 // bytes apart.
 template <typename walk_t, typename kernels_t>
-void run_scatter(const walk_t &w, const kernels_t &kernels, int lanes, int64_t batch,
+void run_scatter(direction dir, const walk_t &w, const kernels_t &kernels, int lanes, int64_t batch,
                  const void *values, const uint8_t *src, int64_t src_tile_bytes, uint8_t *dst,
                  int64_t dst_tile_bytes, int64_t dst_rows, int64_t dst_row_stride,
                  const jit::pixel_grid &grid, int threads) {
     for_pixel_blocks(
-            tile_count(batch), grid.n_h, threads, [&](int64_t tile, int64_t h0, int64_t h1) {
+            dir, tile_count(batch), grid.n_h, threads, [&](int64_t tile, int64_t h0, int64_t h1) {
                 jit::spmm_scatter_call_params c{values,
                                                 w.entries.offsets.data(),
                                                 w.src.data(),
@@ -224,7 +227,8 @@ private:
         float *y = sp.get<float>(1, tiled_elems(B, y_rows));
         float *values = sp.get<float>(2, p_.pattern.nnz());
         pack_conv_tiles(t.src, B, l_.in_c, l_.in_h, l_.in_w, l_.x_pad, x, nt);
-        run_scatter(*forward_, scatter_, lanes_, B, forward_->entries.values(t.weights, values, nt),
+        run_scatter(p_.dir, *forward_, scatter_, lanes_, B,
+                    forward_->entries.values(t.weights, values, nt),
                     reinterpret_cast<const uint8_t *>(x), x_rows() * rb,
                     reinterpret_cast<uint8_t *>(y), y_rows * rb, l_.out_c, rb,
                     output_grid(l_, l_.out_h, l_.in_c * rb, l_.out_c * rb), nt);
@@ -241,7 +245,8 @@ private:
         pack_conv_tiles(t.diff_dst, B, l_.out_c, l_.out_h, l_.out_w, l_.dy_pad, dy, nt);
         for (const phase_plan &f : phases_) {
             const int64_t start = (f.phase.ih0 * l_.in_w + f.phase.iw0) * l_.in_c * rb;
-            run_scatter(f.walk, scatter_, lanes_, B, f.walk.entries.values(t.weights, values, nt),
+            run_scatter(p_.dir, f.walk, scatter_, lanes_, B,
+                        f.walk.entries.values(t.weights, values, nt),
                         reinterpret_cast<const uint8_t *>(dy), dy_rows * rb,
                         reinterpret_cast<uint8_t *>(dx) + start, dx_rows * rb, l_.in_c, rb,
                         phase_grid(l_, f.phase, l_.out_c * rb), nt);
@@ -258,7 +263,7 @@ private:
         pack_tiles(t.diff_dst, B, dy_rows, dy, nt); // channel-major: rows (oc, pixel)
         std::fill(t.diff_weights, t.diff_weights + p_.pattern.nnz(), 0.f);
         const jit::pixel_grid grid = output_grid(l_, l_.out_h, l_.in_c * rb, rb);
-        for_parts(entries_->bounds, tile_count(B), nt, [&](int part, int64_t tile) {
+        for_parts(p_.dir, entries_->bounds, tile_count(B), nt, [&](int part, int64_t tile) {
             jit::sddmm_call_params c{entries_->offsets.data(),
                                      entries_->row_ptr.data(),
                                      entries_->bounds[part],
@@ -398,7 +403,7 @@ private:
         pack_conv_quad_tiles(xq, B, l_.in_c, l_.in_h, l_.in_w, l_.x_pad, x, nt);
         for (int64_t o = 0; o < oc; ++o)
             row_scale[o] = s8::forward_scale(sx, w_scale[o]);
-        run_scatter(*forward_, scatter_, lanes_, B, words, x, x_rows * rb,
+        run_scatter(p_.dir, *forward_, scatter_, lanes_, B, words, x, x_rows * rb,
                     reinterpret_cast<uint8_t *>(acc), y_rows * rb, oc, rb,
                     output_grid(l_, l_.out_h, (l_.in_c + 3) / 4 * rb, oc * rb), nt);
         unpack_conv_s32_tiles(acc, B, oc, l_.out_pixels(), correction, l_.out_pixels(), row_scale,
@@ -435,7 +440,7 @@ private:
             for (size_t l = 0; l < f.dst_channel.size(); ++l)
                 phase_corr[f.dst_channel[l]] += 128 * wq[q.value_index[l]];
             const int64_t start = (f.phase.ih0 * l_.in_w + f.phase.iw0) * l_.in_c * rb;
-            run_scatter(f.walk, scatter_, lanes_, B, words, dy, dy_rows * rb,
+            run_scatter(p_.dir, f.walk, scatter_, lanes_, B, words, dy, dy_rows * rb,
                         reinterpret_cast<uint8_t *>(acc) + start, dx_rows * rb, l_.in_c, rb,
                         phase_grid(l_, f.phase, (oc + 3) / 4 * rb), nt);
 #pragma omp parallel for num_threads(nt) schedule(static)
@@ -474,7 +479,7 @@ private:
                 const int64_t rows = std::min(rows_per_piece, l_.out_h - oh0);
                 std::fill(piece, piece + nnz, 0);
                 const jit::pixel_grid grid = output_grid(l_, rows, l_.in_c * rb8, rb8);
-                for_parts(entries_->bounds, 1, nt, [&](int part, int64_t) {
+                for_parts(p_.dir, entries_->bounds, 1, nt, [&](int part, int64_t) {
                     jit::sddmm_call_params c{
                             entries_->offsets.data(),
                             entries_->row_ptr.data(),

@@ -72,7 +72,9 @@ row_calls<jit::jit_sddmm_width_kernel> sddmm_calls(cpu_isa isa, sparse_dtype dt,
 // body(image, row_begin, row_end): whole images per thread when there are
 // enough of them to share, else images x the plan's channel parts.
 template <typename body_t>
-void for_images(int64_t batch, const std::vector<int64_t> &bounds, int threads, body_t body) {
+void for_images(direction dir, int64_t batch, const std::vector<int64_t> &bounds, int threads,
+                body_t body) {
+    const auto timed = kernel_time(dir);
     const int64_t parts = batch >= 4 * threads ? 1 : static_cast<int64_t>(bounds.size()) - 1;
     const int64_t rows = bounds.back(), items = batch * parts;
 #pragma omp parallel num_threads(threads)
@@ -87,7 +89,8 @@ void for_images(int64_t batch, const std::vector<int64_t> &bounds, int threads, 
 
 // body(row_begin, row_end) for each channel part, one thread per part.
 template <typename body_t>
-void for_parts(const std::vector<int64_t> &bounds, int threads, body_t body) {
+void for_parts(direction dir, const std::vector<int64_t> &bounds, int threads, body_t body) {
+    const auto timed = kernel_time(dir);
     const int parts = static_cast<int>(bounds.size()) - 1;
 #pragma omp parallel num_threads(threads)
     {
@@ -182,8 +185,9 @@ struct spmm_run {
     const int32_t *correction;
     const float *scale;
 
-    template <typename calls_t> void operator()(const calls_t &calls, int64_t batch, int nt) const {
-        for_images(batch, *bounds, nt, [&](int64_t b, int64_t r0, int64_t r1) {
+    template <typename calls_t>
+    void operator()(direction dir, const calls_t &calls, int64_t batch, int nt) const {
+        for_images(dir, batch, *bounds, nt, [&](int64_t b, int64_t r0, int64_t r1) {
             for (int64_t ch = 0; ch < calls.split.chunks(); ++ch) {
                 const int64_t lane = calls.split.first_lane(ch);
                 const jit::spmm_width_call_params c{values,
@@ -305,7 +309,7 @@ private:
                            bias_or_zeros(t.bias, l().out_c, sp.get<float>(2, l().out_c)),
                            nullptr,
                            nullptr};
-        run(fwd_, B, nt);
+        run(p_.dir, fwd_, B, nt);
         return nullptr;
     }
 
@@ -338,7 +342,7 @@ private:
                                zeros,
                                nullptr,
                                nullptr};
-            run(f.calls, B, nt);
+            run(p_.dir, f.calls, B, nt);
             if (!in_place)
                 scatter_width_phase(phase_out, B, l().in_c, ph.n_h, ph.n_w, l().in_h, l().in_w,
                                     ph.ih0, ph.iw0, l().sh, l().sw, t.diff_src, nt);
@@ -354,7 +358,7 @@ private:
         float *partial = sp.get<float>(1, nnz * vl);
         pack_width_planes(t.src, B, l().in_c, l().in_h, l().in_w, l().x_pad, plane_, x, nt);
         const entry_plan &e = *entries_;
-        for_parts(e.bounds, nt, [&](int64_t r0, int64_t r1) {
+        for_parts(p_.dir, e.bounds, nt, [&](int64_t r0, int64_t r1) {
             std::fill(partial + e.row_ptr[r0] * vl, partial + e.row_ptr[r1] * vl, 0.f);
             for (int64_t b = 0; b < B; ++b)
                 for (int64_t ch = 0; ch < bwd_.split.chunks(); ++ch) {
@@ -516,7 +520,7 @@ private:
                            t.bias ? t.bias : zeros,
                            correction,
                            row_scale};
-        run(fwd_, B, nt);
+        run(p_.dir, fwd_, B, nt);
     }
 
     void backward_data(const tensors &t, runtime::scratchpad &sp) const {
@@ -561,7 +565,7 @@ private:
                                zeros,
                                correction,
                                scale};
-            run(f.calls, B, nt);
+            run(p_.dir, f.calls, B, nt);
             if (!in_place)
                 scatter_width_phase(phase_out, B, ic, ph.n_h, ph.n_w, l().in_h, l().in_w, ph.ih0,
                                     ph.iw0, l().sh, l().sw, t.diff_src, nt);
@@ -593,7 +597,7 @@ private:
         const int64_t vectors = bwd_.split.vectors;
         const int64_t rows_per_call = std::max<int64_t>(1, max_lane_steps / vectors);
         const entry_plan &e = *entries_;
-        for_parts(e.bounds, nt, [&](int64_t r0, int64_t r1) {
+        for_parts(p_.dir, e.bounds, nt, [&](int64_t r0, int64_t r1) {
             const int64_t i0 = e.row_ptr[r0], i1 = e.row_ptr[r1];
             std::fill(partial + i0 * vl, partial + i1 * vl, 0);
             std::fill(acc + i0, acc + i1, int64_t(0));

@@ -65,6 +65,7 @@ private:
     // Runs body(part, tile) for every (row part, batch tile), parts spread
     // over the team; a part's rows are written by one thread only.
     template <typename body_t> void for_parts(int64_t batch, body_t body) const {
+        const auto timed = kernel_time(p_.dir);
         const int parts = static_cast<int>(rows_.bounds.size()) - 1;
         const int64_t tiles = tile_count(batch);
 #pragma omp parallel num_threads(p_.num_threads)

@@ -80,20 +80,23 @@ public:
             std::fill(row_scale, row_scale + rows, sg2);
         }
         const int parts = static_cast<int>(quads_.bounds.size()) - 1;
-#pragma omp parallel num_threads(nt)
         {
-            const int nthr = omp_get_num_threads(), tid = omp_get_thread_num();
-            for (int part = tid; part < parts; part += nthr)
-                for (int64_t tile = 0; tile < tiles; ++tile) {
-                    jit::spmm_call_params c{words,
-                                            quads_.offsets.data(),
-                                            quads_.quad_ptr.data(),
-                                            quads_.bounds[part],
-                                            quads_.bounds[part + 1],
-                                            src_tiles + tile * quads * tb * 4,
-                                            acc + tile * rows * tb};
-                    (*code_[tile_vectors(B, tile, lanes_) - 1])(c);
-                }
+            const auto timed = kernel_time(p_.dir);
+#pragma omp parallel num_threads(nt)
+            {
+                const int nthr = omp_get_num_threads(), tid = omp_get_thread_num();
+                for (int part = tid; part < parts; part += nthr)
+                    for (int64_t tile = 0; tile < tiles; ++tile) {
+                        jit::spmm_call_params c{words,
+                                                quads_.offsets.data(),
+                                                quads_.quad_ptr.data(),
+                                                quads_.bounds[part],
+                                                quads_.bounds[part + 1],
+                                                src_tiles + tile * quads * tb * 4,
+                                                acc + tile * rows * tb};
+                        (*code_[tile_vectors(B, tile, lanes_) - 1])(c);
+                    }
+            }
         }
         unpack_s32_tiles(acc, B, rows, correction, row_scale, fwd ? t.bias : nullptr,
                          fwd ? t.dst : t.diff_src, nt);
@@ -139,21 +142,24 @@ public:
         column_sums_s8(xq, B, K, col_sum, nt);
         std::fill(acc, acc + nnz, 0);
         const int parts = static_cast<int>(entries_.bounds.size()) - 1;
-#pragma omp parallel num_threads(nt)
         {
-            const int nthr = omp_get_num_threads(), tid = omp_get_thread_num();
-            for (int part = tid; part < parts; part += nthr)
-                for (int64_t tile = 0; tile < tiles; ++tile) {
-                    jit::sddmm_call_params c{entries_.offsets.data(),
-                                             entries_.row_ptr.data(),
-                                             entries_.bounds[part],
-                                             entries_.bounds[part + 1],
-                                             x_tiles + tile * K * tb,
-                                             g_tiles + tile * N * tb,
-                                             acc,
-                                             jit::s8_tile_row_bytes};
-                    (*code_)(c);
-                }
+            const auto timed = kernel_time(p_.dir);
+#pragma omp parallel num_threads(nt)
+            {
+                const int nthr = omp_get_num_threads(), tid = omp_get_thread_num();
+                for (int part = tid; part < parts; part += nthr)
+                    for (int64_t tile = 0; tile < tiles; ++tile) {
+                        jit::sddmm_call_params c{entries_.offsets.data(),
+                                                 entries_.row_ptr.data(),
+                                                 entries_.bounds[part],
+                                                 entries_.bounds[part + 1],
+                                                 x_tiles + tile * K * tb,
+                                                 g_tiles + tile * N * tb,
+                                                 acc,
+                                                 jit::s8_tile_row_bytes};
+                        (*code_)(c);
+                    }
+            }
         }
         const float scale = s8::backward_weights_scale(sg1, sx);
         const int64_t *rp = p_.pattern.row_ptr();

@@ -62,6 +62,30 @@ def release_scratch() -> None:
     _C.release_scratch()
 
 
+def set_profiling(on: bool) -> None:
+    """Records where executions spend their time (also ``QSP_PROFILE=1``):
+    see :func:`profile_info`. Off, it costs one atomic load per execution."""
+    _C.set_profiling(bool(on))
+
+
+def profile_info() -> list[dict]:
+    """Per direction (forward, backward_data, backward_weights), summed over
+    the executions since :func:`clear_profile`: ``calls``, ``total_ms`` and
+    ``kernel_ms`` (inside the kernels' parallel regions; the rest is the passes
+    — packing, quantization, transposes — and the call).
+
+    >>> import qsparseprop
+    >>> [e["direction"] for e in qsparseprop.profile_info()]
+    ['forward', 'backward_data', 'backward_weights']
+    """
+    return _C.profile_info()
+
+
+def clear_profile() -> None:
+    """Zeroes what :func:`profile_info` reports."""
+    _C.clear_profile()
+
+
 __all__ = [
     "SparseLinear",
     "SparseConv2d",
@@ -79,4 +103,7 @@ __all__ = [
     "clear_caches",
     "scratch_info",
     "release_scratch",
+    "set_profiling",
+    "profile_info",
+    "clear_profile",
 ]

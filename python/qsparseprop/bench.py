@@ -35,8 +35,6 @@ LINEAR_SHAPES = {  # name: (batch, in_features, out_features)
     "L3": (128, 4096, 4096),
     "L4": (64, 512, 1000),
 }
-# 2-core peaks measured on the development machines (docs/benchmarks.md).
-PEAK_GFLOPS = {"f32": 350.0, "s8": 1500.0}
 
 # name: (batch, in_channels, out_channels, image, kernel, stride, padding, groups)
 CONV_SHAPES = {
@@ -111,7 +109,7 @@ class _Timer:
         return f, b, tot
 
 
-def bench_linear_case(name, batch, k, n, sparsity, scheme, repeats, warmup, seed=0) -> dict:
+def bench_linear_case(name, batch, k, n, sparsity, scheme, repeats, warmup, peak, seed=0) -> dict:
     dense = _random_pruned_linear(k, n, sparsity, seed)
     cls = QuantizedSparseLinear if scheme == "s8" else SparseLinear
     ours = cls.from_dense(dense, seed=seed)
@@ -131,16 +129,12 @@ def bench_linear_case(name, batch, k, n, sparsity, scheme, repeats, warmup, seed
     ]
     x = torch.randn(batch, k)
     g = torch.randn(batch, n)
-    for r in range(warmup + repeats):
-        order = timers[r % len(timers) :] + timers[: r % len(timers)]  # rotate: no fixed position bias
-        for t in order:
-            ours.zero_grad(set_to_none=True)
-            dense.zero_grad(set_to_none=True)
-            t.sample(x, g, record=r >= warmup)
+    split = _run_rounds(timers, ours, dense, x, g, warmup, repeats)
     res = {t.name: t.medians() for t in timers}
     of, ob, ot = res["ours"]
-    kern = _C.LinearKernel(k, n, ours.row_ptr.numpy(), ours.col_idx.numpy(), scheme, True)
-    impls = kern.implementations(batch, torch.get_num_threads())
+    from . import _ops
+
+    impls = _ops.kernel_of(ours._kernel_id()).implementations(batch, torch.get_num_threads())
     useful_flop = 3 * 2 * batch * ours.nnz  # fwd + bwd-data + bwd-weights at the nonzeros
     gflops = useful_flop / (ot * 1e-3) / 1e9
     return dict(
@@ -152,9 +146,60 @@ def bench_linear_case(name, batch, k, n, sparsity, scheme, repeats, warmup, seed
         csr_fwd_ms=res["torch_csr_fwd"][0],
         speedup_vs_fp32=res["dense_fp32"][2] / ot, speedup_vs_bf16=res["dense_bf16"][2] / ot,
         fwd_speedup_vs_csr=res["torch_csr_fwd"][0] / of,
-        useful_gflops=gflops, pct_peak=100.0 * gflops / PEAK_GFLOPS[scheme],
+        useful_gflops=gflops, peak_gflops=peak[scheme], pct_peak=100.0 * gflops / peak[scheme],
+        **_split_fields(split, useful_flop / 3, peak[scheme]),
         repeats=repeats, **machine(),
     )  # fmt: skip
+
+
+_DIRECTIONS = ("forward", "backward_data", "backward_weights")
+
+
+def _run_rounds(timers, ours, dense, x, g, warmup, repeats) -> dict:
+    """Interleaved rounds (rotating the order: no fixed position bias); our
+    executions are profiled in the recorded rounds. Returns, per direction,
+    our mean kernel and pass time per call."""
+    was = _C.profiling()
+    _C.set_profiling(True)
+    try:
+        for r in range(warmup + repeats):
+            if r == warmup:
+                _C.clear_profile()
+            order = timers[r % len(timers) :] + timers[: r % len(timers)]
+            for t in order:
+                ours.zero_grad(set_to_none=True)
+                dense.zero_grad(set_to_none=True)
+                t.sample(x, g, record=r >= warmup)
+        split = {}
+        for e in _C.profile_info():
+            calls = max(e["calls"], 1)
+            split[e["direction"]] = (e["kernel_ms"] / calls, (e["total_ms"] - e["kernel_ms"]) / calls)
+        return split
+    finally:
+        _C.set_profiling(was)
+
+
+def _split_fields(split: dict, useful_flop_per_direction: float, peak: float) -> dict:
+    out = {}
+    for d in _DIRECTIONS:
+        k, p = split.get(d, (0.0, 0.0))
+        out[f"{d}_kernel_ms"] = k
+        out[f"{d}_pass_ms"] = p
+        out[f"{d}_kernel_pct_peak"] = 100.0 * useful_flop_per_direction / (k * 1e-3) / 1e9 / peak if k > 0 else 0.0
+    return out
+
+
+def format_split(rows: list[dict]) -> str:
+    """Per direction: kernel ms | passes ms | kernel % of peak."""
+    head = f"{'shape':<5} {'sp':>5} {'sch':<4}" + "".join(f"  {d[:13]:>13}: kern  pass  %pk" for d in _DIRECTIONS)
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        cells = "".join(
+            f"  {'':>13}  {r[f'{d}_kernel_ms']:>5.2f} {r[f'{d}_pass_ms']:>5.2f} {r[f'{d}_kernel_pct_peak']:>4.0f}"
+            for d in _DIRECTIONS
+        )
+        lines.append(f"{r['shape']:<5} {r['sparsity']:>5.2f} {r['scheme']:<4}{cells}")
+    return "\n".join(lines)
 
 
 def _random_pruned_conv(c_in, c_out, k, stride, pad, groups, sparsity, seed) -> torch.nn.Conv2d:
@@ -179,12 +224,7 @@ def bench_conv_case(name, shape, sparsity, scheme, repeats, warmup, peak, vector
     x = torch.randn(batch, c_in, hw, hw)
     out_hw = (hw + 2 * pad - k) // stride + 1
     g = torch.randn(batch, c_out, out_hw, out_hw)
-    for r in range(warmup + repeats):
-        order = timers[r % len(timers) :] + timers[: r % len(timers)]
-        for t in order:
-            ours.zero_grad(set_to_none=True)
-            dense.zero_grad(set_to_none=True)
-            t.sample(x, g, record=r >= warmup)
+    split = _run_rounds(timers, ours, dense, x, g, warmup, repeats)
     res = {t.name: t.medians() for t in timers}
     of, ob, ot = res["ours"]
     from . import _ops
@@ -201,6 +241,7 @@ def bench_conv_case(name, shape, sparsity, scheme, repeats, warmup, peak, vector
         bf16_fwd_ms=res["dense_bf16"][0], bf16_total_ms=res["dense_bf16"][2],
         speedup_vs_fp32=res["dense_fp32"][2] / ot, speedup_vs_bf16=res["dense_bf16"][2] / ot,
         useful_gflops=gflops, peak_gflops=peak[scheme], pct_peak=100.0 * gflops / peak[scheme],
+        **_split_fields(split, useful_flop / 3, peak[scheme]),
         repeats=repeats, **machine(),
     )  # fmt: skip
 
@@ -318,12 +359,15 @@ def main(argv: list[str] | None = None) -> None:
             for scheme in schemes:
                 if a.what == "linear":
                     b, k, n = LINEAR_SHAPES[shape]
-                    rows.append(bench_linear_case(shape, b, k, n, sp, scheme, a.repeats, a.warmup))
+                    rows.append(bench_linear_case(shape, b, k, n, sp, scheme, a.repeats, a.warmup, peak))
                 else:
                     rows.append(bench_conv_case(shape, CONV_SHAPES[shape], sp, scheme, a.repeats, a.warmup, peak, vec))
                 print(format_rows(rows[-1:]).splitlines()[-1], flush=True)
     print()
     print(format_rows(rows))
+    print()
+    print("where our time goes, per call (ms; kernel % of the measured peak):")
+    print(format_split(rows))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -104,3 +104,25 @@ def test_outputs_live_in_pooled_memory_until_torch_frees_them():
     del x
     gc.collect()
     assert qsparseprop.scratch_info()["in_use_bytes"] == 0
+
+
+def test_profiling_splits_each_direction_into_kernel_and_passes():
+    layer = SparseLinear.from_dense(prune_random_(torch.nn.Linear(256, 512), 0.9))
+    x = torch.randn(64, 256, requires_grad=True)
+    layer(x).sum().backward()  # tuning and plans out of the way
+    qsparseprop.set_profiling(False)
+    qsparseprop.clear_profile()
+    layer(x).sum().backward()
+    assert all(e["calls"] == 0 for e in qsparseprop.profile_info()), "off: nothing recorded"
+    qsparseprop.set_profiling(True)
+    try:
+        for _ in range(3):
+            layer(x).sum().backward()
+        info = {e["direction"]: e for e in qsparseprop.profile_info()}
+        for d in ("forward", "backward_data", "backward_weights"):
+            assert info[d]["calls"] == 3, info[d]
+            assert 0 < info[d]["kernel_ms"] <= info[d]["total_ms"], info[d]
+        qsparseprop.clear_profile()
+        assert all(e["calls"] == 0 and e["total_ms"] == 0 for e in qsparseprop.profile_info())
+    finally:
+        qsparseprop.set_profiling(False)
