@@ -101,6 +101,24 @@ public:
 
     int64_t nnz() const { return pattern_.nnz(); }
     const qsp::csr_pattern &pattern() const { return pattern_; }
+
+    // Whether row_ptr / col_idx hold exactly this kernel's pattern (the ops
+    // ask on every call: a pattern edited in place must not run on a kernel
+    // built for the old one). A memcmp; any dtype or size mismatch is false.
+    bool same_pattern(const py::array &row_ptr, const py::array &col_idx) const {
+        if (row_ptr.ndim() != 1 || col_idx.ndim() != 1
+            || !py::isinstance<py::array_t<int64_t>>(row_ptr)
+            || !py::isinstance<py::array_t<int32_t>>(col_idx)
+            || row_ptr.shape(0) != pattern_.rows() + 1 || col_idx.shape(0) != pattern_.nnz()
+            || !(row_ptr.flags() & py::array::c_style) || !(col_idx.flags() & py::array::c_style))
+            return false;
+        return std::memcmp(row_ptr.data(), pattern_.row_ptr(),
+                           sizeof(int64_t) * static_cast<size_t>(pattern_.rows() + 1))
+                       == 0
+               && std::memcmp(col_idx.data(), pattern_.col_idx(),
+                              sizeof(int32_t) * static_cast<size_t>(pattern_.nnz()))
+                          == 0;
+    }
     std::string scheme() const { return qsp::to_string(scheme_); }
 
 protected:
@@ -526,6 +544,7 @@ PYBIND11_MODULE(_C, m) {
                  py::arg("in_features"), py::arg("out_features"), py::arg("row_ptr"),
                  py::arg("col_idx"), py::arg("scheme"), py::arg("with_bias"))
             .def_property_readonly("nnz", &linear_layer::nnz)
+            .def("same_pattern", &linear_layer::same_pattern)
             .def_property_readonly("scheme", &linear_layer::scheme)
             .def("workspace_bytes", &linear_layer::workspace_bytes)
             .def("implementations", &linear_layer::implementations)
@@ -544,6 +563,7 @@ PYBIND11_MODULE(_C, m) {
                  py::arg("vectorization") = "any")
             .def_property_readonly("vectorization", &conv2d_layer::vectorization)
             .def_property_readonly("nnz", &conv2d_layer::nnz)
+            .def("same_pattern", &conv2d_layer::same_pattern)
             .def_property_readonly("scheme", &conv2d_layer::scheme)
             .def("output_hw", &conv2d_layer::output_hw)
             .def("workspace_bytes", &conv2d_layer::workspace_bytes)

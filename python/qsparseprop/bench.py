@@ -132,9 +132,8 @@ def bench_linear_case(name, batch, k, n, sparsity, scheme, repeats, warmup, peak
     split = _run_rounds(timers, ours, dense, x, g, warmup, repeats)
     res = {t.name: t.medians() for t in timers}
     of, ob, ot = res["ours"]
-    from . import _ops
 
-    impls = _ops.kernel_of(ours._kernel_id()).implementations(batch, torch.get_num_threads())
+    impls = ours._kernel().implementations(batch, torch.get_num_threads())
     useful_flop = 3 * 2 * batch * ours.nnz  # fwd + bwd-data + bwd-weights at the nonzeros
     gflops = useful_flop / (ot * 1e-3) / 1e9
     return dict(
@@ -227,9 +226,8 @@ def bench_conv_case(name, shape, sparsity, scheme, repeats, warmup, peak, vector
     split = _run_rounds(timers, ours, dense, x, g, warmup, repeats)
     res = {t.name: t.medians() for t in timers}
     of, ob, ot = res["ours"]
-    from . import _ops
 
-    impls = _ops.kernel_of(ours._kernel_id()).implementations(list(x.shape), torch.get_num_threads())
+    impls = ours._kernel().implementations(list(x.shape), torch.get_num_threads())
     useful_flop = 3 * 2 * batch * out_hw * out_hw * ours.nnz
     gflops = useful_flop / (ot * 1e-3) / 1e9
     return dict(

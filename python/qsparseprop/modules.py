@@ -16,6 +16,7 @@ from torch import nn
 from . import _ops
 
 _SCHEMES = ("f32", "s8")
+_SEED_MASK = (1 << 63) - 1
 
 
 # ---- pattern extraction ----------------------------------------------------------
@@ -99,9 +100,11 @@ class _SparseModule(nn.Module):
         if not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         self.seed = seed
-        self._step = 0
-        self._kernel_key = None
-        self._kid = None
+        # Training steps taken (a tensor: torch.compile traces its increment
+        # instead of recompiling for every new Python value), and the slot
+        # of the layer's C++ kernel in the ops' cache (_ops.py).
+        self.register_buffer("_step", torch.zeros((), dtype=torch.int64), persistent=False)
+        self.register_buffer("_handle", _ops.new_handle(self), persistent=False)
 
     @property
     def nnz(self) -> int:
@@ -118,32 +121,20 @@ class _SparseModule(nn.Module):
     def _cols(self) -> int:
         raise NotImplementedError
 
-    def _make_kernel(self):
+    def _kernel_key(self) -> tuple:
         raise NotImplementedError
 
-    @torch.compiler.disable
-    def _kernel_id(self) -> int:
-        # Host-side bookkeeping, kept out of compiled graphs. Rebuilt when the
-        # pattern buffers change (load_state_dict, .to()).
-        key = (
-            self.row_ptr.data_ptr(),
-            self.col_idx.data_ptr(),
-            self.row_ptr._version,
-            self.col_idx._version,
-            self.bias is not None,
-        )
-        if key != self._kernel_key:
-            if self._kid is not None:
-                _ops.unregister_kernel(self._kid)
-            self._kid = _ops.register_kernel(self, self._make_kernel())
-            self._kernel_key = key
-        return self._kid
+    def _kernel(self):
+        """The layer's C++ kernel (built on first use; rebuilt when the
+        pattern or the geometry changed): for introspection, e.g.
+        ``layer._kernel().implementations(...)``."""
+        return _ops.kernel_for(self._handle, self._kernel_key(), self.row_ptr, self.col_idx)
 
-    def _next_seed(self) -> int:
+    def _next_seed(self) -> torch.Tensor:
         # A fresh rounding stream per training step, reproducible from self.seed.
         if self.training and torch.is_grad_enabled():
-            self._step += 1
-        return (self.seed * 0x9E3779B1 + self._step) & ((1 << 63) - 1)
+            self._step.add_(1)
+        return (self._step + ((self.seed * 0x9E3779B1) & _SEED_MASK)) & _SEED_MASK
 
     def _dense_weight_2d(self) -> torch.Tensor:
         rows = torch.repeat_interleave(torch.arange(self._rows()), self.row_ptr.diff())
@@ -172,11 +163,11 @@ class _SparseModule(nn.Module):
             )
         return x
 
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_kid"] = None  # C++ kernels are rebuilt on first use
-        state["_kernel_key"] = None
-        return state
+    def __setstate__(self, state):
+        # A copy (pickle, deepcopy) gets a cache slot of its own: kernels are
+        # rebuilt on first use.
+        super().__setstate__(state)
+        self._buffers["_handle"] = _ops.new_handle(self)
 
 
 # ---- Linear ---------------------------------------------------------------------
@@ -236,10 +227,11 @@ class SparseLinear(_SparseModule):
     def _cols(self):
         return self.in_features
 
-    def _make_kernel(self):
-        return _ops.make_linear_kernel(
-            self.in_features, self.out_features, self.row_ptr, self.col_idx, self.scheme, self.bias is not None
-        )
+    def _spec(self) -> list[int]:
+        return [self.in_features, self.out_features]
+
+    def _kernel_key(self) -> tuple:
+        return _ops._linear_key(self._spec(), self.scheme, self.bias is not None)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         x = self._check_input(input, tuple(range(1, 9)), "at least 1-D (..., in_features)")
@@ -256,7 +248,10 @@ class SparseLinear(_SparseModule):
         return y.reshape(*lead, self.out_features)
 
     def _compute(self, x2: torch.Tensor) -> torch.Tensor:
-        return _ops.linear(x2, self.values, self.bias, self._kernel_id(), self._next_seed())
+        return _ops.linear(
+            x2, self.values, self.bias, self.row_ptr, self.col_idx, self._handle, self._next_seed(), self._spec(),
+            self.scheme,
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
         return (
@@ -431,21 +426,18 @@ class SparseConv2d(_SparseModule):
     def _cols(self):
         return self.in_channels // self.groups * self.kernel_size[0] * self.kernel_size[1]
 
-    def _make_kernel(self):
-        return _ops.make_conv2d_kernel(
-            self.in_channels,
-            self.out_channels,
-            self.kernel_size,
-            self.stride,
-            self._pads,
-            self.dilation,
-            self.groups,
-            self.row_ptr,
-            self.col_idx,
-            self.scheme,
-            self.bias is not None,
-            {None: "any", True: "output_width", False: "batch"}[self.vectorizing_over_on],
-        )
+    def _spec(self) -> list[int]:
+        top, left, bottom, right = self._pads
+        return [
+            self.in_channels, self.out_channels, *self.kernel_size, *self.stride, top, left, bottom, right,
+            *self.dilation, self.groups,
+        ]  # fmt: skip
+
+    def _vectorization(self) -> str:
+        return {None: "any", True: "output_width", False: "batch"}[self.vectorizing_over_on]
+
+    def _kernel_key(self) -> tuple:
+        return _ops._conv_key(self._spec(), self.scheme, self.bias is not None, self._vectorization())
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         x = self._check_input(input, (3, 4), "3-D (C, H, W) or 4-D (N, C, H, W)")
@@ -477,7 +469,10 @@ class SparseConv2d(_SparseModule):
         return y.squeeze(0) if unbatched else y
 
     def _compute(self, x: torch.Tensor) -> torch.Tensor:
-        return _ops.conv2d(x, self.values, self.bias, self._kernel_id(), self._next_seed())
+        return _ops.conv2d(
+            x, self.values, self.bias, self.row_ptr, self.col_idx, self._handle, self._next_seed(), self._spec(),
+            self.scheme, self._vectorization(),
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
         return (

@@ -89,7 +89,13 @@ class PrototypeQuantizedSparseLinear(QuantizedSparseLinear):
 
     def _compute(self, x2: torch.Tensor) -> torch.Tensor:
         return _PrototypeLinearFn.apply(
-            x2, self.values, self.bias, self._dense_weight_2d().detach(), self.row_ptr, self.col_idx, self._next_seed()
+            x2,
+            self.values,
+            self.bias,
+            self._dense_weight_2d().detach(),
+            self.row_ptr,
+            self.col_idx,
+            int(self._next_seed()),
         )
 
 
@@ -106,7 +112,7 @@ class PrototypeQuantizedSparseConv2d(QuantizedSparseConv2d):
             self.weight.detach(),
             self.row_ptr,
             self.col_idx,
-            self._next_seed(),
+            int(self._next_seed()),
             self._pads,
             self.stride,
             self.dilation,

@@ -65,14 +65,14 @@ def test_batch_one_unbatched_and_channels_last():
 def test_vectorizing_over_on_picks_the_kernels():
     """True: output-width-innermost, False: batch-innermost, None: the tuner's
     choice of either; every choice matches dense torch."""
-    from qsparseprop import _C, _ops
+    from qsparseprop import _C
 
     dense = prune_random_(torch.nn.Conv2d(3, 4, 3, padding=1), 0.8)
     for flag, strategy in ((None, None), (True, "width"), (False, "batch")):
         s = SparseConv2d.from_dense(dense, vectorizing_over_on=flag)
         assert s.vectorizing_over_on is flag
         _compare(dense, torch.randn(2, 3, 8, 8), vectorizing_over_on=flag)
-        kernel = _ops.kernel_of(s._kernel_id())
+        kernel = s._kernel()
         assert kernel.vectorization == {None: "any", True: "output_width", False: "batch"}[flag]
         impls = kernel.implementations([2, 3, 8, 8], torch.get_num_threads()).split("/")
         assert len(impls) == 3
@@ -105,12 +105,16 @@ def test_gradcheck_f32():
 
     dense = prune_random_(torch.nn.Conv2d(2, 3, 3, stride=2, padding=1), 0.5)
     sparse = SparseConv2d.from_dense(dense)
-    kid = sparse._kernel_id()
     inputs = (
         torch.randn(2, 2, 5, 5, requires_grad=True),
         sparse.values.detach().clone().requires_grad_(),
         sparse.bias.detach().clone().requires_grad_(),
     )
-    assert torch.autograd.gradcheck(
-        lambda x, v, b: _ops.conv2d_forward(x, v, b, kid, 0)[0], inputs, eps=1e-2, atol=1e-2, rtol=1e-2
-    )
+    seed = torch.zeros((), dtype=torch.int64)
+
+    def op(x, v, b):
+        return _ops.conv2d_forward(
+            x, v, b, sparse.row_ptr, sparse.col_idx, sparse._handle, seed, sparse._spec(), "f32", "any"
+        )[0]
+
+    assert torch.autograd.gradcheck(op, inputs, eps=1e-2, atol=1e-2, rtol=1e-2)

@@ -101,15 +101,17 @@ def test_gradcheck_f32():
     from qsparseprop import _ops
 
     sparse = SparseLinear.from_dense(prune_random_(torch.nn.Linear(6, 5), 0.5))
-    kid = sparse._kernel_id()
     inputs = (
         torch.randn(3, 6, requires_grad=True),
         sparse.values.detach().clone().requires_grad_(),
         sparse.bias.detach().clone().requires_grad_(),
     )
-    assert torch.autograd.gradcheck(
-        lambda x, v, b: _ops.linear_forward(x, v, b, kid, 0)[0], inputs, eps=1e-2, atol=1e-2, rtol=1e-2
-    )
+    seed = torch.zeros((), dtype=torch.int64)
+
+    def op(x, v, b):
+        return _ops.linear_forward(x, v, b, sparse.row_ptr, sparse.col_idx, sparse._handle, seed, [6, 5], "f32")[0]
+
+    assert torch.autograd.gradcheck(op, inputs, eps=1e-2, atol=1e-2, rtol=1e-2)
 
 
 def test_uses_the_fastest_implementation_automatically():
