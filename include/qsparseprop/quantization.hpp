@@ -37,7 +37,10 @@ constexpr int64_t int32_safe_reduction_length = 65536;
 // The scale of a tensor (or row) from its max |value|: amax / 127, NaN when
 // amax is not finite; `inv` is what values are multiplied by (0 when the
 // scale is 0 or NaN: everything quantizes to 0 and the result carries the
-// NaN scale).
+// NaN scale). A scale so small that its inverse overflows (amax below
+// ~3.7e-37: subnormal scales) is not usable either: x * inf would turn the
+// zeros of the tensor into NaN; those values quantize to 0 (their products
+// are far below float resolution of any nonzero result).
 struct quant_scale {
     float scale, inv;
     bool usable;
@@ -47,7 +50,7 @@ inline quant_scale quant_scale_from_abs_max(float amax) {
     quant_scale s;
     s.scale = std::isfinite(amax) ? amax / static_cast<float>(quant_max)
                                   : std::numeric_limits<float>::quiet_NaN();
-    s.usable = std::isfinite(s.scale) && s.scale > 0.f;
+    s.usable = std::isfinite(s.scale) && s.scale > 0.f && std::isfinite(1.f / s.scale);
     s.inv = s.usable ? 1.f / s.scale : 0.f;
     return s;
 }

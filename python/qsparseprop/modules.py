@@ -136,6 +136,78 @@ class _SparseModule(nn.Module):
             self._step.add_(1)
         return (self._step + ((self.seed * 0x9E3779B1) & _SEED_MASK)) & _SEED_MASK
 
+    # ---- loading -----------------------------------------------------------------
+    #
+    # Index buffers come from files: every load validates them (dtype, range,
+    # CSR structure) before anything is replaced, never coerces an int64 index
+    # into int32 silently, accepts a pattern of another nnz (buffers and values
+    # are resized), and accepts a dense checkpoint of the original layer
+    # ("weight", or torch.nn.utils.prune's "weight_orig" * "weight_mask") when
+    # its nonzeros lie in this layer's pattern.
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        name = type(self).__name__
+        keys = {k: prefix + k for k in ("row_ptr", "col_idx", "values", "weight", "weight_orig", "weight_mask")}
+        try:
+            if keys["row_ptr"] in state_dict or keys["col_idx"] in state_dict:
+                self._load_pattern(state_dict, keys)
+            elif keys["values"] not in state_dict and (
+                keys["weight"] in state_dict or keys["weight_orig"] in state_dict
+            ):
+                self._load_dense_weight(state_dict, keys)
+        except (TypeError, ValueError) as e:
+            error_msgs.append(f"{name} {prefix or '(root)'}: {e}")
+            return
+        for k in ("weight", "weight_orig", "weight_mask"):
+            state_dict.pop(keys[k], None)  # consumed above
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def _load_pattern(self, state_dict, keys):
+        for k in ("row_ptr", "col_idx", "values"):
+            if keys[k] not in state_dict:
+                raise ValueError(f"{keys[k]} is missing: a pattern loads with row_ptr, col_idx and values together")
+        row_ptr = _as_index_tensor(state_dict[keys["row_ptr"]], "row_ptr", torch.int64)
+        col_idx = _as_index_tensor(state_dict[keys["col_idx"]], "col_idx", torch.int32)
+        _ops._C.validate_csr(self._rows(), self._cols(), row_ptr.numpy(), col_idx.numpy())
+        values = state_dict[keys["values"]]
+        if not isinstance(values, torch.Tensor) or not values.is_floating_point():
+            raise TypeError(f"values must be a floating tensor, got {getattr(values, 'dtype', type(values))}")
+        if values.shape != (col_idx.numel(),):
+            raise ValueError(f"values must have shape ({col_idx.numel()},), got {tuple(values.shape)}")
+        # Validated: take them whole (another nnz resizes values; the Parameter
+        # object stays, so optimizers keep it). The state stays consistent even
+        # if a later key of this module fails to load.
+        with torch.no_grad():
+            self.values.data = values.detach().to(torch.float32).clone()
+        self.row_ptr, self.col_idx = row_ptr.clone(), col_idx.clone()
+        state_dict[keys["row_ptr"]], state_dict[keys["col_idx"]] = row_ptr, col_idx
+
+    def _load_dense_weight(self, state_dict, keys):
+        if keys["weight"] in state_dict:
+            weight = state_dict[keys["weight"]]
+        else:
+            weight = state_dict[keys["weight_orig"]] * state_dict.get(keys["weight_mask"], 1)
+        weight = torch.as_tensor(weight).detach().to(torch.float32)
+        if weight.numel() != self._rows() * self._cols():
+            raise ValueError(
+                f"weight has {weight.numel()} elements, this layer's dense weight {self._rows()} x {self._cols()}"
+            )
+        w2 = weight.reshape(self._rows(), self._cols())
+        outside = w2.clone()
+        rows = torch.repeat_interleave(torch.arange(self._rows()), self.row_ptr.diff())
+        outside[rows, self.col_idx.long()] = 0
+        if outside.count_nonzero():
+            raise ValueError(
+                f"the dense weight has {int(outside.count_nonzero())} nonzeros outside this layer's pattern "
+                "(a different pruning): build the layer from it with from_dense instead"
+            )
+        state_dict[keys["values"]] = w2[rows, self.col_idx.long()].clone()
+        state_dict[keys["row_ptr"]], state_dict[keys["col_idx"]] = self.row_ptr.clone(), self.col_idx.clone()
+
     def _dense_weight_2d(self) -> torch.Tensor:
         rows = torch.repeat_interleave(torch.arange(self._rows()), self.row_ptr.diff())
         dense = self.values.new_zeros(self._rows(), self._cols())
@@ -332,23 +404,11 @@ class SparseConv2d(_SparseModule):
                 raise ValueError(f"{n} must be a positive int, got {v!r}")
         if not isinstance(groups, int):
             raise ValueError(f"groups must be an int, got {groups!r}")
-        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
-        self.kernel_size = _pair(kernel_size, "kernel_size")
-        self.stride = _pair(stride, "stride")
-        self.dilation = _pair(dilation, "dilation")
-        if padding == "same" and self.stride != (1, 1):
-            raise ValueError(
-                f"padding='same' is not supported for strided convolutions (stride={self.stride}), as in torch"
-            )
-        self.padding = padding
-        self._pads = _resolve_padding(padding, self.kernel_size, self.dilation)
-        # Every value rule (sizes, strides, dilations, groups >= 1, paddings
-        # >= 0, channels divisible by groups) is checked once, in C++, with
-        # the messages C++ callers get too.
-        _ops._C.check_conv2d_geometry(
-            list(self.kernel_size), list(self.stride), list(self._pads), list(self.dilation), groups,
-            in_channels, out_channels,
-        )  # fmt: skip
+        # Fixed at construction (the pattern's columns depend on them):
+        # read-only properties below.
+        self._in_channels, self._out_channels, self._groups = in_channels, out_channels, groups
+        self._kernel_size = _pair(kernel_size, "kernel_size")
+        self._set_geometry(stride, padding, dilation)
         if vectorizing_over_on not in (None, True, False):
             raise TypeError(f"vectorizing_over_on must be None, True or False, got {vectorizing_over_on!r}")
         self.vectorizing_over_on = vectorizing_over_on
@@ -361,6 +421,41 @@ class SparseConv2d(_SparseModule):
             bias,
             seed,
         )
+
+    def _set_geometry(self, stride, padding, dilation) -> None:
+        """Validates and sets stride, padding and dilation together (assigning
+        any of them later goes through here: the next call uses it)."""
+        stride, dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
+        if padding == "same" and stride != (1, 1):
+            raise ValueError(f"padding='same' is not supported for strided convolutions (stride={stride}), as in torch")
+        pads = _resolve_padding(padding, self._kernel_size, dilation)
+        # Every value rule (sizes, strides, dilations, groups >= 1, paddings
+        # >= 0, channels divisible by groups) is checked in C++, with the
+        # messages C++ callers get too.
+        _ops._C.check_conv2d_geometry(
+            list(self._kernel_size), list(stride), list(pads), list(dilation), self._groups,
+            self._in_channels, self._out_channels,
+        )  # fmt: skip
+        self._stride, self._padding, self._dilation, self._pads = stride, padding, dilation, pads
+
+    stride = property(lambda self: self._stride, lambda self, v: self._set_geometry(v, self._padding, self._dilation))
+    padding = property(lambda self: self._padding, lambda self, v: self._set_geometry(self._stride, v, self._dilation))
+    dilation = property(lambda self: self._dilation, lambda self, v: self._set_geometry(self._stride, self._padding, v))
+
+    def _fixed(name):  # noqa: N805 (a helper run in the class body)
+        def setter(self, value):
+            raise AttributeError(
+                f"{type(self).__name__}.{name} is fixed at construction (the pattern's columns depend on it); "
+                "build a new layer"
+            )
+
+        return property(lambda self: getattr(self, "_" + name), setter)
+
+    in_channels = _fixed("in_channels")
+    out_channels = _fixed("out_channels")
+    groups = _fixed("groups")
+    kernel_size = _fixed("kernel_size")
+    del _fixed
 
     @classmethod
     def from_dense(

@@ -49,7 +49,8 @@ def rounding_noise(seed32: int, numel: int) -> torch.Tensor:
 def _scale_of(amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """scale = amax / 127 (NaN when amax is not finite) and its usable inverse."""
     scale = torch.where(torch.isfinite(amax), amax / QUANT_MAX, torch.full_like(amax, float("nan")))
-    usable = torch.isfinite(scale) & (scale > 0)
+    # a subnormal scale whose inverse overflows is not usable (C++: quant_scale_from_abs_max)
+    usable = torch.isfinite(scale) & (scale > 0) & torch.isfinite(1.0 / scale)
     inv = torch.where(usable, 1.0 / torch.where(usable, scale, torch.ones_like(scale)), 0.0)
     return scale, inv
 

@@ -159,16 +159,28 @@ def test_bad_conv_geometry_is_a_clear_error(kwargs, match):
         ("stride", (0, 1), "stride_h must be >= 1, got 0"),
         ("stride", (1, 0), "stride_w must be >= 1, got 0"),
         ("dilation", (0, 1), "dilation_h must be >= 1"),
-        ("_pads", (0, -1, 0, 0), "pad_left must be >= 0, got -1"),
-        ("groups", 2, "divisible by groups"),
+        ("padding", -1, "pad_top must be >= 0, got -1"),
     ],
 )
-def test_geometry_changed_before_the_first_call_is_refused_in_cpp(conv, field, value, match):
-    # Attributes set after construction skip the Python checks: the C++ core
-    # checks the geometry again before any arithmetic (a stride of 0 used to
-    # end the process with SIGFPE).
-    setattr(conv, field, value)
+def test_geometry_assigned_after_construction_is_checked_at_once(conv, field, value, match):
+    # Assigning stride / padding / dilation goes through the same C++ checks
+    # as construction (a stride of 0 used to end the process with SIGFPE);
+    # the layer keeps its previous, valid geometry.
+    before = conv(torch.ones(1, 3, 5, 5))
     with pytest.raises(ValueError, match=match):
+        setattr(conv, field, value)
+    assert torch.equal(conv(torch.ones(1, 3, 5, 5)), before)
+
+
+@pytest.mark.parametrize("field", ["in_channels", "out_channels", "groups", "kernel_size"])
+def test_geometry_the_pattern_depends_on_is_read_only(conv, field):
+    with pytest.raises(AttributeError, match=f"{field} is fixed at construction"):
+        setattr(conv, field, 2)
+
+
+def test_private_geometry_tampering_is_still_refused_in_cpp(conv):
+    conv._pads = (0, -1, 0, 0)  # skips the Python checks: the C++ core checks again
+    with pytest.raises(ValueError, match="pad_left must be >= 0, got -1"):
         conv(torch.ones(1, 3, 5, 5))
 
 

@@ -133,3 +133,22 @@ def test_non_finite_input_gives_nan_output():
     x = torch.randn(3, 8)
     x[1, 2] = float("inf")
     assert torch.isnan(q(x)).all()
+
+
+@pytest.mark.parametrize("tiny", [1e-39, 1e-42, 3e-38])
+def test_subnormal_scales_match_the_prototype(tiny):
+    """A tensor whose max |value| makes a subnormal scale (its inverse
+    overflows) quantizes to zeros in the kernels and in the prototype alike:
+    no NaN from 0 * inf."""
+    dense = prune_random_(torch.nn.Linear(16, 8), 0.5)
+    kern = QuantizedSparseLinear.from_dense(dense, seed=5)
+    proto = PrototypeQuantizedSparseLinear.from_dense(dense, seed=5)
+    x = torch.zeros(4, 16)
+    x[0, 7] = tiny
+    g = torch.zeros(4, 8)
+    g[1, 3] = tiny
+    yk, dxk, dvk = _run(kern, x, g)
+    yp, dxp, dvp = _run(proto, x, g)
+    for a, b, what in ((yk, yp, "y"), (dxk, dxp, "dx"), (dvk, dvp, "dvalues")):
+        assert not torch.isnan(a).any(), what
+        assert torch.equal(a, b), what

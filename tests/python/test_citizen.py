@@ -1,0 +1,121 @@
+"""What used to be silently wrong, now correct or a clear error: in-place
+pattern edits, geometry changes, double backward, index buffers on every
+load path, dense checkpoints, first use from several threads."""
+
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import prune_random_
+from qsparseprop import QuantizedSparseLinear, SparseConv2d, SparseLinear
+
+
+@pytest.mark.parametrize("how", ["data", "numpy"])
+def test_a_pattern_edited_in_place_takes_effect(how):
+    row_ptr = torch.tensor([0, 2, 3, 5])
+    col_idx = torch.tensor([1, 5, 0, 2, 6], dtype=torch.int32)
+    layer = SparseLinear(8, 3, row_ptr, col_idx, torch.randn(5), torch.randn(3))
+    x = torch.randn(4, 8)
+    y_before = layer(x)
+    if how == "data":
+        layer.col_idx.data[1] = 7  # row 0: columns 1, 5 -> 1, 7
+    else:
+        layer.col_idx.numpy()[1] = 7
+    fresh = SparseLinear(8, 3, layer.row_ptr.clone(), layer.col_idx.clone(), layer.values.detach(), layer.bias.detach())
+    y_after = layer(x)
+    assert torch.equal(y_after, fresh(x)), "the kernel of the old pattern kept running"
+    assert not torch.equal(y_after, y_before)
+
+
+def test_an_invalid_in_place_edit_is_refused():
+    layer = SparseLinear.from_dense(prune_random_(torch.nn.Linear(16, 4), 0.5))
+    layer(torch.randn(2, 16))
+    layer.col_idx.data[0] = 99  # out of range
+    with pytest.raises(ValueError, match="col_idx"):
+        layer(torch.randn(2, 16))
+
+
+def test_a_stride_or_padding_assigned_later_takes_effect():
+    dense = prune_random_(torch.nn.Conv2d(3, 4, 3, padding=1), 0.6)
+    layer = SparseConv2d.from_dense(dense)
+    x = torch.randn(2, 3, 9, 9)
+    layer(x)
+    layer.stride, layer.padding = 2, 0
+    torch.testing.assert_close(layer(x), F.conv2d(x, dense.weight, dense.bias, stride=2), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cls", [SparseLinear, QuantizedSparseLinear])
+def test_double_backward_raises_instead_of_dropping_terms(cls):
+    layer = cls.from_dense(prune_random_(torch.nn.Linear(8, 4), 0.5))
+    x = torch.randn(3, 8, requires_grad=True)
+    (g,) = torch.autograd.grad(layer(x).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|differentiate twice"):
+        g.sum().backward()
+
+
+def test_an_int64_index_beyond_int32_is_refused_on_load():
+    layer = SparseLinear.from_dense(prune_random_(torch.nn.Linear(16, 4), 0.5))
+    sd = layer.state_dict()
+    before = layer.col_idx.clone()
+    sd["col_idx"] = sd["col_idx"].long() + 2**32  # used to load as the same column
+    with pytest.raises(RuntimeError, match="outside the torch.int32 range"):
+        layer.load_state_dict(sd)
+    assert torch.equal(layer.col_idx, before)
+
+
+def test_a_malformed_pattern_is_refused_on_load():
+    layer = SparseLinear.from_dense(prune_random_(torch.nn.Linear(16, 4), 0.5))
+    sd = layer.state_dict()
+    sd["row_ptr"] = sd["row_ptr"].flip(0)  # decreasing
+    with pytest.raises(RuntimeError, match="row_ptr"):
+        layer.load_state_dict(sd)
+
+
+def test_a_pattern_with_another_nnz_loads():
+    a = SparseLinear.from_dense(prune_random_(torch.nn.Linear(16, 8), 0.5))
+    b = SparseLinear.from_dense(prune_random_(torch.nn.Linear(16, 8), 0.9))
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(3, 16)
+    assert torch.equal(b(x), a(x))
+
+
+def test_a_dense_checkpoint_loads_when_its_pattern_matches():
+    dense = prune_random_(torch.nn.Linear(16, 8), 0.7)
+    layer = SparseLinear.from_dense(dense)
+    with torch.no_grad():
+        dense.weight.mul_(2.0)  # fine-tuned elsewhere, same zeros
+    layer.load_state_dict(dense.state_dict())
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(layer(x), dense(x))
+    other = prune_random_(torch.nn.Linear(16, 8), 0.3)  # another pattern
+    with pytest.raises(RuntimeError, match="outside this layer's pattern"):
+        layer.load_state_dict(other.state_dict())
+
+
+def test_first_use_from_several_threads_is_safe():
+    layer = SparseLinear.from_dense(prune_random_(torch.nn.Linear(64, 32), 0.8))
+    x = torch.randn(8, 64)
+    with torch.no_grad():
+        want = F.linear(x, layer.weight, layer.bias)
+    fresh = SparseLinear(64, 32, layer.row_ptr, layer.col_idx, layer.values.detach(), layer.bias.detach())
+    results, errors = [None] * 8, []
+    barrier = threading.Barrier(8)
+
+    def run(i):
+        try:
+            barrier.wait()
+            with torch.no_grad():
+                results[i] = fresh(x)
+        except Exception as e:  # noqa: BLE001 - collected and asserted below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for r in results:
+        torch.testing.assert_close(r, want, rtol=1e-5, atol=1e-5)
