@@ -13,7 +13,15 @@ import torch  # noqa: F401
 from . import _C
 from .modules import QuantizedSparseConv2d, QuantizedSparseLinear, SparseConv2d, SparseLinear
 from .prototype import PrototypeQuantizedSparseConv2d, PrototypeQuantizedSparseLinear
-from .swap import SwapDecision, format_swap_report, swap_modules_with_sparse
+from .swap import (
+    SwapDecision,
+    apply_swap_plan,
+    format_swap_report,
+    load_swap_plan,
+    save_swap_plan,
+    swap_modules_with_sparse,
+    to_dense,
+)
 
 __version__ = _C.version()
 
@@ -94,6 +102,10 @@ __all__ = [
     "PrototypeQuantizedSparseLinear",
     "PrototypeQuantizedSparseConv2d",
     "swap_modules_with_sparse",
+    "apply_swap_plan",
+    "save_swap_plan",
+    "load_swap_plan",
+    "to_dense",
     "format_swap_report",
     "SwapDecision",
     "cpu_isa",

@@ -1,31 +1,42 @@
-"""Swap a model's sparse enough *and measured faster* layers for ours."""
+"""Swap a model's sparse enough *and measured faster* layers for ours, make
+the same swaps again from a saved plan, and go back to dense."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
+import json
+import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .modules import QuantizedSparseConv2d, QuantizedSparseLinear, SparseConv2d, SparseLinear
+from . import _ops
+from .modules import QuantizedSparseConv2d, QuantizedSparseLinear, SparseConv2d, SparseLinear, _SparseModule
 from .prototype import PrototypeQuantizedSparseConv2d, PrototypeQuantizedSparseLinear
+
+_PLAN_VERSION = 1
 
 
 @dataclass
 class SwapDecision:
-    """One row of the swap table."""
+    """One row of the swap table, and one entry of a swap plan."""
 
     name: str
-    kind: str
+    kind: str  # the dense module's class
     input_shape: tuple[int, ...]
     sparsity: float
     dense_ms: float | None
     sparse_ms: float | None
     swapped: bool
     reason: str
+    scheme: str = ""  # what it was swapped to: "f32", "s8" or "prototype"
+    pattern_hash: str = ""  # of the CSR pattern (validate_csr's hash), for plans
 
 
 def _sparsity(module: nn.Module) -> float:
@@ -36,30 +47,85 @@ def _sparsity(module: nn.Module) -> float:
     return 1.0 - kept.sum().item() / kept.numel()
 
 
-def _time_fwd_bwd(module: nn.Module, shape: tuple[int, ...], repeats: int, warmup: int) -> float:
+def _time_fwd_bwd(module: nn.Module, shape: tuple[int, ...], repeats: int, warmup: int, autocast) -> float:
     """Median ms of forward + backward (input and parameter gradients)."""
     x = torch.randn(shape, requires_grad=True)
     times = []
+    ctx = torch.autocast("cpu", dtype=autocast) if autocast is not None else contextlib.nullcontext()
     for i in range(warmup + repeats):
         module.zero_grad(set_to_none=True)
         x.grad = None
         t0 = time.perf_counter()
-        y = module(x)
-        y.backward(torch.ones_like(y))
+        with ctx:
+            y = module(x)
+        y.float().backward(torch.ones(y.shape))
         if i >= warmup:
             times.append((time.perf_counter() - t0) * 1e3)
+    module.zero_grad(set_to_none=True)
     return statistics.median(times)
 
 
-def _sparse_class(module: nn.Module, quantize: bool, prototype: bool):
-    if isinstance(module, nn.Linear):
-        return PrototypeQuantizedSparseLinear if prototype else QuantizedSparseLinear if quantize else SparseLinear
-    return PrototypeQuantizedSparseConv2d if prototype else QuantizedSparseConv2d if quantize else SparseConv2d
+def _sparse_class(module: nn.Module, scheme: str):
+    linear = isinstance(module, nn.Linear)
+    return {
+        ("prototype", True): PrototypeQuantizedSparseLinear,
+        ("s8", True): QuantizedSparseLinear,
+        ("f32", True): SparseLinear,
+        ("prototype", False): PrototypeQuantizedSparseConv2d,
+        ("s8", False): QuantizedSparseConv2d,
+        ("f32", False): SparseConv2d,
+    }[(scheme, linear)]
+
+
+def _pattern_hash(sparse: _SparseModule) -> str:
+    return (
+        f"{_ops._C.validate_csr(sparse._rows(), sparse._cols(), sparse.row_ptr.numpy(), sparse.col_idx.numpy()):016x}"
+    )
+
+
+def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
+
+
+def _probe_shapes(model: nn.Module, input_shape) -> tuple[dict[str, tuple[int, ...]], list[str]]:
+    """Each Linear/Conv2d's input shape, from one forward pass that leaves no
+    trace: eval mode and no_grad during the probe, every buffer (BatchNorm
+    statistics, counters) and every module's mode restored afterwards."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    candidates = [name for name, mod in model.named_modules() if isinstance(mod, (nn.Linear, nn.Conv2d))]
+
+    def record(name):
+        def hook(module, args):
+            if args and isinstance(args[0], torch.Tensor):
+                shapes.setdefault(name, tuple(args[0].shape))
+
+        return hook
+
+    modes = {m: m.training for m in model.modules()}
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    hooks = [model.get_submodule(n).register_forward_pre_hook(record(n)) for n in candidates]
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.randn(tuple(input_shape)))
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, training in modes.items():
+            m.training = training
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                # only what changed: a copy would bump the version of buffers
+                # that autograd graphs hold (pruning masks)
+                if name in buffers and not torch.equal(b, buffers[name]):
+                    b.copy_(buffers[name])
+    return shapes, candidates
 
 
 def swap_modules_with_sparse(
     model: nn.Module,
-    input_shape: tuple[int, ...] | list[int],
+    input_shape: tuple[int, ...] | list[int] | None = None,
     inplace: bool = True,
     verbose: bool = True,
     prototype: bool = False,
@@ -68,17 +134,27 @@ def swap_modules_with_sparse(
     min_speedup: float = 1.0,
     repeats: int = 7,
     warmup: int = 2,
+    plan: list[SwapDecision] | list[dict] | str | os.PathLike | None = None,
+    autocast: torch.dtype | None = None,
 ) -> nn.Module:
-    """Replaces each ``nn.Linear`` / ``nn.Conv2d`` that is at least
-    ``min_sparsity`` sparse and, timed forward+backward at its real input
-    shape (median of ``repeats`` runs after ``warmup``), at least
+    """Replaces each ``nn.Linear`` / ``nn.Conv2d`` (subclasses included) that
+    is at least ``min_sparsity`` sparse and, timed forward+backward at its real
+    input shape (median of ``repeats`` runs after ``warmup``), at least
     ``min_speedup`` times faster as a sparse layer.
 
     ``quantize`` picks the int8 layers, ``prototype`` their pure-PyTorch
     emulation (swapped on sparsity alone: it is for accuracy studies, not
-    speed). ``verbose`` prints a table of the decisions. Returns the model
-    (``model`` itself when ``inplace``, else a deep copy); the decisions are
-    in its ``qsparseprop_swap_report`` attribute.
+    speed). ``autocast`` (e.g. ``torch.bfloat16``) times the dense layers
+    under ``torch.autocast("cpu", dtype=autocast)``, the dtype you train in.
+    ``plan`` (a report of an earlier swap, or a file written by
+    :func:`save_swap_plan`) makes exactly those swaps without timing anything
+    (``input_shape`` is then not needed): the same model on another rank or
+    after a restart. ``verbose`` prints a table of the decisions (every
+    candidate, swapped or not, with its reason) and progress while timing.
+    The probe forward leaves no trace (no BatchNorm statistics change).
+    Returns the model (``model`` itself when ``inplace``, else a deep copy);
+    the decisions are in its ``qsparseprop_swap_report`` attribute. Create the
+    optimizer after swapping: the swapped layers' parameters are new.
 
     Example:
         >>> import torch
@@ -93,63 +169,177 @@ def swap_modules_with_sparse(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if plan is not None:
+        target = model if inplace else _deepcopy_model(model)
+        return apply_swap_plan(target, plan, verbose=verbose)
     if not isinstance(input_shape, (tuple, list)) or not all(isinstance(d, int) and d > 0 for d in input_shape):
         raise ValueError(f"input_shape must be a tuple of positive ints, got {input_shape!r}")
     if not 0.0 <= min_sparsity <= 1.0:
         raise ValueError(f"min_sparsity must be in [0, 1], got {min_sparsity}")
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
+    if autocast not in (None, torch.bfloat16, torch.float16):
+        raise ValueError(f"autocast must be None, torch.bfloat16 or torch.float16, got {autocast!r}")
+    scheme = "prototype" if prototype else "s8" if quantize else "f32"
     target = model if inplace else _deepcopy_model(model)
-
-    # Each candidate's real input shape, from one forward pass.
-    shapes: dict[str, tuple[int, ...]] = {}
-
-    def record(name):
-        def hook(module, args):
-            shapes.setdefault(name, tuple(args[0].shape))  # returns None: args unchanged
-
-        return hook
-
-    hooks = []
-    for name, mod in target.named_modules():
-        if type(mod) in (nn.Linear, nn.Conv2d):
-            hooks.append(mod.register_forward_pre_hook(record(name)))
-    try:
-        with torch.no_grad():
-            target(torch.randn(tuple(input_shape)))
-    finally:
-        for h in hooks:
-            h.remove()
+    shapes, candidates = _probe_shapes(target, input_shape)
 
     report: list[SwapDecision] = []
-    for name, shape in shapes.items():
+    timed = [n for n in candidates if n in shapes]
+    for name in candidates:
         mod = target.get_submodule(name)
         sp = _sparsity(mod)
-        row = SwapDecision(name, type(mod).__name__, shape, sp, None, None, False, "")
+        row = SwapDecision(name, type(mod).__name__, shapes.get(name, ()), sp, None, None, False, "")
         report.append(row)
+        if name not in shapes:
+            row.reason = (
+                "not called in the probe forward (its parent reads .weight directly, e.g. "
+                "MultiheadAttention.out_proj): kept"
+            )
+            continue
         if sp < min_sparsity:
             row.reason = f"sparsity {sp:.3f} < min_sparsity {min_sparsity}"
             continue
         if isinstance(mod, nn.Conv2d) and mod.padding_mode != "zeros":
             row.reason = f"padding_mode={mod.padding_mode!r} unsupported"
             continue
-        cls = _sparse_class(mod, quantize, prototype)
-        sparse = cls.from_dense(mod).train(mod.training)
+        sparse = _sparse_class(mod, scheme).from_dense(mod).train(mod.training)
+        row.scheme, row.pattern_hash = scheme, _pattern_hash(sparse)
         if prototype:
             row.swapped, row.reason = True, "prototype (swapped on sparsity)"
         else:
-            row.dense_ms = _time_fwd_bwd(mod, shape, repeats, warmup)
-            row.sparse_ms = _time_fwd_bwd(sparse, shape, repeats, warmup)
+            if verbose:
+                print(
+                    f"qsparseprop: timing {timed.index(name) + 1}/{len(timed)} {name} {row.input_shape}",
+                    file=sys.stderr,
+                )
+            row.dense_ms = _time_fwd_bwd(mod, row.input_shape, repeats, warmup, autocast)
+            row.sparse_ms = _time_fwd_bwd(sparse, row.input_shape, repeats, warmup, autocast)
+            sparse._step.zero_()  # timing steps do not count: the rounding streams start where a fresh layer's do
             speedup = row.dense_ms / row.sparse_ms
             row.swapped = speedup >= min_speedup
-            row.reason = f"{speedup:.2f}x {'>=' if row.swapped else '<'} min_speedup {min_speedup}"
+            base = f"dense {autocast}".replace("torch.", "") if autocast else "dense fp32"
+            row.reason = f"{speedup:.2f}x vs {base} {'>=' if row.swapped else '<'} min_speedup {min_speedup}"
         if row.swapped:
-            parent_name, _, child = name.rpartition(".")
-            setattr(target.get_submodule(parent_name) if parent_name else target, child, sparse)
+            _replace(target, name, sparse)
 
     target.qsparseprop_swap_report = report
     if verbose:
         print(format_swap_report(report))
+    return target
+
+
+# ---- plans -------------------------------------------------------------------------
+
+
+def save_swap_plan(report: list[SwapDecision] | nn.Module, path: str | os.PathLike) -> None:
+    """Writes a swap report (or a swapped model's) as JSON for ``plan=``."""
+    if isinstance(report, nn.Module):
+        report = report.qsparseprop_swap_report
+    with open(path, "w") as f:
+        json.dump({"version": _PLAN_VERSION, "layers": [dataclasses.asdict(r) for r in report]}, f, indent=1)
+
+
+def load_swap_plan(path: str | os.PathLike) -> list[SwapDecision]:
+    with open(path) as f:
+        data = json.load(f)
+    if not isinstance(data, dict) or data.get("version") != _PLAN_VERSION or not isinstance(data.get("layers"), list):
+        raise ValueError(f"{path}: not a qsparseprop swap plan (version {_PLAN_VERSION})")
+    return _as_decisions(data["layers"])
+
+
+def _as_decisions(plan) -> list[SwapDecision]:
+    if isinstance(plan, (str, os.PathLike)):
+        return load_swap_plan(plan)
+    fields = {f.name for f in dataclasses.fields(SwapDecision)}
+    out = []
+    for entry in plan:
+        if isinstance(entry, SwapDecision):
+            out.append(entry)
+        elif isinstance(entry, dict) and fields.issuperset(entry) and "name" in entry:
+            e = dict(entry)
+            e["input_shape"] = tuple(e.get("input_shape", ()))
+            out.append(SwapDecision(**e))
+        else:
+            raise ValueError(f"a swap plan entry must be a SwapDecision or its dict, got {entry!r}")
+    return out
+
+
+def apply_swap_plan(
+    model: nn.Module, plan, state_dict: dict | None = None, strict: bool = True, verbose: bool = False
+) -> nn.Module:
+    """Makes the swaps a plan recorded, in place, without timing. The pattern
+    of each swapped layer comes from the model's (pruned) weights, or, with
+    ``state_dict`` (a swapped model's checkpoint), from the checkpoint, which
+    is then loaded: a swapped model rebuilt from its dense architecture.
+    ``strict``: the recomputed pattern must have the plan's hash."""
+    decisions = _as_decisions(plan)
+    for d in decisions:
+        if not d.swapped:
+            continue
+        try:
+            mod = model.get_submodule(d.name)
+        except AttributeError:
+            raise ValueError(f"swap plan: the model has no layer {d.name!r}") from None
+        if type(mod).__name__ != d.kind or not isinstance(mod, (nn.Linear, nn.Conv2d)):
+            raise ValueError(f"swap plan: {d.name} is a {type(mod).__name__}, the plan recorded a {d.kind}")
+        cls = _sparse_class(mod, d.scheme or "s8")
+        if state_dict is not None:
+            sparse = _from_checkpoint(cls, mod, state_dict, d.name)
+        else:
+            sparse = cls.from_dense(mod)
+        sparse.train(mod.training)
+        if strict and d.pattern_hash and _pattern_hash(sparse) != d.pattern_hash:
+            raise ValueError(
+                f"swap plan: {d.name}'s pattern differs from the plan's (hash {_pattern_hash(sparse)} vs "
+                f"{d.pattern_hash}): pruned differently? (strict=False swaps anyway)"
+            )
+        _replace(model, d.name, sparse)
+    if state_dict is not None:
+        model.load_state_dict(state_dict)
+    model.qsparseprop_swap_report = decisions
+    if verbose:
+        print(format_swap_report(decisions))
+    return model
+
+
+def _from_checkpoint(cls, mod: nn.Module, state_dict: dict, name: str) -> _SparseModule:
+    keys = {k: f"{name}.{k}" for k in ("row_ptr", "col_idx", "values", "bias")}
+    missing = [keys[k] for k in ("row_ptr", "col_idx", "values") if keys[k] not in state_dict]
+    if missing:
+        raise ValueError(f"swap plan: the state_dict has no {', '.join(missing)} (not a swapped model's?)")
+    rp, ci, values = (state_dict[keys[k]] for k in ("row_ptr", "col_idx", "values"))
+    bias = state_dict.get(keys["bias"])
+    if isinstance(mod, nn.Linear):
+        return cls(mod.in_features, mod.out_features, rp, ci, values, bias)
+    return cls(
+        mod.in_channels, mod.out_channels, mod.kernel_size, rp, ci, values, bias, mod.stride, mod.padding,
+        mod.dilation, mod.groups,
+    )  # fmt: skip
+
+
+# ---- back to dense -----------------------------------------------------------------
+
+
+def to_dense(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """An ordinary torch model: every sparse layer replaced by the dense
+    ``nn.Linear`` / ``nn.Conv2d`` with its (fine-tuned) weights, zeros where
+    pruned. ``torch.export``, ONNX and TorchScript take the result.
+
+    >>> import torch
+    >>> from qsparseprop import SparseLinear, to_dense
+    >>> net = torch.nn.Sequential(SparseLinear.from_dense(torch.nn.Linear(4, 2)))
+    >>> type(to_dense(net)[0]).__name__
+    'Linear'
+    """
+    if isinstance(model, _SparseModule):
+        return model.to_dense().train(model.training)
+    target = model if inplace else copy.deepcopy(model)
+    for name, mod in list(target.named_modules()):
+        if isinstance(mod, _SparseModule):
+            _replace(target, name, mod.to_dense().train(mod.training))
+    if hasattr(target, "qsparseprop_swap_report"):
+        del target.qsparseprop_swap_report
     return target
 
 
@@ -167,12 +357,13 @@ def _deepcopy_model(model: nn.Module) -> nn.Module:
 
 def format_swap_report(report: list[SwapDecision]) -> str:
     """The verbose table of ``swap_modules_with_sparse``."""
-    head = f"{'layer':<24} {'kind':<7} {'input shape':<20} {'sparsity':>8} {'dense ms':>9} {'sparse ms':>9}  decision"
+    head = f"{'layer':<24} {'kind':<8} {'input shape':<20} {'sparsity':>8} {'dense ms':>9} {'sparse ms':>9}  decision"
     lines = [head, "-" * len(head)]
     for r in report:
         fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
         lines.append(
-            f"{r.name:<24} {r.kind:<7} {str(r.input_shape):<20} {r.sparsity:>8.3f} {fmt(r.dense_ms):>9} "
-            f"{fmt(r.sparse_ms):>9}  {'swap' if r.swapped else 'keep'} ({r.reason})"
+            f"{r.name:<24} {r.kind:<8} {str(r.input_shape):<20} {r.sparsity:>8.3f} {fmt(r.dense_ms):>9} "
+            f"{fmt(r.sparse_ms):>9}  {'swap' if r.swapped else 'keep'}{' ' + r.scheme if r.swapped else ''} "
+            f"({r.reason})"
         )
     return "\n".join(lines)

@@ -73,3 +73,100 @@ def test_prototype_swap():
     swap_modules_with_sparse(model, (2, 3, 8, 8), verbose=False, prototype=True)
     assert isinstance(model[0], PrototypeQuantizedSparseConv2d)
     model(torch.randn(2, 3, 8, 8)).sum().backward()
+
+
+def test_the_probe_leaves_batchnorm_statistics_and_modes_alone():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 4))
+    for mod in (m[0], m[4]):
+        prune.l1_unstructured(mod, "weight", amount=0.9)
+    m.train()
+    bn = {k: v.clone() for k, v in m[1].state_dict().items()}
+    swap_modules_with_sparse(m, (2, 3, 8, 8), verbose=False, min_speedup=0.0)
+    for k, v in m[1].state_dict().items():
+        assert torch.equal(v, bn[k]), f"BatchNorm {k} changed"
+    assert all(mod.training for mod in m.modules())
+
+
+def test_subclasses_are_considered_and_every_skip_is_listed():
+    torch.manual_seed(0)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+            self.ff = nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.ff(self.attn(x, x, x)[0])
+
+    m = Block()
+    for mod in m.modules():
+        if isinstance(mod, nn.Linear):
+            prune.l1_unstructured(mod, "weight", amount=0.9)
+    swap_modules_with_sparse(m, (2, 5, 16), verbose=False, min_speedup=0.0)
+    rows = {r.name: r for r in m.qsparseprop_swap_report}
+    assert "attn.out_proj" in rows, "a subclass of nn.Linear is a candidate"
+    assert not rows["attn.out_proj"].swapped and "not called" in rows["attn.out_proj"].reason
+    assert rows["ff"].swapped
+    m(torch.randn(2, 5, 16)).sum().backward()  # the block still trains
+
+
+def test_a_saved_plan_reproduces_the_swaps_and_rebuilds_from_a_checkpoint(tmp_path):
+    model = _model()
+    swapped = swap_modules_with_sparse(model, (2, 3, 8, 8), inplace=False, verbose=False, min_speedup=1.0)
+    # make the decisions mixed whatever the timings said
+    report = swapped.qsparseprop_swap_report
+    report[0].swapped, report[0].scheme = False, ""
+    from qsparseprop import apply_swap_plan, load_swap_plan, save_swap_plan
+
+    plan_path = tmp_path / "plan.json"
+    save_swap_plan(report, plan_path)
+    plan = load_swap_plan(plan_path)
+    assert [(d.name, d.swapped) for d in plan] == [(d.name, d.swapped) for d in report]
+    # the same swaps, without timing, on another copy of the pruned model
+    again = swap_modules_with_sparse(_model(), plan=plan_path, verbose=False)
+    kinds = [type(again.get_submodule(d.name)).__name__ for d in plan]
+    assert kinds == [
+        ("QuantizedSparseLinear" if d.kind == "Linear" else "QuantizedSparseConv2d") if d.swapped else d.kind
+        for d in plan
+    ]
+    # a swapped model's state_dict rebuilds a model from the dense architecture
+    for d in plan:
+        if d.swapped:
+            again.get_submodule(d.name).values.data.mul_(1.5)  # "fine-tuned"
+    sd = again.state_dict()
+    rebuilt = apply_swap_plan(_model(), plan, state_dict=sd)
+    x = torch.randn(2, 3, 8, 8)
+    again.eval(), rebuilt.eval()
+    assert torch.equal(rebuilt(x), again(x))
+
+
+def test_a_plan_refuses_a_model_pruned_differently():
+    plan = swap_modules_with_sparse(_model(0.9), (2, 3, 8, 8), verbose=False, prototype=True).qsparseprop_swap_report
+    import pytest
+
+    with pytest.raises(ValueError, match="pattern differs"):
+        swap_modules_with_sparse(_model(0.95), plan=plan, verbose=False)
+
+
+def test_to_dense_round_trip_and_export():
+    from qsparseprop import to_dense
+
+    model = swap_modules_with_sparse(_model(), (2, 3, 8, 8), verbose=False, min_speedup=0.0, quantize=False)
+    model.eval()
+    dense = to_dense(model)
+    assert not any(type(m).__module__.startswith("qsparseprop") for m in dense.modules())
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(dense(x), model(x), rtol=1e-5, atol=1e-5)
+    exported = torch.export.export(dense, (x,))
+    torch.testing.assert_close(exported.module()(x), dense(x))
+    exported_sparse = torch.export.export(model, (x,))  # the swapped model exports too
+    torch.testing.assert_close(exported_sparse.module()(x), model(x))
+
+
+def test_decisions_against_bf16_autocast_with_progress(capsys):
+    model = swap_modules_with_sparse(_model(), (2, 3, 8, 8), autocast=torch.bfloat16, min_speedup=0.0, repeats=2)
+    err = capsys.readouterr().err
+    assert "timing 1/4" in err and "timing 4/4" in err
+    assert all("vs dense bfloat16" in r.reason for r in model.qsparseprop_swap_report if r.swapped)
