@@ -67,3 +67,12 @@ def test_isa_hygiene_flags_avx512_code_outside_its_tier(tmp_path):
     problems = check_isa_hygiene.check(str(dirty))
     assert any("portable_sum" in p and "AVX" in p for p in problems), problems
     assert not any("sum_avx512" in p for p in problems)
+
+
+def test_the_readme_cpp_example_is_the_program_the_tests_build():
+    """The README's C++ block is tests/cmake_consumer/main.cpp (built and run
+    by the test command), so it compiles as written."""
+    readme = (ROOT / "README.md").read_text()
+    main = (ROOT / "tests" / "cmake_consumer" / "main.cpp").read_text()
+    body = main[main.index("#include <cmath>") :].rstrip()
+    assert "```cpp\n" + body + "\n```" in readme
