@@ -11,7 +11,7 @@ torch.Size([4, 8])
 import torch  # noqa: F401
 
 from . import _C
-from .modules import QuantizedSparseConv2d, QuantizedSparseLinear, SparseConv2d, SparseLinear
+from .modules import FusedReLU, QuantizedSparseConv2d, QuantizedSparseLinear, SparseConv2d, SparseLinear
 from .prototype import PrototypeQuantizedSparseConv2d, PrototypeQuantizedSparseLinear
 from .swap import (
     SwapDecision,
@@ -106,6 +106,7 @@ __all__ = [
     "save_swap_plan",
     "load_swap_plan",
     "to_dense",
+    "FusedReLU",
     "format_swap_report",
     "SwapDecision",
     "cpu_isa",

@@ -355,3 +355,47 @@ def conv2d(x, values, bias, row_ptr, col_idx, handle, seed, spec, scheme, vector
     if torch.compiler.is_compiling():
         return conv2d_forward(x, values, bias, row_ptr, col_idx, handle, seed, spec, scheme, vectorization)[0]
     return _SparseFunction.apply(x, values, bias, row_ptr, col_idx, handle, seed, spec, scheme, vectorization, True)
+
+
+# ---- relu keeping one bit per element -------------------------------------------------
+
+_BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+
+
+def _pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    flat = mask.reshape(-1).to(torch.uint8)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    return (flat.view(-1, 8) * _BIT_WEIGHTS).sum(1, dtype=torch.uint8)
+
+
+def _unpack_bits(bits: torch.Tensor, shape) -> torch.Tensor:
+    n = 1
+    for d in shape:
+        n *= d
+    return ((bits.unsqueeze(1) & _BIT_WEIGHTS) != 0).view(-1)[:n].view(shape)
+
+
+class _ReluBits(torch.autograd.Function):
+    """relu(y) whose backward keeps one bit per element (y > 0) instead of the
+    float output: with it fused into a sparse layer, int8 training saves only
+    the next layer's int8 copy of an activation and these bits (1/8 byte per
+    element), not the fp32 tensor nn.ReLU would keep. Same values and
+    gradients as torch.relu (NaN propagates forward; its gradient is 0)."""
+
+    @staticmethod
+    def forward(ctx, y):
+        ctx.shape = y.shape
+        ctx.save_for_backward(_pack_bits(y > 0))
+        return torch.relu(y)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        (bits,) = ctx.saved_tensors
+        return grad * _unpack_bits(bits, ctx.shape)
+
+
+def relu_bits(y: torch.Tensor) -> torch.Tensor:
+    return _ReluBits.apply(y)

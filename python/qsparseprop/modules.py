@@ -70,11 +70,19 @@ def _as_index_tensor(t, name: str, dtype: torch.dtype) -> torch.Tensor:
 # ---- shared base ----------------------------------------------------------------
 
 
+class FusedReLU(nn.Identity):
+    """Where an ``nn.ReLU`` stood after a sparse layer that now applies it
+    itself (``fused_relu``): a marker, so ``to_dense`` can put the ReLU back."""
+
+
 class _SparseModule(nn.Module):
     """Pattern buffers, values parameter, kernel lifetime and input checks."""
 
     scheme = "f32"
     prototype = False
+    # relu applied to the output, its backward keeping one bit per element
+    # (swap_modules_with_sparse sets it where an nn.ReLU follows the layer)
+    fused_relu = False
 
     def _init_sparse(self, rows, cols, row_ptr, col_idx, values, bias, seed: int):
         row_ptr = _as_index_tensor(row_ptr, "row_ptr", torch.int64)
@@ -280,7 +288,9 @@ class SparseLinear(_SparseModule):
         return cls(module.in_features, module.out_features, row_ptr, col_idx, values, bias, seed)
 
     def to_dense(self) -> nn.Linear:
-        """A dense ``nn.Linear`` with the same weights (zeros where pruned)."""
+        """A dense ``nn.Linear`` with the same weights (zeros where pruned).
+        A fused ReLU is not part of it (``qsparseprop.to_dense(model)`` puts
+        the ``nn.ReLU`` back where it stood)."""
         m = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
         with torch.no_grad():
             m.weight.copy_(self._dense_weight_2d())
@@ -317,6 +327,8 @@ class SparseLinear(_SparseModule):
         if x2.shape[0] == 0:
             return F.linear(x, self._dense_weight_2d(), self.bias)
         y = self._compute(x2.contiguous())
+        if self.fused_relu:
+            y = _ops.relu_bits(y)
         return y.reshape(*lead, self.out_features)
 
     def _compute(self, x2: torch.Tensor) -> torch.Tensor:
@@ -329,6 +341,7 @@ class SparseLinear(_SparseModule):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, density={self.density:.4f}, scheme={self.scheme}"
+            + (", fused_relu=True" if self.fused_relu else "")
         )
 
 
@@ -493,7 +506,8 @@ class SparseConv2d(_SparseModule):
         )
 
     def to_dense(self) -> nn.Conv2d:
-        """A dense ``nn.Conv2d`` with the same weights (zeros where pruned)."""
+        """A dense ``nn.Conv2d`` with the same weights (zeros where pruned);
+        a fused ReLU is not part of it, as for ``SparseLinear.to_dense``."""
         m = nn.Conv2d(
             self.in_channels,
             self.out_channels,
@@ -559,6 +573,8 @@ class SparseConv2d(_SparseModule):
             )
         else:
             y = self._compute(x.contiguous())
+        if self.fused_relu:
+            y = _ops.relu_bits(y)
         if channels_last:
             y = y.contiguous(memory_format=torch.channels_last)
         return y.squeeze(0) if unbatched else y
@@ -574,6 +590,7 @@ class SparseConv2d(_SparseModule):
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
             f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
             f"bias={self.bias is not None}, density={self.density:.4f}, scheme={self.scheme}"
+            + (", fused_relu=True" if self.fused_relu else "")
         )
 
 

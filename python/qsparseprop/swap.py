@@ -17,7 +17,14 @@ import torch
 from torch import nn
 
 from . import _ops
-from .modules import QuantizedSparseConv2d, QuantizedSparseLinear, SparseConv2d, SparseLinear, _SparseModule
+from .modules import (
+    FusedReLU,
+    QuantizedSparseConv2d,
+    QuantizedSparseLinear,
+    SparseConv2d,
+    SparseLinear,
+    _SparseModule,
+)
 from .prototype import PrototypeQuantizedSparseConv2d, PrototypeQuantizedSparseLinear
 
 _PLAN_VERSION = 1
@@ -37,6 +44,7 @@ class SwapDecision:
     reason: str
     scheme: str = ""  # what it was swapped to: "f32", "s8" or "prototype"
     pattern_hash: str = ""  # of the CSR pattern (validate_csr's hash), for plans
+    fused_relu: bool = False  # the nn.ReLU right after it is applied by the layer
 
 
 def _sparsity(module: nn.Module) -> float:
@@ -136,6 +144,7 @@ def swap_modules_with_sparse(
     warmup: int = 2,
     plan: list[SwapDecision] | list[dict] | str | os.PathLike | None = None,
     autocast: torch.dtype | None = None,
+    fuse_relu: bool = True,
 ) -> nn.Module:
     """Replaces each ``nn.Linear`` / ``nn.Conv2d`` (subclasses included) that
     is at least ``min_sparsity`` sparse and, timed forward+backward at its real
@@ -146,6 +155,11 @@ def swap_modules_with_sparse(
     emulation (swapped on sparsity alone: it is for accuracy studies, not
     speed). ``autocast`` (e.g. ``torch.bfloat16``) times the dense layers
     under ``torch.autocast("cpu", dtype=autocast)``, the dtype you train in.
+    ``fuse_relu``: an ``nn.ReLU`` that directly follows a swapped layer in an
+    ``nn.Sequential`` is applied by the layer, keeping one bit per element
+    for its backward instead of the fp32 output (int8 training then saves
+    only int8 copies of those activations); a ``FusedReLU`` marker takes its
+    place.
     ``plan`` (a report of an earlier swap, or a file written by
     :func:`save_swap_plan`) makes exactly those swaps without timing anything
     (``input_shape`` is then not needed): the same model on another rank or
@@ -223,10 +237,28 @@ def swap_modules_with_sparse(
         if row.swapped:
             _replace(target, name, sparse)
 
+    if fuse_relu:
+        _fuse_relus(target, report)
     target.qsparseprop_swap_report = report
     if verbose:
         print(format_swap_report(report))
     return target
+
+
+def _fuse_relus(model: nn.Module, report: list[SwapDecision]) -> None:
+    """Fuses each nn.ReLU that directly follows a swapped layer of the report
+    in an nn.Sequential (what the plan says, when it says it)."""
+    rows = {r.name: r for r in report if r.swapped}
+    for seq_name, seq in model.named_modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        children = list(seq.named_children())
+        for (name, layer), (relu_name, relu) in zip(children, children[1:], strict=False):
+            full = f"{seq_name}.{name}" if seq_name else name
+            if full in rows and isinstance(layer, _SparseModule) and type(relu) is nn.ReLU:
+                layer.fused_relu = True
+                setattr(seq, relu_name, FusedReLU())
+                rows[full].fused_relu = True
 
 
 # ---- plans -------------------------------------------------------------------------
@@ -295,6 +327,12 @@ def apply_swap_plan(
                 f"{d.pattern_hash}): pruned differently? (strict=False swaps anyway)"
             )
         _replace(model, d.name, sparse)
+    fused = [d for d in decisions if d.swapped and d.fused_relu]
+    if fused:
+        _fuse_relus(model, [dataclasses.replace(d) for d in fused])
+        for d in fused:
+            if not model.get_submodule(d.name).fused_relu:
+                raise ValueError(f"swap plan: {d.name} had its ReLU fused, but no nn.ReLU follows it here")
     if state_dict is not None:
         model.load_state_dict(state_dict)
     model.qsparseprop_swap_report = decisions
@@ -333,8 +371,12 @@ def to_dense(model: nn.Module, inplace: bool = False) -> nn.Module:
     'Linear'
     """
     if isinstance(model, _SparseModule):
-        return model.to_dense().train(model.training)
+        dense = model.to_dense().train(model.training)
+        return nn.Sequential(dense, nn.ReLU()) if model.fused_relu else dense
     target = model if inplace else copy.deepcopy(model)
+    for name, mod in list(target.named_modules()):
+        if isinstance(mod, FusedReLU):
+            _replace(target, name, nn.ReLU())  # the ReLU back where it stood
     for name, mod in list(target.named_modules()):
         if isinstance(mod, _SparseModule):
             _replace(target, name, mod.to_dense().train(mod.training))
