@@ -23,7 +23,10 @@ def saved_activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
         ptr = t.untyped_storage().data_ptr()
         if ptr not in params:
             seen[ptr] = max(seen.get(ptr, 0), t.untyped_storage().nbytes())
-        return t
+        # a detached alias: returning a saved *output* itself would make a
+        # reference cycle (output -> its grad_fn -> the output) that outlives
+        # the graph (torch's saved_tensors_hooks caveat)
+        return t.detach()
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = model(x)
