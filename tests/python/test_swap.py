@@ -77,7 +77,9 @@ def test_prototype_swap():
 
 def test_the_probe_leaves_batchnorm_statistics_and_modes_alone():
     torch.manual_seed(0)
-    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 4))
+    m = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 4)
+    )
     for mod in (m[0], m[4]):
         prune.l1_unstructured(mod, "weight", amount=0.9)
     m.train()
@@ -170,3 +172,28 @@ def test_decisions_against_bf16_autocast_with_progress(capsys):
     err = capsys.readouterr().err
     assert "timing 1/4" in err and "timing 4/4" in err
     assert all("vs dense bfloat16" in r.reason for r in model.qsparseprop_swap_report if r.swapped)
+
+
+def test_a_plan_saved_here_makes_the_same_swaps_in_another_process(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from qsparseprop import save_swap_plan
+
+    model = swap_modules_with_sparse(_model(), (2, 3, 8, 8), verbose=False, min_speedup=1.0)
+    plan = tmp_path / "plan.json"
+    save_swap_plan(model, plan)
+    here = [type(m).__name__ for m in model]
+    script = (
+        "import sys, torch; sys.path.insert(0, sys.argv[2]); from test_swap import _model; "
+        "from qsparseprop import swap_modules_with_sparse as s; "
+        "m = s(_model(), plan=sys.argv[1], verbose=False); print(','.join(type(x).__name__ for x in m))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(plan), str(Path(__file__).parent)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.strip().split(",") == here
