@@ -130,6 +130,7 @@ protected:
         fwd_t fwd;
         bwd_data_t bwd_data;
         bwd_weights_t bwd_weights;
+        qsp::sparse_backward<bwd_data_t, bwd_weights_t> both; // one call for a training step
         dims src, dst;
         std::string impls;
     };
@@ -169,7 +170,8 @@ protected:
                                                           dst_md, fwd_pd);
         });
         auto p = std::make_shared<const primitives>(
-                primitives{fwd_pd, fwd_t(fwd_pd), bwd_data_t(bd_pd), bwd_weights_t(bw_pd), src, dst,
+                primitives{fwd_pd, fwd_t(fwd_pd), bwd_data_t(bd_pd), bwd_weights_t(bw_pd),
+                           qsp::sparse_backward<bwd_data_t, bwd_weights_t>(bd_pd, bw_pd), src, dst,
                            fwd_pd.impl_info_str() + "/" + bd_pd.impl_info_str() + "/"
                                    + bw_pd.impl_info_str()});
         cache_.push_front(entry{src, threads, p});
@@ -233,18 +235,23 @@ protected:
         return py::make_tuple(y, workspace);
     }
 
-    // Allocates dx (from the pool) and runs backward-data.
-    py::array backward_data(const primitives &p, const py::array &dy, const py::array &values,
-                            uint64_t seed) {
-        py::array_t<float> dx = pooled_array<float>(p.src);
-        int32_t seed_storage[2];
-        qsp::exec_args args{
+    // backward-data's arguments; dx allocated from the pool.
+    qsp::exec_args data_args(const primitives &p, const py::array &dy, const py::array &values,
+                             py::array_t<float> &dx, int32_t *seed_storage, uint64_t seed) const {
+        return qsp::exec_args{
                 {DNNL_ARG_DIFF_DST,
                  mem(f32_md(p.dst), checked<float>(dy, "grad_out", p.dst, false))},
                 {DNNL_ARG_WEIGHTS,
                  mem(f32_md({nnz()}), checked<float>(values, "values", {nnz()}, false))},
                 {DNNL_ARG_DIFF_SRC, mem(f32_md(p.src), dx.mutable_data())},
                 {qsp::QSP_ARG_ROUNDING_SEED, seed_mem(seed_storage, seed)}};
+    }
+
+    py::array backward_data(const primitives &p, const py::array &dy, const py::array &values,
+                            uint64_t seed) {
+        py::array_t<float> dx = pooled_array<float>(p.src);
+        int32_t seed_storage[2];
+        const qsp::exec_args args = data_args(p, dy, values, dx, seed_storage, seed);
         {
             py::gil_scoped_release release;
             p.bwd_data.execute(stream_, args);
@@ -252,10 +259,27 @@ protected:
         return dx;
     }
 
-    void backward_weights(const primitives &p, const py::object &x, const py::object &workspace,
-                          const py::array &dy, py::array &dvalues, const py::object &dbias,
-                          uint64_t seed) {
+    // Both directions in one call (the fused primitive): returns dx.
+    py::array backward(const primitives &p, const py::object &x, const py::object &workspace,
+                       const py::array &dy, const py::array &values, py::array &dvalues,
+                       const py::object &dbias, uint64_t seed) {
+        py::array_t<float> dx = pooled_array<float>(p.src);
         int32_t seed_storage[2];
+        qsp::exec_args args = weights_args(p, x, workspace, dy, dvalues, dbias, seed_storage, seed);
+        for (auto &kv : data_args(p, dy, values, dx, seed_storage, seed))
+            args.insert(kv);
+        {
+            py::gil_scoped_release release;
+            p.both.execute(stream_, args);
+        }
+        return dx;
+    }
+
+    // backward-weights' arguments (x for f32, the workspace for s8).
+    qsp::exec_args weights_args(const primitives &p, const py::object &x,
+                                const py::object &workspace, const py::array &dy,
+                                py::array &dvalues, const py::object &dbias, int32_t *seed_storage,
+                                uint64_t seed) const {
         qsp::exec_args args{
                 {DNNL_ARG_DIFF_DST,
                  mem(f32_md(p.dst), checked<float>(dy, "grad_out", p.dst, false))},
@@ -281,6 +305,15 @@ protected:
                     mem(f32_md({p.dst[1]}),
                         checked<float>(dbias.cast<py::array>(), "grad_bias", {p.dst[1]}, true));
         }
+        return args;
+    }
+
+    void backward_weights(const primitives &p, const py::object &x, const py::object &workspace,
+                          const py::array &dy, py::array &dvalues, const py::object &dbias,
+                          uint64_t seed) {
+        int32_t seed_storage[2];
+        const qsp::exec_args args =
+                weights_args(p, x, workspace, dy, dvalues, dbias, seed_storage, seed);
         py::gil_scoped_release release;
         p.bwd_weights.execute(stream_, args);
     }
@@ -328,6 +361,11 @@ public:
     void bwd_weights(const py::object &x, const py::object &ws, const py::array &dy, py::array &dv,
                      const py::object &db, uint64_t seed, int threads) {
         backward_weights(*prims(batch_of(dy), threads), x, ws, dy, dv, db, seed);
+    }
+    py::array bwd(const py::object &x, const py::object &ws, const py::array &dy,
+                  const py::array &values, py::array &dv, const py::object &db, uint64_t seed,
+                  int threads) {
+        return backward(*prims(batch_of(dy), threads), x, ws, dy, values, dv, db, seed);
     }
 
 private:
@@ -406,6 +444,14 @@ public:
             throw py::value_error("input_shape must have 4 entries (N, C, H, W), got "
                                   + std::to_string(src.size()));
         backward_weights(*prims(src, threads), x, ws, dy, dv, db, seed);
+    }
+    py::array bwd(const py::object &x, const py::object &ws, const py::array &dy,
+                  const py::array &values, py::array &dv, const py::object &db, const dims &src,
+                  uint64_t seed, int threads) {
+        if (src.size() != 4)
+            throw py::value_error("input_shape must have 4 entries (N, C, H, W), got "
+                                  + std::to_string(src.size()));
+        return backward(*prims(src, threads), x, ws, dy, values, dv, db, seed);
     }
 
     static qsp::conv2d_geometry geometry(std::array<int64_t, 2> kernel,
@@ -550,7 +596,8 @@ PYBIND11_MODULE(_C, m) {
             .def("implementations", &linear_layer::implementations)
             .def("forward", &linear_layer::fwd)
             .def("backward_data", &linear_layer::bwd_data)
-            .def("backward_weights", &linear_layer::bwd_weights);
+            .def("backward_weights", &linear_layer::bwd_weights)
+            .def("backward", &linear_layer::bwd);
 
     py::class_<conv2d_layer>(m, "Conv2dKernel")
             .def(py::init<int64_t, int64_t, std::array<int64_t, 2>, std::array<int64_t, 2>,
@@ -570,5 +617,6 @@ PYBIND11_MODULE(_C, m) {
             .def("implementations", &conv2d_layer::implementations)
             .def("forward", &conv2d_layer::fwd)
             .def("backward_data", &conv2d_layer::bwd_data)
-            .def("backward_weights", &conv2d_layer::bwd_weights);
+            .def("backward_weights", &conv2d_layer::bwd_weights)
+            .def("backward", &conv2d_layer::bwd);
 }

@@ -81,6 +81,7 @@ using exec_args = std::unordered_map<int, dnnl::memory>;
 namespace detail {
 struct pd_impl;
 struct kernel;
+struct shared_gradient;
 } // namespace detail
 
 // Common part of every primitive descriptor: the validated problem and the
@@ -109,6 +110,10 @@ protected:
 class primitive_base {
 public:
     void execute(const dnnl::stream &stream, const exec_args &args) const;
+    // The fused backward's execution (sparse_backward below): `shared` carries
+    // the output gradient's packing from one direction to the other.
+    void execute(const dnnl::stream &stream, const exec_args &args,
+                 detail::shared_gradient *shared) const;
 
 protected:
     void init(const primitive_desc_base &pd);
@@ -194,5 +199,32 @@ struct sparse_conv2d_backward_weights : primitive_base {
     };
     explicit sparse_conv2d_backward_weights(const primitive_desc &pd);
 };
+
+// ---- one backward call ------------------------------------------------------
+
+// Backward-data and backward-weights of one layer in one execution, for
+// callers that want both (a training step): the output gradient is packed
+// (or quantized) once where both directions' implementations take it in the
+// same form. The results equal the two primitives run separately (bit for bit
+// in s8). Arguments: the union of the two primitives' (DIFF_DST, WEIGHTS,
+// QSP_ARG_ROUNDING_SEED, SRC or WORKSPACE -> DIFF_SRC, DIFF_WEIGHTS,
+// DIFF_BIAS). The descriptors must describe the same layer and shapes.
+template <typename data_t, typename weights_t> class sparse_backward {
+public:
+    sparse_backward(const typename data_t::primitive_desc &data,
+                    const typename weights_t::primitive_desc &weights);
+    void execute(const dnnl::stream &stream, const exec_args &args) const;
+    // "<backward-data implementation>/<backward-weights implementation>"
+    std::string impl_info_str() const { return impl_info_; }
+
+private:
+    data_t data_;
+    weights_t weights_;
+    std::string impl_info_;
+};
+using sparse_linear_backward =
+        sparse_backward<sparse_linear_backward_data, sparse_linear_backward_weights>;
+using sparse_conv2d_backward =
+        sparse_backward<sparse_conv2d_backward_data, sparse_conv2d_backward_weights>;
 
 } // namespace qsp

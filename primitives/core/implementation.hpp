@@ -12,8 +12,20 @@
 #include <vector>
 
 #include "primitives/core/problem.hpp"
+#include "runtime/scratch_pool.hpp"
 
 namespace qsp::detail {
+
+// The fused backward (qsp::sparse_backward): the first direction that packs
+// dY into a form a kernel family shares records it here, in memory that lives
+// for the whole fused execution; the second direction uses it when it needs
+// that form (same batch: the descriptors were checked to agree).
+struct shared_gradient {
+    enum class form { none, f32_tiles };
+    runtime::scratchpad scratch;
+    form kind = form::none;
+    const void *data = nullptr;
+};
 
 // The raw tensors of one execution (already checked against the descriptor).
 struct tensors {
@@ -27,7 +39,8 @@ struct tensors {
     float *diff_weights = nullptr;
     float *diff_bias = nullptr;
     uint64_t seed = 0;
-    int64_t batch = 0; // of this execution (plans may be shared across batch sizes)
+    int64_t batch = 0;                 // of this execution (plans may be shared across batch sizes)
+    shared_gradient *shared = nullptr; // set only inside a fused backward
 };
 
 struct kernel {

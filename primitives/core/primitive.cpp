@@ -25,6 +25,11 @@ void primitive_base::init(const primitive_desc_base &pd) {
 }
 
 void primitive_base::execute(const dnnl::stream &stream, const exec_args &args) const {
+    execute(stream, args, nullptr);
+}
+
+void primitive_base::execute(const dnnl::stream &stream, const exec_args &args,
+                             shared_gradient *shared) const {
     const pd_impl &pd = *pd_;
     if (stream.get_engine().get_kind() != dnnl::engine::kind::cpu)
         refuse(pd.primitive_name, "stream must belong to a CPU engine");
@@ -86,6 +91,7 @@ void primitive_base::execute(const dnnl::stream &stream, const exec_args &args) 
         }
     }
     t.batch = pd.prob.outer();
+    t.shared = shared;
     const double t0 = runtime::now_ms();
     const char *ran = nullptr;
     {

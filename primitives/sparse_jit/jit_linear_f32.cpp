@@ -102,11 +102,18 @@ private:
 
     void backward_data(const tensors &t, runtime::scratchpad &sp) const {
         const int nt = p_.num_threads;
-        float *dy = sp.get<float>(0, tiled_elems(t.batch, p_.out));
+        // In a fused backward the dY tiles go to memory that outlives this
+        // direction: backward-weights takes them as they are.
+        float *dy = t.shared ? t.shared->scratch.get<float>(0, tiled_elems(t.batch, p_.out))
+                             : sp.get<float>(0, tiled_elems(t.batch, p_.out));
         float *dx = sp.get<float>(1, tiled_elems(t.batch, p_.in));
         const float *values =
                 rows_.values(t.weights, sp.get<float>(2, p_.pattern.nnz()), nt); // transposed order
         pack_tiles(t.diff_dst, t.batch, p_.out, dy, nt);
+        if (t.shared) {
+            t.shared->kind = shared_gradient::form::f32_tiles;
+            t.shared->data = dy;
+        }
         run_spmm(t.batch, values, dy, p_.out, dx);
         unpack_tiles(dx, t.batch, p_.in, nullptr, t.diff_src, nt);
     }
@@ -114,9 +121,15 @@ private:
     void backward_weights(const tensors &t, runtime::scratchpad &sp) const {
         const int nt = p_.num_threads;
         float *x = sp.get<float>(0, tiled_elems(t.batch, p_.in));
-        float *dy = sp.get<float>(1, tiled_elems(t.batch, p_.out));
         pack_tiles(t.src, t.batch, p_.in, x, nt);
-        pack_tiles(t.diff_dst, t.batch, p_.out, dy, nt);
+        const float *dy = nullptr;
+        if (t.shared && t.shared->kind == shared_gradient::form::f32_tiles) {
+            dy = static_cast<const float *>(t.shared->data); // packed by backward-data
+        } else {
+            float *packed = sp.get<float>(1, tiled_elems(t.batch, p_.out));
+            pack_tiles(t.diff_dst, t.batch, p_.out, packed, nt);
+            dy = packed;
+        }
         std::fill(t.diff_weights, t.diff_weights + p_.pattern.nnz(), 0.f);
         // Tiles inside parts: each dW row accumulates its tiles in order,
         // so the result does not depend on the thread count.

@@ -121,22 +121,22 @@ def _backward_body(k, grad_y, x, workspace, values, seed, input_shape, need_dx, 
     dx, dv, db = _empty(), _empty(), _empty()
     seed = int(seed)
     conv = input_shape is not None
-    if need_dx:
-        args = (_np(grad_y), _np(values)) + ((list(input_shape),) if conv else ())
-        dx = torch.from_numpy(k.backward_data(*args, seed, _threads()))
+    shape = (list(input_shape),) if conv else ()
     if need_dv or need_db:
         dv = torch.empty_like(values)
         db = torch.empty(k.out_channels if conv else k.out_features, dtype=torch.float32) if k.with_bias else _empty()
-        args = [
+        common = (
             _np(x) if k.scheme == "f32" else None,
             _np(workspace) if workspace.numel() else None,
             _np(grad_y),
-            dv.detach().numpy(),
-            db.numpy() if k.with_bias else None,
-        ]
-        if conv:
-            args.append(list(input_shape))
-        k.backward_weights(*args, seed, _threads())
+        )
+        outs = (dv.detach().numpy(), db.numpy() if k.with_bias else None)
+        if need_dx:  # one call: the fused backward shares the packed gradient
+            dx = torch.from_numpy(k.backward(*common, _np(values), *outs, *shape, seed, _threads()))
+        else:
+            k.backward_weights(*common, *outs, *shape, seed, _threads())
+    elif need_dx:
+        dx = torch.from_numpy(k.backward_data(_np(grad_y), _np(values), *shape, seed, _threads()))
     return dx, dv, db
 
 

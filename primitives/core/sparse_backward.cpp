@@ -1,0 +1,54 @@
+// The fused backward: two primitives run back to back with one shared
+// output-gradient context.
+#include "primitives/core/implementation.hpp"
+#include "primitives/core/pd_impl.hpp"
+#include "qsparseprop/primitives.hpp"
+
+namespace qsp {
+
+using namespace detail;
+
+namespace {
+
+// Refuses descriptors that do not describe one layer's two backward
+// directions at the same shapes; returns the backward-data one.
+template <typename data_pd_t, typename weights_pd_t>
+const data_pd_t &checked_pair(const data_pd_t &data, const weights_pd_t &weights) {
+    const pd_impl &d = *data.impl(), &w = *weights.impl();
+    const char *name = "sparse_backward";
+    if (d.prob.dir != direction::backward_data || w.prob.dir != direction::backward_weights)
+        refuse(name, "takes a backward-data and a backward-weights descriptor");
+    if (!(d.prob.pattern == w.prob.pattern))
+        refuse(name, "the two descriptors have different weight patterns");
+    if (d.prob.scheme != w.prob.scheme || d.prob.prop != w.prob.prop)
+        refuse(name, "the two descriptors have different schemes or prop kinds");
+    if (d.dst_md != w.dst_md || d.src_md.get_dims() != w.src_md.get_dims())
+        refuse(name, "the two descriptors describe different shapes (diff_dst "
+                             + dims_str(d.dst_md.get_dims()) + " vs "
+                             + dims_str(w.dst_md.get_dims()) + ")");
+    if (!(d.prob.conv == w.prob.conv))
+        refuse(name, "the two descriptors have different convolution geometries");
+    return data;
+}
+
+} // namespace
+
+template <typename data_t, typename weights_t>
+sparse_backward<data_t, weights_t>::sparse_backward(
+        const typename data_t::primitive_desc &data,
+        const typename weights_t::primitive_desc &weights)
+    : data_(checked_pair(data, weights)), weights_(weights),
+      impl_info_(data.impl_info_str() + "/" + weights.impl_info_str()) {}
+
+template <typename data_t, typename weights_t>
+void sparse_backward<data_t, weights_t>::execute(const dnnl::stream &stream,
+                                                 const exec_args &args) const {
+    shared_gradient shared; // its scratch lives until both directions ran
+    data_.execute(stream, args, &shared);
+    weights_.execute(stream, args, &shared);
+}
+
+template class sparse_backward<sparse_linear_backward_data, sparse_linear_backward_weights>;
+template class sparse_backward<sparse_conv2d_backward_data, sparse_conv2d_backward_weights>;
+
+} // namespace qsp
