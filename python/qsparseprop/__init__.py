@@ -12,6 +12,7 @@ import torch  # noqa: F401
 
 from . import _C
 from .modules import FusedReLU, QuantizedSparseConv2d, QuantizedSparseLinear, SparseConv2d, SparseLinear
+from .outliers import OutlierQuantizedSparseLinear, PrototypeOutlierQuantizedSparseLinear
 from .prototype import PrototypeQuantizedSparseConv2d, PrototypeQuantizedSparseLinear
 from .swap import (
     SwapDecision,
@@ -107,6 +108,8 @@ __all__ = [
     "load_swap_plan",
     "to_dense",
     "FusedReLU",
+    "OutlierQuantizedSparseLinear",
+    "PrototypeOutlierQuantizedSparseLinear",
     "format_swap_report",
     "SwapDecision",
     "cpu_isa",

@@ -74,7 +74,18 @@ def _time_fwd_bwd(module: nn.Module, shape: tuple[int, ...], repeats: int, warmu
 
 
 def _sparse_class(module: nn.Module, scheme: str):
+    from .outliers import OutlierQuantizedSparseLinear, PrototypeOutlierQuantizedSparseLinear
+
     linear = isinstance(module, nn.Linear)
+    if scheme in ("s8_outliers", "prototype_s8_outliers"):
+        if not linear:  # the outlier split is a Linear scheme; convolutions use s8
+            scheme = "prototype" if scheme.startswith("prototype") else "s8"
+        else:
+            return (
+                PrototypeOutlierQuantizedSparseLinear
+                if scheme.startswith("prototype")
+                else OutlierQuantizedSparseLinear
+            )
     return {
         ("prototype", True): PrototypeQuantizedSparseLinear,
         ("s8", True): QuantizedSparseLinear,
@@ -145,6 +156,7 @@ def swap_modules_with_sparse(
     plan: list[SwapDecision] | list[dict] | str | os.PathLike | None = None,
     autocast: torch.dtype | None = None,
     fuse_relu: bool = True,
+    scheme: str | None = None,
 ) -> nn.Module:
     """Replaces each ``nn.Linear`` / ``nn.Conv2d`` (subclasses included) that
     is at least ``min_sparsity`` sparse and, timed forward+backward at its real
@@ -155,6 +167,10 @@ def swap_modules_with_sparse(
     emulation (swapped on sparsity alone: it is for accuracy studies, not
     speed). ``autocast`` (e.g. ``torch.bfloat16``) times the dense layers
     under ``torch.autocast("cpu", dtype=autocast)``, the dtype you train in.
+    ``scheme`` ("f32", "s8", "s8_outliers") overrides ``quantize``:
+    "s8_outliers" gives Linear layers the outlier-robust int8 scheme
+    (``OutlierQuantizedSparseLinear``; convolutions get "s8"), its outlier
+    channels found on the first training batch after the swap.
     ``fuse_relu``: an ``nn.ReLU`` that directly follows a swapped layer in an
     ``nn.Sequential`` is applied by the layer, keeping one bit per element
     for its backward instead of the fp32 output (int8 training then saves
@@ -194,7 +210,12 @@ def swap_modules_with_sparse(
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
     if autocast not in (None, torch.bfloat16, torch.float16):
         raise ValueError(f"autocast must be None, torch.bfloat16 or torch.float16, got {autocast!r}")
-    scheme = "prototype" if prototype else "s8" if quantize else "f32"
+    if scheme is None:
+        scheme = "s8" if quantize else "f32"
+    elif scheme not in ("f32", "s8", "s8_outliers"):
+        raise ValueError(f"scheme must be 'f32', 's8' or 's8_outliers', got {scheme!r}")
+    if prototype:
+        scheme = "prototype_s8_outliers" if scheme == "s8_outliers" else "prototype"
     target = model if inplace else _deepcopy_model(model)
     shapes, candidates = _probe_shapes(target, input_shape)
 
@@ -218,7 +239,7 @@ def swap_modules_with_sparse(
             row.reason = f"padding_mode={mod.padding_mode!r} unsupported"
             continue
         sparse = _sparse_class(mod, scheme).from_dense(mod).train(mod.training)
-        row.scheme, row.pattern_hash = scheme, _pattern_hash(sparse)
+        row.scheme, row.pattern_hash = sparse.scheme if not prototype else scheme, _pattern_hash(sparse)
         if prototype:
             row.swapped, row.reason = True, "prototype (swapped on sparsity)"
         else:
@@ -230,6 +251,8 @@ def swap_modules_with_sparse(
             row.dense_ms = _time_fwd_bwd(mod, row.input_shape, repeats, warmup, autocast)
             row.sparse_ms = _time_fwd_bwd(sparse, row.input_shape, repeats, warmup, autocast)
             sparse._step.zero_()  # timing steps do not count: the rounding streams start where a fresh layer's do
+            if hasattr(sparse, "outliers_set"):
+                sparse.outliers_set.fill_(False)  # calibrated on the first real batch, not on the timing noise
             speedup = row.dense_ms / row.sparse_ms
             row.swapped = speedup >= min_speedup
             base = f"dense {autocast}".replace("torch.", "") if autocast else "dense fp32"
