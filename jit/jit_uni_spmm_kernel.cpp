@@ -61,15 +61,15 @@ template <cpu_isa isa> void jit_uni_spmm_kernel_t<isa>::generate() {
     const Vmm x_lo(avx512 ? 24 : 10), x_hi(avx512 ? 25 : 11), ones16(avx512 ? 26 : 14),
             nibble_mask(avx512 ? 27 : 15), t_lo(avx512 ? 28 : 12), t_hi(avx512 ? 29 : 13);
 
-    // General registers. The pixel loop's bases and counters that do not
-    // fit live in a small stack frame.
-    const Reg64 values = r8, offsets = r9, row_ptr = r10, row = r11, row_end = r12, src = r13,
-                dst = r14, pix_w = r15, i = rax, end = rdx, tmp = rcx;
+    // General registers; the group counter and row stride live in a small
+    // stack frame.
+    const Reg64 values = r8, offsets = r9, group_ptr = r10, row = r11, row_end = r12, src = r13,
+                dst = r14, n_groups = r15, i = rax, end = rdx, tmp = rcx;
     const Reg64 off[4] = {rsi, rdi, rbx, rbp}; // rdi (the params) is saved in the frame
-    const Address params = qword[rsp], pix_h_left = qword[rsp + 8], src_pix_row = qword[rsp + 16],
-                  dst_pix_row = qword[rsp + 24], dst_row_stride = qword[rsp + 32];
+    const Address params = qword[rsp], group = qword[rsp + 8], dst_row_stride = qword[rsp + 16],
+                  row_begin = qword[rsp + 24];
     auto field = [&](size_t offset) { return qword[tmp + offset]; }; // after mov(tmp, params)
-    constexpr size_t pix = offsetof(spmm_call_params, pix);
+    using cp = spmm_call_params;
 
     // One entry u of this step: its weight at values[i + u], its source row
     // at src + off[u].
@@ -100,51 +100,67 @@ template <cpu_isa isa> void jit_uni_spmm_kernel_t<isa>::generate() {
             }
         }
     };
+    auto zero = [&](const Vmm &v) {
+        if (s8)
+            vpxor(Xmm(v.getIdx()), Xmm(v.getIdx()), Xmm(v.getIdx())); // VEX: zeroes the upper bits
+        else
+            vxorps(Xmm(v.getIdx()), Xmm(v.getIdx()), Xmm(v.getIdx()));
+    };
 
-    // Pixels outside, rows inside: one pixel's source neighbourhood (every
-    // input channel at every tap) stays in cache while all the rows of the
-    // part use it; the other order streams the source once per row.
-    Label constants, pix_h_loop, pix_w_loop, row_loop, rows_done, step_loop, single_loop, store,
-            done;
+    // Groups outside, rows inside: a group's source rows stay in L1 while
+    // every row of the part uses them.
+    Label constants, group_loop, row_loop, rows_done, first_group, sums_ready, step_loop,
+            single_loop, store, done;
     preamble();
-    sub(rsp, 40);
+    sub(rsp, 32);
     mov(params, rdi);
     mov(tmp, rdi);
-    mov(values, field(offsetof(spmm_call_params, values)));
-    mov(offsets, field(offsetof(spmm_call_params, src_offsets)));
-    mov(row_ptr, field(offsetof(spmm_call_params, row_ptr)));
-    mov(row_end, field(offsetof(spmm_call_params, row_end)));
-    mov(i, field(offsetof(spmm_call_params, dst_row_stride)));
+    mov(values, field(offsetof(cp, values)));
+    mov(offsets, field(offsetof(cp, src_offsets)));
+    mov(group_ptr, field(offsetof(cp, group_ptr)));
+    mov(n_groups, field(offsetof(cp, n_groups)));
+    mov(row_end, field(offsetof(cp, row_end)));
+    mov(i, field(offsetof(cp, row_begin)));
+    mov(row_begin, i);
+    mov(i, field(offsetof(cp, dst_row_stride)));
     mov(dst_row_stride, i);
-    // An empty pixel grid computes nothing (the loops below count down).
-    cmp(field(pix + offsetof(pixel_grid, n_h)), 1);
-    jl(done, T_NEAR);
-    cmp(field(pix + offsetof(pixel_grid, n_w)), 1);
-    jl(done, T_NEAR);
+    mov(src, field(offsetof(cp, src_tile)));
+    mov(dst, field(offsetof(cp, dst_tile)));
     if (s8 && !native_dot) emit_int8_dot_constants(*this, ones16, nibble_mask, constants);
-    mov(src, field(offsetof(spmm_call_params, src_tile)));
-    mov(dst, field(offsetof(spmm_call_params, dst_tile)));
-    mov(src_pix_row, src);
-    mov(dst_pix_row, dst);
-    mov(i, field(pix + offsetof(pixel_grid, n_h)));
-    mov(pix_h_left, i);
+    mov(qword[rsp + 8], 0);
 
-    L(pix_h_loop);
-    mov(tmp, params);
-    mov(pix_w, field(pix + offsetof(pixel_grid, n_w)));
-
-    L(pix_w_loop);
-    mov(tmp, params);
-    mov(row, field(offsetof(spmm_call_params, row_begin)));
+    L(group_loop);
+    mov(tmp, group);
+    cmp(tmp, n_groups);
+    jge(done, T_NEAR);
+    mov(row, row_begin);
 
     L(row_loop);
     cmp(row, row_end);
     jge(rows_done, T_NEAR);
-    for (int s = 0; s < sets; ++s)
+    // The sums start at zero in the first group, from the row's stored
+    // partial sums in the others.
+    for (int s = 1; s < sets; ++s)
         for (int v = 0; v < nv; ++v)
-            vxorps(acc(s, v), acc(s, v), acc(s, v));
-    mov(i, ptr[row_ptr + row * 8]);
-    mov(end, ptr[row_ptr + row * 8 + 8]);
+            zero(acc(s, v));
+    cmp(group, 0);
+    je(first_group, T_NEAR);
+    mov(tmp, row);
+    imul(tmp, dst_row_stride);
+    for (int v = 0; v < nv; ++v)
+        vmovups(acc(0, v), ptr[dst + tmp + v * vlen]);
+    jmp(sums_ready, T_NEAR);
+    L(first_group);
+    for (int v = 0; v < nv; ++v)
+        zero(acc(0, v));
+    L(sums_ready);
+    // entries [group_ptr[row * (n_groups + 1) + group], ... + 1)
+    mov(i, row);
+    imul(i, n_groups);
+    add(i, row);
+    add(i, group);
+    mov(end, ptr[group_ptr + i * 8 + 8]);
+    mov(i, ptr[group_ptr + i * 8]);
 
     if (unroll > 1) {
         L(step_loop);
@@ -184,24 +200,11 @@ template <cpu_isa isa> void jit_uni_spmm_kernel_t<isa>::generate() {
     jmp(row_loop, T_NEAR);
 
     L(rows_done);
-    // next pixel of the row of pixels
-    mov(tmp, params);
-    add(src, field(pix + offsetof(pixel_grid, src_w)));
-    add(dst, field(pix + offsetof(pixel_grid, dst_w)));
-    dec(pix_w);
-    jnz(pix_w_loop, T_NEAR);
-    // next row of pixels
-    mov(src, src_pix_row);
-    add(src, field(pix + offsetof(pixel_grid, src_h)));
-    mov(src_pix_row, src);
-    mov(dst, dst_pix_row);
-    add(dst, field(pix + offsetof(pixel_grid, dst_h)));
-    mov(dst_pix_row, dst);
-    dec(pix_h_left);
-    jnz(pix_h_loop, T_NEAR);
+    inc(group);
+    jmp(group_loop, T_NEAR);
 
     L(done);
-    add(rsp, 40);
+    add(rsp, 32);
     postamble();
     if (s8 && !native_dot) emit_int8_dot_constant_table(*this, constants);
 }

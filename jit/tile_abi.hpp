@@ -37,19 +37,23 @@ struct pixel_grid {
     int64_t dst_h = 0, dst_w = 0;
 };
 
-// SpMM: for every pixel, dst[r] = sum over entries e of row r of
-// values[e] * src[offset of e] (tile rows: tile_batch lanes), for rows
-// [row_begin, row_end); forward with the CSR of W, backward-data with its
-// transpose. Each destination row is written whole (not accumulated).
+// SpMM (Linear): dst[r] = sum over entries e of row r of values[e] *
+// src[offset of e] (tile rows: tile_batch lanes), for rows [row_begin,
+// row_end); forward with the CSR of W, backward-data with its transpose.
+// Source channels come in groups (spmm_plan.hpp, source_groups): the
+// entries of row r in group g are [group_ptr[r * (n_groups + 1) + g],
+// group_ptr[r * (n_groups + 1) + g + 1]); groups run outside rows, so a
+// group's source rows stay in L1 while every row uses them, and a row's sums
+// are stored after each group and reloaded by the next (s8: int32).
 struct spmm_call_params {
     const void *values;         // per entry: f32 weight, or the s8 quad dword
-    const int32_t *src_offsets; // per entry: byte offset of its source row from the pixel's base
-    const int64_t *row_ptr;
+    const int32_t *src_offsets; // per entry: byte offset of its source row
+    const int64_t *group_ptr;
+    int64_t n_groups;
     int64_t row_begin, row_end;
     const void *src_tile;
     void *dst_tile;                          // f32, or int32 sums of (x + 128) * w for s8
     int64_t dst_row_stride = tile_row_bytes; // bytes from one destination row to the next
-    pixel_grid pix{};
 };
 
 // SDDMM (backward-weights): diff_values[e] += dot(dy_tile[r, :], x_tile[c, :])

@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <array>
-#include <unistd.h>
 
 namespace qsp::detail {
 
@@ -25,40 +24,6 @@ width_split split_width(int64_t width, int64_t lanes, int max_vectors) {
     const int64_t chunks = (s.vectors + max_chunk - 1) / max_chunk;
     s.chunk = (s.vectors + chunks - 1) / chunks;
     return s;
-}
-
-int64_t group_channels(int64_t channels, int64_t channel_bytes) {
-    // Two thirds of this CPU's L1 data cache (measured best on a 48 KiB L1,
-    // and safe on 32 KiB ones); the rest holds the weights, offsets and the
-    // sums that are stored and reloaded per group.
-    static const int64_t budget = [] {
-        const long l1 = sysconf(_SC_LEVEL1_DCACHE_SIZE);
-        return (l1 > 0 ? l1 : 32 * 1024) * 2 / 3;
-    }();
-    const int64_t fit = std::max<int64_t>(4, budget / std::max<int64_t>(channel_bytes, 1) / 4 * 4);
-    if (fit >= channels) return channels;
-    // equal groups, each a multiple of 4
-    const int64_t groups = (channels + fit - 1) / fit;
-    return ((channels + groups - 1) / groups + 3) / 4 * 4;
-}
-
-std::vector<int64_t> group_bounds(const sparse_rows &m, const std::vector<int64_t> &item_ptr,
-                                  const std::vector<int64_t> *item_of,
-                                  const std::function<int64_t(int64_t)> &channel_of,
-                                  int64_t group_size, int64_t n_groups) {
-    std::vector<int64_t> out;
-    out.reserve(static_cast<size_t>(m.rows * (n_groups + 1)));
-    for (int64_t r = 0; r < m.rows; ++r) {
-        int64_t l = m.row_ptr[r];
-        for (int64_t g = 0; g < n_groups; ++g) {
-            // keys ascend with the channel's group: the first entry of group >= g
-            while (l < m.row_ptr[r + 1] && channel_of(m.key[l]) / group_size < g)
-                ++l;
-            out.push_back(l == m.row_ptr[r + 1] ? item_ptr[r + 1] : (item_of ? (*item_of)[l] : l));
-        }
-        out.push_back(item_ptr[r + 1]);
-    }
-    return out;
 }
 
 namespace {

@@ -46,20 +46,6 @@ struct width_split {
 // max_vectors: what the kernel can hold of one output row.
 width_split split_width(int64_t width, int64_t lanes, int max_vectors);
 
-// Source channels are taken in groups whose rows for one block of output
-// rows fit in L1 (every output channel of the block reuses them):
-// `channel_bytes` per channel, a multiple of 4 channels (s8 quads stay whole).
-int64_t group_channels(int64_t channels, int64_t channel_bytes);
-
-// The kernels' group_ptr (width_abi.hpp) for rows m whose kernel items (f32:
-// the entries; s8: the quads, entry l in item item_of[l]) start at
-// item_ptr[r]: per row, where each group's items start, and the row's end.
-// channel_of(key) is the source channel of an entry.
-std::vector<int64_t> group_bounds(const sparse_rows &m, const std::vector<int64_t> &item_ptr,
-                                  const std::vector<int64_t> *item_of,
-                                  const std::function<int64_t(int64_t)> &channel_of,
-                                  int64_t group_size, int64_t n_groups);
-
 struct conv_width {
     conv_layout l;
     int64_t taps;

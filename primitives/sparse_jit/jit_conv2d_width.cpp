@@ -117,31 +117,18 @@ std::function<int64_t(int64_t, int64_t)> x_quad_offset(const conv_width &w,
     };
 }
 
-// The groups of source channels of a plan (width_abi.hpp's group_ptr).
-struct grouping {
-    int64_t n = 1;
-    std::vector<int64_t> ptr;
-};
+using grouping = source_groups;
+
 // rows_touched: source rows one block of output rows reads per channel;
 // channel_bytes_per_row: bytes of one such row per channel.
 grouping make_grouping(const conv_width &w, const sparse_rows &m, const entry_plan *entries,
                        const quad_plan *quads, int64_t channels, int64_t rows_touched,
                        int64_t channel_bytes_per_row) {
-    grouping g;
-    int64_t size = group_channels(channels, rows_touched * channel_bytes_per_row);
-    // Each group stores and reloads every channel's sums: worth it only
-    // while a channel has several items per group to amortise that (at 98 %
-    // sparsity C1 has ~12 entries per channel: one group, else the stores
-    // and reloads outweighed the multiply-adds).
-    const int64_t items = entries ? entries->row_ptr.back() : quads->quad_ptr.back();
-    const int64_t max_groups = std::max<int64_t>(1, items / std::max<int64_t>(m.rows, 1) / 6);
-    if ((channels + size - 1) / size > max_groups)
-        size = std::min(channels, ((channels + max_groups - 1) / max_groups + 3) / 4 * 4);
-    g.n = (channels + size - 1) / size;
     auto channel_of = [&w](int64_t key) { return w.key_channel(key); };
-    g.ptr = entries ? group_bounds(m, entries->row_ptr, nullptr, channel_of, size, g.n)
-                    : group_bounds(m, quads->quad_ptr, &quads->quad_of, channel_of, size, g.n);
-    return g;
+    return entries ? make_source_groups(m, entries->row_ptr, nullptr, channel_of, channels,
+                                        rows_touched * channel_bytes_per_row)
+                   : make_source_groups(m, quads->quad_ptr, &quads->quad_of, channel_of, channels,
+                                        rows_touched * channel_bytes_per_row);
 }
 
 // Source rows that a block of the kernels' output rows reads per channel.

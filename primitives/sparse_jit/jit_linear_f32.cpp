@@ -25,13 +25,20 @@ namespace {
 class jit_linear_f32_plan : public kernel {
 public:
     jit_linear_f32_plan(const problem &p, cpu_isa isa)
+        : jit_linear_f32_plan(
+                p, isa,
+                p.dir == direction::backward_data
+                        ? transposed_rows(p.pattern.row_ptr(), p.pattern.col_idx(), p.out, p.in)
+                        : csr_rows(p.pattern.row_ptr(), p.pattern.col_idx(), p.out)) {}
+
+    jit_linear_f32_plan(const problem &p, cpu_isa isa, const sparse_rows &m)
         : p_(p.without_batch()), lanes_(jit::vector_lanes(isa)),
-          rows_(p.dir == direction::backward_data
-                        ? entry_plan(transposed_rows(p.pattern.row_ptr(), p.pattern.col_idx(),
-                                                     p.out, p.in),
-                                     row_offset, p.num_threads)
-                        : entry_plan(csr_rows(p.pattern.row_ptr(), p.pattern.col_idx(), p.out),
-                                     row_offset, p.num_threads)) {
+          rows_(m, row_offset, p.num_threads),
+          // a source channel is one tile row: tile_row_bytes in L1 per pass
+          groups_(make_source_groups(
+                  m, rows_.row_ptr, nullptr, [](int64_t key) { return key; },
+                  p.dir == direction::backward_data ? p.out : p.in, jit::tile_row_bytes, 4,
+                  linear_min_group_items)) {
         // One kernel per tail length (vectors of the last tile).
         for (int nv = 1; nv <= jit::tile_batch / lanes_; ++nv) {
             const auto params = jit::make_sparse_kernel_params(isa, jit::sparse_dtype::f32, nv);
@@ -82,7 +89,8 @@ private:
         for_parts(batch, [&](int part, int64_t tile) {
             jit::spmm_call_params c{values,
                                     rows_.offsets.data(),
-                                    rows_.row_ptr.data(),
+                                    groups_.ptr.data(),
+                                    groups_.n,
                                     rows_.bounds[part],
                                     rows_.bounds[part + 1],
                                     src_tiles + tile * src_channels * jit::tile_batch,
@@ -162,7 +170,8 @@ private:
 
     problem p_; // batch 0: the plan serves every batch size
     int lanes_;
-    entry_plan rows_; // forward, backward-weights: the CSR; backward-data: its transpose
+    entry_plan rows_;      // forward, backward-weights: the CSR; backward-data: its transpose
+    source_groups groups_; // SpMM directions: source channels in L1-sized groups
     std::vector<std::shared_ptr<const jit::jit_spmm_kernel>> spmm_;
     std::vector<std::shared_ptr<const jit::jit_sddmm_kernel>> sddmm_;
 };

@@ -36,13 +36,20 @@ namespace {
 class jit_linear_s8_spmm_plan : public kernel {
 public:
     jit_linear_s8_spmm_plan(const problem &p, cpu_isa isa)
+        : jit_linear_s8_spmm_plan(
+                p, isa,
+                p.dir == direction::forward
+                        ? csr_rows(p.pattern.row_ptr(), p.pattern.col_idx(), p.out)
+                        : transposed_rows(p.pattern.row_ptr(), p.pattern.col_idx(), p.out, p.in)) {}
+
+    jit_linear_s8_spmm_plan(const problem &p, cpu_isa isa, const sparse_rows &m)
         : p_(p.without_batch()), lanes_(jit::vector_lanes(isa)),
-          quads_(p.dir == direction::forward
-                         ? quad_plan(csr_rows(p.pattern.row_ptr(), p.pattern.col_idx(), p.out),
-                                     quad_offset, p.num_threads)
-                         : quad_plan(transposed_rows(p.pattern.row_ptr(), p.pattern.col_idx(),
-                                                     p.out, p.in),
-                                     quad_offset, p.num_threads)) {
+          quads_(m, quad_offset, p.num_threads),
+          // a quad tile row (tile_row_bytes) holds 4 source channels
+          groups_(make_source_groups(
+                  m, quads_.quad_ptr, &quads_.quad_of, [](int64_t key) { return key; },
+                  p.dir == direction::forward ? p.in : p.out, jit::tile_row_bytes / 4, 4,
+                  linear_min_group_items)) {
         for (int nv = 1; nv <= jit::tile_batch / lanes_; ++nv)
             code_.push_back(jit::spmm_kernel(
                     jit::make_sparse_kernel_params(isa, jit::sparse_dtype::s8, nv)));
@@ -89,7 +96,8 @@ public:
                     for (int64_t tile = 0; tile < tiles; ++tile) {
                         jit::spmm_call_params c{words,
                                                 quads_.offsets.data(),
-                                                quads_.quad_ptr.data(),
+                                                groups_.ptr.data(),
+                                                groups_.n,
                                                 quads_.bounds[part],
                                                 quads_.bounds[part + 1],
                                                 src_tiles + tile * quads * tb * 4,
@@ -111,7 +119,8 @@ private:
 
     problem p_; // batch 0: the plan serves every batch size
     int lanes_;
-    quad_plan quads_; // forward: the CSR; backward-data: its transpose
+    quad_plan quads_;      // forward: the CSR; backward-data: its transpose
+    source_groups groups_; // source channels in L1-sized groups
     std::vector<std::shared_ptr<const jit::jit_spmm_kernel>> code_;
 };
 

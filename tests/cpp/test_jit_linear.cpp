@@ -113,6 +113,13 @@ TEST(JitLinearF32Edges, larger_layers_and_thread_counts) {
     compare_tiers(256, 768, 64, 0.95, 2, 8);
 }
 
+// Rows long enough for several source groups (linear_min_group_items per
+// segment): both directions' SpMMs store and reload partial sums.
+TEST(JitLinearF32Edges, long_rows_in_several_source_groups) {
+    compare_tiers(17, 4096, 8, 0.3, 2, 9); // forward: ~2900 entries per row
+    compare_tiers(9, 8, 4096, 0.3, 1, 10); // backward-data: the transpose's rows are as long
+}
+
 TEST(JitLinearF32Edges, batch_size_changes_share_one_plan) {
     if (effective_cpu_isa() < cpu_isa::avx512_core) return; // the ref path has no plan to share
     std::mt19937 rng(11);

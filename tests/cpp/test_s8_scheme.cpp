@@ -165,7 +165,9 @@ TEST_P(SparseLinearS8, matches_exact_integer_model) {
                            {3, size, 63},
                            {17, 65, size},
                            // wide enough for several column blocks of the s8 SpMM, both directions
-                           {std::min<int64_t>(size, 17), 1000, 400}}) {
+                           {std::min<int64_t>(size, 17), 1000, 400},
+                           // rows long enough for several source groups of the s8 SpMM
+                           {std::min<int64_t>(size, 9), 6000, 9}}) {
         SCOPED_TRACE("B=" + std::to_string(B) + " K=" + std::to_string(K)
                      + " N=" + std::to_string(N));
         std::mt19937 rng(static_cast<unsigned>(B * 1000 + K * 10 + N));
