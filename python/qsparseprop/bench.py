@@ -4,6 +4,9 @@
     python -m qsparseprop.bench linear --shapes L1 --sparsities 0.9 --repeats 20
     python -m qsparseprop.bench conv                         # C1-C4, S2, P1, DW, STEM x sparsities x schemes
     python -m qsparseprop.bench conv --isa avx512_vnni       # both ISAs capped: a CPU without AMX
+                                                             # (oneDNN at AVX512_CORE_BF16: VNNI and BF16,
+                                                             # as on a Zen 4; AVX512_CORE_VNNI would also
+                                                             # drop BF16 and make dense bf16 crawl)
 
 For each case it times forward and backward (input + parameter gradients) of
 our layer, the dense torch layer (``nn.Linear`` / ``nn.Conv2d``) in fp32 and
@@ -303,7 +306,7 @@ def machine() -> dict:
 
 def _reexec_capped(isa: str) -> None:
     """oneDNN reads its ISA cap once, at first use: set both caps, then re-exec."""
-    env = dict(os.environ, QSP_MAX_CPU_ISA=isa, ONEDNN_MAX_CPU_ISA="AVX512_CORE_VNNI", QSP_BENCH_CAPPED="1")
+    env = dict(os.environ, QSP_MAX_CPU_ISA=isa, ONEDNN_MAX_CPU_ISA="AVX512_CORE_BF16", QSP_BENCH_CAPPED="1")
     os.execvpe(sys.executable, [sys.executable, "-m", "qsparseprop.bench", *sys.argv[1:]], env)
 
 
@@ -326,7 +329,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=10, help="timed rounds (medians are reported)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=None, help="default: torch.get_num_threads()")
-    p.add_argument("--isa", choices=["avx512_vnni"], help="cap our ISA and oneDNN's (no AMX)")
+    p.add_argument(
+        "--isa", choices=["avx512_vnni"], help="cap our ISA (avx512_vnni) and oneDNN's (AVX512_CORE_BF16): no AMX"
+    )
     p.add_argument("--json", help="write the rows as JSON here")
     p.add_argument("--png", help="draw speedup vs sparsity per shape here")
     a = p.parse_args(argv)
