@@ -19,8 +19,10 @@ done
 [[ -n $PY ]] || { echo "setup: Python 3.11 is required (python3.11 or python3 on PATH)" >&2; exit 1; }
 
 # Debian packages: compiler, Xbyak, GoogleTest, Google Benchmark, clang-format,
-# qemu-user (the emulated-CPU test runs), binutils (objdump: the ISA check).
-APT_PACKAGES=(g++ git libxbyak-dev libgtest-dev libbenchmark-dev clang-format qemu-user binutils)
+# qemu-user (the emulated-CPU test runs), binutils (objdump: the ISA check),
+# Fashion-MNIST (the main job's default data set).
+APT_PACKAGES=(g++ git libxbyak-dev libgtest-dev libbenchmark-dev clang-format qemu-user binutils
+  dataset-fashion-mnist)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -45,7 +47,7 @@ req_sha=$(sha256sum requirements.txt | cut -d' ' -f1)
 if [[ "$(cat .venv/.requirements.sha256 2>/dev/null)" != "$req_sha" ]]; then
   log "pip install -r requirements.txt"
   pip install -q --disable-pip-version-check -r requirements.txt 2>&1 | grep -v '^WARNING: Location' || true
-  python -c 'import torch, sklearn, pybind11, scikit_build_core' # fail loudly if pip did not deliver
+  python -c 'import torch, sklearn, pybind11, scikit_build_core, idx2numpy, tqdm' # fail loudly if pip did not deliver
   echo "$req_sha" > .venv/.requirements.sha256
 fi
 

@@ -21,8 +21,8 @@ def saved_activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
 
     def pack(t: torch.Tensor):
         ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:
-            seen[ptr] = max(seen.get(ptr, 0), t.untyped_storage().nbytes())
+        if ptr not in params:  # the bytes the saved view spans (a slice of a data set is not the data set)
+            seen[ptr] = max(seen.get(ptr, 0), t.numel() * t.element_size())
         # a detached alias: returning a saved *output* itself would make a
         # reference cycle (output -> its grad_fn -> the output) that outlives
         # the graph (torch's saved_tensors_hooks caveat)

@@ -1,0 +1,603 @@
+"""The main job: prune a model, swap its layers, fine-tune it on real data,
+and show what was gained.
+
+    qsparseprop finetune                     # ResNet-style CNN on Fashion-MNIST, 90 % sparse
+    qsparseprop finetune --quick             # a small run (about a minute)
+    qsparseprop finetune --model transformer --sparsity 0.95 --json report.json --png curves.png
+    qsparseprop finetune --nproc 2           # the same with DistributedDataParallel (gloo)
+
+A dense model is trained by the tool itself (cached in --out), pruned by
+magnitude (per layer or global), then fine-tuned the same way (same data
+order, optimizer and epochs) as: dense PyTorch fp32 and under bf16 autocast
+(the faster one is "best dense"), and with qsparseprop f32 and int8 layers
+(``swap_modules_with_sparse``: each layer swapped only where it measured
+faster). The table reports time per epoch, speedups, training memory, test
+accuracy and the share of step time spent in the sparse layers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import gzip
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+from . import _C, cpu_isa
+from .bench import machine
+from .memory import saved_activation_bytes
+from .swap import apply_swap_plan, save_swap_plan, swap_modules_with_sparse
+
+_VARIANT_NAMES = {"f32": "qsparseprop f32", "s8": "qsparseprop int8", "s8_outliers": "qsparseprop int8 (outliers)"}
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
+
+
+# ---- data ------------------------------------------------------------------------
+
+
+def load_dataset(name: str, data_dir: str | None = None):
+    """(x_train, y_train, x_test, y_test) as float32 NCHW in [0, 1] and int64 labels."""
+    if name == "fashion-mnist":
+        import idx2numpy  # the IDX format reader (validates magic numbers and shapes)
+
+        root = data_dir or FASHION_MNIST_DIR
+        out = []
+        for kind in ("train", "t10k"):
+            paths = [os.path.join(root, f"{kind}-{part}-idx{n}-ubyte.gz") for part, n in (("images", 3), ("labels", 1))]
+            missing = [p for p in paths if not os.path.exists(p)]
+            if missing:
+                raise FileNotFoundError(
+                    f"Fashion-MNIST not found ({missing[0]}): install Debian's dataset-fashion-mnist "
+                    "(bash scripts/setup.sh does) or pass --data-dir"
+                )
+            with gzip.open(paths[0]) as f:
+                images = torch.from_numpy(idx2numpy.convert_from_file(f).copy())
+            with gzip.open(paths[1]) as f:
+                labels = torch.from_numpy(idx2numpy.convert_from_file(f).copy())
+            out += [images.unsqueeze(1).float() / 255.0, labels.long()]
+        return tuple(out)
+    if name == "digits":
+        from sklearn.datasets import load_digits
+
+        data = load_digits()
+        x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
+        y = torch.tensor(data.target, dtype=torch.int64)
+        perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+        cut = int(0.8 * len(y))
+        return x[perm[:cut]], y[perm[:cut]], x[perm[cut:]], y[perm[cut:]]
+    raise ValueError(f"unknown dataset {name!r}: fashion-mnist or digits")
+
+
+# ---- models ----------------------------------------------------------------------
+
+
+class _Residual(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
+            nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout),
+        )  # fmt: skip
+        self.shortcut = (
+            nn.Identity()
+            if stride == 1 and cin == cout
+            else nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        )
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(self.body(x) + self.shortcut(x))
+
+
+class _PatchTransformer(nn.Module):
+    """Images as a sequence of patches, a small transformer encoder, mean pool."""
+
+    def __init__(self, image: int, width: int, patch: int):
+        super().__init__()
+        self.patch = patch
+        tokens = (image // patch) ** 2
+        self.embed = nn.Linear(patch * patch, width)
+        self.pos = nn.Parameter(torch.zeros(1, tokens, width))
+        layer = nn.TransformerEncoderLayer(width, 4, 4 * width, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, x):
+        p = self.patch
+        b = x.shape[0]
+        patches = x.unfold(2, p, p).unfold(3, p, p).reshape(b, -1, p * p)
+        return self.head(self.encoder(self.embed(patches) + self.pos).mean(1))
+
+
+def make_model(name: str, image: int, width: int) -> nn.Module:
+    if name == "cnn":
+        return nn.Sequential(
+            nn.Conv2d(1, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+            _Residual(width, width, 1), _Residual(width, 2 * width, 2), _Residual(2 * width, 4 * width, 2),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * width, 10),
+        )  # fmt: skip
+    if name == "mlp":
+        hidden = 16 * width
+        return nn.Sequential(
+            nn.Flatten(), nn.Linear(image * image, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+            nn.Linear(hidden, 10),
+        )  # fmt: skip
+    if name == "transformer":
+        return _PatchTransformer(image, 2 * width, 7 if image % 7 == 0 else 4)
+    raise ValueError(f"unknown model {name!r}: cnn, mlp or transformer")
+
+
+def prunable(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The layers that get pruned (and may be swapped): every Linear / Conv2d
+    except the first convolution and the classifier (the usual practice)."""
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    first_conv = next((n for n, m in layers if isinstance(m, nn.Conv2d)), None)
+    last = layers[-1][0] if layers else None
+    return [(n, m) for n, m in layers if n not in (first_conv, last) and m.weight.numel() >= 256]
+
+
+def prune_model(model: nn.Module, sparsity: float, method: str) -> None:
+    layers = [m for _, m in prunable(model)]
+    if method == "global":
+        prune.global_unstructured([(m, "weight") for m in layers], prune.L1Unstructured, amount=sparsity)
+    elif method == "layer":
+        for m in layers:
+            prune.l1_unstructured(m, "weight", amount=sparsity)
+    else:
+        raise ValueError(f"unknown pruning method {method!r}: layer or global")
+    for m in layers:
+        prune.remove(m, "weight")  # the zeros stay in the weights; masks below keep them there
+
+
+def _masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: (m.weight != 0) for n, m in prunable(model)}
+
+
+# ---- training --------------------------------------------------------------------
+
+
+@dataclass
+class Variant:
+    name: str
+    epoch_s: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)  # mean training loss per epoch
+    first_loss: float | None = None  # the loss of the first step (before any update)
+    accuracy: list[float] = field(default_factory=list)  # test accuracy after each epoch
+    wall: list[float] = field(default_factory=list)  # cumulative training seconds after each epoch
+    memory_bytes: int = 0
+    sparse_s: list[float] = field(default_factory=list)  # seconds inside qsparseprop's primitives per epoch
+    sparse_share: float | None = None
+    swapped: list[str] = field(default_factory=list)
+    pruned_weights_zero: bool = True
+    ranks_identical: bool | None = None  # DDP: every rank ended with the same parameters and buffers
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> float:
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(y), batch):
+            correct += (model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum().item()
+    return correct / len(y)
+
+
+def _training_memory(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, autocast) -> int:
+    """Saved activations of one training step + parameters, gradients and
+    the optimizer's state: what a step holds at its peak."""
+    model.train()
+    with autocast:
+        act = saved_activation_bytes(model, x)
+    params = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    state = sum(
+        t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)
+    )
+    return act + 2 * params + state  # parameters and their gradients
+
+
+def train(
+    model, variant: Variant, data, epochs, batch, lr, seed, masks=None, autocast=None, rank=0, world=1,
+    progress=True, on_step=None,
+) -> None:  # fmt: skip
+    xtr, ytr, xte, yte = data
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    ctx = torch.autocast("cpu", dtype=autocast) if autocast is not None else contextlib.nullcontext()
+    gen = torch.Generator().manual_seed(seed)
+    wall = 0.0
+    steps = len(ytr) // batch
+    for epoch in range(epochs):
+        model.train()
+        perm = torch.randperm(len(ytr), generator=gen)
+        bar = _bar(steps, f"{variant.name} epoch {epoch + 1}/{epochs}", progress and rank == 0)
+        total, count = 0.0, 0
+        in_sparse0 = _primitive_seconds()
+        t0 = time.perf_counter()
+        for i in range(0, len(ytr) - batch + 1, batch):  # whole batches only: one shape, tuned once
+            idx = perm[i : i + batch]
+            if world > 1:  # each rank its slice of the global batch
+                idx = idx[rank::world]
+            opt.zero_grad(set_to_none=True)
+            with ctx:
+                loss = nn.functional.cross_entropy(model(xtr[idx]), ytr[idx])
+            loss.backward()
+            opt.step()
+            if masks:  # layers that stayed dense: pruned weights stay zero
+                with torch.no_grad():
+                    for name, mask in masks.items():
+                        model_mod(model).get_submodule(name).weight.mul_(mask)
+            total += loss.item() * len(idx)
+            count += len(idx)
+            if variant.first_loss is None:
+                variant.first_loss = loss.item()
+            bar.update(1)
+            if on_step:
+                on_step()
+        wall += time.perf_counter() - t0
+        bar.close()
+        variant.epoch_s.append(time.perf_counter() - t0)
+        variant.sparse_s.append(_primitive_seconds() - in_sparse0)
+        variant.losses.append(total / max(count, 1))
+        variant.wall.append(wall)
+        with ctx:
+            variant.accuracy.append(evaluate(model, xte, yte))
+    variant.memory_bytes = _training_memory(model, opt, xtr[:batch].clone(), ctx)
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    try:
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, leave=False, file=sys.stderr, dynamic_ncols=True)
+    except ImportError:  # pragma: no cover - tqdm is installed by setup.sh
+        return _NoBar()
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+# ---- the job -----------------------------------------------------------------------
+
+
+@dataclass
+class Config:
+    model: str = "cnn"
+    dataset: str = "fashion-mnist"
+    sparsity: float = 0.9
+    pruning: str = "layer"
+    epochs: int = 2
+    pretrain_epochs: int = 2
+    batch_size: int = 128
+    width: int = 24
+    lr: float = 0.02
+    threads: int | None = None
+    schemes: tuple[str, ...] = ("f32", "s8")
+    train_subset: int | None = None
+    test_subset: int | None = None
+    seed: int = 0
+    out: str = "qsparseprop-finetune"
+    data_dir: str | None = None
+    progress: bool = True
+
+
+def _cache_key(cfg: Config) -> str:
+    keep = (cfg.model, cfg.dataset, cfg.pretrain_epochs, cfg.batch_size, cfg.width, cfg.lr, cfg.seed, cfg.train_subset)
+    return hashlib.sha256(repr(keep).encode()).hexdigest()[:16]
+
+
+def _subset(data, cfg: Config):
+    xtr, ytr, xte, yte = data
+    if cfg.train_subset:
+        xtr, ytr = xtr[: cfg.train_subset], ytr[: cfg.train_subset]
+    if cfg.test_subset:
+        xte, yte = xte[: cfg.test_subset], yte[: cfg.test_subset]
+    return xtr, ytr, xte, yte
+
+
+def pretrained(cfg: Config, data, log) -> nn.Module:
+    """The dense model trained by the tool, cached in cfg.out/cache."""
+    torch.manual_seed(cfg.seed)
+    model = make_model(cfg.model, data[0].shape[-1], cfg.width)
+    path = os.path.join(cfg.out, "cache", f"dense_{cfg.model}_{cfg.dataset}_{_cache_key(cfg)}.pt")
+    if os.path.exists(path):
+        model.load_state_dict(torch.load(path))
+        log(f"dense model: {path} (cached)")
+        return model
+    v = Variant("dense pre-training")
+    train(model, v, data, cfg.pretrain_epochs, cfg.batch_size, cfg.lr, cfg.seed, progress=cfg.progress)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save(model.state_dict(), path)
+    log(f"dense model: trained {cfg.pretrain_epochs} epochs in {sum(v.epoch_s):.0f} s, test accuracy "
+        f"{v.accuracy[-1]:.4f}; saved to {path}")  # fmt: skip
+    return model
+
+
+def _primitive_seconds() -> float:
+    """Seconds spent in qsparseprop's primitives so far (profiling on)."""
+    return sum(e["total_ms"] for e in _C.profile_info()) / 1e3 if _C.profiling() else 0.0
+
+
+def run(cfg: Config, log=print, rank: int = 0, world: int = 1) -> dict:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    data = _subset(load_dataset(cfg.dataset, cfg.data_dir), cfg)
+    base = pretrained(cfg, data, log) if rank == 0 or world == 1 else None
+    if world > 1:
+        base = _broadcast_model(base, cfg, data)
+    acc_dense = evaluate(base, data[2], data[3])
+    pruned = copy.deepcopy(base)
+    prune_model(pruned, cfg.sparsity, cfg.pruning)
+    masks = _masks(pruned)
+    acc_pruned = evaluate(pruned, data[2], data[3])
+    log(f"pruned {len(masks)} layers to {cfg.sparsity:.0%} ({cfg.pruning}): test accuracy {acc_dense:.4f} -> "
+        f"{acc_pruned:.4f}")  # fmt: skip
+    shape = (max(cfg.batch_size // world, 1), *data[0].shape[1:])
+    variants: list[Variant] = []
+    fine = dict(epochs=cfg.epochs, batch=cfg.batch_size, lr=cfg.lr / 4, seed=cfg.seed + 1, rank=rank, world=world,
+                progress=cfg.progress)  # fmt: skip
+
+    def finish(v: Variant, model: nn.Module, dense_masks: dict) -> None:
+        inner = model_mod(model)
+        v.pruned_weights_zero = _pruned_weights_zero(inner, masks)
+        if world > 1:
+            v.ranks_identical = _same_on_every_rank(inner)
+        variants.append(v)
+
+    for name, autocast in (("dense fp32", None), ("dense bf16 autocast", torch.bfloat16)):
+        v = Variant(name)
+        model = _ddp(copy.deepcopy(pruned), world)
+        train(model, v, data, masks=masks, autocast=autocast, **fine)
+        finish(v, model, masks)
+    for scheme in cfg.schemes:
+        # Rank 0 times the layers and decides; the other ranks make the same
+        # swaps from its plan (timings differ between processes).
+        plan_file = os.path.join(cfg.out, f"swap_plan_{scheme}.json")
+        model = copy.deepcopy(pruned)
+        if rank == 0:
+            model = swap_modules_with_sparse(model, shape, verbose=False, scheme=scheme, min_sparsity=0.5)
+            os.makedirs(cfg.out, exist_ok=True)
+            save_swap_plan(model, plan_file)
+        if world > 1:
+            torch.distributed.barrier()
+            if rank != 0:
+                model = apply_swap_plan(model, plan_file)
+        v = Variant(_VARIANT_NAMES[scheme])
+        v.swapped = [r.name for r in model.qsparseprop_swap_report if r.swapped]
+        kept_dense = {n: m for n, m in masks.items() if isinstance(model.get_submodule(n), (nn.Linear, nn.Conv2d))}
+        model = _ddp(model, world)
+        was = _C.profiling()
+        _C.set_profiling(True)  # the share of each epoch inside the sparse layers' primitives
+        try:
+            train(model, v, data, masks=kept_dense, **fine)
+        finally:
+            _C.set_profiling(was)
+        later = slice(1, None) if len(v.epoch_s) > 1 else slice(None)
+        v.sparse_share = sum(v.sparse_s[later]) / sum(v.epoch_s[later])
+        finish(v, model, kept_dense)
+    return _report(cfg, variants, acc_dense, acc_pruned, rank, world)
+
+
+def model_mod(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _pruned_weights_zero(model: nn.Module, masks: dict[str, torch.Tensor]) -> bool:
+    """Every pruned weight is still exactly zero: layers that stayed dense are
+    checked against the masks; sparse layers have no parameter for them (their
+    dense view is zero outside the pattern, which must be the mask)."""
+    for name, mask in masks.items():
+        m = model.get_submodule(name)
+        w = m.weight.detach().reshape(mask.shape)
+        if (w[~mask] != 0).any():
+            return False
+    return True
+
+
+def _same_on_every_rank(model: nn.Module) -> bool:
+    """Whether every rank holds the same parameters and buffers, bit for bit."""
+    h = hashlib.sha256()
+    for t in list(model.parameters()) + list(model.buffers()):
+        h.update(t.detach().contiguous().numpy().tobytes())
+    digests = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(digests, h.hexdigest())
+    return len(set(digests)) == 1
+
+
+def _ddp(model: nn.Module, world: int) -> nn.Module:
+    if world == 1:
+        return model
+    return nn.parallel.DistributedDataParallel(model)  # buffers (BatchNorm statistics) from rank 0
+
+
+def _broadcast_model(model, cfg, data):
+    """Rank 0's pre-trained model to every rank."""
+    torch.manual_seed(cfg.seed)
+    if model is None:
+        model = make_model(cfg.model, data[0].shape[-1], cfg.width)
+    for t in list(model.parameters()) + list(model.buffers()):
+        torch.distributed.broadcast(t.data, 0)
+    return model
+
+
+def _best(variants: list[Variant], name: str) -> Variant | None:
+    return next((v for v in variants if v.name == name), None)
+
+
+def _report(cfg: Config, variants: list[Variant], acc_dense: float, acc_pruned: float, rank: int, world: int) -> dict:
+    def med(xs):  # epochs after the first (it pays plan building and tuning), median
+        xs = sorted(xs[1:] if len(xs) > 1 else xs)
+        return xs[len(xs) // 2]
+
+    fp32 = _best(variants, "dense fp32")
+    bf16 = _best(variants, "dense bf16 autocast")
+    best = min((fp32, bf16), key=lambda v: med(v.epoch_s))
+    rows = []
+    for v in variants:
+        e = med(v.epoch_s)
+        rows.append(
+            dict(
+                variant=v.name, epoch_s=e, speedup_vs_fp32=med(fp32.epoch_s) / e,
+                speedup_vs_best_dense=med(best.epoch_s) / e,
+                memory_mib=v.memory_bytes / 2**20, memory_vs_dense=v.memory_bytes / fp32.memory_bytes,
+                accuracy=v.accuracy[-1],
+                accuracy_vs_dense=v.accuracy[-1] / best.accuracy[-1] if best.accuracy[-1] else None,
+                first_loss=v.first_loss, losses=v.losses, accuracy_curve=v.accuracy, wall_curve=v.wall,
+                sparse_share=v.sparse_share,
+                swapped_layers=v.swapped, pruned_weights_zero=v.pruned_weights_zero,
+            )
+        )  # fmt: skip
+    report = dict(
+        config={k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+        machine=machine(), threads=torch.get_num_threads(), isa=cpu_isa(), world_size=world,
+        accuracy_dense_unpruned=acc_dense, accuracy_pruned=acc_pruned, best_dense=best.name, variants=rows,
+    )  # fmt: skip
+    if world > 1:
+        report["ranks_identical"] = all(v.ranks_identical for v in variants)
+        for row, v in zip(rows, variants, strict=True):
+            row["ranks_identical"] = v.ranks_identical
+    return report
+
+
+def format_report(report: dict) -> str:
+    head = (
+        f"{'variant':<28} {'s/epoch':>8} {'x fp32':>7} {'x best':>7} {'memory':>10} {'x dense':>8} "
+        f"{'accuracy':>9} {'% dense':>8} {'sparse %':>9}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in report["variants"]:
+        share = "-" if r["sparse_share"] is None else f"{100 * r['sparse_share']:.0f} %"
+        acc = "-" if r["accuracy_vs_dense"] is None else f"{100 * r['accuracy_vs_dense']:.1f}"
+        lines.append(
+            f"{r['variant']:<28} {r['epoch_s']:>8.2f} {r['speedup_vs_fp32']:>7.2f} {r['speedup_vs_best_dense']:>7.2f} "
+            f"{r['memory_mib']:>6.1f} MiB {r['memory_vs_dense']:>8.2f} {r['accuracy']:>9.4f} {acc:>8} {share:>9}"
+        )
+    lines.append(
+        f"best dense: {report['best_dense']}; accuracy dense {report['accuracy_dense_unpruned']:.4f}, "
+        f"pruned {report['accuracy_pruned']:.4f}; memory = saved activations of a step + parameters, "
+        "gradients and optimizer state; sparse % = share of training time inside qsparseprop's primitives"
+    )
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in report["variants"]:
+        ax.plot(r["wall_curve"], r["accuracy_curve"], "-o", label=r["variant"])
+    ax.set_xlabel("training time (s)")
+    ax.set_ylabel("test accuracy")
+    cfg = report["config"]
+    ax.set_title(f"{cfg['model']} on {cfg['dataset']}, {cfg['sparsity']:.0%} sparse")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def _config_from(a) -> Config:
+    cfg = Config(
+        model=a.model, dataset=a.dataset, sparsity=a.sparsity, pruning=a.pruning, epochs=a.epochs,
+        pretrain_epochs=a.pretrain_epochs, batch_size=a.batch_size, width=a.width, lr=a.lr, threads=a.threads,
+        schemes=tuple(s.strip() for s in a.schemes.split(",")), seed=a.seed, out=a.out, data_dir=a.data_dir,
+        progress=not a.no_progress,
+    )  # fmt: skip
+    if a.quick:
+        cfg.width, cfg.epochs, cfg.pretrain_epochs = 16, 1, 1
+        cfg.train_subset, cfg.test_subset = 6000, 2000
+    return cfg
+
+
+def _worker(rank: int, world: int, cfg: Config, port: int, result_path: str) -> None:
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ["MASTER_PORT"] = str(port)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        report = run(cfg, log=print if rank == 0 else (lambda *_: None), rank=rank, world=world)
+        if rank == 0:
+            with open(result_path, "w") as f:
+                json.dump(report, f)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="qsparseprop finetune", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--model", choices=["cnn", "mlp", "transformer"], default="cnn")
+    p.add_argument("--dataset", choices=["fashion-mnist", "digits"], default="fashion-mnist")
+    p.add_argument("--data-dir", help=f"Fashion-MNIST's directory (default {FASHION_MNIST_DIR})")
+    p.add_argument("--sparsity", type=float, default=0.9)
+    p.add_argument("--pruning", choices=["layer", "global"], default="layer", help="magnitude, per layer or global")
+    p.add_argument("--epochs", type=int, default=2, help="fine-tune epochs per variant")
+    p.add_argument("--pretrain-epochs", type=int, default=2, help="dense epochs before pruning (cached)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--width", type=int, default=24, help="channels of the first CNN stage (MLP: hidden/16)")
+    p.add_argument("--lr", type=float, default=0.02)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--schemes", default="f32,s8", help="qsparseprop variants: f32, s8, s8_outliers")
+    p.add_argument("--quick", action="store_true", help="a small run: 6000 training images, 1 epoch, narrow model")
+    p.add_argument("--nproc", type=int, default=1, help="DistributedDataParallel processes (gloo)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="qsparseprop-finetune", help="cache and report directory")
+    p.add_argument("--json", help="write the report here")
+    p.add_argument("--png", help="draw accuracy vs training time here")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    if not 0.0 < a.sparsity < 1.0:
+        p.error("--sparsity must be in (0, 1)")
+    if a.epochs < 1 or a.pretrain_epochs < 1 or a.batch_size < 1 or a.nproc < 1:
+        p.error("--epochs, --pretrain-epochs, --batch-size and --nproc must be >= 1")
+    bad = [s for s in a.schemes.split(",") if s.strip() not in ("f32", "s8", "s8_outliers")]
+    if bad:
+        p.error(f"--schemes takes f32, s8, s8_outliers; got {bad}")
+    cfg = _config_from(a)
+    m = machine()
+    print(f"qsparseprop finetune: {cfg.model} on {cfg.dataset}, {cfg.sparsity:.0%} sparse ({cfg.pruning}), "
+          f"cpu={m['cpu']!r} amx={'yes' if m['amx'] else 'no'} threads={cfg.threads or torch.get_num_threads()} "
+          f"isa={cpu_isa()} processes={a.nproc}", flush=True)  # fmt: skip
+    if a.nproc > 1:
+        import socket
+
+        import torch.multiprocessing as mp
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if cfg.threads is None:
+            cfg.threads = max(1, torch.get_num_threads() // a.nproc)
+        os.makedirs(cfg.out, exist_ok=True)
+        result = os.path.join(cfg.out, "ddp_report.json")
+        mp.spawn(_worker, args=(a.nproc, cfg, port, result), nprocs=a.nproc, join=True)
+        with open(result) as f:
+            report = json.load(f)
+    else:
+        report = run(cfg)
+    print(format_report(report))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(report, f, indent=1)
+    if a.png:
+        plot(report, a.png)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""The main job: `qsparseprop finetune --quick` end to end, and its
+DistributedDataParallel path keeping ranks identical."""
+
+import json
+
+import pytest
+import torch
+
+from qsparseprop import finetune
+
+FIELDS = {
+    "variant", "epoch_s", "speedup_vs_fp32", "speedup_vs_best_dense", "memory_mib", "memory_vs_dense", "accuracy",
+    "accuracy_vs_dense", "first_loss", "losses", "accuracy_curve", "wall_curve", "sparse_share", "swapped_layers",
+    "pruned_weights_zero",
+}  # fmt: skip
+
+
+def test_fashion_mnist_loads_with_its_idx_reader():
+    xtr, ytr, xte, yte = finetune.load_dataset("fashion-mnist")
+    assert xtr.shape == (60000, 1, 28, 28) and xte.shape == (10000, 1, 28, 28)
+    assert ytr.unique().tolist() == list(range(10)) and 0.0 <= xtr.min() and xtr.max() <= 1.0
+
+
+def test_a_missing_data_set_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
+        finetune.load_dataset("fashion-mnist", str(tmp_path))
+
+
+def test_quick_run_reports_every_field_trains_and_keeps_pruned_weights_zero(tmp_path):
+    report = finetune.main(
+        ["--quick", "--no-progress", "--out", str(tmp_path), "--json", str(tmp_path / "r.json"),
+         "--png", str(tmp_path / "c.png")]
+    )  # fmt: skip
+    on_disk = json.loads((tmp_path / "r.json").read_text())
+    assert on_disk["variants"] == json.loads(json.dumps(report["variants"]))
+    names = [r["variant"] for r in report["variants"]]
+    assert names == ["dense fp32", "dense bf16 autocast", "qsparseprop f32", "qsparseprop int8"]
+    for r in report["variants"]:
+        assert FIELDS <= set(r), FIELDS - set(r)
+        assert r["losses"][-1] < r["first_loss"], f"{r['variant']}: the loss did not fall"
+        assert r["pruned_weights_zero"], r["variant"]
+        assert 0.0 < r["accuracy"] <= 1.0 and r["epoch_s"] > 0
+    for r in report["variants"][2:]:
+        assert r["swapped_layers"], "some layers must have been swapped"
+        assert 0.0 < r["sparse_share"] < 1.0
+    assert report["best_dense"] in names[:2]
+    assert (tmp_path / "c.png").stat().st_size > 0
+    # the dense model is cached: a second run trains it no more
+    cached = list((tmp_path / "cache").glob("dense_*.pt"))
+    assert len(cached) == 1
+
+
+def test_two_ddp_processes_stay_identical(tmp_path):
+    report = finetune.main(
+        ["--quick", "--no-progress", "--dataset", "digits", "--nproc", "2", "--threads", "1", "--out", str(tmp_path)]
+    )
+    assert report["world_size"] == 2
+    assert report["ranks_identical"] is True
+    assert all(r["ranks_identical"] for r in report["variants"])
+    assert torch.distributed.is_available()
