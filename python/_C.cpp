@@ -54,6 +54,13 @@ T *checked(const py::array &a, const char *name, const dims &shape, bool writabl
     return static_cast<T *>(const_cast<void *>(a.data()));
 }
 
+int64_t flat_length(const py::array &a, const char *name) {
+    if (a.ndim() != 1)
+        throw py::value_error(std::string(name) + " must be 1-D, got " + std::to_string(a.ndim())
+                              + "-D");
+    return a.shape(0);
+}
+
 dnnl::memory::desc f32_md(const dims &d) {
     dnnl::memory::dims strides(d.size(), 1);
     for (int i = static_cast<int>(d.size()) - 2; i >= 0; --i)
@@ -583,6 +590,30 @@ PYBIND11_MODULE(_C, m) {
     m.def("validate_csr", [](int64_t rows, int64_t cols, const py::array &rp, const py::array &ci) {
         return pattern_from(rows, cols, rp, ci).hash();
     });
+
+    // 1-D views of the tensors (the Python side flattens them).
+    m.def(
+            "relu_with_mask_forward",
+            [](const py::array &src, py::array &dst, py::array &mask, int threads) {
+                const dims n{flat_length(src, "src")};
+                const float *s = checked<float>(src, "src", n, false);
+                float *d = checked<float>(dst, "dst", n, true);
+                uint8_t *b = checked<uint8_t>(mask, "mask", {(n[0] + 7) / 8}, true);
+                py::gil_scoped_release nogil;
+                qsp::relu_with_mask_forward(s, d, b, n[0], threads);
+            },
+            py::arg("src"), py::arg("dst"), py::arg("mask"), py::arg("threads"));
+    m.def(
+            "relu_with_mask_backward",
+            [](const py::array &diff_dst, const py::array &mask, py::array &diff_src, int threads) {
+                const dims n{flat_length(diff_dst, "diff_dst")};
+                const float *g = checked<float>(diff_dst, "diff_dst", n, false);
+                const uint8_t *b = checked<uint8_t>(mask, "mask", {(n[0] + 7) / 8}, false);
+                float *d = checked<float>(diff_src, "diff_src", n, true);
+                py::gil_scoped_release nogil;
+                qsp::relu_with_mask_backward(g, b, d, n[0], threads);
+            },
+            py::arg("diff_dst"), py::arg("mask"), py::arg("diff_src"), py::arg("threads"));
 
     py::class_<linear_layer>(m, "LinearKernel")
             .def(py::init<int64_t, int64_t, const py::array &, const py::array &,

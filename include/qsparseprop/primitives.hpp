@@ -228,3 +228,23 @@ using sparse_conv2d_backward =
         sparse_backward<sparse_conv2d_backward_data, sparse_conv2d_backward_weights>;
 
 } // namespace qsp
+
+namespace qsp {
+
+// ---- ReLU keeping one bit per element -----------------------------------------
+
+// For the activation memory of training: nn.ReLU keeps its fp32 output for
+// the backward; these keep one bit per element (!(input <= 0): set for NaN,
+// where torch's ReLU passes the gradient too), so an int8
+// sparse layer after it leaves only its int8 copy of the activation saved.
+// dst = max(0, src) exactly as torch.relu (NaN and -0.0 pass through);
+// mask holds ceil(n / 8) bytes, element i in bit i % 8 of byte i / 8 (bits
+// beyond n zero). dst may be src. num_threads <= 0: OpenMP's default.
+void relu_with_mask_forward(const float *src, float *dst, uint8_t *mask, int64_t n,
+                            int num_threads = 0);
+// diff_src = mask bit ? diff_dst : 0, as torch's ReLU backward. diff_src may
+// be diff_dst.
+void relu_with_mask_backward(const float *diff_dst, const uint8_t *mask, float *diff_src, int64_t n,
+                             int num_threads = 0);
+
+} // namespace qsp

@@ -11,7 +11,7 @@ torch.Size([4, 8])
 import torch  # noqa: F401
 
 from . import _C
-from .modules import FusedReLU, QuantizedSparseConv2d, QuantizedSparseLinear, SparseConv2d, SparseLinear
+from .modules import FusedReLU, MaskedReLU, QuantizedSparseConv2d, QuantizedSparseLinear, SparseConv2d, SparseLinear
 from .outliers import OutlierQuantizedSparseLinear, PrototypeOutlierQuantizedSparseLinear
 from .prototype import PrototypeQuantizedSparseConv2d, PrototypeQuantizedSparseLinear
 from .swap import (
@@ -22,6 +22,7 @@ from .swap import (
     save_swap_plan,
     swap_modules_with_sparse,
     to_dense,
+    use_masked_relus,
 )
 
 __version__ = _C.version()
@@ -108,6 +109,8 @@ __all__ = [
     "load_swap_plan",
     "to_dense",
     "FusedReLU",
+    "MaskedReLU",
+    "use_masked_relus",
     "OutlierQuantizedSparseLinear",
     "PrototypeOutlierQuantizedSparseLinear",
     "format_swap_report",

@@ -378,23 +378,64 @@ def _unpack_bits(bits: torch.Tensor, shape) -> torch.Tensor:
 
 
 class _ReluBits(torch.autograd.Function):
-    """relu(y) whose backward keeps one bit per element (y > 0) instead of the
-    float output: with it fused into a sparse layer, int8 training saves only
-    the next layer's int8 copy of an activation and these bits (1/8 byte per
-    element), not the fp32 tensor nn.ReLU would keep. Same values and
-    gradients as torch.relu (NaN propagates forward; its gradient is 0)."""
+    """relu(y) whose backward keeps one bit per element (not y <= 0) instead of the
+    float output: int8 training then saves only the next sparse layer's int8
+    copy of an activation and these bits (1/8 byte per element), not the fp32
+    tensor nn.ReLU would keep. Same values and gradients as torch.relu, bit
+    for bit (NaN propagates forward, and its gradient passes, as in torch).
+    float32 runs one C++ pass each way (the output keeps the input's memory
+    format); other dtypes (bf16
+    under autocast) and traced graphs (torch.compile) take the same steps in
+    torch ops."""
 
     @staticmethod
     def forward(ctx, y):
         ctx.shape = y.shape
-        ctx.save_for_backward(_pack_bits(y > 0))
+        if y.dtype == torch.float32 and _dense_in_memory(y) and not torch.compiler.is_compiling():
+            out = torch.empty_like(y)  # same strides: one elementwise pass over the same memory order
+            bits = torch.empty((y.numel() + 7) // 8, dtype=torch.uint8)
+            _C.relu_with_mask_forward(_flat(y), _flat(out), bits.numpy(), torch.get_num_threads())
+            ctx.strides = y.stride()
+            ctx.save_for_backward(bits)
+            return out
+        ctx.strides = None
+        ctx.save_for_backward(_pack_bits(~(y <= 0)))  # set for NaN: torch passes its gradient
         return torch.relu(y)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
         (bits,) = ctx.saved_tensors
-        return grad * _unpack_bits(bits, ctx.shape)
+        if ctx.strides is None or grad.dtype != torch.float32:
+            return _relu_grad_torch(grad, bits, ctx)
+        if grad.stride() != ctx.strides:  # the bits follow the forward input's memory order
+            grad = torch.empty_strided(ctx.shape, ctx.strides, dtype=grad.dtype).copy_(grad)
+        out = torch.empty_like(grad)
+        _C.relu_with_mask_backward(_flat(grad), bits.numpy(), _flat(out), torch.get_num_threads())
+        return out
+
+
+def _dense_in_memory(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense (contiguous in some dimension order, e.g.
+    channels_last): its storage can be walked as one flat array."""
+    return t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _flat(t: torch.Tensor):
+    """The tensor's elements in memory order, as a 1-D numpy view (no copy)."""
+    return t.detach().as_strided((t.numel(),), (1,)).numpy()
+
+
+def _relu_grad_torch(grad: torch.Tensor, bits: torch.Tensor, ctx) -> torch.Tensor:
+    """The backward in torch ops: where, not a product, so a NaN gradient
+    where the input was <= 0 becomes 0 as in torch's ReLU backward."""
+    if ctx.strides is None:  # the bits are in logical (row-major) order
+        return torch.where(_unpack_bits(bits, ctx.shape), grad, grad.new_zeros(()))
+    # the bits are in the forward input's memory order
+    g = torch.empty_strided(ctx.shape, ctx.strides, dtype=grad.dtype).copy_(grad)
+    flat = g.as_strided((g.numel(),), (1,))
+    flat.copy_(torch.where(_unpack_bits(bits, flat.shape), flat, flat.new_zeros(())))
+    return g
 
 
 def relu_bits(y: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,7 @@ from torch.nn.utils import prune
 from . import _C, cpu_isa
 from .bench import machine
 from .memory import saved_activation_bytes
-from .swap import apply_swap_plan, save_swap_plan, swap_modules_with_sparse
+from .swap import apply_swap_plan, save_swap_plan, swap_modules_with_sparse, use_masked_relus
 
 _VARIANT_NAMES = {"f32": "qsparseprop f32", "s8": "qsparseprop int8", "s8_outliers": "qsparseprop int8 (outliers)"}
 
@@ -322,8 +322,7 @@ def pretrained(cfg: Config, data, log) -> nn.Module:
     train(model, v, data, cfg.pretrain_epochs, cfg.batch_size, cfg.lr, cfg.seed, progress=cfg.progress)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     torch.save(model.state_dict(), path)
-    log(f"dense model: trained {cfg.pretrain_epochs} epochs in {sum(v.epoch_s):.0f} s, test accuracy "
-        f"{v.accuracy[-1]:.4f}; saved to {path}")  # fmt: skip
+    log(f"dense model: trained {cfg.pretrain_epochs} epochs in {sum(v.epoch_s):.0f} s; saved to {path}")
     return model
 
 
@@ -378,6 +377,9 @@ def run(cfg: Config, log=print, rank: int = 0, world: int = 1) -> dict:
                 model = apply_swap_plan(model, plan_file)
         v = Variant(_VARIANT_NAMES[scheme])
         v.swapped = [r.name for r in model.qsparseprop_swap_report if r.swapped]
+        # The ReLUs between BatchNorm and a sparse layer keep bits, not their
+        # fp32 output: the int8 layer's copy is then the activation's only one.
+        use_masked_relus(model)
         kept_dense = {n: m for n, m in masks.items() if isinstance(model.get_submodule(n), (nn.Linear, nn.Conv2d))}
         model = _ddp(model, world)
         was = _C.profiling()

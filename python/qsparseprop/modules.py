@@ -75,6 +75,24 @@ class FusedReLU(nn.Identity):
     itself (``fused_relu``): a marker, so ``to_dense`` can put the ReLU back."""
 
 
+class MaskedReLU(nn.Module):
+    """``nn.ReLU`` whose backward keeps one bit per element (where the input
+    was > 0) instead of the float output: same values and gradients, 1/32 of
+    the activation memory. It pays where the output feeds an int8 sparse
+    layer (which keeps only an int8 copy of it) or nothing that saves it
+    (pooling, a residual add); before a dense layer, which saves its input
+    anyway, it costs the bits. ``use_masked_relus(model)`` swaps them in,
+    ``to_dense(model)`` back. ``inplace`` is accepted as nn.ReLU's and
+    ignored: the output is always a new tensor (the input is not modified)."""
+
+    def __init__(self, inplace: bool = False):
+        super().__init__()
+        self.inplace = inplace
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return _ops.relu_bits(input)
+
+
 class _SparseModule(nn.Module):
     """Pattern buffers, values parameter, kernel lifetime and input checks."""
 

@@ -19,6 +19,7 @@ from torch import nn
 from . import _ops
 from .modules import (
     FusedReLU,
+    MaskedReLU,
     QuantizedSparseConv2d,
     QuantizedSparseLinear,
     SparseConv2d,
@@ -284,6 +285,30 @@ def _fuse_relus(model: nn.Module, report: list[SwapDecision]) -> None:
                 rows[full].fused_relu = True
 
 
+def use_masked_relus(model: nn.Module) -> nn.Module:
+    """Replaces every ``nn.ReLU`` of ``model`` (in place; returns it) by a
+    :class:`MaskedReLU`: same values and gradients, its backward keeps one
+    bit per element instead of the fp32 output. Where the ReLU's output feeds
+    an int8 sparse layer (a Conv-BN-ReLU-Conv chain), that layer's int8 copy
+    is then the only saved form of the activation. ``to_dense`` turns them
+    back into ``nn.ReLU``.
+
+    >>> import torch
+    >>> from qsparseprop import use_masked_relus
+    >>> net = use_masked_relus(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()))
+    >>> type(net[1]).__name__
+    'MaskedReLU'
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if type(model) is nn.ReLU:
+        return MaskedReLU(model.inplace)
+    for name, mod in list(model.named_modules()):
+        if type(mod) is nn.ReLU:  # subclasses may do more than relu
+            _replace(model, name, MaskedReLU(mod.inplace))
+    return model
+
+
 # ---- plans -------------------------------------------------------------------------
 
 
@@ -400,6 +425,8 @@ def to_dense(model: nn.Module, inplace: bool = False) -> nn.Module:
     for name, mod in list(target.named_modules()):
         if isinstance(mod, FusedReLU):
             _replace(target, name, nn.ReLU())  # the ReLU back where it stood
+        elif isinstance(mod, MaskedReLU):
+            _replace(target, name, nn.ReLU(mod.inplace))
     for name, mod in list(target.named_modules()):
         if isinstance(mod, _SparseModule):
             _replace(target, name, mod.to_dense().train(mod.training))
