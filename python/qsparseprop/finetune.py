@@ -23,6 +23,7 @@ import copy
 import gzip
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -206,10 +207,18 @@ def _training_memory(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tens
 
 def train(
     model, variant: Variant, data, epochs, batch, lr, seed, masks=None, autocast=None, rank=0, world=1,
-    progress=True, on_step=None,
+    progress=True, on_step=None, cosine=False,
 ) -> None:  # fmt: skip
     xtr, ytr, xte, yte = data
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    steps_total = epochs * (len(ytr) // batch)
+    # Fine-tuning anneals the rate to zero (cosine, per step), so the final
+    # accuracy is the model's, not the noise of the last steps at a high rate.
+    sched = (
+        torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * k / steps_total)))
+        if cosine
+        else None
+    )
     ctx = torch.autocast("cpu", dtype=autocast) if autocast is not None else contextlib.nullcontext()
     gen = torch.Generator().manual_seed(seed)
     wall = 0.0
@@ -230,6 +239,8 @@ def train(
                 loss = nn.functional.cross_entropy(model(xtr[idx]), ytr[idx])
             loss.backward()
             opt.step()
+            if sched:
+                sched.step()
             if masks:  # layers that stayed dense: pruned weights stay zero
                 with torch.no_grad():
                     for name, mask in masks.items():
@@ -347,8 +358,8 @@ def run(cfg: Config, log=print, rank: int = 0, world: int = 1) -> dict:
         f"{acc_pruned:.4f}")  # fmt: skip
     shape = (max(cfg.batch_size // world, 1), *data[0].shape[1:])
     variants: list[Variant] = []
-    fine = dict(epochs=cfg.epochs, batch=cfg.batch_size, lr=cfg.lr / 4, seed=cfg.seed + 1, rank=rank, world=world,
-                progress=cfg.progress)  # fmt: skip
+    fine = dict(epochs=cfg.epochs, batch=cfg.batch_size, lr=cfg.lr / 2, seed=cfg.seed + 1, rank=rank, world=world,
+                progress=cfg.progress, cosine=True)  # fmt: skip
 
     def finish(v: Variant, model: nn.Module, dense_masks: dict) -> None:
         inner = model_mod(model)
@@ -565,8 +576,13 @@ def main(argv: list[str] | None = None) -> dict:
     a = p.parse_args(argv)
     if not 0.0 < a.sparsity < 1.0:
         p.error("--sparsity must be in (0, 1)")
-    if a.epochs < 1 or a.pretrain_epochs < 1 or a.batch_size < 1 or a.nproc < 1:
-        p.error("--epochs, --pretrain-epochs, --batch-size and --nproc must be >= 1")
+    for flag in ("epochs", "pretrain_epochs", "batch_size", "nproc", "width"):
+        if getattr(a, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(a, flag)}")
+    if a.threads is not None and a.threads < 1:
+        p.error(f"--threads must be >= 1, got {a.threads}")
+    if not a.lr > 0:
+        p.error(f"--lr must be > 0, got {a.lr}")
     bad = [s for s in a.schemes.split(",") if s.strip() not in ("f32", "s8", "s8_outliers")]
     if bad:
         p.error(f"--schemes takes f32, s8, s8_outliers; got {bad}")
