@@ -4,6 +4,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -51,6 +52,43 @@ void set_cache_capacity(size_t entries);
 // The capacity caches are created with (QSP_CACHE_CAPACITY, or the last
 // set_cache_capacity()).
 size_t cache_capacity();
+
+// ---- persistent cache --------------------------------------------------------
+// Tuning decisions (and the timings behind them) also go to disk, so a
+// restarted job or another worker on the same kind of machine starts with
+// them: QSP_CACHE_DIR (default $XDG_CACHE_HOME/qsparseprop, else
+// ~/.cache/qsparseprop; "" turns it off), capped at QSP_CACHE_MAX_MB (default
+// 256) with least-recently-used eviction. It holds data, never machine code.
+// An entry is used only when its checksum, format, library version, CPU and
+// full key match; anything else is ignored (a verbose line) and rebuilt. A
+// directory that is a symbolic link, another user's, writable by others or
+// not writable turns the cache off (reason in persistent_cache_status()); the
+// library works the same without it.
+struct persistent_cache_info {
+    bool enabled = false;
+    std::string dir;    // where it is (or would be)
+    std::string reason; // why it is off; "" when on
+    size_t entries = 0, bytes = 0, max_bytes = 0;
+};
+persistent_cache_info persistent_cache_status();
+// Uses dir from now on ("" turns the cache off), over QSP_CACHE_DIR; a
+// missing directory is created user-only (0700).
+void set_persistent_cache_dir(const std::string &dir);
+// Removes every entry; returns how many.
+size_t clear_persistent_cache();
+// Reads every entry and removes the ones that would not be used (damaged,
+// another version or CPU); each listed in problems.
+struct persistent_cache_check {
+    size_t valid = 0, removed = 0;
+    std::vector<std::string> problems;
+};
+persistent_cache_check check_persistent_cache();
+// Entries of a front end's own (the Python swap keeps its dense-vs-sparse
+// decisions here): the payload stored for (kind, key), compared in full,
+// under the same rules; nothing when absent or not to be trusted.
+std::optional<std::string> persistent_cache_load(const std::string &kind, const std::string &key);
+void persistent_cache_store(const std::string &kind, const std::string &key,
+                            const std::string &payload);
 
 // ---- scratch memory --------------------------------------------------------
 // Executions borrow scratch buffers from one pool and give them back when

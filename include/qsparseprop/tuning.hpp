@@ -5,7 +5,9 @@
 // rival is clearly faster, and stores the decision; descriptors created
 // afterwards for the same problem pick it. The decision store is an
 // in-memory LRU (cache "tuning_decisions") keyed by the whole problem:
-// pattern (compared in full), shapes, scheme, direction, threads and ISA.
+// pattern (compared in full), shapes, scheme, direction, threads and ISA;
+// decisions also go to the persistent cache (runtime.hpp), from which a
+// later process reads them instead of measuring again.
 //
 //   qsp::sparse_linear_forward::primitive_desc pd(...);   // picks, measures nothing
 //   qsp::tuning_result r = qsp::tune(pd);                 // measures, stores
@@ -46,6 +48,7 @@ struct tuning_result {
     std::string incumbent; // the stored decision, else the first accepting in list order
     std::string chosen;
     bool measured = false; // false: a stored decision was reused, or nothing to compare
+    bool from_persistent_cache = false;         // the reused decision was read from disk
     std::vector<tuning_measurement> candidates; // empty unless measured
 };
 

@@ -138,6 +138,48 @@ std::string problem::shape_str() const {
     return s.str();
 }
 
+std::string problem::key_bytes() const {
+    std::string b;
+    auto put = [&b](int64_t v) { b.append(reinterpret_cast<const char *>(&v), sizeof v); };
+    for (int64_t v : {int64_t(op),
+                      int64_t(dir),
+                      int64_t(prop),
+                      int64_t(scheme),
+                      batch,
+                      in,
+                      out,
+                      conv.batch,
+                      conv.in_c,
+                      conv.in_h,
+                      conv.in_w,
+                      conv.out_c,
+                      conv.out_h,
+                      conv.out_w,
+                      conv.g.kernel_h,
+                      conv.g.kernel_w,
+                      conv.g.stride_h,
+                      conv.g.stride_w,
+                      conv.g.pad_top,
+                      conv.g.pad_left,
+                      conv.g.pad_bottom,
+                      conv.g.pad_right,
+                      conv.g.dilation_h,
+                      conv.g.dilation_w,
+                      conv.g.groups,
+                      int64_t(with_bias),
+                      int64_t(num_threads),
+                      int64_t(vectorization),
+                      pattern.rows(),
+                      pattern.cols(),
+                      pattern.nnz()})
+        put(v);
+    b.append(reinterpret_cast<const char *>(pattern.row_ptr()),
+             sizeof(int64_t) * static_cast<size_t>(pattern.rows() + 1));
+    b.append(reinterpret_cast<const char *>(pattern.col_idx()),
+             sizeof(int32_t) * static_cast<size_t>(pattern.nnz()));
+    return b;
+}
+
 problem problem::without_batch() const {
     problem p = *this;
     p.batch = 0;

@@ -61,6 +61,9 @@ struct problem {
     problem without_batch() const;
     // Every field equal, the pattern compared in full (not by its hash).
     bool operator==(const problem &o) const;
+    // Every field operator== compares, the pattern in full, as bytes: the
+    // key of the problem's entries in the persistent cache.
+    std::string key_bytes() const;
 };
 
 struct problem_hash {

@@ -13,6 +13,7 @@
 #include "primitives/core/s8_protocol.hpp"
 #include "qsparseprop/tuning.hpp"
 #include "runtime/lru_cache.hpp"
+#include "runtime/persistent_cache.hpp"
 #include "runtime/verbose.hpp"
 
 namespace qsp {
@@ -35,11 +36,59 @@ struct decision_key_hash {
 };
 struct decision {
     std::string impl;
+    bool from_disk = false; // read from the persistent cache
 };
 
 runtime::lru_cache<decision_key, decision, decision_key_hash> &decision_store() {
     static runtime::lru_cache<decision_key, decision, decision_key_hash> store("tuning_decisions");
     return store;
+}
+
+// ---- the persistent side ---------------------------------------------------
+// Entry kind "tuning"; key: the effective ISA and the problem's bytes (the
+// pattern in full); payload: "chosen=<implementation>" and one
+// "measured=<implementation>,<median ms>" line per candidate.
+
+std::string disk_key(const problem &p, cpu_isa isa) {
+    return std::string(1, static_cast<char>(isa)) + p.key_bytes();
+}
+
+std::string disk_payload(const tuning_result &r) {
+    std::string s = "chosen=" + r.chosen + "\n";
+    for (const auto &m : r.candidates)
+        s += "measured=" + m.implementation + "," + std::to_string(m.median_ms) + "\n";
+    return s;
+}
+
+// The decision on disk for p, if there is one naming an implementation that
+// accepts p here (an entry is data from outside: checked, never trusted).
+std::shared_ptr<const decision> load_from_disk(const problem &p, cpu_isa isa) {
+    const auto payload = runtime::persistent_load("tuning", disk_key(p, isa));
+    if (!payload) return nullptr;
+    const std::string prefix = "chosen=";
+    const size_t end = payload->find('\n');
+    if (payload->compare(0, prefix.size(), prefix) != 0 || end == std::string::npos) {
+        if (verbose_level() >= 1)
+            runtime::verbose_print("persistent_cache,ignored,tuning decision without a choice");
+        return nullptr;
+    }
+    const std::string name = payload->substr(prefix.size(), end - prefix.size());
+    for (const implementation *c : accepting_implementations(p))
+        if (!c->is_reference && c->name == name)
+            return std::make_shared<const decision>(decision{name, true});
+    if (verbose_level() >= 1)
+        runtime::verbose_print("persistent_cache,ignored,tuning decision " + name
+                               + " is not an implementation that accepts " + p.shape_str());
+    return nullptr;
+}
+
+// The stored decision for p: in memory, else on disk (then kept in memory).
+std::shared_ptr<const decision> find_decision(const problem &p) {
+    const decision_key key{p, effective_cpu_isa()};
+    if (auto d = decision_store().find(key)) return d;
+    auto d = load_from_disk(p, key.isa);
+    if (d) decision_store().put(key, d);
+    return d;
 }
 
 std::vector<float> random_data(int64_t n, std::mt19937 &rng) {
@@ -108,7 +157,7 @@ double median(std::vector<double> v) {
 } // namespace
 
 std::string stored_decision(const problem &p) {
-    auto d = decision_store().find(decision_key{p, effective_cpu_isa()});
+    auto d = find_decision(p);
     return d ? d->impl : std::string();
 }
 
@@ -142,7 +191,9 @@ tuning_result tune(const primitive_desc_base &pd, const tuning_options &options)
     std::vector<const implementation *> rivals;
     for (const implementation *c : accepting_implementations(p))
         if (!c->is_reference) rivals.push_back(c);
-    const std::string stored = stored_decision(p);
+    const auto found = find_decision(p);
+    const std::string stored = found ? found->impl : std::string();
+    r.from_persistent_cache = found && found->from_disk;
     size_t incumbent = 0;
     for (size_t i = 0; i < rivals.size(); ++i)
         if (rivals[i]->name == stored) incumbent = i;
@@ -151,7 +202,10 @@ tuning_result tune(const primitive_desc_base &pd, const tuning_options &options)
     if (rivals.size() < 2 || (!stored.empty() && !options.retune)) {
         if (verbose_level() >= 2)
             runtime::verbose_print(std::string("tune,") + r.primitive + "," + r.problem + ","
-                                   + (rivals.size() < 2 ? "nothing to compare" : "stored decision")
+                                   + (rivals.size() < 2 ? "nothing to compare"
+                                      : r.from_persistent_cache
+                                              ? "stored decision (persistent cache)"
+                                              : "stored decision")
                                    + ",chose " + r.chosen);
         return r;
     }
@@ -170,6 +224,7 @@ tuning_result tune(const primitive_desc_base &pd, const tuning_options &options)
     r.measured = true;
     decision_store().put(decision_key{p, effective_cpu_isa()},
                          std::make_shared<const decision>(decision{r.chosen}));
+    runtime::persistent_store("tuning", disk_key(p, effective_cpu_isa()), disk_payload(r));
     if (verbose_level() >= 2) {
         std::ostringstream line;
         line << "tune," << r.primitive << "," << r.problem << ",threads=" << p.num_threads;

@@ -1,0 +1,262 @@
+// The persistent cache: a cold process measures and stores, a warm one reads
+// the same decisions without measuring; damaged, truncated, empty,
+// foreign-version and foreign-CPU entries are ignored and rebuilt; the
+// directory is created user-only, and a symlinked, foreign or unwritable one
+// turns the cache off while the library keeps working; processes storing
+// into one cache at once leave it valid.
+#include <fstream>
+#include <string>
+
+#include <dirent.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "runtime/persistent_cache.hpp"
+#include "test_utils.hpp"
+
+namespace qsp::test {
+
+// The other tests run with the persistent cache off: they count
+// measurements, which a decision left on disk by an earlier run would skip.
+// The tests here point it at directories of their own.
+static const bool persistent_cache_off_for_tests = (set_persistent_cache_dir(""), true);
+
+namespace {
+
+std::string fresh_dir(const std::string &name) {
+    std::string d = testing::TempDir() + "qsp_pcache_" + name + "_" + std::to_string(::getpid());
+    std::system(("rm -rf '" + d + "'").c_str());
+    return d;
+}
+
+std::vector<std::string> entries(const std::string &dir) {
+    std::vector<std::string> out;
+    if (DIR *d = ::opendir(dir.c_str())) {
+        while (dirent *e = ::readdir(d)) {
+            const std::string n = e->d_name;
+            if (n.size() > 5 && n.substr(n.size() - 5) == ".qspc") out.push_back(dir + "/" + n);
+        }
+        ::closedir(d);
+    }
+    return out;
+}
+
+std::string read_all(const std::string &path) {
+    std::ifstream f(path, std::ios::binary);
+    return std::string(std::istreambuf_iterator<char>(f), {});
+}
+
+void write_all(const std::string &path, const std::string &bytes) {
+    std::ofstream f(path, std::ios::binary | std::ios::trunc);
+    f << bytes;
+}
+
+// An f32 3x3 Conv2d: on AVX2 and AVX-512 both JIT families (batch- and
+// width-innermost) accept it, so tune() measures; on the portable tier only
+// the reference does, and nothing is measured or stored.
+struct conv_layer {
+    conv_layer() : eng(dnnl::engine::kind::cpu, 0) {
+        std::mt19937 rng(3);
+        g.kernel_h = g.kernel_w = 3;
+        g.pad_top = g.pad_left = g.pad_bottom = g.pad_right = 1;
+        pattern = csr_pattern::from_dense(random_sparse_dense(16, 16 * 9, 0.9, rng).data(), 16,
+                                          16 * 9);
+        attr.num_threads = 1;
+    }
+    sparse_conv2d_forward::primitive_desc pd() const {
+        return sparse_conv2d_forward::primitive_desc(
+                eng, prop_kind::forward_training, f32_desc({4, 16, 12, 12}), pattern, {},
+                f32_desc({4, 16, 12, 12}), g, quant_scheme::f32, attr);
+    }
+    dnnl::engine eng;
+    csr_pattern pattern;
+    conv2d_geometry g;
+    primitive_attr attr;
+};
+
+std::string u32_bytes(uint32_t v) {
+    return std::string(reinterpret_cast<const char *>(&v), 4);
+}
+
+struct cache_dir_scope {
+    explicit cache_dir_scope(const std::string &d) { set_persistent_cache_dir(d); }
+    ~cache_dir_scope() { set_persistent_cache_dir(""); }
+};
+
+} // namespace
+
+TEST(PersistentCache, cold_fills_warm_reads_the_same_decision_without_measuring) {
+    const std::string dir = fresh_dir("warm");
+    cache_dir_scope scope(dir);
+    conv_layer layer;
+    clear_tuning_decisions();
+    const tuning_result cold = tune(layer.pd());
+    if (effective_cpu_isa() == cpu_isa::ref) { // the reference never competes: nothing to store
+        EXPECT_FALSE(cold.measured);
+        EXPECT_TRUE(entries(dir).empty());
+        return;
+    }
+    EXPECT_TRUE(cold.measured);
+    EXPECT_FALSE(cold.from_persistent_cache);
+    ASSERT_EQ(entries(dir).size(), 1u);
+    struct stat st {};
+    ASSERT_EQ(::stat(dir.c_str(), &st), 0);
+    EXPECT_EQ(st.st_mode & 0777, 0700u) << "created user-only";
+
+    clear_tuning_decisions(); // a new process: nothing in memory
+    const tuning_result warm = tune(layer.pd());
+    EXPECT_FALSE(warm.measured);
+    EXPECT_TRUE(warm.from_persistent_cache);
+    EXPECT_EQ(warm.chosen, cold.chosen);
+    EXPECT_EQ(layer.pd().impl_info_str(), cold.chosen) << "descriptors pick the stored decision";
+    const auto status = persistent_cache_status();
+    EXPECT_TRUE(status.enabled);
+    EXPECT_EQ(status.entries, 1u);
+    EXPECT_GT(status.bytes, static_cast<size_t>(layer.pattern.nnz()) * 4)
+            << "the key holds the pattern";
+    EXPECT_EQ(clear_persistent_cache(), 1u);
+    EXPECT_TRUE(entries(dir).empty());
+    clear_tuning_decisions();
+}
+
+TEST(PersistentCache, bad_entries_are_ignored_and_rebuilt_never_trusted) {
+    const std::string dir = fresh_dir("bad");
+    cache_dir_scope scope(dir);
+    const std::string key = std::string("layer key \0 with a zero", 23), payload = "chosen=x\n";
+    runtime::persistent_store("test", key, payload);
+    const auto files = entries(dir);
+    ASSERT_EQ(files.size(), 1u);
+    const std::string good = read_all(files[0]);
+    ASSERT_EQ(runtime::persistent_load("test", key).value_or(""), payload);
+    EXPECT_FALSE(runtime::persistent_load("test", key + "!")) << "another key";
+    EXPECT_FALSE(runtime::persistent_load("other", key)) << "another kind";
+
+    auto corrupt = [&](const std::string &bytes) {
+        write_all(files[0], bytes);
+        const bool used = runtime::persistent_load("test", key).has_value();
+        runtime::persistent_store("test", key, payload); // rebuilt
+        EXPECT_EQ(read_all(files[0]), good);
+        return used;
+    };
+    for (size_t i = 0; i < good.size(); i += 7) { // every region, header to checksum
+        std::string flipped = good;
+        flipped[i] ^= 0x10;
+        EXPECT_FALSE(corrupt(flipped)) << "bit flipped at byte " << i;
+    }
+    for (size_t n : {size_t(0), size_t(3), size_t(8), good.size() / 2, good.size() - 1})
+        EXPECT_FALSE(corrupt(good.substr(0, n))) << "truncated to " << n;
+    EXPECT_FALSE(corrupt(good + "trailing")) << "trailing bytes";
+    std::string version = good;
+    version[4] = 2; // format version 2, checksum recomputed would still not help: refused first
+    EXPECT_FALSE(corrupt(version));
+
+    // A well-formed entry written by another library version or on another CPU.
+    const std::string env = runtime::persistent_environment();
+    for (const std::string &other : {std::string("0.0.0") + env.substr(env.find(';')),
+                                     env.substr(0, env.find(';')) + ";Another CPU;avx2"}) {
+        ASSERT_NE(good.find(env), std::string::npos);
+        std::string foreign = good.substr(0, good.size() - 8);
+        const size_t at = foreign.find(env);
+        foreign.replace(at - 4, 4 + env.size(),
+                        u32_bytes(static_cast<uint32_t>(other.size())) + other);
+        uint64_t h = 1469598103934665603ull;
+        for (unsigned char c : foreign) {
+            h ^= c;
+            h *= 1099511628211ull;
+        }
+        foreign.append(reinterpret_cast<const char *>(&h), 8);
+        write_all(files[0], foreign);
+        const auto check = check_persistent_cache();
+        EXPECT_EQ(check.valid, 0u);
+        EXPECT_EQ(check.removed, 1u) << other;
+        EXPECT_FALSE(runtime::persistent_load("test", key));
+        runtime::persistent_store("test", key, payload);
+    }
+    EXPECT_EQ(check_persistent_cache().valid, 1u);
+}
+
+TEST(PersistentCache, unusable_directories_turn_it_off_and_the_library_still_works) {
+    const std::string base = fresh_dir("dirs");
+    ASSERT_EQ(::mkdir(base.c_str(), 0700), 0);
+    const std::string real = base + "/real", link = base + "/link", file = base + "/file",
+                      open_dir = base + "/open", ro = base + "/ro";
+    ASSERT_EQ(::mkdir(real.c_str(), 0700), 0);
+    ASSERT_EQ(::symlink(real.c_str(), link.c_str()), 0);
+    write_all(file, "x");
+    ASSERT_EQ(::mkdir(open_dir.c_str(), 0700), 0);
+    ASSERT_EQ(::chmod(open_dir.c_str(), 0777), 0);
+    ASSERT_EQ(::mkdir(ro.c_str(), 0500), 0);
+    struct {
+        std::string dir, says;
+    } cases[] = {{link, "symbolic link"},
+                 {file, "not a directory"},
+                 {open_dir, "writable by other"},
+                 {"", "turned off"}};
+    for (const auto &c : cases) {
+        cache_dir_scope scope(c.dir);
+        const auto status = persistent_cache_status();
+        EXPECT_FALSE(status.enabled) << c.dir;
+        EXPECT_NE(status.reason.find(c.says), std::string::npos) << status.reason;
+        runtime::persistent_store("test", "k", "v"); // nothing happens, nothing throws
+        EXPECT_FALSE(runtime::persistent_load("test", "k"));
+    }
+    EXPECT_TRUE(entries(real).empty()) << "nothing written through the link";
+    if (::geteuid() != 0) { // root writes anywhere
+        cache_dir_scope scope(ro);
+        EXPECT_FALSE(persistent_cache_status().enabled);
+    }
+    { // a cache that cannot store (here: read-only after it was opened) reports and goes on
+        const std::string later_ro = base + "/later_ro";
+        cache_dir_scope scope(later_ro);
+        ASSERT_TRUE(persistent_cache_status().enabled);
+        ::chmod(later_ro.c_str(), 0500);
+        conv_layer layer;
+        clear_tuning_decisions();
+        EXPECT_NO_THROW(tune(layer.pd()));
+        ::chmod(later_ro.c_str(), 0700);
+    }
+    clear_tuning_decisions();
+}
+
+TEST(PersistentCache, processes_storing_at_once_leave_it_valid_and_the_cap_evicts) {
+    const std::string dir = fresh_dir("race");
+    cache_dir_scope scope(dir);
+    ASSERT_TRUE(persistent_cache_status().enabled);
+    std::vector<pid_t> kids;
+    for (int k = 0; k < 4; ++k) {
+        const pid_t pid = ::fork();
+        ASSERT_GE(pid, 0);
+        if (pid == 0) { // the same keys, each with its own payload size
+            for (int i = 0; i < 40; ++i)
+                runtime::persistent_store("race", "key" + std::to_string(i % 10),
+                                          std::string(1000 + 100 * k, char('a' + k)));
+            ::_exit(0);
+        }
+        kids.push_back(pid);
+    }
+    for (pid_t pid : kids) {
+        int status = 0;
+        ::waitpid(pid, &status, 0);
+        EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    }
+    const auto check = check_persistent_cache();
+    EXPECT_EQ(check.valid, 10u);
+    EXPECT_EQ(check.removed, 0u);
+    for (int i = 0; i < 10; ++i) {
+        const auto v = runtime::persistent_load("race", "key" + std::to_string(i));
+        ASSERT_TRUE(v.has_value());
+        EXPECT_EQ(v->find_first_not_of(v->front()), std::string::npos)
+                << "one writer's whole payload";
+    }
+    // The cap: 1 MiB of 300 KiB entries keeps the newest few.
+    ::setenv("QSP_CACHE_MAX_MB", "1", 1);
+    for (int i = 0; i < 8; ++i)
+        runtime::persistent_store("big", "big" + std::to_string(i), std::string(300 << 10, 'b'));
+    ::unsetenv("QSP_CACHE_MAX_MB");
+    EXPECT_LE(persistent_cache_status().bytes, size_t(1) << 20);
+    EXPECT_TRUE(runtime::persistent_load("big", "big7").has_value()) << "the newest stays";
+    EXPECT_FALSE(runtime::persistent_load("big", "big0").has_value()) << "the oldest went";
+}
+
+} // namespace qsp::test
