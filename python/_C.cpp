@@ -550,6 +550,33 @@ PYBIND11_MODULE(_C, m) {
     m.def("clear_caches", &qsp::clear_caches);
     m.def("set_cache_capacity", &qsp::set_cache_capacity, py::arg("entries"));
     m.def("clear_tuning_decisions", &qsp::clear_tuning_decisions);
+    m.def("persistent_cache_status", [] {
+        const qsp::persistent_cache_info i = qsp::persistent_cache_status();
+        return py::dict(py::arg("enabled") = i.enabled, py::arg("dir") = i.dir,
+                        py::arg("reason") = i.reason, py::arg("entries") = i.entries,
+                        py::arg("bytes") = i.bytes, py::arg("max_bytes") = i.max_bytes);
+    });
+    m.def("set_persistent_cache_dir", &qsp::set_persistent_cache_dir, py::arg("dir"));
+    m.def("clear_persistent_cache", &qsp::clear_persistent_cache);
+    m.def("check_persistent_cache", [] {
+        const qsp::persistent_cache_check c = qsp::check_persistent_cache();
+        return py::dict(py::arg("valid") = c.valid, py::arg("removed") = c.removed,
+                        py::arg("problems") = c.problems);
+    });
+    m.def(
+            "persistent_cache_load",
+            [](const std::string &kind, const py::bytes &key) -> py::object {
+                auto v = qsp::persistent_cache_load(kind, key);
+                if (!v) return py::none();
+                return py::bytes(*v);
+            },
+            py::arg("kind"), py::arg("key"));
+    m.def(
+            "persistent_cache_store",
+            [](const std::string &kind, const py::bytes &key, const py::bytes &payload) {
+                qsp::persistent_cache_store(kind, key, payload);
+            },
+            py::arg("kind"), py::arg("key"), py::arg("payload"));
     m.def("scratch_info", [] {
         const qsp::scratch_info s = qsp::scratch_pool_info();
         return py::dict(

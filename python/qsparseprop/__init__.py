@@ -6,6 +6,8 @@
 torch.Size([4, 8])
 """
 
+import os
+
 # torch first: its libgomp is then the one OpenMP runtime of the process
 # (ours and oneDNN's resolve to the already-loaded libgomp.so.1).
 import torch  # noqa: F401
@@ -58,6 +60,33 @@ def cache_info() -> list[dict]:
 def clear_caches() -> None:
     """Empties every cache; layers already created keep what they hold."""
     _C.clear_caches()
+
+
+def persistent_cache_info() -> dict:
+    """The on-disk cache of tuning decisions and swap timings: ``enabled``,
+    ``dir`` (``QSP_CACHE_DIR``, default ``$XDG_CACHE_HOME/qsparseprop`` or
+    ``~/.cache/qsparseprop``; ``""`` turns it off), ``reason`` (why it is off),
+    ``entries``, ``bytes``, ``max_bytes`` (``QSP_CACHE_MAX_MB``, default 256).
+    It holds data, never machine code; an entry is used only when its
+    checksum, format, library version, CPU and full key match."""
+    return _C.persistent_cache_status()
+
+
+def set_persistent_cache_dir(path: str | os.PathLike) -> None:
+    """Uses ``path`` for the persistent cache from now on (``""``: off);
+    created user-only (0700) if missing."""
+    _C.set_persistent_cache_dir(os.fspath(path))
+
+
+def clear_persistent_cache() -> int:
+    """Removes every entry of the persistent cache; returns how many."""
+    return _C.clear_persistent_cache()
+
+
+def check_persistent_cache() -> dict:
+    """Reads every entry and removes those that would not be used (damaged,
+    another library version or CPU): ``valid``, ``removed``, ``problems``."""
+    return _C.check_persistent_cache()
 
 
 def scratch_info() -> dict:
@@ -121,6 +150,10 @@ __all__ = [
     "cache_info",
     "clear_caches",
     "scratch_info",
+    "persistent_cache_info",
+    "set_persistent_cache_dir",
+    "clear_persistent_cache",
+    "check_persistent_cache",
     "release_scratch",
     "set_profiling",
     "profile_info",

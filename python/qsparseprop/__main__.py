@@ -3,6 +3,8 @@
 qsparseprop finetune [...]   # the main job: prune, swap, fine-tune, report
 qsparseprop bench linear|conv [...]
 qsparseprop memory [...]
+qsparseprop warmup PATTERNS [--batch ..] [--threads ..] [--jobs N] | --check | --clear
+qsparseprop export-patterns MODEL.pt --input-shape N,C,H,W -o PATTERNS
 qsparseprop demo [...]       # the small digits demo
 """
 
@@ -11,10 +13,12 @@ from __future__ import annotations
 import sys
 
 _COMMANDS = {
-    "finetune": ("qsparseprop.finetune", "prune, swap and fine-tune on real data, with a report"),
-    "bench": ("qsparseprop.bench", "layer benchmark against dense PyTorch"),
-    "memory": ("qsparseprop.memory", "what a training step keeps in memory"),
-    "demo": ("qsparseprop.demo", "the small digits fine-tune demo"),
+    "finetune": ("qsparseprop.finetune", "main", "prune, swap and fine-tune on real data, with a report"),
+    "bench": ("qsparseprop.bench", "main", "layer benchmark against dense PyTorch"),
+    "memory": ("qsparseprop.memory", "main", "what a training step keeps in memory"),
+    "warmup": ("qsparseprop.warmup", "main", "generate, tune and record a model's kernels ahead of a run"),
+    "export-patterns": ("qsparseprop.warmup", "export_main", "write a model's sparse layers for warmup"),
+    "demo": ("qsparseprop.demo", "main", "the small digits fine-tune demo"),
 }
 
 
@@ -22,12 +26,13 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in _COMMANDS:
         print(__doc__.strip())
-        for name, (_, what) in _COMMANDS.items():
-            print(f"  {name:<10} {what}")
+        for name, (_, _, what) in _COMMANDS.items():
+            print(f"  {name:<16} {what}")
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
     import importlib
 
-    importlib.import_module(_COMMANDS[argv[0]][0]).main(argv[1:])
+    module, function, _ = _COMMANDS[argv[0]]
+    getattr(importlib.import_module(module), function)(argv[1:])
 
 
 if __name__ == "__main__":

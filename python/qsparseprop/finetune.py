@@ -176,6 +176,7 @@ class Variant:
     accuracy: list[float] = field(default_factory=list)  # test accuracy after each epoch
     wall: list[float] = field(default_factory=list)  # cumulative training seconds after each epoch
     memory_bytes: int = 0
+    step_ms: dict[str, float] = field(default_factory=dict)  # where a training step's time goes, per part
     sparse_s: list[float] = field(default_factory=list)  # seconds inside qsparseprop's primitives per epoch
     sparse_share: float | None = None
     swapped: list[str] = field(default_factory=list)
@@ -261,6 +262,54 @@ def train(
         with ctx:
             variant.accuracy.append(evaluate(model, xte, yte))
     variant.memory_bytes = _training_memory(model, opt, xtr[:batch].clone(), ctx)
+    if rank == 0 and world == 1:  # (under DDP the gradient all-reduce would be part of it)
+        variant.step_ms = step_breakdown(model, opt, xtr[:batch], ytr[:batch], ctx)
+
+
+# The parts of a step, matched on the names torch.profiler records (an op
+# counts for the nearest enclosing part: a copy inside a convolution is the
+# convolution's). First match wins.
+STEP_PARTS = (
+    ("optimizer", ("optimizer.",)),
+    ("sparse layers", ("_sparsefunction", "qsparseprop::")),
+    ("dense conv/linear", ("convolution", "addmm", "aten::mm", "linear", "aten::bmm")),
+    ("batchnorm", ("batch_norm", "batchnorm")),
+    ("relu", ("relu", "threshold", "clamp_min")),
+    ("pool+loss", ("pool", "aten::mean", "meanbackward", "cross_entropy", "nll_loss", "log_softmax")),
+)
+
+
+def step_breakdown(model: nn.Module, opt, x: torch.Tensor, y: torch.Tensor, ctx, steps: int = 3) -> dict[str, float]:
+    """Milliseconds per training step in each part (STEP_PARTS, the rest in
+    "other"), from torch.profiler's self CPU times over ``steps`` steps. The
+    parameters are restored afterwards: the measurement trains nothing."""
+    from torch.profiler import ProfilerActivity, profile
+
+    saved_params = copy.deepcopy(model.state_dict())
+    saved_opt = copy.deepcopy(opt.state_dict())
+    model.train()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            with ctx:
+                loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+    model.load_state_dict(saved_params)
+    opt.load_state_dict(saved_opt)
+    opt.zero_grad(set_to_none=True)
+    parts = {name: 0.0 for name, _ in STEP_PARTS} | {"other": 0.0}
+    for ev in prof.events():
+        part, node = "other", ev
+        while node is not None:
+            name = node.name.lower()
+            hit = next((p for p, keys in STEP_PARTS if any(k in name for k in keys)), None)
+            if hit:
+                part = hit
+                break
+            node = node.cpu_parent
+        parts[part] += ev.self_cpu_time_total / 1e3 / steps
+    return parts
 
 
 def _bar(total: int, desc: str, enabled: bool):
@@ -470,7 +519,7 @@ def _report(cfg: Config, variants: list[Variant], acc_dense: float, acc_pruned: 
                 accuracy=v.accuracy[-1],
                 accuracy_vs_dense=v.accuracy[-1] / best.accuracy[-1] if best.accuracy[-1] else None,
                 first_loss=v.first_loss, losses=v.losses, accuracy_curve=v.accuracy, wall_curve=v.wall,
-                sparse_share=v.sparse_share,
+                sparse_share=v.sparse_share, step_ms=v.step_ms,
                 swapped_layers=v.swapped, pruned_weights_zero=v.pruned_weights_zero,
             )
         )  # fmt: skip
@@ -499,10 +548,21 @@ def format_report(report: dict) -> str:
             f"{r['variant']:<28} {r['epoch_s']:>8.2f} {r['speedup_vs_fp32']:>7.2f} {r['speedup_vs_best_dense']:>7.2f} "
             f"{r['memory_mib']:>6.1f} MiB {r['memory_vs_dense']:>8.2f} {r['accuracy']:>9.4f} {acc:>8} {share:>9}"
         )
+    rows = [r for r in report["variants"] if r.get("step_ms")]
+    if rows:
+        parts = list(rows[0]["step_ms"])
+        head = f"{'where a step goes (ms)':<28}" + "".join(f" {p[:17]:>17}" for p in parts) + f" {'total':>8}"
+        lines += ["", head, "-" * len(head)]
+        for r in rows:
+            ms = r["step_ms"]
+            total = sum(ms.values())
+            cells = "".join(f" {ms[p]:>8.1f} ({100 * ms[p] / total:>3.0f} %)" for p in parts)
+            lines.append(f"{r['variant']:<28}{cells} {total:>8.1f}")
     lines.append(
         f"best dense: {report['best_dense']}; accuracy dense {report['accuracy_dense_unpruned']:.4f}, "
         f"pruned {report['accuracy_pruned']:.4f}; memory = saved activations of a step + parameters, "
-        "gradients and optimizer state; sparse % = share of training time inside qsparseprop's primitives"
+        "gradients and optimizer state; sparse % = share of training time inside qsparseprop's primitives; "
+        "where a step goes: torch.profiler self CPU times over 3 steps, each op counted for its enclosing part"
     )
     return "\n".join(lines)
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import _ops
+from . import _C, _ops
 from .modules import (
     FusedReLU,
     MaskedReLU,
@@ -46,6 +46,33 @@ class SwapDecision:
     scheme: str = ""  # what it was swapped to: "f32", "s8" or "prototype"
     pattern_hash: str = ""  # of the CSR pattern (validate_csr's hash), for plans
     fused_relu: bool = False  # the nn.ReLU right after it is applied by the layer
+
+
+def _timing_key(dense: nn.Module, sparse: nn.Module, shape, autocast) -> bytes:
+    """Everything the two timings depend on, the pattern in full: equal keys
+    time the same work on the same kind of machine."""
+    meta = {
+        "format": 1, "kind": type(dense).__name__, "dense": dense.extra_repr(), "sparse": sparse.extra_repr(),
+        "class": type(sparse).__name__, "shape": list(shape), "autocast": str(autocast),
+        "threads": torch.get_num_threads(), "isa": _C.effective_cpu_isa(), "torch": torch.__version__,
+        "training": dense.training,
+    }  # fmt: skip
+    pattern = sparse.row_ptr.numpy().tobytes() + sparse.col_idx.numpy().tobytes()
+    return json.dumps(meta, sort_keys=True).encode() + b"\0" + pattern
+
+
+def _load_timings(key: bytes) -> tuple[float, float] | None:
+    raw = _C.persistent_cache_load("swap", key)
+    if raw is None:
+        return None
+    try:  # checked by the store (checksum, versions, key); still data from disk
+        d = json.loads(raw)
+        dense_ms, sparse_ms = float(d["dense_ms"]), float(d["sparse_ms"])
+    except (ValueError, KeyError, TypeError):
+        return None
+    if not (0.0 < dense_ms < float("inf") and 0.0 < sparse_ms < float("inf")):
+        return None
+    return dense_ms, sparse_ms
 
 
 def _sparsity(module: nn.Module) -> float:
@@ -108,12 +135,14 @@ def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
 
 
-def _probe_shapes(model: nn.Module, input_shape) -> tuple[dict[str, tuple[int, ...]], list[str]]:
-    """Each Linear/Conv2d's input shape, from one forward pass that leaves no
-    trace: eval mode and no_grad during the probe, every buffer (BatchNorm
+def _probe_shapes(
+    model: nn.Module, input_shape, kinds: tuple[type, ...] = (nn.Linear, nn.Conv2d)
+) -> tuple[dict[str, tuple[int, ...]], list[str]]:
+    """Each ``kinds`` module's input shape, from one forward pass that leaves
+    no trace: eval mode and no_grad during the probe, every buffer (BatchNorm
     statistics, counters) and every module's mode restored afterwards."""
     shapes: dict[str, tuple[int, ...]] = {}
-    candidates = [name for name, mod in model.named_modules() if isinstance(mod, (nn.Linear, nn.Conv2d))]
+    candidates = [name for name, mod in model.named_modules() if isinstance(mod, kinds)]
 
     def record(name):
         def hook(module, args):
@@ -158,6 +187,7 @@ def swap_modules_with_sparse(
     autocast: torch.dtype | None = None,
     fuse_relu: bool = True,
     scheme: str | None = None,
+    persistent: bool = True,
 ) -> nn.Module:
     """Replaces each ``nn.Linear`` / ``nn.Conv2d`` (subclasses included) that
     is at least ``min_sparsity`` sparse and, timed forward+backward at its real
@@ -177,6 +207,13 @@ def swap_modules_with_sparse(
     for its backward instead of the fp32 output (int8 training then saves
     only int8 copies of those activations); a ``FusedReLU`` marker takes its
     place.
+    ``persistent``: the timings are kept in the persistent cache
+    (``QSP_CACHE_DIR``, see :func:`qsparseprop.persistent_cache_info`) under
+    the layer's exact configuration, pattern, input shape, threads, ISA and
+    library and torch versions; a later swap of the same layer on the same
+    kind of machine reads them instead of timing (the table says so), so a
+    restarted job decides fast and the same way. ``persistent=False`` times
+    every layer afresh (and stores nothing).
     ``plan`` (a report of an earlier swap, or a file written by
     :func:`save_swap_plan`) makes exactly those swaps without timing anything
     (``input_shape`` is then not needed): the same model on another rank or
@@ -244,20 +281,31 @@ def swap_modules_with_sparse(
         if prototype:
             row.swapped, row.reason = True, "prototype (swapped on sparsity)"
         else:
-            if verbose:
-                print(
-                    f"qsparseprop: timing {timed.index(name) + 1}/{len(timed)} {name} {row.input_shape}",
-                    file=sys.stderr,
-                )
-            row.dense_ms = _time_fwd_bwd(mod, row.input_shape, repeats, warmup, autocast)
-            row.sparse_ms = _time_fwd_bwd(sparse, row.input_shape, repeats, warmup, autocast)
-            sparse._step.zero_()  # timing steps do not count: the rounding streams start where a fresh layer's do
-            if hasattr(sparse, "outliers_set"):
-                sparse.outliers_set.fill_(False)  # calibrated on the first real batch, not on the timing noise
+            key = _timing_key(mod, sparse, row.input_shape, autocast) if persistent else None
+            stored = _load_timings(key) if key else None
+            if stored:
+                row.dense_ms, row.sparse_ms = stored
+            else:
+                if verbose:
+                    print(
+                        f"qsparseprop: timing {timed.index(name) + 1}/{len(timed)} {name} {row.input_shape}",
+                        file=sys.stderr,
+                    )
+                row.dense_ms = _time_fwd_bwd(mod, row.input_shape, repeats, warmup, autocast)
+                row.sparse_ms = _time_fwd_bwd(sparse, row.input_shape, repeats, warmup, autocast)
+                sparse._step.zero_()  # timing steps do not count: the rounding streams start where a fresh layer's do
+                if hasattr(sparse, "outliers_set"):
+                    sparse.outliers_set.fill_(False)  # calibrated on the first real batch, not on the timing noise
+                if key:
+                    _C.persistent_cache_store(
+                        "swap", key, json.dumps({"dense_ms": row.dense_ms, "sparse_ms": row.sparse_ms}).encode()
+                    )
             speedup = row.dense_ms / row.sparse_ms
             row.swapped = speedup >= min_speedup
             base = f"dense {autocast}".replace("torch.", "") if autocast else "dense fp32"
             row.reason = f"{speedup:.2f}x vs {base} {'>=' if row.swapped else '<'} min_speedup {min_speedup}"
+            if stored:
+                row.reason += " (timings from the persistent cache)"
         if row.swapped:
             _replace(target, name, sparse)
 

@@ -1,3 +1,10 @@
+import os
+
+# The persistent cache stays off in the tests (decisions stored by an earlier
+# run would change what they measure); tests of it point it at a directory of
+# their own. Set before qsparseprop is imported: it reads this at first use.
+os.environ["QSP_CACHE_DIR"] = ""
+
 import pytest
 import torch
 

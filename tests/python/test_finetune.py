@@ -11,7 +11,7 @@ from qsparseprop import finetune
 FIELDS = {
     "variant", "epoch_s", "speedup_vs_fp32", "speedup_vs_best_dense", "memory_mib", "memory_vs_dense", "accuracy",
     "accuracy_vs_dense", "first_loss", "losses", "accuracy_curve", "wall_curve", "sparse_share", "swapped_layers",
-    "pruned_weights_zero",
+    "pruned_weights_zero", "step_ms",
 }  # fmt: skip
 
 
@@ -40,14 +40,23 @@ def test_quick_run_reports_every_field_trains_and_keeps_pruned_weights_zero(tmp_
         assert r["losses"][-1] < r["first_loss"], f"{r['variant']}: the loss did not fall"
         assert r["pruned_weights_zero"], r["variant"]
         assert 0.0 < r["accuracy"] <= 1.0 and r["epoch_s"] > 0
+    for r in report["variants"][:2]:
+        assert r["step_ms"]["sparse layers"] == 0.0 and r["step_ms"]["dense conv/linear"] > 0.0
     for r in report["variants"][2:]:
         assert r["swapped_layers"], "some layers must have been swapped"
         assert 0.0 < r["sparse_share"] < 1.0
+        assert r["step_ms"]["sparse layers"] > 0.0 and r["step_ms"]["batchnorm"] > 0.0
     assert report["best_dense"] in names[:2]
     assert (tmp_path / "c.png").stat().st_size > 0
-    # the dense model is cached: a second run trains it no more
+    # the dense model is cached: a second run loads it instead of training
     cached = list((tmp_path / "cache").glob("dense_*.pt"))
     assert len(cached) == 1
+    cfg = finetune.Config(**report["config"])
+    said = []
+    data = finetune._subset(finetune.load_dataset(cfg.dataset), cfg)
+    model = finetune.pretrained(cfg, data, said.append)
+    assert said == [f"dense model: {cached[0]} (cached)"]
+    assert finetune.evaluate(model, data[2], data[3]) == report["accuracy_dense_unpruned"]
 
 
 def test_two_ddp_processes_stay_identical(tmp_path):

@@ -1,0 +1,329 @@
+"""The warm-up tool: generate, tune and record every kernel of a model's
+sparse layers ahead of a run, so a restarted job or a new worker starts hot.
+
+    qsparseprop export-patterns model.pt --input-shape 32,3,224,224 -o patterns.json
+    qsparseprop warmup patterns.json --batch 32,64 --threads 1,2 [--jobs 2]
+    qsparseprop warmup --check          # verify the persistent cache, drop bad entries
+    qsparseprop warmup --clear          # empty it
+
+A patterns file lists each sparse layer: its class, configuration, input
+shape and CSR pattern (no weights). ``export-patterns`` writes one from a
+model saved whole with ``torch.save(model)`` (swapped already, or swapped
+there with ``--scheme``), or call :func:`export_patterns` on a model in
+your own code. ``warmup`` rebuilds each layer from it and runs it once
+forward and backward per batch size and thread count: the tuner measures
+the implementations that compete and its decisions go to the persistent
+cache (``QSP_CACHE_DIR``, see ``qsparseprop.persistent_cache_info``); the
+kernels themselves are regenerated from those decisions at run time (the
+cache stores data, never machine code). The run prints a summary table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import json
+import multiprocessing
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import _C
+from .modules import QuantizedSparseConv2d, QuantizedSparseLinear, SparseConv2d, SparseLinear, _SparseModule
+
+FORMAT = 1
+# What a patterns file may name (it is data from outside: nothing else is built).
+LAYER_CLASSES = {c.__name__: c for c in (SparseLinear, QuantizedSparseLinear, SparseConv2d, QuantizedSparseConv2d)}
+
+
+# ---- patterns files -----------------------------------------------------------------
+
+
+def _b64(a: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(a).tobytes()).decode()
+
+
+def _layer_config(m: _SparseModule) -> dict:
+    if isinstance(m, SparseLinear):
+        return dict(
+            in_features=m.in_features, out_features=m.out_features, bias=m.bias is not None, fused_relu=m.fused_relu
+        )
+    return dict(
+        fused_relu=m.fused_relu,
+        in_channels=m.in_channels, out_channels=m.out_channels, kernel_size=list(m.kernel_size),
+        stride=list(m.stride), padding=m.padding if isinstance(m.padding, str) else list(m.padding),
+        dilation=list(m.dilation), groups=m.groups, bias=m.bias is not None,
+        vectorizing_over_on=m.vectorizing_over_on,
+    )  # fmt: skip
+
+
+def export_patterns(model: nn.Module, path: str | os.PathLike, input_shape: tuple[int, ...] | None = None) -> int:
+    """Writes the sparse layers of ``model`` (class, configuration, input
+    shape, CSR pattern) to ``path`` for ``qsparseprop warmup``. The input
+    shapes come from the model's swap report, else from one side-effect-free
+    probe forward with ``input_shape``. Returns the number of layers."""
+    from .swap import _probe_shapes
+
+    sparse = [(n, m) for n, m in model.named_modules() if isinstance(m, _SparseModule)]
+    unknown = [type(m).__name__ for _, m in sparse if type(m).__name__ not in LAYER_CLASSES]
+    if unknown:
+        raise ValueError(f"export_patterns: layers of class {sorted(set(unknown))} cannot be exported "
+                         f"(accepted: {sorted(LAYER_CLASSES)})")  # fmt: skip
+    shapes = {r.name: tuple(r.input_shape) for r in getattr(model, "qsparseprop_swap_report", []) if r.input_shape}
+    if any(n not in shapes for n, _ in sparse):
+        if input_shape is None:
+            raise ValueError("export_patterns: the model has no swap report with input shapes; pass input_shape")
+        probed, _ = _probe_shapes(model, input_shape, kinds=(_SparseModule,))
+        shapes.update({n: s for n, s in probed.items() if n not in shapes})
+    layers = []
+    for name, m in sparse:
+        if name not in shapes:
+            raise ValueError(f"export_patterns: {name} was not called in the probe forward")
+        layers.append(dict(
+            name=name, cls=type(m).__name__, config=_layer_config(m), input_shape=list(shapes[name]),
+            rows=int(m.row_ptr.numel() - 1), nnz=int(m.col_idx.numel()),
+            row_ptr=_b64(m.row_ptr.numpy().astype("<i8")), col_idx=_b64(m.col_idx.numpy().astype("<i4")),
+        ))  # fmt: skip
+    with open(path, "w") as f:
+        json.dump({"format": FORMAT, "library": _C.version(), "layers": layers}, f)
+    return len(layers)
+
+
+def _decode_array(text: str, dtype: str, count: int, what: str) -> torch.Tensor:
+    raw = base64.b64decode(text, validate=True)
+    if len(raw) != count * np.dtype(dtype).itemsize:
+        raise ValueError(f"{what}: {len(raw)} bytes, expected {count} entries of {np.dtype(dtype).itemsize} bytes")
+    return torch.from_numpy(np.frombuffer(raw, dtype=dtype).astype(dtype[1:]).copy())
+
+
+def load_patterns(path: str | os.PathLike) -> list[dict]:
+    """The layers of a patterns file, each checked (class, configuration,
+    pattern: validate_csr) before anything is built from it."""
+    with open(path) as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not a patterns file ({e})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("layers"), list):
+        raise ValueError(f"{path}: not a patterns file of format {FORMAT} (written by qsparseprop export-patterns)")
+    layers = []
+    for i, d in enumerate(data["layers"]):
+        what = f"{path}: layer {i} ({d.get('name', '?') if isinstance(d, dict) else '?'})"
+        try:
+            if d["cls"] not in LAYER_CLASSES:
+                raise ValueError(f"class {d['cls']!r} is not one of {sorted(LAYER_CLASSES)}")
+            rows, nnz = int(d["rows"]), int(d["nnz"])
+            if rows < 1 or nnz < 0:
+                raise ValueError(f"rows {rows} / nnz {nnz} out of range")
+            rp = _decode_array(d["row_ptr"], "<i8", rows + 1, "row_ptr")
+            ci = _decode_array(d["col_idx"], "<i4", nnz, "col_idx")
+            shape = [int(s) for s in d["input_shape"]]
+            if not shape or min(shape) < 1:
+                raise ValueError(f"input_shape {shape} must be positive")
+            layer = _build(d["cls"], dict(d["config"]), rp, ci)
+        except (KeyError, TypeError, ValueError, binascii.Error) as e:
+            raise ValueError(f"{what}: {e}") from None
+        layers.append(dict(name=str(d["name"]), cls=d["cls"], input_shape=shape, layer=layer))
+    return layers
+
+
+def _build(cls_name: str, cfg: dict, row_ptr: torch.Tensor, col_idx: torch.Tensor) -> _SparseModule:
+    cls = LAYER_CLASSES[cls_name]
+    bias = cfg.pop("bias")
+    fused_relu = bool(cfg.pop("fused_relu", False))
+    layer = _construct(cls, cfg, bias, row_ptr, col_idx)
+    layer.fused_relu = fused_relu
+    return layer
+
+
+def _construct(cls, cfg: dict, bias: bool, row_ptr: torch.Tensor, col_idx: torch.Tensor) -> _SparseModule:
+    g = torch.Generator().manual_seed(0)
+    values = torch.randn(col_idx.numel(), generator=g)
+    if issubclass(cls, SparseLinear):
+        out = cfg["out_features"]
+        return cls(cfg["in_features"], out, row_ptr, col_idx, values, torch.zeros(out) if bias else None)
+    out = cfg["out_channels"]
+    return cls(
+        cfg["in_channels"], out, tuple(cfg["kernel_size"]), row_ptr, col_idx, values,
+        torch.zeros(out) if bias else None, stride=tuple(cfg["stride"]),
+        padding=cfg["padding"] if isinstance(cfg["padding"], str) else tuple(cfg["padding"]),
+        dilation=tuple(cfg["dilation"]), groups=cfg["groups"], vectorizing_over_on=cfg["vectorizing_over_on"],
+    )  # fmt: skip
+
+
+# ---- warming up -----------------------------------------------------------------------
+
+
+def _warm_one(layer: _SparseModule, shape: list[int], threads: int) -> dict:
+    """Forward + backward once at this shape and thread count: generation,
+    tuning (decisions to the persistent cache) and the first execution."""
+    torch.set_num_threads(threads)
+    x = torch.randn(shape, requires_grad=True)
+    t0 = time.perf_counter()
+    layer(x).sum().backward()
+    seconds = time.perf_counter() - t0
+    k = layer._kernel()
+    if isinstance(layer, SparseLinear):  # rows of the flattened input
+        impls = k.implementations(int(np.prod(shape[:-1])), threads)
+    else:
+        impls = k.implementations(shape, threads)
+    return dict(seconds=seconds, implementations=impls)
+
+
+def _warm_job(args) -> list[dict]:
+    """One layer, every shape and thread count (a --jobs worker's unit)."""
+    path, index, batches, threads_list = args
+    entry = load_patterns(path)[index]
+    out = []
+    for b in batches:
+        shape = [b if b else entry["input_shape"][0], *entry["input_shape"][1:]]
+        for t in threads_list:
+            r = _warm_one(entry["layer"], shape, t)
+            out.append(dict(name=entry["name"], cls=entry["cls"], batch=shape[0], threads=t, **r))
+    return out
+
+
+def warmup(path: str | os.PathLike, batches=(0,), threads=(None,), jobs: int = 1, progress: bool = True) -> list[dict]:
+    """Warms every layer of the patterns file at each batch size (0: the
+    file's) and thread count (None: torch's current). Returns one row per
+    layer, batch and thread count: implementations chosen and seconds."""
+    layers = load_patterns(path)  # validates everything before any work
+    threads = [t or torch.get_num_threads() for t in threads]
+    units = [(os.fspath(path), i, list(batches), threads) for i in range(len(layers))]
+    bar = None
+    if progress:
+        try:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(units), desc="warming up", unit="layer", file=sys.stderr, leave=False)
+        except ImportError:  # pragma: no cover - tqdm is installed by setup.sh
+            bar = None
+    rows: list[dict] = []
+    before = torch.get_num_threads()
+    try:
+        if jobs > 1:
+            # spawn, not fork: a forked child of a process whose OpenMP pool
+            # is running can hang in its first parallel region
+            with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+                for r in pool.map(_warm_job, units):
+                    rows += r
+                    if bar:
+                        bar.update(1)
+        else:
+            for u in units:
+                rows += _warm_job(u)
+                if bar:
+                    bar.update(1)
+    finally:
+        torch.set_num_threads(before)
+        if bar:
+            bar.close()
+    return rows
+
+
+def format_rows(rows: list[dict]) -> str:
+    head = (
+        f"{'layer':<28} {'class':<22} {'batch':>5} {'thr':>3} {'first call':>10}  "
+        "implementations (fwd/bwd-data/bwd-weights)"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r['name'][:28]:<28} {r['cls']:<22} {r['batch']:>5} {r['threads']:>3} {1e3 * r['seconds']:>8.1f} ms  "
+            f"{r['implementations']}"
+        )
+    return "\n".join(lines)
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{what}: comma-separated integers, got {text!r}") from None
+    if not vals or min(vals) < 1:
+        raise argparse.ArgumentTypeError(f"{what}: integers >= 1, got {text!r}")
+    return vals
+
+
+def _cache_line() -> str:
+    s = _C.persistent_cache_status()
+    if not s["enabled"]:
+        return f"persistent cache: off ({s['reason'] or 'QSP_CACHE_DIR'})"
+    return (f"persistent cache: {s['dir']}: {s['entries']} entries, {s['bytes'] / 2**20:.1f} MiB "
+            f"(cap {s['max_bytes'] / 2**20:.0f} MiB)")  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="qsparseprop warmup", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("patterns", nargs="?", help="a patterns file (qsparseprop export-patterns)")
+    p.add_argument("--batch", type=lambda s: _ints(s, "--batch"), default=None,
+                   help="batch sizes, e.g. 32,64 (default: the file's input shapes)")  # fmt: skip
+    p.add_argument("--threads", type=lambda s: _ints(s, "--threads"), default=None,
+                   help="thread counts, e.g. 1,2 (default: torch's)")  # fmt: skip
+    p.add_argument("--jobs", type=int, default=1, help="layers warmed in parallel processes")
+    p.add_argument("--check", action="store_true", help="verify the persistent cache; remove bad entries")
+    p.add_argument("--clear", action="store_true", help="remove every entry of the persistent cache")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    if a.jobs < 1:
+        p.error(f"--jobs must be >= 1, got {a.jobs}")
+    if not (a.patterns or a.check or a.clear):
+        p.error("give a patterns file, --check or --clear")
+    status = _C.persistent_cache_status()
+    if (a.check or a.clear) and not status["enabled"]:
+        p.error(f"the persistent cache is off: {status['reason']}")
+    if a.clear:
+        print(f"removed {_C.clear_persistent_cache()} entries from {status['dir']}")
+    if a.check:
+        c = _C.check_persistent_cache()
+        for line in c["problems"]:
+            print(f"removed: {line}")
+        print(f"checked {status['dir']}: {c['valid']} valid, {c['removed']} removed")
+    if a.patterns:
+        if not status["enabled"]:
+            print(f"warning: {_cache_line()}: decisions last only for this process", file=sys.stderr)
+        try:
+            t0 = time.perf_counter()
+            rows = warmup(a.patterns, a.batch or (0,), a.threads or (None,), a.jobs, progress=not a.no_progress)
+        except (OSError, ValueError) as e:
+            p.error(str(e))
+        print(format_rows(rows))
+        print(f"{len(rows)} layer shapes warmed in {time.perf_counter() - t0:.1f} s; {_cache_line()}")
+    else:
+        print(_cache_line())
+
+
+def export_main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        prog="qsparseprop export-patterns",
+        description="Writes a model's sparse layers (class, configuration, input shape, pattern) for "
+        "qsparseprop warmup. The model file is one saved whole with torch.save(model); loading it runs "
+        "its pickled code, so load only files you trust.",
+    )
+    p.add_argument("model", help="a model saved with torch.save(model)")
+    p.add_argument("--input-shape", type=lambda s: _ints(s, "--input-shape"), required=True,
+                   help="the model's input shape, e.g. 32,3,224,224")  # fmt: skip
+    p.add_argument("--scheme", choices=["f32", "s8"], default=None,
+                   help="swap the model's layers first (timed, as swap_modules_with_sparse)")  # fmt: skip
+    p.add_argument("-o", "--out", required=True)
+    a = p.parse_args(argv)
+    model = torch.load(a.model, weights_only=False)
+    if not isinstance(model, nn.Module):
+        p.error(f"{a.model} holds a {type(model).__name__}, not a torch.nn.Module saved whole")
+    if a.scheme:
+        from .swap import swap_modules_with_sparse
+
+        model = swap_modules_with_sparse(model, tuple(a.input_shape), scheme=a.scheme)
+    n = export_patterns(model, a.out, tuple(a.input_shape))
+    print(f"{n} sparse layers written to {a.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""The persistent cache from Python (swap timings, tuner decisions) and the
+warm-up tool: a cold swap fills it, a warm one decides the same without
+timing; damaged entries are ignored; patterns files round-trip and are
+validated; warmup tunes every layer, shape and thread count."""
+
+import base64
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import qsparseprop
+from qsparseprop import warmup as wu
+
+
+@pytest.fixture
+def cache_dir(tmp_path):
+    d = tmp_path / "qsp-cache"
+    qsparseprop.set_persistent_cache_dir(d)
+    qsparseprop._C.clear_tuning_decisions()
+    yield d
+    qsparseprop.set_persistent_cache_dir("")  # the suite's default: off
+    qsparseprop._C.clear_tuning_decisions()
+
+
+def _model():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 6 * 6, 32))
+    with torch.no_grad():
+        for layer in (m[0], m[3]):
+            layer.weight[torch.rand_like(layer.weight) < 0.9] = 0
+    return m
+
+
+def test_cold_swap_fills_the_cache_and_a_warm_one_decides_the_same_without_timing(cache_dir, capsys):
+    shape = (4, 8, 6, 6)
+    cold = qsparseprop.swap_modules_with_sparse(_model(), shape, min_speedup=0.0, repeats=2, verbose=True)
+    err = capsys.readouterr().err
+    assert "timing 1/2" in err
+    info = qsparseprop.persistent_cache_info()
+    assert info["enabled"] and info["dir"] == str(cache_dir) and info["entries"] >= 2
+    assert (cache_dir.stat().st_mode & 0o777) == 0o700
+    warm = qsparseprop.swap_modules_with_sparse(_model(), shape, min_speedup=0.0, repeats=2, verbose=True)
+    out = capsys.readouterr()
+    assert "timing" not in out.err, "a warm cache times nothing"
+    assert "timings from the persistent cache" in out.out  # the table says so
+    for a, b in zip(cold.qsparseprop_swap_report, warm.qsparseprop_swap_report, strict=True):
+        assert (a.name, a.swapped, a.dense_ms, a.sparse_ms) == (b.name, b.swapped, b.dense_ms, b.sparse_ms)
+        assert "persistent cache" in b.reason
+    # another input shape is another key: timed again
+    qsparseprop.swap_modules_with_sparse(_model(), (2, 8, 6, 6), min_speedup=0.0, repeats=2, verbose=True)
+    assert "timing 1/2" in capsys.readouterr().err
+
+
+def test_persistent_false_and_an_empty_dir_setting_store_nothing(cache_dir):
+    qsparseprop.swap_modules_with_sparse(_model(), (4, 8, 6, 6), verbose=False, repeats=1, persistent=False)
+    swap_entries = list(cache_dir.glob("swap-*.qspc"))
+    assert swap_entries == []
+    qsparseprop.set_persistent_cache_dir("")
+    info = qsparseprop.persistent_cache_info()
+    assert not info["enabled"] and "turned off" in info["reason"]
+
+
+def test_damaged_entries_are_timed_again_never_trusted(cache_dir, capsys):
+    shape = (4, 8, 6, 6)
+    qsparseprop.swap_modules_with_sparse(_model(), shape, min_speedup=0.0, repeats=1, verbose=False)
+    files = list(cache_dir.glob("swap-*.qspc"))
+    assert len(files) == 2
+    files[0].write_bytes(files[0].read_bytes()[:-3])  # truncated
+    raw = bytearray(files[1].read_bytes())
+    raw[len(raw) // 2] ^= 0x01  # one bit flipped
+    files[1].write_bytes(bytes(raw))
+    qsparseprop.swap_modules_with_sparse(_model(), shape, min_speedup=0.0, repeats=1, verbose=True)
+    assert "timing 2/2" in capsys.readouterr().err, "both timed again"
+    check = qsparseprop.check_persistent_cache()
+    assert check["removed"] == 0 and check["valid"] == qsparseprop.persistent_cache_info()["entries"]
+
+
+def _swapped(shape=(4, 8, 6, 6)):
+    return qsparseprop.swap_modules_with_sparse(_model(), shape, min_speedup=0.0, repeats=1, verbose=False)
+
+
+def test_patterns_round_trip_and_warmup_tunes_every_layer_shape_and_thread_count(cache_dir, tmp_path):
+    model = _swapped()
+    path = tmp_path / "patterns.json"
+    assert wu.export_patterns(model, path) == 2
+    layers = wu.load_patterns(path)
+    for entry in layers:
+        original = model.get_submodule(entry["name"])
+        assert type(entry["layer"]) is type(original)
+        assert torch.equal(entry["layer"].row_ptr, original.row_ptr)
+        assert torch.equal(entry["layer"].col_idx, original.col_idx)
+        assert entry["layer"].extra_repr() == original.extra_repr()
+    rows = wu.warmup(path, batches=(2, 4), threads=(1, 2), progress=False)
+    assert len(rows) == 2 * 2 * 2
+    assert {(r["batch"], r["threads"]) for r in rows} == {(2, 1), (2, 2), (4, 1), (4, 2)}
+    assert all(r["implementations"].count("/") == 2 for r in rows)
+    if qsparseprop.cpu_isa() != "ref":  # where implementations compete, decisions were stored
+        assert list(cache_dir.glob("tuning-*.qspc"))
+    table = wu.format_rows(rows)
+    assert rows[0]["implementations"] in table and rows[0]["name"] in table
+
+
+def test_warmup_in_parallel_processes_leaves_a_valid_cache(cache_dir, tmp_path):
+    path = tmp_path / "patterns.json"
+    wu.export_patterns(_swapped(), path)
+    rows = wu.warmup(path, batches=(3,), threads=(1,), jobs=2, progress=False)
+    assert len(rows) == 2
+    check = qsparseprop.check_persistent_cache()
+    assert check["removed"] == 0
+
+
+def test_export_needs_shapes_and_probes_without_side_effects(tmp_path):
+    m = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Linear(8, 4))
+    with torch.no_grad():
+        m[2].weight[:, :6] = 0
+    m[2] = qsparseprop.QuantizedSparseLinear.from_dense(m[2])
+    with pytest.raises(ValueError, match="pass input_shape"):
+        wu.export_patterns(m, tmp_path / "p.json")
+    before = m[1].running_mean.clone()
+    assert wu.export_patterns(m, tmp_path / "p.json", input_shape=(5, 8)) == 1
+    assert torch.equal(m[1].running_mean, before)
+    (entry,) = json.loads((tmp_path / "p.json").read_text())["layers"]
+    assert entry["input_shape"] == [5, 8] and entry["cls"] == "QuantizedSparseLinear"
+
+
+def _edit(path, change):
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda d: d.update(format=99), "not a patterns file"),
+        (lambda d: d["layers"][0].update(cls="os.system"), "is not one of"),
+        (lambda d: d["layers"][0].update(row_ptr=d["layers"][0]["row_ptr"][:-8]), "row_ptr"),
+        (lambda d: d["layers"][0].update(col_idx="!!!"), "layer 0"),
+        (lambda d: d["layers"][0].update(input_shape=[0, 8, 6, 6]), "input_shape"),
+        (lambda d: d["layers"][0].update(rows=-1), "out of range"),
+        (
+            lambda d: d["layers"][0].update(
+                col_idx=base64.b64encode(b"\xff\xff\xff\x7f" * d["layers"][0]["nnz"]).decode()
+            ),
+            "layer 0",
+        ),  # column indices out of range: validate_csr refuses them
+    ],
+)
+def test_bad_patterns_files_are_refused_naming_the_layer(tmp_path, change, message):
+    path = tmp_path / "patterns.json"
+    wu.export_patterns(_swapped(), path)
+    _edit(path, change)
+    with pytest.raises(ValueError, match=message):
+        wu.load_patterns(path)
+
+
+def test_cli_check_clear_and_errors(cache_dir, tmp_path, capsys):
+    path = tmp_path / "patterns.json"
+    wu.export_patterns(_swapped(), path)
+    wu.main([str(path), "--batch", "2", "--threads", "1", "--no-progress"])
+    out = capsys.readouterr().out
+    assert "layer shapes warmed" in out and str(cache_dir) in out
+    (cache_dir / "swap-0000000000000000.qspc").write_bytes(b"garbage")
+    wu.main(["--check"])
+    out = capsys.readouterr().out
+    assert "removed: " in out and "1 removed" in out
+    wu.main(["--clear"])
+    assert "entries from" in capsys.readouterr().out
+    assert qsparseprop.persistent_cache_info()["entries"] == 0
+    with pytest.raises(SystemExit):
+        wu.main(["--batch", "0", str(path)])
+    assert "integers >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        wu.main([str(tmp_path / "missing.json")])
+    qsparseprop.set_persistent_cache_dir("")
+    with pytest.raises(SystemExit):
+        wu.main(["--check"])
+    assert "persistent cache is off" in capsys.readouterr().err
