@@ -1,9 +1,14 @@
 #include "jit/jit_generator.hpp"
 
 #include <atomic>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <mutex>
 #include <stdexcept>
+#include <string>
+
+#include <unistd.h>
 
 namespace qsp::jit {
 
@@ -18,6 +23,7 @@ const void *jit_generator::create_kernel() {
     setProtectModeRE();
     sealed_ = true;
     dump();
+    add_to_perf_map();
     return getCode();
 }
 
@@ -47,6 +53,25 @@ void jit_generator::dump() const {
                              + std::to_string(counter++) + ".bin";
     if (FILE *f = std::fopen(path.c_str(), "wb")) {
         std::fwrite(getCode(), 1, getSize(), f);
+        std::fclose(f);
+    }
+}
+
+void jit_generator::add_to_perf_map() const {
+    // /tmp/perf-<pid>.map is where `perf report` looks up symbols of code it
+    // cannot find in a file: one "START SIZE name" line per kernel.
+    static const bool on = [] {
+        const char *env = std::getenv("QSP_PERF_MAP");
+        return env && *env && *env != '0';
+    }();
+    if (!on) return;
+    static std::mutex mutex;
+    std::lock_guard<std::mutex> lock(mutex);
+    const std::string path = "/tmp/perf-" + std::to_string(::getpid()) + ".map";
+    if (FILE *f = std::fopen(path.c_str(), "a")) {
+        std::fprintf(f, "%llx %zx qsp_jit_%s\n",
+                     static_cast<unsigned long long>(reinterpret_cast<uintptr_t>(getCode())),
+                     getSize(), name_.c_str());
         std::fclose(f);
     }
 }

@@ -41,6 +41,8 @@ protected:
 
 private:
     void dump() const;
+    // QSP_PERF_MAP=1: a line in /tmp/perf-<pid>.map naming the kernel for perf.
+    void add_to_perf_map() const;
     std::string name_;
     bool sealed_ = false;
 };

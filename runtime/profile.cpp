@@ -26,7 +26,9 @@ counters &the_counters() {
 std::atomic<bool> &enabled_flag() {
     static std::atomic<bool> on{[] {
         const char *e = std::getenv("QSP_PROFILE");
-        return e && std::strcmp(e, "0") != 0 && std::strcmp(e, "") != 0;
+        const char *v = std::getenv("QSP_VERBOSE");
+        return (e && std::strcmp(e, "0") != 0 && std::strcmp(e, "") != 0)
+               || (v && std::strcmp(v, "profile") == 0);
     }()};
     return on;
 }
@@ -47,12 +49,24 @@ profile_scope::profile_scope(profile_direction d, profile_phase p) : d_(d), p_(p
     if (profiling_enabled()) start_ns_ = now_ns();
 }
 
+namespace {
+thread_local int64_t thread_kernel_ns = 0;
+} // namespace
+
 profile_scope::~profile_scope() {
     if (start_ns_ < 0) return;
     counters &c = the_counters();
     const int d = static_cast<int>(d_), p = static_cast<int>(p_);
+    const int64_t ns = now_ns() - start_ns_;
     c.calls[d][p].fetch_add(1, std::memory_order_relaxed);
-    c.ns[d][p].fetch_add(now_ns() - start_ns_, std::memory_order_relaxed);
+    c.ns[d][p].fetch_add(ns, std::memory_order_relaxed);
+    if (p_ == profile_phase::kernel) thread_kernel_ns += ns;
+}
+
+int64_t take_thread_kernel_ns() {
+    const int64_t ns = thread_kernel_ns;
+    thread_kernel_ns = 0;
+    return ns;
 }
 
 } // namespace qsp::runtime

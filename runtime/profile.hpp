@@ -28,4 +28,8 @@ private:
     int64_t start_ns_ = -1; // -1: profiling was off when the scope began
 };
 
+// Kernel nanoseconds this thread's profile scopes recorded since the last
+// call (an execution reads it for its verbose line: kernel vs passes).
+int64_t take_thread_kernel_ns();
+
 } // namespace qsp::runtime

@@ -18,6 +18,7 @@ int level_from_env() {
     const char *env = std::getenv("QSP_VERBOSE");
     if (!env || !*env) return 0;
     if (std::strcmp(env, "dispatch") == 0 || std::strcmp(env, "all") == 0) return 2;
+    if (std::strcmp(env, "profile") == 0) return 1; // exec lines, with profiling on (profile.cpp)
     return std::atoi(env) > 0 ? std::atoi(env) : 0;
 }
 

@@ -94,6 +94,7 @@ void primitive_base::execute(const dnnl::stream &stream, const exec_args &args,
     t.shared = shared;
     const double t0 = runtime::now_ms();
     const char *ran = nullptr;
+    runtime::take_thread_kernel_ns(); // from zero: this execution's kernel time
     {
         runtime::profile_scope total(static_cast<runtime::profile_direction>(pd.prob.dir),
                                      runtime::profile_phase::total);
@@ -104,6 +105,10 @@ void primitive_base::execute(const dnnl::stream &stream, const exec_args &args,
         line << "exec," << pd.primitive_name << "," << (ran ? ran : pd.impl_name.c_str()) << ","
              << to_string(pd.prob.scheme) << "," << pd.prob.shape_str()
              << ",threads=" << pd.prob.num_threads << "," << runtime::now_ms() - t0;
+        if (runtime::profiling_enabled()) { // QSP_VERBOSE=profile: where the time went
+            const double kernel = static_cast<double>(runtime::take_thread_kernel_ns()) * 1e-6;
+            line << ",kernel_ms=" << kernel << ",passes_ms=" << runtime::now_ms() - t0 - kernel;
+        }
         runtime::verbose_print(line.str());
     }
 }

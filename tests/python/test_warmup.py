@@ -178,3 +178,29 @@ def test_cli_check_clear_and_errors(cache_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         wu.main(["--check"])
     assert "persistent cache is off" in capsys.readouterr().err
+
+
+def test_profile_verbose_and_perf_map_in_a_fresh_process(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import os, torch, qsparseprop\n"
+        "l = qsparseprop.SparseLinear.from_dense(torch.nn.Linear(64, 32))\n"
+        "l(torch.randn(8, 64, requires_grad=True)).sum().backward()\n"
+        "print('pid', os.getpid())\n"
+    )
+    env = dict(os.environ, QSP_VERBOSE="profile", QSP_PERF_MAP="1", QSP_CACHE_DIR="")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    execs = [line for line in out.splitlines() if line.startswith("qsp_verbose,exec,")]
+    assert len(execs) == 3 and all(",kernel_ms=" in e and ",passes_ms=" in e for e in execs)
+    pid = out.split("pid ")[-1].strip()
+    perf_map = f"/tmp/perf-{pid}.map"
+    try:
+        lines = open(perf_map).read().splitlines()
+        assert lines and all(len(x.split(" ")) == 3 and x.split(" ")[2].startswith("qsp_jit_") for x in lines)
+        int(lines[0].split(" ")[0], 16), int(lines[0].split(" ")[1], 16)  # START SIZE in hex
+    finally:
+        if os.path.exists(perf_map):
+            os.remove(perf_map)
