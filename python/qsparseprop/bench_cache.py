@@ -122,8 +122,9 @@ def _phase(name: str) -> dict:
         else:
             impls[n] = k.implementations(xi.numel() // xi.shape[-1], threads)
     return dict(
-        swap_s=t_swap, total_s=t_total - t_step, step_s=t_step, swapped=[r.name for r in model.qsparseprop_swap_report if r.swapped],
-        implementations=impls, first_call_ms=first_ms,
+        swap_s=t_swap, total_s=t_total - t_step, step_s=t_step,
+        swapped=[r.name for r in model.qsparseprop_swap_report if r.swapped], implementations=impls,
+        first_call_ms=first_ms,
     )  # fmt: skip
 
 

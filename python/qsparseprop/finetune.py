@@ -208,7 +208,7 @@ def _training_memory(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tens
 
 def train(
     model, variant: Variant, data, epochs, batch, lr, seed, masks=None, autocast=None, rank=0, world=1,
-    progress=True, on_step=None, cosine=False,
+    progress=True, on_step=None, cosine=False, measure=True,
 ) -> None:  # fmt: skip
     xtr, ytr, xte, yte = data
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
@@ -261,6 +261,8 @@ def train(
         variant.wall.append(wall)
         with ctx:
             variant.accuracy.append(evaluate(model, xte, yte))
+    if not measure:  # (pre-training: no report row)
+        return
     variant.memory_bytes = _training_memory(model, opt, xtr[:batch].clone(), ctx)
     if rank == 0 and world == 1:  # (under DDP the gradient all-reduce would be part of it)
         variant.step_ms = step_breakdown(model, opt, xtr[:batch], ytr[:batch], ctx)
@@ -355,8 +357,16 @@ class Config:
     progress: bool = True
 
 
+def _pretrain_autocast() -> torch.dtype | None:
+    """The dense pre-training runs in the fastest dense precision: bf16
+    autocast where AMX makes it so, fp32 elsewhere (it only makes the model
+    that gets pruned; every variant fine-tunes it the same way)."""
+    return torch.bfloat16 if machine()["amx"] else None
+
+
 def _cache_key(cfg: Config) -> str:
-    keep = (cfg.model, cfg.dataset, cfg.pretrain_epochs, cfg.batch_size, cfg.width, cfg.lr, cfg.seed, cfg.train_subset)
+    keep = (cfg.model, cfg.dataset, cfg.pretrain_epochs, cfg.batch_size, cfg.width, cfg.lr, cfg.seed, cfg.train_subset,
+            str(_pretrain_autocast()))  # fmt: skip
     return hashlib.sha256(repr(keep).encode()).hexdigest()[:16]
 
 
@@ -379,10 +389,13 @@ def pretrained(cfg: Config, data, log) -> nn.Module:
         log(f"dense model: {path} (cached)")
         return model
     v = Variant("dense pre-training")
-    train(model, v, data, cfg.pretrain_epochs, cfg.batch_size, cfg.lr, cfg.seed, progress=cfg.progress)
+    autocast = _pretrain_autocast()
+    train(model, v, data, cfg.pretrain_epochs, cfg.batch_size, cfg.lr, cfg.seed, progress=cfg.progress,
+          autocast=autocast, measure=False)  # fmt: skip
     os.makedirs(os.path.dirname(path), exist_ok=True)
     torch.save(model.state_dict(), path)
-    log(f"dense model: trained {cfg.pretrain_epochs} epochs in {sum(v.epoch_s):.0f} s; saved to {path}")
+    log(f"dense model: trained {cfg.pretrain_epochs} epochs ({'bf16 autocast' if autocast else 'fp32'}) in "
+        f"{sum(v.epoch_s):.0f} s; saved to {path}")  # fmt: skip
     return model
 
 

@@ -204,3 +204,42 @@ def test_profile_verbose_and_perf_map_in_a_fresh_process(tmp_path):
     finally:
         if os.path.exists(perf_map):
             os.remove(perf_map)
+
+
+def _cpp_tool():
+    import pathlib
+
+    tool = pathlib.Path(__file__).resolve().parents[2] / "build" / "tools" / "qsp-warmup"
+    assert tool.exists(), f"{tool} is built by the test command (scripts/setup.sh builds build/)"
+    return str(tool)
+
+
+def test_the_cpp_tool_warms_the_same_cache_and_refuses_bad_files(tmp_path):
+    import os
+    import subprocess
+
+    path = tmp_path / "patterns.json"
+    wu.export_patterns(_swapped(), path)
+    cache = tmp_path / "cpp-cache"
+    env = dict(os.environ, QSP_CACHE_DIR=str(cache))
+    run = [_cpp_tool(), str(path), "--batch", "2,4", "--threads", "1"]
+    first = subprocess.run(run, env=env, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    rows = [line for line in first.stdout.splitlines() if line.startswith(("0", "3"))]  # layer names "0", "3"
+    assert len(rows) == 2 * 2, first.stdout
+    assert "layer shapes warmed" in first.stdout and str(cache) in first.stdout
+    if qsparseprop.cpu_isa() != "ref":
+        assert any(" tuned " in r for r in rows)  # where implementations compete, measured once...
+        second = subprocess.run(run, env=env, capture_output=True, text=True, check=True)
+        again = [line for line in second.stdout.splitlines() if line.startswith(("0", "3"))]
+        assert not any(" tuned " in r for r in again)  # ...and read back by the next process
+        assert [r.split()[-1] for r in rows] == [r.split()[-1] for r in again]  # same implementations
+    check = subprocess.run([_cpp_tool(), "--check"], env=env, capture_output=True, text=True, check=True)
+    assert " 0 removed" in check.stdout
+    _edit(path, lambda d: d["layers"][1].update(col_idx=d["layers"][1]["col_idx"][:-4]))
+    bad = subprocess.run(run, env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "layer 1 (3)" in bad.stderr and "col_idx" in bad.stderr
+    off = subprocess.run(
+        [_cpp_tool(), "--clear"], env=dict(os.environ, QSP_CACHE_DIR=""), capture_output=True, text=True
+    )
+    assert off.returncode == 2 and "persistent cache is off" in off.stderr

@@ -1,0 +1,433 @@
+// qsp-warmup: generates, tunes and records every kernel of a model's sparse
+// layers ahead of a run, from a patterns file (written by `qsparseprop
+// export-patterns` or qsparseprop.warmup.export_patterns), so a restarted or
+// scaled-out job starts with the tuner's decisions in the persistent cache
+// (QSP_CACHE_DIR). The same job as `qsparseprop warmup`, without Python.
+//
+//   qsp-warmup PATTERNS.json [--batch 32,64] [--threads 1,2] [--jobs N]
+//   qsp-warmup --check | --clear
+//
+// A patterns file is input from outside: every field is checked, the CSR
+// arrays go through csr_pattern::from_indices (which validates them), and
+// any problem is an error naming the layer — nothing is built from it first.
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <mutex>
+#include <numeric>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+#include <omp.h>
+#include <oneapi/dnnl/dnnl.hpp>
+
+#include "qsparseprop/qsparseprop.hpp"
+
+namespace {
+
+using json = nlohmann::json;
+using dims = dnnl::memory::dims;
+
+[[noreturn]] void usage_error(const std::string &what) {
+    std::fprintf(stderr,
+                 "qsp-warmup: %s\n"
+                 "usage: qsp-warmup PATTERNS.json [--batch 32,64] [--threads 1,2] [--jobs N]\n"
+                 "       qsp-warmup --check | --clear\n",
+                 what.c_str());
+    std::exit(2);
+}
+
+std::vector<int> int_list(const std::string &text, const char *flag) {
+    std::vector<int> out;
+    size_t pos = 0;
+    while (pos <= text.size()) {
+        const size_t end = std::min(text.find(',', pos), text.size());
+        const std::string item = text.substr(pos, end - pos);
+        char *stop = nullptr;
+        const long v = std::strtol(item.c_str(), &stop, 10);
+        if (item.empty() || *stop != '\0' || v < 1 || v > 1 << 20)
+            usage_error(std::string(flag) + " takes comma-separated integers >= 1, got '" + text
+                        + "'");
+        out.push_back(static_cast<int>(v));
+        pos = end + 1;
+    }
+    return out;
+}
+
+// Strict base64 (RFC 4648, padded): anything else is an error.
+std::string base64_decode(const std::string &in, const std::string &what) {
+    auto value = [](char c) -> int {
+        if (c >= 'A' && c <= 'Z') return c - 'A';
+        if (c >= 'a' && c <= 'z') return c - 'a' + 26;
+        if (c >= '0' && c <= '9') return c - '0' + 52;
+        if (c == '+') return 62;
+        if (c == '/') return 63;
+        return -1;
+    };
+    if (in.size() % 4 != 0)
+        throw std::invalid_argument(what + ": base64 length not a multiple of 4");
+    std::string out;
+    out.reserve(in.size() / 4 * 3);
+    for (size_t i = 0; i < in.size(); i += 4) {
+        int v[4];
+        int pad = 0;
+        for (int k = 0; k < 4; ++k) {
+            const char c = in[i + k];
+            if (c == '=' && i + 4 == in.size() && k >= 2) {
+                v[k] = 0;
+                ++pad;
+                continue;
+            }
+            if (pad || (v[k] = value(c)) < 0) throw std::invalid_argument(what + ": not base64");
+        }
+        const uint32_t n = (v[0] << 18) | (v[1] << 12) | (v[2] << 6) | v[3];
+        out.push_back(static_cast<char>((n >> 16) & 0xff));
+        if (pad < 2) out.push_back(static_cast<char>((n >> 8) & 0xff));
+        if (pad < 1) out.push_back(static_cast<char>(n & 0xff));
+    }
+    return out;
+}
+
+template <typename T>
+std::vector<T> le_array(const std::string &bytes, int64_t count, const std::string &what) {
+    if (count < 0 || bytes.size() != static_cast<size_t>(count) * sizeof(T))
+        throw std::invalid_argument(what + ": " + std::to_string(bytes.size()) + " bytes, expected "
+                                    + std::to_string(count) + " entries of "
+                                    + std::to_string(sizeof(T)));
+    std::vector<T> out(static_cast<size_t>(count));
+    std::memcpy(out.data(), bytes.data(), bytes.size()); // x86: little endian, as written
+    return out;
+}
+
+struct layer {
+    std::string name, cls;
+    bool conv = false;
+    qsp::quant_scheme scheme = qsp::quant_scheme::f32;
+    int64_t in = 0, out = 0; // features or channels
+    bool bias = false;
+    qsp::conv2d_geometry g{};
+    qsp::conv_vectorization vectorization = qsp::conv_vectorization::any;
+    std::vector<int64_t> input_shape;
+    qsp::csr_pattern pattern;
+};
+
+int64_t positive(const json &v, const std::string &what) {
+    const int64_t x = v.get<int64_t>();
+    if (x < 1) throw std::invalid_argument(what + " must be >= 1, got " + std::to_string(x));
+    return x;
+}
+
+std::array<int64_t, 2> pair_of(const json &v, const std::string &what) {
+    if (!v.is_array() || v.size() != 2) throw std::invalid_argument(what + " must be a pair");
+    return {v[0].get<int64_t>(), v[1].get<int64_t>()};
+}
+
+layer parse_layer(const json &d) {
+    layer l;
+    l.name = d.at("name").get<std::string>();
+    l.cls = d.at("cls").get<std::string>();
+    if (l.cls == "SparseLinear" || l.cls == "QuantizedSparseLinear")
+        l.conv = false;
+    else if (l.cls == "SparseConv2d" || l.cls == "QuantizedSparseConv2d")
+        l.conv = true;
+    else
+        throw std::invalid_argument("class '" + l.cls
+                                    + "' is not a sparse Linear or Conv2d of qsparseprop");
+    l.scheme = l.cls.rfind("Quantized", 0) == 0 ? qsp::quant_scheme::s8 : qsp::quant_scheme::f32;
+    const json &c = d.at("config");
+    l.bias = c.at("bias").get<bool>();
+    for (const json &s : d.at("input_shape"))
+        l.input_shape.push_back(positive(s, "input_shape"));
+    int64_t cols = 0;
+    if (!l.conv) {
+        l.in = positive(c.at("in_features"), "in_features");
+        l.out = positive(c.at("out_features"), "out_features");
+        if (l.input_shape.size() < 2 || l.input_shape.back() != l.in)
+            throw std::invalid_argument("input_shape must end in in_features");
+        cols = l.in;
+    } else {
+        l.in = positive(c.at("in_channels"), "in_channels");
+        l.out = positive(c.at("out_channels"), "out_channels");
+        const auto k = pair_of(c.at("kernel_size"), "kernel_size"),
+                   s = pair_of(c.at("stride"), "stride"),
+                   dl = pair_of(c.at("dilation"), "dilation");
+        l.g.kernel_h = k[0], l.g.kernel_w = k[1], l.g.stride_h = s[0], l.g.stride_w = s[1];
+        l.g.dilation_h = dl[0], l.g.dilation_w = dl[1];
+        l.g.groups = positive(c.at("groups"), "groups");
+        const json &p = c.at("padding");
+        if (p.is_string()) { // torch's 'valid' / 'same' (extra padding after, as torch)
+            const std::string mode = p.get<std::string>();
+            if (mode == "same") {
+                const int64_t th = l.g.dilation_h * (l.g.kernel_h - 1),
+                              tw = l.g.dilation_w * (l.g.kernel_w - 1);
+                l.g.pad_top = th / 2, l.g.pad_bottom = th - th / 2, l.g.pad_left = tw / 2,
+                l.g.pad_right = tw - tw / 2;
+            } else if (mode != "valid") {
+                throw std::invalid_argument("padding '" + mode
+                                            + "' is not 'same', 'valid' or a pair");
+            }
+        } else {
+            const auto pp = pair_of(p, "padding");
+            l.g.pad_top = l.g.pad_bottom = pp[0], l.g.pad_left = l.g.pad_right = pp[1];
+        }
+        qsp::check_conv2d_geometry(l.g, l.in, l.out);
+        if (l.input_shape.size() != 4 || l.input_shape[1] != l.in)
+            throw std::invalid_argument("input_shape must be N x in_channels x H x W");
+        const json &v = c.at("vectorizing_over_on");
+        l.vectorization = v.is_null()     ? qsp::conv_vectorization::any
+                          : v.get<bool>() ? qsp::conv_vectorization::output_width
+                                          : qsp::conv_vectorization::batch;
+        cols = l.in / l.g.groups * l.g.kernel_h * l.g.kernel_w;
+    }
+    const int64_t rows = d.at("rows").get<int64_t>(), nnz = d.at("nnz").get<int64_t>();
+    if (rows != l.out) throw std::invalid_argument("rows must equal the output size");
+    if (nnz < 0 || nnz > rows * cols) throw std::invalid_argument("nnz out of range");
+    auto rp = le_array<int64_t>(base64_decode(d.at("row_ptr").get<std::string>(), "row_ptr"),
+                                rows + 1, "row_ptr");
+    auto ci = le_array<int32_t>(base64_decode(d.at("col_idx").get<std::string>(), "col_idx"), nnz,
+                                "col_idx");
+    l.pattern =
+            qsp::csr_pattern::from_indices(rows, cols, std::move(rp), std::move(ci)); // validates
+    return l;
+}
+
+std::vector<layer> load(const std::string &path) {
+    std::ifstream f(path);
+    if (!f) usage_error("cannot read " + path + ": " + std::strerror(errno));
+    json data;
+    try {
+        data = json::parse(f);
+    } catch (const json::exception &e) {
+        usage_error(path + ": not a patterns file (" + e.what() + ")");
+    }
+    if (!data.is_object() || data.value("format", 0) != 1 || !data.contains("layers")
+        || !data["layers"].is_array())
+        usage_error(path
+                    + ": not a patterns file of format 1 (written by qsparseprop export-patterns)");
+    std::vector<layer> layers;
+    for (size_t i = 0; i < data["layers"].size(); ++i) {
+        const json &d = data["layers"][i];
+        try {
+            layers.push_back(parse_layer(d));
+        } catch (const std::exception &e) { // json::exception, invalid_argument
+            const std::string name = d.is_object() && d.contains("name") && d["name"].is_string()
+                                             ? d["name"].get<std::string>()
+                                             : "?";
+            usage_error(path + ": layer " + std::to_string(i) + " (" + name + "): " + e.what());
+        }
+    }
+    return layers;
+}
+
+dnnl::memory::desc f32(const dims &d) {
+    dims strides(d.size(), 1);
+    for (int i = static_cast<int>(d.size()) - 2; i >= 0; --i)
+        strides[i] = strides[i + 1] * d[i + 1];
+    return dnnl::memory::desc(d, dnnl::memory::data_type::f32, strides);
+}
+
+// Creates a descriptor, tunes it (measuring where implementations compete,
+// recording the decision) and returns the implementation it then picks.
+template <typename make_t> std::string tuned(make_t make, bool &measured, bool &from_cache) {
+    auto pd = make();
+    const qsp::tuning_result r = qsp::tune(pd);
+    measured = measured || r.measured;
+    from_cache = from_cache || r.from_persistent_cache;
+    return r.chosen == pd.impl_info_str() ? r.chosen : make().impl_info_str();
+}
+
+struct result {
+    std::string name, cls;
+    int64_t batch = 0;
+    int threads = 0;
+    double ms = 0;
+    bool measured = false, from_cache = false;
+    std::string impls;
+};
+
+result warm(const layer &l, int64_t batch, int threads, const dnnl::engine &eng) {
+    result r{l.name, l.cls, batch, threads};
+    qsp::primitive_attr attr;
+    attr.num_threads = threads;
+    attr.vectorization = l.vectorization;
+    const auto t0 = std::chrono::steady_clock::now();
+    const auto bias_md = l.bias ? f32({l.out}) : dnnl::memory::desc();
+    if (!l.conv) {
+        const int64_t per_sample =
+                std::accumulate(l.input_shape.begin() + 1, l.input_shape.end() - 1, int64_t(1),
+                                std::multiplies<int64_t>());
+        const int64_t rows = batch * per_sample;
+        const auto src = f32({rows, l.in}), dst = f32({rows, l.out});
+        auto make_fwd = [&] {
+            return qsp::sparse_linear_forward::primitive_desc(eng, qsp::prop_kind::forward_training,
+                                                              src, l.pattern, bias_md, dst,
+                                                              l.scheme, attr);
+        };
+        const std::string f = tuned(make_fwd, r.measured, r.from_cache);
+        const auto hint = make_fwd();
+        const std::string bd = tuned(
+                [&] {
+                    return qsp::sparse_linear_backward_data::primitive_desc(eng, src, l.pattern,
+                                                                            dst, hint);
+                },
+                r.measured, r.from_cache);
+        const std::string bw = tuned(
+                [&] {
+                    return qsp::sparse_linear_backward_weights::primitive_desc(eng, src, l.pattern,
+                                                                               bias_md, dst, hint);
+                },
+                r.measured, r.from_cache);
+        r.impls = f + "/" + bd + "/" + bw;
+    } else {
+        const auto hw = qsp::conv2d_output_hw(l.g, l.input_shape[2], l.input_shape[3]);
+        const auto src = f32({batch, l.in, l.input_shape[2], l.input_shape[3]}),
+                   dst = f32({batch, l.out, hw[0], hw[1]});
+        auto make_fwd = [&] {
+            return qsp::sparse_conv2d_forward::primitive_desc(eng, qsp::prop_kind::forward_training,
+                                                              src, l.pattern, bias_md, dst, l.g,
+                                                              l.scheme, attr);
+        };
+        const std::string f = tuned(make_fwd, r.measured, r.from_cache);
+        const auto hint = make_fwd();
+        const std::string bd = tuned(
+                [&] {
+                    return qsp::sparse_conv2d_backward_data::primitive_desc(eng, src, l.pattern,
+                                                                            dst, hint, attr);
+                },
+                r.measured, r.from_cache);
+        const std::string bw = tuned(
+                [&] {
+                    return qsp::sparse_conv2d_backward_weights::primitive_desc(
+                            eng, src, l.pattern, bias_md, dst, hint, attr);
+                },
+                r.measured, r.from_cache);
+        r.impls = f + "/" + bd + "/" + bw;
+    }
+    r.ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    return r;
+}
+
+std::string cache_line() {
+    const auto s = qsp::persistent_cache_status();
+    if (!s.enabled) return "persistent cache: off (" + s.reason + ")";
+    char buf[512];
+    std::snprintf(buf, sizeof buf, "persistent cache: %s: %zu entries, %.1f MiB (cap %zu MiB)",
+                  s.dir.c_str(), s.entries, static_cast<double>(s.bytes) / (1 << 20),
+                  s.max_bytes >> 20);
+    return buf;
+}
+
+} // namespace
+
+int main(int argc, char **argv) {
+    std::string patterns;
+    std::vector<int> batches, threads;
+    int jobs = 1;
+    bool check = false, clear = false;
+    for (int i = 1; i < argc; ++i) {
+        const std::string a = argv[i];
+        auto value = [&]() -> std::string {
+            if (i + 1 >= argc) usage_error(a + " needs a value");
+            return argv[++i];
+        };
+        if (a == "--batch")
+            batches = int_list(value(), "--batch");
+        else if (a == "--threads")
+            threads = int_list(value(), "--threads");
+        else if (a == "--jobs")
+            jobs = int_list(value(), "--jobs").front();
+        else if (a == "--check")
+            check = true;
+        else if (a == "--clear")
+            clear = true;
+        else if (a == "-h" || a == "--help")
+            usage_error("help");
+        else if (!a.empty() && a[0] == '-')
+            usage_error("unknown option " + a);
+        else if (patterns.empty())
+            patterns = a;
+        else
+            usage_error("one patterns file only");
+    }
+    if (patterns.empty() && !check && !clear)
+        usage_error("give a patterns file, --check or --clear");
+    const auto status = qsp::persistent_cache_status();
+    if ((check || clear) && !status.enabled)
+        usage_error("the persistent cache is off: " + status.reason);
+    if (clear)
+        std::printf("removed %zu entries from %s\n", qsp::clear_persistent_cache(),
+                    status.dir.c_str());
+    if (check) {
+        const auto c = qsp::check_persistent_cache();
+        for (const auto &p : c.problems)
+            std::printf("removed: %s\n", p.c_str());
+        std::printf("checked %s: %zu valid, %zu removed\n", status.dir.c_str(), c.valid, c.removed);
+    }
+    if (patterns.empty()) return 0;
+    if (!status.enabled)
+        std::fprintf(stderr, "warning: %s: decisions last only for this process\n",
+                     cache_line().c_str());
+
+    const std::vector<layer> layers = load(patterns); // everything validated before any work
+    if (threads.empty()) threads.push_back(omp_get_max_threads());
+    struct unit {
+        size_t layer;
+        int64_t batch;
+        int threads;
+    };
+    std::vector<unit> units;
+    for (size_t i = 0; i < layers.size(); ++i)
+        for (int64_t b : batches.empty() ? std::vector<int64_t>{layers[i].input_shape[0]}
+                                         : std::vector<int64_t>(batches.begin(), batches.end()))
+            for (int t : threads)
+                units.push_back({i, b, t});
+
+    const dnnl::engine eng(dnnl::engine::kind::cpu, 0);
+    std::vector<result> results(units.size());
+    std::atomic<size_t> next{0}, done{0};
+    std::mutex print_mutex;
+    bool failed = false;
+    auto worker = [&] {
+        for (size_t u; (u = next++) < units.size();) {
+            try {
+                results[u] = warm(layers[units[u].layer], units[u].batch, units[u].threads, eng);
+            } catch (const std::exception &e) {
+                std::lock_guard<std::mutex> lock(print_mutex);
+                std::fprintf(stderr, "qsp-warmup: %s: %s\n", layers[units[u].layer].name.c_str(),
+                             e.what());
+                failed = true;
+            }
+            std::lock_guard<std::mutex> lock(print_mutex);
+            std::fprintf(stderr, "\rwarming up: %zu/%zu", ++done, units.size());
+        }
+    };
+    const auto t0 = std::chrono::steady_clock::now();
+    std::vector<std::thread> pool;
+    for (int j = 1; j < jobs; ++j)
+        pool.emplace_back(worker);
+    worker();
+    for (auto &t : pool)
+        t.join();
+    std::fprintf(stderr, "\n");
+    std::printf("%-28s %-22s %5s %3s %10s  %-6s %s\n", "layer", "class", "batch", "thr", "ms",
+                "source", "implementations (fwd/bwd-data/bwd-weights)");
+    for (const auto &r : results) {
+        if (r.name.empty()) continue; // failed above
+        std::printf("%-28.28s %-22s %5lld %3d %10.1f  %-6s %s\n", r.name.c_str(), r.cls.c_str(),
+                    static_cast<long long>(r.batch), r.threads, r.ms,
+                    r.measured ? "tuned" : (r.from_cache ? "cache" : "-"), r.impls.c_str());
+    }
+    std::printf("%zu layer shapes warmed in %.1f s; %s\n", units.size(),
+                std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(),
+                cache_line().c_str());
+    return failed ? 1 : 0;
+}
