@@ -7,6 +7,7 @@
 #include <stdexcept>
 #include <vector>
 
+#include "runtime/env.hpp"
 #include "runtime/lru_cache.hpp"
 
 namespace qsp::runtime {
@@ -45,17 +46,8 @@ cache_base::~cache_base() {
 size_t default_cache_capacity() {
     const long long o = capacity_override.load();
     if (o >= 0) return static_cast<size_t>(o);
-    const char *env = std::getenv("QSP_CACHE_CAPACITY");
-    if (!env || !*env) return 1024;
-    char *end = nullptr;
-    errno = 0;
-    const long long v = std::strtoll(env, &end, 10);
-    if (errno != 0 || !end || *end != '\0' || v < 0)
-        throw std::invalid_argument(
-                std::string("QSP_CACHE_CAPACITY must be a number of entries >= 0 "
-                            "(0 = keep nothing), got '")
-                + env + "'");
-    return static_cast<size_t>(v);
+    // 0 keeps nothing
+    return static_cast<size_t>(env_integer("QSP_CACHE_CAPACITY", 1024, 0, 1ll << 40, "entries"));
 }
 
 } // namespace qsp::runtime

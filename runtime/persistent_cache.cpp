@@ -19,6 +19,7 @@
 #include <xbyak/xbyak_util.h>
 
 #include "qsparseprop/runtime.hpp"
+#include "runtime/env.hpp"
 #include "runtime/verbose.hpp"
 
 namespace qsp {
@@ -77,15 +78,7 @@ state &the_state() {
 }
 
 size_t max_bytes_from_env() {
-    const char *env = std::getenv("QSP_CACHE_MAX_MB");
-    if (!env || !*env) return size_t(256) << 20;
-    char *end = nullptr;
-    errno = 0;
-    const long long v = std::strtoll(env, &end, 10);
-    if (errno != 0 || !end || *end != '\0' || v < 1)
-        throw std::invalid_argument(
-                std::string("QSP_CACHE_MAX_MB must be a number of MiB >= 1, got '") + env + "'");
-    return static_cast<size_t>(v) << 20;
+    return static_cast<size_t>(env_integer("QSP_CACHE_MAX_MB", 256, 1, 1ll << 30, "MiB")) << 20;
 }
 
 std::string default_dir(std::string &why_none) {

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "qsparseprop/runtime.hpp"
+#include "runtime/env.hpp"
 
 namespace qsp::runtime {
 
@@ -25,16 +26,8 @@ constexpr size_t mmap_threshold = size_t(1) << 20;
 constexpr size_t page = 4096;
 
 size_t capacity_from_env() {
-    const char *env = std::getenv("QSP_SCRATCH_CAPACITY_MB");
-    if (!env || !*env) return size_t(256) << 20;
-    char *end = nullptr;
-    errno = 0;
-    const long long mb = std::strtoll(env, &end, 10);
-    if (errno != 0 || !end || *end != '\0' || mb < 0 || mb > (1ll << 30))
-        throw std::invalid_argument(
-                std::string("QSP_SCRATCH_CAPACITY_MB must be a number of MiB >= 0, got '") + env
-                + "'");
-    return static_cast<size_t>(mb) << 20;
+    return static_cast<size_t>(env_integer("QSP_SCRATCH_CAPACITY_MB", 256, 0, 1ll << 30, "MiB"))
+           << 20;
 }
 
 struct buffer {

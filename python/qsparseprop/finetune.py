@@ -281,6 +281,22 @@ STEP_PARTS = (
 )
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    """The profiler of some torch builds logs each start and stop on the
+    process's stderr (fd 2, below Python): keep the report readable. Python
+    exceptions still propagate and print after."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def step_breakdown(model: nn.Module, opt, x: torch.Tensor, y: torch.Tensor, ctx, steps: int = 3) -> dict[str, float]:
     """Milliseconds per training step in each part (STEP_PARTS, the rest in
     "other"), from torch.profiler's self CPU times over ``steps`` steps. The
@@ -290,7 +306,7 @@ def step_breakdown(model: nn.Module, opt, x: torch.Tensor, y: torch.Tensor, ctx,
     saved_params = copy.deepcopy(model.state_dict())
     saved_opt = copy.deepcopy(opt.state_dict())
     model.train()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             opt.zero_grad(set_to_none=True)
             with ctx:
