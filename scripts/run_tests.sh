@@ -3,9 +3,9 @@
 # capped to the reference tier, under AddressSanitizer + UBSan, and on
 # emulated CPUs: AVX2-only and without AVX), a forward + backward of every
 # Python module on the emulated CPUs, the static checks (ISA hygiene of the
-# built code, include layering), the find_package(qsparseprop) consumer,
-# linters, and pytest (with doctests). Every stage runs; the script fails if
-# any stage failed.
+# built code, include layering), the find_package(qsparseprop) consumer, the
+# fuzz targets for a bounded time, linters, and pytest (with doctests). Every
+# stage runs; the script fails if any stage failed.
 set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bash "$ROOT/scripts/setup.sh" || exit 1
@@ -61,6 +61,28 @@ consumer() {
     ./build/consumer/consumer
 }
 stage "C++ user project: find_package(qsparseprop)" consumer
+
+# libFuzzer targets (tests/fuzz, built with clang against the installed
+# library): the committed seeds and regressions replayed, then each target
+# fuzzed for QSP_FUZZ_SECONDS (default 20) from them, under ASan + UBSan.
+fuzzing() {
+  local secs=${QSP_FUZZ_SECONDS:-20} work
+  CXX=clang++ cmake -S tests/fuzz -B build-fuzz -G Ninja \
+    -DCMAKE_PREFIX_PATH="$ROOT/build/install;$ROOT/.venv" >/dev/null &&
+    ninja -C build-fuzz >/dev/null || return 1
+  work=$(mktemp -d)
+  for t in csr_pattern persistent_cache patterns_file; do
+    mkdir -p "$work/$t"
+    ./build-fuzz/fuzz_$t -runs=0 tests/fuzz/corpus/$t tests/fuzz/regressions/$t 2>/dev/null ||
+      { echo "fuzz_$t: a committed input fails"; rm -rf "$work"; return 1; }
+    ./build-fuzz/fuzz_$t -max_total_time="$secs" -print_final_stats=1 "$work/$t" tests/fuzz/corpus/$t \
+      >"$work/$t.log" 2>&1 ||
+      { tail -n 40 "$work/$t.log"; echo "fuzz_$t found a crash: add the input to tests/fuzz/regressions/$t"; rm -rf "$work"; return 1; }
+    printf '   fuzz_%s: %s runs, no finding\n' "$t" "$(grep -m1 -o 'stat::number_of_executed_units: *[0-9]*' "$work/$t.log" | grep -o '[0-9]*$')"
+  done
+  rm -rf "$work"
+}
+stage "fuzz targets (libFuzzer + ASan/UBSan, bounded time)" fuzzing
 
 lint() {
   local py_dirs=(python tests scripts)

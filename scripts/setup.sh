@@ -21,9 +21,9 @@ done
 # Debian packages: compiler, Xbyak, GoogleTest, Google Benchmark, clang-format,
 # qemu-user (the emulated-CPU test runs), binutils (objdump: the ISA check),
 # Fashion-MNIST (the main job's default data set), nlohmann-json (qsp-warmup
-# reads patterns files).
+# reads patterns files), clang (libFuzzer: the fuzz targets).
 APT_PACKAGES=(g++ git libxbyak-dev libgtest-dev libbenchmark-dev clang-format qemu-user binutils
-  dataset-fashion-mnist nlohmann-json3-dev)
+  dataset-fashion-mnist nlohmann-json3-dev clang)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -26,15 +26,14 @@
 #include <thread>
 #include <vector>
 
-#include <nlohmann/json.hpp>
 #include <omp.h>
 #include <oneapi/dnnl/dnnl.hpp>
 
 #include "qsparseprop/qsparseprop.hpp"
+#include "tools/patterns_file.hpp"
 
 namespace {
 
-using json = nlohmann::json;
 using dims = dnnl::memory::dims;
 
 [[noreturn]] void usage_error(const std::string &what) {
@@ -64,168 +63,15 @@ std::vector<int> int_list(const std::string &text, const char *flag) {
 }
 
 // Strict base64 (RFC 4648, padded): anything else is an error.
-std::string base64_decode(const std::string &in, const std::string &what) {
-    auto value = [](char c) -> int {
-        if (c >= 'A' && c <= 'Z') return c - 'A';
-        if (c >= 'a' && c <= 'z') return c - 'a' + 26;
-        if (c >= '0' && c <= '9') return c - '0' + 52;
-        if (c == '+') return 62;
-        if (c == '/') return 63;
-        return -1;
-    };
-    if (in.size() % 4 != 0)
-        throw std::invalid_argument(what + ": base64 length not a multiple of 4");
-    std::string out;
-    out.reserve(in.size() / 4 * 3);
-    for (size_t i = 0; i < in.size(); i += 4) {
-        int v[4];
-        int pad = 0;
-        for (int k = 0; k < 4; ++k) {
-            const char c = in[i + k];
-            if (c == '=' && i + 4 == in.size() && k >= 2) {
-                v[k] = 0;
-                ++pad;
-                continue;
-            }
-            if (pad || (v[k] = value(c)) < 0) throw std::invalid_argument(what + ": not base64");
-        }
-        const uint32_t n = (v[0] << 18) | (v[1] << 12) | (v[2] << 6) | v[3];
-        out.push_back(static_cast<char>((n >> 16) & 0xff));
-        if (pad < 2) out.push_back(static_cast<char>((n >> 8) & 0xff));
-        if (pad < 1) out.push_back(static_cast<char>(n & 0xff));
-    }
-    return out;
-}
-
-template <typename T>
-std::vector<T> le_array(const std::string &bytes, int64_t count, const std::string &what) {
-    if (count < 0 || bytes.size() != static_cast<size_t>(count) * sizeof(T))
-        throw std::invalid_argument(what + ": " + std::to_string(bytes.size()) + " bytes, expected "
-                                    + std::to_string(count) + " entries of "
-                                    + std::to_string(sizeof(T)));
-    std::vector<T> out(static_cast<size_t>(count));
-    std::memcpy(out.data(), bytes.data(), bytes.size()); // x86: little endian, as written
-    return out;
-}
-
-struct layer {
-    std::string name, cls;
-    bool conv = false;
-    qsp::quant_scheme scheme = qsp::quant_scheme::f32;
-    int64_t in = 0, out = 0; // features or channels
-    bool bias = false;
-    qsp::conv2d_geometry g{};
-    qsp::conv_vectorization vectorization = qsp::conv_vectorization::any;
-    std::vector<int64_t> input_shape;
-    qsp::csr_pattern pattern;
-};
-
-int64_t positive(const json &v, const std::string &what) {
-    const int64_t x = v.get<int64_t>();
-    if (x < 1) throw std::invalid_argument(what + " must be >= 1, got " + std::to_string(x));
-    return x;
-}
-
-std::array<int64_t, 2> pair_of(const json &v, const std::string &what) {
-    if (!v.is_array() || v.size() != 2) throw std::invalid_argument(what + " must be a pair");
-    return {v[0].get<int64_t>(), v[1].get<int64_t>()};
-}
-
-layer parse_layer(const json &d) {
-    layer l;
-    l.name = d.at("name").get<std::string>();
-    l.cls = d.at("cls").get<std::string>();
-    if (l.cls == "SparseLinear" || l.cls == "QuantizedSparseLinear")
-        l.conv = false;
-    else if (l.cls == "SparseConv2d" || l.cls == "QuantizedSparseConv2d")
-        l.conv = true;
-    else
-        throw std::invalid_argument("class '" + l.cls
-                                    + "' is not a sparse Linear or Conv2d of qsparseprop");
-    l.scheme = l.cls.rfind("Quantized", 0) == 0 ? qsp::quant_scheme::s8 : qsp::quant_scheme::f32;
-    const json &c = d.at("config");
-    l.bias = c.at("bias").get<bool>();
-    for (const json &s : d.at("input_shape"))
-        l.input_shape.push_back(positive(s, "input_shape"));
-    int64_t cols = 0;
-    if (!l.conv) {
-        l.in = positive(c.at("in_features"), "in_features");
-        l.out = positive(c.at("out_features"), "out_features");
-        if (l.input_shape.size() < 2 || l.input_shape.back() != l.in)
-            throw std::invalid_argument("input_shape must end in in_features");
-        cols = l.in;
-    } else {
-        l.in = positive(c.at("in_channels"), "in_channels");
-        l.out = positive(c.at("out_channels"), "out_channels");
-        const auto k = pair_of(c.at("kernel_size"), "kernel_size"),
-                   s = pair_of(c.at("stride"), "stride"),
-                   dl = pair_of(c.at("dilation"), "dilation");
-        l.g.kernel_h = k[0], l.g.kernel_w = k[1], l.g.stride_h = s[0], l.g.stride_w = s[1];
-        l.g.dilation_h = dl[0], l.g.dilation_w = dl[1];
-        l.g.groups = positive(c.at("groups"), "groups");
-        const json &p = c.at("padding");
-        if (p.is_string()) { // torch's 'valid' / 'same' (extra padding after, as torch)
-            const std::string mode = p.get<std::string>();
-            if (mode == "same") {
-                const int64_t th = l.g.dilation_h * (l.g.kernel_h - 1),
-                              tw = l.g.dilation_w * (l.g.kernel_w - 1);
-                l.g.pad_top = th / 2, l.g.pad_bottom = th - th / 2, l.g.pad_left = tw / 2,
-                l.g.pad_right = tw - tw / 2;
-            } else if (mode != "valid") {
-                throw std::invalid_argument("padding '" + mode
-                                            + "' is not 'same', 'valid' or a pair");
-            }
-        } else {
-            const auto pp = pair_of(p, "padding");
-            l.g.pad_top = l.g.pad_bottom = pp[0], l.g.pad_left = l.g.pad_right = pp[1];
-        }
-        qsp::check_conv2d_geometry(l.g, l.in, l.out);
-        if (l.input_shape.size() != 4 || l.input_shape[1] != l.in)
-            throw std::invalid_argument("input_shape must be N x in_channels x H x W");
-        const json &v = c.at("vectorizing_over_on");
-        l.vectorization = v.is_null()     ? qsp::conv_vectorization::any
-                          : v.get<bool>() ? qsp::conv_vectorization::output_width
-                                          : qsp::conv_vectorization::batch;
-        cols = l.in / l.g.groups * l.g.kernel_h * l.g.kernel_w;
-    }
-    const int64_t rows = d.at("rows").get<int64_t>(), nnz = d.at("nnz").get<int64_t>();
-    if (rows != l.out) throw std::invalid_argument("rows must equal the output size");
-    if (nnz < 0 || nnz > rows * cols) throw std::invalid_argument("nnz out of range");
-    auto rp = le_array<int64_t>(base64_decode(d.at("row_ptr").get<std::string>(), "row_ptr"),
-                                rows + 1, "row_ptr");
-    auto ci = le_array<int32_t>(base64_decode(d.at("col_idx").get<std::string>(), "col_idx"), nnz,
-                                "col_idx");
-    l.pattern =
-            qsp::csr_pattern::from_indices(rows, cols, std::move(rp), std::move(ci)); // validates
-    return l;
-}
-
-std::vector<layer> load(const std::string &path) {
+std::vector<qsp::tools::patterns_layer> load(const std::string &path) {
     std::ifstream f(path);
     if (!f) usage_error("cannot read " + path + ": " + std::strerror(errno));
-    json data;
+    const std::string text((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
     try {
-        data = json::parse(f);
-    } catch (const json::exception &e) {
-        usage_error(path + ": not a patterns file (" + e.what() + ")");
+        return qsp::tools::parse_patterns(text); // everything validated before any work
+    } catch (const std::invalid_argument &e) {
+        usage_error(path + ": " + e.what());
     }
-    if (!data.is_object() || data.value("format", 0) != 1 || !data.contains("layers")
-        || !data["layers"].is_array())
-        usage_error(path
-                    + ": not a patterns file of format 1 (written by qsparseprop export-patterns)");
-    std::vector<layer> layers;
-    for (size_t i = 0; i < data["layers"].size(); ++i) {
-        const json &d = data["layers"][i];
-        try {
-            layers.push_back(parse_layer(d));
-        } catch (const std::exception &e) { // json::exception, invalid_argument
-            const std::string name = d.is_object() && d.contains("name") && d["name"].is_string()
-                                             ? d["name"].get<std::string>()
-                                             : "?";
-            usage_error(path + ": layer " + std::to_string(i) + " (" + name + "): " + e.what());
-        }
-    }
-    return layers;
 }
 
 dnnl::memory::desc f32(const dims &d) {
@@ -254,7 +100,8 @@ struct result {
     std::string impls;
 };
 
-result warm(const layer &l, int64_t batch, int threads, const dnnl::engine &eng) {
+result warm(const qsp::tools::patterns_layer &l, int64_t batch, int threads,
+            const dnnl::engine &eng) {
     result r{l.name, l.cls, batch, threads};
     qsp::primitive_attr attr;
     attr.num_threads = threads;
@@ -377,7 +224,8 @@ int main(int argc, char **argv) {
         std::fprintf(stderr, "warning: %s: decisions last only for this process\n",
                      cache_line().c_str());
 
-    const std::vector<layer> layers = load(patterns); // everything validated before any work
+    const std::vector<qsp::tools::patterns_layer> layers =
+            load(patterns); // everything validated before any work
     if (threads.empty()) threads.push_back(omp_get_max_threads());
     struct unit {
         size_t layer;
