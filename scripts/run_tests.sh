@@ -71,7 +71,7 @@ fuzzing() {
     -DCMAKE_PREFIX_PATH="$ROOT/build/install;$ROOT/.venv" >/dev/null &&
     ninja -C build-fuzz >/dev/null || return 1
   work=$(mktemp -d)
-  for t in csr_pattern persistent_cache patterns_file; do
+  for t in csr_pattern persistent_cache patterns_file primitives; do
     mkdir -p "$work/$t"
     ./build-fuzz/fuzz_$t -runs=0 tests/fuzz/corpus/$t tests/fuzz/regressions/$t 2>/dev/null ||
       { echo "fuzz_$t: a committed input fails"; rm -rf "$work"; return 1; }
