@@ -587,6 +587,10 @@ def format_report(report: dict) -> str:
             total = sum(ms.values())
             cells = "".join(f" {ms[p]:>8.1f} ({100 * ms[p] / total:>3.0f} %)" for p in parts)
             lines.append(f"{r['variant']:<28}{cells} {total:>8.1f}")
+    for r in report["variants"]:
+        if r["variant"].startswith("qsparseprop") and not r["swapped_layers"]:
+            lines.append(f"note: {r['variant']}: no layer measured faster as a sparse layer, so the swap kept every "
+                         "layer dense (its row is dense training); see swap_plan_*.json for the timings")  # fmt: skip
     lines.append(
         f"best dense: {report['best_dense']}; accuracy dense {report['accuracy_dense_unpruned']:.4f}, "
         f"pruned {report['accuracy_pruned']:.4f}; memory = saved activations of a step + parameters, "

@@ -47,6 +47,10 @@ def test_quick_run_reports_every_field_trains_and_keeps_pruned_weights_zero(tmp_
         assert 0.0 < r["sparse_share"] < 1.0
         assert r["step_ms"]["sparse layers"] > 0.0 and r["step_ms"]["batchnorm"] > 0.0
     assert report["best_dense"] in names[:2]
+    # a variant whose swap kept every layer dense says so under the table
+    assert "kept every layer dense" not in finetune.format_report(report)
+    report["variants"][3]["swapped_layers"] = []
+    assert "note: qsparseprop int8: no layer measured faster" in finetune.format_report(report)
     assert (tmp_path / "c.png").stat().st_size > 0
     # the dense model is cached: a second run loads it instead of training
     cached = list((tmp_path / "cache").glob("dense_*.pt"))
