@@ -314,7 +314,12 @@ def export_main(argv: list[str] | None = None) -> None:
                    help="swap the model's layers first (timed, as swap_modules_with_sparse)")  # fmt: skip
     p.add_argument("-o", "--out", required=True)
     a = p.parse_args(argv)
-    model = torch.load(a.model, weights_only=False)
+    try:
+        model = torch.load(a.model, weights_only=False)
+    except OSError as e:
+        p.error(f"cannot read {a.model}: {e.strerror or e}")
+    except Exception as e:  # not a torch file, or its pickled classes cannot be imported here
+        p.error(f"{a.model} is not a model saved with torch.save(model): {type(e).__name__}: {e}")
     if not isinstance(model, nn.Module):
         p.error(f"{a.model} holds a {type(model).__name__}, not a torch.nn.Module saved whole")
     if a.scheme:

@@ -243,3 +243,17 @@ def test_the_cpp_tool_warms_the_same_cache_and_refuses_bad_files(tmp_path):
         [_cpp_tool(), "--clear"], env=dict(os.environ, QSP_CACHE_DIR=""), capture_output=True, text=True
     )
     assert off.returncode == 2 and "persistent cache is off" in off.stderr
+
+
+def test_export_patterns_cli(tmp_path, capsys):
+    model = _swapped()
+    torch.save(model, tmp_path / "model.pt")
+    wu.export_main([str(tmp_path / "model.pt"), "--input-shape", "4,8,6,6", "-o", str(tmp_path / "p.json")])
+    assert "2 sparse layers written" in capsys.readouterr().out
+    assert len(wu.load_patterns(tmp_path / "p.json")) == 2
+    torch.save(model.state_dict(), tmp_path / "state.pt")
+    for bad, says in ((tmp_path / "missing.pt", "cannot read"), (tmp_path / "state.pt", "not a torch.nn.Module"),
+                      (tmp_path / "p.json", "not a model saved")):  # fmt: skip
+        with pytest.raises(SystemExit):
+            wu.export_main([str(bad), "--input-shape", "4,8,6,6", "-o", str(tmp_path / "q.json")])
+        assert says in capsys.readouterr().err
