@@ -19,7 +19,9 @@ of the memory).
 from __future__ import annotations
 
 import itertools
+import os
 import threading
+import time
 import weakref
 from typing import Any
 
@@ -53,7 +55,49 @@ def _empty(dtype=torch.float32) -> torch.Tensor:
 
 
 def _threads() -> int:
-    return torch.get_num_threads()
+    """The team size for the next primitive call: torch's, or 1 while other
+    processes keep every core busy (see _contended). Results do not depend
+    on it (the kernels' sums and rounding streams are thread-count
+    independent, and the s8 workspace has one layout), so forward and
+    backward may differ."""
+    n = torch.get_num_threads()
+    return 1 if n > 1 and _contended(n) else n
+
+
+# Under a competing load, an OpenMP team's threads wait for each other at
+# every region's end; on taken cores each wait can cost a scheduler quantum,
+# and one of our steps crosses many regions (packs, kernels, reductions):
+# measured, 4 busy processes on 2 cores made a 2-thread int8 step 33x slower,
+# a 1-thread one 13x (dense torch: 15x). So while the other processes'
+# runnable threads alone fill twice the cores, we run on one thread.
+# QSP_ADAPT_THREADS=0 turns this off.
+_ADAPT = os.environ.get("QSP_ADAPT_THREADS", "1") != "0"
+_CONTENTION = {"checked": -1.0, "busy": False}
+try:
+    _CPUS = len(os.sched_getaffinity(0))
+except (AttributeError, OSError):  # pragma: no cover - not Linux
+    _CPUS = os.cpu_count() or 1
+
+
+def _runnable_threads() -> int | None:
+    """Threads runnable on the whole machine now (/proc/loadavg), or None."""
+    try:
+        with open("/proc/loadavg") as f:
+            return int(f.read().split()[3].split("/")[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _contended(team: int) -> bool:
+    if not _ADAPT:
+        return False
+    now = time.monotonic()
+    if now - _CONTENTION["checked"] > 0.25:  # /proc read at most 4 times a second
+        _CONTENTION["checked"] = now
+        running = _runnable_threads()
+        # our own team may be spinning (counted as running): the rest is the others'
+        _CONTENTION["busy"] = running is not None and running - team >= 2 * _CPUS
+    return _CONTENTION["busy"]
 
 
 def _build(key: tuple, rp, ci):

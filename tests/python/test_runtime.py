@@ -126,3 +126,40 @@ def test_profiling_splits_each_direction_into_kernel_and_passes():
         assert all(e["calls"] == 0 and e["total_ms"] == 0 for e in qsparseprop.profile_info())
     finally:
         qsparseprop.set_profiling(False)
+
+
+def test_a_contended_machine_runs_the_kernels_on_one_thread(monkeypatch):
+    from qsparseprop import _ops
+
+    monkeypatch.setattr(_ops, "_ADAPT", True)
+    monkeypatch.setattr(_ops, "_CPUS", 2)
+    for running, want in ((2, 2), (5, 2), (6, 1), (40, 1), (None, 2)):
+        monkeypatch.setattr(_ops, "_runnable_threads", lambda r=running: r)
+        _ops._CONTENTION["checked"] = -1.0  # re-read now
+        torch.set_num_threads(2)
+        assert _ops._threads() == want, (running, want)
+    monkeypatch.setattr(_ops, "_ADAPT", False)
+    _ops._CONTENTION["checked"] = -1.0
+    assert _ops._threads() == 2
+    _ops._CONTENTION["busy"] = False
+
+
+@pytest.mark.parametrize("cls", [SparseLinear, QuantizedSparseLinear])
+def test_results_do_not_depend_on_the_team_size_between_forward_and_backward(monkeypatch, cls):
+    from qsparseprop import _ops
+
+    torch.set_num_threads(2)
+    dense = prune_random_(torch.nn.Linear(96, 80), 0.85, generator_seed=3)
+    x, g = torch.randn(33, 96), torch.randn(33, 80)
+    results = []
+    for forward_threads, backward_threads in ((2, 2), (1, 2), (2, 1), (1, 1)):
+        layer = cls.from_dense(dense, seed=5)
+        xi = x.clone().requires_grad_()
+        monkeypatch.setattr(_ops, "_threads", lambda n=forward_threads: n)
+        y = layer(xi)
+        monkeypatch.setattr(_ops, "_threads", lambda n=backward_threads: n)
+        y.backward(g)
+        results.append((y.detach(), xi.grad, layer.values.grad))
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            assert torch.equal(a, b)
