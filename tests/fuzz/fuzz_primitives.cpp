@@ -161,6 +161,58 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     const auto pattern = qsp::csr_pattern::from_mask(mask.data(), rows, cols);
     const uint32_t seed = in.next();
 
+    // Memory descriptors that do not describe the layer (another data type,
+    // a wrong size, another rank): creating a descriptor must refuse them
+    // with std::invalid_argument, whatever else is right.
+    const int corrupt = static_cast<int>(in.range(0, 7)); // 4..7: well-formed
+    if (corrupt < 4) {
+        const bool on_dst = in.bit();
+        dims d = on_dst ? dst : src;
+        auto dt = dnnl::memory::data_type::f32;
+        if (corrupt == 0)
+            dt = in.bit() ? dnnl::memory::data_type::s8 : dnnl::memory::data_type::bf16;
+        if (corrupt == 1) d[in.next() % d.size()] += in.bit() ? 1 : -1;
+        if (corrupt == 2) d.push_back(1);
+        if (corrupt == 3) d.pop_back();
+        bool bad_shape = false;
+        for (auto v : d)
+            bad_shape = bad_shape || v < 1;
+        if (bad_shape || d.empty()) return 0; // not a descriptor oneDNN would build
+        dnnl::memory::dims strides(d.size(), 1);
+        for (int i = static_cast<int>(d.size()) - 2; i >= 0; --i)
+            strides[i] = strides[i + 1] * d[i + 1];
+        const dnnl::memory::desc bad(d, dt, strides);
+        const dnnl::engine eng(dnnl::engine::kind::cpu, 0);
+        const auto good_src = f32(src), good_dst = f32(dst);
+        const auto bias_md = bias ? f32({dst[1]}) : dnnl::memory::desc();
+        try {
+            if (!conv)
+                qsp::sparse_linear_forward::primitive_desc(
+                        eng, qsp::prop_kind::forward_training, on_dst ? good_src : bad, pattern,
+                        bias_md, on_dst ? bad : good_dst, scheme, attr);
+            else
+                qsp::sparse_conv2d_forward::primitive_desc(
+                        eng, qsp::prop_kind::forward_training, on_dst ? good_src : bad, pattern,
+                        bias_md, on_dst ? bad : good_dst, g, scheme, attr);
+        } catch (const std::invalid_argument &) {
+            return 0; // refused, as it must be
+        }
+        // Accepted: only right if the pair still describes this layer — a
+        // convolution's input one row shorter can have the same output size.
+        bool fits = dt == dnnl::memory::data_type::f32 && conv && d.size() == 4;
+        if (fits) {
+            const dims s2 = on_dst ? src : d, d2 = on_dst ? d : dst;
+            try {
+                const auto hw = qsp::conv2d_output_hw(g, s2[2], s2[3]);
+                fits = s2[0] == d2[0] && s2[1] == src[1] && d2[1] == dst[1] && hw[0] == d2[2]
+                       && hw[1] == d2[3];
+            } catch (const std::invalid_argument &) {
+                fits = false;
+            }
+        }
+        if (!fits) __builtin_trap(); // a descriptor that does not fit the layer was accepted
+    }
+
     auto both = [&](auto fam, auto make_fwd) {
         step best, ref;
         try {
