@@ -412,7 +412,11 @@ void persistent_store(const std::string &kind, const std::string &key, const std
     if (::close(fd) != 0) return fail(std::strerror(errno));
     if (::rename(tmp.c_str(), (dir + "/" + name).c_str()) != 0) return fail(std::strerror(errno));
     note("stored," + dir + "/" + name);
-    evict_above_cap(dir);
+    try {
+        evict_above_cap(dir);
+    } catch (const std::exception &e) { // a malformed QSP_CACHE_MAX_MB: said, not thrown from here
+        note(std::string("eviction skipped,") + e.what());
+    }
 }
 
 } // namespace runtime
