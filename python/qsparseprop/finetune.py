@@ -607,8 +607,9 @@ def plot(report: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
+    start = report["accuracy_pruned"]  # every variant starts from the pruned model, at time 0
     for r in report["variants"]:
-        ax.plot(r["wall_curve"], r["accuracy_curve"], "-o", label=r["variant"])
+        ax.plot([0.0, *r["wall_curve"]], [start, *r["accuracy_curve"]], "-o", label=r["variant"])
     ax.set_xlabel("training time (s)")
     ax.set_ylabel("test accuracy")
     cfg = report["config"]
