@@ -278,6 +278,15 @@ std::string decode(const std::string &b, decoded &d) {
     return "";
 }
 
+// "" when the bytes are a whole entry written under this library version
+// and CPU (what load and check both require), else why not.
+std::string usable(const std::string &bytes, decoded &d) {
+    std::string why = decode(bytes, d);
+    if (why.empty() && d.env != persistent_environment())
+        why = "written under '" + d.env + "', this process is '" + persistent_environment() + "'";
+    return why;
+}
+
 bool read_file(const std::string &path, std::string &out, std::string &error) {
     const int fd = ::open(path.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
     if (fd < 0) {
@@ -367,10 +376,8 @@ std::optional<std::string> persistent_load(const std::string &kind, const std::s
         return std::nullopt;
     }
     decoded d;
-    std::string why = decode(bytes, d);
+    std::string why = usable(bytes, d);
     if (why.empty() && d.kind != kind) why = "an entry of kind " + d.kind;
-    if (why.empty() && d.env != persistent_environment())
-        why = "written under '" + d.env + "', this process is '" + persistent_environment() + "'";
     if (why.empty() && d.key != key) why = "another key with the same file name";
     if (!why.empty()) {
         note("ignored," + path + "," + why + ",rebuilt");
@@ -484,9 +491,7 @@ persistent_cache_check check_persistent_cache() {
         if (!runtime::read_file(f.path, bytes, error))
             why = error.empty() ? "vanished" : error;
         else
-            why = runtime::decode(bytes, d);
-        if (why.empty() && d.env != runtime::persistent_environment())
-            why = "written under '" + d.env + "'";
+            why = runtime::usable(bytes, d);
         if (why.empty()
             && f.path.substr(f.path.rfind('/') + 1) != runtime::file_name(d.kind, d.key))
             why = "its name does not match its key";
