@@ -85,6 +85,7 @@ def _phase(name: str) -> dict:
     from . import _C
     from .modules import _SparseModule
     from .swap import swap_modules_with_sparse
+    from .warmup import implementations
 
     model, shape = _model_and_shape(name)
     x = torch.randn(shape)
@@ -116,11 +117,7 @@ def _phase(name: str) -> dict:
         t = time.perf_counter()
         copy(xi).sum().backward()
         first_ms[n] = 1e3 * (first - (time.perf_counter() - t))
-        k, threads = copy._kernel(), torch.get_num_threads()
-        if xi.dim() == 4:
-            impls[n] = k.implementations(list(xi.shape), threads)
-        else:
-            impls[n] = k.implementations(xi.numel() // xi.shape[-1], threads)
+        impls[n] = implementations(copy, xi.shape, torch.get_num_threads())
     return dict(
         swap_s=t_swap, total_s=t_total - t_step, step_s=t_step,
         swapped=[r.name for r in model.qsparseprop_swap_report if r.swapped], implementations=impls,

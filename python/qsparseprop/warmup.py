@@ -160,6 +160,15 @@ def _construct(cls, cfg: dict, bias: bool, row_ptr: torch.Tensor, col_idx: torch
 # ---- warming up -----------------------------------------------------------------------
 
 
+def implementations(layer: _SparseModule, shape, threads: int) -> str:
+    """ "fwd/bwd-data/bwd-weights": the implementations ``layer`` runs for an
+    input of ``shape`` on ``threads`` threads (building them if needed)."""
+    k = layer._kernel()
+    if isinstance(layer, SparseLinear):  # the kernel sees the flattened rows
+        return k.implementations(int(np.prod(shape[:-1])), threads)
+    return k.implementations(list(shape), threads)
+
+
 def _warm_one(layer: _SparseModule, shape: list[int], threads: int) -> dict:
     """Forward + backward once at this shape and thread count: generation,
     tuning (decisions to the persistent cache) and the first execution."""
@@ -168,12 +177,7 @@ def _warm_one(layer: _SparseModule, shape: list[int], threads: int) -> dict:
     t0 = time.perf_counter()
     layer(x).sum().backward()
     seconds = time.perf_counter() - t0
-    k = layer._kernel()
-    if isinstance(layer, SparseLinear):  # rows of the flattened input
-        impls = k.implementations(int(np.prod(shape[:-1])), threads)
-    else:
-        impls = k.implementations(shape, threads)
-    return dict(seconds=seconds, implementations=impls)
+    return dict(seconds=seconds, implementations=implementations(layer, shape, threads))
 
 
 def _warm_job(args) -> list[dict]:
