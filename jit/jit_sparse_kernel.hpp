@@ -50,9 +50,9 @@ protected:
     // Code of one kernel stays far below this; the bound only guards mistakes.
     static constexpr size_t max_code_bytes = 32 * 1024;
 
-    jit_sparse_kernel(const char *family, const sparse_kernel_params &params)
-        : jit_generator(std::string(family) + "_" + params.str(), max_code_bytes), params_(params) {
-    }
+    jit_sparse_kernel(const char *family, const sparse_kernel_params &params,
+                      size_t code_bytes = max_code_bytes)
+        : jit_generator(std::string(family) + "_" + params.str(), code_bytes), params_(params) {}
     // Generates and seals the code; call at the end of the most derived
     // constructor (generate() is virtual).
     void finish() { fn_ = reinterpret_cast<decltype(fn_)>(const_cast<void *>(create_kernel())); }

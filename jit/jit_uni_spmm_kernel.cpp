@@ -3,9 +3,8 @@
 #include <cstddef>
 #include <stdexcept>
 #include <string>
-#include <type_traits>
 
-#include "jit/jit_int8_dot.hpp"
+#include "jit/jit_spmm_entry.hpp"
 #include "runtime/lru_cache.hpp"
 
 namespace qsp::jit {
@@ -36,30 +35,8 @@ jit_uni_spmm_kernel_t<isa>::jit_uni_spmm_kernel_t(const sparse_kernel_params &pa
 }
 
 template <cpu_isa isa> void jit_uni_spmm_kernel_t<isa>::generate() {
-    constexpr bool avx512 = isa != cpu_isa::avx2;
-    using Vmm = typename std::conditional<avx512, Zmm, Ymm>::type;
-    constexpr int vlen = avx512 ? 64 : 32;
-    const int nv = params_.n_vec;
-    const bool s8 = params_.dtype == sparse_dtype::s8;
-    const bool native_dot = s8 && (isa == cpu_isa::avx512_core_vnni || params_.avx_vnni);
-
-    // Entries per step of the main loop, and accumulator sets alternating
-    // between consecutive entries so that the multiply-add latency (4
-    // cycles) does not serialise a row. AVX2 has 16 registers: one set of up
-    // to 8 accumulators already hides the latency, and the emulated s8 dot
-    // products need the rest, so that kernel takes one entry per step.
-    const int unroll = (!avx512 && s8) ? 1 : 4;
-    const int sets = avx512 ? 2 : 1;
-    auto acc = [&](int u, int v) { return Vmm((u % sets) * nv + v); };
-    // avx512: 0..7 accumulators, 8..11 f32 broadcasts, 12..19 s8 sources,
-    //         20..23 s8 weights, 24..29 nibbles, constants, products.
-    // avx2:   0..7 accumulators, 8..11 f32 broadcasts; s8: 8 source,
-    //         9 weights, 10..15 nibbles, constants, products.
-    auto bcast = [](int u) { return Vmm(8 + u); };
-    auto src_reg = [&](int u, int v) { return avx512 ? Vmm(12 + (u % 2) * 4 + v) : Vmm(8); };
-    auto w_reg = [&](int u) { return avx512 ? Vmm(20 + u) : Vmm(9); };
-    const Vmm x_lo(avx512 ? 24 : 10), x_hi(avx512 ? 25 : 11), ones16(avx512 ? 26 : 14),
-            nibble_mask(avx512 ? 27 : 15), t_lo(avx512 ? 28 : 12), t_hi(avx512 ? 29 : 13);
+    const spmm_entry_emitter<isa> em(*this, params_);
+    const int unroll = em.unroll();
 
     // General registers; the group counter and row stride live in a small
     // stack frame.
@@ -70,42 +47,6 @@ template <cpu_isa isa> void jit_uni_spmm_kernel_t<isa>::generate() {
                   row_begin = qword[rsp + 24];
     auto field = [&](size_t offset) { return qword[tmp + offset]; }; // after mov(tmp, params)
     using cp = spmm_call_params;
-
-    // One entry u of this step: its weight at values[i + u], its source row
-    // at src + off[u].
-    auto entry = [&](int u) {
-        const Address w_mem = dword[values + i * 4 + u * 4];
-        if (!s8) {
-            vbroadcastss(bcast(u), w_mem);
-            for (int v = 0; v < nv; ++v)
-                vfmadd231ps(acc(u, v), bcast(u), ptr[src + off[u] + v * vlen]);
-            return;
-        }
-        if (avx512 && native_dot) {
-            for (int v = 0; v < nv; ++v) {
-                vmovups(src_reg(u, v), ptr[src + off[u] + v * vlen]);
-                vpdpbusd(acc(u, v), src_reg(u, v), ptr_b[values + i * 4 + u * 4]);
-            }
-            return;
-        }
-        vpbroadcastd(w_reg(u), w_mem);
-        for (int v = 0; v < nv; ++v) {
-            vmovups(src_reg(u, v), ptr[src + off[u] + v * vlen]);
-            if (native_dot) {
-                vpdpbusd(acc(u, v), src_reg(u, v), w_reg(u), VexEncoding);
-            } else {
-                emit_split_nibbles(*this, src_reg(u, v), x_lo, x_hi, nibble_mask);
-                emit_dot_u8s8_nibbles(*this, acc(u, v), x_lo, x_hi, w_reg(u), ones16, t_lo, t_hi,
-                                      true);
-            }
-        }
-    };
-    auto zero = [&](const Vmm &v) {
-        if (s8)
-            vpxor(Xmm(v.getIdx()), Xmm(v.getIdx()), Xmm(v.getIdx())); // VEX: zeroes the upper bits
-        else
-            vxorps(Xmm(v.getIdx()), Xmm(v.getIdx()), Xmm(v.getIdx()));
-    };
 
     // Groups outside, rows inside: a group's source rows stay in L1 while
     // every row of the part uses them.
@@ -126,7 +67,7 @@ template <cpu_isa isa> void jit_uni_spmm_kernel_t<isa>::generate() {
     mov(dst_row_stride, i);
     mov(src, field(offsetof(cp, src_tile)));
     mov(dst, field(offsetof(cp, dst_tile)));
-    if (s8 && !native_dot) emit_int8_dot_constants(*this, ones16, nibble_mask, constants);
+    em.load_constants(constants);
     mov(qword[rsp + 8], 0);
 
     L(group_loop);
@@ -140,19 +81,15 @@ template <cpu_isa isa> void jit_uni_spmm_kernel_t<isa>::generate() {
     jge(rows_done, T_NEAR);
     // The sums start at zero in the first group, from the row's stored
     // partial sums in the others.
-    for (int s = 1; s < sets; ++s)
-        for (int v = 0; v < nv; ++v)
-            zero(acc(s, v));
+    em.zero_sums(1);
     cmp(group, 0);
     je(first_group, T_NEAR);
     mov(tmp, row);
     imul(tmp, dst_row_stride);
-    for (int v = 0; v < nv; ++v)
-        vmovups(acc(0, v), ptr[dst + tmp + v * vlen]);
+    em.load_sums(dst + tmp);
     jmp(sums_ready, T_NEAR);
     L(first_group);
-    for (int v = 0; v < nv; ++v)
-        zero(acc(0, v));
+    em.zero_sums(0);
     L(sums_ready);
     // entries [group_ptr[row * (n_groups + 1) + group], ... + 1)
     mov(i, row);
@@ -170,7 +107,7 @@ template <cpu_isa isa> void jit_uni_spmm_kernel_t<isa>::generate() {
         for (int u = 0; u < unroll; ++u)
             movsxd(off[u], dword[offsets + i * 4 + u * 4]);
         for (int u = 0; u < unroll; ++u)
-            entry(u);
+            em.entry(u, values + i * 4 + u * 4, src, off[u]);
         add(i, unroll);
         jmp(step_loop);
     }
@@ -179,7 +116,7 @@ template <cpu_isa isa> void jit_uni_spmm_kernel_t<isa>::generate() {
     cmp(i, end);
     jge(store, T_NEAR);
     movsxd(off[0], dword[offsets + i * 4]);
-    entry(0);
+    em.entry(0, values + i * 4, src, off[0]);
     inc(i);
     jmp(single_loop);
 
@@ -187,15 +124,7 @@ template <cpu_isa isa> void jit_uni_spmm_kernel_t<isa>::generate() {
     mov(tmp, row);
     imul(tmp, dst_row_stride);
     add(tmp, dst);
-    for (int v = 0; v < nv; ++v) {
-        if (sets > 1) {
-            if (s8)
-                vpaddd(acc(0, v), acc(0, v), acc(1, v));
-            else
-                vaddps(acc(0, v), acc(0, v), acc(1, v));
-        }
-        vmovups(ptr[tmp + v * vlen], acc(0, v));
-    }
+    em.store_sums(tmp);
     inc(row);
     jmp(row_loop, T_NEAR);
 
@@ -206,7 +135,7 @@ template <cpu_isa isa> void jit_uni_spmm_kernel_t<isa>::generate() {
     L(done);
     add(rsp, 32);
     postamble();
-    if (s8 && !native_dot) emit_int8_dot_constant_table(*this, constants);
+    em.emit_constant_table(constants);
 }
 
 template class jit_uni_spmm_kernel_t<cpu_isa::avx2>;

@@ -30,10 +30,18 @@ implementation with_dense_semantics(implementation impl) {
 const std::vector<implementation> &implementation_list() {
     // clang-format off
     static const std::vector<implementation> list = {
+        // Linear: the layer's specialised code first (measured faster on
+        // L1-L4 at every sparsity, docs/benchmarks.md); backward-weights
+        // has no such form and takes the generic kernels next in line.
+        with_dense_semantics(jit_avx512_pattern_linear_f32_implementation()),
         with_dense_semantics(jit_avx512_linear_f32_implementation()),
+        with_dense_semantics(jit_avx2_pattern_linear_f32_implementation()),
         with_dense_semantics(jit_avx2_linear_f32_implementation()),
+        jit_avx512_vnni_pattern_linear_s8_implementation(),
         jit_avx512_vnni_linear_s8_implementation(),
+        jit_avx512_pattern_linear_s8_implementation(),
         jit_avx512_linear_s8_implementation(),
+        jit_avx2_pattern_linear_s8_implementation(),
         jit_avx2_linear_s8_implementation(),
         with_dense_semantics(jit_avx512_conv2d_f32_implementation()),
         with_dense_semantics(jit_avx512_conv2d_width_f32_implementation()),

@@ -55,6 +55,8 @@ struct kernel {
     // dense-semantics guard runs the call instead of reading the input a
     // second time to check it.
     virtual bool checks_finite_input() const { return false; }
+    // What was generated for this layer's pattern, if anything (verbose).
+    virtual std::string specialisation() const { return {}; }
     // An array (an inline variable: one address in every translation unit),
     // not a pointer to a literal, whose address may differ between them.
     static constexpr char non_finite_input[] = "non-finite input";

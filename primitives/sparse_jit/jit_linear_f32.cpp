@@ -12,10 +12,10 @@
 #include <omp.h>
 
 #include "jit/jit_uni_sddmm_kernel.hpp"
-#include "jit/jit_uni_spmm_kernel.hpp"
 #include "primitives/passes/tile_layout.hpp"
 #include "primitives/sparse_jit/plan_cache.hpp"
 #include "primitives/sparse_jit/spmm_plan.hpp"
+#include "primitives/sparse_jit/spmm_runner.hpp"
 #include "runtime/scratch_pool.hpp"
 
 namespace qsp::detail {
@@ -24,29 +24,36 @@ namespace {
 
 class jit_linear_f32_plan : public kernel {
 public:
-    jit_linear_f32_plan(const problem &p, cpu_isa isa)
+    jit_linear_f32_plan(const problem &p, cpu_isa isa, bool specialise)
         : jit_linear_f32_plan(
-                p, isa,
+                p, isa, specialise,
                 p.dir == direction::backward_data
                         ? transposed_rows(p.pattern.row_ptr(), p.pattern.col_idx(), p.out, p.in)
                         : csr_rows(p.pattern.row_ptr(), p.pattern.col_idx(), p.out)) {}
 
-    jit_linear_f32_plan(const problem &p, cpu_isa isa, const sparse_rows &m)
+    jit_linear_f32_plan(const problem &p, cpu_isa isa, bool specialise, const sparse_rows &m)
         : p_(p.without_batch()), lanes_(jit::vector_lanes(isa)),
-          rows_(m, row_offset, p.num_threads),
-          // a source channel is one tile row: tile_row_bytes in L1 per pass
-          groups_(make_source_groups(
-                  m, rows_.row_ptr, nullptr, [](int64_t key) { return key; },
-                  p.dir == direction::backward_data ? p.out : p.in, jit::tile_row_bytes, 4,
-                  linear_min_group_items)) {
-        // One kernel per tail length (vectors of the last tile).
-        for (int nv = 1; nv <= jit::tile_batch / lanes_; ++nv) {
-            const auto params = jit::make_sparse_kernel_params(isa, jit::sparse_dtype::f32, nv);
-            if (p.dir == direction::backward_weights)
-                sddmm_.push_back(jit::sddmm_kernel(params));
-            else
-                spmm_.push_back(jit::spmm_kernel(params));
+          rows_(m, row_offset, p.num_threads) {
+        if (p.dir == direction::backward_weights) {
+            // One kernel per tail length (vectors of the last tile).
+            for (int nv = 1; nv <= jit::tile_batch / lanes_; ++nv)
+                sddmm_.push_back(jit::sddmm_kernel(
+                        jit::make_sparse_kernel_params(isa, jit::sparse_dtype::f32, nv)));
+            return;
         }
+        // a source channel is one tile row: tile_row_bytes in L1 per pass
+        spmm_ = std::make_unique<spmm_runner>(
+                isa, jit::sparse_dtype::f32, rows_.bounds,
+                make_source_groups(
+                        m, rows_.row_ptr, nullptr, [](int64_t key) { return key; },
+                        p.dir == direction::backward_data ? p.out : p.in, jit::tile_row_bytes, 4,
+                        specialise ? linear_pattern_min_group_items : linear_min_group_items),
+                specialise);
+        if (!spmm_->item_order().empty()) rows_.reorder(spmm_->item_order());
+    }
+
+    std::string specialisation() const override {
+        return spmm_ ? spmm_->specialisation() : std::string();
     }
 
     const char *execute(const tensors &t) const override {
@@ -86,25 +93,21 @@ private:
 
     void run_spmm(int64_t batch, const float *values, const float *src_tiles, int64_t src_channels,
                   float *dst_tiles) const {
-        for_parts(batch, [&](int part, int64_t tile) {
-            jit::spmm_call_params c{values,
-                                    rows_.offsets.data(),
-                                    groups_.ptr.data(),
-                                    groups_.n,
-                                    rows_.bounds[part],
-                                    rows_.bounds[part + 1],
-                                    src_tiles + tile * src_channels * jit::tile_batch,
-                                    dst_tiles + tile * rows_.rows * jit::tile_batch};
-            (*spmm_[tile_vectors(batch, tile, lanes_) - 1])(c);
-        });
+        const auto timed = kernel_time(p_.dir);
+        spmm_->run(batch, values, rows_.offsets.data(),
+                   reinterpret_cast<const uint8_t *>(src_tiles), src_channels * jit::tile_row_bytes,
+                   reinterpret_cast<uint8_t *>(dst_tiles), rows_.rows * jit::tile_row_bytes,
+                   p_.num_threads);
     }
 
     void forward(const tensors &t, runtime::scratchpad &sp) const {
         const int nt = p_.num_threads;
         float *x = sp.get<float>(0, tiled_elems(t.batch, p_.in));
         float *y = sp.get<float>(1, tiled_elems(t.batch, p_.out));
+        // kernel order: the CSR itself, or the specialised code's schedule
+        const float *values = rows_.values(t.weights, sp.get<float>(2, p_.pattern.nnz()), nt);
         pack_tiles(t.src, t.batch, p_.in, x, nt);
-        run_spmm(t.batch, t.weights, x, p_.in, y);
+        run_spmm(t.batch, values, x, p_.in, y);
         unpack_tiles(y, t.batch, p_.out, t.bias, t.dst, nt);
     }
 
@@ -170,15 +173,14 @@ private:
 
     problem p_; // batch 0: the plan serves every batch size
     int lanes_;
-    entry_plan rows_;      // forward, backward-weights: the CSR; backward-data: its transpose
-    source_groups groups_; // SpMM directions: source channels in L1-sized groups
-    std::vector<std::shared_ptr<const jit::jit_spmm_kernel>> spmm_;
+    entry_plan rows_; // forward, backward-weights: the CSR; backward-data: its transpose
+    std::unique_ptr<spmm_runner> spmm_; // SpMM directions
     std::vector<std::shared_ptr<const jit::jit_sddmm_kernel>> sddmm_;
 };
 
-implementation jit_linear_f32_implementation(const char *name, cpu_isa isa) {
+implementation jit_linear_f32_implementation(const char *name, cpu_isa isa, bool specialise) {
     return {name,
-            [isa](const problem &p) -> std::string {
+            [isa, specialise](const problem &p) -> std::string {
                 if (p.op != op_kind::linear)
                     return "Linear only (Conv2d has implementations of its own)";
                 if (p.scheme != quant_scheme::f32)
@@ -190,11 +192,12 @@ implementation jit_linear_f32_implementation(const char *name, cpu_isa isa) {
                     return "superseded by jit:avx512_core on this CPU";
                 if (std::max(p.in, p.out) > (int64_t(1) << 31) / jit::tile_row_bytes)
                     return "a dimension exceeds the 32-bit tile offsets";
+                if (specialise) return why_not_pattern_specialised(p);
                 return "";
             },
-            [name, isa](const problem &p) -> std::shared_ptr<const kernel> {
+            [name, isa, specialise](const problem &p) -> std::shared_ptr<const kernel> {
                 return cached_plan(name, isa, p, [&] {
-                    return std::make_shared<const jit_linear_f32_plan>(p, isa);
+                    return std::make_shared<const jit_linear_f32_plan>(p, isa, specialise);
                 });
             },
             false, op_kind::linear};
@@ -203,11 +206,19 @@ implementation jit_linear_f32_implementation(const char *name, cpu_isa isa) {
 } // namespace
 
 implementation jit_avx512_linear_f32_implementation() {
-    return jit_linear_f32_implementation("jit:avx512_core", cpu_isa::avx512_core);
+    return jit_linear_f32_implementation("jit:avx512_core", cpu_isa::avx512_core, false);
 }
 
 implementation jit_avx2_linear_f32_implementation() {
-    return jit_linear_f32_implementation("jit:avx2", cpu_isa::avx2);
+    return jit_linear_f32_implementation("jit:avx2", cpu_isa::avx2, false);
+}
+
+implementation jit_avx512_pattern_linear_f32_implementation() {
+    return jit_linear_f32_implementation("jit:avx512_core:pattern", cpu_isa::avx512_core, true);
+}
+
+implementation jit_avx2_pattern_linear_f32_implementation() {
+    return jit_linear_f32_implementation("jit:avx2:pattern", cpu_isa::avx2, true);
 }
 
 } // namespace qsp::detail

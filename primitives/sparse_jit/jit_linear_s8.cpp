@@ -18,13 +18,13 @@
 #include <omp.h>
 
 #include "jit/jit_uni_sddmm_kernel.hpp"
-#include "jit/jit_uni_spmm_kernel.hpp"
 #include "primitives/core/s8_protocol.hpp"
 #include "primitives/passes/bias_grad.hpp"
 #include "primitives/passes/quantize.hpp"
 #include "primitives/passes/tile_layout.hpp"
 #include "primitives/sparse_jit/plan_cache.hpp"
 #include "primitives/sparse_jit/spmm_plan.hpp"
+#include "primitives/sparse_jit/spmm_runner.hpp"
 #include "runtime/scratch_pool.hpp"
 
 namespace qsp::detail {
@@ -35,25 +35,26 @@ namespace {
 // backward-data (rows = input features, quads over output features).
 class jit_linear_s8_spmm_plan : public kernel {
 public:
-    jit_linear_s8_spmm_plan(const problem &p, cpu_isa isa)
+    jit_linear_s8_spmm_plan(const problem &p, cpu_isa isa, bool specialise)
         : jit_linear_s8_spmm_plan(
-                p, isa,
+                p, isa, specialise,
                 p.dir == direction::forward
                         ? csr_rows(p.pattern.row_ptr(), p.pattern.col_idx(), p.out)
                         : transposed_rows(p.pattern.row_ptr(), p.pattern.col_idx(), p.out, p.in)) {}
 
-    jit_linear_s8_spmm_plan(const problem &p, cpu_isa isa, const sparse_rows &m)
-        : p_(p.without_batch()), lanes_(jit::vector_lanes(isa)),
-          quads_(m, quad_offset, p.num_threads),
+    jit_linear_s8_spmm_plan(const problem &p, cpu_isa isa, bool specialise, const sparse_rows &m)
+        : p_(p.without_batch()), quads_(m, quad_offset, p.num_threads),
           // a quad tile row (tile_row_bytes) holds 4 source channels
-          groups_(make_source_groups(
-                  m, quads_.quad_ptr, &quads_.quad_of, [](int64_t key) { return key; },
-                  p.dir == direction::forward ? p.in : p.out, jit::tile_row_bytes / 4, 4,
-                  linear_min_group_items)) {
-        for (int nv = 1; nv <= jit::tile_batch / lanes_; ++nv)
-            code_.push_back(jit::spmm_kernel(
-                    jit::make_sparse_kernel_params(isa, jit::sparse_dtype::s8, nv)));
+          spmm_(isa, jit::sparse_dtype::s8, quads_.bounds,
+                make_source_groups(
+                        m, quads_.quad_ptr, &quads_.quad_of, [](int64_t key) { return key; },
+                        p.dir == direction::forward ? p.in : p.out, jit::tile_row_bytes / 4, 4,
+                        specialise ? linear_pattern_min_group_items : linear_min_group_items),
+                specialise) {
+        if (!spmm_.item_order().empty()) quads_.reorder(spmm_.item_order());
     }
+
+    std::string specialisation() const override { return spmm_.specialisation(); }
 
     const char *execute(const tensors &t) const override {
         runtime::scratchpad sp;
@@ -86,25 +87,10 @@ public:
             pack_quad_tiles(src_q, B, N, src_tiles, nt);
             std::fill(row_scale, row_scale + rows, sg2);
         }
-        const int parts = static_cast<int>(quads_.bounds.size()) - 1;
         {
             const auto timed = kernel_time(p_.dir);
-#pragma omp parallel num_threads(nt)
-            {
-                const int nthr = omp_get_num_threads(), tid = omp_get_thread_num();
-                for (int part = tid; part < parts; part += nthr)
-                    for (int64_t tile = 0; tile < tiles; ++tile) {
-                        jit::spmm_call_params c{words,
-                                                quads_.offsets.data(),
-                                                groups_.ptr.data(),
-                                                groups_.n,
-                                                quads_.bounds[part],
-                                                quads_.bounds[part + 1],
-                                                src_tiles + tile * quads * tb * 4,
-                                                acc + tile * rows * tb};
-                        (*code_[tile_vectors(B, tile, lanes_) - 1])(c);
-                    }
-            }
+            spmm_.run(B, words, quads_.offsets.data(), src_tiles, quads * tb * 4,
+                      reinterpret_cast<uint8_t *>(acc), rows * tb * 4, nt);
         }
         unpack_s32_tiles(acc, B, rows, correction, row_scale, fwd ? t.bias : nullptr,
                          fwd ? t.dst : t.diff_src, nt);
@@ -113,15 +99,11 @@ public:
 
 private:
     // A quad's source row: one tile row per 4 features.
-    static int64_t quad_offset(int64_t, int64_t quad) {
-        return quad * jit::tile_row_bytes;
-    }
+    static int64_t quad_offset(int64_t, int64_t quad) { return quad * jit::tile_row_bytes; }
 
-    problem p_; // batch 0: the plan serves every batch size
-    int lanes_;
-    quad_plan quads_;      // forward: the CSR; backward-data: its transpose
-    source_groups groups_; // source channels in L1-sized groups
-    std::vector<std::shared_ptr<const jit::jit_spmm_kernel>> code_;
+    problem p_;        // batch 0: the plan serves every batch size
+    quad_plan quads_;  // forward: the CSR; backward-data: its transpose
+    spmm_runner spmm_; // over quads, source channels in groups
 };
 
 class jit_linear_s8_bwd_weights_plan : public kernel {
@@ -187,10 +169,10 @@ private:
     std::shared_ptr<const jit::jit_sddmm_kernel> code_;
 };
 
-implementation jit_linear_s8_implementation(const char *name, cpu_isa isa) {
+implementation jit_linear_s8_implementation(const char *name, cpu_isa isa, bool specialise) {
     const bool vnni = isa == cpu_isa::avx512_core_vnni;
     return {name,
-            [isa, vnni](const problem &p) -> std::string {
+            [isa, vnni, specialise](const problem &p) -> std::string {
                 if (p.op != op_kind::linear)
                     return "Linear only (Conv2d has implementations of its own)";
                 if (p.scheme != quant_scheme::s8) return "s8 only";
@@ -211,13 +193,14 @@ implementation jit_linear_s8_implementation(const char *name, cpu_isa isa) {
                            + " terms could overflow int32";
                 if (std::max(p.in, p.out) > (int64_t(1) << 31) / jit::tile_row_bytes)
                     return "a dimension exceeds the 32-bit tile offsets";
+                if (specialise) return why_not_pattern_specialised(p);
                 return "";
             },
-            [name, isa](const problem &p) -> std::shared_ptr<const kernel> {
+            [name, isa, specialise](const problem &p) -> std::shared_ptr<const kernel> {
                 return cached_plan(name, isa, p, [&]() -> std::shared_ptr<const kernel> {
                     if (p.dir == direction::backward_weights)
                         return std::make_shared<const jit_linear_s8_bwd_weights_plan>(p, isa);
-                    return std::make_shared<const jit_linear_s8_spmm_plan>(p, isa);
+                    return std::make_shared<const jit_linear_s8_spmm_plan>(p, isa, specialise);
                 });
             },
             false, op_kind::linear};
@@ -226,15 +209,28 @@ implementation jit_linear_s8_implementation(const char *name, cpu_isa isa) {
 } // namespace
 
 implementation jit_avx512_vnni_linear_s8_implementation() {
-    return jit_linear_s8_implementation("jit:avx512_core_vnni", cpu_isa::avx512_core_vnni);
+    return jit_linear_s8_implementation("jit:avx512_core_vnni", cpu_isa::avx512_core_vnni, false);
 }
 
 implementation jit_avx512_linear_s8_implementation() {
-    return jit_linear_s8_implementation("jit:avx512_core", cpu_isa::avx512_core);
+    return jit_linear_s8_implementation("jit:avx512_core", cpu_isa::avx512_core, false);
 }
 
 implementation jit_avx2_linear_s8_implementation() {
-    return jit_linear_s8_implementation("jit:avx2", cpu_isa::avx2);
+    return jit_linear_s8_implementation("jit:avx2", cpu_isa::avx2, false);
+}
+
+implementation jit_avx512_vnni_pattern_linear_s8_implementation() {
+    return jit_linear_s8_implementation("jit:avx512_core_vnni:pattern", cpu_isa::avx512_core_vnni,
+                                        true);
+}
+
+implementation jit_avx512_pattern_linear_s8_implementation() {
+    return jit_linear_s8_implementation("jit:avx512_core:pattern", cpu_isa::avx512_core, true);
+}
+
+implementation jit_avx2_pattern_linear_s8_implementation() {
+    return jit_linear_s8_implementation("jit:avx2:pattern", cpu_isa::avx2, true);
 }
 
 } // namespace qsp::detail

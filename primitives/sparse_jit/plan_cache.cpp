@@ -39,6 +39,8 @@ cached_plan(const char *impl, cpu_isa isa, const problem &p,
         line << "jit,plan," << impl << "," << to_string(direction(p.dir)) << ","
              << p.without_batch().shape_str() << ",threads=" << p.num_threads << ","
              << (generated ? "generated" : "cache_hit") << "," << runtime::now_ms() - t0;
+        const std::string specialised = plan->specialisation();
+        if (generated && !specialised.empty()) line << ",specialised:" << specialised;
         runtime::verbose_print(line.str());
     }
     return plan;

@@ -13,18 +13,25 @@ struct f32_outputs {
     std::string impl;
 };
 
+// impl: forced for forward and backward-data ("" = the usual pick);
+// backward-weights runs its generic sibling.
 f32_outputs run_f32(const csr_weights &w, int64_t B, const std::vector<float> &x,
-                    const std::vector<float> &dy, const std::vector<float> &b, int threads) {
+                    const std::vector<float> &dy, const std::vector<float> &b, int threads,
+                    const std::string &impl = "") {
     const int64_t K = w.pattern.cols(), N = w.pattern.rows();
     dnnl::engine eng(dnnl::engine::kind::cpu, 0);
     dnnl::stream s(eng);
     primitive_attr attr;
     attr.num_threads = threads;
+    attr.implementation = impl;
+    primitive_attr bw_attr = attr;
+    bw_attr.implementation = generic_sibling(impl);
     const auto src_md = f32_desc({B, K}), dst_md = f32_desc({B, N}), bias_md = f32_desc({N});
     sparse_linear_forward::primitive_desc fwd(eng, prop_kind::forward_training, src_md, w.pattern,
                                               bias_md, dst_md, quant_scheme::f32, attr);
-    sparse_linear_backward_data::primitive_desc bd(eng, src_md, w.pattern, dst_md, fwd);
-    sparse_linear_backward_weights::primitive_desc bw(eng, src_md, w.pattern, bias_md, dst_md, fwd);
+    sparse_linear_backward_data::primitive_desc bd(eng, src_md, w.pattern, dst_md, fwd, attr);
+    sparse_linear_backward_weights::primitive_desc bw(eng, src_md, w.pattern, bias_md, dst_md, fwd,
+                                                      bw_attr);
     f32_outputs o;
     o.y.assign(static_cast<size_t>(B * N), NAN);
     o.dx.assign(x.size(), NAN);
@@ -79,16 +86,18 @@ void compare_tiers(int64_t B, int64_t K, int64_t N, double sparsity, int threads
     for (cpu_isa isa : isa_levels()) {
         if (isa == cpu_isa::ref) continue;
         isa_cap_guard cap(isa);
-        SCOPED_TRACE(to_string(isa));
-        auto got = run_f32(w, B, x, dy, b, threads);
-        if (isa >= cpu_isa::avx512_core)
-            EXPECT_EQ(got.impl, "jit:avx512_core/jit:avx512_core/jit:avx512_core");
-        else if (isa == cpu_isa::avx2)
-            EXPECT_EQ(got.impl, "jit:avx2/jit:avx2/jit:avx2");
-        expect_close_rel(got.y, want.y, scale_fwd, "forward");
-        expect_close_rel(got.dx, want.dx, scale_bd, "backward_data");
-        expect_close_rel(got.dw, want.dw, scale_bw, "backward_weights");
-        expect_close_rel(got.db, want.db, scale_bw, "diff_bias");
+        const std::string jit = isa >= cpu_isa::avx512_core ? "jit:avx512_core" : "jit:avx2";
+        // The usual pick (the layer's specialised code) and the generic kernels.
+        for (const std::string &impl : {std::string(), jit}) {
+            SCOPED_TRACE(std::string(to_string(isa)) + " " + impl);
+            auto got = run_f32(w, B, x, dy, b, threads, impl);
+            const std::string fwd = impl.empty() ? jit + ":pattern" : impl;
+            EXPECT_EQ(got.impl, fwd + "/" + fwd + "/" + jit);
+            expect_close_rel(got.y, want.y, scale_fwd, "forward");
+            expect_close_rel(got.dx, want.dx, scale_bd, "backward_data");
+            expect_close_rel(got.dw, want.dw, scale_bw, "backward_weights");
+            expect_close_rel(got.db, want.db, scale_bw, "diff_bias");
+        }
     }
 }
 
@@ -149,6 +158,56 @@ TEST(JitLinearF32Edges, batch_size_changes_share_one_plan) {
          at = out.find(",generated,", at + 1))
         ++generated;
     EXPECT_EQ(generated, 3u) << "one plan per direction, whatever the batch size:\n" << out;
+}
+
+} // namespace qsp::test
+
+namespace qsp::test {
+
+// Code generated per layer: two layers with different patterns get their
+// own (verbose says what was specialised, its size and generation time),
+// and each computes its own result.
+TEST(JitLinearPattern, each_layer_gets_its_own_code) {
+    if (effective_cpu_isa() < cpu_isa::avx2) return; // the reference has no code
+    const std::string impl = effective_cpu_isa() >= cpu_isa::avx512_core ? "jit:avx512_core:pattern"
+                                                                         : "jit:avx2:pattern";
+    std::mt19937 rng(21);
+    const int64_t B = 70, K = 300, N = 40;
+    auto x = random_vector(static_cast<size_t>(B * K), rng);
+    auto dy = random_vector(static_cast<size_t>(B * N), rng);
+    auto b = random_vector(static_cast<size_t>(N), rng);
+    std::vector<std::string> lines;
+    for (double sparsity : {0.5, 0.95}) {
+        auto dense = random_sparse_dense(N, K, sparsity, rng);
+        auto w = csr_weights::from_dense(dense.data(), N, K);
+        set_verbose_level(1);
+        testing::internal::CaptureStdout();
+        auto got = run_f32(w, B, x, dy, b, 2, impl);
+        const std::string out = testing::internal::GetCapturedStdout();
+        set_verbose_level(0);
+        f32_outputs want;
+        {
+            isa_cap_guard cap(cpu_isa::ref);
+            want = run_f32(w, B, x, dy, b, 2);
+        }
+        expect_close_rel(got.y, want.y, K + 1, "forward");
+        expect_close_rel(got.dx, want.dx, N, "backward_data");
+        for (const char *dir : {",forward,", ",backward_data,"}) {
+            const size_t at = out.find("qsp_verbose,jit,plan," + impl + dir);
+            ASSERT_NE(at, std::string::npos) << out;
+            const std::string line = out.substr(at, out.find('\n', at) - at);
+            EXPECT_NE(line.find(",generated,"), std::string::npos) << line;
+            for (const char *field :
+                 {"specialised:groups=", ",lengths=", ",exact=", ",code_bytes=", ",generate_ms="})
+                EXPECT_NE(line.find(field), std::string::npos) << field << " in " << line;
+            const size_t from = line.find("specialised:");
+            lines.push_back(line.substr(from, line.find(",generate_ms=") - from)); // no timing
+        }
+    }
+    // forward of layer 1 vs layer 2: different lengths, different code
+    EXPECT_NE(lines[0].find(",exact="), std::string::npos);
+    EXPECT_NE(lines[0], lines[2]);
+    EXPECT_NE(lines[1], lines[3]);
 }
 
 } // namespace qsp::test

@@ -225,7 +225,8 @@ TEST(PrimitiveApi, forced_implementation) {
                                                       quant_scheme::f32, attr);
             },
             "attr.implementation 'jit:magic' is not an implementation of this operation (known: "
-            "jit:avx512_core, jit:avx2, jit:avx512_core_vnni, dense:onednn_s8, ref:any)");
+            "jit:avx512_core:pattern, jit:avx512_core, jit:avx2:pattern, jit:avx2, "
+            "jit:avx512_core_vnni:pattern, jit:avx512_core_vnni, dense:onednn_s8, ref:any)");
 }
 
 TEST(PrimitiveApi, execute_refusals_and_verbose) {
@@ -234,17 +235,19 @@ TEST(PrimitiveApi, execute_refusals_and_verbose) {
     auto p = small_pattern(6, 5);
     sparse_linear_forward::primitive_desc pd(eng, prop_kind::forward_training, f32_desc({4, 5}), p,
                                              f32_desc({4, 6}), quant_scheme::s8);
-    // s8: the reference, or whichever of the VNNI JIT and oneDNN's int8
-    // matmul measured faster on this shape.
+    // s8: the reference, or whichever of the tier's JIT (generic or the
+    // layer's specialised code) and oneDNN's int8 matmul measured faster.
     const std::string s8_impl = pd.impl_info_str();
+    const std::string s8_jit = effective_cpu_isa() < cpu_isa::avx512_core ? "jit:avx2"
+                               : effective_cpu_isa() < cpu_isa::avx512_core_vnni
+                                       ? "jit:avx512_core"
+                                       : "jit:avx512_core_vnni";
     if (effective_cpu_isa() == cpu_isa::ref)
         EXPECT_EQ(s8_impl, "ref:any");
-    else if (effective_cpu_isa() < cpu_isa::avx512_core)
-        EXPECT_TRUE(s8_impl == "dense:onednn_s8" || s8_impl == "jit:avx2") << s8_impl;
-    else if (effective_cpu_isa() < cpu_isa::avx512_core_vnni)
-        EXPECT_TRUE(s8_impl == "dense:onednn_s8" || s8_impl == "jit:avx512_core") << s8_impl;
     else
-        EXPECT_TRUE(s8_impl == "dense:onednn_s8" || s8_impl == "jit:avx512_core_vnni") << s8_impl;
+        EXPECT_TRUE(s8_impl == "dense:onednn_s8" || s8_impl == s8_jit
+                    || s8_impl == s8_jit + ":pattern")
+                << s8_impl;
     EXPECT_FALSE(pd.workspace_desc().is_zero());
     std::vector<float> x(20, 1.f), y(24), v(static_cast<size_t>(p.nnz()), 1.f), wrong(30);
     std::vector<uint8_t> ws(pd.workspace_desc().get_size());
@@ -293,9 +296,11 @@ TEST(PrimitiveApi, execute_refusals_and_verbose) {
     EXPECT_NE(out.find("qsp_verbose,exec,sparse_linear_forward," + s8_impl + ",s8,mb4ic5oc6"),
               std::string::npos)
             << out;
-    const std::string f32_impl = effective_cpu_isa() >= cpu_isa::avx512_core ? "jit:avx512_core"
-                                 : effective_cpu_isa() == cpu_isa::avx2      ? "jit:avx2"
-                                                                             : "ref:any";
+    // the first in list order: the layer's specialised code
+    const std::string f32_impl = effective_cpu_isa() >= cpu_isa::avx512_core
+                                         ? "jit:avx512_core:pattern"
+                                 : effective_cpu_isa() == cpu_isa::avx2 ? "jit:avx2:pattern"
+                                                                        : "ref:any";
     EXPECT_NE(out.find("qsp_verbose,create,sparse_linear_forward," + f32_impl + ",f32,mb2ic5oc6"),
               std::string::npos)
             << out;

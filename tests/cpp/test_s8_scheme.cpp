@@ -88,7 +88,9 @@ struct linear_s8_run {
 };
 
 // `impl` forces one implementation for all three directions ("" = the
-// usual pick), so every implementation is held to the model.
+// usual pick), so every implementation is held to the model; a
+// pattern-specialised one ("...:pattern") runs forward and backward-data,
+// backward-weights runs its generic sibling (the SDDMM has one form).
 linear_s8_run run_linear_s8(const csr_weights &w, int64_t B, const std::vector<float> &x,
                             const std::vector<float> &b, const std::vector<float> &dy,
                             uint64_t seed, int threads, const std::string &impl = "") {
@@ -121,8 +123,10 @@ linear_s8_run run_linear_s8(const csr_weights &w, int64_t B, const std::vector<f
                          {DNNL_ARG_WEIGHTS, wrap(eng, wmd, w.values.data())},
                          {DNNL_ARG_DIFF_SRC, wrap(eng, src_md, r.dx.data())},
                          {QSP_ARG_ROUNDING_SEED, seed_memory(eng, seed_storage, seed)}});
+    primitive_attr bw_attr = attr;
+    bw_attr.implementation = generic_sibling(impl);
     sparse_linear_backward_weights::primitive_desc bw_pd(eng, src_md, w.pattern, bias_md, dst_md,
-                                                         fwd, attr);
+                                                         fwd, bw_attr);
     r.bwd_weights_impl = bw_pd.impl_info_str();
     sparse_linear_backward_weights(bw_pd).execute(
             s, {{DNNL_ARG_WORKSPACE, wrap(eng, fwd.workspace_desc(), r.workspace.data())},
@@ -181,9 +185,11 @@ TEST_P(SparseLinearS8, matches_exact_integer_model) {
             // Every implementation an s8 Linear has at this tier.
             std::vector<std::string> impls = {"", "ref:any"};
             if (isa >= cpu_isa::avx2) {
-                impls.push_back(isa == cpu_isa::avx512_core_vnni ? "jit:avx512_core_vnni"
-                                : isa == cpu_isa::avx512_core    ? "jit:avx512_core"
-                                                                 : "jit:avx2");
+                const std::string jit = isa == cpu_isa::avx512_core_vnni ? "jit:avx512_core_vnni"
+                                        : isa == cpu_isa::avx512_core    ? "jit:avx512_core"
+                                                                         : "jit:avx2";
+                impls.push_back(jit);
+                impls.push_back(jit + ":pattern");
                 if (onednn_has_vnni()) impls.push_back("dense:onednn_s8");
             }
             for (const std::string &impl : impls) {
@@ -193,7 +199,7 @@ TEST_P(SparseLinearS8, matches_exact_integer_model) {
                 auto run = run_linear_s8(w, B, x, b, dy, seed, 3, impl);
                 if (impl.empty() && isa >= cpu_isa::avx2)
                     EXPECT_EQ(run.bwd_weights_impl, impls[2]) << "first in list order";
-                if (!impl.empty()) EXPECT_EQ(run.bwd_weights_impl, impl);
+                if (!impl.empty()) EXPECT_EQ(run.bwd_weights_impl, generic_sibling(impl));
 
                 const auto xq = model_rne(x);
                 const auto wq = model_weight_quant(w.pattern, w.values);

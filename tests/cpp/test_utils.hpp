@@ -85,6 +85,16 @@ inline std::vector<cpu_isa> isa_levels() {
     return out;
 }
 
+// "jit:<isa>:pattern" -> "jit:<isa>": backward-weights (the SDDMM) has no
+// pattern-specialised form; other names stay.
+inline std::string generic_sibling(const std::string &impl) {
+    const std::string suffix = ":pattern";
+    if (impl.size() > suffix.size()
+        && impl.compare(impl.size() - suffix.size(), suffix.size(), suffix) == 0)
+        return impl.substr(0, impl.size() - suffix.size());
+    return impl;
+}
+
 struct isa_cap_guard {
     explicit isa_cap_guard(cpu_isa isa) { set_max_cpu_isa(isa); }
     ~isa_cap_guard() { set_max_cpu_isa(cpu_isa::avx512_core_vnni); }

@@ -1,0 +1,131 @@
+// The multiply-adds of one SpMM entry in the tile layout (tile_abi.hpp) and
+// the register plan around them, shared by the generic SpMM kernel
+// (jit_uni_spmm_kernel.hpp) and the code specialised to one layer's pattern
+// (jit_uni_spmm_pattern_kernel.hpp): both emit the same arithmetic, so
+// both give the same sums (f32: the same order of additions per row).
+#pragma once
+
+#include <type_traits>
+
+#include <xbyak/xbyak.h>
+
+#include "jit/jit_int8_dot.hpp"
+#include "jit/jit_sparse_kernel.hpp"
+
+namespace qsp::jit {
+
+template <cpu_isa isa> class spmm_entry_emitter {
+public:
+    static constexpr bool avx512 = isa != cpu_isa::avx2;
+    using Vmm = typename std::conditional<avx512, Xbyak::Zmm, Xbyak::Ymm>::type;
+    static constexpr int vlen = avx512 ? 64 : 32;
+
+    spmm_entry_emitter(Xbyak::CodeGenerator &g, const sparse_kernel_params &p)
+        : g_(g), nv_(p.n_vec), s8_(p.dtype == sparse_dtype::s8),
+          native_dot_(s8_ && (isa == cpu_isa::avx512_core_vnni || p.avx_vnni)),
+          // Entries per step, and accumulator sets alternating between
+          // consecutive entries so that the multiply-add latency (4 cycles)
+          // does not serialise a row. AVX2 has 16 registers: one set of up to
+          // 8 accumulators already hides the latency, and the emulated s8
+          // dot products need the rest, so that kernel takes one entry per step.
+          unroll_((!avx512 && s8_) ? 1 : 4), sets_(avx512 ? 2 : 1) {}
+
+    int unroll() const { return unroll_; }
+    int sets() const { return sets_; }
+    bool needs_constants() const { return s8_ && !native_dot_; }
+
+    // avx512: 0..7 accumulators, 8..11 f32 broadcasts, 12..19 s8 sources,
+    //         20..23 s8 weights, 24..29 nibbles, constants, products.
+    // avx2:   0..7 accumulators, 8..11 f32 broadcasts; s8: 8 source,
+    //         9 weights, 10..15 nibbles, constants, products.
+    Vmm acc(int u, int v) const { return Vmm((u % sets_) * nv_ + v); }
+
+    // Entry u of a step: its weight (f32, or the s8 quad dword) at w, its
+    // source row at src + off; the sums go to accumulator set u % sets().
+    void entry(int u, const Xbyak::RegExp &w, const Xbyak::Reg64 &src,
+               const Xbyak::Reg64 &off) const {
+        auto &g = g_;
+        if (!s8_) {
+            g.vbroadcastss(bcast(u), g.dword[w]);
+            for (int v = 0; v < nv_; ++v)
+                g.vfmadd231ps(acc(u, v), bcast(u), g.ptr[src + off + v * vlen]);
+            return;
+        }
+        if (avx512 && native_dot_) {
+            for (int v = 0; v < nv_; ++v) {
+                g.vmovups(src_reg(u, v), g.ptr[src + off + v * vlen]);
+                g.vpdpbusd(acc(u, v), src_reg(u, v), g.ptr_b[w]);
+            }
+            return;
+        }
+        g.vpbroadcastd(w_reg(u), g.dword[w]);
+        for (int v = 0; v < nv_; ++v) {
+            g.vmovups(src_reg(u, v), g.ptr[src + off + v * vlen]);
+            if (native_dot_) {
+                g.vpdpbusd(acc(u, v), src_reg(u, v), w_reg(u), Xbyak::VexEncoding);
+            } else {
+                emit_split_nibbles(g, src_reg(u, v), x_lo(), x_hi(), nibble_mask());
+                emit_dot_u8s8_nibbles(g, acc(u, v), x_lo(), x_hi(), w_reg(u), ones16(), t_lo(),
+                                      t_hi(), true);
+            }
+        }
+    }
+
+    // Accumulator sets [first_set, sets()) to zero.
+    void zero_sums(int first_set) const {
+        for (int s = first_set; s < sets_; ++s)
+            for (int v = 0; v < nv_; ++v)
+                zero(acc(s, v));
+    }
+    // Set 0 from a destination row's stored partial sums.
+    void load_sums(const Xbyak::RegExp &row) const {
+        for (int v = 0; v < nv_; ++v)
+            g_.vmovups(acc(0, v), g_.ptr[row + v * vlen]);
+    }
+    // The sets added up and stored to a destination row.
+    void store_sums(const Xbyak::RegExp &row) const {
+        for (int v = 0; v < nv_; ++v) {
+            if (sets_ > 1) {
+                if (s8_)
+                    g_.vpaddd(acc(0, v), acc(0, v), acc(1, v));
+                else
+                    g_.vaddps(acc(0, v), acc(0, v), acc(1, v));
+            }
+            g_.vmovups(g_.ptr[row + v * vlen], acc(0, v));
+        }
+    }
+
+    // The emulated s8 dot products' constants: load them at entry, emit
+    // their table after the code.
+    void load_constants(const Xbyak::Label &table) const {
+        if (needs_constants()) emit_int8_dot_constants(g_, ones16(), nibble_mask(), table);
+    }
+    void emit_constant_table(Xbyak::Label &table) const {
+        if (needs_constants()) emit_int8_dot_constant_table(g_, table);
+    }
+
+private:
+    void zero(const Vmm &v) const {
+        const Xbyak::Xmm x(v.getIdx()); // VEX: zeroes the upper bits too
+        if (s8_)
+            g_.vpxor(x, x, x);
+        else
+            g_.vxorps(x, x, x);
+    }
+    static Vmm bcast(int u) { return Vmm(8 + u); }
+    static Vmm src_reg(int u, int v) { return avx512 ? Vmm(12 + (u % 2) * 4 + v) : Vmm(8); }
+    static Vmm w_reg(int u) { return avx512 ? Vmm(20 + u) : Vmm(9); }
+    static Vmm x_lo() { return Vmm(avx512 ? 24 : 10); }
+    static Vmm x_hi() { return Vmm(avx512 ? 25 : 11); }
+    static Vmm ones16() { return Vmm(avx512 ? 26 : 14); }
+    static Vmm nibble_mask() { return Vmm(avx512 ? 27 : 15); }
+    static Vmm t_lo() { return Vmm(avx512 ? 28 : 12); }
+    static Vmm t_hi() { return Vmm(avx512 ? 29 : 13); }
+
+    Xbyak::CodeGenerator &g_;
+    int nv_;
+    bool s8_, native_dot_;
+    int unroll_, sets_;
+};
+
+} // namespace qsp::jit

@@ -1,0 +1,237 @@
+#include "jit/jit_uni_spmm_pattern_kernel.hpp"
+
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+
+#include "jit/jit_spmm_entry.hpp"
+
+namespace qsp::jit {
+
+using namespace Xbyak;
+
+namespace {
+
+// Upper bounds of the bytes of code, for the buffer and the budget: an
+// entry is an offset load, a weight load and per vector one or two
+// instructions of at most 11 bytes (the emulated s8 dot product: ~12).
+size_t entry_code_bytes(const sparse_kernel_params &p) {
+    const bool s8 = p.dtype == sparse_dtype::s8;
+    const bool native = p.isa == cpu_isa::avx512_core_vnni || p.avx_vnni;
+    return 24 + static_cast<size_t>(p.n_vec) * (!s8 ? 12 : native ? 24 : 96);
+}
+size_t body_code_bytes(const sparse_kernel_params &p) {
+    return 64 + static_cast<size_t>(p.n_vec) * 40; // sums in and out, the row loop
+}
+constexpr size_t fixed_code_bytes = 4096; // driver, looped body, tables
+
+void check_params(const sparse_kernel_params &p, const spmm_pattern_shape &shape) {
+    const int max_vec = tile_batch / vector_lanes(p.isa);
+    if (p.isa == cpu_isa::ref)
+        throw std::invalid_argument("jit spmm pattern: the reference tier has no generated code");
+    if (p.n_vec < 1 || p.n_vec > max_vec)
+        throw std::invalid_argument("jit spmm pattern: n_vec must be in [1, "
+                                    + std::to_string(max_vec) + "], got "
+                                    + std::to_string(p.n_vec));
+    for (size_t k = 0; k < shape.lengths.size(); ++k)
+        if (shape.lengths[k] < 1 || (k > 0 && shape.lengths[k] <= shape.lengths[k - 1]))
+            throw std::invalid_argument(
+                    "jit spmm pattern: lengths must be distinct, ascending and >= 1");
+}
+
+size_t code_bytes(const sparse_kernel_params &p, const std::vector<int64_t> &exact) {
+    size_t bytes = fixed_code_bytes;
+    for (int64_t l : exact)
+        bytes += body_code_bytes(p) + static_cast<size_t>(l) * entry_code_bytes(p);
+    return bytes + (exact.empty() ? 0 : 8 * static_cast<size_t>(exact.back() + 2)); // table
+}
+
+} // namespace
+
+std::vector<int64_t> exact_body_lengths(const sparse_kernel_params &params,
+                                        const spmm_pattern_shape &shape) {
+    std::vector<int64_t> exact;
+    for (int64_t l : shape.lengths) {
+        exact.push_back(l);
+        if (code_bytes(params, exact) > shape.code_budget) {
+            exact.pop_back();
+            break;
+        }
+    }
+    return exact;
+}
+
+template <cpu_isa isa>
+jit_uni_spmm_pattern_kernel_t<isa>::jit_uni_spmm_pattern_kernel_t(
+        const sparse_kernel_params &params, const spmm_pattern_shape &shape)
+    : jit_spmm_pattern_kernel(
+            "spmm_pattern", params,
+            (check_params(params, shape), code_bytes(params, exact_body_lengths(params, shape)))),
+      exact_(exact_body_lengths(params, shape)) {
+    finish();
+}
+
+template <cpu_isa isa> void jit_uni_spmm_pattern_kernel_t<isa>::generate() {
+    const spmm_entry_emitter<isa> em(*this, params_);
+    const int unroll = em.unroll();
+    const int64_t max_exact = exact_.empty() ? 0 : exact_.back();
+
+    const Reg64 values = r8, offsets = r9, sched = r10, bucket = r11, bucket_end = r12, src = r13,
+                dst = r14, first = r15, len = rax, count = rcx, tmp = rdx, e = rsi, dst_off = rdi;
+    const Reg64 off[2] = {rbx, rbp};
+    using cp = spmm_schedule_call_params;
+
+    Label constants, table, bucket_loop, has_body, done, looped;
+    std::vector<Label> body(exact_.size());
+
+    // The driver: per bucket, its length picks the body (a call through the
+    // table: one indirect branch per bucket instead of a loop exit per row).
+    preamble();
+    mov(tmp, rdi);
+    mov(values, qword[tmp + offsetof(cp, values)]);
+    mov(offsets, qword[tmp + offsetof(cp, src_offsets)]);
+    mov(sched, qword[tmp + offsetof(cp, rows)]);
+    mov(bucket, qword[tmp + offsetof(cp, buckets)]);
+    mov(bucket_end, qword[tmp + offsetof(cp, n_buckets)]);
+    lea(bucket_end, ptr[bucket + bucket_end * 8]);
+    mov(first, qword[tmp + offsetof(cp, first_group)]);
+    mov(src, qword[tmp + offsetof(cp, src_tile)]);
+    mov(dst, qword[tmp + offsetof(cp, dst_tile)]);
+    em.load_constants(constants);
+
+    L(bucket_loop);
+    cmp(bucket, bucket_end);
+    jae(done, T_NEAR);
+    movsxd(len, dword[bucket]);
+    mov(ecx, dword[bucket + 4]); // count; zero-extends
+    add(bucket, 8);
+    mov(tmp, len);
+    cmp(tmp, max_exact);
+    jbe(has_body, T_NEAR);
+    mov(tmp, max_exact + 1);
+    L(has_body);
+    lea(dst_off, ptr[rip + table]);
+    call(qword[dst_off + tmp * 8]);
+    jmp(bucket_loop, T_NEAR);
+    L(done);
+    postamble();
+
+    // One scheduled row: its sums start at zero (first group) or from dst.
+    auto row_begin = [&] {
+        movsxd(e, dword[sched]);
+        movsxd(dst_off, dword[sched + 4]);
+        Label load, ready;
+        em.zero_sums(1);
+        test(first, first);
+        jz(load, T_NEAR);
+        em.zero_sums(0);
+        // The first group writes rows in schedule order, not memory order:
+        // the hardware prefetchers cannot see the next row coming, so ask
+        // for it a few rows ahead (owned: it will be written; AVX2-era CPUs
+        // without PREFETCHW get a read prefetch). Later groups find the rows
+        // in cache where the first left them.
+        movsxd(tmp, dword[sched + spmm_schedule_prefetch_rows * 8 + 4]);
+        for (int v = 0; v < params_.n_vec * em.vlen; v += 64) {
+            if (em.avx512)
+                prefetchw(ptr[dst + tmp + v]);
+            else
+                prefetcht0(ptr[dst + tmp + v]);
+        }
+        jmp(ready, T_NEAR);
+        L(load);
+        em.load_sums(dst + dst_off);
+        L(ready);
+    };
+    auto row_end = [&](const Label &row_loop) {
+        em.store_sums(dst + dst_off);
+        add(sched, 8);
+        dec(count);
+        jnz(row_loop, T_NEAR);
+        ret();
+    };
+
+    // Exact bodies: entries alternate accumulator sets in steps of
+    // `unroll`, the remainder goes to set 0, as in the generic kernel.
+    for (size_t b = 0; b < exact_.size(); ++b) {
+        const int64_t length = exact_[b];
+        const int64_t stepped = length / unroll * unroll;
+        Label row_loop;
+        L(body[b]);
+        L(row_loop);
+        row_begin();
+        for (int64_t u = 0; u < length; ++u) {
+            const Reg64 &o = off[u % 2];
+            movsxd(o, dword[offsets + e * 4 + static_cast<int>(u * 4)]);
+            em.entry(u < stepped ? static_cast<int>(u % unroll) : 0,
+                     values + e * 4 + static_cast<int>(u * 4), src, o);
+        }
+        row_end(row_loop);
+    }
+
+    // Longer segments (and length 0 when no body has it): the generic
+    // loop, the length in `len`.
+    {
+        Label row_loop, step_loop, single_loop, store;
+        L(looped);
+        L(row_loop);
+        row_begin();
+        lea(tmp, ptr[e + len]); // end
+        if (unroll > 1) {
+            L(step_loop);
+            lea(off[0], ptr[e + unroll]);
+            cmp(off[0], tmp);
+            jg(single_loop, T_NEAR);
+            for (int u = 0; u < unroll; ++u) {
+                movsxd(off[u % 2], dword[offsets + e * 4 + u * 4]);
+                em.entry(u, values + e * 4 + u * 4, src, off[u % 2]);
+            }
+            add(e, unroll);
+            jmp(step_loop, T_NEAR);
+        }
+        L(single_loop);
+        cmp(e, tmp);
+        jge(store, T_NEAR);
+        movsxd(off[0], dword[offsets + e * 4]);
+        em.entry(0, values + e * 4, src, off[0]);
+        inc(e);
+        jmp(single_loop, T_NEAR);
+        L(store);
+        row_end(row_loop);
+    }
+
+    // Table: entry l is the body of length l, or the looped one.
+    align(8);
+    L(table);
+    size_t next = 0;
+    for (int64_t l = 0; l <= max_exact + 1; ++l) {
+        if (next < exact_.size() && exact_[next] == l)
+            putL(body[next++]);
+        else
+            putL(looped);
+    }
+    em.emit_constant_table(constants);
+}
+
+template class jit_uni_spmm_pattern_kernel_t<cpu_isa::avx2>;
+template class jit_uni_spmm_pattern_kernel_t<cpu_isa::avx512_core>;
+template class jit_uni_spmm_pattern_kernel_t<cpu_isa::avx512_core_vnni>;
+
+std::shared_ptr<const jit_spmm_pattern_kernel>
+spmm_pattern_kernel(const sparse_kernel_params &params, const spmm_pattern_shape &shape) {
+    switch (params.isa) {
+        case cpu_isa::avx2:
+            return std::make_shared<const jit_uni_spmm_pattern_kernel_t<cpu_isa::avx2>>(params,
+                                                                                        shape);
+        case cpu_isa::avx512_core:
+            return std::make_shared<const jit_uni_spmm_pattern_kernel_t<cpu_isa::avx512_core>>(
+                    params, shape);
+        case cpu_isa::avx512_core_vnni:
+            return std::make_shared<const jit_uni_spmm_pattern_kernel_t<cpu_isa::avx512_core_vnni>>(
+                    params, shape);
+        case cpu_isa::ref:
+            break;
+    }
+    throw std::invalid_argument("jit spmm pattern: the reference tier has no generated code");
+}
+
+} // namespace qsp::jit

@@ -1,0 +1,212 @@
+// The SpMM code specialised to a layer's pattern, below the primitives: the
+// schedule (every item once, rows sorted by length, empty rows only where
+// they must be zeroed) and the generated code against a scalar model, with
+// exact and looped bodies (a small code budget), one and two source groups,
+// every vector count, f32 and s8, on every tier the machine has.
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "jit/jit_uni_spmm_pattern_kernel.hpp"
+#include "primitives/sparse_jit/spmm_runner.hpp"
+#include "qsparseprop/runtime.hpp"
+
+namespace qsp::test {
+
+namespace {
+
+using detail::source_groups;
+using detail::spmm_schedule;
+
+// rows with random lengths in [0, max_len] (some empty, some long), each
+// split at a random point into `n_groups` (1 or 2) segments.
+source_groups random_groups(int64_t rows, int64_t max_len, int64_t n_groups, std::mt19937 &rng) {
+    source_groups g;
+    g.n = n_groups;
+    int64_t item = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+        const int64_t len = r % 7 == 3 ? 0 : int64_t(rng() % (max_len + 1));
+        g.ptr.push_back(item);
+        if (n_groups == 2) g.ptr.push_back(item + int64_t(rng() % (len + 1)));
+        item += len;
+        g.ptr.push_back(item);
+    }
+    return g;
+}
+
+std::vector<cpu_isa> jit_tiers() {
+    std::vector<cpu_isa> out;
+    for (cpu_isa isa : {cpu_isa::avx2, cpu_isa::avx512_core, cpu_isa::avx512_core_vnni})
+        if (detected_cpu_isa() >= isa) out.push_back(isa);
+    return out;
+}
+
+} // namespace
+
+TEST(SpmmSchedule, every_item_once_sorted_by_length) {
+    std::mt19937 rng(3);
+    for (int64_t n_groups : {1, 2}) {
+        const source_groups g = random_groups(50, 30, n_groups, rng);
+        const std::vector<int64_t> bounds{0, 17, 50};
+        const spmm_schedule s(bounds, g, 256);
+        const int64_t items = g.ptr.back();
+        std::vector<int64_t> order = s.order;
+        std::sort(order.begin(), order.end());
+        ASSERT_EQ(static_cast<int64_t>(order.size()), items);
+        for (int64_t i = 0; i < items; ++i)
+            ASSERT_EQ(order[i], i);
+        for (int part = 0; part < 2; ++part)
+            for (int64_t grp = 0; grp < n_groups; ++grp) {
+                const int64_t k = part * n_groups + grp;
+                int64_t row = s.row_at[k], last_len = -1;
+                for (int64_t b = s.bucket_at[k]; b < s.bucket_at[k + 1]; ++b) {
+                    const int64_t len = s.buckets[2 * b], count = s.buckets[2 * b + 1];
+                    EXPECT_GT(len, last_len) << "buckets ascend by length";
+                    EXPECT_TRUE(len > 0 || grp == 0) << "empty segments only in the first group";
+                    last_len = len;
+                    for (int64_t c = 0; c < count; ++c, ++row) {
+                        const int64_t r = s.rows[2 * row + 1] / 256;
+                        EXPECT_GE(r, bounds[part]);
+                        EXPECT_LT(r, bounds[part + 1]);
+                        const int64_t begin = g.ptr[r * (n_groups + 1) + grp];
+                        EXPECT_EQ(g.ptr[r * (n_groups + 1) + grp + 1] - begin, len);
+                        for (int64_t i = 0; i < len; ++i)
+                            EXPECT_EQ(s.order[s.rows[2 * row] + i], begin + i);
+                    }
+                }
+                EXPECT_EQ(row, s.row_at[k + 1]);
+                if (grp == 0) EXPECT_EQ(row - s.row_at[k], bounds[part + 1] - bounds[part]);
+            }
+        for (int64_t l : s.lengths)
+            EXPECT_GT(l, 0);
+        EXPECT_TRUE(std::is_sorted(s.lengths.begin(), s.lengths.end()));
+    }
+}
+
+class SpmmPatternKernel
+    : public ::testing::TestWithParam<std::tuple<jit::sparse_dtype, int64_t, size_t>> {};
+
+TEST_P(SpmmPatternKernel, matches_the_scalar_model_on_every_tier) {
+    const auto [dtype, n_groups, budget] = GetParam();
+    const bool s8 = dtype == jit::sparse_dtype::s8;
+    std::mt19937 rng(static_cast<unsigned>(n_groups * 100 + budget));
+    const int64_t rows = 41, channels = 29, tb = jit::tile_batch;
+    const source_groups g = random_groups(rows, 45, n_groups, rng);
+    const int64_t items = g.ptr.back();
+    const spmm_schedule s({0, rows}, g, jit::tile_row_bytes);
+    // plan-order items: a source channel and a value each
+    std::vector<int32_t> channel(static_cast<size_t>(items));
+    std::vector<uint32_t> word(static_cast<size_t>(items)); // f32 bits or the s8 quad
+    std::uniform_real_distribution<float> u(-1.f, 1.f);
+    for (int64_t i = 0; i < items; ++i) {
+        channel[i] = static_cast<int32_t>(rng() % channels);
+        if (s8) {
+            word[i] = static_cast<uint32_t>(rng());
+        } else {
+            const float v = u(rng);
+            std::memcpy(&word[i], &v, 4);
+        }
+    }
+    // in schedule order, as the plans store them
+    std::vector<int32_t> offsets(static_cast<size_t>(items));
+    std::vector<uint32_t> values(static_cast<size_t>(items));
+    for (int64_t slot = 0; slot < items; ++slot) {
+        offsets[slot] = channel[s.order[slot]] * jit::tile_row_bytes;
+        values[slot] = word[s.order[slot]];
+    }
+    std::vector<uint8_t> src(static_cast<size_t>(channels * jit::tile_row_bytes));
+    for (int64_t c = 0; c < channels * tb; ++c) {
+        if (s8) {
+            for (int k = 0; k < 4; ++k)
+                src[4 * c + k] = static_cast<uint8_t>(rng());
+        } else {
+            const float v = u(rng);
+            std::memcpy(&src[4 * c], &v, 4);
+        }
+    }
+    jit::spmm_pattern_shape shape;
+    shape.lengths = s.lengths;
+    shape.code_budget = budget;
+    for (cpu_isa isa : jit_tiers()) {
+        const int lanes = jit::vector_lanes(isa);
+        for (int nv = 1; nv <= tb / lanes; ++nv) {
+            SCOPED_TRACE(std::string(to_string(isa)) + " n_vec=" + std::to_string(nv));
+            const auto params = jit::make_sparse_kernel_params(isa, dtype, nv);
+            const auto code = jit::spmm_pattern_kernel(params, shape);
+            const auto exact = jit::exact_body_lengths(params, shape);
+            if (budget < 16384)
+                EXPECT_LT(exact.size(), s.lengths.size()) << "the budget must leave looped rows";
+            else
+                EXPECT_EQ(exact, s.lengths);
+            std::vector<uint32_t> dst(static_cast<size_t>(rows * tb), 0xdeadbeef);
+            for (int64_t grp = 0; grp < n_groups; ++grp) {
+                jit::spmm_schedule_call_params c{values.data(),
+                                                 offsets.data(),
+                                                 s.rows.data() + 2 * s.row_at[grp],
+                                                 s.buckets.data() + 2 * s.bucket_at[grp],
+                                                 s.bucket_at[grp + 1] - s.bucket_at[grp],
+                                                 grp == 0 ? 1 : 0,
+                                                 src.data(),
+                                                 dst.data()};
+                (*code)(c);
+            }
+            int bad = 0;
+            for (int64_t r = 0; r < rows; ++r)
+                for (int64_t j = 0; j < nv * lanes; ++j) {
+                    int64_t want_i = 0;
+                    double want_f = 0, mag = 0;
+                    for (int64_t i = g.ptr[r * (n_groups + 1)];
+                         i < g.ptr[(r + 1) * (n_groups + 1) - 1]; ++i) {
+                        if (s8) {
+                            for (int k = 0; k < 4; ++k)
+                                want_i += int64_t(src[(channel[i] * tb + j) * 4 + k])
+                                          * int8_t(word[i] >> (8 * k));
+                        } else {
+                            float w, x;
+                            std::memcpy(&w, &word[i], 4);
+                            std::memcpy(&x, &src[(channel[i] * tb + j) * 4], 4);
+                            want_f += double(w) * x;
+                            mag += std::fabs(double(w) * x);
+                        }
+                    }
+                    const uint32_t got = dst[r * tb + j];
+                    if (s8) {
+                        if (int32_t(got) != want_i && bad++ < 5)
+                            ADD_FAILURE() << "row " << r << " lane " << j << ": " << int32_t(got)
+                                          << " vs " << want_i;
+                    } else {
+                        float f;
+                        std::memcpy(&f, &got, 4);
+                        if (!(std::fabs(f - want_f) <= 1e-5 * mag + 1e-7) && bad++ < 5)
+                            ADD_FAILURE() << "row " << r << " lane " << j << ": " << f << " vs "
+                                          << want_f;
+                    }
+                }
+        }
+    }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+        dtype_x_groups_x_budget, SpmmPatternKernel,
+        ::testing::Combine(::testing::Values(jit::sparse_dtype::f32, jit::sparse_dtype::s8),
+                           ::testing::Values(int64_t(1), int64_t(2)),
+                           // small: a few exact bodies, the rest looped; large: all exact
+                           ::testing::Values(size_t(8192), size_t(1) << 20)));
+
+TEST(SpmmPatternKernel, refuses_bad_lengths) {
+    if (detected_cpu_isa() < cpu_isa::avx2) return;
+    const auto params = jit::make_sparse_kernel_params(cpu_isa::avx2, jit::sparse_dtype::f32, 1);
+    jit::spmm_pattern_shape shape;
+    shape.lengths = {3, 3};
+    EXPECT_THROW(jit::spmm_pattern_kernel(params, shape), std::invalid_argument);
+    shape.lengths = {0, 2};
+    EXPECT_THROW(jit::spmm_pattern_kernel(params, shape), std::invalid_argument);
+    shape.lengths = {2, 5};
+    EXPECT_NO_THROW(jit::spmm_pattern_kernel(params, shape));
+}
+
+} // namespace qsp::test
