@@ -75,9 +75,13 @@ template <cpu_isa isa> void jit_uni_spmm_pattern_kernel_t<isa>::generate() {
     const spmm_entry_emitter<isa> em(*this, params_);
     const int unroll = em.unroll();
     const int64_t max_exact = exact_.empty() ? 0 : exact_.back();
+    constexpr int record = spmm_schedule_record_ints * 4;       // bytes per scheduled row
+    constexpr int ahead = spmm_schedule_prefetch_rows * record; // the row prefetched for
 
+    // e: the row's first slot (offsets), v: its first value; the first-group
+    // flag lives in the frame (read once per row, a predicted branch).
     const Reg64 values = r8, offsets = r9, sched = r10, bucket = r11, bucket_end = r12, src = r13,
-                dst = r14, first = r15, len = rax, count = rcx, tmp = rdx, e = rsi, dst_off = rdi;
+                dst = r14, v = r15, len = rax, count = rcx, tmp = rdx, e = rsi, dst_off = rdi;
     const Reg64 off[2] = {rbx, rbp};
     using cp = spmm_schedule_call_params;
 
@@ -87,6 +91,7 @@ template <cpu_isa isa> void jit_uni_spmm_pattern_kernel_t<isa>::generate() {
     // The driver: per bucket, its length picks the body (a call through the
     // table: one indirect branch per bucket instead of a loop exit per row).
     preamble();
+    sub(rsp, 8);
     mov(tmp, rdi);
     mov(values, qword[tmp + offsetof(cp, values)]);
     mov(offsets, qword[tmp + offsetof(cp, src_offsets)]);
@@ -94,9 +99,10 @@ template <cpu_isa isa> void jit_uni_spmm_pattern_kernel_t<isa>::generate() {
     mov(bucket, qword[tmp + offsetof(cp, buckets)]);
     mov(bucket_end, qword[tmp + offsetof(cp, n_buckets)]);
     lea(bucket_end, ptr[bucket + bucket_end * 8]);
-    mov(first, qword[tmp + offsetof(cp, first_group)]);
     mov(src, qword[tmp + offsetof(cp, src_tile)]);
     mov(dst, qword[tmp + offsetof(cp, dst_tile)]);
+    mov(e, qword[tmp + offsetof(cp, first_group)]);
+    mov(qword[rsp], e);
     em.load_constants(constants);
 
     L(bucket_loop);
@@ -114,28 +120,38 @@ template <cpu_isa isa> void jit_uni_spmm_pattern_kernel_t<isa>::generate() {
     call(qword[dst_off + tmp * 8]);
     jmp(bucket_loop, T_NEAR);
     L(done);
+    add(rsp, 8);
     postamble();
 
-    // One scheduled row: its sums start at zero (first group) or from dst.
-    auto row_begin = [&] {
+    // One scheduled row (inside a body: the call's return address sits on
+    // the flag). Its sums start at zero (first group) or from dst.
+    const Address first_group = qword[rsp + 8];
+    auto row_begin = [&](int value_lines) {
+        // Values stay in the layer's order (the caller's weights, not a
+        // copy): a row's values are contiguous, but the next row's are
+        // elsewhere, so fetch those of a row a few ahead.
+        movsxd(tmp, dword[sched + ahead + 4]);
+        for (int l = 0; l < value_lines; ++l)
+            prefetcht0(ptr[values + tmp * 4 + l * 64]);
         movsxd(e, dword[sched]);
-        movsxd(dst_off, dword[sched + 4]);
+        movsxd(v, dword[sched + 4]);
+        movsxd(dst_off, dword[sched + 8]);
         Label load, ready;
         em.zero_sums(1);
-        test(first, first);
-        jz(load, T_NEAR);
+        cmp(first_group, 0);
+        je(load, T_NEAR);
         em.zero_sums(0);
         // The first group writes rows in schedule order, not memory order:
         // the hardware prefetchers cannot see the next row coming, so ask
         // for it a few rows ahead (owned: it will be written; AVX2-era CPUs
         // without PREFETCHW get a read prefetch). Later groups find the rows
         // in cache where the first left them.
-        movsxd(tmp, dword[sched + spmm_schedule_prefetch_rows * 8 + 4]);
-        for (int v = 0; v < params_.n_vec * em.vlen; v += 64) {
+        movsxd(tmp, dword[sched + ahead + 8]);
+        for (int b = 0; b < params_.n_vec * em.vlen; b += 64) {
             if (em.avx512)
-                prefetchw(ptr[dst + tmp + v]);
+                prefetchw(ptr[dst + tmp + b]);
             else
-                prefetcht0(ptr[dst + tmp + v]);
+                prefetcht0(ptr[dst + tmp + b]);
         }
         jmp(ready, T_NEAR);
         L(load);
@@ -144,10 +160,14 @@ template <cpu_isa isa> void jit_uni_spmm_pattern_kernel_t<isa>::generate() {
     };
     auto row_end = [&](const Label &row_loop) {
         em.store_sums(dst + dst_off);
-        add(sched, 8);
+        add(sched, record);
         dec(count);
         jnz(row_loop, T_NEAR);
         ret();
+    };
+    // lines a row of `length` values may touch (it need not start on one)
+    auto lines_of = [](int64_t length) {
+        return static_cast<int>(std::min<int64_t>(4, (length * 4 + 63) / 64 + 1));
     };
 
     // Exact bodies: entries alternate accumulator sets in steps of
@@ -158,12 +178,12 @@ template <cpu_isa isa> void jit_uni_spmm_pattern_kernel_t<isa>::generate() {
         Label row_loop;
         L(body[b]);
         L(row_loop);
-        row_begin();
+        row_begin(lines_of(length));
         for (int64_t u = 0; u < length; ++u) {
             const Reg64 &o = off[u % 2];
-            movsxd(o, dword[offsets + e * 4 + static_cast<int>(u * 4)]);
-            em.entry(u < stepped ? static_cast<int>(u % unroll) : 0,
-                     values + e * 4 + static_cast<int>(u * 4), src, o);
+            const int disp = static_cast<int>(u * 4);
+            movsxd(o, dword[offsets + e * 4 + disp]);
+            em.entry(u < stepped ? static_cast<int>(u % unroll) : 0, values + v * 4 + disp, src, o);
         }
         row_end(row_loop);
     }
@@ -174,7 +194,7 @@ template <cpu_isa isa> void jit_uni_spmm_pattern_kernel_t<isa>::generate() {
         Label row_loop, step_loop, single_loop, store;
         L(looped);
         L(row_loop);
-        row_begin();
+        row_begin(lines_of(max_exact + 1));
         lea(tmp, ptr[e + len]); // end
         if (unroll > 1) {
             L(step_loop);
@@ -183,17 +203,19 @@ template <cpu_isa isa> void jit_uni_spmm_pattern_kernel_t<isa>::generate() {
             jg(single_loop, T_NEAR);
             for (int u = 0; u < unroll; ++u) {
                 movsxd(off[u % 2], dword[offsets + e * 4 + u * 4]);
-                em.entry(u, values + e * 4 + u * 4, src, off[u % 2]);
+                em.entry(u, values + v * 4 + u * 4, src, off[u % 2]);
             }
             add(e, unroll);
+            add(v, unroll);
             jmp(step_loop, T_NEAR);
         }
         L(single_loop);
         cmp(e, tmp);
         jge(store, T_NEAR);
         movsxd(off[0], dword[offsets + e * 4]);
-        em.entry(0, values + e * 4, src, off[0]);
+        em.entry(0, values + v * 4, src, off[0]);
         inc(e);
+        inc(v);
         jmp(single_loop, T_NEAR);
         L(store);
         row_end(row_loop);

@@ -60,24 +60,28 @@ struct spmm_call_params {
 // (jit_uni_spmm_pattern_kernel.hpp): the same sums as spmm_call_params for
 // the rows of one part and one source group, the rows sorted by their
 // number of entries in the group and taken in buckets of equal length, so
-// that each bucket runs a body unrolled to exactly its length. Per scheduled
-// row: {its first entry, its destination row's byte offset}; per bucket:
-// {length, rows}. Rows with no entry in a later group are not scheduled
-// (their sums stay stored); in the first group they are, and get zeros.
+// that each bucket runs a body unrolled to exactly its length. Per
+// scheduled row a record {first slot, first value, destination row's byte
+// offset, 0}: the row's source offsets are src_offsets[slot...] (stored in
+// schedule order), its values values[value...] (in the layer's order: the
+// caller's weights need no copy). Per bucket: {length, rows}. Rows with no
+// entry in a later group are not scheduled (their sums stay stored); in the
+// first group they are, and get zeros.
 struct spmm_schedule_call_params {
     const void *values;         // per entry: f32 weight, or the s8 quad dword
-    const int32_t *src_offsets; // per entry: byte offset of its source row
-    const int32_t *rows;        // 2 per scheduled row
+    const int32_t *src_offsets; // per slot: byte offset of its source row
+    const int32_t *rows;        // spmm_schedule_record_ints per scheduled row
     const int32_t *buckets;     // 2 per bucket
     int64_t n_buckets;
     int64_t first_group; // 1: the sums start at zero; 0: from the stored partial sums
     const void *src_tile;
     void *dst_tile;
 };
-// The kernel reads the destination offset of the row this many rows ahead
-// (to prefetch its sums): the rows array holds as many readable pairs past
+constexpr int spmm_schedule_record_ints = 4;
+// The kernel reads the record of the row this many rows ahead (to prefetch
+// its values and sums): the rows array holds as many readable records past
 // its end.
-constexpr int spmm_schedule_prefetch_rows = 4;
+constexpr int spmm_schedule_prefetch_rows = 8;
 
 // SDDMM (backward-weights): diff_values[e] += dot(dy_tile[r, :], x_tile[c, :])
 // for every entry e = (r, c) of rows [row_begin, row_end). Entries are

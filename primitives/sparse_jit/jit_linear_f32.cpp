@@ -49,7 +49,7 @@ public:
                         p.dir == direction::backward_data ? p.out : p.in, jit::tile_row_bytes, 4,
                         specialise ? linear_pattern_min_group_items : linear_min_group_items),
                 specialise);
-        if (!spmm_->item_order().empty()) rows_.reorder(spmm_->item_order());
+        if (!spmm_->item_order().empty()) rows_.reorder_offsets(spmm_->item_order());
     }
 
     std::string specialisation() const override {
@@ -104,10 +104,8 @@ private:
         const int nt = p_.num_threads;
         float *x = sp.get<float>(0, tiled_elems(t.batch, p_.in));
         float *y = sp.get<float>(1, tiled_elems(t.batch, p_.out));
-        // kernel order: the CSR itself, or the specialised code's schedule
-        const float *values = rows_.values(t.weights, sp.get<float>(2, p_.pattern.nnz()), nt);
         pack_tiles(t.src, t.batch, p_.in, x, nt);
-        run_spmm(t.batch, values, x, p_.in, y);
+        run_spmm(t.batch, t.weights, x, p_.in, y); // the CSR is the kernel order
         unpack_tiles(y, t.batch, p_.out, t.bias, t.dst, nt);
     }
 

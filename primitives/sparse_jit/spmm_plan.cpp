@@ -80,43 +80,31 @@ const float *entry_plan::values(const float *csr_values, float *scratch, int num
 
 namespace {
 
-// order must be a permutation of [0, n): each item once.
-void check_order(const std::vector<int64_t> &order, int64_t n) {
+// The offsets in `order` (each index once, else a planning mistake).
+std::vector<int32_t> reordered(const std::vector<int32_t> &offsets, int64_t n,
+                               const std::vector<int64_t> &order) {
     std::vector<char> seen(static_cast<size_t>(n), 0);
     if (static_cast<int64_t>(order.size()) != n)
         throw std::logic_error("sparse JIT plan: reorder needs every item once");
-    for (int64_t item : order) {
+    std::vector<int32_t> out(offsets.size(), 0); // padding past n stays zero
+    for (int64_t slot = 0; slot < n; ++slot) {
+        const int64_t item = order[slot];
         if (item < 0 || item >= n || seen[item])
             throw std::logic_error("sparse JIT plan: reorder needs every item once");
         seen[item] = 1;
+        out[slot] = offsets[item];
     }
+    return out;
 }
 
 } // namespace
 
-void entry_plan::reorder(const std::vector<int64_t> &order) {
-    const int64_t n = row_ptr.back();
-    check_order(order, n);
-    std::vector<int32_t> new_offsets(offsets.size(), 0); // the padding stays zero
-    std::vector<int64_t> new_index(static_cast<size_t>(n));
-    for (int64_t slot = 0; slot < n; ++slot) {
-        new_offsets[slot] = offsets[order[slot]];
-        new_index[slot] = value_index.empty() ? order[slot] : value_index[order[slot]];
-    }
-    offsets = std::move(new_offsets);
-    value_index = std::move(new_index);
+void entry_plan::reorder_offsets(const std::vector<int64_t> &order) {
+    offsets = reordered(offsets, row_ptr.back(), order);
 }
 
-void quad_plan::reorder(const std::vector<int64_t> &order) {
-    const int64_t n = quads();
-    check_order(order, n);
-    std::vector<int32_t> new_offsets(static_cast<size_t>(n));
-    slot_of.assign(static_cast<size_t>(n), 0);
-    for (int64_t slot = 0; slot < n; ++slot) {
-        new_offsets[slot] = offsets[order[slot]];
-        slot_of[order[slot]] = slot;
-    }
-    offsets = std::move(new_offsets);
+void quad_plan::reorder_offsets(const std::vector<int64_t> &order) {
+    offsets = reordered(offsets, quads(), order);
 }
 
 quad_plan::quad_plan(const sparse_rows &m,
@@ -147,14 +135,12 @@ void quad_plan::fill(const int8_t *wq, uint32_t *words, int32_t *correction,
                      int num_threads) const {
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
-        auto slot = [this](int64_t q) { return slot_of.empty() ? q : slot_of[q]; };
         for (int64_t q = quad_ptr[r]; q < quad_ptr[r + 1]; ++q)
-            words[slot(q)] = 0;
+            words[q] = 0;
         int32_t sum = 0;
         for (int64_t l = entry_ptr[r]; l < entry_ptr[r + 1]; ++l) {
             const int8_t v = wq[value_index[l]];
-            words[slot(quad_of[l])] |= static_cast<uint32_t>(static_cast<uint8_t>(v))
-                                       << (8 * byte_of[l]);
+            words[quad_of[l]] |= static_cast<uint32_t>(static_cast<uint8_t>(v)) << (8 * byte_of[l]);
             sum += v;
         }
         correction[r] = 128 * sum;

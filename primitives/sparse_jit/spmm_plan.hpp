@@ -50,9 +50,9 @@ struct entry_plan {
                int parts);
     // The values in kernel order (the CSR values when no permutation is needed).
     const float *values(const float *csr_values, float *scratch, int num_threads) const;
-    // Kernel entries into `order` (entry order[s] goes to slot s, each entry
-    // once): offsets and values follow, rows and bounds stay.
-    void reorder(const std::vector<int64_t> &order);
+    // Source offsets into `order` (the offset of entry order[s] goes to slot
+    // s, each entry once); values, rows and bounds keep the plan's order.
+    void reorder_offsets(const std::vector<int64_t> &order);
 };
 
 // s8 SpMM arrays over "quads": consecutive entries of a row whose keys share
@@ -68,13 +68,12 @@ struct quad_plan {
     quad_plan(const sparse_rows &m, const std::function<int64_t(int64_t, int64_t)> &quad_offset,
               int parts);
     int64_t quads() const { return static_cast<int64_t>(offsets.size()); }
-    // From this step's quantized weights: the quad dwords (in kernel order),
-    // and per row the exact term 128 * sum(w) that the kernel's +128 shift adds.
+    // From this step's quantized weights: the quad dwords, and per row the
+    // exact term 128 * sum(w) that the kernel's +128 shift adds.
     void fill(const int8_t *wq, uint32_t *words, int32_t *correction, int num_threads) const;
-    // Quads into `order` (quad order[s] goes to slot s, each quad once):
-    // offsets and the words fill() writes follow, rows and bounds stay.
-    void reorder(const std::vector<int64_t> &order);
-    std::vector<int64_t> slot_of; // per quad: its slot (empty: its own index)
+    // Source offsets into `order` (the offset of quad order[s] goes to slot
+    // s, each quad once); words, rows and bounds keep the plan's order.
+    void reorder_offsets(const std::vector<int64_t> &order);
 };
 
 // Source channels (columns of the pattern) taken in groups whose source

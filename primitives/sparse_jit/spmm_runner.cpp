@@ -58,19 +58,22 @@ spmm_schedule::spmm_schedule(const std::vector<int64_t> &bounds, const source_gr
                 const auto &rs = by_length[length];
                 if (rs.empty()) continue;
                 for (int64_t r : rs) {
+                    const int64_t first = groups.ptr[r * stride + g];
                     rows.push_back(checked_i32(static_cast<int64_t>(order.size()), "item slot"));
+                    rows.push_back(checked_i32(first, "item index"));
                     rows.push_back(checked_i32(r * dst_row_bytes, "destination offset"));
+                    rows.push_back(0);
                     for (int64_t k = 0; k < length; ++k)
-                        order.push_back(groups.ptr[r * stride + g] + k);
+                        order.push_back(first + k);
                 }
                 buckets.push_back(checked_i32(length, "segment length"));
                 buckets.push_back(checked_i32(static_cast<int64_t>(rs.size()), "bucket size"));
                 if (length > 0) seen.push_back(length);
             }
-            row_at.push_back(static_cast<int64_t>(rows.size()) / 2);
+            row_at.push_back(static_cast<int64_t>(rows.size()) / jit::spmm_schedule_record_ints);
             bucket_at.push_back(static_cast<int64_t>(buckets.size()) / 2);
         }
-    rows.resize(rows.size() + 2 * jit::spmm_schedule_prefetch_rows, 0);
+    rows.resize(rows.size() + jit::spmm_schedule_record_ints * jit::spmm_schedule_prefetch_rows, 0);
     std::sort(seen.begin(), seen.end());
     seen.erase(std::unique(seen.begin(), seen.end()), seen.end());
     lengths = std::move(seen);
@@ -156,14 +159,15 @@ void spmm_runner::run(int64_t batch, const void *values, const int32_t *offsets,
                 const auto &code = *pattern_[static_cast<size_t>(nv - 1)].code;
                 for (int64_t g = 0; g < groups_.n; ++g) {
                     const int64_t k = part * groups_.n + g;
-                    jit::spmm_schedule_call_params c{values,
-                                                     offsets,
-                                                     sc.rows.data() + 2 * sc.row_at[k],
-                                                     sc.buckets.data() + 2 * sc.bucket_at[k],
-                                                     sc.bucket_at[k + 1] - sc.bucket_at[k],
-                                                     g == 0 ? 1 : 0,
-                                                     s,
-                                                     d};
+                    jit::spmm_schedule_call_params c{
+                            values,
+                            offsets,
+                            sc.rows.data() + jit::spmm_schedule_record_ints * sc.row_at[k],
+                            sc.buckets.data() + 2 * sc.bucket_at[k],
+                            sc.bucket_at[k + 1] - sc.bucket_at[k],
+                            g == 0 ? 1 : 0,
+                            s,
+                            d};
                     code(c);
                 }
             }

@@ -21,16 +21,18 @@ namespace qsp::detail {
 
 // The rows of every (part, group) sorted by their segment length and cut
 // into buckets of equal length (jit/tile_abi.hpp, spmm_schedule_call_params).
-// The kernel reads a row's items from consecutive slots, in schedule
-// order: order[slot] is the plan's item (the plan permutes its offsets and
-// values so; read in plan order, a sorted schedule would jump through them
-// and miss the cache where the hardware prefetchers cannot follow).
+// The kernel reads a row's source offsets from consecutive slots, in
+// schedule order: order[slot] is the plan's item (the plan permutes its
+// offsets so; read in plan order, a sorted schedule would jump through them
+// where the hardware prefetchers cannot follow). Values stay in plan order
+// (the caller's weights, no copy per call): the kernel prefetches them.
 struct spmm_schedule {
-    std::vector<int32_t> rows;    // {first slot, destination byte offset} per scheduled row
+    // per scheduled row: {first slot, first item, destination byte offset, 0}
+    std::vector<int32_t> rows;
     std::vector<int64_t> order;   // per slot: the item
     std::vector<int32_t> buckets; // {length, rows} per bucket
     // per (part, group) p * n_groups + g: where its rows and buckets start
-    // (pairs), then the end
+    // (in records and pairs), then the end
     std::vector<int64_t> row_at, bucket_at;
     std::vector<int64_t> lengths; // the segment lengths that occur (>= 1), ascending
     // bounds: the parts' rows; groups.ptr: each row's items per source group.
@@ -58,9 +60,9 @@ public:
     void run(int64_t batch, const void *values, const int32_t *offsets, const uint8_t *src,
              int64_t src_tile_bytes, uint8_t *dst, int64_t dst_tile_bytes, int num_threads) const;
 
-    // The order of items the specialised code reads (spmm_schedule::order),
-    // empty for the generic kernels: the plan stores its offsets and values
-    // so before calling run().
+    // The order in which the specialised code reads source offsets
+    // (spmm_schedule::order), empty for the generic kernels: the plan stores
+    // its offsets so before calling run(); values stay in the plan's order.
     const std::vector<int64_t> &item_order() const;
 
     // What was specialised (verbose, tests): groups, exact bodies, code

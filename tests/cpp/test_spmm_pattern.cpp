@@ -69,13 +69,15 @@ TEST(SpmmSchedule, every_item_once_sorted_by_length) {
                     EXPECT_TRUE(len > 0 || grp == 0) << "empty segments only in the first group";
                     last_len = len;
                     for (int64_t c = 0; c < count; ++c, ++row) {
-                        const int64_t r = s.rows[2 * row + 1] / 256;
+                        const int32_t *rec = &s.rows[4 * row];
+                        const int64_t r = rec[2] / 256;
                         EXPECT_GE(r, bounds[part]);
                         EXPECT_LT(r, bounds[part + 1]);
                         const int64_t begin = g.ptr[r * (n_groups + 1) + grp];
                         EXPECT_EQ(g.ptr[r * (n_groups + 1) + grp + 1] - begin, len);
+                        EXPECT_EQ(rec[1], begin) << "the row's first value";
                         for (int64_t i = 0; i < len; ++i)
-                            EXPECT_EQ(s.order[s.rows[2 * row] + i], begin + i);
+                            EXPECT_EQ(s.order[rec[0] + i], begin + i) << "its offsets' slots";
                     }
                 }
                 EXPECT_EQ(row, s.row_at[k + 1]);
@@ -111,13 +113,11 @@ TEST_P(SpmmPatternKernel, matches_the_scalar_model_on_every_tier) {
             std::memcpy(&word[i], &v, 4);
         }
     }
-    // in schedule order, as the plans store them
+    // offsets in schedule order, as the plans store them; values as they are
     std::vector<int32_t> offsets(static_cast<size_t>(items));
-    std::vector<uint32_t> values(static_cast<size_t>(items));
-    for (int64_t slot = 0; slot < items; ++slot) {
+    for (int64_t slot = 0; slot < items; ++slot)
         offsets[slot] = channel[s.order[slot]] * jit::tile_row_bytes;
-        values[slot] = word[s.order[slot]];
-    }
+    const std::vector<uint32_t> &values = word;
     std::vector<uint8_t> src(static_cast<size_t>(channels * jit::tile_row_bytes));
     for (int64_t c = 0; c < channels * tb; ++c) {
         if (s8) {
@@ -146,7 +146,7 @@ TEST_P(SpmmPatternKernel, matches_the_scalar_model_on_every_tier) {
             for (int64_t grp = 0; grp < n_groups; ++grp) {
                 jit::spmm_schedule_call_params c{values.data(),
                                                  offsets.data(),
-                                                 s.rows.data() + 2 * s.row_at[grp],
+                                                 s.rows.data() + 4 * s.row_at[grp],
                                                  s.buckets.data() + 2 * s.bucket_at[grp],
                                                  s.bucket_at[grp + 1] - s.bucket_at[grp],
                                                  grp == 0 ? 1 : 0,
