@@ -48,7 +48,8 @@ def main() -> None:
         r = t[generic] / t[pattern[0]]
         ratios.append(r)
         sp = 1 - float(density)
-        print(f"{SHAPES.get(shape, shape):<6} {sp:5.2f} {direction:<15} {t[generic]:11.3f} {t[pattern[0]]:11.3f} {r:6.2f}  {scheme}")
+        name = SHAPES.get(shape, shape)
+        print(f"{name:<6} {sp:5.2f} {direction:<15} {t[generic]:11.3f} {t[pattern[0]]:11.3f} {r:6.2f}  {scheme}")
     if ratios:
         ratios.sort()
         print(f"generic / pattern: median {ratios[len(ratios) // 2]:.2f}, range {ratios[0]:.2f}-{ratios[-1]:.2f}")

@@ -100,9 +100,10 @@ int main(int argc, char **argv) {
     const quant_scheme scheme = scheme_name == "s8" ? quant_scheme::s8 : quant_scheme::f32;
     const cpu_isa isa = effective_cpu_isa();
     if (impls.empty()) {
-        if (isa == cpu_isa::ref) return usage("this CPU runs the reference only: nothing to compare");
+        if (isa == cpu_isa::ref)
+            return usage("this CPU runs the reference only: nothing to compare");
         const std::string jit = std::string("jit:")
-                                + (isa == cpu_isa::avx2                       ? "avx2"
+                                + (isa == cpu_isa::avx2 ? "avx2"
                                    : scheme == quant_scheme::f32 || isa == cpu_isa::avx512_core
                                            ? "avx512_core"
                                            : "avx512_core_vnni");
@@ -110,8 +111,8 @@ int main(int argc, char **argv) {
     }
     std::printf("qsp_linear_kernel_ab: isa=%s scheme=%s threads=2 rounds=%d flush=%d\n",
                 to_string(isa), scheme_name.c_str(), rounds, int(flush));
-    std::printf("%-5s %5s %-32s %10s %10s %10s %10s\n", "shape", "sp", "implementation",
-                "fwd kern", "fwd total", "bd kern", "bd total");
+    std::printf("%-5s %5s %-32s %10s %10s %10s %10s\n", "shape", "sp", "implementation", "fwd kern",
+                "fwd total", "bd kern", "bd total");
     dnnl::engine eng(dnnl::engine::kind::cpu, 0);
     dnnl::stream strm(eng);
     set_profiling(true);
@@ -151,9 +152,14 @@ int main(int argc, char **argv) {
                                                             scheme, attr);
                     sparse_linear_backward_data::primitive_desc b(eng, f32({B, K}), pattern,
                                                                   f32({B, N}), f, attr);
-                    runs.push_back({f, sparse_linear_forward(f), sparse_linear_backward_data(b),
+                    runs.push_back({f,
+                                    sparse_linear_forward(f),
+                                    sparse_linear_backward_data(b),
                                     std::vector<uint8_t>(f.workspace_desc().get_size()),
-                                    {}, {}, {}, {}});
+                                    {},
+                                    {},
+                                    {},
+                                    {}});
                 } catch (const std::exception &e) {
                     std::fprintf(stderr, "%s: %s\n", impl.c_str(), e.what());
                     return 1;
@@ -174,10 +180,10 @@ int main(int argc, char **argv) {
                                   dnnl::memory(r.fwd_pd.weights_desc(), eng, values.data())},
                                  {DNNL_ARG_DIFF_SRC, dnnl::memory(f32({B, K}), eng, dx.data())}};
                     if (scheme == quant_scheme::s8)
-                        ba[QSP_ARG_ROUNDING_SEED] = dnnl::memory(
-                                dnnl::memory::desc({2}, dnnl::memory::data_type::s32,
-                                                   dnnl::memory::format_tag::a),
-                                eng, seed.data());
+                        ba[QSP_ARG_ROUNDING_SEED] =
+                                dnnl::memory(dnnl::memory::desc({2}, dnnl::memory::data_type::s32,
+                                                                dnnl::memory::format_tag::a),
+                                             eng, seed.data());
                     clear_profile();
                     if (flush) flush_caches();
                     r.fwd.execute(strm, fa);
