@@ -1,6 +1,7 @@
 // Kernel-level A/B of sparse Linear implementations through the public C++
-// API: per shape and sparsity, forward and backward-data of each named
-// implementation (forced with primitive_attr::implementation), rounds
+// API: per shape and sparsity, forward, backward-data and backward-weights of
+// each named implementation (forced with primitive_attr::implementation; a
+// "...:pattern" one runs backward-weights on its generic sibling), rounds
 // interleaved, medians of the kernel time (inside the kernels' parallel
 // regions) and of the whole primitive (qsp::profile_info).
 //
@@ -138,8 +139,9 @@ int main(int argc, char **argv) {
                 sparse_linear_forward::primitive_desc fwd_pd;
                 sparse_linear_forward fwd;
                 sparse_linear_backward_data bd;
+                sparse_linear_backward_weights bw;
                 std::vector<uint8_t> workspace;
-                std::vector<double> fk, ft, bk, bt;
+                std::vector<double> fk, ft, bk, bt, wk, wt;
             };
             std::vector<run> runs;
             for (const auto &impl : impls) {
@@ -152,10 +154,21 @@ int main(int argc, char **argv) {
                                                             scheme, attr);
                     sparse_linear_backward_data::primitive_desc b(eng, f32({B, K}), pattern,
                                                                   f32({B, N}), f, attr);
+                    primitive_attr w_attr = attr;
+                    const std::string suffix = ":pattern";
+                    if (impl.size() > suffix.size()
+                        && impl.compare(impl.size() - suffix.size(), suffix.size(), suffix) == 0)
+                        w_attr.implementation = impl.substr(0, impl.size() - suffix.size());
+                    sparse_linear_backward_weights::primitive_desc w(eng, f32({B, K}), pattern,
+                                                                     dnnl::memory::desc(),
+                                                                     f32({B, N}), f, w_attr);
                     runs.push_back({f,
                                     sparse_linear_forward(f),
                                     sparse_linear_backward_data(b),
+                                    sparse_linear_backward_weights(w),
                                     std::vector<uint8_t>(f.workspace_desc().get_size()),
+                                    {},
+                                    {},
                                     {},
                                     {},
                                     {},
@@ -189,6 +202,19 @@ int main(int argc, char **argv) {
                     r.fwd.execute(strm, fa);
                     if (flush) flush_caches();
                     r.bd.execute(strm, ba);
+                    std::vector<float> dw(values.size());
+                    exec_args wa{{DNNL_ARG_DIFF_DST, dnnl::memory(f32({B, N}), eng, dy.data())},
+                                 {DNNL_ARG_DIFF_WEIGHTS,
+                                  dnnl::memory(r.fwd_pd.weights_desc(), eng, dw.data())}};
+                    if (scheme == quant_scheme::s8) {
+                        wa[DNNL_ARG_WORKSPACE] =
+                                dnnl::memory(r.fwd_pd.workspace_desc(), eng, r.workspace.data());
+                        wa[QSP_ARG_ROUNDING_SEED] = ba[QSP_ARG_ROUNDING_SEED];
+                    } else {
+                        wa[DNNL_ARG_SRC] = dnnl::memory(f32({B, K}), eng, x.data());
+                    }
+                    if (flush) flush_caches();
+                    r.bw.execute(strm, wa);
                     if (round < 0) continue;
                     for (const auto &e : profile_info()) {
                         if (e.direction == "forward") {
@@ -197,19 +223,26 @@ int main(int argc, char **argv) {
                         } else if (e.direction == "backward_data") {
                             r.bk.push_back(e.kernel_ms);
                             r.bt.push_back(e.total_ms);
+                        } else if (e.direction == "backward_weights") {
+                            r.wk.push_back(e.kernel_ms);
+                            r.wt.push_back(e.total_ms);
                         }
                     }
                 }
             for (size_t i = 0; i < runs.size(); ++i)
-                std::printf("%-5s %5.2f %-32s %10.3f %10.3f %10.3f %10.3f\n", name.c_str(), sp,
-                            impls[i].c_str(), median(runs[i].fk), median(runs[i].ft),
-                            median(runs[i].bk), median(runs[i].bt));
+                std::printf("%-5s %5.2f %-32s %10.3f %10.3f %10.3f %10.3f %10.3f %10.3f\n",
+                            name.c_str(), sp, impls[i].c_str(), median(runs[i].fk),
+                            median(runs[i].ft), median(runs[i].bk), median(runs[i].bt),
+                            median(runs[i].wk), median(runs[i].wt));
             if (runs.size() == 2)
-                std::printf("%-5s %5.2f %-32s %10.2f %10.2f %10.2f %10.2f\n", name.c_str(), sp,
-                            "ratio (first / second)", median(runs[0].fk) / median(runs[1].fk),
+                std::printf("%-5s %5.2f %-32s %10.2f %10.2f %10.2f %10.2f %10.2f %10.2f\n",
+                            name.c_str(), sp, "ratio_(first/second)",
+                            median(runs[0].fk) / median(runs[1].fk),
                             median(runs[0].ft) / median(runs[1].ft),
                             median(runs[0].bk) / median(runs[1].bk),
-                            median(runs[0].bt) / median(runs[1].bt));
+                            median(runs[0].bt) / median(runs[1].bt),
+                            median(runs[0].wk) / median(runs[1].wk),
+                            median(runs[0].wt) / median(runs[1].wt));
         }
     return 0;
 }
