@@ -6,6 +6,7 @@
 #pragma once
 
 #include <type_traits>
+#include <vector>
 
 #include <xbyak/xbyak.h>
 
@@ -69,6 +70,43 @@ public:
                                       t_hi(), true);
             }
         }
+    }
+
+    // A row's entries [i, end) as a loop: steps of unroll() entries, then
+    // one at a time. Entry i's source offset is at offsets[i], its weight at
+    // values[v] (pass v = i when both follow one order); i and v advance.
+    // off: registers for the source offsets, used in turn; scratch: a free
+    // register (it may be off[0]: it is read before any offset is loaded).
+    void entry_loop(const Xbyak::Reg64 &i, const Xbyak::Reg64 &v, const Xbyak::Reg64 &end,
+                    const Xbyak::Reg64 &offsets, const Xbyak::Reg64 &values,
+                    const Xbyak::Reg64 &src, const std::vector<Xbyak::Reg64> &off,
+                    const Xbyak::Reg64 &scratch) const {
+        auto &g = g_;
+        const bool same = i.getIdx() == v.getIdx();
+        Xbyak::Label step_loop, single_loop, done;
+        if (unroll_ > 1) {
+            g.L(step_loop);
+            g.lea(scratch, g.ptr[i + unroll_]);
+            g.cmp(scratch, end);
+            g.jg(single_loop, Xbyak::CodeGenerator::T_NEAR);
+            for (int u = 0; u < unroll_; ++u) {
+                const Xbyak::Reg64 &o = off[u % off.size()];
+                g.movsxd(o, g.dword[offsets + i * 4 + u * 4]);
+                entry(u, values + v * 4 + u * 4, src, o);
+            }
+            g.add(i, unroll_);
+            if (!same) g.add(v, unroll_);
+            g.jmp(step_loop, Xbyak::CodeGenerator::T_NEAR);
+        }
+        g.L(single_loop);
+        g.cmp(i, end);
+        g.jge(done, Xbyak::CodeGenerator::T_NEAR);
+        g.movsxd(off[0], g.dword[offsets + i * 4]);
+        entry(0, values + v * 4, src, off[0]);
+        g.inc(i);
+        if (!same) g.inc(v);
+        g.jmp(single_loop, Xbyak::CodeGenerator::T_NEAR);
+        g.L(done);
     }
 
     // Accumulator sets [first_set, sets()) to zero.

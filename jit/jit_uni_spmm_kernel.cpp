@@ -36,7 +36,6 @@ jit_uni_spmm_kernel_t<isa>::jit_uni_spmm_kernel_t(const sparse_kernel_params &pa
 
 template <cpu_isa isa> void jit_uni_spmm_kernel_t<isa>::generate() {
     const spmm_entry_emitter<isa> em(*this, params_);
-    const int unroll = em.unroll();
 
     // General registers; the group counter and row stride live in a small
     // stack frame.
@@ -50,8 +49,7 @@ template <cpu_isa isa> void jit_uni_spmm_kernel_t<isa>::generate() {
 
     // Groups outside, rows inside: a group's source rows stay in L1 while
     // every row of the part uses them.
-    Label constants, group_loop, row_loop, rows_done, first_group, sums_ready, step_loop,
-            single_loop, store, done;
+    Label constants, group_loop, row_loop, rows_done, first_group, sums_ready, done;
     preamble();
     sub(rsp, 32);
     mov(params, rdi);
@@ -99,28 +97,8 @@ template <cpu_isa isa> void jit_uni_spmm_kernel_t<isa>::generate() {
     mov(end, ptr[group_ptr + i * 8 + 8]);
     mov(i, ptr[group_ptr + i * 8]);
 
-    if (unroll > 1) {
-        L(step_loop);
-        lea(tmp, ptr[i + unroll]);
-        cmp(tmp, end);
-        jg(single_loop, T_NEAR);
-        for (int u = 0; u < unroll; ++u)
-            movsxd(off[u], dword[offsets + i * 4 + u * 4]);
-        for (int u = 0; u < unroll; ++u)
-            em.entry(u, values + i * 4 + u * 4, src, off[u]);
-        add(i, unroll);
-        jmp(step_loop);
-    }
+    em.entry_loop(i, i, end, offsets, values, src, {off[0], off[1], off[2], off[3]}, tmp);
 
-    L(single_loop);
-    cmp(i, end);
-    jge(store, T_NEAR);
-    movsxd(off[0], dword[offsets + i * 4]);
-    em.entry(0, values + i * 4, src, off[0]);
-    inc(i);
-    jmp(single_loop);
-
-    L(store);
     mov(tmp, row);
     imul(tmp, dst_row_stride);
     add(tmp, dst);

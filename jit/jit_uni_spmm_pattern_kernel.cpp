@@ -191,33 +191,12 @@ template <cpu_isa isa> void jit_uni_spmm_pattern_kernel_t<isa>::generate() {
     // Longer segments (and length 0 when no body has it): the generic
     // loop, the length in `len`.
     {
-        Label row_loop, step_loop, single_loop, store;
+        Label row_loop;
         L(looped);
         L(row_loop);
         row_begin(lines_of(max_exact + 1));
         lea(tmp, ptr[e + len]); // end
-        if (unroll > 1) {
-            L(step_loop);
-            lea(off[0], ptr[e + unroll]);
-            cmp(off[0], tmp);
-            jg(single_loop, T_NEAR);
-            for (int u = 0; u < unroll; ++u) {
-                movsxd(off[u % 2], dword[offsets + e * 4 + u * 4]);
-                em.entry(u, values + v * 4 + u * 4, src, off[u % 2]);
-            }
-            add(e, unroll);
-            add(v, unroll);
-            jmp(step_loop, T_NEAR);
-        }
-        L(single_loop);
-        cmp(e, tmp);
-        jge(store, T_NEAR);
-        movsxd(off[0], dword[offsets + e * 4]);
-        em.entry(0, values + v * 4, src, off[0]);
-        inc(e);
-        inc(v);
-        jmp(single_loop, T_NEAR);
-        L(store);
+        em.entry_loop(e, v, tmp, offsets, values, src, {off[0], off[1]}, off[0]);
         row_end(row_loop);
     }
 
