@@ -108,8 +108,14 @@ spmm_runner::spmm_runner(cpu_isa isa, jit::sparse_dtype dtype, const std::vector
 const std::shared_ptr<const jit::jit_spmm_pattern_kernel> &spmm_runner::pattern_code(int nv) const {
     pattern_slot &slot = pattern_[static_cast<size_t>(nv - 1)];
     std::call_once(slot.once, [&] {
+        const double t0 = runtime::now_ms();
         slot.code =
                 jit::spmm_pattern_kernel(jit::make_sparse_kernel_params(isa_, dtype_, nv), shape_);
+        // whole tiles are reported with the plan; a batch tail's code here
+        if (nv != static_cast<int>(pattern_.size()) && verbose_level() >= 1)
+            runtime::verbose_print("jit,code," + slot.code->name() + ",batch_tail,code_bytes="
+                                   + std::to_string(slot.code->code_size())
+                                   + ",generate_ms=" + std::to_string(runtime::now_ms() - t0));
     });
     return slot.code;
 }
@@ -117,13 +123,6 @@ const std::shared_ptr<const jit::jit_spmm_pattern_kernel> &spmm_runner::pattern_
 const std::vector<int64_t> &spmm_runner::item_order() const {
     static const std::vector<int64_t> natural;
     return schedule_ ? schedule_->order : natural;
-}
-
-size_t spmm_runner::code_bytes() const {
-    size_t bytes = 0;
-    for (const auto &slot : pattern_)
-        if (slot.code) bytes += slot.code->code_size();
-    return bytes;
 }
 
 void spmm_runner::run(int64_t batch, const void *values, const int32_t *offsets, const uint8_t *src,

@@ -68,8 +68,6 @@ public:
     // What was specialised (verbose, tests): groups, exact bodies, code
     // bytes, generation time; empty for the generic kernels.
     std::string specialisation() const { return specialisation_; }
-    // Bytes of the layer's generated code so far (0: generic kernels).
-    size_t code_bytes() const;
 
 private:
     // The layer's code for tiles of nv vectors, generated on first use.
