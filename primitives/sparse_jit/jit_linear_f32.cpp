@@ -49,7 +49,8 @@ public:
                         p.dir == direction::backward_data ? p.out : p.in, jit::tile_row_bytes, 4,
                         specialise ? linear_pattern_min_group_items : linear_min_group_items),
                 specialise);
-        if (!spmm_->item_order().empty()) rows_.reorder_offsets(spmm_->item_order());
+        const auto order = spmm_->take_item_order();
+        if (!order.empty()) rows_.reorder_offsets(order);
     }
 
     std::string specialisation() const override {

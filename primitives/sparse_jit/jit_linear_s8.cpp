@@ -51,7 +51,8 @@ public:
                         p.dir == direction::forward ? p.in : p.out, jit::tile_row_bytes / 4, 4,
                         specialise ? linear_pattern_min_group_items : linear_min_group_items),
                 specialise) {
-        if (!spmm_.item_order().empty()) quads_.reorder_offsets(spmm_.item_order());
+        const auto order = spmm_.take_item_order();
+        if (!order.empty()) quads_.reorder_offsets(order);
     }
 
     std::string specialisation() const override { return spmm_.specialisation(); }

@@ -120,9 +120,8 @@ const std::shared_ptr<const jit::jit_spmm_pattern_kernel> &spmm_runner::pattern_
     return slot.code;
 }
 
-const std::vector<int64_t> &spmm_runner::item_order() const {
-    static const std::vector<int64_t> natural;
-    return schedule_ ? schedule_->order : natural;
+std::vector<int64_t> spmm_runner::take_item_order() {
+    return schedule_ ? std::move(schedule_->order) : std::vector<int64_t>{};
 }
 
 void spmm_runner::run(int64_t batch, const void *values, const int32_t *offsets, const uint8_t *src,

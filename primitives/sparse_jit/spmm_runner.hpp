@@ -61,9 +61,10 @@ public:
              int64_t src_tile_bytes, uint8_t *dst, int64_t dst_tile_bytes, int num_threads) const;
 
     // The order in which the specialised code reads source offsets
-    // (spmm_schedule::order), empty for the generic kernels: the plan stores
-    // its offsets so before calling run(); values stay in the plan's order.
-    const std::vector<int64_t> &item_order() const;
+    // (spmm_schedule::order), handed over once (the plan stores its offsets
+    // so before calling run(), and 8 bytes per entry need not stay); empty
+    // for the generic kernels. Values stay in the plan's order.
+    std::vector<int64_t> take_item_order();
 
     // What was specialised (verbose, tests): groups, exact bodies, code
     // bytes, generation time; empty for the generic kernels.
