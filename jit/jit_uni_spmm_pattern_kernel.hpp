@@ -7,7 +7,7 @@
 // pattern the loop exit mispredicts once per segment (~15-20 cycles), a
 // cost that rivals the multiply-adds of a dozen entries and made L1-sized
 // source groups lose (spmm_plan.hpp, linear_min_group_items). Here the
-// plan sorts each group's rows by length (spmm_call_schedule), and the code
+// plan sorts each group's rows by length (spmm_schedule), and the code
 // holds one body per segment length that the layer has, unrolled to exactly
 // that length: a bucket of equal-length rows runs its body in a loop whose
 // only exit is the end of the bucket. Lengths above the code budget share a

@@ -2,6 +2,8 @@
 // problems, every ISA tier the machine has, odd sizes, empty and full rows,
 // several thread counts, and batch sizes that change while the per-layer
 // plan is shared.
+#include <cstring>
+
 #include "test_utils.hpp"
 
 namespace qsp::test {
@@ -208,6 +210,42 @@ TEST(JitLinearPattern, each_layer_gets_its_own_code) {
     EXPECT_NE(lines[0].find(",exact="), std::string::npos);
     EXPECT_NE(lines[0], lines[2]);
     EXPECT_NE(lines[1], lines[3]);
+}
+
+} // namespace qsp::test
+
+namespace qsp::test {
+
+// The specialised code adds a row's terms in the generic kernel's order:
+// where both take the source channels as one group (a layer of fewer input
+// features than an L1 group holds), forward and backward-data agree bit for
+// bit, on every tier and batch tail.
+TEST(JitLinearPattern, adds_in_the_generic_kernels_order) {
+    std::mt19937 rng(23);
+    const int64_t K = 40, N = 36;
+    for (double sparsity : {0.0, 0.5, 0.9}) {
+        auto dense = random_sparse_dense(N, K, sparsity, rng);
+        auto w = csr_weights::from_dense(dense.data(), N, K);
+        for (int64_t B : {64, 70, 5}) {
+            auto x = random_vector(static_cast<size_t>(B * K), rng);
+            auto dy = random_vector(static_cast<size_t>(B * N), rng);
+            auto b = random_vector(static_cast<size_t>(N), rng);
+            for (cpu_isa isa : isa_levels()) {
+                if (isa < cpu_isa::avx2) continue;
+                isa_cap_guard cap(isa);
+                const std::string jit =
+                        isa >= cpu_isa::avx512_core ? "jit:avx512_core" : "jit:avx2";
+                SCOPED_TRACE(jit + " B=" + std::to_string(B)
+                             + " sparsity=" + std::to_string(sparsity));
+                const auto generic = run_f32(w, B, x, dy, b, 2, jit);
+                const auto pattern = run_f32(w, B, x, dy, b, 2, jit + ":pattern");
+                ASSERT_EQ(pattern.impl, jit + ":pattern/" + jit + ":pattern/" + jit);
+                EXPECT_EQ(0, std::memcmp(generic.y.data(), pattern.y.data(), 4 * generic.y.size()));
+                EXPECT_EQ(0,
+                          std::memcmp(generic.dx.data(), pattern.dx.data(), 4 * generic.dx.size()));
+            }
+        }
+    }
 }
 
 } // namespace qsp::test
