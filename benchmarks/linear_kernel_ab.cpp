@@ -25,12 +25,7 @@
 
 namespace {
 
-using dims = dnnl::memory::dims;
-
-dnnl::memory::desc f32(const dims &d) {
-    return {d, dnnl::memory::data_type::f32,
-            d.size() == 2 ? dnnl::memory::format_tag::ab : dnnl::memory::format_tag::a};
-}
+constexpr auto f32 = &qsp::plain_f32_desc;
 
 std::vector<std::string> split(const std::string &s) {
     std::vector<std::string> out;

@@ -61,12 +61,7 @@ int64_t flat_length(const py::array &a, const char *name) {
     return a.shape(0);
 }
 
-dnnl::memory::desc f32_md(const dims &d) {
-    dnnl::memory::dims strides(d.size(), 1);
-    for (int i = static_cast<int>(d.size()) - 2; i >= 0; --i)
-        strides[i] = strides[i + 1] * d[i + 1];
-    return dnnl::memory::desc(d, dnnl::memory::data_type::f32, strides);
-}
+constexpr auto f32_md = &qsp::plain_f32_desc;
 
 // An array whose memory is lent by the library's pool and given back when
 // the array (and whatever tensor wraps it) is freed: outputs of every step

@@ -34,8 +34,6 @@
 
 namespace {
 
-using dims = dnnl::memory::dims;
-
 [[noreturn]] void usage_error(const std::string &what) {
     std::fprintf(stderr,
                  "qsp-warmup: %s\n"
@@ -74,12 +72,7 @@ std::vector<qsp::tools::patterns_layer> load(const std::string &path) {
     }
 }
 
-dnnl::memory::desc f32(const dims &d) {
-    dims strides(d.size(), 1);
-    for (int i = static_cast<int>(d.size()) - 2; i >= 0; --i)
-        strides[i] = strides[i + 1] * d[i + 1];
-    return dnnl::memory::desc(d, dnnl::memory::data_type::f32, strides);
-}
+constexpr auto f32 = &qsp::plain_f32_desc;
 
 // Creates a descriptor, tunes it (measuring where implementations compete,
 // recording the decision) and returns the implementation it then picks.

@@ -29,6 +29,16 @@ namespace qsp {
 // of the stochastic rounding of output gradients (s8 scheme only).
 constexpr int QSP_ARG_ROUNDING_SEED = 1 << 24;
 
+// The descriptor of a dense f32 tensor of shape `dims` in the plain
+// row-major layout every dense argument of these primitives takes (the
+// innermost dimension contiguous).
+inline dnnl::memory::desc plain_f32_desc(const dnnl::memory::dims &dims) {
+    dnnl::memory::dims strides(dims.size(), 1);
+    for (int i = static_cast<int>(dims.size()) - 2; i >= 0; --i)
+        strides[i] = strides[i + 1] * dims[i + 1];
+    return dnnl::memory::desc(dims, dnnl::memory::data_type::f32, strides);
+}
+
 enum class prop_kind { forward_training, forward_inference };
 enum class quant_scheme { f32, s8 };
 const char *to_string(quant_scheme s);

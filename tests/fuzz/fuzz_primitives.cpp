@@ -30,12 +30,7 @@ private:
     size_t n_, i_ = 0;
 };
 
-dnnl::memory::desc f32(const dims &d) {
-    dims strides(d.size(), 1);
-    for (int i = static_cast<int>(d.size()) - 2; i >= 0; --i)
-        strides[i] = strides[i + 1] * d[i + 1];
-    return dnnl::memory::desc(d, dnnl::memory::data_type::f32, strides);
-}
+constexpr auto f32 = &qsp::plain_f32_desc;
 
 struct step {
     std::vector<float> y, dx, dw, db;
@@ -178,10 +173,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         for (auto v : d)
             bad_shape = bad_shape || v < 1;
         if (bad_shape || d.empty()) return 0; // not a descriptor oneDNN would build
-        dnnl::memory::dims strides(d.size(), 1);
-        for (int i = static_cast<int>(d.size()) - 2; i >= 0; --i)
-            strides[i] = strides[i + 1] * d[i + 1];
-        const dnnl::memory::desc bad(d, dt, strides);
+        const dnnl::memory::desc bad(d, dt, f32(d).get_strides()); // plain layout, maybe not f32
         const dnnl::engine eng(dnnl::engine::kind::cpu, 0);
         const auto good_src = f32(src), good_dst = f32(dst);
         const auto bias_md = bias ? f32({dst[1]}) : dnnl::memory::desc();
