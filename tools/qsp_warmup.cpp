@@ -60,7 +60,8 @@ std::vector<int> int_list(const std::string &text, const char *flag) {
     return out;
 }
 
-// Strict base64 (RFC 4648, padded): anything else is an error.
+// The layers of a patterns file, every field validated (an error names the
+// problem and the layer).
 std::vector<qsp::tools::patterns_layer> load(const std::string &path) {
     std::ifstream f(path);
     if (!f) usage_error("cannot read " + path + ": " + std::strerror(errno));
@@ -93,6 +94,18 @@ struct result {
     std::string impls;
 };
 
+// Tunes the forward descriptor make_fwd() builds, then backward-data and
+// backward-weights (make_bd / make_bw, given the forward as their hint);
+// "fwd/bwd-data/bwd-weights", what was measured or read noted in r.
+template <typename make_fwd_t, typename make_bd_t, typename make_bw_t>
+std::string tune_directions(make_fwd_t make_fwd, make_bd_t make_bd, make_bw_t make_bw, result &r) {
+    const std::string f = tuned(make_fwd, r.measured, r.from_cache);
+    const auto hint = make_fwd();
+    const std::string bd = tuned([&] { return make_bd(hint); }, r.measured, r.from_cache);
+    const std::string bw = tuned([&] { return make_bw(hint); }, r.measured, r.from_cache);
+    return f + "/" + bd + "/" + bw;
+}
+
 result warm(const qsp::tools::patterns_layer &l, int64_t batch, int threads,
             const dnnl::engine &eng) {
     result r{l.name, l.cls, batch, threads};
@@ -112,21 +125,17 @@ result warm(const qsp::tools::patterns_layer &l, int64_t batch, int threads,
                                                               src, l.pattern, bias_md, dst,
                                                               l.scheme, attr);
         };
-        const std::string f = tuned(make_fwd, r.measured, r.from_cache);
-        const auto hint = make_fwd();
-        const std::string bd = tuned(
-                [&] {
+        r.impls = tune_directions(
+                make_fwd,
+                [&](const auto &hint) {
                     return qsp::sparse_linear_backward_data::primitive_desc(eng, src, l.pattern,
                                                                             dst, hint);
                 },
-                r.measured, r.from_cache);
-        const std::string bw = tuned(
-                [&] {
+                [&](const auto &hint) {
                     return qsp::sparse_linear_backward_weights::primitive_desc(eng, src, l.pattern,
                                                                                bias_md, dst, hint);
                 },
-                r.measured, r.from_cache);
-        r.impls = f + "/" + bd + "/" + bw;
+                r);
     } else {
         const auto hw = qsp::conv2d_output_hw(l.g, l.input_shape[2], l.input_shape[3]);
         const auto src = f32({batch, l.in, l.input_shape[2], l.input_shape[3]}),
@@ -136,21 +145,17 @@ result warm(const qsp::tools::patterns_layer &l, int64_t batch, int threads,
                                                               src, l.pattern, bias_md, dst, l.g,
                                                               l.scheme, attr);
         };
-        const std::string f = tuned(make_fwd, r.measured, r.from_cache);
-        const auto hint = make_fwd();
-        const std::string bd = tuned(
-                [&] {
+        r.impls = tune_directions(
+                make_fwd,
+                [&](const auto &hint) {
                     return qsp::sparse_conv2d_backward_data::primitive_desc(eng, src, l.pattern,
                                                                             dst, hint, attr);
                 },
-                r.measured, r.from_cache);
-        const std::string bw = tuned(
-                [&] {
+                [&](const auto &hint) {
                     return qsp::sparse_conv2d_backward_weights::primitive_desc(
                             eng, src, l.pattern, bias_md, dst, hint, attr);
                 },
-                r.measured, r.from_cache);
-        r.impls = f + "/" + bd + "/" + bw;
+                r);
     }
     r.ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
     return r;
