@@ -466,19 +466,25 @@ size_t clear_persistent_cache() {
     return removed;
 }
 
-std::optional<std::string> persistent_cache_load(const std::string &kind, const std::string &key) {
+namespace {
+
+// A front end's kind becomes part of a file name: no path, no hidden file.
+const std::string &checked_kind(const std::string &kind) {
     if (kind.empty() || kind.find_first_of("/.") != std::string::npos)
         throw std::invalid_argument("persistent cache: kind must be a plain non-empty name, got '"
                                     + kind + "'");
-    return runtime::persistent_load(kind, key);
+    return kind;
+}
+
+} // namespace
+
+std::optional<std::string> persistent_cache_load(const std::string &kind, const std::string &key) {
+    return runtime::persistent_load(checked_kind(kind), key);
 }
 
 void persistent_cache_store(const std::string &kind, const std::string &key,
                             const std::string &payload) {
-    if (kind.empty() || kind.find_first_of("/.") != std::string::npos)
-        throw std::invalid_argument("persistent cache: kind must be a plain non-empty name, got '"
-                                    + kind + "'");
-    runtime::persistent_store(kind, key, payload);
+    runtime::persistent_store(checked_kind(kind), key, payload);
 }
 
 persistent_cache_check check_persistent_cache() {
