@@ -180,10 +180,8 @@ def _warm_one(layer: _SparseModule, shape: list[int], threads: int) -> dict:
     return dict(seconds=seconds, implementations=implementations(layer, shape, threads))
 
 
-def _warm_job(args) -> list[dict]:
-    """One layer, every shape and thread count (a --jobs worker's unit)."""
-    path, index, batches, threads_list = args
-    entry = load_patterns(path)[index]
+def _warm_entry(entry: dict, batches, threads_list) -> list[dict]:
+    """One layer of a patterns file, every batch size and thread count."""
     out = []
     for b in batches:
         shape = [b if b else entry["input_shape"][0], *entry["input_shape"][1:]]
@@ -191,6 +189,18 @@ def _warm_job(args) -> list[dict]:
             r = _warm_one(entry["layer"], shape, t)
             out.append(dict(name=entry["name"], cls=entry["cls"], batch=shape[0], threads=t, **r))
     return out
+
+
+_WORKER_LAYERS: dict[str, list[dict]] = {}  # a --jobs worker's patterns file, loaded once
+
+
+def _warm_job(args) -> list[dict]:
+    """A --jobs worker's unit: one layer (the worker reads the file once,
+    not once per layer it is given)."""
+    path, index, batches, threads_list = args
+    if path not in _WORKER_LAYERS:
+        _WORKER_LAYERS[path] = load_patterns(path)
+    return _warm_entry(_WORKER_LAYERS[path][index], batches, threads_list)
 
 
 def warmup(path: str | os.PathLike, batches=(0,), threads=(None,), jobs: int = 1, progress: bool = True) -> list[dict]:
@@ -220,8 +230,8 @@ def warmup(path: str | os.PathLike, batches=(0,), threads=(None,), jobs: int = 1
                     if bar:
                         bar.update(1)
         else:
-            for u in units:
-                rows += _warm_job(u)
+            for entry in layers:  # already loaded and checked above
+                rows += _warm_entry(entry, list(batches), threads)
                 if bar:
                     bar.update(1)
     finally:
