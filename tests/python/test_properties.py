@@ -12,6 +12,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import prune_random_
 from qsparseprop import (
     PrototypeQuantizedSparseConv2d,
     PrototypeQuantizedSparseLinear,
@@ -29,13 +30,6 @@ SETTINGS = settings(
     derandomize=os.environ.get("QSP_PROPERTY_RANDOM") != "1",
     suppress_health_check=list(HealthCheck),
 )
-
-
-def _prune(module, sparsity, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        module.weight.mul_(torch.rand(module.weight.shape, generator=g) >= sparsity)
-    return module
 
 
 def _layout(x, how):
@@ -71,7 +65,7 @@ layouts = st.sampled_from(["contiguous", "strided", "channels_last"])
 )
 def test_linear_f32_equals_dense_and_int8_equals_prototype(lead, k, n, sparsity, bias, layout, seed):
     torch.manual_seed(seed)
-    dense = _prune(torch.nn.Linear(k, n, bias=bias), sparsity, seed)
+    dense = prune_random_(torch.nn.Linear(k, n, bias=bias), sparsity, seed)
     x = _layout(torch.randn(*lead, 3, k), layout)
     g = torch.randn(*lead, 3, n)
     x0 = x.clone()
@@ -116,7 +110,7 @@ def conv_configs(draw):
 def test_conv_f32_equals_dense_and_int8_equals_prototype(config, batch, sparsity, layout, vectorizing, seed):
     args, (h, w) = config
     torch.manual_seed(seed)
-    dense = _prune(torch.nn.Conv2d(**args), sparsity, seed)
+    dense = prune_random_(torch.nn.Conv2d(**args), sparsity, seed)
     x = _layout(torch.randn(batch, args["in_channels"], h, w), layout)
     g = torch.randn_like(dense(x))
     y, dx = _step(SparseConv2d.from_dense(dense, vectorizing_over_on=vectorizing), x, g)
@@ -157,7 +151,7 @@ def test_invalid_inputs_raise_documented_errors_and_change_nothing(dtype, shape)
 )
 def test_tampered_state_dicts_are_refused_and_leave_the_layer_as_it_was(which, how, position, quantized):
     cls = QuantizedSparseLinear if quantized else SparseLinear
-    layer = cls.from_dense(_prune(torch.nn.Linear(12, 8), 0.6, 1))
+    layer = cls.from_dense(prune_random_(torch.nn.Linear(12, 8), 0.6, 1))
     state = {k: v.clone() for k, v in layer.state_dict().items()}
     t = state[which]
     i = position % max(t.numel(), 1)
