@@ -21,9 +21,10 @@ done
 # Debian packages: compiler, Xbyak, GoogleTest, Google Benchmark, clang-format,
 # qemu-user (the emulated-CPU test runs), binutils (objdump: the ISA check),
 # Fashion-MNIST (the main job's default data set), nlohmann-json (qsp-warmup
-# reads patterns files), clang (libFuzzer: the fuzz targets).
+# reads patterns files), clang with its runtimes (libFuzzer and the sanitizers
+# of the fuzz targets live in libclang-rt-dev, not in clang itself).
 APT_PACKAGES=(g++ git libxbyak-dev libgtest-dev libbenchmark-dev clang-format qemu-user binutils
-  dataset-fashion-mnist nlohmann-json3-dev clang)
+  dataset-fashion-mnist nlohmann-json3-dev clang libclang-rt-dev)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

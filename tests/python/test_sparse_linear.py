@@ -114,25 +114,57 @@ def test_gradcheck_f32():
     assert torch.autograd.gradcheck(op, inputs, eps=1e-2, atol=1e-2, rtol=1e-2)
 
 
+# The JIT tiers of each scheme, best first (the implementation list's order).
+JIT_TIERS = {"f32": ("avx512_core", "avx2"), "s8": ("avx512_core_vnni", "avx512_core", "avx2")}
+ISA_ORDER = ("ref", "avx2", "avx512_core", "avx512_core_vnni")
+
+
+def expected_implementations(scheme: str, isa: str) -> tuple[set[str], set[str]]:
+    """What may run a Linear layer's (SpMM directions, backward-weights) on
+    a CPU whose effective ISA is `isa`: the best JIT tier of the scheme that
+    the CPU has, as the layer's specialised code or the generic kernels
+    (backward-weights has only the generic form), and on VNNI CPUs oneDNN's
+    int8 matmul for s8; the reference only where no tier fits."""
+    tiers = [t for t in JIT_TIERS[scheme] if ISA_ORDER.index(t) <= ISA_ORDER.index(isa)]
+    if not tiers:
+        return {"ref:any"}, {"ref:any"}
+    best = tiers[0]
+    spmm, weights = {f"jit:{best}:pattern", f"jit:{best}"}, {f"jit:{best}"}
+    if scheme == "s8" and best == "avx512_core_vnni":
+        spmm.add("dense:onednn_s8")
+        weights.add("dense:onednn_s8")
+    return spmm, weights
+
+
+@pytest.mark.parametrize("isa", ISA_ORDER)
+def test_expected_implementations_per_isa(isa):
+    """The expectation itself, per ISA: never the reference on a CPU with a
+    tier, never a tier above the CPU."""
+    for scheme in ("f32", "s8"):
+        spmm, weights = expected_implementations(scheme, isa)
+        assert (spmm == {"ref:any"}) == (isa == "ref")
+        for name in spmm | weights:
+            tier = name.split(":")[1]
+            assert tier in ("any", "onednn_s8") or ISA_ORDER.index(tier) <= ISA_ORDER.index(isa), name
+    assert expected_implementations("s8", "avx2")[0] == {"jit:avx2:pattern", "jit:avx2"}
+    assert "dense:onednn_s8" not in expected_implementations("s8", "avx512_core")[0]
+
+
 def test_uses_the_fastest_implementation_automatically():
-    """On a CPU with AVX-512 the layers run the JIT kernels (the measured-faster
-    of the layer's specialised code and the generic kernels; for s8 also
-    oneDNN's int8 matmul), not the reference; backward-weights has one form."""
+    """The layers run the best JIT tier the CPU has (the measured-faster of
+    the layer's specialised code and the generic kernels; for s8 on VNNI
+    CPUs also oneDNN's int8 matmul), never the reference where a tier fits
+    and never a tier the CPU lacks; backward-weights has one form."""
     import qsparseprop
     from qsparseprop import _C, QuantizedSparseLinear
 
     isa = qsparseprop.cpu_isa()
+    assert isa in ISA_ORDER, isa
     for cls in (SparseLinear, QuantizedSparseLinear):
         layer = cls.from_dense(prune_random_(torch.nn.Linear(64, 48), 0.9))
         kern = _C.LinearKernel(64, 48, layer.row_ptr.numpy(), layer.col_idx.numpy(), layer.scheme, True)
         impls = kern.implementations(32, torch.get_num_threads()).split("/")
         assert len(impls) == 3
-        if isa == "ref":
-            assert impls == ["ref:any"] * 3
-        elif cls is SparseLinear and isa in ("avx512_core", "avx512_core_vnni"):
-            assert all(i in ("jit:avx512_core:pattern", "jit:avx512_core") for i in impls[:2]), impls
-            assert impls[2] == "jit:avx512_core"
-        elif cls is QuantizedSparseLinear:
-            spmm = ("jit:avx512_core_vnni:pattern", "jit:avx512_core_vnni", "dense:onednn_s8")
-            assert all(i in spmm for i in impls[:2]), impls
-            assert impls[2] in ("jit:avx512_core_vnni", "dense:onednn_s8"), impls
+        spmm, weights = expected_implementations(layer.scheme, isa)
+        assert all(i in spmm for i in impls[:2]), (isa, impls)
+        assert impls[2] in weights, (isa, impls)
