@@ -19,7 +19,9 @@
 
 namespace qsp::runtime {
 
-constexpr uint32_t persistent_format_version = 1;
+// 2: a problem's key is built from problem::fields() (the field list that
+// comparison and hashing share); entries of 1 are tuned again once.
+constexpr uint32_t persistent_format_version = 2;
 
 // The entry stored for (kind, key), or nothing: no cache, no entry, or an
 // entry that is damaged, from another library version, format or CPU, or

@@ -102,14 +102,48 @@ const char *to_string(direction d) {
     return "?";
 }
 
-bool conv2d_shape::operator==(const conv2d_shape &o) const {
-    return batch == o.batch && in_c == o.in_c && in_h == o.in_h && in_w == o.in_w
-           && out_c == o.out_c && out_h == o.out_h && out_w == o.out_w && g.kernel_h == o.g.kernel_h
-           && g.kernel_w == o.g.kernel_w && g.stride_h == o.g.stride_h && g.stride_w == o.g.stride_w
-           && g.pad_top == o.g.pad_top && g.pad_left == o.g.pad_left
-           && g.pad_bottom == o.g.pad_bottom && g.pad_right == o.g.pad_right
-           && g.dilation_h == o.g.dilation_h && g.dilation_w == o.g.dilation_w
-           && g.groups == o.g.groups;
+static_assert(aggregate_member_count<problem>() == 12 && aggregate_member_count<conv2d_shape>() == 8
+                      && aggregate_member_count<conv2d_geometry>() == 11,
+              "a member was added to problem, conv2d_shape or conv2d_geometry: list it in "
+              "problem::fields() (compare, hash, persistent key and description read that list), "
+              "raise persistent_format_version, then update these counts");
+// problem's members less the pattern and the nested conv2d_shape, plus
+// conv2d_shape's less its geometry, plus the geometry's.
+static_assert(problem::field_count == (12 - 2) + (8 - 1) + 11);
+
+std::array<problem_field, problem::field_count> problem::fields() const {
+    constexpr auto any = field_scope::any, lin = field_scope::linear, cnv = field_scope::conv2d;
+    const conv2d_geometry &g = conv.g;
+    return {{
+            {nullptr, any, int64_t(op)},
+            {nullptr, any, int64_t(dir)},
+            {nullptr, any, int64_t(prop)},
+            {nullptr, any, int64_t(scheme)},
+            {"mb", lin, batch},
+            {"ic", lin, in},
+            {"oc", lin, out},
+            {"mb", cnv, conv.batch},
+            {"_ic", cnv, conv.in_c},
+            {"ih", cnv, conv.in_h},
+            {"iw", cnv, conv.in_w},
+            {"_oc", cnv, conv.out_c},
+            {"oh", cnv, conv.out_h},
+            {"ow", cnv, conv.out_w},
+            {"_kh", cnv, g.kernel_h},
+            {"kw", cnv, g.kernel_w},
+            {"sh", cnv, g.stride_h},
+            {"sw", cnv, g.stride_w},
+            {"pt", cnv, g.pad_top},
+            {"pl", cnv, g.pad_left},
+            {"pb", cnv, g.pad_bottom},
+            {"pr", cnv, g.pad_right},
+            {"dh", cnv, g.dilation_h},
+            {"dw", cnv, g.dilation_w},
+            {"g", cnv, g.groups},
+            {nullptr, any, int64_t(with_bias)},
+            {nullptr, any, int64_t(num_threads)},
+            {nullptr, cnv, int64_t(vectorization)}, // described by name
+    }};
 }
 
 int64_t problem::src_elems() const {
@@ -121,19 +155,12 @@ int64_t problem::dst_elems() const {
 }
 
 std::string problem::shape_str() const {
+    const field_scope mine = op == op_kind::linear ? field_scope::linear : field_scope::conv2d;
     std::ostringstream s;
-    if (op == op_kind::linear) {
-        s << "mb" << batch << "ic" << in << "oc" << out;
-    } else {
-        const auto &g = conv.g;
-        s << "mb" << conv.batch << "_ic" << conv.in_c << "ih" << conv.in_h << "iw" << conv.in_w
-          << "_oc" << conv.out_c << "oh" << conv.out_h << "ow" << conv.out_w << "_kh" << g.kernel_h
-          << "kw" << g.kernel_w << "sh" << g.stride_h << "sw" << g.stride_w << "ph" << g.pad_top
-          << "_" << g.pad_bottom << "pw" << g.pad_left << "_" << g.pad_right << "dh" << g.dilation_h
-          << "dw" << g.dilation_w << "g" << g.groups;
-        if (vectorization != conv_vectorization::any)
-            s << ",vectorization=" << to_string(vectorization);
-    }
+    for (const problem_field &f : fields())
+        if (f.label && f.scope == mine) s << f.label << f.value;
+    if (op == op_kind::conv2d && vectorization != conv_vectorization::any)
+        s << ",vectorization=" << to_string(vectorization);
     s << ",density=" << pattern.density() << ",nnz=" << pattern.nnz();
     return s.str();
 }
@@ -141,37 +168,9 @@ std::string problem::shape_str() const {
 std::string problem::key_bytes() const {
     std::string b;
     auto put = [&b](int64_t v) { b.append(reinterpret_cast<const char *>(&v), sizeof v); };
-    for (int64_t v : {int64_t(op),
-                      int64_t(dir),
-                      int64_t(prop),
-                      int64_t(scheme),
-                      batch,
-                      in,
-                      out,
-                      conv.batch,
-                      conv.in_c,
-                      conv.in_h,
-                      conv.in_w,
-                      conv.out_c,
-                      conv.out_h,
-                      conv.out_w,
-                      conv.g.kernel_h,
-                      conv.g.kernel_w,
-                      conv.g.stride_h,
-                      conv.g.stride_w,
-                      conv.g.pad_top,
-                      conv.g.pad_left,
-                      conv.g.pad_bottom,
-                      conv.g.pad_right,
-                      conv.g.dilation_h,
-                      conv.g.dilation_w,
-                      conv.g.groups,
-                      int64_t(with_bias),
-                      int64_t(num_threads),
-                      int64_t(vectorization),
-                      pattern.rows(),
-                      pattern.cols(),
-                      pattern.nnz()})
+    for (const problem_field &f : fields())
+        put(f.value);
+    for (int64_t v : {pattern.rows(), pattern.cols(), pattern.nnz()})
         put(v);
     b.append(reinterpret_cast<const char *>(pattern.row_ptr()),
              sizeof(int64_t) * static_cast<size_t>(pattern.rows() + 1));
@@ -188,36 +187,17 @@ problem problem::without_batch() const {
 }
 
 bool problem::operator==(const problem &o) const {
-    return op == o.op && dir == o.dir && prop == o.prop && scheme == o.scheme && batch == o.batch
-           && in == o.in && out == o.out && conv == o.conv && with_bias == o.with_bias
-           && num_threads == o.num_threads && vectorization == o.vectorization
-           && pattern == o.pattern;
+    const auto mine = fields(), theirs = o.fields();
+    for (size_t i = 0; i < field_count; ++i)
+        if (mine[i].value != theirs[i].value) return false;
+    return pattern == o.pattern;
 }
 
-size_t problem_hash::operator()(const problem &p) const {
+size_t problem_hash::operator()(const problem &p, uint64_t extra) const {
     using runtime::hash_mix;
-    uint64_t h = p.pattern.hash();
-    for (int64_t v : {int64_t(p.op),
-                      int64_t(p.dir),
-                      int64_t(p.prop),
-                      int64_t(p.scheme),
-                      p.batch,
-                      p.in,
-                      p.out,
-                      p.conv.batch,
-                      p.conv.in_c,
-                      p.conv.in_h,
-                      p.conv.in_w,
-                      p.conv.out_c,
-                      p.conv.g.kernel_h,
-                      p.conv.g.kernel_w,
-                      p.conv.g.stride_h,
-                      p.conv.g.stride_w,
-                      p.conv.g.groups,
-                      int64_t(p.with_bias),
-                      int64_t(p.num_threads),
-                      int64_t(p.vectorization)})
-        h = hash_mix(h, static_cast<uint64_t>(v));
+    uint64_t h = hash_mix(p.pattern.hash(), extra);
+    for (const problem_field &f : p.fields())
+        h = hash_mix(h, static_cast<uint64_t>(f.value));
     return static_cast<size_t>(h);
 }
 

@@ -3,8 +3,10 @@
 // read it; caches of plans and tuning decisions key on it.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <string>
+#include <utility>
 
 #include "qsparseprop/primitives.hpp"
 #include "runtime/profile.hpp"
@@ -25,10 +27,44 @@ inline runtime::profile_scope kernel_time(direction d) {
 }
 
 // A validated Conv2d geometry applied to one input shape.
+// (Compared, hashed and described through problem::fields().)
 struct conv2d_shape {
     int64_t batch = 0, in_c = 0, in_h = 0, in_w = 0, out_c = 0, out_h = 0, out_w = 0;
     conv2d_geometry g{};
-    bool operator==(const conv2d_shape &o) const;
+};
+
+// The number of members of an aggregate (brace-initialisable from that many
+// values and not one more): how problem.cpp and the tests check that the
+// field list names every member.
+namespace member_count_detail {
+struct any_value {
+    template <typename T> operator T() const; // unevaluated only
+};
+template <typename T, typename... A>
+constexpr auto brace_initialisable(int) -> decltype(T{std::declval<A>()...}, true) {
+    return true;
+}
+template <typename T, typename... A> constexpr bool brace_initialisable(...) {
+    return false;
+}
+} // namespace member_count_detail
+
+template <typename T, typename... A> constexpr size_t aggregate_member_count() {
+    using member_count_detail::any_value;
+    if constexpr (member_count_detail::brace_initialisable<T, A..., any_value>(0))
+        return aggregate_member_count<T, A..., any_value>();
+    else
+        return sizeof...(A);
+}
+
+// Which description shows a field (shape_str): both operations' or one.
+enum class field_scope { any, linear, conv2d };
+
+// One field of a problem as the list below gives it.
+struct problem_field {
+    const char *label; // its tag in shape_str(); nullptr: the verbose lines print it themselves
+    field_scope scope;
+    int64_t value;
 };
 
 struct problem {
@@ -56,6 +92,14 @@ struct problem {
     }
     std::string shape_str() const;
 
+    // Every field but the pattern, each once: the one list that operator==,
+    // problem_hash, key_bytes() and shape_str() walk (the pattern is compared
+    // in full beside it). A field added to problem, conv2d_shape or
+    // conv2d_geometry and not listed here fails to compile: problem.cpp
+    // counts the structs' members against field_count.
+    static constexpr size_t field_count = 28;
+    std::array<problem_field, field_count> fields() const;
+
     // The same problem with the batch size set to 0: what a plan that serves
     // every batch size is specialised for.
     problem without_batch() const;
@@ -66,8 +110,10 @@ struct problem {
     std::string key_bytes() const;
 };
 
+// Bucket selection for the caches keyed by a problem (and, where a cache
+// keys by it too, an ISA): every field and the pattern's hash, mixed once.
 struct problem_hash {
-    size_t operator()(const problem &p) const;
+    size_t operator()(const problem &p, uint64_t extra = 0) const;
 };
 
 } // namespace qsp::detail

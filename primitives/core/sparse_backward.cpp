@@ -26,8 +26,11 @@ const data_pd_t &checked_pair(const data_pd_t &data, const weights_pd_t &weights
         refuse(name, "the two descriptors describe different shapes (diff_dst "
                              + dims_str(d.dst_md.get_dims()) + " vs "
                              + dims_str(w.dst_md.get_dims()) + ")");
-    if (!(d.prob.conv == w.prob.conv))
-        refuse(name, "the two descriptors have different convolution geometries");
+    const auto d_fields = d.prob.fields(), w_fields = w.prob.fields();
+    for (size_t i = 0; i < problem::field_count; ++i)
+        if (d_fields[i].scope == field_scope::conv2d && d_fields[i].label // the shape's fields
+            && d_fields[i].value != w_fields[i].value)
+            refuse(name, "the two descriptors have different convolution geometries");
     return data;
 }
 

@@ -31,7 +31,7 @@ struct decision_key {
 };
 struct decision_key_hash {
     size_t operator()(const decision_key &k) const {
-        return problem_hash()(k.prob) ^ static_cast<size_t>(k.isa);
+        return problem_hash()(k.prob, static_cast<uint64_t>(k.isa));
     }
 };
 struct decision {

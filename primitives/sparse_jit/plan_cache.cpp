@@ -20,8 +20,7 @@ struct plan_key {
 };
 struct plan_key_hash {
     size_t operator()(const plan_key &k) const {
-        return static_cast<size_t>(
-                runtime::hash_mix(problem_hash()(k.prob), static_cast<uint64_t>(k.isa)));
+        return problem_hash()(k.prob, static_cast<uint64_t>(k.isa));
     }
 };
 

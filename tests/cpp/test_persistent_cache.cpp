@@ -147,9 +147,13 @@ TEST(PersistentCache, bad_entries_are_ignored_and_rebuilt_never_trusted) {
     for (size_t n : {size_t(0), size_t(3), size_t(8), good.size() / 2, good.size() - 1})
         EXPECT_FALSE(corrupt(good.substr(0, n))) << "truncated to " << n;
     EXPECT_FALSE(corrupt(good + "trailing")) << "trailing bytes";
-    std::string version = good;
-    version[4] = 2; // format version 2, checksum recomputed would still not help: refused first
-    EXPECT_FALSE(corrupt(version));
+    for (uint32_t other :
+         {runtime::persistent_format_version - 1, runtime::persistent_format_version + 1}) {
+        // another format version: refused before the checksum is read
+        std::string version = good;
+        version[4] = static_cast<char>(other);
+        EXPECT_FALSE(corrupt(version)) << "format version " << other;
+    }
 
     // A well-formed entry written by another library version or on another CPU.
     const std::string env = runtime::persistent_environment();
