@@ -189,9 +189,7 @@ int main(int argc, char **argv) {
                                  {DNNL_ARG_DIFF_SRC, dnnl::memory(f32({B, K}), eng, dx.data())}};
                     if (scheme == quant_scheme::s8)
                         ba[QSP_ARG_ROUNDING_SEED] =
-                                dnnl::memory(dnnl::memory::desc({2}, dnnl::memory::data_type::s32,
-                                                                dnnl::memory::format_tag::a),
-                                             eng, seed.data());
+                                dnnl::memory(rounding_seed_desc(), eng, seed.data());
                     clear_profile();
                     if (flush) flush_caches();
                     r.fwd.execute(strm, fa);

@@ -161,16 +161,14 @@ protected:
         attr.vectorization = vectorization_; // backward descriptors follow the forward hint
         const auto src_md = f32_md(src), dst_md = f32_md(dst);
         const auto bias_md = with_bias_ ? f32_md({dst[1]}) : dnnl::memory::desc();
-        // Tuning is its own step: measure where implementations compete,
-        // then create the descriptors, which pick the stored decisions.
-        auto fwd_pd = tuned([&] { return make(engine_, src_md, bias_md, dst_md, attr); });
-        auto bd_pd = tuned([&] {
-            return typename bwd_data_t::primitive_desc(engine_, src_md, pattern_, dst_md, fwd_pd);
-        });
-        auto bw_pd = tuned([&] {
-            return typename bwd_weights_t::primitive_desc(engine_, src_md, pattern_, bias_md,
-                                                          dst_md, fwd_pd);
-        });
+        // Each descriptor measures where implementations compete while it is
+        // created (attr.tune) and carries the winner: built once.
+        attr.tune = tuning_enabled();
+        const typename fwd_t::primitive_desc fwd_pd = make(engine_, src_md, bias_md, dst_md, attr);
+        const typename bwd_data_t::primitive_desc bd_pd(engine_, src_md, pattern_, dst_md, fwd_pd,
+                                                        attr);
+        const typename bwd_weights_t::primitive_desc bw_pd(engine_, src_md, pattern_, bias_md,
+                                                           dst_md, fwd_pd, attr);
         auto p = std::make_shared<const primitives>(
                 primitives{fwd_pd, fwd_t(fwd_pd), bwd_data_t(bd_pd), bwd_weights_t(bw_pd),
                            qsp::sparse_backward<bwd_data_t, bwd_weights_t>(bd_pd, bw_pd), src, dst,
@@ -186,13 +184,6 @@ protected:
         return !(env && (std::strcmp(env, "0") == 0 || std::strcmp(env, "off") == 0));
     }
 
-    template <typename make_pd> static auto tuned(make_pd make) {
-        auto pd = make();
-        if (!tuning_enabled()) return pd;
-        const qsp::tuning_result r = qsp::tune(pd);
-        return r.chosen == pd.impl_info_str() ? pd : make();
-    }
-
     dnnl::memory mem(const dnnl::memory::desc &md, const void *p) const {
         return dnnl::memory(md, engine_, const_cast<void *>(p));
     }
@@ -200,9 +191,7 @@ protected:
     dnnl::memory seed_mem(int32_t *storage, uint64_t seed) const {
         storage[0] = static_cast<int32_t>(static_cast<uint32_t>(seed));
         storage[1] = static_cast<int32_t>(static_cast<uint32_t>(seed >> 32));
-        return dnnl::memory(
-                dnnl::memory::desc({2}, dnnl::memory::data_type::s32, dnnl::memory::dims{1}),
-                engine_, storage);
+        return dnnl::memory(qsp::rounding_seed_desc(), engine_, storage);
     }
 
     size_t workspace_bytes_of(const primitives &p) const {

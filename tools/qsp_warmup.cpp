@@ -75,14 +75,14 @@ std::vector<qsp::tools::patterns_layer> load(const std::string &path) {
 
 constexpr auto f32 = &qsp::plain_f32_desc;
 
-// Creates a descriptor, tunes it (measuring where implementations compete,
-// recording the decision) and returns the implementation it then picks.
-template <typename make_t> std::string tuned(make_t make, bool &measured, bool &from_cache) {
-    auto pd = make();
-    const qsp::tuning_result r = qsp::tune(pd);
-    measured = measured || r.measured;
-    from_cache = from_cache || r.from_persistent_cache;
-    return r.chosen == pd.impl_info_str() ? r.chosen : make().impl_info_str();
+// The implementation a descriptor created with attr.tune picked, noting in
+// measured / from_cache what its tuning did.
+std::string tuned(const qsp::primitive_desc_base &pd, bool &measured, bool &from_cache) {
+    if (const qsp::tuning_result *r = pd.tuning()) {
+        measured = measured || r->measured;
+        from_cache = from_cache || r->from_persistent_cache;
+    }
+    return pd.impl_info_str();
 }
 
 struct result {
@@ -94,15 +94,16 @@ struct result {
     std::string impls;
 };
 
-// Tunes the forward descriptor make_fwd() builds, then backward-data and
-// backward-weights (make_bd / make_bw, given the forward as their hint);
-// "fwd/bwd-data/bwd-weights", what was measured or read noted in r.
+// Creates (and so tunes: attr.tune) the forward descriptor make_fwd()
+// builds, then backward-data and backward-weights (make_bd / make_bw, given
+// the forward as their hint); "fwd/bwd-data/bwd-weights", what was measured
+// or read noted in r.
 template <typename make_fwd_t, typename make_bd_t, typename make_bw_t>
 std::string tune_directions(make_fwd_t make_fwd, make_bd_t make_bd, make_bw_t make_bw, result &r) {
-    const std::string f = tuned(make_fwd, r.measured, r.from_cache);
-    const auto hint = make_fwd();
-    const std::string bd = tuned([&] { return make_bd(hint); }, r.measured, r.from_cache);
-    const std::string bw = tuned([&] { return make_bw(hint); }, r.measured, r.from_cache);
+    const auto fwd = make_fwd();
+    const std::string f = tuned(fwd, r.measured, r.from_cache);
+    const std::string bd = tuned(make_bd(fwd), r.measured, r.from_cache);
+    const std::string bw = tuned(make_bw(fwd), r.measured, r.from_cache);
     return f + "/" + bd + "/" + bw;
 }
 
@@ -112,6 +113,7 @@ result warm(const qsp::tools::patterns_layer &l, int64_t batch, int threads,
     qsp::primitive_attr attr;
     attr.num_threads = threads;
     attr.vectorization = l.vectorization;
+    attr.tune = true;
     const auto t0 = std::chrono::steady_clock::now();
     const auto bias_md = l.bias ? f32({l.out}) : dnnl::memory::desc();
     if (!l.conv) {
@@ -129,11 +131,11 @@ result warm(const qsp::tools::patterns_layer &l, int64_t batch, int threads,
                 make_fwd,
                 [&](const auto &hint) {
                     return qsp::sparse_linear_backward_data::primitive_desc(eng, src, l.pattern,
-                                                                            dst, hint);
+                                                                            dst, hint, attr);
                 },
                 [&](const auto &hint) {
-                    return qsp::sparse_linear_backward_weights::primitive_desc(eng, src, l.pattern,
-                                                                               bias_md, dst, hint);
+                    return qsp::sparse_linear_backward_weights::primitive_desc(
+                            eng, src, l.pattern, bias_md, dst, hint, attr);
                 },
                 r);
     } else {

@@ -39,6 +39,11 @@ inline dnnl::memory::desc plain_f32_desc(const dnnl::memory::dims &dims) {
     return dnnl::memory::desc(dims, dnnl::memory::data_type::f32, strides);
 }
 
+// The descriptor of the QSP_ARG_ROUNDING_SEED argument.
+inline dnnl::memory::desc rounding_seed_desc() {
+    return dnnl::memory::desc({2}, dnnl::memory::data_type::s32, dnnl::memory::dims{1});
+}
+
 enum class prop_kind { forward_training, forward_inference };
 enum class quant_scheme { f32, s8 };
 const char *to_string(quant_scheme s);
@@ -65,7 +70,16 @@ struct primitive_attr {
     // (the reference and dense implementations are not restricted).
     // Backward descriptors left at `any` follow their forward hint.
     conv_vectorization vectorization = conv_vectorization::any;
+    // Tune while the descriptor is created: measure the implementations that
+    // accept its problem (qsp::tune with default options; a stored decision,
+    // in memory or in the persistent cache, is reused without measuring) and
+    // pick the winner, so one descriptor carries the tuned decision.
+    // primitive_desc_base::tuning() then says what was measured. Ignored when
+    // `implementation` forces one.
+    bool tune = false;
 };
+
+struct tuning_result; // qsparseprop/tuning.hpp
 
 struct conv2d_geometry {
     int64_t kernel_h = 1, kernel_w = 1;
@@ -97,7 +111,8 @@ struct shared_gradient;
 // Common part of every primitive descriptor: the validated problem and the
 // implementation picked for it (the tuner's stored decision for this
 // problem, else the first implementation in list order that accepts it;
-// see qsparseprop/tuning.hpp). Creating a descriptor measures nothing.
+// see qsparseprop/tuning.hpp). Creating a descriptor measures nothing unless
+// primitive_attr::tune asks it to.
 class primitive_desc_base {
 public:
     std::string impl_info_str() const;
@@ -108,6 +123,8 @@ public:
     int num_threads() const;
     dnnl::memory::desc weights_desc() const;   // nnz f32 values
     dnnl::memory::desc workspace_desc() const; // zero-size when none
+    // What tuning at creation found (primitive_attr::tune), else nullptr.
+    const tuning_result *tuning() const;
     const std::shared_ptr<detail::pd_impl> &impl() const { return impl_; }
 
 protected:

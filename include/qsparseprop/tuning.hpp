@@ -13,6 +13,9 @@
 //   qsp::tuning_result r = qsp::tune(pd);                 // measures, stores
 //   qsp::sparse_linear_forward::primitive_desc tuned(...); // same args: picks r.chosen
 //
+// or in one step: primitive_attr::tune makes the descriptor measure while it
+// is created and pick the winner (pd.tuning() is then r).
+//
 // QSP_VERBOSE=dispatch prints every measurement and decision.
 #pragma once
 

@@ -9,6 +9,7 @@
 #include <oneapi/dnnl/dnnl.hpp>
 
 #include "primitives/core/implementation.hpp"
+#include "qsparseprop/tuning.hpp"
 
 namespace qsp::detail {
 
@@ -23,7 +24,8 @@ struct pd_impl {
     const char *primitive_name = "";
     problem prob;
     dnnl::engine engine;
-    std::string forced_impl; // primitive_attr::implementation
+    std::string forced_impl;                     // primitive_attr::implementation
+    std::shared_ptr<const tuning_result> tuning; // primitive_attr::tune
     std::string impl_name;
     const implementation *impl = nullptr; // the pick; primitives create its kernel
     std::vector<arg_spec> args;
@@ -34,12 +36,12 @@ struct pd_impl {
 
 // From a validated problem and src/dst/bias descs: derives the weights and
 // workspace descs and the argument list of the direction, then picks the
-// implementation (the tuner's stored decision for this problem, else the
-// first in list order). Measures nothing and builds nothing.
-void finish_pd(pd_impl &pd, const dnnl::engine &engine);
+// implementation: the one attr forces, else the tuner's decision for this
+// problem (measured now when attr.tune asks and none is stored), else the
+// first in list order. Builds nothing.
+void finish_pd(pd_impl &pd, const dnnl::engine &engine, const primitive_attr &attr);
 // Backward descriptors: the hint must describe the same layer.
 void check_hint(const char *primitive_name, const pd_impl &hint, const csr_pattern &weights);
-dnnl::memory::desc seed_desc();
 
 // Checks shared by every primitive_desc constructor. `fallback` is the team
 // size when attr leaves it at 0 (forward: omp_get_max_threads(); backward:
@@ -50,6 +52,5 @@ std::string dims_str(const dnnl::memory::dims &d);
 // Requires an f32 memory desc of exactly `dims`, dense row-major.
 void check_plain_f32(const char *primitive_name, const char *arg_name, const dnnl::memory::desc &md,
                      const dnnl::memory::dims &dims, const char *meaning);
-dnnl::memory::desc plain_f32(const dnnl::memory::dims &dims);
 
 } // namespace qsp::detail

@@ -27,13 +27,6 @@ std::string dims_str(const dnnl::memory::dims &d) {
     return s + "]";
 }
 
-dnnl::memory::desc plain_f32(const dnnl::memory::dims &dims) {
-    dnnl::memory::dims strides(dims.size(), 1);
-    for (int i = static_cast<int>(dims.size()) - 2; i >= 0; --i)
-        strides[i] = strides[i + 1] * dims[i + 1];
-    return dnnl::memory::desc(dims, dnnl::memory::data_type::f32, strides);
-}
-
 void check_plain_f32(const char *primitive_name, const char *arg_name, const dnnl::memory::desc &md,
                      const dnnl::memory::dims &dims, const char *meaning) {
     std::ostringstream why;
@@ -51,9 +44,9 @@ void check_plain_f32(const char *primitive_name, const char *arg_name, const dnn
         refuse(primitive_name, why.str());
     }
     if (md.get_format_kind() != dnnl::memory::format_kind::blocked
-        || md.get_strides() != plain_f32(dims).get_strides()) {
+        || md.get_strides() != plain_f32_desc(dims).get_strides()) {
         why << arg_name << " must be dense row-major (strides "
-            << dims_str(plain_f32(dims).get_strides()) << "); pass a contiguous tensor";
+            << dims_str(plain_f32_desc(dims).get_strides()) << "); pass a contiguous tensor";
         refuse(primitive_name, why.str());
     }
 }
@@ -137,16 +130,13 @@ void pick(pd_impl &pd) {
 
 } // namespace
 
-dnnl::memory::desc seed_desc() {
-    return dnnl::memory::desc({2}, dnnl::memory::data_type::s32, dnnl::memory::dims{1});
-}
-
-void finish_pd(pd_impl &pd, const dnnl::engine &engine) {
+void finish_pd(pd_impl &pd, const dnnl::engine &engine, const primitive_attr &attr) {
     if (engine.get_kind() != dnnl::engine::kind::cpu)
         refuse(pd.primitive_name, "engine must be a CPU engine (dnnl::engine::kind::cpu)");
     pd.engine = engine;
+    pd.forced_impl = attr.implementation;
     const problem &p = pd.prob;
-    pd.weights_md = plain_f32({p.pattern.nnz()});
+    pd.weights_md = plain_f32_desc({p.pattern.nnz()});
     const dnnl::memory::desc ws_md({static_cast<dnnl::memory::dim>(s8::workspace_bytes(p))},
                                    dnnl::memory::data_type::u8, dnnl::memory::dims{1});
     pd.workspace_md =
@@ -165,7 +155,9 @@ void finish_pd(pd_impl &pd, const dnnl::engine &engine) {
             pd.args = {{DNNL_ARG_DIFF_DST, "diff_dst", pd.dst_md, true},
                        {DNNL_ARG_WEIGHTS, "weights", pd.weights_md, true},
                        {DNNL_ARG_DIFF_SRC, "diff_src", pd.src_md, true}};
-            if (s8) pd.args.push_back({QSP_ARG_ROUNDING_SEED, "rounding_seed", seed_desc(), true});
+            if (s8)
+                pd.args.push_back(
+                        {QSP_ARG_ROUNDING_SEED, "rounding_seed", rounding_seed_desc(), true});
             break;
         case direction::backward_weights:
             pd.args = {{DNNL_ARG_DIFF_DST, "diff_dst", pd.dst_md, true},
@@ -173,14 +165,22 @@ void finish_pd(pd_impl &pd, const dnnl::engine &engine) {
             if (s8) {
                 pd.args.push_back({DNNL_ARG_WORKSPACE, "workspace (the forward's quantized src)",
                                    ws_md, true});
-                pd.args.push_back({QSP_ARG_ROUNDING_SEED, "rounding_seed", seed_desc(), true});
+                pd.args.push_back(
+                        {QSP_ARG_ROUNDING_SEED, "rounding_seed", rounding_seed_desc(), true});
             } else {
                 pd.args.push_back({DNNL_ARG_SRC, "src", pd.src_md, true});
             }
             if (p.with_bias) pd.args.push_back({DNNL_ARG_DIFF_BIAS, "diff_bias", pd.bias_md, true});
             break;
     }
+    if (!attr.tune || !pd.forced_impl.empty()) {
+        pick(pd);
+        return;
+    }
+    tuning_result r = tune_problem(pd, tuning_options{}); // stores the decision pick() reads
     pick(pd);
+    if (r.chosen.empty()) r.chosen = r.incumbent = pd.impl_name; // only the reference accepts
+    pd.tuning = std::make_shared<const tuning_result>(std::move(r));
 }
 
 void check_hint(const char *primitive_name, const pd_impl &hint, const csr_pattern &weights) {
@@ -216,6 +216,9 @@ dnnl::memory::desc primitive_desc_base::weights_desc() const {
 }
 dnnl::memory::desc primitive_desc_base::workspace_desc() const {
     return impl_->workspace_md;
+}
+const tuning_result *primitive_desc_base::tuning() const {
+    return impl_->tuning.get();
 }
 
 } // namespace qsp

@@ -74,9 +74,9 @@ std::shared_ptr<pd_impl> make_conv_pd(const char *prim, direction dir, prop_kind
         refuse(prim, "attr.vectorization must be any, batch or output_width, got "
                              + std::to_string(static_cast<int>(vectorization)));
     p.vectorization = vectorization;
-    pd->src_md = plain_f32(sd);
-    pd->dst_md = plain_f32({s.batch, s.out_c, s.out_h, s.out_w});
-    if (p.with_bias) pd->bias_md = plain_f32({s.out_c});
+    pd->src_md = plain_f32_desc(sd);
+    pd->dst_md = plain_f32_desc({s.batch, s.out_c, s.out_h, s.out_w});
+    if (p.with_bias) pd->bias_md = plain_f32_desc({s.out_c});
     return pd;
 }
 
@@ -95,8 +95,7 @@ sparse_conv2d_forward::primitive_desc::primitive_desc(
     const char *name = "sparse_conv2d_forward";
     impl_ = make_conv_pd(name, direction::forward, prop, scheme, src_desc, weights, bias_desc,
                          dst_desc, geometry, resolve_num_threads(attr, name), attr.vectorization);
-    impl_->forced_impl = attr.implementation;
-    finish_pd(*impl_, engine);
+    finish_pd(*impl_, engine, attr);
 }
 
 dnnl::memory::desc sparse_conv2d_forward::primitive_desc::src_desc() const {
@@ -123,8 +122,7 @@ sparse_conv2d_backward_data::primitive_desc::primitive_desc(
                          weights, dnnl::memory::desc(), diff_dst_desc, hint.geometry(),
                          resolve_num_threads(attr, name, hint.num_threads()),
                          backward_vectorization(attr, *hint.impl()));
-    impl_->forced_impl = attr.implementation;
-    finish_pd(*impl_, engine);
+    finish_pd(*impl_, engine, attr);
 }
 
 sparse_conv2d_backward_data::sparse_conv2d_backward_data(const primitive_desc &pd) {
@@ -141,8 +139,7 @@ sparse_conv2d_backward_weights::primitive_desc::primitive_desc(
                          weights, diff_bias_desc, diff_dst_desc, hint.geometry(),
                          resolve_num_threads(attr, name, hint.num_threads()),
                          backward_vectorization(attr, *hint.impl()));
-    impl_->forced_impl = attr.implementation;
-    finish_pd(*impl_, engine);
+    finish_pd(*impl_, engine, attr);
 }
 
 sparse_conv2d_backward_weights::sparse_conv2d_backward_weights(const primitive_desc &pd) {

@@ -51,9 +51,9 @@ std::shared_ptr<pd_impl> make_linear_pd(const char *prim, direction dir, prop_ki
         check_plain_f32(prim, dir == direction::forward ? "bias_desc" : "diff_bias_desc", bias_md,
                         {p.out}, "out_features");
     p.num_threads = num_threads;
-    pd->src_md = plain_f32({p.batch, p.in});
-    pd->dst_md = plain_f32({p.batch, p.out});
-    if (p.with_bias) pd->bias_md = plain_f32({p.out});
+    pd->src_md = plain_f32_desc({p.batch, p.in});
+    pd->dst_md = plain_f32_desc({p.batch, p.out});
+    if (p.with_bias) pd->bias_md = plain_f32_desc({p.out});
     return pd;
 }
 
@@ -74,8 +74,7 @@ sparse_linear_forward::primitive_desc::primitive_desc(
     const char *name = "sparse_linear_forward";
     impl_ = make_linear_pd(name, direction::forward, prop, scheme, src_desc, weights, bias_desc,
                            dst_desc, linear_threads(attr, name));
-    impl_->forced_impl = attr.implementation;
-    finish_pd(*impl_, engine);
+    finish_pd(*impl_, engine, attr);
 }
 
 sparse_linear_forward::primitive_desc::primitive_desc(const dnnl::engine &engine, prop_kind prop,
@@ -110,8 +109,7 @@ sparse_linear_backward_data::primitive_desc::primitive_desc(
     impl_ = make_linear_pd(name, direction::backward_data, hint.prop(), hint.scheme(),
                            diff_src_desc, weights, dnnl::memory::desc(), diff_dst_desc,
                            linear_threads(attr, name, hint.num_threads()));
-    impl_->forced_impl = attr.implementation;
-    finish_pd(*impl_, engine);
+    finish_pd(*impl_, engine, attr);
 }
 
 sparse_linear_backward_data::sparse_linear_backward_data(const primitive_desc &pd) {
@@ -127,8 +125,7 @@ sparse_linear_backward_weights::primitive_desc::primitive_desc(
     impl_ = make_linear_pd(name, direction::backward_weights, hint.prop(), hint.scheme(), src_desc,
                            weights, diff_bias_desc, diff_dst_desc,
                            linear_threads(attr, name, hint.num_threads()));
-    impl_->forced_impl = attr.implementation;
-    finish_pd(*impl_, engine);
+    finish_pd(*impl_, engine, attr);
 }
 
 sparse_linear_backward_weights::sparse_linear_backward_weights(const primitive_desc &pd) {

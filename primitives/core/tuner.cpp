@@ -174,8 +174,9 @@ size_t choose_implementation(const std::vector<double> &median_ms, size_t incumb
     return median_ms[best] <= median_ms[incumbent] * (1.0 - min_gain) ? best : incumbent;
 }
 
-tuning_result tune(const primitive_desc_base &pd, const tuning_options &options) {
-    using namespace detail;
+namespace detail {
+
+tuning_result tune_problem(const pd_impl &impl, const tuning_options &options) {
     if (options.warmup_runs < 0 || options.timed_runs < 1)
         throw std::invalid_argument("tune: options need warmup_runs >= 0 and timed_runs >= 1, got "
                                     + std::to_string(options.warmup_runs) + " and "
@@ -183,7 +184,6 @@ tuning_result tune(const primitive_desc_base &pd, const tuning_options &options)
     if (!(options.min_gain >= 0.0 && options.min_gain < 1.0))
         throw std::invalid_argument("tune: options.min_gain must be in [0, 1), got "
                                     + std::to_string(options.min_gain));
-    const pd_impl &impl = *pd.impl();
     const problem &p = impl.prob;
     tuning_result r;
     r.primitive = impl.primitive_name;
@@ -235,6 +235,12 @@ tuning_result tune(const primitive_desc_base &pd, const tuning_options &options)
         runtime::verbose_print(line.str());
     }
     return r;
+}
+
+} // namespace detail
+
+tuning_result tune(const primitive_desc_base &pd, const tuning_options &options) {
+    return detail::tune_problem(*pd.impl(), options);
 }
 
 void clear_tuning_decisions() {

@@ -120,3 +120,50 @@ TEST(Tuner, only_competing_implementations_are_timed) {
 }
 
 } // namespace qsp::test
+
+namespace qsp::test {
+
+// primitive_attr::tune: the descriptor measures while it is created and
+// carries the winner (one descriptor, not create-tune-create); a second one
+// reuses the stored decision; a forced implementation is not tuned.
+TEST(Tuner, a_descriptor_created_with_attr_tune_carries_the_tuned_decision) {
+    std::mt19937 rng(9);
+    const int64_t B = 8, K = 96, N = 80;
+    auto p = csr_pattern::from_dense(random_sparse_dense(N, K, 0.9, rng).data(), N, K);
+    dnnl::engine eng(dnnl::engine::kind::cpu, 0);
+    primitive_attr attr;
+    attr.num_threads = 1;
+    auto make = [&](const primitive_attr &a) {
+        return sparse_linear_forward::primitive_desc(eng, prop_kind::forward_training,
+                                                     f32_desc({B, K}), p, f32_desc({B, N}),
+                                                     quant_scheme::f32, a);
+    };
+    clear_tuning_decisions();
+    EXPECT_EQ(make(attr).tuning(), nullptr) << "no tuning unless asked";
+    attr.tune = true;
+    const auto pd = make(attr);
+    ASSERT_NE(pd.tuning(), nullptr);
+    const tuning_result &r = *pd.tuning();
+    EXPECT_EQ(r.chosen, pd.impl_info_str()) << "the descriptor picks what it measured";
+    EXPECT_EQ(r.measured, effective_cpu_isa() >= cpu_isa::avx2)
+            << "a JIT tier has two forward forms to compare";
+    for (const auto &c : r.candidates)
+        EXPECT_EQ(c.runs_ms.size(), 7u) << c.implementation;
+    const auto again = make(attr);
+    ASSERT_NE(again.tuning(), nullptr);
+    EXPECT_FALSE(again.tuning()->measured) << "the stored decision is reused";
+    EXPECT_EQ(again.impl_info_str(), pd.impl_info_str());
+    attr.tune = false;
+    EXPECT_EQ(make(attr).impl_info_str(), pd.impl_info_str()) << "later descriptors pick it too";
+    // The backward descriptors tune the same way.
+    attr.tune = true;
+    const sparse_linear_backward_data::primitive_desc bd(eng, f32_desc({B, K}), p, f32_desc({B, N}),
+                                                         pd, attr);
+    ASSERT_NE(bd.tuning(), nullptr);
+    EXPECT_EQ(bd.tuning()->chosen, bd.impl_info_str());
+    attr.implementation = "ref:any";
+    EXPECT_EQ(make(attr).tuning(), nullptr) << "a forced implementation is not tuned";
+    clear_tuning_decisions();
+}
+
+} // namespace qsp::test

@@ -53,9 +53,7 @@ inline dnnl::memory seed_memory(const dnnl::engine &eng, std::vector<int32_t> &s
                                 uint64_t seed) {
     storage = {static_cast<int32_t>(static_cast<uint32_t>(seed)),
                static_cast<int32_t>(static_cast<uint32_t>(seed >> 32))};
-    return dnnl::memory(
-            dnnl::memory::desc({2}, dnnl::memory::data_type::s32, dnnl::memory::dims{1}), eng,
-            storage.data());
+    return dnnl::memory(rounding_seed_desc(), eng, storage.data());
 }
 
 // |got - want| <= rel * magnitude + abs, where magnitude is the sum of

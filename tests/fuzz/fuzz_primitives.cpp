@@ -79,13 +79,12 @@ step run(family<fwd_t, bd_t, bw_t>, make_t make_fwd, const qsp::csr_pattern &p, 
     r.dw.assign(w.size(), NAN);
     r.db.assign(bias ? b.size() : 0, NAN);
     int32_t seed_words[2] = {7, 11};
-    qsp::exec_args ba{{DNNL_ARG_DIFF_DST, mem(dst_md, dy.data())},
-                      {DNNL_ARG_WEIGHTS, mem(wmd, w.data())},
-                      {DNNL_ARG_DIFF_SRC, mem(src_md, r.dx.data())},
-                      {DNNL_ARG_DIFF_WEIGHTS, mem(wmd, r.dw.data())},
-                      {qsp::QSP_ARG_ROUNDING_SEED,
-                       dnnl::memory(dnnl::memory::desc({2}, dnnl::memory::data_type::s32, dims{1}),
-                                    eng, seed_words)}};
+    qsp::exec_args ba{
+            {DNNL_ARG_DIFF_DST, mem(dst_md, dy.data())},
+            {DNNL_ARG_WEIGHTS, mem(wmd, w.data())},
+            {DNNL_ARG_DIFF_SRC, mem(src_md, r.dx.data())},
+            {DNNL_ARG_DIFF_WEIGHTS, mem(wmd, r.dw.data())},
+            {qsp::QSP_ARG_ROUNDING_SEED, dnnl::memory(qsp::rounding_seed_desc(), eng, seed_words)}};
     if (bias) ba[DNNL_ARG_DIFF_BIAS] = mem(bias_md, r.db.data());
     if (fwd.scheme() == qsp::quant_scheme::s8)
         ba[DNNL_ARG_WORKSPACE] = mem(fwd.workspace_desc(), ws.data());
