@@ -182,7 +182,6 @@ private:
 };
 
 std::string dense_conv_refusal(const problem &p) {
-    if (p.op != op_kind::conv2d) return "Conv2d only (Linear has dense:onednn_s8 of its own)";
     if (p.scheme != quant_scheme::s8) return "s8 only";
     if (p.dir == direction::backward_weights)
         return "oneDNN has no int8 backward-weights convolution: the sparse JIT runs it";

@@ -175,7 +175,6 @@ void scatter_dense_s8(const csr_pattern &p, const int8_t *wq, int8_t *dense, int
 implementation dense_onednn_s8_linear_implementation() {
     return {"dense:onednn_s8",
             [](const problem &p) -> std::string {
-                if (p.op != op_kind::linear) return "Linear only";
                 if (p.scheme != quant_scheme::s8) return "s8 only";
                 if (effective_cpu_isa() == cpu_isa::ref)
                     return "QSP_MAX_CPU_ISA=ref selects the reference";

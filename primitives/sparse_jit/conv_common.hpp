@@ -10,9 +10,8 @@
 namespace qsp::detail {
 
 // Why a Conv2d JIT family of `strategy` at `isa` cannot take p for reasons
-// of kind rather than size: the operation, the scheme, the CPU, a tier
-// superseded on this CPU, a vectorization forced to the other strategy
-// ("" if none applies).
+// of kind rather than size: the scheme, a vectorization forced to the other
+// strategy, the tier rule (jit_tier_refusal) ("" if none applies).
 std::string conv_isa_refusal(const problem &p, quant_scheme scheme, cpu_isa isa,
                              conv_vectorization strategy);
 

@@ -87,24 +87,6 @@ int64_t conv_layout::dy_row(const phase &f, int64_t c, int64_t channels, int64_t
     return ((f.qh0 + mh + dy_pad.top) * owp + f.qw0 + mw + dy_pad.left) * channels + c;
 }
 
-namespace {
-
-// Rows from (source row, key, value index) triples: rows in source-row
-// order, keys ascending within each.
-sparse_rows rows_from(int64_t rows, std::vector<std::array<int64_t, 3>> &triples) {
-    std::sort(triples.begin(), triples.end());
-    sparse_rows m;
-    size_t t = 0;
-    for (int64_t r = 0; r < rows; ++r) {
-        for (; t < triples.size() && triples[t][0] == r; ++t)
-            m.add(triples[t][1], triples[t][2]);
-        m.end_row();
-    }
-    return m;
-}
-
-} // namespace
-
 conv_layout::scatter_rows conv_layout::forward_scatter(const csr_pattern &p, bool s8_quads) const {
     const int64_t *rp = p.row_ptr();
     const int32_t *ci = p.col_idx();
@@ -117,7 +99,7 @@ conv_layout::scatter_rows conv_layout::forward_scatter(const csr_pattern &p, boo
             const int64_t src = ((s8_quads ? ic / 4 : ic) * kh + t.kh) * kw + t.kw;
             triples.push_back({src, s8_quads ? oc * 4 + ic % 4 : oc, e});
         }
-    scatter_rows out{rows_from(rows, triples), {}};
+    scatter_rows out{rows_from_triples(rows, triples), {}};
     for (int64_t r = 0; r < rows; ++r) {
         const int64_t c = r / (kh * kw), k_h = (r / kw) % kh, k_w = r % kw;
         out.src_row.push_back((k_h * dh * wp + k_w * dw) * chans + c);
@@ -141,7 +123,7 @@ conv_layout::scatter_rows conv_layout::backward_data_scatter(const csr_pattern &
             const int64_t src = ((s8_quads ? oc / 4 : oc) * kh + t.kh) * kw + t.kw;
             triples.push_back({src, s8_quads ? ic * 4 + oc % 4 : ic, e});
         }
-    scatter_rows out{rows_from(rows, triples), {}};
+    scatter_rows out{rows_from_triples(rows, triples), {}};
     for (int64_t r = 0; r < rows; ++r) {
         const int64_t c = r / (kh * kw), k_h = (r / kw) % kh, k_w = r % kw;
         out.src_row.push_back(dy_row(f, c, chans, k_h, k_w)); // quads: a row per 4 channels

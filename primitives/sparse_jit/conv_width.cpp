@@ -26,23 +26,6 @@ width_split split_width(int64_t width, int64_t lanes, int max_vectors) {
     return s;
 }
 
-namespace {
-
-// Rows from (row, key, value index) triples, keys ascending within a row.
-sparse_rows rows_from(int64_t rows, std::vector<std::array<int64_t, 3>> &triples) {
-    std::sort(triples.begin(), triples.end());
-    sparse_rows m;
-    size_t t = 0;
-    for (int64_t r = 0; r < rows; ++r) {
-        for (; t < triples.size() && triples[t][0] == r; ++t)
-            m.add(triples[t][1], triples[t][2]);
-        m.end_row();
-    }
-    return m;
-}
-
-} // namespace
-
 width_plane conv_width::x_plane(int64_t read_lanes) const {
     width_plane p;
     p.rows = l.hp;
@@ -66,7 +49,7 @@ sparse_rows conv_width::forward_rows(const csr_pattern &p) const {
             const int64_t ic = l.group_of_out(oc) * l.icg + t.ic;
             triples.push_back({oc, key(ic, t.kh * l.kw + t.kw, taps), e});
         }
-    return rows_from(l.out_c, triples);
+    return rows_from_triples(l.out_c, triples);
 }
 
 width_plane conv_width::dy_plane(const std::vector<int64_t> &read_lanes) const {
@@ -108,7 +91,7 @@ sparse_rows conv_width::backward_data_rows(const csr_pattern &p,
             const int64_t ic = l.group_of_out(oc) * l.icg + t.ic;
             triples.push_back({ic, key(oc, t.kh * l.kw + t.kw, taps), e});
         }
-    return rows_from(l.in_c, triples);
+    return rows_from_triples(l.in_c, triples);
 }
 
 } // namespace qsp::detail

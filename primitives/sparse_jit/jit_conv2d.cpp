@@ -22,6 +22,7 @@
 #include "primitives/passes/tile_layout.hpp"
 #include "primitives/sparse_jit/conv_common.hpp"
 #include "primitives/sparse_jit/conv_layout.hpp"
+#include "primitives/sparse_jit/jit_plan.hpp"
 #include "primitives/sparse_jit/plan_cache.hpp"
 #include "runtime/scratch_pool.hpp"
 
@@ -33,20 +34,12 @@ constexpr int64_t tb = jit::tile_batch;
 constexpr int64_t rb = jit::tile_row_bytes;     // f32 / int32 / quad tile rows
 constexpr int64_t rb8 = jit::s8_tile_row_bytes; // int8 tile rows
 
-// body(part, tile) for every row part of `bounds` and batch tile; parts are
-// spread over the team and a part's rows are written by one thread only.
+// for_parts_and_tiles (jit_plan.hpp), timed as kernel time of dir.
 template <typename body_t>
 void for_parts(direction dir, const std::vector<int64_t> &bounds, int64_t tiles, int threads,
                body_t body) {
     const auto timed = kernel_time(dir);
-    const int parts = static_cast<int>(bounds.size()) - 1;
-#pragma omp parallel num_threads(threads)
-    {
-        const int nthr = omp_get_num_threads(), tid = omp_get_thread_num();
-        for (int part = tid; part < parts; part += nthr)
-            for (int64_t tile = 0; tile < tiles; ++tile)
-                body(part, tile);
-    }
+    for_parts_and_tiles(bounds, tiles, threads, body);
 }
 
 // body(tile, h0, h1) for every batch tile and block [h0, h1) of a pixel
@@ -153,10 +146,10 @@ jit::pixel_grid phase_grid(const conv_layout &l, const conv_layout::phase &f,
 
 // ---- f32 -----------------------------------------------------------------------
 
-class jit_conv2d_f32_plan : public kernel {
+class jit_conv2d_f32_plan : public jit_plan {
 public:
     jit_conv2d_f32_plan(const problem &p, cpu_isa isa)
-        : p_(p.without_batch()), l_(p.conv), lanes_(jit::vector_lanes(isa)) {
+        : jit_plan(p), l_(p.conv), lanes_(jit::vector_lanes(isa)) {
         const int threads = p.num_threads;
         switch (p.dir) {
             case direction::forward: {
@@ -196,22 +189,6 @@ public:
         }
     }
 
-    const char *execute(const tensors &t) const override {
-        runtime::scratchpad sp;
-        switch (p_.dir) {
-            case direction::forward:
-                forward(t, sp);
-                break;
-            case direction::backward_data:
-                backward_data(t, sp);
-                break;
-            case direction::backward_weights:
-                backward_weights(t, sp);
-                break;
-        }
-        return nullptr;
-    }
-
 private:
     struct phase_plan {
         conv_layout::phase phase;
@@ -220,7 +197,7 @@ private:
 
     int64_t x_rows() const { return l_.in_c * l_.hp * l_.wp; }
 
-    void forward(const tensors &t, runtime::scratchpad &sp) const {
+    const char *forward(const tensors &t, runtime::scratchpad &sp) const override {
         const int nt = p_.num_threads;
         const int64_t B = t.batch, y_rows = l_.out_c * l_.out_pixels();
         float *x = sp.get<float>(0, tiled_elems(B, x_rows()));
@@ -233,9 +210,10 @@ private:
                     reinterpret_cast<uint8_t *>(y), y_rows * rb, l_.out_c, rb,
                     output_grid(l_, l_.out_h, l_.in_c * rb, l_.out_c * rb), nt);
         unpack_conv_tiles(y, B, l_.out_c, l_.out_pixels(), t.bias, t.dst, nt);
+        return nullptr;
     }
 
-    void backward_data(const tensors &t, runtime::scratchpad &sp) const {
+    const char *backward_data(const tensors &t, runtime::scratchpad &sp) const override {
         const int nt = p_.num_threads;
         const int64_t B = t.batch, dy_rows = l_.out_c * l_.ohp * l_.owp,
                       dx_rows = l_.in_c * l_.in_pixels();
@@ -252,9 +230,10 @@ private:
                         phase_grid(l_, f.phase, l_.out_c * rb), nt);
         }
         unpack_conv_tiles(dx, B, l_.in_c, l_.in_pixels(), nullptr, t.diff_src, nt);
+        return nullptr;
     }
 
-    void backward_weights(const tensors &t, runtime::scratchpad &sp) const {
+    const char *backward_weights(const tensors &t, runtime::scratchpad &sp) const override {
         const int nt = p_.num_threads;
         const int64_t B = t.batch, dy_rows = l_.out_c * l_.out_pixels();
         float *x = sp.get<float>(0, tiled_elems(B, x_rows()));
@@ -276,9 +255,9 @@ private:
             (*sddmm_[tile_vectors(B, tile, lanes_) - 1])(c);
         });
         if (t.diff_bias) bias_grad(t.diff_dst, t.diff_bias, B, l_.out_c, l_.out_pixels(), nt);
+        return nullptr;
     }
 
-    problem p_; // batch 0: the plan serves every batch size
     conv_layout l_;
     int lanes_;
     std::unique_ptr<scatter_walk<entry_plan>> forward_; // forward
@@ -290,10 +269,10 @@ private:
 
 // ---- s8 ------------------------------------------------------------------------
 
-class jit_conv2d_s8_plan : public kernel {
+class jit_conv2d_s8_plan : public jit_plan {
 public:
     jit_conv2d_s8_plan(const problem &p, cpu_isa isa)
-        : p_(p.without_batch()), l_(p.conv), lanes_(jit::vector_lanes(isa)) {
+        : jit_plan(p), l_(p.conv), lanes_(jit::vector_lanes(isa)) {
         const int threads = p.num_threads;
         switch (p.dir) {
             case direction::forward: {
@@ -345,22 +324,6 @@ public:
         }
     }
 
-    const char *execute(const tensors &t) const override {
-        runtime::scratchpad sp;
-        switch (p_.dir) {
-            case direction::forward:
-                forward(t, sp);
-                break;
-            case direction::backward_data:
-                backward_data(t, sp);
-                break;
-            case direction::backward_weights:
-                backward_weights(t, sp);
-                break;
-        }
-        return nullptr;
-    }
-
     // The s8 SDDMM sums int32 pieces of at most this many batch x pixel
     // terms (255 * 127 * 65536 < 2^31); the pieces are added in int64.
     static constexpr int64_t max_piece_pixels = int32_safe_reduction_length / jit::tile_batch;
@@ -372,7 +335,7 @@ private:
         std::vector<int64_t> dst_channel; // per entry: its input channel
     };
 
-    void forward(const tensors &t, runtime::scratchpad &sp) const {
+    const char *forward(const tensors &t, runtime::scratchpad &sp) const override {
         const int nt = p_.num_threads;
         const int64_t B = t.batch, nnz = p_.pattern.nnz(), oc = l_.out_c;
         const int64_t x_rows = (l_.in_c + 3) / 4 * l_.hp * l_.wp, y_rows = oc * l_.out_pixels();
@@ -408,9 +371,10 @@ private:
                     output_grid(l_, l_.out_h, (l_.in_c + 3) / 4 * rb, oc * rb), nt);
         unpack_conv_s32_tiles(acc, B, oc, l_.out_pixels(), correction, l_.out_pixels(), row_scale,
                               l_.out_pixels(), t.bias, t.dst, nt);
+        return nullptr;
     }
 
-    void backward_data(const tensors &t, runtime::scratchpad &sp) const {
+    const char *backward_data(const tensors &t, runtime::scratchpad &sp) const override {
         const int nt = p_.num_threads;
         const int64_t B = t.batch, nnz = p_.pattern.nnz(), oc = l_.out_c, in_px = l_.in_pixels();
         const int64_t dy_rows = (oc + 3) / 4 * l_.ohp * l_.owp, dx_rows = l_.in_c * in_px;
@@ -452,9 +416,10 @@ private:
         }
         unpack_conv_s32_tiles(acc, B, l_.in_c, in_px, correction, 1, &sg2, dx_rows, nullptr,
                               t.diff_src, nt);
+        return nullptr;
     }
 
-    void backward_weights(const tensors &t, runtime::scratchpad &sp) const {
+    const char *backward_weights(const tensors &t, runtime::scratchpad &sp) const override {
         const int nt = p_.num_threads;
         const int64_t B = t.batch, nnz = p_.pattern.nnz(), oc = l_.out_c;
         const int64_t x_rows = l_.in_c * l_.hp * l_.wp, dy_rows = oc * l_.out_pixels();
@@ -502,9 +467,9 @@ private:
             t.diff_weights[e] =
                     static_cast<float>(acc[e] - 128 * window_sum[tap_of_entry_[e]]) * scale;
         if (t.diff_bias) bias_grad(t.diff_dst, t.diff_bias, B, oc, l_.out_pixels(), nt);
+        return nullptr;
     }
 
-    problem p_; // batch 0: the plan serves every batch size
     conv_layout l_;
     int lanes_;
     std::unique_ptr<scatter_walk<quad_plan>> forward_; // forward
@@ -521,20 +486,11 @@ private:
 
 std::string conv_isa_refusal(const problem &p, quant_scheme scheme, cpu_isa isa,
                              conv_vectorization strategy) {
-    if (p.op != op_kind::conv2d) return "Conv2d only (Linear has implementations of its own)";
     if (p.scheme != scheme) return std::string(to_string(scheme)) + " only";
     if (p.vectorization != conv_vectorization::any && p.vectorization != strategy)
         return std::string("vectorizes over ") + to_string(strategy) + "; attr.vectorization is "
                + to_string(p.vectorization);
-    const cpu_isa eff = effective_cpu_isa();
-    if (eff < isa)
-        return std::string("needs ") + to_string(isa) + ", effective ISA is " + to_string(eff);
-    if (isa == cpu_isa::avx2 && eff >= cpu_isa::avx512_core)
-        return "superseded by the AVX-512 kernels on this CPU";
-    if (scheme == quant_scheme::s8 && isa == cpu_isa::avx512_core
-        && eff >= cpu_isa::avx512_core_vnni)
-        return "superseded by the avx512_core_vnni kernels on this CPU";
-    return "";
+    return jit_tier_refusal(scheme, isa);
 }
 
 void conv_window_sums(const conv_layout &l, const int8_t *xq, int64_t batch, int32_t *plane_sum,
@@ -589,7 +545,10 @@ std::string conv_refusal(const problem &p, quant_scheme scheme, cpu_isa isa) {
     return "";
 }
 
-implementation jit_conv2d_implementation(const char *name, quant_scheme scheme, cpu_isa isa) {
+} // namespace
+
+implementation jit_conv2d_batch(quant_scheme scheme, cpu_isa isa) {
+    const char *name = jit_implementation_name(isa, "batch");
     return {name, [scheme, isa](const problem &p) { return conv_refusal(p, scheme, isa); },
             [name, scheme, isa](const problem &p) -> std::shared_ptr<const kernel> {
                 return cached_plan(name, isa, p, [&]() -> std::shared_ptr<const kernel> {
@@ -599,27 +558,6 @@ implementation jit_conv2d_implementation(const char *name, quant_scheme scheme, 
                 });
             },
             false, op_kind::conv2d};
-}
-
-} // namespace
-
-implementation jit_avx512_conv2d_f32_implementation() {
-    return jit_conv2d_implementation("jit:avx512_core:batch", quant_scheme::f32,
-                                     cpu_isa::avx512_core);
-}
-implementation jit_avx2_conv2d_f32_implementation() {
-    return jit_conv2d_implementation("jit:avx2:batch", quant_scheme::f32, cpu_isa::avx2);
-}
-implementation jit_avx512_vnni_conv2d_s8_implementation() {
-    return jit_conv2d_implementation("jit:avx512_core_vnni:batch", quant_scheme::s8,
-                                     cpu_isa::avx512_core_vnni);
-}
-implementation jit_avx512_conv2d_s8_implementation() {
-    return jit_conv2d_implementation("jit:avx512_core:batch", quant_scheme::s8,
-                                     cpu_isa::avx512_core);
-}
-implementation jit_avx2_conv2d_s8_implementation() {
-    return jit_conv2d_implementation("jit:avx2:batch", quant_scheme::s8, cpu_isa::avx2);
 }
 
 } // namespace qsp::detail

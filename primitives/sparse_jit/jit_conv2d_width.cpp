@@ -21,6 +21,7 @@
 #include "primitives/sparse_jit/conv_common.hpp"
 #include "primitives/sparse_jit/conv_width.hpp"
 #include "primitives/sparse_jit/jit_conv2d.hpp"
+#include "primitives/sparse_jit/jit_plan.hpp"
 #include "primitives/sparse_jit/plan_cache.hpp"
 #include "runtime/scratch_pool.hpp"
 
@@ -91,13 +92,8 @@ void for_images(direction dir, int64_t batch, const std::vector<int64_t> &bounds
 template <typename body_t>
 void for_parts(direction dir, const std::vector<int64_t> &bounds, int threads, body_t body) {
     const auto timed = kernel_time(dir);
-    const int parts = static_cast<int>(bounds.size()) - 1;
-#pragma omp parallel num_threads(threads)
-    {
-        const int nthr = omp_get_num_threads(), tid = omp_get_thread_num();
-        for (int part = tid; part < parts; part += nthr)
-            body(bounds[part], bounds[part + 1]);
-    }
+    for_parts_and_tiles(bounds, 1, threads,
+                        [&](int part, int64_t) { body(bounds[part], bounds[part + 1]); });
 }
 
 // The entries' byte offsets in x planes (forward, backward-weights): channel
@@ -200,9 +196,9 @@ struct spmm_run {
 
 // ---- f32 -----------------------------------------------------------------------
 
-class jit_conv2d_width_f32_plan : public kernel {
+class jit_conv2d_width_f32_plan : public jit_plan {
 public:
-    jit_conv2d_width_f32_plan(const problem &p, cpu_isa isa) : p_(p.without_batch()), w_(p.conv) {
+    jit_conv2d_width_f32_plan(const problem &p, cpu_isa isa) : jit_plan(p), w_(p.conv) {
         const int threads = p.num_threads;
         const sparse_dtype dt = sparse_dtype::f32;
         switch (p.dir) {
@@ -247,19 +243,6 @@ public:
         }
     }
 
-    const char *execute(const tensors &t) const override {
-        runtime::scratchpad sp;
-        switch (p_.dir) {
-            case direction::forward:
-                return forward(t, sp);
-            case direction::backward_data:
-                return backward_data(t, sp);
-            case direction::backward_weights:
-                backward_weights(t, sp);
-                break;
-        }
-        return nullptr;
-    }
     // The packs of x (forward) and dY (backward-data) check them.
     bool checks_finite_input() const override { return true; }
 
@@ -274,7 +257,7 @@ private:
         return scratch;
     }
 
-    const char *forward(const tensors &t, runtime::scratchpad &sp) const {
+    const char *forward(const tensors &t, runtime::scratchpad &sp) const override {
         const int nt = p_.num_threads;
         const int64_t B = t.batch, image = l().in_c * plane_.size();
         float *x = sp.get<float>(0, B * image);
@@ -300,7 +283,7 @@ private:
         return nullptr;
     }
 
-    const char *backward_data(const tensors &t, runtime::scratchpad &sp) const {
+    const char *backward_data(const tensors &t, runtime::scratchpad &sp) const override {
         const int nt = p_.num_threads;
         const int64_t B = t.batch, image = l().out_c * plane_.size(), in_px = l().in_pixels();
         float *dy = sp.get<float>(0, B * image);
@@ -337,7 +320,7 @@ private:
         return nullptr;
     }
 
-    void backward_weights(const tensors &t, runtime::scratchpad &sp) const {
+    const char *backward_weights(const tensors &t, runtime::scratchpad &sp) const override {
         const int nt = p_.num_threads;
         const int64_t B = t.batch, image = l().in_c * plane_.size(), nnz = p_.pattern.nnz();
         const int64_t vl = bwd_.split.lanes, out_image = l().out_c * l().out_pixels();
@@ -372,9 +355,9 @@ private:
             }
         });
         if (t.diff_bias) bias_grad(t.diff_dst, t.diff_bias, B, l().out_c, l().out_pixels(), nt);
+        return nullptr;
     }
 
-    problem p_; // batch 0: the plan serves every batch size
     conv_width w_;
     width_plane plane_; // forward / backward-weights: x; backward-data: dY
     row_calls<jit::jit_spmm_width_kernel> fwd_;
@@ -386,13 +369,13 @@ private:
 
 // ---- s8 ------------------------------------------------------------------------
 
-class jit_conv2d_width_s8_plan : public kernel {
+class jit_conv2d_width_s8_plan : public jit_plan {
 public:
     // The SDDMM's int32 lanes each add at most 4 * 255 * 128 per dY vector:
     // partial sums are moved into int64 before this many vectors.
     static constexpr int64_t max_lane_steps = std::numeric_limits<int32_t>::max() / (4 * 255 * 128);
 
-    jit_conv2d_width_s8_plan(const problem &p, cpu_isa isa) : p_(p.without_batch()), w_(p.conv) {
+    jit_conv2d_width_s8_plan(const problem &p, cpu_isa isa) : jit_plan(p), w_(p.conv) {
         const int threads = p.num_threads;
         const sparse_dtype dt = sparse_dtype::s8;
         switch (p.dir) {
@@ -447,28 +430,12 @@ public:
         }
     }
 
-    const char *execute(const tensors &t) const override {
-        runtime::scratchpad sp;
-        switch (p_.dir) {
-            case direction::forward:
-                forward(t, sp);
-                break;
-            case direction::backward_data:
-                backward_data(t, sp);
-                break;
-            case direction::backward_weights:
-                backward_weights(t, sp);
-                break;
-        }
-        return nullptr;
-    }
-
 private:
     const conv_layout &l() const { return w_.l; }
     int64_t x_span() const { return (l().kh - 1) * l().dh + 1; }
     int64_t dy_span() const { return (l().kh - 1) * l().dh / l().sh + 1; }
 
-    void forward(const tensors &t, runtime::scratchpad &sp) const {
+    const char *forward(const tensors &t, runtime::scratchpad &sp) const override {
         const int nt = p_.num_threads;
         const int64_t B = t.batch, nnz = p_.pattern.nnz(), oc = l().out_c;
         const int64_t image = (l().in_c + 3) / 4 * plane_.size();
@@ -508,9 +475,10 @@ private:
                            correction,
                            row_scale};
         run(p_.dir, fwd_, B, nt);
+        return nullptr;
     }
 
-    void backward_data(const tensors &t, runtime::scratchpad &sp) const {
+    const char *backward_data(const tensors &t, runtime::scratchpad &sp) const override {
         const int nt = p_.num_threads;
         const int64_t B = t.batch, nnz = p_.pattern.nnz(), oc = l().out_c, ic = l().in_c;
         const int64_t image = (oc + 3) / 4 * plane_.size(), in_px = l().in_pixels();
@@ -557,9 +525,10 @@ private:
                 scatter_width_phase(phase_out, B, ic, ph.n_h, ph.n_w, l().in_h, l().in_w, ph.ih0,
                                     ph.iw0, l().sh, l().sw, t.diff_src, nt);
         }
+        return nullptr;
     }
 
-    void backward_weights(const tensors &t, runtime::scratchpad &sp) const {
+    const char *backward_weights(const tensors &t, runtime::scratchpad &sp) const override {
         const int nt = p_.num_threads;
         const int64_t B = t.batch, nnz = p_.pattern.nnz(), oc = l().out_c;
         const int64_t image = l().in_c * plane_.size(), vl = bwd_.split.lanes / 4;
@@ -632,9 +601,9 @@ private:
             t.diff_weights[e.value_index.empty() ? i : e.value_index[i]] =
                     static_cast<float>(acc[i] - 128 * window_sum[tap_of_entry_[i]]) * scale;
         if (t.diff_bias) bias_grad(t.diff_dst, t.diff_bias, B, oc, l().out_pixels(), nt);
+        return nullptr;
     }
 
-    problem p_; // batch 0: the plan serves every batch size
     conv_width w_;
     width_plane plane_;
     row_calls<jit::jit_spmm_width_kernel> fwd_;
@@ -676,7 +645,10 @@ std::string width_refusal(const problem &p, quant_scheme scheme, cpu_isa isa) {
     return "";
 }
 
-implementation width_implementation(const char *name, quant_scheme scheme, cpu_isa isa) {
+} // namespace
+
+implementation jit_conv2d_width(quant_scheme scheme, cpu_isa isa) {
+    const char *name = jit_implementation_name(isa, "width");
     return {name, [scheme, isa](const problem &p) { return width_refusal(p, scheme, isa); },
             [name, scheme, isa](const problem &p) -> std::shared_ptr<const kernel> {
                 return cached_plan(name, isa, p, [&]() -> std::shared_ptr<const kernel> {
@@ -686,25 +658,6 @@ implementation width_implementation(const char *name, quant_scheme scheme, cpu_i
                 });
             },
             false, op_kind::conv2d};
-}
-
-} // namespace
-
-implementation jit_avx512_conv2d_width_f32_implementation() {
-    return width_implementation("jit:avx512_core:width", quant_scheme::f32, cpu_isa::avx512_core);
-}
-implementation jit_avx2_conv2d_width_f32_implementation() {
-    return width_implementation("jit:avx2:width", quant_scheme::f32, cpu_isa::avx2);
-}
-implementation jit_avx512_vnni_conv2d_width_s8_implementation() {
-    return width_implementation("jit:avx512_core_vnni:width", quant_scheme::s8,
-                                cpu_isa::avx512_core_vnni);
-}
-implementation jit_avx512_conv2d_width_s8_implementation() {
-    return width_implementation("jit:avx512_core:width", quant_scheme::s8, cpu_isa::avx512_core);
-}
-implementation jit_avx2_conv2d_width_s8_implementation() {
-    return width_implementation("jit:avx2:width", quant_scheme::s8, cpu_isa::avx2);
 }
 
 } // namespace qsp::detail

@@ -13,6 +13,7 @@
 
 #include "jit/jit_uni_sddmm_kernel.hpp"
 #include "primitives/passes/tile_layout.hpp"
+#include "primitives/sparse_jit/jit_plan.hpp"
 #include "primitives/sparse_jit/plan_cache.hpp"
 #include "primitives/sparse_jit/spmm_plan.hpp"
 #include "primitives/sparse_jit/spmm_runner.hpp"
@@ -22,7 +23,7 @@ namespace qsp::detail {
 
 namespace {
 
-class jit_linear_f32_plan : public kernel {
+class jit_linear_f32_plan : public jit_plan {
 public:
     jit_linear_f32_plan(const problem &p, cpu_isa isa, bool specialise)
         : jit_linear_f32_plan(
@@ -32,8 +33,7 @@ public:
                         : csr_rows(p.pattern.row_ptr(), p.pattern.col_idx(), p.out)) {}
 
     jit_linear_f32_plan(const problem &p, cpu_isa isa, bool specialise, const sparse_rows &m)
-        : p_(p.without_batch()), lanes_(jit::vector_lanes(isa)),
-          rows_(m, row_offset, p.num_threads) {
+        : jit_plan(p), lanes_(jit::vector_lanes(isa)), rows_(m, row_offset, p.num_threads) {
         if (p.dir == direction::backward_weights) {
             // One kernel per tail length (vectors of the last tile).
             for (int nv = 1; nv <= jit::tile_batch / lanes_; ++nv)
@@ -57,40 +57,9 @@ public:
         return spmm_ ? spmm_->specialisation() : std::string();
     }
 
-    const char *execute(const tensors &t) const override {
-        runtime::scratchpad sp;
-        switch (p_.dir) {
-            case direction::forward:
-                forward(t, sp);
-                break;
-            case direction::backward_data:
-                backward_data(t, sp);
-                break;
-            case direction::backward_weights:
-                backward_weights(t, sp);
-                break;
-        }
-        return nullptr;
-    }
-
 private:
     // A source row of the tiles: one tile row per feature.
     static int64_t row_offset(int64_t, int64_t feature) { return feature * jit::tile_row_bytes; }
-
-    // Runs body(part, tile) for every (row part, batch tile), parts spread
-    // over the team; a part's rows are written by one thread only.
-    template <typename body_t> void for_parts(int64_t batch, body_t body) const {
-        const auto timed = kernel_time(p_.dir);
-        const int parts = static_cast<int>(rows_.bounds.size()) - 1;
-        const int64_t tiles = tile_count(batch);
-#pragma omp parallel num_threads(p_.num_threads)
-        {
-            const int nthr = omp_get_num_threads(), tid = omp_get_thread_num();
-            for (int part = tid; part < parts; part += nthr)
-                for (int64_t tile = 0; tile < tiles; ++tile)
-                    body(part, tile);
-        }
-    }
 
     void run_spmm(int64_t batch, const float *values, const float *src_tiles, int64_t src_channels,
                   float *dst_tiles) const {
@@ -101,16 +70,17 @@ private:
                    p_.num_threads);
     }
 
-    void forward(const tensors &t, runtime::scratchpad &sp) const {
+    const char *forward(const tensors &t, runtime::scratchpad &sp) const override {
         const int nt = p_.num_threads;
         float *x = sp.get<float>(0, tiled_elems(t.batch, p_.in));
         float *y = sp.get<float>(1, tiled_elems(t.batch, p_.out));
         pack_tiles(t.src, t.batch, p_.in, x, nt);
         run_spmm(t.batch, t.weights, x, p_.in, y); // the CSR is the kernel order
         unpack_tiles(y, t.batch, p_.out, t.bias, t.dst, nt);
+        return nullptr;
     }
 
-    void backward_data(const tensors &t, runtime::scratchpad &sp) const {
+    const char *backward_data(const tensors &t, runtime::scratchpad &sp) const override {
         const int nt = p_.num_threads;
         // In a fused backward the dY tiles go to memory that outlives this
         // direction: backward-weights takes them as they are.
@@ -126,9 +96,10 @@ private:
         }
         run_spmm(t.batch, values, dy, p_.out, dx);
         unpack_tiles(dx, t.batch, p_.in, nullptr, t.diff_src, nt);
+        return nullptr;
     }
 
-    void backward_weights(const tensors &t, runtime::scratchpad &sp) const {
+    const char *backward_weights(const tensors &t, runtime::scratchpad &sp) const override {
         const int nt = p_.num_threads;
         float *x = sp.get<float>(0, tiled_elems(t.batch, p_.in));
         pack_tiles(t.src, t.batch, p_.in, x, nt);
@@ -143,7 +114,8 @@ private:
         std::fill(t.diff_weights, t.diff_weights + p_.pattern.nnz(), 0.f);
         // Tiles inside parts: each dW row accumulates its tiles in order,
         // so the result does not depend on the thread count.
-        for_parts(t.batch, [&](int part, int64_t tile) {
+        const auto timed = kernel_time(p_.dir);
+        for_parts_and_tiles(rows_.bounds, tile_count(t.batch), nt, [&](int part, int64_t tile) {
             jit::sddmm_call_params c{rows_.offsets.data(),
                                      rows_.row_ptr.data(),
                                      rows_.bounds[part],
@@ -168,27 +140,25 @@ private:
                 t.diff_bias[n] = acc;
             }
         }
+        return nullptr;
     }
 
-    problem p_; // batch 0: the plan serves every batch size
     int lanes_;
     entry_plan rows_; // forward, backward-weights: the CSR; backward-data: its transpose
     std::unique_ptr<spmm_runner> spmm_; // SpMM directions
     std::vector<std::shared_ptr<const jit::jit_sddmm_kernel>> sddmm_;
 };
 
-implementation jit_linear_f32_implementation(const char *name, cpu_isa isa, bool specialise) {
+} // namespace
+
+implementation jit_linear_f32(cpu_isa isa, spmm_code code) {
+    const bool specialise = code == spmm_code::pattern;
+    const char *name = jit_implementation_name(isa, specialise ? "pattern" : nullptr);
     return {name,
             [isa, specialise](const problem &p) -> std::string {
-                if (p.op != op_kind::linear)
-                    return "Linear only (Conv2d has implementations of its own)";
-                if (p.scheme != quant_scheme::f32)
-                    return "f32 only (s8 has implementations of its own)";
-                if (effective_cpu_isa() < isa)
-                    return std::string("needs ") + to_string(isa) + ", effective ISA is "
-                           + to_string(effective_cpu_isa());
-                if (isa == cpu_isa::avx2 && effective_cpu_isa() >= cpu_isa::avx512_core)
-                    return "superseded by jit:avx512_core on this CPU";
+                if (p.scheme != quant_scheme::f32) return "f32 only";
+                std::string why = jit_tier_refusal(quant_scheme::f32, isa);
+                if (!why.empty()) return why;
                 if (std::max(p.in, p.out) > (int64_t(1) << 31) / jit::tile_row_bytes)
                     return "a dimension exceeds the 32-bit tile offsets";
                 if (specialise) return why_not_pattern_specialised(p);
@@ -200,24 +170,6 @@ implementation jit_linear_f32_implementation(const char *name, cpu_isa isa, bool
                 });
             },
             false, op_kind::linear};
-}
-
-} // namespace
-
-implementation jit_avx512_linear_f32_implementation() {
-    return jit_linear_f32_implementation("jit:avx512_core", cpu_isa::avx512_core, false);
-}
-
-implementation jit_avx2_linear_f32_implementation() {
-    return jit_linear_f32_implementation("jit:avx2", cpu_isa::avx2, false);
-}
-
-implementation jit_avx512_pattern_linear_f32_implementation() {
-    return jit_linear_f32_implementation("jit:avx512_core:pattern", cpu_isa::avx512_core, true);
-}
-
-implementation jit_avx2_pattern_linear_f32_implementation() {
-    return jit_linear_f32_implementation("jit:avx2:pattern", cpu_isa::avx2, true);
 }
 
 } // namespace qsp::detail

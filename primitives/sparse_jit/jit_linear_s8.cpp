@@ -22,6 +22,7 @@
 #include "primitives/passes/bias_grad.hpp"
 #include "primitives/passes/quantize.hpp"
 #include "primitives/passes/tile_layout.hpp"
+#include "primitives/sparse_jit/jit_plan.hpp"
 #include "primitives/sparse_jit/plan_cache.hpp"
 #include "primitives/sparse_jit/spmm_plan.hpp"
 #include "primitives/sparse_jit/spmm_runner.hpp"
@@ -33,7 +34,7 @@ namespace {
 
 // Forward (rows = output features, quads over input features) and
 // backward-data (rows = input features, quads over output features).
-class jit_linear_s8_spmm_plan : public kernel {
+class jit_linear_s8_spmm_plan : public jit_plan {
 public:
     jit_linear_s8_spmm_plan(const problem &p, cpu_isa isa, bool specialise)
         : jit_linear_s8_spmm_plan(
@@ -43,7 +44,7 @@ public:
                         : transposed_rows(p.pattern.row_ptr(), p.pattern.col_idx(), p.out, p.in)) {}
 
     jit_linear_s8_spmm_plan(const problem &p, cpu_isa isa, bool specialise, const sparse_rows &m)
-        : p_(p.without_batch()), quads_(m, quad_offset, p.num_threads),
+        : jit_plan(p), quads_(m, quad_offset, p.num_threads),
           // a quad tile row (tile_row_bytes) holds 4 source channels
           spmm_(isa, jit::sparse_dtype::s8, quads_.bounds,
                 make_source_groups(
@@ -57,8 +58,16 @@ public:
 
     std::string specialisation() const override { return spmm_.specialisation(); }
 
-    const char *execute(const tensors &t) const override {
-        runtime::scratchpad sp;
+private:
+    // Forward and backward-data are one SpMM (the plan was built for one).
+    const char *forward(const tensors &t, runtime::scratchpad &sp) const override {
+        return spmm(t, sp);
+    }
+    const char *backward_data(const tensors &t, runtime::scratchpad &sp) const override {
+        return spmm(t, sp);
+    }
+
+    const char *spmm(const tensors &t, runtime::scratchpad &sp) const {
         const int nt = p_.num_threads;
         const bool fwd = p_.dir == direction::forward;
         const int64_t B = t.batch, K = p_.in, N = p_.out, nnz = p_.pattern.nnz();
@@ -98,26 +107,24 @@ public:
         return nullptr;
     }
 
-private:
     // A quad's source row: one tile row per 4 features.
     static int64_t quad_offset(int64_t, int64_t quad) { return quad * jit::tile_row_bytes; }
 
-    problem p_;        // batch 0: the plan serves every batch size
     quad_plan quads_;  // forward: the CSR; backward-data: its transpose
     spmm_runner spmm_; // over quads, source channels in groups
 };
 
-class jit_linear_s8_bwd_weights_plan : public kernel {
+class jit_linear_s8_bwd_weights_plan : public jit_plan {
 public:
     jit_linear_s8_bwd_weights_plan(const problem &p, cpu_isa isa)
-        : p_(p.without_batch()),
+        : jit_plan(p),
           entries_(
                   csr_rows(p.pattern.row_ptr(), p.pattern.col_idx(), p.out),
                   [](int64_t, int64_t k) { return k * jit::s8_tile_row_bytes; }, p.num_threads),
           code_(jit::sddmm_kernel(jit::make_sparse_kernel_params(isa, jit::sparse_dtype::s8, 1))) {}
 
-    const char *execute(const tensors &t) const override {
-        runtime::scratchpad sp;
+private:
+    const char *backward_weights(const tensors &t, runtime::scratchpad &sp) const override {
         const int nt = p_.num_threads;
         const int64_t B = t.batch, K = p_.in, N = p_.out, nnz = p_.pattern.nnz();
         const int64_t tiles = tile_count(B), tb = jit::tile_batch;
@@ -133,25 +140,19 @@ public:
         pack_s8_tiles(xq, B, K, x_tiles, nt);
         column_sums_s8(xq, B, K, col_sum, nt);
         std::fill(acc, acc + nnz, 0);
-        const int parts = static_cast<int>(entries_.bounds.size()) - 1;
         {
             const auto timed = kernel_time(p_.dir);
-#pragma omp parallel num_threads(nt)
-            {
-                const int nthr = omp_get_num_threads(), tid = omp_get_thread_num();
-                for (int part = tid; part < parts; part += nthr)
-                    for (int64_t tile = 0; tile < tiles; ++tile) {
-                        jit::sddmm_call_params c{entries_.offsets.data(),
-                                                 entries_.row_ptr.data(),
-                                                 entries_.bounds[part],
-                                                 entries_.bounds[part + 1],
-                                                 x_tiles + tile * K * tb,
-                                                 g_tiles + tile * N * tb,
-                                                 acc,
-                                                 jit::s8_tile_row_bytes};
-                        (*code_)(c);
-                    }
-            }
+            for_parts_and_tiles(entries_.bounds, tiles, nt, [&](int part, int64_t tile) {
+                jit::sddmm_call_params c{entries_.offsets.data(),
+                                         entries_.row_ptr.data(),
+                                         entries_.bounds[part],
+                                         entries_.bounds[part + 1],
+                                         x_tiles + tile * K * tb,
+                                         g_tiles + tile * N * tb,
+                                         acc,
+                                         jit::s8_tile_row_bytes};
+                (*code_)(c);
+            });
         }
         const float scale = s8::backward_weights_scale(sg1, sx);
         const int64_t *rp = p_.pattern.row_ptr();
@@ -164,27 +165,20 @@ public:
         return nullptr;
     }
 
-private:
-    problem p_; // batch 0: the plan serves every batch size
     entry_plan entries_;
     std::shared_ptr<const jit::jit_sddmm_kernel> code_;
 };
 
-implementation jit_linear_s8_implementation(const char *name, cpu_isa isa, bool specialise) {
-    const bool vnni = isa == cpu_isa::avx512_core_vnni;
+} // namespace
+
+implementation jit_linear_s8(cpu_isa isa, spmm_code code) {
+    const bool specialise = code == spmm_code::pattern;
+    const char *name = jit_implementation_name(isa, specialise ? "pattern" : nullptr);
     return {name,
-            [isa, vnni, specialise](const problem &p) -> std::string {
-                if (p.op != op_kind::linear)
-                    return "Linear only (Conv2d has implementations of its own)";
+            [isa, specialise](const problem &p) -> std::string {
                 if (p.scheme != quant_scheme::s8) return "s8 only";
-                if (effective_cpu_isa() < isa)
-                    return std::string("needs ") + to_string(isa) + ", effective ISA is "
-                           + to_string(effective_cpu_isa());
-                if (!vnni && isa == cpu_isa::avx512_core
-                    && effective_cpu_isa() >= cpu_isa::avx512_core_vnni)
-                    return "superseded by jit:avx512_core_vnni on this CPU";
-                if (isa == cpu_isa::avx2 && effective_cpu_isa() >= cpu_isa::avx512_core)
-                    return "superseded by the AVX-512 kernels on this CPU";
+                std::string why = jit_tier_refusal(quant_scheme::s8, isa);
+                if (!why.empty()) return why;
                 const int64_t reduction = p.dir == direction::forward         ? p.in
                                           : p.dir == direction::backward_data ? p.out
                                                                               : p.batch;
@@ -205,33 +199,6 @@ implementation jit_linear_s8_implementation(const char *name, cpu_isa isa, bool 
                 });
             },
             false, op_kind::linear};
-}
-
-} // namespace
-
-implementation jit_avx512_vnni_linear_s8_implementation() {
-    return jit_linear_s8_implementation("jit:avx512_core_vnni", cpu_isa::avx512_core_vnni, false);
-}
-
-implementation jit_avx512_linear_s8_implementation() {
-    return jit_linear_s8_implementation("jit:avx512_core", cpu_isa::avx512_core, false);
-}
-
-implementation jit_avx2_linear_s8_implementation() {
-    return jit_linear_s8_implementation("jit:avx2", cpu_isa::avx2, false);
-}
-
-implementation jit_avx512_vnni_pattern_linear_s8_implementation() {
-    return jit_linear_s8_implementation("jit:avx512_core_vnni:pattern", cpu_isa::avx512_core_vnni,
-                                        true);
-}
-
-implementation jit_avx512_pattern_linear_s8_implementation() {
-    return jit_linear_s8_implementation("jit:avx512_core:pattern", cpu_isa::avx512_core, true);
-}
-
-implementation jit_avx2_pattern_linear_s8_implementation() {
-    return jit_linear_s8_implementation("jit:avx2:pattern", cpu_isa::avx2, true);
 }
 
 } // namespace qsp::detail

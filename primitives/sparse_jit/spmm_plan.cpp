@@ -55,6 +55,18 @@ sparse_rows transposed_rows(const int64_t *row_ptr, const int32_t *col_idx, int6
     return m;
 }
 
+sparse_rows rows_from_triples(int64_t rows, std::vector<std::array<int64_t, 3>> &triples) {
+    std::sort(triples.begin(), triples.end());
+    sparse_rows m;
+    size_t t = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+        for (; t < triples.size() && triples[t][0] == r; ++t)
+            m.add(triples[t][1], triples[t][2]);
+        m.end_row();
+    }
+    return m;
+}
+
 entry_plan::entry_plan(const sparse_rows &m, const std::function<int64_t(int64_t, int64_t)> &offset,
                        int parts)
     : rows(m.rows), row_ptr(m.row_ptr) {

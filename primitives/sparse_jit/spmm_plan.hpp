@@ -6,6 +6,7 @@
 // so the per-layer pattern work happens at conversion, not per step.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <functional>
 #include <vector>
@@ -37,6 +38,9 @@ struct sparse_rows {
 sparse_rows csr_rows(const int64_t *row_ptr, const int32_t *col_idx, int64_t rows);
 sparse_rows transposed_rows(const int64_t *row_ptr, const int32_t *col_idx, int64_t rows,
                             int64_t cols);
+// `rows` rows from (row, key, value index) triples, which it sorts: keys
+// ascending within a row (the convolutions' walks build them this way).
+sparse_rows rows_from_triples(int64_t rows, std::vector<std::array<int64_t, 3>> &triples);
 
 // One kernel entry per nonzero: the f32 SpMM, and every SDDMM.
 struct entry_plan {

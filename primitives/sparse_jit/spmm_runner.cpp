@@ -9,6 +9,7 @@
 #include <omp.h>
 
 #include "jit/tile_abi.hpp"
+#include "primitives/sparse_jit/jit_plan.hpp"
 #include "runtime/verbose.hpp"
 
 namespace qsp::detail {
@@ -127,49 +128,43 @@ std::vector<int64_t> spmm_runner::take_item_order() {
 void spmm_runner::run(int64_t batch, const void *values, const int32_t *offsets, const uint8_t *src,
                       int64_t src_tile_bytes, uint8_t *dst, int64_t dst_tile_bytes,
                       int num_threads) const {
-    const int parts = static_cast<int>(bounds_.size()) - 1;
     const int64_t tiles = jit::tile_count(batch);
     if (tiles == 0) return;
     // The code for the batch tail (the last tile's vectors), generated here
     // on first use: outside the parallel region, where a failure can throw.
     if (schedule_) pattern_code(jit::tile_vectors(batch, tiles - 1, lanes_));
-#pragma omp parallel num_threads(num_threads)
-    {
-        const int nthr = omp_get_num_threads(), tid = omp_get_thread_num();
-        for (int part = tid; part < parts; part += nthr)
-            for (int64_t tile = 0; tile < tiles; ++tile) {
-                const uint8_t *s = src + tile * src_tile_bytes;
-                uint8_t *d = dst + tile * dst_tile_bytes;
-                const int nv = jit::tile_vectors(batch, tile, lanes_);
-                if (!schedule_) {
-                    jit::spmm_call_params c{values,
-                                            offsets,
-                                            groups_.ptr.data(),
-                                            groups_.n,
-                                            bounds_[part],
-                                            bounds_[part + 1],
-                                            s,
-                                            d};
-                    (*generic_[nv - 1])(c);
-                    continue;
-                }
-                const spmm_schedule &sc = *schedule_;
-                const auto &code = *pattern_[static_cast<size_t>(nv - 1)].code;
-                for (int64_t g = 0; g < groups_.n; ++g) {
-                    const int64_t k = part * groups_.n + g;
-                    jit::spmm_schedule_call_params c{
-                            values,
-                            offsets,
-                            sc.rows.data() + jit::spmm_schedule_record_ints * sc.row_at[k],
-                            sc.buckets.data() + 2 * sc.bucket_at[k],
-                            sc.bucket_at[k + 1] - sc.bucket_at[k],
-                            g == 0 ? 1 : 0,
-                            s,
-                            d};
-                    code(c);
-                }
-            }
-    }
+    for_parts_and_tiles(bounds_, tiles, num_threads, [&](int part, int64_t tile) {
+        const uint8_t *s = src + tile * src_tile_bytes;
+        uint8_t *d = dst + tile * dst_tile_bytes;
+        const int nv = jit::tile_vectors(batch, tile, lanes_);
+        if (!schedule_) {
+            jit::spmm_call_params c{values,
+                                    offsets,
+                                    groups_.ptr.data(),
+                                    groups_.n,
+                                    bounds_[part],
+                                    bounds_[part + 1],
+                                    s,
+                                    d};
+            (*generic_[nv - 1])(c);
+            return;
+        }
+        const spmm_schedule &sc = *schedule_;
+        const auto &code = *pattern_[static_cast<size_t>(nv - 1)].code;
+        for (int64_t g = 0; g < groups_.n; ++g) {
+            const int64_t k = part * groups_.n + g;
+            jit::spmm_schedule_call_params c{
+                    values,
+                    offsets,
+                    sc.rows.data() + jit::spmm_schedule_record_ints * sc.row_at[k],
+                    sc.buckets.data() + 2 * sc.bucket_at[k],
+                    sc.bucket_at[k + 1] - sc.bucket_at[k],
+                    g == 0 ? 1 : 0,
+                    s,
+                    d};
+            code(c);
+        }
+    });
 }
 
 } // namespace qsp::detail
