@@ -10,6 +10,7 @@
 
 #include <xbyak/xbyak.h>
 
+#include "jit/cpu_isa_traits.hpp"
 #include "jit/jit_int8_dot.hpp"
 #include "jit/jit_sparse_kernel.hpp"
 
@@ -17,13 +18,13 @@ namespace qsp::jit {
 
 template <cpu_isa isa> class spmm_entry_emitter {
 public:
-    static constexpr bool avx512 = isa != cpu_isa::avx2;
-    using Vmm = typename std::conditional<avx512, Xbyak::Zmm, Xbyak::Ymm>::type;
-    static constexpr int vlen = avx512 ? 64 : 32;
+    static constexpr bool avx512 = cpu_isa_traits<isa>::avx512;
+    using Vmm = typename cpu_isa_traits<isa>::Vmm;
+    static constexpr int vlen = cpu_isa_traits<isa>::vlen;
 
     spmm_entry_emitter(Xbyak::CodeGenerator &g, const sparse_kernel_params &p)
         : g_(g), nv_(p.n_vec), s8_(p.dtype == sparse_dtype::s8),
-          native_dot_(s8_ && (isa == cpu_isa::avx512_core_vnni || p.avx_vnni)),
+          native_dot_(native_dot(isa, p.dtype, p.avx_vnni)),
           // Entries per step, and accumulator sets alternating between
           // consecutive entries so that the multiply-add latency (4 cycles)
           // does not serialise a row. AVX2 has 16 registers: one set of up to

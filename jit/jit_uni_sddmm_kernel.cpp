@@ -5,6 +5,7 @@
 #include <string>
 #include <type_traits>
 
+#include "jit/cpu_isa_traits.hpp"
 #include "jit/jit_int8_dot.hpp"
 #include "jit/jit_reduce.hpp"
 #include "runtime/lru_cache.hpp"
@@ -36,12 +37,13 @@ jit_uni_sddmm_kernel_t<isa>::jit_uni_sddmm_kernel_t(const sparse_kernel_params &
 }
 
 template <cpu_isa isa> void jit_uni_sddmm_kernel_t<isa>::generate() {
-    constexpr bool avx512 = isa != cpu_isa::avx2;
-    using Vmm = typename std::conditional<avx512, Zmm, Ymm>::type;
-    constexpr int vlen = avx512 ? 64 : 32;
+    using traits = cpu_isa_traits<isa>;
+    using Vmm = typename traits::Vmm;
+    constexpr bool avx512 = traits::avx512;
+    constexpr int vlen = traits::vlen;
     constexpr int group = avx512 ? 16 : 8; // nonzeros reduced together
     const bool s8 = params_.dtype == sparse_dtype::s8;
-    const bool native_dot = s8 && (isa == cpu_isa::avx512_core_vnni || params_.avx_vnni);
+    const bool native = native_dot(isa, params_.dtype, params_.avx_vnni);
     // Vectors per tile row this kernel reads: a 64-byte s8 row is 1 zmm or 2 ymm.
     const int nv = s8 ? s8_tile_row_bytes / vlen : params_.n_vec;
 
@@ -72,7 +74,7 @@ template <cpu_isa isa> void jit_uni_sddmm_kernel_t<isa>::generate() {
     // dY of the current pixel into registers (AVX2 f32 reads it from L1:
     // there are not enough registers).
     auto load_dy = [&] {
-        if (s8 && !native_dot) {
+        if (s8 && !native) {
             for (int v = 0; v < nv; ++v) {
                 vmovups(t_lo, ptr[dy_pix + v * vlen]);
                 emit_split_nibbles(*this, t_lo, g_lo(v), g_hi(v), nibble_mask);
@@ -94,7 +96,7 @@ template <cpu_isa isa> void jit_uni_sddmm_kernel_t<isa>::generate() {
                     vmovups(x_tmp, xv);
                     vfmadd231ps(acc(j), x_tmp, ptr[dy_pix + v * vlen]);
                 }
-            } else if (native_dot) {
+            } else if (native) {
                 if (avx512)
                     vpdpbusd(acc(j), g(v), xv);
                 else
@@ -159,7 +161,7 @@ template <cpu_isa isa> void jit_uni_sddmm_kernel_t<isa>::generate() {
         dec(tmp.cvt32());
         kmovw(k1, tmp.cvt32());
     }
-    if (s8 && !native_dot) emit_int8_dot_constants(*this, ones16, nibble_mask, constants);
+    if (s8 && !native) emit_int8_dot_constants(*this, ones16, nibble_mask, constants);
     for (int j = 0; j < group; ++j)
         vpxor(Xmm(j), Xmm(j), Xmm(j)); // zeroes the whole register (VEX)
     mov(x_pix, x_pix_row);
@@ -239,7 +241,7 @@ template <cpu_isa isa> void jit_uni_sddmm_kernel_t<isa>::generate() {
         for (int j = 0; j < 8; ++j) // lane index, for the store mask
             dd(static_cast<uint32_t>(j));
     }
-    if (s8 && !native_dot) emit_int8_dot_constant_table(*this, constants);
+    if (s8 && !native) emit_int8_dot_constant_table(*this, constants);
 }
 
 template class jit_uni_sddmm_kernel_t<cpu_isa::avx2>;

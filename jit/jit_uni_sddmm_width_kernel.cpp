@@ -5,8 +5,10 @@
 #include <string>
 #include <type_traits>
 
+#include "jit/cpu_isa_traits.hpp"
 #include "jit/jit_int8_dot.hpp"
 #include "jit/jit_uni_spmm_width_kernel.hpp"
+#include "jit/jit_width_row_walk.hpp"
 #include "runtime/lru_cache.hpp"
 
 namespace qsp::jit {
@@ -14,10 +16,6 @@ namespace qsp::jit {
 using namespace Xbyak;
 
 namespace {
-
-bool emulated_dot(cpu_isa isa, sparse_dtype dtype, bool avx_vnni) {
-    return dtype == sparse_dtype::s8 && isa != cpu_isa::avx512_core_vnni && !avx_vnni;
-}
 
 // How the entries are unrolled: `entries` at a time, each summed in
 // `chains` independent registers (multiply-add latency hidden).
@@ -50,8 +48,7 @@ void check_params(const sparse_kernel_params &p) {
 } // namespace
 
 int sddmm_width_max_dy_vectors(cpu_isa isa, sparse_dtype dtype, bool avx_vnni) {
-    const bool avx512 = isa >= cpu_isa::avx512_core;
-    const int regs = avx512 ? 32 : 16;
+    const int regs = vector_registers(isa);
     if (emulated_dot(isa, dtype, avx_vnni)) // nibbles of each dY vector, 4 helpers, 2 sums
         return (regs - 6) / 2;
     const unroll_t u = unroll_for(isa, false);
@@ -66,9 +63,10 @@ jit_uni_sddmm_width_kernel_t<isa>::jit_uni_sddmm_width_kernel_t(const sparse_ker
 }
 
 template <cpu_isa isa> void jit_uni_sddmm_width_kernel_t<isa>::generate() {
-    constexpr bool avx512 = isa != cpu_isa::avx2;
-    using Vmm = typename std::conditional<avx512, Zmm, Ymm>::type;
-    constexpr int vlen = avx512 ? 64 : 32, n_regs = avx512 ? 32 : 16;
+    using traits = cpu_isa_traits<isa>;
+    using Vmm = typename traits::Vmm;
+    constexpr bool avx512 = traits::avx512;
+    constexpr int vlen = traits::vlen, n_regs = traits::n_vregs;
     const int nv = params_.n_vec, tail = params_.tail;
     const bool s8 = params_.dtype == sparse_dtype::s8;
     const bool emulated = emulated_dot(isa, params_.dtype, params_.avx_vnni);
@@ -212,17 +210,6 @@ template <cpu_isa isa> void jit_uni_sddmm_width_kernel_t<isa>::generate() {
         jmp(groups_loop, T_NEAR);
         L(groups_done);
     };
-    auto advance = [&](int rows) {
-        sub(rows_left, rows);
-        mov(tmp, field(offsetof(cp, x_row_step)));
-        if (rows > 1) imul(tmp, tmp, rows);
-        add(x_blk, tmp);
-        mov(tmp, field(offsetof(cp, dy_row_stride)));
-        if (rows > 1) imul(tmp, tmp, rows);
-        add(dy_blk, tmp);
-    };
-
-    Label block_loop, single_rows, done;
     preamble();
     sub(rsp, 40);
     mov(offsets, field(offsetof(cp, x_offsets)));
@@ -232,28 +219,10 @@ template <cpu_isa isa> void jit_uni_sddmm_width_kernel_t<isa>::generate() {
         mov(tmp.cvt32(), (1 << tail) - 1);
         kmovw(k1, tmp.cvt32());
     }
-    mov(tmp, field(offsetof(cp, n_out_rows)));
-    mov(rows_left, tmp);
-    mov(tmp, field(offsetof(cp, x)));
-    mov(x_blk, tmp);
-    mov(tmp, field(offsetof(cp, dy)));
-    mov(dy_blk, tmp);
-    const int nr = params_.n_rows;
-    if (nr > 1) {
-        L(block_loop);
-        cmp(rows_left, nr);
-        jl(single_rows, T_NEAR);
-        block(nr);
-        advance(nr);
-        jmp(block_loop, T_NEAR);
-    }
-    L(single_rows);
-    cmp(rows_left, 1);
-    jl(done, T_NEAR);
-    block(1);
-    advance(1);
-    jmp(single_rows, T_NEAR);
-    L(done);
+    emit_width_row_walk(*this, param,
+                        {rows_left, x_blk, dy_blk, tmp, offsetof(cp, n_out_rows), offsetof(cp, x),
+                         offsetof(cp, dy), offsetof(cp, x_row_step), offsetof(cp, dy_row_stride)},
+                        params_.n_rows, block);
     add(rsp, 40);
     postamble();
     if (emulated) emit_int8_dot_constant_table(*this, constants);

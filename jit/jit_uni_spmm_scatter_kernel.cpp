@@ -5,6 +5,7 @@
 #include <string>
 #include <type_traits>
 
+#include "jit/cpu_isa_traits.hpp"
 #include "jit/jit_int8_dot.hpp"
 #include "runtime/lru_cache.hpp"
 
@@ -36,12 +37,13 @@ jit_uni_spmm_scatter_kernel_t<isa>::jit_uni_spmm_scatter_kernel_t(
 }
 
 template <cpu_isa isa> void jit_uni_spmm_scatter_kernel_t<isa>::generate() {
-    constexpr bool avx512 = isa != cpu_isa::avx2;
-    using Vmm = typename std::conditional<avx512, Zmm, Ymm>::type;
-    constexpr int vlen = avx512 ? 64 : 32;
+    using traits = cpu_isa_traits<isa>;
+    using Vmm = typename traits::Vmm;
+    constexpr bool avx512 = traits::avx512;
+    constexpr int vlen = traits::vlen;
     const int nv = params_.n_vec;
     const bool s8 = params_.dtype == sparse_dtype::s8;
-    const bool native_dot = s8 && (isa == cpu_isa::avx512_core_vnni || params_.avx_vnni);
+    const bool native = native_dot(isa, params_.dtype, params_.avx_vnni);
     // AVX-512 keeps the source row in registers (split into nibbles for the
     // emulated s8 dot products) and takes two entries per step; AVX2 has 16
     // registers and no embedded broadcast: one entry per step, the source
@@ -74,7 +76,7 @@ template <cpu_isa isa> void jit_uni_spmm_scatter_kernel_t<isa>::generate() {
     // dst row of entry u += its value * the source row.
     auto entry = [&](int u) {
         const Address w_mem = dword[values + i * 4 + u * 4];
-        if (s8 && !(avx512 && native_dot)) vpbroadcastd(w_reg(u), w_mem);
+        if (s8 && !(avx512 && native)) vpbroadcastd(w_reg(u), w_mem);
         if (!s8 && !avx512) vbroadcastss(w_reg(u), w_mem);
         for (int v = 0; v < nv; ++v) {
             const Address d = ptr[dst + off[u] + v * vlen];
@@ -84,7 +86,7 @@ template <cpu_isa isa> void jit_uni_spmm_scatter_kernel_t<isa>::generate() {
                     vfmadd231ps(t(u, v), x(v), ptr_b[values + i * 4 + u * 4]);
                 else
                     vfmadd231ps(t(u, v), w_reg(u), ptr[x_row + v * vlen]);
-            } else if (native_dot) {
+            } else if (native) {
                 if (avx512) {
                     vpdpbusd(t(u, v), x(v), ptr_b[values + i * 4 + u * 4]);
                 } else {
@@ -120,7 +122,7 @@ template <cpu_isa isa> void jit_uni_spmm_scatter_kernel_t<isa>::generate() {
     jl(done, T_NEAR);
     cmp(field(pix + offsetof(pixel_grid, n_w)), 1);
     jl(done, T_NEAR);
-    if (s8 && !native_dot) emit_int8_dot_constants(*this, ones16, nibble_mask, constants);
+    if (s8 && !native) emit_int8_dot_constants(*this, ones16, nibble_mask, constants);
     if (avx512)
         vpxord(zero, zero, zero);
     else
@@ -165,7 +167,7 @@ template <cpu_isa isa> void jit_uni_spmm_scatter_kernel_t<isa>::generate() {
     if (x_in_regs) {
         for (int v = 0; v < nv; ++v) {
             vmovups(x(v), ptr[x_row + v * vlen]);
-            if (s8 && !native_dot) emit_split_nibbles(*this, x(v), x_lo(v), x_hi(v), nibble_mask);
+            if (s8 && !native) emit_split_nibbles(*this, x(v), x_lo(v), x_hi(v), nibble_mask);
         }
     }
     if (unroll > 1) {
@@ -209,7 +211,7 @@ template <cpu_isa isa> void jit_uni_spmm_scatter_kernel_t<isa>::generate() {
     L(done);
     add(rsp, 40);
     postamble();
-    if (s8 && !native_dot) emit_int8_dot_constant_table(*this, constants);
+    if (s8 && !native) emit_int8_dot_constant_table(*this, constants);
 }
 
 template class jit_uni_spmm_scatter_kernel_t<cpu_isa::avx2>;

@@ -5,7 +5,9 @@
 #include <string>
 #include <type_traits>
 
+#include "jit/cpu_isa_traits.hpp"
 #include "jit/jit_int8_dot.hpp"
+#include "jit/jit_width_row_walk.hpp"
 #include "runtime/lru_cache.hpp"
 
 namespace qsp::jit {
@@ -13,10 +15,6 @@ namespace qsp::jit {
 using namespace Xbyak;
 
 namespace {
-
-bool emulated_dot(cpu_isa isa, sparse_dtype dtype, bool avx_vnni) {
-    return dtype == sparse_dtype::s8 && isa != cpu_isa::avx512_core_vnni && !avx_vnni;
-}
 
 void check_params(const sparse_kernel_params &p) {
     const int lanes = vector_lanes(p.isa);
@@ -38,7 +36,7 @@ void check_params(const sparse_kernel_params &p) {
 } // namespace
 
 int spmm_width_max_accumulators(cpu_isa isa, sparse_dtype dtype, bool avx_vnni) {
-    const int regs = isa >= cpu_isa::avx512_core ? 32 : 16;
+    const int regs = vector_registers(isa);
     // The weight and two source temporaries; emulated dot products also
     // hold nibbles, two constants and two products.
     return regs - (emulated_dot(isa, dtype, avx_vnni) ? 8 : 3);
@@ -52,9 +50,10 @@ jit_uni_spmm_width_kernel_t<isa>::jit_uni_spmm_width_kernel_t(const sparse_kerne
 }
 
 template <cpu_isa isa> void jit_uni_spmm_width_kernel_t<isa>::generate() {
-    constexpr bool avx512 = isa != cpu_isa::avx2;
-    using Vmm = typename std::conditional<avx512, Zmm, Ymm>::type;
-    constexpr int vlen = avx512 ? 64 : 32, n_regs = avx512 ? 32 : 16;
+    using traits = cpu_isa_traits<isa>;
+    using Vmm = typename traits::Vmm;
+    constexpr bool avx512 = traits::avx512;
+    constexpr int vlen = traits::vlen, n_regs = traits::n_vregs;
     const int nv = params_.n_vec, tail = params_.tail;
     const bool s8 = params_.dtype == sparse_dtype::s8;
     const bool emulated = emulated_dot(isa, params_.dtype, params_.avx_vnni);
@@ -218,17 +217,6 @@ template <cpu_isa isa> void jit_uni_spmm_width_kernel_t<isa>::generate() {
         jmp(group_loop, T_NEAR);
         L(groups_done);
     };
-    auto advance = [&](int rows) {
-        sub(rows_left, rows);
-        mov(tmp, field(offsetof(cp, src_row_step)));
-        if (rows > 1) imul(tmp, tmp, rows);
-        add(src_blk, tmp);
-        mov(tmp, field(offsetof(cp, dst_row_stride)));
-        if (rows > 1) imul(tmp, tmp, rows);
-        add(dst_blk, tmp);
-    };
-
-    Label block_loop, single_loop, done;
     preamble();
     sub(rsp, 32);
     mov(values, field(offsetof(cp, values)));
@@ -239,28 +227,11 @@ template <cpu_isa isa> void jit_uni_spmm_width_kernel_t<isa>::generate() {
         mov(tmp.cvt32(), (1 << tail) - 1);
         kmovw(k1, tmp.cvt32());
     }
-    mov(tmp, field(offsetof(cp, n_out_rows)));
-    mov(rows_left, tmp);
-    mov(tmp, field(offsetof(cp, src)));
-    mov(src_blk, tmp);
-    mov(tmp, field(offsetof(cp, dst)));
-    mov(dst_blk, tmp);
-    const int nr = params_.n_rows;
-    if (nr > 1) {
-        L(block_loop);
-        cmp(rows_left, nr);
-        jl(single_loop, T_NEAR);
-        block(nr);
-        advance(nr);
-        jmp(block_loop, T_NEAR);
-    }
-    L(single_loop);
-    cmp(rows_left, 1);
-    jl(done, T_NEAR);
-    block(1);
-    advance(1);
-    jmp(single_loop, T_NEAR);
-    L(done);
+    emit_width_row_walk(*this, param,
+                        {rows_left, src_blk, dst_blk, tmp, offsetof(cp, n_out_rows),
+                         offsetof(cp, src), offsetof(cp, dst), offsetof(cp, src_row_step),
+                         offsetof(cp, dst_row_stride)},
+                        params_.n_rows, block);
     add(rsp, 32);
     postamble();
     if (emulated) emit_int8_dot_constant_table(*this, constants);

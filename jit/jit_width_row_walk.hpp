@@ -1,0 +1,65 @@
+// The driver the two output-width-innermost generators (SpMM and SDDMM,
+// width_abi.hpp) share: walk the call's output rows in blocks of n_rows, then
+// one at a time, moving the source and destination blocks on by their
+// per-row steps after each block. What a block does is the kernel's own.
+#pragma once
+
+#include <cstddef>
+#include <functional>
+
+#include <xbyak/xbyak.h>
+
+namespace qsp::jit {
+
+struct width_row_walk {
+    // Where the walk keeps its position (stack slots of the kernel's frame)
+    // and a scratch register it may clobber.
+    Xbyak::Address rows_left, src_blk, dst_blk;
+    Xbyak::Reg64 tmp;
+    // Offsets in the call parameters (read through `param`): the number of
+    // output rows, the first source and destination blocks, and how far each
+    // moves per output row.
+    size_t n_out_rows, src, dst, src_row_step, dst_row_step;
+};
+
+// Emits the walk; block(rows) emits one block of `rows` output rows
+// (n_rows, or 1 for the remainder).
+inline void emit_width_row_walk(Xbyak::CodeGenerator &g, const Xbyak::Reg64 &param,
+                                const width_row_walk &w, int n_rows,
+                                const std::function<void(int)> &block) {
+    using namespace Xbyak;
+    auto field = [&](size_t offset) { return g.qword[param + offset]; };
+    auto advance = [&](int rows) {
+        g.sub(w.rows_left, rows);
+        g.mov(w.tmp, field(w.src_row_step));
+        if (rows > 1) g.imul(w.tmp, w.tmp, rows);
+        g.add(w.src_blk, w.tmp);
+        g.mov(w.tmp, field(w.dst_row_step));
+        if (rows > 1) g.imul(w.tmp, w.tmp, rows);
+        g.add(w.dst_blk, w.tmp);
+    };
+    Label block_loop, single_loop, done;
+    g.mov(w.tmp, field(w.n_out_rows));
+    g.mov(w.rows_left, w.tmp);
+    g.mov(w.tmp, field(w.src));
+    g.mov(w.src_blk, w.tmp);
+    g.mov(w.tmp, field(w.dst));
+    g.mov(w.dst_blk, w.tmp);
+    if (n_rows > 1) {
+        g.L(block_loop);
+        g.cmp(w.rows_left, n_rows);
+        g.jl(single_loop, CodeGenerator::T_NEAR);
+        block(n_rows);
+        advance(n_rows);
+        g.jmp(block_loop, CodeGenerator::T_NEAR);
+    }
+    g.L(single_loop);
+    g.cmp(w.rows_left, 1);
+    g.jl(done, CodeGenerator::T_NEAR);
+    block(1);
+    advance(1);
+    g.jmp(single_loop, CodeGenerator::T_NEAR);
+    g.L(done);
+}
+
+} // namespace qsp::jit
