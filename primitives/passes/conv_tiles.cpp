@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "primitives/passes/pass_tiers.hpp"
 #include "qsparseprop/runtime.hpp"
 
 namespace qsp::detail {
@@ -11,10 +12,6 @@ namespace qsp::detail {
 namespace {
 
 constexpr int64_t tb = jit::tile_batch;
-
-bool has_avx512() {
-    return effective_cpu_isa() >= cpu_isa::avx512_core;
-}
 
 struct padded_plane {
     int64_t h, w, hp, wp;
@@ -122,41 +119,44 @@ void unpack_conv_s32_tiles(const int32_t *tiles, int64_t batch, int64_t channels
 
 void pack_conv_tiles(const float *src, int64_t batch, int64_t channels, int64_t h, int64_t w,
                      const spatial_pad &pad, float *tiles, int num_threads) {
-    if (has_avx512())
-        return pack_conv_tiles_avx512(src, batch, channels, h, w, pad, tiles, num_threads);
-    portable::pack_conv_tiles(src, batch, channels, h, w, pad, tiles, num_threads);
+    static constexpr pass_tier<decltype(portable::pack_conv_tiles)> tiers[] = {
+            {cpu_isa::avx512_core, pack_conv_tiles_avx512},
+            {cpu_isa::ref, portable::pack_conv_tiles}};
+    best_tier(tiers)(src, batch, channels, h, w, pad, tiles, num_threads);
 }
 
 void unpack_conv_tiles(const float *tiles, int64_t batch, int64_t channels, int64_t pixels,
                        const float *bias, float *dst, int num_threads) {
-    if (has_avx512())
-        return unpack_conv_tiles_avx512(tiles, batch, channels, pixels, bias, dst, num_threads);
-    portable::unpack_conv_tiles(tiles, batch, channels, pixels, bias, dst, num_threads);
+    static constexpr pass_tier<decltype(portable::unpack_conv_tiles)> tiers[] = {
+            {cpu_isa::avx512_core, unpack_conv_tiles_avx512},
+            {cpu_isa::ref, portable::unpack_conv_tiles}};
+    best_tier(tiers)(tiles, batch, channels, pixels, bias, dst, num_threads);
 }
 
 void pack_conv_quad_tiles(const int8_t *x, int64_t batch, int64_t channels, int64_t h, int64_t w,
                           const spatial_pad &pad, uint8_t *tiles, int num_threads) {
-    if (has_avx512())
-        return pack_conv_quad_tiles_avx512(x, batch, channels, h, w, pad, tiles, num_threads);
-    portable::pack_conv_quad_tiles(x, batch, channels, h, w, pad, tiles, num_threads);
+    static constexpr pass_tier<decltype(portable::pack_conv_quad_tiles)> tiers[] = {
+            {cpu_isa::avx512_core, pack_conv_quad_tiles_avx512},
+            {cpu_isa::ref, portable::pack_conv_quad_tiles}};
+    best_tier(tiers)(x, batch, channels, h, w, pad, tiles, num_threads);
 }
 
 void pack_conv_s8_tiles(const int8_t *x, int64_t batch, int64_t channels, int64_t h, int64_t w,
                         const spatial_pad &pad, int8_t *tiles, int num_threads) {
-    if (has_avx512())
-        return pack_conv_s8_tiles_avx512(x, batch, channels, h, w, pad, tiles, num_threads);
-    portable::pack_conv_s8_tiles(x, batch, channels, h, w, pad, tiles, num_threads);
+    static constexpr pass_tier<decltype(portable::pack_conv_s8_tiles)> tiers[] = {
+            {cpu_isa::avx512_core, pack_conv_s8_tiles_avx512},
+            {cpu_isa::ref, portable::pack_conv_s8_tiles}};
+    best_tier(tiers)(x, batch, channels, h, w, pad, tiles, num_threads);
 }
 
 void unpack_conv_s32_tiles(const int32_t *tiles, int64_t batch, int64_t channels, int64_t pixels,
                            const int32_t *correction, int64_t correction_inner, const float *scale,
                            int64_t scale_inner, const float *bias, float *dst, int num_threads) {
-    if (has_avx512())
-        return unpack_conv_s32_tiles_avx512(tiles, batch, channels, pixels, correction,
-                                            correction_inner, scale, scale_inner, bias, dst,
-                                            num_threads);
-    portable::unpack_conv_s32_tiles(tiles, batch, channels, pixels, correction, correction_inner,
-                                    scale, scale_inner, bias, dst, num_threads);
+    static constexpr pass_tier<decltype(portable::unpack_conv_s32_tiles)> tiers[] = {
+            {cpu_isa::avx512_core, unpack_conv_s32_tiles_avx512},
+            {cpu_isa::ref, portable::unpack_conv_s32_tiles}};
+    best_tier(tiers)(tiles, batch, channels, pixels, correction, correction_inner, scale,
+                     scale_inner, bias, dst, num_threads);
 }
 
 } // namespace qsp::detail

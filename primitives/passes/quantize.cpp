@@ -3,23 +3,17 @@
 
 #include <vector>
 
+#include "primitives/passes/pass_tiers.hpp"
 #include "qsparseprop/runtime.hpp"
 
 namespace qsp::detail {
 
-namespace {
-bool has_avx512() {
-    return effective_cpu_isa() >= cpu_isa::avx512_core;
-}
-bool has_avx2() {
-    return effective_cpu_isa() >= cpu_isa::avx2;
-}
-} // namespace
-
 float quantize_rne(const float *x, int64_t n, int8_t *q, int num_threads) {
-    if (has_avx512()) return quantize_rne_avx512(x, n, q, num_threads);
-    if (has_avx2()) return quantize_rne_avx2(x, n, q, num_threads);
-    return portable::quantize_rne(x, n, q, num_threads);
+    static constexpr pass_tier<decltype(portable::quantize_rne)> tiers[] = {
+            {cpu_isa::avx512_core, quantize_rne_avx512},
+            {cpu_isa::avx2, quantize_rne_avx2},
+            {cpu_isa::ref, portable::quantize_rne}};
+    return best_tier(tiers)(x, n, q, num_threads);
 }
 
 float quantize_stochastic(const float *x, int64_t n, const float *multiplier, int64_t channels,
@@ -27,17 +21,16 @@ float quantize_stochastic(const float *x, int64_t n, const float *multiplier, in
     // The vector tiers see the tensor as whole rows: of `channels` columns
     // (inner == 1) or of `inner` elements sharing one multiplier.
     const bool whole_rows = !multiplier || n % (inner == 1 ? channels : inner) == 0;
-    if (whole_rows && has_avx512())
-        return quantize_stochastic_avx512(x, n, multiplier, channels, inner, seed32, q,
-                                          num_threads);
-    if (whole_rows && has_avx2())
-        return quantize_stochastic_avx2(x, n, multiplier, channels, inner, seed32, q, num_threads);
-    return portable::quantize_stochastic(x, n, multiplier, channels, inner, seed32, q, num_threads);
+    static constexpr pass_tier<decltype(portable::quantize_stochastic)> tiers[] = {
+            {cpu_isa::avx512_core, quantize_stochastic_avx512},
+            {cpu_isa::avx2, quantize_stochastic_avx2},
+            {cpu_isa::ref, portable::quantize_stochastic}};
+    return best_tier(tiers, whole_rows)(x, n, multiplier, channels, inner, seed32, q, num_threads);
 }
 
 void quantize_weights(const csr_pattern &p, const float *values, int8_t *q, float *scale,
                       int num_threads) {
-    if (has_avx512())
+    if (effective_cpu_isa() >= cpu_isa::avx512_core) // the AVX-512 tier reads the rows only
         quantize_weights_avx512(p.row_ptr(), p.rows(), values, q, scale, num_threads);
     else
         portable::quantize_weights(p, values, q, scale, num_threads);
@@ -45,12 +38,16 @@ void quantize_weights(const csr_pattern &p, const float *values, int8_t *q, floa
 
 float quantize_stochastic_to_s8_tiles(const float *x, int64_t batch, int64_t channels,
                                       uint32_t seed32, uint8_t *tiles, int num_threads) {
-    if (has_avx512())
-        return quantize_stochastic_to_s8_tiles_avx512(x, batch, channels, seed32, tiles,
-                                                      num_threads);
-    if (!has_avx2())
-        return portable::quantize_stochastic_to_s8_tiles(x, batch, channels, seed32, tiles,
-                                                         num_threads);
+    static constexpr pass_tier<decltype(portable::quantize_stochastic_to_s8_tiles)> tiers[] = {
+            {cpu_isa::avx512_core, quantize_stochastic_to_s8_tiles_avx512},
+            {cpu_isa::avx2, quantize_stochastic_to_s8_tiles_avx2},
+            {cpu_isa::ref, portable::quantize_stochastic_to_s8_tiles}};
+    return best_tier(tiers)(x, batch, channels, seed32, tiles, num_threads);
+}
+
+float quantize_stochastic_to_s8_tiles_avx2(const float *x, int64_t batch, int64_t channels,
+                                           uint32_t seed32, uint8_t *tiles, int num_threads) {
+    // AVX2 quantizes (the costly part); the shift into tiles is the portable loop.
     std::vector<int8_t> q(static_cast<size_t>(batch * channels));
     const float scale = quantize_stochastic_avx2(x, batch * channels, nullptr, 1, 1, seed32,
                                                  q.data(), num_threads);
@@ -60,24 +57,26 @@ float quantize_stochastic_to_s8_tiles(const float *x, int64_t batch, int64_t cha
 
 void pack_s8_tiles(const int8_t *x, int64_t batch, int64_t channels, int8_t *tiles,
                    int num_threads) {
-    if (has_avx512()) return pack_s8_tiles_avx512(x, batch, channels, tiles, num_threads);
-    portable::pack_s8_tiles(x, batch, channels, tiles, num_threads);
+    static constexpr pass_tier<decltype(portable::pack_s8_tiles)> tiers[] = {
+            {cpu_isa::avx512_core, pack_s8_tiles_avx512}, {cpu_isa::ref, portable::pack_s8_tiles}};
+    best_tier(tiers)(x, batch, channels, tiles, num_threads);
 }
 
 void pack_quad_tiles(const int8_t *x, int64_t batch, int64_t channels, uint8_t *tiles,
                      int num_threads) {
-    if (has_avx512()) return pack_quad_tiles_avx512(x, batch, channels, tiles, num_threads);
-    portable::pack_quad_tiles(x, batch, channels, tiles, num_threads);
+    static constexpr pass_tier<decltype(portable::pack_quad_tiles)> tiers[] = {
+            {cpu_isa::avx512_core, pack_quad_tiles_avx512},
+            {cpu_isa::ref, portable::pack_quad_tiles}};
+    best_tier(tiers)(x, batch, channels, tiles, num_threads);
 }
 
 void unpack_s32_tiles(const int32_t *tiles, int64_t batch, int64_t channels,
                       const int32_t *correction, const float *scale, const float *bias, float *dst,
                       int num_threads, int64_t inner) {
-    if (has_avx512())
-        return unpack_s32_tiles_avx512(tiles, batch, channels, correction, scale, bias, dst,
-                                       num_threads, inner);
-    portable::unpack_s32_tiles(tiles, batch, channels, correction, scale, bias, dst, num_threads,
-                               inner);
+    static constexpr pass_tier<decltype(portable::unpack_s32_tiles)> tiers[] = {
+            {cpu_isa::avx512_core, unpack_s32_tiles_avx512},
+            {cpu_isa::ref, portable::unpack_s32_tiles}};
+    best_tier(tiers)(tiles, batch, channels, correction, scale, bias, dst, num_threads, inner);
 }
 
 void column_sums_s8(const int8_t *x, int64_t batch, int64_t channels, int32_t *sums,

@@ -75,6 +75,9 @@ void column_sums_s8(const int8_t *x, int64_t batch, int64_t channels, int32_t *s
 float quantize_rne_avx2(const float *x, int64_t n, int8_t *q, int num_threads);
 float quantize_stochastic_avx2(const float *x, int64_t n, const float *multiplier, int64_t channels,
                                int64_t inner, uint32_t seed32, int8_t *q, int num_threads);
+// quantize_stochastic_avx2, then the portable shift into tiles.
+float quantize_stochastic_to_s8_tiles_avx2(const float *x, int64_t batch, int64_t channels,
+                                           uint32_t seed32, uint8_t *tiles, int num_threads);
 
 float quantize_rne_avx512(const float *x, int64_t n, int8_t *q, int num_threads);
 float quantize_stochastic_avx512(const float *x, int64_t n, const float *multiplier,

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "primitives/passes/pass_tiers.hpp"
 #include "qsparseprop/runtime.hpp"
 
 namespace qsp::detail {
@@ -49,22 +50,20 @@ void unpack_tiles_portable(const float *tiles, int64_t batch, int64_t channels, 
 }
 
 void pack_tiles(const float *src, int64_t batch, int64_t channels, float *tiles, int num_threads) {
-    if (effective_cpu_isa() >= cpu_isa::avx512_core)
-        pack_tiles_avx512(src, batch, channels, tiles, num_threads);
-    else if (effective_cpu_isa() >= cpu_isa::avx2)
-        pack_tiles_avx2(src, batch, channels, tiles, num_threads);
-    else
-        pack_tiles_portable(src, batch, channels, tiles, num_threads);
+    static constexpr pass_tier<decltype(pack_tiles_portable)> tiers[] = {
+            {cpu_isa::avx512_core, pack_tiles_avx512},
+            {cpu_isa::avx2, pack_tiles_avx2},
+            {cpu_isa::ref, pack_tiles_portable}};
+    best_tier(tiers)(src, batch, channels, tiles, num_threads);
 }
 
 void unpack_tiles(const float *tiles, int64_t batch, int64_t channels, const float *bias,
                   float *dst, int num_threads, int64_t bias_inner) {
-    if (effective_cpu_isa() >= cpu_isa::avx512_core)
-        unpack_tiles_avx512(tiles, batch, channels, bias, dst, num_threads, bias_inner);
-    else if (effective_cpu_isa() >= cpu_isa::avx2)
-        unpack_tiles_avx2(tiles, batch, channels, bias, dst, num_threads, bias_inner);
-    else
-        unpack_tiles_portable(tiles, batch, channels, bias, dst, num_threads, bias_inner);
+    static constexpr pass_tier<decltype(unpack_tiles_portable)> tiers[] = {
+            {cpu_isa::avx512_core, unpack_tiles_avx512},
+            {cpu_isa::avx2, unpack_tiles_avx2},
+            {cpu_isa::ref, unpack_tiles_portable}};
+    best_tier(tiers)(tiles, batch, channels, bias, dst, num_threads, bias_inner);
 }
 
 } // namespace qsp::detail

@@ -6,17 +6,10 @@
 #include <algorithm>
 #include <cstring>
 
+#include "primitives/passes/pass_tiers.hpp"
 #include "qsparseprop/runtime.hpp"
 
 namespace qsp::detail {
-
-namespace {
-
-bool avx512_tier(const width_plane &plane) {
-    return plane.phases == 1 && effective_cpu_isa() >= cpu_isa::avx512_core;
-}
-
-} // namespace
 
 namespace {
 
@@ -54,9 +47,11 @@ void pack_rows(const U *src, int64_t batch, int64_t channels, int64_t h, int64_t
 bool pack_width_planes(const float *src, int64_t batch, int64_t channels, int64_t h, int64_t w,
                        const spatial_pad &pad, const width_plane &plane, float *dst,
                        int num_threads) {
-    if (avx512_tier(plane))
-        return pack_width_planes_avx512(src, batch, channels, h, w, pad, plane, dst, num_threads);
-    return portable::pack_width_planes(src, batch, channels, h, w, pad, plane, dst, num_threads);
+    static constexpr pass_tier<decltype(portable::pack_width_planes)> tiers[] = {
+            {cpu_isa::avx512_core, pack_width_planes_avx512},
+            {cpu_isa::ref, portable::pack_width_planes}};
+    return best_tier(tiers, plane.phases == 1)(src, batch, channels, h, w, pad, plane, dst,
+                                               num_threads);
 }
 
 bool portable::pack_width_planes(const float *src, int64_t batch, int64_t channels, int64_t h,
@@ -108,9 +103,10 @@ void pack_width_planes(const int8_t *src, int64_t batch, int64_t channels, int64
 void pack_width_quads(const int8_t *src, int64_t batch, int64_t channels, int64_t h, int64_t w,
                       const spatial_pad &pad, const width_plane &plane, uint32_t *dst,
                       int num_threads) {
-    if (avx512_tier(plane))
-        return pack_width_quads_avx512(src, batch, channels, h, w, pad, plane, dst, num_threads);
-    portable::pack_width_quads(src, batch, channels, h, w, pad, plane, dst, num_threads);
+    static constexpr pass_tier<decltype(portable::pack_width_quads)> tiers[] = {
+            {cpu_isa::avx512_core, pack_width_quads_avx512},
+            {cpu_isa::ref, portable::pack_width_quads}};
+    best_tier(tiers, plane.phases == 1)(src, batch, channels, h, w, pad, plane, dst, num_threads);
 }
 
 void portable::pack_width_quads(const int8_t *src, int64_t batch, int64_t channels, int64_t h,
