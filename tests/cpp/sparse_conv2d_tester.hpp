@@ -1,10 +1,13 @@
-// SparseConv2dTester: runs the three f32 conv primitives and compares them
-// with a naive dense direct convolution in double.
+// SparseConv2dTester: a training step of a sparse Conv2d (training_step.hpp)
+// on every ISA tier the CPU has (only the full ISA when an implementation
+// is forced): f32 against a naive dense direct convolution in double, s8 bit
+// for bit against the reference implementation. Takes .scheme(),
+// .implementation() and .fused() like the Linear tester.
 #pragma once
 
 #include <string>
 
-#include "test_utils.hpp"
+#include "training_step.hpp"
 
 namespace qsp::test {
 
@@ -62,6 +65,18 @@ public:
         seed_ = v;
         return *this;
     }
+    SparseConv2dTester &scheme(quant_scheme v) {
+        scheme_ = v;
+        return *this;
+    }
+    SparseConv2dTester &implementation(const std::string &v) {
+        implementation_ = v;
+        return *this;
+    }
+    SparseConv2dTester &fused(bool v) {
+        fused_ = v;
+        return *this;
+    }
 
     std::string describe() const {
         return "N=" + std::to_string(n_) + " C=" + std::to_string(c_) + " OC=" + std::to_string(oc_)
@@ -71,7 +86,8 @@ public:
                + " p=" + std::to_string(g_.pad_top) + "," + std::to_string(g_.pad_left) + ","
                + std::to_string(g_.pad_bottom) + "," + std::to_string(g_.pad_right)
                + " d=" + std::to_string(g_.dilation_h) + "," + std::to_string(g_.dilation_w)
-               + " g=" + std::to_string(g_.groups) + " sparsity=" + std::to_string(sparsity_);
+               + " g=" + std::to_string(g_.groups) + " sparsity=" + std::to_string(sparsity_) + " "
+               + to_string(scheme_) + " " + implementation_ + (fused_ ? " fused" : "");
     }
 
     void Test() const {
@@ -90,37 +106,31 @@ public:
         auto dy = random_vector(static_cast<size_t>(n_ * oc_ * OH * OW), rng);
         auto b = random_vector(static_cast<size_t>(oc_), rng);
 
-        dnnl::engine eng(dnnl::engine::kind::cpu, 0);
-        dnnl::stream strm(eng);
-        primitive_attr attr;
-        attr.num_threads = threads_;
-        const auto src_md = f32_desc({n_, c_, h_, w_}), dst_md = f32_desc({n_, oc_, OH, OW});
-        const auto bias_md = f32_desc({oc_});
-        sparse_conv2d_forward::primitive_desc fwd_pd(eng, prop_kind::forward_training, src_md,
-                                                     w.pattern, bias_md, dst_md, g_,
-                                                     quant_scheme::f32, attr);
-        const auto wmd = fwd_pd.weights_desc();
-        std::vector<float> y(dy.size(), -7.f), dx(x.size(), -7.f), dw(w.values.size(), -7.f),
-                db(b.size(), -7.f);
-        sparse_conv2d_forward(fwd_pd).execute(strm,
-                                              {{DNNL_ARG_SRC, wrap(eng, src_md, x.data())},
-                                               {DNNL_ARG_WEIGHTS, wrap(eng, wmd, w.values.data())},
-                                               {DNNL_ARG_BIAS, wrap(eng, bias_md, b.data())},
-                                               {DNNL_ARG_DST, wrap(eng, dst_md, y.data())}});
-        sparse_conv2d_backward_data(
-                sparse_conv2d_backward_data::primitive_desc(eng, src_md, w.pattern, dst_md, fwd_pd))
-                .execute(strm, {{DNNL_ARG_DIFF_DST, wrap(eng, dst_md, dy.data())},
-                                {DNNL_ARG_WEIGHTS, wrap(eng, wmd, w.values.data())},
-                                {DNNL_ARG_DIFF_SRC, wrap(eng, src_md, dx.data())}});
-        sparse_conv2d_backward_weights(sparse_conv2d_backward_weights::primitive_desc(
-                                               eng, src_md, w.pattern, bias_md, dst_md, fwd_pd))
-                .execute(strm, {{DNNL_ARG_SRC, wrap(eng, src_md, x.data())},
-                                {DNNL_ARG_DIFF_DST, wrap(eng, dst_md, dy.data())},
-                                {DNNL_ARG_DIFF_WEIGHTS, wrap(eng, wmd, dw.data())},
-                                {DNNL_ARG_DIFF_BIAS, wrap(eng, bias_md, db.data())}});
+        const conv2d_layer layer{n_, c_, oc_, h_, w_, g_};
+        step_options o;
+        o.scheme = scheme_;
+        o.implementation = implementation_;
+        o.fused = fused_;
+        o.threads = threads_;
+        if (scheme_ == quant_scheme::s8) {
+            step_options ref = o;
+            ref.implementation = "ref:any";
+            ref.fused = false;
+            const step_result want = training_step(layer, w, x, dy, b, ref);
+            for (cpu_isa isa : tiers()) {
+                isa_cap_guard cap(isa);
+                SCOPED_TRACE(to_string(isa));
+                const step_result got = training_step(layer, w, x, dy, b, o);
+                expect_same_bits(got.y, want.y, "forward dst");
+                expect_same_bits(got.dx, want.dx, "backward_data diff_src");
+                expect_same_bits(got.dw, want.dw, "backward_weights diff_weights");
+                expect_same_bits(got.db, want.db, "backward_weights diff_bias");
+            }
+            return;
+        }
 
         // Naive dense direct convolution and its two gradients, in double.
-        std::vector<double> y_ref(y.size()), y_mag(y.size()), dx_ref(x.size()), dx_mag(x.size());
+        std::vector<double> y_ref(dy.size()), y_mag(dy.size()), dx_ref(x.size()), dx_mag(x.size());
         std::vector<double> dwd(dense_w.size()), dwd_mag(dense_w.size()), db_ref(b.size()),
                 db_mag(b.size());
         for (int64_t n = 0; n < n_; ++n)
@@ -153,7 +163,7 @@ public:
                         y_ref[yi] = acc;
                         y_mag[yi] = mag;
                     }
-        std::vector<double> dw_ref(dw.size()), dw_mag(dw.size());
+        std::vector<double> dw_ref(w.values.size()), dw_mag(w.values.size());
         const int64_t *rp = w.pattern.row_ptr();
         const int32_t *ci = w.pattern.col_idx();
         for (int64_t r = 0; r < oc_; ++r)
@@ -161,18 +171,30 @@ public:
                 dw_ref[e] = dwd[r * cols + ci[e]];
                 dw_mag[e] = dwd_mag[r * cols + ci[e]];
             }
-        expect_close(y, y_ref, y_mag, 1e-5, "forward dst");
-        expect_close(dx, dx_ref, dx_mag, 1e-5, "backward_data diff_src");
-        expect_close(dw, dw_ref, dw_mag, 1e-5, "backward_weights diff_weights");
-        expect_close(db, db_ref, db_mag, 1e-5, "backward_weights diff_bias");
+        for (cpu_isa isa : tiers()) {
+            isa_cap_guard cap(isa);
+            SCOPED_TRACE(to_string(isa));
+            const step_result got = training_step(layer, w, x, dy, b, o);
+            expect_close(got.y, y_ref, y_mag, 1e-5, "forward dst");
+            expect_close(got.dx, dx_ref, dx_mag, 1e-5, "backward_data diff_src");
+            expect_close(got.dw, dw_ref, dw_mag, 1e-5, "backward_weights diff_weights");
+            expect_close(got.db, db_ref, db_mag, 1e-5, "backward_weights diff_bias");
+        }
     }
 
 private:
+    std::vector<cpu_isa> tiers() const {
+        return implementation_.empty() ? isa_levels() : std::vector<cpu_isa>{detected_cpu_isa()};
+    }
+
     int64_t n_ = 2, c_ = 3, oc_ = 4, h_ = 7, w_ = 7;
     conv2d_geometry g_{3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 1};
     double sparsity_ = 0.5;
     int threads_ = 2;
     unsigned seed_ = 3;
+    quant_scheme scheme_ = quant_scheme::f32;
+    std::string implementation_;
+    bool fused_ = false;
 };
 
 } // namespace qsp::test

@@ -1,11 +1,15 @@
 // XNNPACK-style tester: SparseLinearTester().batch(..).in(..).out(..)
-// .sparsity(..).Test() runs the three f32 primitives and compares them with a
-// naive dense computation in double.
+// .sparsity(..).scheme(..).implementation(..).fused(..).Test() runs a
+// training step (training_step.hpp) on every ISA tier the CPU has (only the
+// full ISA when an implementation is forced): f32 against a naive dense
+// computation in double, s8 bit for bit against the reference
+// implementation (itself held to the scheme's integer model in
+// test_s8_scheme.cpp).
 #pragma once
 
 #include <string>
 
-#include "test_utils.hpp"
+#include "training_step.hpp"
 
 namespace qsp::test {
 
@@ -39,11 +43,24 @@ public:
         seed_ = v;
         return *this;
     }
+    SparseLinearTester &scheme(quant_scheme v) {
+        scheme_ = v;
+        return *this;
+    }
+    SparseLinearTester &implementation(const std::string &v) {
+        implementation_ = v;
+        return *this;
+    }
+    SparseLinearTester &fused(bool v) {
+        fused_ = v;
+        return *this;
+    }
 
     void Test() const {
         SCOPED_TRACE("B=" + std::to_string(batch_) + " K=" + std::to_string(in_)
                      + " N=" + std::to_string(out_) + " sparsity=" + std::to_string(sparsity_)
-                     + " threads=" + std::to_string(threads_));
+                     + " threads=" + std::to_string(threads_) + " " + to_string(scheme_) + " "
+                     + implementation_ + (fused_ ? " fused" : ""));
         std::mt19937 rng(seed_);
         const int64_t B = batch_, K = in_, N = out_;
         auto dense_w = random_sparse_dense(N, K, sparsity_, rng);
@@ -52,42 +69,33 @@ public:
         auto dy = random_vector(static_cast<size_t>(B * N), rng);
         auto b = random_vector(static_cast<size_t>(N), rng);
 
-        dnnl::engine eng(dnnl::engine::kind::cpu, 0);
-        dnnl::stream strm(eng);
-        primitive_attr attr;
-        attr.num_threads = threads_;
-        const auto src_md = f32_desc({B, K}), dst_md = f32_desc({B, N});
-        const auto bias_md = bias_ ? f32_desc({N}) : dnnl::memory::desc();
-        sparse_linear_forward::primitive_desc fwd_pd(eng, prop_kind::forward_training, src_md,
-                                                     w.pattern, bias_md, dst_md, quant_scheme::f32,
-                                                     attr);
-        std::vector<float> y(static_cast<size_t>(B * N), -7.f);
-        exec_args fwd_args{{DNNL_ARG_SRC, wrap(eng, src_md, x.data())},
-                           {DNNL_ARG_WEIGHTS, wrap(eng, fwd_pd.weights_desc(), w.values.data())},
-                           {DNNL_ARG_DST, wrap(eng, dst_md, y.data())}};
-        if (bias_) fwd_args[DNNL_ARG_BIAS] = wrap(eng, bias_md, b.data());
-        sparse_linear_forward(fwd_pd).execute(strm, fwd_args);
-
-        sparse_linear_backward_data::primitive_desc bwd_d_pd(eng, src_md, w.pattern, dst_md,
-                                                             fwd_pd);
-        std::vector<float> dx(static_cast<size_t>(B * K), -7.f);
-        sparse_linear_backward_data(bwd_d_pd).execute(
-                strm, {{DNNL_ARG_DIFF_DST, wrap(eng, dst_md, dy.data())},
-                       {DNNL_ARG_WEIGHTS, wrap(eng, fwd_pd.weights_desc(), w.values.data())},
-                       {DNNL_ARG_DIFF_SRC, wrap(eng, src_md, dx.data())}});
-
-        sparse_linear_backward_weights::primitive_desc bwd_w_pd(eng, src_md, w.pattern, bias_md,
-                                                                dst_md, fwd_pd);
-        std::vector<float> dw(static_cast<size_t>(w.pattern.nnz()), -7.f),
-                db(static_cast<size_t>(N), -7.f);
-        exec_args bw_args{{DNNL_ARG_SRC, wrap(eng, src_md, x.data())},
-                          {DNNL_ARG_DIFF_DST, wrap(eng, dst_md, dy.data())},
-                          {DNNL_ARG_DIFF_WEIGHTS, wrap(eng, fwd_pd.weights_desc(), dw.data())}};
-        if (bias_) bw_args[DNNL_ARG_DIFF_BIAS] = wrap(eng, bias_md, db.data());
-        sparse_linear_backward_weights(bwd_w_pd).execute(strm, bw_args);
-
+        const linear_layer layer{B, K, N};
+        step_options o;
+        o.scheme = scheme_;
+        o.implementation = implementation_;
+        o.fused = fused_;
+        o.threads = threads_;
+        o.bias = bias_;
+        if (scheme_ == quant_scheme::s8) {
+            step_options ref = o;
+            ref.implementation = "ref:any";
+            ref.fused = false;
+            const step_result want = training_step(layer, w, x, dy, b, ref);
+            for (cpu_isa isa : tiers()) {
+                isa_cap_guard cap(isa);
+                SCOPED_TRACE(to_string(isa));
+                const step_result got = training_step(layer, w, x, dy, b, o);
+                expect_same_bits(got.y, want.y, "forward dst");
+                expect_same_bits(got.dx, want.dx, "backward_data diff_src");
+                expect_same_bits(got.dw, want.dw, "backward_weights diff_weights");
+                expect_same_bits(got.db, want.db, "backward_weights diff_bias");
+            }
+            return;
+        }
         // Naive dense oracle in double.
-        std::vector<double> y_ref(y.size()), y_mag(y.size()), dx_ref(dx.size()), dx_mag(dx.size());
+        const size_t ny = static_cast<size_t>(B * N), nx = static_cast<size_t>(B * K),
+                     nw = static_cast<size_t>(w.pattern.nnz());
+        std::vector<double> y_ref(ny), y_mag(ny), dx_ref(nx), dx_mag(nx);
         for (int64_t i = 0; i < B; ++i)
             for (int64_t n = 0; n < N; ++n) {
                 double acc = bias_ ? b[n] : 0, mag = bias_ ? std::fabs(b[n]) : 0;
@@ -108,7 +116,7 @@ public:
                 dx_ref[i * K + k] = acc;
                 dx_mag[i * K + k] = mag;
             }
-        std::vector<double> dw_ref(dw.size()), dw_mag(dw.size());
+        std::vector<double> dw_ref(nw), dw_mag(nw);
         const int64_t *rp = w.pattern.row_ptr();
         const int32_t *ci = w.pattern.col_idx();
         for (int64_t n = 0; n < N; ++n)
@@ -121,26 +129,38 @@ public:
                 dw_ref[e] = acc;
                 dw_mag[e] = mag;
             }
-        expect_close(y, y_ref, y_mag, 1e-5, "forward dst");
-        expect_close(dx, dx_ref, dx_mag, 1e-5, "backward_data diff_src");
-        expect_close(dw, dw_ref, dw_mag, 1e-5, "backward_weights diff_weights");
-        if (bias_) {
-            std::vector<double> db_ref(static_cast<size_t>(N)), db_mag(static_cast<size_t>(N));
-            for (int64_t n = 0; n < N; ++n)
-                for (int64_t i = 0; i < B; ++i) {
-                    db_ref[n] += dy[i * N + n];
-                    db_mag[n] += std::fabs(dy[i * N + n]);
-                }
-            expect_close(db, db_ref, db_mag, 1e-5, "backward_weights diff_bias");
+        std::vector<double> db_ref(static_cast<size_t>(N)), db_mag(static_cast<size_t>(N));
+        for (int64_t n = 0; n < N; ++n)
+            for (int64_t i = 0; i < B; ++i) {
+                db_ref[n] += dy[i * N + n];
+                db_mag[n] += std::fabs(dy[i * N + n]);
+            }
+        for (cpu_isa isa : tiers()) {
+            isa_cap_guard cap(isa);
+            SCOPED_TRACE(to_string(isa));
+            const step_result got = training_step(layer, w, x, dy, b, o);
+            expect_close(got.y, y_ref, y_mag, 1e-5, "forward dst");
+            expect_close(got.dx, dx_ref, dx_mag, 1e-5, "backward_data diff_src");
+            expect_close(got.dw, dw_ref, dw_mag, 1e-5, "backward_weights diff_weights");
+            if (bias_) expect_close(got.db, db_ref, db_mag, 1e-5, "backward_weights diff_bias");
         }
     }
 
 private:
+    // Every tier the CPU has, or the full ISA only where an implementation
+    // is forced (a capped tier refuses it).
+    std::vector<cpu_isa> tiers() const {
+        return implementation_.empty() ? isa_levels() : std::vector<cpu_isa>{detected_cpu_isa()};
+    }
+
     int64_t batch_ = 4, in_ = 8, out_ = 8;
     double sparsity_ = 0.9;
     int threads_ = 2;
     bool bias_ = true;
     unsigned seed_ = 1;
+    quant_scheme scheme_ = quant_scheme::f32;
+    std::string implementation_;
+    bool fused_ = false;
 };
 
 } // namespace qsp::test

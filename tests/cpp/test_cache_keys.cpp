@@ -4,7 +4,7 @@
 #include <cstring>
 
 #include "primitives/core/testing_hooks.hpp"
-#include "test_utils.hpp"
+#include "training_step.hpp"
 
 namespace qsp::test {
 
@@ -15,52 +15,17 @@ struct forced_hash_guard {
     ~forced_hash_guard() { detail::force_pattern_hash_for_testing(false); }
 };
 
-struct outputs {
-    std::vector<float> y, dx, dw;
-    std::string impl;
-};
+using outputs = step_result;
 
+// A training step without bias (rounding seed 5).
 outputs run_layer(const csr_weights &w, int64_t B, const std::vector<float> &x,
                   const std::vector<float> &dy, quant_scheme scheme, const std::string &impl) {
-    const int64_t K = w.pattern.cols(), N = w.pattern.rows();
-    dnnl::engine eng(dnnl::engine::kind::cpu, 0);
-    dnnl::stream s(eng);
-    primitive_attr attr;
-    attr.num_threads = 2;
-    attr.implementation = impl;
-    const auto src_md = f32_desc({B, K}), dst_md = f32_desc({B, N});
-    sparse_linear_forward::primitive_desc fwd(eng, prop_kind::forward_training, src_md, w.pattern,
-                                              dst_md, scheme, attr);
-    sparse_linear_backward_data::primitive_desc bd(eng, src_md, w.pattern, dst_md, fwd, attr);
-    sparse_linear_backward_weights::primitive_desc bw(eng, src_md, w.pattern, dnnl::memory::desc(),
-                                                      dst_md, fwd, attr);
-    outputs o;
-    o.y.assign(static_cast<size_t>(B * N), NAN);
-    o.dx.assign(x.size(), NAN);
-    o.dw.assign(w.values.size(), NAN);
-    o.impl = fwd.impl_info_str() + "/" + bd.impl_info_str() + "/" + bw.impl_info_str();
-    std::vector<uint8_t> ws(std::max<size_t>(fwd.workspace_desc().get_size(), 1));
-    std::vector<int32_t> seed;
-    exec_args fa{{DNNL_ARG_SRC, wrap(eng, src_md, x.data())},
-                 {DNNL_ARG_WEIGHTS, wrap(eng, fwd.weights_desc(), w.values.data())},
-                 {DNNL_ARG_DST, wrap(eng, dst_md, o.y.data())}};
-    if (scheme == quant_scheme::s8)
-        fa[DNNL_ARG_WORKSPACE] = wrap(eng, fwd.workspace_desc(), ws.data());
-    sparse_linear_forward(fwd).execute(s, fa);
-    sparse_linear_backward_data(bd).execute(
-            s, {{DNNL_ARG_DIFF_DST, wrap(eng, dst_md, dy.data())},
-                {DNNL_ARG_WEIGHTS, wrap(eng, fwd.weights_desc(), w.values.data())},
-                {DNNL_ARG_DIFF_SRC, wrap(eng, src_md, o.dx.data())},
-                {QSP_ARG_ROUNDING_SEED, seed_memory(eng, seed, 5)}});
-    exec_args ba{{DNNL_ARG_DIFF_DST, wrap(eng, dst_md, dy.data())},
-                 {DNNL_ARG_DIFF_WEIGHTS, wrap(eng, fwd.weights_desc(), o.dw.data())},
-                 {QSP_ARG_ROUNDING_SEED, seed_memory(eng, seed, 5)}};
-    if (scheme == quant_scheme::s8)
-        ba[DNNL_ARG_WORKSPACE] = wrap(eng, fwd.workspace_desc(), ws.data());
-    else
-        ba[DNNL_ARG_SRC] = wrap(eng, src_md, x.data());
-    sparse_linear_backward_weights(bw).execute(s, ba);
-    return o;
+    step_options o;
+    o.scheme = scheme;
+    o.implementation = impl;
+    o.bias = false;
+    o.seed = 5;
+    return training_step(linear_layer{B, w.pattern.cols(), w.pattern.rows()}, w, x, dy, {}, o);
 }
 
 size_t cache_size(const std::string &name) {

@@ -4,7 +4,7 @@
 // and it refuses descriptors of different layers or shapes.
 #include <cstring>
 
-#include "test_utils.hpp"
+#include "training_step.hpp"
 
 namespace qsp::test {
 
@@ -19,62 +19,19 @@ template <typename fn_t> void expect_refusal(fn_t fn, const std::string &needle)
     }
 }
 
-void expect_same_bits(const std::vector<float> &a, const std::vector<float> &b, const char *what) {
-    ASSERT_EQ(a.size(), b.size());
-    EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0) << what;
-}
-
-struct grads {
-    std::vector<float> dx, dw, db;
-    std::string impl;
-};
-
-// Backward of one layer, fused or as two primitives. make_fwd(attr) gives
-// the forward descriptor; the rest is generic over Linear / Conv2d.
-template <typename fwd_t, typename bd_t, typename bw_t, typename make_fwd_t>
-grads backward(make_fwd_t make_fwd, const csr_weights &w, const dnnl::memory::desc &src_md,
-               const dnnl::memory::desc &dst_md, const dnnl::memory::desc &bias_md,
-               const std::vector<float> &x, const std::vector<float> &dy, bool fused) {
-    dnnl::engine eng(dnnl::engine::kind::cpu, 0);
-    dnnl::stream s(eng);
-    const typename fwd_t::primitive_desc fwd = make_fwd(eng);
-    std::vector<float> y(dy.size());
-    std::vector<uint8_t> ws(std::max<size_t>(fwd.workspace_desc().get_size(), 1));
-    const auto wmd = fwd.weights_desc();
-    std::vector<float> bias(static_cast<size_t>(bias_md.get_dims()[0]), 0.5f);
-    exec_args fa{{DNNL_ARG_SRC, wrap(eng, src_md, x.data())},
-                 {DNNL_ARG_WEIGHTS, wrap(eng, wmd, w.values.data())},
-                 {DNNL_ARG_BIAS, wrap(eng, bias_md, bias.data())},
-                 {DNNL_ARG_DST, wrap(eng, dst_md, y.data())}};
-    if (fwd.scheme() == quant_scheme::s8)
-        fa[DNNL_ARG_WORKSPACE] = wrap(eng, fwd.workspace_desc(), ws.data());
-    fwd_t(fwd).execute(s, fa);
-    typename bd_t::primitive_desc bd(eng, src_md, w.pattern, dst_md, fwd);
-    typename bw_t::primitive_desc bw(eng, src_md, w.pattern, bias_md, dst_md, fwd);
-    grads g;
-    g.dx.assign(x.size(), NAN);
-    g.dw.assign(w.values.size(), NAN);
-    g.db.assign(bias.size(), NAN);
-    std::vector<int32_t> seed;
-    exec_args args{{DNNL_ARG_DIFF_DST, wrap(eng, dst_md, dy.data())},
-                   {DNNL_ARG_WEIGHTS, wrap(eng, wmd, w.values.data())},
-                   {DNNL_ARG_DIFF_SRC, wrap(eng, src_md, g.dx.data())},
-                   {DNNL_ARG_DIFF_WEIGHTS, wrap(eng, wmd, g.dw.data())},
-                   {DNNL_ARG_DIFF_BIAS, wrap(eng, bias_md, g.db.data())},
-                   {QSP_ARG_ROUNDING_SEED, seed_memory(eng, seed, 77)}};
-    if (fwd.scheme() == quant_scheme::s8)
-        args[DNNL_ARG_WORKSPACE] = wrap(eng, fwd.workspace_desc(), ws.data());
-    else
-        args[DNNL_ARG_SRC] = wrap(eng, src_md, x.data());
-    if (fused) {
-        sparse_backward<bd_t, bw_t> both(bd, bw);
-        g.impl = both.impl_info_str();
-        both.execute(s, args);
-    } else {
-        bd_t(bd).execute(s, args);
-        bw_t(bw).execute(s, args);
-    }
-    return g;
+// The fused backward and the two primitives on the same data: the same bits.
+template <typename layer_t>
+void expect_fused_equals_separate(const layer_t &layer, const csr_weights &w,
+                                  const std::vector<float> &x, const std::vector<float> &dy,
+                                  const std::vector<float> &bias, quant_scheme scheme) {
+    step_options o;
+    o.scheme = scheme;
+    const step_result a = training_step(layer, w, x, dy, bias, o);
+    o.fused = true;
+    const step_result b = training_step(layer, w, x, dy, bias, o);
+    expect_same_bits(b.dx, a.dx, "diff_src");
+    expect_same_bits(b.dw, a.dw, "diff_weights");
+    expect_same_bits(b.db, a.db, "diff_bias");
 }
 
 } // namespace
@@ -86,28 +43,13 @@ TEST(FusedBackward, linear_equals_the_two_primitives_on_every_tier) {
         auto w = csr_weights::from_dense(random_sparse_dense(N, K, 0.8, rng).data(), N, K);
         auto x = random_vector(static_cast<size_t>(batch * K), rng);
         auto dy = random_vector(static_cast<size_t>(batch * N), rng);
-        const auto src_md = f32_desc({batch, K}), dst_md = f32_desc({batch, N}),
-                   bias_md = f32_desc({N});
+        const std::vector<float> bias(static_cast<size_t>(N), 0.5f);
         for (cpu_isa isa : isa_levels())
             for (quant_scheme scheme : {quant_scheme::f32, quant_scheme::s8}) {
                 isa_cap_guard cap(isa);
                 SCOPED_TRACE(std::string(to_string(isa)) + " " + to_string(scheme) + " batch "
                              + std::to_string(batch));
-                auto make = [&](const dnnl::engine &eng) {
-                    return sparse_linear_forward::primitive_desc(eng, prop_kind::forward_training,
-                                                                 src_md, w.pattern, bias_md, dst_md,
-                                                                 scheme);
-                };
-                const grads a = backward<sparse_linear_forward, sparse_linear_backward_data,
-                                         sparse_linear_backward_weights>(make, w, src_md, dst_md,
-                                                                         bias_md, x, dy, false);
-                const grads b = backward<sparse_linear_forward, sparse_linear_backward_data,
-                                         sparse_linear_backward_weights>(make, w, src_md, dst_md,
-                                                                         bias_md, x, dy, true);
-                expect_same_bits(b.dx, a.dx, "diff_src");
-                expect_same_bits(b.dw, a.dw, "diff_weights");
-                expect_same_bits(b.db, a.db, "diff_bias");
-                EXPECT_NE(b.impl.find('/'), std::string::npos);
+                expect_fused_equals_separate(linear_layer{batch, K, N}, w, x, dy, bias, scheme);
             }
     }
 }
@@ -118,31 +60,17 @@ TEST(FusedBackward, conv2d_equals_the_two_primitives_on_every_tier) {
     g.kernel_h = g.kernel_w = 3;
     g.pad_top = g.pad_bottom = g.pad_left = g.pad_right = 1;
     g.stride_w = 2;
-    const int64_t B = 3, C = 5, OC = 6, H = 9, W = 8;
-    const auto o = conv2d_output_hw(g, H, W);
-    auto w = csr_weights::from_dense(random_sparse_dense(OC, C * 9, 0.7, rng).data(), OC, C * 9);
-    auto x = random_vector(static_cast<size_t>(B * C * H * W), rng);
-    auto dy = random_vector(static_cast<size_t>(B * OC * o[0] * o[1]), rng);
-    const auto src_md = f32_desc({B, C, H, W}), dst_md = f32_desc({B, OC, o[0], o[1]}),
-               bias_md = f32_desc({OC});
+    const conv2d_layer layer{3, 5, 6, 9, 8, g};
+    const auto o = layer.out_hw();
+    auto w = csr_weights::from_dense(random_sparse_dense(6, 5 * 9, 0.7, rng).data(), 6, 5 * 9);
+    auto x = random_vector(static_cast<size_t>(3 * 5 * 9 * 8), rng);
+    auto dy = random_vector(static_cast<size_t>(3 * 6 * o[0] * o[1]), rng);
+    const std::vector<float> bias(6, 0.5f);
     for (cpu_isa isa : isa_levels())
         for (quant_scheme scheme : {quant_scheme::f32, quant_scheme::s8}) {
             isa_cap_guard cap(isa);
             SCOPED_TRACE(std::string(to_string(isa)) + " " + to_string(scheme));
-            auto make = [&](const dnnl::engine &eng) {
-                return sparse_conv2d_forward::primitive_desc(eng, prop_kind::forward_training,
-                                                             src_md, w.pattern, bias_md, dst_md, g,
-                                                             scheme);
-            };
-            const grads a = backward<sparse_conv2d_forward, sparse_conv2d_backward_data,
-                                     sparse_conv2d_backward_weights>(make, w, src_md, dst_md,
-                                                                     bias_md, x, dy, false);
-            const grads b = backward<sparse_conv2d_forward, sparse_conv2d_backward_data,
-                                     sparse_conv2d_backward_weights>(make, w, src_md, dst_md,
-                                                                     bias_md, x, dy, true);
-            expect_same_bits(b.dx, a.dx, "diff_src");
-            expect_same_bits(b.dw, a.dw, "diff_weights");
-            expect_same_bits(b.db, a.db, "diff_bias");
+            expect_fused_equals_separate(layer, w, x, dy, bias, scheme);
         }
 }
 

@@ -6,7 +6,7 @@
 // serves them.
 #include <cstring>
 
-#include "test_utils.hpp"
+#include "training_step.hpp"
 
 namespace qsp::test {
 
@@ -28,60 +28,19 @@ struct conv_case {
     }
 };
 
-struct outputs {
-    std::vector<float> y, dx, dw, db;
-    std::string impl;
-};
+using outputs = step_result;
 
 outputs run(const conv_case &c, const csr_weights &w, const std::vector<float> &x,
             const std::vector<float> &dy, const std::vector<float> &bias, quant_scheme scheme,
             int threads, const std::string &impl,
             conv_vectorization vectorization = conv_vectorization::any) {
-    dnnl::engine eng(dnnl::engine::kind::cpu, 0);
-    dnnl::stream s(eng);
-    const auto o = conv2d_output_hw(c.g, c.h, c.w);
-    const auto src_md = f32_desc({c.batch, c.in_c, c.h, c.w}),
-               dst_md = f32_desc({c.batch, c.out_c, o[0], o[1]}), bias_md = f32_desc({c.out_c});
-    primitive_attr attr;
-    attr.num_threads = threads;
-    attr.implementation = impl;
-    attr.vectorization = vectorization;
-    sparse_conv2d_forward::primitive_desc fwd(eng, prop_kind::forward_training, src_md, w.pattern,
-                                              bias_md, dst_md, c.g, scheme, attr);
-    sparse_conv2d_backward_data::primitive_desc bd(eng, src_md, w.pattern, dst_md, fwd, attr);
-    sparse_conv2d_backward_weights::primitive_desc bw(eng, src_md, w.pattern, bias_md, dst_md, fwd,
-                                                      attr);
-    outputs r;
-    r.impl = fwd.impl_info_str() + "/" + bd.impl_info_str() + "/" + bw.impl_info_str();
-    r.y.assign(dy.size(), NAN);
-    r.dx.assign(x.size(), NAN);
-    r.dw.assign(w.values.size(), NAN);
-    r.db.assign(static_cast<size_t>(c.out_c), NAN);
-    std::vector<uint8_t> ws(std::max<size_t>(fwd.workspace_desc().get_size(), 1));
-    std::vector<int32_t> seed;
-    const auto wmd = fwd.weights_desc();
-    exec_args fa{{DNNL_ARG_SRC, wrap(eng, src_md, x.data())},
-                 {DNNL_ARG_WEIGHTS, wrap(eng, wmd, w.values.data())},
-                 {DNNL_ARG_BIAS, wrap(eng, bias_md, bias.data())},
-                 {DNNL_ARG_DST, wrap(eng, dst_md, r.y.data())}};
-    if (scheme == quant_scheme::s8)
-        fa[DNNL_ARG_WORKSPACE] = wrap(eng, fwd.workspace_desc(), ws.data());
-    sparse_conv2d_forward(fwd).execute(s, fa);
-    sparse_conv2d_backward_data(bd).execute(s,
-                                            {{DNNL_ARG_DIFF_DST, wrap(eng, dst_md, dy.data())},
-                                             {DNNL_ARG_WEIGHTS, wrap(eng, wmd, w.values.data())},
-                                             {DNNL_ARG_DIFF_SRC, wrap(eng, src_md, r.dx.data())},
-                                             {QSP_ARG_ROUNDING_SEED, seed_memory(eng, seed, 9)}});
-    exec_args ba{{DNNL_ARG_DIFF_DST, wrap(eng, dst_md, dy.data())},
-                 {DNNL_ARG_DIFF_WEIGHTS, wrap(eng, wmd, r.dw.data())},
-                 {DNNL_ARG_DIFF_BIAS, wrap(eng, bias_md, r.db.data())},
-                 {QSP_ARG_ROUNDING_SEED, seed_memory(eng, seed, 9)}};
-    if (scheme == quant_scheme::s8)
-        ba[DNNL_ARG_WORKSPACE] = wrap(eng, fwd.workspace_desc(), ws.data());
-    else
-        ba[DNNL_ARG_SRC] = wrap(eng, src_md, x.data());
-    sparse_conv2d_backward_weights(bw).execute(s, ba);
-    return r;
+    step_options o;
+    o.scheme = scheme;
+    o.threads = threads;
+    o.implementation = impl;
+    o.vectorization = vectorization;
+    o.seed = 9;
+    return training_step(conv2d_layer{c.batch, c.in_c, c.out_c, c.h, c.w, c.g}, w, x, dy, bias, o);
 }
 
 // Forward and backward-data of the s8 scheme on dense:onednn_s8.

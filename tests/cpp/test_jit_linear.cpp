@@ -4,57 +4,23 @@
 // plan is shared.
 #include <cstring>
 
-#include "test_utils.hpp"
+#include "training_step.hpp"
 
 namespace qsp::test {
 
 namespace {
 
-struct f32_outputs {
-    std::vector<float> y, dx, dw, db;
-    std::string impl;
-};
+using f32_outputs = step_result;
 
 // impl: forced for forward and backward-data ("" = the usual pick);
 // backward-weights runs its generic sibling.
 f32_outputs run_f32(const csr_weights &w, int64_t B, const std::vector<float> &x,
                     const std::vector<float> &dy, const std::vector<float> &b, int threads,
                     const std::string &impl = "") {
-    const int64_t K = w.pattern.cols(), N = w.pattern.rows();
-    dnnl::engine eng(dnnl::engine::kind::cpu, 0);
-    dnnl::stream s(eng);
-    primitive_attr attr;
-    attr.num_threads = threads;
-    attr.implementation = impl;
-    primitive_attr bw_attr = attr;
-    bw_attr.implementation = generic_sibling(impl);
-    const auto src_md = f32_desc({B, K}), dst_md = f32_desc({B, N}), bias_md = f32_desc({N});
-    sparse_linear_forward::primitive_desc fwd(eng, prop_kind::forward_training, src_md, w.pattern,
-                                              bias_md, dst_md, quant_scheme::f32, attr);
-    sparse_linear_backward_data::primitive_desc bd(eng, src_md, w.pattern, dst_md, fwd, attr);
-    sparse_linear_backward_weights::primitive_desc bw(eng, src_md, w.pattern, bias_md, dst_md, fwd,
-                                                      bw_attr);
-    f32_outputs o;
-    o.y.assign(static_cast<size_t>(B * N), NAN);
-    o.dx.assign(x.size(), NAN);
-    o.dw.assign(w.values.size(), NAN);
-    o.db.assign(static_cast<size_t>(N), NAN);
-    o.impl = fwd.impl_info_str() + "/" + bd.impl_info_str() + "/" + bw.impl_info_str();
-    const auto wmd = fwd.weights_desc();
-    sparse_linear_forward(fwd).execute(s, {{DNNL_ARG_SRC, wrap(eng, src_md, x.data())},
-                                           {DNNL_ARG_WEIGHTS, wrap(eng, wmd, w.values.data())},
-                                           {DNNL_ARG_BIAS, wrap(eng, bias_md, b.data())},
-                                           {DNNL_ARG_DST, wrap(eng, dst_md, o.y.data())}});
-    sparse_linear_backward_data(bd).execute(s,
-                                            {{DNNL_ARG_DIFF_DST, wrap(eng, dst_md, dy.data())},
-                                             {DNNL_ARG_WEIGHTS, wrap(eng, wmd, w.values.data())},
-                                             {DNNL_ARG_DIFF_SRC, wrap(eng, src_md, o.dx.data())}});
-    sparse_linear_backward_weights(bw).execute(
-            s, {{DNNL_ARG_SRC, wrap(eng, src_md, x.data())},
-                {DNNL_ARG_DIFF_DST, wrap(eng, dst_md, dy.data())},
-                {DNNL_ARG_DIFF_WEIGHTS, wrap(eng, wmd, o.dw.data())},
-                {DNNL_ARG_DIFF_BIAS, wrap(eng, bias_md, o.db.data())}});
-    return o;
+    step_options o;
+    o.implementation = impl;
+    o.threads = threads;
+    return training_step(linear_layer{B, w.pattern.cols(), w.pattern.rows()}, w, x, dy, b, o);
 }
 
 // |a - b| <= 1e-5 * (|a| + |b|) + tiny, elementwise (both are f32 sums of the

@@ -5,7 +5,7 @@
 #include <cstring>
 
 #include "primitives/passes/quantize.hpp"
-#include "test_utils.hpp"
+#include "training_step.hpp"
 
 namespace qsp::test {
 
@@ -81,9 +81,7 @@ void expect_bitwise_equal(const std::vector<float> &got, const std::vector<float
             ADD_FAILURE() << what << "[" << i << "]: got " << got[i] << ", model " << want[i];
 }
 
-struct linear_s8_run {
-    std::vector<float> y, dx, dw, db;
-    std::vector<uint8_t> workspace;
+struct linear_s8_run : step_result {
     std::string bwd_weights_impl;
 };
 
@@ -94,46 +92,14 @@ struct linear_s8_run {
 linear_s8_run run_linear_s8(const csr_weights &w, int64_t B, const std::vector<float> &x,
                             const std::vector<float> &b, const std::vector<float> &dy,
                             uint64_t seed, int threads, const std::string &impl = "") {
-    const int64_t K = w.pattern.cols(), N = w.pattern.rows();
-    dnnl::engine eng(dnnl::engine::kind::cpu, 0);
-    dnnl::stream s(eng);
-    primitive_attr attr;
-    attr.num_threads = threads;
-    attr.implementation = impl;
-    const auto src_md = f32_desc({B, K}), dst_md = f32_desc({B, N}), bias_md = f32_desc({N});
-    sparse_linear_forward::primitive_desc fwd(eng, prop_kind::forward_training, src_md, w.pattern,
-                                              bias_md, dst_md, quant_scheme::s8, attr);
-    linear_s8_run r;
-    r.y.resize(static_cast<size_t>(B * N));
-    r.dx.resize(x.size());
-    r.dw.resize(w.values.size());
-    r.db.resize(static_cast<size_t>(N));
-    r.workspace.resize(fwd.workspace_desc().get_size());
-    const auto wmd = fwd.weights_desc();
-    sparse_linear_forward(fwd).execute(
-            s, {{DNNL_ARG_SRC, wrap(eng, src_md, x.data())},
-                {DNNL_ARG_WEIGHTS, wrap(eng, wmd, w.values.data())},
-                {DNNL_ARG_BIAS, wrap(eng, bias_md, b.data())},
-                {DNNL_ARG_DST, wrap(eng, dst_md, r.y.data())},
-                {DNNL_ARG_WORKSPACE, wrap(eng, fwd.workspace_desc(), r.workspace.data())}});
-    std::vector<int32_t> seed_storage;
-    sparse_linear_backward_data(
-            sparse_linear_backward_data::primitive_desc(eng, src_md, w.pattern, dst_md, fwd, attr))
-            .execute(s, {{DNNL_ARG_DIFF_DST, wrap(eng, dst_md, dy.data())},
-                         {DNNL_ARG_WEIGHTS, wrap(eng, wmd, w.values.data())},
-                         {DNNL_ARG_DIFF_SRC, wrap(eng, src_md, r.dx.data())},
-                         {QSP_ARG_ROUNDING_SEED, seed_memory(eng, seed_storage, seed)}});
-    primitive_attr bw_attr = attr;
-    bw_attr.implementation = generic_sibling(impl);
-    sparse_linear_backward_weights::primitive_desc bw_pd(eng, src_md, w.pattern, bias_md, dst_md,
-                                                         fwd, bw_attr);
-    r.bwd_weights_impl = bw_pd.impl_info_str();
-    sparse_linear_backward_weights(bw_pd).execute(
-            s, {{DNNL_ARG_WORKSPACE, wrap(eng, fwd.workspace_desc(), r.workspace.data())},
-                {DNNL_ARG_DIFF_DST, wrap(eng, dst_md, dy.data())},
-                {DNNL_ARG_DIFF_WEIGHTS, wrap(eng, wmd, r.dw.data())},
-                {DNNL_ARG_DIFF_BIAS, wrap(eng, bias_md, r.db.data())},
-                {QSP_ARG_ROUNDING_SEED, seed_memory(eng, seed_storage, seed)}});
+    step_options o;
+    o.scheme = quant_scheme::s8;
+    o.implementation = impl;
+    o.threads = threads;
+    o.seed = seed;
+    linear_s8_run r{
+            training_step(linear_layer{B, w.pattern.cols(), w.pattern.rows()}, w, x, dy, b, o), {}};
+    r.bwd_weights_impl = r.impl.substr(r.impl.rfind('/') + 1);
     return r;
 }
 
@@ -387,34 +353,12 @@ TEST(SparseConv2dS8, matches_exact_integer_model) {
         auto x = random_vector(static_cast<size_t>(N * C * H * W), rng);
         auto dy = random_vector(static_cast<size_t>(N * OC * OH * OW), rng);
         conv2d_geometry g{KH, KW, stride, stride, pad, pad, pad, pad, 1, 1, groups};
-        dnnl::engine eng(dnnl::engine::kind::cpu, 0);
-        dnnl::stream s(eng);
-        const auto src_md = f32_desc({N, C, H, W}), dst_md = f32_desc({N, OC, OH, OW});
-        sparse_conv2d_forward::primitive_desc fwd(eng, prop_kind::forward_training, src_md,
-                                                  w.pattern, dnnl::memory::desc(), dst_md, g,
-                                                  quant_scheme::s8);
-        std::vector<float> y(dy.size()), dx(x.size()), dw(w.values.size());
-        std::vector<uint8_t> ws(fwd.workspace_desc().get_size());
-        std::vector<int32_t> seed;
-        const auto wmd = fwd.weights_desc();
-        sparse_conv2d_forward(fwd).execute(
-                s, {{DNNL_ARG_SRC, wrap(eng, src_md, x.data())},
-                    {DNNL_ARG_WEIGHTS, wrap(eng, wmd, w.values.data())},
-                    {DNNL_ARG_DST, wrap(eng, dst_md, y.data())},
-                    {DNNL_ARG_WORKSPACE, wrap(eng, fwd.workspace_desc(), ws.data())}});
-        sparse_conv2d_backward_data(
-                sparse_conv2d_backward_data::primitive_desc(eng, src_md, w.pattern, dst_md, fwd))
-                .execute(s, {{DNNL_ARG_DIFF_DST, wrap(eng, dst_md, dy.data())},
-                             {DNNL_ARG_WEIGHTS, wrap(eng, wmd, w.values.data())},
-                             {DNNL_ARG_DIFF_SRC, wrap(eng, src_md, dx.data())},
-                             {QSP_ARG_ROUNDING_SEED, seed_memory(eng, seed, 11)}});
-        sparse_conv2d_backward_weights(
-                sparse_conv2d_backward_weights::primitive_desc(eng, src_md, w.pattern,
-                                                               dnnl::memory::desc(), dst_md, fwd))
-                .execute(s, {{DNNL_ARG_WORKSPACE, wrap(eng, fwd.workspace_desc(), ws.data())},
-                             {DNNL_ARG_DIFF_DST, wrap(eng, dst_md, dy.data())},
-                             {DNNL_ARG_DIFF_WEIGHTS, wrap(eng, wmd, dw.data())},
-                             {QSP_ARG_ROUNDING_SEED, seed_memory(eng, seed, 11)}});
+        step_options o;
+        o.scheme = quant_scheme::s8;
+        o.bias = false;
+        o.seed = 11;
+        const step_result r = training_step(conv2d_layer{N, C, OC, H, W, g}, w, x, dy, {}, o);
+        const std::vector<float> &y = r.y, &dx = r.dx, &dw = r.dw;
 
         const auto xq = model_rne(x);
         const auto wq = model_weight_quant(w.pattern, w.values);

@@ -99,3 +99,43 @@ TEST(SparseConv2dF32Edges, all_isa_levels_and_thread_counts) {
 }
 
 } // namespace qsp::test
+
+namespace qsp::test {
+
+// Both schemes, fused backward or not, odd shapes, strides and groups, on
+// every tier.
+TEST(SparseConv2dSchemes, every_scheme_fused_or_not_on_every_tier) {
+    for (quant_scheme scheme : {quant_scheme::f32, quant_scheme::s8})
+        for (bool fused : {false, true}) {
+            SparseConv2dTester()
+                    .batch(3)
+                    .channels(5, 7)
+                    .image(9, 8)
+                    .sparsity(0.7)
+                    .scheme(scheme)
+                    .fused(fused)
+                    .Test();
+            SparseConv2dTester()
+                    .batch(1)
+                    .channels(6, 9)
+                    .groups(3)
+                    .image(7, 5)
+                    .stride(2, 1)
+                    .padding(1, 0, 2, 1)
+                    .sparsity(0.5)
+                    .scheme(scheme)
+                    .fused(fused)
+                    .Test();
+            SparseConv2dTester()
+                    .batch(17)
+                    .channels(3, 4)
+                    .image(4, 4)
+                    .kernel(1, 1)
+                    .sparsity(1.0)
+                    .scheme(scheme)
+                    .fused(fused)
+                    .Test();
+        }
+}
+
+} // namespace qsp::test

@@ -76,3 +76,55 @@ TEST(SparseLinearF32Edges, results_do_not_depend_on_thread_count) {
 }
 
 } // namespace qsp::test
+
+namespace qsp::test {
+
+// Both schemes, the fused backward and the two-primitive one, odd shapes,
+// empty and full rows: every tier (the tester walks them).
+TEST(SparseLinearSchemes, every_scheme_fused_or_not_on_every_tier) {
+    for (quant_scheme scheme : {quant_scheme::f32, quant_scheme::s8})
+        for (bool fused : {false, true})
+            for (auto [b, k, n, sparsity] :
+                 {std::tuple<int64_t, int64_t, int64_t, double>{1, 17, 65, 0.9},
+                  {17, 63, 3, 0.5},
+                  {65, 33, 17, 0.0},
+                  {3, 65, 63, 1.0},
+                  {70, 130, 40, 0.95}})
+                SparseLinearTester()
+                        .batch(b)
+                        .in(k)
+                        .out(n)
+                        .sparsity(sparsity)
+                        .scheme(scheme)
+                        .fused(fused)
+                        .Test();
+}
+
+// A forced implementation runs (at the full ISA) and matches like the pick.
+TEST(SparseLinearSchemes, forced_implementations) {
+    for (const char *impl : {"ref:any", "jit:avx2", "jit:avx2:pattern"}) {
+        if (effective_cpu_isa() < cpu_isa::avx2 && std::string(impl) != "ref:any") continue;
+        for (quant_scheme scheme : {quant_scheme::f32, quant_scheme::s8}) {
+            // jit:avx2 steps aside where a better tier runs: force the best one there.
+            std::string name = impl;
+            if (name != "ref:any" && effective_cpu_isa() >= cpu_isa::avx512_core) {
+                const char *tier =
+                        scheme == quant_scheme::s8
+                                        && effective_cpu_isa() >= cpu_isa::avx512_core_vnni
+                                ? "jit:avx512_core_vnni"
+                                : "jit:avx512_core";
+                name = tier + name.substr(std::string("jit:avx2").size());
+            }
+            SparseLinearTester()
+                    .batch(19)
+                    .in(40)
+                    .out(33)
+                    .sparsity(0.8)
+                    .scheme(scheme)
+                    .implementation(name)
+                    .Test();
+        }
+    }
+}
+
+} // namespace qsp::test

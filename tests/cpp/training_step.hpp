@@ -1,0 +1,147 @@
+// One training step of a sparse layer through the public API, the setup the
+// testers and the tier, scheme and fused-backward tests share: forward
+// (saving the s8 workspace), then backward-data and backward-weights as two
+// primitives or as one qsp::sparse_backward. Generic over Linear / Conv2d:
+// layer_t names the three primitive types and builds the forward
+// descriptor.
+#pragma once
+
+#include <array>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "test_utils.hpp"
+
+namespace qsp::test {
+
+struct step_options {
+    quant_scheme scheme = quant_scheme::f32;
+    // Forced for forward and backward-data ("" = the usual pick);
+    // backward-weights runs its generic sibling (the SDDMM has no
+    // pattern-specialised form).
+    std::string implementation;
+    bool fused = false; // one sparse_backward instead of two primitives
+    int threads = 2;
+    conv_vectorization vectorization = conv_vectorization::any; // Conv2d only
+    bool bias = true;
+    uint64_t seed = 77; // rounding seed of the s8 backward
+};
+
+struct step_result {
+    std::vector<float> y, dx, dw, db;
+    std::vector<uint8_t> workspace; // what the s8 forward saved for the backward
+    std::string impl; // "forward/backward-data/backward-weights"
+};
+
+struct linear_layer {
+    using fwd_t = sparse_linear_forward;
+    using bd_t = sparse_linear_backward_data;
+    using bw_t = sparse_linear_backward_weights;
+    int64_t batch, in, out;
+    dnnl::memory::desc src_md() const { return f32_desc({batch, in}); }
+    dnnl::memory::desc dst_md() const { return f32_desc({batch, out}); }
+    int64_t out_channels() const { return out; }
+    fwd_t::primitive_desc forward_desc(const dnnl::engine &eng, const csr_pattern &p,
+                                       const dnnl::memory::desc &bias_md, quant_scheme scheme,
+                                       const primitive_attr &attr) const {
+        return fwd_t::primitive_desc(eng, prop_kind::forward_training, src_md(), p, bias_md,
+                                     dst_md(), scheme, attr);
+    }
+};
+
+struct conv2d_layer {
+    using fwd_t = sparse_conv2d_forward;
+    using bd_t = sparse_conv2d_backward_data;
+    using bw_t = sparse_conv2d_backward_weights;
+    int64_t batch, in_c, out_c, h, w;
+    conv2d_geometry g;
+    std::array<int64_t, 2> out_hw() const { return conv2d_output_hw(g, h, w); }
+    dnnl::memory::desc src_md() const { return f32_desc({batch, in_c, h, w}); }
+    dnnl::memory::desc dst_md() const {
+        const auto o = out_hw();
+        return f32_desc({batch, out_c, o[0], o[1]});
+    }
+    int64_t out_channels() const { return out_c; }
+    fwd_t::primitive_desc forward_desc(const dnnl::engine &eng, const csr_pattern &p,
+                                       const dnnl::memory::desc &bias_md, quant_scheme scheme,
+                                       const primitive_attr &attr) const {
+        return fwd_t::primitive_desc(eng, prop_kind::forward_training, src_md(), p, bias_md,
+                                     dst_md(), g, scheme, attr);
+    }
+};
+
+// x: src elements, dy: dst elements, bias: out_channels values (read only
+// when o.bias). Outputs start as NaN: an element a kernel forgets to write
+// fails every comparison.
+template <typename layer_t>
+step_result training_step(const layer_t &layer, const csr_weights &w, const std::vector<float> &x,
+                          const std::vector<float> &dy, const std::vector<float> &bias,
+                          const step_options &o) {
+    using fwd_t = typename layer_t::fwd_t;
+    using bd_t = typename layer_t::bd_t;
+    using bw_t = typename layer_t::bw_t;
+    dnnl::engine eng(dnnl::engine::kind::cpu, 0);
+    dnnl::stream s(eng);
+    primitive_attr attr;
+    attr.num_threads = o.threads;
+    attr.implementation = o.implementation;
+    attr.vectorization = o.vectorization;
+    primitive_attr bw_attr = attr;
+    bw_attr.implementation = generic_sibling(o.implementation);
+    const auto src_md = layer.src_md(), dst_md = layer.dst_md();
+    const auto bias_md = o.bias ? f32_desc({layer.out_channels()}) : dnnl::memory::desc();
+    const typename fwd_t::primitive_desc fwd =
+            layer.forward_desc(eng, w.pattern, bias_md, o.scheme, attr);
+    const typename bd_t::primitive_desc bd(eng, src_md, w.pattern, dst_md, fwd, attr);
+    const typename bw_t::primitive_desc bw(eng, src_md, w.pattern, bias_md, dst_md, fwd, bw_attr);
+    step_result r;
+    r.y.assign(dy.size(), NAN);
+    r.dx.assign(x.size(), NAN);
+    r.dw.assign(w.values.size(), NAN);
+    r.db.assign(o.bias ? bias.size() : 0, NAN);
+    r.impl = fwd.impl_info_str() + "/" + bd.impl_info_str() + "/" + bw.impl_info_str();
+    const auto wmd = fwd.weights_desc();
+    std::vector<uint8_t> &ws = r.workspace;
+    ws.assign(std::max<size_t>(fwd.workspace_desc().get_size(), 1), 0);
+    const bool s8 = o.scheme == quant_scheme::s8;
+
+    exec_args fa{{DNNL_ARG_SRC, wrap(eng, src_md, x.data())},
+                 {DNNL_ARG_WEIGHTS, wrap(eng, wmd, w.values.data())},
+                 {DNNL_ARG_DST, wrap(eng, dst_md, r.y.data())}};
+    if (o.bias) fa[DNNL_ARG_BIAS] = wrap(eng, bias_md, bias.data());
+    if (s8) fa[DNNL_ARG_WORKSPACE] = wrap(eng, fwd.workspace_desc(), ws.data());
+    fwd_t(fwd).execute(s, fa);
+
+    std::vector<int32_t> seed;
+    exec_args ba{{DNNL_ARG_DIFF_DST, wrap(eng, dst_md, dy.data())},
+                 {DNNL_ARG_WEIGHTS, wrap(eng, wmd, w.values.data())},
+                 {DNNL_ARG_DIFF_SRC, wrap(eng, src_md, r.dx.data())},
+                 {DNNL_ARG_DIFF_WEIGHTS, wrap(eng, wmd, r.dw.data())},
+                 {QSP_ARG_ROUNDING_SEED, seed_memory(eng, seed, o.seed)}};
+    if (o.bias) ba[DNNL_ARG_DIFF_BIAS] = wrap(eng, bias_md, r.db.data());
+    if (s8)
+        ba[DNNL_ARG_WORKSPACE] = wrap(eng, fwd.workspace_desc(), ws.data());
+    else
+        ba[DNNL_ARG_SRC] = wrap(eng, src_md, x.data());
+    if (o.fused) {
+        const sparse_backward<bd_t, bw_t> both(bd, bw);
+        both.execute(s, ba);
+    } else {
+        bd_t(bd).execute(s, ba);
+        bw_t(bw).execute(s, ba);
+    }
+    return r;
+}
+
+// The same bits (s8 everywhere; f32 where the order of additions is the same).
+inline void expect_same_bits(const std::vector<float> &a, const std::vector<float> &b,
+                             const char *what) {
+    ASSERT_EQ(a.size(), b.size()) << what;
+    int reported = 0;
+    for (size_t i = 0; i < a.size(); ++i)
+        if (std::memcmp(&a[i], &b[i], sizeof(float)) != 0 && reported++ < 5)
+            ADD_FAILURE() << what << "[" << i << "]: " << a[i] << " vs " << b[i];
+}
+
+} // namespace qsp::test
