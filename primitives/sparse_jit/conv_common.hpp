@@ -3,6 +3,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "primitives/core/problem.hpp"
 #include "primitives/sparse_jit/conv_layout.hpp"
@@ -14,6 +15,12 @@ namespace qsp::detail {
 // strategy, the tier rule (jit_tier_refusal) ("" if none applies).
 std::string conv_isa_refusal(const problem &p, quant_scheme scheme, cpu_isa isa,
                              conv_vectorization strategy);
+
+// s8 backward-weights: per kernel entry of `entries` (backward-weights' plan
+// over the forward rows), the tap (ic, kh, kw) whose window sum of X the
+// +128 shift of G adds to its weight, tap-major.
+std::vector<int64_t> window_taps_of_entries(const conv_layout &l, const csr_pattern &p,
+                                            const entry_plan &entries);
 
 // s8 backward-weights: window_sum[(ic, kh, kw)] = the sum over batch and
 // output pixels of the X value that tap (kh, kw) reads (0 in the padding),

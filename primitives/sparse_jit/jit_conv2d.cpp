@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <limits>
 #include <memory>
+#include <type_traits>
 
 #include <omp.h>
 
@@ -114,6 +115,35 @@ void run_scatter(direction dir, const walk_t &w, const kernels_t &kernels, int l
             });
 }
 
+// The scatter walks of both schemes, built alike: entry_plan over single
+// entries (f32) or quad_plan over quads of 4 input channels (s8); either
+// way a destination row is one pixel's channels, contiguous (rb apart).
+template <typename plan_t> constexpr bool over_quads = std::is_same_v<plan_t, quad_plan>;
+
+template <typename plan_t>
+scatter_walk<plan_t> make_walk(const conv_layout::scatter_rows &walk, int threads) {
+    return {plan_t(
+                    walk.rows, [](int64_t, int64_t channel) { return channel * rb; }, threads),
+            src_offsets(walk.src_row, rb)};
+}
+
+template <typename plan_t>
+std::unique_ptr<scatter_walk<plan_t>> forward_walk(const conv_layout &l, const csr_pattern &p,
+                                                   int threads) {
+    return std::make_unique<scatter_walk<plan_t>>(
+            make_walk<plan_t>(l.forward_scatter(p, over_quads<plan_t>), threads));
+}
+
+// Backward-data: one walk per stride phase; on_phase(phase, walk, rows).
+template <typename plan_t, typename on_phase_t>
+void backward_data_walks(const conv_layout &l, const csr_pattern &p, int threads,
+                         on_phase_t on_phase) {
+    for (const auto &f : l.phases) {
+        const auto walk = l.backward_data_scatter(p, f, over_quads<plan_t>);
+        on_phase(f, make_walk<plan_t>(walk, threads), walk.rows);
+    }
+}
+
 // The pixel grid over `rows_h` rows of the output: the source (padded x,
 // `src_pixel_bytes` per pixel) moves by the stride, the destination (one
 // output pixel, `dst_pixel_bytes`) by one.
@@ -152,32 +182,19 @@ public:
         : jit_plan(p), l_(p.conv), lanes_(jit::vector_lanes(isa)) {
         const int threads = p.num_threads;
         switch (p.dir) {
-            case direction::forward: {
-                auto walk = l_.forward_scatter(p.pattern, false);
-                const int64_t stride = rb; // destination rows: one pixel's channels, contiguous
-                forward_ = std::make_unique<scatter_walk<entry_plan>>(scatter_walk<entry_plan>{
-                        entry_plan(
-                                walk.rows, [&](int64_t, int64_t oc) { return oc * stride; },
-                                threads),
-                        src_offsets(walk.src_row, rb)});
+            case direction::forward:
+                forward_ = forward_walk<entry_plan>(l_, p.pattern, threads);
                 scatter_ = scatter_kernels(isa, jit::sparse_dtype::f32);
                 break;
-            }
-            case direction::backward_data: {
-                const int64_t stride = rb; // destination rows: one pixel's channels, contiguous
-                for (const auto &f : l_.phases) {
-                    auto walk = l_.backward_data_scatter(p.pattern, f, false);
-                    phases_.push_back(
-                            {f, scatter_walk<entry_plan>{
-                                        entry_plan(
-                                                walk.rows,
-                                                [&](int64_t, int64_t ic) { return ic * stride; },
-                                                threads),
-                                        src_offsets(walk.src_row, rb)}});
-                }
+            case direction::backward_data:
+                backward_data_walks<entry_plan>(l_, p.pattern, threads,
+                                                [&](const conv_layout::phase &f,
+                                                    scatter_walk<entry_plan> walk,
+                                                    const sparse_rows &) {
+                                                    phases_.push_back({f, std::move(walk)});
+                                                });
                 scatter_ = scatter_kernels(isa, jit::sparse_dtype::f32);
                 break;
-            }
             case direction::backward_weights:
                 entries_ = std::make_unique<entry_plan>(
                         l_.forward_rows(p.pattern),
@@ -275,51 +292,29 @@ public:
         : jit_plan(p), l_(p.conv), lanes_(jit::vector_lanes(isa)) {
         const int threads = p.num_threads;
         switch (p.dir) {
-            case direction::forward: {
-                auto walk = l_.forward_scatter(p.pattern, true);
-                const int64_t stride = rb; // destination rows: one pixel's channels, contiguous
-                forward_ = std::make_unique<scatter_walk<quad_plan>>(scatter_walk<quad_plan>{
-                        quad_plan(
-                                walk.rows, [&](int64_t, int64_t oc) { return oc * stride; },
-                                threads),
-                        src_offsets(walk.src_row, rb)});
+            case direction::forward:
+                forward_ = forward_walk<quad_plan>(l_, p.pattern, threads);
                 scatter_ = scatter_kernels(isa, jit::sparse_dtype::s8);
                 break;
-            }
-            case direction::backward_data: {
-                const int64_t stride = rb; // destination rows: one pixel's channels, contiguous
-                for (const auto &f : l_.phases) {
-                    auto walk = l_.backward_data_scatter(p.pattern, f, true);
-                    phase_plan pp{f,
-                                  scatter_walk<quad_plan>{
-                                          quad_plan(
-                                                  walk.rows,
-                                                  [&](int64_t, int64_t ic) { return ic * stride; },
-                                                  threads),
-                                          src_offsets(walk.src_row, rb)},
-                                  {}};
-                    for (int64_t key : walk.rows.key)
-                        pp.dst_channel.push_back(key / 4);
-                    phases_.push_back(std::move(pp));
-                }
+            case direction::backward_data:
+                backward_data_walks<quad_plan>(l_, p.pattern, threads,
+                                               [&](const conv_layout::phase &f,
+                                                   scatter_walk<quad_plan> walk,
+                                                   const sparse_rows &rows) {
+                                                   phase_plan pp{f, std::move(walk), {}};
+                                                   for (int64_t key : rows.key)
+                                                       pp.dst_channel.push_back(key / 4);
+                                                   phases_.push_back(std::move(pp));
+                                               });
                 scatter_ = scatter_kernels(isa, jit::sparse_dtype::s8);
                 break;
-            }
             case direction::backward_weights:
                 entries_ = std::make_unique<entry_plan>(
                         l_.forward_rows(p.pattern),
                         [&](int64_t oc, int64_t col) { return l_.x_row(oc, col) * rb8; }, threads);
                 sddmm_ = jit::sddmm_kernel(
                         jit::make_sparse_kernel_params(isa, jit::sparse_dtype::s8, 1));
-                // Per entry: where its window sum of X sits (tap-major).
-                tap_of_entry_.resize(static_cast<size_t>(p.pattern.nnz()));
-                for (int64_t oc = 0; oc < l_.out_c; ++oc)
-                    for (int64_t e = p.pattern.row_ptr()[oc]; e < p.pattern.row_ptr()[oc + 1];
-                         ++e) {
-                        const auto tp = l_.decode(p.pattern.col_idx()[e]);
-                        const int64_t ic = l_.group_of_out(oc) * l_.icg + tp.ic;
-                        tap_of_entry_[e] = (ic * l_.kh + tp.kh) * l_.kw + tp.kw;
-                    }
+                tap_of_entry_ = window_taps_of_entries(l_, p.pattern, *entries_);
                 break;
         }
     }
@@ -491,6 +486,19 @@ std::string conv_isa_refusal(const problem &p, quant_scheme scheme, cpu_isa isa,
         return std::string("vectorizes over ") + to_string(strategy) + "; attr.vectorization is "
                + to_string(p.vectorization);
     return jit_tier_refusal(scheme, isa);
+}
+
+std::vector<int64_t> window_taps_of_entries(const conv_layout &l, const csr_pattern &p,
+                                            const entry_plan &entries) {
+    std::vector<int64_t> taps(static_cast<size_t>(p.nnz()));
+    for (int64_t oc = 0; oc < l.out_c; ++oc)
+        for (int64_t i = entries.row_ptr[oc]; i < entries.row_ptr[oc + 1]; ++i) {
+            const int64_t v = entries.value_index.empty() ? i : entries.value_index[i];
+            const auto tp = l.decode(p.col_idx()[v]);
+            const int64_t ic = l.group_of_out(oc) * l.icg + tp.ic;
+            taps[i] = (ic * l.kh + tp.kh) * l.kw + tp.kw;
+        }
+    return taps;
 }
 
 void conv_window_sums(const conv_layout &l, const int8_t *xq, int64_t batch, int32_t *plane_sum,

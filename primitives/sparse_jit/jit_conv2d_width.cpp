@@ -416,15 +416,7 @@ public:
                 entries_ = std::make_unique<entry_plan>(m, x_offset(w_, plane_, 1), threads);
                 groups_ = make_grouping(w_, m, entries_.get(), nullptr, w_.l.in_c,
                                         block_rows(bwd_, w_.l.sh, x_span()), plane_.row_len());
-                const entry_plan &e = *entries_;
-                tap_of_entry_.resize(static_cast<size_t>(p.pattern.nnz()));
-                for (int64_t oc = 0; oc < w_.l.out_c; ++oc)
-                    for (int64_t i = e.row_ptr[oc]; i < e.row_ptr[oc + 1]; ++i) {
-                        const int64_t v = e.value_index.empty() ? i : e.value_index[i];
-                        const auto tp = w_.l.decode(p.pattern.col_idx()[v]);
-                        const int64_t ic = w_.l.group_of_out(oc) * w_.l.icg + tp.ic;
-                        tap_of_entry_[i] = (ic * w_.l.kh + tp.kh) * w_.l.kw + tp.kw;
-                    }
+                tap_of_entry_ = window_taps_of_entries(w_.l, p.pattern, *entries_);
                 break;
             }
         }
