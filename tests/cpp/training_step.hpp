@@ -31,7 +31,7 @@ struct step_options {
 struct step_result {
     std::vector<float> y, dx, dw, db;
     std::vector<uint8_t> workspace; // what the s8 forward saved for the backward
-    std::string impl; // "forward/backward-data/backward-weights"
+    std::string impl;               // "forward/backward-data/backward-weights"
 };
 
 struct linear_layer {
