@@ -287,28 +287,44 @@ std::string usable(const std::string &bytes, decoded &d) {
     return why;
 }
 
-bool read_file(const std::string &path, std::string &out, std::string &error) {
-    const int fd = ::open(path.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+// Opens an entry for reading without following a symbolic link and without
+// blocking (a FIFO or device planted at an entry's name would otherwise block
+// the open, or the read, of every load of that key), then checks on the open
+// descriptor that it is a regular file of a plausible size: -1 and `error`
+// set when it is not ("" when there is no entry).
+int open_entry(const std::string &path, std::string &error) {
+    const int fd = ::open(path.c_str(), O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
     if (fd < 0) {
         error = errno == ENOENT ? "" : std::strerror(errno);
-        return false;
+        return -1;
     }
     struct stat st {};
     if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)
         || static_cast<uint64_t>(st.st_size) > max_entry_bytes) {
         error = "not a regular file of a plausible size";
         ::close(fd);
-        return false;
+        return -1;
     }
-    out.resize(static_cast<size_t>(st.st_size));
+    return fd;
+}
+
+void read_all(int fd, std::string &out) {
+    struct stat st {};
+    out.resize(::fstat(fd, &st) == 0 ? static_cast<size_t>(st.st_size) : 0);
     size_t done = 0;
     while (done < out.size()) {
         const ssize_t n = ::read(fd, &out[done], out.size() - done);
         if (n <= 0) break;
         done += static_cast<size_t>(n);
     }
-    ::close(fd);
     out.resize(done);
+}
+
+bool read_file(const std::string &path, std::string &out, std::string &error) {
+    const int fd = open_entry(path, error);
+    if (fd < 0) return false;
+    read_all(fd, out);
+    ::close(fd);
     return true;
 }
 
@@ -316,6 +332,7 @@ struct entry_file {
     std::string path;
     uint64_t bytes;
     struct timespec mtime;
+    bool regular; // false: something else sits at an entry's name (a FIFO, a link, ...)
 };
 
 std::vector<entry_file> list_entries(const std::string &dir) {
@@ -329,8 +346,10 @@ std::vector<entry_file> list_entries(const std::string &dir) {
             continue;
         const std::string path = dir + "/" + name;
         struct stat st {};
-        if (::lstat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode))
-            files.push_back({path, static_cast<uint64_t>(st.st_size), st.st_mtim});
+        if (::lstat(path.c_str(), &st) != 0 || S_ISDIR(st.st_mode)) continue;
+        const bool regular = S_ISREG(st.st_mode);
+        files.push_back(
+                {path, regular ? static_cast<uint64_t>(st.st_size) : 0, st.st_mtim, regular});
     }
     ::closedir(d);
     return files;
@@ -357,8 +376,13 @@ void evict_above_cap(const std::string &dir) {
 }
 
 std::atomic<uint64_t> temp_counter{0};
+std::atomic<void (*)(const std::string &)> load_hook{nullptr};
 
 } // namespace
+
+void set_persistent_load_hook_for_testing(void (*hook)(const std::string &path)) {
+    load_hook = hook;
+}
 
 std::string persistent_environment() {
     static const std::string env =
@@ -371,19 +395,26 @@ std::optional<std::string> persistent_load(const std::string &kind, const std::s
     if (dir.empty()) return std::nullopt;
     const std::string path = dir + "/" + file_name(kind, key);
     std::string bytes, error;
-    if (!read_file(path, bytes, error)) {
+    const int fd = open_entry(path, error);
+    if (fd < 0) {
         if (!error.empty()) note("ignored," + path + "," + error);
         return std::nullopt;
     }
+    read_all(fd, bytes);
     decoded d;
     std::string why = usable(bytes, d);
     if (why.empty() && d.kind != kind) why = "an entry of kind " + d.kind;
     if (why.empty() && d.key != key) why = "another key with the same file name";
     if (!why.empty()) {
+        ::close(fd);
         note("ignored," + path + "," + why + ",rebuilt");
         return std::nullopt;
     }
-    ::utimensat(AT_FDCWD, path.c_str(), nullptr, 0); // recently used: evicted last
+    if (auto hook = load_hook.load()) hook(path);
+    // Recently used (evicted last): through the descriptor that was read, so
+    // a name swapped for a link meanwhile touches nothing outside the cache.
+    ::futimens(fd, nullptr);
+    ::close(fd);
     note("hit," + path);
     return std::move(d.payload);
 }
@@ -494,7 +525,9 @@ persistent_cache_check check_persistent_cache() {
     for (const auto &f : runtime::list_entries(dir)) {
         std::string bytes, error, why;
         runtime::decoded d;
-        if (!runtime::read_file(f.path, bytes, error))
+        if (!f.regular)
+            why = "not a regular file";
+        else if (!runtime::read_file(f.path, bytes, error))
             why = error.empty() ? "vanished" : error;
         else
             why = runtime::usable(bytes, d);

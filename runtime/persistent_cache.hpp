@@ -39,4 +39,9 @@ void persistent_store(const std::string &kind, const std::string &key, const std
 // written under.
 std::string persistent_environment();
 
+// Tests only: called by persistent_load with the entry's path after the entry
+// was read and judged usable, before it is marked recently used (a test
+// swaps the name for a link there). nullptr: none.
+void set_persistent_load_hook_for_testing(void (*hook)(const std::string &path));
+
 } // namespace qsp::runtime

@@ -7,7 +7,10 @@
 #include <fstream>
 #include <string>
 
+#include <csignal>
+
 #include <dirent.h>
+#include <fcntl.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -261,6 +264,93 @@ TEST(PersistentCache, processes_storing_at_once_leave_it_valid_and_the_cap_evict
     EXPECT_LE(persistent_cache_status().bytes, size_t(1) << 20);
     EXPECT_TRUE(runtime::persistent_load("big", "big7").has_value()) << "the newest stays";
     EXPECT_FALSE(runtime::persistent_load("big", "big0").has_value()) << "the oldest went";
+}
+
+} // namespace qsp::test
+
+namespace qsp::test {
+
+// A FIFO planted at an entry's name blocked every load of that key forever
+// (the open waits for a writer); now it is a miss, and check / clear report
+// and remove it. The load runs in a child process so that a regression fails
+// the test by timeout instead of hanging the suite.
+TEST(PersistentCache, a_fifo_at_an_entry_name_neither_blocks_nor_survives_check) {
+    const std::string dir = fresh_dir("fifo");
+    cache_dir_scope scope(dir);
+    const std::string key = "layer key", payload = "chosen=x\n";
+    runtime::persistent_store("test", key, payload);
+    const auto files = entries(dir);
+    ASSERT_EQ(files.size(), 1u);
+    ASSERT_EQ(::unlink(files[0].c_str()), 0);
+    ASSERT_EQ(::mkfifo(files[0].c_str(), 0600), 0);
+    const pid_t child = ::fork();
+    ASSERT_GE(child, 0);
+    if (child == 0) {
+        const bool loaded = runtime::persistent_load("test", key).has_value();
+        ::_exit(loaded ? 1 : 0);
+    }
+    int status = 0;
+    for (int waited_ms = 0; waited_ms < 10000; waited_ms += 10) {
+        if (::waitpid(child, &status, WNOHANG) == child) break;
+        ::usleep(10000);
+    }
+    if (::waitpid(child, &status, WNOHANG) == 0) {
+        ::kill(child, SIGKILL);
+        ::waitpid(child, &status, 0);
+        FAIL() << "a load of a key whose entry is a FIFO did not return within 10 s";
+    }
+    ASSERT_TRUE(WIFEXITED(status));
+    EXPECT_EQ(WEXITSTATUS(status), 0) << "a FIFO was read as an entry";
+
+    const persistent_cache_check c = check_persistent_cache();
+    ASSERT_EQ(c.problems.size(), 1u);
+    EXPECT_NE(c.problems[0].find("not a regular file"), std::string::npos) << c.problems[0];
+    EXPECT_EQ(c.removed, 1u);
+    struct stat st {};
+    EXPECT_NE(::lstat(files[0].c_str(), &st), 0) << "check removes it";
+
+    ASSERT_EQ(::mkfifo(files[0].c_str(), 0600), 0);
+    EXPECT_EQ(clear_persistent_cache(), 1u) << "clear removes it too";
+    // and the key works again
+    runtime::persistent_store("test", key, payload);
+    EXPECT_EQ(runtime::persistent_load("test", key).value_or(""), payload);
+}
+
+// "Recently used" is marked through the descriptor that was read: an entry
+// swapped for a link to an outside file between the read and the touch
+// (the hook below does it at that moment) leaves the outside file's times
+// alone; marking by path followed the link and changed them.
+std::string swap_target; // the outside file the hook links the entry to
+
+void swap_entry_for_link(const std::string &path) {
+    ::unlink(path.c_str());
+    ASSERT_EQ(::symlink(swap_target.c_str(), path.c_str()), 0);
+}
+
+TEST(PersistentCache, a_load_touches_the_entry_it_read_not_a_path) {
+    const std::string dir = fresh_dir("touch");
+    cache_dir_scope scope(dir);
+    const std::string key = "layer key", payload = "chosen=x\n";
+    runtime::persistent_store("test", key, payload);
+    const auto files = entries(dir);
+    ASSERT_EQ(files.size(), 1u);
+    const struct timespec old_times[2] = {{1000, 0}, {1000, 0}};
+    ASSERT_EQ(::utimensat(AT_FDCWD, files[0].c_str(), old_times, 0), 0);
+    ASSERT_TRUE(runtime::persistent_load("test", key).has_value());
+    struct stat st {};
+    ASSERT_EQ(::stat(files[0].c_str(), &st), 0);
+    EXPECT_GT(st.st_mtim.tv_sec, 1000) << "the entry read is marked recently used";
+
+    swap_target = fresh_dir("touch_outside");
+    write_all(swap_target, "not ours");
+    ASSERT_EQ(::utimensat(AT_FDCWD, swap_target.c_str(), old_times, 0), 0);
+    runtime::set_persistent_load_hook_for_testing(swap_entry_for_link);
+    const bool loaded = runtime::persistent_load("test", key).has_value();
+    runtime::set_persistent_load_hook_for_testing(nullptr);
+    EXPECT_TRUE(loaded) << "what was read was whole and valid";
+    ASSERT_EQ(::stat(swap_target.c_str(), &st), 0);
+    EXPECT_EQ(st.st_mtim.tv_sec, 1000) << "a file outside the cache was touched";
+    ::unlink(swap_target.c_str());
 }
 
 } // namespace qsp::test
