@@ -112,27 +112,16 @@ public:
         o.implementation = implementation_;
         o.fused = fused_;
         o.threads = threads_;
-        if (scheme_ == quant_scheme::s8) {
-            step_options ref = o;
-            ref.implementation = "ref:any";
-            ref.fused = false;
-            const step_result want = training_step(layer, w, x, dy, b, ref);
-            for (cpu_isa isa : tiers()) {
-                isa_cap_guard cap(isa);
-                SCOPED_TRACE(to_string(isa));
-                const step_result got = training_step(layer, w, x, dy, b, o);
-                expect_same_bits(got.y, want.y, "forward dst");
-                expect_same_bits(got.dx, want.dx, "backward_data diff_src");
-                expect_same_bits(got.dw, want.dw, "backward_weights diff_weights");
-                expect_same_bits(got.db, want.db, "backward_weights diff_bias");
-            }
-            return;
-        }
-
         // Naive dense direct convolution and its two gradients, in double.
-        std::vector<double> y_ref(dy.size()), y_mag(dy.size()), dx_ref(x.size()), dx_mag(x.size());
-        std::vector<double> dwd(dense_w.size()), dwd_mag(dense_w.size()), db_ref(b.size()),
-                db_mag(b.size());
+        f32_oracle want;
+        auto &[y_ref, y_mag, dx_ref, dx_mag, dw_ref, dw_mag, db_ref, db_mag] = want;
+        y_ref.resize(dy.size());
+        y_mag.resize(dy.size());
+        dx_ref.resize(x.size());
+        dx_mag.resize(x.size());
+        std::vector<double> dwd(dense_w.size()), dwd_mag(dense_w.size());
+        db_ref.resize(b.size());
+        db_mag.resize(b.size());
         for (int64_t n = 0; n < n_; ++n)
             for (int64_t oc = 0; oc < oc_; ++oc)
                 for (int64_t oh = 0; oh < OH; ++oh)
@@ -163,7 +152,8 @@ public:
                         y_ref[yi] = acc;
                         y_mag[yi] = mag;
                     }
-        std::vector<double> dw_ref(w.values.size()), dw_mag(w.values.size());
+        dw_ref.resize(w.values.size());
+        dw_mag.resize(w.values.size());
         const int64_t *rp = w.pattern.row_ptr();
         const int32_t *ci = w.pattern.col_idx();
         for (int64_t r = 0; r < oc_; ++r)
@@ -171,22 +161,10 @@ public:
                 dw_ref[e] = dwd[r * cols + ci[e]];
                 dw_mag[e] = dwd_mag[r * cols + ci[e]];
             }
-        for (cpu_isa isa : tiers()) {
-            isa_cap_guard cap(isa);
-            SCOPED_TRACE(to_string(isa));
-            const step_result got = training_step(layer, w, x, dy, b, o);
-            expect_close(got.y, y_ref, y_mag, 1e-5, "forward dst");
-            expect_close(got.dx, dx_ref, dx_mag, 1e-5, "backward_data diff_src");
-            expect_close(got.dw, dw_ref, dw_mag, 1e-5, "backward_weights diff_weights");
-            expect_close(got.db, db_ref, db_mag, 1e-5, "backward_weights diff_bias");
-        }
+        expect_step_matches_on_every_tier(layer, w, x, dy, b, o, want);
     }
 
 private:
-    std::vector<cpu_isa> tiers() const {
-        return implementation_.empty() ? isa_levels() : std::vector<cpu_isa>{detected_cpu_isa()};
-    }
-
     int64_t n_ = 2, c_ = 3, oc_ = 4, h_ = 7, w_ = 7;
     conv2d_geometry g_{3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 1};
     double sparsity_ = 0.5;

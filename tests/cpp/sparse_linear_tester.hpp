@@ -76,26 +76,15 @@ public:
         o.fused = fused_;
         o.threads = threads_;
         o.bias = bias_;
-        if (scheme_ == quant_scheme::s8) {
-            step_options ref = o;
-            ref.implementation = "ref:any";
-            ref.fused = false;
-            const step_result want = training_step(layer, w, x, dy, b, ref);
-            for (cpu_isa isa : tiers()) {
-                isa_cap_guard cap(isa);
-                SCOPED_TRACE(to_string(isa));
-                const step_result got = training_step(layer, w, x, dy, b, o);
-                expect_same_bits(got.y, want.y, "forward dst");
-                expect_same_bits(got.dx, want.dx, "backward_data diff_src");
-                expect_same_bits(got.dw, want.dw, "backward_weights diff_weights");
-                expect_same_bits(got.db, want.db, "backward_weights diff_bias");
-            }
-            return;
-        }
         // Naive dense oracle in double.
         const size_t ny = static_cast<size_t>(B * N), nx = static_cast<size_t>(B * K),
                      nw = static_cast<size_t>(w.pattern.nnz());
-        std::vector<double> y_ref(ny), y_mag(ny), dx_ref(nx), dx_mag(nx);
+        f32_oracle want;
+        auto &[y_ref, y_mag, dx_ref, dx_mag, dw_ref, dw_mag, db_ref, db_mag] = want;
+        y_ref.resize(ny);
+        y_mag.resize(ny);
+        dx_ref.resize(nx);
+        dx_mag.resize(nx);
         for (int64_t i = 0; i < B; ++i)
             for (int64_t n = 0; n < N; ++n) {
                 double acc = bias_ ? b[n] : 0, mag = bias_ ? std::fabs(b[n]) : 0;
@@ -116,7 +105,8 @@ public:
                 dx_ref[i * K + k] = acc;
                 dx_mag[i * K + k] = mag;
             }
-        std::vector<double> dw_ref(nw), dw_mag(nw);
+        dw_ref.resize(nw);
+        dw_mag.resize(nw);
         const int64_t *rp = w.pattern.row_ptr();
         const int32_t *ci = w.pattern.col_idx();
         for (int64_t n = 0; n < N; ++n)
@@ -129,30 +119,17 @@ public:
                 dw_ref[e] = acc;
                 dw_mag[e] = mag;
             }
-        std::vector<double> db_ref(static_cast<size_t>(N)), db_mag(static_cast<size_t>(N));
+        db_ref.resize(static_cast<size_t>(N));
+        db_mag.resize(static_cast<size_t>(N));
         for (int64_t n = 0; n < N; ++n)
             for (int64_t i = 0; i < B; ++i) {
                 db_ref[n] += dy[i * N + n];
                 db_mag[n] += std::fabs(dy[i * N + n]);
             }
-        for (cpu_isa isa : tiers()) {
-            isa_cap_guard cap(isa);
-            SCOPED_TRACE(to_string(isa));
-            const step_result got = training_step(layer, w, x, dy, b, o);
-            expect_close(got.y, y_ref, y_mag, 1e-5, "forward dst");
-            expect_close(got.dx, dx_ref, dx_mag, 1e-5, "backward_data diff_src");
-            expect_close(got.dw, dw_ref, dw_mag, 1e-5, "backward_weights diff_weights");
-            if (bias_) expect_close(got.db, db_ref, db_mag, 1e-5, "backward_weights diff_bias");
-        }
+        expect_step_matches_on_every_tier(layer, w, x, dy, b, o, want);
     }
 
 private:
-    // Every tier the CPU has, or the full ISA only where an implementation
-    // is forced (a capped tier refuses it).
-    std::vector<cpu_isa> tiers() const {
-        return implementation_.empty() ? isa_levels() : std::vector<cpu_isa>{detected_cpu_isa()};
-    }
-
     int64_t batch_ = 4, in_ = 8, out_ = 8;
     double sparsity_ = 0.9;
     int threads_ = 2;

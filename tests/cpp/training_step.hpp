@@ -144,4 +144,52 @@ inline void expect_same_bits(const std::vector<float> &a, const std::vector<floa
             ADD_FAILURE() << what << "[" << i << "]: " << a[i] << " vs " << b[i];
 }
 
+// What the testers share (sparse_linear_tester.hpp, sparse_conv2d_tester.hpp).
+
+// Every ISA tier the CPU has, or the full ISA only where an implementation
+// is forced (a capped tier refuses it).
+inline std::vector<cpu_isa> tester_tiers(const step_options &o) {
+    return o.implementation.empty() ? isa_levels() : std::vector<cpu_isa>{detected_cpu_isa()};
+}
+
+// f32: the dense computation in double and the sums of |terms| behind each
+// element (the tolerance scales with them, so cancellation is not brittle).
+struct f32_oracle {
+    std::vector<double> y, y_mag, dx, dx_mag, dw, dw_mag, db, db_mag;
+};
+
+// The step on every tier: s8 bit for bit against the reference
+// implementation (held to the scheme's integer model in test_s8_scheme.cpp),
+// f32 within rounding of `oracle`.
+template <typename layer_t>
+void expect_step_matches_on_every_tier(const layer_t &layer, const csr_weights &w,
+                                       const std::vector<float> &x, const std::vector<float> &dy,
+                                       const std::vector<float> &bias, const step_options &o,
+                                       const f32_oracle &oracle) {
+    step_result want;
+    if (o.scheme == quant_scheme::s8) {
+        step_options ref = o;
+        ref.implementation = "ref:any";
+        ref.fused = false;
+        want = training_step(layer, w, x, dy, bias, ref);
+    }
+    for (cpu_isa isa : tester_tiers(o)) {
+        isa_cap_guard cap(isa);
+        SCOPED_TRACE(to_string(isa));
+        const step_result got = training_step(layer, w, x, dy, bias, o);
+        if (o.scheme == quant_scheme::s8) {
+            expect_same_bits(got.y, want.y, "forward dst");
+            expect_same_bits(got.dx, want.dx, "backward_data diff_src");
+            expect_same_bits(got.dw, want.dw, "backward_weights diff_weights");
+            expect_same_bits(got.db, want.db, "backward_weights diff_bias");
+            continue;
+        }
+        expect_close(got.y, oracle.y, oracle.y_mag, 1e-5, "forward dst");
+        expect_close(got.dx, oracle.dx, oracle.dx_mag, 1e-5, "backward_data diff_src");
+        expect_close(got.dw, oracle.dw, oracle.dw_mag, 1e-5, "backward_weights diff_weights");
+        if (o.bias)
+            expect_close(got.db, oracle.db, oracle.db_mag, 1e-5, "backward_weights diff_bias");
+    }
+}
+
 } // namespace qsp::test
