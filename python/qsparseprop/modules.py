@@ -395,6 +395,19 @@ def _resolve_padding(padding, kernel_size, dilation) -> tuple[int, int, int, int
     return (ph, pw, ph, pw)
 
 
+def _output_channels_last(x: torch.Tensor) -> bool:
+    """Whether torch's Conv2d gives this 4-D input a channels_last output.
+    torch decides by the input's strides, also where they are ambiguous (one
+    channel, or a 1x1 image: both layouts are "contiguous"), through
+    suggest_memory_format; we follow the same rule so a layer swapped for
+    ours hands the next one the layout torch's would."""
+    try:
+        from torch._prims_common import suggest_memory_format
+    except ImportError:  # not in this torch: the unambiguous cases
+        return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    return suggest_memory_format(x) == torch.channels_last
+
+
 class SparseConv2d(_SparseModule):
     """2-D convolution with a CSR-sparse weight: one row per output channel,
     columns over (in_channel/groups, kh, kw). Supports stride, zero padding
@@ -584,7 +597,7 @@ class SparseConv2d(_SparseModule):
                 f"{x.shape[2] + top + bottom}x{x.shape[3] + left + right}) is smaller than the dilated "
                 f"kernel {dh * (kh - 1) + 1}x{dw * (kw - 1) + 1}"
             )
-        channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        channels_last = x.dim() == 4 and _output_channels_last(x)
         if x.shape[0] == 0:
             y = F.conv2d(
                 F.pad(x, (left, right, top, bottom)), self.weight, self.bias, self.stride, 0, self.dilation, self.groups

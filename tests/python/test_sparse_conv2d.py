@@ -62,6 +62,26 @@ def test_batch_one_unbatched_and_channels_last():
     assert torch.equal(x, before)
 
 
+@pytest.mark.parametrize("shape", [(2, 1, 5, 5), (2, 3, 1, 1), (1, 1, 1, 1), (2, 1, 1, 5), (2, 4, 5, 5)])
+@pytest.mark.parametrize("layout", ["nchw", "to_channels_last", "contiguous_channels_last", "permuted"])
+def test_output_layout_follows_torch_also_where_strides_are_ambiguous(shape, layout):
+    """One channel or a 1x1 image make both layouts "contiguous": torch
+    decides by the strides (a 1-channel input made channels_last with
+    .to() comes back channels_last from nn.Conv2d); ours gave NCHW."""
+    base = torch.randn(*shape)
+    x = {
+        "nchw": base.contiguous(),
+        "to_channels_last": base.to(memory_format=torch.channels_last),
+        "contiguous_channels_last": base.contiguous(memory_format=torch.channels_last),
+        "permuted": base.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2),
+    }[layout]
+    dense = prune_random_(torch.nn.Conv2d(shape[1], 4, 3, padding=2), 0.5)
+    want = dense(x)
+    got = SparseConv2d.from_dense(dense)(x)
+    assert got.stride() == want.stride(), (x.stride(), got.stride(), want.stride())
+    assert_close_rel(got, want, 1e-5)
+
+
 def test_vectorizing_over_on_picks_the_kernels():
     """True: output-width-innermost, False: batch-innermost, None: the tuner's
     choice of either; every choice matches dense torch."""
