@@ -145,6 +145,18 @@ bool usable_dir(const std::string &dir, std::string &reason) {
         reason = dir + " is not writable: " + std::strerror(errno);
         return false;
     }
+    // The mode bits do not say it all: root passes access() everywhere, and
+    // a pseudo file system (/proc, /sys) takes no files whatever its mode.
+    // Create and remove a file, as a store would.
+    const std::string probe = dir + "/.probe-" + std::to_string(::getpid());
+    const int fd =
+            ::open(probe.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+    if (fd < 0) {
+        reason = dir + " does not accept files: " + std::strerror(errno);
+        return false;
+    }
+    ::close(fd);
+    ::unlink(probe.c_str());
     return true;
 }
 

@@ -213,6 +213,13 @@ TEST(PersistentCache, unusable_directories_turn_it_off_and_the_library_still_wor
         cache_dir_scope scope(ro);
         EXPECT_FALSE(persistent_cache_status().enabled);
     }
+    { // a directory whose mode admits root but which takes no files (it said
+      // "enabled" and every store failed)
+        cache_dir_scope scope("/proc");
+        const auto status = persistent_cache_status();
+        EXPECT_FALSE(status.enabled);
+        EXPECT_NE(status.reason.find("/proc"), std::string::npos) << status.reason;
+    }
     { // a cache that cannot store (here: read-only after it was opened) reports and goes on
         const std::string later_ro = base + "/later_ro";
         cache_dir_scope scope(later_ro);
