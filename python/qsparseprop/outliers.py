@@ -7,7 +7,8 @@ error ~6 % when 1 % of the channels are 20x larger; docs/quantization.md). A
 per-token scale does not help: every token has the outliers.
 
 This scheme splits the input channels into the regular ones and the outlier
-channels (found on the first training batch: column max |x| above
+channels (found on the first batch the layer sees, in training or in
+evaluation, with or without autograd: column max |x| above
 ``outlier_threshold`` times the median column max, at most
 ``max_outlier_fraction`` of the channels; or given) and runs the layer as two
 int8 sparse products over a partition of its nonzeros, each with the s8
@@ -59,7 +60,7 @@ class OutlierQuantizedSparseLinear(QuantizedSparseLinear):
             raise ValueError(f"max_outlier_fraction must be in [0, 1), got {max_outlier_fraction}")
         self.outlier_threshold = float(outlier_threshold)
         self.max_outlier_fraction = float(max_outlier_fraction)
-        # The outlier channels (sorted); set on the first training batch or
+        # The outlier channels (sorted); set on the first batch or
         # by set_outlier_channels. Persistent: a reload computes the same.
         self.register_buffer("outlier_idx", torch.zeros(0, dtype=torch.int64))
         self.register_buffer("outliers_set", torch.zeros((), dtype=torch.bool))
@@ -140,11 +141,10 @@ class OutlierQuantizedSparseLinear(QuantizedSparseLinear):
 
     def _compute(self, x2: torch.Tensor) -> torch.Tensor:
         if not bool(self.outliers_set):
-            if not (self.training and torch.is_grad_enabled()):
-                raise RuntimeError(
-                    f"{type(self).__name__}: outlier channels not set: run a training batch first "
-                    "(it calibrates them) or call calibrate(x) / set_outlier_channels(...)"
-                )
+            # Any first batch calibrates: a user who swaps layers and then
+            # measures accuracy (eval, no_grad) before training gets the layer
+            # working, not an error. The swap's timing runs on noise and
+            # resets this afterwards.
             self.calibrate(x2)
         regular, outlier, ((e0, rp0, ci0), (e1, rp1, ci1)) = self._split()
         seed = self._next_seed()

@@ -201,7 +201,7 @@ def swap_modules_with_sparse(
     ``scheme`` ("f32", "s8", "s8_outliers") overrides ``quantize``:
     "s8_outliers" gives Linear layers the outlier-robust int8 scheme
     (``OutlierQuantizedSparseLinear``; convolutions get "s8"), its outlier
-    channels found on the first training batch after the swap.
+    channels found on the first batch after the swap (training or evaluation).
     ``fuse_relu``: an ``nn.ReLU`` that directly follows a swapped layer in an
     ``nn.Sequential`` is applied by the layer, keeping one bit per element
     for its backward instead of the fp32 output (int8 training then saves

@@ -65,10 +65,20 @@ def test_calibration_finds_the_outlier_channels_and_the_state_keeps_them():
     dense = prune_random_(torch.nn.Linear(200, 16), 0.7)
     x, _, channels = _outlier_data(64, 200, 16, fraction=0.02)
     layer = q.OutlierQuantizedSparseLinear.from_dense(dense)
-    with pytest.raises(RuntimeError, match="outlier channels not set"):
-        layer.eval()(x)
     layer.train()(x)
     assert torch.equal(layer.outlier_idx, channels.sort().values)
+    # The first batch calibrates in any mode: evaluation under no_grad too (a
+    # user measures accuracy right after swapping); it used to refuse.
+    for mode in ("eval", "no_grad"):
+        other = q.OutlierQuantizedSparseLinear.from_dense(dense)
+        if mode == "eval":
+            y = other.eval()(x)
+        else:
+            with torch.no_grad():
+                y = other(x)
+        assert bool(other.outliers_set) and torch.equal(other.outlier_idx, layer.outlier_idx), mode
+        assert torch.equal(y, layer.eval()(x)), mode
+        layer.train()
     fresh = q.OutlierQuantizedSparseLinear.from_dense(dense)
     fresh.load_state_dict(layer.state_dict())
     assert torch.equal(fresh.outlier_idx, layer.outlier_idx) and bool(fresh.outliers_set)
