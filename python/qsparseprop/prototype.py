@@ -2,7 +2,10 @@
 
 Same numerics as the C++ kernels, bit for bit (see quantization.py), but
 computed with dense torch operations: a tool for accuracy studies of the
-scheme on any machine, not for speed.
+scheme on any machine, not for speed. Bit for bit: outputs, input gradients
+and weight gradients. The bias gradient is no int8 quantity in either: an
+f32 sum of the output gradient, whose terms torch's ``sum`` and the kernels'
+pass add in different orders, so it agrees within f32 rounding.
 """
 
 from __future__ import annotations
