@@ -509,6 +509,8 @@ PYBIND11_MODULE(_C, m) {
     m.def("set_verbose", [](int level) { qsp::set_verbose_level(level); });
     m.def("verbose_level", &qsp::verbose_level);
     m.def("rounding_seed32", &qsp::rounding_seed32);
+    m.def("max_num_threads", &qsp::max_num_threads,
+          "the largest thread count a primitive accepts (4x the processors, at least 256)");
 
     m.def(
             "check_conv2d_geometry",

@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <stdexcept>
 
+#include <omp.h>
 #include <xbyak/xbyak_util.h>
 
 namespace qsp {
@@ -89,6 +90,10 @@ void set_max_cpu_isa(cpu_isa c) {
 
 const char *version() {
     return QSP_VERSION_STRING;
+}
+
+int max_num_threads() {
+    return std::max(256, 4 * omp_get_num_procs());
 }
 
 } // namespace qsp

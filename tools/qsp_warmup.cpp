@@ -26,8 +26,11 @@
 #include <thread>
 #include <vector>
 
+#include <fcntl.h>
 #include <omp.h>
 #include <oneapi/dnnl/dnnl.hpp>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "qsparseprop/qsparseprop.hpp"
 #include "tools/patterns_file.hpp"
@@ -43,29 +46,56 @@ namespace {
     std::exit(2);
 }
 
-std::vector<int> int_list(const std::string &text, const char *flag) {
+std::vector<int> int_list(const std::string &text, const char *flag, long max) {
     std::vector<int> out;
     size_t pos = 0;
     while (pos <= text.size()) {
         const size_t end = std::min(text.find(',', pos), text.size());
         const std::string item = text.substr(pos, end - pos);
         char *stop = nullptr;
+        errno = 0;
         const long v = std::strtol(item.c_str(), &stop, 10);
-        if (item.empty() || *stop != '\0' || v < 1 || v > 1 << 20)
-            usage_error(std::string(flag) + " takes comma-separated integers >= 1, got '" + text
-                        + "'");
+        if (item.empty() || *stop != '\0' || errno != 0 || v < 1 || v > max)
+            usage_error(std::string(flag) + " takes comma-separated integers in [1, "
+                        + std::to_string(max) + "], got '" + text + "'");
         out.push_back(static_cast<int>(v));
         pos = end + 1;
     }
     return out;
 }
 
+// The largest patterns file read (as the Python reader's bound).
+constexpr uint64_t max_patterns_file_bytes = uint64_t(4) << 30;
+
 // The layers of a patterns file, every field validated (an error names the
 // problem and the layer).
 std::vector<qsp::tools::patterns_layer> load(const std::string &path) {
-    std::ifstream f(path);
-    if (!f) usage_error("cannot read " + path + ": " + std::strerror(errno));
-    const std::string text((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+    // A regular file of a bounded size, checked on the open descriptor before
+    // reading: a directory threw an uncaught ios_base::failure, /dev/zero read
+    // until bad_alloc, a FIFO would block.
+    const int fd = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0) usage_error("cannot read " + path + ": " + std::strerror(errno));
+    struct stat st {};
+    if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+        ::close(fd);
+        usage_error(path + ": not a regular file");
+    }
+    if (static_cast<uint64_t>(st.st_size) > max_patterns_file_bytes) {
+        ::close(fd);
+        usage_error(path + ": " + std::to_string(st.st_size)
+                    + " bytes, more than a patterns file may hold ("
+                    + std::to_string(max_patterns_file_bytes) + ")");
+    }
+    std::string text(static_cast<size_t>(st.st_size), '\0');
+    size_t done = 0;
+    while (done < text.size()) {
+        const ssize_t n = ::read(fd, &text[done], text.size() - done);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) break;
+        done += static_cast<size_t>(n);
+    }
+    ::close(fd);
+    text.resize(done);
     try {
         return qsp::tools::parse_patterns(text); // everything validated before any work
     } catch (const std::invalid_argument &e) {
@@ -187,11 +217,11 @@ int main(int argc, char **argv) {
             return argv[++i];
         };
         if (a == "--batch")
-            batches = int_list(value(), "--batch");
+            batches = int_list(value(), "--batch", 1 << 20);
         else if (a == "--threads")
-            threads = int_list(value(), "--threads");
+            threads = int_list(value(), "--threads", qsp::max_num_threads());
         else if (a == "--jobs")
-            jobs = int_list(value(), "--jobs").front();
+            jobs = int_list(value(), "--jobs", 1024).front();
         else if (a == "--check")
             check = true;
         else if (a == "--clear")

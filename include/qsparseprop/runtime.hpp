@@ -28,6 +28,11 @@ bool cpu_has_avx_vnni();
 cpu_isa effective_cpu_isa();
 void set_max_cpu_isa(cpu_isa cap);
 
+// The largest OpenMP team a primitive accepts (primitive_attr::num_threads):
+// 4x the processors, at least 256. Far larger teams make the OpenMP runtime
+// fail inside its own code (70 000 crashed libgomp), so they are refused.
+int max_num_threads();
+
 // 0 = quiet, 1 = one line per primitive creation / execution,
 // 2 = also why faster implementations were skipped (QSP_VERBOSE=dispatch).
 int verbose_level();

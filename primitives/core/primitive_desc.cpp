@@ -52,9 +52,11 @@ void check_plain_f32(const char *primitive_name, const char *arg_name, const dnn
 }
 
 int resolve_num_threads(const primitive_attr &attr, const char *primitive_name, int fallback) {
-    if (attr.num_threads < 0)
-        refuse(primitive_name, "attr.num_threads must be >= 0 (0 = default), got "
-                                       + std::to_string(attr.num_threads));
+    if (attr.num_threads < 0 || attr.num_threads > max_num_threads())
+        refuse(primitive_name,
+               "attr.num_threads must be in [0, " + std::to_string(max_num_threads())
+                       + "] (0 = default; the upper bound is max_num_threads()), got "
+                       + std::to_string(attr.num_threads));
     if (attr.num_threads > 0) return attr.num_threads;
     return fallback > 0 ? fallback : omp_get_max_threads();
 }

@@ -654,6 +654,42 @@ def _worker(rank: int, world: int, cfg: Config, port: int, result_path: str) -> 
     os._exit(0)
 
 
+def _check_paths(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """Every path the run will write or read, checked before any work (a bad
+    --json used to fail after the whole run, losing its report): one argparse
+    error naming the flag."""
+    if os.path.exists(a.out) and not os.path.isdir(a.out):
+        p.error(f"--out {a.out!r} is a file; it names the cache and report directory")
+    try:
+        os.makedirs(a.out, exist_ok=True)
+    except OSError as e:
+        p.error(f"--out {a.out!r}: cannot create the directory ({e.strerror})")
+    if not os.access(a.out, os.W_OK | os.X_OK):
+        p.error(f"--out {a.out!r} is not writable")
+    for flag in ("json", "png"):
+        path = getattr(a, flag)
+        if path is None:
+            continue
+        if os.path.isdir(path):
+            p.error(f"--{flag} {path!r} is a directory; give a file name")
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            p.error(f"--{flag} {path!r}: the folder {parent!r} does not exist")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            p.error(f"--{flag} {path!r}: the folder {parent!r} is not writable")
+    if a.dataset == "fashion-mnist":
+        root = a.data_dir or FASHION_MNIST_DIR
+        if a.data_dir is not None and not os.path.isdir(a.data_dir):
+            p.error(f"--data-dir {a.data_dir!r} is not a directory")
+        want = [f"{k}-{part}-idx{n}-ubyte.gz" for k in ("train", "t10k") for part, n in (("images", 3), ("labels", 1))]
+        missing = [f for f in want if not os.path.isfile(os.path.join(root, f))]
+        if missing:
+            p.error(
+                f"Fashion-MNIST not found in {root!r} (missing {missing[0]}): install Debian's "
+                "dataset-fashion-mnist (bash scripts/setup.sh does) or pass --data-dir"
+            )
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="qsparseprop finetune", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -689,6 +725,7 @@ def main(argv: list[str] | None = None) -> dict:
     bad = [s for s in a.schemes.split(",") if s.strip() not in ("f32", "s8", "s8_outliers")]
     if bad:
         p.error(f"--schemes takes f32, s8, s8_outliers; got {bad}")
+    _check_paths(p, a)
     cfg = _config_from(a)
     m = machine()
     print(f"qsparseprop finetune: {cfg.model} on {cfg.dataset}, {cfg.sparsity:.0%} sparse ({cfg.pruning}), "

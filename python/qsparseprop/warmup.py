@@ -26,6 +26,7 @@ import binascii
 import json
 import multiprocessing
 import os
+import stat
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -102,14 +103,30 @@ def _decode_array(text: str, dtype: str, count: int, what: str) -> torch.Tensor:
     return torch.from_numpy(np.frombuffer(raw, dtype=dtype).astype(dtype[1:]).copy())
 
 
+# The largest patterns file read (a model of ~500 M nonzeros in base64); a
+# bound checked before reading, like the C++ reader's.
+MAX_PATTERNS_FILE_BYTES = 4 << 30
+
+
 def load_patterns(path: str | os.PathLike) -> list[dict]:
     """The layers of a patterns file, each checked (class, configuration,
     pattern: validate_csr) before anything is built from it."""
-    with open(path) as f:
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: is a directory, not a patterns file")
+    with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):  # /dev/zero, a FIFO: reading would never end
+            raise ValueError(f"{path}: not a regular file")
+        if st.st_size > MAX_PATTERNS_FILE_BYTES:
+            raise ValueError(
+                f"{path}: {st.st_size} bytes, more than a patterns file may hold ({MAX_PATTERNS_FILE_BYTES})"
+            )
         try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
+            data = json.loads(f.read(MAX_PATTERNS_FILE_BYTES + 1))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: not a patterns file ({e})") from None
+        except RecursionError:
+            raise ValueError(f"{path}: not a patterns file (JSON nested too deeply)") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("layers"), list):
         raise ValueError(f"{path}: not a patterns file of format {FORMAT} (written by qsparseprop export-patterns)")
     layers = []
@@ -255,13 +272,15 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _ints(text: str, what: str) -> list[int]:
+def _ints(text: str, what: str, maximum: int | None = None) -> list[int]:
     try:
         vals = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{what}: comma-separated integers, got {text!r}") from None
     if not vals or min(vals) < 1:
         raise argparse.ArgumentTypeError(f"{what}: integers >= 1, got {text!r}")
+    if maximum is not None and max(vals) > maximum:
+        raise argparse.ArgumentTypeError(f"{what}: integers <= {maximum}, got {text!r}")
     return vals
 
 
@@ -279,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("patterns", nargs="?", help="a patterns file (qsparseprop export-patterns)")
     p.add_argument("--batch", type=lambda s: _ints(s, "--batch"), default=None,
                    help="batch sizes, e.g. 32,64 (default: the file's input shapes)")  # fmt: skip
-    p.add_argument("--threads", type=lambda s: _ints(s, "--threads"), default=None,
+    p.add_argument("--threads", type=lambda s: _ints(s, "--threads", _C.max_num_threads()), default=None,
                    help="thread counts, e.g. 1,2 (default: torch's)")  # fmt: skip
     p.add_argument("--jobs", type=int, default=1, help="layers warmed in parallel processes")
     p.add_argument("--check", action="store_true", help="verify the persistent cache; remove bad entries")
@@ -328,6 +347,15 @@ def export_main(argv: list[str] | None = None) -> None:
                    help="swap the model's layers first (timed, as swap_modules_with_sparse)")  # fmt: skip
     p.add_argument("-o", "--out", required=True)
     a = p.parse_args(argv)
+    # The output is checked before the model is loaded (and maybe swapped,
+    # which times every layer): a bad -o used to fail after all that.
+    if os.path.isdir(a.out):
+        p.error(f"-o {a.out!r} is a directory; give a file name")
+    folder = os.path.dirname(os.path.abspath(a.out))
+    if not os.path.isdir(folder):
+        p.error(f"-o {a.out!r}: the folder {folder!r} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        p.error(f"-o {a.out!r}: the folder {folder!r} is not writable")
     try:
         model = torch.load(a.model, weights_only=False)
     except OSError as e:

@@ -70,6 +70,15 @@ TEST(PrimitiveApi, linear_descriptor_refusals) {
                 pd_t(eng, fwd, f32_desc({4, 5}), p, f32_desc({4, 6}), quant_scheme::f32, bad);
             },
             "num_threads");
+    // A team far beyond the machine crashed inside libgomp (70 000): refused.
+    bad.num_threads = max_num_threads() + 1;
+    expect_refusal(
+            [&] {
+                pd_t(eng, fwd, f32_desc({4, 5}), p, f32_desc({4, 6}), quant_scheme::f32, bad);
+            },
+            "num_threads must be in [0, " + std::to_string(max_num_threads()) + "]");
+    bad.num_threads = max_num_threads();
+    EXPECT_NO_THROW(pd_t(eng, fwd, f32_desc({4, 5}), p, f32_desc({4, 6}), quant_scheme::f32, bad));
     // Backward with a hint for another pattern.
     pd_t hint(eng, fwd, f32_desc({4, 5}), p, f32_desc({4, 6}), quant_scheme::f32);
     expect_refusal(

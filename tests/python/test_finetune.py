@@ -71,3 +71,29 @@ def test_two_ddp_processes_stay_identical(tmp_path):
     assert report["ranks_identical"] is True
     assert all(r["ranks_identical"] for r in report["variants"])
     assert torch.distributed.is_available()
+
+
+@pytest.mark.parametrize(
+    "make_args,says",
+    [
+        (lambda d: ["--json", str(d)], "--json"),  # a directory
+        (lambda d: ["--json", str(d / "missing" / "r.json")], "does not exist"),
+        (lambda d: ["--png", str(d / "missing" / "c.png")], "does not exist"),
+        (lambda d: ["--out", str(d / "file")], "--out"),  # a file where the directory goes
+        (lambda d: ["--data-dir", str(d / "nowhere")], "--data-dir"),
+        (lambda d: ["--data-dir", str(d)], "Fashion-MNIST not found"),
+    ],
+)
+def test_bad_paths_are_refused_before_any_work(tmp_path, capsys, make_args, says):
+    """Every output path and the data set are checked first: one argparse
+    error (exit status 2) naming the flag. They used to fail late: --json
+    after the whole run (the report lost), --out after the dense
+    pre-training, a missing --data-dir with a traceback."""
+    (tmp_path / "file").write_text("x")
+    args = ["--quick", "--no-progress", "--out", str(tmp_path / "out"), *make_args(tmp_path)]
+    with pytest.raises(SystemExit) as e:
+        finetune.main(args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert says in err, err
+    assert "Traceback" not in err

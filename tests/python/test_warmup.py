@@ -257,3 +257,45 @@ def test_export_patterns_cli(tmp_path, capsys):
         with pytest.raises(SystemExit):
             wu.export_main([str(bad), "--input-shape", "4,8,6,6", "-o", str(tmp_path / "q.json")])
         assert says in capsys.readouterr().err
+
+
+def test_unreadable_inputs_and_bounds_are_refused_before_any_work(tmp_path, capsys):
+    """A directory, /dev/zero, JSON nested past the recursion limit, a thread
+    count beyond the machine, an output into a missing folder: one clear line
+    and exit status 2, before any model is loaded or layer built (they used
+    to raise RecursionError / MemoryError, or fail after loading the model)."""
+    import os
+    import subprocess
+
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100000 + "]" * 100000)
+    bad_files = [(tmp_path, "is a directory"), (deep, "nested too deeply")]
+    if os.path.exists("/dev/zero"):
+        bad_files.append(("/dev/zero", "not a regular file"))
+    for path, says in bad_files:
+        with pytest.raises(ValueError, match=says):
+            wu.load_patterns(path)
+        with pytest.raises(SystemExit) as e:
+            wu.main([str(path), "--no-progress"])
+        assert e.value.code == 2 and says in capsys.readouterr().err
+    good = tmp_path / "patterns.json"
+    wu.export_patterns(_swapped(), good)
+    with pytest.raises(SystemExit) as e:
+        wu.main([str(good), "--threads", str(qsparseprop._C.max_num_threads() + 1)])
+    assert e.value.code == 2 and "--threads: integers <=" in capsys.readouterr().err
+    # export-patterns checks -o before it loads the model (here: a model file
+    # that does not exist, so a late check would complain about the model)
+    with pytest.raises(SystemExit) as e:
+        wu.export_main([str(tmp_path / "no-model.pt"), "--input-shape", "4,8,6,6", "-o", str(tmp_path / "x" / "a")])
+    assert e.value.code == 2 and "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        wu.export_main([str(tmp_path / "no-model.pt"), "--input-shape", "4,8,6,6", "-o", str(tmp_path)])
+    assert "is a directory" in capsys.readouterr().err
+    # the C++ tool: the same refusals, no abort or segfault
+    cases = [([str(tmp_path)], "not a regular file"), ([str(deep)], str(deep)),
+             ([str(good), "--threads", "70000"], "--threads")]  # fmt: skip
+    if os.path.exists("/dev/zero"):
+        cases.append((["/dev/zero"], "not a regular file"))
+    for args, says in cases:
+        r = subprocess.run([_cpp_tool(), *args], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and says in r.stderr, (args, r.returncode, r.stderr)
