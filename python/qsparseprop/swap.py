@@ -130,9 +130,21 @@ def _pattern_hash(sparse: _SparseModule) -> str:
     )
 
 
-def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
+def _aliases(root: nn.Module, module: nn.Module) -> list[str]:
+    """Every name under which ``module`` is reachable from ``root`` (a module
+    shared by two attributes, tied layers, has several; named_modules() lists
+    only the first)."""
+    return [n for n, m in root.named_modules(remove_duplicate=False) if m is module and n]
+
+
+def _replace(root: nn.Module, name: str, new: nn.Module) -> list[str]:
+    """Puts ``new`` under ``name`` and under every other name of the same
+    module, so tied layers stay tied; returns those other names."""
+    names = _aliases(root, root.get_submodule(name)) or [name]
+    for alias in names:
+        parent_name, _, child = alias.rpartition(".")
+        setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
+    return [n for n in names if n != name]
 
 
 def _probe_shapes(
@@ -307,7 +319,9 @@ def swap_modules_with_sparse(
             if stored:
                 row.reason += " (timings from the persistent cache)"
         if row.swapped:
-            _replace(target, name, sparse)
+            also = _replace(target, name, sparse)
+            if also:
+                row.reason += f"; the same module is also {', '.join(also)}: swapped there too (still tied)"
 
     if fuse_relu:
         _fuse_relus(target, report)

@@ -4,6 +4,8 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
+import qsparseprop
+from conftest import prune_random_
 from qsparseprop import (
     PrototypeQuantizedSparseConv2d,
     QuantizedSparseConv2d,
@@ -197,3 +199,36 @@ def test_a_plan_saved_here_makes_the_same_swaps_in_another_process(tmp_path):
         check=True,
     )
     assert out.stdout.strip().split(",") == here
+
+
+def test_a_module_under_two_names_is_swapped_under_both_and_stays_tied():
+    """Tied layers (one module reachable as `a` and as `b`) were swapped under
+    the first name only: `b` kept the dense layer and after a few SGD steps the
+    two copies differed, silently."""
+    torch.manual_seed(0)
+
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = prune_random_(torch.nn.Linear(64, 64), 0.9)
+            self.mid = torch.nn.ReLU()
+            self.b = self.a
+
+        def forward(self, x):
+            return self.b(self.mid(self.a(x)))
+
+    net = Tied()
+    swapped = qsparseprop.swap_modules_with_sparse(net, (8, 64), verbose=False, min_speedup=0.0, quantize=False)
+    assert isinstance(swapped.a, qsparseprop.SparseLinear) and swapped.b is swapped.a
+    row = swapped.qsparseprop_swap_report[0]
+    assert row.name == "a" and "also b" in row.reason, row.reason
+    opt = torch.optim.SGD(swapped.parameters(), lr=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        swapped(torch.randn(8, 64)).square().mean().backward()
+        opt.step()
+    assert swapped.b is swapped.a
+    dense = qsparseprop.to_dense(swapped)
+    assert isinstance(dense.a, torch.nn.Linear) and dense.b is dense.a, "to_dense keeps the tie"
+    again = qsparseprop.apply_swap_plan(Tied(), swapped.qsparseprop_swap_report, strict=False)
+    assert again.b is again.a and isinstance(again.a, qsparseprop.SparseLinear)
