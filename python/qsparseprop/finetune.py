@@ -457,13 +457,17 @@ def run(cfg: Config, log=print, rank: int = 0, world: int = 1) -> dict:
         plan_file = os.path.join(cfg.out, f"swap_plan_{scheme}.json")
         model = copy.deepcopy(pruned)
         if rank == 0:
-            model = swap_modules_with_sparse(model, shape, verbose=False, scheme=scheme, min_sparsity=0.5)
+            # The tool keeps the kept-dense layers' zeros itself (train(masks=...)),
+            # as before: no pruning hooks in the timed steps.
+            model = swap_modules_with_sparse(
+                model, shape, verbose=False, scheme=scheme, min_sparsity=0.5, mask_kept=False
+            )
             os.makedirs(cfg.out, exist_ok=True)
             save_swap_plan(model, plan_file)
         if world > 1:
             torch.distributed.barrier()
             if rank != 0:
-                model = apply_swap_plan(model, plan_file)
+                model = apply_swap_plan(model, plan_file, mask_kept=False)
         v = Variant(_VARIANT_NAMES[scheme])
         v.swapped = [r.name for r in model.qsparseprop_swap_report if r.swapped]
         # The ReLUs between BatchNorm and a sparse layer keep bits, not their

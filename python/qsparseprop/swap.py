@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.utils import prune
 
 from . import _C, _ops
 from .modules import (
@@ -81,6 +82,33 @@ def _sparsity(module: nn.Module) -> float:
     mask, weight = _mask_and_weight(module)
     kept = mask if mask is not None else weight != 0
     return 1.0 - kept.sum().item() / kept.numel()
+
+
+def _mask_kept_layers(model: nn.Module, decisions: list[SwapDecision]) -> None:
+    """Masks the layers the decisions keep dense (see ``mask_kept``) and notes
+    it in their reasons. Layers not called in the probe forward are left
+    alone: their parent reads ``.weight`` directly (MultiheadAttention's
+    out_proj), where a pruning hook, which recomputes it on the layer's own
+    forward, would leave it stale."""
+    note = "; pattern kept as a pruning mask (weight_mask)"
+    for d in decisions:
+        if d.swapped or not d.input_shape:
+            continue
+        if _mask_kept_layer(model.get_submodule(d.name)) and note not in d.reason:
+            d.reason += note
+
+
+def _mask_kept_layer(module: nn.Module) -> bool:
+    """Registers a kept-dense pruned layer's pattern as a torch pruning mask
+    (its zeros), so training does not regrow them; False where the layer has
+    a mask or parametrization already, or no zero weight."""
+    from .modules import _mask_and_weight
+
+    mask, weight = _mask_and_weight(module)
+    if mask is not None or hasattr(module, "parametrizations") or not bool((weight == 0).any()):
+        return False
+    prune.custom_from_mask(module, "weight", mask=(weight != 0))
+    return True
 
 
 def _time_fwd_bwd(module: nn.Module, shape: tuple[int, ...], repeats: int, warmup: int, autocast) -> float:
@@ -200,6 +228,7 @@ def swap_modules_with_sparse(
     fuse_relu: bool = True,
     scheme: str | None = None,
     persistent: bool = True,
+    mask_kept: bool = True,
 ) -> nn.Module:
     """Replaces each ``nn.Linear`` / ``nn.Conv2d`` (subclasses included) that
     is at least ``min_sparsity`` sparse and, timed forward+backward at its real
@@ -226,6 +255,13 @@ def swap_modules_with_sparse(
     kind of machine reads them instead of timing (the table says so), so a
     restarted job decides fast and the same way. ``persistent=False`` times
     every layer afresh (and stores nothing).
+    ``mask_kept``: a pruned layer the swap keeps dense (not sparse enough,
+    or not faster sparse) gets its pattern as a ``torch.nn.utils.prune``
+    mask (``weight_orig`` and ``weight_mask``, as ``prune.custom_from_mask``
+    makes), so its pruned weights stay zero while it trains like the swapped
+    layers' do; ``prune.remove(layer, "weight")`` makes it plain again. A layer
+    with a pruning mask or parametrization of its own, or without a zero
+    weight, is left as it is. The table says which layers got one.
     ``plan`` (a report of an earlier swap, or a file written by
     :func:`save_swap_plan`) makes exactly those swaps without timing anything
     (``input_shape`` is then not needed): the same model on another rank or
@@ -251,7 +287,7 @@ def swap_modules_with_sparse(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if plan is not None:
         target = model if inplace else _deepcopy_model(model)
-        return apply_swap_plan(target, plan, verbose=verbose)
+        return apply_swap_plan(target, plan, verbose=verbose, mask_kept=mask_kept)
     if not isinstance(input_shape, (tuple, list)) or not all(isinstance(d, int) and d > 0 for d in input_shape):
         raise ValueError(f"input_shape must be a tuple of positive ints, got {input_shape!r}")
     if not 0.0 <= min_sparsity <= 1.0:
@@ -323,6 +359,8 @@ def swap_modules_with_sparse(
             if also:
                 row.reason += f"; the same module is also {', '.join(also)}: swapped there too (still tied)"
 
+    if mask_kept:
+        _mask_kept_layers(target, report)
     if fuse_relu:
         _fuse_relus(target, report)
     target.qsparseprop_swap_report = report
@@ -408,13 +446,21 @@ def _as_decisions(plan) -> list[SwapDecision]:
 
 
 def apply_swap_plan(
-    model: nn.Module, plan, state_dict: dict | None = None, strict: bool = True, verbose: bool = False
+    model: nn.Module,
+    plan,
+    state_dict: dict | None = None,
+    strict: bool = True,
+    verbose: bool = False,
+    mask_kept: bool = True,
 ) -> nn.Module:
     """Makes the swaps a plan recorded, in place, without timing. The pattern
     of each swapped layer comes from the model's (pruned) weights, or, with
     ``state_dict`` (a swapped model's checkpoint), from the checkpoint, which
     is then loaded: a swapped model rebuilt from its dense architecture.
-    ``strict``: the recomputed pattern must have the plan's hash."""
+    ``strict``: the recomputed pattern must have the plan's hash.
+    ``mask_kept``: as in :func:`swap_modules_with_sparse`, the layers the plan
+    keeps dense get their pattern as a pruning mask (so every rank of a job
+    has the same parameters)."""
     decisions = _as_decisions(plan)
     for d in decisions:
         if not d.swapped:
@@ -443,6 +489,8 @@ def apply_swap_plan(
         for d in fused:
             if not model.get_submodule(d.name).fused_relu:
                 raise ValueError(f"swap plan: {d.name} had its ReLU fused, but no nn.ReLU follows it here")
+    if mask_kept:
+        _mask_kept_layers(model, decisions)
     if state_dict is not None:
         model.load_state_dict(state_dict)
     model.qsparseprop_swap_report = decisions

@@ -232,3 +232,40 @@ def test_a_module_under_two_names_is_swapped_under_both_and_stays_tied():
     assert isinstance(dense.a, torch.nn.Linear) and dense.b is dense.a, "to_dense keeps the tie"
     again = qsparseprop.apply_swap_plan(Tied(), swapped.qsparseprop_swap_report, strict=False)
     assert again.b is again.a and isinstance(again.a, qsparseprop.SparseLinear)
+
+
+def test_kept_dense_layers_keep_their_pruning():
+    """A pruned layer the swap keeps dense trained densely afterwards and its
+    pruned weights filled in (14 747 zeros -> 128 after 5 SGD steps in the
+    report). It now gets its pattern as a torch pruning mask; mask_kept=False
+    leaves it plain (and the zeros regrow, which shows the test can fail)."""
+
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(prune_random_(nn.Linear(64, 64), 0.9), nn.ReLU(), prune_random_(nn.Linear(64, 8), 0.5))
+
+    def train_steps(model):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(5):
+            opt.zero_grad()
+            model(torch.randn(16, 64)).square().mean().backward()
+            opt.step()
+
+    # min_speedup huge: every layer is kept dense
+    kept = swap_modules_with_sparse(net(), (16, 64), verbose=False, min_speedup=1e9, persistent=False)
+    zeros = [(m.weight == 0).sum().item() for m in (kept[0], kept[2])]
+    assert all(prune.is_pruned(m) for m in (kept[0], kept[2]))
+    assert all("pruning mask" in r.reason for r in kept.qsparseprop_swap_report), kept.qsparseprop_swap_report
+    train_steps(kept)
+    assert [(m.weight == 0).sum().item() for m in (kept[0], kept[2])] == zeros
+    assert "0.weight_mask" in kept.state_dict() and "0.weight_orig" in kept.state_dict()
+    prune.remove(kept[0], "weight")  # plain again, zeros in place
+    assert not prune.is_pruned(kept[0]) and (kept[0].weight == 0).sum().item() == zeros[0]
+    # a plan applied elsewhere (another DDP rank) masks the same layers
+    again = qsparseprop.apply_swap_plan(net(), kept.qsparseprop_swap_report)
+    assert prune.is_pruned(again[0]) and prune.is_pruned(again[2])
+
+    plain = swap_modules_with_sparse(net(), (16, 64), verbose=False, min_speedup=1e9, persistent=False, mask_kept=False)
+    assert not prune.is_pruned(plain[0])
+    train_steps(plain)
+    assert (plain[0].weight == 0).sum().item() < zeros[0], "without the mask the zeros regrow"
