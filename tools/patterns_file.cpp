@@ -50,6 +50,7 @@ namespace {
 // Sizes beyond these are not a layer of ours; checking first keeps every
 // product below in range.
 constexpr int64_t max_dim = (int64_t(1) << 31) - 1;
+constexpr int64_t max_tensor_elements = int64_t(1) << 31;
 
 template <typename T>
 std::vector<T> le_array(const std::string &bytes, int64_t count, const std::string &what) {
@@ -143,10 +144,29 @@ patterns_layer parse_layer(const json &d) {
             || __builtin_mul_overflow(l.in / l.g.groups, taps, &cols) || cols > max_dim)
             throw std::invalid_argument("in_channels / groups x kernel is too large");
     }
+    // Every tensor the layer's shapes imply (input and output) must fit the
+    // bound both readers share: 2^31 elements, 8 GiB of f32. Validation used
+    // to pass a 10^7 x 512 input and warming it then asked for 20 GB.
     int64_t elems = 1;
     for (int64_t v : l.input_shape)
-        if (__builtin_mul_overflow(elems, v, &elems) || elems > (int64_t(1) << 40))
-            throw std::invalid_argument("input_shape is too large");
+        if (__builtin_mul_overflow(elems, v, &elems) || elems > max_tensor_elements)
+            throw std::invalid_argument("input_shape implies more than 2^31 elements");
+    int64_t out_elems = 0;
+    if (!l.conv) {
+        if (__builtin_mul_overflow(elems / l.in, l.out, &out_elems))
+            out_elems = max_tensor_elements + 1;
+    } else {
+        const auto hw = conv2d_output_hw(l.g, l.input_shape[2], l.input_shape[3]);
+        int64_t pixels = 0, per_pixel = 0; // factors from a file: every product checked
+        if (__builtin_mul_overflow(hw[0], hw[1], &pixels)
+            || __builtin_mul_overflow(l.input_shape[0], l.out, &per_pixel)
+            || __builtin_mul_overflow(per_pixel, pixels, &out_elems))
+            out_elems = max_tensor_elements + 1;
+    }
+    if (out_elems > max_tensor_elements)
+        throw std::invalid_argument("the output implies more than 2^31 elements");
+    if (c.contains("fused_relu") && !c.at("fused_relu").is_boolean())
+        throw std::invalid_argument("fused_relu must be true or false");
     const int64_t rows = integer(d.at("rows"), "rows", 1), nnz = integer(d.at("nnz"), "nnz", 0);
     if (rows != l.out) throw std::invalid_argument("rows must equal the output size");
     if (nnz < 0 || nnz > rows * cols) throw std::invalid_argument("nnz out of range");

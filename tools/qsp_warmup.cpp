@@ -6,6 +6,7 @@
 //
 //   qsp-warmup PATTERNS.json [--batch 32,64] [--threads 1,2] [--jobs N]
 //   qsp-warmup --check | --clear
+//   qsp-warmup --validate PATTERNS.json   (check the file only)
 //
 // A patterns file is input from outside: every field is checked, the CSR
 // arrays go through csr_pattern::from_indices (which validates them), and
@@ -41,6 +42,7 @@ namespace {
     std::fprintf(stderr,
                  "qsp-warmup: %s\n"
                  "usage: qsp-warmup PATTERNS.json [--batch 32,64] [--threads 1,2] [--jobs N]\n"
+                 "       qsp-warmup --validate PATTERNS.json\n"
                  "       qsp-warmup --check | --clear\n",
                  what.c_str());
     std::exit(2);
@@ -209,7 +211,7 @@ int main(int argc, char **argv) {
     std::string patterns;
     std::vector<int> batches, threads;
     int jobs = 1;
-    bool check = false, clear = false;
+    bool check = false, clear = false, validate = false;
     for (int i = 1; i < argc; ++i) {
         const std::string a = argv[i];
         auto value = [&]() -> std::string {
@@ -224,6 +226,8 @@ int main(int argc, char **argv) {
             jobs = int_list(value(), "--jobs", 1024).front();
         else if (a == "--check")
             check = true;
+        else if (a == "--validate")
+            validate = true;
         else if (a == "--clear")
             clear = true;
         else if (a == "-h" || a == "--help")
@@ -237,6 +241,11 @@ int main(int argc, char **argv) {
     }
     if (patterns.empty() && !check && !clear)
         usage_error("give a patterns file, --check or --clear");
+    if (validate) { // read and check the file only: nothing is built or measured
+        if (patterns.empty()) usage_error("--validate needs a patterns file");
+        std::printf("%s: %zu layers, valid\n", patterns.c_str(), load(patterns).size());
+        return 0;
+    }
     const auto status = qsp::persistent_cache_status();
     if ((check || clear) && !status.enabled)
         usage_error("the persistent cache is off: " + status.reason);

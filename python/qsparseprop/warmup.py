@@ -127,27 +127,116 @@ def load_patterns(path: str | os.PathLike) -> list[dict]:
             raise ValueError(f"{path}: not a patterns file ({e})") from None
         except RecursionError:
             raise ValueError(f"{path}: not a patterns file (JSON nested too deeply)") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("layers"), list):
+    if (
+        not isinstance(data, dict)
+        or type(data.get("format")) is not int
+        or data["format"] != FORMAT
+        or not isinstance(data.get("layers"), list)
+    ):
         raise ValueError(f"{path}: not a patterns file of format {FORMAT} (written by qsparseprop export-patterns)")
     layers = []
     for i, d in enumerate(data["layers"]):
         what = f"{path}: layer {i} ({d.get('name', '?') if isinstance(d, dict) else '?'})"
         try:
-            if d["cls"] not in LAYER_CLASSES:
-                raise ValueError(f"class {d['cls']!r} is not one of {sorted(LAYER_CLASSES)}")
-            rows, nnz = int(d["rows"]), int(d["nnz"])
-            if rows < 1 or nnz < 0:
-                raise ValueError(f"rows {rows} / nnz {nnz} out of range")
-            rp = _decode_array(d["row_ptr"], "<i8", rows + 1, "row_ptr")
-            ci = _decode_array(d["col_idx"], "<i4", nnz, "col_idx")
-            shape = [int(s) for s in d["input_shape"]]
-            if not shape or min(shape) < 1:
-                raise ValueError(f"input_shape {shape} must be positive")
-            layer = _build(d["cls"], dict(d["config"]), rp, ci)
+            if not isinstance(d, dict):
+                raise ValueError("not an object")
+            layer, shape = _checked_layer(d)
         except (KeyError, TypeError, ValueError, binascii.Error) as e:
             raise ValueError(f"{what}: {e}") from None
-        layers.append(dict(name=str(d["name"]), cls=d["cls"], input_shape=shape, layer=layer))
+        layers.append(dict(name=d["name"], cls=d["cls"], input_shape=shape, layer=layer))
     return layers
+
+
+# The rules both readers of a patterns file apply (this one and qsp-warmup's,
+# tools/patterns_file.cpp), so each refuses what the other does: JSON integers
+# (not floats, not booleans) in [lo, 2^31 - 1], booleans where the file says
+# true/false, and every tensor the shapes imply within 2^31 elements.
+_MAX_DIM = 2**31 - 1
+_MAX_TENSOR_ELEMENTS = 2**31
+
+
+def _json_int(v, what: str, lo: int = 1) -> int:
+    if type(v) is not int:
+        raise ValueError(f"{what} must be an integer, got {v!r}")
+    if not lo <= v <= _MAX_DIM:
+        raise ValueError(f"{what} must be in [{lo}, {_MAX_DIM}], got {v}")
+    return v
+
+
+def _json_bool(v, what: str) -> bool:
+    if type(v) is not bool:
+        raise ValueError(f"{what} must be true or false, got {v!r}")
+    return v
+
+
+def _json_pair(v, what: str, lo: int = 1) -> tuple[int, int]:
+    if not isinstance(v, list) or len(v) != 2:
+        raise ValueError(f"{what} must be a pair")
+    return _json_int(v[0], what, lo), _json_int(v[1], what, lo)
+
+
+def _checked_layer(d: dict):
+    """(layer, input shape) of one layer entry, every field checked first."""
+    if not isinstance(d["name"], str):
+        raise ValueError("name must be a string")
+    if d["cls"] not in LAYER_CLASSES:
+        raise ValueError(f"class {d['cls']!r} is not one of {sorted(LAYER_CLASSES)}")
+    cfg = d["config"]
+    if not isinstance(cfg, dict):
+        raise ValueError("config must be an object")
+    _json_bool(cfg["bias"], "bias")
+    if "fused_relu" in cfg:
+        _json_bool(cfg["fused_relu"], "fused_relu")
+    if not isinstance(d["input_shape"], list):
+        raise ValueError("input_shape must be a list")
+    shape = [_json_int(s, "input_shape") for s in d["input_shape"]]
+    elements = 1
+    for s in shape:
+        elements *= s
+    if elements > _MAX_TENSOR_ELEMENTS:
+        raise ValueError("input_shape implies more than 2^31 elements")
+    conv = issubclass(LAYER_CLASSES[d["cls"]], SparseConv2d)
+    if not conv:
+        k, n = _json_int(cfg["in_features"], "in_features"), _json_int(cfg["out_features"], "out_features")
+        if len(shape) < 2 or shape[-1] != k:
+            raise ValueError("input_shape must end in in_features")
+        cols, out_elements = k, elements // k * n
+    else:
+        c, n = _json_int(cfg["in_channels"], "in_channels"), _json_int(cfg["out_channels"], "out_channels")
+        kh, kw = _json_pair(cfg["kernel_size"], "kernel_size")
+        sh, sw = _json_pair(cfg["stride"], "stride")
+        dh, dw = _json_pair(cfg["dilation"], "dilation")
+        groups = _json_int(cfg["groups"], "groups")
+        pad = cfg["padding"]
+        if isinstance(pad, str):
+            if pad not in ("same", "valid"):
+                raise ValueError(f"padding {pad!r} is not 'same', 'valid' or a pair")
+            th, tw = (dh * (kh - 1), dw * (kw - 1)) if pad == "same" else (0, 0)
+        else:
+            ph, pw = _json_pair(pad, "padding", lo=0)
+            th, tw = 2 * ph, 2 * pw
+        if cfg["vectorizing_over_on"] is not None:
+            _json_bool(cfg["vectorizing_over_on"], "vectorizing_over_on")
+        if c % groups or n % groups:
+            raise ValueError(f"in_channels ({c}) and out_channels ({n}) must be divisible by groups ({groups})")
+        if len(shape) != 4 or shape[1] != c:
+            raise ValueError("input_shape must be N x in_channels x H x W")
+        oh, ow = (shape[2] + th - dh * (kh - 1) - 1) // sh + 1, (shape[3] + tw - dw * (kw - 1) - 1) // sw + 1
+        if oh < 1 or ow < 1:
+            raise ValueError(f"input {shape[2]}x{shape[3]} is smaller than the dilated kernel")
+        cols, out_elements = c // groups * kh * kw, shape[0] * n * oh * ow
+        if cols > _MAX_DIM:
+            raise ValueError("in_channels / groups x kernel is too large")
+    if out_elements > _MAX_TENSOR_ELEMENTS:
+        raise ValueError("the output implies more than 2^31 elements")
+    rows, nnz = _json_int(d["rows"], "rows"), _json_int(d["nnz"], "nnz", lo=0)
+    if rows != n:
+        raise ValueError("rows must equal the output size")
+    if nnz > rows * cols:
+        raise ValueError("nnz out of range")
+    rp = _decode_array(d["row_ptr"], "<i8", rows + 1, "row_ptr")
+    ci = _decode_array(d["col_idx"], "<i4", nnz, "col_idx")
+    return _build(d["cls"], dict(cfg), rp, ci), shape
 
 
 def _build(cls_name: str, cfg: dict, row_ptr: torch.Tensor, col_idx: torch.Tensor) -> _SparseModule:

@@ -139,7 +139,7 @@ def _edit(path, change):
         (lambda d: d["layers"][0].update(row_ptr=d["layers"][0]["row_ptr"][:-8]), "row_ptr"),
         (lambda d: d["layers"][0].update(col_idx="!!!"), "layer 0"),
         (lambda d: d["layers"][0].update(input_shape=[0, 8, 6, 6]), "input_shape"),
-        (lambda d: d["layers"][0].update(rows=-1), "out of range"),
+        (lambda d: d["layers"][0].update(rows=-1), "rows must be in"),
         (
             lambda d: d["layers"][0].update(
                 col_idx=base64.b64encode(b"\xff\xff\xff\x7f" * d["layers"][0]["nnz"]).decode()
@@ -299,3 +299,59 @@ def test_unreadable_inputs_and_bounds_are_refused_before_any_work(tmp_path, caps
     for args, says in cases:
         r = subprocess.run([_cpp_tool(), *args], capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and says in r.stderr, (args, r.returncode, r.stderr)
+
+
+def _set(layer: int, key: str, value, in_config: bool = False):
+    def change(d):
+        (d["layers"][layer]["config"] if in_config else d["layers"][layer])[key] = value
+
+    return change
+
+
+# Hostile variants of a patterns file (layer 0: a Conv2d, layer 1: a Linear);
+# the Python reader used to accept eight kinds that qsp-warmup refused
+# (floats truncated to integers, strings or numbers taken for booleans), and
+# neither bounded the memory an input shape implies.
+_HOSTILE = {
+    "format true": lambda d: d.update(format=True),
+    "format 1.0": lambda d: d.update(format=1.0),
+    "rows float": _set(1, "rows", 32.7),
+    "nnz float": _set(1, "nnz", 1828.0),
+    "rows bool": _set(1, "rows", True),
+    "bias string": _set(1, "bias", "yes", True),
+    "bias number": _set(1, "bias", 1, True),
+    "fused_relu string": _set(0, "fused_relu", "yes", True),
+    "in_features float": _set(1, "in_features", 576.0, True),
+    "input_shape float": _set(1, "input_shape", [4.0, 576]),
+    "kernel_size floats": _set(0, "kernel_size", [3.0, 3.0], True),
+    "groups bool": _set(0, "groups", True, True),
+    "stride bool": _set(0, "stride", [True, 1], True),
+    "padding negative": _set(0, "padding", [-1, 1], True),
+    "padding word": _set(0, "padding", "full", True),
+    "vectorizing_over_on string": _set(0, "vectorizing_over_on", "yes", True),
+    "name number": _set(1, "name", 5),
+    "huge Linear input": _set(1, "input_shape", [10_000_000, 576]),
+    "huge Conv2d output": _set(0, "padding", [50_000, 50_000], True),  # a tiny input, a 10^11 output
+    "huge Conv2d batch": _set(0, "input_shape", [10_000_000, 8, 6, 6]),
+    "layer not an object": lambda d: d["layers"].__setitem__(0, [1, 2]),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_HOSTILE))
+def test_both_readers_refuse_the_same_hostile_patterns_files(tmp_path, kind):
+    """One rule set: the Python reader and qsp-warmup (--validate: the C++
+    reader alone) refuse the same files, each naming the layer."""
+    import subprocess
+
+    path = tmp_path / "patterns.json"
+    if not hasattr(test_both_readers_refuse_the_same_hostile_patterns_files, "exported"):
+        wu.export_patterns(_swapped(), tmp_path / "base.json")
+        test_both_readers_refuse_the_same_hostile_patterns_files.exported = (tmp_path / "base.json").read_text()
+    path.write_text(test_both_readers_refuse_the_same_hostile_patterns_files.exported)
+    base = subprocess.run([_cpp_tool(), "--validate", str(path)], capture_output=True, text=True)
+    assert base.returncode == 0, base.stderr  # the unchanged file is valid to both
+    _edit(path, _HOSTILE[kind])
+    with pytest.raises(ValueError):
+        wu.load_patterns(path)
+    cpp = subprocess.run([_cpp_tool(), "--validate", str(path)], capture_output=True, text=True)
+    assert cpp.returncode == 2 and "Traceback" not in cpp.stderr, (kind, cpp.returncode, cpp.stdout, cpp.stderr)
