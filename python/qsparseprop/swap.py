@@ -84,17 +84,28 @@ def _sparsity(module: nn.Module) -> float:
     return 1.0 - kept.sum().item() / kept.numel()
 
 
-def _mask_kept_layers(model: nn.Module, decisions: list[SwapDecision]) -> None:
+def _mask_kept_layers(model: nn.Module, decisions: list[SwapDecision], state_dict: dict | None = None) -> None:
     """Masks the layers the decisions keep dense (see ``mask_kept``) and notes
     it in their reasons. Layers not called in the probe forward are left
     alone: their parent reads ``.weight`` directly (MultiheadAttention's
     out_proj), where a pruning hook, which recomputes it on the layer's own
-    forward, would leave it stale."""
+    forward, would leave it stale. With a checkpoint about to be loaded, the
+    checkpoint decides: a layer is masked where it holds ``<name>.weight_mask``
+    (a model swapped without masks, or by an earlier version, loads as it was
+    saved)."""
     note = "; pattern kept as a pruning mask (weight_mask)"
     for d in decisions:
         if d.swapped or not d.input_shape:
             continue
-        if _mask_kept_layer(model.get_submodule(d.name)) and note not in d.reason:
+        module = model.get_submodule(d.name)
+        if state_dict is not None:
+            saved = state_dict.get(f"{d.name}.weight_mask")
+            masked = saved is not None and not prune.is_pruned(module)
+            if masked:
+                prune.custom_from_mask(module, "weight", mask=saved.to(torch.bool))
+        else:
+            masked = _mask_kept_layer(module)
+        if masked and note not in d.reason:
             d.reason += note
 
 
@@ -490,7 +501,7 @@ def apply_swap_plan(
             if not model.get_submodule(d.name).fused_relu:
                 raise ValueError(f"swap plan: {d.name} had its ReLU fused, but no nn.ReLU follows it here")
     if mask_kept:
-        _mask_kept_layers(model, decisions)
+        _mask_kept_layers(model, decisions, state_dict)
     if state_dict is not None:
         model.load_state_dict(state_dict)
     model.qsparseprop_swap_report = decisions

@@ -264,6 +264,16 @@ def test_kept_dense_layers_keep_their_pruning():
     # a plan applied elsewhere (another DDP rank) masks the same layers
     again = qsparseprop.apply_swap_plan(net(), kept.qsparseprop_swap_report)
     assert prune.is_pruned(again[0]) and prune.is_pruned(again[2])
+    # a checkpoint rebuilt on the dense architecture (random, unpruned
+    # weights): the checkpoint's masks decide, and it loads whole
+    masked = swap_modules_with_sparse(net(), (16, 64), verbose=False, min_speedup=1e9, persistent=False)
+    rebuilt = qsparseprop.apply_swap_plan(
+        nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8)),
+        masked.qsparseprop_swap_report,
+        state_dict=masked.state_dict(),
+    )
+    rebuilt(torch.randn(2, 64))  # the pruning hook recomputes .weight on the next forward
+    assert prune.is_pruned(rebuilt[0]) and torch.equal(rebuilt[0].weight, masked[0].weight)
 
     plain = swap_modules_with_sparse(net(), (16, 64), verbose=False, min_speedup=1e9, persistent=False, mask_kept=False)
     assert not prune.is_pruned(plain[0])
