@@ -7,7 +7,7 @@ installed qsparseprop (after) and one another build of it (before).
     git worktree add /tmp/before <commit> && cd /tmp/before &&
         .venv/bin/pip install --no-deps --no-build-isolation --target /tmp/qsp_before .
     python benchmarks/bench_before_after.py --before /tmp/qsp_before linear
-    python benchmarks/bench_before_after.py --before /tmp/qsp_before conv --shapes C1,C3
+    python benchmarks/bench_before_after.py --before /tmp/qsp_before conv --shapes C1,C3   # shapes: qsparseprop.bench's
 
 Per case it prints the median over rounds of our step time on each side, the
 ratio before/after (>= 1: after is as fast or faster), and the same ratio
@@ -26,13 +26,13 @@ import subprocess
 import sys
 import time
 
-LINEAR = {"L1": (256, 768, 3072), "L2": (256, 3072, 768), "L3": (128, 4096, 4096), "L4": (64, 512, 1000)}
-CONV = {  # batch, in, out, image, kernel, stride, padding
-    "C1": (32, 64, 64, 56, 3, 1, 1),
-    "C2": (32, 128, 128, 28, 3, 1, 1),
-    "C3": (32, 256, 256, 14, 3, 1, 1),
-    "C4": (32, 512, 512, 7, 3, 1, 1),
-}
+
+def _shapes():
+    """The layer shapes of ``python -m qsparseprop.bench`` (its L1-L4, C1-C4, ...):
+    both builds have the table, each side reads its own."""
+    from qsparseprop.bench import CONV_SHAPES, LINEAR_SHAPES
+
+    return LINEAR_SHAPES, CONV_SHAPES
 
 
 def _step_ms(layer, x, g) -> float:
@@ -48,18 +48,19 @@ def measure(what: str, shapes: list[str], sparsity: float, schemes: list[str], r
 
     import qsparseprop as q
 
+    linear, conv = _shapes()
     out = {}
     for name in shapes:
         for scheme in schemes:
             torch.manual_seed(0)
             if what == "linear":
-                b, k, n = LINEAR[name]
+                b, k, n = linear[name]
                 dense = torch.nn.Linear(k, n)
                 x, g = torch.randn(b, k), torch.randn(b, n)
                 cls = q.QuantizedSparseLinear if scheme == "s8" else q.SparseLinear
             else:
-                b, c, oc, hw, k, s, p = CONV[name]
-                dense = torch.nn.Conv2d(c, oc, k, stride=s, padding=p)
+                b, c, oc, hw, k, s, p, groups = conv[name]
+                dense = torch.nn.Conv2d(c, oc, k, stride=s, padding=p, groups=groups)
                 o = (hw + 2 * p - k) // s + 1
                 x, g = torch.randn(b, c, hw, hw), torch.randn(b, oc, o, o)
                 cls = q.QuantizedSparseConv2d if scheme == "s8" else q.SparseConv2d
@@ -83,15 +84,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["linear", "conv"])
     p.add_argument("--before", help="folder holding the other build's qsparseprop package")
-    p.add_argument("--shapes", default=None, help="default: L1-L4 or C1-C4")
+    p.add_argument("--shapes", default=None, help="names of qsparseprop.bench's shapes; default all of the family")
     p.add_argument("--sparsity", type=float, default=0.9)
     p.add_argument("--schemes", default="f32,s8")
     p.add_argument("--repeats", type=int, default=9, help="timed steps per case and process")
     p.add_argument("--rounds", type=int, default=3, help="processes per side, alternating")
     p.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
-    shapes = a.shapes.split(",") if a.shapes else list(LINEAR if a.what == "linear" else CONV)
-    known = LINEAR if a.what == "linear" else CONV
+    known = _shapes()[0 if a.what == "linear" else 1]
+    shapes = a.shapes.split(",") if a.shapes else list(known)
     if any(s not in known for s in shapes):
         p.error(f"--shapes: known {', '.join(known)}")
     schemes = a.schemes.split(",")
