@@ -34,6 +34,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from . import _C, cpu_isa
+from ._paths import output_file_problem
 from .bench import machine
 from .memory import saved_activation_bytes
 from .swap import apply_swap_plan, save_swap_plan, swap_modules_with_sparse, use_masked_relus
@@ -46,21 +47,35 @@ FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fash
 # ---- data ------------------------------------------------------------------------
 
 
+def _fashion_mnist_files(root: str, kind: str) -> list[str]:
+    """The images and labels files of one split ("train" or "t10k")."""
+    return [os.path.join(root, f"{kind}-{part}-idx{n}-ubyte.gz") for part, n in (("images", 3), ("labels", 1))]
+
+
+def _fashion_mnist_missing(root: str) -> str | None:
+    """Why Fashion-MNIST cannot be read from root, or None."""
+    for kind in ("train", "t10k"):
+        for path in _fashion_mnist_files(root, kind):
+            if not os.path.isfile(path):
+                return (
+                    f"Fashion-MNIST not found ({path}): install Debian's dataset-fashion-mnist "
+                    "(bash scripts/setup.sh does) or pass --data-dir"
+                )
+    return None
+
+
 def load_dataset(name: str, data_dir: str | None = None):
     """(x_train, y_train, x_test, y_test) as float32 NCHW in [0, 1] and int64 labels."""
     if name == "fashion-mnist":
         import idx2numpy  # the IDX format reader (validates magic numbers and shapes)
 
         root = data_dir or FASHION_MNIST_DIR
+        missing = _fashion_mnist_missing(root)
+        if missing:
+            raise FileNotFoundError(missing)
         out = []
         for kind in ("train", "t10k"):
-            paths = [os.path.join(root, f"{kind}-{part}-idx{n}-ubyte.gz") for part, n in (("images", 3), ("labels", 1))]
-            missing = [p for p in paths if not os.path.exists(p)]
-            if missing:
-                raise FileNotFoundError(
-                    f"Fashion-MNIST not found ({missing[0]}): install Debian's dataset-fashion-mnist "
-                    "(bash scripts/setup.sh does) or pass --data-dir"
-                )
+            paths = _fashion_mnist_files(root, kind)
             with gzip.open(paths[0]) as f:
                 images = torch.from_numpy(idx2numpy.convert_from_file(f).copy())
             with gzip.open(paths[1]) as f:
@@ -672,26 +687,15 @@ def _check_paths(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error(f"--out {a.out!r} is not writable")
     for flag in ("json", "png"):
         path = getattr(a, flag)
-        if path is None:
-            continue
-        if os.path.isdir(path):
-            p.error(f"--{flag} {path!r} is a directory; give a file name")
-        parent = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(parent):
-            p.error(f"--{flag} {path!r}: the folder {parent!r} does not exist")
-        if not os.access(parent, os.W_OK | os.X_OK):
-            p.error(f"--{flag} {path!r}: the folder {parent!r} is not writable")
+        problem = path and output_file_problem(path)
+        if problem:
+            p.error(f"--{flag} {path!r}: {problem}")
     if a.dataset == "fashion-mnist":
-        root = a.data_dir or FASHION_MNIST_DIR
         if a.data_dir is not None and not os.path.isdir(a.data_dir):
             p.error(f"--data-dir {a.data_dir!r} is not a directory")
-        want = [f"{k}-{part}-idx{n}-ubyte.gz" for k in ("train", "t10k") for part, n in (("images", 3), ("labels", 1))]
-        missing = [f for f in want if not os.path.isfile(os.path.join(root, f))]
+        missing = _fashion_mnist_missing(a.data_dir or FASHION_MNIST_DIR)
         if missing:
-            p.error(
-                f"Fashion-MNIST not found in {root!r} (missing {missing[0]}): install Debian's "
-                "dataset-fashion-mnist (bash scripts/setup.sh does) or pass --data-dir"
-            )
+            p.error(missing)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -36,7 +36,15 @@ import torch
 from torch import nn
 
 from . import _C
-from .modules import QuantizedSparseConv2d, QuantizedSparseLinear, SparseConv2d, SparseLinear, _SparseModule
+from ._paths import output_file_problem
+from .modules import (
+    QuantizedSparseConv2d,
+    QuantizedSparseLinear,
+    SparseConv2d,
+    SparseLinear,
+    _resolve_padding,
+    _SparseModule,
+)
 
 FORMAT = 1
 # What a patterns file may name (it is data from outside: nothing else is built).
@@ -208,13 +216,10 @@ def _checked_layer(d: dict):
         dh, dw = _json_pair(cfg["dilation"], "dilation")
         groups = _json_int(cfg["groups"], "groups")
         pad = cfg["padding"]
-        if isinstance(pad, str):
-            if pad not in ("same", "valid"):
-                raise ValueError(f"padding {pad!r} is not 'same', 'valid' or a pair")
-            th, tw = (dh * (kh - 1), dw * (kw - 1)) if pad == "same" else (0, 0)
-        else:
-            ph, pw = _json_pair(pad, "padding", lo=0)
-            th, tw = 2 * ph, 2 * pw
+        if not isinstance(pad, str):
+            _json_pair(pad, "padding", lo=0)
+        top, left, bottom, right = _resolve_padding(pad, (kh, kw), (dh, dw))  # the layers' own rule
+        th, tw = top + bottom, left + right
         if cfg["vectorizing_over_on"] is not None:
             _json_bool(cfg["vectorizing_over_on"], "vectorizing_over_on")
         if c % groups or n % groups:
@@ -438,13 +443,9 @@ def export_main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     # The output is checked before the model is loaded (and maybe swapped,
     # which times every layer): a bad -o used to fail after all that.
-    if os.path.isdir(a.out):
-        p.error(f"-o {a.out!r} is a directory; give a file name")
-    folder = os.path.dirname(os.path.abspath(a.out))
-    if not os.path.isdir(folder):
-        p.error(f"-o {a.out!r}: the folder {folder!r} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        p.error(f"-o {a.out!r}: the folder {folder!r} is not writable")
+    problem = output_file_problem(a.out)
+    if problem:
+        p.error(f"-o {a.out!r}: {problem}")
     try:
         model = torch.load(a.model, weights_only=False)
     except OSError as e:
