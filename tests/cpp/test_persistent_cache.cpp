@@ -45,6 +45,14 @@ std::vector<std::string> entries(const std::string &dir) {
     return out;
 }
 
+// Stores one entry into the empty cache at dir; its file, or "" when the
+// directory does not then hold exactly one.
+std::string store_one(const std::string &dir, const std::string &key, const std::string &payload) {
+    runtime::persistent_store("test", key, payload);
+    const auto files = entries(dir);
+    return files.size() == 1 ? files[0] : std::string();
+}
+
 std::string read_all(const std::string &path) {
     std::ifstream f(path, std::ios::binary);
     return std::string(std::istreambuf_iterator<char>(f), {});
@@ -127,19 +135,18 @@ TEST(PersistentCache, bad_entries_are_ignored_and_rebuilt_never_trusted) {
     const std::string dir = fresh_dir("bad");
     cache_dir_scope scope(dir);
     const std::string key = std::string("layer key \0 with a zero", 23), payload = "chosen=x\n";
-    runtime::persistent_store("test", key, payload);
-    const auto files = entries(dir);
-    ASSERT_EQ(files.size(), 1u);
-    const std::string good = read_all(files[0]);
+    const std::string file = store_one(dir, key, payload);
+    ASSERT_FALSE(file.empty());
+    const std::string good = read_all(file);
     ASSERT_EQ(runtime::persistent_load("test", key).value_or(""), payload);
     EXPECT_FALSE(runtime::persistent_load("test", key + "!")) << "another key";
     EXPECT_FALSE(runtime::persistent_load("other", key)) << "another kind";
 
     auto corrupt = [&](const std::string &bytes) {
-        write_all(files[0], bytes);
+        write_all(file, bytes);
         const bool used = runtime::persistent_load("test", key).has_value();
         runtime::persistent_store("test", key, payload); // rebuilt
-        EXPECT_EQ(read_all(files[0]), good);
+        EXPECT_EQ(read_all(file), good);
         return used;
     };
     for (size_t i = 0; i < good.size(); i += 7) { // every region, header to checksum
@@ -173,7 +180,7 @@ TEST(PersistentCache, bad_entries_are_ignored_and_rebuilt_never_trusted) {
             h *= 1099511628211ull;
         }
         foreign.append(reinterpret_cast<const char *>(&h), 8);
-        write_all(files[0], foreign);
+        write_all(file, foreign);
         const auto check = check_persistent_cache();
         EXPECT_EQ(check.valid, 0u);
         EXPECT_EQ(check.removed, 1u) << other;
@@ -285,11 +292,10 @@ TEST(PersistentCache, a_fifo_at_an_entry_name_neither_blocks_nor_survives_check)
     const std::string dir = fresh_dir("fifo");
     cache_dir_scope scope(dir);
     const std::string key = "layer key", payload = "chosen=x\n";
-    runtime::persistent_store("test", key, payload);
-    const auto files = entries(dir);
-    ASSERT_EQ(files.size(), 1u);
-    ASSERT_EQ(::unlink(files[0].c_str()), 0);
-    ASSERT_EQ(::mkfifo(files[0].c_str(), 0600), 0);
+    const std::string file = store_one(dir, key, payload);
+    ASSERT_FALSE(file.empty());
+    ASSERT_EQ(::unlink(file.c_str()), 0);
+    ASSERT_EQ(::mkfifo(file.c_str(), 0600), 0);
     const pid_t child = ::fork();
     ASSERT_GE(child, 0);
     if (child == 0) {
@@ -314,9 +320,9 @@ TEST(PersistentCache, a_fifo_at_an_entry_name_neither_blocks_nor_survives_check)
     EXPECT_NE(c.problems[0].find("not a regular file"), std::string::npos) << c.problems[0];
     EXPECT_EQ(c.removed, 1u);
     struct stat st {};
-    EXPECT_NE(::lstat(files[0].c_str(), &st), 0) << "check removes it";
+    EXPECT_NE(::lstat(file.c_str(), &st), 0) << "check removes it";
 
-    ASSERT_EQ(::mkfifo(files[0].c_str(), 0600), 0);
+    ASSERT_EQ(::mkfifo(file.c_str(), 0600), 0);
     EXPECT_EQ(clear_persistent_cache(), 1u) << "clear removes it too";
     // and the key works again
     runtime::persistent_store("test", key, payload);
@@ -338,14 +344,13 @@ TEST(PersistentCache, a_load_touches_the_entry_it_read_not_a_path) {
     const std::string dir = fresh_dir("touch");
     cache_dir_scope scope(dir);
     const std::string key = "layer key", payload = "chosen=x\n";
-    runtime::persistent_store("test", key, payload);
-    const auto files = entries(dir);
-    ASSERT_EQ(files.size(), 1u);
+    const std::string file = store_one(dir, key, payload);
+    ASSERT_FALSE(file.empty());
     const struct timespec old_times[2] = {{1000, 0}, {1000, 0}};
-    ASSERT_EQ(::utimensat(AT_FDCWD, files[0].c_str(), old_times, 0), 0);
+    ASSERT_EQ(::utimensat(AT_FDCWD, file.c_str(), old_times, 0), 0);
     ASSERT_TRUE(runtime::persistent_load("test", key).has_value());
     struct stat st {};
-    ASSERT_EQ(::stat(files[0].c_str(), &st), 0);
+    ASSERT_EQ(::stat(file.c_str(), &st), 0);
     EXPECT_GT(st.st_mtim.tv_sec, 1000) << "the entry read is marked recently used";
 
     swap_target = fresh_dir("touch_outside");
