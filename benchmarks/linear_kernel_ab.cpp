@@ -187,9 +187,11 @@ int main(int argc, char **argv) {
                                  {DNNL_ARG_WEIGHTS,
                                   dnnl::memory(r.fwd_pd.weights_desc(), eng, values.data())},
                                  {DNNL_ARG_DIFF_SRC, dnnl::memory(f32({B, K}), eng, dx.data())}};
-                    if (scheme == quant_scheme::s8)
+                    if (scheme == quant_scheme::s8) { // s8 reads the forward's quantized weights
                         ba[QSP_ARG_ROUNDING_SEED] =
                                 dnnl::memory(rounding_seed_desc(), eng, seed.data());
+                        ba[DNNL_ARG_WORKSPACE] = fa[DNNL_ARG_WORKSPACE];
+                    }
                     clear_profile();
                     if (flush) flush_caches();
                     r.fwd.execute(strm, fa);

@@ -18,6 +18,7 @@
 
 #include <oneapi/dnnl/dnnl.hpp>
 
+#include "primitives/core/s8_protocol.hpp"
 #include "primitives/core/testing_hooks.hpp"
 #include "qsparseprop/qsparseprop.hpp"
 
@@ -226,23 +227,39 @@ protected:
         return py::make_tuple(y, workspace);
     }
 
-    // backward-data's arguments; dx allocated from the pool.
-    qsp::exec_args data_args(const primitives &p, const py::array &dy, const py::array &values,
-                             py::array_t<float> &dx, int32_t *seed_storage, uint64_t seed) const {
-        return qsp::exec_args{
-                {DNNL_ARG_DIFF_DST,
-                 mem(f32_md(p.dst), checked<float>(dy, "grad_out", p.dst, false))},
-                {DNNL_ARG_WEIGHTS,
-                 mem(f32_md({nnz()}), checked<float>(values, "values", {nnz()}, false))},
-                {DNNL_ARG_DIFF_SRC, mem(f32_md(p.src), dx.mutable_data())},
-                {qsp::QSP_ARG_ROUNDING_SEED, seed_mem(seed_storage, seed)}};
+    // The forward's workspace (s8: the quantized input and weights both
+    // backward directions read), checked against the descriptor's size.
+    dnnl::memory workspace_mem(const primitives &p, const py::object &workspace) const {
+        if (workspace.is_none())
+            throw py::value_error("workspace (from forward) is required for s8");
+        const auto ws_md = p.fwd_pd.workspace_desc();
+        const int64_t bytes = static_cast<int64_t>(ws_md.get_size());
+        return mem(ws_md,
+                   checked<uint8_t>(workspace.cast<py::array>(), "workspace", {bytes}, false));
     }
 
-    py::array backward_data(const primitives &p, const py::array &dy, const py::array &values,
-                            uint64_t seed) {
+    // backward-data's arguments (the weights for f32, the forward's
+    // workspace for s8); dx allocated from the pool.
+    qsp::exec_args data_args(const primitives &p, const py::array &dy, const py::array &values,
+                             const py::object &workspace, py::array_t<float> &dx,
+                             int32_t *seed_storage, uint64_t seed) const {
+        qsp::exec_args args{{DNNL_ARG_DIFF_DST,
+                             mem(f32_md(p.dst), checked<float>(dy, "grad_out", p.dst, false))},
+                            {DNNL_ARG_DIFF_SRC, mem(f32_md(p.src), dx.mutable_data())},
+                            {qsp::QSP_ARG_ROUNDING_SEED, seed_mem(seed_storage, seed)}};
+        if (scheme_ == qsp::quant_scheme::s8)
+            args[DNNL_ARG_WORKSPACE] = workspace_mem(p, workspace);
+        else
+            args[DNNL_ARG_WEIGHTS] =
+                    mem(f32_md({nnz()}), checked<float>(values, "values", {nnz()}, false));
+        return args;
+    }
+
+    py::array backward_data(const primitives &p, const py::object &workspace, const py::array &dy,
+                            const py::array &values, uint64_t seed) {
         py::array_t<float> dx = pooled_array<float>(p.src);
         int32_t seed_storage[2];
-        const qsp::exec_args args = data_args(p, dy, values, dx, seed_storage, seed);
+        const qsp::exec_args args = data_args(p, dy, values, workspace, dx, seed_storage, seed);
         {
             py::gil_scoped_release release;
             p.bwd_data.execute(stream_, args);
@@ -257,7 +274,7 @@ protected:
         py::array_t<float> dx = pooled_array<float>(p.src);
         int32_t seed_storage[2];
         qsp::exec_args args = weights_args(p, x, workspace, dy, dvalues, dbias, seed_storage, seed);
-        for (auto &kv : data_args(p, dy, values, dx, seed_storage, seed))
+        for (auto &kv : data_args(p, dy, values, workspace, dx, seed_storage, seed))
             args.insert(kv);
         {
             py::gil_scoped_release release;
@@ -278,12 +295,7 @@ protected:
                  mem(f32_md({nnz()}), checked<float>(dvalues, "grad_values", {nnz()}, true))},
                 {qsp::QSP_ARG_ROUNDING_SEED, seed_mem(seed_storage, seed)}};
         if (scheme_ == qsp::quant_scheme::s8) {
-            if (workspace.is_none())
-                throw py::value_error("workspace (from forward) is required for s8");
-            const int64_t bytes = static_cast<int64_t>(workspace_bytes_of(p));
-            args[DNNL_ARG_WORKSPACE] = mem(
-                    dnnl::memory::desc({bytes}, dnnl::memory::data_type::u8, dnnl::memory::dims{1}),
-                    checked<uint8_t>(workspace.cast<py::array>(), "workspace", {bytes}, false));
+            args[DNNL_ARG_WORKSPACE] = workspace_mem(p, workspace);
         } else {
             if (x.is_none()) throw py::value_error("x is required for f32 backward_weights");
             args[DNNL_ARG_SRC] =
@@ -346,8 +358,9 @@ public:
                   int threads) {
         return forward(*prims(batch_of(x), threads), x, values, bias);
     }
-    py::array bwd_data(const py::array &dy, const py::array &values, uint64_t seed, int threads) {
-        return backward_data(*prims(batch_of(dy), threads), dy, values, seed);
+    py::array bwd_data(const py::object &ws, const py::array &dy, const py::array &values,
+                       uint64_t seed, int threads) {
+        return backward_data(*prims(batch_of(dy), threads), ws, dy, values, seed);
     }
     void bwd_weights(const py::object &x, const py::object &ws, const py::array &dy, py::array &dv,
                      const py::object &db, uint64_t seed, int threads) {
@@ -422,12 +435,12 @@ public:
                   int threads) {
         return forward(*prims(shape4(x), threads), x, values, bias);
     }
-    py::array bwd_data(const py::array &dy, const py::array &values, const dims &src, uint64_t seed,
-                       int threads) {
+    py::array bwd_data(const py::object &ws, const py::array &dy, const py::array &values,
+                       const dims &src, uint64_t seed, int threads) {
         if (src.size() != 4)
             throw py::value_error("input_shape must have 4 entries (N, C, H, W), got "
                                   + std::to_string(src.size()));
-        return backward_data(*prims(src, threads), dy, values, seed);
+        return backward_data(*prims(src, threads), ws, dy, values, seed);
     }
     void bwd_weights(const py::object &x, const py::object &ws, const py::array &dy, py::array &dv,
                      const py::object &db, const dims &src, uint64_t seed, int threads) {
@@ -509,6 +522,13 @@ PYBIND11_MODULE(_C, m) {
     m.def("set_verbose", [](int level) { qsp::set_verbose_level(level); });
     m.def("verbose_level", &qsp::verbose_level);
     m.def("rounding_seed32", &qsp::rounding_seed32);
+    m.def(
+            "s8_workspace_bytes",
+            [](int64_t src_elems, int64_t nnz, int64_t channels) {
+                return qsp::detail::s8::workspace_layout(src_elems, nnz, channels).bytes;
+            },
+            py::arg("src_elems"), py::arg("nnz"), py::arg("channels"),
+            "Bytes of an s8 training workspace (the forward's quantized input and weights).");
     m.def("max_num_threads", &qsp::max_num_threads,
           "the largest thread count a primitive accepts (4x the processors, at least 256)");
 

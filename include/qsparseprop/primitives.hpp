@@ -6,11 +6,14 @@
 //
 // Arguments (all dense tensors f32, plain row-major layouts):
 //   forward          SRC, WEIGHTS (nnz values), BIAS (optional) -> DST,
-//                    WORKSPACE (s8 + forward_training: the quantized SRC,
-//                    which is all backward-weights needs)
-//   backward_data    DIFF_DST, WEIGHTS, QSP_ARG_ROUNDING_SEED (s8) -> DIFF_SRC
+//                    WORKSPACE (s8 + forward_training: the quantized SRC and
+//                    WEIGHTS, which are all the backward needs of them)
+//   backward_data    DIFF_DST, WEIGHTS (f32) or WORKSPACE (s8),
+//                    QSP_ARG_ROUNDING_SEED (s8) -> DIFF_SRC
 //   backward_weights SRC (f32) or WORKSPACE (s8), DIFF_DST,
 //                    QSP_ARG_ROUNDING_SEED (s8) -> DIFF_WEIGHTS (nnz), DIFF_BIAS
+// An s8 step quantizes the weights once: backward-data reads the forward's
+// copy, so run it with the workspace of this step's forward.
 #pragma once
 
 #include <array>

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "primitives/core/problem.hpp"
+#include "primitives/core/s8_protocol.hpp"
 #include "runtime/scratch_pool.hpp"
 
 namespace qsp::detail {
@@ -33,7 +34,7 @@ struct tensors {
     const float *weights = nullptr;
     const float *bias = nullptr;
     float *dst = nullptr;
-    uint8_t *workspace = nullptr;
+    s8::workspace_view workspace; // s8 training: the forward's quantized src and weights
     const float *diff_dst = nullptr;
     float *diff_src = nullptr;
     float *diff_weights = nullptr;

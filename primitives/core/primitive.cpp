@@ -67,7 +67,7 @@ void primitive_base::execute(const dnnl::stream &stream, const exec_args &args,
                 t.dst = static_cast<float *>(h);
                 break;
             case DNNL_ARG_WORKSPACE:
-                t.workspace = static_cast<uint8_t *>(h);
+                t.workspace = s8::workspace_view{static_cast<uint8_t *>(h), pd.prob};
                 break;
             case DNNL_ARG_DIFF_DST:
                 t.diff_dst = static_cast<const float *>(h);

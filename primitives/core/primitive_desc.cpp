@@ -141,8 +141,9 @@ void finish_pd(pd_impl &pd, const dnnl::engine &engine, const primitive_attr &at
     pd.weights_md = plain_f32_desc({p.pattern.nnz()});
     const dnnl::memory::desc ws_md({static_cast<dnnl::memory::dim>(s8::workspace_bytes(p))},
                                    dnnl::memory::data_type::u8, dnnl::memory::dims{1});
-    pd.workspace_md =
-            p.needs_workspace() && p.dir == direction::forward ? ws_md : dnnl::memory::desc();
+    // Every direction of an s8 training step describes the one workspace
+    // the forward fills and both backward directions read (oneDNN's habit).
+    pd.workspace_md = p.needs_workspace() ? ws_md : dnnl::memory::desc();
     const bool s8 = p.scheme == quant_scheme::s8;
     switch (p.dir) {
         case direction::forward:
@@ -154,8 +155,12 @@ void finish_pd(pd_impl &pd, const dnnl::engine &engine, const primitive_attr &at
                 pd.args.push_back({DNNL_ARG_WORKSPACE, "workspace", pd.workspace_md, true});
             break;
         case direction::backward_data:
+            // s8 reads the weights the forward quantized (from the
+            // workspace) instead of quantizing them a second time.
             pd.args = {{DNNL_ARG_DIFF_DST, "diff_dst", pd.dst_md, true},
-                       {DNNL_ARG_WEIGHTS, "weights", pd.weights_md, true},
+                       s8 ? arg_spec{DNNL_ARG_WORKSPACE,
+                                     "workspace (the forward's quantized weights)", ws_md, true}
+                          : arg_spec{DNNL_ARG_WEIGHTS, "weights", pd.weights_md, true},
                        {DNNL_ARG_DIFF_SRC, "diff_src", pd.src_md, true}};
             if (s8)
                 pd.args.push_back(

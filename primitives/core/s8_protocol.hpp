@@ -6,9 +6,12 @@
 //
 //   forward          Xq, sx = quantize_rne(X)      -> workspace (for backward-weights)
 //                    Wq, sw = quantize_weights(W)   per output channel
+//                                                   -> workspace (for backward-data)
 //                    Y[b,n] = float(sum Xq Wq) * forward_scale(sx, sw[n]) + bias[n]
 //   backward-data    G2, sg2 = quantize_stochastic(dY * sw[n], dx_stream(seed))
 //                    dX = float(sum G2 Wq) * sg2
+//                    (Wq and sw read back from the forward's workspace: the
+//                    weights are quantized once per training step)
 //   backward-weights G1, sg1 = quantize_stochastic(dY, dw_stream(seed))
 //                    dW = float(sum G1 Xq) * backward_weights_scale(sg1, sx)
 //                    (Xq and sx read back from the forward's workspace)
@@ -25,21 +28,44 @@ namespace qsp::detail::s8 {
 
 // Workspace: a header holding the activation scale (64 bytes keep Xq
 // cache-line aligned), then Xq (one byte per src element: a quarter of
-// saving the f32 src).
+// saving the f32 src), then Wq (one byte per weight) and the weights'
+// per-output-channel scales, each starting on a cache line.
 constexpr size_t workspace_header_bytes = 64;
+struct workspace_layout {
+    size_t src_q = 0, weights_q = 0, weight_scale = 0, bytes = 0;
+    workspace_layout() = default;
+    workspace_layout(int64_t src_elems, int64_t nnz, int64_t channels) {
+        auto line = [](size_t n) { return (n + 63) / 64 * 64; };
+        src_q = workspace_header_bytes;
+        weights_q = line(src_q + static_cast<size_t>(src_elems));
+        weight_scale = line(weights_q + static_cast<size_t>(nnz));
+        bytes = weight_scale + sizeof(float) * static_cast<size_t>(channels);
+    }
+    explicit workspace_layout(const problem &p)
+        : workspace_layout(p.src_elems(), p.pattern.nnz(), p.channels()) {}
+};
 inline size_t workspace_bytes(const problem &p) {
-    return workspace_header_bytes + static_cast<size_t>(p.src_elems());
+    return workspace_layout(p).bytes;
 }
 
+// An execution's workspace, its parts located from the descriptor's problem
+// (plans serve several batch sizes: theirs may not be this execution's).
 struct workspace_view {
-    uint8_t *base;
+    uint8_t *base = nullptr;
+    workspace_layout at;
+    workspace_view() = default;
+    workspace_view(uint8_t *workspace, const problem &p) : base(workspace), at(p) {}
+    explicit operator bool() const { return base != nullptr; }
+
     float src_scale() const {
         float s;
         std::memcpy(&s, base, sizeof(float));
         return s;
     }
     void set_src_scale(float s) const { std::memcpy(base, &s, sizeof(float)); }
-    int8_t *src_q() const { return reinterpret_cast<int8_t *>(base + workspace_header_bytes); }
+    int8_t *src_q() const { return reinterpret_cast<int8_t *>(base + at.src_q); }
+    int8_t *weights_q() const { return reinterpret_cast<int8_t *>(base + at.weights_q); }
+    float *weight_scale() const { return reinterpret_cast<float *>(base + at.weight_scale); }
 };
 
 // Independent rounding streams of the two quantized copies of dY.

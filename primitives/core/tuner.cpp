@@ -112,15 +112,18 @@ public:
         ddst_ = random_data(p.dst_elems(), rng);
         dw_ = random_data(p.pattern.nnz(), rng);
         db_ = random_data(p.channels(), rng);
+        // A valid s8 workspace: random Xq and Wq, scales of a unit range.
         ws_.resize(s8::workspace_bytes(p));
-        s8::workspace_view{ws_.data()}.set_src_scale(1.f / 127.f);
-        for (size_t i = s8::workspace_header_bytes; i < ws_.size(); ++i)
+        const s8::workspace_view ws{ws_.data(), p};
+        for (size_t i = ws.at.src_q; i < ws.at.weight_scale; ++i)
             ws_[i] = static_cast<uint8_t>(rng());
+        ws.set_src_scale(1.f / 127.f);
+        std::fill(ws.weight_scale(), ws.weight_scale() + p.channels(), 1.f / 127.f);
         t_.src = src_.data();
         t_.weights = w_.data();
         t_.bias = p.with_bias ? bias_.data() : nullptr;
         t_.dst = dst_.data();
-        t_.workspace = p.scheme == quant_scheme::s8 ? ws_.data() : nullptr;
+        if (p.scheme == quant_scheme::s8) t_.workspace = ws;
         t_.diff_dst = ddst_.data();
         t_.diff_src = dsrc_.data();
         t_.diff_weights = dw_.data();

@@ -93,13 +93,15 @@ public:
         const conv2d_shape &s = p_.conv;
         const int64_t nnz = p_.pattern.nnz(), x_elems = p_.src_elems(), y_elems = p_.dst_elems();
         const int64_t out_px = s.out_h * s.out_w;
-        int8_t *wq = sp.get<int8_t>(0, nnz);
-        float *w_scale = sp.get<float>(1, s.out_c);
-        quantize_weights(p_.pattern, t.weights, wq, w_scale, nt);
+        // The forward quantizes the weights (into the workspace when
+        // training); backward-data reads the forward's copy.
+        const s8::workspace_view &ws = t.workspace;
+        int8_t *wq = t.workspace ? ws.weights_q() : sp.get<int8_t>(0, nnz);
+        float *w_scale = t.workspace ? ws.weight_scale() : sp.get<float>(1, s.out_c);
+        if (p_.dir == direction::forward) quantize_weights(p_.pattern, t.weights, wq, w_scale, nt);
         int8_t *wd = sp.get<int8_t>(2, s.out_c * p_.pattern.cols());
         scatter_dense_s8(p_.pattern, wq, wd, nt);
         if (p_.dir == direction::forward) {
-            const s8::workspace_view ws{t.workspace};
             int8_t *xq = t.workspace ? ws.src_q() : sp.get<int8_t>(3, x_elems);
             const float sx = quantize_rne(t.src, x_elems, xq, nt);
             if (t.workspace) ws.set_src_scale(sx);

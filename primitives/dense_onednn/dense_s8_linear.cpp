@@ -63,11 +63,13 @@ public:
         runtime::scratchpad sp;
         const int nt = p_.num_threads;
         const int64_t B = p_.batch, K = p_.in, N = p_.out, nnz = p_.pattern.nnz();
-        // Quantized weights (per output channel); backward-weights has none.
-        int8_t *wq = sp.get<int8_t>(0, static_cast<int64_t>(nnz));
-        float *w_scale = sp.get<float>(1, static_cast<int64_t>(N));
-        if (p_.dir != direction::backward_weights)
-            quantize_weights(p_.pattern, t.weights, wq, w_scale, nt);
+        // Quantized weights (per output channel): the forward quantizes them
+        // (into the workspace when training), backward-data reads the
+        // forward's copy, backward-weights has none.
+        const s8::workspace_view &ws = t.workspace;
+        int8_t *wq = t.workspace ? ws.weights_q() : sp.get<int8_t>(0, nnz);
+        float *w_scale = t.workspace ? ws.weight_scale() : sp.get<float>(1, N);
+        if (p_.dir == direction::forward) quantize_weights(p_.pattern, t.weights, wq, w_scale, nt);
         const int64_t *rp = p_.pattern.row_ptr();
         const int32_t *ci = p_.pattern.col_idx();
         int32_t *acc = sp.get<int32_t>(2, static_cast<int64_t>(p_.dir == direction::forward ? B * N
@@ -77,7 +79,6 @@ public:
         switch (p_.dir) {
             case direction::forward: {
                 int8_t *wd = dense_weights(wq, sp);
-                const s8::workspace_view ws{t.workspace};
                 int8_t *xq =
                         t.workspace ? ws.src_q() : sp.get<int8_t>(3, static_cast<int64_t>(B * K));
                 const float sx = quantize_rne(t.src, B * K, xq, nt);
@@ -103,7 +104,6 @@ public:
                 break;
             }
             case direction::backward_weights: {
-                const s8::workspace_view ws{t.workspace};
                 int8_t *g1 = sp.get<int8_t>(3, static_cast<int64_t>(B * N));
                 const float sg1 = quantize_stochastic(t.diff_dst, B * N, nullptr, 1, 1,
                                                       s8::dw_stream(t.seed), g1, nt);

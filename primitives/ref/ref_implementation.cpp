@@ -68,48 +68,42 @@ private:
     void execute_s8(const tensors &t) const {
         const int nt = p_.num_threads;
         const bool lin = p_.op == op_kind::linear;
-        const int64_t nnz = p_.pattern.nnz();
         switch (p_.dir) {
             case direction::forward: {
-                std::vector<int8_t> wq(static_cast<size_t>(nnz));
-                std::vector<float> w_scale(static_cast<size_t>(p_.pattern.rows()));
-                portable::quantize_weights(p_.pattern, t.weights, wq.data(), w_scale.data(), nt);
-                std::vector<int8_t> local;
-                int8_t *src_q;
-                if (t.workspace) {
-                    src_q = s8::workspace_view{t.workspace}.src_q();
-                } else {
-                    local.resize(static_cast<size_t>(p_.src_elems()));
-                    src_q = local.data();
-                }
-                const float src_scale = portable::quantize_rne(t.src, p_.src_elems(), src_q, nt);
-                if (t.workspace) s8::workspace_view{t.workspace}.set_src_scale(src_scale);
+                // Training keeps Xq, Wq and their scales in the workspace
+                // (the backward reads them); inference in local buffers.
+                std::vector<uint8_t> local(t.workspace ? 0 : s8::workspace_bytes(p_));
+                const s8::workspace_view ws =
+                        t.workspace ? t.workspace : s8::workspace_view{local.data(), p_};
+                portable::quantize_weights(p_.pattern, t.weights, ws.weights_q(), ws.weight_scale(),
+                                           nt);
+                const float src_scale =
+                        portable::quantize_rne(t.src, p_.src_elems(), ws.src_q(), nt);
+                ws.set_src_scale(src_scale);
                 if (lin)
-                    ref::linear_fwd_s8(p_.pattern, wq.data(), w_scale.data(), src_q, src_scale,
-                                       t.bias, t.dst, p_.batch, nt);
+                    ref::linear_fwd_s8(p_.pattern, ws.weights_q(), ws.weight_scale(), ws.src_q(),
+                                       src_scale, t.bias, t.dst, p_.batch, nt);
                 else
-                    ref::conv2d_fwd_s8(p_.conv, p_.pattern, wq.data(), w_scale.data(), src_q,
-                                       src_scale, t.bias, t.dst, nt);
+                    ref::conv2d_fwd_s8(p_.conv, p_.pattern, ws.weights_q(), ws.weight_scale(),
+                                       ws.src_q(), src_scale, t.bias, t.dst, nt);
                 break;
             }
             case direction::backward_data: {
-                std::vector<int8_t> wq(static_cast<size_t>(nnz));
-                std::vector<float> w_scale(static_cast<size_t>(p_.pattern.rows()));
-                portable::quantize_weights(p_.pattern, t.weights, wq.data(), w_scale.data(), nt);
+                const s8::workspace_view &ws = t.workspace;
                 std::vector<int8_t> g2(static_cast<size_t>(p_.dst_elems()));
                 const float g2_scale = portable::quantize_stochastic(
-                        t.diff_dst, p_.dst_elems(), w_scale.data(), p_.channels(),
+                        t.diff_dst, p_.dst_elems(), ws.weight_scale(), p_.channels(),
                         p_.channel_inner(), s8::dx_stream(t.seed), g2.data(), nt);
                 if (lin)
-                    ref::linear_bwd_data_s8(p_.pattern, wq.data(), g2.data(), g2_scale, t.diff_src,
-                                            p_.batch, nt);
+                    ref::linear_bwd_data_s8(p_.pattern, ws.weights_q(), g2.data(), g2_scale,
+                                            t.diff_src, p_.batch, nt);
                 else
-                    ref::conv2d_bwd_data_s8(p_.conv, p_.pattern, transposed_, wq.data(), g2.data(),
-                                            g2_scale, t.diff_src, nt);
+                    ref::conv2d_bwd_data_s8(p_.conv, p_.pattern, transposed_, ws.weights_q(),
+                                            g2.data(), g2_scale, t.diff_src, nt);
                 break;
             }
             case direction::backward_weights: {
-                const s8::workspace_view ws{t.workspace};
+                const s8::workspace_view &ws = t.workspace;
                 std::vector<int8_t> g1(static_cast<size_t>(p_.dst_elems()));
                 const float g1_scale =
                         portable::quantize_stochastic(t.diff_dst, p_.dst_elems(), nullptr, 1, 1,

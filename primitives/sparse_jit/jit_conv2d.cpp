@@ -336,8 +336,9 @@ private:
         const int64_t x_rows = (l_.in_c + 3) / 4 * l_.hp * l_.wp, y_rows = oc * l_.out_pixels();
         const int64_t src_elems = B * l_.in_c * l_.in_pixels();
         const quad_plan &q = forward_->entries;
-        auto *wq = sp.get<int8_t>(0, nnz);
-        auto *w_scale = sp.get<float>(1, oc);
+        const s8::workspace_view &ws = t.workspace; // training: Xq, Wq kept for the backward
+        int8_t *wq = t.workspace ? ws.weights_q() : sp.get<int8_t>(0, nnz);
+        float *w_scale = t.workspace ? ws.weight_scale() : sp.get<float>(1, oc);
         auto *words = sp.get<uint32_t>(2, q.quads());
         auto *row_sums = sp.get<int32_t>(3, q.rows);
         auto *x = sp.get<uint8_t>(4, tile_count(B) * x_rows * rb);
@@ -354,7 +355,6 @@ private:
                 sum += wq[e];
             correction[o] = 128 * sum;
         }
-        const s8::workspace_view ws{t.workspace};
         int8_t *xq = t.workspace ? ws.src_q() : local_xq;
         const float sx = quantize_rne(t.src, src_elems, xq, nt);
         if (t.workspace) ws.set_src_scale(sx);
@@ -371,15 +371,16 @@ private:
 
     const char *backward_data(const tensors &t, runtime::scratchpad &sp) const override {
         const int nt = p_.num_threads;
-        const int64_t B = t.batch, nnz = p_.pattern.nnz(), oc = l_.out_c, in_px = l_.in_pixels();
+        const int64_t B = t.batch, oc = l_.out_c, in_px = l_.in_pixels();
         const int64_t dy_rows = (oc + 3) / 4 * l_.ohp * l_.owp, dx_rows = l_.in_c * in_px;
         int64_t max_quads = 1, max_rows = 1;
         for (const phase_plan &f : phases_) {
             max_quads = std::max(max_quads, f.walk.entries.quads());
             max_rows = std::max(max_rows, f.walk.entries.rows);
         }
-        auto *wq = sp.get<int8_t>(0, nnz);
-        auto *w_scale = sp.get<float>(1, oc);
+        const s8::workspace_view &ws = t.workspace; // the forward's Wq and scales
+        const int8_t *wq = ws.weights_q();
+        const float *w_scale = ws.weight_scale();
         auto *g2 = sp.get<int8_t>(2, B * oc * l_.out_pixels());
         auto *dy = sp.get<uint8_t>(3, tile_count(B) * dy_rows * rb);
         auto *acc = sp.get<int32_t>(4, tiled_elems(B, dx_rows));
@@ -387,7 +388,6 @@ private:
         auto *row_sums = sp.get<int32_t>(6, max_rows);
         auto *phase_corr = sp.get<int32_t>(7, l_.in_c);
         auto *correction = sp.get<int32_t>(8, dx_rows); // channel-major: (ic, pixel)
-        quantize_weights(p_.pattern, t.weights, wq, w_scale, nt);
         const float sg2 = quantize_stochastic(t.diff_dst, B * oc * l_.out_pixels(), w_scale, oc,
                                               l_.out_pixels(), s8::dx_stream(t.seed), g2, nt);
         pack_conv_quad_tiles(g2, B, oc, l_.out_h, l_.out_w, l_.dy_pad, dy, nt);
@@ -419,7 +419,7 @@ private:
         const int64_t B = t.batch, nnz = p_.pattern.nnz(), oc = l_.out_c;
         const int64_t x_rows = l_.in_c * l_.hp * l_.wp, dy_rows = oc * l_.out_pixels();
         const int64_t taps = l_.in_c * l_.kh * l_.kw, tiles = tile_count(B);
-        const s8::workspace_view ws{t.workspace};
+        const s8::workspace_view &ws = t.workspace;
         const int8_t *xq = ws.src_q();
         auto *g1 = sp.get<uint8_t>(0, tiles * dy_rows * rb8);
         auto *x = sp.get<int8_t>(1, tiles * x_rows * rb8);

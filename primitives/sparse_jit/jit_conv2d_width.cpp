@@ -96,20 +96,19 @@ void for_parts(direction dir, const std::vector<int64_t> &bounds, int threads, b
                         [&](int part, int64_t) { body(bounds[part], bounds[part + 1]); });
 }
 
-// The entries' byte offsets in x planes (forward, backward-weights): channel
-// plane + tap position, `elem_bytes` per position.
-std::function<int64_t(int64_t, int64_t)> x_offset(const conv_width &w, const width_plane &plane,
-                                                  int64_t elem_bytes) {
-    return [&w, plane, elem_bytes](int64_t, int64_t key) {
-        return (w.key_channel(key) * plane.size() + w.x_tap(plane, w.key_tap(key))) * elem_bytes;
-    };
-}
-// The same for s8 quads (key / 4 of the quad plan).
-std::function<int64_t(int64_t, int64_t)> x_quad_offset(const conv_width &w,
-                                                       const width_plane &plane) {
-    return [&w, plane](int64_t, int64_t quad) {
-        const int64_t key = quad * 4;
-        return (w.key_quad(key) * plane.size() + w.x_tap(plane, w.key_tap(key))) * 4;
+// The byte offset of an entry in planes holding `per_position` channels in
+// each `position_bytes` position (f32: one channel, 4 bytes; s8 SpMM: a quad
+// of channels, 4 bytes; s8 SDDMM: one channel, 1 byte). `index` is the
+// entry's key, or for a quad plan the quad (its first key / 4);
+// tap_at(tap) is the tap's element offset in a plane.
+template <typename tap_at_t>
+std::function<int64_t(int64_t, int64_t)> plane_offset(const conv_width &w, int64_t plane_size,
+                                                      int64_t per_position, int64_t position_bytes,
+                                                      tap_at_t tap_at) {
+    return [&w, plane_size, per_position, position_bytes, tap_at](int64_t, int64_t index) {
+        const int64_t key = index * per_position;
+        return (w.key_channel(key) / per_position * plane_size + tap_at(w.key_tap(key)))
+               * position_bytes;
     };
 }
 
@@ -117,14 +116,17 @@ using grouping = source_groups;
 
 // rows_touched: source rows one block of output rows reads per channel;
 // channel_bytes_per_row: bytes of one such row per channel.
-grouping make_grouping(const conv_width &w, const sparse_rows &m, const entry_plan *entries,
-                       const quad_plan *quads, int64_t channels, int64_t rows_touched,
-                       int64_t channel_bytes_per_row) {
-    auto channel_of = [&w](int64_t key) { return w.key_channel(key); };
-    return entries ? make_source_groups(m, entries->row_ptr, nullptr, channel_of, channels,
-                                        rows_touched * channel_bytes_per_row)
-                   : make_source_groups(m, quads->quad_ptr, &quads->quad_of, channel_of, channels,
-                                        rows_touched * channel_bytes_per_row);
+grouping make_grouping(const conv_width &w, const sparse_rows &m, const entry_plan &entries,
+                       int64_t channels, int64_t rows_touched, int64_t channel_bytes_per_row) {
+    return make_source_groups(
+            m, entries.row_ptr, nullptr, [&w](int64_t key) { return w.key_channel(key); }, channels,
+            rows_touched * channel_bytes_per_row);
+}
+grouping make_grouping(const conv_width &w, const sparse_rows &m, const quad_plan &quads,
+                       int64_t channels, int64_t rows_touched, int64_t channel_bytes_per_row) {
+    return make_source_groups(
+            m, quads.quad_ptr, &quads.quad_of, [&w](int64_t key) { return w.key_channel(key); },
+            channels, rows_touched * channel_bytes_per_row);
 }
 
 // Source rows that a block of the kernels' output rows reads per channel.
@@ -194,63 +196,106 @@ struct spmm_run {
     }
 };
 
-// ---- f32 -----------------------------------------------------------------------
+// ---- the plan both schemes share ------------------------------------------------
 
-class jit_conv2d_width_f32_plan : public jit_plan {
-public:
-    jit_conv2d_width_f32_plan(const problem &p, cpu_isa isa) : jit_plan(p), w_(p.conv) {
+// What the f32 and s8 plans differ in, by the SpMM's entries: one per weight
+// (f32) or one per quad of input channels sharing a 4-byte position (s8).
+template <typename spmm_entries_t> struct width_scheme;
+template <> struct width_scheme<entry_plan> {
+    static constexpr sparse_dtype dt = sparse_dtype::f32;
+    static constexpr int64_t spmm_per_position = 1, element_bytes = 4;
+};
+template <> struct width_scheme<quad_plan> {
+    static constexpr sparse_dtype dt = sparse_dtype::s8;
+    static constexpr int64_t spmm_per_position = 4, element_bytes = 1;
+};
+
+// Kernels, planes, entries and groupings of one direction, built once per
+// problem; the schemes' plans below add the execution.
+template <typename spmm_entries_t> class jit_conv2d_width_plan : public jit_plan {
+protected:
+    using scheme = width_scheme<spmm_entries_t>;
+
+    jit_conv2d_width_plan(const problem &p, cpu_isa isa) : jit_plan(p), w_(p.conv) {
         const int threads = p.num_threads;
-        const sparse_dtype dt = sparse_dtype::f32;
+        const int64_t per_position = scheme::spmm_per_position, bytes = scheme::element_bytes;
+        const conv_width &w = w_;
         switch (p.dir) {
             case direction::forward: {
-                fwd_ = spmm_calls(isa, dt, w_.l.out_w);
+                fwd_ = spmm_calls(isa, scheme::dt, w_.l.out_w);
                 plane_ = w_.x_plane(fwd_.split.read_lanes());
+                const width_plane plane = plane_;
                 const sparse_rows m = w_.forward_rows(p.pattern);
-                entries_ = std::make_unique<entry_plan>(m, x_offset(w_, plane_, 4), threads);
-                groups_ = make_grouping(w_, m, entries_.get(), nullptr, w_.l.in_c,
-                                        block_rows(fwd_, w_.l.sh, x_span()), plane_.row_len() * 4);
+                spmm_ = std::make_unique<spmm_entries_t>(
+                        m,
+                        plane_offset(w_, plane.size(), per_position, 4,
+                                     [&w, plane](int64_t tap) { return w.x_tap(plane, tap); }),
+                        threads);
+                groups_ =
+                        make_grouping(w_, m, *spmm_, w_.l.in_c, block_rows(fwd_, w_.l.sh, x_span()),
+                                      plane_.row_len() * bytes);
                 break;
             }
             case direction::backward_data:
-                plane_ = make_phases(w_, isa, dt, phases_);
+                plane_ = make_phases(w_, isa, scheme::dt, phases_);
                 for (auto &f : phases_) {
                     const conv_layout::phase ph = f.phase;
                     const width_plane plane = plane_;
-                    const conv_width &w = w_;
                     const sparse_rows m = w_.backward_data_rows(p.pattern, ph);
-                    f.entries = std::make_unique<entry_plan>(
+                    f.entries = std::make_unique<spmm_entries_t>(
                             m,
-                            [&w, ph, plane](int64_t, int64_t key) {
-                                return (w.key_channel(key) * plane.size()
-                                        + w.dy_tap(plane, ph, w.key_tap(key)))
-                                       * 4;
-                            },
+                            plane_offset(w_, plane.size(), per_position, 4,
+                                         [&w, plane, ph](int64_t tap) {
+                                             return w.dy_tap(plane, ph, tap);
+                                         }),
                             threads);
-                    f.groups =
-                            make_grouping(w_, m, f.entries.get(), nullptr, w_.l.out_c,
-                                          block_rows(f.calls, 1, dy_span()), plane_.row_len() * 4);
+                    f.groups = make_grouping(w_, m, *f.entries, w_.l.out_c,
+                                             block_rows(f.calls, 1, dy_span()),
+                                             plane_.row_len() * bytes);
                 }
                 break;
             case direction::backward_weights: {
-                bwd_ = sddmm_calls(isa, dt, w_.l.out_w);
+                bwd_ = sddmm_calls(isa, scheme::dt, w_.l.out_w);
                 plane_ = w_.x_plane(bwd_.split.read_lanes());
+                const width_plane plane = plane_;
                 const sparse_rows m = w_.forward_rows(p.pattern);
-                entries_ = std::make_unique<entry_plan>(m, x_offset(w_, plane_, 4), threads);
-                groups_ = make_grouping(w_, m, entries_.get(), nullptr, w_.l.in_c,
-                                        block_rows(bwd_, w_.l.sh, x_span()), plane_.row_len() * 4);
+                sddmm_ = std::make_unique<entry_plan>(
+                        m,
+                        plane_offset(w_, plane.size(), 1, bytes,
+                                     [&w, plane](int64_t tap) { return w.x_tap(plane, tap); }),
+                        threads);
+                groups_ = make_grouping(w_, m, *sddmm_, w_.l.in_c,
+                                        block_rows(bwd_, w_.l.sh, x_span()),
+                                        plane_.row_len() * bytes);
                 break;
             }
         }
     }
 
-    // The packs of x (forward) and dY (backward-data) check them.
-    bool checks_finite_input() const override { return true; }
-
-private:
     const conv_layout &l() const { return w_.l; }
     int64_t x_span() const { return (l().kh - 1) * l().dh + 1; }
     int64_t dy_span() const { return (l().kh - 1) * l().dh / l().sh + 1; }
 
+    conv_width w_;
+    width_plane plane_; // forward / backward-weights: x; backward-data: dY
+    row_calls<jit::jit_spmm_width_kernel> fwd_;
+    row_calls<jit::jit_sddmm_width_kernel> bwd_;
+    std::unique_ptr<spmm_entries_t> spmm_;           // forward
+    std::unique_ptr<entry_plan> sddmm_;              // backward-weights
+    grouping groups_;                                // forward, backward-weights
+    std::vector<phase_plan<spmm_entries_t>> phases_; // backward-data
+};
+
+// ---- f32 -----------------------------------------------------------------------
+
+class jit_conv2d_width_f32_plan : public jit_conv2d_width_plan<entry_plan> {
+public:
+    jit_conv2d_width_f32_plan(const problem &p, cpu_isa isa) : jit_conv2d_width_plan(p, isa) {}
+
+    // The packs of x (forward) and dY (backward-data) check them.
+    bool checks_finite_input() const override { return true; }
+
+private:
     const float *bias_or_zeros(const float *bias, int64_t n, float *scratch) const {
         if (bias) return bias;
         std::fill(scratch, scratch + n, 0.f);
@@ -263,10 +308,10 @@ private:
         float *x = sp.get<float>(0, B * image);
         if (!pack_width_planes(t.src, B, l().in_c, l().in_h, l().in_w, l().x_pad, plane_, x, nt))
             return kernel::non_finite_input;
-        const spmm_run run{entries_->values(t.weights, sp.get<float>(1, p_.pattern.nnz()), nt),
-                           entries_->offsets.data(),
+        const spmm_run run{spmm_->values(t.weights, sp.get<float>(1, p_.pattern.nnz()), nt),
+                           spmm_->offsets.data(),
                            &groups_,
-                           &entries_->bounds,
+                           &spmm_->bounds,
                            reinterpret_cast<const uint8_t *>(x),
                            image * 4,
                            l().sh * plane_.row_len() * 4,
@@ -327,7 +372,7 @@ private:
         float *x = sp.get<float>(0, B * image);
         float *partial = sp.get<float>(1, nnz * vl);
         pack_width_planes(t.src, B, l().in_c, l().in_h, l().in_w, l().x_pad, plane_, x, nt);
-        const entry_plan &e = *entries_;
+        const entry_plan &e = *sddmm_;
         for_parts(p_.dir, e.bounds, nt, [&](int64_t r0, int64_t r1) {
             std::fill(partial + e.row_ptr[r0] * vl, partial + e.row_ptr[r1] * vl, 0.f);
             for (int64_t b = 0; b < B; ++b)
@@ -357,92 +402,38 @@ private:
         if (t.diff_bias) bias_grad(t.diff_dst, t.diff_bias, B, l().out_c, l().out_pixels(), nt);
         return nullptr;
     }
-
-    conv_width w_;
-    width_plane plane_; // forward / backward-weights: x; backward-data: dY
-    row_calls<jit::jit_spmm_width_kernel> fwd_;
-    row_calls<jit::jit_sddmm_width_kernel> bwd_;
-    std::unique_ptr<entry_plan> entries_;
-    grouping groups_;
-    std::vector<phase_plan<entry_plan>> phases_;
 };
 
 // ---- s8 ------------------------------------------------------------------------
 
-class jit_conv2d_width_s8_plan : public jit_plan {
+class jit_conv2d_width_s8_plan : public jit_conv2d_width_plan<quad_plan> {
 public:
     // The SDDMM's int32 lanes each add at most 4 * 255 * 128 per dY vector:
     // partial sums are moved into int64 before this many vectors.
     static constexpr int64_t max_lane_steps = std::numeric_limits<int32_t>::max() / (4 * 255 * 128);
 
-    jit_conv2d_width_s8_plan(const problem &p, cpu_isa isa) : jit_plan(p), w_(p.conv) {
-        const int threads = p.num_threads;
-        const sparse_dtype dt = sparse_dtype::s8;
-        switch (p.dir) {
-            case direction::forward: {
-                fwd_ = spmm_calls(isa, dt, w_.l.out_w);
-                plane_ = w_.x_plane(fwd_.split.read_lanes());
-                const sparse_rows m = w_.forward_rows(p.pattern);
-                quads_ = std::make_unique<quad_plan>(m, x_quad_offset(w_, plane_), threads);
-                // a quad plane row holds 4 channels: row_len bytes per channel
-                groups_ = make_grouping(w_, m, nullptr, quads_.get(), w_.l.in_c,
-                                        block_rows(fwd_, w_.l.sh, x_span()), plane_.row_len());
-                break;
-            }
-            case direction::backward_data:
-                plane_ = make_phases(w_, isa, dt, phases_);
-                for (auto &f : phases_) {
-                    const conv_layout::phase ph = f.phase;
-                    const width_plane plane = plane_;
-                    const conv_width &w = w_;
-                    const sparse_rows m = w_.backward_data_rows(p.pattern, ph);
-                    f.entries = std::make_unique<quad_plan>(
-                            m,
-                            [&w, ph, plane](int64_t, int64_t quad) {
-                                const int64_t key = quad * 4;
-                                return (w.key_quad(key) * plane.size()
-                                        + w.dy_tap(plane, ph, w.key_tap(key)))
-                                       * 4;
-                            },
-                            threads);
-                    f.groups = make_grouping(w_, m, nullptr, f.entries.get(), w_.l.out_c,
-                                             block_rows(f.calls, 1, dy_span()), plane_.row_len());
-                }
-                break;
-            case direction::backward_weights: {
-                bwd_ = sddmm_calls(isa, dt, w_.l.out_w);
-                plane_ = w_.x_plane(bwd_.split.read_lanes());
-                const sparse_rows m = w_.forward_rows(p.pattern);
-                entries_ = std::make_unique<entry_plan>(m, x_offset(w_, plane_, 1), threads);
-                groups_ = make_grouping(w_, m, entries_.get(), nullptr, w_.l.in_c,
-                                        block_rows(bwd_, w_.l.sh, x_span()), plane_.row_len());
-                tap_of_entry_ = window_taps_of_entries(w_.l, p.pattern, *entries_);
-                break;
-            }
-        }
+    jit_conv2d_width_s8_plan(const problem &p, cpu_isa isa) : jit_conv2d_width_plan(p, isa) {
+        if (p.dir == direction::backward_weights)
+            tap_of_entry_ = window_taps_of_entries(w_.l, p.pattern, *sddmm_);
     }
 
 private:
-    const conv_layout &l() const { return w_.l; }
-    int64_t x_span() const { return (l().kh - 1) * l().dh + 1; }
-    int64_t dy_span() const { return (l().kh - 1) * l().dh / l().sh + 1; }
-
     const char *forward(const tensors &t, runtime::scratchpad &sp) const override {
         const int nt = p_.num_threads;
         const int64_t B = t.batch, nnz = p_.pattern.nnz(), oc = l().out_c;
         const int64_t image = (l().in_c + 3) / 4 * plane_.size();
         const int64_t src_elems = B * l().in_c * l().in_pixels();
-        auto *wq = sp.get<int8_t>(0, nnz);
-        auto *w_scale = sp.get<float>(1, oc);
-        auto *words = sp.get<uint32_t>(2, quads_->quads());
+        const s8::workspace_view &ws = t.workspace; // training: Xq, Wq kept for the backward
+        int8_t *wq = t.workspace ? ws.weights_q() : sp.get<int8_t>(0, nnz);
+        float *w_scale = t.workspace ? ws.weight_scale() : sp.get<float>(1, oc);
+        auto *words = sp.get<uint32_t>(2, spmm_->quads());
         auto *correction = sp.get<int32_t>(3, oc);
         auto *x = sp.get<uint32_t>(4, B * image);
         auto *row_scale = sp.get<float>(5, oc);
         auto *zeros = sp.get<float>(6, oc);
         auto *local_xq = t.workspace ? nullptr : sp.get<int8_t>(7, src_elems);
         quantize_weights(p_.pattern, t.weights, wq, w_scale, nt);
-        quads_->fill(wq, words, correction, nt);
-        const s8::workspace_view ws{t.workspace};
+        spmm_->fill(wq, words, correction, nt);
         int8_t *xq = t.workspace ? ws.src_q() : local_xq;
         const float sx = quantize_rne(t.src, src_elems, xq, nt);
         if (t.workspace) ws.set_src_scale(sx);
@@ -451,9 +442,9 @@ private:
             row_scale[o] = s8::forward_scale(sx, w_scale[o]);
         std::fill(zeros, zeros + oc, 0.f);
         const spmm_run run{words,
-                           quads_->offsets.data(),
+                           spmm_->offsets.data(),
                            &groups_,
-                           &quads_->bounds,
+                           &spmm_->bounds,
                            reinterpret_cast<const uint8_t *>(x),
                            image * 4,
                            l().sh * plane_.row_len() * 4,
@@ -472,20 +463,20 @@ private:
 
     const char *backward_data(const tensors &t, runtime::scratchpad &sp) const override {
         const int nt = p_.num_threads;
-        const int64_t B = t.batch, nnz = p_.pattern.nnz(), oc = l().out_c, ic = l().in_c;
+        const int64_t B = t.batch, oc = l().out_c, ic = l().in_c;
         const int64_t image = (oc + 3) / 4 * plane_.size(), in_px = l().in_pixels();
         int64_t max_quads = 1;
         for (const auto &f : phases_)
             max_quads = std::max(max_quads, f.entries->quads());
-        auto *wq = sp.get<int8_t>(0, nnz);
-        auto *w_scale = sp.get<float>(1, oc);
+        const s8::workspace_view &ws = t.workspace; // the forward's Wq and scales
+        const int8_t *wq = ws.weights_q();
+        const float *w_scale = ws.weight_scale();
         auto *g2 = sp.get<int8_t>(2, B * oc * l().out_pixels());
         auto *dy = sp.get<uint32_t>(3, B * image);
         auto *words = sp.get<uint32_t>(4, max_quads);
         auto *correction = sp.get<int32_t>(5, ic);
         auto *scale = sp.get<float>(6, ic);
         auto *zeros = sp.get<float>(7, ic);
-        quantize_weights(p_.pattern, t.weights, wq, w_scale, nt);
         const float sg2 = quantize_stochastic(t.diff_dst, B * oc * l().out_pixels(), w_scale, oc,
                                               l().out_pixels(), s8::dx_stream(t.seed), g2, nt);
         pack_width_quads(g2, B, oc, l().out_h, l().out_w, l().dy_pad, plane_, dy, nt);
@@ -526,7 +517,7 @@ private:
         const int64_t image = l().in_c * plane_.size(), vl = bwd_.split.lanes / 4;
         const int64_t row_bytes = bwd_.split.read_lanes(), dy_image = oc * l().out_h * row_bytes;
         const int64_t taps = l().in_c * l().kh * l().kw;
-        const s8::workspace_view ws{t.workspace};
+        const s8::workspace_view &ws = t.workspace;
         const int8_t *xq = ws.src_q();
         auto *g1 = sp.get<int8_t>(0, B * oc * l().out_pixels());
         auto *dy = sp.get<uint8_t>(1, B * dy_image);
@@ -544,7 +535,7 @@ private:
         // call, and calls per flush into int64, are bounded by it.
         const int64_t vectors = bwd_.split.vectors;
         const int64_t rows_per_call = std::max<int64_t>(1, max_lane_steps / vectors);
-        const entry_plan &e = *entries_;
+        const entry_plan &e = *sddmm_;
         for_parts(p_.dir, e.bounds, nt, [&](int64_t r0, int64_t r1) {
             const int64_t i0 = e.row_ptr[r0], i1 = e.row_ptr[r1];
             std::fill(partial + i0 * vl, partial + i1 * vl, 0);
@@ -596,15 +587,7 @@ private:
         return nullptr;
     }
 
-    conv_width w_;
-    width_plane plane_;
-    row_calls<jit::jit_spmm_width_kernel> fwd_;
-    row_calls<jit::jit_sddmm_width_kernel> bwd_;
-    std::unique_ptr<quad_plan> quads_;          // forward
-    grouping groups_;                           // forward, backward-weights
-    std::vector<phase_plan<quad_plan>> phases_; // backward-data
-    std::unique_ptr<entry_plan> entries_;       // backward-weights
-    std::vector<int64_t> tap_of_entry_;         // backward-weights, per kernel entry
+    std::vector<int64_t> tap_of_entry_; // backward-weights, per kernel entry
 };
 
 // ---- implementations ---------------------------------------------------------------

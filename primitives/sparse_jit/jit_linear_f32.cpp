@@ -76,7 +76,7 @@ private:
         float *y = sp.get<float>(1, tiled_elems(t.batch, p_.out));
         pack_tiles(t.src, t.batch, p_.in, x, nt);
         run_spmm(t.batch, t.weights, x, p_.in, y); // the CSR is the kernel order
-        unpack_tiles(y, t.batch, p_.out, t.bias, t.dst, nt);
+        unpack_tiles(y, t.batch, p_.out, t.bias, t.dst, nt, 1);
         return nullptr;
     }
 
@@ -95,7 +95,7 @@ private:
             t.shared->data = dy;
         }
         run_spmm(t.batch, values, dy, p_.out, dx);
-        unpack_tiles(dx, t.batch, p_.in, nullptr, t.diff_src, nt);
+        unpack_tiles(dx, t.batch, p_.in, nullptr, t.diff_src, nt, 1);
         return nullptr;
     }
 

@@ -73,18 +73,20 @@ private:
         const int64_t B = t.batch, K = p_.in, N = p_.out, nnz = p_.pattern.nnz();
         const int64_t src_ch = fwd ? K : N, tiles = tile_count(B), tb = jit::tile_batch;
         const int64_t quads = (src_ch + 3) / 4, entries = quads_.quads(), rows = quads_.rows;
-        auto *wq = sp.get<int8_t>(0, nnz);
-        auto *w_scale = sp.get<float>(1, N);
         auto *words = sp.get<uint32_t>(2, entries);
         auto *correction = sp.get<int32_t>(3, rows);
         auto *src_q = sp.get<int8_t>(4, B * src_ch);
         auto *src_tiles = sp.get<uint8_t>(5, tiles * quads * tb * 4);
         auto *acc = sp.get<int32_t>(6, tiles * rows * tb);
         auto *row_scale = sp.get<float>(7, rows);
-        quantize_weights(p_.pattern, t.weights, wq, w_scale, nt);
-        quads_.fill(wq, words, correction, nt); // from this step's weights
+        // The forward quantizes this step's weights (into the workspace when
+        // training); backward-data reads the forward's copy.
+        const s8::workspace_view &ws = t.workspace;
+        int8_t *wq = t.workspace ? ws.weights_q() : sp.get<int8_t>(0, nnz);
+        float *w_scale = t.workspace ? ws.weight_scale() : sp.get<float>(1, N);
+        if (fwd) quantize_weights(p_.pattern, t.weights, wq, w_scale, nt);
+        quads_.fill(wq, words, correction, nt);
         if (fwd) {
-            const s8::workspace_view ws{t.workspace};
             int8_t *xq = t.workspace ? ws.src_q() : src_q;
             const float sx = quantize_rne(t.src, B * K, xq, nt);
             if (t.workspace) ws.set_src_scale(sx);
@@ -103,7 +105,7 @@ private:
                       reinterpret_cast<uint8_t *>(acc), rows * tb * 4, nt);
         }
         unpack_s32_tiles(acc, B, rows, correction, row_scale, fwd ? t.bias : nullptr,
-                         fwd ? t.dst : t.diff_src, nt);
+                         fwd ? t.dst : t.diff_src, nt, 1);
         return nullptr;
     }
 
@@ -128,7 +130,7 @@ private:
         const int nt = p_.num_threads;
         const int64_t B = t.batch, K = p_.in, N = p_.out, nnz = p_.pattern.nnz();
         const int64_t tiles = tile_count(B), tb = jit::tile_batch;
-        const s8::workspace_view ws{t.workspace};
+        const s8::workspace_view &ws = t.workspace;
         const float sx = ws.src_scale();
         const int8_t *xq = ws.src_q();
         auto *g_tiles = sp.get<uint8_t>(0, tiles * N * tb);

@@ -12,8 +12,9 @@ picked up instead of silently ignored. No Python int names a layer in a
 graph and no step counter lives in Python: ``torch.compile`` and
 ``torch.export`` see tensors and constants only.
 
-Saved for backward: the f32 input (f32) or the int8 workspace (s8: a quarter
-of the memory).
+Saved for backward: the f32 input (f32) or the int8 workspace (s8: the
+quantized input, a quarter of the memory, and the quantized weights, which
+backward-data reads instead of quantizing the weights again).
 """
 
 from __future__ import annotations
@@ -35,8 +36,6 @@ from . import _C
 _cache: dict[int, tuple[tuple, Any]] = {}
 _cache_lock = threading.Lock()
 _next_slot = itertools.count(1)
-# bytes in front of the int8 input in an s8 workspace (s8_protocol.hpp)
-_S8_WORKSPACE_HEADER = 64
 
 
 def new_handle(owner: object) -> torch.Tensor:
@@ -147,8 +146,9 @@ def _conv_key(spec, scheme, has_bias, vectorization):
     return ("conv2d", tuple(spec), scheme, bool(has_bias), vectorization)
 
 
-def _workspace_bytes(scheme: str, x: torch.Tensor):
-    return _S8_WORKSPACE_HEADER + x.numel() if scheme == "s8" else 0
+def _workspace_bytes(scheme: str, x: torch.Tensor, values: torch.Tensor, channels: int):
+    # the size the forward's descriptor gives it (fake tensors have no kernel)
+    return _C.s8_workspace_bytes(x.numel(), values.numel(), channels) if scheme == "s8" else 0
 
 
 # ---- the op bodies (shared by the custom ops and the eager fast path) ----------------
@@ -166,21 +166,18 @@ def _backward_body(k, grad_y, x, workspace, values, seed, input_shape, need_dx, 
     seed = int(seed)
     conv = input_shape is not None
     shape = (list(input_shape),) if conv else ()
+    ws = _np(workspace) if workspace.numel() else None
     if need_dv or need_db:
         dv = torch.empty_like(values)
         db = torch.empty(k.out_channels if conv else k.out_features, dtype=torch.float32) if k.with_bias else _empty()
-        common = (
-            _np(x) if k.scheme == "f32" else None,
-            _np(workspace) if workspace.numel() else None,
-            _np(grad_y),
-        )
+        common = (_np(x) if k.scheme == "f32" else None, ws, _np(grad_y))
         outs = (dv.detach().numpy(), db.numpy() if k.with_bias else None)
         if need_dx:  # one call: the fused backward shares the packed gradient
             dx = torch.from_numpy(k.backward(*common, _np(values), *outs, *shape, seed, _threads()))
         else:
             k.backward_weights(*common, *outs, *shape, seed, _threads())
     elif need_dx:
-        dx = torch.from_numpy(k.backward_data(_np(grad_y), _np(values), *shape, seed, _threads()))
+        dx = torch.from_numpy(k.backward_data(ws, _np(grad_y), _np(values), *shape, seed, _threads()))
     return dx, dv, db
 
 
@@ -207,7 +204,9 @@ def linear_forward(
 
 @linear_forward.register_fake
 def _(x, values, bias, row_ptr, col_idx, handle, seed, spec, scheme):
-    return x.new_empty(x.shape[0], spec[1]), x.new_empty(_workspace_bytes(scheme, x), dtype=torch.uint8)
+    return x.new_empty(x.shape[0], spec[1]), x.new_empty(
+        _workspace_bytes(scheme, x, values, spec[1]), dtype=torch.uint8
+    )
 
 
 @torch.library.custom_op("qsparseprop::linear_backward", mutates_args=())
@@ -272,7 +271,9 @@ def _conv_out_hw(spec, h, w):
 @conv2d_forward.register_fake
 def _(x, values, bias, row_ptr, col_idx, handle, seed, spec, scheme, vectorization):
     oh, ow = _conv_out_hw(spec, x.shape[2], x.shape[3])
-    return x.new_empty(x.shape[0], spec[1], oh, ow), x.new_empty(_workspace_bytes(scheme, x), dtype=torch.uint8)
+    return x.new_empty(x.shape[0], spec[1], oh, ow), x.new_empty(
+        _workspace_bytes(scheme, x, values, spec[1]), dtype=torch.uint8
+    )
 
 
 @torch.library.custom_op("qsparseprop::conv2d_backward", mutates_args=())
@@ -318,7 +319,7 @@ def _(
 def _setup(ctx, inputs, output, conv: bool):
     x, values, bias, row_ptr, col_idx, handle, seed, spec, scheme = inputs[:9]
     ctx.vectorization = inputs[9] if conv else ""
-    # s8 keeps only the int8 workspace; f32 keeps the input.
+    # s8 keeps only the int8 workspace (input and weights); f32 keeps the input.
     ctx.save_for_backward(x if scheme == "f32" else _empty(), output[1], values, row_ptr, col_idx, handle, seed)
     ctx.spec, ctx.scheme, ctx.has_bias, ctx.input_shape = list(spec), scheme, bias is not None, list(x.shape)
 

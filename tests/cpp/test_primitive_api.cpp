@@ -320,6 +320,68 @@ TEST(PrimitiveApi, execute_refusals_and_verbose) {
             << out;
 }
 
+TEST(PrimitiveApi, s8_backward_data_reads_the_forwards_quantized_weights) {
+    // The s8 step quantizes the weights once: backward-data takes the
+    // forward's workspace (where Wq and its scales are) instead of the
+    // weights, and its descriptor describes the same workspace.
+    dnnl::engine eng(dnnl::engine::kind::cpu, 0);
+    dnnl::stream s(eng);
+    auto w = csr_weights{csr_pattern::from_indices(2, 3, {0, 2, 3}, {0, 2, 1}), {1.f, -2.f, 3.f}};
+    for (quant_scheme scheme : {quant_scheme::s8, quant_scheme::f32}) {
+        SCOPED_TRACE(to_string(scheme));
+        const bool s8 = scheme == quant_scheme::s8;
+        sparse_linear_forward::primitive_desc fwd(eng, prop_kind::forward_training,
+                                                  f32_desc({4, 3}), w.pattern, f32_desc({4, 2}),
+                                                  scheme);
+        sparse_linear_backward_data::primitive_desc bd(eng, f32_desc({4, 3}), w.pattern,
+                                                       f32_desc({4, 2}), fwd);
+        EXPECT_EQ(bd.workspace_desc(), fwd.workspace_desc());
+        EXPECT_EQ(bd.workspace_desc().is_zero(), !s8);
+        std::vector<float> dy(8, 0.5f), dx(12, NAN);
+        std::vector<int32_t> seed{3, 4};
+        std::vector<uint8_t> ws(std::max<size_t>(fwd.workspace_desc().get_size(), 1));
+        const exec_args only_weights{
+                {DNNL_ARG_DIFF_DST, wrap(eng, f32_desc({4, 2}), dy.data())},
+                {DNNL_ARG_WEIGHTS, wrap(eng, bd.weights_desc(), w.values.data())},
+                {DNNL_ARG_DIFF_SRC, wrap(eng, f32_desc({4, 3}), dx.data())},
+                {QSP_ARG_ROUNDING_SEED, dnnl::memory(rounding_seed_desc(), eng, seed.data())}};
+        if (!s8) {
+            sparse_linear_backward_data(bd).execute(s, only_weights);
+            EXPECT_EQ(dx[0], 0.5f * 1.f);
+            continue;
+        }
+        expect_refusal([&] { sparse_linear_backward_data(bd).execute(s, only_weights); },
+                       "argument workspace (the forward's quantized weights) is required");
+        std::vector<float> x(12, 1.f), y(8);
+        sparse_linear_forward(fwd).execute(
+                s, {{DNNL_ARG_SRC, wrap(eng, fwd.src_desc(), x.data())},
+                    {DNNL_ARG_WEIGHTS, wrap(eng, fwd.weights_desc(), w.values.data())},
+                    {DNNL_ARG_DST, wrap(eng, fwd.dst_desc(), y.data())},
+                    {DNNL_ARG_WORKSPACE, wrap(eng, fwd.workspace_desc(), ws.data())}});
+        exec_args with_workspace = only_weights;
+        with_workspace.erase(DNNL_ARG_WEIGHTS); // not read: the workspace has Wq
+        with_workspace[DNNL_ARG_WORKSPACE] = wrap(eng, bd.workspace_desc(), ws.data());
+        sparse_linear_backward_data(bd).execute(s, with_workspace);
+        // dX = dY W, within the stochastic rounding of dY * sw (one step of
+        // max |dY * sw| / 127, times |Wq| <= 127 steps of sw).
+        EXPECT_NEAR(dx[0], 0.5f * 1.f, 0.5f * 3.f / 127 * 2);
+        EXPECT_NEAR(dx[1], 0.5f * 3.f, 0.5f * 3.f / 127 * 2);
+        EXPECT_NEAR(dx[2], 0.5f * -2.f, 0.5f * 3.f / 127 * 2);
+        // A forward of the negated weights into the workspace: backward-data
+        // follows it (same scales, Wq negated exactly, same rounding draws).
+        const std::vector<float> first = dx;
+        std::vector<float> negated = {-1.f, 2.f, -3.f};
+        sparse_linear_forward(fwd).execute(
+                s, {{DNNL_ARG_SRC, wrap(eng, fwd.src_desc(), x.data())},
+                    {DNNL_ARG_WEIGHTS, wrap(eng, fwd.weights_desc(), negated.data())},
+                    {DNNL_ARG_DST, wrap(eng, fwd.dst_desc(), y.data())},
+                    {DNNL_ARG_WORKSPACE, wrap(eng, fwd.workspace_desc(), ws.data())}});
+        sparse_linear_backward_data(bd).execute(s, with_workspace);
+        for (size_t i = 0; i < dx.size(); ++i)
+            EXPECT_EQ(dx[i], -first[i]) << i;
+    }
+}
+
 TEST(PrimitiveApi, non_finite_inputs_propagate_like_dense) {
     // Row 0 of X holds an Inf at a column the weight of output 1 prunes:
     // dense torch gives 0 * Inf = NaN there; a naive sparse kernel would not.

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "primitives/core/s8_protocol.hpp"
 #include "primitives/passes/quantize.hpp"
 #include "training_step.hpp"
 
@@ -196,11 +197,20 @@ TEST_P(SparseLinearS8, matches_exact_integer_model) {
                 expect_bitwise_equal(run.y, y, "forward dst");
                 expect_bitwise_equal(run.dx, dx, "backward_data diff_src");
                 expect_bitwise_equal(run.dw, dw, "backward_weights diff_weights");
-                // The workspace holds the quantized src and its scale.
+                // The workspace holds the quantized src and its scale, and
+                // the quantized weights and their scales that backward-data
+                // read back (the weights are quantized once per step).
+                const detail::s8::workspace_layout at(B * K, w.pattern.nnz(), N);
+                ASSERT_EQ(run.workspace.size(), at.bytes);
                 float ws_scale;
                 std::memcpy(&ws_scale, run.workspace.data(), sizeof(float));
                 EXPECT_EQ(ws_scale, xq.scale);
-                EXPECT_EQ(0, std::memcmp(run.workspace.data() + 64, xq.q.data(), xq.q.size()));
+                EXPECT_EQ(0,
+                          std::memcmp(run.workspace.data() + at.src_q, xq.q.data(), xq.q.size()));
+                EXPECT_EQ(0, std::memcmp(run.workspace.data() + at.weights_q, wq.q.data(),
+                                         wq.q.size()));
+                EXPECT_EQ(0, std::memcmp(run.workspace.data() + at.weight_scale, wq.scale.data(),
+                                         wq.scale.size() * sizeof(float)));
             }
         }
     }

@@ -1,9 +1,15 @@
 import os
+import tempfile
 
 # The persistent cache stays off in the tests (decisions stored by an earlier
 # run would change what they measure); tests of it point it at a directory of
 # their own. Set before qsparseprop is imported: it reads this at first use.
 os.environ["QSP_CACHE_DIR"] = ""
+# Inductor's on-disk graph cache is keyed without a custom op's fake outputs
+# (pytorch/pytorch#160472): a graph compiled by an earlier build of this
+# package, whose workspace had another size, would be reloaded. Each test
+# session compiles into a directory of its own.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="qsp-inductor-"))
 
 import pytest
 import torch
