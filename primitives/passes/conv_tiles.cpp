@@ -119,7 +119,7 @@ void unpack_conv_s32_tiles(const int32_t *tiles, int64_t batch, int64_t channels
 
 void pack_conv_tiles(const float *src, int64_t batch, int64_t channels, int64_t h, int64_t w,
                      const spatial_pad &pad, float *tiles, int num_threads) {
-    static constexpr pass_tier<decltype(portable::pack_conv_tiles)> tiers[] = {
+    static constexpr pass_tier<pack_conv_tiles_fn> tiers[] = {
             {cpu_isa::avx512_core, pack_conv_tiles_avx512},
             {cpu_isa::ref, portable::pack_conv_tiles}};
     best_tier(tiers)(src, batch, channels, h, w, pad, tiles, num_threads);
@@ -127,7 +127,7 @@ void pack_conv_tiles(const float *src, int64_t batch, int64_t channels, int64_t 
 
 void unpack_conv_tiles(const float *tiles, int64_t batch, int64_t channels, int64_t pixels,
                        const float *bias, float *dst, int num_threads) {
-    static constexpr pass_tier<decltype(portable::unpack_conv_tiles)> tiers[] = {
+    static constexpr pass_tier<unpack_conv_tiles_fn> tiers[] = {
             {cpu_isa::avx512_core, unpack_conv_tiles_avx512},
             {cpu_isa::ref, portable::unpack_conv_tiles}};
     best_tier(tiers)(tiles, batch, channels, pixels, bias, dst, num_threads);
@@ -135,7 +135,7 @@ void unpack_conv_tiles(const float *tiles, int64_t batch, int64_t channels, int6
 
 void pack_conv_quad_tiles(const int8_t *x, int64_t batch, int64_t channels, int64_t h, int64_t w,
                           const spatial_pad &pad, uint8_t *tiles, int num_threads) {
-    static constexpr pass_tier<decltype(portable::pack_conv_quad_tiles)> tiers[] = {
+    static constexpr pass_tier<pack_conv_quad_tiles_fn> tiers[] = {
             {cpu_isa::avx512_core, pack_conv_quad_tiles_avx512},
             {cpu_isa::ref, portable::pack_conv_quad_tiles}};
     best_tier(tiers)(x, batch, channels, h, w, pad, tiles, num_threads);
@@ -143,7 +143,7 @@ void pack_conv_quad_tiles(const int8_t *x, int64_t batch, int64_t channels, int6
 
 void pack_conv_s8_tiles(const int8_t *x, int64_t batch, int64_t channels, int64_t h, int64_t w,
                         const spatial_pad &pad, int8_t *tiles, int num_threads) {
-    static constexpr pass_tier<decltype(portable::pack_conv_s8_tiles)> tiers[] = {
+    static constexpr pass_tier<pack_conv_s8_tiles_fn> tiers[] = {
             {cpu_isa::avx512_core, pack_conv_s8_tiles_avx512},
             {cpu_isa::ref, portable::pack_conv_s8_tiles}};
     best_tier(tiers)(x, batch, channels, h, w, pad, tiles, num_threads);
@@ -152,7 +152,7 @@ void pack_conv_s8_tiles(const int8_t *x, int64_t batch, int64_t channels, int64_
 void unpack_conv_s32_tiles(const int32_t *tiles, int64_t batch, int64_t channels, int64_t pixels,
                            const int32_t *correction, int64_t correction_inner, const float *scale,
                            int64_t scale_inner, const float *bias, float *dst, int num_threads) {
-    static constexpr pass_tier<decltype(portable::unpack_conv_s32_tiles)> tiers[] = {
+    static constexpr pass_tier<unpack_conv_s32_tiles_fn> tiers[] = {
             {cpu_isa::avx512_core, unpack_conv_s32_tiles_avx512},
             {cpu_isa::ref, portable::unpack_conv_s32_tiles}};
     best_tier(tiers)(tiles, batch, channels, pixels, correction, correction_inner, scale,

@@ -15,56 +15,56 @@
 
 namespace qsp::detail {
 
+// Each pass's signature once (a function type); the pass at the best tier
+// the effective ISA allows and its tiers are declared from it.
+
 // f32 src[batch][channels][h][w] -> tiles of rows (padded pixel, channel),
 // zero padding.
-void pack_conv_tiles(const float *src, int64_t batch, int64_t channels, int64_t h, int64_t w,
-                     const spatial_pad &pad, float *tiles, int num_threads);
+using pack_conv_tiles_fn = void(const float *src, int64_t batch, int64_t channels, int64_t h,
+                                int64_t w, const spatial_pad &pad, float *tiles, int num_threads);
 // f32 tiles of rows (pixel, channel), pixels = h * w (no padding) ->
 // dst[batch][channels][pixels] (+ bias[channel]).
-void unpack_conv_tiles(const float *tiles, int64_t batch, int64_t channels, int64_t pixels,
-                       const float *bias, float *dst, int num_threads);
+using unpack_conv_tiles_fn = void(const float *tiles, int64_t batch, int64_t channels,
+                                  int64_t pixels, const float *bias, float *dst, int num_threads);
 // int8 x -> quad tiles of rows (padded pixel, channel / 4): per batch lane
 // the 4 bytes of channels 4q..4q+3 as u8 (x + 128); 128 (x = 0) in the
 // padding and past the channels.
-void pack_conv_quad_tiles(const int8_t *x, int64_t batch, int64_t channels, int64_t h, int64_t w,
-                          const spatial_pad &pad, uint8_t *tiles, int num_threads);
+using pack_conv_quad_tiles_fn = void(const int8_t *x, int64_t batch, int64_t channels, int64_t h,
+                                     int64_t w, const spatial_pad &pad, uint8_t *tiles,
+                                     int num_threads);
 // int8 x -> int8 tiles of rows (padded pixel, channel), 0 in the padding,
 // all 64 lanes written (the s8 SDDMM reads whole rows).
-void pack_conv_s8_tiles(const int8_t *x, int64_t batch, int64_t channels, int64_t h, int64_t w,
-                        const spatial_pad &pad, int8_t *tiles, int num_threads);
+using pack_conv_s8_tiles_fn = void(const int8_t *x, int64_t batch, int64_t channels, int64_t h,
+                                   int64_t w, const spatial_pad &pad, int8_t *tiles,
+                                   int num_threads);
 // int32 tiles of rows (pixel, channel) -> dst[b][c][p] =
 // float(acc - correction[(c * pixels + p) / correction_inner]) *
 // scale[(c * pixels + p) / scale_inner] (+ bias[c]).
-void unpack_conv_s32_tiles(const int32_t *tiles, int64_t batch, int64_t channels, int64_t pixels,
-                           const int32_t *correction, int64_t correction_inner, const float *scale,
-                           int64_t scale_inner, const float *bias, float *dst, int num_threads);
+using unpack_conv_s32_tiles_fn = void(const int32_t *tiles, int64_t batch, int64_t channels,
+                                      int64_t pixels, const int32_t *correction,
+                                      int64_t correction_inner, const float *scale,
+                                      int64_t scale_inner, const float *bias, float *dst,
+                                      int num_threads);
 
+pack_conv_tiles_fn pack_conv_tiles;
+unpack_conv_tiles_fn unpack_conv_tiles;
+pack_conv_quad_tiles_fn pack_conv_quad_tiles;
+pack_conv_s8_tiles_fn pack_conv_s8_tiles;
+unpack_conv_s32_tiles_fn unpack_conv_s32_tiles;
+
+// The tiers (the same values bit for bit; tested).
 namespace portable {
-void pack_conv_tiles(const float *src, int64_t batch, int64_t channels, int64_t h, int64_t w,
-                     const spatial_pad &pad, float *tiles, int num_threads);
-void unpack_conv_tiles(const float *tiles, int64_t batch, int64_t channels, int64_t pixels,
-                       const float *bias, float *dst, int num_threads);
-void pack_conv_quad_tiles(const int8_t *x, int64_t batch, int64_t channels, int64_t h, int64_t w,
-                          const spatial_pad &pad, uint8_t *tiles, int num_threads);
-void pack_conv_s8_tiles(const int8_t *x, int64_t batch, int64_t channels, int64_t h, int64_t w,
-                        const spatial_pad &pad, int8_t *tiles, int num_threads);
-void unpack_conv_s32_tiles(const int32_t *tiles, int64_t batch, int64_t channels, int64_t pixels,
-                           const int32_t *correction, int64_t correction_inner, const float *scale,
-                           int64_t scale_inner, const float *bias, float *dst, int num_threads);
+pack_conv_tiles_fn pack_conv_tiles;
+unpack_conv_tiles_fn unpack_conv_tiles;
+pack_conv_quad_tiles_fn pack_conv_quad_tiles;
+pack_conv_s8_tiles_fn pack_conv_s8_tiles;
+unpack_conv_s32_tiles_fn unpack_conv_s32_tiles;
 } // namespace portable
 
-void pack_conv_tiles_avx512(const float *src, int64_t batch, int64_t channels, int64_t h, int64_t w,
-                            const spatial_pad &pad, float *tiles, int num_threads);
-void unpack_conv_tiles_avx512(const float *tiles, int64_t batch, int64_t channels, int64_t pixels,
-                              const float *bias, float *dst, int num_threads);
-void pack_conv_quad_tiles_avx512(const int8_t *x, int64_t batch, int64_t channels, int64_t h,
-                                 int64_t w, const spatial_pad &pad, uint8_t *tiles,
-                                 int num_threads);
-void pack_conv_s8_tiles_avx512(const int8_t *x, int64_t batch, int64_t channels, int64_t h,
-                               int64_t w, const spatial_pad &pad, int8_t *tiles, int num_threads);
-void unpack_conv_s32_tiles_avx512(const int32_t *tiles, int64_t batch, int64_t channels,
-                                  int64_t pixels, const int32_t *correction,
-                                  int64_t correction_inner, const float *scale, int64_t scale_inner,
-                                  const float *bias, float *dst, int num_threads);
+pack_conv_tiles_fn pack_conv_tiles_avx512;
+unpack_conv_tiles_fn unpack_conv_tiles_avx512;
+pack_conv_quad_tiles_fn pack_conv_quad_tiles_avx512;
+pack_conv_s8_tiles_fn pack_conv_s8_tiles_avx512;
+unpack_conv_s32_tiles_fn unpack_conv_s32_tiles_avx512;
 
 } // namespace qsp::detail

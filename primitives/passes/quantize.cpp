@@ -9,7 +9,7 @@
 namespace qsp::detail {
 
 float quantize_rne(const float *x, int64_t n, int8_t *q, int num_threads) {
-    static constexpr pass_tier<decltype(portable::quantize_rne)> tiers[] = {
+    static constexpr pass_tier<quantize_rne_fn> tiers[] = {
             {cpu_isa::avx512_core, quantize_rne_avx512},
             {cpu_isa::avx2, quantize_rne_avx2},
             {cpu_isa::ref, portable::quantize_rne}};
@@ -21,7 +21,7 @@ float quantize_stochastic(const float *x, int64_t n, const float *multiplier, in
     // The vector tiers see the tensor as whole rows: of `channels` columns
     // (inner == 1) or of `inner` elements sharing one multiplier.
     const bool whole_rows = !multiplier || n % (inner == 1 ? channels : inner) == 0;
-    static constexpr pass_tier<decltype(portable::quantize_stochastic)> tiers[] = {
+    static constexpr pass_tier<quantize_stochastic_fn> tiers[] = {
             {cpu_isa::avx512_core, quantize_stochastic_avx512},
             {cpu_isa::avx2, quantize_stochastic_avx2},
             {cpu_isa::ref, portable::quantize_stochastic}};
@@ -38,7 +38,7 @@ void quantize_weights(const csr_pattern &p, const float *values, int8_t *q, floa
 
 float quantize_stochastic_to_s8_tiles(const float *x, int64_t batch, int64_t channels,
                                       uint32_t seed32, uint8_t *tiles, int num_threads) {
-    static constexpr pass_tier<decltype(portable::quantize_stochastic_to_s8_tiles)> tiers[] = {
+    static constexpr pass_tier<quantize_stochastic_to_s8_tiles_fn> tiers[] = {
             {cpu_isa::avx512_core, quantize_stochastic_to_s8_tiles_avx512},
             {cpu_isa::avx2, quantize_stochastic_to_s8_tiles_avx2},
             {cpu_isa::ref, portable::quantize_stochastic_to_s8_tiles}};
@@ -57,14 +57,14 @@ float quantize_stochastic_to_s8_tiles_avx2(const float *x, int64_t batch, int64_
 
 void pack_s8_tiles(const int8_t *x, int64_t batch, int64_t channels, int8_t *tiles,
                    int num_threads) {
-    static constexpr pass_tier<decltype(portable::pack_s8_tiles)> tiers[] = {
+    static constexpr pass_tier<pack_s8_tiles_fn> tiers[] = {
             {cpu_isa::avx512_core, pack_s8_tiles_avx512}, {cpu_isa::ref, portable::pack_s8_tiles}};
     best_tier(tiers)(x, batch, channels, tiles, num_threads);
 }
 
 void pack_quad_tiles(const int8_t *x, int64_t batch, int64_t channels, uint8_t *tiles,
                      int num_threads) {
-    static constexpr pass_tier<decltype(portable::pack_quad_tiles)> tiers[] = {
+    static constexpr pass_tier<pack_quad_tiles_fn> tiers[] = {
             {cpu_isa::avx512_core, pack_quad_tiles_avx512},
             {cpu_isa::ref, portable::pack_quad_tiles}};
     best_tier(tiers)(x, batch, channels, tiles, num_threads);
@@ -73,7 +73,7 @@ void pack_quad_tiles(const int8_t *x, int64_t batch, int64_t channels, uint8_t *
 void unpack_s32_tiles(const int32_t *tiles, int64_t batch, int64_t channels,
                       const int32_t *correction, const float *scale, const float *bias, float *dst,
                       int num_threads, int64_t inner) {
-    static constexpr pass_tier<decltype(portable::unpack_s32_tiles)> tiers[] = {
+    static constexpr pass_tier<unpack_s32_tiles_fn> tiers[] = {
             {cpu_isa::avx512_core, unpack_s32_tiles_avx512},
             {cpu_isa::ref, portable::unpack_s32_tiles}};
     best_tier(tiers)(tiles, batch, channels, correction, scale, bias, dst, num_threads, inner);

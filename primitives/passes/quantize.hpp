@@ -12,87 +12,82 @@
 
 namespace qsp::detail {
 
-// ---- at the best tier the effective ISA allows --------------------------------
+// Each pass's signature is stated once, as a function type; the pass (at the
+// best tier the effective ISA allows, quantize.cpp's tables) and its tiers
+// are declared from it.
 
 // Per-tensor round-half-even; returns the scale (0 for an all-zero tensor,
 // NaN when x holds NaN/Inf).
-float quantize_rne(const float *x, int64_t n, int8_t *q, int num_threads);
+using quantize_rne_fn = float(const float *x, int64_t n, int8_t *q, int num_threads);
 // Stochastic rounding of v[i] = x[i] * (multiplier ? multiplier[(i / inner) %
 // channels] : 1) with noise stochastic_rounding_noise(seed32, i); returns
 // the scale.
-float quantize_stochastic(const float *x, int64_t n, const float *multiplier, int64_t channels,
-                          int64_t inner, uint32_t seed32, int8_t *q, int num_threads);
+using quantize_stochastic_fn = float(const float *x, int64_t n, const float *multiplier,
+                                     int64_t channels, int64_t inner, uint32_t seed32, int8_t *q,
+                                     int num_threads);
 // Per-row (output channel) symmetric weights: scale[r] = max |row r| / 127.
-void quantize_weights(const csr_pattern &p, const float *values, int8_t *q, float *scale,
-                      int num_threads);
-
+using quantize_weights_fn = void(const csr_pattern &p, const float *values, int8_t *q, float *scale,
+                                 int num_threads);
 // Backward-weights operand of the s8 SDDMM, in the int8 tile layout:
 // G1 = sr(dY / sg1) stored as G1 + 128 (u8; padding 128, i.e. G = 0), the
 // same integers as quantize_stochastic with no multiplier; returns sg1.
-float quantize_stochastic_to_s8_tiles(const float *x, int64_t batch, int64_t channels,
-                                      uint32_t seed32, uint8_t *tiles, int num_threads);
+using quantize_stochastic_to_s8_tiles_fn = float(const float *x, int64_t batch, int64_t channels,
+                                                 uint32_t seed32, uint8_t *tiles, int num_threads);
 // int8 [batch x channels] -> int8 tiles (padding 0).
-void pack_s8_tiles(const int8_t *x, int64_t batch, int64_t channels, int8_t *tiles,
-                   int num_threads);
+using pack_s8_tiles_fn = void(const int8_t *x, int64_t batch, int64_t channels, int8_t *tiles,
+                              int num_threads);
 // int8 [batch x channels] -> quad tiles of the s8 SpMM (jit/tile_abi.hpp).
-void pack_quad_tiles(const int8_t *x, int64_t batch, int64_t channels, uint8_t *tiles,
-                     int num_threads);
+using pack_quad_tiles_fn = void(const int8_t *x, int64_t batch, int64_t channels, uint8_t *tiles,
+                                int num_threads);
 // int32 tiles -> dst[b, c] = float(tile - correction[k]) * scale[k] (+ bias[k]),
-// k = c / inner (Conv2d: the output channel of a (channel, pixel) row).
-void unpack_s32_tiles(const int32_t *tiles, int64_t batch, int64_t channels,
-                      const int32_t *correction, const float *scale, const float *bias, float *dst,
-                      int num_threads, int64_t inner = 1);
-
+// k = c / inner (Linear: inner 1; Conv2d: the output channel of a (channel,
+// pixel) row).
+using unpack_s32_tiles_fn = void(const int32_t *tiles, int64_t batch, int64_t channels,
+                                 const int32_t *correction, const float *scale, const float *bias,
+                                 float *dst, int num_threads, int64_t inner);
 // sums[c] = sum_b x[b, c] (the +128 correction of the s8 SDDMM).
-void column_sums_s8(const int8_t *x, int64_t batch, int64_t channels, int32_t *sums,
-                    int num_threads);
+using column_sums_s8_fn = void(const int8_t *x, int64_t batch, int64_t channels, int32_t *sums,
+                               int num_threads);
+
+quantize_rne_fn quantize_rne;
+quantize_stochastic_fn quantize_stochastic;
+quantize_weights_fn quantize_weights;
+quantize_stochastic_to_s8_tiles_fn quantize_stochastic_to_s8_tiles;
+pack_s8_tiles_fn pack_s8_tiles;
+pack_quad_tiles_fn pack_quad_tiles;
+unpack_s32_tiles_fn unpack_s32_tiles;
+column_sums_s8_fn column_sums_s8;
 
 // ---- the tiers ------------------------------------------------------------------
 
 namespace portable {
+quantize_rne_fn quantize_rne;
+quantize_stochastic_fn quantize_stochastic;
+quantize_weights_fn quantize_weights;
+quantize_stochastic_to_s8_tiles_fn quantize_stochastic_to_s8_tiles;
+pack_s8_tiles_fn pack_s8_tiles;
+pack_quad_tiles_fn pack_quad_tiles;
+unpack_s32_tiles_fn unpack_s32_tiles;
+column_sums_s8_fn column_sums_s8;
 float abs_max(const float *x, int64_t n);
-float quantize_rne(const float *x, int64_t n, int8_t *q, int num_threads);
-float quantize_stochastic(const float *x, int64_t n, const float *multiplier, int64_t channels,
-                          int64_t inner, uint32_t seed32, int8_t *q, int num_threads);
-void quantize_weights(const csr_pattern &p, const float *values, int8_t *q, float *scale,
-                      int num_threads);
-float quantize_stochastic_to_s8_tiles(const float *x, int64_t batch, int64_t channels,
-                                      uint32_t seed32, uint8_t *tiles, int num_threads);
 // The int8 [batch x channels] q as u8 tiles of q + 128 (padding 128: G = 0).
 void shift_to_s8_tiles(const int8_t *q, int64_t batch, int64_t channels, uint8_t *tiles,
                        int num_threads);
-void pack_s8_tiles(const int8_t *x, int64_t batch, int64_t channels, int8_t *tiles,
-                   int num_threads);
-void pack_quad_tiles(const int8_t *x, int64_t batch, int64_t channels, uint8_t *tiles,
-                     int num_threads);
-void unpack_s32_tiles(const int32_t *tiles, int64_t batch, int64_t channels,
-                      const int32_t *correction, const float *scale, const float *bias, float *dst,
-                      int num_threads, int64_t inner = 1);
-void column_sums_s8(const int8_t *x, int64_t batch, int64_t channels, int32_t *sums,
-                    int num_threads);
 } // namespace portable
 
-float quantize_rne_avx2(const float *x, int64_t n, int8_t *q, int num_threads);
-float quantize_stochastic_avx2(const float *x, int64_t n, const float *multiplier, int64_t channels,
-                               int64_t inner, uint32_t seed32, int8_t *q, int num_threads);
+quantize_rne_fn quantize_rne_avx2;
+quantize_stochastic_fn quantize_stochastic_avx2;
 // quantize_stochastic_avx2, then the portable shift into tiles.
-float quantize_stochastic_to_s8_tiles_avx2(const float *x, int64_t batch, int64_t channels,
-                                           uint32_t seed32, uint8_t *tiles, int num_threads);
+quantize_stochastic_to_s8_tiles_fn quantize_stochastic_to_s8_tiles_avx2;
 
-float quantize_rne_avx512(const float *x, int64_t n, int8_t *q, int num_threads);
-float quantize_stochastic_avx512(const float *x, int64_t n, const float *multiplier,
-                                 int64_t channels, int64_t inner, uint32_t seed32, int8_t *q,
-                                 int num_threads);
+quantize_rne_fn quantize_rne_avx512;
+quantize_stochastic_fn quantize_stochastic_avx512;
+quantize_stochastic_to_s8_tiles_fn quantize_stochastic_to_s8_tiles_avx512;
+pack_s8_tiles_fn pack_s8_tiles_avx512;
+pack_quad_tiles_fn pack_quad_tiles_avx512;
+unpack_s32_tiles_fn unpack_s32_tiles_avx512;
+// Reads the rows only (not the column indices): a form of its own.
 void quantize_weights_avx512(const int64_t *row_ptr, int64_t rows, const float *values, int8_t *q,
                              float *scale, int num_threads);
-float quantize_stochastic_to_s8_tiles_avx512(const float *x, int64_t batch, int64_t channels,
-                                             uint32_t seed32, uint8_t *tiles, int num_threads);
-void pack_s8_tiles_avx512(const int8_t *x, int64_t batch, int64_t channels, int8_t *tiles,
-                          int num_threads);
-void pack_quad_tiles_avx512(const int8_t *x, int64_t batch, int64_t channels, uint8_t *tiles,
-                            int num_threads);
-void unpack_s32_tiles_avx512(const int32_t *tiles, int64_t batch, int64_t channels,
-                             const int32_t *correction, const float *scale, const float *bias,
-                             float *dst, int num_threads, int64_t inner = 1);
 
 } // namespace qsp::detail

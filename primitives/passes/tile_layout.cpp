@@ -14,8 +14,8 @@ constexpr int64_t tb = jit::tile_batch;
 constexpr int64_t channel_block = 16;
 } // namespace
 
-void pack_tiles_portable(const float *src, int64_t batch, int64_t channels, float *tiles,
-                         int num_threads) {
+void portable::pack_tiles(const float *src, int64_t batch, int64_t channels, float *tiles,
+                          int num_threads) {
     const int64_t tiles_n = tile_count(batch);
     const int64_t blocks = (channels + channel_block - 1) / channel_block;
 #pragma omp parallel for collapse(2) num_threads(num_threads) schedule(static)
@@ -35,8 +35,8 @@ void pack_tiles_portable(const float *src, int64_t batch, int64_t channels, floa
         }
 }
 
-void unpack_tiles_portable(const float *tiles, int64_t batch, int64_t channels, const float *bias,
-                           float *dst, int num_threads, int64_t bias_inner) {
+void portable::unpack_tiles(const float *tiles, int64_t batch, int64_t channels, const float *bias,
+                            float *dst, int num_threads, int64_t bias_inner) {
     const int64_t blocks = (channels + channel_block - 1) / channel_block;
 #pragma omp parallel for collapse(2) num_threads(num_threads) schedule(static)
     for (int64_t b = 0; b < batch; ++b)
@@ -50,19 +50,18 @@ void unpack_tiles_portable(const float *tiles, int64_t batch, int64_t channels, 
 }
 
 void pack_tiles(const float *src, int64_t batch, int64_t channels, float *tiles, int num_threads) {
-    static constexpr pass_tier<decltype(pack_tiles_portable)> tiers[] = {
-            {cpu_isa::avx512_core, pack_tiles_avx512},
-            {cpu_isa::avx2, pack_tiles_avx2},
-            {cpu_isa::ref, pack_tiles_portable}};
+    static constexpr pass_tier<pack_tiles_fn> tiers[] = {{cpu_isa::avx512_core, pack_tiles_avx512},
+                                                         {cpu_isa::avx2, pack_tiles_avx2},
+                                                         {cpu_isa::ref, portable::pack_tiles}};
     best_tier(tiers)(src, batch, channels, tiles, num_threads);
 }
 
 void unpack_tiles(const float *tiles, int64_t batch, int64_t channels, const float *bias,
                   float *dst, int num_threads, int64_t bias_inner) {
-    static constexpr pass_tier<decltype(unpack_tiles_portable)> tiers[] = {
+    static constexpr pass_tier<unpack_tiles_fn> tiers[] = {
             {cpu_isa::avx512_core, unpack_tiles_avx512},
             {cpu_isa::avx2, unpack_tiles_avx2},
-            {cpu_isa::ref, unpack_tiles_portable}};
+            {cpu_isa::ref, portable::unpack_tiles}};
     best_tier(tiers)(tiles, batch, channels, bias, dst, num_threads, bias_inner);
 }
 

@@ -20,12 +20,20 @@ inline int64_t tile_lanes(int64_t batch, int64_t t) {
     return rows >= jit::tile_batch ? jit::tile_batch : (rows + 15) / 16 * 16;
 }
 
-// src[batch x channels] -> tiles, at the best tier the effective ISA allows.
-void pack_tiles(const float *src, int64_t batch, int64_t channels, float *tiles, int num_threads);
+// Each pass's signature once (a function type); the pass at the best tier
+// the effective ISA allows and its tiers are declared from it.
+
+// src[batch x channels] -> tiles.
+using pack_tiles_fn = void(const float *src, int64_t batch, int64_t channels, float *tiles,
+                           int num_threads);
 // tiles -> dst[batch x channels] (+ bias[channel / bias_inner] when given:
-// Conv2d's channels are (output channel, pixel) pairs).
-void unpack_tiles(const float *tiles, int64_t batch, int64_t channels, const float *bias,
-                  float *dst, int num_threads, int64_t bias_inner = 1);
+// Linear's bias_inner is 1, Conv2d's channels are (output channel, pixel)
+// pairs).
+using unpack_tiles_fn = void(const float *tiles, int64_t batch, int64_t channels, const float *bias,
+                             float *dst, int num_threads, int64_t bias_inner);
+
+pack_tiles_fn pack_tiles;
+unpack_tiles_fn unpack_tiles;
 
 // Zero padding around each (h x w) plane of a Conv2d tensor.
 struct spatial_pad {
@@ -33,17 +41,13 @@ struct spatial_pad {
 };
 
 // The tiers (same results bit for bit; tested).
-void pack_tiles_portable(const float *src, int64_t batch, int64_t channels, float *tiles,
-                         int num_threads);
-void unpack_tiles_portable(const float *tiles, int64_t batch, int64_t channels, const float *bias,
-                           float *dst, int num_threads, int64_t bias_inner = 1);
-void pack_tiles_avx2(const float *src, int64_t batch, int64_t channels, float *tiles,
-                     int num_threads);
-void unpack_tiles_avx2(const float *tiles, int64_t batch, int64_t channels, const float *bias,
-                       float *dst, int num_threads, int64_t bias_inner = 1);
-void pack_tiles_avx512(const float *src, int64_t batch, int64_t channels, float *tiles,
-                       int num_threads);
-void unpack_tiles_avx512(const float *tiles, int64_t batch, int64_t channels, const float *bias,
-                         float *dst, int num_threads, int64_t bias_inner = 1);
+namespace portable {
+pack_tiles_fn pack_tiles;
+unpack_tiles_fn unpack_tiles;
+} // namespace portable
+pack_tiles_fn pack_tiles_avx2;
+unpack_tiles_fn unpack_tiles_avx2;
+pack_tiles_fn pack_tiles_avx512;
+unpack_tiles_fn unpack_tiles_avx512;
 
 } // namespace qsp::detail

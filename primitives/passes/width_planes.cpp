@@ -47,7 +47,7 @@ void pack_rows(const U *src, int64_t batch, int64_t channels, int64_t h, int64_t
 bool pack_width_planes(const float *src, int64_t batch, int64_t channels, int64_t h, int64_t w,
                        const spatial_pad &pad, const width_plane &plane, float *dst,
                        int num_threads) {
-    static constexpr pass_tier<decltype(portable::pack_width_planes)> tiers[] = {
+    static constexpr pass_tier<pack_width_planes_fn> tiers[] = {
             {cpu_isa::avx512_core, pack_width_planes_avx512},
             {cpu_isa::ref, portable::pack_width_planes}};
     return best_tier(tiers, plane.phases == 1)(src, batch, channels, h, w, pad, plane, dst,
@@ -103,7 +103,7 @@ void pack_width_planes(const int8_t *src, int64_t batch, int64_t channels, int64
 void pack_width_quads(const int8_t *src, int64_t batch, int64_t channels, int64_t h, int64_t w,
                       const spatial_pad &pad, const width_plane &plane, uint32_t *dst,
                       int num_threads) {
-    static constexpr pass_tier<decltype(portable::pack_width_quads)> tiers[] = {
+    static constexpr pass_tier<pack_width_quads_fn> tiers[] = {
             {cpu_isa::avx512_core, pack_width_quads_avx512},
             {cpu_isa::ref, portable::pack_width_quads}};
     best_tier(tiers, plane.phases == 1)(src, batch, channels, h, w, pad, plane, dst, num_threads);

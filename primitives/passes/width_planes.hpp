@@ -24,22 +24,30 @@ struct width_plane {
     }
 };
 
+// The passes with vector tiers: each signature once (a function type), the
+// pass at the best tier the effective ISA allows and its tiers declared
+// from it.
+
 // f32 src[batch][channels][h][w] -> planes[batch][channels] (zeros around).
 // Returns whether every value was finite (no NaN or Inf): the check costs
 // nothing here, the values pass through registers anyway.
-bool pack_width_planes(const float *src, int64_t batch, int64_t channels, int64_t h, int64_t w,
-                       const spatial_pad &pad, const width_plane &plane, float *dst,
-                       int num_threads);
+using pack_width_planes_fn = bool(const float *src, int64_t batch, int64_t channels, int64_t h,
+                                  int64_t w, const spatial_pad &pad, const width_plane &plane,
+                                  float *dst, int num_threads);
+// int8 -> quad planes[batch][ceil(channels / 4)]: per position the 4 bytes
+// of channels 4q..4q+3 as u8 (x + 128); 128 (x = 0) around and past the
+// channels. The s8 SpMM source.
+using pack_width_quads_fn = void(const int8_t *src, int64_t batch, int64_t channels, int64_t h,
+                                 int64_t w, const spatial_pad &pad, const width_plane &plane,
+                                 uint32_t *dst, int num_threads);
+
+pack_width_planes_fn pack_width_planes;
+pack_width_quads_fn pack_width_quads;
+
 // int8 -> int8 planes (0 around): x of the s8 SDDMM.
 void pack_width_planes(const int8_t *src, int64_t batch, int64_t channels, int64_t h, int64_t w,
                        const spatial_pad &pad, const width_plane &plane, int8_t *dst,
                        int num_threads);
-// int8 -> quad planes[batch][ceil(channels / 4)]: per position the 4 bytes
-// of channels 4q..4q+3 as u8 (x + 128); 128 (x = 0) around and past the
-// channels. The s8 SpMM source.
-void pack_width_quads(const int8_t *src, int64_t batch, int64_t channels, int64_t h, int64_t w,
-                      const spatial_pad &pad, const width_plane &plane, uint32_t *dst,
-                      int num_threads);
 // int8 g[batch][channels][h][w] -> u8 rows of row_bytes >= w: g + 128, then
 // zeros (the s8 SDDMM's dY: the zeros add nothing).
 void pack_width_dy_u8(const int8_t *g, int64_t batch, int64_t channels, int64_t h, int64_t w,
@@ -52,19 +60,11 @@ void scatter_width_phase(const float *phase, int64_t batch, int64_t channels, in
 
 // The tiers (the same values bit for bit; tested).
 namespace portable {
-bool pack_width_planes(const float *src, int64_t batch, int64_t channels, int64_t h, int64_t w,
-                       const spatial_pad &pad, const width_plane &plane, float *dst,
-                       int num_threads);
-void pack_width_quads(const int8_t *src, int64_t batch, int64_t channels, int64_t h, int64_t w,
-                      const spatial_pad &pad, const width_plane &plane, uint32_t *dst,
-                      int num_threads);
+pack_width_planes_fn pack_width_planes;
+pack_width_quads_fn pack_width_quads;
 } // namespace portable
 // Planes without column phases only.
-bool pack_width_planes_avx512(const float *src, int64_t batch, int64_t channels, int64_t h,
-                              int64_t w, const spatial_pad &pad, const width_plane &plane,
-                              float *dst, int num_threads);
-void pack_width_quads_avx512(const int8_t *src, int64_t batch, int64_t channels, int64_t h,
-                             int64_t w, const spatial_pad &pad, const width_plane &plane,
-                             uint32_t *dst, int num_threads);
+pack_width_planes_fn pack_width_planes_avx512;
+pack_width_quads_fn pack_width_quads_avx512;
 
 } // namespace qsp::detail

@@ -47,27 +47,24 @@ TEST(Passes, f32_tile_layout_tiers_match_portable) {
             auto bias = random_vector(static_cast<size_t>(channels), rng);
             const auto n = static_cast<size_t>(jit::tiled_elems(batch, channels));
             std::vector<float> want(n, 9.f), want_out(src.size(), 2.f);
-            detail::pack_tiles_portable(src.data(), batch, channels, want.data(), 2);
-            detail::unpack_tiles_portable(want.data(), batch, channels, bias.data(),
-                                          want_out.data(), 3);
+            detail::portable::pack_tiles(src.data(), batch, channels, want.data(), 2);
+            detail::portable::unpack_tiles(want.data(), batch, channels, bias.data(),
+                                           want_out.data(), 3, 1);
             std::vector<float> round_trip(src.size());
-            detail::unpack_tiles_portable(want.data(), batch, channels, nullptr, round_trip.data(),
-                                          1);
+            detail::portable::unpack_tiles(want.data(), batch, channels, nullptr, round_trip.data(),
+                                           1, 1);
             EXPECT_EQ(round_trip, src);
             // bias per group of `inner` channels (Conv2d: per output channel)
             std::vector<float> inner_out(src.size()), inner_want(src.size());
-            detail::unpack_tiles_portable(want.data(), batch, channels, bias.data(),
-                                          inner_want.data(), 1, 4);
+            detail::portable::unpack_tiles(want.data(), batch, channels, bias.data(),
+                                           inner_want.data(), 1, 4);
             for (int64_t b = 0; b < batch; ++b)
                 for (int64_t c = 0; c < channels; ++c)
                     ASSERT_EQ(inner_want[b * channels + c], src[b * channels + c] + bias[c / 4]);
-            using pack_fn = void (*)(const float *, int64_t, int64_t, float *, int);
-            using unpack_fn =
-                    void (*)(const float *, int64_t, int64_t, const float *, float *, int, int64_t);
             struct tier {
                 cpu_isa isa;
-                pack_fn pack;
-                unpack_fn unpack;
+                detail::pack_tiles_fn *pack;
+                detail::unpack_tiles_fn *unpack;
             };
             for (const tier &t :
                  {tier{cpu_isa::avx2, detail::pack_tiles_avx2, detail::unpack_tiles_avx2},
@@ -207,9 +204,9 @@ TEST(Passes, s8_tile_passes_match_portable) {
             auto bias = random_vector(static_cast<size_t>(channels), rng);
             std::vector<float> y(static_cast<size_t>(n), 1.f), y_want(static_cast<size_t>(n), 2.f);
             detail::unpack_s32_tiles(acc.data(), batch, channels, corr.data(), scale.data(),
-                                     bias.data(), y.data(), 2);
+                                     bias.data(), y.data(), 2, 1);
             detail::portable::unpack_s32_tiles(acc.data(), batch, channels, corr.data(),
-                                               scale.data(), bias.data(), y_want.data(), 1);
+                                               scale.data(), bias.data(), y_want.data(), 1, 1);
             EXPECT_EQ(y, y_want);
         }
 }
