@@ -43,39 +43,20 @@ outputs run(const conv_case &c, const csr_weights &w, const std::vector<float> &
     return training_step(conv2d_layer{c.batch, c.in_c, c.out_c, c.h, c.w, c.g}, w, x, dy, bias, o);
 }
 
-// Forward and backward-data of the s8 scheme on dense:onednn_s8.
+// Forward and backward-data of the s8 scheme on dense:onednn_s8 (which has
+// no backward-weights: the reference runs it).
 outputs run_dense_fwd_bwd_data(const conv_case &c, const csr_weights &w,
                                const std::vector<float> &x, const std::vector<float> &dy,
                                const std::vector<float> &bias, int threads) {
-    dnnl::engine eng(dnnl::engine::kind::cpu, 0);
-    dnnl::stream s(eng);
-    const auto o = conv2d_output_hw(c.g, c.h, c.w);
-    const auto src_md = f32_desc({c.batch, c.in_c, c.h, c.w}),
-               dst_md = f32_desc({c.batch, c.out_c, o[0], o[1]}), bias_md = f32_desc({c.out_c});
-    primitive_attr attr;
-    attr.num_threads = threads;
-    attr.implementation = "dense:onednn_s8";
-    sparse_conv2d_forward::primitive_desc fwd(eng, prop_kind::forward_training, src_md, w.pattern,
-                                              bias_md, dst_md, c.g, quant_scheme::s8, attr);
-    sparse_conv2d_backward_data::primitive_desc bd(eng, src_md, w.pattern, dst_md, fwd, attr);
-    outputs r;
-    r.impl = fwd.impl_info_str() + "/" + bd.impl_info_str();
-    r.y.assign(dy.size(), NAN);
-    r.dx.assign(x.size(), NAN);
-    std::vector<uint8_t> ws(std::max<size_t>(fwd.workspace_desc().get_size(), 1));
-    std::vector<int32_t> seed;
-    const auto wmd = fwd.weights_desc();
-    sparse_conv2d_forward(fwd).execute(
-            s, {{DNNL_ARG_SRC, wrap(eng, src_md, x.data())},
-                {DNNL_ARG_WEIGHTS, wrap(eng, wmd, w.values.data())},
-                {DNNL_ARG_BIAS, wrap(eng, bias_md, bias.data())},
-                {DNNL_ARG_DST, wrap(eng, dst_md, r.y.data())},
-                {DNNL_ARG_WORKSPACE, wrap(eng, fwd.workspace_desc(), ws.data())}});
-    sparse_conv2d_backward_data(bd).execute(s,
-                                            {{DNNL_ARG_DIFF_DST, wrap(eng, dst_md, dy.data())},
-                                             {DNNL_ARG_WEIGHTS, wrap(eng, wmd, w.values.data())},
-                                             {DNNL_ARG_DIFF_SRC, wrap(eng, src_md, r.dx.data())},
-                                             {QSP_ARG_ROUNDING_SEED, seed_memory(eng, seed, 9)}});
+    step_options o;
+    o.scheme = quant_scheme::s8;
+    o.threads = threads;
+    o.implementation = "dense:onednn_s8";
+    o.weights_implementation = "ref:any";
+    o.seed = 9;
+    outputs r =
+            training_step(conv2d_layer{c.batch, c.in_c, c.out_c, c.h, c.w, c.g}, w, x, dy, bias, o);
+    r.impl = r.impl.substr(0, r.impl.rfind('/')); // forward/backward-data
     return r;
 }
 

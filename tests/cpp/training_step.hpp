@@ -19,8 +19,9 @@ struct step_options {
     quant_scheme scheme = quant_scheme::f32;
     // Forced for forward and backward-data ("" = the usual pick);
     // backward-weights runs its generic sibling (the SDDMM has no
-    // pattern-specialised form).
+    // pattern-specialised form) unless weights_implementation names one.
     std::string implementation;
+    std::string weights_implementation;
     bool fused = false; // one sparse_backward instead of two primitives
     int threads = 2;
     conv_vectorization vectorization = conv_vectorization::any; // Conv2d only
@@ -88,7 +89,9 @@ step_result training_step(const layer_t &layer, const csr_weights &w, const std:
     attr.implementation = o.implementation;
     attr.vectorization = o.vectorization;
     primitive_attr bw_attr = attr;
-    bw_attr.implementation = generic_sibling(o.implementation);
+    bw_attr.implementation = o.weights_implementation.empty()
+                                     ? generic_sibling(o.implementation)
+                                     : o.weights_implementation;
     const auto src_md = layer.src_md(), dst_md = layer.dst_md();
     const auto bias_md = o.bias ? f32_desc({layer.out_channels()}) : dnnl::memory::desc();
     const typename fwd_t::primitive_desc fwd =
