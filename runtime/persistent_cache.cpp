@@ -7,6 +7,7 @@
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <stdexcept>
 #include <vector>
@@ -61,13 +62,27 @@ std::string cpu_brand() {
 
 // ---- where the cache lives --------------------------------------------------
 
+// The cache directory, opened once when it was checked: every later access is
+// relative to this descriptor (openat, renameat, unlinkat, fstatat, without
+// following links), so swapping the path for a link after the checks
+// redirects nothing.
+struct cache_directory {
+    int fd = -1;
+    std::string path; // for messages
+    cache_directory(int f, std::string p) : fd(f), path(std::move(p)) {}
+    cache_directory(const cache_directory &) = delete;
+    cache_directory &operator=(const cache_directory &) = delete;
+    ~cache_directory() { ::close(fd); }
+};
+using directory_ref = std::shared_ptr<const cache_directory>;
+
 struct state {
     std::mutex mutex;
     bool resolved = false;
     bool have_override = false;
     std::string override_dir;
     // resolved:
-    bool enabled = false;
+    directory_ref directory; // null when off
     std::string dir, reason;
     bool store_failure_reported = false;
 };
@@ -90,7 +105,8 @@ std::string default_dir(std::string &why_none) {
     return "";
 }
 
-// mkdir -p, new components user-only (0700).
+// mkdir -p, new components user-only (0700). What it creates is checked
+// like the rest afterwards.
 bool make_dirs(const std::string &dir, std::string &error) {
     for (size_t pos = 1; pos <= dir.size(); ++pos) {
         if (pos != dir.size() && dir[pos] != '/') continue;
@@ -103,68 +119,122 @@ bool make_dirs(const std::string &dir, std::string &error) {
     return true;
 }
 
-// Decides whether dir can hold the cache; the reason when not.
-bool usable_dir(const std::string &dir, std::string &reason) {
+std::string mode_string(mode_t m) {
+    return std::to_string((m >> 6) & 7) + std::to_string((m >> 3) & 7) + std::to_string(m & 7);
+}
+
+// A folder above the cache may hold it when no other user can replace what
+// is in it: owned by root or by this user, and writable by others only with
+// the sticky bit (/tmp), as ssh and git require of the folders above their
+// configuration.
+std::string untrusted_parent(const struct stat &st, const std::string &path) {
+    if (st.st_uid != 0 && st.st_uid != ::geteuid())
+        return path + " (above the cache directory) belongs to user " + std::to_string(st.st_uid)
+               + ", who could replace what is in it; the cache is kept only under folders "
+                 "owned by root or by you";
+    if ((st.st_mode & (S_IWGRP | S_IWOTH)) && !(st.st_mode & S_ISVTX))
+        return path + " (above the cache directory) is writable by other users (mode "
+               + mode_string(st.st_mode) + ") and not sticky";
+    return "";
+}
+
+// Checks that dir can hold the cache and opens it: the descriptor, or -1
+// and the reason. Symbolic links in the folders above are resolved first
+// and the real path checked; every component of it is then opened without
+// following links, so nothing can be swapped between a check and a use.
+int open_usable_dir(const std::string &dir, std::string &reason) {
     std::string error;
     struct stat st {};
     if (::lstat(dir.c_str(), &st) != 0) {
         if (errno != ENOENT) {
             reason = dir + ": " + std::strerror(errno);
-            return false;
+            return -1;
         }
         if (!make_dirs(dir, error)) {
             reason = error;
-            return false;
+            return -1;
         }
         if (::lstat(dir.c_str(), &st) != 0) {
             reason = dir + ": " + std::strerror(errno);
-            return false;
+            return -1;
         }
     }
     if (S_ISLNK(st.st_mode)) {
         reason = dir
                  + " is a symbolic link; the cache is kept only in a real directory "
                    "(point QSP_CACHE_DIR at one)";
-        return false;
+        return -1;
     }
     if (!S_ISDIR(st.st_mode)) {
         reason = dir + " is not a directory";
-        return false;
+        return -1;
     }
-    if (st.st_uid != ::geteuid()) {
-        reason = dir + " belongs to another user";
-        return false;
+    char *real_c = ::realpath(dir.c_str(), nullptr);
+    if (!real_c) {
+        reason = dir + ": " + std::strerror(errno);
+        return -1;
     }
-    if (st.st_mode & (S_IWGRP | S_IWOTH)) {
-        reason = dir + " is writable by other users (mode " + std::to_string((st.st_mode >> 6) & 7)
-                 + std::to_string((st.st_mode >> 3) & 7) + std::to_string(st.st_mode & 7)
-                 + "); entries there could be planted";
-        return false;
+    const std::string real = real_c;
+    std::free(real_c);
+    int fd = ::open("/", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    std::string walked;
+    for (size_t begin = 1; fd >= 0 && begin <= real.size();) {
+        if (::fstat(fd, &st) != 0) break;
+        const std::string why = untrusted_parent(st, walked.empty() ? "/" : walked);
+        if (!why.empty()) {
+            reason = why;
+            ::close(fd);
+            return -1;
+        }
+        size_t end = real.find('/', begin);
+        if (end == std::string::npos) end = real.size();
+        const std::string part = real.substr(begin, end - begin);
+        begin = end + 1;
+        if (part.empty()) continue;
+        walked += "/" + part;
+        const int next =
+                ::openat(fd, part.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+        ::close(fd);
+        fd = next;
+        if (fd < 0) {
+            reason = walked + ": " + std::strerror(errno) + " (changed while it was checked?)";
+            return -1;
+        }
+        if (begin > real.size()) break; // the cache directory itself: checked below
     }
-    if (::access(dir.c_str(), R_OK | W_OK | X_OK) != 0) {
-        reason = dir + " is not writable: " + std::strerror(errno);
-        return false;
+    if (fd < 0 || ::fstat(fd, &st) != 0) {
+        if (reason.empty()) reason = dir + ": " + std::strerror(errno);
+        if (fd >= 0) ::close(fd);
+        return -1;
     }
+    auto refuse = [&](const std::string &why) {
+        reason = why;
+        ::close(fd);
+        return -1;
+    };
+    if (st.st_uid != ::geteuid()) return refuse(dir + " belongs to another user");
+    if (st.st_mode & (S_IWGRP | S_IWOTH))
+        return refuse(dir + " is writable by other users (mode " + mode_string(st.st_mode)
+                      + "); entries there could be planted");
+    if (::faccessat(fd, ".", R_OK | W_OK | X_OK, 0) != 0)
+        return refuse(dir + " is not writable: " + std::strerror(errno));
     // The mode bits do not say it all: root passes access() everywhere, and
     // a pseudo file system (/proc, /sys) takes no files whatever its mode.
     // Create and remove a file, as a store would.
-    const std::string probe = dir + "/.probe-" + std::to_string(::getpid());
-    const int fd =
-            ::open(probe.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
-    if (fd < 0) {
-        reason = dir + " does not accept files: " + std::strerror(errno);
-        return false;
-    }
-    ::close(fd);
-    ::unlink(probe.c_str());
-    return true;
+    const std::string probe = ".probe-" + std::to_string(::getpid());
+    const int probe_fd =
+            ::openat(fd, probe.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+    if (probe_fd < 0) return refuse(dir + " does not accept files: " + std::strerror(errno));
+    ::close(probe_fd);
+    ::unlinkat(fd, probe.c_str(), 0);
+    return fd;
 }
 
 // Under the state's mutex.
 void resolve(state &s) {
     if (s.resolved) return;
     s.resolved = true;
-    s.enabled = false;
+    s.directory.reset();
     s.reason.clear();
     s.store_failure_reported = false;
     std::string dir;
@@ -181,19 +251,22 @@ void resolve(state &s) {
         dir.pop_back();
     s.dir = dir;
     if (dir.empty()) return;
-    if (!usable_dir(dir, s.reason)) {
+    const int fd = open_usable_dir(dir, s.reason);
+    if (fd < 0) {
         note("disabled," + s.reason);
         return;
     }
-    s.enabled = true;
+    s.directory = std::make_shared<const cache_directory>(fd, dir);
 }
 
-// The directory, or "" when the cache is off.
-std::string cache_dir() {
+// The opened directory, or null when the cache is off. Callers keep the
+// reference for the whole operation: a concurrent set_persistent_cache_dir
+// closes the descriptor only after them.
+directory_ref cache_dir() {
     state &s = the_state();
     std::lock_guard<std::mutex> lock(s.mutex);
     resolve(s);
-    return s.enabled ? s.dir : std::string();
+    return s.directory;
 }
 
 std::string file_name(const std::string &kind, const std::string &key) {
@@ -304,8 +377,8 @@ std::string usable(const std::string &bytes, decoded &d) {
 // the open, or the read, of every load of that key), then checks on the open
 // descriptor that it is a regular file of a plausible size: -1 and `error`
 // set when it is not ("" when there is no entry).
-int open_entry(const std::string &path, std::string &error) {
-    const int fd = ::open(path.c_str(), O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+int open_entry(const cache_directory &dir, const std::string &name, std::string &error) {
+    const int fd = ::openat(dir.fd, name.c_str(), O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
     if (fd < 0) {
         error = errno == ENOENT ? "" : std::strerror(errno);
         return -1;
@@ -332,8 +405,9 @@ void read_all(int fd, std::string &out) {
     out.resize(done);
 }
 
-bool read_file(const std::string &path, std::string &out, std::string &error) {
-    const int fd = open_entry(path, error);
+bool read_file(const cache_directory &dir, const std::string &name, std::string &out,
+               std::string &error) {
+    const int fd = open_entry(dir, name, error);
     if (fd < 0) return false;
     read_all(fd, out);
     ::close(fd);
@@ -341,33 +415,38 @@ bool read_file(const std::string &path, std::string &out, std::string &error) {
 }
 
 struct entry_file {
-    std::string path;
+    std::string name;
     uint64_t bytes;
     struct timespec mtime;
     bool regular; // false: something else sits at an entry's name (a FIFO, a link, ...)
 };
 
-std::vector<entry_file> list_entries(const std::string &dir) {
+std::vector<entry_file> list_entries(const cache_directory &dir) {
     std::vector<entry_file> files;
-    DIR *d = ::opendir(dir.c_str());
-    if (!d) return files;
+    const int fd = ::dup(dir.fd); // fdopendir takes over what it is given
+    DIR *d = fd >= 0 ? ::fdopendir(fd) : nullptr;
+    if (!d) {
+        if (fd >= 0) ::close(fd);
+        return files;
+    }
+    ::rewinddir(d); // the duplicate shares its position with every other
     while (dirent *e = ::readdir(d)) {
         const std::string name = e->d_name;
         if (name.size() <= std::strlen(suffix)
             || name.compare(name.size() - std::strlen(suffix), std::string::npos, suffix) != 0)
             continue;
-        const std::string path = dir + "/" + name;
         struct stat st {};
-        if (::lstat(path.c_str(), &st) != 0 || S_ISDIR(st.st_mode)) continue;
+        if (::fstatat(dir.fd, name.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0 || S_ISDIR(st.st_mode))
+            continue;
         const bool regular = S_ISREG(st.st_mode);
         files.push_back(
-                {path, regular ? static_cast<uint64_t>(st.st_size) : 0, st.st_mtim, regular});
+                {name, regular ? static_cast<uint64_t>(st.st_size) : 0, st.st_mtim, regular});
     }
     ::closedir(d);
     return files;
 }
 
-void evict_above_cap(const std::string &dir) {
+void evict_above_cap(const cache_directory &dir) {
     const uint64_t cap = max_bytes_from_env();
     auto files = list_entries(dir);
     uint64_t total = 0;
@@ -380,9 +459,9 @@ void evict_above_cap(const std::string &dir) {
     });
     for (const auto &f : files) {
         if (total <= cap * 9 / 10) break; // some room, so the next store does not evict again
-        if (::unlink(f.path.c_str()) == 0) {
+        if (::unlinkat(dir.fd, f.name.c_str(), 0) == 0) {
             total -= f.bytes;
-            note("evicted," + f.path);
+            note("evicted," + dir.path + "/" + f.name);
         }
     }
 }
@@ -403,11 +482,11 @@ std::string persistent_environment() {
 }
 
 std::optional<std::string> persistent_load(const std::string &kind, const std::string &key) {
-    const std::string dir = cache_dir();
-    if (dir.empty()) return std::nullopt;
-    const std::string path = dir + "/" + file_name(kind, key);
+    const directory_ref dir = cache_dir();
+    if (!dir) return std::nullopt;
+    const std::string name = file_name(kind, key), path = dir->path + "/" + name;
     std::string bytes, error;
-    const int fd = open_entry(path, error);
+    const int fd = open_entry(*dir, name, error);
     if (fd < 0) {
         if (!error.empty()) note("ignored," + path + "," + error);
         return std::nullopt;
@@ -432,22 +511,23 @@ std::optional<std::string> persistent_load(const std::string &kind, const std::s
 }
 
 void persistent_store(const std::string &kind, const std::string &key, const std::string &payload) {
-    const std::string dir = cache_dir();
-    if (dir.empty()) return;
+    const directory_ref dir = cache_dir();
+    if (!dir) return;
     const std::string bytes = encode(kind, key, payload);
     const std::string name = file_name(kind, key);
-    const std::string tmp = dir + "/.tmp-" + name + "-" + std::to_string(::getpid()) + "-"
+    const std::string tmp = ".tmp-" + name + "-" + std::to_string(::getpid()) + "-"
                             + std::to_string(temp_counter++);
     auto fail = [&](const std::string &what) {
-        ::unlink(tmp.c_str());
+        ::unlinkat(dir->fd, tmp.c_str(), 0);
         state &s = the_state();
         std::lock_guard<std::mutex> lock(s.mutex);
         if (!s.store_failure_reported || verbose_level() >= 2) {
             s.store_failure_reported = true;
-            note("store failed," + dir + "," + what + ",continuing without storing");
+            note("store failed," + dir->path + "," + what + ",continuing without storing");
         }
     };
-    const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+    const int fd = ::openat(dir->fd, tmp.c_str(),
+                            O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
     if (fd < 0) return fail(std::strerror(errno));
     size_t done = 0;
     while (done < bytes.size()) {
@@ -460,10 +540,11 @@ void persistent_store(const std::string &kind, const std::string &key, const std
         done += static_cast<size_t>(n);
     }
     if (::close(fd) != 0) return fail(std::strerror(errno));
-    if (::rename(tmp.c_str(), (dir + "/" + name).c_str()) != 0) return fail(std::strerror(errno));
-    note("stored," + dir + "/" + name);
+    if (::renameat(dir->fd, tmp.c_str(), dir->fd, name.c_str()) != 0)
+        return fail(std::strerror(errno));
+    note("stored," + dir->path + "/" + name);
     try {
-        evict_above_cap(dir);
+        evict_above_cap(*dir);
     } catch (const std::exception &e) { // a malformed QSP_CACHE_MAX_MB: said, not thrown from here
         note(std::string("eviction skipped,") + e.what());
     }
@@ -476,16 +557,18 @@ void persistent_store(const std::string &kind, const std::string &key, const std
 persistent_cache_info persistent_cache_status() {
     auto &s = runtime::the_state();
     persistent_cache_info info;
+    runtime::directory_ref dir;
     {
         std::lock_guard<std::mutex> lock(s.mutex);
         runtime::resolve(s);
-        info.enabled = s.enabled;
+        dir = s.directory;
+        info.enabled = dir != nullptr;
         info.dir = s.dir;
         info.reason = s.reason;
     }
     info.max_bytes = runtime::max_bytes_from_env();
-    if (info.enabled)
-        for (const auto &f : runtime::list_entries(info.dir)) {
+    if (dir)
+        for (const auto &f : runtime::list_entries(*dir)) {
             ++info.entries;
             info.bytes += f.bytes;
         }
@@ -501,11 +584,11 @@ void set_persistent_cache_dir(const std::string &dir) {
 }
 
 size_t clear_persistent_cache() {
-    const std::string dir = runtime::cache_dir();
+    const runtime::directory_ref dir = runtime::cache_dir();
     size_t removed = 0;
-    if (dir.empty()) return 0;
-    for (const auto &f : runtime::list_entries(dir))
-        removed += ::unlink(f.path.c_str()) == 0;
+    if (!dir) return 0;
+    for (const auto &f : runtime::list_entries(*dir))
+        removed += ::unlinkat(dir->fd, f.name.c_str(), 0) == 0;
     return removed;
 }
 
@@ -532,26 +615,25 @@ void persistent_cache_store(const std::string &kind, const std::string &key,
 
 persistent_cache_check check_persistent_cache() {
     persistent_cache_check result;
-    const std::string dir = runtime::cache_dir();
-    if (dir.empty()) return result;
-    for (const auto &f : runtime::list_entries(dir)) {
+    const runtime::directory_ref dir = runtime::cache_dir();
+    if (!dir) return result;
+    for (const auto &f : runtime::list_entries(*dir)) {
         std::string bytes, error, why;
         runtime::decoded d;
         if (!f.regular)
             why = "not a regular file";
-        else if (!runtime::read_file(f.path, bytes, error))
+        else if (!runtime::read_file(*dir, f.name, bytes, error))
             why = error.empty() ? "vanished" : error;
         else
             why = runtime::usable(bytes, d);
-        if (why.empty()
-            && f.path.substr(f.path.rfind('/') + 1) != runtime::file_name(d.kind, d.key))
+        if (why.empty() && f.name != runtime::file_name(d.kind, d.key))
             why = "its name does not match its key";
         if (why.empty()) {
             ++result.valid;
             continue;
         }
-        result.problems.push_back(f.path + ": " + why);
-        result.removed += ::unlink(f.path.c_str()) == 0;
+        result.problems.push_back(dir->path + "/" + f.name + ": " + why);
+        result.removed += ::unlinkat(dir->fd, f.name.c_str(), 0) == 0;
     }
     return result;
 }

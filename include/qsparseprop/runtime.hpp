@@ -66,8 +66,8 @@ size_t cache_capacity();
 // 256) with least-recently-used eviction. It holds data, never machine code.
 // An entry is used only when its checksum, format, library version, CPU and
 // full key match; anything else is ignored (a verbose line) and rebuilt. A
-// directory that is a symbolic link, another user's, writable by others or
-// not writable turns the cache off (reason in persistent_cache_status()); the
+// directory that is a symbolic link, another user's, writable by others, not
+// writable, or under a folder another user could change turns the cache off (reason in persistent_cache_status()); the
 // library works the same without it.
 struct persistent_cache_info {
     bool enabled = false;

@@ -1,9 +1,11 @@
 // The persistent cache: a cold process measures and stores, a warm one reads
 // the same decisions without measuring; damaged, truncated, empty,
 // foreign-version and foreign-CPU entries are ignored and rebuilt; the
-// directory is created user-only, and a symlinked, foreign or unwritable one
-// turns the cache off while the library keeps working; processes storing
-// into one cache at once leave it valid.
+// directory is created user-only, and a symlinked, foreign or unwritable one,
+// or one under a folder another user could change, turns the cache off while
+// the library keeps working; the directory is used through the descriptor
+// opened when it was checked; processes storing into one cache at once leave
+// it valid.
 #include <fstream>
 #include <string>
 
@@ -363,6 +365,67 @@ TEST(PersistentCache, a_load_touches_the_entry_it_read_not_a_path) {
     ASSERT_EQ(::stat(swap_target.c_str(), &st), 0);
     EXPECT_EQ(st.st_mtim.tv_sec, 1000) << "a file outside the cache was touched";
     ::unlink(swap_target.c_str());
+}
+
+TEST(PersistentCache, the_directory_is_opened_once_and_the_folders_above_it_checked) {
+    { // swapped for a link to another folder after it was opened: entries
+      // still go to (and come from) the directory that was checked
+        const std::string dir = fresh_dir("swap"), moved = dir + ".moved",
+                          other = fresh_dir("swap_other");
+        std::system(("rm -rf '" + moved + "'").c_str());
+        ASSERT_EQ(::mkdir(other.c_str(), 0700), 0);
+        cache_dir_scope scope(dir);
+        ASSERT_TRUE(persistent_cache_status().enabled);
+        ASSERT_EQ(::rename(dir.c_str(), moved.c_str()), 0);
+        ASSERT_EQ(::symlink(other.c_str(), dir.c_str()), 0);
+        runtime::persistent_store("test", "k", "v");
+        ASSERT_EQ(entries(moved).size(), 1u) << "stored into the directory that was checked";
+        EXPECT_TRUE(entries(other).empty()) << "nothing written through the swapped-in link";
+        write_all(other + "/" + entries(moved)[0].substr(moved.size() + 1), "forged");
+        EXPECT_EQ(runtime::persistent_load("test", "k").value_or(""), "v");
+        EXPECT_EQ(clear_persistent_cache(), 1u);
+        EXPECT_TRUE(entries(moved).empty());
+        EXPECT_EQ(entries(other).size(), 1u) << "clear removed nothing outside the cache";
+    }
+    const std::string base = fresh_dir("parents");
+    ASSERT_EQ(::mkdir(base.c_str(), 0700), 0);
+    { // a folder above it that others may write (and not sticky, unlike /tmp)
+        const std::string open_parent = base + "/open";
+        ASSERT_EQ(::mkdir(open_parent.c_str(), 0700), 0);
+        ASSERT_EQ(::mkdir((open_parent + "/cache").c_str(), 0700), 0);
+        ASSERT_EQ(::chmod(open_parent.c_str(), 0777), 0);
+        cache_dir_scope scope(open_parent + "/cache");
+        const auto status = persistent_cache_status();
+        EXPECT_FALSE(status.enabled);
+        EXPECT_NE(status.reason.find(open_parent + " (above the cache directory) is writable"),
+                  std::string::npos)
+                << status.reason;
+        // reached through a link in a folder of ours: the link is resolved
+        // and the real path checked
+        ASSERT_EQ(::symlink(open_parent.c_str(), (base + "/via").c_str()), 0);
+        cache_dir_scope via(base + "/via/cache");
+        const auto linked = persistent_cache_status();
+        EXPECT_FALSE(linked.enabled);
+        EXPECT_NE(linked.reason.find(open_parent), std::string::npos) << linked.reason;
+        ASSERT_EQ(::chmod(open_parent.c_str(), 01777), 0); // sticky, as /tmp
+        cache_dir_scope sticky(base + "/via/cache");
+        EXPECT_TRUE(persistent_cache_status().enabled) << persistent_cache_status().reason;
+        runtime::persistent_store("test", "k", "v");
+        EXPECT_EQ(entries(open_parent + "/cache").size(), 1u) << "stored in the real directory";
+    }
+    if (::geteuid() == 0) { // only root can give a folder to another user
+        const std::string foreign = base + "/foreign";
+        ASSERT_EQ(::mkdir(foreign.c_str(), 0755), 0);
+        ASSERT_EQ(::mkdir((foreign + "/cache").c_str(), 0700), 0);
+        ASSERT_EQ(::chown(foreign.c_str(), 65534, 65534), 0);
+        cache_dir_scope scope(foreign + "/cache");
+        const auto status = persistent_cache_status();
+        EXPECT_FALSE(status.enabled);
+        EXPECT_NE(
+                status.reason.find(foreign + " (above the cache directory) belongs to user 65534"),
+                std::string::npos)
+                << status.reason;
+    }
 }
 
 } // namespace qsp::test
