@@ -23,6 +23,9 @@ public:
     const std::string &name() const { return name_; }
     const uint8_t *code() const { return getCode(); }
     size_t code_size() const { return getSize(); }
+    // What the kernel holds: its code buffer (reserved at its maximum size)
+    // and the generator (the caches' byte bound counts this).
+    size_t memory_bytes() const { return maxSize_ + sizeof(*this); }
 
     // Runs generate(), seals the code (RX, not writable) and dumps it when
     // QSP_JIT_DUMP is set. Call once; returns the entry point.

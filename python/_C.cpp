@@ -550,11 +550,15 @@ PYBIND11_MODULE(_C, m) {
                                 py::arg("capacity") = c.capacity, py::arg("hits") = c.hits,
                                 py::arg("misses") = c.misses,
                                 py::arg("generations") = c.generations,
-                                py::arg("evictions") = c.evictions));
+                                py::arg("evictions") = c.evictions, py::arg("bytes") = c.bytes,
+                                py::arg("memory_limit") = c.memory_limit,
+                                py::arg("in_use_elsewhere") = c.in_use_elsewhere));
         return out;
     });
     m.def("clear_caches", &qsp::clear_caches);
     m.def("set_cache_capacity", &qsp::set_cache_capacity, py::arg("entries"));
+    m.def("set_cache_memory_limit", &qsp::set_cache_memory_limit, py::arg("bytes"));
+    m.def("cache_memory_limit", &qsp::cache_memory_limit);
     m.def("clear_tuning_decisions", &qsp::clear_tuning_decisions);
     m.def("persistent_cache_status", [] {
         const qsp::persistent_cache_info i = qsp::persistent_cache_status();

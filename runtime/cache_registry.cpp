@@ -26,8 +26,10 @@ registry &the_registry() {
     return *r;
 }
 
-// Set by set_cache_capacity(): also the capacity of caches created later.
+// Set by set_cache_capacity() / set_cache_memory_limit(): also the bounds of
+// caches created later.
 std::atomic<long long> capacity_override{-1};
+std::atomic<long long> memory_limit_override{-1};
 
 } // namespace
 
@@ -48,6 +50,12 @@ size_t default_cache_capacity() {
     if (o >= 0) return static_cast<size_t>(o);
     // 0 keeps nothing
     return static_cast<size_t>(env_integer("QSP_CACHE_CAPACITY", 1024, 0, 1ll << 40, "entries"));
+}
+
+size_t default_cache_memory_limit() {
+    const long long o = memory_limit_override.load();
+    if (o >= 0) return static_cast<size_t>(o);
+    return static_cast<size_t>(env_integer("QSP_CACHE_MEMORY_MB", 64, 0, 1ll << 30, "MiB")) << 20;
 }
 
 } // namespace qsp::runtime
@@ -82,6 +90,18 @@ void set_cache_capacity(size_t entries) {
     std::lock_guard<std::mutex> lock(r.mutex);
     for (runtime::cache_base *c : r.caches)
         c->set_capacity(entries);
+}
+
+size_t cache_memory_limit() {
+    return runtime::default_cache_memory_limit();
+}
+
+void set_cache_memory_limit(size_t bytes) {
+    runtime::memory_limit_override.store(static_cast<long long>(bytes));
+    auto &r = runtime::the_registry();
+    std::lock_guard<std::mutex> lock(r.mutex);
+    for (runtime::cache_base *c : r.caches)
+        c->set_memory_limit(bytes);
 }
 
 } // namespace qsp

@@ -1,9 +1,16 @@
 // The in-memory caches of the library (FBGEMM's CodeCache shape): typed
-// keys compared in full (the hash only picks the bucket), LRU with a bounded
-// capacity, thread-safe, and one generation per key even when many threads
-// ask at once: the first caller generates *outside* the lock while the
-// others wait on a shared future. A generator that throws leaves no entry
-// (the next caller retries) and its exception reaches every waiter.
+// keys compared in full (the hash only picks the bucket), LRU, thread-safe,
+// and one generation per key even when many threads ask at once: the first
+// caller generates *outside* the lock while the others wait on a shared
+// future. A generator that throws leaves no entry (the next caller retries)
+// and its exception reaches every waiter.
+//
+// What a cache holds is bounded twice: by entries and by bytes (each value's
+// memory_bytes() where it has one). Beyond either bound the cache lets go of
+// its least recently used values: a value still in use (a primitive holds
+// it) stays alive and findable through a weak reference, one nobody uses is
+// freed, so the code and plans of a deleted layer go when its last user
+// goes, except what the bounds keep for reuse.
 //
 // Every cache registers itself by name, so qsp::cache_infos() (and Python's
 // qsparseprop.cache_info()) can show what is held and how much.
@@ -17,6 +24,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <type_traits>
 #include <unordered_map>
 
 #include "qsparseprop/runtime.hpp"
@@ -35,6 +43,7 @@ public:
     virtual cache_info info() const = 0;
     virtual void clear() = 0;
     virtual void set_capacity(size_t entries) = 0;
+    virtual void set_memory_limit(size_t bytes) = 0;
 
 private:
     std::string name_;
@@ -43,6 +52,22 @@ private:
 // Entries from QSP_CACHE_CAPACITY (default 1024; 0 keeps nothing). A value
 // that is not a non-negative integer is refused with a message naming it.
 size_t default_cache_capacity();
+// Bytes from QSP_CACHE_MEMORY_MB (default 64 MiB per cache; 0 keeps nothing
+// that is not in use).
+size_t default_cache_memory_limit();
+
+// The memory a cached value stands for: its memory_bytes() when it has one
+// (generated code, plans), else its size.
+template <typename T, typename = void> struct has_memory_bytes : std::false_type {};
+template <typename T>
+struct has_memory_bytes<T, std::void_t<decltype(std::declval<const T &>().memory_bytes())>>
+    : std::true_type {};
+template <typename T> size_t memory_bytes_of(const T &v) {
+    if constexpr (has_memory_bytes<T>::value)
+        return v.memory_bytes();
+    else
+        return sizeof(T);
+}
 
 // Mixes v into the running hash h (FNV-1a style on 64-bit words).
 inline uint64_t hash_mix(uint64_t h, uint64_t v) {
@@ -56,8 +81,9 @@ class lru_cache : public cache_base {
 public:
     using value_ptr = std::shared_ptr<const value_t>;
 
-    explicit lru_cache(std::string name, size_t capacity = default_cache_capacity())
-        : cache_base(std::move(name)), capacity_(capacity) {}
+    explicit lru_cache(std::string name, size_t capacity = default_cache_capacity(),
+                       size_t memory_limit = default_cache_memory_limit())
+        : cache_base(std::move(name)), capacity_(capacity), memory_limit_(memory_limit) {}
 
     // The value for key, generating it with make() if absent. `generated` (if
     // given) tells whether this call ran the generator.
@@ -69,6 +95,20 @@ public:
         {
             std::lock_guard<std::mutex> lock(mutex_);
             auto it = index_.find(key);
+            if (it != index_.end() && !it->second.future.valid()) {
+                // let go of by the cache: alive while someone uses it
+                if (value_ptr v = it->second.weak.lock()) {
+                    ++hits_;
+                    hold_locked(it->second, v);
+                    lru_.splice(lru_.begin(), lru_, it->second.lru_pos);
+                    evict_locked();
+                    if (generated) *generated = false;
+                    return v;
+                }
+                lru_.erase(it->second.lru_pos);
+                index_.erase(it);
+                it = index_.end();
+            }
             if (it != index_.end()) {
                 ++hits_;
                 lru_.splice(lru_.begin(), lru_, it->second.lru_pos);
@@ -78,7 +118,7 @@ public:
                 owner = true;
                 future = promise.get_future().share();
                 lru_.push_front(key);
-                index_.emplace(key, entry{future, lru_.begin()});
+                index_.emplace(key, entry{future, {}, 0, lru_.begin()});
             }
         }
         if (generated) *generated = owner;
@@ -88,6 +128,12 @@ public:
             promise.set_value(v);
             std::lock_guard<std::mutex> lock(mutex_);
             ++generations_;
+            auto it = index_.find(key);
+            if (it != index_.end() && it->second.future.valid()) {
+                it->second.weak = v;
+                it->second.bytes = v ? memory_bytes_of(*v) : 0;
+                held_bytes_ += it->second.bytes;
+            }
             evict_locked();
             return v;
         } catch (...) {
@@ -106,12 +152,22 @@ public:
     value_ptr find(const key_t &key) {
         std::lock_guard<std::mutex> lock(mutex_);
         auto it = index_.find(key);
-        if (it == index_.end()
-            || it->second.future.wait_for(std::chrono::seconds(0)) != std::future_status::ready)
+        if (it == index_.end()) return nullptr;
+        value_ptr v;
+        if (!it->second.future.valid()) {
+            v = it->second.weak.lock();
+            if (!v) return nullptr;
+            hold_locked(it->second, v);
+        } else if (it->second.future.wait_for(std::chrono::seconds(0))
+                   != std::future_status::ready) {
             return nullptr;
+        } else {
+            v = it->second.future.get();
+        }
         ++hits_;
         lru_.splice(lru_.begin(), lru_, it->second.lru_pos);
-        return it->second.future.get();
+        evict_locked();
+        return v;
     }
 
     // Replaces (or inserts) the value for key.
@@ -119,19 +175,20 @@ public:
         std::lock_guard<std::mutex> lock(mutex_);
         auto it = index_.find(key);
         if (it != index_.end()) {
+            release_locked(it->second);
             lru_.erase(it->second.lru_pos);
             index_.erase(it);
         }
-        std::promise<value_ptr> p;
-        p.set_value(std::move(v));
         lru_.push_front(key);
-        index_.emplace(key, entry{p.get_future().share(), lru_.begin()});
+        entry &e = index_.emplace(key, entry{{}, {}, 0, lru_.begin()}).first->second;
+        hold_locked(e, std::move(v));
         evict_locked();
     }
 
+    // Values the cache holds (not those it let go of that are still in use).
     size_t size() const {
         std::lock_guard<std::mutex> lock(mutex_);
-        return index_.size();
+        return held_locked();
     }
     size_t capacity() const {
         std::lock_guard<std::mutex> lock(mutex_);
@@ -142,10 +199,19 @@ public:
         capacity_ = c;
         evict_locked();
     }
+    void set_memory_limit(size_t bytes) override {
+        std::lock_guard<std::mutex> lock(mutex_);
+        memory_limit_ = bytes;
+        evict_locked();
+    }
     cache_info info() const override {
         std::lock_guard<std::mutex> lock(mutex_);
-        return cache_info{name(),  index_.size(), capacity_, hits_,
-                          misses_, generations_,  evictions_};
+        cache_info i{name(), held_locked(), capacity_, hits_, misses_, generations_, evictions_};
+        i.bytes = held_bytes_;
+        i.memory_limit = memory_limit_;
+        for (const auto &kv : index_)
+            if (!kv.second.future.valid() && !kv.second.weak.expired()) ++i.in_use_elsewhere;
+        return i;
     }
     void clear() override {
         std::lock_guard<std::mutex> lock(mutex_);
@@ -156,10 +222,13 @@ public:
                 it = lru_.erase(it);
                 continue;
             }
-            if (e->second.future.wait_for(std::chrono::seconds(0)) != std::future_status::ready) {
+            if (e->second.future.valid()
+                && e->second.future.wait_for(std::chrono::seconds(0))
+                           != std::future_status::ready) {
                 ++it;
                 continue;
             }
+            release_locked(e->second);
             index_.erase(e);
             it = lru_.erase(it);
         }
@@ -167,30 +236,81 @@ public:
 
 private:
     struct entry {
+        // Valid while generating, and while the cache holds the value.
         std::shared_future<value_ptr> future;
+        std::weak_ptr<const value_t> weak; // once generated
+        size_t bytes;
         typename std::list<key_t>::iterator lru_pos;
     };
 
+    static bool ready(const entry &e) {
+        return e.future.valid()
+               && e.future.wait_for(std::chrono::seconds(0)) == std::future_status::ready;
+    }
+    size_t held_locked() const {
+        size_t n = 0;
+        for (const auto &kv : index_)
+            n += ready(kv.second);
+        return n;
+    }
+    void hold_locked(entry &e, value_ptr v) {
+        std::promise<value_ptr> p;
+        p.set_value(v);
+        e.future = p.get_future().share();
+        e.weak = v;
+        e.bytes = v ? memory_bytes_of(*v) : 0;
+        held_bytes_ += e.bytes;
+    }
+    void release_locked(entry &e) {
+        if (!ready(e)) return;
+        e.future = {};
+        held_bytes_ -= e.bytes;
+    }
+
     void evict_locked() {
-        // Entries still being generated are never evicted (their owner will
-        // fill them); users of an evicted value keep it alive by shared_ptr.
+        // Held values are measured again: a plan grows when code is
+        // generated for it on first use.
+        held_bytes_ = 0;
+        for (auto &kv : index_)
+            if (ready(kv.second)) {
+                const value_ptr &v = kv.second.future.get();
+                kv.second.bytes = v ? memory_bytes_of(*v) : 0;
+                held_bytes_ += kv.second.bytes;
+            }
+        // Least recent first; entries still being generated are never let go
+        // of (their owner will fill them); values in use stay alive through
+        // their users and findable by their weak reference.
+        size_t held = held_locked();
         auto it = lru_.end();
-        while (index_.size() > capacity_ && it != lru_.begin()) {
+        while (it != lru_.begin()) {
             --it;
             auto e = index_.find(*it);
             if (e == index_.end()) { // unreachable while key hashes are stable
                 it = lru_.erase(it);
                 continue;
             }
-            if (e->second.future.wait_for(std::chrono::seconds(0)) != std::future_status::ready)
+            entry &en = e->second;
+            if (!en.future.valid()) { // let go of earlier: drop it once nobody uses it
+                if (en.weak.expired()) {
+                    index_.erase(e);
+                    it = lru_.erase(it);
+                }
                 continue;
-            index_.erase(e);
-            it = lru_.erase(it);
+            }
+            if (held <= capacity_ && held_bytes_ <= memory_limit_) continue;
+            if (!ready(en)) continue;
+            release_locked(en);
+            --held;
             ++evictions_;
+            if (en.weak.expired()) {
+                index_.erase(e);
+                it = lru_.erase(it);
+            }
         }
     }
 
-    size_t capacity_;
+    size_t capacity_, memory_limit_;
+    size_t held_bytes_ = 0;
     mutable std::mutex mutex_;
     std::list<key_t> lru_; // most recent first
     std::unordered_map<key_t, entry, hash_t> index_;

@@ -43,20 +43,33 @@ const char *version();
 // ---- caches --------------------------------------------------------------
 // Every in-memory cache is an LRU bounded by its capacity (entries; from
 // QSP_CACHE_CAPACITY, default 1024) and compares its keys in full.
+// A cache holds at most `capacity` values and `memory_limit` bytes of them;
+// beyond either it lets go of the least recently used: a value still in use
+// (a primitive holds it) stays alive and is found again, one nobody uses is
+// freed. So a layer's plans and generated code go when its last primitive
+// goes, except what the bounds keep for reuse.
 struct cache_info {
-    std::string name; // "jit_code:spmm", "jit_plan", "tuning_decisions", ...
-    size_t size = 0, capacity = 0;
+    std::string name;              // "jit_code:spmm", "jit_plan", "tuning_decisions", ...
+    size_t size = 0, capacity = 0; // values held by the cache
     uint64_t hits = 0, misses = 0, generations = 0, evictions = 0;
+    size_t bytes = 0, memory_limit = 0; // of the values held (their memory_bytes())
+    size_t in_use_elsewhere = 0;        // let go of by the cache, still used by primitives
 };
 std::vector<cache_info> cache_infos();
 // Empties every cache (primitives already created keep what they hold).
 void clear_caches();
 // Sets the capacity of every cache, and of those created later (entries;
-// 0 keeps nothing).
+// 0 keeps nothing that is not in use).
 void set_cache_capacity(size_t entries);
 // The capacity caches are created with (QSP_CACHE_CAPACITY, or the last
 // set_cache_capacity()).
 size_t cache_capacity();
+// Sets the byte bound of every cache, and of those created later (0 keeps
+// nothing that is not in use).
+void set_cache_memory_limit(size_t bytes);
+// The byte bound caches are created with (QSP_CACHE_MEMORY_MB, default 64
+// MiB, or the last set_cache_memory_limit()).
+size_t cache_memory_limit();
 
 // ---- persistent cache --------------------------------------------------------
 // Tuning decisions (and the timings behind them) also go to disk, so a
@@ -67,8 +80,8 @@ size_t cache_capacity();
 // An entry is used only when its checksum, format, library version, CPU and
 // full key match; anything else is ignored (a verbose line) and rebuilt. A
 // directory that is a symbolic link, another user's, writable by others, not
-// writable, or under a folder another user could change turns the cache off (reason in persistent_cache_status()); the
-// library works the same without it.
+// writable, or under a folder another user could change turns the cache off (reason in
+// persistent_cache_status()); the library works the same without it.
 struct persistent_cache_info {
     bool enabled = false;
     std::string dir;    // where it is (or would be)

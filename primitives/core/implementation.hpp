@@ -58,6 +58,10 @@ struct kernel {
     virtual bool checks_finite_input() const { return false; }
     // What was generated for this layer's pattern, if anything (verbose).
     virtual std::string specialisation() const { return {}; }
+    // Memory the kernel owns (its plan's arrays, code generated for it
+    // alone), for the plan cache's byte bound; shared code is counted by the
+    // code caches. Safe to call while the kernel executes.
+    virtual size_t memory_bytes() const { return sizeof(*this); }
     // An array (an inline variable: one address in every translation unit),
     // not a pointer to a literal, whose address may differ between them.
     static constexpr char non_finite_input[] = "non-finite input";

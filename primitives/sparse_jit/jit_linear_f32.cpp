@@ -143,6 +143,10 @@ private:
         return nullptr;
     }
 
+    size_t owned_code_bytes() const override {
+        return spmm_ ? spmm_->pattern_code_bytes() : 0;
+    }
+
     int lanes_;
     entry_plan rows_; // forward, backward-weights: the CSR; backward-data: its transpose
     std::unique_ptr<spmm_runner> spmm_; // SpMM directions

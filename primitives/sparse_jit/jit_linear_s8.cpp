@@ -112,6 +112,8 @@ private:
     // A quad's source row: one tile row per 4 features.
     static int64_t quad_offset(int64_t, int64_t quad) { return quad * jit::tile_row_bytes; }
 
+    size_t owned_code_bytes() const override { return spmm_.pattern_code_bytes(); }
+
     quad_plan quads_;  // forward: the CSR; backward-data: its transpose
     spmm_runner spmm_; // over quads, source channels in groups
 };

@@ -31,8 +31,19 @@ public:
         return nullptr;
     }
 
+    // The pattern's copy, the arrays a plan derives from it (entry offsets,
+    // row starts, source groups: about three times the pattern, estimated)
+    // and the code generated for this layer alone.
+    size_t memory_bytes() const override {
+        const size_t pattern = static_cast<size_t>(p_.pattern.rows() + 1) * sizeof(int64_t)
+                               + static_cast<size_t>(p_.pattern.nnz()) * sizeof(int32_t);
+        return sizeof(*this) + 4 * pattern + owned_code_bytes();
+    }
+
 protected:
     explicit jit_plan(const problem &p) : p_(p.without_batch()) {}
+    // Code generated for this layer alone (pattern-specialised), so far.
+    virtual size_t owned_code_bytes() const { return 0; }
 
     // What kernel::execute returns: nullptr, or kernel::non_finite_input
     // from a direction that checks its input (checks_finite_input()). A plan

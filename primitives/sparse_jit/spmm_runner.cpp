@@ -112,6 +112,7 @@ const std::shared_ptr<const jit::jit_spmm_pattern_kernel> &spmm_runner::pattern_
         const double t0 = runtime::now_ms();
         slot.code =
                 jit::spmm_pattern_kernel(jit::make_sparse_kernel_params(isa_, dtype_, nv), shape_);
+        pattern_bytes_ += slot.code->memory_bytes();
         // whole tiles are reported with the plan; a batch tail's code here
         if (nv != static_cast<int>(pattern_.size()) && verbose_level() >= 1)
             runtime::verbose_print("jit,code," + slot.code->name() + ",batch_tail,code_bytes="

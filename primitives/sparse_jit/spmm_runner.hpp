@@ -6,6 +6,7 @@
 // per layer and direction.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -69,6 +70,8 @@ public:
     // What was specialised (verbose, tests): groups, exact bodies, code
     // bytes, generation time; empty for the generic kernels.
     std::string specialisation() const { return specialisation_; }
+    // Memory of the code generated for this pattern so far (any thread).
+    size_t pattern_code_bytes() const { return pattern_bytes_.load(); }
 
 private:
     // The layer's code for tiles of nv vectors, generated on first use.
@@ -86,7 +89,8 @@ private:
         std::once_flag once;
         std::shared_ptr<const jit::jit_spmm_pattern_kernel> code;
     };
-    mutable std::vector<pattern_slot> pattern_; // per vector count
+    mutable std::vector<pattern_slot> pattern_;    // per vector count
+    mutable std::atomic<size_t> pattern_bytes_{0}; // memory of the pattern code so far
     std::string specialisation_;
 };
 

@@ -47,14 +47,30 @@ def set_verbose(level: int) -> None:
 
 def cache_info() -> list[dict]:
     """Every in-memory cache (generated code, plans, tuning decisions): name,
-    size, capacity and hit/miss/eviction counts. Each is an LRU bounded by its
-    capacity (``QSP_CACHE_CAPACITY`` entries, default 1024).
+    size, capacity, bytes, memory_limit, hit/miss/eviction counts and
+    in_use_elsewhere. Each is an LRU bounded by its capacity
+    (``QSP_CACHE_CAPACITY`` entries, default 1024) and by bytes
+    (``QSP_CACHE_MEMORY_MB``, default 64, or :func:`set_cache_memory_limit`).
+    Beyond a bound a cache lets go of its least recently used values: one a
+    layer still uses stays alive (counted in ``in_use_elsewhere``), one
+    nobody uses is freed, so a deleted layer's plans and code go with it.
 
     >>> import qsparseprop
     >>> all(c["size"] <= c["capacity"] for c in qsparseprop.cache_info())
     True
+    >>> all(c["bytes"] <= c["memory_limit"] for c in qsparseprop.cache_info())
+    True
     """
     return _C.cache_info()
+
+
+def set_cache_memory_limit(nbytes: int) -> None:
+    """Bounds the bytes each in-memory cache keeps (also for caches created
+    later); 0 keeps nothing a layer does not use. Plans and code in use by
+    live layers are never freed by it."""
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+        raise ValueError(f"nbytes must be a non-negative int, got {nbytes!r}")
+    _C.set_cache_memory_limit(nbytes)
 
 
 def clear_caches() -> None:
@@ -149,6 +165,7 @@ __all__ = [
     "set_verbose",
     "cache_info",
     "clear_caches",
+    "set_cache_memory_limit",
     "scratch_info",
     "persistent_cache_info",
     "set_persistent_cache_dir",

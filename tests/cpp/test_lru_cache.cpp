@@ -1,6 +1,7 @@
 // The LRU cache template behind every cache: one generation per key under
 // concurrency, LRU eviction, failed generations leave no entry, keys
-// compared in full even when their hashes collide, and the registry that
+// compared in full even when their hashes collide, the byte bound (values
+// nobody uses are freed, values in use found again), and the registry that
 // qsp::cache_infos() reads.
 #include <atomic>
 #include <chrono>
@@ -137,6 +138,65 @@ TEST(LruCache, registry_reports_and_bounds_every_cache) {
     EXPECT_EQ(cache.size(), 0u);
     cache.put(key_of(1), std::make_shared<const int>(11));
     EXPECT_EQ(*cache.find(key_of(1)), 11);
+}
+
+namespace {
+// A value standing for `bytes` of memory (a plan, generated code).
+struct sized {
+    size_t bytes;
+    size_t memory_bytes() const { return bytes; }
+};
+} // namespace
+
+TEST(LruCache, bounded_in_bytes_and_what_nobody_uses_is_freed) {
+    runtime::lru_cache<test_key, sized, test_key_hash> cache("test:bytes", 100, 1000);
+    int made = 0;
+    auto make = [&](size_t bytes) {
+        return [&made, bytes] {
+            ++made;
+            return std::make_shared<const sized>(sized{bytes});
+        };
+    };
+    auto in_use = cache.get_or_create(key_of(1), make(600)); // a primitive holds it
+    std::weak_ptr<const sized> watch_2 = cache.get_or_create(key_of(2), make(300));
+    EXPECT_EQ(cache.info().bytes, 900u);
+    EXPECT_FALSE(watch_2.expired()) << "held by the cache within its bounds";
+    cache.get_or_create(key_of(3), make(300)); // 1200 > 1000: lets go of 1, the least recent
+    const cache_info i = cache.info();
+    EXPECT_EQ(i.bytes, 600u);
+    EXPECT_EQ(i.size, 2u);
+    EXPECT_EQ(i.in_use_elsewhere, 1u);
+    EXPECT_LE(i.bytes, i.memory_limit);
+    // still in use: found again without generating, and held again
+    EXPECT_EQ(cache.get_or_create(key_of(1), make(600)), in_use);
+    EXPECT_EQ(made, 3);
+    // a limit of 0 keeps nothing nobody uses: 2 and 3 are freed at once
+    cache.set_memory_limit(0);
+    EXPECT_TRUE(watch_2.expired()) << "freed when the cache let go and nobody used it";
+    EXPECT_EQ(cache.info().bytes, 0u);
+    EXPECT_EQ(cache.info().in_use_elsewhere, 1u);
+    // the last user goes: so does the value, and the entry with it
+    std::weak_ptr<const sized> watch_1 = in_use;
+    in_use.reset();
+    EXPECT_TRUE(watch_1.expired());
+    EXPECT_EQ(cache.find(key_of(1)), nullptr);
+    EXPECT_EQ(cache.info().in_use_elsewhere, 0u);
+    cache.get_or_create(key_of(1), make(600));
+    EXPECT_EQ(made, 4) << "generated again once freed";
+}
+
+TEST(LruCache, memory_limit_from_the_environment_and_the_setter) {
+    setenv("QSP_CACHE_MEMORY_MB", "3", 1);
+    EXPECT_EQ(runtime::default_cache_memory_limit(), size_t(3) << 20);
+    setenv("QSP_CACHE_MEMORY_MB", "much", 1);
+    EXPECT_THROW(runtime::default_cache_memory_limit(), std::invalid_argument);
+    unsetenv("QSP_CACHE_MEMORY_MB");
+    EXPECT_EQ(runtime::default_cache_memory_limit(), size_t(64) << 20);
+    cache_of<> cache("test:limit");
+    set_cache_memory_limit(12345);
+    EXPECT_EQ(cache.info().memory_limit, 12345u);
+    EXPECT_EQ(cache_memory_limit(), 12345u);
+    set_cache_memory_limit(size_t(64) << 20);
 }
 
 TEST(LruCache, capacity_from_the_environment_is_validated) {

@@ -89,9 +89,8 @@ step_result training_step(const layer_t &layer, const csr_weights &w, const std:
     attr.implementation = o.implementation;
     attr.vectorization = o.vectorization;
     primitive_attr bw_attr = attr;
-    bw_attr.implementation = o.weights_implementation.empty()
-                                     ? generic_sibling(o.implementation)
-                                     : o.weights_implementation;
+    bw_attr.implementation = o.weights_implementation.empty() ? generic_sibling(o.implementation)
+                                                              : o.weights_implementation;
     const auto src_md = layer.src_md(), dst_md = layer.dst_md();
     const auto bias_md = o.bias ? f32_desc({layer.out_channels()}) : dnnl::memory::desc();
     const typename fwd_t::primitive_desc fwd =

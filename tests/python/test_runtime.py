@@ -37,6 +37,59 @@ def test_layers_whose_patterns_share_a_hash_compute_their_own_results(forced_has
         assert (y - want).abs().max() <= tol * want.abs().max(), type(layer).__name__
 
 
+def _caches():
+    return {c["name"]: c for c in qsparseprop.cache_info()}
+
+
+def test_a_deleted_layers_plans_and_code_go_with_it():
+    """Caches are bounded in bytes; beyond the bound they let go of what
+    nobody uses: with a bound of 0, deleting the layers frees every plan and
+    every piece of code they had, and a live layer keeps its own."""
+    x = torch.randn(8, 64)
+
+    seeds = iter(range(1000))  # every layer its own pattern (one plan each)
+
+    def layers(n):
+        out = []
+        for _ in range(n):
+            dense = prune_random_(torch.nn.Linear(64, 64), 0.9, generator_seed=next(seeds))
+            layer = SparseLinear.from_dense(dense)
+            layer(x).sum().backward()
+            out.append(layer)
+        return out
+
+    try:
+        qsparseprop.set_cache_memory_limit(0)
+        kept = layers(1)[0]
+        many = layers(50)
+        held = _caches()
+        if "jit_plan" not in held:  # the portable tier makes no plans
+            assert qsparseprop.cpu_isa() == "ref"
+            return
+        assert held["jit_plan"]["bytes"] == 0 and held["jit_plan"]["in_use_elsewhere"] >= 51 * 3
+        del many
+        gc.collect()
+        after = _caches()
+        for name, c in after.items():
+            if name.startswith("jit_"):
+                assert c["size"] == 0 and c["bytes"] == 0, c
+        # the live layer's three directions are still in use, and still work
+        assert after["jit_plan"]["in_use_elsewhere"] == 3
+        kept(x).sum().backward()
+        assert _caches()["jit_plan"]["generations"] == after["jit_plan"]["generations"]
+        # with a bound, what is held stays within it
+        qsparseprop.set_cache_memory_limit(1 << 20)
+        many = layers(50)
+        del many
+        gc.collect()
+        for c in qsparseprop.cache_info():
+            assert c["bytes"] <= c["memory_limit"] == 1 << 20, c
+    finally:
+        qsparseprop.set_cache_memory_limit(64 << 20)
+    with pytest.raises(ValueError, match="nbytes"):
+        qsparseprop.set_cache_memory_limit(-1)
+
+
 def test_every_cache_is_bounded_and_visible():
     layer = SparseLinear.from_dense(prune_random_(torch.nn.Linear(40, 30), 0.8))
     for batch in range(1, 41):  # the last batch of an epoch, a few times over
