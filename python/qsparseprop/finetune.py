@@ -8,11 +8,14 @@ and show what was gained.
 
 A dense model is trained by the tool itself (cached in --out), pruned by
 magnitude (per layer or global), then fine-tuned the same way (same data
-order, optimizer and epochs) as: dense PyTorch fp32 and under bf16 autocast
-(the faster one is "best dense"), and with qsparseprop f32 and int8 layers
+order, optimizer and epochs) as: dense PyTorch fp32 and, where the CPU
+computes bf16 natively (AVX512_BF16 or AMX), under bf16 autocast (the faster
+one is "best dense"; elsewhere one line says it is skipped and why), and
+with qsparseprop f32 and int8 layers
 (``swap_modules_with_sparse``: each layer swapped only where it measured
-faster). The table reports time per epoch, speedups, training memory, test
-accuracy and the share of step time spent in the sparse layers.
+faster). One line per phase and per epoch (with its time and what is left)
+even with --no-progress; the table reports time per epoch, speedups, training
+memory, test accuracy and the share of step time spent in the sparse layers.
 """
 
 from __future__ import annotations
@@ -223,7 +226,7 @@ def _training_memory(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tens
 
 def train(
     model, variant: Variant, data, epochs, batch, lr, seed, masks=None, autocast=None, rank=0, world=1,
-    progress=True, on_step=None, cosine=False, measure=True,
+    progress=True, on_step=None, cosine=False, measure=True, log=None,
 ) -> None:  # fmt: skip
     xtr, ytr, xte, yte = data
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
@@ -276,6 +279,11 @@ def train(
         variant.wall.append(wall)
         with ctx:
             variant.accuracy.append(evaluate(model, xte, yte))
+        if log and rank == 0:  # one line per epoch, progress bars or not
+            left = (epochs - epoch - 1) * variant.epoch_s[-1]
+            log(f"{variant.name}: epoch {epoch + 1}/{epochs} in {variant.epoch_s[-1]:.1f} s, loss "
+                f"{variant.losses[-1]:.4f}, test accuracy {variant.accuracy[-1]:.4f}"
+                + (f"; about {left:.0f} s left for it" if left else ""))  # fmt: skip
     if not measure:  # (pre-training: no report row)
         return
     variant.memory_bytes = _training_memory(model, opt, xtr[:batch].clone(), ctx)
@@ -388,6 +396,12 @@ class Config:
     progress: bool = True
 
 
+BF16_EMULATED = (
+    "this CPU has no native bf16 arithmetic (AVX512_BF16 or AMX): torch would emulate it, about 60x slower "
+    "than fp32, and nobody trains that way; the best dense option here is fp32"
+)
+
+
 def _pretrain_autocast() -> torch.dtype | None:
     """The dense pre-training runs in the fastest dense precision: bf16
     autocast where AMX makes it so, fp32 elsewhere (it only makes the model
@@ -421,8 +435,10 @@ def pretrained(cfg: Config, data, log) -> nn.Module:
         return model
     v = Variant("dense pre-training")
     autocast = _pretrain_autocast()
+    log(f"dense pre-training: {cfg.pretrain_epochs} epochs ({'bf16 autocast' if autocast else 'fp32'}), "
+        "cached for the next run")  # fmt: skip
     train(model, v, data, cfg.pretrain_epochs, cfg.batch_size, cfg.lr, cfg.seed, progress=cfg.progress,
-          autocast=autocast, measure=False)  # fmt: skip
+          autocast=autocast, measure=False, log=log)  # fmt: skip
     os.makedirs(os.path.dirname(path), exist_ok=True)
     torch.save(model.state_dict(), path)
     log(f"dense model: trained {cfg.pretrain_epochs} epochs ({'bf16 autocast' if autocast else 'fp32'}) in "
@@ -461,10 +477,18 @@ def run(cfg: Config, log=print, rank: int = 0, world: int = 1) -> dict:
             v.ranks_identical = _same_on_every_rank(inner)
         variants.append(v)
 
-    for name, autocast in (("dense fp32", None), ("dense bf16 autocast", torch.bfloat16)):
+    dense_variants = [("dense fp32", None)]
+    skipped: dict[str, str] = {}
+    if machine()["bf16_native"]:
+        dense_variants.append(("dense bf16 autocast", torch.bfloat16))
+    else:
+        skipped["dense bf16 autocast"] = BF16_EMULATED
+        log(f"dense bf16 autocast: skipped: {BF16_EMULATED}")
+    for name, autocast in dense_variants:
         v = Variant(name)
+        log(f"{name}: fine-tuning {cfg.epochs} epochs")
         model = _ddp(copy.deepcopy(pruned), world)
-        train(model, v, data, masks=masks, autocast=autocast, **fine)
+        train(model, v, data, masks=masks, autocast=autocast, log=log, **fine)
         finish(v, model, masks)
     for scheme in cfg.schemes:
         # Rank 0 times the layers and decides; the other ranks make the same
@@ -485,6 +509,7 @@ def run(cfg: Config, log=print, rank: int = 0, world: int = 1) -> dict:
                 model = apply_swap_plan(model, plan_file, mask_kept=False)
         v = Variant(_VARIANT_NAMES[scheme])
         v.swapped = [r.name for r in model.qsparseprop_swap_report if r.swapped]
+        log(f"{v.name}: {len(v.swapped)} of {len(masks)} pruned layers swapped; fine-tuning {cfg.epochs} epochs")
         # The ReLUs between BatchNorm and a sparse layer keep bits, not their
         # fp32 output: the int8 layer's copy is then the activation's only one.
         use_masked_relus(model)
@@ -493,13 +518,13 @@ def run(cfg: Config, log=print, rank: int = 0, world: int = 1) -> dict:
         was = _C.profiling()
         _C.set_profiling(True)  # the share of each epoch inside the sparse layers' primitives
         try:
-            train(model, v, data, masks=kept_dense, **fine)
+            train(model, v, data, masks=kept_dense, log=log, **fine)
         finally:
             _C.set_profiling(was)
         later = slice(1, None) if len(v.epoch_s) > 1 else slice(None)
         v.sparse_share = sum(v.sparse_s[later]) / sum(v.epoch_s[later])
         finish(v, model, kept_dense)
-    return _report(cfg, variants, acc_dense, acc_pruned, rank, world)
+    return _report(cfg, variants, acc_dense, acc_pruned, rank, world, skipped)
 
 
 def model_mod(model: nn.Module) -> nn.Module:
@@ -548,14 +573,17 @@ def _best(variants: list[Variant], name: str) -> Variant | None:
     return next((v for v in variants if v.name == name), None)
 
 
-def _report(cfg: Config, variants: list[Variant], acc_dense: float, acc_pruned: float, rank: int, world: int) -> dict:
+def _report(
+    cfg: Config, variants: list[Variant], acc_dense: float, acc_pruned: float, rank: int, world: int,
+    skipped: dict[str, str] | None = None,
+) -> dict:  # fmt: skip
     def med(xs):  # epochs after the first (it pays plan building and tuning), median
         xs = sorted(xs[1:] if len(xs) > 1 else xs)
         return xs[len(xs) // 2]
 
     fp32 = _best(variants, "dense fp32")
-    bf16 = _best(variants, "dense bf16 autocast")
-    best = min((fp32, bf16), key=lambda v: med(v.epoch_s))
+    bf16 = _best(variants, "dense bf16 autocast")  # None where the CPU has no native bf16
+    best = min((v for v in (fp32, bf16) if v is not None), key=lambda v: med(v.epoch_s))
     rows = []
     for v in variants:
         e = med(v.epoch_s)
@@ -575,6 +603,7 @@ def _report(cfg: Config, variants: list[Variant], acc_dense: float, acc_pruned: 
         config={k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
         machine=machine(), threads=torch.get_num_threads(), isa=cpu_isa(), world_size=world,
         accuracy_dense_unpruned=acc_dense, accuracy_pruned=acc_pruned, best_dense=best.name, variants=rows,
+        skipped=dict(skipped or {}),
     )  # fmt: skip
     if world > 1:
         report["ranks_identical"] = all(v.ranks_identical for v in variants)
@@ -610,6 +639,8 @@ def format_report(report: dict) -> str:
         if r["variant"].startswith("qsparseprop") and not r["swapped_layers"]:
             lines.append(f"note: {r['variant']}: no layer measured faster as a sparse layer, so the swap kept every "
                          "layer dense (its row is dense training); see swap_plan_*.json for the timings")  # fmt: skip
+    for name, why in report.get("skipped", {}).items():
+        lines.append(f"not run: {name}: {why}")
     lines.append(
         f"best dense: {report['best_dense']}; accuracy dense {report['accuracy_dense_unpruned']:.4f}, "
         f"pruned {report['accuracy_pruned']:.4f}; memory = saved activations of a step + parameters, "
@@ -651,12 +682,20 @@ def _config_from(a) -> Config:
     return cfg
 
 
+def _say(line: str) -> None:
+    print(line, flush=True)  # a line per phase reaches a pipe or a log at once
+
+
+def _quiet(line: str) -> None:
+    pass
+
+
 def _worker(rank: int, world: int, cfg: Config, port: int, result_path: str) -> None:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ["MASTER_PORT"] = str(port)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        report = run(cfg, log=print if rank == 0 else (lambda *_: None), rank=rank, world=world)
+        report = run(cfg, log=_say if rank == 0 else _quiet, rank=rank, world=world)
         if rank == 0:
             with open(result_path, "w") as f:
                 json.dump(report, f)
@@ -755,7 +794,7 @@ def main(argv: list[str] | None = None) -> dict:
         with open(result) as f:
             report = json.load(f)
     else:
-        report = run(cfg)
+        report = run(cfg, log=_say)
     print(format_report(report))
     if a.json:
         with open(a.json, "w") as f:
