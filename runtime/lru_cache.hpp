@@ -55,6 +55,9 @@ size_t default_cache_capacity();
 // Bytes from QSP_CACHE_MEMORY_MB (default 64 MiB per cache; 0 keeps nothing
 // that is not in use).
 size_t default_cache_memory_limit();
+// The byte bound of a cache of small values nobody holds (tuning decisions):
+// bounded by entries only, whatever set_cache_memory_limit() says.
+constexpr size_t no_memory_limit = ~size_t(0);
 
 // The memory a cached value stands for: its memory_bytes() when it has one
 // (generated code, plans), else its size.
@@ -201,6 +204,7 @@ public:
     }
     void set_memory_limit(size_t bytes) override {
         std::lock_guard<std::mutex> lock(mutex_);
+        if (memory_limit_ == no_memory_limit) return; // entries only (see no_memory_limit)
         memory_limit_ = bytes;
         evict_locked();
     }

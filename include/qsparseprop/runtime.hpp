@@ -64,8 +64,9 @@ void set_cache_capacity(size_t entries);
 // The capacity caches are created with (QSP_CACHE_CAPACITY, or the last
 // set_cache_capacity()).
 size_t cache_capacity();
-// Sets the byte bound of every cache, and of those created later (0 keeps
-// nothing that is not in use).
+// Sets the byte bound of the code and plan caches, and of those created later
+// (0 keeps nothing that is not in use); the tuning decisions (a few bytes
+// each, held by no primitive) are bounded by count only.
 void set_cache_memory_limit(size_t bytes);
 // The byte bound caches are created with (QSP_CACHE_MEMORY_MB, default 64
 // MiB, or the last set_cache_memory_limit()).

@@ -40,7 +40,10 @@ struct decision {
 };
 
 runtime::lru_cache<decision_key, decision, decision_key_hash> &decision_store() {
-    static runtime::lru_cache<decision_key, decision, decision_key_hash> store("tuning_decisions");
+    // Decisions are a few bytes that no primitive holds: bounded by count
+    // only, or a byte bound of 0 would forget each one as it is made.
+    static runtime::lru_cache<decision_key, decision, decision_key_hash> store(
+            "tuning_decisions", runtime::default_cache_capacity(), runtime::no_memory_limit);
     return store;
 }
 

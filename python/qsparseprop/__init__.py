@@ -65,9 +65,10 @@ def cache_info() -> list[dict]:
 
 
 def set_cache_memory_limit(nbytes: int) -> None:
-    """Bounds the bytes each in-memory cache keeps (also for caches created
-    later); 0 keeps nothing a layer does not use. Plans and code in use by
-    live layers are never freed by it."""
+    """Bounds the bytes each code and plan cache keeps (also for caches
+    created later); 0 keeps nothing a layer does not use. Plans and code in
+    use by live layers are never freed by it. Tuning decisions (a few bytes
+    each) are bounded by count only."""
     if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
         raise ValueError(f"nbytes must be a non-negative int, got {nbytes!r}")
     _C.set_cache_memory_limit(nbytes)
