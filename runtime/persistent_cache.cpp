@@ -423,13 +423,15 @@ struct entry_file {
 
 std::vector<entry_file> list_entries(const cache_directory &dir) {
     std::vector<entry_file> files;
-    const int fd = ::dup(dir.fd); // fdopendir takes over what it is given
-    DIR *d = fd >= 0 ? ::fdopendir(fd) : nullptr;
+    // The directory opened again through its descriptor (".": no path
+    // lookup outside it): a description of its own, so listings in several
+    // threads do not share one read position (a dup() would).
+    const int fd = ::openat(dir.fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    DIR *d = fd >= 0 ? ::fdopendir(fd) : nullptr; // takes over fd
     if (!d) {
         if (fd >= 0) ::close(fd);
         return files;
     }
-    ::rewinddir(d); // the duplicate shares its position with every other
     while (dirent *e = ::readdir(d)) {
         const std::string name = e->d_name;
         if (name.size() <= std::strlen(suffix)

@@ -6,8 +6,11 @@
 // the library keeps working; the directory is used through the descriptor
 // opened when it was checked; processes storing into one cache at once leave
 // it valid.
+#include <atomic>
 #include <fstream>
 #include <string>
+#include <thread>
+#include <vector>
 
 #include <csignal>
 
@@ -365,6 +368,28 @@ TEST(PersistentCache, a_load_touches_the_entry_it_read_not_a_path) {
     ASSERT_EQ(::stat(swap_target.c_str(), &st), 0);
     EXPECT_EQ(st.st_mtim.tv_sec, 1000) << "a file outside the cache was touched";
     ::unlink(swap_target.c_str());
+}
+
+TEST(PersistentCache, listings_in_several_threads_each_see_every_entry) {
+    // Each listing reads the one opened directory through a description of
+    // its own: threads listing at once must not share a read position.
+    // (Enough entries that one listing takes several getdents calls.)
+    const std::string dir = fresh_dir("listings");
+    cache_dir_scope scope(dir);
+    ASSERT_TRUE(persistent_cache_status().enabled);
+    const size_t n = 3000;
+    for (size_t i = 0; i < n; ++i)
+        write_all(dir + "/entry-" + std::to_string(i) + ".qspc", "x");
+    std::atomic<int> wrong{0};
+    std::vector<std::thread> threads;
+    for (int t = 0; t < 4; ++t)
+        threads.emplace_back([&] {
+            for (int r = 0; r < 10; ++r)
+                wrong += persistent_cache_status().entries != n;
+        });
+    for (auto &t : threads)
+        t.join();
+    EXPECT_EQ(wrong.load(), 0);
 }
 
 TEST(PersistentCache, the_directory_is_opened_once_and_the_folders_above_it_checked) {
