@@ -5,6 +5,8 @@ and show what was gained.
     qsparseprop finetune --quick             # a small run (about a minute)
     qsparseprop finetune --model transformer --sparsity 0.95 --json report.json --png curves.png
     qsparseprop finetune --nproc 2           # the same with DistributedDataParallel (gloo)
+    torchrun --nnodes 2 --node-rank R --nproc-per-node 2 --master-addr HOST -m qsparseprop finetune
+                                             # the same over machines: one command each (env://)
 
 A dense model is trained by the tool itself (cached in --out), pruned by
 magnitude (per layer or global), then fine-tuned the same way (same data
@@ -504,8 +506,14 @@ def run(cfg: Config, log=print, rank: int = 0, world: int = 1) -> dict:
             os.makedirs(cfg.out, exist_ok=True)
             save_swap_plan(model, plan_file)
         if world > 1:
-            torch.distributed.barrier()
+            # The plan's text, not its file: ranks on other machines do not
+            # share cfg.out. Each rank keeps a copy in its own cfg.out.
+            text = [open(plan_file).read() if rank == 0 else None]
+            torch.distributed.broadcast_object_list(text, 0)
             if rank != 0:
+                os.makedirs(cfg.out, exist_ok=True)
+                with open(plan_file, "w") as f:
+                    f.write(text[0])
                 model = apply_swap_plan(model, plan_file, mask_kept=False)
         v = Variant(_VARIANT_NAMES[scheme])
         v.swapped = [r.name for r in model.qsparseprop_swap_report if r.swapped]
@@ -712,6 +720,46 @@ def _worker(rank: int, world: int, cfg: Config, port: int, result_path: str) -> 
     os._exit(0)
 
 
+def _torchrun_ranks() -> tuple[int, int] | None:
+    """(rank, world size) when started by torchrun (env:// rendezvous: RANK,
+    WORLD_SIZE, MASTER_ADDR, MASTER_PORT set), else None."""
+    names = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    given = [n for n in names if os.environ.get(n)]
+    if not given:
+        return None
+    if len(given) != len(names):
+        missing = ", ".join(n for n in names if n not in given)
+        raise SystemExit(f"qsparseprop finetune: {', '.join(given)} set but not {missing}: start it with torchrun")
+    try:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    except ValueError:
+        raise SystemExit("qsparseprop finetune: RANK and WORLD_SIZE must be integers") from None
+    if not (world >= 1 and 0 <= rank < world):
+        raise SystemExit(f"qsparseprop finetune: RANK {rank} is not in [0, WORLD_SIZE {world})")
+    return rank, world
+
+
+def _torchrun_main(a: argparse.Namespace, cfg: Config, rank: int, world: int) -> dict:
+    """One process of a torchrun job (one or several machines): gloo over the
+    env:// rendezvous; rank 0 prints the report and writes --json / --png."""
+    torch.distributed.init_process_group("gloo", init_method="env://", rank=rank, world_size=world)
+    try:
+        report = run(cfg, log=_say if rank == 0 else _quiet, rank=rank, world=world)
+    finally:
+        torch.distributed.destroy_process_group()
+    if rank == 0:
+        print(format_report(report))
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(report, f, indent=1)
+        if a.png:
+            plot(report, a.png)
+    # As in _worker: leave without finalizing the interpreter (gloo's threads).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def _check_paths(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     """Every path the run will write or read, checked before any work (a bad
     --json used to fail after the whole run, losing its report): one argparse
@@ -774,10 +822,17 @@ def main(argv: list[str] | None = None) -> dict:
         p.error(f"--schemes takes f32, s8, s8_outliers; got {bad}")
     _check_paths(p, a)
     cfg = _config_from(a)
+    launched = _torchrun_ranks()
+    if launched and a.nproc > 1:
+        p.error("--nproc starts processes itself; under torchrun leave it out (torchrun's --nproc-per-node)")
     m = machine()
-    print(f"qsparseprop finetune: {cfg.model} on {cfg.dataset}, {cfg.sparsity:.0%} sparse ({cfg.pruning}), "
-          f"cpu={m['cpu']!r} amx={'yes' if m['amx'] else 'no'} threads={cfg.threads or torch.get_num_threads()} "
-          f"isa={cpu_isa()} processes={a.nproc}", flush=True)  # fmt: skip
+    if not launched or launched[0] == 0:
+        processes = launched[1] if launched else a.nproc
+        print(f"qsparseprop finetune: {cfg.model} on {cfg.dataset}, {cfg.sparsity:.0%} sparse ({cfg.pruning}), "
+              f"cpu={m['cpu']!r} amx={'yes' if m['amx'] else 'no'} threads={cfg.threads or torch.get_num_threads()} "
+              f"isa={cpu_isa()} processes={processes}" + (" (torchrun)" if launched else ""), flush=True)  # fmt: skip
+    if launched:
+        return _torchrun_main(a, cfg, *launched)
     if a.nproc > 1:
         import socket
 

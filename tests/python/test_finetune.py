@@ -2,6 +2,9 @@
 DistributedDataParallel path keeping ranks identical."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -83,6 +86,38 @@ def test_two_ddp_processes_stay_identical(tmp_path):
     assert report["ranks_identical"] is True
     assert all(r["ranks_identical"] for r in report["variants"])
     assert torch.distributed.is_available()
+
+
+def test_a_torchrun_job_trains_the_same_on_every_rank(tmp_path):
+    """What a multi-machine job runs on each machine, here two processes of
+    one torchrun: the env:// rendezvous, rank 0's model, plan and report."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    out = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "qsparseprop", "finetune", "--quick", "--no-progress", "--dataset", "digits", "--threads", "1",
+         "--out", str(tmp_path), "--json", str(tmp_path / "r.json")],
+        capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["world_size"] == 2 and report["ranks_identical"] is True
+    assert all(r["ranks_identical"] for r in report["variants"])
+    assert out.stdout.count("qsparseprop finetune: ") == 1, "one header, from rank 0"
+    assert "processes=2 (torchrun)" in out.stdout
+
+
+@pytest.mark.parametrize(
+    "env,says",
+    [({"RANK": "0"}, "RANK set but not WORLD_SIZE"), ({"RANK": "3", "WORLD_SIZE": "2", "MASTER_ADDR": "h",
+      "MASTER_PORT": "1"}, "RANK 3 is not in")],
+)  # fmt: skip
+def test_a_half_set_torchrun_environment_is_refused(monkeypatch, env, says):
+    for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(SystemExit, match=says):
+        finetune.main(["--quick", "--no-progress"])
 
 
 @pytest.mark.parametrize(
