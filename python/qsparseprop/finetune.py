@@ -508,7 +508,10 @@ def run(cfg: Config, log=print, rank: int = 0, world: int = 1) -> dict:
         if world > 1:
             # The plan's text, not its file: ranks on other machines do not
             # share cfg.out. Each rank keeps a copy in its own cfg.out.
-            text = [open(plan_file).read() if rank == 0 else None]
+            text = [None]
+            if rank == 0:
+                with open(plan_file) as f:
+                    text[0] = f.read()
             torch.distributed.broadcast_object_list(text, 0)
             if rank != 0:
                 os.makedirs(cfg.out, exist_ok=True)
