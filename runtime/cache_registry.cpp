@@ -58,26 +58,30 @@ size_t default_cache_memory_limit() {
     return static_cast<size_t>(env_integer("QSP_CACHE_MEMORY_MB", 64, 0, 1ll << 30, "MiB")) << 20;
 }
 
+namespace {
+// Calls fn on every live cache, under the registry's lock.
+template <typename fn_t> void for_each_cache(fn_t fn) {
+    registry &r = the_registry();
+    std::lock_guard<std::mutex> lock(r.mutex);
+    for (cache_base *c : r.caches)
+        fn(*c);
+}
+} // namespace
+
 } // namespace qsp::runtime
 
 namespace qsp {
 
 std::vector<cache_info> cache_infos() {
-    auto &r = runtime::the_registry();
-    std::lock_guard<std::mutex> lock(r.mutex);
     std::vector<cache_info> out;
-    for (const runtime::cache_base *c : r.caches)
-        out.push_back(c->info());
+    runtime::for_each_cache([&](const runtime::cache_base &c) { out.push_back(c.info()); });
     std::sort(out.begin(), out.end(),
               [](const cache_info &a, const cache_info &b) { return a.name < b.name; });
     return out;
 }
 
 void clear_caches() {
-    auto &r = runtime::the_registry();
-    std::lock_guard<std::mutex> lock(r.mutex);
-    for (runtime::cache_base *c : r.caches)
-        c->clear();
+    runtime::for_each_cache([](runtime::cache_base &c) { c.clear(); });
 }
 
 size_t cache_capacity() {
@@ -86,10 +90,7 @@ size_t cache_capacity() {
 
 void set_cache_capacity(size_t entries) {
     runtime::capacity_override.store(static_cast<long long>(entries));
-    auto &r = runtime::the_registry();
-    std::lock_guard<std::mutex> lock(r.mutex);
-    for (runtime::cache_base *c : r.caches)
-        c->set_capacity(entries);
+    runtime::for_each_cache([entries](runtime::cache_base &c) { c.set_capacity(entries); });
 }
 
 size_t cache_memory_limit() {
@@ -98,10 +99,7 @@ size_t cache_memory_limit() {
 
 void set_cache_memory_limit(size_t bytes) {
     runtime::memory_limit_override.store(static_cast<long long>(bytes));
-    auto &r = runtime::the_registry();
-    std::lock_guard<std::mutex> lock(r.mutex);
-    for (runtime::cache_base *c : r.caches)
-        c->set_memory_limit(bytes);
+    runtime::for_each_cache([bytes](runtime::cache_base &c) { c.set_memory_limit(bytes); });
 }
 
 } // namespace qsp

@@ -132,11 +132,7 @@ public:
             std::lock_guard<std::mutex> lock(mutex_);
             ++generations_;
             auto it = index_.find(key);
-            if (it != index_.end() && it->second.future.valid()) {
-                it->second.weak = v;
-                it->second.bytes = v ? memory_bytes_of(*v) : 0;
-                held_bytes_ += it->second.bytes;
-            }
+            if (it != index_.end() && it->second.future.valid()) it->second.weak = v;
             evict_locked();
             return v;
         } catch (...) {
@@ -178,7 +174,6 @@ public:
         std::lock_guard<std::mutex> lock(mutex_);
         auto it = index_.find(key);
         if (it != index_.end()) {
-            release_locked(it->second);
             lru_.erase(it->second.lru_pos);
             index_.erase(it);
         }
@@ -211,7 +206,7 @@ public:
     cache_info info() const override {
         std::lock_guard<std::mutex> lock(mutex_);
         cache_info i{name(), held_locked(), capacity_, hits_, misses_, generations_, evictions_};
-        i.bytes = held_bytes_;
+        i.bytes = held_bytes_; // as measured at the last change
         i.memory_limit = memory_limit_;
         for (const auto &kv : index_)
             if (!kv.second.future.valid() && !kv.second.weak.expired()) ++i.in_use_elsewhere;
@@ -232,10 +227,10 @@ public:
                 ++it;
                 continue;
             }
-            release_locked(e->second);
             index_.erase(e);
             it = lru_.erase(it);
         }
+        evict_locked(); // measures what is left (entries being generated hold nothing yet)
     }
 
 private:
@@ -243,7 +238,7 @@ private:
         // Valid while generating, and while the cache holds the value.
         std::shared_future<value_ptr> future;
         std::weak_ptr<const value_t> weak; // once generated
-        size_t bytes;
+        size_t bytes;                      // memory_bytes() when last measured
         typename std::list<key_t>::iterator lru_pos;
     };
 
@@ -257,34 +252,29 @@ private:
             n += ready(kv.second);
         return n;
     }
-    void hold_locked(entry &e, value_ptr v) {
+    // Callers then evict_locked(), which measures what is held.
+    static void hold_locked(entry &e, value_ptr v) {
         std::promise<value_ptr> p;
         p.set_value(v);
         e.future = p.get_future().share();
-        e.weak = v;
-        e.bytes = v ? memory_bytes_of(*v) : 0;
-        held_bytes_ += e.bytes;
-    }
-    void release_locked(entry &e) {
-        if (!ready(e)) return;
-        e.future = {};
-        held_bytes_ -= e.bytes;
+        e.weak = std::move(v);
     }
 
     void evict_locked() {
-        // Held values are measured again: a plan grows when code is
-        // generated for it on first use.
+        // Held values are counted and measured again: a plan grows when
+        // code is generated for it on first use.
+        size_t held = 0;
         held_bytes_ = 0;
         for (auto &kv : index_)
             if (ready(kv.second)) {
                 const value_ptr &v = kv.second.future.get();
                 kv.second.bytes = v ? memory_bytes_of(*v) : 0;
                 held_bytes_ += kv.second.bytes;
+                ++held;
             }
         // Least recent first; entries still being generated are never let go
         // of (their owner will fill them); values in use stay alive through
         // their users and findable by their weak reference.
-        size_t held = held_locked();
         auto it = lru_.end();
         while (it != lru_.begin()) {
             --it;
@@ -303,7 +293,8 @@ private:
             }
             if (held <= capacity_ && held_bytes_ <= memory_limit_) continue;
             if (!ready(en)) continue;
-            release_locked(en);
+            en.future = {};
+            held_bytes_ -= en.bytes;
             --held;
             ++evictions_;
             if (en.weak.expired()) {
