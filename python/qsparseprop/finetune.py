@@ -723,6 +723,16 @@ def _worker(rank: int, world: int, cfg: Config, port: int, result_path: str) -> 
     os._exit(0)
 
 
+def _publish(report: dict, a: argparse.Namespace) -> None:
+    """The table on stdout, and the --json / --png files when asked for."""
+    print(format_report(report))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(report, f, indent=1)
+    if a.png:
+        plot(report, a.png)
+
+
 def _torchrun_ranks() -> tuple[int, int] | None:
     """(rank, world size) when started by torchrun (env:// rendezvous: RANK,
     WORLD_SIZE, MASTER_ADDR, MASTER_PORT set), else None."""
@@ -751,12 +761,7 @@ def _torchrun_main(a: argparse.Namespace, cfg: Config, rank: int, world: int) ->
     finally:
         torch.distributed.destroy_process_group()
     if rank == 0:
-        print(format_report(report))
-        if a.json:
-            with open(a.json, "w") as f:
-                json.dump(report, f, indent=1)
-        if a.png:
-            plot(report, a.png)
+        _publish(report, a)
     # As in _worker: leave without finalizing the interpreter (gloo's threads).
     sys.stdout.flush()
     sys.stderr.flush()
@@ -853,12 +858,7 @@ def main(argv: list[str] | None = None) -> dict:
             report = json.load(f)
     else:
         report = run(cfg, log=_say)
-    print(format_report(report))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(report, f, indent=1)
-    if a.png:
-        plot(report, a.png)
+    _publish(report, a)
     return report
 
 
