@@ -77,6 +77,36 @@ template <typename T> py::array_t<T> pooled_array(const dims &shape) {
                           owner);
 }
 
+// The numpy array `a` itself (never a converted temporary, whose data would
+// die with it), or a TypeError naming the argument.
+py::array as_array(const py::object &a, const char *name) {
+    if (!py::isinstance<py::array>(a))
+        throw py::type_error(std::string(name) + " must be a numpy array, got "
+                             + std::string(py::str(py::type::of(a))));
+    return py::reinterpret_borrow<py::array>(a);
+}
+
+// A C-contiguous float32 array of `shape`, or nullptr for None.
+const float *optional_f32(const py::object &a, const char *name, const dims &shape) {
+    if (a.is_none()) return nullptr;
+    return checked<float>(as_array(a, name), name, shape, false);
+}
+
+qsp::batch_norm_relu_desc batch_norm_desc(const py::array &src, double eps, bool batch_statistics,
+                                          bool relu) {
+    if (src.ndim() != 4)
+        throw py::value_error("src must be 4-D (N, C, H, W), got " + std::to_string(src.ndim())
+                              + "-D");
+    qsp::batch_norm_relu_desc d;
+    d.batch = src.shape(0);
+    d.channels = src.shape(1);
+    d.spatial = src.shape(2) * src.shape(3);
+    d.epsilon = eps;
+    d.batch_statistics = batch_statistics;
+    d.relu = relu;
+    return d;
+}
+
 qsp::quant_scheme scheme_from(const std::string &s) {
     if (s == "f32") return qsp::quant_scheme::f32;
     if (s == "s8") return qsp::quant_scheme::s8;
@@ -651,6 +681,74 @@ PYBIND11_MODULE(_C, m) {
                 qsp::relu_with_mask_backward(g, b, d, n[0], threads);
             },
             py::arg("diff_dst"), py::arg("mask"), py::arg("diff_src"), py::arg("threads"));
+
+    // The BatchNorm2d (-ReLU) of a fused Conv2d block (qsparseprop.fuse):
+    // src is the N x C x H x W contiguous output of the block's convolution.
+    m.def(
+            "batch_norm_relu_forward",
+            [](const py::array &src, const py::object &gamma, const py::object &beta,
+               const py::object &running_mean, const py::object &running_var, double eps,
+               bool batch_statistics, bool relu, int threads) {
+                const qsp::batch_norm_relu_desc d =
+                        batch_norm_desc(src, eps, batch_statistics, relu);
+                const dims shape(src.shape(), src.shape() + 4), per_channel{d.channels};
+                const float *s = checked<float>(src, "src", shape, false);
+                const float *g = optional_f32(gamma, "gamma", per_channel);
+                const float *b = optional_f32(beta, "beta", per_channel);
+                const float *rm = optional_f32(running_mean, "running_mean", per_channel);
+                const float *rv = optional_f32(running_var, "running_var", per_channel);
+                py::array_t<float> dst = pooled_array<float>(shape);
+                const int64_t n = d.batch * d.channels * d.spatial;
+                py::array_t<uint8_t> mask = pooled_array<uint8_t>({relu ? (n + 7) / 8 : 0});
+                py::array_t<float> mean(d.channels), invstd(d.channels),
+                        batch_var(batch_statistics ? d.channels : 0);
+                {
+                    py::gil_scoped_release nogil;
+                    qsp::batch_norm_relu_forward(
+                            d, s, g, b, rm, rv, dst.mutable_data(), mask.mutable_data(),
+                            mean.mutable_data(), invstd.mutable_data(),
+                            batch_statistics ? batch_var.mutable_data() : nullptr, threads);
+                }
+                return py::make_tuple(dst, mask, mean, invstd, batch_var);
+            },
+            py::arg("src"), py::arg("gamma"), py::arg("beta"), py::arg("running_mean"),
+            py::arg("running_var"), py::arg("eps"), py::arg("batch_statistics"), py::arg("relu"),
+            py::arg("threads"));
+    m.def(
+            "batch_norm_relu_backward",
+            [](const py::array &diff_dst, const py::object &mask, const py::array &src,
+               const py::object &gamma, const py::array &mean, const py::array &invstd,
+               bool batch_statistics, bool relu, bool need_diff_src, bool need_affine,
+               int threads) {
+                const qsp::batch_norm_relu_desc d =
+                        batch_norm_desc(src, 0.0, batch_statistics, relu);
+                const dims shape(src.shape(), src.shape() + 4), per_channel{d.channels};
+                const int64_t n = d.batch * d.channels * d.spatial;
+                const float *dy = checked<float>(diff_dst, "diff_dst", shape, false);
+                const float *s = checked<float>(src, "src", shape, false);
+                const uint8_t *bits = nullptr;
+                if (relu) {
+                    if (mask.is_none()) throw py::value_error("mask is needed with relu");
+                    bits = checked<uint8_t>(as_array(mask, "mask"), "mask", {(n + 7) / 8}, false);
+                }
+                const float *g = optional_f32(gamma, "gamma", per_channel);
+                const float *mu = checked<float>(mean, "mean", per_channel, false);
+                const float *inv = checked<float>(invstd, "invstd", per_channel, false);
+                py::array_t<float> dx = pooled_array<float>(need_diff_src ? shape : dims{0});
+                py::array_t<float> dgamma(need_affine ? d.channels : 0),
+                        dbeta(need_affine ? d.channels : 0);
+                {
+                    py::gil_scoped_release nogil;
+                    qsp::batch_norm_relu_backward(
+                            d, dy, bits, s, g, mu, inv, need_diff_src ? dx.mutable_data() : nullptr,
+                            need_affine ? dgamma.mutable_data() : nullptr,
+                            need_affine ? dbeta.mutable_data() : nullptr, threads);
+                }
+                return py::make_tuple(dx, dgamma, dbeta);
+            },
+            py::arg("diff_dst"), py::arg("mask"), py::arg("src"), py::arg("gamma"), py::arg("mean"),
+            py::arg("invstd"), py::arg("batch_statistics"), py::arg("relu"),
+            py::arg("need_diff_src"), py::arg("need_affine"), py::arg("threads"));
 
     py::class_<linear_layer>(m, "LinearKernel")
             .def(py::init<int64_t, int64_t, const py::array &, const py::array &,

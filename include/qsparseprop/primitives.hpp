@@ -277,4 +277,41 @@ void relu_with_mask_forward(const float *src, float *dst, uint8_t *mask, int64_t
 void relu_with_mask_backward(const float *diff_dst, const uint8_t *mask, float *diff_src, int64_t n,
                              int num_threads = 0);
 
+// ---- BatchNorm with the ReLU after it, over an NCHW tensor -------------------
+
+// The BatchNorm2d (-ReLU) of the fused Conv2d-BatchNorm2d(-ReLU) block
+// (python: qsparseprop.fuse): torch.nn.BatchNorm2d's arithmetic, in one
+// statistics pass and one pass that normalises, applies the ReLU and keeps
+// its mask (one bit per element, as relu_with_mask_forward) forward, and two
+// passes backward. Statistics accumulate in double over float plane sums;
+// a channel is reduced by one thread, so results do not depend on the
+// thread count.
+struct batch_norm_relu_desc {
+    int64_t batch = 0, channels = 0, spatial = 0; // N, C, H * W of a contiguous NCHW tensor
+    double epsilon = 1e-5;
+    // true: normalise with this batch's mean and biased variance (training,
+    // or track_running_stats=False); false: with running_mean / running_var.
+    bool batch_statistics = true;
+    bool relu = false;
+};
+
+// src, dst: N*C*H*W floats (dst may be src). gamma, beta: C floats, or null
+// for 1 and 0 (affine=False). running_mean, running_var: read only without
+// batch statistics. Writes mean and invstd (C floats each: what the backward
+// takes), mask ((N*C*H*W + 7) / 8 bytes) with relu, and, with batch
+// statistics, batch_var (C floats, the biased variance; may be null) for the
+// caller's running-statistics update. Throws std::invalid_argument for a
+// malformed descriptor or a missing argument.
+void batch_norm_relu_forward(const batch_norm_relu_desc &d, const float *src, const float *gamma,
+                             const float *beta, const float *running_mean, const float *running_var,
+                             float *dst, uint8_t *mask, float *mean, float *invstd,
+                             float *batch_var, int num_threads = 0);
+// diff_dst, src (the forward's src), mask, mean, invstd as the forward gave
+// them; gamma as the forward's. diff_src (may alias diff_dst), diff_gamma,
+// diff_beta may each be null when not wanted.
+void batch_norm_relu_backward(const batch_norm_relu_desc &d, const float *diff_dst,
+                              const uint8_t *mask, const float *src, const float *gamma,
+                              const float *mean, const float *invstd, float *diff_src,
+                              float *diff_gamma, float *diff_beta, int num_threads = 0);
+
 } // namespace qsp

@@ -26,36 +26,59 @@ int64_t chunks_of(int64_t n) {
 
 } // namespace
 
+void relu_mask_range(const float *src, float *dst, uint8_t *bits, int64_t begin, int64_t end) {
+    const __m128 zero = _mm_setzero_ps();
+    int64_t i = begin;
+    for (; i + 8 <= end; i += 8) {
+        const __m128 a = _mm_loadu_ps(src + i), b = _mm_loadu_ps(src + i + 4);
+        // The bit is !(x <= 0) (cmpnle: true for NaN), the condition under
+        // which torch's ReLU backward passes the gradient; max_ps returns
+        // its second operand when either is NaN or both are zeros, as
+        // torch's vectorised clamp_min.
+        const int lo = _mm_movemask_ps(_mm_cmpnle_ps(a, zero));
+        const int hi = _mm_movemask_ps(_mm_cmpnle_ps(b, zero));
+        _mm_storeu_ps(dst + i, _mm_max_ps(zero, a));
+        _mm_storeu_ps(dst + i + 4, _mm_max_ps(zero, b));
+        bits[i / 8] = static_cast<uint8_t>(lo | (hi << 4));
+    }
+    if (i < end) { // the last, partial byte
+        uint8_t byte = 0;
+        for (int64_t j = i; j < end; ++j) {
+            const __m128 v = _mm_set_ss(src[j]);
+            byte |= static_cast<uint8_t>((_mm_movemask_ps(_mm_cmpnle_ss(v, zero)) & 1) << (j - i));
+            dst[j] = _mm_cvtss_f32(_mm_max_ss(zero, v));
+        }
+        bits[i / 8] = byte;
+    }
+}
+
 void relu_mask_forward(const float *src, float *dst, uint8_t *bits, int64_t n, int num_threads) {
     const int64_t chunks = chunks_of(n);
 #pragma omp parallel for num_threads(num_threads) schedule(static)
-    for (int64_t c = 0; c < chunks; ++c) {
-        const int64_t begin = c * chunk_elems, end = std::min<int64_t>(n, begin + chunk_elems);
-        const __m128 zero = _mm_setzero_ps();
-        int64_t i = begin;
-        for (; i + 8 <= end; i += 8) {
-            const __m128 a = _mm_loadu_ps(src + i), b = _mm_loadu_ps(src + i + 4);
-            // The bit is !(x <= 0) (cmpnle: true for NaN), the condition under
-            // which torch's ReLU backward passes the gradient; max_ps returns
-            // its second operand when either is NaN or both are zeros, as
-            // torch's vectorised clamp_min.
-            const int lo = _mm_movemask_ps(_mm_cmpnle_ps(a, zero));
-            const int hi = _mm_movemask_ps(_mm_cmpnle_ps(b, zero));
-            _mm_storeu_ps(dst + i, _mm_max_ps(zero, a));
-            _mm_storeu_ps(dst + i + 4, _mm_max_ps(zero, b));
-            bits[i / 8] = static_cast<uint8_t>(lo | (hi << 4));
-        }
-        if (i < end) { // the last, partial byte (only in the last chunk)
-            uint8_t byte = 0;
-            for (int64_t j = i; j < end; ++j) {
-                const __m128 v = _mm_set_ss(src[j]);
-                byte |= static_cast<uint8_t>((_mm_movemask_ps(_mm_cmpnle_ss(v, zero)) & 1)
-                                             << (j - i));
-                dst[j] = _mm_cvtss_f32(_mm_max_ss(zero, v));
-            }
-            bits[i / 8] = byte;
-        }
+    for (int64_t c = 0; c < chunks; ++c)
+        relu_mask_range(src, dst, bits, c * chunk_elems,
+                        std::min<int64_t>(n, (c + 1) * chunk_elems));
+}
+
+void relu_mask_backward_range(const float *diff_dst, const uint8_t *bits, int64_t first_bit,
+                              float *diff_src, int64_t n) {
+    int64_t j = 0;
+    const auto scalar = [&](int64_t at) {
+        const int64_t bit = first_bit + at;
+        diff_src[at] = (bits[bit / 8] >> (bit % 8)) & 1 ? diff_dst[at] : 0.0f;
+    };
+    for (; j < n && (first_bit + j) % 8 != 0; ++j) // up to a whole byte
+        scalar(j);
+    const __m128i lo_bits = _mm_set_epi32(8, 4, 2, 1), hi_bits = _mm_set_epi32(128, 64, 32, 16);
+    for (; j + 8 <= n; j += 8) {
+        const __m128i byte = _mm_set1_epi32(bits[(first_bit + j) / 8]);
+        const __m128 lo = _mm_castsi128_ps(_mm_cmpeq_epi32(_mm_and_si128(byte, lo_bits), lo_bits));
+        const __m128 hi = _mm_castsi128_ps(_mm_cmpeq_epi32(_mm_and_si128(byte, hi_bits), hi_bits));
+        _mm_storeu_ps(diff_src + j, _mm_and_ps(lo, _mm_loadu_ps(diff_dst + j)));
+        _mm_storeu_ps(diff_src + j + 4, _mm_and_ps(hi, _mm_loadu_ps(diff_dst + j + 4)));
     }
+    for (; j < n; ++j)
+        scalar(j);
 }
 
 void relu_mask_backward(const float *diff_dst, const uint8_t *bits, float *diff_src, int64_t n,
@@ -64,19 +87,7 @@ void relu_mask_backward(const float *diff_dst, const uint8_t *bits, float *diff_
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t c = 0; c < chunks; ++c) {
         const int64_t begin = c * chunk_elems, end = std::min<int64_t>(n, begin + chunk_elems);
-        const __m128i lo_bits = _mm_set_epi32(8, 4, 2, 1), hi_bits = _mm_set_epi32(128, 64, 32, 16);
-        int64_t i = begin;
-        for (; i + 8 <= end; i += 8) {
-            const __m128i byte = _mm_set1_epi32(bits[i / 8]);
-            const __m128 lo =
-                    _mm_castsi128_ps(_mm_cmpeq_epi32(_mm_and_si128(byte, lo_bits), lo_bits));
-            const __m128 hi =
-                    _mm_castsi128_ps(_mm_cmpeq_epi32(_mm_and_si128(byte, hi_bits), hi_bits));
-            _mm_storeu_ps(diff_src + i, _mm_and_ps(lo, _mm_loadu_ps(diff_dst + i)));
-            _mm_storeu_ps(diff_src + i + 4, _mm_and_ps(hi, _mm_loadu_ps(diff_dst + i + 4)));
-        }
-        for (int64_t j = i; j < end; ++j)
-            diff_src[j] = (bits[j / 8] >> (j % 8)) & 1 ? diff_dst[j] : 0.0f;
+        relu_mask_backward_range(diff_dst + begin, bits, begin, diff_src + begin, end - begin);
     }
 }
 

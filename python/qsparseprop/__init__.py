@@ -13,12 +13,13 @@ import os
 import torch  # noqa: F401
 
 from . import _C
-from .modules import FusedReLU, MaskedReLU, QuantizedSparseConv2d, QuantizedSparseLinear, SparseConv2d, SparseLinear
+from .modules import FusedBatchNorm2d, FusedReLU, MaskedReLU, QuantizedSparseConv2d, QuantizedSparseLinear, SparseConv2d, SparseLinear
 from .outliers import OutlierQuantizedSparseLinear, PrototypeOutlierQuantizedSparseLinear
 from .prototype import PrototypeQuantizedSparseConv2d, PrototypeQuantizedSparseLinear
 from .swap import (
     SwapDecision,
     apply_swap_plan,
+    fuse,
     format_swap_report,
     load_swap_plan,
     save_swap_plan,
@@ -155,6 +156,8 @@ __all__ = [
     "load_swap_plan",
     "to_dense",
     "FusedReLU",
+    "FusedBatchNorm2d",
+    "fuse",
     "MaskedReLU",
     "use_masked_relus",
     "OutlierQuantizedSparseLinear",

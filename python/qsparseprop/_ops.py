@@ -485,3 +485,140 @@ def _relu_grad_torch(grad: torch.Tensor, bits: torch.Tensor, ctx) -> torch.Tenso
 
 def relu_bits(y: torch.Tensor) -> torch.Tensor:
     return _ReluBits.apply(y)
+
+
+# ---- BatchNorm2d (+ ReLU) of a fused Conv2d block ------------------------------------
+#
+# The sparse convolution's NCHW output y goes through torch.nn.BatchNorm2d's
+# arithmetic and the ReLU after it in one C++ call each way: forward one
+# statistics pass and one pass that normalises, applies the ReLU and keeps
+# its mask (1 bit per element); backward two passes that read the mask
+# instead of a masked gradient. Saved for backward: y (BatchNorm's own
+# input, as torch keeps it), the mask, and per-channel mean and invstd —
+# not the normalised or the ReLU's fp32 output. The running statistics are
+# updated by the caller (modules.SparseConv2d) from the returned batch
+# mean and biased variance.
+
+
+def _optional_np(t: torch.Tensor | None):
+    return None if t is None else t.detach().numpy()
+
+
+def _batch_norm_forward_body(y, weight, bias, running_mean, running_var, eps, batch_statistics, relu):
+    z, mask, mean, invstd, batch_var = _C.batch_norm_relu_forward(
+        _np(y), _optional_np(weight), _optional_np(bias), _optional_np(running_mean), _optional_np(running_var),
+        eps, batch_statistics, relu, _threads(),
+    )  # fmt: skip
+    return tuple(torch.from_numpy(a) for a in (z, mask, mean, invstd, batch_var))
+
+
+def _batch_norm_backward_body(grad_z, mask, y, weight, mean, invstd, batch_statistics, relu, need_dy, need_affine):
+    dy, dw, db = _C.batch_norm_relu_backward(
+        _np(grad_z), _np(mask) if relu else None, _np(y), _optional_np(weight), _np(mean), _np(invstd),
+        batch_statistics, relu, need_dy, need_affine, _threads(),
+    )  # fmt: skip
+    return torch.from_numpy(dy), torch.from_numpy(dw), torch.from_numpy(db)
+
+
+@torch.library.custom_op("qsparseprop::batch_norm_relu_forward", mutates_args=())
+def batch_norm_relu_forward(
+    y: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    eps: float,
+    batch_statistics: bool,
+    relu: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(z, mask, mean, invstd, batch_var) for a contiguous NCHW float32 y."""
+    return _batch_norm_forward_body(y, weight, bias, running_mean, running_var, eps, batch_statistics, relu)
+
+
+@batch_norm_relu_forward.register_fake
+def _(y, weight, bias, running_mean, running_var, eps, batch_statistics, relu):
+    c = y.shape[1]
+    mask = y.new_empty((y.numel() + 7) // 8 if relu else 0, dtype=torch.uint8)
+    return y.new_empty(y.shape), mask, y.new_empty(c), y.new_empty(c), y.new_empty(c if batch_statistics else 0)
+
+
+@torch.library.custom_op("qsparseprop::batch_norm_relu_backward", mutates_args=())
+def batch_norm_relu_backward(
+    grad_z: torch.Tensor,
+    mask: torch.Tensor,
+    y: torch.Tensor,
+    weight: torch.Tensor | None,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    batch_statistics: bool,
+    relu: bool,
+    need_input_grad: bool,
+    need_affine_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _batch_norm_backward_body(
+        grad_z, mask, y, weight, mean, invstd, batch_statistics, relu, need_input_grad, need_affine_grad
+    )
+
+
+@batch_norm_relu_backward.register_fake
+def _(grad_z, mask, y, weight, mean, invstd, batch_statistics, relu, need_dy, need_affine):
+    c = y.shape[1]
+    dy = y.new_empty(y.shape) if need_dy else y.new_empty(0)
+    return dy, y.new_empty(c if need_affine else 0), y.new_empty(c if need_affine else 0)
+
+
+def _batch_norm_grads(ctx, grad_z):
+    y, mask, weight, mean, invstd = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    need_affine = ctx.affine and (need[1] or need[2])
+    args = (grad_z.contiguous(), mask, y, weight if ctx.affine else None, mean, invstd, ctx.batch_statistics, ctx.relu)
+    if torch.compiler.is_compiling() or not ctx.eager:
+        dy, dw, db = batch_norm_relu_backward(*args, need[0], need_affine)
+    else:
+        dy, dw, db = _batch_norm_backward_body(*args, need[0], need_affine)
+    return (
+        dy if need[0] else None, dw if need_affine and need[1] else None, db if need_affine and need[2] else None,
+    ) + (None,) * (len(need) - 3)  # fmt: skip
+
+
+def _batch_norm_setup(ctx, inputs, output, eager: bool):
+    y, weight, bias, running_mean, running_var, eps, batch_statistics, relu = inputs
+    _, mask, mean, invstd, _ = output
+    ctx.save_for_backward(y, mask, weight if weight is not None else _empty(), mean, invstd)
+    ctx.affine, ctx.batch_statistics, ctx.relu, ctx.eager = weight is not None, batch_statistics, relu, eager
+
+
+torch.library.register_autograd(
+    "qsparseprop::batch_norm_relu_forward",
+    lambda ctx, grad_z, *_: _batch_norm_grads(ctx, grad_z),
+    setup_context=lambda ctx, inputs, output: _batch_norm_setup(ctx, inputs, output, False),
+)
+
+
+class _BatchNormReLUFunction(torch.autograd.Function):
+    """The eager path of batch_norm_relu_forward (no dispatcher cost)."""
+
+    @staticmethod
+    def forward(ctx, y, weight, bias, running_mean, running_var, eps, batch_statistics, relu):
+        out = _batch_norm_forward_body(y, weight, bias, running_mean, running_var, eps, batch_statistics, relu)
+        _batch_norm_setup(ctx, (y, weight, bias, running_mean, running_var, eps, batch_statistics, relu), out, True)
+        ctx.mark_non_differentiable(*out[1:])
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_z, *_):
+        return _batch_norm_grads(ctx, grad_z)
+
+
+def batch_norm_relu(y, weight, bias, running_mean, running_var, eps, batch_statistics, relu):
+    """(z, mean, biased batch variance) of BatchNorm2d (+ ReLU) over a
+    contiguous NCHW float32 y, with autograd. With batch statistics, mean
+    and variance are the batch's (for the running-statistics update); else
+    the mean is the running mean and the variance empty."""
+    args = (y, weight, bias, running_mean, running_var, float(eps), bool(batch_statistics), bool(relu))
+    if torch.compiler.is_compiling():
+        z, _, mean, _, var = batch_norm_relu_forward(*args)
+    else:
+        z, _, mean, _, var = _BatchNormReLUFunction.apply(*args)
+    return z, mean, var

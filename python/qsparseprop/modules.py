@@ -75,6 +75,39 @@ class FusedReLU(nn.Identity):
     itself (``fused_relu``): a marker, so ``to_dense`` can put the ReLU back."""
 
 
+class FusedBatchNorm2d(nn.BatchNorm2d):
+    """Where an ``nn.BatchNorm2d`` stood after a sparse convolution that now
+    applies it itself (``qsparseprop.fuse``): the same parameters and
+    buffers under the same ``state_dict`` keys, so checkpoints, optimizers
+    and ``train()`` / ``eval()`` treat it as the BatchNorm it was; its own
+    forward passes the input through (the convolution before it has already
+    normalised). ``to_dense`` puts an ``nn.BatchNorm2d`` back."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return input
+
+    @classmethod
+    def taking_over(cls, bn: nn.BatchNorm2d) -> "FusedBatchNorm2d":
+        """A marker holding ``bn``'s very parameters and buffers."""
+        return _moved_into(cls.__new__(cls), bn)
+
+    def to_batch_norm(self) -> nn.BatchNorm2d:
+        """An ``nn.BatchNorm2d`` holding this marker's parameters and buffers."""
+        return _moved_into(nn.BatchNorm2d.__new__(nn.BatchNorm2d), self)
+
+
+def _moved_into(target: nn.Module, source: nn.Module) -> nn.Module:
+    # The same tensors (not copies): an optimizer built before the fusion
+    # keeps updating them, and hooks on them stay.
+    nn.Module.__init__(target)
+    containers = ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set")
+    target.__dict__.update({k: v for k, v in source.__dict__.items() if k not in containers})  # training, eps, ...
+    target._parameters.update(source._parameters)
+    target._buffers.update(source._buffers)
+    target._non_persistent_buffers_set.update(source._non_persistent_buffers_set)
+    return target
+
+
 class MaskedReLU(nn.Module):
     """``nn.ReLU`` whose backward keeps one bit per element (where the input
     was > 0) instead of the float output: same values and gradients, 1/32 of
@@ -408,6 +441,40 @@ def _output_channels_last(x: torch.Tensor) -> bool:
     return suggest_memory_format(x) == torch.channels_last
 
 
+def _batch_norm_after(bn: nn.BatchNorm2d, y: torch.Tensor, relu: bool) -> torch.Tensor:
+    """``bn`` (then ReLU) applied to the NCHW output y, as BatchNorm2d.forward
+    would: the same choice of statistics, momentum (None: cumulative
+    average), num_batches_tracked and running-statistics update."""
+    if y.shape[0] == 0 or y.dtype != torch.float32:  # torch's own, for what the passes do not take
+        z = F.batch_norm(
+            y, bn.running_mean, bn.running_var, bn.weight, bn.bias,
+            bn.training or bn.running_mean is None, _momentum(bn), bn.eps,
+        )  # fmt: skip
+        return torch.relu(z) if relu else z
+    batch_statistics = bn.training or bn.running_mean is None or bn.running_var is None
+    if batch_statistics and y.numel() // y.shape[1] <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(y.shape)}")
+    factor = _momentum(bn)
+    z, mean, var = _ops.batch_norm_relu(
+        y.contiguous(), bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps, batch_statistics, relu
+    )
+    if bn.training and bn.running_mean is not None and bn.running_var is not None:
+        count = y.numel() // y.shape[1]
+        with torch.no_grad():
+            bn.running_mean.mul_(1 - factor).add_(mean, alpha=factor)
+            bn.running_var.mul_(1 - factor).add_(var, alpha=factor * count / (count - 1))
+    return z
+
+
+def _momentum(bn: nn.BatchNorm2d) -> float:
+    """BatchNorm's exponential average factor for this call, counting the
+    batch as BatchNorm.forward does (in training with running statistics)."""
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        return 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    return 0.0 if bn.momentum is None else bn.momentum
+
+
 class SparseConv2d(_SparseModule):
     """2-D convolution with a CSR-sparse weight: one row per output channel,
     columns over (in_channel/groups, kh, kw). Supports stride, zero padding
@@ -604,7 +671,10 @@ class SparseConv2d(_SparseModule):
             )
         else:
             y = self._compute(x.contiguous())
-        if self.fused_relu:
+        bn = self.__dict__.get("fused_batch_norm")
+        if bn is not None:
+            y = _batch_norm_after(bn, y, self.fused_relu)
+        elif self.fused_relu:
             y = _ops.relu_bits(y)
         if channels_last:
             y = y.contiguous(memory_format=torch.channels_last)
@@ -621,6 +691,7 @@ class SparseConv2d(_SparseModule):
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
             f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
             f"bias={self.bias is not None}, density={self.density:.4f}, scheme={self.scheme}"
+            + (", fused_batch_norm=True" if self.__dict__.get("fused_batch_norm") is not None else "")
             + (", fused_relu=True" if self.fused_relu else "")
         )
 

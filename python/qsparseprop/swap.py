@@ -19,6 +19,7 @@ from torch.nn.utils import prune
 
 from . import _C, _ops
 from .modules import (
+    FusedBatchNorm2d,
     FusedReLU,
     MaskedReLU,
     QuantizedSparseConv2d,
@@ -46,7 +47,8 @@ class SwapDecision:
     reason: str
     scheme: str = ""  # what it was swapped to: "f32", "s8" or "prototype"
     pattern_hash: str = ""  # of the CSR pattern (validate_csr's hash), for plans
-    fused_relu: bool = False  # the nn.ReLU right after it is applied by the layer
+    fused_relu: bool = False  # the nn.ReLU right after it (or after its fused BatchNorm) is applied by the layer
+    fused_batch_norm: bool = False  # the nn.BatchNorm2d right after it is applied by the layer
 
 
 def _timing_key(dense: nn.Module, sparse: nn.Module, shape, autocast) -> bytes:
@@ -238,6 +240,7 @@ def swap_modules_with_sparse(
     autocast: torch.dtype | None = None,
     fuse_relu: bool = True,
     scheme: str | None = None,
+    fuse: bool = True,
     persistent: bool = True,
     mask_kept: bool = True,
 ) -> nn.Module:
@@ -254,11 +257,15 @@ def swap_modules_with_sparse(
     "s8_outliers" gives Linear layers the outlier-robust int8 scheme
     (``OutlierQuantizedSparseLinear``; convolutions get "s8"), its outlier
     channels found on the first batch after the swap (training or evaluation).
-    ``fuse_relu``: an ``nn.ReLU`` that directly follows a swapped layer in an
-    ``nn.Sequential`` is applied by the layer, keeping one bit per element
-    for its backward instead of the fp32 output (int8 training then saves
-    only int8 copies of those activations); a ``FusedReLU`` marker takes its
-    place.
+    ``fuse`` (see :func:`fuse`): an ``nn.BatchNorm2d`` that directly follows
+    a swapped convolution in an ``nn.Sequential`` is applied by it (one
+    statistics pass and one normalise pass, no separate ReLU pass); a
+    ``FusedBatchNorm2d`` marker holding its parameters and buffers takes its
+    place. ``fuse_relu``: an ``nn.ReLU`` that directly follows a swapped
+    layer (or its fused BatchNorm) is applied by the layer, keeping one bit
+    per element for its backward instead of the fp32 output (int8 training
+    then saves only int8 copies of those activations); a ``FusedReLU``
+    marker takes its place.
     ``persistent``: the timings are kept in the persistent cache
     (``QSP_CACHE_DIR``, see :func:`qsparseprop.persistent_cache_info`) under
     the layer's exact configuration, pattern, input shape, threads, ISA and
@@ -372,28 +379,79 @@ def swap_modules_with_sparse(
 
     if mask_kept:
         _mask_kept_layers(target, report)
-    if fuse_relu:
-        _fuse_relus(target, report)
+    _fuse(target, {r.name: r for r in report if r.swapped}, batch_norm=fuse, relu=fuse_relu)
     target.qsparseprop_swap_report = report
     if verbose:
         print(format_swap_report(report))
     return target
 
 
-def _fuse_relus(model: nn.Module, report: list[SwapDecision]) -> None:
-    """Fuses each nn.ReLU that directly follows a swapped layer of the report
-    in an nn.Sequential (what the plan says, when it says it)."""
-    rows = {r.name: r for r in report if r.swapped}
-    for seq_name, seq in model.named_modules():
+def fuse(model: nn.Module, relu: bool = True) -> nn.Module:
+    """Fuses, in place (returns ``model``), what follows each sparse layer in
+    an ``nn.Sequential``: an ``nn.BatchNorm2d`` after a sparse convolution
+    (then applied by the convolution: the same arithmetic, statistics,
+    momentum and running-statistics updates as the BatchNorm's, in one
+    statistics pass and one pass that normalises), and with ``relu`` an
+    ``nn.ReLU`` after the layer or after its fused BatchNorm (applied by the
+    layer, its backward keeping one bit per element). ``FusedBatchNorm2d``
+    and ``FusedReLU`` markers take the fused modules' places: the
+    BatchNorm's parameters and buffers stay where they were, under the same
+    ``state_dict`` keys, ``train()`` / ``eval()`` reach them as before, and
+    :func:`to_dense` puts the original modules back. Fusing twice changes
+    nothing. ``swap_modules_with_sparse`` fuses the layers it swaps
+    (``fuse=True``, ``fuse_relu=True``).
+
+    >>> import torch
+    >>> from qsparseprop import SparseConv2d, fuse
+    >>> conv = SparseConv2d.from_dense(torch.nn.Conv2d(4, 4, 3, padding=1, bias=False))
+    >>> net = fuse(torch.nn.Sequential(conv, torch.nn.BatchNorm2d(4), torch.nn.ReLU()))
+    >>> [type(m).__name__ for m in net]
+    ['SparseConv2d', 'FusedBatchNorm2d', 'FusedReLU']
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _fuse(model, None, batch_norm=True, relu=relu)
+    return model
+
+
+def _fuse(model: nn.Module, rows: dict[str, SwapDecision] | None, batch_norm: bool, relu: bool) -> None:
+    """The fusions of :func:`fuse` for the sparse layers named in ``rows``
+    (every sparse layer when None), recorded in their rows."""
+    for seq_name, seq in list(model.named_modules()):
         if not isinstance(seq, nn.Sequential):
             continue
-        children = list(seq.named_children())
-        for (name, layer), (relu_name, relu) in zip(children, children[1:], strict=False):
+        owner = {}  # id(FusedBatchNorm2d) -> the (name, layer) that applies it
+        names = list(seq._modules)
+        for name, next_name in zip(names, names[1:]):
+            layer, nxt = seq._modules[name], seq._modules[next_name]  # as fused so far
             full = f"{seq_name}.{name}" if seq_name else name
-            if full in rows and isinstance(layer, _SparseModule) and type(relu) is nn.ReLU:
+            if isinstance(nxt, FusedBatchNorm2d) and isinstance(layer, SparseConv2d):
+                if layer.__dict__.get("fused_batch_norm") is nxt:
+                    owner[id(nxt)] = (full, layer)
+                continue
+            if isinstance(layer, FusedBatchNorm2d):
+                full, layer = owner.get(id(layer), (None, None))
+            if layer is None or not isinstance(layer, _SparseModule) or (rows is not None and full not in rows):
+                continue
+            if (
+                batch_norm
+                and isinstance(layer, SparseConv2d)
+                and type(nxt) is nn.BatchNorm2d
+                and nxt.num_features == layer.out_channels
+                and layer.__dict__.get("fused_batch_norm") is None
+                and not layer.fused_relu  # a ReLU before the BatchNorm
+            ):
+                marker = FusedBatchNorm2d.taking_over(nxt)
+                setattr(seq, next_name, marker)
+                object.__setattr__(layer, "fused_batch_norm", marker)  # a reference, not a submodule
+                owner[id(marker)] = (full, layer)
+                if rows is not None:
+                    rows[full].fused_batch_norm = True
+            elif relu and type(nxt) in (nn.ReLU, MaskedReLU) and not layer.fused_relu:
                 layer.fused_relu = True
-                setattr(seq, relu_name, FusedReLU())
-                rows[full].fused_relu = True
+                setattr(seq, next_name, FusedReLU())
+                if rows is not None:
+                    rows[full].fused_relu = True
 
 
 def use_masked_relus(model: nn.Module) -> nn.Module:
@@ -494,12 +552,14 @@ def apply_swap_plan(
                 f"{d.pattern_hash}): pruned differently? (strict=False swaps anyway)"
             )
         _replace(model, d.name, sparse)
-    fused = [d for d in decisions if d.swapped and d.fused_relu]
-    if fused:
-        _fuse_relus(model, [dataclasses.replace(d) for d in fused])
-        for d in fused:
-            if not model.get_submodule(d.name).fused_relu:
-                raise ValueError(f"swap plan: {d.name} had its ReLU fused, but no nn.ReLU follows it here")
+    fused = {d.name: dataclasses.replace(d) for d in decisions if d.swapped and (d.fused_relu or d.fused_batch_norm)}
+    _fuse(model, fused, batch_norm=True, relu=True)
+    for d in fused.values():
+        layer = model.get_submodule(d.name)
+        if d.fused_batch_norm and layer.__dict__.get("fused_batch_norm") is None:
+            raise ValueError(f"swap plan: {d.name} had its BatchNorm fused, but no nn.BatchNorm2d follows it here")
+        if d.fused_relu and not layer.fused_relu:
+            raise ValueError(f"swap plan: {d.name} had its ReLU fused, but no nn.ReLU follows it here")
     if mask_kept:
         _mask_kept_layers(model, decisions, state_dict)
     if state_dict is not None:
@@ -541,11 +601,15 @@ def to_dense(model: nn.Module, inplace: bool = False) -> nn.Module:
     """
     if isinstance(model, _SparseModule):
         dense = model.to_dense().train(model.training)
-        return nn.Sequential(dense, nn.ReLU()) if model.fused_relu else dense
+        bn = model.__dict__.get("fused_batch_norm")
+        after = ([copy.deepcopy(bn).to_batch_norm()] if bn is not None else []) + ([nn.ReLU()] if model.fused_relu else [])
+        return nn.Sequential(dense, *after) if after else dense
     target = model if inplace else copy.deepcopy(model)
     for name, mod in list(target.named_modules()):
         if isinstance(mod, FusedReLU):
             _replace(target, name, nn.ReLU())  # the ReLU back where it stood
+        elif isinstance(mod, FusedBatchNorm2d):
+            _replace(target, name, mod.to_batch_norm())
         elif isinstance(mod, MaskedReLU):
             _replace(target, name, nn.ReLU(mod.inplace))
     for name, mod in list(target.named_modules()):

@@ -1,0 +1,258 @@
+#include "primitives/passes/batch_norm.hpp"
+
+#include "primitives/passes/relu_mask.hpp"
+#include "qsparseprop/primitives.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include <omp.h>
+
+// Portable C++ (the compiler's baseline vectors, no ISA target): the passes
+// are memory bound, and run on every CPU the library does.
+namespace qsp::detail {
+
+namespace {
+
+// Whole mask bytes per OpenMP chunk, so no two threads write one byte.
+constexpr int64_t chunk_elems = 8 * 4096;
+
+// Calls f(channel, begin, end) for the runs of one plane in [begin, end).
+template <typename F> void for_each_plane_run(channel_planes s, int64_t begin, int64_t end, F &&f) {
+    for (int64_t i = begin; i < end;) {
+        const int64_t plane = i / s.spatial;
+        const int64_t run_end = std::min(end, (plane + 1) * s.spatial);
+        f(plane % s.channels, i, run_end);
+        i = run_end;
+    }
+}
+
+template <typename F> void for_each_chunk(int64_t n, int num_threads, F &&f) {
+    const int64_t chunks = (n + chunk_elems - 1) / chunk_elems;
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t c = 0; c < chunks; ++c)
+        f(c * chunk_elems, std::min(n, (c + 1) * chunk_elems));
+}
+
+} // namespace
+
+void channel_statistics(const float *src, channel_planes s, double *mean, double *var,
+                        int num_threads) {
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t c = 0; c < s.channels; ++c) {
+        double count = 0, m = 0, m2 = 0;
+        for (int64_t n = 0; n < s.batch; ++n) {
+            const float *p = src + (n * s.channels + c) * s.spatial;
+            float sum = 0;
+#pragma omp simd reduction(+ : sum)
+            for (int64_t i = 0; i < s.spatial; ++i)
+                sum += p[i];
+            const double plane_mean = static_cast<double>(sum) / static_cast<double>(s.spatial);
+            const float centre = static_cast<float>(plane_mean);
+            float squares = 0;
+#pragma omp simd reduction(+ : squares)
+            for (int64_t i = 0; i < s.spatial; ++i)
+                squares += (p[i] - centre) * (p[i] - centre);
+            // about plane_mean rather than the float it was rounded to
+            const double off = plane_mean - centre;
+            const double plane_m2 =
+                    static_cast<double>(squares) - static_cast<double>(s.spatial) * off * off;
+            const double nb = static_cast<double>(s.spatial), total = count + nb;
+            const double delta = plane_mean - m;
+            m += delta * nb / total;
+            m2 += std::max(0.0, plane_m2) + delta * delta * count * nb / total;
+            count = total;
+        }
+        mean[c] = m;
+        var[c] = count > 0 ? m2 / count : 0.0;
+    }
+}
+
+void scale_shift_relu(const float *src, channel_planes s, const float *scale, const float *shift,
+                      float *dst, uint8_t *bits, int num_threads) {
+    for_each_chunk(s.elements(), num_threads, [&](int64_t begin, int64_t end) {
+        for_each_plane_run(s, begin, end, [&](int64_t c, int64_t b, int64_t e) {
+            const float a = scale[c], k = shift[c];
+#pragma omp simd
+            for (int64_t i = b; i < e; ++i)
+                dst[i] = src[i] * a + k;
+        });
+        // while the chunk is in cache
+        if (bits) relu_mask_range(dst, dst, bits, begin, end);
+    });
+}
+
+void masked_gradient_sums(const float *diff_dst, const uint8_t *bits, const float *src,
+                          channel_planes s, const float *mean, double *sum_g,
+                          double *sum_g_centered, int num_threads) {
+#pragma omp parallel num_threads(num_threads)
+    {
+        // the masked gradient of one plane, while it is in cache
+        std::vector<float> masked(bits ? static_cast<size_t>(s.spatial) : 0);
+#pragma omp for schedule(static)
+        for (int64_t c = 0; c < s.channels; ++c) {
+            double total = 0, total_centered = 0;
+            const float m = mean[c];
+            for (int64_t n = 0; n < s.batch; ++n) {
+                const int64_t base = (n * s.channels + c) * s.spatial;
+                const float *g = diff_dst + base, *x = src + base;
+                if (bits) {
+                    // a select, not a product: a NaN gradient where the
+                    // input was <= 0 is dropped, as torch's ReLU backward does
+                    relu_mask_backward_range(g, bits, base, masked.data(), s.spatial);
+                    g = masked.data();
+                }
+                float sum = 0, centered = 0;
+#pragma omp simd reduction(+ : sum, centered)
+                for (int64_t i = 0; i < s.spatial; ++i) {
+                    sum += g[i];
+                    centered += g[i] * (x[i] - m);
+                }
+                total += sum;
+                total_centered += centered;
+            }
+            sum_g[c] = total;
+            sum_g_centered[c] = total_centered;
+        }
+    }
+}
+
+void masked_gradient_apply(const float *diff_dst, const uint8_t *bits, const float *src,
+                           channel_planes s, const float *mean, const float *a, const float *b,
+                           const float *k, float *diff_src, int num_threads) {
+    for_each_chunk(s.elements(), num_threads, [&](int64_t begin, int64_t end) {
+        const float *g = diff_dst;
+        if (bits) { // masked into diff_src first, while the chunk is in cache
+            relu_mask_backward_range(diff_dst + begin, bits, begin, diff_src + begin, end - begin);
+            g = diff_src;
+        }
+        for_each_plane_run(s, begin, end, [&](int64_t c, int64_t lo, int64_t hi) {
+            const float ac = a[c], bc = b[c], kc = k[c], m = mean[c];
+#pragma omp simd
+            for (int64_t i = lo; i < hi; ++i)
+                diff_src[i] = g[i] * ac + (src[i] - m) * bc + kc;
+        });
+    });
+}
+
+} // namespace qsp::detail
+
+// The public entry points (qsparseprop/primitives.hpp): argument checks,
+// the per-channel arithmetic, then the passes.
+namespace qsp {
+
+namespace {
+
+int threads_or_default(int num_threads) {
+    return num_threads > 0 ? num_threads : omp_get_max_threads();
+}
+
+detail::channel_planes checked_planes(const batch_norm_relu_desc &d) {
+    const char *what = "batch_norm_relu: ";
+    if (d.batch < 0 || d.channels < 1 || d.spatial < 1)
+        throw std::invalid_argument(std::string(what)
+                                    + "batch must be >= 0 and channels, spatial >= 1, got "
+                                    + std::to_string(d.batch) + ", " + std::to_string(d.channels)
+                                    + ", " + std::to_string(d.spatial));
+    if (!(d.epsilon >= 0) || !std::isfinite(d.epsilon))
+        throw std::invalid_argument(std::string(what) + "epsilon must be finite and >= 0, got "
+                                    + std::to_string(d.epsilon));
+    if (d.batch_statistics && d.batch == 0)
+        throw std::invalid_argument(std::string(what)
+                                    + "batch statistics of an empty batch are undefined");
+    return {d.batch, d.channels, d.spatial};
+}
+
+void require(const void *p, const char *name) {
+    if (p == nullptr)
+        throw std::invalid_argument(std::string("batch_norm_relu: ") + name + " is null");
+}
+
+} // namespace
+
+void batch_norm_relu_forward(const batch_norm_relu_desc &d, const float *src, const float *gamma,
+                             const float *beta, const float *running_mean, const float *running_var,
+                             float *dst, uint8_t *mask, float *mean, float *invstd,
+                             float *batch_var, int num_threads) {
+    const detail::channel_planes s = checked_planes(d);
+    require(mean, "mean");
+    require(invstd, "invstd");
+    if (d.relu) require(mask, "mask");
+    if (!d.batch_statistics) {
+        require(running_mean, "running_mean");
+        require(running_var, "running_var");
+    }
+    if (s.elements() > 0) {
+        require(src, "src");
+        require(dst, "dst");
+    }
+    const int threads = threads_or_default(num_threads);
+    const auto channels = static_cast<size_t>(s.channels);
+    std::vector<double> m(channels), v(channels);
+    if (d.batch_statistics) {
+        detail::channel_statistics(src, s, m.data(), v.data(), threads);
+    } else {
+        for (size_t c = 0; c < channels; ++c)
+            m[c] = running_mean[c], v[c] = running_var[c];
+    }
+    std::vector<float> scale(channels), shift(channels);
+    for (size_t c = 0; c < channels; ++c) {
+        // as torch: the inverse standard deviation in double, rounded once
+        const float inv = static_cast<float>(1.0 / std::sqrt(v[c] + d.epsilon));
+        mean[c] = static_cast<float>(m[c]);
+        invstd[c] = inv;
+        if (batch_var && d.batch_statistics) batch_var[c] = static_cast<float>(v[c]);
+        scale[c] = inv * (gamma ? gamma[c] : 1.0f);
+        shift[c] = (beta ? beta[c] : 0.0f) - mean[c] * scale[c];
+    }
+    if (s.elements() > 0)
+        detail::scale_shift_relu(src, s, scale.data(), shift.data(), dst, d.relu ? mask : nullptr,
+                                 threads);
+}
+
+void batch_norm_relu_backward(const batch_norm_relu_desc &d, const float *diff_dst,
+                              const uint8_t *mask, const float *src, const float *gamma,
+                              const float *mean, const float *invstd, float *diff_src,
+                              float *diff_gamma, float *diff_beta, int num_threads) {
+    const detail::channel_planes s = checked_planes(d);
+    require(mean, "mean");
+    require(invstd, "invstd");
+    if (d.relu) require(mask, "mask");
+    if (s.elements() > 0) {
+        require(diff_dst, "diff_dst");
+        require(src, "src");
+    }
+    const int threads = threads_or_default(num_threads);
+    const auto channels = static_cast<size_t>(s.channels);
+    const uint8_t *bits = d.relu ? mask : nullptr;
+    const bool need_sums = d.batch_statistics || diff_gamma || diff_beta;
+    std::vector<double> sum_g(channels, 0.0), dot(channels, 0.0);
+    if (need_sums && s.elements() > 0)
+        detail::masked_gradient_sums(diff_dst, bits, src, s, mean, sum_g.data(), dot.data(),
+                                     threads);
+    for (size_t c = 0; c < channels; ++c) {
+        if (diff_gamma) diff_gamma[c] = static_cast<float>(dot[c] * invstd[c]);
+        if (diff_beta) diff_beta[c] = static_cast<float>(sum_g[c]);
+    }
+    if (!diff_src || s.elements() == 0) return;
+    std::vector<float> a(channels), b(channels, 0.0f), k(channels, 0.0f);
+    const double count = static_cast<double>(s.batch) * static_cast<double>(s.spatial);
+    for (size_t c = 0; c < channels; ++c) {
+        const float w = gamma ? gamma[c] : 1.0f;
+        a[c] = invstd[c] * w;
+        if (d.batch_statistics) {
+            // torch's training backward: (g - (x - mean) * dot * invstd^2 / M
+            // - sum / M) * invstd * gamma, with M = N * H * W
+            const double inv = invstd[c];
+            b[c] = static_cast<float>(-dot[c] * inv * inv / count * a[c]);
+            k[c] = static_cast<float>(-sum_g[c] / count * a[c]);
+        }
+    }
+    detail::masked_gradient_apply(diff_dst, bits, src, s, mean, a.data(), b.data(), k.data(),
+                                  diff_src, threads);
+}
+
+} // namespace qsp
