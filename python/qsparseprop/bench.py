@@ -3,6 +3,7 @@
     python -m qsparseprop.bench linear                       # L1-L4 x {0.8,0.9,0.95,0.98} x {f32,s8}
     python -m qsparseprop.bench linear --shapes L1 --sparsities 0.9 --repeats 20
     python -m qsparseprop.bench conv                         # C1-C4, S2, P1, DW, STEM x sparsities x schemes
+    python -m qsparseprop.bench block                        # fused blocks: B1, B3 (ResNet BasicBlock), MLP
     python -m qsparseprop.bench conv --isa avx512_vnni       # both ISAs capped: a CPU without AMX
                                                              # (oneDNN at AVX512_CORE_BF16: VNNI and BF16,
                                                              # as on a Zen 4; AVX512_CORE_VNNI would also
@@ -15,6 +16,11 @@ under ``torch.autocast("cpu", dtype=torch.bfloat16)``, and for Linear
 by round, and reports medians and the ratios measured in this run, with the
 useful GFLOP/s (multiply-adds at the nonzeros, three directions) as a share
 of the peak measured at start (dense fp32 / int8 matrix products in torch).
+``block`` times whole blocks instead: a ResNet BasicBlock (conv-BN-ReLU-
+conv-BN, identity shortcut, add, ReLU) at C1 / C3 sizes and a transformer
+MLP (Linear-ReLU-Linear), fused (``qsparseprop.fuse``: the BatchNorms and
+ReLUs applied by the sparse layers) against the same swapped layers
+unfused (torch's BatchNorm, ``MaskedReLU``) and the dense block.
 Machines are noisy: read the ratios, not the absolute times.
 """
 
@@ -252,6 +258,83 @@ def bench_conv_case(name, shape, sparsity, scheme, repeats, warmup, peak, vector
     )  # fmt: skip
 
 
+# name: (batch, channels, image) of a BasicBlock; (tokens, width, hidden) of the MLP
+BLOCK_SHAPES = {"B1": (32, 64, 56), "B3": (32, 256, 14), "MLP": (256, 768, 3072)}
+
+
+def _block_models(name: str, sparsity: float, scheme: str, seed: int):
+    """(dense, unfused, fused) versions of block `name`, the same weights."""
+    import copy
+
+    from .finetune import _Residual
+    from .swap import _sparse_class, fuse, use_masked_relus
+
+    torch.manual_seed(seed)
+    _, width, hidden = BLOCK_SHAPES[name]
+    if name == "MLP":
+        dense = torch.nn.Sequential(torch.nn.Linear(width, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, width))
+    else:
+        dense = _Residual(width, width, 1)
+    gen = torch.Generator().manual_seed(seed)
+    for m in dense.modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+            with torch.no_grad():
+                m.weight.mul_(torch.rand(m.weight.shape, generator=gen) >= sparsity)
+    unfused = copy.deepcopy(dense)
+    for parent in unfused.modules():
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, (torch.nn.Linear, torch.nn.Conv2d)):
+                setattr(parent, child_name, _sparse_class(child, scheme).from_dense(child, seed=seed))
+    use_masked_relus(unfused)  # unfused at its best: the ReLUs keep bits, as the main job's do
+    fused = fuse(copy.deepcopy(unfused))
+    return dense, unfused, fused
+
+
+def bench_block_case(name, sparsity, scheme, repeats, warmup) -> dict:
+    dense, unfused, fused = _block_models(name, sparsity, scheme, 0)
+    batch, width, size = BLOCK_SHAPES[name]
+    x = torch.randn(batch, width) if name == "MLP" else torch.randn(batch, width, size, size)
+    g = torch.randn_like(dense(x))
+
+    def dense_bf16(t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return dense(t)
+
+    timers = [_Timer("fused", fused), _Timer("unfused", unfused), _Timer("dense_fp32", dense)]
+    if bf16_native():
+        timers.append(_Timer("dense_bf16", dense_bf16))
+    for r in range(warmup + repeats):
+        for t in timers[r % len(timers) :] + timers[: r % len(timers)]:
+            for m in (fused, unfused, dense):
+                m.zero_grad(set_to_none=True)
+            t.sample(x, g, record=r >= warmup)
+    res = {t.name: t.medians()[2] for t in timers}
+    res.setdefault("dense_bf16", math.nan)  # not timed: torch emulates bf16 on this CPU
+    best = min(v for v in (res["dense_fp32"], res["dense_bf16"]) if not math.isnan(v))
+    return dict(
+        shape=name, sparsity=sparsity, scheme=scheme, threads=torch.get_num_threads(),
+        isa=_C.effective_cpu_isa(), fused_ms=res["fused"], unfused_ms=res["unfused"],
+        fp32_ms=res["dense_fp32"], bf16_ms=res["dense_bf16"],
+        fused_vs_unfused=res["unfused"] / res["fused"], fused_vs_fp32=res["dense_fp32"] / res["fused"],
+        fused_vs_best_dense=best / res["fused"], repeats=repeats, **machine(),
+    )  # fmt: skip
+
+
+def format_block_rows(rows: list[dict]) -> str:
+    head = (
+        f"{'block':<5} {'sp':>5} {'sch':<4} {'fused':>8} {'unfused':>8} {'fp32':>8} {'bf16':>8} "
+        f"{'x unfused':>9} {'x fp32':>7} {'x best':>7}   (ms per forward+backward; x = speedup of fused)"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r['shape']:<5} {r['sparsity']:>5.2f} {r['scheme']:<4} {r['fused_ms']:>8.2f} {r['unfused_ms']:>8.2f} "
+            f"{r['fp32_ms']:>8.2f} {r['bf16_ms']:>8.2f} {r['fused_vs_unfused']:>9.2f} {r['fused_vs_fp32']:>7.2f} "
+            f"{r['fused_vs_best_dense']:>7.2f}"
+        )
+    return "\n".join(lines)
+
+
 def format_rows(rows: list[dict]) -> str:
     head = (
         f"{'shape':<5} {'sp':>5} {'sch':<4} {'fwd ms':>8} {'bwd ms':>8} {'total':>8} {'fp32':>8} {'bf16':>8} "
@@ -329,11 +412,14 @@ def _reexec_capped(isa: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["linear", "conv"], help="which layer family")
+    p.add_argument("what", choices=["linear", "conv", "block"], help="which layer family, or fused blocks")
     p.add_argument(
         "--shapes",
         default=None,
-        help=f"comma-separated names (linear: {','.join(LINEAR_SHAPES)}; conv: {','.join(CONV_SHAPES)}); default all",
+        help=(
+            f"comma-separated names (linear: {','.join(LINEAR_SHAPES)}; conv: {','.join(CONV_SHAPES)}; "
+            f"block: {','.join(BLOCK_SHAPES)}); default all"
+        ),
     )
     p.add_argument(
         "--vectorization",
@@ -354,7 +440,7 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     if a.isa and not os.environ.get("QSP_BENCH_CAPPED") and argv is None:
         _reexec_capped(a.isa)
-    known = LINEAR_SHAPES if a.what == "linear" else CONV_SHAPES
+    known = {"linear": LINEAR_SHAPES, "conv": CONV_SHAPES, "block": BLOCK_SHAPES}[a.what]
     shapes = [s.strip() for s in a.shapes.split(",")] if a.shapes else list(known)
     unknown = [s for s in shapes if s not in known]
     if unknown:
@@ -374,6 +460,19 @@ def main(argv: list[str] | None = None) -> None:
           f"measured peak: fp32 {peak['f32']:.0f} GFLOP/s, int8 {peak['s8']:.0f} GOP/s",
           flush=True)  # fmt: skip
     vec = {"auto": None, "width": True, "batch": False}[a.vectorization]
+    if a.what == "block":
+        rows = []
+        for shape in shapes:
+            for sp in sparsities:
+                for scheme in schemes:
+                    rows.append(bench_block_case(shape, sp, scheme, a.repeats, a.warmup))
+                    print(format_block_rows(rows[-1:]).splitlines()[-1], flush=True)
+        print()
+        print(format_block_rows(rows))
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(rows, f, indent=1)
+        return
     rows = []
     for shape in shapes:
         for sp in sparsities:

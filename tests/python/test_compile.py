@@ -36,6 +36,19 @@ def _cnn():
     return m
 
 
+def _cnn_bn():  # fused Conv2d-BatchNorm2d-ReLU blocks (qsparseprop.fuse after the swap)
+    torch.manual_seed(0)
+    m = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16),
+        nn.Flatten(), nn.Linear(16 * 4 * 4, 10),
+    )  # fmt: skip
+    for layer in m:
+        if isinstance(layer, (nn.Linear, nn.Conv2d)):
+            prune_random_(layer, 0.7)
+    return m
+
+
 def _swap(model, scheme):
     m = copy.deepcopy(model)
     for i, layer in enumerate(m):
@@ -45,12 +58,13 @@ def _swap(model, scheme):
         elif isinstance(layer, nn.Linear):
             cls = q.QuantizedSparseLinear if scheme == "s8" else q.SparseLinear
             m[i] = cls.from_dense(layer, seed=i)
-    return m
+    return q.fuse(m)
 
 
 @pytest.mark.parametrize("scheme", ["f32", "s8"])
 @pytest.mark.parametrize(
-    "make,shape,dynamic", [(_mlp, (16, 32), None), (_cnn, (4, 3, 8, 8), False), (_cnn, (4, 3, 8, 8), True)]
+    "make,shape,dynamic",
+    [(_mlp, (16, 32), None), (_cnn, (4, 3, 8, 8), False), (_cnn, (4, 3, 8, 8), True), (_cnn_bn, (4, 3, 8, 8), False)],
 )
 def test_compiled_training_matches_eager_without_recompiling(make, shape, dynamic, scheme):
     base = make()

@@ -1,0 +1,226 @@
+"""Fused Conv2d-BatchNorm2d(-ReLU) blocks (qsparseprop.fuse): a fused block
+computes what the same swapped convolution followed by torch's BatchNorm2d
+and ReLU does — outputs, every gradient, running statistics and
+num_batches_tracked, over training steps and then in eval — for f32, s8 and
+the int8 prototype, channels_last, batch 1, 1-3 threads, every BatchNorm
+option; and it stays the same model to everything around it (state_dict
+keys, checkpoints both ways, optimizers, to_dense, swap plans)."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import qsparseprop as q
+from conftest import assert_close_rel, prune_random_
+
+CLASSES = {"f32": q.SparseConv2d, "s8": q.QuantizedSparseConv2d, "prototype": q.PrototypeQuantizedSparseConv2d}
+
+
+def _block(bn_kwargs=None, relu=True, cin=5, cout=7, stride=1, seed=0):
+    torch.manual_seed(seed)
+    conv = prune_random_(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), 0.8)
+    bn = nn.BatchNorm2d(cout, **(bn_kwargs or {}))
+    if bn.affine:
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.normal_()
+    return nn.Sequential(conv, bn, *([nn.ReLU()] if relu else []), nn.Conv2d(cout, 3, 1))
+
+
+def _pair(dense, scheme):
+    unfused = copy.deepcopy(dense)
+    unfused[0] = CLASSES[scheme].from_dense(dense[0], seed=3)
+    fused = q.fuse(copy.deepcopy(unfused))
+    return unfused, fused
+
+
+def _close(got, want, scheme, what):
+    # f32: rounding (sums in another order, over steps); s8: an int8 gradient
+    # rounding may also flip on a last-bit difference of the fp32 BatchNorm
+    assert_close_rel(got, want, 1e-4 if scheme == "f32" else 2e-3, what)
+
+
+def _train_and_compare(unfused, fused, shape, scheme, steps=3, channels_last=False):
+    gen = torch.Generator().manual_seed(1)
+    for step in range(steps):
+        x = torch.randn(shape, generator=gen)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        outs = []
+        for model in (unfused, fused):
+            model.zero_grad(set_to_none=True)
+            out = model(x)
+            out.backward(torch.ones_like(out) * torch.linspace(-1, 1, out.numel()).view_as(out))
+            outs.append(out)
+        _close(outs[1], outs[0], scheme, f"step {step}: output")
+        assert outs[1].is_contiguous(memory_format=torch.channels_last) == outs[0].is_contiguous(
+            memory_format=torch.channels_last
+        )
+        for (name, a), b in zip(unfused.named_parameters(), fused.parameters(), strict=True):
+            _close(b.grad, a.grad, scheme, f"step {step}: gradient of {name}")
+        for (name, a), b in zip(unfused.named_buffers(), fused.buffers(), strict=True):
+            if name.endswith("_handle"):  # the kernel cache's slot: one per layer
+                continue
+            if a.is_floating_point():
+                torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=f"step {step}: buffer {name}")
+            else:
+                assert torch.equal(a, b), f"step {step}: buffer {name}"
+        with torch.no_grad():
+            for a, b in zip(unfused.parameters(), fused.parameters(), strict=True):
+                a -= 0.05 * a.grad
+                b -= 0.05 * b.grad
+    unfused.eval(), fused.eval()
+    x = torch.randn(shape, generator=gen)
+    with torch.no_grad():
+        _close(fused(x), unfused(x), scheme, "eval output")
+    unfused.train(), fused.train()
+
+
+@pytest.mark.parametrize("scheme", ["f32", "s8", "prototype"])
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_a_fused_block_trains_as_the_unfused_layers(scheme, relu, threads):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        unfused, fused = _pair(_block(relu=relu), scheme)
+        assert isinstance(fused[1], q.FusedBatchNorm2d)
+        assert isinstance(fused[2], q.FusedReLU) == relu
+        _train_and_compare(unfused, fused, (4, 5, 9, 7), scheme)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(
+    "bn_kwargs",
+    [
+        {"momentum": None},  # the cumulative average
+        {"momentum": 0.3, "eps": 1e-3},
+        {"track_running_stats": False},  # batch statistics in eval too
+        {"affine": False},
+    ],
+    ids=["momentum-none", "momentum-eps", "no-running-stats", "no-affine"],
+)
+def test_every_batch_norm_option_is_kept(bn_kwargs):
+    unfused, fused = _pair(_block(bn_kwargs), "f32")
+    _train_and_compare(unfused, fused, (3, 5, 6, 6), "f32")
+
+
+@pytest.mark.parametrize("scheme", ["f32", "s8"])
+def test_channels_last_batch_one_and_strided(scheme):
+    unfused, fused = _pair(_block(stride=2, seed=4), scheme)
+    _train_and_compare(unfused, fused, (1, 5, 9, 8), scheme, channels_last=True)
+
+
+def test_a_single_value_per_channel_is_refused_in_training_as_torch_does():
+    unfused, fused = _pair(_block(), "f32")
+    x = torch.randn(1, 5, 1, 1)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        unfused(x)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        fused(x)
+    fused.eval()
+    assert fused(x).shape == (1, 3, 1, 1)  # running statistics: fine
+
+
+def test_an_empty_batch_gives_an_empty_output():
+    unfused, fused = _pair(_block(), "f32")
+    fused.eval(), unfused.eval()
+    x = torch.randn(0, 5, 6, 6)
+    assert fused(x).shape == unfused(x).shape == (0, 3, 6, 6)
+
+
+def test_skipping_the_batch_norm_or_the_relu_would_be_seen():
+    # the comparison above is not vacuous: without the fused BatchNorm the block's output differs
+    unfused, fused = _pair(_block(), "f32")
+    x = torch.randn(2, 5, 6, 6)
+    plain = copy.deepcopy(fused)
+    object.__setattr__(plain[0], "fused_batch_norm", None)
+    assert not torch.allclose(plain(x), unfused(x), atol=1e-3)
+    no_relu = copy.deepcopy(fused)
+    no_relu[0].fused_relu = False
+    assert not torch.allclose(no_relu(x), unfused(x), atol=1e-3)
+    torch.testing.assert_close(fused(x), unfused(x), rtol=1e-5, atol=1e-5)
+
+
+def test_state_dict_checkpoints_and_optimizers_see_the_same_model():
+    unfused, fused = _pair(_block(), "f32")
+    assert list(fused.state_dict()) == list(unfused.state_dict())
+    # the BatchNorm's parameters are the very tensors an optimizer made before fusing holds
+    model = copy.deepcopy(unfused)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    bn_weight = model[1].weight
+    q.fuse(model)
+    assert model[1].weight is bn_weight
+    model(torch.randn(2, 5, 6, 6)).sum().backward()
+    before = bn_weight.detach().clone()
+    opt.step()
+    assert not torch.equal(before, bn_weight.detach())
+    # checkpoints load both ways
+    trained = copy.deepcopy(fused)
+    trained(torch.randn(4, 5, 6, 6)).sum().backward()
+    other_unfused, other_fused = _pair(_block(seed=9), "f32")
+    other_unfused.load_state_dict(trained.state_dict())
+    other_fused.load_state_dict(trained.state_dict())
+    for model in (other_unfused, other_fused):
+        model.eval()
+    trained.eval()
+    x = torch.randn(2, 5, 6, 6)
+    torch.testing.assert_close(other_fused(x), trained(x))
+    torch.testing.assert_close(other_unfused(x), trained(x), rtol=1e-5, atol=1e-5)
+
+
+def test_to_dense_puts_the_modules_back_and_fusing_twice_changes_nothing():
+    unfused, fused = _pair(_block(), "f32")
+    again = q.fuse(copy.deepcopy(fused))
+    assert [type(m) for m in again] == [type(m) for m in fused]
+    dense = q.to_dense(fused)
+    assert [type(m) for m in dense] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.Conv2d]
+    x = torch.randn(2, 5, 6, 6)
+    fused.eval(), dense.eval()
+    torch.testing.assert_close(dense(x), fused(x), rtol=1e-5, atol=1e-5)
+    assert [type(m) for m in q.to_dense(fused[0])] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU]
+
+
+def test_the_swap_fuses_and_its_plan_records_it(tmp_path):
+    dense = _block()
+    swapped = q.swap_modules_with_sparse(copy.deepcopy(dense), (2, 5, 6, 6), verbose=False, min_speedup=0.0)
+    row = next(r for r in swapped.qsparseprop_swap_report if r.name == "0")
+    assert row.swapped and row.fused_batch_norm and row.fused_relu
+    assert isinstance(swapped[1], q.FusedBatchNorm2d) and isinstance(swapped[2], q.FusedReLU)
+    q.save_swap_plan(swapped, tmp_path / "plan.json")
+    replayed = q.apply_swap_plan(copy.deepcopy(dense), tmp_path / "plan.json")
+    assert [type(m) for m in replayed] == [type(m) for m in swapped]
+    kept = q.swap_modules_with_sparse(copy.deepcopy(dense), (2, 5, 6, 6), verbose=False, min_speedup=0.0, fuse=False)
+    assert type(kept[1]) is nn.BatchNorm2d
+    # a plan that fused a BatchNorm the model no longer has is refused
+    no_bn = nn.Sequential(copy.deepcopy(dense[0]), nn.Identity(), nn.ReLU(), copy.deepcopy(dense[3]))
+    with pytest.raises(ValueError, match="BatchNorm fused"):
+        q.apply_swap_plan(no_bn, tmp_path / "plan.json")
+
+
+def test_a_residual_block_fuses_its_three_batch_norms():
+    from qsparseprop.finetune import _Residual
+
+    torch.manual_seed(0)
+    block = _Residual(6, 12, 2)
+    for m in block.modules():
+        if isinstance(m, nn.Conv2d):
+            prune_random_(m, 0.8)
+    unfused = copy.deepcopy(block)
+    for seq in (unfused.body, unfused.shortcut):
+        for i, m in enumerate(seq):
+            if isinstance(m, nn.Conv2d):
+                seq[i] = q.SparseConv2d.from_dense(m)
+    fused = q.fuse(copy.deepcopy(unfused))
+    assert sum(isinstance(m, q.FusedBatchNorm2d) for m in fused.modules()) == 3
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(2):
+        x = torch.randn(3, 6, 8, 8, generator=gen)
+        a, b = unfused(x), fused(x)
+        a.sum().backward(), b.sum().backward()
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+        for pa, pb in zip(unfused.parameters(), fused.parameters(), strict=True):
+            torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-4, atol=1e-4)
