@@ -44,7 +44,12 @@ from .bench import machine
 from .memory import saved_activation_bytes
 from .swap import apply_swap_plan, save_swap_plan, swap_modules_with_sparse, use_masked_relus
 
-_VARIANT_NAMES = {"f32": "qsparseprop f32", "s8": "qsparseprop int8", "s8_outliers": "qsparseprop int8 (outliers)"}
+_VARIANT_NAMES = {
+    "f32": "qsparseprop f32",
+    "s8": "qsparseprop int8",
+    "s8_outliers": "qsparseprop int8 (outliers)",
+    "auto": "qsparseprop auto",  # int8 or f32 per layer, the faster (swap_modules_with_sparse(scheme="auto"))
+}
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
 
@@ -807,7 +812,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--width", type=int, default=24, help="channels of the first CNN stage (MLP: hidden/16)")
     p.add_argument("--lr", type=float, default=0.02)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--schemes", default="f32,s8", help="qsparseprop variants: f32, s8, s8_outliers")
+    p.add_argument(
+        "--schemes",
+        default="f32,s8",
+        help="qsparseprop variants: f32, s8, s8_outliers, auto (int8 or f32 per layer, whichever measures faster)",
+    )
     p.add_argument("--quick", action="store_true", help="a small run: 6000 training images, 1 epoch, narrow model")
     p.add_argument("--nproc", type=int, default=1, help="DistributedDataParallel processes (gloo)")
     p.add_argument("--seed", type=int, default=0)
@@ -825,9 +834,9 @@ def main(argv: list[str] | None = None) -> dict:
         p.error(f"--threads must be >= 1, got {a.threads}")
     if not a.lr > 0:
         p.error(f"--lr must be > 0, got {a.lr}")
-    bad = [s for s in a.schemes.split(",") if s.strip() not in ("f32", "s8", "s8_outliers")]
+    bad = [s for s in a.schemes.split(",") if s.strip() not in _VARIANT_NAMES]
     if bad:
-        p.error(f"--schemes takes f32, s8, s8_outliers; got {bad}")
+        p.error(f"--schemes takes {', '.join(_VARIANT_NAMES)}; got {bad}")
     _check_paths(p, a)
     cfg = _config_from(a)
     launched = _torchrun_ranks()

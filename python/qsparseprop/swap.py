@@ -142,6 +142,54 @@ def _time_fwd_bwd(module: nn.Module, shape: tuple[int, ...], repeats: int, warmu
     return statistics.median(times)
 
 
+# scheme="auto": int8 is kept unless f32 is faster by more than this share
+# (int8 also saves activation memory); the order in which they are timed.
+AUTO_INT8_MARGIN = 0.05
+_AUTO_ORDER = {"auto": ("s8", "f32")}
+
+
+class _LayerTiming:
+    """The dense layer's and its sparse versions' forward+backward times at
+    one input shape, each read from the persistent cache when stored there
+    (under the exact configuration: see _timing_key) and stored after being
+    measured. The dense layer is timed at most once; ``progress`` is printed
+    (to stderr) before the first measurement, if any."""
+
+    def __init__(self, dense: nn.Module, shape, repeats: int, warmup: int, autocast, persistent: bool, progress: str):
+        self.dense, self.shape, self.repeats, self.warmup = dense, shape, repeats, warmup
+        self.autocast, self.persistent, self.progress = autocast, persistent, progress
+        self.from_cache = False
+        self._dense_ms = None
+
+    def _time(self, module: nn.Module) -> float:
+        if self.progress:
+            print(self.progress, file=sys.stderr)
+            self.progress = ""
+        return _time_fwd_bwd(module, self.shape, self.repeats, self.warmup, self.autocast)
+
+    def dense_ms(self) -> float:
+        if self._dense_ms is None:
+            self._dense_ms = self._time(self.dense)
+        return self._dense_ms
+
+    def sparse_ms(self, sparse: _SparseModule) -> float:
+        key = _timing_key(self.dense, sparse, self.shape, self.autocast) if self.persistent else None
+        stored = _load_timings(key) if key else None
+        if stored:
+            self.from_cache = True
+            if self._dense_ms is None:
+                self._dense_ms = stored[0]
+            return stored[1]
+        dense_ms = self.dense_ms()
+        ms = self._time(sparse)
+        sparse._step.zero_()  # timing steps do not count: the rounding streams start where a fresh layer's do
+        if hasattr(sparse, "outliers_set"):
+            sparse.outliers_set.fill_(False)  # calibrated on the first real batch, not on the timing noise
+        if key:
+            _C.persistent_cache_store("swap", key, json.dumps({"dense_ms": dense_ms, "sparse_ms": ms}).encode())
+        return ms
+
+
 def _sparse_class(module: nn.Module, scheme: str):
     from .outliers import OutlierQuantizedSparseLinear, PrototypeOutlierQuantizedSparseLinear
 
@@ -253,10 +301,14 @@ def swap_modules_with_sparse(
     emulation (swapped on sparsity alone: it is for accuracy studies, not
     speed). ``autocast`` (e.g. ``torch.bfloat16``) times the dense layers
     under ``torch.autocast("cpu", dtype=autocast)``, the dtype you train in.
-    ``scheme`` ("f32", "s8", "s8_outliers") overrides ``quantize``:
+    ``scheme`` ("f32", "s8", "s8_outliers", "auto") overrides ``quantize``:
     "s8_outliers" gives Linear layers the outlier-robust int8 scheme
     (``OutlierQuantizedSparseLinear``; convolutions get "s8"), its outlier
     channels found on the first batch after the swap (training or evaluation).
+    "auto" times each layer as int8 and as f32 and keeps int8 unless f32 is
+    faster by more than ``AUTO_INT8_MARGIN`` (5 %: int8 also saves activation
+    memory); the table says which and both times. On CPUs without VNNI
+    (AVX2) f32 is often the faster.
     ``fuse`` (see :func:`fuse`): an ``nn.BatchNorm2d`` that directly follows
     a swapped convolution in an ``nn.Sequential`` is applied by it (one
     statistics pass and one normalise pass, no separate ReLU pass); a
@@ -316,8 +368,10 @@ def swap_modules_with_sparse(
         raise ValueError(f"autocast must be None, torch.bfloat16 or torch.float16, got {autocast!r}")
     if scheme is None:
         scheme = "s8" if quantize else "f32"
-    elif scheme not in ("f32", "s8", "s8_outliers"):
-        raise ValueError(f"scheme must be 'f32', 's8' or 's8_outliers', got {scheme!r}")
+    elif scheme not in ("f32", "s8", "s8_outliers", "auto"):
+        raise ValueError(f"scheme must be 'f32', 's8', 's8_outliers' or 'auto', got {scheme!r}")
+    if prototype and scheme == "auto":
+        raise ValueError("scheme='auto' picks by measured speed; prototype layers are not timed: pick a scheme")
     if prototype:
         scheme = "prototype_s8_outliers" if scheme == "s8_outliers" else "prototype"
     target = model if inplace else _deepcopy_model(model)
@@ -342,35 +396,32 @@ def swap_modules_with_sparse(
         if isinstance(mod, nn.Conv2d) and mod.padding_mode != "zeros":
             row.reason = f"padding_mode={mod.padding_mode!r} unsupported"
             continue
-        sparse = _sparse_class(mod, scheme).from_dense(mod).train(mod.training)
-        row.scheme, row.pattern_hash = sparse.scheme if not prototype else scheme, _pattern_hash(sparse)
         if prototype:
+            sparse = _sparse_class(mod, scheme).from_dense(mod).train(mod.training)
+            row.scheme, row.pattern_hash = scheme, _pattern_hash(sparse)
             row.swapped, row.reason = True, "prototype (swapped on sparsity)"
         else:
-            key = _timing_key(mod, sparse, row.input_shape, autocast) if persistent else None
-            stored = _load_timings(key) if key else None
-            if stored:
-                row.dense_ms, row.sparse_ms = stored
-            else:
-                if verbose:
-                    print(
-                        f"qsparseprop: timing {timed.index(name) + 1}/{len(timed)} {name} {row.input_shape}",
-                        file=sys.stderr,
-                    )
-                row.dense_ms = _time_fwd_bwd(mod, row.input_shape, repeats, warmup, autocast)
-                row.sparse_ms = _time_fwd_bwd(sparse, row.input_shape, repeats, warmup, autocast)
-                sparse._step.zero_()  # timing steps do not count: the rounding streams start where a fresh layer's do
-                if hasattr(sparse, "outliers_set"):
-                    sparse.outliers_set.fill_(False)  # calibrated on the first real batch, not on the timing noise
-                if key:
-                    _C.persistent_cache_store(
-                        "swap", key, json.dumps({"dense_ms": row.dense_ms, "sparse_ms": row.sparse_ms}).encode()
-                    )
+            progress = f"qsparseprop: timing {timed.index(name) + 1}/{len(timed)} {name} {row.input_shape}"
+            timing = _LayerTiming(mod, row.input_shape, repeats, warmup, autocast, persistent, progress if verbose else "")
+            tried = [_sparse_class(mod, s).from_dense(mod).train(mod.training) for s in _AUTO_ORDER.get(scheme, (scheme,))]
+            ms = [timing.sparse_ms(t) for t in tried]
+            pick = 0
+            if len(tried) == 2 and ms[0] > (1 + AUTO_INT8_MARGIN) * ms[1]:
+                pick = 1  # f32 measurably faster than int8
+            sparse = tried[pick]
+            row.scheme, row.pattern_hash = sparse.scheme, _pattern_hash(sparse)
+            row.dense_ms, row.sparse_ms = timing.dense_ms(), ms[pick]
             speedup = row.dense_ms / row.sparse_ms
             row.swapped = speedup >= min_speedup
             base = f"dense {autocast}".replace("torch.", "") if autocast else "dense fp32"
             row.reason = f"{speedup:.2f}x vs {base} {'>=' if row.swapped else '<'} min_speedup {min_speedup}"
-            if stored:
+            if len(tried) == 2:
+                row.reason += (
+                    f"; auto: int8 {ms[0]:.3f} ms, f32 {ms[1]:.3f} ms -> "
+                    + ("int8 (within " if pick == 0 else "f32 (int8 slower by over ")
+                    + f"{AUTO_INT8_MARGIN:.0%})"
+                )
+            if timing.from_cache:
                 row.reason += " (timings from the persistent cache)"
         if row.swapped:
             also = _replace(target, name, sparse)
@@ -383,6 +434,11 @@ def swap_modules_with_sparse(
     target.qsparseprop_swap_report = report
     if verbose:
         print(format_swap_report(report))
+        if scheme == "s8" and not prototype and _C.effective_cpu_isa() != "avx512_core_vnni":
+            print(
+                f"note: this CPU ({_C.effective_cpu_isa()}) has no VNNI: int8 layers are often slower than "
+                "f32 ones here; scheme='auto' keeps whichever measures faster per layer"
+            )
     return target
 
 

@@ -1,5 +1,6 @@
 """swap_modules_with_sparse on a small CNN + MLP."""
 
+import pytest
 import torch
 from torch import nn
 from torch.nn.utils import prune
@@ -279,3 +280,29 @@ def test_kept_dense_layers_keep_their_pruning():
     assert not prune.is_pruned(plain[0])
     train_steps(plain)
     assert (plain[0].weight == 0).sum().item() < zeros[0], "without the mask the zeros regrow"
+
+
+def test_scheme_auto_keeps_the_faster_scheme_per_layer_and_says_why(tmp_path):
+    import re
+
+    qsparseprop.set_persistent_cache_dir(str(tmp_path / "cache"))
+    try:
+        model = swap_modules_with_sparse(_model(), (4, 3, 8, 8), scheme="auto", min_speedup=0.0, repeats=2, verbose=False)
+        rows = [r for r in model.qsparseprop_swap_report if r.swapped]
+        assert len(rows) == 4
+        for r in rows:
+            s8_ms, f32_ms = (float(v) for v in re.search(r"auto: int8 ([\d.]+) ms, f32 ([\d.]+) ms", r.reason).groups())
+            want = "s8" if s8_ms <= (1 + qsparseprop.swap.AUTO_INT8_MARGIN) * f32_ms else "f32"
+            assert r.scheme == want, r.reason
+            assert round(r.sparse_ms, 3) == (s8_ms if want == "s8" else f32_ms)
+            assert model.get_submodule(r.name).scheme == want
+        # a second swap reads both timings from the persistent cache and decides the same
+        again = swap_modules_with_sparse(_model(), (4, 3, 8, 8), scheme="auto", min_speedup=0.0, repeats=2, verbose=False)
+        for r, a in zip(rows, [r for r in again.qsparseprop_swap_report if r.swapped], strict=True):
+            assert a.scheme == r.scheme and "persistent cache" in a.reason
+    finally:
+        qsparseprop.set_persistent_cache_dir("")  # the suite's default: off
+    with pytest.raises(ValueError, match="auto"):
+        swap_modules_with_sparse(_model(), (4, 3, 8, 8), scheme="auto", prototype=True, verbose=False)
+    with pytest.raises(ValueError, match="'auto'"):
+        swap_modules_with_sparse(_model(), (4, 3, 8, 8), scheme="fastest", verbose=False)
