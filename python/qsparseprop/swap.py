@@ -51,16 +51,26 @@ class SwapDecision:
     fused_batch_norm: bool = False  # the nn.BatchNorm2d right after it is applied by the layer
 
 
+def _describe(module: nn.Module) -> str:
+    """The module's class and configuration (a block's: each member's)."""
+    if isinstance(module, nn.Sequential):
+        return "; ".join(_describe(m) for m in module)
+    return f"{type(module).__name__}({module.extra_repr()})"
+
+
 def _timing_key(dense: nn.Module, sparse: nn.Module, shape, autocast) -> bytes:
     """Everything the two timings depend on, the pattern in full: equal keys
-    time the same work on the same kind of machine."""
+    time the same work on the same kind of machine. ``dense`` and ``sparse``
+    are layers or blocks (an nn.Sequential whose first member is the layer)."""
+    layer = sparse[0] if isinstance(sparse, nn.Sequential) else sparse
+    first = dense[0] if isinstance(dense, nn.Sequential) else dense
     meta = {
-        "format": 1, "kind": type(dense).__name__, "dense": dense.extra_repr(), "sparse": sparse.extra_repr(),
-        "class": type(sparse).__name__, "shape": list(shape), "autocast": str(autocast),
+        "format": 2, "kind": type(first).__name__, "dense": _describe(dense), "sparse": _describe(sparse),
+        "class": type(layer).__name__, "shape": list(shape), "autocast": str(autocast),
         "threads": torch.get_num_threads(), "isa": _C.effective_cpu_isa(), "torch": torch.__version__,
-        "training": dense.training,
+        "training": first.training,
     }  # fmt: skip
-    pattern = sparse.row_ptr.numpy().tobytes() + sparse.col_idx.numpy().tobytes()
+    pattern = layer.row_ptr.numpy().tobytes() + layer.col_idx.numpy().tobytes()
     return json.dumps(meta, sort_keys=True).encode() + b"\0" + pattern
 
 
@@ -148,6 +158,32 @@ AUTO_INT8_MARGIN = 0.05
 _AUTO_ORDER = {"auto": ("s8", "f32")}
 
 
+def _fused_followers(root: nn.Module, name: str, layer: nn.Module, relu: bool) -> list[nn.Module]:
+    """Copies of what fuse() would hand the layer ``name`` (an nn.BatchNorm2d
+    after a convolution, then, with ``relu``, an nn.ReLU / MaskedReLU), in its nn.Sequential;
+    empty when nothing would be fused. Copies: timing them changes no
+    statistics of the model's own."""
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    if not isinstance(parent, nn.Sequential):
+        return []
+    names = list(parent._modules)
+    rest = [parent._modules[n] for n in names[names.index(child) + 1 :]]
+    out = []
+    if isinstance(layer, nn.Conv2d) and rest and type(rest[0]) is nn.BatchNorm2d:
+        if rest[0].num_features == layer.out_channels:
+            out.append(copy.deepcopy(rest[0]))
+            rest = rest[1:]
+    if relu and out and rest and type(rest[0]) in (nn.ReLU, MaskedReLU):
+        out.append(nn.ReLU())
+    return out
+
+
+def _fused_block(sparse: _SparseModule, after: list[nn.Module]) -> nn.Sequential:
+    """The fused block of a copy of ``sparse`` and copies of ``after``."""
+    return fuse(nn.Sequential(copy.deepcopy(sparse), *copy.deepcopy(after)))
+
+
 class _LayerTiming:
     """The dense layer's and its sparse versions' forward+backward times at
     one input shape, each read from the persistent cache when stored there
@@ -182,9 +218,10 @@ class _LayerTiming:
             return stored[1]
         dense_ms = self.dense_ms()
         ms = self._time(sparse)
-        sparse._step.zero_()  # timing steps do not count: the rounding streams start where a fresh layer's do
-        if hasattr(sparse, "outliers_set"):
-            sparse.outliers_set.fill_(False)  # calibrated on the first real batch, not on the timing noise
+        layer = sparse[0] if isinstance(sparse, nn.Sequential) else sparse
+        layer._step.zero_()  # timing steps do not count: the rounding streams start where a fresh layer's do
+        if hasattr(layer, "outliers_set"):
+            layer.outliers_set.fill_(False)  # calibrated on the first real batch, not on the timing noise
         if key:
             _C.persistent_cache_store("swap", key, json.dumps({"dense_ms": dense_ms, "sparse_ms": ms}).encode())
         return ms
@@ -313,7 +350,9 @@ def swap_modules_with_sparse(
     a swapped convolution in an ``nn.Sequential`` is applied by it (one
     statistics pass and one normalise pass, no separate ReLU pass); a
     ``FusedBatchNorm2d`` marker holding its parameters and buffers takes its
-    place. ``fuse_relu``: an ``nn.ReLU`` that directly follows a swapped
+    place. Such a convolution is timed as the block it will be (convolution,
+    BatchNorm and the ReLU after it, fused, against the same dense block;
+    the table says so), so the decision counts what fusing saves. ``fuse_relu``: an ``nn.ReLU`` that directly follows a swapped
     layer (or its fused BatchNorm) is applied by the layer, keeping one bit
     per element for its backward instead of the fp32 output (int8 training
     then saves only int8 copies of those activations); a ``FusedReLU``
@@ -402,9 +441,12 @@ def swap_modules_with_sparse(
             row.swapped, row.reason = True, "prototype (swapped on sparsity)"
         else:
             progress = f"qsparseprop: timing {timed.index(name) + 1}/{len(timed)} {name} {row.input_shape}"
-            timing = _LayerTiming(mod, row.input_shape, repeats, warmup, autocast, persistent, progress if verbose else "")
+            after = _fused_followers(target, name, mod, fuse_relu) if fuse else []
+            dense_unit = nn.Sequential(mod, *after) if after else mod
+            timing = _LayerTiming(dense_unit, row.input_shape, repeats, warmup, autocast, persistent, progress if verbose else "")
             tried = [_sparse_class(mod, s).from_dense(mod).train(mod.training) for s in _AUTO_ORDER.get(scheme, (scheme,))]
-            ms = [timing.sparse_ms(t) for t in tried]
+            # a layer that will be fused is timed as its fused block (on copies), against the dense block
+            ms = [timing.sparse_ms(_fused_block(t, after) if after else t) for t in tried]
             pick = 0
             if len(tried) == 2 and ms[0] > (1 + AUTO_INT8_MARGIN) * ms[1]:
                 pick = 1  # f32 measurably faster than int8
@@ -415,6 +457,8 @@ def swap_modules_with_sparse(
             row.swapped = speedup >= min_speedup
             base = f"dense {autocast}".replace("torch.", "") if autocast else "dense fp32"
             row.reason = f"{speedup:.2f}x vs {base} {'>=' if row.swapped else '<'} min_speedup {min_speedup}"
+            if after:
+                row.reason += f" (as the block {'+'.join(type(m).__name__ for m in (mod, *after))}, fused)"
             if len(tried) == 2:
                 row.reason += (
                     f"; auto: int8 {ms[0]:.3f} ms, f32 {ms[1]:.3f} ms -> "

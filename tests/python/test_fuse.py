@@ -224,3 +224,17 @@ def test_a_residual_block_fuses_its_three_batch_norms():
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
         for pa, pb in zip(unfused.parameters(), fused.parameters(), strict=True):
             torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_the_swap_times_a_convolution_as_its_fused_block_without_touching_the_model():
+    dense = _block()
+    before = {k: v.clone() for k, v in dense.state_dict().items()}
+    swapped = q.swap_modules_with_sparse(dense, (2, 5, 6, 6), verbose=False, min_speedup=0.0, persistent=False)
+    row = next(r for r in swapped.qsparseprop_swap_report if r.name == "0")
+    assert "as the block Conv2d+BatchNorm2d+ReLU, fused" in row.reason, row.reason
+    after = swapped.state_dict()
+    for key in ("1.running_mean", "1.running_var", "1.num_batches_tracked", "1.weight"):
+        assert torch.equal(after[key], before[key]), key  # timing ran on copies
+    assert swapped[0].__dict__["fused_batch_norm"] is swapped[1]  # fused with the model's own BatchNorm
+    plain = q.swap_modules_with_sparse(_block(), (2, 5, 6, 6), verbose=False, min_speedup=0.0, fuse=False)
+    assert "block" not in next(r for r in plain.qsparseprop_swap_report if r.name == "0").reason
