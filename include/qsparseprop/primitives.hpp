@@ -7,7 +7,8 @@
 // Arguments (all dense tensors f32, plain row-major layouts):
 //   forward          SRC, WEIGHTS (nnz values), BIAS (optional) -> DST,
 //                    WORKSPACE (s8 + forward_training: the quantized SRC and
-//                    WEIGHTS, which are all the backward needs of them)
+//                    WEIGHTS, which are all the backward needs of them);
+//                    the post-ops' (primitive_attr::ops) by QSP_ARG_POST_OP
 //   backward_data    DIFF_DST, WEIGHTS (f32) or WORKSPACE (s8),
 //                    QSP_ARG_ROUNDING_SEED (s8) -> DIFF_SRC
 //   backward_weights SRC (f32) or WORKSPACE (s8), DIFF_DST,
@@ -21,6 +22,7 @@
 #include <memory>
 #include <string>
 #include <unordered_map>
+#include <vector>
 
 #include <oneapi/dnnl/dnnl.hpp>
 
@@ -59,6 +61,55 @@ const char *to_string(quant_scheme s);
 enum class conv_vectorization { any, batch, output_width };
 const char *to_string(conv_vectorization v);
 
+// Post-ops: what a forward primitive applies to its output after computing
+// it, in order, within the same execution (oneDNN's post-op chain in spirit).
+// Consecutive elementwise post-ops run as one pass over the output while a
+// chunk of it is in cache; batch statistics take a pass of their own.
+// "Channel" is an output feature (Linear: a column of dst; Conv2d: an output
+// channel plane). Arguments of post-op i go by QSP_ARG_POST_OP(i, ...).
+class post_ops {
+public:
+    enum class kind {
+        relu,             // dst = max(0, dst) as torch.relu (NaN and -0.0 pass); with the
+                          // optional QSP_POST_OP_MASK argument, also its 1-bit mask as
+                          // relu_with_mask_forward writes it ((dst elements + 7) / 8 u8)
+        gelu_tanh,        // torch's gelu(approximate='tanh')
+        gelu_erf,         // torch's gelu()
+        add,              // dst += QSP_POST_OP_SRC (f32, dst's dims): a residual
+        batch_statistics, // QSP_POST_OP_MEAN, QSP_POST_OP_VARIANCE (f32, one per channel):
+                          // the mean and biased variance of dst at this point of the
+                          // chain, as training-mode BatchNorm needs them
+    };
+    post_ops &append_relu() { return append(kind::relu); }
+    post_ops &append_gelu(bool tanh_approximation) {
+        return append(tanh_approximation ? kind::gelu_tanh : kind::gelu_erf);
+    }
+    post_ops &append_add() { return append(kind::add); }
+    post_ops &append_batch_statistics() { return append(kind::batch_statistics); }
+    int len() const { return static_cast<int>(ops_.size()); }
+    kind at(int index) const { return ops_.at(static_cast<size_t>(index)); }
+
+private:
+    post_ops &append(kind k) {
+        ops_.push_back(k);
+        return *this;
+    }
+    std::vector<kind> ops_;
+};
+const char *to_string(post_ops::kind k);
+
+// The arguments of post-op `index`.
+enum qsp_post_op_arg {
+    QSP_POST_OP_SRC = 0,
+    QSP_POST_OP_MASK,
+    QSP_POST_OP_MEAN,
+    QSP_POST_OP_VARIANCE
+};
+constexpr int QSP_ARG_POST_OP_BASE = 1 << 25;
+constexpr int QSP_ARG_POST_OP(int index, qsp_post_op_arg what) {
+    return QSP_ARG_POST_OP_BASE + 4 * index + static_cast<int>(what);
+}
+
 struct primitive_attr {
     // OpenMP team size for this primitive; 0 = omp_get_max_threads()
     // (backward descriptors: 0 = the forward hint's).
@@ -80,6 +131,9 @@ struct primitive_attr {
     // primitive_desc_base::tuning() then says what was measured. Ignored when
     // `implementation` forces one.
     bool tune = false;
+    // Forward primitives only (a backward descriptor with post-ops is
+    // refused); every implementation runs them the same way.
+    post_ops ops;
 };
 
 struct tuning_result; // qsparseprop/tuning.hpp

@@ -32,6 +32,7 @@ struct pd_impl {
     dnnl::memory::desc weights_md, workspace_md;
     dnnl::memory::desc src_md, dst_md, bias_md;
     conv2d_geometry geometry{};
+    std::vector<post_ops::kind> post_op_chain; // forward only (primitive_attr::ops)
 };
 
 // From a validated problem and src/dst/bias descs: derives the weights and

@@ -4,6 +4,7 @@
 #include <sstream>
 
 #include "primitives/core/pd_impl.hpp"
+#include "primitives/passes/post_ops.hpp"
 #include "qsparseprop/runtime.hpp"
 #include "runtime/verbose.hpp"
 
@@ -34,6 +35,7 @@ void primitive_base::execute(const dnnl::stream &stream, const exec_args &args,
     if (stream.get_engine().get_kind() != dnnl::engine::kind::cpu)
         refuse(pd.primitive_name, "stream must belong to a CPU engine");
     tensors t;
+    std::vector<post_op_tensors> post(pd.post_op_chain.size());
     for (const auto &spec : pd.args) {
         auto it = args.find(spec.arg);
         if (it == args.end()) {
@@ -87,6 +89,23 @@ void primitive_base::execute(const dnnl::stream &stream, const exec_args &args,
                 break;
             }
             default:
+                if (spec.arg >= QSP_ARG_POST_OP_BASE) {
+                    const auto index = static_cast<size_t>((spec.arg - QSP_ARG_POST_OP_BASE) / 4);
+                    switch ((spec.arg - QSP_ARG_POST_OP_BASE) % 4) {
+                        case QSP_POST_OP_SRC:
+                            post[index].src = static_cast<const float *>(h);
+                            break;
+                        case QSP_POST_OP_MASK:
+                            post[index].mask = static_cast<uint8_t *>(h);
+                            break;
+                        case QSP_POST_OP_MEAN:
+                            post[index].mean = static_cast<float *>(h);
+                            break;
+                        default:
+                            post[index].variance = static_cast<float *>(h);
+                            break;
+                    }
+                }
                 break;
         }
     }
@@ -99,6 +118,10 @@ void primitive_base::execute(const dnnl::stream &stream, const exec_args &args,
         runtime::profile_scope total(static_cast<runtime::profile_direction>(pd.prob.dir),
                                      runtime::profile_phase::total);
         ran = kernel_->execute(t);
+        if (!pd.post_op_chain.empty())
+            apply_post_ops(pd.post_op_chain, post, t.dst,
+                           {pd.prob.outer(), pd.prob.channels(), pd.prob.channel_inner()},
+                           pd.prob.num_threads);
     }
     if (verbose_level() >= 1) {
         std::ostringstream line;

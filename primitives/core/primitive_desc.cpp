@@ -130,11 +130,45 @@ void pick(pd_impl &pd) {
     pd.impl = chosen;
 }
 
+// The arguments of each post-op, and the chain the primitive applies.
+void add_post_op_args(pd_impl &pd, const post_ops &ops) {
+    const problem &p = pd.prob;
+    const dnnl::memory::desc per_channel = plain_f32_desc({p.channels()});
+    const dnnl::memory::desc mask({(p.dst_elems() + 7) / 8}, dnnl::memory::data_type::u8,
+                                  dnnl::memory::dims{1});
+    for (int i = 0; i < ops.len(); ++i) {
+        pd.post_op_chain.push_back(ops.at(i));
+        switch (ops.at(i)) {
+            case post_ops::kind::relu:
+                pd.args.push_back(
+                        {QSP_ARG_POST_OP(i, QSP_POST_OP_MASK), "post-op relu mask", mask, false});
+                break;
+            case post_ops::kind::add:
+                pd.args.push_back(
+                        {QSP_ARG_POST_OP(i, QSP_POST_OP_SRC), "post-op add src", pd.dst_md, true});
+                break;
+            case post_ops::kind::batch_statistics:
+                pd.args.push_back(
+                        {QSP_ARG_POST_OP(i, QSP_POST_OP_MEAN), "post-op mean", per_channel, true});
+                pd.args.push_back({QSP_ARG_POST_OP(i, QSP_POST_OP_VARIANCE), "post-op variance",
+                                   per_channel, true});
+                break;
+            case post_ops::kind::gelu_tanh:
+            case post_ops::kind::gelu_erf:
+                break;
+        }
+    }
+}
+
 } // namespace
 
 void finish_pd(pd_impl &pd, const dnnl::engine &engine, const primitive_attr &attr) {
     if (engine.get_kind() != dnnl::engine::kind::cpu)
         refuse(pd.primitive_name, "engine must be a CPU engine (dnnl::engine::kind::cpu)");
+    if (attr.ops.len() > 0 && pd.prob.dir != direction::forward)
+        refuse(pd.primitive_name, std::string("post-ops apply to forward primitives; got ")
+                                          + std::to_string(attr.ops.len())
+                                          + " (first: " + qsp::to_string(attr.ops.at(0)) + ")");
     pd.engine = engine;
     pd.forced_impl = attr.implementation;
     const problem &p = pd.prob;
@@ -153,6 +187,7 @@ void finish_pd(pd_impl &pd, const dnnl::engine &engine, const primitive_attr &at
             if (p.with_bias) pd.args.push_back({DNNL_ARG_BIAS, "bias", pd.bias_md, true});
             if (!pd.workspace_md.is_zero())
                 pd.args.push_back({DNNL_ARG_WORKSPACE, "workspace", pd.workspace_md, true});
+            add_post_op_args(pd, attr.ops);
             break;
         case direction::backward_data:
             // s8 reads the weights the forward quantized (from the
@@ -199,6 +234,22 @@ void check_hint(const char *primitive_name, const pd_impl &hint, const csr_patte
 }
 
 } // namespace detail
+
+const char *to_string(post_ops::kind k) {
+    switch (k) {
+        case post_ops::kind::relu:
+            return "relu";
+        case post_ops::kind::gelu_tanh:
+            return "gelu_tanh";
+        case post_ops::kind::gelu_erf:
+            return "gelu_erf";
+        case post_ops::kind::add:
+            return "add";
+        case post_ops::kind::batch_statistics:
+            return "batch_statistics";
+    }
+    return "?";
+}
 
 std::string primitive_desc_base::impl_info_str() const {
     return impl_->impl_name;

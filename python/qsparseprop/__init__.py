@@ -13,14 +13,22 @@ import os
 import torch  # noqa: F401
 
 from . import _C
-from .modules import FusedBatchNorm2d, FusedReLU, MaskedReLU, QuantizedSparseConv2d, QuantizedSparseLinear, SparseConv2d, SparseLinear
+from .modules import (
+    FusedBatchNorm2d,
+    FusedReLU,
+    MaskedReLU,
+    QuantizedSparseConv2d,
+    QuantizedSparseLinear,
+    SparseConv2d,
+    SparseLinear,
+)
 from .outliers import OutlierQuantizedSparseLinear, PrototypeOutlierQuantizedSparseLinear
 from .prototype import PrototypeQuantizedSparseConv2d, PrototypeQuantizedSparseLinear
 from .swap import (
     SwapDecision,
     apply_swap_plan,
-    fuse,
     format_swap_report,
+    fuse,
     load_swap_plan,
     save_swap_plan,
     swap_modules_with_sparse,

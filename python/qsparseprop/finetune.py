@@ -860,7 +860,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not launched or launched[0] == 0:
         processes = launched[1] if launched else a.nproc
         images = f"{cfg.train_subset} training images per epoch" if cfg.train_subset else "all training images"
-        print(f"qsparseprop finetune: {cfg.model} on {cfg.dataset} ({images}), {cfg.sparsity:.0%} sparse ({cfg.pruning}), "
+        print(f"qsparseprop finetune: {cfg.model} on {cfg.dataset} ({images}), "
+              f"{cfg.sparsity:.0%} sparse ({cfg.pruning}), "
               f"cpu={m['cpu']!r} amx={'yes' if m['amx'] else 'no'} threads={cfg.threads or torch.get_num_threads()} "
               f"isa={cpu_isa()} processes={processes}" + (" (torchrun)" if launched else ""), flush=True)  # fmt: skip
     if launched:

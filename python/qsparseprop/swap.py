@@ -352,7 +352,8 @@ def swap_modules_with_sparse(
     ``FusedBatchNorm2d`` marker holding its parameters and buffers takes its
     place. Such a convolution is timed as the block it will be (convolution,
     BatchNorm and the ReLU after it, fused, against the same dense block;
-    the table says so), so the decision counts what fusing saves. ``fuse_relu``: an ``nn.ReLU`` that directly follows a swapped
+    the table says so), so the decision counts what fusing saves.
+    ``fuse_relu``: an ``nn.ReLU`` that directly follows a swapped
     layer (or its fused BatchNorm) is applied by the layer, keeping one bit
     per element for its backward instead of the fp32 output (int8 training
     then saves only int8 copies of those activations); a ``FusedReLU``
@@ -443,8 +444,12 @@ def swap_modules_with_sparse(
             progress = f"qsparseprop: timing {timed.index(name) + 1}/{len(timed)} {name} {row.input_shape}"
             after = _fused_followers(target, name, mod, fuse_relu) if fuse else []
             dense_unit = nn.Sequential(mod, *after) if after else mod
-            timing = _LayerTiming(dense_unit, row.input_shape, repeats, warmup, autocast, persistent, progress if verbose else "")
-            tried = [_sparse_class(mod, s).from_dense(mod).train(mod.training) for s in _AUTO_ORDER.get(scheme, (scheme,))]
+            timing = _LayerTiming(
+                dense_unit, row.input_shape, repeats, warmup, autocast, persistent, progress if verbose else ""
+            )
+            tried = [
+                _sparse_class(mod, s).from_dense(mod).train(mod.training) for s in _AUTO_ORDER.get(scheme, (scheme,))
+            ]
             # a layer that will be fused is timed as its fused block (on copies), against the dense block
             ms = [timing.sparse_ms(_fused_block(t, after) if after else t) for t in tried]
             pick = 0
@@ -522,7 +527,7 @@ def _fuse(model: nn.Module, rows: dict[str, SwapDecision] | None, batch_norm: bo
             continue
         owner = {}  # id(FusedBatchNorm2d) -> the (name, layer) that applies it
         names = list(seq._modules)
-        for name, next_name in zip(names, names[1:]):
+        for name, next_name in zip(names, names[1:], strict=False):
             layer, nxt = seq._modules[name], seq._modules[next_name]  # as fused so far
             full = f"{seq_name}.{name}" if seq_name else name
             if isinstance(nxt, FusedBatchNorm2d) and isinstance(layer, SparseConv2d):
@@ -702,7 +707,9 @@ def to_dense(model: nn.Module, inplace: bool = False) -> nn.Module:
     if isinstance(model, _SparseModule):
         dense = model.to_dense().train(model.training)
         bn = model.__dict__.get("fused_batch_norm")
-        after = ([copy.deepcopy(bn).to_batch_norm()] if bn is not None else []) + ([nn.ReLU()] if model.fused_relu else [])
+        after = ([copy.deepcopy(bn).to_batch_norm()] if bn is not None else []) + (
+            [nn.ReLU()] if model.fused_relu else []
+        )
         return nn.Sequential(dense, *after) if after else dense
     target = model if inplace else copy.deepcopy(model)
     for name, mod in list(target.named_modules()):

@@ -287,7 +287,9 @@ def test_scheme_auto_keeps_the_faster_scheme_per_layer_and_says_why(tmp_path):
 
     qsparseprop.set_persistent_cache_dir(str(tmp_path / "cache"))
     try:
-        model = swap_modules_with_sparse(_model(), (4, 3, 8, 8), scheme="auto", min_speedup=0.0, repeats=2, verbose=False)
+        model = swap_modules_with_sparse(
+            _model(), (4, 3, 8, 8), scheme="auto", min_speedup=0.0, repeats=2, verbose=False
+        )
         rows = [r for r in model.qsparseprop_swap_report if r.swapped]
         assert len(rows) == 4
         for r in rows:
@@ -297,7 +299,9 @@ def test_scheme_auto_keeps_the_faster_scheme_per_layer_and_says_why(tmp_path):
             assert round(r.sparse_ms, 3) == (s8_ms if want == "s8" else f32_ms)
             assert model.get_submodule(r.name).scheme == want
         # a second swap reads both timings from the persistent cache and decides the same
-        again = swap_modules_with_sparse(_model(), (4, 3, 8, 8), scheme="auto", min_speedup=0.0, repeats=2, verbose=False)
+        again = swap_modules_with_sparse(
+            _model(), (4, 3, 8, 8), scheme="auto", min_speedup=0.0, repeats=2, verbose=False
+        )
         for r, a in zip(rows, [r for r in again.qsparseprop_swap_report if r.swapped], strict=True):
             assert a.scheme == r.scheme and "persistent cache" in a.reason
     finally:
