@@ -15,38 +15,35 @@ import qsparseprop as q
 from conftest import prune_random_
 
 
+def _pruned(*layers, sparsity):
+    """An nn.Sequential of ``layers`` (made after seeding) with every Linear / Conv2d pruned."""
+    m = nn.Sequential(*layers)
+    for layer in m:
+        if isinstance(layer, (nn.Linear, nn.Conv2d)):
+            prune_random_(layer, sparsity)
+    return m
+
+
 def _mlp():
     torch.manual_seed(0)
-    m = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
-    for layer in m:
-        if isinstance(layer, nn.Linear):
-            prune_random_(layer, 0.8)
-    return m
+    return _pruned(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10), sparsity=0.8)
 
 
 def _cnn():
     torch.manual_seed(0)
-    m = nn.Sequential(
+    return _pruned(
         nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(),
-        nn.Flatten(), nn.Linear(16 * 4 * 4, 10),
+        nn.Flatten(), nn.Linear(16 * 4 * 4, 10), sparsity=0.7,
     )  # fmt: skip
-    for layer in m:
-        if isinstance(layer, (nn.Linear, nn.Conv2d)):
-            prune_random_(layer, 0.7)
-    return m
 
 
 def _cnn_bn():  # fused Conv2d-BatchNorm2d-ReLU blocks (qsparseprop.fuse after the swap)
     torch.manual_seed(0)
-    m = nn.Sequential(
+    return _pruned(
         nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
         nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16),
-        nn.Flatten(), nn.Linear(16 * 4 * 4, 10),
+        nn.Flatten(), nn.Linear(16 * 4 * 4, 10), sparsity=0.7,
     )  # fmt: skip
-    for layer in m:
-        if isinstance(layer, (nn.Linear, nn.Conv2d)):
-            prune_random_(layer, 0.7)
-    return m
 
 
 def _swap(model, scheme):
