@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.fx
 from torch import nn
 from torch.nn.utils import prune
 
@@ -170,11 +171,11 @@ def _fused_followers(root: nn.Module, name: str, layer: nn.Module, relu: bool) -
     names = list(parent._modules)
     rest = [parent._modules[n] for n in names[names.index(child) + 1 :]]
     out = []
-    if isinstance(layer, nn.Conv2d) and rest and type(rest[0]) is nn.BatchNorm2d:
+    if isinstance(layer, nn.Conv2d) and rest and _is_batch_norm(rest[0]):
         if rest[0].num_features == layer.out_channels:
             out.append(copy.deepcopy(rest[0]))
             rest = rest[1:]
-    if relu and out and rest and type(rest[0]) in (nn.ReLU, MaskedReLU):
+    if relu and out and rest and _is_relu(rest[0]):
         out.append(nn.ReLU())
     return out
 
@@ -493,7 +494,9 @@ def swap_modules_with_sparse(
 
 def fuse(model: nn.Module, relu: bool = True) -> nn.Module:
     """Fuses, in place (returns ``model``), what follows each sparse layer in
-    an ``nn.Sequential``: an ``nn.BatchNorm2d`` after a sparse convolution
+    an ``nn.Sequential`` or, found by ``torch.fx`` tracing, in a module's own
+    forward (torchvision's BasicBlock and Bottleneck; modules called twice,
+    like their shared ReLU, stay unfused): an ``nn.BatchNorm2d`` after a sparse convolution
     (then applied by the convolution: the same arithmetic, statistics,
     momentum and running-statistics updates as the BatchNorm's, in one
     statistics pass and one pass that normalises), and with ``relu`` an
@@ -522,8 +525,18 @@ def fuse(model: nn.Module, relu: bool = True) -> nn.Module:
 def _fuse(model: nn.Module, rows: dict[str, SwapDecision] | None, batch_norm: bool, relu: bool) -> None:
     """The fusions of :func:`fuse` for the sparse layers named in ``rows``
     (every sparse layer when None), recorded in their rows."""
+    _fuse_sequential(model, rows, batch_norm, relu)
+    _fuse_traced(model, rows, batch_norm, relu)
+
+
+def _plain_sequential(module: nn.Module) -> bool:
+    """An nn.Sequential whose forward is nn.Sequential's (children in order)."""
+    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
+
+
+def _fuse_sequential(model: nn.Module, rows, batch_norm: bool, relu: bool) -> None:
     for seq_name, seq in list(model.named_modules()):
-        if not isinstance(seq, nn.Sequential):
+        if not _plain_sequential(seq):
             continue
         owner = {}  # id(FusedBatchNorm2d) -> the (name, layer) that applies it
         names = list(seq._modules)
@@ -541,7 +554,7 @@ def _fuse(model: nn.Module, rows: dict[str, SwapDecision] | None, batch_norm: bo
             if (
                 batch_norm
                 and isinstance(layer, SparseConv2d)
-                and type(nxt) is nn.BatchNorm2d
+                and _is_batch_norm(nxt)
                 and nxt.num_features == layer.out_channels
                 and layer.__dict__.get("fused_batch_norm") is None
                 and not layer.fused_relu  # a ReLU before the BatchNorm
@@ -552,11 +565,87 @@ def _fuse(model: nn.Module, rows: dict[str, SwapDecision] | None, batch_norm: bo
                 owner[id(marker)] = (full, layer)
                 if rows is not None:
                     rows[full].fused_batch_norm = True
-            elif relu and type(nxt) in (nn.ReLU, MaskedReLU) and not layer.fused_relu:
+            elif relu and _is_relu(nxt) and not layer.fused_relu:
                 layer.fused_relu = True
                 setattr(seq, next_name, FusedReLU())
                 if rows is not None:
                     rows[full].fused_relu = True
+
+
+class _ChildrenAsLeaves(torch.fx.Tracer):
+    """Traces one module's own forward: every submodule call stays one node."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return True
+
+
+def _is_sparse_conv(m: nn.Module) -> bool:
+    return isinstance(m, SparseConv2d)
+
+
+def _is_batch_norm(m: nn.Module) -> bool:
+    return type(m) is nn.BatchNorm2d  # subclasses may do more than normalise
+
+
+def _is_relu(m: nn.Module) -> bool:
+    return type(m) in (nn.ReLU, MaskedReLU)
+
+
+def _called_once(model: nn.Module, parent: nn.Module, calls: dict, node, accept):
+    """The module a traced node of ``parent`` calls, when ``accept`` takes it
+    and it is called once, on one input, and reachable under one name."""
+    if node.op != "call_module" or calls.get(node.target) != 1 or len(node.args) != 1 or node.kwargs:
+        return None
+    mod = parent.get_submodule(node.target)
+    return mod if accept(mod) and len(_aliases(model, mod)) == 1 else None
+
+
+def _fuse_traced(model: nn.Module, rows, batch_norm: bool, relu: bool) -> None:
+    """The same fusions where a module's own forward (not an nn.Sequential)
+    calls a sparse convolution, then a BatchNorm2d on its output only, then
+    possibly a ReLU module on that only — torchvision's BasicBlock and
+    Bottleneck. torch.fx traces each such module's forward once (children
+    as leaves); a forward it cannot trace is left unfused. Only modules
+    called once, under one name, are fused: a ReLU module the forward calls
+    twice (torchvision's blocks) stays as it is."""
+    for parent_name, parent in list(model.named_modules()):
+        if _plain_sequential(parent) or not any(isinstance(m, SparseConv2d) for m in parent.modules()):
+            continue
+        try:
+            graph = _ChildrenAsLeaves().trace(parent)
+        except Exception:  # noqa: BLE001 - data-dependent control flow and the like: not fusable by tracing
+            continue
+        calls: dict[str, int] = {}
+        for node in graph.nodes:
+            if node.op == "call_module":
+                calls[node.target] = calls.get(node.target, 0) + 1
+            elif node.op == "get_attr":  # a module's tensors used directly: leave its modules alone
+                calls[node.target.rpartition(".")[0]] = 2
+
+        for node in list(graph.nodes):
+            conv = _called_once(model, parent, calls, node, _is_sparse_conv)
+            full = f"{parent_name}.{node.target}" if parent_name and conv is not None else node.target
+            if conv is None or (rows is not None and full not in rows) or len(node.users) != 1:
+                continue
+            if conv.__dict__.get("fused_batch_norm") is not None or conv.fused_relu:
+                continue
+            (bn_node,) = node.users
+            bn = _called_once(model, parent, calls, bn_node, _is_batch_norm) if batch_norm else None
+            if bn is None or bn_node.args[0] is not node or bn.num_features != conv.out_channels:
+                continue
+            marker = FusedBatchNorm2d.taking_over(bn)
+            _replace(parent, bn_node.target, marker)
+            object.__setattr__(conv, "fused_batch_norm", marker)
+            if rows is not None:
+                rows[full].fused_batch_norm = True
+            if relu and len(bn_node.users) == 1:
+                (relu_node,) = bn_node.users
+                relu_module = _called_once(model, parent, calls, relu_node, _is_relu)
+                if relu_module is not None and relu_node.args[0] is bn_node:
+                    conv.fused_relu = True
+                    _replace(parent, relu_node.target, FusedReLU())
+                    if rows is not None:
+                        rows[full].fused_relu = True
 
 
 def use_masked_relus(model: nn.Module) -> nn.Module:

@@ -238,3 +238,92 @@ def test_the_swap_times_a_convolution_as_its_fused_block_without_touching_the_mo
     assert swapped[0].__dict__["fused_batch_norm"] is swapped[1]  # fused with the model's own BatchNorm
     plain = q.swap_modules_with_sparse(_block(), (2, 5, 6, 6), verbose=False, min_speedup=0.0, fuse=False)
     assert "block" not in next(r for r in plain.qsparseprop_swap_report if r.name == "0").reason
+
+
+class _BasicBlock(nn.Module):
+    """torchvision's BasicBlock shape: one ReLU module called twice, a downsample Sequential."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.downsample(x))
+
+
+class _SharedBatchNorm(nn.Module):
+    """A BatchNorm applied to two tensors, and a conv whose output is used twice: nothing fusable."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, 1, 1, bias=False)
+        self.other = nn.Conv2d(4, 4, 3, 1, 1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + self.bn(self.other(x)) + y
+
+
+def _swapped(module, scheme="f32"):
+    torch.manual_seed(0)
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            prune_random_(m, 0.8)
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Conv2d:
+                setattr(parent, name, CLASSES[scheme].from_dense(child))
+    return module
+
+
+@pytest.mark.parametrize("scheme", ["f32", "s8"])
+def test_a_traced_block_fuses_its_batch_norms_and_keeps_a_shared_relu(scheme):
+    torch.manual_seed(0)
+    unfused = _swapped(_BasicBlock(6, 8, 2), scheme)
+    fused = q.fuse(copy.deepcopy(unfused))
+    assert isinstance(fused.bn1, q.FusedBatchNorm2d) and isinstance(fused.bn2, q.FusedBatchNorm2d)
+    assert isinstance(fused.downsample[1], q.FusedBatchNorm2d)
+    assert type(fused.relu) is nn.ReLU and not fused.conv1.fused_relu  # called twice: not fused
+    assert list(fused.state_dict()) == list(unfused.state_dict())
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(2):
+        x = torch.randn(3, 6, 9, 9, generator=gen)
+        a, b = unfused(x), fused(x)
+        g = torch.randn(a.shape, generator=gen)
+        a.backward(g), b.backward(g)
+        _close(b, a, scheme, "output")
+        for (name, pa), pb in zip(unfused.named_parameters(), fused.parameters(), strict=True):
+            _close(pb.grad, pa.grad, scheme, name)
+    assert torch.equal(fused.bn1.num_batches_tracked, unfused.bn1.num_batches_tracked)
+    dense = q.to_dense(fused)
+    assert type(dense.bn1) is nn.BatchNorm2d and type(dense.downsample[1]) is nn.BatchNorm2d
+
+
+def test_a_traced_module_fuses_nothing_that_is_used_twice_and_a_relu_module_called_once_is_fused():
+    shared = _swapped(_SharedBatchNorm())
+    fused = q.fuse(copy.deepcopy(shared))
+    assert type(fused.bn) is nn.BatchNorm2d and fused.conv.__dict__.get("fused_batch_norm") is None
+    x = torch.randn(2, 4, 5, 5)
+    torch.testing.assert_close(fused(x), shared(x))
+
+    class ConvBnRelu(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.act = nn.Conv2d(3, 5, 3, 1, 1, bias=False), nn.BatchNorm2d(5), nn.ReLU()
+
+        def forward(self, x):
+            return self.act(self.bn(self.conv(x))) * 2
+
+    unfused = _swapped(ConvBnRelu())
+    fused = q.fuse(copy.deepcopy(unfused))
+    assert isinstance(fused.act, q.FusedReLU) and fused.conv.fused_relu
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(fused(x), unfused(x), rtol=1e-5, atol=1e-5)
