@@ -3,7 +3,8 @@ CPUs (qemu-x86_64 -cpu Haswell: AVX2 without AVX-512; -cpu Nehalem: no
 AVX at all), where an instruction above the CPU's tier would kill the
 process with SIGILL. Checks the results too: f32 against dense torch,
 int8 bit for bit against the pure-PyTorch prototype (the fp32 bias
-gradient to rounding: the two sum in different orders).
+gradient to rounding: the two sum in different orders), and a fused
+Conv2d-BatchNorm2d-ReLU block against the same layers unfused.
 
     qemu-x86_64 -cpu Haswell .venv/bin/python tests/emulated/every_module_forward_backward.py avx2
 """
@@ -67,7 +68,30 @@ def main(expected_isa: str) -> None:
             assert torch.equal(a, b), f"{name} int8 {what} differs from the prototype"
         assert (db - db_proto).abs().max() <= 1e-5 * (1 + db_proto.abs().max()), f"{name} int8 bias grad"
         print(f"{name}: f32 and int8 forward + backward ok")
+    fused_block()
     print("every module type ran on this CPU")
+
+
+def fused_block() -> None:
+    """A fused Conv2d-BatchNorm2d-ReLU (qsparseprop.fuse: the BatchNorm and
+    ReLU passes) against the same layers unfused, training then eval."""
+    import copy
+
+    dense = torch.nn.Sequential(
+        pruned(torch.nn.Conv2d(5, 7, 3, padding=1, bias=False), 0.8), torch.nn.BatchNorm2d(7), torch.nn.ReLU()
+    )
+    unfused = copy.deepcopy(dense)
+    unfused[0] = SparseConv2d.from_dense(dense[0])
+    fused = qsparseprop.fuse(copy.deepcopy(unfused))
+    assert isinstance(fused[1], qsparseprop.FusedBatchNorm2d)
+    x, g = torch.randn(3, 5, 9, 9), torch.randn(3, 7, 9, 9)
+    for mode in ("train", "eval"):
+        getattr(unfused, mode)(), getattr(fused, mode)()
+        for a, b in zip(run(fused, x, g), run(unfused, x, g), strict=True):
+            err = (a - b).abs().max().item()
+            assert err <= 1e-4 * (1 + b.abs().max().item()), f"fused block ({mode}): error {err}"
+    assert torch.allclose(fused[1].running_var, unfused[1].running_var, rtol=1e-5, atol=1e-6)
+    print("fused Conv2d-BatchNorm2d-ReLU: forward + backward ok")
 
 
 if __name__ == "__main__":
