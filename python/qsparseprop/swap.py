@@ -161,12 +161,19 @@ _AUTO_ORDER = {"auto": ("s8", "f32")}
 
 def _fused_followers(root: nn.Module, name: str, layer: nn.Module, relu: bool) -> list[nn.Module]:
     """Copies of what fuse() would hand the layer ``name`` (an nn.BatchNorm2d
-    after a convolution, then, with ``relu``, an nn.ReLU / MaskedReLU), in its nn.Sequential;
-    empty when nothing would be fused. Copies: timing them changes no
-    statistics of the model's own."""
+    after a convolution, then, with ``relu``, an nn.ReLU / MaskedReLU), in
+    its nn.Sequential or its parent's traced forward; empty when nothing
+    would be fused. Copies: timing them changes no statistics of the
+    model's own."""
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
-    if not isinstance(parent, nn.Sequential):
+    if not _plain_sequential(parent):
+        if not isinstance(layer, nn.Conv2d):
+            return []
+        for conv_name, bn_name, relu_name in _traced_chains(root, parent, _is_dense_conv):
+            if conv_name == child:
+                bn = copy.deepcopy(parent.get_submodule(bn_name))
+                return [bn, nn.ReLU()] if relu and relu_name is not None else [bn]
         return []
     names = list(parent._modules)
     rest = [parent._modules[n] for n in names[names.index(child) + 1 :]]
@@ -348,7 +355,8 @@ def swap_modules_with_sparse(
     memory); the table says which and both times. On CPUs without VNNI
     (AVX2) f32 is often the faster.
     ``fuse`` (see :func:`fuse`): an ``nn.BatchNorm2d`` that directly follows
-    a swapped convolution in an ``nn.Sequential`` is applied by it (one
+    a swapped convolution in an ``nn.Sequential`` or a traced forward
+    (see :func:`fuse`) is applied by it (one
     statistics pass and one normalise pass, no separate ReLU pass); a
     ``FusedBatchNorm2d`` marker holding its parameters and buffers takes its
     place. Such a convolution is timed as the block it will be (convolution,
@@ -579,6 +587,10 @@ class _ChildrenAsLeaves(torch.fx.Tracer):
         return True
 
 
+def _is_dense_conv(m: nn.Module) -> bool:
+    return isinstance(m, nn.Conv2d)
+
+
 def _is_sparse_conv(m: nn.Module) -> bool:
     return isinstance(m, SparseConv2d)
 
@@ -600,52 +612,70 @@ def _called_once(model: nn.Module, parent: nn.Module, calls: dict, node, accept)
     return mod if accept(mod) and len(_aliases(model, mod)) == 1 else None
 
 
+def _traced_chains(model: nn.Module, parent: nn.Module, is_conv) -> list[tuple[str, str, str | None]]:
+    """(convolution, BatchNorm2d, ReLU or None) — child names — of each
+    chain in ``parent``'s own forward, traced by torch.fx with the children
+    as leaves, where a convolution (``is_conv``) feeds a BatchNorm2d alone
+    and that feeds only a ReLU module (when there is one), each module
+    called once, on that one input, and reachable under one name. Empty
+    when the forward cannot be traced (data-dependent control flow and the
+    like)."""
+    try:
+        graph = _ChildrenAsLeaves().trace(parent)
+    except Exception:  # noqa: BLE001 - whatever fx cannot trace is not fused
+        return []
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+        elif node.op == "get_attr":  # a module's tensors used directly: leave its modules alone
+            calls[node.target.rpartition(".")[0]] = 2
+    chains = []
+    for node in graph.nodes:
+        conv = _called_once(model, parent, calls, node, is_conv)
+        if conv is None or len(node.users) != 1:
+            continue
+        (bn_node,) = node.users
+        bn = _called_once(model, parent, calls, bn_node, _is_batch_norm)
+        if bn is None or bn_node.args[0] is not node or bn.num_features != conv.out_channels:
+            continue
+        relu_target = None
+        if len(bn_node.users) == 1:
+            (relu_node,) = bn_node.users
+            if _called_once(model, parent, calls, relu_node, _is_relu) is not None and relu_node.args[0] is bn_node:
+                relu_target = relu_node.target
+        chains.append((node.target, bn_node.target, relu_target))
+    return chains
+
+
 def _fuse_traced(model: nn.Module, rows, batch_norm: bool, relu: bool) -> None:
     """The same fusions where a module's own forward (not an nn.Sequential)
     calls a sparse convolution, then a BatchNorm2d on its output only, then
     possibly a ReLU module on that only — torchvision's BasicBlock and
-    Bottleneck. torch.fx traces each such module's forward once (children
-    as leaves); a forward it cannot trace is left unfused. Only modules
-    called once, under one name, are fused: a ReLU module the forward calls
-    twice (torchvision's blocks) stays as it is."""
+    Bottleneck (see _traced_chains). A ReLU module the forward calls twice
+    (torchvision's blocks) stays as it is."""
+    if not batch_norm:
+        return
     for parent_name, parent in list(model.named_modules()):
         if _plain_sequential(parent) or not any(isinstance(m, SparseConv2d) for m in parent.modules()):
             continue
-        try:
-            graph = _ChildrenAsLeaves().trace(parent)
-        except Exception:  # noqa: BLE001 - data-dependent control flow and the like: not fusable by tracing
-            continue
-        calls: dict[str, int] = {}
-        for node in graph.nodes:
-            if node.op == "call_module":
-                calls[node.target] = calls.get(node.target, 0) + 1
-            elif node.op == "get_attr":  # a module's tensors used directly: leave its modules alone
-                calls[node.target.rpartition(".")[0]] = 2
-
-        for node in list(graph.nodes):
-            conv = _called_once(model, parent, calls, node, _is_sparse_conv)
-            full = f"{parent_name}.{node.target}" if parent_name and conv is not None else node.target
-            if conv is None or (rows is not None and full not in rows) or len(node.users) != 1:
+        for conv_name, bn_name, relu_name in _traced_chains(model, parent, _is_sparse_conv):
+            conv = parent.get_submodule(conv_name)
+            full = f"{parent_name}.{conv_name}" if parent_name else conv_name
+            if (rows is not None and full not in rows) or conv.__dict__.get("fused_batch_norm") is not None:
                 continue
-            if conv.__dict__.get("fused_batch_norm") is not None or conv.fused_relu:
+            if conv.fused_relu:  # a ReLU applied before the BatchNorm
                 continue
-            (bn_node,) = node.users
-            bn = _called_once(model, parent, calls, bn_node, _is_batch_norm) if batch_norm else None
-            if bn is None or bn_node.args[0] is not node or bn.num_features != conv.out_channels:
-                continue
-            marker = FusedBatchNorm2d.taking_over(bn)
-            _replace(parent, bn_node.target, marker)
+            marker = FusedBatchNorm2d.taking_over(parent.get_submodule(bn_name))
+            _replace(parent, bn_name, marker)
             object.__setattr__(conv, "fused_batch_norm", marker)
             if rows is not None:
                 rows[full].fused_batch_norm = True
-            if relu and len(bn_node.users) == 1:
-                (relu_node,) = bn_node.users
-                relu_module = _called_once(model, parent, calls, relu_node, _is_relu)
-                if relu_module is not None and relu_node.args[0] is bn_node:
-                    conv.fused_relu = True
-                    _replace(parent, relu_node.target, FusedReLU())
-                    if rows is not None:
-                        rows[full].fused_relu = True
+            if relu and relu_name is not None:
+                conv.fused_relu = True
+                _replace(parent, relu_name, FusedReLU())
+                if rows is not None:
+                    rows[full].fused_relu = True
 
 
 def use_masked_relus(model: nn.Module) -> nn.Module:

@@ -327,3 +327,20 @@ def test_a_traced_module_fuses_nothing_that_is_used_twice_and_a_relu_module_call
     assert isinstance(fused.act, q.FusedReLU) and fused.conv.fused_relu
     x = torch.randn(2, 3, 6, 6)
     torch.testing.assert_close(fused(x), unfused(x), rtol=1e-5, atol=1e-5)
+
+
+def test_the_swap_fuses_a_traced_block_and_times_its_convolutions_as_blocks():
+    torch.manual_seed(0)
+    block = _BasicBlock(6, 8, 1)
+    for m in block.modules():
+        if isinstance(m, nn.Conv2d):
+            prune_random_(m, 0.8)
+    swapped = q.swap_modules_with_sparse(
+        block, (2, 6, 8, 8), verbose=False, min_speedup=0.0, min_sparsity=0.5, persistent=False
+    )
+    rows = {r.name: r for r in swapped.qsparseprop_swap_report}
+    for name in ("conv1", "conv2", "downsample.0"):
+        assert rows[name].swapped and rows[name].fused_batch_norm, rows[name]
+        assert "(as the block Conv2d+BatchNorm2d, fused)" in rows[name].reason, rows[name].reason
+        assert not rows[name].fused_relu  # the block's ReLU module is called twice
+    assert isinstance(swapped.bn1, q.FusedBatchNorm2d) and type(swapped.relu) is nn.ReLU
