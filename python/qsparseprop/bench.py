@@ -460,38 +460,32 @@ def main(argv: list[str] | None = None) -> None:
           f"measured peak: fp32 {peak['f32']:.0f} GFLOP/s, int8 {peak['s8']:.0f} GOP/s",
           flush=True)  # fmt: skip
     vec = {"auto": None, "width": True, "batch": False}[a.vectorization]
-    if a.what == "block":
-        rows = []
-        for shape in shapes:
-            for sp in sparsities:
-                for scheme in schemes:
-                    rows.append(bench_block_case(shape, sp, scheme, a.repeats, a.warmup))
-                    print(format_block_rows(rows[-1:]).splitlines()[-1], flush=True)
-        print()
-        print(format_block_rows(rows))
-        if a.json:
-            with open(a.json, "w") as f:
-                json.dump(rows, f, indent=1)
-        return
+
+    def case(shape: str, sp: float, scheme: str) -> dict:
+        if a.what == "block":
+            return bench_block_case(shape, sp, scheme, a.repeats, a.warmup)
+        if a.what == "linear":
+            b, k, n = LINEAR_SHAPES[shape]
+            return bench_linear_case(shape, b, k, n, sp, scheme, a.repeats, a.warmup, peak)
+        return bench_conv_case(shape, CONV_SHAPES[shape], sp, scheme, a.repeats, a.warmup, peak, vec)
+
+    fmt = format_block_rows if a.what == "block" else format_rows
     rows = []
     for shape in shapes:
         for sp in sparsities:
             for scheme in schemes:
-                if a.what == "linear":
-                    b, k, n = LINEAR_SHAPES[shape]
-                    rows.append(bench_linear_case(shape, b, k, n, sp, scheme, a.repeats, a.warmup, peak))
-                else:
-                    rows.append(bench_conv_case(shape, CONV_SHAPES[shape], sp, scheme, a.repeats, a.warmup, peak, vec))
-                print(format_rows(rows[-1:]).splitlines()[-1], flush=True)
+                rows.append(case(shape, sp, scheme))
+                print(fmt(rows[-1:]).splitlines()[-1], flush=True)
     print()
-    print(format_rows(rows))
-    print()
-    print("where our time goes, per call (ms; kernel % of the measured peak):")
-    print(format_split(rows))
+    print(fmt(rows))
+    if a.what != "block":  # blocks are timed whole: no per-direction split
+        print()
+        print("where our time goes, per call (ms; kernel % of the measured peak):")
+        print(format_split(rows))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)
-    if a.png:
+    if a.png and a.what != "block":
         plot(rows, a.png)
 
 

@@ -205,15 +205,7 @@ def test_a_residual_block_fuses_its_three_batch_norms():
     from qsparseprop.finetune import _Residual
 
     torch.manual_seed(0)
-    block = _Residual(6, 12, 2)
-    for m in block.modules():
-        if isinstance(m, nn.Conv2d):
-            prune_random_(m, 0.8)
-    unfused = copy.deepcopy(block)
-    for seq in (unfused.body, unfused.shortcut):
-        for i, m in enumerate(seq):
-            if isinstance(m, nn.Conv2d):
-                seq[i] = q.SparseConv2d.from_dense(m)
+    unfused = _swapped(_Residual(6, 12, 2))
     fused = q.fuse(copy.deepcopy(unfused))
     assert sum(isinstance(m, q.FusedBatchNorm2d) for m in fused.modules()) == 3
     gen = torch.Generator().manual_seed(2)
@@ -272,11 +264,17 @@ class _SharedBatchNorm(nn.Module):
         return self.bn(y) + self.bn(self.other(x)) + y
 
 
-def _swapped(module, scheme="f32"):
-    torch.manual_seed(0)
+def _prune_convs(module, sparsity=0.8):
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
-            prune_random_(m, 0.8)
+            prune_random_(m, sparsity)
+    return module
+
+
+def _swapped(module, scheme="f32"):
+    """``module`` with its convolutions pruned and swapped for sparse ones."""
+    torch.manual_seed(0)
+    _prune_convs(module)
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Conv2d:
@@ -331,10 +329,7 @@ def test_a_traced_module_fuses_nothing_that_is_used_twice_and_a_relu_module_call
 
 def test_the_swap_fuses_a_traced_block_and_times_its_convolutions_as_blocks():
     torch.manual_seed(0)
-    block = _BasicBlock(6, 8, 1)
-    for m in block.modules():
-        if isinstance(m, nn.Conv2d):
-            prune_random_(m, 0.8)
+    block = _prune_convs(_BasicBlock(6, 8, 1))
     swapped = q.swap_modules_with_sparse(
         block, (2, 6, 8, 8), verbose=False, min_speedup=0.0, min_sparsity=0.5, persistent=False
     )
