@@ -106,8 +106,9 @@ enum qsp_post_op_arg {
     QSP_POST_OP_VARIANCE
 };
 constexpr int QSP_ARG_POST_OP_BASE = 1 << 25;
+constexpr int QSP_ARG_POST_OP_STRIDE = 4; // argument ids per post-op (the qsp_post_op_arg values)
 constexpr int QSP_ARG_POST_OP(int index, qsp_post_op_arg what) {
-    return QSP_ARG_POST_OP_BASE + 4 * index + static_cast<int>(what);
+    return QSP_ARG_POST_OP_BASE + QSP_ARG_POST_OP_STRIDE * index + static_cast<int>(what);
 }
 
 struct primitive_attr {

@@ -90,8 +90,9 @@ void primitive_base::execute(const dnnl::stream &stream, const exec_args &args,
             }
             default:
                 if (spec.arg >= QSP_ARG_POST_OP_BASE) {
-                    const auto index = static_cast<size_t>((spec.arg - QSP_ARG_POST_OP_BASE) / 4);
-                    switch ((spec.arg - QSP_ARG_POST_OP_BASE) % 4) {
+                    const int offset = spec.arg - QSP_ARG_POST_OP_BASE;
+                    const auto index = static_cast<size_t>(offset / QSP_ARG_POST_OP_STRIDE);
+                    switch (offset % QSP_ARG_POST_OP_STRIDE) {
                         case QSP_POST_OP_SRC:
                             post[index].src = static_cast<const float *>(h);
                             break;
