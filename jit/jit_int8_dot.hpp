@@ -6,6 +6,9 @@
 // vpmaddwd with ones widens the pairs to int32, and acc += lo + 16 * hi.
 // About 5x the instructions of one vpdpbusd: the dispatcher's measurement
 // decides whether the sparse kernel still beats oneDNN's dense int8 matmul.
+// Used by the avx512_core tier and by the avx2 tier's Conv2d kernels; the
+// avx2 Linear SpMMs use 16-bit pairs and its SDDMM widened operands
+// (vpmaddwd) instead, which cost far fewer instructions.
 #pragma once
 
 #include <xbyak/xbyak.h>

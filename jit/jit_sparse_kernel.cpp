@@ -1,5 +1,7 @@
 #include "jit/jit_sparse_kernel.hpp"
 
+#include <stdexcept>
+
 #include "runtime/lru_cache.hpp"
 
 namespace qsp::jit {
@@ -8,7 +10,8 @@ std::string sparse_kernel_params::str() const {
     return std::string(to_string(isa)) + (dtype == sparse_dtype::f32 ? "_f32" : "_s8")
            + (avx_vnni ? "_avx_vnni" : "") + "_v" + std::to_string(n_vec)
            + (n_rows != 1 ? "_r" + std::to_string(n_rows) : "")
-           + (tail != 0 ? "_t" + std::to_string(tail) : "");
+           + (tail != 0 ? "_t" + std::to_string(tail) : "")
+           + (word == s8_word::pair ? "_pairs" : "");
 }
 
 size_t sparse_kernel_params_hash::operator()(const sparse_kernel_params &p) const {
@@ -17,6 +20,7 @@ size_t sparse_kernel_params_hash::operator()(const sparse_kernel_params &p) cons
     h = runtime::hash_mix(h, static_cast<uint64_t>(p.n_vec));
     h = runtime::hash_mix(h, p.avx_vnni);
     h = runtime::hash_mix(h, static_cast<uint64_t>(p.n_rows));
+    h = runtime::hash_mix(h, static_cast<uint64_t>(p.word));
     return static_cast<size_t>(runtime::hash_mix(h, static_cast<uint64_t>(p.tail)));
 }
 
@@ -31,6 +35,21 @@ sparse_kernel_params make_sparse_kernel_params(cpu_isa isa, sparse_dtype dtype, 
     p.n_vec = n_vec;
     p.avx_vnni = isa == cpu_isa::avx2 && dtype == sparse_dtype::s8 && cpu_has_avx_vnni();
     return p;
+}
+
+s8_word s8_spmm_word(cpu_isa isa) {
+    return isa == cpu_isa::avx2 && !cpu_has_avx_vnni() ? s8_word::pair : s8_word::quad;
+}
+
+void check_s8_word(const sparse_kernel_params &p, const char *family, bool pairs_emitted) {
+    if (p.word == s8_word::quad) return;
+    if (!pairs_emitted)
+        throw std::invalid_argument(std::string("jit ") + family
+                                    + ": s8 pairs are an SpMM word only");
+    if (p.isa != cpu_isa::avx2 || p.dtype != sparse_dtype::s8 || p.avx_vnni)
+        throw std::invalid_argument(
+                std::string("jit ") + family
+                + ": s8 pairs apply to the avx2 s8 kernel without avx_vnni only");
 }
 
 } // namespace qsp::jit

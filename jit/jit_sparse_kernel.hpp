@@ -14,6 +14,17 @@ namespace qsp::jit {
 
 enum class sparse_dtype { f32, s8 };
 
+// How an s8 SpMM source row holds its channels in the 32 bits of each batch
+// element (jit/tile_abi.hpp): four as u8 (x + 128) for vpdpbusd, native or
+// emulated; or two as u16 (x + 128) for vpmaddwd, whose 16-bit products are
+// exact without VNNI. At 90 % sparsity a non-empty quad holds 1.16 nonzeros
+// and a pair 1.05, so pairs issue about as many words per nonzero while one
+// vpmaddwd + vpaddd replaces the 11-instruction nibble emulation of a quad.
+enum class s8_word { quad, pair };
+constexpr int channels_per_word(s8_word w) {
+    return w == s8_word::quad ? 4 : 2;
+}
+
 struct sparse_kernel_params {
     cpu_isa isa = cpu_isa::avx2;
     sparse_dtype dtype = sparse_dtype::f32;
@@ -23,10 +34,12 @@ struct sparse_kernel_params {
     // step, and the lanes of the last vector that are real (0: all).
     int n_rows = 1;
     int tail = 0;
+    // SpMM (jit_uni_spmm_kernel.hpp, jit_uni_spmm_pattern_kernel.hpp) s8 only.
+    s8_word word = s8_word::quad;
 
     bool operator==(const sparse_kernel_params &o) const {
         return isa == o.isa && dtype == o.dtype && n_vec == o.n_vec && avx_vnni == o.avx_vnni
-               && n_rows == o.n_rows && tail == o.tail;
+               && n_rows == o.n_rows && tail == o.tail && word == o.word;
     }
     std::string str() const;
 };
@@ -40,6 +53,18 @@ int vector_lanes(cpu_isa isa);
 
 // The parameters for a tier; avx_vnni is decided from the CPU.
 sparse_kernel_params make_sparse_kernel_params(cpu_isa isa, sparse_dtype dtype, int n_vec);
+
+// The s8 SpMM word of a tier on this CPU: pairs on avx2 without AVX-VNNI
+// (measured on Linear L1 at 90 %: the nibble-emulated quads made the s8
+// forward 4x slower than f32), quads wherever vpdpbusd is native. The
+// avx512_core tier (AVX-512 without VNNI) keeps its emulated quads: pairs on
+// zmm are the same change but were not measured on such a CPU.
+s8_word s8_spmm_word(cpu_isa isa);
+
+// Throws std::invalid_argument, naming the family, unless p.word is one the
+// family emits for p: pairs exist in the SpMM families (pairs_emitted), on
+// the avx2 s8 kernels without AVX-VNNI.
+void check_s8_word(const sparse_kernel_params &p, const char *family, bool pairs_emitted);
 
 template <typename call_params_t> class jit_sparse_kernel : public jit_generator {
 public:

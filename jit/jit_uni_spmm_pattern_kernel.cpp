@@ -18,7 +18,8 @@ namespace {
 size_t entry_code_bytes(const sparse_kernel_params &p) {
     const bool s8 = p.dtype == sparse_dtype::s8;
     const bool native = p.isa == cpu_isa::avx512_core_vnni || p.avx_vnni;
-    return 24 + static_cast<size_t>(p.n_vec) * (!s8 ? 12 : native ? 24 : 96);
+    const bool pairs = p.word == s8_word::pair; // vpmaddwd + vpaddd
+    return 24 + static_cast<size_t>(p.n_vec) * (!s8 ? 12 : native || pairs ? 24 : 96);
 }
 size_t body_code_bytes(const sparse_kernel_params &p) {
     return 64 + static_cast<size_t>(p.n_vec) * 40; // sums in and out, the row loop
@@ -33,6 +34,10 @@ void check_params(const sparse_kernel_params &p, const spmm_pattern_shape &shape
         throw std::invalid_argument("jit spmm pattern: n_vec must be in [1, "
                                     + std::to_string(max_vec) + "], got "
                                     + std::to_string(p.n_vec));
+    if (p.avx_vnni && (p.isa != cpu_isa::avx2 || p.dtype != sparse_dtype::s8))
+        throw std::invalid_argument(
+                "jit spmm pattern: avx_vnni applies to the avx2 s8 kernel only");
+    check_s8_word(p, "spmm pattern", true);
     for (size_t k = 0; k < shape.lengths.size(); ++k)
         if (shape.lengths[k] < 1 || (k > 0 && shape.lengths[k] <= shape.lengths[k - 1]))
             throw std::invalid_argument(

@@ -138,6 +138,83 @@ float quantize_stochastic_avx2(const float *x, int64_t n, const float *multiplie
     return s.scale;
 }
 
+void pack_pair_tiles_avx2(const int8_t *x, int64_t batch, int64_t channels, uint8_t *tiles,
+                          int num_threads) {
+    constexpr int64_t tb = jit::tile_batch;
+    const int64_t tiles_n = jit::tile_count(batch), pairs = (channels + 1) / 2,
+                  pblocks = (pairs + 7) / 8;
+    const __m256i shift = _mm256_set1_epi16(128);
+#pragma omp parallel for collapse(2) num_threads(num_threads) schedule(static)
+    for (int64_t t = 0; t < tiles_n; ++t)
+        for (int64_t pb = 0; pb < pblocks; ++pb) {
+            const int64_t p0 = pb * 8, pn = std::min<int64_t>(8, pairs - p0);
+            const int64_t c0 = 2 * p0, cn = std::min<int64_t>(16, channels - c0);
+            auto *tile = reinterpret_cast<int32_t *>(tiles) + t * pairs * tb;
+            for (int64_t j0 = 0; j0 < tb; j0 += 8) {
+                // Row i: batch element j0 + i's 16 channels as 8 pair dwords
+                // of u16 x + 128 (channels and batch elements past the end: x = 0).
+                __m256 r[8];
+                for (int i = 0; i < 8; ++i) {
+                    const int64_t b = t * tb + j0 + i;
+                    alignas(16) int8_t staged[16] = {};
+                    __m128i bytes = _mm_setzero_si128();
+                    if (b < batch && cn == 16) {
+                        bytes = _mm_loadu_si128(
+                                reinterpret_cast<const __m128i *>(x + b * channels + c0));
+                    } else if (b < batch) {
+                        std::copy(x + b * channels + c0, x + b * channels + c0 + cn, staged);
+                        bytes = _mm_load_si128(reinterpret_cast<const __m128i *>(staged));
+                    }
+                    r[i] = _mm256_castsi256_ps(
+                            _mm256_add_epi16(_mm256_cvtepi8_epi16(bytes), shift));
+                }
+                avx2::transpose8(r);
+                for (int64_t p = 0; p < pn; ++p)
+                    _mm256_storeu_ps(reinterpret_cast<float *>(tile + (p0 + p) * tb + j0), r[p]);
+            }
+        }
+}
+
+void unpack_s32_tiles_avx2(const int32_t *tiles, int64_t batch, int64_t channels,
+                           const int32_t *correction, const float *scale, const float *bias,
+                           float *dst, int num_threads, int64_t inner) {
+    constexpr int64_t tb = jit::tile_batch;
+    const int64_t tiles_n = jit::tile_count(batch), cblocks = (channels + 7) / 8;
+#pragma omp parallel for collapse(2) num_threads(num_threads) schedule(static)
+    for (int64_t t = 0; t < tiles_n; ++t)
+        for (int64_t cb = 0; cb < cblocks; ++cb) {
+            const int64_t c0 = cb * 8, cn = std::min<int64_t>(8, channels - c0);
+            const __m256i cmask = avx2::first_lanes(cn);
+            // per lane: the channel's correction, scale and bias (Conv2d:
+            // the output channel of a (channel, pixel) row)
+            alignas(32) int32_t c8[8] = {};
+            alignas(32) float s8[8] = {}, b8[8] = {};
+            for (int64_t k = 0; k < cn; ++k) {
+                const int64_t o = (c0 + k) / inner;
+                c8[k] = correction[o];
+                s8[k] = scale[o];
+                b8[k] = bias ? bias[o] : 0.f;
+            }
+            const __m256i corr = _mm256_load_si256(reinterpret_cast<const __m256i *>(c8));
+            const __m256 sc = _mm256_load_ps(s8), bs = _mm256_load_ps(b8);
+            const int32_t *tile = tiles + t * channels * tb;
+            for (int64_t j0 = 0; j0 < tb && t * tb + j0 < batch; j0 += 8) {
+                __m256 r[8];
+                for (int i = 0; i < 8; ++i)
+                    r[i] = i < cn ? _mm256_castsi256_ps(_mm256_loadu_si256(
+                                   reinterpret_cast<const __m256i *>(tile + (c0 + i) * tb + j0)))
+                                  : _mm256_setzero_ps();
+                avx2::transpose8(r);
+                for (int64_t i = 0; i < 8 && t * tb + j0 + i < batch; ++i) {
+                    const __m256i exact = _mm256_sub_epi32(_mm256_castps_si256(r[i]), corr);
+                    __m256 y = _mm256_mul_ps(_mm256_cvtepi32_ps(exact), sc);
+                    if (bias) y = _mm256_add_ps(y, bs);
+                    _mm256_maskstore_ps(dst + (t * tb + j0 + i) * channels + c0, cmask, y);
+                }
+            }
+        }
+}
+
 } // namespace qsp::detail
 
 QSP_END_TARGET

@@ -6,7 +6,9 @@
 // for lengths <= 65536), so every result equals the reference bit for bit.
 //
 //   forward        SpMM over "k-quads": one vpdpbusd per 16
-//                  batch elements per non-empty quad of 4 columns of a row.
+//                  batch elements per non-empty quad of 4 columns of a row;
+//                  on avx2 without AVX-VNNI over "k-pairs" of u16 instead,
+//                  one vpmaddwd per 8 batch elements per non-empty pair.
 //   backward-data  the same over the transposed pattern (quads of rows).
 //   backward-weights SDDMM: one vpdpbusd per nonzero per 64
 //                  batch elements, 16 nonzeros reduced together.
@@ -44,14 +46,16 @@ public:
                         : transposed_rows(p.pattern.row_ptr(), p.pattern.col_idx(), p.out, p.in)) {}
 
     jit_linear_s8_spmm_plan(const problem &p, cpu_isa isa, bool specialise, const sparse_rows &m)
-        : jit_plan(p), quads_(m, quad_offset, p.num_threads),
-          // a quad tile row (tile_row_bytes) holds 4 source channels
+        : jit_plan(p), word_(jit::s8_spmm_word(isa)),
+          quads_(m, word_offset, p.num_threads, jit::channels_per_word(word_)),
+          // a word tile row (tile_row_bytes) holds 4 (2) source channels
           spmm_(isa, jit::sparse_dtype::s8, quads_.bounds,
                 make_source_groups(
                         m, quads_.quad_ptr, &quads_.quad_of, [](int64_t key) { return key; },
-                        p.dir == direction::forward ? p.in : p.out, jit::tile_row_bytes / 4, 4,
+                        p.dir == direction::forward ? p.in : p.out,
+                        jit::tile_row_bytes / quads_.channels_per_word, quads_.channels_per_word,
                         specialise ? linear_pattern_min_group_items : linear_min_group_items),
-                specialise) {
+                specialise, word_) {
         const auto order = spmm_.take_item_order();
         if (!order.empty()) quads_.reorder_offsets(order);
     }
@@ -72,7 +76,10 @@ private:
         const bool fwd = p_.dir == direction::forward;
         const int64_t B = t.batch, K = p_.in, N = p_.out, nnz = p_.pattern.nnz();
         const int64_t src_ch = fwd ? K : N, tiles = tile_count(B), tb = jit::tile_batch;
-        const int64_t quads = (src_ch + 3) / 4, entries = quads_.quads(), rows = quads_.rows;
+        const int64_t cpw = quads_.channels_per_word;
+        const int64_t quads = (src_ch + cpw - 1) / cpw, entries = quads_.quads(),
+                      rows = quads_.rows;
+        auto *pack = word_ == jit::s8_word::pair ? pack_pair_tiles : pack_quad_tiles;
         auto *words = sp.get<uint32_t>(2, entries);
         auto *correction = sp.get<int32_t>(3, rows);
         auto *src_q = sp.get<int8_t>(4, B * src_ch);
@@ -90,13 +97,13 @@ private:
             int8_t *xq = t.workspace ? ws.src_q() : src_q;
             const float sx = quantize_rne(t.src, B * K, xq, nt);
             if (t.workspace) ws.set_src_scale(sx);
-            pack_quad_tiles(xq, B, K, src_tiles, nt);
+            pack(xq, B, K, src_tiles, nt);
             for (int64_t n = 0; n < N; ++n)
                 row_scale[n] = s8::forward_scale(sx, w_scale[n]);
         } else {
             const float sg2 = quantize_stochastic(t.diff_dst, B * N, w_scale, N, 1,
                                                   s8::dx_stream(t.seed), src_q, nt);
-            pack_quad_tiles(src_q, B, N, src_tiles, nt);
+            pack(src_q, B, N, src_tiles, nt);
             std::fill(row_scale, row_scale + rows, sg2);
         }
         {
@@ -109,13 +116,14 @@ private:
         return nullptr;
     }
 
-    // A quad's source row: one tile row per 4 features.
-    static int64_t quad_offset(int64_t, int64_t quad) { return quad * jit::tile_row_bytes; }
+    // A word's source row: one tile row per 4 (2) features.
+    static int64_t word_offset(int64_t, int64_t word) { return word * jit::tile_row_bytes; }
 
     size_t owned_code_bytes() const override { return spmm_.pattern_code_bytes(); }
 
-    quad_plan quads_;  // forward: the CSR; backward-data: its transpose
-    spmm_runner spmm_; // over quads, source channels in groups
+    jit::s8_word word_; // quads, or pairs on avx2 without AVX-VNNI
+    quad_plan quads_;   // forward: the CSR; backward-data: its transpose
+    spmm_runner spmm_;  // over quads, source channels in groups
 };
 
 class jit_linear_s8_bwd_weights_plan : public jit_plan {

@@ -120,8 +120,12 @@ void quad_plan::reorder_offsets(const std::vector<int64_t> &order) {
 }
 
 quad_plan::quad_plan(const sparse_rows &m,
-                     const std::function<int64_t(int64_t, int64_t)> &quad_offset, int parts)
-    : rows(m.rows), entry_ptr(m.row_ptr), value_index(m.value_index) {
+                     const std::function<int64_t(int64_t, int64_t)> &quad_offset, int parts,
+                     int channels_per_word_)
+    : rows(m.rows), channels_per_word(channels_per_word_), entry_ptr(m.row_ptr),
+      value_index(m.value_index) {
+    if (channels_per_word != 4 && channels_per_word != 2)
+        throw std::logic_error("quad plan: a word holds 4 or 2 channels");
     const int64_t n = m.entries();
     quad_ptr.assign(static_cast<size_t>(rows) + 1, 0);
     quad_of.resize(static_cast<size_t>(n));
@@ -129,14 +133,14 @@ quad_plan::quad_plan(const sparse_rows &m,
     for (int64_t r = 0; r < rows; ++r) {
         int64_t last = -1;
         for (int64_t l = entry_ptr[r]; l < entry_ptr[r + 1]; ++l) {
-            const int64_t quad = m.key[l] / 4;
+            const int64_t quad = m.key[l] / channels_per_word;
             if (quad != last) {
                 if (quad < last) throw std::logic_error("quad plan: keys must ascend within a row");
                 last = quad;
                 offsets.push_back(checked_offset(quad_offset(r, quad)));
             }
             quad_of[l] = static_cast<int64_t>(offsets.size()) - 1;
-            byte_of[l] = static_cast<uint8_t>(m.key[l] % 4);
+            byte_of[l] = static_cast<uint8_t>(m.key[l] % channels_per_word);
         }
         quad_ptr[r + 1] = static_cast<int64_t>(offsets.size());
     }
@@ -152,7 +156,11 @@ void quad_plan::fill(const int8_t *wq, uint32_t *words, int32_t *correction,
         int32_t sum = 0;
         for (int64_t l = entry_ptr[r]; l < entry_ptr[r + 1]; ++l) {
             const int8_t v = wq[value_index[l]];
-            words[quad_of[l]] |= static_cast<uint32_t>(static_cast<uint8_t>(v)) << (8 * byte_of[l]);
+            words[quad_of[l]] |= channels_per_word == 4
+                                         ? static_cast<uint32_t>(static_cast<uint8_t>(v))
+                                                   << (8 * byte_of[l])
+                                         : static_cast<uint32_t>(static_cast<uint16_t>(int16_t{v}))
+                                                   << (16 * byte_of[l]);
             sum += v;
         }
         correction[r] = 128 * sum;

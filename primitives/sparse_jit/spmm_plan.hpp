@@ -61,16 +61,20 @@ struct entry_plan {
 
 // s8 SpMM arrays over "quads": consecutive entries of a row whose keys share
 // key / 4 form one kernel entry (their 4 int8 weights packed in a dword, the
-// source row holding the 4 matching bytes per batch element).
+// source row holding the 4 matching bytes per batch element). With
+// channels_per_word 2 (jit::s8_word::pair) the words are pairs instead:
+// key / 2, two int16 weights in the dword, two u16 per batch element.
 struct quad_plan {
     int64_t rows = 0;
+    int channels_per_word = 4;
     std::vector<int64_t> quad_ptr, bounds; // kernel rows over quads
     std::vector<int32_t> offsets;          // per quad
     std::vector<int64_t> entry_ptr, value_index, quad_of;
-    std::vector<uint8_t> byte_of;
-    // quad_offset(row, key / 4): byte offset of the quad's source row.
+    std::vector<uint8_t> byte_of; // the entry's slot in its word
+    // quad_offset(row, key / channels_per_word): byte offset of the word's
+    // source row.
     quad_plan(const sparse_rows &m, const std::function<int64_t(int64_t, int64_t)> &quad_offset,
-              int parts);
+              int parts, int channels_per_word = 4);
     int64_t quads() const { return static_cast<int64_t>(offsets.size()); }
     // From this step's quantized weights: the quad dwords, and per row the
     // exact term 128 * sum(w) that the kernel's +128 shift adds.

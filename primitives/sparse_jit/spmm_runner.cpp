@@ -81,13 +81,13 @@ spmm_schedule::spmm_schedule(const std::vector<int64_t> &bounds, const source_gr
 }
 
 spmm_runner::spmm_runner(cpu_isa isa, jit::sparse_dtype dtype, const std::vector<int64_t> &bounds,
-                         source_groups groups, bool specialise)
+                         source_groups groups, bool specialise, jit::s8_word word)
     : bounds_(bounds), groups_(std::move(groups)), lanes_(jit::vector_lanes(isa)), isa_(isa),
-      dtype_(dtype) {
+      dtype_(dtype), word_(word) {
     const int full = jit::tile_batch / lanes_;
     if (!specialise) {
         for (int nv = 1; nv <= full; ++nv)
-            generic_.push_back(jit::spmm_kernel(jit::make_sparse_kernel_params(isa, dtype, nv)));
+            generic_.push_back(jit::spmm_kernel(kernel_params(nv)));
         return;
     }
     const double t0 = runtime::now_ms();
@@ -106,12 +106,17 @@ spmm_runner::spmm_runner(cpu_isa isa, jit::sparse_dtype dtype, const std::vector
     specialisation_ = s.str();
 }
 
+jit::sparse_kernel_params spmm_runner::kernel_params(int nv) const {
+    jit::sparse_kernel_params params = jit::make_sparse_kernel_params(isa_, dtype_, nv);
+    params.word = word_;
+    return params;
+}
+
 const std::shared_ptr<const jit::jit_spmm_pattern_kernel> &spmm_runner::pattern_code(int nv) const {
     pattern_slot &slot = pattern_[static_cast<size_t>(nv - 1)];
     std::call_once(slot.once, [&] {
         const double t0 = runtime::now_ms();
-        slot.code =
-                jit::spmm_pattern_kernel(jit::make_sparse_kernel_params(isa_, dtype_, nv), shape_);
+        slot.code = jit::spmm_pattern_kernel(kernel_params(nv), shape_);
         pattern_bytes_ += slot.code->memory_bytes();
         // whole tiles are reported with the plan; a batch tail's code here
         if (nv != static_cast<int>(pattern_.size()) && verbose_level() >= 1)

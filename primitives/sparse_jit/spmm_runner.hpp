@@ -52,9 +52,10 @@ std::string why_not_pattern_specialised(const problem &p);
 class spmm_runner {
 public:
     // bounds: the plan's parts; groups: each row's kernel items per source
-    // group; specialise: generate the layer's code.
+    // group; specialise: generate the layer's code; word: how the s8 source
+    // rows hold their channels (quads or pairs).
     spmm_runner(cpu_isa isa, jit::sparse_dtype dtype, const std::vector<int64_t> &bounds,
-                source_groups groups, bool specialise);
+                source_groups groups, bool specialise, jit::s8_word word = jit::s8_word::quad);
 
     // dst tile t (at dst + t * dst_tile_bytes) = the SpMM of src tile t, for
     // every tile of the batch, on num_threads threads.
@@ -74,6 +75,7 @@ public:
     size_t pattern_code_bytes() const { return pattern_bytes_.load(); }
 
 private:
+    jit::sparse_kernel_params kernel_params(int nv) const;
     // The layer's code for tiles of nv vectors, generated on first use.
     const std::shared_ptr<const jit::jit_spmm_pattern_kernel> &pattern_code(int nv) const;
 
@@ -82,6 +84,7 @@ private:
     int lanes_;
     cpu_isa isa_;
     jit::sparse_dtype dtype_;
+    jit::s8_word word_;
     std::vector<std::shared_ptr<const jit::jit_spmm_kernel>> generic_; // per vector count
     std::unique_ptr<spmm_schedule> schedule_;                          // specialised only
     jit::spmm_pattern_shape shape_;

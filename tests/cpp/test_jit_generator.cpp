@@ -97,8 +97,14 @@ std::vector<jit::sparse_kernel_params> every_kernel_params(bool sddmm) {
                 const int max_vec = sddmm && dt == jit::sparse_dtype::s8
                                             ? 1
                                             : jit::tile_batch / jit::vector_lanes(isa);
-                for (int nv = 1; nv <= max_vec; ++nv)
+                for (int nv = 1; nv <= max_vec; ++nv) {
                     out.push_back(jit::sparse_kernel_params{isa, dt, nv, avx_vnni});
+                    if (!sddmm && isa == cpu_isa::avx2 && dt == jit::sparse_dtype::s8
+                        && !avx_vnni) {
+                        out.push_back(out.back());
+                        out.back().word = jit::s8_word::pair;
+                    }
+                }
             }
     return out;
 }
@@ -125,7 +131,7 @@ TEST(JitGenerator, every_kernel_variant_is_never_writable_and_executable) {
         expect_sealed(*jit::sddmm_kernel(p));
         ++variants;
     }
-    EXPECT_EQ(variants, (4 + 8 + 4 + 8 + 4 + 4 + 8) + (8 + 1 + 4 + 1 + 4 + 1 + 1));
+    EXPECT_EQ(variants, (4 + 8 + 4 + 8 + 4 + 4 + 8 + 8) + (8 + 1 + 4 + 1 + 4 + 1 + 1));
 }
 
 // The code cache is keyed by every generator parameter: the same
@@ -137,7 +143,8 @@ TEST(JitGenerator, code_cache_keys_on_every_parameter) {
                  [](jit::sparse_kernel_params &p) { p.isa = cpu_isa::avx512_core; },
                  [](jit::sparse_kernel_params &p) { p.dtype = jit::sparse_dtype::f32; },
                  [](jit::sparse_kernel_params &p) { p.n_vec = 3; },
-                 [](jit::sparse_kernel_params &p) { p.avx_vnni = true; }}) {
+                 [](jit::sparse_kernel_params &p) { p.avx_vnni = true; },
+                 [](jit::sparse_kernel_params &p) { p.word = jit::s8_word::pair; }}) {
         jit::sparse_kernel_params other = base;
         change(other);
         EXPECT_FALSE(other == base);
@@ -149,6 +156,19 @@ TEST(JitGenerator, code_cache_keys_on_every_parameter) {
     EXPECT_THROW(jit::sddmm_kernel({cpu_isa::avx512_core, jit::sparse_dtype::s8, 2, false}),
                  std::invalid_argument);
     EXPECT_THROW(jit::spmm_kernel({cpu_isa::avx512_core, jit::sparse_dtype::s8, 1, true}),
+                 std::invalid_argument);
+    // pairs: the avx2 s8 SpMM without AVX-VNNI only, and no other family
+    auto with_pairs = [](jit::sparse_kernel_params p) {
+        p.word = jit::s8_word::pair;
+        return p;
+    };
+    EXPECT_THROW(jit::spmm_kernel(with_pairs({cpu_isa::avx512_core, jit::sparse_dtype::s8, 1})),
+                 std::invalid_argument);
+    EXPECT_THROW(jit::spmm_kernel(with_pairs({cpu_isa::avx2, jit::sparse_dtype::f32, 1})),
+                 std::invalid_argument);
+    EXPECT_THROW(jit::spmm_kernel(with_pairs({cpu_isa::avx2, jit::sparse_dtype::s8, 1, true})),
+                 std::invalid_argument);
+    EXPECT_THROW(jit::sddmm_kernel(with_pairs({cpu_isa::avx2, jit::sparse_dtype::s8, 1})),
                  std::invalid_argument);
 }
 

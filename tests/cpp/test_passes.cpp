@@ -194,6 +194,25 @@ TEST(Passes, s8_tile_passes_match_portable) {
             detail::pack_quad_tiles(xq.data(), batch, channels, q.data(), 2);
             detail::portable::pack_quad_tiles(xq.data(), batch, channels, q_want.data(), 1);
             EXPECT_EQ(q, q_want);
+            // Pair tiles: the portable pass against the layout's definition
+            // (jit/tile_abi.hpp), the dispatched one against the portable.
+            const int64_t pairs = (channels + 1) / 2;
+            const size_t pair_bytes = static_cast<size_t>(tiles * pairs * 4 * jit::tile_batch);
+            std::vector<uint8_t> pq(pair_bytes, 1), pq_want(pair_bytes, 2);
+            detail::pack_pair_tiles(xq.data(), batch, channels, pq.data(), 2);
+            detail::portable::pack_pair_tiles(xq.data(), batch, channels, pq_want.data(), 1);
+            EXPECT_EQ(pq, pq_want);
+            for (int64_t b = 0; b < tiles * jit::tile_batch; ++b)
+                for (int64_t c = 0; c < 2 * pairs; ++c) {
+                    const int64_t at = (((b / jit::tile_batch) * pairs + c / 2) * jit::tile_batch
+                                        + b % jit::tile_batch)
+                                               * 2
+                                       + c % 2;
+                    uint16_t u;
+                    std::memcpy(&u, pq_want.data() + 2 * at, 2);
+                    const int x_bc = b < batch && c < channels ? xq[b * channels + c] : 0;
+                    ASSERT_EQ(u, x_bc + 128) << "batch " << b << " channel " << c;
+                }
             std::vector<int32_t> acc(static_cast<size_t>(tiles * channels * jit::tile_batch));
             for (auto &v : acc)
                 v = static_cast<int32_t>(rng() % 200001) - 100000;
@@ -207,6 +226,11 @@ TEST(Passes, s8_tile_passes_match_portable) {
                                      bias.data(), y.data(), 2, 1);
             detail::portable::unpack_s32_tiles(acc.data(), batch, channels, corr.data(),
                                                scale.data(), bias.data(), y_want.data(), 1, 1);
+            EXPECT_EQ(y, y_want);
+            detail::unpack_s32_tiles(acc.data(), batch, channels, corr.data(), scale.data(),
+                                     nullptr, y.data(), 2, 1);
+            detail::portable::unpack_s32_tiles(acc.data(), batch, channels, corr.data(),
+                                               scale.data(), nullptr, y_want.data(), 1, 1);
             EXPECT_EQ(y, y_want);
         }
 }

@@ -117,7 +117,6 @@ TEST_P(SpmmPatternKernel, matches_the_scalar_model_on_every_tier) {
     std::vector<int32_t> offsets(static_cast<size_t>(items));
     for (int64_t slot = 0; slot < items; ++slot)
         offsets[slot] = channel[s.order[slot]] * jit::tile_row_bytes;
-    const std::vector<uint32_t> &values = word;
     std::vector<uint8_t> src(static_cast<size_t>(channels * jit::tile_row_bytes));
     for (int64_t c = 0; c < channels * tb; ++c) {
         if (s8) {
@@ -128,14 +127,36 @@ TEST_P(SpmmPatternKernel, matches_the_scalar_model_on_every_tier) {
             std::memcpy(&src[4 * c], &v, 4);
         }
     }
+    // s8 pairs (avx2 without AVX-VNNI): two u16 x + 128 in [0, 255] per
+    // source dword, two int16 weights in [-127, 127] per word.
+    std::vector<uint32_t> pair_word(word.size());
+    std::vector<uint8_t> pair_src(src.size());
+    for (auto &w : pair_word)
+        w = static_cast<uint16_t>(static_cast<int16_t>(rng() % 255) - 127)
+            | uint32_t(static_cast<uint16_t>(static_cast<int16_t>(rng() % 255) - 127)) << 16;
+    for (size_t i = 0; i < pair_src.size(); i += 2) {
+        pair_src[i] = static_cast<uint8_t>(rng());
+        pair_src[i + 1] = 0;
+    }
     jit::spmm_pattern_shape shape;
     shape.lengths = s.lengths;
     shape.code_budget = budget;
+    std::vector<std::pair<cpu_isa, jit::s8_word>> variants;
     for (cpu_isa isa : jit_tiers()) {
+        variants.emplace_back(isa, jit::s8_word::quad);
+        if (s8 && isa == cpu_isa::avx2 && !cpu_has_avx_vnni())
+            variants.emplace_back(isa, jit::s8_word::pair);
+    }
+    for (const auto &[isa, word_kind] : variants) {
         const int lanes = jit::vector_lanes(isa);
+        const bool pairs = word_kind == jit::s8_word::pair;
+        const std::vector<uint32_t> &values = pairs ? pair_word : word;
+        const std::vector<uint8_t> &source = pairs ? pair_src : src;
         for (int nv = 1; nv <= tb / lanes; ++nv) {
-            SCOPED_TRACE(std::string(to_string(isa)) + " n_vec=" + std::to_string(nv));
-            const auto params = jit::make_sparse_kernel_params(isa, dtype, nv);
+            SCOPED_TRACE(std::string(to_string(isa)) + (pairs ? " pairs" : "")
+                         + " n_vec=" + std::to_string(nv));
+            auto params = jit::make_sparse_kernel_params(isa, dtype, nv);
+            params.word = word_kind;
             const auto code = jit::spmm_pattern_kernel(params, shape);
             const auto exact = jit::exact_body_lengths(params, shape);
             if (budget < 16384)
@@ -150,7 +171,7 @@ TEST_P(SpmmPatternKernel, matches_the_scalar_model_on_every_tier) {
                                                  s.buckets.data() + 2 * s.bucket_at[grp],
                                                  s.bucket_at[grp + 1] - s.bucket_at[grp],
                                                  grp == 0 ? 1 : 0,
-                                                 src.data(),
+                                                 source.data(),
                                                  dst.data()};
                 (*code)(c);
             }
@@ -161,7 +182,13 @@ TEST_P(SpmmPatternKernel, matches_the_scalar_model_on_every_tier) {
                     double want_f = 0, mag = 0;
                     for (int64_t i = g.ptr[r * (n_groups + 1)];
                          i < g.ptr[(r + 1) * (n_groups + 1) - 1]; ++i) {
-                        if (s8) {
+                        if (pairs) {
+                            for (int k = 0; k < 2; ++k) {
+                                uint16_t x;
+                                std::memcpy(&x, &source[(channel[i] * tb + j) * 4 + 2 * k], 2);
+                                want_i += int64_t(x) * int16_t(values[i] >> (16 * k));
+                            }
+                        } else if (s8) {
                             for (int k = 0; k < 4; ++k)
                                 want_i += int64_t(src[(channel[i] * tb + j) * 4 + k])
                                           * int8_t(word[i] >> (8 * k));
