@@ -72,6 +72,11 @@ template <cpu_isa isa> void jit_uni_sddmm_width_kernel_t<isa>::generate() {
     const bool s8 = params_.dtype == sparse_dtype::s8;
     const bool emulated = emulated_dot(isa, params_.dtype, params_.avx_vnni);
     const unroll_t un = unroll_for(isa, emulated);
+    // AVX2 without VNNI widens to 16 bits instead of emulating vpdpbusd (the
+    // same registers: each dY vector's two halves as u16 where the nibbles
+    // were): per x vector two vpmovsxbw, two vpmaddwd, two vpaddd. A dword
+    // lane then sums 2 columns of each half, still 4 products per dY vector.
+    const bool widened = emulated && !avx512;
 
     // Vector registers: dY from 0 up (emulated: its nibbles, interleaved),
     // sums from the top, then the emulation's helpers.
@@ -121,9 +126,17 @@ template <cpu_isa isa> void jit_uni_sddmm_width_kernel_t<isa>::generate() {
                 for (int u = 0; u < count; ++u) {
                     const Address x = ptr[x_row[r] + off[u] + v * vlen];
                     const Vmm &s = sum(u, k % un.chains);
-                    if (!s8)
+                    if (!s8) {
                         vfmadd231ps(s, g(k), x);
-                    else if (emulated)
+                    } else if (widened) {
+                        const Address x_hi = ptr[x_row[r] + off[u] + v * vlen + vlen / 2];
+                        vpmovsxbw(p_lo, x);
+                        vpmaddwd(p_lo, p_lo, g(k));
+                        vpaddd(s, s, p_lo);
+                        vpmovsxbw(p_hi, x_hi);
+                        vpmaddwd(p_hi, p_hi, g_hi(k));
+                        vpaddd(s, s, p_hi);
+                    } else if (emulated)
                         emit_dot_u8s8_nibbles(*this, s, g(k), g_hi(k), x, ones16, p_lo, p_hi, true);
                     else if (avx512)
                         vpdpbusd(s, g(k), x);
@@ -167,6 +180,11 @@ template <cpu_isa isa> void jit_uni_sddmm_width_kernel_t<isa>::generate() {
                 const int k = r * nv + v;
                 const Address a = ptr[tmp + v * vlen];
                 const bool masked = v == nv - 1 && tail != 0;
+                if (widened) { // s8 rows are zero-padded: never masked
+                    vpmovzxbw(g(k), ptr[tmp + v * vlen]);
+                    vpmovzxbw(g_hi(k), ptr[tmp + v * vlen + vlen / 2]);
+                    continue;
+                }
                 const Vmm dst = emulated ? p_lo : g(k);
                 if (!masked)
                     vmovups(dst, a);
@@ -215,7 +233,7 @@ template <cpu_isa isa> void jit_uni_sddmm_width_kernel_t<isa>::generate() {
     sub(rsp, 40);
     mov(offsets, field(offsetof(cp, x_offsets)));
     mov(group_ptr, field(offsetof(cp, group_ptr)));
-    if (emulated) emit_int8_dot_constants(*this, ones16, nibble_mask, constants);
+    if (emulated && !widened) emit_int8_dot_constants(*this, ones16, nibble_mask, constants);
     if (avx512 && tail != 0) {
         mov(tmp.cvt32(), (1 << tail) - 1);
         kmovw(k1, tmp.cvt32());
@@ -226,7 +244,7 @@ template <cpu_isa isa> void jit_uni_sddmm_width_kernel_t<isa>::generate() {
                         params_.n_rows, block);
     add(rsp, 40);
     postamble();
-    if (emulated) emit_int8_dot_constant_table(*this, constants);
+    if (emulated && !widened) emit_int8_dot_constant_table(*this, constants);
     if (!avx512 && tail != 0) {
         align(32);
         L(mask_table);

@@ -22,7 +22,7 @@ void check_params(const sparse_kernel_params &p) {
         throw std::invalid_argument("jit spmm_width: n_rows must be in [1, "
                                     + std::to_string(width_max_rows) + "], got "
                                     + std::to_string(p.n_rows));
-    const int max_acc = spmm_width_max_accumulators(p.isa, p.dtype, p.avx_vnni);
+    const int max_acc = spmm_width_max_accumulators(p.isa, p.dtype, p.avx_vnni, p.word);
     if (p.n_vec < 1 || p.n_rows * p.n_vec > max_acc)
         throw std::invalid_argument("jit spmm_width: n_rows * n_vec must be in [1, "
                                     + std::to_string(max_acc) + "] for " + p.str());
@@ -31,16 +31,17 @@ void check_params(const sparse_kernel_params &p) {
                                     + "), got " + std::to_string(p.tail));
     if (p.avx_vnni && (p.isa != cpu_isa::avx2 || p.dtype != sparse_dtype::s8))
         throw std::invalid_argument("jit spmm_width: avx_vnni applies to the avx2 s8 kernel only");
-    check_s8_word(p, "spmm_width", false);
+    check_s8_word(p, "spmm_width", true);
 }
 
 } // namespace
 
-int spmm_width_max_accumulators(cpu_isa isa, sparse_dtype dtype, bool avx_vnni) {
+int spmm_width_max_accumulators(cpu_isa isa, sparse_dtype dtype, bool avx_vnni, s8_word word) {
     const int regs = vector_registers(isa);
-    // The weight and two source temporaries; emulated dot products also
-    // hold nibbles, two constants and two products.
-    return regs - (emulated_dot(isa, dtype, avx_vnni) ? 8 : 3);
+    // The weight and two source temporaries (pairs: two products); emulated
+    // dot products also hold nibbles, two constants and two products.
+    const bool emulated = emulated_dot(isa, dtype, avx_vnni) && word == s8_word::quad;
+    return regs - (emulated ? 8 : 3);
 }
 
 template <cpu_isa isa>
@@ -57,7 +58,8 @@ template <cpu_isa isa> void jit_uni_spmm_width_kernel_t<isa>::generate() {
     constexpr int vlen = traits::vlen, n_regs = traits::n_vregs;
     const int nv = params_.n_vec, tail = params_.tail;
     const bool s8 = params_.dtype == sparse_dtype::s8;
-    const bool emulated = emulated_dot(isa, params_.dtype, params_.avx_vnni);
+    const bool pairs = s8 && params_.word == s8_word::pair; // vpmaddwd on u16 pairs
+    const bool emulated = emulated_dot(isa, params_.dtype, params_.avx_vnni) && !pairs;
 
     // Vector registers: sums from 0 up, the rest from the top.
     auto acc = [nv](int r, int v) { return Vmm(r * nv + v); };
@@ -168,6 +170,10 @@ template <cpu_isa isa> void jit_uni_spmm_width_kernel_t<isa>::generate() {
                 const Address x = ptr[src_row[r] + off + v * vlen];
                 if (!s8) {
                     vfmadd231ps(acc(r, v), w, x);
+                } else if (pairs) {
+                    const Vmm &t = (r * nv + v) % 2 ? tmp1 : tmp0; // two products in flight
+                    vpmaddwd(t, w, x);
+                    vpaddd(acc(r, v), acc(r, v), t);
                 } else if (!emulated) {
                     const Vmm &t = (r * nv + v) % 2 ? tmp1 : tmp0; // two loads in flight
                     vmovups(t, x);

@@ -4,7 +4,8 @@
 // the channel's entries stream past, each a broadcast and one multiply-add
 // per vector read straight from the padded source planes; the epilogue adds
 // the bias (s8: removes the +128 shift, dequantizes) and stores the rows.
-// f32, and s8 over quads (vpdpbusd, or its exact emulation), on every tier.
+// f32, and s8 over quads (vpdpbusd, or its exact emulation), on every tier;
+// on avx2 without AVX-VNNI s8 over pairs of u16 (vpmaddwd, s8_word::pair).
 #pragma once
 
 #include <memory>
@@ -19,7 +20,8 @@ using jit_spmm_width_kernel = jit_sparse_kernel<spmm_width_call_params>;
 // Rows per step are bounded by the general registers that hold the rows'
 // source pointers; rows x vectors by the vector registers left for sums.
 constexpr int width_max_rows = 4;
-int spmm_width_max_accumulators(cpu_isa isa, sparse_dtype dtype, bool avx_vnni);
+int spmm_width_max_accumulators(cpu_isa isa, sparse_dtype dtype, bool avx_vnni,
+                                s8_word word = s8_word::quad);
 
 template <cpu_isa isa> class jit_uni_spmm_width_kernel_t : public jit_spmm_width_kernel {
 public:

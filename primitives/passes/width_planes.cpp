@@ -109,6 +109,37 @@ void pack_width_quads(const int8_t *src, int64_t batch, int64_t channels, int64_
     best_tier(tiers, plane.phases == 1)(src, batch, channels, h, w, pad, plane, dst, num_threads);
 }
 
+void pack_width_pairs(const int8_t *src, int64_t batch, int64_t channels, int64_t h, int64_t w,
+                      const spatial_pad &pad, const width_plane &plane, uint32_t *dst,
+                      int num_threads) {
+    static constexpr pass_tier<pack_width_pairs_fn> tiers[] = {
+            {cpu_isa::ref, portable::pack_width_pairs}};
+    best_tier(tiers)(src, batch, channels, h, w, pad, plane, dst, num_threads);
+}
+
+void portable::pack_width_pairs(const int8_t *src, int64_t batch, int64_t channels, int64_t h,
+                                int64_t w, const spatial_pad &pad, const width_plane &plane,
+                                uint32_t *dst, int num_threads) {
+    const int64_t pairs = (channels + 1) / 2, row_len = plane.row_len();
+    constexpr uint32_t zero = 0x00800080u; // two x = 0 as u16 (x + 128)
+#pragma omp parallel for collapse(2) num_threads(num_threads) schedule(static)
+    for (int64_t p = 0; p < batch * pairs; ++p)
+        for (int64_t r = 0; r < plane.rows; ++r) {
+            uint32_t *row = dst + p * plane.size() + r * row_len;
+            std::fill(row, row + row_len, zero);
+            const int64_t y = r - pad.top;
+            if (y < 0 || y >= h) continue;
+            const int64_t b = p / pairs, c = 2 * (p % pairs);
+            const int8_t *lo = src + ((b * channels + c) * h + y) * w;
+            const int8_t *hi = c + 1 < channels ? lo + h * w : nullptr; // a missing channel: 0
+            for (int64_t x = 0; x < w; ++x) {
+                const uint32_t word = static_cast<uint32_t>(lo[x] + 128)
+                                      | static_cast<uint32_t>((hi ? hi[x] : 0) + 128) << 16;
+                row[plane.phases == 1 ? pad.left + x : plane.at(0, pad.left + x)] = word;
+            }
+        }
+}
+
 void portable::pack_width_quads(const int8_t *src, int64_t batch, int64_t channels, int64_t h,
                                 int64_t w, const spatial_pad &pad, const width_plane &plane,
                                 uint32_t *dst, int num_threads) {

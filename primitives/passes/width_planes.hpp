@@ -41,8 +41,14 @@ using pack_width_quads_fn = void(const int8_t *src, int64_t batch, int64_t chann
                                  int64_t w, const spatial_pad &pad, const width_plane &plane,
                                  uint32_t *dst, int num_threads);
 
+// int8 -> pair planes[batch][ceil(channels / 2)]: per position the u16
+// (x + 128) of channels 2q, 2q+1; 128 (x = 0) around and past the channels.
+// The s8 SpMM source on CPUs without VNNI.
+using pack_width_pairs_fn = pack_width_quads_fn;
+
 pack_width_planes_fn pack_width_planes;
 pack_width_quads_fn pack_width_quads;
+pack_width_pairs_fn pack_width_pairs;
 
 // int8 -> int8 planes (0 around): x of the s8 SDDMM.
 void pack_width_planes(const int8_t *src, int64_t batch, int64_t channels, int64_t h, int64_t w,
@@ -62,6 +68,7 @@ void scatter_width_phase(const float *phase, int64_t batch, int64_t channels, in
 namespace portable {
 pack_width_planes_fn pack_width_planes;
 pack_width_quads_fn pack_width_quads;
+pack_width_pairs_fn pack_width_pairs;
 } // namespace portable
 // Planes without column phases only.
 pack_width_planes_fn pack_width_planes_avx512;

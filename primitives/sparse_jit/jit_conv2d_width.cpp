@@ -37,9 +37,11 @@ template <typename kernel_t> struct row_calls {
     std::vector<std::shared_ptr<const kernel_t>> kernels;
 };
 
-row_calls<jit::jit_spmm_width_kernel> spmm_calls(cpu_isa isa, sparse_dtype dt, int64_t width) {
-    const jit::sparse_kernel_params base = jit::make_sparse_kernel_params(isa, dt, 1);
-    const int max_acc = jit::spmm_width_max_accumulators(isa, dt, base.avx_vnni);
+row_calls<jit::jit_spmm_width_kernel> spmm_calls(cpu_isa isa, sparse_dtype dt, int64_t width,
+                                                 jit::s8_word word) {
+    jit::sparse_kernel_params base = jit::make_sparse_kernel_params(isa, dt, 1);
+    base.word = word;
+    const int max_acc = jit::spmm_width_max_accumulators(isa, dt, base.avx_vnni, word);
     row_calls<jit::jit_spmm_width_kernel> c{split_width(width, jit::vector_lanes(isa), max_acc),
                                             {}};
     for (int64_t ch = 0; ch < c.split.chunks(); ++ch) {
@@ -144,11 +146,11 @@ template <typename entries_t> struct phase_plan {
 
 // The phases' kernels, and the dY plane all their reads fit in.
 template <typename entries_t>
-width_plane make_phases(const conv_width &w, cpu_isa isa, sparse_dtype dt,
+width_plane make_phases(const conv_width &w, cpu_isa isa, sparse_dtype dt, jit::s8_word word,
                         std::vector<phase_plan<entries_t>> &phases) {
     std::vector<int64_t> read_lanes;
     for (const auto &f : w.l.phases) {
-        phases.push_back({f, spmm_calls(isa, dt, f.n_w), nullptr, {}});
+        phases.push_back({f, spmm_calls(isa, dt, f.n_w, word), nullptr, {}});
         read_lanes.push_back(phases.back().calls.split.read_lanes());
     }
     return w.dy_plane(read_lanes);
@@ -199,15 +201,28 @@ struct spmm_run {
 // ---- the plan both schemes share ------------------------------------------------
 
 // What the f32 and s8 plans differ in, by the SpMM's entries: one per weight
-// (f32) or one per quad of input channels sharing a 4-byte position (s8).
+// (f32) or one per word of input channels sharing a 4-byte position (s8: a
+// quad, or a pair on avx2 without AVX-VNNI). element_bytes: the SDDMM's.
 template <typename spmm_entries_t> struct width_scheme;
 template <> struct width_scheme<entry_plan> {
     static constexpr sparse_dtype dt = sparse_dtype::f32;
-    static constexpr int64_t spmm_per_position = 1, element_bytes = 4;
+    static constexpr int64_t element_bytes = 4;
+    static int64_t spmm_per_position(jit::s8_word) { return 1; }
+    static std::unique_ptr<entry_plan>
+    entries(const sparse_rows &m, const std::function<int64_t(int64_t, int64_t)> &offset,
+            int threads, jit::s8_word) {
+        return std::make_unique<entry_plan>(m, offset, threads);
+    }
 };
 template <> struct width_scheme<quad_plan> {
     static constexpr sparse_dtype dt = sparse_dtype::s8;
-    static constexpr int64_t spmm_per_position = 4, element_bytes = 1;
+    static constexpr int64_t element_bytes = 1;
+    static int64_t spmm_per_position(jit::s8_word word) { return jit::channels_per_word(word); }
+    static std::unique_ptr<quad_plan>
+    entries(const sparse_rows &m, const std::function<int64_t(int64_t, int64_t)> &offset,
+            int threads, jit::s8_word word) {
+        return std::make_unique<quad_plan>(m, offset, threads, jit::channels_per_word(word));
+    }
 };
 
 // Kernels, planes, entries and groupings of one direction, built once per
@@ -216,42 +231,44 @@ template <typename spmm_entries_t> class jit_conv2d_width_plan : public jit_plan
 protected:
     using scheme = width_scheme<spmm_entries_t>;
 
-    jit_conv2d_width_plan(const problem &p, cpu_isa isa) : jit_plan(p), w_(p.conv) {
+    jit_conv2d_width_plan(const problem &p, cpu_isa isa)
+        : jit_plan(p), w_(p.conv),
+          word_(scheme::dt == sparse_dtype::s8 ? jit::s8_spmm_word(isa) : jit::s8_word::quad) {
         const int threads = p.num_threads;
-        const int64_t per_position = scheme::spmm_per_position, bytes = scheme::element_bytes;
+        const int64_t per_position = scheme::spmm_per_position(word_),
+                      bytes = scheme::element_bytes, spmm_bytes = 4 / per_position;
         const conv_width &w = w_;
         switch (p.dir) {
             case direction::forward: {
-                fwd_ = spmm_calls(isa, scheme::dt, w_.l.out_w);
+                fwd_ = spmm_calls(isa, scheme::dt, w_.l.out_w, word_);
                 plane_ = w_.x_plane(fwd_.split.read_lanes());
                 const width_plane plane = plane_;
                 const sparse_rows m = w_.forward_rows(p.pattern);
-                spmm_ = std::make_unique<spmm_entries_t>(
+                spmm_ = scheme::entries(
                         m,
                         plane_offset(w_, plane.size(), per_position, 4,
                                      [&w, plane](int64_t tap) { return w.x_tap(plane, tap); }),
-                        threads);
+                        threads, word_);
                 groups_ =
                         make_grouping(w_, m, *spmm_, w_.l.in_c, block_rows(fwd_, w_.l.sh, x_span()),
-                                      plane_.row_len() * bytes);
+                                      plane_.row_len() * spmm_bytes);
                 break;
             }
             case direction::backward_data:
-                plane_ = make_phases(w_, isa, scheme::dt, phases_);
+                plane_ = make_phases(w_, isa, scheme::dt, word_, phases_);
                 for (auto &f : phases_) {
                     const conv_layout::phase ph = f.phase;
                     const width_plane plane = plane_;
                     const sparse_rows m = w_.backward_data_rows(p.pattern, ph);
-                    f.entries = std::make_unique<spmm_entries_t>(
-                            m,
-                            plane_offset(w_, plane.size(), per_position, 4,
-                                         [&w, plane, ph](int64_t tap) {
-                                             return w.dy_tap(plane, ph, tap);
-                                         }),
-                            threads);
+                    f.entries = scheme::entries(m,
+                                                plane_offset(w_, plane.size(), per_position, 4,
+                                                             [&w, plane, ph](int64_t tap) {
+                                                                 return w.dy_tap(plane, ph, tap);
+                                                             }),
+                                                threads, word_);
                     f.groups = make_grouping(w_, m, *f.entries, w_.l.out_c,
                                              block_rows(f.calls, 1, dy_span()),
-                                             plane_.row_len() * bytes);
+                                             plane_.row_len() * spmm_bytes);
                 }
                 break;
             case direction::backward_weights: {
@@ -277,6 +294,7 @@ protected:
     int64_t dy_span() const { return (l().kh - 1) * l().dh / l().sh + 1; }
 
     conv_width w_;
+    jit::s8_word word_; // s8 SpMM source words: quads, or pairs on avx2 without AVX-VNNI
     width_plane plane_; // forward / backward-weights: x; backward-data: dY
     row_calls<jit::jit_spmm_width_kernel> fwd_;
     row_calls<jit::jit_sddmm_width_kernel> bwd_;
@@ -418,10 +436,16 @@ public:
     }
 
 private:
+    // The pass that packs the SpMM source in this plan's words.
+    pack_width_quads_fn *pack_words() const {
+        return word_ == jit::s8_word::pair ? pack_width_pairs : pack_width_quads;
+    }
+
     const char *forward(const tensors &t, runtime::scratchpad &sp) const override {
         const int nt = p_.num_threads;
         const int64_t B = t.batch, nnz = p_.pattern.nnz(), oc = l().out_c;
-        const int64_t image = (l().in_c + 3) / 4 * plane_.size();
+        const int64_t cpw = jit::channels_per_word(word_);
+        const int64_t image = (l().in_c + cpw - 1) / cpw * plane_.size();
         const int64_t src_elems = B * l().in_c * l().in_pixels();
         const s8::workspace_view &ws = t.workspace; // training: Xq, Wq kept for the backward
         int8_t *wq = t.workspace ? ws.weights_q() : sp.get<int8_t>(0, nnz);
@@ -437,7 +461,7 @@ private:
         int8_t *xq = t.workspace ? ws.src_q() : local_xq;
         const float sx = quantize_rne(t.src, src_elems, xq, nt);
         if (t.workspace) ws.set_src_scale(sx);
-        pack_width_quads(xq, B, l().in_c, l().in_h, l().in_w, l().x_pad, plane_, x, nt);
+        pack_words()(xq, B, l().in_c, l().in_h, l().in_w, l().x_pad, plane_, x, nt);
         for (int64_t o = 0; o < oc; ++o)
             row_scale[o] = s8::forward_scale(sx, w_scale[o]);
         std::fill(zeros, zeros + oc, 0.f);
@@ -464,7 +488,8 @@ private:
     const char *backward_data(const tensors &t, runtime::scratchpad &sp) const override {
         const int nt = p_.num_threads;
         const int64_t B = t.batch, oc = l().out_c, ic = l().in_c;
-        const int64_t image = (oc + 3) / 4 * plane_.size(), in_px = l().in_pixels();
+        const int64_t cpw = jit::channels_per_word(word_);
+        const int64_t image = (oc + cpw - 1) / cpw * plane_.size(), in_px = l().in_pixels();
         int64_t max_quads = 1;
         for (const auto &f : phases_)
             max_quads = std::max(max_quads, f.entries->quads());
@@ -479,7 +504,7 @@ private:
         auto *zeros = sp.get<float>(7, ic);
         const float sg2 = quantize_stochastic(t.diff_dst, B * oc * l().out_pixels(), w_scale, oc,
                                               l().out_pixels(), s8::dx_stream(t.seed), g2, nt);
-        pack_width_quads(g2, B, oc, l().out_h, l().out_w, l().dy_pad, plane_, dy, nt);
+        pack_words()(g2, B, oc, l().out_h, l().out_w, l().dy_pad, plane_, dy, nt);
         std::fill(scale, scale + ic, sg2);
         std::fill(zeros, zeros + ic, 0.f);
         for (const auto &f : phases_) {

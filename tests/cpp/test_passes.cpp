@@ -425,6 +425,10 @@ TEST(Passes, width_planes_match_the_definition_on_every_tier) {
                                                                 plane, f_want.data(), 2));
                 detail::portable::pack_width_quads(xq.data(), batch, c, h, w, pad, plane,
                                                    q_want.data(), 2);
+                const int64_t pairs = (c + 1) / 2;
+                std::vector<uint32_t> p_want(static_cast<size_t>(batch * pairs * size), 7u);
+                detail::portable::pack_width_pairs(xq.data(), batch, c, h, w, pad, plane,
+                                                   p_want.data(), 2);
                 for (int64_t b = 0; b < batch; ++b)
                     for (int64_t r = 0; r < plane.rows; ++r)
                         for (int64_t e = 0; e < plane.row_len(); ++e) {
@@ -448,6 +452,17 @@ TEST(Passes, width_planes_match_the_definition_on_every_tier) {
                                                                      + r * plane.row_len() + e)],
                                           word);
                             }
+                            for (int64_t q = 0; q < pairs; ++q) {
+                                uint32_t word = 0;
+                                for (int k = 0; k < 2; ++k) {
+                                    const int64_t s = col < wp ? value(b, 2 * q + k, r, col) : -1;
+                                    word |= static_cast<uint32_t>((s < 0 ? 0 : xq[s]) + 128)
+                                            << (16 * k);
+                                }
+                                ASSERT_EQ(p_want[static_cast<size_t>((b * pairs + q) * size
+                                                                     + r * plane.row_len() + e)],
+                                          word);
+                            }
                         }
                 // The dispatching entry points (AVX-512 where the CPU and the
                 // plane allow) write the same, and see a NaN or an Inf.
@@ -458,6 +473,9 @@ TEST(Passes, width_planes_match_the_definition_on_every_tier) {
                 detail::pack_width_quads(xq.data(), batch, c, h, w, pad, plane, q_got.data(), 3);
                 EXPECT_EQ(f_got, f_want);
                 EXPECT_EQ(q_got, q_want);
+                std::vector<uint32_t> p_got(p_want.size(), 3u);
+                detail::pack_width_pairs(xq.data(), batch, c, h, w, pad, plane, p_got.data(), 3);
+                EXPECT_EQ(p_got, p_want);
                 for (float bad : {NAN, INFINITY, -INFINITY}) {
                     auto dirty = src;
                     dirty[dirty.size() - 1] = bad;
