@@ -11,7 +11,9 @@ std::string sparse_kernel_params::str() const {
            + (avx_vnni ? "_avx_vnni" : "") + "_v" + std::to_string(n_vec)
            + (n_rows != 1 ? "_r" + std::to_string(n_rows) : "")
            + (tail != 0 ? "_t" + std::to_string(tail) : "")
-           + (word == s8_word::pair ? "_pairs" : "");
+           + (word == s8_word::pair         ? "_pairs"
+              : word == s8_word::entry_pair ? "_entry_pairs"
+                                            : "");
 }
 
 size_t sparse_kernel_params_hash::operator()(const sparse_kernel_params &p) const {
@@ -41,15 +43,18 @@ s8_word s8_spmm_word(cpu_isa isa) {
     return isa == cpu_isa::avx2 && !cpu_has_avx_vnni() ? s8_word::pair : s8_word::quad;
 }
 
-void check_s8_word(const sparse_kernel_params &p, const char *family, bool pairs_emitted) {
+void check_s8_word(const sparse_kernel_params &p, const char *family, bool pairs_emitted,
+                   bool entry_pairs_emitted) {
     if (p.word == s8_word::quad) return;
-    if (!pairs_emitted)
-        throw std::invalid_argument(std::string("jit ") + family
-                                    + ": s8 pairs are an SpMM word only");
-    if (p.isa != cpu_isa::avx2 || p.dtype != sparse_dtype::s8 || p.avx_vnni)
+    const bool entry_pairs = p.word == s8_word::entry_pair;
+    const std::string what = entry_pairs ? "s8 entry pairs" : "s8 pairs";
+    if (entry_pairs ? !entry_pairs_emitted : !pairs_emitted)
         throw std::invalid_argument(
-                std::string("jit ") + family
-                + ": s8 pairs apply to the avx2 s8 kernel without avx_vnni only");
+                std::string("jit ") + family + ": " + what
+                + (entry_pairs ? " are a generic SpMM word only" : " are an SpMM word only"));
+    if (p.isa != cpu_isa::avx2 || p.dtype != sparse_dtype::s8 || p.avx_vnni)
+        throw std::invalid_argument(std::string("jit ") + family + ": " + what
+                                    + " apply to the avx2 s8 kernel without avx_vnni only");
 }
 
 } // namespace qsp::jit

@@ -14,13 +14,19 @@ namespace qsp::jit {
 
 enum class sparse_dtype { f32, s8 };
 
-// How an s8 SpMM source row holds its channels in the 32 bits of each batch
-// element (jit/tile_abi.hpp): four as u8 (x + 128) for vpdpbusd, native or
-// emulated; or two as u16 (x + 128) for vpmaddwd, whose 16-bit products are
-// exact without VNNI. At 90 % sparsity a non-empty quad holds 1.16 nonzeros
-// and a pair 1.05, so pairs issue about as many words per nonzero while one
-// vpmaddwd + vpaddd replaces the 11-instruction nibble emulation of a quad.
-enum class s8_word { quad, pair };
+// How an s8 SpMM kernel item reads its sources (jit/tile_abi.hpp):
+//   quad        source rows hold 4 channels per batch element as u8 (x + 128):
+//               vpdpbusd, native or emulated;
+//   pair        2 channels per batch element as u16 (x + 128): vpmaddwd, whose
+//               16-bit products are exact without VNNI. At 90 % sparsity a
+//               non-empty quad holds 1.16 nonzeros and a pair 1.05, so pairs
+//               issue about as many words per nonzero while one vpmaddwd +
+//               vpaddd replaces the 11-instruction nibble emulation of a quad;
+//   entry_pair  any two entries of a row: their plain s8 rows (1 byte per
+//               batch element, a quarter of f32's) interleaved and widened in
+//               registers, one vpmaddwd per 8 lanes per two nonzeros.
+enum class s8_word { quad, pair, entry_pair };
+// Source channels per 32-bit source word (quad, pair; entry pairs read bytes).
 constexpr int channels_per_word(s8_word w) {
     return w == s8_word::quad ? 4 : 2;
 }
@@ -62,9 +68,11 @@ sparse_kernel_params make_sparse_kernel_params(cpu_isa isa, sparse_dtype dtype, 
 s8_word s8_spmm_word(cpu_isa isa);
 
 // Throws std::invalid_argument, naming the family, unless p.word is one the
-// family emits for p: pairs exist in the SpMM families (pairs_emitted), on
-// the avx2 s8 kernels without AVX-VNNI.
-void check_s8_word(const sparse_kernel_params &p, const char *family, bool pairs_emitted);
+// family emits for p: pairs exist in the SpMM families (pairs_emitted),
+// entry pairs in the generic SpMM (entry_pairs_emitted), both on the avx2 s8
+// kernels without AVX-VNNI.
+void check_s8_word(const sparse_kernel_params &p, const char *family, bool pairs_emitted,
+                   bool entry_pairs_emitted = false);
 
 template <typename call_params_t> class jit_sparse_kernel : public jit_generator {
 public:

@@ -5,6 +5,7 @@
 // both give the same sums (f32: the same order of additions per row).
 #pragma once
 
+#include <stdexcept>
 #include <type_traits>
 #include <vector>
 
@@ -24,24 +25,32 @@ public:
 
     spmm_entry_emitter(Xbyak::CodeGenerator &g, const sparse_kernel_params &p)
         : g_(g), nv_(p.n_vec), s8_(p.dtype == sparse_dtype::s8),
-          pairs_(s8_ && p.word == s8_word::pair), native_dot_(native_dot(isa, p.dtype, p.avx_vnni)),
+          pairs_(s8_ && p.word == s8_word::pair),
+          entry_pairs_(s8_ && p.word == s8_word::entry_pair),
+          native_dot_(native_dot(isa, p.dtype, p.avx_vnni)),
           // Entries per step, and accumulator sets alternating between
           // consecutive entries so that the multiply-add latency (4 cycles)
           // does not serialise a row. AVX2 has 16 registers: one set of up to
           // 8 accumulators already hides the latency, and the emulated s8
           // dot products need the rest, so that kernel takes one entry per
-          // step; pairs need one register per entry and one per product.
-          unroll_((!avx512 && s8_ && !pairs_) ? 1 : 4), sets_(avx512 ? 2 : 1) {}
+          // step; pairs need one register per entry and one per product;
+          // entry pairs two general registers per item (two offsets).
+          unroll_(entry_pairs_                  ? 2
+                  : (!avx512 && s8_ && !pairs_) ? 1
+                                                : 4),
+          sets_(avx512 ? 2 : 1) {}
 
     int unroll() const { return unroll_; }
     int sets() const { return sets_; }
-    bool needs_constants() const { return s8_ && !pairs_ && !native_dot_; }
+    bool needs_constants() const { return s8_ && !pairs_ && !entry_pairs_ && !native_dot_; }
 
     // avx512: 0..7 accumulators, 8..11 f32 broadcasts, 12..19 s8 sources,
     //         20..23 s8 weights, 24..29 nibbles, constants, products.
     // avx2:   0..7 accumulators, 8..11 f32 broadcasts; s8 quads: 8 source,
     //         9 weights, 10..15 nibbles, constants, products; s8 pairs:
-    //         8..11 weight pairs, 12..15 products.
+    //         8..11 weight pairs, 12..15 products; s8 entry pairs: 8, 9
+    //         weight pairs, 10 the first source, 11 / 12 the interleaved
+    //         low / high halves.
     Vmm acc(int u, int v) const { return Vmm((u % sets_) * nv_ + v); }
 
     // Entry u of a step: its weight (f32, or the s8 quad dword) at w, its
@@ -86,6 +95,31 @@ public:
         }
     }
 
+    // Entry pair u of a step (avx2 s8, s8_word::entry_pair): the two int16
+    // weights at w, the two s8 source rows at src + o1 and src + o2. Per 16
+    // lanes the rows' bytes are interleaved (x1[b], x2[b]) and widened to
+    // int16: vpmaddwd with (w1, w2) gives w1 * x1[b] + w2 * x2[b] in lane b,
+    // in batch order (the byte unpack keeps it, unlike a word unpack of ymm).
+    void entry_pair(int u, const Xbyak::RegExp &w, const Xbyak::Reg64 &src, const Xbyak::Reg64 &o1,
+                    const Xbyak::Reg64 &o2) const {
+        auto &g = g_;
+        const Xbyak::Xmm x(10), lo(11), hi(12);
+        const Xbyak::Ymm wide_lo(11), wide_hi(12);
+        g.vpbroadcastd(bcast(u), g.dword[w]);
+        for (int c = 0; 2 * c < nv_; ++c) { // 16 lanes: accumulators 2c, 2c + 1
+            g.vmovdqu(x, g.ptr[src + o1 + c * 16]);
+            g.vpunpcklbw(lo, x, g.ptr[src + o2 + c * 16]);
+            g.vpmovsxbw(wide_lo, lo);
+            g.vpmaddwd(wide_lo, wide_lo, bcast(u));
+            g.vpaddd(acc(u, 2 * c), acc(u, 2 * c), wide_lo);
+            if (2 * c + 1 == nv_) break;
+            g.vpunpckhbw(hi, x, g.ptr[src + o2 + c * 16]);
+            g.vpmovsxbw(wide_hi, hi);
+            g.vpmaddwd(wide_hi, wide_hi, bcast(u));
+            g.vpaddd(acc(u, 2 * c + 1), acc(u, 2 * c + 1), wide_hi);
+        }
+    }
+
     // A row's entries [i, end) as a loop: steps of unroll() entries, then
     // one at a time. Entry i's source offset is at offsets[i], its weight at
     // values[v] (pass v = i when both follow one order); i and v advance.
@@ -98,6 +132,34 @@ public:
         auto &g = g_;
         const bool same = i.getIdx() == v.getIdx();
         Xbyak::Label step_loop, single_loop, done;
+        if (entry_pairs_) {
+            // items of two offsets each (entry_pair_plan), off[2u], off[2u + 1]
+            if (off.size() < 2 * static_cast<size_t>(unroll_))
+                throw std::logic_error("spmm entry pairs: two offset registers per item");
+            g.L(step_loop);
+            g.lea(scratch, g.ptr[i + unroll_]);
+            g.cmp(scratch, end);
+            g.jg(single_loop, Xbyak::CodeGenerator::T_NEAR);
+            for (int u = 0; u < unroll_; ++u) {
+                g.movsxd(off[2 * u], g.dword[offsets + i * 8 + u * 8]);
+                g.movsxd(off[2 * u + 1], g.dword[offsets + i * 8 + u * 8 + 4]);
+                entry_pair(u, values + v * 4 + u * 4, src, off[2 * u], off[2 * u + 1]);
+            }
+            g.add(i, unroll_);
+            if (!same) g.add(v, unroll_);
+            g.jmp(step_loop, Xbyak::CodeGenerator::T_NEAR);
+            g.L(single_loop);
+            g.cmp(i, end);
+            g.jge(done, Xbyak::CodeGenerator::T_NEAR);
+            g.movsxd(off[0], g.dword[offsets + i * 8]);
+            g.movsxd(off[1], g.dword[offsets + i * 8 + 4]);
+            entry_pair(0, values + v * 4, src, off[0], off[1]);
+            g.inc(i);
+            if (!same) g.inc(v);
+            g.jmp(single_loop, Xbyak::CodeGenerator::T_NEAR);
+            g.L(done);
+            return;
+        }
         if (unroll_ > 1) {
             g.L(step_loop);
             g.lea(scratch, g.ptr[i + unroll_]);
@@ -176,7 +238,7 @@ private:
 
     Xbyak::CodeGenerator &g_;
     int nv_;
-    bool s8_, pairs_, native_dot_;
+    bool s8_, pairs_, entry_pairs_, native_dot_;
     int unroll_, sets_;
 };
 

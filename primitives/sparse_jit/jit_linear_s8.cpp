@@ -126,6 +126,81 @@ private:
     spmm_runner spmm_;  // over quads, source channels in groups
 };
 
+// Forward and backward-data on avx2 without AVX-VNNI in the generic kernels:
+// SpMM over entry pairs of plain s8 tiles (jit::s8_word::entry_pair), the
+// rows of 64 bytes a quarter of f32's, so the source tile of a layer like
+// L1 (768 channels, 48 KiB) nearly fits L1 where f32's (192 KiB) does not.
+class jit_linear_s8_entry_pair_plan : public jit_plan {
+public:
+    jit_linear_s8_entry_pair_plan(const problem &p, cpu_isa isa)
+        : jit_linear_s8_entry_pair_plan(
+                p, isa,
+                p.dir == direction::forward
+                        ? csr_rows(p.pattern.row_ptr(), p.pattern.col_idx(), p.out)
+                        : transposed_rows(p.pattern.row_ptr(), p.pattern.col_idx(), p.out, p.in)) {}
+
+    jit_linear_s8_entry_pair_plan(const problem &p, cpu_isa isa, const sparse_rows &m)
+        : jit_plan(p), pairs_(
+                               m, [](int64_t, int64_t key) { return key * jit::s8_tile_row_bytes; },
+                               p.dir == direction::forward ? p.in : p.out, jit::s8_tile_row_bytes,
+                               linear_min_group_items, p.num_threads),
+          spmm_(isa, jit::sparse_dtype::s8, pairs_.bounds,
+                source_groups{pairs_.n_groups, 0, pairs_.group_ptr}, false,
+                jit::s8_word::entry_pair) {}
+
+private:
+    const char *forward(const tensors &t, runtime::scratchpad &sp) const override {
+        return spmm(t, sp);
+    }
+    const char *backward_data(const tensors &t, runtime::scratchpad &sp) const override {
+        return spmm(t, sp);
+    }
+
+    const char *spmm(const tensors &t, runtime::scratchpad &sp) const {
+        const int nt = p_.num_threads;
+        const bool fwd = p_.dir == direction::forward;
+        const int64_t B = t.batch, K = p_.in, N = p_.out, nnz = p_.pattern.nnz();
+        const int64_t src_ch = fwd ? K : N, tiles = tile_count(B), tb = jit::tile_batch;
+        const int64_t rows = pairs_.rows;
+        auto *words = sp.get<uint32_t>(2, pairs_.items());
+        auto *no_correction = sp.get<int32_t>(3, rows); // plain s8 sources: nothing to remove
+        auto *src_q = sp.get<int8_t>(4, B * src_ch);
+        auto *src_tiles = sp.get<int8_t>(5, tiles * src_ch * tb);
+        auto *acc = sp.get<int32_t>(6, tiles * rows * tb);
+        auto *row_scale = sp.get<float>(7, rows);
+        const s8::workspace_view &ws = t.workspace;
+        int8_t *wq = t.workspace ? ws.weights_q() : sp.get<int8_t>(0, nnz);
+        float *w_scale = t.workspace ? ws.weight_scale() : sp.get<float>(1, N);
+        if (fwd) quantize_weights(p_.pattern, t.weights, wq, w_scale, nt);
+        pairs_.fill(wq, words, nt);
+        std::fill(no_correction, no_correction + rows, 0);
+        if (fwd) {
+            int8_t *xq = t.workspace ? ws.src_q() : src_q;
+            const float sx = quantize_rne(t.src, B * K, xq, nt);
+            if (t.workspace) ws.set_src_scale(sx);
+            pack_s8_tiles(xq, B, K, src_tiles, nt);
+            for (int64_t n = 0; n < N; ++n)
+                row_scale[n] = s8::forward_scale(sx, w_scale[n]);
+        } else {
+            const float sg2 = quantize_stochastic(t.diff_dst, B * N, w_scale, N, 1,
+                                                  s8::dx_stream(t.seed), src_q, nt);
+            pack_s8_tiles(src_q, B, N, src_tiles, nt);
+            std::fill(row_scale, row_scale + rows, sg2);
+        }
+        {
+            const auto timed = kernel_time(p_.dir);
+            spmm_.run(B, words, pairs_.offsets.data(), reinterpret_cast<const uint8_t *>(src_tiles),
+                      src_ch * tb, reinterpret_cast<uint8_t *>(acc), rows * tb * 4, nt);
+        }
+        unpack_s32_tiles(acc, B, rows, no_correction, row_scale, fwd ? t.bias : nullptr,
+                         fwd ? t.dst : t.diff_src, nt, 1);
+        return nullptr;
+    }
+
+    entry_pair_plan pairs_; // forward: the CSR; backward-data: its transpose
+    spmm_runner spmm_;
+};
+
 class jit_linear_s8_bwd_weights_plan : public jit_plan {
 public:
     jit_linear_s8_bwd_weights_plan(const problem &p, cpu_isa isa)
@@ -207,6 +282,8 @@ implementation jit_linear_s8(cpu_isa isa, spmm_code code) {
                 return cached_plan(name, isa, p, [&]() -> std::shared_ptr<const kernel> {
                     if (p.dir == direction::backward_weights)
                         return std::make_shared<const jit_linear_s8_bwd_weights_plan>(p, isa);
+                    if (!specialise && jit::s8_spmm_word(isa) == jit::s8_word::pair)
+                        return std::make_shared<const jit_linear_s8_entry_pair_plan>(p, isa);
                     return std::make_shared<const jit_linear_s8_spmm_plan>(p, isa, specialise);
                 });
             },

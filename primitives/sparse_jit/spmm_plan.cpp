@@ -215,6 +215,46 @@ source_groups make_source_groups(const sparse_rows &m, const std::vector<int64_t
     return g;
 }
 
+entry_pair_plan::entry_pair_plan(const sparse_rows &m,
+                                 const std::function<int64_t(int64_t, int64_t)> &offset,
+                                 int64_t channels, int64_t channel_bytes, int64_t min_group_items,
+                                 int parts)
+    : rows(m.rows) {
+    const source_groups g = make_source_groups(
+            m, m.row_ptr, nullptr, [](int64_t key) { return key; }, channels, channel_bytes, 1,
+            min_group_items);
+    n_groups = g.n;
+    item_ptr.assign(static_cast<size_t>(rows) + 1, 0);
+    group_ptr.reserve(g.ptr.size());
+    for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t grp = 0; grp < g.n; ++grp) {
+            group_ptr.push_back(items());
+            const int64_t begin = g.ptr[r * (g.n + 1) + grp], end = g.ptr[r * (g.n + 1) + grp + 1];
+            for (int64_t l = begin; l < end; l += 2) {
+                const int64_t second = l + 1 < end ? l + 1 : l;
+                offsets.push_back(checked_offset(offset(r, m.key[l])));
+                offsets.push_back(checked_offset(offset(r, m.key[second])));
+                value_index.push_back(m.value_index[l]);
+                value_index.push_back(l + 1 < end ? m.value_index[l + 1] : -1);
+            }
+        }
+        group_ptr.push_back(items());
+        item_ptr[r + 1] = items();
+    }
+    bounds = balance_rows(item_ptr.data(), rows, std::max(1, parts));
+}
+
+void entry_pair_plan::fill(const int8_t *wq, uint32_t *words, int num_threads) const {
+    const int64_t n = items();
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t i = 0; i < n; ++i) {
+        const int64_t a = value_index[2 * i], b = value_index[2 * i + 1];
+        const int16_t w0 = wq[a], w1 = b < 0 ? int16_t{0} : int16_t{wq[b]};
+        words[i] = static_cast<uint32_t>(static_cast<uint16_t>(w0))
+                   | static_cast<uint32_t>(static_cast<uint16_t>(w1)) << 16;
+    }
+}
+
 std::vector<int64_t> balance_rows(const int64_t *row_ptr, int64_t rows, int parts) {
     constexpr int64_t row_cost = 8;
     const int64_t total = row_ptr[rows] + row_cost * rows;

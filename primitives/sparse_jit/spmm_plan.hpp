@@ -84,6 +84,29 @@ struct quad_plan {
     void reorder_offsets(const std::vector<int64_t> &order);
 };
 
+// s8 SpMM arrays over "entry pairs" (jit::s8_word::entry_pair): any two
+// consecutive entries of a row's segment in one source group form one
+// kernel item — two byte offsets of s8 source rows and their two weights as
+// int16 in a dword (jit/tile_abi.hpp). A segment with an odd number of
+// entries ends with an item whose second weight is 0 and whose second source
+// is its first's. The sources are plain s8 tiles (x, no shift): the sums
+// need no correction.
+struct entry_pair_plan {
+    int64_t rows = 0;
+    std::vector<int64_t> item_ptr, bounds; // kernel rows over items
+    std::vector<int32_t> offsets;          // per item: two byte offsets
+    std::vector<int64_t> value_index;      // per item: its entries' values (-1: none)
+    std::vector<int64_t> group_ptr;        // per row and source group: its first item, then the end
+    int64_t n_groups = 1;
+    // offset(row, key): byte offset of the entry's source row; the source
+    // groups over `channels` channels of `channel_bytes` (key = channel).
+    entry_pair_plan(const sparse_rows &m, const std::function<int64_t(int64_t, int64_t)> &offset,
+                    int64_t channels, int64_t channel_bytes, int64_t min_group_items, int parts);
+    int64_t items() const { return static_cast<int64_t>(offsets.size()) / 2; }
+    // The item dwords from this step's quantized weights.
+    void fill(const int8_t *wq, uint32_t *words, int num_threads) const;
+};
+
 // Source channels (columns of the pattern) taken in groups whose source
 // rows fit in L1 while every destination row of a pass uses them; the
 // kernels store a row's sums after each group and reload them in the next

@@ -81,6 +81,7 @@ TEST(JitGenerator, dump_writes_the_code_for_objdump) {
 
 #include "jit/jit_uni_sddmm_kernel.hpp"
 #include "jit/jit_uni_spmm_kernel.hpp"
+#include "jit/jit_uni_spmm_width_kernel.hpp"
 
 namespace qsp::test {
 
@@ -99,11 +100,11 @@ std::vector<jit::sparse_kernel_params> every_kernel_params(bool sddmm) {
                                             : jit::tile_batch / jit::vector_lanes(isa);
                 for (int nv = 1; nv <= max_vec; ++nv) {
                     out.push_back(jit::sparse_kernel_params{isa, dt, nv, avx_vnni});
-                    if (!sddmm && isa == cpu_isa::avx2 && dt == jit::sparse_dtype::s8
-                        && !avx_vnni) {
-                        out.push_back(out.back());
-                        out.back().word = jit::s8_word::pair;
-                    }
+                    if (!sddmm && isa == cpu_isa::avx2 && dt == jit::sparse_dtype::s8 && !avx_vnni)
+                        for (jit::s8_word word : {jit::s8_word::pair, jit::s8_word::entry_pair}) {
+                            out.push_back(out.back());
+                            out.back().word = word;
+                        }
                 }
             }
     return out;
@@ -131,7 +132,7 @@ TEST(JitGenerator, every_kernel_variant_is_never_writable_and_executable) {
         expect_sealed(*jit::sddmm_kernel(p));
         ++variants;
     }
-    EXPECT_EQ(variants, (4 + 8 + 4 + 8 + 4 + 4 + 8 + 8) + (8 + 1 + 4 + 1 + 4 + 1 + 1));
+    EXPECT_EQ(variants, (4 + 8 + 4 + 8 + 4 + 4 + 8 + 8 + 8) + (8 + 1 + 4 + 1 + 4 + 1 + 1));
 }
 
 // The code cache is keyed by every generator parameter: the same
@@ -144,7 +145,8 @@ TEST(JitGenerator, code_cache_keys_on_every_parameter) {
                  [](jit::sparse_kernel_params &p) { p.dtype = jit::sparse_dtype::f32; },
                  [](jit::sparse_kernel_params &p) { p.n_vec = 3; },
                  [](jit::sparse_kernel_params &p) { p.avx_vnni = true; },
-                 [](jit::sparse_kernel_params &p) { p.word = jit::s8_word::pair; }}) {
+                 [](jit::sparse_kernel_params &p) { p.word = jit::s8_word::pair; },
+                 [](jit::sparse_kernel_params &p) { p.word = jit::s8_word::entry_pair; }}) {
         jit::sparse_kernel_params other = base;
         change(other);
         EXPECT_FALSE(other == base);
@@ -170,6 +172,12 @@ TEST(JitGenerator, code_cache_keys_on_every_parameter) {
                  std::invalid_argument);
     EXPECT_THROW(jit::sddmm_kernel(with_pairs({cpu_isa::avx2, jit::sparse_dtype::s8, 1})),
                  std::invalid_argument);
+    jit::sparse_kernel_params entry_pairs{cpu_isa::avx2, jit::sparse_dtype::s8, 1};
+    entry_pairs.word = jit::s8_word::entry_pair;
+    EXPECT_NO_THROW(jit::spmm_kernel(entry_pairs));
+    EXPECT_THROW(jit::spmm_width_kernel(entry_pairs), std::invalid_argument);
+    entry_pairs.avx_vnni = true;
+    EXPECT_THROW(jit::spmm_kernel(entry_pairs), std::invalid_argument);
 }
 
 } // namespace qsp::test
