@@ -41,6 +41,7 @@ public:
           sets_(avx512 ? 2 : 1) {}
 
     int unroll() const { return unroll_; }
+    bool entry_pairs() const { return entry_pairs_; }
     int sets() const { return sets_; }
     bool needs_constants() const { return s8_ && !pairs_ && !entry_pairs_ && !native_dot_; }
 
@@ -133,21 +134,24 @@ public:
         const bool same = i.getIdx() == v.getIdx();
         Xbyak::Label step_loop, single_loop, done;
         if (entry_pairs_) {
-            // items of two offsets each (entry_pair_plan), off[2u], off[2u + 1]
-            if (off.size() < 2 * static_cast<size_t>(unroll_))
-                throw std::logic_error("spmm entry pairs: two offset registers per item");
-            g.L(step_loop);
-            g.lea(scratch, g.ptr[i + unroll_]);
-            g.cmp(scratch, end);
-            g.jg(single_loop, Xbyak::CodeGenerator::T_NEAR);
-            for (int u = 0; u < unroll_; ++u) {
-                g.movsxd(off[2 * u], g.dword[offsets + i * 8 + u * 8]);
-                g.movsxd(off[2 * u + 1], g.dword[offsets + i * 8 + u * 8 + 4]);
-                entry_pair(u, values + v * 4 + u * 4, src, off[2 * u], off[2 * u + 1]);
+            // items of two offsets each (entry_pair_plan), off[2u], off[2u + 1];
+            // with two offset registers only, one item per step
+            if (off.size() < 2) throw std::logic_error("spmm entry pairs: two offset registers");
+            const int step = off.size() >= 2 * static_cast<size_t>(unroll_) ? unroll_ : 1;
+            if (step > 1) {
+                g.L(step_loop);
+                g.lea(scratch, g.ptr[i + step]);
+                g.cmp(scratch, end);
+                g.jg(single_loop, Xbyak::CodeGenerator::T_NEAR);
+                for (int u = 0; u < step; ++u) {
+                    g.movsxd(off[2 * u], g.dword[offsets + i * 8 + u * 8]);
+                    g.movsxd(off[2 * u + 1], g.dword[offsets + i * 8 + u * 8 + 4]);
+                    entry_pair(u, values + v * 4 + u * 4, src, off[2 * u], off[2 * u + 1]);
+                }
+                g.add(i, step);
+                if (!same) g.add(v, step);
+                g.jmp(step_loop, Xbyak::CodeGenerator::T_NEAR);
             }
-            g.add(i, unroll_);
-            if (!same) g.add(v, unroll_);
-            g.jmp(step_loop, Xbyak::CodeGenerator::T_NEAR);
             g.L(single_loop);
             g.cmp(i, end);
             g.jge(done, Xbyak::CodeGenerator::T_NEAR);

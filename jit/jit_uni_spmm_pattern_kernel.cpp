@@ -19,6 +19,8 @@ size_t entry_code_bytes(const sparse_kernel_params &p) {
     const bool s8 = p.dtype == sparse_dtype::s8;
     const bool native = p.isa == cpu_isa::avx512_core_vnni || p.avx_vnni;
     const bool pairs = p.word == s8_word::pair; // vpmaddwd + vpaddd
+    if (p.word == s8_word::entry_pair) // two offsets; per 8 lanes an unpack, widen, multiply, add
+        return 32 + static_cast<size_t>(p.n_vec) * 32;
     return 24 + static_cast<size_t>(p.n_vec) * (!s8 ? 12 : native || pairs ? 24 : 96);
 }
 size_t body_code_bytes(const sparse_kernel_params &p) {
@@ -37,7 +39,7 @@ void check_params(const sparse_kernel_params &p, const spmm_pattern_shape &shape
     if (p.avx_vnni && (p.isa != cpu_isa::avx2 || p.dtype != sparse_dtype::s8))
         throw std::invalid_argument(
                 "jit spmm pattern: avx_vnni applies to the avx2 s8 kernel only");
-    check_s8_word(p, "spmm pattern", true);
+    check_s8_word(p, "spmm pattern", true, true);
     for (size_t k = 0; k < shape.lengths.size(); ++k)
         if (shape.lengths[k] < 1 || (k > 0 && shape.lengths[k] <= shape.lengths[k - 1]))
             throw std::invalid_argument(
@@ -185,8 +187,14 @@ template <cpu_isa isa> void jit_uni_spmm_pattern_kernel_t<isa>::generate() {
         L(row_loop);
         row_begin(lines_of(length));
         for (int64_t u = 0; u < length; ++u) {
-            const Reg64 &o = off[u % 2];
             const int disp = static_cast<int>(u * 4);
+            if (em.entry_pairs()) { // two offsets per item (s8 sums: any order)
+                movsxd(off[0], dword[offsets + e * 8 + 2 * disp]);
+                movsxd(off[1], dword[offsets + e * 8 + 2 * disp + 4]);
+                em.entry_pair(static_cast<int>(u % 2), values + v * 4 + disp, src, off[0], off[1]);
+                continue;
+            }
+            const Reg64 &o = off[u % 2];
             movsxd(o, dword[offsets + e * 4 + disp]);
             em.entry(u < stepped ? static_cast<int>(u % unroll) : 0, values + v * 4 + disp, src, o);
         }

@@ -47,18 +47,20 @@ float quantize_stochastic_to_s8_tiles(const float *x, int64_t batch, int64_t cha
 
 float quantize_stochastic_to_s8_tiles_avx2(const float *x, int64_t batch, int64_t channels,
                                            uint32_t seed32, uint8_t *tiles, int num_threads) {
-    // AVX2 quantizes (the costly part); the shift into tiles is the portable loop.
+    // AVX2 quantizes, then the transposing shift into tiles.
     std::vector<int8_t> q(static_cast<size_t>(batch * channels));
     const float scale = quantize_stochastic_avx2(x, batch * channels, nullptr, 1, 1, seed32,
                                                  q.data(), num_threads);
-    portable::shift_to_s8_tiles(q.data(), batch, channels, tiles, num_threads);
+    shift_to_s8_tiles_avx2(q.data(), batch, channels, tiles, num_threads);
     return scale;
 }
 
 void pack_s8_tiles(const int8_t *x, int64_t batch, int64_t channels, int8_t *tiles,
                    int num_threads) {
     static constexpr pass_tier<pack_s8_tiles_fn> tiers[] = {
-            {cpu_isa::avx512_core, pack_s8_tiles_avx512}, {cpu_isa::ref, portable::pack_s8_tiles}};
+            {cpu_isa::avx512_core, pack_s8_tiles_avx512},
+            {cpu_isa::avx2, pack_s8_tiles_avx2},
+            {cpu_isa::ref, portable::pack_s8_tiles}};
     best_tier(tiers)(x, batch, channels, tiles, num_threads);
 }
 

@@ -86,6 +86,10 @@ quantize_stochastic_fn quantize_stochastic_avx2;
 quantize_stochastic_to_s8_tiles_fn quantize_stochastic_to_s8_tiles_avx2;
 pack_pair_tiles_fn pack_pair_tiles_avx2;
 unpack_s32_tiles_fn unpack_s32_tiles_avx2;
+pack_s8_tiles_fn pack_s8_tiles_avx2;
+// The int8 [batch x channels] q as u8 tiles of q + 128 (portable::shift_to_s8_tiles).
+void shift_to_s8_tiles_avx2(const int8_t *q, int64_t batch, int64_t channels, uint8_t *tiles,
+                            int num_threads);
 
 quantize_rne_fn quantize_rne_avx512;
 quantize_stochastic_fn quantize_stochastic_avx512;

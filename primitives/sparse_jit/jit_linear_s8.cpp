@@ -132,21 +132,28 @@ private:
 // L1 (768 channels, 48 KiB) nearly fits L1 where f32's (192 KiB) does not.
 class jit_linear_s8_entry_pair_plan : public jit_plan {
 public:
-    jit_linear_s8_entry_pair_plan(const problem &p, cpu_isa isa)
+    jit_linear_s8_entry_pair_plan(const problem &p, cpu_isa isa, bool specialise)
         : jit_linear_s8_entry_pair_plan(
-                p, isa,
+                p, isa, specialise,
                 p.dir == direction::forward
                         ? csr_rows(p.pattern.row_ptr(), p.pattern.col_idx(), p.out)
                         : transposed_rows(p.pattern.row_ptr(), p.pattern.col_idx(), p.out, p.in)) {}
 
-    jit_linear_s8_entry_pair_plan(const problem &p, cpu_isa isa, const sparse_rows &m)
+    jit_linear_s8_entry_pair_plan(const problem &p, cpu_isa isa, bool specialise,
+                                  const sparse_rows &m)
         : jit_plan(p), pairs_(
                                m, [](int64_t, int64_t key) { return key * jit::s8_tile_row_bytes; },
                                p.dir == direction::forward ? p.in : p.out, jit::s8_tile_row_bytes,
-                               linear_min_group_items, p.num_threads),
+                               specialise ? linear_pattern_min_group_items : linear_min_group_items,
+                               p.num_threads),
           spmm_(isa, jit::sparse_dtype::s8, pairs_.bounds,
-                source_groups{pairs_.n_groups, 0, pairs_.group_ptr}, false,
-                jit::s8_word::entry_pair) {}
+                source_groups{pairs_.n_groups, pairs_.group_size, pairs_.group_ptr}, specialise,
+                jit::s8_word::entry_pair) {
+        const auto order = spmm_.take_item_order();
+        if (!order.empty()) pairs_.reorder_offsets(order);
+    }
+
+    std::string specialisation() const override { return spmm_.specialisation(); }
 
 private:
     const char *forward(const tensors &t, runtime::scratchpad &sp) const override {
@@ -196,6 +203,8 @@ private:
                          fwd ? t.dst : t.diff_src, nt, 1);
         return nullptr;
     }
+
+    size_t owned_code_bytes() const override { return spmm_.pattern_code_bytes(); }
 
     entry_pair_plan pairs_; // forward: the CSR; backward-data: its transpose
     spmm_runner spmm_;
@@ -282,8 +291,9 @@ implementation jit_linear_s8(cpu_isa isa, spmm_code code) {
                 return cached_plan(name, isa, p, [&]() -> std::shared_ptr<const kernel> {
                     if (p.dir == direction::backward_weights)
                         return std::make_shared<const jit_linear_s8_bwd_weights_plan>(p, isa);
-                    if (!specialise && jit::s8_spmm_word(isa) == jit::s8_word::pair)
-                        return std::make_shared<const jit_linear_s8_entry_pair_plan>(p, isa);
+                    if (jit::s8_spmm_word(isa) == jit::s8_word::pair)
+                        return std::make_shared<const jit_linear_s8_entry_pair_plan>(p, isa,
+                                                                                     specialise);
                     return std::make_shared<const jit_linear_s8_spmm_plan>(p, isa, specialise);
                 });
             },

@@ -224,6 +224,7 @@ entry_pair_plan::entry_pair_plan(const sparse_rows &m,
             m, m.row_ptr, nullptr, [](int64_t key) { return key; }, channels, channel_bytes, 1,
             min_group_items);
     n_groups = g.n;
+    group_size = g.size;
     item_ptr.assign(static_cast<size_t>(rows) + 1, 0);
     group_ptr.reserve(g.ptr.size());
     for (int64_t r = 0; r < rows; ++r) {
@@ -242,6 +243,21 @@ entry_pair_plan::entry_pair_plan(const sparse_rows &m,
         item_ptr[r + 1] = items();
     }
     bounds = balance_rows(item_ptr.data(), rows, std::max(1, parts));
+}
+
+void entry_pair_plan::reorder_offsets(const std::vector<int64_t> &order) {
+    // the pairs' first and second offsets, each reordered like one item's
+    std::vector<int32_t> first(static_cast<size_t>(items())), second(first.size());
+    for (int64_t i = 0; i < items(); ++i) {
+        first[i] = offsets[2 * i];
+        second[i] = offsets[2 * i + 1];
+    }
+    first = reordered(first, items(), order);
+    second = reordered(second, items(), order);
+    for (int64_t s = 0; s < items(); ++s) {
+        offsets[2 * s] = first[s];
+        offsets[2 * s + 1] = second[s];
+    }
 }
 
 void entry_pair_plan::fill(const int8_t *wq, uint32_t *words, int num_threads) const {

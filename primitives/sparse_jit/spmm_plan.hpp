@@ -97,7 +97,7 @@ struct entry_pair_plan {
     std::vector<int32_t> offsets;          // per item: two byte offsets
     std::vector<int64_t> value_index;      // per item: its entries' values (-1: none)
     std::vector<int64_t> group_ptr;        // per row and source group: its first item, then the end
-    int64_t n_groups = 1;
+    int64_t n_groups = 1, group_size = 0;  // groups of group_size channels
     // offset(row, key): byte offset of the entry's source row; the source
     // groups over `channels` channels of `channel_bytes` (key = channel).
     entry_pair_plan(const sparse_rows &m, const std::function<int64_t(int64_t, int64_t)> &offset,
@@ -105,6 +105,9 @@ struct entry_pair_plan {
     int64_t items() const { return static_cast<int64_t>(offsets.size()) / 2; }
     // The item dwords from this step's quantized weights.
     void fill(const int8_t *wq, uint32_t *words, int num_threads) const;
+    // Source offsets into `order` (the two offsets of item order[s] go to
+    // slot s, each item once); words, rows and bounds keep the plan's order.
+    void reorder_offsets(const std::vector<int64_t> &order);
 };
 
 // Source channels (columns of the pattern) taken in groups whose source
