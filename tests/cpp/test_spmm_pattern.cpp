@@ -138,22 +138,41 @@ TEST_P(SpmmPatternKernel, matches_the_scalar_model_on_every_tier) {
         pair_src[i] = static_cast<uint8_t>(rng());
         pair_src[i + 1] = 0;
     }
+    // s8 entry pairs: two s8 rows of 64 bytes per item (the second channel
+    // its own), the same int16 weight pairs.
+    std::vector<int32_t> second_channel(static_cast<size_t>(items));
+    for (auto &c : second_channel)
+        c = static_cast<int32_t>(rng() % channels);
+    std::vector<int32_t> pair_offsets(static_cast<size_t>(2 * items));
+    for (int64_t slot = 0; slot < items; ++slot) {
+        pair_offsets[2 * slot] = channel[s.order[slot]] * jit::s8_tile_row_bytes;
+        pair_offsets[2 * slot + 1] = second_channel[s.order[slot]] * jit::s8_tile_row_bytes;
+    }
+    std::vector<uint8_t> s8_src(static_cast<size_t>(channels * jit::s8_tile_row_bytes));
+    for (auto &b : s8_src)
+        b = static_cast<uint8_t>(static_cast<int8_t>(rng() % 255 - 127));
     jit::spmm_pattern_shape shape;
     shape.lengths = s.lengths;
     shape.code_budget = budget;
     std::vector<std::pair<cpu_isa, jit::s8_word>> variants;
     for (cpu_isa isa : jit_tiers()) {
         variants.emplace_back(isa, jit::s8_word::quad);
-        if (s8 && isa == cpu_isa::avx2 && !cpu_has_avx_vnni())
+        if (s8 && isa == cpu_isa::avx2 && !cpu_has_avx_vnni()) {
             variants.emplace_back(isa, jit::s8_word::pair);
+            variants.emplace_back(isa, jit::s8_word::entry_pair);
+        }
     }
     for (const auto &[isa, word_kind] : variants) {
         const int lanes = jit::vector_lanes(isa);
         const bool pairs = word_kind == jit::s8_word::pair;
-        const std::vector<uint32_t> &values = pairs ? pair_word : word;
-        const std::vector<uint8_t> &source = pairs ? pair_src : src;
+        const bool entry_pairs = word_kind == jit::s8_word::entry_pair;
+        const std::vector<uint32_t> &values = pairs || entry_pairs ? pair_word : word;
+        const std::vector<uint8_t> &source = entry_pairs ? s8_src : pairs ? pair_src : src;
         for (int nv = 1; nv <= tb / lanes; ++nv) {
-            SCOPED_TRACE(std::string(to_string(isa)) + (pairs ? " pairs" : "")
+            SCOPED_TRACE(std::string(to_string(isa))
+                         + (pairs         ? " pairs"
+                            : entry_pairs ? " entry pairs"
+                                          : "")
                          + " n_vec=" + std::to_string(nv));
             auto params = jit::make_sparse_kernel_params(isa, dtype, nv);
             params.word = word_kind;
@@ -166,7 +185,7 @@ TEST_P(SpmmPatternKernel, matches_the_scalar_model_on_every_tier) {
             std::vector<uint32_t> dst(static_cast<size_t>(rows * tb), 0xdeadbeef);
             for (int64_t grp = 0; grp < n_groups; ++grp) {
                 jit::spmm_schedule_call_params c{values.data(),
-                                                 offsets.data(),
+                                                 entry_pairs ? pair_offsets.data() : offsets.data(),
                                                  s.rows.data() + 4 * s.row_at[grp],
                                                  s.buckets.data() + 2 * s.bucket_at[grp],
                                                  s.bucket_at[grp + 1] - s.bucket_at[grp],
@@ -182,7 +201,12 @@ TEST_P(SpmmPatternKernel, matches_the_scalar_model_on_every_tier) {
                     double want_f = 0, mag = 0;
                     for (int64_t i = g.ptr[r * (n_groups + 1)];
                          i < g.ptr[(r + 1) * (n_groups + 1) - 1]; ++i) {
-                        if (pairs) {
+                        if (entry_pairs) {
+                            const int32_t c2[2] = {channel[i], second_channel[i]};
+                            for (int k = 0; k < 2; ++k)
+                                want_i += int64_t(int8_t(s8_src[c2[k] * tb + j]))
+                                          * int16_t(values[i] >> (16 * k));
+                        } else if (pairs) {
                             for (int k = 0; k < 2; ++k) {
                                 uint16_t x;
                                 std::memcpy(&x, &source[(channel[i] * tb + j) * 4 + 2 * k], 2);
