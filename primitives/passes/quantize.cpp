@@ -30,8 +30,11 @@ float quantize_stochastic(const float *x, int64_t n, const float *multiplier, in
 
 void quantize_weights(const csr_pattern &p, const float *values, int8_t *q, float *scale,
                       int num_threads) {
-    if (effective_cpu_isa() >= cpu_isa::avx512_core) // the AVX-512 tier reads the rows only
+    // the vector tiers read the rows only: a form of their own
+    if (effective_cpu_isa() >= cpu_isa::avx512_core)
         quantize_weights_avx512(p.row_ptr(), p.rows(), values, q, scale, num_threads);
+    else if (effective_cpu_isa() >= cpu_isa::avx2)
+        quantize_weights_avx2(p.row_ptr(), p.rows(), values, q, scale, num_threads);
     else
         portable::quantize_weights(p, values, q, scale, num_threads);
 }

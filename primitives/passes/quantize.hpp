@@ -87,6 +87,9 @@ quantize_stochastic_to_s8_tiles_fn quantize_stochastic_to_s8_tiles_avx2;
 pack_pair_tiles_fn pack_pair_tiles_avx2;
 unpack_s32_tiles_fn unpack_s32_tiles_avx2;
 pack_s8_tiles_fn pack_s8_tiles_avx2;
+// Reads the rows only, like quantize_weights_avx512.
+void quantize_weights_avx2(const int64_t *row_ptr, int64_t rows, const float *values, int8_t *q,
+                           float *scale, int num_threads);
 // The int8 [batch x channels] q as u8 tiles of q + 128 (portable::shift_to_s8_tiles).
 void shift_to_s8_tiles_avx2(const int8_t *q, int64_t batch, int64_t channels, uint8_t *tiles,
                             int num_threads);

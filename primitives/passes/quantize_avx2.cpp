@@ -38,11 +38,10 @@ float abs_max(const float *x, int64_t n, const float *mult, int64_t channels, in
 #pragma omp for collapse(2) schedule(static)
         for (int64_t r = 0; r < rows; ++r)
             for (int64_t c = 0; c < cols; c += 8) {
-                const __m256i k = avx2::first_lanes(cols - c);
-                __m256 v = _mm256_maskload_ps(x + r * cols + c, k);
+                __m256 v = avx2::load_first(x + r * cols + c, cols - c);
                 if (mult)
                     v = _mm256_mul_ps(v, inner > 1 ? _mm256_set1_ps(mult[r % channels])
-                                                   : _mm256_maskload_ps(mult + c, k));
+                                                   : avx2::load_first(mult + c, cols - c));
                 bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
                 m = _mm256_max_ps(m, _mm256_and_ps(v, abs_mask));
             }
@@ -97,7 +96,7 @@ float quantize_rne_avx2(const float *x, int64_t n, int8_t *q, int num_threads) {
             std::fill(q + i, q + i + std::min<int64_t>(left, 8), int8_t(0));
             continue;
         }
-        const __m256 v = _mm256_mul_ps(_mm256_maskload_ps(x + i, avx2::first_lanes(left)), inv);
+        const __m256 v = _mm256_mul_ps(avx2::load_first(x + i, left), inv);
         store_q(q + i, _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), left);
     }
     return s.scale;
@@ -125,11 +124,10 @@ float quantize_stochastic_avx2(const float *x, int64_t n, const float *multiplie
                 std::fill(q + i, q + i + std::min<int64_t>(left, 8), int8_t(0));
                 continue;
             }
-            const __m256i k = avx2::first_lanes(left);
-            __m256 v = _mm256_maskload_ps(x + i, k);
+            __m256 v = avx2::load_first(x + i, left);
             if (multiplier)
                 v = _mm256_mul_ps(v, inner > 1 ? _mm256_set1_ps(multiplier[r % channels])
-                                               : _mm256_maskload_ps(multiplier + c, k));
+                                               : avx2::load_first(multiplier + c, left));
             const __m256i idx = _mm256_add_epi32(
                     _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(i))), lane);
             const __m256i h = mix32(_mm256_xor_si256(idx, seed));
@@ -177,6 +175,37 @@ void pack_pair_tiles_avx2(const int8_t *x, int64_t batch, int64_t channels, uint
                     _mm256_storeu_ps(reinterpret_cast<float *>(tile + (p0 + p) * tb + j0), r[p]);
             }
         }
+}
+
+void quantize_weights_avx2(const int64_t *row_ptr, int64_t rows, const float *values, int8_t *q,
+                           float *scale, int num_threads) {
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+        const int64_t b = row_ptr[r], e = row_ptr[r + 1];
+        __m256 m = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+        for (int64_t i = b; i < e; i += 8) {
+            const __m256 v = avx2::load_first(values + i, e - i);
+            bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+            m = _mm256_max_ps(m, _mm256_and_ps(v, abs_mask));
+        }
+        alignas(32) float lanes[8];
+        _mm256_store_ps(lanes, m);
+        const float row_max = *std::max_element(lanes, lanes + 8);
+        const quant_scale s = quant_scale_from_abs_max(
+                _mm256_movemask_ps(bad) ? std::numeric_limits<float>::quiet_NaN() : row_max);
+        const __m256 inv = _mm256_set1_ps(s.inv);
+        for (int64_t i = b; i < e; i += 8) {
+            if (!s.usable) {
+                std::fill(q + i, q + std::min(i + 8, e), int8_t(0));
+                continue;
+            }
+            const __m256 v = _mm256_mul_ps(avx2::load_first(values + i, e - i), inv);
+            store_q(q + i, _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC),
+                    e - i);
+        }
+        scale[r] = s.scale;
+    }
 }
 
 namespace {
@@ -245,7 +274,6 @@ void unpack_s32_tiles_avx2(const int32_t *tiles, int64_t batch, int64_t channels
     for (int64_t t = 0; t < tiles_n; ++t)
         for (int64_t cb = 0; cb < cblocks; ++cb) {
             const int64_t c0 = cb * 8, cn = std::min<int64_t>(8, channels - c0);
-            const __m256i cmask = avx2::first_lanes(cn);
             // per lane: the channel's correction, scale and bias (Conv2d:
             // the output channel of a (channel, pixel) row)
             alignas(32) int32_t c8[8] = {};
@@ -270,7 +298,7 @@ void unpack_s32_tiles_avx2(const int32_t *tiles, int64_t batch, int64_t channels
                     const __m256i exact = _mm256_sub_epi32(_mm256_castps_si256(r[i]), corr);
                     __m256 y = _mm256_mul_ps(_mm256_cvtepi32_ps(exact), sc);
                     if (bias) y = _mm256_add_ps(y, bs);
-                    _mm256_maskstore_ps(dst + (t * tb + j0 + i) * channels + c0, cmask, y);
+                    avx2::store_first(dst + (t * tb + j0 + i) * channels + c0, y, cn);
                 }
             }
         }

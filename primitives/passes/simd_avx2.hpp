@@ -37,6 +37,20 @@ inline __m256i first_lanes(int64_t n) {
     return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n < 8 ? n : 8)), lane);
 }
 
+// The first n lanes at p (the rest zero), and the first n lanes of v stored
+// to p: a plain load / store when all 8 are wanted. AMD's masked stores are
+// microcoded (about 10x a plain store) and its masked loads cost more than
+// plain ones; the passes use them only on the last, partial vector.
+inline __m256 load_first(const float *p, int64_t n) {
+    return n >= 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, first_lanes(n));
+}
+inline void store_first(float *p, __m256 v, int64_t n) {
+    if (n >= 8)
+        _mm256_storeu_ps(p, v);
+    else
+        _mm256_maskstore_ps(p, first_lanes(n), v);
+}
+
 } // namespace qsp::detail::avx2
 
 QSP_END_TARGET

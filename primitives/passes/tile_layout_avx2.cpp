@@ -19,13 +19,12 @@ void pack_tiles_avx2(const float *src, int64_t batch, int64_t channels, float *t
     for (int64_t t = 0; t < tiles_n; ++t)
         for (int64_t cb = 0; cb < cblocks; ++cb) {
             const int64_t c0 = cb * 8, cn = std::min<int64_t>(8, channels - c0);
-            const __m256i cmask = avx2::first_lanes(cn);
             float *tile = tiles + t * channels * tb;
             for (int64_t j0 = 0; j0 < tile_lanes(batch, t); j0 += 8) {
                 __m256 r[8];
                 for (int i = 0; i < 8; ++i) {
                     const int64_t b = t * tb + j0 + i;
-                    r[i] = b < batch ? _mm256_maskload_ps(src + b * channels + c0, cmask)
+                    r[i] = b < batch ? avx2::load_first(src + b * channels + c0, cn)
                                      : _mm256_setzero_ps();
                 }
                 avx2::transpose8(r);
@@ -43,10 +42,9 @@ void unpack_tiles_avx2(const float *tiles, int64_t batch, int64_t channels, cons
     for (int64_t t = 0; t < tiles_n; ++t)
         for (int64_t cb = 0; cb < cblocks; ++cb) {
             const int64_t c0 = cb * 8, cn = std::min<int64_t>(8, channels - c0);
-            const __m256i cmask = avx2::first_lanes(cn);
             __m256 b = _mm256_setzero_ps();
             if (bias && bias_inner == 1) {
-                b = _mm256_maskload_ps(bias + c0, cmask);
+                b = avx2::load_first(bias + c0, cn);
             } else if (bias) {
                 alignas(32) float lanes[8] = {};
                 for (int64_t k = 0; k < cn; ++k)
@@ -61,8 +59,8 @@ void unpack_tiles_avx2(const float *tiles, int64_t batch, int64_t channels, cons
                                   : _mm256_setzero_ps();
                 avx2::transpose8(r);
                 for (int64_t i = 0; i < 8 && t * tb + j0 + i < batch; ++i)
-                    _mm256_maskstore_ps(dst + (t * tb + j0 + i) * channels + c0, cmask,
-                                        _mm256_add_ps(r[i], b));
+                    avx2::store_first(dst + (t * tb + j0 + i) * channels + c0,
+                                      _mm256_add_ps(r[i], b), cn);
             }
         }
 }

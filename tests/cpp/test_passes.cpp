@@ -130,6 +130,16 @@ TEST(Passes, quantization_tiers_match_portable) {
                                                                       cols, 1, 99, got.data(), 3),
                                      s_sr, "avx2 stochastic scale");
                     if (finite) EXPECT_EQ(got, want_sr);
+                    auto dense = random_sparse_dense(rows, cols, 0.5, rng);
+                    auto w = csr_weights::from_dense(dense.data(), rows, cols);
+                    std::vector<int8_t> qa(w.values.size() + 1), qb(w.values.size() + 1);
+                    std::vector<float> wa(rows), wb(rows);
+                    detail::quantize_weights_avx2(w.pattern.row_ptr(), rows, w.values.data(),
+                                                  qa.data(), wa.data(), 2);
+                    detail::portable::quantize_weights(w.pattern, w.values.data(), qb.data(),
+                                                       wb.data(), 2);
+                    EXPECT_EQ(qa, qb);
+                    EXPECT_EQ(std::memcmp(wa.data(), wb.data(), 4 * rows), 0);
                 }
                 if (cpu_has(cpu_isa::avx512_core)) {
                     std::vector<int8_t> got(n);
