@@ -1,5 +1,6 @@
 #include "jit/jit_uni_sddmm_kernel.hpp"
 
+#include <algorithm>
 #include <cstddef>
 #include <stdexcept>
 #include <string>
@@ -60,15 +61,15 @@ template <cpu_isa isa> void jit_uni_sddmm_kernel_t<isa>::generate() {
     //   the dots run), 26 the old dW / the nibble mask (refilled per group),
     //   27 the lane permutation, 28..31 the dY row of the pixel (f32; s8: 28
     //   whole, 29/30 its nibbles, 31 ones).
-    // avx2: 8..11 the dY row (s8: whole, or widened to u16; f32 reads dY
-    //   from L1), 8 an x load (f32), 13/14 products and the tree, 15 the
-    //   permutation / store mask.
+    // avx2: 8..11 the dY row (s8: whole, or widened to u16; f32: half of
+    //   it at a time), 13/14 products and the tree, 15 the permutation /
+    //   store mask.
     auto acc = [](int j) { return Vmm(j); };
     auto g = [&](int v) { return Vmm(avx512 ? 28 + v : 8 + v); };
     auto g_lo = [&](int v) { return Vmm(avx512 ? 29 : 8 + v); };
     auto g_hi = [&](int v) { return Vmm(avx512 ? 30 : 10 + v); };
     const Vmm ones16(avx512 ? 31 : 12), t_lo(avx512 ? 16 : 13), t_hi(avx512 ? 17 : 14),
-            nibble_mask(avx512 ? 26 : 15), x_tmp(8);
+            nibble_mask(avx512 ? 26 : 15);
 
     // General registers; rdi keeps the params. The pixel loop's row starts
     // and counter live in a small stack frame.
@@ -79,8 +80,8 @@ template <cpu_isa isa> void jit_uni_sddmm_kernel_t<isa>::generate() {
     auto field = [&](size_t offset) { return qword[param + offset]; };
     constexpr size_t pix = offsetof(sddmm_call_params, pix);
 
-    // dY of the current pixel into registers (AVX2 f32 reads it from L1:
-    // there are not enough registers).
+    // dY of the current pixel into registers (AVX2 f32: half a row at a
+    // time, below).
     auto load_dy = [&] {
         if (widened) {
             for (int v = 0; v < nv; ++v)
@@ -101,12 +102,7 @@ template <cpu_isa isa> void jit_uni_sddmm_kernel_t<isa>::generate() {
         for (int v = 0; v < nv; ++v) {
             const Address xv = ptr[x_pix + off + v * vlen];
             if (!s8) {
-                if (avx512) {
-                    vfmadd231ps(acc(j), g(v), xv);
-                } else {
-                    vmovups(x_tmp, xv);
-                    vfmadd231ps(acc(j), x_tmp, ptr[dy_pix + v * vlen]);
-                }
+                vfmadd231ps(acc(j), g(v), xv); // AVX-512 (AVX2 f32 runs its own loop)
             } else if (widened) {
                 const Vmm x16 = (j + v) % 2 ? t_hi : t_lo; // alternate: two in flight
                 vpmovsxbw(x16, ptr[x_pix + off + v * 16]);
@@ -184,9 +180,26 @@ template <cpu_isa isa> void jit_uni_sddmm_kernel_t<isa>::generate() {
     mov(dy_pix, dy_row);
     mov(pix_w, field(pix + offsetof(pixel_grid, n_w)));
     L(pix_w_loop);
-    load_dy();
-    for (int j = 0; j < group; ++j)
-        dot(j);
+    if (!s8 && !avx512) {
+        // AVX2 f32: the 8 accumulators leave room for half a dY row (4
+        // vectors) in registers: per half, the group's 8 x rows are read as
+        // FMA memory operands, one instruction per vector (reading dY from
+        // L1 instead took a load and an FMA per vector).
+        for (int h = 0; 4 * h < nv; ++h) {
+            const int first = 4 * h, last = std::min(nv, first + 4);
+            for (int v = first; v < last; ++v)
+                vmovups(g(v - first), ptr[dy_pix + v * vlen]);
+            for (int j = 0; j < group; ++j) {
+                movsxd(off, dword[offsets + i * 4 + j * 4]);
+                for (int v = first; v < last; ++v)
+                    vfmadd231ps(acc(j), g(v - first), ptr[x_pix + off + v * vlen]);
+            }
+        }
+    } else {
+        load_dy();
+        for (int j = 0; j < group; ++j)
+            dot(j);
+    }
     add(x_pix, field(pix + offsetof(pixel_grid, src_w)));
     add(dy_pix, field(pix + offsetof(pixel_grid, dst_w)));
     dec(pix_w);
@@ -209,10 +222,23 @@ template <cpu_isa isa> void jit_uni_sddmm_kernel_t<isa>::generate() {
             vpermd(ymm1, scratch, ymm0);
         else
             vpermps(ymm1, scratch, ymm0);
-        // store mask: lanes j < min(8, end - i)
+        // A whole group adds its 8 sums with a plain load and store; the
+        // row's last, partial group masks lanes j >= end - i (AMD's masked
+        // stores are microcoded: about 10x a plain one, once per group).
+        Label partial, stored;
         mov(tmp, end);
         sub(tmp, i);
-        vmovd(Xmm(scratch.getIdx()), tmp.cvt32()); // only the low bits matter: compared below
+        cmp(tmp, group);
+        jl(partial, T_NEAR);
+        vmovups(ymm2, ptr[dw + i * 4]);
+        if (s8)
+            vpaddd(ymm2, ymm2, ymm1);
+        else
+            vaddps(ymm2, ymm2, ymm1);
+        vmovups(ptr[dw + i * 4], ymm2);
+        jmp(stored, T_NEAR);
+        L(partial);
+        vmovd(Xmm(scratch.getIdx()), tmp.cvt32()); // 1..7
         vpbroadcastd(scratch, Xmm(scratch.getIdx()));
         vpcmpgtd(scratch, scratch, ptr[rip + tables + 32]);
         if (s8) {
@@ -224,6 +250,7 @@ template <cpu_isa isa> void jit_uni_sddmm_kernel_t<isa>::generate() {
             vaddps(ymm2, ymm2, ymm1);
             vmaskmovps(ptr[dw + i * 4], scratch, ymm2);
         }
+        L(stored);
     }
     add(i, group);
     jmp(group_loop, T_NEAR);
