@@ -37,10 +37,26 @@ emulated() { # CPU model, then the command
   local cpu=$1; shift
   qemu-x86_64 -cpu "$cpu" "$@" 2> >(grep -v "TCG doesn't support requested feature" >&2)
 }
-stage "C++ tests on an emulated AVX2-only CPU (qemu -cpu Haswell)" \
-  emulated Haswell ./build/tests/cpp/qsp_tests --gtest_brief=1
-stage "C++ tests on an emulated CPU without AVX (qemu -cpu Nehalem)" \
-  emulated Nehalem ./build/tests/cpp/qsp_tests --gtest_brief=1
+# Every test is logged: a run that ends inside qemu without a gtest failure
+# line (a signal) still names the test that was running.
+emulated_tests() { # CPU model
+  local cpu=$1 log rc
+  log=$(mktemp)
+  emulated "$cpu" ./build/tests/cpp/qsp_tests >"$log" 2>&1
+  rc=$?
+  if [[ $rc -eq 0 ]]; then
+    grep -E '^\[  (PASSED|SKIPPED) ' "$log"
+  else
+    echo "exit status $rc; failed tests, and the test running when it ended:"
+    grep -E '^\[  FAILED  \]' "$log" | head -n 20
+    grep -E '^\[ RUN      \]' "$log" | tail -n 1
+    tail -n 30 "$log"
+  fi
+  rm -f "$log"
+  return "$rc"
+}
+stage "C++ tests on an emulated AVX2-only CPU (qemu -cpu Haswell)" emulated_tests Haswell
+stage "C++ tests on an emulated CPU without AVX (qemu -cpu Nehalem)" emulated_tests Nehalem
 stage "Python modules on the emulated AVX2-only CPU" \
   emulated Haswell .venv/bin/python tests/emulated/every_module_forward_backward.py avx2
 stage "Python modules on the emulated CPU without AVX" \
