@@ -96,8 +96,24 @@ bool portable::pack_width_planes(const float *src, int64_t batch, int64_t channe
 void pack_width_planes(const int8_t *src, int64_t batch, int64_t channels, int64_t h, int64_t w,
                        const spatial_pad &pad, const width_plane &plane, int8_t *dst,
                        int num_threads) {
-    pack_rows(src, batch, channels, h, w, pad, plane, dst, int8_t(0), num_threads,
-              [](int8_t v) { return v; });
+    if (plane.phases != 1) {
+        pack_rows(src, batch, channels, h, w, pad, plane, dst, int8_t(0), num_threads,
+                  [](int8_t v) { return v; });
+        return;
+    }
+    // Without column phases a row is zeros, the image row, zeros: three
+    // block moves (the element loop above measured ~15 % of a C1 s8 step).
+    const int64_t row_len = plane.row_len(), right = row_len - pad.left - w;
+    for_planes(batch * channels, plane, dst, num_threads, [&](int8_t *row, int64_t p, int64_t r) {
+        const int64_t y = r - pad.top;
+        if (y < 0 || y >= h) {
+            std::memset(row, 0, static_cast<size_t>(row_len));
+            return;
+        }
+        std::memset(row, 0, static_cast<size_t>(pad.left));
+        std::memcpy(row + pad.left, src + (p * h + y) * w, static_cast<size_t>(w));
+        std::memset(row + pad.left + w, 0, static_cast<size_t>(right));
+    });
 }
 
 void pack_width_quads(const int8_t *src, int64_t batch, int64_t channels, int64_t h, int64_t w,
@@ -132,11 +148,19 @@ void portable::pack_width_pairs(const int8_t *src, int64_t batch, int64_t channe
             const int64_t b = p / pairs, c = 2 * (p % pairs);
             const int8_t *lo = src + ((b * channels + c) * h + y) * w;
             const int8_t *hi = c + 1 < channels ? lo + h * w : nullptr; // a missing channel: 0
-            for (int64_t x = 0; x < w; ++x) {
-                const uint32_t word = static_cast<uint32_t>(lo[x] + 128)
-                                      | static_cast<uint32_t>((hi ? hi[x] : 0) + 128) << 16;
-                row[plane.phases == 1 ? pad.left + x : plane.at(0, pad.left + x)] = word;
+            auto word = [&](int64_t x) {
+                return static_cast<uint32_t>(lo[x] + 128)
+                       | static_cast<uint32_t>((hi ? hi[x] : 0) + 128) << 16;
+            };
+            if (plane.phases == 1 && hi) { // the common case, a loop the compiler vectorises
+                uint32_t *out = row + pad.left;
+                for (int64_t x = 0; x < w; ++x)
+                    out[x] = static_cast<uint32_t>(lo[x] + 128)
+                             | static_cast<uint32_t>(hi[x] + 128) << 16;
+                continue;
             }
+            for (int64_t x = 0; x < w; ++x)
+                row[plane.phases == 1 ? pad.left + x : plane.at(0, pad.left + x)] = word(x);
         }
 }
 

@@ -435,6 +435,8 @@ TEST(Passes, width_planes_match_the_definition_on_every_tier) {
                                                                 plane, f_want.data(), 2));
                 detail::portable::pack_width_quads(xq.data(), batch, c, h, w, pad, plane,
                                                    q_want.data(), 2);
+                std::vector<int8_t> i8_got(static_cast<size_t>(batch * c * size), 7);
+                detail::pack_width_planes(xq.data(), batch, c, h, w, pad, plane, i8_got.data(), 2);
                 const int64_t pairs = (c + 1) / 2;
                 std::vector<uint32_t> p_want(static_cast<size_t>(batch * pairs * size), 7u);
                 detail::portable::pack_width_pairs(xq.data(), batch, c, h, w, pad, plane,
@@ -450,6 +452,9 @@ TEST(Passes, width_planes_match_the_definition_on_every_tier) {
                                 ASSERT_EQ(f_want[static_cast<size_t>((b * c + ch) * size
                                                                      + r * plane.row_len() + e)],
                                           s < 0 ? 0.f : src[s]);
+                                ASSERT_EQ(i8_got[static_cast<size_t>((b * c + ch) * size
+                                                                     + r * plane.row_len() + e)],
+                                          s < 0 ? 0 : xq[s]);
                             }
                             for (int64_t q = 0; q < quads; ++q) {
                                 uint32_t word = 0;
