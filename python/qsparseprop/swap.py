@@ -353,7 +353,7 @@ def swap_modules_with_sparse(
     "auto" times each layer as int8 and as f32 and keeps int8 unless f32 is
     faster by more than ``AUTO_INT8_MARGIN`` (5 %: int8 also saves activation
     memory); the table says which and both times. On CPUs without VNNI
-    (AVX2) f32 is often the faster.
+    (AVX2) the two are close, and f32 is often the faster for convolutions.
     ``fuse`` (see :func:`fuse`): an ``nn.BatchNorm2d`` that directly follows
     a swapped convolution in an ``nn.Sequential`` or a traced forward
     (see :func:`fuse`) is applied by it (one
@@ -494,8 +494,9 @@ def swap_modules_with_sparse(
         print(format_swap_report(report))
         if scheme == "s8" and not prototype and _C.effective_cpu_isa() != "avx512_core_vnni":
             print(
-                f"note: this CPU ({_C.effective_cpu_isa()}) has no VNNI: int8 layers are often slower than "
-                "f32 ones here; scheme='auto' keeps whichever measures faster per layer"
+                f"note: this CPU ({_C.effective_cpu_isa()}) has no VNNI: int8 layers run on 16-bit products "
+                "here, about as fast as f32 ones (convolutions often slower); scheme='auto' keeps whichever "
+                "measures faster per layer"
             )
     return target
 
