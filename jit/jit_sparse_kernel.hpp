@@ -17,14 +17,16 @@ enum class sparse_dtype { f32, s8 };
 // How an s8 SpMM kernel item reads its sources (jit/tile_abi.hpp):
 //   quad        source rows hold 4 channels per batch element as u8 (x + 128):
 //               vpdpbusd, native or emulated;
-//   pair        2 channels per batch element as u16 (x + 128): vpmaddwd, whose
-//               16-bit products are exact without VNNI. At 90 % sparsity a
-//               non-empty quad holds 1.16 nonzeros and a pair 1.05, so pairs
-//               issue about as many words per nonzero while one vpmaddwd +
-//               vpaddd replaces the 11-instruction nibble emulation of a quad;
-//   entry_pair  any two entries of a row: their plain s8 rows (1 byte per
-//               batch element, a quarter of f32's) interleaved and widened in
-//               registers, one vpmaddwd per 8 lanes per two nonzeros.
+//   pair        (Conv2d's width planes) 2 channels per position as u16
+//               (x + 128): vpmaddwd, whose 16-bit products are exact without
+//               VNNI. At 90 % sparsity a non-empty quad holds 1.16 nonzeros
+//               and a pair 1.05, so pairs issue about as many words per
+//               nonzero while one vpmaddwd + vpaddd replaces the
+//               11-instruction nibble emulation of a quad;
+//   entry_pair  (Linear's tiles) any two entries of a row: their plain s8
+//               rows (1 byte per batch element, a quarter of f32's)
+//               interleaved and widened in registers, one vpmaddwd per 8
+//               lanes per two nonzeros.
 enum class s8_word { quad, pair, entry_pair };
 // Source channels per 32-bit source word (quad, pair; entry pairs read bytes).
 constexpr int channels_per_word(s8_word w) {
@@ -60,17 +62,18 @@ int vector_lanes(cpu_isa isa);
 // The parameters for a tier; avx_vnni is decided from the CPU.
 sparse_kernel_params make_sparse_kernel_params(cpu_isa isa, sparse_dtype dtype, int n_vec);
 
-// The s8 SpMM word of a tier on this CPU: pairs on avx2 without AVX-VNNI
-// (measured on Linear L1 at 90 %: the nibble-emulated quads made the s8
-// forward 4x slower than f32), quads wherever vpdpbusd is native. The
-// avx512_core tier (AVX-512 without VNNI) keeps its emulated quads: pairs on
-// zmm are the same change but were not measured on such a CPU.
+// Whether a tier's s8 SpMMs leave vpdpbusd quads on this CPU: pair (Conv2d
+// width planes) / entry_pair (Linear tiles) on avx2 without AVX-VNNI, where
+// the nibble-emulated quads made the s8 forward of L1 at 90 % 4x slower than
+// f32; quad wherever vpdpbusd is native. The avx512_core tier (AVX-512
+// without VNNI) keeps its emulated quads: the same change on zmm was not
+// measured on such a CPU.
 s8_word s8_spmm_word(cpu_isa isa);
 
 // Throws std::invalid_argument, naming the family, unless p.word is one the
-// family emits for p: pairs exist in the SpMM families (pairs_emitted),
-// entry pairs in the generic SpMM (entry_pairs_emitted), both on the avx2 s8
-// kernels without AVX-VNNI.
+// family emits for p: pairs in the width SpMM (pairs_emitted), entry pairs
+// in the tile SpMMs (entry_pairs_emitted), both on the avx2 s8 kernels
+// without AVX-VNNI.
 void check_s8_word(const sparse_kernel_params &p, const char *family, bool pairs_emitted,
                    bool entry_pairs_emitted = false);
 

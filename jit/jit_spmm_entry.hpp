@@ -25,7 +25,6 @@ public:
 
     spmm_entry_emitter(Xbyak::CodeGenerator &g, const sparse_kernel_params &p)
         : g_(g), nv_(p.n_vec), s8_(p.dtype == sparse_dtype::s8),
-          pairs_(s8_ && p.word == s8_word::pair),
           entry_pairs_(s8_ && p.word == s8_word::entry_pair),
           native_dot_(native_dot(isa, p.dtype, p.avx_vnni)),
           // Entries per step, and accumulator sets alternating between
@@ -33,25 +32,24 @@ public:
           // does not serialise a row. AVX2 has 16 registers: one set of up to
           // 8 accumulators already hides the latency, and the emulated s8
           // dot products need the rest, so that kernel takes one entry per
-          // step; pairs need one register per entry and one per product;
-          // entry pairs two general registers per item (two offsets).
-          unroll_(entry_pairs_                  ? 2
-                  : (!avx512 && s8_ && !pairs_) ? 1
-                                                : 4),
+          // step; entry pairs take two general registers per item (two
+          // offsets).
+          unroll_(entry_pairs_       ? 2
+                  : (!avx512 && s8_) ? 1
+                                     : 4),
           sets_(avx512 ? 2 : 1) {}
 
     int unroll() const { return unroll_; }
     bool entry_pairs() const { return entry_pairs_; }
     int sets() const { return sets_; }
-    bool needs_constants() const { return s8_ && !pairs_ && !entry_pairs_ && !native_dot_; }
+    bool needs_constants() const { return s8_ && !entry_pairs_ && !native_dot_; }
 
     // avx512: 0..7 accumulators, 8..11 f32 broadcasts, 12..19 s8 sources,
     //         20..23 s8 weights, 24..29 nibbles, constants, products.
     // avx2:   0..7 accumulators, 8..11 f32 broadcasts; s8 quads: 8 source,
-    //         9 weights, 10..15 nibbles, constants, products; s8 pairs:
-    //         8..11 weight pairs, 12..15 products; s8 entry pairs: 8, 9
-    //         weight pairs, 10 the first source, 11 / 12 the interleaved
-    //         low / high halves.
+    //         9 weights, 10..15 nibbles, constants, products; s8 entry
+    //         pairs: 8, 9 weight pairs, 10 the first source, 11 / 12 the
+    //         interleaved low / high halves.
     Vmm acc(int u, int v) const { return Vmm((u % sets_) * nv_ + v); }
 
     // Entry u of a step: its weight (f32, or the s8 quad dword) at w, its
@@ -63,17 +61,6 @@ public:
             g.vbroadcastss(bcast(u), g.dword[w]);
             for (int v = 0; v < nv_; ++v)
                 g.vfmadd231ps(acc(u, v), bcast(u), g.ptr[src + off + v * vlen]);
-            return;
-        }
-        if (pairs_) {
-            // Two u16 (x + 128) times two s16 weights, summed into the
-            // dword lane: exact (255 * 127 * 2 < 2^31), one vpmaddwd.
-            g.vpbroadcastd(bcast(u), g.dword[w]);
-            for (int v = 0; v < nv_; ++v) {
-                const Vmm product(12 + v % 4);
-                g.vpmaddwd(product, bcast(u), g.ptr[src + off + v * vlen]);
-                g.vpaddd(acc(u, v), acc(u, v), product);
-            }
             return;
         }
         if (avx512 && native_dot_) {
@@ -242,7 +229,7 @@ private:
 
     Xbyak::CodeGenerator &g_;
     int nv_;
-    bool s8_, pairs_, entry_pairs_, native_dot_;
+    bool s8_, entry_pairs_, native_dot_;
     int unroll_, sets_;
 };
 

@@ -23,7 +23,7 @@ void check_params(const sparse_kernel_params &p) {
                                     + std::to_string(p.n_vec));
     if (p.avx_vnni && (p.isa != cpu_isa::avx2 || p.dtype != sparse_dtype::s8))
         throw std::invalid_argument("jit spmm: avx_vnni applies to the avx2 s8 kernel only");
-    check_s8_word(p, "spmm", true, true);
+    check_s8_word(p, "spmm", false, true);
 }
 
 } // namespace

@@ -18,10 +18,9 @@ namespace {
 size_t entry_code_bytes(const sparse_kernel_params &p) {
     const bool s8 = p.dtype == sparse_dtype::s8;
     const bool native = p.isa == cpu_isa::avx512_core_vnni || p.avx_vnni;
-    const bool pairs = p.word == s8_word::pair; // vpmaddwd + vpaddd
     if (p.word == s8_word::entry_pair) // two offsets; per 8 lanes an unpack, widen, multiply, add
         return 32 + static_cast<size_t>(p.n_vec) * 32;
-    return 24 + static_cast<size_t>(p.n_vec) * (!s8 ? 12 : native || pairs ? 24 : 96);
+    return 24 + static_cast<size_t>(p.n_vec) * (!s8 ? 12 : native ? 24 : 96);
 }
 size_t body_code_bytes(const sparse_kernel_params &p) {
     return 64 + static_cast<size_t>(p.n_vec) * 40; // sums in and out, the row loop
@@ -39,7 +38,7 @@ void check_params(const sparse_kernel_params &p, const spmm_pattern_shape &shape
     if (p.avx_vnni && (p.isa != cpu_isa::avx2 || p.dtype != sparse_dtype::s8))
         throw std::invalid_argument(
                 "jit spmm pattern: avx_vnni applies to the avx2 s8 kernel only");
-    check_s8_word(p, "spmm pattern", true, true);
+    check_s8_word(p, "spmm pattern", false, true);
     for (size_t k = 0; k < shape.lengths.size(); ++k)
         if (shape.lengths[k] < 1 || (k > 0 && shape.lengths[k] <= shape.lengths[k - 1]))
             throw std::invalid_argument(

@@ -31,7 +31,7 @@ void check_params(const sparse_kernel_params &p) {
                                     + "), got " + std::to_string(p.tail));
     if (p.avx_vnni && (p.isa != cpu_isa::avx2 || p.dtype != sparse_dtype::s8))
         throw std::invalid_argument("jit spmm_width: avx_vnni applies to the avx2 s8 kernel only");
-    check_s8_word(p, "spmm_width", true);
+    check_s8_word(p, "spmm_width", true, false);
 }
 
 } // namespace

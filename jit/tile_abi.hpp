@@ -14,9 +14,9 @@
 //   quad tiles (s8 SpMM source) row c holds, per batch element, the 4 bytes
 //                      of channels 4c..4c+3 as u8 (value + 128): one dword
 //                      per batch element, tile_row_bytes per row
-//   pair tiles (s8 SpMM source without VNNI, jit::s8_word::pair) row c holds,
-//                      per batch element, channels 2c, 2c+1 as u16 (value +
-//                      128): one dword per batch element, tile_row_bytes per row
+// (The avx2 s8 SpMM without VNNI, jit::s8_word::entry_pair, reads int8
+// tiles as they are, two rows per item: spmm_call_params' offsets are then
+// two per item.)
 #pragma once
 
 #include <cstdint>
@@ -49,8 +49,8 @@ struct pixel_grid {
 // group's source rows stay in L1 while every row uses them, and a row's sums
 // are stored after each group and reloaded by the next (s8: int32).
 struct spmm_call_params {
-    const void *values;         // per entry: f32 weight, or the s8 quad (pair) dword
-    const int32_t *src_offsets; // per entry: byte offset of its source row
+    const void *values;         // per entry: f32 weight, or the s8 quad (entry pair) dword
+    const int32_t *src_offsets; // per entry: byte offset of its source row (entry pairs: two)
     const int64_t *group_ptr;
     int64_t n_groups;
     int64_t row_begin, row_end;

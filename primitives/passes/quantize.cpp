@@ -75,13 +75,6 @@ void pack_quad_tiles(const int8_t *x, int64_t batch, int64_t channels, uint8_t *
     best_tier(tiers)(x, batch, channels, tiles, num_threads);
 }
 
-void pack_pair_tiles(const int8_t *x, int64_t batch, int64_t channels, uint8_t *tiles,
-                     int num_threads) {
-    static constexpr pass_tier<pack_pair_tiles_fn> tiers[] = {
-            {cpu_isa::avx2, pack_pair_tiles_avx2}, {cpu_isa::ref, portable::pack_pair_tiles}};
-    best_tier(tiers)(x, batch, channels, tiles, num_threads);
-}
-
 void unpack_s32_tiles(const int32_t *tiles, int64_t batch, int64_t channels,
                       const int32_t *correction, const float *scale, const float *bias, float *dst,
                       int num_threads, int64_t inner) {

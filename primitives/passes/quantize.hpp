@@ -39,9 +39,6 @@ using pack_s8_tiles_fn = void(const int8_t *x, int64_t batch, int64_t channels, 
 // int8 [batch x channels] -> quad tiles of the s8 SpMM (jit/tile_abi.hpp).
 using pack_quad_tiles_fn = void(const int8_t *x, int64_t batch, int64_t channels, uint8_t *tiles,
                                 int num_threads);
-// int8 [batch x channels] -> pair tiles of the s8 SpMM on CPUs without VNNI
-// (jit/tile_abi.hpp): per batch element the u16 x + 128 of two channels.
-using pack_pair_tiles_fn = pack_quad_tiles_fn;
 // int32 tiles -> dst[b, c] = float(tile - correction[k]) * scale[k] (+ bias[k]),
 // k = c / inner (Linear: inner 1; Conv2d: the output channel of a (channel,
 // pixel) row).
@@ -58,7 +55,6 @@ quantize_weights_fn quantize_weights;
 quantize_stochastic_to_s8_tiles_fn quantize_stochastic_to_s8_tiles;
 pack_s8_tiles_fn pack_s8_tiles;
 pack_quad_tiles_fn pack_quad_tiles;
-pack_pair_tiles_fn pack_pair_tiles;
 unpack_s32_tiles_fn unpack_s32_tiles;
 column_sums_s8_fn column_sums_s8;
 
@@ -71,7 +67,6 @@ quantize_weights_fn quantize_weights;
 quantize_stochastic_to_s8_tiles_fn quantize_stochastic_to_s8_tiles;
 pack_s8_tiles_fn pack_s8_tiles;
 pack_quad_tiles_fn pack_quad_tiles;
-pack_pair_tiles_fn pack_pair_tiles;
 unpack_s32_tiles_fn unpack_s32_tiles;
 column_sums_s8_fn column_sums_s8;
 float abs_max(const float *x, int64_t n);
@@ -84,7 +79,6 @@ quantize_rne_fn quantize_rne_avx2;
 quantize_stochastic_fn quantize_stochastic_avx2;
 // quantize_stochastic_avx2, then the portable shift into tiles.
 quantize_stochastic_to_s8_tiles_fn quantize_stochastic_to_s8_tiles_avx2;
-pack_pair_tiles_fn pack_pair_tiles_avx2;
 unpack_s32_tiles_fn unpack_s32_tiles_avx2;
 pack_s8_tiles_fn pack_s8_tiles_avx2;
 // Reads the rows only, like quantize_weights_avx512.

@@ -140,43 +140,6 @@ float quantize_stochastic_avx2(const float *x, int64_t n, const float *multiplie
     return s.scale;
 }
 
-void pack_pair_tiles_avx2(const int8_t *x, int64_t batch, int64_t channels, uint8_t *tiles,
-                          int num_threads) {
-    constexpr int64_t tb = jit::tile_batch;
-    const int64_t tiles_n = jit::tile_count(batch), pairs = (channels + 1) / 2,
-                  pblocks = (pairs + 7) / 8;
-    const __m256i shift = _mm256_set1_epi16(128);
-#pragma omp parallel for collapse(2) num_threads(num_threads) schedule(static)
-    for (int64_t t = 0; t < tiles_n; ++t)
-        for (int64_t pb = 0; pb < pblocks; ++pb) {
-            const int64_t p0 = pb * 8, pn = std::min<int64_t>(8, pairs - p0);
-            const int64_t c0 = 2 * p0, cn = std::min<int64_t>(16, channels - c0);
-            auto *tile = reinterpret_cast<int32_t *>(tiles) + t * pairs * tb;
-            for (int64_t j0 = 0; j0 < tb; j0 += 8) {
-                // Row i: batch element j0 + i's 16 channels as 8 pair dwords
-                // of u16 x + 128 (channels and batch elements past the end: x = 0).
-                __m256 r[8];
-                for (int i = 0; i < 8; ++i) {
-                    const int64_t b = t * tb + j0 + i;
-                    alignas(16) int8_t staged[16] = {};
-                    __m128i bytes = _mm_setzero_si128();
-                    if (b < batch && cn == 16) {
-                        bytes = _mm_loadu_si128(
-                                reinterpret_cast<const __m128i *>(x + b * channels + c0));
-                    } else if (b < batch) {
-                        std::copy(x + b * channels + c0, x + b * channels + c0 + cn, staged);
-                        bytes = _mm_load_si128(reinterpret_cast<const __m128i *>(staged));
-                    }
-                    r[i] = _mm256_castsi256_ps(
-                            _mm256_add_epi16(_mm256_cvtepi8_epi16(bytes), shift));
-                }
-                avx2::transpose8(r);
-                for (int64_t p = 0; p < pn; ++p)
-                    _mm256_storeu_ps(reinterpret_cast<float *>(tile + (p0 + p) * tb + j0), r[p]);
-            }
-        }
-}
-
 void quantize_weights_avx2(const int64_t *row_ptr, int64_t rows, const float *values, int8_t *q,
                            float *scale, int num_threads) {
     const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));

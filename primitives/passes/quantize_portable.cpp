@@ -130,21 +130,6 @@ void pack_quad_tiles(const int8_t *x, int64_t batch, int64_t channels, uint8_t *
                 }
 }
 
-void pack_pair_tiles(const int8_t *x, int64_t batch, int64_t channels, uint8_t *tiles,
-                     int num_threads) {
-    const int64_t tiles_n = jit::tile_count(batch), pairs = (channels + 1) / 2;
-    auto *out = reinterpret_cast<uint16_t *>(tiles);
-#pragma omp parallel for collapse(2) num_threads(num_threads) schedule(static)
-    for (int64_t t = 0; t < tiles_n; ++t)
-        for (int64_t q = 0; q < pairs; ++q)
-            for (int64_t j = 0; j < tb; ++j)
-                for (int64_t k = 0; k < 2; ++k) {
-                    const int64_t b = t * tb + j, c = 2 * q + k;
-                    const int8_t v = b < batch && c < channels ? x[b * channels + c] : 0;
-                    out[((t * pairs + q) * tb + j) * 2 + k] = static_cast<uint16_t>(v + 128);
-                }
-}
-
 void unpack_s32_tiles(const int32_t *tiles, int64_t batch, int64_t channels,
                       const int32_t *correction, const float *scale, const float *bias, float *dst,
                       int num_threads, int64_t inner) {

@@ -7,8 +7,9 @@
 //
 //   forward        SpMM over "k-quads": one vpdpbusd per 16
 //                  batch elements per non-empty quad of 4 columns of a row;
-//                  on avx2 without AVX-VNNI over "k-pairs" of u16 instead,
-//                  one vpmaddwd per 8 batch elements per non-empty pair.
+//                  on avx2 without AVX-VNNI over entry pairs instead (two
+//                  nonzeros of a row per item, s8 rows widened in registers,
+//                  one vpmaddwd per 8 batch elements; no +128 shift).
 //   backward-data  the same over the transposed pattern (quads of rows).
 //   backward-weights SDDMM: one vpdpbusd per nonzero per 64
 //                  batch elements, 16 nonzeros reduced together.
@@ -16,6 +17,7 @@
 
 #include <algorithm>
 #include <memory>
+#include <type_traits>
 
 #include <omp.h>
 
@@ -34,9 +36,14 @@ namespace qsp::detail {
 
 namespace {
 
-// Forward (rows = output features, quads over input features) and
-// backward-data (rows = input features, quads over output features).
-class jit_linear_s8_spmm_plan : public jit_plan {
+// Forward (rows = output features, items over input features) and
+// backward-data (rows = input features, items over output features), over
+// k-quads (quad_plan: vpdpbusd, native or emulated) or, on avx2 without
+// AVX-VNNI, entry pairs (entry_pair_plan: plain s8 tiles, 64-byte rows a
+// quarter of f32's, so L1's source tile of 768 channels is 48 KiB).
+template <typename items_t> class jit_linear_s8_spmm_plan : public jit_plan {
+    static constexpr bool entry_pairs = std::is_same_v<items_t, entry_pair_plan>;
+
 public:
     jit_linear_s8_spmm_plan(const problem &p, cpu_isa isa, bool specialise)
         : jit_linear_s8_spmm_plan(
@@ -46,23 +53,42 @@ public:
                         : transposed_rows(p.pattern.row_ptr(), p.pattern.col_idx(), p.out, p.in)) {}
 
     jit_linear_s8_spmm_plan(const problem &p, cpu_isa isa, bool specialise, const sparse_rows &m)
-        : jit_plan(p), word_(jit::s8_spmm_word(isa)),
-          quads_(m, word_offset, p.num_threads, jit::channels_per_word(word_)),
-          // a word tile row (tile_row_bytes) holds 4 (2) source channels
-          spmm_(isa, jit::sparse_dtype::s8, quads_.bounds,
-                make_source_groups(
-                        m, quads_.quad_ptr, &quads_.quad_of, [](int64_t key) { return key; },
-                        p.dir == direction::forward ? p.in : p.out,
-                        jit::tile_row_bytes / quads_.channels_per_word, quads_.channels_per_word,
-                        specialise ? linear_pattern_min_group_items : linear_min_group_items),
-                specialise, word_) {
+        : jit_plan(p), items_(make_items(p, m, specialise)),
+          spmm_(isa, jit::sparse_dtype::s8, items_.bounds, groups(p, m, specialise), specialise,
+                entry_pairs ? jit::s8_word::entry_pair : jit::s8_word::quad) {
         const auto order = spmm_.take_item_order();
-        if (!order.empty()) quads_.reorder_offsets(order);
+        if (!order.empty()) items_.reorder_offsets(order);
     }
 
     std::string specialisation() const override { return spmm_.specialisation(); }
 
 private:
+    static int64_t source_channels(const problem &p) {
+        return p.dir == direction::forward ? p.in : p.out;
+    }
+    static int64_t min_group_items(bool specialise) {
+        return specialise ? linear_pattern_min_group_items : linear_min_group_items;
+    }
+    static items_t make_items(const problem &p, const sparse_rows &m, bool specialise) {
+        if constexpr (entry_pairs)
+            return entry_pair_plan(
+                    m, [](int64_t, int64_t key) { return key * jit::s8_tile_row_bytes; },
+                    source_channels(p), jit::s8_tile_row_bytes, min_group_items(specialise),
+                    p.num_threads);
+        else // a quad tile row (tile_row_bytes) holds 4 source channels
+            return quad_plan(
+                    m, [](int64_t, int64_t quad) { return quad * jit::tile_row_bytes; },
+                    p.num_threads);
+    }
+    source_groups groups(const problem &p, const sparse_rows &m, bool specialise) const {
+        if constexpr (entry_pairs)
+            return source_groups{items_.n_groups, items_.group_size, items_.group_ptr};
+        else
+            return make_source_groups(
+                    m, items_.quad_ptr, &items_.quad_of, [](int64_t key) { return key; },
+                    source_channels(p), jit::tile_row_bytes / 4, 4, min_group_items(specialise));
+    }
+
     // Forward and backward-data are one SpMM (the plan was built for one).
     const char *forward(const tensors &t, runtime::scratchpad &sp) const override {
         return spmm(t, sp);
@@ -75,15 +101,19 @@ private:
         const int nt = p_.num_threads;
         const bool fwd = p_.dir == direction::forward;
         const int64_t B = t.batch, K = p_.in, N = p_.out, nnz = p_.pattern.nnz();
-        const int64_t src_ch = fwd ? K : N, tiles = tile_count(B), tb = jit::tile_batch;
-        const int64_t cpw = quads_.channels_per_word;
-        const int64_t quads = (src_ch + cpw - 1) / cpw, entries = quads_.quads(),
-                      rows = quads_.rows;
-        auto *pack = word_ == jit::s8_word::pair ? pack_pair_tiles : pack_quad_tiles;
-        auto *words = sp.get<uint32_t>(2, entries);
+        const int64_t src_ch = source_channels(p_), tiles = tile_count(B), tb = jit::tile_batch;
+        const int64_t rows = items_.rows;
+        // entry pairs: s8 tile rows of tb bytes; quads: a dword per element of 4 channels
+        const int64_t src_tile_bytes = entry_pairs ? src_ch * tb : (src_ch + 3) / 4 * tb * 4;
+        int64_t n_items = 0;
+        if constexpr (entry_pairs)
+            n_items = items_.items();
+        else
+            n_items = items_.quads();
+        auto *words = sp.get<uint32_t>(2, n_items);
         auto *correction = sp.get<int32_t>(3, rows);
         auto *src_q = sp.get<int8_t>(4, B * src_ch);
-        auto *src_tiles = sp.get<uint8_t>(5, tiles * quads * tb * 4);
+        auto *src_tiles = sp.get<uint8_t>(5, tiles * src_tile_bytes);
         auto *acc = sp.get<int32_t>(6, tiles * rows * tb);
         auto *row_scale = sp.get<float>(7, rows);
         // The forward quantizes this step's weights (into the workspace when
@@ -92,23 +122,32 @@ private:
         int8_t *wq = t.workspace ? ws.weights_q() : sp.get<int8_t>(0, nnz);
         float *w_scale = t.workspace ? ws.weight_scale() : sp.get<float>(1, N);
         if (fwd) quantize_weights(p_.pattern, t.weights, wq, w_scale, nt);
-        quads_.fill(wq, words, correction, nt);
+        auto pack = [&](const int8_t *q) {
+            if constexpr (entry_pairs) {
+                items_.fill(wq, words, nt);
+                std::fill(correction, correction + rows, 0); // plain s8 sources: no shift
+                pack_s8_tiles(q, B, src_ch, reinterpret_cast<int8_t *>(src_tiles), nt);
+            } else {
+                items_.fill(wq, words, correction, nt);
+                pack_quad_tiles(q, B, src_ch, src_tiles, nt);
+            }
+        };
         if (fwd) {
             int8_t *xq = t.workspace ? ws.src_q() : src_q;
             const float sx = quantize_rne(t.src, B * K, xq, nt);
             if (t.workspace) ws.set_src_scale(sx);
-            pack(xq, B, K, src_tiles, nt);
+            pack(xq);
             for (int64_t n = 0; n < N; ++n)
                 row_scale[n] = s8::forward_scale(sx, w_scale[n]);
         } else {
             const float sg2 = quantize_stochastic(t.diff_dst, B * N, w_scale, N, 1,
                                                   s8::dx_stream(t.seed), src_q, nt);
-            pack(src_q, B, N, src_tiles, nt);
+            pack(src_q);
             std::fill(row_scale, row_scale + rows, sg2);
         }
         {
             const auto timed = kernel_time(p_.dir);
-            spmm_.run(B, words, quads_.offsets.data(), src_tiles, quads * tb * 4,
+            spmm_.run(B, words, items_.offsets.data(), src_tiles, src_tile_bytes,
                       reinterpret_cast<uint8_t *>(acc), rows * tb * 4, nt);
         }
         unpack_s32_tiles(acc, B, rows, correction, row_scale, fwd ? t.bias : nullptr,
@@ -116,98 +155,10 @@ private:
         return nullptr;
     }
 
-    // A word's source row: one tile row per 4 (2) features.
-    static int64_t word_offset(int64_t, int64_t word) { return word * jit::tile_row_bytes; }
-
     size_t owned_code_bytes() const override { return spmm_.pattern_code_bytes(); }
 
-    jit::s8_word word_; // quads, or pairs on avx2 without AVX-VNNI
-    quad_plan quads_;   // forward: the CSR; backward-data: its transpose
-    spmm_runner spmm_;  // over quads, source channels in groups
-};
-
-// Forward and backward-data on avx2 without AVX-VNNI in the generic kernels:
-// SpMM over entry pairs of plain s8 tiles (jit::s8_word::entry_pair), the
-// rows of 64 bytes a quarter of f32's, so the source tile of a layer like
-// L1 (768 channels, 48 KiB) nearly fits L1 where f32's (192 KiB) does not.
-class jit_linear_s8_entry_pair_plan : public jit_plan {
-public:
-    jit_linear_s8_entry_pair_plan(const problem &p, cpu_isa isa, bool specialise)
-        : jit_linear_s8_entry_pair_plan(
-                p, isa, specialise,
-                p.dir == direction::forward
-                        ? csr_rows(p.pattern.row_ptr(), p.pattern.col_idx(), p.out)
-                        : transposed_rows(p.pattern.row_ptr(), p.pattern.col_idx(), p.out, p.in)) {}
-
-    jit_linear_s8_entry_pair_plan(const problem &p, cpu_isa isa, bool specialise,
-                                  const sparse_rows &m)
-        : jit_plan(p), pairs_(
-                               m, [](int64_t, int64_t key) { return key * jit::s8_tile_row_bytes; },
-                               p.dir == direction::forward ? p.in : p.out, jit::s8_tile_row_bytes,
-                               specialise ? linear_pattern_min_group_items : linear_min_group_items,
-                               p.num_threads),
-          spmm_(isa, jit::sparse_dtype::s8, pairs_.bounds,
-                source_groups{pairs_.n_groups, pairs_.group_size, pairs_.group_ptr}, specialise,
-                jit::s8_word::entry_pair) {
-        const auto order = spmm_.take_item_order();
-        if (!order.empty()) pairs_.reorder_offsets(order);
-    }
-
-    std::string specialisation() const override { return spmm_.specialisation(); }
-
-private:
-    const char *forward(const tensors &t, runtime::scratchpad &sp) const override {
-        return spmm(t, sp);
-    }
-    const char *backward_data(const tensors &t, runtime::scratchpad &sp) const override {
-        return spmm(t, sp);
-    }
-
-    const char *spmm(const tensors &t, runtime::scratchpad &sp) const {
-        const int nt = p_.num_threads;
-        const bool fwd = p_.dir == direction::forward;
-        const int64_t B = t.batch, K = p_.in, N = p_.out, nnz = p_.pattern.nnz();
-        const int64_t src_ch = fwd ? K : N, tiles = tile_count(B), tb = jit::tile_batch;
-        const int64_t rows = pairs_.rows;
-        auto *words = sp.get<uint32_t>(2, pairs_.items());
-        auto *no_correction = sp.get<int32_t>(3, rows); // plain s8 sources: nothing to remove
-        auto *src_q = sp.get<int8_t>(4, B * src_ch);
-        auto *src_tiles = sp.get<int8_t>(5, tiles * src_ch * tb);
-        auto *acc = sp.get<int32_t>(6, tiles * rows * tb);
-        auto *row_scale = sp.get<float>(7, rows);
-        const s8::workspace_view &ws = t.workspace;
-        int8_t *wq = t.workspace ? ws.weights_q() : sp.get<int8_t>(0, nnz);
-        float *w_scale = t.workspace ? ws.weight_scale() : sp.get<float>(1, N);
-        if (fwd) quantize_weights(p_.pattern, t.weights, wq, w_scale, nt);
-        pairs_.fill(wq, words, nt);
-        std::fill(no_correction, no_correction + rows, 0);
-        if (fwd) {
-            int8_t *xq = t.workspace ? ws.src_q() : src_q;
-            const float sx = quantize_rne(t.src, B * K, xq, nt);
-            if (t.workspace) ws.set_src_scale(sx);
-            pack_s8_tiles(xq, B, K, src_tiles, nt);
-            for (int64_t n = 0; n < N; ++n)
-                row_scale[n] = s8::forward_scale(sx, w_scale[n]);
-        } else {
-            const float sg2 = quantize_stochastic(t.diff_dst, B * N, w_scale, N, 1,
-                                                  s8::dx_stream(t.seed), src_q, nt);
-            pack_s8_tiles(src_q, B, N, src_tiles, nt);
-            std::fill(row_scale, row_scale + rows, sg2);
-        }
-        {
-            const auto timed = kernel_time(p_.dir);
-            spmm_.run(B, words, pairs_.offsets.data(), reinterpret_cast<const uint8_t *>(src_tiles),
-                      src_ch * tb, reinterpret_cast<uint8_t *>(acc), rows * tb * 4, nt);
-        }
-        unpack_s32_tiles(acc, B, rows, no_correction, row_scale, fwd ? t.bias : nullptr,
-                         fwd ? t.dst : t.diff_src, nt, 1);
-        return nullptr;
-    }
-
-    size_t owned_code_bytes() const override { return spmm_.pattern_code_bytes(); }
-
-    entry_pair_plan pairs_; // forward: the CSR; backward-data: its transpose
-    spmm_runner spmm_;
+    items_t items_;    // forward: the CSR; backward-data: its transpose
+    spmm_runner spmm_; // over the items, source channels in groups
 };
 
 class jit_linear_s8_bwd_weights_plan : public jit_plan {
@@ -291,10 +242,11 @@ implementation jit_linear_s8(cpu_isa isa, spmm_code code) {
                 return cached_plan(name, isa, p, [&]() -> std::shared_ptr<const kernel> {
                     if (p.dir == direction::backward_weights)
                         return std::make_shared<const jit_linear_s8_bwd_weights_plan>(p, isa);
-                    if (jit::s8_spmm_word(isa) == jit::s8_word::pair)
-                        return std::make_shared<const jit_linear_s8_entry_pair_plan>(p, isa,
-                                                                                     specialise);
-                    return std::make_shared<const jit_linear_s8_spmm_plan>(p, isa, specialise);
+                    if (jit::s8_spmm_word(isa) != jit::s8_word::quad)
+                        return std::make_shared<const jit_linear_s8_spmm_plan<entry_pair_plan>>(
+                                p, isa, specialise);
+                    return std::make_shared<const jit_linear_s8_spmm_plan<quad_plan>>(p, isa,
+                                                                                      specialise);
                 });
             },
             false, op_kind::linear};

@@ -121,6 +121,18 @@ TEST(Passes, quantization_tiers_match_portable) {
                                      s_planes, "avx512 per-plane scale");
                     if (finite) EXPECT_EQ(got, want_planes);
                 }
+                // a vector tier of quantize_weights (rows only) against the portable one
+                auto expect_weights_match = [&](auto tier) {
+                    auto dense = random_sparse_dense(rows, cols, 0.5, rng);
+                    auto w = csr_weights::from_dense(dense.data(), rows, cols);
+                    std::vector<int8_t> qa(w.values.size() + 1), qb(w.values.size() + 1);
+                    std::vector<float> wa(rows), wb(rows);
+                    tier(w.pattern.row_ptr(), rows, w.values.data(), qa.data(), wa.data(), 2);
+                    detail::portable::quantize_weights(w.pattern, w.values.data(), qb.data(),
+                                                       wb.data(), 2);
+                    EXPECT_EQ(qa, qb);
+                    EXPECT_EQ(std::memcmp(wa.data(), wb.data(), 4 * rows), 0);
+                };
                 if (cpu_has(cpu_isa::avx2)) {
                     std::vector<int8_t> got(n);
                     expect_same_bits(detail::quantize_rne_avx2(x.data(), n, got.data(), 2), s_rne,
@@ -130,16 +142,7 @@ TEST(Passes, quantization_tiers_match_portable) {
                                                                       cols, 1, 99, got.data(), 3),
                                      s_sr, "avx2 stochastic scale");
                     if (finite) EXPECT_EQ(got, want_sr);
-                    auto dense = random_sparse_dense(rows, cols, 0.5, rng);
-                    auto w = csr_weights::from_dense(dense.data(), rows, cols);
-                    std::vector<int8_t> qa(w.values.size() + 1), qb(w.values.size() + 1);
-                    std::vector<float> wa(rows), wb(rows);
-                    detail::quantize_weights_avx2(w.pattern.row_ptr(), rows, w.values.data(),
-                                                  qa.data(), wa.data(), 2);
-                    detail::portable::quantize_weights(w.pattern, w.values.data(), qb.data(),
-                                                       wb.data(), 2);
-                    EXPECT_EQ(qa, qb);
-                    EXPECT_EQ(std::memcmp(wa.data(), wb.data(), 4 * rows), 0);
+                    expect_weights_match(detail::quantize_weights_avx2);
                 }
                 if (cpu_has(cpu_isa::avx512_core)) {
                     std::vector<int8_t> got(n);
@@ -150,16 +153,7 @@ TEST(Passes, quantization_tiers_match_portable) {
                                                                         cols, 1, 99, got.data(), 3),
                                      s_sr, "avx512 stochastic scale");
                     if (finite) EXPECT_EQ(got, want_sr);
-                    auto dense = random_sparse_dense(rows, cols, 0.5, rng);
-                    auto w = csr_weights::from_dense(dense.data(), rows, cols);
-                    std::vector<int8_t> qa(w.values.size() + 1), qb(w.values.size() + 1);
-                    std::vector<float> wa(rows), wb(rows);
-                    detail::quantize_weights_avx512(w.pattern.row_ptr(), rows, w.values.data(),
-                                                    qa.data(), wa.data(), 2);
-                    detail::portable::quantize_weights(w.pattern, w.values.data(), qb.data(),
-                                                       wb.data(), 2);
-                    EXPECT_EQ(qa, qb);
-                    EXPECT_EQ(std::memcmp(wa.data(), wb.data(), 4 * rows), 0);
+                    expect_weights_match(detail::quantize_weights_avx512);
                 }
             }
         }
@@ -204,25 +198,6 @@ TEST(Passes, s8_tile_passes_match_portable) {
             detail::pack_quad_tiles(xq.data(), batch, channels, q.data(), 2);
             detail::portable::pack_quad_tiles(xq.data(), batch, channels, q_want.data(), 1);
             EXPECT_EQ(q, q_want);
-            // Pair tiles: the portable pass against the layout's definition
-            // (jit/tile_abi.hpp), the dispatched one against the portable.
-            const int64_t pairs = (channels + 1) / 2;
-            const size_t pair_bytes = static_cast<size_t>(tiles * pairs * 4 * jit::tile_batch);
-            std::vector<uint8_t> pq(pair_bytes, 1), pq_want(pair_bytes, 2);
-            detail::pack_pair_tiles(xq.data(), batch, channels, pq.data(), 2);
-            detail::portable::pack_pair_tiles(xq.data(), batch, channels, pq_want.data(), 1);
-            EXPECT_EQ(pq, pq_want);
-            for (int64_t b = 0; b < tiles * jit::tile_batch; ++b)
-                for (int64_t c = 0; c < 2 * pairs; ++c) {
-                    const int64_t at = (((b / jit::tile_batch) * pairs + c / 2) * jit::tile_batch
-                                        + b % jit::tile_batch)
-                                               * 2
-                                       + c % 2;
-                    uint16_t u;
-                    std::memcpy(&u, pq_want.data() + 2 * at, 2);
-                    const int x_bc = b < batch && c < channels ? xq[b * channels + c] : 0;
-                    ASSERT_EQ(u, x_bc + 128) << "batch " << b << " channel " << c;
-                }
             std::vector<int32_t> acc(static_cast<size_t>(tiles * channels * jit::tile_batch));
             for (auto &v : acc)
                 v = static_cast<int32_t>(rng() % 200001) - 100000;

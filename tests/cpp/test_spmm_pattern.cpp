@@ -127,19 +127,13 @@ TEST_P(SpmmPatternKernel, matches_the_scalar_model_on_every_tier) {
             std::memcpy(&src[4 * c], &v, 4);
         }
     }
-    // s8 pairs (avx2 without AVX-VNNI): two u16 x + 128 in [0, 255] per
-    // source dword, two int16 weights in [-127, 127] per word.
+    // s8 entry pairs (avx2 without AVX-VNNI): two int16 weights in
+    // [-127, 127] per word, two s8 rows of 64 bytes per item (the second
+    // channel its own).
     std::vector<uint32_t> pair_word(word.size());
-    std::vector<uint8_t> pair_src(src.size());
     for (auto &w : pair_word)
         w = static_cast<uint16_t>(static_cast<int16_t>(rng() % 255) - 127)
             | uint32_t(static_cast<uint16_t>(static_cast<int16_t>(rng() % 255) - 127)) << 16;
-    for (size_t i = 0; i < pair_src.size(); i += 2) {
-        pair_src[i] = static_cast<uint8_t>(rng());
-        pair_src[i + 1] = 0;
-    }
-    // s8 entry pairs: two s8 rows of 64 bytes per item (the second channel
-    // its own), the same int16 weight pairs.
     std::vector<int32_t> second_channel(static_cast<size_t>(items));
     for (auto &c : second_channel)
         c = static_cast<int32_t>(rng() % channels);
@@ -157,22 +151,16 @@ TEST_P(SpmmPatternKernel, matches_the_scalar_model_on_every_tier) {
     std::vector<std::pair<cpu_isa, jit::s8_word>> variants;
     for (cpu_isa isa : jit_tiers()) {
         variants.emplace_back(isa, jit::s8_word::quad);
-        if (s8 && isa == cpu_isa::avx2 && !cpu_has_avx_vnni()) {
-            variants.emplace_back(isa, jit::s8_word::pair);
+        if (s8 && isa == cpu_isa::avx2 && !cpu_has_avx_vnni())
             variants.emplace_back(isa, jit::s8_word::entry_pair);
-        }
     }
     for (const auto &[isa, word_kind] : variants) {
         const int lanes = jit::vector_lanes(isa);
-        const bool pairs = word_kind == jit::s8_word::pair;
         const bool entry_pairs = word_kind == jit::s8_word::entry_pair;
-        const std::vector<uint32_t> &values = pairs || entry_pairs ? pair_word : word;
-        const std::vector<uint8_t> &source = entry_pairs ? s8_src : pairs ? pair_src : src;
+        const std::vector<uint32_t> &values = entry_pairs ? pair_word : word;
+        const std::vector<uint8_t> &source = entry_pairs ? s8_src : src;
         for (int nv = 1; nv <= tb / lanes; ++nv) {
-            SCOPED_TRACE(std::string(to_string(isa))
-                         + (pairs         ? " pairs"
-                            : entry_pairs ? " entry pairs"
-                                          : "")
+            SCOPED_TRACE(std::string(to_string(isa)) + (entry_pairs ? " entry pairs" : "")
                          + " n_vec=" + std::to_string(nv));
             auto params = jit::make_sparse_kernel_params(isa, dtype, nv);
             params.word = word_kind;
@@ -206,12 +194,6 @@ TEST_P(SpmmPatternKernel, matches_the_scalar_model_on_every_tier) {
                             for (int k = 0; k < 2; ++k)
                                 want_i += int64_t(int8_t(s8_src[c2[k] * tb + j]))
                                           * int16_t(values[i] >> (16 * k));
-                        } else if (pairs) {
-                            for (int k = 0; k < 2; ++k) {
-                                uint16_t x;
-                                std::memcpy(&x, &source[(channel[i] * tb + j) * 4 + 2 * k], 2);
-                                want_i += int64_t(x) * int16_t(values[i] >> (16 * k));
-                            }
                         } else if (s8) {
                             for (int k = 0; k < 4; ++k)
                                 want_i += int64_t(src[(channel[i] * tb + j) * 4 + k])
