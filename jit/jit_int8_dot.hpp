@@ -6,9 +6,10 @@
 // vpmaddwd with ones widens the pairs to int32, and acc += lo + 16 * hi.
 // About 5x the instructions of one vpdpbusd: the dispatcher's measurement
 // decides whether the sparse kernel still beats oneDNN's dense int8 matmul.
-// Used by the avx512_core tier and by the avx2 tier's Conv2d kernels; the
-// avx2 Linear SpMMs use 16-bit pairs and its SDDMM widened operands
-// (vpmaddwd) instead, which cost far fewer instructions.
+// Used by the avx512_core tier and, on avx2 without AVX-VNNI, by Conv2d's
+// batch-family scatter kernel only: the other avx2 s8 kernels work on 16-bit
+// operands with vpmaddwd (entry pairs, channel pairs, widened SDDMM rows),
+// which cost far fewer instructions.
 #pragma once
 
 #include <xbyak/xbyak.h>
