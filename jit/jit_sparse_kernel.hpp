@@ -42,7 +42,8 @@ struct sparse_kernel_params {
     // step, and the lanes of the last vector that are real (0: all).
     int n_rows = 1;
     int tail = 0;
-    // SpMM (jit_uni_spmm_kernel.hpp, jit_uni_spmm_pattern_kernel.hpp) s8 only.
+    // s8 SpMMs only: entry pairs in the tile SpMMs (generic and pattern),
+    // pairs in the width SpMM (check_s8_word).
     s8_word word = s8_word::quad;
 
     bool operator==(const sparse_kernel_params &o) const {
