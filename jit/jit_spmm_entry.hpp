@@ -120,56 +120,43 @@ public:
         auto &g = g_;
         const bool same = i.getIdx() == v.getIdx();
         Xbyak::Label step_loop, single_loop, done;
-        if (entry_pairs_) {
-            // items of two offsets each (entry_pair_plan), off[2u], off[2u + 1];
-            // with two offset registers only, one item per step
-            if (off.size() < 2) throw std::logic_error("spmm entry pairs: two offset registers");
-            const int step = off.size() >= 2 * static_cast<size_t>(unroll_) ? unroll_ : 1;
-            if (step > 1) {
-                g.L(step_loop);
-                g.lea(scratch, g.ptr[i + step]);
-                g.cmp(scratch, end);
-                g.jg(single_loop, Xbyak::CodeGenerator::T_NEAR);
-                for (int u = 0; u < step; ++u) {
-                    g.movsxd(off[2 * u], g.dword[offsets + i * 8 + u * 8]);
-                    g.movsxd(off[2 * u + 1], g.dword[offsets + i * 8 + u * 8 + 4]);
-                    entry_pair(u, values + v * 4 + u * 4, src, off[2 * u], off[2 * u + 1]);
-                }
-                g.add(i, step);
-                if (!same) g.add(v, step);
-                g.jmp(step_loop, Xbyak::CodeGenerator::T_NEAR);
+        // Entry pairs (entry_pair_plan) take two offsets per item, in
+        // off[2u], off[2u + 1]; with two offset registers only, one item per step.
+        const int per_item = entry_pairs_ ? 2 : 1;
+        if (off.size() < static_cast<size_t>(per_item))
+            throw std::logic_error("spmm entry loop: too few offset registers");
+        const int step = !entry_pairs_                                    ? unroll_
+                         : off.size() >= 2 * static_cast<size_t>(unroll_) ? unroll_
+                                                                          : 1;
+        // Item u of a step (from i): its offsets loaded, its multiply-adds emitted.
+        auto item = [&](int u) {
+            const Xbyak::RegExp at = offsets + i * (4 * per_item) + u * 4 * per_item;
+            const Xbyak::RegExp w = values + v * 4 + u * 4;
+            if (entry_pairs_) {
+                g.movsxd(off[2 * u], g.dword[at]);
+                g.movsxd(off[2 * u + 1], g.dword[at + 4]);
+                entry_pair(u, w, src, off[2 * u], off[2 * u + 1]);
+            } else {
+                const Xbyak::Reg64 &o = off[u % off.size()];
+                g.movsxd(o, g.dword[at]);
+                entry(u, w, src, o);
             }
-            g.L(single_loop);
-            g.cmp(i, end);
-            g.jge(done, Xbyak::CodeGenerator::T_NEAR);
-            g.movsxd(off[0], g.dword[offsets + i * 8]);
-            g.movsxd(off[1], g.dword[offsets + i * 8 + 4]);
-            entry_pair(0, values + v * 4, src, off[0], off[1]);
-            g.inc(i);
-            if (!same) g.inc(v);
-            g.jmp(single_loop, Xbyak::CodeGenerator::T_NEAR);
-            g.L(done);
-            return;
-        }
-        if (unroll_ > 1) {
+        };
+        if (step > 1) {
             g.L(step_loop);
-            g.lea(scratch, g.ptr[i + unroll_]);
+            g.lea(scratch, g.ptr[i + step]);
             g.cmp(scratch, end);
             g.jg(single_loop, Xbyak::CodeGenerator::T_NEAR);
-            for (int u = 0; u < unroll_; ++u) {
-                const Xbyak::Reg64 &o = off[u % off.size()];
-                g.movsxd(o, g.dword[offsets + i * 4 + u * 4]);
-                entry(u, values + v * 4 + u * 4, src, o);
-            }
-            g.add(i, unroll_);
-            if (!same) g.add(v, unroll_);
+            for (int u = 0; u < step; ++u)
+                item(u);
+            g.add(i, step);
+            if (!same) g.add(v, step);
             g.jmp(step_loop, Xbyak::CodeGenerator::T_NEAR);
         }
         g.L(single_loop);
         g.cmp(i, end);
         g.jge(done, Xbyak::CodeGenerator::T_NEAR);
-        g.movsxd(off[0], g.dword[offsets + i * 4]);
-        entry(0, values + v * 4, src, off[0]);
+        item(0);
         g.inc(i);
         if (!same) g.inc(v);
         g.jmp(single_loop, Xbyak::CodeGenerator::T_NEAR);

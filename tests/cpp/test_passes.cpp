@@ -431,28 +431,24 @@ TEST(Passes, width_planes_match_the_definition_on_every_tier) {
                                                                      + r * plane.row_len() + e)],
                                           s < 0 ? 0 : xq[s]);
                             }
-                            for (int64_t q = 0; q < quads; ++q) {
-                                uint32_t word = 0;
-                                for (int k = 0; k < 4; ++k) {
-                                    const int64_t s = col < wp ? value(b, 4 * q + k, r, col) : -1;
-                                    word |= static_cast<uint32_t>((s < 0 ? 0 : xq[s]) + 128)
-                                            << (8 * k);
+                            // word q of `per` channels (x + 128, `bits` each) at this position
+                            auto word = [&](int64_t q, int per, int bits) {
+                                uint32_t w = 0;
+                                for (int k = 0; k < per; ++k) {
+                                    const int64_t s = col < wp ? value(b, per * q + k, r, col) : -1;
+                                    w |= static_cast<uint32_t>((s < 0 ? 0 : xq[s]) + 128)
+                                         << (bits * k);
                                 }
+                                return w;
+                            };
+                            for (int64_t q = 0; q < quads; ++q)
                                 ASSERT_EQ(q_want[static_cast<size_t>((b * quads + q) * size
                                                                      + r * plane.row_len() + e)],
-                                          word);
-                            }
-                            for (int64_t q = 0; q < pairs; ++q) {
-                                uint32_t word = 0;
-                                for (int k = 0; k < 2; ++k) {
-                                    const int64_t s = col < wp ? value(b, 2 * q + k, r, col) : -1;
-                                    word |= static_cast<uint32_t>((s < 0 ? 0 : xq[s]) + 128)
-                                            << (16 * k);
-                                }
+                                          word(q, 4, 8));
+                            for (int64_t q = 0; q < pairs; ++q)
                                 ASSERT_EQ(p_want[static_cast<size_t>((b * pairs + q) * size
                                                                      + r * plane.row_len() + e)],
-                                          word);
-                            }
+                                          word(q, 2, 16));
                         }
                 // The dispatching entry points (AVX-512 where the CPU and the
                 // plane allow) write the same, and see a NaN or an Inf.
