@@ -1,10 +1,11 @@
 // Dispatch over the tiers, and the portable tier of the width plane packs.
 // Planes with column phases (a horizontal stride) always take the portable
-// loop: strided layers are few, and their packs move one value at a time.
+// loop, one phase at a time (write_phased_row).
 #include "primitives/passes/width_planes.hpp"
 
 #include <algorithm>
 #include <cstring>
+#include <vector>
 
 #include "primitives/passes/pass_tiers.hpp"
 #include "qsparseprop/runtime.hpp"
@@ -23,22 +24,59 @@ void for_planes(int64_t planes, const width_plane &plane, T *dst, int num_thread
             fill(dst + p * plane.size() + r * plane.row_len(), p, r);
 }
 
+// Where the image columns go in each column phase of a padded row: phase ph
+// holds padded columns ph + phases * j, image column x = ph + phases * j - left
+// for j in [first[ph], end[ph]). Computed once per pass: three divisions per
+// phase and row cost more than moving the row (stride 2, 28 columns: 7 ms of
+// a 24 ms forward).
+struct phase_spans {
+    std::vector<int64_t> first, end;
+    phase_spans(const width_plane &plane, int64_t left, int64_t w)
+        : first(static_cast<size_t>(plane.phases)), end(static_cast<size_t>(plane.phases)) {
+        const int64_t s = plane.phases;
+        for (int64_t ph = 0; ph < s; ++ph) {
+            const int64_t lo = left - ph, hi = left + w - ph; // x >= 0, x < w
+            const int64_t j1 = std::min(plane.phase_len, hi > 0 ? (hi + s - 1) / s : 0);
+            end[static_cast<size_t>(ph)] = j1;
+            first[static_cast<size_t>(ph)] = std::min(j1, lo > 0 ? (lo + s - 1) / s : 0);
+        }
+    }
+};
+
+// The padded row `row` of a plane with column phases: padded column c holds
+// value(c - left) for image columns 0 <= c - left < w, `zero` elsewhere, at
+// its phase position. Per phase a run of zeros, the image columns the phase
+// takes, zeros (plane.at() per element, an integer division each, cost more
+// than the kernel it fed).
+template <typename T, typename value_t>
+void write_phased_row(T *row, const width_plane &plane, const phase_spans &spans, int64_t left,
+                      T zero, value_t value) {
+    const int64_t s = plane.phases;
+    for (int64_t ph = 0; ph < s; ++ph) {
+        T *out = row + ph * plane.phase_len;
+        const int64_t j0 = spans.first[static_cast<size_t>(ph)],
+                      j1 = spans.end[static_cast<size_t>(ph)];
+        std::fill(out, out + j0, zero);
+        for (int64_t j = j0, x = ph + s * j0 - left; j < j1; ++j, x += s)
+            out[j] = value(x);
+        std::fill(out + j1, out + plane.phase_len, zero);
+    }
+}
+
 template <typename T, typename U, typename convert_t>
 void pack_rows(const U *src, int64_t batch, int64_t channels, int64_t h, int64_t w,
                const spatial_pad &pad, const width_plane &plane, T *dst, T zero, int num_threads,
                convert_t convert) {
+    const phase_spans spans(plane, pad.left, w);
     for_planes(batch * channels, plane, dst, num_threads, [&](T *row, int64_t p, int64_t r) {
-        std::fill(row, row + plane.row_len(), zero);
         const int64_t y = r - pad.top;
-        if (y < 0 || y >= h) return;
-        const U *in = src + (p * h + y) * w;
-        if (plane.phases == 1) {
-            for (int64_t x = 0; x < w; ++x)
-                row[pad.left + x] = convert(in[x]);
+        if (y < 0 || y >= h) {
+            std::fill(row, row + plane.row_len(), zero);
             return;
         }
-        for (int64_t x = 0; x < w; ++x)
-            row[plane.at(0, pad.left + x)] = convert(in[x]);
+        const U *in = src + (p * h + y) * w;
+        write_phased_row(row, plane, spans, pad.left, zero,
+                         [&](int64_t x) { return convert(in[x]); });
     });
 }
 
@@ -58,6 +96,7 @@ bool portable::pack_width_planes(const float *src, int64_t batch, int64_t channe
                                  int64_t w, const spatial_pad &pad, const width_plane &plane,
                                  float *dst, int num_threads) {
     const int64_t planes = batch * channels, row_len = plane.row_len();
+    const phase_spans spans(plane, pad.left, w);
     uint32_t seen = 0; // bit 31 set once an exponent field was all ones (NaN or Inf)
 #pragma omp parallel for collapse(2) num_threads(num_threads) schedule(static) reduction(| : seen)
     for (int64_t p = 0; p < planes; ++p)
@@ -82,13 +121,14 @@ bool portable::pack_width_planes(const float *src, int64_t batch, int64_t channe
                 std::fill(row + pad.left + w, row + row_len, 0.f);
                 continue;
             }
-            std::fill(row, row + row_len, 0.f);
-            for (int64_t x = 0; x < w; ++x) {
+            uint32_t s = 0;
+            write_phased_row(row, plane, spans, pad.left, 0.f, [&](int64_t x) {
                 uint32_t bits;
                 std::memcpy(&bits, in + x, 4);
-                seen |= (bits & 0x7f800000u) + 0x00800000u;
-                row[plane.at(0, pad.left + x)] = in[x];
-            }
+                s |= (bits & 0x7f800000u) + 0x00800000u;
+                return in[x];
+            });
+            seen |= s;
         }
     return (seen & 0x80000000u) == 0;
 }
@@ -138,13 +178,16 @@ void portable::pack_width_pairs(const int8_t *src, int64_t batch, int64_t channe
                                 uint32_t *dst, int num_threads) {
     const int64_t pairs = (channels + 1) / 2, row_len = plane.row_len();
     constexpr uint32_t zero = 0x00800080u; // two x = 0 as u16 (x + 128)
+    const phase_spans spans(plane, pad.left, w);
 #pragma omp parallel for collapse(2) num_threads(num_threads) schedule(static)
     for (int64_t p = 0; p < batch * pairs; ++p)
         for (int64_t r = 0; r < plane.rows; ++r) {
             uint32_t *row = dst + p * plane.size() + r * row_len;
-            std::fill(row, row + row_len, zero);
             const int64_t y = r - pad.top;
-            if (y < 0 || y >= h) continue;
+            if (y < 0 || y >= h) {
+                std::fill(row, row + row_len, zero);
+                continue;
+            }
             const int64_t b = p / pairs, c = 2 * (p % pairs);
             const int8_t *lo = src + ((b * channels + c) * h + y) * w;
             const int8_t *hi = c + 1 < channels ? lo + h * w : nullptr; // a missing channel: 0
@@ -153,14 +196,15 @@ void portable::pack_width_pairs(const int8_t *src, int64_t batch, int64_t channe
                        | static_cast<uint32_t>((hi ? hi[x] : 0) + 128) << 16;
             };
             if (plane.phases == 1 && hi) { // the common case, a loop the compiler vectorises
+                std::fill(row, row + pad.left, zero);
                 uint32_t *out = row + pad.left;
                 for (int64_t x = 0; x < w; ++x)
                     out[x] = static_cast<uint32_t>(lo[x] + 128)
                              | static_cast<uint32_t>(hi[x] + 128) << 16;
+                std::fill(out + w, row + row_len, zero);
                 continue;
             }
-            for (int64_t x = 0; x < w; ++x)
-                row[plane.phases == 1 ? pad.left + x : plane.at(0, pad.left + x)] = word(x);
+            write_phased_row(row, plane, spans, pad.left, zero, word);
         }
 }
 
@@ -169,6 +213,7 @@ void portable::pack_width_quads(const int8_t *src, int64_t batch, int64_t channe
                                 uint32_t *dst, int num_threads) {
     const int64_t quads = (channels + 3) / 4, row_len = plane.row_len();
     constexpr uint32_t zero = 0x80808080u; // four x = 0 as u8 (x + 128)
+    const phase_spans spans(plane, pad.left, w);
     static const int8_t zeros_row[1] = {0};
 #pragma omp parallel for collapse(2) num_threads(num_threads) schedule(static)
     for (int64_t p = 0; p < batch * quads; ++p)
@@ -202,9 +247,7 @@ void portable::pack_width_quads(const int8_t *src, int64_t batch, int64_t channe
                 std::fill(row + pad.left + w, row + row_len, zero);
                 continue;
             }
-            std::fill(row, row + row_len, zero);
-            for (int64_t x = 0; x < w; ++x)
-                row[plane.at(0, pad.left + x)] = word(x);
+            write_phased_row(row, plane, spans, pad.left, zero, word);
         }
 }
 
