@@ -87,6 +87,7 @@ bool pack_width_planes(const float *src, int64_t batch, int64_t channels, int64_
                        int num_threads) {
     static constexpr pass_tier<pack_width_planes_fn> tiers[] = {
             {cpu_isa::avx512_core, pack_width_planes_avx512},
+            {cpu_isa::avx2, pack_width_planes_avx2},
             {cpu_isa::ref, portable::pack_width_planes}};
     return best_tier(tiers, plane.phases == 1)(src, batch, channels, h, w, pad, plane, dst,
                                                num_threads);

@@ -462,13 +462,34 @@ TEST(Passes, width_planes_match_the_definition_on_every_tier) {
                 std::vector<uint32_t> p_got(p_want.size(), 3u);
                 detail::pack_width_pairs(xq.data(), batch, c, h, w, pad, plane, p_got.data(), 3);
                 EXPECT_EQ(p_got, p_want);
-                for (float bad : {NAN, INFINITY, -INFINITY}) {
-                    auto dirty = src;
-                    dirty[dirty.size() - 1] = bad;
-                    EXPECT_FALSE(detail::pack_width_planes(dirty.data(), batch, c, h, w, pad, plane,
-                                                           f_got.data(), 2));
-                    EXPECT_FALSE(detail::portable::pack_width_planes(dirty.data(), batch, c, h, w,
-                                                                     pad, plane, f_got.data(), 1));
+                // Each vector tier by name where this CPU runs it (the
+                // dispatcher above takes only the best).
+                struct f32_tier {
+                    cpu_isa isa;
+                    detail::pack_width_planes_fn *fn;
+                };
+                std::vector<f32_tier> tiers{{cpu_isa::ref, detail::portable::pack_width_planes}};
+                if (phases == 1)
+                    for (f32_tier t :
+                         {f32_tier{cpu_isa::avx2, detail::pack_width_planes_avx2},
+                          f32_tier{cpu_isa::avx512_core, detail::pack_width_planes_avx512}})
+                        if (cpu_has(t.isa)) tiers.push_back(t);
+                for (const f32_tier &t : tiers) {
+                    SCOPED_TRACE(to_string(t.isa));
+                    std::vector<float> tier_got(f_want.size(), 3.f);
+                    EXPECT_TRUE(t.fn(src.data(), batch, c, h, w, pad, plane, tier_got.data(), 2));
+                    EXPECT_EQ(tier_got, f_want);
+                    // a NaN or an Inf anywhere: first, middle (a whole
+                    // vector on wide rows) and last element of the image
+                    for (float bad : {NAN, INFINITY, -INFINITY})
+                        for (size_t at : {size_t{0}, src.size() / 2, src.size() - 1}) {
+                            auto dirty = src;
+                            dirty[at] = bad;
+                            EXPECT_FALSE(t.fn(dirty.data(), batch, c, h, w, pad, plane,
+                                              tier_got.data(), 1 + static_cast<int>(at % 2)));
+                            EXPECT_FALSE(detail::pack_width_planes(dirty.data(), batch, c, h, w,
+                                                                   pad, plane, f_got.data(), 2));
+                        }
                 }
             }
 }
