@@ -201,6 +201,7 @@ public:
                  detail::shared_gradient *shared) const;
 
 protected:
+    template <typename, typename> friend class sparse_backward; // reads the kernels' wishes
     void init(const primitive_desc_base &pd);
     std::shared_ptr<detail::pd_impl> pd_;
     std::shared_ptr<const detail::kernel> kernel_;

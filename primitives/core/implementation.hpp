@@ -22,10 +22,19 @@ namespace qsp::detail {
 // for the whole fused execution; the second direction uses it when it needs
 // that form (same batch: the descriptors were checked to agree).
 struct shared_gradient {
-    enum class form { none, f32_tiles };
+    enum class form {
+        none,
+        f32_tiles,     // dY in f32 tiles (Linear's f32 SpMM and SDDMM)
+        s8_plain_dy_q, // G1 of the s8 protocol as plain int8, like dY; `scale` is sg1
+    };
     runtime::scratchpad scratch;
     form kind = form::none;
     const void *data = nullptr;
+    float scale = 0.f;
+    // Set before the first direction runs: the form the second direction's
+    // kernel reads (kernel::shared_form_read), so the first makes it only
+    // when it will be used.
+    form wanted = form::none;
 };
 
 // The raw tensors of one execution (already checked against the descriptor).
@@ -56,6 +65,9 @@ struct kernel {
     // dense-semantics guard runs the call instead of reading the input a
     // second time to check it.
     virtual bool checks_finite_input() const { return false; }
+    // The shared_gradient form this kernel reads when it runs second in a
+    // fused backward (none: it reads dY itself).
+    virtual shared_gradient::form shared_form_read() const { return shared_gradient::form::none; }
     // What was generated for this layer's pattern, if anything (verbose).
     virtual std::string specialisation() const { return {}; }
     // Memory the kernel owns (its plan's arrays, code generated for it

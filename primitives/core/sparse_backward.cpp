@@ -47,6 +47,7 @@ template <typename data_t, typename weights_t>
 void sparse_backward<data_t, weights_t>::execute(const dnnl::stream &stream,
                                                  const exec_args &args) const {
     shared_gradient shared; // its scratch lives until both directions ran
+    shared.wanted = weights_.kernel_->shared_form_read();
     data_.execute(stream, args, &shared);
     weights_.execute(stream, args, &shared);
 }

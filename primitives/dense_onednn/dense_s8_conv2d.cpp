@@ -11,6 +11,7 @@
 #include <memory>
 #include <string>
 
+#include "primitives/core/s8_dy_quantization.hpp"
 #include "primitives/core/s8_protocol.hpp"
 #include "primitives/dense_onednn/dense_s8_conv2d.hpp"
 #include "primitives/dense_onednn/onednn_common.hpp"
@@ -118,8 +119,8 @@ public:
                 }
         } else {
             int8_t *g2 = sp.get<int8_t>(3, y_elems);
-            const float sg2 = quantize_stochastic(t.diff_dst, y_elems, w_scale, s.out_c, out_px,
-                                                  s8::dx_stream(t.seed), g2, nt);
+            const float sg2 =
+                    s8::quantize_dx_gradient(t, y_elems, w_scale, s.out_c, out_px, g2, nt);
             int32_t *acc = sp.get<int32_t>(4, x_elems);
             run(g2, wd, acc, sp); // iohw: the same bytes as the convolution's oihw
 #pragma omp parallel for num_threads(nt) schedule(static)

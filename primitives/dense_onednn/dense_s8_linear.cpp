@@ -12,6 +12,7 @@
 
 #include <omp.h>
 
+#include "primitives/core/s8_dy_quantization.hpp"
 #include "primitives/core/s8_protocol.hpp"
 #include "primitives/dense_onednn/dense_s8_linear.hpp"
 #include "primitives/dense_onednn/onednn_common.hpp"
@@ -59,6 +60,12 @@ public:
         matmul_ = dnnl::matmul(matmul_pd_);
     }
 
+    // Backward-weights reads G1 as plain int8 (s8_dy_quantization.hpp).
+    shared_gradient::form shared_form_read() const override {
+        return p_.dir == direction::backward_weights ? shared_gradient::form::s8_plain_dy_q
+                                                     : shared_gradient::form::none;
+    }
+
     const char *execute(const tensors &t) const override {
         runtime::scratchpad sp;
         const int nt = p_.num_threads;
@@ -95,8 +102,7 @@ public:
             case direction::backward_data: {
                 int8_t *wd = dense_weights(wq, sp);
                 int8_t *g2 = sp.get<int8_t>(3, static_cast<int64_t>(B * N));
-                const float sg2 = quantize_stochastic(t.diff_dst, B * N, w_scale, N, 1,
-                                                      s8::dx_stream(t.seed), g2, nt);
+                const float sg2 = s8::quantize_dx_gradient(t, B * N, w_scale, N, 1, g2, nt);
                 run(g2, wd, acc, sp);
 #pragma omp parallel for num_threads(nt) schedule(static)
                 for (int64_t i = 0; i < B * K; ++i)
@@ -104,9 +110,8 @@ public:
                 break;
             }
             case direction::backward_weights: {
-                int8_t *g1 = sp.get<int8_t>(3, static_cast<int64_t>(B * N));
-                const float sg1 = quantize_stochastic(t.diff_dst, B * N, nullptr, 1, 1,
-                                                      s8::dw_stream(t.seed), g1, nt);
+                const auto [g1, sg1] = s8::quantize_dw_gradient(
+                        t, B * N, sp.get<int8_t>(3, static_cast<int64_t>(B * N)), nt);
                 run(g1, ws.src_q(), acc, sp);
                 const float scale = s8::backward_weights_scale(sg1, ws.src_scale());
 #pragma omp parallel for num_threads(nt) schedule(static)

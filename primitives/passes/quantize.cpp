@@ -28,6 +28,27 @@ float quantize_stochastic(const float *x, int64_t n, const float *multiplier, in
     return best_tier(tiers, whole_rows)(x, n, multiplier, channels, inner, seed32, q, num_threads);
 }
 
+stochastic_scales quantize_stochastic_pair(const float *x, int64_t n, const float *multiplier,
+                                           int64_t channels, int64_t inner, uint32_t seed32,
+                                           int8_t *q, uint32_t plain_seed32, int8_t *q_plain,
+                                           int num_threads) {
+    const bool whole_rows = !multiplier || n % (inner == 1 ? channels : inner) == 0;
+    static constexpr pass_tier<quantize_stochastic_pair_fn> tiers[] = {
+            {cpu_isa::avx2, quantize_stochastic_pair_avx2},
+            {cpu_isa::ref, portable::quantize_stochastic_pair}};
+    return best_tier(tiers, whole_rows)(x, n, multiplier, channels, inner, seed32, q, plain_seed32,
+                                        q_plain, num_threads);
+}
+
+stochastic_scales portable::quantize_stochastic_pair(const float *x, int64_t n,
+                                                     const float *multiplier, int64_t channels,
+                                                     int64_t inner, uint32_t seed32, int8_t *q,
+                                                     uint32_t plain_seed32, int8_t *q_plain,
+                                                     int num_threads) {
+    return {quantize_stochastic(x, n, multiplier, channels, inner, seed32, q, num_threads),
+            quantize_stochastic(x, n, nullptr, 1, 1, plain_seed32, q_plain, num_threads)};
+}
+
 void quantize_weights(const csr_pattern &p, const float *values, int8_t *q, float *scale,
                       int num_threads) {
     // the vector tiers read the rows only: a form of their own

@@ -25,6 +25,19 @@ using quantize_rne_fn = float(const float *x, int64_t n, int8_t *q, int num_thre
 using quantize_stochastic_fn = float(const float *x, int64_t n, const float *multiplier,
                                      int64_t channels, int64_t inner, uint32_t seed32, int8_t *q,
                                      int num_threads);
+// The s8 backward's two roundings of dY (core/s8_protocol.hpp) in one pass
+// over x: q = quantize_stochastic(x, multiplier, seed32) and q_plain =
+// quantize_stochastic(x, no multiplier, plain_seed32), the same integers and
+// scales as the two calls; the two maxima share a read of x, the two
+// roundings another (four reads become two).
+struct stochastic_scales {
+    float scaled, plain;
+};
+using quantize_stochastic_pair_fn = stochastic_scales(const float *x, int64_t n,
+                                                      const float *multiplier, int64_t channels,
+                                                      int64_t inner, uint32_t seed32, int8_t *q,
+                                                      uint32_t plain_seed32, int8_t *q_plain,
+                                                      int num_threads);
 // Per-row (output channel) symmetric weights: scale[r] = max |row r| / 127.
 using quantize_weights_fn = void(const csr_pattern &p, const float *values, int8_t *q, float *scale,
                                  int num_threads);
@@ -51,6 +64,7 @@ using column_sums_s8_fn = void(const int8_t *x, int64_t batch, int64_t channels,
 
 quantize_rne_fn quantize_rne;
 quantize_stochastic_fn quantize_stochastic;
+quantize_stochastic_pair_fn quantize_stochastic_pair;
 quantize_weights_fn quantize_weights;
 quantize_stochastic_to_s8_tiles_fn quantize_stochastic_to_s8_tiles;
 pack_s8_tiles_fn pack_s8_tiles;
@@ -63,6 +77,8 @@ column_sums_s8_fn column_sums_s8;
 namespace portable {
 quantize_rne_fn quantize_rne;
 quantize_stochastic_fn quantize_stochastic;
+quantize_stochastic_pair_fn quantize_stochastic_pair; // the two calls, by definition
+quantize_stochastic_pair_fn quantize_stochastic_pair;
 quantize_weights_fn quantize_weights;
 quantize_stochastic_to_s8_tiles_fn quantize_stochastic_to_s8_tiles;
 pack_s8_tiles_fn pack_s8_tiles;
@@ -77,6 +93,7 @@ void shift_to_s8_tiles(const int8_t *q, int64_t batch, int64_t channels, uint8_t
 
 quantize_rne_fn quantize_rne_avx2;
 quantize_stochastic_fn quantize_stochastic_avx2;
+quantize_stochastic_pair_fn quantize_stochastic_pair_avx2;
 // quantize_stochastic_avx2, then the portable shift into tiles.
 quantize_stochastic_to_s8_tiles_fn quantize_stochastic_to_s8_tiles_avx2;
 unpack_s32_tiles_fn unpack_s32_tiles_avx2;

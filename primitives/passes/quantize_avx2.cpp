@@ -18,40 +18,89 @@ namespace qsp::detail {
 namespace avx2 {
 namespace {
 
-// max |x[i] * mult[(i / inner) % channels]| (mult optional), NaN if any is
-// NaN. As rows of `cols`: a multiplier vector over the columns (inner == 1),
-// or a scalar per row (inner > 1: Conv2d's planes of one channel).
-float abs_max(const float *x, int64_t n, const float *mult, int64_t channels, int64_t inner,
-              int num_threads) {
-    float result = 0.f;
-    int nan = 0;
-    const int64_t rows = !mult        ? 1
-                         : inner == 1 ? n / channels
-                                      : n / inner,
-                  cols = !mult        ? n
-                         : inner == 1 ? channels
-                                      : inner;
-#pragma omp parallel num_threads(num_threads) reduction(max : result) reduction(| : nan)
+// The rows a pass walks, row r holding elements [r * cols, min(n, (r + 1) *
+// cols)): of `channels` columns sharing a multiplier vector (inner == 1), of
+// `inner` elements sharing one multiplier (inner > 1: Conv2d's planes of one
+// channel), or blocks of 4096 without a multiplier. Threads take whole rows,
+// so a row's multiplier is looked up once: per vector, `r % channels` was an
+// integer division per 8 elements, most of the pass's time.
+struct multiplier_rows {
+    static constexpr int64_t block = 4096; // a multiple of 8: vectors start where they did
+    int64_t n, rows, cols;
+    multiplier_rows(int64_t n_, const float *mult, int64_t channels, int64_t inner)
+        : n(n_), rows(!mult        ? (n_ + block - 1) / block
+                      : inner == 1 ? n_ / channels
+                                   : n_ / inner),
+          cols(!mult        ? block
+               : inner == 1 ? channels
+                            : inner) {}
+    int64_t row_len(int64_t r) const { return std::min(cols, n - r * cols); }
+};
+
+// Row r's elements from column c times their multipliers (the first `left`
+// lanes): the row's own (`row_mult`, inner > 1) or the columns' (inner == 1).
+inline __m256 times_multiplier(__m256 v, const float *mult, int64_t inner, __m256 row_mult,
+                               int64_t c, int64_t left) {
+    if (!mult) return v;
+    return _mm256_mul_ps(v, inner > 1 ? row_mult : avx2::load_first(mult + c, left));
+}
+inline __m256 row_multiplier(const float *mult, int64_t channels, int64_t inner, int64_t r) {
+    return mult && inner > 1 ? _mm256_set1_ps(mult[r % channels]) : _mm256_setzero_ps();
+}
+
+struct maxima {
+    float scaled, plain;
+};
+
+// scaled: max |x[i] * mult[(i / inner) % channels]| (mult optional); plain
+// (with_plain): max |x[i]|; each NaN if any of its values is NaN. One read
+// of x for both.
+template <bool with_plain>
+maxima abs_maxima(const float *x, int64_t n, const float *mult, int64_t channels, int64_t inner,
+                  int num_threads) {
+    float scaled = 0.f, plain = 0.f;
+    int nan_scaled = 0, nan_plain = 0;
+    const multiplier_rows shape(n, mult, channels, inner);
+#pragma omp parallel num_threads(num_threads) reduction(max                                        \
+                                                        : scaled, plain)                           \
+        reduction(|                                                                                \
+                  : nan_scaled, nan_plain)
     {
         __m256 m = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+        __m256 m_plain = _mm256_setzero_ps(), bad_plain = _mm256_setzero_ps();
         const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-#pragma omp for collapse(2) schedule(static)
-        for (int64_t r = 0; r < rows; ++r)
-            for (int64_t c = 0; c < cols; c += 8) {
-                __m256 v = avx2::load_first(x + r * cols + c, cols - c);
-                if (mult)
-                    v = _mm256_mul_ps(v, inner > 1 ? _mm256_set1_ps(mult[r % channels])
-                                                   : avx2::load_first(mult + c, cols - c));
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < shape.rows; ++r) {
+            const int64_t len = shape.row_len(r);
+            const __m256 row_mult = row_multiplier(mult, channels, inner, r);
+            for (int64_t c = 0; c < len; c += 8) {
+                const __m256 x_v = avx2::load_first(x + r * shape.cols + c, len - c);
+                if (with_plain) {
+                    bad_plain = _mm256_or_ps(bad_plain, _mm256_cmp_ps(x_v, x_v, _CMP_UNORD_Q));
+                    m_plain = _mm256_max_ps(m_plain, _mm256_and_ps(x_v, abs_mask));
+                }
+                const __m256 v = times_multiplier(x_v, mult, inner, row_mult, c, len - c);
                 bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
                 m = _mm256_max_ps(m, _mm256_and_ps(v, abs_mask));
             }
+        }
         alignas(32) float lanes[8];
         _mm256_store_ps(lanes, m);
         for (float l : lanes)
-            result = std::max(result, l);
-        nan |= _mm256_movemask_ps(bad) != 0;
+            scaled = std::max(scaled, l);
+        nan_scaled |= _mm256_movemask_ps(bad) != 0;
+        _mm256_store_ps(lanes, m_plain);
+        for (float l : lanes)
+            plain = std::max(plain, l);
+        nan_plain |= _mm256_movemask_ps(bad_plain) != 0;
     }
-    return nan ? std::numeric_limits<float>::quiet_NaN() : result;
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    return {nan_scaled ? nan : scaled, nan_plain ? nan : plain};
+}
+
+float abs_max(const float *x, int64_t n, const float *mult, int64_t channels, int64_t inner,
+              int num_threads) {
+    return abs_maxima<false>(x, n, mult, channels, inner, num_threads).scaled;
 }
 
 // Clamps integral floats to +-127 and stores the first n (<= 8) as int8.
@@ -83,8 +132,13 @@ inline __m256i mix32(__m256i x) {
 } // namespace avx2
 
 using avx2::abs_max;
+using avx2::abs_maxima;
+using avx2::maxima;
 using avx2::mix32;
+using avx2::multiplier_rows;
+using avx2::row_multiplier;
 using avx2::store_q;
+using avx2::times_multiplier;
 
 float quantize_rne_avx2(const float *x, int64_t n, int8_t *q, int num_threads) {
     const quant_scale s = quant_scale_from_abs_max(abs_max(x, n, nullptr, 1, 1, num_threads));
@@ -102,42 +156,73 @@ float quantize_rne_avx2(const float *x, int64_t n, int8_t *q, int num_threads) {
     return s.scale;
 }
 
+namespace {
+
+// One stochastic quantization's per-vector step (quantization.hpp): v / scale
+// plus the noise of elements i..i+7, rounded down, clamped, stored.
+struct stochastic_rounding {
+    quant_scale s;
+    __m256 inv;
+    __m256i seed;
+    stochastic_rounding(float abs_max, uint32_t seed32)
+        : s(quant_scale_from_abs_max(abs_max)), inv(_mm256_set1_ps(s.inv)),
+          seed(_mm256_set1_epi32(static_cast<int>(seed32))) {}
+    void store(int8_t *q, __m256 v, int64_t i, int64_t left) const {
+        if (!s.usable) {
+            std::fill(q, q + std::min<int64_t>(left, 8), int8_t(0));
+            return;
+        }
+        const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        const __m256i idx = _mm256_add_epi32(
+                _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(i))), lane);
+        const __m256i h = mix32(_mm256_xor_si256(idx, seed));
+        const __m256 u = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(h, 8)),
+                                       _mm256_set1_ps(1.0f / 16777216.0f));
+        store_q(q,
+                _mm256_round_ps(_mm256_add_ps(_mm256_mul_ps(v, inv), u),
+                                _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC),
+                left);
+    }
+};
+
+// q = quantize_stochastic(x * multiplier) and, with a plain rounding,
+// q_plain = quantize_stochastic(x): one read of x for both.
+void stochastic_pass(const float *x, int64_t n, const float *multiplier, int64_t channels,
+                     int64_t inner, const stochastic_rounding &scaled, int8_t *q,
+                     const stochastic_rounding *plain, int8_t *q_plain, int num_threads) {
+    const multiplier_rows shape(n, multiplier, channels, inner);
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t r = 0; r < shape.rows; ++r) {
+        const int64_t len = shape.row_len(r);
+        const __m256 row_mult = row_multiplier(multiplier, channels, inner, r);
+        for (int64_t c = 0; c < len; c += 8) {
+            const int64_t i = r * shape.cols + c, left = len - c;
+            const __m256 x_v = avx2::load_first(x + i, left);
+            if (plain) plain->store(q_plain + i, x_v, i, left);
+            scaled.store(q + i, times_multiplier(x_v, multiplier, inner, row_mult, c, left), i,
+                         left);
+        }
+    }
+}
+
+} // namespace
+
 float quantize_stochastic_avx2(const float *x, int64_t n, const float *multiplier, int64_t channels,
                                int64_t inner, uint32_t seed32, int8_t *q, int num_threads) {
-    const quant_scale s =
-            quant_scale_from_abs_max(abs_max(x, n, multiplier, channels, inner, num_threads));
-    const __m256 inv = _mm256_set1_ps(s.inv);
-    const __m256 two_m24 = _mm256_set1_ps(1.0f / 16777216.0f);
-    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    const __m256i seed = _mm256_set1_epi32(static_cast<int>(seed32));
-    const int64_t rows = !multiplier  ? 1
-                         : inner == 1 ? n / channels
-                                      : n / inner,
-                  cols = !multiplier  ? n
-                         : inner == 1 ? channels
-                                      : inner;
-#pragma omp parallel for collapse(2) num_threads(num_threads) schedule(static)
-    for (int64_t r = 0; r < rows; ++r)
-        for (int64_t c = 0; c < cols; c += 8) {
-            const int64_t i = r * cols + c, left = cols - c;
-            if (!s.usable) {
-                std::fill(q + i, q + i + std::min<int64_t>(left, 8), int8_t(0));
-                continue;
-            }
-            __m256 v = avx2::load_first(x + i, left);
-            if (multiplier)
-                v = _mm256_mul_ps(v, inner > 1 ? _mm256_set1_ps(multiplier[r % channels])
-                                               : avx2::load_first(multiplier + c, left));
-            const __m256i idx = _mm256_add_epi32(
-                    _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(i))), lane);
-            const __m256i h = mix32(_mm256_xor_si256(idx, seed));
-            const __m256 u = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(h, 8)), two_m24);
-            store_q(q + i,
-                    _mm256_round_ps(_mm256_add_ps(_mm256_mul_ps(v, inv), u),
-                                    _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC),
-                    left);
-        }
-    return s.scale;
+    const stochastic_rounding scaled(abs_max(x, n, multiplier, channels, inner, num_threads),
+                                     seed32);
+    stochastic_pass(x, n, multiplier, channels, inner, scaled, q, nullptr, nullptr, num_threads);
+    return scaled.s.scale;
+}
+
+stochastic_scales quantize_stochastic_pair_avx2(const float *x, int64_t n, const float *multiplier,
+                                                int64_t channels, int64_t inner, uint32_t seed32,
+                                                int8_t *q, uint32_t plain_seed32, int8_t *q_plain,
+                                                int num_threads) {
+    const maxima m = abs_maxima<true>(x, n, multiplier, channels, inner, num_threads);
+    const stochastic_rounding scaled(m.scaled, seed32), plain(m.plain, plain_seed32);
+    stochastic_pass(x, n, multiplier, channels, inner, scaled, q, &plain, q_plain, num_threads);
+    return {scaled.s.scale, plain.s.scale};
 }
 
 void quantize_weights_avx2(const int64_t *row_ptr, int64_t rows, const float *values, int8_t *q,

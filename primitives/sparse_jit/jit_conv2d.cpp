@@ -16,6 +16,7 @@
 
 #include "jit/jit_uni_sddmm_kernel.hpp"
 #include "jit/jit_uni_spmm_scatter_kernel.hpp"
+#include "primitives/core/s8_dy_quantization.hpp"
 #include "primitives/core/s8_protocol.hpp"
 #include "primitives/passes/bias_grad.hpp"
 #include "primitives/passes/conv_tiles.hpp"
@@ -388,8 +389,8 @@ private:
         auto *row_sums = sp.get<int32_t>(6, max_rows);
         auto *phase_corr = sp.get<int32_t>(7, l_.in_c);
         auto *correction = sp.get<int32_t>(8, dx_rows); // channel-major: (ic, pixel)
-        const float sg2 = quantize_stochastic(t.diff_dst, B * oc * l_.out_pixels(), w_scale, oc,
-                                              l_.out_pixels(), s8::dx_stream(t.seed), g2, nt);
+        const float sg2 = s8::quantize_dx_gradient(t, B * oc * l_.out_pixels(), w_scale, oc,
+                                                   l_.out_pixels(), g2, nt);
         pack_conv_quad_tiles(g2, B, oc, l_.out_h, l_.out_w, l_.dy_pad, dy, nt);
         for (const phase_plan &f : phases_) {
             const quad_plan &q = f.walk.entries;

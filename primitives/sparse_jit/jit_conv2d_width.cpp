@@ -14,6 +14,7 @@
 
 #include "jit/jit_uni_sddmm_width_kernel.hpp"
 #include "jit/jit_uni_spmm_width_kernel.hpp"
+#include "primitives/core/s8_dy_quantization.hpp"
 #include "primitives/core/s8_protocol.hpp"
 #include "primitives/passes/bias_grad.hpp"
 #include "primitives/passes/quantize.hpp"
@@ -435,6 +436,13 @@ public:
             tap_of_entry_ = window_taps_of_entries(w_.l, p.pattern, *sddmm_);
     }
 
+    // Backward-weights reads G1 as plain int8: in a fused backward,
+    // backward-data makes it in its own pass over dY.
+    shared_gradient::form shared_form_read() const override {
+        return p_.dir == direction::backward_weights ? shared_gradient::form::s8_plain_dy_q
+                                                     : shared_gradient::form::none;
+    }
+
 private:
     // The pass that packs the SpMM source in this plan's words.
     pack_width_quads_fn *pack_words() const {
@@ -502,8 +510,8 @@ private:
         auto *correction = sp.get<int32_t>(5, ic);
         auto *scale = sp.get<float>(6, ic);
         auto *zeros = sp.get<float>(7, ic);
-        const float sg2 = quantize_stochastic(t.diff_dst, B * oc * l().out_pixels(), w_scale, oc,
-                                              l().out_pixels(), s8::dx_stream(t.seed), g2, nt);
+        const float sg2 = s8::quantize_dx_gradient(t, B * oc * l().out_pixels(), w_scale, oc,
+                                                   l().out_pixels(), g2, nt);
         pack_words()(g2, B, oc, l().out_h, l().out_w, l().dy_pad, plane_, dy, nt);
         std::fill(scale, scale + ic, sg2);
         std::fill(zeros, zeros + ic, 0.f);
@@ -544,15 +552,15 @@ private:
         const int64_t taps = l().in_c * l().kh * l().kw;
         const s8::workspace_view &ws = t.workspace;
         const int8_t *xq = ws.src_q();
-        auto *g1 = sp.get<int8_t>(0, B * oc * l().out_pixels());
+        auto *g1_scratch = sp.get<int8_t>(0, B * oc * l().out_pixels());
         auto *dy = sp.get<uint8_t>(1, B * dy_image);
         auto *x = sp.get<int8_t>(2, B * image);
         auto *partial = sp.get<int32_t>(3, nnz * vl);
         auto *acc = sp.get<int64_t>(4, nnz);
         auto *plane_sum = sp.get<int32_t>(5, l().in_c * l().in_pixels());
         auto *window_sum = sp.get<int64_t>(6, taps);
-        const float sg1 = quantize_stochastic(t.diff_dst, B * oc * l().out_pixels(), nullptr, 1, 1,
-                                              s8::dw_stream(t.seed), g1, nt);
+        const auto [g1, sg1] =
+                s8::quantize_dw_gradient(t, B * oc * l().out_pixels(), g1_scratch, nt);
         pack_width_dy_u8(g1, B, oc, l().out_h, l().out_w, row_bytes, dy, nt);
         pack_width_planes(xq, B, l().in_c, l().in_h, l().in_w, l().x_pad, plane_, x, nt);
         conv_window_sums(l(), xq, B, plane_sum, window_sum, nt);

@@ -22,6 +22,7 @@
 #include <omp.h>
 
 #include "jit/jit_uni_sddmm_kernel.hpp"
+#include "primitives/core/s8_dy_quantization.hpp"
 #include "primitives/core/s8_protocol.hpp"
 #include "primitives/passes/bias_grad.hpp"
 #include "primitives/passes/quantize.hpp"
@@ -140,8 +141,7 @@ private:
             for (int64_t n = 0; n < N; ++n)
                 row_scale[n] = s8::forward_scale(sx, w_scale[n]);
         } else {
-            const float sg2 = quantize_stochastic(t.diff_dst, B * N, w_scale, N, 1,
-                                                  s8::dx_stream(t.seed), src_q, nt);
+            const float sg2 = s8::quantize_dx_gradient(t, B * N, w_scale, N, 1, src_q, nt);
             pack(src_q);
             std::fill(row_scale, row_scale + rows, sg2);
         }

@@ -20,11 +20,14 @@ template <typename fn_t> void expect_refusal(fn_t fn, const std::string &needle)
 }
 
 // The fused backward and the two primitives on the same data: the same bits.
+// `o` picks the implementations: in an s8 fused backward whose
+// backward-weights reads G1 as plain int8 (the width family, dense:onednn_s8)
+// backward-data makes G1 in its own pass over dY.
 template <typename layer_t>
 void expect_fused_equals_separate(const layer_t &layer, const csr_weights &w,
                                   const std::vector<float> &x, const std::vector<float> &dy,
-                                  const std::vector<float> &bias, quant_scheme scheme) {
-    step_options o;
+                                  const std::vector<float> &bias, quant_scheme scheme,
+                                  step_options o = {}) {
     o.scheme = scheme;
     const step_result a = training_step(layer, w, x, dy, bias, o);
     o.fused = true;
@@ -51,6 +54,19 @@ TEST(FusedBackward, linear_equals_the_two_primitives_on_every_tier) {
                              + std::to_string(batch));
                 expect_fused_equals_separate(linear_layer{batch, K, N}, w, x, dy, bias, scheme);
             }
+        // s8 with oneDNN's int8 matmul reading G1 (and making it, or the
+        // JIT backward-data making it for it); oneDNN's int8 is exact only
+        // with VNNI/AMX (the refusal elsewhere: S8Scheme's tests)
+        if (!onednn_has_vnni()) continue;
+        for (const char *data_impl : {"dense:onednn_s8", ""}) {
+            SCOPED_TRACE(std::string("backward-data ") + data_impl + ", batch "
+                         + std::to_string(batch));
+            step_options o;
+            o.implementation = data_impl;
+            o.weights_implementation = "dense:onednn_s8";
+            expect_fused_equals_separate(linear_layer{batch, K, N}, w, x, dy, bias,
+                                         quant_scheme::s8, o);
+        }
     }
 }
 
@@ -67,11 +83,16 @@ TEST(FusedBackward, conv2d_equals_the_two_primitives_on_every_tier) {
     auto dy = random_vector(static_cast<size_t>(3 * 6 * o[0] * o[1]), rng);
     const std::vector<float> bias(6, 0.5f);
     for (cpu_isa isa : isa_levels())
-        for (quant_scheme scheme : {quant_scheme::f32, quant_scheme::s8}) {
-            isa_cap_guard cap(isa);
-            SCOPED_TRACE(std::string(to_string(isa)) + " " + to_string(scheme));
-            expect_fused_equals_separate(layer, w, x, dy, bias, scheme);
-        }
+        for (quant_scheme scheme : {quant_scheme::f32, quant_scheme::s8})
+            for (conv_vectorization v : {conv_vectorization::any, conv_vectorization::batch,
+                                         conv_vectorization::output_width}) {
+                isa_cap_guard cap(isa);
+                SCOPED_TRACE(std::string(to_string(isa)) + " " + to_string(scheme) + " "
+                             + to_string(v));
+                step_options o;
+                o.vectorization = v;
+                expect_fused_equals_separate(layer, w, x, dy, bias, scheme, o);
+            }
 }
 
 TEST(FusedBackward, refuses_descriptors_of_another_layer_or_shape) {

@@ -159,6 +159,55 @@ TEST(Passes, quantization_tiers_match_portable) {
         }
 }
 
+// The s8 backward's two roundings of dY in one pass: the integers and scales
+// of the two separate calls (the statement), both multiplier layouts and
+// none, zero / NaN / Inf tensors, on the AVX2 tier and the dispatcher.
+TEST(Passes, stochastic_pair_matches_two_quantizations) {
+    std::mt19937 rng(33);
+    for (int64_t rows : {1, 3, 17})
+        for (int64_t cols : {1, 7, 8, 15, 33}) {
+            SCOPED_TRACE(std::to_string(rows) + "x" + std::to_string(cols));
+            const int64_t n = rows * cols;
+            for (int variant = 0; variant < 4; ++variant) {
+                auto x = random_vector(static_cast<size_t>(n), rng, -2.f, 3.f);
+                if (variant == 1) std::fill(x.begin(), x.end(), 0.f);
+                if (variant == 2) x[x.size() / 2] = std::nanf("");
+                if (variant == 3) x[0] = -INFINITY;
+                const auto mult_cols = random_vector(static_cast<size_t>(cols), rng, 0.1f, 2.f);
+                const auto mult_planes = random_vector(3, rng, 0.1f, 2.f);
+                struct layout {
+                    const float *mult;
+                    int64_t channels, inner;
+                };
+                for (layout l : {layout{mult_cols.data(), cols, 1},
+                                 layout{mult_planes.data(), 3, cols}, layout{nullptr, 1, 1}}) {
+                    SCOPED_TRACE(l.mult == nullptr ? "no multiplier"
+                                 : l.inner == 1    ? "multiplier per column"
+                                                   : "multiplier per plane");
+                    std::vector<int8_t> want(n), want_plain(n);
+                    const float s = detail::portable::quantize_stochastic(
+                            x.data(), n, l.mult, l.channels, l.inner, 5, want.data(), 1);
+                    const float s_plain = detail::portable::quantize_stochastic(
+                            x.data(), n, nullptr, 1, 1, 6, want_plain.data(), 2);
+                    std::vector<detail::quantize_stochastic_pair_fn *> tiers{
+                            detail::quantize_stochastic_pair,
+                            detail::portable::quantize_stochastic_pair};
+                    if (cpu_has(cpu_isa::avx2) && cols > 1)
+                        tiers.push_back(detail::quantize_stochastic_pair_avx2);
+                    for (auto *tier : tiers) {
+                        std::vector<int8_t> got(n, 9), got_plain(n, 9);
+                        const auto scales = tier(x.data(), n, l.mult, l.channels, l.inner, 5,
+                                                 got.data(), 6, got_plain.data(), 3);
+                        expect_same_bits(scales.scaled, s, "scaled");
+                        expect_same_bits(scales.plain, s_plain, "plain");
+                        EXPECT_EQ(got, want);
+                        EXPECT_EQ(got_plain, want_plain);
+                    }
+                }
+            }
+        }
+}
+
 TEST(Passes, s8_tile_passes_match_portable) {
     std::mt19937 rng(5);
     for (int64_t batch : {1, 15, 16, 17, 64, 65, 130})

@@ -1,0 +1,48 @@
+// The two stochastic roundings of dY in an s8 backward (s8_protocol.hpp),
+// for the implementations that read both as plain int8 the shape of dY. In
+// a fused backward whose backward-weights kernel reads G1 that way, the
+// backward-data direction makes G1 in the same pass as its own G2 (one pass
+// reading dY twice instead of two reading it four times) and leaves it in the
+// shared_gradient; the integers are those of the two separate calls.
+#pragma once
+
+#include "primitives/core/implementation.hpp"
+#include "primitives/passes/quantize.hpp"
+
+namespace qsp::detail::s8 {
+
+// G2 = sr(dY * w_scale / sg2) into g2 (n elements, multiplier layout as
+// quantize_stochastic's); returns sg2. Makes G1 alongside when the fused
+// backward's other direction wants it.
+inline float quantize_dx_gradient(const tensors &t, int64_t n, const float *w_scale,
+                                  int64_t channels, int64_t inner, int8_t *g2, int num_threads) {
+    shared_gradient *shared = t.shared;
+    if (!shared || shared->wanted != shared_gradient::form::s8_plain_dy_q)
+        return quantize_stochastic(t.diff_dst, n, w_scale, channels, inner, dx_stream(t.seed), g2,
+                                   num_threads);
+    auto *g1 = shared->scratch.get<int8_t>(0, n);
+    const stochastic_scales s =
+            quantize_stochastic_pair(t.diff_dst, n, w_scale, channels, inner, dx_stream(t.seed), g2,
+                                     dw_stream(t.seed), g1, num_threads);
+    shared->kind = shared_gradient::form::s8_plain_dy_q;
+    shared->data = g1;
+    shared->scale = s.plain;
+    return s.scaled;
+}
+
+struct dw_gradient {
+    const int8_t *g1;
+    float scale; // sg1
+};
+
+// G1 = sr(dY / sg1), n elements: the one backward-data left in the fused
+// backward, else quantized here into `scratch`.
+inline dw_gradient quantize_dw_gradient(const tensors &t, int64_t n, int8_t *scratch,
+                                        int num_threads) {
+    if (t.shared && t.shared->kind == shared_gradient::form::s8_plain_dy_q)
+        return {static_cast<const int8_t *>(t.shared->data), t.shared->scale};
+    return {scratch, quantize_stochastic(t.diff_dst, n, nullptr, 1, 1, dw_stream(t.seed), scratch,
+                                         num_threads)};
+}
+
+} // namespace qsp::detail::s8
