@@ -145,6 +145,7 @@ void pack_conv_s8_tiles(const int8_t *x, int64_t batch, int64_t channels, int64_
                         const spatial_pad &pad, int8_t *tiles, int num_threads) {
     static constexpr pass_tier<pack_conv_s8_tiles_fn> tiers[] = {
             {cpu_isa::avx512_core, pack_conv_s8_tiles_avx512},
+            {cpu_isa::avx2, pack_conv_s8_tiles_avx2},
             {cpu_isa::ref, portable::pack_conv_s8_tiles}};
     best_tier(tiers)(x, batch, channels, h, w, pad, tiles, num_threads);
 }

@@ -260,7 +260,7 @@ namespace {
 
 // int8 [batch x channels] -> tiles of x (shifted: x + 128 as u8, which is
 // x ^ 0x80), padding 0 (shifted: 128): 16 x 16 byte blocks transposed in
-// registers by four perfect shuffles (unpack rows i and i + 8, four times).
+// registers.
 void pack_bytes_to_tiles_avx2(const int8_t *x, int64_t batch, int64_t channels, uint8_t *tiles,
                               bool shifted, int num_threads) {
     constexpr int64_t tb = jit::tile_batch;
@@ -271,7 +271,7 @@ void pack_bytes_to_tiles_avx2(const int8_t *x, int64_t batch, int64_t channels, 
         for (int64_t cb = 0; cb < cblocks; ++cb) {
             const int64_t c0 = cb * 16, cn = std::min<int64_t>(16, channels - c0);
             for (int64_t j0 = 0; j0 < tb; j0 += 16) {
-                __m128i r[16], u[16];
+                __m128i r[16];
                 for (int i = 0; i < 16; ++i) {
                     const int64_t b = t * tb + j0 + i;
                     if (b >= batch) {
@@ -285,13 +285,7 @@ void pack_bytes_to_tiles_avx2(const int8_t *x, int64_t batch, int64_t channels, 
                         r[i] = _mm_load_si128(reinterpret_cast<const __m128i *>(staged));
                     }
                 }
-                for (int round = 0; round < 4; ++round) {
-                    for (int i = 0; i < 8; ++i) {
-                        u[2 * i] = _mm_unpacklo_epi8(r[i], r[i + 8]);
-                        u[2 * i + 1] = _mm_unpackhi_epi8(r[i], r[i + 8]);
-                    }
-                    std::copy(u, u + 16, r);
-                }
+                avx2::transpose16_bytes(r);
                 for (int64_t c = 0; c < cn; ++c)
                     _mm_storeu_si128(
                             reinterpret_cast<__m128i *>(tiles + (t * channels + c0 + c) * tb + j0),

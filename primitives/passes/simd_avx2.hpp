@@ -31,6 +31,20 @@ inline void transpose8(__m256 r[8]) {
     }
 }
 
+// r[i] <- column i of the 16 x 16 byte matrix whose rows are r[0..15]:
+// four perfect shuffles (unpack rows i and i + 8, four times).
+inline void transpose16_bytes(__m128i r[16]) {
+    __m128i u[16];
+    for (int round = 0; round < 4; ++round) {
+        for (int i = 0; i < 8; ++i) {
+            u[2 * i] = _mm_unpacklo_epi8(r[i], r[i + 8]);
+            u[2 * i + 1] = _mm_unpackhi_epi8(r[i], r[i + 8]);
+        }
+        for (int i = 0; i < 16; ++i)
+            r[i] = u[i];
+    }
+}
+
 // All-ones in the first n (0..8) lanes: the mask of maskload / maskstore.
 inline __m256i first_lanes(int64_t n) {
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);

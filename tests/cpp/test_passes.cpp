@@ -397,6 +397,12 @@ TEST(Passes, conv_tiles_match_the_definition_on_every_tier) {
                             }
                 detail::pack_conv_s8_tiles(xq.data(), batch, c, h, w, pad, sgot.data(), 3);
                 EXPECT_EQ(sgot, swant);
+                if (cpu_has(cpu_isa::avx2)) {
+                    std::vector<int8_t> tier_got(swant.size(), 2);
+                    detail::pack_conv_s8_tiles_avx2(xq.data(), batch, c, h, w, pad, tier_got.data(),
+                                                    2);
+                    EXPECT_EQ(tier_got, swant) << "avx2 s8 tiles";
+                }
                 // int32 unpack, correction per channel and per (channel, pixel)
                 std::vector<int32_t> acc(static_cast<size_t>(tiles * px * c * 64));
                 for (auto &v : acc)
