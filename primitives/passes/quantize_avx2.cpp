@@ -156,6 +156,7 @@ float quantize_rne_avx2(const float *x, int64_t n, int8_t *q, int num_threads) {
     return s.scale;
 }
 
+namespace avx2 {
 namespace {
 
 // One stochastic quantization's per-vector step (quantization.hpp): v / scale
@@ -206,6 +207,10 @@ void stochastic_pass(const float *x, int64_t n, const float *multiplier, int64_t
 }
 
 } // namespace
+} // namespace avx2
+
+using avx2::stochastic_pass;
+using avx2::stochastic_rounding;
 
 float quantize_stochastic_avx2(const float *x, int64_t n, const float *multiplier, int64_t channels,
                                int64_t inner, uint32_t seed32, int8_t *q, int num_threads) {
