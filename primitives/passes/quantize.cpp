@@ -69,16 +69,6 @@ float quantize_stochastic_to_s8_tiles(const float *x, int64_t batch, int64_t cha
     return best_tier(tiers)(x, batch, channels, seed32, tiles, num_threads);
 }
 
-float quantize_stochastic_to_s8_tiles_avx2(const float *x, int64_t batch, int64_t channels,
-                                           uint32_t seed32, uint8_t *tiles, int num_threads) {
-    // AVX2 quantizes, then the transposing shift into tiles.
-    std::vector<int8_t> q(static_cast<size_t>(batch * channels));
-    const float scale = quantize_stochastic_avx2(x, batch * channels, nullptr, 1, 1, seed32,
-                                                 q.data(), num_threads);
-    shift_to_s8_tiles_avx2(q.data(), batch, channels, tiles, num_threads);
-    return scale;
-}
-
 void pack_s8_tiles(const int8_t *x, int64_t batch, int64_t channels, int8_t *tiles,
                    int num_threads) {
     static constexpr pass_tier<pack_s8_tiles_fn> tiers[] = {

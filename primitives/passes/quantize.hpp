@@ -94,16 +94,13 @@ void shift_to_s8_tiles(const int8_t *q, int64_t batch, int64_t channels, uint8_t
 quantize_rne_fn quantize_rne_avx2;
 quantize_stochastic_fn quantize_stochastic_avx2;
 quantize_stochastic_pair_fn quantize_stochastic_pair_avx2;
-// quantize_stochastic_avx2, then the portable shift into tiles.
+// Quantized straight into tiles, 16 x 16 values at a time.
 quantize_stochastic_to_s8_tiles_fn quantize_stochastic_to_s8_tiles_avx2;
 unpack_s32_tiles_fn unpack_s32_tiles_avx2;
 pack_s8_tiles_fn pack_s8_tiles_avx2;
 // Reads the rows only, like quantize_weights_avx512.
 void quantize_weights_avx2(const int64_t *row_ptr, int64_t rows, const float *values, int8_t *q,
                            float *scale, int num_threads);
-// The int8 [batch x channels] q as u8 tiles of q + 128 (portable::shift_to_s8_tiles).
-void shift_to_s8_tiles_avx2(const int8_t *q, int64_t batch, int64_t channels, uint8_t *tiles,
-                            int num_threads);
 
 quantize_rne_fn quantize_rne_avx512;
 quantize_stochastic_fn quantize_stochastic_avx512;

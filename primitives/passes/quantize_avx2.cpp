@@ -263,14 +263,15 @@ void quantize_weights_avx2(const int64_t *row_ptr, int64_t rows, const float *va
 
 namespace {
 
-// int8 [batch x channels] -> tiles of x (shifted: x + 128 as u8, which is
-// x ^ 0x80), padding 0 (shifted: 128): 16 x 16 byte blocks transposed in
-// registers.
-void pack_bytes_to_tiles_avx2(const int8_t *x, int64_t batch, int64_t channels, uint8_t *tiles,
-                              bool shifted, int num_threads) {
+// [batch x channels] -> byte tiles, 16 batch elements x 16 channels at a
+// time: bytes(b, c0, cn) gives element b's channels c0..c0+cn-1 (b < batch;
+// zero-padded to 16), transposed in registers and stored ^ flip, missing
+// batch elements as 0 ^ flip.
+template <typename bytes_t>
+void to_byte_tiles(int64_t batch, int64_t channels, uint8_t *tiles, __m128i flip, int num_threads,
+                   bytes_t bytes) {
     constexpr int64_t tb = jit::tile_batch;
     const int64_t tiles_n = jit::tile_count(batch), cblocks = (channels + 15) / 16;
-    const __m128i flip = _mm_set1_epi8(shifted ? static_cast<char>(0x80) : 0);
 #pragma omp parallel for collapse(2) num_threads(num_threads) schedule(static)
     for (int64_t t = 0; t < tiles_n; ++t)
         for (int64_t cb = 0; cb < cblocks; ++cb) {
@@ -279,16 +280,7 @@ void pack_bytes_to_tiles_avx2(const int8_t *x, int64_t batch, int64_t channels, 
                 __m128i r[16];
                 for (int i = 0; i < 16; ++i) {
                     const int64_t b = t * tb + j0 + i;
-                    if (b >= batch) {
-                        r[i] = _mm_setzero_si128();
-                    } else if (cn == 16) {
-                        r[i] = _mm_loadu_si128(
-                                reinterpret_cast<const __m128i *>(x + b * channels + c0));
-                    } else {
-                        alignas(16) int8_t staged[16] = {};
-                        std::copy(x + b * channels + c0, x + b * channels + c0 + cn, staged);
-                        r[i] = _mm_load_si128(reinterpret_cast<const __m128i *>(staged));
-                    }
+                    r[i] = b < batch ? bytes(b, c0, cn) : _mm_setzero_si128();
                 }
                 avx2::transpose16_bytes(r);
                 for (int64_t c = 0; c < cn; ++c)
@@ -303,13 +295,32 @@ void pack_bytes_to_tiles_avx2(const int8_t *x, int64_t batch, int64_t channels, 
 
 void pack_s8_tiles_avx2(const int8_t *x, int64_t batch, int64_t channels, int8_t *tiles,
                         int num_threads) {
-    pack_bytes_to_tiles_avx2(x, batch, channels, reinterpret_cast<uint8_t *>(tiles), false,
-                             num_threads);
+    to_byte_tiles(batch, channels, reinterpret_cast<uint8_t *>(tiles), _mm_setzero_si128(),
+                  num_threads, [&](int64_t b, int64_t c0, int64_t cn) {
+                      const int8_t *in = x + b * channels + c0;
+                      if (cn == 16) return _mm_loadu_si128(reinterpret_cast<const __m128i *>(in));
+                      alignas(16) int8_t staged[16] = {};
+                      std::copy(in, in + cn, staged);
+                      return _mm_load_si128(reinterpret_cast<const __m128i *>(staged));
+                  });
 }
 
-void shift_to_s8_tiles_avx2(const int8_t *q, int64_t batch, int64_t channels, uint8_t *tiles,
-                            int num_threads) {
-    pack_bytes_to_tiles_avx2(q, batch, channels, tiles, true, num_threads);
+float quantize_stochastic_to_s8_tiles_avx2(const float *x, int64_t batch, int64_t channels,
+                                           uint32_t seed32, uint8_t *tiles, int num_threads) {
+    // Quantized straight into the transposes' registers: no int8 copy of dY
+    // (it was a fresh batch x channels vector, zeroed and page-faulted in,
+    // per call). Stored as G + 128 (u8); padding G = 0.
+    const stochastic_rounding sr(abs_max(x, batch * channels, nullptr, 1, 1, num_threads), seed32);
+    to_byte_tiles(batch, channels, tiles, _mm_set1_epi8(static_cast<char>(0x80)), num_threads,
+                  [&](int64_t b, int64_t c0, int64_t cn) {
+                      alignas(16) int8_t q[16] = {};
+                      for (int64_t h = 0; h < cn; h += 8) {
+                          const int64_t at = b * channels + c0 + h;
+                          sr.store(q + h, avx2::load_first(x + at, cn - h), at, cn - h);
+                      }
+                      return _mm_load_si128(reinterpret_cast<const __m128i *>(q));
+                  });
+    return sr.s.scale;
 }
 
 void unpack_s32_tiles_avx2(const int32_t *tiles, int64_t batch, int64_t channels,
