@@ -121,6 +121,7 @@ void pack_conv_tiles(const float *src, int64_t batch, int64_t channels, int64_t 
                      const spatial_pad &pad, float *tiles, int num_threads) {
     static constexpr pass_tier<pack_conv_tiles_fn> tiers[] = {
             {cpu_isa::avx512_core, pack_conv_tiles_avx512},
+            {cpu_isa::avx2, pack_conv_tiles_avx2},
             {cpu_isa::ref, portable::pack_conv_tiles}};
     best_tier(tiers)(src, batch, channels, h, w, pad, tiles, num_threads);
 }

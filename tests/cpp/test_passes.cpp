@@ -333,6 +333,12 @@ TEST(Passes, conv_tiles_match_the_definition_on_every_tier) {
                 std::vector<float> got(want.size(), 3.f);
                 detail::pack_conv_tiles(src.data(), batch, c, h, w, pad, got.data(), 3);
                 expect_same_read_lanes(got, want, batch, rows, "pack_conv_tiles");
+                if (cpu_has(cpu_isa::avx2)) {
+                    std::vector<float> tier_got(want.size(), 3.f);
+                    detail::pack_conv_tiles_avx2(src.data(), batch, c, h, w, pad, tier_got.data(),
+                                                 2);
+                    expect_same_read_lanes(tier_got, want, batch, rows, "pack_conv_tiles_avx2");
+                }
                 // f32 unpack (no padding: rows = pixels x channels)
                 auto y_tiles = random_vector(static_cast<size_t>(tiles * px * c * 64), rng);
                 auto bias = random_vector(static_cast<size_t>(c), rng);
