@@ -72,6 +72,7 @@ pack_width_pairs_fn pack_width_pairs;
 } // namespace portable
 // Planes without column phases only.
 pack_width_planes_fn pack_width_planes_avx512;
+// Planes without column phases or with two.
 pack_width_planes_fn pack_width_planes_avx2;
 pack_width_quads_fn pack_width_quads_avx512;
 

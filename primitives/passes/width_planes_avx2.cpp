@@ -1,5 +1,7 @@
 // The AVX2 tier of the f32 width plane pack (called only after CPU
-// detection), for planes without column phases. Each 8-float vector of the
+// detection), for planes without column phases or with two (a horizontal
+// stride of 2: every other column gathered by one shuffle and one
+// permute per 16 columns). Each 8-float vector of the
 // padded row is built in registers — zeros, image columns, or both across a
 // boundary (a plain load and a mask) — and stored whole: rows are short
 // (9-30 floats in a small ResNet), so the portable loop's three fills and
@@ -31,41 +33,51 @@ bool pack_width_planes_avx2(const float *src, int64_t batch, int64_t channels, i
                             const spatial_pad &pad, const width_plane &plane, float *dst,
                             int num_threads) {
     const int64_t planes = batch * channels, row_len = plane.row_len(), left = pad.left;
+    const int64_t phases = plane.phases, phase_len = plane.phase_len;
     const float *src_end = src + planes * h * w;
     const __m256i exponent = _mm256_set1_epi32(0x7f800000);
+    // Image columns x..x+7 of the row at `in` (nullptr: a padding row),
+    // zero outside [0, w): read plainly inside the tensor, masked (so never
+    // a fault) at its two ends.
+    const auto columns = [&](const float *in, int64_t x) {
+        if (!in || x + 8 <= 0 || x >= w) return _mm256_setzero_ps();
+        if (x >= 0 && x + 8 <= w) return _mm256_loadu_ps(in + x);
+        const __m256i inside = lanes_between(-x, w - x);
+        return x >= src - in && x + 8 <= src_end - in
+                       ? _mm256_and_ps(_mm256_loadu_ps(in + x), _mm256_castsi256_ps(inside))
+                       : _mm256_maskload_ps(in + x, inside);
+    };
     int bad = 0;
-    // One plane per iteration: its rows are consecutive in dst, so a row's
-    // last vector is stored whole, spilling into the next row before that
-    // row is written; only a plane's last row (the next plane may be another
-    // thread's) ends with a masked store.
+    // One plane per iteration: its rows (and a row's phases) are consecutive
+    // in dst, so a run's last vector is stored whole, spilling into the next
+    // run before that is written; only a plane's last run (the next plane
+    // may be another thread's) ends with a masked store.
 #pragma omp parallel for num_threads(num_threads) schedule(static) reduction(| : bad)
     for (int64_t p = 0; p < planes; ++p) {
         __m256i nonfinite = _mm256_setzero_si256();
         for (int64_t r = 0; r < plane.rows; ++r) {
-            float *row = dst + p * plane.size() + r * row_len;
-            const int64_t y = r - pad.top, row_end = r + 1 < plane.rows ? row_len + 7 : row_len;
-            const bool image_row = y >= 0 && y < h;
-            const float *in = image_row ? src + (p * h + y) * w : nullptr;
-            for (int64_t o = 0; o < row_len; o += 8) {
-                const int64_t x = o - left; // the image column of lane 0
-                __m256 v = _mm256_setzero_ps();
-                if (image_row && x + 8 > 0 && x < w) {
-                    if (x >= 0 && x + 8 <= w) {
-                        v = _mm256_loadu_ps(in + x);
-                    } else {
-                        // lanes past either edge of the image row are zero;
-                        // read plainly inside the tensor, masked (so never a
-                        // fault) at its two ends
-                        const __m256i inside = lanes_between(-x, w - x);
-                        const bool in_bounds = x >= src - in && x + 8 <= src_end - in;
-                        v = in_bounds ? _mm256_and_ps(_mm256_loadu_ps(in + x),
-                                                      _mm256_castsi256_ps(inside))
-                                      : _mm256_maskload_ps(in + x, inside);
+            const int64_t y = r - pad.top;
+            const float *in = y >= 0 && y < h ? src + (p * h + y) * w : nullptr;
+            for (int64_t ph = 0; ph < phases; ++ph) {
+                float *run = dst + p * plane.size() + r * row_len + ph * phase_len;
+                const bool last = r + 1 == plane.rows && ph + 1 == phases;
+                const int64_t run_end = last ? phase_len : phase_len + 7;
+                for (int64_t o = 0; o < phase_len; o += 8) {
+                    __m256 v;
+                    if (phases == 1) {
+                        v = columns(in, o - left);
+                    } else { // 2: every other column from ph, 16 columns a vector
+                        const int64_t x = ph + 2 * o - left;
+                        const __m256 a = columns(in, x), b = columns(in, x + 8);
+                        // a0 a2 b0 b2 | a4 a6 b4 b6 -> a0 a2 a4 a6 b0 b2 b4 b6
+                        v = _mm256_castpd_ps(_mm256_permute4x64_pd(
+                                _mm256_castps_pd(_mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0))),
+                                _MM_SHUFFLE(3, 1, 2, 0)));
                     }
                     const __m256i e = _mm256_and_si256(_mm256_castps_si256(v), exponent);
                     nonfinite = _mm256_or_si256(nonfinite, _mm256_cmpeq_epi32(e, exponent));
+                    avx2::store_first(run + o, v, run_end - o);
                 }
-                avx2::store_first(row + o, v, row_end - o);
             }
         }
         bad |= !_mm256_testz_si256(nonfinite, nonfinite);
