@@ -104,13 +104,18 @@ float abs_max(const float *x, int64_t n, const float *mult, int64_t channels, in
 }
 
 // Clamps integral floats to +-127 and stores the first n (<= 8) as int8.
-inline void store_q(int8_t *q, __m256 v, int64_t n) {
+// The 8 int8 of integral floats clamped to +-127, in the low half.
+inline __m128i q_bytes(__m256 v) {
     const __m256 lim = _mm256_set1_ps(static_cast<float>(quant_max));
     v = _mm256_min_ps(_mm256_max_ps(v, _mm256_sub_ps(_mm256_setzero_ps(), lim)), lim);
     const __m256i i32 = _mm256_cvttps_epi32(v);
     const __m128i w16 =
             _mm_packs_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));
-    const __m128i b8 = _mm_packs_epi16(w16, w16);
+    return _mm_packs_epi16(w16, w16);
+}
+
+inline void store_q(int8_t *q, __m256 v, int64_t n) {
+    const __m128i b8 = q_bytes(v);
     if (n >= 8) { // the common case: 8 bytes straight out (the copy below cost ~1 ns a byte)
         _mm_storel_epi64(reinterpret_cast<__m128i *>(q), b8);
         return;
@@ -168,21 +173,27 @@ struct stochastic_rounding {
     stochastic_rounding(float abs_max, uint32_t seed32)
         : s(quant_scale_from_abs_max(abs_max)), inv(_mm256_set1_ps(s.inv)),
           seed(_mm256_set1_epi32(static_cast<int>(seed32))) {}
-    void store(int8_t *q, __m256 v, int64_t i, int64_t left) const {
-        if (!s.usable) {
-            std::fill(q, q + std::min<int64_t>(left, 8), int8_t(0));
-            return;
-        }
+    // The rounded v (elements i..i+7 of the tensor), before the clamp.
+    __m256 rounded(__m256 v, int64_t i) const {
         const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
         const __m256i idx = _mm256_add_epi32(
                 _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(i))), lane);
         const __m256i h = mix32(_mm256_xor_si256(idx, seed));
         const __m256 u = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(h, 8)),
                                        _mm256_set1_ps(1.0f / 16777216.0f));
-        store_q(q,
-                _mm256_round_ps(_mm256_add_ps(_mm256_mul_ps(v, inv), u),
-                                _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC),
-                left);
+        return _mm256_round_ps(_mm256_add_ps(_mm256_mul_ps(v, inv), u),
+                               _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    }
+    void store(int8_t *q, __m256 v, int64_t i, int64_t left) const {
+        if (!s.usable) {
+            std::fill(q, q + std::min<int64_t>(left, 8), int8_t(0));
+            return;
+        }
+        store_q(q, rounded(v, i), left);
+    }
+    // The 8 int8 in the low half of a register (zeros when the scale is unusable).
+    __m128i bytes(__m256 v, int64_t i) const {
+        return s.usable ? q_bytes(rounded(v, i)) : _mm_setzero_si128();
     }
 };
 
@@ -313,12 +324,14 @@ float quantize_stochastic_to_s8_tiles_avx2(const float *x, int64_t batch, int64_
     const stochastic_rounding sr(abs_max(x, batch * channels, nullptr, 1, 1, num_threads), seed32);
     to_byte_tiles(batch, channels, tiles, _mm_set1_epi8(static_cast<char>(0x80)), num_threads,
                   [&](int64_t b, int64_t c0, int64_t cn) {
-                      alignas(16) int8_t q[16] = {};
-                      for (int64_t h = 0; h < cn; h += 8) {
-                          const int64_t at = b * channels + c0 + h;
-                          sr.store(q + h, avx2::load_first(x + at, cn - h), at, cn - h);
-                      }
-                      return _mm_load_si128(reinterpret_cast<const __m128i *>(q));
+                      // in registers: bytes past cn are never stored (the
+                      // transposes' rows c < cn are)
+                      const int64_t at = b * channels + c0;
+                      const __m128i lo = sr.bytes(avx2::load_first(x + at, cn), at);
+                      const __m128i hi =
+                              cn > 8 ? sr.bytes(avx2::load_first(x + at + 8, cn - 8), at + 8)
+                                     : _mm_setzero_si128();
+                      return _mm_unpacklo_epi64(lo, hi);
                   });
     return sr.s.scale;
 }
