@@ -16,11 +16,20 @@ float quantize_rne(const float *x, int64_t n, int8_t *q, int num_threads) {
     return best_tier(tiers)(x, n, q, num_threads);
 }
 
+namespace {
+
+// The vector tiers of the stochastic passes see the tensor as whole rows: of
+// `channels` columns (inner == 1) or of `inner` elements sharing one
+// multiplier.
+bool whole_multiplier_rows(int64_t n, const float *multiplier, int64_t channels, int64_t inner) {
+    return !multiplier || n % (inner == 1 ? channels : inner) == 0;
+}
+
+} // namespace
+
 float quantize_stochastic(const float *x, int64_t n, const float *multiplier, int64_t channels,
                           int64_t inner, uint32_t seed32, int8_t *q, int num_threads) {
-    // The vector tiers see the tensor as whole rows: of `channels` columns
-    // (inner == 1) or of `inner` elements sharing one multiplier.
-    const bool whole_rows = !multiplier || n % (inner == 1 ? channels : inner) == 0;
+    const bool whole_rows = whole_multiplier_rows(n, multiplier, channels, inner);
     static constexpr pass_tier<quantize_stochastic_fn> tiers[] = {
             {cpu_isa::avx512_core, quantize_stochastic_avx512},
             {cpu_isa::avx2, quantize_stochastic_avx2},
@@ -32,7 +41,7 @@ stochastic_scales quantize_stochastic_pair(const float *x, int64_t n, const floa
                                            int64_t channels, int64_t inner, uint32_t seed32,
                                            int8_t *q, uint32_t plain_seed32, int8_t *q_plain,
                                            int num_threads) {
-    const bool whole_rows = !multiplier || n % (inner == 1 ? channels : inner) == 0;
+    const bool whole_rows = whole_multiplier_rows(n, multiplier, channels, inner);
     static constexpr pass_tier<quantize_stochastic_pair_fn> tiers[] = {
             {cpu_isa::avx2, quantize_stochastic_pair_avx2},
             {cpu_isa::ref, portable::quantize_stochastic_pair}};

@@ -103,7 +103,6 @@ float abs_max(const float *x, int64_t n, const float *mult, int64_t channels, in
     return abs_maxima<false>(x, n, mult, channels, inner, num_threads).scaled;
 }
 
-// Clamps integral floats to +-127 and stores the first n (<= 8) as int8.
 // The 8 int8 of integral floats clamped to +-127, in the low half.
 inline __m128i q_bytes(__m256 v) {
     const __m256 lim = _mm256_set1_ps(static_cast<float>(quant_max));
@@ -114,6 +113,7 @@ inline __m128i q_bytes(__m256 v) {
     return _mm_packs_epi16(w16, w16);
 }
 
+// Clamps integral floats to +-127 and stores the first n (<= 8) as int8.
 inline void store_q(int8_t *q, __m256 v, int64_t n) {
     const __m128i b8 = q_bytes(v);
     if (n >= 8) { // the common case: 8 bytes straight out (the copy below cost ~1 ns a byte)

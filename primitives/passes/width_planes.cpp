@@ -89,10 +89,12 @@ bool pack_width_planes(const float *src, int64_t batch, int64_t channels, int64_
             {cpu_isa::avx512_core, pack_width_planes_avx512},
             {cpu_isa::avx2, pack_width_planes_avx2},
             {cpu_isa::ref, portable::pack_width_planes}};
-    // AVX-512: no column phases; AVX2: none or two (stride 2)
-    const bool avx512 = effective_cpu_isa() >= cpu_isa::avx512_core;
-    return best_tier(tiers, plane.phases == 1 || (plane.phases == 2 && !avx512))(
-            src, batch, channels, h, w, pad, plane, dst, num_threads);
+    // two column phases (stride 2): AVX2's pack takes them, AVX-512's not
+    static constexpr pass_tier<pack_width_planes_fn> two_phase_tiers[] = {
+            {cpu_isa::avx2, pack_width_planes_avx2}, {cpu_isa::ref, portable::pack_width_planes}};
+    pack_width_planes_fn *pack =
+            plane.phases == 2 ? best_tier(two_phase_tiers) : best_tier(tiers, plane.phases == 1);
+    return pack(src, batch, channels, h, w, pad, plane, dst, num_threads);
 }
 
 bool portable::pack_width_planes(const float *src, int64_t batch, int64_t channels, int64_t h,
