@@ -370,4 +370,23 @@ void batch_norm_relu_backward(const batch_norm_relu_desc &d, const float *diff_d
                               const float *mean, const float *invstd, float *diff_src,
                               float *diff_gamma, float *diff_beta, int num_threads = 0);
 
+// The same pair keeping src for the backward in one byte per element, as the
+// int8 blocks do (docs/quantization.md, "BatchNorm's saved input"): the
+// backward needs src only as src - mean, so the forward writes per channel
+// step[c] = max |src - mean[c]| / 127 (quant_scale_from_abs_max: NaN where
+// the channel holds a NaN or an infinity) and centered[i] = round-half-even
+// ((src[i] - mean[c]) / step[c]) in [-127, 127] (float arithmetic:
+// (src - mean) * (1 / step)), N*C*H*W bytes; the caller then drops src.
+// Needs batch statistics (the only mean whose range the statistics pass
+// sees); std::invalid_argument otherwise.
+void batch_norm_relu_forward(const batch_norm_relu_desc &d, const float *src, const float *gamma,
+                             const float *beta, const float *running_mean, const float *running_var,
+                             float *dst, uint8_t *mask, float *mean, float *invstd,
+                             float *batch_var, int8_t *centered, float *step, int num_threads = 0);
+// The backward with src - mean read as centered * step.
+void batch_norm_relu_backward(const batch_norm_relu_desc &d, const float *diff_dst,
+                              const uint8_t *mask, const int8_t *centered, const float *step,
+                              const float *gamma, const float *invstd, float *diff_src,
+                              float *diff_gamma, float *diff_beta, int num_threads = 0);
+
 } // namespace qsp

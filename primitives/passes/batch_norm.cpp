@@ -2,9 +2,11 @@
 
 #include "primitives/passes/relu_mask.hpp"
 #include "qsparseprop/primitives.hpp"
+#include "qsparseprop/quantization.hpp"
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -37,19 +39,70 @@ template <typename F> void for_each_chunk(int64_t n, int num_threads, F &&f) {
         f(c * chunk_elems, std::min(n, (c + 1) * chunk_elems));
 }
 
+// Clamped to [-127, 127] first (a NaN to -127: it only occurs in a channel
+// whose step is NaN, where the value is never read as a number), then
+// rounded half to even by the float adder: 1.5 * 2^23 + v has a unit ulp.
+// std::nearbyint would be a libm call per element on the baseline ISA.
+inline int8_t round_to_s8(float v) {
+    constexpr float limit = 127.0f, unit_ulp = 12582912.0f;
+    v = v >= -limit ? v : -limit;
+    v = v <= limit ? v : limit;
+    return static_cast<int8_t>(static_cast<int>((v + unit_ulp) - unit_ulp));
+}
+
+// src - mean[c] as the backward reads it, element i of channel c's runs
+// (flat indices): from the forward's src, or from its int8 copy.
+struct f32_centered {
+    const float *src, *mean;
+    struct channel {
+        const float *x;
+        float m;
+        float operator()(int64_t i) const { return x[i] - m; }
+    };
+    channel at(int64_t c) const { return {src, mean[c]}; }
+};
+
+struct s8_centered {
+    const int8_t *values;
+    const float *step;
+    struct channel {
+        const int8_t *q;
+        float f;
+        float operator()(int64_t i) const { return static_cast<float>(q[i]) * f; }
+    };
+    channel at(int64_t c) const { return {values, step[c]}; }
+};
+
+template <typename F> void with_centered(centered_source src, F &&f) {
+    if (src.values)
+        f(s8_centered{src.values, src.step});
+    else
+        f(f32_centered{src.src, src.mean});
+}
+
 } // namespace
 
 void channel_statistics(const float *src, channel_planes s, double *mean, double *var,
-                        int num_threads) {
+                        channel_range *range, int num_threads) {
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t c = 0; c < s.channels; ++c) {
         double count = 0, m = 0, m2 = 0;
+        float lowest = std::numeric_limits<float>::infinity(), highest = -lowest;
         for (int64_t n = 0; n < s.batch; ++n) {
             const float *p = src + (n * s.channels + c) * s.spatial;
             float sum = 0;
 #pragma omp simd reduction(+ : sum)
             for (int64_t i = 0; i < s.spatial; ++i)
                 sum += p[i];
+            if (range) { // a loop of its own: the sum's order stays the one without it
+                float lo = lowest, hi = highest;
+#pragma omp simd reduction(min : lo) reduction(max : hi)
+                for (int64_t i = 0; i < s.spatial; ++i) {
+                    lo = std::min(lo, p[i]);
+                    hi = std::max(hi, p[i]);
+                }
+                lowest = lo, highest = hi;
+            }
             const double plane_mean = static_cast<double>(sum) / static_cast<double>(s.spatial);
             const float centre = static_cast<float>(plane_mean);
             float squares = 0;
@@ -68,72 +121,90 @@ void channel_statistics(const float *src, channel_planes s, double *mean, double
         }
         mean[c] = m;
         var[c] = count > 0 ? m2 / count : 0.0;
+        if (range) range[c] = {lowest, highest};
     }
 }
 
 void scale_shift_relu(const float *src, channel_planes s, const float *scale, const float *shift,
-                      float *dst, uint8_t *bits, int num_threads) {
+                      float *dst, uint8_t *bits, const centered_s8_writer *keep, int num_threads) {
     for_each_chunk(s.elements(), num_threads, [&](int64_t begin, int64_t end) {
         for_each_plane_run(s, begin, end, [&](int64_t c, int64_t b, int64_t e) {
             const float a = scale[c], k = shift[c];
+            if (keep) { // the int8 copy first: dst may be src
+                int8_t *q = keep->values;
+                const float m = keep->mean[c], inv = keep->inv[c];
 #pragma omp simd
-            for (int64_t i = b; i < e; ++i)
-                dst[i] = src[i] * a + k;
+                for (int64_t i = b; i < e; ++i) {
+                    const float v = src[i];
+                    q[i] = round_to_s8((v - m) * inv);
+                    dst[i] = v * a + k;
+                }
+            } else {
+#pragma omp simd
+                for (int64_t i = b; i < e; ++i)
+                    dst[i] = src[i] * a + k;
+            }
         });
         // while the chunk is in cache
         if (bits) relu_mask_range(dst, dst, bits, begin, end);
     });
 }
 
-void masked_gradient_sums(const float *diff_dst, const uint8_t *bits, const float *src,
-                          channel_planes s, const float *mean, double *sum_g,
-                          double *sum_g_centered, int num_threads) {
+void masked_gradient_sums(const float *diff_dst, const uint8_t *bits, centered_source src,
+                          channel_planes s, double *sum_g, double *sum_g_centered,
+                          int num_threads) {
+    with_centered(src, [&](auto centered) {
 #pragma omp parallel num_threads(num_threads)
-    {
-        // the masked gradient of one plane, while it is in cache
-        std::vector<float> masked(bits ? static_cast<size_t>(s.spatial) : 0);
+        {
+            // the masked gradient of one plane, while it is in cache
+            std::vector<float> masked(bits ? static_cast<size_t>(s.spatial) : 0);
 #pragma omp for schedule(static)
-        for (int64_t c = 0; c < s.channels; ++c) {
-            double total = 0, total_centered = 0;
-            const float m = mean[c];
-            for (int64_t n = 0; n < s.batch; ++n) {
-                const int64_t base = (n * s.channels + c) * s.spatial;
-                const float *g = diff_dst + base, *x = src + base;
-                if (bits) {
-                    // a select, not a product: a NaN gradient where the
-                    // input was <= 0 is dropped, as torch's ReLU backward does
-                    relu_mask_backward_range(g, bits, base, masked.data(), s.spatial);
-                    g = masked.data();
+            for (int64_t c = 0; c < s.channels; ++c) {
+                double total = 0, total_centered = 0;
+                const auto x = centered.at(c);
+                for (int64_t n = 0; n < s.batch; ++n) {
+                    const int64_t base = (n * s.channels + c) * s.spatial;
+                    const float *g = diff_dst + base;
+                    if (bits) {
+                        // a select, not a product: a NaN gradient where the
+                        // input was <= 0 is dropped, as torch's ReLU backward does
+                        relu_mask_backward_range(g, bits, base, masked.data(), s.spatial);
+                        g = masked.data();
+                    }
+                    float sum = 0, dot = 0;
+#pragma omp simd reduction(+ : sum, dot)
+                    for (int64_t i = 0; i < s.spatial; ++i) {
+                        sum += g[i];
+                        dot += g[i] * x(base + i);
+                    }
+                    total += sum;
+                    total_centered += dot;
                 }
-                float sum = 0, centered = 0;
-#pragma omp simd reduction(+ : sum, centered)
-                for (int64_t i = 0; i < s.spatial; ++i) {
-                    sum += g[i];
-                    centered += g[i] * (x[i] - m);
-                }
-                total += sum;
-                total_centered += centered;
+                sum_g[c] = total;
+                sum_g_centered[c] = total_centered;
             }
-            sum_g[c] = total;
-            sum_g_centered[c] = total_centered;
         }
-    }
+    });
 }
 
-void masked_gradient_apply(const float *diff_dst, const uint8_t *bits, const float *src,
-                           channel_planes s, const float *mean, const float *a, const float *b,
-                           const float *k, float *diff_src, int num_threads) {
-    for_each_chunk(s.elements(), num_threads, [&](int64_t begin, int64_t end) {
-        const float *g = diff_dst;
-        if (bits) { // masked into diff_src first, while the chunk is in cache
-            relu_mask_backward_range(diff_dst + begin, bits, begin, diff_src + begin, end - begin);
-            g = diff_src;
-        }
-        for_each_plane_run(s, begin, end, [&](int64_t c, int64_t lo, int64_t hi) {
-            const float ac = a[c], bc = b[c], kc = k[c], m = mean[c];
+void masked_gradient_apply(const float *diff_dst, const uint8_t *bits, centered_source src,
+                           channel_planes s, const float *a, const float *b, const float *k,
+                           float *diff_src, int num_threads) {
+    with_centered(src, [&](auto centered) {
+        for_each_chunk(s.elements(), num_threads, [&](int64_t begin, int64_t end) {
+            const float *g = diff_dst;
+            if (bits) { // masked into diff_src first, while the chunk is in cache
+                relu_mask_backward_range(diff_dst + begin, bits, begin, diff_src + begin,
+                                         end - begin);
+                g = diff_src;
+            }
+            for_each_plane_run(s, begin, end, [&](int64_t c, int64_t lo, int64_t hi) {
+                const float ac = a[c], bc = b[c], kc = k[c];
+                const auto x = centered.at(c);
 #pragma omp simd
-            for (int64_t i = lo; i < hi; ++i)
-                diff_src[i] = g[i] * ac + (src[i] - m) * bc + kc;
+                for (int64_t i = lo; i < hi; ++i)
+                    diff_src[i] = g[i] * ac + x(i) * bc + kc;
+            });
         });
     });
 }
@@ -173,10 +244,20 @@ void require(const void *p, const char *name) {
 
 } // namespace
 
-void batch_norm_relu_forward(const batch_norm_relu_desc &d, const float *src, const float *gamma,
-                             const float *beta, const float *running_mean, const float *running_var,
-                             float *dst, uint8_t *mask, float *mean, float *invstd,
-                             float *batch_var, int num_threads) {
+namespace {
+
+// The int8 copy's step and its inverse: the scheme's scale of the
+// channel's largest |src - mean| (as float arithmetic gives it: rounding is
+// monotone, so that is the larger of highest - mean and mean - lowest).
+quant_scale centering_scale(detail::channel_range r, float mean) {
+    if (!std::isfinite(mean)) return quant_scale_from_abs_max(mean);
+    return quant_scale_from_abs_max(std::max(r.highest - mean, mean - r.lowest));
+}
+
+void forward(const batch_norm_relu_desc &d, const float *src, const float *gamma, const float *beta,
+             const float *running_mean, const float *running_var, float *dst, uint8_t *mask,
+             float *mean, float *invstd, float *batch_var, int8_t *centered, float *step,
+             int num_threads) {
     const detail::channel_planes s = checked_planes(d);
     require(mean, "mean");
     require(invstd, "invstd");
@@ -192,13 +273,15 @@ void batch_norm_relu_forward(const batch_norm_relu_desc &d, const float *src, co
     const int threads = threads_or_default(num_threads);
     const auto channels = static_cast<size_t>(s.channels);
     std::vector<double> m(channels), v(channels);
+    std::vector<detail::channel_range> range(centered ? channels : 0);
     if (d.batch_statistics) {
-        detail::channel_statistics(src, s, m.data(), v.data(), threads);
+        detail::channel_statistics(src, s, m.data(), v.data(), centered ? range.data() : nullptr,
+                                   threads);
     } else {
         for (size_t c = 0; c < channels; ++c)
             m[c] = running_mean[c], v[c] = running_var[c];
     }
-    std::vector<float> scale(channels), shift(channels);
+    std::vector<float> scale(channels), shift(channels), inv_step(centered ? channels : 0);
     for (size_t c = 0; c < channels; ++c) {
         // as torch: the inverse standard deviation in double, rounded once
         const float inv = static_cast<float>(1.0 / std::sqrt(v[c] + d.epsilon));
@@ -207,32 +290,32 @@ void batch_norm_relu_forward(const batch_norm_relu_desc &d, const float *src, co
         if (batch_var && d.batch_statistics) batch_var[c] = static_cast<float>(v[c]);
         scale[c] = inv * (gamma ? gamma[c] : 1.0f);
         shift[c] = (beta ? beta[c] : 0.0f) - mean[c] * scale[c];
+        if (centered) {
+            const quant_scale q = centering_scale(range[c], mean[c]);
+            step[c] = q.scale;
+            inv_step[c] = q.inv;
+        }
     }
+    const detail::centered_s8_writer keep{centered, mean, inv_step.data()};
     if (s.elements() > 0)
         detail::scale_shift_relu(src, s, scale.data(), shift.data(), dst, d.relu ? mask : nullptr,
-                                 threads);
+                                 centered ? &keep : nullptr, threads);
 }
 
-void batch_norm_relu_backward(const batch_norm_relu_desc &d, const float *diff_dst,
-                              const uint8_t *mask, const float *src, const float *gamma,
-                              const float *mean, const float *invstd, float *diff_src,
-                              float *diff_gamma, float *diff_beta, int num_threads) {
+void backward(const batch_norm_relu_desc &d, const float *diff_dst, const uint8_t *mask,
+              detail::centered_source src, const float *gamma, const float *invstd, float *diff_src,
+              float *diff_gamma, float *diff_beta, int num_threads) {
     const detail::channel_planes s = checked_planes(d);
-    require(mean, "mean");
     require(invstd, "invstd");
     if (d.relu) require(mask, "mask");
-    if (s.elements() > 0) {
-        require(diff_dst, "diff_dst");
-        require(src, "src");
-    }
+    if (s.elements() > 0) require(diff_dst, "diff_dst");
     const int threads = threads_or_default(num_threads);
     const auto channels = static_cast<size_t>(s.channels);
     const uint8_t *bits = d.relu ? mask : nullptr;
     const bool need_sums = d.batch_statistics || diff_gamma || diff_beta;
     std::vector<double> sum_g(channels, 0.0), dot(channels, 0.0);
     if (need_sums && s.elements() > 0)
-        detail::masked_gradient_sums(diff_dst, bits, src, s, mean, sum_g.data(), dot.data(),
-                                     threads);
+        detail::masked_gradient_sums(diff_dst, bits, src, s, sum_g.data(), dot.data(), threads);
     for (size_t c = 0; c < channels; ++c) {
         if (diff_gamma) diff_gamma[c] = static_cast<float>(dot[c] * invstd[c]);
         if (diff_beta) diff_beta[c] = static_cast<float>(sum_g[c]);
@@ -251,8 +334,53 @@ void batch_norm_relu_backward(const batch_norm_relu_desc &d, const float *diff_d
             k[c] = static_cast<float>(-sum_g[c] / count * a[c]);
         }
     }
-    detail::masked_gradient_apply(diff_dst, bits, src, s, mean, a.data(), b.data(), k.data(),
-                                  diff_src, threads);
+    detail::masked_gradient_apply(diff_dst, bits, src, s, a.data(), b.data(), k.data(), diff_src,
+                                  threads);
+}
+
+} // namespace
+
+void batch_norm_relu_forward(const batch_norm_relu_desc &d, const float *src, const float *gamma,
+                             const float *beta, const float *running_mean, const float *running_var,
+                             float *dst, uint8_t *mask, float *mean, float *invstd,
+                             float *batch_var, int num_threads) {
+    forward(d, src, gamma, beta, running_mean, running_var, dst, mask, mean, invstd, batch_var,
+            nullptr, nullptr, num_threads);
+}
+
+void batch_norm_relu_forward(const batch_norm_relu_desc &d, const float *src, const float *gamma,
+                             const float *beta, const float *running_mean, const float *running_var,
+                             float *dst, uint8_t *mask, float *mean, float *invstd,
+                             float *batch_var, int8_t *centered, float *step, int num_threads) {
+    if (!d.batch_statistics)
+        throw std::invalid_argument("batch_norm_relu: an int8 copy of src needs batch statistics "
+                                    "(with running statistics keep src itself)");
+    require(centered, "centered");
+    require(step, "step");
+    forward(d, src, gamma, beta, running_mean, running_var, dst, mask, mean, invstd, batch_var,
+            centered, step, num_threads);
+}
+
+void batch_norm_relu_backward(const batch_norm_relu_desc &d, const float *diff_dst,
+                              const uint8_t *mask, const float *src, const float *gamma,
+                              const float *mean, const float *invstd, float *diff_src,
+                              float *diff_gamma, float *diff_beta, int num_threads) {
+    require(mean, "mean");
+    if (d.batch > 0) require(src, "src");
+    detail::centered_source from;
+    from.src = src, from.mean = mean;
+    backward(d, diff_dst, mask, from, gamma, invstd, diff_src, diff_gamma, diff_beta, num_threads);
+}
+
+void batch_norm_relu_backward(const batch_norm_relu_desc &d, const float *diff_dst,
+                              const uint8_t *mask, const int8_t *centered, const float *step,
+                              const float *gamma, const float *invstd, float *diff_src,
+                              float *diff_gamma, float *diff_beta, int num_threads) {
+    require(step, "step");
+    if (d.batch > 0) require(centered, "centered");
+    detail::centered_source from;
+    from.values = centered, from.step = step;
+    backward(d, diff_dst, mask, from, gamma, invstd, diff_src, diff_gamma, diff_beta, num_threads);
 }
 
 } // namespace qsp

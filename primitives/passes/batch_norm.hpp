@@ -4,7 +4,8 @@
 // saves the ReLU's fp32 output), a ReLU pass and two BatchNorm passes
 // backward; these make one statistics pass and one apply pass that also
 // writes the ReLU's 1-bit mask forward, and two passes backward that read
-// the mask in place of a masked gradient.
+// the mask in place of a masked gradient. An int8 block keeps BatchNorm's
+// input for the backward as one byte per element, written by the apply pass.
 #pragma once
 
 #include <cstdint>
@@ -22,26 +23,47 @@ struct channel_planes {
 // (its mean, then the squares about it), planes are combined in double
 // (Chan et al.'s pairwise update): no cancellation of E[x^2] - E[x]^2, one
 // pass over memory. A channel is reduced by one thread, in a fixed order:
-// the results do not depend on the thread count.
+// the results do not depend on the thread count. With `range` (C pairs, or
+// null), also each channel's smallest and largest element, for the int8
+// copy of src (meaningful where the mean is finite: a NaN may be skipped).
+struct channel_range {
+    float lowest, highest;
+};
 void channel_statistics(const float *src, channel_planes shape, double *mean, double *var,
-                        int num_threads);
+                        channel_range *range, int num_threads);
+
+// The int8 copy of src a forward keeps for the backward:
+// values[i] = round-half-even((src[i] - mean[c]) * inv[c]) in [-127, 127].
+struct centered_s8_writer {
+    int8_t *values;
+    const float *mean, *inv;
+};
 
 // dst = src * scale[c] + shift[c]; with `bits`, dst = max(0, that) and
-// bits = !(that <= 0), as relu_mask_forward (bits in the flat element order).
-// dst may alias src.
+// bits = !(that <= 0), as relu_mask_forward (bits in the flat element order);
+// with `keep`, its values from src. dst may alias src.
 void scale_shift_relu(const float *src, channel_planes shape, const float *scale,
-                      const float *shift, float *dst, uint8_t *bits, int num_threads);
+                      const float *shift, float *dst, uint8_t *bits, const centered_s8_writer *keep,
+                      int num_threads);
+
+// What the backward reads as src - mean[c]: the forward's src and mean
+// (f32), or the int8 copy times its per-channel step.
+struct centered_source {
+    const float *src = nullptr, *mean = nullptr;
+    const int8_t *values = nullptr;
+    const float *step = nullptr;
+};
 
 // Per channel, with g = diff_dst masked by `bits` (when given): sum(g) and
 // sum(g * (src - mean[c])), in double over float plane partials.
-void masked_gradient_sums(const float *diff_dst, const uint8_t *bits, const float *src,
-                          channel_planes shape, const float *mean, double *sum_g,
-                          double *sum_g_centered, int num_threads);
+void masked_gradient_sums(const float *diff_dst, const uint8_t *bits, centered_source src,
+                          channel_planes shape, double *sum_g, double *sum_g_centered,
+                          int num_threads);
 
 // diff_src = g * a[c] + (src - mean[c]) * b[c] + k[c], g as above. diff_src
 // may alias diff_dst.
-void masked_gradient_apply(const float *diff_dst, const uint8_t *bits, const float *src,
-                           channel_planes shape, const float *mean, const float *a, const float *b,
-                           const float *k, float *diff_src, int num_threads);
+void masked_gradient_apply(const float *diff_dst, const uint8_t *bits, centered_source src,
+                           channel_planes shape, const float *a, const float *b, const float *k,
+                           float *diff_src, int num_threads);
 
 } // namespace qsp::detail

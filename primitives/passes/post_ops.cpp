@@ -117,7 +117,8 @@ void batch_statistics(const float *dst, channel_layout l, float *mean, float *va
         return;
     }
     std::vector<double> m(static_cast<size_t>(l.channels)), v(m.size());
-    channel_statistics(dst, {l.outer, l.channels, l.inner}, m.data(), v.data(), num_threads);
+    channel_statistics(dst, {l.outer, l.channels, l.inner}, m.data(), v.data(), nullptr,
+                       num_threads);
     for (size_t c = 0; c < m.size(); ++c) {
         mean[c] = static_cast<float>(m[c]);
         var[c] = static_cast<float>(v[c]);

@@ -4,8 +4,10 @@
 // straddle the passes' chunks), batch and running statistics, with and
 // without ReLU and affine parameters, 1-3 threads (results must not depend
 // on them), in place, and the argument checks.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <random>
 #include <stdexcept>
 #include <vector>
@@ -13,6 +15,7 @@
 #include <gtest/gtest.h>
 
 #include "qsparseprop/qsparseprop.hpp"
+#include "qsparseprop/quantization.hpp"
 
 namespace qsp::test {
 
@@ -148,6 +151,106 @@ bool same(const std::vector<float> &a, const std::vector<float> &b) {
     return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
 }
 
+// The int8 copy of src (the int8 blocks' saved BatchNorm input).
+struct s8_result_t {
+    result_t r;
+    std::vector<int8_t> centered;
+    std::vector<float> step;
+};
+
+s8_result_t run_s8(const case_t &c, const inputs_t &in, bool relu, bool affine, int threads,
+                   bool in_place = false) {
+    batch_norm_relu_desc d;
+    d.batch = c.batch, d.channels = c.channels, d.spatial = c.spatial, d.relu = relu;
+    const int64_t n = c.batch * c.channels * c.spatial;
+    s8_result_t o;
+    result_t &r = o.r;
+    r.z = in_place ? in.x : std::vector<float>(n, 42.0f);
+    r.mask.assign((n + 7) / 8, 0xAB);
+    r.mean.resize(c.channels);
+    r.invstd.resize(c.channels);
+    r.var.resize(c.channels);
+    o.centered.assign(n, 99);
+    o.step.assign(c.channels, 42.0f);
+    const float *gamma = affine ? in.gamma.data() : nullptr;
+    batch_norm_relu_forward(d, in_place ? r.z.data() : in.x.data(), gamma,
+                            affine ? in.beta.data() : nullptr, nullptr, nullptr, r.z.data(),
+                            r.mask.data(), r.mean.data(), r.invstd.data(), r.var.data(),
+                            o.centered.data(), o.step.data(), threads);
+    r.dx = in_place ? in.dz : std::vector<float>(n, 42.0f);
+    r.dgamma.resize(c.channels);
+    r.dbeta.resize(c.channels);
+    batch_norm_relu_backward(d, in_place ? r.dx.data() : in.dz.data(), r.mask.data(),
+                             o.centered.data(), o.step.data(), gamma, r.invstd.data(), r.dx.data(),
+                             r.dgamma.data(), r.dbeta.data(), threads);
+    return o;
+}
+
+// The scheme's rule, written out independently: step = max |x - mean| / 127
+// in float, values = nearbyint((x - mean) * (1 / step)) clamped.
+void check_centering(const case_t &c, const inputs_t &in, const s8_result_t &o) {
+    for (int64_t ch = 0; ch < c.channels; ++ch) {
+        const float m = o.r.mean[ch];
+        float amax = 0;
+        for (int64_t b = 0; b < c.batch; ++b)
+            for (int64_t s = 0; s < c.spatial; ++s)
+                amax = std::max(amax, std::fabs(in.x[(b * c.channels + ch) * c.spatial + s] - m));
+        const quant_scale q = quant_scale_from_abs_max(amax);
+        ASSERT_EQ(o.step[ch], q.scale) << "channel " << ch;
+        for (int64_t b = 0; b < c.batch; ++b)
+            for (int64_t s = 0; s < c.spatial; ++s) {
+                const int64_t i = (b * c.channels + ch) * c.spatial + s;
+                const float want =
+                        std::min(127.0f, std::max(-127.0f, std::nearbyint((in.x[i] - m) * q.inv)));
+                ASSERT_EQ(o.centered[i], static_cast<int8_t>(want))
+                        << "channel " << ch << " i " << i;
+            }
+    }
+}
+
+// The backward in double from the centered values: torch's formula with
+// x - mean = centered * step.
+void check_s8_backward(const case_t &c, const inputs_t &in, const s8_result_t &o, bool relu,
+                       bool affine) {
+    const int64_t count = c.batch * c.spatial;
+    for (int64_t ch = 0; ch < c.channels; ++ch) {
+        const double inv = o.r.invstd[ch], w = affine ? in.gamma[ch] : 1.0;
+        const auto at = [&](int64_t b, int64_t s) { return (b * c.channels + ch) * c.spatial + s; };
+        const auto g_at = [&](int64_t i) {
+            return !relu || bit(o.r.mask, i) ? static_cast<double>(in.dz[i]) : 0.0;
+        };
+        double sum_g = 0, dot = 0, magnitude = 0;
+        for (int64_t b = 0; b < c.batch; ++b)
+            for (int64_t s = 0; s < c.spatial; ++s) {
+                const int64_t i = at(b, s);
+                const double xc = o.centered[i] * static_cast<double>(o.step[ch]);
+                sum_g += g_at(i);
+                dot += g_at(i) * xc;
+                magnitude += std::fabs(g_at(i)) * (1 + std::fabs(xc * inv));
+            }
+        const double tol = 1e-5 * magnitude + 1e-6;
+        ASSERT_NEAR(o.r.dbeta[ch], sum_g, tol) << "channel " << ch;
+        ASSERT_NEAR(o.r.dgamma[ch], dot * inv, tol) << "channel " << ch;
+        for (int64_t b = 0; b < c.batch; ++b)
+            for (int64_t s = 0; s < c.spatial; ++s) {
+                const int64_t i = at(b, s);
+                const double xhat = o.centered[i] * static_cast<double>(o.step[ch]) * inv;
+                const double want = (g_at(i) - sum_g / count - xhat * dot * inv / count) * inv * w;
+                ASSERT_NEAR(o.r.dx[i], want, 1e-4 * inv * w * (1 + std::fabs(g_at(i))))
+                        << "channel " << ch << " i " << i;
+            }
+    }
+}
+
+double relative_l2(const std::vector<float> &got, const std::vector<float> &want) {
+    double err = 0, norm = 0;
+    for (size_t i = 0; i < want.size(); ++i) {
+        err += (double(got[i]) - want[i]) * (double(got[i]) - want[i]);
+        norm += double(want[i]) * want[i];
+    }
+    return std::sqrt(err / std::max(norm, 1e-30));
+}
+
 } // namespace
 
 TEST(BatchNormRelu, matches_the_model_over_odd_shapes_and_is_thread_count_independent) {
@@ -210,6 +313,64 @@ TEST(BatchNormRelu, runs_in_place) {
     EXPECT_TRUE(same(g, want.dx));
 }
 
+TEST(BatchNormRelu, an_int8_copy_of_src_is_the_exact_centering_and_the_backward_reads_it) {
+    uint32_t seed = 101;
+    for (const case_t &c : cases)
+        for (bool relu : {true, false})
+            for (bool affine : {true, false}) {
+                SCOPED_TRACE(testing::Message()
+                             << "N=" << c.batch << " C=" << c.channels << " S=" << c.spatial
+                             << " relu=" << relu << " affine=" << affine);
+                const inputs_t in = make_inputs(c, seed++);
+                const s8_result_t one = run_s8(c, in, relu, affine, 1);
+                // the forward is the f32 forward: only what is kept differs
+                const result_t f32 = run(c, in, true, relu, affine, 1);
+                ASSERT_TRUE(same(one.r.z, f32.z) && same(one.r.mean, f32.mean)
+                            && same(one.r.invstd, f32.invstd) && same(one.r.var, f32.var)
+                            && one.r.mask == f32.mask);
+                check_centering(c, in, one);
+                check_s8_backward(c, in, one, relu, affine);
+                // and the error of keeping one byte stays within the step:
+                // about 1 % of the input gradient (Gaussian channels)
+                if (c.batch * c.spatial >= 63) {
+                    EXPECT_LT(relative_l2(one.r.dx, f32.dx), 0.02);
+                    if (affine) EXPECT_LT(relative_l2(one.r.dgamma, f32.dgamma), 0.02);
+                }
+                for (int threads : {2, 3}) {
+                    const s8_result_t other = run_s8(c, in, relu, affine, threads);
+                    ASSERT_TRUE(same(one.r.dx, other.r.dx) && same(one.r.dgamma, other.r.dgamma)
+                                && one.centered == other.centered && same(one.step, other.step))
+                            << threads << " threads differ from 1";
+                }
+                const s8_result_t in_place = run_s8(c, in, relu, affine, 2, true);
+                ASSERT_TRUE(same(in_place.r.z, one.r.z) && same(in_place.r.dx, one.r.dx)
+                            && in_place.centered == one.centered);
+            }
+}
+
+TEST(BatchNormRelu, an_int8_copy_keeps_a_non_finite_channel_non_finite_and_no_other) {
+    const case_t c{2, 3, 9};
+    inputs_t in = make_inputs(c, 13);
+    const s8_result_t clean = run_s8(c, in, false, true, 2);
+    for (float bad : {std::nanf(""), std::numeric_limits<float>::infinity()}) {
+        inputs_t dirty = in;
+        dirty.x[1 * c.spatial + 4] = bad; // channel 1 of the first image
+        const s8_result_t o = run_s8(c, dirty, false, true, 2);
+        EXPECT_TRUE(std::isnan(o.step[1])) << bad;
+        for (int64_t ch : {0, 2}) {
+            EXPECT_EQ(o.step[ch], clean.step[ch]);
+            for (int64_t b = 0; b < c.batch; ++b)
+                for (int64_t s = 0; s < c.spatial; ++s) {
+                    const int64_t i = (b * c.channels + ch) * c.spatial + s;
+                    EXPECT_EQ(o.r.dx[i], clean.r.dx[i]) << "channel " << ch;
+                }
+        }
+        // as torch: a NaN mean makes every gradient of the channel NaN
+        EXPECT_TRUE(std::isnan(o.r.dx[1 * c.spatial])) << bad;
+        EXPECT_TRUE(std::isnan(o.r.dgamma[1])) << bad;
+    }
+}
+
 TEST(BatchNormRelu, refuses_malformed_arguments_with_a_named_reason) {
     std::vector<float> x(12, 1.0f), y(12), m(3), v(3);
     std::vector<uint8_t> mask(2);
@@ -247,6 +408,24 @@ TEST(BatchNormRelu, refuses_malformed_arguments_with_a_named_reason) {
     expect_refusal([&] { forward(bad, nullptr, nullptr); }, "empty batch");
     bad.batch_statistics = false; // running statistics of an empty batch: nothing to do
     EXPECT_NO_THROW(forward(bad, nullptr, v.data()));
+
+    std::vector<int8_t> centered(12);
+    std::vector<float> step(3);
+    const auto forward_s8 = [&](batch_norm_relu_desc dd, int8_t *q, float *st) {
+        batch_norm_relu_forward(dd, x.data(), nullptr, nullptr, v.data(), v.data(), y.data(),
+                                nullptr, m.data(), v.data(), nullptr, q, st, 1);
+    };
+    bad = d;
+    bad.batch_statistics = false;
+    expect_refusal([&] { forward_s8(bad, centered.data(), step.data()); }, "batch statistics");
+    expect_refusal([&] { forward_s8(d, nullptr, step.data()); }, "centered");
+    expect_refusal([&] { forward_s8(d, centered.data(), nullptr); }, "step");
+    expect_refusal(
+            [&] {
+                batch_norm_relu_backward(d, x.data(), nullptr, centered.data(), nullptr, nullptr,
+                                         v.data(), y.data(), nullptr, nullptr, 1);
+            },
+            "step");
 }
 
 } // namespace qsp::test
