@@ -688,7 +688,7 @@ PYBIND11_MODULE(_C, m) {
             "batch_norm_relu_forward",
             [](const py::array &src, const py::object &gamma, const py::object &beta,
                const py::object &running_mean, const py::object &running_var, double eps,
-               bool batch_statistics, bool relu, int threads) {
+               bool batch_statistics, bool relu, bool keep_s8, int threads) {
                 const qsp::batch_norm_relu_desc d =
                         batch_norm_desc(src, eps, batch_statistics, relu);
                 const dims shape(src.shape(), src.shape() + 4), per_channel{d.channels};
@@ -701,53 +701,72 @@ PYBIND11_MODULE(_C, m) {
                 const int64_t n = d.batch * d.channels * d.spatial;
                 py::array_t<uint8_t> mask = pooled_array<uint8_t>({relu ? (n + 7) / 8 : 0});
                 py::array_t<float> mean(d.channels), invstd(d.channels),
-                        batch_var(batch_statistics ? d.channels : 0);
+                        batch_var(batch_statistics ? d.channels : 0),
+                        step(keep_s8 ? d.channels : 0);
+                py::array_t<int8_t> centered = pooled_array<int8_t>(keep_s8 ? shape : dims{0});
                 {
                     py::gil_scoped_release nogil;
-                    qsp::batch_norm_relu_forward(
-                            d, s, g, b, rm, rv, dst.mutable_data(), mask.mutable_data(),
-                            mean.mutable_data(), invstd.mutable_data(),
-                            batch_statistics ? batch_var.mutable_data() : nullptr, threads);
+                    float *bv = batch_statistics ? batch_var.mutable_data() : nullptr;
+                    if (keep_s8)
+                        qsp::batch_norm_relu_forward(
+                                d, s, g, b, rm, rv, dst.mutable_data(), mask.mutable_data(),
+                                mean.mutable_data(), invstd.mutable_data(), bv,
+                                centered.mutable_data(), step.mutable_data(), threads);
+                    else
+                        qsp::batch_norm_relu_forward(d, s, g, b, rm, rv, dst.mutable_data(),
+                                                     mask.mutable_data(), mean.mutable_data(),
+                                                     invstd.mutable_data(), bv, threads);
                 }
-                return py::make_tuple(dst, mask, mean, invstd, batch_var);
+                return py::make_tuple(dst, mask, mean, invstd, batch_var, centered, step);
             },
             py::arg("src"), py::arg("gamma"), py::arg("beta"), py::arg("running_mean"),
             py::arg("running_var"), py::arg("eps"), py::arg("batch_statistics"), py::arg("relu"),
-            py::arg("threads"));
+            py::arg("keep_s8"), py::arg("threads"));
+    // src: the forward's src (float32, with mean), or its int8 copy (int8,
+    // with step).
     m.def(
             "batch_norm_relu_backward",
             [](const py::array &diff_dst, const py::object &mask, const py::array &src,
-               const py::object &gamma, const py::array &mean, const py::array &invstd,
-               bool batch_statistics, bool relu, bool need_diff_src, bool need_affine,
-               int threads) {
+               const py::object &gamma, const py::array &mean, const py::object &step,
+               const py::array &invstd, bool batch_statistics, bool relu, bool need_diff_src,
+               bool need_affine, int threads) {
                 const qsp::batch_norm_relu_desc d =
                         batch_norm_desc(src, 0.0, batch_statistics, relu);
                 const dims shape(src.shape(), src.shape() + 4), per_channel{d.channels};
                 const int64_t n = d.batch * d.channels * d.spatial;
                 const float *dy = checked<float>(diff_dst, "diff_dst", shape, false);
-                const float *s = checked<float>(src, "src", shape, false);
+                const bool from_s8 = !step.is_none();
+                const float *s = from_s8 ? nullptr : checked<float>(src, "src", shape, false);
+                const int8_t *q = from_s8 ? checked<int8_t>(src, "src", shape, false) : nullptr;
+                const float *st = optional_f32(step, "step", per_channel);
                 const uint8_t *bits = nullptr;
                 if (relu) {
                     if (mask.is_none()) throw py::value_error("mask is needed with relu");
                     bits = checked<uint8_t>(as_array(mask, "mask"), "mask", {(n + 7) / 8}, false);
                 }
                 const float *g = optional_f32(gamma, "gamma", per_channel);
-                const float *mu = checked<float>(mean, "mean", per_channel, false);
+                const float *mu =
+                        from_s8 ? nullptr : checked<float>(mean, "mean", per_channel, false);
                 const float *inv = checked<float>(invstd, "invstd", per_channel, false);
                 py::array_t<float> dx = pooled_array<float>(need_diff_src ? shape : dims{0});
                 py::array_t<float> dgamma(need_affine ? d.channels : 0),
                         dbeta(need_affine ? d.channels : 0);
                 {
                     py::gil_scoped_release nogil;
-                    qsp::batch_norm_relu_backward(
-                            d, dy, bits, s, g, mu, inv, need_diff_src ? dx.mutable_data() : nullptr,
-                            need_affine ? dgamma.mutable_data() : nullptr,
-                            need_affine ? dbeta.mutable_data() : nullptr, threads);
+                    float *dxp = need_diff_src ? dx.mutable_data() : nullptr;
+                    float *dg = need_affine ? dgamma.mutable_data() : nullptr;
+                    float *db = need_affine ? dbeta.mutable_data() : nullptr;
+                    if (from_s8)
+                        qsp::batch_norm_relu_backward(d, dy, bits, q, st, g, inv, dxp, dg, db,
+                                                      threads);
+                    else
+                        qsp::batch_norm_relu_backward(d, dy, bits, s, g, mu, inv, dxp, dg, db,
+                                                      threads);
                 }
                 return py::make_tuple(dx, dgamma, dbeta);
             },
             py::arg("diff_dst"), py::arg("mask"), py::arg("src"), py::arg("gamma"), py::arg("mean"),
-            py::arg("invstd"), py::arg("batch_statistics"), py::arg("relu"),
+            py::arg("step"), py::arg("invstd"), py::arg("batch_statistics"), py::arg("relu"),
             py::arg("need_diff_src"), py::arg("need_affine"), py::arg("threads"));
 
     py::class_<linear_layer>(m, "LinearKernel")

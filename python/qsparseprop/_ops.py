@@ -494,28 +494,32 @@ def relu_bits(y: torch.Tensor) -> torch.Tensor:
 # statistics pass and one pass that normalises, applies the ReLU and keeps
 # its mask (1 bit per element); backward two passes that read the mask
 # instead of a masked gradient. Saved for backward: y (BatchNorm's own
-# input, as torch keeps it), the mask, and per-channel mean and invstd —
-# not the normalised or the ReLU's fp32 output. The running statistics are
-# updated by the caller (modules.SparseConv2d) from the returned batch
-# mean and biased variance.
+# input, as torch keeps it) or, in an int8 block with batch statistics
+# (keep_s8), y's int8 copy — per channel round((y - mean) / step), one byte
+# per element, docs/quantization.md — then the mask and per-channel mean
+# (or step) and invstd: not the normalised or the ReLU's fp32 output. The
+# running statistics are updated by the caller (modules.SparseConv2d) from
+# the returned batch mean and biased variance.
 
 
 def _optional_np(t: torch.Tensor | None):
     return None if t is None else t.detach().numpy()
 
 
-def _batch_norm_forward_body(y, weight, bias, running_mean, running_var, eps, batch_statistics, relu):
-    z, mask, mean, invstd, batch_var = _C.batch_norm_relu_forward(
+def _batch_norm_forward_body(y, weight, bias, running_mean, running_var, eps, batch_statistics, relu, keep_s8):
+    out = _C.batch_norm_relu_forward(
         _np(y), _optional_np(weight), _optional_np(bias), _optional_np(running_mean), _optional_np(running_var),
-        eps, batch_statistics, relu, _threads(),
+        eps, batch_statistics, relu, keep_s8, _threads(),
     )  # fmt: skip
-    return tuple(torch.from_numpy(a) for a in (z, mask, mean, invstd, batch_var))
+    return tuple(torch.from_numpy(a) for a in out)
 
 
-def _batch_norm_backward_body(grad_z, mask, y, weight, mean, invstd, batch_statistics, relu, need_dy, need_affine):
+def _batch_norm_backward_body(
+    grad_z, mask, src, weight, mean, step, invstd, batch_statistics, relu, need_dy, need_affine
+):
     dy, dw, db = _C.batch_norm_relu_backward(
-        _np(grad_z), _np(mask) if relu else None, _np(y), _optional_np(weight), _np(mean), _np(invstd),
-        batch_statistics, relu, need_dy, need_affine, _threads(),
+        _np(grad_z), _np(mask) if relu else None, _np(src), _optional_np(weight), _np(mean), _optional_np(step),
+        _np(invstd), batch_statistics, relu, need_dy, need_affine, _threads(),
     )  # fmt: skip
     return torch.from_numpy(dy), torch.from_numpy(dw), torch.from_numpy(db)
 
@@ -530,48 +534,55 @@ def batch_norm_relu_forward(
     eps: float,
     batch_statistics: bool,
     relu: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(z, mask, mean, invstd, batch_var) for a contiguous NCHW float32 y."""
-    return _batch_norm_forward_body(y, weight, bias, running_mean, running_var, eps, batch_statistics, relu)
+    keep_s8: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(z, mask, mean, invstd, batch_var, centered, step) for a contiguous
+    NCHW float32 y; centered and step are empty without keep_s8."""
+    return _batch_norm_forward_body(y, weight, bias, running_mean, running_var, eps, batch_statistics, relu, keep_s8)
 
 
 @batch_norm_relu_forward.register_fake
-def _(y, weight, bias, running_mean, running_var, eps, batch_statistics, relu):
+def _(y, weight, bias, running_mean, running_var, eps, batch_statistics, relu, keep_s8):
     c = y.shape[1]
     mask = y.new_empty((y.numel() + 7) // 8 if relu else 0, dtype=torch.uint8)
-    return y.new_empty(y.shape), mask, y.new_empty(c), y.new_empty(c), y.new_empty(c if batch_statistics else 0)
+    centered = y.new_empty(y.shape if keep_s8 else (0,), dtype=torch.int8)
+    return (y.new_empty(y.shape), mask, y.new_empty(c), y.new_empty(c), y.new_empty(c if batch_statistics else 0),
+            centered, y.new_empty(c if keep_s8 else 0))  # fmt: skip
 
 
 @torch.library.custom_op("qsparseprop::batch_norm_relu_backward", mutates_args=())
 def batch_norm_relu_backward(
     grad_z: torch.Tensor,
     mask: torch.Tensor,
-    y: torch.Tensor,
+    src: torch.Tensor,
     weight: torch.Tensor | None,
     mean: torch.Tensor,
+    step: torch.Tensor | None,
     invstd: torch.Tensor,
     batch_statistics: bool,
     relu: bool,
     need_input_grad: bool,
     need_affine_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """src: the forward's y (with mean), or its int8 copy (with step)."""
     return _batch_norm_backward_body(
-        grad_z, mask, y, weight, mean, invstd, batch_statistics, relu, need_input_grad, need_affine_grad
+        grad_z, mask, src, weight, mean, step, invstd, batch_statistics, relu, need_input_grad, need_affine_grad
     )
 
 
 @batch_norm_relu_backward.register_fake
-def _(grad_z, mask, y, weight, mean, invstd, batch_statistics, relu, need_dy, need_affine):
-    c = y.shape[1]
-    dy = y.new_empty(y.shape) if need_dy else y.new_empty(0)
-    return dy, y.new_empty(c if need_affine else 0), y.new_empty(c if need_affine else 0)
+def _(grad_z, mask, src, weight, mean, step, invstd, batch_statistics, relu, need_dy, need_affine):
+    c = src.shape[1]
+    dy = grad_z.new_empty(src.shape) if need_dy else grad_z.new_empty(0)
+    return dy, grad_z.new_empty(c if need_affine else 0), grad_z.new_empty(c if need_affine else 0)
 
 
 def _batch_norm_grads(ctx, grad_z):
-    y, mask, weight, mean, invstd = ctx.saved_tensors
+    src, mask, weight, mean, step, invstd = ctx.saved_tensors
     need = ctx.needs_input_grad
     need_affine = ctx.affine and (need[1] or need[2])
-    args = (grad_z.contiguous(), mask, y, weight if ctx.affine else None, mean, invstd, ctx.batch_statistics, ctx.relu)
+    args = (grad_z.contiguous(), mask, src, weight if ctx.affine else None, mean, step if ctx.keep_s8 else None,
+            invstd, ctx.batch_statistics, ctx.relu)  # fmt: skip
     if torch.compiler.is_compiling() or not ctx.eager:
         dy, dw, db = batch_norm_relu_backward(*args, need[0], need_affine)
     else:
@@ -582,10 +593,13 @@ def _batch_norm_grads(ctx, grad_z):
 
 
 def _batch_norm_setup(ctx, inputs, output, eager: bool):
-    y, weight, bias, running_mean, running_var, eps, batch_statistics, relu = inputs
-    _, mask, mean, invstd, _ = output
-    ctx.save_for_backward(y, mask, weight if weight is not None else _empty(), mean, invstd)
+    y, weight, bias, running_mean, running_var, eps, batch_statistics, relu, keep_s8 = inputs
+    _, mask, mean, invstd, _, centered, step = output
+    # with keep_s8, y itself is not kept: the int8 copy stands in for it
+    ctx.save_for_backward(centered if keep_s8 else y, mask, weight if weight is not None else _empty(), mean, step,
+                          invstd)  # fmt: skip
     ctx.affine, ctx.batch_statistics, ctx.relu, ctx.eager = weight is not None, batch_statistics, relu, eager
+    ctx.keep_s8 = keep_s8
 
 
 torch.library.register_autograd(
@@ -599,9 +613,10 @@ class _BatchNormReLUFunction(torch.autograd.Function):
     """The eager path of batch_norm_relu_forward (no dispatcher cost)."""
 
     @staticmethod
-    def forward(ctx, y, weight, bias, running_mean, running_var, eps, batch_statistics, relu):
-        out = _batch_norm_forward_body(y, weight, bias, running_mean, running_var, eps, batch_statistics, relu)
-        _batch_norm_setup(ctx, (y, weight, bias, running_mean, running_var, eps, batch_statistics, relu), out, True)
+    def forward(ctx, y, weight, bias, running_mean, running_var, eps, batch_statistics, relu, keep_s8):
+        args = (y, weight, bias, running_mean, running_var, eps, batch_statistics, relu, keep_s8)
+        out = _batch_norm_forward_body(*args)
+        _batch_norm_setup(ctx, args, out, True)
         ctx.mark_non_differentiable(*out[1:])
         return out
 
@@ -611,14 +626,16 @@ class _BatchNormReLUFunction(torch.autograd.Function):
         return _batch_norm_grads(ctx, grad_z)
 
 
-def batch_norm_relu(y, weight, bias, running_mean, running_var, eps, batch_statistics, relu):
+def batch_norm_relu(y, weight, bias, running_mean, running_var, eps, batch_statistics, relu, keep_s8=False):
     """(z, mean, biased batch variance) of BatchNorm2d (+ ReLU) over a
     contiguous NCHW float32 y, with autograd. With batch statistics, mean
     and variance are the batch's (for the running-statistics update); else
-    the mean is the running mean and the variance empty."""
-    args = (y, weight, bias, running_mean, running_var, float(eps), bool(batch_statistics), bool(relu))
+    the mean is the running mean and the variance empty. keep_s8 (batch
+    statistics only) keeps y's int8 copy for the backward in place of y."""
+    keep_s8 = bool(keep_s8) and bool(batch_statistics)
+    args = (y, weight, bias, running_mean, running_var, float(eps), bool(batch_statistics), bool(relu), keep_s8)
     if torch.compiler.is_compiling():
-        z, _, mean, _, var = batch_norm_relu_forward(*args)
+        z, _, mean, _, var, _, _ = batch_norm_relu_forward(*args)
     else:
-        z, _, mean, _, var = _BatchNormReLUFunction.apply(*args)
+        z, _, mean, _, var, _, _ = _BatchNormReLUFunction.apply(*args)
     return z, mean, var

@@ -441,10 +441,13 @@ def _output_channels_last(x: torch.Tensor) -> bool:
     return suggest_memory_format(x) == torch.channels_last
 
 
-def _batch_norm_after(bn: nn.BatchNorm2d, y: torch.Tensor, relu: bool) -> torch.Tensor:
+def _batch_norm_after(bn: nn.BatchNorm2d, y: torch.Tensor, relu: bool, keep_s8: bool = False,
+                      chain=None) -> torch.Tensor:  # fmt: skip
     """``bn`` (then ReLU) applied to the NCHW output y, as BatchNorm2d.forward
     would: the same choice of statistics, momentum (None: cumulative
-    average), num_batches_tracked and running-statistics update."""
+    average), num_batches_tracked and running-statistics update. keep_s8:
+    the backward reads y's int8 copy (int8 blocks); chain: what computes
+    it (``_ops.batch_norm_relu``, or the prototype's model of it)."""
     if y.shape[0] == 0 or y.dtype != torch.float32:  # torch's own, for what the passes do not take
         z = F.batch_norm(
             y, bn.running_mean, bn.running_var, bn.weight, bn.bias,
@@ -455,8 +458,8 @@ def _batch_norm_after(bn: nn.BatchNorm2d, y: torch.Tensor, relu: bool) -> torch.
     if batch_statistics and y.numel() // y.shape[1] <= 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(y.shape)}")
     factor = _momentum(bn)
-    z, mean, var = _ops.batch_norm_relu(
-        y.contiguous(), bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps, batch_statistics, relu
+    z, mean, var = (chain or _ops.batch_norm_relu)(
+        y.contiguous(), bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps, batch_statistics, relu, keep_s8
     )
     if bn.training and bn.running_mean is not None and bn.running_var is not None:
         count = y.numel() // y.shape[1]
@@ -673,12 +676,16 @@ class SparseConv2d(_SparseModule):
             y = self._compute(x.contiguous())
         bn = self.__dict__.get("fused_batch_norm")
         if bn is not None:
-            y = _batch_norm_after(bn, y, self.fused_relu)
+            y = self._batch_norm(bn, y)
         elif self.fused_relu:
             y = _ops.relu_bits(y)
         if channels_last:
             y = y.contiguous(memory_format=torch.channels_last)
         return y.squeeze(0) if unbatched else y
+
+    def _batch_norm(self, bn: nn.BatchNorm2d, y: torch.Tensor) -> torch.Tensor:
+        # an int8 block keeps BatchNorm's input as int8 too (docs/quantization.md)
+        return _batch_norm_after(bn, y, self.fused_relu, keep_s8=self.scheme == "s8")
 
     def _compute(self, x: torch.Tensor) -> torch.Tensor:
         return _ops.conv2d(

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from . import quantization as q
-from .modules import QuantizedSparseConv2d, QuantizedSparseLinear
+from .modules import QuantizedSparseConv2d, QuantizedSparseLinear, _batch_norm_after
 
 
 def _gather(dense2d: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor) -> torch.Tensor:
@@ -85,6 +85,65 @@ class _PrototypeConv2dFn(torch.autograd.Function):
         return dx, dv, db, None, None, None, None, None, None, None, None
 
 
+class _PrototypeBatchNormS8Fn(torch.autograd.Function):
+    """BatchNorm2d (+ ReLU) with batch statistics keeping y's int8 copy, as
+    ``qsp::batch_norm_relu_forward/backward`` compute it: statistics in
+    double rounded once, z = y * scale + shift, per channel centered =
+    round((y - mean) * inv) over the scheme's step of max |y - mean|; the
+    backward reads y - mean as centered * step."""
+
+    @staticmethod
+    def forward(ctx, y, weight, bias, eps, relu):
+        c = y.shape[1]
+        yd = y.double()
+        mean_d = yd.mean((0, 2, 3))
+        var_d = (yd - mean_d.view(1, c, 1, 1)).square().mean((0, 2, 3))
+        mean, invstd = mean_d.float(), (1.0 / torch.sqrt(var_d + eps)).float()
+        scale = invstd * (weight if weight is not None else 1.0)
+        shift = (bias if bias is not None else 0.0) - mean * scale
+        z = y * scale.view(1, c, 1, 1) + shift.view(1, c, 1, 1)
+        mask = ~(z <= 0) if relu else None
+        if relu:
+            z = torch.where(mask, z, z.new_zeros(()))
+        centered_f = y - mean.view(1, c, 1, 1)
+        step, inv = q._scale_of(q._abs_max(centered_f.transpose(0, 1).reshape(c, -1), dim=1))
+        centered = torch.round(centered_f * inv.view(1, c, 1, 1)).clamp_(-q.QUANT_MAX, q.QUANT_MAX)
+        ctx.save_for_backward(centered.to(torch.int8), step, invstd, weight, mask)
+        ctx.relu = relu
+        var = var_d.float()
+        ctx.mark_non_differentiable(mean, var)
+        return z, mean, var
+
+    @staticmethod
+    def backward(ctx, gz, *_):
+        centered, step, invstd, weight, mask = ctx.saved_tensors
+        c = gz.shape[1]
+        g = torch.where(mask, gz, gz.new_zeros(())) if ctx.relu else gz
+        xc = centered.float() * step.view(1, c, 1, 1)
+        sum_g = g.double().sum((0, 2, 3))
+        dot = (g.double() * xc.double()).sum((0, 2, 3))
+        count = g.numel() // c
+        w = weight if weight is not None else torch.ones_like(invstd)
+        a = invstd * w
+        inv = invstd.double()
+        b = (-dot * inv * inv / count * a.double()).float()
+        k = (-sum_g / count * a.double()).float()
+        dy = g * a.view(1, c, 1, 1) + xc * b.view(1, c, 1, 1) + k.view(1, c, 1, 1)
+        affine = weight is not None
+        dw = (dot * inv).float() if affine and ctx.needs_input_grad[1] else None
+        db = sum_g.float() if affine and ctx.needs_input_grad[2] else None
+        return dy, dw, db, None, None
+
+
+def _prototype_batch_norm_relu(y, weight, bias, running_mean, running_var, eps, batch_statistics, relu, keep_s8):
+    """The prototype's (z, mean, var) of ``_ops.batch_norm_relu``: the int8
+    copy with batch statistics, torch's own arithmetic otherwise."""
+    if batch_statistics and keep_s8:
+        return _PrototypeBatchNormS8Fn.apply(y, weight, bias, float(eps), bool(relu))
+    z = F.batch_norm(y, running_mean, running_var, weight, bias, batch_statistics, 0.0, eps)
+    return (torch.relu(z) if relu else z), running_mean, y.new_empty(0)
+
+
 class PrototypeQuantizedSparseLinear(QuantizedSparseLinear):
     """``QuantizedSparseLinear`` numerics in pure PyTorch (no C++ kernels)."""
 
@@ -106,6 +165,9 @@ class PrototypeQuantizedSparseConv2d(QuantizedSparseConv2d):
     """``QuantizedSparseConv2d`` numerics in pure PyTorch (no C++ kernels)."""
 
     prototype = True
+
+    def _batch_norm(self, bn, y: torch.Tensor) -> torch.Tensor:
+        return _batch_norm_after(bn, y, self.fused_relu, keep_s8=True, chain=_prototype_batch_norm_relu)
 
     def _compute(self, x: torch.Tensor) -> torch.Tensor:
         return _PrototypeConv2dFn.apply(
