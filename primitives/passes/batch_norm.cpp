@@ -39,14 +39,13 @@ template <typename F> void for_each_chunk(int64_t n, int num_threads, F &&f) {
         f(c * chunk_elems, std::min(n, (c + 1) * chunk_elems));
 }
 
-// Clamped to [-127, 127] first (a NaN to -127: it only occurs in a channel
-// whose step is NaN, where the value is never read as a number), then
-// rounded half to even by the float adder: 1.5 * 2^23 + v has a unit ulp.
-// std::nearbyint would be a libm call per element on the baseline ISA.
+// Rounded half to even by the float adder (1.5 * 2^23 + v has a unit ulp;
+// std::nearbyint would be a libm call per element on the baseline ISA).
+// No clamp: with a usable step, |src - mean| <= max |src - mean| = 127 *
+// step, so |v| <= 127 * (1 + 3 ulp) < 127.5 rounds into [-127, 127]; a
+// channel without a usable step is written as zeros by the caller.
 inline int8_t round_to_s8(float v) {
-    constexpr float limit = 127.0f, unit_ulp = 12582912.0f;
-    v = v >= -limit ? v : -limit;
-    v = v <= limit ? v : limit;
+    constexpr float unit_ulp = 12582912.0f;
     return static_cast<int8_t>(static_cast<int>((v + unit_ulp) - unit_ulp));
 }
 
@@ -80,6 +79,31 @@ template <typename F> void with_centered(centered_source src, F &&f) {
         f(f32_centered{src.src, src.mean});
 }
 
+// Folds the smallest and largest of p[0, n) into lowest / highest. Lanes
+// of their own with selects written as minps / maxps compute them: GCC
+// leaves an `omp simd reduction(min/max)` over floats scalar (NaN rules).
+inline void plane_range(const float *p, int64_t n, float &lowest, float &highest) {
+    constexpr int lanes = 8;
+    float lo[lanes], hi[lanes];
+    for (int j = 0; j < lanes; ++j)
+        lo[j] = lowest, hi[j] = highest;
+    int64_t i = 0;
+    for (; i + lanes <= n; i += lanes)
+        for (int j = 0; j < lanes; ++j) {
+            const float v = p[i + j];
+            lo[j] = v < lo[j] ? v : lo[j];
+            hi[j] = v > hi[j] ? v : hi[j];
+        }
+    for (; i < n; ++i) {
+        lo[0] = p[i] < lo[0] ? p[i] : lo[0];
+        hi[0] = p[i] > hi[0] ? p[i] : hi[0];
+    }
+    for (int j = 0; j < lanes; ++j) {
+        lowest = lo[j] < lowest ? lo[j] : lowest;
+        highest = hi[j] > highest ? hi[j] : highest;
+    }
+}
+
 } // namespace
 
 void channel_statistics(const float *src, channel_planes s, double *mean, double *var,
@@ -95,13 +119,7 @@ void channel_statistics(const float *src, channel_planes s, double *mean, double
             for (int64_t i = 0; i < s.spatial; ++i)
                 sum += p[i];
             if (range) { // a loop of its own: the sum's order stays the one without it
-                float lo = lowest, hi = highest;
-#pragma omp simd reduction(min : lo) reduction(max : hi)
-                for (int64_t i = 0; i < s.spatial; ++i) {
-                    lo = std::min(lo, p[i]);
-                    hi = std::max(hi, p[i]);
-                }
-                lowest = lo, highest = hi;
+                plane_range(p, s.spatial, lowest, highest);
             }
             const double plane_mean = static_cast<double>(sum) / static_cast<double>(s.spatial);
             const float centre = static_cast<float>(plane_mean);
@@ -130,16 +148,24 @@ void scale_shift_relu(const float *src, channel_planes s, const float *scale, co
     for_each_chunk(s.elements(), num_threads, [&](int64_t begin, int64_t end) {
         for_each_plane_run(s, begin, end, [&](int64_t c, int64_t b, int64_t e) {
             const float a = scale[c], k = shift[c];
-            if (keep) { // the int8 copy first: dst may be src
+            if (keep && keep->inv[c] != 0.0f) { // the int8 copy first: dst may be src
+                // locals, not the lambda's captures: an int8 store may alias
+                // anything, so captured pointers would be reloaded per element
+                // (and the loop not vectorized)
+                const float *in = src;
+                float *out = dst;
                 int8_t *q = keep->values;
                 const float m = keep->mean[c], inv = keep->inv[c];
 #pragma omp simd
                 for (int64_t i = b; i < e; ++i) {
-                    const float v = src[i];
+                    const float v = in[i];
                     q[i] = round_to_s8((v - m) * inv);
-                    dst[i] = v * a + k;
+                    out[i] = v * a + k;
                 }
             } else {
+                // a channel without a usable step (NaN, or all its values
+                // equal): no number to keep
+                if (keep) std::fill(keep->values + b, keep->values + e, int8_t{0});
 #pragma omp simd
                 for (int64_t i = b; i < e; ++i)
                     dst[i] = src[i] * a + k;

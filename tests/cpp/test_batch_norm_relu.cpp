@@ -371,6 +371,18 @@ TEST(BatchNormRelu, an_int8_copy_keeps_a_non_finite_channel_non_finite_and_no_ot
     }
 }
 
+TEST(BatchNormRelu, an_int8_copy_of_a_constant_channel_is_zeros_with_a_zero_step) {
+    const case_t c{3, 2, 17};
+    inputs_t in = make_inputs(c, 17);
+    for (int64_t b = 0; b < c.batch; ++b)
+        for (int64_t s = 0; s < c.spatial; ++s)
+            in.x[(b * c.channels + 1) * c.spatial + s] = 2.5f;
+    const s8_result_t o = run_s8(c, in, true, true, 2);
+    EXPECT_EQ(o.step[1], 0.0f);
+    check_centering(c, in, o);
+    check_s8_backward(c, in, o, true, true);
+}
+
 TEST(BatchNormRelu, refuses_malformed_arguments_with_a_named_reason) {
     std::vector<float> x(12, 1.0f), y(12), m(3), v(3);
     std::vector<uint8_t> mask(2);
