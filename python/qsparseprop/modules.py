@@ -636,10 +636,23 @@ class SparseConv2d(_SparseModule):
     def _cols(self):
         return self.in_channels // self.groups * self.kernel_size[0] * self.kernel_size[1]
 
+    def _subsampled(self) -> bool:
+        """A 1x1 kernel without padding at a stride reads every stride-th
+        pixel and nothing else: the layer takes those pixels first (a
+        strided view) and runs its kernels at stride 1. The kernels' input
+        packs then copy 1/(sh*sw) of the input instead of all of it, the
+        backward's input gradient is that much smaller before torch spreads
+        it, and an int8 layer keeps (and scales per tensor) just the pixels
+        it reads (docs/quantization.md)."""
+        return self.kernel_size == (1, 1) and self._pads == (0, 0, 0, 0) and self.stride != (1, 1)
+
+    def _kernel_stride(self) -> tuple[int, int]:
+        return (1, 1) if self._subsampled() else self.stride
+
     def _spec(self) -> list[int]:
         top, left, bottom, right = self._pads
         return [
-            self.in_channels, self.out_channels, *self.kernel_size, *self.stride, top, left, bottom, right,
+            self.in_channels, self.out_channels, *self.kernel_size, *self._kernel_stride(), top, left, bottom, right,
             *self.dilation, self.groups,
         ]  # fmt: skip
 
@@ -673,6 +686,8 @@ class SparseConv2d(_SparseModule):
                 F.pad(x, (left, right, top, bottom)), self.weight, self.bias, self.stride, 0, self.dilation, self.groups
             )
         else:
+            if self._subsampled():
+                x = x[:, :, :: self.stride[0], :: self.stride[1]]
             y = self._compute(x.contiguous())
         bn = self.__dict__.get("fused_batch_norm")
         if bn is not None:

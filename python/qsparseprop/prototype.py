@@ -179,7 +179,7 @@ class PrototypeQuantizedSparseConv2d(QuantizedSparseConv2d):
             self.col_idx,
             int(self._next_seed()),
             self._pads,
-            self.stride,
+            self._kernel_stride(),
             self.dilation,
             self.groups,
         )

@@ -54,6 +54,7 @@ def test_linear_kernel_equals_prototype_bit_for_bit(batch, k, n, sparsity):
         dict(in_channels=3, out_channels=5, kernel_size=3, padding=1),
         dict(in_channels=4, out_channels=6, kernel_size=3, stride=2, dilation=2, groups=2, padding=(2, 1)),
         dict(in_channels=2, out_channels=4, kernel_size=(1, 5), padding="same", bias=False),
+        dict(in_channels=4, out_channels=6, kernel_size=1, stride=2),  # scaled over the pixels it reads
     ],
 )
 @pytest.mark.parametrize("vectorizing_over_on", [None, True, False])
@@ -160,3 +161,15 @@ def test_subnormal_scales_match_the_prototype(tiny):
     for a, b, what in ((yk, yp, "y"), (dxk, dxp, "dx"), (dvk, dvp, "dvalues")):
         assert not torch.isnan(a).any(), what
         assert torch.equal(a, b), what
+
+
+def test_a_strided_1x1_s8_convolution_keeps_only_the_pixels_it_reads():
+    dense = prune_random_(torch.nn.Conv2d(8, 16, 1, stride=2, bias=False), 0.8)
+    q = QuantizedSparseConv2d.from_dense(dense)
+    x = torch.randn(4, 8, 12, 12, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        q(x)
+    int8 = [t for t in saved if t.dtype == torch.uint8]
+    # the int8 input of a quarter of the pixels (plus header, weights, scales), not of all
+    assert int8 and x.numel() // 4 <= int8[0].numel() < x.numel() // 2

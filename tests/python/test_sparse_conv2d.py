@@ -43,6 +43,9 @@ def _compare(dense: torch.nn.Conv2d, x: torch.Tensor, rel=1e-4, **kw):
         dict(in_channels=6, out_channels=6, kernel_size=3, padding="same", groups=6, bias=False),
         dict(in_channels=3, out_channels=2, kernel_size=(2, 4), padding="same", dilation=(1, 2)),
         dict(in_channels=3, out_channels=2, kernel_size=(3, 1), stride=(1, 2), padding="valid"),
+        dict(in_channels=4, out_channels=6, kernel_size=1, stride=2),  # subsampled, then stride 1
+        dict(in_channels=4, out_channels=2, kernel_size=1, stride=(3, 2), groups=2, bias=False),
+        dict(in_channels=4, out_channels=6, kernel_size=1, stride=2, padding=1),  # padded: not subsampled
     ],
 )
 @pytest.mark.parametrize("vectorizing_over_on", [None, True, False])
@@ -138,3 +141,20 @@ def test_gradcheck_f32():
         )[0]
 
     assert torch.autograd.gradcheck(op, inputs, eps=1e-2, atol=1e-2, rtol=1e-2)
+
+
+def test_a_strided_1x1_convolution_runs_its_kernels_on_the_pixels_it_reads():
+    dense = prune_random_(torch.nn.Conv2d(8, 16, 1, stride=2, bias=False), 0.8)
+    sparse = SparseConv2d.from_dense(dense)
+    assert sparse._subsampled() and sparse._spec()[4:6] == [1, 1]
+    assert not SparseConv2d.from_dense(torch.nn.Conv2d(8, 16, 1, stride=2, padding=1))._subsampled()
+    assert not SparseConv2d.from_dense(torch.nn.Conv2d(8, 16, 3, stride=2))._subsampled()
+    # batch 1, unbatched, channels_last, odd sizes: as torch
+    _compare(dense, torch.randn(1, 8, 7, 5))
+    _compare(dense, torch.randn(8, 6, 9))
+    ys = _compare(dense, torch.randn(2, 8, 9, 7).contiguous(memory_format=torch.channels_last))
+    assert ys.is_contiguous(memory_format=torch.channels_last)
+    # the stride stays the layer's: assigning it reaches the kernels
+    sparse.stride = 1
+    assert not sparse._subsampled()
+    torch.testing.assert_close(sparse(torch.ones(1, 8, 3, 3)).shape, torch.Size([1, 16, 3, 3]))
