@@ -14,6 +14,7 @@ import torch  # noqa: F401
 
 from . import _C
 from .modules import (
+    BatchNormReLU2d,
     FusedBatchNorm2d,
     FusedReLU,
     MaskedReLU,
@@ -165,6 +166,7 @@ __all__ = [
     "to_dense",
     "FusedReLU",
     "FusedBatchNorm2d",
+    "BatchNormReLU2d",
     "fuse",
     "MaskedReLU",
     "use_masked_relus",

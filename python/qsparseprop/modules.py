@@ -75,25 +75,57 @@ class FusedReLU(nn.Identity):
     itself (``fused_relu``): a marker, so ``to_dense`` can put the ReLU back."""
 
 
-class FusedBatchNorm2d(nn.BatchNorm2d):
+class _TakenOverBatchNorm2d(nn.BatchNorm2d):
+    """An ``nn.BatchNorm2d`` subclass made from one: the very same
+    parameters and buffers under the same ``state_dict`` keys, so
+    checkpoints, optimizers and ``train()`` / ``eval()`` treat it as the
+    BatchNorm it was; ``to_dense`` puts an ``nn.BatchNorm2d`` back."""
+
+    @classmethod
+    def taking_over(cls, bn: nn.BatchNorm2d):
+        """An instance holding ``bn``'s very parameters and buffers."""
+        return _moved_into(cls.__new__(cls), bn)
+
+    def to_batch_norm(self) -> nn.BatchNorm2d:
+        """An ``nn.BatchNorm2d`` holding this module's parameters and buffers."""
+        bn = _moved_into(nn.BatchNorm2d.__new__(nn.BatchNorm2d), self)
+        bn.__dict__.pop("relu", None)
+        return bn
+
+
+class FusedBatchNorm2d(_TakenOverBatchNorm2d):
     """Where an ``nn.BatchNorm2d`` stood after a sparse convolution that now
-    applies it itself (``qsparseprop.fuse``): the same parameters and
-    buffers under the same ``state_dict`` keys, so checkpoints, optimizers
-    and ``train()`` / ``eval()`` treat it as the BatchNorm it was; its own
-    forward passes the input through (the convolution before it has already
-    normalised). ``to_dense`` puts an ``nn.BatchNorm2d`` back."""
+    applies it itself (``qsparseprop.fuse``): its own forward passes the
+    input through (the convolution before it has already normalised)."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return input
 
-    @classmethod
-    def taking_over(cls, bn: nn.BatchNorm2d) -> "FusedBatchNorm2d":
-        """A marker holding ``bn``'s very parameters and buffers."""
-        return _moved_into(cls.__new__(cls), bn)
 
-    def to_batch_norm(self) -> nn.BatchNorm2d:
-        """An ``nn.BatchNorm2d`` holding this marker's parameters and buffers."""
-        return _moved_into(nn.BatchNorm2d.__new__(nn.BatchNorm2d), self)
+class BatchNormReLU2d(_TakenOverBatchNorm2d):
+    """An ``nn.BatchNorm2d`` after a layer of torch's own (a dense
+    convolution: the network's first, or one the swap kept dense), computed
+    by the sparse blocks' BatchNorm passes (``qsparseprop.fuse``): one
+    statistics pass and one apply pass forward, two passes backward, and
+    with ``relu`` the ``nn.ReLU`` after it too (a ``FusedReLU`` marks where
+    it stood), its backward keeping one bit per element. The arithmetic,
+    statistics and running-statistics rules are those of the fused blocks
+    (BatchNorm2d's, within float rounding); an input that is not
+    NCHW-contiguous (channels_last) or not float32 goes through torch's
+    BatchNorm2d and ReLU, keeping its layout."""
+
+    relu = False
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if input.dim() != 4:
+            raise ValueError(f"expected 4D input (got {input.dim()}D input)")
+        if input.is_contiguous():
+            return _batch_norm_after(self, input, self.relu)
+        z = super().forward(input)
+        return torch.relu(z) if self.relu else z
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", relu=True" if self.relu else "")
 
 
 def _moved_into(target: nn.Module, source: nn.Module) -> nn.Module:

@@ -20,6 +20,7 @@ from torch.nn.utils import prune
 
 from . import _C, _ops
 from .modules import (
+    BatchNormReLU2d,
     FusedBatchNorm2d,
     FusedReLU,
     MaskedReLU,
@@ -516,7 +517,10 @@ def fuse(model: nn.Module, relu: bool = True) -> nn.Module:
     ``state_dict`` keys, ``train()`` / ``eval()`` reach them as before, and
     :func:`to_dense` puts the original modules back. Fusing twice changes
     nothing. ``swap_modules_with_sparse`` fuses the layers it swaps
-    (``fuse=True``, ``fuse_relu=True``).
+    (``fuse=True``, ``fuse_relu=True``). An ``nn.BatchNorm2d`` after a
+    dense ``nn.Conv2d`` (the network's first, or one the swap kept dense),
+    with the ``nn.ReLU`` after it, becomes a ``BatchNormReLU2d``: the same
+    passes, run by the BatchNorm module itself.
 
     >>> import torch
     >>> from qsparseprop import SparseConv2d, fuse
@@ -556,6 +560,14 @@ def _fuse_sequential(model: nn.Module, rows, batch_norm: bool, relu: bool) -> No
                 if layer.__dict__.get("fused_batch_norm") is nxt:
                     owner[id(nxt)] = (full, layer)
                 continue
+            if _torch_conv_then_batch_norm(layer, nxt) and batch_norm:
+                setattr(seq, next_name, BatchNormReLU2d.taking_over(nxt))
+                continue
+            if isinstance(layer, BatchNormReLU2d):
+                if relu and _is_relu(nxt) and not layer.relu:
+                    layer.relu = True
+                    setattr(seq, next_name, FusedReLU())
+                continue
             if isinstance(layer, FusedBatchNorm2d):
                 full, layer = owner.get(id(layer), (None, None))
             if layer is None or not isinstance(layer, _SparseModule) or (rows is not None and full not in rows):
@@ -590,6 +602,16 @@ class _ChildrenAsLeaves(torch.fx.Tracer):
 
 def _is_dense_conv(m: nn.Module) -> bool:
     return isinstance(m, nn.Conv2d)
+
+
+def _is_torch_conv(m: nn.Module) -> bool:
+    return type(m) is nn.Conv2d  # subclasses (QAT, ...) may not be plain convolutions
+
+
+def _torch_conv_then_batch_norm(layer: nn.Module, nxt: nn.Module) -> bool:
+    """A dense nn.Conv2d with an nn.BatchNorm2d of its channels after it:
+    the BatchNorm (and a ReLU after it) becomes a BatchNormReLU2d."""
+    return _is_torch_conv(layer) and _is_batch_norm(nxt) and nxt.num_features == layer.out_channels
 
 
 def _is_sparse_conv(m: nn.Module) -> bool:
@@ -658,8 +680,14 @@ def _fuse_traced(model: nn.Module, rows, batch_norm: bool, relu: bool) -> None:
     if not batch_norm:
         return
     for parent_name, parent in list(model.named_modules()):
-        if _plain_sequential(parent) or not any(isinstance(m, SparseConv2d) for m in parent.modules()):
+        if _plain_sequential(parent) or not any(_is_dense_conv(m) or _is_sparse_conv(m) for m in parent.children()):
             continue
+        for _, bn_name, relu_name in _traced_chains(model, parent, _is_torch_conv):
+            marker = BatchNormReLU2d.taking_over(parent.get_submodule(bn_name))
+            _replace(parent, bn_name, marker)
+            if relu and relu_name is not None:
+                marker.relu = True
+                _replace(parent, relu_name, FusedReLU())
         for conv_name, bn_name, relu_name in _traced_chains(model, parent, _is_sparse_conv):
             conv = parent.get_submodule(conv_name)
             full = f"{parent_name}.{conv_name}" if parent_name else conv_name
@@ -835,7 +863,7 @@ def to_dense(model: nn.Module, inplace: bool = False) -> nn.Module:
     for name, mod in list(target.named_modules()):
         if isinstance(mod, FusedReLU):
             _replace(target, name, nn.ReLU())  # the ReLU back where it stood
-        elif isinstance(mod, FusedBatchNorm2d):
+        elif isinstance(mod, (FusedBatchNorm2d, BatchNormReLU2d)):
             _replace(target, name, mod.to_batch_norm())
         elif isinstance(mod, MaskedReLU):
             _replace(target, name, nn.ReLU(mod.inplace))

@@ -402,3 +402,66 @@ def test_the_swap_fuses_a_traced_block_and_times_its_convolutions_as_blocks():
         assert "(as the block Conv2d+BatchNorm2d, fused)" in rows[name].reason, rows[name].reason
         assert not rows[name].fused_relu  # the block's ReLU module is called twice
     assert isinstance(swapped.bn1, q.FusedBatchNorm2d) and type(swapped.relu) is nn.ReLU
+
+
+# ---- a BatchNorm after a dense convolution (the network's first) -------------------
+
+
+def _stem(bn_kwargs=None, relu=True):
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(6, **(bn_kwargs or {}))
+    if bn.affine:
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.normal_()
+    # no bias before the BatchNorm: its gradient is zero up to rounding noise
+    stem = nn.Conv2d(3, 6, 3, padding=1, bias=False)
+    return nn.Sequential(stem, bn, *([nn.ReLU()] if relu else []), nn.Conv2d(6, 2, 1))
+
+
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize(
+    "bn_kwargs", [{}, {"momentum": None}, {"affine": False}, {"track_running_stats": False}],
+    ids=["default", "momentum-none", "no-affine", "no-running-stats"],
+)  # fmt: skip
+def test_a_batch_norm_after_a_dense_convolution_runs_the_fused_passes(relu, bn_kwargs):
+    dense = _stem(bn_kwargs, relu)
+    fused = q.fuse(copy.deepcopy(dense))
+    assert isinstance(fused[1], q.BatchNormReLU2d) and fused[1].relu == relu
+    assert isinstance(fused[2], q.FusedReLU) == relu
+    assert list(fused.state_dict()) == list(dense.state_dict())
+    _train_and_compare(dense, fused, (4, 3, 9, 7), "f32")
+    _train_and_compare(dense, fused, (1, 3, 5, 8), "f32", channels_last=True)  # torch's own, layout kept
+    back = q.to_dense(fused)
+    assert type(back[1]) is nn.BatchNorm2d and not hasattr(back[1], "relu")
+    assert (type(back[2]) is nn.ReLU) == relu
+    assert list(back.state_dict()) == list(dense.state_dict())
+    with pytest.raises(ValueError, match="expected 4D input"):
+        fused[1](torch.randn(6, 5, 5))
+
+
+class _Stem(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.relu = nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(self.bn(self.conv(x)))
+
+
+def test_a_traced_stem_fuses_its_batch_norm_and_relu():
+    torch.manual_seed(0)
+    dense = nn.Sequential(_Stem(), nn.Conv2d(6, 2, 1))
+    fused = q.fuse(copy.deepcopy(dense))
+    assert isinstance(fused[0].bn, q.BatchNormReLU2d) and fused[0].bn.relu
+    assert isinstance(fused[0].relu, q.FusedReLU)
+    _train_and_compare(dense, fused, (3, 3, 7, 7), "f32")
+
+
+def test_the_swap_fuses_a_batch_norm_after_a_layer_it_keeps_dense():
+    dense = _stem()
+    swapped = q.swap_modules_with_sparse(copy.deepcopy(dense), (2, 3, 8, 8), verbose=False)
+    assert not any(r.swapped for r in swapped.qsparseprop_swap_report)  # nothing pruned
+    assert isinstance(swapped[1], q.BatchNormReLU2d) and swapped[1].relu
+    plain = q.swap_modules_with_sparse(copy.deepcopy(dense), (2, 3, 8, 8), verbose=False, fuse=False)
+    assert type(plain[1]) is nn.BatchNorm2d
