@@ -104,6 +104,27 @@ inline void plane_range(const float *p, int64_t n, float &lowest, float &highest
     }
 }
 
+// The sum of f(i) over [0, n) in 16 float lanes: four independent vector
+// accumulators on the baseline ISA, where an `omp simd` reduction keeps one
+// and the loop waits on the adder's latency (the plane is in cache). The
+// lanes are added in a fixed order, so the result depends on n alone.
+// (The backward's two sums stay an omp simd reduction: in lanes they
+// measured slower, 3.4 -> 3.9 ms at 128x24x28x28.)
+template <typename F> float lane_sum(int64_t n, F f) {
+    constexpr int lanes = 16;
+    float acc[lanes] = {};
+    int64_t i = 0;
+    for (; i + lanes <= n; i += lanes)
+        for (int j = 0; j < lanes; ++j)
+            acc[j] += f(i + j);
+    for (int j = 0; i < n; ++i, ++j)
+        acc[j] += f(i);
+    float sum = 0;
+    for (int j = 0; j < lanes; ++j)
+        sum += acc[j];
+    return sum;
+}
+
 } // namespace
 
 void channel_statistics(const float *src, channel_planes s, double *mean, double *var,
@@ -114,19 +135,15 @@ void channel_statistics(const float *src, channel_planes s, double *mean, double
         float lowest = std::numeric_limits<float>::infinity(), highest = -lowest;
         for (int64_t n = 0; n < s.batch; ++n) {
             const float *p = src + (n * s.channels + c) * s.spatial;
-            float sum = 0;
-#pragma omp simd reduction(+ : sum)
-            for (int64_t i = 0; i < s.spatial; ++i)
-                sum += p[i];
+            const float sum = lane_sum(s.spatial, [p](int64_t i) { return p[i]; });
             if (range) { // a loop of its own: the sum's order stays the one without it
                 plane_range(p, s.spatial, lowest, highest);
             }
             const double plane_mean = static_cast<double>(sum) / static_cast<double>(s.spatial);
             const float centre = static_cast<float>(plane_mean);
-            float squares = 0;
-#pragma omp simd reduction(+ : squares)
-            for (int64_t i = 0; i < s.spatial; ++i)
-                squares += (p[i] - centre) * (p[i] - centre);
+            const float squares = lane_sum(s.spatial, [p, centre](int64_t i) {
+                return (p[i] - centre) * (p[i] - centre);
+            });
             // about plane_mean rather than the float it was rounded to
             const double off = plane_mean - centre;
             const double plane_m2 =
