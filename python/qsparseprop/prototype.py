@@ -108,6 +108,8 @@ class _PrototypeBatchNormS8Fn(torch.autograd.Function):
         centered_f = y - mean.view(1, c, 1, 1)
         step, inv = q._scale_of(q._abs_max(centered_f.transpose(0, 1).reshape(c, -1), dim=1))
         centered = torch.round(centered_f * inv.view(1, c, 1, 1)).clamp_(-q.QUANT_MAX, q.QUANT_MAX)
+        # a channel without a usable step (NaN, or all values equal) keeps zeros
+        centered = torch.where(inv.view(1, c, 1, 1) != 0, centered, centered.new_zeros(()))
         ctx.save_for_backward(centered.to(torch.int8), step, invstd, weight, mask)
         ctx.relu = relu
         var = var_d.float()
