@@ -680,7 +680,7 @@ def _fuse_traced(model: nn.Module, rows, batch_norm: bool, relu: bool) -> None:
     if not batch_norm:
         return
     for parent_name, parent in list(model.named_modules()):
-        if _plain_sequential(parent) or not any(_is_dense_conv(m) or _is_sparse_conv(m) for m in parent.children()):
+        if _plain_sequential(parent) or not any(_is_torch_conv(m) or _is_sparse_conv(m) for m in parent.children()):
             continue
         for _, bn_name, relu_name in _traced_chains(model, parent, _is_torch_conv):
             marker = BatchNormReLU2d.taking_over(parent.get_submodule(bn_name))
