@@ -176,8 +176,12 @@ struct stochastic_rounding {
     // The rounded v (elements i..i+7 of the tensor), before the clamp.
     __m256 rounded(__m256 v, int64_t i) const {
         const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-        const __m256i idx = _mm256_add_epi32(
-                _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(i))), lane);
+        return rounded_at(
+                v, _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(i))),
+                                    lane));
+    }
+    // The same with the 8 flat indices (mod 2^32) given.
+    __m256 rounded_at(__m256 v, __m256i idx) const {
         const __m256i h = mix32(_mm256_xor_si256(idx, seed));
         const __m256 u = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(h, 8)),
                                        _mm256_set1_ps(1.0f / 16777216.0f));
@@ -203,11 +207,34 @@ void stochastic_pass(const float *x, int64_t n, const float *multiplier, int64_t
                      int64_t inner, const stochastic_rounding &scaled, int8_t *q,
                      const stochastic_rounding *plain, int8_t *q_plain, int num_threads) {
     const multiplier_rows shape(n, multiplier, channels, inner);
+    // Whole vectors of a usable rounding take a loop of their own: the
+    // per-vector tail and usability tests, and the indices rebuilt from i,
+    // were an eighth of the pass (128x24x28x28, 2 threads: 1.58 -> 1.38 ms;
+    // the rest is mostly the hash's two 32-bit multiplies per vector).
+    const bool fast = scaled.s.usable && (!plain || plain->s.usable);
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t r = 0; r < shape.rows; ++r) {
         const int64_t len = shape.row_len(r);
         const __m256 row_mult = row_multiplier(multiplier, channels, inner, r);
-        for (int64_t c = 0; c < len; c += 8) {
+        int64_t c = 0;
+        if (fast) {
+            const int64_t first = r * shape.cols;
+            __m256i idx = _mm256_add_epi32(
+                    _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(first))),
+                    _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+            for (; c + 8 <= len; c += 8) {
+                const __m256 x_v = _mm256_loadu_ps(x + first + c);
+                if (plain)
+                    _mm_storel_epi64(reinterpret_cast<__m128i *>(q_plain + first + c),
+                                     q_bytes(plain->rounded_at(x_v, idx)));
+                const __m256 v =
+                        multiplier ? times_multiplier(x_v, multiplier, inner, row_mult, c, 8) : x_v;
+                _mm_storel_epi64(reinterpret_cast<__m128i *>(q + first + c),
+                                 q_bytes(scaled.rounded_at(v, idx)));
+                idx = _mm256_add_epi32(idx, _mm256_set1_epi32(8));
+            }
+        }
+        for (; c < len; c += 8) {
             const int64_t i = r * shape.cols + c, left = len - c;
             const __m256 x_v = avx2::load_first(x + i, left);
             if (plain) plain->store(q_plain + i, x_v, i, left);

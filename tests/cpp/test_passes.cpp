@@ -85,6 +85,27 @@ TEST(Passes, f32_tile_layout_tiers_match_portable) {
 
 TEST(Passes, quantization_tiers_match_portable) {
     std::mt19937 rng(21);
+    // Without a multiplier the passes walk blocks of 4096: several blocks,
+    // a partial last vector, the noise indexed across them.
+    {
+        const int64_t n = 3 * 4096 + 13;
+        auto x = random_vector(static_cast<size_t>(n), rng, -2.f, 3.f);
+        std::vector<int8_t> want(n), got(n);
+        const float s = detail::portable::quantize_stochastic(x.data(), n, nullptr, 1, 1, 5,
+                                                              want.data(), 2);
+        if (cpu_has(cpu_isa::avx2)) {
+            expect_same_bits(
+                    detail::quantize_stochastic_avx2(x.data(), n, nullptr, 1, 1, 5, got.data(), 3),
+                    s, "avx2 stochastic, no multiplier");
+            EXPECT_EQ(got, want);
+        }
+        if (cpu_has(cpu_isa::avx512_core)) {
+            expect_same_bits(detail::quantize_stochastic_avx512(x.data(), n, nullptr, 1, 1, 5,
+                                                                got.data(), 3),
+                             s, "avx512 stochastic, no multiplier");
+            EXPECT_EQ(got, want);
+        }
+    }
     for (int64_t rows : {1, 3, 17})
         for (int64_t cols : {1, 7, 8, 15, 16, 33, 100}) {
             SCOPED_TRACE(std::to_string(rows) + "x" + std::to_string(cols));
