@@ -389,4 +389,33 @@ void batch_norm_relu_backward(const batch_norm_relu_desc &d, const float *diff_d
                               const float *gamma, const float *invstd, float *diff_src,
                               float *diff_gamma, float *diff_beta, int num_threads = 0);
 
+// A residual block's end (torchvision's BasicBlock: relu(bn2(conv2(x)) +
+// identity)) in the same passes: dst = relu(batch_norm(src) + residual),
+// the sum rounded as the unfused block rounds it (normalised value, then +
+// residual[i]); residual is N*C*H*W floats (dst may alias src or residual).
+// The backward also writes diff_residual (the gradient through the ReLU's
+// mask, which the residual's branch receives; N*C*H*W floats, null: not
+// wanted, aliasing neither diff_dst nor diff_src). Otherwise as the pairs
+// above, with the f32 src or its int8 copy kept for the backward.
+void batch_norm_add_relu_forward(const batch_norm_relu_desc &d, const float *src,
+                                 const float *residual, const float *gamma, const float *beta,
+                                 const float *running_mean, const float *running_var, float *dst,
+                                 uint8_t *mask, float *mean, float *invstd, float *batch_var,
+                                 int num_threads = 0);
+void batch_norm_add_relu_forward(const batch_norm_relu_desc &d, const float *src,
+                                 const float *residual, const float *gamma, const float *beta,
+                                 const float *running_mean, const float *running_var, float *dst,
+                                 uint8_t *mask, float *mean, float *invstd, float *batch_var,
+                                 int8_t *centered, float *step, int num_threads = 0);
+void batch_norm_add_relu_backward(const batch_norm_relu_desc &d, const float *diff_dst,
+                                  const uint8_t *mask, const float *src, const float *gamma,
+                                  const float *mean, const float *invstd, float *diff_src,
+                                  float *diff_residual, float *diff_gamma, float *diff_beta,
+                                  int num_threads = 0);
+void batch_norm_add_relu_backward(const batch_norm_relu_desc &d, const float *diff_dst,
+                                  const uint8_t *mask, const int8_t *centered, const float *step,
+                                  const float *gamma, const float *invstd, float *diff_src,
+                                  float *diff_residual, float *diff_gamma, float *diff_beta,
+                                  int num_threads = 0);
+
 } // namespace qsp

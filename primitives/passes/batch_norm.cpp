@@ -49,6 +49,22 @@ inline int8_t round_to_s8(float v) {
     return static_cast<int8_t>(static_cast<int>((v + unit_ulp) - unit_ulp));
 }
 
+// The int8 copy of channel c's run [b, e) of src (zeros where the channel
+// has no usable step). Locals, not references into `keep`: an int8 store
+// may alias anything, so those would be reloaded per element.
+inline void write_centered(const centered_s8_writer &keep, const float *src, int64_t c, int64_t b,
+                           int64_t e) {
+    int8_t *q = keep.values;
+    const float m = keep.mean[c], inv = keep.inv[c];
+    if (inv == 0.0f) {
+        std::fill(q + b, q + e, int8_t{0});
+        return;
+    }
+#pragma omp simd
+    for (int64_t i = b; i < e; ++i)
+        q[i] = round_to_s8((src[i] - m) * inv);
+}
+
 // src - mean[c] as the backward reads it, element i of channel c's runs
 // (flat indices): from the forward's src, or from its int8 copy.
 struct f32_centered {
@@ -161,10 +177,20 @@ void channel_statistics(const float *src, channel_planes s, double *mean, double
 }
 
 void scale_shift_relu(const float *src, channel_planes s, const float *scale, const float *shift,
-                      float *dst, uint8_t *bits, const centered_s8_writer *keep, int num_threads) {
+                      const float *residual, float *dst, uint8_t *bits,
+                      const centered_s8_writer *keep, int num_threads) {
     for_each_chunk(s.elements(), num_threads, [&](int64_t begin, int64_t end) {
         for_each_plane_run(s, begin, end, [&](int64_t c, int64_t b, int64_t e) {
             const float a = scale[c], k = shift[c];
+            if (residual) { // the block's add: (normalised, rounded) + residual
+                const float *in = src, *r = residual;
+                float *out = dst;
+                if (keep) write_centered(*keep, in, c, b, e);
+#pragma omp simd
+                for (int64_t i = b; i < e; ++i)
+                    out[i] = (in[i] * a + k) + r[i];
+                return;
+            }
             if (keep && keep->inv[c] != 0.0f) { // the int8 copy first: dst may be src
                 // locals, not the lambda's captures: an int8 store may alias
                 // anything, so captured pointers would be reloaded per element
@@ -232,15 +258,21 @@ void masked_gradient_sums(const float *diff_dst, const uint8_t *bits, centered_s
 
 void masked_gradient_apply(const float *diff_dst, const uint8_t *bits, centered_source src,
                            channel_planes s, const float *a, const float *b, const float *k,
-                           float *diff_src, int num_threads) {
+                           float *diff_src, float *diff_residual, int num_threads) {
     with_centered(src, [&](auto centered) {
         for_each_chunk(s.elements(), num_threads, [&](int64_t begin, int64_t end) {
             const float *g = diff_dst;
-            if (bits) { // masked into diff_src first, while the chunk is in cache
-                relu_mask_backward_range(diff_dst + begin, bits, begin, diff_src + begin,
+            // the masked gradient first, while the chunk is in cache: into
+            // the residual's gradient (which it is), else into diff_src
+            float *masked = diff_residual ? diff_residual : diff_src;
+            if (bits) {
+                relu_mask_backward_range(diff_dst + begin, bits, begin, masked + begin,
                                          end - begin);
-                g = diff_src;
+                g = masked;
+            } else if (diff_residual) {
+                std::copy(diff_dst + begin, diff_dst + end, diff_residual + begin);
             }
+            if (!diff_src) return;
             for_each_plane_run(s, begin, end, [&](int64_t c, int64_t lo, int64_t hi) {
                 const float ac = a[c], bc = b[c], kc = k[c];
                 const auto x = centered.at(c);
@@ -297,10 +329,36 @@ quant_scale centering_scale(detail::channel_range r, float mean) {
     return quant_scale_from_abs_max(std::max(r.highest - mean, mean - r.lowest));
 }
 
-void forward(const batch_norm_relu_desc &d, const float *src, const float *gamma, const float *beta,
-             const float *running_mean, const float *running_var, float *dst, uint8_t *mask,
-             float *mean, float *invstd, float *batch_var, int8_t *centered, float *step,
-             int num_threads) {
+void require_int8_copy(const batch_norm_relu_desc &d, const int8_t *centered, const float *step) {
+    if (!d.batch_statistics)
+        throw std::invalid_argument("batch_norm_relu: an int8 copy of src needs batch statistics "
+                                    "(with running statistics keep src itself)");
+    require(centered, "centered");
+    require(step, "step");
+}
+
+// The backward's src - mean: from the forward's src, or from its int8 copy.
+detail::centered_source f32_source(const batch_norm_relu_desc &d, const float *src,
+                                   const float *mean) {
+    require(mean, "mean");
+    if (d.batch > 0) require(src, "src");
+    detail::centered_source from;
+    from.src = src, from.mean = mean;
+    return from;
+}
+detail::centered_source s8_source(const batch_norm_relu_desc &d, const int8_t *centered,
+                                  const float *step) {
+    require(step, "step");
+    if (d.batch > 0) require(centered, "centered");
+    detail::centered_source from;
+    from.values = centered, from.step = step;
+    return from;
+}
+
+void forward(const batch_norm_relu_desc &d, const float *src, const float *residual,
+             const float *gamma, const float *beta, const float *running_mean,
+             const float *running_var, float *dst, uint8_t *mask, float *mean, float *invstd,
+             float *batch_var, int8_t *centered, float *step, int num_threads) {
     const detail::channel_planes s = checked_planes(d);
     require(mean, "mean");
     require(invstd, "invstd");
@@ -341,13 +399,13 @@ void forward(const batch_norm_relu_desc &d, const float *src, const float *gamma
     }
     const detail::centered_s8_writer keep{centered, mean, inv_step.data()};
     if (s.elements() > 0)
-        detail::scale_shift_relu(src, s, scale.data(), shift.data(), dst, d.relu ? mask : nullptr,
-                                 centered ? &keep : nullptr, threads);
+        detail::scale_shift_relu(src, s, scale.data(), shift.data(), residual, dst,
+                                 d.relu ? mask : nullptr, centered ? &keep : nullptr, threads);
 }
 
 void backward(const batch_norm_relu_desc &d, const float *diff_dst, const uint8_t *mask,
               detail::centered_source src, const float *gamma, const float *invstd, float *diff_src,
-              float *diff_gamma, float *diff_beta, int num_threads) {
+              float *diff_residual, float *diff_gamma, float *diff_beta, int num_threads) {
     const detail::channel_planes s = checked_planes(d);
     require(invstd, "invstd");
     if (d.relu) require(mask, "mask");
@@ -363,7 +421,7 @@ void backward(const batch_norm_relu_desc &d, const float *diff_dst, const uint8_
         if (diff_gamma) diff_gamma[c] = static_cast<float>(dot[c] * invstd[c]);
         if (diff_beta) diff_beta[c] = static_cast<float>(sum_g[c]);
     }
-    if (!diff_src || s.elements() == 0) return;
+    if ((!diff_src && !diff_residual) || s.elements() == 0) return;
     std::vector<float> a(channels), b(channels, 0.0f), k(channels, 0.0f);
     const double count = static_cast<double>(s.batch) * static_cast<double>(s.spatial);
     for (size_t c = 0; c < channels; ++c) {
@@ -378,7 +436,7 @@ void backward(const batch_norm_relu_desc &d, const float *diff_dst, const uint8_
         }
     }
     detail::masked_gradient_apply(diff_dst, bits, src, s, a.data(), b.data(), k.data(), diff_src,
-                                  threads);
+                                  diff_residual, threads);
 }
 
 } // namespace
@@ -387,43 +445,72 @@ void batch_norm_relu_forward(const batch_norm_relu_desc &d, const float *src, co
                              const float *beta, const float *running_mean, const float *running_var,
                              float *dst, uint8_t *mask, float *mean, float *invstd,
                              float *batch_var, int num_threads) {
-    forward(d, src, gamma, beta, running_mean, running_var, dst, mask, mean, invstd, batch_var,
-            nullptr, nullptr, num_threads);
+    forward(d, src, nullptr, gamma, beta, running_mean, running_var, dst, mask, mean, invstd,
+            batch_var, nullptr, nullptr, num_threads);
 }
 
 void batch_norm_relu_forward(const batch_norm_relu_desc &d, const float *src, const float *gamma,
                              const float *beta, const float *running_mean, const float *running_var,
                              float *dst, uint8_t *mask, float *mean, float *invstd,
                              float *batch_var, int8_t *centered, float *step, int num_threads) {
-    if (!d.batch_statistics)
-        throw std::invalid_argument("batch_norm_relu: an int8 copy of src needs batch statistics "
-                                    "(with running statistics keep src itself)");
-    require(centered, "centered");
-    require(step, "step");
-    forward(d, src, gamma, beta, running_mean, running_var, dst, mask, mean, invstd, batch_var,
-            centered, step, num_threads);
+    require_int8_copy(d, centered, step);
+    forward(d, src, nullptr, gamma, beta, running_mean, running_var, dst, mask, mean, invstd,
+            batch_var, centered, step, num_threads);
 }
 
 void batch_norm_relu_backward(const batch_norm_relu_desc &d, const float *diff_dst,
                               const uint8_t *mask, const float *src, const float *gamma,
                               const float *mean, const float *invstd, float *diff_src,
                               float *diff_gamma, float *diff_beta, int num_threads) {
-    require(mean, "mean");
-    if (d.batch > 0) require(src, "src");
-    detail::centered_source from;
-    from.src = src, from.mean = mean;
-    backward(d, diff_dst, mask, from, gamma, invstd, diff_src, diff_gamma, diff_beta, num_threads);
+    backward(d, diff_dst, mask, f32_source(d, src, mean), gamma, invstd, diff_src, nullptr,
+             diff_gamma, diff_beta, num_threads);
 }
 
 void batch_norm_relu_backward(const batch_norm_relu_desc &d, const float *diff_dst,
                               const uint8_t *mask, const int8_t *centered, const float *step,
                               const float *gamma, const float *invstd, float *diff_src,
                               float *diff_gamma, float *diff_beta, int num_threads) {
-    require(step, "step");
-    if (d.batch > 0) require(centered, "centered");
-    detail::centered_source from;
-    from.values = centered, from.step = step;
-    backward(d, diff_dst, mask, from, gamma, invstd, diff_src, diff_gamma, diff_beta, num_threads);
+    backward(d, diff_dst, mask, s8_source(d, centered, step), gamma, invstd, diff_src, nullptr,
+             diff_gamma, diff_beta, num_threads);
+}
+
+void batch_norm_add_relu_forward(const batch_norm_relu_desc &d, const float *src,
+                                 const float *residual, const float *gamma, const float *beta,
+                                 const float *running_mean, const float *running_var, float *dst,
+                                 uint8_t *mask, float *mean, float *invstd, float *batch_var,
+                                 int num_threads) {
+    if (d.batch > 0) require(residual, "residual");
+    forward(d, src, residual, gamma, beta, running_mean, running_var, dst, mask, mean, invstd,
+            batch_var, nullptr, nullptr, num_threads);
+}
+
+void batch_norm_add_relu_forward(const batch_norm_relu_desc &d, const float *src,
+                                 const float *residual, const float *gamma, const float *beta,
+                                 const float *running_mean, const float *running_var, float *dst,
+                                 uint8_t *mask, float *mean, float *invstd, float *batch_var,
+                                 int8_t *centered, float *step, int num_threads) {
+    require_int8_copy(d, centered, step);
+    if (d.batch > 0) require(residual, "residual");
+    forward(d, src, residual, gamma, beta, running_mean, running_var, dst, mask, mean, invstd,
+            batch_var, centered, step, num_threads);
+}
+
+void batch_norm_add_relu_backward(const batch_norm_relu_desc &d, const float *diff_dst,
+                                  const uint8_t *mask, const float *src, const float *gamma,
+                                  const float *mean, const float *invstd, float *diff_src,
+                                  float *diff_residual, float *diff_gamma, float *diff_beta,
+                                  int num_threads) {
+    backward(d, diff_dst, mask, f32_source(d, src, mean), gamma, invstd, diff_src, diff_residual,
+             diff_gamma, diff_beta, num_threads);
+}
+
+void batch_norm_add_relu_backward(const batch_norm_relu_desc &d, const float *diff_dst,
+                                  const uint8_t *mask, const int8_t *centered, const float *step,
+                                  const float *gamma, const float *invstd, float *diff_src,
+                                  float *diff_residual, float *diff_gamma, float *diff_beta,
+                                  int num_threads) {
+    backward(d, diff_dst, mask, s8_source(d, centered, step), gamma, invstd, diff_src,
+             diff_residual, diff_gamma, diff_beta, num_threads);
 }
 
 } // namespace qsp

@@ -39,12 +39,14 @@ struct centered_s8_writer {
     const float *mean, *inv;
 };
 
-// dst = src * scale[c] + shift[c]; with `bits`, dst = max(0, that) and
-// bits = !(that <= 0), as relu_mask_forward (bits in the flat element order);
-// with `keep`, its values from src. dst may alias src.
+// dst = src * scale[c] + shift[c], plus residual[i] when given (a residual
+// block's add, after the normalisation as the unfused block rounds it); with
+// `bits`, dst = max(0, that) and bits = !(that <= 0), as relu_mask_forward
+// (bits in the flat element order); with `keep`, its values from src. dst
+// may alias src or residual.
 void scale_shift_relu(const float *src, channel_planes shape, const float *scale,
-                      const float *shift, float *dst, uint8_t *bits, const centered_s8_writer *keep,
-                      int num_threads);
+                      const float *shift, const float *residual, float *dst, uint8_t *bits,
+                      const centered_s8_writer *keep, int num_threads);
 
 // What the backward reads as src - mean[c]: the forward's src and mean
 // (f32), or the int8 copy times its per-channel step.
@@ -60,10 +62,11 @@ void masked_gradient_sums(const float *diff_dst, const uint8_t *bits, centered_s
                           channel_planes shape, double *sum_g, double *sum_g_centered,
                           int num_threads);
 
-// diff_src = g * a[c] + (src - mean[c]) * b[c] + k[c], g as above. diff_src
-// may alias diff_dst.
+// diff_src = g * a[c] + (src - mean[c]) * b[c] + k[c], g as above, and,
+// when given, diff_residual = g (the residual's gradient). diff_src (null:
+// not wanted) may alias diff_dst; diff_residual may not alias either.
 void masked_gradient_apply(const float *diff_dst, const uint8_t *bits, centered_source src,
                            channel_planes shape, const float *a, const float *b, const float *k,
-                           float *diff_src, int num_threads);
+                           float *diff_src, float *diff_residual, int num_threads);
 
 } // namespace qsp::detail

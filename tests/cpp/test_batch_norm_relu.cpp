@@ -440,4 +440,140 @@ TEST(BatchNormRelu, refuses_malformed_arguments_with_a_named_reason) {
             "step");
 }
 
+// A residual block's end, relu(batch_norm(src) + residual): the same values
+// as the BatchNorm alone plus the residual then the ReLU, rounded the same
+// way (bit for bit), its backward the BatchNorm's with that mask, and the
+// residual's gradient the masked incoming one; f32 source or its int8 copy,
+// batch or running statistics, 1-3 threads, dst written over the residual.
+TEST(BatchNormRelu, a_residual_end_is_the_batch_norm_then_the_add_then_the_relu) {
+    uint32_t seed = 100;
+    for (const case_t &c : {cases[2], cases[3], cases[4], cases[5]})
+        for (bool batch_statistics : {true, false})
+            for (bool relu : {true, false})
+                for (bool s8 : {false, true}) {
+                    if (s8 && !batch_statistics) continue; // the int8 copy needs them
+                    SCOPED_TRACE(testing::Message()
+                                 << "N=" << c.batch << " C=" << c.channels << " S=" << c.spatial
+                                 << " batch_statistics=" << batch_statistics << " relu=" << relu
+                                 << " s8=" << s8);
+                    const inputs_t in = make_inputs(c, seed++);
+                    const int64_t n = c.batch * c.channels * c.spatial;
+                    std::vector<float> residual(n);
+                    std::mt19937 rng(seed);
+                    std::normal_distribution<float> normal;
+                    for (auto &v : residual)
+                        v = 2.0f * normal(rng);
+                    batch_norm_relu_desc d;
+                    d.batch = c.batch, d.channels = c.channels, d.spatial = c.spatial;
+                    d.batch_statistics = batch_statistics;
+                    // the BatchNorm alone (no ReLU), then the add and the ReLU in float
+                    batch_norm_relu_desc plain = d;
+                    std::vector<float> z0(n), mean(c.channels), invstd(c.channels), var(c.channels);
+                    std::vector<int8_t> centered0(s8 ? n : 0);
+                    std::vector<float> step0(s8 ? c.channels : 0);
+                    std::vector<uint8_t> unused((n + 7) / 8);
+                    if (s8)
+                        batch_norm_relu_forward(plain, in.x.data(), in.gamma.data(), in.beta.data(),
+                                                nullptr, nullptr, z0.data(), unused.data(),
+                                                mean.data(), invstd.data(), var.data(),
+                                                centered0.data(), step0.data(), 1);
+                    else
+                        batch_norm_relu_forward(plain, in.x.data(), in.gamma.data(), in.beta.data(),
+                                                in.running_mean.data(), in.running_var.data(),
+                                                z0.data(), unused.data(), mean.data(),
+                                                invstd.data(), var.data(), 1);
+                    std::vector<float> want(n);
+                    for (int64_t i = 0; i < n; ++i) {
+                        const float sum = z0[i] + residual[i];
+                        want[i] = relu ? std::max(0.0f, sum) : sum;
+                    }
+                    d.relu = relu;
+                    std::vector<float> first_dx, first_dres;
+                    for (int threads : {1, 2, 3}) {
+                        // dst over the residual (in place) with 2 threads
+                        std::vector<float> res_copy = residual;
+                        std::vector<float> z(n, 42.0f);
+                        float *dst = threads == 2 ? res_copy.data() : z.data();
+                        std::vector<uint8_t> mask((n + 7) / 8, 0xAB);
+                        std::vector<float> m(c.channels), inv(c.channels), v(c.channels);
+                        std::vector<int8_t> centered(s8 ? n : 0, 99);
+                        std::vector<float> step(s8 ? c.channels : 0, 42.0f);
+                        if (s8)
+                            batch_norm_add_relu_forward(
+                                    d, in.x.data(), res_copy.data(), in.gamma.data(),
+                                    in.beta.data(), nullptr, nullptr, dst, mask.data(), m.data(),
+                                    inv.data(), v.data(), centered.data(), step.data(), threads);
+                        else
+                            batch_norm_add_relu_forward(
+                                    d, in.x.data(), res_copy.data(), in.gamma.data(),
+                                    in.beta.data(), in.running_mean.data(), in.running_var.data(),
+                                    dst, mask.data(), m.data(), inv.data(), v.data(), threads);
+                        const std::vector<float> got(dst, dst + n);
+                        ASSERT_TRUE(same(got, want)) << threads << " threads: forward";
+                        ASSERT_TRUE(same(m, mean) && same(inv, invstd));
+                        if (s8) ASSERT_TRUE(centered == centered0 && same(step, step0));
+                        for (int64_t i = 0; relu && i < n; ++i)
+                            ASSERT_EQ(bit(mask, i), !(want[i] <= 0.0f)) << "i " << i;
+                        // backward: the BatchNorm's own with this mask, and
+                        // the residual's gradient the masked incoming one
+                        std::vector<float> dx(n, 42.0f), dres(n, 42.0f), dg(c.channels),
+                                db(c.channels), dx0(n, 7.0f), dg0(c.channels), db0(c.channels);
+                        if (s8) {
+                            batch_norm_add_relu_backward(
+                                    d, in.dz.data(), mask.data(), centered.data(), step.data(),
+                                    in.gamma.data(), inv.data(), dx.data(), dres.data(), dg.data(),
+                                    db.data(), threads);
+                            batch_norm_relu_backward(d, in.dz.data(), mask.data(), centered.data(),
+                                                     step.data(), in.gamma.data(), inv.data(),
+                                                     dx0.data(), dg0.data(), db0.data(), threads);
+                        } else {
+                            batch_norm_add_relu_backward(d, in.dz.data(), mask.data(), in.x.data(),
+                                                         in.gamma.data(), m.data(), inv.data(),
+                                                         dx.data(), dres.data(), dg.data(),
+                                                         db.data(), threads);
+                            batch_norm_relu_backward(d, in.dz.data(), mask.data(), in.x.data(),
+                                                     in.gamma.data(), m.data(), inv.data(),
+                                                     dx0.data(), dg0.data(), db0.data(), threads);
+                        }
+                        ASSERT_TRUE(same(dx, dx0) && same(dg, dg0) && same(db, db0))
+                                << threads << " threads: backward";
+                        for (int64_t i = 0; i < n; ++i)
+                            ASSERT_EQ(dres[i], !relu || bit(mask, i) ? in.dz[i] : 0.0f)
+                                    << "i " << i;
+                        if (threads == 1) {
+                            first_dx = dx, first_dres = dres;
+                        } else {
+                            ASSERT_TRUE(same(dx, first_dx) && same(dres, first_dres));
+                        }
+                        // only the residual's gradient wanted
+                        std::vector<float> dres_only(n, 5.0f);
+                        if (s8)
+                            batch_norm_add_relu_backward(
+                                    d, in.dz.data(), mask.data(), centered.data(), step.data(),
+                                    in.gamma.data(), inv.data(), nullptr, dres_only.data(), nullptr,
+                                    nullptr, threads);
+                        else
+                            batch_norm_add_relu_backward(d, in.dz.data(), mask.data(), in.x.data(),
+                                                         in.gamma.data(), m.data(), inv.data(),
+                                                         nullptr, dres_only.data(), nullptr,
+                                                         nullptr, threads);
+                        ASSERT_TRUE(same(dres_only, dres));
+                    }
+                }
+}
+
+TEST(BatchNormRelu, a_residual_end_refuses_a_missing_residual) {
+    batch_norm_relu_desc d;
+    d.batch = 2, d.channels = 3, d.spatial = 5, d.relu = true;
+    std::vector<float> x(30, 1.0f), z(30), m(3), inv(3), v(3);
+    std::vector<uint8_t> mask(4);
+    try {
+        batch_norm_add_relu_forward(d, x.data(), nullptr, nullptr, nullptr, nullptr, nullptr,
+                                    z.data(), mask.data(), m.data(), inv.data(), v.data());
+        FAIL() << "a null residual was accepted";
+    } catch (const std::invalid_argument &e) {
+        EXPECT_NE(std::string(e.what()).find("residual"), std::string::npos) << e.what();
+    }
+}
+
 } // namespace qsp::test
