@@ -683,12 +683,15 @@ PYBIND11_MODULE(_C, m) {
             py::arg("diff_dst"), py::arg("mask"), py::arg("diff_src"), py::arg("threads"));
 
     // The BatchNorm2d (-ReLU) of a fused Conv2d block (qsparseprop.fuse):
-    // src is the N x C x H x W contiguous output of the block's convolution.
+    // src is the N x C x H x W contiguous output of the block's convolution;
+    // residual (or None) a tensor of its shape added before the ReLU (a
+    // residual block's end).
     m.def(
             "batch_norm_relu_forward",
             [](const py::array &src, const py::object &gamma, const py::object &beta,
                const py::object &running_mean, const py::object &running_var, double eps,
-               bool batch_statistics, bool relu, bool keep_s8, int threads) {
+               bool batch_statistics, bool relu, bool keep_s8, const py::object &residual,
+               int threads) {
                 const qsp::batch_norm_relu_desc d =
                         batch_norm_desc(src, eps, batch_statistics, relu);
                 const dims shape(src.shape(), src.shape() + 4), per_channel{d.channels};
@@ -697,6 +700,7 @@ PYBIND11_MODULE(_C, m) {
                 const float *b = optional_f32(beta, "beta", per_channel);
                 const float *rm = optional_f32(running_mean, "running_mean", per_channel);
                 const float *rv = optional_f32(running_var, "running_var", per_channel);
+                const float *res = optional_f32(residual, "residual", shape);
                 py::array_t<float> dst = pooled_array<float>(shape);
                 const int64_t n = d.batch * d.channels * d.spatial;
                 py::array_t<uint8_t> mask = pooled_array<uint8_t>({relu ? (n + 7) / 8 : 0});
@@ -707,7 +711,16 @@ PYBIND11_MODULE(_C, m) {
                 {
                     py::gil_scoped_release nogil;
                     float *bv = batch_statistics ? batch_var.mutable_data() : nullptr;
-                    if (keep_s8)
+                    if (res && keep_s8)
+                        qsp::batch_norm_add_relu_forward(
+                                d, s, res, g, b, rm, rv, dst.mutable_data(), mask.mutable_data(),
+                                mean.mutable_data(), invstd.mutable_data(), bv,
+                                centered.mutable_data(), step.mutable_data(), threads);
+                    else if (res)
+                        qsp::batch_norm_add_relu_forward(
+                                d, s, res, g, b, rm, rv, dst.mutable_data(), mask.mutable_data(),
+                                mean.mutable_data(), invstd.mutable_data(), bv, threads);
+                    else if (keep_s8)
                         qsp::batch_norm_relu_forward(
                                 d, s, g, b, rm, rv, dst.mutable_data(), mask.mutable_data(),
                                 mean.mutable_data(), invstd.mutable_data(), bv,
@@ -721,15 +734,16 @@ PYBIND11_MODULE(_C, m) {
             },
             py::arg("src"), py::arg("gamma"), py::arg("beta"), py::arg("running_mean"),
             py::arg("running_var"), py::arg("eps"), py::arg("batch_statistics"), py::arg("relu"),
-            py::arg("keep_s8"), py::arg("threads"));
+            py::arg("keep_s8"), py::arg("residual"), py::arg("threads"));
     // src: the forward's src (float32, with mean), or its int8 copy (int8,
-    // with step).
+    // with step). need_diff_residual: also the gradient of a residual the
+    // forward added (empty otherwise).
     m.def(
             "batch_norm_relu_backward",
             [](const py::array &diff_dst, const py::object &mask, const py::array &src,
                const py::object &gamma, const py::array &mean, const py::object &step,
                const py::array &invstd, bool batch_statistics, bool relu, bool need_diff_src,
-               bool need_affine, int threads) {
+               bool need_affine, bool need_diff_residual, int threads) {
                 const qsp::batch_norm_relu_desc d =
                         batch_norm_desc(src, 0.0, batch_statistics, relu);
                 const dims shape(src.shape(), src.shape() + 4), per_channel{d.channels};
@@ -749,6 +763,7 @@ PYBIND11_MODULE(_C, m) {
                         from_s8 ? nullptr : checked<float>(mean, "mean", per_channel, false);
                 const float *inv = checked<float>(invstd, "invstd", per_channel, false);
                 py::array_t<float> dx = pooled_array<float>(need_diff_src ? shape : dims{0});
+                py::array_t<float> dres = pooled_array<float>(need_diff_residual ? shape : dims{0});
                 py::array_t<float> dgamma(need_affine ? d.channels : 0),
                         dbeta(need_affine ? d.channels : 0);
                 {
@@ -756,18 +771,26 @@ PYBIND11_MODULE(_C, m) {
                     float *dxp = need_diff_src ? dx.mutable_data() : nullptr;
                     float *dg = need_affine ? dgamma.mutable_data() : nullptr;
                     float *db = need_affine ? dbeta.mutable_data() : nullptr;
-                    if (from_s8)
+                    float *dr = need_diff_residual ? dres.mutable_data() : nullptr;
+                    if (dr && from_s8)
+                        qsp::batch_norm_add_relu_backward(d, dy, bits, q, st, g, inv, dxp, dr, dg,
+                                                          db, threads);
+                    else if (dr)
+                        qsp::batch_norm_add_relu_backward(d, dy, bits, s, g, mu, inv, dxp, dr, dg,
+                                                          db, threads);
+                    else if (from_s8)
                         qsp::batch_norm_relu_backward(d, dy, bits, q, st, g, inv, dxp, dg, db,
                                                       threads);
                     else
                         qsp::batch_norm_relu_backward(d, dy, bits, s, g, mu, inv, dxp, dg, db,
                                                       threads);
                 }
-                return py::make_tuple(dx, dgamma, dbeta);
+                return py::make_tuple(dx, dgamma, dbeta, dres);
             },
             py::arg("diff_dst"), py::arg("mask"), py::arg("src"), py::arg("gamma"), py::arg("mean"),
             py::arg("step"), py::arg("invstd"), py::arg("batch_statistics"), py::arg("relu"),
-            py::arg("need_diff_src"), py::arg("need_affine"), py::arg("threads"));
+            py::arg("need_diff_src"), py::arg("need_affine"), py::arg("need_diff_residual"),
+            py::arg("threads"));
 
     py::class_<linear_layer>(m, "LinearKernel")
             .def(py::init<int64_t, int64_t, const py::array &, const py::array &,

@@ -506,22 +506,24 @@ def _optional_np(t: torch.Tensor | None):
     return None if t is None else t.detach().numpy()
 
 
-def _batch_norm_forward_body(y, weight, bias, running_mean, running_var, eps, batch_statistics, relu, keep_s8):
+def _batch_norm_forward_body(
+    y, weight, bias, running_mean, running_var, eps, batch_statistics, relu, keep_s8, residual
+):
     out = _C.batch_norm_relu_forward(
         _np(y), _optional_np(weight), _optional_np(bias), _optional_np(running_mean), _optional_np(running_var),
-        eps, batch_statistics, relu, keep_s8, _threads(),
+        eps, batch_statistics, relu, keep_s8, _optional_np(residual), _threads(),
     )  # fmt: skip
     return tuple(torch.from_numpy(a) for a in out)
 
 
 def _batch_norm_backward_body(
-    grad_z, mask, src, weight, mean, step, invstd, batch_statistics, relu, need_dy, need_affine
+    grad_z, mask, src, weight, mean, step, invstd, batch_statistics, relu, need_dy, need_affine, need_residual
 ):
-    dy, dw, db = _C.batch_norm_relu_backward(
+    dy, dw, db, dres = _C.batch_norm_relu_backward(
         _np(grad_z), _np(mask) if relu else None, _np(src), _optional_np(weight), _np(mean), _optional_np(step),
-        _np(invstd), batch_statistics, relu, need_dy, need_affine, _threads(),
+        _np(invstd), batch_statistics, relu, need_dy, need_affine, need_residual, _threads(),
     )  # fmt: skip
-    return torch.from_numpy(dy), torch.from_numpy(dw), torch.from_numpy(db)
+    return torch.from_numpy(dy), torch.from_numpy(dw), torch.from_numpy(db), torch.from_numpy(dres)
 
 
 @torch.library.custom_op("qsparseprop::batch_norm_relu_forward", mutates_args=())
@@ -535,14 +537,18 @@ def batch_norm_relu_forward(
     batch_statistics: bool,
     relu: bool,
     keep_s8: bool,
+    residual: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(z, mask, mean, invstd, batch_var, centered, step) for a contiguous
-    NCHW float32 y; centered and step are empty without keep_s8."""
-    return _batch_norm_forward_body(y, weight, bias, running_mean, running_var, eps, batch_statistics, relu, keep_s8)
+    NCHW float32 y (and residual, added before the ReLU, when given);
+    centered and step are empty without keep_s8."""
+    return _batch_norm_forward_body(
+        y, weight, bias, running_mean, running_var, eps, batch_statistics, relu, keep_s8, residual
+    )
 
 
 @batch_norm_relu_forward.register_fake
-def _(y, weight, bias, running_mean, running_var, eps, batch_statistics, relu, keep_s8):
+def _(y, weight, bias, running_mean, running_var, eps, batch_statistics, relu, keep_s8, residual):
     c = y.shape[1]
     mask = y.new_empty((y.numel() + 7) // 8 if relu else 0, dtype=torch.uint8)
     centered = y.new_empty(y.shape if keep_s8 else (0,), dtype=torch.int8)
@@ -563,43 +569,49 @@ def batch_norm_relu_backward(
     relu: bool,
     need_input_grad: bool,
     need_affine_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """src: the forward's y (with mean), or its int8 copy (with step)."""
+    need_residual_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """src: the forward's y (with mean), or its int8 copy (with step).
+    (dy, dgamma, dbeta, dresidual), each empty where not needed."""
     return _batch_norm_backward_body(
-        grad_z, mask, src, weight, mean, step, invstd, batch_statistics, relu, need_input_grad, need_affine_grad
-    )
+        grad_z, mask, src, weight, mean, step, invstd, batch_statistics, relu, need_input_grad, need_affine_grad,
+        need_residual_grad,
+    )  # fmt: skip
 
 
 @batch_norm_relu_backward.register_fake
-def _(grad_z, mask, src, weight, mean, step, invstd, batch_statistics, relu, need_dy, need_affine):
+def _(grad_z, mask, src, weight, mean, step, invstd, batch_statistics, relu, need_dy, need_affine, need_residual):
     c = src.shape[1]
     dy = grad_z.new_empty(src.shape) if need_dy else grad_z.new_empty(0)
-    return dy, grad_z.new_empty(c if need_affine else 0), grad_z.new_empty(c if need_affine else 0)
+    dres = grad_z.new_empty(src.shape) if need_residual else grad_z.new_empty(0)
+    return dy, grad_z.new_empty(c if need_affine else 0), grad_z.new_empty(c if need_affine else 0), dres
 
 
 def _batch_norm_grads(ctx, grad_z):
     src, mask, weight, mean, step, invstd = ctx.saved_tensors
     need = ctx.needs_input_grad
     need_affine = ctx.affine and (need[1] or need[2])
+    need_residual = ctx.has_residual and need[9]
     args = (grad_z.contiguous(), mask, src, weight if ctx.affine else None, mean, step if ctx.keep_s8 else None,
             invstd, ctx.batch_statistics, ctx.relu)  # fmt: skip
     if torch.compiler.is_compiling() or not ctx.eager:
-        dy, dw, db = batch_norm_relu_backward(*args, need[0], need_affine)
+        dy, dw, db, dres = batch_norm_relu_backward(*args, need[0], need_affine, need_residual)
     else:
-        dy, dw, db = _batch_norm_backward_body(*args, need[0], need_affine)
+        dy, dw, db, dres = _batch_norm_backward_body(*args, need[0], need_affine, need_residual)
     return (
         dy if need[0] else None, dw if need_affine and need[1] else None, db if need_affine and need[2] else None,
-    ) + (None,) * (len(need) - 3)  # fmt: skip
+        None, None, None, None, None, None, dres if need_residual else None,
+    )  # fmt: skip
 
 
 def _batch_norm_setup(ctx, inputs, output, eager: bool):
-    y, weight, bias, running_mean, running_var, eps, batch_statistics, relu, keep_s8 = inputs
+    y, weight, bias, running_mean, running_var, eps, batch_statistics, relu, keep_s8, residual = inputs
     _, mask, mean, invstd, _, centered, step = output
     # with keep_s8, y itself is not kept: the int8 copy stands in for it
     ctx.save_for_backward(centered if keep_s8 else y, mask, weight if weight is not None else _empty(), mean, step,
                           invstd)  # fmt: skip
     ctx.affine, ctx.batch_statistics, ctx.relu, ctx.eager = weight is not None, batch_statistics, relu, eager
-    ctx.keep_s8 = keep_s8
+    ctx.keep_s8, ctx.has_residual = keep_s8, residual is not None
 
 
 torch.library.register_autograd(
@@ -613,8 +625,8 @@ class _BatchNormReLUFunction(torch.autograd.Function):
     """The eager path of batch_norm_relu_forward (no dispatcher cost)."""
 
     @staticmethod
-    def forward(ctx, y, weight, bias, running_mean, running_var, eps, batch_statistics, relu, keep_s8):
-        args = (y, weight, bias, running_mean, running_var, eps, batch_statistics, relu, keep_s8)
+    def forward(ctx, y, weight, bias, running_mean, running_var, eps, batch_statistics, relu, keep_s8, residual):
+        args = (y, weight, bias, running_mean, running_var, eps, batch_statistics, relu, keep_s8, residual)
         out = _batch_norm_forward_body(*args)
         _batch_norm_setup(ctx, args, out, True)
         ctx.mark_non_differentiable(*out[1:])
@@ -626,14 +638,20 @@ class _BatchNormReLUFunction(torch.autograd.Function):
         return _batch_norm_grads(ctx, grad_z)
 
 
-def batch_norm_relu(y, weight, bias, running_mean, running_var, eps, batch_statistics, relu, keep_s8=False):
+def batch_norm_relu(
+    y, weight, bias, running_mean, running_var, eps, batch_statistics, relu, keep_s8=False, residual=None
+):
     """(z, mean, biased batch variance) of BatchNorm2d (+ ReLU) over a
     contiguous NCHW float32 y, with autograd. With batch statistics, mean
     and variance are the batch's (for the running-statistics update); else
     the mean is the running mean and the variance empty. keep_s8 (batch
-    statistics only) keeps y's int8 copy for the backward in place of y."""
+    statistics only) keeps y's int8 copy for the backward in place of y.
+    residual (contiguous float32, y's shape) is added before the ReLU: z =
+    relu(batch_norm(y) + residual), a residual block's end."""
     keep_s8 = bool(keep_s8) and bool(batch_statistics)
-    args = (y, weight, bias, running_mean, running_var, float(eps), bool(batch_statistics), bool(relu), keep_s8)
+    args = (
+        y, weight, bias, running_mean, running_var, float(eps), bool(batch_statistics), bool(relu), keep_s8, residual,
+    )  # fmt: skip
     if torch.compiler.is_compiling():
         z, _, mean, _, var, _, _ = batch_norm_relu_forward(*args)
     else:

@@ -474,25 +474,36 @@ def _output_channels_last(x: torch.Tensor) -> bool:
 
 
 def _batch_norm_after(bn: nn.BatchNorm2d, y: torch.Tensor, relu: bool, keep_s8: bool = False,
-                      chain=None) -> torch.Tensor:  # fmt: skip
+                      chain=None, residual: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """``bn`` (then ReLU) applied to the NCHW output y, as BatchNorm2d.forward
     would: the same choice of statistics, momentum (None: cumulative
     average), num_batches_tracked and running-statistics update. keep_s8:
     the backward reads y's int8 copy (int8 blocks); chain: what computes
-    it (``_ops.batch_norm_relu``, or the prototype's model of it)."""
+    it (``_ops.batch_norm_relu``, or the prototype's model of it);
+    residual: added after the BatchNorm, before the ReLU (a residual
+    block's end), in the same pass when it is float32 and y's shape and
+    layout, else by torch."""
+    if residual is not None and not (
+        residual.dtype == torch.float32 and residual.shape == y.shape and residual.is_contiguous()
+    ):
+        z = _batch_norm_after(bn, y, False, keep_s8, chain) + residual
+        return torch.relu(z) if relu else z
     if y.shape[0] == 0 or y.dtype != torch.float32:  # torch's own, for what the passes do not take
         z = F.batch_norm(
             y, bn.running_mean, bn.running_var, bn.weight, bn.bias,
             bn.training or bn.running_mean is None, _momentum(bn), bn.eps,
         )  # fmt: skip
+        if residual is not None:
+            z = z + residual
         return torch.relu(z) if relu else z
     batch_statistics = bn.training or bn.running_mean is None or bn.running_var is None
     if batch_statistics and y.numel() // y.shape[1] <= 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(y.shape)}")
     factor = _momentum(bn)
     z, mean, var = (chain or _ops.batch_norm_relu)(
-        y.contiguous(), bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps, batch_statistics, relu, keep_s8
-    )
+        y.contiguous(), bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps, batch_statistics, relu, keep_s8,
+        residual,
+    )  # fmt: skip
     if bn.training and bn.running_mean is not None and bn.running_var is not None:
         count = y.numel() // y.shape[1]
         with torch.no_grad():
@@ -695,6 +706,12 @@ class SparseConv2d(_SparseModule):
         return _ops._conv_key(self._spec(), self.scheme, self.bias is not None, self._vectorization())
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self._forward(input, None)
+
+    def _forward(self, input: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """forward(input), then, with ``residual``, relu(that + residual): a
+        residual block's end (:func:`_conv_add_relu`), the add and the ReLU
+        in the fused BatchNorm's apply pass."""
         x = self._check_input(input, (3, 4), "3-D (C, H, W) or 4-D (N, C, H, W)")
         unbatched = x.dim() == 3
         if unbatched:
@@ -722,17 +739,22 @@ class SparseConv2d(_SparseModule):
                 x = x[:, :, :: self.stride[0], :: self.stride[1]]
             y = self._compute(x.contiguous())
         bn = self.__dict__.get("fused_batch_norm")
+        # a residual's add and ReLU go into the BatchNorm's apply pass where
+        # there is one and the output stays NCHW; else torch adds after
+        fuse_add = residual is not None and bn is not None and not channels_last
         if bn is not None:
-            y = self._batch_norm(bn, y)
+            y = self._batch_norm(bn, y, (residual.unsqueeze(0) if unbatched else residual) if fuse_add else None)
         elif self.fused_relu:
             y = _ops.relu_bits(y)
         if channels_last:
             y = y.contiguous(memory_format=torch.channels_last)
-        return y.squeeze(0) if unbatched else y
+        y = y.squeeze(0) if unbatched else y
+        return torch.relu(y + residual) if residual is not None and not fuse_add else y
 
-    def _batch_norm(self, bn: nn.BatchNorm2d, y: torch.Tensor) -> torch.Tensor:
+    def _batch_norm(self, bn: nn.BatchNorm2d, y: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         # an int8 block keeps BatchNorm's input as int8 too (docs/quantization.md)
-        return _batch_norm_after(bn, y, self.fused_relu, keep_s8=self.scheme == "s8")
+        relu = self.fused_relu or residual is not None
+        return _batch_norm_after(bn, y, relu, keep_s8=self.scheme == "s8", residual=residual)
 
     def _compute(self, x: torch.Tensor) -> torch.Tensor:
         return _ops.conv2d(
@@ -748,6 +770,17 @@ class SparseConv2d(_SparseModule):
             + (", fused_batch_norm=True" if self.__dict__.get("fused_batch_norm") is not None else "")
             + (", fused_relu=True" if self.fused_relu else "")
         )
+
+
+def _conv_add_relu(conv: nn.Module, input: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """relu(conv(input) + residual): what a traced residual block's end
+    (``conv`` -> its fused BatchNorm -> add -> ReLU) calls once
+    ``qsparseprop.fuse`` has rewritten its forward (swap._fuse_residual_ends).
+    Any other module (the layer was converted back, say) gets torch's add and
+    ReLU after its own forward."""
+    if isinstance(conv, SparseConv2d):
+        return conv._forward(input, residual)
+    return torch.relu(conv(input) + residual)
 
 
 class QuantizedSparseConv2d(SparseConv2d):

@@ -90,10 +90,11 @@ class _PrototypeBatchNormS8Fn(torch.autograd.Function):
     ``qsp::batch_norm_relu_forward/backward`` compute it: statistics in
     double rounded once, z = y * scale + shift, per channel centered =
     round((y - mean) * inv) over the scheme's step of max |y - mean|; the
-    backward reads y - mean as centered * step."""
+    backward reads y - mean as centered * step. A residual is added to z
+    before the ReLU; its gradient is the masked incoming one."""
 
     @staticmethod
-    def forward(ctx, y, weight, bias, eps, relu):
+    def forward(ctx, y, weight, bias, eps, relu, residual):
         c = y.shape[1]
         yd = y.double()
         mean_d = yd.mean((0, 2, 3))
@@ -102,6 +103,8 @@ class _PrototypeBatchNormS8Fn(torch.autograd.Function):
         scale = invstd * (weight if weight is not None else 1.0)
         shift = (bias if bias is not None else 0.0) - mean * scale
         z = y * scale.view(1, c, 1, 1) + shift.view(1, c, 1, 1)
+        if residual is not None:
+            z = z + residual
         mask = ~(z <= 0) if relu else None
         if relu:
             z = torch.where(mask, z, z.new_zeros(()))
@@ -111,7 +114,7 @@ class _PrototypeBatchNormS8Fn(torch.autograd.Function):
         # a channel without a usable step (NaN, or all values equal) keeps zeros
         centered = torch.where(inv.view(1, c, 1, 1) != 0, centered, centered.new_zeros(()))
         ctx.save_for_backward(centered.to(torch.int8), step, invstd, weight, mask)
-        ctx.relu = relu
+        ctx.relu, ctx.has_residual = relu, residual is not None
         var = var_d.float()
         ctx.mark_non_differentiable(mean, var)
         return z, mean, var
@@ -134,15 +137,20 @@ class _PrototypeBatchNormS8Fn(torch.autograd.Function):
         affine = weight is not None
         dw = (dot * inv).float() if affine and ctx.needs_input_grad[1] else None
         db = sum_g.float() if affine and ctx.needs_input_grad[2] else None
-        return dy, dw, db, None, None
+        dres = g if ctx.has_residual and ctx.needs_input_grad[5] else None
+        return dy, dw, db, None, None, dres
 
 
-def _prototype_batch_norm_relu(y, weight, bias, running_mean, running_var, eps, batch_statistics, relu, keep_s8):
+def _prototype_batch_norm_relu(
+    y, weight, bias, running_mean, running_var, eps, batch_statistics, relu, keep_s8, residual=None
+):
     """The prototype's (z, mean, var) of ``_ops.batch_norm_relu``: the int8
     copy with batch statistics, torch's own arithmetic otherwise."""
     if batch_statistics and keep_s8:
-        return _PrototypeBatchNormS8Fn.apply(y, weight, bias, float(eps), bool(relu))
+        return _PrototypeBatchNormS8Fn.apply(y, weight, bias, float(eps), bool(relu), residual)
     z = F.batch_norm(y, running_mean, running_var, weight, bias, batch_statistics, 0.0, eps)
+    if residual is not None:
+        z = z + residual
     return (torch.relu(z) if relu else z), running_mean, y.new_empty(0)
 
 
@@ -168,8 +176,9 @@ class PrototypeQuantizedSparseConv2d(QuantizedSparseConv2d):
 
     prototype = True
 
-    def _batch_norm(self, bn, y: torch.Tensor) -> torch.Tensor:
-        return _batch_norm_after(bn, y, self.fused_relu, keep_s8=True, chain=_prototype_batch_norm_relu)
+    def _batch_norm(self, bn, y: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        relu = self.fused_relu or residual is not None
+        return _batch_norm_after(bn, y, relu, keep_s8=True, chain=_prototype_batch_norm_relu, residual=residual)
 
     def _compute(self, x: torch.Tensor) -> torch.Tensor:
         return _PrototypeConv2dFn.apply(

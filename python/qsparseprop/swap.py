@@ -7,10 +7,12 @@ import contextlib
 import copy
 import dataclasses
 import json
+import operator
 import os
 import statistics
 import sys
 import time
+import types
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +30,7 @@ from .modules import (
     QuantizedSparseLinear,
     SparseConv2d,
     SparseLinear,
+    _conv_add_relu,
     _SparseModule,
 )
 from .prototype import PrototypeQuantizedSparseConv2d, PrototypeQuantizedSparseLinear
@@ -51,6 +54,7 @@ class SwapDecision:
     pattern_hash: str = ""  # of the CSR pattern (validate_csr's hash), for plans
     fused_relu: bool = False  # the nn.ReLU right after it (or after its fused BatchNorm) is applied by the layer
     fused_batch_norm: bool = False  # the nn.BatchNorm2d right after it is applied by the layer
+    fused_residual: bool = False  # and the residual add + ReLU after that BatchNorm (a traced block's end)
 
 
 def _describe(module: nn.Module) -> str:
@@ -520,7 +524,13 @@ def fuse(model: nn.Module, relu: bool = True) -> nn.Module:
     (``fuse=True``, ``fuse_relu=True``). An ``nn.BatchNorm2d`` after a
     dense ``nn.Conv2d`` (the network's first, or one the swap kept dense),
     with the ``nn.ReLU`` after it, becomes a ``BatchNormReLU2d``: the same
-    passes, run by the BatchNorm module itself.
+    passes, run by the BatchNorm module itself. With ``relu``, a residual
+    block's end traced in its forward — a sparse convolution whose
+    BatchNorm is fused, then the add of a residual, then a ReLU
+    (torchvision's ``out += identity; out = self.relu(out)``) — runs in that
+    BatchNorm's apply pass too: the block instance's forward is rewritten
+    (its class, submodules and ``state_dict`` stay; ``to_dense`` restores
+    the forward; a forward that branches on ``self.training`` is left alone).
 
     >>> import torch
     >>> from qsparseprop import SparseConv2d, fuse
@@ -540,6 +550,8 @@ def _fuse(model: nn.Module, rows: dict[str, SwapDecision] | None, batch_norm: bo
     (every sparse layer when None), recorded in their rows."""
     _fuse_sequential(model, rows, batch_norm, relu)
     _fuse_traced(model, rows, batch_norm, relu)
+    if batch_norm and relu:
+        _fuse_residual_ends(model, rows)
 
 
 def _plain_sequential(module: nn.Module) -> bool:
@@ -707,6 +719,147 @@ def _fuse_traced(model: nn.Module, rows, batch_norm: bool, relu: bool) -> None:
                     rows[full].fused_relu = True
 
 
+# ---- residual block ends ------------------------------------------------------------
+#
+# A residual block ends with relu(bn(conv(x)) + shortcut) written in its own
+# forward (torchvision's BasicBlock: `out += identity; out = self.relu(out)`).
+# Once the BatchNorm is fused into the sparse convolution, the add and the
+# ReLU can go into the BatchNorm's apply pass too (one pass over the block's
+# output instead of three, and no fp32 sum kept): the block's forward is
+# traced by torch.fx, the chain conv -> its FusedBatchNorm2d marker -> add ->
+# ReLU replaced by one call of modules._conv_add_relu, and the rewritten
+# forward bound to the block instance as `forward` (its class, submodules,
+# parameters and state_dict keys stay as they are; a shared ReLU module stays
+# too, only its call here is gone). to_dense deletes the instance's forward;
+# a pickled block comes back with its class's forward (same results, torch's
+# add and ReLU); deepcopy keeps the rewrite.
+
+_FUSED_FORWARD = "_qsparseprop_fused_forward"  # the instance attribute marking a rewritten forward
+_ADDS = (operator.add, operator.iadd, torch.add)
+_RELU_FUNCTIONS = (torch.relu, torch.nn.functional.relu, torch.relu_)
+
+
+class _SequentialsInlined(torch.fx.Tracer):
+    """Traces a module's forward through its plain nn.Sequential children
+    (whose forward only calls their children in order); every other
+    submodule call stays one node."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return not _plain_sequential(m)
+
+
+def _is_residual_relu(node, parent: nn.Module) -> bool:
+    """A ReLU of one input: a ReLU module, torch.relu(_), F.relu (in place
+    or not: the sum it would overwrite is not used elsewhere), .relu(_)()."""
+    if node.op == "call_module":
+        return len(node.args) == 1 and not node.kwargs and _is_relu(parent.get_submodule(node.target))
+    if node.op == "call_function":
+        return node.target in _RELU_FUNCTIONS and len(node.args) == 1 and set(node.kwargs) <= {"inplace"}
+    return node.op == "call_method" and node.target in ("relu", "relu_") and len(node.args) == 1 and not node.kwargs
+
+
+def _residual_ends(parent: nn.Module, graph, rows, parent_name: str):
+    """(conv node, FusedBatchNorm2d node, add node, ReLU node, the other
+    operand) of each residual end in ``parent``'s traced graph whose
+    convolution is a sparse one applying its BatchNorm (not its ReLU), each
+    intermediate used once. An add of two such chains (a BasicBlock whose
+    shortcut is a sparse convolution too) takes the first: the other chain's
+    output is the residual."""
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op in ("call_module", "get_attr"):
+            calls[node.target] = calls.get(node.target, 0) + 1
+    ends = []
+    for node in graph.nodes:
+        if node.op != "call_module" or calls.get(node.target) != 1 or len(node.args) != 1 or node.kwargs:
+            continue
+        conv = parent.get_submodule(node.target)
+        full = f"{parent_name}.{node.target}" if parent_name else node.target
+        marker = conv.__dict__.get("fused_batch_norm") if isinstance(conv, SparseConv2d) else None
+        if marker is None or conv.fused_relu or (rows is not None and full not in rows) or len(node.users) != 1:
+            continue
+        (bn_node,) = node.users
+        if (
+            bn_node.op != "call_module"
+            or parent.get_submodule(bn_node.target) is not marker
+            or bn_node.args != (node,)
+            or len(bn_node.users) != 1
+        ):
+            continue
+        (add_node,) = bn_node.users
+        if add_node.op != "call_function" or add_node.target not in _ADDS or add_node.kwargs or len(add_node.args) != 2:
+            continue
+        other = add_node.args[1] if add_node.args[0] is bn_node else add_node.args[0]
+        if not isinstance(other, torch.fx.Node) or other is bn_node or len(add_node.users) != 1:
+            continue
+        (relu_node,) = add_node.users
+        if relu_node.args[:1] != (add_node,) or not _is_residual_relu(relu_node, parent):
+            continue
+        if any(add_node is end[2] for end in ends):
+            continue
+        ends.append((node, bn_node, add_node, relu_node, other, full))
+    return ends
+
+
+def _rewritten(module: nn.Module) -> bool:
+    """Whether ``module`` runs a rewritten forward. Unpickled, it has its
+    class's forward back under the instance attribute (pickle stores a bound
+    method by name): not rewritten, and the stale entries go."""
+    forward = module.__dict__.get("forward")
+    if not module.__dict__.get(_FUSED_FORWARD, False) or forward is None:
+        return False
+    if getattr(forward, "__func__", None) is not type(module).forward:
+        return True
+    _unfuse_residual_ends(module)
+    return False
+
+
+def _fuse_residual_ends(model: nn.Module, rows) -> None:
+    for parent_name, parent in list(model.named_modules()):
+        if _plain_sequential(parent) or _rewritten(parent):
+            continue
+        if not any(isinstance(m, SparseConv2d) for m in parent.modules() if m is not parent):
+            continue
+        try:
+            # traced in both modes: a forward that branches on self.training
+            # (traced as a constant) is left as it is
+            mode = parent.training
+            graphs = []
+            for training in (True, False):
+                parent.train(training)
+                graphs.append(_SequentialsInlined().trace(parent))
+            parent.train(mode)
+        except Exception:  # noqa: BLE001 - whatever fx cannot trace is not rewritten
+            parent.train(mode)
+            continue
+        if str(graphs[0]) != str(graphs[1]):
+            continue
+        graph = graphs[0]
+        ends = _residual_ends(parent, graph, rows, parent_name)
+        if not ends:
+            continue
+        for conv_node, bn_node, add_node, relu_node, other, full in ends:
+            with graph.inserting_before(add_node):
+                conv = graph.get_attr(conv_node.target)
+                end = graph.call_function(_conv_add_relu, (conv, conv_node.args[0], other))
+            relu_node.replace_all_uses_with(end)
+            for dead in (relu_node, add_node, bn_node, conv_node):
+                graph.erase_node(dead)
+            if rows is not None:
+                rows[full].fused_residual = True
+        graph.lint()
+        code = torch.fx.GraphModule(parent, graph)
+        object.__setattr__(parent, "forward", types.MethodType(type(code).forward, parent))
+        object.__setattr__(parent, _FUSED_FORWARD, True)
+
+
+def _unfuse_residual_ends(model: nn.Module) -> None:
+    """Gives each rewritten block its class's forward back."""
+    for mod in model.modules():
+        if mod.__dict__.pop(_FUSED_FORWARD, False):
+            mod.__dict__.pop("forward", None)
+
+
 def use_masked_relus(model: nn.Module) -> nn.Module:
     """Replaces every ``nn.ReLU`` of ``model`` (in place; returns it) by a
     :class:`MaskedReLU`: same values and gradients, its backward keeps one
@@ -860,6 +1013,7 @@ def to_dense(model: nn.Module, inplace: bool = False) -> nn.Module:
         )
         return nn.Sequential(dense, *after) if after else dense
     target = model if inplace else copy.deepcopy(model)
+    _unfuse_residual_ends(target)
     for name, mod in list(target.named_modules()):
         if isinstance(mod, FusedReLU):
             _replace(target, name, nn.ReLU())  # the ReLU back where it stood

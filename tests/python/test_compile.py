@@ -46,26 +46,49 @@ def _cnn_bn():  # fused Conv2d-BatchNorm2d-ReLU blocks (qsparseprop.fuse after t
     )  # fmt: skip
 
 
+def _resnet():  # residual blocks: their ends (BatchNorm + add + ReLU) fused into one pass
+    from qsparseprop.finetune import _Residual
+
+    torch.manual_seed(0)
+    m = nn.Sequential(_Residual(3, 8, 1), _Residual(8, 8, 1), nn.Flatten(), nn.Linear(8 * 8 * 8, 10))
+    for layer in m.modules():
+        if isinstance(layer, (nn.Linear, nn.Conv2d)):
+            prune_random_(layer, 0.7)
+    return m
+
+
 def _swap(model, scheme):
     m = copy.deepcopy(model)
-    for i, layer in enumerate(m):
-        if isinstance(layer, nn.Conv2d):
-            cls = q.QuantizedSparseConv2d if scheme == "s8" else q.SparseConv2d
-            m[i] = cls.from_dense(layer, seed=i)
-        elif isinstance(layer, nn.Linear):
-            cls = q.QuantizedSparseLinear if scheme == "s8" else q.SparseLinear
-            m[i] = cls.from_dense(layer, seed=i)
+    seed = 0
+    for parent in list(m.modules()):
+        for name, layer in list(parent.named_children()):
+            if isinstance(layer, nn.Conv2d):
+                cls = q.QuantizedSparseConv2d if scheme == "s8" else q.SparseConv2d
+            elif isinstance(layer, nn.Linear):
+                cls = q.QuantizedSparseLinear if scheme == "s8" else q.SparseLinear
+            else:
+                continue
+            setattr(parent, name, cls.from_dense(layer, seed=seed))
+            seed += 1
     return q.fuse(m)
 
 
 @pytest.mark.parametrize("scheme", ["f32", "s8"])
 @pytest.mark.parametrize(
     "make,shape,dynamic",
-    [(_mlp, (16, 32), None), (_cnn, (4, 3, 8, 8), False), (_cnn, (4, 3, 8, 8), True), (_cnn_bn, (4, 3, 8, 8), False)],
+    [
+        (_mlp, (16, 32), None),
+        (_cnn, (4, 3, 8, 8), False),
+        (_cnn, (4, 3, 8, 8), True),
+        (_cnn_bn, (4, 3, 8, 8), False),
+        (_resnet, (4, 3, 8, 8), False),
+    ],  # fmt: skip
 )
 def test_compiled_training_matches_eager_without_recompiling(make, shape, dynamic, scheme):
     base = make()
     eager, compiled_model = _swap(base, scheme), _swap(base, scheme)
+    if make is _resnet:  # their forwards rewritten (the compiled one traces the rewrite)
+        assert all("_qsparseprop_fused_forward" in block.__dict__ for block in compiled_model[:2])
     compiled = torch.compile(compiled_model, dynamic=dynamic)
     torch._dynamo.reset()
     dynamo_utils.counters.clear()

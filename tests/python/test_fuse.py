@@ -465,3 +465,154 @@ def test_the_swap_fuses_a_batch_norm_after_a_layer_it_keeps_dense():
     assert isinstance(swapped[1], q.BatchNormReLU2d) and swapped[1].relu
     plain = q.swap_modules_with_sparse(copy.deepcopy(dense), (2, 3, 8, 8), verbose=False, fuse=False)
     assert type(plain[1]) is nn.BatchNorm2d
+
+
+# ---- residual block ends: BatchNorm + add + ReLU in one pass ----------------------
+
+
+class _InPlaceBasicBlock(nn.Module):
+    """torchvision's BasicBlock forward, line for line: `out += identity`, an
+    in-place ReLU module called twice, a downsample only where the shape
+    changes."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        identity = x
+        out = self.conv1(x)
+        out = self.bn1(out)
+        out = self.relu(out)
+        out = self.conv2(out)
+        out = self.bn2(out)
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        out = self.relu(out)
+        return out
+
+
+def _residual(cin, cout, stride):
+    from qsparseprop.finetune import _Residual
+
+    return _Residual(cin, cout, stride)
+
+
+RESIDUAL_BLOCKS = {
+    "finetune's, identity": lambda: _residual(6, 6, 1),
+    "finetune's, 1x1 shortcut": lambda: _residual(6, 12, 2),
+    "torchvision's, identity": lambda: _InPlaceBasicBlock(6, 6, 1),
+    "torchvision's, downsample": lambda: _InPlaceBasicBlock(6, 8, 2),
+    "every ReLU a function": lambda: _FunctionalBlock(),
+}
+
+
+class _FunctionalBlock(nn.Module):
+    """The add and the ReLU as torch functions, the residual first."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(6, 6, 3, 1, 1, bias=False), nn.BatchNorm2d(6)
+
+    def forward(self, x):
+        return torch.nn.functional.relu(torch.add(x, self.bn(self.conv(x))))
+
+
+def _residual_calls(monkeypatch):
+    """Whether each BatchNorm pass of the C++ path was given a residual."""
+    from qsparseprop import _ops
+
+    calls = []
+    real = _ops._batch_norm_forward_body
+
+    def spy(*args):
+        calls.append(args[-1] is not None)
+        return real(*args)
+
+    monkeypatch.setattr(_ops, "_batch_norm_forward_body", spy)
+    return calls
+
+
+@pytest.mark.parametrize("scheme", ["f32", "s8"])
+@pytest.mark.parametrize("block", list(RESIDUAL_BLOCKS))
+def test_a_residual_blocks_end_runs_in_its_batch_norms_pass(scheme, block, monkeypatch):
+    # f32: as the unfused swapped block (torch's BatchNorm, add and ReLU);
+    # s8: as the prototype of the fused chain (its int8 copy of BatchNorm's
+    # input included), over training steps and then in eval
+    torch.manual_seed(0)
+    fused = q.fuse(_swapped(RESIDUAL_BLOCKS[block](), scheme))
+    assert fused.__dict__.get("_qsparseprop_fused_forward") and "forward" in fused.__dict__
+    torch.manual_seed(0)
+    reference = _swapped(RESIDUAL_BLOCKS[block](), "f32" if scheme == "f32" else "prototype")
+    if scheme == "s8":
+        reference = q.fuse(reference)
+    calls = _residual_calls(monkeypatch)
+    _train_and_compare(reference, fused, (3, 6, 8, 8), scheme, lr=0.05 if scheme == "f32" else 0.0)
+    # one residual per block end, each forward (3 training steps, then eval)
+    assert sum(calls) == 4 and len(calls) == 4 * sum(isinstance(m, q.FusedBatchNorm2d) for m in fused.modules())
+
+
+def test_a_residual_end_with_another_layout_falls_back_to_torchs_add():
+    torch.manual_seed(0)
+    unfused = _swapped(_InPlaceBasicBlock(6, 8, 2))
+    fused = q.fuse(copy.deepcopy(unfused))
+    _train_and_compare(unfused, fused, (2, 6, 9, 9), "f32", channels_last=True, lr=0.0)
+
+
+def test_a_rewritten_block_stays_the_same_module_to_everything_around_it(tmp_path):
+    torch.manual_seed(0)
+    unfused = _swapped(_InPlaceBasicBlock(6, 8, 2))
+    fused = q.fuse(copy.deepcopy(unfused))
+    assert type(fused) is _InPlaceBasicBlock and list(fused.state_dict()) == list(unfused.state_dict())
+    x = torch.randn(2, 6, 8, 8)
+    with torch.no_grad():
+        want = unfused.eval()(x)
+        fused.eval()
+
+        def check(model, what):
+            torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5, msg=what)
+
+        check(fused, "fused")
+        rewritten = fused.__dict__["forward"]
+        assert q.fuse(fused).__dict__["forward"] is rewritten  # fusing twice changes nothing
+        twin = copy.deepcopy(fused)  # keeps the rewrite, bound to the copy
+        assert twin.forward.__self__ is twin and twin.__dict__.get("_qsparseprop_fused_forward")
+        check(twin, "deepcopy")
+        torch.save(fused, tmp_path / "block.pt")  # comes back with its class's forward
+        back = torch.load(tmp_path / "block.pt", weights_only=False)
+        check(back, "pickled")
+        assert back.forward.__func__ is _InPlaceBasicBlock.forward
+        assert q.fuse(back).forward.__func__ is not _InPlaceBasicBlock.forward  # and fuses again
+        check(back, "pickled, fused again")
+        dense = q.to_dense(fused)
+        assert "forward" not in dense.__dict__ and type(dense.bn2) is nn.BatchNorm2d
+        check(dense, "to_dense")
+
+
+def test_a_forward_that_branches_on_training_is_not_rewritten():
+    class Branching(_InPlaceBasicBlock):
+        def forward(self, x):
+            out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+            return self.relu(out + x) if self.training else self.relu(out - x)
+
+    torch.manual_seed(0)
+    fused = q.fuse(_swapped(Branching(6, 6, 1)))
+    assert "_qsparseprop_fused_forward" not in fused.__dict__
+    assert isinstance(fused.bn2, q.FusedBatchNorm2d)  # its BatchNorm is still fused
+
+
+def test_the_swap_plan_records_a_fused_residual_end():
+    torch.manual_seed(0)
+    block = _prune_convs(_InPlaceBasicBlock(6, 6, 1))
+    swapped = q.swap_modules_with_sparse(block, (2, 6, 8, 8), verbose=False, min_sparsity=0.5, min_speedup=0.0)
+    rows = {r.name: r for r in swapped.qsparseprop_swap_report}
+    assert rows["conv2"].fused_residual and not rows["conv1"].fused_residual
+    assert "_qsparseprop_fused_forward" in swapped.__dict__
