@@ -120,23 +120,27 @@ inline void plane_range(const float *p, int64_t n, float &lowest, float &highest
     }
 }
 
-// The sum of f(i) over [0, n) in 16 float lanes: four independent vector
-// accumulators on the baseline ISA, where an `omp simd` reduction keeps one
-// and the loop waits on the adder's latency (the plane is in cache). The
-// lanes are added in a fixed order, so the result depends on n alone.
-// (The backward's two sums stay an omp simd reduction: in lanes they
-// measured slower, 3.4 -> 3.9 ms at 128x24x28x28.)
-template <typename F> float lane_sum(int64_t n, F f) {
-    constexpr int lanes = 16;
-    float acc[lanes] = {};
+// Sums in 16 float lanes: four independent vector accumulators on the
+// baseline ISA, where an `omp simd` reduction keeps one and the loop waits
+// on the adder's latency (the plane is in cache). The lanes are added in a
+// fixed order, so a sum depends on the shape alone. (The backward's two
+// sums stay an omp simd reduction: in lanes they measured slower, 3.4 ->
+// 3.9 ms at 128x24x28x28.)
+constexpr int sum_lanes = 16;
+
+// Adds f(i) over [0, n) into the lanes of acc (element i into lane i % 16).
+template <typename F> void lane_accumulate(float (&acc)[sum_lanes], int64_t n, F f) {
     int64_t i = 0;
-    for (; i + lanes <= n; i += lanes)
-        for (int j = 0; j < lanes; ++j)
+    for (; i + sum_lanes <= n; i += sum_lanes)
+        for (int j = 0; j < sum_lanes; ++j)
             acc[j] += f(i + j);
     for (int j = 0; i < n; ++i, ++j)
         acc[j] += f(i);
+}
+
+inline float lanes_total(const float (&acc)[sum_lanes]) {
     float sum = 0;
-    for (int j = 0; j < lanes; ++j)
+    for (int j = 0; j < sum_lanes; ++j)
         sum += acc[j];
     return sum;
 }
@@ -145,29 +149,43 @@ template <typename F> float lane_sum(int64_t n, F f) {
 
 void channel_statistics(const float *src, channel_planes s, double *mean, double *var,
                         channel_range *range, int num_threads) {
+    // Small planes (7 x 7, 14 x 14) are taken a few at a time, ~512
+    // elements, as one part: the lane reductions and the double update
+    // (two divisions) per plane had made a 7 x 7 plane's element cost
+    // twice a 28 x 28 one's.
+    const int64_t planes_per_part = std::max<int64_t>(1, 512 / s.spatial);
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t c = 0; c < s.channels; ++c) {
         double count = 0, m = 0, m2 = 0;
         float lowest = std::numeric_limits<float>::infinity(), highest = -lowest;
-        for (int64_t n = 0; n < s.batch; ++n) {
-            const float *p = src + (n * s.channels + c) * s.spatial;
-            const float sum = lane_sum(s.spatial, [p](int64_t i) { return p[i]; });
-            if (range) { // a loop of its own: the sum's order stays the one without it
-                plane_range(p, s.spatial, lowest, highest);
+        for (int64_t n0 = 0; n0 < s.batch; n0 += planes_per_part) {
+            const int64_t n1 = std::min(s.batch, n0 + planes_per_part);
+            const auto plane = [&](int64_t n) { return src + (n * s.channels + c) * s.spatial; };
+            float acc[sum_lanes] = {};
+            for (int64_t n = n0; n < n1; ++n) {
+                const float *p = plane(n);
+                lane_accumulate(acc, s.spatial, [p](int64_t i) { return p[i]; });
+                if (range) { // a loop of its own: the sum's order stays the one without it
+                    plane_range(p, s.spatial, lowest, highest);
+                }
             }
-            const double plane_mean = static_cast<double>(sum) / static_cast<double>(s.spatial);
-            const float centre = static_cast<float>(plane_mean);
-            const float squares = lane_sum(s.spatial, [p, centre](int64_t i) {
-                return (p[i] - centre) * (p[i] - centre);
-            });
-            // about plane_mean rather than the float it was rounded to
-            const double off = plane_mean - centre;
-            const double plane_m2 =
-                    static_cast<double>(squares) - static_cast<double>(s.spatial) * off * off;
-            const double nb = static_cast<double>(s.spatial), total = count + nb;
-            const double delta = plane_mean - m;
+            const double nb = static_cast<double>((n1 - n0) * s.spatial);
+            const double part_mean = static_cast<double>(lanes_total(acc)) / nb;
+            const float centre = static_cast<float>(part_mean);
+            float sq[sum_lanes] = {};
+            for (int64_t n = n0; n < n1; ++n) {
+                const float *p = plane(n);
+                lane_accumulate(sq, s.spatial, [p, centre](int64_t i) {
+                    return (p[i] - centre) * (p[i] - centre);
+                });
+            }
+            // about part_mean rather than the float it was rounded to
+            const double off = part_mean - centre;
+            const double part_m2 = static_cast<double>(lanes_total(sq)) - nb * off * off;
+            const double total = count + nb;
+            const double delta = part_mean - m;
             m += delta * nb / total;
-            m2 += std::max(0.0, plane_m2) + delta * delta * count * nb / total;
+            m2 += std::max(0.0, part_m2) + delta * delta * count * nb / total;
             count = total;
         }
         mean[c] = m;

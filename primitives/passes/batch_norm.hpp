@@ -19,10 +19,11 @@ struct channel_planes {
 };
 
 // Per channel, over the batch and the plane: the mean and the biased
-// variance. Each plane is summed in float in two passes while it is in cache
-// (its mean, then the squares about it), planes are combined in double
-// (Chan et al.'s pairwise update): no cancellation of E[x^2] - E[x]^2, one
-// pass over memory. A channel is reduced by one thread, in a fixed order:
+// variance. Each part — a plane, or a few small planes of ~512 elements in
+// all — is summed in float in two passes while it is in cache (its mean,
+// then the squares about it), parts are combined in double (Chan et al.'s
+// pairwise update): no cancellation of E[x^2] - E[x]^2, one pass over
+// memory. A channel is reduced by one thread, in a fixed order:
 // the results do not depend on the thread count. With `range` (C pairs, or
 // null), also each channel's smallest and largest element, for the int8
 // copy of src (meaningful where the mean is finite: a NaN may be skipped).
