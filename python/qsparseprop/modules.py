@@ -772,15 +772,31 @@ class SparseConv2d(_SparseModule):
         )
 
 
-def _conv_add_relu(conv: nn.Module, input: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+def _called_plainly(module: nn.Module) -> bool:
+    """Whether calling ``module`` would run its forward and nothing else (no
+    hooks of its own or global ones)."""
+    from torch.nn.modules import module as torch_module
+
+    return not (
+        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+        or module._backward_pre_hooks or torch_module._global_forward_hooks
+        or torch_module._global_forward_pre_hooks or torch_module._global_backward_hooks
+        or torch_module._global_backward_pre_hooks
+    )  # fmt: skip
+
+
+def _conv_add_relu(conv: nn.Module, input: torch.Tensor, residual: torch.Tensor, relu: nn.Module | None = None):
     """relu(conv(input) + residual): what a traced residual block's end
-    (``conv`` -> its fused BatchNorm -> add -> ReLU) calls once
-    ``qsparseprop.fuse`` has rewritten its forward (swap._fuse_residual_ends).
-    Any other module (the layer was converted back, say) gets torch's add and
-    ReLU after its own forward."""
-    if isinstance(conv, SparseConv2d):
+    (``conv`` -> its fused BatchNorm -> add -> ``relu``, a module or, None,
+    a function) calls once ``qsparseprop.fuse`` has rewritten its forward
+    (swap._fuse_residual_ends). The add and the ReLU run in the
+    convolution's BatchNorm pass unless a hook on either module (or a global
+    one) must see the calls, or the layer is no longer a sparse convolution:
+    then the modules are called and torch adds."""
+    if isinstance(conv, SparseConv2d) and _called_plainly(conv) and (relu is None or _called_plainly(relu)):
         return conv._forward(input, residual)
-    return torch.relu(conv(input) + residual)
+    z = conv(input) + residual
+    return relu(z) if relu is not None else torch.relu(z)
 
 
 class QuantizedSparseConv2d(SparseConv2d):

@@ -616,3 +616,26 @@ def test_the_swap_plan_records_a_fused_residual_end():
     rows = {r.name: r for r in swapped.qsparseprop_swap_report}
     assert rows["conv2"].fused_residual and not rows["conv1"].fused_residual
     assert "_qsparseprop_fused_forward" in swapped.__dict__
+
+
+def test_hooks_on_a_residual_ends_modules_still_see_their_calls():
+    # the rewritten end calls the convolution and the ReLU module as torch
+    # would once a hook (theirs, or a global one) is there to see it
+    torch.manual_seed(0)
+    unfused = _swapped(_InPlaceBasicBlock(6, 8, 2))
+    fused = q.fuse(copy.deepcopy(unfused))
+    x = torch.randn(2, 6, 8, 8)
+    want = unfused(x)
+    seen = []
+    for module in (fused.conv2, fused.relu):
+        handle = module.register_forward_hook(lambda m, args, out: seen.append(type(m).__name__))
+        torch.testing.assert_close(fused(x), want, rtol=1e-5, atol=1e-5)
+        handle.remove()
+    # the ReLU module is called twice (after bn1 and at the end)
+    assert seen == ["SparseConv2d", "ReLU", "ReLU"]
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(lambda m, args: seen.append("global"))
+    try:
+        torch.testing.assert_close(fused(x), want, rtol=1e-5, atol=1e-5)
+    finally:
+        handle.remove()
+    assert "global" in seen
