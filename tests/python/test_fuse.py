@@ -609,13 +609,20 @@ def test_a_forward_that_branches_on_training_is_not_rewritten():
     assert isinstance(fused.bn2, q.FusedBatchNorm2d)  # its BatchNorm is still fused
 
 
-def test_the_swap_plan_records_a_fused_residual_end():
+def test_the_swap_plan_records_a_fused_residual_end(tmp_path):
     torch.manual_seed(0)
     block = _prune_convs(_InPlaceBasicBlock(6, 6, 1))
+    fresh = copy.deepcopy(block)
     swapped = q.swap_modules_with_sparse(block, (2, 6, 8, 8), verbose=False, min_sparsity=0.5, min_speedup=0.0)
     rows = {r.name: r for r in swapped.qsparseprop_swap_report}
     assert rows["conv2"].fused_residual and not rows["conv1"].fused_residual
     assert "_qsparseprop_fused_forward" in swapped.__dict__
+    # a plan applied to the dense block rewrites its end the same way
+    q.save_swap_plan(swapped, tmp_path / "plan.json")
+    again = q.apply_swap_plan(fresh, tmp_path / "plan.json")
+    assert "_qsparseprop_fused_forward" in again.__dict__
+    x = torch.randn(2, 6, 8, 8)
+    torch.testing.assert_close(again(x), swapped(x))
 
 
 def test_hooks_on_a_residual_ends_modules_still_see_their_calls():
