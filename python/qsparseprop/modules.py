@@ -791,9 +791,11 @@ def _conv_add_relu(conv: nn.Module, input: torch.Tensor, residual: torch.Tensor,
     a function) calls once ``qsparseprop.fuse`` has rewritten its forward
     (swap._fuse_residual_ends). The add and the ReLU run in the
     convolution's BatchNorm pass unless a hook on either module (or a global
-    one) must see the calls, or the layer is no longer a sparse convolution:
-    then the modules are called and torch adds."""
-    if isinstance(conv, SparseConv2d) and _called_plainly(conv) and (relu is None or _called_plainly(relu)):
+    one) must see the calls, or the modules are no longer a sparse
+    convolution and a ReLU (replaced since): then they are called and torch
+    adds."""
+    relu_plainly = relu is None or (type(relu) in (nn.ReLU, MaskedReLU) and _called_plainly(relu))
+    if isinstance(conv, SparseConv2d) and _called_plainly(conv) and relu_plainly:
         return conv._forward(input, residual)
     z = conv(input) + residual
     return relu(z) if relu is not None else torch.relu(z)
