@@ -785,19 +785,24 @@ def _called_plainly(module: nn.Module) -> bool:
     )  # fmt: skip
 
 
-def _conv_add_relu(conv: nn.Module, input: torch.Tensor, residual: torch.Tensor, relu: nn.Module | None = None):
-    """relu(conv(input) + residual): what a traced residual block's end
-    (``conv`` -> its fused BatchNorm -> add -> ``relu``, a module or, None,
-    a function) calls once ``qsparseprop.fuse`` has rewritten its forward
-    (swap._fuse_residual_ends). The add and the ReLU run in the
-    convolution's BatchNorm pass unless a hook on either module (or a global
-    one) must see the calls, or the modules are no longer a sparse
-    convolution and a ReLU (replaced since): then they are called and torch
-    adds."""
-    relu_plainly = relu is None or (type(relu) in (nn.ReLU, MaskedReLU) and _called_plainly(relu))
-    if isinstance(conv, SparseConv2d) and _called_plainly(conv) and relu_plainly:
+def _conv_add_relu(conv: nn.Module, batch_norm: nn.Module, relu: nn.Module | None, input: torch.Tensor,
+                   residual: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """relu(batch_norm(conv(input)) + residual): what a traced residual
+    block's end (``conv`` -> its fused BatchNorm's marker -> add -> ``relu``,
+    a module or, None, a function) calls once ``qsparseprop.fuse`` has
+    rewritten its forward (swap._fuse_residual_ends). The add and the ReLU
+    run in the convolution's BatchNorm pass while the modules are what the
+    rewrite found — a sparse convolution applying that BatchNorm, a ReLU —
+    and no hook (theirs, or a global one) is there to see the calls; else
+    the modules are called and torch adds, as the block's own forward would."""
+    if (
+        isinstance(conv, SparseConv2d)
+        and conv.__dict__.get("fused_batch_norm") is batch_norm
+        and (relu is None or type(relu) in (nn.ReLU, MaskedReLU))
+        and all(_called_plainly(m) for m in (conv, batch_norm, relu) if m is not None)
+    ):
         return conv._forward(input, residual)
-    z = conv(input) + residual
+    z = batch_norm(conv(input)) + residual
     return relu(z) if relu is not None else torch.relu(z)
 
 

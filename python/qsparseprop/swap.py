@@ -840,9 +840,9 @@ def _fuse_residual_ends(model: nn.Module, rows) -> None:
             continue
         for conv_node, bn_node, add_node, relu_node, other, full in ends:
             with graph.inserting_before(add_node):
-                conv = graph.get_attr(conv_node.target)
+                conv, batch_norm = graph.get_attr(conv_node.target), graph.get_attr(bn_node.target)
                 relu = graph.get_attr(relu_node.target) if relu_node.op == "call_module" else None
-                end = graph.call_function(_conv_add_relu, (conv, conv_node.args[0], other, relu))
+                end = graph.call_function(_conv_add_relu, (conv, batch_norm, relu, conv_node.args[0], other))
             relu_node.replace_all_uses_with(end)
             for dead in (relu_node, add_node, bn_node, conv_node):
                 graph.erase_node(dead)

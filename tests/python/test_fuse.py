@@ -646,7 +646,12 @@ def test_hooks_on_a_residual_ends_modules_still_see_their_calls():
     finally:
         handle.remove()
     assert "global" in seen
-    # a module put in the ReLU's place after fusing is what runs there
+    # modules put in the end's places after fusing are what runs there, as
+    # in the block's own forward
+    fused.bn2 = nn.BatchNorm2d(8).eval()
+    torch.testing.assert_close(
+        fused(x), torch.relu(fused.bn2(fused.conv2(fused.relu(fused.conv1(x)))) + fused.downsample(x))
+    )
     fused.relu = nn.Tanh()
     torch.testing.assert_close(
         fused(x), torch.tanh(fused.bn2(fused.conv2(fused.relu(fused.conv1(x)))) + fused.downsample(x))
