@@ -1,7 +1,10 @@
 // The driver the two output-width-innermost generators (SpMM and SDDMM,
 // width_abi.hpp) share: walk the call's output rows in blocks of n_rows, then
-// one at a time, moving the source and destination blocks on by their
-// per-row steps after each block. What a block does is the kernel's own.
+// the rows left (fewer than n_rows) as one block of their own, moving the
+// source and destination blocks on by their per-row steps after each block.
+// What a block does is the kernel's own. (The rows left had gone one at a
+// time: a 7-row image took a block of 4 and three single rows, each pass
+// over the entries as costly as a block's with a quarter of its work.)
 #pragma once
 
 #include <cstddef>
@@ -23,7 +26,7 @@ struct width_row_walk {
 };
 
 // Emits the walk; block(rows) emits one block of `rows` output rows
-// (n_rows, or 1 for the remainder).
+// (n_rows, or each count below it for the rows left).
 inline void emit_width_row_walk(Xbyak::CodeGenerator &g, const Xbyak::Reg64 &param,
                                 const width_row_walk &w, int n_rows,
                                 const std::function<void(int)> &block) {
@@ -52,6 +55,18 @@ inline void emit_width_row_walk(Xbyak::CodeGenerator &g, const Xbyak::Reg64 &par
         block(n_rows);
         advance(n_rows);
         g.jmp(block_loop, CodeGenerator::T_NEAR);
+        // the rows left, 0 to n_rows - 1 of them, as one block
+        g.L(single_loop);
+        for (int rows = n_rows - 1; rows >= 1; --rows) {
+            Label other;
+            g.cmp(w.rows_left, rows);
+            g.jne(other, CodeGenerator::T_NEAR);
+            block(rows);
+            g.jmp(done, CodeGenerator::T_NEAR);
+            g.L(other);
+        }
+        g.L(done);
+        return;
     }
     g.L(single_loop);
     g.cmp(w.rows_left, 1);
