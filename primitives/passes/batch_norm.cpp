@@ -431,7 +431,8 @@ void backward(const batch_norm_relu_desc &d, const float *diff_dst, const uint8_
     const int threads = threads_or_default(num_threads);
     const auto channels = static_cast<size_t>(s.channels);
     const uint8_t *bits = d.relu ? mask : nullptr;
-    const bool need_sums = d.batch_statistics || diff_gamma || diff_beta;
+    // the sums feed diff_src (with batch statistics) and the affine gradients
+    const bool need_sums = (diff_src && d.batch_statistics) || diff_gamma || diff_beta;
     std::vector<double> sum_g(channels, 0.0), dot(channels, 0.0);
     if (need_sums && s.elements() > 0)
         detail::masked_gradient_sums(diff_dst, bits, src, s, sum_g.data(), dot.data(), threads);
