@@ -810,7 +810,7 @@ def _rewritten(module: nn.Module) -> bool:
         return False
     if getattr(forward, "__func__", None) is not type(module).forward:
         return True
-    _unfuse_residual_ends(module)
+    del module.__dict__[_FUSED_FORWARD], module.__dict__["forward"]
     return False
 
 
@@ -820,17 +820,21 @@ def _fuse_residual_ends(model: nn.Module, rows) -> None:
             continue
         if not any(isinstance(m, SparseConv2d) for m in parent.modules() if m is not parent):
             continue
+        # traced in both modes: a forward that branches on self.training
+        # (traced as a constant) is left as it is; each module's own mode
+        # (a BatchNorm kept in eval inside a training model) is put back
+        modes = [(m, m.training) for m in parent.modules()]
+        graphs = []
         try:
-            # traced in both modes: a forward that branches on self.training
-            # (traced as a constant) is left as it is
-            mode = parent.training
-            graphs = []
             for training in (True, False):
                 parent.train(training)
                 graphs.append(_SequentialsInlined().trace(parent))
-            parent.train(mode)
         except Exception:  # noqa: BLE001 - whatever fx cannot trace is not rewritten
-            parent.train(mode)
+            graphs = []
+        finally:
+            for m, training in modes:
+                m.training = training
+        if len(graphs) != 2:
             continue
         if str(graphs[0]) != str(graphs[1]):
             continue

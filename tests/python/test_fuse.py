@@ -597,6 +597,16 @@ def test_a_rewritten_block_stays_the_same_module_to_everything_around_it(tmp_pat
         check(dense, "to_dense")
 
 
+def test_fusing_keeps_each_modules_training_mode():
+    # a BatchNorm frozen in eval inside a block in training stays so
+    torch.manual_seed(0)
+    block = _swapped(_InPlaceBasicBlock(6, 8, 2))
+    block.bn1.eval()
+    fused = q.fuse(block)
+    assert fused.training and not fused.bn1.training and fused.bn2.training
+    assert fused.__dict__.get("_qsparseprop_fused_forward")
+
+
 def test_a_forward_that_branches_on_training_is_not_rewritten():
     class Branching(_InPlaceBasicBlock):
         def forward(self, x):
