@@ -55,6 +55,12 @@ struct spmm_width_call_params {
     const float *bias;         // per channel, always given (zeros when the layer has none)
     const int32_t *correction; // s8: per channel
     const float *scale;        // s8: per channel
+    // Nonzero when row a + 1 of a channel starts where row a ends (one call
+    // writes whole rows, back to back) and a tail vector's lanes past its row
+    // are no more than a row: a row's tail vector may then be loaded and
+    // stored whole, those lanes landing in the next row, which the same block
+    // stores after it.
+    int64_t dst_rows_back_to_back;
 };
 
 // Width SDDMM (Conv2d backward-weights): for every entry e of rows

@@ -175,6 +175,13 @@ struct spmm_run {
 
     template <typename calls_t>
     void operator()(direction dir, const calls_t &calls, int64_t batch, int nt) const {
+        // one call per row (a single chunk) writing rows dst_row apart that
+        // are that wide, and a tail vector's lanes past the row no more than
+        // a row: they land in the next row of the block, nowhere further
+        const int64_t width = calls.split.width, lanes = calls.split.lanes;
+        const int64_t overflow = (lanes - width % lanes) % lanes;
+        const int64_t back_to_back =
+                calls.split.chunks() == 1 && dst_row == width && overflow <= width;
         for_images(dir, batch, *bounds, nt, [&](int64_t b, int64_t r0, int64_t r1) {
             for (int64_t ch = 0; ch < calls.split.chunks(); ++ch) {
                 const int64_t lane = calls.split.first_lane(ch);
@@ -192,7 +199,8 @@ struct spmm_run {
                                                     dst_row * 4,
                                                     bias,
                                                     correction,
-                                                    scale};
+                                                    scale,
+                                                    back_to_back};
                 (*calls.kernels[ch])(c);
             }
         });
