@@ -647,6 +647,19 @@ def _called_once(model: nn.Module, parent: nn.Module, calls: dict, node, accept)
     return mod if accept(mod) and len(_aliases(model, mod)) == 1 else None
 
 
+def _module_calls(graph) -> dict[str, int]:
+    """How many times a traced graph calls each module (by its path); a
+    module whose tensors the forward reads directly counts as called twice,
+    so that no fusion takes it."""
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+        elif node.op == "get_attr":  # a module's tensors used directly: leave its modules alone
+            calls[node.target.rpartition(".")[0]] = 2
+    return calls
+
+
 def _traced_chains(model: nn.Module, parent: nn.Module, is_conv) -> list[tuple[str, str, str | None]]:
     """(convolution, BatchNorm2d, ReLU or None) — child names — of each
     chain in ``parent``'s own forward, traced by torch.fx with the children
@@ -659,12 +672,7 @@ def _traced_chains(model: nn.Module, parent: nn.Module, is_conv) -> list[tuple[s
         graph = _ChildrenAsLeaves().trace(parent)
     except Exception:  # noqa: BLE001 - whatever fx cannot trace is not fused
         return []
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
-        elif node.op == "get_attr":  # a module's tensors used directly: leave its modules alone
-            calls[node.target.rpartition(".")[0]] = 2
+    calls = _module_calls(graph)
     chains = []
     for node in graph.nodes:
         conv = _called_once(model, parent, calls, node, is_conv)
@@ -758,24 +766,22 @@ def _is_residual_relu(node, parent: nn.Module) -> bool:
     return node.op == "call_method" and node.target in ("relu", "relu_") and len(node.args) == 1 and not node.kwargs
 
 
-def _residual_ends(parent: nn.Module, graph, rows, parent_name: str):
+def _residual_ends(model: nn.Module, parent: nn.Module, graph, rows, parent_name: str):
     """(conv node, FusedBatchNorm2d node, add node, ReLU node, the other
     operand) of each residual end in ``parent``'s traced graph whose
-    convolution is a sparse one applying its BatchNorm (not its ReLU), each
-    intermediate used once. An add of two such chains (a BasicBlock whose
-    shortcut is a sparse convolution too) takes the first: the other chain's
-    output is the residual."""
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op in ("call_module", "get_attr"):
-            calls[node.target] = calls.get(node.target, 0) + 1
+    convolution is a sparse one applying its BatchNorm (not its ReLU),
+    called once on one input and reachable under one name (as the chains
+    of _traced_chains), each intermediate used once. An add of two such
+    chains (a BasicBlock whose shortcut is a sparse convolution too) takes
+    the first: the other chain's output is the residual."""
+    calls = _module_calls(graph)
     ends = []
     for node in graph.nodes:
-        if node.op != "call_module" or calls.get(node.target) != 1 or len(node.args) != 1 or node.kwargs:
+        conv = _called_once(model, parent, calls, node, _is_sparse_conv)
+        if conv is None:
             continue
-        conv = parent.get_submodule(node.target)
         full = f"{parent_name}.{node.target}" if parent_name else node.target
-        marker = conv.__dict__.get("fused_batch_norm") if isinstance(conv, SparseConv2d) else None
+        marker = conv.__dict__.get("fused_batch_norm")
         if marker is None or conv.fused_relu or (rows is not None and full not in rows) or len(node.users) != 1:
             continue
         (bn_node,) = node.users
@@ -839,7 +845,7 @@ def _fuse_residual_ends(model: nn.Module, rows) -> None:
         if str(graphs[0]) != str(graphs[1]):
             continue
         graph = graphs[0]
-        ends = _residual_ends(parent, graph, rows, parent_name)
+        ends = _residual_ends(model, parent, graph, rows, parent_name)
         if not ends:
             continue
         for conv_node, bn_node, add_node, relu_node, other, full in ends:
