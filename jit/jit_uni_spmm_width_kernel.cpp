@@ -116,19 +116,30 @@ template <cpu_isa isa> void jit_uni_spmm_width_kernel_t<isa>::generate() {
     auto masked_tail = [&](int r, int v, int rows, bool whole) {
         return v == nv - 1 && tail != 0 && !(whole && r + 1 < rows);
     };
-    // emit(whole) once, or twice behind the call's dst_rows_back_to_back
-    auto with_whole_tails = [&](int rows, const std::function<void(bool)> &emit) {
+    // op(sum, its address in dst, masked) for every sum of a block of
+    // `rows` rows of the channel at dptr: once, or twice behind the call's
+    // dst_rows_back_to_back (whole tails, and masked ones)
+    using sum_op = std::function<void(const Vmm &, const Address &, bool)>;
+    auto each_sum = [&](int rows, const sum_op &op) {
+        auto walk = [&](bool whole) {
+            mov(tmp, dptr);
+            for (int r = 0; r < rows; ++r) {
+                if (r > 0) add(tmp, field(offsetof(cp, dst_row_stride)));
+                for (int v = 0; v < nv; ++v)
+                    op(acc(r, v), ptr[tmp + v * vlen], masked_tail(r, v, rows, whole));
+            }
+        };
         if (!whole_tails_possible || rows < 2) {
-            emit(false);
+            walk(false);
             return;
         }
         Label masked, done;
         cmp(field(offsetof(cp, dst_rows_back_to_back)), 0);
         je(masked, T_NEAR);
-        emit(true);
+        walk(true);
         jmp(done, T_NEAR);
         L(masked);
-        emit(false);
+        walk(false);
         L(done);
     };
 
@@ -158,14 +169,7 @@ template <cpu_isa isa> void jit_uni_spmm_width_kernel_t<isa>::generate() {
         // group, from what the previous group stored in the others.
         cmp(group, 0);
         je(first_group, T_NEAR);
-        with_whole_tails(rows, [&](bool whole) {
-            mov(tmp, dptr);
-            for (int r = 0; r < rows; ++r) {
-                if (r > 0) add(tmp, field(offsetof(cp, dst_row_stride)));
-                for (int v = 0; v < nv; ++v)
-                    load(acc(r, v), ptr[tmp + v * vlen], masked_tail(r, v, rows, whole));
-            }
-        });
+        each_sum(rows, load);
         jmp(sums_ready, T_NEAR);
         L(first_group);
         if (s8) {
@@ -241,14 +245,7 @@ template <cpu_isa isa> void jit_uni_spmm_width_kernel_t<isa>::generate() {
                 }
             L(not_last);
         }
-        with_whole_tails(rows, [&](bool whole) {
-            mov(tmp, dptr);
-            for (int r = 0; r < rows; ++r) {
-                if (r > 0) add(tmp, field(offsetof(cp, dst_row_stride)));
-                for (int v = 0; v < nv; ++v)
-                    store(acc(r, v), ptr[tmp + v * vlen], masked_tail(r, v, rows, whole));
-            }
-        });
+        each_sum(rows, store);
         inc(row);
         jmp(row_loop, T_NEAR);
         L(rows_done);

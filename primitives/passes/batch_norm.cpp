@@ -225,8 +225,8 @@ void scale_shift_relu(const float *src, channel_planes s, const float *scale, co
                 }
             } else {
                 // a channel without a usable step (NaN, or all its values
-                // equal): no number to keep
-                if (keep) std::fill(keep->values + b, keep->values + e, int8_t{0});
+                // equal): no number to keep, its copy is zeros
+                if (keep) write_centered(*keep, src, c, b, e);
 #pragma omp simd
                 for (int64_t i = b; i < e; ++i)
                     dst[i] = src[i] * a + k;
