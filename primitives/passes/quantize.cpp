@@ -87,6 +87,15 @@ void pack_s8_tiles(const int8_t *x, int64_t batch, int64_t channels, int8_t *til
     best_tier(tiers)(x, batch, channels, tiles, num_threads);
 }
 
+void shift_to_s8_tiles(const int8_t *q, int64_t batch, int64_t channels, uint8_t *tiles,
+                       int num_threads) {
+    static constexpr pass_tier<shift_to_s8_tiles_fn> tiers[] = {
+            {cpu_isa::avx512_core, shift_to_s8_tiles_avx512},
+            {cpu_isa::avx2, shift_to_s8_tiles_avx2},
+            {cpu_isa::ref, portable::shift_to_s8_tiles}};
+    best_tier(tiers)(q, batch, channels, tiles, num_threads);
+}
+
 void pack_quad_tiles(const int8_t *x, int64_t batch, int64_t channels, uint8_t *tiles,
                      int num_threads) {
     static constexpr pass_tier<pack_quad_tiles_fn> tiers[] = {

@@ -49,6 +49,11 @@ using quantize_stochastic_to_s8_tiles_fn = float(const float *x, int64_t batch, 
 // int8 [batch x channels] -> int8 tiles (padding 0).
 using pack_s8_tiles_fn = void(const int8_t *x, int64_t batch, int64_t channels, int8_t *tiles,
                               int num_threads);
+// int8 G1 [batch x channels] -> the u8 tiles quantize_stochastic_to_s8_tiles
+// writes (G1 + 128, padding 128): the fused backward's G1, already rounded
+// in backward-data's pass over dY, read as bytes instead of dY as floats.
+using shift_to_s8_tiles_fn = void(const int8_t *q, int64_t batch, int64_t channels, uint8_t *tiles,
+                                  int num_threads);
 // int8 [batch x channels] -> quad tiles of the s8 SpMM (jit/tile_abi.hpp).
 using pack_quad_tiles_fn = void(const int8_t *x, int64_t batch, int64_t channels, uint8_t *tiles,
                                 int num_threads);
@@ -68,6 +73,7 @@ quantize_stochastic_pair_fn quantize_stochastic_pair;
 quantize_weights_fn quantize_weights;
 quantize_stochastic_to_s8_tiles_fn quantize_stochastic_to_s8_tiles;
 pack_s8_tiles_fn pack_s8_tiles;
+shift_to_s8_tiles_fn shift_to_s8_tiles;
 pack_quad_tiles_fn pack_quad_tiles;
 unpack_s32_tiles_fn unpack_s32_tiles;
 column_sums_s8_fn column_sums_s8;
@@ -85,9 +91,7 @@ pack_quad_tiles_fn pack_quad_tiles;
 unpack_s32_tiles_fn unpack_s32_tiles;
 column_sums_s8_fn column_sums_s8;
 float abs_max(const float *x, int64_t n);
-// The int8 [batch x channels] q as u8 tiles of q + 128 (padding 128: G = 0).
-void shift_to_s8_tiles(const int8_t *q, int64_t batch, int64_t channels, uint8_t *tiles,
-                       int num_threads);
+shift_to_s8_tiles_fn shift_to_s8_tiles;
 } // namespace portable
 
 quantize_rne_fn quantize_rne_avx2;
@@ -97,6 +101,7 @@ quantize_stochastic_pair_fn quantize_stochastic_pair_avx2;
 quantize_stochastic_to_s8_tiles_fn quantize_stochastic_to_s8_tiles_avx2;
 unpack_s32_tiles_fn unpack_s32_tiles_avx2;
 pack_s8_tiles_fn pack_s8_tiles_avx2;
+shift_to_s8_tiles_fn shift_to_s8_tiles_avx2;
 // Reads the rows only, like quantize_weights_avx512.
 void quantize_weights_avx2(const int64_t *row_ptr, int64_t rows, const float *values, int8_t *q,
                            float *scale, int num_threads);
@@ -105,6 +110,7 @@ quantize_rne_fn quantize_rne_avx512;
 quantize_stochastic_fn quantize_stochastic_avx512;
 quantize_stochastic_to_s8_tiles_fn quantize_stochastic_to_s8_tiles_avx512;
 pack_s8_tiles_fn pack_s8_tiles_avx512;
+shift_to_s8_tiles_fn shift_to_s8_tiles_avx512;
 pack_quad_tiles_fn pack_quad_tiles_avx512;
 unpack_s32_tiles_fn unpack_s32_tiles_avx512;
 // Reads the rows only (not the column indices): a form of its own.

@@ -329,18 +329,32 @@ void to_byte_tiles(int64_t batch, int64_t channels, uint8_t *tiles, __m128i flip
         }
 }
 
-} // namespace
-
-void pack_s8_tiles_avx2(const int8_t *x, int64_t batch, int64_t channels, int8_t *tiles,
-                        int num_threads) {
-    to_byte_tiles(batch, channels, reinterpret_cast<uint8_t *>(tiles), _mm_setzero_si128(),
-                  num_threads, [&](int64_t b, int64_t c0, int64_t cn) {
+// int8 [batch x channels] -> byte tiles, each byte ^ flip.
+void bytes_to_tiles_avx2(const int8_t *x, int64_t batch, int64_t channels, uint8_t *tiles,
+                         __m128i flip, int num_threads) {
+    to_byte_tiles(batch, channels, tiles, flip, num_threads,
+                  [&](int64_t b, int64_t c0, int64_t cn) {
                       const int8_t *in = x + b * channels + c0;
                       if (cn == 16) return _mm_loadu_si128(reinterpret_cast<const __m128i *>(in));
                       alignas(16) int8_t staged[16] = {};
                       std::copy(in, in + cn, staged);
                       return _mm_load_si128(reinterpret_cast<const __m128i *>(staged));
                   });
+}
+
+} // namespace
+
+void pack_s8_tiles_avx2(const int8_t *x, int64_t batch, int64_t channels, int8_t *tiles,
+                        int num_threads) {
+    bytes_to_tiles_avx2(x, batch, channels, reinterpret_cast<uint8_t *>(tiles), _mm_setzero_si128(),
+                        num_threads);
+}
+
+void shift_to_s8_tiles_avx2(const int8_t *q, int64_t batch, int64_t channels, uint8_t *tiles,
+                            int num_threads) {
+    // x ^ 0x80 is x + 128 as u8
+    bytes_to_tiles_avx2(q, batch, channels, tiles, _mm_set1_epi8(static_cast<char>(0x80)),
+                        num_threads);
 }
 
 float quantize_stochastic_to_s8_tiles_avx2(const float *x, int64_t batch, int64_t channels,

@@ -202,8 +202,11 @@ float quantize_stochastic_to_s8_tiles_avx512(const float *x, int64_t batch, int6
     return s.scale;
 }
 
-void pack_s8_tiles_avx512(const int8_t *x, int64_t batch, int64_t channels, int8_t *tiles,
-                          int num_threads) {
+namespace {
+
+// int8 [batch x channels] -> byte tiles, each byte ^ flip.
+void bytes_to_tiles_avx512(const int8_t *x, int64_t batch, int64_t channels, uint8_t *tiles,
+                           __m128i flip, int num_threads) {
     const int64_t tb = jit::tile_batch, tiles_n = jit::tile_count(batch),
                   cblocks = (channels + 15) / 16;
 #pragma omp parallel for collapse(2) num_threads(num_threads) schedule(static)
@@ -211,7 +214,7 @@ void pack_s8_tiles_avx512(const int8_t *x, int64_t batch, int64_t channels, int8
         for (int64_t cb = 0; cb < cblocks; ++cb) {
             const int64_t c0 = cb * 16, cn = std::min<int64_t>(16, channels - c0);
             const __mmask16 cmask = first(cn);
-            int8_t *tile = tiles + t * channels * tb;
+            uint8_t *tile = tiles + t * channels * tb;
             for (int64_t j0 = 0; j0 < tb; j0 += 16) {
                 __m512 r[16];
                 for (int i = 0; i < 16; ++i) {
@@ -223,10 +226,26 @@ void pack_s8_tiles_avx512(const int8_t *x, int64_t batch, int64_t channels, int8
                 }
                 avx512::transpose16(r); // moves 32-bit lanes bit for bit
                 for (int64_t c = 0; c < cn; ++c)
-                    _mm_storeu_si128(reinterpret_cast<__m128i *>(tile + (c0 + c) * tb + j0),
-                                     _mm512_cvtepi32_epi8(_mm512_castps_si512(r[c])));
+                    _mm_storeu_si128(
+                            reinterpret_cast<__m128i *>(tile + (c0 + c) * tb + j0),
+                            _mm_xor_si128(_mm512_cvtepi32_epi8(_mm512_castps_si512(r[c])), flip));
             }
         }
+}
+
+} // namespace
+
+void pack_s8_tiles_avx512(const int8_t *x, int64_t batch, int64_t channels, int8_t *tiles,
+                          int num_threads) {
+    bytes_to_tiles_avx512(x, batch, channels, reinterpret_cast<uint8_t *>(tiles),
+                          _mm_setzero_si128(), num_threads);
+}
+
+void shift_to_s8_tiles_avx512(const int8_t *q, int64_t batch, int64_t channels, uint8_t *tiles,
+                              int num_threads) {
+    // x ^ 0x80 is x + 128 as u8
+    bytes_to_tiles_avx512(q, batch, channels, tiles, _mm_set1_epi8(static_cast<char>(0x80)),
+                          num_threads);
 }
 
 void pack_quad_tiles_avx512(const int8_t *x, int64_t batch, int64_t channels, uint8_t *tiles,

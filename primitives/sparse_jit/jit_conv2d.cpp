@@ -324,6 +324,13 @@ public:
     // terms (255 * 127 * 65536 < 2^31); the pieces are added in int64.
     static constexpr int64_t max_piece_pixels = int32_safe_reduction_length / jit::tile_batch;
 
+    // Backward-weights reads G1 as plain int8 (then tiled): in a fused
+    // backward, backward-data makes it in its own pass over dY.
+    shared_gradient::form shared_form_read() const override {
+        return p_.dir == direction::backward_weights ? shared_gradient::form::s8_plain_dy_q
+                                                     : shared_gradient::form::none;
+    }
+
 private:
     struct phase_plan {
         conv_layout::phase phase;
@@ -428,8 +435,7 @@ private:
         auto *acc = sp.get<int64_t>(3, nnz);
         auto *plane_sum = sp.get<int32_t>(4, l_.in_c * l_.in_pixels());
         auto *window_sum = sp.get<int64_t>(5, taps);
-        const float sg1 = quantize_stochastic_to_s8_tiles(t.diff_dst, B, dy_rows,
-                                                          s8::dw_stream(t.seed), g1, nt);
+        const float sg1 = s8::dw_gradient_tiles(t, B, dy_rows, g1, nt);
         pack_conv_s8_tiles(xq, B, l_.in_c, l_.in_h, l_.in_w, l_.x_pad, x, nt);
         conv_window_sums(l_, xq, B, plane_sum, window_sum, nt);
         std::fill(acc, acc + nnz, int64_t(0));

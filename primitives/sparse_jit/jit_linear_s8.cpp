@@ -170,6 +170,11 @@ public:
                   [](int64_t, int64_t k) { return k * jit::s8_tile_row_bytes; }, p.num_threads),
           code_(jit::sddmm_kernel(jit::make_sparse_kernel_params(isa, jit::sparse_dtype::s8, 1))) {}
 
+    // G1 as plain int8, from backward-data's pass over dY in a fused backward.
+    shared_gradient::form shared_form_read() const override {
+        return shared_gradient::form::s8_plain_dy_q;
+    }
+
 private:
     const char *backward_weights(const tensors &t, runtime::scratchpad &sp) const override {
         const int nt = p_.num_threads;
@@ -182,8 +187,7 @@ private:
         auto *x_tiles = sp.get<int8_t>(1, tiles * K * tb);
         auto *col_sum = sp.get<int32_t>(2, K);
         auto *acc = sp.get<int32_t>(3, nnz);
-        const float sg1 = quantize_stochastic_to_s8_tiles(t.diff_dst, B, N, s8::dw_stream(t.seed),
-                                                          g_tiles, nt);
+        const float sg1 = s8::dw_gradient_tiles(t, B, N, g_tiles, nt);
         pack_s8_tiles(xq, B, K, x_tiles, nt);
         column_sums_s8(xq, B, K, col_sum, nt);
         std::fill(acc, acc + nnz, 0);

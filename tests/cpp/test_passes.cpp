@@ -264,6 +264,31 @@ TEST(Passes, s8_tile_passes_match_portable) {
             detail::pack_s8_tiles(xq.data(), batch, channels, t.data(), 2);
             detail::portable::pack_s8_tiles(xq.data(), batch, channels, t_want.data(), 1);
             EXPECT_EQ(t, t_want);
+            // G1's tiles from its plain int8 (the fused backward's way) are
+            // those quantized from dY: q + 128 at each element, 128 in the
+            // padding; every tier where this CPU runs it.
+            {
+                std::vector<int8_t> g1(static_cast<size_t>(n));
+                detail::portable::quantize_stochastic(x.data(), n, nullptr, 1, 1, 7, g1.data(), 1);
+                std::vector<detail::shift_to_s8_tiles_fn *> tiers{
+                        detail::shift_to_s8_tiles, detail::portable::shift_to_s8_tiles};
+                if (cpu_has(cpu_isa::avx2)) tiers.push_back(detail::shift_to_s8_tiles_avx2);
+                if (cpu_has(cpu_isa::avx512_core))
+                    tiers.push_back(detail::shift_to_s8_tiles_avx512);
+                for (auto *tier : tiers) {
+                    std::vector<uint8_t> shifted(tile_bytes, 3);
+                    tier(g1.data(), batch, channels, shifted.data(), 2);
+                    EXPECT_EQ(shifted, g_want);
+                }
+                for (int64_t b = 0; b < tiles * jit::tile_batch; ++b)
+                    for (int64_t c = 0; c < channels; ++c) {
+                        const int64_t tile = b / jit::tile_batch, j = b % jit::tile_batch;
+                        const int q = b < batch ? g1[static_cast<size_t>(b * channels + c)] : 0;
+                        ASSERT_EQ(g_want[static_cast<size_t>((tile * channels + c) * jit::tile_batch
+                                                             + j)],
+                                  q + 128);
+                    }
+            }
             std::vector<uint8_t> q(quad_bytes, 1), q_want(quad_bytes, 2);
             detail::pack_quad_tiles(xq.data(), batch, channels, q.data(), 2);
             detail::portable::pack_quad_tiles(xq.data(), batch, channels, q_want.data(), 1);
