@@ -736,7 +736,7 @@ class SparseConv2d(_SparseModule):
             )
         else:
             if self._subsampled():
-                x = x[:, :, :: self.stride[0], :: self.stride[1]]
+                x = _ops.subsample_pixels(x, *self.stride)
             y = self._compute(x.contiguous())
         bn = self.__dict__.get("fused_batch_norm")
         # a residual's add and ReLU go into the BatchNorm's apply pass where

@@ -158,3 +158,21 @@ def test_a_strided_1x1_convolution_runs_its_kernels_on_the_pixels_it_reads():
     sparse.stride = 1
     assert not sparse._subsampled()
     torch.testing.assert_close(sparse(torch.ones(1, 8, 3, 3)).shape, torch.Size([1, 16, 3, 3]))
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 9, 7), (1, 1, 1, 1), (3, 2, 4, 5)])
+@pytest.mark.parametrize("stride", [(2, 2), (3, 2), (1, 3)])
+def test_subsampled_pixels_and_their_gradient_are_torchs_slices(shape, stride):
+    from qsparseprop import _ops
+
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(*shape).contiguous(memory_format=layout).requires_grad_()
+        got = _ops.subsample_pixels(x, *stride)
+        want = x[:, :, :: stride[0], :: stride[1]]
+        assert got.is_contiguous() and torch.equal(got, want)
+        grad = torch.randn(want.shape)
+        (gx,) = torch.autograd.grad(got, x, grad)
+        (want_gx,) = torch.autograd.grad(want, x, grad)
+        assert torch.equal(gx, want_gx)
+    with torch.no_grad():
+        assert torch.equal(_ops.subsample_pixels(x, *stride), x[:, :, :: stride[0], :: stride[1]])
