@@ -682,6 +682,52 @@ PYBIND11_MODULE(_C, m) {
             },
             py::arg("diff_dst"), py::arg("mask"), py::arg("diff_src"), py::arg("threads"));
 
+    // The pixels of a strided 1x1 convolution (src: N x C x H x W,
+    // C-contiguous float32) and the spread of their gradient: outputs from
+    // the pool, so a step's copies do not fault fresh pages in.
+    m.def(
+            "subsample_pixels",
+            [](const py::array &src, int64_t sh, int64_t sw, int threads) {
+                if (src.ndim() != 4)
+                    throw py::value_error("src must be 4-D (N, C, H, W), got "
+                                          + std::to_string(src.ndim()) + "-D");
+                const dims shape(src.shape(), src.shape() + 4);
+                const float *s = checked<float>(src, "src", shape, false);
+                if (sh < 1 || sw < 1)
+                    throw py::value_error("strides must be >= 1, got " + std::to_string(sh) + ", "
+                                          + std::to_string(sw));
+                py::array_t<float> dst = pooled_array<float>(
+                        {shape[0], shape[1], (shape[2] + sh - 1) / sh, (shape[3] + sw - 1) / sw});
+                float *d = dst.mutable_data();
+                py::gil_scoped_release nogil;
+                qsp::subsample_pixels_forward(s, shape[0], shape[1], shape[2], shape[3], sh, sw, d,
+                                              threads);
+                return dst;
+            },
+            py::arg("src"), py::arg("sh"), py::arg("sw"), py::arg("threads"));
+    m.def(
+            "subsample_pixels_backward",
+            [](const py::array &diff_dst, int64_t h, int64_t w, int64_t sh, int64_t sw,
+               int threads) {
+                if (diff_dst.ndim() != 4)
+                    throw py::value_error("diff_dst must be 4-D (N, C, H, W), got "
+                                          + std::to_string(diff_dst.ndim()) + "-D");
+                if (h < 1 || w < 1 || sh < 1 || sw < 1)
+                    throw py::value_error("h, w and the strides must be >= 1, got "
+                                          + std::to_string(h) + ", " + std::to_string(w) + ", "
+                                          + std::to_string(sh) + ", " + std::to_string(sw));
+                const int64_t n = diff_dst.shape(0), c = diff_dst.shape(1);
+                const float *g = checked<float>(
+                        diff_dst, "diff_dst", {n, c, (h + sh - 1) / sh, (w + sw - 1) / sw}, false);
+                py::array_t<float> dx = pooled_array<float>({n, c, h, w});
+                float *d = dx.mutable_data();
+                py::gil_scoped_release nogil;
+                qsp::subsample_pixels_backward(g, n, c, h, w, sh, sw, d, threads);
+                return dx;
+            },
+            py::arg("diff_dst"), py::arg("h"), py::arg("w"), py::arg("sh"), py::arg("sw"),
+            py::arg("threads"));
+
     // The BatchNorm2d (-ReLU) of a fused Conv2d block (qsparseprop.fuse):
     // src is the N x C x H x W contiguous output of the block's convolution;
     // residual (or None) a tensor of its shape added before the ReLU (a

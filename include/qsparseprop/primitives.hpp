@@ -333,6 +333,20 @@ void relu_with_mask_forward(const float *src, float *dst, uint8_t *mask, int64_t
 void relu_with_mask_backward(const float *diff_dst, const uint8_t *mask, float *diff_src, int64_t n,
                              int num_threads = 0);
 
+// ---- the pixels a strided 1x1 convolution reads ----------------------------
+
+// A 1x1 convolution without padding at stride (sh, sw) reads every sh-th
+// row and sw-th column of its NCHW input and nothing else; a layer may run
+// its kernels at stride 1 on those pixels. dst [batch][channels][ceil(h /
+// sh)][ceil(w / sw)] = src[..][y * sh][x * sw]; the backward writes all of
+// diff_src [batch][channels][h][w]: diff_dst where forward read, 0 elsewhere
+// (each element once: no fill beforehand). Strides >= 1, h, w >= 1.
+void subsample_pixels_forward(const float *src, int64_t batch, int64_t channels, int64_t h,
+                              int64_t w, int64_t sh, int64_t sw, float *dst, int num_threads = 0);
+void subsample_pixels_backward(const float *diff_dst, int64_t batch, int64_t channels, int64_t h,
+                               int64_t w, int64_t sh, int64_t sw, float *diff_src,
+                               int num_threads = 0);
+
 // ---- BatchNorm with the ReLU after it, over an NCHW tensor -------------------
 
 // The BatchNorm2d (-ReLU) of the fused Conv2d-BatchNorm2d(-ReLU) block

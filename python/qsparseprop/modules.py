@@ -684,8 +684,8 @@ class SparseConv2d(_SparseModule):
         pixel and nothing else: the layer takes those pixels first (a
         strided view) and runs its kernels at stride 1. The kernels' input
         packs then copy 1/(sh*sw) of the input instead of all of it, the
-        backward's input gradient is that much smaller before torch spreads
-        it, and an int8 layer keeps (and scales per tensor) just the pixels
+        backward's input gradient is that much smaller before one pass
+        spreads it (_ops.subsample_pixels), and an int8 layer keeps (and scales per tensor) just the pixels
         it reads (docs/quantization.md)."""
         return self.kernel_size == (1, 1) and self._pads == (0, 0, 0, 0) and self.stride != (1, 1)
 
