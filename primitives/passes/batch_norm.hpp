@@ -23,7 +23,8 @@ struct channel_planes {
 // all — is summed in float in two passes while it is in cache (its mean,
 // then the squares about it), parts are combined in double (Chan et al.'s
 // pairwise update): no cancellation of E[x^2] - E[x]^2, one pass over
-// memory. A channel is reduced by one thread, in a fixed order:
+// memory. Threads take whole parts (runs of images, every channel) and read
+// them in memory order; a channel's parts are combined in a fixed order:
 // the results do not depend on the thread count. With `range` (C pairs, or
 // null), also each channel's smallest and largest element, for the int8
 // copy of src (meaningful where the mean is finite: a NaN may be skipped).

@@ -67,22 +67,10 @@ void relu_mask_backward_range(const float *diff_dst, const uint8_t *bits, int64_
         const int64_t bit = first_bit + at;
         diff_src[at] = (bits[bit / 8] >> (bit % 8)) & 1 ? diff_dst[at] : 0.0f;
     };
-    const __m128i lo_bits = _mm_set_epi32(8, 4, 2, 1), hi_bits = _mm_set_epi32(128, 64, 32, 16);
     for (; j + 8 <= n; j += 8) {
-        // the 8 bits of elements j..j+7 at any bit offset: a BatchNorm
-        // plane of 49 or 196 elements starts mid-byte, and a scalar run up
-        // to the next whole byte cost a seventh of a 7x7 BatchNorm backward
-        // (128x96x7x7: 1.24 -> 1.05 ms); the second byte holds elements of
-        // this range, so it exists
-        const int64_t bit = first_bit + j, at = bit / 8;
-        const int shift = static_cast<int>(bit % 8);
-        unsigned window = bits[at];
-        if (shift != 0) window = (window | static_cast<unsigned>(bits[at + 1]) << 8) >> shift;
-        const __m128i byte = _mm_set1_epi32(static_cast<int>(window & 0xffu));
-        const __m128 lo = _mm_castsi128_ps(_mm_cmpeq_epi32(_mm_and_si128(byte, lo_bits), lo_bits));
-        const __m128 hi = _mm_castsi128_ps(_mm_cmpeq_epi32(_mm_and_si128(byte, hi_bits), hi_bits));
-        _mm_storeu_ps(diff_src + j, _mm_and_ps(lo, _mm_loadu_ps(diff_dst + j)));
-        _mm_storeu_ps(diff_src + j + 4, _mm_and_ps(hi, _mm_loadu_ps(diff_dst + j + 4)));
+        const mask_lanes m = relu_mask_lanes(bits, first_bit + j);
+        _mm_storeu_ps(diff_src + j, _mm_and_ps(m.lo, _mm_loadu_ps(diff_dst + j)));
+        _mm_storeu_ps(diff_src + j + 4, _mm_and_ps(m.hi, _mm_loadu_ps(diff_dst + j + 4)));
     }
     for (; j < n; ++j)
         scalar(j);

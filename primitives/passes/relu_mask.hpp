@@ -5,6 +5,9 @@
 
 #include <cstdint>
 
+// SSE2 is part of x86-64 itself: no ISA target.
+#include <emmintrin.h>
+
 namespace qsp::detail {
 
 // dst = relu(src) exactly as torch.relu (max(0, x): NaN and -0.0 pass
@@ -24,5 +27,25 @@ void relu_mask_backward(const float *diff_dst, const uint8_t *bits, float *diff_
 // `first_bit` of `bits` (diff_dst and diff_src point at the first element).
 void relu_mask_backward_range(const float *diff_dst, const uint8_t *bits, int64_t first_bit,
                               float *diff_src, int64_t n);
+
+// The mask bits of 8 elements from bit `bit` (any offset: a BatchNorm plane
+// of 49 or 196 elements starts mid-byte) as two 4-lane selects, all-ones
+// where set: and-ing a gradient with them is torch's ReLU backward (a
+// select, so a NaN gradient where the input was <= 0 is dropped). Reads
+// the byte after bit / 8 when the 8 bits straddle it (it holds elements of
+// the 8, so it exists).
+struct mask_lanes {
+    __m128 lo, hi;
+};
+inline mask_lanes relu_mask_lanes(const uint8_t *bits, int64_t bit) {
+    const int64_t at = bit / 8;
+    const int shift = static_cast<int>(bit % 8);
+    unsigned window = bits[at];
+    if (shift != 0) window = (window | static_cast<unsigned>(bits[at + 1]) << 8) >> shift;
+    const __m128i byte = _mm_set1_epi32(static_cast<int>(window & 0xffu));
+    const __m128i lo_bits = _mm_set_epi32(8, 4, 2, 1), hi_bits = _mm_set_epi32(128, 64, 32, 16);
+    return {_mm_castsi128_ps(_mm_cmpeq_epi32(_mm_and_si128(byte, lo_bits), lo_bits)),
+            _mm_castsi128_ps(_mm_cmpeq_epi32(_mm_and_si128(byte, hi_bits), hi_bits))};
+}
 
 } // namespace qsp::detail
