@@ -13,9 +13,8 @@ magnitude (per layer or global), then fine-tuned the same way (same data
 order, optimizer and epochs) as: dense PyTorch fp32 and, where the CPU
 computes bf16 natively (AVX512_BF16 or AMX), under bf16 autocast (the faster
 one is "best dense"; elsewhere one line says it is skipped and why), and
-with qsparseprop f32 and int8 layers
-(``swap_modules_with_sparse``: each layer swapped only where it measured
-faster). One line per phase and per epoch (with its time and what is left)
+with qsparseprop f32 and int8 layers (``swap_modules_with_sparse``: each
+layer, pruned or not, swapped only where it measured faster). One line per phase and per epoch (with its time and what is left)
 even with --no-progress; the table reports time per epoch, speedups, training
 memory, test accuracy and the share of step time spent in the sparse layers.
 """
@@ -509,9 +508,16 @@ def run(cfg: Config, log=print, rank: int = 0, world: int = 1) -> dict:
         model = copy.deepcopy(pruned)
         if rank == 0:
             # The tool keeps the kept-dense layers' zeros itself (train(masks=...)),
-            # as before: no pruning hooks in the timed steps.
+            # as before: no pruning hooks in the timed steps. Every layer is a
+            # candidate, pruned or not: the swap keeps each where it measured
+            # faster (the CNN's first convolution, one input channel, runs 2-3x
+            # faster on the sparse kernels than in torch). An unpruned layer's
+            # pattern is its nonzeros: all of its weights, unless one is exactly
+            # zero, which would then stay zero; such a model's unpruned layers
+            # stay torch's (min_sparsity 0.5).
+            min_sparsity = 0.0 if _no_exact_zeros(model, masks) else 0.5
             model = swap_modules_with_sparse(
-                model, shape, verbose=False, scheme=scheme, min_sparsity=0.5, mask_kept=False
+                model, shape, verbose=False, scheme=scheme, min_sparsity=min_sparsity, mask_kept=False
             )
             os.makedirs(cfg.out, exist_ok=True)
             save_swap_plan(model, plan_file)
@@ -530,7 +536,12 @@ def run(cfg: Config, log=print, rank: int = 0, world: int = 1) -> dict:
                 model = apply_swap_plan(model, plan_file, mask_kept=False)
         v = Variant(_VARIANT_NAMES[scheme])
         v.swapped = [r.name for r in model.qsparseprop_swap_report if r.swapped]
-        log(f"{v.name}: {len(v.swapped)} of {len(masks)} pruned layers swapped; fine-tuning {cfg.epochs} epochs")
+        unpruned = [n for n in v.swapped if n not in masks]
+        also = f" and {len(unpruned)} unpruned ({', '.join(unpruned)}: faster on its kernels)" if unpruned else ""
+        log(
+            f"{v.name}: {len(v.swapped) - len(unpruned)} of {len(masks)} pruned layers swapped{also}; "
+            f"fine-tuning {cfg.epochs} epochs"
+        )
         # The ReLUs between BatchNorm and a sparse layer keep bits, not their
         # fp32 output: the int8 layer's copy is then the activation's only one.
         use_masked_relus(model)
@@ -550,6 +561,16 @@ def run(cfg: Config, log=print, rank: int = 0, world: int = 1) -> dict:
 
 def model_mod(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _no_exact_zeros(model: nn.Module, masks: dict[str, torch.Tensor]) -> bool:
+    """Whether every Linear / Conv2d that was not pruned has no weight exactly
+    zero (its nonzeros, the pattern a swap gives it, are then all of it)."""
+    return all(
+        bool(m.weight.detach().ne(0).all())
+        for n, m in model.named_modules()
+        if isinstance(m, (nn.Linear, nn.Conv2d)) and n not in masks
+    )
 
 
 def _pruned_weights_zero(model: nn.Module, masks: dict[str, torch.Tensor]) -> bool:
