@@ -144,3 +144,18 @@ def test_bad_paths_are_refused_before_any_work(tmp_path, capsys, make_args, says
     err = capsys.readouterr().err
     assert says in err, err
     assert "Traceback" not in err
+
+
+def test_unpruned_layers_are_swap_candidates_only_without_an_exact_zero_weight():
+    """An unpruned layer swapped gets its nonzeros as its pattern: a weight
+    exactly zero would stay zero, so the tool then leaves such layers to
+    torch (min_sparsity 0.5)."""
+    torch.manual_seed(0)
+    model = finetune.make_model("cnn", 28, 8)
+    finetune.prune_model(model, 0.9, "layer")
+    masks = finetune._masks(model)
+    assert "0" not in masks  # the first convolution is not pruned
+    assert finetune._no_exact_zeros(model, masks)
+    with torch.no_grad():
+        model[0].weight[0, 0, 1, 1] = 0.0
+    assert not finetune._no_exact_zeros(model, masks)
