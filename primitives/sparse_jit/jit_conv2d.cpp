@@ -11,6 +11,7 @@
 #include <limits>
 #include <memory>
 #include <type_traits>
+#include <vector>
 
 #include <omp.h>
 
@@ -510,16 +511,32 @@ std::vector<int64_t> window_taps_of_entries(const conv_layout &l, const csr_patt
 
 void conv_window_sums(const conv_layout &l, const int8_t *xq, int64_t batch, int32_t *plane_sum,
                       int64_t *window_sum, int num_threads) {
-    const int64_t px = l.in_pixels();
+    const int64_t px = l.in_pixels(), image = l.in_c * px;
+    // The sums over the batch: each thread adds whole images, in memory
+    // order, into sums of its own (one channel's planes alone are in_c
+    // planes apart), then those are added; integers, so in any order.
+    const int threads =
+            static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, batch)));
+    std::vector<int32_t> partial(static_cast<size_t>((threads - 1) * image));
+#pragma omp parallel num_threads(threads)
+    {
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        int32_t *s = t == 0 ? plane_sum : partial.data() + (t - 1) * image;
+        std::fill(s, s + image, 0);
+        for (int64_t b = batch * t / nt; b < batch * (t + 1) / nt; ++b) {
+            const int8_t *x = xq + b * image;
+            for (int64_t i = 0; i < image; ++i)
+                s[i] += x[i];
+        }
+#pragma omp barrier
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < image; ++i)
+            for (int u = 1; u < nt; ++u)
+                plane_sum[i] += partial[static_cast<size_t>((u - 1) * image + i)];
+    }
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t ic = 0; ic < l.in_c; ++ic) {
-        int32_t *s = plane_sum + ic * px;
-        std::fill(s, s + px, 0);
-        for (int64_t b = 0; b < batch; ++b) {
-            const int8_t *plane = xq + (b * l.in_c + ic) * px;
-            for (int64_t i = 0; i < px; ++i)
-                s[i] += plane[i];
-        }
+        const int32_t *s = plane_sum + ic * px;
         for (int64_t k_h = 0; k_h < l.kh; ++k_h)
             for (int64_t k_w = 0; k_w < l.kw; ++k_w) {
                 int64_t sum = 0;
