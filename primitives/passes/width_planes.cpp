@@ -268,16 +268,20 @@ void pack_width_dy_u8(const int8_t *g, int64_t batch, int64_t channels, int64_t 
     }
 }
 
-void scatter_width_phase(const float *phase, int64_t batch, int64_t channels, int64_t n_h,
-                         int64_t n_w, int64_t h, int64_t w, int64_t h0, int64_t w0, int64_t sh,
-                         int64_t sw, float *out, int num_threads) {
+void interleave_width_phases(const width_phase_rows *phases, int64_t count, int64_t batch,
+                             int64_t channels, int64_t n_h, int64_t h, int64_t w, int64_t h0,
+                             int64_t sh, int64_t sw, float *out, int num_threads) {
 #pragma omp parallel for collapse(2) num_threads(num_threads) schedule(static)
     for (int64_t p = 0; p < batch * channels; ++p)
         for (int64_t a = 0; a < n_h; ++a) {
-            const float *in = phase + (p * n_h + a) * n_w;
-            float *o = out + (p * h + h0 + a * sh) * w + w0;
-            for (int64_t j = 0; j < n_w; ++j)
-                o[j * sw] = in[j];
+            float *row = out + (p * h + h0 + a * sh) * w;
+            for (int64_t k = 0; k < count; ++k) {
+                const width_phase_rows &f = phases[k];
+                const float *in = f.values + (p * n_h + a) * f.n_w;
+                float *o = row + f.w0;
+                for (int64_t j = 0; j < f.n_w; ++j)
+                    o[j * sw] = in[j];
+            }
         }
 }
 

@@ -58,11 +58,18 @@ void pack_width_planes(const int8_t *src, int64_t batch, int64_t channels, int64
 // zeros (the s8 SDDMM's dY: the zeros add nothing).
 void pack_width_dy_u8(const int8_t *g, int64_t batch, int64_t channels, int64_t h, int64_t w,
                       int64_t row_bytes, uint8_t *dst, int num_threads);
-// Backward-data of a horizontal stride: out[b][c][h0 + a * sh][w0 + j * sw]
-// = phase[b][c][a][j] for a < n_h, j < n_w (phase rows n_w long).
-void scatter_width_phase(const float *phase, int64_t batch, int64_t channels, int64_t n_h,
-                         int64_t n_w, int64_t h, int64_t w, int64_t h0, int64_t w0, int64_t sh,
-                         int64_t sw, float *out, int num_threads);
+// Backward-data of a horizontal stride: the column phases of one row phase,
+// each values[b][c][a][j] for a < n_h, j < n_w (rows n_w long) holding
+// out[b][c][h0 + a * sh][w0 + j * sw]. The phases' columns tile the rows
+// (every column is one phase's): each row of out is written once, whole
+// (a pass per phase wrote every row sw times, its lines read back each time).
+struct width_phase_rows {
+    const float *values;
+    int64_t w0, n_w;
+};
+void interleave_width_phases(const width_phase_rows *phases, int64_t count, int64_t batch,
+                             int64_t channels, int64_t n_h, int64_t h, int64_t w, int64_t h0,
+                             int64_t sh, int64_t sw, float *out, int num_threads);
 
 // The tiers (the same values bit for bit; tested).
 namespace portable {

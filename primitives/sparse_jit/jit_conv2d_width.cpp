@@ -300,6 +300,45 @@ protected:
 
     const conv_layout &l() const { return w_.l; }
     int64_t x_span() const { return (l().kh - 1) * l().dh + 1; }
+
+    // Backward-data's outputs, phase by phase: run_phase(phase, dst, image
+    // stride, channel stride, row stride) runs its kernels into dst. At
+    // stride 1 across, a phase's rows are diff_src's; else the column phases
+    // of a row phase go to scratch `slot` and one pass makes those rows of
+    // diff_src whole.
+    template <typename run_t>
+    void for_each_phase_output(const tensors &t, runtime::scratchpad &sp, int slot,
+                               run_t run_phase) const {
+        const int64_t B = t.batch, ic = l().in_c, in_px = l().in_pixels();
+        if (l().sw == 1) {
+            for (const auto &f : phases_)
+                run_phase(f, t.diff_src + f.phase.ih0 * l().in_w + f.phase.iw0, ic * in_px, in_px,
+                          l().sh * l().in_w);
+            return;
+        }
+        int64_t rows = 0; // of the largest row phase
+        for (const auto &f : phases_)
+            rows = std::max(rows, f.phase.n_h);
+        float *scratch = sp.get<float>(slot, B * ic * rows * l().in_w);
+        std::vector<width_phase_rows> group;
+        for (int64_t ph = 0; ph < l().sh; ++ph) {
+            const conv_layout::phase *any = nullptr;
+            float *at = scratch;
+            for (const auto &f : phases_) {
+                if (f.phase.ph != ph) continue;
+                const int64_t plane = f.phase.n_h * f.phase.n_w;
+                run_phase(f, at, ic * plane, plane, f.phase.n_w);
+                group.push_back({at, f.phase.iw0, f.phase.n_w});
+                at += B * ic * plane;
+                any = &f.phase;
+            }
+            if (any)
+                interleave_width_phases(group.data(), static_cast<int64_t>(group.size()), B, ic,
+                                        any->n_h, l().in_h, l().in_w, any->ih0, l().sh, l().sw,
+                                        t.diff_src, p_.num_threads);
+            group.clear();
+        }
+    }
     int64_t dy_span() const { return (l().kh - 1) * l().dh / l().sh + 1; }
 
     conv_width w_;
@@ -357,38 +396,35 @@ private:
 
     const char *backward_data(const tensors &t, runtime::scratchpad &sp) const override {
         const int nt = p_.num_threads;
-        const int64_t B = t.batch, image = l().out_c * plane_.size(), in_px = l().in_pixels();
+        const int64_t B = t.batch, image = l().out_c * plane_.size();
         float *dy = sp.get<float>(0, B * image);
         if (!pack_width_planes(t.diff_dst, B, l().out_c, l().out_h, l().out_w, l().dy_pad, plane_,
                                dy, nt))
             return kernel::non_finite_input;
         const float *zeros = bias_or_zeros(nullptr, l().in_c, sp.get<float>(2, l().in_c));
-        for (const auto &f : phases_) {
-            const conv_layout::phase &ph = f.phase;
-            const bool in_place = l().sw == 1;
-            float *phase_out =
-                    in_place ? nullptr : sp.get<float>(3, B * l().in_c * ph.n_h * ph.n_w);
-            const spmm_run run{f.entries->values(t.weights, sp.get<float>(1, p_.pattern.nnz()), nt),
-                               f.entries->offsets.data(),
-                               &f.groups,
-                               &f.entries->bounds,
-                               reinterpret_cast<const uint8_t *>(dy),
-                               image * 4,
-                               plane_.row_len() * 4,
-                               4,
-                               ph.n_h,
-                               in_place ? t.diff_src + ph.ih0 * l().in_w + ph.iw0 : phase_out,
-                               l().in_c * (in_place ? in_px : ph.n_h * ph.n_w),
-                               in_place ? in_px : ph.n_h * ph.n_w,
-                               in_place ? l().sh * l().in_w : ph.n_w,
-                               zeros,
-                               nullptr,
-                               nullptr};
-            run(p_.dir, f.calls, B, nt);
-            if (!in_place)
-                scatter_width_phase(phase_out, B, l().in_c, ph.n_h, ph.n_w, l().in_h, l().in_w,
-                                    ph.ih0, ph.iw0, l().sh, l().sw, t.diff_src, nt);
-        }
+        for_each_phase_output(
+                t, sp, 3,
+                [&](const auto &f, float *out, int64_t image_stride, int64_t channel_stride,
+                    int64_t row_stride) {
+                    const spmm_run run{
+                            f.entries->values(t.weights, sp.get<float>(1, p_.pattern.nnz()), nt),
+                            f.entries->offsets.data(),
+                            &f.groups,
+                            &f.entries->bounds,
+                            reinterpret_cast<const uint8_t *>(dy),
+                            image * 4,
+                            plane_.row_len() * 4,
+                            4,
+                            f.phase.n_h,
+                            out,
+                            image_stride,
+                            channel_stride,
+                            row_stride,
+                            zeros,
+                            nullptr,
+                            nullptr};
+                    run(p_.dir, f.calls, B, nt);
+                });
         return nullptr;
     }
 
@@ -505,7 +541,7 @@ private:
         const int nt = p_.num_threads;
         const int64_t B = t.batch, oc = l().out_c, ic = l().in_c;
         const int64_t cpw = jit::channels_per_word(word_);
-        const int64_t image = (oc + cpw - 1) / cpw * plane_.size(), in_px = l().in_pixels();
+        const int64_t image = (oc + cpw - 1) / cpw * plane_.size();
         int64_t max_quads = 1;
         for (const auto &f : phases_)
             max_quads = std::max(max_quads, f.entries->quads());
@@ -523,32 +559,28 @@ private:
         pack_words()(g2, B, oc, l().out_h, l().out_w, l().dy_pad, plane_, dy, nt);
         std::fill(scale, scale + ic, sg2);
         std::fill(zeros, zeros + ic, 0.f);
-        for (const auto &f : phases_) {
-            const conv_layout::phase &ph = f.phase;
-            f.entries->fill(wq, words, correction, nt);
-            const bool in_place = l().sw == 1;
-            float *phase_out = in_place ? nullptr : sp.get<float>(8, B * ic * ph.n_h * ph.n_w);
-            const spmm_run run{words,
-                               f.entries->offsets.data(),
-                               &f.groups,
-                               &f.entries->bounds,
-                               reinterpret_cast<const uint8_t *>(dy),
-                               image * 4,
-                               plane_.row_len() * 4,
-                               4,
-                               ph.n_h,
-                               in_place ? t.diff_src + ph.ih0 * l().in_w + ph.iw0 : phase_out,
-                               ic * (in_place ? in_px : ph.n_h * ph.n_w),
-                               in_place ? in_px : ph.n_h * ph.n_w,
-                               in_place ? l().sh * l().in_w : ph.n_w,
-                               zeros,
-                               correction,
-                               scale};
-            run(p_.dir, f.calls, B, nt);
-            if (!in_place)
-                scatter_width_phase(phase_out, B, ic, ph.n_h, ph.n_w, l().in_h, l().in_w, ph.ih0,
-                                    ph.iw0, l().sh, l().sw, t.diff_src, nt);
-        }
+        for_each_phase_output(t, sp, 8,
+                              [&](const auto &f, float *out, int64_t image_stride,
+                                  int64_t channel_stride, int64_t row_stride) {
+                                  f.entries->fill(wq, words, correction, nt);
+                                  const spmm_run run{words,
+                                                     f.entries->offsets.data(),
+                                                     &f.groups,
+                                                     &f.entries->bounds,
+                                                     reinterpret_cast<const uint8_t *>(dy),
+                                                     image * 4,
+                                                     plane_.row_len() * 4,
+                                                     4,
+                                                     f.phase.n_h,
+                                                     out,
+                                                     image_stride,
+                                                     channel_stride,
+                                                     row_stride,
+                                                     zeros,
+                                                     correction,
+                                                     scale};
+                                  run(p_.dir, f.calls, B, nt);
+                              });
         return nullptr;
     }
 
