@@ -300,16 +300,40 @@ protected:
 
     const conv_layout &l() const { return w_.l; }
     int64_t x_span() const { return (l().kh - 1) * l().dh + 1; }
+    int64_t dy_span() const { return (l().kh - 1) * l().dh / l().sh + 1; }
 
-    // Backward-data's outputs, phase by phase: run_phase(phase, dst, image
-    // stride, channel stride, row stride) runs its kernels into dst. At
-    // stride 1 across, a phase's rows are diff_src's; else the column phases
-    // of a row phase go to scratch `slot` and one pass makes those rows of
-    // diff_src whole.
-    template <typename run_t>
-    void for_each_phase_output(const tensors &t, runtime::scratchpad &sp, int slot,
-                               run_t run_phase) const {
+    // Backward-data over the packed dY (`image_bytes` per image): per phase,
+    // phase_values(phase) gives the kernels' values (f32 weights, or s8
+    // words, filled for that phase), then its kernels run. At stride 1
+    // across, a phase's rows are diff_src's; else the column phases of a row
+    // phase go to scratch `slot` and one pass makes those rows of diff_src
+    // whole (interleave_width_phases).
+    template <typename values_t>
+    void run_backward_data(const tensors &t, runtime::scratchpad &sp, int slot, const void *dy,
+                           int64_t image_bytes, const float *zeros, const int32_t *correction,
+                           const float *scale, values_t phase_values) const {
         const int64_t B = t.batch, ic = l().in_c, in_px = l().in_pixels();
+        const int nt = p_.num_threads;
+        auto run_phase = [&](const phase_plan<spmm_entries_t> &f, float *out, int64_t image,
+                             int64_t channel, int64_t row) {
+            const spmm_run run{phase_values(f),
+                               f.entries->offsets.data(),
+                               &f.groups,
+                               &f.entries->bounds,
+                               static_cast<const uint8_t *>(dy),
+                               image_bytes,
+                               plane_.row_len() * 4,
+                               4,
+                               f.phase.n_h,
+                               out,
+                               image,
+                               channel,
+                               row,
+                               zeros,
+                               correction,
+                               scale};
+            run(p_.dir, f.calls, B, nt);
+        };
         if (l().sw == 1) {
             for (const auto &f : phases_)
                 run_phase(f, t.diff_src + f.phase.ih0 * l().in_w + f.phase.iw0, ic * in_px, in_px,
@@ -335,11 +359,10 @@ protected:
             if (any)
                 interleave_width_phases(group.data(), static_cast<int64_t>(group.size()), B, ic,
                                         any->n_h, l().in_h, l().in_w, any->ih0, l().sh, l().sw,
-                                        t.diff_src, p_.num_threads);
+                                        t.diff_src, nt);
             group.clear();
         }
     }
-    int64_t dy_span() const { return (l().kh - 1) * l().dh / l().sh + 1; }
 
     conv_width w_;
     jit::s8_word word_; // s8 SpMM source words: quads, or pairs on avx2 without AVX-VNNI
@@ -402,29 +425,9 @@ private:
                                dy, nt))
             return kernel::non_finite_input;
         const float *zeros = bias_or_zeros(nullptr, l().in_c, sp.get<float>(2, l().in_c));
-        for_each_phase_output(
-                t, sp, 3,
-                [&](const auto &f, float *out, int64_t image_stride, int64_t channel_stride,
-                    int64_t row_stride) {
-                    const spmm_run run{
-                            f.entries->values(t.weights, sp.get<float>(1, p_.pattern.nnz()), nt),
-                            f.entries->offsets.data(),
-                            &f.groups,
-                            &f.entries->bounds,
-                            reinterpret_cast<const uint8_t *>(dy),
-                            image * 4,
-                            plane_.row_len() * 4,
-                            4,
-                            f.phase.n_h,
-                            out,
-                            image_stride,
-                            channel_stride,
-                            row_stride,
-                            zeros,
-                            nullptr,
-                            nullptr};
-                    run(p_.dir, f.calls, B, nt);
-                });
+        run_backward_data(t, sp, 3, dy, image * 4, zeros, nullptr, nullptr, [&](const auto &f) {
+            return f.entries->values(t.weights, sp.get<float>(1, p_.pattern.nnz()), nt);
+        });
         return nullptr;
     }
 
@@ -559,28 +562,10 @@ private:
         pack_words()(g2, B, oc, l().out_h, l().out_w, l().dy_pad, plane_, dy, nt);
         std::fill(scale, scale + ic, sg2);
         std::fill(zeros, zeros + ic, 0.f);
-        for_each_phase_output(t, sp, 8,
-                              [&](const auto &f, float *out, int64_t image_stride,
-                                  int64_t channel_stride, int64_t row_stride) {
-                                  f.entries->fill(wq, words, correction, nt);
-                                  const spmm_run run{words,
-                                                     f.entries->offsets.data(),
-                                                     &f.groups,
-                                                     &f.entries->bounds,
-                                                     reinterpret_cast<const uint8_t *>(dy),
-                                                     image * 4,
-                                                     plane_.row_len() * 4,
-                                                     4,
-                                                     f.phase.n_h,
-                                                     out,
-                                                     image_stride,
-                                                     channel_stride,
-                                                     row_stride,
-                                                     zeros,
-                                                     correction,
-                                                     scale};
-                                  run(p_.dir, f.calls, B, nt);
-                              });
+        run_backward_data(t, sp, 8, dy, image * 4, zeros, correction, scale, [&](const auto &f) {
+            f.entries->fill(wq, words, correction, nt);
+            return words;
+        });
         return nullptr;
     }
 
