@@ -14,9 +14,10 @@ order, optimizer and epochs) as: dense PyTorch fp32 and, where the CPU
 computes bf16 natively (AVX512_BF16 or AMX), under bf16 autocast (the faster
 one is "best dense"; elsewhere one line says it is skipped and why), and
 with qsparseprop f32 and int8 layers (``swap_modules_with_sparse``: each
-layer, pruned or not, swapped only where it measured faster). One line per phase and per epoch (with its time and what is left)
-even with --no-progress; the table reports time per epoch, speedups, training
-memory, test accuracy and the share of step time spent in the sparse layers.
+layer, pruned or not, swapped only where it measured faster). One line per
+phase and per epoch (with its time and what is left) even with
+--no-progress; the table reports time per epoch, speedups, training memory,
+test accuracy and the share of step time spent in the sparse layers.
 """
 
 from __future__ import annotations
