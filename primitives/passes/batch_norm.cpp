@@ -183,7 +183,7 @@ void channel_statistics(const float *src, channel_planes s, double *mean, double
     // twice a 28 x 28 one's. A part is a run of images (all channels):
     // threads take whole parts and read them in memory order, one channel
     // after the other per image (a channel's planes alone are a stride of
-    // C planes apart: 7 x 7 planes 96 channels apart read at 7 GB/s); each
+    // C planes apart; the order made the pass 2-12 % faster); each
     // channel's sums still take its planes in image order, and the parts
     // are combined per channel in order, so neither depends on the thread
     // count.
