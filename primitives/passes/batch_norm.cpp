@@ -1,5 +1,7 @@
 #include "primitives/passes/batch_norm.hpp"
 
+#include "primitives/passes/entry_arguments.hpp"
+
 #include "primitives/passes/relu_mask.hpp"
 #include "qsparseprop/primitives.hpp"
 #include "qsparseprop/quantization.hpp"
@@ -339,7 +341,7 @@ void masked_gradient_sums(const float *diff_dst, const uint8_t *bits, centered_s
                         const int64_t bit = base + i;
                         // a select, not a product: a NaN gradient where the
                         // input was <= 0 is dropped, as torch's ReLU backward does
-                        const float gi = !bits || (bits[bit / 8] >> (bit % 8)) & 1 ? g[i] : 0.0f;
+                        const float gi = !bits || relu_mask_bit(bits, bit) ? g[i] : 0.0f;
                         sum += gi;
                         dot += gi * x(base + i);
                     }
@@ -396,7 +398,7 @@ void masked_gradient_apply(const float *diff_dst, const uint8_t *bits, centered_
                 for (; i < hi; ++i) {
                     // a select, not a product: a NaN gradient where the
                     // input was <= 0 is dropped, as torch's ReLU backward does
-                    const float g = !bits || (bits[i / 8] >> (i % 8)) & 1 ? diff_dst[i] : 0.0f;
+                    const float g = !bits || relu_mask_bit(bits, i) ? diff_dst[i] : 0.0f;
                     if (diff_residual) diff_residual[i] = g;
                     if (diff_src) diff_src[i] = (g * ac + x(i) * bc) + kc;
                 }
@@ -413,9 +415,7 @@ namespace qsp {
 
 namespace {
 
-int threads_or_default(int num_threads) {
-    return num_threads > 0 ? num_threads : omp_get_max_threads();
-}
+using detail::threads_or_default;
 
 detail::channel_planes checked_planes(const batch_norm_relu_desc &d) {
     const char *what = "batch_norm_relu: ";
@@ -434,8 +434,7 @@ detail::channel_planes checked_planes(const batch_norm_relu_desc &d) {
 }
 
 void require(const void *p, const char *name) {
-    if (p == nullptr)
-        throw std::invalid_argument(std::string("batch_norm_relu: ") + name + " is null");
+    detail::require_non_null(p, "batch_norm_relu", name);
 }
 
 } // namespace

@@ -1,10 +1,10 @@
 #include "qsparseprop/primitives.hpp"
 
+#include "primitives/passes/entry_arguments.hpp"
+
 #include <algorithm>
 #include <stdexcept>
 #include <string>
-
-#include <omp.h>
 
 // The pixels a strided 1x1 convolution without padding reads (every sh-th
 // row, every sw-th column), and the spread of their gradient back over the
@@ -30,23 +30,16 @@ subsample_shape checked_shape(const char *what, int64_t batch, int64_t channels,
     return {batch * channels, h, w, sh, sw, (h + sh - 1) / sh, (w + sw - 1) / sw};
 }
 
-void require(const void *p, const char *what, const char *name) {
-    if (p == nullptr) throw std::invalid_argument(std::string(what) + ": " + name + " is null");
-}
-
-int threads_or_default(int num_threads) {
-    return num_threads > 0 ? num_threads : omp_get_max_threads();
-}
-
 } // namespace
 
 void subsample_pixels_forward(const float *src, int64_t batch, int64_t channels, int64_t h,
                               int64_t w, int64_t sh, int64_t sw, float *dst, int num_threads) {
     const subsample_shape s = checked_shape("subsample_pixels", batch, channels, h, w, sh, sw);
     if (s.planes == 0) return;
-    require(src, "subsample_pixels", "src");
-    require(dst, "subsample_pixels", "dst");
-#pragma omp parallel for collapse(2) num_threads(threads_or_default(num_threads)) schedule(static)
+    detail::require_non_null(src, "subsample_pixels", "src");
+    detail::require_non_null(dst, "subsample_pixels", "dst");
+    const int threads = detail::threads_or_default(num_threads);
+#pragma omp parallel for collapse(2) num_threads(threads) schedule(static)
     for (int64_t p = 0; p < s.planes; ++p)
         for (int64_t y = 0; y < s.oh; ++y) {
             const float *in = src + (p * s.h + y * s.sh) * s.w;
@@ -62,11 +55,12 @@ void subsample_pixels_backward(const float *diff_dst, int64_t batch, int64_t cha
     const subsample_shape s =
             checked_shape("subsample_pixels_backward", batch, channels, h, w, sh, sw);
     if (s.planes == 0) return;
-    require(diff_dst, "subsample_pixels_backward", "diff_dst");
-    require(diff_src, "subsample_pixels_backward", "diff_src");
+    detail::require_non_null(diff_dst, "subsample_pixels_backward", "diff_dst");
+    detail::require_non_null(diff_src, "subsample_pixels_backward", "diff_src");
     // Each row of diff_src written once, zeros and values together (a zero
     // fill then a strided copy wrote the read rows twice).
-#pragma omp parallel for collapse(2) num_threads(threads_or_default(num_threads)) schedule(static)
+    const int threads = detail::threads_or_default(num_threads);
+#pragma omp parallel for collapse(2) num_threads(threads) schedule(static)
     for (int64_t p = 0; p < s.planes; ++p)
         for (int64_t y = 0; y < s.h; ++y) {
             float *out = diff_src + (p * s.h + y) * s.w;

@@ -1,5 +1,7 @@
 #include "primitives/passes/relu_mask.hpp"
 
+#include "primitives/passes/entry_arguments.hpp"
+
 #include "qsparseprop/primitives.hpp"
 
 #include <algorithm>
@@ -64,8 +66,7 @@ void relu_mask_backward_range(const float *diff_dst, const uint8_t *bits, int64_
                               float *diff_src, int64_t n) {
     int64_t j = 0;
     const auto scalar = [&](int64_t at) {
-        const int64_t bit = first_bit + at;
-        diff_src[at] = (bits[bit / 8] >> (bit % 8)) & 1 ? diff_dst[at] : 0.0f;
+        diff_src[at] = relu_mask_bit(bits, first_bit + at) ? diff_dst[at] : 0.0f;
     };
     for (; j + 8 <= n; j += 8) {
         const mask_lanes m = relu_mask_lanes(bits, first_bit + j);
@@ -100,12 +101,7 @@ void check(const void *a, const char *a_name, const void *b, const char *b_name,
         throw std::invalid_argument("relu_with_mask: n must be >= 0, got " + std::to_string(n));
     if (n == 0) return;
     for (auto [p, name] : {std::pair{a, a_name}, std::pair{b, b_name}, std::pair{c, c_name}})
-        if (p == nullptr)
-            throw std::invalid_argument(std::string("relu_with_mask: ") + name + " is null");
-}
-
-int threads_or_default(int num_threads) {
-    return num_threads > 0 ? num_threads : omp_get_max_threads();
+        detail::require_non_null(p, "relu_with_mask", name);
 }
 
 } // namespace
@@ -113,14 +109,16 @@ int threads_or_default(int num_threads) {
 void relu_with_mask_forward(const float *src, float *dst, uint8_t *mask, int64_t n,
                             int num_threads) {
     check(src, "src", dst, "dst", mask, "mask", n);
-    if (n > 0) detail::relu_mask_forward(src, dst, mask, n, threads_or_default(num_threads));
+    if (n > 0)
+        detail::relu_mask_forward(src, dst, mask, n, detail::threads_or_default(num_threads));
 }
 
 void relu_with_mask_backward(const float *diff_dst, const uint8_t *mask, float *diff_src, int64_t n,
                              int num_threads) {
     check(diff_dst, "diff_dst", mask, "mask", diff_src, "diff_src", n);
     if (n > 0)
-        detail::relu_mask_backward(diff_dst, mask, diff_src, n, threads_or_default(num_threads));
+        detail::relu_mask_backward(diff_dst, mask, diff_src, n,
+                                   detail::threads_or_default(num_threads));
 }
 
 } // namespace qsp

@@ -28,6 +28,11 @@ void relu_mask_backward(const float *diff_dst, const uint8_t *bits, float *diff_
 void relu_mask_backward_range(const float *diff_dst, const uint8_t *bits, int64_t first_bit,
                               float *diff_src, int64_t n);
 
+// Bit `bit` of the mask (element `bit`'s).
+inline bool relu_mask_bit(const uint8_t *bits, int64_t bit) {
+    return (bits[bit / 8] >> (bit % 8)) & 1;
+}
+
 // The mask bits of 8 elements from bit `bit` (any offset: a BatchNorm plane
 // of 49 or 196 elements starts mid-byte) as two 4-lane selects, all-ones
 // where set: and-ing a gradient with them is torch's ReLU backward (a
