@@ -434,7 +434,7 @@ private:
         auto *x = sp.get<int8_t>(1, tiles * x_rows * rb8);
         auto *piece = sp.get<int32_t>(2, nnz + jit::sddmm_offset_padding);
         auto *acc = sp.get<int64_t>(3, nnz);
-        auto *plane_sum = sp.get<int32_t>(4, l_.in_c * l_.in_pixels());
+        auto *plane_sum = sp.get<int32_t>(4, nt * l_.in_c * l_.in_pixels());
         auto *window_sum = sp.get<int64_t>(5, taps);
         const float sg1 = s8::dw_gradient_tiles(t, B, dy_rows, g1, nt);
         pack_conv_s8_tiles(xq, B, l_.in_c, l_.in_h, l_.in_w, l_.x_pad, x, nt);
@@ -517,11 +517,10 @@ void conv_window_sums(const conv_layout &l, const int8_t *xq, int64_t batch, int
     // planes apart), then those are added; integers, so in any order.
     const int threads =
             static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, batch)));
-    std::vector<int32_t> partial(static_cast<size_t>((threads - 1) * image));
 #pragma omp parallel num_threads(threads)
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-        int32_t *s = t == 0 ? plane_sum : partial.data() + (t - 1) * image;
+        int32_t *s = plane_sum + t * image; // thread 0's sums become the total
         std::fill(s, s + image, 0);
         for (int64_t b = batch * t / nt; b < batch * (t + 1) / nt; ++b) {
             const int8_t *x = xq + b * image;
@@ -532,7 +531,7 @@ void conv_window_sums(const conv_layout &l, const int8_t *xq, int64_t batch, int
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < image; ++i)
             for (int u = 1; u < nt; ++u)
-                plane_sum[i] += partial[static_cast<size_t>((u - 1) * image + i)];
+                plane_sum[i] += plane_sum[u * image + i];
     }
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t ic = 0; ic < l.in_c; ++ic) {
