@@ -502,6 +502,13 @@ def run(cfg: Config, log=print, rank: int = 0, world: int = 1) -> dict:
         model = _ddp(copy.deepcopy(pruned), world)
         train(model, v, data, masks=masks, autocast=autocast, log=log, **fine)
         finish(v, model, masks)
+    # Every layer is a swap candidate, pruned or not: the swap keeps each where
+    # it measured faster (the CNN's first convolution, one input channel, runs
+    # 2-3x faster on the sparse kernels than in torch). An unpruned layer's
+    # pattern is its nonzeros: all of its weights, unless one is exactly zero,
+    # which would then stay zero; such a model's unpruned layers stay torch's
+    # (min_sparsity 0.5).
+    min_sparsity = 0.0 if _no_exact_zeros(pruned, masks) else 0.5
     for scheme in cfg.schemes:
         # Rank 0 times the layers and decides; the other ranks make the same
         # swaps from its plan (timings differ between processes).
@@ -509,14 +516,7 @@ def run(cfg: Config, log=print, rank: int = 0, world: int = 1) -> dict:
         model = copy.deepcopy(pruned)
         if rank == 0:
             # The tool keeps the kept-dense layers' zeros itself (train(masks=...)),
-            # as before: no pruning hooks in the timed steps. Every layer is a
-            # candidate, pruned or not: the swap keeps each where it measured
-            # faster (the CNN's first convolution, one input channel, runs 2-3x
-            # faster on the sparse kernels than in torch). An unpruned layer's
-            # pattern is its nonzeros: all of its weights, unless one is exactly
-            # zero, which would then stay zero; such a model's unpruned layers
-            # stay torch's (min_sparsity 0.5).
-            min_sparsity = 0.0 if _no_exact_zeros(model, masks) else 0.5
+            # as before: no pruning hooks in the timed steps.
             model = swap_modules_with_sparse(
                 model, shape, verbose=False, scheme=scheme, min_sparsity=min_sparsity, mask_kept=False
             )
