@@ -43,6 +43,7 @@ stochastic_scales quantize_stochastic_pair(const float *x, int64_t n, const floa
                                            int num_threads) {
     const bool whole_rows = whole_multiplier_rows(n, multiplier, channels, inner);
     static constexpr pass_tier<quantize_stochastic_pair_fn> tiers[] = {
+            {cpu_isa::avx512_core, quantize_stochastic_pair_avx512},
             {cpu_isa::avx2, quantize_stochastic_pair_avx2},
             {cpu_isa::ref, portable::quantize_stochastic_pair}};
     return best_tier(tiers, whole_rows)(x, n, multiplier, channels, inner, seed32, q, plain_seed32,

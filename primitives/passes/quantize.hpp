@@ -108,6 +108,7 @@ void quantize_weights_avx2(const int64_t *row_ptr, int64_t rows, const float *va
 
 quantize_rne_fn quantize_rne_avx512;
 quantize_stochastic_fn quantize_stochastic_avx512;
+quantize_stochastic_pair_fn quantize_stochastic_pair_avx512;
 quantize_stochastic_to_s8_tiles_fn quantize_stochastic_to_s8_tiles_avx512;
 pack_s8_tiles_fn pack_s8_tiles_avx512;
 shift_to_s8_tiles_fn shift_to_s8_tiles_avx512;

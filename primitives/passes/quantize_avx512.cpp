@@ -147,6 +147,134 @@ float quantize_stochastic_avx512(const float *x, int64_t n, const float *multipl
     return s.scale;
 }
 
+namespace avx512 {
+namespace {
+
+// The rows the pair's passes walk, as the AVX2 tier's: row r holds elements
+// [r * cols, min(n, (r + 1) * cols)), `channels` columns sharing a
+// multiplier vector (inner == 1), `inner` elements sharing one multiplier
+// (inner > 1: Conv2d's planes of one channel), or, without a multiplier,
+// blocks of 4096. Threads take whole rows: a row's multiplier is read once,
+// not found by an integer division per vector.
+struct pair_rows {
+    static constexpr int64_t block = 4096; // a multiple of 16
+    int64_t n, rows, cols;
+    const float *mult;
+    int64_t channels;
+    bool per_row;
+    pair_rows(int64_t n_, const float *m, int64_t ch, int64_t inner)
+        : n(n_), rows(!m           ? (n_ + block - 1) / block
+                      : inner == 1 ? n_ / ch
+                                   : n_ / inner),
+          cols(!m           ? block
+               : inner == 1 ? ch
+                            : inner),
+          mult(m), channels(ch), per_row(m && inner > 1) {}
+    int64_t row_len(int64_t r) const { return std::min(cols, n - r * cols); }
+    __m512 row_multiplier(int64_t r) const {
+        return per_row ? _mm512_set1_ps(mult[r % channels]) : _mm512_setzero_ps();
+    }
+    // x_v (row r's elements from column c) times their multipliers.
+    __m512 times(__m512 x_v, __m512 row_mult, int64_t c, __mmask16 k) const {
+        if (!mult) return x_v;
+        return _mm512_mul_ps(x_v, per_row ? row_mult : _mm512_maskz_loadu_ps(k, mult + c));
+    }
+};
+
+struct maxima {
+    float scaled, plain;
+};
+
+// max |x * mult| and max |x|, each NaN if any of its values is: one read.
+maxima abs_maxima(const float *x, const pair_rows &m, int num_threads) {
+    float scaled = 0.f, plain = 0.f;
+    int nan_scaled = 0, nan_plain = 0;
+#pragma omp parallel num_threads(num_threads) reduction(max                                        \
+                                                        : scaled, plain)                           \
+        reduction(|                                                                                \
+                  : nan_scaled, nan_plain)
+    {
+        __m512 m_scaled = _mm512_setzero_ps(), m_plain = m_scaled;
+        __mmask16 bad_scaled = 0, bad_plain = 0;
+        const __m512 sign = _mm512_set1_ps(-0.f);
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < m.rows; ++r) {
+            const int64_t len = m.row_len(r);
+            const __m512 row_mult = m.row_multiplier(r);
+            for (int64_t c = 0; c < len; c += 16) {
+                const __mmask16 k = first(len - c);
+                const __m512 x_v = _mm512_maskz_loadu_ps(k, x + r * m.cols + c);
+                bad_plain |= _mm512_cmp_ps_mask(x_v, x_v, _CMP_UNORD_Q);
+                m_plain = _mm512_max_ps(m_plain, _mm512_andnot_ps(sign, x_v));
+                const __m512 v = m.times(x_v, row_mult, c, k);
+                bad_scaled |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+                m_scaled = _mm512_max_ps(m_scaled, _mm512_andnot_ps(sign, v));
+            }
+        }
+        scaled = std::max(scaled, _mm512_reduce_max_ps(m_scaled));
+        plain = std::max(plain, _mm512_reduce_max_ps(m_plain));
+        nan_scaled |= bad_scaled != 0;
+        nan_plain |= bad_plain != 0;
+    }
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    return {nan_scaled ? nan : scaled, nan_plain ? nan : plain};
+}
+
+// One stochastic rounding's vector step: floor(v / scale + u), u from the
+// counter hash of the 16 flat indices, clamped and stored (zeros when the
+// scale is unusable).
+struct stochastic_rounding {
+    quant_scale s;
+    __m512 inv;
+    __m512i seed;
+    stochastic_rounding(float abs_max, uint32_t seed32)
+        : s(quant_scale_from_abs_max(abs_max)), inv(_mm512_set1_ps(s.inv)),
+          seed(_mm512_set1_epi32(static_cast<int>(seed32))) {}
+    void store(int8_t *q, __m512 v, __m512i idx, __mmask16 k) const {
+        if (!s.usable) {
+            _mm512_mask_cvtepi32_storeu_epi8(q, k, _mm512_setzero_si512());
+            return;
+        }
+        const __m512i h = mix32(_mm512_xor_si512(idx, seed));
+        const __m512 u = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(h, 8)),
+                                       _mm512_set1_ps(1.0f / 16777216.0f));
+        store_q(q,
+                _mm512_roundscale_ps(_mm512_add_ps(_mm512_mul_ps(v, inv), u),
+                                     _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC),
+                k);
+    }
+};
+
+} // namespace
+} // namespace avx512
+
+stochastic_scales quantize_stochastic_pair_avx512(const float *x, int64_t n,
+                                                  const float *multiplier, int64_t channels,
+                                                  int64_t inner, uint32_t seed32, int8_t *q,
+                                                  uint32_t plain_seed32, int8_t *q_plain,
+                                                  int num_threads) {
+    const avx512::pair_rows m(n, multiplier, channels, inner);
+    const avx512::maxima mx = avx512::abs_maxima(x, m, num_threads);
+    const avx512::stochastic_rounding scaled(mx.scaled, seed32), plain(mx.plain, plain_seed32);
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t r = 0; r < m.rows; ++r) {
+        const int64_t len = m.row_len(r), first_i = r * m.cols;
+        const __m512 row_mult = m.row_multiplier(r);
+        // flat indices mod 2^32, as the portable tier's uint32_t(i)
+        __m512i idx = _mm512_add_epi32(
+                _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(first_i))), lane);
+        for (int64_t c = 0; c < len; c += 16) {
+            const __mmask16 k = first(len - c);
+            const __m512 x_v = _mm512_maskz_loadu_ps(k, x + first_i + c);
+            plain.store(q_plain + first_i + c, x_v, idx, k);
+            scaled.store(q + first_i + c, m.times(x_v, row_mult, c, k), idx, k);
+            idx = _mm512_add_epi32(idx, _mm512_set1_epi32(16));
+        }
+    }
+    return {scaled.s.scale, plain.s.scale};
+}
+
 float quantize_stochastic_to_s8_tiles_avx512(const float *x, int64_t batch, int64_t channels,
                                              uint32_t seed32, uint8_t *tiles, int num_threads) {
     const int64_t n = batch * channels;

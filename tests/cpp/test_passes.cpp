@@ -182,11 +182,12 @@ TEST(Passes, quantization_tiers_match_portable) {
 
 // The s8 backward's two roundings of dY in one pass: the integers and scales
 // of the two separate calls (the statement), both multiplier layouts and
-// none, zero / NaN / Inf tensors, on the AVX2 tier and the dispatcher.
+// none, zero / NaN / Inf tensors, on the vector tiers and the dispatcher;
+// rows of whole vectors, tails, and tensors past one 4096-element block.
 TEST(Passes, stochastic_pair_matches_two_quantizations) {
     std::mt19937 rng(33);
     for (int64_t rows : {1, 3, 17})
-        for (int64_t cols : {1, 7, 8, 15, 33}) {
+        for (int64_t cols : {1, 7, 8, 15, 16, 33, 4099}) {
             SCOPED_TRACE(std::to_string(rows) + "x" + std::to_string(cols));
             const int64_t n = rows * cols;
             for (int variant = 0; variant < 4; ++variant) {
@@ -215,6 +216,8 @@ TEST(Passes, stochastic_pair_matches_two_quantizations) {
                             detail::portable::quantize_stochastic_pair};
                     if (cpu_has(cpu_isa::avx2) && cols > 1)
                         tiers.push_back(detail::quantize_stochastic_pair_avx2);
+                    if (cpu_has(cpu_isa::avx512_core) && cols > 1)
+                        tiers.push_back(detail::quantize_stochastic_pair_avx512);
                     for (auto *tier : tiers) {
                         std::vector<int8_t> got(n, 9), got_plain(n, 9);
                         const auto scales = tier(x.data(), n, l.mult, l.channels, l.inner, 5,
