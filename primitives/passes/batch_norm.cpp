@@ -1,7 +1,8 @@
 #include "primitives/passes/batch_norm.hpp"
 
+#include "primitives/passes/batch_norm_walk.hpp"
 #include "primitives/passes/entry_arguments.hpp"
-
+#include "primitives/passes/pass_tiers.hpp"
 #include "primitives/passes/relu_mask.hpp"
 #include "qsparseprop/primitives.hpp"
 #include "qsparseprop/quantization.hpp"
@@ -17,32 +18,15 @@
 
 #include <emmintrin.h>
 
-// Portable C++ (no ISA target: the passes are memory bound and run on every
-// CPU the library does), with SSE2 intrinsics, part of x86-64 itself, where
-// GCC's vectoriser left a loop scalar or a masked copy in between.
+// The portable tier's kernels: C++ with SSE2 intrinsics (part of x86-64
+// itself, no ISA target) where GCC's vectoriser left a loop scalar or a
+// masked copy in between. The walk, shared with the vector tiers, is in
+// batch_norm_walk.hpp.
 namespace qsp::detail {
 
 namespace {
 
-// Whole mask bytes per OpenMP chunk, so no two threads write one byte.
-constexpr int64_t chunk_elems = 8 * 4096;
-
-// Calls f(channel, begin, end) for the runs of one plane in [begin, end).
-template <typename F> void for_each_plane_run(channel_planes s, int64_t begin, int64_t end, F &&f) {
-    for (int64_t i = begin; i < end;) {
-        const int64_t plane = i / s.spatial;
-        const int64_t run_end = std::min(end, (plane + 1) * s.spatial);
-        f(plane % s.channels, i, run_end);
-        i = run_end;
-    }
-}
-
-template <typename F> void for_each_chunk(int64_t n, int num_threads, F &&f) {
-    const int64_t chunks = (n + chunk_elems - 1) / chunk_elems;
-#pragma omp parallel for num_threads(num_threads) schedule(static)
-    for (int64_t c = 0; c < chunks; ++c)
-        f(c * chunk_elems, std::min(n, (c + 1) * chunk_elems));
-}
+namespace walk = batch_norm_walk;
 
 // Rounded half to even by the float adder (1.5 * 2^23 + v has a unit ulp;
 // std::nearbyint would be a libm call per element on the baseline ISA).
@@ -54,54 +38,15 @@ inline int8_t round_to_s8(float v) {
     return static_cast<int8_t>(static_cast<int>((v + unit_ulp) - unit_ulp));
 }
 
-// The int8 copy of channel c's run [b, e) of src (zeros where the channel
-// has no usable step). Locals, not references into `keep`: an int8 store
-// may alias anything, so those would be reloaded per element.
-inline void write_centered(const centered_s8_writer &keep, const float *src, int64_t c, int64_t b,
-                           int64_t e) {
-    int8_t *q = keep.values;
-    const float m = keep.mean[c], inv = keep.inv[c];
-    if (inv == 0.0f) {
-        std::fill(q + b, q + e, int8_t{0});
-        return;
-    }
-#pragma omp simd
-    for (int64_t i = b; i < e; ++i)
-        q[i] = round_to_s8((src[i] - m) * inv);
-}
-
-// src - mean[c] as the backward reads it, element i of channel c's runs
-// (flat indices): from the forward's src, or from its int8 copy.
-struct f32_centered {
-    const float *src, *mean;
-    struct channel {
-        const float *x;
-        float m;
-        float operator()(int64_t i) const { return x[i] - m; }
-    };
-    channel at(int64_t c) const { return {src, mean[c]}; }
-};
-
-struct s8_centered {
-    const int8_t *values;
-    const float *step;
-    struct channel {
-        const int8_t *q;
-        float f;
-        float operator()(int64_t i) const { return static_cast<float>(q[i]) * f; }
-    };
-    channel at(int64_t c) const { return {values, step[c]}; }
-};
-
 // src - mean of channel x at elements i..i+7, as two vectors of 4.
 struct lanes8 {
     __m128 lo, hi;
 };
-inline lanes8 centered8(const f32_centered::channel &x, int64_t i) {
+inline lanes8 centered8(const walk::f32_centered::channel &x, int64_t i) {
     const __m128 m = _mm_set1_ps(x.m);
     return {_mm_sub_ps(_mm_loadu_ps(x.x + i), m), _mm_sub_ps(_mm_loadu_ps(x.x + i + 4), m)};
 }
-inline lanes8 centered8(const s8_centered::channel &x, int64_t i) {
+inline lanes8 centered8(const walk::s8_centered::channel &x, int64_t i) {
     // 8 int8 widened by unpacking with themselves and arithmetic shifts
     // (SSE2 has no sign extension)
     const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i *>(x.q + i));
@@ -116,295 +61,213 @@ inline float lanes_sum(__m128 v) {
     return (l[0] + l[1]) + (l[2] + l[3]);
 }
 
-template <typename F> void with_centered(centered_source src, F &&f) {
-    if (src.values)
-        f(s8_centered{src.values, src.step});
-    else
-        f(f32_centered{src.src, src.mean});
-}
-
-// Folds the smallest and largest of p[0, n) into lowest / highest (a NaN
-// is skipped). SSE2's minps / maxps are exactly the selects `v < lo ? v :
-// lo` and `v > hi ? v : hi` (the second operand when unordered); GCC left
-// those selects scalar, the statistics pass's largest cost
-// (128x24x28x28, 2 threads: 1.04 -> 0.59 ms).
-inline void plane_range(const float *p, int64_t n, float &lowest, float &highest) {
-    __m128 lo0 = _mm_set1_ps(lowest), lo1 = lo0, hi0 = _mm_set1_ps(highest), hi1 = hi0;
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        const __m128 a = _mm_loadu_ps(p + i), b = _mm_loadu_ps(p + i + 4);
-        lo0 = _mm_min_ps(a, lo0), lo1 = _mm_min_ps(b, lo1);
-        hi0 = _mm_max_ps(a, hi0), hi1 = _mm_max_ps(b, hi1);
-    }
-    for (; i < n; ++i) { // lane 0 only (min_ss takes the other lanes from v)
-        const __m128 v = _mm_set_ss(p[i]);
-        lo0 = _mm_move_ss(lo0, _mm_min_ss(v, lo0));
-        hi0 = _mm_move_ss(hi0, _mm_max_ss(v, hi0));
-    }
-    alignas(16) float lanes[8];
-    _mm_store_ps(lanes, _mm_min_ps(lo0, lo1));
-    _mm_store_ps(lanes + 4, _mm_max_ps(hi0, hi1));
-    for (int j = 0; j < 4; ++j) {
-        lowest = lanes[j] < lowest ? lanes[j] : lowest;
-        highest = lanes[4 + j] > highest ? lanes[4 + j] : highest;
-    }
-}
-
-// Sums in 16 float lanes: four independent vector accumulators on the
-// baseline ISA, where an `omp simd` reduction keeps one and the loop waits
-// on the adder's latency (the plane is in cache). The lanes are added in a
-// fixed order, so a sum depends on the shape alone. (The backward's two
-// sums stay an omp simd reduction: in lanes they measured slower, 3.4 ->
-// 3.9 ms at 128x24x28x28.)
-constexpr int sum_lanes = 16;
-
 // Adds f(i) over [0, n) into the lanes of acc (element i into lane i % 16).
-template <typename F> void lane_accumulate(float (&acc)[sum_lanes], int64_t n, F f) {
+template <typename F> void lane_accumulate(float (&acc)[walk::sum_lanes], int64_t n, F f) {
     int64_t i = 0;
-    for (; i + sum_lanes <= n; i += sum_lanes)
-        for (int j = 0; j < sum_lanes; ++j)
+    for (; i + walk::sum_lanes <= n; i += walk::sum_lanes)
+        for (int j = 0; j < walk::sum_lanes; ++j)
             acc[j] += f(i + j);
     for (int j = 0; i < n; ++i, ++j)
         acc[j] += f(i);
 }
 
-inline float lanes_total(const float (&acc)[sum_lanes]) {
-    float sum = 0;
-    for (int j = 0; j < sum_lanes; ++j)
-        sum += acc[j];
-    return sum;
-}
+struct portable_kernels {
+    static void accumulate(float (&acc)[walk::sum_lanes], const float *p, int64_t n) {
+        lane_accumulate(acc, n, [p](int64_t i) { return p[i]; });
+    }
+    static void accumulate_squares(float (&acc)[walk::sum_lanes], const float *p, int64_t n,
+                                   float m) {
+        lane_accumulate(acc, n, [p, m](int64_t i) { return (p[i] - m) * (p[i] - m); });
+    }
+
+    // SSE2's minps / maxps are exactly the selects `v < lo ? v : lo` and
+    // `v > hi ? v : hi` (the second operand when unordered: a NaN is
+    // skipped); GCC left those selects scalar, the statistics pass's
+    // largest cost (128x24x28x28, 2 threads: 1.04 -> 0.59 ms).
+    static void range(const float *p, int64_t n, float &lowest, float &highest) {
+        __m128 lo0 = _mm_set1_ps(lowest), lo1 = lo0, hi0 = _mm_set1_ps(highest), hi1 = hi0;
+        int64_t i = 0;
+        for (; i + 8 <= n; i += 8) {
+            const __m128 a = _mm_loadu_ps(p + i), b = _mm_loadu_ps(p + i + 4);
+            lo0 = _mm_min_ps(a, lo0), lo1 = _mm_min_ps(b, lo1);
+            hi0 = _mm_max_ps(a, hi0), hi1 = _mm_max_ps(b, hi1);
+        }
+        for (; i < n; ++i) { // lane 0 only (min_ss takes the other lanes from v)
+            const __m128 v = _mm_set_ss(p[i]);
+            lo0 = _mm_move_ss(lo0, _mm_min_ss(v, lo0));
+            hi0 = _mm_move_ss(hi0, _mm_max_ss(v, hi0));
+        }
+        alignas(16) float lanes[8];
+        _mm_store_ps(lanes, _mm_min_ps(lo0, lo1));
+        _mm_store_ps(lanes + 4, _mm_max_ps(hi0, hi1));
+        for (int j = 0; j < 4; ++j) {
+            lowest = lanes[j] < lowest ? lanes[j] : lowest;
+            highest = lanes[4 + j] > highest ? lanes[4 + j] : highest;
+        }
+    }
+
+    static void scale_shift(const float *in, float *out, int64_t b, int64_t e, float a, float k) {
+#pragma omp simd
+        for (int64_t i = b; i < e; ++i)
+            out[i] = in[i] * a + k;
+    }
+    static void scale_shift_add(const float *in, const float *r, float *out, int64_t b, int64_t e,
+                                float a, float k) {
+#pragma omp simd
+        for (int64_t i = b; i < e; ++i)
+            out[i] = (in[i] * a + k) + r[i];
+    }
+    // Arguments, not struct members: an int8 store may alias anything, so
+    // pointers read through a struct would be reloaded per element (and
+    // the loop not vectorized).
+    static void scale_shift_keep(const float *in, float *out, int8_t *q, int64_t b, int64_t e,
+                                 float a, float k, float m, float inv) {
+#pragma omp simd
+        for (int64_t i = b; i < e; ++i) {
+            const float v = in[i];
+            q[i] = round_to_s8((v - m) * inv);
+            out[i] = v * a + k;
+        }
+    }
+    static void write_centered(const float *in, int8_t *q, int64_t b, int64_t e, float m,
+                               float inv) {
+#pragma omp simd
+        for (int64_t i = b; i < e; ++i)
+            q[i] = round_to_s8((in[i] - m) * inv);
+    }
+    static void relu_range(float *dst, uint8_t *bits, int64_t begin, int64_t end) {
+        relu_mask_range(dst, dst, bits, begin, end);
+    }
+
+    // 8 lanes, the ReLU's mask applied in registers (with a masked copy of
+    // the plane first, then the sums over it, the pass took 0.39 ms at
+    // 128x96x7x7, then 0.24).
+    template <typename X>
+    static void gradient_sums(const float *g, const uint8_t *bits, int64_t base, const X &x,
+                              int64_t n, float &sum_out, float &dot_out) {
+        __m128 sum0 = _mm_setzero_ps(), sum1 = sum0, dot0 = sum0, dot1 = sum0;
+        int64_t i = 0;
+        for (; i + 8 <= n; i += 8) {
+            __m128 g0 = _mm_loadu_ps(g + i), g1 = _mm_loadu_ps(g + i + 4);
+            if (bits) {
+                const mask_lanes m = relu_mask_lanes(bits, base + i);
+                g0 = _mm_and_ps(g0, m.lo), g1 = _mm_and_ps(g1, m.hi);
+            }
+            const lanes8 xc = centered8(x, base + i);
+            sum0 = _mm_add_ps(sum0, g0), sum1 = _mm_add_ps(sum1, g1);
+            dot0 = _mm_add_ps(dot0, _mm_mul_ps(g0, xc.lo));
+            dot1 = _mm_add_ps(dot1, _mm_mul_ps(g1, xc.hi));
+        }
+        float sum = lanes_sum(_mm_add_ps(sum0, sum1));
+        float dot = lanes_sum(_mm_add_ps(dot0, dot1));
+        for (; i < n; ++i) {
+            // a select, not a product: a NaN gradient where the input was
+            // <= 0 is dropped, as torch's ReLU backward does
+            const float gi = !bits || relu_mask_bit(bits, base + i) ? g[i] : 0.0f;
+            sum += gi;
+            dot += gi * x(base + i);
+        }
+        sum_out = sum;
+        dot_out = dot;
+    }
+
+    // g masked in registers (a masked copy first, read back, cost a
+    // quarter of the pass), stored as the residual's gradient (which it
+    // is) when wanted; then the gradient, (g * a + x * b) + k.
+    template <typename X>
+    static void gradient_apply(const float *diff_dst, const uint8_t *bits, const X &x, int64_t lo,
+                               int64_t hi, float a, float b, float k, float *diff_src,
+                               float *diff_residual) {
+        const __m128 av = _mm_set1_ps(a), bv = _mm_set1_ps(b), kv = _mm_set1_ps(k);
+        const auto gradient = [&](__m128 g, __m128 xc) {
+            return _mm_add_ps(_mm_add_ps(_mm_mul_ps(g, av), _mm_mul_ps(xc, bv)), kv);
+        };
+        int64_t i = lo;
+        for (; i + 8 <= hi; i += 8) {
+            __m128 g0 = _mm_loadu_ps(diff_dst + i), g1 = _mm_loadu_ps(diff_dst + i + 4);
+            if (bits) {
+                const mask_lanes m = relu_mask_lanes(bits, i);
+                g0 = _mm_and_ps(g0, m.lo), g1 = _mm_and_ps(g1, m.hi);
+            }
+            if (diff_residual) {
+                _mm_storeu_ps(diff_residual + i, g0);
+                _mm_storeu_ps(diff_residual + i + 4, g1);
+            }
+            if (diff_src) { // may be diff_dst: these elements are read
+                const lanes8 xc = centered8(x, i);
+                _mm_storeu_ps(diff_src + i, gradient(g0, xc.lo));
+                _mm_storeu_ps(diff_src + i + 4, gradient(g1, xc.hi));
+            }
+        }
+        for (; i < hi; ++i) {
+            const float g = !bits || relu_mask_bit(bits, i) ? diff_dst[i] : 0.0f;
+            if (diff_residual) diff_residual[i] = g;
+            if (diff_src) diff_src[i] = (g * a + x(i) * b) + k;
+        }
+    }
+};
 
 } // namespace
 
+void portable::channel_statistics(const float *src, channel_planes s, double *mean, double *var,
+                                  channel_range *range, int num_threads) {
+    walk::channel_statistics<portable_kernels>(src, s, mean, var, range, num_threads);
+}
+
+void portable::scale_shift_relu(const float *src, channel_planes s, const float *scale,
+                                const float *shift, const float *residual, float *dst,
+                                uint8_t *bits, const centered_s8_writer *keep, int num_threads) {
+    walk::scale_shift_relu<portable_kernels>(src, s, scale, shift, residual, dst, bits, keep,
+                                             num_threads);
+}
+
+void portable::masked_gradient_sums(const float *diff_dst, const uint8_t *bits, centered_source src,
+                                    channel_planes s, double *sum_g, double *sum_g_centered,
+                                    int num_threads) {
+    walk::masked_gradient_sums<portable_kernels>(diff_dst, bits, src, s, sum_g, sum_g_centered,
+                                                 num_threads);
+}
+
+void portable::masked_gradient_apply(const float *diff_dst, const uint8_t *bits,
+                                     centered_source src, channel_planes s, const float *a,
+                                     const float *b, const float *k, float *diff_src,
+                                     float *diff_residual, int num_threads) {
+    walk::masked_gradient_apply<portable_kernels>(diff_dst, bits, src, s, a, b, k, diff_src,
+                                                  diff_residual, num_threads);
+}
+
+// Each pass: the best tier the effective ISA allows (pass_tiers.hpp).
 void channel_statistics(const float *src, channel_planes s, double *mean, double *var,
                         channel_range *range, int num_threads) {
-    // Small planes (7 x 7, 14 x 14) are taken a few at a time, ~512
-    // elements, as one part: the lane reductions and the double update
-    // (two divisions) per plane had made a 7 x 7 plane's element cost
-    // twice a 28 x 28 one's. A part is a run of images (all channels):
-    // threads take whole parts and read them in memory order, one channel
-    // after the other per image (a channel's planes alone are a stride of
-    // C planes apart; the order made the pass 2-12 % faster); each
-    // channel's sums still take its planes in image order, and the parts
-    // are combined per channel in order, so neither depends on the thread
-    // count.
-    const int64_t planes_per_part = std::max<int64_t>(1, 512 / s.spatial);
-    const int64_t parts = (s.batch + planes_per_part - 1) / planes_per_part;
-    struct part_stats {
-        double mean, m2, count;
-        channel_range range;
-    };
-    std::vector<part_stats> stats(static_cast<size_t>(parts * s.channels));
-#pragma omp parallel num_threads(num_threads)
-    {
-        std::vector<float> acc(static_cast<size_t>(s.channels * sum_lanes));
-        std::vector<float> centre(static_cast<size_t>(s.channels));
-        const auto lanes_of = [&](int64_t c) -> float(&)[sum_lanes] {
-            return *reinterpret_cast<float(*)[sum_lanes]>(acc.data() + c * sum_lanes);
-        };
-#pragma omp for schedule(static)
-        for (int64_t k = 0; k < parts; ++k) {
-            const int64_t n0 = k * planes_per_part, n1 = std::min(s.batch, n0 + planes_per_part);
-            const double nb = static_cast<double>((n1 - n0) * s.spatial);
-            part_stats *out = stats.data() + k * s.channels;
-            std::fill(acc.begin(), acc.end(), 0.f);
-            for (int64_t c = 0; c < s.channels; ++c)
-                out[c].range = {std::numeric_limits<float>::infinity(),
-                                -std::numeric_limits<float>::infinity()};
-            for (int64_t n = n0; n < n1; ++n)
-                for (int64_t c = 0; c < s.channels; ++c) {
-                    const float *p = src + (n * s.channels + c) * s.spatial;
-                    lane_accumulate(lanes_of(c), s.spatial, [p](int64_t i) { return p[i]; });
-                    if (range) { // a loop of its own: the sum's order stays the one without it
-                        plane_range(p, s.spatial, out[c].range.lowest, out[c].range.highest);
-                    }
-                }
-            for (int64_t c = 0; c < s.channels; ++c) {
-                out[c].mean = static_cast<double>(lanes_total(lanes_of(c))) / nb;
-                centre[static_cast<size_t>(c)] = static_cast<float>(out[c].mean);
-            }
-            std::fill(acc.begin(), acc.end(), 0.f);
-            for (int64_t n = n0; n < n1; ++n)
-                for (int64_t c = 0; c < s.channels; ++c) {
-                    const float *p = src + (n * s.channels + c) * s.spatial;
-                    const float m = centre[static_cast<size_t>(c)];
-                    lane_accumulate(lanes_of(c), s.spatial,
-                                    [p, m](int64_t i) { return (p[i] - m) * (p[i] - m); });
-                }
-            for (int64_t c = 0; c < s.channels; ++c) {
-                // about the part's mean rather than the float it was rounded to
-                const double off = out[c].mean - centre[static_cast<size_t>(c)];
-                out[c].m2 = static_cast<double>(lanes_total(lanes_of(c))) - nb * off * off;
-                out[c].count = nb;
-            }
-        }
-#pragma omp for schedule(static)
-        for (int64_t c = 0; c < s.channels; ++c) {
-            double count = 0, m = 0, m2 = 0;
-            float lowest = std::numeric_limits<float>::infinity(), highest = -lowest;
-            for (int64_t k = 0; k < parts; ++k) {
-                const part_stats &p = stats[static_cast<size_t>(k * s.channels + c)];
-                const double total = count + p.count;
-                const double delta = p.mean - m;
-                m += delta * p.count / total;
-                m2 += std::max(0.0, p.m2) + delta * delta * count * p.count / total;
-                count = total;
-                lowest = p.range.lowest < lowest ? p.range.lowest : lowest;
-                highest = p.range.highest > highest ? p.range.highest : highest;
-            }
-            mean[c] = m;
-            var[c] = count > 0 ? m2 / count : 0.0;
-            if (range) range[c] = {lowest, highest};
-        }
-    }
+    static constexpr pass_tier<channel_statistics_fn> tiers[] = {
+            {cpu_isa::avx2, channel_statistics_avx2}, {cpu_isa::ref, portable::channel_statistics}};
+    best_tier(tiers)(src, s, mean, var, range, num_threads);
 }
 
 void scale_shift_relu(const float *src, channel_planes s, const float *scale, const float *shift,
                       const float *residual, float *dst, uint8_t *bits,
                       const centered_s8_writer *keep, int num_threads) {
-    for_each_chunk(s.elements(), num_threads, [&](int64_t begin, int64_t end) {
-        for_each_plane_run(s, begin, end, [&](int64_t c, int64_t b, int64_t e) {
-            const float a = scale[c], k = shift[c];
-            if (residual) { // the block's add: (normalised, rounded) + residual
-                const float *in = src, *r = residual;
-                float *out = dst;
-                if (keep) write_centered(*keep, in, c, b, e);
-#pragma omp simd
-                for (int64_t i = b; i < e; ++i)
-                    out[i] = (in[i] * a + k) + r[i];
-                return;
-            }
-            if (keep && keep->inv[c] != 0.0f) { // the int8 copy first: dst may be src
-                // locals, not the lambda's captures: an int8 store may alias
-                // anything, so captured pointers would be reloaded per element
-                // (and the loop not vectorized)
-                const float *in = src;
-                float *out = dst;
-                int8_t *q = keep->values;
-                const float m = keep->mean[c], inv = keep->inv[c];
-#pragma omp simd
-                for (int64_t i = b; i < e; ++i) {
-                    const float v = in[i];
-                    q[i] = round_to_s8((v - m) * inv);
-                    out[i] = v * a + k;
-                }
-            } else {
-                // a channel without a usable step (NaN, or all its values
-                // equal): no number to keep, its copy is zeros
-                if (keep) write_centered(*keep, src, c, b, e);
-#pragma omp simd
-                for (int64_t i = b; i < e; ++i)
-                    dst[i] = src[i] * a + k;
-            }
-        });
-        // while the chunk is in cache
-        if (bits) relu_mask_range(dst, dst, bits, begin, end);
-    });
+    static constexpr pass_tier<scale_shift_relu_fn> tiers[] = {
+            {cpu_isa::avx2, scale_shift_relu_avx2}, {cpu_isa::ref, portable::scale_shift_relu}};
+    best_tier(tiers)(src, s, scale, shift, residual, dst, bits, keep, num_threads);
 }
 
 void masked_gradient_sums(const float *diff_dst, const uint8_t *bits, centered_source src,
                           channel_planes s, double *sum_g, double *sum_g_centered,
                           int num_threads) {
-    // Float sums per plane, read in memory order (threads take whole
-    // images: a channel's planes alone are C planes apart), then added per
-    // channel in double in image order: neither depends on the thread count.
-    std::vector<float> plane_sums(static_cast<size_t>(2 * s.batch * s.channels));
-    with_centered(src, [&](auto centered) {
-#pragma omp parallel num_threads(num_threads)
-        {
-#pragma omp for schedule(static)
-            for (int64_t n = 0; n < s.batch; ++n)
-                for (int64_t c = 0; c < s.channels; ++c) {
-                    const auto x = centered.at(c);
-                    const int64_t base = (n * s.channels + c) * s.spatial;
-                    const float *g = diff_dst + base;
-                    // 8 lanes, the ReLU's mask applied in registers (with a
-                    // masked copy of the plane first, then the sums over it,
-                    // the pass took 0.39 ms at 128x96x7x7, now 0.24)
-                    __m128 sum0 = _mm_setzero_ps(), sum1 = sum0, dot0 = sum0, dot1 = sum0;
-                    int64_t i = 0;
-                    for (; i + 8 <= s.spatial; i += 8) {
-                        __m128 g0 = _mm_loadu_ps(g + i), g1 = _mm_loadu_ps(g + i + 4);
-                        if (bits) {
-                            const mask_lanes m = relu_mask_lanes(bits, base + i);
-                            g0 = _mm_and_ps(g0, m.lo), g1 = _mm_and_ps(g1, m.hi);
-                        }
-                        const lanes8 xc = centered8(x, base + i);
-                        sum0 = _mm_add_ps(sum0, g0), sum1 = _mm_add_ps(sum1, g1);
-                        dot0 = _mm_add_ps(dot0, _mm_mul_ps(g0, xc.lo));
-                        dot1 = _mm_add_ps(dot1, _mm_mul_ps(g1, xc.hi));
-                    }
-                    float sum = lanes_sum(_mm_add_ps(sum0, sum1));
-                    float dot = lanes_sum(_mm_add_ps(dot0, dot1));
-                    for (; i < s.spatial; ++i) {
-                        const int64_t bit = base + i;
-                        // a select, not a product: a NaN gradient where the
-                        // input was <= 0 is dropped, as torch's ReLU backward does
-                        const float gi = !bits || relu_mask_bit(bits, bit) ? g[i] : 0.0f;
-                        sum += gi;
-                        dot += gi * x(base + i);
-                    }
-                    plane_sums[static_cast<size_t>(2 * (n * s.channels + c))] = sum;
-                    plane_sums[static_cast<size_t>(2 * (n * s.channels + c) + 1)] = dot;
-                }
-#pragma omp for schedule(static)
-            for (int64_t c = 0; c < s.channels; ++c) {
-                double total = 0, total_centered = 0;
-                for (int64_t n = 0; n < s.batch; ++n) {
-                    total += plane_sums[static_cast<size_t>(2 * (n * s.channels + c))];
-                    total_centered += plane_sums[static_cast<size_t>(2 * (n * s.channels + c) + 1)];
-                }
-                sum_g[c] = total;
-                sum_g_centered[c] = total_centered;
-            }
-        }
-    });
+    static constexpr pass_tier<masked_gradient_sums_fn> tiers[] = {
+            {cpu_isa::avx2, masked_gradient_sums_avx2},
+            {cpu_isa::ref, portable::masked_gradient_sums}};
+    best_tier(tiers)(diff_dst, bits, src, s, sum_g, sum_g_centered, num_threads);
 }
 
 void masked_gradient_apply(const float *diff_dst, const uint8_t *bits, centered_source src,
                            channel_planes s, const float *a, const float *b, const float *k,
                            float *diff_src, float *diff_residual, int num_threads) {
-    with_centered(src, [&](auto centered) {
-        for_each_chunk(s.elements(), num_threads, [&](int64_t begin, int64_t end) {
-            for_each_plane_run(s, begin, end, [&](int64_t c, int64_t lo, int64_t hi) {
-                // g masked in registers (a masked copy first, read back,
-                // cost a quarter of the pass), stored as the residual's
-                // gradient (which it is) when wanted; then the gradient
-                const auto x = centered.at(c);
-                const float ac = a[c], bc = b[c], kc = k[c];
-                const __m128 av = _mm_set1_ps(ac), bv = _mm_set1_ps(bc), kv = _mm_set1_ps(kc);
-                // (g * a + x * b) + k, as the scalar tail rounds it
-                const auto gradient = [&](__m128 g, __m128 xc) {
-                    return _mm_add_ps(_mm_add_ps(_mm_mul_ps(g, av), _mm_mul_ps(xc, bv)), kv);
-                };
-                int64_t i = lo;
-                for (; i + 8 <= hi; i += 8) {
-                    __m128 g0 = _mm_loadu_ps(diff_dst + i), g1 = _mm_loadu_ps(diff_dst + i + 4);
-                    if (bits) {
-                        const mask_lanes m = relu_mask_lanes(bits, i);
-                        g0 = _mm_and_ps(g0, m.lo), g1 = _mm_and_ps(g1, m.hi);
-                    }
-                    if (diff_residual) {
-                        _mm_storeu_ps(diff_residual + i, g0);
-                        _mm_storeu_ps(diff_residual + i + 4, g1);
-                    }
-                    if (diff_src) { // may be diff_dst: these elements are read
-                        const lanes8 xc = centered8(x, i);
-                        _mm_storeu_ps(diff_src + i, gradient(g0, xc.lo));
-                        _mm_storeu_ps(diff_src + i + 4, gradient(g1, xc.hi));
-                    }
-                }
-                for (; i < hi; ++i) {
-                    // a select, not a product: a NaN gradient where the
-                    // input was <= 0 is dropped, as torch's ReLU backward does
-                    const float g = !bits || relu_mask_bit(bits, i) ? diff_dst[i] : 0.0f;
-                    if (diff_residual) diff_residual[i] = g;
-                    if (diff_src) diff_src[i] = (g * ac + x(i) * bc) + kc;
-                }
-            });
-        });
-    });
+    static constexpr pass_tier<masked_gradient_apply_fn> tiers[] = {
+            {cpu_isa::avx2, masked_gradient_apply_avx2},
+            {cpu_isa::ref, portable::masked_gradient_apply}};
+    best_tier(tiers)(diff_dst, bits, src, s, a, b, k, diff_src, diff_residual, num_threads);
 }
 
 } // namespace qsp::detail

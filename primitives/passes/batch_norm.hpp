@@ -71,4 +71,31 @@ void masked_gradient_apply(const float *diff_dst, const uint8_t *bits, centered_
                            channel_planes shape, const float *a, const float *b, const float *k,
                            float *diff_src, float *diff_residual, int num_threads);
 
+// The tiers of each pass (the dispatchers above pick the best one the
+// effective ISA allows); the results are the same bits on every tier.
+using channel_statistics_fn = void(const float *src, channel_planes shape, double *mean,
+                                   double *var, channel_range *range, int num_threads);
+using scale_shift_relu_fn = void(const float *src, channel_planes shape, const float *scale,
+                                 const float *shift, const float *residual, float *dst,
+                                 uint8_t *bits, const centered_s8_writer *keep, int num_threads);
+using masked_gradient_sums_fn = void(const float *diff_dst, const uint8_t *bits,
+                                     centered_source src, channel_planes shape, double *sum_g,
+                                     double *sum_g_centered, int num_threads);
+using masked_gradient_apply_fn = void(const float *diff_dst, const uint8_t *bits,
+                                      centered_source src, channel_planes shape, const float *a,
+                                      const float *b, const float *k, float *diff_src,
+                                      float *diff_residual, int num_threads);
+
+namespace portable {
+channel_statistics_fn channel_statistics;
+scale_shift_relu_fn scale_shift_relu;
+masked_gradient_sums_fn masked_gradient_sums;
+masked_gradient_apply_fn masked_gradient_apply;
+} // namespace portable
+
+channel_statistics_fn channel_statistics_avx2;
+scale_shift_relu_fn scale_shift_relu_avx2;
+masked_gradient_sums_fn masked_gradient_sums_avx2;
+masked_gradient_apply_fn masked_gradient_apply_avx2;
+
 } // namespace qsp::detail

@@ -5,6 +5,7 @@
 #include <functional>
 
 #include "jit/tile_abi.hpp"
+#include "primitives/passes/batch_norm.hpp"
 #include "primitives/passes/conv_tiles.hpp"
 #include "primitives/passes/quantize.hpp"
 #include "primitives/passes/tile_layout.hpp"
@@ -601,6 +602,115 @@ TEST(Passes, width_planes_match_the_definition_on_every_tier) {
                         }
                 }
             }
+}
+
+// The BatchNorm passes' AVX2 tier against the portable one, bit for bit:
+// statistics and range, the apply (plain, with the int8 copy, with a
+// residual, channels without a usable step), ReLU bits, both gradient
+// sums and the gradient apply (f32 and int8 sources, masked or not, the
+// residual's gradient), over planes of 1, 7, 49, 63 and 196 elements (mask
+// bytes straddling planes) and a plane past one 32768-element chunk, with a
+// NaN in one case.
+TEST(Passes, batch_norm_avx2_tier_matches_portable) {
+    if (!cpu_has(cpu_isa::avx2)) GTEST_SKIP() << "no AVX2 on this CPU";
+    std::mt19937 rng(41);
+    struct shape {
+        int64_t batch, channels, spatial;
+    };
+    for (const shape sh : {shape{1, 1, 1}, shape{3, 2, 7}, shape{5, 3, 49}, shape{2, 5, 63},
+                           shape{4, 3, 196}, shape{1, 2, 8 * 4096 + 13}})
+        for (int variant = 0; variant < 2; ++variant) {
+            SCOPED_TRACE(std::to_string(sh.batch) + "x" + std::to_string(sh.channels) + "x"
+                         + std::to_string(sh.spatial) + (variant ? " with a NaN" : ""));
+            const detail::channel_planes s{sh.batch, sh.channels, sh.spatial};
+            const int64_t n = s.elements(), c = s.channels;
+            const auto uc = static_cast<size_t>(c), un = static_cast<size_t>(n);
+            auto x = random_vector(un, rng, -2.f, 3.f);
+            if (variant) x[un / 2] = std::nanf("");
+            const auto residual = random_vector(un, rng);
+            const auto dz = random_vector(un, rng);
+            const auto scale = random_vector(uc, rng, 0.5f, 2.f);
+            const auto shift = random_vector(uc, rng);
+            auto inv = random_vector(uc, rng, 10.f, 40.f);
+            inv[0] = 0.f; // a channel without a usable step: its copy is zeros
+            // as the entry point gives a channel holding a NaN (its mean is NaN)
+            if (variant) inv[static_cast<size_t>((n / 2 / s.spatial) % c)] = 0.f;
+            const auto mean = random_vector(uc, rng, -0.1f, 0.1f);
+
+            std::vector<double> m[2], v[2];
+            std::vector<detail::channel_range> r[2];
+            for (int t = 0; t < 2; ++t) {
+                m[t].assign(uc, 0), v[t].assign(uc, 0), r[t].assign(uc, {0, 0});
+                (t ? detail::channel_statistics_avx2 : detail::portable::channel_statistics)(
+                        x.data(), s, m[t].data(), v[t].data(), r[t].data(), 2);
+            }
+            for (size_t i = 0; i < uc; ++i) {
+                EXPECT_EQ(std::memcmp(&m[0][i], &m[1][i], sizeof(double)), 0) << "mean " << i;
+                EXPECT_EQ(std::memcmp(&v[0][i], &v[1][i], sizeof(double)), 0) << "var " << i;
+                expect_same_bits(r[0][i].lowest, r[1][i].lowest, "lowest");
+                expect_same_bits(r[0][i].highest, r[1][i].highest, "highest");
+            }
+
+            // apply: every combination of keep and residual, with the ReLU
+            for (int with = 0; with < 4; ++with) {
+                const bool keep = with & 1, add = with & 2;
+                std::vector<float> dst[2];
+                std::vector<uint8_t> bits[2];
+                std::vector<int8_t> q[2];
+                for (int t = 0; t < 2; ++t) {
+                    dst[t].assign(un, -7.f), bits[t].assign((un + 7) / 8, 0xAA);
+                    q[t].assign(un, 99);
+                    const detail::centered_s8_writer w{q[t].data(), mean.data(), inv.data()};
+                    (t ? detail::scale_shift_relu_avx2 : detail::portable::scale_shift_relu)(
+                            x.data(), s, scale.data(), shift.data(),
+                            add ? residual.data() : nullptr, dst[t].data(), bits[t].data(),
+                            keep ? &w : nullptr, 3);
+                }
+                EXPECT_EQ(std::memcmp(dst[0].data(), dst[1].data(), un * sizeof(float)), 0)
+                        << "apply dst, keep " << keep << " residual " << add;
+                EXPECT_EQ(bits[0], bits[1]) << "relu bits";
+                EXPECT_EQ(q[0], q[1]) << "int8 copy";
+            }
+
+            // backward, from the f32 source and from an int8 copy
+            std::vector<int8_t> copy(un);
+            for (auto &b : copy)
+                b = static_cast<int8_t>(static_cast<int>(rng() % 255) - 127);
+            const auto step = random_vector(uc, rng, 0.01f, 0.1f);
+            std::vector<uint8_t> mask((un + 7) / 8);
+            for (auto &b : mask)
+                b = static_cast<uint8_t>(rng());
+            const auto a = random_vector(uc, rng), b = random_vector(uc, rng),
+                       k = random_vector(uc, rng);
+            for (int from_s8 = 0; from_s8 < 2; ++from_s8)
+                for (const uint8_t *bits : {static_cast<const uint8_t *>(mask.data()),
+                                            static_cast<const uint8_t *>(nullptr)}) {
+                    detail::centered_source src;
+                    if (from_s8)
+                        src.values = copy.data(), src.step = step.data();
+                    else
+                        src.src = x.data(), src.mean = mean.data();
+                    std::vector<double> sg[2], sgc[2];
+                    std::vector<float> ds[2], dr[2];
+                    for (int t = 0; t < 2; ++t) {
+                        sg[t].assign(uc, 0), sgc[t].assign(uc, 0);
+                        (t ? detail::masked_gradient_sums_avx2
+                           : detail::portable::masked_gradient_sums)(
+                                dz.data(), bits, src, s, sg[t].data(), sgc[t].data(), 2);
+                        ds[t].assign(un, 5.f), dr[t].assign(un, 5.f);
+                        (t ? detail::masked_gradient_apply_avx2
+                           : detail::portable::masked_gradient_apply)(
+                                dz.data(), bits, src, s, a.data(), b.data(), k.data(), ds[t].data(),
+                                dr[t].data(), 3);
+                    }
+                    SCOPED_TRACE(std::string(from_s8 ? "int8 source" : "f32 source")
+                                 + (bits ? ", masked" : ""));
+                    EXPECT_EQ(std::memcmp(sg[0].data(), sg[1].data(), uc * sizeof(double)), 0);
+                    EXPECT_EQ(std::memcmp(sgc[0].data(), sgc[1].data(), uc * sizeof(double)), 0);
+                    EXPECT_EQ(std::memcmp(ds[0].data(), ds[1].data(), un * sizeof(float)), 0);
+                    EXPECT_EQ(std::memcmp(dr[0].data(), dr[1].data(), un * sizeof(float)), 0);
+                }
+        }
 }
 
 } // namespace qsp::test

@@ -1,0 +1,256 @@
+// How the BatchNorm passes walk a tensor (which thread takes which images
+// or chunks, the order sums are taken and combined in), written once for
+// every tier: each pass is a template over its tier's kernels — the loops
+// over one plane or one run of a plane — so the tiers differ in those loops
+// only, and since every kernel keeps the portable one's lanes and order,
+// in speed only. Included by batch_norm.cpp (the portable kernels) and
+// batch_norm_avx2.cpp; the drivers are compiled for the baseline ISA and
+// call the kernels per plane or run.
+//
+// A tier's kernels K provide (static members; "lane j" sums element i of a
+// plane when i % 16 == j, each lane in element order):
+//   accumulate(acc, p, n)            acc[i % 16] += p[i]
+//   accumulate_squares(acc, p, n, m) acc[i % 16] += (p[i] - m) * (p[i] - m)
+//   range(p, n, lowest, highest)     folds min / max of p (a NaN skipped)
+//   scale_shift(in, out, b, e, a, k)              out = in * a + k
+//   scale_shift_add(in, r, out, b, e, a, k)       out = (in * a + k) + r
+//   scale_shift_keep(in, out, q, b, e, a, k, m, inv)  the same as
+//       scale_shift plus q = round-half-even((in - m) * inv)
+//   write_centered(in, q, b, e, m, inv)           q alone
+//   relu_range(dst, bits, begin, end)             relu_mask_range's contract
+//   gradient_sums(g, bits, base, x, n, sum, dot)  over one plane (g and x
+//       from element `base`): sum += g', dot += g' * x(i), g' the masked g,
+//       8 lanes ((0+4, 1+5, 2+6, 3+7) added pairwise), then a scalar tail
+//   gradient_apply(dd, bits, x, lo, hi, a, b, k, ds, dr)  elements [lo, hi)
+//       of one channel: g' masked; dr = g'; ds = (g' * a + x * b) + k
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include <omp.h>
+
+#include "primitives/passes/batch_norm.hpp"
+
+namespace qsp::detail::batch_norm_walk {
+
+// Whole mask bytes per OpenMP chunk, so no two threads write one byte.
+constexpr int64_t chunk_elems = 8 * 4096;
+
+// Calls f(channel, begin, end) for the runs of one plane in [begin, end).
+template <typename F> void for_each_plane_run(channel_planes s, int64_t begin, int64_t end, F &&f) {
+    for (int64_t i = begin; i < end;) {
+        const int64_t plane = i / s.spatial;
+        const int64_t run_end = std::min(end, (plane + 1) * s.spatial);
+        f(plane % s.channels, i, run_end);
+        i = run_end;
+    }
+}
+
+template <typename F> void for_each_chunk(int64_t n, int num_threads, F &&f) {
+    const int64_t chunks = (n + chunk_elems - 1) / chunk_elems;
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t c = 0; c < chunks; ++c)
+        f(c * chunk_elems, std::min(n, (c + 1) * chunk_elems));
+}
+
+// src - mean[c] as the backward reads it, element i of channel c's runs
+// (flat indices): from the forward's src, or from its int8 copy.
+struct f32_centered {
+    const float *src, *mean;
+    struct channel {
+        const float *x;
+        float m;
+        float operator()(int64_t i) const { return x[i] - m; }
+    };
+    channel at(int64_t c) const { return {src, mean[c]}; }
+};
+
+struct s8_centered {
+    const int8_t *values;
+    const float *step;
+    struct channel {
+        const int8_t *q;
+        float f;
+        float operator()(int64_t i) const { return static_cast<float>(q[i]) * f; }
+    };
+    channel at(int64_t c) const { return {values, step[c]}; }
+};
+
+template <typename F> void with_centered(centered_source src, F &&f) {
+    if (src.values)
+        f(s8_centered{src.values, src.step});
+    else
+        f(f32_centered{src.src, src.mean});
+}
+
+// Sums in 16 float lanes (four independent vector accumulators on the
+// baseline ISA, where an `omp simd` reduction keeps one and the loop waits
+// on the adder's latency); the lanes are added in a fixed order, so a sum
+// depends on the shape alone.
+constexpr int sum_lanes = 16;
+
+inline float lanes_total(const float (&acc)[sum_lanes]) {
+    float sum = 0;
+    for (int j = 0; j < sum_lanes; ++j)
+        sum += acc[j];
+    return sum;
+}
+
+template <typename K>
+void channel_statistics(const float *src, channel_planes s, double *mean, double *var,
+                        channel_range *range, int num_threads) {
+    // Small planes (7 x 7, 14 x 14) are taken a few at a time, ~512
+    // elements, as one part: the lane reductions and the double update
+    // (two divisions) per plane had made a 7 x 7 plane's element cost
+    // twice a 28 x 28 one's. A part is a run of images (all channels):
+    // threads take whole parts and read them in memory order, one channel
+    // after the other per image (a channel's planes alone are a stride of
+    // C planes apart; the order made the pass 2-12 % faster); each
+    // channel's sums still take its planes in image order, and the parts
+    // are combined per channel in order, so neither depends on the thread
+    // count.
+    const int64_t planes_per_part = std::max<int64_t>(1, 512 / s.spatial);
+    const int64_t parts = (s.batch + planes_per_part - 1) / planes_per_part;
+    struct part_stats {
+        double mean, m2, count;
+        channel_range range;
+    };
+    std::vector<part_stats> stats(static_cast<size_t>(parts * s.channels));
+#pragma omp parallel num_threads(num_threads)
+    {
+        std::vector<float> acc(static_cast<size_t>(s.channels * sum_lanes));
+        std::vector<float> centre(static_cast<size_t>(s.channels));
+        const auto lanes_of = [&](int64_t c) -> float(&)[sum_lanes] {
+            return *reinterpret_cast<float(*)[sum_lanes]>(acc.data() + c * sum_lanes);
+        };
+#pragma omp for schedule(static)
+        for (int64_t k = 0; k < parts; ++k) {
+            const int64_t n0 = k * planes_per_part, n1 = std::min(s.batch, n0 + planes_per_part);
+            const double nb = static_cast<double>((n1 - n0) * s.spatial);
+            part_stats *out = stats.data() + k * s.channels;
+            std::fill(acc.begin(), acc.end(), 0.f);
+            for (int64_t c = 0; c < s.channels; ++c)
+                out[c].range = {std::numeric_limits<float>::infinity(),
+                                -std::numeric_limits<float>::infinity()};
+            for (int64_t n = n0; n < n1; ++n)
+                for (int64_t c = 0; c < s.channels; ++c) {
+                    const float *p = src + (n * s.channels + c) * s.spatial;
+                    K::accumulate(lanes_of(c), p, s.spatial);
+                    if (range) // a loop of its own: the sum's order stays the one without it
+                        K::range(p, s.spatial, out[c].range.lowest, out[c].range.highest);
+                }
+            for (int64_t c = 0; c < s.channels; ++c) {
+                out[c].mean = static_cast<double>(lanes_total(lanes_of(c))) / nb;
+                centre[static_cast<size_t>(c)] = static_cast<float>(out[c].mean);
+            }
+            std::fill(acc.begin(), acc.end(), 0.f);
+            for (int64_t n = n0; n < n1; ++n)
+                for (int64_t c = 0; c < s.channels; ++c)
+                    K::accumulate_squares(lanes_of(c), src + (n * s.channels + c) * s.spatial,
+                                          s.spatial, centre[static_cast<size_t>(c)]);
+            for (int64_t c = 0; c < s.channels; ++c) {
+                // about the part's mean rather than the float it was rounded to
+                const double off = out[c].mean - centre[static_cast<size_t>(c)];
+                out[c].m2 = static_cast<double>(lanes_total(lanes_of(c))) - nb * off * off;
+                out[c].count = nb;
+            }
+        }
+#pragma omp for schedule(static)
+        for (int64_t c = 0; c < s.channels; ++c) {
+            double count = 0, m = 0, m2 = 0;
+            float lowest = std::numeric_limits<float>::infinity(), highest = -lowest;
+            for (int64_t k = 0; k < parts; ++k) {
+                const part_stats &p = stats[static_cast<size_t>(k * s.channels + c)];
+                const double total = count + p.count;
+                const double delta = p.mean - m;
+                m += delta * p.count / total;
+                m2 += std::max(0.0, p.m2) + delta * delta * count * p.count / total;
+                count = total;
+                lowest = p.range.lowest < lowest ? p.range.lowest : lowest;
+                highest = p.range.highest > highest ? p.range.highest : highest;
+            }
+            mean[c] = m;
+            var[c] = count > 0 ? m2 / count : 0.0;
+            if (range) range[c] = {lowest, highest};
+        }
+    }
+}
+
+template <typename K>
+void scale_shift_relu(const float *src, channel_planes s, const float *scale, const float *shift,
+                      const float *residual, float *dst, uint8_t *bits,
+                      const centered_s8_writer *keep, int num_threads) {
+    for_each_chunk(s.elements(), num_threads, [&](int64_t begin, int64_t end) {
+        for_each_plane_run(s, begin, end, [&](int64_t c, int64_t b, int64_t e) {
+            const float a = scale[c], k = shift[c];
+            const bool usable = keep && keep->inv[c] != 0.0f;
+            if (residual) { // the block's add: (normalised, rounded) + residual
+                if (usable)
+                    K::write_centered(src, keep->values, b, e, keep->mean[c], keep->inv[c]);
+                else if (keep) // no usable step (NaN, or all values equal): zeros
+                    std::fill(keep->values + b, keep->values + e, int8_t{0});
+                K::scale_shift_add(src, residual, dst, b, e, a, k);
+            } else if (usable) { // the int8 copy in the same loop: dst may be src
+                K::scale_shift_keep(src, dst, keep->values, b, e, a, k, keep->mean[c],
+                                    keep->inv[c]);
+            } else {
+                if (keep) std::fill(keep->values + b, keep->values + e, int8_t{0});
+                K::scale_shift(src, dst, b, e, a, k);
+            }
+        });
+        // while the chunk is in cache
+        if (bits) K::relu_range(dst, bits, begin, end);
+    });
+}
+
+template <typename K>
+void masked_gradient_sums(const float *diff_dst, const uint8_t *bits, centered_source src,
+                          channel_planes s, double *sum_g, double *sum_g_centered,
+                          int num_threads) {
+    // Float sums per plane, read in memory order (threads take whole
+    // images: a channel's planes alone are C planes apart), then added per
+    // channel in double in image order: neither depends on the thread count.
+    std::vector<float> plane_sums(static_cast<size_t>(2 * s.batch * s.channels));
+    with_centered(src, [&](auto centered) {
+#pragma omp parallel num_threads(num_threads)
+        {
+#pragma omp for schedule(static)
+            for (int64_t n = 0; n < s.batch; ++n)
+                for (int64_t c = 0; c < s.channels; ++c) {
+                    const int64_t base = (n * s.channels + c) * s.spatial;
+                    const size_t at = static_cast<size_t>(2 * (n * s.channels + c));
+                    K::gradient_sums(diff_dst + base, bits, base, centered.at(c), s.spatial,
+                                     plane_sums[at], plane_sums[at + 1]);
+                }
+#pragma omp for schedule(static)
+            for (int64_t c = 0; c < s.channels; ++c) {
+                double total = 0, total_centered = 0;
+                for (int64_t n = 0; n < s.batch; ++n) {
+                    total += plane_sums[static_cast<size_t>(2 * (n * s.channels + c))];
+                    total_centered += plane_sums[static_cast<size_t>(2 * (n * s.channels + c) + 1)];
+                }
+                sum_g[c] = total;
+                sum_g_centered[c] = total_centered;
+            }
+        }
+    });
+}
+
+template <typename K>
+void masked_gradient_apply(const float *diff_dst, const uint8_t *bits, centered_source src,
+                           channel_planes s, const float *a, const float *b, const float *k,
+                           float *diff_src, float *diff_residual, int num_threads) {
+    with_centered(src, [&](auto centered) {
+        for_each_chunk(s.elements(), num_threads, [&](int64_t begin, int64_t end) {
+            for_each_plane_run(s, begin, end, [&](int64_t c, int64_t lo, int64_t hi) {
+                K::gradient_apply(diff_dst, bits, centered.at(c), lo, hi, a[c], b[c], k[c],
+                                  diff_src, diff_residual);
+            });
+        });
+    });
+}
+
+} // namespace qsp::detail::batch_norm_walk
