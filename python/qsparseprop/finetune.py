@@ -2,7 +2,7 @@
 and show what was gained.
 
     qsparseprop finetune                     # ResNet-style CNN on Fashion-MNIST, 90 % sparse
-    qsparseprop finetune --quick             # a small run (about a minute)
+    qsparseprop finetune --quick             # a small run (1-2 minutes)
     qsparseprop finetune --model transformer --sparsity 0.95 --json report.json --png curves.png
     qsparseprop finetune --nproc 2           # the same with DistributedDataParallel (gloo)
     torchrun --nnodes 2 --node-rank R --nproc-per-node 2 --master-addr HOST -m qsparseprop finetune
