@@ -26,51 +26,83 @@ inline __mmask16 first(int64_t n) {
     return first_lanes(n);
 }
 
-// max |x| with NaN propagation, over x[i] * mult[i % channels] when mult is given.
-// How v[i] = x[i] * multiplier is laid out: rows of `cols` elements; the
-// multiplier is a vector over the columns (inner == 1: Linear's channels),
-// a scalar per row (inner > 1: Conv2d's planes of one channel), or absent.
+// The rows a pass walks: row r holds elements [r * cols, min(n, (r + 1) *
+// cols)), `channels` columns sharing a multiplier vector (inner == 1:
+// Linear's channels), `inner` elements sharing one multiplier (inner > 1:
+// Conv2d's planes of one channel), or, without a multiplier, blocks of
+// 4096. Threads take whole rows: a row's multiplier is read once, not found
+// by an integer division per vector.
 struct multiplier_rows {
-    int64_t rows, cols;
+    static constexpr int64_t block = 4096; // a multiple of 16
+    int64_t n, rows, cols;
     const float *mult;
     int64_t channels;
     bool per_row;
-    multiplier_rows(int64_t n, const float *m, int64_t ch, int64_t inner)
-        : rows(!m           ? 1
-               : inner == 1 ? n / ch
-                            : n / inner),
-          cols(!m           ? n
+    multiplier_rows(int64_t n_, const float *m, int64_t ch, int64_t inner)
+        : n(n_), rows(!m           ? (n_ + block - 1) / block
+                      : inner == 1 ? n_ / ch
+                                   : n_ / inner),
+          cols(!m           ? block
                : inner == 1 ? ch
                             : inner),
           mult(m), channels(ch), per_row(m && inner > 1) {}
-    __m512 values(const float *x, int64_t r, int64_t c, __mmask16 k) const {
-        const __m512 v = _mm512_maskz_loadu_ps(k, x + r * cols + c);
-        if (!mult) return v;
-        return _mm512_mul_ps(v, per_row ? _mm512_set1_ps(mult[r % channels])
-                                        : _mm512_maskz_loadu_ps(k, mult + c));
+    int64_t row_len(int64_t r) const { return std::min(cols, n - r * cols); }
+    __m512 row_multiplier(int64_t r) const {
+        return per_row ? _mm512_set1_ps(mult[r % channels]) : _mm512_setzero_ps();
+    }
+    // x_v (row r's elements from column c) times their multipliers.
+    __m512 times(__m512 x_v, __m512 row_mult, int64_t c, __mmask16 k) const {
+        if (!mult) return x_v;
+        return _mm512_mul_ps(x_v, per_row ? row_mult : _mm512_maskz_loadu_ps(k, mult + c));
     }
 };
 
+struct maxima {
+    float scaled, plain;
+};
+
+// scaled: max |x * mult| (mult optional); plain (with_plain): max |x|;
+// each NaN if any of its values is. One read of x for both.
+template <bool with_plain>
+maxima abs_maxima(const float *x, const multiplier_rows &m, int num_threads) {
+    float scaled = 0.f, plain = 0.f;
+    int nan_scaled = 0, nan_plain = 0;
+#pragma omp parallel num_threads(num_threads) reduction(max                                        \
+                                                        : scaled, plain)                           \
+        reduction(|                                                                                \
+                  : nan_scaled, nan_plain)
+    {
+        __m512 m_scaled = _mm512_setzero_ps(), m_plain = m_scaled;
+        __mmask16 bad_scaled = 0, bad_plain = 0;
+        const __m512 sign = _mm512_set1_ps(-0.f);
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < m.rows; ++r) {
+            const int64_t len = m.row_len(r);
+            const __m512 row_mult = m.row_multiplier(r);
+            for (int64_t c = 0; c < len; c += 16) {
+                const __mmask16 k = first(len - c);
+                const __m512 x_v = _mm512_maskz_loadu_ps(k, x + r * m.cols + c);
+                if (with_plain) {
+                    bad_plain |= _mm512_cmp_ps_mask(x_v, x_v, _CMP_UNORD_Q);
+                    m_plain = _mm512_max_ps(m_plain, _mm512_andnot_ps(sign, x_v));
+                }
+                const __m512 v = m.times(x_v, row_mult, c, k);
+                bad_scaled |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+                m_scaled = _mm512_max_ps(m_scaled, _mm512_andnot_ps(sign, v));
+            }
+        }
+        scaled = std::max(scaled, _mm512_reduce_max_ps(m_scaled));
+        plain = std::max(plain, _mm512_reduce_max_ps(m_plain));
+        nan_scaled |= bad_scaled != 0;
+        nan_plain |= bad_plain != 0;
+    }
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    return {nan_scaled ? nan : scaled, nan_plain ? nan : plain};
+}
+
 // max |v| with NaN propagation.
 float abs_max(const float *x, const multiplier_rows &m, int num_threads) {
-    float result = 0.f;
-    int nan = 0;
-#pragma omp parallel num_threads(num_threads) reduction(max : result) reduction(| : nan)
-    {
-        __m512 mx = _mm512_setzero_ps();
-        __mmask16 bad = 0;
-        const __m512 sign = _mm512_set1_ps(-0.f);
-#pragma omp for collapse(2) schedule(static)
-        for (int64_t r = 0; r < m.rows; ++r)
-            for (int64_t c = 0; c < m.cols; c += 16) {
-                const __m512 v = m.values(x, r, c, first(m.cols - c));
-                bad |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-                mx = _mm512_max_ps(mx, _mm512_andnot_ps(sign, v));
-            }
-        result = std::max(result, _mm512_reduce_max_ps(mx));
-        nan |= bad != 0;
-    }
-    return nan ? std::numeric_limits<float>::quiet_NaN() : result;
+    return abs_maxima<false>(x, m, num_threads).scaled;
 }
 
 float abs_max(const float *x, int64_t n, int num_threads) {
@@ -125,16 +157,18 @@ float quantize_stochastic_avx512(const float *x, int64_t n, const float *multipl
     const __m512 two_m24 = _mm512_set1_ps(1.0f / 16777216.0f);
     const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const __m512i seed = _mm512_set1_epi32(static_cast<int>(seed32));
-#pragma omp parallel for collapse(2) num_threads(num_threads) schedule(static)
-    for (int64_t r = 0; r < m.rows; ++r)
-        for (int64_t c = 0; c < m.cols; c += 16) {
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t r = 0; r < m.rows; ++r) {
+        const int64_t len = m.row_len(r);
+        const __m512 row_mult = m.row_multiplier(r);
+        for (int64_t c = 0; c < len; c += 16) {
             const int64_t i = r * m.cols + c;
-            const __mmask16 k = first(m.cols - c);
+            const __mmask16 k = first(len - c);
             if (!s.usable) {
                 _mm512_mask_cvtepi32_storeu_epi8(q + i, k, _mm512_setzero_si512());
                 continue;
             }
-            const __m512 v = m.values(x, r, c, k);
+            const __m512 v = m.times(_mm512_maskz_loadu_ps(k, x + i), row_mult, c, k);
             // noise of element i + lane: mix32(uint32(i + lane) ^ seed32) >> 8, times 2^-24
             const __m512i idx = _mm512_add_epi32(
                     _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(i))), lane);
@@ -144,81 +178,12 @@ float quantize_stochastic_avx512(const float *x, int64_t n, const float *multipl
                                                   _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
             store_q(q + i, f, k);
         }
+    }
     return s.scale;
 }
 
 namespace avx512 {
 namespace {
-
-// The rows the pair's passes walk, as the AVX2 tier's: row r holds elements
-// [r * cols, min(n, (r + 1) * cols)), `channels` columns sharing a
-// multiplier vector (inner == 1), `inner` elements sharing one multiplier
-// (inner > 1: Conv2d's planes of one channel), or, without a multiplier,
-// blocks of 4096. Threads take whole rows: a row's multiplier is read once,
-// not found by an integer division per vector.
-struct pair_rows {
-    static constexpr int64_t block = 4096; // a multiple of 16
-    int64_t n, rows, cols;
-    const float *mult;
-    int64_t channels;
-    bool per_row;
-    pair_rows(int64_t n_, const float *m, int64_t ch, int64_t inner)
-        : n(n_), rows(!m           ? (n_ + block - 1) / block
-                      : inner == 1 ? n_ / ch
-                                   : n_ / inner),
-          cols(!m           ? block
-               : inner == 1 ? ch
-                            : inner),
-          mult(m), channels(ch), per_row(m && inner > 1) {}
-    int64_t row_len(int64_t r) const { return std::min(cols, n - r * cols); }
-    __m512 row_multiplier(int64_t r) const {
-        return per_row ? _mm512_set1_ps(mult[r % channels]) : _mm512_setzero_ps();
-    }
-    // x_v (row r's elements from column c) times their multipliers.
-    __m512 times(__m512 x_v, __m512 row_mult, int64_t c, __mmask16 k) const {
-        if (!mult) return x_v;
-        return _mm512_mul_ps(x_v, per_row ? row_mult : _mm512_maskz_loadu_ps(k, mult + c));
-    }
-};
-
-struct maxima {
-    float scaled, plain;
-};
-
-// max |x * mult| and max |x|, each NaN if any of its values is: one read.
-maxima abs_maxima(const float *x, const pair_rows &m, int num_threads) {
-    float scaled = 0.f, plain = 0.f;
-    int nan_scaled = 0, nan_plain = 0;
-#pragma omp parallel num_threads(num_threads) reduction(max                                        \
-                                                        : scaled, plain)                           \
-        reduction(|                                                                                \
-                  : nan_scaled, nan_plain)
-    {
-        __m512 m_scaled = _mm512_setzero_ps(), m_plain = m_scaled;
-        __mmask16 bad_scaled = 0, bad_plain = 0;
-        const __m512 sign = _mm512_set1_ps(-0.f);
-#pragma omp for schedule(static)
-        for (int64_t r = 0; r < m.rows; ++r) {
-            const int64_t len = m.row_len(r);
-            const __m512 row_mult = m.row_multiplier(r);
-            for (int64_t c = 0; c < len; c += 16) {
-                const __mmask16 k = first(len - c);
-                const __m512 x_v = _mm512_maskz_loadu_ps(k, x + r * m.cols + c);
-                bad_plain |= _mm512_cmp_ps_mask(x_v, x_v, _CMP_UNORD_Q);
-                m_plain = _mm512_max_ps(m_plain, _mm512_andnot_ps(sign, x_v));
-                const __m512 v = m.times(x_v, row_mult, c, k);
-                bad_scaled |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-                m_scaled = _mm512_max_ps(m_scaled, _mm512_andnot_ps(sign, v));
-            }
-        }
-        scaled = std::max(scaled, _mm512_reduce_max_ps(m_scaled));
-        plain = std::max(plain, _mm512_reduce_max_ps(m_plain));
-        nan_scaled |= bad_scaled != 0;
-        nan_plain |= bad_plain != 0;
-    }
-    const float nan = std::numeric_limits<float>::quiet_NaN();
-    return {nan_scaled ? nan : scaled, nan_plain ? nan : plain};
-}
 
 // One stochastic rounding's vector step: floor(v / scale + u), u from the
 // counter hash of the 16 flat indices, clamped and stored (zeros when the
@@ -253,8 +218,8 @@ stochastic_scales quantize_stochastic_pair_avx512(const float *x, int64_t n,
                                                   int64_t inner, uint32_t seed32, int8_t *q,
                                                   uint32_t plain_seed32, int8_t *q_plain,
                                                   int num_threads) {
-    const avx512::pair_rows m(n, multiplier, channels, inner);
-    const avx512::maxima mx = avx512::abs_maxima(x, m, num_threads);
+    const avx512::multiplier_rows m(n, multiplier, channels, inner);
+    const avx512::maxima mx = avx512::abs_maxima<true>(x, m, num_threads);
     const avx512::stochastic_rounding scaled(mx.scaled, seed32), plain(mx.plain, plain_seed32);
     const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
 #pragma omp parallel for num_threads(num_threads) schedule(static)
