@@ -28,15 +28,7 @@ namespace {
 
 namespace walk = batch_norm_walk;
 
-// Rounded half to even by the float adder (1.5 * 2^23 + v has a unit ulp;
-// std::nearbyint would be a libm call per element on the baseline ISA).
-// No clamp: with a usable step, |src - mean| <= max |src - mean| = 127 *
-// step, so |v| <= 127 * (1 + 3 ulp) < 127.5 rounds into [-127, 127]; a
-// channel without a usable step is written as zeros by the caller.
-inline int8_t round_to_s8(float v) {
-    constexpr float unit_ulp = 12582912.0f;
-    return static_cast<int8_t>(static_cast<int>((v + unit_ulp) - unit_ulp));
-}
+using walk::round_to_s8;
 
 // src - mean of channel x at elements i..i+7, as two vectors of 4.
 struct lanes8 {
@@ -160,13 +152,7 @@ struct portable_kernels {
         }
         float sum = lanes_sum(_mm_add_ps(sum0, sum1));
         float dot = lanes_sum(_mm_add_ps(dot0, dot1));
-        for (; i < n; ++i) {
-            // a select, not a product: a NaN gradient where the input was
-            // <= 0 is dropped, as torch's ReLU backward does
-            const float gi = !bits || relu_mask_bit(bits, base + i) ? g[i] : 0.0f;
-            sum += gi;
-            dot += gi * x(base + i);
-        }
+        walk::gradient_sums_tail(g, bits, base, x, i, n, sum, dot);
         sum_out = sum;
         dot_out = dot;
     }
@@ -199,11 +185,7 @@ struct portable_kernels {
                 _mm_storeu_ps(diff_src + i + 4, gradient(g1, xc.hi));
             }
         }
-        for (; i < hi; ++i) {
-            const float g = !bits || relu_mask_bit(bits, i) ? diff_dst[i] : 0.0f;
-            if (diff_residual) diff_residual[i] = g;
-            if (diff_src) diff_src[i] = (g * a + x(i) * b) + k;
-        }
+        walk::gradient_apply_tail(diff_dst, bits, x, i, hi, a, b, k, diff_src, diff_residual);
     }
 };
 

@@ -56,18 +56,15 @@ inline float lanes_sum(__m256 v) {
     return (l[0] + l[1]) + (l[2] + l[3]);
 }
 
-// The 8 int8 of v rounded half to even by the float adder (the portable
-// round_to_s8: |v| < 127.5 by the caller's step), stored.
+// The 8 int8 of v rounded as round_to_s8 rounds one (|v| < 127.5 by the
+// caller's step), stored.
 inline void store_rounded_s8(int8_t *q, __m256 v) {
     const __m256 unit_ulp = _mm256_set1_ps(12582912.0f);
     const __m256i r = _mm256_cvttps_epi32(_mm256_sub_ps(_mm256_add_ps(v, unit_ulp), unit_ulp));
     const __m128i w16 = _mm_packs_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
     _mm_storel_epi64(reinterpret_cast<__m128i *>(q), _mm_packs_epi16(w16, w16));
 }
-inline int8_t round_to_s8(float v) {
-    constexpr float unit_ulp = 12582912.0f;
-    return static_cast<int8_t>(static_cast<int>((v + unit_ulp) - unit_ulp));
-}
+using walk::round_to_s8;
 
 struct kernels {
     static void accumulate(float (&acc)[walk::sum_lanes], const float *p, int64_t n) {
@@ -196,11 +193,7 @@ struct kernels {
             dot = _mm256_add_ps(dot, _mm256_mul_ps(gv, centered8(x, base + i)));
         }
         float s = lanes_sum(sum), d = lanes_sum(dot);
-        for (; i < n; ++i) { // a select: a NaN gradient where the ReLU was off is dropped
-            const float gi = !bits || relu_mask_bit(bits, base + i) ? g[i] : 0.0f;
-            s += gi;
-            d += gi * x(base + i);
-        }
+        walk::gradient_sums_tail(g, bits, base, x, i, n, s, d);
         sum_out = s;
         dot_out = d;
     }
@@ -221,11 +214,7 @@ struct kernels {
                                                              _mm256_mul_ps(centered8(x, i), bv)),
                                                kv));
         }
-        for (; i < hi; ++i) {
-            const float g = !bits || relu_mask_bit(bits, i) ? diff_dst[i] : 0.0f;
-            if (diff_residual) diff_residual[i] = g;
-            if (diff_src) diff_src[i] = (g * a + x(i) * b) + k;
-        }
+        walk::gradient_apply_tail(diff_dst, bits, x, i, hi, a, b, k, diff_src, diff_residual);
     }
 };
 

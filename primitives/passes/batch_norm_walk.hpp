@@ -33,6 +33,7 @@
 #include <omp.h>
 
 #include "primitives/passes/batch_norm.hpp"
+#include "primitives/passes/relu_mask.hpp"
 
 namespace qsp::detail::batch_norm_walk {
 
@@ -54,6 +55,16 @@ template <typename F> void for_each_chunk(int64_t n, int num_threads, F &&f) {
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t c = 0; c < chunks; ++c)
         f(c * chunk_elems, std::min(n, (c + 1) * chunk_elems));
+}
+
+// Rounded half to even by the float adder (1.5 * 2^23 + v has a unit ulp;
+// std::nearbyint would be a libm call per element on the baseline ISA).
+// No clamp: with a usable step, |src - mean| <= max |src - mean| = 127 *
+// step, so |v| <= 127 * (1 + 3 ulp) < 127.5 rounds into [-127, 127]; a
+// channel without a usable step is written as zeros by the caller.
+inline int8_t round_to_s8(float v) {
+    constexpr float unit_ulp = 12582912.0f;
+    return static_cast<int8_t>(static_cast<int>((v + unit_ulp) - unit_ulp));
 }
 
 // src - mean[c] as the backward reads it, element i of channel c's runs
@@ -97,6 +108,29 @@ inline float lanes_total(const float (&acc)[sum_lanes]) {
     for (int j = 0; j < sum_lanes; ++j)
         sum += acc[j];
     return sum;
+}
+
+// The scalar tails of the gradient kernels, elements [i, end), the same
+// in every tier. The mask is a select, not a product: a NaN gradient where
+// the ReLU was off is dropped, as torch's ReLU backward does.
+template <typename X>
+void gradient_sums_tail(const float *g, const uint8_t *bits, int64_t base, const X &x, int64_t i,
+                        int64_t end, float &sum, float &dot) {
+    for (; i < end; ++i) {
+        const float gi = !bits || relu_mask_bit(bits, base + i) ? g[i] : 0.0f;
+        sum += gi;
+        dot += gi * x(base + i);
+    }
+}
+template <typename X>
+void gradient_apply_tail(const float *diff_dst, const uint8_t *bits, const X &x, int64_t i,
+                         int64_t end, float a, float b, float k, float *diff_src,
+                         float *diff_residual) {
+    for (; i < end; ++i) {
+        const float g = !bits || relu_mask_bit(bits, i) ? diff_dst[i] : 0.0f;
+        if (diff_residual) diff_residual[i] = g;
+        if (diff_src) diff_src[i] = (g * a + x(i) * b) + k;
+    }
 }
 
 template <typename K>
