@@ -128,7 +128,6 @@ inline __m512i mix32(__m512i x) {
 
 using avx512::abs_max;
 using avx512::first;
-using avx512::mix32;
 using avx512::multiplier_rows;
 using avx512::store_q;
 
@@ -148,40 +147,6 @@ float quantize_rne_avx512(const float *x, int64_t n, int8_t *q, int num_threads)
     return s.scale;
 }
 
-float quantize_stochastic_avx512(const float *x, int64_t n, const float *multiplier,
-                                 int64_t channels, int64_t inner, uint32_t seed32, int8_t *q,
-                                 int num_threads) {
-    const multiplier_rows m(n, multiplier, channels, inner);
-    const quant_scale s = quant_scale_from_abs_max(abs_max(x, m, num_threads));
-    const __m512 inv = _mm512_set1_ps(s.inv);
-    const __m512 two_m24 = _mm512_set1_ps(1.0f / 16777216.0f);
-    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const __m512i seed = _mm512_set1_epi32(static_cast<int>(seed32));
-#pragma omp parallel for num_threads(num_threads) schedule(static)
-    for (int64_t r = 0; r < m.rows; ++r) {
-        const int64_t len = m.row_len(r);
-        const __m512 row_mult = m.row_multiplier(r);
-        for (int64_t c = 0; c < len; c += 16) {
-            const int64_t i = r * m.cols + c;
-            const __mmask16 k = first(len - c);
-            if (!s.usable) {
-                _mm512_mask_cvtepi32_storeu_epi8(q + i, k, _mm512_setzero_si512());
-                continue;
-            }
-            const __m512 v = m.times(_mm512_maskz_loadu_ps(k, x + i), row_mult, c, k);
-            // noise of element i + lane: mix32(uint32(i + lane) ^ seed32) >> 8, times 2^-24
-            const __m512i idx = _mm512_add_epi32(
-                    _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(i))), lane);
-            const __m512i h = mix32(_mm512_xor_si512(idx, seed));
-            const __m512 u = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(h, 8)), two_m24);
-            const __m512 f = _mm512_roundscale_ps(_mm512_add_ps(_mm512_mul_ps(v, inv), u),
-                                                  _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-            store_q(q + i, f, k);
-        }
-    }
-    return s.scale;
-}
-
 namespace avx512 {
 namespace {
 
@@ -195,23 +160,49 @@ struct stochastic_rounding {
     stochastic_rounding(float abs_max, uint32_t seed32)
         : s(quant_scale_from_abs_max(abs_max)), inv(_mm512_set1_ps(s.inv)),
           seed(_mm512_set1_epi32(static_cast<int>(seed32))) {}
+    // floor(v / scale + u) before the clamp; the noise of element idx
+    // (each lane's flat index mod 2^32): mix32(idx ^ seed32) >> 8, times 2^-24.
+    __m512 rounded(__m512 v, __m512i idx) const {
+        const __m512i h = mix32(_mm512_xor_si512(idx, seed));
+        const __m512 u = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(h, 8)),
+                                       _mm512_set1_ps(1.0f / 16777216.0f));
+        return _mm512_roundscale_ps(_mm512_add_ps(_mm512_mul_ps(v, inv), u),
+                                    _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    }
     void store(int8_t *q, __m512 v, __m512i idx, __mmask16 k) const {
         if (!s.usable) {
             _mm512_mask_cvtepi32_storeu_epi8(q, k, _mm512_setzero_si512());
             return;
         }
-        const __m512i h = mix32(_mm512_xor_si512(idx, seed));
-        const __m512 u = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(h, 8)),
-                                       _mm512_set1_ps(1.0f / 16777216.0f));
-        store_q(q,
-                _mm512_roundscale_ps(_mm512_add_ps(_mm512_mul_ps(v, inv), u),
-                                     _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC),
-                k);
+        store_q(q, rounded(v, idx), k);
     }
 };
 
 } // namespace
 } // namespace avx512
+
+float quantize_stochastic_avx512(const float *x, int64_t n, const float *multiplier,
+                                 int64_t channels, int64_t inner, uint32_t seed32, int8_t *q,
+                                 int num_threads) {
+    const multiplier_rows m(n, multiplier, channels, inner);
+    const avx512::stochastic_rounding sr(abs_max(x, m, num_threads), seed32);
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t r = 0; r < m.rows; ++r) {
+        const int64_t len = m.row_len(r), first_i = r * m.cols;
+        const __m512 row_mult = m.row_multiplier(r);
+        // flat indices mod 2^32, as the portable tier's uint32_t(i)
+        __m512i idx = _mm512_add_epi32(
+                _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(first_i))), lane);
+        for (int64_t c = 0; c < len; c += 16) {
+            const __mmask16 k = first(len - c);
+            sr.store(q + first_i + c,
+                     m.times(_mm512_maskz_loadu_ps(k, x + first_i + c), row_mult, c, k), idx, k);
+            idx = _mm512_add_epi32(idx, _mm512_set1_epi32(16));
+        }
+    }
+    return sr.s.scale;
+}
 
 stochastic_scales quantize_stochastic_pair_avx512(const float *x, int64_t n,
                                                   const float *multiplier, int64_t channels,
@@ -243,15 +234,12 @@ stochastic_scales quantize_stochastic_pair_avx512(const float *x, int64_t n,
 float quantize_stochastic_to_s8_tiles_avx512(const float *x, int64_t batch, int64_t channels,
                                              uint32_t seed32, uint8_t *tiles, int num_threads) {
     const int64_t n = batch * channels;
-    const quant_scale s = quant_scale_from_abs_max(abs_max(x, n, num_threads));
-    const __m512 inv = _mm512_set1_ps(s.inv);
-    const __m512 two_m24 = _mm512_set1_ps(1.0f / 16777216.0f);
+    const avx512::stochastic_rounding sr(abs_max(x, n, num_threads), seed32);
     const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     // element (b, c) has flat index b * channels + c: lanes of a transposed
     // vector are consecutive b, so their indices step by `channels`
     const __m512i lane_stride =
             _mm512_mullo_epi32(lane, _mm512_set1_epi32(static_cast<int>(channels)));
-    const __m512i seed = _mm512_set1_epi32(static_cast<int>(seed32));
     const __m512i shift = _mm512_set1_epi32(128);
     const __m512 lim = _mm512_set1_ps(static_cast<float>(quant_max));
     const int64_t tb = jit::tile_batch, tiles_n = jit::tile_count(batch),
@@ -273,16 +261,12 @@ float quantize_stochastic_to_s8_tiles_avx512(const float *x, int64_t batch, int6
                 const int64_t base = (t * tb + j0) * channels + c0;
                 for (int64_t c = 0; c < cn; ++c) {
                     __m512i q = _mm512_setzero_si512(); // padding / unusable scale: G = 0
-                    if (s.usable) {
+                    if (sr.s.usable) {
                         const __m512i idx =
                                 _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(
                                                          static_cast<uint32_t>(base + c))),
                                                  lane_stride);
-                        const __m512i h = mix32(_mm512_xor_si512(idx, seed));
-                        const __m512 u =
-                                _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(h, 8)), two_m24);
-                        __m512 f = _mm512_roundscale_ps(_mm512_add_ps(_mm512_mul_ps(r[c], inv), u),
-                                                        _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+                        __m512 f = sr.rounded(r[c], idx);
                         f = _mm512_min_ps(_mm512_max_ps(f, _mm512_sub_ps(_mm512_setzero_ps(), lim)),
                                           lim);
                         q = _mm512_cvttps_epi32(f);
@@ -292,7 +276,7 @@ float quantize_stochastic_to_s8_tiles_avx512(const float *x, int64_t batch, int6
                 }
             }
         }
-    return s.scale;
+    return sr.s.scale;
 }
 
 namespace {
