@@ -178,40 +178,11 @@ struct stochastic_rounding {
     }
 };
 
-} // namespace
-} // namespace avx512
-
-float quantize_stochastic_avx512(const float *x, int64_t n, const float *multiplier,
-                                 int64_t channels, int64_t inner, uint32_t seed32, int8_t *q,
-                                 int num_threads) {
-    const multiplier_rows m(n, multiplier, channels, inner);
-    const avx512::stochastic_rounding sr(abs_max(x, m, num_threads), seed32);
-    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-#pragma omp parallel for num_threads(num_threads) schedule(static)
-    for (int64_t r = 0; r < m.rows; ++r) {
-        const int64_t len = m.row_len(r), first_i = r * m.cols;
-        const __m512 row_mult = m.row_multiplier(r);
-        // flat indices mod 2^32, as the portable tier's uint32_t(i)
-        __m512i idx = _mm512_add_epi32(
-                _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(first_i))), lane);
-        for (int64_t c = 0; c < len; c += 16) {
-            const __mmask16 k = first(len - c);
-            sr.store(q + first_i + c,
-                     m.times(_mm512_maskz_loadu_ps(k, x + first_i + c), row_mult, c, k), idx, k);
-            idx = _mm512_add_epi32(idx, _mm512_set1_epi32(16));
-        }
-    }
-    return sr.s.scale;
-}
-
-stochastic_scales quantize_stochastic_pair_avx512(const float *x, int64_t n,
-                                                  const float *multiplier, int64_t channels,
-                                                  int64_t inner, uint32_t seed32, int8_t *q,
-                                                  uint32_t plain_seed32, int8_t *q_plain,
-                                                  int num_threads) {
-    const avx512::multiplier_rows m(n, multiplier, channels, inner);
-    const avx512::maxima mx = avx512::abs_maxima<true>(x, m, num_threads);
-    const avx512::stochastic_rounding scaled(mx.scaled, seed32), plain(mx.plain, plain_seed32);
+// q = scaled's rounding of x * multiplier and, with `plain`, q_plain =
+// plain's rounding of x: one read of x for both.
+void stochastic_pass(const float *x, const multiplier_rows &m, const stochastic_rounding &scaled,
+                     int8_t *q, const stochastic_rounding *plain, int8_t *q_plain,
+                     int num_threads) {
     const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t r = 0; r < m.rows; ++r) {
@@ -223,11 +194,34 @@ stochastic_scales quantize_stochastic_pair_avx512(const float *x, int64_t n,
         for (int64_t c = 0; c < len; c += 16) {
             const __mmask16 k = first(len - c);
             const __m512 x_v = _mm512_maskz_loadu_ps(k, x + first_i + c);
-            plain.store(q_plain + first_i + c, x_v, idx, k);
+            if (plain) plain->store(q_plain + first_i + c, x_v, idx, k);
             scaled.store(q + first_i + c, m.times(x_v, row_mult, c, k), idx, k);
             idx = _mm512_add_epi32(idx, _mm512_set1_epi32(16));
         }
     }
+}
+
+} // namespace
+} // namespace avx512
+
+float quantize_stochastic_avx512(const float *x, int64_t n, const float *multiplier,
+                                 int64_t channels, int64_t inner, uint32_t seed32, int8_t *q,
+                                 int num_threads) {
+    const multiplier_rows m(n, multiplier, channels, inner);
+    const avx512::stochastic_rounding sr(abs_max(x, m, num_threads), seed32);
+    avx512::stochastic_pass(x, m, sr, q, nullptr, nullptr, num_threads);
+    return sr.s.scale;
+}
+
+stochastic_scales quantize_stochastic_pair_avx512(const float *x, int64_t n,
+                                                  const float *multiplier, int64_t channels,
+                                                  int64_t inner, uint32_t seed32, int8_t *q,
+                                                  uint32_t plain_seed32, int8_t *q_plain,
+                                                  int num_threads) {
+    const multiplier_rows m(n, multiplier, channels, inner);
+    const avx512::maxima mx = avx512::abs_maxima<true>(x, m, num_threads);
+    const avx512::stochastic_rounding scaled(mx.scaled, seed32), plain(mx.plain, plain_seed32);
+    avx512::stochastic_pass(x, m, scaled, q, &plain, q_plain, num_threads);
     return {scaled.s.scale, plain.s.scale};
 }
 
