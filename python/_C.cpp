@@ -298,14 +298,21 @@ protected:
     }
 
     // Both directions in one call (the fused primitive): returns dx.
+    // dy_channel_abs_max (None, or max |dy| per output channel as its
+    // writer found it: s8 skips its own pass finding the maxima).
     py::array backward(const primitives &p, const py::object &x, const py::object &workspace,
                        const py::array &dy, const py::array &values, py::array &dvalues,
-                       const py::object &dbias, uint64_t seed) {
+                       const py::object &dbias, uint64_t seed,
+                       const py::object &dy_channel_abs_max) {
         py::array_t<float> dx = pooled_array<float>(p.src);
         int32_t seed_storage[2];
         qsp::exec_args args = weights_args(p, x, workspace, dy, dvalues, dbias, seed_storage, seed);
         for (auto &kv : data_args(p, dy, values, workspace, dx, seed_storage, seed))
             args.insert(kv);
+        if (const float *m = optional_f32(dy_channel_abs_max, "dy_channel_abs_max", {p.dst[1]});
+            m && scheme_ == qsp::quant_scheme::s8)
+            args[qsp::QSP_ARG_DIFF_DST_CHANNEL_ABS_MAX] =
+                    mem(f32_md({p.dst[1]}), const_cast<float *>(m));
         {
             py::gil_scoped_release release;
             p.both.execute(stream_, args);
@@ -398,8 +405,9 @@ public:
     }
     py::array bwd(const py::object &x, const py::object &ws, const py::array &dy,
                   const py::array &values, py::array &dv, const py::object &db, uint64_t seed,
-                  int threads) {
-        return backward(*prims(batch_of(dy), threads), x, ws, dy, values, dv, db, seed);
+                  int threads, const py::object &dy_channel_abs_max) {
+        return backward(*prims(batch_of(dy), threads), x, ws, dy, values, dv, db, seed,
+                        dy_channel_abs_max);
     }
 
 private:
@@ -481,11 +489,11 @@ public:
     }
     py::array bwd(const py::object &x, const py::object &ws, const py::array &dy,
                   const py::array &values, py::array &dv, const py::object &db, const dims &src,
-                  uint64_t seed, int threads) {
+                  uint64_t seed, int threads, const py::object &dy_channel_abs_max) {
         if (src.size() != 4)
             throw py::value_error("input_shape must have 4 entries (N, C, H, W), got "
                                   + std::to_string(src.size()));
-        return backward(*prims(src, threads), x, ws, dy, values, dv, db, seed);
+        return backward(*prims(src, threads), x, ws, dy, values, dv, db, seed, dy_channel_abs_max);
     }
 
     static qsp::conv2d_geometry geometry(std::array<int64_t, 2> kernel,
@@ -783,7 +791,9 @@ PYBIND11_MODULE(_C, m) {
             py::arg("keep_s8"), py::arg("residual"), py::arg("threads"));
     // src: the forward's src (float32, with mean), or its int8 copy (int8,
     // with step). need_diff_residual: also the gradient of a residual the
-    // forward added (empty otherwise).
+    // forward added (empty otherwise). Returns (diff_src, diff_gamma,
+    // diff_beta, diff_residual, diff_src's max |.| per channel (from the
+    // int8 copy with diff_src; empty otherwise)), each empty when not wanted.
     m.def(
             "batch_norm_relu_backward",
             [](const py::array &diff_dst, const py::object &mask, const py::array &src,
@@ -812,26 +822,30 @@ PYBIND11_MODULE(_C, m) {
                 py::array_t<float> dres = pooled_array<float>(need_diff_residual ? shape : dims{0});
                 py::array_t<float> dgamma(need_affine ? d.channels : 0),
                         dbeta(need_affine ? d.channels : 0);
+                // an int8 block's dx feeds an s8 convolution: its channel maxima too
+                const bool maxima = from_s8 && need_diff_src;
+                py::array_t<float> dx_abs_max(maxima ? d.channels : 0);
                 {
                     py::gil_scoped_release nogil;
                     float *dxp = need_diff_src ? dx.mutable_data() : nullptr;
                     float *dg = need_affine ? dgamma.mutable_data() : nullptr;
                     float *db = need_affine ? dbeta.mutable_data() : nullptr;
                     float *dr = need_diff_residual ? dres.mutable_data() : nullptr;
+                    float *dm = maxima ? dx_abs_max.mutable_data() : nullptr;
                     if (dr && from_s8)
                         qsp::batch_norm_add_relu_backward(d, dy, bits, q, st, g, inv, dxp, dr, dg,
-                                                          db, threads);
+                                                          db, dm, threads);
                     else if (dr)
                         qsp::batch_norm_add_relu_backward(d, dy, bits, s, g, mu, inv, dxp, dr, dg,
                                                           db, threads);
                     else if (from_s8)
-                        qsp::batch_norm_relu_backward(d, dy, bits, q, st, g, inv, dxp, dg, db,
+                        qsp::batch_norm_relu_backward(d, dy, bits, q, st, g, inv, dxp, dg, db, dm,
                                                       threads);
                     else
                         qsp::batch_norm_relu_backward(d, dy, bits, s, g, mu, inv, dxp, dg, db,
                                                       threads);
                 }
-                return py::make_tuple(dx, dgamma, dbeta, dres);
+                return py::make_tuple(dx, dgamma, dbeta, dres, dx_abs_max);
             },
             py::arg("diff_dst"), py::arg("mask"), py::arg("src"), py::arg("gamma"), py::arg("mean"),
             py::arg("step"), py::arg("invstd"), py::arg("batch_statistics"), py::arg("relu"),

@@ -10,7 +10,8 @@
 //                    WEIGHTS, which are all the backward needs of them);
 //                    the post-ops' (primitive_attr::ops) by QSP_ARG_POST_OP
 //   backward_data    DIFF_DST, WEIGHTS (f32) or WORKSPACE (s8),
-//                    QSP_ARG_ROUNDING_SEED (s8) -> DIFF_SRC
+//                    QSP_ARG_ROUNDING_SEED (s8),
+//                    QSP_ARG_DIFF_DST_CHANNEL_ABS_MAX (s8, optional) -> DIFF_SRC
 //   backward_weights SRC (f32) or WORKSPACE (s8), DIFF_DST,
 //                    QSP_ARG_ROUNDING_SEED (s8) -> DIFF_WEIGHTS (nnz), DIFF_BIAS
 // An s8 step quantizes the weights once: backward-data reads the forward's
@@ -44,9 +45,25 @@ inline dnnl::memory::desc plain_f32_desc(const dnnl::memory::dims &dims) {
     return dnnl::memory::desc(dims, dnnl::memory::data_type::f32, strides);
 }
 
+// Optional, s8 backward_data (and the fused sparse_backward): a 1-D f32
+// memory of the output channels (diff_dst_channel_abs_max_desc) holding, per
+// channel, max |diff_dst| (NaN where the channel holds a NaN) as whoever
+// wrote diff_dst found it (batch_norm_relu_backward's
+// diff_src_channel_abs_max): the fused backward's two roundings of diff_dst
+// (sparse_backward) then skip their pass finding the maxima; other
+// executions may ignore it. The integers are the same as without it when
+// the maxima are exact; a maximum below the true one clamps values to +-127.
+constexpr int QSP_ARG_DIFF_DST_CHANNEL_ABS_MAX = QSP_ARG_ROUNDING_SEED + 1;
+
 // The descriptor of the QSP_ARG_ROUNDING_SEED argument.
 inline dnnl::memory::desc rounding_seed_desc() {
     return dnnl::memory::desc({2}, dnnl::memory::data_type::s32, dnnl::memory::dims{1});
+}
+
+// The descriptor of QSP_ARG_DIFF_DST_CHANNEL_ABS_MAX for a layer of
+// `channels` output channels (features).
+inline dnnl::memory::desc diff_dst_channel_abs_max_desc(int64_t channels) {
+    return plain_f32_desc({channels});
 }
 
 enum class prop_kind { forward_training, forward_inference };
@@ -397,11 +414,16 @@ void batch_norm_relu_forward(const batch_norm_relu_desc &d, const float *src, co
                              const float *beta, const float *running_mean, const float *running_var,
                              float *dst, uint8_t *mask, float *mean, float *invstd,
                              float *batch_var, int8_t *centered, float *step, int num_threads = 0);
-// The backward with src - mean read as centered * step.
+// The backward with src - mean read as centered * step. With
+// diff_src_channel_abs_max (C floats; needs diff_src), also max |diff_src|
+// per channel (NaN where the channel holds a NaN), found while diff_src is
+// written: the sparse convolution before the BatchNorm takes it as its
+// QSP_ARG_DIFF_DST_CHANNEL_ABS_MAX and skips its own pass over diff_src.
 void batch_norm_relu_backward(const batch_norm_relu_desc &d, const float *diff_dst,
                               const uint8_t *mask, const int8_t *centered, const float *step,
                               const float *gamma, const float *invstd, float *diff_src,
-                              float *diff_gamma, float *diff_beta, int num_threads = 0);
+                              float *diff_gamma, float *diff_beta, float *diff_src_channel_abs_max,
+                              int num_threads = 0);
 
 // A residual block's end (torchvision's BasicBlock: relu(bn2(conv2(x)) +
 // identity)) in the same passes: dst = relu(batch_norm(src) + residual),
@@ -430,6 +452,6 @@ void batch_norm_add_relu_backward(const batch_norm_relu_desc &d, const float *di
                                   const uint8_t *mask, const int8_t *centered, const float *step,
                                   const float *gamma, const float *invstd, float *diff_src,
                                   float *diff_residual, float *diff_gamma, float *diff_beta,
-                                  int num_threads = 0);
+                                  float *diff_src_channel_abs_max, int num_threads = 0);
 
 } // namespace qsp

@@ -45,6 +45,7 @@ struct tensors {
     float *dst = nullptr;
     s8::workspace_view workspace; // s8 training: the forward's quantized src and weights
     const float *diff_dst = nullptr;
+    const float *diff_dst_channel_abs_max = nullptr; // s8: max |diff_dst| per channel, if known
     float *diff_src = nullptr;
     float *diff_weights = nullptr;
     float *diff_bias = nullptr;

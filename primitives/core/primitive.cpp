@@ -83,6 +83,9 @@ void primitive_base::execute(const dnnl::stream &stream, const exec_args &args,
             case DNNL_ARG_DIFF_BIAS:
                 t.diff_bias = static_cast<float *>(h);
                 break;
+            case QSP_ARG_DIFF_DST_CHANNEL_ABS_MAX:
+                t.diff_dst_channel_abs_max = static_cast<const float *>(h);
+                break;
             case QSP_ARG_ROUNDING_SEED: {
                 const auto *s = static_cast<const uint32_t *>(h);
                 t.seed = static_cast<uint64_t>(s[0]) | (static_cast<uint64_t>(s[1]) << 32);

@@ -197,9 +197,12 @@ void finish_pd(pd_impl &pd, const dnnl::engine &engine, const primitive_attr &at
                                      "workspace (the forward's quantized weights)", ws_md, true}
                           : arg_spec{DNNL_ARG_WEIGHTS, "weights", pd.weights_md, true},
                        {DNNL_ARG_DIFF_SRC, "diff_src", pd.src_md, true}};
-            if (s8)
+            if (s8) {
                 pd.args.push_back(
                         {QSP_ARG_ROUNDING_SEED, "rounding_seed", rounding_seed_desc(), true});
+                pd.args.push_back({QSP_ARG_DIFF_DST_CHANNEL_ABS_MAX, "diff_dst_channel_abs_max",
+                                   diff_dst_channel_abs_max_desc(p.channels()), false});
+            }
             break;
         case direction::backward_weights:
             pd.args = {{DNNL_ARG_DIFF_DST, "diff_dst", pd.dst_md, true},

@@ -21,9 +21,14 @@ inline float quantize_dx_gradient(const tensors &t, int64_t n, const float *w_sc
         return quantize_stochastic(t.diff_dst, n, w_scale, channels, inner, dx_stream(t.seed), g2,
                                    num_threads);
     auto *g1 = shared->scratch.get<int8_t>(0, n);
+    // the maxima from the channel maxima diff_dst's writer found, when given
+    stochastic_maxima known{};
+    const bool given =
+            t.diff_dst_channel_abs_max
+            && pair_maxima_from_channels(t.diff_dst_channel_abs_max, w_scale, channels, known);
     const stochastic_scales s =
             quantize_stochastic_pair(t.diff_dst, n, w_scale, channels, inner, dx_stream(t.seed), g2,
-                                     dw_stream(t.seed), g1, num_threads);
+                                     dw_stream(t.seed), g1, given ? &known : nullptr, num_threads);
     shared->kind = shared_gradient::form::s8_plain_dy_q;
     shared->data = g1;
     shared->scale = s.plain;

@@ -163,10 +163,16 @@ struct portable_kernels {
     template <typename X>
     static void gradient_apply(const float *diff_dst, const uint8_t *bits, const X &x, int64_t lo,
                                int64_t hi, float a, float b, float k, float *diff_src,
-                               float *diff_residual) {
+                               float *diff_residual, float *abs_max) {
         const __m128 av = _mm_set1_ps(a), bv = _mm_set1_ps(b), kv = _mm_set1_ps(k);
         const auto gradient = [&](__m128 g, __m128 xc) {
             return _mm_add_ps(_mm_add_ps(_mm_mul_ps(g, av), _mm_mul_ps(xc, bv)), kv);
+        };
+        const __m128 sign = _mm_set1_ps(-0.0f);
+        __m128 peak = _mm_setzero_ps(), bad = peak;
+        const auto fold = [&](__m128 d) {
+            bad = _mm_or_ps(bad, _mm_cmpunord_ps(d, d));
+            peak = _mm_max_ps(peak, _mm_andnot_ps(sign, d));
         };
         int64_t i = lo;
         for (; i + 8 <= hi; i += 8) {
@@ -181,11 +187,20 @@ struct portable_kernels {
             }
             if (diff_src) { // may be diff_dst: these elements are read
                 const lanes8 xc = centered8(x, i);
-                _mm_storeu_ps(diff_src + i, gradient(g0, xc.lo));
-                _mm_storeu_ps(diff_src + i + 4, gradient(g1, xc.hi));
+                const __m128 d0 = gradient(g0, xc.lo), d1 = gradient(g1, xc.hi);
+                _mm_storeu_ps(diff_src + i, d0);
+                _mm_storeu_ps(diff_src + i + 4, d1);
+                if (abs_max) fold(d0), fold(d1);
             }
         }
-        walk::gradient_apply_tail(diff_dst, bits, x, i, hi, a, b, k, diff_src, diff_residual);
+        if (abs_max) {
+            alignas(16) float l[4];
+            _mm_store_ps(l, peak);
+            *abs_max = _mm_movemask_ps(bad) ? std::numeric_limits<float>::quiet_NaN()
+                                            : std::max(std::max(l[0], l[1]), std::max(l[2], l[3]));
+        }
+        walk::gradient_apply_tail(diff_dst, bits, x, i, hi, a, b, k, diff_src, diff_residual,
+                                  abs_max);
     }
 };
 
@@ -213,9 +228,10 @@ void portable::masked_gradient_sums(const float *diff_dst, const uint8_t *bits, 
 void portable::masked_gradient_apply(const float *diff_dst, const uint8_t *bits,
                                      centered_source src, channel_planes s, const float *a,
                                      const float *b, const float *k, float *diff_src,
-                                     float *diff_residual, int num_threads) {
+                                     float *diff_residual, float *channel_abs_max,
+                                     int num_threads) {
     walk::masked_gradient_apply<portable_kernels>(diff_dst, bits, src, s, a, b, k, diff_src,
-                                                  diff_residual, num_threads);
+                                                  diff_residual, channel_abs_max, num_threads);
 }
 
 // Each pass: the best tier the effective ISA allows (pass_tiers.hpp).
@@ -245,11 +261,13 @@ void masked_gradient_sums(const float *diff_dst, const uint8_t *bits, centered_s
 
 void masked_gradient_apply(const float *diff_dst, const uint8_t *bits, centered_source src,
                            channel_planes s, const float *a, const float *b, const float *k,
-                           float *diff_src, float *diff_residual, int num_threads) {
+                           float *diff_src, float *diff_residual, float *channel_abs_max,
+                           int num_threads) {
     static constexpr pass_tier<masked_gradient_apply_fn> tiers[] = {
             {cpu_isa::avx2, masked_gradient_apply_avx2},
             {cpu_isa::ref, portable::masked_gradient_apply}};
-    best_tier(tiers)(diff_dst, bits, src, s, a, b, k, diff_src, diff_residual, num_threads);
+    best_tier(tiers)(diff_dst, bits, src, s, a, b, k, diff_src, diff_residual, channel_abs_max,
+                     num_threads);
 }
 
 } // namespace qsp::detail
@@ -370,11 +388,19 @@ void forward(const batch_norm_relu_desc &d, const float *src, const float *resid
 
 void backward(const batch_norm_relu_desc &d, const float *diff_dst, const uint8_t *mask,
               detail::centered_source src, const float *gamma, const float *invstd, float *diff_src,
-              float *diff_residual, float *diff_gamma, float *diff_beta, int num_threads) {
+              float *diff_residual, float *diff_gamma, float *diff_beta, float *diff_src_abs_max,
+              int num_threads) {
     const detail::channel_planes s = checked_planes(d);
     require(invstd, "invstd");
     if (d.relu) require(mask, "mask");
     if (s.elements() > 0) require(diff_dst, "diff_dst");
+    if (diff_src_abs_max) {
+        if (!diff_src)
+            throw std::invalid_argument(
+                    "batch_norm backward: diff_src_channel_abs_max needs diff_src (the maxima "
+                    "are of diff_src)");
+        std::fill(diff_src_abs_max, diff_src_abs_max + s.channels, 0.0f); // an empty tensor
+    }
     const int threads = threads_or_default(num_threads);
     const auto channels = static_cast<size_t>(s.channels);
     const uint8_t *bits = d.relu ? mask : nullptr;
@@ -402,7 +428,7 @@ void backward(const batch_norm_relu_desc &d, const float *diff_dst, const uint8_
         }
     }
     detail::masked_gradient_apply(diff_dst, bits, src, s, a.data(), b.data(), k.data(), diff_src,
-                                  diff_residual, threads);
+                                  diff_residual, diff_src_abs_max, threads);
 }
 
 } // namespace
@@ -429,15 +455,16 @@ void batch_norm_relu_backward(const batch_norm_relu_desc &d, const float *diff_d
                               const float *mean, const float *invstd, float *diff_src,
                               float *diff_gamma, float *diff_beta, int num_threads) {
     backward(d, diff_dst, mask, f32_source(d, src, mean), gamma, invstd, diff_src, nullptr,
-             diff_gamma, diff_beta, num_threads);
+             diff_gamma, diff_beta, nullptr, num_threads);
 }
 
 void batch_norm_relu_backward(const batch_norm_relu_desc &d, const float *diff_dst,
                               const uint8_t *mask, const int8_t *centered, const float *step,
                               const float *gamma, const float *invstd, float *diff_src,
-                              float *diff_gamma, float *diff_beta, int num_threads) {
+                              float *diff_gamma, float *diff_beta, float *diff_src_channel_abs_max,
+                              int num_threads) {
     backward(d, diff_dst, mask, s8_source(d, centered, step), gamma, invstd, diff_src, nullptr,
-             diff_gamma, diff_beta, num_threads);
+             diff_gamma, diff_beta, diff_src_channel_abs_max, num_threads);
 }
 
 void batch_norm_add_relu_forward(const batch_norm_relu_desc &d, const float *src,
@@ -467,16 +494,16 @@ void batch_norm_add_relu_backward(const batch_norm_relu_desc &d, const float *di
                                   float *diff_residual, float *diff_gamma, float *diff_beta,
                                   int num_threads) {
     backward(d, diff_dst, mask, f32_source(d, src, mean), gamma, invstd, diff_src, diff_residual,
-             diff_gamma, diff_beta, num_threads);
+             diff_gamma, diff_beta, nullptr, num_threads);
 }
 
 void batch_norm_add_relu_backward(const batch_norm_relu_desc &d, const float *diff_dst,
                                   const uint8_t *mask, const int8_t *centered, const float *step,
                                   const float *gamma, const float *invstd, float *diff_src,
                                   float *diff_residual, float *diff_gamma, float *diff_beta,
-                                  int num_threads) {
+                                  float *diff_src_channel_abs_max, int num_threads) {
     backward(d, diff_dst, mask, s8_source(d, centered, step), gamma, invstd, diff_src,
-             diff_residual, diff_gamma, diff_beta, num_threads);
+             diff_residual, diff_gamma, diff_beta, diff_src_channel_abs_max, num_threads);
 }
 
 } // namespace qsp

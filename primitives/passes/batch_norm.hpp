@@ -66,10 +66,14 @@ void masked_gradient_sums(const float *diff_dst, const uint8_t *bits, centered_s
 
 // diff_src = g * a[c] + (src - mean[c]) * b[c] + k[c], g as above, and,
 // when given, diff_residual = g (the residual's gradient). diff_src (null:
-// not wanted) may alias diff_dst; diff_residual may not alias either.
+// not wanted) may alias diff_dst; diff_residual may not alias either. With
+// channel_abs_max (C floats) and diff_src, also max |diff_src| per channel
+// (NaN where the channel holds a NaN), taken while each run is in L1: what
+// the next layer's s8 backward would read diff_src once more to find.
 void masked_gradient_apply(const float *diff_dst, const uint8_t *bits, centered_source src,
                            channel_planes shape, const float *a, const float *b, const float *k,
-                           float *diff_src, float *diff_residual, int num_threads);
+                           float *diff_src, float *diff_residual, float *channel_abs_max,
+                           int num_threads);
 
 // The tiers of each pass (the dispatchers above pick the best one the
 // effective ISA allows); the results are the same bits on every tier.
@@ -84,7 +88,8 @@ using masked_gradient_sums_fn = void(const float *diff_dst, const uint8_t *bits,
 using masked_gradient_apply_fn = void(const float *diff_dst, const uint8_t *bits,
                                       centered_source src, channel_planes shape, const float *a,
                                       const float *b, const float *k, float *diff_src,
-                                      float *diff_residual, int num_threads);
+                                      float *diff_residual, float *channel_abs_max,
+                                      int num_threads);
 
 namespace portable {
 channel_statistics_fn channel_statistics;

@@ -201,20 +201,36 @@ struct kernels {
     template <typename X>
     static void gradient_apply(const float *diff_dst, const uint8_t *bits, const X &x, int64_t lo,
                                int64_t hi, float a, float b, float k, float *diff_src,
-                               float *diff_residual) {
+                               float *diff_residual, float *abs_max) {
         const __m256 av = _mm256_set1_ps(a), bv = _mm256_set1_ps(b), kv = _mm256_set1_ps(k);
+        const __m256 sign = _mm256_set1_ps(-0.0f);
+        __m256 peak = _mm256_setzero_ps(), bad = peak;
         int64_t i = lo;
         for (; i + 8 <= hi; i += 8) {
             __m256 g = _mm256_loadu_ps(diff_dst + i);
             if (bits) g = _mm256_and_ps(g, mask8(bits, i));
             if (diff_residual) _mm256_storeu_ps(diff_residual + i, g);
-            if (diff_src) // may be diff_dst: these elements are read
-                _mm256_storeu_ps(diff_src + i,
-                                 _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(g, av),
-                                                             _mm256_mul_ps(centered8(x, i), bv)),
-                                               kv));
+            if (diff_src) { // may be diff_dst: these elements are read
+                const __m256 d = _mm256_add_ps(
+                        _mm256_add_ps(_mm256_mul_ps(g, av), _mm256_mul_ps(centered8(x, i), bv)),
+                        kv);
+                _mm256_storeu_ps(diff_src + i, d);
+                if (abs_max) {
+                    bad = _mm256_or_ps(bad, _mm256_cmp_ps(d, d, _CMP_UNORD_Q));
+                    peak = _mm256_max_ps(peak, _mm256_andnot_ps(sign, d));
+                }
+            }
         }
-        walk::gradient_apply_tail(diff_dst, bits, x, i, hi, a, b, k, diff_src, diff_residual);
+        if (abs_max) {
+            alignas(32) float l[8];
+            _mm256_store_ps(l, peak);
+            float folded = 0.0f;
+            for (float v : l)
+                folded = std::max(folded, v);
+            *abs_max = _mm256_movemask_ps(bad) ? std::numeric_limits<float>::quiet_NaN() : folded;
+        }
+        walk::gradient_apply_tail(diff_dst, bits, x, i, hi, a, b, k, diff_src, diff_residual,
+                                  abs_max);
     }
 };
 
@@ -242,9 +258,10 @@ void masked_gradient_sums_avx2(const float *diff_dst, const uint8_t *bits, cente
 
 void masked_gradient_apply_avx2(const float *diff_dst, const uint8_t *bits, centered_source src,
                                 channel_planes s, const float *a, const float *b, const float *k,
-                                float *diff_src, float *diff_residual, int num_threads) {
-    batch_norm_walk::masked_gradient_apply<avx2::kernels>(diff_dst, bits, src, s, a, b, k, diff_src,
-                                                          diff_residual, num_threads);
+                                float *diff_src, float *diff_residual, float *channel_abs_max,
+                                int num_threads) {
+    batch_norm_walk::masked_gradient_apply<avx2::kernels>(
+            diff_dst, bits, src, s, a, b, k, diff_src, diff_residual, channel_abs_max, num_threads);
 }
 
 } // namespace qsp::detail

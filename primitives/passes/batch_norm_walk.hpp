@@ -21,11 +21,14 @@
 //   gradient_sums(g, bits, base, x, n, sum, dot)  over one plane (g and x
 //       from element `base`): sum += g', dot += g' * x(i), g' the masked g,
 //       8 lanes ((0+4, 1+5, 2+6, 3+7) added pairwise), then a scalar tail
-//   gradient_apply(dd, bits, x, lo, hi, a, b, k, ds, dr)  elements [lo, hi)
-//       of one channel: g' masked; dr = g'; ds = (g' * a + x * b) + k
+//   gradient_apply(dd, bits, x, lo, hi, a, b, k, ds, dr, mx)  elements
+//       [lo, hi) of one channel: g' masked; dr = g'; ds = (g' * a + x * b)
+//       + k; with mx, *mx = max |ds| over the run, NaN if one is (exact: the
+//       same float in any lane order)
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <vector>
@@ -122,14 +125,23 @@ void gradient_sums_tail(const float *g, const uint8_t *bits, int64_t base, const
         dot += gi * x(base + i);
     }
 }
+// A maximum that stays NaN once a NaN entered it.
+inline float fold_abs_max(float folded, float v) {
+    return folded != folded || v != v ? std::numeric_limits<float>::quiet_NaN()
+                                      : std::max(folded, v);
+}
+
+// The tail, its maximum folded into *abs_max (the vector part's, when
+// wanted: then diff_src is written).
 template <typename X>
 void gradient_apply_tail(const float *diff_dst, const uint8_t *bits, const X &x, int64_t i,
                          int64_t end, float a, float b, float k, float *diff_src,
-                         float *diff_residual) {
+                         float *diff_residual, float *abs_max) {
     for (; i < end; ++i) {
         const float g = !bits || relu_mask_bit(bits, i) ? diff_dst[i] : 0.0f;
         if (diff_residual) diff_residual[i] = g;
         if (diff_src) diff_src[i] = (g * a + x(i) * b) + k;
+        if (abs_max) *abs_max = fold_abs_max(*abs_max, std::fabs(diff_src[i]));
     }
 }
 
@@ -276,15 +288,33 @@ void masked_gradient_sums(const float *diff_dst, const uint8_t *bits, centered_s
 template <typename K>
 void masked_gradient_apply(const float *diff_dst, const uint8_t *bits, centered_source src,
                            channel_planes s, const float *a, const float *b, const float *k,
-                           float *diff_src, float *diff_residual, int num_threads) {
+                           float *diff_src, float *diff_residual, float *channel_abs_max,
+                           int num_threads) {
+    // the maxima of each run, taken in registers as it is written, per
+    // thread and channel, then folded per channel (a maximum is exact: the result
+    // does not depend on the thread count)
+    const int threads = std::max(1, num_threads);
+    std::vector<float> partial(
+            static_cast<size_t>(channel_abs_max && diff_src ? threads * s.channels : 0), 0.0f);
     with_centered(src, [&](auto centered) {
-        for_each_chunk(s.elements(), num_threads, [&](int64_t begin, int64_t end) {
+        for_each_chunk(s.elements(), threads, [&](int64_t begin, int64_t end) {
+            float *mine =
+                    partial.empty() ? nullptr : partial.data() + omp_get_thread_num() * s.channels;
             for_each_plane_run(s, begin, end, [&](int64_t c, int64_t lo, int64_t hi) {
+                float run_max = 0.0f;
                 K::gradient_apply(diff_dst, bits, centered.at(c), lo, hi, a[c], b[c], k[c],
-                                  diff_src, diff_residual);
+                                  diff_src, diff_residual, mine ? &run_max : nullptr);
+                if (mine) mine[c] = fold_abs_max(mine[c], run_max);
             });
         });
     });
+    if (partial.empty()) return;
+    for (int64_t c = 0; c < s.channels; ++c) {
+        float m = 0.0f;
+        for (int t = 0; t < threads; ++t)
+            m = fold_abs_max(m, partial[static_cast<size_t>(t * s.channels + c)]);
+        channel_abs_max[c] = m;
+    }
 }
 
 } // namespace qsp::detail::batch_norm_walk

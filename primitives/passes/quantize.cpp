@@ -1,6 +1,9 @@
 // Dispatch of the s8 passes over the tiers the effective ISA allows.
 #include "primitives/passes/quantize.hpp"
 
+#include <algorithm>
+#include <cmath>
+#include <limits>
 #include <vector>
 
 #include "primitives/passes/pass_tiers.hpp"
@@ -40,23 +43,47 @@ float quantize_stochastic(const float *x, int64_t n, const float *multiplier, in
 stochastic_scales quantize_stochastic_pair(const float *x, int64_t n, const float *multiplier,
                                            int64_t channels, int64_t inner, uint32_t seed32,
                                            int8_t *q, uint32_t plain_seed32, int8_t *q_plain,
-                                           int num_threads) {
+                                           const stochastic_maxima *known, int num_threads) {
     const bool whole_rows = whole_multiplier_rows(n, multiplier, channels, inner);
     static constexpr pass_tier<quantize_stochastic_pair_fn> tiers[] = {
             {cpu_isa::avx512_core, quantize_stochastic_pair_avx512},
             {cpu_isa::avx2, quantize_stochastic_pair_avx2},
             {cpu_isa::ref, portable::quantize_stochastic_pair}};
     return best_tier(tiers, whole_rows)(x, n, multiplier, channels, inner, seed32, q, plain_seed32,
-                                        q_plain, num_threads);
+                                        q_plain, known, num_threads);
 }
 
 stochastic_scales portable::quantize_stochastic_pair(const float *x, int64_t n,
                                                      const float *multiplier, int64_t channels,
                                                      int64_t inner, uint32_t seed32, int8_t *q,
                                                      uint32_t plain_seed32, int8_t *q_plain,
+                                                     const stochastic_maxima *known,
                                                      int num_threads) {
-    return {quantize_stochastic(x, n, multiplier, channels, inner, seed32, q, num_threads),
-            quantize_stochastic(x, n, nullptr, 1, 1, plain_seed32, q_plain, num_threads)};
+    if (!known)
+        return {quantize_stochastic(x, n, multiplier, channels, inner, seed32, q, num_threads),
+                quantize_stochastic(x, n, nullptr, 1, 1, plain_seed32, q_plain, num_threads)};
+    return {quantize_stochastic_from_max(x, n, multiplier, channels, inner, seed32, known->scaled,
+                                         q, num_threads),
+            quantize_stochastic_from_max(x, n, nullptr, 1, 1, plain_seed32, known->plain, q_plain,
+                                         num_threads)};
+}
+
+bool pair_maxima_from_channels(const float *channel_abs_max, const float *multiplier,
+                               int64_t channels, stochastic_maxima &out) {
+    float scaled = 0.0f, plain = 0.0f;
+    bool nan_scaled = false, nan_plain = false;
+    for (int64_t c = 0; c < channels; ++c) {
+        const float m = multiplier ? multiplier[c] : 1.0f;
+        if (std::isinf(m)) return false;
+        const float v = std::fabs(channel_abs_max[c] * m);
+        nan_plain |= std::isnan(channel_abs_max[c]);
+        nan_scaled |= std::isnan(v);
+        plain = std::max(plain, std::fabs(channel_abs_max[c]));
+        scaled = std::max(scaled, v);
+    }
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    out = {nan_scaled ? nan : scaled, nan_plain ? nan : plain};
+    return true;
 }
 
 void quantize_weights(const csr_pattern &p, const float *values, int8_t *q, float *scale,

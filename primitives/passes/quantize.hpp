@@ -30,14 +30,28 @@ using quantize_stochastic_fn = float(const float *x, int64_t n, const float *mul
 // quantize_stochastic(x, no multiplier, plain_seed32), the same integers and
 // scales as the two calls; the two maxima share a read of x, the two
 // roundings another (four reads become two).
+// With `known` (the two maxima, max |x * multiplier| and max |x|, as the
+// producer of x found them while writing it), the first read is skipped.
 struct stochastic_scales {
+    float scaled, plain;
+};
+struct stochastic_maxima {
     float scaled, plain;
 };
 using quantize_stochastic_pair_fn = stochastic_scales(const float *x, int64_t n,
                                                       const float *multiplier, int64_t channels,
                                                       int64_t inner, uint32_t seed32, int8_t *q,
                                                       uint32_t plain_seed32, int8_t *q_plain,
+                                                      const stochastic_maxima *known,
                                                       int num_threads);
+// The pair's two maxima from max |x| per channel (channel_abs_max[c], NaN
+// where the channel holds a NaN; a channel as the multiplier's, (i / inner)
+// % channels): the same floats the pair's maxima read finds, since
+// |x * m| = |x| * |m| rounds monotonically in |x| — except where a
+// multiplier is infinite (0 * inf is NaN for one element, not for the
+// channel's maximum): then nothing (false).
+bool pair_maxima_from_channels(const float *channel_abs_max, const float *multiplier,
+                               int64_t channels, stochastic_maxima &out);
 // Per-row (output channel) symmetric weights: scale[r] = max |row r| / 127.
 using quantize_weights_fn = void(const csr_pattern &p, const float *values, int8_t *q, float *scale,
                                  int num_threads);
@@ -84,6 +98,10 @@ namespace portable {
 quantize_rne_fn quantize_rne;
 quantize_stochastic_fn quantize_stochastic;
 quantize_stochastic_pair_fn quantize_stochastic_pair; // the two calls, by definition
+// quantize_stochastic's rounding with the maximum given (its first read skipped).
+float quantize_stochastic_from_max(const float *x, int64_t n, const float *multiplier,
+                                   int64_t channels, int64_t inner, uint32_t seed32, float abs_max,
+                                   int8_t *q, int num_threads);
 quantize_weights_fn quantize_weights;
 quantize_stochastic_to_s8_tiles_fn quantize_stochastic_to_s8_tiles;
 pack_s8_tiles_fn pack_s8_tiles;

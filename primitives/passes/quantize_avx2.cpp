@@ -48,9 +48,7 @@ inline __m256 row_multiplier(const float *mult, int64_t channels, int64_t inner,
     return mult && inner > 1 ? _mm256_set1_ps(mult[r % channels]) : _mm256_setzero_ps();
 }
 
-struct maxima {
-    float scaled, plain;
-};
+using maxima = stochastic_maxima;
 
 // scaled: max |x[i] * mult[(i / inner) % channels]| (mult optional); plain
 // (with_plain): max |x[i]|; each NaN if any of its values is NaN. One read
@@ -261,8 +259,9 @@ float quantize_stochastic_avx2(const float *x, int64_t n, const float *multiplie
 stochastic_scales quantize_stochastic_pair_avx2(const float *x, int64_t n, const float *multiplier,
                                                 int64_t channels, int64_t inner, uint32_t seed32,
                                                 int8_t *q, uint32_t plain_seed32, int8_t *q_plain,
-                                                int num_threads) {
-    const maxima m = abs_maxima<true>(x, n, multiplier, channels, inner, num_threads);
+                                                const stochastic_maxima *known, int num_threads) {
+    const maxima m =
+            known ? *known : abs_maxima<true>(x, n, multiplier, channels, inner, num_threads);
     const stochastic_rounding scaled(m.scaled, seed32), plain(m.plain, plain_seed32);
     stochastic_pass(x, n, multiplier, channels, inner, scaled, q, &plain, q_plain, num_threads);
     return {scaled.s.scale, plain.s.scale};

@@ -57,9 +57,7 @@ struct multiplier_rows {
     }
 };
 
-struct maxima {
-    float scaled, plain;
-};
+using maxima = stochastic_maxima;
 
 // scaled: max |x * mult| (mult optional); plain (with_plain): max |x|;
 // each NaN if any of its values is. One read of x for both.
@@ -217,9 +215,9 @@ stochastic_scales quantize_stochastic_pair_avx512(const float *x, int64_t n,
                                                   const float *multiplier, int64_t channels,
                                                   int64_t inner, uint32_t seed32, int8_t *q,
                                                   uint32_t plain_seed32, int8_t *q_plain,
-                                                  int num_threads) {
+                                                  const stochastic_maxima *known, int num_threads) {
     const multiplier_rows m(n, multiplier, channels, inner);
-    const avx512::maxima mx = avx512::abs_maxima<true>(x, m, num_threads);
+    const avx512::maxima mx = known ? *known : avx512::abs_maxima<true>(x, m, num_threads);
     const avx512::stochastic_rounding scaled(mx.scaled, seed32), plain(mx.plain, plain_seed32);
     avx512::stochastic_pass(x, m, scaled, q, &plain, q_plain, num_threads);
     return {scaled.s.scale, plain.s.scale};

@@ -75,18 +75,25 @@ void quantize_weights(const csr_pattern &p, const float *values, int8_t *q, floa
 
 float quantize_stochastic(const float *x, int64_t n, const float *multiplier, int64_t channels,
                           int64_t inner, uint32_t seed32, int8_t *q, int num_threads) {
-    auto value = [&](int64_t i) {
-        return multiplier ? x[i] * multiplier[(i / inner) % channels] : x[i];
-    };
     float amax = 0.f;
     bool nan = false;
     for (int64_t i = 0; i < n; ++i) {
-        float a = std::fabs(value(i));
+        float a = std::fabs(multiplier ? x[i] * multiplier[(i / inner) % channels] : x[i]);
         nan |= std::isnan(a);
         amax = std::max(amax, a);
     }
-    const auto [scale, inv, usable] =
-            quant_scale_from_abs_max(nan ? std::numeric_limits<float>::quiet_NaN() : amax);
+    return quantize_stochastic_from_max(x, n, multiplier, channels, inner, seed32,
+                                        nan ? std::numeric_limits<float>::quiet_NaN() : amax, q,
+                                        num_threads);
+}
+
+float quantize_stochastic_from_max(const float *x, int64_t n, const float *multiplier,
+                                   int64_t channels, int64_t inner, uint32_t seed32, float abs_max,
+                                   int8_t *q, int num_threads) {
+    auto value = [&](int64_t i) {
+        return multiplier ? x[i] * multiplier[(i / inner) % channels] : x[i];
+    };
+    const auto [scale, inv, usable] = quant_scale_from_abs_max(abs_max);
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t i = 0; i < n; ++i)
         q[i] = usable ? clamp_q(

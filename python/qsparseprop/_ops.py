@@ -161,7 +161,9 @@ def _forward_body(k, x, values, bias):
     return torch.from_numpy(y), torch.from_numpy(ws)
 
 
-def _backward_body(k, grad_y, x, workspace, values, seed, input_shape, need_dx, need_dv, need_db):
+def _backward_body(
+    k, grad_y, x, workspace, values, seed, input_shape, need_dx, need_dv, need_db, grad_y_channel_abs_max=None
+):
     dx, dv, db = _empty(), _empty(), _empty()
     seed = int(seed)
     conv = input_shape is not None
@@ -173,7 +175,8 @@ def _backward_body(k, grad_y, x, workspace, values, seed, input_shape, need_dx, 
         common = (_np(x) if k.scheme == "f32" else None, ws, _np(grad_y))
         outs = (dv.detach().numpy(), db.numpy() if k.with_bias else None)
         if need_dx:  # one call: the fused backward shares the packed gradient
-            dx = torch.from_numpy(k.backward(*common, _np(values), *outs, *shape, seed, _threads()))
+            maxima = None if grad_y_channel_abs_max is None else _np(grad_y_channel_abs_max)
+            dx = torch.from_numpy(k.backward(*common, _np(values), *outs, *shape, seed, _threads(), maxima))
         else:
             k.backward_weights(*common, *outs, *shape, seed, _threads())
     elif need_dx:
@@ -381,9 +384,10 @@ class _SparseFunction(torch.autograd.Function):
         x, ws, values = ctx.saved_tensors
         need = ctx.needs_input_grad
         want_db = ctx.has_bias and need[2]
+        maxima = _channel_maxima_of(grad_y) if ctx.k.scheme == "s8" else None
         dx, dv, db = _backward_body(
             ctx.k, grad_y.contiguous(), x, ws, values, ctx.seed, ctx.input_shape if ctx.conv else None,
-            need[0], need[1], want_db,
+            need[0], need[1], want_db, maxima,
         )  # fmt: skip
         return (dx if need[0] else None, dv if need[1] else None, db if want_db else None) + (None,) * 8
 
@@ -552,11 +556,42 @@ def _batch_norm_forward_body(
 def _batch_norm_backward_body(
     grad_z, mask, src, weight, mean, step, invstd, batch_statistics, relu, need_dy, need_affine, need_residual
 ):
-    dy, dw, db, dres = _C.batch_norm_relu_backward(
+    """(dy, dgamma, dbeta, dresidual, dy's max |.| per channel); the
+    maxima only from an int8 copy (an int8 block: dy feeds an s8
+    convolution's backward), else empty."""
+    out = _C.batch_norm_relu_backward(
         _np(grad_z), _np(mask) if relu else None, _np(src), _optional_np(weight), _np(mean), _optional_np(step),
         _np(invstd), batch_statistics, relu, need_dy, need_affine, need_residual, _threads(),
     )  # fmt: skip
-    return torch.from_numpy(dy), torch.from_numpy(dw), torch.from_numpy(db), torch.from_numpy(dres)
+    return tuple(torch.from_numpy(a) for a in out)
+
+
+# ---- an output gradient's channel maxima, from its writer to its reader -------------
+#
+# An int8 block's BatchNorm backward finds max |dy| per channel while it
+# writes dy (in L1, for free); the s8 convolution before it would read dy
+# once more to find them. In eager mode the maxima ride on dy itself, with
+# dy's version: the convolution's backward takes them only from the very
+# tensor the BatchNorm returned, unmodified (a gradient summed with another
+# one, replaced or changed in place by a hook is a tensor without them, or
+# of another version, and the convolution finds its maxima itself). The
+# integers are the same either way.
+
+_MAXIMA_ATTR = "_qsp_channel_abs_max"
+
+
+def _hand_over_channel_maxima(dy: torch.Tensor, maxima: torch.Tensor) -> None:
+    if maxima.numel():
+        setattr(dy, _MAXIMA_ATTR, (maxima, dy._version))
+
+
+def _channel_maxima_of(grad: torch.Tensor) -> torch.Tensor | None:
+    handed = getattr(grad, _MAXIMA_ATTR, None)
+    if handed is None:
+        return None
+    maxima, version = handed
+    ok = version == grad._version and grad.dim() >= 2 and maxima.numel() == grad.shape[1] and grad.is_contiguous()
+    return maxima if ok else None
 
 
 @torch.library.custom_op("qsparseprop::batch_norm_relu_forward", mutates_args=())
@@ -609,7 +644,7 @@ def batch_norm_relu_backward(
     return _batch_norm_backward_body(
         grad_z, mask, src, weight, mean, step, invstd, batch_statistics, relu, need_input_grad, need_affine_grad,
         need_residual_grad,
-    )  # fmt: skip
+    )[:4]  # fmt: skip
 
 
 @batch_norm_relu_backward.register_fake
@@ -630,7 +665,8 @@ def _batch_norm_grads(ctx, grad_z):
     if torch.compiler.is_compiling() or not ctx.eager:
         dy, dw, db, dres = batch_norm_relu_backward(*args, need[0], need_affine, need_residual)
     else:
-        dy, dw, db, dres = _batch_norm_backward_body(*args, need[0], need_affine, need_residual)
+        dy, dw, db, dres, maxima = _batch_norm_backward_body(*args, need[0], need_affine, need_residual)
+        _hand_over_channel_maxima(dy, maxima)
     return (
         dy if need[0] else None, dw if need_affine and need[1] else None, db if need_affine and need[2] else None,
         None, None, None, None, None, None, dres if need_residual else None,

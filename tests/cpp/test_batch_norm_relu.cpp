@@ -156,6 +156,7 @@ struct s8_result_t {
     result_t r;
     std::vector<int8_t> centered;
     std::vector<float> step;
+    std::vector<float> dx_abs_max; // per channel, as the backward found it
 };
 
 s8_result_t run_s8(const case_t &c, const inputs_t &in, bool relu, bool affine, int threads,
@@ -180,10 +181,23 @@ s8_result_t run_s8(const case_t &c, const inputs_t &in, bool relu, bool affine, 
     r.dx = in_place ? in.dz : std::vector<float>(n, 42.0f);
     r.dgamma.resize(c.channels);
     r.dbeta.resize(c.channels);
+    o.dx_abs_max.assign(c.channels, -1.0f);
     batch_norm_relu_backward(d, in_place ? r.dx.data() : in.dz.data(), r.mask.data(),
                              o.centered.data(), o.step.data(), gamma, r.invstd.data(), r.dx.data(),
-                             r.dgamma.data(), r.dbeta.data(), threads);
+                             r.dgamma.data(), r.dbeta.data(), o.dx_abs_max.data(), threads);
     return o;
+}
+
+// max |dx| per channel of an NCHW dx (NaN where the channel holds one).
+std::vector<float> channel_abs_max(const case_t &c, const std::vector<float> &dx) {
+    std::vector<float> m(c.channels, 0.0f);
+    for (int64_t b = 0; b < c.batch; ++b)
+        for (int64_t ch = 0; ch < c.channels; ++ch)
+            for (int64_t i = 0; i < c.spatial; ++i) {
+                const float v = dx[(b * c.channels + ch) * c.spatial + i];
+                m[ch] = std::isnan(m[ch]) || std::isnan(v) ? NAN : std::max(m[ch], std::fabs(v));
+            }
+    return m;
 }
 
 // The scheme's rule, written out independently: step = max |x - mean| / 127
@@ -330,6 +344,7 @@ TEST(BatchNormRelu, an_int8_copy_of_src_is_the_exact_centering_and_the_backward_
                             && one.r.mask == f32.mask);
                 check_centering(c, in, one);
                 check_s8_backward(c, in, one, relu, affine);
+                ASSERT_TRUE(same(one.dx_abs_max, channel_abs_max(c, one.r.dx)));
                 // and the error of keeping one byte stays within the step:
                 // about 1 % of the input gradient (Gaussian channels)
                 if (c.batch * c.spatial >= 63) {
@@ -339,12 +354,14 @@ TEST(BatchNormRelu, an_int8_copy_of_src_is_the_exact_centering_and_the_backward_
                 for (int threads : {2, 3}) {
                     const s8_result_t other = run_s8(c, in, relu, affine, threads);
                     ASSERT_TRUE(same(one.r.dx, other.r.dx) && same(one.r.dgamma, other.r.dgamma)
-                                && one.centered == other.centered && same(one.step, other.step))
+                                && one.centered == other.centered && same(one.step, other.step)
+                                && same(one.dx_abs_max, other.dx_abs_max))
                             << threads << " threads differ from 1";
                 }
                 const s8_result_t in_place = run_s8(c, in, relu, affine, 2, true);
                 ASSERT_TRUE(same(in_place.r.z, one.r.z) && same(in_place.r.dx, one.r.dx)
-                            && in_place.centered == one.centered);
+                            && in_place.centered == one.centered
+                            && same(in_place.dx_abs_max, one.dx_abs_max));
             }
 }
 
@@ -368,6 +385,10 @@ TEST(BatchNormRelu, an_int8_copy_keeps_a_non_finite_channel_non_finite_and_no_ot
         // as torch: a NaN mean makes every gradient of the channel NaN
         EXPECT_TRUE(std::isnan(o.r.dx[1 * c.spatial])) << bad;
         EXPECT_TRUE(std::isnan(o.r.dgamma[1])) << bad;
+        // and its maximum NaN (the next layer's scale with it), the others' as before
+        EXPECT_TRUE(std::isnan(o.dx_abs_max[1])) << bad;
+        EXPECT_EQ(o.dx_abs_max[0], clean.dx_abs_max[0]);
+        EXPECT_EQ(o.dx_abs_max[2], clean.dx_abs_max[2]);
     }
 }
 
@@ -435,9 +456,16 @@ TEST(BatchNormRelu, refuses_malformed_arguments_with_a_named_reason) {
     expect_refusal(
             [&] {
                 batch_norm_relu_backward(d, x.data(), nullptr, centered.data(), nullptr, nullptr,
-                                         v.data(), y.data(), nullptr, nullptr, 1);
+                                         v.data(), y.data(), nullptr, nullptr, nullptr, 1);
             },
             "step");
+    // the channel maxima are of diff_src: none without it
+    expect_refusal(
+            [&] {
+                batch_norm_relu_backward(d, x.data(), nullptr, centered.data(), step.data(),
+                                         nullptr, v.data(), nullptr, nullptr, nullptr, m.data(), 1);
+            },
+            "diff_src");
 }
 
 // A residual block's end, relu(batch_norm(src) + residual): the same values
@@ -517,15 +545,29 @@ TEST(BatchNormRelu, a_residual_end_is_the_batch_norm_then_the_add_then_the_relu)
                         // backward: the BatchNorm's own with this mask, and
                         // the residual's gradient the masked incoming one
                         std::vector<float> dx(n, 42.0f), dres(n, 42.0f), dg(c.channels),
-                                db(c.channels), dx0(n, 7.0f), dg0(c.channels), db0(c.channels);
+                                db(c.channels), dx0(n, 7.0f), dg0(c.channels), db0(c.channels),
+                                dmax(c.channels, -1.0f), dmax0(c.channels, -2.0f);
                         if (s8) {
                             batch_norm_add_relu_backward(
                                     d, in.dz.data(), mask.data(), centered.data(), step.data(),
                                     in.gamma.data(), inv.data(), dx.data(), dres.data(), dg.data(),
-                                    db.data(), threads);
+                                    db.data(), dmax.data(), threads);
                             batch_norm_relu_backward(d, in.dz.data(), mask.data(), centered.data(),
                                                      step.data(), in.gamma.data(), inv.data(),
-                                                     dx0.data(), dg0.data(), db0.data(), threads);
+                                                     dx0.data(), dg0.data(), db0.data(),
+                                                     dmax0.data(), threads);
+                            // max |dx| per channel, as found from what was written
+                            for (int64_t ch = 0; ch < c.channels; ++ch) {
+                                float want_max = 0.0f;
+                                for (int64_t b = 0; b < c.batch; ++b)
+                                    for (int64_t i = 0; i < c.spatial; ++i)
+                                        want_max = std::max(
+                                                want_max,
+                                                std::fabs(
+                                                        dx[(b * c.channels + ch) * c.spatial + i]));
+                                ASSERT_EQ(dmax[ch], want_max) << "channel " << ch;
+                                ASSERT_EQ(dmax0[ch], want_max) << "channel " << ch;
+                            }
                         } else {
                             batch_norm_add_relu_backward(d, in.dz.data(), mask.data(), in.x.data(),
                                                          in.gamma.data(), m.data(), inv.data(),
@@ -551,7 +593,7 @@ TEST(BatchNormRelu, a_residual_end_is_the_batch_norm_then_the_add_then_the_relu)
                             batch_norm_add_relu_backward(
                                     d, in.dz.data(), mask.data(), centered.data(), step.data(),
                                     in.gamma.data(), inv.data(), nullptr, dres_only.data(), nullptr,
-                                    nullptr, threads);
+                                    nullptr, nullptr, threads);
                         else
                             batch_norm_add_relu_backward(d, in.dz.data(), mask.data(), in.x.data(),
                                                          in.gamma.data(), m.data(), inv.data(),

@@ -95,6 +95,51 @@ TEST(FusedBackward, conv2d_equals_the_two_primitives_on_every_tier) {
             }
 }
 
+// Given max |dY| per output channel (as a BatchNorm's backward finds them
+// while writing dY), the s8 fused backward skips its own pass for them: the
+// same bits as without; maxima twice the true ones change the integers
+// wherever they are read (the pair's pass: the JIT families on AVX2 and up).
+TEST(FusedBackward, s8_takes_the_channel_maxima_of_its_output_gradient) {
+    std::mt19937 rng(6);
+    conv2d_geometry g;
+    g.kernel_h = g.kernel_w = 3;
+    g.pad_top = g.pad_bottom = g.pad_left = g.pad_right = 1;
+    const conv2d_layer layer{3, 5, 7, 9, 8, g};
+    const auto hw = layer.out_hw();
+    const int64_t plane = hw[0] * hw[1];
+    auto w = csr_weights::from_dense(random_sparse_dense(7, 5 * 9, 0.7, rng).data(), 7, 5 * 9);
+    auto x = random_vector(static_cast<size_t>(3 * 5 * 9 * 8), rng);
+    auto dy = random_vector(static_cast<size_t>(3 * 7 * plane), rng);
+    dy[5] = -9.f; // a channel whose maximum is a negative value
+    const std::vector<float> bias(7, 0.5f);
+    std::vector<float> maxima(7, 0.f), doubled(7);
+    for (size_t i = 0; i < dy.size(); ++i) {
+        float &m = maxima[(i / static_cast<size_t>(plane)) % 7];
+        m = std::max(m, std::fabs(dy[i]));
+    }
+    for (size_t c = 0; c < maxima.size(); ++c)
+        doubled[c] = 2 * maxima[c];
+    int read = 0;
+    for (cpu_isa isa : isa_levels())
+        for (conv_vectorization v : {conv_vectorization::batch, conv_vectorization::output_width}) {
+            isa_cap_guard cap(isa);
+            SCOPED_TRACE(std::string(to_string(isa)) + " " + to_string(v));
+            step_options o;
+            o.scheme = quant_scheme::s8;
+            o.vectorization = v;
+            o.fused = true;
+            const step_result found = training_step(layer, w, x, dy, bias, o);
+            o.dy_channel_abs_max = &maxima;
+            const step_result given = training_step(layer, w, x, dy, bias, o);
+            expect_same_bits(given.dx, found.dx, "diff_src");
+            expect_same_bits(given.dw, found.dw, "diff_weights");
+            o.dy_channel_abs_max = &doubled;
+            const step_result wrong = training_step(layer, w, x, dy, bias, o);
+            read += std::memcmp(wrong.dx.data(), found.dx.data(), found.dx.size() * 4) != 0;
+        }
+    if (detected_cpu_isa() >= cpu_isa::avx2) EXPECT_GT(read, 0) << "the maxima were never read";
+}
+
 TEST(FusedBackward, refuses_descriptors_of_another_layer_or_shape) {
     std::mt19937 rng(5);
     dnnl::engine eng(dnnl::engine::kind::cpu, 0);

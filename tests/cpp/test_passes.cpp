@@ -184,7 +184,8 @@ TEST(Passes, quantization_tiers_match_portable) {
 // The s8 backward's two roundings of dY in one pass: the integers and scales
 // of the two separate calls (the statement), both multiplier layouts and
 // none, zero / NaN / Inf tensors, on the vector tiers and the dispatcher;
-// rows of whole vectors, tails, and tensors past one 4096-element block.
+// rows of whole vectors, tails, and tensors past one 4096-element block;
+// with the maxima found by the pass or given from per-channel maxima.
 TEST(Passes, stochastic_pair_matches_two_quantizations) {
     std::mt19937 rng(33);
     for (int64_t rows : {1, 3, 17})
@@ -219,18 +220,64 @@ TEST(Passes, stochastic_pair_matches_two_quantizations) {
                         tiers.push_back(detail::quantize_stochastic_pair_avx2);
                     if (cpu_has(cpu_isa::avx512_core) && cols > 1)
                         tiers.push_back(detail::quantize_stochastic_pair_avx512);
-                    for (auto *tier : tiers) {
-                        std::vector<int8_t> got(n, 9), got_plain(n, 9);
-                        const auto scales = tier(x.data(), n, l.mult, l.channels, l.inner, 5,
-                                                 got.data(), 6, got_plain.data(), 3);
-                        expect_same_bits(scales.scaled, s, "scaled");
-                        expect_same_bits(scales.plain, s_plain, "plain");
-                        EXPECT_EQ(got, want);
-                        EXPECT_EQ(got_plain, want_plain);
+                    // the maxima as a writer of x finds them: per channel of the
+                    // multiplier's layout (one channel without a multiplier)
+                    std::vector<float> channel_max(static_cast<size_t>(l.channels), 0.f);
+                    for (int64_t i = 0; i < n; ++i) {
+                        float &m = channel_max[static_cast<size_t>((i / l.inner) % l.channels)];
+                        m = std::isnan(m) || std::isnan(x[i]) ? NAN : std::max(m, std::fabs(x[i]));
+                    }
+                    detail::stochastic_maxima known{};
+                    ASSERT_TRUE(detail::pair_maxima_from_channels(channel_max.data(), l.mult,
+                                                                  l.channels, known));
+                    for (auto *tier : tiers)
+                        for (const detail::stochastic_maxima *given :
+                             {static_cast<const detail::stochastic_maxima *>(nullptr),
+                              static_cast<const detail::stochastic_maxima *>(&known)}) {
+                            SCOPED_TRACE(given ? "maxima given" : "maxima found");
+                            std::vector<int8_t> got(n, 9), got_plain(n, 9);
+                            const auto scales = tier(x.data(), n, l.mult, l.channels, l.inner, 5,
+                                                     got.data(), 6, got_plain.data(), given, 3);
+                            expect_same_bits(scales.scaled, s, "scaled");
+                            expect_same_bits(scales.plain, s_plain, "plain");
+                            EXPECT_EQ(got, want);
+                            EXPECT_EQ(got_plain, want_plain);
+                        }
+                    // given maxima are used, not found again: twice the true
+                    // ones halve the integers' range
+                    const detail::stochastic_maxima doubled{2 * known.scaled, 2 * known.plain};
+                    if (variant == 0) {
+                        std::vector<int8_t> got(n), got_plain(n);
+                        detail::quantize_stochastic_pair(x.data(), n, l.mult, l.channels, l.inner,
+                                                         5, got.data(), 6, got_plain.data(),
+                                                         &doubled, 2);
+                        int peak = 0;
+                        for (int8_t v : got_plain)
+                            peak = std::max(peak, std::abs(static_cast<int>(v)));
+                        EXPECT_LE(peak, 64);
                     }
                 }
             }
         }
+}
+
+// Channel maxima give the pair's maxima, except through an infinite
+// multiplier (0 * inf is NaN for a zero element, not for its channel's
+// maximum).
+TEST(Passes, pair_maxima_from_channel_maxima) {
+    const float channel_max[3] = {1.f, 2.f, 0.f};
+    detail::stochastic_maxima m{};
+    const float mult[3] = {0.5f, 3.f, 7.f};
+    ASSERT_TRUE(detail::pair_maxima_from_channels(channel_max, mult, 3, m));
+    EXPECT_EQ(m.scaled, 6.f);
+    EXPECT_EQ(m.plain, 2.f);
+    ASSERT_TRUE(detail::pair_maxima_from_channels(channel_max, nullptr, 3, m));
+    EXPECT_EQ(m.scaled, 2.f);
+    const float with_nan[3] = {1.f, NAN, 0.f};
+    ASSERT_TRUE(detail::pair_maxima_from_channels(with_nan, mult, 3, m));
+    EXPECT_TRUE(std::isnan(m.scaled) && std::isnan(m.plain));
+    const float infinite[3] = {0.5f, INFINITY, 1.f};
+    EXPECT_FALSE(detail::pair_maxima_from_channels(channel_max, infinite, 3, m));
 }
 
 TEST(Passes, s8_tile_passes_match_portable) {
@@ -691,17 +738,17 @@ TEST(Passes, batch_norm_avx2_tier_matches_portable) {
                     else
                         src.src = x.data(), src.mean = mean.data();
                     std::vector<double> sg[2], sgc[2];
-                    std::vector<float> ds[2], dr[2];
+                    std::vector<float> ds[2], dr[2], dmax[2];
                     for (int t = 0; t < 2; ++t) {
                         sg[t].assign(uc, 0), sgc[t].assign(uc, 0);
                         (t ? detail::masked_gradient_sums_avx2
                            : detail::portable::masked_gradient_sums)(
                                 dz.data(), bits, src, s, sg[t].data(), sgc[t].data(), 2);
-                        ds[t].assign(un, 5.f), dr[t].assign(un, 5.f);
+                        ds[t].assign(un, 5.f), dr[t].assign(un, 5.f), dmax[t].assign(uc, -1.f);
                         (t ? detail::masked_gradient_apply_avx2
                            : detail::portable::masked_gradient_apply)(
                                 dz.data(), bits, src, s, a.data(), b.data(), k.data(), ds[t].data(),
-                                dr[t].data(), 3);
+                                dr[t].data(), dmax[t].data(), 3);
                     }
                     SCOPED_TRACE(std::string(from_s8 ? "int8 source" : "f32 source")
                                  + (bits ? ", masked" : ""));
@@ -709,6 +756,20 @@ TEST(Passes, batch_norm_avx2_tier_matches_portable) {
                     EXPECT_EQ(std::memcmp(sgc[0].data(), sgc[1].data(), uc * sizeof(double)), 0);
                     EXPECT_EQ(std::memcmp(ds[0].data(), ds[1].data(), un * sizeof(float)), 0);
                     EXPECT_EQ(std::memcmp(dr[0].data(), dr[1].data(), un * sizeof(float)), 0);
+                    // the channel maxima: of what was written, NaN-sticky, on both tiers
+                    for (int64_t c = 0; c < s.channels; ++c) {
+                        float want = 0.f;
+                        bool nan = false;
+                        for (int64_t n = 0; n < s.batch; ++n)
+                            for (int64_t i = 0; i < s.spatial; ++i) {
+                                const float v = ds[0][(n * s.channels + c) * s.spatial + i];
+                                nan |= std::isnan(v);
+                                want = std::max(want, std::fabs(v));
+                            }
+                        if (nan) want = std::nanf("");
+                        for (int t = 0; t < 2; ++t)
+                            expect_same_bits(dmax[t][c], want, "channel abs max");
+                    }
                 }
         }
 }

@@ -27,6 +27,8 @@ struct step_options {
     conv_vectorization vectorization = conv_vectorization::any; // Conv2d only
     bool bias = true;
     uint64_t seed = 77; // rounding seed of the s8 backward
+    // QSP_ARG_DIFF_DST_CHANNEL_ABS_MAX of the backward (s8), when given
+    const std::vector<float> *dy_channel_abs_max = nullptr;
 };
 
 struct step_result {
@@ -122,6 +124,10 @@ step_result training_step(const layer_t &layer, const csr_weights &w, const std:
                  {DNNL_ARG_DIFF_WEIGHTS, wrap(eng, wmd, r.dw.data())},
                  {QSP_ARG_ROUNDING_SEED, seed_memory(eng, seed, o.seed)}};
     if (o.bias) ba[DNNL_ARG_DIFF_BIAS] = wrap(eng, bias_md, r.db.data());
+    if (o.dy_channel_abs_max)
+        ba[QSP_ARG_DIFF_DST_CHANNEL_ABS_MAX] =
+                wrap(eng, diff_dst_channel_abs_max_desc(layer.out_channels()),
+                     o.dy_channel_abs_max->data());
     if (s8)
         ba[DNNL_ARG_WORKSPACE] = wrap(eng, fwd.workspace_desc(), ws.data());
     else

@@ -666,3 +666,72 @@ def test_hooks_on_a_residual_ends_modules_still_see_their_calls():
     torch.testing.assert_close(
         fused(x), torch.tanh(fused.bn2(fused.conv2(fused.relu(fused.conv1(x)))) + fused.downsample(x))
     )
+
+
+def _maxima_handed_over(monkeypatch):
+    """Per s8 convolution backward: whether it took its gradient's channel
+    maxima from the BatchNorm's backward."""
+    from qsparseprop import _ops
+
+    taken = []
+    real = _ops._channel_maxima_of
+    monkeypatch.setattr(_ops, "_channel_maxima_of", lambda g: taken.append(real(g) is not None) or real(g))
+    return taken
+
+
+def _one_step_gradients(model, x):
+    x = x.clone().requires_grad_()
+    out = model(x)
+    out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
+    return [x.grad] + [p.grad for p in model.parameters()]
+
+
+@pytest.mark.parametrize("block", ["plain", "finetune's, 1x1 shortcut"])
+def test_an_int8_blocks_convolution_takes_its_gradients_maxima_from_the_batch_norm(block, monkeypatch):
+    # the s8 convolution's backward takes max |dy| per channel as the
+    # BatchNorm's backward found them writing dy, instead of reading dy once
+    # more: the same gradients, bit for bit, as when it finds them itself
+    torch.manual_seed(0)
+    model = q.fuse(_swapped(_block() if block == "plain" else RESIDUAL_BLOCKS[block](), "s8"))
+    x = torch.randn(3, model[0].in_channels if block == "plain" else 6, 8, 8)
+    from qsparseprop import _ops
+
+    twin = copy.deepcopy(model)  # the same rounding seeds for its one step
+    taken = _maxima_handed_over(monkeypatch)
+    handed = _one_step_gradients(model, x)
+    # every convolution whose BatchNorm it applies (not the plain block's last one)
+    with_batch_norm = sum(m.__dict__.get("fused_batch_norm") is not None for m in model.modules())
+    assert sum(taken) == with_batch_norm > 0, taken
+    monkeypatch.setattr(_ops, "_hand_over_channel_maxima", lambda dy, maxima: None)
+    taken.clear()
+    found = _one_step_gradients(twin, x)
+    assert taken and not any(taken)
+    for a, b in zip(handed, found, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_gradient_changed_on_its_way_is_not_taken_with_stale_maxima(monkeypatch):
+    # a hook doubling dy in place between the BatchNorm and the convolution:
+    # the maxima found before are stale, and the convolution finds its own
+    torch.manual_seed(0)
+    model = q.fuse(_swapped(_block(), "s8"))[:3]  # the convolution, its BatchNorm and ReLU
+    twin = copy.deepcopy(model)
+    x = torch.randn(3, 5, 8, 8)
+    taken = _maxima_handed_over(monkeypatch)
+
+    def doubled(model):
+        x_ = x.clone().requires_grad_()
+        out = model(x_)
+        node = out.grad_fn
+        while type(node).__name__ != "_SparseFunctionBackward":
+            node = node.next_functions[0][0]
+        node.register_prehook(lambda grads: (grads[0].mul_(2), None)[1])
+        out.backward(torch.ones_like(out))
+        return x_.grad
+
+    got = doubled(model)
+    assert taken == [False]
+    from qsparseprop import _ops
+
+    monkeypatch.setattr(_ops, "_hand_over_channel_maxima", lambda dy, maxima: None)
+    assert torch.equal(got, doubled(twin))
