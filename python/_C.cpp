@@ -231,8 +231,10 @@ protected:
 
     // Allocates the output and the workspace (s8 training: the quantized
     // input, else empty) and runs the forward: one call from Python.
+    // x_abs_max: None, or max |x| (one float) as x's writer found it: s8
+    // skips its own pass finding it.
     py::tuple forward(const primitives &p, const py::array &x, const py::array &values,
-                      const py::object &bias) {
+                      const py::object &bias, const py::object &x_abs_max) {
         py::array_t<float> y = pooled_array<float>(p.dst);
         const auto ws_md = p.fwd_pd.workspace_desc();
         py::array_t<uint8_t> workspace =
@@ -250,6 +252,9 @@ protected:
                         checked<float>(bias.cast<py::array>(), "bias", {p.dst[1]}, false));
         }
         if (!ws_md.is_zero()) args[DNNL_ARG_WORKSPACE] = mem(ws_md, workspace.mutable_data());
+        if (const float *m = optional_f32(x_abs_max, "x_abs_max", {1});
+            m && scheme_ == qsp::quant_scheme::s8)
+            args[qsp::QSP_ARG_SRC_ABS_MAX] = mem(f32_md({1}), const_cast<float *>(m));
         {
             py::gil_scoped_release release;
             p.fwd.execute(stream_, args);
@@ -391,9 +396,9 @@ public:
     }
     std::string implementations(int64_t batch, int threads) { return prims(batch, threads)->impls; }
 
-    py::tuple fwd(const py::array &x, const py::array &values, const py::object &bias,
-                  int threads) {
-        return forward(*prims(batch_of(x), threads), x, values, bias);
+    py::tuple fwd(const py::array &x, const py::array &values, const py::object &bias, int threads,
+                  const py::object &x_abs_max) {
+        return forward(*prims(batch_of(x), threads), x, values, bias, x_abs_max);
     }
     py::array bwd_data(const py::object &ws, const py::array &dy, const py::array &values,
                        uint64_t seed, int threads) {
@@ -469,9 +474,9 @@ public:
     }
     std::string implementations(const dims &src, int threads) { return prims(src, threads)->impls; }
 
-    py::tuple fwd(const py::array &x, const py::array &values, const py::object &bias,
-                  int threads) {
-        return forward(*prims(shape4(x), threads), x, values, bias);
+    py::tuple fwd(const py::array &x, const py::array &values, const py::object &bias, int threads,
+                  const py::object &x_abs_max) {
+        return forward(*prims(shape4(x), threads), x, values, bias, x_abs_max);
     }
     py::array bwd_data(const py::object &ws, const py::array &dy, const py::array &values,
                        const dims &src, uint64_t seed, int threads) {
@@ -739,7 +744,8 @@ PYBIND11_MODULE(_C, m) {
     // The BatchNorm2d (-ReLU) of a fused Conv2d block (qsparseprop.fuse):
     // src is the N x C x H x W contiguous output of the block's convolution;
     // residual (or None) a tensor of its shape added before the ReLU (a
-    // residual block's end).
+    // residual block's end). Returns (dst, mask, mean, invstd, batch_var,
+    // centered, step, max |dst| (keep_s8 without a residual; else empty)).
     m.def(
             "batch_norm_relu_forward",
             [](const py::array &src, const py::object &gamma, const py::object &beta,
@@ -762,6 +768,9 @@ PYBIND11_MODULE(_C, m) {
                         batch_var(batch_statistics ? d.channels : 0),
                         step(keep_s8 ? d.channels : 0);
                 py::array_t<int8_t> centered = pooled_array<int8_t>(keep_s8 ? shape : dims{0});
+                // an int8 block's dst feeds an s8 layer: its max |dst| too (none
+                // after a residual's add: not known from the ranges)
+                py::array_t<float> dst_abs_max(keep_s8 && !res ? 1 : 0);
                 {
                     py::gil_scoped_release nogil;
                     float *bv = batch_statistics ? batch_var.mutable_data() : nullptr;
@@ -775,16 +784,18 @@ PYBIND11_MODULE(_C, m) {
                                 d, s, res, g, b, rm, rv, dst.mutable_data(), mask.mutable_data(),
                                 mean.mutable_data(), invstd.mutable_data(), bv, threads);
                     else if (keep_s8)
-                        qsp::batch_norm_relu_forward(
-                                d, s, g, b, rm, rv, dst.mutable_data(), mask.mutable_data(),
-                                mean.mutable_data(), invstd.mutable_data(), bv,
-                                centered.mutable_data(), step.mutable_data(), threads);
+                        qsp::batch_norm_relu_forward(d, s, g, b, rm, rv, dst.mutable_data(),
+                                                     mask.mutable_data(), mean.mutable_data(),
+                                                     invstd.mutable_data(), bv,
+                                                     centered.mutable_data(), step.mutable_data(),
+                                                     dst_abs_max.mutable_data(), threads);
                     else
                         qsp::batch_norm_relu_forward(d, s, g, b, rm, rv, dst.mutable_data(),
                                                      mask.mutable_data(), mean.mutable_data(),
                                                      invstd.mutable_data(), bv, threads);
                 }
-                return py::make_tuple(dst, mask, mean, invstd, batch_var, centered, step);
+                return py::make_tuple(dst, mask, mean, invstd, batch_var, centered, step,
+                                      dst_abs_max);
             },
             py::arg("src"), py::arg("gamma"), py::arg("beta"), py::arg("running_mean"),
             py::arg("running_var"), py::arg("eps"), py::arg("batch_statistics"), py::arg("relu"),

@@ -5,7 +5,8 @@
 // dnnl::memory arguments keyed by DNNL_ARG_*.
 //
 // Arguments (all dense tensors f32, plain row-major layouts):
-//   forward          SRC, WEIGHTS (nnz values), BIAS (optional) -> DST,
+//   forward          SRC, WEIGHTS (nnz values), BIAS (optional),
+//                    QSP_ARG_SRC_ABS_MAX (s8, optional) -> DST,
 //                    WORKSPACE (s8 + forward_training: the quantized SRC and
 //                    WEIGHTS, which are all the backward needs of them);
 //                    the post-ops' (primitive_attr::ops) by QSP_ARG_POST_OP
@@ -58,6 +59,17 @@ constexpr int QSP_ARG_DIFF_DST_CHANNEL_ABS_MAX = QSP_ARG_ROUNDING_SEED + 1;
 // The descriptor of the QSP_ARG_ROUNDING_SEED argument.
 inline dnnl::memory::desc rounding_seed_desc() {
     return dnnl::memory::desc({2}, dnnl::memory::data_type::s32, dnnl::memory::dims{1});
+}
+
+// Optional, s8 forward: a 1-D f32 memory of one element
+// (src_abs_max_desc) holding max |src| (NaN where src holds a NaN) as
+// whoever wrote src found it (batch_norm_relu_forward's dst_abs_max): the
+// input's quantization then skips its pass finding it. The same integers
+// when it is exact; a maximum below the true one clamps values to +-127.
+constexpr int QSP_ARG_SRC_ABS_MAX = QSP_ARG_ROUNDING_SEED + 2;
+
+inline dnnl::memory::desc src_abs_max_desc() {
+    return plain_f32_desc({1});
 }
 
 // The descriptor of QSP_ARG_DIFF_DST_CHANNEL_ABS_MAX for a layer of
@@ -409,11 +421,15 @@ void batch_norm_relu_backward(const batch_norm_relu_desc &d, const float *diff_d
 // ((src[i] - mean[c]) / step[c]) in [-127, 127] (float arithmetic:
 // (src - mean) * (1 / step)), N*C*H*W bytes; the caller then drops src.
 // Needs batch statistics (the only mean whose range the statistics pass
-// sees); std::invalid_argument otherwise.
+// sees); std::invalid_argument otherwise. With dst_abs_max (one float),
+// also max |dst| (NaN where dst holds a NaN), from each channel's range at
+// no cost: the next s8 layer takes it as its QSP_ARG_SRC_ABS_MAX and skips
+// its own pass over dst.
 void batch_norm_relu_forward(const batch_norm_relu_desc &d, const float *src, const float *gamma,
                              const float *beta, const float *running_mean, const float *running_var,
                              float *dst, uint8_t *mask, float *mean, float *invstd,
-                             float *batch_var, int8_t *centered, float *step, int num_threads = 0);
+                             float *batch_var, int8_t *centered, float *step, float *dst_abs_max,
+                             int num_threads = 0);
 // The backward with src - mean read as centered * step. With
 // diff_src_channel_abs_max (C floats; needs diff_src), also max |diff_src|
 // per channel (NaN where the channel holds a NaN), found while diff_src is

@@ -40,6 +40,7 @@ struct shared_gradient {
 // The raw tensors of one execution (already checked against the descriptor).
 struct tensors {
     const float *src = nullptr;
+    const float *src_abs_max = nullptr; // s8: max |src|, if known (one float)
     const float *weights = nullptr;
     const float *bias = nullptr;
     float *dst = nullptr;

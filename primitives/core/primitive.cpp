@@ -83,6 +83,9 @@ void primitive_base::execute(const dnnl::stream &stream, const exec_args &args,
             case DNNL_ARG_DIFF_BIAS:
                 t.diff_bias = static_cast<float *>(h);
                 break;
+            case QSP_ARG_SRC_ABS_MAX:
+                t.src_abs_max = static_cast<const float *>(h);
+                break;
             case QSP_ARG_DIFF_DST_CHANNEL_ABS_MAX:
                 t.diff_dst_channel_abs_max = static_cast<const float *>(h);
                 break;

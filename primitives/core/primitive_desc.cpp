@@ -187,6 +187,8 @@ void finish_pd(pd_impl &pd, const dnnl::engine &engine, const primitive_attr &at
             if (p.with_bias) pd.args.push_back({DNNL_ARG_BIAS, "bias", pd.bias_md, true});
             if (!pd.workspace_md.is_zero())
                 pd.args.push_back({DNNL_ARG_WORKSPACE, "workspace", pd.workspace_md, true});
+            if (s8)
+                pd.args.push_back({QSP_ARG_SRC_ABS_MAX, "src_abs_max", src_abs_max_desc(), false});
             add_post_op_args(pd, attr.ops);
             break;
         case direction::backward_data:

@@ -104,7 +104,7 @@ public:
         scatter_dense_s8(p_.pattern, wq, wd, nt);
         if (p_.dir == direction::forward) {
             int8_t *xq = t.workspace ? ws.src_q() : sp.get<int8_t>(3, x_elems);
-            const float sx = quantize_rne(t.src, x_elems, xq, nt);
+            const float sx = quantize_rne(t.src, x_elems, xq, t.src_abs_max, nt);
             if (t.workspace) ws.set_src_scale(sx);
             int32_t *acc = sp.get<int32_t>(4, y_elems);
             run(xq, wd, acc, sp);

@@ -88,7 +88,7 @@ public:
                 int8_t *wd = dense_weights(wq, sp);
                 int8_t *xq =
                         t.workspace ? ws.src_q() : sp.get<int8_t>(3, static_cast<int64_t>(B * K));
-                const float sx = quantize_rne(t.src, B * K, xq, nt);
+                const float sx = quantize_rne(t.src, B * K, xq, t.src_abs_max, nt);
                 if (t.workspace) ws.set_src_scale(sx);
                 run(xq, wd, acc, sp);
 #pragma omp parallel for num_threads(nt) schedule(static)

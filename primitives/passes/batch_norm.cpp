@@ -338,10 +338,30 @@ detail::centered_source s8_source(const batch_norm_relu_desc &d, const int8_t *c
     return from;
 }
 
+// max |dst| over the tensor, from each channel's range: dst = relu?(src *
+// scale + shift) is monotone in src per channel (float rounding is
+// monotone), so its largest magnitude is at the channel's lowest or highest
+// src — the same arithmetic as the apply kernels (no residual), so the same
+// float as a pass over dst would find; NaN where a channel's scale or shift
+// is (its mean was: a NaN or an infinity in src).
+float dst_abs_max_from_ranges(const std::vector<detail::channel_range> &range,
+                              const std::vector<float> &scale, const std::vector<float> &shift,
+                              bool relu) {
+    float peak = 0.0f;
+    for (size_t c = 0; c < range.size(); ++c)
+        for (float v : {range[c].lowest, range[c].highest}) {
+            float z = v * scale[c] + shift[c];
+            if (relu) z = z > 0.0f || z != z ? z : 0.0f;
+            if (z != z) return std::numeric_limits<float>::quiet_NaN();
+            peak = std::max(peak, std::fabs(z));
+        }
+    return peak;
+}
+
 void forward(const batch_norm_relu_desc &d, const float *src, const float *residual,
              const float *gamma, const float *beta, const float *running_mean,
              const float *running_var, float *dst, uint8_t *mask, float *mean, float *invstd,
-             float *batch_var, int8_t *centered, float *step, int num_threads) {
+             float *batch_var, int8_t *centered, float *step, float *dst_abs_max, int num_threads) {
     const detail::channel_planes s = checked_planes(d);
     require(mean, "mean");
     require(invstd, "invstd");
@@ -384,6 +404,9 @@ void forward(const batch_norm_relu_desc &d, const float *src, const float *resid
     if (s.elements() > 0)
         detail::scale_shift_relu(src, s, scale.data(), shift.data(), residual, dst,
                                  d.relu ? mask : nullptr, centered ? &keep : nullptr, threads);
+    if (dst_abs_max)
+        *dst_abs_max =
+                s.elements() > 0 ? dst_abs_max_from_ranges(range, scale, shift, d.relu) : 0.0f;
 }
 
 void backward(const batch_norm_relu_desc &d, const float *diff_dst, const uint8_t *mask,
@@ -438,16 +461,17 @@ void batch_norm_relu_forward(const batch_norm_relu_desc &d, const float *src, co
                              float *dst, uint8_t *mask, float *mean, float *invstd,
                              float *batch_var, int num_threads) {
     forward(d, src, nullptr, gamma, beta, running_mean, running_var, dst, mask, mean, invstd,
-            batch_var, nullptr, nullptr, num_threads);
+            batch_var, nullptr, nullptr, nullptr, num_threads);
 }
 
 void batch_norm_relu_forward(const batch_norm_relu_desc &d, const float *src, const float *gamma,
                              const float *beta, const float *running_mean, const float *running_var,
                              float *dst, uint8_t *mask, float *mean, float *invstd,
-                             float *batch_var, int8_t *centered, float *step, int num_threads) {
+                             float *batch_var, int8_t *centered, float *step, float *dst_abs_max,
+                             int num_threads) {
     require_int8_copy(d, centered, step);
     forward(d, src, nullptr, gamma, beta, running_mean, running_var, dst, mask, mean, invstd,
-            batch_var, centered, step, num_threads);
+            batch_var, centered, step, dst_abs_max, num_threads);
 }
 
 void batch_norm_relu_backward(const batch_norm_relu_desc &d, const float *diff_dst,
@@ -474,7 +498,7 @@ void batch_norm_add_relu_forward(const batch_norm_relu_desc &d, const float *src
                                  int num_threads) {
     if (d.batch > 0) require(residual, "residual");
     forward(d, src, residual, gamma, beta, running_mean, running_var, dst, mask, mean, invstd,
-            batch_var, nullptr, nullptr, num_threads);
+            batch_var, nullptr, nullptr, nullptr, num_threads);
 }
 
 void batch_norm_add_relu_forward(const batch_norm_relu_desc &d, const float *src,
@@ -485,7 +509,7 @@ void batch_norm_add_relu_forward(const batch_norm_relu_desc &d, const float *src
     require_int8_copy(d, centered, step);
     if (d.batch > 0) require(residual, "residual");
     forward(d, src, residual, gamma, beta, running_mean, running_var, dst, mask, mean, invstd,
-            batch_var, centered, step, num_threads);
+            batch_var, centered, step, nullptr, num_threads);
 }
 
 void batch_norm_add_relu_backward(const batch_norm_relu_desc &d, const float *diff_dst,

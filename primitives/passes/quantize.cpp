@@ -11,12 +11,12 @@
 
 namespace qsp::detail {
 
-float quantize_rne(const float *x, int64_t n, int8_t *q, int num_threads) {
+float quantize_rne(const float *x, int64_t n, int8_t *q, const float *known, int num_threads) {
     static constexpr pass_tier<quantize_rne_fn> tiers[] = {
             {cpu_isa::avx512_core, quantize_rne_avx512},
             {cpu_isa::avx2, quantize_rne_avx2},
             {cpu_isa::ref, portable::quantize_rne}};
-    return best_tier(tiers)(x, n, q, num_threads);
+    return best_tier(tiers)(x, n, q, known, num_threads);
 }
 
 namespace {

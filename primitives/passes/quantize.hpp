@@ -17,8 +17,10 @@ namespace qsp::detail {
 // are declared from it.
 
 // Per-tensor round-half-even; returns the scale (0 for an all-zero tensor,
-// NaN when x holds NaN/Inf).
-using quantize_rne_fn = float(const float *x, int64_t n, int8_t *q, int num_threads);
+// NaN when x holds NaN/Inf). With `known` (max |x| as the writer of x
+// found it), the pass finding the maximum is skipped.
+using quantize_rne_fn = float(const float *x, int64_t n, int8_t *q, const float *known,
+                              int num_threads);
 // Stochastic rounding of v[i] = x[i] * (multiplier ? multiplier[(i / inner) %
 // channels] : 1) with noise stochastic_rounding_noise(seed32, i); returns
 // the scale.

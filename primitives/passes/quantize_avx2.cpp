@@ -143,8 +143,9 @@ using avx2::row_multiplier;
 using avx2::store_q;
 using avx2::times_multiplier;
 
-float quantize_rne_avx2(const float *x, int64_t n, int8_t *q, int num_threads) {
-    const quant_scale s = quant_scale_from_abs_max(abs_max(x, n, nullptr, 1, 1, num_threads));
+float quantize_rne_avx2(const float *x, int64_t n, int8_t *q, const float *known, int num_threads) {
+    const quant_scale s =
+            quant_scale_from_abs_max(known ? *known : abs_max(x, n, nullptr, 1, 1, num_threads));
     const __m256 inv = _mm256_set1_ps(s.inv);
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t i = 0; i < n; i += 8) {

@@ -129,8 +129,9 @@ using avx512::first;
 using avx512::multiplier_rows;
 using avx512::store_q;
 
-float quantize_rne_avx512(const float *x, int64_t n, int8_t *q, int num_threads) {
-    const quant_scale s = quant_scale_from_abs_max(abs_max(x, n, num_threads));
+float quantize_rne_avx512(const float *x, int64_t n, int8_t *q, const float *known,
+                          int num_threads) {
+    const quant_scale s = quant_scale_from_abs_max(known ? *known : abs_max(x, n, num_threads));
     const __m512 inv = _mm512_set1_ps(s.inv);
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t i = 0; i < n; i += 16) {

@@ -52,8 +52,8 @@ float abs_max(const float *x, int64_t n) {
     return nan ? std::numeric_limits<float>::quiet_NaN() : m;
 }
 
-float quantize_rne(const float *x, int64_t n, int8_t *q, int num_threads) {
-    const auto [scale, inv, usable] = quant_scale_from_abs_max(abs_max(x, n));
+float quantize_rne(const float *x, int64_t n, int8_t *q, const float *known, int num_threads) {
+    const auto [scale, inv, usable] = quant_scale_from_abs_max(known ? *known : abs_max(x, n));
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t i = 0; i < n; ++i)
         q[i] = usable ? clamp_q(std::nearbyint(x[i] * inv)) : 0;

@@ -77,8 +77,8 @@ private:
                         t.workspace ? t.workspace : s8::workspace_view{local.data(), p_};
                 portable::quantize_weights(p_.pattern, t.weights, ws.weights_q(), ws.weight_scale(),
                                            nt);
-                const float src_scale =
-                        portable::quantize_rne(t.src, p_.src_elems(), ws.src_q(), nt);
+                const float src_scale = portable::quantize_rne(t.src, p_.src_elems(), ws.src_q(),
+                                                               t.src_abs_max, nt);
                 ws.set_src_scale(src_scale);
                 if (lin)
                     ref::linear_fwd_s8(p_.pattern, ws.weights_q(), ws.weight_scale(), ws.src_q(),

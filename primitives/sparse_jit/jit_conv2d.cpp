@@ -365,7 +365,7 @@ private:
             correction[o] = 128 * sum;
         }
         int8_t *xq = t.workspace ? ws.src_q() : local_xq;
-        const float sx = quantize_rne(t.src, src_elems, xq, nt);
+        const float sx = quantize_rne(t.src, src_elems, xq, t.src_abs_max, nt);
         if (t.workspace) ws.set_src_scale(sx);
         pack_conv_quad_tiles(xq, B, l_.in_c, l_.in_h, l_.in_w, l_.x_pad, x, nt);
         for (int64_t o = 0; o < oc; ++o)

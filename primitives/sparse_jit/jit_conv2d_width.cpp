@@ -514,7 +514,7 @@ private:
         quantize_weights(p_.pattern, t.weights, wq, w_scale, nt);
         spmm_->fill(wq, words, correction, nt);
         int8_t *xq = t.workspace ? ws.src_q() : local_xq;
-        const float sx = quantize_rne(t.src, src_elems, xq, nt);
+        const float sx = quantize_rne(t.src, src_elems, xq, t.src_abs_max, nt);
         if (t.workspace) ws.set_src_scale(sx);
         pack_words()(xq, B, l().in_c, l().in_h, l().in_w, l().x_pad, plane_, x, nt);
         for (int64_t o = 0; o < oc; ++o)

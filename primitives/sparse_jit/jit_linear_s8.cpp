@@ -135,7 +135,7 @@ private:
         };
         if (fwd) {
             int8_t *xq = t.workspace ? ws.src_q() : src_q;
-            const float sx = quantize_rne(t.src, B * K, xq, nt);
+            const float sx = quantize_rne(t.src, B * K, xq, t.src_abs_max, nt);
             if (t.workspace) ws.set_src_scale(sx);
             pack(xq);
             for (int64_t n = 0; n < N; ++n)

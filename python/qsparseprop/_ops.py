@@ -154,10 +154,10 @@ def _workspace_bytes(scheme: str, x: torch.Tensor, values: torch.Tensor, channel
 # ---- the op bodies (shared by the custom ops and the eager fast path) ----------------
 
 
-def _forward_body(k, x, values, bias):
+def _forward_body(k, x, values, bias, x_abs_max=None):
     # One call into C++: it allocates y and the workspace (the int8 input
     # saved for backward by s8 training; empty otherwise) from pooled memory.
-    y, ws = k.forward(_np(x), _np(values), _np(bias), _threads())
+    y, ws = k.forward(_np(x), _np(values), _np(bias), _threads(), None if x_abs_max is None else _np(x_abs_max))
     return torch.from_numpy(y), torch.from_numpy(ws)
 
 
@@ -372,7 +372,7 @@ class _SparseFunction(torch.autograd.Function):
             else _linear_key(spec, scheme, bias is not None)
         )
         k = kernel_for(handle, key, row_ptr, col_idx)
-        y, ws = _forward_body(k, x, values, bias)
+        y, ws = _forward_body(k, x, values, bias, _abs_max_of(x) if scheme == "s8" else None)
         ctx.save_for_backward(x if scheme == "f32" else _empty(), ws, values)
         ctx.k, ctx.seed, ctx.has_bias, ctx.conv = k, int(seed), bias is not None, conv
         ctx.input_shape = list(x.shape)
@@ -546,6 +546,8 @@ def _optional_np(t: torch.Tensor | None):
 def _batch_norm_forward_body(
     y, weight, bias, running_mean, running_var, eps, batch_statistics, relu, keep_s8, residual
 ):
+    """The custom op's seven outputs, then max |z| (keep_s8 without a
+    residual: z feeds an s8 convolution; else empty)."""
     out = _C.batch_norm_relu_forward(
         _np(y), _optional_np(weight), _optional_np(bias), _optional_np(running_mean), _optional_np(running_var),
         eps, batch_statistics, relu, keep_s8, _optional_np(residual), _threads(),
@@ -566,32 +568,48 @@ def _batch_norm_backward_body(
     return tuple(torch.from_numpy(a) for a in out)
 
 
-# ---- an output gradient's channel maxima, from its writer to its reader -------------
+# ---- a tensor's maxima, from its writer to its s8 reader ----------------------------
 #
-# An int8 block's BatchNorm backward finds max |dy| per channel while it
-# writes dy (in L1, for free); the s8 convolution before it would read dy
-# once more to find them. In eager mode the maxima ride on dy itself, with
-# dy's version: the convolution's backward takes them only from the very
-# tensor the BatchNorm returned, unmodified (a gradient summed with another
-# one, replaced or changed in place by a hook is a tensor without them, or
-# of another version, and the convolution finds its maxima itself). The
-# integers are the same either way.
+# An int8 block's BatchNorm knows the maxima an s8 convolution would read a
+# tensor once more to find: forward, max |z| of its output (from the
+# channels' ranges, at no cost), backward, max |dy| per channel of the
+# gradient it writes (in registers as it writes). In eager mode they ride on
+# the tensor itself, with its version: the convolution takes them only from
+# the very tensor the BatchNorm returned, unmodified (a view or a copy, a
+# gradient summed with another one, replaced or changed in place by a hook
+# is a tensor without them, or of another version, and the convolution
+# finds its maxima itself). The integers are the same either way.
 
-_MAXIMA_ATTR = "_qsp_channel_abs_max"
+_ABS_MAX_ATTR, _CHANNEL_MAXIMA_ATTR = "_qsp_abs_max", "_qsp_channel_abs_max"
 
 
-def _hand_over_channel_maxima(dy: torch.Tensor, maxima: torch.Tensor) -> None:
+def _hand_over(t: torch.Tensor, attr: str, maxima: torch.Tensor) -> None:
     if maxima.numel():
-        setattr(dy, _MAXIMA_ATTR, (maxima, dy._version))
+        setattr(t, attr, (maxima, t._version))
 
 
-def _channel_maxima_of(grad: torch.Tensor) -> torch.Tensor | None:
-    handed = getattr(grad, _MAXIMA_ATTR, None)
+def _handed_over(t: torch.Tensor, attr: str, count: int) -> torch.Tensor | None:
+    handed = getattr(t, attr, None)
     if handed is None:
         return None
     maxima, version = handed
-    ok = version == grad._version and grad.dim() >= 2 and maxima.numel() == grad.shape[1] and grad.is_contiguous()
-    return maxima if ok else None
+    return maxima if version == t._version and maxima.numel() == count and t.is_contiguous() else None
+
+
+def _hand_over_abs_max(z: torch.Tensor, abs_max: torch.Tensor) -> None:
+    _hand_over(z, _ABS_MAX_ATTR, abs_max)
+
+
+def _abs_max_of(x: torch.Tensor) -> torch.Tensor | None:
+    return _handed_over(x, _ABS_MAX_ATTR, 1)
+
+
+def _hand_over_channel_maxima(dy: torch.Tensor, maxima: torch.Tensor) -> None:
+    _hand_over(dy, _CHANNEL_MAXIMA_ATTR, maxima)
+
+
+def _channel_maxima_of(grad: torch.Tensor) -> torch.Tensor | None:
+    return _handed_over(grad, _CHANNEL_MAXIMA_ATTR, grad.shape[1]) if grad.dim() >= 2 else None
 
 
 @torch.library.custom_op("qsparseprop::batch_norm_relu_forward", mutates_args=())
@@ -612,7 +630,7 @@ def batch_norm_relu_forward(
     centered and step are empty without keep_s8."""
     return _batch_norm_forward_body(
         y, weight, bias, running_mean, running_var, eps, batch_statistics, relu, keep_s8, residual
-    )
+    )[:7]
 
 
 @batch_norm_relu_forward.register_fake
@@ -696,7 +714,9 @@ class _BatchNormReLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, weight, bias, running_mean, running_var, eps, batch_statistics, relu, keep_s8, residual):
         args = (y, weight, bias, running_mean, running_var, eps, batch_statistics, relu, keep_s8, residual)
-        out = _batch_norm_forward_body(*args)
+        *out, z_abs_max = _batch_norm_forward_body(*args)
+        out = tuple(out)
+        _hand_over_abs_max(out[0], z_abs_max)
         _batch_norm_setup(ctx, args, out, True)
         ctx.mark_non_differentiable(*out[1:])
         # the six outputs nobody differentiates (the mask, the statistics,

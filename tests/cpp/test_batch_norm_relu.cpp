@@ -157,6 +157,7 @@ struct s8_result_t {
     std::vector<int8_t> centered;
     std::vector<float> step;
     std::vector<float> dx_abs_max; // per channel, as the backward found it
+    float z_abs_max = -1.0f;       // max |z|, as the forward found it
 };
 
 s8_result_t run_s8(const case_t &c, const inputs_t &in, bool relu, bool affine, int threads,
@@ -177,7 +178,7 @@ s8_result_t run_s8(const case_t &c, const inputs_t &in, bool relu, bool affine, 
     batch_norm_relu_forward(d, in_place ? r.z.data() : in.x.data(), gamma,
                             affine ? in.beta.data() : nullptr, nullptr, nullptr, r.z.data(),
                             r.mask.data(), r.mean.data(), r.invstd.data(), r.var.data(),
-                            o.centered.data(), o.step.data(), threads);
+                            o.centered.data(), o.step.data(), &o.z_abs_max, threads);
     r.dx = in_place ? in.dz : std::vector<float>(n, 42.0f);
     r.dgamma.resize(c.channels);
     r.dbeta.resize(c.channels);
@@ -186,6 +187,10 @@ s8_result_t run_s8(const case_t &c, const inputs_t &in, bool relu, bool affine, 
                              o.centered.data(), o.step.data(), gamma, r.invstd.data(), r.dx.data(),
                              r.dgamma.data(), r.dbeta.data(), o.dx_abs_max.data(), threads);
     return o;
+}
+
+int64_t n_of(const case_t &c) {
+    return c.batch * c.channels * c.spatial;
 }
 
 // max |dx| per channel of an NCHW dx (NaN where the channel holds one).
@@ -345,6 +350,9 @@ TEST(BatchNormRelu, an_int8_copy_of_src_is_the_exact_centering_and_the_backward_
                 check_centering(c, in, one);
                 check_s8_backward(c, in, one, relu, affine);
                 ASSERT_TRUE(same(one.dx_abs_max, channel_abs_max(c, one.r.dx)));
+                // max |z| from the channels' ranges: the one over z itself
+                const std::vector<float> z_max = channel_abs_max({1, 1, n_of(c)}, one.r.z);
+                ASSERT_EQ(one.z_abs_max, z_max[0]);
                 // and the error of keeping one byte stays within the step:
                 // about 1 % of the input gradient (Gaussian channels)
                 if (c.batch * c.spatial >= 63) {
@@ -355,7 +363,8 @@ TEST(BatchNormRelu, an_int8_copy_of_src_is_the_exact_centering_and_the_backward_
                     const s8_result_t other = run_s8(c, in, relu, affine, threads);
                     ASSERT_TRUE(same(one.r.dx, other.r.dx) && same(one.r.dgamma, other.r.dgamma)
                                 && one.centered == other.centered && same(one.step, other.step)
-                                && same(one.dx_abs_max, other.dx_abs_max))
+                                && same(one.dx_abs_max, other.dx_abs_max)
+                                && one.z_abs_max == other.z_abs_max)
                             << threads << " threads differ from 1";
                 }
                 const s8_result_t in_place = run_s8(c, in, relu, affine, 2, true);
@@ -387,9 +396,28 @@ TEST(BatchNormRelu, an_int8_copy_keeps_a_non_finite_channel_non_finite_and_no_ot
         EXPECT_TRUE(std::isnan(o.r.dgamma[1])) << bad;
         // and its maximum NaN (the next layer's scale with it), the others' as before
         EXPECT_TRUE(std::isnan(o.dx_abs_max[1])) << bad;
+        EXPECT_TRUE(std::isnan(o.z_abs_max)) << bad;
         EXPECT_EQ(o.dx_abs_max[0], clean.dx_abs_max[0]);
         EXPECT_EQ(o.dx_abs_max[2], clean.dx_abs_max[2]);
     }
+}
+
+// max |z| from the channels' ranges where a negative gamma turns a
+// channel's lowest src into its largest z, with and without the ReLU, and
+// where a constant channel has a zero scale's worth of spread.
+TEST(BatchNormRelu, the_outputs_maximum_from_the_ranges_is_the_maximum_over_the_output) {
+    for (const case_t &c : {cases[2], cases[3], cases[4]})
+        for (bool relu : {true, false}) {
+            inputs_t in = make_inputs(c, 23);
+            for (size_t ch = 0; ch < in.gamma.size(); ch += 2)
+                in.gamma[ch] = -in.gamma[ch];
+            for (int64_t b = 0; b < c.batch; ++b)
+                for (int64_t i = 0; i < c.spatial; ++i)
+                    in.x[(b * c.channels + c.channels - 1) * c.spatial + i] = 1.5f;
+            const s8_result_t o = run_s8(c, in, relu, true, 2);
+            ASSERT_EQ(o.z_abs_max, channel_abs_max({1, 1, n_of(c)}, o.r.z)[0])
+                    << "C=" << c.channels << " relu " << relu;
+        }
 }
 
 TEST(BatchNormRelu, an_int8_copy_of_a_constant_channel_is_zeros_with_a_zero_step) {
@@ -446,7 +474,7 @@ TEST(BatchNormRelu, refuses_malformed_arguments_with_a_named_reason) {
     std::vector<float> step(3);
     const auto forward_s8 = [&](batch_norm_relu_desc dd, int8_t *q, float *st) {
         batch_norm_relu_forward(dd, x.data(), nullptr, nullptr, v.data(), v.data(), y.data(),
-                                nullptr, m.data(), v.data(), nullptr, q, st, 1);
+                                nullptr, m.data(), v.data(), nullptr, q, st, nullptr, 1);
     };
     bad = d;
     bad.batch_statistics = false;
@@ -504,7 +532,7 @@ TEST(BatchNormRelu, a_residual_end_is_the_batch_norm_then_the_add_then_the_relu)
                         batch_norm_relu_forward(plain, in.x.data(), in.gamma.data(), in.beta.data(),
                                                 nullptr, nullptr, z0.data(), unused.data(),
                                                 mean.data(), invstd.data(), var.data(),
-                                                centered0.data(), step0.data(), 1);
+                                                centered0.data(), step0.data(), nullptr, 1);
                     else
                         batch_norm_relu_forward(plain, in.x.data(), in.gamma.data(), in.beta.data(),
                                                 in.running_mean.data(), in.running_var.data(),

@@ -119,7 +119,22 @@ TEST(Passes, quantization_tiers_match_portable) {
                 const int64_t n = rows * cols;
                 const bool finite = variant < 2;
                 std::vector<int8_t> want_rne(n), want_sr(n);
-                const float s_rne = detail::portable::quantize_rne(x.data(), n, want_rne.data(), 2);
+                const float s_rne =
+                        detail::portable::quantize_rne(x.data(), n, want_rne.data(), nullptr, 2);
+                // max |x| given (as a writer of x finds it): the same scale and
+                // integers on every tier, the pass finding it skipped
+                const float known = detail::portable::abs_max(x.data(), n);
+                for (auto *tier : {detail::quantize_rne, detail::portable::quantize_rne}) {
+                    std::vector<int8_t> got(n, 5);
+                    expect_same_bits(tier(x.data(), n, got.data(), &known, 3), s_rne,
+                                     "rne scale, maximum given");
+                    EXPECT_EQ(got, want_rne);
+                    // and used: twice the maximum, half the integers' range
+                    const float doubled = 2 * known;
+                    tier(x.data(), n, got.data(), &doubled, 2);
+                    for (int8_t v : got)
+                        if (finite) ASSERT_LE(std::abs(static_cast<int>(v)), 64);
+                }
                 const float s_sr = detail::portable::quantize_stochastic(
                         x.data(), n, mult.data(), cols, 1, 99, want_sr.data(), 1);
                 // Conv2d's layout: one multiplier per plane of `cols` (3 channels)
@@ -157,8 +172,8 @@ TEST(Passes, quantization_tiers_match_portable) {
                 };
                 if (cpu_has(cpu_isa::avx2)) {
                     std::vector<int8_t> got(n);
-                    expect_same_bits(detail::quantize_rne_avx2(x.data(), n, got.data(), 2), s_rne,
-                                     "avx2 rne scale");
+                    expect_same_bits(detail::quantize_rne_avx2(x.data(), n, got.data(), &known, 2),
+                                     s_rne, "avx2 rne scale");
                     if (finite) EXPECT_EQ(got, want_rne);
                     expect_same_bits(detail::quantize_stochastic_avx2(x.data(), n, mult.data(),
                                                                       cols, 1, 99, got.data(), 3),
@@ -168,8 +183,9 @@ TEST(Passes, quantization_tiers_match_portable) {
                 }
                 if (cpu_has(cpu_isa::avx512_core)) {
                     std::vector<int8_t> got(n);
-                    expect_same_bits(detail::quantize_rne_avx512(x.data(), n, got.data(), 2), s_rne,
-                                     "avx512 rne scale");
+                    expect_same_bits(
+                            detail::quantize_rne_avx512(x.data(), n, got.data(), nullptr, 2), s_rne,
+                            "avx512 rne scale");
                     if (finite) EXPECT_EQ(got, want_rne);
                     expect_same_bits(detail::quantize_stochastic_avx512(x.data(), n, mult.data(),
                                                                         cols, 1, 99, got.data(), 3),

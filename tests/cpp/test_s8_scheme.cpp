@@ -270,15 +270,52 @@ TEST(S8Scheme, stochastic_rounding_is_unbiased_and_clamps) {
     EXPECT_LE(qy[3], 127);
 }
 
+// Given max |src| (as a BatchNorm's forward finds it), the s8 forward skips
+// its pass finding it: the same output and workspace as without, on every
+// tier and implementation family; twice the maximum gives another int8
+// input (it is read, not found again).
+TEST(S8Scheme, the_forward_takes_its_inputs_maximum) {
+    std::mt19937 rng(12);
+    conv2d_geometry g;
+    g.kernel_h = g.kernel_w = 3;
+    g.pad_top = g.pad_bottom = g.pad_left = g.pad_right = 1;
+    const conv2d_layer conv{2, 5, 6, 7, 9, g};
+    auto w = csr_weights::from_dense(random_sparse_dense(6, 5 * 9, 0.7, rng).data(), 6, 5 * 9);
+    auto x = random_vector(static_cast<size_t>(2 * 5 * 7 * 9), rng);
+    const auto hw = conv.out_hw();
+    auto dy = random_vector(static_cast<size_t>(2 * 6 * hw[0] * hw[1]), rng);
+    float known = 0.f;
+    for (float v : x)
+        known = std::max(known, std::fabs(v));
+    const float doubled = 2 * known;
+    const std::vector<float> bias(6, 0.25f);
+    for (cpu_isa isa : isa_levels())
+        for (conv_vectorization v : {conv_vectorization::batch, conv_vectorization::output_width}) {
+            isa_cap_guard cap(isa);
+            SCOPED_TRACE(std::string(to_string(isa)) + " " + to_string(v));
+            step_options o;
+            o.scheme = quant_scheme::s8;
+            o.vectorization = v;
+            const step_result found = training_step(conv, w, x, dy, bias, o);
+            o.src_abs_max = &known;
+            const step_result given = training_step(conv, w, x, dy, bias, o);
+            expect_same_bits(given.y, found.y, "dst");
+            EXPECT_EQ(given.workspace, found.workspace);
+            o.src_abs_max = &doubled;
+            const step_result wrong = training_step(conv, w, x, dy, bias, o);
+            EXPECT_NE(wrong.workspace, found.workspace) << "the maximum was not read";
+        }
+}
+
 TEST(S8Scheme, all_zero_and_non_finite_tensors) {
     std::vector<float> z(10, 0.f);
     std::vector<int8_t> q(10, 1);
-    EXPECT_EQ(detail::portable::quantize_rne(z.data(), 10, q.data(), 1), 0.f);
+    EXPECT_EQ(detail::portable::quantize_rne(z.data(), 10, q.data(), nullptr, 1), 0.f);
     EXPECT_TRUE(std::all_of(q.begin(), q.end(), [](int8_t v) { return v == 0; }));
     z[3] = std::nanf("");
-    EXPECT_TRUE(std::isnan(detail::portable::quantize_rne(z.data(), 10, q.data(), 1)));
+    EXPECT_TRUE(std::isnan(detail::portable::quantize_rne(z.data(), 10, q.data(), nullptr, 1)));
     z[3] = INFINITY;
-    EXPECT_TRUE(std::isnan(detail::portable::quantize_rne(z.data(), 10, q.data(), 1)));
+    EXPECT_TRUE(std::isnan(detail::portable::quantize_rne(z.data(), 10, q.data(), nullptr, 1)));
 }
 
 // 127 * 127 * 140000 = 2.26e9 > 2^31: a naive int32 accumulator wraps.

@@ -29,6 +29,8 @@ struct step_options {
     uint64_t seed = 77; // rounding seed of the s8 backward
     // QSP_ARG_DIFF_DST_CHANNEL_ABS_MAX of the backward (s8), when given
     const std::vector<float> *dy_channel_abs_max = nullptr;
+    // QSP_ARG_SRC_ABS_MAX of the forward (s8), when given
+    const float *src_abs_max = nullptr;
 };
 
 struct step_result {
@@ -115,6 +117,7 @@ step_result training_step(const layer_t &layer, const csr_weights &w, const std:
                  {DNNL_ARG_DST, wrap(eng, dst_md, r.y.data())}};
     if (o.bias) fa[DNNL_ARG_BIAS] = wrap(eng, bias_md, bias.data());
     if (s8) fa[DNNL_ARG_WORKSPACE] = wrap(eng, fwd.workspace_desc(), ws.data());
+    if (o.src_abs_max) fa[QSP_ARG_SRC_ABS_MAX] = wrap(eng, src_abs_max_desc(), o.src_abs_max);
     fwd_t(fwd).execute(s, fa);
 
     std::vector<int32_t> seed;

@@ -668,14 +668,15 @@ def test_hooks_on_a_residual_ends_modules_still_see_their_calls():
     )
 
 
-def _maxima_handed_over(monkeypatch):
-    """Per s8 convolution backward: whether it took its gradient's channel
-    maxima from the BatchNorm's backward."""
+def _maxima_handed_over(monkeypatch, which="_channel_maxima_of"):
+    """Per s8 convolution backward (or forward, ``_abs_max_of``): whether
+    it took its gradient's channel maxima (its input's maximum) from the
+    BatchNorm."""
     from qsparseprop import _ops
 
     taken = []
-    real = _ops._channel_maxima_of
-    monkeypatch.setattr(_ops, "_channel_maxima_of", lambda g: taken.append(real(g) is not None) or real(g))
+    real = getattr(_ops, which)
+    monkeypatch.setattr(_ops, which, lambda g: taken.append(real(g) is not None) or real(g))
     return taken
 
 
@@ -683,7 +684,7 @@ def _one_step_gradients(model, x):
     x = x.clone().requires_grad_()
     out = model(x)
     out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
-    return [x.grad] + [p.grad for p in model.parameters()]
+    return [out, x.grad] + [p.grad for p in model.parameters()]
 
 
 @pytest.mark.parametrize("block", ["plain", "finetune's, 1x1 shortcut"])
@@ -698,14 +699,19 @@ def test_an_int8_blocks_convolution_takes_its_gradients_maxima_from_the_batch_no
 
     twin = copy.deepcopy(model)  # the same rounding seeds for its one step
     taken = _maxima_handed_over(monkeypatch)
+    taken_forward = _maxima_handed_over(monkeypatch, "_abs_max_of")
     handed = _one_step_gradients(model, x)
     # every convolution whose BatchNorm it applies (not the plain block's last one)
     with_batch_norm = sum(m.__dict__.get("fused_batch_norm") is not None for m in model.modules())
     assert sum(taken) == with_batch_norm > 0, taken
+    # forward: each convolution reading a BatchNorm-ReLU's output whole (the
+    # plain block's last; a residual block's second)
+    assert sum(taken_forward) == 1, taken_forward
     monkeypatch.setattr(_ops, "_hand_over_channel_maxima", lambda dy, maxima: None)
-    taken.clear()
+    monkeypatch.setattr(_ops, "_hand_over_abs_max", lambda z, abs_max: None)
+    taken.clear(), taken_forward.clear()
     found = _one_step_gradients(twin, x)
-    assert taken and not any(taken)
+    assert taken and not any(taken) and not any(taken_forward)
     for a, b in zip(handed, found, strict=True):
         assert torch.equal(a, b)
 
