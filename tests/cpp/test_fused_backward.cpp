@@ -120,23 +120,17 @@ TEST(FusedBackward, s8_takes_the_channel_maxima_of_its_output_gradient) {
     for (size_t c = 0; c < maxima.size(); ++c)
         doubled[c] = 2 * maxima[c];
     int read = 0;
-    for (cpu_isa isa : isa_levels())
-        for (conv_vectorization v : {conv_vectorization::batch, conv_vectorization::output_width}) {
-            isa_cap_guard cap(isa);
-            SCOPED_TRACE(std::string(to_string(isa)) + " " + to_string(v));
-            step_options o;
-            o.scheme = quant_scheme::s8;
-            o.vectorization = v;
-            o.fused = true;
-            const step_result found = training_step(layer, w, x, dy, bias, o);
-            o.dy_channel_abs_max = &maxima;
-            const step_result given = training_step(layer, w, x, dy, bias, o);
-            expect_same_bits(given.dx, found.dx, "diff_src");
-            expect_same_bits(given.dw, found.dw, "diff_weights");
-            o.dy_channel_abs_max = &doubled;
-            const step_result wrong = training_step(layer, w, x, dy, bias, o);
-            read += std::memcmp(wrong.dx.data(), found.dx.data(), found.dx.size() * 4) != 0;
-        }
+    for_each_s8_conv_case([&](step_options o) {
+        o.fused = true;
+        const step_result found = training_step(layer, w, x, dy, bias, o);
+        o.dy_channel_abs_max = &maxima;
+        const step_result given = training_step(layer, w, x, dy, bias, o);
+        expect_same_bits(given.dx, found.dx, "diff_src");
+        expect_same_bits(given.dw, found.dw, "diff_weights");
+        o.dy_channel_abs_max = &doubled;
+        const step_result wrong = training_step(layer, w, x, dy, bias, o);
+        read += std::memcmp(wrong.dx.data(), found.dx.data(), found.dx.size() * 4) != 0;
+    });
     if (detected_cpu_isa() >= cpu_isa::avx2) EXPECT_GT(read, 0) << "the maxima were never read";
 }
 

@@ -289,22 +289,16 @@ TEST(S8Scheme, the_forward_takes_its_inputs_maximum) {
         known = std::max(known, std::fabs(v));
     const float doubled = 2 * known;
     const std::vector<float> bias(6, 0.25f);
-    for (cpu_isa isa : isa_levels())
-        for (conv_vectorization v : {conv_vectorization::batch, conv_vectorization::output_width}) {
-            isa_cap_guard cap(isa);
-            SCOPED_TRACE(std::string(to_string(isa)) + " " + to_string(v));
-            step_options o;
-            o.scheme = quant_scheme::s8;
-            o.vectorization = v;
-            const step_result found = training_step(conv, w, x, dy, bias, o);
-            o.src_abs_max = &known;
-            const step_result given = training_step(conv, w, x, dy, bias, o);
-            expect_same_bits(given.y, found.y, "dst");
-            EXPECT_EQ(given.workspace, found.workspace);
-            o.src_abs_max = &doubled;
-            const step_result wrong = training_step(conv, w, x, dy, bias, o);
-            EXPECT_NE(wrong.workspace, found.workspace) << "the maximum was not read";
-        }
+    for_each_s8_conv_case([&](step_options o) {
+        const step_result found = training_step(conv, w, x, dy, bias, o);
+        o.src_abs_max = &known;
+        const step_result given = training_step(conv, w, x, dy, bias, o);
+        expect_same_bits(given.y, found.y, "dst");
+        EXPECT_EQ(given.workspace, found.workspace);
+        o.src_abs_max = &doubled;
+        const step_result wrong = training_step(conv, w, x, dy, bias, o);
+        EXPECT_NE(wrong.workspace, found.workspace) << "the maximum was not read";
+    });
 }
 
 TEST(S8Scheme, all_zero_and_non_finite_tensors) {

@@ -145,6 +145,20 @@ step_result training_step(const layer_t &layer, const csr_weights &w, const std:
     return r;
 }
 
+// f(options) for each ISA tier the CPU has and both Conv2d vectorizations,
+// s8, under that tier's cap (a trace names the case).
+template <typename F> void for_each_s8_conv_case(F &&f) {
+    for (cpu_isa isa : isa_levels())
+        for (conv_vectorization v : {conv_vectorization::batch, conv_vectorization::output_width}) {
+            isa_cap_guard cap(isa);
+            SCOPED_TRACE(std::string(to_string(isa)) + " " + to_string(v));
+            step_options o;
+            o.scheme = quant_scheme::s8;
+            o.vectorization = v;
+            f(o);
+        }
+}
+
 // The same bits (s8 everywhere; f32 where the order of additions is the same).
 inline void expect_same_bits(const std::vector<float> &a, const std::vector<float> &b,
                              const char *what) {
