@@ -203,8 +203,7 @@ struct kernels {
                                int64_t hi, float a, float b, float k, float *diff_src,
                                float *diff_residual, float *abs_max) {
         const __m256 av = _mm256_set1_ps(a), bv = _mm256_set1_ps(b), kv = _mm256_set1_ps(k);
-        const __m256 sign = _mm256_set1_ps(-0.0f);
-        __m256 peak = _mm256_setzero_ps(), bad = peak;
+        avx2::abs_max_lanes peak;
         int64_t i = lo;
         for (; i + 8 <= hi; i += 8) {
             __m256 g = _mm256_loadu_ps(diff_dst + i);
@@ -215,20 +214,10 @@ struct kernels {
                         _mm256_add_ps(_mm256_mul_ps(g, av), _mm256_mul_ps(centered8(x, i), bv)),
                         kv);
                 _mm256_storeu_ps(diff_src + i, d);
-                if (abs_max) {
-                    bad = _mm256_or_ps(bad, _mm256_cmp_ps(d, d, _CMP_UNORD_Q));
-                    peak = _mm256_max_ps(peak, _mm256_andnot_ps(sign, d));
-                }
+                if (abs_max) peak.fold(d);
             }
         }
-        if (abs_max) {
-            alignas(32) float l[8];
-            _mm256_store_ps(l, peak);
-            float folded = 0.0f;
-            for (float v : l)
-                folded = std::max(folded, v);
-            *abs_max = _mm256_movemask_ps(bad) ? std::numeric_limits<float>::quiet_NaN() : folded;
-        }
+        if (abs_max) *abs_max = peak.value();
         walk::gradient_apply_tail(diff_dst, bits, x, i, hi, a, b, k, diff_src, diff_residual,
                                   abs_max);
     }

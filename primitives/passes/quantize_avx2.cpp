@@ -64,33 +64,23 @@ maxima abs_maxima(const float *x, int64_t n, const float *mult, int64_t channels
         reduction(|                                                                                \
                   : nan_scaled, nan_plain)
     {
-        __m256 m = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
-        __m256 m_plain = _mm256_setzero_ps(), bad_plain = _mm256_setzero_ps();
-        const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+        avx2::abs_max_lanes m, m_plain;
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < shape.rows; ++r) {
             const int64_t len = shape.row_len(r);
             const __m256 row_mult = row_multiplier(mult, channels, inner, r);
             for (int64_t c = 0; c < len; c += 8) {
                 const __m256 x_v = avx2::load_first(x + r * shape.cols + c, len - c);
-                if (with_plain) {
-                    bad_plain = _mm256_or_ps(bad_plain, _mm256_cmp_ps(x_v, x_v, _CMP_UNORD_Q));
-                    m_plain = _mm256_max_ps(m_plain, _mm256_and_ps(x_v, abs_mask));
-                }
-                const __m256 v = times_multiplier(x_v, mult, inner, row_mult, c, len - c);
-                bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-                m = _mm256_max_ps(m, _mm256_and_ps(v, abs_mask));
+                if (with_plain) m_plain.fold(x_v);
+                m.fold(times_multiplier(x_v, mult, inner, row_mult, c, len - c));
             }
         }
-        alignas(32) float lanes[8];
-        _mm256_store_ps(lanes, m);
-        for (float l : lanes)
-            scaled = std::max(scaled, l);
-        nan_scaled |= _mm256_movemask_ps(bad) != 0;
-        _mm256_store_ps(lanes, m_plain);
-        for (float l : lanes)
-            plain = std::max(plain, l);
-        nan_plain |= _mm256_movemask_ps(bad_plain) != 0;
+        // a NaN goes to the flags: OpenMP's max reduction could drop it
+        const float mine = m.value(), mine_plain = m_plain.value();
+        nan_scaled |= std::isnan(mine);
+        nan_plain |= std::isnan(mine_plain);
+        if (!std::isnan(mine)) scaled = std::max(scaled, mine);
+        if (!std::isnan(mine_plain)) plain = std::max(plain, mine_plain);
     }
     const float nan = std::numeric_limits<float>::quiet_NaN();
     return {nan_scaled ? nan : scaled, nan_plain ? nan : plain};
@@ -270,21 +260,13 @@ stochastic_scales quantize_stochastic_pair_avx2(const float *x, int64_t n, const
 
 void quantize_weights_avx2(const int64_t *row_ptr, int64_t rows, const float *values, int8_t *q,
                            float *scale, int num_threads) {
-    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
         const int64_t b = row_ptr[r], e = row_ptr[r + 1];
-        __m256 m = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
-        for (int64_t i = b; i < e; i += 8) {
-            const __m256 v = avx2::load_first(values + i, e - i);
-            bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-            m = _mm256_max_ps(m, _mm256_and_ps(v, abs_mask));
-        }
-        alignas(32) float lanes[8];
-        _mm256_store_ps(lanes, m);
-        const float row_max = *std::max_element(lanes, lanes + 8);
-        const quant_scale s = quant_scale_from_abs_max(
-                _mm256_movemask_ps(bad) ? std::numeric_limits<float>::quiet_NaN() : row_max);
+        avx2::abs_max_lanes m;
+        for (int64_t i = b; i < e; i += 8)
+            m.fold(avx2::load_first(values + i, e - i));
+        const quant_scale s = quant_scale_from_abs_max(m.value());
         const __m256 inv = _mm256_set1_ps(s.inv);
         for (int64_t i = b; i < e; i += 8) {
             if (!s.usable) {

@@ -4,7 +4,9 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <limits>
 
 #include "primitives/passes/isa_target.hpp"
 
@@ -64,6 +66,26 @@ inline void store_first(float *p, __m256 v, int64_t n) {
     else
         _mm256_maskstore_ps(p, first_lanes(n), v);
 }
+
+// max |v| over the vectors folded in, NaN once one held a NaN (maxps alone
+// would drop it: it returns its second operand for a NaN). Exact: the same
+// float in any lane order.
+struct abs_max_lanes {
+    __m256 peak, bad;
+    // defined here, not implied: an implicit constructor would be compiled
+    // outside this header's AVX2 target region
+    abs_max_lanes() : peak(_mm256_setzero_ps()), bad(_mm256_setzero_ps()) {}
+    void fold(__m256 v) {
+        bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        peak = _mm256_max_ps(peak, _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v));
+    }
+    float value() const {
+        if (_mm256_movemask_ps(bad)) return std::numeric_limits<float>::quiet_NaN();
+        alignas(32) float lanes[8];
+        _mm256_store_ps(lanes, peak);
+        return *std::max_element(lanes, lanes + 8);
+    }
+};
 
 } // namespace qsp::detail::avx2
 
