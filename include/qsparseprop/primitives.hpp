@@ -4,7 +4,9 @@
 // picks an implementation, and a primitive executes it on a dnnl::stream with
 // dnnl::memory arguments keyed by DNNL_ARG_*.
 //
-// Arguments (all dense tensors f32, plain row-major layouts):
+// Arguments (all dense tensors f32, plain row-major layouts; Linear's
+// activations and their gradients may take the kept layout instead, see
+// kept_layout_desc):
 //   forward          SRC, WEIGHTS (nnz values), BIAS (optional),
 //                    QSP_ARG_SRC_ABS_MAX (s8, optional) -> DST,
 //                    WORKSPACE (s8 + forward_training: the quantized SRC and
@@ -44,6 +46,24 @@ inline dnnl::memory::desc plain_f32_desc(const dnnl::memory::dims &dims) {
     for (int i = static_cast<int>(dims.size()) - 2; i >= 0; --i)
         strides[i] = strides[i + 1] * dims[i + 1];
     return dnnl::memory::desc(dims, dnnl::memory::data_type::f32, strides);
+}
+
+// The kept layout: what Linear's JIT kernels read and write, so that between
+// two sparse Linear layers the activation and its gradient never go back to
+// the plain layout (oneDNN's format_tag::any idea, chosen by the caller).
+// Batch-innermost tiles of 64 examples, [ceil(batch / 64)][features][64],
+// zero beyond the batch: oneDNN's blocked format Acb64a over the dims
+// {batch, features, 1}, so dnnl::reorder converts to and from the plain
+// layout. A Linear descriptor given it for src / dst (backward: diff_src /
+// diff_dst) reads or writes that argument in it; every implementation
+// accepts it (those whose kernels do not read tiles convert on the way, at
+// the cost of the pass the layout saves elsewhere). Post-ops then run over
+// the tiles: the relu mask covers them padding included
+// ((ceil(batch / 64) * 64 * features + 7) / 8 bytes), an add's src is in the
+// kept layout too, and batch statistics are refused (the padding would count).
+inline dnnl::memory::desc kept_layout_desc(int64_t batch, int64_t features) {
+    return dnnl::memory::desc({batch, features, 1}, dnnl::memory::data_type::f32,
+                              dnnl::memory::format_tag::Acb64a);
 }
 
 // Optional, s8 backward_data (and the fused sparse_backward): a 1-D f32

@@ -51,7 +51,10 @@ struct tensors {
     float *diff_weights = nullptr;
     float *diff_bias = nullptr;
     uint64_t seed = 0;
-    int64_t batch = 0;                 // of this execution (plans may be shared across batch sizes)
+    int64_t batch = 0; // of this execution (plans may be shared across batch sizes)
+    // src / diff_src, dst / diff_dst in the kept layout (kept_layout_desc);
+    // set only for implementations that read it themselves (kept_layout_native).
+    bool src_kept = false, dst_kept = false;
     shared_gradient *shared = nullptr; // set only inside a fused backward
 };
 
@@ -95,6 +98,10 @@ struct implementation {
     // The operation it implements (none: every one). Implementations of
     // another operation are not candidates, and are not listed as refusals.
     std::optional<op_kind> op;
+    // Its kernels read and write the kept layout (tensors::src_kept /
+    // dst_kept) themselves; for the others the core converts to and from the
+    // plain layout around the call.
+    bool kept_layout_native = false;
 };
 
 // Ordered by expectation, best first; the first that accepts a problem is

@@ -31,6 +31,10 @@ struct pd_impl {
     std::vector<arg_spec> args;
     dnnl::memory::desc weights_md, workspace_md;
     dnnl::memory::desc src_md, dst_md, bias_md;
+    // src (diff_src) / dst (diff_dst) in the kept layout (kept_layout_desc):
+    // a property of the memory, not of the problem (plans and tuning
+    // decisions serve both layouts).
+    bool src_kept = false, dst_kept = false;
     conv2d_geometry geometry{};
     std::vector<post_ops::kind> post_op_chain; // forward only (primitive_attr::ops)
 };

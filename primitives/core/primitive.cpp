@@ -3,8 +3,10 @@
 // execution checks the arguments against the descriptor, then runs it.
 #include <sstream>
 
+#include "primitives/core/kept_layout.hpp"
 #include "primitives/core/pd_impl.hpp"
 #include "primitives/passes/post_ops.hpp"
+#include "primitives/passes/tile_layout.hpp"
 #include "qsparseprop/runtime.hpp"
 #include "runtime/verbose.hpp"
 
@@ -124,11 +126,24 @@ void primitive_base::execute(const dnnl::stream &stream, const exec_args &args,
     {
         runtime::profile_scope total(static_cast<runtime::profile_direction>(pd.prob.dir),
                                      runtime::profile_phase::total);
-        ran = kernel_->execute(t);
-        if (!pd.post_op_chain.empty())
-            apply_post_ops(pd.post_op_chain, post, t.dst,
-                           {pd.prob.outer(), pd.prob.channels(), pd.prob.channel_inner()},
-                           pd.prob.num_threads);
+        if (pd.impl->kept_layout_native) {
+            t.src_kept = pd.src_kept;
+            t.dst_kept = pd.dst_kept;
+            ran = kernel_->execute(t);
+        } else {
+            ran = run_on_plain_layout(
+                    pd.prob, t, pd.src_kept, pd.dst_kept,
+                    [this](const tensors &plain) { return kernel_->execute(plain); });
+        }
+        if (!pd.post_op_chain.empty()) {
+            // kept: each tile is an outer index, its 64 lanes a channel's inner run
+            const channel_layout dst_layout =
+                    pd.dst_kept ? channel_layout{tile_count(t.batch), pd.prob.channels(),
+                                                 jit::tile_batch}
+                                : channel_layout{pd.prob.outer(), pd.prob.channels(),
+                                                 pd.prob.channel_inner()};
+            apply_post_ops(pd.post_op_chain, post, t.dst, dst_layout, pd.prob.num_threads);
+        }
     }
     if (verbose_level() >= 1) {
         std::ostringstream line;

@@ -6,6 +6,7 @@
 #include <sstream>
 #include <stdexcept>
 
+#include "primitives/core/kept_layout.hpp"
 #include "primitives/core/pd_impl.hpp"
 #include "primitives/core/s8_protocol.hpp"
 #include "primitives/core/tuner.hpp"
@@ -134,9 +135,15 @@ void pick(pd_impl &pd) {
 void add_post_op_args(pd_impl &pd, const post_ops &ops) {
     const problem &p = pd.prob;
     const dnnl::memory::desc per_channel = plain_f32_desc({p.channels()});
-    const dnnl::memory::desc mask({(p.dst_elems() + 7) / 8}, dnnl::memory::data_type::u8,
+    // kept: the mask covers the tiles, padding included
+    const int64_t dst_elems = pd.dst_kept ? kept_elems(p.batch, p.out) : p.dst_elems();
+    const dnnl::memory::desc mask({(dst_elems + 7) / 8}, dnnl::memory::data_type::u8,
                                   dnnl::memory::dims{1});
     for (int i = 0; i < ops.len(); ++i) {
+        if (ops.at(i) == post_ops::kind::batch_statistics && pd.dst_kept)
+            refuse(pd.primitive_name, "post-op batch_statistics needs a plain dst (in the kept "
+                                      "layout the tiles' padding would count); got "
+                                      "kept_layout_desc");
         pd.post_op_chain.push_back(ops.at(i));
         switch (ops.at(i)) {
             case post_ops::kind::relu:

@@ -22,7 +22,13 @@ const data_pd_t &checked_pair(const data_pd_t &data, const weights_pd_t &weights
         refuse(name, "the two descriptors have different weight patterns");
     if (d.prob.scheme != w.prob.scheme || d.prob.prop != w.prob.prop)
         refuse(name, "the two descriptors have different schemes or prop kinds");
-    if (d.dst_md != w.dst_md || d.src_md.get_dims() != w.src_md.get_dims())
+    // The same shapes; diff_src and src may differ in layout (kept or plain).
+    const auto shape = [](const dnnl::memory::desc &md) {
+        auto dims = md.get_dims();
+        if (md.get_ndims() == 3) dims.pop_back(); // kept_layout_desc: batch x features x 1
+        return dims;
+    };
+    if (d.dst_md != w.dst_md || shape(d.src_md) != shape(w.src_md))
         refuse(name, "the two descriptors describe different shapes (diff_dst "
                              + dims_str(d.dst_md.get_dims()) + " vs "
                              + dims_str(w.dst_md.get_dims()) + ")");

@@ -10,12 +10,15 @@ using namespace detail;
 
 namespace {
 
-// Batch size from a 2-D desc whose second dim must be `features`.
+// Batch size from a desc of `features` per example, plain 2-D (batch x
+// features) or in the kept layout (kept_layout_desc: batch x features x 1).
 int64_t batch_of(const char *prim, const char *arg, const dnnl::memory::desc &md, int64_t features,
                  const char *what) {
-    if (md.is_zero() || md.get_ndims() != 2)
+    const int nd = md.is_zero() ? 0 : md.get_ndims();
+    if (nd != 2 && nd != 3)
         refuse(prim, std::string(arg) + " must be 2-D (batch x " + what + " = ? x "
-                             + std::to_string(features) + "), got dims "
+                             + std::to_string(features)
+                             + ") or the kept layout (kept_layout_desc), got dims "
                              + (md.is_zero() ? std::string("none") : dims_str(md.get_dims())));
     const int64_t batch = md.get_dims()[0];
     if (batch < 1)
@@ -25,6 +28,21 @@ int64_t batch_of(const char *prim, const char *arg, const dnnl::memory::desc &md
                              + " but the weights pattern has " + std::to_string(features)
                              + " (weights are out_features x in_features)");
     return batch;
+}
+
+// Checks a batch x features argument; true when it is in the kept layout.
+bool check_activation(const char *prim, const char *arg, const dnnl::memory::desc &md,
+                      int64_t batch, int64_t features, const char *meaning) {
+    if (md.get_ndims() == 3) {
+        if (md != kept_layout_desc(batch, features))
+            refuse(prim, std::string(arg) + " is 3-D but not the kept layout: pass "
+                                 + "kept_layout_desc(" + std::to_string(batch) + ", "
+                                 + std::to_string(features) + ") (f32, Acb64a over dims "
+                                 + dims_str({batch, features, 1}) + "), or a plain 2-D desc");
+        return true;
+    }
+    check_plain_f32(prim, arg, md, {batch, features}, meaning);
+    return false;
 }
 
 std::shared_ptr<pd_impl> make_linear_pd(const char *prim, direction dir, prop_kind prop,
@@ -44,15 +62,18 @@ std::shared_ptr<pd_impl> make_linear_pd(const char *prim, direction dir, prop_ki
     const char *src_name = dir == direction::backward_data ? "diff_src_desc" : "src_desc";
     const char *dst_name = dir == direction::forward ? "dst_desc" : "diff_dst_desc";
     p.batch = batch_of(prim, src_name, src_md, p.in, "in_features");
-    check_plain_f32(prim, src_name, src_md, {p.batch, p.in}, "batch x in_features");
-    check_plain_f32(prim, dst_name, dst_md, {p.batch, p.out}, "batch x out_features");
+    pd->src_kept = check_activation(prim, src_name, src_md, p.batch, p.in, "batch x in_features");
+    if (!dst_md.is_zero() && dst_md.get_ndims() == 3 && dst_md.get_dims()[0] != p.batch)
+        refuse(prim, std::string(dst_name) + " has batch " + std::to_string(dst_md.get_dims()[0])
+                             + " but " + src_name + " has " + std::to_string(p.batch));
+    pd->dst_kept = check_activation(prim, dst_name, dst_md, p.batch, p.out, "batch x out_features");
     p.with_bias = !bias_md.is_zero();
     if (p.with_bias)
         check_plain_f32(prim, dir == direction::forward ? "bias_desc" : "diff_bias_desc", bias_md,
                         {p.out}, "out_features");
     p.num_threads = num_threads;
-    pd->src_md = plain_f32_desc({p.batch, p.in});
-    pd->dst_md = plain_f32_desc({p.batch, p.out});
+    pd->src_md = pd->src_kept ? kept_layout_desc(p.batch, p.in) : plain_f32_desc({p.batch, p.in});
+    pd->dst_md = pd->dst_kept ? kept_layout_desc(p.batch, p.out) : plain_f32_desc({p.batch, p.out});
     if (p.with_bias) pd->bias_md = plain_f32_desc({p.out});
     return pd;
 }

@@ -49,6 +49,30 @@ void portable::unpack_tiles(const float *tiles, int64_t batch, int64_t channels,
         }
 }
 
+void finish_kept_tiles(float *tiles, int64_t batch, int64_t channels, const float *bias,
+                       int num_threads) {
+    const int64_t tiles_n = tile_count(batch), tail = batch - (tiles_n - 1) * tb;
+    if (!bias && tail == tb) return; // nothing to add, no padding
+#pragma omp parallel for collapse(2) num_threads(num_threads) schedule(static)
+    for (int64_t t = 0; t < tiles_n; ++t)
+        for (int64_t c = 0; c < channels; ++c) {
+            float *row = tiles + (t * channels + c) * tb;
+            const int64_t lanes = t + 1 < tiles_n ? tb : tail;
+            if (bias) {
+                const float b = bias[c];
+#pragma omp simd
+                for (int64_t j = 0; j < lanes; ++j)
+                    row[j] += b;
+            }
+            std::fill(row + lanes, row + tb, 0.f);
+        }
+}
+
+void pack_kept(const float *src, int64_t batch, int64_t channels, float *tiles, int num_threads) {
+    pack_tiles(src, batch, channels, tiles, num_threads);
+    finish_kept_tiles(tiles, batch, channels, nullptr, num_threads);
+}
+
 void pack_tiles(const float *src, int64_t batch, int64_t channels, float *tiles, int num_threads) {
     static constexpr pass_tier<pack_tiles_fn> tiers[] = {{cpu_isa::avx512_core, pack_tiles_avx512},
                                                          {cpu_isa::avx2, pack_tiles_avx2},

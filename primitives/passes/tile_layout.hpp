@@ -35,6 +35,16 @@ using unpack_tiles_fn = void(const float *tiles, int64_t batch, int64_t channels
 pack_tiles_fn pack_tiles;
 unpack_tiles_fn unpack_tiles;
 
+// The kept layout (qsp::kept_layout_desc) is the tiles with every lane
+// beyond the batch zero, as oneDNN keeps a blocked format's padding; the
+// packing passes write only the lanes kernels read. Lanes [batch % 64, 64)
+// of the last tile's rows <- 0, after bias[channel] (when given) is added to
+// the lanes of the batch: what a kernel's tiles need to become kept.
+void finish_kept_tiles(float *tiles, int64_t batch, int64_t channels, const float *bias,
+                       int num_threads);
+// src[batch x channels] -> the kept layout (pack_tiles, then the padding).
+void pack_kept(const float *src, int64_t batch, int64_t channels, float *tiles, int num_threads);
+
 // Zero padding around each (h x w) plane of a Conv2d tensor.
 struct spatial_pad {
     int64_t top = 0, bottom = 0, left = 0, right = 0;

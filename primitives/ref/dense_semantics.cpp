@@ -3,6 +3,7 @@
 #include <cmath>
 #include <vector>
 
+#include "primitives/core/kept_layout.hpp"
 #include "primitives/ref/ref_kernels.hpp"
 
 namespace qsp::detail {
@@ -50,10 +51,15 @@ public:
         } else {
             const bool fwd = p_.dir == direction::forward;
             const float *in = fwd ? t.src : t.diff_dst;
-            const int64_t n = fwd ? p_.src_elems() : p_.dst_elems();
+            const bool kept = fwd ? t.src_kept : t.dst_kept; // padding zero: finite
+            const int64_t n = kept ? kept_elems(t.batch, fwd ? p_.in : p_.out)
+                                   : (fwd ? p_.src_elems() : p_.dst_elems());
             if (all_finite(in, n, p_.num_threads)) return inner_->execute(t);
         }
-        execute_with_dense_weights(p_, t);
+        run_on_plain_layout(p_, t, t.src_kept, t.dst_kept, [this](const tensors &plain) {
+            execute_with_dense_weights(p_, plain);
+            return "";
+        });
         return "ref:dense_semantics";
     }
 

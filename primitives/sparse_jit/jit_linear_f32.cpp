@@ -70,13 +70,24 @@ private:
                    p_.num_threads);
     }
 
+    // A plain batch x channels tensor packed into tiles in scratch slot `slot`.
+    const float *packed(const float *plain, int64_t batch, int64_t channels,
+                        runtime::scratchpad &sp, int slot) const {
+        float *tiles = sp.get<float>(slot, tiled_elems(batch, channels));
+        pack_tiles(plain, batch, channels, tiles, p_.num_threads);
+        return tiles;
+    }
+
     const char *forward(const tensors &t, runtime::scratchpad &sp) const override {
         const int nt = p_.num_threads;
-        float *x = sp.get<float>(0, tiled_elems(t.batch, p_.in));
-        float *y = sp.get<float>(1, tiled_elems(t.batch, p_.out));
-        pack_tiles(t.src, t.batch, p_.in, x, nt);
+        // Kept arguments are the tiles themselves: no pass on that side.
+        const float *x = t.src_kept ? t.src : packed(t.src, t.batch, p_.in, sp, 0);
+        float *y = t.dst_kept ? t.dst : sp.get<float>(1, tiled_elems(t.batch, p_.out));
         run_spmm(t.batch, t.weights, x, p_.in, y); // the CSR is the kernel order
-        unpack_tiles(y, t.batch, p_.out, t.bias, t.dst, nt, 1);
+        if (t.dst_kept)
+            finish_kept_tiles(y, t.batch, p_.out, t.bias, nt);
+        else
+            unpack_tiles(y, t.batch, p_.out, t.bias, t.dst, nt, 1);
         return nullptr;
     }
 
@@ -84,33 +95,36 @@ private:
         const int nt = p_.num_threads;
         // In a fused backward the dY tiles go to memory that outlives this
         // direction: backward-weights takes them as they are.
-        float *dy = t.shared ? t.shared->scratch.get<float>(0, tiled_elems(t.batch, p_.out))
-                             : sp.get<float>(0, tiled_elems(t.batch, p_.out));
-        float *dx = sp.get<float>(1, tiled_elems(t.batch, p_.in));
+        const float *dy = t.diff_dst; // kept: the tiles already, and they outlive the call
+        if (!t.dst_kept) {
+            float *tiles = t.shared ? t.shared->scratch.get<float>(0, tiled_elems(t.batch, p_.out))
+                                    : sp.get<float>(0, tiled_elems(t.batch, p_.out));
+            pack_tiles(t.diff_dst, t.batch, p_.out, tiles, nt);
+            dy = tiles;
+        }
+        float *dx = t.src_kept ? t.diff_src : sp.get<float>(1, tiled_elems(t.batch, p_.in));
         const float *values =
                 rows_.values(t.weights, sp.get<float>(2, p_.pattern.nnz()), nt); // transposed order
-        pack_tiles(t.diff_dst, t.batch, p_.out, dy, nt);
         if (t.shared) {
             t.shared->kind = shared_gradient::form::f32_tiles;
             t.shared->data = dy;
         }
         run_spmm(t.batch, values, dy, p_.out, dx);
-        unpack_tiles(dx, t.batch, p_.in, nullptr, t.diff_src, nt, 1);
+        if (t.src_kept)
+            finish_kept_tiles(dx, t.batch, p_.in, nullptr, nt);
+        else
+            unpack_tiles(dx, t.batch, p_.in, nullptr, t.diff_src, nt, 1);
         return nullptr;
     }
 
     const char *backward_weights(const tensors &t, runtime::scratchpad &sp) const override {
         const int nt = p_.num_threads;
-        float *x = sp.get<float>(0, tiled_elems(t.batch, p_.in));
-        pack_tiles(t.src, t.batch, p_.in, x, nt);
+        const float *x = t.src_kept ? t.src : packed(t.src, t.batch, p_.in, sp, 0);
         const float *dy = nullptr;
-        if (t.shared && t.shared->kind == shared_gradient::form::f32_tiles) {
+        if (t.shared && t.shared->kind == shared_gradient::form::f32_tiles)
             dy = static_cast<const float *>(t.shared->data); // packed by backward-data
-        } else {
-            float *packed = sp.get<float>(1, tiled_elems(t.batch, p_.out));
-            pack_tiles(t.diff_dst, t.batch, p_.out, packed, nt);
-            dy = packed;
-        }
+        else
+            dy = t.dst_kept ? t.diff_dst : packed(t.diff_dst, t.batch, p_.out, sp, 1);
         std::fill(t.diff_weights, t.diff_weights + p_.pattern.nnz(), 0.f);
         // Tiles inside parts: each dW row accumulates its tiles in order,
         // so the result does not depend on the thread count.
@@ -173,7 +187,9 @@ implementation jit_linear_f32(cpu_isa isa, spmm_code code) {
                     return std::make_shared<const jit_linear_f32_plan>(p, isa, specialise);
                 });
             },
-            false, op_kind::linear};
+            false,
+            op_kind::linear,
+            /*kept_layout_native=*/true};
 }
 
 } // namespace qsp::detail

@@ -38,7 +38,7 @@ TEST(PrimitiveApi, linear_descriptor_refusals) {
             [&] {
                 pd_t(eng, fwd, f32_desc({4, 5, 1}), p, f32_desc({4, 6}), quant_scheme::f32);
             },
-            "src_desc must be 2-D");
+            "src_desc is 3-D but not the kept layout");
     expect_refusal(
             [&] {
                 pd_t(eng, fwd, f32_desc({4, 5}), p, f32_desc({4, 7}), quant_scheme::f32);

@@ -9,6 +9,7 @@
 #include <array>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "test_utils.hpp"
@@ -31,6 +32,10 @@ struct step_options {
     const std::vector<float> *dy_channel_abs_max = nullptr;
     // QSP_ARG_SRC_ABS_MAX of the forward (s8), when given
     const float *src_abs_max = nullptr;
+    // Linear only: src / diff_src, dst / diff_dst in the kept layout
+    // (kept_layout_desc). x, dy go in and y, dx come out through oneDNN's
+    // reorder, so results compare with a plain step's.
+    bool src_kept = false, dst_kept = false;
 };
 
 struct step_result {
@@ -44,8 +49,13 @@ struct linear_layer {
     using bd_t = sparse_linear_backward_data;
     using bw_t = sparse_linear_backward_weights;
     int64_t batch, in, out;
-    dnnl::memory::desc src_md() const { return f32_desc({batch, in}); }
-    dnnl::memory::desc dst_md() const { return f32_desc({batch, out}); }
+    bool src_kept = false, dst_kept = false; // kept_layout_desc
+    dnnl::memory::desc src_md() const {
+        return src_kept ? kept_layout_desc(batch, in) : f32_desc({batch, in});
+    }
+    dnnl::memory::desc dst_md() const {
+        return dst_kept ? kept_layout_desc(batch, out) : f32_desc({batch, out});
+    }
     int64_t out_channels() const { return out; }
     fwd_t::primitive_desc forward_desc(const dnnl::engine &eng, const csr_pattern &p,
                                        const dnnl::memory::desc &bias_md, quant_scheme scheme,
@@ -76,6 +86,76 @@ struct conv2d_layer {
     }
 };
 
+// `plain` (dims of md, 2-D row-major) reordered by oneDNN into a buffer of
+// md's size; NaN first, so padding oneDNN leaves unwritten shows.
+inline std::vector<float> reordered_into(const std::vector<float> &plain,
+                                         const dnnl::memory::desc &md) {
+    dnnl::engine eng(dnnl::engine::kind::cpu, 0);
+    dnnl::stream s(eng);
+    const auto dims = md.get_dims();
+    std::vector<float> out(md.get_size() / sizeof(float), NAN);
+    dnnl::memory from(f32_desc({dims[0], dims[1], 1}), eng, const_cast<float *>(plain.data()));
+    dnnl::memory to(md, eng, out.data());
+    dnnl::reorder(from, to).execute(s, from, to);
+    return out;
+}
+
+// The inverse: md's memory reordered by oneDNN into its plain 2-D form.
+inline std::vector<float> reordered_from(const std::vector<float> &blocked,
+                                         const dnnl::memory::desc &md) {
+    dnnl::engine eng(dnnl::engine::kind::cpu, 0);
+    dnnl::stream s(eng);
+    const auto dims = md.get_dims();
+    std::vector<float> out(static_cast<size_t>(dims[0] * dims[1]), NAN);
+    dnnl::memory from(md, eng, const_cast<float *>(blocked.data()));
+    dnnl::memory to(f32_desc({dims[0], dims[1], 1}), eng, out.data());
+    dnnl::reorder(from, to).execute(s, from, to);
+    return out;
+}
+
+// Every lane beyond the batch of a kept buffer is +0.0.
+inline void expect_zero_padding(const std::vector<float> &kept, int64_t batch, int64_t features,
+                                const char *what) {
+    constexpr int64_t lanes = 64; // a tile's examples
+    const int64_t tiles = (batch + lanes - 1) / lanes;
+    ASSERT_EQ(kept.size(), static_cast<size_t>(tiles * features * lanes)) << what;
+    int reported = 0;
+    for (int64_t c = 0; c < features; ++c)
+        for (int64_t j = batch - (tiles - 1) * lanes; j < lanes; ++j) {
+            const float v = kept[static_cast<size_t>(((tiles - 1) * features + c) * lanes + j)];
+            if (!(v == 0.f && !std::signbit(v)) && reported++ < 5)
+                ADD_FAILURE() << what << ": padding lane " << j << " of feature " << c << " is "
+                              << v;
+        }
+}
+
+template <typename layer_t>
+step_result training_step(const layer_t &layer, const csr_weights &w, const std::vector<float> &x,
+                          const std::vector<float> &dy, const std::vector<float> &bias,
+                          const step_options &o);
+
+// A Linear step with o.src_kept / o.dst_kept: the plain x and dy reordered
+// into the kept layout, the step run on them, y and dx reordered back.
+inline step_result kept_training_step(linear_layer layer, const csr_weights &w,
+                                      const std::vector<float> &x, const std::vector<float> &dy,
+                                      const std::vector<float> &bias, step_options o) {
+    layer.src_kept = o.src_kept;
+    layer.dst_kept = o.dst_kept;
+    o.src_kept = o.dst_kept = false;
+    const auto src_md = layer.src_md(), dst_md = layer.dst_md();
+    step_result r = training_step(layer, w, layer.src_kept ? reordered_into(x, src_md) : x,
+                                  layer.dst_kept ? reordered_into(dy, dst_md) : dy, bias, o);
+    if (layer.src_kept) {
+        expect_zero_padding(r.dx, layer.batch, layer.in, "kept diff_src");
+        r.dx = reordered_from(r.dx, src_md);
+    }
+    if (layer.dst_kept) {
+        expect_zero_padding(r.y, layer.batch, layer.out, "kept dst");
+        r.y = reordered_from(r.y, dst_md);
+    }
+    return r;
+}
+
 // x: src elements, dy: dst elements, bias: out_channels values (read only
 // when o.bias). Outputs start as NaN: an element a kernel forgets to write
 // fails every comparison.
@@ -83,6 +163,9 @@ template <typename layer_t>
 step_result training_step(const layer_t &layer, const csr_weights &w, const std::vector<float> &x,
                           const std::vector<float> &dy, const std::vector<float> &bias,
                           const step_options &o) {
+    if constexpr (std::is_same_v<layer_t, linear_layer>) {
+        if (o.src_kept || o.dst_kept) return kept_training_step(layer, w, x, dy, bias, o);
+    }
     using fwd_t = typename layer_t::fwd_t;
     using bd_t = typename layer_t::bd_t;
     using bw_t = typename layer_t::bw_t;
