@@ -232,6 +232,11 @@ public:
     dnnl::memory::desc workspace_desc() const; // zero-size when none
     // What tuning at creation found (primitive_attr::tune), else nullptr.
     const tuning_result *tuning() const;
+    // Whether the picked implementation's kernels read and write the kept
+    // layout (kept_layout_desc) themselves; the others accept it too, but
+    // convert on the way, so a caller choosing layouts keeps the plain one
+    // for them.
+    bool takes_kept_layout() const;
     const std::shared_ptr<detail::pd_impl> &impl() const { return impl_; }
 
 protected:

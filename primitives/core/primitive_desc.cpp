@@ -290,5 +290,8 @@ dnnl::memory::desc primitive_desc_base::workspace_desc() const {
 const tuning_result *primitive_desc_base::tuning() const {
     return impl_->tuning.get();
 }
+bool primitive_desc_base::takes_kept_layout() const {
+    return impl_->impl->kept_layout_native;
+}
 
 } // namespace qsp

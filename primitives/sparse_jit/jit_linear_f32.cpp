@@ -144,13 +144,19 @@ private:
             const int64_t tiles = tile_count(t.batch);
 #pragma omp parallel for num_threads(nt) schedule(static)
             for (int64_t n = 0; n < p_.out; ++n) {
-                float acc = 0.f;
+                // lane-wise partial sums (vectorised), then the lanes in order:
+                // the lanes the packing wrote, the batch zero-padded
+                float lane_sum[jit::tile_batch] = {};
                 for (int64_t tile = 0; tile < tiles; ++tile) {
-                    // the lanes the packing wrote: the batch, zero-padded
                     const float *row = dy + (tile * p_.out + n) * jit::tile_batch;
-                    for (int64_t j = 0; j < tile_lanes(t.batch, tile); ++j)
-                        acc += row[j];
+                    const int64_t lanes = tile_lanes(t.batch, tile);
+#pragma omp simd
+                    for (int64_t j = 0; j < lanes; ++j)
+                        lane_sum[j] += row[j];
                 }
+                float acc = 0.f;
+                for (float v : lane_sum)
+                    acc += v;
                 t.diff_bias[n] = acc;
             }
         }

@@ -226,6 +226,32 @@ TEST(KeptLayout, a_non_finite_input_still_gets_dense_semantics) {
     }
 }
 
+// What a caller choosing layouts asks (python's fused MLP keeps the hidden
+// activation plain unless every direction reads tiles natively).
+TEST(KeptLayout, a_descriptor_says_whether_its_implementation_reads_it_natively) {
+    dnnl::engine eng(dnnl::engine::kind::cpu, 0);
+    std::mt19937 rng(7);
+    const auto w = csr_weights::from_dense(random_sparse_dense(8, 5, 0.5, rng).data(), 8, 5);
+    auto takes = [&](const char *impl, quant_scheme scheme) {
+        primitive_attr attr;
+        attr.implementation = impl;
+        return sparse_linear_forward::primitive_desc(eng, prop_kind::forward_training,
+                                                     f32_desc({4, 5}), w.pattern,
+                                                     kept_layout_desc(4, 8), scheme, attr)
+                .takes_kept_layout();
+    };
+    EXPECT_FALSE(takes("ref:any", quant_scheme::f32));
+    EXPECT_FALSE(takes("ref:any", quant_scheme::s8));
+    // the JIT tiers' picks: f32 reads tiles, s8 converts (its workspace is plain)
+    for (cpu_isa isa : isa_levels()) {
+        if (isa < cpu_isa::avx2) continue;
+        isa_cap_guard cap(isa);
+        SCOPED_TRACE(to_string(isa));
+        EXPECT_TRUE(takes("", quant_scheme::f32));
+        EXPECT_FALSE(takes("", quant_scheme::s8));
+    }
+}
+
 TEST(KeptLayout, refusals_name_the_rule) {
     dnnl::engine eng(dnnl::engine::kind::cpu, 0);
     std::mt19937 rng(6);
