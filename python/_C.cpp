@@ -154,10 +154,17 @@ public:
     }
     std::string scheme() const { return qsp::to_string(scheme_); }
 
-protected:
-    // Conv2d: which vectorization the JIT may use (any: the tuner decides).
-    qsp::conv_vectorization vectorization_ = qsp::conv_vectorization::any;
+    // Which memory layouts and post-ops a set of primitives was made for
+    // (Linear inside a fused block: the activation between two layers in
+    // the kept layout, the ReLU applied by the first).
+    enum variant_bits : int {
+        plain = 0,
+        src_kept = 1, // src / diff_src in qsp::kept_layout_desc
+        dst_kept = 2, // dst / diff_dst
+        relu = 4,     // the forward applies a ReLU keeping its mask (post-op 0)
+    };
 
+    // One shape's primitives (and what the fused blocks ask of them).
     struct primitives {
         typename fwd_t::primitive_desc fwd_pd;
         fwd_t fwd;
@@ -166,10 +173,17 @@ protected:
         qsp::sparse_backward<bwd_data_t, bwd_weights_t> both; // one call for a training step
         dims src, dst;
         std::string impls;
+        bool takes_kept; // every direction's implementation reads the kept layout itself
     };
+
+protected:
+    // Conv2d: which vectorization the JIT may use (any: the tuner decides).
+    qsp::conv_vectorization vectorization_ = qsp::conv_vectorization::any;
+
     struct entry {
         dims src;
         int threads;
+        int variant;
         std::shared_ptr<const primitives> prims;
     };
 
@@ -180,32 +194,40 @@ protected:
 
     template <typename make_fwd_pd>
     std::shared_ptr<const primitives> get(const dims &src, const dims &dst, int threads,
-                                          make_fwd_pd make) {
+                                          make_fwd_pd make, int variant = plain) {
         std::lock_guard<std::mutex> lock(mutex_);
         for (auto it = cache_.begin(); it != cache_.end(); ++it)
-            if (it->src == src && it->threads == threads) {
+            if (it->src == src && it->threads == threads && it->variant == variant) {
                 cache_.splice(cache_.begin(), cache_, it);
                 return cache_.front().prims;
             }
         qsp::primitive_attr attr;
         attr.num_threads = threads;
         attr.vectorization = vectorization_; // backward descriptors follow the forward hint
-        const auto src_md = f32_md(src), dst_md = f32_md(dst);
+        // (only Linear asks for kept layouts: its tensors are 2-D)
+        const auto src_md =
+                variant & src_kept ? qsp::kept_layout_desc(src[0], src[1]) : f32_md(src);
+        const auto dst_md =
+                variant & dst_kept ? qsp::kept_layout_desc(dst[0], dst[1]) : f32_md(dst);
         const auto bias_md = with_bias_ ? f32_md({dst[1]}) : dnnl::memory::desc();
         // Each descriptor measures where implementations compete while it is
         // created (attr.tune) and carries the winner: built once.
         attr.tune = tuning_enabled();
-        const typename fwd_t::primitive_desc fwd_pd = make(engine_, src_md, bias_md, dst_md, attr);
+        qsp::primitive_attr fwd_attr = attr; // post-ops are the forward's alone
+        if (variant & relu) fwd_attr.ops.append_relu();
+        const typename fwd_t::primitive_desc fwd_pd =
+                make(engine_, src_md, bias_md, dst_md, fwd_attr);
         const typename bwd_data_t::primitive_desc bd_pd(engine_, src_md, pattern_, dst_md, fwd_pd,
                                                         attr);
         const typename bwd_weights_t::primitive_desc bw_pd(engine_, src_md, pattern_, bias_md,
                                                            dst_md, fwd_pd, attr);
-        auto p = std::make_shared<const primitives>(
-                primitives{fwd_pd, fwd_t(fwd_pd), bwd_data_t(bd_pd), bwd_weights_t(bw_pd),
-                           qsp::sparse_backward<bwd_data_t, bwd_weights_t>(bd_pd, bw_pd), src, dst,
-                           fwd_pd.impl_info_str() + "/" + bd_pd.impl_info_str() + "/"
-                                   + bw_pd.impl_info_str()});
-        cache_.push_front(entry{src, threads, p});
+        auto p = std::make_shared<const primitives>(primitives{
+                fwd_pd, fwd_t(fwd_pd), bwd_data_t(bd_pd), bwd_weights_t(bw_pd),
+                qsp::sparse_backward<bwd_data_t, bwd_weights_t>(bd_pd, bw_pd), src, dst,
+                fwd_pd.impl_info_str() + "/" + bd_pd.impl_info_str() + "/" + bw_pd.impl_info_str(),
+                fwd_pd.takes_kept_layout() && bd_pd.takes_kept_layout()
+                        && bw_pd.takes_kept_layout()});
+        cache_.push_front(entry{src, threads, variant, p});
         if (cache_.size() > shapes_kept) cache_.pop_back();
         return p;
     }
@@ -215,6 +237,10 @@ protected:
         return !(env && (std::strcmp(env, "0") == 0 || std::strcmp(env, "off") == 0));
     }
 
+public:
+    const dnnl::stream &stream() const { return stream_; }
+
+protected:
     dnnl::memory mem(const dnnl::memory::desc &md, const void *p) const {
         return dnnl::memory(md, engine_, const_cast<void *>(p));
     }
@@ -381,14 +407,60 @@ public:
         : sparse_layer(pattern_from(out, in, row_ptr, col_idx), scheme_from(scheme), with_bias),
           in_(in), out_(out) {}
 
-    std::shared_ptr<const primitives> prims(int64_t batch, int threads) {
-        return get({batch, in_}, {batch, out_}, threads,
-                   [&](const dnnl::engine &e, const dnnl::memory::desc &s,
-                       const dnnl::memory::desc &b, const dnnl::memory::desc &d,
-                       const qsp::primitive_attr &a) {
-                       return qsp::sparse_linear_forward::primitive_desc(
-                               e, qsp::prop_kind::forward_training, s, pattern_, b, d, scheme_, a);
-                   });
+    std::shared_ptr<const primitives> prims(int64_t batch, int threads, int variant = plain) {
+        return get(
+                {batch, in_}, {batch, out_}, threads,
+                [&](const dnnl::engine &e, const dnnl::memory::desc &s, const dnnl::memory::desc &b,
+                    const dnnl::memory::desc &d, const qsp::primitive_attr &a) {
+                    return qsp::sparse_linear_forward::primitive_desc(
+                            e, qsp::prop_kind::forward_training, s, pattern_, b, d, scheme_, a);
+                },
+                variant);
+    }
+
+    int64_t in_features() const { return in_; }
+    int64_t out_features() const { return out_; }
+    bool with_bias() const { return with_bias_; }
+
+    // A forward execution's arguments beyond src and dst: the values, the
+    // bias, the workspace (allocated here when the scheme has one).
+    void add_forward_args(const primitives &p, qsp::exec_args &args, const py::array &values,
+                          const py::object &bias, py::array_t<uint8_t> &workspace) {
+        args[DNNL_ARG_WEIGHTS] =
+                mem(f32_md({nnz()}), checked<float>(values, "values", {nnz()}, false));
+        if (with_bias_) {
+            if (bias.is_none())
+                throw py::value_error("bias is required: the layer was created with a bias");
+            args[DNNL_ARG_BIAS] = mem(
+                    f32_md({out_}), checked<float>(bias.cast<py::array>(), "bias", {out_}, false));
+        }
+        const auto ws_md = p.fwd_pd.workspace_desc();
+        workspace = pooled_array<uint8_t>({static_cast<int64_t>(ws_md.get_size())});
+        if (!ws_md.is_zero()) args[DNNL_ARG_WORKSPACE] = mem(ws_md, workspace.mutable_data());
+    }
+
+    // A backward execution's arguments beyond diff_dst and diff_src: the
+    // values or the workspace, src (f32), the parameter gradients, the seed.
+    void add_backward_args(const primitives &p, qsp::exec_args &args, const py::object &src,
+                           const dnnl::memory::desc &src_md, const py::object &workspace,
+                           const py::array &values, py::array_t<float> &dvalues,
+                           py::array_t<float> &dbias, int32_t *seed_storage, uint64_t seed) {
+        dvalues = py::array_t<float>(nnz());
+        dbias = py::array_t<float>(with_bias_ ? out_ : 0);
+        args[DNNL_ARG_DIFF_WEIGHTS] = mem(f32_md({nnz()}), dvalues.mutable_data());
+        if (with_bias_) args[DNNL_ARG_DIFF_BIAS] = mem(f32_md({out_}), dbias.mutable_data());
+        args[qsp::QSP_ARG_ROUNDING_SEED] = seed_mem(seed_storage, seed);
+        if (scheme_ == qsp::quant_scheme::s8) {
+            args[DNNL_ARG_WORKSPACE] = workspace_mem(p, workspace);
+            return;
+        }
+        args[DNNL_ARG_WEIGHTS] =
+                mem(f32_md({nnz()}), checked<float>(values, "values", {nnz()}, false));
+        if (src.is_none()) throw py::value_error("src is required for f32 backward_weights");
+        const int64_t n = static_cast<int64_t>(src_md.get_size() / sizeof(float));
+        const py::array a = as_array(src, "src");
+        args[DNNL_ARG_SRC] =
+                mem(src_md, checked<float>(a, "src", a.ndim() == 1 ? dims{n} : p.src, false));
     }
 
     size_t workspace_bytes(int64_t batch, int threads) {
@@ -423,6 +495,129 @@ private:
         return a.shape(0);
     }
     int64_t in_, out_;
+};
+
+// The transformer MLP block (Linear -> ReLU -> Linear) in one call per
+// direction, its hidden activation and that activation's gradient in the
+// kept layout (qsp::kept_layout_desc) from the first layer's kernels to the
+// second's and back: the passes between the two layers are gone, the ReLU
+// is the first layer's post-op (keeping one bit per element).
+class linear_relu_linear {
+public:
+    linear_relu_linear(linear_layer &first, linear_layer &second) : a_(first), b_(second) {
+        if (a_.out_features() != b_.in_features())
+            throw py::value_error("the second layer's in_features ("
+                                  + std::to_string(b_.in_features())
+                                  + ") must be the first's out_features ("
+                                  + std::to_string(a_.out_features()) + ")");
+    }
+
+    // y = second(relu(first(x))); returns (y, hidden, mask, workspace of
+    // the first, workspace of the second): hidden (the ReLU's output, kept
+    // layout, flat) is what an f32 second layer's backward reads, mask its
+    // ReLU's bits.
+    py::tuple forward(const py::array &x, const py::array &values_a, const py::object &bias_a,
+                      const py::array &values_b, const py::object &bias_b, int threads) {
+        if (x.ndim() != 2 || x.shape(1) != a_.in_features())
+            throw py::value_error("x must be 2-D (batch x " + std::to_string(a_.in_features())
+                                  + "), got " + std::to_string(x.ndim()) + "-D");
+        const int64_t batch = x.shape(0);
+        const auto [pa, pb, hidden_md] = pick(batch, threads);
+        const int64_t hidden_n = static_cast<int64_t>(hidden_md.get_size() / sizeof(float));
+        py::array_t<float> hidden = pooled_array<float>({hidden_n});
+        py::array_t<uint8_t> mask = pooled_array<uint8_t>({(hidden_n + 7) / 8});
+        py::array_t<float> y = pooled_array<float>({batch, b_.out_features()});
+        py::array_t<uint8_t> ws_a, ws_b;
+        qsp::exec_args fa{
+                {DNNL_ARG_SRC, mem(f32_md(pa->src), checked<float>(x, "x", pa->src, false))},
+                {DNNL_ARG_DST, mem(hidden_md, hidden.mutable_data())},
+                {qsp::QSP_ARG_POST_OP(0, qsp::QSP_POST_OP_MASK),
+                 mem(dnnl::memory::desc({(hidden_n + 7) / 8}, dnnl::memory::data_type::u8,
+                                        dnnl::memory::dims{1}),
+                     mask.mutable_data())}};
+        a_.add_forward_args(*pa, fa, values_a, bias_a, ws_a);
+        qsp::exec_args fb{{DNNL_ARG_SRC, mem(hidden_md, hidden.mutable_data())},
+                          {DNNL_ARG_DST, mem(f32_md(pb->dst), y.mutable_data())}};
+        b_.add_forward_args(*pb, fb, values_b, bias_b, ws_b);
+        {
+            py::gil_scoped_release release;
+            pa->fwd.execute(a_.stream(), fa);
+            pb->fwd.execute(b_.stream(), fb);
+        }
+        return py::make_tuple(y, hidden, mask, ws_a, ws_b);
+    }
+
+    // The gradients: (dx or an empty array, dvalues_a, dbias_a, dvalues_b,
+    // dbias_b) from dy and what forward returned (x and hidden: f32 layers;
+    // the workspaces: s8).
+    py::tuple backward(const py::array &dy, const py::object &x, const py::object &hidden,
+                       const py::array &mask, const py::object &ws_a, const py::object &ws_b,
+                       const py::array &values_a, const py::array &values_b, uint64_t seed_a,
+                       uint64_t seed_b, bool need_dx, int threads) {
+        if (dy.ndim() != 2 || dy.shape(1) != b_.out_features())
+            throw py::value_error("dy must be 2-D (batch x " + std::to_string(b_.out_features())
+                                  + ")");
+        const int64_t batch = dy.shape(0);
+        const auto [pa, pb, hidden_md] = pick(batch, threads);
+        const int64_t hidden_n = static_cast<int64_t>(hidden_md.get_size() / sizeof(float));
+        const uint8_t *bits = checked<uint8_t>(mask, "mask", {(hidden_n + 7) / 8}, false);
+        py::array_t<float> dhidden = pooled_array<float>({hidden_n});
+        py::array_t<float> dx = pooled_array<float>(need_dx ? pa->src : dims{0});
+        py::array_t<float> dv_a, db_a, dv_b, db_b;
+        int32_t seed_storage_a[2], seed_storage_b[2];
+        qsp::exec_args bb{
+                {DNNL_ARG_DIFF_DST, mem(f32_md(pb->dst), checked<float>(dy, "dy", pb->dst, false))},
+                {DNNL_ARG_DIFF_SRC, mem(hidden_md, dhidden.mutable_data())}};
+        b_.add_backward_args(*pb, bb, hidden, hidden_md, ws_b, values_b, dv_b, db_b, seed_storage_b,
+                             seed_b);
+        qsp::exec_args ba{{DNNL_ARG_DIFF_DST, mem(hidden_md, dhidden.mutable_data())}};
+        if (need_dx) ba[DNNL_ARG_DIFF_SRC] = mem(f32_md(pa->src), dx.mutable_data());
+        a_.add_backward_args(*pa, ba, x, f32_md(pa->src), ws_a, values_a, dv_a, db_a,
+                             seed_storage_a, seed_a);
+        {
+            py::gil_scoped_release release;
+            pb->both.execute(b_.stream(), bb);
+            qsp::relu_with_mask_backward(dhidden.data(), bits, dhidden.mutable_data(), hidden_n,
+                                         threads);
+            if (need_dx)
+                pa->both.execute(a_.stream(), ba);
+            else
+                pa->bwd_weights.execute(a_.stream(), ba);
+        }
+        return py::make_tuple(dx, dv_a, db_a, dv_b, db_b);
+    }
+
+    // "<first's forward/backward-data/backward-weights> | <second's>", and
+    // the hidden activation's layout.
+    std::string implementations(int64_t batch, int threads) {
+        const auto [pa, pb, hidden_md] = pick(batch, threads);
+        return pa->impls + " | " + pb->impls
+               + (hidden_md.get_ndims() == 3 ? " (hidden kept)" : " (hidden plain)");
+    }
+
+private:
+    using prims_t = std::shared_ptr<const linear_layer::primitives>;
+
+    // The two layers' primitives and the hidden activation's layout: kept
+    // where every direction of both layers reads it natively, plain where
+    // one would convert (the conversions would cost more than the layout
+    // saves).
+    std::tuple<prims_t, prims_t, dnnl::memory::desc> pick(int64_t batch, int threads) {
+        auto pa = a_.prims(batch, threads, linear_layer::relu);
+        auto pb = b_.prims(batch, threads, linear_layer::plain);
+        const int64_t hidden = a_.out_features();
+        if (!pa->takes_kept || !pb->takes_kept) return {pa, pb, f32_md({batch, hidden})};
+        return {a_.prims(batch, threads, linear_layer::dst_kept | linear_layer::relu),
+                b_.prims(batch, threads, linear_layer::src_kept),
+                qsp::kept_layout_desc(batch, hidden)};
+    }
+
+    dnnl::memory mem(const dnnl::memory::desc &md, const void *p) const {
+        return dnnl::memory(md, engine_, const_cast<void *>(p));
+    }
+
+    linear_layer &a_, &b_;
+    dnnl::engine engine_{dnnl::engine::kind::cpu, 0};
 };
 
 class conv2d_layer
@@ -877,6 +1072,13 @@ PYBIND11_MODULE(_C, m) {
             .def("backward_data", &linear_layer::bwd_data)
             .def("backward_weights", &linear_layer::bwd_weights)
             .def("backward", &linear_layer::bwd);
+
+    py::class_<linear_relu_linear>(m, "LinearReluLinear")
+            .def(py::init<linear_layer &, linear_layer &>(), py::keep_alive<1, 2>(),
+                 py::keep_alive<1, 3>(), py::arg("first"), py::arg("second"))
+            .def("forward", &linear_relu_linear::forward)
+            .def("backward", &linear_relu_linear::backward)
+            .def("implementations", &linear_relu_linear::implementations);
 
     py::class_<conv2d_layer>(m, "Conv2dKernel")
             .def(py::init<int64_t, int64_t, std::array<int64_t, 2>, std::array<int64_t, 2>,

@@ -406,6 +406,59 @@ def conv2d(x, values, bias, row_ptr, col_idx, handle, seed, spec, scheme, vector
     return _SparseFunction.apply(x, values, bias, row_ptr, col_idx, handle, seed, spec, scheme, vectorization, True)
 
 
+# ---- the MLP block: Linear -> ReLU -> Linear, the hidden activation kept --------------
+#
+# One C++ call per direction (_C.LinearReluLinear): the hidden activation and
+# its gradient stay in the kernels' tile layout between the two layers (no
+# transposes in between), the ReLU is the first layer's post-op and keeps
+# one bit per element. Saved for backward: x and the hidden tiles where the
+# layer reading them is f32, the int8 workspaces where it is s8, the mask.
+
+
+def _chain_of(k1, k2):
+    # kept on the first layer's kernel, for its latest second layer: it goes
+    # with the kernel (a deleted model leaves no chain holding its kernels)
+    entry = k1.__dict__.get("_chain")
+    if entry is None or entry[0] is not k2:
+        entry = (k2, _C.LinearReluLinear(k1._k, k2._k))
+        k1.__dict__["_chain"] = entry
+    return entry[1]
+
+
+class _LinearReluLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, v1, b1, v2, b2, chain, seed1, seed2, f32_first, f32_second):
+        y, hidden, mask, ws1, ws2 = chain.forward(_np(x), _np(v1), _np(b1), _np(v2), _np(b2), _threads())
+        hidden, mask = torch.from_numpy(hidden), torch.from_numpy(mask)
+        ws1, ws2 = torch.from_numpy(ws1), torch.from_numpy(ws2)
+        ctx.save_for_backward(x if f32_first else _empty(), hidden if f32_second else _empty(), mask, ws1, ws2, v1, v2)
+        ctx.chain, ctx.seeds, ctx.f32 = chain, (int(seed1), int(seed2)), (f32_first, f32_second)
+        return torch.from_numpy(y)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):
+        x, hidden, mask, ws1, ws2, v1, v2 = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dx, dv1, db1, dv2, db2 = ctx.chain.backward(
+            _np(grad_y.contiguous()), _np(x) if ctx.f32[0] else None, _np(hidden) if ctx.f32[1] else None,
+            _np(mask), _np(ws1) if ws1.numel() else None, _np(ws2) if ws2.numel() else None, _np(v1), _np(v2),
+            *ctx.seeds, need[0], _threads(),
+        )  # fmt: skip
+        grads = [torch.from_numpy(g) for g in (dx, dv1, db1, dv2, db2)]
+        return tuple(g if n else None for g, n in zip(grads, need[:5], strict=True)) + (None,) * 5
+
+
+def linear_relu_linear(first, second, x: torch.Tensor) -> torch.Tensor:
+    """second(relu(first(x))) for two swapped Linear layers (f32 or s8) and a
+    2-D contiguous float32 x, in one call per direction (eager mode)."""
+    chain = _chain_of(first._kernel(), second._kernel())
+    return _LinearReluLinearFunction.apply(
+        x, first.values, first.bias, second.values, second.bias, chain, first._next_seed(), second._next_seed(),
+        first.scheme == "f32", second.scheme == "f32",
+    )  # fmt: skip
+
+
 # ---- the pixels a strided 1x1 convolution reads -------------------------------------
 
 

@@ -806,6 +806,36 @@ def _conv_add_relu(conv: nn.Module, batch_norm: nn.Module, relu: nn.Module | Non
     return relu(z) if relu is not None else torch.relu(z)
 
 
+def _linear_relu_linear(first: nn.Module, marker: nn.Module, second: nn.Module, input: torch.Tensor) -> torch.Tensor:
+    """second(marker(first(input))): what a traced Linear -> ReLU -> Linear
+    (a transformer MLP; ``first`` applying the ReLU, ``marker`` its
+    ``FusedReLU``) calls once ``qsparseprop.fuse`` has rewritten its
+    parent's forward (swap._fuse_linear_chains). The two layers then run in
+    one call per direction, the hidden activation and its gradient in the
+    kernels' tile layout between them, while the modules are what the
+    rewrite found and no hook (theirs, or a global one) is there to see the
+    calls; else the modules are called, as the parent's own forward would."""
+    linear = (SparseLinear, QuantizedSparseLinear)
+    if (
+        type(first) in linear
+        and type(second) in linear
+        and first.fused_relu
+        and type(marker) is FusedReLU
+        and first.out_features == second.in_features
+        and not torch.compiler.is_compiling()
+        and all(_called_plainly(m) for m in (first, marker, second))
+    ):
+        x = first._check_input(input, tuple(range(1, 9)), "at least 1-D (..., in_features)")
+        second._check_input(x, (x.dim(),), "")  # its values' dtype
+        if x.shape[-1] == first.in_features and x.numel() > 0:
+            lead = x.shape[:-1]
+            y = _ops.linear_relu_linear(first, second, x.reshape(-1, first.in_features).contiguous())
+            if second.fused_relu:
+                y = _ops.relu_bits(y)
+            return y.reshape(*lead, second.out_features)
+    return second(marker(first(input)))
+
+
 class QuantizedSparseConv2d(SparseConv2d):
     """``SparseConv2d`` computing in the int8 scheme (docs/quantization.md)."""
 

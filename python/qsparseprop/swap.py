@@ -31,6 +31,7 @@ from .modules import (
     SparseConv2d,
     SparseLinear,
     _conv_add_relu,
+    _linear_relu_linear,
     _SparseModule,
 )
 from .prototype import PrototypeQuantizedSparseConv2d, PrototypeQuantizedSparseLinear
@@ -55,6 +56,8 @@ class SwapDecision:
     fused_relu: bool = False  # the nn.ReLU right after it (or after its fused BatchNorm) is applied by the layer
     fused_batch_norm: bool = False  # the nn.BatchNorm2d right after it is applied by the layer
     fused_residual: bool = False  # and the residual add + ReLU after that BatchNorm (a traced block's end)
+    # its output (after its fused ReLU) goes to the next swapped Linear in the kernels' tile layout
+    fused_kept_layout: bool = False
 
 
 def _describe(module: nn.Module) -> str:
@@ -552,6 +555,9 @@ def _fuse(model: nn.Module, rows: dict[str, SwapDecision] | None, batch_norm: bo
     _fuse_traced(model, rows, batch_norm, relu)
     if batch_norm and relu:
         _fuse_residual_ends(model, rows)
+    if relu:
+        _fuse_traced_relus(model, rows)
+        _fuse_linear_chains(model, rows)
 
 
 def _plain_sequential(module: nn.Module) -> bool:
@@ -727,6 +733,35 @@ def _fuse_traced(model: nn.Module, rows, batch_norm: bool, relu: bool) -> None:
                     rows[full].fused_relu = True
 
 
+def _fuse_traced_relus(model: nn.Module, rows) -> None:
+    """Where a module's own forward (not an nn.Sequential: _fuse_sequential
+    does those) calls a sparse layer, then a ReLU module on its output only
+    (a transformer MLP's fc1 -> act), the layer applies the ReLU, as in a
+    Sequential; each module called once and reachable under one name."""
+    for parent_name, parent in list(model.named_modules()):
+        if _plain_sequential(parent) or not any(isinstance(m, _SparseModule) for m in parent.children()):
+            continue
+        try:
+            graph = _ChildrenAsLeaves().trace(parent)
+        except Exception:  # noqa: BLE001 - whatever fx cannot trace is not fused
+            continue
+        calls = _module_calls(graph)
+        for node in graph.nodes:
+            layer = _called_once(model, parent, calls, node, lambda m: isinstance(m, _SparseModule))
+            if layer is None or layer.fused_relu or layer.__dict__.get("fused_batch_norm") is not None:
+                continue
+            full = f"{parent_name}.{node.target}" if parent_name else node.target
+            if len(node.users) != 1 or (rows is not None and full not in rows):
+                continue
+            (relu_node,) = node.users
+            if _called_once(model, parent, calls, relu_node, _is_relu) is None or relu_node.args[0] is not node:
+                continue
+            layer.fused_relu = True
+            _replace(parent, relu_node.target, FusedReLU())
+            if rows is not None:
+                rows[full].fused_relu = True
+
+
 # ---- residual block ends ------------------------------------------------------------
 #
 # A residual block ends with relu(bn(conv(x)) + shortcut) written in its own
@@ -826,25 +861,9 @@ def _fuse_residual_ends(model: nn.Module, rows) -> None:
             continue
         if not any(isinstance(m, SparseConv2d) for m in parent.modules() if m is not parent):
             continue
-        # traced in both modes: a forward that branches on self.training
-        # (traced as a constant) is left as it is; each module's own mode
-        # (a BatchNorm kept in eval inside a training model) is put back
-        modes = [(m, m.training) for m in parent.modules()]
-        graphs = []
-        try:
-            for training in (True, False):
-                parent.train(training)
-                graphs.append(_SequentialsInlined().trace(parent))
-        except Exception:  # noqa: BLE001 - whatever fx cannot trace is not rewritten
-            graphs = []
-        finally:
-            for m, training in modes:
-                m.training = training
-        if len(graphs) != 2:
+        graph = _graph_of_both_modes(parent)
+        if graph is None:
             continue
-        if str(graphs[0]) != str(graphs[1]):
-            continue
-        graph = graphs[0]
         ends = _residual_ends(model, parent, graph, rows, parent_name)
         if not ends:
             continue
@@ -858,10 +877,99 @@ def _fuse_residual_ends(model: nn.Module, rows) -> None:
                 graph.erase_node(dead)
             if rows is not None:
                 rows[full].fused_residual = True
-        graph.lint()
-        code = torch.fx.GraphModule(parent, graph)
-        object.__setattr__(parent, "forward", types.MethodType(type(code).forward, parent))
-        object.__setattr__(parent, _FUSED_FORWARD, True)
+        _rewrite_forward(parent, graph)
+
+
+def _graph_of_both_modes(parent: nn.Module):
+    """``parent``'s forward traced (its plain nn.Sequential children
+    inlined), or None where fx cannot trace it or it traces differently in
+    train and eval mode: a forward that branches on self.training (traced as
+    a constant) is left as it is. Each module's own mode (a BatchNorm kept
+    in eval inside a training model) is put back."""
+    modes = [(m, m.training) for m in parent.modules()]
+    graphs = []
+    try:
+        for training in (True, False):
+            parent.train(training)
+            graphs.append(_SequentialsInlined().trace(parent))
+    except Exception:  # noqa: BLE001 - whatever fx cannot trace is not rewritten
+        return None
+    finally:
+        for m, training in modes:
+            m.training = training
+    return graphs[0] if str(graphs[0]) == str(graphs[1]) else None
+
+
+def _rewrite_forward(parent: nn.Module, graph) -> None:
+    """Binds the edited graph's code to this instance as its forward (its
+    class, submodules and state_dict stay; to_dense takes it back)."""
+    graph.lint()
+    code = torch.fx.GraphModule(parent, graph)
+    object.__setattr__(parent, "forward", types.MethodType(type(code).forward, parent))
+    object.__setattr__(parent, _FUSED_FORWARD, True)
+
+
+def _is_sparse_linear(m: nn.Module) -> bool:
+    return type(m) in (SparseLinear, QuantizedSparseLinear)
+
+
+def _linear_chains(model: nn.Module, parent: nn.Module, graph, rows, parent_name: str):
+    """(first node, FusedReLU node, second node, the first's name) of each
+    Linear -> ReLU -> Linear in ``parent``'s traced graph: two swapped
+    Linear layers (f32 or s8), the first applying the ReLU whose marker sits
+    between them, each called once on one input and reachable under one
+    name, each intermediate used once."""
+    calls = _module_calls(graph)
+    chains = []
+    for node in graph.nodes:
+        first = _called_once(model, parent, calls, node, _is_sparse_linear)
+        if first is None or not first.fused_relu or len(node.users) != 1:
+            continue
+        full = f"{parent_name}.{node.target}" if parent_name else node.target
+        if rows is not None and full not in rows:
+            continue
+        (marker_node,) = node.users
+        if _called_once(model, parent, calls, marker_node, lambda m: type(m) is FusedReLU) is None:
+            continue
+        if marker_node.args != (node,) or len(marker_node.users) != 1:
+            continue
+        (second_node,) = marker_node.users
+        second = _called_once(model, parent, calls, second_node, _is_sparse_linear)
+        if second is None or second_node.args != (marker_node,) or second.in_features != first.out_features:
+            continue
+        if any(node is c[2] for c in chains):  # a layer ends one chain or starts one, not both
+            continue
+        chains.append((node, marker_node, second_node, full))
+    return chains
+
+
+def _fuse_linear_chains(model: nn.Module, rows) -> None:
+    """Rewrites the forward of each module (a plain nn.Sequential included)
+    whose traced forward holds a Linear -> ReLU -> Linear of swapped layers:
+    the two run as one (modules._linear_relu_linear), the hidden activation
+    in the kernels' layout between them. A module already rewritten (a
+    residual block) is left as it is."""
+    for parent_name, parent in list(model.named_modules()):
+        if _rewritten(parent):
+            continue
+        if not any(_is_sparse_linear(m) and m.fused_relu for m in parent.modules() if m is not parent):
+            continue
+        graph = _graph_of_both_modes(parent)
+        if graph is None:
+            continue
+        chains = _linear_chains(model, parent, graph, rows, parent_name)
+        if not chains:
+            continue
+        for first_node, marker_node, second_node, full in chains:
+            with graph.inserting_before(second_node):
+                mods = [graph.get_attr(n.target) for n in (first_node, marker_node, second_node)]
+                both = graph.call_function(_linear_relu_linear, (*mods, first_node.args[0]))
+            second_node.replace_all_uses_with(both)
+            for dead in (second_node, marker_node, first_node):
+                graph.erase_node(dead)
+            if rows is not None:
+                rows[full].fused_kept_layout = True
+        _rewrite_forward(parent, graph)
 
 
 def _unfuse_residual_ends(model: nn.Module) -> None:

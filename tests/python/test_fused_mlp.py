@@ -1,0 +1,222 @@
+"""The fused MLP block (Linear -> ReLU -> Linear, qsparseprop.fuse): the two
+swapped layers run in one call per direction, the hidden activation and its
+gradient in the kernels' tile layout between them (kept, where both layers'
+implementations read it natively), and the block computes what the same
+layers unfused compute — output and every gradient bit for bit, f32 and s8,
+over steps, odd batch sizes, 3-D inputs, 1-3 threads, train and eval — while
+it stays the same model to everything around it (state_dict, deepcopy,
+pickle, to_dense, swap plans, hooks, torch.compile)."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import qsparseprop as q
+from conftest import prune_random_
+from qsparseprop import _ops
+
+CLASSES = {"f32": q.SparseLinear, "s8": q.QuantizedSparseLinear}
+
+
+def _mlp(width=24, hidden=40, bias=True, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        prune_random_(nn.Linear(width, hidden, bias=bias), 0.8), nn.ReLU(), prune_random_(nn.Linear(hidden, width), 0.8)
+    )
+
+
+def _swapped(model, scheme="f32"):
+    for name, child in list(model.named_children()):
+        if isinstance(child, nn.Linear):
+            setattr(model, name, CLASSES[scheme].from_dense(child, seed=5))
+        else:
+            _swapped(child, scheme)
+    return model
+
+
+def _pair(dense, scheme):
+    unfused = _swapped(copy.deepcopy(dense), scheme)
+    q.use_masked_relus(unfused)
+    return unfused, q.fuse(copy.deepcopy(unfused))
+
+
+def _chain_calls(monkeypatch):
+    calls = []
+    real = _ops.linear_relu_linear
+    monkeypatch.setattr(_ops, "linear_relu_linear", lambda *a: calls.append(a[2].shape) or real(*a))
+    return calls
+
+
+def _step(model, x, g):
+    x = x.clone().requires_grad_()
+    model.zero_grad(set_to_none=True)
+    out = model(x)
+    out.backward(g)
+    return [out, x.grad] + [p.grad for p in model.parameters()]
+
+
+def _same(got, want, what):
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        assert (a is None) == (b is None), f"{what}: gradient {i} missing"
+        if a is not None:
+            assert torch.equal(a, b), f"{what}: tensor {i} differs (max {(a - b).abs().max().item()})"
+
+
+@pytest.mark.parametrize("scheme", ["f32", "s8"])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_a_fused_mlp_trains_as_the_unfused_layers(scheme, threads, monkeypatch):
+    unfused, fused = _pair(_mlp(), scheme)
+    assert "forward" in fused.__dict__  # the Sequential's forward was rewritten
+    calls = _chain_calls(monkeypatch)
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(2)
+        for step, shape in enumerate([(1, 24), (65, 24), (130, 24), (3, 7, 24)]):
+            x = torch.randn(shape, generator=gen)
+            g = torch.randn(*shape[:-1], 24, generator=gen)
+            _same(_step(fused, x, g), _step(unfused, x, g), f"step {step}, input {shape}")
+            with torch.no_grad():
+                for a, b in zip(unfused.parameters(), fused.parameters(), strict=True):
+                    a -= 0.05 * a.grad
+                    b -= 0.05 * b.grad
+        unfused.eval(), fused.eval()
+        with torch.no_grad():
+            x = torch.randn(17, 24, generator=gen)
+            assert torch.equal(fused(x), unfused(x))
+    finally:
+        torch.set_num_threads(2)
+    assert len(calls) == 5  # every call ran as one block, eval included
+
+
+def test_the_hidden_layout_is_kept_where_both_layers_read_it(monkeypatch):
+    # f32 on the JIT tiers keeps the tiles; s8 (oneDNN's int8 or the JIT,
+    # whose workspace is plain) and the reference tier keep the plain layout
+    unfused, fused = _pair(_mlp(), "f32")
+    fused(torch.randn(70, 24))
+    chain = _ops._chain_of(fused[0]._kernel(), fused[2]._kernel())
+    impls = chain.implementations(70, _ops._threads())
+    native = q._C.effective_cpu_isa() not in ("ref", "sse41")
+    assert impls.endswith("(hidden kept)" if native else "(hidden plain)"), impls
+    s8 = _pair(_mlp(), "s8")[1]
+    s8(torch.randn(70, 24))
+    assert (
+        _ops._chain_of(s8[0]._kernel(), s8[2]._kernel()).implementations(70, _ops._threads()).endswith("(hidden plain)")
+    )
+
+
+def test_a_skipped_relu_would_be_seen(monkeypatch):
+    # the test above compares with MaskedReLU between the layers: a chain
+    # without its ReLU differs
+    unfused, fused = _pair(_mlp(), "f32")
+    x = torch.randn(9, 24)
+    without = copy.deepcopy(unfused)
+    without[1] = nn.Identity()
+    assert not torch.equal(without(x), fused(x))
+    assert torch.equal(unfused(x), fused(x))
+
+
+def test_a_second_relu_and_no_bias_are_kept():
+    torch.manual_seed(0)
+    dense = nn.Sequential(
+        prune_random_(nn.Linear(8, 16, bias=False), 0.7), nn.ReLU(), prune_random_(nn.Linear(16, 8), 0.7), nn.ReLU()
+    )
+    unfused, fused = _pair(dense, "f32")
+    x, g = torch.randn(5, 8), torch.randn(5, 8)
+    _same(_step(fused, x, g), _step(unfused, x, g), "relu after the second layer")
+    assert (fused(x) >= 0).all()
+
+
+def test_a_traced_transformer_mlp_fuses_and_a_longer_chain_fuses_its_first_pair(monkeypatch):
+    class Mlp(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.act, self.fc2 = nn.Linear(12, 30), nn.ReLU(), nn.Linear(30, 12)
+
+        def forward(self, x):
+            return x + self.fc2(self.act(self.fc1(x)))
+
+    torch.manual_seed(0)
+    dense = Mlp()
+    for m in (dense.fc1, dense.fc2):
+        prune_random_(m, 0.8)
+    unfused, fused = _pair(dense, "f32")
+    assert fused.__dict__.get("_qsparseprop_fused_forward") and type(fused.act) is q.FusedReLU
+    calls = _chain_calls(monkeypatch)
+    x, g = torch.randn(2, 5, 12), torch.randn(2, 5, 12)
+    _same(_step(fused, x, g), _step(unfused, x, g), "traced MLP")
+    assert len(calls) == 1
+    # Linear-ReLU-Linear-ReLU-Linear: the first pair runs as one block, the
+    # third layer after it
+    torch.manual_seed(1)
+    three = nn.Sequential(*[m for i in range(3) for m in (prune_random_(nn.Linear(10, 10), 0.7), nn.ReLU())][:-1])
+    unfused, fused = _pair(three, "s8")
+    calls.clear()
+    x, g = torch.randn(4, 10), torch.randn(4, 10)
+    _same(_step(fused, x, g), _step(unfused, x, g), "three layers")
+    assert len(calls) == 1
+
+
+def test_hooks_and_replaced_modules_are_called_as_the_sequential_would(monkeypatch):
+    unfused, fused = _pair(_mlp(), "f32")
+    calls = _chain_calls(monkeypatch)
+    x = torch.randn(6, 24)
+    want = unfused(x)
+    seen = []
+    for module in (fused[0], fused[1], fused[2]):
+        handle = module.register_forward_hook(lambda m, args, out: seen.append(type(m).__name__))
+        assert torch.equal(fused(x), want)
+        handle.remove()
+    assert seen == ["SparseLinear", "FusedReLU", "SparseLinear"] and not calls
+    assert torch.equal(fused(x), want) and len(calls) == 1
+    fused[2] = nn.Linear(40, 24)  # another module in the second layer's place runs there
+    torch.testing.assert_close(fused(x), fused[2](torch.relu(unfused[0](x))))
+
+
+def test_the_fused_mlp_stays_the_same_model(tmp_path):
+    unfused, fused = _pair(_mlp(), "s8")
+    assert list(fused.state_dict()) == list(unfused.state_dict())
+    x = torch.randn(4, 24)
+    with torch.no_grad():
+        fused.eval(), unfused.eval()
+        want = unfused(x)
+        assert torch.equal(fused(x), want)
+        twin = copy.deepcopy(fused)
+        assert twin.forward.__self__ is twin and torch.equal(twin(x), want)
+        torch.save(fused, tmp_path / "mlp.pt")
+        back = torch.load(tmp_path / "mlp.pt", weights_only=False)
+        assert torch.equal(back(x), want) and torch.equal(q.fuse(back)(x), want)
+        dense = q.to_dense(fused)
+        assert "forward" not in dense.__dict__ and type(dense[1]) is nn.ReLU
+        torch.testing.assert_close(dense(x), want, rtol=0.05, atol=0.05)  # fp32 now, not int8
+
+
+def test_the_swap_fuses_the_mlp_and_its_plan_records_it(tmp_path):
+    dense = _mlp(64, 128)
+    fresh = copy.deepcopy(dense)
+    swapped = q.swap_modules_with_sparse(dense, (32, 64), verbose=False, min_sparsity=0.5, min_speedup=0.0)
+    rows = {r.name: r for r in swapped.qsparseprop_swap_report}
+    assert rows["0"].fused_kept_layout and not rows["2"].fused_kept_layout
+    q.save_swap_plan(swapped, tmp_path / "plan.json")
+    again = q.apply_swap_plan(fresh, tmp_path / "plan.json")
+    assert "forward" in again.__dict__
+    x = torch.randn(8, 64)
+    with torch.no_grad():
+        assert torch.equal(again.eval()(x), swapped.eval()(x))
+
+
+def test_compile_runs_the_layers_as_custom_ops():
+    unfused, fused = _pair(_mlp(), "f32")
+    compiled = torch.compile(fused, backend="eager", fullgraph=False)
+    x, g = torch.randn(5, 24), torch.randn(5, 24)
+    _same(_step(compiled, x, g), _step(unfused, x, g), "compiled")
+
+
+def test_bad_input_is_refused_with_the_layers_message():
+    _, fused = _pair(_mlp(), "f32")
+    with pytest.raises(TypeError, match="float32"):
+        fused(torch.randn(3, 24, dtype=torch.float64))
+    with pytest.raises(ValueError, match="in_features=24"):
+        fused(torch.randn(3, 23))
+    assert fused(torch.randn(0, 24)).shape == (0, 24)
