@@ -220,3 +220,13 @@ def test_bad_input_is_refused_with_the_layers_message():
     with pytest.raises(ValueError, match="in_features=24"):
         fused(torch.randn(3, 23))
     assert fused(torch.randn(0, 24)).shape == (0, 24)
+
+
+def test_the_main_jobs_step_table_counts_the_block_as_sparse_layers():
+    from qsparseprop import finetune
+
+    _, fused = _pair(_mlp(), "f32")
+    opt = torch.optim.SGD(fused.parameters(), lr=0.01)
+    x, y = torch.randn(16, 24), torch.randint(0, 24, (16,))
+    parts = finetune.step_breakdown(fused, opt, x, y, torch.autocast("cpu", enabled=False))
+    assert parts["sparse layers"] > 0.0 and parts["dense conv/linear"] == 0.0, parts
