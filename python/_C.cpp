@@ -502,9 +502,17 @@ private:
 // kept layout (qsp::kept_layout_desc) from the first layer's kernels to the
 // second's and back: the passes between the two layers are gone, the ReLU
 // is the first layer's post-op (keeping one bit per element).
-class linear_relu_linear {
+// The transformer MLP block (Linear -> activation -> Linear) with its hidden
+// activation and that activation's gradient in the kept layout
+// (qsp::kept_layout_desc) from the first layer's kernels to the second's and
+// back, where both layers read it natively: the passes between the two
+// layers are gone. With a ReLU (the first layer's post-op, one bit per
+// element kept) forward and backward are one call each; another activation
+// (GELU) runs between the steps below, elementwise, on the hidden tensor in
+// whatever layout it is (its padding stays zero: the activation of 0 is 0).
+class linear_act_linear {
 public:
-    linear_relu_linear(linear_layer &first, linear_layer &second) : a_(first), b_(second) {
+    linear_act_linear(linear_layer &first, linear_layer &second) : a_(first), b_(second) {
         if (a_.out_features() != b_.in_features())
             throw py::value_error("the second layer's in_features ("
                                   + std::to_string(b_.in_features())
@@ -513,36 +521,26 @@ public:
     }
 
     // y = second(relu(first(x))); returns (y, hidden, mask, workspace of
-    // the first, workspace of the second): hidden (the ReLU's output, kept
-    // layout, flat) is what an f32 second layer's backward reads, mask its
-    // ReLU's bits.
+    // the first, workspace of the second): hidden (the ReLU's output, flat,
+    // in the layout the block picked) is what an f32 second layer's backward
+    // reads, mask its ReLU's bits.
     py::tuple forward(const py::array &x, const py::array &values_a, const py::object &bias_a,
                       const py::array &values_b, const py::object &bias_b, int threads) {
-        if (x.ndim() != 2 || x.shape(1) != a_.in_features())
-            throw py::value_error("x must be 2-D (batch x " + std::to_string(a_.in_features())
-                                  + "), got " + std::to_string(x.ndim()) + "-D");
-        const int64_t batch = x.shape(0);
-        const auto [pa, pb, hidden_md] = pick(batch, threads);
-        const int64_t hidden_n = static_cast<int64_t>(hidden_md.get_size() / sizeof(float));
-        py::array_t<float> hidden = pooled_array<float>({hidden_n});
-        py::array_t<uint8_t> mask = pooled_array<uint8_t>({(hidden_n + 7) / 8});
-        py::array_t<float> y = pooled_array<float>({batch, b_.out_features()});
+        const auto p = pick(batch_of(x, "x", a_.in_features()), threads, true);
+        py::array_t<float> hidden = pooled_array<float>({p.hidden_n});
+        py::array_t<uint8_t> mask = pooled_array<uint8_t>({(p.hidden_n + 7) / 8});
         py::array_t<uint8_t> ws_a, ws_b;
-        qsp::exec_args fa{
-                {DNNL_ARG_SRC, mem(f32_md(pa->src), checked<float>(x, "x", pa->src, false))},
-                {DNNL_ARG_DST, mem(hidden_md, hidden.mutable_data())},
-                {qsp::QSP_ARG_POST_OP(0, qsp::QSP_POST_OP_MASK),
-                 mem(dnnl::memory::desc({(hidden_n + 7) / 8}, dnnl::memory::data_type::u8,
-                                        dnnl::memory::dims{1}),
-                     mask.mutable_data())}};
-        a_.add_forward_args(*pa, fa, values_a, bias_a, ws_a);
-        qsp::exec_args fb{{DNNL_ARG_SRC, mem(hidden_md, hidden.mutable_data())},
-                          {DNNL_ARG_DST, mem(f32_md(pb->dst), y.mutable_data())}};
-        b_.add_forward_args(*pb, fb, values_b, bias_b, ws_b);
+        qsp::exec_args fa = first_forward_args(p, x, values_a, bias_a, hidden, ws_a);
+        fa[qsp::QSP_ARG_POST_OP(0, qsp::QSP_POST_OP_MASK)] =
+                mem(dnnl::memory::desc({(p.hidden_n + 7) / 8}, dnnl::memory::data_type::u8,
+                                       dnnl::memory::dims{1}),
+                    mask.mutable_data());
+        py::array_t<float> y = pooled_array<float>({p.batch, b_.out_features()});
+        const qsp::exec_args fb = second_forward_args(p, hidden, values_b, bias_b, y, ws_b);
         {
             py::gil_scoped_release release;
-            pa->fwd.execute(a_.stream(), fa);
-            pb->fwd.execute(b_.stream(), fb);
+            p.a->fwd.execute(a_.stream(), fa);
+            p.b->fwd.execute(b_.stream(), fb);
         }
         return py::make_tuple(y, hidden, mask, ws_a, ws_b);
     }
@@ -554,62 +552,186 @@ public:
                        const py::array &mask, const py::object &ws_a, const py::object &ws_b,
                        const py::array &values_a, const py::array &values_b, uint64_t seed_a,
                        uint64_t seed_b, bool need_dx, int threads) {
-        if (dy.ndim() != 2 || dy.shape(1) != b_.out_features())
-            throw py::value_error("dy must be 2-D (batch x " + std::to_string(b_.out_features())
-                                  + ")");
-        const int64_t batch = dy.shape(0);
-        const auto [pa, pb, hidden_md] = pick(batch, threads);
-        const int64_t hidden_n = static_cast<int64_t>(hidden_md.get_size() / sizeof(float));
-        const uint8_t *bits = checked<uint8_t>(mask, "mask", {(hidden_n + 7) / 8}, false);
-        py::array_t<float> dhidden = pooled_array<float>({hidden_n});
-        py::array_t<float> dx = pooled_array<float>(need_dx ? pa->src : dims{0});
-        py::array_t<float> dv_a, db_a, dv_b, db_b;
+        const auto p = pick(batch_of(dy, "dy", b_.out_features()), threads, true);
+        const uint8_t *bits = checked<uint8_t>(mask, "mask", {(p.hidden_n + 7) / 8}, false);
+        py::array_t<float> dhidden = pooled_array<float>({p.hidden_n});
+        py::array_t<float> dx, dv_a, db_a, dv_b, db_b;
         int32_t seed_storage_a[2], seed_storage_b[2];
-        qsp::exec_args bb{
-                {DNNL_ARG_DIFF_DST, mem(f32_md(pb->dst), checked<float>(dy, "dy", pb->dst, false))},
-                {DNNL_ARG_DIFF_SRC, mem(hidden_md, dhidden.mutable_data())}};
-        b_.add_backward_args(*pb, bb, hidden, hidden_md, ws_b, values_b, dv_b, db_b, seed_storage_b,
-                             seed_b);
-        qsp::exec_args ba{{DNNL_ARG_DIFF_DST, mem(hidden_md, dhidden.mutable_data())}};
-        if (need_dx) ba[DNNL_ARG_DIFF_SRC] = mem(f32_md(pa->src), dx.mutable_data());
-        a_.add_backward_args(*pa, ba, x, f32_md(pa->src), ws_a, values_a, dv_a, db_a,
-                             seed_storage_a, seed_a);
+        const qsp::exec_args bb = second_backward_args(p, dy, hidden, ws_b, values_b, dhidden, dv_b,
+                                                       db_b, seed_storage_b, seed_b);
+        const qsp::exec_args ba = first_backward_args(p, dhidden, x, ws_a, values_a, need_dx, dx,
+                                                      dv_a, db_a, seed_storage_a, seed_a);
         {
             py::gil_scoped_release release;
-            pb->both.execute(b_.stream(), bb);
-            qsp::relu_with_mask_backward(dhidden.data(), bits, dhidden.mutable_data(), hidden_n,
+            p.b->both.execute(b_.stream(), bb);
+            qsp::relu_with_mask_backward(dhidden.data(), bits, dhidden.mutable_data(), p.hidden_n,
                                          threads);
-            if (need_dx)
-                pa->both.execute(a_.stream(), ba);
-            else
-                pa->bwd_weights.execute(a_.stream(), ba);
+            run_first_backward(p, ba, need_dx);
         }
         return py::make_tuple(dx, dv_a, db_a, dv_b, db_b);
     }
 
+    // The steps, for an activation applied between them. first_forward:
+    // (hidden before the activation, flat, the block's layout; workspace).
+    py::tuple first_forward(const py::array &x, const py::array &values_a, const py::object &bias_a,
+                            int threads) {
+        const auto p = pick(batch_of(x, "x", a_.in_features()), threads, false);
+        py::array_t<float> hidden = pooled_array<float>({p.hidden_n});
+        py::array_t<uint8_t> ws_a;
+        const qsp::exec_args fa = first_forward_args(p, x, values_a, bias_a, hidden, ws_a);
+        {
+            py::gil_scoped_release release;
+            p.a->fwd.execute(a_.stream(), fa);
+        }
+        return py::make_tuple(hidden, ws_a);
+    }
+
+    // second_forward: (y, workspace) from the activation's output.
+    py::tuple second_forward(const py::array &hidden, const py::array &values_b,
+                             const py::object &bias_b, int64_t batch, int threads) {
+        const auto p = pick(batch, threads, false);
+        py::array_t<float> y = pooled_array<float>({p.batch, b_.out_features()});
+        py::array_t<uint8_t> ws_b;
+        const qsp::exec_args fb = second_forward_args(p, hidden, values_b, bias_b, y, ws_b);
+        {
+            py::gil_scoped_release release;
+            p.b->fwd.execute(b_.stream(), fb);
+        }
+        return py::make_tuple(y, ws_b);
+    }
+
+    // second_backward: (the activation output's gradient, flat, the block's
+    // layout; dvalues_b; dbias_b).
+    py::tuple second_backward(const py::array &dy, const py::object &hidden, const py::object &ws_b,
+                              const py::array &values_b, uint64_t seed_b, int threads) {
+        const auto p = pick(batch_of(dy, "dy", b_.out_features()), threads, false);
+        py::array_t<float> dhidden = pooled_array<float>({p.hidden_n});
+        py::array_t<float> dv_b, db_b;
+        int32_t seed_storage[2];
+        const qsp::exec_args bb = second_backward_args(p, dy, hidden, ws_b, values_b, dhidden, dv_b,
+                                                       db_b, seed_storage, seed_b);
+        {
+            py::gil_scoped_release release;
+            p.b->both.execute(b_.stream(), bb);
+        }
+        return py::make_tuple(dhidden, dv_b, db_b);
+    }
+
+    // first_backward: (dx or an empty array, dvalues_a, dbias_a) from the
+    // gradient of the activation's input.
+    py::tuple first_backward(const py::array &dhidden, const py::object &x, const py::object &ws_a,
+                             const py::array &values_a, uint64_t seed_a, bool need_dx,
+                             int64_t batch, int threads) {
+        const auto p = pick(batch, threads, false);
+        py::array_t<float> dx, dv_a, db_a;
+        int32_t seed_storage[2];
+        const qsp::exec_args ba = first_backward_args(p, dhidden, x, ws_a, values_a, need_dx, dx,
+                                                      dv_a, db_a, seed_storage, seed_a);
+        {
+            py::gil_scoped_release release;
+            run_first_backward(p, ba, need_dx);
+        }
+        return py::make_tuple(dx, dv_a, db_a);
+    }
+
     // "<first's forward/backward-data/backward-weights> | <second's>", and
     // the hidden activation's layout.
-    std::string implementations(int64_t batch, int threads) {
-        const auto [pa, pb, hidden_md] = pick(batch, threads);
-        return pa->impls + " | " + pb->impls
-               + (hidden_md.get_ndims() == 3 ? " (hidden kept)" : " (hidden plain)");
+    std::string implementations(int64_t batch, int threads, bool relu) {
+        const auto p = pick(batch, threads, relu);
+        return p.a->impls + " | " + p.b->impls
+               + (p.hidden_md.get_ndims() == 3 ? " (hidden kept)" : " (hidden plain)");
     }
 
 private:
     using prims_t = std::shared_ptr<const linear_layer::primitives>;
+    struct picked {
+        prims_t a, b;
+        dnnl::memory::desc hidden_md;
+        int64_t batch, hidden_n; // hidden_n: floats of the hidden tensor, padding included
+    };
 
     // The two layers' primitives and the hidden activation's layout: kept
     // where every direction of both layers reads it natively, plain where
     // one would convert (the conversions would cost more than the layout
     // saves).
-    std::tuple<prims_t, prims_t, dnnl::memory::desc> pick(int64_t batch, int threads) {
-        auto pa = a_.prims(batch, threads, linear_layer::relu);
+    picked pick(int64_t batch, int threads, bool relu) {
+        const int act = relu ? linear_layer::relu : linear_layer::plain;
+        auto pa = a_.prims(batch, threads, act);
         auto pb = b_.prims(batch, threads, linear_layer::plain);
         const int64_t hidden = a_.out_features();
-        if (!pa->takes_kept || !pb->takes_kept) return {pa, pb, f32_md({batch, hidden})};
-        return {a_.prims(batch, threads, linear_layer::dst_kept | linear_layer::relu),
-                b_.prims(batch, threads, linear_layer::src_kept),
-                qsp::kept_layout_desc(batch, hidden)};
+        dnnl::memory::desc md = f32_md({batch, hidden});
+        if (pa->takes_kept && pb->takes_kept) {
+            pa = a_.prims(batch, threads, linear_layer::dst_kept | act);
+            pb = b_.prims(batch, threads, linear_layer::src_kept);
+            md = qsp::kept_layout_desc(batch, hidden);
+        }
+        return {pa, pb, md, batch, static_cast<int64_t>(md.get_size() / sizeof(float))};
+    }
+
+    static int64_t batch_of(const py::array &a, const char *name, int64_t features) {
+        if (a.ndim() != 2 || a.shape(1) != features)
+            throw py::value_error(std::string(name) + " must be 2-D (batch x "
+                                  + std::to_string(features) + "), got " + std::to_string(a.ndim())
+                                  + "-D");
+        return a.shape(0);
+    }
+
+    // A flat hidden tensor of the picked layout (or None where not needed).
+    const float *hidden_of(const picked &p, const py::object &h, const char *name) const {
+        return checked<float>(as_array(h, name), name, {p.hidden_n}, false);
+    }
+
+    qsp::exec_args first_forward_args(const picked &p, const py::array &x,
+                                      const py::array &values_a, const py::object &bias_a,
+                                      py::array_t<float> &hidden, py::array_t<uint8_t> &ws_a) {
+        qsp::exec_args fa{
+                {DNNL_ARG_SRC, mem(f32_md(p.a->src), checked<float>(x, "x", p.a->src, false))},
+                {DNNL_ARG_DST, mem(p.hidden_md, hidden.mutable_data())}};
+        a_.add_forward_args(*p.a, fa, values_a, bias_a, ws_a);
+        return fa;
+    }
+
+    qsp::exec_args second_forward_args(const picked &p, const py::object &hidden,
+                                       const py::array &values_b, const py::object &bias_b,
+                                       py::array_t<float> &y, py::array_t<uint8_t> &ws_b) {
+        qsp::exec_args fb{{DNNL_ARG_SRC, mem(p.hidden_md, hidden_of(p, hidden, "hidden"))},
+                          {DNNL_ARG_DST, mem(f32_md(p.b->dst), y.mutable_data())}};
+        b_.add_forward_args(*p.b, fb, values_b, bias_b, ws_b);
+        return fb;
+    }
+
+    qsp::exec_args second_backward_args(const picked &p, const py::array &dy,
+                                        const py::object &hidden, const py::object &ws_b,
+                                        const py::array &values_b, py::array_t<float> &dhidden,
+                                        py::array_t<float> &dv_b, py::array_t<float> &db_b,
+                                        int32_t *seed_storage, uint64_t seed_b) {
+        qsp::exec_args bb{{DNNL_ARG_DIFF_DST,
+                           mem(f32_md(p.b->dst), checked<float>(dy, "dy", p.b->dst, false))},
+                          {DNNL_ARG_DIFF_SRC, mem(p.hidden_md, dhidden.mutable_data())}};
+        b_.add_backward_args(*p.b, bb, hidden, p.hidden_md, ws_b, values_b, dv_b, db_b,
+                             seed_storage, seed_b);
+        return bb;
+    }
+
+    qsp::exec_args first_backward_args(const picked &p, const py::object &dhidden,
+                                       const py::object &x, const py::object &ws_a,
+                                       const py::array &values_a, bool need_dx,
+                                       py::array_t<float> &dx, py::array_t<float> &dv_a,
+                                       py::array_t<float> &db_a, int32_t *seed_storage,
+                                       uint64_t seed_a) {
+        dx = pooled_array<float>(need_dx ? p.a->src : dims{0});
+        qsp::exec_args ba{{DNNL_ARG_DIFF_DST, mem(p.hidden_md, hidden_of(p, dhidden, "dhidden"))}};
+        if (need_dx) ba[DNNL_ARG_DIFF_SRC] = mem(f32_md(p.a->src), dx.mutable_data());
+        a_.add_backward_args(*p.a, ba, x, f32_md(p.a->src), ws_a, values_a, dv_a, db_a,
+                             seed_storage, seed_a);
+        return ba;
+    }
+
+    void run_first_backward(const picked &p, const qsp::exec_args &ba, bool need_dx) const {
+        if (need_dx)
+            p.a->both.execute(a_.stream(), ba);
+        else
+            p.a->bwd_weights.execute(a_.stream(), ba);
     }
 
     dnnl::memory mem(const dnnl::memory::desc &md, const void *p) const {
@@ -1073,12 +1195,17 @@ PYBIND11_MODULE(_C, m) {
             .def("backward_weights", &linear_layer::bwd_weights)
             .def("backward", &linear_layer::bwd);
 
-    py::class_<linear_relu_linear>(m, "LinearReluLinear")
+    py::class_<linear_act_linear>(m, "LinearActLinear")
             .def(py::init<linear_layer &, linear_layer &>(), py::keep_alive<1, 2>(),
                  py::keep_alive<1, 3>(), py::arg("first"), py::arg("second"))
-            .def("forward", &linear_relu_linear::forward)
-            .def("backward", &linear_relu_linear::backward)
-            .def("implementations", &linear_relu_linear::implementations);
+            .def("forward", &linear_act_linear::forward)
+            .def("backward", &linear_act_linear::backward)
+            .def("first_forward", &linear_act_linear::first_forward)
+            .def("second_forward", &linear_act_linear::second_forward)
+            .def("second_backward", &linear_act_linear::second_backward)
+            .def("first_backward", &linear_act_linear::first_backward)
+            .def("implementations", &linear_act_linear::implementations, py::arg("batch"),
+                 py::arg("threads"), py::arg("relu") = true);
 
     py::class_<conv2d_layer>(m, "Conv2dKernel")
             .def(py::init<int64_t, int64_t, std::array<int64_t, 2>, std::array<int64_t, 2>,

@@ -406,13 +406,17 @@ def conv2d(x, values, bias, row_ptr, col_idx, handle, seed, spec, scheme, vector
     return _SparseFunction.apply(x, values, bias, row_ptr, col_idx, handle, seed, spec, scheme, vectorization, True)
 
 
-# ---- the MLP block: Linear -> ReLU -> Linear, the hidden activation kept --------------
+# ---- the MLP block: Linear -> activation -> Linear, the hidden activation kept ----------
 #
-# One C++ call per direction (_C.LinearReluLinear): the hidden activation and
-# its gradient stay in the kernels' tile layout between the two layers (no
-# transposes in between), the ReLU is the first layer's post-op and keeps
-# one bit per element. Saved for backward: x and the hidden tiles where the
-# layer reading them is f32, the int8 workspaces where it is s8, the mask.
+# _C.LinearActLinear runs the two layers with the hidden activation and its
+# gradient in the kernels' tile layout between them where both read it
+# natively (no transposes in between). With a ReLU (the first layer's
+# post-op, one bit per element kept) each direction is one C++ call; a GELU
+# is torch's, applied between the layers' calls to the hidden tensor as it
+# is (elementwise, so the layout does not matter and the values are torch's).
+# Saved for backward: x and the hidden activation where the layer reading
+# them is f32, the int8 workspaces where it is s8, the ReLU's mask or the
+# GELU's input.
 
 
 def _chain_of(k1, k2):
@@ -420,9 +424,13 @@ def _chain_of(k1, k2):
     # with the kernel (a deleted model leaves no chain holding its kernels)
     entry = k1.__dict__.get("_chain")
     if entry is None or entry[0] is not k2:
-        entry = (k2, _C.LinearReluLinear(k1._k, k2._k))
+        entry = (k2, _C.LinearActLinear(k1._k, k2._k))
         k1.__dict__["_chain"] = entry
     return entry[1]
+
+
+def _maybe(t: torch.Tensor, wanted: bool):
+    return _np(t) if wanted and t.numel() else None
 
 
 class _LinearReluLinearFunction(torch.autograd.Function):
@@ -441,22 +449,56 @@ class _LinearReluLinearFunction(torch.autograd.Function):
         x, hidden, mask, ws1, ws2, v1, v2 = ctx.saved_tensors
         need = ctx.needs_input_grad
         dx, dv1, db1, dv2, db2 = ctx.chain.backward(
-            _np(grad_y.contiguous()), _np(x) if ctx.f32[0] else None, _np(hidden) if ctx.f32[1] else None,
-            _np(mask), _np(ws1) if ws1.numel() else None, _np(ws2) if ws2.numel() else None, _np(v1), _np(v2),
-            *ctx.seeds, need[0], _threads(),
+            _np(grad_y.contiguous()), _maybe(x, ctx.f32[0]), _maybe(hidden, ctx.f32[1]), _np(mask),
+            _maybe(ws1, True), _maybe(ws2, True), _np(v1), _np(v2), *ctx.seeds, need[0], _threads(),
         )  # fmt: skip
         grads = [torch.from_numpy(g) for g in (dx, dv1, db1, dv2, db2)]
         return tuple(g if n else None for g, n in zip(grads, need[:5], strict=True)) + (None,) * 5
 
 
-def linear_relu_linear(first, second, x: torch.Tensor) -> torch.Tensor:
-    """second(relu(first(x))) for two swapped Linear layers (f32 or s8) and a
-    2-D contiguous float32 x, in one call per direction (eager mode)."""
+class _LinearGeluLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, v1, b1, v2, b2, chain, seed1, seed2, f32_first, f32_second, approximate):
+        threads = _threads()
+        z, ws1 = chain.first_forward(_np(x), _np(v1), _np(b1), threads)
+        z = torch.from_numpy(z)
+        hidden = torch.nn.functional.gelu(z, approximate=approximate)
+        y, ws2 = chain.second_forward(_np(hidden), _np(v2), _np(b2), x.shape[0], threads)
+        ws1, ws2 = torch.from_numpy(ws1), torch.from_numpy(ws2)
+        ctx.save_for_backward(x if f32_first else _empty(), hidden if f32_second else _empty(), z, ws1, ws2, v1, v2)
+        ctx.chain, ctx.seeds, ctx.f32 = chain, (int(seed1), int(seed2)), (f32_first, f32_second)
+        ctx.approximate, ctx.batch = approximate, x.shape[0]
+        return torch.from_numpy(y)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):
+        x, hidden, z, ws1, ws2, v1, v2 = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        threads = _threads()
+        dh, dv2, db2 = ctx.chain.second_backward(
+            _np(grad_y.contiguous()), _maybe(hidden, ctx.f32[1]), _maybe(ws2, True), _np(v2), ctx.seeds[1], threads
+        )
+        dz = torch.ops.aten.gelu_backward(torch.from_numpy(dh), z, approximate=ctx.approximate)
+        dx, dv1, db1 = ctx.chain.first_backward(
+            _np(dz), _maybe(x, ctx.f32[0]), _maybe(ws1, True), _np(v1), ctx.seeds[0], need[0], ctx.batch, threads
+        )
+        grads = [torch.from_numpy(g) for g in (dx, dv1, db1, dv2, db2)]
+        return tuple(g if n else None for g, n in zip(grads, need[:5], strict=True)) + (None,) * 6
+
+
+def linear_act_linear(first, second, x: torch.Tensor, gelu: str | None = None) -> torch.Tensor:
+    """second(act(first(x))) for two swapped Linear layers (f32 or s8) and a
+    2-D contiguous float32 x, eager mode: act the first layer's fused ReLU
+    (gelu None) or torch's GELU (gelu: its ``approximate``, "none" or "tanh")."""
     chain = _chain_of(first._kernel(), second._kernel())
-    return _LinearReluLinearFunction.apply(
+    args = (
         x, first.values, first.bias, second.values, second.bias, chain, first._next_seed(), second._next_seed(),
         first.scheme == "f32", second.scheme == "f32",
     )  # fmt: skip
+    if gelu is None:
+        return _LinearReluLinearFunction.apply(*args)
+    return _LinearGeluLinearFunction.apply(*args, gelu)
 
 
 # ---- the pixels a strided 1x1 convolution reads -------------------------------------

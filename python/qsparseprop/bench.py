@@ -3,7 +3,7 @@
     python -m qsparseprop.bench linear                       # L1-L4 x {0.8,0.9,0.95,0.98} x {f32,s8}
     python -m qsparseprop.bench linear --shapes L1 --sparsities 0.9 --repeats 20
     python -m qsparseprop.bench conv                         # C1-C4, S2, P1, DW, STEM x sparsities x schemes
-    python -m qsparseprop.bench block                        # fused blocks: B1, B3 (ResNet BasicBlock), MLP
+    python -m qsparseprop.bench block                        # fused blocks: B1, B3 (ResNet BasicBlock), MLP, GMLP
     python -m qsparseprop.bench conv --isa avx512_vnni       # both ISAs capped: a CPU without AMX
                                                              # (oneDNN at AVX512_CORE_BF16: VNNI and BF16,
                                                              # as on a Zen 4; AVX512_CORE_VNNI would also
@@ -18,7 +18,7 @@ useful GFLOP/s (multiply-adds at the nonzeros, three directions) as a share
 of the peak measured at start (dense fp32 / int8 matrix products in torch).
 ``block`` times whole blocks instead: a ResNet BasicBlock (conv-BN-ReLU-
 conv-BN, identity shortcut, add, ReLU) at C1 / C3 sizes and a transformer
-MLP (Linear-ReLU-Linear), fused (``qsparseprop.fuse``: the BatchNorms and
+MLP (Linear-ReLU-Linear; GMLP: with a GELU), fused (``qsparseprop.fuse``: the BatchNorms and
 ReLUs applied by the sparse layers) against the same swapped layers
 unfused (torch's BatchNorm, ``MaskedReLU``) and the dense block.
 Machines are noisy: read the ratios, not the absolute times.
@@ -294,8 +294,9 @@ def bench_conv_case(name, shape, sparsity, scheme, repeats, warmup, peak, vector
     )  # fmt: skip
 
 
-# name: (batch, channels, image) of a BasicBlock; (tokens, width, hidden) of the MLP
-BLOCK_SHAPES = {"B1": (32, 64, 56), "B3": (32, 256, 14), "MLP": (256, 768, 3072)}
+# name: (batch, channels, image) of a BasicBlock; (tokens, width, hidden) of the MLPs
+BLOCK_SHAPES = {"B1": (32, 64, 56), "B3": (32, 256, 14), "MLP": (256, 768, 3072), "GMLP": (256, 768, 3072)}
+_MLPS = {"MLP": torch.nn.ReLU, "GMLP": torch.nn.GELU}  # the activation between the two Linears
 
 
 def _block_models(name: str, sparsity: float, scheme: str, seed: int):
@@ -307,8 +308,8 @@ def _block_models(name: str, sparsity: float, scheme: str, seed: int):
 
     torch.manual_seed(seed)
     _, width, hidden = BLOCK_SHAPES[name]
-    if name == "MLP":
-        dense = torch.nn.Sequential(torch.nn.Linear(width, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, width))
+    if name in _MLPS:
+        dense = torch.nn.Sequential(torch.nn.Linear(width, hidden), _MLPS[name](), torch.nn.Linear(hidden, width))
     else:
         dense = _Residual(width, width, 1)
     gen = torch.Generator().manual_seed(seed)
@@ -329,7 +330,7 @@ def _block_models(name: str, sparsity: float, scheme: str, seed: int):
 def bench_block_case(name, sparsity, scheme, repeats, warmup) -> dict:
     dense, unfused, fused = _block_models(name, sparsity, scheme, 0)
     batch, width, size = BLOCK_SHAPES[name]
-    x = torch.randn(batch, width) if name == "MLP" else torch.randn(batch, width, size, size)
+    x = torch.randn(batch, width) if name in _MLPS else torch.randn(batch, width, size, size)
     g = torch.randn_like(dense(x))
 
     def dense_bf16(t):

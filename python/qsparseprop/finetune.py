@@ -303,7 +303,7 @@ def train(
 # convolution's). First match wins.
 STEP_PARTS = (
     ("optimizer", ("optimizer.",)),
-    ("sparse layers", ("_sparsefunction", "_linearrelulinearfunction", "qsparseprop::")),
+    ("sparse layers", ("_sparsefunction", "_linearrelulinearfunction", "_lineargelulinearfunction", "qsparseprop::")),
     ("dense conv/linear", ("convolution", "addmm", "aten::mm", "linear", "aten::bmm")),
     ("batchnorm", ("batch_norm", "batchnorm")),
     ("relu", ("relu", "threshold", "clamp_min")),

@@ -806,34 +806,41 @@ def _conv_add_relu(conv: nn.Module, batch_norm: nn.Module, relu: nn.Module | Non
     return relu(z) if relu is not None else torch.relu(z)
 
 
-def _linear_relu_linear(first: nn.Module, marker: nn.Module, second: nn.Module, input: torch.Tensor) -> torch.Tensor:
-    """second(marker(first(input))): what a traced Linear -> ReLU -> Linear
-    (a transformer MLP; ``first`` applying the ReLU, ``marker`` its
-    ``FusedReLU``) calls once ``qsparseprop.fuse`` has rewritten its
-    parent's forward (swap._fuse_linear_chains). The two layers then run in
-    one call per direction, the hidden activation and its gradient in the
-    kernels' tile layout between them, while the modules are what the
-    rewrite found and no hook (theirs, or a global one) is there to see the
-    calls; else the modules are called, as the parent's own forward would."""
+def _chain_activation(first: nn.Module, act: nn.Module) -> tuple[bool, str | None]:
+    """(whether ``act`` between ``first`` and a second Linear can run inside
+    the fused MLP block, the GELU's ``approximate`` or None for the first
+    layer's fused ReLU)."""
+    if type(act) is FusedReLU and first.fused_relu:
+        return True, None
+    if type(act) is nn.GELU and act.approximate in ("none", "tanh") and not first.fused_relu:
+        return True, act.approximate
+    return False, None
+
+
+def _linear_act_linear(first: nn.Module, act: nn.Module, second: nn.Module, input: torch.Tensor) -> torch.Tensor:
+    """second(act(first(input))): what a traced Linear -> activation -> Linear
+    (a transformer MLP: the first layer's fused ReLU, its ``FusedReLU``
+    marker standing as ``act``, or an ``nn.GELU``) calls once
+    ``qsparseprop.fuse`` has rewritten its parent's forward
+    (swap._fuse_linear_chains). The two layers then run as one block, the
+    hidden activation and its gradient in the kernels' tile layout between
+    them, while the modules are what the rewrite found and no hook (theirs,
+    or a global one) is there to see the calls; else the modules are
+    called, as the parent's own forward would."""
     linear = (SparseLinear, QuantizedSparseLinear)
-    if (
-        type(first) in linear
-        and type(second) in linear
-        and first.fused_relu
-        and type(marker) is FusedReLU
-        and first.out_features == second.in_features
-        and not torch.compiler.is_compiling()
-        and all(_called_plainly(m) for m in (first, marker, second))
-    ):
+    fits, gelu = (False, None)
+    if type(first) in linear and type(second) in linear and first.out_features == second.in_features:
+        fits, gelu = _chain_activation(first, act)
+    if fits and not torch.compiler.is_compiling() and all(_called_plainly(m) for m in (first, act, second)):
         x = first._check_input(input, tuple(range(1, 9)), "at least 1-D (..., in_features)")
         second._check_input(x, (x.dim(),), "")  # its values' dtype
         if x.shape[-1] == first.in_features and x.numel() > 0:
             lead = x.shape[:-1]
-            y = _ops.linear_relu_linear(first, second, x.reshape(-1, first.in_features).contiguous())
+            y = _ops.linear_act_linear(first, second, x.reshape(-1, first.in_features).contiguous(), gelu)
             if second.fused_relu:
                 y = _ops.relu_bits(y)
             return y.reshape(*lead, second.out_features)
-    return second(marker(first(input)))
+    return second(act(first(input)))
 
 
 class QuantizedSparseConv2d(SparseConv2d):

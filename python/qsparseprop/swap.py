@@ -30,8 +30,9 @@ from .modules import (
     QuantizedSparseLinear,
     SparseConv2d,
     SparseLinear,
+    _chain_activation,
     _conv_add_relu,
-    _linear_relu_linear,
+    _linear_act_linear,
     _SparseModule,
 )
 from .prototype import PrototypeQuantizedSparseConv2d, PrototypeQuantizedSparseLinear
@@ -914,22 +915,24 @@ def _is_sparse_linear(m: nn.Module) -> bool:
 
 
 def _linear_chains(model: nn.Module, parent: nn.Module, graph, rows, parent_name: str):
-    """(first node, FusedReLU node, second node, the first's name) of each
-    Linear -> ReLU -> Linear in ``parent``'s traced graph: two swapped
-    Linear layers (f32 or s8), the first applying the ReLU whose marker sits
-    between them, each called once on one input and reachable under one
-    name, each intermediate used once."""
+    """(first node, activation node, second node, the first's name) of each
+    Linear -> activation -> Linear in ``parent``'s traced graph: two swapped
+    Linear layers (f32 or s8) with, between them, the marker of the first's
+    fused ReLU or an ``nn.GELU`` module (modules._chain_activation), each
+    called once on one input and reachable under one name, each
+    intermediate used once."""
     calls = _module_calls(graph)
     chains = []
     for node in graph.nodes:
         first = _called_once(model, parent, calls, node, _is_sparse_linear)
-        if first is None or not first.fused_relu or len(node.users) != 1:
+        if first is None or len(node.users) != 1:
             continue
         full = f"{parent_name}.{node.target}" if parent_name else node.target
         if rows is not None and full not in rows:
             continue
         (marker_node,) = node.users
-        if _called_once(model, parent, calls, marker_node, lambda m: type(m) is FusedReLU) is None:
+        act = _called_once(model, parent, calls, marker_node, lambda m: True)
+        if act is None or not _chain_activation(first, act)[0]:
             continue
         if marker_node.args != (node,) or len(marker_node.users) != 1:
             continue
@@ -945,14 +948,14 @@ def _linear_chains(model: nn.Module, parent: nn.Module, graph, rows, parent_name
 
 def _fuse_linear_chains(model: nn.Module, rows) -> None:
     """Rewrites the forward of each module (a plain nn.Sequential included)
-    whose traced forward holds a Linear -> ReLU -> Linear of swapped layers:
-    the two run as one (modules._linear_relu_linear), the hidden activation
-    in the kernels' layout between them. A module already rewritten (a
-    residual block) is left as it is."""
+    whose traced forward holds a Linear -> ReLU or GELU -> Linear of swapped
+    layers: the two run as one (modules._linear_act_linear), the hidden
+    activation in the kernels' layout between them. A module already
+    rewritten (a residual block) is left as it is."""
     for parent_name, parent in list(model.named_modules()):
         if _rewritten(parent):
             continue
-        if not any(_is_sparse_linear(m) and m.fused_relu for m in parent.modules() if m is not parent):
+        if sum(_is_sparse_linear(m) for m in parent.modules() if m is not parent) < 2:
             continue
         graph = _graph_of_both_modes(parent)
         if graph is None:
@@ -963,7 +966,7 @@ def _fuse_linear_chains(model: nn.Module, rows) -> None:
         for first_node, marker_node, second_node, full in chains:
             with graph.inserting_before(second_node):
                 mods = [graph.get_attr(n.target) for n in (first_node, marker_node, second_node)]
-                both = graph.call_function(_linear_relu_linear, (*mods, first_node.args[0]))
+                both = graph.call_function(_linear_act_linear, (*mods, first_node.args[0]))
             second_node.replace_all_uses_with(both)
             for dead in (second_node, marker_node, first_node):
                 graph.erase_node(dead)
