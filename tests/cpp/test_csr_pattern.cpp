@@ -4,18 +4,6 @@
 
 namespace qsp::test {
 
-namespace {
-// Expects std::invalid_argument whose message contains `needle`.
-template <typename fn_t> void expect_refusal(fn_t fn, const std::string &needle) {
-    try {
-        fn();
-        ADD_FAILURE() << "expected a refusal mentioning '" << needle << "'";
-    } catch (const std::invalid_argument &e) {
-        EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
-    }
-}
-} // namespace
-
 TEST(CsrPattern, from_dense_round_trips_and_counts) {
     std::mt19937 rng(1);
     for (double sp : {0.0, 0.5, 0.9, 1.0}) {

@@ -10,15 +10,6 @@ namespace qsp::test {
 
 namespace {
 
-template <typename fn_t> void expect_refusal(fn_t fn, const std::string &needle) {
-    try {
-        fn();
-        ADD_FAILURE() << "expected a refusal mentioning '" << needle << "'";
-    } catch (const std::invalid_argument &e) {
-        EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
-    }
-}
-
 // The fused backward and the two primitives on the same data: the same bits.
 // `o` picks the implementations: in an s8 fused backward whose
 // backward-weights reads G1 as plain int8 (the width family, dense:onednn_s8)

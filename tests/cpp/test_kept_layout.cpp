@@ -18,15 +18,6 @@ namespace {
 
 constexpr int64_t lanes = 64; // a tile's examples
 
-template <typename fn_t> void expect_refusal(fn_t fn, const std::string &needle) {
-    try {
-        fn();
-        ADD_FAILURE() << "expected a refusal mentioning '" << needle << "'";
-    } catch (const std::invalid_argument &e) {
-        EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
-    }
-}
-
 const std::vector<int64_t> batches = {1, 3, 17, 63, 64, 65, 130};
 
 } // namespace

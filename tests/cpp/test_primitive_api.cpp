@@ -8,14 +8,6 @@
 namespace qsp::test {
 
 namespace {
-template <typename fn_t> void expect_refusal(fn_t fn, const std::string &needle) {
-    try {
-        fn();
-        ADD_FAILURE() << "expected a refusal mentioning '" << needle << "'";
-    } catch (const std::invalid_argument &e) {
-        EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
-    }
-}
 
 csr_pattern small_pattern(int64_t rows, int64_t cols) {
     std::mt19937 rng(3);

@@ -5,6 +5,8 @@
 #include <cmath>
 #include <cstdint>
 #include <random>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -67,6 +69,17 @@ inline void expect_close(const std::vector<float> &got, const std::vector<double
         if (!(std::fabs(got[i] - want[i]) <= tol) && reported++ < 5)
             ADD_FAILURE() << what << "[" << i << "]: got " << got[i] << ", want " << want[i]
                           << " (tol " << tol << ")";
+    }
+}
+
+// fn() throws std::invalid_argument whose message contains `needle` (the
+// refusal names the argument and the rule).
+template <typename fn_t> void expect_refusal(fn_t fn, const std::string &needle) {
+    try {
+        fn();
+        ADD_FAILURE() << "expected a refusal mentioning '" << needle << "'";
+    } catch (const std::invalid_argument &e) {
+        EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
     }
 }
 
