@@ -280,3 +280,21 @@ def test_a_gelu_mlp_keeps_its_hidden_layout_and_the_relu_only_mlp_fuses_its_relu
         # tails; the two models' Linear layers give the same bits)
         _same(_step(fused, x, g), _step(unfused, x, g), type(other).__name__, (1e-3, 1e-4))
         assert not calls
+
+
+@pytest.mark.parametrize("schemes", [("f32", "s8"), ("s8", "f32")])
+def test_layers_of_two_schemes_fuse_as_scheme_auto_may_leave_them(schemes):
+    # scheme="auto" picks per layer: a block of an f32 and an int8 layer
+    # keeps the hidden activation plain (one side converts otherwise) and
+    # trains as the unfused pair, bit for bit
+    dense = _mlp()
+    unfused = copy.deepcopy(dense)
+    for i, scheme in zip((0, 2), schemes, strict=True):
+        unfused[i] = CLASSES[scheme].from_dense(unfused[i], seed=5)
+    q.use_masked_relus(unfused)
+    fused = q.fuse(copy.deepcopy(unfused))
+    x, g = torch.randn(33, 24), torch.randn(33, 24)
+    for step in range(2):
+        _same(_step(fused, x, g), _step(unfused, x, g), f"{schemes} step {step}")
+    chain = _ops._chain_of(fused[0]._kernel(), fused[2]._kernel())
+    assert chain.implementations(33, _ops._threads()).endswith("(hidden plain)")
