@@ -154,14 +154,12 @@ public:
     }
     std::string scheme() const { return qsp::to_string(scheme_); }
 
-    // Which memory layouts and post-ops a set of primitives was made for
-    // (Linear inside a fused block: the activation between two layers in
-    // the kept layout, the ReLU applied by the first).
+    // Which memory layouts a set of primitives was made for (Linear inside
+    // a fused block: the activation between two layers in the kept layout).
     enum variant_bits : int {
         plain = 0,
         src_kept = 1, // src / diff_src in qsp::kept_layout_desc
         dst_kept = 2, // dst / diff_dst
-        relu = 4,     // the forward applies a ReLU keeping its mask (post-op 0)
     };
 
     // One shape's primitives (and what the fused blocks ask of them).
@@ -213,10 +211,7 @@ protected:
         // Each descriptor measures where implementations compete while it is
         // created (attr.tune) and carries the winner: built once.
         attr.tune = tuning_enabled();
-        qsp::primitive_attr fwd_attr = attr; // post-ops are the forward's alone
-        if (variant & relu) fwd_attr.ops.append_relu();
-        const typename fwd_t::primitive_desc fwd_pd =
-                make(engine_, src_md, bias_md, dst_md, fwd_attr);
+        const typename fwd_t::primitive_desc fwd_pd = make(engine_, src_md, bias_md, dst_md, attr);
         const typename bwd_data_t::primitive_desc bd_pd(engine_, src_md, pattern_, dst_md, fwd_pd,
                                                         attr);
         const typename bwd_weights_t::primitive_desc bw_pd(engine_, src_md, pattern_, bias_md,
@@ -506,8 +501,9 @@ private:
 // activation and that activation's gradient in the kept layout
 // (qsp::kept_layout_desc) from the first layer's kernels to the second's and
 // back, where both layers read it natively: the passes between the two
-// layers are gone. With a ReLU (the first layer's post-op, one bit per
-// element kept) forward and backward are one call each; another activation
+// layers are gone. With a ReLU (one bit per element kept; its pass also
+// finds the maximum an s8 second layer would read the hidden tensor once
+// more for) forward and backward are one call each; another activation
 // (GELU) runs between the steps below, elementwise, on the hidden tensor in
 // whatever layout it is (its padding stays zero: the activation of 0 is 0).
 class linear_act_linear {
@@ -526,20 +522,21 @@ public:
     // reads, mask its ReLU's bits.
     py::tuple forward(const py::array &x, const py::array &values_a, const py::object &bias_a,
                       const py::array &values_b, const py::object &bias_b, int threads) {
-        const auto p = pick(batch_of(x, "x", a_.in_features()), threads, true);
+        const auto p = pick(batch_of(x, "x", a_.in_features()), threads);
         py::array_t<float> hidden = pooled_array<float>({p.hidden_n});
         py::array_t<uint8_t> mask = pooled_array<uint8_t>({(p.hidden_n + 7) / 8});
         py::array_t<uint8_t> ws_a, ws_b;
-        qsp::exec_args fa = first_forward_args(p, x, values_a, bias_a, hidden, ws_a);
-        fa[qsp::QSP_ARG_POST_OP(0, qsp::QSP_POST_OP_MASK)] =
-                mem(dnnl::memory::desc({(p.hidden_n + 7) / 8}, dnnl::memory::data_type::u8,
-                                       dnnl::memory::dims{1}),
-                    mask.mutable_data());
+        const qsp::exec_args fa = first_forward_args(p, x, values_a, bias_a, hidden, ws_a);
         py::array_t<float> y = pooled_array<float>({p.batch, b_.out_features()});
-        const qsp::exec_args fb = second_forward_args(p, hidden, values_b, bias_b, y, ws_b);
+        qsp::exec_args fb = second_forward_args(p, hidden, values_b, bias_b, y, ws_b);
+        float hidden_abs_max = 0.f;
+        if (b_.scheme() == "s8")
+            fb[qsp::QSP_ARG_SRC_ABS_MAX] = mem(qsp::src_abs_max_desc(), &hidden_abs_max);
         {
             py::gil_scoped_release release;
             p.a->fwd.execute(a_.stream(), fa);
+            qsp::relu_with_mask_forward(hidden.data(), hidden.mutable_data(), mask.mutable_data(),
+                                        p.hidden_n, &hidden_abs_max, threads);
             p.b->fwd.execute(b_.stream(), fb);
         }
         return py::make_tuple(y, hidden, mask, ws_a, ws_b);
@@ -552,7 +549,7 @@ public:
                        const py::array &mask, const py::object &ws_a, const py::object &ws_b,
                        const py::array &values_a, const py::array &values_b, uint64_t seed_a,
                        uint64_t seed_b, bool need_dx, int threads) {
-        const auto p = pick(batch_of(dy, "dy", b_.out_features()), threads, true);
+        const auto p = pick(batch_of(dy, "dy", b_.out_features()), threads);
         const uint8_t *bits = checked<uint8_t>(mask, "mask", {(p.hidden_n + 7) / 8}, false);
         py::array_t<float> dhidden = pooled_array<float>({p.hidden_n});
         py::array_t<float> dx, dv_a, db_a, dv_b, db_b;
@@ -575,7 +572,7 @@ public:
     // (hidden before the activation, flat, the block's layout; workspace).
     py::tuple first_forward(const py::array &x, const py::array &values_a, const py::object &bias_a,
                             int threads) {
-        const auto p = pick(batch_of(x, "x", a_.in_features()), threads, false);
+        const auto p = pick(batch_of(x, "x", a_.in_features()), threads);
         py::array_t<float> hidden = pooled_array<float>({p.hidden_n});
         py::array_t<uint8_t> ws_a;
         const qsp::exec_args fa = first_forward_args(p, x, values_a, bias_a, hidden, ws_a);
@@ -589,7 +586,7 @@ public:
     // second_forward: (y, workspace) from the activation's output.
     py::tuple second_forward(const py::array &hidden, const py::array &values_b,
                              const py::object &bias_b, int64_t batch, int threads) {
-        const auto p = pick(batch, threads, false);
+        const auto p = pick(batch, threads);
         py::array_t<float> y = pooled_array<float>({p.batch, b_.out_features()});
         py::array_t<uint8_t> ws_b;
         const qsp::exec_args fb = second_forward_args(p, hidden, values_b, bias_b, y, ws_b);
@@ -604,7 +601,7 @@ public:
     // layout; dvalues_b; dbias_b).
     py::tuple second_backward(const py::array &dy, const py::object &hidden, const py::object &ws_b,
                               const py::array &values_b, uint64_t seed_b, int threads) {
-        const auto p = pick(batch_of(dy, "dy", b_.out_features()), threads, false);
+        const auto p = pick(batch_of(dy, "dy", b_.out_features()), threads);
         py::array_t<float> dhidden = pooled_array<float>({p.hidden_n});
         py::array_t<float> dv_b, db_b;
         int32_t seed_storage[2];
@@ -622,7 +619,7 @@ public:
     py::tuple first_backward(const py::array &dhidden, const py::object &x, const py::object &ws_a,
                              const py::array &values_a, uint64_t seed_a, bool need_dx,
                              int64_t batch, int threads) {
-        const auto p = pick(batch, threads, false);
+        const auto p = pick(batch, threads);
         py::array_t<float> dx, dv_a, db_a;
         int32_t seed_storage[2];
         const qsp::exec_args ba = first_backward_args(p, dhidden, x, ws_a, values_a, need_dx, dx,
@@ -636,8 +633,8 @@ public:
 
     // "<first's forward/backward-data/backward-weights> | <second's>", and
     // the hidden activation's layout.
-    std::string implementations(int64_t batch, int threads, bool relu) {
-        const auto p = pick(batch, threads, relu);
+    std::string implementations(int64_t batch, int threads) {
+        const auto p = pick(batch, threads);
         return p.a->impls + " | " + p.b->impls
                + (p.hidden_md.get_ndims() == 3 ? " (hidden kept)" : " (hidden plain)");
     }
@@ -654,14 +651,13 @@ private:
     // where every direction of both layers reads it natively, plain where
     // one would convert (the conversions would cost more than the layout
     // saves).
-    picked pick(int64_t batch, int threads, bool relu) {
-        const int act = relu ? linear_layer::relu : linear_layer::plain;
-        auto pa = a_.prims(batch, threads, act);
+    picked pick(int64_t batch, int threads) {
+        auto pa = a_.prims(batch, threads, linear_layer::plain);
         auto pb = b_.prims(batch, threads, linear_layer::plain);
         const int64_t hidden = a_.out_features();
         dnnl::memory::desc md = f32_md({batch, hidden});
         if (pa->takes_kept && pb->takes_kept) {
-            pa = a_.prims(batch, threads, linear_layer::dst_kept | act);
+            pa = a_.prims(batch, threads, linear_layer::dst_kept);
             pb = b_.prims(batch, threads, linear_layer::src_kept);
             md = qsp::kept_layout_desc(batch, hidden);
         }
@@ -1205,7 +1201,7 @@ PYBIND11_MODULE(_C, m) {
             .def("second_backward", &linear_act_linear::second_backward)
             .def("first_backward", &linear_act_linear::first_backward)
             .def("implementations", &linear_act_linear::implementations, py::arg("batch"),
-                 py::arg("threads"), py::arg("relu") = true);
+                 py::arg("threads"));
 
     py::class_<conv2d_layer>(m, "Conv2dKernel")
             .def(py::init<int64_t, int64_t, std::array<int64_t, 2>, std::array<int64_t, 2>,

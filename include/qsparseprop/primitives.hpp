@@ -382,6 +382,11 @@ namespace qsp {
 // beyond n zero). dst may be src. num_threads <= 0: OpenMP's default.
 void relu_with_mask_forward(const float *src, float *dst, uint8_t *mask, int64_t n,
                             int num_threads = 0);
+// The same, also writing max |dst| (NaN where dst holds a NaN; 0 for n = 0)
+// to *dst_abs_max, found while dst is written: an s8 layer reading dst takes
+// it as its QSP_ARG_SRC_ABS_MAX and skips its own pass over dst.
+void relu_with_mask_forward(const float *src, float *dst, uint8_t *mask, int64_t n,
+                            float *dst_abs_max, int num_threads = 0);
 // diff_src = mask bit ? diff_dst : 0, as torch's ReLU backward. diff_src may
 // be diff_dst.
 void relu_with_mask_backward(const float *diff_dst, const uint8_t *mask, float *diff_src, int64_t n,

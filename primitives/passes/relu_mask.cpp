@@ -5,6 +5,8 @@
 #include "qsparseprop/primitives.hpp"
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <stdexcept>
 #include <string>
 
@@ -62,6 +64,41 @@ void relu_mask_forward(const float *src, float *dst, uint8_t *bits, int64_t n, i
                         std::min<int64_t>(n, (c + 1) * chunk_elems));
 }
 
+float relu_mask_forward_max(const float *src, float *dst, uint8_t *bits, int64_t n,
+                            int num_threads) {
+    const int64_t chunks = chunks_of(n);
+    float best = 0.0f; // relu's output is >= 0 (or -0.0, or NaN)
+    bool nan = false;
+#pragma omp parallel for num_threads(num_threads) schedule(static) reduction(max                   \
+                                                                             : best)               \
+        reduction(||                                                                               \
+                  : nan)
+    for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t begin = c * chunk_elems, end = std::min<int64_t>(n, begin + chunk_elems);
+        relu_mask_range(src, dst, bits, begin, end);
+        // the chunk is in cache: its maximum while it is (max_ps keeps the
+        // non-NaN operand, so NaN is tracked on its own)
+        __m128 top = _mm_setzero_ps(), unordered = _mm_setzero_ps();
+        int64_t i = begin;
+        for (; i + 4 <= end; i += 4) {
+            const __m128 v = _mm_loadu_ps(dst + i);
+            top = _mm_max_ps(top, v);
+            unordered = _mm_or_ps(unordered, _mm_cmpunord_ps(v, v));
+        }
+        alignas(16) float lanes[4];
+        _mm_store_ps(lanes, top);
+        float m = std::max(std::max(lanes[0], lanes[1]), std::max(lanes[2], lanes[3]));
+        bool chunk_nan = _mm_movemask_ps(unordered) != 0;
+        for (; i < end; ++i) {
+            chunk_nan = chunk_nan || std::isnan(dst[i]);
+            if (dst[i] > m) m = dst[i];
+        }
+        best = std::max(best, m);
+        nan = nan || chunk_nan;
+    }
+    return nan ? std::numeric_limits<float>::quiet_NaN() : best;
+}
+
 void relu_mask_backward_range(const float *diff_dst, const uint8_t *bits, int64_t first_bit,
                               float *diff_src, int64_t n) {
     int64_t j = 0;
@@ -111,6 +148,15 @@ void relu_with_mask_forward(const float *src, float *dst, uint8_t *mask, int64_t
     check(src, "src", dst, "dst", mask, "mask", n);
     if (n > 0)
         detail::relu_mask_forward(src, dst, mask, n, detail::threads_or_default(num_threads));
+}
+
+void relu_with_mask_forward(const float *src, float *dst, uint8_t *mask, int64_t n,
+                            float *dst_abs_max, int num_threads) {
+    check(src, "src", dst, "dst", mask, "mask", n);
+    detail::require_non_null(dst_abs_max, "relu_with_mask", "dst_abs_max");
+    *dst_abs_max = n > 0 ? detail::relu_mask_forward_max(src, dst, mask, n,
+                                                         detail::threads_or_default(num_threads))
+                         : 0.0f;
 }
 
 void relu_with_mask_backward(const float *diff_dst, const uint8_t *mask, float *diff_src, int64_t n,

@@ -15,6 +15,10 @@ namespace qsp::detail {
 // passes the gradient); bits beyond n are zero.
 // dst may alias src.
 void relu_mask_forward(const float *src, float *dst, uint8_t *bits, int64_t n, int num_threads);
+// The same, returning max |dst| (NaN where dst holds a NaN), found while
+// each chunk is in cache.
+float relu_mask_forward_max(const float *src, float *dst, uint8_t *bits, int64_t n,
+                            int num_threads);
 // The same over elements [begin, end) on the calling thread: begin must be a
 // multiple of 8, and bits beyond `end` in its last byte are zeroed (so `end`
 // must be n or a multiple of 8).

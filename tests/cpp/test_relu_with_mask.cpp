@@ -71,6 +71,40 @@ TEST(ReluWithMask, matches_the_scalar_model_over_odd_lengths_and_threads) {
     }
 }
 
+// With dst_abs_max: the same outputs and bits, and max |dst| (NaN where dst
+// holds one; +Inf where an input is) as a pass over dst finds it.
+TEST(ReluWithMask, gives_its_outputs_maximum) {
+    for (int64_t n : {1, 7, 9, 65, 8 * 4096 + 5, 100003})
+        for (bool with_nan : {false, true}) {
+            auto x = inputs(n, static_cast<uint32_t>(n) + 7);
+            for (float &v : x)
+                if (!with_nan && std::isnan(v)) v = -1.0f;
+            float want = 0.0f;
+            bool nan = false;
+            for (float v : x) {
+                const float r = model_relu(v);
+                nan = nan || std::isnan(r);
+                if (std::fabs(r) > want) want = std::fabs(r);
+            }
+            for (int threads : {1, 3}) {
+                std::vector<float> y(n, 42.0f), plain(n, 42.0f);
+                std::vector<uint8_t> mask((n + 7) / 8, 0xAB), plain_mask(mask.size(), 0xCD);
+                float got = -1.0f;
+                relu_with_mask_forward(x.data(), y.data(), mask.data(), n, &got, threads);
+                relu_with_mask_forward(x.data(), plain.data(), plain_mask.data(), n, threads);
+                ASSERT_EQ(std::memcmp(y.data(), plain.data(), n * sizeof(float)), 0) << n;
+                ASSERT_EQ(mask, plain_mask) << n;
+                if (nan)
+                    EXPECT_TRUE(std::isnan(got)) << "n=" << n;
+                else
+                    EXPECT_EQ(got, want) << "n=" << n << " threads=" << threads;
+            }
+        }
+    float m = -1.0f;
+    relu_with_mask_forward(nullptr, nullptr, nullptr, 0, &m);
+    EXPECT_EQ(m, 0.0f);
+}
+
 TEST(ReluWithMask, runs_in_place) {
     const int64_t n = 1001;
     auto x = inputs(n, 5);
@@ -93,6 +127,8 @@ TEST(ReluWithMask, refuses_bad_arguments) {
     EXPECT_THROW(relu_with_mask_forward(nullptr, &f, &b, 1), std::invalid_argument);
     EXPECT_THROW(relu_with_mask_backward(&f, nullptr, &f, 1), std::invalid_argument);
     EXPECT_NO_THROW(relu_with_mask_forward(nullptr, nullptr, nullptr, 0)); // nothing to do
+    float *no_max = nullptr;
+    EXPECT_THROW(relu_with_mask_forward(&f, &f, &b, 1, no_max), std::invalid_argument);
 }
 
 } // namespace qsp::test

@@ -268,7 +268,7 @@ def test_a_gelu_mlp_keeps_its_hidden_layout_and_the_relu_only_mlp_fuses_its_relu
     x, g = torch.randn(70, 24), torch.randn(70, 24)
     _same(_step(fused, x, g), _step(unfused, x, g), "gelu", (1e-4, 1e-5))
     assert len(calls) == 1
-    impls = _ops._chain_of(fused[0]._kernel(), fused[2]._kernel()).implementations(70, _ops._threads(), relu=False)
+    impls = _ops._chain_of(fused[0]._kernel(), fused[2]._kernel()).implementations(70, _ops._threads())
     native = q._C.effective_cpu_isa() not in ("ref", "sse41")
     assert impls.endswith("(hidden kept)" if native else "(hidden plain)"), impls
     # another activation module (a subclass, a Tanh) is called as it is
