@@ -57,7 +57,8 @@ class SwapDecision:
     fused_relu: bool = False  # the nn.ReLU right after it (or after its fused BatchNorm) is applied by the layer
     fused_batch_norm: bool = False  # the nn.BatchNorm2d right after it is applied by the layer
     fused_residual: bool = False  # and the residual add + ReLU after that BatchNorm (a traced block's end)
-    # its output (after its fused ReLU) goes to the next swapped Linear in the kernels' tile layout
+    # it runs as one block with the next swapped Linear (a ReLU or GELU between them), the hidden
+    # activation in the kernels' tile layout where both layers read it
     fused_kept_layout: bool = False
 
 
@@ -1080,14 +1081,23 @@ def apply_swap_plan(
                 f"{d.pattern_hash}): pruned differently? (strict=False swaps anyway)"
             )
         _replace(model, d.name, sparse)
-    fused = {d.name: dataclasses.replace(d) for d in decisions if d.swapped and (d.fused_relu or d.fused_batch_norm)}
+    fused = {  # the block's flag recomputed: set again where the rewrite finds the block
+        d.name: dataclasses.replace(d, fused_kept_layout=False)
+        for d in decisions
+        if d.swapped and (d.fused_relu or d.fused_batch_norm or d.fused_kept_layout)
+    }
     _fuse(model, fused, batch_norm=True, relu=True)
-    for d in fused.values():
+    for d in (d for d in decisions if d.name in fused):  # the plan's flags against what was found
         layer = model.get_submodule(d.name)
         if d.fused_batch_norm and layer.__dict__.get("fused_batch_norm") is None:
             raise ValueError(f"swap plan: {d.name} had its BatchNorm fused, but no nn.BatchNorm2d follows it here")
         if d.fused_relu and not layer.fused_relu:
             raise ValueError(f"swap plan: {d.name} had its ReLU fused, but no nn.ReLU follows it here")
+        if d.fused_kept_layout and not fused[d.name].fused_kept_layout:
+            raise ValueError(
+                f"swap plan: {d.name} ran as one block with the next Linear, but no swapped Linear follows "
+                "it here after a ReLU or GELU"
+            )
     if mask_kept:
         _mask_kept_layers(model, decisions, state_dict)
     if state_dict is not None:

@@ -219,8 +219,10 @@ def test_the_fused_mlp_stays_the_same_model(tmp_path):
         torch.testing.assert_close(dense(x), want, rtol=0.05, atol=0.05)  # fp32 now, not int8
 
 
-def test_the_swap_fuses_the_mlp_and_its_plan_records_it(tmp_path):
-    dense = _mlp(64, 128)
+@pytest.mark.parametrize("act", ["relu", "gelu"])
+def test_the_swap_fuses_the_mlp_and_its_plan_records_it(tmp_path, act):
+    dense = _mlp(64, 128, act=ACTIVATIONS[act]())
+    pristine = copy.deepcopy(dense)  # the swap and the plan change models in place
     fresh = copy.deepcopy(dense)
     swapped = q.swap_modules_with_sparse(dense, (32, 64), verbose=False, min_sparsity=0.5, min_speedup=0.0)
     rows = {r.name: r for r in swapped.qsparseprop_swap_report}
@@ -231,6 +233,12 @@ def test_the_swap_fuses_the_mlp_and_its_plan_records_it(tmp_path):
     x = torch.randn(8, 64)
     with torch.no_grad():
         assert torch.equal(again.eval()(x), swapped.eval()(x))
+    # a model whose second layer is not there any more is refused, naming the layer
+    broken = copy.deepcopy(pristine)
+    broken[2] = nn.Identity()
+    plan = [r for r in swapped.qsparseprop_swap_report if r.name != "2"]
+    with pytest.raises(ValueError, match="0 ran as one block"):
+        q.apply_swap_plan(broken, plan)
 
 
 def test_compile_runs_the_layers_as_custom_ops():
