@@ -410,8 +410,9 @@ def conv2d(x, values, bias, row_ptr, col_idx, handle, seed, spec, scheme, vector
 #
 # _C.LinearActLinear runs the two layers with the hidden activation and its
 # gradient in the kernels' tile layout between them where both read it
-# natively (no transposes in between). With a ReLU (the first layer's
-# post-op, one bit per element kept) each direction is one C++ call; a GELU
+# natively (no transposes in between). With a ReLU (one bit per element
+# kept; its pass also finds the maximum an int8 second layer needs) each
+# direction is one C++ call; a GELU
 # is torch's, applied between the layers' calls to the hidden tensor as it
 # is (elementwise, so the layout does not matter and the values are torch's).
 # Saved for backward: x and the hidden activation where the layer reading
