@@ -3,8 +3,10 @@ CPUs (qemu-x86_64 -cpu Haswell: AVX2 without AVX-512; -cpu Nehalem: no
 AVX at all), where an instruction above the CPU's tier would kill the
 process with SIGILL. Checks the results too: f32 against dense torch,
 int8 bit for bit against the pure-PyTorch prototype (the fp32 bias
-gradient to rounding: the two sum in different orders), and a fused
-Conv2d-BatchNorm2d-ReLU block against the same layers unfused.
+gradient to rounding: the two sum in different orders), a fused
+Conv2d-BatchNorm2d-ReLU block against the same layers unfused, and the fused
+MLP block (the hidden activation in the kept tile layout on the JIT tiers)
+bit for bit against its layers unfused.
 
     qemu-x86_64 -cpu Haswell .venv/bin/python tests/emulated/every_module_forward_backward.py avx2
 """
@@ -69,6 +71,7 @@ def main(expected_isa: str) -> None:
         assert (db - db_proto).abs().max() <= 1e-5 * (1 + db_proto.abs().max()), f"{name} int8 bias grad"
         print(f"{name}: f32 and int8 forward + backward ok")
     fused_block()
+    fused_mlp()
     print("every module type ran on this CPU")
 
 
@@ -92,6 +95,26 @@ def fused_block() -> None:
             assert err <= 1e-4 * (1 + b.abs().max().item()), f"fused block ({mode}): error {err}"
     assert torch.allclose(fused[1].running_var, unfused[1].running_var, rtol=1e-5, atol=1e-6)
     print("fused Conv2d-BatchNorm2d-ReLU: forward + backward ok")
+
+
+def fused_mlp() -> None:
+    """Linear -> ReLU -> Linear, f32 and int8, fused (one block) against the
+    same swapped layers unfused (MaskedReLU): the same bits."""
+    import copy
+
+    for cls in (SparseLinear, QuantizedSparseLinear):
+        dense = torch.nn.Sequential(
+            pruned(torch.nn.Linear(20, 48), 0.8), torch.nn.ReLU(), pruned(torch.nn.Linear(48, 12), 0.8)
+        )
+        unfused = copy.deepcopy(dense)
+        unfused[0], unfused[2] = cls.from_dense(dense[0], seed=3), cls.from_dense(dense[2], seed=4)
+        qsparseprop.use_masked_relus(unfused)
+        fused = qsparseprop.fuse(copy.deepcopy(unfused))
+        assert "forward" in fused.__dict__, "the MLP block was not fused"
+        x, g = torch.randn(70, 20), torch.randn(70, 12)
+        for a, b in zip(run(fused, x, g), run(unfused, x, g), strict=True):
+            assert torch.equal(a, b), f"fused MLP ({cls.__name__}) differs from its layers unfused"
+    print("fused Linear-ReLU-Linear: f32 and int8 forward + backward ok")
 
 
 if __name__ == "__main__":
