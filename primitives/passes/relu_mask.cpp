@@ -5,7 +5,6 @@
 #include "qsparseprop/primitives.hpp"
 
 #include <algorithm>
-#include <cmath>
 #include <limits>
 #include <stdexcept>
 #include <string>
@@ -30,7 +29,23 @@ int64_t chunks_of(int64_t n) {
 
 } // namespace
 
-void relu_mask_range(const float *src, float *dst, uint8_t *bits, int64_t begin, int64_t end) {
+namespace {
+
+// The output's running maximum (relu's output is >= 0, -0.0 or NaN; max_ps
+// keeps the non-NaN operand, so NaN is tracked on its own).
+struct running_max {
+    __m128 top = _mm_setzero_ps(), unordered = _mm_setzero_ps();
+    void add(__m128 v) {
+        top = _mm_max_ps(top, v);
+        unordered = _mm_or_ps(unordered, _mm_cmpunord_ps(v, v));
+    }
+};
+
+// relu_mask_range, taking the maximum of what it writes when `max` is given
+// (in registers: the output is not read again).
+template <bool with_max>
+void relu_range(const float *src, float *dst, uint8_t *bits, int64_t begin, int64_t end,
+                running_max *max) {
     const __m128 zero = _mm_setzero_ps();
     int64_t i = begin;
     for (; i + 8 <= end; i += 8) {
@@ -41,19 +56,32 @@ void relu_mask_range(const float *src, float *dst, uint8_t *bits, int64_t begin,
         // torch's vectorised clamp_min.
         const int lo = _mm_movemask_ps(_mm_cmpnle_ps(a, zero));
         const int hi = _mm_movemask_ps(_mm_cmpnle_ps(b, zero));
-        _mm_storeu_ps(dst + i, _mm_max_ps(zero, a));
-        _mm_storeu_ps(dst + i + 4, _mm_max_ps(zero, b));
+        const __m128 ra = _mm_max_ps(zero, a), rb = _mm_max_ps(zero, b);
+        _mm_storeu_ps(dst + i, ra);
+        _mm_storeu_ps(dst + i + 4, rb);
         bits[i / 8] = static_cast<uint8_t>(lo | (hi << 4));
+        if constexpr (with_max) {
+            max->add(ra);
+            max->add(rb);
+        }
     }
     if (i < end) { // the last, partial byte
         uint8_t byte = 0;
         for (int64_t j = i; j < end; ++j) {
             const __m128 v = _mm_set_ss(src[j]);
             byte |= static_cast<uint8_t>((_mm_movemask_ps(_mm_cmpnle_ss(v, zero)) & 1) << (j - i));
-            dst[j] = _mm_cvtss_f32(_mm_max_ss(zero, v));
+            const __m128 r = _mm_max_ss(zero, v);
+            dst[j] = _mm_cvtss_f32(r);
+            if constexpr (with_max) max->add(_mm_shuffle_ps(r, r, 0)); // all lanes the element
         }
         bits[i / 8] = byte;
     }
+}
+
+} // namespace
+
+void relu_mask_range(const float *src, float *dst, uint8_t *bits, int64_t begin, int64_t end) {
+    relu_range<false>(src, dst, bits, begin, end, nullptr);
 }
 
 void relu_mask_forward(const float *src, float *dst, uint8_t *bits, int64_t n, int num_threads) {
@@ -67,34 +95,20 @@ void relu_mask_forward(const float *src, float *dst, uint8_t *bits, int64_t n, i
 float relu_mask_forward_max(const float *src, float *dst, uint8_t *bits, int64_t n,
                             int num_threads) {
     const int64_t chunks = chunks_of(n);
-    float best = 0.0f; // relu's output is >= 0 (or -0.0, or NaN)
+    float best = 0.0f;
     bool nan = false;
 #pragma omp parallel for num_threads(num_threads) schedule(static) reduction(max                   \
                                                                              : best)               \
         reduction(||                                                                               \
                   : nan)
     for (int64_t c = 0; c < chunks; ++c) {
-        const int64_t begin = c * chunk_elems, end = std::min<int64_t>(n, begin + chunk_elems);
-        relu_mask_range(src, dst, bits, begin, end);
-        // the chunk is in cache: its maximum while it is (max_ps keeps the
-        // non-NaN operand, so NaN is tracked on its own)
-        __m128 top = _mm_setzero_ps(), unordered = _mm_setzero_ps();
-        int64_t i = begin;
-        for (; i + 4 <= end; i += 4) {
-            const __m128 v = _mm_loadu_ps(dst + i);
-            top = _mm_max_ps(top, v);
-            unordered = _mm_or_ps(unordered, _mm_cmpunord_ps(v, v));
-        }
+        running_max m;
+        relu_range<true>(src, dst, bits, c * chunk_elems,
+                         std::min<int64_t>(n, (c + 1) * chunk_elems), &m);
         alignas(16) float lanes[4];
-        _mm_store_ps(lanes, top);
-        float m = std::max(std::max(lanes[0], lanes[1]), std::max(lanes[2], lanes[3]));
-        bool chunk_nan = _mm_movemask_ps(unordered) != 0;
-        for (; i < end; ++i) {
-            chunk_nan = chunk_nan || std::isnan(dst[i]);
-            if (dst[i] > m) m = dst[i];
-        }
-        best = std::max(best, m);
-        nan = nan || chunk_nan;
+        _mm_store_ps(lanes, m.top);
+        best = std::max(best, std::max(std::max(lanes[0], lanes[1]), std::max(lanes[2], lanes[3])));
+        nan = nan || _mm_movemask_ps(m.unordered) != 0;
     }
     return nan ? std::numeric_limits<float>::quiet_NaN() : best;
 }
