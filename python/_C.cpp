@@ -257,22 +257,11 @@ protected:
     py::tuple forward(const primitives &p, const py::array &x, const py::array &values,
                       const py::object &bias, const py::object &x_abs_max) {
         py::array_t<float> y = pooled_array<float>(p.dst);
-        const auto ws_md = p.fwd_pd.workspace_desc();
-        py::array_t<uint8_t> workspace =
-                pooled_array<uint8_t>({static_cast<int64_t>(ws_md.get_size())});
+        py::array_t<uint8_t> workspace;
         qsp::exec_args args{
                 {DNNL_ARG_SRC, mem(f32_md(p.src), checked<float>(x, "x", p.src, false))},
-                {DNNL_ARG_WEIGHTS,
-                 mem(f32_md({nnz()}), checked<float>(values, "values", {nnz()}, false))},
                 {DNNL_ARG_DST, mem(f32_md(p.dst), y.mutable_data())}};
-        if (with_bias_) {
-            if (bias.is_none())
-                throw py::value_error("bias is required: the layer was created with a bias");
-            args[DNNL_ARG_BIAS] =
-                    mem(f32_md({p.dst[1]}),
-                        checked<float>(bias.cast<py::array>(), "bias", {p.dst[1]}, false));
-        }
-        if (!ws_md.is_zero()) args[DNNL_ARG_WORKSPACE] = mem(ws_md, workspace.mutable_data());
+        add_forward_args(p, args, values, bias, workspace);
         if (const float *m = optional_f32(x_abs_max, "x_abs_max", {1});
             m && scheme_ == qsp::quant_scheme::s8)
             args[qsp::QSP_ARG_SRC_ABS_MAX] = mem(f32_md({1}), const_cast<float *>(m));
@@ -283,6 +272,27 @@ protected:
         return py::make_tuple(y, workspace);
     }
 
+public:
+    // A forward execution's arguments beyond src and dst (whose layouts the
+    // caller picks): the values, the bias (dst's channels), the workspace
+    // (allocated here, from the pool, when the scheme has one).
+    void add_forward_args(const primitives &p, qsp::exec_args &args, const py::array &values,
+                          const py::object &bias, py::array_t<uint8_t> &workspace) const {
+        args[DNNL_ARG_WEIGHTS] =
+                mem(f32_md({nnz()}), checked<float>(values, "values", {nnz()}, false));
+        if (with_bias_) {
+            if (bias.is_none())
+                throw py::value_error("bias is required: the layer was created with a bias");
+            args[DNNL_ARG_BIAS] =
+                    mem(f32_md({p.dst[1]}),
+                        checked<float>(bias.cast<py::array>(), "bias", {p.dst[1]}, false));
+        }
+        const auto ws_md = p.fwd_pd.workspace_desc();
+        workspace = pooled_array<uint8_t>({static_cast<int64_t>(ws_md.get_size())});
+        if (!ws_md.is_zero()) args[DNNL_ARG_WORKSPACE] = mem(ws_md, workspace.mutable_data());
+    }
+
+protected:
     // The forward's workspace (s8: the quantized input and weights both
     // backward directions read), checked against the descriptor's size.
     dnnl::memory workspace_mem(const primitives &p, const py::object &workspace) const {
@@ -415,24 +425,6 @@ public:
 
     int64_t in_features() const { return in_; }
     int64_t out_features() const { return out_; }
-    bool with_bias() const { return with_bias_; }
-
-    // A forward execution's arguments beyond src and dst: the values, the
-    // bias, the workspace (allocated here when the scheme has one).
-    void add_forward_args(const primitives &p, qsp::exec_args &args, const py::array &values,
-                          const py::object &bias, py::array_t<uint8_t> &workspace) {
-        args[DNNL_ARG_WEIGHTS] =
-                mem(f32_md({nnz()}), checked<float>(values, "values", {nnz()}, false));
-        if (with_bias_) {
-            if (bias.is_none())
-                throw py::value_error("bias is required: the layer was created with a bias");
-            args[DNNL_ARG_BIAS] = mem(
-                    f32_md({out_}), checked<float>(bias.cast<py::array>(), "bias", {out_}, false));
-        }
-        const auto ws_md = p.fwd_pd.workspace_desc();
-        workspace = pooled_array<uint8_t>({static_cast<int64_t>(ws_md.get_size())});
-        if (!ws_md.is_zero()) args[DNNL_ARG_WORKSPACE] = mem(ws_md, workspace.mutable_data());
-    }
 
     // A backward execution's arguments beyond diff_dst and diff_src: the
     // values or the workspace, src (f32), the parameter gradients, the seed.
