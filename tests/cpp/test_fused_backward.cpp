@@ -63,9 +63,7 @@ TEST(FusedBackward, linear_equals_the_two_primitives_on_every_tier) {
 
 TEST(FusedBackward, conv2d_equals_the_two_primitives_on_every_tier) {
     std::mt19937 rng(4);
-    conv2d_geometry g;
-    g.kernel_h = g.kernel_w = 3;
-    g.pad_top = g.pad_bottom = g.pad_left = g.pad_right = 1;
+    conv2d_geometry g = same_3x3();
     g.stride_w = 2;
     const conv2d_layer layer{3, 5, 6, 9, 8, g};
     const auto o = layer.out_hw();
@@ -92,9 +90,7 @@ TEST(FusedBackward, conv2d_equals_the_two_primitives_on_every_tier) {
 // wherever they are read (the pair's pass: the JIT families on AVX2 and up).
 TEST(FusedBackward, s8_takes_the_channel_maxima_of_its_output_gradient) {
     std::mt19937 rng(6);
-    conv2d_geometry g;
-    g.kernel_h = g.kernel_w = 3;
-    g.pad_top = g.pad_bottom = g.pad_left = g.pad_right = 1;
+    conv2d_geometry g = same_3x3();
     const conv2d_layer layer{3, 5, 7, 9, 8, g};
     const auto hw = layer.out_hw();
     const int64_t plane = hw[0] * hw[1];

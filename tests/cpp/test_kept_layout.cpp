@@ -279,9 +279,7 @@ TEST(KeptLayout, refusals_name_the_rule) {
             "in_features");
     // Conv2d has no kept layout
     const auto cw = csr_weights::from_dense(random_sparse_dense(4, 9, 0.5, rng).data(), 4, 9);
-    conv2d_geometry g;
-    g.kernel_h = g.kernel_w = 3;
-    g.pad_top = g.pad_left = g.pad_bottom = g.pad_right = 1;
+    conv2d_geometry g = same_3x3();
     expect_refusal(
             [&] {
                 sparse_conv2d_forward::primitive_desc(

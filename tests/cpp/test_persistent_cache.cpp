@@ -74,8 +74,7 @@ void write_all(const std::string &path, const std::string &bytes) {
 struct conv_layer {
     conv_layer() : eng(dnnl::engine::kind::cpu, 0) {
         std::mt19937 rng(3);
-        g.kernel_h = g.kernel_w = 3;
-        g.pad_top = g.pad_left = g.pad_bottom = g.pad_right = 1;
+        g = same_3x3();
         pattern = csr_pattern::from_dense(random_sparse_dense(16, 16 * 9, 0.9, rng).data(), 16,
                                           16 * 9);
         attr.num_threads = 1;

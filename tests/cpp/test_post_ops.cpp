@@ -177,9 +177,7 @@ TEST(PostOps, conv2d_chains_match_the_reference_on_every_tier) {
         std::mt19937 rng(static_cast<uint32_t>(c * 13 + hw));
         const auto w = random_sparse_dense(oc, c * 9, 0.6, rng);
         const csr_pattern p = csr_pattern::from_dense(w.data(), oc, c * 9);
-        conv2d_geometry g;
-        g.kernel_h = g.kernel_w = 3;
-        g.pad_top = g.pad_left = g.pad_bottom = g.pad_right = 1;
+        conv2d_geometry g = same_3x3();
         using pd_t = sparse_conv2d_forward::primitive_desc;
         sweep<pd_t, sparse_conv2d_forward>(
                 [&](const primitive_attr &a, quant_scheme s) {

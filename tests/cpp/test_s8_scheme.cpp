@@ -276,9 +276,7 @@ TEST(S8Scheme, stochastic_rounding_is_unbiased_and_clamps) {
 // input (it is read, not found again).
 TEST(S8Scheme, the_forward_takes_its_inputs_maximum) {
     std::mt19937 rng(12);
-    conv2d_geometry g;
-    g.kernel_h = g.kernel_w = 3;
-    g.pad_top = g.pad_bottom = g.pad_left = g.pad_right = 1;
+    conv2d_geometry g = same_3x3();
     const conv2d_layer conv{2, 5, 6, 7, 9, g};
     auto w = csr_weights::from_dense(random_sparse_dense(6, 5 * 9, 0.7, rng).data(), 6, 5 * 9);
     auto x = random_vector(static_cast<size_t>(2 * 5 * 7 * 9), rng);

@@ -83,6 +83,15 @@ template <typename fn_t> void expect_refusal(fn_t fn, const std::string &needle)
     }
 }
 
+// A 3x3 convolution keeping the image's size (stride 1, padding 1 on every
+// side).
+inline conv2d_geometry same_3x3() {
+    conv2d_geometry g;
+    g.kernel_h = g.kernel_w = 3;
+    g.pad_top = g.pad_left = g.pad_bottom = g.pad_right = 1;
+    return g;
+}
+
 // Every ISA level up to the detected one, so each test runs on each tier.
 inline std::vector<cpu_isa> isa_levels() {
     std::vector<cpu_isa> out;
