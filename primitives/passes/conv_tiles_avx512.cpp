@@ -177,34 +177,27 @@ void pack_conv_s8_tiles_avx512(const int8_t *x, int64_t batch, int64_t channels,
     const int64_t tb = jit::tile_batch, wp = w + pad.left + pad.right,
                   rows = (h + pad.top + pad.bottom) * wp * channels, plane = h * w,
                   tiles_n = jit::tile_count(batch), wblocks = (w + 15) / 16;
+    auto *out = reinterpret_cast<uint8_t *>(tiles);
 #pragma omp parallel num_threads(num_threads)
     {
-#pragma omp for collapse(3) schedule(static)
+// One image row at a time, channel by channel, its column blocks in turn:
+// each image's line is read whole while it is in L1 (column blocks outside
+// the channels read each line again from L2), and the row's destination
+// (w pixels x channels rows) is one contiguous run.
+#pragma omp for collapse(2) schedule(static)
         for (int64_t t = 0; t < tiles_n; ++t)
             for (int64_t y = 0; y < h; ++y)
-                for (int64_t wb = 0; wb < wblocks; ++wb)
-                    for (int64_t c = 0; c < channels; ++c) {
-                        const int64_t x0 = wb * 16, xn = std::min<int64_t>(16, w - x0);
-                        const __mmask16 xmask = first_lanes(xn);
-                        int8_t *base = tiles
-                                       + (t * rows + ((y + pad.top) * wp + x0 + pad.left) * channels
-                                          + c) * tb;
-                        for (int64_t j0 = 0; j0 < tb; j0 += 16) {
-                            __m512 r[16];
-                            for (int i = 0; i < 16; ++i) {
-                                const int64_t b = t * tb + j0 + i;
-                                const __m128i bytes =
-                                        b < batch ? _mm_maskz_loadu_epi8(
-                                                xmask, x + (b * channels + c) * plane + y * w + x0)
-                                                  : _mm_setzero_si128();
-                                r[i] = _mm512_castsi512_ps(_mm512_cvtepi8_epi32(bytes));
-                            }
-                            transpose16(r);
-                            for (int64_t k = 0; k < xn; ++k)
-                                _mm_storeu_si128(
-                                        reinterpret_cast<__m128i *>(base + k * channels * tb + j0),
-                                        _mm512_cvtepi32_epi8(_mm512_castps_si512(r[k])));
-                        }
+                for (int64_t c = 0; c < channels; ++c)
+                    for (int64_t wb = 0; wb < wblocks; ++wb) {
+                        const int64_t x0 = wb * 16;
+                        avx512::transpose_64x16_bytes(
+                                x + (t * tb * channels + c) * plane + y * w + x0, channels * plane,
+                                batch - t * tb, std::min<int64_t>(16, w - x0),
+                                out
+                                        + (t * rows
+                                           + ((y + pad.top) * wp + x0 + pad.left) * channels + c)
+                                                  * tb,
+                                channels * tb, _mm512_setzero_si512());
                     }
         avx512::for_padding_pixels(tiles_n, h, w, pad, [&](int64_t t, int64_t y, int64_t xx) {
             int8_t *row = tiles + (t * rows + (y * wp + xx) * channels) * tb;

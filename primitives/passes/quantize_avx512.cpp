@@ -279,27 +279,14 @@ void bytes_to_tiles_avx512(const int8_t *x, int64_t batch, int64_t channels, uin
                            __m128i flip, int num_threads) {
     const int64_t tb = jit::tile_batch, tiles_n = jit::tile_count(batch),
                   cblocks = (channels + 15) / 16;
+    const __m512i flip64 = _mm512_broadcast_i32x4(flip);
 #pragma omp parallel for collapse(2) num_threads(num_threads) schedule(static)
     for (int64_t t = 0; t < tiles_n; ++t)
         for (int64_t cb = 0; cb < cblocks; ++cb) {
-            const int64_t c0 = cb * 16, cn = std::min<int64_t>(16, channels - c0);
-            const __mmask16 cmask = first(cn);
-            uint8_t *tile = tiles + t * channels * tb;
-            for (int64_t j0 = 0; j0 < tb; j0 += 16) {
-                __m512 r[16];
-                for (int i = 0; i < 16; ++i) {
-                    const int64_t b = t * tb + j0 + i;
-                    const __m128i bytes =
-                            b < batch ? _mm_maskz_loadu_epi8(cmask, x + b * channels + c0)
-                                      : _mm_setzero_si128();
-                    r[i] = _mm512_castsi512_ps(_mm512_cvtepi8_epi32(bytes));
-                }
-                avx512::transpose16(r); // moves 32-bit lanes bit for bit
-                for (int64_t c = 0; c < cn; ++c)
-                    _mm_storeu_si128(
-                            reinterpret_cast<__m128i *>(tile + (c0 + c) * tb + j0),
-                            _mm_xor_si128(_mm512_cvtepi32_epi8(_mm512_castps_si512(r[c])), flip));
-            }
+            const int64_t c0 = cb * 16;
+            avx512::transpose_64x16_bytes(x + t * tb * channels + c0, channels, batch - t * tb,
+                                          std::min<int64_t>(16, channels - c0),
+                                          tiles + (t * channels + c0) * tb, tb, flip64);
         }
 }
 

@@ -40,6 +40,57 @@ inline __mmask16 first_lanes(int64_t n) {
     return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
 }
 
+// The byte tiles' transpose: 64 rows of up to 16 bytes -> 16 rows of 64.
+// Source row b (b < valid; the rest read as zeros) is the 16 bytes at
+// src + b * stride, those past `columns` unread (zeros); destination row k
+// (k < columns) gets byte b of row k at dst + k * dst_stride + b, each
+// byte ^ flip. Rows b, b + 16, b + 32, b + 48 share a register, one per
+// 128-bit lane, and each lane makes its own 16 x 16 transpose with four
+// rounds of unpacks: 64 byte shuffles per 1 KiB, where widening every byte
+// to a float lane for transpose16 took four times as many.
+inline void transpose_64x16_bytes(const int8_t *src, int64_t stride, int64_t valid, int64_t columns,
+                                  uint8_t *dst, int64_t dst_stride, __m512i flip) {
+    const uint64_t row_mask = columns >= 16 ? 0xFFFFu : (uint64_t(1) << columns) - 1;
+    __m512i r[16];
+    for (int i = 0; i < 16; ++i) {
+        __m512i v = _mm512_setzero_si512();
+        for (int g = 0; g < 4; ++g) {
+            const int64_t b = g * 16 + i;
+            if (b >= valid) break;
+            // lane g's 16 bytes from row b: a 64-byte masked load that
+            // starts 16 * g bytes early (masked-off bytes are never touched)
+            const auto at = reinterpret_cast<uintptr_t>(src + b * stride) - 16 * g;
+            v = _mm512_mask_loadu_epi8(v, row_mask << (16 * g), reinterpret_cast<const void *>(at));
+        }
+        r[i] = v;
+    }
+    __m512i a[16], c[16];
+    for (int i = 0; i < 16; i += 2) { // byte pairs of rows (i, i + 1)
+        a[i] = _mm512_unpacklo_epi8(r[i], r[i + 1]);
+        a[i + 1] = _mm512_unpackhi_epi8(r[i], r[i + 1]);
+    }
+    for (int q = 0; q < 16; q += 4) // four rows q..q+3 per column, columns 0-3, 4-7, 8-11, 12-15
+        for (int h = 0; h < 2; ++h) {
+            r[q + 2 * h] = _mm512_unpacklo_epi16(a[q + h], a[q + h + 2]);
+            r[q + 2 * h + 1] = _mm512_unpackhi_epi16(a[q + h], a[q + h + 2]);
+        }
+    for (int o = 0; o < 16; o += 8) // eight rows per column, two columns per register
+        for (int k = 0; k < 4; ++k) {
+            c[o + 2 * k] = _mm512_unpacklo_epi32(r[o + k], r[o + k + 4]);
+            c[o + 2 * k + 1] = _mm512_unpackhi_epi32(r[o + k], r[o + k + 4]);
+        }
+    // c[m] (rows 0-7) and c[m + 8] (rows 8-15) hold columns 2m and 2m + 1
+    for (int m = 0; m < 8; ++m) {
+        const int64_t k = 2 * m;
+        if (k < columns)
+            _mm512_storeu_si512(dst + k * dst_stride,
+                                _mm512_xor_si512(_mm512_unpacklo_epi64(c[m], c[m + 8]), flip));
+        if (k + 1 < columns)
+            _mm512_storeu_si512(dst + (k + 1) * dst_stride,
+                                _mm512_xor_si512(_mm512_unpackhi_epi64(c[m], c[m + 8]), flip));
+    }
+}
+
 } // namespace qsp::detail::avx512
 
 QSP_END_TARGET
