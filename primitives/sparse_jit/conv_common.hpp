@@ -7,6 +7,7 @@
 
 #include "primitives/core/problem.hpp"
 #include "primitives/sparse_jit/conv_layout.hpp"
+#include "qsparseprop/runtime.hpp"
 
 namespace qsp::detail {
 
@@ -25,7 +26,7 @@ std::vector<int64_t> window_taps_of_entries(const conv_layout &l, const csr_patt
 // s8 backward-weights: window_sum[(ic, kh, kw)] = the sum over batch and
 // output pixels of the X value that tap (kh, kw) reads (0 in the padding),
 // what a +128 shift of G adds to each weight of that tap. plane_sum: scratch
-// of num_threads * in_c * in_h * in_w (a sum per thread, then their total).
+// of in_c * in_h * in_w (the batch's sum of each element of an image).
 void conv_window_sums(const conv_layout &l, const int8_t *xq, int64_t batch, int32_t *plane_sum,
                       int64_t *window_sum, int num_threads);
 

@@ -434,7 +434,7 @@ private:
         auto *x = sp.get<int8_t>(1, tiles * x_rows * rb8);
         auto *piece = sp.get<int32_t>(2, nnz + jit::sddmm_offset_padding);
         auto *acc = sp.get<int64_t>(3, nnz);
-        auto *plane_sum = sp.get<int32_t>(4, nt * l_.in_c * l_.in_pixels());
+        auto *plane_sum = sp.get<int32_t>(4, l_.in_c * l_.in_pixels());
         auto *window_sum = sp.get<int64_t>(5, taps);
         const float sg1 = s8::dw_gradient_tiles(t, B, dy_rows, g1, nt);
         pack_conv_s8_tiles(xq, B, l_.in_c, l_.in_h, l_.in_w, l_.x_pad, x, nt);
@@ -512,26 +512,21 @@ std::vector<int64_t> window_taps_of_entries(const conv_layout &l, const csr_patt
 void conv_window_sums(const conv_layout &l, const int8_t *xq, int64_t batch, int32_t *plane_sum,
                       int64_t *window_sum, int num_threads) {
     const int64_t px = l.in_pixels(), image = l.in_c * px;
-    // The sums over the batch: each thread adds whole images, in memory
-    // order, into sums of its own (one channel's planes alone are in_c
-    // planes apart), then those are added; integers, so in any order.
-    const int threads =
-            static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, batch)));
-#pragma omp parallel num_threads(threads)
-    {
-        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-        int32_t *s = plane_sum + t * image; // thread 0's sums become the total
-        std::fill(s, s + image, 0);
-        for (int64_t b = batch * t / nt; b < batch * (t + 1) / nt; ++b) {
-            const int8_t *x = xq + b * image;
-            for (int64_t i = 0; i < image; ++i)
+    // The sums over the batch, a run of an image's elements at a time with
+    // every image added into it while the run's sums stay in L1 (adding
+    // image by image into sums of a whole image went to L2 for every byte).
+    // Integers: exact in any order, on any thread count.
+    constexpr int64_t run = 512;
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t r0 = 0; r0 < image; r0 += run) {
+        const int64_t n = std::min(run, image - r0);
+        int32_t *s = plane_sum + r0;
+        std::fill(s, s + n, 0);
+        for (int64_t b = 0; b < batch; ++b) {
+            const int8_t *x = xq + b * image + r0;
+            for (int64_t i = 0; i < n; ++i)
                 s[i] += x[i];
         }
-#pragma omp barrier
-#pragma omp for schedule(static)
-        for (int64_t i = 0; i < image; ++i)
-            for (int u = 1; u < nt; ++u)
-                plane_sum[i] += plane_sum[u * image + i];
     }
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t ic = 0; ic < l.in_c; ++ic) {

@@ -582,7 +582,7 @@ private:
         auto *x = sp.get<int8_t>(2, B * image);
         auto *partial = sp.get<int32_t>(3, nnz * vl);
         auto *acc = sp.get<int64_t>(4, nnz);
-        auto *plane_sum = sp.get<int32_t>(5, nt * l().in_c * l().in_pixels());
+        auto *plane_sum = sp.get<int32_t>(5, l().in_c * l().in_pixels());
         auto *window_sum = sp.get<int64_t>(6, taps);
         const auto [g1, sg1] =
                 s8::quantize_dw_gradient(t, B * oc * l().out_pixels(), g1_scratch, nt);
