@@ -271,6 +271,18 @@ void pack_width_dy_u8(const int8_t *g, int64_t batch, int64_t channels, int64_t 
 void interleave_width_phases(const width_phase_rows *phases, int64_t count, int64_t batch,
                              int64_t channels, int64_t n_h, int64_t h, int64_t w, int64_t h0,
                              int64_t sh, int64_t sw, float *out, int num_threads) {
+    static constexpr pass_tier<interleave_width_phases_fn> tiers[] = {
+            {cpu_isa::avx512_core, interleave_width_phases_avx512},
+            {cpu_isa::ref, portable::interleave_width_phases}};
+    const bool even_odd = sw == 2 && count == 2 && phases[0].w0 + phases[1].w0 == 1;
+    best_tier(tiers, even_odd)(phases, count, batch, channels, n_h, h, w, h0, sh, sw, out,
+                               num_threads);
+}
+
+void portable::interleave_width_phases(const width_phase_rows *phases, int64_t count, int64_t batch,
+                                       int64_t channels, int64_t n_h, int64_t h, int64_t w,
+                                       int64_t h0, int64_t sh, int64_t sw, float *out,
+                                       int num_threads) {
 #pragma omp parallel for collapse(2) num_threads(num_threads) schedule(static)
     for (int64_t p = 0; p < batch * channels; ++p)
         for (int64_t a = 0; a < n_h; ++a) {

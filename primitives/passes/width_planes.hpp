@@ -67,20 +67,25 @@ struct width_phase_rows {
     const float *values;
     int64_t w0, n_w;
 };
-void interleave_width_phases(const width_phase_rows *phases, int64_t count, int64_t batch,
-                             int64_t channels, int64_t n_h, int64_t h, int64_t w, int64_t h0,
-                             int64_t sh, int64_t sw, float *out, int num_threads);
+using interleave_width_phases_fn = void(const width_phase_rows *phases, int64_t count,
+                                        int64_t batch, int64_t channels, int64_t n_h, int64_t h,
+                                        int64_t w, int64_t h0, int64_t sh, int64_t sw, float *out,
+                                        int num_threads);
+interleave_width_phases_fn interleave_width_phases;
 
 // The tiers (the same values bit for bit; tested).
 namespace portable {
 pack_width_planes_fn pack_width_planes;
 pack_width_quads_fn pack_width_quads;
 pack_width_pairs_fn pack_width_pairs;
+interleave_width_phases_fn interleave_width_phases;
 } // namespace portable
 // Planes without column phases only.
 pack_width_planes_fn pack_width_planes_avx512;
 // Planes without column phases or with two.
 pack_width_planes_fn pack_width_planes_avx2;
 pack_width_quads_fn pack_width_quads_avx512;
+// A horizontal stride of 2: two phases, columns 0 and 1 (in either order).
+interleave_width_phases_fn interleave_width_phases_avx512;
 
 } // namespace qsp::detail

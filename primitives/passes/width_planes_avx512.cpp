@@ -96,6 +96,36 @@ void pack_width_quads_avx512(const int8_t *src, int64_t batch, int64_t channels,
         }
 }
 
+// Stride 2: row[2j + w0] = phase[j], the even and the odd columns zipped
+// 16 + 16 values at a time into two vectors (the portable loop stored one
+// float per instruction, 8 bytes apart).
+void interleave_width_phases_avx512(const width_phase_rows *phases, int64_t, int64_t batch,
+                                    int64_t channels, int64_t n_h, int64_t h, int64_t w, int64_t h0,
+                                    int64_t sh, int64_t, float *out, int num_threads) {
+    const width_phase_rows &even = phases[0].w0 == 0 ? phases[0] : phases[1],
+                           &odd = phases[0].w0 == 0 ? phases[1] : phases[0];
+    const __m512i low = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23),
+                  high = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15,
+                                           31);
+#pragma omp parallel for collapse(2) num_threads(num_threads) schedule(static)
+    for (int64_t p = 0; p < batch * channels; ++p)
+        for (int64_t a = 0; a < n_h; ++a) {
+            float *row = out + (p * h + h0 + a * sh) * w;
+            const float *e = even.values + (p * n_h + a) * even.n_w,
+                        *o = odd.values + (p * n_h + a) * odd.n_w;
+            for (int64_t j = 0; 2 * j < w; j += 16) {
+                const __m512 ev = _mm512_maskz_loadu_ps(first_lanes(even.n_w - j), e + j),
+                             ov = _mm512_maskz_loadu_ps(first_lanes(odd.n_w - j), o + j);
+                const int64_t left = w - 2 * j; // columns of this row from 2j on
+                _mm512_mask_storeu_ps(row + 2 * j, first_lanes(left),
+                                      _mm512_permutex2var_ps(ev, low, ov));
+                if (left > 16)
+                    _mm512_mask_storeu_ps(row + 2 * j + 16, first_lanes(left - 16),
+                                          _mm512_permutex2var_ps(ev, high, ov));
+            }
+        }
+}
+
 } // namespace qsp::detail
 
 QSP_END_TARGET
