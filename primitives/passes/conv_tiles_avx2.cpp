@@ -88,8 +88,10 @@ void pack_conv_tiles_avx2(const float *src, int64_t batch, int64_t channels, int
 }
 
 void pack_conv_s8_tiles_avx2(const int8_t *x, int64_t batch, int64_t channels, int64_t h, int64_t w,
-                             const spatial_pad &pad, int8_t *tiles, int num_threads) {
+                             const spatial_pad &pad, int8_t *tiles, int32_t *plane_sums,
+                             int num_threads) {
     const int64_t plane = h * w;
+    if (plane_sums) batch_plane_sums(x, batch, channels * plane, plane_sums, num_threads);
     // 16 batch elements x 16 pixels per transpose; all 64 lanes (the s8
     // SDDMM reads whole rows)
     pack_pixel_blocks<16>(

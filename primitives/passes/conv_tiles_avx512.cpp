@@ -173,21 +173,25 @@ void pack_conv_quad_tiles_avx512(const int8_t *x, int64_t batch, int64_t channel
 }
 
 void pack_conv_s8_tiles_avx512(const int8_t *x, int64_t batch, int64_t channels, int64_t h,
-                               int64_t w, const spatial_pad &pad, int8_t *tiles, int num_threads) {
+                               int64_t w, const spatial_pad &pad, int8_t *tiles,
+                               int32_t *plane_sums, int num_threads) {
     const int64_t tb = jit::tile_batch, wp = w + pad.left + pad.right,
                   rows = (h + pad.top + pad.bottom) * wp * channels, plane = h * w,
                   tiles_n = jit::tile_count(batch), wblocks = (w + 15) / 16;
     auto *out = reinterpret_cast<uint8_t *>(tiles);
 #pragma omp parallel num_threads(num_threads)
     {
-// One image row at a time, channel by channel, its column blocks in turn:
-// each image's line is read whole while it is in L1 (column blocks outside
-// the channels read each line again from L2), and the row's destination
-// (w pixels x channels rows) is one contiguous run.
+// One image row of one channel at a time, every tile's, its column blocks
+// in turn: each image's line is read whole while it is in L1 (column
+// blocks outside the channels read each line again from L2), the row's
+// destination (w pixels x channels rows) is one contiguous run per tile,
+// and the row's plane sums are this thread's alone.
 #pragma omp for collapse(2) schedule(static)
-        for (int64_t t = 0; t < tiles_n; ++t)
-            for (int64_t y = 0; y < h; ++y)
-                for (int64_t c = 0; c < channels; ++c)
+        for (int64_t y = 0; y < h; ++y)
+            for (int64_t c = 0; c < channels; ++c) {
+                int32_t *sums = plane_sums ? plane_sums + c * plane + y * w : nullptr;
+                if (sums) std::fill(sums, sums + w, 0);
+                for (int64_t t = 0; t < tiles_n; ++t)
                     for (int64_t wb = 0; wb < wblocks; ++wb) {
                         const int64_t x0 = wb * 16;
                         avx512::transpose_64x16_bytes(
@@ -197,8 +201,9 @@ void pack_conv_s8_tiles_avx512(const int8_t *x, int64_t batch, int64_t channels,
                                         + (t * rows
                                            + ((y + pad.top) * wp + x0 + pad.left) * channels + c)
                                                   * tb,
-                                channels * tb, _mm512_setzero_si512());
+                                channels * tb, _mm512_setzero_si512(), sums ? sums + x0 : nullptr);
                     }
+            }
         avx512::for_padding_pixels(tiles_n, h, w, pad, [&](int64_t t, int64_t y, int64_t xx) {
             int8_t *row = tiles + (t * rows + (y * wp + xx) * channels) * tb;
             for (int64_t c = 0; c < channels; ++c)

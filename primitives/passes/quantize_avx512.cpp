@@ -286,7 +286,7 @@ void bytes_to_tiles_avx512(const int8_t *x, int64_t batch, int64_t channels, uin
             const int64_t c0 = cb * 16;
             avx512::transpose_64x16_bytes(x + t * tb * channels + c0, channels, batch - t * tb,
                                           std::min<int64_t>(16, channels - c0),
-                                          tiles + (t * channels + c0) * tb, tb, flip64);
+                                          tiles + (t * channels + c0) * tb, tb, flip64, nullptr);
         }
 }
 

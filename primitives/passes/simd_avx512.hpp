@@ -44,12 +44,15 @@ inline __mmask16 first_lanes(int64_t n) {
 // Source row b (b < valid; the rest read as zeros) is the 16 bytes at
 // src + b * stride, those past `columns` unread (zeros); destination row k
 // (k < columns) gets byte b of row k at dst + k * dst_stride + b, each
-// byte ^ flip. Rows b, b + 16, b + 32, b + 48 share a register, one per
+// byte ^ flip; with column_sums (or null), column_sums[k] += the sum of
+// the source's bytes of column k (as int8), k < columns. Rows b, b + 16,
+// b + 32, b + 48 share a register, one per
 // 128-bit lane, and each lane makes its own 16 x 16 transpose with four
 // rounds of unpacks: 64 byte shuffles per 1 KiB, where widening every byte
 // to a float lane for transpose16 took four times as many.
 inline void transpose_64x16_bytes(const int8_t *src, int64_t stride, int64_t valid, int64_t columns,
-                                  uint8_t *dst, int64_t dst_stride, __m512i flip) {
+                                  uint8_t *dst, int64_t dst_stride, __m512i flip,
+                                  int32_t *column_sums) {
     const uint64_t row_mask = columns >= 16 ? 0xFFFFu : (uint64_t(1) << columns) - 1;
     __m512i r[16];
     for (int i = 0; i < 16; ++i) {
@@ -63,6 +66,21 @@ inline void transpose_64x16_bytes(const int8_t *src, int64_t stride, int64_t val
             v = _mm512_mask_loadu_epi8(v, row_mask << (16 * g), reinterpret_cast<const void *>(at));
         }
         r[i] = v;
+    }
+    if (column_sums) {
+        // int16 lanes: each adds 32 bytes of one column (at most 4064 in size)
+        __m512i low = _mm512_setzero_si512(), high = low;
+        for (int i = 0; i < 16; ++i) {
+            low = _mm512_add_epi16(low, _mm512_cvtepi8_epi16(_mm512_castsi512_si256(r[i])));
+            high = _mm512_add_epi16(high, _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(r[i], 1)));
+        }
+        const __m512i both = _mm512_add_epi16(low, high); // lanes k and 16 + k: column k
+        const __m256i column =
+                _mm256_add_epi16(_mm512_castsi512_si256(both), _mm512_extracti64x4_epi64(both, 1));
+        const __mmask16 k = static_cast<__mmask16>(row_mask);
+        _mm512_mask_storeu_epi32(column_sums, k,
+                                 _mm512_add_epi32(_mm512_maskz_loadu_epi32(k, column_sums),
+                                                  _mm512_cvtepi16_epi32(column)));
     }
     __m512i a[16], c[16];
     for (int i = 0; i < 16; i += 2) { // byte pairs of rows (i, i + 1)

@@ -437,8 +437,8 @@ private:
         auto *plane_sum = sp.get<int32_t>(4, l_.in_c * l_.in_pixels());
         auto *window_sum = sp.get<int64_t>(5, taps);
         const float sg1 = s8::dw_gradient_tiles(t, B, dy_rows, g1, nt);
-        pack_conv_s8_tiles(xq, B, l_.in_c, l_.in_h, l_.in_w, l_.x_pad, x, nt);
-        conv_window_sums(l_, xq, B, plane_sum, window_sum, nt);
+        pack_conv_s8_tiles(xq, B, l_.in_c, l_.in_h, l_.in_w, l_.x_pad, x, plane_sum, nt);
+        conv_window_sums(l_, plane_sum, window_sum, nt);
         std::fill(acc, acc + nnz, int64_t(0));
         // Pieces: whole output rows, at most max_piece_pixels pixels per tile.
         const int64_t rows_per_piece = std::max<int64_t>(1, max_piece_pixels / l_.out_w);
@@ -509,25 +509,9 @@ std::vector<int64_t> window_taps_of_entries(const conv_layout &l, const csr_patt
     return taps;
 }
 
-void conv_window_sums(const conv_layout &l, const int8_t *xq, int64_t batch, int32_t *plane_sum,
-                      int64_t *window_sum, int num_threads) {
-    const int64_t px = l.in_pixels(), image = l.in_c * px;
-    // The sums over the batch, a run of an image's elements at a time with
-    // every image added into it while the run's sums stay in L1 (adding
-    // image by image into sums of a whole image went to L2 for every byte).
-    // Integers: exact in any order, on any thread count.
-    constexpr int64_t run = 512;
-#pragma omp parallel for num_threads(num_threads) schedule(static)
-    for (int64_t r0 = 0; r0 < image; r0 += run) {
-        const int64_t n = std::min(run, image - r0);
-        int32_t *s = plane_sum + r0;
-        std::fill(s, s + n, 0);
-        for (int64_t b = 0; b < batch; ++b) {
-            const int8_t *x = xq + b * image + r0;
-            for (int64_t i = 0; i < n; ++i)
-                s[i] += x[i];
-        }
-    }
+void conv_window_sums(const conv_layout &l, const int32_t *plane_sum, int64_t *window_sum,
+                      int num_threads) {
+    const int64_t px = l.in_pixels();
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t ic = 0; ic < l.in_c; ++ic) {
         const int32_t *s = plane_sum + ic * px;

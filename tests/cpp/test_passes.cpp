@@ -500,10 +500,9 @@ TEST(Passes, conv_tiles_match_the_definition_on_every_tier) {
                             const size_t i = static_cast<size_t>((t * qrows + r) * 256 + j);
                             ASSERT_EQ(qgot[i], qwant[i]) << "quad tile " << t << " row " << r;
                         }
-                std::vector<int8_t> swant(static_cast<size_t>(tiles * rows * 64), 1),
-                        sgot(swant.size(), 2);
+                std::vector<int8_t> swant(static_cast<size_t>(tiles * rows * 64), 1);
                 detail::portable::pack_conv_s8_tiles(xq.data(), batch, c, h, w, pad, swant.data(),
-                                                     2);
+                                                     nullptr, 2);
                 for (int64_t b = 0; b < tiles * 64; ++b)
                     for (int64_t y = 0; y < hp; ++y)
                         for (int64_t xx = 0; xx < wp; ++xx)
@@ -514,14 +513,31 @@ TEST(Passes, conv_tiles_match_the_definition_on_every_tier) {
                                                   + b % 64)],
                                           s < 0 || b >= batch ? 0 : xq[(b * c + ch) * px + s]);
                             }
-                detail::pack_conv_s8_tiles(xq.data(), batch, c, h, w, pad, sgot.data(), 3);
-                EXPECT_EQ(sgot, swant);
-                if (cpu_has(cpu_isa::avx2)) {
-                    std::vector<int8_t> tier_got(swant.size(), 2);
-                    detail::pack_conv_s8_tiles_avx2(xq.data(), batch, c, h, w, pad, tier_got.data(),
-                                                    2);
-                    EXPECT_EQ(tier_got, swant) << "avx2 s8 tiles";
-                }
+                // the batch's sum of each (channel, pixel), with the pack or alone
+                std::vector<int32_t> sums_want(static_cast<size_t>(c * px));
+                for (int64_t i = 0; i < c * px; ++i)
+                    for (int64_t b = 0; b < batch; ++b)
+                        sums_want[static_cast<size_t>(i)] += xq[b * c * px + i];
+                std::vector<int32_t> sums(sums_want.size(), -1);
+                detail::batch_plane_sums(xq.data(), batch, c * px, sums.data(), 3);
+                EXPECT_EQ(sums, sums_want);
+                std::vector<std::pair<const char *, detail::pack_conv_s8_tiles_fn *>> s8_tiers{
+                        {"dispatched", detail::pack_conv_s8_tiles},
+                        {"portable", detail::portable::pack_conv_s8_tiles}};
+                if (cpu_has(cpu_isa::avx2))
+                    s8_tiers.push_back({"avx2", detail::pack_conv_s8_tiles_avx2});
+                if (cpu_has(cpu_isa::avx512_core))
+                    s8_tiers.push_back({"avx512", detail::pack_conv_s8_tiles_avx512});
+                for (auto [name, tier] : s8_tiers)
+                    for (bool with_sums : {false, true}) {
+                        SCOPED_TRACE(std::string(name) + (with_sums ? " with plane sums" : ""));
+                        std::vector<int8_t> sgot(swant.size(), 2);
+                        std::fill(sums.begin(), sums.end(), -1);
+                        tier(xq.data(), batch, c, h, w, pad, sgot.data(),
+                             with_sums ? sums.data() : nullptr, 3);
+                        EXPECT_EQ(sgot, swant);
+                        if (with_sums) EXPECT_EQ(sums, sums_want);
+                    }
                 // int32 unpack, correction per channel and per (channel, pixel)
                 std::vector<int32_t> acc(static_cast<size_t>(tiles * px * c * 64));
                 for (auto &v : acc)
