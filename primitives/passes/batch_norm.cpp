@@ -185,11 +185,13 @@ struct portable_kernels {
                 _mm_storeu_ps(diff_residual + i, g0);
                 _mm_storeu_ps(diff_residual + i + 4, g1);
             }
-            if (diff_src) { // may be diff_dst: these elements are read
+            if (diff_src || abs_max) { // diff_src may be diff_dst: these elements are read
                 const lanes8 xc = centered8(x, i);
                 const __m128 d0 = gradient(g0, xc.lo), d1 = gradient(g1, xc.hi);
-                _mm_storeu_ps(diff_src + i, d0);
-                _mm_storeu_ps(diff_src + i + 4, d1);
+                if (diff_src) {
+                    _mm_storeu_ps(diff_src + i, d0);
+                    _mm_storeu_ps(diff_src + i + 4, d1);
+                }
                 if (abs_max) fold(d0), fold(d1);
             }
         }
@@ -257,6 +259,22 @@ void masked_gradient_sums(const float *diff_dst, const uint8_t *bits, centered_s
             {cpu_isa::avx2, masked_gradient_sums_avx2},
             {cpu_isa::ref, portable::masked_gradient_sums}};
     best_tier(tiers)(diff_dst, bits, src, s, sum_g, sum_g_centered, num_threads);
+}
+
+void portable::quantize_pair_from_gradient(const batch_norm_gradient &src, const float *multiplier,
+                                           const stochastic_pair_rounding &r, int8_t *q,
+                                           int8_t *q_plain, int num_threads) {
+    walk::quantize_pair_from_gradient<portable_kernels>(src, multiplier, r, q, q_plain,
+                                                        num_threads);
+}
+
+void quantize_pair_from_gradient(const batch_norm_gradient &src, const float *multiplier,
+                                 const stochastic_pair_rounding &r, int8_t *q, int8_t *q_plain,
+                                 int num_threads) {
+    static constexpr pass_tier<quantize_pair_from_gradient_fn> tiers[] = {
+            {cpu_isa::avx2, quantize_pair_from_gradient_avx2},
+            {cpu_isa::ref, portable::quantize_pair_from_gradient}};
+    best_tier(tiers)(src, multiplier, r, q, q_plain, num_threads);
 }
 
 void masked_gradient_apply(const float *diff_dst, const uint8_t *bits, centered_source src,

@@ -10,6 +10,8 @@
 
 #include <cstdint>
 
+#include "primitives/passes/quantize.hpp"
+
 namespace qsp::detail {
 
 // N x C x S (S = H * W) contiguous: plane (n, c) starts at (n * C + c) * S.
@@ -67,13 +69,37 @@ void masked_gradient_sums(const float *diff_dst, const uint8_t *bits, centered_s
 // diff_src = g * a[c] + (src - mean[c]) * b[c] + k[c], g as above, and,
 // when given, diff_residual = g (the residual's gradient). diff_src (null:
 // not wanted) may alias diff_dst; diff_residual may not alias either. With
-// channel_abs_max (C floats) and diff_src, also max |diff_src| per channel
-// (NaN where the channel holds a NaN), taken while each run is in L1: what
-// the next layer's s8 backward would read diff_src once more to find.
+// channel_abs_max (C floats), also max |diff_src| per channel (NaN where
+// the channel holds a NaN), taken while each run is in L1 — what the next
+// layer's s8 backward would read diff_src once more to find — also without
+// diff_src (its values computed, not written: quantize_pair_from_gradient's
+// maxima).
 void masked_gradient_apply(const float *diff_dst, const uint8_t *bits, centered_source src,
                            channel_planes shape, const float *a, const float *b, const float *k,
                            float *diff_src, float *diff_residual, float *channel_abs_max,
                            int num_threads);
+
+// dY of a BatchNorm (+ ReLU) backward as masked_gradient_apply writes it:
+// dY = g * a[c] + (src - mean[c]) * b[c] + k[c], g = diff_dst masked by
+// `bits` (when given). The description lets its reader compute dY where it
+// needs it instead of reading it from memory.
+struct batch_norm_gradient {
+    const float *diff_dst = nullptr;
+    const uint8_t *bits = nullptr;
+    centered_source src;
+    channel_planes shape;
+    const float *a = nullptr, *b = nullptr, *k = nullptr;
+};
+
+// The s8 backward's pair of roundings (quantize.hpp) of that dY, channel c's
+// values times multiplier[c] for q: the integers quantize_stochastic_pair
+// writes from the materialised dY, without dY written or read (each chunk
+// made in a thread's buffer by the apply kernel, rounded from there). The
+// pair's scales come with `r` (from maxima found by masked_gradient_apply
+// without diff_src).
+void quantize_pair_from_gradient(const batch_norm_gradient &src, const float *multiplier,
+                                 const stochastic_pair_rounding &r, int8_t *q, int8_t *q_plain,
+                                 int num_threads);
 
 // The tiers of each pass (the dispatchers above pick the best one the
 // effective ISA allows); the results are the same bits on every tier.
@@ -90,17 +116,22 @@ using masked_gradient_apply_fn = void(const float *diff_dst, const uint8_t *bits
                                       const float *b, const float *k, float *diff_src,
                                       float *diff_residual, float *channel_abs_max,
                                       int num_threads);
+using quantize_pair_from_gradient_fn = void(const batch_norm_gradient &src, const float *multiplier,
+                                            const stochastic_pair_rounding &r, int8_t *q,
+                                            int8_t *q_plain, int num_threads);
 
 namespace portable {
 channel_statistics_fn channel_statistics;
 scale_shift_relu_fn scale_shift_relu;
 masked_gradient_sums_fn masked_gradient_sums;
 masked_gradient_apply_fn masked_gradient_apply;
+quantize_pair_from_gradient_fn quantize_pair_from_gradient;
 } // namespace portable
 
 channel_statistics_fn channel_statistics_avx2;
 scale_shift_relu_fn scale_shift_relu_avx2;
 masked_gradient_sums_fn masked_gradient_sums_avx2;
 masked_gradient_apply_fn masked_gradient_apply_avx2;
+quantize_pair_from_gradient_fn quantize_pair_from_gradient_avx2;
 
 } // namespace qsp::detail

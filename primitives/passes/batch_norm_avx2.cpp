@@ -209,11 +209,11 @@ struct kernels {
             __m256 g = _mm256_loadu_ps(diff_dst + i);
             if (bits) g = _mm256_and_ps(g, mask8(bits, i));
             if (diff_residual) _mm256_storeu_ps(diff_residual + i, g);
-            if (diff_src) { // may be diff_dst: these elements are read
+            if (diff_src || abs_max) { // diff_src may be diff_dst: these elements are read
                 const __m256 d = _mm256_add_ps(
                         _mm256_add_ps(_mm256_mul_ps(g, av), _mm256_mul_ps(centered8(x, i), bv)),
                         kv);
-                _mm256_storeu_ps(diff_src + i, d);
+                if (diff_src) _mm256_storeu_ps(diff_src + i, d);
                 if (abs_max) peak.fold(d);
             }
         }
@@ -251,6 +251,13 @@ void masked_gradient_apply_avx2(const float *diff_dst, const uint8_t *bits, cent
                                 int num_threads) {
     batch_norm_walk::masked_gradient_apply<avx2::kernels>(
             diff_dst, bits, src, s, a, b, k, diff_src, diff_residual, channel_abs_max, num_threads);
+}
+
+void quantize_pair_from_gradient_avx2(const batch_norm_gradient &src, const float *multiplier,
+                                      const stochastic_pair_rounding &r, int8_t *q, int8_t *q_plain,
+                                      int num_threads) {
+    batch_norm_walk::quantize_pair_from_gradient<avx2::kernels>(src, multiplier, r, q, q_plain,
+                                                                num_threads);
 }
 
 } // namespace qsp::detail

@@ -36,6 +36,7 @@
 #include <omp.h>
 
 #include "primitives/passes/batch_norm.hpp"
+#include "primitives/passes/quantize.hpp"
 #include "primitives/passes/relu_mask.hpp"
 
 namespace qsp::detail::batch_norm_walk {
@@ -78,6 +79,7 @@ struct f32_centered {
         const float *x;
         float m;
         float operator()(int64_t i) const { return x[i] - m; }
+        channel shifted(int64_t by) const { return {x + by, m}; }
     };
     channel at(int64_t c) const { return {src, mean[c]}; }
 };
@@ -89,6 +91,7 @@ struct s8_centered {
         const int8_t *q;
         float f;
         float operator()(int64_t i) const { return static_cast<float>(q[i]) * f; }
+        channel shifted(int64_t by) const { return {q + by, f}; }
     };
     channel at(int64_t c) const { return {values, step[c]}; }
 };
@@ -132,7 +135,7 @@ inline float fold_abs_max(float folded, float v) {
 }
 
 // The tail, its maximum folded into *abs_max (the vector part's, when
-// wanted: then diff_src is written).
+// wanted; diff_src written when given).
 template <typename X>
 void gradient_apply_tail(const float *diff_dst, const uint8_t *bits, const X &x, int64_t i,
                          int64_t end, float a, float b, float k, float *diff_src,
@@ -140,8 +143,10 @@ void gradient_apply_tail(const float *diff_dst, const uint8_t *bits, const X &x,
     for (; i < end; ++i) {
         const float g = !bits || relu_mask_bit(bits, i) ? diff_dst[i] : 0.0f;
         if (diff_residual) diff_residual[i] = g;
-        if (diff_src) diff_src[i] = (g * a + x(i) * b) + k;
-        if (abs_max) *abs_max = fold_abs_max(*abs_max, std::fabs(diff_src[i]));
+        if (!diff_src && !abs_max) continue;
+        const float d = (g * a + x(i) * b) + k;
+        if (diff_src) diff_src[i] = d;
+        if (abs_max) *abs_max = fold_abs_max(*abs_max, std::fabs(d));
     }
 }
 
@@ -294,8 +299,8 @@ void masked_gradient_apply(const float *diff_dst, const uint8_t *bits, centered_
     // thread and channel, then folded per channel (a maximum is exact: the result
     // does not depend on the thread count)
     const int threads = std::max(1, num_threads);
-    std::vector<float> partial(
-            static_cast<size_t>(channel_abs_max && diff_src ? threads * s.channels : 0), 0.0f);
+    std::vector<float> partial(static_cast<size_t>(channel_abs_max ? threads * s.channels : 0),
+                               0.0f);
     with_centered(src, [&](auto centered) {
         for_each_chunk(s.elements(), threads, [&](int64_t begin, int64_t end) {
             float *mine =
@@ -315,6 +320,33 @@ void masked_gradient_apply(const float *diff_dst, const uint8_t *bits, centered_
             m = fold_abs_max(m, partial[static_cast<size_t>(t * s.channels + c)]);
         channel_abs_max[c] = m;
     }
+}
+
+template <typename K>
+void quantize_pair_from_gradient(const batch_norm_gradient &src, const float *multiplier,
+                                 const stochastic_pair_rounding &r, int8_t *q, int8_t *q_plain,
+                                 int num_threads) {
+    // dY a chunk at a time into this thread's buffer (in L2), by the apply
+    // pass's own kernel, then rounded run by run from there: the integers
+    // of quantize_stochastic_pair over the dY the apply pass writes.
+    stochastic_pair_run_fn *const round = stochastic_pair_run_tier();
+    const int threads = std::max(1, num_threads);
+    std::vector<float> buffers(static_cast<size_t>(threads * chunk_elems));
+    const channel_planes s = src.shape;
+    with_centered(src.src, [&](auto centered) {
+        for_each_chunk(s.elements(), threads, [&](int64_t begin, int64_t end) {
+            float *dy = buffers.data() + omp_get_thread_num() * chunk_elems;
+            // the chunk's views start at `begin` (a multiple of 8: whole mask bytes)
+            const float *g = src.diff_dst + begin;
+            const uint8_t *bits = src.bits ? src.bits + begin / 8 : nullptr;
+            for_each_plane_run(s, begin, end, [&](int64_t c, int64_t lo, int64_t hi) {
+                K::gradient_apply(g, bits, centered.at(c).shifted(begin), lo - begin, hi - begin,
+                                  src.a[c], src.b[c], src.k[c], dy, nullptr, nullptr);
+                round(dy + (lo - begin), hi - lo, static_cast<uint64_t>(lo), multiplier[c], r,
+                      q + lo, q_plain + lo);
+            });
+        });
+    });
 }
 
 } // namespace qsp::detail::batch_norm_walk

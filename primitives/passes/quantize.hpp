@@ -9,6 +9,7 @@
 
 #include "primitives/passes/tile_layout.hpp"
 #include "qsparseprop/formats.hpp"
+#include "qsparseprop/quantization.hpp"
 
 namespace qsp::detail {
 
@@ -46,6 +47,20 @@ using quantize_stochastic_pair_fn = stochastic_scales(const float *x, int64_t n,
                                                       uint32_t plain_seed32, int8_t *q_plain,
                                                       const stochastic_maxima *known,
                                                       int num_threads);
+// One run of the pair's two roundings, for an x its writer computes in
+// pieces rather than stores (a fused BatchNorm's dY, made run by run into a
+// buffer): x holds the n values of flat indices first..first+n-1 (the
+// noise's indices, mod 2^32), all of one multiplier `mult`; q[i] and
+// q_plain[i] are the integers quantize_stochastic_pair writes at those
+// indices, given the pair's scales (from its maxima) and seeds.
+struct stochastic_pair_rounding {
+    quant_scale scaled, plain;
+    uint32_t seed32, plain_seed32;
+};
+using stochastic_pair_run_fn = void(const float *x, int64_t n, uint64_t first, float mult,
+                                    const stochastic_pair_rounding &r, int8_t *q, int8_t *q_plain);
+// The best tier the effective ISA allows (asked once per pass, called per run).
+stochastic_pair_run_fn *stochastic_pair_run_tier();
 // The pair's two maxima from max |x| per channel (channel_abs_max[c], NaN
 // where the channel holds a NaN; a channel as the multiplier's, (i / inner)
 // % channels): the same floats the pair's maxima read finds, since
@@ -100,6 +115,7 @@ namespace portable {
 quantize_rne_fn quantize_rne;
 quantize_stochastic_fn quantize_stochastic;
 quantize_stochastic_pair_fn quantize_stochastic_pair; // the two calls, by definition
+stochastic_pair_run_fn stochastic_pair_run;
 // quantize_stochastic's rounding with the maximum given (its first read skipped).
 float quantize_stochastic_from_max(const float *x, int64_t n, const float *multiplier,
                                    int64_t channels, int64_t inner, uint32_t seed32, float abs_max,
@@ -117,6 +133,7 @@ shift_to_s8_tiles_fn shift_to_s8_tiles;
 quantize_rne_fn quantize_rne_avx2;
 quantize_stochastic_fn quantize_stochastic_avx2;
 quantize_stochastic_pair_fn quantize_stochastic_pair_avx2;
+stochastic_pair_run_fn stochastic_pair_run_avx2;
 // Quantized straight into tiles, 16 x 16 values at a time.
 quantize_stochastic_to_s8_tiles_fn quantize_stochastic_to_s8_tiles_avx2;
 unpack_s32_tiles_fn unpack_s32_tiles_avx2;
@@ -129,6 +146,7 @@ void quantize_weights_avx2(const int64_t *row_ptr, int64_t rows, const float *va
 quantize_rne_fn quantize_rne_avx512;
 quantize_stochastic_fn quantize_stochastic_avx512;
 quantize_stochastic_pair_fn quantize_stochastic_pair_avx512;
+stochastic_pair_run_fn stochastic_pair_run_avx512;
 quantize_stochastic_to_s8_tiles_fn quantize_stochastic_to_s8_tiles_avx512;
 pack_s8_tiles_fn pack_s8_tiles_avx512;
 shift_to_s8_tiles_fn shift_to_s8_tiles_avx512;

@@ -160,8 +160,9 @@ struct stochastic_rounding {
     __m256 inv;
     __m256i seed;
     stochastic_rounding(float abs_max, uint32_t seed32)
-        : s(quant_scale_from_abs_max(abs_max)), inv(_mm256_set1_ps(s.inv)),
-          seed(_mm256_set1_epi32(static_cast<int>(seed32))) {}
+        : stochastic_rounding(quant_scale_from_abs_max(abs_max), seed32) {}
+    stochastic_rounding(quant_scale scale, uint32_t seed32)
+        : s(scale), inv(_mm256_set1_ps(s.inv)), seed(_mm256_set1_epi32(static_cast<int>(seed32))) {}
     // The rounded v (elements i..i+7 of the tensor), before the clamp.
     __m256 rounded(__m256 v, int64_t i) const {
         const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
@@ -238,6 +239,18 @@ void stochastic_pass(const float *x, int64_t n, const float *multiplier, int64_t
 
 using avx2::stochastic_pass;
 using avx2::stochastic_rounding;
+
+void stochastic_pair_run_avx2(const float *x, int64_t n, uint64_t first, float mult,
+                              const stochastic_pair_rounding &r, int8_t *q, int8_t *q_plain) {
+    const stochastic_rounding scaled(r.scaled, r.seed32), plain(r.plain, r.plain_seed32);
+    const __m256 m = _mm256_set1_ps(mult);
+    for (int64_t c = 0; c < n; c += 8) {
+        const int64_t left = n - c, i = static_cast<int64_t>(first) + c;
+        const __m256 x_v = avx2::load_first(x + c, left);
+        plain.store(q_plain + c, x_v, i, left);
+        scaled.store(q + c, _mm256_mul_ps(x_v, m), i, left);
+    }
+}
 
 float quantize_stochastic_avx2(const float *x, int64_t n, const float *multiplier, int64_t channels,
                                int64_t inner, uint32_t seed32, int8_t *q, int num_threads) {

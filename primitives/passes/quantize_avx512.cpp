@@ -157,8 +157,9 @@ struct stochastic_rounding {
     __m512 inv;
     __m512i seed;
     stochastic_rounding(float abs_max, uint32_t seed32)
-        : s(quant_scale_from_abs_max(abs_max)), inv(_mm512_set1_ps(s.inv)),
-          seed(_mm512_set1_epi32(static_cast<int>(seed32))) {}
+        : stochastic_rounding(quant_scale_from_abs_max(abs_max), seed32) {}
+    stochastic_rounding(quant_scale scale, uint32_t seed32)
+        : s(scale), inv(_mm512_set1_ps(s.inv)), seed(_mm512_set1_epi32(static_cast<int>(seed32))) {}
     // floor(v / scale + u) before the clamp; the noise of element idx
     // (each lane's flat index mod 2^32): mix32(idx ^ seed32) >> 8, times 2^-24.
     __m512 rounded(__m512 v, __m512i idx) const {
@@ -222,6 +223,22 @@ stochastic_scales quantize_stochastic_pair_avx512(const float *x, int64_t n,
     const avx512::stochastic_rounding scaled(mx.scaled, seed32), plain(mx.plain, plain_seed32);
     avx512::stochastic_pass(x, m, scaled, q, &plain, q_plain, num_threads);
     return {scaled.s.scale, plain.s.scale};
+}
+
+void stochastic_pair_run_avx512(const float *x, int64_t n, uint64_t first, float mult,
+                                const stochastic_pair_rounding &r, int8_t *q, int8_t *q_plain) {
+    const avx512::stochastic_rounding scaled(r.scaled, r.seed32), plain(r.plain, r.plain_seed32);
+    const __m512 m = _mm512_set1_ps(mult);
+    __m512i idx = _mm512_add_epi32(
+            _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(first))),
+            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    for (int64_t c = 0; c < n; c += 16) {
+        const __mmask16 k = avx512::first_lanes(n - c);
+        const __m512 x_v = _mm512_maskz_loadu_ps(k, x + c);
+        plain.store(q_plain + c, x_v, idx, k);
+        scaled.store(q + c, _mm512_mul_ps(x_v, m), idx, k);
+        idx = _mm512_add_epi32(idx, _mm512_set1_epi32(16));
+    }
 }
 
 float quantize_stochastic_to_s8_tiles_avx512(const float *x, int64_t batch, int64_t channels,

@@ -103,6 +103,19 @@ float quantize_stochastic_from_max(const float *x, int64_t n, const float *multi
     return scale;
 }
 
+void stochastic_pair_run(const float *x, int64_t n, uint64_t first, float mult,
+                         const stochastic_pair_rounding &r, int8_t *q, int8_t *q_plain) {
+    for (int64_t i = 0; i < n; ++i) {
+        const uint64_t index = first + static_cast<uint64_t>(i);
+        q[i] = r.scaled.usable ? clamp_q(std::floor(x[i] * mult * r.scaled.inv
+                                                    + stochastic_rounding_noise(r.seed32, index)))
+                               : 0;
+        q_plain[i] = r.plain.usable ? clamp_q(std::floor(
+                             x[i] * r.plain.inv + stochastic_rounding_noise(r.plain_seed32, index)))
+                                    : 0;
+    }
+}
+
 float quantize_stochastic_to_s8_tiles(const float *x, int64_t batch, int64_t channels,
                                       uint32_t seed32, uint8_t *tiles, int num_threads) {
     std::vector<int8_t> q(static_cast<size_t>(batch * channels));

@@ -806,6 +806,83 @@ TEST(Passes, batch_norm_avx2_tier_matches_portable) {
         }
 }
 
+// The s8 pair of roundings of a BatchNorm's dY computed chunk by chunk
+// (quantize_pair_from_gradient) against the pair of the dY the apply pass
+// writes, on every tier the CPU has, with the maxima found without writing
+// dY: planes of 1, 7, 49 (mask bytes straddling planes, runs shorter than a
+// vector) and one past a 32768-element chunk, from an f32 source and an
+// int8 copy, masked and not, a NaN in one case (an unusable scale: zeros).
+TEST(Passes, pair_from_batch_norm_gradient_matches_the_written_gradient) {
+    std::mt19937 rng(43);
+    struct shape {
+        int64_t batch, channels, spatial;
+    };
+    std::vector<std::pair<const char *, detail::quantize_pair_from_gradient_fn *>> tiers{
+            {"dispatched", detail::quantize_pair_from_gradient},
+            {"portable", detail::portable::quantize_pair_from_gradient}};
+    if (cpu_has(cpu_isa::avx2)) tiers.push_back({"avx2", detail::quantize_pair_from_gradient_avx2});
+    for (const shape sh : {shape{1, 1, 1}, shape{3, 2, 7}, shape{5, 3, 49}, shape{2, 5, 63},
+                           shape{1, 2, 8 * 4096 + 13}})
+        for (int variant = 0; variant < 4; ++variant) {
+            const bool masked = variant & 1, with_nan = variant & 2;
+            SCOPED_TRACE(std::to_string(sh.batch) + "x" + std::to_string(sh.channels) + "x"
+                         + std::to_string(sh.spatial) + (masked ? " masked" : "")
+                         + (with_nan ? " with a NaN" : ""));
+            const detail::channel_planes s{sh.batch, sh.channels, sh.spatial};
+            const auto uc = static_cast<size_t>(s.channels), un = static_cast<size_t>(s.elements());
+            auto dz = random_vector(un, rng);
+            if (with_nan) dz[un / 3] = std::nanf("");
+            std::vector<int8_t> copy(un);
+            for (auto &b : copy)
+                b = static_cast<int8_t>(static_cast<int>(rng() % 255) - 127);
+            std::vector<uint8_t> mask((un + 7) / 8);
+            for (auto &b : mask)
+                b = static_cast<uint8_t>(rng());
+            const auto step = random_vector(uc, rng, 0.01f, 0.1f), a = random_vector(uc, rng),
+                       b = random_vector(uc, rng), k = random_vector(uc, rng),
+                       mult = random_vector(uc, rng, 0.001f, 0.02f);
+            const auto x = random_vector(un, rng), mean = random_vector(uc, rng);
+            for (int from_s8 = 0; from_s8 < 2; ++from_s8) {
+                detail::batch_norm_gradient g;
+                g.diff_dst = dz.data(), g.bits = masked ? mask.data() : nullptr, g.shape = s;
+                if (from_s8)
+                    g.src.values = copy.data(), g.src.step = step.data();
+                else
+                    g.src.src = x.data(), g.src.mean = mean.data();
+                g.a = a.data(), g.b = b.data(), g.k = k.data();
+                // the written dY, its maxima, and its pair
+                std::vector<float> dy(un), written_max(uc), computed_max(uc, -1.f);
+                detail::masked_gradient_apply(g.diff_dst, g.bits, g.src, s, g.a, g.b, g.k,
+                                              dy.data(), nullptr, written_max.data(), 2);
+                detail::masked_gradient_apply(g.diff_dst, g.bits, g.src, s, g.a, g.b, g.k, nullptr,
+                                              nullptr, computed_max.data(), 3);
+                for (size_t c = 0; c < uc; ++c)
+                    expect_same_bits(computed_max[c], written_max[c], "maxima without dY");
+                detail::stochastic_maxima known{};
+                ASSERT_TRUE(detail::pair_maxima_from_channels(written_max.data(), mult.data(),
+                                                              s.channels, known));
+                std::vector<int8_t> want_q(un), want_plain(un);
+                const auto scales = detail::quantize_stochastic_pair(
+                        dy.data(), s.elements(), mult.data(), s.channels, s.spatial, 11,
+                        want_q.data(), 12, want_plain.data(), &known, 2);
+                const detail::stochastic_pair_rounding r{quant_scale_from_abs_max(known.scaled),
+                                                         quant_scale_from_abs_max(known.plain), 11,
+                                                         12};
+                expect_same_bits(r.scaled.scale, scales.scaled, "scaled scale");
+                expect_same_bits(r.plain.scale, scales.plain, "plain scale");
+                for (auto [name, tier] : tiers)
+                    for (int threads : {1, 3}) {
+                        SCOPED_TRACE(std::string(name) + (from_s8 ? " int8 copy" : " f32 source")
+                                     + " threads " + std::to_string(threads));
+                        std::vector<int8_t> q(un, 99), plain(un, 99);
+                        tier(g, mult.data(), r, q.data(), plain.data(), threads);
+                        EXPECT_EQ(q, want_q);
+                        EXPECT_EQ(plain, want_plain);
+                    }
+            }
+        }
+}
+
 // Backward-data's column phases interleaved into whole rows: every column
 // from its phase, rows outside the row phase untouched; two phases of
 // stride 2 (in either order, odd and even widths, short rows) and three of
