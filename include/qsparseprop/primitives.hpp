@@ -92,6 +92,38 @@ inline dnnl::memory::desc src_abs_max_desc() {
     return plain_f32_desc({1});
 }
 
+// Optional, s8 Conv2d backward_data / backward_weights (and the fused
+// sparse_backward): diff_dst described as the backward of the int8
+// BatchNorm (+ ReLU) that follows the convolution — the int8 form of
+// batch_norm_relu_backward below — instead of read from memory:
+//   diff_dst = g * a[c] + centered * step[c] * b[c] + k[c],
+//   g = QSP_ARG_BN_DIFF_DST (its diff_dst) where QSP_ARG_BN_MASK (its relu
+//       mask, optional) is set, else 0,
+// with QSP_ARG_BN_CENTERED / QSP_ARG_BN_STEP its forward's int8 copy and
+// QSP_ARG_BN_COEFFICIENTS the 3 x C floats a, b, k (batch_norm_relu_backward
+// with diff_src == nullptr and `coefficients` writes them; so does the
+// channel maxima QSP_ARG_DIFF_DST_CHANNEL_ABS_MAX, found without writing
+// diff_dst). The fused backward then rounds diff_dst as it computes it
+// (chunk by chunk in cache) and diff_dst is never written: its memory,
+// DNNL_ARG_DIFF_DST, is still passed and is scratch, written with diff_dst
+// only where an execution needs it in memory (a separate backward_data or
+// backward_weights, a bias gradient, an implementation that reads it
+// itself). The integers are those of the materialised diff_dst. All four
+// required arguments together or none; descriptors batch_norm_source_descs.
+constexpr int QSP_ARG_BN_DIFF_DST = QSP_ARG_ROUNDING_SEED + 3;
+constexpr int QSP_ARG_BN_MASK = QSP_ARG_ROUNDING_SEED + 4;
+constexpr int QSP_ARG_BN_CENTERED = QSP_ARG_ROUNDING_SEED + 5;
+constexpr int QSP_ARG_BN_STEP = QSP_ARG_ROUNDING_SEED + 6;
+constexpr int QSP_ARG_BN_COEFFICIENTS = QSP_ARG_ROUNDING_SEED + 7;
+
+// The descriptors of those arguments for a Conv2d of output dims
+// {N, C, H, W}: diff_dst f32 {N, C, H, W}; mask u8 {(N*C*H*W + 7) / 8};
+// centered s8 {N*C*H*W}; step f32 {C}; coefficients f32 {3, C}.
+struct batch_norm_source_descs {
+    dnnl::memory::desc diff_dst, mask, centered, step, coefficients;
+};
+batch_norm_source_descs batch_norm_source_descriptors(const dnnl::memory::dims &dst_dims);
+
 // The descriptor of QSP_ARG_DIFF_DST_CHANNEL_ABS_MAX for a layer of
 // `channels` output channels (features).
 inline dnnl::memory::desc diff_dst_channel_abs_max_desc(int64_t channels) {
@@ -470,6 +502,22 @@ void batch_norm_relu_backward(const batch_norm_relu_desc &d, const float *diff_d
                               const float *gamma, const float *invstd, float *diff_src,
                               float *diff_gamma, float *diff_beta, float *diff_src_channel_abs_max,
                               int num_threads = 0);
+
+// The int8 backward without diff_src, for the s8 Conv2d before the
+// BatchNorm to compute it where it rounds it (QSP_ARG_BN_*): the
+// coefficients a, b, k (3 x C floats, a first) of diff_src = g * a[c] +
+// centered * step[c] * b[c] + k[c] (g: diff_dst through the mask), and
+// diff_gamma, diff_beta, diff_src_channel_abs_max (found without writing
+// diff_src; optional each) as batch_norm_relu_backward writes them; with
+// diff_residual (N*C*H*W floats, or null), the residual form's
+// (batch_norm_add_relu_backward's) gradient of the residual as well.
+void batch_norm_relu_backward_coefficients(const batch_norm_relu_desc &d, const float *diff_dst,
+                                           const uint8_t *mask, const int8_t *centered,
+                                           const float *step, const float *gamma,
+                                           const float *invstd, float *coefficients,
+                                           float *diff_residual, float *diff_gamma,
+                                           float *diff_beta, float *diff_src_channel_abs_max,
+                                           int num_threads = 0);
 
 // A residual block's end (torchvision's BasicBlock: relu(bn2(conv2(x)) +
 // identity)) in the same passes: dst = relu(batch_norm(src) + residual),

@@ -17,6 +17,8 @@
 
 namespace qsp::detail {
 
+struct batch_norm_gradient; // primitives/passes/batch_norm.hpp
+
 // The fused backward (qsp::sparse_backward): the first direction that packs
 // dY into a form a kernel family shares records it here, in memory that lives
 // for the whole fused execution; the second direction uses it when it needs
@@ -35,6 +37,11 @@ struct shared_gradient {
     // kernel reads (kernel::shared_form_read), so the first makes it only
     // when it will be used.
     form wanted = form::none;
+    // A dY given as a BatchNorm's backward (QSP_ARG_BN_*): whether the two
+    // directions may take it as that (the first rounds it as it computes
+    // it, the second reads the shared form), and whether an execution
+    // wrote it into DIFF_DST already.
+    bool diff_dst_source_taken = false, diff_dst_written = false;
 };
 
 // The raw tensors of one execution (already checked against the descriptor).
@@ -47,6 +54,10 @@ struct tensors {
     s8::workspace_view workspace; // s8 training: the forward's quantized src and weights
     const float *diff_dst = nullptr;
     const float *diff_dst_channel_abs_max = nullptr; // s8: max |diff_dst| per channel, if known
+    // s8 Conv2d in a fused backward: diff_dst as the BatchNorm's backward
+    // computes it (QSP_ARG_BN_*), never in memory; set only for kernels that
+    // read diff_dst through s8::quantize_dx_gradient alone, with the maxima.
+    const batch_norm_gradient *diff_dst_source = nullptr;
     float *diff_src = nullptr;
     float *diff_weights = nullptr;
     float *diff_bias = nullptr;
@@ -73,6 +84,10 @@ struct kernel {
     // The shared_gradient form this kernel reads when it runs second in a
     // fused backward (none: it reads dY itself).
     virtual shared_gradient::form shared_form_read() const { return shared_gradient::form::none; }
+    // True when the kernel reads diff_dst only through
+    // s8::quantize_dx_gradient (an s8 backward-data): it may then be given
+    // diff_dst as a BatchNorm's backward (tensors::diff_dst_source).
+    virtual bool quantizes_diff_dst_only() const { return false; }
     // What was generated for this layer's pattern, if anything (verbose).
     virtual std::string specialisation() const { return {}; }
     // Memory the kernel owns (its plan's arrays, code generated for it

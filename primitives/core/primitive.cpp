@@ -5,6 +5,7 @@
 
 #include "primitives/core/kept_layout.hpp"
 #include "primitives/core/pd_impl.hpp"
+#include "primitives/passes/batch_norm.hpp"
 #include "primitives/passes/post_ops.hpp"
 #include "primitives/passes/tile_layout.hpp"
 #include "qsparseprop/runtime.hpp"
@@ -13,6 +14,31 @@
 namespace qsp {
 
 using namespace detail;
+
+namespace {
+
+// diff_dst as an int8 BatchNorm's backward describes it (QSP_ARG_BN_*).
+struct batch_norm_source_args {
+    const float *diff_dst = nullptr, *step = nullptr, *coefficients = nullptr;
+    const uint8_t *mask = nullptr;
+    const int8_t *centered = nullptr;
+    bool any() const { return diff_dst || step || coefficients || mask || centered; }
+    bool complete() const { return diff_dst && step && coefficients && centered; }
+    batch_norm_gradient gradient(const problem &p) const {
+        batch_norm_gradient g;
+        g.diff_dst = diff_dst;
+        g.bits = mask;
+        g.src.values = centered;
+        g.src.step = step;
+        g.shape = {p.outer(), p.channels(), p.channel_inner()};
+        g.a = coefficients;
+        g.b = coefficients + p.channels();
+        g.k = coefficients + 2 * p.channels();
+        return g;
+    }
+};
+
+} // namespace
 
 void primitive_base::init(const primitive_desc_base &pd) {
     pd_ = pd.impl();
@@ -37,6 +63,7 @@ void primitive_base::execute(const dnnl::stream &stream, const exec_args &args,
     if (stream.get_engine().get_kind() != dnnl::engine::kind::cpu)
         refuse(pd.primitive_name, "stream must belong to a CPU engine");
     tensors t;
+    batch_norm_source_args bn;
     std::vector<post_op_tensors> post(pd.post_op_chain.size());
     for (const auto &spec : pd.args) {
         auto it = args.find(spec.arg);
@@ -91,6 +118,21 @@ void primitive_base::execute(const dnnl::stream &stream, const exec_args &args,
             case QSP_ARG_DIFF_DST_CHANNEL_ABS_MAX:
                 t.diff_dst_channel_abs_max = static_cast<const float *>(h);
                 break;
+            case QSP_ARG_BN_DIFF_DST:
+                bn.diff_dst = static_cast<const float *>(h);
+                break;
+            case QSP_ARG_BN_MASK:
+                bn.mask = static_cast<const uint8_t *>(h);
+                break;
+            case QSP_ARG_BN_CENTERED:
+                bn.centered = static_cast<const int8_t *>(h);
+                break;
+            case QSP_ARG_BN_STEP:
+                bn.step = static_cast<const float *>(h);
+                break;
+            case QSP_ARG_BN_COEFFICIENTS:
+                bn.coefficients = static_cast<const float *>(h);
+                break;
             case QSP_ARG_ROUNDING_SEED: {
                 const auto *s = static_cast<const uint32_t *>(h);
                 t.seed = static_cast<uint64_t>(s[0]) | (static_cast<uint64_t>(s[1]) << 32);
@@ -120,12 +162,44 @@ void primitive_base::execute(const dnnl::stream &stream, const exec_args &args,
     }
     t.batch = pd.prob.outer();
     t.shared = shared;
+    if (bn.any() && !bn.complete())
+        refuse(pd.primitive_name,
+               "execute: diff_dst given as a BatchNorm's backward needs bn_diff_dst, bn_centered, "
+               "bn_step and bn_coefficients together (bn_mask with a ReLU)");
+    const batch_norm_gradient bn_gradient = bn.any() ? bn.gradient(pd.prob) : batch_norm_gradient{};
+    std::vector<float> bn_maxima;
     const double t0 = runtime::now_ms();
     const char *ran = nullptr;
     runtime::take_thread_kernel_ns(); // from zero: this execution's kernel time
     {
         runtime::profile_scope total(static_cast<runtime::profile_direction>(pd.prob.dir),
                                      runtime::profile_phase::total);
+        if (bn.any()) {
+            // The fused backward takes the BatchNorm's dY as such where both
+            // directions read it only to round it (sparse_backward decides):
+            // backward-data rounds it as it computes it, backward-weights reads
+            // the shared rounding. Otherwise dY is written into DIFF_DST (once
+            // per fused backward) and read from there.
+            const bool taken = shared && shared->diff_dst_source_taken;
+            if (taken && pd.prob.dir == direction::backward_data) {
+                t.diff_dst_source = &bn_gradient;
+                if (!t.diff_dst_channel_abs_max) { // the rounding's maxima, dY not written
+                    bn_maxima.resize(static_cast<size_t>(pd.prob.channels()));
+                    masked_gradient_apply(bn_gradient.diff_dst, bn_gradient.bits, bn_gradient.src,
+                                          bn_gradient.shape, bn_gradient.a, bn_gradient.b,
+                                          bn_gradient.k, nullptr, nullptr, bn_maxima.data(),
+                                          pd.prob.num_threads);
+                    t.diff_dst_channel_abs_max = bn_maxima.data();
+                }
+            } else if (!(taken && shared->kind == shared_gradient::form::s8_plain_dy_q)
+                       && !(shared && shared->diff_dst_written)) {
+                masked_gradient_apply(bn_gradient.diff_dst, bn_gradient.bits, bn_gradient.src,
+                                      bn_gradient.shape, bn_gradient.a, bn_gradient.b,
+                                      bn_gradient.k, const_cast<float *>(t.diff_dst), nullptr,
+                                      nullptr, pd.prob.num_threads);
+                if (shared) shared->diff_dst_written = true;
+            }
+        }
         if (pd.impl->kept_layout_native) {
             t.src_kept = pd.src_kept;
             t.dst_kept = pd.dst_kept;

@@ -132,6 +132,18 @@ void pick(pd_impl &pd) {
 }
 
 // The arguments of each post-op, and the chain the primitive applies.
+// The optional QSP_ARG_BN_* arguments of an s8 Conv2d backward: diff_dst
+// given as the int8 BatchNorm's backward after the convolution.
+void add_batch_norm_source_args(pd_impl &pd) {
+    if (pd.prob.op != op_kind::conv2d) return;
+    const batch_norm_source_descs d = batch_norm_source_descriptors(pd.dst_md.get_dims());
+    pd.args.push_back({QSP_ARG_BN_DIFF_DST, "bn_diff_dst", d.diff_dst, false});
+    pd.args.push_back({QSP_ARG_BN_MASK, "bn_mask", d.mask, false});
+    pd.args.push_back({QSP_ARG_BN_CENTERED, "bn_centered", d.centered, false});
+    pd.args.push_back({QSP_ARG_BN_STEP, "bn_step", d.step, false});
+    pd.args.push_back({QSP_ARG_BN_COEFFICIENTS, "bn_coefficients", d.coefficients, false});
+}
+
 void add_post_op_args(pd_impl &pd, const post_ops &ops) {
     const problem &p = pd.prob;
     const dnnl::memory::desc per_channel = plain_f32_desc({p.channels()});
@@ -211,6 +223,7 @@ void finish_pd(pd_impl &pd, const dnnl::engine &engine, const primitive_attr &at
                         {QSP_ARG_ROUNDING_SEED, "rounding_seed", rounding_seed_desc(), true});
                 pd.args.push_back({QSP_ARG_DIFF_DST_CHANNEL_ABS_MAX, "diff_dst_channel_abs_max",
                                    diff_dst_channel_abs_max_desc(p.channels()), false});
+                add_batch_norm_source_args(pd);
             }
             break;
         case direction::backward_weights:
@@ -221,6 +234,7 @@ void finish_pd(pd_impl &pd, const dnnl::engine &engine, const primitive_attr &at
                                    ws_md, true});
                 pd.args.push_back(
                         {QSP_ARG_ROUNDING_SEED, "rounding_seed", rounding_seed_desc(), true});
+                add_batch_norm_source_args(pd);
             } else {
                 pd.args.push_back({DNNL_ARG_SRC, "src", pd.src_md, true});
             }
@@ -292,6 +306,21 @@ const tuning_result *primitive_desc_base::tuning() const {
 }
 bool primitive_desc_base::takes_kept_layout() const {
     return impl_->impl->kept_layout_native;
+}
+
+batch_norm_source_descs batch_norm_source_descriptors(const dnnl::memory::dims &dst_dims) {
+    if (dst_dims.size() != 4)
+        throw std::invalid_argument(
+                "batch_norm_source_descriptors: dst_dims must be {N, C, H, W}, got "
+                + detail::dims_str(dst_dims));
+    dnnl::memory::dim n = 1;
+    for (const auto d : dst_dims)
+        n *= d;
+    const dnnl::memory::dim c = dst_dims[1];
+    return {plain_f32_desc(dst_dims),
+            dnnl::memory::desc({(n + 7) / 8}, dnnl::memory::data_type::u8, dnnl::memory::dims{1}),
+            dnnl::memory::desc({n}, dnnl::memory::data_type::s8, dnnl::memory::dims{1}),
+            plain_f32_desc({c}), plain_f32_desc({3, c})};
 }
 
 } // namespace qsp

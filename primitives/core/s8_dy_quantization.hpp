@@ -7,9 +7,22 @@
 #pragma once
 
 #include "primitives/core/implementation.hpp"
+#include "primitives/passes/batch_norm.hpp"
 #include "primitives/passes/quantize.hpp"
 
 namespace qsp::detail::s8 {
+
+// Writes a dY given as a BatchNorm's backward into DIFF_DST (its scratch),
+// for the rare call that reads dY itself after all (a multiplier without
+// exact pair maxima); a no-op for a dY in memory already.
+inline void materialise_diff_dst(const tensors &t, int num_threads) {
+    if (!t.diff_dst_source) return;
+    const batch_norm_gradient &g = *t.diff_dst_source;
+    if (t.shared && t.shared->diff_dst_written) return;
+    masked_gradient_apply(g.diff_dst, g.bits, g.src, g.shape, g.a, g.b, g.k,
+                          const_cast<float *>(t.diff_dst), nullptr, nullptr, num_threads);
+    if (t.shared) t.shared->diff_dst_written = true;
+}
 
 // G2 = sr(dY * w_scale / sg2) into g2 (n elements, multiplier layout as
 // quantize_stochastic's); returns sg2. Makes G1 alongside when the fused
@@ -17,15 +30,28 @@ namespace qsp::detail::s8 {
 inline float quantize_dx_gradient(const tensors &t, int64_t n, const float *w_scale,
                                   int64_t channels, int64_t inner, int8_t *g2, int num_threads) {
     shared_gradient *shared = t.shared;
-    if (!shared || shared->wanted != shared_gradient::form::s8_plain_dy_q)
+    if (!shared || shared->wanted != shared_gradient::form::s8_plain_dy_q) {
+        materialise_diff_dst(t, num_threads);
         return quantize_stochastic(t.diff_dst, n, w_scale, channels, inner, dx_stream(t.seed), g2,
                                    num_threads);
+    }
     auto *g1 = shared->scratch.get<int8_t>(0, n);
     // the maxima from the channel maxima diff_dst's writer found, when given
     stochastic_maxima known{};
     const bool given =
             t.diff_dst_channel_abs_max
             && pair_maxima_from_channels(t.diff_dst_channel_abs_max, w_scale, channels, known);
+    if (t.diff_dst_source && given) { // dY as the BatchNorm computes it, never in memory
+        const stochastic_pair_rounding r{quant_scale_from_abs_max(known.scaled),
+                                         quant_scale_from_abs_max(known.plain), dx_stream(t.seed),
+                                         dw_stream(t.seed)};
+        quantize_pair_from_gradient(*t.diff_dst_source, w_scale, r, g2, g1, num_threads);
+        shared->kind = shared_gradient::form::s8_plain_dy_q;
+        shared->data = g1;
+        shared->scale = r.plain.scale;
+        return r.scaled.scale;
+    }
+    materialise_diff_dst(t, num_threads);
     const stochastic_scales s =
             quantize_stochastic_pair(t.diff_dst, n, w_scale, channels, inner, dx_stream(t.seed), g2,
                                      dw_stream(t.seed), g1, given ? &known : nullptr, num_threads);

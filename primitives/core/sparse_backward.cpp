@@ -54,6 +54,13 @@ void sparse_backward<data_t, weights_t>::execute(const dnnl::stream &stream,
                                                  const exec_args &args) const {
     shared_gradient shared; // its scratch lives until both directions ran
     shared.wanted = weights_.kernel_->shared_form_read();
+    // dY given as a BatchNorm's backward is rounded where it is computed when
+    // backward-data reads it only to round it, backward-weights reads that
+    // rounding, and no bias gradient wants dY itself.
+    shared.diff_dst_source_taken = args.count(QSP_ARG_BN_DIFF_DST)
+                                   && data_.kernel_->quantizes_diff_dst_only()
+                                   && shared.wanted == shared_gradient::form::s8_plain_dy_q
+                                   && !args.count(DNNL_ARG_DIFF_BIAS);
     data_.execute(stream, args, &shared);
     weights_.execute(stream, args, &shared);
 }

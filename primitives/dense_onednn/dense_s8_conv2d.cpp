@@ -88,6 +88,9 @@ public:
         }
     }
 
+    // Backward-data reads dY only through s8::quantize_dx_gradient.
+    bool quantizes_diff_dst_only() const override { return p_.dir == direction::backward_data; }
+
     const char *execute(const tensors &t) const override {
         runtime::scratchpad sp;
         const int nt = p_.num_threads;

@@ -430,13 +430,13 @@ void forward(const batch_norm_relu_desc &d, const float *src, const float *resid
 void backward(const batch_norm_relu_desc &d, const float *diff_dst, const uint8_t *mask,
               detail::centered_source src, const float *gamma, const float *invstd, float *diff_src,
               float *diff_residual, float *diff_gamma, float *diff_beta, float *diff_src_abs_max,
-              int num_threads) {
+              int num_threads, float *coefficients = nullptr) {
     const detail::channel_planes s = checked_planes(d);
     require(invstd, "invstd");
     if (d.relu) require(mask, "mask");
     if (s.elements() > 0) require(diff_dst, "diff_dst");
     if (diff_src_abs_max) {
-        if (!diff_src)
+        if (!diff_src && !coefficients)
             throw std::invalid_argument(
                     "batch_norm backward: diff_src_channel_abs_max needs diff_src (the maxima "
                     "are of diff_src)");
@@ -446,7 +446,8 @@ void backward(const batch_norm_relu_desc &d, const float *diff_dst, const uint8_
     const auto channels = static_cast<size_t>(s.channels);
     const uint8_t *bits = d.relu ? mask : nullptr;
     // the sums feed diff_src (with batch statistics) and the affine gradients
-    const bool need_sums = (diff_src && d.batch_statistics) || diff_gamma || diff_beta;
+    const bool need_sums =
+            ((diff_src || coefficients) && d.batch_statistics) || diff_gamma || diff_beta;
     std::vector<double> sum_g(channels, 0.0), dot(channels, 0.0);
     if (need_sums && s.elements() > 0)
         detail::masked_gradient_sums(diff_dst, bits, src, s, sum_g.data(), dot.data(), threads);
@@ -454,7 +455,10 @@ void backward(const batch_norm_relu_desc &d, const float *diff_dst, const uint8_
         if (diff_gamma) diff_gamma[c] = static_cast<float>(dot[c] * invstd[c]);
         if (diff_beta) diff_beta[c] = static_cast<float>(sum_g[c]);
     }
-    if ((!diff_src && !diff_residual) || s.elements() == 0) return;
+    if ((!diff_src && !diff_residual && !coefficients) || s.elements() == 0) {
+        if (coefficients) std::fill(coefficients, coefficients + 3 * s.channels, 0.0f);
+        return;
+    }
     std::vector<float> a(channels), b(channels, 0.0f), k(channels, 0.0f);
     const double count = static_cast<double>(s.batch) * static_cast<double>(s.spatial);
     for (size_t c = 0; c < channels; ++c) {
@@ -468,8 +472,14 @@ void backward(const batch_norm_relu_desc &d, const float *diff_dst, const uint8_
             k[c] = static_cast<float>(-sum_g[c] / count * a[c]);
         }
     }
-    detail::masked_gradient_apply(diff_dst, bits, src, s, a.data(), b.data(), k.data(), diff_src,
-                                  diff_residual, diff_src_abs_max, threads);
+    if (coefficients) {
+        std::copy(a.begin(), a.end(), coefficients);
+        std::copy(b.begin(), b.end(), coefficients + s.channels);
+        std::copy(k.begin(), k.end(), coefficients + 2 * s.channels);
+    }
+    if (diff_src || diff_residual || diff_src_abs_max)
+        detail::masked_gradient_apply(diff_dst, bits, src, s, a.data(), b.data(), k.data(),
+                                      diff_src, diff_residual, diff_src_abs_max, threads);
 }
 
 } // namespace
@@ -507,6 +517,18 @@ void batch_norm_relu_backward(const batch_norm_relu_desc &d, const float *diff_d
                               int num_threads) {
     backward(d, diff_dst, mask, s8_source(d, centered, step), gamma, invstd, diff_src, nullptr,
              diff_gamma, diff_beta, diff_src_channel_abs_max, num_threads);
+}
+
+void batch_norm_relu_backward_coefficients(const batch_norm_relu_desc &d, const float *diff_dst,
+                                           const uint8_t *mask, const int8_t *centered,
+                                           const float *step, const float *gamma,
+                                           const float *invstd, float *coefficients,
+                                           float *diff_residual, float *diff_gamma,
+                                           float *diff_beta, float *diff_src_channel_abs_max,
+                                           int num_threads) {
+    require(coefficients, "coefficients");
+    backward(d, diff_dst, mask, s8_source(d, centered, step), gamma, invstd, nullptr, diff_residual,
+             diff_gamma, diff_beta, diff_src_channel_abs_max, num_threads, coefficients);
 }
 
 void batch_norm_add_relu_forward(const batch_norm_relu_desc &d, const float *src,

@@ -325,6 +325,8 @@ public:
     // terms (255 * 127 * 65536 < 2^31); the pieces are added in int64.
     static constexpr int64_t max_piece_pixels = int32_safe_reduction_length / jit::tile_batch;
 
+    // Backward-data reads dY only through s8::quantize_dx_gradient.
+    bool quantizes_diff_dst_only() const override { return p_.dir == direction::backward_data; }
     // Backward-weights reads G1 as plain int8 (then tiled): in a fused
     // backward, backward-data makes it in its own pass over dY.
     shared_gradient::form shared_form_read() const override {

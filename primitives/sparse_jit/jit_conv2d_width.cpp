@@ -484,6 +484,8 @@ public:
             tap_of_entry_ = window_taps_of_entries(w_.l, p.pattern, *sddmm_);
     }
 
+    // Backward-data reads dY only through s8::quantize_dx_gradient.
+    bool quantizes_diff_dst_only() const override { return p_.dir == direction::backward_data; }
     // Backward-weights reads G1 as plain int8: in a fused backward,
     // backward-data makes it in its own pass over dY.
     shared_gradient::form shared_form_read() const override {

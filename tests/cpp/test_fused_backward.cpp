@@ -121,6 +121,119 @@ TEST(FusedBackward, s8_takes_the_channel_maxima_of_its_output_gradient) {
     if (detected_cpu_isa() >= cpu_isa::avx2) EXPECT_GT(read, 0) << "the maxima were never read";
 }
 
+// dY given as the int8 BatchNorm's backward after the convolution
+// (QSP_ARG_BN_*): the fused backward rounds it as it computes it, and the
+// result is the bits of the same step given the dY that BatchNorm backward
+// writes — with and without a ReLU mask, with and without the channel
+// maxima, strided (the width family's phases), every tier and
+// vectorization, oneDNN's int8 backward-data where it is exact; separate
+// primitives and a bias gradient (dY then written into DIFF_DST) too.
+TEST(FusedBackward, s8_conv2d_takes_dy_as_its_batch_norms_backward) {
+    std::mt19937 rng(9);
+    for (int64_t stride : {1, 2}) {
+        conv2d_geometry g = same_3x3();
+        g.stride_h = g.stride_w = stride;
+        const conv2d_layer layer{3, 5, 7, 9, 8, g};
+        const auto hw = layer.out_hw();
+        const int64_t C = 7, n = 3 * C * hw[0] * hw[1];
+        auto w = csr_weights::from_dense(random_sparse_dense(C, 5 * 9, 0.7, rng).data(), C, 5 * 9);
+        auto x = random_vector(static_cast<size_t>(3 * 5 * 9 * 8), rng);
+        const std::vector<float> bias(static_cast<size_t>(C), 0.5f);
+        for (bool relu : {true, false}) {
+            SCOPED_TRACE(std::string("stride ") + std::to_string(stride) + (relu ? " relu" : ""));
+            batch_norm_dy bn;
+            bn.diff_dst = random_vector(static_cast<size_t>(n), rng);
+            bn.centered.resize(static_cast<size_t>(n));
+            for (auto &v : bn.centered)
+                v = static_cast<int8_t>(static_cast<int>(rng() % 255) - 127);
+            if (relu) {
+                bn.mask.resize(static_cast<size_t>((n + 7) / 8));
+                for (auto &v : bn.mask)
+                    v = static_cast<uint8_t>(rng());
+            }
+            bn.step = random_vector(static_cast<size_t>(C), rng, 0.01f, 0.05f);
+            const auto gamma = random_vector(static_cast<size_t>(C), rng, 0.5f, 2.f);
+            const auto invstd = random_vector(static_cast<size_t>(C), rng, 0.5f, 3.f);
+            batch_norm_relu_desc d;
+            d.batch = 3, d.channels = C, d.spatial = hw[0] * hw[1], d.relu = relu;
+            // the dY BatchNorm backward writes, its maxima, and its coefficients
+            std::vector<float> dy(static_cast<size_t>(n)), maxima(C), computed(C, -1.f);
+            batch_norm_relu_backward(d, bn.diff_dst.data(), relu ? bn.mask.data() : nullptr,
+                                     bn.centered.data(), bn.step.data(), gamma.data(),
+                                     invstd.data(), dy.data(), nullptr, nullptr, maxima.data(), 2);
+            bn.coefficients.resize(static_cast<size_t>(3 * C));
+            batch_norm_relu_backward_coefficients(
+                    d, bn.diff_dst.data(), relu ? bn.mask.data() : nullptr, bn.centered.data(),
+                    bn.step.data(), gamma.data(), invstd.data(), bn.coefficients.data(), nullptr,
+                    nullptr, nullptr, computed.data(), 3);
+            expect_same_bits(computed, maxima, "maxima found without writing dY");
+            // `in_memory`: whether dY must have been written into DIFF_DST
+            const auto check = [&](step_options o, const char *what, bool in_memory) {
+                SCOPED_TRACE(what);
+                const step_result want = training_step(layer, w, x, dy, bias, o);
+                o.bn_dy = &bn;
+                const step_result got = training_step(layer, w, x, dy, bias, o);
+                expect_same_bits(got.dx, want.dx, "diff_src");
+                expect_same_bits(got.dw, want.dw, "diff_weights");
+                expect_same_bits(got.db, want.db, "diff_bias");
+                EXPECT_EQ(got.dy_written, in_memory) << got.impl;
+            };
+            for_each_s8_conv_case([&](step_options o) {
+                o.bias = false;
+                o.fused = true;
+                // the reference reads dY itself; the JIT families round it as computed
+                const bool ref = effective_cpu_isa() == cpu_isa::ref;
+                check(o, "fused, maxima found", ref);
+                o.dy_channel_abs_max = &maxima;
+                check(o, "fused, maxima given", ref);
+                o.bias = true;
+                check(o, "fused with a bias gradient", true);
+                o.bias = false;
+                o.fused = false;
+                check(o, "separate primitives", true);
+            });
+            if (onednn_has_vnni()) // backward-weights by the JIT (reading the shared
+                                   // rounding) or by the reference (reading dY itself)
+                for (const std::string weights :
+                     {std::string("jit:") + to_string(detected_cpu_isa()) + ":batch",
+                      std::string("ref:any")}) {
+                    step_options o;
+                    o.scheme = quant_scheme::s8;
+                    o.bias = false;
+                    o.fused = true;
+                    o.implementation = "dense:onednn_s8";
+                    o.weights_implementation = weights;
+                    check(o, ("oneDNN's int8 backward-data, backward-weights " + weights).c_str(),
+                          weights == "ref:any");
+                }
+        }
+    }
+}
+
+// Part of the BatchNorm source of dY missing: a named refusal.
+TEST(FusedBackward, refuses_an_incomplete_batch_norm_source) {
+    std::mt19937 rng(10);
+    const conv2d_layer layer{2, 3, 4, 5, 5, same_3x3()};
+    const int64_t n = 2 * 4 * 5 * 5;
+    auto w = csr_weights::from_dense(random_sparse_dense(4, 3 * 9, 0.5, rng).data(), 4, 3 * 9);
+    auto x = random_vector(static_cast<size_t>(2 * 3 * 5 * 5), rng);
+    const auto dy = random_vector(static_cast<size_t>(n), rng);
+    batch_norm_dy bn;
+    bn.diff_dst = dy;
+    bn.centered.assign(static_cast<size_t>(n), 1);
+    bn.step.assign(4, 0.1f);
+    bn.coefficients.assign(12, 1.f);
+    step_options o;
+    o.scheme = quant_scheme::s8;
+    o.fused = true;
+    o.bias = false;
+    o.bn_dy = &bn;
+    EXPECT_NO_THROW(training_step(layer, w, x, dy, {}, o));
+    bn.centered.clear(); // the argument left out
+    const auto refused = [&] { training_step(layer, w, x, dy, {}, o); };
+    expect_refusal(refused, "bn_centered");
+}
+
 TEST(FusedBackward, refuses_descriptors_of_another_layer_or_shape) {
     std::mt19937 rng(5);
     dnnl::engine eng(dnnl::engine::kind::cpu, 0);

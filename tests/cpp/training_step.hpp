@@ -16,6 +16,16 @@
 
 namespace qsp::test {
 
+// dY of an s8 Conv2d backward given as its int8 BatchNorm's backward
+// (QSP_ARG_BN_*): the BatchNorm's own diff_dst, mask (empty: no ReLU),
+// int8 copy and step, and the coefficients a, b, k.
+struct batch_norm_dy {
+    std::vector<float> diff_dst;
+    std::vector<uint8_t> mask;
+    std::vector<int8_t> centered;
+    std::vector<float> step, coefficients;
+};
+
 struct step_options {
     quant_scheme scheme = quant_scheme::f32;
     // Forced for forward and backward-data ("" = the usual pick);
@@ -32,6 +42,9 @@ struct step_options {
     const std::vector<float> *dy_channel_abs_max = nullptr;
     // QSP_ARG_SRC_ABS_MAX of the forward (s8), when given
     const float *src_abs_max = nullptr;
+    // Conv2d s8: dY as a BatchNorm's backward (the `dy` argument is then not
+    // passed: DIFF_DST is scratch, NaN until something writes dY into it)
+    const batch_norm_dy *bn_dy = nullptr;
     // Linear only: src / diff_src, dst / diff_dst in the kept layout
     // (kept_layout_desc). x, dy go in and y, dx come out through oneDNN's
     // reorder, so results compare with a plain step's.
@@ -42,6 +55,7 @@ struct step_result {
     std::vector<float> y, dx, dw, db;
     std::vector<uint8_t> workspace; // what the s8 forward saved for the backward
     std::string impl;               // "forward/backward-data/backward-weights"
+    bool dy_written = false;        // with bn_dy: whether DIFF_DST (scratch) was written
 };
 
 struct linear_layer {
@@ -204,7 +218,8 @@ step_result training_step(const layer_t &layer, const csr_weights &w, const std:
     fwd_t(fwd).execute(s, fa);
 
     std::vector<int32_t> seed;
-    exec_args ba{{DNNL_ARG_DIFF_DST, wrap(eng, dst_md, dy.data())},
+    std::vector<float> dy_scratch(o.bn_dy ? dy.size() : 0, NAN);
+    exec_args ba{{DNNL_ARG_DIFF_DST, wrap(eng, dst_md, o.bn_dy ? dy_scratch.data() : dy.data())},
                  {DNNL_ARG_WEIGHTS, wrap(eng, wmd, w.values.data())},
                  {DNNL_ARG_DIFF_SRC, wrap(eng, src_md, r.dx.data())},
                  {DNNL_ARG_DIFF_WEIGHTS, wrap(eng, wmd, r.dw.data())},
@@ -218,6 +233,15 @@ step_result training_step(const layer_t &layer, const csr_weights &w, const std:
         ba[DNNL_ARG_WORKSPACE] = wrap(eng, fwd.workspace_desc(), ws.data());
     else
         ba[DNNL_ARG_SRC] = wrap(eng, src_md, x.data());
+    if (o.bn_dy) {
+        const batch_norm_source_descs d = batch_norm_source_descriptors(dst_md.get_dims());
+        ba[QSP_ARG_BN_DIFF_DST] = wrap(eng, d.diff_dst, o.bn_dy->diff_dst.data());
+        if (!o.bn_dy->mask.empty()) ba[QSP_ARG_BN_MASK] = wrap(eng, d.mask, o.bn_dy->mask.data());
+        if (!o.bn_dy->centered.empty()) // left out: the refusal's test
+            ba[QSP_ARG_BN_CENTERED] = wrap(eng, d.centered, o.bn_dy->centered.data());
+        ba[QSP_ARG_BN_STEP] = wrap(eng, d.step, o.bn_dy->step.data());
+        ba[QSP_ARG_BN_COEFFICIENTS] = wrap(eng, d.coefficients, o.bn_dy->coefficients.data());
+    }
     if (o.fused) {
         const sparse_backward<bd_t, bw_t> both(bd, bw);
         both.execute(s, ba);
@@ -225,6 +249,8 @@ step_result training_step(const layer_t &layer, const csr_weights &w, const std:
         bd_t(bd).execute(s, ba);
         bw_t(bw).execute(s, ba);
     }
+    for (const float v : dy_scratch)
+        r.dy_written |= !std::isnan(v);
     return r;
 }
 
