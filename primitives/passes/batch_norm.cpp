@@ -272,6 +272,7 @@ void quantize_pair_from_gradient(const batch_norm_gradient &src, const float *mu
                                  const stochastic_pair_rounding &r, int8_t *q, int8_t *q_plain,
                                  int num_threads) {
     static constexpr pass_tier<quantize_pair_from_gradient_fn> tiers[] = {
+            {cpu_isa::avx512_core, quantize_pair_from_gradient_avx512},
             {cpu_isa::avx2, quantize_pair_from_gradient_avx2},
             {cpu_isa::ref, portable::quantize_pair_from_gradient}};
     best_tier(tiers)(src, multiplier, r, q, q_plain, num_threads);
@@ -282,6 +283,7 @@ void masked_gradient_apply(const float *diff_dst, const uint8_t *bits, centered_
                            float *diff_src, float *diff_residual, float *channel_abs_max,
                            int num_threads) {
     static constexpr pass_tier<masked_gradient_apply_fn> tiers[] = {
+            {cpu_isa::avx512_core, masked_gradient_apply_avx512},
             {cpu_isa::avx2, masked_gradient_apply_avx2},
             {cpu_isa::ref, portable::masked_gradient_apply}};
     best_tier(tiers)(diff_dst, bits, src, s, a, b, k, diff_src, diff_residual, channel_abs_max,

@@ -133,5 +133,7 @@ scale_shift_relu_fn scale_shift_relu_avx2;
 masked_gradient_sums_fn masked_gradient_sums_avx2;
 masked_gradient_apply_fn masked_gradient_apply_avx2;
 quantize_pair_from_gradient_fn quantize_pair_from_gradient_avx2;
+masked_gradient_apply_fn masked_gradient_apply_avx512;
+quantize_pair_from_gradient_fn quantize_pair_from_gradient_avx512;
 
 } // namespace qsp::detail

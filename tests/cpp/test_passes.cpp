@@ -821,6 +821,13 @@ TEST(Passes, pair_from_batch_norm_gradient_matches_the_written_gradient) {
             {"dispatched", detail::quantize_pair_from_gradient},
             {"portable", detail::portable::quantize_pair_from_gradient}};
     if (cpu_has(cpu_isa::avx2)) tiers.push_back({"avx2", detail::quantize_pair_from_gradient_avx2});
+    if (cpu_has(cpu_isa::avx512_core))
+        tiers.push_back({"avx512", detail::quantize_pair_from_gradient_avx512});
+    std::vector<std::pair<const char *, detail::masked_gradient_apply_fn *>> apply_tiers{
+            {"dispatched", detail::masked_gradient_apply}};
+    if (cpu_has(cpu_isa::avx2)) apply_tiers.push_back({"avx2", detail::masked_gradient_apply_avx2});
+    if (cpu_has(cpu_isa::avx512_core))
+        apply_tiers.push_back({"avx512", detail::masked_gradient_apply_avx512});
     for (const shape sh : {shape{1, 1, 1}, shape{3, 2, 7}, shape{5, 3, 49}, shape{2, 5, 63},
                            shape{1, 2, 8 * 4096 + 13}})
         for (int variant = 0; variant < 4; ++variant) {
@@ -850,14 +857,28 @@ TEST(Passes, pair_from_batch_norm_gradient_matches_the_written_gradient) {
                 else
                     g.src.src = x.data(), g.src.mean = mean.data();
                 g.a = a.data(), g.b = b.data(), g.k = k.data();
-                // the written dY, its maxima, and its pair
-                std::vector<float> dy(un), written_max(uc), computed_max(uc, -1.f);
-                detail::masked_gradient_apply(g.diff_dst, g.bits, g.src, s, g.a, g.b, g.k,
-                                              dy.data(), nullptr, written_max.data(), 2);
-                detail::masked_gradient_apply(g.diff_dst, g.bits, g.src, s, g.a, g.b, g.k, nullptr,
-                                              nullptr, computed_max.data(), 3);
-                for (size_t c = 0; c < uc; ++c)
-                    expect_same_bits(computed_max[c], written_max[c], "maxima without dY");
+                // the written dY (and the masked gradient), its maxima, and its pair: the
+                // portable tier's, every other tier's the same bits, the maxima also
+                // without dY written
+                std::vector<float> dy(un), dr(un), written_max(uc);
+                detail::portable::masked_gradient_apply(g.diff_dst, g.bits, g.src, s, g.a, g.b, g.k,
+                                                        dy.data(), dr.data(), written_max.data(),
+                                                        2);
+                for (auto [name, apply] : apply_tiers) {
+                    SCOPED_TRACE(name);
+                    std::vector<float> tier_dy(un, 5.f), tier_dr(un, 5.f), tier_max(uc, -1.f),
+                            computed_max(uc, -1.f);
+                    apply(g.diff_dst, g.bits, g.src, s, g.a, g.b, g.k, tier_dy.data(),
+                          tier_dr.data(), tier_max.data(), 3);
+                    EXPECT_EQ(std::memcmp(tier_dy.data(), dy.data(), un * sizeof(float)), 0);
+                    EXPECT_EQ(std::memcmp(tier_dr.data(), dr.data(), un * sizeof(float)), 0);
+                    apply(g.diff_dst, g.bits, g.src, s, g.a, g.b, g.k, nullptr, nullptr,
+                          computed_max.data(), 1);
+                    for (size_t c = 0; c < uc; ++c) {
+                        expect_same_bits(tier_max[c], written_max[c], "maxima");
+                        expect_same_bits(computed_max[c], written_max[c], "maxima without dY");
+                    }
+                }
                 detail::stochastic_maxima known{};
                 ASSERT_TRUE(detail::pair_maxima_from_channels(written_max.data(), mult.data(),
                                                               s.channels, known));

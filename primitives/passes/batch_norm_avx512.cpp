@@ -1,0 +1,141 @@
+// The AVX-512 tier of the BatchNorm backward's elementwise part (called
+// only after CPU detection): 16 lanes, the ReLU mask's 16 bits a k-register
+// that zeroes the masked gradient as it is loaded (the AVX2 tier builds a
+// lane mask from them with four instructions per 8 elements). The float
+// operations and their order are the portable tier's, lane for lane, so
+// the results are the same bits. The pair of roundings of dY runs in the
+// same loop as the dY it rounds (quantize_pair_from_gradient): dY is in a
+// register between its computation and its rounding, and never in memory.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+
+#include "primitives/passes/batch_norm.hpp"
+#include "primitives/passes/batch_norm_walk.hpp"
+#include "primitives/passes/simd_avx512.hpp"
+#include "primitives/passes/stochastic_avx512.hpp"
+
+QSP_BEGIN_TARGET(QSP_ISA_AVX512)
+
+namespace qsp::detail {
+
+namespace avx512 {
+namespace {
+
+namespace walk = batch_norm_walk;
+
+// The mask bits of elements bit .. bit + n - 1 (n <= 16, any offset) as a
+// k-register; reads the bytes holding them and no other.
+inline __mmask16 mask16(const uint8_t *bits, int64_t bit, int64_t n) {
+    const int64_t at = bit / 8;
+    const int shift = static_cast<int>(bit % 8);
+    const int64_t bytes = (shift + std::min<int64_t>(n, 16) + 7) / 8; // 1 to 3
+    uint32_t window = bits[at];
+    if (bytes > 1) window |= static_cast<uint32_t>(bits[at + 1]) << 8;
+    if (bytes > 2) window |= static_cast<uint32_t>(bits[at + 2]) << 16;
+    return static_cast<__mmask16>((window >> shift) & first_lanes(n));
+}
+
+// src - mean of channel x at elements i..i+15 (those of `valid`; 0 elsewhere).
+inline __m512 centered16(const walk::f32_centered::channel &x, int64_t i, __mmask16 valid) {
+    return _mm512_maskz_sub_ps(valid, _mm512_maskz_loadu_ps(valid, x.x + i), _mm512_set1_ps(x.m));
+}
+inline __m512 centered16(const walk::s8_centered::channel &x, int64_t i, __mmask16 valid) {
+    const __m128i b = _mm_maskz_loadu_epi8(valid, x.q + i);
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), _mm512_set1_ps(x.f));
+}
+
+// g (the gradient through the mask, 0 where it is off or past `valid`) and
+// dY = (g * a + x * b) + k at elements i..i+15.
+struct gradient16 {
+    __m512 a, b, k;
+    gradient16(float a_, float b_, float k_)
+        : a(_mm512_set1_ps(a_)), b(_mm512_set1_ps(b_)), k(_mm512_set1_ps(k_)) {}
+    static __m512 masked(const float *diff_dst, const uint8_t *bits, int64_t i, __mmask16 valid,
+                         int64_t left) {
+        const __mmask16 on = bits ? mask16(bits, i, left) & valid : valid;
+        return _mm512_maskz_loadu_ps(on, diff_dst + i);
+    }
+    template <typename X> __m512 dy(__m512 g, const X &x, int64_t i, __mmask16 valid) const {
+        return _mm512_add_ps(
+                _mm512_add_ps(_mm512_mul_ps(g, a), _mm512_mul_ps(centered16(x, i, valid), b)), k);
+    }
+};
+
+struct kernels {
+    // gradient_apply's contract (batch_norm_walk.hpp): whole vectors, then
+    // the portable tail.
+    template <typename X>
+    static void gradient_apply(const float *diff_dst, const uint8_t *bits, const X &x, int64_t lo,
+                               int64_t hi, float a, float b, float k, float *diff_src,
+                               float *diff_residual, float *abs_max) {
+        const gradient16 grad(a, b, k);
+        const __m512 sign = _mm512_set1_ps(-0.0f);
+        __m512 peak = _mm512_setzero_ps();
+        __mmask16 bad = 0;
+        int64_t i = lo;
+        for (; i + 16 <= hi; i += 16) {
+            const __m512 g = gradient16::masked(diff_dst, bits, i, 0xFFFF, 16);
+            if (diff_residual) _mm512_storeu_ps(diff_residual + i, g);
+            if (diff_src || abs_max) { // diff_src may be diff_dst: these elements are read
+                const __m512 d = grad.dy(g, x, i, 0xFFFF);
+                if (diff_src) _mm512_storeu_ps(diff_src + i, d);
+                if (abs_max) {
+                    bad |= _mm512_cmp_ps_mask(d, d, _CMP_UNORD_Q);
+                    peak = _mm512_max_ps(peak, _mm512_andnot_ps(sign, d));
+                }
+            }
+        }
+        if (abs_max)
+            *abs_max = bad ? std::numeric_limits<float>::quiet_NaN() : _mm512_reduce_max_ps(peak);
+        walk::gradient_apply_tail(diff_dst, bits, x, i, hi, a, b, k, diff_src, diff_residual,
+                                  abs_max);
+    }
+};
+
+} // namespace
+} // namespace avx512
+
+void masked_gradient_apply_avx512(const float *diff_dst, const uint8_t *bits, centered_source src,
+                                  channel_planes s, const float *a, const float *b, const float *k,
+                                  float *diff_src, float *diff_residual, float *channel_abs_max,
+                                  int num_threads) {
+    batch_norm_walk::masked_gradient_apply<avx512::kernels>(
+            diff_dst, bits, src, s, a, b, k, diff_src, diff_residual, channel_abs_max, num_threads);
+}
+
+void quantize_pair_from_gradient_avx512(const batch_norm_gradient &src, const float *multiplier,
+                                        const stochastic_pair_rounding &r, int8_t *q,
+                                        int8_t *q_plain, int num_threads) {
+    const avx512::stochastic_rounding scaled(r.scaled, r.seed32), plain(r.plain, r.plain_seed32);
+    const channel_planes s = src.shape;
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    batch_norm_walk::with_centered(src.src, [&](auto centered) {
+    // Threads take planes (one channel's run each; only the mask is
+    // shared, and it is read).
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+        for (int64_t p = 0; p < s.batch * s.channels; ++p) {
+            const int64_t c = p % s.channels, lo = p * s.spatial, hi = lo + s.spatial;
+            const avx512::gradient16 grad(src.a[c], src.b[c], src.k[c]);
+            const __m512 m = _mm512_set1_ps(multiplier[c]);
+            const auto x = centered.at(c);
+            __m512i idx = _mm512_add_epi32(
+                    _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(lo))), lane);
+            for (int64_t i = lo; i < hi; i += 16) {
+                const __mmask16 valid = avx512::first_lanes(hi - i);
+                const __m512 g =
+                        avx512::gradient16::masked(src.diff_dst, src.bits, i, valid, hi - i);
+                const __m512 d = grad.dy(g, x, i, valid);
+                plain.store(q_plain + i, d, idx, valid);
+                scaled.store(q + i, _mm512_mul_ps(d, m), idx, valid);
+                idx = _mm512_add_epi32(idx, _mm512_set1_epi32(16));
+            }
+        }
+    });
+}
+
+} // namespace qsp::detail
+
+QSP_END_TARGET
