@@ -167,7 +167,7 @@ void pack_width_quads(const int8_t *src, int64_t batch, int64_t channels, int64_
     static constexpr pass_tier<pack_width_quads_fn> tiers[] = {
             {cpu_isa::avx512_core, pack_width_quads_avx512},
             {cpu_isa::ref, portable::pack_width_quads}};
-    best_tier(tiers, plane.phases == 1)(src, batch, channels, h, w, pad, plane, dst, num_threads);
+    best_tier(tiers, plane.phases <= 2)(src, batch, channels, h, w, pad, plane, dst, num_threads);
 }
 
 void pack_width_pairs(const int8_t *src, int64_t batch, int64_t channels, int64_t h, int64_t w,

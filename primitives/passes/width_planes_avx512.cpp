@@ -1,5 +1,6 @@
 // The AVX-512 tier of the width plane packs (called only after CPU
-// detection), for planes without column phases: a row is its left padding,
+// detection), for planes without column phases (the s8 quads also with
+// two, a horizontal stride of 2): a row is its left padding,
 // the image row moved 16 values per masked load / store, and its right
 // padding, with no call per row (rows are short: the portable loop's
 // per-row overhead, not memory, bounded it).
@@ -71,7 +72,10 @@ void pack_width_quads_avx512(const int8_t *src, int64_t batch, int64_t channels,
                 continue;
             }
             const int64_t b = p / quads, q = p % quads;
-            fill_lanes(row, 0, pad.left, zero);
+            if (plane.phases == 2) // the row whole, then its columns over it (in L1)
+                fill_lanes(row, 0, row_len, zero);
+            else
+                fill_lanes(row, 0, pad.left, zero);
             for (int64_t x = 0; x < w; x += 16) {
                 const __mmask16 m = first_lanes(w - x);
                 __m128i ch[4];
@@ -90,9 +94,24 @@ void pack_width_quads_avx512(const int8_t *src, int64_t batch, int64_t channels,
                 v = _mm512_inserti32x4(v, _mm_unpackhi_epi16(lo01, lo23), 1);
                 v = _mm512_inserti32x4(v, _mm_unpacklo_epi16(hi01, hi23), 2);
                 v = _mm512_inserti32x4(v, _mm_unpackhi_epi16(hi01, hi23), 3);
-                _mm512_mask_storeu_epi32(row + pad.left + x, m, _mm512_xor_si512(v, zero));
+                v = _mm512_xor_si512(v, zero);
+                if (plane.phases == 1) {
+                    _mm512_mask_storeu_epi32(row + pad.left + x, m, v);
+                    continue;
+                }
+                // stride 2: padded column c = left + x + k goes to phase c % 2,
+                // index c / 2; x is even, so the even k share a phase (lanes 0-7
+                // after the permute), the odd k the other (lanes 8-15)
+                const __m512i split = _mm512_permutexvar_epi32(
+                        _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15), v);
+                const int64_t c0 = pad.left + x, n = std::min<int64_t>(16, w - x);
+                uint32_t *even = row + (c0 % 2) * plane.phase_len + c0 / 2,
+                         *odd = row + ((c0 + 1) % 2) * plane.phase_len + (c0 + 1) / 2;
+                _mm512_mask_storeu_epi32(even, first_lanes((n + 1) / 2), split);
+                _mm256_mask_storeu_epi32(odd, static_cast<__mmask8>(first_lanes(n / 2)),
+                                         _mm512_extracti64x4_epi64(split, 1));
             }
-            fill_lanes(row, pad.left + w, row_len, zero);
+            if (plane.phases == 1) fill_lanes(row, pad.left + w, row_len, zero);
         }
 }
 
