@@ -1,0 +1,220 @@
+// Timings of the layout and quantization passes, tier against tier, at the
+// main job's CNN sizes (batch 128; 24 x 28 x 28, 48 x 14 x 14, 96 x 7 x 7).
+// Not a test (ctest does not run it): the passes are internal, so it lives
+// with the tests, which may include them. Each line times one pass on each
+// tier the CPU has and prints the ratio to the best tier; calls are
+// interleaved round by round and the medians reported. Noisy machines:
+// read the ratios.
+//
+//   build/tests/cpp/qsp_pass_timings [--rounds 21] [--threads 2]
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "primitives/passes/batch_norm.hpp"
+#include "primitives/passes/conv_tiles.hpp"
+#include "primitives/passes/quantize.hpp"
+#include "primitives/passes/width_planes.hpp"
+#include "qsparseprop/runtime.hpp"
+
+namespace {
+
+using namespace qsp;
+using namespace qsp::detail;
+
+struct candidate {
+    std::string name;
+    std::function<void()> run;
+};
+
+// Medians over `rounds` rounds of one call each, the candidates interleaved.
+void compare(const char *what, std::vector<candidate> cands, int rounds) {
+    std::vector<std::vector<double>> ms(cands.size());
+    for (auto &c : cands) // warm-up
+        c.run();
+    for (int r = 0; r < rounds; ++r)
+        for (size_t i = 0; i < cands.size(); ++i) {
+            const auto t0 = std::chrono::steady_clock::now();
+            cands[i].run();
+            ms[i].push_back(
+                    std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0)
+                            .count());
+        }
+    std::vector<double> med;
+    for (auto &v : ms) {
+        std::sort(v.begin(), v.end());
+        med.push_back(v[v.size() / 2]);
+    }
+    std::printf("%-44s", what);
+    for (size_t i = 0; i < cands.size(); ++i)
+        std::printf("  %s %.3f ms (%.2fx)", cands[i].name.c_str(), med[i], med[i] / med[0]);
+    std::printf("\n");
+}
+
+struct sizes {
+    int64_t batch, channels, side;
+};
+
+} // namespace
+
+int main(int argc, char **argv) {
+    int rounds = 21, threads = 2;
+    for (int i = 1; i + 1 < argc; i += 2) {
+        if (!std::strcmp(argv[i], "--rounds")) rounds = std::max(1, std::atoi(argv[i + 1]));
+        if (!std::strcmp(argv[i], "--threads")) threads = std::max(1, std::atoi(argv[i + 1]));
+    }
+    const cpu_isa isa = detected_cpu_isa();
+    const bool avx2 = isa >= cpu_isa::avx2, avx512 = isa >= cpu_isa::avx512_core;
+    std::printf("pass timings: isa=%s threads=%d rounds=%d (each tier's ratio to the first)\n",
+                to_string(isa), threads, rounds);
+    std::mt19937 rng(1);
+    std::normal_distribution<float> normal;
+    for (const sizes sz : {sizes{128, 24, 28}, sizes{128, 48, 14}, sizes{128, 96, 7}}) {
+        const int64_t B = sz.batch, C = sz.channels, H = sz.side, S = H * H, n = B * C * S;
+        std::printf("-- %ld x %ld x %ld x %ld\n", static_cast<long>(B), static_cast<long>(C),
+                    static_cast<long>(H), static_cast<long>(H));
+        std::vector<int8_t> xq(static_cast<size_t>(n));
+        for (auto &v : xq)
+            v = static_cast<int8_t>(static_cast<int>(rng() % 255) - 127);
+        const spatial_pad pad{1, 1, 1, 1};
+        const int64_t tiles = tile_count(B), rows = (H + 2) * (H + 2) * C;
+        std::vector<int8_t> t8(static_cast<size_t>(tiles * rows * 64));
+        std::vector<int32_t> sums(static_cast<size_t>(C * S));
+
+        // backward-weights' s8 tiles of X with the batch's plane sums
+        std::vector<candidate> pack;
+        if (avx512)
+            pack.push_back({"avx512+sums", [&] {
+                                pack_conv_s8_tiles_avx512(xq.data(), B, C, H, H, pad, t8.data(),
+                                                          sums.data(), threads);
+                            }});
+        if (avx2)
+            pack.push_back({"avx2+sums", [&] {
+                                pack_conv_s8_tiles_avx2(xq.data(), B, C, H, H, pad, t8.data(),
+                                                        sums.data(), threads);
+                            }});
+        pack.push_back({"portable+sums", [&] {
+                            portable::pack_conv_s8_tiles(xq.data(), B, C, H, H, pad, t8.data(),
+                                                         sums.data(), threads);
+                        }});
+        compare("conv s8 tiles + plane sums", pack, rounds);
+
+        // dY's u8 tiles (G1 + 128) of backward-weights, as [batch x C*S]
+        std::vector<uint8_t> g_tiles(static_cast<size_t>(tiles * n / B * 64));
+        std::vector<candidate> shift;
+        if (avx512)
+            shift.push_back({"avx512", [&] {
+                                 shift_to_s8_tiles_avx512(xq.data(), B, n / B, g_tiles.data(),
+                                                          threads);
+                             }});
+        if (avx2)
+            shift.push_back({"avx2", [&] {
+                                 shift_to_s8_tiles_avx2(xq.data(), B, n / B, g_tiles.data(),
+                                                        threads);
+                             }});
+        shift.push_back({"portable", [&] {
+                             portable::shift_to_s8_tiles(xq.data(), B, n / B, g_tiles.data(),
+                                                         threads);
+                         }});
+        compare("dY's u8 tiles", shift, rounds);
+
+        // stride 2: quads of X into width planes, diff_src's rows from two phases
+        width_plane plane;
+        plane.rows = H + 2;
+        plane.phases = 2;
+        plane.phase_len = (H + 2 + 1) / 2 + 4;
+        std::vector<uint32_t> quads(static_cast<size_t>(B * ((C + 3) / 4) * plane.size()));
+        compare("width quads, stride 2",
+                {{"dispatched",
+                  [&] {
+                      pack_width_quads(xq.data(), B, C, H, H, pad, plane, quads.data(), threads);
+                  }},
+                 {"portable",
+                  [&] {
+                      portable::pack_width_quads(xq.data(), B, C, H, H, pad, plane, quads.data(),
+                                                 threads);
+                  }}},
+                rounds);
+        const int64_t half = (H + 1) / 2, n_h = H / 2;
+        std::vector<float> even(static_cast<size_t>(B * C * n_h * half)),
+                odd(static_cast<size_t>(B * C * n_h * (H / 2))), out(static_cast<size_t>(n));
+        const width_phase_rows phases[2] = {{even.data(), 0, half}, {odd.data(), 1, H / 2}};
+        compare("diff_src rows from 2 phases",
+                {{"dispatched",
+                  [&] {
+                      interleave_width_phases(phases, 2, B, C, n_h, H, H, 0, 2, 2, out.data(),
+                                              threads);
+                  }},
+                 {"portable",
+                  [&] {
+                      portable::interleave_width_phases(phases, 2, B, C, n_h, H, H, 0, 2, 2,
+                                                        out.data(), threads);
+                  }}},
+                rounds);
+
+        // BatchNorm's backward apply, and the s8 pair of its dY: written then
+        // read, or computed where it is rounded
+        std::vector<float> dz(static_cast<size_t>(n)), dy(static_cast<size_t>(n));
+        for (auto &v : dz)
+            v = normal(rng);
+        std::vector<uint8_t> bits(static_cast<size_t>((n + 7) / 8));
+        for (auto &v : bits)
+            v = static_cast<uint8_t>(rng());
+        const std::vector<float> a(C, 1.1f), b(C, 0.2f), k(C, 0.01f), step(C, 0.05f),
+                mult(C, 0.01f);
+        std::vector<float> maxima(C);
+        batch_norm_gradient g;
+        g.diff_dst = dz.data(), g.bits = bits.data(), g.shape = {B, C, S};
+        g.src.values = xq.data(), g.src.step = step.data();
+        g.a = a.data(), g.b = b.data(), g.k = k.data();
+        std::vector<candidate> apply;
+        if (avx512)
+            apply.push_back({"avx512", [&] {
+                                 masked_gradient_apply_avx512(
+                                         dz.data(), bits.data(), g.src, g.shape, a.data(), b.data(),
+                                         k.data(), dy.data(), nullptr, maxima.data(), threads);
+                             }});
+        if (avx2)
+            apply.push_back({"avx2", [&] {
+                                 masked_gradient_apply_avx2(dz.data(), bits.data(), g.src, g.shape,
+                                                            a.data(), b.data(), k.data(), dy.data(),
+                                                            nullptr, maxima.data(), threads);
+                             }});
+        apply.push_back({"portable", [&] {
+                             portable::masked_gradient_apply(
+                                     dz.data(), bits.data(), g.src, g.shape, a.data(), b.data(),
+                                     k.data(), dy.data(), nullptr, maxima.data(), threads);
+                         }});
+        compare("BatchNorm backward apply (+ maxima)", apply, rounds);
+        stochastic_maxima known{};
+        pair_maxima_from_channels(maxima.data(), mult.data(), C, known);
+        const stochastic_pair_rounding r{quant_scale_from_abs_max(known.scaled),
+                                         quant_scale_from_abs_max(known.plain), 3, 4};
+        std::vector<int8_t> q(static_cast<size_t>(n)), q_plain(static_cast<size_t>(n));
+        compare("dY's s8 pair: written+read / computed",
+                {{"written",
+                  [&] {
+                      masked_gradient_apply(dz.data(), bits.data(), g.src, g.shape, a.data(),
+                                            b.data(), k.data(), dy.data(), nullptr, maxima.data(),
+                                            threads);
+                      quantize_stochastic_pair(dy.data(), n, mult.data(), C, S, 3, q.data(), 4,
+                                               q_plain.data(), &known, threads);
+                  }},
+                 {"computed",
+                  [&] {
+                      masked_gradient_apply(dz.data(), bits.data(), g.src, g.shape, a.data(),
+                                            b.data(), k.data(), nullptr, nullptr, maxima.data(),
+                                            threads);
+                      quantize_pair_from_gradient(g, mult.data(), r, q.data(), q_plain.data(),
+                                                  threads);
+                  }}},
+                rounds);
+    }
+    return 0;
+}
