@@ -131,7 +131,6 @@ void pick(pd_impl &pd) {
     pd.impl = chosen;
 }
 
-// The arguments of each post-op, and the chain the primitive applies.
 // The optional QSP_ARG_BN_* arguments of an s8 Conv2d backward: diff_dst
 // given as the int8 BatchNorm's backward after the convolution.
 void add_batch_norm_source_args(pd_impl &pd) {
@@ -144,6 +143,7 @@ void add_batch_norm_source_args(pd_impl &pd) {
     pd.args.push_back({QSP_ARG_BN_COEFFICIENTS, "bn_coefficients", d.coefficients, false});
 }
 
+// The arguments of each post-op, and the chain the primitive applies.
 void add_post_op_args(pd_impl &pd, const post_ops &ops) {
     const problem &p = pd.prob;
     const dnnl::memory::desc per_channel = plain_f32_desc({p.channels()});

@@ -149,7 +149,6 @@ void column_sums_s8(const int8_t *x, int64_t batch, int64_t channels, int32_t *s
 
 stochastic_pair_run_fn *stochastic_pair_run_tier() {
     static constexpr pass_tier<stochastic_pair_run_fn> tiers[] = {
-            {cpu_isa::avx512_core, stochastic_pair_run_avx512},
             {cpu_isa::avx2, stochastic_pair_run_avx2},
             {cpu_isa::ref, portable::stochastic_pair_run}};
     return best_tier(tiers);

@@ -59,7 +59,9 @@ struct stochastic_pair_rounding {
 };
 using stochastic_pair_run_fn = void(const float *x, int64_t n, uint64_t first, float mult,
                                     const stochastic_pair_rounding &r, int8_t *q, int8_t *q_plain);
-// The best tier the effective ISA allows (asked once per pass, called per run).
+// The best tier the effective ISA allows (asked once per pass, called per
+// run; AVX-512 rounds the BatchNorm's dY in its own loop,
+// quantize_pair_from_gradient_avx512).
 stochastic_pair_run_fn *stochastic_pair_run_tier();
 // The pair's two maxima from max |x| per channel (channel_abs_max[c], NaN
 // where the channel holds a NaN; a channel as the multiplier's, (i / inner)
@@ -146,7 +148,6 @@ void quantize_weights_avx2(const int64_t *row_ptr, int64_t rows, const float *va
 quantize_rne_fn quantize_rne_avx512;
 quantize_stochastic_fn quantize_stochastic_avx512;
 quantize_stochastic_pair_fn quantize_stochastic_pair_avx512;
-stochastic_pair_run_fn stochastic_pair_run_avx512;
 quantize_stochastic_to_s8_tiles_fn quantize_stochastic_to_s8_tiles_avx512;
 pack_s8_tiles_fn pack_s8_tiles_avx512;
 shift_to_s8_tiles_fn shift_to_s8_tiles_avx512;

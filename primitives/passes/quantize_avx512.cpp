@@ -183,22 +183,6 @@ stochastic_scales quantize_stochastic_pair_avx512(const float *x, int64_t n,
     return {scaled.s.scale, plain.s.scale};
 }
 
-void stochastic_pair_run_avx512(const float *x, int64_t n, uint64_t first, float mult,
-                                const stochastic_pair_rounding &r, int8_t *q, int8_t *q_plain) {
-    const avx512::stochastic_rounding scaled(r.scaled, r.seed32), plain(r.plain, r.plain_seed32);
-    const __m512 m = _mm512_set1_ps(mult);
-    __m512i idx = _mm512_add_epi32(
-            _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(first))),
-            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-    for (int64_t c = 0; c < n; c += 16) {
-        const __mmask16 k = avx512::first_lanes(n - c);
-        const __m512 x_v = _mm512_maskz_loadu_ps(k, x + c);
-        plain.store(q_plain + c, x_v, idx, k);
-        scaled.store(q + c, _mm512_mul_ps(x_v, m), idx, k);
-        idx = _mm512_add_epi32(idx, _mm512_set1_epi32(16));
-    }
-}
-
 float quantize_stochastic_to_s8_tiles_avx512(const float *x, int64_t batch, int64_t channels,
                                              uint32_t seed32, uint8_t *tiles, int num_threads) {
     const int64_t n = batch * channels;
