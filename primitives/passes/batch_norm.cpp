@@ -72,30 +72,35 @@ struct portable_kernels {
         lane_accumulate(acc, n, [p, m](int64_t i) { return (p[i] - m) * (p[i] - m); });
     }
 
-    // SSE2's minps / maxps are exactly the selects `v < lo ? v : lo` and
-    // `v > hi ? v : hi` (the second operand when unordered: a NaN is
-    // skipped); GCC left those selects scalar, the statistics pass's
-    // largest cost (128x24x28x28, 2 threads: 1.04 -> 0.59 ms).
-    static void range(const float *p, int64_t n, float &lowest, float &highest) {
-        __m128 lo0 = _mm_set1_ps(lowest), lo1 = lo0, hi0 = _mm_set1_ps(highest), hi1 = hi0;
+    // accumulate, and in the same loop the range: SSE2's minps / maxps are
+    // exactly the selects `v < lo ? v : lo` and `v > hi ? v : hi` (the
+    // second operand when unordered: a NaN is skipped); GCC left those
+    // selects scalar, the statistics pass's largest cost (128x24x28x28, 2
+    // threads: 1.04 -> 0.59 ms). The range's lanes are the sum's (element i
+    // in lane i % 16, four registers of four), the tail in lane 0, then
+    // walk::fold_range: with the operands' order, the sign of a zero
+    // extreme is every tier's.
+    static void accumulate_range(float (&acc)[walk::sum_lanes], const float *p, int64_t n,
+                                 float &lowest, float &highest) {
+        accumulate(acc, p, n);
+        __m128 lo[4], hi[4];
+        for (int r = 0; r < 4; ++r)
+            lo[r] = _mm_set1_ps(lowest), hi[r] = _mm_set1_ps(highest);
         int64_t i = 0;
-        for (; i + 8 <= n; i += 8) {
-            const __m128 a = _mm_loadu_ps(p + i), b = _mm_loadu_ps(p + i + 4);
-            lo0 = _mm_min_ps(a, lo0), lo1 = _mm_min_ps(b, lo1);
-            hi0 = _mm_max_ps(a, hi0), hi1 = _mm_max_ps(b, hi1);
-        }
+        for (; i + walk::sum_lanes <= n; i += walk::sum_lanes)
+            for (int r = 0; r < 4; ++r) {
+                const __m128 v = _mm_loadu_ps(p + i + 4 * r);
+                lo[r] = _mm_min_ps(v, lo[r]), hi[r] = _mm_max_ps(v, hi[r]);
+            }
         for (; i < n; ++i) { // lane 0 only (min_ss takes the other lanes from v)
             const __m128 v = _mm_set_ss(p[i]);
-            lo0 = _mm_move_ss(lo0, _mm_min_ss(v, lo0));
-            hi0 = _mm_move_ss(hi0, _mm_max_ss(v, hi0));
+            lo[0] = _mm_move_ss(lo[0], _mm_min_ss(v, lo[0]));
+            hi[0] = _mm_move_ss(hi[0], _mm_max_ss(v, hi[0]));
         }
         alignas(16) float lanes[8];
-        _mm_store_ps(lanes, _mm_min_ps(lo0, lo1));
-        _mm_store_ps(lanes + 4, _mm_max_ps(hi0, hi1));
-        for (int j = 0; j < 4; ++j) {
-            lowest = lanes[j] < lowest ? lanes[j] : lowest;
-            highest = lanes[4 + j] > highest ? lanes[4 + j] : highest;
-        }
+        _mm_store_ps(lanes, _mm_min_ps(_mm_min_ps(lo[0], lo[1]), _mm_min_ps(lo[2], lo[3])));
+        _mm_store_ps(lanes + 4, _mm_max_ps(_mm_max_ps(hi[0], hi[1]), _mm_max_ps(hi[2], hi[3])));
+        walk::fold_range(lanes, lowest, highest);
     }
 
     static void scale_shift(const float *in, float *out, int64_t b, int64_t e, float a, float k) {

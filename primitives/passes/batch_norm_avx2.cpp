@@ -95,29 +95,42 @@ struct kernels {
         for (int j = 0; i < n; ++i, ++j)
             acc[j] += (p[i] - m) * (p[i] - m);
     }
+    // The sum and the range in one loop: the range's lanes are the
+    // portable tier's (element i in lane i % 16: two registers of eight,
+    // each half a portable register), the tail in lane 0, the same fold;
     // minps / maxps select the second operand when unordered (a NaN is
-    // skipped) or equal; lane for lane the portable tier's two halves, its
-    // tail in lane 0, its fold of the halves.
-    static void range(const float *p, int64_t n, float &lowest, float &highest) {
-        __m256 lo = _mm256_set1_ps(lowest), hi = _mm256_set1_ps(highest);
+    // skipped) or equal. The sum alone bounded the loop before (the range's
+    // own loop waited on one min and one max chain per 8 elements).
+    static void accumulate_range(float (&acc)[walk::sum_lanes], const float *p, int64_t n,
+                                 float &lowest, float &highest) {
+        __m256 a0 = _mm256_loadu_ps(acc), a1 = _mm256_loadu_ps(acc + 8);
+        __m256 lo0 = _mm256_set1_ps(lowest), lo1 = lo0, hi0 = _mm256_set1_ps(highest), hi1 = hi0;
         int64_t i = 0;
-        for (; i + 8 <= n; i += 8) {
-            const __m256 a = _mm256_loadu_ps(p + i);
-            lo = _mm256_min_ps(a, lo), hi = _mm256_max_ps(a, hi);
+        for (; i + walk::sum_lanes <= n; i += walk::sum_lanes) {
+            const __m256 v0 = _mm256_loadu_ps(p + i), v1 = _mm256_loadu_ps(p + i + 8);
+            a0 = _mm256_add_ps(a0, v0), a1 = _mm256_add_ps(a1, v1);
+            lo0 = _mm256_min_ps(v0, lo0), lo1 = _mm256_min_ps(v1, lo1);
+            hi0 = _mm256_max_ps(v0, hi0), hi1 = _mm256_max_ps(v1, hi1);
         }
-        __m128 lo0 = _mm256_castps256_ps128(lo), hi0 = _mm256_castps256_ps128(hi);
+        _mm256_storeu_ps(acc, a0);
+        _mm256_storeu_ps(acc + 8, a1);
+        for (int j = 0; i + j < n; ++j)
+            acc[j] += p[i + j];
+        // lanes 0-3 / 4-7 / 8-11 / 12-15: the portable tier's four registers
+        __m128 l0 = _mm256_castps256_ps128(lo0), h0 = _mm256_castps256_ps128(hi0);
         for (; i < n; ++i) {
             const __m128 v = _mm_set_ss(p[i]);
-            lo0 = _mm_move_ss(lo0, _mm_min_ss(v, lo0));
-            hi0 = _mm_move_ss(hi0, _mm_max_ss(v, hi0));
+            l0 = _mm_move_ss(l0, _mm_min_ss(v, l0));
+            h0 = _mm_move_ss(h0, _mm_max_ss(v, h0));
         }
         alignas(16) float lanes[8];
-        _mm_store_ps(lanes, _mm_min_ps(lo0, _mm256_extractf128_ps(lo, 1)));
-        _mm_store_ps(lanes + 4, _mm_max_ps(hi0, _mm256_extractf128_ps(hi, 1)));
-        for (int j = 0; j < 4; ++j) {
-            lowest = lanes[j] < lowest ? lanes[j] : lowest;
-            highest = lanes[4 + j] > highest ? lanes[4 + j] : highest;
-        }
+        _mm_store_ps(lanes, _mm_min_ps(_mm_min_ps(l0, _mm256_extractf128_ps(lo0, 1)),
+                                       _mm_min_ps(_mm256_castps256_ps128(lo1),
+                                                  _mm256_extractf128_ps(lo1, 1))));
+        _mm_store_ps(lanes + 4, _mm_max_ps(_mm_max_ps(h0, _mm256_extractf128_ps(hi0, 1)),
+                                           _mm_max_ps(_mm256_castps256_ps128(hi1),
+                                                      _mm256_extractf128_ps(hi1, 1))));
+        walk::fold_range(lanes, lowest, highest);
     }
 
     static void scale_shift(const float *in, float *out, int64_t b, int64_t e, float a, float k) {

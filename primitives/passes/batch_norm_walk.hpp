@@ -11,7 +11,9 @@
 // plane when i % 16 == j, each lane in element order):
 //   accumulate(acc, p, n)            acc[i % 16] += p[i]
 //   accumulate_squares(acc, p, n, m) acc[i % 16] += (p[i] - m) * (p[i] - m)
-//   range(p, n, lowest, highest)     folds min / max of p (a NaN skipped)
+//   accumulate_range(acc, p, n, lowest, highest)  accumulate, and folds
+//       min / max of p (a NaN skipped) in the same lanes, the tail in lane
+//       0, the lanes folded by fold_range
 //   scale_shift(in, out, b, e, a, k)              out = in * a + k
 //   scale_shift_add(in, r, out, b, e, a, k)       out = (in * a + k) + r
 //   scale_shift_keep(in, out, q, b, e, a, k, m, inv)  the same as
@@ -103,6 +105,15 @@ template <typename F> void with_centered(centered_source src, F &&f) {
         f(f32_centered{src.src, src.mean});
 }
 
+// A range's 8 lanes after its registers' fold (lanes[0..3] the minima,
+// lanes[4..7] the maxima) folded into lowest / highest, in lane order.
+inline void fold_range(const float (&lanes)[8], float &lowest, float &highest) {
+    for (int j = 0; j < 4; ++j) {
+        lowest = lanes[j] < lowest ? lanes[j] : lowest;
+        highest = lanes[4 + j] > highest ? lanes[4 + j] : highest;
+    }
+}
+
 // Sums in 16 float lanes (four independent vector accumulators on the
 // baseline ISA, where an `omp simd` reduction keeps one and the loop waits
 // on the adder's latency); the lanes are added in a fixed order, so a sum
@@ -189,9 +200,11 @@ void channel_statistics(const float *src, channel_planes s, double *mean, double
             for (int64_t n = n0; n < n1; ++n)
                 for (int64_t c = 0; c < s.channels; ++c) {
                     const float *p = src + (n * s.channels + c) * s.spatial;
-                    K::accumulate(lanes_of(c), p, s.spatial);
-                    if (range) // a loop of its own: the sum's order stays the one without it
-                        K::range(p, s.spatial, out[c].range.lowest, out[c].range.highest);
+                    if (range) // the same sums, in the same order, as accumulate's
+                        K::accumulate_range(lanes_of(c), p, s.spatial, out[c].range.lowest,
+                                            out[c].range.highest);
+                    else
+                        K::accumulate(lanes_of(c), p, s.spatial);
                 }
             for (int64_t c = 0; c < s.channels; ++c) {
                 out[c].mean = static_cast<double>(lanes_total(lanes_of(c))) / nb;

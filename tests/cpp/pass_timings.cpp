@@ -158,11 +158,26 @@ int main(int argc, char **argv) {
                   }}},
                 rounds);
 
-        // BatchNorm's backward apply, and the s8 pair of its dY: written then
-        // read, or computed where it is rounded
+        // BatchNorm's statistics with each channel's range (the int8 block's)
         std::vector<float> dz(static_cast<size_t>(n)), dy(static_cast<size_t>(n));
         for (auto &v : dz)
             v = normal(rng);
+        std::vector<double> mean(C), var(C);
+        std::vector<channel_range> range(C);
+        std::vector<candidate> stats;
+        if (avx2)
+            stats.push_back({"avx2", [&] {
+                                 channel_statistics_avx2(dz.data(), {B, C, S}, mean.data(),
+                                                         var.data(), range.data(), threads);
+                             }});
+        stats.push_back({"portable", [&] {
+                             portable::channel_statistics(dz.data(), {B, C, S}, mean.data(),
+                                                          var.data(), range.data(), threads);
+                         }});
+        compare("BatchNorm statistics + range", stats, rounds);
+
+        // BatchNorm's backward apply, and the s8 pair of its dY: written then
+        // read, or computed where it is rounded
         std::vector<uint8_t> bits(static_cast<size_t>((n + 7) / 8));
         for (auto &v : bits)
             v = static_cast<uint8_t>(rng());

@@ -728,6 +728,17 @@ TEST(Passes, batch_norm_avx2_tier_matches_portable) {
                 EXPECT_EQ(std::memcmp(&v[0][i], &v[1][i], sizeof(double)), 0) << "var " << i;
                 expect_same_bits(r[0][i].lowest, r[1][i].lowest, "lowest");
                 expect_same_bits(r[0][i].highest, r[1][i].highest, "highest");
+                // the range's definition: the channel's extremes, a NaN skipped
+                float lowest = INFINITY, highest = -INFINITY;
+                for (int64_t b = 0; b < s.batch; ++b)
+                    for (int64_t e = 0; e < s.spatial; ++e) {
+                        const float x_e = x[static_cast<size_t>(
+                                (b * c + static_cast<int64_t>(i)) * s.spatial + e)];
+                        if (x_e != x_e) continue;
+                        lowest = std::min(lowest, x_e), highest = std::max(highest, x_e);
+                    }
+                EXPECT_EQ(r[0][i].lowest, lowest) << "channel " << i;
+                EXPECT_EQ(r[0][i].highest, highest) << "channel " << i;
             }
 
             // apply: every combination of keep and residual, with the ReLU
