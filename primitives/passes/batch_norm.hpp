@@ -93,10 +93,11 @@ struct batch_norm_gradient {
 
 // The s8 backward's pair of roundings (quantize.hpp) of that dY, channel c's
 // values times multiplier[c] for q: the integers quantize_stochastic_pair
-// writes from the materialised dY, without dY written or read (each chunk
-// made in a thread's buffer by the apply kernel, rounded from there). The
-// pair's scales come with `r` (from maxima found by masked_gradient_apply
-// without diff_src).
+// writes from the materialised dY, without dY written or read (AVX-512:
+// each vector of dY computed and rounded in registers; the other tiers make
+// each chunk in a thread's buffer with the apply kernel and round it from
+// there). The pair's scales come with `r` (from maxima found by
+// masked_gradient_apply without diff_src).
 void quantize_pair_from_gradient(const batch_norm_gradient &src, const float *multiplier,
                                  const stochastic_pair_rounding &r, int8_t *q, int8_t *q_plain,
                                  int num_threads);
