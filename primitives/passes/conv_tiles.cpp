@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "primitives/passes/pass_tiers.hpp"
+#include "primitives/passes/quantize.hpp"
 #include "qsparseprop/runtime.hpp"
 
 namespace qsp::detail {
@@ -84,7 +85,7 @@ void pack_conv_quad_tiles(const int8_t *x, int64_t batch, int64_t channels, int6
 void pack_conv_s8_tiles(const int8_t *x, int64_t batch, int64_t channels, int64_t h, int64_t w,
                         const spatial_pad &pad, int8_t *tiles, int32_t *plane_sums,
                         int num_threads) {
-    if (plane_sums) batch_plane_sums(x, batch, channels * h * w, plane_sums, num_threads);
+    if (plane_sums) column_sums_s8(x, batch, channels * h * w, plane_sums, num_threads);
     const padded_plane pl(h, w, pad);
     const int64_t rows = pl.hp * pl.wp * channels, plane = h * w;
 #pragma omp parallel for collapse(2) num_threads(num_threads) schedule(static)
@@ -118,25 +119,6 @@ void unpack_conv_s32_tiles(const int32_t *tiles, int64_t batch, int64_t channels
 }
 
 } // namespace portable
-
-void batch_plane_sums(const int8_t *x, int64_t batch, int64_t image, int32_t *sums,
-                      int num_threads) {
-    // A run of an image's elements at a time with every image added into
-    // it, its sums in L1 (image by image into the sums of a whole image went
-    // to L2 for every byte). Integers: exact in any order, on any threads.
-    constexpr int64_t run = 512;
-#pragma omp parallel for num_threads(num_threads) schedule(static)
-    for (int64_t r0 = 0; r0 < image; r0 += run) {
-        const int64_t n = std::min(run, image - r0);
-        int32_t *s = sums + r0;
-        std::fill(s, s + n, 0);
-        for (int64_t b = 0; b < batch; ++b) {
-            const int8_t *in = x + b * image + r0;
-            for (int64_t i = 0; i < n; ++i)
-                s[i] += in[i];
-        }
-    }
-}
 
 void pack_conv_tiles(const float *src, int64_t batch, int64_t channels, int64_t h, int64_t w,
                      const spatial_pad &pad, float *tiles, int num_threads) {

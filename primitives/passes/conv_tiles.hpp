@@ -34,15 +34,12 @@ using pack_conv_quad_tiles_fn = void(const int8_t *x, int64_t batch, int64_t cha
                                      int num_threads);
 // int8 x -> int8 tiles of rows (padded pixel, channel), 0 in the padding,
 // all 64 lanes written (the s8 SDDMM reads whole rows); with plane_sums
-// (channels * h * w, or null), also batch_plane_sums of x, taken while each
+// (channels * h * w, or null), also column_sums_s8 of x as [batch x
+// channels * h * w] (the batch's sum of each element), taken while each
 // byte is in a register (the s8 backward-weights' +128 correction needs them).
 using pack_conv_s8_tiles_fn = void(const int8_t *x, int64_t batch, int64_t channels, int64_t h,
                                    int64_t w, const spatial_pad &pad, int8_t *tiles,
                                    int32_t *plane_sums, int num_threads);
-// sums[i] = sum over b < batch of x[b * image + i], i < image: an int8
-// batch's sum of each element of an image.
-void batch_plane_sums(const int8_t *x, int64_t batch, int64_t image, int32_t *sums,
-                      int num_threads);
 // int32 tiles of rows (pixel, channel) -> dst[b][c][p] =
 // float(acc - correction[(c * pixels + p) / correction_inner]) *
 // scale[(c * pixels + p) / scale_inner] (+ bias[c]).

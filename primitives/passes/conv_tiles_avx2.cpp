@@ -9,6 +9,7 @@
 #include <cstring>
 
 #include "primitives/passes/conv_tiles.hpp"
+#include "primitives/passes/quantize.hpp"
 #include "primitives/passes/simd_avx2.hpp"
 
 QSP_BEGIN_TARGET(QSP_ISA_AVX2)
@@ -91,7 +92,7 @@ void pack_conv_s8_tiles_avx2(const int8_t *x, int64_t batch, int64_t channels, i
                              const spatial_pad &pad, int8_t *tiles, int32_t *plane_sums,
                              int num_threads) {
     const int64_t plane = h * w;
-    if (plane_sums) batch_plane_sums(x, batch, channels * plane, plane_sums, num_threads);
+    if (plane_sums) column_sums_s8(x, batch, channels * plane, plane_sums, num_threads);
     // 16 batch elements x 16 pixels per transpose; all 64 lanes (the s8
     // SDDMM reads whole rows)
     pack_pixel_blocks<16>(

@@ -26,7 +26,7 @@ std::vector<int64_t> window_taps_of_entries(const conv_layout &l, const csr_patt
 // s8 backward-weights: window_sum[(ic, kh, kw)] = the sum over batch and
 // output pixels of the X value that tap (kh, kw) reads (0 in the padding),
 // what a +128 shift of G adds to each weight of that tap, from plane_sum
-// (in_c * in_h * in_w: batch_plane_sums of X).
+// (in_c * in_h * in_w: the batch's sum of each element of X, column_sums_s8).
 void conv_window_sums(const conv_layout &l, const int32_t *plane_sum, int64_t *window_sum,
                       int num_threads);
 

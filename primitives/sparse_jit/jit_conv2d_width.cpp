@@ -17,7 +17,6 @@
 #include "primitives/core/s8_dy_quantization.hpp"
 #include "primitives/core/s8_protocol.hpp"
 #include "primitives/passes/bias_grad.hpp"
-#include "primitives/passes/conv_tiles.hpp"
 #include "primitives/passes/quantize.hpp"
 #include "primitives/passes/width_planes.hpp"
 #include "primitives/sparse_jit/conv_common.hpp"
@@ -591,7 +590,7 @@ private:
                 s8::quantize_dw_gradient(t, B * oc * l().out_pixels(), g1_scratch, nt);
         pack_width_dy_u8(g1, B, oc, l().out_h, l().out_w, row_bytes, dy, nt);
         pack_width_planes(xq, B, l().in_c, l().in_h, l().in_w, l().x_pad, plane_, x, nt);
-        batch_plane_sums(xq, B, l().in_c * l().in_pixels(), plane_sum, nt);
+        column_sums_s8(xq, B, l().in_c * l().in_pixels(), plane_sum, nt);
         conv_window_sums(l(), plane_sum, window_sum, nt);
         // int32 lanes take at most max_lane_steps vectors: output rows per
         // call, and calls per flush into int64, are bounded by it.

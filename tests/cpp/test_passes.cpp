@@ -519,7 +519,7 @@ TEST(Passes, conv_tiles_match_the_definition_on_every_tier) {
                     for (int64_t b = 0; b < batch; ++b)
                         sums_want[static_cast<size_t>(i)] += xq[b * c * px + i];
                 std::vector<int32_t> sums(sums_want.size(), -1);
-                detail::batch_plane_sums(xq.data(), batch, c * px, sums.data(), 3);
+                detail::column_sums_s8(xq.data(), batch, c * px, sums.data(), 3);
                 EXPECT_EQ(sums, sums_want);
                 std::vector<std::pair<const char *, detail::pack_conv_s8_tiles_fn *>> s8_tiers{
                         {"dispatched", detail::pack_conv_s8_tiles},
