@@ -5,6 +5,7 @@
 
 #include "primitives/core/kept_layout.hpp"
 #include "primitives/core/pd_impl.hpp"
+#include "primitives/core/s8_dy_quantization.hpp"
 #include "primitives/passes/batch_norm.hpp"
 #include "primitives/passes/post_ops.hpp"
 #include "primitives/passes/tile_layout.hpp"
@@ -185,19 +186,12 @@ void primitive_base::execute(const dnnl::stream &stream, const exec_args &args,
                 t.diff_dst_source = &bn_gradient;
                 if (!t.diff_dst_channel_abs_max) { // the rounding's maxima, dY not written
                     bn_maxima.resize(static_cast<size_t>(pd.prob.channels()));
-                    masked_gradient_apply(bn_gradient.diff_dst, bn_gradient.bits, bn_gradient.src,
-                                          bn_gradient.shape, bn_gradient.a, bn_gradient.b,
-                                          bn_gradient.k, nullptr, nullptr, bn_maxima.data(),
+                    masked_gradient_apply(bn_gradient, nullptr, bn_maxima.data(),
                                           pd.prob.num_threads);
                     t.diff_dst_channel_abs_max = bn_maxima.data();
                 }
-            } else if (!(taken && shared->kind == shared_gradient::form::s8_plain_dy_q)
-                       && !(shared && shared->diff_dst_written)) {
-                masked_gradient_apply(bn_gradient.diff_dst, bn_gradient.bits, bn_gradient.src,
-                                      bn_gradient.shape, bn_gradient.a, bn_gradient.b,
-                                      bn_gradient.k, const_cast<float *>(t.diff_dst), nullptr,
-                                      nullptr, pd.prob.num_threads);
-                if (shared) shared->diff_dst_written = true;
+            } else if (!(taken && shared->kind == shared_gradient::form::s8_plain_dy_q)) {
+                s8::write_batch_norm_dy(bn_gradient, t, pd.prob.num_threads);
             }
         }
         if (pd.impl->kept_layout_native) {

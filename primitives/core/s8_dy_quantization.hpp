@@ -12,16 +12,19 @@
 
 namespace qsp::detail::s8 {
 
-// Writes a dY given as a BatchNorm's backward into DIFF_DST (its scratch),
-// for the rare call that reads dY itself after all (a multiplier without
+// Writes dY given as a BatchNorm's backward (g) into DIFF_DST, its
+// scratch, once per fused backward.
+inline void write_batch_norm_dy(const batch_norm_gradient &g, const tensors &t, int num_threads) {
+    if (t.shared && t.shared->diff_dst_written) return;
+    masked_gradient_apply(g, const_cast<float *>(t.diff_dst), nullptr, num_threads);
+    if (t.shared) t.shared->diff_dst_written = true;
+}
+
+// The same for a kernel given the description (tensors::diff_dst_source),
+// at the rare call that reads dY itself after all (a multiplier without
 // exact pair maxima); a no-op for a dY in memory already.
 inline void materialise_diff_dst(const tensors &t, int num_threads) {
-    if (!t.diff_dst_source) return;
-    const batch_norm_gradient &g = *t.diff_dst_source;
-    if (t.shared && t.shared->diff_dst_written) return;
-    masked_gradient_apply(g.diff_dst, g.bits, g.src, g.shape, g.a, g.b, g.k,
-                          const_cast<float *>(t.diff_dst), nullptr, nullptr, num_threads);
-    if (t.shared) t.shared->diff_dst_written = true;
+    if (t.diff_dst_source) write_batch_norm_dy(*t.diff_dst_source, t, num_threads);
 }
 
 // G2 = sr(dY * w_scale / sg2) into g2 (n elements, multiplier layout as

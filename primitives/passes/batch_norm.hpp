@@ -91,6 +91,14 @@ struct batch_norm_gradient {
     const float *a = nullptr, *b = nullptr, *k = nullptr;
 };
 
+// That dY written into diff_src (or null) and/or its channel maxima:
+// masked_gradient_apply with the description's fields.
+inline void masked_gradient_apply(const batch_norm_gradient &g, float *diff_src,
+                                  float *channel_abs_max, int num_threads) {
+    masked_gradient_apply(g.diff_dst, g.bits, g.src, g.shape, g.a, g.b, g.k, diff_src, nullptr,
+                          channel_abs_max, num_threads);
+}
+
 // The s8 backward's pair of roundings (quantize.hpp) of that dY, channel c's
 // values times multiplier[c] for q: the integers quantize_stochastic_pair
 // writes from the materialised dY, without dY written or read (AVX-512:
