@@ -16,9 +16,12 @@
 //   bwd-weights dW[n,k] = float(sum_b G1 Xq) * (sg1 * sx)   (only at nonzeros)
 //   bwd-bias    db[n]   = sum_b dY[b,n] in fp32 (cheap, exact enough)
 //
-// rne = round half to even; sr = stochastic rounding floor(v + u) with u from
-// stochastic_rounding_noise(seed, flat index): counter based, so the result
-// does not depend on the thread count or the order of work. A scale of 0
+// rne = round half to even; sr = stochastic rounding in 16-bit fixed point
+// (stochastic_round): t = v clamped to [-127, 127], then
+// floor((rne(t * 2^16) + u) / 2^16) with u a 16-bit integer from
+// stochastic_rounding_noise(stream key, flat index): counter based, so the
+// result does not depend on the thread count or the order of work, and
+// E[sr(v)] = rne(t * 2^16) / 2^16, t within 2^-17. A scale of 0
 // (all-zero tensor) quantizes to zeros. Sums are exact integers: an int32
 // accumulator is only valid for int32_safe_reduction_length terms
 // (127 * 255 * L < 2^31 also covers a u8-shifted VNNI operand); longer
@@ -70,10 +73,35 @@ inline uint32_t rounding_seed32(uint64_t seed) {
                  ^ mix32(static_cast<uint32_t>(seed >> 32) + 0x9e3779b9u));
 }
 
-// Uniform in [0, 1) with 24 bits, exactly representable in fp32.
-inline float stochastic_rounding_noise(uint32_t seed32, uint64_t index) {
-    uint32_t h = mix32(static_cast<uint32_t>(index) ^ seed32);
-    return static_cast<float>(h >> 8) * (1.0f / 16777216.0f);
+// The noise of element `index` in the rounding stream `key`: half of one
+// hash of (index, key without bit 0), the high 16 bits when the key's bit 0
+// is set, the low 16 when not. The two copies of dY (G1, G2) take keys that
+// differ in bit 0 only (s8_protocol.hpp), so one hash per element serves
+// both roundings, which stay independent (disjoint bits of a full-avalanche
+// hash): half the hashing of two streams, the most expensive part of a
+// gradient's quantization.
+inline uint32_t stochastic_rounding_hash(uint32_t key, uint64_t index) {
+    return mix32(static_cast<uint32_t>(index) ^ (key & ~1u));
+}
+inline int32_t stochastic_rounding_half(uint32_t key, uint32_t hash) {
+    return static_cast<int32_t>((key & 1u) ? hash >> 16 : hash & 0xffffu);
+}
+inline int32_t stochastic_rounding_noise(uint32_t key, uint64_t index) {
+    return stochastic_rounding_half(key, stochastic_rounding_hash(key, index));
+}
+
+static_assert((-1 >> 1) == -1, "stochastic_round needs an arithmetic right shift");
+
+// sr of t = v / scale (v * inv) with a 16-bit noise: the clamp first (a NaN
+// t, which a usable scale never meets, becomes -127, as the vector tiers'
+// max(t, -127)), then the fixed-point floor. Every |q| <= 127 without a
+// clamp after: rne(127 * 2^16) + 65535 < 128 * 2^16.
+inline int8_t stochastic_round(float t, int32_t noise) {
+    constexpr float lim = static_cast<float>(quant_max);
+    t = t > -lim ? t : -lim;
+    t = t < lim ? t : lim;
+    const auto fixed = static_cast<int32_t>(std::nearbyint(t * 65536.f));
+    return static_cast<int8_t>((fixed + noise) >> 16);
 }
 
 } // namespace qsp

@@ -68,12 +68,13 @@ struct workspace_view {
     float *weight_scale() const { return reinterpret_cast<float *>(base + at.weight_scale); }
 };
 
-// Independent rounding streams of the two quantized copies of dY.
+// The rounding streams of the two quantized copies of dY: one key but bit
+// 0, so each element's one hash gives both their noises (quantization.hpp).
 inline uint32_t dw_stream(uint64_t seed) {
-    return rounding_seed32(2 * seed);
+    return rounding_seed32(seed) & ~1u;
 }
 inline uint32_t dx_stream(uint64_t seed) {
-    return rounding_seed32(2 * seed + 1);
+    return rounding_seed32(seed) | 1u;
 }
 
 // The float scale of an exact integer sum, in the order every

@@ -111,6 +111,7 @@ void quantize_pair_from_gradient_avx512(const batch_norm_gradient &src, const fl
                                         int8_t *q_plain, int num_threads) {
     const avx512::stochastic_rounding scaled(r.scaled, r.seed32), plain(r.plain, r.plain_seed32);
     const channel_planes s = src.shape;
+    const bool shared = scaled.shares_hash(plain);
     const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     batch_norm_walk::with_centered(src.src, [&](auto centered) {
     // Threads take planes (one channel's run each; only the mask is
@@ -128,8 +129,8 @@ void quantize_pair_from_gradient_avx512(const batch_norm_gradient &src, const fl
                 const __m512 g =
                         avx512::gradient16::masked(src.diff_dst, src.bits, i, valid, hi - i);
                 const __m512 d = grad.dy(g, x, i, valid);
-                plain.store(q_plain + i, d, idx, valid);
-                scaled.store(q + i, _mm512_mul_ps(d, m), idx, valid);
+                avx512::store_pair(scaled, q + i, _mm512_mul_ps(d, m), plain, q_plain + i, d, idx,
+                                   valid, shared);
                 idx = _mm512_add_epi32(idx, _mm512_set1_epi32(16));
             }
         }

@@ -32,7 +32,9 @@ using quantize_stochastic_fn = float(const float *x, int64_t n, const float *mul
 // over x: q = quantize_stochastic(x, multiplier, seed32) and q_plain =
 // quantize_stochastic(x, no multiplier, plain_seed32), the same integers and
 // scales as the two calls; the two maxima share a read of x, the two
-// roundings another (four reads become two).
+// roundings another (four reads become two), and where the seeds differ in
+// bit 0 only (a training step's two streams) one hash per element gives
+// both noises (quantization.hpp).
 // With `known` (the two maxima, max |x * multiplier| and max |x|, as the
 // producer of x found them while writing it), the first read is skipped.
 struct stochastic_scales {

@@ -91,19 +91,22 @@ float abs_max(const float *x, int64_t n, const float *mult, int64_t channels, in
     return abs_maxima<false>(x, n, mult, channels, inner, num_threads).scaled;
 }
 
-// The 8 int8 of integral floats clamped to +-127, in the low half.
-inline __m128i q_bytes(__m256 v) {
-    const __m256 lim = _mm256_set1_ps(static_cast<float>(quant_max));
-    v = _mm256_min_ps(_mm256_max_ps(v, _mm256_sub_ps(_mm256_setzero_ps(), lim)), lim);
-    const __m256i i32 = _mm256_cvttps_epi32(v);
+// The 8 int8 of 8 int32 in [-128, 127] (packed with saturation), in the low half.
+inline __m128i int_bytes(__m256i i32) {
     const __m128i w16 =
             _mm_packs_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));
     return _mm_packs_epi16(w16, w16);
 }
 
-// Clamps integral floats to +-127 and stores the first n (<= 8) as int8.
-inline void store_q(int8_t *q, __m256 v, int64_t n) {
-    const __m128i b8 = q_bytes(v);
+// The 8 int8 of integral floats clamped to +-127, in the low half.
+inline __m128i q_bytes(__m256 v) {
+    const __m256 lim = _mm256_set1_ps(static_cast<float>(quant_max));
+    v = _mm256_min_ps(_mm256_max_ps(v, _mm256_sub_ps(_mm256_setzero_ps(), lim)), lim);
+    return int_bytes(_mm256_cvttps_epi32(v));
+}
+
+// Stores the first n (<= 8) of the 8 bytes in b8's low half.
+inline void store_bytes(int8_t *q, __m128i b8, int64_t n) {
     if (n >= 8) { // the common case: 8 bytes straight out (the copy below cost ~1 ns a byte)
         _mm_storel_epi64(reinterpret_cast<__m128i *>(q), b8);
         return;
@@ -111,6 +114,11 @@ inline void store_q(int8_t *q, __m256 v, int64_t n) {
     alignas(16) int8_t bytes[16];
     _mm_store_si128(reinterpret_cast<__m128i *>(bytes), b8);
     std::copy(bytes, bytes + n, q);
+}
+
+// Clamps integral floats to +-127 and stores the first n (<= 8) as int8.
+inline void store_q(int8_t *q, __m256 v, int64_t n) {
+    store_bytes(q, q_bytes(v), n);
 }
 
 inline __m256i mix32(__m256i x) {
@@ -153,43 +161,62 @@ float quantize_rne_avx2(const float *x, int64_t n, int8_t *q, const float *known
 namespace avx2 {
 namespace {
 
-// One stochastic quantization's per-vector step (quantization.hpp): v / scale
-// plus the noise of elements i..i+7, rounded down, clamped, stored.
+// One stochastic quantization's per-vector step (quantization.hpp's
+// stochastic_round of 8 lanes): v / scale clamped, then the fixed-point
+// floor with the stream's half of each lane's hash.
 struct stochastic_rounding {
     quant_scale s;
     __m256 inv;
-    __m256i seed;
+    __m256i key; // the stream key without bit 0: what the hash mixes in
+    uint32_t key32;
     stochastic_rounding(float abs_max, uint32_t seed32)
         : stochastic_rounding(quant_scale_from_abs_max(abs_max), seed32) {}
     stochastic_rounding(quant_scale scale, uint32_t seed32)
-        : s(scale), inv(_mm256_set1_ps(s.inv)), seed(_mm256_set1_epi32(static_cast<int>(seed32))) {}
-    // The rounded v (elements i..i+7 of the tensor), before the clamp.
-    __m256 rounded(__m256 v, int64_t i) const {
-        const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-        return rounded_at(
-                v, _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(i))),
-                                    lane));
+        : s(scale), inv(_mm256_set1_ps(s.inv)),
+          key(_mm256_set1_epi32(static_cast<int>(seed32 & ~1u))), key32(seed32) {}
+    // The flat indices i..i+7 (mod 2^32).
+    static __m256i indices(int64_t i) {
+        return _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(i))),
+                                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     }
-    // The same with the 8 flat indices (mod 2^32) given.
-    __m256 rounded_at(__m256 v, __m256i idx) const {
-        const __m256i h = mix32(_mm256_xor_si256(idx, seed));
-        const __m256 u = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(h, 8)),
-                                       _mm256_set1_ps(1.0f / 16777216.0f));
-        return _mm256_round_ps(_mm256_add_ps(_mm256_mul_ps(v, inv), u),
-                               _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    __m256i hash(__m256i idx) const { return mix32(_mm256_xor_si256(idx, key)); }
+    // Whether `other`'s noise is the other half of this stream's hash.
+    bool shares_hash(const stochastic_rounding &other) const {
+        return (key32 | 1u) == (other.key32 | 1u);
+    }
+    // sr(v / scale) in [-127, 127], the noise this stream's half of h.
+    __m256i rounded(__m256 v, __m256i h) const {
+        const __m256 lim = _mm256_set1_ps(static_cast<float>(quant_max));
+        // max(t, -127) first: a NaN t becomes -127, as in stochastic_round
+        const __m256 t = _mm256_min_ps(
+                _mm256_max_ps(_mm256_mul_ps(v, inv), _mm256_sub_ps(_mm256_setzero_ps(), lim)), lim);
+        const __m256i fixed = _mm256_cvtps_epi32(_mm256_mul_ps(t, _mm256_set1_ps(65536.f)));
+        const __m256i noise = (key32 & 1u) ? _mm256_srli_epi32(h, 16)
+                                           : _mm256_and_si256(h, _mm256_set1_epi32(0xffff));
+        return _mm256_srai_epi32(_mm256_add_epi32(fixed, noise), 16);
+    }
+    // The 8 int8 (low half) of elements hashed h; zeros when the scale is unusable.
+    __m128i bytes_hashed(__m256 v, __m256i h) const {
+        return s.usable ? int_bytes(rounded(v, h)) : _mm_setzero_si128();
+    }
+    // The same for elements i..i+7.
+    __m128i bytes(__m256 v, int64_t i) const {
+        return s.usable ? int_bytes(rounded(v, hash(indices(i)))) : _mm_setzero_si128();
     }
     void store(int8_t *q, __m256 v, int64_t i, int64_t left) const {
-        if (!s.usable) {
-            std::fill(q, q + std::min<int64_t>(left, 8), int8_t(0));
-            return;
-        }
-        store_q(q, rounded(v, i), left);
-    }
-    // The 8 int8 in the low half of a register (zeros when the scale is unusable).
-    __m128i bytes(__m256 v, int64_t i) const {
-        return s.usable ? q_bytes(rounded(v, i)) : _mm_setzero_si128();
+        store_bytes(q, bytes(v, i), left);
     }
 };
+
+// A pair's two roundings of elements i..i+7 (G2 of v, G1 of v_plain), the
+// first `left`: one hash serves both where their streams share it.
+inline void store_pair(const stochastic_rounding &scaled, int8_t *q, __m256 v,
+                       const stochastic_rounding &plain, int8_t *q_plain, __m256 v_plain,
+                       __m256i idx, int64_t left, bool shared) {
+    const __m256i h = scaled.hash(idx);
+    store_bytes(q, scaled.bytes_hashed(v, h), left);
+    store_bytes(q_plain, plain.bytes_hashed(v_plain, shared ? h : plain.hash(idx)), left);
+}
 
 // q = quantize_stochastic(x * multiplier) and, with a plain rounding,
 // q_plain = quantize_stochastic(x): one read of x for both.
@@ -200,8 +227,10 @@ void stochastic_pass(const float *x, int64_t n, const float *multiplier, int64_t
     // Whole vectors of a usable rounding take a loop of their own: the
     // per-vector tail and usability tests, and the indices rebuilt from i,
     // were an eighth of the pass (128x24x28x28, 2 threads: 1.58 -> 1.38 ms;
-    // the rest is mostly the hash's two 32-bit multiplies per vector).
+    // the rest is mostly the hash's two 32-bit multiplies per vector, which
+    // a pair's shared hash does once for both copies).
     const bool fast = scaled.s.usable && (!plain || plain->s.usable);
+    const bool shared = plain && scaled.shares_hash(*plain);
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t r = 0; r < shape.rows; ++r) {
         const int64_t len = shape.row_len(r);
@@ -209,27 +238,29 @@ void stochastic_pass(const float *x, int64_t n, const float *multiplier, int64_t
         int64_t c = 0;
         if (fast) {
             const int64_t first = r * shape.cols;
-            __m256i idx = _mm256_add_epi32(
-                    _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(first))),
-                    _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+            __m256i idx = stochastic_rounding::indices(first);
             for (; c + 8 <= len; c += 8) {
                 const __m256 x_v = _mm256_loadu_ps(x + first + c);
-                if (plain)
-                    _mm_storel_epi64(reinterpret_cast<__m128i *>(q_plain + first + c),
-                                     q_bytes(plain->rounded_at(x_v, idx)));
                 const __m256 v =
                         multiplier ? times_multiplier(x_v, multiplier, inner, row_mult, c, 8) : x_v;
+                const __m256i h = scaled.hash(idx);
                 _mm_storel_epi64(reinterpret_cast<__m128i *>(q + first + c),
-                                 q_bytes(scaled.rounded_at(v, idx)));
+                                 int_bytes(scaled.rounded(v, h)));
+                if (plain)
+                    _mm_storel_epi64(reinterpret_cast<__m128i *>(q_plain + first + c),
+                                     int_bytes(plain->rounded(x_v, shared ? h : plain->hash(idx))));
                 idx = _mm256_add_epi32(idx, _mm256_set1_epi32(8));
             }
         }
         for (; c < len; c += 8) {
             const int64_t i = r * shape.cols + c, left = len - c;
             const __m256 x_v = avx2::load_first(x + i, left);
-            if (plain) plain->store(q_plain + i, x_v, i, left);
-            scaled.store(q + i, times_multiplier(x_v, multiplier, inner, row_mult, c, left), i,
-                         left);
+            const __m256 v = times_multiplier(x_v, multiplier, inner, row_mult, c, left);
+            if (plain)
+                store_pair(scaled, q + i, v, *plain, q_plain + i, x_v,
+                           stochastic_rounding::indices(i), left, shared);
+            else
+                scaled.store(q + i, v, i, left);
         }
     }
 }
@@ -239,16 +270,18 @@ void stochastic_pass(const float *x, int64_t n, const float *multiplier, int64_t
 
 using avx2::stochastic_pass;
 using avx2::stochastic_rounding;
+using avx2::store_pair;
 
 void stochastic_pair_run_avx2(const float *x, int64_t n, uint64_t first, float mult,
                               const stochastic_pair_rounding &r, int8_t *q, int8_t *q_plain) {
     const stochastic_rounding scaled(r.scaled, r.seed32), plain(r.plain, r.plain_seed32);
+    const bool shared = scaled.shares_hash(plain);
     const __m256 m = _mm256_set1_ps(mult);
     for (int64_t c = 0; c < n; c += 8) {
         const int64_t left = n - c, i = static_cast<int64_t>(first) + c;
         const __m256 x_v = avx2::load_first(x + c, left);
-        plain.store(q_plain + c, x_v, i, left);
-        scaled.store(q + c, _mm256_mul_ps(x_v, m), i, left);
+        store_pair(scaled, q + c, _mm256_mul_ps(x_v, m), plain, q_plain + c, x_v,
+                   stochastic_rounding::indices(i), left, shared);
     }
 }
 

@@ -141,6 +141,7 @@ namespace {
 void stochastic_pass(const float *x, const multiplier_rows &m, const stochastic_rounding &scaled,
                      int8_t *q, const stochastic_rounding *plain, int8_t *q_plain,
                      int num_threads) {
+    const bool shared = plain && scaled.shares_hash(*plain);
     const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t r = 0; r < m.rows; ++r) {
@@ -152,8 +153,12 @@ void stochastic_pass(const float *x, const multiplier_rows &m, const stochastic_
         for (int64_t c = 0; c < len; c += 16) {
             const __mmask16 k = first(len - c);
             const __m512 x_v = _mm512_maskz_loadu_ps(k, x + first_i + c);
-            if (plain) plain->store(q_plain + first_i + c, x_v, idx, k);
-            scaled.store(q + first_i + c, m.times(x_v, row_mult, c, k), idx, k);
+            const __m512 v = m.times(x_v, row_mult, c, k);
+            if (plain)
+                avx512::store_pair(scaled, q + first_i + c, v, *plain, q_plain + first_i + c, x_v,
+                                   idx, k, shared);
+            else
+                scaled.store(q + first_i + c, v, idx, k);
             idx = _mm512_add_epi32(idx, _mm512_set1_epi32(16));
         }
     }
@@ -193,7 +198,6 @@ float quantize_stochastic_to_s8_tiles_avx512(const float *x, int64_t batch, int6
     const __m512i lane_stride =
             _mm512_mullo_epi32(lane, _mm512_set1_epi32(static_cast<int>(channels)));
     const __m512i shift = _mm512_set1_epi32(128);
-    const __m512 lim = _mm512_set1_ps(static_cast<float>(quant_max));
     const int64_t tb = jit::tile_batch, tiles_n = jit::tile_count(batch),
                   cblocks = (channels + 15) / 16;
 #pragma omp parallel for collapse(2) num_threads(num_threads) schedule(static)
@@ -218,10 +222,7 @@ float quantize_stochastic_to_s8_tiles_avx512(const float *x, int64_t batch, int6
                                 _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(
                                                          static_cast<uint32_t>(base + c))),
                                                  lane_stride);
-                        __m512 f = sr.rounded(r[c], idx);
-                        f = _mm512_min_ps(_mm512_max_ps(f, _mm512_sub_ps(_mm512_setzero_ps(), lim)),
-                                          lim);
-                        q = _mm512_cvttps_epi32(f);
+                        q = sr.rounded(r[c], sr.hash(idx));
                     }
                     _mm_storeu_si128(reinterpret_cast<__m128i *>(tile + (c0 + c) * tb + j0),
                                      _mm512_cvtepi32_epi8(_mm512_add_epi32(q, shift)));

@@ -96,9 +96,8 @@ float quantize_stochastic_from_max(const float *x, int64_t n, const float *multi
     const auto [scale, inv, usable] = quant_scale_from_abs_max(abs_max);
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t i = 0; i < n; ++i)
-        q[i] = usable ? clamp_q(
-                       std::floor(value(i) * inv
-                                  + stochastic_rounding_noise(seed32, static_cast<uint64_t>(i))))
+        q[i] = usable ? stochastic_round(
+                       value(i) * inv, stochastic_rounding_noise(seed32, static_cast<uint64_t>(i)))
                       : 0;
     return scale;
 }
@@ -107,11 +106,11 @@ void stochastic_pair_run(const float *x, int64_t n, uint64_t first, float mult,
                          const stochastic_pair_rounding &r, int8_t *q, int8_t *q_plain) {
     for (int64_t i = 0; i < n; ++i) {
         const uint64_t index = first + static_cast<uint64_t>(i);
-        q[i] = r.scaled.usable ? clamp_q(std::floor(x[i] * mult * r.scaled.inv
-                                                    + stochastic_rounding_noise(r.seed32, index)))
+        q[i] = r.scaled.usable ? stochastic_round(x[i] * mult * r.scaled.inv,
+                                                  stochastic_rounding_noise(r.seed32, index))
                                : 0;
-        q_plain[i] = r.plain.usable ? clamp_q(std::floor(
-                             x[i] * r.plain.inv + stochastic_rounding_noise(r.plain_seed32, index)))
+        q_plain[i] = r.plain.usable ? stochastic_round(
+                             x[i] * r.plain.inv, stochastic_rounding_noise(r.plain_seed32, index))
                                     : 0;
     }
 }

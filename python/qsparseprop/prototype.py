@@ -37,13 +37,13 @@ class _PrototypeLinearFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):
         xq, sx, wq, sw, row_ptr, col_idx = ctx.saved_tensors
-        seed_dw, seed_dx = q.gradient_seeds(ctx.seed)
+        key_dw, key_dx = q.gradient_keys(ctx.seed)
         dx = dv = db = None
         if ctx.needs_input_grad[0]:
-            g2, sg2 = q.quantize_stochastic(gy, seed_dx, sw)
+            g2, sg2 = q.quantize_stochastic(gy, key_dx, sw)
             dx = (g2.double() @ wq.double()).float() * sg2
         if ctx.needs_input_grad[1]:
-            g1, sg1 = q.quantize_stochastic(gy, seed_dw)
+            g1, sg1 = q.quantize_stochastic(gy, key_dw)
             dw = (g1.double().t() @ xq.double()).float() * (sg1 * sx)
             dv = _gather(dw, row_ptr, col_idx)
         if ctx.has_bias and ctx.needs_input_grad[2]:
@@ -69,14 +69,14 @@ class _PrototypeConv2dFn(torch.autograd.Function):
     def backward(ctx, gy):
         xq, sx, wq, sw, row_ptr, col_idx = ctx.saved_tensors
         seed, (top, left, bottom, right), stride, dilation, groups, has_bias, pad_shape = ctx.conf
-        seed_dw, seed_dx = q.gradient_seeds(seed)
+        key_dw, key_dx = q.gradient_keys(seed)
         dx = dv = db = None
         if ctx.needs_input_grad[0]:
-            g2, sg2 = q.quantize_stochastic(gy, seed_dx, sw)
+            g2, sg2 = q.quantize_stochastic(gy, key_dx, sw)
             dxp = torch.nn.grad.conv2d_input(pad_shape, wq.double(), g2.double(), stride, 0, dilation, groups)
             dx = dxp[:, :, top : pad_shape[2] - bottom, left : pad_shape[3] - right].float() * sg2
         if ctx.needs_input_grad[1]:
-            g1, sg1 = q.quantize_stochastic(gy, seed_dw)
+            g1, sg1 = q.quantize_stochastic(gy, key_dw)
             xpad = F.pad(xq.double(), (left, right, top, bottom))
             dw = torch.nn.grad.conv2d_weight(xpad, wq.shape, g1.double(), stride, 0, dilation, groups)
             dv = _gather(dw.float().reshape(wq.shape[0], -1) * (sg1 * sx), row_ptr, col_idx)

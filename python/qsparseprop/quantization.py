@@ -39,11 +39,13 @@ def rounding_seed32(seed: int) -> int:
     return _mix32_int((seed & _MASK32) ^ _mix32_int(((seed >> 32) + 0x9E3779B9) & _MASK32))
 
 
-def rounding_noise(seed32: int, numel: int) -> torch.Tensor:
-    """Uniform [0, 1) noise of element i = stochastic_rounding_noise(seed32, i)."""
+def rounding_noise(key: int, numel: int) -> torch.Tensor:
+    """The 16-bit integer noise of elements 0..numel-1 in stream ``key``
+    (``qsp::stochastic_rounding_noise``): half of one hash of (i, the key
+    without bit 0), the high half when the key's bit 0 is set."""
     idx = torch.arange(numel, dtype=torch.int64) & _MASK32
-    h = _mix32(idx ^ seed32)
-    return (h >> 8).to(torch.float32) * (1.0 / 16777216.0)
+    h = _mix32(idx ^ (key & _MASK32 & ~1))
+    return h >> 16 if key & 1 else h & 0xFFFF
 
 
 def _scale_of(amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,19 +78,25 @@ def quantize_weight_rows(w_dense: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 
 def quantize_stochastic(
-    x: torch.Tensor, seed_stream: int, channel_multiplier: torch.Tensor | None = None
+    x: torch.Tensor, key: int, channel_multiplier: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stochastic rounding of v = x * multiplier[channel] (channel = dim 1), per tensor."""
+    """Stochastic rounding of v = x * multiplier[channel] (channel = dim 1), per
+    tensor, in stream ``key`` (``qsp::stochastic_round``): t = v / scale
+    clamped to +-127, q = floor((rne(t * 2**16) + noise) / 2**16)."""
     v = x.float()
     if channel_multiplier is not None:
         shape = [1, -1] + [1] * (v.dim() - 2)
         v = v * channel_multiplier.reshape(shape)
     scale, inv = _scale_of(_abs_max(v))
-    noise = rounding_noise(rounding_seed32(seed_stream), v.numel()).reshape(v.shape)
-    q = torch.floor(v * inv + noise).clamp_(-QUANT_MAX, QUANT_MAX)
+    noise = rounding_noise(key, v.numel()).reshape(v.shape)
+    t = (v * inv).clamp_(-QUANT_MAX, QUANT_MAX)
+    fixed = torch.round(t * 65536.0).to(torch.int64)  # round half to even, exact in int64
+    q = torch.div(fixed + noise, 65536, rounding_mode="floor").to(torch.float32)
     return q, scale
 
 
-def gradient_seeds(seed: int) -> tuple[int, int]:
-    """Seed streams of the two gradient quantizations: (for dW, for dX)."""
-    return 2 * seed, 2 * seed + 1
+def gradient_keys(seed: int) -> tuple[int, int]:
+    """The rounding streams of a step's two gradient copies, (for dW, for dX):
+    one key, bit 0 apart (``qsp::detail::s8::dw_stream`` / ``dx_stream``)."""
+    key = rounding_seed32(seed)
+    return key & ~1, key | 1

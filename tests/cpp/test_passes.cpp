@@ -224,53 +224,62 @@ TEST(Passes, stochastic_pair_matches_two_quantizations) {
                     SCOPED_TRACE(l.mult == nullptr ? "no multiplier"
                                  : l.inner == 1    ? "multiplier per column"
                                                    : "multiplier per plane");
-                    std::vector<int8_t> want(n), want_plain(n);
-                    const float s = detail::portable::quantize_stochastic(
-                            x.data(), n, l.mult, l.channels, l.inner, 5, want.data(), 1);
-                    const float s_plain = detail::portable::quantize_stochastic(
-                            x.data(), n, nullptr, 1, 1, 6, want_plain.data(), 2);
-                    std::vector<detail::quantize_stochastic_pair_fn *> tiers{
-                            detail::quantize_stochastic_pair,
-                            detail::portable::quantize_stochastic_pair};
-                    if (cpu_has(cpu_isa::avx2) && cols > 1)
-                        tiers.push_back(detail::quantize_stochastic_pair_avx2);
-                    if (cpu_has(cpu_isa::avx512_core) && cols > 1)
-                        tiers.push_back(detail::quantize_stochastic_pair_avx512);
-                    // the maxima as a writer of x finds them: per channel of the
-                    // multiplier's layout (one channel without a multiplier)
-                    std::vector<float> channel_max(static_cast<size_t>(l.channels), 0.f);
-                    for (int64_t i = 0; i < n; ++i) {
-                        float &m = channel_max[static_cast<size_t>((i / l.inner) % l.channels)];
-                        m = std::isnan(m) || std::isnan(x[i]) ? NAN : std::max(m, std::fabs(x[i]));
-                    }
-                    detail::stochastic_maxima known{};
-                    ASSERT_TRUE(detail::pair_maxima_from_channels(channel_max.data(), l.mult,
-                                                                  l.channels, known));
-                    for (auto *tier : tiers)
-                        for (const detail::stochastic_maxima *given :
-                             {static_cast<const detail::stochastic_maxima *>(nullptr),
-                              static_cast<const detail::stochastic_maxima *>(&known)}) {
-                            SCOPED_TRACE(given ? "maxima given" : "maxima found");
-                            std::vector<int8_t> got(n, 9), got_plain(n, 9);
-                            const auto scales = tier(x.data(), n, l.mult, l.channels, l.inner, 5,
-                                                     got.data(), 6, got_plain.data(), given, 3);
-                            expect_same_bits(scales.scaled, s, "scaled");
-                            expect_same_bits(scales.plain, s_plain, "plain");
-                            EXPECT_EQ(got, want);
-                            EXPECT_EQ(got_plain, want_plain);
+                    // keys sharing one hash (bit 0 apart, as a training step's
+                    // two streams; either half for either copy) and keys not
+                    const std::pair<uint32_t, uint32_t> keys[] = {{5, 4}, {4, 5}, {5, 6}};
+                    for (const auto [key, plain_key] : keys) {
+                        SCOPED_TRACE("keys " + std::to_string(key) + ", "
+                                     + std::to_string(plain_key));
+                        std::vector<int8_t> want(n), want_plain(n);
+                        const float s = detail::portable::quantize_stochastic(
+                                x.data(), n, l.mult, l.channels, l.inner, key, want.data(), 1);
+                        const float s_plain = detail::portable::quantize_stochastic(
+                                x.data(), n, nullptr, 1, 1, plain_key, want_plain.data(), 2);
+                        std::vector<detail::quantize_stochastic_pair_fn *> tiers{
+                                detail::quantize_stochastic_pair,
+                                detail::portable::quantize_stochastic_pair};
+                        if (cpu_has(cpu_isa::avx2) && cols > 1)
+                            tiers.push_back(detail::quantize_stochastic_pair_avx2);
+                        if (cpu_has(cpu_isa::avx512_core) && cols > 1)
+                            tiers.push_back(detail::quantize_stochastic_pair_avx512);
+                        // the maxima as a writer of x finds them: per channel of the
+                        // multiplier's layout (one channel without a multiplier)
+                        std::vector<float> channel_max(static_cast<size_t>(l.channels), 0.f);
+                        for (int64_t i = 0; i < n; ++i) {
+                            float &m = channel_max[static_cast<size_t>((i / l.inner) % l.channels)];
+                            m = std::isnan(m) || std::isnan(x[i]) ? NAN
+                                                                  : std::max(m, std::fabs(x[i]));
                         }
-                    // given maxima are used, not found again: twice the true
-                    // ones halve the integers' range
-                    const detail::stochastic_maxima doubled{2 * known.scaled, 2 * known.plain};
-                    if (variant == 0) {
-                        std::vector<int8_t> got(n), got_plain(n);
-                        detail::quantize_stochastic_pair(x.data(), n, l.mult, l.channels, l.inner,
-                                                         5, got.data(), 6, got_plain.data(),
-                                                         &doubled, 2);
-                        int peak = 0;
-                        for (int8_t v : got_plain)
-                            peak = std::max(peak, std::abs(static_cast<int>(v)));
-                        EXPECT_LE(peak, 64);
+                        detail::stochastic_maxima known{};
+                        ASSERT_TRUE(detail::pair_maxima_from_channels(channel_max.data(), l.mult,
+                                                                      l.channels, known));
+                        for (auto *tier : tiers)
+                            for (const detail::stochastic_maxima *given :
+                                 {static_cast<const detail::stochastic_maxima *>(nullptr),
+                                  static_cast<const detail::stochastic_maxima *>(&known)}) {
+                                SCOPED_TRACE(given ? "maxima given" : "maxima found");
+                                std::vector<int8_t> got(n, 9), got_plain(n, 9);
+                                const auto scales =
+                                        tier(x.data(), n, l.mult, l.channels, l.inner, key,
+                                             got.data(), plain_key, got_plain.data(), given, 3);
+                                expect_same_bits(scales.scaled, s, "scaled");
+                                expect_same_bits(scales.plain, s_plain, "plain");
+                                EXPECT_EQ(got, want);
+                                EXPECT_EQ(got_plain, want_plain);
+                            }
+                        // given maxima are used, not found again: twice the true
+                        // ones halve the integers' range
+                        const detail::stochastic_maxima doubled{2 * known.scaled, 2 * known.plain};
+                        if (variant == 0) {
+                            std::vector<int8_t> got(n), got_plain(n);
+                            detail::quantize_stochastic_pair(x.data(), n, l.mult, l.channels,
+                                                             l.inner, 5, got.data(), 6,
+                                                             got_plain.data(), &doubled, 2);
+                            int peak = 0;
+                            for (int8_t v : got_plain)
+                                peak = std::max(peak, std::abs(static_cast<int>(v)));
+                            EXPECT_LE(peak, 64);
+                        }
                     }
                 }
             }
@@ -896,10 +905,11 @@ TEST(Passes, pair_from_batch_norm_gradient_matches_the_written_gradient) {
                 std::vector<int8_t> want_q(un), want_plain(un);
                 const auto scales = detail::quantize_stochastic_pair(
                         dy.data(), s.elements(), mult.data(), s.channels, s.spatial, 11,
-                        want_q.data(), 12, want_plain.data(), &known, 2);
+                        want_q.data(), 10, want_plain.data(), &known, 2);
+                // keys bit 0 apart: a step's two streams, one hash for both
                 const detail::stochastic_pair_rounding r{quant_scale_from_abs_max(known.scaled),
                                                          quant_scale_from_abs_max(known.plain), 11,
-                                                         12};
+                                                         10};
                 expect_same_bits(r.scaled.scale, scales.scaled, "scaled scale");
                 expect_same_bits(r.plain.scale, scales.plain, "plain scale");
                 for (auto [name, tier] : tiers)

@@ -33,9 +33,12 @@ quantized model_rne(const std::vector<float> &x) {
     return r;
 }
 
-// v[i] = x[i] * mult[channel(i)], stochastically rounded.
+// v[i] = x[i] * mult[channel(i)], stochastically rounded: the step's seed
+// gives one 32-bit hash per element; G2 (for dX) takes its high 16 bits as
+// noise, G1 (for dW) its low 16; t = v / scale clamped to +-127 rounds to
+// floor((rne(t * 65536) + noise) / 65536).
 quantized model_sr(const std::vector<float> &x, const std::vector<float> &mult, int64_t channels,
-                   int64_t inner, uint64_t seed_stream) {
+                   int64_t inner, uint64_t seed, bool for_dx) {
     std::vector<float> v(x.size());
     for (size_t i = 0; i < x.size(); ++i)
         v[i] = mult.empty() ? x[i] : x[i] * mult[(i / inner) % channels];
@@ -45,11 +48,15 @@ quantized model_sr(const std::vector<float> &x, const std::vector<float> &mult, 
     quantized r;
     r.scale = amax / 127.f;
     r.q.resize(x.size());
-    const uint32_t s32 = rounding_seed32(seed_stream);
-    for (size_t i = 0; i < x.size(); ++i)
-        r.q[i] = r.scale > 0 ? clamp127(
-                         std::floor(v[i] * (1.f / r.scale) + stochastic_rounding_noise(s32, i)))
+    const uint32_t key = rounding_seed32(seed) & ~1u;
+    for (size_t i = 0; i < x.size(); ++i) {
+        const uint32_t h = mix32(static_cast<uint32_t>(i) ^ key);
+        const double noise = for_dx ? h >> 16 : h & 0xffffu;
+        const float t = std::min(std::max(v[i] * (1.f / r.scale), -127.f), 127.f);
+        r.q[i] = r.scale > 0 ? clamp127(static_cast<float>(
+                         std::floor((std::nearbyint(t * 65536.f) + noise) / 65536.)))
                              : 0;
+    }
     return r;
 }
 
@@ -170,8 +177,8 @@ TEST_P(SparseLinearS8, matches_exact_integer_model) {
 
                 const auto xq = model_rne(x);
                 const auto wq = model_weight_quant(w.pattern, w.values);
-                const auto g1 = model_sr(dy, {}, 1, 1, 2 * seed);
-                const auto g2 = model_sr(dy, wq.scale, N, 1, 2 * seed + 1);
+                const auto g1 = model_sr(dy, {}, 1, 1, seed, false);
+                const auto g2 = model_sr(dy, wq.scale, N, 1, seed, true);
                 const int64_t *rp = w.pattern.row_ptr();
                 const int32_t *ci = w.pattern.col_idx();
                 std::vector<float> y(run.y.size()), dx(run.dx.size()), dw(run.dw.size());
@@ -268,6 +275,36 @@ TEST(S8Scheme, stochastic_rounding_is_unbiased_and_clamps) {
     EXPECT_EQ(qy[1], 127);
     EXPECT_GE(qy[2], -127);
     EXPECT_LE(qy[3], 127);
+}
+
+// G1 and G2 take the two halves of one hash per element: independent
+// roundings still. Values halfway between two levels round up with
+// probability 1/2 in each copy; with independent noise the copies agree on
+// half of them (with one noise, on all), and each copy's mean is unbiased.
+TEST(S8Scheme, the_two_gradient_copies_round_independently) {
+    const int64_t n = 1 << 16;
+    std::vector<float> x(n, 5.5f / 127.f);
+    x[0] = 1.f; // the scale: 1/127
+    std::vector<int8_t> g1(n), g2(n);
+    for (uint64_t seed : {3u, 1234567u}) {
+        const uint32_t dw = detail::s8::dw_stream(seed), dx = detail::s8::dx_stream(seed);
+        ASSERT_EQ(dw | 1u, dx) << "one key, bit 0 apart";
+        const auto scales = detail::quantize_stochastic_pair(x.data(), n, nullptr, 1, 1, dx,
+                                                             g2.data(), dw, g1.data(), nullptr, 2);
+        EXPECT_FLOAT_EQ(scales.scaled, 1.f / 127.f);
+        int64_t agree = 0, up1 = 0, up2 = 0;
+        for (int64_t i = 1; i < n; ++i) {
+            ASSERT_TRUE((g1[i] == 5 || g1[i] == 6) && (g2[i] == 5 || g2[i] == 6));
+            agree += g1[i] == g2[i];
+            up1 += g1[i] == 6;
+            up2 += g2[i] == 6;
+        }
+        const double m = static_cast<double>(n - 1);
+        // 4 standard deviations of a fair coin over 65535 draws: 0.0078
+        EXPECT_NEAR(agree / m, 0.5, 0.008);
+        EXPECT_NEAR(up1 / m, 0.5, 0.008);
+        EXPECT_NEAR(up2 / m, 0.5, 0.008);
+    }
 }
 
 // Given max |src| (as a BatchNorm's forward finds it), the s8 forward skips
@@ -404,8 +441,8 @@ TEST(SparseConv2dS8, matches_exact_integer_model) {
 
         const auto xq = model_rne(x);
         const auto wq = model_weight_quant(w.pattern, w.values);
-        const auto g1 = model_sr(dy, {}, 1, 1, 2 * 11);
-        const auto g2 = model_sr(dy, wq.scale, OC, OH * OW, 2 * 11 + 1);
+        const auto g1 = model_sr(dy, {}, 1, 1, 11, false);
+        const auto g2 = model_sr(dy, wq.scale, OC, OH * OW, 11, true);
         std::vector<int8_t> wqd(static_cast<size_t>(OC * cols), 0);
         for (int64_t r = 0; r < OC; ++r)
             for (int64_t e = w.pattern.row_ptr()[r]; e < w.pattern.row_ptr()[r + 1]; ++e)
