@@ -47,9 +47,12 @@ inline lanes8 centered8(const walk::s8_centered::channel &x, int64_t i) {
     return {_mm_mul_ps(_mm_cvtepi32_ps(_mm_srai_epi32(_mm_unpacklo_epi16(w, w), 16)), f),
             _mm_mul_ps(_mm_cvtepi32_ps(_mm_srai_epi32(_mm_unpackhi_epi16(w, w), 16)), f)};
 }
-inline float lanes_sum(__m128 v) {
+
+// The 16 lanes of four registers (lanes 0-3, 4-7, 8-11, 12-15) added as
+// batch_norm_walk's tree: j + j+8, j + j+4, then (0 + 1) + (2 + 3).
+inline float tree_total(const __m128 (&r)[4]) {
     alignas(16) float l[4];
-    _mm_store_ps(l, v);
+    _mm_store_ps(l, _mm_add_ps(_mm_add_ps(r[0], r[2]), _mm_add_ps(r[1], r[3])));
     return (l[0] + l[1]) + (l[2] + l[3]);
 }
 
@@ -136,30 +139,36 @@ struct portable_kernels {
         relu_mask_range(dst, dst, bits, begin, end);
     }
 
-    // 8 lanes, the ReLU's mask applied in registers (with a masked copy of
-    // the plane first, then the sums over it, the pass took 0.39 ms at
-    // 128x96x7x7, then 0.24).
+    // 16 lanes (four registers of four per sum: the sums wait on the
+    // adder's latency, not on one register's chain per 8 elements), the
+    // ReLU's mask applied in registers (with a masked copy of the plane
+    // first, then the sums over it, the pass took 0.39 ms at 128x96x7x7,
+    // then 0.24).
     template <typename X>
     static void gradient_sums(const float *g, const uint8_t *bits, int64_t base, const X &x,
                               int64_t n, float &sum_out, float &dot_out) {
-        __m128 sum0 = _mm_setzero_ps(), sum1 = sum0, dot0 = sum0, dot1 = sum0;
+        __m128 sum[4], dot[4];
+        for (int r = 0; r < 4; ++r)
+            sum[r] = _mm_setzero_ps(), dot[r] = _mm_setzero_ps();
         int64_t i = 0;
-        for (; i + 8 <= n; i += 8) {
-            __m128 g0 = _mm_loadu_ps(g + i), g1 = _mm_loadu_ps(g + i + 4);
-            if (bits) {
-                const mask_lanes m = relu_mask_lanes(bits, base + i);
-                g0 = _mm_and_ps(g0, m.lo), g1 = _mm_and_ps(g1, m.hi);
+        for (; i + walk::sum_lanes <= n; i += walk::sum_lanes)
+            for (int h = 0; h < 2; ++h) { // lanes 0-7, then 8-15
+                const int64_t at = i + 8 * h;
+                __m128 g0 = _mm_loadu_ps(g + at), g1 = _mm_loadu_ps(g + at + 4);
+                if (bits) {
+                    const mask_lanes m = relu_mask_lanes(bits, base + at);
+                    g0 = _mm_and_ps(g0, m.lo), g1 = _mm_and_ps(g1, m.hi);
+                }
+                const lanes8 xc = centered8(x, base + at);
+                sum[2 * h] = _mm_add_ps(sum[2 * h], g0);
+                sum[2 * h + 1] = _mm_add_ps(sum[2 * h + 1], g1);
+                dot[2 * h] = _mm_add_ps(dot[2 * h], _mm_mul_ps(g0, xc.lo));
+                dot[2 * h + 1] = _mm_add_ps(dot[2 * h + 1], _mm_mul_ps(g1, xc.hi));
             }
-            const lanes8 xc = centered8(x, base + i);
-            sum0 = _mm_add_ps(sum0, g0), sum1 = _mm_add_ps(sum1, g1);
-            dot0 = _mm_add_ps(dot0, _mm_mul_ps(g0, xc.lo));
-            dot1 = _mm_add_ps(dot1, _mm_mul_ps(g1, xc.hi));
-        }
-        float sum = lanes_sum(_mm_add_ps(sum0, sum1));
-        float dot = lanes_sum(_mm_add_ps(dot0, dot1));
-        walk::gradient_sums_tail(g, bits, base, x, i, n, sum, dot);
-        sum_out = sum;
-        dot_out = dot;
+        float s = tree_total(sum), d = tree_total(dot);
+        walk::gradient_sums_tail(g, bits, base, x, i, n, s, d);
+        sum_out = s;
+        dot_out = d;
     }
 
     // g masked in registers (a masked copy first, read back, cost a
@@ -261,6 +270,7 @@ void masked_gradient_sums(const float *diff_dst, const uint8_t *bits, centered_s
                           channel_planes s, double *sum_g, double *sum_g_centered,
                           int num_threads) {
     static constexpr pass_tier<masked_gradient_sums_fn> tiers[] = {
+            {cpu_isa::avx512_core, masked_gradient_sums_avx512},
             {cpu_isa::avx2, masked_gradient_sums_avx2},
             {cpu_isa::ref, portable::masked_gradient_sums}};
     best_tier(tiers)(diff_dst, bits, src, s, sum_g, sum_g_centered, num_threads);

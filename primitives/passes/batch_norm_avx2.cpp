@@ -47,12 +47,12 @@ inline __m256 mask8(const uint8_t *bits, int64_t bit) {
     return _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(byte, lane_bits), lane_bits));
 }
 
-// The portable tier's horizontal sum: its two 4-lane halves added, then
-// (l0 + l1) + (l2 + l3).
-inline float lanes_sum(__m256 v) {
-    const __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+// The 16 lanes of two registers (lanes 0-7, 8-15) added as
+// batch_norm_walk's tree: j + j+8, j + j+4, then (0 + 1) + (2 + 3).
+inline float tree_total(__m256 lanes0, __m256 lanes8) {
+    const __m256 h = _mm256_add_ps(lanes0, lanes8);
     alignas(16) float l[4];
-    _mm_store_ps(l, h);
+    _mm_store_ps(l, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
     return (l[0] + l[1]) + (l[2] + l[3]);
 }
 
@@ -194,18 +194,23 @@ struct kernels {
         if (i < end) relu_mask_range(dst, dst, bits, i, end);
     }
 
+    // the portable tier's 16 lanes: two registers of eight per sum
     template <typename X>
     static void gradient_sums(const float *g, const uint8_t *bits, int64_t base, const X &x,
                               int64_t n, float &sum_out, float &dot_out) {
-        __m256 sum = _mm256_setzero_ps(), dot = sum;
+        __m256 sum0 = _mm256_setzero_ps(), sum1 = sum0, dot0 = sum0, dot1 = sum0;
         int64_t i = 0;
-        for (; i + 8 <= n; i += 8) {
-            __m256 gv = _mm256_loadu_ps(g + i);
-            if (bits) gv = _mm256_and_ps(gv, mask8(bits, base + i));
-            sum = _mm256_add_ps(sum, gv);
-            dot = _mm256_add_ps(dot, _mm256_mul_ps(gv, centered8(x, base + i)));
+        for (; i + walk::sum_lanes <= n; i += walk::sum_lanes) {
+            __m256 g0 = _mm256_loadu_ps(g + i), g1 = _mm256_loadu_ps(g + i + 8);
+            if (bits) {
+                g0 = _mm256_and_ps(g0, mask8(bits, base + i));
+                g1 = _mm256_and_ps(g1, mask8(bits, base + i + 8));
+            }
+            sum0 = _mm256_add_ps(sum0, g0), sum1 = _mm256_add_ps(sum1, g1);
+            dot0 = _mm256_add_ps(dot0, _mm256_mul_ps(g0, centered8(x, base + i)));
+            dot1 = _mm256_add_ps(dot1, _mm256_mul_ps(g1, centered8(x, base + i + 8)));
         }
-        float s = lanes_sum(sum), d = lanes_sum(dot);
+        float s = tree_total(sum0, sum1), d = tree_total(dot0, dot1);
         walk::gradient_sums_tail(g, bits, base, x, i, n, s, d);
         sum_out = s;
         dot_out = d;

@@ -38,6 +38,15 @@ inline __mmask16 mask16(const uint8_t *bits, int64_t bit, int64_t n) {
     return static_cast<__mmask16>((window >> shift) & first_lanes(n));
 }
 
+// The 16 lanes added as batch_norm_walk's tree: j + j+8, j + j+4, then
+// (0 + 1) + (2 + 3).
+inline float tree_total(__m512 v) {
+    const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+    alignas(16) float l[4];
+    _mm_store_ps(l, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+    return (l[0] + l[1]) + (l[2] + l[3]);
+}
+
 // src - mean of channel x at elements i..i+15 (those of `valid`; 0 elsewhere).
 inline __m512 centered16(const walk::f32_centered::channel &x, int64_t i, __mmask16 valid) {
     return _mm512_maskz_sub_ps(valid, _mm512_maskz_loadu_ps(valid, x.x + i), _mm512_set1_ps(x.m));
@@ -65,6 +74,25 @@ struct gradient16 {
 };
 
 struct kernels {
+    // gradient_sums' contract: the 16 sum lanes one register per sum (the
+    // mask a k-register zeroing g as it loads), the tree, the shared tail.
+    template <typename X>
+    static void gradient_sums(const float *g, const uint8_t *bits, int64_t base, const X &x,
+                              int64_t n, float &sum_out, float &dot_out) {
+        __m512 sum = _mm512_setzero_ps(), dot = sum;
+        int64_t i = 0;
+        for (; i + walk::sum_lanes <= n; i += walk::sum_lanes) {
+            const __m512 gv =
+                    _mm512_maskz_loadu_ps(bits ? mask16(bits, base + i, 16) : 0xFFFF, g + i);
+            sum = _mm512_add_ps(sum, gv);
+            dot = _mm512_add_ps(dot, _mm512_mul_ps(gv, centered16(x, base + i, 0xFFFF)));
+        }
+        float s = tree_total(sum), d = tree_total(dot);
+        walk::gradient_sums_tail(g, bits, base, x, i, n, s, d);
+        sum_out = s;
+        dot_out = d;
+    }
+
     // gradient_apply's contract (batch_norm_walk.hpp): whole vectors, then
     // the portable tail.
     template <typename X>
@@ -97,6 +125,13 @@ struct kernels {
 
 } // namespace
 } // namespace avx512
+
+void masked_gradient_sums_avx512(const float *diff_dst, const uint8_t *bits, centered_source src,
+                                 channel_planes s, double *sum_g, double *sum_g_centered,
+                                 int num_threads) {
+    batch_norm_walk::masked_gradient_sums<avx512::kernels>(diff_dst, bits, src, s, sum_g,
+                                                           sum_g_centered, num_threads);
+}
 
 void masked_gradient_apply_avx512(const float *diff_dst, const uint8_t *bits, centered_source src,
                                   channel_planes s, const float *a, const float *b, const float *k,

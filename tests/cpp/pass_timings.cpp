@@ -188,6 +188,18 @@ int main(int argc, char **argv) {
         g.diff_dst = dz.data(), g.bits = bits.data(), g.shape = {B, C, S};
         g.src.values = xq.data(), g.src.step = step.data();
         g.a = a.data(), g.b = b.data(), g.k = k.data();
+        std::vector<double> sum_g(C), sum_g_centered(C);
+        const auto sums_of = [&](masked_gradient_sums_fn *tier) {
+            return [&, tier] {
+                tier(dz.data(), bits.data(), g.src, g.shape, sum_g.data(), sum_g_centered.data(),
+                     threads);
+            };
+        };
+        std::vector<candidate> gradient_sums;
+        if (avx512) gradient_sums.push_back({"avx512", sums_of(masked_gradient_sums_avx512)});
+        if (avx2) gradient_sums.push_back({"avx2", sums_of(masked_gradient_sums_avx2)});
+        gradient_sums.push_back({"portable", sums_of(portable::masked_gradient_sums)});
+        compare("BatchNorm backward sums", gradient_sums, rounds);
         std::vector<candidate> apply;
         if (avx512)
             apply.push_back({"avx512", [&] {
@@ -210,7 +222,7 @@ int main(int argc, char **argv) {
         stochastic_maxima known{};
         pair_maxima_from_channels(maxima.data(), mult.data(), C, known);
         const stochastic_pair_rounding r{quant_scale_from_abs_max(known.scaled),
-                                         quant_scale_from_abs_max(known.plain), 3, 4};
+                                         quant_scale_from_abs_max(known.plain), 3, 2};
         std::vector<int8_t> q(static_cast<size_t>(n)), q_plain(static_cast<size_t>(n));
         compare("dY's s8 pair: written+read / computed",
                 {{"written",
@@ -218,7 +230,7 @@ int main(int argc, char **argv) {
                       masked_gradient_apply(dz.data(), bits.data(), g.src, g.shape, a.data(),
                                             b.data(), k.data(), dy.data(), nullptr, maxima.data(),
                                             threads);
-                      quantize_stochastic_pair(dy.data(), n, mult.data(), C, S, 3, q.data(), 4,
+                      quantize_stochastic_pair(dy.data(), n, mult.data(), C, S, 3, q.data(), 2,
                                                q_plain.data(), &known, threads);
                   }},
                  {"computed",

@@ -806,6 +806,37 @@ TEST(Passes, batch_norm_avx2_tier_matches_portable) {
                                  + (bits ? ", masked" : ""));
                     EXPECT_EQ(std::memcmp(sg[0].data(), sg[1].data(), uc * sizeof(double)), 0);
                     EXPECT_EQ(std::memcmp(sgc[0].data(), sgc[1].data(), uc * sizeof(double)), 0);
+                    if (cpu_has(cpu_isa::avx512_core)) {
+                        std::vector<double> sg512(uc, 0), sgc512(uc, 0);
+                        detail::masked_gradient_sums_avx512(dz.data(), bits, src, s, sg512.data(),
+                                                            sgc512.data(), 3);
+                        EXPECT_EQ(std::memcmp(sg[0].data(), sg512.data(), uc * sizeof(double)), 0)
+                                << "avx512 sums";
+                        EXPECT_EQ(std::memcmp(sgc[0].data(), sgc512.data(), uc * sizeof(double)), 0)
+                                << "avx512 centered sums";
+                    }
+                    // the sums' definition, in double (the masked g, times src - mean)
+                    for (int64_t ch = 0; ch < c; ++ch) {
+                        double want = 0, want_centered = 0;
+                        for (int64_t nb = 0; nb < s.batch; ++nb)
+                            for (int64_t e = 0; e < s.spatial; ++e) {
+                                const int64_t i = (nb * c + ch) * s.spatial + e;
+                                if (bits && !((bits[i / 8] >> (i % 8)) & 1)) continue;
+                                const double x_c =
+                                        from_s8 ? copy[static_cast<size_t>(i)]
+                                                          * static_cast<double>(
+                                                                  step[static_cast<size_t>(ch)])
+                                                : static_cast<double>(x[static_cast<size_t>(i)])
+                                                          - mean[static_cast<size_t>(ch)];
+                                want += dz[static_cast<size_t>(i)];
+                                want_centered += dz[static_cast<size_t>(i)] * x_c;
+                            }
+                        const auto at = static_cast<size_t>(ch);
+                        if (std::isnan(want_centered)) continue; // the NaN variant's channel
+                        EXPECT_NEAR(sg[0][at], want, 1e-4 * (1 + std::fabs(want)));
+                        EXPECT_NEAR(sgc[0][at], want_centered,
+                                    1e-4 * (1 + std::fabs(want_centered)));
+                    }
                     EXPECT_EQ(std::memcmp(ds[0].data(), ds[1].data(), un * sizeof(float)), 0);
                     EXPECT_EQ(std::memcmp(dr[0].data(), dr[1].data(), un * sizeof(float)), 0);
                     // the channel maxima: of what was written, NaN-sticky, on both tiers
