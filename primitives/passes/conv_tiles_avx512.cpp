@@ -17,12 +17,29 @@ namespace {
 
 constexpr int64_t tb = jit::tile_batch;
 
-// 16 values of v[(c * pixels + p) / inner] for p in [p0, p0 + n).
-template <typename T>
-inline void per_pixel(const T *v, int64_t inner, int64_t c, int64_t pixels, int64_t p0, int64_t n,
-                      T out[16]) {
-    for (int64_t k = 0; k < 16; ++k)
-        out[k] = k < n ? v[(c * pixels + p0 + k) / inner] : T(0);
+// v[(c * pixels + p) / inner] for p in [p0, p0 + n) as 16 lanes (0 past
+// n): one load when inner is 1, one value when the 16 share it (the
+// forward's per-channel terms), else lane by lane without a division. (A
+// division per lane, stored lane by lane and reloaded as a vector, had
+// cost half the unpack.)
+inline __m512i per_pixel(const int32_t *v, int64_t inner, int64_t c, int64_t pixels, int64_t p0,
+                         int64_t n) {
+    const int64_t first = c * pixels + p0;
+    const __mmask16 lanes = first_lanes(n);
+    if (inner == 1) return _mm512_maskz_loadu_epi32(lanes, v + first);
+    int64_t o = first / inner, left = inner - first % inner;
+    if (left >= n) return _mm512_maskz_set1_epi32(lanes, v[o]);
+    alignas(64) int32_t out[16] = {};
+    for (int64_t k = 0; k < n; ++k) {
+        out[k] = v[o];
+        if (--left == 0) ++o, left = inner;
+    }
+    return _mm512_load_si512(out);
+}
+inline __m512 per_pixel(const float *v, int64_t inner, int64_t c, int64_t pixels, int64_t p0,
+                        int64_t n) {
+    return _mm512_castsi512_ps(
+            per_pixel(reinterpret_cast<const int32_t *>(v), inner, c, pixels, p0, n));
 }
 
 // body(t, y, x) for every padded pixel outside the image, over all tiles.
@@ -224,12 +241,10 @@ void unpack_conv_s32_tiles_avx512(const int32_t *tiles, int64_t batch, int64_t c
             for (int64_t c = 0; c < channels; ++c) {
                 const int64_t p0 = pb * 16, pn = std::min<int64_t>(16, pixels - p0);
                 const __mmask16 pmask = first_lanes(pn);
-                alignas(64) int32_t c16[16];
-                alignas(64) float s16[16];
-                avx512::per_pixel(correction, correction_inner, c, pixels, p0, pn, c16);
-                avx512::per_pixel(scale, scale_inner, c, pixels, p0, pn, s16);
-                const __m512i corr = _mm512_load_si512(c16);
-                const __m512 sc = _mm512_load_ps(s16), bs = _mm512_set1_ps(bias ? bias[c] : 0.f);
+                const __m512i corr =
+                        avx512::per_pixel(correction, correction_inner, c, pixels, p0, pn);
+                const __m512 sc = avx512::per_pixel(scale, scale_inner, c, pixels, p0, pn),
+                             bs = _mm512_set1_ps(bias ? bias[c] : 0.f);
                 for (int64_t j0 = 0; j0 < tb && t * tb + j0 < batch; j0 += 16) {
                     __m512 r[16];
                     for (int i = 0; i < 16; ++i)

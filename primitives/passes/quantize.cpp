@@ -128,6 +128,7 @@ void pack_quad_tiles(const int8_t *x, int64_t batch, int64_t channels, uint8_t *
                      int num_threads) {
     static constexpr pass_tier<pack_quad_tiles_fn> tiers[] = {
             {cpu_isa::avx512_core, pack_quad_tiles_avx512},
+            {cpu_isa::avx2, pack_quad_tiles_avx2},
             {cpu_isa::ref, portable::pack_quad_tiles}};
     best_tier(tiers)(x, batch, channels, tiles, num_threads);
 }

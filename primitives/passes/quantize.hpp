@@ -142,6 +142,7 @@ stochastic_pair_run_fn stochastic_pair_run_avx2;
 quantize_stochastic_to_s8_tiles_fn quantize_stochastic_to_s8_tiles_avx2;
 unpack_s32_tiles_fn unpack_s32_tiles_avx2;
 pack_s8_tiles_fn pack_s8_tiles_avx2;
+pack_quad_tiles_fn pack_quad_tiles_avx2;
 shift_to_s8_tiles_fn shift_to_s8_tiles_avx2;
 // Reads the rows only, like quantize_weights_avx512.
 void quantize_weights_avx2(const int64_t *row_ptr, int64_t rows, const float *values, int8_t *q,

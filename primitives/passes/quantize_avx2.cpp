@@ -405,6 +405,43 @@ float quantize_stochastic_to_s8_tiles_avx2(const float *x, int64_t batch, int64_
     return sr.s.scale;
 }
 
+void pack_quad_tiles_avx2(const int8_t *x, int64_t batch, int64_t channels, uint8_t *tiles,
+                          int num_threads) {
+    // A quad's 4 bytes are one dword: the tiles are the [batch x quads]
+    // dword matrix transposed, 8 x 8 at a time, each byte + 128.
+    const int64_t tb = jit::tile_batch, tiles_n = jit::tile_count(batch),
+                  quads = (channels + 3) / 4, qblocks = (quads + 7) / 8;
+    const __m256i flip = _mm256_set1_epi32(static_cast<int>(0x80808080u)); // s8 x -> u8 x + 128
+#pragma omp parallel for collapse(2) num_threads(num_threads) schedule(static)
+    for (int64_t t = 0; t < tiles_n; ++t)
+        for (int64_t qb = 0; qb < qblocks; ++qb) {
+            const int64_t c0 = qb * 32, cn = std::min<int64_t>(32, channels - c0);
+            const int64_t qn = std::min<int64_t>(8, quads - qb * 8);
+            uint8_t *tile = tiles + t * quads * tb * 4;
+            for (int64_t j0 = 0; j0 < tb; j0 += 8) {
+                __m256 r[8];
+                for (int i = 0; i < 8; ++i) {
+                    const int64_t b = t * tb + j0 + i;
+                    const int8_t *row = x + b * channels + c0;
+                    if (b >= batch) {
+                        r[i] = _mm256_setzero_ps();
+                    } else if (cn == 32) {
+                        r[i] = _mm256_loadu_ps(reinterpret_cast<const float *>(row));
+                    } else { // the last block of a row: its bytes, zeros after
+                        alignas(32) int8_t staged[32] = {};
+                        std::copy(row, row + cn, staged);
+                        r[i] = _mm256_load_ps(reinterpret_cast<const float *>(staged));
+                    }
+                }
+                avx2::transpose8(r); // 8 batch dwords (4 columns each) per quad
+                for (int64_t q = 0; q < qn; ++q)
+                    _mm256_storeu_si256(
+                            reinterpret_cast<__m256i *>(tile + ((qb * 8 + q) * tb + j0) * 4),
+                            _mm256_xor_si256(_mm256_castps_si256(r[q]), flip));
+            }
+        }
+}
+
 void unpack_s32_tiles_avx2(const int32_t *tiles, int64_t batch, int64_t channels,
                            const int32_t *correction, const float *scale, const float *bias,
                            float *dst, int num_threads, int64_t inner) {
@@ -415,17 +452,31 @@ void unpack_s32_tiles_avx2(const int32_t *tiles, int64_t batch, int64_t channels
         for (int64_t cb = 0; cb < cblocks; ++cb) {
             const int64_t c0 = cb * 8, cn = std::min<int64_t>(8, channels - c0);
             // per lane: the channel's correction, scale and bias (Conv2d:
-            // the output channel of a (channel, pixel) row)
-            alignas(32) int32_t c8[8] = {};
-            alignas(32) float s8[8] = {}, b8[8] = {};
-            for (int64_t k = 0; k < cn; ++k) {
-                const int64_t o = (c0 + k) / inner;
-                c8[k] = correction[o];
-                s8[k] = scale[o];
-                b8[k] = bias ? bias[o] : 0.f;
+            // the output channel of a (channel, pixel) row); loaded straight
+            // when each lane is its own channel (a division per lane, stored
+            // lane by lane and reloaded as a vector, had been a third of
+            // Linear L1's forward passes)
+            __m256i corr;
+            __m256 sc, bs = _mm256_setzero_ps();
+            if (inner == 1) {
+                corr = cn == 8 ? _mm256_loadu_si256(
+                               reinterpret_cast<const __m256i *>(correction + c0))
+                               : _mm256_maskload_epi32(correction + c0, avx2::first_lanes(cn));
+                sc = avx2::load_first(scale + c0, cn);
+                if (bias) bs = avx2::load_first(bias + c0, cn);
+            } else {
+                alignas(32) int32_t c8[8] = {};
+                alignas(32) float s8[8] = {}, b8[8] = {};
+                int64_t o = c0 / inner, left = inner - c0 % inner;
+                for (int64_t k = 0; k < cn; ++k) {
+                    c8[k] = correction[o];
+                    s8[k] = scale[o];
+                    b8[k] = bias ? bias[o] : 0.f;
+                    if (--left == 0) ++o, left = inner;
+                }
+                corr = _mm256_load_si256(reinterpret_cast<const __m256i *>(c8));
+                sc = _mm256_load_ps(s8), bs = _mm256_load_ps(b8);
             }
-            const __m256i corr = _mm256_load_si256(reinterpret_cast<const __m256i *>(c8));
-            const __m256 sc = _mm256_load_ps(s8), bs = _mm256_load_ps(b8);
             const int32_t *tile = tiles + t * channels * tb;
             for (int64_t j0 = 0; j0 < tb && t * tb + j0 < batch; j0 += 8) {
                 __m256 r[8];

@@ -365,10 +365,16 @@ TEST(Passes, s8_tile_passes_match_portable) {
                                   q + 128);
                     }
             }
-            std::vector<uint8_t> q(quad_bytes, 1), q_want(quad_bytes, 2);
-            detail::pack_quad_tiles(xq.data(), batch, channels, q.data(), 2);
+            std::vector<uint8_t> q_want(quad_bytes, 2);
             detail::portable::pack_quad_tiles(xq.data(), batch, channels, q_want.data(), 1);
-            EXPECT_EQ(q, q_want);
+            std::vector<detail::pack_quad_tiles_fn *> quad_tiers{detail::pack_quad_tiles};
+            if (cpu_has(cpu_isa::avx2)) quad_tiers.push_back(detail::pack_quad_tiles_avx2);
+            if (cpu_has(cpu_isa::avx512_core)) quad_tiers.push_back(detail::pack_quad_tiles_avx512);
+            for (auto *tier : quad_tiers) {
+                std::vector<uint8_t> q(quad_bytes, 1);
+                tier(xq.data(), batch, channels, q.data(), 2);
+                EXPECT_EQ(q, q_want);
+            }
             std::vector<int32_t> acc(static_cast<size_t>(tiles * channels * jit::tile_batch));
             for (auto &v : acc)
                 v = static_cast<int32_t>(rng() % 200001) - 100000;
@@ -395,6 +401,7 @@ TEST(Passes, s32_unpack_per_output_channel_matches_portable) {
     std::mt19937 rng(9);
     for (int64_t batch : {1, 17, 64, 70})
         for (int64_t inner : {1, 3, 20}) {
+            SCOPED_TRACE("batch " + std::to_string(batch) + " inner " + std::to_string(inner));
             const int64_t oc = 5, channels = oc * inner, tiles = jit::tile_count(batch);
             std::vector<int32_t> acc(static_cast<size_t>(tiles * channels * 64));
             for (auto &v : acc)
@@ -414,9 +421,22 @@ TEST(Passes, s32_unpack_per_output_channel_matches_portable) {
                             acc[static_cast<size_t>((b / 64 * channels + ch) * 64 + b % 64)];
                     ASSERT_EQ(want[b * channels + ch], float(a - corr[o]) * scale[o] + bias[o]);
                 }
-            detail::unpack_s32_tiles(acc.data(), batch, channels, corr.data(), scale.data(),
-                                     bias.data(), got.data(), 2, inner);
-            EXPECT_EQ(got, want);
+            std::vector<std::pair<const char *, detail::unpack_s32_tiles_fn *>> tiers{
+                    {"dispatched", detail::unpack_s32_tiles}};
+            if (cpu_has(cpu_isa::avx2)) tiers.push_back({"avx2", detail::unpack_s32_tiles_avx2});
+            if (cpu_has(cpu_isa::avx512_core))
+                tiers.push_back({"avx512", detail::unpack_s32_tiles_avx512});
+            for (auto [name, tier] : tiers)
+                for (const float *b : {static_cast<const float *>(bias.data()),
+                                       static_cast<const float *>(nullptr)}) {
+                    SCOPED_TRACE(std::string(name) + (b ? " with bias" : ""));
+                    detail::portable::unpack_s32_tiles(acc.data(), batch, channels, corr.data(),
+                                                       scale.data(), b, want.data(), 1, inner);
+                    std::fill(got.begin(), got.end(), -3.f);
+                    tier(acc.data(), batch, channels, corr.data(), scale.data(), b, got.data(), 2,
+                         inner);
+                    EXPECT_EQ(got, want);
+                }
         }
 }
 
@@ -555,10 +575,16 @@ TEST(Passes, conv_tiles_match_the_definition_on_every_tier) {
                 for (auto &v : corr)
                     v = static_cast<int32_t>(rng() % 1001) - 500;
                 auto scale = random_vector(static_cast<size_t>(c), rng, 0.001f, 0.1f);
-                for (int64_t corr_inner : {px, int64_t(1)}) {
+                // the forward's (per channel), backward-data's (per pixel, one
+                // scale) and an inner of 3 (runs crossing a 16-pixel block)
+                for (auto [corr_inner, scale_inner] :
+                     {std::pair{px, px}, std::pair{int64_t(1), px}, std::pair{int64_t(3), px},
+                      std::pair{int64_t(1), c * px}}) {
+                    SCOPED_TRACE("inner " + std::to_string(corr_inner) + ", "
+                                 + std::to_string(scale_inner));
                     std::vector<float> w32(static_cast<size_t>(batch * c * px)), g32(w32.size());
                     detail::portable::unpack_conv_s32_tiles(acc.data(), batch, c, px, corr.data(),
-                                                            corr_inner, scale.data(), px,
+                                                            corr_inner, scale.data(), scale_inner,
                                                             bias.data(), w32.data(), 2);
                     for (int64_t b = 0; b < batch; ++b)
                         for (int64_t ch = 0; ch < c; ++ch)
@@ -566,11 +592,13 @@ TEST(Passes, conv_tiles_match_the_definition_on_every_tier) {
                                 const int32_t a = acc[static_cast<size_t>(
                                         ((b / 64) * px * c + p * c + ch) * 64 + b % 64)];
                                 ASSERT_EQ(w32[(b * c + ch) * px + p],
-                                          float(a - corr[(ch * px + p) / corr_inner]) * scale[ch]
+                                          float(a - corr[(ch * px + p) / corr_inner])
+                                                          * scale[(ch * px + p) / scale_inner]
                                                   + bias[ch]);
                             }
                     detail::unpack_conv_s32_tiles(acc.data(), batch, c, px, corr.data(), corr_inner,
-                                                  scale.data(), px, bias.data(), g32.data(), 3);
+                                                  scale.data(), scale_inner, bias.data(),
+                                                  g32.data(), 3);
                     EXPECT_EQ(g32, w32);
                 }
             }
