@@ -70,7 +70,9 @@ struct quad_plan {
     std::vector<int64_t> quad_ptr, bounds; // kernel rows over quads
     std::vector<int32_t> offsets;          // per quad
     std::vector<int64_t> entry_ptr, value_index, quad_of;
-    std::vector<uint8_t> byte_of; // the entry's slot in its word
+    // the entry's slot in its word, | new_word for the first entry of a word
+    std::vector<uint8_t> slot_of;
+    static constexpr uint8_t new_word = 0x80;
     // quad_offset(row, key / channels_per_word): byte offset of the word's
     // source row.
     quad_plan(const sparse_rows &m, const std::function<int64_t(int64_t, int64_t)> &quad_offset,
