@@ -447,38 +447,43 @@ void unpack_s32_tiles_avx2(const int32_t *tiles, int64_t batch, int64_t channels
                            float *dst, int num_threads, int64_t inner) {
     constexpr int64_t tb = jit::tile_batch;
     const int64_t tiles_n = jit::tile_count(batch), cblocks = (channels + 7) / 8;
+    // Eight batch rows at a time, all their channel blocks in turn: each
+    // thread writes whole rows of dst, front to back (by channel block
+    // first, the rows' lines were filled in halves far apart: 256 x 3072
+    // 0.21 -> 0.15 ms, 256 x 768 0.039 -> 0.019 ms, 2 threads).
 #pragma omp parallel for collapse(2) num_threads(num_threads) schedule(static)
     for (int64_t t = 0; t < tiles_n; ++t)
-        for (int64_t cb = 0; cb < cblocks; ++cb) {
-            const int64_t c0 = cb * 8, cn = std::min<int64_t>(8, channels - c0);
-            // per lane: the channel's correction, scale and bias (Conv2d:
-            // the output channel of a (channel, pixel) row); loaded straight
-            // when each lane is its own channel (a division per lane, stored
-            // lane by lane and reloaded as a vector, had been a third of
-            // Linear L1's forward passes)
-            __m256i corr;
-            __m256 sc, bs = _mm256_setzero_ps();
-            if (inner == 1) {
-                corr = cn == 8 ? _mm256_loadu_si256(
-                               reinterpret_cast<const __m256i *>(correction + c0))
-                               : _mm256_maskload_epi32(correction + c0, avx2::first_lanes(cn));
-                sc = avx2::load_first(scale + c0, cn);
-                if (bias) bs = avx2::load_first(bias + c0, cn);
-            } else {
-                alignas(32) int32_t c8[8] = {};
-                alignas(32) float s8[8] = {}, b8[8] = {};
-                int64_t o = c0 / inner, left = inner - c0 % inner;
-                for (int64_t k = 0; k < cn; ++k) {
-                    c8[k] = correction[o];
-                    s8[k] = scale[o];
-                    b8[k] = bias ? bias[o] : 0.f;
-                    if (--left == 0) ++o, left = inner;
-                }
-                corr = _mm256_load_si256(reinterpret_cast<const __m256i *>(c8));
-                sc = _mm256_load_ps(s8), bs = _mm256_load_ps(b8);
-            }
+        for (int64_t j0 = 0; j0 < tb; j0 += 8) {
+            if (t * tb + j0 >= batch) continue;
             const int32_t *tile = tiles + t * channels * tb;
-            for (int64_t j0 = 0; j0 < tb && t * tb + j0 < batch; j0 += 8) {
+            for (int64_t cb = 0; cb < cblocks; ++cb) {
+                const int64_t c0 = cb * 8, cn = std::min<int64_t>(8, channels - c0);
+                // per lane: the channel's correction, scale and bias (Conv2d:
+                // the output channel of a (channel, pixel) row); loaded straight
+                // when each lane is its own channel (a division per lane, stored
+                // lane by lane and reloaded as a vector, had been a third of
+                // Linear L1's forward passes)
+                __m256i corr;
+                __m256 sc, bs = _mm256_setzero_ps();
+                if (inner == 1) {
+                    corr = cn == 8 ? _mm256_loadu_si256(
+                                   reinterpret_cast<const __m256i *>(correction + c0))
+                                   : _mm256_maskload_epi32(correction + c0, avx2::first_lanes(cn));
+                    sc = avx2::load_first(scale + c0, cn);
+                    if (bias) bs = avx2::load_first(bias + c0, cn);
+                } else {
+                    alignas(32) int32_t c8[8] = {};
+                    alignas(32) float s8[8] = {}, b8[8] = {};
+                    int64_t o = c0 / inner, left = inner - c0 % inner;
+                    for (int64_t k = 0; k < cn; ++k) {
+                        c8[k] = correction[o];
+                        s8[k] = scale[o];
+                        b8[k] = bias ? bias[o] : 0.f;
+                        if (--left == 0) ++o, left = inner;
+                    }
+                    corr = _mm256_load_si256(reinterpret_cast<const __m256i *>(c8));
+                    sc = _mm256_load_ps(s8), bs = _mm256_load_ps(b8);
+                }
                 __m256 r[8];
                 for (int i = 0; i < 8; ++i)
                     r[i] = i < cn ? _mm256_castsi256_ps(_mm256_loadu_si256(

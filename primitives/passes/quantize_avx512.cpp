@@ -299,32 +299,37 @@ void unpack_s32_tiles_avx512(const int32_t *tiles, int64_t batch, int64_t channe
                              float *dst, int num_threads, int64_t inner) {
     const int64_t tb = jit::tile_batch, tiles_n = jit::tile_count(batch),
                   cblocks = (channels + 15) / 16;
+    // Sixteen batch rows at a time, all their channel blocks in turn: each
+    // thread writes whole rows of dst, front to back (by channel block
+    // first, 256 x 768 took twice as long; 256 x 3072 the same).
 #pragma omp parallel for collapse(2) num_threads(num_threads) schedule(static)
     for (int64_t t = 0; t < tiles_n; ++t)
-        for (int64_t cb = 0; cb < cblocks; ++cb) {
-            const int64_t c0 = cb * 16, cn = std::min<int64_t>(16, channels - c0);
-            const __mmask16 cmask = first(cn);
-            __m512i corr;
-            __m512 sc, bs = _mm512_setzero_ps();
-            if (inner == 1) {
-                corr = _mm512_maskz_loadu_epi32(cmask, correction + c0);
-                sc = _mm512_maskz_loadu_ps(cmask, scale + c0);
-                if (bias) bs = _mm512_maskz_loadu_ps(cmask, bias + c0);
-            } else { // one value per output channel: (channel, pixel) rows share it
-                alignas(64) int32_t c16[16] = {};
-                alignas(64) float s16[16] = {}, b16[16] = {};
-                for (int64_t k = 0; k < cn; ++k) {
-                    const int64_t o = (c0 + k) / inner;
-                    c16[k] = correction[o];
-                    s16[k] = scale[o];
-                    b16[k] = bias ? bias[o] : 0.f;
-                }
-                corr = _mm512_load_si512(c16);
-                sc = _mm512_load_ps(s16);
-                bs = _mm512_load_ps(b16);
-            }
+        for (int64_t j0 = 0; j0 < tb; j0 += 16) {
+            if (t * tb + j0 >= batch) continue;
             const int32_t *tile = tiles + t * channels * tb;
-            for (int64_t j0 = 0; j0 < tb && t * tb + j0 < batch; j0 += 16) {
+            for (int64_t cb = 0; cb < cblocks; ++cb) {
+                const int64_t c0 = cb * 16, cn = std::min<int64_t>(16, channels - c0);
+                const __mmask16 cmask = first(cn);
+                __m512i corr;
+                __m512 sc, bs = _mm512_setzero_ps();
+                if (inner == 1) {
+                    corr = _mm512_maskz_loadu_epi32(cmask, correction + c0);
+                    sc = _mm512_maskz_loadu_ps(cmask, scale + c0);
+                    if (bias) bs = _mm512_maskz_loadu_ps(cmask, bias + c0);
+                } else { // one value per output channel: (channel, pixel) rows share it
+                    alignas(64) int32_t c16[16] = {};
+                    alignas(64) float s16[16] = {}, b16[16] = {};
+                    int64_t o = c0 / inner, left = inner - c0 % inner;
+                    for (int64_t k = 0; k < cn; ++k) {
+                        c16[k] = correction[o];
+                        s16[k] = scale[o];
+                        b16[k] = bias ? bias[o] : 0.f;
+                        if (--left == 0) ++o, left = inner;
+                    }
+                    corr = _mm512_load_si512(c16);
+                    sc = _mm512_load_ps(s16);
+                    bs = _mm512_load_ps(b16);
+                }
                 __m512 r[16];
                 for (int i = 0; i < 16; ++i)
                     r[i] = i < cn ? _mm512_castsi512_ps(
