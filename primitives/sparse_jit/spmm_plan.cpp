@@ -146,6 +146,14 @@ quad_plan::quad_plan(const sparse_rows &m,
         quad_ptr[r + 1] = static_cast<int64_t>(offsets.size());
     }
     bounds = balance_rows(quad_ptr.data(), rows, std::max(1, parts));
+    // fill's own copy of the value indices: none when they are 0, 1, 2, ...
+    // (a forward plan's), else as int32 where they fit (half the bytes)
+    bool in_order = true;
+    for (int64_t l = 0; l < n && in_order; ++l)
+        in_order = value_index[l] == l;
+    if (!in_order && n <= std::numeric_limits<int32_t>::max())
+        value_index32.assign(value_index.begin(), value_index.end());
+    values_in_order = in_order;
 }
 
 namespace {
@@ -154,12 +162,11 @@ namespace {
 // and stored as they grow (entries ascend by word), no zeroing pass and no
 // read-modify-write through quad_of (Linear L1's two fills were 7 % of an
 // AVX2 int8 step).
-template <int channels_per_word>
+template <int channels_per_word, typename index_of_t>
 void fill_words(const quad_plan &p, const int8_t *wq, uint32_t *words, int32_t *correction,
-                int num_threads) {
+                index_of_t index_of, int num_threads) {
     constexpr int slot_bits = 32 / channels_per_word;
-    const int64_t *entry_ptr = p.entry_ptr.data(), *value_index = p.value_index.data();
-    const int64_t *quad_ptr = p.quad_ptr.data();
+    const int64_t *entry_ptr = p.entry_ptr.data(), *quad_ptr = p.quad_ptr.data();
     const uint8_t *slot_of = p.slot_of.data();
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t r = 0; r < p.rows; ++r) {
@@ -171,7 +178,7 @@ void fill_words(const quad_plan &p, const int8_t *wq, uint32_t *words, int32_t *
             const bool starts = (slot & quad_plan::new_word) != 0;
             q += starts;
             word = starts ? 0 : word;
-            const int8_t v = wq[value_index[l]];
+            const int8_t v = wq[index_of(l)];
             const uint32_t bits =
                     channels_per_word == 4
                             ? static_cast<uint32_t>(static_cast<uint8_t>(v))
@@ -181,6 +188,23 @@ void fill_words(const quad_plan &p, const int8_t *wq, uint32_t *words, int32_t *
             sum += v;
         }
         correction[r] = 128 * sum;
+    }
+}
+
+template <int channels_per_word>
+void fill_words(const quad_plan &p, const int8_t *wq, uint32_t *words, int32_t *correction,
+                int num_threads) {
+    if (p.values_in_order) {
+        fill_words<channels_per_word>(
+                p, wq, words, correction, [](int64_t l) { return l; }, num_threads);
+    } else if (!p.value_index32.empty()) {
+        const int32_t *index = p.value_index32.data();
+        fill_words<channels_per_word>(
+                p, wq, words, correction, [index](int64_t l) { return index[l]; }, num_threads);
+    } else {
+        const int64_t *index = p.value_index.data();
+        fill_words<channels_per_word>(
+                p, wq, words, correction, [index](int64_t l) { return index[l]; }, num_threads);
     }
 }
 

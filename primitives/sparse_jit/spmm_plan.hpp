@@ -73,6 +73,10 @@ struct quad_plan {
     // the entry's slot in its word, | new_word for the first entry of a word
     std::vector<uint8_t> slot_of;
     static constexpr uint8_t new_word = 0x80;
+    // what fill reads wq through: nothing when value_index is 0, 1, 2, ...;
+    // else value_index as int32 (empty past 2^31 entries: value_index then)
+    bool values_in_order = false;
+    std::vector<int32_t> value_index32;
     // quad_offset(row, key / channels_per_word): byte offset of the word's
     // source row.
     quad_plan(const sparse_rows &m, const std::function<int64_t(int64_t, int64_t)> &quad_offset,
