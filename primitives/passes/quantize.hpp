@@ -98,6 +98,20 @@ using pack_quad_tiles_fn = void(const int8_t *x, int64_t batch, int64_t channels
 using unpack_s32_tiles_fn = void(const int32_t *tiles, int64_t batch, int64_t channels,
                                  const int32_t *correction, const float *scale, const float *bias,
                                  float *dst, int num_threads, int64_t inner);
+// The terms of rows c0 .. c0 + n - 1 of an unpack, k = c / inner, into
+// lanes 0 .. n - 1 (the vector tiers' per-lane arrays; bias 0 without one):
+// counted along the rows, not divided per lane.
+inline void unpack_row_terms(const int32_t *correction, const float *scale, const float *bias,
+                             int64_t c0, int64_t n, int64_t inner, int32_t *c_out, float *s_out,
+                             float *b_out) {
+    int64_t k = c0 / inner, left = inner - c0 % inner;
+    for (int64_t i = 0; i < n; ++i) {
+        c_out[i] = correction[k];
+        s_out[i] = scale[k];
+        b_out[i] = bias ? bias[k] : 0.f;
+        if (--left == 0) ++k, left = inner;
+    }
+}
 // sums[c] = sum_b x[b, c] (the +128 correction of the s8 SDDMM).
 using column_sums_s8_fn = void(const int8_t *x, int64_t batch, int64_t channels, int32_t *sums,
                                int num_threads);

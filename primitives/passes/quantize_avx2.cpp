@@ -474,13 +474,7 @@ void unpack_s32_tiles_avx2(const int32_t *tiles, int64_t batch, int64_t channels
                 } else {
                     alignas(32) int32_t c8[8] = {};
                     alignas(32) float s8[8] = {}, b8[8] = {};
-                    int64_t o = c0 / inner, left = inner - c0 % inner;
-                    for (int64_t k = 0; k < cn; ++k) {
-                        c8[k] = correction[o];
-                        s8[k] = scale[o];
-                        b8[k] = bias ? bias[o] : 0.f;
-                        if (--left == 0) ++o, left = inner;
-                    }
+                    unpack_row_terms(correction, scale, bias, c0, cn, inner, c8, s8, b8);
                     corr = _mm256_load_si256(reinterpret_cast<const __m256i *>(c8));
                     sc = _mm256_load_ps(s8), bs = _mm256_load_ps(b8);
                 }

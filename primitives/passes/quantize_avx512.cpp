@@ -319,13 +319,7 @@ void unpack_s32_tiles_avx512(const int32_t *tiles, int64_t batch, int64_t channe
                 } else { // one value per output channel: (channel, pixel) rows share it
                     alignas(64) int32_t c16[16] = {};
                     alignas(64) float s16[16] = {}, b16[16] = {};
-                    int64_t o = c0 / inner, left = inner - c0 % inner;
-                    for (int64_t k = 0; k < cn; ++k) {
-                        c16[k] = correction[o];
-                        s16[k] = scale[o];
-                        b16[k] = bias ? bias[o] : 0.f;
-                        if (--left == 0) ++o, left = inner;
-                    }
+                    unpack_row_terms(correction, scale, bias, c0, cn, inner, c16, s16, b16);
                     corr = _mm512_load_si512(c16);
                     sc = _mm512_load_ps(s16);
                     bs = _mm512_load_ps(b16);
