@@ -89,7 +89,8 @@ def quantize_stochastic(
         v = v * channel_multiplier.reshape(shape)
     scale, inv = _scale_of(_abs_max(v))
     noise = rounding_noise(key, v.numel()).reshape(v.shape)
-    t = (v * inv).clamp_(-QUANT_MAX, QUANT_MAX)
+    # an unusable scale (inv 0) quantizes to zeros, also where v is NaN or infinite
+    t = torch.where(inv != 0, v * inv, 0.0).clamp_(-QUANT_MAX, QUANT_MAX)
     fixed = torch.round(t * 65536.0).to(torch.int64)  # round half to even, exact in int64
     q = torch.div(fixed + noise, 65536, rounding_mode="floor").to(torch.float32)
     return q, scale

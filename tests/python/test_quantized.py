@@ -10,6 +10,7 @@ from qsparseprop import (
     PrototypeQuantizedSparseLinear,
     QuantizedSparseConv2d,
     QuantizedSparseLinear,
+    quantization,
 )
 
 # Documented in README.md and docs/quantization.md: relative Frobenius error
@@ -173,3 +174,30 @@ def test_a_strided_1x1_s8_convolution_keeps_only_the_pixels_it_reads():
     int8 = [t for t in saved if t.dtype == torch.uint8]
     # the int8 input of a quarter of the pixels (plus header, weights, scales), not of all
     assert int8 and x.numel() // 4 <= int8[0].numel() < x.numel() // 2
+
+
+def test_the_prototype_rounds_a_non_finite_gradient_to_zeros_with_a_nan_scale():
+    # as the kernels do (quant_scale_from_abs_max: an unusable scale), so the
+    # product of the integers and the scale is NaN throughout, never a
+    # garbage integer from a NaN cast
+    for bad in (float("nan"), float("inf")):
+        g = torch.tensor([[1.0, bad, -2.0], [0.5, 0.0, 3.0]])
+        for key in (6, 7):  # either half of the hash
+            q, scale = quantization.quantize_stochastic(g, key, torch.tensor([1.0, 2.0, 0.5]))
+            assert torch.equal(q, torch.zeros_like(q))
+            assert torch.isnan(scale)
+
+
+def test_the_prototype_gradient_copies_take_the_two_halves_of_one_hash():
+    key_dw, key_dx = quantization.gradient_keys(12345)
+    assert key_dx == key_dw | 1 and key_dw & 1 == 0
+    # values halfway between two levels: each copy rounds up half of them,
+    # and the copies agree on about half (independent halves of the hash)
+    g = torch.full((1, 1 << 14), 5.5 / 127)
+    g[0, 0] = 1.0
+    q1, _ = quantization.quantize_stochastic(g, key_dw)
+    q2, _ = quantization.quantize_stochastic(g, key_dx)
+    rest1, rest2 = q1[0, 1:], q2[0, 1:]
+    assert set(rest1.unique().tolist()) <= {5.0, 6.0} and set(rest2.unique().tolist()) <= {5.0, 6.0}
+    for frac in ((rest1 == 6).float().mean(), (rest2 == 6).float().mean(), (rest1 == rest2).float().mean()):
+        assert abs(float(frac) - 0.5) < 0.02  # 4 standard deviations of 16383 fair coins: 0.016
