@@ -10,7 +10,9 @@ and show what was gained.
 
 A dense model is trained by the tool itself (cached in --out), pruned by
 magnitude (per layer or global), then fine-tuned the same way (same data
-order, optimizer and epochs) as: dense PyTorch fp32 and, where the CPU
+order, optimizer and epochs; the variants' epochs run in turn, the order
+rotating, so the machine's drift moves them alike) as: dense PyTorch fp32
+and, where the CPU
 computes bf16 natively (AVX512_BF16 or AMX), under bf16 autocast (the faster
 one is "best dense"; elsewhere one line says it is skipped and why), and
 with qsparseprop f32 and int8 layers (``swap_modules_with_sparse``: each
@@ -32,6 +34,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -231,10 +234,19 @@ def _training_memory(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tens
     return act + 2 * params + state  # parameters and their gradients
 
 
-def train(
+def train(model, variant: Variant, data, epochs, batch, lr, seed, **kwargs) -> None:
+    """Trains ``model`` for ``epochs`` epochs (``training``, run to its end)."""
+    for _ in training(model, variant, data, epochs, batch, lr, seed, **kwargs):
+        pass
+
+
+def training(
     model, variant: Variant, data, epochs, batch, lr, seed, masks=None, autocast=None, rank=0, world=1,
     progress=True, on_step=None, cosine=False, measure=True, log=None,
-) -> None:  # fmt: skip
+) -> Iterator[int]:  # fmt: skip
+    """The training of ``train``, one epoch per ``next``: the main job runs
+    its variants' epochs in turn. Exhausted, it measures the variant's memory
+    and step parts (unless ``measure`` is off)."""
     xtr, ytr, xte, yte = data
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     steps_total = epochs * (len(ytr) // batch)
@@ -291,6 +303,7 @@ def train(
             log(f"{variant.name}: epoch {epoch + 1}/{epochs} in {variant.epoch_s[-1]:.1f} s, loss "
                 f"{variant.losses[-1]:.4f}, test accuracy {variant.accuracy[-1]:.4f}"
                 + (f"; about {left:.0f} s left for it" if left else ""))  # fmt: skip
+        yield epoch
     if not measure:  # (pre-training: no report row)
         return
     variant.memory_bytes = _training_memory(model, opt, xtr[:batch].clone(), ctx)
@@ -496,12 +509,12 @@ def run(cfg: Config, log=print, rank: int = 0, world: int = 1) -> dict:
     else:
         skipped["dense bf16 autocast"] = BF16_EMULATED
         log(f"dense bf16 autocast: skipped: {BF16_EMULATED}")
+    # (variant, model, its training, the masks it keeps, whether it is ours)
+    runs: list[tuple[Variant, nn.Module, Iterator[int], dict, bool]] = []
     for name, autocast in dense_variants:
         v = Variant(name)
-        log(f"{name}: fine-tuning {cfg.epochs} epochs")
         model = _ddp(copy.deepcopy(pruned), world)
-        train(model, v, data, masks=masks, autocast=autocast, log=log, **fine)
-        finish(v, model, masks)
+        runs.append((v, model, training(model, v, data, masks=masks, autocast=autocast, log=log, **fine), masks, False))
     # Every layer is a swap candidate, pruned or not: the swap keeps each where
     # it measured faster (the CNN's first convolution, one input channel, runs
     # 2-3x faster on the sparse kernels than in torch). An unpruned layer's
@@ -539,24 +552,35 @@ def run(cfg: Config, log=print, rank: int = 0, world: int = 1) -> dict:
         v.swapped = [r.name for r in model.qsparseprop_swap_report if r.swapped]
         unpruned = [n for n in v.swapped if n not in masks]
         also = f" and {len(unpruned)} unpruned ({', '.join(unpruned)}: faster on its kernels)" if unpruned else ""
-        log(
-            f"{v.name}: {len(v.swapped) - len(unpruned)} of {len(masks)} pruned layers swapped{also}; "
-            f"fine-tuning {cfg.epochs} epochs"
-        )
+        log(f"{v.name}: {len(v.swapped) - len(unpruned)} of {len(masks)} pruned layers swapped{also}")
         # The ReLUs between BatchNorm and a sparse layer keep bits, not their
         # fp32 output: the int8 layer's copy is then the activation's only one.
         use_masked_relus(model)
         kept_dense = {n: m for n, m in masks.items() if isinstance(model.get_submodule(n), (nn.Linear, nn.Conv2d))}
         model = _ddp(model, world)
-        was = _C.profiling()
-        _C.set_profiling(True)  # the share of each epoch inside the sparse layers' primitives
-        try:
-            train(model, v, data, masks=kept_dense, log=log, **fine)
-        finally:
-            _C.set_profiling(was)
-        later = slice(1, None) if len(v.epoch_s) > 1 else slice(None)
-        v.sparse_share = sum(v.sparse_s[later]) / sum(v.epoch_s[later])
-        finish(v, model, kept_dense)
+        runs.append((v, model, training(model, v, data, masks=kept_dense, log=log, **fine), kept_dense, True))
+    # The variants' epochs in turn, the order rotated by one each epoch: the
+    # machine's drift over minutes then moves every variant alike (one
+    # variant after the other, three runs of the default job put int8 at
+    # 1.24x-1.37x dense bf16 on a 2-core Xeon), and no variant always runs
+    # right after the same one (code run right after AMX code is slower).
+    log(f"fine-tuning {cfg.epochs} epochs of each variant, in turn: " + ", ".join(r[0].name for r in runs))
+    was = _C.profiling()
+    _C.set_profiling(True)  # the share of each epoch inside the sparse layers' primitives
+    try:
+        for epoch in range(cfg.epochs):
+            for i in range(len(runs)):
+                next(runs[(i + epoch) % len(runs)][2])
+        for run_ in runs:  # their ends: memory and the step's parts, measured
+            for _ in run_[2]:
+                pass
+    finally:
+        _C.set_profiling(was)
+    for v, model, _, kept, ours in runs:
+        if ours:
+            later = slice(1, None) if len(v.epoch_s) > 1 else slice(None)
+            v.sparse_share = sum(v.sparse_s[later]) / sum(v.epoch_s[later])
+        finish(v, model, kept)
     return _report(cfg, variants, acc_dense, acc_pruned, rank, world, skipped)
 
 
@@ -713,16 +737,19 @@ def plot(report: dict, path: str) -> None:
 
 
 def _config_from(a) -> Config:
-    cfg = Config(
-        model=a.model, dataset=a.dataset, sparsity=a.sparsity, pruning=a.pruning, epochs=a.epochs,
-        pretrain_epochs=a.pretrain_epochs, batch_size=a.batch_size, width=a.width, lr=a.lr, threads=a.threads,
-        schemes=tuple(s.strip() for s in a.schemes.split(",")), seed=a.seed, out=a.out, data_dir=a.data_dir,
-        progress=not a.no_progress, train_subset=a.train_images or None,
+    # --quick sets the sizes the command line leaves unsaid (an option given
+    # wins: `--quick --epochs 2` runs two epochs)
+    def given(value, default, quick):
+        return value if value is not None else (quick if a.quick else default)
+
+    train_images = given(a.train_images, DEFAULT_TRAIN_IMAGES, 6000)
+    return Config(
+        model=a.model, dataset=a.dataset, sparsity=a.sparsity, pruning=a.pruning, epochs=given(a.epochs, 2, 1),
+        pretrain_epochs=given(a.pretrain_epochs, 2, 1), batch_size=a.batch_size, width=given(a.width, 24, 16),
+        lr=a.lr, threads=a.threads, schemes=tuple(s.strip() for s in a.schemes.split(",")), seed=a.seed,
+        out=a.out, data_dir=a.data_dir, progress=not a.no_progress, train_subset=train_images or None,
+        test_subset=2000 if a.quick else None,
     )  # fmt: skip
-    if a.quick:
-        cfg.width, cfg.epochs, cfg.pretrain_epochs = 16, 1, 1
-        cfg.train_subset, cfg.test_subset = 6000, 2000
-    return cfg
 
 
 def _say(line: str) -> None:
@@ -833,10 +860,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--data-dir", help=f"Fashion-MNIST's directory (default {FASHION_MNIST_DIR})")
     p.add_argument("--sparsity", type=float, default=0.9)
     p.add_argument("--pruning", choices=["layer", "global"], default="layer", help="magnitude, per layer or global")
-    p.add_argument("--epochs", type=int, default=2, help="fine-tune epochs per variant")
-    p.add_argument("--pretrain-epochs", type=int, default=2, help="dense epochs before pruning (cached)")
+    p.add_argument("--epochs", type=int, default=None, help="fine-tune epochs per variant (default 2; --quick 1)")
+    p.add_argument(
+        "--pretrain-epochs", type=int, default=None, help="dense epochs before pruning, cached (default 2; --quick 1)"
+    )
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--width", type=int, default=24, help="channels of the first CNN stage (MLP: hidden/16)")
+    p.add_argument(
+        "--width", type=int, default=None, help="first CNN stage's channels, MLP: hidden/16 (default 24; --quick 16)"
+    )
     p.add_argument("--lr", type=float, default=0.02)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument(
@@ -847,11 +878,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument(
         "--train-images",
         type=int,
-        default=DEFAULT_TRAIN_IMAGES,
+        default=None,
         help=f"training images per epoch (default {DEFAULT_TRAIN_IMAGES}: the default run fits 10 minutes on 2 cores; "
-        "0: the whole training set)",
+        "--quick 6000; 0: the whole training set)",
     )
-    p.add_argument("--quick", action="store_true", help="a small run: 6000 training images, 1 epoch, narrow model")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a small run: 6000 training images, 1 epoch, narrow model (options given explicitly still apply)",
+    )
     p.add_argument("--nproc", type=int, default=1, help="DistributedDataParallel processes (gloo)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="qsparseprop-finetune", help="cache and report directory")
@@ -862,9 +897,9 @@ def main(argv: list[str] | None = None) -> dict:
     if not 0.0 < a.sparsity < 1.0:
         p.error("--sparsity must be in (0, 1)")
     for flag in ("epochs", "pretrain_epochs", "batch_size", "nproc", "width"):
-        if getattr(a, flag) < 1:
+        if getattr(a, flag) is not None and getattr(a, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(a, flag)}")
-    if a.train_images < 0:
+    if a.train_images is not None and a.train_images < 0:
         p.error(f"--train-images must be >= 0 (0: all), got {a.train_images}")
     if a.threads is not None and a.threads < 1:
         p.error(f"--threads must be >= 1, got {a.threads}")
