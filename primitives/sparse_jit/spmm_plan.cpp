@@ -71,13 +71,10 @@ entry_plan::entry_plan(const sparse_rows &m, const std::function<int64_t(int64_t
                        int parts)
     : rows(m.rows), row_ptr(m.row_ptr) {
     offsets.assign(static_cast<size_t>(m.entries()) + jit::sddmm_offset_padding, 0);
-    bool identity = true;
     for (int64_t r = 0; r < rows; ++r)
-        for (int64_t e = row_ptr[r]; e < row_ptr[r + 1]; ++e) {
+        for (int64_t e = row_ptr[r]; e < row_ptr[r + 1]; ++e)
             offsets[e] = checked_offset(offset(r, m.key[e]));
-            identity = identity && m.value_index[e] == e;
-        }
-    if (!identity) value_index = m.value_index;
+    if (!m.values_in_order()) value_index = m.value_index;
     bounds = balance_rows(row_ptr.data(), rows, std::max(1, parts));
 }
 
@@ -148,12 +145,9 @@ quad_plan::quad_plan(const sparse_rows &m,
     bounds = balance_rows(quad_ptr.data(), rows, std::max(1, parts));
     // fill's own copy of the value indices: none when they are 0, 1, 2, ...
     // (a forward plan's), else as int32 where they fit (half the bytes)
-    bool in_order = true;
-    for (int64_t l = 0; l < n && in_order; ++l)
-        in_order = value_index[l] == l;
-    if (!in_order && n <= std::numeric_limits<int32_t>::max())
+    values_in_order = m.values_in_order();
+    if (!values_in_order && n <= std::numeric_limits<int32_t>::max())
         value_index32.assign(value_index.begin(), value_index.end());
-    values_in_order = in_order;
 }
 
 namespace {

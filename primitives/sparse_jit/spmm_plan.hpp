@@ -31,6 +31,13 @@ struct sparse_rows {
         ++rows;
     }
     int64_t entries() const { return static_cast<int64_t>(key.size()); }
+    // Whether entry e holds value e for every e (a forward plan's rows: the
+    // CSR in its own order), so a plan needs no index into the values.
+    bool values_in_order() const {
+        for (int64_t e = 0; e < entries(); ++e)
+            if (value_index[static_cast<size_t>(e)] != e) return false;
+        return true;
+    }
 };
 
 // The CSR itself (row r, key = column) and its transpose (row = column,
