@@ -99,6 +99,14 @@ maxima abs_maxima(const float *x, const multiplier_rows &m, int num_threads) {
     return {nan_scaled ? nan : scaled, nan_plain ? nan : plain};
 }
 
+// Integral floats clamped to +-127, the lanes of k stored as int8 (the
+// round-to-nearest passes; the stochastic rounding stores its own integers).
+inline void store_q(int8_t *q, __m512 v, __mmask16 k) {
+    const __m512 lim = _mm512_set1_ps(static_cast<float>(quant_max));
+    v = _mm512_min_ps(_mm512_max_ps(v, _mm512_sub_ps(_mm512_setzero_ps(), lim)), lim);
+    _mm512_mask_cvtepi32_storeu_epi8(q, k, _mm512_cvttps_epi32(v)); // v is integral already
+}
+
 // max |v| with NaN propagation.
 float abs_max(const float *x, const multiplier_rows &m, int num_threads) {
     return abs_maxima<false>(x, m, num_threads).scaled;

@@ -14,12 +14,6 @@ QSP_BEGIN_TARGET(QSP_ISA_AVX512)
 
 namespace qsp::detail::avx512 {
 
-inline void store_q(int8_t *q, __m512 v, __mmask16 k) {
-    const __m512 lim = _mm512_set1_ps(static_cast<float>(quant_max));
-    v = _mm512_min_ps(_mm512_max_ps(v, _mm512_sub_ps(_mm512_setzero_ps(), lim)), lim);
-    _mm512_mask_cvtepi32_storeu_epi8(q, k, _mm512_cvttps_epi32(v)); // v is integral already
-}
-
 inline __m512i mix32(__m512i x) {
     x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
     x = _mm512_mullo_epi32(x, _mm512_set1_epi32(static_cast<int>(0x7feb352du)));
