@@ -1045,6 +1045,31 @@ PYBIND11_MODULE(_C, m) {
             },
             py::arg("diff_dst"), py::arg("h"), py::arg("w"), py::arg("sh"), py::arg("sw"),
             py::arg("threads"));
+    // The spread added in place into diff_src (N x C x H x W), the input's
+    // gradient from the other layer reading it.
+    m.def(
+            "subsample_pixels_backward_add",
+            [](const py::array &diff_dst, py::array &diff_src, int64_t sh, int64_t sw,
+               int threads) {
+                if (diff_src.ndim() != 4 || diff_dst.ndim() != 4)
+                    throw py::value_error("diff_dst and diff_src must be 4-D (N, C, H, W), got "
+                                          + std::to_string(diff_dst.ndim()) + "-D and "
+                                          + std::to_string(diff_src.ndim()) + "-D");
+                if (sh < 1 || sw < 1)
+                    throw py::value_error("strides must be >= 1, got " + std::to_string(sh) + ", "
+                                          + std::to_string(sw));
+                const dims shape(diff_src.shape(), diff_src.shape() + 4);
+                float *d = checked<float>(diff_src, "diff_src", shape, true);
+                const float *g = checked<float>(
+                        diff_dst, "diff_dst",
+                        {shape[0], shape[1], (shape[2] + sh - 1) / sh, (shape[3] + sw - 1) / sw},
+                        false);
+                py::gil_scoped_release nogil;
+                qsp::subsample_pixels_backward_add(g, shape[0], shape[1], shape[2], shape[3], sh,
+                                                   sw, d, threads);
+            },
+            py::arg("diff_dst"), py::arg("diff_src"), py::arg("sh"), py::arg("sw"),
+            py::arg("threads"));
 
     // The BatchNorm2d (-ReLU) of a fused Conv2d block (qsparseprop.fuse):
     // src is the N x C x H x W contiguous output of the block's convolution;

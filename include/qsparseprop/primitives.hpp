@@ -437,6 +437,15 @@ void subsample_pixels_forward(const float *src, int64_t batch, int64_t channels,
 void subsample_pixels_backward(const float *diff_dst, int64_t batch, int64_t channels, int64_t h,
                                int64_t w, int64_t sh, int64_t sw, float *diff_src,
                                int num_threads = 0);
+// The same spread added into a diff_src that holds another gradient of
+// the input already (the other layer reading it, as a residual block's
+// first convolution beside its strided 1x1 shortcut): diff_src[..][y * sh]
+// [x * sw] += diff_dst[..][y][x], the other elements untouched. The sum the
+// spread and a separate add would make, reading and writing 1 / (sh * sw)
+// of diff_src instead of all of it three times.
+void subsample_pixels_backward_add(const float *diff_dst, int64_t batch, int64_t channels,
+                                   int64_t h, int64_t w, int64_t sh, int64_t sw, float *diff_src,
+                                   int num_threads = 0);
 
 // ---- BatchNorm with the ReLU after it, over an NCHW tensor -------------------
 

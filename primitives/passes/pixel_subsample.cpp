@@ -79,4 +79,23 @@ void subsample_pixels_backward(const float *diff_dst, int64_t batch, int64_t cha
         }
 }
 
+void subsample_pixels_backward_add(const float *diff_dst, int64_t batch, int64_t channels,
+                                   int64_t h, int64_t w, int64_t sh, int64_t sw, float *diff_src,
+                                   int num_threads) {
+    const subsample_shape s =
+            checked_shape("subsample_pixels_backward_add", batch, channels, h, w, sh, sw);
+    if (s.planes == 0) return;
+    detail::require_non_null(diff_dst, "subsample_pixels_backward_add", "diff_dst");
+    detail::require_non_null(diff_src, "subsample_pixels_backward_add", "diff_src");
+    const int threads = detail::threads_or_default(num_threads);
+#pragma omp parallel for collapse(2) num_threads(threads) schedule(static)
+    for (int64_t p = 0; p < s.planes; ++p)
+        for (int64_t y = 0; y < s.oh; ++y) {
+            const float *in = diff_dst + (p * s.oh + y) * s.ow;
+            float *out = diff_src + (p * s.h + y * s.sh) * s.w;
+            for (int64_t x = 0; x < s.ow; ++x)
+                out[x * s.sw] += in[x];
+        }
+}
+
 } // namespace qsp

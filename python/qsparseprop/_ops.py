@@ -535,6 +535,76 @@ def subsample_pixels(x: torch.Tensor, sh: int, sw: int) -> torch.Tensor:
     return _SubsampleFunction.apply(x, int(sh), int(sw))
 
 
+# ---- two convolutions reading one input, the second through its subsample ----------
+#
+# A residual block that changes its size (torchvision's BasicBlock with a
+# downsample) reads its input twice: the first convolution, and the strided
+# 1x1 shortcut through the pixels it reads. Autograd would sum their input
+# gradients by spreading the shortcut's into a full-size zero tensor and
+# adding the two: writing the input's size three times and reading it
+# twice. One function for both adds the shortcut's gradient into the first
+# convolution's in place, touching only the pixels the shortcut read. The
+# layers, their arguments and seeds are exactly those of the separate calls,
+# so are every value and gradient.
+
+
+class _SharedInputConvsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, values_a, bias_a, values_b, bias_b, a, b, stride):
+        # a, b: (row_ptr, col_idx, handle, seed, spec, scheme, vectorization)
+        ka, kb = (kernel_for(t[2], _conv_key(t[4], t[5], bias is not None, t[6]), t[0], t[1])
+                  for t, bias in ((a, bias_a), (b, bias_b)))  # fmt: skip
+        xs = torch.from_numpy(_C.subsample_pixels(_np(x), *stride, _threads()))
+        ya, ws_a = _forward_body(ka, x, values_a, bias_a, _abs_max_of(x) if ka.scheme == "s8" else None)
+        yb, ws_b = _forward_body(kb, xs, values_b, bias_b)
+        # the input each layer read where it is f32; the int8 workspaces where s8
+        kept_x, kept_xs = (x if ka.scheme == "f32" else _empty()), (xs if kb.scheme == "f32" else _empty())
+        ctx.save_for_backward(kept_x, ws_a, values_a, kept_xs, ws_b, values_b)
+        ctx.k, ctx.seeds, ctx.stride = (ka, kb), (int(a[3]), int(b[3])), stride
+        ctx.has_bias = (bias_a is not None, bias_b is not None)
+        ctx.shapes = (list(x.shape), list(xs.shape))
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None
+        return ya, yb
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_a, grad_b):
+        x, ws_a, values_a, xs, ws_b, values_b = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        grads = [None] * 8
+        dx = dxs = None
+        for i, (grad, k, inp, ws, values, seed, shape) in enumerate(
+            ((grad_a, ctx.k[0], x, ws_a, values_a, ctx.seeds[0], ctx.shapes[0]),
+             (grad_b, ctx.k[1], xs, ws_b, values_b, ctx.seeds[1], ctx.shapes[1]))
+        ):  # fmt: skip
+            if grad is None:
+                continue
+            want_db = ctx.has_bias[i] and need[2 + 2 * i]
+            maxima = _channel_maxima_of(grad) if k.scheme == "s8" else None
+            d, dv, db = _backward_body(
+                k, grad.contiguous(), inp, ws, values, seed, shape, need[0], need[1 + 2 * i], want_db, maxima
+            )  # fmt: skip
+            grads[1 + 2 * i], grads[2 + 2 * i] = (dv if need[1 + 2 * i] else None), (db if want_db else None)
+            if need[0]:
+                dx, dxs = (d, dxs) if i == 0 else (dx, d)
+        if dx is not None and dxs is not None:
+            _C.subsample_pixels_backward_add(_np(dxs), dx.numpy(), *ctx.stride, _threads())
+        elif dxs is not None:
+            h, w = ctx.shapes[0][2:]
+            dx = torch.from_numpy(_C.subsample_pixels_backward(_np(dxs), h, w, *ctx.stride, _threads()))
+        grads[0] = dx
+        return tuple(grads)
+
+
+def convs_sharing_input(x, a: tuple, b: tuple, stride: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(conv a of x, conv b of x[:, :, ::sh, ::sw]) with autograd, as the two
+    separate calls (conv2d, and conv2d of subsample_pixels) would make them,
+    for a contiguous float32 4-D x with a batch, in eager mode. a, b: each
+    layer's (values, bias, row_ptr, col_idx, handle, seed, spec, scheme,
+    vectorization)."""
+    return _SharedInputConvsFunction.apply(x, a[0], a[1], b[0], b[1], tuple(a[2:]), tuple(b[2:]), tuple(stride))
+
+
 # ---- relu keeping one bit per element -------------------------------------------------
 
 _BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)

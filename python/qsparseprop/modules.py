@@ -712,6 +712,21 @@ class SparseConv2d(_SparseModule):
         """forward(input), then, with ``residual``, relu(that + residual): a
         residual block's end (:func:`_conv_add_relu`), the add and the ReLU
         in the fused BatchNorm's apply pass."""
+        x, unbatched, channels_last = self._prepared(input)
+        top, left, bottom, right = self._pads
+        if x.shape[0] == 0:
+            y = F.conv2d(
+                F.pad(x, (left, right, top, bottom)), self.weight, self.bias, self.stride, 0, self.dilation, self.groups
+            )
+        else:
+            if self._subsampled():
+                x = _ops.subsample_pixels(x, *self.stride)
+            y = self._compute(x.contiguous())
+        return self._finished(y, residual, unbatched, channels_last)
+
+    def _prepared(self, input: torch.Tensor) -> tuple[torch.Tensor, bool, bool]:
+        """(the input checked and made 4-D, whether it was 3-D, whether torch's
+        Conv2d would give it a channels_last output)."""
         x = self._check_input(input, (3, 4), "3-D (C, H, W) or 4-D (N, C, H, W)")
         unbatched = x.dim() == 3
         if unbatched:
@@ -729,15 +744,12 @@ class SparseConv2d(_SparseModule):
                 f"{x.shape[2] + top + bottom}x{x.shape[3] + left + right}) is smaller than the dilated "
                 f"kernel {dh * (kh - 1) + 1}x{dw * (kw - 1) + 1}"
             )
-        channels_last = x.dim() == 4 and _output_channels_last(x)
-        if x.shape[0] == 0:
-            y = F.conv2d(
-                F.pad(x, (left, right, top, bottom)), self.weight, self.bias, self.stride, 0, self.dilation, self.groups
-            )
-        else:
-            if self._subsampled():
-                x = _ops.subsample_pixels(x, *self.stride)
-            y = self._compute(x.contiguous())
+        return x, unbatched, x.dim() == 4 and _output_channels_last(x)
+
+    def _finished(self, y: torch.Tensor, residual: torch.Tensor | None, unbatched: bool,
+                  channels_last: bool) -> torch.Tensor:  # fmt: skip
+        """The convolution's output y (NCHW) through the fused BatchNorm or
+        ReLU, the residual's add and ReLU, in the input's layout and rank."""
         bn = self.__dict__.get("fused_batch_norm")
         # a residual's add and ReLU go into the BatchNorm's apply pass where
         # there is one and the output stays NCHW; else torch adds after
@@ -790,7 +802,7 @@ def _conv_add_relu(conv: nn.Module, batch_norm: nn.Module, relu: nn.Module | Non
     """relu(batch_norm(conv(input)) + residual): what a traced residual
     block's end (``conv`` -> its fused BatchNorm's marker -> add -> ``relu``,
     a module or, None, a function) calls once ``qsparseprop.fuse`` has
-    rewritten its forward (swap._fuse_residual_ends). The add and the ReLU
+    rewritten its forward (swap._fuse_traced_blocks). The add and the ReLU
     run in the convolution's BatchNorm pass while the modules are what the
     rewrite found — a sparse convolution applying that BatchNorm, a ReLU —
     and no hook (theirs, or a global one) is there to see the calls; else
@@ -804,6 +816,50 @@ def _conv_add_relu(conv: nn.Module, batch_norm: nn.Module, relu: nn.Module | Non
         return conv._forward(input, residual)
     z = batch_norm(conv(input)) + residual
     return relu(z) if relu is not None else torch.relu(z)
+
+
+def _shares_input_with(conv: nn.Module, shortcut: nn.Module) -> bool:
+    """Whether ``conv`` and ``shortcut`` can run as one function on one
+    input (:func:`_convs_sharing_input`): two sparse convolutions computed
+    by the library, the second a strided 1x1 reading only a subsample."""
+    return (
+        type(conv) in (SparseConv2d, QuantizedSparseConv2d)
+        and type(shortcut) in (SparseConv2d, QuantizedSparseConv2d)
+        and not conv._subsampled()
+        and shortcut._subsampled()
+        and conv.in_channels == shortcut.in_channels
+    )
+
+
+def _convs_sharing_input(
+    conv: nn.Module, shortcut: nn.Module, input: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(conv(input), shortcut(input)): what a traced module whose forward
+    calls two sparse convolutions on one input — a residual block's first
+    convolution and its strided 1x1 shortcut — calls once ``qsparseprop.fuse``
+    has rewritten it (swap._fuse_traced_blocks). The two run as one autograd
+    function whose backward adds the shortcut's input gradient into the
+    first's in place (_ops.convs_sharing_input; the same values as the two
+    calls) while the modules are what the rewrite found and no hook is
+    there to see the calls; else the modules are called."""
+    if (
+        _shares_input_with(conv, shortcut)
+        and not torch.compiler.is_compiling()
+        and all(_called_plainly(m) for m in (conv, shortcut))
+    ):
+        x, unbatched, channels_last = conv._prepared(input)
+        shortcut._prepared(input)  # its own checks (the kernel fits the image)
+        if not unbatched and x.shape[0] > 0:
+            layers = [
+                (m.values, m.bias, m.row_ptr, m.col_idx, m._handle, m._next_seed(), m._spec(), m.scheme,
+                 m._vectorization())
+                for m in (conv, shortcut)
+            ]  # fmt: skip
+            y, y_shortcut = _ops.convs_sharing_input(x.contiguous(), *layers, shortcut.stride)
+            return conv._finished(y, None, False, channels_last), shortcut._finished(
+                y_shortcut, None, False, channels_last
+            )
+    return conv(input), shortcut(input)
 
 
 def _chain_activation(first: nn.Module, act: nn.Module) -> tuple[bool, str | None]:

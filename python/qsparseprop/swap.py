@@ -32,7 +32,9 @@ from .modules import (
     SparseLinear,
     _chain_activation,
     _conv_add_relu,
+    _convs_sharing_input,
     _linear_act_linear,
+    _shares_input_with,
     _SparseModule,
 )
 from .prototype import PrototypeQuantizedSparseConv2d, PrototypeQuantizedSparseLinear
@@ -60,6 +62,9 @@ class SwapDecision:
     # it runs as one block with the next swapped Linear (a ReLU or GELU between them), the hidden
     # activation in the kernels' tile layout where both layers read it
     fused_kept_layout: bool = False
+    # it and the strided 1x1 shortcut reading the same input run as one function (a traced residual
+    # block's first convolution and its downsample), the shortcut's input gradient added in place
+    fused_shared_input: bool = False
 
 
 def _describe(module: nn.Module) -> str:
@@ -555,8 +560,7 @@ def _fuse(model: nn.Module, rows: dict[str, SwapDecision] | None, batch_norm: bo
     (every sparse layer when None), recorded in their rows."""
     _fuse_sequential(model, rows, batch_norm, relu)
     _fuse_traced(model, rows, batch_norm, relu)
-    if batch_norm and relu:
-        _fuse_residual_ends(model, rows)
+    _fuse_traced_blocks(model, rows, residual_ends=batch_norm and relu)
     if relu:
         _fuse_traced_relus(model, rows)
         _fuse_linear_chains(model, rows)
@@ -857,7 +861,12 @@ def _rewritten(module: nn.Module) -> bool:
     return False
 
 
-def _fuse_residual_ends(model: nn.Module, rows) -> None:
+def _fuse_traced_blocks(model: nn.Module, rows, residual_ends: bool) -> None:
+    """Rewrites the forward of each module whose traced forward holds a
+    residual end (with ``residual_ends``: a sparse convolution applying its
+    BatchNorm, the add, the ReLU; modules._conv_add_relu) or two sparse
+    convolutions reading one input, the second a strided 1x1 shortcut
+    (modules._convs_sharing_input)."""
     for parent_name, parent in list(model.named_modules()):
         if _plain_sequential(parent) or _rewritten(parent):
             continue
@@ -866,8 +875,9 @@ def _fuse_residual_ends(model: nn.Module, rows) -> None:
         graph = _graph_of_both_modes(parent)
         if graph is None:
             continue
-        ends = _residual_ends(model, parent, graph, rows, parent_name)
-        if not ends:
+        ends = _residual_ends(model, parent, graph, rows, parent_name) if residual_ends else []
+        pairs = _shared_inputs(model, parent, graph, rows, parent_name)
+        if not ends and not pairs:
             continue
         for conv_node, bn_node, add_node, relu_node, other, full in ends:
             with graph.inserting_before(add_node):
@@ -879,7 +889,42 @@ def _fuse_residual_ends(model: nn.Module, rows) -> None:
                 graph.erase_node(dead)
             if rows is not None:
                 rows[full].fused_residual = True
+        for conv_node, shortcut_node, names in pairs:
+            order = list(graph.nodes)
+            with graph.inserting_before(min(conv_node, shortcut_node, key=order.index)):
+                mods = [graph.get_attr(n.target) for n in (conv_node, shortcut_node)]
+                both = graph.call_function(_convs_sharing_input, (*mods, conv_node.args[0]))
+                outputs = [graph.call_function(operator.getitem, (both, i)) for i in (0, 1)]
+            for node, out in zip((conv_node, shortcut_node), outputs, strict=True):
+                node.replace_all_uses_with(out)
+                graph.erase_node(node)
+            if rows is not None:
+                for full in names:
+                    rows[full].fused_shared_input = True
         _rewrite_forward(parent, graph)
+
+
+def _shared_inputs(model: nn.Module, parent: nn.Module, graph, rows, parent_name: str):
+    """(convolution node, shortcut node, both names) of each pair of sparse
+    convolutions in ``parent``'s traced graph that read one input, the
+    second a strided 1x1 reading its subsample (modules._shares_input_with:
+    a residual block's first convolution and its downsample), each called
+    once on that input and reachable under one name. An input read by more
+    than one such convolution besides the shortcut is left alone."""
+    calls = _module_calls(graph)
+    pairs = []
+    for node in graph.nodes:
+        readers = []
+        for user in node.users:
+            conv = _called_once(model, parent, calls, user, _is_sparse_conv)
+            full = f"{parent_name}.{user.target}" if conv is not None and parent_name else getattr(user, "target", "")
+            if conv is not None and user.args == (node,) and (rows is None or full in rows):
+                readers.append((user, conv, full))
+        shortcuts = [r for r in readers if r[1]._subsampled()]
+        convs = [r for r in readers if not r[1]._subsampled()]
+        if len(shortcuts) == 1 and len(convs) == 1 and _shares_input_with(convs[0][1], shortcuts[0][1]):
+            pairs.append((convs[0][0], shortcuts[0][0], (convs[0][2], shortcuts[0][2])))
+    return pairs
 
 
 def _graph_of_both_modes(parent: nn.Module):
@@ -976,7 +1021,7 @@ def _fuse_linear_chains(model: nn.Module, rows) -> None:
         _rewrite_forward(parent, graph)
 
 
-def _unfuse_residual_ends(model: nn.Module) -> None:
+def _unfuse_traced_blocks(model: nn.Module) -> None:
     """Gives each rewritten block its class's forward back."""
     for mod in model.modules():
         if mod.__dict__.pop(_FUSED_FORWARD, False):
@@ -1082,9 +1127,9 @@ def apply_swap_plan(
             )
         _replace(model, d.name, sparse)
     fused = {  # the block's flag recomputed: set again where the rewrite finds the block
-        d.name: dataclasses.replace(d, fused_kept_layout=False)
+        d.name: dataclasses.replace(d, fused_kept_layout=False, fused_shared_input=False)
         for d in decisions
-        if d.swapped and (d.fused_relu or d.fused_batch_norm or d.fused_kept_layout)
+        if d.swapped and (d.fused_relu or d.fused_batch_norm or d.fused_kept_layout or d.fused_shared_input)
     }
     _fuse(model, fused, batch_norm=True, relu=True)
     for d in (d for d in decisions if d.name in fused):  # the plan's flags against what was found
@@ -1097,6 +1142,11 @@ def apply_swap_plan(
             raise ValueError(
                 f"swap plan: {d.name} ran as one block with the next Linear, but no swapped Linear follows "
                 "it here after a ReLU or GELU"
+            )
+        if d.fused_shared_input and not fused[d.name].fused_shared_input:
+            raise ValueError(
+                f"swap plan: {d.name} ran as one function with another swapped convolution reading its input "
+                "(a strided 1x1 shortcut), but no such pair reads it here"
             )
     if mask_kept:
         _mask_kept_layers(model, decisions, state_dict)
@@ -1145,7 +1195,7 @@ def to_dense(model: nn.Module, inplace: bool = False) -> nn.Module:
         )
         return nn.Sequential(dense, *after) if after else dense
     target = model if inplace else copy.deepcopy(model)
-    _unfuse_residual_ends(target)
+    _unfuse_traced_blocks(target)
     for name, mod in list(target.named_modules()):
         if isinstance(mod, FusedReLU):
             _replace(target, name, nn.ReLU())  # the ReLU back where it stood

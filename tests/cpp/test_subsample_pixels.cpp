@@ -37,6 +37,9 @@ TEST(SubsamplePixels, forward_and_backward_match_the_index_model) {
                     v = normal(rng);
                 std::vector<float> dx(x.size(), NAN); // every element must be written
                 subsample_pixels_backward(g.data(), n, c, h, w, sh, sw, dx.data(), threads);
+                // the spread added into another gradient: x stands in for it
+                std::vector<float> sum = x;
+                subsample_pixels_backward_add(g.data(), n, c, h, w, sh, sw, sum.data(), threads);
                 for (int64_t p = 0; p < n * c; ++p)
                     for (int64_t i = 0; i < h; ++i)
                         for (int64_t j = 0; j < w; ++j) {
@@ -46,6 +49,8 @@ TEST(SubsamplePixels, forward_and_backward_match_the_index_model) {
                                     static_cast<size_t>((p * oh + i / sh) * ow + j / sw);
                             if (read) ASSERT_EQ(y[from], x[at]);
                             ASSERT_EQ(dx[at], read ? g[from] : 0.0f);
+                            // bit for bit what a separate add would make
+                            ASSERT_EQ(sum[at], read ? x[at] + g[from] : x[at]);
                         }
             }
 }
@@ -60,6 +65,10 @@ TEST(SubsamplePixels, bad_arguments_are_named) {
                  std::invalid_argument);
     EXPECT_THROW(subsample_pixels_backward(a.data(), 1, 1, 4, 4, 2, 2, nullptr),
                  std::invalid_argument);
+    EXPECT_THROW(subsample_pixels_backward_add(a.data(), 1, 1, 4, 4, 0, 2, b.data()),
+                 std::invalid_argument);
+    EXPECT_THROW(subsample_pixels_backward_add(nullptr, 1, 1, 4, 4, 2, 2, b.data()),
+                 std::invalid_argument);
     try {
         subsample_pixels_forward(a.data(), -1, 1, 4, 4, 1, 1, b.data());
         FAIL() << "a negative batch was accepted";
@@ -69,6 +78,7 @@ TEST(SubsamplePixels, bad_arguments_are_named) {
     // nothing to do: no pointer is read
     subsample_pixels_forward(nullptr, 0, 3, 4, 4, 2, 2, nullptr);
     subsample_pixels_backward(nullptr, 2, 0, 4, 4, 2, 2, nullptr);
+    subsample_pixels_backward_add(nullptr, 0, 3, 4, 4, 2, 2, nullptr);
 }
 
 } // namespace qsp::test
