@@ -316,7 +316,19 @@ def training(
 # convolution's). First match wins.
 STEP_PARTS = (
     ("optimizer", ("optimizer.",)),
-    ("sparse layers", ("_sparsefunction", "_linearrelulinearfunction", "_lineargelulinearfunction", "qsparseprop::")),
+    (
+        "sparse layers",
+        (
+            "_sparsefunction",
+            "_linearrelulinearfunction",
+            "_lineargelulinearfunction",
+            "_sharedinputconvsfunction",
+            "_subsamplefunction",
+            "_prototypelinearfn",
+            "_prototypeconv2dfn",
+            "qsparseprop::",
+        ),
+    ),
     ("dense conv/linear", ("convolution", "addmm", "aten::mm", "linear", "aten::bmm")),
     ("batchnorm", ("batch_norm", "batchnorm")),
     ("relu", ("relu", "threshold", "clamp_min")),
