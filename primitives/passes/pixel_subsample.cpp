@@ -49,14 +49,28 @@ void subsample_pixels_forward(const float *src, int64_t batch, int64_t channels,
         }
 }
 
+namespace {
+
+// The backward's checks, shared by the spread and the spread added; the
+// shape, or planes == 0 where there is nothing to do.
+subsample_shape checked_gradient(const char *what, const float *diff_dst, int64_t batch,
+                                 int64_t channels, int64_t h, int64_t w, int64_t sh, int64_t sw,
+                                 const float *diff_src) {
+    const subsample_shape s = checked_shape(what, batch, channels, h, w, sh, sw);
+    if (s.planes == 0) return s;
+    detail::require_non_null(diff_dst, what, "diff_dst");
+    detail::require_non_null(diff_src, what, "diff_src");
+    return s;
+}
+
+} // namespace
+
 void subsample_pixels_backward(const float *diff_dst, int64_t batch, int64_t channels, int64_t h,
                                int64_t w, int64_t sh, int64_t sw, float *diff_src,
                                int num_threads) {
-    const subsample_shape s =
-            checked_shape("subsample_pixels_backward", batch, channels, h, w, sh, sw);
+    const subsample_shape s = checked_gradient("subsample_pixels_backward", diff_dst, batch,
+                                               channels, h, w, sh, sw, diff_src);
     if (s.planes == 0) return;
-    detail::require_non_null(diff_dst, "subsample_pixels_backward", "diff_dst");
-    detail::require_non_null(diff_src, "subsample_pixels_backward", "diff_src");
     // Each row of diff_src written once, zeros and values together (a zero
     // fill then a strided copy wrote the read rows twice).
     const int threads = detail::threads_or_default(num_threads);
@@ -82,11 +96,10 @@ void subsample_pixels_backward(const float *diff_dst, int64_t batch, int64_t cha
 void subsample_pixels_backward_add(const float *diff_dst, int64_t batch, int64_t channels,
                                    int64_t h, int64_t w, int64_t sh, int64_t sw, float *diff_src,
                                    int num_threads) {
-    const subsample_shape s =
-            checked_shape("subsample_pixels_backward_add", batch, channels, h, w, sh, sw);
+    const subsample_shape s = checked_gradient("subsample_pixels_backward_add", diff_dst, batch,
+                                               channels, h, w, sh, sw, diff_src);
     if (s.planes == 0) return;
-    detail::require_non_null(diff_dst, "subsample_pixels_backward_add", "diff_dst");
-    detail::require_non_null(diff_src, "subsample_pixels_backward_add", "diff_src");
+    // only the rows the forward read: the others keep the gradient they hold
     const int threads = detail::threads_or_default(num_threads);
 #pragma omp parallel for collapse(2) num_threads(threads) schedule(static)
     for (int64_t p = 0; p < s.planes; ++p)

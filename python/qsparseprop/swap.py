@@ -917,8 +917,10 @@ def _shared_inputs(model: nn.Module, parent: nn.Module, graph, rows, parent_name
         readers = []
         for user in node.users:
             conv = _called_once(model, parent, calls, user, _is_sparse_conv)
-            full = f"{parent_name}.{user.target}" if conv is not None and parent_name else getattr(user, "target", "")
-            if conv is not None and user.args == (node,) and (rows is None or full in rows):
+            if conv is None or user.args != (node,):
+                continue
+            full = f"{parent_name}.{user.target}" if parent_name else user.target
+            if rows is None or full in rows:
                 readers.append((user, conv, full))
         shortcuts = [r for r in readers if r[1]._subsampled()]
         convs = [r for r in readers if not r[1]._subsampled()]
