@@ -190,3 +190,14 @@ def test_the_swap_plan_records_the_pair(tmp_path):
     other.load_state_dict(dense_state)
     with pytest.raises(ValueError, match="conv1 ran as one function"):
         q.apply_swap_plan(other, tmp_path / "plan.json")
+
+
+@pytest.mark.parametrize("scheme", ["f32", "s8"])
+def test_a_block_with_the_pair_exports(scheme):
+    # torch.export traces the layers' own calls (custom ops), not the pair
+    torch.manual_seed(0)
+    block = q.fuse(_swapped(_InPlaceBasicBlock(6, 8, 2), scheme)).eval()
+    x = torch.randn(2, 6, 9, 9)
+    exported = torch.export.export(block, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(x), block(x), rtol=0, atol=0)
