@@ -46,7 +46,7 @@ def _step(model, x):
     x = x.clone().requires_grad_()
     out = model(x)
     out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
-    return [out.detach(), x.grad] + [p.grad.clone() for p in model.parameters()]
+    return [out.detach(), x.grad] + [p.grad.clone() for p in model.parameters() if p.requires_grad]
 
 
 def _equal(got, want, what):
@@ -201,3 +201,30 @@ def test_a_block_with_the_pair_exports(scheme):
     exported = torch.export.export(block, (x,))
     with torch.no_grad():
         torch.testing.assert_close(exported.module()(x), block(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("scheme", ["f32", "s8"])
+def test_a_bias_and_a_frozen_layer_get_the_gradients_the_two_calls_give(scheme, monkeypatch):
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(5, 7, 3, 2, 1, bias=True)
+            self.shortcut = nn.Conv2d(5, 7, 1, 2, bias=True)
+
+        def forward(self, x):
+            return self.conv(x) * self.shortcut(x)
+
+    torch.manual_seed(0)
+    paired = q.fuse(_swapped(Block(), scheme))
+    paired.conv.values.requires_grad_(False)  # frozen: no gradient computed for it
+    plain = copy.deepcopy(paired)
+    counts = _calls_of_the_pair(monkeypatch)
+    x = torch.randn(2, 5, 9, 11)
+    got = _step(paired, x)
+    with monkeypatch.context() as m:
+        m.setattr(modules, "_shares_input_with", lambda conv, shortcut: False)
+        want = _step(plain, x)
+    _equal(got, want, "bias and frozen values")
+    assert counts == {"forward": 1, "add": 1}
+    assert paired.conv.values.grad is None and paired.conv.bias.grad is not None
+    assert paired.shortcut.bias.grad is not None
