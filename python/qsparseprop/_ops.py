@@ -184,6 +184,15 @@ def _backward_body(
     return dx, dv, db
 
 
+def _eager_backward(k, grad_y, x, workspace, values, seed, input_shape, need_dx, need_dv, need_db):
+    """_backward_body of an eager autograd function: an s8 layer takes its
+    gradient's channel maxima where the BatchNorm after it handed them over."""
+    maxima = _channel_maxima_of(grad_y) if k.scheme == "s8" else None
+    return _backward_body(
+        k, grad_y.contiguous(), x, workspace, values, seed, input_shape, need_dx, need_dv, need_db, maxima
+    )
+
+
 # ---- Linear -------------------------------------------------------------------
 
 
@@ -384,11 +393,9 @@ class _SparseFunction(torch.autograd.Function):
         x, ws, values = ctx.saved_tensors
         need = ctx.needs_input_grad
         want_db = ctx.has_bias and need[2]
-        maxima = _channel_maxima_of(grad_y) if ctx.k.scheme == "s8" else None
-        dx, dv, db = _backward_body(
-            ctx.k, grad_y.contiguous(), x, ws, values, ctx.seed, ctx.input_shape if ctx.conv else None,
-            need[0], need[1], want_db, maxima,
-        )  # fmt: skip
+        dx, dv, db = _eager_backward(
+            ctx.k, grad_y, x, ws, values, ctx.seed, ctx.input_shape if ctx.conv else None, need[0], need[1], want_db
+        )
         return (dx if need[0] else None, dv if need[1] else None, db if want_db else None) + (None,) * 8
 
 
@@ -551,9 +558,11 @@ def subsample_pixels(x: torch.Tensor, sh: int, sw: int) -> torch.Tensor:
 class _SharedInputConvsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, values_a, bias_a, values_b, bias_b, a, b, stride):
-        # a, b: (row_ptr, col_idx, handle, seed, spec, scheme, vectorization)
-        ka, kb = (kernel_for(t[2], _conv_key(t[4], t[5], bias is not None, t[6]), t[0], t[1])
-                  for t, bias in ((a, bias_a), (b, bias_b)))  # fmt: skip
+        def kernel_of(layer, bias):  # layer: (row_ptr, col_idx, handle, seed, spec, scheme, vectorization)
+            row_ptr, col_idx, handle, _, spec, scheme, vectorization = layer
+            return kernel_for(handle, _conv_key(spec, scheme, bias is not None, vectorization), row_ptr, col_idx)
+
+        ka, kb = kernel_of(a, bias_a), kernel_of(b, bias_b)
         xs = torch.from_numpy(_C.subsample_pixels(_np(x), *stride, _threads()))
         ya, ws_a = _forward_body(ka, x, values_a, bias_a, _abs_max_of(x) if ka.scheme == "s8" else None)
         yb, ws_b = _forward_body(kb, xs, values_b, bias_b)
@@ -572,7 +581,7 @@ class _SharedInputConvsFunction(torch.autograd.Function):
         x, ws_a, values_a, xs, ws_b, values_b = ctx.saved_tensors
         need = ctx.needs_input_grad
         grads = [None] * 8
-        dx = dxs = None
+        input_grads = [None, None]  # of x from the first layer, of its subsample from the second
         for i, (grad, k, inp, ws, values, seed, shape) in enumerate(
             ((grad_a, ctx.k[0], x, ws_a, values_a, ctx.seeds[0], ctx.shapes[0]),
              (grad_b, ctx.k[1], xs, ws_b, values_b, ctx.seeds[1], ctx.shapes[1]))
@@ -580,13 +589,11 @@ class _SharedInputConvsFunction(torch.autograd.Function):
             if grad is None:
                 continue
             want_db = ctx.has_bias[i] and need[2 + 2 * i]
-            maxima = _channel_maxima_of(grad) if k.scheme == "s8" else None
-            d, dv, db = _backward_body(
-                k, grad.contiguous(), inp, ws, values, seed, shape, need[0], need[1 + 2 * i], want_db, maxima
-            )  # fmt: skip
+            d, dv, db = _eager_backward(k, grad, inp, ws, values, seed, shape, need[0], need[1 + 2 * i], want_db)
             grads[1 + 2 * i], grads[2 + 2 * i] = (dv if need[1 + 2 * i] else None), (db if want_db else None)
             if need[0]:
-                dx, dxs = (d, dxs) if i == 0 else (dx, d)
+                input_grads[i] = d
+        dx, dxs = input_grads
         if dx is not None and dxs is not None:
             _C.subsample_pixels_backward_add(_np(dxs), dx.numpy(), *ctx.stride, _threads())
         elif dxs is not None:
