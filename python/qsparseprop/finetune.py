@@ -36,6 +36,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -488,6 +489,16 @@ def _primitive_seconds() -> float:
     return sum(e["total_ms"] for e in _C.profile_info()) / 1e3 if _C.profiling() else 0.0
 
 
+class _FineTuning(NamedTuple):
+    """One variant's fine-tuning as the main job runs it, an epoch at a time."""
+
+    variant: Variant
+    model: nn.Module
+    epochs: Iterator[int]  # its training(): one epoch per next()
+    kept: dict  # the masks it keeps its pruned weights to
+    ours: bool  # a qsparseprop variant (its share inside the primitives is measured)
+
+
 def run(cfg: Config, log=print, rank: int = 0, world: int = 1) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -521,12 +532,12 @@ def run(cfg: Config, log=print, rank: int = 0, world: int = 1) -> dict:
     else:
         skipped["dense bf16 autocast"] = BF16_EMULATED
         log(f"dense bf16 autocast: skipped: {BF16_EMULATED}")
-    # (variant, model, its training, the masks it keeps, whether it is ours)
-    runs: list[tuple[Variant, nn.Module, Iterator[int], dict, bool]] = []
+    runs: list[_FineTuning] = []
     for name, autocast in dense_variants:
         v = Variant(name)
         model = _ddp(copy.deepcopy(pruned), world)
-        runs.append((v, model, training(model, v, data, masks=masks, autocast=autocast, log=log, **fine), masks, False))
+        epochs = training(model, v, data, masks=masks, autocast=autocast, log=log, **fine)
+        runs.append(_FineTuning(v, model, epochs, masks, ours=False))
     # Every layer is a swap candidate, pruned or not: the swap keeps each where
     # it measured faster (the CNN's first convolution, one input channel, runs
     # 2-3x faster on the sparse kernels than in torch). An unpruned layer's
@@ -570,21 +581,22 @@ def run(cfg: Config, log=print, rank: int = 0, world: int = 1) -> dict:
         use_masked_relus(model)
         kept_dense = {n: m for n, m in masks.items() if isinstance(model.get_submodule(n), (nn.Linear, nn.Conv2d))}
         model = _ddp(model, world)
-        runs.append((v, model, training(model, v, data, masks=kept_dense, log=log, **fine), kept_dense, True))
+        epochs = training(model, v, data, masks=kept_dense, log=log, **fine)
+        runs.append(_FineTuning(v, model, epochs, kept_dense, ours=True))
     # The variants' epochs in turn, the order rotated by one each epoch: the
     # machine's drift over minutes then moves every variant alike (one
     # variant after the other, three runs of the default job put int8 at
     # 1.24x-1.37x dense bf16 on a 2-core Xeon), and no variant always runs
     # right after the same one (code run right after AMX code is slower).
-    log(f"fine-tuning {cfg.epochs} epochs of each variant, in turn: " + ", ".join(r[0].name for r in runs))
+    log(f"fine-tuning {cfg.epochs} epochs of each variant, in turn: " + ", ".join(r.variant.name for r in runs))
     was = _C.profiling()
     _C.set_profiling(True)  # the share of each epoch inside the sparse layers' primitives
     try:
         for epoch in range(cfg.epochs):
             for i in range(len(runs)):
-                next(runs[(i + epoch) % len(runs)][2])
-        for run_ in runs:  # their ends: memory and the step's parts, measured
-            for _ in run_[2]:
+                next(runs[(i + epoch) % len(runs)].epochs)
+        for r in runs:  # their ends: memory and the step's parts, measured
+            for _ in r.epochs:
                 pass
     finally:
         _C.set_profiling(was)
