@@ -74,7 +74,8 @@ template <cpu_isa isa> void jit_uni_spmm_width_kernel_t<isa>::generate() {
                 off = rsi, row = r15, tmp = rcx, dptr = rbx;
     const Reg64 src_row[width_max_rows] = {r11, r12, r13, r14};
     const Address rows_left = qword[rsp], src_blk = qword[rsp + 8], dst_blk = qword[rsp + 16],
-                  group = qword[rsp + 24];
+                  group = qword[rsp + 24], first_block = qword[rsp + 32];
+    constexpr int frame_bytes = 48;
     auto field = [&](size_t offset) { return qword[param + offset]; };
     using cp = spmm_width_call_params;
 
@@ -141,6 +142,78 @@ template <cpu_isa isa> void jit_uni_spmm_width_kernel_t<isa>::generate() {
         L(masked);
         walk(false);
         L(done);
+    };
+
+    // The channel's statistics (width_abi.hpp), AVX-512 only: after the
+    // last group, from the values just stored and still in registers (dead
+    // after this: the shift is taken in place), with the three vector
+    // registers free here (a full block may leave no more). No lane
+    // reductions: the call's blocks add into the channel's vectors, which
+    // stay in L1 across the call; the order of every sum is fixed by the
+    // code, so nothing depends on the thread count.
+    auto block_statistics = [&](int rows) {
+        if (!avx512) return;
+        using ws = width_statistics;
+        Label skip, first, ready, first_sums, sums_ready;
+        cmp(field(offsetof(cp, statistics)), 0);
+        je(skip, T_NEAR);
+        mov(tmp, group);
+        inc(tmp);
+        cmp(tmp, field(offsetof(cp, n_groups)));
+        jne(skip, T_NEAR);
+        mov(tmp, row);
+        imul(tmp, field(offsetof(cp, statistics_channel_stride)));
+        add(tmp, field(offsetof(cp, statistics)));
+        const Zmm lo(w.getIdx()), hi(tmp0.getIdx()), shift(tmp1.getIdx());
+        auto at = [&](size_t offset) { return zword[tmp + offset]; };
+        // op(value, masked) over the block's values: the tail vector's lanes
+        // past the row are not the block's (merge-masked: left as they were)
+        auto each = [&](const std::function<void(const Zmm &, bool)> &op) {
+            for (int r = 0; r < rows; ++r)
+                for (int v = 0; v < nv; ++v)
+                    op(Zmm(acc(r, v).getIdx()), v == nv - 1 && tail != 0);
+        };
+        auto infinity = [&](const Zmm &x, bool negative) {
+            mov(i.cvt32(), negative ? 0xff800000u : 0x7f800000u);
+            vpbroadcastd(x, i.cvt32());
+        };
+        // the range, of the values themselves
+        cmp(first_block, 0);
+        jne(first, T_NEAR);
+        vmovups(lo, at(offsetof(ws, lowest)));
+        vmovups(hi, at(offsetof(ws, highest)));
+        jmp(ready, T_NEAR);
+        L(first);
+        infinity(lo, false);
+        infinity(hi, true);
+        L(ready);
+        each([&](const Zmm &y, bool masked) {
+            vminps(masked ? lo | k1 : lo, lo, y);
+            vmaxps(masked ? hi | k1 : hi, hi, y);
+        });
+        vmovups(at(offsetof(ws, lowest)), lo);
+        vmovups(at(offsetof(ws, highest)), hi);
+        // the sums of the shifted values
+        cmp(first_block, 0);
+        jne(first_sums, T_NEAR);
+        vbroadcastss(shift, dword[tmp + offsetof(ws, shift)]);
+        vmovups(lo, at(offsetof(ws, sum)));
+        vmovups(hi, at(offsetof(ws, squares)));
+        jmp(sums_ready, T_NEAR);
+        L(first_sums);
+        vbroadcastss(shift, Xmm(acc(0, 0).getIdx()));
+        vmovss(dword[tmp + offsetof(ws, shift)], Xmm(shift.getIdx()));
+        vpxord(lo, lo, lo);
+        vpxord(hi, hi, hi);
+        L(sums_ready);
+        each([&](const Zmm &y, bool masked) {
+            vsubps(y, y, shift);
+            vaddps(masked ? lo | k1 : lo, lo, y);
+            vfmadd231ps(masked ? hi | k1 : hi, y, y);
+        });
+        vmovups(at(offsetof(ws, sum)), lo);
+        vmovups(at(offsetof(ws, squares)), hi);
+        L(skip);
     };
 
     // One block of `rows` output rows: every group, and in it every channel
@@ -246,15 +319,18 @@ template <cpu_isa isa> void jit_uni_spmm_width_kernel_t<isa>::generate() {
             L(not_last);
         }
         each_sum(rows, store);
+        block_statistics(rows);
         inc(row);
         jmp(row_loop, T_NEAR);
         L(rows_done);
         inc(group);
         jmp(group_loop, T_NEAR);
         L(groups_done);
+        if (avx512) mov(first_block, 0);
     };
     preamble();
-    sub(rsp, 32);
+    sub(rsp, frame_bytes);
+    mov(first_block, 1);
     mov(values, field(offsetof(cp, values)));
     mov(offsets, field(offsetof(cp, src_offsets)));
     mov(group_ptr, field(offsetof(cp, group_ptr)));
@@ -268,7 +344,7 @@ template <cpu_isa isa> void jit_uni_spmm_width_kernel_t<isa>::generate() {
                          offsetof(cp, src), offsetof(cp, dst), offsetof(cp, src_row_step),
                          offsetof(cp, dst_row_stride)},
                         params_.n_rows, block);
-    add(rsp, 32);
+    add(rsp, frame_bytes);
     postamble();
     if (emulated) emit_int8_dot_constant_table(*this, constants);
     if (!avx512 && tail != 0) {

@@ -35,6 +35,18 @@ namespace qsp::jit {
 //   f32: epilogue(s) = s + bias[r]
 //   s8:  epilogue(s) = float(s - correction[r]) * scale[r] + bias[r], where s
 //        sums the u8 x s8 quad dot products
+// One channel's statistics of one call (an image's rows of one chunk), per
+// vector lane: the values v the call stored, shifted by the first of them
+// (lane 0 of the first vector: the sums of v - shift lose nothing to
+// cancellation), summed, and their range. Lanes past the chunk's width
+// keep 0, 0, +inf, -inf.
+struct width_statistics {
+    float shift, unused[15];
+    float sum[16];     // of v - shift
+    float squares[16]; // of (v - shift)^2
+    float lowest[16], highest[16];
+};
+
 struct spmm_width_call_params {
     const void *values;         // per entry: f32 weight, or the s8 quad dword
     const int32_t *src_offsets; // per entry: byte offset from the source base of output row 0
@@ -61,6 +73,13 @@ struct spmm_width_call_params {
     // stored whole, those lanes landing in the next row, which the same block
     // stores after it.
     int64_t dst_rows_back_to_back;
+    // Null, or where the AVX-512 kernels accumulate the batch statistics of
+    // the values they store, channel by channel (the batch_statistics
+    // post-op taken in the epilogue; avx2 kernels ignore it): channel r's
+    // width_statistics at statistics + r * statistics_channel_stride bytes,
+    // written whole by the call (its first block starts it).
+    width_statistics *statistics;
+    int64_t statistics_channel_stride; // bytes
 };
 
 // Width SDDMM (Conv2d backward-weights): for every entry e of rows

@@ -172,6 +172,10 @@ public:
         dims src, dst;
         std::string impls;
         bool takes_kept; // every direction's implementation reads the kept layout itself
+        // The forward with a first batch_statistics post-op (the BatchNorm
+        // after a Conv2d takes its statistics from it), made on first use
+        // under the layer's mutex.
+        mutable std::shared_ptr<const fwd_t> fwd_statistics;
     };
 
 protected:
@@ -221,7 +225,8 @@ protected:
                 qsp::sparse_backward<bwd_data_t, bwd_weights_t>(bd_pd, bw_pd), src, dst,
                 fwd_pd.impl_info_str() + "/" + bd_pd.impl_info_str() + "/" + bw_pd.impl_info_str(),
                 fwd_pd.takes_kept_layout() && bd_pd.takes_kept_layout()
-                        && bw_pd.takes_kept_layout()});
+                        && bw_pd.takes_kept_layout(),
+                nullptr});
         cache_.push_front(entry{src, threads, variant, p});
         if (cache_.size() > shapes_kept) cache_.pop_back();
         return p;
@@ -253,9 +258,13 @@ protected:
     // Allocates the output and the workspace (s8 training: the quantized
     // input, else empty) and runs the forward: one call from Python.
     // x_abs_max: None, or max |x| (one float) as x's writer found it: s8
-    // skips its own pass finding it.
+    // skips its own pass finding it. with_statistics: the forward to run
+    // instead, with its batch_statistics post-op; the tuple then ends with
+    // dst's statistics, 4 x C floats: mean, biased variance, then (lowest,
+    // highest) per channel.
     py::tuple forward(const primitives &p, const py::array &x, const py::array &values,
-                      const py::object &bias, const py::object &x_abs_max) {
+                      const py::object &bias, const py::object &x_abs_max,
+                      const fwd_t *with_statistics = nullptr) {
         py::array_t<float> y = pooled_array<float>(p.dst);
         py::array_t<uint8_t> workspace;
         qsp::exec_args args{
@@ -265,11 +274,39 @@ protected:
         if (const float *m = optional_f32(x_abs_max, "x_abs_max", {1});
             m && scheme_ == qsp::quant_scheme::s8)
             args[qsp::QSP_ARG_SRC_ABS_MAX] = mem(f32_md({1}), const_cast<float *>(m));
+        const int64_t c = p.dst[1];
+        py::array_t<float> statistics(with_statistics ? 4 * c : 0);
+        if (with_statistics) {
+            float *s = statistics.mutable_data();
+            args[qsp::QSP_ARG_POST_OP(0, qsp::QSP_POST_OP_MEAN)] = mem(f32_md({c}), s);
+            args[qsp::QSP_ARG_POST_OP(0, qsp::QSP_POST_OP_VARIANCE)] = mem(f32_md({c}), s + c);
+            args[qsp::QSP_ARG_POST_OP(0, qsp::QSP_POST_OP_RANGE)] = mem(f32_md({c, 2}), s + 2 * c);
+        }
         {
             py::gil_scoped_release release;
-            p.fwd.execute(stream_, args);
+            (with_statistics ? *with_statistics : p.fwd).execute(stream_, args);
         }
+        if (with_statistics) return py::make_tuple(y, workspace, statistics);
         return py::make_tuple(y, workspace);
+    }
+
+    // p's forward with a first batch_statistics post-op, on the
+    // implementation p's forward picked (its workspace is the one p's
+    // backward primitives read).
+    template <typename make_fwd_pd>
+    const fwd_t &forward_with_statistics(const primitives &p, int threads, make_fwd_pd make) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        if (!p.fwd_statistics) {
+            qsp::primitive_attr attr;
+            attr.num_threads = threads;
+            attr.vectorization = vectorization_;
+            attr.implementation = p.fwd_pd.impl_info_str();
+            attr.ops.append_batch_statistics();
+            const auto bias_md = with_bias_ ? f32_md({p.dst[1]}) : dnnl::memory::desc();
+            p.fwd_statistics = std::make_shared<const fwd_t>(
+                    make(engine_, f32_md(p.src), bias_md, f32_md(p.dst), attr));
+        }
+        return *p.fwd_statistics;
     }
 
 public:
@@ -763,15 +800,18 @@ public:
         return qsp::conv2d_output_hw(g_, h, w);
     }
 
+    auto make_forward_pd() const {
+        return [this](const dnnl::engine &e, const dnnl::memory::desc &s,
+                      const dnnl::memory::desc &b, const dnnl::memory::desc &d,
+                      const qsp::primitive_attr &a) {
+            return qsp::sparse_conv2d_forward::primitive_desc(e, qsp::prop_kind::forward_training,
+                                                              s, pattern_, b, d, g_, scheme_, a);
+        };
+    }
+
     std::shared_ptr<const primitives> prims(const dims &src, int threads) {
         const auto o = output_hw(src[2], src[3]);
-        return get(
-                src, {src[0], out_c_, o[0], o[1]}, threads,
-                [&](const dnnl::engine &e, const dnnl::memory::desc &s, const dnnl::memory::desc &b,
-                    const dnnl::memory::desc &d, const qsp::primitive_attr &a) {
-                    return qsp::sparse_conv2d_forward::primitive_desc(
-                            e, qsp::prop_kind::forward_training, s, pattern_, b, d, g_, scheme_, a);
-                });
+        return get(src, {src[0], out_c_, o[0], o[1]}, threads, make_forward_pd());
     }
 
     size_t workspace_bytes(const dims &src, int threads) {
@@ -779,9 +819,14 @@ public:
     }
     std::string implementations(const dims &src, int threads) { return prims(src, threads)->impls; }
 
+    // statistics: also dst's batch statistics (forward's with_statistics),
+    // for the BatchNorm after the convolution.
     py::tuple fwd(const py::array &x, const py::array &values, const py::object &bias, int threads,
-                  const py::object &x_abs_max) {
-        return forward(*prims(shape4(x), threads), x, values, bias, x_abs_max);
+                  const py::object &x_abs_max, bool statistics) {
+        const auto p = prims(shape4(x), threads);
+        return forward(*p, x, values, bias, x_abs_max,
+                       statistics ? &forward_with_statistics(*p, threads, make_forward_pd())
+                                  : nullptr);
     }
     py::array bwd_data(const py::object &ws, const py::array &dy, const py::array &values,
                        const dims &src, uint64_t seed, int threads) {
@@ -1076,12 +1121,15 @@ PYBIND11_MODULE(_C, m) {
     // residual (or None) a tensor of its shape added before the ReLU (a
     // residual block's end). Returns (dst, mask, mean, invstd, batch_var,
     // centered, step, max |dst| (keep_s8 without a residual; else empty)).
+    // known: None, or src's batch statistics as the convolution that wrote
+    // it took them (4 x C floats: mean, variance, lowest and highest per
+    // channel; conv2d_layer.forward(statistics=True)).
     m.def(
             "batch_norm_relu_forward",
             [](const py::array &src, const py::object &gamma, const py::object &beta,
                const py::object &running_mean, const py::object &running_var, double eps,
                bool batch_statistics, bool relu, bool keep_s8, const py::object &residual,
-               int threads) {
+               int threads, const py::object &known) {
                 const qsp::batch_norm_relu_desc d =
                         batch_norm_desc(src, eps, batch_statistics, relu);
                 const dims shape(src.shape(), src.shape() + 4), per_channel{d.channels};
@@ -1091,6 +1139,11 @@ PYBIND11_MODULE(_C, m) {
                 const float *rm = optional_f32(running_mean, "running_mean", per_channel);
                 const float *rv = optional_f32(running_var, "running_var", per_channel);
                 const float *res = optional_f32(residual, "residual", shape);
+                const float *k = optional_f32(known, "known", {4 * d.channels});
+                qsp::batch_norm_known_statistics given;
+                given.mean = k, given.variance = k ? k + d.channels : nullptr;
+                given.range = k ? k + 2 * d.channels : nullptr;
+                const qsp::batch_norm_known_statistics *kp = k ? &given : nullptr;
                 py::array_t<float> dst = pooled_array<float>(shape);
                 const int64_t n = d.batch * d.channels * d.spatial;
                 py::array_t<uint8_t> mask = pooled_array<uint8_t>({relu ? (n + 7) / 8 : 0});
@@ -1108,28 +1161,29 @@ PYBIND11_MODULE(_C, m) {
                         qsp::batch_norm_add_relu_forward(
                                 d, s, res, g, b, rm, rv, dst.mutable_data(), mask.mutable_data(),
                                 mean.mutable_data(), invstd.mutable_data(), bv,
-                                centered.mutable_data(), step.mutable_data(), threads);
+                                centered.mutable_data(), step.mutable_data(), threads, kp);
                     else if (res)
                         qsp::batch_norm_add_relu_forward(
                                 d, s, res, g, b, rm, rv, dst.mutable_data(), mask.mutable_data(),
-                                mean.mutable_data(), invstd.mutable_data(), bv, threads);
+                                mean.mutable_data(), invstd.mutable_data(), bv, threads, kp);
                     else if (keep_s8)
                         qsp::batch_norm_relu_forward(d, s, g, b, rm, rv, dst.mutable_data(),
                                                      mask.mutable_data(), mean.mutable_data(),
                                                      invstd.mutable_data(), bv,
                                                      centered.mutable_data(), step.mutable_data(),
-                                                     dst_abs_max.mutable_data(), threads);
+                                                     dst_abs_max.mutable_data(), threads, kp);
                     else
                         qsp::batch_norm_relu_forward(d, s, g, b, rm, rv, dst.mutable_data(),
                                                      mask.mutable_data(), mean.mutable_data(),
-                                                     invstd.mutable_data(), bv, threads);
+                                                     invstd.mutable_data(), bv, threads, kp);
                 }
                 return py::make_tuple(dst, mask, mean, invstd, batch_var, centered, step,
                                       dst_abs_max);
             },
             py::arg("src"), py::arg("gamma"), py::arg("beta"), py::arg("running_mean"),
             py::arg("running_var"), py::arg("eps"), py::arg("batch_statistics"), py::arg("relu"),
-            py::arg("keep_s8"), py::arg("residual"), py::arg("threads"));
+            py::arg("keep_s8"), py::arg("residual"), py::arg("threads"),
+            py::arg("known") = py::none());
     // src: the forward's src (float32, with mean), or its int8 copy (int8,
     // with step). need_diff_residual: also the gradient of a residual the
     // forward added (empty otherwise). Returns (diff_src, diff_gamma,
@@ -1236,7 +1290,8 @@ PYBIND11_MODULE(_C, m) {
             .def("output_hw", &conv2d_layer::output_hw)
             .def("workspace_bytes", &conv2d_layer::workspace_bytes)
             .def("implementations", &conv2d_layer::implementations)
-            .def("forward", &conv2d_layer::fwd)
+            .def("forward", &conv2d_layer::fwd, py::arg("x"), py::arg("values"), py::arg("bias"),
+                 py::arg("threads"), py::arg("x_abs_max"), py::arg("statistics") = false)
             .def("backward_data", &conv2d_layer::bwd_data)
             .def("backward_weights", &conv2d_layer::bwd_weights)
             .def("backward", &conv2d_layer::bwd);

@@ -145,7 +145,9 @@ const char *to_string(conv_vectorization v);
 // Post-ops: what a forward primitive applies to its output after computing
 // it, in order, within the same execution (oneDNN's post-op chain in spirit).
 // Consecutive elementwise post-ops run as one pass over the output while a
-// chunk of it is in cache; batch statistics take a pass of their own.
+// chunk of it is in cache; batch statistics take a pass of their own, except
+// as the first post-op of a Conv2d forward on the output-width AVX-512
+// kernels, which take them while they write dst (no pass over dst).
 // "Channel" is an output feature (Linear: a column of dst; Conv2d: an output
 // channel plane). Arguments of post-op i go by QSP_ARG_POST_OP(i, ...).
 class post_ops {
@@ -159,7 +161,10 @@ public:
         add,              // dst += QSP_POST_OP_SRC (f32, dst's dims): a residual
         batch_statistics, // QSP_POST_OP_MEAN, QSP_POST_OP_VARIANCE (f32, one per channel):
                           // the mean and biased variance of dst at this point of the
-                          // chain, as training-mode BatchNorm needs them
+                          // chain, as training-mode BatchNorm needs them; with the
+                          // optional QSP_POST_OP_RANGE (f32, two per channel), also
+                          // each channel's lowest and highest value (the int8 copy of
+                          // a BatchNorm's input needs them)
     };
     post_ops &append_relu() { return append(kind::relu); }
     post_ops &append_gelu(bool tanh_approximation) {
@@ -184,10 +189,11 @@ enum qsp_post_op_arg {
     QSP_POST_OP_SRC = 0,
     QSP_POST_OP_MASK,
     QSP_POST_OP_MEAN,
-    QSP_POST_OP_VARIANCE
+    QSP_POST_OP_VARIANCE,
+    QSP_POST_OP_RANGE
 };
 constexpr int QSP_ARG_POST_OP_BASE = 1 << 25;
-constexpr int QSP_ARG_POST_OP_STRIDE = 4; // argument ids per post-op (the qsp_post_op_arg values)
+constexpr int QSP_ARG_POST_OP_STRIDE = 5; // argument ids per post-op (the qsp_post_op_arg values)
 constexpr int QSP_ARG_POST_OP(int index, qsp_post_op_arg what) {
     return QSP_ARG_POST_OP_BASE + QSP_ARG_POST_OP_STRIDE * index + static_cast<int>(what);
 }
@@ -465,6 +471,17 @@ struct batch_norm_relu_desc {
     bool relu = false;
 };
 
+// Batch statistics of src as whatever wrote src found them: the
+// batch_statistics post-op (QSP_POST_OP_MEAN, _VARIANCE, _RANGE) of the
+// forward primitive whose dst src is, taken while it wrote it. A forward
+// below given them (`known`, with batch statistics) uses them as its
+// batch's and makes no statistics pass of its own; the int8 copy of src
+// needs the range too.
+struct batch_norm_known_statistics {
+    const float *mean = nullptr, *variance = nullptr; // C floats each: mean, biased variance
+    const float *range = nullptr; // 2 x C floats: lowest, highest per channel (or null)
+};
+
 // src, dst: N*C*H*W floats (dst may be src). gamma, beta: C floats, or null
 // for 1 and 0 (affine=False). running_mean, running_var: read only without
 // batch statistics. Writes mean and invstd (C floats each: what the backward
@@ -475,7 +492,8 @@ struct batch_norm_relu_desc {
 void batch_norm_relu_forward(const batch_norm_relu_desc &d, const float *src, const float *gamma,
                              const float *beta, const float *running_mean, const float *running_var,
                              float *dst, uint8_t *mask, float *mean, float *invstd,
-                             float *batch_var, int num_threads = 0);
+                             float *batch_var, int num_threads = 0,
+                             const batch_norm_known_statistics *known = nullptr);
 // diff_dst, src (the forward's src), mask, mean, invstd as the forward gave
 // them; gamma as the forward's. diff_src (may alias diff_dst), diff_gamma,
 // diff_beta may each be null when not wanted.
@@ -500,7 +518,8 @@ void batch_norm_relu_forward(const batch_norm_relu_desc &d, const float *src, co
                              const float *beta, const float *running_mean, const float *running_var,
                              float *dst, uint8_t *mask, float *mean, float *invstd,
                              float *batch_var, int8_t *centered, float *step, float *dst_abs_max,
-                             int num_threads = 0);
+                             int num_threads = 0,
+                             const batch_norm_known_statistics *known = nullptr);
 // The backward with src - mean read as centered * step. With
 // diff_src_channel_abs_max (C floats; needs diff_src), also max |diff_src|
 // per channel (NaN where the channel holds a NaN), found while diff_src is
@@ -540,12 +559,14 @@ void batch_norm_add_relu_forward(const batch_norm_relu_desc &d, const float *src
                                  const float *residual, const float *gamma, const float *beta,
                                  const float *running_mean, const float *running_var, float *dst,
                                  uint8_t *mask, float *mean, float *invstd, float *batch_var,
-                                 int num_threads = 0);
+                                 int num_threads = 0,
+                                 const batch_norm_known_statistics *known = nullptr);
 void batch_norm_add_relu_forward(const batch_norm_relu_desc &d, const float *src,
                                  const float *residual, const float *gamma, const float *beta,
                                  const float *running_mean, const float *running_var, float *dst,
                                  uint8_t *mask, float *mean, float *invstd, float *batch_var,
-                                 int8_t *centered, float *step, int num_threads = 0);
+                                 int8_t *centered, float *step, int num_threads = 0,
+                                 const batch_norm_known_statistics *known = nullptr);
 void batch_norm_add_relu_backward(const batch_norm_relu_desc &d, const float *diff_dst,
                                   const uint8_t *mask, const float *src, const float *gamma,
                                   const float *mean, const float *invstd, float *diff_src,

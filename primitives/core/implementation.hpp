@@ -18,6 +18,18 @@
 namespace qsp::detail {
 
 struct batch_norm_gradient; // primitives/passes/batch_norm.hpp
+struct channel_range;       // primitives/passes/batch_norm.hpp
+
+// A forward whose first post-op is batch_statistics asks for dst's
+// per-channel mean and biased variance (range: each channel's lowest and
+// highest, or null) here. An implementation that takes them while it writes
+// dst fills them and sets `written`; otherwise the core's pass over dst
+// finds them after it.
+struct dst_statistics_request {
+    double *mean = nullptr, *var = nullptr;
+    channel_range *range = nullptr;
+    bool written = false;
+};
 
 // The fused backward (qsp::sparse_backward): the first direction that packs
 // dY into a form a kernel family shares records it here, in memory that lives
@@ -51,6 +63,7 @@ struct tensors {
     const float *weights = nullptr;
     const float *bias = nullptr;
     float *dst = nullptr;
+    dst_statistics_request *dst_statistics = nullptr; // forward, plain dst only
     s8::workspace_view workspace; // s8 training: the forward's quantized src and weights
     const float *diff_dst = nullptr;
     const float *diff_dst_channel_abs_max = nullptr; // s8: max |diff_dst| per channel, if known

@@ -1,11 +1,13 @@
 // Primitives: creation builds the picked implementation's kernel (plans and
 // generated code, from their caches when another primitive built them);
 // execution checks the arguments against the descriptor, then runs it.
+#include <atomic>
 #include <sstream>
 
 #include "primitives/core/kept_layout.hpp"
 #include "primitives/core/pd_impl.hpp"
 #include "primitives/core/s8_dy_quantization.hpp"
+#include "primitives/core/testing_hooks.hpp"
 #include "primitives/passes/batch_norm.hpp"
 #include "primitives/passes/post_ops.hpp"
 #include "primitives/passes/tile_layout.hpp"
@@ -13,6 +15,16 @@
 #include "runtime/verbose.hpp"
 
 namespace qsp {
+
+namespace detail {
+namespace {
+std::atomic<int64_t> epilogue_statistics_taken{0};
+} // namespace
+
+int64_t epilogue_statistics_taken_for_testing() {
+    return epilogue_statistics_taken.load(std::memory_order_relaxed);
+}
+} // namespace detail
 
 using namespace detail;
 
@@ -153,8 +165,11 @@ void primitive_base::execute(const dnnl::stream &stream, const exec_args &args,
                         case QSP_POST_OP_MEAN:
                             post[index].mean = static_cast<float *>(h);
                             break;
-                        default:
+                        case QSP_POST_OP_VARIANCE:
                             post[index].variance = static_cast<float *>(h);
+                            break;
+                        default:
+                            post[index].range = static_cast<float *>(h);
                             break;
                     }
                 }
@@ -194,6 +209,20 @@ void primitive_base::execute(const dnnl::stream &stream, const exec_args &args,
                 s8::write_batch_norm_dy(bn_gradient, t, pd.prob.num_threads);
             }
         }
+        // the chain's first batch statistics are of dst as written: the
+        // kernel may take them while it writes it
+        const bool statistics_first =
+                !pd.post_op_chain.empty() && !pd.dst_kept
+                && pd.post_op_chain.front() == post_ops::kind::batch_statistics;
+        const auto channels = static_cast<size_t>(pd.prob.channels());
+        std::vector<double> statistics_mean(statistics_first ? channels : 0),
+                statistics_var(statistics_mean.size());
+        std::vector<channel_range> statistics_range(
+                statistics_first && post.front().range ? channels : 0);
+        dst_statistics_request statistics{statistics_mean.data(), statistics_var.data(),
+                                          statistics_range.empty() ? nullptr
+                                                                   : statistics_range.data()};
+        if (statistics_first) t.dst_statistics = &statistics;
         if (pd.impl->kept_layout_native) {
             t.src_kept = pd.src_kept;
             t.dst_kept = pd.dst_kept;
@@ -210,7 +239,20 @@ void primitive_base::execute(const dnnl::stream &stream, const exec_args &args,
                                                  jit::tile_batch}
                                 : channel_layout{pd.prob.outer(), pd.prob.channels(),
                                                  pd.prob.channel_inner()};
-            apply_post_ops(pd.post_op_chain, post, t.dst, dst_layout, pd.prob.num_threads);
+            size_t first = 0;
+            if (statistics.written) { // the kernel's statistics stand for the first post-op
+                epilogue_statistics_taken.fetch_add(1, std::memory_order_relaxed);
+                const post_op_tensors &out = post.front();
+                for (size_t c = 0; c < channels; ++c) {
+                    out.mean[c] = static_cast<float>(statistics_mean[c]);
+                    out.variance[c] = static_cast<float>(statistics_var[c]);
+                    if (out.range)
+                        out.range[2 * c] = statistics_range[c].lowest,
+                                      out.range[2 * c + 1] = statistics_range[c].highest;
+                }
+                first = 1;
+            }
+            apply_post_ops(pd.post_op_chain, post, t.dst, dst_layout, pd.prob.num_threads, first);
         }
     }
     if (verbose_level() >= 1) {

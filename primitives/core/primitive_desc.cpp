@@ -146,7 +146,8 @@ void add_batch_norm_source_args(pd_impl &pd) {
 // The arguments of each post-op, and the chain the primitive applies.
 void add_post_op_args(pd_impl &pd, const post_ops &ops) {
     const problem &p = pd.prob;
-    const dnnl::memory::desc per_channel = plain_f32_desc({p.channels()});
+    const dnnl::memory::desc per_channel = plain_f32_desc({p.channels()}),
+                             channel_pairs = plain_f32_desc({p.channels(), 2});
     // kept: the mask covers the tiles, padding included
     const int64_t dst_elems = pd.dst_kept ? kept_elems(p.batch, p.out) : p.dst_elems();
     const dnnl::memory::desc mask({(dst_elems + 7) / 8}, dnnl::memory::data_type::u8,
@@ -171,6 +172,8 @@ void add_post_op_args(pd_impl &pd, const post_ops &ops) {
                         {QSP_ARG_POST_OP(i, QSP_POST_OP_MEAN), "post-op mean", per_channel, true});
                 pd.args.push_back({QSP_ARG_POST_OP(i, QSP_POST_OP_VARIANCE), "post-op variance",
                                    per_channel, true});
+                pd.args.push_back({QSP_ARG_POST_OP(i, QSP_POST_OP_RANGE), "post-op range",
+                                   channel_pairs, false});
                 break;
             case post_ops::kind::gelu_tanh:
             case post_ops::kind::gelu_erf:

@@ -396,8 +396,18 @@ float dst_abs_max_from_ranges(const std::vector<detail::channel_range> &range,
 void forward(const batch_norm_relu_desc &d, const float *src, const float *residual,
              const float *gamma, const float *beta, const float *running_mean,
              const float *running_var, float *dst, uint8_t *mask, float *mean, float *invstd,
-             float *batch_var, int8_t *centered, float *step, float *dst_abs_max, int num_threads) {
+             float *batch_var, int8_t *centered, float *step, float *dst_abs_max, int num_threads,
+             const batch_norm_known_statistics *known) {
     const detail::channel_planes s = checked_planes(d);
+    if (known) {
+        if (!d.batch_statistics)
+            throw std::invalid_argument("batch_norm_relu: known statistics stand for the batch's "
+                                        "(batch_statistics); without them the running statistics "
+                                        "are used");
+        require(known->mean, "known mean");
+        require(known->variance, "known variance");
+        if (centered) require(known->range, "known range (the int8 copy of src needs it)");
+    }
     require(mean, "mean");
     require(invstd, "invstd");
     if (d.relu) require(mask, "mask");
@@ -413,7 +423,12 @@ void forward(const batch_norm_relu_desc &d, const float *src, const float *resid
     const auto channels = static_cast<size_t>(s.channels);
     std::vector<double> m(channels), v(channels);
     std::vector<detail::channel_range> range(centered ? channels : 0);
-    if (d.batch_statistics) {
+    if (known) {
+        for (size_t c = 0; c < channels; ++c) {
+            m[c] = known->mean[c], v[c] = known->variance[c];
+            if (centered) range[c] = {known->range[2 * c], known->range[2 * c + 1]};
+        }
+    } else if (d.batch_statistics) {
         detail::channel_statistics(src, s, m.data(), v.data(), centered ? range.data() : nullptr,
                                    threads);
     } else {
@@ -504,19 +519,20 @@ void backward(const batch_norm_relu_desc &d, const float *diff_dst, const uint8_
 void batch_norm_relu_forward(const batch_norm_relu_desc &d, const float *src, const float *gamma,
                              const float *beta, const float *running_mean, const float *running_var,
                              float *dst, uint8_t *mask, float *mean, float *invstd,
-                             float *batch_var, int num_threads) {
+                             float *batch_var, int num_threads,
+                             const batch_norm_known_statistics *known) {
     forward(d, src, nullptr, gamma, beta, running_mean, running_var, dst, mask, mean, invstd,
-            batch_var, nullptr, nullptr, nullptr, num_threads);
+            batch_var, nullptr, nullptr, nullptr, num_threads, known);
 }
 
 void batch_norm_relu_forward(const batch_norm_relu_desc &d, const float *src, const float *gamma,
                              const float *beta, const float *running_mean, const float *running_var,
                              float *dst, uint8_t *mask, float *mean, float *invstd,
                              float *batch_var, int8_t *centered, float *step, float *dst_abs_max,
-                             int num_threads) {
+                             int num_threads, const batch_norm_known_statistics *known) {
     require_int8_copy(d, centered, step);
     forward(d, src, nullptr, gamma, beta, running_mean, running_var, dst, mask, mean, invstd,
-            batch_var, centered, step, dst_abs_max, num_threads);
+            batch_var, centered, step, dst_abs_max, num_threads, known);
 }
 
 void batch_norm_relu_backward(const batch_norm_relu_desc &d, const float *diff_dst,
@@ -552,21 +568,22 @@ void batch_norm_add_relu_forward(const batch_norm_relu_desc &d, const float *src
                                  const float *residual, const float *gamma, const float *beta,
                                  const float *running_mean, const float *running_var, float *dst,
                                  uint8_t *mask, float *mean, float *invstd, float *batch_var,
-                                 int num_threads) {
+                                 int num_threads, const batch_norm_known_statistics *known) {
     if (d.batch > 0) require(residual, "residual");
     forward(d, src, residual, gamma, beta, running_mean, running_var, dst, mask, mean, invstd,
-            batch_var, nullptr, nullptr, nullptr, num_threads);
+            batch_var, nullptr, nullptr, nullptr, num_threads, known);
 }
 
 void batch_norm_add_relu_forward(const batch_norm_relu_desc &d, const float *src,
                                  const float *residual, const float *gamma, const float *beta,
                                  const float *running_mean, const float *running_var, float *dst,
                                  uint8_t *mask, float *mean, float *invstd, float *batch_var,
-                                 int8_t *centered, float *step, int num_threads) {
+                                 int8_t *centered, float *step, int num_threads,
+                                 const batch_norm_known_statistics *known) {
     require_int8_copy(d, centered, step);
     if (d.batch > 0) require(residual, "residual");
     forward(d, src, residual, gamma, beta, running_mean, running_var, dst, mask, mean, invstd,
-            batch_var, centered, step, nullptr, num_threads);
+            batch_var, centered, step, nullptr, num_threads, known);
 }
 
 void batch_norm_add_relu_backward(const batch_norm_relu_desc &d, const float *diff_dst,

@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
+#include <vector>
 
 #include "primitives/passes/batch_norm.hpp"
 #include "primitives/passes/relu_mask.hpp"
@@ -110,18 +112,37 @@ void column_statistics(const float *x, int64_t rows, int64_t cols, float *mean, 
     }
 }
 
-void batch_statistics(const float *dst, channel_layout l, float *mean, float *var,
+// Each channel's lowest and highest value (NaN compares false: skipped).
+void channel_ranges(const float *dst, channel_layout l, float *range, int num_threads) {
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t c = 0; c < l.channels; ++c) {
+        float lowest = std::numeric_limits<float>::infinity(), highest = -lowest;
+        for (int64_t o = 0; o < l.outer; ++o) {
+            const float *run = dst + (o * l.channels + c) * l.inner;
+            for (int64_t j = 0; j < l.inner; ++j) {
+                lowest = run[j] < lowest ? run[j] : lowest;
+                highest = run[j] > highest ? run[j] : highest;
+            }
+        }
+        range[2 * c] = lowest, range[2 * c + 1] = highest;
+    }
+}
+
+void batch_statistics(const float *dst, channel_layout l, const post_op_tensors &t,
                       int num_threads) {
     if (l.inner == 1) {
-        column_statistics(dst, l.outer, l.channels, mean, var, num_threads);
+        column_statistics(dst, l.outer, l.channels, t.mean, t.variance, num_threads);
+        if (t.range) channel_ranges(dst, l, t.range, num_threads);
         return;
     }
     std::vector<double> m(static_cast<size_t>(l.channels)), v(m.size());
-    channel_statistics(dst, {l.outer, l.channels, l.inner}, m.data(), v.data(), nullptr,
-                       num_threads);
+    std::vector<channel_range> r(t.range ? m.size() : 0);
+    channel_statistics(dst, {l.outer, l.channels, l.inner}, m.data(), v.data(),
+                       t.range ? r.data() : nullptr, num_threads);
     for (size_t c = 0; c < m.size(); ++c) {
-        mean[c] = static_cast<float>(m[c]);
-        var[c] = static_cast<float>(v[c]);
+        t.mean[c] = static_cast<float>(m[c]);
+        t.variance[c] = static_cast<float>(v[c]);
+        if (t.range) t.range[2 * c] = r[c].lowest, t.range[2 * c + 1] = r[c].highest;
     }
 }
 
@@ -129,13 +150,12 @@ void batch_statistics(const float *dst, channel_layout l, float *mean, float *va
 
 void apply_post_ops(const std::vector<post_ops::kind> &chain,
                     const std::vector<post_op_tensors> &tensors, float *dst, channel_layout layout,
-                    int num_threads) {
+                    int num_threads, size_t first) {
     const int64_t n = layout.elements();
     if (n == 0) return;
-    for (size_t first = 0; first < chain.size();) {
+    while (first < chain.size()) {
         if (!elementwise(chain[first])) {
-            const post_op_tensors &t = tensors[first];
-            batch_statistics(dst, layout, t.mean, t.variance, num_threads);
+            batch_statistics(dst, layout, tensors[first], num_threads);
             ++first;
             continue;
         }
@@ -202,6 +222,7 @@ void apply_post_ops_reference(const std::vector<post_ops::kind> &chain,
                     t.mean[c] = static_cast<float>(mean);
                     t.variance[c] = static_cast<float>(squares / count);
                 }
+                if (t.range) channel_ranges(dst, l, t.range, 1);
                 break;
         }
     }

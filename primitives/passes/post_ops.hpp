@@ -17,6 +17,7 @@ struct post_op_tensors {
     const float *src = nullptr;                 // add
     uint8_t *mask = nullptr;                    // relu (optional)
     float *mean = nullptr, *variance = nullptr; // batch_statistics
+    float *range = nullptr; // batch_statistics (optional): lowest, highest per channel
 };
 
 // dst is outer x channels x inner (Linear: inner = 1, a row per example).
@@ -25,9 +26,10 @@ struct channel_layout {
     int64_t elements() const { return outer * channels * inner; }
 };
 
+// From chain[first] on (the ones before it done already).
 void apply_post_ops(const std::vector<post_ops::kind> &chain,
                     const std::vector<post_op_tensors> &tensors, float *dst, channel_layout layout,
-                    int num_threads);
+                    int num_threads, size_t first = 0);
 
 // The reference: each post-op over the whole tensor in its plainest form,
 // statistics in double (the oracle of the tests).

@@ -16,6 +16,7 @@
 #include "jit/jit_uni_spmm_width_kernel.hpp"
 #include "primitives/core/s8_dy_quantization.hpp"
 #include "primitives/core/s8_protocol.hpp"
+#include "primitives/passes/batch_norm.hpp"
 #include "primitives/passes/bias_grad.hpp"
 #include "primitives/passes/quantize.hpp"
 #include "primitives/passes/width_planes.hpp"
@@ -31,6 +32,46 @@ namespace qsp::detail {
 namespace {
 
 using jit::sparse_dtype;
+
+// channel_statistics (passes/batch_norm.hpp) from the statistics the
+// kernels took while they wrote the tensor (jit::width_statistics) instead
+// of a pass over it: channel c's parts are parts[(o * channels + c) *
+// per_channel + j] for o < outer, j < per_channel, part j over counts[j]
+// values; each part's lanes are summed in double and the parts combined in
+// that order as channel_statistics combines its own (Chan et al.), so the
+// results do not depend on how threads wrote them. range: C pairs, or null.
+void channel_statistics_from_lanes(const jit::width_statistics *parts, int64_t outer,
+                                   int64_t channels, const int64_t *counts, int64_t per_channel,
+                                   double *mean, double *var, channel_range *range,
+                                   int num_threads) {
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t c = 0; c < channels; ++c) {
+        double count = 0, m = 0, m2 = 0;
+        float lowest = std::numeric_limits<float>::infinity(), highest = -lowest;
+        for (int64_t o = 0; o < outer; ++o)
+            for (int64_t j = 0; j < per_channel; ++j) {
+                if (counts[j] == 0) continue;
+                const jit::width_statistics &p = parts[(o * channels + c) * per_channel + j];
+                double sum = 0, squares = 0;
+                for (int l = 0; l < 16; ++l) {
+                    sum += p.sum[l], squares += p.squares[l];
+                    lowest = p.lowest[l] < lowest ? p.lowest[l] : lowest;
+                    highest = p.highest[l] > highest ? p.highest[l] : highest;
+                }
+                // the part's mean and squares about it, from the shifted sums
+                const double n = static_cast<double>(counts[j]);
+                const double part_mean = p.shift + sum / n;
+                const double part_m2 = std::max(0.0, squares - sum * sum / n);
+                const double total = count + n, delta = part_mean - m;
+                m += delta * n / total;
+                m2 += part_m2 + delta * delta * count * n / total;
+                count = total;
+            }
+        mean[c] = m;
+        var[c] = count > 0 ? m2 / count : 0.0;
+        if (range) range[c] = {lowest, highest};
+    }
+}
 
 // The kernels covering one output row: one per chunk of the split.
 template <typename kernel_t> struct row_calls {
@@ -172,6 +213,9 @@ struct spmm_run {
     const float *bias;
     const int32_t *correction;
     const float *scale;
+    // Null, or the batch statistics the kernels take (forward): image b's
+    // channel r's of chunk ch at (b * channels + r) * chunks + ch.
+    jit::width_statistics *statistics = nullptr;
 
     template <typename calls_t>
     void operator()(direction dir, const calls_t &calls, int64_t batch, int nt) const {
@@ -182,25 +226,31 @@ struct spmm_run {
         const int64_t overflow = (lanes - width % lanes) % lanes;
         const int64_t back_to_back =
                 calls.split.chunks() == 1 && dst_row == width && overflow <= width;
+        const int64_t chunks = calls.split.chunks(), channels = bounds->back();
         for_images(dir, batch, *bounds, nt, [&](int64_t b, int64_t r0, int64_t r1) {
-            for (int64_t ch = 0; ch < calls.split.chunks(); ++ch) {
+            for (int64_t ch = 0; ch < chunks; ++ch) {
                 const int64_t lane = calls.split.first_lane(ch);
-                const jit::spmm_width_call_params c{values,
-                                                    offsets,
-                                                    groups->ptr.data(),
-                                                    groups->n,
-                                                    r0,
-                                                    r1,
-                                                    src + b * src_image_bytes + lane * elem_bytes,
-                                                    src_row_step,
-                                                    n_out_rows,
-                                                    dst + b * dst_image + lane,
-                                                    dst_channel * 4,
-                                                    dst_row * 4,
-                                                    bias,
-                                                    correction,
-                                                    scale,
-                                                    back_to_back};
+                jit::width_statistics *taken =
+                        statistics ? statistics + b * channels * chunks + ch : nullptr;
+                const jit::spmm_width_call_params c{
+                        values,
+                        offsets,
+                        groups->ptr.data(),
+                        groups->n,
+                        r0,
+                        r1,
+                        src + b * src_image_bytes + lane * elem_bytes,
+                        src_row_step,
+                        n_out_rows,
+                        dst + b * dst_image + lane,
+                        dst_channel * 4,
+                        dst_row * 4,
+                        bias,
+                        correction,
+                        scale,
+                        back_to_back,
+                        taken,
+                        static_cast<int64_t>(chunks * sizeof(*statistics))};
                 (*calls.kernels[ch])(c);
             }
         });
@@ -300,6 +350,35 @@ protected:
 
     const conv_layout &l() const { return w_.l; }
     int64_t x_span() const { return (l().kh - 1) * l().dh + 1; }
+
+    // The batch statistics of the forward's dst, taken by the AVX-512
+    // kernels in their epilogue (tensors::dst_statistics; width_abi.hpp):
+    // prepare_statistics points `run` at scratch `slot` for them when they
+    // are wanted and the kernels take them; finish_statistics combines them.
+    bool kernels_take_statistics() const {
+        return fwd_.kernels.front()->params().isa >= cpu_isa::avx512_core;
+    }
+    void prepare_statistics(const tensors &t, runtime::scratchpad &sp, int slot,
+                            spmm_run &run) const {
+        if (t.dst_statistics && kernels_take_statistics())
+            run.statistics =
+                    sp.get<jit::width_statistics>(slot, t.batch * l().out_c * fwd_.split.chunks());
+    }
+    void finish_statistics(const tensors &t, const spmm_run &run) const {
+        if (!run.statistics) return;
+        std::vector<int64_t> counts; // values per chunk of an image's channel
+        for (int64_t ch = 0; ch < fwd_.split.chunks(); ++ch) {
+            const int tail = fwd_.split.tail(ch);
+            counts.push_back(l().out_h
+                             * (fwd_.split.chunk_vectors(ch) * fwd_.split.lanes
+                                - (tail != 0 ? fwd_.split.lanes - tail : 0)));
+        }
+        dst_statistics_request &out = *t.dst_statistics;
+        channel_statistics_from_lanes(run.statistics, t.batch, l().out_c, counts.data(),
+                                      static_cast<int64_t>(counts.size()), out.mean, out.var,
+                                      out.range, p_.num_threads);
+        out.written = true;
+    }
     int64_t dy_span() const { return (l().kh - 1) * l().dh / l().sh + 1; }
 
     // Backward-data over the packed dY (`image_bytes` per image): per phase,
@@ -397,23 +476,25 @@ private:
         float *x = sp.get<float>(0, B * image);
         if (!pack_width_planes(t.src, B, l().in_c, l().in_h, l().in_w, l().x_pad, plane_, x, nt))
             return kernel::non_finite_input;
-        const spmm_run run{spmm_->values(t.weights, sp.get<float>(1, p_.pattern.nnz()), nt),
-                           spmm_->offsets.data(),
-                           &groups_,
-                           &spmm_->bounds,
-                           reinterpret_cast<const uint8_t *>(x),
-                           image * 4,
-                           l().sh * plane_.row_len() * 4,
-                           4,
-                           l().out_h,
-                           t.dst,
-                           l().out_c * l().out_pixels(),
-                           l().out_pixels(),
-                           l().out_w,
-                           bias_or_zeros(t.bias, l().out_c, sp.get<float>(2, l().out_c)),
-                           nullptr,
-                           nullptr};
+        spmm_run run{spmm_->values(t.weights, sp.get<float>(1, p_.pattern.nnz()), nt),
+                     spmm_->offsets.data(),
+                     &groups_,
+                     &spmm_->bounds,
+                     reinterpret_cast<const uint8_t *>(x),
+                     image * 4,
+                     l().sh * plane_.row_len() * 4,
+                     4,
+                     l().out_h,
+                     t.dst,
+                     l().out_c * l().out_pixels(),
+                     l().out_pixels(),
+                     l().out_w,
+                     bias_or_zeros(t.bias, l().out_c, sp.get<float>(2, l().out_c)),
+                     nullptr,
+                     nullptr};
+        prepare_statistics(t, sp, 3, run);
         run(p_.dir, fwd_, B, nt);
+        finish_statistics(t, run);
         return nullptr;
     }
 
@@ -522,23 +603,25 @@ private:
         for (int64_t o = 0; o < oc; ++o)
             row_scale[o] = s8::forward_scale(sx, w_scale[o]);
         std::fill(zeros, zeros + oc, 0.f);
-        const spmm_run run{words,
-                           spmm_->offsets.data(),
-                           &groups_,
-                           &spmm_->bounds,
-                           reinterpret_cast<const uint8_t *>(x),
-                           image * 4,
-                           l().sh * plane_.row_len() * 4,
-                           4,
-                           l().out_h,
-                           t.dst,
-                           oc * l().out_pixels(),
-                           l().out_pixels(),
-                           l().out_w,
-                           t.bias ? t.bias : zeros,
-                           correction,
-                           row_scale};
+        spmm_run run{words,
+                     spmm_->offsets.data(),
+                     &groups_,
+                     &spmm_->bounds,
+                     reinterpret_cast<const uint8_t *>(x),
+                     image * 4,
+                     l().sh * plane_.row_len() * 4,
+                     4,
+                     l().out_h,
+                     t.dst,
+                     oc * l().out_pixels(),
+                     l().out_pixels(),
+                     l().out_w,
+                     t.bias ? t.bias : zeros,
+                     correction,
+                     row_scale};
+        prepare_statistics(t, sp, 8, run);
         run(p_.dir, fwd_, B, nt);
+        finish_statistics(t, run);
         return nullptr;
     }
 

@@ -154,11 +154,18 @@ def _workspace_bytes(scheme: str, x: torch.Tensor, values: torch.Tensor, channel
 # ---- the op bodies (shared by the custom ops and the eager fast path) ----------------
 
 
-def _forward_body(k, x, values, bias, x_abs_max=None):
+def _forward_body(k, x, values, bias, x_abs_max=None, statistics=False):
     # One call into C++: it allocates y and the workspace (the int8 input
     # saved for backward by s8 training; empty otherwise) from pooled memory.
-    y, ws = k.forward(_np(x), _np(values), _np(bias), _threads(), None if x_abs_max is None else _np(x_abs_max))
-    return torch.from_numpy(y), torch.from_numpy(ws)
+    # statistics (Conv2d): also y's batch statistics for the BatchNorm after
+    # the convolution (4 x C floats: mean, biased variance, lowest and
+    # highest per channel; the third output, else absent).
+    abs_max = None if x_abs_max is None else _np(x_abs_max)
+    if not statistics:
+        y, ws = k.forward(_np(x), _np(values), _np(bias), _threads(), abs_max)
+        return torch.from_numpy(y), torch.from_numpy(ws)
+    y, ws, found = k.forward(_np(x), _np(values), _np(bias), _threads(), abs_max, True)
+    return torch.from_numpy(y), torch.from_numpy(ws), torch.from_numpy(found)
 
 
 def _backward_body(
@@ -268,11 +275,15 @@ def conv2d_forward(
     spec: list[int],
     scheme: str,
     vectorization: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sparse conv2d of a 4-D contiguous float32 NCHW x; returns (y, workspace).
+    statistics: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sparse conv2d of a 4-D contiguous float32 NCHW x; returns (y,
+    workspace, y's batch statistics for a BatchNorm after it: 4 x C floats
+    with statistics, else empty).
     spec: [in_c, out_c, kh, kw, sh, sw, pad top, left, bottom, right, dh, dw, groups]."""
     k = kernel_for(handle, _conv_key(spec, scheme, bias is not None, vectorization), row_ptr, col_idx)
-    return _forward_body(k, x, values, bias)
+    out = _forward_body(k, x, values, bias, None, statistics)
+    return out if statistics else (*out, _empty())
 
 
 def _conv_out_hw(spec, h, w):
@@ -281,11 +292,10 @@ def _conv_out_hw(spec, h, w):
 
 
 @conv2d_forward.register_fake
-def _(x, values, bias, row_ptr, col_idx, handle, seed, spec, scheme, vectorization):
+def _(x, values, bias, row_ptr, col_idx, handle, seed, spec, scheme, vectorization, statistics=False):
     oh, ow = _conv_out_hw(spec, x.shape[2], x.shape[3])
-    return x.new_empty(x.shape[0], spec[1], oh, ow), x.new_empty(
-        _workspace_bytes(scheme, x, values, spec[1]), dtype=torch.uint8
-    )
+    ws = x.new_empty(_workspace_bytes(scheme, x, values, spec[1]), dtype=torch.uint8)
+    return x.new_empty(x.shape[0], spec[1], oh, ow), ws, x.new_empty(4 * spec[1] if statistics else 0)
 
 
 @torch.library.custom_op("qsparseprop::conv2d_backward", mutates_args=())
@@ -358,7 +368,7 @@ torch.library.register_autograd(
 )
 torch.library.register_autograd(
     "qsparseprop::conv2d_forward",
-    lambda ctx, grad_y, grad_ws: _grads(ctx, grad_y, True),
+    lambda ctx, grad_y, grad_ws, grad_statistics: _grads(ctx, grad_y, True),
     setup_context=lambda ctx, inputs, output: _setup(ctx, inputs, output, True),
 )
 
@@ -374,43 +384,53 @@ torch.library.register_autograd(
 
 class _SparseFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, values, bias, row_ptr, col_idx, handle, seed, spec, scheme, vectorization, conv):
+    def forward(ctx, x, values, bias, row_ptr, col_idx, handle, seed, spec, scheme, vectorization, conv, statistics):
         key = (
             _conv_key(spec, scheme, bias is not None, vectorization)
             if conv
             else _linear_key(spec, scheme, bias is not None)
         )
         k = kernel_for(handle, key, row_ptr, col_idx)
-        y, ws = _forward_body(k, x, values, bias, _abs_max_of(x) if scheme == "s8" else None)
+        y, ws, *found = _forward_body(k, x, values, bias, _abs_max_of(x) if scheme == "s8" else None, statistics)
         ctx.save_for_backward(x if scheme == "f32" else _empty(), ws, values)
         ctx.k, ctx.seed, ctx.has_bias, ctx.conv = k, int(seed), bias is not None, conv
         ctx.input_shape = list(x.shape)
-        return y
+        if not statistics:
+            return y
+        ctx.mark_non_differentiable(found[0])
+        return y, found[0]
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_y):
+    def backward(ctx, grad_y, *_):
         x, ws, values = ctx.saved_tensors
         need = ctx.needs_input_grad
         want_db = ctx.has_bias and need[2]
         dx, dv, db = _eager_backward(
             ctx.k, grad_y, x, ws, values, ctx.seed, ctx.input_shape if ctx.conv else None, need[0], need[1], want_db
         )
-        return (dx if need[0] else None, dv if need[1] else None, db if want_db else None) + (None,) * 8
+        return (dx if need[0] else None, dv if need[1] else None, db if want_db else None) + (None,) * 9
 
 
 def linear(x, values, bias, row_ptr, col_idx, handle, seed, spec, scheme) -> torch.Tensor:
     """Sparse linear with autograd: the custom op under torch.compile, the eager fast path otherwise."""
     if torch.compiler.is_compiling():
         return linear_forward(x, values, bias, row_ptr, col_idx, handle, seed, spec, scheme)[0]
-    return _SparseFunction.apply(x, values, bias, row_ptr, col_idx, handle, seed, spec, scheme, "", False)
+    return _SparseFunction.apply(x, values, bias, row_ptr, col_idx, handle, seed, spec, scheme, "", False, False)
 
 
-def conv2d(x, values, bias, row_ptr, col_idx, handle, seed, spec, scheme, vectorization) -> torch.Tensor:
-    """Sparse conv2d with autograd: the custom op under torch.compile, the eager fast path otherwise."""
+def conv2d(x, values, bias, row_ptr, col_idx, handle, seed, spec, scheme, vectorization, statistics=False):
+    """Sparse conv2d with autograd: the custom op under torch.compile, the
+    eager fast path otherwise. statistics: returns (y, y's batch
+    statistics) for the BatchNorm after it (batch_norm_relu's known), else y."""
+    statistics = bool(statistics)
     if torch.compiler.is_compiling():
-        return conv2d_forward(x, values, bias, row_ptr, col_idx, handle, seed, spec, scheme, vectorization)[0]
-    return _SparseFunction.apply(x, values, bias, row_ptr, col_idx, handle, seed, spec, scheme, vectorization, True)
+        y, _, found = conv2d_forward(x, values, bias, row_ptr, col_idx, handle, seed, spec, scheme, vectorization,
+                                     statistics)  # fmt: skip
+        return (y, found) if statistics else y
+    return _SparseFunction.apply(
+        x, values, bias, row_ptr, col_idx, handle, seed, spec, scheme, vectorization, True, statistics
+    )
 
 
 # ---- the MLP block: Linear -> activation -> Linear, the hidden activation kept ----------
@@ -557,15 +577,16 @@ def subsample_pixels(x: torch.Tensor, sh: int, sw: int) -> torch.Tensor:
 
 class _SharedInputConvsFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, values_a, bias_a, values_b, bias_b, a, b, stride):
+    def forward(ctx, x, values_a, bias_a, values_b, bias_b, a, b, stride, statistics):
         def kernel_of(layer, bias):  # layer: (row_ptr, col_idx, handle, seed, spec, scheme, vectorization)
             row_ptr, col_idx, handle, _, spec, scheme, vectorization = layer
             return kernel_for(handle, _conv_key(spec, scheme, bias is not None, vectorization), row_ptr, col_idx)
 
         ka, kb = kernel_of(a, bias_a), kernel_of(b, bias_b)
         xs = torch.from_numpy(_C.subsample_pixels(_np(x), *stride, _threads()))
-        ya, ws_a = _forward_body(ka, x, values_a, bias_a, _abs_max_of(x) if ka.scheme == "s8" else None)
-        yb, ws_b = _forward_body(kb, xs, values_b, bias_b)
+        abs_max = _abs_max_of(x) if ka.scheme == "s8" else None
+        ya, ws_a, *found_a = _forward_body(ka, x, values_a, bias_a, abs_max, statistics[0])
+        yb, ws_b, *found_b = _forward_body(kb, xs, values_b, bias_b, None, statistics[1])
         # the input each layer read where it is f32; the int8 workspaces where s8
         kept_x, kept_xs = (x if ka.scheme == "f32" else _empty()), (xs if kb.scheme == "f32" else _empty())
         ctx.save_for_backward(kept_x, ws_a, values_a, kept_xs, ws_b, values_b)
@@ -573,14 +594,16 @@ class _SharedInputConvsFunction(torch.autograd.Function):
         ctx.has_bias = (bias_a is not None, bias_b is not None)
         ctx.shapes = (list(x.shape), list(xs.shape))
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None
-        return ya, yb
+        found = (found_a[0] if found_a else _empty(), found_b[0] if found_b else _empty())
+        ctx.mark_non_differentiable(*found)
+        return ya, yb, *found
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_a, grad_b):
+    def backward(ctx, grad_a, grad_b, *_):
         x, ws_a, values_a, xs, ws_b, values_b = ctx.saved_tensors
         need = ctx.needs_input_grad
-        grads = [None] * 8
+        grads = [None] * 9
         input_grads = [None, None]  # of x from the first layer, of its subsample from the second
         for i, (grad, k, inp, ws, values, seed, shape) in enumerate(
             ((grad_a, ctx.k[0], x, ws_a, values_a, ctx.seeds[0], ctx.shapes[0]),
@@ -603,13 +626,18 @@ class _SharedInputConvsFunction(torch.autograd.Function):
         return tuple(grads)
 
 
-def convs_sharing_input(x, a: tuple, b: tuple, stride: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(conv a of x, conv b of x[:, :, ::sh, ::sw]) with autograd, as the two
-    separate calls (conv2d, and conv2d of subsample_pixels) would make them,
-    for a contiguous float32 4-D x with a batch, in eager mode. a, b: each
-    layer's (values, bias, row_ptr, col_idx, handle, seed, spec, scheme,
-    vectorization)."""
-    return _SharedInputConvsFunction.apply(x, a[0], a[1], b[0], b[1], tuple(a[2:]), tuple(b[2:]), tuple(stride))
+def convs_sharing_input(
+    x, a: tuple, b: tuple, stride: tuple[int, int], statistics: tuple[bool, bool] = (False, False)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(conv a of x, conv b of x[:, :, ::sh, ::sw], and their outputs'
+    batch statistics where `statistics` asks for them, else empty tensors)
+    with autograd, as the two separate calls (conv2d, and conv2d of
+    subsample_pixels) would make them, for a contiguous float32 4-D x with a
+    batch, in eager mode. a, b: each layer's (values, bias, row_ptr,
+    col_idx, handle, seed, spec, scheme, vectorization)."""
+    return _SharedInputConvsFunction.apply(
+        x, a[0], a[1], b[0], b[1], tuple(a[2:]), tuple(b[2:]), tuple(stride), tuple(statistics)
+    )
 
 
 # ---- relu keeping one bit per element -------------------------------------------------
@@ -717,13 +745,14 @@ def _optional_np(t: torch.Tensor | None):
 
 
 def _batch_norm_forward_body(
-    y, weight, bias, running_mean, running_var, eps, batch_statistics, relu, keep_s8, residual
+    y, weight, bias, running_mean, running_var, eps, batch_statistics, relu, keep_s8, residual, known=None
 ):
     """The custom op's seven outputs, then max |z| (keep_s8 without a
-    residual: z feeds an s8 convolution; else empty)."""
+    residual: z feeds an s8 convolution; else empty). known: y's batch
+    statistics as the convolution that wrote it took them, or None."""
     out = _C.batch_norm_relu_forward(
         _np(y), _optional_np(weight), _optional_np(bias), _optional_np(running_mean), _optional_np(running_var),
-        eps, batch_statistics, relu, keep_s8, _optional_np(residual), _threads(),
+        eps, batch_statistics, relu, keep_s8, _optional_np(residual), _threads(), _optional_np(known),
     )  # fmt: skip
     return tuple(torch.from_numpy(a) for a in out)
 
@@ -797,17 +826,20 @@ def batch_norm_relu_forward(
     relu: bool,
     keep_s8: bool,
     residual: torch.Tensor | None,
+    known: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(z, mask, mean, invstd, batch_var, centered, step) for a contiguous
     NCHW float32 y (and residual, added before the ReLU, when given);
-    centered and step are empty without keep_s8."""
+    centered and step are empty without keep_s8. known: y's batch
+    statistics as the convolution that wrote it took them (conv2d_forward's
+    third output), used instead of a pass over y."""
     return _batch_norm_forward_body(
-        y, weight, bias, running_mean, running_var, eps, batch_statistics, relu, keep_s8, residual
+        y, weight, bias, running_mean, running_var, eps, batch_statistics, relu, keep_s8, residual, known
     )[:7]
 
 
 @batch_norm_relu_forward.register_fake
-def _(y, weight, bias, running_mean, running_var, eps, batch_statistics, relu, keep_s8, residual):
+def _(y, weight, bias, running_mean, running_var, eps, batch_statistics, relu, keep_s8, residual, known=None):
     c = y.shape[1]
     mask = y.new_empty((y.numel() + 7) // 8 if relu else 0, dtype=torch.uint8)
     centered = y.new_empty(y.shape if keep_s8 else (0,), dtype=torch.int8)
@@ -860,12 +892,12 @@ def _batch_norm_grads(ctx, grad_z):
         _hand_over_channel_maxima(dy, maxima)
     return (
         dy if need[0] else None, dw if need_affine and need[1] else None, db if need_affine and need[2] else None,
-        None, None, None, None, None, None, dres if need_residual else None,
+        None, None, None, None, None, None, dres if need_residual else None, None,
     )  # fmt: skip
 
 
 def _batch_norm_setup(ctx, inputs, output, eager: bool):
-    y, weight, bias, running_mean, running_var, eps, batch_statistics, relu, keep_s8, residual = inputs
+    y, weight, bias, running_mean, running_var, eps, batch_statistics, relu, keep_s8, residual = inputs[:10]
     _, mask, mean, invstd, _, centered, step = output
     # with keep_s8, y itself is not kept: the int8 copy stands in for it
     ctx.save_for_backward(centered if keep_s8 else y, mask, weight if weight is not None else _empty(), mean, step,
@@ -885,9 +917,9 @@ class _BatchNormReLUFunction(torch.autograd.Function):
     """The eager path of batch_norm_relu_forward (no dispatcher cost)."""
 
     @staticmethod
-    def forward(ctx, y, weight, bias, running_mean, running_var, eps, batch_statistics, relu, keep_s8, residual):
+    def forward(ctx, y, weight, bias, running_mean, running_var, eps, batch_statistics, relu, keep_s8, residual, known):
         args = (y, weight, bias, running_mean, running_var, eps, batch_statistics, relu, keep_s8, residual)
-        *out, z_abs_max = _batch_norm_forward_body(*args)
+        *out, z_abs_max = _batch_norm_forward_body(*args, known)
         out = tuple(out)
         _hand_over_abs_max(out[0], z_abs_max)
         _batch_norm_setup(ctx, args, out, True)
@@ -902,12 +934,12 @@ class _BatchNormReLUFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_z, *_):
         if grad_z is None:
-            return (None,) * 10
+            return (None,) * 11
         return _batch_norm_grads(ctx, grad_z)
 
 
 def batch_norm_relu(
-    y, weight, bias, running_mean, running_var, eps, batch_statistics, relu, keep_s8=False, residual=None
+    y, weight, bias, running_mean, running_var, eps, batch_statistics, relu, keep_s8=False, residual=None, known=None
 ):
     """(z, mean, biased batch variance) of BatchNorm2d (+ ReLU) over a
     contiguous NCHW float32 y, with autograd. With batch statistics, mean
@@ -915,10 +947,13 @@ def batch_norm_relu(
     the mean is the running mean and the variance empty. keep_s8 (batch
     statistics only) keeps y's int8 copy for the backward in place of y.
     residual (contiguous float32, y's shape) is added before the ReLU: z =
-    relu(batch_norm(y) + residual), a residual block's end."""
+    relu(batch_norm(y) + residual), a residual block's end. known (with
+    batch statistics): y's statistics as conv2d(statistics=True) gave them,
+    instead of a pass over y."""
     keep_s8 = bool(keep_s8) and bool(batch_statistics)
     args = (
         y, weight, bias, running_mean, running_var, float(eps), bool(batch_statistics), bool(relu), keep_s8, residual,
+        known if batch_statistics else None,
     )  # fmt: skip
     if torch.compiler.is_compiling():
         z, _, mean, _, var, _, _ = batch_norm_relu_forward(*args)

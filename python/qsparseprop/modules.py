@@ -474,7 +474,8 @@ def _output_channels_last(x: torch.Tensor) -> bool:
 
 
 def _batch_norm_after(bn: nn.BatchNorm2d, y: torch.Tensor, relu: bool, keep_s8: bool = False,
-                      chain=None, residual: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+                      chain=None, residual: torch.Tensor | None = None,
+                      known: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """``bn`` (then ReLU) applied to the NCHW output y, as BatchNorm2d.forward
     would: the same choice of statistics, momentum (None: cumulative
     average), num_batches_tracked and running-statistics update. keep_s8:
@@ -482,11 +483,12 @@ def _batch_norm_after(bn: nn.BatchNorm2d, y: torch.Tensor, relu: bool, keep_s8: 
     it (``_ops.batch_norm_relu``, or the prototype's model of it);
     residual: added after the BatchNorm, before the ReLU (a residual
     block's end), in the same pass when it is float32 and y's shape and
-    layout, else by torch."""
+    layout, else by torch; known: y's batch statistics as the convolution
+    that wrote y took them (used where the batch's statistics are)."""
     if residual is not None and not (
         residual.dtype == torch.float32 and residual.shape == y.shape and residual.is_contiguous()
     ):
-        z = _batch_norm_after(bn, y, False, keep_s8, chain) + residual
+        z = _batch_norm_after(bn, y, False, keep_s8, chain, known=known) + residual
         return torch.relu(z) if relu else z
     if y.shape[0] == 0 or y.dtype != torch.float32:  # torch's own, for what the passes do not take
         z = F.batch_norm(
@@ -502,7 +504,7 @@ def _batch_norm_after(bn: nn.BatchNorm2d, y: torch.Tensor, relu: bool, keep_s8: 
     factor = _momentum(bn)
     z, mean, var = (chain or _ops.batch_norm_relu)(
         y.contiguous(), bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps, batch_statistics, relu, keep_s8,
-        residual,
+        residual, known,
     )  # fmt: skip
     if bn.training and bn.running_mean is not None and bn.running_var is not None:
         count = y.numel() // y.shape[1]
@@ -721,6 +723,9 @@ class SparseConv2d(_SparseModule):
         else:
             if self._subsampled():
                 x = _ops.subsample_pixels(x, *self.stride)
+            if self._hands_statistics_over():
+                y, known = _ops.conv2d(*self._conv2d_args(x.contiguous()), statistics=True)
+                return self._finished(y, residual, unbatched, channels_last, known)
             y = self._compute(x.contiguous())
         return self._finished(y, residual, unbatched, channels_last)
 
@@ -747,15 +752,16 @@ class SparseConv2d(_SparseModule):
         return x, unbatched, x.dim() == 4 and _output_channels_last(x)
 
     def _finished(self, y: torch.Tensor, residual: torch.Tensor | None, unbatched: bool,
-                  channels_last: bool) -> torch.Tensor:  # fmt: skip
+                  channels_last: bool, known: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """The convolution's output y (NCHW) through the fused BatchNorm or
-        ReLU, the residual's add and ReLU, in the input's layout and rank."""
+        ReLU, the residual's add and ReLU, in the input's layout and rank;
+        known: y's batch statistics where the convolution took them."""
         bn = self.__dict__.get("fused_batch_norm")
         # a residual's add and ReLU go into the BatchNorm's apply pass where
         # there is one and the output stays NCHW; else torch adds after
         fuse_add = residual is not None and bn is not None and not channels_last
         if bn is not None:
-            y = self._batch_norm(bn, y, (residual.unsqueeze(0) if unbatched else residual) if fuse_add else None)
+            y = self._batch_norm(bn, y, (residual.unsqueeze(0) if unbatched else residual) if fuse_add else None, known)
         elif self.fused_relu:
             y = _ops.relu_bits(y)
         if channels_last:
@@ -763,16 +769,28 @@ class SparseConv2d(_SparseModule):
         y = y.squeeze(0) if unbatched else y
         return torch.relu(y + residual) if residual is not None and not fuse_add else y
 
-    def _batch_norm(self, bn: nn.BatchNorm2d, y: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def _batch_norm(self, bn: nn.BatchNorm2d, y: torch.Tensor, residual: torch.Tensor | None = None,
+                    known: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         # an int8 block keeps BatchNorm's input as int8 too (docs/quantization.md)
         relu = self.fused_relu or residual is not None
-        return _batch_norm_after(bn, y, relu, keep_s8=self.scheme == "s8", residual=residual)
+        return _batch_norm_after(bn, y, relu, keep_s8=self.scheme == "s8", residual=residual, known=known)
 
-    def _compute(self, x: torch.Tensor) -> torch.Tensor:
-        return _ops.conv2d(
+    def _hands_statistics_over(self) -> bool:
+        """Whether the output goes into a fused BatchNorm that normalises
+        with its batch statistics: the convolution then finds them as it
+        writes the output (the batch_statistics post-op, in the kernels'
+        epilogue where they take it) and hands them to the BatchNorm."""
+        bn = self.__dict__.get("fused_batch_norm")
+        return bn is not None and (bn.training or bn.running_mean is None or bn.running_var is None)
+
+    def _conv2d_args(self, x: torch.Tensor) -> tuple:
+        return (
             x, self.values, self.bias, self.row_ptr, self.col_idx, self._handle, self._next_seed(), self._spec(),
             self.scheme, self._vectorization(),
         )  # fmt: skip
+
+    def _compute(self, x: torch.Tensor) -> torch.Tensor:
+        return _ops.conv2d(*self._conv2d_args(x))
 
     def extra_repr(self) -> str:
         return (
@@ -855,9 +873,12 @@ def _convs_sharing_input(
                  m._vectorization())
                 for m in (conv, shortcut)
             ]  # fmt: skip
-            y, y_shortcut = _ops.convs_sharing_input(x.contiguous(), *layers, shortcut.stride)
-            return conv._finished(y, None, False, channels_last), shortcut._finished(
-                y_shortcut, None, False, channels_last
+            statistics = (conv._hands_statistics_over(), shortcut._hands_statistics_over())
+            y, y_shortcut, known, known_shortcut = _ops.convs_sharing_input(
+                x.contiguous(), *layers, shortcut.stride, statistics
+            )
+            return conv._finished(y, None, False, channels_last, known if statistics[0] else None), (
+                shortcut._finished(y_shortcut, None, False, channels_last, known_shortcut if statistics[1] else None)
             )
     return conv(input), shortcut(input)
 

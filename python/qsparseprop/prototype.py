@@ -142,10 +142,12 @@ class _PrototypeBatchNormS8Fn(torch.autograd.Function):
 
 
 def _prototype_batch_norm_relu(
-    y, weight, bias, running_mean, running_var, eps, batch_statistics, relu, keep_s8, residual=None
+    y, weight, bias, running_mean, running_var, eps, batch_statistics, relu, keep_s8, residual=None, known=None
 ):
     """The prototype's (z, mean, var) of ``_ops.batch_norm_relu``: the int8
-    copy with batch statistics, torch's own arithmetic otherwise."""
+    copy with batch statistics, torch's own arithmetic otherwise (its
+    statistics always from y in double: known, what the convolution took,
+    is not read)."""
     if batch_statistics and keep_s8:
         return _PrototypeBatchNormS8Fn.apply(y, weight, bias, float(eps), bool(relu), residual)
     z = F.batch_norm(y, running_mean, running_var, weight, bias, batch_statistics, 0.0, eps)
@@ -176,7 +178,10 @@ class PrototypeQuantizedSparseConv2d(QuantizedSparseConv2d):
 
     prototype = True
 
-    def _batch_norm(self, bn, y: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def _hands_statistics_over(self) -> bool:
+        return False  # its own BatchNorm finds them (the prototype's arithmetic)
+
+    def _batch_norm(self, bn, y: torch.Tensor, residual: torch.Tensor | None = None, known=None) -> torch.Tensor:
         relu = self.fused_relu or residual is not None
         return _batch_norm_after(bn, y, relu, keep_s8=True, chain=_prototype_batch_norm_relu, residual=residual)
 

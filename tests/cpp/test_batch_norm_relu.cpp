@@ -7,9 +7,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <random>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -432,6 +434,64 @@ TEST(BatchNormRelu, an_int8_copy_of_a_constant_channel_is_zeros_with_a_zero_step
     check_s8_backward(c, in, o, true, true);
 }
 
+// Statistics src's writer took (the convolution's batch_statistics
+// post-op) stand for the statistics pass: the very floats given are the
+// batch's (a shifted mean shows they are not found again), and given the
+// pass's own, every output is the pass's (invstd within an ulp: the
+// variance reaches it as a float).
+TEST(BatchNormRelu, known_statistics_stand_for_the_statistics_pass) {
+    for (const case_t &c : cases) {
+        SCOPED_TRACE(testing::Message() << c.batch << "x" << c.channels << "x" << c.spatial);
+        const inputs_t in = make_inputs(c, 21);
+        const s8_result_t own = run_s8(c, in, true, true, 2);
+        const int64_t n = n_of(c);
+        std::vector<float> range(2 * c.channels);
+        for (int64_t ch = 0; ch < c.channels; ++ch) {
+            float lo = std::numeric_limits<float>::infinity(), hi = -lo;
+            for (int64_t b = 0; b < c.batch; ++b)
+                for (int64_t i = 0; i < c.spatial; ++i) {
+                    const float v = in.x[(b * c.channels + ch) * c.spatial + i];
+                    lo = std::min(lo, v), hi = std::max(hi, v);
+                }
+            range[2 * ch] = lo, range[2 * ch + 1] = hi;
+        }
+        batch_norm_relu_desc d;
+        d.batch = c.batch, d.channels = c.channels, d.spatial = c.spatial, d.relu = true;
+        auto forward = [&](const std::vector<float> &mean, s8_result_t &o, int threads) {
+            const batch_norm_known_statistics known{mean.data(), own.r.var.data(), range.data()};
+            o.r.z.assign(n, 42.0f);
+            o.r.mask.assign((n + 7) / 8, 0xAB);
+            o.r.mean.assign(c.channels, 42.0f);
+            o.r.invstd.assign(c.channels, 42.0f);
+            o.r.var.assign(c.channels, 42.0f);
+            o.centered.assign(n, 99);
+            o.step.assign(c.channels, 42.0f);
+            batch_norm_relu_forward(d, in.x.data(), in.gamma.data(), in.beta.data(), nullptr,
+                                    nullptr, o.r.z.data(), o.r.mask.data(), o.r.mean.data(),
+                                    o.r.invstd.data(), o.r.var.data(), o.centered.data(),
+                                    o.step.data(), &o.z_abs_max, threads, &known);
+        };
+        s8_result_t given, given3;
+        forward(own.r.mean, given, 1);
+        forward(own.r.mean, given3, 3);
+        EXPECT_TRUE(same(given.r.z, given3.r.z)) << "threads";
+        EXPECT_TRUE(same(given.r.mean, own.r.mean) && same(given.r.var, own.r.var));
+        EXPECT_TRUE(same(given.step, own.step));
+        EXPECT_EQ(given.centered, own.centered);
+        EXPECT_EQ(given.r.mask, own.r.mask);
+        for (int64_t ch = 0; ch < c.channels; ++ch)
+            EXPECT_NEAR(given.r.invstd[ch], own.r.invstd[ch], 2e-7 * own.r.invstd[ch]) << ch;
+        for (int64_t i = 0; i < n; ++i)
+            ASSERT_NEAR(given.r.z[i], own.r.z[i], 1e-5 * (1 + std::fabs(own.r.z[i]))) << i;
+        std::vector<float> shifted = own.r.mean;
+        for (float &m : shifted)
+            m += 1.0f;
+        s8_result_t moved;
+        forward(shifted, moved, 2);
+        EXPECT_TRUE(same(moved.r.mean, shifted)) << "the given mean is the batch's";
+    }
+}
+
 TEST(BatchNormRelu, refuses_malformed_arguments_with_a_named_reason) {
     std::vector<float> x(12, 1.0f), y(12), m(3), v(3);
     std::vector<uint8_t> mask(2);
@@ -501,6 +561,48 @@ TEST(BatchNormRelu, refuses_malformed_arguments_with_a_named_reason) {
 // way (bit for bit), its backward the BatchNorm's with that mask, and the
 // residual's gradient the masked incoming one; f32 source or its int8 copy,
 // batch or running statistics, 1-3 threads, dst written over the residual.
+TEST(BatchNormRelu, known_statistics_are_refused_where_they_cannot_stand) {
+    batch_norm_relu_desc d;
+    d.batch = 2, d.channels = 3, d.spatial = 4;
+    std::vector<float> x(24, 1.0f), z(24), mean(3), invstd(3), var(3), step(3), stats(3, 1.0f);
+    std::vector<float> ones(3, 1.0f), zeros(3, 0.0f);
+    std::vector<int8_t> centered(24);
+    std::vector<uint8_t> mask(3);
+    const batch_norm_known_statistics known{stats.data(), stats.data(), nullptr};
+    auto expect_refusal = [](const std::function<void()> &f, const std::string &what) {
+        try {
+            f();
+            ADD_FAILURE() << "accepted: " << what;
+        } catch (const std::invalid_argument &e) {
+            EXPECT_NE(std::string(e.what()).find(what), std::string::npos) << e.what();
+        }
+    };
+    d.batch_statistics = false; // running statistics: nothing of the batch's to stand for
+    expect_refusal(
+            [&] {
+                batch_norm_relu_forward(d, x.data(), nullptr, nullptr, zeros.data(), ones.data(),
+                                        z.data(), mask.data(), mean.data(), invstd.data(), nullptr,
+                                        1, &known);
+            },
+            "known statistics stand for the batch's");
+    d.batch_statistics = true; // the int8 copy needs the range
+    expect_refusal(
+            [&] {
+                batch_norm_relu_forward(d, x.data(), nullptr, nullptr, nullptr, nullptr, z.data(),
+                                        mask.data(), mean.data(), invstd.data(), var.data(),
+                                        centered.data(), step.data(), nullptr, 1, &known);
+            },
+            "known range");
+    const batch_norm_known_statistics no_variance{stats.data(), nullptr, nullptr};
+    expect_refusal(
+            [&] {
+                batch_norm_relu_forward(d, x.data(), nullptr, nullptr, nullptr, nullptr, z.data(),
+                                        mask.data(), mean.data(), invstd.data(), var.data(), 1,
+                                        &no_variance);
+            },
+            "known variance");
+}
+
 TEST(BatchNormRelu, a_residual_end_is_the_batch_norm_then_the_add_then_the_relu) {
     uint32_t seed = 100;
     for (const case_t &c : {cases[2], cases[3], cases[4], cases[5]})

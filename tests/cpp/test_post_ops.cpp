@@ -8,6 +8,7 @@
 #include <functional>
 #include <stdexcept>
 
+#include "primitives/core/testing_hooks.hpp"
 #include "primitives/passes/post_ops.hpp"
 #include "test_utils.hpp"
 
@@ -18,7 +19,7 @@ namespace {
 using kind = post_ops::kind;
 
 struct outputs {
-    std::vector<float> dst, mean, variance;
+    std::vector<float> dst, mean, variance, range;
     std::vector<uint8_t> mask;
 };
 
@@ -47,6 +48,7 @@ outputs run(const std::function<pd_t(const primitive_attr &)> &make_pd,
     o.mask.assign((n + 7) / 8, 0xAB);
     o.mean.assign(channels * chain.size(), 42.0f);
     o.variance.assign(channels * chain.size(), 42.0f);
+    o.range.assign(2 * channels * chain.size(), 42.0f);
     std::vector<uint8_t> ws(pd.workspace_desc().get_size());
     exec_args args{{DNNL_ARG_SRC, wrap(eng, pd.src_desc(), src.data())},
                    {DNNL_ARG_WEIGHTS, wrap(eng, pd.weights_desc(), values.data())},
@@ -67,6 +69,8 @@ outputs run(const std::function<pd_t(const primitive_attr &)> &make_pd,
                     wrap(eng, per_channel, o.mean.data() + i * channels);
             args[QSP_ARG_POST_OP(i, QSP_POST_OP_VARIANCE)] =
                     wrap(eng, per_channel, o.variance.data() + i * channels);
+            args[QSP_ARG_POST_OP(i, QSP_POST_OP_RANGE)] =
+                    wrap(eng, f32_desc({channels, 2}), o.range.data() + 2 * i * channels);
         }
     }
     prim.execute(stream, args);
@@ -82,12 +86,14 @@ void check(const outputs &got, const outputs &plain, const std::vector<kind> &ch
     outputs want = plain;
     want.mean.assign(layout.channels * chain.size(), 0.0f);
     want.variance.assign(want.mean.size(), 0.0f);
+    want.range.assign(2 * want.mean.size(), 0.0f);
     std::vector<detail::post_op_tensors> t(chain.size());
     for (size_t i = 0; i < chain.size(); ++i) {
         t[i].src = residual.data();
         t[i].mask = want.mask.data();
         t[i].mean = want.mean.data() + i * layout.channels;
         t[i].variance = want.variance.data() + i * layout.channels;
+        t[i].range = want.range.data() + 2 * i * layout.channels;
     }
     detail::apply_post_ops_reference(chain, t, want.dst.data(), layout);
     const bool has_gelu = std::count(chain.begin(), chain.end(), kind::gelu_tanh)
@@ -107,6 +113,8 @@ void check(const outputs &got, const outputs &plain, const std::vector<kind> &ch
             const double v = want.variance[at];
             ASSERT_NEAR(got.mean[at], want.mean[at], 1e-5 * (1 + std::sqrt(v)) + 1e-6) << c;
             ASSERT_NEAR(got.variance[at], v, 1e-4 * v + 1e-6) << c;
+            for (size_t e : {2 * at, 2 * at + 1}) // the range exactly
+                ASSERT_EQ(got.range[e], want.range[e]) << c << (e % 2 ? " highest" : " lowest");
         }
     }
 }
@@ -145,7 +153,8 @@ void sweep(const std::function<pd_t(const primitive_attr &, quant_scheme)> &make
                 const outputs three = run<pd_t, prim_t>(make_pd, chain, 3, src, values, residual,
                                                         layout.channels);
                 EXPECT_TRUE(same_bits(one.dst, three.dst) && same_bits(one.mean, three.mean)
-                            && same_bits(one.variance, three.variance) && one.mask == three.mask)
+                            && same_bits(one.variance, three.variance)
+                            && same_bits(one.range, three.range) && one.mask == three.mask)
                         << "3 threads differ from 1";
             }
         }
@@ -185,6 +194,74 @@ TEST(PostOps, conv2d_chains_match_the_reference_on_every_tier) {
                                 dnnl::memory::desc(), f32_desc({batch, oc, hw, hw}), g, s, a);
                 },
                 batch * c * hw * hw, p.nnz(), {batch, oc, hw * hw}, 12);
+    }
+}
+
+// The output-width kernels take a first batch_statistics post-op while they
+// write dst (AVX-512: each block of rows' partial in registers; avx2: the
+// core's pass): the same statistics within rounding, the range exactly,
+// thread-count independent, over odd widths (a masked tail vector, several
+// vectors, rows left after the blocks of 4), stride 2, and an image wider
+// than one kernel call covers (several chunks per row).
+TEST(PostOps, conv2d_output_width_kernels_take_batch_statistics_in_their_epilogue) {
+    dnnl::engine eng(dnnl::engine::kind::cpu, 0);
+    struct shape {
+        int64_t batch, c, oc, h, w, stride;
+    };
+    for (const shape s :
+         {shape{2, 3, 5, 7, 7, 1}, shape{3, 4, 6, 9, 33, 1}, shape{2, 5, 7, 29, 29, 2},
+          shape{1, 2, 3, 5, 17, 1}, shape{1, 1, 2, 3, 700, 1}}) {
+        SCOPED_TRACE(testing::Message() << s.batch << "x" << s.c << "x" << s.h << "x" << s.w
+                                        << " -> " << s.oc << " stride " << s.stride);
+        std::mt19937 rng(static_cast<uint32_t>(s.c * 13 + s.w));
+        const auto w = random_sparse_dense(s.oc, s.c * 9, 0.6, rng);
+        const csr_pattern p = csr_pattern::from_dense(w.data(), s.oc, s.c * 9);
+        conv2d_geometry g = same_3x3();
+        g.stride_h = g.stride_w = s.stride;
+        const auto out = conv2d_output_hw(g, s.h, s.w);
+        using pd_t = sparse_conv2d_forward::primitive_desc;
+        const int64_t before = detail::epilogue_statistics_taken_for_testing();
+        sweep<pd_t, sparse_conv2d_forward>(
+                [&](primitive_attr a, quant_scheme q) {
+                    a.vectorization = conv_vectorization::output_width;
+                    return pd_t(eng, prop_kind::forward_training,
+                                f32_desc({s.batch, s.c, s.h, s.w}), p, dnnl::memory::desc(),
+                                f32_desc({s.batch, s.oc, out[0], out[1]}), g, q, a);
+                },
+                s.batch * s.c * s.h * s.w, p.nnz(), {s.batch, s.oc, out[0] * out[1]}, 13);
+        // on AVX-512 the kernels took them (each tier, scheme and thread
+        // count that ran the chain starting with the statistics)
+        if (detected_cpu_isa() >= cpu_isa::avx512_core)
+            EXPECT_GT(detail::epilogue_statistics_taken_for_testing(), before);
+        // every output of one sign (a dense positive x, dense weights of
+        // that sign): a lane past a row's end (a zero there) counted in the
+        // range would show as a 0
+        for (float sign : {1.0f, -1.0f}) {
+            const auto ones = std::vector<float>(s.oc * s.c * 9, 1.0f);
+            const csr_pattern dense = csr_pattern::from_dense(ones.data(), s.oc, s.c * 9);
+            std::vector<float> x = random_vector(s.batch * s.c * s.h * s.w, rng, 0.5f, 2.0f),
+                               values = random_vector(dense.nnz(), rng, 0.1f, 1.0f);
+            for (float &v : values)
+                v *= sign;
+            const std::vector<float> unused(s.batch * s.oc * out[0] * out[1]);
+            for (quant_scheme q : {quant_scheme::f32, quant_scheme::s8}) {
+                const std::function<pd_t(const primitive_attr &)> make_pd =
+                        [&](const primitive_attr &attr) {
+                            primitive_attr a = attr;
+                            a.vectorization = conv_vectorization::output_width;
+                            return pd_t(eng, prop_kind::forward_training,
+                                        f32_desc({s.batch, s.c, s.h, s.w}), dense,
+                                        dnnl::memory::desc(),
+                                        f32_desc({s.batch, s.oc, out[0], out[1]}), g, q, a);
+                        };
+                const outputs plain =
+                        run<pd_t, sparse_conv2d_forward>(make_pd, {}, 1, x, values, unused, s.oc);
+                const outputs got = run<pd_t, sparse_conv2d_forward>(
+                        make_pd, {kind::batch_statistics}, 2, x, values, unused, s.oc);
+                check(got, plain, {kind::batch_statistics}, unused,
+                      {s.batch, s.oc, out[0] * out[1]});
+            }
+        }
     }
 }
 

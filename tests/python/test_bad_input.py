@@ -199,3 +199,17 @@ def test_cpp_kernel_refuses_bad_geometry_directly():
         args = dict(good, **change)
         with pytest.raises(ValueError, match=match):
             _C.Conv2dKernel(3, 4, row_ptr=rp, col_idx=ci, scheme="f32", with_bias=False, **args)
+
+
+def test_batch_norm_statistics_given_in_the_wrong_shape_are_refused_by_name():
+    from qsparseprop import _C
+
+    y = torch.randn(2, 3, 4, 4).numpy()
+    ones, zeros = torch.ones(3).numpy(), torch.zeros(3).numpy()
+    for known in (torch.zeros(3), torch.zeros(4, 3), torch.zeros(12, dtype=torch.float64)):
+        with pytest.raises((ValueError, TypeError), match="known"):
+            _C.batch_norm_relu_forward(y, ones, zeros, None, None, 1e-5, True, True, True, None, 1, known.numpy())
+    with pytest.raises(ValueError, match="known statistics stand for the batch's"):
+        _C.batch_norm_relu_forward(
+            y, ones, zeros, zeros, ones, 1e-5, False, True, False, None, 1, torch.zeros(12).numpy()
+        )

@@ -534,7 +534,7 @@ def _residual_calls(monkeypatch):
     real = _ops._batch_norm_forward_body
 
     def spy(*args):
-        calls.append(args[-1] is not None)
+        calls.append(args[9] is not None)  # the residual
         return real(*args)
 
     monkeypatch.setattr(_ops, "_batch_norm_forward_body", spy)
@@ -741,3 +741,46 @@ def test_a_gradient_changed_on_its_way_is_not_taken_with_stale_maxima(monkeypatc
 
     monkeypatch.setattr(_ops, "_hand_over_channel_maxima", lambda dy, maxima: None)
     assert torch.equal(got, doubled(twin))
+
+
+@pytest.mark.parametrize("scheme", ["f32", "s8"])
+@pytest.mark.parametrize("vectorizing_over_on", [True, False])
+def test_the_convolution_gives_the_batch_norm_its_batch_statistics(scheme, vectorizing_over_on, monkeypatch):
+    # training: the convolution takes its output's batch statistics (in the
+    # output-width AVX-512 kernels' epilogue, else in the post-op's pass)
+    # and the BatchNorm uses them instead of its own pass — the same model
+    # as the BatchNorm finding them, within rounding, at 1 and 3 threads
+    # alike; eval (running statistics): none are asked for
+    from qsparseprop import _ops
+
+    known = []
+    real = _ops._batch_norm_forward_body
+
+    def spy(*args):
+        known.append(args[10] if len(args) > 10 else None)
+        return real(*args)
+
+    monkeypatch.setattr(_ops, "_batch_norm_forward_body", spy)
+    dense = _block(seed=4, cin=6, cout=9)
+    given = copy.deepcopy(dense)
+    given[0] = CLASSES[scheme].from_dense(dense[0], vectorizing_over_on=vectorizing_over_on, seed=3)
+    given = q.fuse(given)
+    own = copy.deepcopy(given)
+    own[0]._hands_statistics_over = lambda: False  # the BatchNorm's own pass
+    x = torch.randn(4, 6, 11, 19)
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            known.clear()
+            outs.append(copy.deepcopy(given)[:3](x))  # the fused part (torch's 1x1 after it aside)
+            assert len(known) == 1 and known[0] is not None and known[0].shape == (4 * 9,)
+        assert torch.equal(outs[0], outs[1]), "the thread count changed the output"
+    finally:
+        torch.set_num_threads(before)
+    known.clear()
+    _train_and_compare(own, given, (4, 6, 11, 19), scheme, lr=0.05 if scheme == "f32" else 0.0)
+    # 3 training steps of each model, then eval (running statistics): the
+    # given model's training forwards had statistics, no other call did
+    assert [k is not None for k in known] == [False, True] * 3 + [False, False]
