@@ -258,6 +258,31 @@ void channel_statistics(const float *src, channel_planes s, double *mean, double
     best_tier(tiers)(src, s, mean, var, range, num_threads);
 }
 
+void channel_statistics_from_parts(const statistics_part *parts, int64_t outer, int64_t channels,
+                                   int64_t per_channel, double *mean, double *var,
+                                   channel_range *range, int num_threads) {
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t c = 0; c < channels; ++c) {
+        double count = 0, m = 0, m2 = 0;
+        float lowest = std::numeric_limits<float>::infinity(), highest = -lowest;
+        for (int64_t o = 0; o < outer; ++o)
+            for (int64_t j = 0; j < per_channel; ++j) {
+                const statistics_part &p = parts[(o * channels + c) * per_channel + j];
+                if (p.count == 0) continue;
+                const double total = count + p.count;
+                const double delta = p.mean - m;
+                m += delta * p.count / total;
+                m2 += std::max(0.0, p.m2) + delta * delta * count * p.count / total;
+                count = total;
+                lowest = p.range.lowest < lowest ? p.range.lowest : lowest;
+                highest = p.range.highest > highest ? p.range.highest : highest;
+            }
+        mean[c] = m;
+        var[c] = count > 0 ? m2 / count : 0.0;
+        if (range) range[c] = {lowest, highest};
+    }
+}
+
 void scale_shift_relu(const float *src, channel_planes s, const float *scale, const float *shift,
                       const float *residual, float *dst, uint8_t *bits,
                       const centered_s8_writer *keep, int num_threads) {

@@ -36,6 +36,21 @@ struct channel_range {
 void channel_statistics(const float *src, channel_planes shape, double *mean, double *var,
                         channel_range *range, int num_threads);
 
+// One part of a channel's values as channel_statistics sums it: its count,
+// mean, the squares about that mean, and its range.
+struct statistics_part {
+    double count = 0, mean = 0, m2 = 0;
+    channel_range range;
+};
+// Per channel c, its parts[(o * channels + c) * per_channel + j] (o <
+// outer, j < per_channel; a part of count 0 adds nothing) combined in that
+// order in double (Chan et al.), as channel_statistics combines its own:
+// mean, biased variance, and (range: C pairs, or null) the range. The
+// results do not depend on which threads found the parts.
+void channel_statistics_from_parts(const statistics_part *parts, int64_t outer, int64_t channels,
+                                   int64_t per_channel, double *mean, double *var,
+                                   channel_range *range, int num_threads);
+
 // The int8 copy of src a forward keeps for the backward:
 // values[i] = round-half-even((src[i] - mean[c]) * inv[c]) in [-127, 127].
 struct centered_s8_writer {

@@ -182,11 +182,7 @@ void channel_statistics(const float *src, channel_planes s, double *mean, double
     // count.
     const int64_t planes_per_part = std::max<int64_t>(1, 512 / s.spatial);
     const int64_t parts = (s.batch + planes_per_part - 1) / planes_per_part;
-    struct part_stats {
-        double mean, m2, count;
-        channel_range range;
-    };
-    std::vector<part_stats> stats(static_cast<size_t>(parts * s.channels));
+    std::vector<statistics_part> stats(static_cast<size_t>(parts * s.channels));
 #pragma omp parallel num_threads(num_threads)
     {
         std::vector<float> acc(static_cast<size_t>(s.channels * sum_lanes));
@@ -198,7 +194,7 @@ void channel_statistics(const float *src, channel_planes s, double *mean, double
         for (int64_t k = 0; k < parts; ++k) {
             const int64_t n0 = k * planes_per_part, n1 = std::min(s.batch, n0 + planes_per_part);
             const double nb = static_cast<double>((n1 - n0) * s.spatial);
-            part_stats *out = stats.data() + k * s.channels;
+            statistics_part *out = stats.data() + k * s.channels;
             std::fill(acc.begin(), acc.end(), 0.f);
             for (int64_t c = 0; c < s.channels; ++c)
                 out[c].range = {std::numeric_limits<float>::infinity(),
@@ -228,25 +224,9 @@ void channel_statistics(const float *src, channel_planes s, double *mean, double
                 out[c].count = nb;
             }
         }
-#pragma omp for schedule(static)
-        for (int64_t c = 0; c < s.channels; ++c) {
-            double count = 0, m = 0, m2 = 0;
-            float lowest = std::numeric_limits<float>::infinity(), highest = -lowest;
-            for (int64_t k = 0; k < parts; ++k) {
-                const part_stats &p = stats[static_cast<size_t>(k * s.channels + c)];
-                const double total = count + p.count;
-                const double delta = p.mean - m;
-                m += delta * p.count / total;
-                m2 += std::max(0.0, p.m2) + delta * delta * count * p.count / total;
-                count = total;
-                lowest = p.range.lowest < lowest ? p.range.lowest : lowest;
-                highest = p.range.highest > highest ? p.range.highest : highest;
-            }
-            mean[c] = m;
-            var[c] = count > 0 ? m2 / count : 0.0;
-            if (range) range[c] = {lowest, highest};
-        }
     }
+    channel_statistics_from_parts(stats.data(), parts, s.channels, 1, mean, var, range,
+                                  num_threads);
 }
 
 template <typename K>

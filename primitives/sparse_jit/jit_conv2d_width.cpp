@@ -33,44 +33,23 @@ namespace {
 
 using jit::sparse_dtype;
 
-// channel_statistics (passes/batch_norm.hpp) from the statistics the
-// kernels took while they wrote the tensor (jit::width_statistics) instead
-// of a pass over it: channel c's parts are parts[(o * channels + c) *
-// per_channel + j] for o < outer, j < per_channel, part j over counts[j]
-// values; each part's lanes are summed in double and the parts combined in
-// that order as channel_statistics combines its own (Chan et al.), so the
-// results do not depend on how threads wrote them. range: C pairs, or null.
-void channel_statistics_from_lanes(const jit::width_statistics *parts, int64_t outer,
-                                   int64_t channels, const int64_t *counts, int64_t per_channel,
-                                   double *mean, double *var, channel_range *range,
-                                   int num_threads) {
-#pragma omp parallel for num_threads(num_threads) schedule(static)
-    for (int64_t c = 0; c < channels; ++c) {
-        double count = 0, m = 0, m2 = 0;
-        float lowest = std::numeric_limits<float>::infinity(), highest = -lowest;
-        for (int64_t o = 0; o < outer; ++o)
-            for (int64_t j = 0; j < per_channel; ++j) {
-                if (counts[j] == 0) continue;
-                const jit::width_statistics &p = parts[(o * channels + c) * per_channel + j];
-                double sum = 0, squares = 0;
-                for (int l = 0; l < 16; ++l) {
-                    sum += p.sum[l], squares += p.squares[l];
-                    lowest = p.lowest[l] < lowest ? p.lowest[l] : lowest;
-                    highest = p.highest[l] > highest ? p.highest[l] : highest;
-                }
-                // the part's mean and squares about it, from the shifted sums
-                const double n = static_cast<double>(counts[j]);
-                const double part_mean = p.shift + sum / n;
-                const double part_m2 = std::max(0.0, squares - sum * sum / n);
-                const double total = count + n, delta = part_mean - m;
-                m += delta * n / total;
-                m2 += part_m2 + delta * delta * count * n / total;
-                count = total;
-            }
-        mean[c] = m;
-        var[c] = count > 0 ? m2 / count : 0.0;
-        if (range) range[c] = {lowest, highest};
+// A part of channel_statistics (passes/batch_norm.hpp) from the statistics
+// a kernel call took while it wrote n values (jit::width_statistics): its
+// lanes summed in double, the mean and the squares about it from the
+// shifted sums.
+statistics_part part_of(const jit::width_statistics &w, int64_t n) {
+    statistics_part p;
+    double sum = 0, squares = 0;
+    p.range = {std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity()};
+    for (int l = 0; l < 16; ++l) {
+        sum += w.sum[l], squares += w.squares[l];
+        p.range.lowest = w.lowest[l] < p.range.lowest ? w.lowest[l] : p.range.lowest;
+        p.range.highest = w.highest[l] > p.range.highest ? w.highest[l] : p.range.highest;
     }
+    p.count = static_cast<double>(n);
+    p.mean = w.shift + sum / p.count;
+    p.m2 = std::max(0.0, squares - sum * sum / p.count);
+    return p;
 }
 
 // The kernels covering one output row: one per chunk of the split.
@@ -355,8 +334,15 @@ protected:
     // kernels in their epilogue (tensors::dst_statistics; width_abi.hpp):
     // prepare_statistics points `run` at scratch `slot` for them when they
     // are wanted and the kernels take them; finish_statistics combines them.
+    // Only on planes of 512 outputs or more: the work per image and channel
+    // (a call's vectors, then their combination) is the same for any plane,
+    // and on small ones it costs more than the pass it saves (main job,
+    // convolution + BatchNorm forward: 128x24x28x28 -0.18 ms, 128x48x14x14
+    // +0.05, 128x96x7x7 +0.3).
+    static constexpr int64_t statistics_min_plane = 512;
     bool kernels_take_statistics() const {
-        return fwd_.kernels.front()->params().isa >= cpu_isa::avx512_core;
+        return fwd_.kernels.front()->params().isa >= cpu_isa::avx512_core
+               && l().out_pixels() >= statistics_min_plane;
     }
     void prepare_statistics(const tensors &t, runtime::scratchpad &sp, int slot,
                             spmm_run &run) const {
@@ -366,20 +352,24 @@ protected:
     }
     void finish_statistics(const tensors &t, const spmm_run &run) const {
         if (!run.statistics) return;
-        std::vector<int64_t> counts; // values per chunk of an image's channel
-        for (int64_t ch = 0; ch < fwd_.split.chunks(); ++ch) {
+        const int64_t chunks = fwd_.split.chunks(), n = t.batch * l().out_c * chunks;
+        std::vector<statistics_part> parts(static_cast<size_t>(n));
+#pragma omp parallel for num_threads(p_.num_threads) schedule(static)
+        for (int64_t i = 0; i < n; ++i) {
+            const int64_t ch = i % chunks;
             const int tail = fwd_.split.tail(ch);
-            counts.push_back(l().out_h
-                             * (fwd_.split.chunk_vectors(ch) * fwd_.split.lanes
-                                - (tail != 0 ? fwd_.split.lanes - tail : 0)));
+            const int64_t width = fwd_.split.chunk_vectors(ch) * fwd_.split.lanes
+                                  - (tail != 0 ? fwd_.split.lanes - tail : 0);
+            parts[static_cast<size_t>(i)] = part_of(run.statistics[i], l().out_h * width);
         }
         dst_statistics_request &out = *t.dst_statistics;
-        channel_statistics_from_lanes(run.statistics, t.batch, l().out_c, counts.data(),
-                                      static_cast<int64_t>(counts.size()), out.mean, out.var,
+        channel_statistics_from_parts(parts.data(), t.batch, l().out_c, chunks, out.mean, out.var,
                                       out.range, p_.num_threads);
         out.written = true;
     }
-    int64_t dy_span() const { return (l().kh - 1) * l().dh / l().sh + 1; }
+    int64_t dy_span() const {
+        return (l().kh - 1) * l().dh / l().sh + 1;
+    }
 
     // Backward-data over the packed dY (`image_bytes` per image): per phase,
     // phase_values(phase) gives the kernels' values (f32 weights, or s8

@@ -747,7 +747,8 @@ def test_a_gradient_changed_on_its_way_is_not_taken_with_stale_maxima(monkeypatc
 @pytest.mark.parametrize("vectorizing_over_on", [True, False])
 def test_the_convolution_gives_the_batch_norm_its_batch_statistics(scheme, vectorizing_over_on, monkeypatch):
     # training: the convolution takes its output's batch statistics (in the
-    # output-width AVX-512 kernels' epilogue, else in the post-op's pass)
+    # output-width AVX-512 kernels' epilogue: a plane of 667 outputs; else
+    # in the post-op's pass)
     # and the BatchNorm uses them instead of its own pass — the same model
     # as the BatchNorm finding them, within rounding, at 1 and 3 threads
     # alike; eval (running statistics): none are asked for
@@ -767,7 +768,7 @@ def test_the_convolution_gives_the_batch_norm_its_batch_statistics(scheme, vecto
     given = q.fuse(given)
     own = copy.deepcopy(given)
     own[0]._hands_statistics_over = lambda: False  # the BatchNorm's own pass
-    x = torch.randn(4, 6, 11, 19)
+    x = torch.randn(4, 6, 23, 29)
     before = torch.get_num_threads()
     try:
         outs = []
@@ -780,7 +781,7 @@ def test_the_convolution_gives_the_batch_norm_its_batch_statistics(scheme, vecto
     finally:
         torch.set_num_threads(before)
     known.clear()
-    _train_and_compare(own, given, (4, 6, 11, 19), scheme, lr=0.05 if scheme == "f32" else 0.0)
+    _train_and_compare(own, given, (4, 6, 23, 29), scheme, lr=0.05 if scheme == "f32" else 0.0)
     # 3 training steps of each model, then eval (running statistics): the
     # given model's training forwards had statistics, no other call did
     assert [k is not None for k in known] == [False, True] * 3 + [False, False]
