@@ -779,9 +779,15 @@ class SparseConv2d(_SparseModule):
         """Whether the output goes into a fused BatchNorm that normalises
         with its batch statistics: the convolution then finds them as it
         writes the output (the batch_statistics post-op, in the kernels'
-        epilogue where they take it) and hands them to the BatchNorm."""
+        epilogue where they take it) and hands them to the BatchNorm. A
+        subclass that computes the convolution its own way (the prototype)
+        leaves them to its BatchNorm."""
         bn = self.__dict__.get("fused_batch_norm")
-        return bn is not None and (bn.training or bn.running_mean is None or bn.running_var is None)
+        return (
+            bn is not None
+            and (bn.training or bn.running_mean is None or bn.running_var is None)
+            and type(self)._compute is SparseConv2d._compute
+        )
 
     def _conv2d_args(self, x: torch.Tensor) -> tuple:
         return (

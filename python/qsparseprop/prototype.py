@@ -178,9 +178,6 @@ class PrototypeQuantizedSparseConv2d(QuantizedSparseConv2d):
 
     prototype = True
 
-    def _hands_statistics_over(self) -> bool:
-        return False  # its own BatchNorm finds them (the prototype's arithmetic)
-
     def _batch_norm(self, bn, y: torch.Tensor, residual: torch.Tensor | None = None, known=None) -> torch.Tensor:
         relu = self.fused_relu or residual is not None
         return _batch_norm_after(bn, y, relu, keep_s8=True, chain=_prototype_batch_norm_relu, residual=residual)
