@@ -350,6 +350,31 @@ protected:
             run.statistics =
                     sp.get<jit::width_statistics>(slot, t.batch * l().out_c * fwd_.split.chunks());
     }
+    // The forward's kernels over the packed source x (image_bytes an image)
+    // into t.dst, taking the batch statistics where asked (scratch `slot`).
+    void run_forward(const tensors &t, runtime::scratchpad &sp, int slot, const void *values,
+                     const void *x, int64_t image_bytes, const float *bias,
+                     const int32_t *correction, const float *scale) const {
+        spmm_run run{values,
+                     spmm_->offsets.data(),
+                     &groups_,
+                     &spmm_->bounds,
+                     static_cast<const uint8_t *>(x),
+                     image_bytes,
+                     l().sh * plane_.row_len() * 4,
+                     4,
+                     l().out_h,
+                     t.dst,
+                     l().out_c * l().out_pixels(),
+                     l().out_pixels(),
+                     l().out_w,
+                     bias,
+                     correction,
+                     scale};
+        prepare_statistics(t, sp, slot, run);
+        run(p_.dir, fwd_, t.batch, p_.num_threads);
+        finish_statistics(t, run);
+    }
     void finish_statistics(const tensors &t, const spmm_run &run) const {
         if (!run.statistics) return;
         const int64_t chunks = fwd_.split.chunks(), n = t.batch * l().out_c * chunks;
@@ -466,25 +491,9 @@ private:
         float *x = sp.get<float>(0, B * image);
         if (!pack_width_planes(t.src, B, l().in_c, l().in_h, l().in_w, l().x_pad, plane_, x, nt))
             return kernel::non_finite_input;
-        spmm_run run{spmm_->values(t.weights, sp.get<float>(1, p_.pattern.nnz()), nt),
-                     spmm_->offsets.data(),
-                     &groups_,
-                     &spmm_->bounds,
-                     reinterpret_cast<const uint8_t *>(x),
-                     image * 4,
-                     l().sh * plane_.row_len() * 4,
-                     4,
-                     l().out_h,
-                     t.dst,
-                     l().out_c * l().out_pixels(),
-                     l().out_pixels(),
-                     l().out_w,
-                     bias_or_zeros(t.bias, l().out_c, sp.get<float>(2, l().out_c)),
-                     nullptr,
-                     nullptr};
-        prepare_statistics(t, sp, 3, run);
-        run(p_.dir, fwd_, B, nt);
-        finish_statistics(t, run);
+        run_forward(t, sp, 3, spmm_->values(t.weights, sp.get<float>(1, p_.pattern.nnz()), nt), x,
+                    image * 4, bias_or_zeros(t.bias, l().out_c, sp.get<float>(2, l().out_c)),
+                    nullptr, nullptr);
         return nullptr;
     }
 
@@ -593,25 +602,7 @@ private:
         for (int64_t o = 0; o < oc; ++o)
             row_scale[o] = s8::forward_scale(sx, w_scale[o]);
         std::fill(zeros, zeros + oc, 0.f);
-        spmm_run run{words,
-                     spmm_->offsets.data(),
-                     &groups_,
-                     &spmm_->bounds,
-                     reinterpret_cast<const uint8_t *>(x),
-                     image * 4,
-                     l().sh * plane_.row_len() * 4,
-                     4,
-                     l().out_h,
-                     t.dst,
-                     oc * l().out_pixels(),
-                     l().out_pixels(),
-                     l().out_w,
-                     t.bias ? t.bias : zeros,
-                     correction,
-                     row_scale};
-        prepare_statistics(t, sp, 8, run);
-        run(p_.dir, fwd_, B, nt);
-        finish_statistics(t, run);
+        run_forward(t, sp, 8, words, x, image * 4, t.bias ? t.bias : zeros, correction, row_scale);
         return nullptr;
     }
 
