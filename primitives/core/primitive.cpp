@@ -246,9 +246,10 @@ void primitive_base::execute(const dnnl::stream &stream, const exec_args &args,
                 for (size_t c = 0; c < channels; ++c) {
                     out.mean[c] = static_cast<float>(statistics_mean[c]);
                     out.variance[c] = static_cast<float>(statistics_var[c]);
-                    if (out.range)
-                        out.range[2 * c] = statistics_range[c].lowest,
-                                      out.range[2 * c + 1] = statistics_range[c].highest;
+                    if (out.range) {
+                        out.range[2 * c] = statistics_range[c].lowest;
+                        out.range[2 * c + 1] = statistics_range[c].highest;
+                    }
                 }
                 first = 1;
             }

@@ -124,7 +124,8 @@ void channel_ranges(const float *dst, channel_layout l, float *range, int num_th
                 highest = run[j] > highest ? run[j] : highest;
             }
         }
-        range[2 * c] = lowest, range[2 * c + 1] = highest;
+        range[2 * c] = lowest;
+        range[2 * c + 1] = highest;
     }
 }
 
@@ -142,7 +143,10 @@ void batch_statistics(const float *dst, channel_layout l, const post_op_tensors 
     for (size_t c = 0; c < m.size(); ++c) {
         t.mean[c] = static_cast<float>(m[c]);
         t.variance[c] = static_cast<float>(v[c]);
-        if (t.range) t.range[2 * c] = r[c].lowest, t.range[2 * c + 1] = r[c].highest;
+        if (t.range) {
+            t.range[2 * c] = r[c].lowest;
+            t.range[2 * c + 1] = r[c].highest;
+        }
     }
 }
 
