@@ -116,6 +116,20 @@ constexpr int QSP_ARG_BN_CENTERED = QSP_ARG_ROUNDING_SEED + 5;
 constexpr int QSP_ARG_BN_STEP = QSP_ARG_ROUNDING_SEED + 6;
 constexpr int QSP_ARG_BN_COEFFICIENTS = QSP_ARG_ROUNDING_SEED + 7;
 
+// Optional, s8 Conv2d forward: src given already quantized, as the forward
+// would quantize it (quantization.hpp: Xq = round-half-even(src / sx) per
+// tensor, sx from max |src|) — by the writer of src, which then need not
+// write src itself (batch_norm_relu_forward_quantized):
+//   QSP_ARG_SRC_S8        s8 memory of src's dims (plain NCHW): Xq,
+//   QSP_ARG_SRC_S8_SCALE  f32 memory of one element: sx.
+// Both together; SRC is then not read and may be left out. Xq given at the
+// descriptor's workspace_src_s8_offset() inside the workspace is used in
+// place; elsewhere it is copied there (or into scratch without a
+// workspace). The integers and the outputs are those of the forward of the
+// f32 src Xq was rounded from.
+constexpr int QSP_ARG_SRC_S8 = QSP_ARG_ROUNDING_SEED + 8;
+constexpr int QSP_ARG_SRC_S8_SCALE = QSP_ARG_ROUNDING_SEED + 9;
+
 // The descriptors of those arguments for a Conv2d of output dims
 // {N, C, H, W}: diff_dst f32 {N, C, H, W}; mask u8 {(N*C*H*W + 7) / 8};
 // centered s8 {N*C*H*W}; step f32 {C}; coefficients f32 {3, C}.
@@ -353,6 +367,11 @@ struct sparse_conv2d_forward : primitive_base {
         dnnl::memory::desc src_desc() const;
         dnnl::memory::desc dst_desc() const;
         const conv2d_geometry &geometry() const;
+        // s8 training: where in the workspace the forward keeps its
+        // quantized src (N*C*H*W bytes): QSP_ARG_SRC_S8 there is used in
+        // place. Throws std::invalid_argument for a descriptor without a
+        // workspace.
+        size_t workspace_src_s8_offset() const;
     };
     explicit sparse_conv2d_forward(const primitive_desc &pd);
 };
@@ -520,6 +539,26 @@ void batch_norm_relu_forward(const batch_norm_relu_desc &d, const float *src, co
                              float *batch_var, int8_t *centered, float *step, float *dst_abs_max,
                              int num_threads = 0,
                              const batch_norm_known_statistics *known = nullptr);
+// The int8 forward whose dst only an s8 Conv2d reads (the first convolution
+// of a residual block feeding the second, python's fused blocks): dst is
+// not written; in its place `dst.values` (N*C*H*W bytes) gets the integers
+// that convolution's forward would quantize dst into (quantization.hpp:
+// round-half-even per tensor, the scale from max |dst|), and *dst.scale
+// that scale — the convolution's QSP_ARG_SRC_S8 and QSP_ARG_SRC_S8_SCALE.
+// max |dst| comes from each channel's range at no cost, so src is read
+// once and the f32 dst never goes to memory. Needs batch statistics (the
+// range), as the int8 copy does; mask, mean, invstd, batch_var, centered,
+// step as above.
+struct batch_norm_quantized_dst {
+    int8_t *values = nullptr;
+    float *scale = nullptr;
+};
+void batch_norm_relu_forward_quantized(const batch_norm_relu_desc &d, const float *src,
+                                       const float *gamma, const float *beta,
+                                       const batch_norm_quantized_dst &dst, uint8_t *mask,
+                                       float *mean, float *invstd, float *batch_var,
+                                       int8_t *centered, float *step, int num_threads = 0,
+                                       const batch_norm_known_statistics *known = nullptr);
 // The backward with src - mean read as centered * step. With
 // diff_src_channel_abs_max (C floats; needs diff_src), also max |diff_src|
 // per channel (NaN where the channel holds a NaN), found while diff_src is

@@ -60,6 +60,10 @@ struct shared_gradient {
 struct tensors {
     const float *src = nullptr;
     const float *src_abs_max = nullptr; // s8: max |src|, if known (one float)
+    // s8 Conv2d forward: src given quantized (QSP_ARG_SRC_S8, _SCALE), src
+    // then null; implementations take it through s8::quantized_src.
+    const int8_t *src_s8 = nullptr;
+    float src_s8_scale = 0.f;
     const float *weights = nullptr;
     const float *bias = nullptr;
     float *dst = nullptr;

@@ -51,6 +51,31 @@ struct batch_norm_source_args {
     }
 };
 
+// Arguments that change what an execution computes (src given quantized,
+// diff_dst given as a BatchNorm's backward) are refused where the
+// primitive does not take them, rather than ignored: ignored, the
+// primitive would read an argument the caller did not fill.
+void refuse_arguments_not_taken(const pd_impl &pd, const exec_args &args) {
+    static constexpr std::pair<int, const char *> changing[] = {
+            {QSP_ARG_SRC_S8, "src_s8 (s8 Conv2d forward only)"},
+            {QSP_ARG_SRC_S8_SCALE, "src_s8_scale (s8 Conv2d forward only)"},
+            {QSP_ARG_BN_DIFF_DST, "bn_diff_dst (s8 Conv2d backward only)"},
+            {QSP_ARG_BN_MASK, "bn_mask (s8 Conv2d backward only)"},
+            {QSP_ARG_BN_CENTERED, "bn_centered (s8 Conv2d backward only)"},
+            {QSP_ARG_BN_STEP, "bn_step (s8 Conv2d backward only)"},
+            {QSP_ARG_BN_COEFFICIENTS, "bn_coefficients (s8 Conv2d backward only)"}};
+    for (const auto &[arg, name] : changing) {
+        if (!args.count(arg)) continue;
+        bool taken = false;
+        for (const auto &spec : pd.args)
+            taken |= spec.arg == arg;
+        if (!taken)
+            refuse(pd.primitive_name, std::string("execute: argument ") + name
+                                              + " is not taken by this primitive ("
+                                              + to_string(pd.prob.scheme) + ")");
+    }
+}
+
 } // namespace
 
 void primitive_base::init(const primitive_desc_base &pd) {
@@ -75,8 +100,10 @@ void primitive_base::execute(const dnnl::stream &stream, const exec_args &args,
     const pd_impl &pd = *pd_;
     if (stream.get_engine().get_kind() != dnnl::engine::kind::cpu)
         refuse(pd.primitive_name, "stream must belong to a CPU engine");
+    refuse_arguments_not_taken(pd, args);
     tensors t;
     batch_norm_source_args bn;
+    const float *src_s8_scale = nullptr;
     std::vector<post_op_tensors> post(pd.post_op_chain.size());
     for (const auto &spec : pd.args) {
         auto it = args.find(spec.arg);
@@ -128,6 +155,12 @@ void primitive_base::execute(const dnnl::stream &stream, const exec_args &args,
             case QSP_ARG_SRC_ABS_MAX:
                 t.src_abs_max = static_cast<const float *>(h);
                 break;
+            case QSP_ARG_SRC_S8:
+                t.src_s8 = static_cast<const int8_t *>(h);
+                break;
+            case QSP_ARG_SRC_S8_SCALE:
+                src_s8_scale = static_cast<const float *>(h);
+                break;
             case QSP_ARG_DIFF_DST_CHANNEL_ABS_MAX:
                 t.diff_dst_channel_abs_max = static_cast<const float *>(h);
                 break;
@@ -176,6 +209,14 @@ void primitive_base::execute(const dnnl::stream &stream, const exec_args &args,
                 break;
         }
     }
+    if (!t.src_s8 != !src_s8_scale)
+        refuse(pd.primitive_name, "execute: src_s8 and src_s8_scale go together (src given "
+                                  "quantized: the integers and their scale)");
+    if (src_s8_scale) t.src_s8_scale = *src_s8_scale;
+    if (pd.prob.dir == direction::forward && !args.count(DNNL_ARG_SRC) && !t.src_s8)
+        refuse(pd.primitive_name, "execute: argument src is required (dims "
+                                          + dims_str(pd.src_md.get_dims())
+                                          + "), or src_s8 with src_s8_scale");
     t.batch = pd.prob.outer();
     t.shared = shared;
     if (bn.any() && !bn.complete())

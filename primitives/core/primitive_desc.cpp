@@ -211,6 +211,16 @@ void finish_pd(pd_impl &pd, const dnnl::engine &engine, const primitive_attr &at
                 pd.args.push_back({DNNL_ARG_WORKSPACE, "workspace", pd.workspace_md, true});
             if (s8)
                 pd.args.push_back({QSP_ARG_SRC_ABS_MAX, "src_abs_max", src_abs_max_desc(), false});
+            if (s8 && p.op == op_kind::conv2d) { // src given quantized: SRC may be left out
+                pd.args.front().required = false;
+                pd.args.push_back(
+                        {QSP_ARG_SRC_S8, "src_s8",
+                         dnnl::memory::desc(pd.src_md.get_dims(), dnnl::memory::data_type::s8,
+                                            pd.src_md.get_strides()),
+                         false});
+                pd.args.push_back(
+                        {QSP_ARG_SRC_S8_SCALE, "src_s8_scale", plain_f32_desc({1}), false});
+            }
             add_post_op_args(pd, attr.ops);
             break;
         case direction::backward_data:

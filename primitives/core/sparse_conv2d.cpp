@@ -4,6 +4,7 @@
 #include <string>
 
 #include "primitives/core/pd_impl.hpp"
+#include "primitives/core/s8_protocol.hpp"
 
 namespace qsp {
 
@@ -106,6 +107,12 @@ dnnl::memory::desc sparse_conv2d_forward::primitive_desc::dst_desc() const {
 }
 const conv2d_geometry &sparse_conv2d_forward::primitive_desc::geometry() const {
     return impl_->geometry;
+}
+size_t sparse_conv2d_forward::primitive_desc::workspace_src_s8_offset() const {
+    if (impl_->workspace_md.is_zero())
+        refuse(impl_->primitive_name, "workspace_src_s8_offset: the descriptor has no workspace "
+                                      "(only s8 forward_training keeps the quantized src)");
+    return s8::workspace_layout(impl_->prob).src_q;
 }
 
 sparse_conv2d_forward::sparse_conv2d_forward(const primitive_desc &pd) {

@@ -13,6 +13,7 @@
 
 #include "primitives/core/s8_dy_quantization.hpp"
 #include "primitives/core/s8_protocol.hpp"
+#include "primitives/core/s8_src_quantization.hpp"
 #include "primitives/dense_onednn/dense_s8_conv2d.hpp"
 #include "primitives/dense_onednn/onednn_common.hpp"
 #include "primitives/passes/quantize.hpp"
@@ -107,7 +108,7 @@ public:
         scatter_dense_s8(p_.pattern, wq, wd, nt);
         if (p_.dir == direction::forward) {
             int8_t *xq = t.workspace ? ws.src_q() : sp.get<int8_t>(3, x_elems);
-            const float sx = quantize_rne(t.src, x_elems, xq, t.src_abs_max, nt);
+            const float sx = s8::quantized_src(t, x_elems, xq, nt);
             if (t.workspace) ws.set_src_scale(sx);
             int32_t *acc = sp.get<int32_t>(4, y_elems);
             run(xq, wd, acc, sp);

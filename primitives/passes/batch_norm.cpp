@@ -129,6 +129,11 @@ struct portable_kernels {
             out[i] = v * a + k;
         }
     }
+    static void quantize(const float *in, int8_t *q, int64_t b, int64_t e, float inv) {
+#pragma omp simd
+        for (int64_t i = b; i < e; ++i)
+            q[i] = round_to_s8(in[i] * inv);
+    }
     static void write_centered(const float *in, int8_t *q, int64_t b, int64_t e, float m,
                                float inv) {
 #pragma omp simd
@@ -229,9 +234,10 @@ void portable::channel_statistics(const float *src, channel_planes s, double *me
 
 void portable::scale_shift_relu(const float *src, channel_planes s, const float *scale,
                                 const float *shift, const float *residual, float *dst,
-                                uint8_t *bits, const centered_s8_writer *keep, int num_threads) {
+                                uint8_t *bits, const centered_s8_writer *keep,
+                                const quantized_s8_writer *quantized, int num_threads) {
     walk::scale_shift_relu<portable_kernels>(src, s, scale, shift, residual, dst, bits, keep,
-                                             num_threads);
+                                             quantized, num_threads);
 }
 
 void portable::masked_gradient_sums(const float *diff_dst, const uint8_t *bits, centered_source src,
@@ -285,10 +291,11 @@ void channel_statistics_from_parts(const statistics_part *parts, int64_t outer, 
 
 void scale_shift_relu(const float *src, channel_planes s, const float *scale, const float *shift,
                       const float *residual, float *dst, uint8_t *bits,
-                      const centered_s8_writer *keep, int num_threads) {
+                      const centered_s8_writer *keep, const quantized_s8_writer *quantized,
+                      int num_threads) {
     static constexpr pass_tier<scale_shift_relu_fn> tiers[] = {
             {cpu_isa::avx2, scale_shift_relu_avx2}, {cpu_isa::ref, portable::scale_shift_relu}};
-    best_tier(tiers)(src, s, scale, shift, residual, dst, bits, keep, num_threads);
+    best_tier(tiers)(src, s, scale, shift, residual, dst, bits, keep, quantized, num_threads);
 }
 
 void masked_gradient_sums(const float *diff_dst, const uint8_t *bits, centered_source src,
@@ -422,7 +429,8 @@ void forward(const batch_norm_relu_desc &d, const float *src, const float *resid
              const float *gamma, const float *beta, const float *running_mean,
              const float *running_var, float *dst, uint8_t *mask, float *mean, float *invstd,
              float *batch_var, int8_t *centered, float *step, float *dst_abs_max, int num_threads,
-             const batch_norm_known_statistics *known) {
+             const batch_norm_known_statistics *known,
+             const batch_norm_quantized_dst *quantized = nullptr) {
     const detail::channel_planes s = checked_planes(d);
     if (known) {
         if (!d.batch_statistics)
@@ -440,21 +448,27 @@ void forward(const batch_norm_relu_desc &d, const float *src, const float *resid
         require(running_mean, "running_mean");
         require(running_var, "running_var");
     }
+    if (quantized) require(quantized->scale, "quantized dst scale");
     if (s.elements() > 0) {
         require(src, "src");
-        require(dst, "dst");
+        if (quantized)
+            require(quantized->values, "quantized dst values");
+        else
+            require(dst, "dst");
     }
     const int threads = threads_or_default(num_threads);
     const auto channels = static_cast<size_t>(s.channels);
     std::vector<double> m(channels), v(channels);
-    std::vector<detail::channel_range> range(centered ? channels : 0);
+    // the int8 copy's steps and the quantized dst's scale come from the ranges
+    const bool ranges = centered || quantized;
+    std::vector<detail::channel_range> range(ranges ? channels : 0);
     if (known) {
         for (size_t c = 0; c < channels; ++c) {
             m[c] = known->mean[c], v[c] = known->variance[c];
-            if (centered) range[c] = {known->range[2 * c], known->range[2 * c + 1]};
+            if (ranges) range[c] = {known->range[2 * c], known->range[2 * c + 1]};
         }
     } else if (d.batch_statistics) {
-        detail::channel_statistics(src, s, m.data(), v.data(), centered ? range.data() : nullptr,
+        detail::channel_statistics(src, s, m.data(), v.data(), ranges ? range.data() : nullptr,
                                    threads);
     } else {
         for (size_t c = 0; c < channels; ++c)
@@ -476,12 +490,19 @@ void forward(const batch_norm_relu_desc &d, const float *src, const float *resid
         }
     }
     const detail::centered_s8_writer keep{centered, mean, inv_step.data()};
+    const float peak = s.elements() > 0 && ranges
+                               ? dst_abs_max_from_ranges(range, scale, shift, d.relu)
+                               : 0.0f;
+    detail::quantized_s8_writer rounded{nullptr, quant_scale_from_abs_max(peak)};
+    if (quantized) {
+        rounded.values = quantized->values;
+        *quantized->scale = rounded.scale.scale;
+    }
     if (s.elements() > 0)
         detail::scale_shift_relu(src, s, scale.data(), shift.data(), residual, dst,
-                                 d.relu ? mask : nullptr, centered ? &keep : nullptr, threads);
-    if (dst_abs_max)
-        *dst_abs_max =
-                s.elements() > 0 ? dst_abs_max_from_ranges(range, scale, shift, d.relu) : 0.0f;
+                                 d.relu ? mask : nullptr, centered ? &keep : nullptr,
+                                 quantized ? &rounded : nullptr, threads);
+    if (dst_abs_max) *dst_abs_max = peak;
 }
 
 void backward(const batch_norm_relu_desc &d, const float *diff_dst, const uint8_t *mask,
@@ -558,6 +579,17 @@ void batch_norm_relu_forward(const batch_norm_relu_desc &d, const float *src, co
     require_int8_copy(d, centered, step);
     forward(d, src, nullptr, gamma, beta, running_mean, running_var, dst, mask, mean, invstd,
             batch_var, centered, step, dst_abs_max, num_threads, known);
+}
+
+void batch_norm_relu_forward_quantized(const batch_norm_relu_desc &d, const float *src,
+                                       const float *gamma, const float *beta,
+                                       const batch_norm_quantized_dst &dst, uint8_t *mask,
+                                       float *mean, float *invstd, float *batch_var,
+                                       int8_t *centered, float *step, int num_threads,
+                                       const batch_norm_known_statistics *known) {
+    require_int8_copy(d, centered, step);
+    forward(d, src, nullptr, gamma, beta, nullptr, nullptr, nullptr, mask, mean, invstd, batch_var,
+            centered, step, nullptr, num_threads, known, &dst);
 }
 
 void batch_norm_relu_backward(const batch_norm_relu_desc &d, const float *diff_dst,

@@ -58,14 +58,25 @@ struct centered_s8_writer {
     const float *mean, *inv;
 };
 
+// dst as the s8 forward of the layer reading it would quantize it
+// (quantize_rne with a known max |dst|, the scale from it): values[i] =
+// round-half-even(dst[i] * scale.inv), zeros where the scale is not usable.
+struct quantized_s8_writer {
+    int8_t *values;
+    quant_scale scale;
+};
+
 // dst = src * scale[c] + shift[c], plus residual[i] when given (a residual
 // block's add, after the normalisation as the unfused block rounds it); with
 // `bits`, dst = max(0, that) and bits = !(that <= 0), as relu_mask_forward
 // (bits in the flat element order); with `keep`, its values from src. dst
-// may alias src or residual.
+// may alias src or residual. With `quantized`, dst is not written (may be
+// null): each piece of it is made in a thread's buffer while in L1 and
+// rounded into quantized->values from there.
 void scale_shift_relu(const float *src, channel_planes shape, const float *scale,
                       const float *shift, const float *residual, float *dst, uint8_t *bits,
-                      const centered_s8_writer *keep, int num_threads);
+                      const centered_s8_writer *keep, const quantized_s8_writer *quantized,
+                      int num_threads);
 
 // What the backward reads as src - mean[c]: the forward's src and mean
 // (f32), or the int8 copy times its per-channel step.
@@ -131,7 +142,8 @@ using channel_statistics_fn = void(const float *src, channel_planes shape, doubl
                                    double *var, channel_range *range, int num_threads);
 using scale_shift_relu_fn = void(const float *src, channel_planes shape, const float *scale,
                                  const float *shift, const float *residual, float *dst,
-                                 uint8_t *bits, const centered_s8_writer *keep, int num_threads);
+                                 uint8_t *bits, const centered_s8_writer *keep,
+                                 const quantized_s8_writer *quantized, int num_threads);
 using masked_gradient_sums_fn = void(const float *diff_dst, const uint8_t *bits,
                                      centered_source src, channel_planes shape, double *sum_g,
                                      double *sum_g_centered, int num_threads);

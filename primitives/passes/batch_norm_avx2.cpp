@@ -169,6 +169,14 @@ struct kernels {
             out[i] = v * a + k;
         }
     }
+    static void quantize(const float *in, int8_t *q, int64_t b, int64_t e, float inv) {
+        const __m256 iv = _mm256_set1_ps(inv);
+        int64_t i = b;
+        for (; i + 8 <= e; i += 8)
+            store_rounded_s8(q + i, _mm256_mul_ps(_mm256_loadu_ps(in + i), iv));
+        for (; i < e; ++i)
+            q[i] = round_to_s8(in[i] * inv);
+    }
     static void write_centered(const float *in, int8_t *q, int64_t b, int64_t e, float m,
                                float inv) {
         const __m256 mv = _mm256_set1_ps(m), iv = _mm256_set1_ps(inv);
@@ -251,9 +259,10 @@ void channel_statistics_avx2(const float *src, channel_planes s, double *mean, d
 
 void scale_shift_relu_avx2(const float *src, channel_planes s, const float *scale,
                            const float *shift, const float *residual, float *dst, uint8_t *bits,
-                           const centered_s8_writer *keep, int num_threads) {
+                           const centered_s8_writer *keep, const quantized_s8_writer *quantized,
+                           int num_threads) {
     batch_norm_walk::scale_shift_relu<avx2::kernels>(src, s, scale, shift, residual, dst, bits,
-                                                     keep, num_threads);
+                                                     keep, quantized, num_threads);
 }
 
 void masked_gradient_sums_avx2(const float *diff_dst, const uint8_t *bits, centered_source src,

@@ -19,6 +19,7 @@
 //   scale_shift_keep(in, out, q, b, e, a, k, m, inv)  the same as
 //       scale_shift plus q = round-half-even((in - m) * inv)
 //   write_centered(in, q, b, e, m, inv)           q alone
+//   quantize(in, q, b, e, inv)                    q = round-half-even(in * inv)
 //   relu_range(dst, bits, begin, end)             relu_mask_range's contract
 //   gradient_sums(g, bits, base, x, n, sum, dot)  over one plane (g and x
 //       from element `base`): sum = Σ g', dot = Σ g' * x(i), g' the masked
@@ -229,30 +230,52 @@ void channel_statistics(const float *src, channel_planes s, double *mean, double
                                   num_threads);
 }
 
+// The piece of dst a quantized apply makes in a thread's buffer before
+// rounding it: 16 KB, in L1 from its writing to its rounding (whole mask
+// bytes, as relu_range needs).
+constexpr int64_t quantized_piece_elems = 4096;
+
 template <typename K>
 void scale_shift_relu(const float *src, channel_planes s, const float *scale, const float *shift,
                       const float *residual, float *dst, uint8_t *bits,
-                      const centered_s8_writer *keep, int num_threads) {
-    for_each_chunk(s.elements(), num_threads, [&](int64_t begin, int64_t end) {
-        for_each_plane_run(s, begin, end, [&](int64_t c, int64_t b, int64_t e) {
-            const float a = scale[c], k = shift[c];
-            const bool usable = keep && keep->inv[c] != 0.0f;
-            if (residual) { // the block's add: (normalised, rounded) + residual
-                if (usable)
-                    K::write_centered(src, keep->values, b, e, keep->mean[c], keep->inv[c]);
-                else if (keep) // no usable step (NaN, or all values equal): zeros
-                    std::fill(keep->values + b, keep->values + e, int8_t{0});
-                K::scale_shift_add(src, residual, dst, b, e, a, k);
-            } else if (usable) { // the int8 copy in the same loop: dst may be src
-                K::scale_shift_keep(src, dst, keep->values, b, e, a, k, keep->mean[c],
-                                    keep->inv[c]);
-            } else {
-                if (keep) std::fill(keep->values + b, keep->values + e, int8_t{0});
-                K::scale_shift(src, dst, b, e, a, k);
-            }
-        });
-        // while the chunk is in cache
-        if (bits) K::relu_range(dst, bits, begin, end);
+                      const centered_s8_writer *keep, const quantized_s8_writer *quantized,
+                      int num_threads) {
+    const int threads = std::max(1, num_threads);
+    std::vector<float> buffers(quantized ? static_cast<size_t>(threads * quantized_piece_elems)
+                                         : 0);
+    for_each_chunk(s.elements(), threads, [&](int64_t begin, int64_t end) {
+        const int64_t piece = quantized ? quantized_piece_elems : end - begin;
+        for (int64_t pb = begin; pb < end; pb += piece) {
+            const int64_t pe = std::min(end, pb + piece);
+            // out[i] for i in [pb, pe): dst, or the thread's buffer (indexed
+            // by the element, as the kernels index src)
+            float *out = dst;
+            if (quantized) out = buffers.data() + omp_get_thread_num() * quantized_piece_elems - pb;
+            for_each_plane_run(s, pb, pe, [&](int64_t c, int64_t b, int64_t e) {
+                const float a = scale[c], k = shift[c];
+                const bool usable = keep && keep->inv[c] != 0.0f;
+                if (residual) { // the block's add: (normalised, rounded) + residual
+                    if (usable)
+                        K::write_centered(src, keep->values, b, e, keep->mean[c], keep->inv[c]);
+                    else if (keep) // no usable step (NaN, or all values equal): zeros
+                        std::fill(keep->values + b, keep->values + e, int8_t{0});
+                    K::scale_shift_add(src, residual, out, b, e, a, k);
+                } else if (usable) { // the int8 copy in the same loop: dst may be src
+                    K::scale_shift_keep(src, out, keep->values, b, e, a, k, keep->mean[c],
+                                        keep->inv[c]);
+                } else {
+                    if (keep) std::fill(keep->values + b, keep->values + e, int8_t{0});
+                    K::scale_shift(src, out, b, e, a, k);
+                }
+            });
+            // while the piece is in cache
+            if (bits) K::relu_range(out, bits, pb, pe);
+            if (!quantized) continue;
+            if (quantized->scale.usable) // |dst| <= the max the scale is of: no clamp
+                K::quantize(out, quantized->values, pb, pe, quantized->scale.inv);
+            else
+                std::fill(quantized->values + pb, quantized->values + pe, int8_t{0});
+        }
     });
 }
 

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "primitives/core/s8_protocol.hpp"
+#include "primitives/core/s8_src_quantization.hpp"
 #include "primitives/passes/bias_grad.hpp"
 #include "primitives/passes/quantize.hpp"
 #include "primitives/ref/ref_kernels.hpp"
@@ -77,8 +78,8 @@ private:
                         t.workspace ? t.workspace : s8::workspace_view{local.data(), p_};
                 portable::quantize_weights(p_.pattern, t.weights, ws.weights_q(), ws.weight_scale(),
                                            nt);
-                const float src_scale = portable::quantize_rne(t.src, p_.src_elems(), ws.src_q(),
-                                                               t.src_abs_max, nt);
+                const float src_scale = s8::quantized_src(t, p_.src_elems(), ws.src_q(), nt,
+                                                          portable::quantize_rne);
                 ws.set_src_scale(src_scale);
                 if (lin)
                     ref::linear_fwd_s8(p_.pattern, ws.weights_q(), ws.weight_scale(), ws.src_q(),

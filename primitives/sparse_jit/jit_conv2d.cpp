@@ -19,6 +19,7 @@
 #include "jit/jit_uni_spmm_scatter_kernel.hpp"
 #include "primitives/core/s8_dy_quantization.hpp"
 #include "primitives/core/s8_protocol.hpp"
+#include "primitives/core/s8_src_quantization.hpp"
 #include "primitives/passes/bias_grad.hpp"
 #include "primitives/passes/conv_tiles.hpp"
 #include "primitives/passes/quantize.hpp"
@@ -367,7 +368,7 @@ private:
             correction[o] = 128 * sum;
         }
         int8_t *xq = t.workspace ? ws.src_q() : local_xq;
-        const float sx = quantize_rne(t.src, src_elems, xq, t.src_abs_max, nt);
+        const float sx = s8::quantized_src(t, src_elems, xq, nt);
         if (t.workspace) ws.set_src_scale(sx);
         pack_conv_quad_tiles(xq, B, l_.in_c, l_.in_h, l_.in_w, l_.x_pad, x, nt);
         for (int64_t o = 0; o < oc; ++o)

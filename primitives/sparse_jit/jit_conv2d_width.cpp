@@ -16,6 +16,7 @@
 #include "jit/jit_uni_spmm_width_kernel.hpp"
 #include "primitives/core/s8_dy_quantization.hpp"
 #include "primitives/core/s8_protocol.hpp"
+#include "primitives/core/s8_src_quantization.hpp"
 #include "primitives/passes/batch_norm.hpp"
 #include "primitives/passes/bias_grad.hpp"
 #include "primitives/passes/quantize.hpp"
@@ -596,7 +597,7 @@ private:
         quantize_weights(p_.pattern, t.weights, wq, w_scale, nt);
         spmm_->fill(wq, words, correction, nt);
         int8_t *xq = t.workspace ? ws.src_q() : local_xq;
-        const float sx = quantize_rne(t.src, src_elems, xq, t.src_abs_max, nt);
+        const float sx = s8::quantized_src(t, src_elems, xq, nt);
         if (t.workspace) ws.set_src_scale(sx);
         pack_words()(xq, B, l().in_c, l().in_h, l().in_w, l().x_pad, plane_, x, nt);
         for (int64_t o = 0; o < oc; ++o)

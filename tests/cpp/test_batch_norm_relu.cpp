@@ -18,6 +18,7 @@
 
 #include "qsparseprop/qsparseprop.hpp"
 #include "qsparseprop/quantization.hpp"
+#include "test_utils.hpp"
 
 namespace qsp::test {
 
@@ -490,6 +491,117 @@ TEST(BatchNormRelu, known_statistics_stand_for_the_statistics_pass) {
         forward(shifted, moved, 2);
         EXPECT_TRUE(same(moved.r.mean, shifted)) << "the given mean is the batch's";
     }
+}
+
+// The forward that writes its dst only as the next s8 convolution would
+// quantize it: the integers are quantize_rne's of the dst the plain int8
+// forward writes (the scale from max |dst|), and everything else it
+// writes is that forward's, on every thread count, with the pass's own
+// statistics or given ones; a non-finite channel makes the scale NaN and
+// the integers zeros, as quantize_rne does.
+TEST(BatchNormRelu, the_quantized_forward_is_the_rounding_of_the_dst_it_does_not_write) {
+    uint32_t seed = 301;
+    for (const case_t &c : cases)
+        for (bool relu : {true, false})
+            for (bool affine : {true, false}) {
+                SCOPED_TRACE(testing::Message()
+                             << "N=" << c.batch << " C=" << c.channels << " S=" << c.spatial
+                             << " relu=" << relu << " affine=" << affine);
+                const inputs_t in = make_inputs(c, seed++);
+                const int64_t n = n_of(c);
+                batch_norm_relu_desc d;
+                d.batch = c.batch, d.channels = c.channels, d.spatial = c.spatial, d.relu = relu;
+                const float *gamma = affine ? in.gamma.data() : nullptr;
+                const float *beta = affine ? in.beta.data() : nullptr;
+                const s8_result_t own = run_s8(c, in, relu, affine, 1);
+                std::vector<float> range(2 * c.channels);
+                for (int64_t ch = 0; ch < c.channels; ++ch) {
+                    float lo = std::numeric_limits<float>::infinity(), hi = -lo;
+                    for (int64_t b = 0; b < c.batch; ++b)
+                        for (int64_t i = 0; i < c.spatial; ++i) {
+                            const float v = in.x[(b * c.channels + ch) * c.spatial + i];
+                            lo = std::min(lo, v), hi = std::max(hi, v);
+                        }
+                    range[2 * ch] = lo, range[2 * ch + 1] = hi;
+                }
+                const batch_norm_known_statistics known{own.r.mean.data(), own.r.var.data(),
+                                                        range.data()};
+                for (bool given : {false, true}) {
+                    // the plain int8 forward with the same statistics
+                    s8_result_t plain;
+                    plain.r.z.assign(n, 42.0f), plain.r.mask.assign((n + 7) / 8, 0xAB);
+                    plain.r.mean.assign(c.channels, 42.0f), plain.r.invstd = plain.r.mean;
+                    plain.r.var = plain.r.mean, plain.step = plain.r.mean;
+                    plain.centered.assign(n, 99);
+                    batch_norm_relu_forward(
+                            d, in.x.data(), gamma, beta, nullptr, nullptr, plain.r.z.data(),
+                            plain.r.mask.data(), plain.r.mean.data(), plain.r.invstd.data(),
+                            plain.r.var.data(), plain.centered.data(), plain.step.data(),
+                            &plain.z_abs_max, 1, given ? &known : nullptr);
+                    // quantize_rne's rule over the dst the plain forward wrote
+                    const quant_scale rule = quant_scale_from_abs_max(plain.z_abs_max);
+                    std::vector<int8_t> expected(n, 0);
+                    for (int64_t i = 0; i < n && rule.usable; ++i)
+                        expected[i] = static_cast<int8_t>(std::nearbyint(plain.r.z[i] * rule.inv));
+                    for (int threads : {1, 3}) {
+                        SCOPED_TRACE(testing::Message() << threads << " threads, given " << given);
+                        std::vector<int8_t> values(n, 99), centered(n, 99);
+                        std::vector<uint8_t> mask((n + 7) / 8, 0xAB);
+                        std::vector<float> mean(c.channels, 42.0f), invstd(mean), var(mean),
+                                step(mean);
+                        float scale = 42.0f;
+                        batch_norm_relu_forward_quantized(
+                                d, in.x.data(), gamma, beta, {values.data(), &scale}, mask.data(),
+                                mean.data(), invstd.data(), var.data(), centered.data(),
+                                step.data(), threads, given ? &known : nullptr);
+                        ASSERT_EQ(scale, rule.scale);
+                        ASSERT_EQ(values, expected);
+                        ASSERT_EQ(centered, plain.centered);
+                        ASSERT_TRUE(same(step, plain.step) && same(mean, plain.r.mean)
+                                    && same(var, plain.r.var) && same(invstd, plain.r.invstd));
+                        if (relu) ASSERT_EQ(mask, plain.r.mask);
+                    }
+                }
+            }
+    const case_t c{2, 3, 9};
+    inputs_t in = make_inputs(c, 31);
+    in.x[c.spatial + 4] = std::nanf("");
+    batch_norm_relu_desc d;
+    d.batch = c.batch, d.channels = c.channels, d.spatial = c.spatial, d.relu = true;
+    const int64_t n = n_of(c);
+    std::vector<int8_t> values(n, 99), centered(n);
+    std::vector<uint8_t> mask((n + 7) / 8);
+    std::vector<float> mean(3), invstd(3), var(3), step(3);
+    float scale = 42.0f;
+    batch_norm_relu_forward_quantized(d, in.x.data(), nullptr, nullptr, {values.data(), &scale},
+                                      mask.data(), mean.data(), invstd.data(), var.data(),
+                                      centered.data(), step.data(), 2);
+    EXPECT_TRUE(std::isnan(scale));
+    EXPECT_EQ(values, std::vector<int8_t>(n, 0));
+    // refused: without batch statistics (no range), without its outputs
+    d.batch_statistics = false;
+    expect_refusal(
+            [&] {
+                batch_norm_relu_forward_quantized(
+                        d, in.x.data(), nullptr, nullptr, {values.data(), &scale}, mask.data(),
+                        mean.data(), invstd.data(), var.data(), centered.data(), step.data(), 1);
+            },
+            "batch statistics");
+    d.batch_statistics = true;
+    expect_refusal(
+            [&] {
+                batch_norm_relu_forward_quantized(
+                        d, in.x.data(), nullptr, nullptr, {nullptr, &scale}, mask.data(),
+                        mean.data(), invstd.data(), var.data(), centered.data(), step.data(), 1);
+            },
+            "quantized dst values");
+    expect_refusal(
+            [&] {
+                batch_norm_relu_forward_quantized(
+                        d, in.x.data(), nullptr, nullptr, {values.data(), nullptr}, mask.data(),
+                        mean.data(), invstd.data(), var.data(), centered.data(), step.data(), 1);
+            },
+            "quantized dst scale");
 }
 
 TEST(BatchNormRelu, refuses_malformed_arguments_with_a_named_reason) {

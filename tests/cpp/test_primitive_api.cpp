@@ -1,5 +1,6 @@
 // Descriptor and execution refusals: each names the argument and the rule.
 #include <cstdio>
+#include <cstring>
 #include <functional>
 #include <stdexcept>
 
@@ -310,6 +311,76 @@ TEST(PrimitiveApi, execute_refusals_and_verbose) {
                        "only\n"),
               std::string::npos)
             << out;
+}
+
+// src given quantized (QSP_ARG_SRC_S8) and diff_dst given as a BatchNorm's
+// backward (QSP_ARG_BN_*) change what an execution reads: where the
+// primitive does not take them (f32, Linear) they are refused, not ignored;
+// the integers go with their scale; a forward needs src or them; and
+// inference with them (no workspace) computes what it computes from src.
+TEST(PrimitiveApi, src_given_quantized_is_taken_or_refused) {
+    dnnl::engine eng(dnnl::engine::kind::cpu, 0);
+    dnnl::stream s(eng);
+    std::mt19937 rng(3);
+    const conv2d_geometry g = same_3x3();
+    const dnnl::memory::desc src_md = f32_desc({2, 3, 5, 6}), dst_md = f32_desc({2, 4, 5, 6});
+    const dnnl::memory::desc q_md({2, 3, 5, 6}, dnnl::memory::data_type::s8, src_md.get_strides());
+    auto w = csr_weights::from_dense(random_sparse_dense(4, 27, 0.6, rng).data(), 4, 27);
+    const auto x = random_vector(2 * 3 * 5 * 6, rng);
+    float peak = 0.f;
+    for (float v : x)
+        peak = std::max(peak, std::fabs(v));
+    const quant_scale rule = quant_scale_from_abs_max(peak);
+    std::vector<int8_t> q(x.size());
+    for (size_t i = 0; i < x.size(); ++i)
+        q[i] = static_cast<int8_t>(std::nearbyint(x[i] * rule.inv));
+    float scale = rule.scale;
+    std::vector<float> y(2 * 4 * 30, NAN), from_src(y.size(), NAN);
+    for (prop_kind prop : {prop_kind::forward_inference, prop_kind::forward_training}) {
+        const sparse_conv2d_forward::primitive_desc pd(
+                eng, prop, src_md, w.pattern, dnnl::memory::desc(), dst_md, g, quant_scheme::s8);
+        std::vector<uint8_t> ws(std::max<size_t>(pd.workspace_desc().get_size(), 1));
+        exec_args args{{DNNL_ARG_WEIGHTS, wrap(eng, pd.weights_desc(), w.values.data())},
+                       {DNNL_ARG_DST, wrap(eng, dst_md, y.data())}};
+        if (prop == prop_kind::forward_training)
+            args[DNNL_ARG_WORKSPACE] = wrap(eng, pd.workspace_desc(), ws.data());
+        else
+            expect_refusal([&] { (void)pd.workspace_src_s8_offset(); }, "no workspace");
+        const sparse_conv2d_forward prim(pd);
+        expect_refusal([&] { prim.execute(s, args); }, "argument src is required");
+        args[QSP_ARG_SRC_S8] = wrap(eng, q_md, q.data());
+        expect_refusal([&] { prim.execute(s, args); }, "src_s8 and src_s8_scale go together");
+        args[QSP_ARG_SRC_S8_SCALE] = wrap(eng, f32_desc({1}), &scale);
+        prim.execute(s, args);
+        exec_args plain = args;
+        plain.erase(QSP_ARG_SRC_S8);
+        plain.erase(QSP_ARG_SRC_S8_SCALE);
+        plain[DNNL_ARG_SRC] = wrap(eng, src_md, x.data());
+        plain[DNNL_ARG_DST] = wrap(eng, dst_md, from_src.data());
+        prim.execute(s, plain);
+        EXPECT_EQ(std::memcmp(y.data(), from_src.data(), y.size() * sizeof(float)), 0)
+                << (prop == prop_kind::forward_training ? "training" : "inference");
+    }
+    // f32 takes no quantized src, Linear none either; neither a BatchNorm's dY
+    const sparse_conv2d_forward::primitive_desc f32_pd(eng, prop_kind::forward_training, src_md,
+                                                       w.pattern, dnnl::memory::desc(), dst_md, g,
+                                                       quant_scheme::f32);
+    exec_args args{{DNNL_ARG_SRC, wrap(eng, src_md, x.data())},
+                   {DNNL_ARG_WEIGHTS, wrap(eng, f32_pd.weights_desc(), w.values.data())},
+                   {DNNL_ARG_DST, wrap(eng, dst_md, y.data())},
+                   {QSP_ARG_SRC_S8, wrap(eng, q_md, q.data())},
+                   {QSP_ARG_SRC_S8_SCALE, wrap(eng, f32_desc({1}), &scale)}};
+    expect_refusal([&] { sparse_conv2d_forward(f32_pd).execute(s, args); },
+                   "src_s8 (s8 Conv2d forward only) is not taken by this primitive (f32)");
+    expect_refusal([&] { (void)f32_pd.workspace_src_s8_offset(); }, "no workspace");
+    const sparse_conv2d_backward_data::primitive_desc bd(eng, src_md, w.pattern, dst_md, f32_pd);
+    std::vector<float> dy(y.size(), 1.f), dx(x.size());
+    exec_args bargs{{DNNL_ARG_DIFF_DST, wrap(eng, dst_md, dy.data())},
+                    {DNNL_ARG_WEIGHTS, wrap(eng, f32_pd.weights_desc(), w.values.data())},
+                    {DNNL_ARG_DIFF_SRC, wrap(eng, src_md, dx.data())},
+                    {QSP_ARG_BN_DIFF_DST, wrap(eng, dst_md, dy.data())}};
+    expect_refusal([&] { sparse_conv2d_backward_data(bd).execute(s, bargs); },
+                   "bn_diff_dst (s8 Conv2d backward only) is not taken");
 }
 
 TEST(PrimitiveApi, s8_backward_data_reads_the_forwards_quantized_weights) {

@@ -336,6 +336,65 @@ TEST(S8Scheme, the_forward_takes_its_inputs_maximum) {
     });
 }
 
+// src given quantized (QSP_ARG_SRC_S8: a BatchNorm that writes only the
+// int8 input of the convolution after it) stands for src: the same output,
+// workspace and backward on every tier, vectorization and the oneDNN
+// family, whether the integers sit where the workspace keeps them (used in
+// place) or elsewhere (copied); other integers give another output (they
+// are read), and the scale is the one given.
+TEST(S8Scheme, the_forward_takes_its_input_quantized) {
+    std::mt19937 rng(14);
+    const conv2d_layer conv{3, 5, 6, 7, 9, same_3x3()};
+    auto w = csr_weights::from_dense(random_sparse_dense(6, 5 * 9, 0.7, rng).data(), 6, 5 * 9);
+    auto x = random_vector(static_cast<size_t>(3 * 5 * 7 * 9), rng);
+    const auto hw = conv.out_hw();
+    auto dy = random_vector(static_cast<size_t>(3 * 6 * hw[0] * hw[1]), rng);
+    float peak = 0.f;
+    for (float v : x)
+        peak = std::max(peak, std::fabs(v));
+    const quant_scale rule = quant_scale_from_abs_max(peak); // quantization.hpp's
+    std::vector<int8_t> q(x.size());
+    for (size_t i = 0; i < x.size(); ++i)
+        q[i] = static_cast<int8_t>(std::nearbyint(x[i] * rule.inv));
+    std::vector<int8_t> other = q;
+    other[7] = static_cast<int8_t>(other[7] == 0 ? 1 : 0);
+    const std::vector<float> bias(6, 0.25f);
+    auto check = [&](step_options o) {
+        const step_result found = training_step(conv, w, x, dy, bias, o);
+        o.src_s8 = &q;
+        o.src_s8_scale = rule.scale;
+        for (bool in_workspace : {true, false}) {
+            SCOPED_TRACE(in_workspace ? "in the workspace" : "elsewhere");
+            o.src_s8_in_workspace = in_workspace;
+            const step_result given = training_step(conv, w, x, dy, bias, o);
+            EXPECT_EQ(given.impl, found.impl);
+            expect_same_bits(given.y, found.y, "dst");
+            EXPECT_EQ(given.workspace, found.workspace);
+            expect_same_bits(given.dx, found.dx, "diff_src");
+            expect_same_bits(given.dw, found.dw, "diff_weights");
+        }
+        o.src_s8 = &other;
+        const step_result changed = training_step(conv, w, x, dy, bias, o);
+        EXPECT_NE(changed.y, found.y) << "the integers were not read";
+        o.src_s8 = &q;
+        o.src_s8_scale = 2 * rule.scale;
+        const step_result scaled = training_step(conv, w, x, dy, bias, o);
+        for (size_t i = 0; i < found.y.size(); ++i) // bias 0.25 outside the sum
+            ASSERT_NEAR(scaled.y[i] - 0.25f, 2 * (found.y[i] - 0.25f),
+                        1e-5f * (1 + std::fabs(found.y[i])))
+                    << "the scale given is the scale used, " << i;
+    };
+    for_each_s8_conv_case(check);
+    if (onednn_has_vnni()) {
+        SCOPED_TRACE("dense:onednn_s8");
+        step_options o;
+        o.scheme = quant_scheme::s8;
+        o.implementation = "dense:onednn_s8";
+        o.weights_implementation = "ref:any"; // it has no Conv2d backward-weights
+        check(o);
+    }
+}
+
 TEST(S8Scheme, all_zero_and_non_finite_tensors) {
     std::vector<float> z(10, 0.f);
     std::vector<int8_t> q(10, 1);

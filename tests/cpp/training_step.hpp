@@ -42,6 +42,12 @@ struct step_options {
     const std::vector<float> *dy_channel_abs_max = nullptr;
     // QSP_ARG_SRC_ABS_MAX of the forward (s8), when given
     const float *src_abs_max = nullptr;
+    // Conv2d s8: src given quantized (QSP_ARG_SRC_S8, _SCALE; SRC left out),
+    // written into the workspace where the forward keeps it, or passed from
+    // where it is
+    const std::vector<int8_t> *src_s8 = nullptr;
+    float src_s8_scale = 0.f;
+    bool src_s8_in_workspace = false;
     // Conv2d s8: dY as a BatchNorm's backward (the `dy` argument is then not
     // passed: DIFF_DST is scratch, NaN until something writes dY into it)
     const batch_norm_dy *bn_dy = nullptr;
@@ -215,6 +221,22 @@ step_result training_step(const layer_t &layer, const csr_weights &w, const std:
     if (o.bias) fa[DNNL_ARG_BIAS] = wrap(eng, bias_md, bias.data());
     if (s8) fa[DNNL_ARG_WORKSPACE] = wrap(eng, fwd.workspace_desc(), ws.data());
     if (o.src_abs_max) fa[QSP_ARG_SRC_ABS_MAX] = wrap(eng, src_abs_max_desc(), o.src_abs_max);
+    if constexpr (std::is_same_v<layer_t, conv2d_layer>) {
+        if (o.src_s8) {
+            fa.erase(DNNL_ARG_SRC);
+            const int8_t *q = o.src_s8->data();
+            if (o.src_s8_in_workspace) {
+                int8_t *at = reinterpret_cast<int8_t *>(ws.data() + fwd.workspace_src_s8_offset());
+                std::memcpy(at, q, o.src_s8->size());
+                q = at;
+            }
+            const auto dims = src_md.get_dims();
+            fa[QSP_ARG_SRC_S8] = wrap(
+                    eng,
+                    dnnl::memory::desc(dims, dnnl::memory::data_type::s8, src_md.get_strides()), q);
+            fa[QSP_ARG_SRC_S8_SCALE] = wrap(eng, src_abs_max_desc(), &o.src_s8_scale);
+        }
+    }
     fwd_t(fwd).execute(s, fa);
 
     std::vector<int32_t> seed;
