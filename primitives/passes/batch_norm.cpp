@@ -294,7 +294,9 @@ void scale_shift_relu(const float *src, channel_planes s, const float *scale, co
                       const centered_s8_writer *keep, const quantized_s8_writer *quantized,
                       int num_threads) {
     static constexpr pass_tier<scale_shift_relu_fn> tiers[] = {
-            {cpu_isa::avx2, scale_shift_relu_avx2}, {cpu_isa::ref, portable::scale_shift_relu}};
+            {cpu_isa::avx512_core, scale_shift_relu_avx512},
+            {cpu_isa::avx2, scale_shift_relu_avx2},
+            {cpu_isa::ref, portable::scale_shift_relu}};
     best_tier(tiers)(src, s, scale, shift, residual, dst, bits, keep, quantized, num_threads);
 }
 

@@ -166,6 +166,7 @@ quantize_pair_from_gradient_fn quantize_pair_from_gradient;
 
 channel_statistics_fn channel_statistics_avx2;
 scale_shift_relu_fn scale_shift_relu_avx2;
+scale_shift_relu_fn scale_shift_relu_avx512;
 masked_gradient_sums_fn masked_gradient_sums_avx2;
 masked_gradient_sums_fn masked_gradient_sums_avx512;
 masked_gradient_apply_fn masked_gradient_apply_avx2;

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 
 #include "primitives/passes/batch_norm.hpp"
@@ -93,6 +94,73 @@ struct kernels {
         dot_out = d;
     }
 
+    // The forward apply's kernels (batch_norm_walk.hpp's contracts): 16
+    // lanes, the tail merge-masked, the portable tier's operations and
+    // order; int8 rounded by the conversion's round-half-even (the AVX2
+    // tier's float-adder rounding gives the same integers below 2^22).
+    static void scale_shift(const float *in, float *out, int64_t b, int64_t e, float a, float k) {
+        const __m512 av = _mm512_set1_ps(a), kv = _mm512_set1_ps(k);
+        for (int64_t i = b; i < e; i += 16) {
+            const __mmask16 m = first_lanes(e - i);
+            const __m512 v = _mm512_maskz_loadu_ps(m, in + i);
+            _mm512_mask_storeu_ps(out + i, m, _mm512_add_ps(_mm512_mul_ps(v, av), kv));
+        }
+    }
+    static void scale_shift_add(const float *in, const float *r, float *out, int64_t b, int64_t e,
+                                float a, float k) {
+        const __m512 av = _mm512_set1_ps(a), kv = _mm512_set1_ps(k);
+        for (int64_t i = b; i < e; i += 16) {
+            const __mmask16 m = first_lanes(e - i);
+            const __m512 v = _mm512_add_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, in + i), av), kv);
+            _mm512_mask_storeu_ps(out + i, m, _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, r + i)));
+        }
+    }
+    static void store_rounded(int8_t *q, __mmask16 m, __m512 v) {
+        _mm512_mask_cvtsepi32_storeu_epi8(q, m, _mm512_cvtps_epi32(v));
+    }
+    static void scale_shift_keep(const float *in, float *out, int8_t *q, int64_t b, int64_t e,
+                                 float a, float k, float mean, float inv) {
+        const __m512 av = _mm512_set1_ps(a), kv = _mm512_set1_ps(k);
+        const __m512 mv = _mm512_set1_ps(mean), iv = _mm512_set1_ps(inv);
+        for (int64_t i = b; i < e; i += 16) {
+            const __mmask16 m = first_lanes(e - i);
+            const __m512 v = _mm512_maskz_loadu_ps(m, in + i); // before out (may be in) is written
+            store_rounded(q + i, m, _mm512_mul_ps(_mm512_sub_ps(v, mv), iv));
+            _mm512_mask_storeu_ps(out + i, m, _mm512_add_ps(_mm512_mul_ps(v, av), kv));
+        }
+    }
+    static void write_centered(const float *in, int8_t *q, int64_t b, int64_t e, float mean,
+                               float inv) {
+        const __m512 mv = _mm512_set1_ps(mean), iv = _mm512_set1_ps(inv);
+        for (int64_t i = b; i < e; i += 16) {
+            const __mmask16 m = first_lanes(e - i);
+            store_rounded(q + i, m,
+                          _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, in + i), mv), iv));
+        }
+    }
+    static void quantize(const float *in, int8_t *q, int64_t b, int64_t e, float inv) {
+        const __m512 iv = _mm512_set1_ps(inv);
+        for (int64_t i = b; i < e; i += 16) {
+            const __mmask16 m = first_lanes(e - i);
+            store_rounded(q + i, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, in + i), iv));
+        }
+    }
+    // relu_mask_range's contract (begin a multiple of 8): two mask bytes per
+    // vector; the last, partial vector by the portable loop.
+    static void relu_range(float *dst, uint8_t *bits, int64_t begin, int64_t end) {
+        const __m512 zero = _mm512_setzero_ps();
+        int64_t i = begin;
+        for (; i + 16 <= end; i += 16) {
+            const __m512 v = _mm512_loadu_ps(dst + i);
+            // !(x <= 0): set for NaN; max returns its second operand for a
+            // NaN or two zeros, as the other tiers'
+            const uint16_t on = _mm512_cmp_ps_mask(v, zero, _CMP_NLE_UQ);
+            std::memcpy(bits + i / 8, &on, sizeof(on));
+            _mm512_storeu_ps(dst + i, _mm512_max_ps(zero, v));
+        }
+        if (i < end) relu_mask_range(dst, dst, bits, i, end);
+    }
+
     // gradient_apply's contract (batch_norm_walk.hpp): whole vectors, then
     // the portable tail.
     template <typename X>
@@ -139,6 +207,14 @@ void masked_gradient_apply_avx512(const float *diff_dst, const uint8_t *bits, ce
                                   int num_threads) {
     batch_norm_walk::masked_gradient_apply<avx512::kernels>(
             diff_dst, bits, src, s, a, b, k, diff_src, diff_residual, channel_abs_max, num_threads);
+}
+
+void scale_shift_relu_avx512(const float *src, channel_planes s, const float *scale,
+                             const float *shift, const float *residual, float *dst, uint8_t *bits,
+                             const centered_s8_writer *keep, const quantized_s8_writer *quantized,
+                             int num_threads) {
+    batch_norm_walk::scale_shift_relu<avx512::kernels>(src, s, scale, shift, residual, dst, bits,
+                                                       keep, quantized, num_threads);
 }
 
 void quantize_pair_from_gradient_avx512(const batch_norm_gradient &src, const float *multiplier,

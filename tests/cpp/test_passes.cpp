@@ -782,44 +782,52 @@ TEST(Passes, batch_norm_avx2_tier_matches_portable) {
             // then each with dst written only as its rounding (quantized):
             // the rounding of the dst the first written run made
             std::vector<float> written[4];
+            std::vector<std::pair<const char *, detail::scale_shift_relu_fn *>> apply_tiers{
+                    {"portable", detail::portable::scale_shift_relu},
+                    {"avx2", detail::scale_shift_relu_avx2}};
+            if (cpu_has(cpu_isa::avx512_core))
+                apply_tiers.push_back({"avx512", detail::scale_shift_relu_avx512});
+            const size_t tn = apply_tiers.size();
             for (int with = 0; with < 8; ++with) {
                 const bool keep = with & 1, add = with & 2, quantized = with & 4;
-                std::vector<float> dst[2];
-                std::vector<uint8_t> bits[2];
-                std::vector<int8_t> q[2], rounded[2];
+                std::vector<std::vector<float>> dst(tn);
+                std::vector<std::vector<uint8_t>> bits(tn);
+                std::vector<std::vector<int8_t>> q(tn), rounded(tn);
                 float peak = 0.f;
                 if (quantized)
                     for (float v : written[with & 3]) // a NaN makes the scale NaN
                         peak = std::isnan(v) || std::isnan(peak) ? NAN
                                                                  : std::max(peak, std::fabs(v));
                 const quant_scale qs = quant_scale_from_abs_max(peak);
-                for (int t = 0; t < 2; ++t) {
+                for (size_t t = 0; t < tn; ++t) {
                     dst[t].assign(un, -7.f), bits[t].assign((un + 7) / 8, 0xAA);
                     q[t].assign(un, 99), rounded[t].assign(un, 99);
                     const detail::centered_s8_writer w{q[t].data(), mean.data(), inv.data()};
                     const detail::quantized_s8_writer r{rounded[t].data(), qs};
-                    (t ? detail::scale_shift_relu_avx2 : detail::portable::scale_shift_relu)(
-                            x.data(), s, scale.data(), shift.data(),
-                            add ? residual.data() : nullptr, quantized ? nullptr : dst[t].data(),
-                            bits[t].data(), keep ? &w : nullptr, quantized ? &r : nullptr, 3);
-                }
-                EXPECT_EQ(std::memcmp(dst[0].data(), dst[1].data(), un * sizeof(float)), 0)
-                        << "apply dst, keep " << keep << " residual " << add;
-                EXPECT_EQ(bits[0], bits[1]) << "relu bits";
-                EXPECT_EQ(q[0], q[1]) << "int8 copy";
-                if (!quantized) {
-                    written[with] = dst[0];
-                    continue;
+                    apply_tiers[t].second(x.data(), s, scale.data(), shift.data(),
+                                          add ? residual.data() : nullptr,
+                                          quantized ? nullptr : dst[t].data(), bits[t].data(),
+                                          keep ? &w : nullptr, quantized ? &r : nullptr, 3);
                 }
                 std::vector<int8_t> expected(un);
-                for (size_t i = 0; i < un; ++i)
+                for (size_t i = 0; quantized && i < un; ++i)
                     expected[i] = qs.usable ? static_cast<int8_t>(
                                           std::nearbyint(written[with & 3][i] * qs.inv))
                                             : int8_t{0};
-                EXPECT_EQ(rounded[0], expected)
-                        << "quantized dst, keep " << keep << " residual " << add;
-                EXPECT_EQ(rounded[1], expected) << "quantized dst (avx2)";
-                EXPECT_EQ(dst[0], std::vector<float>(un, -7.f)) << "dst written";
+                for (size_t t = 0; t < tn; ++t) {
+                    SCOPED_TRACE(testing::Message()
+                                 << apply_tiers[t].first << ", keep " << keep << " residual " << add
+                                 << " quantized " << quantized);
+                    EXPECT_EQ(std::memcmp(dst[0].data(), dst[t].data(), un * sizeof(float)), 0)
+                            << "apply dst";
+                    EXPECT_EQ(bits[0], bits[t]) << "relu bits";
+                    EXPECT_EQ(q[0], q[t]) << "int8 copy";
+                    if (quantized) {
+                        EXPECT_EQ(rounded[t], expected) << "quantized dst";
+                        EXPECT_EQ(dst[t], std::vector<float>(un, -7.f)) << "dst written";
+                    }
+                }
+                if (!quantized) written[with] = dst[0];
             }
 
             // backward, from the f32 source and from an int8 copy
