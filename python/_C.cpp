@@ -7,6 +7,7 @@
 // are tuned (qsp::tune) unless QSP_TUNE=0.
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <list>
 #include <mutex>
 #include <sstream>
@@ -262,15 +263,21 @@ protected:
     // instead, with its batch_statistics post-op; the tuple then ends with
     // dst's statistics, 4 x C floats: mean, biased variance, then (lowest,
     // highest) per channel.
-    py::tuple forward(const primitives &p, const py::array &x, const py::array &values,
+    // quantized_src (instead of x): writes the forward's int8 src into the
+    // workspace itself and sets its arguments (QSP_ARG_SRC_S8, _SCALE).
+    using src_writer = std::function<void(qsp::exec_args &args, uint8_t *workspace)>;
+    py::tuple forward(const primitives &p, const py::object &x, const py::array &values,
                       const py::object &bias, const py::object &x_abs_max,
-                      const fwd_t *with_statistics = nullptr) {
+                      const fwd_t *with_statistics = nullptr,
+                      const src_writer *quantized_src = nullptr) {
         py::array_t<float> y = pooled_array<float>(p.dst);
         py::array_t<uint8_t> workspace;
-        qsp::exec_args args{
-                {DNNL_ARG_SRC, mem(f32_md(p.src), checked<float>(x, "x", p.src, false))},
-                {DNNL_ARG_DST, mem(f32_md(p.dst), y.mutable_data())}};
+        qsp::exec_args args{{DNNL_ARG_DST, mem(f32_md(p.dst), y.mutable_data())}};
+        if (!quantized_src)
+            args[DNNL_ARG_SRC] =
+                    mem(f32_md(p.src), checked<float>(x.cast<py::array>(), "x", p.src, false));
         add_forward_args(p, args, values, bias, workspace);
+        if (quantized_src) (*quantized_src)(args, workspace.mutable_data());
         if (const float *m = optional_f32(x_abs_max, "x_abs_max", {1});
             m && scheme_ == qsp::quant_scheme::s8)
             args[qsp::QSP_ARG_SRC_ABS_MAX] = mem(f32_md({1}), const_cast<float *>(m));
@@ -828,6 +835,59 @@ public:
                        statistics ? &forward_with_statistics(*p, threads, make_forward_pd())
                                   : nullptr);
     }
+    // The BatchNorm (+ ReLU, batch statistics, the int8 copy of its input
+    // kept) over bn_src, the output of the convolution before this one,
+    // then this s8 layer's forward of its result: the BatchNorm writes that
+    // result only as this layer's int8 input, into the forward's workspace
+    // (qsp::batch_norm_relu_forward_quantized), so the f32 activation
+    // between the two convolutions never goes to memory. known: bn_src's
+    // batch statistics (4 x C floats, the convolution's statistics=True).
+    // Returns the forward's tuple (y, workspace[, statistics]) followed by
+    // the BatchNorm's (mask, mean, invstd, batch_var, centered, step).
+    py::tuple fwd_after_batch_norm(const py::array &bn_src, const py::object &gamma,
+                                   const py::object &beta, double eps, const py::object &known,
+                                   const py::array &values, const py::object &bias, int threads,
+                                   bool statistics) {
+        if (scheme_ != qsp::quant_scheme::s8)
+            throw py::value_error("forward_after_batch_norm: the layer must be s8 (its int8 input "
+                                  "is what the BatchNorm writes), got "
+                                  + std::string(qsp::to_string(scheme_)));
+        const qsp::batch_norm_relu_desc d = batch_norm_desc(bn_src, eps, true, true);
+        const dims shape = shape4(bn_src), per_channel{d.channels};
+        const float *src = checked<float>(bn_src, "bn_src", shape, false);
+        const float *g = optional_f32(gamma, "gamma", per_channel);
+        const float *b = optional_f32(beta, "beta", per_channel);
+        const float *k = optional_f32(known, "known", {4 * d.channels});
+        qsp::batch_norm_known_statistics given;
+        given.mean = k, given.variance = k ? k + d.channels : nullptr;
+        given.range = k ? k + 2 * d.channels : nullptr;
+        const int64_t n = d.batch * d.channels * d.spatial;
+        py::array_t<uint8_t> mask = pooled_array<uint8_t>({(n + 7) / 8});
+        py::array_t<float> mean(d.channels), invstd(d.channels), batch_var(d.channels),
+                step(d.channels);
+        py::array_t<int8_t> centered = pooled_array<int8_t>(shape);
+        float scale = 0.f;
+        const auto p = prims(shape, threads);
+        const auto q_md =
+                dnnl::memory::desc(shape, dnnl::memory::data_type::s8, f32_md(shape).get_strides());
+        const src_writer write = [&](qsp::exec_args &args, uint8_t *workspace) {
+            auto *xq = reinterpret_cast<int8_t *>(workspace + p->fwd_pd.workspace_src_s8_offset());
+            {
+                py::gil_scoped_release nogil;
+                qsp::batch_norm_relu_forward_quantized(
+                        d, src, g, b, {xq, &scale}, mask.mutable_data(), mean.mutable_data(),
+                        invstd.mutable_data(), batch_var.mutable_data(), centered.mutable_data(),
+                        step.mutable_data(), threads, k ? &given : nullptr);
+            }
+            args[qsp::QSP_ARG_SRC_S8] = mem(q_md, xq);
+            args[qsp::QSP_ARG_SRC_S8_SCALE] = mem(f32_md({1}), &scale);
+        };
+        const py::tuple out = forward(
+                *p, py::none(), values, bias, py::none(),
+                statistics ? &forward_with_statistics(*p, threads, make_forward_pd()) : nullptr,
+                &write);
+        return py::make_tuple(out, mask, mean, invstd, batch_var, centered, step);
+    }
     py::array bwd_data(const py::object &ws, const py::array &dy, const py::array &values,
                        const dims &src, uint64_t seed, int threads) {
         if (src.size() != 4)
@@ -1292,6 +1352,9 @@ PYBIND11_MODULE(_C, m) {
             .def("implementations", &conv2d_layer::implementations)
             .def("forward", &conv2d_layer::fwd, py::arg("x"), py::arg("values"), py::arg("bias"),
                  py::arg("threads"), py::arg("x_abs_max"), py::arg("statistics") = false)
+            .def("forward_after_batch_norm", &conv2d_layer::fwd_after_batch_norm, py::arg("bn_src"),
+                 py::arg("gamma"), py::arg("beta"), py::arg("eps"), py::arg("known"),
+                 py::arg("values"), py::arg("bias"), py::arg("threads"), py::arg("statistics"))
             .def("backward_data", &conv2d_layer::bwd_data)
             .def("backward_weights", &conv2d_layer::bwd_weights)
             .def("backward", &conv2d_layer::bwd);

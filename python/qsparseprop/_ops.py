@@ -938,6 +938,82 @@ class _BatchNormReLUFunction(torch.autograd.Function):
         return _batch_norm_grads(ctx, grad_z)
 
 
+# ---- a block's inner activation, kept as the next convolution's int8 input ------------
+#
+# Inside an int8 residual block the first convolution's BatchNorm + ReLU
+# output feeds only the second convolution, which reads it only to round it
+# to int8. _BatchNormReLUConvFunction runs the two as one step each way:
+# forward, the BatchNorm (its statistics from the first convolution) writes
+# that output only as the second layer's int8 input, into its workspace
+# (qsp::batch_norm_relu_forward_quantized), then the second layer runs on
+# it; the fp32 activation never goes to memory (one pass over the first
+# convolution's output instead of a BatchNorm pass writing the activation
+# and a convolution pass reading it). Backward: the second layer's
+# backward, then the BatchNorm's, from the same saved int8 copy and mask as
+# the unfused pair. The same integers, outputs and gradients as the two
+# functions run apart (eager only; a traced graph runs them apart).
+
+
+class _BatchNormReLUConvFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, weight, bias_bn, eps, known, values, bias, row_ptr, col_idx, handle, seed, spec, scheme,
+                vectorization, statistics):  # fmt: skip
+        k = kernel_for(handle, _conv_key(spec, scheme, bias is not None, vectorization), row_ptr, col_idx)
+        out, *bn = k.forward_after_batch_norm(
+            _np(y), _optional_np(weight), _optional_np(bias_bn), eps, _np(known), _np(values), _np(bias), _threads(),
+            statistics,
+        )  # fmt: skip
+        z, ws, *found = (torch.from_numpy(a) for a in out)
+        mask, mean, invstd, var, centered, step = (torch.from_numpy(a) for a in bn)
+        found = found[0] if statistics else _empty()
+        ctx.save_for_backward(ws, values, centered, mask, weight if weight is not None else _empty(), mean, step,
+                              invstd)  # fmt: skip
+        ctx.k, ctx.seed, ctx.has_bias, ctx.affine = k, int(seed), bias is not None, weight is not None
+        ctx.input_shape = list(y.shape)
+        ctx.mark_non_differentiable(found, mean, var)
+        ctx.set_materialize_grads(False)
+        return z, found, mean, var
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_z, *_):
+        none = (None,) * 15
+        if grad_z is None:
+            return none
+        ws, values, centered, mask, weight, mean, step, invstd = ctx.saved_tensors
+        need = ctx.needs_input_grad  # y, weight, bias_bn, eps, known, values, bias, ...
+        need_affine = ctx.affine and (need[1] or need[2])
+        want_db = ctx.has_bias and need[6]
+        # the BatchNorm's gradient input: the second layer's input gradient
+        need_dz = need[0] or need_affine
+        dz, dv, db = _eager_backward(ctx.k, grad_z, _empty(), ws, values, ctx.seed, ctx.input_shape, need_dz,
+                                     need[5], want_db)  # fmt: skip
+        dy = dw = dbb = None
+        if need_dz:
+            dy, dw, dbb, _, maxima = _batch_norm_backward_body(
+                dz, mask, centered, weight if ctx.affine else None, mean, step, invstd, True, True, need[0],
+                need_affine, False,
+            )  # fmt: skip
+            _hand_over_channel_maxima(dy, maxima)
+        return (dy if need[0] else None, dw if need_affine and need[1] else None,
+                dbb if need_affine and need[2] else None, None, None, dv if need[5] else None,
+                db if want_db else None) + none[7:]  # fmt: skip
+
+
+def batch_norm_relu_conv2d(y, weight, bias_bn, eps, known, values, bias, row_ptr, col_idx, handle, seed, spec,
+                           scheme, vectorization, statistics=False):  # fmt: skip
+    """(z, z's batch statistics (4 x C floats) or empty, the BatchNorm's batch
+    mean, biased variance) of an s8 convolution (values ... vectorization,
+    as conv2d's) over relu(batch_norm(y)) in training mode, the BatchNorm's
+    statistics ``known`` (y's, as conv2d(statistics=True) took them): its
+    output goes to the convolution only as its int8 input. The running
+    statistics are the caller's to update. Eager mode only."""
+    return _BatchNormReLUConvFunction.apply(
+        y, weight, bias_bn, float(eps), known, values, bias, row_ptr, col_idx, handle, seed, spec, scheme,
+        vectorization, bool(statistics),
+    )  # fmt: skip
+
+
 def batch_norm_relu(
     y, weight, bias, running_mean, running_var, eps, batch_statistics, relu, keep_s8=False, residual=None, known=None
 ):

@@ -506,12 +506,18 @@ def _batch_norm_after(bn: nn.BatchNorm2d, y: torch.Tensor, relu: bool, keep_s8: 
         y.contiguous(), bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps, batch_statistics, relu, keep_s8,
         residual, known,
     )  # fmt: skip
+    _update_running_statistics(bn, factor, y, mean, var)
+    return z
+
+
+def _update_running_statistics(bn: nn.BatchNorm2d, factor: float, y: torch.Tensor, mean, var) -> None:
+    """BatchNorm2d's update of its running statistics in training from the
+    batch mean and biased variance of its input y (factor: _momentum's)."""
     if bn.training and bn.running_mean is not None and bn.running_var is not None:
         count = y.numel() // y.shape[1]
         with torch.no_grad():
             bn.running_mean.mul_(1 - factor).add_(mean, alpha=factor)
             bn.running_var.mul_(1 - factor).add_(var, alpha=factor * count / (count - 1))
-    return z
 
 
 def _momentum(bn: nn.BatchNorm2d) -> float:
@@ -710,10 +716,13 @@ class SparseConv2d(_SparseModule):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return self._forward(input, None)
 
-    def _forward(self, input: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    def _forward(self, input, residual: torch.Tensor | None) -> torch.Tensor:
         """forward(input), then, with ``residual``, relu(that + residual): a
         residual block's end (:func:`_conv_add_relu`), the add and the ReLU
-        in the fused BatchNorm's apply pass."""
+        in the fused BatchNorm's apply pass. ``input`` may be a
+        :class:`_DeferredBatchNorm` this layer reads (_reads_deferred)."""
+        if isinstance(input, _DeferredBatchNorm):
+            return self._forward_after_batch_norm(input, residual)
         x, unbatched, channels_last = self._prepared(input)
         top, left, bottom, right = self._pads
         if x.shape[0] == 0:
@@ -728,6 +737,52 @@ class SparseConv2d(_SparseModule):
                 return self._finished(y, residual, unbatched, channels_last, known)
             y = self._compute(x.contiguous())
         return self._finished(y, residual, unbatched, channels_last)
+
+    def _forward_deferring(self, input: torch.Tensor):
+        """forward(input), or, where this s8 layer's fused BatchNorm + ReLU
+        can be left to the s8 convolution reading its output (a training
+        step, batch statistics, NCHW), a :class:`_DeferredBatchNorm` of its
+        raw output: what :func:`_conv_deferring` returns to the one reader."""
+        x, unbatched, channels_last = self._prepared(input)
+        if unbatched or channels_last or x.shape[0] == 0 or not self._defers_batch_norm():
+            return self._forward(input, None)
+        y, known = _ops.conv2d(*self._conv2d_args(x.contiguous()), statistics=True)
+        return self._deferred(y, known)
+
+    def _defers_batch_norm(self) -> bool:
+        """Whether a batched NCHW forward may leave its BatchNorm (+ ReLU) to
+        its reader: s8, the fused BatchNorm normalising with its batch
+        statistics (taken by the convolution); eager."""
+        return (
+            self.scheme == "s8" and not self._subsampled() and self._hands_statistics_over()
+            and not torch.compiler.is_compiling()
+        )  # fmt: skip
+
+    def _deferred(self, y: torch.Tensor, known: torch.Tensor):
+        if y.numel() // y.shape[1] <= 1:  # the BatchNorm's own error, as unfused
+            return self._finished(y, None, False, False, known)
+        return _DeferredBatchNorm(self, y, known)
+
+    def _reads_deferred(self, deferred: _DeferredBatchNorm) -> bool:
+        """Whether this layer can take ``deferred``'s BatchNorm + ReLU as it
+        rounds its input: s8, computed by the library, reading all of it."""
+        return (
+            self.scheme == "s8" and not self._subsampled() and type(self)._compute is SparseConv2d._compute
+            and deferred.y.shape[1] == self.in_channels
+        )  # fmt: skip
+
+    def _forward_after_batch_norm(self, deferred: _DeferredBatchNorm, residual: torch.Tensor | None) -> torch.Tensor:
+        """_forward of the activation ``deferred`` stands for, its BatchNorm
+        writing it only as this layer's int8 input (_ops.batch_norm_relu_conv2d)."""
+        self._prepared(deferred.y)  # its checks: the kernel fits the image
+        bn = deferred.batch_norm
+        factor = _momentum(bn)
+        statistics = self._hands_statistics_over()
+        y, found, mean, var = _ops.batch_norm_relu_conv2d(
+            deferred.y, bn.weight, bn.bias, bn.eps, deferred.known, *self._conv2d_args(deferred.y)[1:], statistics
+        )  # fmt: skip
+        _update_running_statistics(bn, factor, deferred.y, mean, var)
+        return self._finished(y, residual, False, False, found if statistics else None)
 
     def _prepared(self, input: torch.Tensor) -> tuple[torch.Tensor, bool, bool]:
         """(the input checked and made 4-D, whether it was 3-D, whether torch's
@@ -808,6 +863,74 @@ class SparseConv2d(_SparseModule):
         )
 
 
+class _DeferredBatchNorm:
+    """A sparse s8 convolution's output whose fused BatchNorm (and the ReLU
+    after it) is left to the s8 convolution reading it (``qsparseprop.fuse``'s
+    rewrite of a block's inner activation, :func:`_conv_deferring`): y, the
+    raw output, and its batch statistics. The rewritten forward hands it
+    from that producer to its one reader only; the reader applies the
+    BatchNorm and the ReLU as it rounds its input
+    (SparseConv2d._forward_after_batch_norm), or, where it cannot, takes
+    :meth:`materialized` (the producer's output as its modules give it)
+    through the modules in between."""
+
+    __slots__ = ("conv", "y", "known")
+
+    def __init__(self, conv: SparseConv2d, y: torch.Tensor, known: torch.Tensor):
+        self.conv, self.y, self.known = conv, y, known
+
+    @property
+    def batch_norm(self) -> nn.BatchNorm2d:
+        return self.conv.__dict__["fused_batch_norm"]
+
+    def materialized(self) -> torch.Tensor:
+        return self.conv._finished(self.y, None, False, False, self.known)
+
+
+def _conv_deferring(conv: nn.Module, input: torch.Tensor):
+    """conv(input), or its deferred form (SparseConv2d._forward_deferring):
+    what a traced block's first convolution calls once ``qsparseprop.fuse``
+    has found that its output (through its BatchNorm's and ReLU's markers)
+    feeds one sparse convolution alone (swap._fuse_deferred_batch_norms);
+    the reader is :func:`_conv_reading_deferred` or :func:`_conv_add_relu`."""
+    if type(conv) in (SparseConv2d, QuantizedSparseConv2d) and _called_plainly(conv):
+        return conv._forward_deferring(input)
+    return conv(input)
+
+
+def _through_markers(input, markers: tuple, reader: nn.Module):
+    """``input`` (a tensor, or a deferred BatchNorm) as ``reader`` takes it:
+    still deferred where the modules between its producer and the reader
+    are that producer's BatchNorm marker and its ReLU (the marker of the
+    ReLU it applies, or a ReLU module: a block's ReLU called again after its
+    add), uncalled by any hook, and the reader can apply them; else the
+    activation, through the modules, as they would compute it."""
+    if not isinstance(input, _DeferredBatchNorm):
+        for m in markers:
+            input = m(input)
+        return input
+    relu = markers[1] if len(markers) == 2 else None
+    if (
+        len(markers) == 2
+        and markers[0] is input.conv.__dict__.get("fused_batch_norm")
+        and (type(relu) is FusedReLU if input.conv.fused_relu else type(relu) in (nn.ReLU, MaskedReLU))
+        and isinstance(reader, SparseConv2d)
+        and reader._reads_deferred(input)
+        and all(_called_plainly(m) for m in (*markers, reader))
+    ):
+        return input
+    z = input.materialized()
+    for m in markers:
+        z = m(z)
+    return z
+
+
+def _conv_reading_deferred(conv: nn.Module, markers: tuple, input) -> torch.Tensor:
+    """conv(markers(input)) for the ``input`` :func:`_conv_deferring` gave."""
+    z = _through_markers(input, markers, conv)
+    return conv._forward(z, None) if isinstance(z, _DeferredBatchNorm) else conv(z)
+
+
 def _called_plainly(module: nn.Module) -> bool:
     """Whether calling ``module`` would run its forward and nothing else (no
     hooks of its own or global ones). Asked on every call of a fused
@@ -821,8 +944,8 @@ def _called_plainly(module: nn.Module) -> bool:
     )  # fmt: skip
 
 
-def _conv_add_relu(conv: nn.Module, batch_norm: nn.Module, relu: nn.Module | None, input: torch.Tensor,
-                   residual: torch.Tensor) -> torch.Tensor:  # fmt: skip
+def _conv_add_relu(conv: nn.Module, batch_norm: nn.Module, relu: nn.Module | None, input,
+                   residual: torch.Tensor, markers: tuple = ()) -> torch.Tensor:  # fmt: skip
     """relu(batch_norm(conv(input)) + residual): what a traced residual
     block's end (``conv`` -> its fused BatchNorm's marker -> add -> ``relu``,
     a module or, None, a function) calls once ``qsparseprop.fuse`` has
@@ -830,7 +953,12 @@ def _conv_add_relu(conv: nn.Module, batch_norm: nn.Module, relu: nn.Module | Non
     run in the convolution's BatchNorm pass while the modules are what the
     rewrite found — a sparse convolution applying that BatchNorm, a ReLU —
     and no hook (theirs, or a global one) is there to see the calls; else
-    the modules are called and torch adds, as the block's own forward would."""
+    the modules are called and torch adds, as the block's own forward would.
+    ``input`` may come deferred from :func:`_conv_deferring` through
+    ``markers`` (its BatchNorm's and ReLU's)."""
+    input = _through_markers(input, markers, conv)
+    if isinstance(input, _DeferredBatchNorm):
+        return conv._forward(input, residual)
     if (
         isinstance(conv, SparseConv2d)
         and conv.__dict__.get("fused_batch_norm") is batch_norm
@@ -855,9 +983,7 @@ def _shares_input_with(conv: nn.Module, shortcut: nn.Module) -> bool:
     )
 
 
-def _convs_sharing_input(
-    conv: nn.Module, shortcut: nn.Module, input: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _convs_sharing_input(conv: nn.Module, shortcut: nn.Module, input: torch.Tensor, defer_first: bool = False) -> tuple:
     """(conv(input), shortcut(input)): what a traced module whose forward
     calls two sparse convolutions on one input — a residual block's first
     convolution and its strided 1x1 shortcut — calls once ``qsparseprop.fuse``
@@ -865,7 +991,10 @@ def _convs_sharing_input(
     function whose backward adds the shortcut's input gradient into the
     first's in place (_ops.convs_sharing_input; the same values as the two
     calls) while the modules are what the rewrite found and no hook is
-    there to see the calls; else the modules are called."""
+    there to see the calls; else the modules are called. With
+    ``defer_first`` (the rewrite found the first's output read by one
+    sparse convolution alone), the first may come deferred, as
+    :func:`_conv_deferring` gives it."""
     if (
         _shares_input_with(conv, shortcut)
         and not torch.compiler.is_compiling()
@@ -883,10 +1012,14 @@ def _convs_sharing_input(
             y, y_shortcut, known, known_shortcut = _ops.convs_sharing_input(
                 x.contiguous(), *layers, shortcut.stride, statistics
             )
-            return conv._finished(y, None, False, channels_last, known if statistics[0] else None), (
-                shortcut._finished(y_shortcut, None, False, channels_last, known_shortcut if statistics[1] else None)
+            if defer_first and not channels_last and conv._defers_batch_norm():
+                first = conv._deferred(y, known)
+            else:
+                first = conv._finished(y, None, False, channels_last, known if statistics[0] else None)
+            return first, shortcut._finished(
+                y_shortcut, None, False, channels_last, known_shortcut if statistics[1] else None
             )
-    return conv(input), shortcut(input)
+    return (_conv_deferring(conv, input) if defer_first else conv(input)), shortcut(input)
 
 
 def _chain_activation(first: nn.Module, act: nn.Module) -> tuple[bool, str | None]:

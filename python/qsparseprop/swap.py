@@ -32,6 +32,8 @@ from .modules import (
     SparseLinear,
     _chain_activation,
     _conv_add_relu,
+    _conv_deferring,
+    _conv_reading_deferred,
     _convs_sharing_input,
     _linear_act_linear,
     _shares_input_with,
@@ -65,6 +67,9 @@ class SwapDecision:
     # it and the strided 1x1 shortcut reading the same input run as one function (a traced residual
     # block's first convolution and its downsample), the shortcut's input gradient added in place
     fused_shared_input: bool = False
+    # its BatchNorm + ReLU output feeds one swapped s8 convolution alone (a traced block's inner
+    # activation): the BatchNorm writes it only as that layer's int8 input, no fp32 activation
+    fused_int8_activation: bool = False
 
 
 def _describe(module: nn.Module) -> str:
@@ -877,8 +882,6 @@ def _fuse_traced_blocks(model: nn.Module, rows, residual_ends: bool) -> None:
             continue
         ends = _residual_ends(model, parent, graph, rows, parent_name) if residual_ends else []
         pairs = _shared_inputs(model, parent, graph, rows, parent_name)
-        if not ends and not pairs:
-            continue
         for conv_node, bn_node, add_node, relu_node, other, full in ends:
             with graph.inserting_before(add_node):
                 conv, batch_norm = graph.get_attr(conv_node.target), graph.get_attr(bn_node.target)
@@ -901,7 +904,119 @@ def _fuse_traced_blocks(model: nn.Module, rows, residual_ends: bool) -> None:
             if rows is not None:
                 for full in names:
                     rows[full].fused_shared_input = True
-        _rewrite_forward(parent, graph)
+        deferred = _deferred_batch_norms(model, parent, graph, rows, parent_name)
+        for producer, markers, reader, full in deferred:
+            _defer_batch_norm(graph, producer, markers, reader)
+            if rows is not None:
+                rows[full].fused_int8_activation = True
+        if ends or pairs or deferred:
+            _rewrite_forward(parent, graph)
+
+
+# ---- a block's inner activation --------------------------------------------------------
+#
+# Inside a traced block, an s8 sparse convolution applying its BatchNorm,
+# then a ReLU, whose output feeds one s8 sparse convolution alone: the two
+# calls become modules._conv_deferring and modules._conv_reading_deferred
+# (or the residual end's _conv_add_relu given the modules in between), so
+# the BatchNorm writes the activation only as the reader's int8 input.
+
+
+def _deferred_batch_norms(model: nn.Module, parent: nn.Module, graph, rows, parent_name: str):
+    """(producer node, [BatchNorm marker node, ReLU node], reader node, the
+    producer's name) of each such pair in ``parent``'s (rewritten) traced
+    graph. The producer is a sparse s8 convolution's call (or the first
+    output of modules._convs_sharing_input), called once and reachable under
+    one name, applying its BatchNorm; its ReLU follows
+    (_batch_norm_relu_after); each intermediate is used once; the reader is
+    an s8 sparse convolution's call or a residual end's _conv_add_relu
+    taking it as its input (not its residual)."""
+    calls = _module_calls(graph)
+    found, taken = [], set()  # a node in one pair only (conv -> conv -> conv: the first pair)
+    for node in graph.nodes:
+        conv, full = _deferring_producer(model, parent, calls, node, parent_name)
+        if conv is None or node in taken or (rows is not None and full not in rows):
+            continue
+        markers = _batch_norm_relu_after(model, parent, calls, node, conv)
+        if markers is None or len(markers[1].users) != 1:
+            continue
+        last = markers[1]
+        (reader,) = last.users
+        reads = _called_once(model, parent, calls, reader, _is_sparse_conv)
+        if (reads is not None and reader.args == (last,) and reads.scheme == "s8" and not reads._subsampled()) or (
+            reader.op == "call_function" and reader.target is _conv_add_relu and reader.args[3] is last
+            and reader.args[4] is not last and not reader.kwargs
+        ):  # fmt: skip
+            found.append((node, markers, reader, full))
+            taken.update((node, reader))
+    return found
+
+
+def _batch_norm_relu_after(model: nn.Module, parent: nn.Module, calls: dict, node, conv: SparseConv2d):
+    """[BatchNorm marker node, ReLU node] reading ``node``'s output in turn,
+    each alone: ``conv``'s fused BatchNorm's marker, then its fused ReLU's
+    marker, or a ReLU module where ``conv`` applies none (a block's ReLU
+    called again after its add, torchvision's BasicBlock); else None."""
+    if len(node.users) != 1:
+        return None
+    (bn_node,) = node.users
+    marker = _called_once(model, parent, calls, bn_node, lambda m: type(m) is FusedBatchNorm2d)
+    if marker is not conv.__dict__.get("fused_batch_norm") or bn_node.args != (node,) or len(bn_node.users) != 1:
+        return None
+    (relu_node,) = bn_node.users
+    if relu_node.op != "call_module" or relu_node.args != (bn_node,) or relu_node.kwargs:
+        return None
+    relu = parent.get_submodule(relu_node.target)
+    if conv.fused_relu:
+        fits = _called_once(model, parent, calls, relu_node, lambda m: type(m) is FusedReLU) is not None
+    else:
+        fits = type(relu) in (nn.ReLU, MaskedReLU) and len(_aliases(model, relu)) == 1
+    return [bn_node, relu_node] if fits else None
+
+
+def _deferring_producer(model: nn.Module, parent: nn.Module, calls: dict, node, parent_name: str):
+    """(the s8 sparse convolution applying its BatchNorm and ReLU whose
+    output ``node`` is, its name) or (None, "")."""
+    if node.op == "call_function" and node.target is operator.getitem and node.args[1] == 0:
+        both = node.args[0]
+        if not (isinstance(both, torch.fx.Node) and both.target is _convs_sharing_input and not both.kwargs):
+            return None, ""
+        full = both.args[0].target  # the get_attr of the pair's first convolution
+        conv = parent.get_submodule(full)
+        full = f"{parent_name}.{full}" if parent_name else full
+    else:
+        conv = _called_once(model, parent, calls, node, _is_sparse_conv)
+        if conv is None:
+            return None, ""
+        full = f"{parent_name}.{node.target}" if parent_name else node.target
+    fits = conv.scheme == "s8" and conv.__dict__.get("fused_batch_norm") is not None
+    return (conv, full) if fits and not conv._subsampled() else (None, "")
+
+
+def _defer_batch_norm(graph, producer, markers: list, reader) -> None:
+    """Rewrites one pair _deferred_batch_norms found."""
+    with graph.inserting_before(reader):
+        attrs = tuple(graph.get_attr(m.target) for m in markers)
+    if producer.op == "call_module":
+        with graph.inserting_before(producer):
+            conv = graph.get_attr(producer.target)
+            out = graph.call_function(_conv_deferring, (conv, producer.args[0]))
+        producer.replace_all_uses_with(out)
+        graph.erase_node(producer)
+    else:  # the first output of the pair sharing its input
+        out = producer
+        producer.args[0].kwargs = {"defer_first": True}
+    if reader.op == "call_module":
+        with graph.inserting_before(reader):
+            conv = graph.get_attr(reader.target)
+            read = graph.call_function(_conv_reading_deferred, (conv, attrs, out))
+        reader.replace_all_uses_with(read)
+        graph.erase_node(reader)
+    else:
+        reader.args = (*reader.args[:3], out, reader.args[4])
+        reader.kwargs = {"markers": attrs}
+    for marker in reversed(markers):
+        graph.erase_node(marker)
 
 
 def _shared_inputs(model: nn.Module, parent: nn.Module, graph, rows, parent_name: str):
@@ -1129,9 +1244,12 @@ def apply_swap_plan(
             )
         _replace(model, d.name, sparse)
     fused = {  # the block's flag recomputed: set again where the rewrite finds the block
-        d.name: dataclasses.replace(d, fused_kept_layout=False, fused_shared_input=False)
+        d.name: dataclasses.replace(d, fused_kept_layout=False, fused_shared_input=False, fused_int8_activation=False)
         for d in decisions
-        if d.swapped and (d.fused_relu or d.fused_batch_norm or d.fused_kept_layout or d.fused_shared_input)
+        if d.swapped
+        and (
+            d.fused_relu or d.fused_batch_norm or d.fused_kept_layout or d.fused_shared_input or d.fused_int8_activation
+        )
     }
     _fuse(model, fused, batch_norm=True, relu=True)
     for d in (d for d in decisions if d.name in fused):  # the plan's flags against what was found
@@ -1149,6 +1267,11 @@ def apply_swap_plan(
             raise ValueError(
                 f"swap plan: {d.name} ran as one function with another swapped convolution reading its input "
                 "(a strided 1x1 shortcut), but no such pair reads it here"
+            )
+        if d.fused_int8_activation and not fused[d.name].fused_int8_activation:
+            raise ValueError(
+                f"swap plan: {d.name}'s BatchNorm + ReLU output went to one swapped int8 convolution alone (as "
+                "its int8 input), but no such convolution alone reads it here"
             )
     if mask_kept:
         _mask_kept_layers(model, decisions, state_dict)

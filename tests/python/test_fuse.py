@@ -527,17 +527,24 @@ class _FunctionalBlock(nn.Module):
 
 
 def _residual_calls(monkeypatch):
-    """Whether each BatchNorm pass of the C++ path was given a residual."""
+    """Whether each BatchNorm pass of the C++ path was given a residual (a
+    block's inner BatchNorm written as the next s8 convolution's input has
+    none)."""
     from qsparseprop import _ops
 
     calls = []
-    real = _ops._batch_norm_forward_body
+    real, real_deferred = _ops._batch_norm_forward_body, q.SparseConv2d._forward_after_batch_norm
 
     def spy(*args):
         calls.append(args[9] is not None)  # the residual
         return real(*args)
 
+    def spy_deferred(self, deferred, residual):
+        calls.append(False)
+        return real_deferred(self, deferred, residual)
+
     monkeypatch.setattr(_ops, "_batch_norm_forward_body", spy)
+    monkeypatch.setattr(q.SparseConv2d, "_forward_after_batch_norm", spy_deferred)
     return calls
 
 
@@ -705,8 +712,9 @@ def test_an_int8_blocks_convolution_takes_its_gradients_maxima_from_the_batch_no
     with_batch_norm = sum(m.__dict__.get("fused_batch_norm") is not None for m in model.modules())
     assert sum(taken) == with_batch_norm > 0, taken
     # forward: each convolution reading a BatchNorm-ReLU's output whole (the
-    # plain block's last; a residual block's second)
-    assert sum(taken_forward) == 1, taken_forward
+    # plain block's last); a residual block's second is given its int8
+    # input by the BatchNorm instead (no maximum to take)
+    assert sum(taken_forward) == (1 if block == "plain" else 0), taken_forward
     monkeypatch.setattr(_ops, "_hand_over_channel_maxima", lambda dy, maxima: None)
     monkeypatch.setattr(_ops, "_hand_over_abs_max", lambda z, abs_max: None)
     taken.clear(), taken_forward.clear()
@@ -785,3 +793,150 @@ def test_the_convolution_gives_the_batch_norm_its_batch_statistics(scheme, vecto
     # 3 training steps of each model, then eval (running statistics): the
     # given model's training forwards had statistics, no other call did
     assert [k is not None for k in known] == [False, True] * 3 + [False, False]
+
+
+# ---- a block's inner activation, written by its BatchNorm as the next layer's int8 input ----
+
+
+def _steps_with_and_without_deferral(model, shape, monkeypatch, steps=3, threads=None):
+    """(outputs, gradients and buffers of ``steps`` training steps then an
+    eval forward of ``model`` and of its twin whose convolutions never defer
+    their BatchNorm, the number of deferred BatchNorms per model call)."""
+    twin = copy.deepcopy(model)  # the same rounding seeds
+    deferred = []
+    real = q.SparseConv2d._forward_after_batch_norm
+
+    def spy(self, d, residual):
+        deferred.append(1)
+        return real(self, d, residual)
+
+    monkeypatch.setattr(q.SparseConv2d, "_forward_after_batch_norm", spy)
+    results, counts = [], []
+    gen = torch.Generator().manual_seed(5)
+    inputs = [torch.randn(shape, generator=gen) for _ in range(steps + 1)]
+    before = torch.get_num_threads()
+    for m, defers in ((model, True), (twin, False)):
+        got = []
+        with monkeypatch.context() as patch:
+            if not defers:
+                patch.setattr(q.SparseConv2d, "_defers_batch_norm", lambda self: False)
+            try:
+                if threads:
+                    torch.set_num_threads(threads)
+                m.train()
+                for x in inputs[:steps]:
+                    m.zero_grad(set_to_none=True)
+                    deferred.clear()
+                    out = m(x)
+                    counts.append(len(deferred))
+                    out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
+                    got += [out.detach()] + [p.grad.clone() for p in m.parameters()]
+                m.eval()
+                deferred.clear()
+                got.append(m(inputs[steps]).detach())
+                counts.append(len(deferred))
+            finally:
+                torch.set_num_threads(before)
+        got += [b.clone() for n, b in m.named_buffers() if not n.endswith("_handle")]
+        results.append(got)
+    return results, counts
+
+
+@pytest.mark.parametrize("block", list(RESIDUAL_BLOCKS)[:4])
+def test_a_blocks_inner_activation_goes_to_the_next_convolution_as_int8_only(block, monkeypatch):
+    # int8 residual block: its first BatchNorm (+ ReLU, fused or torchvision's
+    # shared module) writes its output only as the second convolution's
+    # int8 input, in training; every output, gradient and running statistic
+    # is the unfused pair's, bit for bit, on 1 and 3 threads; eval (running
+    # statistics) runs the modules as they are
+    torch.manual_seed(0)
+    model = q.fuse(_swapped(RESIDUAL_BLOCKS[block](), "s8"))
+    for threads in (1, 3):
+        (deferred, apart), counts = _steps_with_and_without_deferral(model, (3, 6, 8, 8), monkeypatch, threads=threads)
+        assert counts == [1, 1, 1, 0] + [0] * 4, counts
+        assert len(deferred) == len(apart)
+        for i, (a, b) in enumerate(zip(deferred, apart, strict=True)):
+            assert torch.equal(a, b), f"result {i} differs ({threads} threads)"
+
+
+def test_the_int8_activation_is_recorded_in_the_swap_plan(tmp_path):
+    from qsparseprop.finetune import make_model, prune_model
+
+    torch.manual_seed(0)
+    model = make_model("cnn", 16, 8)
+    prune_model(model, 0.9, "layer")
+    shape = (4, 1, 16, 16)
+    swapped = q.swap_modules_with_sparse(
+        copy.deepcopy(model), shape, scheme="s8", min_sparsity=0.0, min_speedup=0.0, repeats=1, verbose=False
+    )
+    rows = {r.name: r for r in swapped.qsparseprop_swap_report}
+    assert {n for n, r in rows.items() if r.fused_int8_activation} == {"3.body.0", "4.body.0", "5.body.0"}
+    plan = tmp_path / "plan.json"
+    q.save_swap_plan(swapped, plan)
+    again = q.swap_modules_with_sparse(copy.deepcopy(model), shape, plan=plan, verbose=False)
+    assert {r.name for r in again.qsparseprop_swap_report if r.fused_int8_activation} == {
+        "3.body.0",
+        "4.body.0",
+        "5.body.0",
+    }
+    x = torch.randn(shape)
+    swapped.train(), again.train()
+    torch.testing.assert_close(again(x), swapped(x), rtol=0, atol=0)
+
+
+def test_a_hook_between_the_convolutions_sees_the_activation(monkeypatch):
+    # a forward hook on the ReLU (or the reader, or a global one) sees the
+    # activation: the BatchNorm then writes it, as unfused, with the same results
+    torch.manual_seed(0)
+    model = q.fuse(_swapped(_residual(6, 6, 1), "s8"))
+    seen = []
+    handle = model.body[2].register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
+    (hooked, apart), counts = _steps_with_and_without_deferral(model, (3, 6, 8, 8), monkeypatch, steps=1)
+    handle.remove()
+    assert counts == [0, 0, 0, 0], "a hooked module's call was skipped"
+    # a step and an eval forward of the model and of its twin (a copy, the hook too)
+    assert len(seen) == 4 and seen[0].shape == (3, 6, 8, 8) and (seen[0] >= 0).all() and seen[0].any()
+    for a, b in zip(hooked, apart, strict=True):
+        assert torch.equal(a, b)
+    for hook in (
+        lambda: model.body[3].register_forward_pre_hook(lambda m, i: None),
+        lambda: nn.modules.module.register_module_forward_hook(lambda m, i, o: None),
+    ):
+        handle = hook()
+        try:
+            (hooked, apart), counts = _steps_with_and_without_deferral(model, (3, 6, 8, 8), monkeypatch, steps=1)
+        finally:
+            handle.remove()
+        assert counts == [0, 0, 0, 0]
+        for a, b in zip(hooked, apart, strict=True):
+            assert torch.equal(a, b)
+    monkeypatch.undo()
+
+
+def test_the_int8_activation_falls_back_where_the_batch_norm_cannot_defer(monkeypatch):
+    # one value per channel (torch's error, as unfused), an unbatched input,
+    # channels_last, a layer running in f32: the activation is written
+    torch.manual_seed(0)
+    model = q.fuse(_swapped(_residual(6, 6, 1), "s8"))
+    model.train()
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        model(torch.randn(1, 6, 1, 1))
+    calls = []
+    real = q.SparseConv2d._forward_after_batch_norm
+    monkeypatch.setattr(
+        q.SparseConv2d, "_forward_after_batch_norm", lambda self, d, r: calls.append(1) or real(self, d, r)
+    )
+    twin = copy.deepcopy(model)
+    x = torch.randn(6, 8, 8)
+    unbatched = model(x)
+    assert not calls and unbatched.shape == (6, 8, 8)
+    torch.testing.assert_close(unbatched, twin(x.unsqueeze(0)).squeeze(0), rtol=0, atol=0)
+    assert calls == [1]  # the batched twin's
+    calls.clear()
+    last = model(torch.randn(2, 6, 8, 8).contiguous(memory_format=torch.channels_last))
+    assert not calls and last.is_contiguous(memory_format=torch.channels_last)
+    model.body[3].scheme = "f32"  # a reader that does not round its input to int8
+    try:
+        assert not model.body[3]._reads_deferred(model.body[0]._deferred(torch.randn(2, 6, 8, 8), torch.zeros(24)))
+    finally:
+        model.body[3].scheme = "s8"
