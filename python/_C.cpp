@@ -1180,7 +1180,7 @@ PYBIND11_MODULE(_C, m) {
     // src is the N x C x H x W contiguous output of the block's convolution;
     // residual (or None) a tensor of its shape added before the ReLU (a
     // residual block's end). Returns (dst, mask, mean, invstd, batch_var,
-    // centered, step, max |dst| (keep_s8 without a residual; else empty)).
+    // centered, step, max |dst| (keep_s8; else empty)).
     // known: None, or src's batch statistics as the convolution that wrote
     // it took them (4 x C floats: mean, variance, lowest and highest per
     // channel; conv2d_layer.forward(statistics=True)).
@@ -1211,9 +1211,9 @@ PYBIND11_MODULE(_C, m) {
                         batch_var(batch_statistics ? d.channels : 0),
                         step(keep_s8 ? d.channels : 0);
                 py::array_t<int8_t> centered = pooled_array<int8_t>(keep_s8 ? shape : dims{0});
-                // an int8 block's dst feeds an s8 layer: its max |dst| too (none
-                // after a residual's add: not known from the ranges)
-                py::array_t<float> dst_abs_max(keep_s8 && !res ? 1 : 0);
+                // an int8 block's dst feeds an s8 layer: its max |dst| too (from
+                // the ranges, or found by the apply pass after a residual's add)
+                py::array_t<float> dst_abs_max(keep_s8 ? 1 : 0);
                 {
                     py::gil_scoped_release nogil;
                     float *bv = batch_statistics ? batch_var.mutable_data() : nullptr;
@@ -1221,7 +1221,8 @@ PYBIND11_MODULE(_C, m) {
                         qsp::batch_norm_add_relu_forward(
                                 d, s, res, g, b, rm, rv, dst.mutable_data(), mask.mutable_data(),
                                 mean.mutable_data(), invstd.mutable_data(), bv,
-                                centered.mutable_data(), step.mutable_data(), threads, kp);
+                                centered.mutable_data(), step.mutable_data(), threads, kp,
+                                dst_abs_max.mutable_data());
                     else if (res)
                         qsp::batch_norm_add_relu_forward(
                                 d, s, res, g, b, rm, rv, dst.mutable_data(), mask.mutable_data(),

@@ -605,7 +605,8 @@ void batch_norm_add_relu_forward(const batch_norm_relu_desc &d, const float *src
                                  const float *running_mean, const float *running_var, float *dst,
                                  uint8_t *mask, float *mean, float *invstd, float *batch_var,
                                  int8_t *centered, float *step, int num_threads = 0,
-                                 const batch_norm_known_statistics *known = nullptr);
+                                 const batch_norm_known_statistics *known = nullptr,
+                                 float *dst_abs_max = nullptr);
 void batch_norm_add_relu_backward(const batch_norm_relu_desc &d, const float *diff_dst,
                                   const uint8_t *mask, const float *src, const float *gamma,
                                   const float *mean, const float *invstd, float *diff_src,

@@ -134,6 +134,12 @@ struct portable_kernels {
         for (int64_t i = b; i < e; ++i)
             q[i] = round_to_s8(in[i] * inv);
     }
+    static float abs_max(const float *p, int64_t b, int64_t e) {
+        float peak = 0.0f;
+        for (int64_t i = b; i < e; ++i)
+            peak = walk::fold_abs_max(peak, std::fabs(p[i]));
+        return peak;
+    }
     static void write_centered(const float *in, int8_t *q, int64_t b, int64_t e, float m,
                                float inv) {
 #pragma omp simd
@@ -235,9 +241,10 @@ void portable::channel_statistics(const float *src, channel_planes s, double *me
 void portable::scale_shift_relu(const float *src, channel_planes s, const float *scale,
                                 const float *shift, const float *residual, float *dst,
                                 uint8_t *bits, const centered_s8_writer *keep,
-                                const quantized_s8_writer *quantized, int num_threads) {
+                                const quantized_s8_writer *quantized, float *dst_abs_max,
+                                int num_threads) {
     walk::scale_shift_relu<portable_kernels>(src, s, scale, shift, residual, dst, bits, keep,
-                                             quantized, num_threads);
+                                             quantized, dst_abs_max, num_threads);
 }
 
 void portable::masked_gradient_sums(const float *diff_dst, const uint8_t *bits, centered_source src,
@@ -292,12 +299,13 @@ void channel_statistics_from_parts(const statistics_part *parts, int64_t outer, 
 void scale_shift_relu(const float *src, channel_planes s, const float *scale, const float *shift,
                       const float *residual, float *dst, uint8_t *bits,
                       const centered_s8_writer *keep, const quantized_s8_writer *quantized,
-                      int num_threads) {
+                      float *dst_abs_max, int num_threads) {
     static constexpr pass_tier<scale_shift_relu_fn> tiers[] = {
             {cpu_isa::avx512_core, scale_shift_relu_avx512},
             {cpu_isa::avx2, scale_shift_relu_avx2},
             {cpu_isa::ref, portable::scale_shift_relu}};
-    best_tier(tiers)(src, s, scale, shift, residual, dst, bits, keep, quantized, num_threads);
+    best_tier(tiers)(src, s, scale, shift, residual, dst, bits, keep, quantized, dst_abs_max,
+                     num_threads);
 }
 
 void masked_gradient_sums(const float *diff_dst, const uint8_t *bits, centered_source src,
@@ -492,9 +500,12 @@ void forward(const batch_norm_relu_desc &d, const float *src, const float *resid
         }
     }
     const detail::centered_s8_writer keep{centered, mean, inv_step.data()};
-    const float peak = s.elements() > 0 && ranges
+    // max |dst|: from the ranges where no residual is added, else found in
+    // the apply pass
+    const float peak = s.elements() > 0 && ranges && !residual
                                ? dst_abs_max_from_ranges(range, scale, shift, d.relu)
                                : 0.0f;
+    float found = 0.0f;
     detail::quantized_s8_writer rounded{nullptr, quant_scale_from_abs_max(peak)};
     if (quantized) {
         rounded.values = quantized->values;
@@ -503,8 +514,9 @@ void forward(const batch_norm_relu_desc &d, const float *src, const float *resid
     if (s.elements() > 0)
         detail::scale_shift_relu(src, s, scale.data(), shift.data(), residual, dst,
                                  d.relu ? mask : nullptr, centered ? &keep : nullptr,
-                                 quantized ? &rounded : nullptr, threads);
-    if (dst_abs_max) *dst_abs_max = peak;
+                                 quantized ? &rounded : nullptr,
+                                 dst_abs_max && residual ? &found : nullptr, threads);
+    if (dst_abs_max) *dst_abs_max = residual ? found : peak;
 }
 
 void backward(const batch_norm_relu_desc &d, const float *diff_dst, const uint8_t *mask,
@@ -638,11 +650,11 @@ void batch_norm_add_relu_forward(const batch_norm_relu_desc &d, const float *src
                                  const float *running_mean, const float *running_var, float *dst,
                                  uint8_t *mask, float *mean, float *invstd, float *batch_var,
                                  int8_t *centered, float *step, int num_threads,
-                                 const batch_norm_known_statistics *known) {
+                                 const batch_norm_known_statistics *known, float *dst_abs_max) {
     require_int8_copy(d, centered, step);
     if (d.batch > 0) require(residual, "residual");
     forward(d, src, residual, gamma, beta, running_mean, running_var, dst, mask, mean, invstd,
-            batch_var, centered, step, nullptr, num_threads, known);
+            batch_var, centered, step, dst_abs_max, num_threads, known);
 }
 
 void batch_norm_add_relu_backward(const batch_norm_relu_desc &d, const float *diff_dst,

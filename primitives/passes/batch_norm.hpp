@@ -72,11 +72,14 @@ struct quantized_s8_writer {
 // (bits in the flat element order); with `keep`, its values from src. dst
 // may alias src or residual. With `quantized`, dst is not written (may be
 // null): each piece of it is made in a thread's buffer while in L1 and
-// rounded into quantized->values from there.
+// rounded into quantized->values from there. With dst_abs_max (one float),
+// also max |dst| (NaN where dst holds a NaN), taken while each piece is in
+// cache: what the s8 layer reading dst would read it once more to find
+// (after a residual's add; without one the ranges give it at no cost).
 void scale_shift_relu(const float *src, channel_planes shape, const float *scale,
                       const float *shift, const float *residual, float *dst, uint8_t *bits,
                       const centered_s8_writer *keep, const quantized_s8_writer *quantized,
-                      int num_threads);
+                      float *dst_abs_max, int num_threads);
 
 // What the backward reads as src - mean[c]: the forward's src and mean
 // (f32), or the int8 copy times its per-channel step.
@@ -143,7 +146,8 @@ using channel_statistics_fn = void(const float *src, channel_planes shape, doubl
 using scale_shift_relu_fn = void(const float *src, channel_planes shape, const float *scale,
                                  const float *shift, const float *residual, float *dst,
                                  uint8_t *bits, const centered_s8_writer *keep,
-                                 const quantized_s8_writer *quantized, int num_threads);
+                                 const quantized_s8_writer *quantized, float *dst_abs_max,
+                                 int num_threads);
 using masked_gradient_sums_fn = void(const float *diff_dst, const uint8_t *bits,
                                      centered_source src, channel_planes shape, double *sum_g,
                                      double *sum_g_centered, int num_threads);

@@ -169,6 +169,24 @@ struct kernels {
             out[i] = v * a + k;
         }
     }
+    static float abs_max(const float *p, int64_t b, int64_t e) {
+        const __m256 sign = _mm256_set1_ps(-0.0f);
+        __m256 peak = _mm256_setzero_ps(), nan = _mm256_setzero_ps();
+        int64_t i = b;
+        for (; i + 8 <= e; i += 8) {
+            const __m256 v = _mm256_loadu_ps(p + i);
+            nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+            peak = _mm256_max_ps(peak, _mm256_andnot_ps(sign, v));
+        }
+        alignas(32) float lanes[8];
+        _mm256_store_ps(lanes, peak);
+        float folded = _mm256_movemask_ps(nan) ? std::numeric_limits<float>::quiet_NaN() : 0.0f;
+        for (float l : lanes)
+            folded = walk::fold_abs_max(folded, l);
+        for (; i < e; ++i)
+            folded = walk::fold_abs_max(folded, std::fabs(p[i]));
+        return folded;
+    }
     static void quantize(const float *in, int8_t *q, int64_t b, int64_t e, float inv) {
         const __m256 iv = _mm256_set1_ps(inv);
         int64_t i = b;
@@ -260,9 +278,9 @@ void channel_statistics_avx2(const float *src, channel_planes s, double *mean, d
 void scale_shift_relu_avx2(const float *src, channel_planes s, const float *scale,
                            const float *shift, const float *residual, float *dst, uint8_t *bits,
                            const centered_s8_writer *keep, const quantized_s8_writer *quantized,
-                           int num_threads) {
+                           float *dst_abs_max, int num_threads) {
     batch_norm_walk::scale_shift_relu<avx2::kernels>(src, s, scale, shift, residual, dst, bits,
-                                                     keep, quantized, num_threads);
+                                                     keep, quantized, dst_abs_max, num_threads);
 }
 
 void masked_gradient_sums_avx2(const float *diff_dst, const uint8_t *bits, centered_source src,

@@ -138,6 +138,18 @@ struct kernels {
                           _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, in + i), mv), iv));
         }
     }
+    static float abs_max(const float *p, int64_t b, int64_t e) {
+        const __m512 sign = _mm512_set1_ps(-0.0f);
+        __m512 peak = _mm512_setzero_ps();
+        __mmask16 bad = 0;
+        for (int64_t i = b; i < e; i += 16) {
+            const __mmask16 m = first_lanes(e - i);
+            const __m512 v = _mm512_maskz_loadu_ps(m, p + i);
+            bad |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+            peak = _mm512_max_ps(peak, _mm512_andnot_ps(sign, v));
+        }
+        return bad ? std::numeric_limits<float>::quiet_NaN() : _mm512_reduce_max_ps(peak);
+    }
     static void quantize(const float *in, int8_t *q, int64_t b, int64_t e, float inv) {
         const __m512 iv = _mm512_set1_ps(inv);
         for (int64_t i = b; i < e; i += 16) {
@@ -212,9 +224,9 @@ void masked_gradient_apply_avx512(const float *diff_dst, const uint8_t *bits, ce
 void scale_shift_relu_avx512(const float *src, channel_planes s, const float *scale,
                              const float *shift, const float *residual, float *dst, uint8_t *bits,
                              const centered_s8_writer *keep, const quantized_s8_writer *quantized,
-                             int num_threads) {
+                             float *dst_abs_max, int num_threads) {
     batch_norm_walk::scale_shift_relu<avx512::kernels>(src, s, scale, shift, residual, dst, bits,
-                                                       keep, quantized, num_threads);
+                                                       keep, quantized, dst_abs_max, num_threads);
 }
 
 void quantize_pair_from_gradient_avx512(const batch_norm_gradient &src, const float *multiplier,

@@ -20,6 +20,7 @@
 //       scale_shift plus q = round-half-even((in - m) * inv)
 //   write_centered(in, q, b, e, m, inv)           q alone
 //   quantize(in, q, b, e, inv)                    q = round-half-even(in * inv)
+//   abs_max(p, b, e)                              max |p[i]| over [b, e), NaN if one is
 //   relu_range(dst, bits, begin, end)             relu_mask_range's contract
 //   gradient_sums(g, bits, base, x, n, sum, dot)  over one plane (g and x
 //       from element `base`): sum = Σ g', dot = Σ g' * x(i), g' the masked
@@ -239,10 +240,11 @@ template <typename K>
 void scale_shift_relu(const float *src, channel_planes s, const float *scale, const float *shift,
                       const float *residual, float *dst, uint8_t *bits,
                       const centered_s8_writer *keep, const quantized_s8_writer *quantized,
-                      int num_threads) {
+                      float *dst_abs_max, int num_threads) {
     const int threads = std::max(1, num_threads);
     std::vector<float> buffers(quantized ? static_cast<size_t>(threads * quantized_piece_elems)
                                          : 0);
+    std::vector<float> peaks(dst_abs_max ? static_cast<size_t>(threads) : 0, 0.0f);
     for_each_chunk(s.elements(), threads, [&](int64_t begin, int64_t end) {
         const int64_t piece = quantized ? quantized_piece_elems : end - begin;
         for (int64_t pb = begin; pb < end; pb += piece) {
@@ -270,6 +272,10 @@ void scale_shift_relu(const float *src, channel_planes s, const float *scale, co
             });
             // while the piece is in cache
             if (bits) K::relu_range(out, bits, pb, pe);
+            if (dst_abs_max) {
+                float &peak = peaks[static_cast<size_t>(omp_get_thread_num())];
+                peak = fold_abs_max(peak, K::abs_max(out, pb, pe));
+            }
             if (!quantized) continue;
             if (quantized->scale.usable) // |dst| <= the max the scale is of: no clamp
                 K::quantize(out, quantized->values, pb, pe, quantized->scale.inv);
@@ -277,6 +283,11 @@ void scale_shift_relu(const float *src, channel_planes s, const float *scale, co
                 std::fill(quantized->values + pb, quantized->values + pe, int8_t{0});
         }
     });
+    if (!dst_abs_max) return;
+    float peak = 0.0f; // a maximum is exact: the same in any fold order
+    for (float p : peaks)
+        peak = fold_abs_max(peak, p);
+    *dst_abs_max = peak;
 }
 
 template <typename K>

@@ -747,8 +747,8 @@ def _optional_np(t: torch.Tensor | None):
 def _batch_norm_forward_body(
     y, weight, bias, running_mean, running_var, eps, batch_statistics, relu, keep_s8, residual, known=None
 ):
-    """The custom op's seven outputs, then max |z| (keep_s8 without a
-    residual: z feeds an s8 convolution; else empty). known: y's batch
+    """The custom op's seven outputs, then max |z| (keep_s8: z feeds an s8
+    convolution; else empty). known: y's batch
     statistics as the convolution that wrote it took them, or None."""
     out = _C.batch_norm_relu_forward(
         _np(y), _optional_np(weight), _optional_np(bias), _optional_np(running_mean), _optional_np(running_var),
@@ -774,7 +774,8 @@ def _batch_norm_backward_body(
 #
 # An int8 block's BatchNorm knows the maxima an s8 convolution would read a
 # tensor once more to find: forward, max |z| of its output (from the
-# channels' ranges, at no cost), backward, max |dy| per channel of the
+# channels' ranges at no cost, or after a residual's add in registers as it
+# writes z), backward, max |dy| per channel of the
 # gradient it writes (in registers as it writes). In eager mode they ride on
 # the tensor itself, with its version: the convolution takes them only from
 # the very tensor the BatchNorm returned, unmodified (a view or a copy, a

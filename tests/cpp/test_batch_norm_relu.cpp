@@ -768,11 +768,13 @@ TEST(BatchNormRelu, a_residual_end_is_the_batch_norm_then_the_add_then_the_relu)
                         std::vector<float> m(c.channels), inv(c.channels), v(c.channels);
                         std::vector<int8_t> centered(s8 ? n : 0, 99);
                         std::vector<float> step(s8 ? c.channels : 0, 42.0f);
+                        float z_max = -1.0f; // max |dst|, found by the apply pass
                         if (s8)
-                            batch_norm_add_relu_forward(
-                                    d, in.x.data(), res_copy.data(), in.gamma.data(),
-                                    in.beta.data(), nullptr, nullptr, dst, mask.data(), m.data(),
-                                    inv.data(), v.data(), centered.data(), step.data(), threads);
+                            batch_norm_add_relu_forward(d, in.x.data(), res_copy.data(),
+                                                        in.gamma.data(), in.beta.data(), nullptr,
+                                                        nullptr, dst, mask.data(), m.data(),
+                                                        inv.data(), v.data(), centered.data(),
+                                                        step.data(), threads, nullptr, &z_max);
                         else
                             batch_norm_add_relu_forward(
                                     d, in.x.data(), res_copy.data(), in.gamma.data(),
@@ -782,6 +784,9 @@ TEST(BatchNormRelu, a_residual_end_is_the_batch_norm_then_the_add_then_the_relu)
                         ASSERT_TRUE(same(got, want)) << threads << " threads: forward";
                         ASSERT_TRUE(same(m, mean) && same(inv, invstd));
                         if (s8) ASSERT_TRUE(centered == centered0 && same(step, step0));
+                        if (s8)
+                            ASSERT_EQ(z_max, channel_abs_max({1, 1, n}, want)[0])
+                                    << threads << " threads: max |dst|";
                         for (int64_t i = 0; relu && i < n; ++i)
                             ASSERT_EQ(bit(mask, i), !(want[i] <= 0.0f)) << "i " << i;
                         // backward: the BatchNorm's own with this mask, and

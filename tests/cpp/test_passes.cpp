@@ -793,11 +793,15 @@ TEST(Passes, batch_norm_avx2_tier_matches_portable) {
                 std::vector<std::vector<float>> dst(tn);
                 std::vector<std::vector<uint8_t>> bits(tn);
                 std::vector<std::vector<int8_t>> q(tn), rounded(tn);
-                float peak = 0.f;
-                if (quantized)
-                    for (float v : written[with & 3]) // a NaN makes the scale NaN
-                        peak = std::isnan(v) || std::isnan(peak) ? NAN
-                                                                 : std::max(peak, std::fabs(v));
+                std::vector<float> found(tn, -1.f); // max |dst| the pass found
+                const auto abs_max_of = [](const std::vector<float> &v) { // NaN sticks
+                    float peak = 0.f;
+                    for (float e : v)
+                        peak = std::isnan(e) || std::isnan(peak) ? NAN
+                                                                 : std::max(peak, std::fabs(e));
+                    return peak;
+                };
+                const float peak = quantized ? abs_max_of(written[with & 3]) : 0.f;
                 const quant_scale qs = quant_scale_from_abs_max(peak);
                 for (size_t t = 0; t < tn; ++t) {
                     dst[t].assign(un, -7.f), bits[t].assign((un + 7) / 8, 0xAA);
@@ -807,7 +811,8 @@ TEST(Passes, batch_norm_avx2_tier_matches_portable) {
                     apply_tiers[t].second(x.data(), s, scale.data(), shift.data(),
                                           add ? residual.data() : nullptr,
                                           quantized ? nullptr : dst[t].data(), bits[t].data(),
-                                          keep ? &w : nullptr, quantized ? &r : nullptr, 3);
+                                          keep ? &w : nullptr, quantized ? &r : nullptr, &found[t],
+                                          3);
                 }
                 std::vector<int8_t> expected(un);
                 for (size_t i = 0; quantized && i < un; ++i)
@@ -822,6 +827,7 @@ TEST(Passes, batch_norm_avx2_tier_matches_portable) {
                             << "apply dst";
                     EXPECT_EQ(bits[0], bits[t]) << "relu bits";
                     EXPECT_EQ(q[0], q[t]) << "int8 copy";
+                    expect_same_bits(found[t], quantized ? peak : abs_max_of(dst[0]), "max |dst|");
                     if (quantized) {
                         EXPECT_EQ(rounded[t], expected) << "quantized dst";
                         EXPECT_EQ(dst[t], std::vector<float>(un, -7.f)) << "dst written";

@@ -940,3 +940,27 @@ def test_the_int8_activation_falls_back_where_the_batch_norm_cannot_defer(monkey
         assert not model.body[3]._reads_deferred(model.body[0]._deferred(torch.randn(2, 6, 8, 8), torch.zeros(24)))
     finally:
         model.body[3].scheme = "s8"
+
+
+def test_a_blocks_output_hands_its_maximum_to_the_next_blocks_convolutions(monkeypatch):
+    # a residual end's BatchNorm finds max |z| while it writes z (the add
+    # makes the ranges useless for it): the next block's s8 convolution
+    # takes it instead of reading z once more, with the same results
+    from qsparseprop import _ops
+
+    torch.manual_seed(0)
+    model = q.fuse(_swapped(nn.Sequential(_residual(6, 6, 1), _residual(6, 12, 2)), "s8"))
+    twin = copy.deepcopy(model)
+    x = torch.randn(3, 6, 8, 8)
+    taken = _maxima_handed_over(monkeypatch, "_abs_max_of")
+    handed = _one_step_gradients(model, x)
+    # the first block's first convolution reads x (no writer's maximum), the
+    # second block's pair the first block's output (the residual end's)
+    assert taken == [False, True], taken
+    real = _ops._batch_norm_forward_body
+    monkeypatch.setattr(_ops, "_batch_norm_forward_body", lambda *a: real(*a)[:7] + (_ops._empty(),))
+    taken.clear()
+    found = _one_step_gradients(twin, x)
+    assert taken == [False, False]
+    for a, b in zip(handed, found, strict=True):
+        assert torch.equal(a, b)
