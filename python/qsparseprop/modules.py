@@ -739,10 +739,11 @@ class SparseConv2d(_SparseModule):
         return self._finished(y, residual, unbatched, channels_last)
 
     def _forward_deferring(self, input: torch.Tensor):
-        """forward(input), or, where this s8 layer's fused BatchNorm + ReLU
-        can be left to the s8 convolution reading its output (a training
-        step, batch statistics, NCHW), a :class:`_DeferredBatchNorm` of its
-        raw output: what :func:`_conv_deferring` returns to the one reader."""
+        """forward(input), or, where this s8 layer's fused BatchNorm (and the
+        ReLU after it) can be left to the s8 convolution reading its output
+        (a training step, batch statistics, NCHW), a :class:`_DeferredBatchNorm`
+        of its raw output: what :func:`_conv_deferring` returns to the one
+        reader."""
         x, unbatched, channels_last = self._prepared(input)
         if unbatched or channels_last or x.shape[0] == 0 or not self._defers_batch_norm():
             return self._forward(input, None)
@@ -764,8 +765,8 @@ class SparseConv2d(_SparseModule):
         return _DeferredBatchNorm(self, y, known)
 
     def _reads_deferred(self, deferred: _DeferredBatchNorm) -> bool:
-        """Whether this layer can take ``deferred``'s BatchNorm + ReLU as it
-        rounds its input: s8, computed by the library, reading all of it."""
+        """Whether this layer can apply ``deferred``'s BatchNorm and a ReLU as
+        it rounds its input: s8, computed by the library, reading all of it."""
         return (
             self.scheme == "s8" and not self._subsampled() and type(self)._compute is SparseConv2d._compute
             and deferred.y.shape[1] == self.in_channels
@@ -890,9 +891,9 @@ class _DeferredBatchNorm:
 def _conv_deferring(conv: nn.Module, input: torch.Tensor):
     """conv(input), or its deferred form (SparseConv2d._forward_deferring):
     what a traced block's first convolution calls once ``qsparseprop.fuse``
-    has found that its output (through its BatchNorm's and ReLU's markers)
-    feeds one sparse convolution alone (swap._fuse_deferred_batch_norms);
-    the reader is :func:`_conv_reading_deferred` or :func:`_conv_add_relu`."""
+    has found that its output (through its BatchNorm's marker and a ReLU)
+    feeds one s8 sparse convolution alone (swap._deferred_batch_norms); the
+    reader is :func:`_conv_reading_deferred` or :func:`_conv_add_relu`."""
     if type(conv) in (SparseConv2d, QuantizedSparseConv2d) and _called_plainly(conv):
         return conv._forward_deferring(input)
     return conv(input)

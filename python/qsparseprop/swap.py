@@ -869,9 +869,10 @@ def _rewritten(module: nn.Module) -> bool:
 def _fuse_traced_blocks(model: nn.Module, rows, residual_ends: bool) -> None:
     """Rewrites the forward of each module whose traced forward holds a
     residual end (with ``residual_ends``: a sparse convolution applying its
-    BatchNorm, the add, the ReLU; modules._conv_add_relu) or two sparse
+    BatchNorm, the add, the ReLU; modules._conv_add_relu), two sparse
     convolutions reading one input, the second a strided 1x1 shortcut
-    (modules._convs_sharing_input)."""
+    (modules._convs_sharing_input), or an s8 convolution's BatchNorm-ReLU
+    output read by one s8 convolution alone (_deferred_batch_norms)."""
     for parent_name, parent in list(model.named_modules()):
         if _plain_sequential(parent) or _rewritten(parent):
             continue

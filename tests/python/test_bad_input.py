@@ -213,3 +213,26 @@ def test_batch_norm_statistics_given_in_the_wrong_shape_are_refused_by_name():
         _C.batch_norm_relu_forward(
             y, ones, zeros, zeros, ones, 1e-5, False, True, False, None, 1, torch.zeros(12).numpy()
         )
+
+
+def test_the_batch_norm_writing_a_convolutions_int8_input_refuses_bad_arguments_by_name():
+    from qsparseprop import _C
+
+    rp, ci = torch.tensor([0, 1, 2], dtype=torch.int64).numpy(), torch.tensor([0, 4], dtype=torch.int32).numpy()
+    y = torch.randn(2, 1, 5, 5).numpy()
+    values = torch.ones(2).numpy()
+    args = dict(
+        kernel_size=[3, 3], stride=[1, 1], padding=[1, 1, 1, 1], dilation=[1, 1], groups=1, row_ptr=rp, col_idx=ci
+    )
+    f32 = _C.Conv2dKernel(1, 2, scheme="f32", with_bias=False, **args)
+    with pytest.raises(ValueError, match="must be s8"):
+        f32.forward_after_batch_norm(y, None, None, 1e-5, None, values, None, 1, False)
+    s8 = _C.Conv2dKernel(1, 2, scheme="s8", with_bias=False, **args)
+    with pytest.raises((ValueError, TypeError), match="known"):
+        s8.forward_after_batch_norm(y, None, None, 1e-5, torch.zeros(3).numpy(), values, None, 1, False)
+    with pytest.raises((ValueError, TypeError), match="gamma"):
+        s8.forward_after_batch_norm(y, torch.ones(2).numpy(), None, 1e-5, None, values, None, 1, False)
+    with pytest.raises(ValueError, match="4-D"):
+        s8.forward_after_batch_norm(y[0], None, None, 1e-5, None, values, None, 1, False)
+    out, *bn = s8.forward_after_batch_norm(y, None, None, 1e-5, None, values, None, 1, False)
+    assert out[0].shape == (2, 2, 5, 5) and bn[0].shape == ((2 * 25 + 7) // 8,)
