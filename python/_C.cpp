@@ -93,6 +93,17 @@ const float *optional_f32(const py::object &a, const char *name, const dims &sha
     return checked<float>(as_array(a, name), name, shape, false);
 }
 
+// A BatchNorm's src statistics as the convolution that wrote src took them
+// (None, or 4 x C floats: mean, variance, lowest and highest per channel),
+// viewed in `given`; null for None.
+const qsp::batch_norm_known_statistics *known_statistics(const py::object &known, int64_t channels,
+                                                         qsp::batch_norm_known_statistics &given) {
+    const float *k = optional_f32(known, "known", {4 * channels});
+    if (!k) return nullptr;
+    given.mean = k, given.variance = k + channels, given.range = k + 2 * channels;
+    return &given;
+}
+
 qsp::batch_norm_relu_desc batch_norm_desc(const py::array &src, double eps, bool batch_statistics,
                                           bool relu) {
     if (src.ndim() != 4)
@@ -857,10 +868,8 @@ public:
         const float *src = checked<float>(bn_src, "bn_src", shape, false);
         const float *g = optional_f32(gamma, "gamma", per_channel);
         const float *b = optional_f32(beta, "beta", per_channel);
-        const float *k = optional_f32(known, "known", {4 * d.channels});
         qsp::batch_norm_known_statistics given;
-        given.mean = k, given.variance = k ? k + d.channels : nullptr;
-        given.range = k ? k + 2 * d.channels : nullptr;
+        const qsp::batch_norm_known_statistics *kp = known_statistics(known, d.channels, given);
         const int64_t n = d.batch * d.channels * d.spatial;
         py::array_t<uint8_t> mask = pooled_array<uint8_t>({(n + 7) / 8});
         py::array_t<float> mean(d.channels), invstd(d.channels), batch_var(d.channels),
@@ -877,7 +886,7 @@ public:
                 qsp::batch_norm_relu_forward_quantized(
                         d, src, g, b, {xq, &scale}, mask.mutable_data(), mean.mutable_data(),
                         invstd.mutable_data(), batch_var.mutable_data(), centered.mutable_data(),
-                        step.mutable_data(), threads, k ? &given : nullptr);
+                        step.mutable_data(), threads, kp);
             }
             args[qsp::QSP_ARG_SRC_S8] = mem(q_md, xq);
             args[qsp::QSP_ARG_SRC_S8_SCALE] = mem(f32_md({1}), &scale);
@@ -1199,11 +1208,9 @@ PYBIND11_MODULE(_C, m) {
                 const float *rm = optional_f32(running_mean, "running_mean", per_channel);
                 const float *rv = optional_f32(running_var, "running_var", per_channel);
                 const float *res = optional_f32(residual, "residual", shape);
-                const float *k = optional_f32(known, "known", {4 * d.channels});
                 qsp::batch_norm_known_statistics given;
-                given.mean = k, given.variance = k ? k + d.channels : nullptr;
-                given.range = k ? k + 2 * d.channels : nullptr;
-                const qsp::batch_norm_known_statistics *kp = k ? &given : nullptr;
+                const qsp::batch_norm_known_statistics *kp =
+                        known_statistics(known, d.channels, given);
                 py::array_t<float> dst = pooled_array<float>(shape);
                 const int64_t n = d.batch * d.channels * d.spatial;
                 py::array_t<uint8_t> mask = pooled_array<uint8_t>({relu ? (n + 7) / 8 : 0});

@@ -196,6 +196,22 @@ int64_t n_of(const case_t &c) {
     return c.batch * c.channels * c.spatial;
 }
 
+// Each channel's lowest and highest element of an NCHW x (lowest, highest
+// per channel): the range the convolution's statistics give the BatchNorm.
+std::vector<float> channel_ranges(const case_t &c, const std::vector<float> &x) {
+    std::vector<float> range(2 * c.channels);
+    for (int64_t ch = 0; ch < c.channels; ++ch) {
+        float lo = std::numeric_limits<float>::infinity(), hi = -lo;
+        for (int64_t b = 0; b < c.batch; ++b)
+            for (int64_t i = 0; i < c.spatial; ++i) {
+                const float v = x[(b * c.channels + ch) * c.spatial + i];
+                lo = std::min(lo, v), hi = std::max(hi, v);
+            }
+        range[2 * ch] = lo, range[2 * ch + 1] = hi;
+    }
+    return range;
+}
+
 // max |dx| per channel of an NCHW dx (NaN where the channel holds one).
 std::vector<float> channel_abs_max(const case_t &c, const std::vector<float> &dx) {
     std::vector<float> m(c.channels, 0.0f);
@@ -446,16 +462,7 @@ TEST(BatchNormRelu, known_statistics_stand_for_the_statistics_pass) {
         const inputs_t in = make_inputs(c, 21);
         const s8_result_t own = run_s8(c, in, true, true, 2);
         const int64_t n = n_of(c);
-        std::vector<float> range(2 * c.channels);
-        for (int64_t ch = 0; ch < c.channels; ++ch) {
-            float lo = std::numeric_limits<float>::infinity(), hi = -lo;
-            for (int64_t b = 0; b < c.batch; ++b)
-                for (int64_t i = 0; i < c.spatial; ++i) {
-                    const float v = in.x[(b * c.channels + ch) * c.spatial + i];
-                    lo = std::min(lo, v), hi = std::max(hi, v);
-                }
-            range[2 * ch] = lo, range[2 * ch + 1] = hi;
-        }
+        const std::vector<float> range = channel_ranges(c, in.x);
         batch_norm_relu_desc d;
         d.batch = c.batch, d.channels = c.channels, d.spatial = c.spatial, d.relu = true;
         auto forward = [&](const std::vector<float> &mean, s8_result_t &o, int threads) {
@@ -514,16 +521,7 @@ TEST(BatchNormRelu, the_quantized_forward_is_the_rounding_of_the_dst_it_does_not
                 const float *gamma = affine ? in.gamma.data() : nullptr;
                 const float *beta = affine ? in.beta.data() : nullptr;
                 const s8_result_t own = run_s8(c, in, relu, affine, 1);
-                std::vector<float> range(2 * c.channels);
-                for (int64_t ch = 0; ch < c.channels; ++ch) {
-                    float lo = std::numeric_limits<float>::infinity(), hi = -lo;
-                    for (int64_t b = 0; b < c.batch; ++b)
-                        for (int64_t i = 0; i < c.spatial; ++i) {
-                            const float v = in.x[(b * c.channels + ch) * c.spatial + i];
-                            lo = std::min(lo, v), hi = std::max(hi, v);
-                        }
-                    range[2 * ch] = lo, range[2 * ch + 1] = hi;
-                }
+                const std::vector<float> range = channel_ranges(c, in.x);
                 const batch_norm_known_statistics known{own.r.mean.data(), own.r.var.data(),
                                                         range.data()};
                 for (bool given : {false, true}) {
