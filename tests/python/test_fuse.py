@@ -964,3 +964,20 @@ def test_a_blocks_output_hands_its_maximum_to_the_next_blocks_convolutions(monke
     assert taken == [False, False]
     for a, b in zip(handed, found, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "bn_kwargs", [dict(affine=False), dict(track_running_stats=False), dict(momentum=None)], ids=str
+)
+def test_the_int8_activation_keeps_every_batch_norm_option(bn_kwargs, monkeypatch):
+    # no affine parameters, no running statistics (batch statistics in eval
+    # too), a cumulative average: each as the unfused pair, bit for bit
+    torch.manual_seed(0)
+    block = _residual(6, 6, 1)
+    block.body[1] = nn.BatchNorm2d(6, **bn_kwargs)
+    model = q.fuse(_swapped(block, "s8"))
+    (deferred, apart), counts = _steps_with_and_without_deferral(model, (3, 6, 8, 8), monkeypatch)
+    # without running statistics the eval forward normalises with the batch's: deferred too
+    assert counts == [1, 1, 1, 1 if not bn_kwargs.get("track_running_stats", True) else 0] + [0] * 4, counts
+    for i, (a, b) in enumerate(zip(deferred, apart, strict=True)):
+        assert torch.equal(a, b), f"result {i} differs"
