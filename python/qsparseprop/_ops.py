@@ -19,6 +19,7 @@ backward-data reads instead of quantizing the weights again).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import threading
@@ -955,6 +956,13 @@ class _BatchNormReLUFunction(torch.autograd.Function):
 # functions run apart (eager only; a traced graph runs them apart).
 
 
+def _recorded(name: str):
+    """A profiler range named ``name`` while torch's profiler runs, else nothing."""
+    if torch.autograd.profiler._is_profiler_enabled:
+        return torch.profiler.record_function(name)
+    return contextlib.nullcontext()
+
+
 class _BatchNormReLUConvFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, weight, bias_bn, eps, known, values, bias, row_ptr, col_idx, handle, seed, spec, scheme,
@@ -991,10 +999,11 @@ class _BatchNormReLUConvFunction(torch.autograd.Function):
                                      need[5], want_db)  # fmt: skip
         dy = dw = dbb = None
         if need_dz:
-            dy, dw, dbb, _, maxima = _batch_norm_backward_body(
-                dz, mask, centered, weight if ctx.affine else None, mean, step, invstd, True, True, need[0],
-                need_affine, False,
-            )  # fmt: skip
+            with _recorded("batch_norm_relu_backward"):  # the step table's BatchNorm part
+                dy, dw, dbb, _, maxima = _batch_norm_backward_body(
+                    dz, mask, centered, weight if ctx.affine else None, mean, step, invstd, True, True, need[0],
+                    need_affine, False,
+                )  # fmt: skip
             _hand_over_channel_maxima(dy, maxima)
         return (dy if need[0] else None, dw if need_affine and need[1] else None,
                 dbb if need_affine and need[2] else None, None, None, dv if need[5] else None,

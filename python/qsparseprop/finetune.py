@@ -324,6 +324,10 @@ STEP_PARTS = (
             "_linearrelulinearfunction",
             "_lineargelulinearfunction",
             "_sharedinputconvsfunction",
+            # the convolution applying the BatchNorm before it as it rounds its
+            # input (the BatchNorm's backward, a pass of its own, is recorded
+            # as batch_norm_relu_backward inside it)
+            "_batchnormreluconvfunction",
             "_subsamplefunction",
             "_prototypelinearfn",
             "_prototypeconv2dfn",

@@ -7,6 +7,7 @@ option (a fused int8 block as its prototype, which keeps BatchNorm's input
 as int8 too); and it stays the same model to everything around it (state_dict
 keys, checkpoints both ways, optimizers, to_dense, swap plans)."""
 
+import contextlib
 import copy
 
 import pytest
@@ -981,3 +982,28 @@ def test_the_int8_activation_keeps_every_batch_norm_option(bn_kwargs, monkeypatc
     assert counts == [1, 1, 1, 1 if not bn_kwargs.get("track_running_stats", True) else 0] + [0] * 4, counts
     for i, (a, b) in enumerate(zip(deferred, apart, strict=True)):
         assert torch.equal(a, b), f"result {i} differs"
+
+
+def test_the_step_table_counts_the_int8_activation_as_sparse_layers_and_batch_norm():
+    # the pair's function is the convolution applying the BatchNorm as it
+    # rounds its input (sparse layers); the BatchNorm's backward pass inside
+    # it is recorded apart (batchnorm), and only while the profiler runs
+    from torch.profiler import ProfilerActivity, profile
+
+    from qsparseprop import finetune
+
+    def part(name):
+        return next(p for p, keys in finetune.STEP_PARTS if any(k in name.lower() for k in keys))
+
+    assert part("_BatchNormReLUConvFunctionBackward") == "sparse layers"
+    assert part("batch_norm_relu_backward") == "batchnorm"
+    torch.manual_seed(0)
+    model = q.fuse(_swapped(_residual(6, 6, 1), "s8"))
+    x = torch.randn(4, 6, 8, 8)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        model(x).sum().backward()
+    names = [e.name for e in prof.events()]
+    assert "_BatchNormReLUConvFunctionBackward" in names and "batch_norm_relu_backward" in names, set(names)
+    from qsparseprop import _ops
+
+    assert isinstance(_ops._recorded("x"), contextlib.nullcontext)
