@@ -7,7 +7,8 @@
 // Arguments (all dense tensors f32, plain row-major layouts; Linear's
 // activations and their gradients may take the kept layout instead, see
 // kept_layout_desc):
-//   forward          SRC, WEIGHTS (nnz values), BIAS (optional),
+//   forward          SRC (or, s8 Conv2d, QSP_ARG_SRC_S8 + _SCALE: src given
+//                    quantized), WEIGHTS (nnz values), BIAS (optional),
 //                    QSP_ARG_SRC_ABS_MAX (s8, optional) -> DST,
 //                    WORKSPACE (s8 + forward_training: the quantized SRC and
 //                    WEIGHTS, which are all the backward needs of them);
