@@ -882,7 +882,11 @@ def _fuse_traced_blocks(model: nn.Module, rows, residual_ends: bool) -> None:
         if graph is None:
             continue
         ends = _residual_ends(model, parent, graph, rows, parent_name) if residual_ends else []
-        pairs = _shared_inputs(model, parent, graph, rows, parent_name)
+        # a convolution taken as a residual end is not also paired: where the
+        # block's second convolution stayed dense, the strided shortcut's
+        # chain is the end (its call is gone once rewritten)
+        taken = {end[0] for end in ends}
+        pairs = [p for p in _shared_inputs(model, parent, graph, rows, parent_name) if not taken & set(p[:2])]
         for conv_node, bn_node, add_node, relu_node, other, full in ends:
             with graph.inserting_before(add_node):
                 conv, batch_norm = graph.get_attr(conv_node.target), graph.get_attr(bn_node.target)

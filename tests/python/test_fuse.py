@@ -1007,3 +1007,24 @@ def test_the_step_table_counts_the_int8_activation_as_sparse_layers_and_batch_no
     from qsparseprop import _ops
 
     assert isinstance(_ops._recorded("x"), contextlib.nullcontext)
+
+
+@pytest.mark.parametrize("scheme", ["f32", "s8"])
+def test_a_block_whose_second_convolution_stayed_dense_fuses_its_shortcut_end(scheme):
+    # the swap may keep a block's second convolution dense (measured slower):
+    # then the strided shortcut's chain is the residual end, and the
+    # shortcut is not also paired with the first convolution (the two
+    # rewrites once took the same call and fuse raised)
+    torch.manual_seed(0)
+    block = _residual(6, 12, 2)
+    _prune_convs(block)
+    unfused = copy.deepcopy(block)
+    for m in (unfused,):
+        m.body[0] = CLASSES[scheme].from_dense(m.body[0])
+        m.shortcut[0] = CLASSES[scheme].from_dense(m.shortcut[0])
+    fused = q.fuse(copy.deepcopy(unfused))
+    assert "forward" in fused.__dict__ and type(fused.body[3]) is nn.Conv2d
+    x = torch.randn(3, 6, 8, 8)
+    fused.train(), unfused.train()
+    tol = {"f32": (1e-5, 1e-5), "s8": (5e-2, 5e-2)}[scheme]  # s8: the int8 copy against torch's fp32 BatchNorm
+    torch.testing.assert_close(fused(x), unfused(x), rtol=tol[0], atol=tol[1])
