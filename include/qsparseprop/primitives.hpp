@@ -549,7 +549,8 @@ void batch_norm_relu_forward(const batch_norm_relu_desc &d, const float *src, co
 // max |dst| comes from each channel's range at no cost, so src is read
 // once and the f32 dst never goes to memory. Needs batch statistics (the
 // range), as the int8 copy does; mask, mean, invstd, batch_var, centered,
-// step as above.
+// step as above. `known` statistics whose range understates src make a
+// scale below the true maximum's: values then clamp to +-127 (a NaN to -127).
 struct batch_norm_quantized_dst {
     int8_t *values = nullptr;
     float *scale = nullptr;

@@ -132,7 +132,7 @@ struct portable_kernels {
     static void quantize(const float *in, int8_t *q, int64_t b, int64_t e, float inv) {
 #pragma omp simd
         for (int64_t i = b; i < e; ++i)
-            q[i] = round_to_s8(in[i] * inv);
+            q[i] = round_to_s8(walk::clamp_to_s8_range(in[i] * inv));
     }
     static float abs_max(const float *p, int64_t b, int64_t e) {
         float peak = 0.0f;

@@ -188,12 +188,15 @@ struct kernels {
         return folded;
     }
     static void quantize(const float *in, int8_t *q, int64_t b, int64_t e, float inv) {
-        const __m256 iv = _mm256_set1_ps(inv);
+        const __m256 iv = _mm256_set1_ps(inv), lo = _mm256_set1_ps(-127.0f),
+                     hi = _mm256_set1_ps(127.0f);
         int64_t i = b;
-        for (; i + 8 <= e; i += 8)
-            store_rounded_s8(q + i, _mm256_mul_ps(_mm256_loadu_ps(in + i), iv));
+        for (; i + 8 <= e; i += 8) { // max then min, the limit second: NaN -> -127
+            const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(in + i), iv);
+            store_rounded_s8(q + i, _mm256_min_ps(_mm256_max_ps(v, lo), hi));
+        }
         for (; i < e; ++i)
-            q[i] = round_to_s8(in[i] * inv);
+            q[i] = round_to_s8(walk::clamp_to_s8_range(in[i] * inv));
     }
     static void write_centered(const float *in, int8_t *q, int64_t b, int64_t e, float m,
                                float inv) {

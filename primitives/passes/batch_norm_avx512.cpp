@@ -151,10 +151,12 @@ struct kernels {
         return bad ? std::numeric_limits<float>::quiet_NaN() : _mm512_reduce_max_ps(peak);
     }
     static void quantize(const float *in, int8_t *q, int64_t b, int64_t e, float inv) {
-        const __m512 iv = _mm512_set1_ps(inv);
-        for (int64_t i = b; i < e; i += 16) {
+        const __m512 iv = _mm512_set1_ps(inv), lo = _mm512_set1_ps(-127.0f),
+                     hi = _mm512_set1_ps(127.0f);
+        for (int64_t i = b; i < e; i += 16) { // max then min, the limit second: NaN -> -127
             const __mmask16 m = first_lanes(e - i);
-            store_rounded(q + i, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, in + i), iv));
+            const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, in + i), iv);
+            store_rounded(q + i, m, _mm512_min_ps(_mm512_max_ps(v, lo), hi));
         }
     }
     // relu_mask_range's contract (begin a multiple of 8): two mask bytes per

@@ -19,7 +19,8 @@
 //   scale_shift_keep(in, out, q, b, e, a, k, m, inv)  the same as
 //       scale_shift plus q = round-half-even((in - m) * inv)
 //   write_centered(in, q, b, e, m, inv)           q alone
-//   quantize(in, q, b, e, inv)                    q = round-half-even(in * inv)
+//   quantize(in, q, b, e, inv)                    q = round-half-even(in * inv),
+//       clamped to [-127, 127] (clamp_to_s8_range)
 //   abs_max(p, b, e)                              max |p[i]| over [b, e), NaN if one is
 //   relu_range(dst, bits, begin, end)             relu_mask_range's contract
 //   gradient_sums(g, bits, base, x, n, sum, dot)  over one plane (g and x
@@ -76,6 +77,14 @@ template <typename F> void for_each_chunk(int64_t n, int num_threads, F &&f) {
 inline int8_t round_to_s8(float v) {
     constexpr float unit_ulp = 12582912.0f;
     return static_cast<int8_t>(static_cast<int>((v + unit_ulp) - unit_ulp));
+}
+
+// v clamped to [-127, 127], a NaN to -127 (as max(v, -127) with the limit
+// second, which every vector tier computes): the quantized dst's rounding
+// stays in range where a caller's statistics understate the output.
+inline float clamp_to_s8_range(float v) {
+    v = v > -127.0f ? v : -127.0f;
+    return v < 127.0f ? v : 127.0f;
 }
 
 // src - mean[c] as the backward reads it, element i of channel c's runs
@@ -277,7 +286,7 @@ void scale_shift_relu(const float *src, channel_planes s, const float *scale, co
                 peak = fold_abs_max(peak, K::abs_max(out, pb, pe));
             }
             if (!quantized) continue;
-            if (quantized->scale.usable) // |dst| <= the max the scale is of: no clamp
+            if (quantized->scale.usable)
                 K::quantize(out, quantized->values, pb, pe, quantized->scale.inv);
             else
                 std::fill(quantized->values + pb, quantized->values + pe, int8_t{0});

@@ -835,6 +835,29 @@ TEST(Passes, batch_norm_avx2_tier_matches_portable) {
                 }
                 if (!quantized) written[with] = dst[0];
             }
+            // a scale understating the output (a caller's wrong statistics):
+            // every tier clamps to +-127, a NaN to -127, none wraps
+            {
+                float finite_peak = 0.f;
+                for (float v : written[0])
+                    if (v == v) finite_peak = std::max(finite_peak, std::fabs(v));
+                const quant_scale under = quant_scale_from_abs_max(finite_peak / 2);
+                std::vector<int8_t> expected(un);
+                for (size_t i = 0; i < un; ++i) {
+                    const float v = written[0][i] * under.inv;
+                    expected[i] = v != v ? int8_t{-127}
+                                         : static_cast<int8_t>(std::nearbyint(
+                                                 std::min(std::max(v, -127.f), 127.f)));
+                }
+                for (size_t t = 0; t < tn && under.usable; ++t) {
+                    std::vector<int8_t> rounded(un, 99);
+                    std::vector<uint8_t> bits((un + 7) / 8);
+                    const detail::quantized_s8_writer r{rounded.data(), under};
+                    apply_tiers[t].second(x.data(), s, scale.data(), shift.data(), nullptr, nullptr,
+                                          bits.data(), nullptr, &r, nullptr, 2);
+                    EXPECT_EQ(rounded, expected) << apply_tiers[t].first << ": understated scale";
+                }
+            }
 
             // backward, from the f32 source and from an int8 copy
             std::vector<int8_t> copy(un);
