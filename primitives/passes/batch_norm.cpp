@@ -500,9 +500,9 @@ void forward(const batch_norm_relu_desc &d, const float *src, const float *resid
         }
     }
     const detail::centered_s8_writer keep{centered, mean, inv_step.data()};
-    // max |dst|: from the ranges where no residual is added, else found in
-    // the apply pass
-    const float peak = s.elements() > 0 && ranges && !residual
+    // max |dst| (where wanted: returned, or the quantized dst's scale):
+    // from the ranges where no residual is added, else found in the apply pass
+    const float peak = s.elements() > 0 && ranges && !residual && (dst_abs_max || quantized)
                                ? dst_abs_max_from_ranges(range, scale, shift, d.relu)
                                : 0.0f;
     float found = 0.0f;
