@@ -38,3 +38,21 @@ def test_int8_peak_is_torch_s_product_where_that_is_faster(monkeypatch):
 def test_machine_reports_plain_values(field):
     # the rows of --json spread machine() into them: plain JSON values only
     assert isinstance(bench.machine()[field], (str, bool))
+
+
+def test_machine_names_the_family_and_model_behind_a_cut_model_name(tmp_path):
+    # a hypervisor's "AMD EPYC" is Zen 3, 4 or 5: the numbers tell which
+    info = tmp_path / "cpuinfo"
+    info.write_text(
+        "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n"
+        "model name\t: AMD EPYC\nflags\t\t: fpu avx2 avx512f avx512_bf16\n"
+        "processor\t: 1\ncpu family\t: 99\nmodel\t\t: 9\nmodel name\t: other\n"
+    )
+    m = bench.machine(str(info))
+    assert m["cpu"] == "AMD EPYC (family 26, model 2)"
+    assert m["bf16_native"] and not m["amx"]
+
+
+def test_machine_without_cpuinfo_says_unknown(tmp_path):
+    m = bench.machine(str(tmp_path / "missing"))
+    assert m["cpu"] == "unknown" and not m["amx"] and not m["bf16_native"]
