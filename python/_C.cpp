@@ -439,12 +439,17 @@ protected:
         return args;
     }
 
+    // dy_channel_abs_max (s8, or None): max |dy| per channel where dy's
+    // writer found them, as in backward.
     void backward_weights(const primitives &p, const py::object &x, const py::object &workspace,
                           const py::array &dy, py::array &dvalues, const py::object &dbias,
-                          uint64_t seed) {
+                          uint64_t seed, const py::object &dy_channel_abs_max) {
         int32_t seed_storage[2];
-        const qsp::exec_args args =
-                weights_args(p, x, workspace, dy, dvalues, dbias, seed_storage, seed);
+        qsp::exec_args args = weights_args(p, x, workspace, dy, dvalues, dbias, seed_storage, seed);
+        if (const float *m = optional_f32(dy_channel_abs_max, "dy_channel_abs_max", {p.dst[1]});
+            m && scheme_ == qsp::quant_scheme::s8)
+            args[qsp::QSP_ARG_DIFF_DST_CHANNEL_ABS_MAX] =
+                    mem(f32_md({p.dst[1]}), const_cast<float *>(m));
         py::gil_scoped_release release;
         p.bwd_weights.execute(stream_, args);
     }
@@ -519,8 +524,10 @@ public:
         return backward_data(*prims(batch_of(dy), threads), ws, dy, values, seed);
     }
     void bwd_weights(const py::object &x, const py::object &ws, const py::array &dy, py::array &dv,
-                     const py::object &db, uint64_t seed, int threads) {
-        backward_weights(*prims(batch_of(dy), threads), x, ws, dy, dv, db, seed);
+                     const py::object &db, uint64_t seed, int threads,
+                     const py::object &dy_channel_abs_max) {
+        backward_weights(*prims(batch_of(dy), threads), x, ws, dy, dv, db, seed,
+                         dy_channel_abs_max);
     }
     py::array bwd(const py::object &x, const py::object &ws, const py::array &dy,
                   const py::array &values, py::array &dv, const py::object &db, uint64_t seed,
@@ -905,11 +912,12 @@ public:
         return backward_data(*prims(src, threads), ws, dy, values, seed);
     }
     void bwd_weights(const py::object &x, const py::object &ws, const py::array &dy, py::array &dv,
-                     const py::object &db, const dims &src, uint64_t seed, int threads) {
+                     const py::object &db, const dims &src, uint64_t seed, int threads,
+                     const py::object &dy_channel_abs_max) {
         if (src.size() != 4)
             throw py::value_error("input_shape must have 4 entries (N, C, H, W), got "
                                   + std::to_string(src.size()));
-        backward_weights(*prims(src, threads), x, ws, dy, dv, db, seed);
+        backward_weights(*prims(src, threads), x, ws, dy, dv, db, seed, dy_channel_abs_max);
     }
     py::array bwd(const py::object &x, const py::object &ws, const py::array &dy,
                   const py::array &values, py::array &dv, const py::object &db, const dims &src,

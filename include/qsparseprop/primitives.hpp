@@ -17,7 +17,9 @@
 //                    QSP_ARG_ROUNDING_SEED (s8),
 //                    QSP_ARG_DIFF_DST_CHANNEL_ABS_MAX (s8, optional) -> DIFF_SRC
 //   backward_weights SRC (f32) or WORKSPACE (s8), DIFF_DST,
-//                    QSP_ARG_ROUNDING_SEED (s8) -> DIFF_WEIGHTS (nnz), DIFF_BIAS
+//                    QSP_ARG_ROUNDING_SEED (s8),
+//                    QSP_ARG_DIFF_DST_CHANNEL_ABS_MAX (s8, optional)
+//                    -> DIFF_WEIGHTS (nnz), DIFF_BIAS
 // An s8 step quantizes the weights once: backward-data reads the forward's
 // copy, so run it with the workspace of this step's forward.
 #pragma once

@@ -247,6 +247,8 @@ void finish_pd(pd_impl &pd, const dnnl::engine &engine, const primitive_attr &at
                                    ws_md, true});
                 pd.args.push_back(
                         {QSP_ARG_ROUNDING_SEED, "rounding_seed", rounding_seed_desc(), true});
+                pd.args.push_back({QSP_ARG_DIFF_DST_CHANNEL_ABS_MAX, "diff_dst_channel_abs_max",
+                                   diff_dst_channel_abs_max_desc(p.channels()), false});
                 add_batch_norm_source_args(pd);
             } else {
                 pd.args.push_back({DNNL_ARG_SRC, "src", pd.src_md, true});

@@ -82,16 +82,22 @@ inline dw_gradient quantize_dw_gradient(const tensors &t, int64_t n, int8_t *scr
 // G1 of dY [batch x channels] as the s8 SDDMM's u8 tiles (G1 + 128); returns
 // sg1. From the fused backward's plain G1 when backward-data left it (bytes
 // moved: dY is not read, nor its maximum found, a second time), else
-// quantized from dY here; the same integers either way.
-inline float dw_gradient_tiles(const tensors &t, int64_t batch, int64_t channels, uint8_t *tiles,
-                               int num_threads) {
+// quantized from dY here — in one read of it where dY's writer handed over
+// its `out_channels` channel maxima (a network's first layer, whose
+// backward is backward-weights alone); the same integers either way.
+inline float dw_gradient_tiles(const tensors &t, int64_t batch, int64_t channels,
+                               int64_t out_channels, uint8_t *tiles, int num_threads) {
     if (t.shared && t.shared->kind == shared_gradient::form::s8_plain_dy_q) {
         shift_to_s8_tiles(static_cast<const int8_t *>(t.shared->data), batch, channels, tiles,
                           num_threads);
         return t.shared->scale;
     }
+    stochastic_maxima known{};
+    const bool given =
+            t.diff_dst_channel_abs_max
+            && pair_maxima_from_channels(t.diff_dst_channel_abs_max, nullptr, out_channels, known);
     return quantize_stochastic_to_s8_tiles(t.diff_dst, batch, channels, dw_stream(t.seed), tiles,
-                                           num_threads);
+                                           given ? &known.plain : nullptr, num_threads);
 }
 
 } // namespace qsp::detail::s8

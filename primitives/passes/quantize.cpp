@@ -98,12 +98,13 @@ void quantize_weights(const csr_pattern &p, const float *values, int8_t *q, floa
 }
 
 float quantize_stochastic_to_s8_tiles(const float *x, int64_t batch, int64_t channels,
-                                      uint32_t seed32, uint8_t *tiles, int num_threads) {
+                                      uint32_t seed32, uint8_t *tiles, const float *known_abs_max,
+                                      int num_threads) {
     static constexpr pass_tier<quantize_stochastic_to_s8_tiles_fn> tiers[] = {
             {cpu_isa::avx512_core, quantize_stochastic_to_s8_tiles_avx512},
             {cpu_isa::avx2, quantize_stochastic_to_s8_tiles_avx2},
             {cpu_isa::ref, portable::quantize_stochastic_to_s8_tiles}};
-    return best_tier(tiers)(x, batch, channels, seed32, tiles, num_threads);
+    return best_tier(tiers)(x, batch, channels, seed32, tiles, known_abs_max, num_threads);
 }
 
 void pack_s8_tiles(const int8_t *x, int64_t batch, int64_t channels, int8_t *tiles,

@@ -79,8 +79,11 @@ using quantize_weights_fn = void(const csr_pattern &p, const float *values, int8
 // Backward-weights operand of the s8 SDDMM, in the int8 tile layout:
 // G1 = sr(dY / sg1) stored as G1 + 128 (u8; padding 128, i.e. G = 0), the
 // same integers as quantize_stochastic with no multiplier; returns sg1.
+// known_abs_max (or null): max |x| given (a caller that knows it, from its
+// writer's channel maxima), so x is read once.
 using quantize_stochastic_to_s8_tiles_fn = float(const float *x, int64_t batch, int64_t channels,
-                                                 uint32_t seed32, uint8_t *tiles, int num_threads);
+                                                 uint32_t seed32, uint8_t *tiles,
+                                                 const float *known_abs_max, int num_threads);
 // int8 [batch x channels] -> int8 tiles (padding 0).
 using pack_s8_tiles_fn = void(const int8_t *x, int64_t batch, int64_t channels, int8_t *tiles,
                               int num_threads);

@@ -386,11 +386,15 @@ void shift_to_s8_tiles_avx2(const int8_t *q, int64_t batch, int64_t channels, ui
 }
 
 float quantize_stochastic_to_s8_tiles_avx2(const float *x, int64_t batch, int64_t channels,
-                                           uint32_t seed32, uint8_t *tiles, int num_threads) {
+                                           uint32_t seed32, uint8_t *tiles,
+                                           const float *known_abs_max, int num_threads) {
     // Quantized straight into the transposes' registers: no int8 copy of dY
     // (it was a fresh batch x channels vector, zeroed and page-faulted in,
     // per call). Stored as G + 128 (u8); padding G = 0.
-    const stochastic_rounding sr(abs_max(x, batch * channels, nullptr, 1, 1, num_threads), seed32);
+    const stochastic_rounding sr(known_abs_max
+                                         ? *known_abs_max
+                                         : abs_max(x, batch * channels, nullptr, 1, 1, num_threads),
+                                 seed32);
     to_byte_tiles(batch, channels, tiles, _mm_set1_epi8(static_cast<char>(0x80)), num_threads,
                   [&](int64_t b, int64_t c0, int64_t cn) {
                       // in registers: bytes past cn are never stored (the

@@ -197,9 +197,11 @@ stochastic_scales quantize_stochastic_pair_avx512(const float *x, int64_t n,
 }
 
 float quantize_stochastic_to_s8_tiles_avx512(const float *x, int64_t batch, int64_t channels,
-                                             uint32_t seed32, uint8_t *tiles, int num_threads) {
+                                             uint32_t seed32, uint8_t *tiles,
+                                             const float *known_abs_max, int num_threads) {
     const int64_t n = batch * channels;
-    const avx512::stochastic_rounding sr(abs_max(x, n, num_threads), seed32);
+    const avx512::stochastic_rounding sr(
+            known_abs_max ? *known_abs_max : abs_max(x, n, num_threads), seed32);
     const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     // element (b, c) has flat index b * channels + c: lanes of a transposed
     // vector are consecutive b, so their indices step by `channels`

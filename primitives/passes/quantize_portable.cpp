@@ -116,10 +116,14 @@ void stochastic_pair_run(const float *x, int64_t n, uint64_t first, float mult,
 }
 
 float quantize_stochastic_to_s8_tiles(const float *x, int64_t batch, int64_t channels,
-                                      uint32_t seed32, uint8_t *tiles, int num_threads) {
+                                      uint32_t seed32, uint8_t *tiles, const float *known_abs_max,
+                                      int num_threads) {
     std::vector<int8_t> q(static_cast<size_t>(batch * channels));
     const float scale =
-            quantize_stochastic(x, batch * channels, nullptr, 1, 1, seed32, q.data(), num_threads);
+            known_abs_max ? quantize_stochastic_from_max(x, batch * channels, nullptr, 1, 1, seed32,
+                                                         *known_abs_max, q.data(), num_threads)
+                          : quantize_stochastic(x, batch * channels, nullptr, 1, 1, seed32,
+                                                q.data(), num_threads);
     shift_to_s8_tiles(q.data(), batch, channels, tiles, num_threads);
     return scale;
 }

@@ -439,7 +439,7 @@ private:
         auto *acc = sp.get<int64_t>(3, nnz);
         auto *plane_sum = sp.get<int32_t>(4, l_.in_c * l_.in_pixels());
         auto *window_sum = sp.get<int64_t>(5, taps);
-        const float sg1 = s8::dw_gradient_tiles(t, B, dy_rows, g1, nt);
+        const float sg1 = s8::dw_gradient_tiles(t, B, dy_rows, oc, g1, nt);
         pack_conv_s8_tiles(xq, B, l_.in_c, l_.in_h, l_.in_w, l_.x_pad, x, plane_sum, nt);
         conv_window_sums(l_, plane_sum, window_sum, nt);
         std::fill(acc, acc + nnz, int64_t(0));

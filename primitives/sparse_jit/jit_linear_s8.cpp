@@ -187,7 +187,7 @@ private:
         auto *x_tiles = sp.get<int8_t>(1, tiles * K * tb);
         auto *col_sum = sp.get<int32_t>(2, K);
         auto *acc = sp.get<int32_t>(3, nnz);
-        const float sg1 = s8::dw_gradient_tiles(t, B, N, g_tiles, nt);
+        const float sg1 = s8::dw_gradient_tiles(t, B, N, N, g_tiles, nt);
         pack_s8_tiles(xq, B, K, x_tiles, nt);
         column_sums_s8(xq, B, K, col_sum, nt);
         std::fill(acc, acc + nnz, 0);

@@ -182,11 +182,11 @@ def _backward_body(
         db = torch.empty(k.out_channels if conv else k.out_features, dtype=torch.float32) if k.with_bias else _empty()
         common = (_np(x) if k.scheme == "f32" else None, ws, _np(grad_y))
         outs = (dv.detach().numpy(), db.numpy() if k.with_bias else None)
+        maxima = None if grad_y_channel_abs_max is None else _np(grad_y_channel_abs_max)
         if need_dx:  # one call: the fused backward shares the packed gradient
-            maxima = None if grad_y_channel_abs_max is None else _np(grad_y_channel_abs_max)
             dx = torch.from_numpy(k.backward(*common, _np(values), *outs, *shape, seed, _threads(), maxima))
-        else:
-            k.backward_weights(*common, *outs, *shape, seed, _threads())
+        else:  # a first layer: its gradient rounded in one read where the maxima came along
+            k.backward_weights(*common, *outs, *shape, seed, _threads(), maxima)
     elif need_dx:
         dx = torch.from_numpy(k.backward_data(ws, _np(grad_y), _np(values), *shape, seed, _threads()))
     return dx, dv, db

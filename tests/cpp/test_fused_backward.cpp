@@ -121,6 +121,68 @@ TEST(FusedBackward, s8_takes_the_channel_maxima_of_its_output_gradient) {
     if (detected_cpu_isa() >= cpu_isa::avx2) EXPECT_GT(read, 0) << "the maxima were never read";
 }
 
+// Backward-weights alone (a network's first layer) takes the channel maxima
+// too: G1's scale from them, dY read once; the same bits as finding them,
+// and doubled maxima change the result where they are read (the JIT batch
+// family's tiles and the s8 Linear's; every tier, both vectorizations).
+TEST(FusedBackward, s8_backward_weights_alone_takes_the_channel_maxima) {
+    std::mt19937 rng(16);
+    const conv2d_layer layer{3, 5, 7, 9, 8, same_3x3()};
+    const auto hw = layer.out_hw();
+    const int64_t plane = hw[0] * hw[1];
+    auto w = csr_weights::from_dense(random_sparse_dense(7, 5 * 9, 0.7, rng).data(), 7, 5 * 9);
+    auto x = random_vector(static_cast<size_t>(3 * 5 * 9 * 8), rng);
+    auto dy = random_vector(static_cast<size_t>(3 * 7 * plane), rng);
+    const std::vector<float> bias(7, 0.5f);
+    std::vector<float> maxima(7, 0.f), doubled(7);
+    for (size_t i = 0; i < dy.size(); ++i) {
+        float &m = maxima[(i / static_cast<size_t>(plane)) % 7];
+        m = std::max(m, std::fabs(dy[i]));
+    }
+    for (size_t c = 0; c < maxima.size(); ++c)
+        doubled[c] = 2 * maxima[c];
+    int read = 0;
+    for_each_s8_conv_case([&](step_options o) {
+        o.weights_only = true;
+        const step_result found = training_step(layer, w, x, dy, bias, o);
+        ASSERT_TRUE(found.dx.empty());
+        o.dy_channel_abs_max = &maxima;
+        const step_result given = training_step(layer, w, x, dy, bias, o);
+        expect_same_bits(given.dw, found.dw, "diff_weights");
+        expect_same_bits(given.db, found.db, "diff_bias");
+        o.dy_channel_abs_max = &doubled;
+        const step_result wrong = training_step(layer, w, x, dy, bias, o);
+        read += std::memcmp(wrong.dw.data(), found.dw.data(), found.dw.size() * 4) != 0;
+    });
+    if (detected_cpu_isa() >= cpu_isa::avx2) EXPECT_GT(read, 0) << "the maxima were never read";
+    // the s8 Linear's backward-weights (its JIT tiles) the same way
+    const linear_layer lin{16, 24, 10};
+    auto lw = csr_weights::from_dense(random_sparse_dense(10, 24, 0.7, rng).data(), 10, 24);
+    auto lx = random_vector(16 * 24, rng), ldy = random_vector(16 * 10, rng);
+    std::vector<float> lmax(10, 0.f), ldoubled(10);
+    for (size_t i = 0; i < ldy.size(); ++i)
+        lmax[i % 10] = std::max(lmax[i % 10], std::fabs(ldy[i]));
+    for (size_t c = 0; c < 10; ++c)
+        ldoubled[c] = 2 * lmax[c];
+    for (cpu_isa isa : isa_levels()) {
+        isa_cap_guard cap(isa);
+        SCOPED_TRACE(to_string(isa));
+        step_options o;
+        o.scheme = quant_scheme::s8;
+        o.weights_only = true;
+        const std::vector<float> lbias(10, 0.25f);
+        const step_result found = training_step(lin, lw, lx, ldy, lbias, o);
+        o.dy_channel_abs_max = &lmax;
+        const step_result given = training_step(lin, lw, lx, ldy, lbias, o);
+        expect_same_bits(given.dw, found.dw, "linear diff_weights");
+        o.dy_channel_abs_max = &ldoubled;
+        const step_result wrong = training_step(lin, lw, lx, ldy, lbias, o);
+        if (isa >= cpu_isa::avx2 && found.impl.find("jit") != std::string::npos)
+            EXPECT_NE(std::memcmp(wrong.dw.data(), found.dw.data(), found.dw.size() * 4), 0)
+                    << found.impl;
+    }
+}
+
 // dY given as the int8 BatchNorm's backward after the convolution
 // (QSP_ARG_BN_*): the fused backward rounds it as it computes it, and the
 // result is the bits of the same step given the dY that BatchNorm backward

@@ -331,11 +331,31 @@ TEST(Passes, s8_tile_passes_match_portable) {
                     static_cast<size_t>(tiles * ((channels + 3) / 4) * 4 * jit::tile_batch);
             std::vector<uint8_t> g(tile_bytes, 1), g_want(tile_bytes, 2);
             expect_same_bits(detail::quantize_stochastic_to_s8_tiles(x.data(), batch, channels, 7,
-                                                                     g.data(), 2),
+                                                                     g.data(), nullptr, 2),
                              detail::portable::quantize_stochastic_to_s8_tiles(
-                                     x.data(), batch, channels, 7, g_want.data(), 1),
+                                     x.data(), batch, channels, 7, g_want.data(), nullptr, 1),
                              "G1 scale");
             EXPECT_EQ(g, g_want);
+            // max |x| given: the same tiles and scale, x read once; a wrong
+            // maximum makes other tiles (it is used, not checked)
+            {
+                float peak = 0.f;
+                for (float v : x)
+                    peak = std::max(peak, std::fabs(v));
+                std::vector<uint8_t> g_known(tile_bytes, 3);
+                expect_same_bits(detail::quantize_stochastic_to_s8_tiles(
+                                         x.data(), batch, channels, 7, g_known.data(), &peak, 2),
+                                 detail::portable::quantize_stochastic_to_s8_tiles(
+                                         x.data(), batch, channels, 7, g_want.data(), nullptr, 1),
+                                 "G1 scale, maximum given");
+                EXPECT_EQ(g_known, g_want);
+                const float doubled = 2 * peak;
+                if (peak > 0.f) {
+                    detail::quantize_stochastic_to_s8_tiles(x.data(), batch, channels, 7,
+                                                            g_known.data(), &doubled, 2);
+                    EXPECT_NE(g_known, g_want);
+                }
+            }
             std::vector<int8_t> t(tile_bytes, 1), t_want(tile_bytes, 2);
             detail::pack_s8_tiles(xq.data(), batch, channels, t.data(), 2);
             detail::portable::pack_s8_tiles(xq.data(), batch, channels, t_want.data(), 1);

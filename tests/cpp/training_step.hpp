@@ -34,6 +34,9 @@ struct step_options {
     std::string implementation;
     std::string weights_implementation;
     bool fused = false; // one sparse_backward instead of two primitives
+    // backward-weights alone (a network's first layer: no input gradient);
+    // dx then stays empty
+    bool weights_only = false;
     int threads = 2;
     conv_vectorization vectorization = conv_vectorization::any; // Conv2d only
     bool bias = true;
@@ -264,7 +267,11 @@ step_result training_step(const layer_t &layer, const csr_weights &w, const std:
         ba[QSP_ARG_BN_STEP] = wrap(eng, d.step, o.bn_dy->step.data());
         ba[QSP_ARG_BN_COEFFICIENTS] = wrap(eng, d.coefficients, o.bn_dy->coefficients.data());
     }
-    if (o.fused) {
+    if (o.weights_only) {
+        ba.erase(DNNL_ARG_DIFF_SRC);
+        bw_t(bw).execute(s, ba);
+        r.dx.clear();
+    } else if (o.fused) {
         const sparse_backward<bd_t, bw_t> both(bd, bw);
         both.execute(s, ba);
     } else {

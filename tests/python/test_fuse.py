@@ -725,6 +725,34 @@ def test_an_int8_blocks_convolution_takes_its_gradients_maxima_from_the_batch_no
         assert torch.equal(a, b)
 
 
+def test_a_first_convolution_takes_its_gradients_maxima_for_its_weights_alone(monkeypatch):
+    # the network's first convolution (its input needs no gradient: its
+    # backward is backward-weights alone) rounds its gradient from the
+    # maxima its BatchNorm handed over too; the same gradients, bit for bit
+    torch.manual_seed(0)
+    model = q.fuse(_swapped(_block(), "s8"))
+    twin = copy.deepcopy(model)
+    x = torch.randn(3, 5, 8, 8)  # no requires_grad
+    from qsparseprop import _ops
+
+    def step(model):
+        out = model(x)
+        out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
+        return [out] + [p.grad for p in model.parameters()]
+
+    taken = _maxima_handed_over(monkeypatch)
+    handed = step(model)
+    # backward order: the last 1x1 convolution (no BatchNorm after it), then
+    # the first, whose fused BatchNorm handed its maxima over
+    assert taken == [False, True], taken
+    monkeypatch.setattr(_ops, "_hand_over_channel_maxima", lambda dy, maxima: None)
+    taken.clear()
+    found = step(twin)
+    assert taken == [False, False]
+    for a, b in zip(handed, found, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_a_gradient_changed_on_its_way_is_not_taken_with_stale_maxima(monkeypatch):
     # a hook doubling dy in place between the BatchNorm and the convolution:
     # the maxima found before are stale, and the convolution finds its own
