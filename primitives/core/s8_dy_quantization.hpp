@@ -69,12 +69,28 @@ struct dw_gradient {
     float scale; // sg1
 };
 
+// max |dY| from the `out_channels` channel maxima dY's writer handed over
+// (tensors::diff_dst_channel_abs_max), into *out; false without them.
+inline bool plain_maximum_given(const tensors &t, int64_t out_channels, float *out) {
+    stochastic_maxima known{};
+    if (!t.diff_dst_channel_abs_max
+        || !pair_maxima_from_channels(t.diff_dst_channel_abs_max, nullptr, out_channels, known))
+        return false;
+    *out = known.plain;
+    return true;
+}
+
 // G1 = sr(dY / sg1), n elements: the one backward-data left in the fused
-// backward, else quantized here into `scratch`.
-inline dw_gradient quantize_dw_gradient(const tensors &t, int64_t n, int8_t *scratch,
-                                        int num_threads) {
+// backward, else quantized here into `scratch` (in one read of dY where its
+// writer handed over its `out_channels` channel maxima).
+inline dw_gradient quantize_dw_gradient(const tensors &t, int64_t n, int64_t out_channels,
+                                        int8_t *scratch, int num_threads) {
     if (t.shared && t.shared->kind == shared_gradient::form::s8_plain_dy_q)
         return {static_cast<const int8_t *>(t.shared->data), t.shared->scale};
+    float peak = 0.f;
+    if (plain_maximum_given(t, out_channels, &peak))
+        return {scratch, quantize_stochastic_plain_from_max(t.diff_dst, n, dw_stream(t.seed), peak,
+                                                            scratch, num_threads)};
     return {scratch, quantize_stochastic(t.diff_dst, n, nullptr, 1, 1, dw_stream(t.seed), scratch,
                                          num_threads)};
 }
@@ -92,12 +108,10 @@ inline float dw_gradient_tiles(const tensors &t, int64_t batch, int64_t channels
                           num_threads);
         return t.shared->scale;
     }
-    stochastic_maxima known{};
-    const bool given =
-            t.diff_dst_channel_abs_max
-            && pair_maxima_from_channels(t.diff_dst_channel_abs_max, nullptr, out_channels, known);
+    float peak = 0.f;
+    const bool given = plain_maximum_given(t, out_channels, &peak);
     return quantize_stochastic_to_s8_tiles(t.diff_dst, batch, channels, dw_stream(t.seed), tiles,
-                                           given ? &known.plain : nullptr, num_threads);
+                                           given ? &peak : nullptr, num_threads);
 }
 
 } // namespace qsp::detail::s8

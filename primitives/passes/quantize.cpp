@@ -97,6 +97,15 @@ void quantize_weights(const csr_pattern &p, const float *values, int8_t *q, floa
         portable::quantize_weights(p, values, q, scale, num_threads);
 }
 
+float quantize_stochastic_plain_from_max(const float *x, int64_t n, uint32_t seed32, float abs_max,
+                                         int8_t *q, int num_threads) {
+    static constexpr pass_tier<quantize_stochastic_plain_from_max_fn> tiers[] = {
+            {cpu_isa::avx512_core, quantize_stochastic_plain_from_max_avx512},
+            {cpu_isa::avx2, quantize_stochastic_plain_from_max_avx2},
+            {cpu_isa::ref, portable::quantize_stochastic_plain_from_max}};
+    return best_tier(tiers)(x, n, seed32, abs_max, q, num_threads);
+}
+
 float quantize_stochastic_to_s8_tiles(const float *x, int64_t batch, int64_t channels,
                                       uint32_t seed32, uint8_t *tiles, const float *known_abs_max,
                                       int num_threads) {

@@ -115,6 +115,10 @@ inline void unpack_row_terms(const int32_t *correction, const float *scale, cons
         if (--left == 0) ++k, left = inner;
     }
 }
+// quantize_stochastic with no multiplier and max |x| given (`abs_max`, as
+// found: NaN where x holds one), x read once; returns the scale.
+using quantize_stochastic_plain_from_max_fn = float(const float *x, int64_t n, uint32_t seed32,
+                                                    float abs_max, int8_t *q, int num_threads);
 // sums[c] = sum_b x[b, c] (the +128 correction of the s8 SDDMM).
 using column_sums_s8_fn = void(const int8_t *x, int64_t batch, int64_t channels, int32_t *sums,
                                int num_threads);
@@ -122,6 +126,7 @@ using column_sums_s8_fn = void(const int8_t *x, int64_t batch, int64_t channels,
 quantize_rne_fn quantize_rne;
 quantize_stochastic_fn quantize_stochastic;
 quantize_stochastic_pair_fn quantize_stochastic_pair;
+quantize_stochastic_plain_from_max_fn quantize_stochastic_plain_from_max;
 quantize_weights_fn quantize_weights;
 quantize_stochastic_to_s8_tiles_fn quantize_stochastic_to_s8_tiles;
 pack_s8_tiles_fn pack_s8_tiles;
@@ -141,6 +146,7 @@ stochastic_pair_run_fn stochastic_pair_run;
 float quantize_stochastic_from_max(const float *x, int64_t n, const float *multiplier,
                                    int64_t channels, int64_t inner, uint32_t seed32, float abs_max,
                                    int8_t *q, int num_threads);
+quantize_stochastic_plain_from_max_fn quantize_stochastic_plain_from_max;
 quantize_weights_fn quantize_weights;
 quantize_stochastic_to_s8_tiles_fn quantize_stochastic_to_s8_tiles;
 pack_s8_tiles_fn pack_s8_tiles;
@@ -154,6 +160,7 @@ shift_to_s8_tiles_fn shift_to_s8_tiles;
 quantize_rne_fn quantize_rne_avx2;
 quantize_stochastic_fn quantize_stochastic_avx2;
 quantize_stochastic_pair_fn quantize_stochastic_pair_avx2;
+quantize_stochastic_plain_from_max_fn quantize_stochastic_plain_from_max_avx2;
 stochastic_pair_run_fn stochastic_pair_run_avx2;
 // Quantized straight into tiles, 16 x 16 values at a time.
 quantize_stochastic_to_s8_tiles_fn quantize_stochastic_to_s8_tiles_avx2;
@@ -168,6 +175,7 @@ void quantize_weights_avx2(const int64_t *row_ptr, int64_t rows, const float *va
 quantize_rne_fn quantize_rne_avx512;
 quantize_stochastic_fn quantize_stochastic_avx512;
 quantize_stochastic_pair_fn quantize_stochastic_pair_avx512;
+quantize_stochastic_plain_from_max_fn quantize_stochastic_plain_from_max_avx512;
 quantize_stochastic_to_s8_tiles_fn quantize_stochastic_to_s8_tiles_avx512;
 pack_s8_tiles_fn pack_s8_tiles_avx512;
 shift_to_s8_tiles_fn shift_to_s8_tiles_avx512;

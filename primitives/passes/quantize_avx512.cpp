@@ -184,6 +184,14 @@ float quantize_stochastic_avx512(const float *x, int64_t n, const float *multipl
     return sr.s.scale;
 }
 
+float quantize_stochastic_plain_from_max_avx512(const float *x, int64_t n, uint32_t seed32,
+                                                float abs_max, int8_t *q, int num_threads) {
+    const avx512::stochastic_rounding plain(abs_max, seed32);
+    avx512::stochastic_pass(x, multiplier_rows(n, nullptr, 1, 1), plain, q, nullptr, nullptr,
+                            num_threads);
+    return plain.s.scale;
+}
+
 stochastic_scales quantize_stochastic_pair_avx512(const float *x, int64_t n,
                                                   const float *multiplier, int64_t channels,
                                                   int64_t inner, uint32_t seed32, int8_t *q,

@@ -115,6 +115,11 @@ void stochastic_pair_run(const float *x, int64_t n, uint64_t first, float mult,
     }
 }
 
+float quantize_stochastic_plain_from_max(const float *x, int64_t n, uint32_t seed32, float abs_max,
+                                         int8_t *q, int num_threads) {
+    return quantize_stochastic_from_max(x, n, nullptr, 1, 1, seed32, abs_max, q, num_threads);
+}
+
 float quantize_stochastic_to_s8_tiles(const float *x, int64_t batch, int64_t channels,
                                       uint32_t seed32, uint8_t *tiles, const float *known_abs_max,
                                       int num_threads) {

@@ -652,7 +652,7 @@ private:
         auto *plane_sum = sp.get<int32_t>(5, l().in_c * l().in_pixels());
         auto *window_sum = sp.get<int64_t>(6, taps);
         const auto [g1, sg1] =
-                s8::quantize_dw_gradient(t, B * oc * l().out_pixels(), g1_scratch, nt);
+                s8::quantize_dw_gradient(t, B * oc * l().out_pixels(), oc, g1_scratch, nt);
         pack_width_dy_u8(g1, B, oc, l().out_h, l().out_w, row_bytes, dy, nt);
         pack_width_planes(xq, B, l().in_c, l().in_h, l().in_w, l().x_pad, plane_, x, nt);
         column_sums_s8(xq, B, l().in_c * l().in_pixels(), plane_sum, nt);

@@ -141,7 +141,7 @@ TEST(FusedBackward, s8_backward_weights_alone_takes_the_channel_maxima) {
     }
     for (size_t c = 0; c < maxima.size(); ++c)
         doubled[c] = 2 * maxima[c];
-    int read = 0;
+    int read = 0, width_read = 0;
     for_each_s8_conv_case([&](step_options o) {
         o.weights_only = true;
         const step_result found = training_step(layer, w, x, dy, bias, o);
@@ -152,10 +152,16 @@ TEST(FusedBackward, s8_backward_weights_alone_takes_the_channel_maxima) {
         expect_same_bits(given.db, found.db, "diff_bias");
         o.dy_channel_abs_max = &doubled;
         const step_result wrong = training_step(layer, w, x, dy, bias, o);
-        read += std::memcmp(wrong.dw.data(), found.dw.data(), found.dw.size() * 4) != 0;
+        const bool changed =
+                std::memcmp(wrong.dw.data(), found.dw.data(), found.dw.size() * 4) != 0;
+        read += changed;
+        width_read += changed && found.impl.find(":width") != std::string::npos;
     });
-    if (detected_cpu_isa() >= cpu_isa::avx2) EXPECT_GT(read, 0) << "the maxima were never read";
-    // the s8 Linear's backward-weights (its JIT tiles) the same way
+    if (detected_cpu_isa() >= cpu_isa::avx2) {
+        EXPECT_GT(read, 0) << "the maxima were never read";
+        EXPECT_GT(width_read, 0) << "the output-width family never read them";
+    }
+    // the s8 Linear's backward-weights (its JIT tiles, oneDNN's int8 matmul) the same way
     const linear_layer lin{16, 24, 10};
     auto lw = csr_weights::from_dense(random_sparse_dense(10, 24, 0.7, rng).data(), 10, 24);
     auto lx = random_vector(16 * 24, rng), ldy = random_vector(16 * 10, rng);
@@ -180,6 +186,22 @@ TEST(FusedBackward, s8_backward_weights_alone_takes_the_channel_maxima) {
         if (isa >= cpu_isa::avx2 && found.impl.find("jit") != std::string::npos)
             EXPECT_NE(std::memcmp(wrong.dw.data(), found.dw.data(), found.dw.size() * 4), 0)
                     << found.impl;
+    }
+    if (onednn_has_vnni()) { // oneDNN's int8 is exact only with VNNI/AMX
+        step_options o;
+        o.scheme = quant_scheme::s8;
+        o.weights_only = true;
+        o.weights_implementation = "dense:onednn_s8";
+        const std::vector<float> lbias(10, 0.25f);
+        const step_result found = training_step(lin, lw, lx, ldy, lbias, o);
+        ASSERT_NE(found.impl.find("onednn"), std::string::npos) << found.impl;
+        o.dy_channel_abs_max = &lmax;
+        expect_same_bits(training_step(lin, lw, lx, ldy, lbias, o).dw, found.dw,
+                         "oneDNN diff_weights");
+        o.dy_channel_abs_max = &ldoubled;
+        EXPECT_NE(std::memcmp(training_step(lin, lw, lx, ldy, lbias, o).dw.data(), found.dw.data(),
+                              found.dw.size() * 4),
+                  0);
     }
 }
 

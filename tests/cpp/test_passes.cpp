@@ -267,6 +267,24 @@ TEST(Passes, stochastic_pair_matches_two_quantizations) {
                                 EXPECT_EQ(got, want);
                                 EXPECT_EQ(got_plain, want_plain);
                             }
+                        // the plain rounding alone from its maximum (a backward-weights
+                        // alone given its gradient's channel maxima): every tier
+                        if (!l.mult) {
+                            std::vector<detail::quantize_stochastic_plain_from_max_fn *> plain{
+                                    detail::quantize_stochastic_plain_from_max,
+                                    detail::portable::quantize_stochastic_plain_from_max};
+                            if (cpu_has(cpu_isa::avx2))
+                                plain.push_back(detail::quantize_stochastic_plain_from_max_avx2);
+                            if (cpu_has(cpu_isa::avx512_core))
+                                plain.push_back(detail::quantize_stochastic_plain_from_max_avx512);
+                            for (auto *tier : plain) {
+                                std::vector<int8_t> got(n, 9);
+                                expect_same_bits(
+                                        tier(x.data(), n, plain_key, known.plain, got.data(), 3),
+                                        s_plain, "plain from its maximum");
+                                EXPECT_EQ(got, want_plain);
+                            }
+                        }
                         // given maxima are used, not found again: twice the true
                         // ones halve the integers' range
                         const detail::stochastic_maxima doubled{2 * known.scaled, 2 * known.plain};
