@@ -315,3 +315,69 @@ def test_scheme_auto_keeps_the_faster_scheme_per_layer_and_says_why(tmp_path):
         swap_modules_with_sparse(_model(), (4, 3, 8, 8), scheme="auto", prototype=True, verbose=False)
     with pytest.raises(ValueError, match="'auto'"):
         swap_modules_with_sparse(_model(), (4, 3, 8, 8), scheme="fastest", verbose=False)
+
+
+def _strided_block():
+    from qsparseprop.finetune import _Residual
+
+    torch.manual_seed(0)
+    block = _Residual(6, 12, 2)
+    for mod in block.modules():
+        if isinstance(mod, nn.Conv2d):
+            prune.l1_unstructured(mod, "weight", amount=0.9)
+    return block
+
+
+def _fixed_timings(monkeypatch, shortcut_sparse_ms):
+    """Timings by layer (ms): the block's 3x3s 5 dense, 1 sparse; its
+    strided 1x1 shortcut 1 dense, ``shortcut_sparse_ms`` sparse."""
+    from qsparseprop import swap
+
+    def conv_of(unit):
+        return unit[0] if isinstance(unit, nn.Sequential) else unit
+
+    def dense_ms(self):
+        return 1.0 if conv_of(self.dense).kernel_size == (1, 1) else 5.0
+
+    def sparse_ms(self, sparse):
+        return shortcut_sparse_ms if conv_of(self.dense).kernel_size == (1, 1) else 1.0
+
+    monkeypatch.setattr(swap._LayerTiming, "dense_ms", dense_ms)
+    monkeypatch.setattr(swap._LayerTiming, "sparse_ms", sparse_ms)
+
+
+@pytest.mark.parametrize("scheme", ["f32", "s8"])
+def test_a_blocks_first_convolution_and_its_shortcut_are_decided_together(scheme, monkeypatch, tmp_path):
+    # the shortcut alone times 0.83x (its input's passes, which the fused
+    # pair shares, counted in full), the pair 6 / 2.2 = 2.7x: both swapped
+    _fixed_timings(monkeypatch, 1.2)
+    block = swap_modules_with_sparse(_strided_block(), (2, 6, 8, 8), verbose=False, scheme=scheme, persistent=False)
+    rows = {r.name: r for r in block.qsparseprop_swap_report}
+    assert all(r.swapped for r in rows.values()), [r.reason for r in rows.values()]
+    assert "0.83x" in rows["shortcut.0"].reason and "swapped with body.0" in rows["shortcut.0"].reason
+    assert "the pair 2.73x" in rows["shortcut.0"].reason
+    assert rows["shortcut.0"].fused_shared_input or rows["body.0"].fused_shared_input
+    x = torch.randn(2, 6, 8, 8, requires_grad=True)
+    block(x).sum().backward()  # the pair runs as one function
+    assert x.grad is not None
+    # a plan replays the joint decision
+    qsparseprop.save_swap_plan(block, tmp_path / "plan.json")
+    again = swap_modules_with_sparse(_strided_block(), plan=str(tmp_path / "plan.json"), verbose=False)
+    assert all(r.swapped for r in again.qsparseprop_swap_report)
+
+
+def test_a_pair_below_min_speedup_or_unfused_keeps_the_shortcut_dense(monkeypatch):
+    _fixed_timings(monkeypatch, 1.2)
+    # min_speedup 3: the first convolution (5x) is swapped, the pair (2.7x) is not enough
+    block = swap_modules_with_sparse(_strided_block(), (2, 6, 8, 8), verbose=False, persistent=False, min_speedup=3.0)
+    rows = {r.name: r for r in block.qsparseprop_swap_report}
+    assert rows["body.0"].swapped and not rows["shortcut.0"].swapped
+    assert isinstance(block.shortcut[0], nn.Conv2d)
+    # unfused, the two run apart and share nothing: each is decided alone
+    block = swap_modules_with_sparse(_strided_block(), (2, 6, 8, 8), verbose=False, persistent=False, fuse=False)
+    rows = {r.name: r for r in block.qsparseprop_swap_report}
+    assert rows["body.0"].swapped and not rows["shortcut.0"].swapped
+    # a shortcut that times faster alone needs no pair
+    _fixed_timings(monkeypatch, 0.5)
+    block = swap_modules_with_sparse(_strided_block(), (2, 6, 8, 8), verbose=False, persistent=False)
+    assert "swapped with" not in {r.name: r for r in block.qsparseprop_swap_report}["shortcut.0"].reason
