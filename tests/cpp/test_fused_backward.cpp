@@ -84,6 +84,27 @@ TEST(FusedBackward, conv2d_equals_the_two_primitives_on_every_tier) {
             }
 }
 
+namespace {
+
+// max |dy| per channel of a [batch, channels, inner] gradient, as its
+// writer hands them over (QSP_ARG_DIFF_DST_CHANNEL_ABS_MAX).
+std::vector<float> channel_maxima(const std::vector<float> &dy, int64_t channels, int64_t inner) {
+    std::vector<float> m(static_cast<size_t>(channels), 0.f);
+    for (size_t i = 0; i < dy.size(); ++i) {
+        float &c = m[(i / static_cast<size_t>(inner)) % static_cast<size_t>(channels)];
+        c = std::max(c, std::fabs(dy[i]));
+    }
+    return m;
+}
+
+std::vector<float> times(std::vector<float> v, float f) {
+    for (float &x : v)
+        x *= f;
+    return v;
+}
+
+} // namespace
+
 // Given max |dY| per output channel (as a BatchNorm's backward finds them
 // while writing dY), the s8 fused backward skips its own pass for them: the
 // same bits as without; maxima twice the true ones change the integers
@@ -99,13 +120,7 @@ TEST(FusedBackward, s8_takes_the_channel_maxima_of_its_output_gradient) {
     auto dy = random_vector(static_cast<size_t>(3 * 7 * plane), rng);
     dy[5] = -9.f; // a channel whose maximum is a negative value
     const std::vector<float> bias(7, 0.5f);
-    std::vector<float> maxima(7, 0.f), doubled(7);
-    for (size_t i = 0; i < dy.size(); ++i) {
-        float &m = maxima[(i / static_cast<size_t>(plane)) % 7];
-        m = std::max(m, std::fabs(dy[i]));
-    }
-    for (size_t c = 0; c < maxima.size(); ++c)
-        doubled[c] = 2 * maxima[c];
+    const std::vector<float> maxima = channel_maxima(dy, 7, plane), doubled = times(maxima, 2.f);
     int read = 0;
     for_each_s8_conv_case([&](step_options o) {
         o.fused = true;
@@ -134,13 +149,7 @@ TEST(FusedBackward, s8_backward_weights_alone_takes_the_channel_maxima) {
     auto x = random_vector(static_cast<size_t>(3 * 5 * 9 * 8), rng);
     auto dy = random_vector(static_cast<size_t>(3 * 7 * plane), rng);
     const std::vector<float> bias(7, 0.5f);
-    std::vector<float> maxima(7, 0.f), doubled(7);
-    for (size_t i = 0; i < dy.size(); ++i) {
-        float &m = maxima[(i / static_cast<size_t>(plane)) % 7];
-        m = std::max(m, std::fabs(dy[i]));
-    }
-    for (size_t c = 0; c < maxima.size(); ++c)
-        doubled[c] = 2 * maxima[c];
+    const std::vector<float> maxima = channel_maxima(dy, 7, plane), doubled = times(maxima, 2.f);
     int read = 0, width_read = 0;
     for_each_s8_conv_case([&](step_options o) {
         o.weights_only = true;
@@ -165,11 +174,7 @@ TEST(FusedBackward, s8_backward_weights_alone_takes_the_channel_maxima) {
     const linear_layer lin{16, 24, 10};
     auto lw = csr_weights::from_dense(random_sparse_dense(10, 24, 0.7, rng).data(), 10, 24);
     auto lx = random_vector(16 * 24, rng), ldy = random_vector(16 * 10, rng);
-    std::vector<float> lmax(10, 0.f), ldoubled(10);
-    for (size_t i = 0; i < ldy.size(); ++i)
-        lmax[i % 10] = std::max(lmax[i % 10], std::fabs(ldy[i]));
-    for (size_t c = 0; c < 10; ++c)
-        ldoubled[c] = 2 * lmax[c];
+    const std::vector<float> lmax = channel_maxima(ldy, 10, 1), ldoubled = times(lmax, 2.f);
     for (cpu_isa isa : isa_levels()) {
         isa_cap_guard cap(isa);
         SCOPED_TRACE(to_string(isa));
