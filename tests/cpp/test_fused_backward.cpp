@@ -138,8 +138,8 @@ TEST(FusedBackward, s8_takes_the_channel_maxima_of_its_output_gradient) {
 
 // Backward-weights alone (a network's first layer) takes the channel maxima
 // too: G1's scale from them, dY read once; the same bits as finding them,
-// and doubled maxima change the result where they are read (the JIT batch
-// family's tiles and the s8 Linear's; every tier, both vectorizations).
+// and doubled maxima change the result where they are read (both JIT
+// Conv2d families on every tier, the s8 Linear's JIT and oneDNN's int8).
 TEST(FusedBackward, s8_backward_weights_alone_takes_the_channel_maxima) {
     std::mt19937 rng(16);
     const conv2d_layer layer{3, 5, 7, 9, 8, same_3x3()};
