@@ -224,10 +224,26 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 10
 
 def _training_memory(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, autocast) -> int:
     """Saved activations of one training step + parameters, gradients and
-    the optimizer's state: what a step holds at its peak."""
+    the optimizer's state: what a step holds at its peak. A probe: its
+    training-mode forward would update the BatchNorm statistics and the
+    int8 layers' rounding steps; they, and the mode, are put back. (Under
+    DDP it was the one place where a rank's own arithmetic — the kernels its
+    own tuner picked, f32 ones rounding differently — reached the state the
+    report compares across ranks: training broadcasts rank 0's buffers and
+    all-reduces the gradients. The torchrun test's ranks once ended unequal
+    in a full test run; not reproduced in eight reruns, five under load.)"""
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    was_training = model.training
     model.train()
-    with autocast:
-        act = saved_activation_bytes(model, x)
+    try:
+        with autocast:
+            act = saved_activation_bytes(model, x)
+    finally:
+        model.train(was_training)
+        with torch.no_grad():
+            for b, saved in buffers:
+                if not torch.equal(b, saved):
+                    b.copy_(saved)
     params = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     state = sum(
         t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)

@@ -193,3 +193,34 @@ def test_every_autograd_function_of_the_library_counts_for_a_part_of_the_step():
     for cls in functions:
         for name in (cls.__name__.lower(), cls.__name__.lower() + "backward"):
             assert any(p in name for _, patterns in finetune.STEP_PARTS for p in patterns), name
+
+
+@pytest.mark.parametrize("scheme", ["f32", "s8"])
+def test_the_memory_measure_leaves_the_model_as_it_was(scheme):
+    # its training-mode forward is a probe: BatchNorm statistics, the int8
+    # layers' rounding steps and the mode are put back (under DDP a rank's
+    # own kernels would otherwise leave the ranks unequal)
+    from qsparseprop import swap_modules_with_sparse
+
+    torch.manual_seed(0)
+    model = finetune.make_model("cnn", 28, 8)
+    finetune.prune_model(model, 0.9, "layer")
+    model = swap_modules_with_sparse(
+        model, (4, 1, 28, 28), verbose=False, scheme=scheme, min_speedup=0.0, persistent=False, repeats=1
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x = torch.randn(4, 1, 28, 28)
+    torch.nn.functional.cross_entropy(model(x), torch.tensor([0, 1, 2, 3])).backward()
+    opt.step()
+    model.eval()
+    before = [t.detach().clone() for t in list(model.parameters()) + list(model.buffers())]
+    assert finetune._training_memory(model, opt, x + 1, torch.autocast("cpu", enabled=False)) > 0
+    after = list(model.parameters()) + list(model.buffers())
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    assert not model.training
+    # the measure did run a training-mode forward (the statistics it put back moved)
+    model.train()
+    model(x + 1)
+    assert not all(
+        torch.equal(a, b) for a, b in zip(before, list(model.parameters()) + list(model.buffers()), strict=True)
+    )
