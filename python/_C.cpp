@@ -397,13 +397,10 @@ protected:
                        const py::object &dy_channel_abs_max) {
         py::array_t<float> dx = pooled_array<float>(p.src);
         int32_t seed_storage[2];
-        qsp::exec_args args = weights_args(p, x, workspace, dy, dvalues, dbias, seed_storage, seed);
+        qsp::exec_args args = weights_args(p, x, workspace, dy, dvalues, dbias, seed_storage, seed,
+                                           dy_channel_abs_max);
         for (auto &kv : data_args(p, dy, values, workspace, dx, seed_storage, seed))
             args.insert(kv);
-        if (const float *m = optional_f32(dy_channel_abs_max, "dy_channel_abs_max", {p.dst[1]});
-            m && scheme_ == qsp::quant_scheme::s8)
-            args[qsp::QSP_ARG_DIFF_DST_CHANNEL_ABS_MAX] =
-                    mem(f32_md({p.dst[1]}), const_cast<float *>(m));
         {
             py::gil_scoped_release release;
             p.both.execute(stream_, args);
@@ -411,11 +408,12 @@ protected:
         return dx;
     }
 
-    // backward-weights' arguments (x for f32, the workspace for s8).
+    // backward-weights' arguments (x for f32, the workspace for s8; s8
+    // also dy_channel_abs_max where given).
     qsp::exec_args weights_args(const primitives &p, const py::object &x,
                                 const py::object &workspace, const py::array &dy,
                                 py::array &dvalues, const py::object &dbias, int32_t *seed_storage,
-                                uint64_t seed) const {
+                                uint64_t seed, const py::object &dy_channel_abs_max) const {
         qsp::exec_args args{
                 {DNNL_ARG_DIFF_DST,
                  mem(f32_md(p.dst), checked<float>(dy, "grad_out", p.dst, false))},
@@ -436,6 +434,10 @@ protected:
                     mem(f32_md({p.dst[1]}),
                         checked<float>(dbias.cast<py::array>(), "grad_bias", {p.dst[1]}, true));
         }
+        if (const float *m = optional_f32(dy_channel_abs_max, "dy_channel_abs_max", {p.dst[1]});
+            m && scheme_ == qsp::quant_scheme::s8)
+            args[qsp::QSP_ARG_DIFF_DST_CHANNEL_ABS_MAX] =
+                    mem(f32_md({p.dst[1]}), const_cast<float *>(m));
         return args;
     }
 
@@ -445,11 +447,8 @@ protected:
                           const py::array &dy, py::array &dvalues, const py::object &dbias,
                           uint64_t seed, const py::object &dy_channel_abs_max) {
         int32_t seed_storage[2];
-        qsp::exec_args args = weights_args(p, x, workspace, dy, dvalues, dbias, seed_storage, seed);
-        if (const float *m = optional_f32(dy_channel_abs_max, "dy_channel_abs_max", {p.dst[1]});
-            m && scheme_ == qsp::quant_scheme::s8)
-            args[qsp::QSP_ARG_DIFF_DST_CHANNEL_ABS_MAX] =
-                    mem(f32_md({p.dst[1]}), const_cast<float *>(m));
+        const qsp::exec_args args = weights_args(p, x, workspace, dy, dvalues, dbias, seed_storage,
+                                                 seed, dy_channel_abs_max);
         py::gil_scoped_release release;
         p.bwd_weights.execute(stream_, args);
     }

@@ -496,6 +496,7 @@ def swap_modules_with_sparse(
 
     report: list[SwapDecision] = []
     timed = [n for n in candidates if n in shapes]
+    base = f"dense {autocast}".replace("torch.", "") if autocast else "dense fp32"  # what sparse is timed against
     for name in candidates:
         mod = target.get_submodule(name)
         sp = _sparsity(mod)
@@ -538,7 +539,6 @@ def swap_modules_with_sparse(
             row.dense_ms, row.sparse_ms = timing.dense_ms(), ms[pick]
             speedup = row.dense_ms / row.sparse_ms
             row.swapped = speedup >= min_speedup
-            base = f"dense {autocast}".replace("torch.", "") if autocast else "dense fp32"
             row.reason = f"{speedup:.2f}x vs {base} {'>=' if row.swapped else '<'} min_speedup {min_speedup}"
             if after:
                 row.reason += f" (as the block {'+'.join(type(m).__name__ for m in (mod, *after))}, fused)"
@@ -556,7 +556,6 @@ def swap_modules_with_sparse(
                 row.reason += f"; the same module is also {', '.join(also)}: swapped there too (still tied)"
 
     if fuse and not prototype:
-        base = f"dense {autocast}".replace("torch.", "") if autocast else "dense fp32"
         _decide_shared_inputs(target, report, readers, sparse_of, min_speedup, base)
     if mask_kept:
         _mask_kept_layers(target, report)
