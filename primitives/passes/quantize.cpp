@@ -117,12 +117,12 @@ float quantize_stochastic_to_s8_tiles(const float *x, int64_t batch, int64_t cha
 }
 
 void pack_s8_tiles(const int8_t *x, int64_t batch, int64_t channels, int8_t *tiles,
-                   int num_threads) {
+                   int32_t *column_sums, int num_threads) {
     static constexpr pass_tier<pack_s8_tiles_fn> tiers[] = {
             {cpu_isa::avx512_core, pack_s8_tiles_avx512},
             {cpu_isa::avx2, pack_s8_tiles_avx2},
             {cpu_isa::ref, portable::pack_s8_tiles}};
-    best_tier(tiers)(x, batch, channels, tiles, num_threads);
+    best_tier(tiers)(x, batch, channels, tiles, column_sums, num_threads);
 }
 
 void shift_to_s8_tiles(const int8_t *q, int64_t batch, int64_t channels, uint8_t *tiles,
@@ -155,7 +155,11 @@ void unpack_s32_tiles(const int32_t *tiles, int64_t batch, int64_t channels,
 
 void column_sums_s8(const int8_t *x, int64_t batch, int64_t channels, int32_t *sums,
                     int num_threads) {
-    portable::column_sums_s8(x, batch, channels, sums, num_threads);
+    static constexpr pass_tier<column_sums_s8_fn> tiers[] = {
+            {cpu_isa::avx512_core, column_sums_s8_avx512},
+            {cpu_isa::avx2, column_sums_s8_avx2},
+            {cpu_isa::ref, portable::column_sums_s8}};
+    best_tier(tiers)(x, batch, channels, sums, num_threads);
 }
 
 stochastic_pair_run_fn *stochastic_pair_run_tier() {

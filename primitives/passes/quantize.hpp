@@ -84,9 +84,11 @@ using quantize_weights_fn = void(const csr_pattern &p, const float *values, int8
 using quantize_stochastic_to_s8_tiles_fn = float(const float *x, int64_t batch, int64_t channels,
                                                  uint32_t seed32, uint8_t *tiles,
                                                  const float *known_abs_max, int num_threads);
-// int8 [batch x channels] -> int8 tiles (padding 0).
+// int8 [batch x channels] -> int8 tiles (padding 0); with column_sums (or
+// null), also column_sums_s8 of x, taken while the bytes are in registers
+// (the s8 SDDMM's +128 correction: x read once, not twice).
 using pack_s8_tiles_fn = void(const int8_t *x, int64_t batch, int64_t channels, int8_t *tiles,
-                              int num_threads);
+                              int32_t *column_sums, int num_threads);
 // int8 G1 [batch x channels] -> the u8 tiles quantize_stochastic_to_s8_tiles
 // writes (G1 + 128, padding 128): the fused backward's G1, already rounded
 // in backward-data's pass over dY, read as bytes instead of dY as floats.
@@ -168,6 +170,7 @@ unpack_s32_tiles_fn unpack_s32_tiles_avx2;
 pack_s8_tiles_fn pack_s8_tiles_avx2;
 pack_quad_tiles_fn pack_quad_tiles_avx2;
 shift_to_s8_tiles_fn shift_to_s8_tiles_avx2;
+column_sums_s8_fn column_sums_s8_avx2;
 // Reads the rows only, like quantize_weights_avx512.
 void quantize_weights_avx2(const int64_t *row_ptr, int64_t rows, const float *values, int8_t *q,
                            float *scale, int num_threads);
@@ -181,6 +184,7 @@ pack_s8_tiles_fn pack_s8_tiles_avx512;
 shift_to_s8_tiles_fn shift_to_s8_tiles_avx512;
 pack_quad_tiles_fn pack_quad_tiles_avx512;
 unpack_s32_tiles_fn unpack_s32_tiles_avx512;
+column_sums_s8_fn column_sums_s8_avx512;
 // Reads the rows only (not the column indices): a form of its own.
 void quantize_weights_avx512(const int64_t *row_ptr, int64_t rows, const float *values, int8_t *q,
                              float *scale, int num_threads);

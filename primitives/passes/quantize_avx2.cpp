@@ -380,9 +380,55 @@ void bytes_to_tiles_avx2(const int8_t *x, int64_t batch, int64_t channels, uint8
 } // namespace
 
 void pack_s8_tiles_avx2(const int8_t *x, int64_t batch, int64_t channels, int8_t *tiles,
-                        int num_threads) {
+                        int32_t *column_sums, int num_threads) {
     bytes_to_tiles_avx2(x, batch, channels, reinterpret_cast<uint8_t *>(tiles), _mm_setzero_si128(),
                         num_threads);
+    if (column_sums) column_sums_s8_avx2(x, batch, channels, column_sums, num_threads);
+}
+
+void column_sums_s8_avx2(const int8_t *x, int64_t batch, int64_t channels, int32_t *sums,
+                         int num_threads) {
+    // Blocks of 64 columns (a cache line a row) in int16 lanes for up to 256
+    // rows at a time (|sum| <= 128 * 256 = 32768: -32768 fits, 127 * 256 =
+    // 32512 fits), then widened into the int32 sums; the columns past the
+    // last whole block as the portable tier adds them.
+    constexpr int64_t cols = 64, rows_per_block = 256;
+    const int64_t cblocks = channels / cols;
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t cb = 0; cb <= cblocks; ++cb) {
+        const int64_t c0 = cb * cols;
+        if (cb == cblocks) { // the tail (maybe empty)
+            for (int64_t c = c0; c < channels; ++c)
+                sums[c] = 0;
+            for (int64_t b = 0; b < batch; ++b)
+                for (int64_t c = c0; c < channels; ++c)
+                    sums[c] += x[b * channels + c];
+            continue;
+        }
+        __m256i total[8];
+        for (auto &v : total)
+            v = _mm256_setzero_si256();
+        for (int64_t b0 = 0; b0 < batch; b0 += rows_per_block) {
+            __m256i part[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(),
+                               _mm256_setzero_si256(), _mm256_setzero_si256()};
+            const int64_t b1 = std::min(batch, b0 + rows_per_block);
+            for (int64_t b = b0; b < b1; ++b)
+                for (int i = 0; i < 4; ++i) {
+                    const __m128i v = _mm_loadu_si128(
+                            reinterpret_cast<const __m128i *>(x + b * channels + c0 + 16 * i));
+                    part[i] = _mm256_add_epi16(part[i], _mm256_cvtepi8_epi16(v));
+                }
+            for (int i = 0; i < 4; ++i) {
+                total[2 * i] = _mm256_add_epi32(
+                        total[2 * i], _mm256_cvtepi16_epi32(_mm256_castsi256_si128(part[i])));
+                total[2 * i + 1] = _mm256_add_epi32(
+                        total[2 * i + 1],
+                        _mm256_cvtepi16_epi32(_mm256_extracti128_si256(part[i], 1)));
+            }
+        }
+        for (int i = 0; i < 8; ++i) // total[i]: columns c0 + 8 i ...
+            _mm256_storeu_si256(reinterpret_cast<__m256i *>(sums + c0 + 8 * i), total[i]);
+    }
 }
 
 void shift_to_s8_tiles_avx2(const int8_t *q, int64_t batch, int64_t channels, uint8_t *tiles,

@@ -252,35 +252,96 @@ float quantize_stochastic_to_s8_tiles_avx512(const float *x, int64_t batch, int6
 
 namespace {
 
-// int8 [batch x channels] -> byte tiles, each byte ^ flip.
+// int8 [batch x channels] -> byte tiles, each byte ^ flip; with
+// column_sums, a thread takes a column block's every tile (its sums are
+// that thread's alone).
 void bytes_to_tiles_avx512(const int8_t *x, int64_t batch, int64_t channels, uint8_t *tiles,
-                           __m128i flip, int num_threads) {
+                           __m128i flip, int32_t *column_sums, int num_threads) {
     const int64_t tb = jit::tile_batch, tiles_n = jit::tile_count(batch),
                   cblocks = (channels + 15) / 16;
     const __m512i flip64 = _mm512_broadcast_i32x4(flip);
+    auto block = [&](int64_t t, int64_t cb) {
+        const int64_t c0 = cb * 16;
+        avx512::transpose_64x16_bytes(x + t * tb * channels + c0, channels, batch - t * tb,
+                                      std::min<int64_t>(16, channels - c0),
+                                      tiles + (t * channels + c0) * tb, tb, flip64,
+                                      column_sums ? column_sums + c0 : nullptr);
+    };
+    if (column_sums) {
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+        for (int64_t cb = 0; cb < cblocks; ++cb) {
+            std::fill(column_sums + cb * 16, column_sums + std::min(channels, cb * 16 + 16), 0);
+            for (int64_t t = 0; t < tiles_n; ++t)
+                block(t, cb);
+        }
+        return;
+    }
 #pragma omp parallel for collapse(2) num_threads(num_threads) schedule(static)
     for (int64_t t = 0; t < tiles_n; ++t)
-        for (int64_t cb = 0; cb < cblocks; ++cb) {
-            const int64_t c0 = cb * 16;
-            avx512::transpose_64x16_bytes(x + t * tb * channels + c0, channels, batch - t * tb,
-                                          std::min<int64_t>(16, channels - c0),
-                                          tiles + (t * channels + c0) * tb, tb, flip64, nullptr);
-        }
+        for (int64_t cb = 0; cb < cblocks; ++cb)
+            block(t, cb);
 }
 
 } // namespace
 
 void pack_s8_tiles_avx512(const int8_t *x, int64_t batch, int64_t channels, int8_t *tiles,
-                          int num_threads) {
+                          int32_t *column_sums, int num_threads) {
     bytes_to_tiles_avx512(x, batch, channels, reinterpret_cast<uint8_t *>(tiles),
-                          _mm_setzero_si128(), num_threads);
+                          _mm_setzero_si128(), column_sums, num_threads);
+}
+
+void column_sums_s8_avx512(const int8_t *x, int64_t batch, int64_t channels, int32_t *sums,
+                           int num_threads) {
+    // Blocks of 128 columns (two cache lines a row) in int16 lanes for up to
+    // 256 rows at a time (|sum| <= 128 * 256 = 32768: -32768 fits, 127 * 256
+    // = 32512 fits), then widened into the int32 sums.
+    constexpr int64_t cols = 128, rows_per_block = 256;
+    const int64_t cblocks = (channels + cols - 1) / cols;
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t cb = 0; cb < cblocks; ++cb) {
+        const int64_t c0 = cb * cols;
+        __mmask64 mask[2];
+        for (int h = 0; h < 2; ++h) {
+            const int64_t n = std::clamp<int64_t>(channels - c0 - 64 * h, 0, 64);
+            mask[h] = n >= 64 ? ~__mmask64(0) : (__mmask64(1) << n) - 1;
+        }
+        __m512i total[8];
+        for (auto &v : total)
+            v = _mm512_setzero_si512();
+        for (int64_t b0 = 0; b0 < batch; b0 += rows_per_block) {
+            __m512i part[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(),
+                               _mm512_setzero_si512(), _mm512_setzero_si512()};
+            const int64_t b1 = std::min(batch, b0 + rows_per_block);
+            for (int64_t b = b0; b < b1; ++b)
+                for (int h = 0; h < 2; ++h) {
+                    const __m512i v =
+                            _mm512_maskz_loadu_epi8(mask[h], x + b * channels + c0 + 64 * h);
+                    part[2 * h] = _mm512_add_epi16(part[2 * h],
+                                                   _mm512_cvtepi8_epi16(_mm512_castsi512_si256(v)));
+                    part[2 * h + 1] = _mm512_add_epi16(
+                            part[2 * h + 1], _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(v, 1)));
+                }
+            for (int i = 0; i < 4; ++i) {
+                total[2 * i] = _mm512_add_epi32(
+                        total[2 * i], _mm512_cvtepi16_epi32(_mm512_castsi512_si256(part[i])));
+                total[2 * i + 1] = _mm512_add_epi32(
+                        total[2 * i + 1],
+                        _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(part[i], 1)));
+            }
+        }
+        for (int i = 0; i < 8; ++i) // total[i]: columns c0 + 16 i ...
+            _mm512_mask_storeu_epi32(
+                    sums + c0 + 16 * i,
+                    avx512::first_lanes(std::clamp<int64_t>(channels - c0 - 16 * i, 0, 16)),
+                    total[i]);
+    }
 }
 
 void shift_to_s8_tiles_avx512(const int8_t *q, int64_t batch, int64_t channels, uint8_t *tiles,
                               int num_threads) {
     // x ^ 0x80 is x + 128 as u8
     bytes_to_tiles_avx512(q, batch, channels, tiles, _mm_set1_epi8(static_cast<char>(0x80)),
-                          num_threads);
+                          nullptr, num_threads);
 }
 
 void pack_quad_tiles_avx512(const int8_t *x, int64_t batch, int64_t channels, uint8_t *tiles,

@@ -139,8 +139,9 @@ void shift_to_s8_tiles(const int8_t *q, int64_t batch, int64_t channels, uint8_t
 }
 
 void pack_s8_tiles(const int8_t *x, int64_t batch, int64_t channels, int8_t *tiles,
-                   int num_threads) {
+                   int32_t *column_sums, int num_threads) {
     pack_bytes_to_tiles(x, batch, channels, tiles, 0, num_threads);
+    if (column_sums) column_sums_s8(x, batch, channels, column_sums, num_threads);
 }
 
 void pack_quad_tiles(const int8_t *x, int64_t batch, int64_t channels, uint8_t *tiles,

@@ -127,7 +127,7 @@ private:
             if constexpr (entry_pairs) {
                 items_.fill(wq, words, nt);
                 std::fill(correction, correction + rows, 0); // plain s8 sources: no shift
-                pack_s8_tiles(q, B, src_ch, reinterpret_cast<int8_t *>(src_tiles), nt);
+                pack_s8_tiles(q, B, src_ch, reinterpret_cast<int8_t *>(src_tiles), nullptr, nt);
             } else {
                 items_.fill(wq, words, correction, nt);
                 pack_quad_tiles(q, B, src_ch, src_tiles, nt);
@@ -188,8 +188,7 @@ private:
         auto *col_sum = sp.get<int32_t>(2, K);
         auto *acc = sp.get<int32_t>(3, nnz);
         const float sg1 = s8::dw_gradient_tiles(t, B, N, N, g_tiles, nt);
-        pack_s8_tiles(xq, B, K, x_tiles, nt);
-        column_sums_s8(xq, B, K, col_sum, nt);
+        pack_s8_tiles(xq, B, K, x_tiles, col_sum, nt);
         std::fill(acc, acc + nnz, 0);
         {
             const auto timed = kernel_time(p_.dir);

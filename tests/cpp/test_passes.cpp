@@ -323,6 +323,31 @@ TEST(Passes, pair_maxima_from_channel_maxima) {
     EXPECT_FALSE(detail::pair_maxima_from_channels(channel_max, infinite, 3, m));
 }
 
+// The vector tiers add columns in int16 lanes for up to 256 rows at a time:
+// 600 rows of -128 and of 127 (sums -76800 and 76200) reach past int16 in
+// every block but the last, and each tier must widen in time.
+TEST(Passes, column_sums_s8_past_int16) {
+    const int64_t batch = 600;
+    for (int64_t channels : {1, 63, 64, 65, 130, 200})
+        for (int8_t v : {int8_t(-128), int8_t(127)}) {
+            SCOPED_TRACE(std::to_string(channels) + " columns of " + std::to_string(v));
+            std::vector<int8_t> x(static_cast<size_t>(batch * channels), v);
+            const std::vector<int32_t> want(channels, static_cast<int32_t>(batch * v));
+            std::vector<std::pair<const char *, detail::column_sums_s8_fn *>> tiers{
+                    {"dispatched", detail::column_sums_s8},
+                    {"portable", detail::portable::column_sums_s8}};
+            if (cpu_has(cpu_isa::avx2)) tiers.push_back({"avx2", detail::column_sums_s8_avx2});
+            if (cpu_has(cpu_isa::avx512_core))
+                tiers.push_back({"avx512", detail::column_sums_s8_avx512});
+            for (auto [name, tier] : tiers)
+                for (int threads : {1, 3}) {
+                    std::vector<int32_t> sums(channels, 5);
+                    tier(x.data(), batch, channels, sums.data(), threads);
+                    EXPECT_EQ(sums, want) << name << ", " << threads << " threads";
+                }
+        }
+}
+
 TEST(Passes, s8_tile_passes_match_portable) {
     std::mt19937 rng(5);
     for (int64_t batch : {1, 15, 16, 17, 64, 65, 130})
@@ -337,6 +362,16 @@ TEST(Passes, s8_tile_passes_match_portable) {
             detail::portable::column_sums_s8(xq.data(), batch, channels, want_sums.data(), 2);
             detail::column_sums_s8(xq.data(), batch, channels, sums.data(), 3);
             EXPECT_EQ(sums, want_sums);
+            if (cpu_has(cpu_isa::avx2)) {
+                std::fill(sums.begin(), sums.end(), -1);
+                detail::column_sums_s8_avx2(xq.data(), batch, channels, sums.data(), 3);
+                EXPECT_EQ(sums, want_sums) << "avx2";
+            }
+            if (cpu_has(cpu_isa::avx512_core)) {
+                std::fill(sums.begin(), sums.end(), -1);
+                detail::column_sums_s8_avx512(xq.data(), batch, channels, sums.data(), 3);
+                EXPECT_EQ(sums, want_sums) << "avx512";
+            }
             for (int64_t c = 0; c < channels; ++c) {
                 int32_t s = 0;
                 for (int64_t b = 0; b < batch; ++b)
@@ -374,10 +409,30 @@ TEST(Passes, s8_tile_passes_match_portable) {
                     EXPECT_NE(g_known, g_want);
                 }
             }
-            std::vector<int8_t> t(tile_bytes, 1), t_want(tile_bytes, 2);
-            detail::pack_s8_tiles(xq.data(), batch, channels, t.data(), 2);
-            detail::portable::pack_s8_tiles(xq.data(), batch, channels, t_want.data(), 1);
-            EXPECT_EQ(t, t_want);
+            std::vector<int8_t> t_want(tile_bytes, 2);
+            detail::portable::pack_s8_tiles(xq.data(), batch, channels, t_want.data(), nullptr, 1);
+            {
+                // every tier this CPU runs, with the column sums or without
+                std::vector<std::pair<const char *, detail::pack_s8_tiles_fn *>> tiers{
+                        {"dispatched", detail::pack_s8_tiles},
+                        {"portable", detail::portable::pack_s8_tiles}};
+                if (cpu_has(cpu_isa::avx2)) tiers.push_back({"avx2", detail::pack_s8_tiles_avx2});
+                if (cpu_has(cpu_isa::avx512_core))
+                    tiers.push_back({"avx512", detail::pack_s8_tiles_avx512});
+                for (auto [name, tier] : tiers)
+                    for (bool with_sums : {false, true}) {
+                        SCOPED_TRACE(std::string(name) + (with_sums ? " with column sums" : ""));
+                        std::vector<int8_t> t(tile_bytes, 1);
+                        std::vector<int32_t> packed_sums(channels, -7);
+                        tier(xq.data(), batch, channels, t.data(),
+                             with_sums ? packed_sums.data() : nullptr, 2);
+                        EXPECT_EQ(t, t_want);
+                        if (with_sums)
+                            EXPECT_EQ(packed_sums, want_sums);
+                        else
+                            EXPECT_EQ(packed_sums, std::vector<int32_t>(channels, -7));
+                    }
+            }
             // G1's tiles from its plain int8 (the fused backward's way) are
             // those quantized from dY: q + 128 at each element, 128 in the
             // padding; every tier where this CPU runs it.
