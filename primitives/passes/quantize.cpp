@@ -162,6 +162,12 @@ void column_sums_s8(const int8_t *x, int64_t batch, int64_t channels, int32_t *s
     best_tier(tiers)(x, batch, channels, sums, num_threads);
 }
 
+expand_quad_words_fn *expand_quad_words_tier() {
+    static constexpr pass_tier<expand_quad_words_fn> tiers[] = {
+            {cpu_isa::avx512_core, expand_quad_words_avx512}, {cpu_isa::ref, nullptr}};
+    return best_tier(tiers);
+}
+
 stochastic_pair_run_fn *stochastic_pair_run_tier() {
     static constexpr pass_tier<stochastic_pair_run_fn> tiers[] = {
             {cpu_isa::avx2, stochastic_pair_run_avx2},

@@ -125,6 +125,28 @@ using quantize_stochastic_plain_from_max_fn = float(const float *x, int64_t n, u
 using column_sums_s8_fn = void(const int8_t *x, int64_t batch, int64_t channels, int32_t *sums,
                                int num_threads);
 
+// The quad words of an s8 SpMM plan (4 channels a word) from this step's
+// weights, the bytes the plan's own loop makes (tested): the words' bytes,
+// 16 per mask, take the entries' values in entry order at the bytes each
+// mask marks, 0 elsewhere (an entry's byte is after the one before it);
+// correction[r] = 128 * the sum of row r's values. values[l] is entry l's
+// weight: the quantized weights themselves where the plan takes them in
+// order, else a gathered copy.
+struct quad_word_masks {
+    const uint16_t *masks = nullptr;      // per 16 bytes of the words
+    int64_t blocks = 0;                   // masks
+    int64_t bytes = 0;                    // the words' bytes (4 per quad)
+    const int64_t *group_entry = nullptr; // per quad_word_group masks: its first entry
+    const int64_t *entry_ptr = nullptr;   // per row its first entry, then the end
+    int64_t rows = 0;
+};
+constexpr int64_t quad_word_group = 64; // masks (1 KiB of words) a thread takes at a time
+using expand_quad_words_fn = void(const quad_word_masks &m, const int8_t *values, uint32_t *words,
+                                  int32_t *correction, int num_threads);
+// The vector tier the effective ISA allows, or null (the plan's own loop,
+// which reads each entry's slot, then fills the words).
+expand_quad_words_fn *expand_quad_words_tier();
+
 quantize_rne_fn quantize_rne;
 quantize_stochastic_fn quantize_stochastic;
 quantize_stochastic_pair_fn quantize_stochastic_pair;
@@ -185,6 +207,8 @@ shift_to_s8_tiles_fn shift_to_s8_tiles_avx512;
 pack_quad_tiles_fn pack_quad_tiles_avx512;
 unpack_s32_tiles_fn unpack_s32_tiles_avx512;
 column_sums_s8_fn column_sums_s8_avx512;
+// vpexpandd: each mask's 16 bytes from the next popcount(mask) values.
+expand_quad_words_fn expand_quad_words_avx512;
 // Reads the rows only (not the column indices): a form of its own.
 void quantize_weights_avx512(const int64_t *row_ptr, int64_t rows, const float *values, int8_t *q,
                              float *scale, int num_threads);

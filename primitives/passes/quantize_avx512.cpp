@@ -290,6 +290,51 @@ void pack_s8_tiles_avx512(const int8_t *x, int64_t batch, int64_t channels, int8
                           _mm_setzero_si128(), column_sums, num_threads);
 }
 
+void expand_quad_words_avx512(const quad_word_masks &m, const int8_t *values, uint32_t *words,
+                              int32_t *correction, int num_threads) {
+    auto *out = reinterpret_cast<uint8_t *>(words);
+    const uint16_t *masks = m.masks; // locals: the stores below may alias m's fields
+    const int64_t blocks = m.blocks, bytes_n = m.bytes;
+    const int64_t groups = (blocks + quad_word_group - 1) / quad_word_group;
+#pragma omp parallel num_threads(num_threads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t g = 0; g < groups; ++g) {
+            int64_t at = m.group_entry[g];
+            const int64_t end = std::min(blocks, (g + 1) * quad_word_group);
+            for (int64_t block = g * quad_word_group; block < end; ++block) {
+                const uint16_t k = masks[block];
+                const int n = __builtin_popcount(k);
+                const __m512i v = _mm512_cvtepi8_epi32(
+                        _mm_maskz_loadu_epi8(avx512::first_lanes(n), values + at));
+                const __m128i bytes = _mm512_cvtepi32_epi8(_mm512_maskz_expand_epi32(k, v));
+                const int64_t left = bytes_n - block * 16;
+                if (left >= 16)
+                    _mm_storeu_si128(reinterpret_cast<__m128i *>(out + block * 16), bytes);
+                else
+                    _mm_mask_storeu_epi8(out + block * 16, avx512::first_lanes(left), bytes);
+                at += n;
+            }
+        }
+        // Row sums: sad over the values + 128 (u8), less 128 per value.
+        const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < m.rows; ++r) {
+            const int64_t a = m.entry_ptr[r], b = m.entry_ptr[r + 1];
+            __m512i sum = _mm512_setzero_si512();
+            for (int64_t l = a; l < b; l += 64) {
+                const int64_t n = std::min<int64_t>(64, b - l);
+                const __mmask64 k = n >= 64 ? ~__mmask64(0) : (__mmask64(1) << n) - 1;
+                const __m512i u = _mm512_maskz_mov_epi8(
+                        k, _mm512_xor_si512(_mm512_maskz_loadu_epi8(k, values + l), flip));
+                sum = _mm512_add_epi64(sum, _mm512_sad_epu8(u, _mm512_setzero_si512()));
+            }
+            correction[r] =
+                    static_cast<int32_t>(128 * (_mm512_reduce_add_epi64(sum) - 128 * (b - a)));
+        }
+    }
+}
+
 void column_sums_s8_avx512(const int8_t *x, int64_t batch, int64_t channels, int32_t *sums,
                            int num_threads) {
     // Blocks of 128 columns (two cache lines a row) in int16 lanes for up to

@@ -129,7 +129,10 @@ private:
                 std::fill(correction, correction + rows, 0); // plain s8 sources: no shift
                 pack_s8_tiles(q, B, src_ch, reinterpret_cast<int8_t *>(src_tiles), nullptr, nt);
             } else {
-                items_.fill(wq, words, correction, nt);
+                // backward-data's values in the transpose's order: gathered
+                int8_t *gathered =
+                        items_.values_in_order ? nullptr : sp.get<int8_t>(8, items_.entries());
+                items_.fill(wq, words, correction, nt, gathered);
                 pack_quad_tiles(q, B, src_ch, src_tiles, nt);
             }
         };

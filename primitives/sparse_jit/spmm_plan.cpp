@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include "jit/tile_abi.hpp"
+#include "primitives/passes/quantize.hpp"
 
 namespace qsp::detail {
 
@@ -148,6 +149,19 @@ quad_plan::quad_plan(const sparse_rows &m,
     values_in_order = m.values_in_order();
     if (!values_in_order && n <= std::numeric_limits<int32_t>::max())
         value_index32.assign(value_index.begin(), value_index.end());
+    if (channels_per_word == 4) {
+        const int64_t blocks = (quads() * 4 + 15) / 16;
+        byte_masks.assign(static_cast<size_t>(blocks), 0);
+        group_entry.assign(
+                static_cast<size_t>((blocks + quad_word_group - 1) / quad_word_group) + 1, 0);
+        for (int64_t l = 0; l < n; ++l) {
+            const int64_t byte = quad_of[l] * 4 + (slot_of[l] & ~new_word);
+            byte_masks[byte / 16] |= static_cast<uint16_t>(1u << (byte % 16));
+            ++group_entry[byte / (16 * quad_word_group) + 1];
+        }
+        for (size_t g = 1; g < group_entry.size(); ++g) // counts -> first entries
+            group_entry[g] += group_entry[g - 1];
+    }
 }
 
 namespace {
@@ -204,8 +218,25 @@ void fill_words(const quad_plan &p, const int8_t *wq, uint32_t *words, int32_t *
 
 } // namespace
 
-void quad_plan::fill(const int8_t *wq, uint32_t *words, int32_t *correction,
-                     int num_threads) const {
+void quad_plan::fill(const int8_t *wq, uint32_t *words, int32_t *correction, int num_threads,
+                     int8_t *gathered) const {
+    if (channels_per_word == 4 && (values_in_order || (gathered && !value_index32.empty())))
+        if (expand_quad_words_fn *expand = expand_quad_words_tier()) {
+            const int8_t *values = wq;
+            if (!values_in_order) {
+                const int32_t *index = value_index32.data();
+                const int64_t n = entries();
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+                for (int64_t l = 0; l < n; ++l)
+                    gathered[l] = wq[index[l]];
+                values = gathered;
+            }
+            const quad_word_masks m{byte_masks.data(), static_cast<int64_t>(byte_masks.size()),
+                                    quads() * 4,       group_entry.data(),
+                                    entry_ptr.data(),  rows};
+            expand(m, values, words, correction, num_threads);
+            return;
+        }
     if (channels_per_word == 4)
         fill_words<4>(*this, wq, words, correction, num_threads);
     else

@@ -84,6 +84,10 @@ struct quad_plan {
     // else value_index as int32 (empty past 2^31 entries: value_index then)
     bool values_in_order = false;
     std::vector<int32_t> value_index32;
+    // The vector fill's view (4 channels a word): per 16 bytes of words the
+    // bytes an entry fills, and per quad_word_group of them the first entry.
+    std::vector<uint16_t> byte_masks;
+    std::vector<int64_t> group_entry;
     // quad_offset(row, key / channels_per_word): byte offset of the word's
     // source row.
     quad_plan(const sparse_rows &m, const std::function<int64_t(int64_t, int64_t)> &quad_offset,
@@ -91,7 +95,11 @@ struct quad_plan {
     int64_t quads() const { return static_cast<int64_t>(offsets.size()); }
     // From this step's quantized weights: the quad dwords, and per row the
     // exact term 128 * sum(w) that the kernel's +128 shift adds.
-    void fill(const int8_t *wq, uint32_t *words, int32_t *correction, int num_threads) const;
+    // gathered (or null): `entries` bytes of scratch where the values are
+    // not in order, for the vector tier (AVX-512; null: the plan's loop).
+    void fill(const int8_t *wq, uint32_t *words, int32_t *correction, int num_threads,
+              int8_t *gathered = nullptr) const;
+    int64_t entries() const { return static_cast<int64_t>(slot_of.size()); }
     // Source offsets into `order` (the offset of quad order[s] goes to slot
     // s, each quad once); words, rows and bounds keep the plan's order.
     void reorder_offsets(const std::vector<int64_t> &order);

@@ -12,8 +12,10 @@
 #include <gtest/gtest.h>
 
 #include "jit/jit_uni_spmm_pattern_kernel.hpp"
+#include "primitives/sparse_jit/spmm_plan.hpp"
 #include "primitives/sparse_jit/spmm_runner.hpp"
 #include "qsparseprop/runtime.hpp"
+#include "test_utils.hpp"
 
 namespace qsp::test {
 
@@ -46,6 +48,72 @@ std::vector<cpu_isa> jit_tiers() {
 }
 
 } // namespace
+
+// The s8 plans' quad words from a step's weights: the vector fill (AVX-512,
+// where this CPU has it) makes the plan's own loop's words and row
+// corrections, for the CSR (values in order) and its transpose (values
+// gathered), over empty and full rows and words past many 1 KiB groups.
+TEST(QuadPlan, vector_fill_matches_the_plans_loop) {
+    std::mt19937 rng(11);
+    struct shape {
+        int64_t rows, cols;
+        double density;
+    };
+    for (const shape &sh : {shape{1, 1, 1.0}, shape{3, 17, 1.0}, shape{5, 9, 0.3},
+                            shape{64, 65, 0.1}, shape{300, 700, 0.1}, shape{40, 3000, 0.02}})
+        for (int threads : {1, 3}) {
+            SCOPED_TRACE(std::to_string(sh.rows) + "x" + std::to_string(sh.cols) + ", "
+                         + std::to_string(threads) + " threads");
+            std::vector<int64_t> row_ptr{0};
+            std::vector<int32_t> col_idx;
+            for (int64_t r = 0; r < sh.rows; ++r) {
+                for (int64_t c = 0; c < sh.cols; ++c)
+                    if (r % 5 != 2 && double(rng() % 10000) < sh.density * 10000) // some rows empty
+                        col_idx.push_back(static_cast<int32_t>(c));
+                row_ptr.push_back(static_cast<int64_t>(col_idx.size()));
+            }
+            const int64_t nnz = row_ptr.back();
+            std::vector<int8_t> wq(static_cast<size_t>(nnz));
+            for (auto &v : wq)
+                v = static_cast<int8_t>(static_cast<int>(rng() % 256) - 128);
+            for (bool transposed : {false, true}) {
+                SCOPED_TRACE(transposed ? "transpose" : "CSR");
+                const detail::sparse_rows m =
+                        transposed ? detail::transposed_rows(row_ptr.data(), col_idx.data(),
+                                                             sh.rows, sh.cols)
+                                   : detail::csr_rows(row_ptr.data(), col_idx.data(), sh.rows);
+                const detail::quad_plan q(
+                        m, [](int64_t, int64_t quad) { return quad * 256; }, threads);
+                ASSERT_EQ(q.values_in_order, !transposed || nnz <= 1);
+                const size_t n_words = static_cast<size_t>(std::max<int64_t>(q.quads(), 1));
+                std::vector<uint32_t> want(n_words, 0xABABABABu), words(n_words, 0xCDCDCDCDu);
+                std::vector<int32_t> want_corr(q.rows, 7), corr(q.rows, 9);
+                {
+                    isa_cap_guard cap(cpu_isa::ref); // the plan's loop
+                    q.fill(wq.data(), want.data(), want_corr.data(), threads);
+                }
+                // the loop's words from their definition
+                for (int64_t r = 0; r < q.rows; ++r) {
+                    int32_t sum = 0;
+                    for (int64_t l = q.entry_ptr[r]; l < q.entry_ptr[r + 1]; ++l) {
+                        const int8_t v = wq[static_cast<size_t>(q.value_index[l])];
+                        const auto bytes = reinterpret_cast<const int8_t *>(want.data());
+                        ASSERT_EQ(bytes[q.quad_of[l] * 4 + m.key[l] % 4], v);
+                        sum += v;
+                    }
+                    ASSERT_EQ(want_corr[r], 128 * sum);
+                }
+                std::vector<int8_t> gathered(static_cast<size_t>(std::max<int64_t>(nnz, 1)));
+                q.fill(wq.data(), words.data(), corr.data(), threads, gathered.data());
+                EXPECT_EQ(words, want);
+                EXPECT_EQ(corr, want_corr);
+                // no buffer for the gathered values: the loop, the same words
+                std::fill(words.begin(), words.end(), 0u);
+                q.fill(wq.data(), words.data(), corr.data(), threads);
+                EXPECT_EQ(words, want);
+            }
+        }
+}
 
 TEST(SpmmSchedule, every_item_once_sorted_by_length) {
     std::mt19937 rng(3);
