@@ -545,11 +545,6 @@ private:
     int64_t in_, out_;
 };
 
-// The transformer MLP block (Linear -> ReLU -> Linear) in one call per
-// direction, its hidden activation and that activation's gradient in the
-// kept layout (qsp::kept_layout_desc) from the first layer's kernels to the
-// second's and back: the passes between the two layers are gone, the ReLU
-// is the first layer's post-op (keeping one bit per element).
 // The transformer MLP block (Linear -> activation -> Linear) with its hidden
 // activation and that activation's gradient in the kept layout
 // (qsp::kept_layout_desc) from the first layer's kernels to the second's and
