@@ -59,7 +59,7 @@ TEST(QuadPlan, vector_fill_matches_the_plans_loop) {
         int64_t rows, cols;
         double density;
     };
-    for (const shape &sh : {shape{1, 1, 1.0}, shape{3, 17, 1.0}, shape{5, 9, 0.3},
+    for (const shape &sh : {shape{4, 8, 0.0}, shape{1, 1, 1.0}, shape{3, 17, 1.0}, shape{5, 9, 0.3},
                             shape{64, 65, 0.1}, shape{300, 700, 0.1}, shape{40, 3000, 0.02}})
         for (int threads : {1, 3}) {
             SCOPED_TRACE(std::to_string(sh.rows) + "x" + std::to_string(sh.cols) + ", "
@@ -85,8 +85,12 @@ TEST(QuadPlan, vector_fill_matches_the_plans_loop) {
                 const detail::quad_plan q(
                         m, [](int64_t, int64_t quad) { return quad * 256; }, threads);
                 ASSERT_EQ(q.values_in_order, !transposed || nnz <= 1);
-                const size_t n_words = static_cast<size_t>(std::max<int64_t>(q.quads(), 1));
+                // one word past the quads: neither fill may write it
+                const size_t n_words = static_cast<size_t>(q.quads()) + 1;
                 std::vector<uint32_t> want(n_words, 0xABABABABu), words(n_words, 0xCDCDCDCDu);
+                auto quads_of = [&](const std::vector<uint32_t> &w) {
+                    return std::vector<uint32_t>(w.begin(), w.end() - 1);
+                };
                 std::vector<int32_t> want_corr(q.rows, 7), corr(q.rows, 9);
                 {
                     isa_cap_guard cap(cpu_isa::ref); // the plan's loop
@@ -105,12 +109,14 @@ TEST(QuadPlan, vector_fill_matches_the_plans_loop) {
                 }
                 std::vector<int8_t> gathered(static_cast<size_t>(std::max<int64_t>(nnz, 1)));
                 q.fill(wq.data(), words.data(), corr.data(), threads, gathered.data());
-                EXPECT_EQ(words, want);
+                EXPECT_EQ(quads_of(words), quads_of(want));
+                EXPECT_EQ(words.back(), 0xCDCDCDCDu);
+                EXPECT_EQ(want.back(), 0xABABABABu);
                 EXPECT_EQ(corr, want_corr);
                 // no buffer for the gathered values: the loop, the same words
                 std::fill(words.begin(), words.end(), 0u);
                 q.fill(wq.data(), words.data(), corr.data(), threads);
-                EXPECT_EQ(words, want);
+                EXPECT_EQ(quads_of(words), quads_of(want));
             }
         }
 }
