@@ -35,12 +35,12 @@ sparse_kernel_params make_sparse_kernel_params(cpu_isa isa, sparse_dtype dtype, 
     p.isa = isa;
     p.dtype = dtype;
     p.n_vec = n_vec;
-    p.avx_vnni = isa == cpu_isa::avx2 && dtype == sparse_dtype::s8 && cpu_has_avx_vnni();
+    p.avx_vnni = isa == cpu_isa::avx2 && dtype == sparse_dtype::s8 && avx_vnni_usable();
     return p;
 }
 
 s8_word s8_spmm_word(cpu_isa isa) {
-    return isa == cpu_isa::avx2 && !cpu_has_avx_vnni() ? s8_word::pair : s8_word::quad;
+    return isa == cpu_isa::avx2 && !avx_vnni_usable() ? s8_word::pair : s8_word::quad;
 }
 
 void check_s8_word(const sparse_kernel_params &p, const char *family, bool pairs_emitted,

@@ -60,7 +60,7 @@ struct sparse_kernel_params_hash {
 // lanes of one batch element each): 16 on AVX-512, 8 on AVX2.
 int vector_lanes(cpu_isa isa);
 
-// The parameters for a tier; avx_vnni is decided from the CPU.
+// The parameters for a tier; avx_vnni from the CPU and the cap (avx_vnni_usable).
 sparse_kernel_params make_sparse_kernel_params(cpu_isa isa, sparse_dtype dtype, int n_vec);
 
 // Whether a tier's s8 SpMMs leave vpdpbusd quads on this CPU: pair (Conv2d

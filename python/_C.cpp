@@ -981,8 +981,8 @@ PYBIND11_MODULE(_C, m) {
     m.def("detected_cpu_isa", [] { return std::string(qsp::to_string(qsp::detected_cpu_isa())); });
     m.def("effective_cpu_isa",
           [] { return std::string(qsp::to_string(qsp::effective_cpu_isa())); });
-    m.def("set_max_cpu_isa",
-          [](const std::string &s) { qsp::set_max_cpu_isa(qsp::cpu_isa_from_string(s)); });
+    m.def("set_max_cpu_isa", [](const std::string &s) { qsp::set_max_cpu_isa(s); });
+    m.def("avx_vnni_usable", &qsp::avx_vnni_usable);
     m.def("set_verbose", [](int level) { qsp::set_verbose_level(level); });
     m.def("verbose_level", &qsp::verbose_level);
     m.def("rounding_seed32", &qsp::rounding_seed32);

@@ -24,20 +24,48 @@ cpu_isa detect() {
     return cpu_isa::ref;
 }
 
-// -1 = not read yet; the environment is read once, at first use, like
-// oneDNN's ONEDNN_MAX_CPU_ISA.
+// The cap: the level in the low byte, bit 8 set where the AVX2 tier may
+// use AVX-VNNI (a cap above avx2, or "avx2_vnni"). -1 = not read yet; the
+// environment is read once, at first use, like oneDNN's ONEDNN_MAX_CPU_ISA.
+constexpr int vnni_bit = 1 << 8;
 std::atomic<int> max_isa_cap{-1};
 
-cpu_isa cap() {
+int encoded(cpu_isa c, bool avx_vnni) {
+    return static_cast<int>(c) | (avx_vnni ? vnni_bit : 0);
+}
+
+// A cap by name: cpu_isa_from_string's names, or avx2_vnni.
+int cap_from_string(const std::string &name) {
+    std::string n(name);
+    std::transform(n.begin(), n.end(), n.begin(),
+                   [](unsigned char ch) { return std::tolower(ch); });
+    if (n == "avx2_vnni") return encoded(cpu_isa::avx2, true);
+    cpu_isa c;
+    try {
+        c = cpu_isa_from_string(name);
+    } catch (const std::invalid_argument &) {
+        throw std::invalid_argument("QSP_MAX_CPU_ISA: unknown ISA '" + name
+                                    + "'; accepted: ref, avx2 (no AVX-VNNI, as oneDNN's AVX2), "
+                                      "avx2_vnni, avx512_core, avx512_vnni (or "
+                                      "avx512_core_vnni), all");
+    }
+    return encoded(c, c > cpu_isa::avx2);
+}
+
+int cap_bits() {
     int c = max_isa_cap.load();
     if (c < 0) {
         const char *env = std::getenv("QSP_MAX_CPU_ISA");
-        int from_env = static_cast<int>(cpu_isa::avx512_core_vnni);
-        if (env && *env) from_env = static_cast<int>(cpu_isa_from_string(env));
+        int from_env = encoded(cpu_isa::avx512_core_vnni, true);
+        if (env && *env) from_env = cap_from_string(env);
         max_isa_cap.compare_exchange_strong(c, from_env);
         c = max_isa_cap.load();
     }
-    return static_cast<cpu_isa>(c);
+    return c;
+}
+
+cpu_isa cap() {
+    return static_cast<cpu_isa>(cap_bits() & 0xff);
 }
 
 } // namespace
@@ -80,12 +108,24 @@ bool cpu_has_avx_vnni() {
     return has;
 }
 
+bool avx_vnni_usable() {
+    return cpu_has_avx_vnni() && (cap_bits() & vnni_bit) != 0;
+}
+
 cpu_isa effective_cpu_isa() {
     return std::min(detected_cpu_isa(), cap());
 }
 
 void set_max_cpu_isa(cpu_isa c) {
-    max_isa_cap.store(static_cast<int>(c));
+    max_isa_cap.store(encoded(c, c > cpu_isa::avx2));
+}
+
+void set_max_cpu_isa(cpu_isa c, bool avx_vnni) {
+    max_isa_cap.store(encoded(c, avx_vnni));
+}
+
+void set_max_cpu_isa(const std::string &name) {
+    max_isa_cap.store(cap_from_string(name));
 }
 
 const char *version() {

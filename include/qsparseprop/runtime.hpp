@@ -20,13 +20,23 @@ cpu_isa cpu_isa_from_string(const std::string &name);
 
 // What this CPU supports, ignoring any cap.
 cpu_isa detected_cpu_isa();
-// AVX-VNNI (VEX vpdpbusd on ymm): used by the AVX2 tier's int8 kernels
-// instead of their emulated dot products. Detected, not capped.
+// AVX-VNNI (VEX vpdpbusd on ymm), detected.
 bool cpu_has_avx_vnni();
+// Whether the AVX2 tier's int8 kernels use AVX-VNNI (instead of 16-bit pair
+// products or the emulated dot product): the CPU has it and the cap allows
+// it. A cap of avx2 is oneDNN's AVX2, without VNNI, so that the three
+// libraries capped to AVX2 stand for an AVX2 CPU without it (Zen 3,
+// Haswell); "avx2_vnni" (or any cap above avx2) allows it.
+bool avx_vnni_usable();
 // min(detected, cap); the cap comes from set_max_cpu_isa() or, at first use,
-// from the QSP_MAX_CPU_ISA environment variable.
+// from the QSP_MAX_CPU_ISA environment variable (set_max_cpu_isa's names).
 cpu_isa effective_cpu_isa();
+// avx2 and below: no AVX-VNNI; above: AVX-VNNI where the CPU has it.
 void set_max_cpu_isa(cpu_isa cap);
+void set_max_cpu_isa(cpu_isa cap, bool avx_vnni);
+// By name: cpu_isa_from_string's names, or "avx2_vnni" (avx2 with
+// AVX-VNNI); throws std::invalid_argument listing them.
+void set_max_cpu_isa(const std::string &name);
 
 // The largest OpenMP team a primitive accepts (primitive_attr::num_threads):
 // 4x the processors, at least 256. Far larger teams make the OpenMP runtime

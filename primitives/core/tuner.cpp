@@ -24,15 +24,27 @@ namespace {
 
 // A decision holds for one problem at one effective ISA (the cap can
 // change while the process runs).
+// Decisions are per effective ISA, and at avx2 per AVX-VNNI use (the tier's
+// int8 kernels differ with it, and so may the fastest implementation).
+struct isa_level {
+    cpu_isa isa;
+    bool avx_vnni;
+    bool operator==(const isa_level &o) const { return isa == o.isa && avx_vnni == o.avx_vnni; }
+    // the level's number as before AVX-VNNI counted (persisted keys keep
+    // their meaning), 16 more with it
+    uint64_t code() const { return static_cast<uint64_t>(isa) + (avx_vnni ? 16 : 0); }
+};
+isa_level effective_level() {
+    const cpu_isa isa = effective_cpu_isa();
+    return {isa, isa == cpu_isa::avx2 && avx_vnni_usable()};
+}
 struct decision_key {
     problem prob;
-    cpu_isa isa;
+    isa_level isa;
     bool operator==(const decision_key &o) const { return isa == o.isa && prob == o.prob; }
 };
 struct decision_key_hash {
-    size_t operator()(const decision_key &k) const {
-        return problem_hash()(k.prob, static_cast<uint64_t>(k.isa));
-    }
+    size_t operator()(const decision_key &k) const { return problem_hash()(k.prob, k.isa.code()); }
 };
 struct decision {
     std::string impl;
@@ -52,8 +64,8 @@ runtime::lru_cache<decision_key, decision, decision_key_hash> &decision_store() 
 // pattern in full); payload: "chosen=<implementation>" and one
 // "measured=<implementation>,<median ms>" line per candidate.
 
-std::string disk_key(const problem &p, cpu_isa isa) {
-    return std::string(1, static_cast<char>(isa)) + p.key_bytes();
+std::string disk_key(const problem &p, isa_level isa) {
+    return std::string(1, static_cast<char>(isa.code())) + p.key_bytes();
 }
 
 std::string disk_payload(const tuning_result &r) {
@@ -65,7 +77,7 @@ std::string disk_payload(const tuning_result &r) {
 
 // The decision on disk for p, if there is one naming an implementation that
 // accepts p here (an entry is data from outside: checked, never trusted).
-std::shared_ptr<const decision> load_from_disk(const problem &p, cpu_isa isa) {
+std::shared_ptr<const decision> load_from_disk(const problem &p, isa_level isa) {
     const auto payload = runtime::persistent_load("tuning", disk_key(p, isa));
     if (!payload) return nullptr;
     const std::string prefix = "chosen=";
@@ -87,7 +99,7 @@ std::shared_ptr<const decision> load_from_disk(const problem &p, cpu_isa isa) {
 
 // The stored decision for p: in memory, else on disk (then kept in memory).
 std::shared_ptr<const decision> find_decision(const problem &p) {
-    const decision_key key{p, effective_cpu_isa()};
+    const decision_key key{p, effective_level()};
     if (auto d = decision_store().find(key)) return d;
     auto d = load_from_disk(p, key.isa);
     if (d) decision_store().put(key, d);
@@ -228,9 +240,9 @@ tuning_result tune_problem(const pd_impl &impl, const tuning_options &options) {
     }
     r.chosen = rivals[choose_implementation(medians, incumbent, options.min_gain)]->name;
     r.measured = true;
-    decision_store().put(decision_key{p, effective_cpu_isa()},
+    decision_store().put(decision_key{p, effective_level()},
                          std::make_shared<const decision>(decision{r.chosen}));
-    runtime::persistent_store("tuning", disk_key(p, effective_cpu_isa()), disk_payload(r));
+    runtime::persistent_store("tuning", disk_key(p, effective_level()), disk_payload(r));
     if (verbose_level() >= 2) {
         std::ostringstream line;
         line << "tune," << r.primitive << "," << r.problem << ",threads=" << p.num_threads;

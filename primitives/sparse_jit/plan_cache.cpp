@@ -13,14 +13,16 @@ namespace {
 struct plan_key {
     const char *impl; // a string literal of the implementation list
     cpu_isa isa;
-    problem prob; // batch 0
+    bool avx_vnni; // the AVX2 tier's plans differ with it (pairs or quads, its dot product)
+    problem prob;  // batch 0
     bool operator==(const plan_key &o) const {
-        return isa == o.isa && std::strcmp(impl, o.impl) == 0 && prob == o.prob;
+        return isa == o.isa && avx_vnni == o.avx_vnni && std::strcmp(impl, o.impl) == 0
+               && prob == o.prob;
     }
 };
 struct plan_key_hash {
     size_t operator()(const plan_key &k) const {
-        return problem_hash()(k.prob, static_cast<uint64_t>(k.isa));
+        return problem_hash()(k.prob, static_cast<uint64_t>(k.isa) * 2 + k.avx_vnni);
     }
 };
 
@@ -32,7 +34,9 @@ cached_plan(const char *impl, cpu_isa isa, const problem &p,
     static runtime::lru_cache<plan_key, kernel, plan_key_hash> cache("jit_plan");
     const double t0 = runtime::now_ms();
     bool generated = false;
-    auto plan = cache.get_or_create(plan_key{impl, isa, p.without_batch()}, make, &generated);
+    const bool avx_vnni = isa == cpu_isa::avx2 && avx_vnni_usable();
+    auto plan =
+            cache.get_or_create(plan_key{impl, isa, avx_vnni, p.without_batch()}, make, &generated);
     if (verbose_level() >= 1) {
         std::ostringstream line;
         line << "jit,plan," << impl << "," << to_string(direction(p.dir)) << ","

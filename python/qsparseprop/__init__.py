@@ -46,7 +46,9 @@ def cpu_isa() -> str:
 
 
 def set_max_cpu_isa(isa: str) -> None:
-    """Caps the ISA: 'ref', 'avx2', 'avx512_core', 'avx512_vnni' or 'all'."""
+    """Caps the ISA: 'ref', 'avx2' (no AVX-VNNI, as oneDNN's AVX2), 'avx2_vnni'
+    (AVX2 with AVX-VNNI where the CPU has it), 'avx512_core', 'avx512_vnni'
+    or 'all'."""
     _C.set_max_cpu_isa(isa)
 
 

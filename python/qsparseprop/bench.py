@@ -87,7 +87,7 @@ def measured_peak_gflops(threads: int) -> dict:
     except (RuntimeError, AttributeError):
         pass  # no int8 product in this torch
     isa = _C.effective_cpu_isa()
-    vnni = isa == "avx512_core_vnni" or (isa == "avx2" and machine()["avx_vnni"])
+    vnni = isa == "avx512_core_vnni" or (isa == "avx2" and _C.avx_vnni_usable())
     ratio = 4 if vnni else 2
     if torch_s8 >= ratio * out["f32"]:
         out["s8"], out["s8_from"] = torch_s8, "torch's int8 product"
@@ -501,7 +501,8 @@ def main(argv: list[str] | None = None) -> None:
     peak = measured_peak_gflops(torch.get_num_threads())
     print(f"qsparseprop {_C.version()} bench {a.what}: cpu={m['cpu']!r} amx={'yes' if m['amx'] else 'no'} "
           f"bf16={'native' if m['bf16_native'] else 'emulated, not timed'} "
-          f"threads={torch.get_num_threads()} isa={_C.effective_cpu_isa()} "
+          f"threads={torch.get_num_threads()} isa={_C.effective_cpu_isa()}"
+          f"{'+avx_vnni' if _C.effective_cpu_isa() == 'avx2' and _C.avx_vnni_usable() else ''} "
           f"ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', '-')} repeats={a.repeats} "
           f"measured peak: fp32 {peak['f32']:.0f} GFLOP/s, int8 {peak['s8']:.0f} GOP/s ({peak['s8_from']})",
           flush=True)  # fmt: skip

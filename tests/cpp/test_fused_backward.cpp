@@ -38,7 +38,7 @@ TEST(FusedBackward, linear_equals_the_two_primitives_on_every_tier) {
         auto x = random_vector(static_cast<size_t>(batch * K), rng);
         auto dy = random_vector(static_cast<size_t>(batch * N), rng);
         const std::vector<float> bias(static_cast<size_t>(N), 0.5f);
-        for (cpu_isa isa : isa_levels())
+        for (isa_level isa : isa_levels())
             for (quant_scheme scheme : {quant_scheme::f32, quant_scheme::s8}) {
                 isa_cap_guard cap(isa);
                 SCOPED_TRACE(std::string(to_string(isa)) + " " + to_string(scheme) + " batch "
@@ -71,7 +71,7 @@ TEST(FusedBackward, conv2d_equals_the_two_primitives_on_every_tier) {
     auto x = random_vector(static_cast<size_t>(3 * 5 * 9 * 8), rng);
     auto dy = random_vector(static_cast<size_t>(3 * 6 * o[0] * o[1]), rng);
     const std::vector<float> bias(6, 0.5f);
-    for (cpu_isa isa : isa_levels())
+    for (isa_level isa : isa_levels())
         for (quant_scheme scheme : {quant_scheme::f32, quant_scheme::s8})
             for (conv_vectorization v : {conv_vectorization::any, conv_vectorization::batch,
                                          conv_vectorization::output_width}) {
@@ -175,7 +175,7 @@ TEST(FusedBackward, s8_backward_weights_alone_takes_the_channel_maxima) {
     auto lw = csr_weights::from_dense(random_sparse_dense(10, 24, 0.7, rng).data(), 10, 24);
     auto lx = random_vector(16 * 24, rng), ldy = random_vector(16 * 10, rng);
     const std::vector<float> lmax = channel_maxima(ldy, 10, 1), ldoubled = times(lmax, 2.f);
-    for (cpu_isa isa : isa_levels()) {
+    for (isa_level isa : isa_levels()) {
         isa_cap_guard cap(isa);
         SCOPED_TRACE(to_string(isa));
         step_options o;

@@ -107,7 +107,7 @@ void compare_with_reference(const conv_case &c, int threads, unsigned seed) {
     for (quant_scheme scheme : {quant_scheme::f32, quant_scheme::s8}) {
         SCOPED_TRACE(to_string(scheme));
         const outputs want = run(c, w, x, dy, bias, scheme, threads, "ref:any");
-        for (cpu_isa isa : isa_levels())
+        for (isa_level isa : isa_levels())
             for (conv_vectorization v : strategies) {
                 if (isa == cpu_isa::ref) continue;
                 isa_cap_guard cap(isa);
@@ -267,7 +267,7 @@ TEST(JitConv2dEdges, non_finite_inputs_follow_dense_semantics) {
     for (float v : want.y)
         nan_y += std::isnan(v);
     ASSERT_GT(nan_y, 4u) << "the Inf must reach outputs through pruned weights too";
-    for (cpu_isa isa : isa_levels())
+    for (isa_level isa : isa_levels())
         for (conv_vectorization v : strategies) {
             if (isa == cpu_isa::ref) continue;
             isa_cap_guard cap(isa);
@@ -373,7 +373,7 @@ TEST(JitConv2dEdges, s8_backward_weights_reduction_of_32x56x56_does_not_overflow
         // centre tap: every one of the 100352 terms is 127 * 127 (scales 1/127)
         const size_t centre = static_cast<size_t>(k * k / 2);
         EXPECT_FLOAT_EQ(want.dw[centre], static_cast<float>(32 * 56 * 56));
-        for (cpu_isa isa : isa_levels())
+        for (isa_level isa : isa_levels())
             for (conv_vectorization v : strategies) {
                 if (isa == cpu_isa::ref) continue;
                 isa_cap_guard cap(isa);
@@ -393,7 +393,7 @@ TEST(JitConv2dEdges, s8_backward_weights_of_a_tall_image_moves_partial_sums_to_i
     std::vector<float> x(17000 * 4, 1.f), dy(17000 * 4, 1.f);
     const outputs want = run(c, w, x, dy, bias, quant_scheme::s8, 1, "ref:any");
     EXPECT_FLOAT_EQ(want.dw[0], 17000.f * 4);
-    for (cpu_isa isa : isa_levels())
+    for (isa_level isa : isa_levels())
         for (conv_vectorization v : strategies) {
             if (isa == cpu_isa::ref) continue;
             isa_cap_guard cap(isa);

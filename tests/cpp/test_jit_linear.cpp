@@ -51,7 +51,7 @@ void compare_tiers(int64_t B, int64_t K, int64_t N, double sparsity, int threads
     }
     // Magnitude bounds of the sums: max row length times the value ranges (<= 1).
     const double scale_fwd = double(K) + 1, scale_bd = double(N), scale_bw = double(B) + 1;
-    for (cpu_isa isa : isa_levels()) {
+    for (isa_level isa : isa_levels()) {
         if (isa == cpu_isa::ref) continue;
         isa_cap_guard cap(isa);
         const std::string jit = isa >= cpu_isa::avx512_core ? "jit:avx512_core" : "jit:avx2";
@@ -196,7 +196,7 @@ TEST(JitLinearPattern, adds_in_the_generic_kernels_order) {
             auto x = random_vector(static_cast<size_t>(B * K), rng);
             auto dy = random_vector(static_cast<size_t>(B * N), rng);
             auto b = random_vector(static_cast<size_t>(N), rng);
-            for (cpu_isa isa : isa_levels()) {
+            for (isa_level isa : isa_levels()) {
                 if (isa < cpu_isa::avx2) continue;
                 isa_cap_guard cap(isa);
                 const std::string jit =

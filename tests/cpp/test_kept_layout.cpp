@@ -35,7 +35,7 @@ TEST(KeptLayout, is_onednns_Acb64a_and_the_packing_pass_writes_it) {
             const auto plain = random_vector(static_cast<size_t>(batch * features), rng);
             const auto by_onednn = reordered_into(plain, md);
             expect_zero_padding(by_onednn, batch, features, "oneDNN's reorder");
-            for (cpu_isa isa : isa_levels()) {
+            for (isa_level isa : isa_levels()) {
                 isa_cap_guard cap(isa);
                 SCOPED_TRACE(to_string(isa));
                 std::vector<float> ours(by_onednn.size(), NAN);
@@ -64,7 +64,7 @@ TEST(KeptLayout, a_linear_step_in_it_equals_the_plain_step_on_every_tier) {
         const auto x = random_vector(static_cast<size_t>(batch * K), rng);
         const auto dy = random_vector(static_cast<size_t>(batch * N), rng);
         const std::vector<float> bias = random_vector(static_cast<size_t>(N), rng);
-        for (cpu_isa isa : isa_levels())
+        for (isa_level isa : isa_levels())
             for (quant_scheme scheme : {quant_scheme::f32, quant_scheme::s8})
                 for (int threads : {1, 3}) {
                     isa_cap_guard cap(isa);
@@ -135,7 +135,7 @@ TEST(KeptLayout, post_ops_run_over_the_tiles) {
     dnnl::engine eng(dnnl::engine::kind::cpu, 0);
     dnnl::stream s(eng);
     for (int64_t batch : {1, 65})
-        for (cpu_isa isa : isa_levels())
+        for (isa_level isa : isa_levels())
             for (const char *impl : {"", "ref:any"}) {
                 isa_cap_guard cap(isa);
                 SCOPED_TRACE(std::string(to_string(isa)) + " " + impl + " batch "
@@ -202,7 +202,7 @@ TEST(KeptLayout, a_non_finite_input_still_gets_dense_semantics) {
     x[static_cast<size_t>(66 * K + 3)] = NAN;
     dy[static_cast<size_t>(5 * N + 1)] = INFINITY;
     const std::vector<float> bias(static_cast<size_t>(N), 0.f);
-    for (cpu_isa isa : isa_levels()) {
+    for (isa_level isa : isa_levels()) {
         isa_cap_guard cap(isa);
         SCOPED_TRACE(to_string(isa));
         step_options o;
@@ -234,7 +234,7 @@ TEST(KeptLayout, a_descriptor_says_whether_its_implementation_reads_it_natively)
     EXPECT_FALSE(takes("ref:any", quant_scheme::f32));
     EXPECT_FALSE(takes("ref:any", quant_scheme::s8));
     // the JIT tiers' picks: f32 reads tiles, s8 converts (its workspace is plain)
-    for (cpu_isa isa : isa_levels()) {
+    for (isa_level isa : isa_levels()) {
         if (isa < cpu_isa::avx2) continue;
         isa_cap_guard cap(isa);
         SCOPED_TRACE(to_string(isa));

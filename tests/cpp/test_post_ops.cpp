@@ -136,7 +136,7 @@ void sweep(const std::function<pd_t(const primitive_attr &, quant_scheme)> &make
     const auto src = random_vector(src_n, rng, -2.f, 2.f);
     const auto values = random_vector(nnz, rng);
     const auto residual = random_vector(layout.elements(), rng, -1.f, 1.f);
-    for (cpu_isa isa : isa_levels()) {
+    for (isa_level isa : isa_levels()) {
         isa_cap_guard guard(isa);
         for (quant_scheme scheme : {quant_scheme::f32, quant_scheme::s8}) {
             const std::function<pd_t(const primitive_attr &)> make_pd =

@@ -474,4 +474,71 @@ TEST(Runtime, isa_cap_parsing) {
     EXPECT_EQ(effective_cpu_isa(), detected_cpu_isa());
 }
 
+// A cap of avx2 is oneDNN's AVX2: the AVX2 tier's int8 kernels leave AVX-VNNI
+// alone (the three libraries capped stand for Zen 3 or Haswell); avx2_vnni
+// and every cap above avx2 let them use it where the CPU has it.
+TEST(Runtime, avx2_cap_leaves_avx_vnni_out_unless_named) {
+    const bool has = cpu_has_avx_vnni();
+    set_max_cpu_isa("avx2");
+    EXPECT_FALSE(avx_vnni_usable());
+    EXPECT_EQ(effective_cpu_isa(), std::min(detected_cpu_isa(), cpu_isa::avx2));
+    set_max_cpu_isa("AVX2_VNNI");
+    EXPECT_EQ(avx_vnni_usable(), has);
+    EXPECT_EQ(effective_cpu_isa(), std::min(detected_cpu_isa(), cpu_isa::avx2));
+    set_max_cpu_isa(cpu_isa::avx2);
+    EXPECT_FALSE(avx_vnni_usable());
+    set_max_cpu_isa(cpu_isa::avx2, true);
+    EXPECT_EQ(avx_vnni_usable(), has);
+    set_max_cpu_isa("all");
+    EXPECT_EQ(avx_vnni_usable(), has);
+    try {
+        set_max_cpu_isa("avx3");
+        ADD_FAILURE() << "an unknown cap was taken";
+    } catch (const std::invalid_argument &e) {
+        EXPECT_NE(std::string(e.what()).find("avx2_vnni"), std::string::npos) << e.what();
+    }
+    EXPECT_EQ(avx_vnni_usable(), has) << "a refused name left the cap as it was";
+    set_max_cpu_isa(cpu_isa::avx512_core_vnni);
+}
+
+// The AVX2 tier's plans with and without AVX-VNNI are different plans (s8
+// quads or pairs): switching the cap between them never runs one for the
+// other, and both compute the same integers.
+TEST(Runtime, avx2_plans_follow_the_avx_vnni_cap) {
+    if (detected_cpu_isa() < cpu_isa::avx2) GTEST_SKIP() << "no AVX2 on this CPU";
+    dnnl::engine eng(dnnl::engine::kind::cpu, 0);
+    dnnl::stream s(eng);
+    std::mt19937 rng(3);
+    const auto w = csr_weights::from_dense(random_sparse_dense(24, 40, 0.3, rng).data(), 24, 40);
+    const std::vector<float> x = random_vector(8 * 40, rng);
+    auto plans = [] {
+        for (const cache_info &c : cache_infos())
+            if (c.name == "jit_plan") return c.generations;
+        return uint64_t(0);
+    };
+    std::vector<std::vector<float>> outputs;
+    for (const char *cap : {"avx2_vnni", "avx2", "avx2_vnni"}) {
+        SCOPED_TRACE(cap);
+        set_max_cpu_isa(cap);
+        const size_t before = plans();
+        sparse_linear_forward::primitive_desc pd(eng, prop_kind::forward_inference,
+                                                 f32_desc({8, 40}), w.pattern, f32_desc({8, 24}),
+                                                 quant_scheme::s8);
+        EXPECT_EQ(pd.impl_info_str().rfind("jit:avx2", 0), 0u) << pd.impl_info_str();
+        std::vector<float> y(8 * 24);
+        sparse_linear_forward(pd).execute(
+                s, {{DNNL_ARG_SRC, wrap(eng, pd.src_desc(), const_cast<float *>(x.data()))},
+                    {DNNL_ARG_WEIGHTS, wrap(eng, pd.weights_desc(), w.values.data())},
+                    {DNNL_ARG_DST, wrap(eng, pd.dst_desc(), y.data())}});
+        outputs.push_back(y);
+        // the second cap makes a plan of its own (where the CPU has AVX-VNNI
+        // the two differ); the third finds the first's
+        if (outputs.size() == 2 && cpu_has_avx_vnni()) EXPECT_GT(plans(), before);
+        if (outputs.size() == 3) EXPECT_EQ(plans(), before);
+    }
+    set_max_cpu_isa(cpu_isa::avx512_core_vnni);
+    EXPECT_EQ(outputs[1], outputs[0]);
+    EXPECT_EQ(outputs[2], outputs[0]);
+}
+
 } // namespace qsp::test

@@ -155,7 +155,7 @@ TEST_P(SparseLinearS8, matches_exact_integer_model) {
         auto dy = random_vector(static_cast<size_t>(B * N), rng, -0.01f, 0.02f);
         auto b = random_vector(static_cast<size_t>(N), rng);
         const uint64_t seed = 0x1234567890abcdefull + size;
-        for (cpu_isa isa : isa_levels()) {
+        for (isa_level isa : isa_levels()) {
             // Every implementation an s8 Linear has at this tier.
             std::vector<std::string> impls = {"", "ref:any"};
             if (isa >= cpu_isa::avx2) {

@@ -83,7 +83,7 @@ TEST(SparseConv2dF32Edges, groups_and_depthwise) {
 }
 
 TEST(SparseConv2dF32Edges, all_isa_levels_and_thread_counts) {
-    for (cpu_isa isa : isa_levels())
+    for (isa_level isa : isa_levels())
         for (int threads : {1, 3}) {
             isa_cap_guard cap(isa);
             SparseConv2dTester()

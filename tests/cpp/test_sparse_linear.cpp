@@ -13,7 +13,7 @@ class SparseLinearF32 : public ::testing::TestWithParam<std::tuple<int64_t, doub
 // sparsity and every ISA level the machine has.
 TEST_P(SparseLinearF32, matches_dense_in_every_dimension) {
     const auto [size, sparsity, threads] = GetParam();
-    for (cpu_isa isa : isa_levels()) {
+    for (isa_level isa : isa_levels()) {
         isa_cap_guard cap(isa);
         SCOPED_TRACE(to_string(isa));
         SparseLinearTester().batch(size).in(17).out(65).sparsity(sparsity).threads(threads).Test();

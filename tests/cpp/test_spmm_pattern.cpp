@@ -222,22 +222,31 @@ TEST_P(SpmmPatternKernel, matches_the_scalar_model_on_every_tier) {
     jit::spmm_pattern_shape shape;
     shape.lengths = s.lengths;
     shape.code_budget = budget;
-    std::vector<std::pair<cpu_isa, jit::s8_word>> variants;
+    // s8 at avx2: quads on AVX-VNNI where the CPU has it, emulated quads and
+    // entry pairs on any AVX2 CPU
+    struct variant {
+        cpu_isa isa;
+        jit::s8_word word;
+        bool avx_vnni;
+    };
+    std::vector<variant> variants;
     for (cpu_isa isa : jit_tiers()) {
-        variants.emplace_back(isa, jit::s8_word::quad);
-        if (s8 && isa == cpu_isa::avx2 && !cpu_has_avx_vnni())
-            variants.emplace_back(isa, jit::s8_word::entry_pair);
+        const bool s8_avx2 = s8 && isa == cpu_isa::avx2;
+        variants.push_back({isa, jit::s8_word::quad, false});
+        if (s8_avx2 && cpu_has_avx_vnni()) variants.push_back({isa, jit::s8_word::quad, true});
+        if (s8_avx2) variants.push_back({isa, jit::s8_word::entry_pair, false});
     }
-    for (const auto &[isa, word_kind] : variants) {
+    for (const auto &[isa, word_kind, avx_vnni] : variants) {
         const int lanes = jit::vector_lanes(isa);
         const bool entry_pairs = word_kind == jit::s8_word::entry_pair;
         const std::vector<uint32_t> &values = entry_pairs ? pair_word : word;
         const std::vector<uint8_t> &source = entry_pairs ? s8_src : src;
         for (int nv = 1; nv <= tb / lanes; ++nv) {
             SCOPED_TRACE(std::string(to_string(isa)) + (entry_pairs ? " entry pairs" : "")
-                         + " n_vec=" + std::to_string(nv));
+                         + (avx_vnni ? " avx_vnni" : "") + " n_vec=" + std::to_string(nv));
             auto params = jit::make_sparse_kernel_params(isa, dtype, nv);
             params.word = word_kind;
+            params.avx_vnni = avx_vnni;
             const auto code = jit::spmm_pattern_kernel(params, shape);
             const auto exact = jit::exact_body_lengths(params, shape);
             if (budget < 16384)

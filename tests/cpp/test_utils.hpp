@@ -93,10 +93,26 @@ inline conv2d_geometry same_3x3() {
 }
 
 // Every ISA level up to the detected one, so each test runs on each tier.
-inline std::vector<cpu_isa> isa_levels() {
-    std::vector<cpu_isa> out;
-    for (int i = 0; i <= static_cast<int>(detected_cpu_isa()); ++i)
-        out.push_back(static_cast<cpu_isa>(i));
+// A cap the tests run under: an ISA level and, at avx2, whether the tier's
+// int8 kernels use AVX-VNNI (their dot products and word forms differ).
+struct isa_level {
+    cpu_isa isa;
+    bool avx_vnni = false;
+    operator cpu_isa() const { return isa; }
+};
+inline std::string to_string(isa_level l) {
+    return std::string(qsp::to_string(l.isa))
+           + (l.isa == cpu_isa::avx2 && l.avx_vnni ? "+avx_vnni" : "");
+}
+// Every level this CPU has; avx2 twice where it has AVX-VNNI (without it,
+// as on Zen 3 and Haswell, and with it).
+inline std::vector<isa_level> isa_levels() {
+    std::vector<isa_level> out;
+    for (int i = 0; i <= static_cast<int>(detected_cpu_isa()); ++i) {
+        const auto isa = static_cast<cpu_isa>(i);
+        out.push_back({isa, isa > cpu_isa::avx2});
+        if (isa == cpu_isa::avx2 && cpu_has_avx_vnni()) out.push_back({isa, true});
+    }
     return out;
 }
 
@@ -112,6 +128,7 @@ inline std::string generic_sibling(const std::string &impl) {
 
 struct isa_cap_guard {
     explicit isa_cap_guard(cpu_isa isa) { set_max_cpu_isa(isa); }
+    explicit isa_cap_guard(isa_level l) { set_max_cpu_isa(l.isa, l.avx_vnni); }
     ~isa_cap_guard() { set_max_cpu_isa(cpu_isa::avx512_core_vnni); }
 };
 

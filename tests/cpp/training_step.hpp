@@ -311,8 +311,9 @@ inline void expect_same_bits(const std::vector<float> &a, const std::vector<floa
 
 // Every ISA tier the CPU has, or the full ISA only where an implementation
 // is forced (a capped tier refuses it).
-inline std::vector<cpu_isa> tester_tiers(const step_options &o) {
-    return o.implementation.empty() ? isa_levels() : std::vector<cpu_isa>{detected_cpu_isa()};
+inline std::vector<isa_level> tester_tiers(const step_options &o) {
+    if (!o.implementation.empty()) return {{detected_cpu_isa(), true}};
+    return isa_levels();
 }
 
 // f32: the dense computation in double and the sums of |terms| behind each
@@ -336,7 +337,7 @@ void expect_step_matches_on_every_tier(const layer_t &layer, const csr_weights &
         ref.fused = false;
         want = training_step(layer, w, x, dy, bias, ref);
     }
-    for (cpu_isa isa : tester_tiers(o)) {
+    for (isa_level isa : tester_tiers(o)) {
         isa_cap_guard cap(isa);
         SCOPED_TRACE(to_string(isa));
         const step_result got = training_step(layer, w, x, dy, bias, o);

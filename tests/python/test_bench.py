@@ -18,7 +18,7 @@ def test_int8_peak_without_a_torch_int8_product_is_the_lane_ratio(monkeypatch):
     assert ratio in (2, 4)
     assert "lane ratio" in peak["s8_from"]
     vnni = bench._C.effective_cpu_isa() == "avx512_core_vnni" or (
-        bench._C.effective_cpu_isa() == "avx2" and bench.machine()["avx_vnni"]
+        bench._C.effective_cpu_isa() == "avx2" and bench._C.avx_vnni_usable()
     )
     assert ratio == (4 if vnni else 2)
 
