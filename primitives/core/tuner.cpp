@@ -23,8 +23,7 @@ namespace detail {
 namespace {
 
 // A decision holds for one problem at one effective ISA (the cap can
-// change while the process runs).
-// Decisions are per effective ISA, and at avx2 per AVX-VNNI use (the tier's
+// change while the process runs) and, at avx2, one AVX-VNNI use (the tier's
 // int8 kernels differ with it, and so may the fastest implementation).
 struct isa_level {
     cpu_isa isa;

@@ -92,7 +92,6 @@ inline conv2d_geometry same_3x3() {
     return g;
 }
 
-// Every ISA level up to the detected one, so each test runs on each tier.
 // A cap the tests run under: an ISA level and, at avx2, whether the tier's
 // int8 kernels use AVX-VNNI (their dot products and word forms differ).
 struct isa_level {
@@ -104,8 +103,9 @@ inline std::string to_string(isa_level l) {
     return std::string(qsp::to_string(l.isa))
            + (l.isa == cpu_isa::avx2 && l.avx_vnni ? "+avx_vnni" : "");
 }
-// Every level this CPU has; avx2 twice where it has AVX-VNNI (without it,
-// as on Zen 3 and Haswell, and with it).
+// Every ISA level up to the detected one, so each test runs on each tier;
+// avx2 twice where the CPU has AVX-VNNI (without it, as on Zen 3 and
+// Haswell, and with it).
 inline std::vector<isa_level> isa_levels() {
     std::vector<isa_level> out;
     for (int i = 0; i <= static_cast<int>(detected_cpu_isa()); ++i) {
