@@ -29,8 +29,11 @@ struct isa_level {
     cpu_isa isa;
     bool avx_vnni;
     bool operator==(const isa_level &o) const { return isa == o.isa && avx_vnni == o.avx_vnni; }
-    // the level's number as before AVX-VNNI counted (persisted keys keep
-    // their meaning), 16 more with it
+    // the level's number as before AVX-VNNI counted, 16 more with it: an
+    // older decision on disk reads as the level without AVX-VNNI, which is
+    // where it was made except on CPUs with AVX-VNNI capped to avx2 (there
+    // it may be slower, never wrong: a decision only picks among the
+    // implementations that accept the problem)
     uint64_t code() const { return static_cast<uint64_t>(isa) + (avx_vnni ? 16 : 0); }
 };
 isa_level effective_level() {
