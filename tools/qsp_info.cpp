@@ -10,9 +10,10 @@
 int main() {
     const dnnl_version_t *v = dnnl_version();
     std::printf("qsparseprop %s\n", qsp::version());
-    std::printf("cpu isa: detected %s, effective %s, avx_vnni %s\n",
+    std::printf("cpu isa: detected %s, effective %s, avx_vnni %s (the avx2 tier %s it)\n",
                 qsp::to_string(qsp::detected_cpu_isa()), qsp::to_string(qsp::effective_cpu_isa()),
-                qsp::cpu_has_avx_vnni() ? "yes" : "no");
+                qsp::cpu_has_avx_vnni() ? "yes" : "no",
+                qsp::avx_vnni_usable() ? "uses" : "does not use");
     std::printf("oneDNN %d.%d.%d (%s)\n", v->major, v->minor, v->patch, v->hash);
     std::printf("cache capacity: %zu entries each (QSP_CACHE_CAPACITY)\n", qsp::cache_capacity());
     std::printf("scratch pool: keeps up to %zu MiB idle (QSP_SCRATCH_CAPACITY_MB)\n",
