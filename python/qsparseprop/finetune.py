@@ -46,7 +46,7 @@ from . import _C, cpu_isa
 from ._paths import output_file_problem
 from .bench import machine
 from .memory import saved_activation_bytes
-from .swap import apply_swap_plan, save_swap_plan, swap_modules_with_sparse, use_masked_relus
+from .swap import apply_swap_plan, model_state_kept, save_swap_plan, swap_modules_with_sparse, use_masked_relus
 
 _VARIANT_NAMES = {
     "f32": "qsparseprop f32",
@@ -232,18 +232,9 @@ def _training_memory(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tens
     report compares across ranks: training broadcasts rank 0's buffers and
     all-reduces the gradients. The torchrun test's ranks once ended unequal
     in a full test run; not reproduced in eight reruns, five under load.)"""
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    was_training = model.training
-    model.train()
-    try:
-        with autocast:
-            act = saved_activation_bytes(model, x)
-    finally:
-        model.train(was_training)
-        with torch.no_grad():
-            for b, saved in buffers:
-                if not torch.equal(b, saved):
-                    b.copy_(saved)
+    with model_state_kept(model), autocast:
+        model.train()
+        act = saved_activation_bytes(model, x)
     params = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     state = sum(
         t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)

@@ -301,6 +301,25 @@ def _replace(root: nn.Module, name: str, new: nn.Module) -> list[str]:
     return [n for n in names if n != name]
 
 
+@contextlib.contextmanager
+def model_state_kept(model: nn.Module):
+    """Every module's mode and every buffer (BatchNorm statistics, counters,
+    int8 rounding steps) put back as they were when the block ends: for a
+    probe forward. Only what changed is copied back: a copy would bump the
+    version of buffers that autograd graphs hold (pruning masks)."""
+    modes = {m: m.training for m in model.modules()}
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    try:
+        yield
+    finally:
+        for m, training in modes.items():
+            m.training = training
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                if name in buffers and not torch.equal(b, buffers[name]):
+                    b.copy_(buffers[name])
+
+
 def _probe_shapes(
     model: nn.Module, input_shape, kinds: tuple[type, ...] = (nn.Linear, nn.Conv2d), readers: list | None = None
 ) -> tuple[dict[str, tuple[int, ...]], list[str]]:
@@ -322,30 +341,28 @@ def _probe_shapes(
 
         return hook
 
-    modes = {m: m.training for m in model.modules()}
-    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     hooks = [model.get_submodule(n).register_forward_pre_hook(record(n)) for n in candidates]
     try:
-        model.eval()
-        with torch.no_grad():
+        with model_state_kept(model), torch.no_grad():
+            model.eval()
             model(torch.randn(tuple(input_shape)))
     finally:
         for h in hooks:
             h.remove()
-        for m, training in modes.items():
-            m.training = training
-        with torch.no_grad():
-            for name, b in model.named_buffers():
-                # only what changed: a copy would bump the version of buffers
-                # that autograd graphs hold (pruning masks)
-                if name in buffers and not torch.equal(b, buffers[name]):
-                    b.copy_(buffers[name])
     if readers is not None:
         groups: dict[int, list[str]] = {}
         for name, tensor in first_inputs:
             groups.setdefault(id(tensor), []).append(name)
         readers.extend(g for g in groups.values() if len(g) > 1)
     return shapes, candidates
+
+
+def _swap_in(target: nn.Module, row, sparse: nn.Module) -> None:
+    """Puts ``sparse`` where ``row``'s module is, and says in its reason where
+    else the same module sat (tied: swapped there too)."""
+    also = _replace(target, row.name, sparse)
+    if also:
+        row.reason += f"; the same module is also {', '.join(also)}: swapped there too (still tied)"
 
 
 def _decide_shared_inputs(target, report, readers, sparse_of, min_speedup, base) -> None:
@@ -379,9 +396,7 @@ def _decide_shared_inputs(target, report, readers, sparse_of, min_speedup, base)
             f"; swapped with {other.name}, which reads the same input: the pair {speedup:.2f}x vs {base} "
             f">= min_speedup {min_speedup} (fused, they run as one function sharing the input's passes)"
         )
-        also = _replace(target, kept.name, sparse_of[kept.name])
-        if also:
-            kept.reason += f"; the same module is also {', '.join(also)}: swapped there too (still tied)"
+        _swap_in(target, kept, sparse_of[kept.name])
 
 
 def swap_modules_with_sparse(
@@ -551,9 +566,7 @@ def swap_modules_with_sparse(
             if timing.from_cache:
                 row.reason += " (timings from the persistent cache)"
         if row.swapped:
-            also = _replace(target, name, sparse)
-            if also:
-                row.reason += f"; the same module is also {', '.join(also)}: swapped there too (still tied)"
+            _swap_in(target, row, sparse)
 
     if fuse and not prototype:
         _decide_shared_inputs(target, report, readers, sparse_of, min_speedup, base)
