@@ -26,6 +26,15 @@ unroll_t unroll_for(cpu_isa isa, bool emulated) {
     if (emulated) return {2, 1}; // the products' temporaries serialise anyway
     return isa >= cpu_isa::avx512_core ? unroll_t{4, 2} : unroll_t{2, 2};
 }
+// The unroll a kernel holding `dy_vectors` dY vectors uses: the fewest sums
+// above, or where the registers left allow, 8 of them. A multiply-add waits
+// 4 cycles on its sum and two issue per cycle, so fewer than 8 independent
+// sums leave the multiply-add ports idle.
+unroll_t unroll_for(cpu_isa isa, bool emulated, int dy_vectors) {
+    const unroll_t fewest = unroll_for(isa, emulated);
+    if (emulated) return fewest;
+    return vector_registers(isa) - dy_vectors >= 8 ? unroll_t{4, 2} : fewest;
+}
 
 void check_params(const sparse_kernel_params &p) {
     const int lanes = vector_lanes(p.isa);
@@ -71,7 +80,7 @@ template <cpu_isa isa> void jit_uni_sddmm_width_kernel_t<isa>::generate() {
     const int nv = params_.n_vec, tail = params_.tail;
     const bool s8 = params_.dtype == sparse_dtype::s8;
     const bool emulated = emulated_dot(isa, params_.dtype, params_.avx_vnni);
-    const unroll_t un = unroll_for(isa, emulated);
+    const unroll_t un = unroll_for(isa, emulated, params_.n_rows * params_.n_vec);
     // AVX2 without VNNI widens to 16 bits instead of emulating vpdpbusd (the
     // same registers: each dY vector's two halves as u16 where the nibbles
     // were): per x vector two vpmovsxbw, two vpmaddwd, two vpaddd. A dword
@@ -154,7 +163,8 @@ template <cpu_isa isa> void jit_uni_sddmm_width_kernel_t<isa>::generate() {
     // One block of `rows` output rows: every group, and in it every channel
     // of the row range (the group's x rows stay in L1 across channels).
     auto block = [&](int rows) {
-        Label groups_loop, groups_done, row_loop, group_loop, single_loop, row_done, rows_done;
+        Label groups_loop, groups_done, row_loop, group_loop, single_loop, singles, row_done,
+                rows_done;
         mov(x_row[0], x_blk);
         for (int r = 1; r < rows; ++r) {
             mov(x_row[r], x_row[r - 1]);
@@ -215,12 +225,23 @@ template <cpu_isa isa> void jit_uni_sddmm_width_kernel_t<isa>::generate() {
         add(pp, un.entries * vlen);
         jmp(group_loop, T_NEAR);
         L(single_loop);
+        if (un.entries > 2) { // at most one pair left: two sums per chain beat one
+            Label no_pair;
+            lea(tmp, ptr[i + 2]);
+            cmp(tmp, end);
+            jg(no_pair, T_NEAR);
+            entries(2, rows);
+            add(i, 2);
+            add(pp, 2 * vlen);
+            L(no_pair);
+        }
+        L(singles);
         cmp(i, end);
         jge(row_done, T_NEAR);
         entries(1, rows);
         inc(i);
         add(pp, vlen);
-        jmp(single_loop, T_NEAR);
+        jmp(singles, T_NEAR);
         L(row_done);
         inc(row);
         jmp(row_loop, T_NEAR);
