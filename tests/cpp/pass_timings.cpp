@@ -87,6 +87,31 @@ int main(int argc, char **argv) {
         std::vector<int8_t> t8(static_cast<size_t>(tiles * rows * 64));
         std::vector<int32_t> sums(static_cast<size_t>(C * S));
 
+        // f32 X (or dY) into the width kernels' padded planes (stride 1)
+        std::vector<float> xf(static_cast<size_t>(n));
+        for (auto &v : xf)
+            v = normal(rng);
+        width_plane planes1;
+        planes1.rows = H + 2;
+        planes1.phase_len = H + 4; // a C3-like kernel reads 16 columns from 2
+        std::vector<float> padded(static_cast<size_t>(B * C * planes1.size()));
+        std::vector<candidate> f32_planes;
+        if (avx512)
+            f32_planes.push_back({"avx512", [&] {
+                                      pack_width_planes_avx512(xf.data(), B, C, H, H, pad, planes1,
+                                                               padded.data(), threads);
+                                  }});
+        if (avx2)
+            f32_planes.push_back({"avx2", [&] {
+                                      pack_width_planes_avx2(xf.data(), B, C, H, H, pad, planes1,
+                                                             padded.data(), threads);
+                                  }});
+        f32_planes.push_back({"portable", [&] {
+                                  portable::pack_width_planes(xf.data(), B, C, H, H, pad, planes1,
+                                                              padded.data(), threads);
+                              }});
+        compare("f32 width planes", f32_planes, rounds);
+
         // backward-weights' s8 tiles of X with the batch's plane sums
         std::vector<candidate> pack;
         if (avx512)
