@@ -1,5 +1,6 @@
 #include "jit/jit_sparse_kernel.hpp"
 
+#include <limits>
 #include <stdexcept>
 
 #include "runtime/lru_cache.hpp"
@@ -11,6 +12,7 @@ std::string sparse_kernel_params::str() const {
            + (avx_vnni ? "_avx_vnni" : "") + "_v" + std::to_string(n_vec)
            + (n_rows != 1 ? "_r" + std::to_string(n_rows) : "")
            + (tail != 0 ? "_t" + std::to_string(tail) : "")
+           + (row_step != 0 ? "_s" + std::to_string(row_step) : "")
            + (word == s8_word::pair         ? "_pairs"
               : word == s8_word::entry_pair ? "_entry_pairs"
                                             : "");
@@ -23,6 +25,7 @@ size_t sparse_kernel_params_hash::operator()(const sparse_kernel_params &p) cons
     h = runtime::hash_mix(h, p.avx_vnni);
     h = runtime::hash_mix(h, static_cast<uint64_t>(p.n_rows));
     h = runtime::hash_mix(h, static_cast<uint64_t>(p.word));
+    h = runtime::hash_mix(h, static_cast<uint64_t>(p.row_step));
     return static_cast<size_t>(runtime::hash_mix(h, static_cast<uint64_t>(p.tail)));
 }
 
@@ -55,6 +58,17 @@ void check_s8_word(const sparse_kernel_params &p, const char *family, bool pairs
     if (p.isa != cpu_isa::avx2 || p.dtype != sparse_dtype::s8 || p.avx_vnni)
         throw std::invalid_argument(std::string("jit ") + family + ": " + what
                                     + " apply to the avx2 s8 kernel without avx_vnni only");
+}
+
+void check_width_row_step(const sparse_kernel_params &p, const char *family) {
+    // the farthest byte a block addresses from its source register: its
+    // last row's start plus the row's vectors (two halves each, at most)
+    const int64_t reach = (p.n_rows - 1) * p.row_step + 2 * p.n_vec * 64;
+    if (p.row_step <= 0 || reach > std::numeric_limits<int32_t>::max())
+        throw std::invalid_argument(std::string("jit ") + family
+                                    + ": row_step must be positive and n_rows - 1 row steps "
+                                      "within a 32-bit displacement, got "
+                                    + std::to_string(p.row_step) + " for " + p.str());
 }
 
 } // namespace qsp::jit

@@ -39,16 +39,20 @@ struct sparse_kernel_params {
     int n_vec = 1;         // vectors per tile row this kernel touches (batch tail)
     bool avx_vnni = false; // avx2 + s8 only: VEX vpdpbusd instead of emulation
     // Output-width-innermost kernels (width_abi.hpp) only: output rows per
-    // step, and the lanes of the last vector that are real (0: all).
+    // step, the lanes of the last vector that are real (0: all), and the
+    // bytes the source moves per output row (a block's source rows are then
+    // one base register and displacements: the rows are not limited by the
+    // general registers, and the kernel is its layer's).
     int n_rows = 1;
     int tail = 0;
+    int64_t row_step = 0;
     // s8 SpMMs only: entry pairs in the tile SpMMs (generic and pattern),
     // pairs in the width SpMM (check_s8_word).
     s8_word word = s8_word::quad;
 
     bool operator==(const sparse_kernel_params &o) const {
         return isa == o.isa && dtype == o.dtype && n_vec == o.n_vec && avx_vnni == o.avx_vnni
-               && n_rows == o.n_rows && tail == o.tail && word == o.word;
+               && n_rows == o.n_rows && tail == o.tail && row_step == o.row_step && word == o.word;
     }
     std::string str() const;
 };
@@ -77,6 +81,11 @@ s8_word s8_spmm_word(cpu_isa isa);
 // without AVX-VNNI.
 void check_s8_word(const sparse_kernel_params &p, const char *family, bool pairs_emitted,
                    bool entry_pairs_emitted = false);
+
+// Throws std::invalid_argument, naming the family, unless p.row_step is a
+// width kernel's: positive, and a block's last row with its vectors within
+// a 32-bit displacement of the block's source.
+void check_width_row_step(const sparse_kernel_params &p, const char *family);
 
 template <typename call_params_t> class jit_sparse_kernel : public jit_generator {
 public:

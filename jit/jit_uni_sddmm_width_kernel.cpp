@@ -1,5 +1,6 @@
 #include "jit/jit_uni_sddmm_width_kernel.hpp"
 
+#include <algorithm>
 #include <cstddef>
 #include <stdexcept>
 #include <string>
@@ -27,13 +28,13 @@ unroll_t unroll_for(cpu_isa isa, bool emulated) {
     return isa >= cpu_isa::avx512_core ? unroll_t{4, 2} : unroll_t{2, 2};
 }
 // The unroll a kernel holding `dy_vectors` dY vectors uses: the fewest sums
-// above, or where the registers left allow, 8 of them. A multiply-add waits
-// 4 cycles on its sum and two issue per cycle, so fewer than 8 independent
-// sums leave the multiply-add ports idle.
+// above, or as many entries (up to 4, two sums each) as the registers left
+// allow. A multiply-add waits 4 cycles on its sum and two issue per cycle,
+// so fewer than 8 independent sums leave the multiply-add ports idle.
 unroll_t unroll_for(cpu_isa isa, bool emulated, int dy_vectors) {
     const unroll_t fewest = unroll_for(isa, emulated);
     if (emulated) return fewest;
-    return vector_registers(isa) - dy_vectors >= 8 ? unroll_t{4, 2} : fewest;
+    return {std::max(fewest.entries, std::min(4, (vector_registers(isa) - dy_vectors) / 2)), 2};
 }
 
 void check_params(const sparse_kernel_params &p) {
@@ -46,6 +47,7 @@ void check_params(const sparse_kernel_params &p) {
     if (p.n_vec < 1 || p.n_rows * p.n_vec > max_dy)
         throw std::invalid_argument("jit sddmm_width: n_rows * n_vec must be in [1, "
                                     + std::to_string(max_dy) + "] for " + p.str());
+    check_width_row_step(p, "sddmm_width");
     if (p.tail < 0 || p.tail >= lanes || (p.dtype == sparse_dtype::s8 && p.tail != 0))
         throw std::invalid_argument("jit sddmm_width: tail must be in [0, " + std::to_string(lanes)
                                     + ") (s8: 0, its dY rows are padded), got "
@@ -99,7 +101,7 @@ template <cpu_isa isa> void jit_uni_sddmm_width_kernel_t<isa>::generate() {
     // row's end live in a small stack frame.
     const Reg64 param = rdi, offsets = r9, group_ptr = r10, i = rax, row = r15, tmp = rcx, pp = rbx;
     const Reg64 off[4] = {rsi, rbp, r8, rdx};
-    const Reg64 x_row[width_max_rows] = {r11, r12, r13, r14};
+    const Reg64 xb = r11; // the block's x, output row 0
     const Address rows_left = qword[rsp], x_blk = qword[rsp + 8], dy_blk = qword[rsp + 16],
                   end = qword[rsp + 24], group = qword[rsp + 32];
     auto field = [&](size_t offset) { return qword[param + offset]; };
@@ -133,12 +135,13 @@ template <cpu_isa isa> void jit_uni_sddmm_width_kernel_t<isa>::generate() {
             for (int v = 0; v < nv; ++v) {
                 const int k = r * nv + v;
                 for (int u = 0; u < count; ++u) {
-                    const Address x = ptr[x_row[r] + off[u] + v * vlen];
+                    const int64_t at = r * params_.row_step + v * vlen;
+                    const Address x = ptr[xb + off[u] + at];
                     const Vmm &s = sum(u, k % un.chains);
                     if (!s8) {
                         vfmadd231ps(s, g(k), x);
                     } else if (widened) {
-                        const Address x_hi = ptr[x_row[r] + off[u] + v * vlen + vlen / 2];
+                        const Address x_hi = ptr[xb + off[u] + at + vlen / 2];
                         vpmovsxbw(p_lo, x);
                         vpmaddwd(p_lo, p_lo, g(k));
                         vpaddd(s, s, p_lo);
@@ -165,11 +168,7 @@ template <cpu_isa isa> void jit_uni_sddmm_width_kernel_t<isa>::generate() {
     auto block = [&](int rows) {
         Label groups_loop, groups_done, row_loop, group_loop, single_loop, singles, row_done,
                 rows_done;
-        mov(x_row[0], x_blk);
-        for (int r = 1; r < rows; ++r) {
-            mov(x_row[r], x_row[r - 1]);
-            add(x_row[r], field(offsetof(cp, x_row_step)));
-        }
+        mov(xb, x_blk);
         mov(group, 0);
         L(groups_loop);
         mov(tmp, group);
@@ -261,7 +260,7 @@ template <cpu_isa isa> void jit_uni_sddmm_width_kernel_t<isa>::generate() {
     }
     emit_width_row_walk(*this, param,
                         {rows_left, x_blk, dy_blk, tmp, offsetof(cp, n_out_rows), offsetof(cp, x),
-                         offsetof(cp, dy), offsetof(cp, x_row_step), offsetof(cp, dy_row_stride)},
+                         offsetof(cp, dy), offsetof(cp, dy_row_stride), params_.row_step},
                         params_.n_rows, block);
     add(rsp, 40);
     postamble();

@@ -30,6 +30,7 @@ void check_params(const sparse_kernel_params &p) {
     if (p.tail < 0 || p.tail >= lanes)
         throw std::invalid_argument("jit spmm_width: tail must be in [0, " + std::to_string(lanes)
                                     + "), got " + std::to_string(p.tail));
+    check_width_row_step(p, "spmm_width");
     if (p.avx_vnni && (p.isa != cpu_isa::avx2 || p.dtype != sparse_dtype::s8))
         throw std::invalid_argument("jit spmm_width: avx_vnni applies to the avx2 s8 kernel only");
     check_s8_word(p, "spmm_width", true, false);
@@ -71,8 +72,7 @@ template <cpu_isa isa> void jit_uni_spmm_width_kernel_t<isa>::generate() {
     // General registers; rdi keeps the params, the block's position lives in
     // a small stack frame.
     const Reg64 param = rdi, values = r8, offsets = r9, group_ptr = r10, i = rax, end = rdx,
-                off = rsi, row = r15, tmp = rcx, dptr = rbx;
-    const Reg64 src_row[width_max_rows] = {r11, r12, r13, r14};
+                off = rsi, row = r15, tmp = rcx, dptr = rbx, src = r11;
     const Address rows_left = qword[rsp], src_blk = qword[rsp + 8], dst_blk = qword[rsp + 16],
                   group = qword[rsp + 24], first_block = qword[rsp + 32];
     constexpr int frame_bytes = 48;
@@ -221,11 +221,7 @@ template <cpu_isa isa> void jit_uni_spmm_width_kernel_t<isa>::generate() {
     auto block = [&](int rows) {
         Label group_loop, groups_done, row_loop, entry_loop, entries_done, rows_done, first_group,
                 sums_ready, not_last;
-        mov(src_row[0], src_blk);
-        for (int r = 1; r < rows; ++r) {
-            mov(src_row[r], src_row[r - 1]);
-            add(src_row[r], field(offsetof(cp, src_row_step)));
-        }
+        mov(src, src_blk);
         mov(qword[rsp + 24], 0);
         L(group_loop);
         mov(tmp, group);
@@ -273,7 +269,7 @@ template <cpu_isa isa> void jit_uni_spmm_width_kernel_t<isa>::generate() {
             vbroadcastss(w, dword[values + i * 4]);
         for (int r = 0; r < rows; ++r)
             for (int v = 0; v < nv; ++v) {
-                const Address x = ptr[src_row[r] + off + v * vlen];
+                const Address x = ptr[src + off + r * params_.row_step + v * vlen];
                 if (!s8) {
                     vfmadd231ps(acc(r, v), w, x);
                 } else if (pairs) {
@@ -341,8 +337,8 @@ template <cpu_isa isa> void jit_uni_spmm_width_kernel_t<isa>::generate() {
     }
     emit_width_row_walk(*this, param,
                         {rows_left, src_blk, dst_blk, tmp, offsetof(cp, n_out_rows),
-                         offsetof(cp, src), offsetof(cp, dst), offsetof(cp, src_row_step),
-                         offsetof(cp, dst_row_stride)},
+                         offsetof(cp, src), offsetof(cp, dst), offsetof(cp, dst_row_stride),
+                         params_.row_step},
                         params_.n_rows, block);
     add(rsp, frame_bytes);
     postamble();

@@ -17,9 +17,11 @@ namespace qsp::jit {
 
 using jit_spmm_width_kernel = jit_sparse_kernel<spmm_width_call_params>;
 
-// Rows per step are bounded by the general registers that hold the rows'
-// source pointers; rows x vectors by the vector registers left for sums.
-constexpr int width_max_rows = 4;
+// Rows x vectors per step are bounded by the vector registers left for sums
+// (rows are displacements from one source register: the row step is the
+// kernel's); rows alone by the code, which holds a block for every count of
+// rows below n_rows (the rows an image leaves), so it grows as n_rows^2.
+constexpr int width_max_rows = 16;
 int spmm_width_max_accumulators(cpu_isa isa, sparse_dtype dtype, bool avx_vnni,
                                 s8_word word = s8_word::quad);
 
@@ -31,7 +33,8 @@ private:
     void generate() override;
 };
 
-// The code for params, generated once per process and shared by all layers.
+// The code for params, generated once per process and shared by the layers
+// whose params (row step included) are the same.
 std::shared_ptr<const jit_spmm_width_kernel> spmm_width_kernel(const sparse_kernel_params &params);
 
 } // namespace qsp::jit

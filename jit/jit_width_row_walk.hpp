@@ -20,9 +20,10 @@ struct width_row_walk {
     Xbyak::Address rows_left, src_blk, dst_blk;
     Xbyak::Reg64 tmp;
     // Offsets in the call parameters (read through `param`): the number of
-    // output rows, the first source and destination blocks, and how far each
-    // moves per output row.
-    size_t n_out_rows, src, dst, src_row_step, dst_row_step;
+    // output rows, the first source and destination blocks, and how far the
+    // destination moves per output row; the source's step is the kernel's.
+    size_t n_out_rows, src, dst, dst_row_step;
+    int64_t src_row_step;
 };
 
 // Emits the walk; block(rows) emits one block of `rows` output rows
@@ -34,8 +35,7 @@ inline void emit_width_row_walk(Xbyak::CodeGenerator &g, const Xbyak::Reg64 &par
     auto field = [&](size_t offset) { return g.qword[param + offset]; };
     auto advance = [&](int rows) {
         g.sub(w.rows_left, rows);
-        g.mov(w.tmp, field(w.src_row_step));
-        if (rows > 1) g.imul(w.tmp, w.tmp, rows);
+        g.mov(w.tmp, w.src_row_step * rows);
         g.add(w.src_blk, w.tmp);
         g.mov(w.tmp, field(w.dst_row_step));
         if (rows > 1) g.imul(w.tmp, w.tmp, rows);

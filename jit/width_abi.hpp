@@ -8,8 +8,8 @@
 // a kernel reads (the lanes past the image read the padding's zeros, never
 // unwritten memory): a weight is one broadcast and one multiply-add per
 // vector of an output row, and the source of an output row moves by a fixed
-// step per row. A horizontal stride is taken out of the lanes by splitting
-// each padded row into `stride` column phases (column c at phase c % s,
+// step per row, the kernel's own (sparse_kernel_params::row_step). A horizontal stride is taken out
+// of the lanes by splitting each padded row into `stride` column phases (column c at phase c % s,
 // index c / s), so lanes are always consecutive in memory.
 //
 //   f32 source          one float per position
@@ -30,7 +30,7 @@ namespace qsp::jit {
 // Width SpMM (Conv2d forward, and backward-data per stride phase): for every
 // output row a in [0, n_out_rows) and channel r in [row_begin, row_end),
 // dst[r][a][lane] = epilogue(sum over entries e of channel r of values[e] *
-// src[src_offsets[e] + a * src_row_step + lane]), written for the real lanes
+// src[src_offsets[e] + a * row_step + lane]), written for the real lanes
 // only (the last vector is masked to the kernel's tail).
 //   f32: epilogue(s) = s + bias[r]
 //   s8:  epilogue(s) = float(s - correction[r]) * scale[r] + bias[r], where s
@@ -59,8 +59,7 @@ struct spmm_width_call_params {
     const int64_t *group_ptr;
     int64_t n_groups;
     int64_t row_begin, row_end;
-    const void *src;
-    int64_t src_row_step; // bytes the source moves per output row
+    const void *src; // moving the kernel's row_step bytes per output row
     int64_t n_out_rows;
     float *dst; // row a of channel r: dst + r * dst_channel_stride + a * dst_row_stride bytes
     int64_t dst_channel_stride, dst_row_stride; // bytes
@@ -84,8 +83,8 @@ struct spmm_width_call_params {
 
 // Width SDDMM (Conv2d backward-weights): for every entry e of rows
 // [row_begin, row_end), partial[e] (one vector of lane sums, f32 or int32) +=
-// sum over output rows a of dy[r][a][lane] * x[x_offsets[e] + a * x_row_step
-// + lane]. f32 dY rows are read as they are (the tail lanes masked to zero);
+// sum over output rows a of dy[r][a][lane] * x[x_offsets[e] + a * row_step +
+// lane] (the kernel's row_step). f32 dY rows are read as they are (the tail lanes masked to zero);
 // s8 dY rows are padded with zero bytes.
 struct sddmm_width_call_params {
     const int32_t *x_offsets; // per entry: byte offset from the x base of output row 0
@@ -93,7 +92,6 @@ struct sddmm_width_call_params {
     int64_t n_groups;
     int64_t row_begin, row_end;
     const void *x;
-    int64_t x_row_step; // bytes x moves per output row
     const void *dy;
     int64_t dy_channel_stride, dy_row_stride; // bytes
     int64_t n_out_rows;

@@ -59,17 +59,38 @@ template <typename kernel_t> struct row_calls {
     std::vector<std::shared_ptr<const kernel_t>> kernels;
 };
 
-row_calls<jit::jit_spmm_width_kernel> spmm_calls(cpu_isa isa, sparse_dtype dt, int64_t width,
-                                                 jit::s8_word word) {
+// Output rows per kernel block: as many as the kernel's registers hold
+// (and width_max_rows), balanced over an image's `out_rows`: 14 rows at up
+// to 6 a block go as 5, 5, 4 (6, 6, 2 would make the last block a whole
+// pass over the entries for a third of the work).
+int balanced_rows(int64_t out_rows, int fit) {
+    const int64_t most = std::max(1, std::min(jit::width_max_rows, fit));
+    const int64_t blocks = (std::max<int64_t>(out_rows, 1) + most - 1) / most;
+    return static_cast<int>((std::max<int64_t>(out_rows, 1) + blocks - 1) / blocks);
+}
+
+// The split of an output row over the SpMM kernels' vectors; the planes
+// follow from it, and the kernels from the planes' row step.
+width_split spmm_split(cpu_isa isa, sparse_dtype dt, int64_t width, jit::s8_word word) {
+    const bool vnni = jit::make_sparse_kernel_params(isa, dt, 1).avx_vnni;
+    return split_width(width, jit::vector_lanes(isa),
+                       jit::spmm_width_max_accumulators(isa, dt, vnni, word));
+}
+
+// The SpMM kernels of a split: out_rows per image, the source moving
+// row_step bytes per output row.
+row_calls<jit::jit_spmm_width_kernel> spmm_calls(cpu_isa isa, sparse_dtype dt,
+                                                 const width_split &split, jit::s8_word word,
+                                                 int64_t out_rows, int64_t row_step) {
     jit::sparse_kernel_params base = jit::make_sparse_kernel_params(isa, dt, 1);
     base.word = word;
+    base.row_step = row_step;
     const int max_acc = jit::spmm_width_max_accumulators(isa, dt, base.avx_vnni, word);
-    row_calls<jit::jit_spmm_width_kernel> c{split_width(width, jit::vector_lanes(isa), max_acc),
-                                            {}};
+    row_calls<jit::jit_spmm_width_kernel> c{split, {}};
     for (int64_t ch = 0; ch < c.split.chunks(); ++ch) {
         jit::sparse_kernel_params k = base;
         k.n_vec = c.split.chunk_vectors(ch);
-        k.n_rows = std::min(jit::width_max_rows, max_acc / k.n_vec);
+        k.n_rows = balanced_rows(out_rows, max_acc / k.n_vec);
         k.tail = c.split.tail(ch);
         c.kernels.push_back(jit::spmm_width_kernel(k));
     }
@@ -78,17 +99,24 @@ row_calls<jit::jit_spmm_width_kernel> spmm_calls(cpu_isa isa, sparse_dtype dt, i
 
 // s8 lanes are bytes: a dword lane sums 4 output columns, so a vector
 // covers 4x the columns and no tail is masked (dY rows are zero-padded).
-row_calls<jit::jit_sddmm_width_kernel> sddmm_calls(cpu_isa isa, sparse_dtype dt, int64_t width) {
-    const jit::sparse_kernel_params base = jit::make_sparse_kernel_params(isa, dt, 1);
-    const bool s8 = dt == sparse_dtype::s8;
+width_split sddmm_split(cpu_isa isa, sparse_dtype dt, int64_t width) {
+    const bool vnni = jit::make_sparse_kernel_params(isa, dt, 1).avx_vnni;
+    const int64_t lanes = jit::vector_lanes(isa) * (dt == sparse_dtype::s8 ? 4 : 1);
+    return split_width(width, lanes, jit::sddmm_width_max_dy_vectors(isa, dt, vnni));
+}
+
+row_calls<jit::jit_sddmm_width_kernel> sddmm_calls(cpu_isa isa, sparse_dtype dt,
+                                                   const width_split &split, int64_t out_rows,
+                                                   int64_t row_step) {
+    jit::sparse_kernel_params base = jit::make_sparse_kernel_params(isa, dt, 1);
+    base.row_step = row_step;
     const int max_dy = jit::sddmm_width_max_dy_vectors(isa, dt, base.avx_vnni);
-    const int64_t lanes = jit::vector_lanes(isa) * (s8 ? 4 : 1);
-    row_calls<jit::jit_sddmm_width_kernel> c{split_width(width, lanes, max_dy), {}};
+    row_calls<jit::jit_sddmm_width_kernel> c{split, {}};
     for (int64_t ch = 0; ch < c.split.chunks(); ++ch) {
         jit::sparse_kernel_params k = base;
         k.n_vec = c.split.chunk_vectors(ch);
-        k.n_rows = std::min(jit::width_max_rows, max_dy / k.n_vec);
-        k.tail = s8 ? 0 : c.split.tail(ch);
+        k.n_rows = balanced_rows(out_rows, max_dy / k.n_vec);
+        k.tail = dt == sparse_dtype::s8 ? 0 : c.split.tail(ch);
         c.kernels.push_back(jit::sddmm_width_kernel(k));
     }
     return c;
@@ -170,12 +198,19 @@ template <typename entries_t> struct phase_plan {
 template <typename entries_t>
 width_plane make_phases(const conv_width &w, cpu_isa isa, sparse_dtype dt, jit::s8_word word,
                         std::vector<phase_plan<entries_t>> &phases) {
+    std::vector<width_split> splits;
     std::vector<int64_t> read_lanes;
     for (const auto &f : w.l.phases) {
-        phases.push_back({f, spmm_calls(isa, dt, f.n_w, word), nullptr, {}});
-        read_lanes.push_back(phases.back().calls.split.read_lanes());
+        splits.push_back(spmm_split(isa, dt, f.n_w, word));
+        read_lanes.push_back(splits.back().read_lanes());
     }
-    return w.dy_plane(read_lanes);
+    const width_plane plane = w.dy_plane(read_lanes);
+    for (size_t i = 0; i < splits.size(); ++i) {
+        const conv_layout::phase &f = w.l.phases[i];
+        phases.push_back(
+                {f, spmm_calls(isa, dt, splits[i], word, f.n_h, plane.row_len() * 4), nullptr, {}});
+    }
+    return plane;
 }
 
 // Runs the SpMM kernels of one output layout over every image: `src` holds
@@ -187,7 +222,7 @@ struct spmm_run {
     const grouping *groups;
     const std::vector<int64_t> *bounds;
     const uint8_t *src;
-    int64_t src_image_bytes, src_row_step, elem_bytes, n_out_rows;
+    int64_t src_image_bytes, elem_bytes, n_out_rows;
     float *dst;
     int64_t dst_image, dst_channel, dst_row;
     const float *bias;
@@ -220,7 +255,6 @@ struct spmm_run {
                         r0,
                         r1,
                         src + b * src_image_bytes + lane * elem_bytes,
-                        src_row_step,
                         n_out_rows,
                         dst + b * dst_image + lane,
                         dst_channel * 4,
@@ -279,8 +313,10 @@ protected:
         const conv_width &w = w_;
         switch (p.dir) {
             case direction::forward: {
-                fwd_ = spmm_calls(isa, scheme::dt, w_.l.out_w, word_);
-                plane_ = w_.x_plane(fwd_.split.read_lanes());
+                const width_split split = spmm_split(isa, scheme::dt, w_.l.out_w, word_);
+                plane_ = w_.x_plane(split.read_lanes());
+                fwd_ = spmm_calls(isa, scheme::dt, split, word_, w_.l.out_h,
+                                  w_.l.sh * plane_.row_len() * 4);
                 const width_plane plane = plane_;
                 const sparse_rows m = w_.forward_rows(p.pattern);
                 spmm_ = scheme::entries(
@@ -311,8 +347,10 @@ protected:
                 }
                 break;
             case direction::backward_weights: {
-                bwd_ = sddmm_calls(isa, scheme::dt, w_.l.out_w);
-                plane_ = w_.x_plane(bwd_.split.read_lanes());
+                const width_split split = sddmm_split(isa, scheme::dt, w_.l.out_w);
+                plane_ = w_.x_plane(split.read_lanes());
+                bwd_ = sddmm_calls(isa, scheme::dt, split, w_.l.out_h,
+                                   w_.l.sh * plane_.row_len() * bytes);
                 const width_plane plane = plane_;
                 const sparse_rows m = w_.forward_rows(p.pattern);
                 sddmm_ = std::make_unique<entry_plan>(
@@ -362,7 +400,6 @@ protected:
                      &spmm_->bounds,
                      static_cast<const uint8_t *>(x),
                      image_bytes,
-                     l().sh * plane_.row_len() * 4,
                      4,
                      l().out_h,
                      t.dst,
@@ -417,7 +454,6 @@ protected:
                                &f.entries->bounds,
                                static_cast<const uint8_t *>(dy),
                                image_bytes,
-                               plane_.row_len() * 4,
                                4,
                                f.phase.n_h,
                                out,
@@ -531,7 +567,6 @@ private:
                                                          r0,
                                                          r1,
                                                          x + b * image + lane,
-                                                         l().sh * plane_.row_len() * 4,
                                                          t.diff_dst + b * out_image + lane,
                                                          l().out_pixels() * 4,
                                                          l().out_w * 4,
@@ -693,7 +728,6 @@ private:
                                 r0,
                                 r1,
                                 x + b * image + oh0 * l().sh * plane_.row_len() + lane,
-                                l().sh * plane_.row_len(),
                                 dy + b * dy_image + oh0 * row_bytes + lane,
                                 l().out_h * row_bytes,
                                 row_bytes,

@@ -184,6 +184,9 @@ TEST(JitConv2dEdges, non_square_asymmetric_dilated_grouped_depthwise) {
             // channels in several groups of the width kernels (f32 and s8)
             {1, 120, 120, 24, 24, geometry(3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 1), 0.9},
             {2, 40, 24, 40, 40, geometry(3, 3, 2, 2, 1, 1, 1, 1, 1, 1, 1), 0.8},
+            // tall and narrow: the width kernels' most rows a block (AVX-512:
+            // 13, 13, 11; AVX2: six of 6 and one), over several groups
+            {2, 40, 8, 37, 13, geometry(3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 1), 0.85},
     };
     int threads = 1;
     unsigned seed = 50;

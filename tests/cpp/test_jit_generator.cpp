@@ -1,5 +1,6 @@
 // The generator base: generated code runs, and its pages are never
 // writable and executable at the same time.
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -80,6 +81,7 @@ TEST(JitGenerator, dump_writes_the_code_for_objdump) {
 } // namespace qsp::test
 
 #include "jit/jit_uni_sddmm_kernel.hpp"
+#include "jit/jit_uni_sddmm_width_kernel.hpp"
 #include "jit/jit_uni_spmm_kernel.hpp"
 #include "jit/jit_uni_spmm_width_kernel.hpp"
 
@@ -135,6 +137,43 @@ TEST(JitGenerator, every_kernel_variant_is_never_writable_and_executable) {
     EXPECT_EQ(variants, (4 + 8 + 4 + 8 + 4 + 4 + 8 + 8) + (8 + 1 + 4 + 1 + 4 + 1 + 1));
 }
 
+// The width kernels at their most rows for every vector count, with a
+// masked tail where the tier masks: the code of a block for each row count
+// below n_rows grows as n_rows^2, and must still fit the code buffer.
+TEST(JitGenerator, width_kernels_at_their_most_rows_are_generated) {
+    for (cpu_isa isa : {cpu_isa::avx2, cpu_isa::avx512_core, cpu_isa::avx512_core_vnni})
+        for (jit::sparse_dtype dt : {jit::sparse_dtype::f32, jit::sparse_dtype::s8})
+            for (bool avx_vnni : {false, true}) {
+                if (avx_vnni && (isa != cpu_isa::avx2 || dt != jit::sparse_dtype::s8)) continue;
+                const bool s8 = dt == jit::sparse_dtype::s8;
+                const auto words =
+                        isa == cpu_isa::avx2 && s8 && !avx_vnni
+                                ? std::vector<jit::s8_word>{jit::s8_word::quad, jit::s8_word::pair}
+                                : std::vector<jit::s8_word>{jit::s8_word::quad};
+                jit::sparse_kernel_params p{isa, dt, 1, avx_vnni};
+                p.row_step = 4096;
+                for (auto word : words) {
+                    p.word = word;
+                    p.tail = 0;
+                    const int most = jit::spmm_width_max_accumulators(isa, dt, avx_vnni, word);
+                    for (p.n_vec = 1; p.n_vec <= most; ++p.n_vec) {
+                        p.n_rows = std::min(jit::width_max_rows, most / p.n_vec);
+                        p.tail = 3;
+                        SCOPED_TRACE("spmm_width " + p.str());
+                        ASSERT_NO_THROW(expect_sealed(*jit::spmm_width_kernel(p)));
+                    }
+                }
+                p.word = jit::s8_word::quad;
+                const int most = jit::sddmm_width_max_dy_vectors(isa, dt, avx_vnni);
+                for (p.n_vec = 1; p.n_vec <= most; ++p.n_vec) {
+                    p.n_rows = std::min(jit::width_max_rows, most / p.n_vec);
+                    p.tail = s8 ? 0 : 3;
+                    SCOPED_TRACE("sddmm_width " + p.str());
+                    ASSERT_NO_THROW(expect_sealed(*jit::sddmm_width_kernel(p)));
+                }
+            }
+}
+
 // The code cache is keyed by every generator parameter: the same
 // parameters give the same code, any other parameter other code.
 TEST(JitGenerator, code_cache_keys_on_every_parameter) {
@@ -167,10 +206,12 @@ TEST(JitGenerator, code_cache_keys_on_every_parameter) {
     const auto pair = jit::s8_word::pair, entry_pair = jit::s8_word::entry_pair;
     const jit::sparse_kernel_params avx2_s8{cpu_isa::avx2, jit::sparse_dtype::s8, 1};
     EXPECT_NO_THROW(jit::spmm_kernel(with_word(avx2_s8, entry_pair)));
-    EXPECT_NO_THROW(jit::spmm_width_kernel(with_word(avx2_s8, pair)));
-    EXPECT_NE(jit::spmm_width_kernel(with_word(avx2_s8, pair)), jit::spmm_width_kernel(avx2_s8));
+    jit::sparse_kernel_params width_s8 = avx2_s8; // the width kernels are their layer's rows'
+    width_s8.row_step = 72;
+    EXPECT_NO_THROW(jit::spmm_width_kernel(with_word(width_s8, pair)));
+    EXPECT_NE(jit::spmm_width_kernel(with_word(width_s8, pair)), jit::spmm_width_kernel(width_s8));
     EXPECT_THROW(jit::spmm_kernel(with_word(avx2_s8, pair)), std::invalid_argument);
-    EXPECT_THROW(jit::spmm_width_kernel(with_word(avx2_s8, entry_pair)), std::invalid_argument);
+    EXPECT_THROW(jit::spmm_width_kernel(with_word(width_s8, entry_pair)), std::invalid_argument);
     EXPECT_THROW(jit::sddmm_kernel(with_word(avx2_s8, pair)), std::invalid_argument);
     EXPECT_THROW(jit::spmm_kernel(
                          with_word({cpu_isa::avx512_core, jit::sparse_dtype::s8, 1}, entry_pair)),
@@ -178,9 +219,35 @@ TEST(JitGenerator, code_cache_keys_on_every_parameter) {
     EXPECT_THROW(
             jit::spmm_kernel(with_word({cpu_isa::avx2, jit::sparse_dtype::f32, 1}, entry_pair)),
             std::invalid_argument);
-    EXPECT_THROW(jit::spmm_width_kernel(
-                         with_word({cpu_isa::avx2, jit::sparse_dtype::s8, 1, true}, pair)),
-                 std::invalid_argument);
+    width_s8.avx_vnni = true;
+    EXPECT_THROW(jit::spmm_width_kernel(with_word(width_s8, pair)), std::invalid_argument);
+}
+
+// The width kernels address a block's rows from one register, the row step
+// built in: it keys the code, and a step that is not positive or that puts
+// a block's last row past a 32-bit displacement is refused, as are more
+// rows than width_max_rows.
+TEST(JitGenerator, width_kernels_key_on_their_row_step) {
+    for (const auto dt : {jit::sparse_dtype::f32, jit::sparse_dtype::s8}) {
+        jit::sparse_kernel_params p = jit::make_sparse_kernel_params(cpu_isa::avx2, dt, 1);
+        p.n_rows = 3;
+        p.row_step = 64;
+        jit::sparse_kernel_params other = p;
+        other.row_step = 128;
+        SCOPED_TRACE(p.str());
+        EXPECT_NE(jit::spmm_width_kernel(p), jit::spmm_width_kernel(other));
+        EXPECT_NE(jit::sddmm_width_kernel(p), jit::sddmm_width_kernel(other));
+        EXPECT_EQ(jit::spmm_width_kernel(other)->params(), other);
+        for (const int64_t bad : {int64_t(0), int64_t(-64), int64_t(1) << 31}) {
+            other.row_step = bad;
+            EXPECT_THROW(jit::spmm_width_kernel(other), std::invalid_argument) << bad;
+            EXPECT_THROW(jit::sddmm_width_kernel(other), std::invalid_argument) << bad;
+        }
+        other = p;
+        other.n_rows = jit::width_max_rows + 1;
+        EXPECT_THROW(jit::spmm_width_kernel(other), std::invalid_argument);
+        EXPECT_THROW(jit::sddmm_width_kernel(other), std::invalid_argument);
+    }
 }
 
 } // namespace qsp::test
