@@ -257,14 +257,18 @@ void portable::pack_width_quads(const int8_t *src, int64_t batch, int64_t channe
 }
 
 void pack_width_dy_u8(const int8_t *g, int64_t batch, int64_t channels, int64_t h, int64_t w,
-                      int64_t row_bytes, uint8_t *dst, int num_threads) {
+                      int64_t row_bytes, int64_t channel_bytes, uint8_t *dst, int num_threads) {
 #pragma omp parallel for num_threads(num_threads) schedule(static)
-    for (int64_t r = 0; r < batch * channels * h; ++r) {
-        const int8_t *in = g + r * w;
-        uint8_t *out = dst + r * row_bytes;
-        for (int64_t x = 0; x < w; ++x)
-            out[x] = static_cast<uint8_t>(in[x] + 128);
-        std::memset(out + w, 0, static_cast<size_t>(row_bytes - w));
+    for (int64_t p = 0; p < batch * channels; ++p) {
+        uint8_t *plane = dst + p * channel_bytes;
+        for (int64_t r = 0; r < h; ++r) {
+            const int8_t *in = g + (p * h + r) * w;
+            uint8_t *out = plane + r * row_bytes;
+            for (int64_t x = 0; x < w; ++x)
+                out[x] = static_cast<uint8_t>(in[x] + 128);
+            std::memset(out + w, 0, static_cast<size_t>(row_bytes - w));
+        }
+        std::memset(plane + h * row_bytes, 0, static_cast<size_t>(channel_bytes - h * row_bytes));
     }
 }
 

@@ -55,9 +55,10 @@ void pack_width_planes(const int8_t *src, int64_t batch, int64_t channels, int64
                        const spatial_pad &pad, const width_plane &plane, int8_t *dst,
                        int num_threads);
 // int8 g[batch][channels][h][w] -> u8 rows of row_bytes >= w: g + 128, then
-// zeros (the s8 SDDMM's dY: the zeros add nothing).
+// zeros (the s8 SDDMM's dY: the zeros add nothing); a channel's rows are
+// followed by zeros up to channel_bytes >= h * row_bytes.
 void pack_width_dy_u8(const int8_t *g, int64_t batch, int64_t channels, int64_t h, int64_t w,
-                      int64_t row_bytes, uint8_t *dst, int num_threads);
+                      int64_t row_bytes, int64_t channel_bytes, uint8_t *dst, int num_threads);
 // Backward-data of a horizontal stride: the column phases of one row phase,
 // each values[b][c][a][j] for a < n_h, j < n_w (rows n_w long) holding
 // out[b][c][h0 + a * sh][w0 + j * sw]. The phases' columns tile the rows

@@ -63,10 +63,13 @@ template <typename kernel_t> struct row_calls {
 // (and width_max_rows), balanced over an image's `out_rows`: 14 rows at up
 // to 6 a block go as 5, 5, 4 (6, 6, 2 would make the last block a whole
 // pass over the entries for a third of the work).
+// out_rows 0: not known when the plan is made (images, which any batch
+// size brings): as many as fit.
 int balanced_rows(int64_t out_rows, int fit) {
     const int64_t most = std::max(1, std::min(jit::width_max_rows, fit));
-    const int64_t blocks = (std::max<int64_t>(out_rows, 1) + most - 1) / most;
-    return static_cast<int>((std::max<int64_t>(out_rows, 1) + blocks - 1) / blocks);
+    if (out_rows <= 0) return static_cast<int>(most);
+    const int64_t blocks = (out_rows + most - 1) / most;
+    return static_cast<int>((out_rows + blocks - 1) / blocks);
 }
 
 // The split of an output row over the SpMM kernels' vectors; the planes
@@ -347,10 +350,20 @@ protected:
                 }
                 break;
             case direction::backward_weights: {
-                const width_split split = sddmm_split(isa, scheme::dt, w_.l.out_w);
-                plane_ = w_.x_plane(split.read_lanes());
-                bwd_ = sddmm_calls(isa, scheme::dt, split, w_.l.out_h,
-                                   w_.l.sh * plane_.row_len() * bytes);
+                flat_ = scheme::dt == sparse_dtype::s8 && w_.l.sh == 1 && w_.l.sw == 1;
+                if (flat_) {
+                    // a whole image is one output row: its rows at the
+                    // padded width back to back (dY too), a block of images
+                    const width_split split = sddmm_split(isa, scheme::dt, w_.l.out_h * w_.l.wp);
+                    plane_ = flat_x_plane(split.read_lanes());
+                    bwd_ = sddmm_calls(isa, scheme::dt, split, 0,
+                                       w_.l.in_c * plane_.size() * bytes);
+                } else {
+                    const width_split split = sddmm_split(isa, scheme::dt, w_.l.out_w);
+                    plane_ = w_.x_plane(split.read_lanes());
+                    bwd_ = sddmm_calls(isa, scheme::dt, split, w_.l.out_h,
+                                       w_.l.sh * plane_.row_len() * bytes);
+                }
                 const width_plane plane = plane_;
                 const sparse_rows m = w_.forward_rows(p.pattern);
                 sddmm_ = std::make_unique<entry_plan>(
@@ -358,12 +371,26 @@ protected:
                         plane_offset(w_, plane.size(), 1, bytes,
                                      [&w, plane](int64_t tap) { return w.x_tap(plane, tap); }),
                         threads);
-                groups_ = make_grouping(w_, m, *sddmm_, w_.l.in_c,
-                                        block_rows(bwd_, w_.l.sh, x_span()),
-                                        plane_.row_len() * bytes);
+                groups_ = flat_ ? make_grouping(w_, m, *sddmm_, w_.l.in_c,
+                                                bwd_.kernels.front()->params().n_rows,
+                                                plane_.size() * bytes)
+                                : make_grouping(w_, m, *sddmm_, w_.l.in_c,
+                                                block_rows(bwd_, w_.l.sh, x_span()),
+                                                plane_.row_len() * bytes);
                 break;
             }
         }
+    }
+
+    // Backward-weights' x planes when an image is one output row (flat_):
+    // rows at the padded width, and zero rows past the image for the
+    // farthest tap's read of the last vector.
+    width_plane flat_x_plane(int64_t read_lanes) const {
+        width_plane p;
+        p.phase_len = l().wp;
+        const int64_t reach = (l().kh - 1) * l().dh * l().wp + (l().kw - 1) * l().dw + read_lanes;
+        p.rows = std::max(l().hp, (reach + l().wp - 1) / l().wp);
+        return p;
     }
 
     const conv_layout &l() const { return w_.l; }
@@ -496,6 +523,10 @@ protected:
     }
 
     conv_width w_;
+    // s8 backward-weights at stride 1: an image is one output row of the
+    // SDDMM (a block holds images): lanes are never lost to a row narrower
+    // than a vector (14 columns of a 64-byte vector), only to the padding
+    bool flat_ = false;
     jit::s8_word word_; // s8 SpMM source words: quads, or pairs on avx2 without AVX-VNNI
     width_plane plane_; // forward / backward-weights: x; backward-data: dY
     row_calls<jit::jit_spmm_width_kernel> fwd_;
@@ -675,7 +706,11 @@ private:
         const int nt = p_.num_threads;
         const int64_t B = t.batch, nnz = p_.pattern.nnz(), oc = l().out_c;
         const int64_t image = l().in_c * plane_.size(), vl = bwd_.split.lanes / 4;
-        const int64_t row_bytes = bwd_.split.read_lanes(), dy_image = oc * l().out_h * row_bytes;
+        // dY rows: of the vectors' width, or (flat_) of the padded width,
+        // an image's channel padded to the vectors' width
+        const int64_t row_bytes = flat_ ? l().wp : bwd_.split.read_lanes();
+        const int64_t channel_bytes = flat_ ? bwd_.split.read_lanes() : l().out_h * row_bytes;
+        const int64_t dy_image = oc * channel_bytes;
         const int64_t taps = l().in_c * l().kh * l().kw;
         const s8::workspace_view &ws = t.workspace;
         const int8_t *xq = ws.src_q();
@@ -688,10 +723,15 @@ private:
         auto *window_sum = sp.get<int64_t>(6, taps);
         const auto [g1, sg1] =
                 s8::quantize_dw_gradient(t, B * oc * l().out_pixels(), oc, g1_scratch, nt);
-        pack_width_dy_u8(g1, B, oc, l().out_h, l().out_w, row_bytes, dy, nt);
+        pack_width_dy_u8(g1, B, oc, l().out_h, l().out_w, row_bytes, channel_bytes, dy, nt);
         pack_width_planes(xq, B, l().in_c, l().in_h, l().in_w, l().x_pad, plane_, x, nt);
         column_sums_s8(xq, B, l().in_c * l().in_pixels(), plane_sum, nt);
         conv_window_sums(l(), plane_sum, window_sum, nt);
+        // The calls' output rows: each image's (flat_: the images), the x
+        // and dY blocks moving per row by x_step and dy_step bytes.
+        const int64_t rows = flat_ ? B : l().out_h, images = flat_ ? 1 : B;
+        const int64_t x_step = flat_ ? image : l().sh * plane_.row_len();
+        const int64_t dy_step = flat_ ? dy_image : row_bytes;
         // int32 lanes take at most max_lane_steps vectors: output rows per
         // call, and calls per flush into int64, are bounded by it.
         const int64_t vectors = bwd_.split.vectors;
@@ -711,28 +751,28 @@ private:
                 std::fill(partial + i0 * vl, partial + i1 * vl, 0);
             };
             int64_t steps = 0;
-            for (int64_t b = 0; b < B; ++b)
-                for (int64_t oh0 = 0; oh0 < l().out_h; oh0 += rows_per_call) {
-                    const int64_t rows = std::min(rows_per_call, l().out_h - oh0);
-                    if (steps + rows * vectors > max_lane_steps) {
+            for (int64_t b = 0; b < images; ++b)
+                for (int64_t a0 = 0; a0 < rows; a0 += rows_per_call) {
+                    const int64_t n = std::min(rows_per_call, rows - a0);
+                    if (steps + n * vectors > max_lane_steps) {
                         flush();
                         steps = 0;
                     }
-                    steps += rows * vectors;
+                    steps += n * vectors;
                     for (int64_t ch = 0; ch < bwd_.split.chunks(); ++ch) {
                         const int64_t lane = bwd_.split.first_lane(ch);
-                        const jit::sddmm_width_call_params c{
-                                e.offsets.data(),
-                                groups_.ptr.data(),
-                                groups_.n,
-                                r0,
-                                r1,
-                                x + b * image + oh0 * l().sh * plane_.row_len() + lane,
-                                dy + b * dy_image + oh0 * row_bytes + lane,
-                                l().out_h * row_bytes,
-                                row_bytes,
-                                rows,
-                                partial};
+                        const jit::sddmm_width_call_params c{e.offsets.data(),
+                                                             groups_.ptr.data(),
+                                                             groups_.n,
+                                                             r0,
+                                                             r1,
+                                                             x + b * image + a0 * x_step + lane,
+                                                             dy + b * dy_image + a0 * dy_step
+                                                                     + lane,
+                                                             channel_bytes,
+                                                             dy_step,
+                                                             n,
+                                                             partial};
                         (*bwd_.kernels[ch])(c);
                     }
                 }

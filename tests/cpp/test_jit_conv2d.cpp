@@ -187,6 +187,9 @@ TEST(JitConv2dEdges, non_square_asymmetric_dilated_grouped_depthwise) {
             // tall and narrow: the width kernels' most rows a block (AVX-512:
             // 13, 13, 11; AVX2: six of 6 and one), over several groups
             {2, 40, 8, 37, 13, geometry(3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 1), 0.85},
+            // s8 backward-weights' flat rows (an image a row) in two chunks
+            // of AVX-512 vectors, dilated
+            {3, 6, 8, 40, 41, geometry(3, 3, 1, 1, 2, 2, 2, 2, 2, 2, 1), 0.7},
     };
     int threads = 1;
     unsigned seed = 50;
@@ -387,23 +390,31 @@ TEST(JitConv2dEdges, s8_backward_weights_reduction_of_32x56x56_does_not_overflow
     }
 }
 
-// One lane of the width SDDMM gets 4 columns x 17000 rows of 255 * 127:
-// more than int32 holds, so its partial sums must move to int64 on the way.
-TEST(JitConv2dEdges, s8_backward_weights_of_a_tall_image_moves_partial_sums_to_int64) {
-    const conv_case c{1, 1, 1, 17000, 4, geometry(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1), 0.0};
-    std::vector<float> one(1, 1.f), bias(1, 0.f);
-    auto w = csr_weights::from_dense(one.data(), 1, 1);
-    std::vector<float> x(17000 * 4, 1.f), dy(17000 * 4, 1.f);
-    const outputs want = run(c, w, x, dy, bias, quant_scheme::s8, 1, "ref:any");
-    EXPECT_FLOAT_EQ(want.dw[0], 17000.f * 4);
-    for (isa_level isa : isa_levels())
-        for (conv_vectorization v : strategies) {
-            if (isa == cpu_isa::ref) continue;
-            isa_cap_guard cap(isa);
-            SCOPED_TRACE(std::string(to_string(isa)) + " " + to_string(v));
-            const outputs got = run(c, w, x, dy, bias, quant_scheme::s8, 1, "", v);
-            expect_bitwise(got.dw, want.dw, "backward_weights");
-        }
+// One lane of the width SDDMM gets more products of 255 * 127 than int32
+// holds, so its partial sums must move to int64 on the way: down a tall
+// image (stride 2: an output row per row of the image, 4 columns x 17000
+// rows a lane) and across a batch (stride 1: an image is one row of the
+// flat SDDMM, 70 images x 4 columns of each of its 16384-byte rows' vectors).
+TEST(JitConv2dEdges, s8_backward_weights_moves_partial_sums_to_int64) {
+    for (const conv_case c :
+         {conv_case{1, 1, 1, 34000, 8, geometry(1, 1, 2, 2, 0, 0, 0, 0, 1, 1, 1), 0.0},
+          conv_case{70, 1, 1, 128, 128, geometry(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1), 0.0}}) {
+        SCOPED_TRACE(c.str());
+        std::vector<float> one(1, 1.f), bias(1, 0.f);
+        auto w = csr_weights::from_dense(one.data(), 1, 1);
+        const int64_t n = c.batch * c.h * c.w, out = n / c.g.stride_h / c.g.stride_w;
+        std::vector<float> x(static_cast<size_t>(n), 1.f), dy(static_cast<size_t>(out), 1.f);
+        const outputs want = run(c, w, x, dy, bias, quant_scheme::s8, 1, "ref:any");
+        EXPECT_FLOAT_EQ(want.dw[0], static_cast<float>(out));
+        for (isa_level isa : isa_levels())
+            for (conv_vectorization v : strategies) {
+                if (isa == cpu_isa::ref) continue;
+                isa_cap_guard cap(isa);
+                SCOPED_TRACE(std::string(to_string(isa)) + " " + to_string(v));
+                const outputs got = run(c, w, x, dy, bias, quant_scheme::s8, 1, "", v);
+                expect_bitwise(got.dw, want.dw, "backward_weights");
+            }
+    }
 }
 
 } // namespace qsp::test
