@@ -8,9 +8,10 @@
 // a kernel reads (the lanes past the image read the padding's zeros, never
 // unwritten memory): a weight is one broadcast and one multiply-add per
 // vector of an output row, and the source of an output row moves by a fixed
-// step per row, the kernel's own (sparse_kernel_params::row_step). A horizontal stride is taken out
-// of the lanes by splitting each padded row into `stride` column phases (column c at phase c % s,
-// index c / s), so lanes are always consecutive in memory.
+// step per row, the kernel's own (sparse_kernel_params::row_step). A
+// horizontal stride is taken out of the lanes by splitting each padded row
+// into `stride` column phases (column c at phase c % s, index c / s), so
+// lanes are always consecutive in memory.
 //
 //   f32 source          one float per position
 //   s8 SpMM source      quads: one dword per position holding the u8 bytes
@@ -84,8 +85,10 @@ struct spmm_width_call_params {
 // Width SDDMM (Conv2d backward-weights): for every entry e of rows
 // [row_begin, row_end), partial[e] (one vector of lane sums, f32 or int32) +=
 // sum over output rows a of dy[r][a][lane] * x[x_offsets[e] + a * row_step +
-// lane] (the kernel's row_step). f32 dY rows are read as they are (the tail lanes masked to zero);
-// s8 dY rows are padded with zero bytes.
+// lane] (the kernel's row_step). f32 dY rows are read as they are (the tail
+// lanes masked to zero); s8 dY rows are padded with zero bytes. An output
+// row may be a whole image (s8 at stride 1: its rows at the padded width,
+// dY's zero past each row), the row step then an image's.
 struct sddmm_width_call_params {
     const int32_t *x_offsets; // per entry: byte offset from the x base of output row 0
     const int64_t *group_ptr; // as in spmm_width_call_params
