@@ -60,6 +60,27 @@ CONV_SHAPES = {
 }
 
 
+def _product_rates() -> tuple[float, float]:
+    """GFLOP/s of torch's fp32 product and of its int8 product (0 where
+    torch has none) on 1024 x 1024 operands, now."""
+    n, reps = 1024, 5
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        torch.mm(a, b)
+    f32 = 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
+    try:
+        ai, bi = torch.randint(-127, 127, (n, n), dtype=torch.int8), torch.randint(-127, 127, (n, n), dtype=torch.int8)
+        torch._int_mm(ai, bi)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            torch._int_mm(ai, bi)
+        return f32, 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
+    except (RuntimeError, AttributeError):
+        return f32, 0.0  # no int8 product in this torch
+
+
 def measured_peak_gflops(threads: int) -> dict:
     """What this machine does on dense matrix products right now: the
     denominators of %peak. fp32: torch's product. int8: the larger of
@@ -68,24 +89,8 @@ def measured_peak_gflops(threads: int) -> dict:
     lane; without VNNI, 16-bit pairs: 2) — on CPUs where torch has no fast
     int8 product (AVX2) its rate is far below what the vector units do, and
     a %peak over it would exceed 100. ``s8_from`` says which one it is."""
-    n, reps = 1024, 5
     out = {}
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        torch.mm(a, b)
-    out["f32"] = 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
-    torch_s8 = 0.0
-    try:
-        ai, bi = torch.randint(-127, 127, (n, n), dtype=torch.int8), torch.randint(-127, 127, (n, n), dtype=torch.int8)
-        torch._int_mm(ai, bi)
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            torch._int_mm(ai, bi)
-        torch_s8 = 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
-    except (RuntimeError, AttributeError):
-        pass  # no int8 product in this torch
+    out["f32"], torch_s8 = _product_rates()
     isa = _C.effective_cpu_isa()
     vnni = isa == "avx512_core_vnni" or (isa == "avx2" and _C.avx_vnni_usable())
     ratio = 4 if vnni else 2
