@@ -416,13 +416,22 @@ def plot(rows: list[dict], path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+# oneDNN's ISA caps (ONEDNN_MAX_CPU_ISA) that leave out its bf16 paths, and
+# those that leave out AMX: under them torch's bf16 autocast has no native
+# product, whatever the CPU has (the three libraries capped to stand in for
+# a CPU without it, docs/benchmarks.md).
+_ONEDNN_BELOW_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+_ONEDNN_BELOW_AMX = _ONEDNN_BELOW_BF16 | {"AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX10_1_512"}
+
+
 def machine(cpuinfo: str = "/proc/cpuinfo") -> dict:
     """The CPU model and whether it has AMX (dense int8/bf16 are much faster there).
 
     ``cpu`` ends with the family and model numbers: hypervisors often cut
     the model name to the vendor's brand ("AMD EPYC" for Zen 3, 4 and 5
     alike), and the numbers still tell them apart (AMD family 25: Zen 3 /
-    Zen 4, family 26: Zen 5)."""
+    Zen 4, family 26: Zen 5). ``amx`` and ``bf16_native`` are what torch can
+    use: an ``ONEDNN_MAX_CPU_ISA`` below them takes them away."""
     model, flags, ids = "unknown", set(), {}
     try:
         with open(cpuinfo) as f:
@@ -439,17 +448,19 @@ def machine(cpuinfo: str = "/proc/cpuinfo") -> dict:
         pass
     if ids:
         model += f" (family {ids.get('cpu family', '?')}, model {ids.get('model', '?')})"
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
     return {
         "cpu": model,
-        "amx": "amx_tile" in flags,
+        "amx": "amx_tile" in flags and cap not in _ONEDNN_BELOW_AMX,
         "avx512_vnni": "avx512_vnni" in flags,
-        "bf16_native": bool({"avx512_bf16", "amx_bf16"} & flags),
+        "bf16_native": bool({"avx512_bf16", "amx_bf16"} & flags) and cap not in _ONEDNN_BELOW_BF16,
         "avx_vnni": "avx_vnni" in flags,
     }
 
 
 def bf16_native() -> bool:
-    """Whether this CPU computes bf16 (AVX512_BF16 or AMX). Elsewhere torch
+    """Whether this CPU computes bf16 (AVX512_BF16 or AMX; oneDNN not capped
+    below them). Elsewhere torch
     emulates bf16 autocast some 60x slower than fp32: no one trains that way,
     so the benchmarks do not time it there (its columns read nan)."""
     return machine()["bf16_native"]

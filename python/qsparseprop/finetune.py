@@ -446,8 +446,9 @@ class Config:
 
 
 BF16_EMULATED = (
-    "this CPU has no native bf16 arithmetic (AVX512_BF16 or AMX): torch would emulate it, about 60x slower "
-    "than fp32, and nobody trains that way; the best dense option here is fp32"
+    "this CPU has no native bf16 arithmetic (AVX512_BF16 or AMX, or ONEDNN_MAX_CPU_ISA caps them off): "
+    "torch would emulate it, about 60x slower than fp32, and nobody trains that way; the best dense option "
+    "here is fp32"
 )
 
 

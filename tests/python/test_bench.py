@@ -57,6 +57,24 @@ def test_machine_names_the_family_and_model_behind_a_cut_model_name(tmp_path):
     assert m["bf16_native"] and not m["amx"]
 
 
+@pytest.mark.parametrize(
+    "cap, bf16, amx",
+    [(None, True, True), ("AVX2", False, False), ("avx512_core_vnni", False, False),
+     ("AVX512_CORE_BF16", True, False), ("AVX512_CORE_AMX", True, True)],
+)  # fmt: skip
+def test_machine_says_what_onednns_cap_leaves_torch(tmp_path, monkeypatch, cap, bf16, amx):
+    # capped below bf16 (to stand in for a CPU without it) torch emulates
+    # bf16 autocast: the benchmarks and the main job must not time it
+    info = tmp_path / "cpuinfo"
+    info.write_text("model name\t: Xeon\nflags\t\t: avx2 avx512f avx512_bf16 amx_tile amx_bf16\n")
+    if cap is None:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    m = bench.machine(str(info))
+    assert (m["bf16_native"], m["amx"]) == (bf16, amx)
+
+
 def test_machine_without_cpuinfo_says_unknown(tmp_path):
     m = bench.machine(str(tmp_path / "missing"))
     assert m["cpu"] == "unknown" and not m["amx"] and not m["bf16_native"]
