@@ -10,6 +10,7 @@
 // here they are used once per plane and at the tensor's two ends only.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "primitives/passes/simd_avx2.hpp"
@@ -82,8 +83,8 @@ bool pack_width_planes_avx2(const float *src, int64_t batch, int64_t channels, i
     int bad = 0;
     // One plane per iteration: its rows (and a row's phases) are consecutive
     // in dst, so a run's last vector is stored whole, spilling into the next
-    // run before that is written; only a plane's last run (the next plane
-    // may be another thread's) ends with a masked store.
+    // runs before they are written; only where the plane ends within the
+    // spill (the next plane may be another thread's) is it masked.
 #pragma omp parallel for num_threads(num_threads) schedule(static) reduction(| : bad)
     for (int64_t p = 0; p < planes; ++p) {
         __m256i nonfinite = _mm256_setzero_si256();
@@ -93,8 +94,9 @@ bool pack_width_planes_avx2(const float *src, int64_t batch, int64_t channels, i
             const column_read *read = reads.data();
             for (int64_t ph = 0; ph < phases; ++ph) {
                 float *run = dst + p * plane.size() + r * row_len + ph * phase_len;
-                const bool last = r + 1 == plane.rows && ph + 1 == phases;
-                const int64_t run_end = last ? phase_len : phase_len + 7;
+                // whole vectors while the plane goes on past the spill
+                const int64_t left_in_plane = plane.size() - (r * row_len + ph * phase_len);
+                const int64_t run_end = std::min(phase_len + 7, left_in_plane);
                 for (int64_t o = 0; o < phase_len; o += 8, read += reads_per_vector) {
                     __m256 v;
                     if (phases == 1) {

@@ -735,15 +735,18 @@ TEST(Passes, width_planes_match_the_definition_on_every_tier) {
     for (auto [c, h, w] :
          {std::tuple<int64_t, int64_t, int64_t>{1, 1, 1}, {3, 5, 7}, {6, 4, 17}, {5, 2, 33}})
         for (int64_t phases : {1, 2, 3})
-            for (auto pad : {detail::spatial_pad{0, 0, 0, 0}, detail::spatial_pad{1, 2, 3, 1}}) {
+            for (auto [pad, slack] : {std::pair{detail::spatial_pad{0, 0, 0, 0}, int64_t(5)},
+                                      std::pair{detail::spatial_pad{1, 2, 3, 1}, int64_t(5)},
+                                      std::pair{detail::spatial_pad{0, 0, 0, 0}, int64_t(0)}}) {
                 SCOPED_TRACE(std::to_string(c) + "x" + std::to_string(h) + "x" + std::to_string(w)
                              + " phases " + std::to_string(phases) + " pad "
-                             + std::to_string(pad.top));
+                             + std::to_string(pad.top) + " slack " + std::to_string(slack));
                 const int64_t batch = 2, wp = w + pad.left + pad.right;
                 detail::width_plane plane;
                 plane.rows = h + pad.top + pad.bottom;
                 plane.phases = phases;
-                plane.phase_len = (wp + phases - 1) / phases + 5; // slack past the image
+                // slack: columns past the image (none: a phase as short as 1)
+                plane.phase_len = (wp + phases - 1) / phases + slack;
                 auto src = random_vector(static_cast<size_t>(batch * c * h * w), rng);
                 std::vector<int8_t> xq(src.size());
                 for (auto &v : xq)
