@@ -174,8 +174,8 @@ void pack_width_pairs(const int8_t *src, int64_t batch, int64_t channels, int64_
                       const spatial_pad &pad, const width_plane &plane, uint32_t *dst,
                       int num_threads) {
     static constexpr pass_tier<pack_width_pairs_fn> tiers[] = {
-            {cpu_isa::ref, portable::pack_width_pairs}};
-    best_tier(tiers)(src, batch, channels, h, w, pad, plane, dst, num_threads);
+            {cpu_isa::avx2, pack_width_pairs_avx2}, {cpu_isa::ref, portable::pack_width_pairs}};
+    best_tier(tiers, plane.phases <= 2)(src, batch, channels, h, w, pad, plane, dst, num_threads);
 }
 
 void portable::pack_width_pairs(const int8_t *src, int64_t batch, int64_t channels, int64_t h,

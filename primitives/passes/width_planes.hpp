@@ -87,6 +87,8 @@ pack_width_planes_fn pack_width_planes_avx512;
 pack_width_planes_fn pack_width_planes_avx2;
 // Planes without column phases or with two.
 pack_width_quads_fn pack_width_quads_avx512;
+// Planes without column phases or with two.
+pack_width_pairs_fn pack_width_pairs_avx2;
 // A horizontal stride of 2: two phases, columns 0 and 1 (in either order).
 interleave_width_phases_fn interleave_width_phases_avx512;
 

@@ -11,6 +11,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "primitives/passes/simd_avx2.hpp"
@@ -117,6 +118,121 @@ bool pack_width_planes_avx2(const float *src, int64_t batch, int64_t channels, i
         bad |= !_mm256_testz_si256(nonfinite, nonfinite);
     }
     return !bad;
+}
+
+namespace {
+
+constexpr uint32_t pair_zero = 0x00800080u; // two x = 0 as u16 (x + 128)
+
+// out[from, to) = two x = 0, 8 words a store (the last ones plain).
+inline void fill_pair_zeros(uint32_t *out, int64_t from, int64_t to) {
+    const __m256i zero = _mm256_set1_epi32(static_cast<int>(pair_zero));
+    int64_t j = from;
+    for (; j + 8 <= to; j += 8)
+        _mm256_storeu_si256(reinterpret_cast<__m256i *>(out + j), zero);
+    for (; j < to; ++j)
+        out[j] = pair_zero;
+}
+
+// The words of 8 columns: u16 (lo + 128) | u16 (hi + 128) << 16.
+inline __m256i pair_words(__m128i lo8, __m128i hi8) {
+    const __m128i bytes = _mm_xor_si128(_mm_unpacklo_epi8(lo8, hi8), _mm_set1_epi8(-128));
+    return _mm256_cvtepu8_epi16(bytes);
+}
+
+// out[0, w) = the words of columns [0, w) of rows lo and hi (null: x = 0).
+// Whole vectors where they may: reading up to lo + w + 7 (hi too) while
+// that is before src_end, writing up to out + w + 7 while that is before
+// out_end (the caller writes the columns past w after); else the last
+// columns go through a buffer.
+inline void pair_row(uint32_t *out, const uint32_t *out_end, const int8_t *lo, const int8_t *hi,
+                     const int8_t *src_end, int64_t w) {
+    const bool read_past = (hi ? hi : lo) + w + 8 <= src_end, write_past = out + w + 8 <= out_end;
+    const int64_t whole = read_past && write_past ? w : w / 8 * 8;
+    int64_t x = 0;
+    for (; x < whole; x += 8) {
+        const __m128i l = _mm_loadl_epi64(reinterpret_cast<const __m128i *>(lo + x));
+        const __m128i h = hi ? _mm_loadl_epi64(reinterpret_cast<const __m128i *>(hi + x))
+                             : _mm_setzero_si128();
+        _mm256_storeu_si256(reinterpret_cast<__m256i *>(out + x), pair_words(l, h));
+    }
+    if (x >= w) return;
+    const size_t n = static_cast<size_t>(w - x);
+    int64_t l = 0, h = 0;
+    std::memcpy(&l, lo + x, n);
+    if (hi) std::memcpy(&h, hi + x, n);
+    alignas(32) uint32_t words[8];
+    _mm256_store_si256(reinterpret_cast<__m256i *>(words),
+                       pair_words(_mm_cvtsi64_si128(l), _mm_cvtsi64_si128(h)));
+    std::memcpy(out + x, words, n * 4);
+}
+
+} // namespace
+
+void pack_width_pairs_avx2(const int8_t *src, int64_t batch, int64_t channels, int64_t h, int64_t w,
+                           const spatial_pad &pad, const width_plane &plane, uint32_t *dst,
+                           int num_threads) {
+    const int64_t pairs = (channels + 1) / 2, row_len = plane.row_len();
+    const int64_t phases = plane.phases, phase_len = plane.phase_len;
+    // A row with two column phases is made whole (padded column order) in a
+    // buffer, then its even and odd columns are split 16 at a time.
+    const int64_t chunks = (phase_len + 7) / 8;
+    const int8_t *src_end = src + batch * channels * h * w;
+#pragma omp parallel num_threads(num_threads)
+    {
+        std::vector<uint32_t> whole(phases == 2 ? static_cast<size_t>(16 * chunks + 8) : 0,
+                                    pair_zero);
+        // a plane per iteration: a row's spill into the rows after it stays
+        // with the thread that writes them (after it)
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < batch * pairs; ++p)
+            for (int64_t r = 0; r < plane.rows; ++r) {
+                uint32_t *row = dst + p * plane.size() + r * row_len;
+                const int64_t y = r - pad.top;
+                if (y < 0 || y >= h) {
+                    fill_pair_zeros(row, 0, row_len);
+                    continue;
+                }
+                const int64_t b = p / pairs, c = 2 * (p % pairs);
+                const int8_t *lo = src + ((b * channels + c) * h + y) * w;
+                const int8_t *hi = c + 1 < channels ? lo + h * w : nullptr; // missing: x = 0
+                uint32_t *out = phases == 1 ? row : whole.data();
+                const int64_t padded = phases == 1 ? row_len : 2 * phase_len;
+                // past the row: its plane's next rows (written after it)
+                const uint32_t *out_end =
+                        phases == 1 ? dst + (p + 1) * plane.size() : whole.data() + whole.size();
+                fill_pair_zeros(out, 0, pad.left);
+                pair_row(out + pad.left, out_end, lo, hi, src_end, w);
+                fill_pair_zeros(out, pad.left + w, padded);
+                if (phases == 1) continue;
+                // evens to [0, phase_len), odds to [phase_len, 2 phase_len):
+                // every even chunk first (a spill into the odds is written
+                // over after it), then the odds; a chunk that would pass the
+                // row is cut
+                auto half = [&](int64_t j, int odd) {
+                    const __m256 a = _mm256_loadu_ps(reinterpret_cast<const float *>(out + 2 * j)),
+                                 bv = _mm256_loadu_ps(
+                                         reinterpret_cast<const float *>(out + 2 * j + 8));
+                    const __m256 v = odd ? _mm256_shuffle_ps(a, bv, _MM_SHUFFLE(3, 1, 3, 1))
+                                         : _mm256_shuffle_ps(a, bv, _MM_SHUFFLE(2, 0, 2, 0));
+                    return _mm256_castpd_si256(
+                            _mm256_permute4x64_pd(_mm256_castps_pd(v), _MM_SHUFFLE(3, 1, 2, 0)));
+                };
+                auto store = [&](uint32_t *to, __m256i v, int64_t room, int64_t keep) {
+                    if (room >= 8) {
+                        _mm256_storeu_si256(reinterpret_cast<__m256i *>(to), v);
+                        return;
+                    }
+                    alignas(32) uint32_t words[8];
+                    _mm256_store_si256(reinterpret_cast<__m256i *>(words), v);
+                    std::memcpy(to, words, static_cast<size_t>(keep) * 4);
+                };
+                for (int64_t j = 0; j < phase_len; j += 8)
+                    store(row + j, half(j, 0), row_len - j, phase_len - j);
+                for (int64_t j = 0; j < phase_len; j += 8)
+                    store(row + phase_len + j, half(j, 1), phase_len - j, phase_len - j);
+            }
+    }
 }
 
 } // namespace qsp::detail

@@ -112,6 +112,28 @@ int main(int argc, char **argv) {
                               }});
         compare("f32 width planes", f32_planes, rounds);
 
+        // s8 X as channel pairs (u16 each) into width planes: the SpMM
+        // source on AVX2 without VNNI; stride 1, then stride 2's phases
+        for (int64_t phases : {1, 2}) {
+            width_plane pair_plane;
+            pair_plane.rows = H + 2;
+            pair_plane.phases = phases;
+            pair_plane.phase_len = (H + 2 + phases - 1) / phases + 4;
+            std::vector<uint32_t> pair_words(
+                    static_cast<size_t>(B * ((C + 1) / 2) * pair_plane.size()));
+            std::vector<candidate> pairs;
+            if (avx2)
+                pairs.push_back({"avx2", [&] {
+                                     pack_width_pairs_avx2(xq.data(), B, C, H, H, pad, pair_plane,
+                                                           pair_words.data(), threads);
+                                 }});
+            pairs.push_back({"portable", [&] {
+                                 portable::pack_width_pairs(xq.data(), B, C, H, H, pad, pair_plane,
+                                                            pair_words.data(), threads);
+                             }});
+            compare(phases == 1 ? "width pairs" : "width pairs, stride 2", pairs, rounds);
+        }
+
         // backward-weights' s8 tiles of X with the batch's plane sums
         std::vector<candidate> pack;
         if (avx512)
