@@ -277,6 +277,7 @@ void interleave_width_phases(const width_phase_rows *phases, int64_t count, int6
                              int64_t sh, int64_t sw, float *out, int num_threads) {
     static constexpr pass_tier<interleave_width_phases_fn> tiers[] = {
             {cpu_isa::avx512_core, interleave_width_phases_avx512},
+            {cpu_isa::avx2, interleave_width_phases_avx2},
             {cpu_isa::ref, portable::interleave_width_phases}};
     const bool even_odd = sw == 2 && count == 2 && phases[0].w0 + phases[1].w0 == 1;
     best_tier(tiers, even_odd)(phases, count, batch, channels, n_h, h, w, h0, sh, sw, out,

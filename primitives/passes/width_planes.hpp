@@ -91,5 +91,6 @@ pack_width_quads_fn pack_width_quads_avx512;
 pack_width_pairs_fn pack_width_pairs_avx2;
 // A horizontal stride of 2: two phases, columns 0 and 1 (in either order).
 interleave_width_phases_fn interleave_width_phases_avx512;
+interleave_width_phases_fn interleave_width_phases_avx2;
 
 } // namespace qsp::detail

@@ -235,6 +235,35 @@ void pack_width_pairs_avx2(const int8_t *src, int64_t batch, int64_t channels, i
     }
 }
 
+// Stride 2: row[2j + w0] = phase[j], 8 even and 8 odd columns zipped into
+// two vectors (the portable loop stored one float per instruction, 8 bytes
+// apart). A row's last vectors are masked: the rows between are the other
+// row phase's, written in another call.
+void interleave_width_phases_avx2(const width_phase_rows *phases, int64_t, int64_t batch,
+                                  int64_t channels, int64_t n_h, int64_t h, int64_t w, int64_t h0,
+                                  int64_t sh, int64_t, float *out, int num_threads) {
+    const width_phase_rows &even = phases[0].w0 == 0 ? phases[0] : phases[1],
+                           &odd = phases[0].w0 == 0 ? phases[1] : phases[0];
+#pragma omp parallel for collapse(2) num_threads(num_threads) schedule(static)
+    for (int64_t p = 0; p < batch * channels; ++p)
+        for (int64_t a = 0; a < n_h; ++a) {
+            float *row = out + (p * h + h0 + a * sh) * w;
+            const float *e = even.values + (p * n_h + a) * even.n_w,
+                        *o = odd.values + (p * n_h + a) * odd.n_w;
+            for (int64_t j = 0; 2 * j < w; j += 8) {
+                const __m256 ev = avx2::load_first(e + j, even.n_w - j),
+                             ov = avx2::load_first(o + j, odd.n_w - j);
+                // e0 o0 e1 o1 | e4 o4 e5 o5 and e2 o2 e3 o3 | e6 o6 e7 o7
+                const __m256 lo = _mm256_unpacklo_ps(ev, ov), hi = _mm256_unpackhi_ps(ev, ov);
+                const int64_t left = w - 2 * j; // columns of this row from 2j on
+                avx2::store_first(row + 2 * j, _mm256_permute2f128_ps(lo, hi, 0x20), left);
+                if (left > 8)
+                    avx2::store_first(row + 2 * j + 8, _mm256_permute2f128_ps(lo, hi, 0x31),
+                                      left - 8);
+            }
+        }
+}
+
 } // namespace qsp::detail
 
 QSP_END_TARGET

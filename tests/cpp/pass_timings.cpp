@@ -192,18 +192,22 @@ int main(int argc, char **argv) {
         std::vector<float> even(static_cast<size_t>(B * C * n_h * half)),
                 odd(static_cast<size_t>(B * C * n_h * (H / 2))), out(static_cast<size_t>(n));
         const width_phase_rows phases[2] = {{even.data(), 0, half}, {odd.data(), 1, H / 2}};
-        compare("diff_src rows from 2 phases",
-                {{"dispatched",
-                  [&] {
-                      interleave_width_phases(phases, 2, B, C, n_h, H, H, 0, 2, 2, out.data(),
-                                              threads);
-                  }},
-                 {"portable",
-                  [&] {
-                      portable::interleave_width_phases(phases, 2, B, C, n_h, H, H, 0, 2, 2,
-                                                        out.data(), threads);
-                  }}},
-                rounds);
+        std::vector<candidate> zips;
+        if (avx512)
+            zips.push_back({"avx512", [&] {
+                                interleave_width_phases_avx512(phases, 2, B, C, n_h, H, H, 0, 2, 2,
+                                                               out.data(), threads);
+                            }});
+        if (avx2)
+            zips.push_back({"avx2", [&] {
+                                interleave_width_phases_avx2(phases, 2, B, C, n_h, H, H, 0, 2, 2,
+                                                             out.data(), threads);
+                            }});
+        zips.push_back({"portable", [&] {
+                            portable::interleave_width_phases(phases, 2, B, C, n_h, H, H, 0, 2, 2,
+                                                              out.data(), threads);
+                        }});
+        compare("diff_src rows from 2 phases", zips, rounds);
 
         // BatchNorm's statistics with each channel's range (the int8 block's)
         std::vector<float> dz(static_cast<size_t>(n)), dy(static_cast<size_t>(n));

@@ -1202,9 +1202,13 @@ TEST(Passes, interleave_width_phases_writes_each_column_from_its_phase) {
                                 want[static_cast<size_t>((p * h + h0 + a * sh) * w + f.w0
                                                          + j * sw)] =
                                         f.values[(p * n_h + a) * f.n_w + j];
-                // the dispatched tier (AVX-512 for stride 2 where the CPU has it), the portable
-                for (auto *tier :
-                     {detail::interleave_width_phases, detail::portable::interleave_width_phases}) {
+                // the dispatched tier (AVX-512 or AVX2 for stride 2 where the
+                // CPU has them), the portable, and the AVX2 tier by name
+                std::vector<detail::interleave_width_phases_fn *> tiers{
+                        detail::interleave_width_phases, detail::portable::interleave_width_phases};
+                if (sw == 2 && phases.size() == 2 && cpu_has(cpu_isa::avx2))
+                    tiers.push_back(detail::interleave_width_phases_avx2);
+                for (auto *tier : tiers) {
                     std::vector<float> got(n, -3.f);
                     tier(phases.data(), static_cast<int64_t>(phases.size()), batch, channels, n_h,
                          h, w, h0, sh, sw, got.data(), 2);
