@@ -1,13 +1,17 @@
-// The AVX2 tier of the f32 width plane pack (called only after CPU
-// detection), for planes without column phases or with two (a horizontal
-// stride of 2: every other column gathered by one shuffle and one
-// permute per 16 columns). Each 8-float vector of the
-// padded row is built in registers — zeros, image columns, or both across a
-// boundary (a plain load and a mask) — and stored whole: rows are short
-// (9-30 floats in a small ResNet), so the portable loop's three fills and
-// a copy per row, not memory, bounded it. AMD microcodes masked stores and
-// slows masked loads (both were half this pass's time on 7-column rows):
-// here they are used once per plane and at the tensor's two ends only.
+// The AVX2 tiers of the width plane packs (called only after CPU
+// detection): f32 planes and s8 channel-pair planes, each without column
+// phases or with two (a horizontal stride of 2: every other column
+// gathered by one shuffle and one permute per 16 columns), and
+// backward-data's stride-2 zip of two column phases into rows.
+//
+// f32: each 8-float vector of the padded row is built in registers —
+// zeros, image columns, or both across a boundary (a plain load and a
+// mask) — and stored whole: rows are short (9-30 floats in a small
+// ResNet), so the portable loop's three fills and a copy per row, not
+// memory, bounded it. AMD microcodes masked stores and slows masked loads
+// (both were half this pass's time on 7-column rows): here they are used
+// where a plane ends and at the tensor's two ends only. The pairs keep to
+// the same rule with whole vectors and plain copies.
 #include <immintrin.h>
 
 #include <algorithm>
