@@ -258,6 +258,16 @@ void portable::pack_width_quads(const int8_t *src, int64_t batch, int64_t channe
 
 void pack_width_dy_u8(const int8_t *g, int64_t batch, int64_t channels, int64_t h, int64_t w,
                       int64_t row_bytes, int64_t channel_bytes, uint8_t *dst, int num_threads) {
+    static constexpr pass_tier<pack_width_dy_u8_fn> tiers[] = {
+            {cpu_isa::avx512_core, pack_width_dy_u8_avx512},
+            {cpu_isa::avx2, pack_width_dy_u8_avx2},
+            {cpu_isa::ref, portable::pack_width_dy_u8}};
+    best_tier(tiers)(g, batch, channels, h, w, row_bytes, channel_bytes, dst, num_threads);
+}
+
+void portable::pack_width_dy_u8(const int8_t *g, int64_t batch, int64_t channels, int64_t h,
+                                int64_t w, int64_t row_bytes, int64_t channel_bytes, uint8_t *dst,
+                                int num_threads) {
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t p = 0; p < batch * channels; ++p) {
         uint8_t *plane = dst + p * channel_bytes;

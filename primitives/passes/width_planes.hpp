@@ -57,8 +57,10 @@ void pack_width_planes(const int8_t *src, int64_t batch, int64_t channels, int64
 // int8 g[batch][channels][h][w] -> u8 rows of row_bytes >= w: g + 128, then
 // zeros (the s8 SDDMM's dY: the zeros add nothing); a channel's rows are
 // followed by zeros up to channel_bytes >= h * row_bytes.
-void pack_width_dy_u8(const int8_t *g, int64_t batch, int64_t channels, int64_t h, int64_t w,
-                      int64_t row_bytes, int64_t channel_bytes, uint8_t *dst, int num_threads);
+using pack_width_dy_u8_fn = void(const int8_t *g, int64_t batch, int64_t channels, int64_t h,
+                                 int64_t w, int64_t row_bytes, int64_t channel_bytes, uint8_t *dst,
+                                 int num_threads);
+pack_width_dy_u8_fn pack_width_dy_u8;
 // Backward-data of a horizontal stride: the column phases of one row phase,
 // each values[b][c][a][j] for a < n_h, j < n_w (rows n_w long) holding
 // out[b][c][h0 + a * sh][w0 + j * sw]. The phases' columns tile the rows
@@ -79,6 +81,7 @@ namespace portable {
 pack_width_planes_fn pack_width_planes;
 pack_width_quads_fn pack_width_quads;
 pack_width_pairs_fn pack_width_pairs;
+pack_width_dy_u8_fn pack_width_dy_u8;
 interleave_width_phases_fn interleave_width_phases;
 } // namespace portable
 // Planes without column phases only.
@@ -92,5 +95,7 @@ pack_width_pairs_fn pack_width_pairs_avx2;
 // A horizontal stride of 2: two phases, columns 0 and 1 (in either order).
 interleave_width_phases_fn interleave_width_phases_avx512;
 interleave_width_phases_fn interleave_width_phases_avx2;
+pack_width_dy_u8_fn pack_width_dy_u8_avx512;
+pack_width_dy_u8_fn pack_width_dy_u8_avx2;
 
 } // namespace qsp::detail

@@ -268,6 +268,53 @@ void interleave_width_phases_avx2(const width_phase_rows *phases, int64_t, int64
         }
 }
 
+// A channel's rows 32 bytes a step: the image bytes flipped to g + 128 and
+// the lanes past them zeroed, stored whole into the rows after (written
+// after it, by this thread: a channel per iteration) where the channel goes
+// on; a load passing the tensor's end, or a store the channel's, goes
+// through a buffer. Then the zeros to channel_bytes.
+void pack_width_dy_u8_avx2(const int8_t *g, int64_t batch, int64_t channels, int64_t h, int64_t w,
+                           int64_t row_bytes, int64_t channel_bytes, uint8_t *dst,
+                           int num_threads) {
+    const __m256i flip = _mm256_set1_epi8(-128), zero = _mm256_setzero_si256();
+    const __m256i lane =
+            _mm256_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19,
+                             20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31);
+    const int8_t *g_end = g + batch * channels * h * w;
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t p = 0; p < batch * channels; ++p) {
+        uint8_t *plane = dst + p * channel_bytes;
+        const int8_t *in = g + p * h * w;
+        for (int64_t r = 0; r < h; ++r)
+            for (int64_t x = 0; x < row_bytes; x += 32) {
+                const int64_t n = std::max<int64_t>(0, std::min<int64_t>(32, w - x));
+                const int8_t *from = in + r * w + x;
+                __m256i v = zero;
+                if (n == 32 || (n > 0 && from + 32 <= g_end)) {
+                    v = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(from));
+                } else if (n > 0) {
+                    alignas(32) int8_t bytes[32] = {};
+                    std::memcpy(bytes, from, static_cast<size_t>(n));
+                    v = _mm256_load_si256(reinterpret_cast<const __m256i *>(bytes));
+                }
+                // flipped where real (lane < n), zero past
+                v = _mm256_and_si256(
+                        _mm256_xor_si256(v, flip),
+                        _mm256_cmpgt_epi8(_mm256_set1_epi8(static_cast<char>(n)), lane));
+                uint8_t *to = plane + r * row_bytes + x;
+                const int64_t room = channel_bytes - r * row_bytes - x;
+                if (room >= 32) {
+                    _mm256_storeu_si256(reinterpret_cast<__m256i *>(to), v);
+                } else {
+                    alignas(32) uint8_t bytes[32];
+                    _mm256_store_si256(reinterpret_cast<__m256i *>(bytes), v);
+                    std::memcpy(to, bytes, static_cast<size_t>(room));
+                }
+            }
+        std::memset(plane + h * row_bytes, 0, static_cast<size_t>(channel_bytes - h * row_bytes));
+    }
+}
+
 } // namespace qsp::detail
 
 QSP_END_TARGET

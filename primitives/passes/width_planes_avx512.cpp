@@ -145,6 +145,35 @@ void interleave_width_phases_avx512(const width_phase_rows *phases, int64_t, int
         }
 }
 
+// A channel's rows 64 bytes a step: the image bytes flipped to g + 128 and
+// zeros past them in one masked load and xor, stored whole into the rows
+// after (written after it, by this thread: a channel per iteration) up to
+// the channel's end, then the zeros to channel_bytes.
+void pack_width_dy_u8_avx512(const int8_t *g, int64_t batch, int64_t channels, int64_t h, int64_t w,
+                             int64_t row_bytes, int64_t channel_bytes, uint8_t *dst,
+                             int num_threads) {
+    const __m512i flip = _mm512_set1_epi8(-128);
+    auto first_bytes = [](int64_t n) -> __mmask64 {
+        return n >= 64 ? ~__mmask64(0) : n <= 0 ? 0 : (__mmask64(1) << n) - 1;
+    };
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t p = 0; p < batch * channels; ++p) {
+        uint8_t *plane = dst + p * channel_bytes;
+        const int8_t *in = g + p * h * w;
+        for (int64_t r = 0; r < h; ++r)
+            for (int64_t x = 0; x < row_bytes; x += 64) {
+                const __mmask64 real = first_bytes(w - x);
+                const __m512i v = _mm512_xor_si512(_mm512_maskz_loadu_epi8(real, in + r * w + x),
+                                                   _mm512_maskz_mov_epi8(real, flip));
+                _mm512_mask_storeu_epi8(plane + r * row_bytes + x,
+                                        first_bytes(channel_bytes - r * row_bytes - x), v);
+            }
+        for (int64_t x = h * row_bytes; x < channel_bytes; x += 64)
+            _mm512_mask_storeu_epi8(plane + x, first_bytes(channel_bytes - x),
+                                    _mm512_setzero_si512());
+    }
+}
+
 } // namespace qsp::detail
 
 QSP_END_TARGET

@@ -134,6 +134,29 @@ int main(int argc, char **argv) {
             compare(phases == 1 ? "width pairs" : "width pairs, stride 2", pairs, rounds);
         }
 
+        // dY's u8 rows of the flat s8 SDDMM: rows at the padded width, each
+        // channel padded to 64-byte vectors
+        {
+            const int64_t row_bytes = H + 2, channel_bytes = (H * row_bytes + 63) / 64 * 64;
+            std::vector<uint8_t> dy_rows(static_cast<size_t>(B * C * channel_bytes));
+            std::vector<candidate> rows;
+            if (avx512)
+                rows.push_back({"avx512", [&] {
+                                    pack_width_dy_u8_avx512(xq.data(), B, C, H, H, row_bytes,
+                                                            channel_bytes, dy_rows.data(), threads);
+                                }});
+            if (avx2)
+                rows.push_back({"avx2", [&] {
+                                    pack_width_dy_u8_avx2(xq.data(), B, C, H, H, row_bytes,
+                                                          channel_bytes, dy_rows.data(), threads);
+                                }});
+            rows.push_back({"portable", [&] {
+                                portable::pack_width_dy_u8(xq.data(), B, C, H, H, row_bytes,
+                                                           channel_bytes, dy_rows.data(), threads);
+                            }});
+            compare("dY u8 rows, flat", rows, rounds);
+        }
+
         // backward-weights' s8 tiles of X with the batch's plane sums
         std::vector<candidate> pack;
         if (avx512)

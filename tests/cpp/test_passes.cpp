@@ -697,12 +697,10 @@ TEST(Passes, conv_tiles_match_the_definition_on_every_tier) {
             }
 }
 
-// The width planes (jit/width_abi.hpp) against their definition: every
-// position written, the image where it belongs (column phases included),
-// zeros / x = 0 elsewhere; the AVX-512 tier bit for bit; the finite check.
 // The s8 SDDMM's dY: every byte of the destination written, g + 128 in the
 // image, zeros past each row and past each channel's rows (the kernels'
-// vectors read them: garbage there would add into the weight gradient).
+// vectors read them: garbage there would add into the weight gradient),
+// on every tier.
 TEST(Passes, width_dy_u8_rows_and_channels_are_zero_padded) {
     std::mt19937 rng(21);
     for (auto [h, w, row_bytes, channel_bytes] :
@@ -710,7 +708,9 @@ TEST(Passes, width_dy_u8_rows_and_channels_are_zero_padded) {
           {3, 5, 5, 64},
           {14, 14, 16, 256},
           {7, 7, 64, 448},
-          {5, 3, 9, 47}}) {
+          {5, 3, 9, 47},
+          {3, 100, 130, 400},
+          {2, 33, 33, 66}}) {
         SCOPED_TRACE(std::to_string(h) + "x" + std::to_string(w) + " rows of "
                      + std::to_string(row_bytes) + ", channels of "
                      + std::to_string(channel_bytes));
@@ -718,18 +718,32 @@ TEST(Passes, width_dy_u8_rows_and_channels_are_zero_padded) {
         std::vector<int8_t> g(static_cast<size_t>(batch * c * h * w));
         for (auto &v : g)
             v = static_cast<int8_t>(static_cast<int>(rng() % 256) - 128);
-        std::vector<uint8_t> dy(static_cast<size_t>(batch * c * channel_bytes), 0xab);
-        detail::pack_width_dy_u8(g.data(), batch, c, h, w, row_bytes, channel_bytes, dy.data(), 2);
-        for (int64_t p = 0; p < batch * c; ++p)
-            for (int64_t i = 0; i < channel_bytes; ++i) {
-                const int64_t r = i / row_bytes, x = i % row_bytes;
-                const int want =
-                        r < h && x < w ? g[static_cast<size_t>((p * h + r) * w + x)] + 128 : 0;
-                ASSERT_EQ(dy[static_cast<size_t>(p * channel_bytes + i)], want) << p << " " << i;
-            }
+        // the dispatched tier, and each tier by name where this CPU runs it
+        std::vector<std::pair<const char *, detail::pack_width_dy_u8_fn *>> tiers{
+                {"dispatched", detail::pack_width_dy_u8},
+                {"portable", detail::portable::pack_width_dy_u8}};
+        if (cpu_has(cpu_isa::avx2)) tiers.push_back({"avx2", detail::pack_width_dy_u8_avx2});
+        if (cpu_has(cpu_isa::avx512_core))
+            tiers.push_back({"avx512", detail::pack_width_dy_u8_avx512});
+        for (auto [name, tier] : tiers) {
+            SCOPED_TRACE(name);
+            std::vector<uint8_t> dy(static_cast<size_t>(batch * c * channel_bytes), 0xab);
+            tier(g.data(), batch, c, h, w, row_bytes, channel_bytes, dy.data(), 2);
+            for (int64_t p = 0; p < batch * c; ++p)
+                for (int64_t i = 0; i < channel_bytes; ++i) {
+                    const int64_t r = i / row_bytes, x = i % row_bytes;
+                    const int want =
+                            r < h && x < w ? g[static_cast<size_t>((p * h + r) * w + x)] + 128 : 0;
+                    ASSERT_EQ(dy[static_cast<size_t>(p * channel_bytes + i)], want)
+                            << p << " " << i;
+                }
+        }
     }
 }
 
+// The width planes (jit/width_abi.hpp) against their definition: every
+// position written, the image where it belongs (column phases included),
+// zeros / x = 0 elsewhere; the AVX-512 tier bit for bit; the finite check.
 TEST(Passes, width_planes_match_the_definition_on_every_tier) {
     std::mt19937 rng(12);
     for (auto [c, h, w] :
