@@ -3,7 +3,8 @@
 // two, a horizontal stride of 2): a row is its left padding,
 // the image row moved 16 values per masked load / store, and its right
 // padding, with no call per row (rows are short: the portable loop's
-// per-row overhead, not memory, bounded it).
+// per-row overhead, not memory, bounded it). Also backward-data's stride-2
+// zip of two column phases into rows, and the s8 SDDMM's u8 dY rows.
 #include <immintrin.h>
 
 #include <algorithm>
