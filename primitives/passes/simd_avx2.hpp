@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 
 #include "primitives/passes/isa_target.hpp"
@@ -65,6 +66,18 @@ inline void store_first(float *p, __m256 v, int64_t n) {
         _mm256_storeu_ps(p, v);
     else
         _mm256_maskstore_ps(p, first_lanes(n), v);
+}
+// The first n bytes of v stored to p: the whole vector from 32 on, below
+// that through a buffer (AVX2 has no byte-masked store, and its dword one is
+// microcoded on AMD).
+inline void store_first_bytes(void *p, __m256i v, int64_t n) {
+    if (n >= 32) {
+        _mm256_storeu_si256(static_cast<__m256i *>(p), v);
+        return;
+    }
+    alignas(32) uint8_t bytes[32];
+    _mm256_store_si256(reinterpret_cast<__m256i *>(bytes), v);
+    std::memcpy(p, bytes, static_cast<size_t>(n < 0 ? 0 : n));
 }
 
 // max |v| over the vectors folded in, NaN once one held a NaN (maxps alone

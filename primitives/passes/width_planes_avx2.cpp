@@ -165,10 +165,8 @@ inline void pair_row(uint32_t *out, const uint32_t *out_end, const int8_t *lo, c
     int64_t l = 0, h = 0;
     std::memcpy(&l, lo + x, n);
     if (hi) std::memcpy(&h, hi + x, n);
-    alignas(32) uint32_t words[8];
-    _mm256_store_si256(reinterpret_cast<__m256i *>(words),
-                       pair_words(_mm_cvtsi64_si128(l), _mm_cvtsi64_si128(h)));
-    std::memcpy(out + x, words, n * 4);
+    avx2::store_first_bytes(out + x, pair_words(_mm_cvtsi64_si128(l), _mm_cvtsi64_si128(h)),
+                            static_cast<int64_t>(n) * 4);
 }
 
 } // namespace
@@ -211,8 +209,8 @@ void pack_width_pairs_avx2(const int8_t *src, int64_t batch, int64_t channels, i
                 if (phases == 1) continue;
                 // evens to [0, phase_len), odds to [phase_len, 2 phase_len):
                 // every even chunk first (a spill into the odds is written
-                // over after it), then the odds; a chunk that would pass the
-                // row is cut
+                // over after it), then the odds; a chunk is cut at the row's
+                // end
                 auto half = [&](int64_t j, int odd) {
                     const __m256 a = _mm256_loadu_ps(reinterpret_cast<const float *>(out + 2 * j)),
                                  bv = _mm256_loadu_ps(
@@ -222,19 +220,10 @@ void pack_width_pairs_avx2(const int8_t *src, int64_t batch, int64_t channels, i
                     return _mm256_castpd_si256(
                             _mm256_permute4x64_pd(_mm256_castps_pd(v), _MM_SHUFFLE(3, 1, 2, 0)));
                 };
-                auto store = [&](uint32_t *to, __m256i v, int64_t room, int64_t keep) {
-                    if (room >= 8) {
-                        _mm256_storeu_si256(reinterpret_cast<__m256i *>(to), v);
-                        return;
-                    }
-                    alignas(32) uint32_t words[8];
-                    _mm256_store_si256(reinterpret_cast<__m256i *>(words), v);
-                    std::memcpy(to, words, static_cast<size_t>(keep) * 4);
-                };
                 for (int64_t j = 0; j < phase_len; j += 8)
-                    store(row + j, half(j, 0), row_len - j, phase_len - j);
+                    avx2::store_first_bytes(row + j, half(j, 0), (row_len - j) * 4);
                 for (int64_t j = 0; j < phase_len; j += 8)
-                    store(row + phase_len + j, half(j, 1), phase_len - j, phase_len - j);
+                    avx2::store_first_bytes(row + phase_len + j, half(j, 1), (phase_len - j) * 4);
             }
     }
 }
@@ -301,15 +290,8 @@ void pack_width_dy_u8_avx2(const int8_t *g, int64_t batch, int64_t channels, int
                 v = _mm256_and_si256(
                         _mm256_xor_si256(v, flip),
                         _mm256_cmpgt_epi8(_mm256_set1_epi8(static_cast<char>(n)), lane));
-                uint8_t *to = plane + r * row_bytes + x;
-                const int64_t room = channel_bytes - r * row_bytes - x;
-                if (room >= 32) {
-                    _mm256_storeu_si256(reinterpret_cast<__m256i *>(to), v);
-                } else {
-                    alignas(32) uint8_t bytes[32];
-                    _mm256_store_si256(reinterpret_cast<__m256i *>(bytes), v);
-                    std::memcpy(to, bytes, static_cast<size_t>(room));
-                }
+                avx2::store_first_bytes(plane + r * row_bytes + x, v,
+                                        channel_bytes - r * row_bytes - x);
             }
         std::memset(plane + h * row_bytes, 0, static_cast<size_t>(channel_bytes - h * row_bytes));
     }
