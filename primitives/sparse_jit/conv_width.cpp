@@ -35,6 +35,14 @@ width_plane conv_width::x_plane(int64_t read_lanes) const {
     return p;
 }
 
+width_plane conv_width::flat_x_plane(int64_t read_lanes) const {
+    width_plane p;
+    p.phase_len = l.wp;
+    const int64_t reach = (l.kh - 1) * l.dh * l.wp + (l.kw - 1) * l.dw + read_lanes;
+    p.rows = std::max(l.hp, (reach + l.wp - 1) / l.wp);
+    return p;
+}
+
 int64_t conv_width::x_tap(const width_plane &plane, int64_t tap) const {
     return plane.at(tap / l.kw * l.dh, tap % l.kw * l.dw);
 }

@@ -62,6 +62,10 @@ struct conv_width {
     // Forward / backward-weights source: padded x planes whose rows hold
     // `read_lanes` lanes past every tap's start.
     width_plane x_plane(int64_t read_lanes) const;
+    // The same when an image is one output row (s8 backward-weights at
+    // stride 1): rows at the padded width, and zero rows past the image for
+    // the farthest tap's read of the last vector.
+    width_plane flat_x_plane(int64_t read_lanes) const;
     // Element offset in an x plane of tap t at output position (0, 0).
     int64_t x_tap(const width_plane &plane, int64_t tap) const;
     // Per output channel: entries keyed by (input channel, tap).

@@ -355,7 +355,7 @@ protected:
                     // a whole image is one output row: its rows at the
                     // padded width back to back (dY too), a block of images
                     const width_split split = sddmm_split(isa, scheme::dt, w_.l.out_h * w_.l.wp);
-                    plane_ = flat_x_plane(split.read_lanes());
+                    plane_ = w_.flat_x_plane(split.read_lanes());
                     bwd_ = sddmm_calls(isa, scheme::dt, split, 0,
                                        w_.l.in_c * plane_.size() * bytes);
                 } else {
@@ -371,26 +371,14 @@ protected:
                         plane_offset(w_, plane.size(), 1, bytes,
                                      [&w, plane](int64_t tap) { return w.x_tap(plane, tap); }),
                         threads);
-                groups_ = flat_ ? make_grouping(w_, m, *sddmm_, w_.l.in_c,
-                                                bwd_.kernels.front()->params().n_rows,
-                                                plane_.size() * bytes)
-                                : make_grouping(w_, m, *sddmm_, w_.l.in_c,
-                                                block_rows(bwd_, w_.l.sh, x_span()),
-                                                plane_.row_len() * bytes);
+                // x a block reads per channel: flat_, its images' planes
+                const int64_t rows_touched = flat_ ? bwd_.kernels.front()->params().n_rows
+                                                   : block_rows(bwd_, w_.l.sh, x_span());
+                const int64_t row_bytes = (flat_ ? plane_.size() : plane_.row_len()) * bytes;
+                groups_ = make_grouping(w_, m, *sddmm_, w_.l.in_c, rows_touched, row_bytes);
                 break;
             }
         }
-    }
-
-    // Backward-weights' x planes when an image is one output row (flat_):
-    // rows at the padded width, and zero rows past the image for the
-    // farthest tap's read of the last vector.
-    width_plane flat_x_plane(int64_t read_lanes) const {
-        width_plane p;
-        p.phase_len = l().wp;
-        const int64_t reach = (l().kh - 1) * l().dh * l().wp + (l().kw - 1) * l().dw + read_lanes;
-        p.rows = std::max(l().hp, (reach + l().wp - 1) / l().wp);
-        return p;
     }
 
     const conv_layout &l() const { return w_.l; }
