@@ -176,14 +176,20 @@ void pack_width_pairs_avx2(const int8_t *src, int64_t batch, int64_t channels, i
                            int num_threads) {
     const int64_t pairs = (channels + 1) / 2, row_len = plane.row_len();
     const int64_t phases = plane.phases, phase_len = plane.phase_len;
-    // A row with two column phases is made whole (padded column order) in a
-    // buffer, then its even and odd columns are split 16 at a time.
+    // A row with two column phases: its two channels' bytes are copied into
+    // rows in padded column order (zeros around, x = 0), whose 16 columns
+    // from 2j hold the 8 even and 8 odd columns from j; a byte shuffle splits
+    // them (building the row's words whole first and splitting those wrote
+    // and read 4 bytes a column more, twice the time of stride 1).
     const int64_t chunks = (phase_len + 7) / 8;
+    const int64_t byte_row = std::max(16 * chunks, pad.left + w) + 16;
     const int8_t *src_end = src + batch * channels * h * w;
 #pragma omp parallel num_threads(num_threads)
     {
-        std::vector<uint32_t> whole(phases == 2 ? static_cast<size_t>(16 * chunks + 8) : 0,
-                                    pair_zero);
+        std::vector<int8_t> bytes(phases == 2 ? static_cast<size_t>(2 * byte_row) : 0, 0);
+        int8_t *const lo_bytes = bytes.data(), *const hi_bytes = lo_bytes + byte_row;
+        const __m128i evens_first =
+                _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
         // a plane per iteration: a row's spill into the rows after it stays
         // with the thread that writes them (after it)
 #pragma omp for schedule(static)
@@ -198,32 +204,45 @@ void pack_width_pairs_avx2(const int8_t *src, int64_t batch, int64_t channels, i
                 const int64_t b = p / pairs, c = 2 * (p % pairs);
                 const int8_t *lo = src + ((b * channels + c) * h + y) * w;
                 const int8_t *hi = c + 1 < channels ? lo + h * w : nullptr; // missing: x = 0
-                uint32_t *out = phases == 1 ? row : whole.data();
-                const int64_t padded = phases == 1 ? row_len : 2 * phase_len;
-                // past the row: its plane's next rows (written after it)
-                const uint32_t *out_end =
-                        phases == 1 ? dst + (p + 1) * plane.size() : whole.data() + whole.size();
-                fill_pair_zeros(out, 0, pad.left);
-                pair_row(out + pad.left, out_end, lo, hi, src_end, w);
-                fill_pair_zeros(out, pad.left + w, padded);
-                if (phases == 1) continue;
+                if (phases == 1) {
+                    fill_pair_zeros(row, 0, pad.left);
+                    pair_row(row + pad.left, dst + (p + 1) * plane.size(), lo, hi, src_end, w);
+                    fill_pair_zeros(row, pad.left + w, row_len);
+                    continue;
+                }
+                std::memcpy(lo_bytes + pad.left, lo, static_cast<size_t>(w));
+                if (hi)
+                    std::memcpy(hi_bytes + pad.left, hi, static_cast<size_t>(w));
+                else
+                    std::memset(hi_bytes + pad.left, 0, static_cast<size_t>(w));
+                auto split = [&](int64_t j, __m128i &l, __m128i &hv) {
+                    l = _mm_shuffle_epi8(
+                            _mm_loadu_si128(reinterpret_cast<const __m128i *>(lo_bytes + 2 * j)),
+                            evens_first);
+                    hv = _mm_shuffle_epi8(
+                            _mm_loadu_si128(reinterpret_cast<const __m128i *>(hi_bytes + 2 * j)),
+                            evens_first);
+                };
                 // evens to [0, phase_len), odds to [phase_len, 2 phase_len):
                 // every even chunk first (a spill into the odds is written
-                // over after it), then the odds; a chunk is cut at the row's
-                // end
-                auto half = [&](int64_t j, int odd) {
-                    const __m256 a = _mm256_loadu_ps(reinterpret_cast<const float *>(out + 2 * j)),
-                                 bv = _mm256_loadu_ps(
-                                         reinterpret_cast<const float *>(out + 2 * j + 8));
-                    const __m256 v = odd ? _mm256_shuffle_ps(a, bv, _MM_SHUFFLE(3, 1, 3, 1))
-                                         : _mm256_shuffle_ps(a, bv, _MM_SHUFFLE(2, 0, 2, 0));
-                    return _mm256_castpd_si256(
-                            _mm256_permute4x64_pd(_mm256_castps_pd(v), _MM_SHUFFLE(3, 1, 2, 0)));
-                };
-                for (int64_t j = 0; j < phase_len; j += 8)
-                    avx2::store_first_bytes(row + j, half(j, 0), (row_len - j) * 4);
-                for (int64_t j = 0; j < phase_len; j += 8)
-                    avx2::store_first_bytes(row + phase_len + j, half(j, 1), (phase_len - j) * 4);
+                // over after it), then the odds, spilling into the plane's
+                // next row (written after it), cut at the plane's end
+                const uint32_t *plane_end = dst + (p + 1) * plane.size();
+                __m128i l, hv;
+                for (int64_t j = 0; j < phase_len; j += 8) {
+                    split(j, l, hv);
+                    avx2::store_first_bytes(row + j, pair_words(l, hv), (row_len - j) * 4);
+                }
+                for (int64_t j = 0; j < phase_len; j += 8) {
+                    split(j, l, hv);
+                    uint32_t *out = row + phase_len + j;
+                    const __m256i odd =
+                            pair_words(_mm_unpackhi_epi64(l, l), _mm_unpackhi_epi64(hv, hv));
+                    if (out + 8 <= plane_end)
+                        _mm256_storeu_si256(reinterpret_cast<__m256i *>(out), odd);
+                    else
+                        avx2::store_first_bytes(out, odd, (phase_len - j) * 4);
+                }
             }
     }
 }
