@@ -194,23 +194,28 @@ int main(int argc, char **argv) {
                          }});
         compare("dY's u8 tiles", shift, rounds);
 
-        // stride 2: quads of X into width planes, diff_src's rows from two phases
-        width_plane plane;
-        plane.rows = H + 2;
-        plane.phases = 2;
-        plane.phase_len = (H + 2 + 1) / 2 + 4;
-        std::vector<uint32_t> quads(static_cast<size_t>(B * ((C + 3) / 4) * plane.size()));
-        compare("width quads, stride 2",
-                {{"dispatched",
-                  [&] {
-                      pack_width_quads(xq.data(), B, C, H, H, pad, plane, quads.data(), threads);
-                  }},
-                 {"portable",
-                  [&] {
-                      portable::pack_width_quads(xq.data(), B, C, H, H, pad, plane, quads.data(),
-                                                 threads);
-                  }}},
-                rounds);
+        // s8 X as channel quads (u8 each) into width planes: the SpMM source
+        // with VNNI; stride 1, then stride 2's phases
+        for (int64_t phases : {1, 2}) {
+            width_plane plane;
+            plane.rows = H + 2;
+            plane.phases = phases;
+            plane.phase_len = (H + 2 + phases - 1) / phases + 4;
+            std::vector<uint32_t> quads(static_cast<size_t>(B * ((C + 3) / 4) * plane.size()));
+            compare(phases == 1 ? "width quads" : "width quads, stride 2",
+                    {{"dispatched",
+                      [&] {
+                          pack_width_quads(xq.data(), B, C, H, H, pad, plane, quads.data(),
+                                           threads);
+                      }},
+                     {"portable",
+                      [&] {
+                          portable::pack_width_quads(xq.data(), B, C, H, H, pad, plane,
+                                                     quads.data(), threads);
+                      }}},
+                    rounds);
+        }
+        // stride 2: diff_src's rows from two phases
         const int64_t half = (H + 1) / 2, n_h = H / 2;
         std::vector<float> even(static_cast<size_t>(B * C * n_h * half)),
                 odd(static_cast<size_t>(B * C * n_h * (H / 2))), out(static_cast<size_t>(n));
