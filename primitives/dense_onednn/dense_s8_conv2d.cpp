@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "primitives/core/s8_dy_quantization.hpp"
 #include "primitives/core/s8_protocol.hpp"
@@ -34,6 +35,23 @@ using dims = dnnl::memory::dims;
 int64_t deconv_pad_end(int64_t in, int64_t out, int64_t k, int64_t s, int64_t d,
                        int64_t pad_begin) {
     return (out - 1) * s + (k - 1) * d + 1 - pad_begin - in;
+}
+
+// Whether the convolution's windows read every input position of one
+// dimension. oneDNN's int8 deconvolution writes only the positions some
+// window reaches: the others keep what its buffer held (a 1-row kernel at
+// stride 3 left the two rows between its windows as garbage, where their
+// gradient is zero). And where no window reads the last positions, no
+// deconvolution geometry gives the convolution's input size.
+bool reads_every_input(int64_t in, int64_t out, int64_t k, int64_t s, int64_t d,
+                       int64_t pad_begin) {
+    std::vector<char> read(static_cast<size_t>(std::max<int64_t>(in, 0)), 0);
+    for (int64_t o = 0; o < out; ++o)
+        for (int64_t t = 0; t < k; ++t) {
+            const int64_t i = o * s + t * d - pad_begin;
+            if (i >= 0 && i < in) read[static_cast<size_t>(i)] = 1;
+        }
+    return std::all_of(read.begin(), read.end(), [](char r) { return r != 0; });
 }
 
 class dense_s8_conv2d_kernel : public kernel {
@@ -206,11 +224,12 @@ std::string dense_conv_refusal(const problem &p) {
         return "a reduction of " + std::to_string(reduction)
                + " terms could overflow oneDNN's int32 accumulator";
     if (p.dir == direction::backward_data
-        && (deconv_pad_end(s.in_h, s.out_h, g.kernel_h, g.stride_h, g.dilation_h, g.pad_top) < 0
-            || deconv_pad_end(s.in_w, s.out_w, g.kernel_w, g.stride_w, g.dilation_w, g.pad_left)
-                       < 0))
-        return "the convolution never reads the last input rows or columns: no deconvolution "
-               "geometry gives its backward-data";
+        && (!reads_every_input(s.in_h, s.out_h, g.kernel_h, g.stride_h, g.dilation_h, g.pad_top)
+            || !reads_every_input(s.in_w, s.out_w, g.kernel_w, g.stride_w, g.dilation_w,
+                                  g.pad_left)))
+        return "the convolution never reads some input rows or columns (a stride past the "
+               "kernel's reach, dilation gaps, or the last rows): oneDNN's int8 deconvolution "
+               "would leave their zero gradient unwritten";
     return "";
 }
 

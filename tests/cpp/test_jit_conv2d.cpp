@@ -356,6 +356,55 @@ TEST(DenseOnednnConv2d, matches_the_reference_bit_for_bit) {
             std::invalid_argument);
 }
 
+// Input rows or columns that no window reads (between windows: a stride
+// past the kernel's reach, dilation gaps) have a zero gradient, which
+// oneDNN's int8 deconvolution leaves unwritten (its buffer's garbage came
+// back through the reorder: found by the property tests): dense:onednn_s8
+// refuses their backward-data, naming why, and the default choice equals
+// the reference bit for bit, those rows zero.
+TEST(DenseOnednnConv2d, refuses_backward_data_where_windows_skip_input_rows) {
+    if (!onednn_has_vnni() || effective_cpu_isa() == cpu_isa::ref)
+        GTEST_SKIP() << "oneDNN int8 is exact only with VNNI/AMX; refusal tested in S8Scheme";
+    dnnl::engine eng(dnnl::engine::kind::cpu, 0);
+    const std::vector<conv_case> cases = {
+            {1, 1, 1, 4, 2, geometry(1, 2, 3, 2, 0, 0, 0, 0, 1, 1, 1), 0.0},  // the finding
+            {2, 3, 4, 9, 11, geometry(3, 1, 2, 3, 1, 1, 0, 0, 1, 1, 1), 0.3}, // columns skipped
+            {2, 2, 3, 8, 8, geometry(2, 2, 2, 2, 0, 0, 0, 0, 2, 2, 1), 0.2},  // dilation gaps
+    };
+    unsigned seed = 500;
+    for (const conv_case &c : cases) {
+        SCOPED_TRACE(c.str());
+        std::mt19937 rng(seed++);
+        const int64_t cols = c.in_c / c.g.groups * c.g.kernel_h * c.g.kernel_w;
+        auto w = csr_weights::from_dense(random_sparse_dense(c.out_c, cols, c.sparsity, rng).data(),
+                                         c.out_c, cols);
+        const auto o = conv2d_output_hw(c.g, c.h, c.w);
+        const auto src_md = f32_desc({c.batch, c.in_c, c.h, c.w}),
+                   dst_md = f32_desc({c.batch, c.out_c, o[0], o[1]});
+        primitive_attr attr;
+        attr.implementation = "dense:onednn_s8";
+        sparse_conv2d_forward::primitive_desc fwd(eng, prop_kind::forward_training, src_md,
+                                                  w.pattern, dnnl::memory::desc(), dst_md, c.g,
+                                                  quant_scheme::s8, attr);
+        try {
+            sparse_conv2d_backward_data::primitive_desc(eng, src_md, w.pattern, dst_md, fwd, attr);
+            ADD_FAILURE() << "dense:onednn_s8 accepted a backward-data with unread input rows";
+        } catch (const std::invalid_argument &e) {
+            EXPECT_NE(std::string(e.what()).find("never reads some input rows or columns"),
+                      std::string::npos)
+                    << e.what();
+        }
+        auto x = random_vector(static_cast<size_t>(c.batch * c.in_c * c.h * c.w), rng);
+        auto dy = random_vector(static_cast<size_t>(c.batch * c.out_c * o[0] * o[1]), rng);
+        auto bias = random_vector(static_cast<size_t>(c.out_c), rng);
+        const outputs want = run(c, w, x, dy, bias, quant_scheme::s8, 2, "ref:any");
+        const outputs got = run(c, w, x, dy, bias, quant_scheme::s8, 2, "");
+        expect_bitwise(got.y, want.y, "forward");
+        expect_bitwise(got.dx, want.dx, "backward_data");
+        expect_bitwise(got.dw, want.dw, "backward_weights");
+    }
+}
+
 } // namespace qsp::test
 
 namespace qsp::test {

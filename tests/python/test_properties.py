@@ -42,11 +42,37 @@ def _layout(x, how):
     return x
 
 
-def _step(module, x, g):
+def _step(module, x, g, pattern=None):
+    """Output and every gradient: the input's, the weights' (ours: the
+    values'; a dense layer: its weight's gradient at the pattern of our
+    layer ``pattern``, in the values' order) and the bias's (None without
+    one)."""
     x = x.clone().requires_grad_(True)
     y = module(x)
     y.backward(g)
-    return y.detach(), x.grad
+    dw = module.values.grad if pattern is None else _at_pattern(module.weight.grad, pattern)
+    return y.detach(), x.grad, dw, None if module.bias is None else module.bias.grad
+
+
+def _at_pattern(dense_grad, ours):
+    rows = torch.repeat_interleave(torch.arange(dense_grad.shape[0]), ours.row_ptr.diff())
+    return dense_grad.reshape(dense_grad.shape[0], -1)[rows, ours.col_idx.long()]
+
+
+def _assert_close_all(got, want):
+    for a, b in zip(got, want, strict=True):
+        if b is None:
+            assert a is None
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def _assert_int8_equal(got, want):
+    """Output, input and values gradients bit for bit; the bias's gradient,
+    an f32 sum of dY added in another order, within rounding (as documented)."""
+    for a, b in zip(got[:3], want[:3], strict=True):
+        assert torch.equal(a, b)
+    _assert_close_all(got[3:], want[3:])
 
 
 sparsities = st.sampled_from([0.0, 0.5, 0.8, 0.9, 0.98, 1.0])
@@ -69,13 +95,12 @@ def test_linear_f32_equals_dense_and_int8_equals_prototype(lead, k, n, sparsity,
     x = _layout(torch.randn(*lead, 3, k), layout)
     g = torch.randn(*lead, 3, n)
     x0 = x.clone()
-    y, dx = _step(SparseLinear.from_dense(dense), x, g)
-    yd, dxd = _step(dense, x, g)
-    torch.testing.assert_close(y, yd, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(dx, dxd, rtol=1e-4, atol=1e-4)
-    yq, dxq = _step(QuantizedSparseLinear.from_dense(dense, seed=seed), x, g)
-    yp, dxp = _step(PrototypeQuantizedSparseLinear.from_dense(dense, seed=seed), x, g)
-    assert torch.equal(yq, yp) and torch.equal(dxq, dxp)
+    ours = SparseLinear.from_dense(dense)
+    _assert_close_all(_step(ours, x, g), _step(dense, x, g, pattern=ours))
+    _assert_int8_equal(
+        _step(QuantizedSparseLinear.from_dense(dense, seed=seed), x, g),
+        _step(PrototypeQuantizedSparseLinear.from_dense(dense, seed=seed), x, g),
+    )
     assert torch.equal(x, x0)  # the caller's input is never modified
 
 
@@ -113,13 +138,12 @@ def test_conv_f32_equals_dense_and_int8_equals_prototype(config, batch, sparsity
     dense = prune_random_(torch.nn.Conv2d(**args), sparsity, seed)
     x = _layout(torch.randn(batch, args["in_channels"], h, w), layout)
     g = torch.randn_like(dense(x))
-    y, dx = _step(SparseConv2d.from_dense(dense, vectorizing_over_on=vectorizing), x, g)
-    yd, dxd = _step(dense, x, g)
-    torch.testing.assert_close(y, yd, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(dx, dxd, rtol=1e-4, atol=1e-4)
-    yq, dxq = _step(QuantizedSparseConv2d.from_dense(dense, vectorizing_over_on=vectorizing, seed=seed), x, g)
-    yp, dxp = _step(PrototypeQuantizedSparseConv2d.from_dense(dense, seed=seed), x, g)
-    assert torch.equal(yq, yp) and torch.equal(dxq, dxp)
+    ours = SparseConv2d.from_dense(dense, vectorizing_over_on=vectorizing)
+    _assert_close_all(_step(ours, x, g), _step(dense, x, g, pattern=ours))
+    _assert_int8_equal(
+        _step(QuantizedSparseConv2d.from_dense(dense, vectorizing_over_on=vectorizing, seed=seed), x, g),
+        _step(PrototypeQuantizedSparseConv2d.from_dense(dense, seed=seed), x, g),
+    )
 
 
 @SETTINGS
