@@ -137,9 +137,14 @@ def test_conv_f32_equals_dense_and_int8_equals_prototype(config, batch, sparsity
     torch.manual_seed(seed)
     dense = prune_random_(torch.nn.Conv2d(**args), sparsity, seed)
     x = _layout(torch.randn(batch, args["in_channels"], h, w), layout)
-    g = torch.randn_like(dense(x))
+    # torch's reference on a contiguous copy: torch 2.13's oneDNN convolution
+    # segfaults on some channels_last inputs (Conv2d(2, 3, (5, 1), stride
+    # (1, 2), padding (2, 1), dilation 2) on 3 x 2 x 10 x 1, found by a
+    # random hunt), which ours take
+    reference = x.contiguous()
+    g = torch.randn_like(dense(reference))
     ours = SparseConv2d.from_dense(dense, vectorizing_over_on=vectorizing)
-    _assert_close_all(_step(ours, x, g), _step(dense, x, g, pattern=ours))
+    _assert_close_all(_step(ours, x, g), _step(dense, reference, g, pattern=ours))
     _assert_int8_equal(
         _step(QuantizedSparseConv2d.from_dense(dense, vectorizing_over_on=vectorizing, seed=seed), x, g),
         _step(PrototypeQuantizedSparseConv2d.from_dense(dense, seed=seed), x, g),
@@ -206,3 +211,19 @@ def test_tampered_state_dicts_are_refused_and_leave_the_layer_as_it_was(which, h
     for k, v in layer.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert torch.equal(layer(x), y0)
+
+
+def test_a_channels_last_input_that_crashes_torchs_convolution_runs_here():
+    # the random hunt's finding above, for our layers: torch's own layer
+    # segfaults on it (not run here); ours give what torch gives on the
+    # contiguous copy
+    torch.manual_seed(0)
+    dense = torch.nn.Conv2d(2, 3, (5, 1), stride=(1, 2), padding=(2, 1), dilation=(2, 2))
+    x = torch.randn(3, 2, 10, 1).contiguous(memory_format=torch.channels_last)
+    g = torch.randn(3, 3, 6, 2)
+    ours = SparseConv2d.from_dense(dense)
+    _assert_close_all(_step(ours, x, g), _step(dense, x.contiguous(), g, pattern=ours))
+    _assert_int8_equal(
+        _step(QuantizedSparseConv2d.from_dense(dense, seed=1), x, g),
+        _step(PrototypeQuantizedSparseConv2d.from_dense(dense, seed=1), x, g),
+    )
