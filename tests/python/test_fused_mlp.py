@@ -8,9 +8,12 @@ it stays the same model to everything around it (state_dict, deepcopy,
 pickle, to_dense, swap plans, hooks, torch.compile)."""
 
 import copy
+import os
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import qsparseprop as q
@@ -306,3 +309,47 @@ def test_layers_of_two_schemes_fuse_as_scheme_auto_may_leave_them(schemes):
         _same(_step(fused, x, g), _step(unfused, x, g), f"{schemes} step {step}")
     chain = _ops._chain_of(fused[0]._kernel(), fused[2]._kernel())
     assert chain.implementations(33, _ops._threads()).endswith("(hidden plain)")
+
+
+# Random MLP blocks (hypothesis; derandomized as test_properties.py, whose
+# QSP_PROPERTY_EXAMPLES / QSP_PROPERTY_RANDOM it shares): widths 1-70,
+# hidden sizes 1-90, 1-3 leading dimensions of 1-40 tokens in all, biases,
+# each layer's sparsity (empty and full rows included), the activation, the
+# scheme. The fused block equals the unfused layers as the fixed test above
+# states it: ReLU bit for bit, GELU within its tolerances.
+_MLP_SETTINGS = settings(
+    max_examples=int(os.environ.get("QSP_PROPERTY_EXAMPLES", "25")),
+    deadline=None,
+    derandomize=os.environ.get("QSP_PROPERTY_RANDOM") != "1",
+    suppress_health_check=list(HealthCheck),
+)
+
+
+@_MLP_SETTINGS
+@given(
+    width=st.integers(1, 70),
+    hidden=st.integers(1, 90),
+    lead=st.lists(st.integers(1, 5), min_size=0, max_size=2),
+    tokens=st.integers(1, 40),
+    bias=st.booleans(),
+    sparsities=st.tuples(*[st.sampled_from([0.0, 0.5, 0.8, 0.95, 1.0])] * 2),
+    act=st.sampled_from(list(ACTIVATIONS)),
+    scheme=st.sampled_from(["f32", "s8"]),
+    seed=st.integers(0, 2**16),
+)
+def test_random_fused_mlps_equal_their_unfused_layers(width, hidden, lead, tokens, bias, sparsities, act, scheme, seed):
+    torch.manual_seed(seed)
+    dense = nn.Sequential(
+        prune_random_(nn.Linear(width, hidden, bias=bias), sparsities[0], seed),
+        ACTIVATIONS[act](),
+        prune_random_(nn.Linear(hidden, width, bias=bias), sparsities[1], seed + 1),
+    )
+    unfused, fused = _pair(dense, scheme)
+    tolerance = None if act == "relu" else ((1e-4, 1e-5) if scheme == "f32" else (2e-2, 2e-3))
+    gen = torch.Generator().manual_seed(seed)
+    shape = (*lead, tokens, width)
+    x, g = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    _same(_step(fused, x, g), _step(unfused, x, g), f"input {shape}", tolerance)
+    unfused.eval(), fused.eval()
+    with torch.no_grad():
+        _same([fused(x)], [unfused(x)], "eval", tolerance)
