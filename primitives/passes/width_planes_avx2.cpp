@@ -179,8 +179,9 @@ void pack_width_pairs_avx2(const int8_t *src, int64_t batch, int64_t channels, i
     // A row with two column phases: its two channels' bytes are copied into
     // rows in padded column order (zeros around, x = 0), whose 16 columns
     // from 2j hold the 8 even and 8 odd columns from j; a byte shuffle splits
-    // them (building the row's words whole first and splitting those wrote
-    // and read 4 bytes a column more, twice the time of stride 1).
+    // them. (It measured as fast as building the row's words whole and
+    // splitting those: at these row lengths the cost is per row, about twice
+    // stride 1's.)
     const int64_t chunks = (phase_len + 7) / 8;
     const int64_t byte_row = std::max(16 * chunks, pad.left + w) + 16;
     const int8_t *src_end = src + batch * channels * h * w;
