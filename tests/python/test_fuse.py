@@ -61,8 +61,8 @@ def _train_and_compare(
     # gradient too (random blocks: a convolution whose BatchNorm normalizes
     # its one channel away has a zero weight gradient, computed as rounding
     # noise of terms the size of the others), and the running statistics
-    # within the tolerance of their largest value (after a step they carry
-    # that step's rounding)
+    # within the tolerance of their largest value (a channel's batch mean
+    # near zero is the rounding of sums the size of the other channels')
     gen = torch.Generator().manual_seed(1)
     for step in range(steps):
         x = torch.randn(shape, generator=gen)
@@ -85,7 +85,7 @@ def _train_and_compare(
         for (name, a), b in zip(unfused.named_buffers(), fused.buffers(), strict=True):
             if name.endswith("_handle"):  # the kernel cache's slot: one per layer
                 continue
-            if a.is_floating_point() and model_scale:  # after a step: the steps' rounding
+            if a.is_floating_point() and model_scale:
                 _close(b, a, scheme, f"step {step}: buffer {name}")
             elif a.is_floating_point():
                 torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=f"step {step}: buffer {name}")
@@ -1077,8 +1077,9 @@ def test_a_block_whose_second_convolution_stayed_dense_fuses_its_shortcut_end(sc
 # QSP_PROPERTY_EXAMPLES / QSP_PROPERTY_RANDOM it shares): channels, kernel,
 # stride, image, batch, the ReLU, a second sparse convolution and its
 # BatchNorm, channels_last, the kernels' family. f32 fused equals the
-# unfused layers within rounding over two training steps and eval; s8 fused
-# equals its prototype chain within the int8 tolerance.
+# unfused layers within rounding over two steps at the same weights and
+# eval; s8 fused equals its prototype chain within the int8 copy's
+# tolerance.
 _BLOCK_SETTINGS = settings(
     max_examples=int(os.environ.get("QSP_PROPERTY_EXAMPLES", "25")),
     deadline=None,
