@@ -313,7 +313,7 @@ def test_layers_of_two_schemes_fuse_as_scheme_auto_may_leave_them(schemes):
 
 # Random MLP blocks (hypothesis; derandomized as test_properties.py, whose
 # QSP_PROPERTY_EXAMPLES / QSP_PROPERTY_RANDOM it shares): widths 1-70,
-# hidden sizes 1-90, 1-3 leading dimensions of 1-40 tokens in all, biases,
+# hidden sizes 1-90, 1-40 tokens after 0-2 leading dimensions of 1-5, biases,
 # each layer's sparsity (empty and full rows included), the activation, the
 # scheme. The fused block equals the unfused layers as the fixed test above
 # states it: ReLU bit for bit, GELU within its tolerances.
