@@ -89,10 +89,16 @@ std::string jit_name(cpu_isa isa, quant_scheme scheme, conv_vectorization v) {
 const conv_vectorization strategies[] = {conv_vectorization::batch,
                                          conv_vectorization::output_width};
 
-// Every tier and both schemes against the reference, for one case.
-void compare_with_reference(const conv_case &c, int threads, unsigned seed) {
-    SCOPED_TRACE(c.str() + " threads " + std::to_string(threads));
-    std::mt19937 rng(seed);
+// A case's random weights (at its sparsity), input, output gradient and
+// bias, drawn from rng in that order.
+struct case_data {
+    int64_t cols;
+    csr_weights w;
+    std::array<int64_t, 2> o; // the output's height and width
+    std::vector<float> x, dy, bias;
+};
+
+case_data draw_case(const conv_case &c, std::mt19937 &rng) {
     const int64_t cols = c.in_c / c.g.groups * c.g.kernel_h * c.g.kernel_w;
     auto w = csr_weights::from_dense(random_sparse_dense(c.out_c, cols, c.sparsity, rng).data(),
                                      c.out_c, cols);
@@ -100,6 +106,14 @@ void compare_with_reference(const conv_case &c, int threads, unsigned seed) {
     auto x = random_vector(static_cast<size_t>(c.batch * c.in_c * c.h * c.w), rng);
     auto dy = random_vector(static_cast<size_t>(c.batch * c.out_c * o[0] * o[1]), rng);
     auto bias = random_vector(static_cast<size_t>(c.out_c), rng);
+    return {cols, std::move(w), o, std::move(x), std::move(dy), std::move(bias)};
+}
+
+// Every tier and both schemes against the reference, for one case.
+void compare_with_reference(const conv_case &c, int threads, unsigned seed) {
+    SCOPED_TRACE(c.str() + " threads " + std::to_string(threads));
+    std::mt19937 rng(seed);
+    const auto [cols, w, o, x, dy, bias] = draw_case(c, rng);
     // magnitude bounds of the f32 sums (values in [-1, 1])
     const double fwd_scale = double(cols) + 1,
                  bd_scale = double(c.out_c * c.g.kernel_h * c.g.kernel_w),
@@ -290,6 +304,26 @@ TEST(JitConv2dEdges, non_finite_inputs_follow_dense_semantics) {
 
 namespace qsp::test {
 
+primitive_attr onednn_s8_attr() {
+    primitive_attr attr;
+    attr.implementation = "dense:onednn_s8";
+    return attr;
+}
+
+// A case's forward descriptor on dense:onednn_s8, with the memory
+// descriptors and attributes its backward descriptors are asked with.
+struct onednn_s8_forward {
+    dnnl::memory::desc src, dst;
+    primitive_attr attr = onednn_s8_attr();
+    sparse_conv2d_forward::primitive_desc pd;
+    onednn_s8_forward(const dnnl::engine &eng, const conv_case &c, const csr_weights &w)
+        : src(f32_desc({c.batch, c.in_c, c.h, c.w})),
+          dst(f32_desc({c.batch, c.out_c, conv2d_output_hw(c.g, c.h, c.w)[0],
+                        conv2d_output_hw(c.g, c.h, c.w)[1]})),
+          pd(eng, prop_kind::forward_training, src, w.pattern, dnnl::memory::desc(), dst, c.g,
+             quant_scheme::s8, attr) {}
+};
+
 // dense:onednn_s8 (oneDNN int8 convolution forward, int8 deconvolution for
 // backward-data) gives the reference's results bit for bit; it refuses
 // backward-weights (oneDNN has no int8 form; the sparse JIT runs it).
@@ -310,58 +344,32 @@ TEST(DenseOnednnConv2d, matches_the_reference_bit_for_bit) {
     for (const conv_case &c : cases) {
         SCOPED_TRACE(c.str());
         std::mt19937 rng(seed++);
-        const int64_t cols = c.in_c / c.g.groups * c.g.kernel_h * c.g.kernel_w;
-        auto w = csr_weights::from_dense(random_sparse_dense(c.out_c, cols, c.sparsity, rng).data(),
-                                         c.out_c, cols);
-        const auto o = conv2d_output_hw(c.g, c.h, c.w);
-        auto x = random_vector(static_cast<size_t>(c.batch * c.in_c * c.h * c.w), rng);
-        auto dy = random_vector(static_cast<size_t>(c.batch * c.out_c * o[0] * o[1]), rng);
-        auto bias = random_vector(static_cast<size_t>(c.out_c), rng);
+        const auto [cols, w, o, x, dy, bias] = draw_case(c, rng);
         const outputs want = run(c, w, x, dy, bias, quant_scheme::s8, 2, "ref:any");
         const outputs got = run_dense_fwd_bwd_data(c, w, x, dy, bias, 2);
         expect_bitwise(got.y, want.y, "forward");
         expect_bitwise(got.dx, want.dx, "backward_data");
         EXPECT_EQ(got.impl, "dense:onednn_s8/dense:onednn_s8");
         // backward-weights is refused, naming why
-        const auto src_md = f32_desc({c.batch, c.in_c, c.h, c.w}),
-                   dst_md = f32_desc({c.batch, c.out_c, o[0], o[1]});
-        primitive_attr attr;
-        attr.implementation = "dense:onednn_s8";
-        sparse_conv2d_forward::primitive_desc fwd(eng, prop_kind::forward_training, src_md,
-                                                  w.pattern, dnnl::memory::desc(), dst_md, c.g,
-                                                  quant_scheme::s8, attr);
+        const onednn_s8_forward f(eng, c, w);
         try {
-            sparse_conv2d_backward_weights::primitive_desc(eng, src_md, w.pattern,
-                                                           dnnl::memory::desc(), dst_md, fwd, attr);
+            sparse_conv2d_backward_weights::primitive_desc(
+                    eng, f.src, w.pattern, dnnl::memory::desc(), f.dst, f.pd, f.attr);
             ADD_FAILURE() << "dense:onednn_s8 accepted a Conv2d backward-weights";
         } catch (const std::invalid_argument &e) {
             EXPECT_NE(std::string(e.what()).find("no int8 backward-weights"), std::string::npos)
                     << e.what();
         }
     }
-    // A convolution that never reads its last input column has no
-    // deconvolution geometry: backward-data is refused, forward is not.
-    const conv_case c{2, 4, 6, 6, 6, geometry(2, 4, 3, 2, 0, 2, 1, 0, 2, 1, 2), 0.5};
-    std::mt19937 rng(399);
-    auto w = csr_weights::from_dense(random_sparse_dense(6, 2 * 8, 0.5, rng).data(), 6, 2 * 8);
-    const auto o = conv2d_output_hw(c.g, c.h, c.w);
-    const auto src_md = f32_desc({2, 4, 6, 6}), dst_md = f32_desc({2, 6, o[0], o[1]});
-    primitive_attr attr;
-    attr.implementation = "dense:onednn_s8";
-    sparse_conv2d_forward::primitive_desc fwd(eng, prop_kind::forward_training, src_md, w.pattern,
-                                              dnnl::memory::desc(), dst_md, c.g, quant_scheme::s8,
-                                              attr);
-    EXPECT_THROW(
-            sparse_conv2d_backward_data::primitive_desc(eng, src_md, w.pattern, dst_md, fwd, attr),
-            std::invalid_argument);
 }
 
 // Input rows or columns that no window reads (between windows: a stride
 // past the kernel's reach, dilation gaps) have a zero gradient, which
 // oneDNN's int8 deconvolution leaves unwritten (its buffer's garbage came
-// back through the reorder: found by the property tests): dense:onednn_s8
-// refuses their backward-data, naming why, and the default choice equals
-// the reference bit for bit, those rows zero.
+// back through the reorder: found by the property tests); where the last
+// ones are unread no deconvolution geometry exists. dense:onednn_s8
+// refuses their backward-data, naming why (forward it takes), and the
+// default choice equals the reference bit for bit, those rows zero.
 TEST(DenseOnednnConv2d, refuses_backward_data_where_windows_skip_input_rows) {
     if (!onednn_has_vnni() || effective_cpu_isa() == cpu_isa::ref)
         GTEST_SKIP() << "oneDNN int8 is exact only with VNNI/AMX; refusal tested in S8Scheme";
@@ -370,33 +378,22 @@ TEST(DenseOnednnConv2d, refuses_backward_data_where_windows_skip_input_rows) {
             {1, 1, 1, 4, 2, geometry(1, 2, 3, 2, 0, 0, 0, 0, 1, 1, 1), 0.0},  // the finding
             {2, 3, 4, 9, 11, geometry(3, 1, 2, 3, 1, 1, 0, 0, 1, 1, 1), 0.3}, // columns skipped
             {2, 2, 3, 8, 8, geometry(2, 2, 2, 2, 0, 0, 0, 0, 2, 2, 1), 0.2},  // dilation gaps
+            {2, 4, 6, 6, 6, geometry(2, 4, 3, 2, 0, 2, 1, 0, 2, 1, 2), 0.5},  // the last column
     };
     unsigned seed = 500;
     for (const conv_case &c : cases) {
         SCOPED_TRACE(c.str());
         std::mt19937 rng(seed++);
-        const int64_t cols = c.in_c / c.g.groups * c.g.kernel_h * c.g.kernel_w;
-        auto w = csr_weights::from_dense(random_sparse_dense(c.out_c, cols, c.sparsity, rng).data(),
-                                         c.out_c, cols);
-        const auto o = conv2d_output_hw(c.g, c.h, c.w);
-        const auto src_md = f32_desc({c.batch, c.in_c, c.h, c.w}),
-                   dst_md = f32_desc({c.batch, c.out_c, o[0], o[1]});
-        primitive_attr attr;
-        attr.implementation = "dense:onednn_s8";
-        sparse_conv2d_forward::primitive_desc fwd(eng, prop_kind::forward_training, src_md,
-                                                  w.pattern, dnnl::memory::desc(), dst_md, c.g,
-                                                  quant_scheme::s8, attr);
+        const auto [cols, w, o, x, dy, bias] = draw_case(c, rng);
+        const onednn_s8_forward f(eng, c, w);
         try {
-            sparse_conv2d_backward_data::primitive_desc(eng, src_md, w.pattern, dst_md, fwd, attr);
+            sparse_conv2d_backward_data::primitive_desc(eng, f.src, w.pattern, f.dst, f.pd, f.attr);
             ADD_FAILURE() << "dense:onednn_s8 accepted a backward-data with unread input rows";
         } catch (const std::invalid_argument &e) {
             EXPECT_NE(std::string(e.what()).find("never reads some input rows or columns"),
                       std::string::npos)
                     << e.what();
         }
-        auto x = random_vector(static_cast<size_t>(c.batch * c.in_c * c.h * c.w), rng);
-        auto dy = random_vector(static_cast<size_t>(c.batch * c.out_c * o[0] * o[1]), rng);
-        auto bias = random_vector(static_cast<size_t>(c.out_c), rng);
         const outputs want = run(c, w, x, dy, bias, quant_scheme::s8, 2, "ref:any");
         const outputs got = run(c, w, x, dy, bias, quant_scheme::s8, 2, "");
         expect_bitwise(got.y, want.y, "forward");

@@ -13,6 +13,7 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="qsp-in
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 
 @pytest.fixture(autouse=True)
@@ -37,3 +38,16 @@ def assert_close_rel(got: torch.Tensor, want: torch.Tensor, rel: float, what: st
     err = (got - want).abs().max().item() if got.numel() else 0.0
     scale = max(want.abs().max().item() if want.numel() else 0.0, at_least)
     assert err <= rel * scale + 1e-6, f"{what}: max error {err:.3g} > {rel} * {scale:.3g}"
+
+
+def property_settings(examples: int) -> settings:
+    """The property tests' hypothesis settings: ``examples`` derandomized
+    cases (the same every run, so a failure reproduces); a longer hunt sets
+    QSP_PROPERTY_EXAMPLES (the count) and QSP_PROPERTY_RANDOM=1 (new cases
+    each run)."""
+    return settings(
+        max_examples=int(os.environ.get("QSP_PROPERTY_EXAMPLES", str(examples))),
+        deadline=None,
+        derandomize=os.environ.get("QSP_PROPERTY_RANDOM") != "1",
+        suppress_health_check=list(HealthCheck),
+    )

@@ -9,16 +9,15 @@ keys, checkpoints both ways, optimizers, to_dense, swap plans)."""
 
 import contextlib
 import copy
-import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import assume, given
 from hypothesis import strategies as st
 from torch import nn
 
 import qsparseprop as q
-from conftest import assert_close_rel, prune_random_
+from conftest import assert_close_rel, property_settings, prune_random_
 
 CLASSES = {"f32": q.SparseConv2d, "s8": q.QuantizedSparseConv2d, "prototype": q.PrototypeQuantizedSparseConv2d}
 
@@ -1080,15 +1079,7 @@ def test_a_block_whose_second_convolution_stayed_dense_fuses_its_shortcut_end(sc
 # unfused layers within rounding over two steps at the same weights and
 # eval; s8 fused equals its prototype chain within the int8 copy's
 # tolerance.
-_BLOCK_SETTINGS = settings(
-    max_examples=int(os.environ.get("QSP_PROPERTY_EXAMPLES", "25")),
-    deadline=None,
-    derandomize=os.environ.get("QSP_PROPERTY_RANDOM") != "1",
-    suppress_health_check=list(HealthCheck),
-)
-
-
-@_BLOCK_SETTINGS
+@property_settings(25)
 @given(
     cin=st.integers(1, 9),
     cmid=st.integers(1, 9),

@@ -8,16 +8,15 @@ it stays the same model to everything around it (state_dict, deepcopy,
 pickle, to_dense, swap plans, hooks, torch.compile)."""
 
 import copy
-import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
 import qsparseprop as q
-from conftest import prune_random_
+from conftest import property_settings, prune_random_
 from qsparseprop import _ops
 
 CLASSES = {"f32": q.SparseLinear, "s8": q.QuantizedSparseLinear}
@@ -317,15 +316,7 @@ def test_layers_of_two_schemes_fuse_as_scheme_auto_may_leave_them(schemes):
 # each layer's sparsity (empty and full rows included), the activation, the
 # scheme. The fused block equals the unfused layers as the fixed test above
 # states it: ReLU bit for bit, GELU within its tolerances.
-_MLP_SETTINGS = settings(
-    max_examples=int(os.environ.get("QSP_PROPERTY_EXAMPLES", "25")),
-    deadline=None,
-    derandomize=os.environ.get("QSP_PROPERTY_RANDOM") != "1",
-    suppress_health_check=list(HealthCheck),
-)
-
-
-@_MLP_SETTINGS
+@property_settings(25)
 @given(
     width=st.integers(1, 70),
     hidden=st.integers(1, 90),

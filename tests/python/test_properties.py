@@ -5,14 +5,12 @@ random invalid inputs and tampered state_dicts raise the documented
 exception and change nothing. Each test draws a bounded number of examples
 (150; derandomized: the same cases every run, so a failure reproduces)."""
 
-import os
-
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import prune_random_
+from conftest import property_settings, prune_random_
 from qsparseprop import (
     PrototypeQuantizedSparseConv2d,
     PrototypeQuantizedSparseLinear,
@@ -22,14 +20,7 @@ from qsparseprop import (
     SparseLinear,
 )
 
-# QSP_PROPERTY_EXAMPLES raises the count for a longer hunt (derandomize off
-# with QSP_PROPERTY_RANDOM=1: new cases each run).
-SETTINGS = settings(
-    max_examples=int(os.environ.get("QSP_PROPERTY_EXAMPLES", "150")),
-    deadline=None,
-    derandomize=os.environ.get("QSP_PROPERTY_RANDOM") != "1",
-    suppress_health_check=list(HealthCheck),
-)
+SETTINGS = property_settings(150)
 
 
 def _layout(x, how):
