@@ -24,6 +24,18 @@ void expect_same_bits(float a, float b, const char *what) {
     EXPECT_EQ(std::memcmp(&a, &b, sizeof(float)), 0) << what << ": " << a << " vs " << b;
 }
 
+// A pass's tiers this CPU runs, by name: the dispatched one, the portable
+// one (where given), then AVX2 and AVX-512 where the CPU has them.
+template <typename fn_t>
+std::vector<std::pair<const char *, fn_t *>> runnable_tiers(fn_t *dispatched, fn_t *portable,
+                                                            fn_t *avx2, fn_t *avx512) {
+    std::vector<std::pair<const char *, fn_t *>> tiers{{"dispatched", dispatched}};
+    if (portable) tiers.push_back({"portable", portable});
+    if (cpu_has(cpu_isa::avx2)) tiers.push_back({"avx2", avx2});
+    if (cpu_has(cpu_isa::avx512_core)) tiers.push_back({"avx512", avx512});
+    return tiers;
+}
+
 } // namespace
 
 // The lanes of each tile row that the kernels read (tile_lanes): equal.
@@ -333,12 +345,9 @@ TEST(Passes, column_sums_s8_past_int16) {
             SCOPED_TRACE(std::to_string(channels) + " columns of " + std::to_string(v));
             std::vector<int8_t> x(static_cast<size_t>(batch * channels), v);
             const std::vector<int32_t> want(channels, static_cast<int32_t>(batch * v));
-            std::vector<std::pair<const char *, detail::column_sums_s8_fn *>> tiers{
-                    {"dispatched", detail::column_sums_s8},
-                    {"portable", detail::portable::column_sums_s8}};
-            if (cpu_has(cpu_isa::avx2)) tiers.push_back({"avx2", detail::column_sums_s8_avx2});
-            if (cpu_has(cpu_isa::avx512_core))
-                tiers.push_back({"avx512", detail::column_sums_s8_avx512});
+            const auto tiers = runnable_tiers<detail::column_sums_s8_fn>(
+                    detail::column_sums_s8, detail::portable::column_sums_s8,
+                    detail::column_sums_s8_avx2, detail::column_sums_s8_avx512);
             for (auto [name, tier] : tiers)
                 for (int threads : {1, 3}) {
                     std::vector<int32_t> sums(channels, 5);
@@ -413,12 +422,9 @@ TEST(Passes, s8_tile_passes_match_portable) {
             detail::portable::pack_s8_tiles(xq.data(), batch, channels, t_want.data(), nullptr, 1);
             {
                 // every tier this CPU runs, with the column sums or without
-                std::vector<std::pair<const char *, detail::pack_s8_tiles_fn *>> tiers{
-                        {"dispatched", detail::pack_s8_tiles},
-                        {"portable", detail::portable::pack_s8_tiles}};
-                if (cpu_has(cpu_isa::avx2)) tiers.push_back({"avx2", detail::pack_s8_tiles_avx2});
-                if (cpu_has(cpu_isa::avx512_core))
-                    tiers.push_back({"avx512", detail::pack_s8_tiles_avx512});
+                const auto tiers = runnable_tiers<detail::pack_s8_tiles_fn>(
+                        detail::pack_s8_tiles, detail::portable::pack_s8_tiles,
+                        detail::pack_s8_tiles_avx2, detail::pack_s8_tiles_avx512);
                 for (auto [name, tier] : tiers)
                     for (bool with_sums : {false, true}) {
                         SCOPED_TRACE(std::string(name) + (with_sums ? " with column sums" : ""));
@@ -514,11 +520,9 @@ TEST(Passes, s32_unpack_per_output_channel_matches_portable) {
                             acc[static_cast<size_t>((b / 64 * channels + ch) * 64 + b % 64)];
                     ASSERT_EQ(want[b * channels + ch], float(a - corr[o]) * scale[o] + bias[o]);
                 }
-            std::vector<std::pair<const char *, detail::unpack_s32_tiles_fn *>> tiers{
-                    {"dispatched", detail::unpack_s32_tiles}};
-            if (cpu_has(cpu_isa::avx2)) tiers.push_back({"avx2", detail::unpack_s32_tiles_avx2});
-            if (cpu_has(cpu_isa::avx512_core))
-                tiers.push_back({"avx512", detail::unpack_s32_tiles_avx512});
+            const auto tiers = runnable_tiers<detail::unpack_s32_tiles_fn>(
+                    detail::unpack_s32_tiles, nullptr, detail::unpack_s32_tiles_avx2,
+                    detail::unpack_s32_tiles_avx512);
             for (auto [name, tier] : tiers)
                 for (const float *b : {static_cast<const float *>(bias.data()),
                                        static_cast<const float *>(nullptr)}) {
@@ -643,13 +647,9 @@ TEST(Passes, conv_tiles_match_the_definition_on_every_tier) {
                 std::vector<int32_t> sums(sums_want.size(), -1);
                 detail::column_sums_s8(xq.data(), batch, c * px, sums.data(), 3);
                 EXPECT_EQ(sums, sums_want);
-                std::vector<std::pair<const char *, detail::pack_conv_s8_tiles_fn *>> s8_tiers{
-                        {"dispatched", detail::pack_conv_s8_tiles},
-                        {"portable", detail::portable::pack_conv_s8_tiles}};
-                if (cpu_has(cpu_isa::avx2))
-                    s8_tiers.push_back({"avx2", detail::pack_conv_s8_tiles_avx2});
-                if (cpu_has(cpu_isa::avx512_core))
-                    s8_tiers.push_back({"avx512", detail::pack_conv_s8_tiles_avx512});
+                const auto s8_tiers = runnable_tiers<detail::pack_conv_s8_tiles_fn>(
+                        detail::pack_conv_s8_tiles, detail::portable::pack_conv_s8_tiles,
+                        detail::pack_conv_s8_tiles_avx2, detail::pack_conv_s8_tiles_avx512);
                 for (auto [name, tier] : s8_tiers)
                     for (bool with_sums : {false, true}) {
                         SCOPED_TRACE(std::string(name) + (with_sums ? " with plane sums" : ""));
@@ -719,12 +719,9 @@ TEST(Passes, width_dy_u8_rows_and_channels_are_zero_padded) {
         for (auto &v : g)
             v = static_cast<int8_t>(static_cast<int>(rng() % 256) - 128);
         // the dispatched tier, and each tier by name where this CPU runs it
-        std::vector<std::pair<const char *, detail::pack_width_dy_u8_fn *>> tiers{
-                {"dispatched", detail::pack_width_dy_u8},
-                {"portable", detail::portable::pack_width_dy_u8}};
-        if (cpu_has(cpu_isa::avx2)) tiers.push_back({"avx2", detail::pack_width_dy_u8_avx2});
-        if (cpu_has(cpu_isa::avx512_core))
-            tiers.push_back({"avx512", detail::pack_width_dy_u8_avx512});
+        const auto tiers = runnable_tiers<detail::pack_width_dy_u8_fn>(
+                detail::pack_width_dy_u8, detail::portable::pack_width_dy_u8,
+                detail::pack_width_dy_u8_avx2, detail::pack_width_dy_u8_avx512);
         for (auto [name, tier] : tiers) {
             SCOPED_TRACE(name);
             std::vector<uint8_t> dy(static_cast<size_t>(batch * c * channel_bytes), 0xab);
@@ -1096,17 +1093,12 @@ TEST(Passes, pair_from_batch_norm_gradient_matches_the_written_gradient) {
     struct shape {
         int64_t batch, channels, spatial;
     };
-    std::vector<std::pair<const char *, detail::quantize_pair_from_gradient_fn *>> tiers{
-            {"dispatched", detail::quantize_pair_from_gradient},
-            {"portable", detail::portable::quantize_pair_from_gradient}};
-    if (cpu_has(cpu_isa::avx2)) tiers.push_back({"avx2", detail::quantize_pair_from_gradient_avx2});
-    if (cpu_has(cpu_isa::avx512_core))
-        tiers.push_back({"avx512", detail::quantize_pair_from_gradient_avx512});
-    std::vector<std::pair<const char *, detail::masked_gradient_apply_fn *>> apply_tiers{
-            {"dispatched", detail::masked_gradient_apply}};
-    if (cpu_has(cpu_isa::avx2)) apply_tiers.push_back({"avx2", detail::masked_gradient_apply_avx2});
-    if (cpu_has(cpu_isa::avx512_core))
-        apply_tiers.push_back({"avx512", detail::masked_gradient_apply_avx512});
+    const auto tiers = runnable_tiers<detail::quantize_pair_from_gradient_fn>(
+            detail::quantize_pair_from_gradient, detail::portable::quantize_pair_from_gradient,
+            detail::quantize_pair_from_gradient_avx2, detail::quantize_pair_from_gradient_avx512);
+    const auto apply_tiers = runnable_tiers<detail::masked_gradient_apply_fn>(
+            detail::masked_gradient_apply, nullptr, detail::masked_gradient_apply_avx2,
+            detail::masked_gradient_apply_avx512);
     for (const shape sh : {shape{1, 1, 1}, shape{3, 2, 7}, shape{5, 3, 49}, shape{2, 5, 63},
                            shape{1, 2, 8 * 4096 + 13}})
         for (int variant = 0; variant < 4; ++variant) {
