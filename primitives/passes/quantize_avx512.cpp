@@ -121,6 +121,7 @@ float abs_max(const float *x, int64_t n, int num_threads) {
 
 using avx512::abs_max;
 using avx512::first;
+using avx512::first_bytes;
 using avx512::multiplier_rows;
 using avx512::store_q;
 
@@ -324,7 +325,7 @@ void expand_quad_words_avx512(const quad_word_masks &m, const int8_t *values, ui
             __m512i sum = _mm512_setzero_si512();
             for (int64_t l = a; l < b; l += 64) {
                 const int64_t n = std::min<int64_t>(64, b - l);
-                const __mmask64 k = n >= 64 ? ~__mmask64(0) : (__mmask64(1) << n) - 1;
+                const __mmask64 k = first_bytes(n);
                 const __m512i u = _mm512_maskz_mov_epi8(
                         k, _mm512_xor_si512(_mm512_maskz_loadu_epi8(k, values + l), flip));
                 sum = _mm512_add_epi64(sum, _mm512_sad_epu8(u, _mm512_setzero_si512()));
@@ -348,7 +349,7 @@ void column_sums_s8_avx512(const int8_t *x, int64_t batch, int64_t channels, int
         __mmask64 mask[2];
         for (int h = 0; h < 2; ++h) {
             const int64_t n = std::clamp<int64_t>(channels - c0 - 64 * h, 0, 64);
-            mask[h] = n >= 64 ? ~__mmask64(0) : (__mmask64(1) << n) - 1;
+            mask[h] = first_bytes(n);
         }
         __m512i total[8];
         for (auto &v : total)
@@ -399,7 +400,7 @@ void pack_quad_tiles_avx512(const int8_t *x, int64_t batch, int64_t channels, ui
     for (int64_t t = 0; t < tiles_n; ++t)
         for (int64_t qb = 0; qb < qblocks; ++qb) {
             const int64_t c0 = qb * 64, cn = std::min<int64_t>(64, channels - c0);
-            const __mmask64 cmask = cn >= 64 ? ~__mmask64(0) : ((__mmask64(1) << cn) - 1);
+            const __mmask64 cmask = first_bytes(cn);
             const int64_t qn = std::min<int64_t>(16, quads - qb * 16);
             uint8_t *tile = tiles + t * quads * tb * 4;
             for (int64_t j0 = 0; j0 < tb; j0 += 16) {

@@ -40,6 +40,11 @@ inline __mmask16 first_lanes(int64_t n) {
     return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
 }
 
+// The first n of a vector's 64 byte lanes (none for n <= 0).
+inline __mmask64 first_bytes(int64_t n) {
+    return n >= 64 ? ~__mmask64(0) : n <= 0 ? __mmask64(0) : (__mmask64(1) << n) - 1;
+}
+
 // The byte tiles' transpose: 64 rows of up to 16 bytes -> 16 rows of 64.
 // Source row b (b < valid; the rest read as zeros) is the 16 bytes at
 // src + b * stride, those past `columns` unread (zeros); destination row k

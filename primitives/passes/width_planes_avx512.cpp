@@ -18,6 +18,7 @@ namespace qsp::detail {
 
 namespace {
 
+using avx512::first_bytes;
 using avx512::first_lanes;
 
 // row[from, to) = value, 16 lanes a store.
@@ -154,9 +155,6 @@ void pack_width_dy_u8_avx512(const int8_t *g, int64_t batch, int64_t channels, i
                              int64_t row_bytes, int64_t channel_bytes, uint8_t *dst,
                              int num_threads) {
     const __m512i flip = _mm512_set1_epi8(-128);
-    auto first_bytes = [](int64_t n) -> __mmask64 {
-        return n >= 64 ? ~__mmask64(0) : n <= 0 ? 0 : (__mmask64(1) << n) - 1;
-    };
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t p = 0; p < batch * channels; ++p) {
         uint8_t *plane = dst + p * channel_bytes;
