@@ -573,6 +573,7 @@ def swap_modules_with_sparse(
     if mask_kept:
         _mask_kept_layers(target, report)
     _fuse(target, {r.name: r for r in report if r.swapped}, batch_norm=fuse, relu=fuse_relu)
+    _keep_sparse_layers_off_torchs_fast_path(target)
     target.qsparseprop_swap_report = report
     if verbose:
         print(format_swap_report(report))
@@ -610,6 +611,10 @@ def fuse(model: nn.Module, relu: bool = True) -> nn.Module:
     BatchNorm's apply pass too: the block instance's forward is rewritten
     (its class, submodules and ``state_dict`` stay; ``to_dense`` restores
     the forward; a forward that branches on ``self.training`` is left alone).
+    An ``nn.TransformerEncoderLayer`` with a sparse ``linear1`` or
+    ``linear2`` is kept off torch's fused inference path, which would read
+    their dense weights and run dense (``swap_modules_with_sparse`` and
+    :func:`apply_swap_plan` do the same; :func:`to_dense` restores it).
 
     >>> import torch
     >>> from qsparseprop import SparseConv2d, fuse
@@ -621,6 +626,7 @@ def fuse(model: nn.Module, relu: bool = True) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     _fuse(model, None, batch_norm=True, relu=relu)
+    _keep_sparse_layers_off_torchs_fast_path(model)
     return model
 
 
@@ -633,6 +639,32 @@ def _fuse(model: nn.Module, rows: dict[str, SwapDecision] | None, batch_norm: bo
     if relu:
         _fuse_traced_relus(model, rows)
         _fuse_linear_chains(model, rows)
+
+
+# torch's nn.TransformerEncoderLayer has an inference fast path
+# (torch._transformer_encoder_layer_fwd: eval, autograd off, batch_first) that
+# reads linear1.weight and linear2.weight itself: with sparse layers there it
+# runs dense on the weights their property rebuilds on every call (slower than
+# the dense original, and in fp32 where the layers are int8). Its checks
+# leave the path where activation_relu_or_gelu is 0 (an activation it has no
+# kernel for), and the layer's own forward then calls the layers; to_dense
+# puts the value back.
+_FAST_PATH_ACTIVATION = "_qsparseprop_fast_path_activation"
+
+
+def _keep_sparse_layers_off_torchs_fast_path(model: nn.Module) -> None:
+    for mod in model.modules():
+        if isinstance(mod, nn.TransformerEncoderLayer) and any(
+            isinstance(getattr(mod, name, None), _SparseModule) for name in ("linear1", "linear2")
+        ):
+            mod.__dict__.setdefault(_FAST_PATH_ACTIVATION, mod.activation_relu_or_gelu)
+            mod.activation_relu_or_gelu = 0
+
+
+def _restore_torchs_fast_path(model: nn.Module) -> None:
+    for mod in model.modules():
+        if _FAST_PATH_ACTIVATION in mod.__dict__:
+            mod.activation_relu_or_gelu = mod.__dict__.pop(_FAST_PATH_ACTIVATION)
 
 
 def _plain_sequential(module: nn.Module) -> bool:
@@ -1321,6 +1353,7 @@ def apply_swap_plan(
         )
     }
     _fuse(model, fused, batch_norm=True, relu=True)
+    _keep_sparse_layers_off_torchs_fast_path(model)
     for d in (d for d in decisions if d.name in fused):  # the plan's flags against what was found
         layer = model.get_submodule(d.name)
         if d.fused_batch_norm and layer.__dict__.get("fused_batch_norm") is None:
@@ -1390,6 +1423,7 @@ def to_dense(model: nn.Module, inplace: bool = False) -> nn.Module:
         return nn.Sequential(dense, *after) if after else dense
     target = model if inplace else copy.deepcopy(model)
     _unfuse_traced_blocks(target)
+    _restore_torchs_fast_path(target)
     for name, mod in list(target.named_modules()):
         if isinstance(mod, FusedReLU):
             _replace(target, name, nn.ReLU())  # the ReLU back where it stood

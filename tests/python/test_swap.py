@@ -1,5 +1,7 @@
 """swap_modules_with_sparse on a small CNN + MLP."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -381,3 +383,46 @@ def test_a_pair_below_min_speedup_or_unfused_keeps_the_shortcut_dense(monkeypatc
     _fixed_timings(monkeypatch, 0.5)
     block = swap_modules_with_sparse(_strided_block(), (2, 6, 8, 8), verbose=False, persistent=False)
     assert "swapped with" not in {r.name: r for r in block.qsparseprop_swap_report}["shortcut.0"].reason
+
+
+@pytest.mark.parametrize("how", ["swap", "plan", "fuse"])
+@pytest.mark.parametrize("scheme", ["f32", "s8"])
+def test_a_transformer_layer_evaluates_with_its_sparse_layers(how, scheme, monkeypatch, tmp_path):
+    # torch's TransformerEncoderLayer has an inference fast path (eval,
+    # autograd off) that reads linear1.weight / linear2.weight itself: it
+    # ran dense on the weights our property rebuilds (slower than the dense
+    # original; fp32 where the layers are int8) until the swap kept it off
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    for m in (layer.linear1, layer.linear2):
+        prune_random_(m, 0.9)
+    dense = copy.deepcopy(layer)
+    if how == "fuse":
+        layer.linear1 = (QuantizedSparseLinear if scheme == "s8" else SparseLinear).from_dense(layer.linear1)
+        qsparseprop.fuse(layer)
+    else:
+        layer = swap_modules_with_sparse(
+            layer, (3, 5, 16), verbose=False, scheme=scheme, min_speedup=0.0, repeats=1, persistent=False
+        )
+    if how == "plan":
+        qsparseprop.save_swap_plan(layer, tmp_path / "plan.json")
+        layer = swap_modules_with_sparse(copy.deepcopy(dense), plan=str(tmp_path / "plan.json"), verbose=False)
+    x = torch.randn(3, 5, 16)
+    layer.train()
+    trained = layer(x)  # the layers' own path (training: no fast path)
+    calls = []
+    real = torch._transformer_encoder_layer_fwd
+    monkeypatch.setattr(torch, "_transformer_encoder_layer_fwd", lambda *a: calls.append(1) or real(*a))
+    layer.eval(), dense.eval()
+    with torch.no_grad():
+        got = layer(x)
+        dense(x)
+    assert len(calls) == 1  # the dense layer's
+    # eval without dropout computes what training does, with the sparse layers
+    # (the attention's kernels differ by rounding)
+    torch.testing.assert_close(got, trained.detach(), rtol=1e-4, atol=1e-5)
+    back = qsparseprop.to_dense(layer).eval()
+    assert back.activation_relu_or_gelu == dense.activation_relu_or_gelu == 1
+    with torch.no_grad():
+        back(x)
+    assert len(calls) == 2  # the dense model takes torch's path again
