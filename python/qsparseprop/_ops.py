@@ -788,7 +788,9 @@ _ABS_MAX_ATTR, _CHANNEL_MAXIMA_ATTR = "_qsp_abs_max", "_qsp_channel_abs_max"
 
 
 def _hand_over(t: torch.Tensor, attr: str, maxima: torch.Tensor) -> None:
-    if maxima.numel():
+    # an inference tensor (torch.inference_mode) keeps no version to check
+    # the maxima against: the reader finds them itself
+    if maxima.numel() and not t.is_inference():
         setattr(t, attr, (maxima, t._version))
 
 

@@ -1,7 +1,9 @@
 """What used to be silently wrong, now correct or a clear error: in-place
 pattern edits, geometry changes, double backward, index buffers on every
-load path, dense checkpoints, first use from several threads."""
+load path, dense checkpoints, first use from several threads, a swapped
+network under torch.inference_mode."""
 
+import copy
 import threading
 
 import pytest
@@ -9,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import prune_random_
-from qsparseprop import QuantizedSparseLinear, SparseConv2d, SparseLinear
+from qsparseprop import QuantizedSparseLinear, SparseConv2d, SparseLinear, swap_modules_with_sparse
 
 
 @pytest.mark.parametrize("how", ["data", "numpy"])
@@ -119,3 +121,32 @@ def test_first_use_from_several_threads_is_safe():
     assert not errors, errors
     for r in results:
         torch.testing.assert_close(r, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("scheme", ["f32", "s8"])
+def test_a_swapped_network_runs_under_inference_mode_as_under_no_grad(scheme):
+    # a BatchNorm recalibration pass (training mode, no autograd) and
+    # evaluation under torch.inference_mode: an int8 block's BatchNorm
+    # handed its maximum to the next block's convolutions with the tensor's
+    # version, which an inference tensor does not keep (RuntimeError)
+    from qsparseprop.finetune import make_model
+
+    torch.manual_seed(0)
+    dense = make_model("cnn", 12, 4)
+    for m in dense.modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+            prune_random_(m, 0.8)
+    model = swap_modules_with_sparse(
+        dense, (6, 1, 12, 12), verbose=False, scheme=scheme, min_sparsity=0.5, min_speedup=0.0, repeats=1,
+        persistent=False,
+    )  # fmt: skip
+    x = torch.randn(6, 1, 12, 12)
+    for training in (True, False):
+        inference, reference = copy.deepcopy(model).train(training), copy.deepcopy(model).train(training)
+        with torch.inference_mode():
+            got = inference(x)
+        with torch.no_grad():
+            want = reference(x)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        for (name, a), b in zip(inference.named_buffers(), reference.buffers(), strict=True):
+            assert name.endswith("_handle") or torch.equal(a, b), name  # (_handle: the kernel cache's slot)
