@@ -306,6 +306,12 @@ class _SparseModule(nn.Module):
 
     def _check_input(self, x, ndims: tuple[int, ...], what: str) -> torch.Tensor:
         name = type(self).__name__
+        if torch.jit.is_tracing():  # it failed later, on graphs that "differed across invocations"
+            raise RuntimeError(
+                f"{name}: torch.jit.trace cannot record qsparseprop's layers (their kernels run outside "
+                "TorchScript): trace qsparseprop.to_dense(model), the same model with dense layers, or use "
+                "torch.export / torch.compile, which take the layers as custom ops"
+            )
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name}: input must be a torch.Tensor, got {type(x).__name__}")
         if x.device.type != "cpu":
