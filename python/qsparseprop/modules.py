@@ -158,6 +158,14 @@ class MaskedReLU(nn.Module):
         return _ops.relu_bits(input)
 
 
+def _torchscript_refusal(name: str, what: str) -> str:
+    return (
+        f"{name}: {what} qsparseprop's layers (their kernels run outside TorchScript): use "
+        "qsparseprop.to_dense(model), the same model with dense layers, or torch.export / torch.compile, "
+        "which take the layers as custom ops"
+    )
+
+
 class _SparseModule(nn.Module):
     """Pattern buffers, values parameter, kernel lifetime and input checks."""
 
@@ -307,11 +315,7 @@ class _SparseModule(nn.Module):
     def _check_input(self, x, ndims: tuple[int, ...], what: str) -> torch.Tensor:
         name = type(self).__name__
         if torch.jit.is_tracing():  # it failed later, on graphs that "differed across invocations"
-            raise RuntimeError(
-                f"{name}: torch.jit.trace cannot record qsparseprop's layers (their kernels run outside "
-                "TorchScript): trace qsparseprop.to_dense(model), the same model with dense layers, or use "
-                "torch.export / torch.compile, which take the layers as custom ops"
-            )
+            raise RuntimeError(_torchscript_refusal(name, "torch.jit.trace cannot record"))
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name}: input must be a torch.Tensor, got {type(x).__name__}")
         if x.device.type != "cpu":
@@ -331,6 +335,12 @@ class _SparseModule(nn.Module):
                 f"{name}: values must be float32, got {self.values.dtype} (the layer was cast; use .float())"
             )
         return x
+
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every submodule before compiling
+        # (it failed on our forward's source: "Expected a single top-level
+        # function")
+        raise RuntimeError(_torchscript_refusal(type(self).__name__, "torch.jit.script cannot compile"))
 
     def __setstate__(self, state):
         # A copy (pickle, deepcopy) gets a cache slot of its own: kernels are

@@ -170,12 +170,15 @@ def test_to_dense_round_trip_and_export():
     torch.testing.assert_close(exported.module()(x), dense(x))
     exported_sparse = torch.export.export(model, (x,))  # the swapped model exports too
     torch.testing.assert_close(exported_sparse.module()(x), model(x))
-    # torch.jit.trace cannot record the layers' kernels: a clear refusal
-    # naming what works (it failed on "graphs differed across invocations")
-    with pytest.raises(RuntimeError, match=r"to_dense\(model\).*torch.export"):
+    # TorchScript cannot take the layers' kernels: clear refusals naming what
+    # works (they failed on "graphs differed across invocations" and
+    # "Expected a single top-level function")
+    with pytest.raises(RuntimeError, match=r"jit.trace cannot record .*to_dense\(model\).*torch.export"):
         torch.jit.trace(model, x)
-    traced = torch.jit.trace(dense, x)
-    torch.testing.assert_close(traced(x), dense(x))
+    with pytest.raises(RuntimeError, match=r"jit.script cannot compile .*to_dense\(model\).*torch.export"):
+        torch.jit.script(model)
+    for script in (torch.jit.trace(dense, x), torch.jit.script(dense)):
+        torch.testing.assert_close(script(x), dense(x))
 
 
 def test_decisions_against_bf16_autocast_with_progress(capsys):
