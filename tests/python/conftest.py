@@ -30,6 +30,13 @@ def prune_random_(module: torch.nn.Module, sparsity: float, generator_seed: int 
     return module
 
 
+def at_pattern(dense_grad: torch.Tensor, layer) -> torch.Tensor:
+    """A dense weight's gradient at a sparse layer's pattern, in the order of
+    its values (rows, then their columns as the CSR lists them)."""
+    rows = torch.repeat_interleave(torch.arange(dense_grad.shape[0]), layer.row_ptr.diff())
+    return dense_grad.reshape(dense_grad.shape[0], -1)[rows, layer.col_idx.long()]
+
+
 def assert_close_rel(got: torch.Tensor, want: torch.Tensor, rel: float, what: str = "", at_least: float = 0.0):
     """Max abs error within rel * max(max |want|, at_least) (+ tiny floor).
     ``at_least``: the scale of the terms where ``want`` is their difference
