@@ -2,23 +2,25 @@
 stages (the main job's residual block, torchvision's BasicBlock and
 Bottleneck with their in-place adds, MobileNetV2's inverted residual with its
 depthwise convolution and ReLU6, or a plain convolution with or without
-BatchNorm and ReLU),
-pooling and a Linear or MLP head (ReLU or GELU), each layer pruned to its
-own sparsity, handed to ``swap_modules_with_sparse`` as a user would. Layers
-below ``min_sparsity`` stay dense (masked or not), so sparse and dense
-layers meet in every combination the swap's fusions see: BatchNorm after a
-dense convolution, residual ends, shared inputs, the int8 activation handed
-from one convolution to the next, the fused MLP. The swap is told one batch
-size and trains on others, channels_last or not, the input's gradient asked
-for or not.
+BatchNorm and ReLU), pooling and a Linear or MLP head (ReLU or GELU), each
+layer pruned to its own sparsity, handed to ``swap_modules_with_sparse`` as
+a user would. Layers below ``min_sparsity`` stay dense (masked or not), so
+sparse and dense layers meet in every combination the swap's fusions see:
+BatchNorm after a dense convolution, residual ends, shared inputs, the int8
+activation handed from one convolution to the next, the fused MLP. The swap
+is told one batch size and trains on others, channels_last or not, the
+input's gradient asked for or not. Random transformer encoders (torch's own
+TransformerEncoderLayer: the Linear layers' 3-D inputs, LayerNorm,
+attention, torch's fused inference path in eval) too.
 
-f32 equals the dense pruned network within rounding (outputs, the input's
-gradient, every parameter's gradient at its pattern, BatchNorm's running
-statistics, then eval); s8 equals the same network swapped as the int8
-prototype (the fused int8 blocks' reference in ``test_fuse.py``): its
-outputs within a quantum or so, its gradients in norm (``_judge_int8``
-says why). Drawn like ``test_properties.py`` (derandomized;
-QSP_PROPERTY_EXAMPLES / QSP_PROPERTY_RANDOM for longer hunts)."""
+f32 is as accurate as torch's fp32 against float64 (outputs, the input's
+gradient, every parameter's gradient, a sparse layer's at its pattern;
+running statistics against torch's; then eval: ``_judge_f32``); s8 equals
+the same network swapped as the int8 prototype (the fused int8 blocks'
+reference in ``test_fuse.py``), or, where a rounding flipped, is no further
+from fp32 than the prototype (``_judge_int8`` says why). Drawn like
+``test_properties.py`` (derandomized; QSP_PROPERTY_EXAMPLES /
+QSP_PROPERTY_RANDOM for longer hunts)."""
 
 import contextlib
 import copy
@@ -232,22 +234,22 @@ def _gradients(model, reference):
     """(what, got, want) for every parameter: a swapped layer's values
     against the reference's weight gradient at its pattern (the reference
     dense: at the pattern; swapped too: the values), a kept layer's masked
-    weight against the reference's gradient masked the same way."""
+    weight against the reference's gradient masked the same way, any other
+    parameter (BatchNorm's, LayerNorm's, attention's) by its name."""
     for name, ref in reference.named_modules():
-        if not (hasattr(ref, "values") or isinstance(ref, (nn.Conv2d, nn.Linear, nn.BatchNorm2d))):
-            continue  # (the prototype layers are modules of their own)
         got = model.get_submodule(name)
         if hasattr(got, "values"):
             want = ref.values.grad if hasattr(ref, "values") else at_pattern(ref.weight.grad, got)
             yield f"{name} values", got.values.grad, want
+            own = ["bias"] if got.bias is not None else []
         elif hasattr(got, "weight_mask"):
             want = ref.weight_orig.grad if hasattr(ref, "weight_orig") else ref.weight.grad * got.weight_mask
             yield f"{name} weight (masked)", got.weight_orig.grad, want
-        elif got.weight is not None:
-            ref_weight = ref.weight_orig if hasattr(ref, "weight_orig") else ref.weight
-            yield f"{name} weight", got.weight.grad, ref_weight.grad
-        if getattr(got, "bias", None) is not None:
-            yield f"{name} bias", got.bias.grad, ref.bias.grad
+            own = ["bias"] if got.bias is not None else []
+        else:
+            own = [p for p, _ in got.named_parameters(recurse=False)]
+        for p in own:
+            yield f"{name} {p}", getattr(got, p).grad, getattr(ref, p).grad
 
 
 def _train_and_compare(model, references, xs, input_grad, judge):
@@ -432,3 +434,70 @@ def _check_random_network(
     else:
         # the prototype swapped as the same layers (the swap seeds both alike)
         _train_and_compare(model, [swapped(scheme="s8", prototype=True), dense], xs, input_grad, _judge_int8)
+
+
+def _encoder(features, d, heads, ff, depth, activation, norm_first, batch_first):
+    act = nn.ReLU() if activation == "relu" else nn.GELU()  # modules: the kink check finds a ReLU
+    layer = nn.TransformerEncoderLayer(
+        d, heads, ff, dropout=0.0, activation=act, batch_first=batch_first, norm_first=norm_first
+    )
+    encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+    return nn.Sequential(nn.Linear(features, d), encoder, nn.Linear(d, 5))
+
+
+# Random transformer encoders (the Linear layers' 3-D inputs, torch's own
+# layer with its fused inference path, LayerNorm, attention), judged as the
+# networks above.
+@property_settings(8)
+@given(
+    features=st.integers(1, 8),
+    heads=st.integers(1, 4),
+    head_dim=st.integers(1, 8),
+    ff=st.integers(1, 64),
+    depth=st.integers(1, 2),
+    activation=st.sampled_from(["relu", "gelu"]),
+    norm_first=st.booleans(),
+    batch_first=st.booleans(),
+    tokens=st.integers(1, 9),
+    batches=st.lists(st.one_of(st.integers(1, 5), st.sampled_from([17, 65])), min_size=3, max_size=3),
+    sparsities=st.lists(st.sampled_from([0.0, 0.5, 0.8, 0.9, 0.95]), min_size=1, max_size=4),
+    input_grad=st.booleans(),
+    threads=st.integers(1, 3),
+    scheme=st.sampled_from(["f32", "s8"]),
+    seed=st.integers(0, 2**16),
+)
+def test_random_transformer_encoders_swapped_train_as_their_references(
+    features, heads, head_dim, ff, depth, activation, norm_first, batch_first, tokens, batches, sparsities,
+    input_grad, threads, scheme, seed,
+):  # fmt: skip
+    torch.manual_seed(seed)
+    dense = _encoder(features, heads * head_dim, heads, ff, depth, activation, norm_first, batch_first)
+    g = torch.Generator().manual_seed(seed)
+    layers = [m for m in dense.modules() if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        for i, m in enumerate(layers):
+            m.weight.mul_(torch.rand(m.weight.shape, generator=g) >= sparsities[i % len(sparsities)])
+
+    def shaped(b):
+        return (b, tokens, features) if batch_first else (tokens, b, features)
+
+    xs = [torch.randn(shaped(b), generator=g) for b in batches]
+    assume(not _a_relu_input_is_near_a_kink(dense, xs))
+    event(f"ran: {scheme}")
+
+    def swapped(**options):
+        return swap_modules_with_sparse(
+            copy.deepcopy(dense), shaped(batches[0]), verbose=False, min_sparsity=MIN_SPARSITY, min_speedup=0.0,
+            repeats=1, warmup=0, persistent=False, **options,
+        )  # fmt: skip
+
+    with _threads(threads):
+        model = swapped(scheme=scheme)
+        for name, m in dense.named_modules():  # every layer sparse enough is swapped (attention's own not)
+            if isinstance(m, nn.Linear) and not name.endswith("out_proj"):
+                sparse_enough = (m.weight == 0).float().mean().item() >= MIN_SPARSITY
+                assert hasattr(model.get_submodule(name), "values") == sparse_enough, name
+        if scheme == "f32":
+            _train_and_compare(model, [dense, copy.deepcopy(dense).double()], xs, input_grad, _judge_f32)
+        else:
+            _train_and_compare(model, [swapped(scheme="s8", prototype=True), dense], xs, input_grad, _judge_int8)
