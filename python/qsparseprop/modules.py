@@ -72,7 +72,55 @@ def _as_index_tensor(t, name: str, dtype: torch.dtype) -> torch.Tensor:
 
 class FusedReLU(nn.Identity):
     """Where an ``nn.ReLU`` stood after a sparse layer that now applies it
-    itself (``fused_relu``): a marker, so ``to_dense`` can put the ReLU back."""
+    itself (``fused_relu``): a marker, so ``to_dense`` can put the ReLU back.
+    While a hook is there to see the calls (on the layer, on a marker of
+    what it applies, or a global one) the layer computes its own output
+    alone and this marker the ReLU, as unfused (``_observed``)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        layer = self.__dict__.get("applied_by")
+        return torch.relu(input) if layer is not None and _observed(layer) else input
+
+
+# The forward and backward hooks a module holds, as torch keeps them: one
+# module taking another's place takes these very dicts, so the hooks stay
+# and their handles still remove them.
+_HOOK_DICTS = (
+    "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_is_full_backward_hook",
+)  # fmt: skip
+
+
+def _with_hooks_of(new: nn.Module, old: nn.Module) -> nn.Module:
+    """``new``, holding ``old``'s forward and backward hooks (where ``new``
+    has none of its own)."""
+    if any(getattr(new, k, None) for k in _HOOK_DICTS if k != "_is_full_backward_hook"):
+        return new
+    for k in _HOOK_DICTS:
+        if k in old.__dict__:
+            new.__dict__[k] = old.__dict__[k]
+    return new
+
+
+def _applied_by(marker: nn.Module, layer: nn.Module) -> nn.Module:
+    """Links a marker (FusedBatchNorm2d, FusedReLU) and the layer that
+    applies what it stands for: references, not submodules."""
+    marker.__dict__["applied_by"] = layer
+    if isinstance(marker, FusedReLU):
+        layer.__dict__["fused_relu_marker"] = marker
+    else:
+        object.__setattr__(layer, "fused_batch_norm", marker)
+    return marker
+
+
+def _observed(layer: nn.Module) -> bool:
+    """Whether a hook is there to see the calls of ``layer`` or of the
+    markers of what it applies (a fused BatchNorm, a fused ReLU), or a
+    global one: the layer then computes its own output alone, as torch's
+    module would, and the markers compute what they stand for, so each
+    hook sees the values the unfused model gives it. Attribute reads only."""
+    markers = (layer.__dict__.get("fused_batch_norm"), layer.__dict__.get("fused_relu_marker"))
+    return not all(_called_plainly(m) for m in (layer, *markers) if m is not None)
 
 
 class _TakenOverBatchNorm2d(nn.BatchNorm2d):
@@ -89,17 +137,22 @@ class _TakenOverBatchNorm2d(nn.BatchNorm2d):
     def to_batch_norm(self) -> nn.BatchNorm2d:
         """An ``nn.BatchNorm2d`` holding this module's parameters and buffers."""
         bn = _moved_into(nn.BatchNorm2d.__new__(nn.BatchNorm2d), self)
-        bn.__dict__.pop("relu", None)
+        for k in ("relu", "applied_by", "fused_relu_marker"):
+            bn.__dict__.pop(k, None)
         return bn
 
 
 class FusedBatchNorm2d(_TakenOverBatchNorm2d):
     """Where an ``nn.BatchNorm2d`` stood after a sparse convolution that now
     applies it itself (``qsparseprop.fuse``): its own forward passes the
-    input through (the convolution before it has already normalised)."""
+    input through (the convolution before it has already normalised) — but
+    while a hook is there to see the calls the convolution computes its own
+    output alone and this module the BatchNorm (nn.BatchNorm2d's), as
+    unfused (``_observed``)."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return input
+        layer = self.__dict__.get("applied_by")
+        return super().forward(input) if layer is not None and _observed(layer) else input
 
 
 class BatchNormReLU2d(_TakenOverBatchNorm2d):
@@ -119,10 +172,11 @@ class BatchNormReLU2d(_TakenOverBatchNorm2d):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if input.dim() != 4:
             raise ValueError(f"expected 4D input (got {input.dim()}D input)")
+        relu = self.relu and not _observed(self)  # observed: its ReLU marker applies it
         if input.is_contiguous():
-            return _batch_norm_after(self, input, self.relu)
+            return _batch_norm_after(self, input, relu)
         z = super().forward(input)
-        return torch.relu(z) if self.relu else z
+        return torch.relu(z) if relu else z
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", relu=True" if self.relu else "")
@@ -426,7 +480,7 @@ class SparseLinear(_SparseModule):
         if x2.shape[0] == 0:
             return F.linear(x, self._dense_weight_2d(), self.bias)
         y = self._compute(x2.contiguous())
-        if self.fused_relu:
+        if self.fused_relu and not _observed(self):  # observed: its marker applies the ReLU
             y = _ops.relu_bits(y)
         return y.reshape(*lead, self.out_features)
 
@@ -827,14 +881,17 @@ class SparseConv2d(_SparseModule):
                   channels_last: bool, known: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """The convolution's output y (NCHW) through the fused BatchNorm or
         ReLU, the residual's add and ReLU, in the input's layout and rank;
-        known: y's batch statistics where the convolution took them."""
-        bn = self.__dict__.get("fused_batch_norm")
+        known: y's batch statistics where the convolution took them. While
+        a hook is there to see the calls (``_observed``), y alone: the
+        markers then apply the BatchNorm and the ReLU."""
+        observed = _observed(self)
+        bn = None if observed else self.__dict__.get("fused_batch_norm")
         # a residual's add and ReLU go into the BatchNorm's apply pass where
         # there is one and the output stays NCHW; else torch adds after
         fuse_add = residual is not None and bn is not None and not channels_last
         if bn is not None:
             y = self._batch_norm(bn, y, (residual.unsqueeze(0) if unbatched else residual) if fuse_add else None, known)
-        elif self.fused_relu:
+        elif self.fused_relu and not observed:
             y = _ops.relu_bits(y)
         if channels_last:
             y = y.contiguous(memory_format=torch.channels_last)
@@ -859,6 +916,7 @@ class SparseConv2d(_SparseModule):
             bn is not None
             and (bn.training or bn.running_mean is None or bn.running_var is None)
             and type(self)._compute is SparseConv2d._compute
+            and not _observed(self)
         )
 
     def _conv2d_args(self, x: torch.Tensor) -> tuple:
@@ -910,7 +968,7 @@ def _conv_deferring(conv: nn.Module, input: torch.Tensor):
     has found that its output (through its BatchNorm's marker and a ReLU)
     feeds one s8 sparse convolution alone (swap._deferred_batch_norms); the
     reader is :func:`_conv_reading_deferred` or :func:`_conv_add_relu`."""
-    if type(conv) in (SparseConv2d, QuantizedSparseConv2d) and _called_plainly(conv):
+    if type(conv) in (SparseConv2d, QuantizedSparseConv2d) and not _observed(conv):
         return conv._forward_deferring(input)
     return conv(input)
 
@@ -981,6 +1039,7 @@ def _conv_add_relu(conv: nn.Module, batch_norm: nn.Module, relu: nn.Module | Non
         and conv.__dict__.get("fused_batch_norm") is batch_norm
         and (relu is None or type(relu) in (nn.ReLU, MaskedReLU))
         and all(_called_plainly(m) for m in (conv, batch_norm, relu) if m is not None)
+        and not _observed(conv)
     ):
         return conv._forward(input, residual)
     z = batch_norm(conv(input)) + residual
@@ -1064,7 +1123,8 @@ def _linear_act_linear(first: nn.Module, act: nn.Module, second: nn.Module, inpu
     fits, gelu = (False, None)
     if type(first) in linear and type(second) in linear and first.out_features == second.in_features:
         fits, gelu = _chain_activation(first, act)
-    if fits and not torch.compiler.is_compiling() and all(_called_plainly(m) for m in (first, act, second)):
+    plain = all(_called_plainly(m) for m in (first, act, second)) and not any(map(_observed, (first, second)))
+    if fits and not torch.compiler.is_compiling() and plain:
         x = first._check_input(input, tuple(range(1, 9)), "at least 1-D (..., in_features)")
         second._check_input(x, (x.dim(),), "")  # its values' dtype
         if x.shape[-1] == first.in_features and x.numel() > 0:

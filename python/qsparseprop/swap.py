@@ -30,6 +30,7 @@ from .modules import (
     QuantizedSparseLinear,
     SparseConv2d,
     SparseLinear,
+    _applied_by,
     _chain_activation,
     _conv_add_relu,
     _conv_deferring,
@@ -38,6 +39,7 @@ from .modules import (
     _linear_act_linear,
     _shares_input_with,
     _SparseModule,
+    _with_hooks_of,
 )
 from .prototype import PrototypeQuantizedSparseConv2d, PrototypeQuantizedSparseLinear
 
@@ -691,7 +693,7 @@ def _fuse_sequential(model: nn.Module, rows, batch_norm: bool, relu: bool) -> No
             if isinstance(layer, BatchNormReLU2d):
                 if relu and _is_relu(nxt) and not layer.relu:
                     layer.relu = True
-                    setattr(seq, next_name, FusedReLU())
+                    setattr(seq, next_name, _applied_by(_with_hooks_of(FusedReLU(), nxt), layer))
                 continue
             if isinstance(layer, FusedBatchNorm2d):
                 full, layer = owner.get(id(layer), (None, None))
@@ -705,15 +707,14 @@ def _fuse_sequential(model: nn.Module, rows, batch_norm: bool, relu: bool) -> No
                 and layer.__dict__.get("fused_batch_norm") is None
                 and not layer.fused_relu  # a ReLU before the BatchNorm
             ):
-                marker = FusedBatchNorm2d.taking_over(nxt)
+                marker = _applied_by(FusedBatchNorm2d.taking_over(nxt), layer)  # (its hooks stay)
                 setattr(seq, next_name, marker)
-                object.__setattr__(layer, "fused_batch_norm", marker)  # a reference, not a submodule
                 owner[id(marker)] = (full, layer)
                 if rows is not None:
                     rows[full].fused_batch_norm = True
             elif relu and _is_relu(nxt) and not layer.fused_relu:
                 layer.fused_relu = True
-                setattr(seq, next_name, FusedReLU())
+                setattr(seq, next_name, _applied_by(_with_hooks_of(FusedReLU(), nxt), layer))
                 if rows is not None:
                     rows[full].fused_relu = True
 
@@ -820,7 +821,8 @@ def _fuse_traced(model: nn.Module, rows, batch_norm: bool, relu: bool) -> None:
             _replace(parent, bn_name, marker)
             if relu and relu_name is not None:
                 marker.relu = True
-                _replace(parent, relu_name, FusedReLU())
+                relu_module = parent.get_submodule(relu_name)
+                _replace(parent, relu_name, _applied_by(_with_hooks_of(FusedReLU(), relu_module), marker))
         for conv_name, bn_name, relu_name in _traced_chains(model, parent, _is_sparse_conv):
             conv = parent.get_submodule(conv_name)
             full = f"{parent_name}.{conv_name}" if parent_name else conv_name
@@ -828,14 +830,14 @@ def _fuse_traced(model: nn.Module, rows, batch_norm: bool, relu: bool) -> None:
                 continue
             if conv.fused_relu:  # a ReLU applied before the BatchNorm
                 continue
-            marker = FusedBatchNorm2d.taking_over(parent.get_submodule(bn_name))
+            marker = _applied_by(FusedBatchNorm2d.taking_over(parent.get_submodule(bn_name)), conv)
             _replace(parent, bn_name, marker)
-            object.__setattr__(conv, "fused_batch_norm", marker)
             if rows is not None:
                 rows[full].fused_batch_norm = True
             if relu and relu_name is not None:
                 conv.fused_relu = True
-                _replace(parent, relu_name, FusedReLU())
+                relu_module = parent.get_submodule(relu_name)
+                _replace(parent, relu_name, _applied_by(_with_hooks_of(FusedReLU(), relu_module), conv))
                 if rows is not None:
                     rows[full].fused_relu = True
 
@@ -864,7 +866,8 @@ def _fuse_traced_relus(model: nn.Module, rows) -> None:
             if _called_once(model, parent, calls, relu_node, _is_relu) is None or relu_node.args[0] is not node:
                 continue
             layer.fused_relu = True
-            _replace(parent, relu_node.target, FusedReLU())
+            relu_module = parent.get_submodule(relu_node.target)
+            _replace(parent, relu_node.target, _applied_by(_with_hooks_of(FusedReLU(), relu_module), layer))
             if rows is not None:
                 rows[full].fused_relu = True
 
@@ -1426,7 +1429,7 @@ def to_dense(model: nn.Module, inplace: bool = False) -> nn.Module:
     _restore_torchs_fast_path(target)
     for name, mod in list(target.named_modules()):
         if isinstance(mod, FusedReLU):
-            _replace(target, name, nn.ReLU())  # the ReLU back where it stood
+            _replace(target, name, _with_hooks_of(nn.ReLU(), mod))  # the ReLU back where it stood
         elif isinstance(mod, (FusedBatchNorm2d, BatchNormReLU2d)):
             _replace(target, name, mod.to_batch_norm())
         elif isinstance(mod, MaskedReLU):

@@ -1225,3 +1225,89 @@ def test_random_residual_blocks_train_as_their_references(
     _train_and_compare(
         reference, fused, shape, tolerance, steps=2, channels_last=channels_last, lr=0.0, model_scale=True
     )
+
+
+def _seen_by_hooks(model, names, x):
+    """What forward hooks on the modules ``names`` see (input, output), and
+    the model's output and input gradient."""
+    seen = {}
+
+    def hook(n):
+        def see(m, args, out):
+            seen.setdefault(n, (args[0].detach().clone(), out.detach().clone()))
+
+        return see
+
+    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
+    x = x.clone().requires_grad_(True)
+    y = model(x)
+    y.backward(torch.linspace(-1, 1, y.numel()).view_as(y))
+    for h in handles:
+        h.remove()
+    return seen, y.detach(), x.grad
+
+
+class _StemAndBlock(nn.Module):  # a dense convolution, its BatchNorm and ReLU, a block: traced
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.relu = nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU()
+        self.block = _InPlaceBasicBlock(6, 8, 2)
+
+    def forward(self, x):
+        return self.block(self.relu(self.bn(self.conv(x))))
+
+
+@pytest.mark.parametrize("scheme", ["f32", "s8"])
+@pytest.mark.parametrize(
+    "net, hooked",
+    [
+        ("sequential", ["0"]), ("sequential", ["1"]), ("sequential", ["2"]), ("sequential", ["4", "5"]),
+        ("traced", ["bn"]), ("traced", ["relu"]), ("traced", ["block.bn1"]), ("traced", ["block.conv2"]),
+        ("traced", ["block.relu"]), ("traced", ["block.downsample.1"]),
+        ("mlp", ["1"]), ("mlp", ["2"]),
+    ],
+)  # fmt: skip
+def test_a_hook_on_a_fused_module_sees_what_the_unfused_module_sees(scheme, net, hooked):
+    # the markers and a fusing layer, observed by a hook (or a global one),
+    # compute as unfused: the layer its own output alone, the markers what
+    # they stand for (they had passed the fused output through: a hook on a
+    # BatchNorm saw its input normalised, one on a ReLU saw nothing)
+    torch.manual_seed(0)
+    if net == "sequential":
+        dense = nn.Sequential(
+            nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU(),
+            nn.Conv2d(6, 5, 3, padding=1), nn.ReLU(), nn.Conv2d(5, 4, 1),
+        )  # fmt: skip
+        x = torch.randn(3, 3, 7, 7)
+    elif net == "traced":
+        dense, x = _StemAndBlock(), torch.randn(3, 3, 8, 8)
+    else:
+        dense, x = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 8)), torch.randn(5, 12)
+    for m in dense.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and m is not getattr(dense, "conv", None):
+            prune_random_(m, 0.6)
+    unfused = copy.deepcopy(dense)
+    for parent in list(unfused.modules()):
+        for name, child in list(parent.named_children()):
+            if child is not getattr(dense, "conv", None) and type(child) in (nn.Conv2d, nn.Linear):
+                setattr(
+                    parent,
+                    name,
+                    CLASSES[scheme].from_dense(child, seed=3)
+                    if type(child) is nn.Conv2d
+                    else (q.QuantizedSparseLinear if scheme == "s8" else q.SparseLinear).from_dense(child, seed=3),
+                )
+    fused = q.fuse(copy.deepcopy(unfused))
+    assert any(isinstance(m, (q.FusedReLU, q.FusedBatchNorm2d)) for m in fused.modules())
+    want_seen, want, want_grad = _seen_by_hooks(unfused, hooked, x)
+    got_seen, got, got_grad = _seen_by_hooks(fused, hooked, x)
+    for n in hooked:
+        assert n in got_seen, f"the hook on {n} was not called"
+        for what, a, b in zip(("input", "output"), got_seen[n], want_seen[n], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"{n}'s {what}")
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    # (s8: the BatchNorms no hook observes stay fused, their backward reading
+    # BatchNorm's input as int8, as the fixed blocks above)
+    _close(got_grad, want_grad, "f32" if scheme == "f32" else "int8 copy", "the input's gradient")
+    # unobserved again: fused, the same values
+    torch.testing.assert_close(fused(x), want, rtol=1e-4, atol=1e-5)
