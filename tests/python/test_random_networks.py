@@ -28,6 +28,7 @@ import copy
 import torch
 from hypothesis import assume, event, given
 from hypothesis import strategies as st
+from test_fuse import _InPlaceBasicBlock  # torchvision's BasicBlock, line for line
 from torch import nn
 
 from conftest import assert_close_rel, at_pattern, property_settings
@@ -35,29 +36,6 @@ from qsparseprop import swap_modules_with_sparse
 from qsparseprop.finetune import _Residual
 
 MIN_SPARSITY = 0.6  # layers drawn below it stay dense
-
-
-class _TorchvisionBlock(nn.Module):
-    """torchvision's BasicBlock forward: `out += identity`, one in-place ReLU
-    module called twice, a downsample only where the shape changes."""
-
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.downsample = None
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        out += identity
-        return self.relu(out)
 
 
 class _Bottleneck(nn.Module):
@@ -110,6 +88,17 @@ def _plain(cin, cout, stride, batch_norm, relu):
     return nn.Sequential(*layers)
 
 
+# past a batch tile of 64 (and a vector of 16) now and then
+batch_sizes = st.one_of(st.integers(1, 5), st.sampled_from([17, 65]))
+layer_sparsities = st.lists(st.sampled_from([0.0, 0.5, 0.8, 0.9, 0.95]), min_size=1, max_size=4)
+# what both random tests draw alike
+each_run = {
+    "input_grad": st.booleans(),
+    "threads": st.integers(1, 3),
+    "scheme": st.sampled_from(["f32", "s8"]),
+    "seed": st.integers(0, 2**16),
+}
+
 stages = st.lists(
     st.tuples(
         st.sampled_from(
@@ -131,7 +120,7 @@ def _network(cin, width, stage_list, head, hidden):
         if kind == "residual":
             layers.append(_Residual(c, cout, stride))
         elif kind == "torchvision":
-            layers.append(_TorchvisionBlock(c, cout, stride))
+            layers.append(_InPlaceBasicBlock(c, cout, stride))
         elif kind == "bottleneck":
             layers.append(_Bottleneck(c, cout, stride))
         elif kind == "inverted residual":
@@ -373,15 +362,11 @@ def _judge_int8(when, out, wants, gradients, statistics):
     hidden=st.integers(1, 40),
     hw=st.tuples(st.integers(3, 17), st.integers(3, 17)),
     swap_batch=st.integers(1, 4),
-    # past a batch tile of 64 (and a vector of 16) now and then
-    batches=st.lists(st.one_of(st.integers(1, 5), st.sampled_from([17, 65])), min_size=2, max_size=2),
-    sparsities=st.lists(st.sampled_from([0.0, 0.5, 0.8, 0.9, 0.95]), min_size=1, max_size=4),
+    batches=st.lists(batch_sizes, min_size=2, max_size=2),
+    sparsities=layer_sparsities,
     channels_last=st.booleans(),
-    input_grad=st.booleans(),
     mask_kept=st.booleans(),
-    threads=st.integers(1, 3),
-    scheme=st.sampled_from(["f32", "s8"]),
-    seed=st.integers(0, 2**16),
+    **each_run,
 )
 def test_random_networks_swapped_train_as_their_references(
     cin, width, stage_list, head, hidden, hw, swap_batch, batches, sparsities, channels_last, input_grad,
@@ -424,15 +409,23 @@ def _check_random_network(
             warmup=0, persistent=False, mask_kept=mask_kept, **options,
         )  # fmt: skip
 
+    _swap_train_and_compare(dense, swapped, scheme, xs, input_grad)
+
+
+def _swap_train_and_compare(dense, swapped, scheme, xs, input_grad, swappable=lambda name: True):
+    """``swapped(scheme=...)`` (min_speedup 0: every layer sparse enough, of
+    those named ``swappable``, is swapped) trained and judged against its
+    references: f32 against torch's fp32 and float64, s8 against the
+    prototype swapped as the same layers (the swap seeds both alike) and
+    fp32."""
     model = swapped(scheme=scheme)
-    for name, m in dense.named_modules():  # min_speedup 0: every layer sparse enough is swapped
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
+    for name, m in dense.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and swappable(name):
             sparse_enough = (m.weight == 0).float().mean().item() >= MIN_SPARSITY
             assert hasattr(model.get_submodule(name), "values") == sparse_enough, name
     if scheme == "f32":
         _train_and_compare(model, [dense, copy.deepcopy(dense).double()], xs, input_grad, _judge_f32)
     else:
-        # the prototype swapped as the same layers (the swap seeds both alike)
         _train_and_compare(model, [swapped(scheme="s8", prototype=True), dense], xs, input_grad, _judge_int8)
 
 
@@ -459,12 +452,9 @@ def _encoder(features, d, heads, ff, depth, activation, norm_first, batch_first)
     norm_first=st.booleans(),
     batch_first=st.booleans(),
     tokens=st.integers(1, 9),
-    batches=st.lists(st.one_of(st.integers(1, 5), st.sampled_from([17, 65])), min_size=3, max_size=3),
-    sparsities=st.lists(st.sampled_from([0.0, 0.5, 0.8, 0.9, 0.95]), min_size=1, max_size=4),
-    input_grad=st.booleans(),
-    threads=st.integers(1, 3),
-    scheme=st.sampled_from(["f32", "s8"]),
-    seed=st.integers(0, 2**16),
+    batches=st.lists(batch_sizes, min_size=3, max_size=3),
+    sparsities=layer_sparsities,
+    **each_run,
 )
 def test_random_transformer_encoders_swapped_train_as_their_references(
     features, heads, head_dim, ff, depth, activation, norm_first, batch_first, tokens, batches, sparsities,
@@ -491,13 +481,5 @@ def test_random_transformer_encoders_swapped_train_as_their_references(
             repeats=1, warmup=0, persistent=False, **options,
         )  # fmt: skip
 
-    with _threads(threads):
-        model = swapped(scheme=scheme)
-        for name, m in dense.named_modules():  # every layer sparse enough is swapped (attention's own not)
-            if isinstance(m, nn.Linear) and not name.endswith("out_proj"):
-                sparse_enough = (m.weight == 0).float().mean().item() >= MIN_SPARSITY
-                assert hasattr(model.get_submodule(name), "values") == sparse_enough, name
-        if scheme == "f32":
-            _train_and_compare(model, [dense, copy.deepcopy(dense).double()], xs, input_grad, _judge_f32)
-        else:
-            _train_and_compare(model, [swapped(scheme="s8", prototype=True), dense], xs, input_grad, _judge_int8)
+    with _threads(threads):  # (attention's own Linear is not swapped: its parent reads its weight)
+        _swap_train_and_compare(dense, swapped, scheme, xs, input_grad, lambda name: not name.endswith("out_proj"))
