@@ -1238,7 +1238,15 @@ def _seen_by_hooks(model, names, x):
 
         return see
 
-    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
+    # "global:<name>": a global forward hook (on every module) records <name>'s calls
+    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names if not n.startswith("global:")]
+    for n in (n for n in names if n.startswith("global:")):
+        module, see = model.get_submodule(n.split(":")[1]), hook(n)
+        handles.append(
+            nn.modules.module.register_module_forward_hook(
+                lambda m, a, o, module=module, see=see: see(m, a, o) if m is module else None
+            )
+        )
     x = x.clone().requires_grad_(True)
     y = model(x)
     y.backward(torch.linspace(-1, 1, y.numel()).view_as(y))
@@ -1262,14 +1270,15 @@ class _StemAndBlock(nn.Module):  # a dense convolution, its BatchNorm and ReLU, 
     "net, hooked",
     [
         ("sequential", ["0"]), ("sequential", ["1"]), ("sequential", ["2"]), ("sequential", ["4", "5"]),
+        ("sequential", ["global:1"]), ("traced", ["global:block.bn2"]),
         ("traced", ["bn"]), ("traced", ["relu"]), ("traced", ["block.bn1"]), ("traced", ["block.conv2"]),
         ("traced", ["block.relu"]), ("traced", ["block.downsample.1"]),
         ("mlp", ["1"]), ("mlp", ["2"]),
     ],
 )  # fmt: skip
 def test_a_hook_on_a_fused_module_sees_what_the_unfused_module_sees(scheme, net, hooked):
-    # the markers and a fusing layer, observed by a hook (or a global one),
-    # compute as unfused: the layer its own output alone, the markers what
+    # the markers and a fusing layer, observed by a hook (theirs, or a global
+    # one: "global:<name>"), compute as unfused: the layer its own output alone, the markers what
     # they stand for (they had passed the fused output through: a hook on a
     # BatchNorm saw its input normalised, one on a ReLU saw nothing)
     torch.manual_seed(0)
