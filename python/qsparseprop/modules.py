@@ -92,10 +92,8 @@ _HOOK_DICTS = (
 
 
 def _with_hooks_of(new: nn.Module, old: nn.Module) -> nn.Module:
-    """``new``, holding ``old``'s forward and backward hooks (where ``new``
-    has none of its own)."""
-    if any(getattr(new, k, None) for k in _HOOK_DICTS if k != "_is_full_backward_hook"):
-        return new
+    """``new`` (a module just made, without hooks), holding ``old``'s forward
+    and backward hooks."""
     for k in _HOOK_DICTS:
         if k in old.__dict__:
             new.__dict__[k] = old.__dict__[k]
@@ -111,6 +109,12 @@ def _applied_by(marker: nn.Module, layer: nn.Module) -> nn.Module:
     else:
         object.__setattr__(layer, "fused_batch_norm", marker)
     return marker
+
+
+def _relu_marker(relu: nn.Module, layer: nn.Module) -> FusedReLU:
+    """The marker taking ``relu``'s place (with its hooks) once ``layer``
+    applies the ReLU."""
+    return _applied_by(_with_hooks_of(FusedReLU(), relu), layer)
 
 
 def _observed(layer: nn.Module) -> bool:
@@ -1037,9 +1041,8 @@ def _conv_add_relu(conv: nn.Module, batch_norm: nn.Module, relu: nn.Module | Non
     if (
         isinstance(conv, SparseConv2d)
         and conv.__dict__.get("fused_batch_norm") is batch_norm
-        and (relu is None or type(relu) in (nn.ReLU, MaskedReLU))
-        and all(_called_plainly(m) for m in (conv, batch_norm, relu) if m is not None)
-        and not _observed(conv)
+        and (relu is None or (type(relu) in (nn.ReLU, MaskedReLU) and _called_plainly(relu)))
+        and not _observed(conv)  # (the convolution and its BatchNorm's marker)
     ):
         return conv._forward(input, residual)
     z = batch_norm(conv(input)) + residual
@@ -1123,7 +1126,7 @@ def _linear_act_linear(first: nn.Module, act: nn.Module, second: nn.Module, inpu
     fits, gelu = (False, None)
     if type(first) in linear and type(second) in linear and first.out_features == second.in_features:
         fits, gelu = _chain_activation(first, act)
-    plain = all(_called_plainly(m) for m in (first, act, second)) and not any(map(_observed, (first, second)))
+    plain = _called_plainly(act) and not any(map(_observed, (first, second)))  # (their ReLU markers too)
     if fits and not torch.compiler.is_compiling() and plain:
         x = first._check_input(input, tuple(range(1, 9)), "at least 1-D (..., in_features)")
         second._check_input(x, (x.dim(),), "")  # its values' dtype

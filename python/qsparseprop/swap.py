@@ -37,6 +37,7 @@ from .modules import (
     _conv_reading_deferred,
     _convs_sharing_input,
     _linear_act_linear,
+    _relu_marker,
     _shares_input_with,
     _SparseModule,
     _with_hooks_of,
@@ -575,7 +576,6 @@ def swap_modules_with_sparse(
     if mask_kept:
         _mask_kept_layers(target, report)
     _fuse(target, {r.name: r for r in report if r.swapped}, batch_norm=fuse, relu=fuse_relu)
-    _keep_sparse_layers_off_torchs_fast_path(target)
     target.qsparseprop_swap_report = report
     if verbose:
         print(format_swap_report(report))
@@ -628,13 +628,15 @@ def fuse(model: nn.Module, relu: bool = True) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     _fuse(model, None, batch_norm=True, relu=relu)
-    _keep_sparse_layers_off_torchs_fast_path(model)
     return model
 
 
 def _fuse(model: nn.Module, rows: dict[str, SwapDecision] | None, batch_norm: bool, relu: bool) -> None:
     """The fusions of :func:`fuse` for the sparse layers named in ``rows``
-    (every sparse layer when None), recorded in their rows."""
+    (every sparse layer when None), recorded in their rows; and every
+    TransformerEncoderLayer with a sparse layer kept off torch's fused path
+    (what swap, plan and fuse all end with)."""
+    _keep_sparse_layers_off_torchs_fast_path(model)
     _fuse_sequential(model, rows, batch_norm, relu)
     _fuse_traced(model, rows, batch_norm, relu)
     _fuse_traced_blocks(model, rows, residual_ends=batch_norm and relu)
@@ -693,7 +695,7 @@ def _fuse_sequential(model: nn.Module, rows, batch_norm: bool, relu: bool) -> No
             if isinstance(layer, BatchNormReLU2d):
                 if relu and _is_relu(nxt) and not layer.relu:
                     layer.relu = True
-                    setattr(seq, next_name, _applied_by(_with_hooks_of(FusedReLU(), nxt), layer))
+                    setattr(seq, next_name, _relu_marker(nxt, layer))
                 continue
             if isinstance(layer, FusedBatchNorm2d):
                 full, layer = owner.get(id(layer), (None, None))
@@ -714,7 +716,7 @@ def _fuse_sequential(model: nn.Module, rows, batch_norm: bool, relu: bool) -> No
                     rows[full].fused_batch_norm = True
             elif relu and _is_relu(nxt) and not layer.fused_relu:
                 layer.fused_relu = True
-                setattr(seq, next_name, _applied_by(_with_hooks_of(FusedReLU(), nxt), layer))
+                setattr(seq, next_name, _relu_marker(nxt, layer))
                 if rows is not None:
                     rows[full].fused_relu = True
 
@@ -821,8 +823,7 @@ def _fuse_traced(model: nn.Module, rows, batch_norm: bool, relu: bool) -> None:
             _replace(parent, bn_name, marker)
             if relu and relu_name is not None:
                 marker.relu = True
-                relu_module = parent.get_submodule(relu_name)
-                _replace(parent, relu_name, _applied_by(_with_hooks_of(FusedReLU(), relu_module), marker))
+                _replace(parent, relu_name, _relu_marker(parent.get_submodule(relu_name), marker))
         for conv_name, bn_name, relu_name in _traced_chains(model, parent, _is_sparse_conv):
             conv = parent.get_submodule(conv_name)
             full = f"{parent_name}.{conv_name}" if parent_name else conv_name
@@ -836,8 +837,7 @@ def _fuse_traced(model: nn.Module, rows, batch_norm: bool, relu: bool) -> None:
                 rows[full].fused_batch_norm = True
             if relu and relu_name is not None:
                 conv.fused_relu = True
-                relu_module = parent.get_submodule(relu_name)
-                _replace(parent, relu_name, _applied_by(_with_hooks_of(FusedReLU(), relu_module), conv))
+                _replace(parent, relu_name, _relu_marker(parent.get_submodule(relu_name), conv))
                 if rows is not None:
                     rows[full].fused_relu = True
 
@@ -866,8 +866,7 @@ def _fuse_traced_relus(model: nn.Module, rows) -> None:
             if _called_once(model, parent, calls, relu_node, _is_relu) is None or relu_node.args[0] is not node:
                 continue
             layer.fused_relu = True
-            relu_module = parent.get_submodule(relu_node.target)
-            _replace(parent, relu_node.target, _applied_by(_with_hooks_of(FusedReLU(), relu_module), layer))
+            _replace(parent, relu_node.target, _relu_marker(parent.get_submodule(relu_node.target), layer))
             if rows is not None:
                 rows[full].fused_relu = True
 
@@ -1356,7 +1355,6 @@ def apply_swap_plan(
         )
     }
     _fuse(model, fused, batch_norm=True, relu=True)
-    _keep_sparse_layers_off_torchs_fast_path(model)
     for d in (d for d in decisions if d.name in fused):  # the plan's flags against what was found
         layer = model.get_submodule(d.name)
         if d.fused_batch_norm and layer.__dict__.get("fused_batch_norm") is None:
