@@ -1,3 +1,5 @@
+import contextlib
+import copy
 import os
 import tempfile
 
@@ -28,6 +30,39 @@ def prune_random_(module: torch.nn.Module, sparsity: float, generator_seed: int 
         keep = torch.rand(module.weight.shape, generator=g) >= sparsity
         module.weight.mul_(keep)
     return module
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's thread count (which the layers take) n inside, as before after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def a_relu_input_near_a_kink(model: torch.nn.Module, xs: list) -> bool:
+    """Whether ``model`` (a copy of it: training mode for every input but the
+    last, which it sees in eval) meets a ReLU (ReLU6) input within 1e-5 of 0
+    (or 6): two float computations of such an element may take opposite
+    sides, and everything after it is then apart by more than rounding."""
+    model, smallest = copy.deepcopy(model), []
+
+    def distance(m, args):
+        x = args[0].detach()
+        six = (x - 6).abs().min().item() if isinstance(m, torch.nn.ReLU6) else 1.0
+        smallest.append(min(x.abs().min().item(), six))
+
+    for m in model.modules():
+        if isinstance(m, (torch.nn.ReLU, torch.nn.ReLU6)):
+            m.register_forward_pre_hook(distance)
+    with torch.no_grad():
+        for i, x in enumerate(xs):
+            model.train(i < len(xs) - 1)
+            model(x)
+    return min(smallest, default=1.0) < 1e-5
 
 
 def at_pattern(dense_grad: torch.Tensor, layer) -> torch.Tensor:

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import qsparseprop as q
-from conftest import assert_close_rel, property_settings, prune_random_
+from conftest import a_relu_input_near_a_kink, assert_close_rel, property_settings, prune_random_, torch_threads
 
 CLASSES = {"f32": q.SparseConv2d, "s8": q.QuantizedSparseConv2d, "prototype": q.PrototypeQuantizedSparseConv2d}
 
@@ -105,17 +105,13 @@ def _train_and_compare(
 @pytest.mark.parametrize("relu", [True, False])
 @pytest.mark.parametrize("threads", [1, 3])
 def test_a_fused_block_trains_as_the_unfused_layers(scheme, relu, threads):
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         unfused, fused = _pair(_block(relu=relu), scheme)
         assert isinstance(fused[1], q.FusedBatchNorm2d)
         assert isinstance(fused[2], q.FusedReLU) == relu
         int8 = scheme != "f32"
         _train_and_compare(unfused, fused, (4, 5, 9, 7), scheme, gradients="int8 copy" if int8 else None,
                            lr=0.0 if int8 else 0.05)  # fmt: skip
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("relu", [True, False])
@@ -124,15 +120,11 @@ def test_a_fused_int8_block_is_its_prototype(relu, threads):
     # the prototype models the chain (docs/quantization.md): the int8 copy of
     # BatchNorm's input included, so here the int8 tolerance holds for every
     # gradient too
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         dense = _block(relu=relu, seed=2)
         _, prototype = _pair(dense, "prototype")
         _, fused = _pair(dense, "s8")
         _train_and_compare(prototype, fused, (4, 5, 9, 7), "s8", lr=0.0)
-    finally:
-        torch.set_num_threads(before)
 
 
 def _saved_tensors(model, x):
@@ -1074,21 +1066,13 @@ def test_a_block_whose_second_convolution_stayed_dense_fuses_its_shortcut_end(sc
 
 def _a_relu_input_is_near_zero(dense, shape, steps, channels_last):
     """Whether the dense model (the swapped ones' weights) meets a ReLU input
-    within 1e-5 of 0 on the inputs _train_and_compare draws: two float
-    computations of such an element may take opposite sides of the ReLU,
-    one element's gradient then apart in every gradient after it (found:
-    5.6e-8 after a BatchNorm, 8 % of a BatchNorm's bias gradient apart)."""
-    model, smallest = copy.deepcopy(dense), []
-    for m in model.modules():
-        if isinstance(m, nn.ReLU):
-            m.register_forward_pre_hook(lambda m, args: smallest.append(args[0].detach().abs().min().item()))
+    within 1e-5 of 0 on the inputs _train_and_compare draws (found: 5.6e-8
+    after a BatchNorm, 8 % of a BatchNorm's bias gradient apart)."""
     gen = torch.Generator().manual_seed(1)  # as _train_and_compare
-    with torch.no_grad():
-        for step in range(steps + 1):
-            model.train(step < steps)
-            x = torch.randn(shape, generator=gen)
-            model(x.contiguous(memory_format=torch.channels_last) if channels_last and step < steps else x)
-    return min(smallest, default=1.0) < 1e-5
+    xs = [torch.randn(shape, generator=gen) for _ in range(steps + 1)]
+    if channels_last:  # the training steps' inputs
+        xs[:steps] = [x.contiguous(memory_format=torch.channels_last) for x in xs[:steps]]
+    return a_relu_input_near_a_kink(dense, xs)
 
 
 # Random blocks (hypothesis; derandomized like test_properties.py, whose
@@ -1299,12 +1283,9 @@ def test_a_hook_on_a_fused_module_sees_what_the_unfused_module_sees(scheme, net,
     for parent in list(unfused.modules()):
         for name, child in list(parent.named_children()):
             if child is not getattr(dense, "conv", None) and type(child) in (nn.Conv2d, nn.Linear):
+                linear = q.QuantizedSparseLinear if scheme == "s8" else q.SparseLinear
                 setattr(
-                    parent,
-                    name,
-                    CLASSES[scheme].from_dense(child, seed=3)
-                    if type(child) is nn.Conv2d
-                    else (q.QuantizedSparseLinear if scheme == "s8" else q.SparseLinear).from_dense(child, seed=3),
+                    parent, name, (CLASSES[scheme] if type(child) is nn.Conv2d else linear).from_dense(child, seed=3)
                 )
     fused = q.fuse(copy.deepcopy(unfused))
     assert any(isinstance(m, (q.FusedReLU, q.FusedBatchNorm2d)) for m in fused.modules())

@@ -22,7 +22,6 @@ from fp32 than the prototype (``_judge_int8`` says why). Drawn like
 ``test_properties.py`` (derandomized; QSP_PROPERTY_EXAMPLES /
 QSP_PROPERTY_RANDOM for longer hunts)."""
 
-import contextlib
 import copy
 
 import torch
@@ -31,7 +30,7 @@ from hypothesis import strategies as st
 from test_fuse import _InPlaceBasicBlock  # torchvision's BasicBlock, line for line
 from torch import nn
 
-from conftest import assert_close_rel, at_pattern, property_settings
+from conftest import a_relu_input_near_a_kink, assert_close_rel, at_pattern, property_settings, torch_threads
 from qsparseprop import swap_modules_with_sparse
 from qsparseprop.finetune import _Residual
 
@@ -183,40 +182,10 @@ def _kept_1x1_strided(m):
     )
 
 
-@contextlib.contextmanager
-def _threads(n):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _inputs(shape, batches, channels_last, seed):
     g = torch.Generator().manual_seed(seed)
     xs = [torch.randn(b, *shape[1:], generator=g) for b in batches]
     return [x.contiguous(memory_format=torch.channels_last) if channels_last else x for x in xs]
-
-
-def _a_relu_input_is_near_a_kink(dense, xs):
-    """Whether the dense network meets a ReLU (ReLU6) input within 1e-5 of
-    0 (or 6): two float computations of it may take opposite sides, and
-    everything after it is then apart by more than rounding."""
-    model, smallest = copy.deepcopy(dense), []
-
-    def distance(m, args):
-        x = args[0].detach()
-        smallest.append(min(x.abs().min().item(), (x - 6).abs().min().item() if type(m) is nn.ReLU6 else 1.0))
-
-    for m in model.modules():
-        if type(m) in (nn.ReLU, nn.ReLU6):
-            m.register_forward_pre_hook(distance)
-    with torch.no_grad():
-        for i, x in enumerate(xs):
-            model.train(i < len(xs) - 1)
-            model(x.contiguous())
-    return min(smallest, default=1.0) < 1e-5
 
 
 def _gradients(model, reference):
@@ -372,7 +341,7 @@ def test_random_networks_swapped_train_as_their_references(
     cin, width, stage_list, head, hidden, hw, swap_batch, batches, sparsities, channels_last, input_grad,
     mask_kept, threads, scheme, seed,
 ):  # fmt: skip
-    with _threads(threads):
+    with torch_threads(threads):
         _check_random_network(
             cin, width, stage_list, head, hidden, hw, swap_batch, batches, sparsities, channels_last, input_grad,
             mask_kept, scheme, seed,
@@ -394,7 +363,7 @@ def _check_random_network(
     # blocks). The swap's batch too: it runs the network, in training mode.
     assume(min(*batches, swap_batch) * _smallest_plane(dense, shape) >= (4 if scheme == "f32" else 16))
     xs = _inputs(shape, [*batches, 3], channels_last, seed)
-    assume(not _a_relu_input_is_near_a_kink(dense, xs))
+    assume(not a_relu_input_near_a_kink(dense, [x.contiguous() for x in xs]))
     # torch 2.13's own 1x1 strided convolution crashes on some channels_last
     # inputs (test_properties.py); the reference runs on contiguous copies,
     # and a layer of that kind the swap keeps dense would meet the crash in
@@ -472,7 +441,7 @@ def test_random_transformer_encoders_swapped_train_as_their_references(
         return (b, tokens, features) if batch_first else (tokens, b, features)
 
     xs = [torch.randn(shaped(b), generator=g) for b in batches]
-    assume(not _a_relu_input_is_near_a_kink(dense, xs))
+    assume(not a_relu_input_near_a_kink(dense, [x.contiguous() for x in xs]))
     event(f"ran: {scheme}")
 
     def swapped(**options):
@@ -481,5 +450,5 @@ def test_random_transformer_encoders_swapped_train_as_their_references(
             repeats=1, warmup=0, persistent=False, **options,
         )  # fmt: skip
 
-    with _threads(threads):  # (attention's own Linear is not swapped: its parent reads its weight)
+    with torch_threads(threads):  # (attention's own Linear is not swapped: its parent reads its weight)
         _swap_train_and_compare(dense, swapped, scheme, xs, input_grad, lambda name: not name.endswith("out_proj"))
