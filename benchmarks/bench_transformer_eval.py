@@ -17,6 +17,7 @@ from torch import nn
 
 from qsparseprop import swap_modules_with_sparse
 from qsparseprop.bench import machine
+from qsparseprop.swap import _restore_torchs_fast_path
 
 
 def main() -> None:
@@ -40,9 +41,7 @@ def main() -> None:
         copy.deepcopy(dense), (batch, tokens, d), verbose=False, scheme=args.scheme, min_speedup=0.0, persistent=False
     )
     torchs_path = copy.deepcopy(swapped)
-    for mod in torchs_path.modules():  # the value the swap set aside: torch's path in again
-        if "_qsparseprop_fast_path_activation" in mod.__dict__:
-            mod.activation_relu_or_gelu = mod.__dict__["_qsparseprop_fast_path_activation"]
+    _restore_torchs_fast_path(torchs_path)  # what to_dense does: torch's path in again
     models = {"dense": dense, "swapped": swapped, "swapped, torch's path": torchs_path}
     times = {k: [] for k in models}
     with torch.no_grad():
