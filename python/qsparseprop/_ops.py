@@ -20,6 +20,7 @@ backward-data reads instead of quantizing the weights again).
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import os
 import threading
@@ -52,6 +53,22 @@ def _np(t: torch.Tensor | None):
 
 def _empty(dtype=torch.float32) -> torch.Tensor:
     return torch.empty(0, dtype=dtype)
+
+
+def transformed() -> bool:
+    """Whether a torch.func transform (grad, vmap, jacrev, ...) is active.
+    It follows torch's ops and the autograd.Functions written for it only:
+    the library then runs unfused, as torch's modules would, each sparse
+    layer through _SparseFunctionForTransforms. False while torch.compile
+    traces (it cannot follow the query; it takes the custom ops)."""
+    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+
+
+def traced() -> bool:
+    """Whether torch.compile is tracing or a torch.func transform is active:
+    neither can follow the eager fast paths' autograd.Functions (state on
+    their ctx, kernels called on numpy views)."""
+    return torch.compiler.is_compiling() or transformed()
 
 
 def _threads() -> int:
@@ -374,6 +391,29 @@ torch.library.register_autograd(
 )
 
 
+# ---- vmap of the custom ops (torch.func) ------------------------------------------
+#
+# Once per sample: a layer's batch is its own dimension already, and a
+# vmapped dimension is a batch of batches (per-sample gradients: the
+# weights' gradient of each; stacked models: each its own weights and
+# rounding scales), which no kernel computes in one call. The rule says so
+# itself instead of torch's fallback warning that asks to report a missing
+# batching rule to PyTorch.
+
+
+def _once_per_sample(info, in_dims, *args, op):
+    results = []
+    for i in range(info.batch_size):
+        sample = [a.select(d, i) if isinstance(d, int) else a for a, d in zip(args, in_dims, strict=True)]
+        results.append(op(*sample))
+    stacked = tuple(torch.stack(parts) for parts in zip(*results, strict=True))
+    return stacked, (0,) * len(stacked)
+
+
+for _op in (linear_forward, linear_backward, conv2d_forward, conv2d_backward):
+    torch.library.register_vmap(_op, functools.partial(_once_per_sample, op=_op))
+
+
 # ---- eager fast path --------------------------------------------------------------
 #
 # The custom ops are what torch.compile traces; in eager mode an
@@ -413,19 +453,54 @@ class _SparseFunction(torch.autograd.Function):
         return (dx if need[0] else None, dv if need[1] else None, db if want_db else None) + (None,) * 9
 
 
+class _SparseFunctionForTransforms(torch.autograd.Function):
+    """The custom ops with autograd in the form torch.func takes (forward
+    without ctx, setup_context): torch.library's own autograd of the ops
+    is not one it takes. vmap runs the ops once per sample (their vmap
+    rule, _once_per_sample): right, not fast."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, values, bias, row_ptr, col_idx, handle, seed, spec, scheme, vectorization, conv, statistics):
+        if conv:
+            return conv2d_forward(x, values, bias, row_ptr, col_idx, handle, seed, spec, scheme, vectorization,
+                                  statistics)  # fmt: skip
+        return (*linear_forward(x, values, bias, row_ptr, col_idx, handle, seed, spec, scheme), _empty())
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.conv = inputs[10]
+        _setup(ctx, inputs[:10], output, ctx.conv)
+        ctx.mark_non_differentiable(output[1], output[2])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y, *_):
+        return _grads(ctx, grad_y, ctx.conv)
+
+
 def linear(x, values, bias, row_ptr, col_idx, handle, seed, spec, scheme) -> torch.Tensor:
-    """Sparse linear with autograd: the custom op under torch.compile, the eager fast path otherwise."""
-    if torch.compiler.is_compiling():
+    """Sparse linear with autograd: the custom op under torch.compile, the
+    Function for torch.func's transforms under them, the eager fast path
+    otherwise."""
+    if transformed():
+        args = (x, values, bias, row_ptr, col_idx, handle, seed, spec, scheme, "", False, False)
+        return _SparseFunctionForTransforms.apply(*args)[0]
+    if traced():
         return linear_forward(x, values, bias, row_ptr, col_idx, handle, seed, spec, scheme)[0]
     return _SparseFunction.apply(x, values, bias, row_ptr, col_idx, handle, seed, spec, scheme, "", False, False)
 
 
 def conv2d(x, values, bias, row_ptr, col_idx, handle, seed, spec, scheme, vectorization, statistics=False):
-    """Sparse conv2d with autograd: the custom op under torch.compile, the
-    eager fast path otherwise. statistics: returns (y, y's batch
+    """Sparse conv2d with autograd: as :func:`linear`. statistics: returns (y, y's batch
     statistics) for the BatchNorm after it (batch_norm_relu's known), else y."""
     statistics = bool(statistics)
-    if torch.compiler.is_compiling():
+    if transformed():
+        args = (x, values, bias, row_ptr, col_idx, handle, seed, spec, scheme, vectorization, True, statistics)
+        y, _, found = _SparseFunctionForTransforms.apply(*args)
+        return (y, found) if statistics else y
+    if traced():
         y, _, found = conv2d_forward(x, values, bias, row_ptr, col_idx, handle, seed, spec, scheme, vectorization,
                                      statistics)  # fmt: skip
         return (y, found) if statistics else y
@@ -558,7 +633,7 @@ def subsample_pixels(x: torch.Tensor, sh: int, sw: int) -> torch.Tensor:
     autograd: the library's passes for a contiguous float32 x in eager
     mode, torch's slicing otherwise (and under torch.compile, which traces
     it)."""
-    if torch.compiler.is_compiling() or x.dtype != torch.float32 or not x.is_contiguous() or x.numel() == 0:
+    if traced() or x.dtype != torch.float32 or not x.is_contiguous() or x.numel() == 0:
         return x[:, :, ::sh, ::sw].contiguous()
     return _SubsampleFunction.apply(x, int(sh), int(sw))
 
@@ -723,6 +798,8 @@ def _relu_grad_torch(grad: torch.Tensor, bits: torch.Tensor, ctx) -> torch.Tenso
 
 
 def relu_bits(y: torch.Tensor) -> torch.Tensor:
+    if transformed():  # (torch.compile traces it)
+        return torch.relu(y)
     return _ReluBits.apply(y)
 
 
@@ -1043,7 +1120,7 @@ def batch_norm_relu(
         y, weight, bias, running_mean, running_var, float(eps), bool(batch_statistics), bool(relu), keep_s8, residual,
         known if batch_statistics else None,
     )  # fmt: skip
-    if torch.compiler.is_compiling():
+    if traced():
         z, _, mean, _, var, _, _ = batch_norm_relu_forward(*args)
     else:
         z, _, mean, _, var, _, _ = _BatchNormReLUFunction.apply(*args)

@@ -122,7 +122,11 @@ def _observed(layer: nn.Module) -> bool:
     markers of what it applies (a fused BatchNorm, a fused ReLU), or a
     global one: the layer then computes its own output alone, as torch's
     module would, and the markers compute what they stand for, so each
-    hook sees the values the unfused model gives it. Attribute reads only."""
+    hook sees the values the unfused model gives it. Attribute reads only.
+    Under a torch.func transform too: it follows torch's BatchNorm and ReLU,
+    not the fused passes."""
+    if _ops.transformed():
+        return True
     markers = (layer.__dict__.get("fused_batch_norm"), layer.__dict__.get("fused_relu_marker"))
     return not all(_called_plainly(m) for m in (layer, *markers) if m is not None)
 
@@ -290,7 +294,14 @@ class _SparseModule(nn.Module):
     def _next_seed(self) -> torch.Tensor:
         # A fresh rounding stream per training step, reproducible from self.seed.
         if self.training and torch.is_grad_enabled():
-            self._step.add_(1)
+            if _ops.transformed() and not torch._C._functorch.is_functorch_wrapped_tensor(self._step):
+                # the layer's own count (not one torch.func handed in, as
+                # functional_call of stacked models does): the transform
+                # refuses writes to tensors it did not hand in
+                with torch._C._DisableFuncTorch():
+                    self._step.add_(1)
+            else:
+                self._step.add_(1)
         return (self._step + ((self.seed * 0x9E3779B1) & _SEED_MASK)) & _SEED_MASK
 
     # ---- loading -----------------------------------------------------------------
@@ -564,7 +575,7 @@ def _batch_norm_after(bn: nn.BatchNorm2d, y: torch.Tensor, relu: bool, keep_s8: 
     ):
         z = _batch_norm_after(bn, y, False, keep_s8, chain, known=known) + residual
         return torch.relu(z) if relu else z
-    if y.shape[0] == 0 or y.dtype != torch.float32:  # torch's own, for what the passes do not take
+    if y.shape[0] == 0 or y.dtype != torch.float32 or _ops.transformed():  # torch's, where the passes cannot go
         z = F.batch_norm(
             y, bn.running_mean, bn.running_var, bn.weight, bn.bias,
             bn.training or bn.running_mean is None, _momentum(bn), bn.eps,
@@ -830,7 +841,7 @@ class SparseConv2d(_SparseModule):
         statistics (taken by the convolution); eager."""
         return (
             self.scheme == "s8" and not self._subsampled() and self._hands_statistics_over()
-            and not torch.compiler.is_compiling()
+            and not _ops.traced()
         )  # fmt: skip
 
     def _deferred(self, y: torch.Tensor, known: torch.Tensor):
@@ -1074,11 +1085,7 @@ def _convs_sharing_input(conv: nn.Module, shortcut: nn.Module, input: torch.Tens
     ``defer_first`` (the rewrite found the first's output read by one
     sparse convolution alone), the first may come deferred, as
     :func:`_conv_deferring` gives it."""
-    if (
-        _shares_input_with(conv, shortcut)
-        and not torch.compiler.is_compiling()
-        and all(_called_plainly(m) for m in (conv, shortcut))
-    ):
+    if _shares_input_with(conv, shortcut) and not _ops.traced() and all(_called_plainly(m) for m in (conv, shortcut)):
         x, unbatched, channels_last = conv._prepared(input)
         shortcut._prepared(input)  # its own checks (the kernel fits the image)
         if not unbatched and x.shape[0] > 0:
@@ -1127,7 +1134,7 @@ def _linear_act_linear(first: nn.Module, act: nn.Module, second: nn.Module, inpu
     if type(first) in linear and type(second) in linear and first.out_features == second.in_features:
         fits, gelu = _chain_activation(first, act)
     plain = _called_plainly(act) and not any(map(_observed, (first, second)))  # (their ReLU markers too)
-    if fits and not torch.compiler.is_compiling() and plain:
+    if fits and not _ops.traced() and plain:
         x = first._check_input(input, tuple(range(1, 9)), "at least 1-D (..., in_features)")
         second._check_input(x, (x.dim(),), "")  # its values' dtype
         if x.shape[-1] == first.in_features and x.numel() > 0:
