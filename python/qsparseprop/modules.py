@@ -117,18 +117,42 @@ def _relu_marker(relu: nn.Module, layer: nn.Module) -> FusedReLU:
     return _applied_by(_with_hooks_of(FusedReLU(), relu), layer)
 
 
+def _record_places(model: nn.Module) -> None:
+    """Notes in every module of a fusion (a layer applying what markers
+    stand for, the markers) where it stands in ``model``: each (parent,
+    name) it is reachable under. A module put in its place later (torch's
+    convert_sync_batchnorm, a frozen BatchNorm, another activation, the
+    layer turned dense) then takes the place: see _observed."""
+    places: dict[int, tuple[nn.Module, list]] = {}
+    for parent in model.modules():
+        for name, child in parent._modules.items():
+            d = child.__dict__ if child is not None else {}
+            if "applied_by" in d or "fused_batch_norm" in d or "fused_relu_marker" in d:
+                places.setdefault(id(child), (child, []))[1].append((parent, name))
+    for child, where in places.values():
+        child.__dict__["fused_at"] = tuple(where)
+
+
+def _in_place(module: nn.Module) -> bool:
+    places = module.__dict__.get("fused_at", ())
+    return all(parent._modules.get(name) is module for parent, name in places)
+
+
 def _observed(layer: nn.Module) -> bool:
     """Whether a hook is there to see the calls of ``layer`` or of the
     markers of what it applies (a fused BatchNorm, a fused ReLU), or a
     global one: the layer then computes its own output alone, as torch's
     module would, and the markers compute what they stand for, so each
     hook sees the values the unfused model gives it. Attribute reads only.
-    Under a torch.func transform too: it follows torch's BatchNorm and ReLU,
-    not the fused passes."""
+    The same where the layer or a marker no longer stands where the fusion
+    found it (a module was put in its place: that module computes what it
+    computes, the layer or marker left in the model what it stands for),
+    and under a torch.func transform (it follows torch's BatchNorm and
+    ReLU, not the fused passes)."""
     if _ops.transformed():
         return True
     markers = (layer.__dict__.get("fused_batch_norm"), layer.__dict__.get("fused_relu_marker"))
-    return not all(_called_plainly(m) for m in (layer, *markers) if m is not None)
+    return not all(_called_plainly(m) and _in_place(m) for m in (layer, *markers) if m is not None)
 
 
 class _TakenOverBatchNorm2d(nn.BatchNorm2d):
@@ -145,7 +169,7 @@ class _TakenOverBatchNorm2d(nn.BatchNorm2d):
     def to_batch_norm(self) -> nn.BatchNorm2d:
         """An ``nn.BatchNorm2d`` holding this module's parameters and buffers."""
         bn = _moved_into(nn.BatchNorm2d.__new__(nn.BatchNorm2d), self)
-        for k in ("relu", "applied_by", "fused_relu_marker"):
+        for k in ("relu", "applied_by", "fused_relu_marker", "fused_at"):
             bn.__dict__.pop(k, None)
         return bn
 

@@ -37,6 +37,7 @@ from .modules import (
     _conv_reading_deferred,
     _convs_sharing_input,
     _linear_act_linear,
+    _record_places,
     _relu_marker,
     _shares_input_with,
     _SparseModule,
@@ -643,6 +644,7 @@ def _fuse(model: nn.Module, rows: dict[str, SwapDecision] | None, batch_norm: bo
     if relu:
         _fuse_traced_relus(model, rows)
         _fuse_linear_chains(model, rows)
+    _record_places(model)
 
 
 # torch's nn.TransformerEncoderLayer has an inference fast path
@@ -1418,7 +1420,7 @@ def to_dense(model: nn.Module, inplace: bool = False) -> nn.Module:
     if isinstance(model, _SparseModule):
         dense = model.to_dense().train(model.training)
         bn = model.__dict__.get("fused_batch_norm")
-        after = ([copy.deepcopy(bn).to_batch_norm()] if bn is not None else []) + (
+        after = ([copy.deepcopy(bn.to_batch_norm())] if bn is not None else []) + (
             [nn.ReLU()] if model.fused_relu else []
         )
         return nn.Sequential(dense, *after) if after else dense

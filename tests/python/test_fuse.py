@@ -1301,3 +1301,86 @@ def test_a_hook_on_a_fused_module_sees_what_the_unfused_module_sees(scheme, net,
     _close(got_grad, want_grad, "f32" if scheme == "f32" else "int8 copy", "the input's gradient")
     # unobserved again: fused, the same values
     torch.testing.assert_close(fused(x), want, rtol=1e-4, atol=1e-5)
+
+
+class _FrozenBatchNorm2d(nn.Module):
+    """torchvision's FrozenBatchNorm2d in effect: the statistics and affine
+    parameters as fixed buffers (detection fine-tunes put it in place of
+    every BatchNorm2d)."""
+
+    def __init__(self, bn: nn.BatchNorm2d):
+        super().__init__()
+        for k in ("weight", "bias", "running_mean", "running_var"):
+            self.register_buffer(k, getattr(bn, k).detach().clone())
+        self.eps = bn.eps
+
+    def forward(self, x):
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        return x * scale[:, None, None] + (self.bias - self.running_mean * scale)[:, None, None]
+
+
+def _put_in_place(model: nn.Module, replace: str) -> nn.Module:
+    """``model`` with a module of the user's put where each module of a kind
+    stood: every BatchNorm2d (ours are subclasses) frozen, gone, or
+    SyncBatchNorm (torch's own conversion); every ReLU (or its marker) a
+    LeakyReLU; every sparse layer turned dense."""
+    if replace == "sync_batch_norm":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.BatchNorm2d) and replace in ("frozen_batch_norm", "identity"):
+                setattr(parent, name, _FrozenBatchNorm2d(child) if replace == "frozen_batch_norm" else nn.Identity())
+            elif isinstance(child, (nn.ReLU, q.FusedReLU)) and replace == "leaky_relu":
+                setattr(parent, name, nn.LeakyReLU(0.25))
+            elif isinstance(child, (q.SparseConv2d, q.SparseLinear)) and replace == "dense_layer":
+                setattr(parent, name, child.to_dense())
+    return model
+
+
+@pytest.mark.parametrize("scheme", ["f32", "s8"])
+@pytest.mark.parametrize("replace", ["frozen_batch_norm", "identity", "sync_batch_norm", "leaky_relu", "dense_layer"])
+def test_a_module_put_in_place_of_a_fused_one_takes_its_place(replace, scheme):
+    # The fused layer applied its BatchNorm and ReLU itself, the markers
+    # passing the input through: a module put in a marker's place applied
+    # its own on top (a BatchNorm twice, a ReLU before a LeakyReLU), and a
+    # marker whose layer was replaced passed its input through (the
+    # BatchNorm lost), silently. Each fused module now checks that it
+    # stands where the fusion found it.
+    torch.manual_seed(0)
+    dense = nn.Sequential(
+        nn.Conv2d(2, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),  # torch's: BatchNormReLU2d
+        nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        _InPlaceBasicBlock(8, 16, 2),  # traced: residual end, shared input, the int8 activation deferred
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 5),  # the MLP pair
+    )  # fmt: skip
+    for i, m in enumerate(dense.modules()):
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and m is not dense[0]:
+            prune_random_(m, 0.7, generator_seed=i)
+    unfused = copy.deepcopy(dense)
+    for parent in list(unfused.modules()):
+        for name, child in list(parent.named_children()):
+            if child is not unfused[0] and type(child) in (nn.Conv2d, nn.Linear):
+                linear = q.QuantizedSparseLinear if scheme == "s8" else q.SparseLinear
+                setattr(
+                    parent, name, (CLASSES[scheme] if type(child) is nn.Conv2d else linear).from_dense(child, seed=3)
+                )
+    fused = q.fuse(copy.deepcopy(unfused))
+    kinds = {type(m).__name__ for m in fused.modules()}
+    assert {"BatchNormReLU2d", "FusedBatchNorm2d", "FusedReLU"} <= kinds, kinds
+    unfused, fused = _put_in_place(unfused, replace), _put_in_place(fused, replace)
+    x = torch.randn(6, 2, 8, 8)
+    for training in (True, False):
+        results = []
+        for model in (fused, unfused):
+            model.train(training)
+            xg = x.clone().requires_grad_()
+            y = model(xg)
+            y.square().sum().backward()
+            results.append((y.detach(), xg.grad, dict(model.named_buffers())))
+        (got, got_grad, got_buffers), (want, want_grad, want_buffers) = results
+        what = "f32" if scheme == "f32" else "int8 copy"
+        _close(got, want, what, f"{replace}, training={training}: output")
+        _close(got_grad, want_grad, what, f"{replace}, training={training}: the input's gradient")
+        for k, v in want_buffers.items():
+            if v.is_floating_point():
+                _close(got_buffers[k], v, "f32", f"{replace}: {k}")
