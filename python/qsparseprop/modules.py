@@ -134,8 +134,10 @@ def _record_places(model: nn.Module) -> None:
 
 
 def _in_place(module: nn.Module) -> bool:
-    places = module.__dict__.get("fused_at", ())
-    return all(parent._modules.get(name) is module for parent, name in places)
+    for parent, name in module.__dict__.get("fused_at", ()):
+        if parent._modules.get(name) is not module:
+            return False
+    return True
 
 
 def _observed(layer: nn.Module) -> bool:
@@ -151,8 +153,11 @@ def _observed(layer: nn.Module) -> bool:
     ReLU, not the fused passes)."""
     if _ops.transformed():
         return True
-    markers = (layer.__dict__.get("fused_batch_norm"), layer.__dict__.get("fused_relu_marker"))
-    return not all(_called_plainly(m) and _in_place(m) for m in (layer, *markers) if m is not None)
+    d = layer.__dict__
+    for m in (layer, d.get("fused_batch_norm"), d.get("fused_relu_marker")):  # asked on every call: no generator
+        if m is not None and not (_called_plainly(m) and _in_place(m)):
+            return True
+    return False
 
 
 class _TakenOverBatchNorm2d(nn.BatchNorm2d):
