@@ -361,10 +361,23 @@ def _probe_shapes(
     return shapes, candidates
 
 
+def _taking_hooks_of(new: nn.Module, old: nn.Module) -> nn.Module:
+    """``new`` (just made, to take ``old``'s place) holding ``old``'s forward
+    and backward hooks, the very dicts, so the hooks go on firing and their
+    handles still remove them (torch's conv-BatchNorm fusion moves hooks
+    the same way) — less torch.nn.utils.prune's, which recomputed a
+    ``weight`` from a mask the sparse layer holds as its pattern."""
+    _with_hooks_of(new, old)
+    pre = new.__dict__.get("_forward_pre_hooks", {})
+    for key in [k for k, h in pre.items() if isinstance(h, prune.BasePruningMethod)]:
+        del pre[key]
+    return new
+
+
 def _swap_in(target: nn.Module, row, sparse: nn.Module) -> None:
-    """Puts ``sparse`` where ``row``'s module is, and says in its reason where
-    else the same module sat (tied: swapped there too)."""
-    also = _replace(target, row.name, sparse)
+    """Puts ``sparse`` where ``row``'s module is (with its hooks), and says in
+    its reason where else the same module sat (tied: swapped there too)."""
+    also = _replace(target, row.name, _taking_hooks_of(sparse, target.get_submodule(row.name)))
     if also:
         row.reason += f"; the same module is also {', '.join(also)}: swapped there too (still tied)"
 
@@ -1270,7 +1283,7 @@ def use_masked_relus(model: nn.Module) -> nn.Module:
         return MaskedReLU(model.inplace)
     for name, mod in list(model.named_modules()):
         if type(mod) is nn.ReLU:  # subclasses may do more than relu
-            _replace(model, name, MaskedReLU(mod.inplace))
+            _replace(model, name, _with_hooks_of(MaskedReLU(mod.inplace), mod))
     return model
 
 
@@ -1347,7 +1360,7 @@ def apply_swap_plan(
                 f"swap plan: {d.name}'s pattern differs from the plan's (hash {_pattern_hash(sparse)} vs "
                 f"{d.pattern_hash}): pruned differently? (strict=False swaps anyway)"
             )
-        _replace(model, d.name, sparse)
+        _replace(model, d.name, _taking_hooks_of(sparse, mod))
     fused = {  # the block's flag recomputed: set again where the rewrite finds the block
         d.name: dataclasses.replace(d, fused_kept_layout=False, fused_shared_input=False, fused_int8_activation=False)
         for d in decisions
@@ -1433,10 +1446,10 @@ def to_dense(model: nn.Module, inplace: bool = False) -> nn.Module:
         elif isinstance(mod, (FusedBatchNorm2d, BatchNormReLU2d)):
             _replace(target, name, mod.to_batch_norm())
         elif isinstance(mod, MaskedReLU):
-            _replace(target, name, nn.ReLU(mod.inplace))
+            _replace(target, name, _with_hooks_of(nn.ReLU(mod.inplace), mod))
     for name, mod in list(target.named_modules()):
         if isinstance(mod, _SparseModule):
-            _replace(target, name, mod.to_dense().train(mod.training))
+            _replace(target, name, _with_hooks_of(mod.to_dense().train(mod.training), mod))
     if hasattr(target, "qsparseprop_swap_report"):
         del target.qsparseprop_swap_report
     return target

@@ -435,3 +435,61 @@ def test_a_transformer_layer_evaluates_with_its_sparse_layers(how, scheme, monke
     with torch.no_grad():
         back(x)
     assert len(calls) == 2  # the dense model takes torch's path again
+
+
+def test_hooks_on_the_layers_go_with_them_into_the_swap_and_back():
+    # A user's hooks on a layer the swap replaced stayed on the replaced
+    # module, which is never called again: they stopped firing, silently.
+    # Now they go with the layer (the very dicts: handles still remove them)
+    # and back with to_dense; use_masked_relus the same; a pruned layer's
+    # own torch.nn.utils.prune hook is dropped (the mask is the pattern).
+    torch.manual_seed(0)
+    dense = nn.Sequential(
+        nn.Conv2d(2, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),  # the swap fuses these
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.ReLU(),  # no layer before it fuses this one: MaskedReLU
+        nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4),
+    )  # fmt: skip
+    prune.l1_unstructured(dense[3], "weight", amount=0.9)  # a pruning hook of torch's own
+    prune_random_(dense[9], 0.9)
+    prune_random_(dense[11], 0.9)
+    seen = {}
+
+    def record(name):
+        def hook(module, args, *rest):
+            seen[name] = [t.detach().clone() for t in (*args, *rest) if isinstance(t, torch.Tensor)]
+
+        return hook
+
+    def record_grad(module, grad_input, grad_output):
+        seen["11 backward"] = [grad_output[0].detach().clone()]
+
+    handles = [
+        dense[3].register_forward_hook(record("3")), dense[8].register_forward_hook(record("8")),
+        dense[9].register_forward_pre_hook(record("9 pre")), dense[10].register_forward_hook(record("10")),
+        dense[11].register_full_backward_hook(record_grad),
+    ]  # fmt: skip
+    x = torch.randn(4, 2, 6, 6)
+
+    def run(model):
+        seen.clear()
+        model(x).square().sum().backward()
+        return dict(seen)
+
+    want = run(dense)
+    assert set(want) == {"3", "8", "9 pre", "10", "11 backward"}
+    model = swap_modules_with_sparse(
+        dense, (4, 2, 6, 6), verbose=False, scheme="f32", min_speedup=0.0, repeats=1, warmup=0, persistent=False
+    )
+    assert type(model[3]) is SparseConv2d and type(model[9]) is SparseLinear and type(model[11]) is SparseLinear
+    assert not any(isinstance(h, prune.BasePruningMethod) for h in model[3]._forward_pre_hooks.values())
+    qsparseprop.use_masked_relus(model)
+    assert type(model[8]).__name__ == "MaskedReLU"
+    for got in (run(model), run(qsparseprop.to_dense(model))):
+        assert set(got) == set(want), "a hook stopped firing"
+        for name, tensors in want.items():
+            for a, b in zip(got[name], tensors, strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+    for h in handles:
+        h.remove()
+    assert run(model) == {}, "a handle no longer removes its hook"
