@@ -19,6 +19,8 @@ import torch
 import torch.fx
 from torch import nn
 from torch.nn.utils import prune
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from . import _C, _ops
 from .modules import (
@@ -149,11 +151,14 @@ def _mask_kept_layers(model: nn.Module, decisions: list[SwapDecision], state_dic
 def _mask_kept_layer(module: nn.Module) -> bool:
     """Registers a kept-dense pruned layer's pattern as a torch pruning mask
     (its zeros), so training does not regrow them; False where the layer has
-    a mask or parametrization already, or no zero weight."""
+    a mask, a parametrization or a weight_norm / spectral_norm hook already,
+    or no zero weight."""
     from .modules import _mask_and_weight
 
     mask, weight = _mask_and_weight(module)
-    if mask is not None or hasattr(module, "parametrizations") or not bool((weight == 0).any()):
+    if mask is not None or hasattr(module, "parametrizations") or _reparametrizations(module):
+        return False
+    if not bool((weight == 0).any()):
         return False
     prune.custom_from_mask(module, "weight", mask=(weight != 0))
     return True
@@ -361,6 +366,18 @@ def _probe_shapes(
     return shapes, candidates
 
 
+def _reparametrizations(module: nn.Module) -> str:
+    """What recomputes the layer's parameters on every call, other than a
+    pruning mask (torch.nn.utils.prune, torch.ao.pruning's FakeSparsity):
+    weight_norm, spectral_norm (hooks or parametrizations), orthogonal ...
+    A sparse layer holds its values as plain parameters: it cannot keep
+    them. Empty if nothing does."""
+    found = [type(h).__name__ for h in module._forward_pre_hooks.values() if isinstance(h, (WeightNorm, SpectralNorm))]
+    for name, chain in getattr(module, "parametrizations", {}).items():
+        found += [type(p).__name__ for p in chain if not (name == "weight" and hasattr(p, "mask"))]
+    return ", ".join(found)
+
+
 def _taking_hooks_of(new: nn.Module, old: nn.Module) -> nn.Module:
     """``new`` (just made, to take ``old``'s place) holding ``old``'s forward
     and backward hooks, the very dicts, so the hooks go on firing and their
@@ -472,6 +489,11 @@ def swap_modules_with_sparse(
     kind of machine reads them instead of timing (the table says so), so a
     restarted job decides fast and the same way. ``persistent=False`` times
     every layer afresh (and stores nothing).
+    A layer whose parameters something recomputes on every call
+    (``weight_norm``, ``spectral_norm``, as hooks or parametrizations; an
+    orthogonal parametrization ...; pruning masks excepted) stays dense: a
+    sparse layer holds its values as plain parameters and would train them
+    without it. The table names what.
     ``mask_kept``: a pruned layer the swap keeps dense (not sparse enough,
     or not faster sparse) gets its pattern as a ``torch.nn.utils.prune``
     mask (``weight_orig`` and ``weight_mask``, as ``prune.custom_from_mask``
@@ -545,6 +567,10 @@ def swap_modules_with_sparse(
             continue
         if isinstance(mod, nn.Conv2d) and mod.padding_mode != "zeros":
             row.reason = f"padding_mode={mod.padding_mode!r} unsupported"
+            continue
+        reparametrized = _reparametrizations(mod)
+        if reparametrized:
+            row.reason = f"{reparametrized} recomputes its weight: a sparse layer would train its values without it"
             continue
         if prototype:
             sparse = _sparse_class(mod, scheme).from_dense(mod).train(mod.training)

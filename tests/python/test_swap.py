@@ -1,6 +1,7 @@
 """swap_modules_with_sparse on a small CNN + MLP."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -493,3 +494,33 @@ def test_hooks_on_the_layers_go_with_them_into_the_swap_and_back():
     for h in handles:
         h.remove()
     assert run(model) == {}, "a handle no longer removes its hook"
+
+
+@pytest.mark.parametrize("how", ["weight_norm", "spectral_norm", "weight_norm_hook", "spectral_norm_hook"])
+def test_a_layer_whose_weight_something_recomputes_stays_dense_and_says_why(how):
+    # A pruned layer under weight_norm was swapped: its sparse values then
+    # trained without the reparametrization (and the old hook-based
+    # weight_norm's hook, now carried with the layer's hooks, would write a
+    # weight the sparse layer does not have)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8))
+    for layer in (model[0], model[2]):
+        prune_random_(layer, 0.9)
+    apply = {
+        "weight_norm": nn.utils.parametrizations.weight_norm, "spectral_norm": nn.utils.parametrizations.spectral_norm,
+        "weight_norm_hook": nn.utils.weight_norm, "spectral_norm_hook": nn.utils.spectral_norm,
+    }[how]  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the hook forms are deprecated
+        apply(model[0])
+    reparametrized = model[0]
+    swapped = swap_modules_with_sparse(
+        model, (4, 32), verbose=False, scheme="f32", min_sparsity=0.5, min_speedup=0.0, repeats=1, warmup=0,
+        persistent=False,
+    )  # fmt: skip
+    rows = {r.name: r for r in swapped.qsparseprop_swap_report}
+    assert swapped[0] is reparametrized and not rows["0"].swapped
+    assert "recomputes its weight" in rows["0"].reason and ("Norm" in rows["0"].reason), rows["0"].reason
+    assert "mask" not in rows["0"].reason  # nor masked: its weight is not a parameter to mask
+    assert type(swapped[2]) is SparseLinear and rows["2"].swapped
+    swapped(torch.randn(4, 32)).sum().backward()  # trains as before, the reparametrization in place
