@@ -44,7 +44,7 @@ def new_handle(owner: object) -> torch.Tensor:
     """A cache slot for ``owner``'s kernel, emptied when ``owner`` is freed."""
     slot = next(_next_slot)
     weakref.finalize(owner, _cache.pop, slot, None)
-    return torch.tensor([slot], dtype=torch.int64)
+    return torch.tensor([slot], dtype=torch.int64, device="cpu")  # (also under a torch.device("meta") block)
 
 
 def _np(t: torch.Tensor | None):

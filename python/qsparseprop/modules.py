@@ -293,7 +293,7 @@ class _SparseModule(nn.Module):
         # Training steps taken (a tensor: torch.compile traces its increment
         # instead of recompiling for every new Python value), and the slot
         # of the layer's C++ kernel in the ops' cache (_ops.py).
-        self.register_buffer("_step", torch.zeros((), dtype=torch.int64), persistent=False)
+        self.register_buffer("_step", torch.zeros((), dtype=torch.int64, device="cpu"), persistent=False)
         self.register_buffer("_handle", _ops.new_handle(self), persistent=False)
 
     @property
@@ -332,6 +332,15 @@ class _SparseModule(nn.Module):
             else:
                 self._step.add_(1)
         return (self._step + ((self.seed * 0x9E3779B1) & _SEED_MASK)) & _SEED_MASK
+
+    def _apply(self, fn, recurse=True):
+        # The kernel cache's slot and the step count are the layer's own CPU
+        # int64 state, not data: moved (.to("meta")) or emptied (to_empty)
+        # they would name no kernel, or another layer's.
+        handle, step = self._handle, self._step
+        super()._apply(fn, recurse)
+        self._buffers["_handle"], self._buffers["_step"] = handle, step
+        return self
 
     # ---- loading -----------------------------------------------------------------
     #
@@ -378,8 +387,12 @@ class _SparseModule(nn.Module):
         # Validated: take them whole (another nnz resizes values; the Parameter
         # object stays, so optimizers keep it). The state stays consistent even
         # if a later key of this module fails to load.
-        with torch.no_grad():
-            self.values.data = values.detach().to(torch.float32).clone()
+        values = values.detach().to(torch.float32).clone()
+        if self.values.is_meta:  # a model made on the meta device: load_state_dict(assign=True) materializes it
+            self.values = nn.Parameter(values, requires_grad=self.values.requires_grad)
+        else:
+            with torch.no_grad():
+                self.values.data = values
         self.row_ptr, self.col_idx = row_ptr.clone(), col_idx.clone()
         state_dict[keys["row_ptr"]], state_dict[keys["col_idx"]] = row_ptr, col_idx
 

@@ -115,3 +115,44 @@ def test_torch_compile_traces_the_custom_ops():
     y.sum().backward()
     torch.testing.assert_close(y, s(x))
     assert x.grad is not None
+
+
+@pytest.mark.parametrize("scheme", ["f32", "s8"])
+def test_a_model_made_on_the_meta_device_or_emptied_loads_its_checkpoint(scheme):
+    # torch's ways to build a model without initializing it: on the meta
+    # device, then load_state_dict(assign=True) (the values used to fail
+    # with "incompatible tensor type"), or to_empty() then a load (the
+    # kernel cache's slot was then uninitialized memory, naming another
+    # layer's kernel or none; the step count too)
+    from qsparseprop import swap_modules_with_sparse
+
+    torch.manual_seed(0)
+    dense = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.Flatten(), torch.nn.Linear(8 * 5 * 5, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4),
+    )  # fmt: skip
+    for m in dense.modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+            prune_random_(m, 0.8)
+    model = swap_modules_with_sparse(
+        dense, (2, 3, 5, 5), verbose=False, scheme=scheme, min_sparsity=0.5, min_speedup=0.0, repeats=1, warmup=0,
+        persistent=False,
+    )  # fmt: skip
+    x = torch.randn(2, 3, 5, 5)
+    model(x).sum().backward()  # a step taken: the step counts are 1
+    sd = model.state_dict()
+    on_meta = copy.deepcopy(model).to("meta")
+    assert on_meta[0].values.is_meta
+    on_meta.load_state_dict(sd, assign=True)
+    emptied = copy.deepcopy(model).to_empty(device="cpu")
+    emptied.load_state_dict(sd)
+    model.eval()
+    want = model(x)
+    for built in (on_meta, emptied):
+        layers = [m for m in built.modules() if hasattr(m, "values")]
+        assert len(layers) == 3
+        for layer, original in zip(layers, (m for m in model.modules() if hasattr(m, "values")), strict=True):
+            assert layer._handle.device.type == "cpu" and int(layer._handle) != int(original._handle)
+            assert int(layer._step) == int(original._step) == 1
+            assert not layer.values.is_meta and layer.values.requires_grad
+        torch.testing.assert_close(built.eval()(x), want, rtol=0, atol=0)
