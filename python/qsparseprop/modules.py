@@ -618,9 +618,9 @@ def _batch_norm_after(bn: nn.BatchNorm2d, y: torch.Tensor, relu: bool, keep_s8: 
         z = _batch_norm_after(bn, y, False, keep_s8, chain, known=known) + residual
         return torch.relu(z) if relu else z
     if y.shape[0] == 0 or y.dtype != torch.float32 or _ops.transformed():  # torch's, where the passes cannot go
+        running = (bn.running_mean, bn.running_var) if not bn.training or bn.track_running_stats else (None, None)
         z = F.batch_norm(
-            y, bn.running_mean, bn.running_var, bn.weight, bn.bias,
-            bn.training or bn.running_mean is None, _momentum(bn), bn.eps,
+            y, *running, bn.weight, bn.bias, bn.training or bn.running_mean is None, _momentum(bn), bn.eps,
         )  # fmt: skip
         if residual is not None:
             z = z + residual
@@ -639,12 +639,18 @@ def _batch_norm_after(bn: nn.BatchNorm2d, y: torch.Tensor, relu: bool, keep_s8: 
 
 def _update_running_statistics(bn: nn.BatchNorm2d, factor: float, y: torch.Tensor, mean, var) -> None:
     """BatchNorm2d's update of its running statistics in training from the
-    batch mean and biased variance of its input y (factor: _momentum's)."""
-    if bn.training and bn.running_mean is not None and bn.running_var is not None:
+    batch mean and biased variance of its input y (factor: _momentum's);
+    none where track_running_stats was turned off after construction (the
+    statistics kept then serve eval only, as in torch)."""
+    if _updates_running_statistics(bn):
         count = y.numel() // y.shape[1]
         with torch.no_grad():
             bn.running_mean.mul_(1 - factor).add_(mean, alpha=factor)
             bn.running_var.mul_(1 - factor).add_(var, alpha=factor * count / (count - 1))
+
+
+def _updates_running_statistics(bn: nn.BatchNorm2d) -> bool:
+    return bn.training and bn.track_running_stats and bn.running_mean is not None and bn.running_var is not None
 
 
 def _momentum(bn: nn.BatchNorm2d) -> float:

@@ -159,11 +159,19 @@ def test_a_fused_int8_block_keeps_batch_norms_input_as_int8(scheme):
         {"momentum": 0.3, "eps": 1e-3},
         {"track_running_stats": False},  # batch statistics in eval too
         {"affine": False},
+        # turned off after construction: the statistics are no longer
+        # updated, eval still uses them (the fused passes used to update them)
+        {"set_after": {"track_running_stats": False}},
     ],
-    ids=["momentum-none", "momentum-eps", "no-running-stats", "no-affine"],
+    ids=["momentum-none", "momentum-eps", "no-running-stats", "no-affine", "tracking-off-later"],
 )
 def test_every_batch_norm_option_is_kept(bn_kwargs):
-    unfused, fused = _pair(_block(bn_kwargs), "f32")
+    bn_kwargs = dict(bn_kwargs)
+    later = bn_kwargs.pop("set_after", {})
+    block = _block(bn_kwargs)
+    for bn in (m for m in block.modules() if isinstance(m, nn.BatchNorm2d)):
+        bn.__dict__.update(later)
+    unfused, fused = _pair(block, "f32")
     _train_and_compare(unfused, fused, (3, 5, 6, 6), "f32")
 
 
