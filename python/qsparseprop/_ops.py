@@ -139,9 +139,22 @@ def kernel_for(handle: torch.Tensor, key: tuple, row_ptr: torch.Tensor, col_idx:
         with _cache_lock:
             entry = _cache.get(slot)
             if entry is None or entry[0] != key or not entry[1].same_pattern(rp, ci):
-                entry = (key, _build(key, rp, ci))
+                try:
+                    built = _build(key, rp, ci)
+                except ValueError as e:
+                    if entry is not None and entry[0] == key:  # valid at its last call: written since
+                        raise ValueError(f"{e} ({_PATTERN_WRITTEN})") from e
+                    raise
+                entry = (key, built)
                 _cache[slot] = entry
     return entry[1]
+
+
+_PATTERN_WRITTEN = (
+    "the layer's row_ptr / col_idx were valid at its last call and have been written since: an average over "
+    "every buffer (torch.optim.swa_utils.AveragedModel(use_buffers=True) with an EMA, an EMA over the whole "
+    "state_dict) rounds integer buffers; average the floating-point tensors only, e.g. use_buffers=False"
+)
 
 
 class _KernelHandle:

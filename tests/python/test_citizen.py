@@ -150,3 +150,45 @@ def test_a_swapped_network_runs_under_inference_mode_as_under_no_grad(scheme):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
         for (name, a), b in zip(inference.named_buffers(), reference.buffers(), strict=True):
             assert name.endswith("_handle") or torch.equal(a, b), name  # (_handle: the kernel cache's slot)
+
+
+def test_an_ema_of_the_parameters_trains_along_and_one_over_every_buffer_says_what_broke():
+    # torch's EMA (AveragedModel + get_ema_multi_avg_fn) averages integer
+    # buffers too when use_buffers=True, as e * decay + m * (1 - decay)
+    # copied back into the integer tensor: a column index 7 may come back
+    # 6. The pattern is then invalid; the error says what wrote it.
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    torch.manual_seed(0)
+    dense = torch.nn.Sequential(torch.nn.Linear(24, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    for m in (dense[0], dense[2]):
+        prune_random_(m, 0.8)
+    model = swap_modules_with_sparse(
+        dense, (4, 24), verbose=False, scheme="s8", min_sparsity=0.5, min_speedup=0.0, repeats=1, persistent=False
+    )
+    x = torch.randn(4, 24)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    averages = {
+        flag: AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=flag) for flag in (False, True)
+    }
+    want = None  # the first update copies, the next ones average
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(x).square().sum().backward()
+        optimizer.step()
+        for average in averages.values():
+            average.update_parameters(model)
+        now = {k: v.detach().clone() for k, v in model.named_parameters()}
+        want = now if want is None else {k: 0.9 * want[k] + 0.1 * v for k, v in now.items()}
+    got = dict(averages[False].module.named_parameters())
+    for k, v in want.items():
+        torch.testing.assert_close(got[k], v, rtol=1e-6, atol=1e-7)
+    averages[False].eval()(x)  # the parameters' average runs
+    corrupted = any(
+        not torch.equal(a, b)
+        for (n, a), b in zip(averages[True].module.named_buffers(), model.buffers(), strict=True)
+        if n.endswith(("row_ptr", "col_idx"))
+    )
+    assert corrupted, "torch's EMA kept the integer buffers: this test no longer tests the message"
+    with pytest.raises(ValueError, match="use_buffers=False"):
+        averages[True].eval()(x)
