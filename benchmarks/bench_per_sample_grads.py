@@ -2,7 +2,8 @@
 of a swapped model against the dense one: the main job's CNN, pruned, in
 eval mode (BatchNorm's running statistics, as DP-SGD needs), a batch of
 per-sample gradients. Under a torch.func transform the model runs unfused
-and vmap runs each sparse layer once per sample (``docs/design.md``):
+and vmap folds the samples into one call for forward and backward-data
+(f32) but computes the weights' gradients once per sample (``docs/design.md``):
 this says what that costs. Interleaved rounds in one process, medians.
 
     .venv/bin/python benchmarks/bench_per_sample_grads.py [--scheme s8] [--batch 32] [--rounds 9]

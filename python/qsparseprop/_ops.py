@@ -406,25 +406,95 @@ torch.library.register_autograd(
 
 # ---- vmap of the custom ops (torch.func) ------------------------------------------
 #
-# Once per sample: a layer's batch is its own dimension already, and a
-# vmapped dimension is a batch of batches (per-sample gradients: the
-# weights' gradient of each; stacked models: each its own weights and
-# rounding scales), which no kernel computes in one call. The rule says so
-# itself instead of torch's fallback warning that asks to report a missing
-# batching rule to PyTorch.
+# A vmapped dimension is a batch of batches. Where only the input (and the
+# output's gradient) are vmapped and the scheme is f32, the rules fold it
+# into the layer's batch: forward and backward-data are one call each, row
+# for row what each sample's call computes. The weights' gradient of each
+# sample (per-sample gradients), s8 (its scales are per call) and stacked
+# models (vmapped weights) run once per sample: no kernel computes those in
+# one call. The rules say so themselves instead of torch's fallback warning
+# that asks to report a missing batching rule to PyTorch.
 
 
-def _once_per_sample(info, in_dims, *args, op):
+def _per_sample(info, in_dims, args, op) -> tuple:
     results = []
     for i in range(info.batch_size):
         sample = [a.select(d, i) if isinstance(d, int) else a for a, d in zip(args, in_dims, strict=True)]
         results.append(op(*sample))
-    stacked = tuple(torch.stack(parts) for parts in zip(*results, strict=True))
+    return tuple(torch.stack(parts) for parts in zip(*results, strict=True))
+
+
+def _once_per_sample(info, in_dims, *args, op):
+    stacked = _per_sample(info, in_dims, args, op)
     return stacked, (0,) * len(stacked)
 
 
-for _op in (linear_forward, linear_backward, conv2d_forward, conv2d_backward):
-    torch.library.register_vmap(_op, functools.partial(_once_per_sample, op=_op))
+def _foldable(in_dims, vmapped: int, scheme: str) -> bool:
+    """f32, and exactly the first ``vmapped`` arguments vmapped."""
+    return (
+        scheme == "f32" and all(isinstance(d, int) for d in in_dims[:vmapped])
+        and not any(isinstance(d, int) for d in in_dims[vmapped:])
+    )  # fmt: skip
+
+
+def _fold(t: torch.Tensor, dim: int) -> torch.Tensor:
+    t = t.movedim(dim, 0)
+    return t.reshape(t.shape[0] * t.shape[1], *t.shape[2:]).contiguous()
+
+
+def _unfold(t: torch.Tensor, batch: int) -> torch.Tensor:
+    return t.reshape(batch, t.shape[0] // batch, *t.shape[1:])
+
+
+def _linear_forward_vmap(info, in_dims, *args):
+    if not _foldable(in_dims, 1, args[8]) or args[0].numel() == 0:
+        return _once_per_sample(info, in_dims, *args, op=linear_forward)
+    y, ws = linear_forward(_fold(args[0], in_dims[0]), *args[1:])
+    return (_unfold(y, info.batch_size), ws), (0, None)  # ws: f32 keeps none
+
+
+def _conv2d_forward_vmap(info, in_dims, *args):
+    statistics = len(args) > 10 and args[10]  # of the whole folded batch: per sample, they would not be
+    if statistics or not _foldable(in_dims, 1, args[8]) or args[0].numel() == 0:
+        return _once_per_sample(info, in_dims, *args, op=conv2d_forward)
+    y, ws, found = conv2d_forward(_fold(args[0], in_dims[0]), *args[1:])
+    return (_unfold(y, info.batch_size), ws, found), (0, None, None)
+
+
+def _backward_vmap(info, in_dims, *args, op, need_at: int, shape_at: int | None):
+    """grad_y and x vmapped, f32: the input's gradient in one folded call,
+    each sample's weight gradients in its own. need_at: the index of
+    need_input_grad (need_values_grad, need_bias_grad follow); shape_at:
+    conv's input_shape argument (folded too)."""
+    need_dx, need_dv, need_db = args[need_at : need_at + 3]
+    if not _foldable(in_dims, 2, args[9]) or args[0].numel() == 0:
+        return _once_per_sample(info, in_dims, *args, op=op)
+    b, args = info.batch_size, list(args)
+    dx = dv = db = args[0].new_empty(0)  # what the op gives for a gradient not asked for
+    if need_dx:
+        folded = _with(args, need_at, (True, False, False))
+        folded[0], folded[1] = _fold(args[0], in_dims[0]), _fold(args[1], in_dims[1])
+        if shape_at is not None:
+            folded[shape_at] = [b * args[shape_at][0], *args[shape_at][1:]]
+        dx = _unfold(op(*folded)[0], b)
+    if need_dv or need_db:
+        _, dv, db = _per_sample(info, in_dims, _with(args, need_at, (False, need_dv, need_db)), op)
+    weights = 0 if need_dv or need_db else None
+    return (dx, dv, db), (0 if need_dx else None, weights, weights)
+
+
+def _with(args: list, at: int, values: tuple) -> list:
+    out = list(args)
+    out[at : at + len(values)] = values
+    return out
+
+
+torch.library.register_vmap(linear_forward, _linear_forward_vmap)
+torch.library.register_vmap(conv2d_forward, _conv2d_forward_vmap)
+torch.library.register_vmap(linear_backward, functools.partial(_backward_vmap, op=linear_backward, need_at=11,
+                                                               shape_at=None))  # fmt: skip
+torch.library.register_vmap(conv2d_backward, functools.partial(_backward_vmap, op=conv2d_backward, need_at=13,
+                                                               shape_at=12))  # fmt: skip
 
 
 # ---- eager fast path --------------------------------------------------------------
@@ -469,8 +539,7 @@ class _SparseFunction(torch.autograd.Function):
 class _SparseFunctionForTransforms(torch.autograd.Function):
     """The custom ops with autograd in the form torch.func takes (forward
     without ctx, setup_context): torch.library's own autograd of the ops
-    is not one it takes. vmap runs the ops once per sample (their vmap
-    rule, _once_per_sample): right, not fast."""
+    is not one it takes. vmap goes through the ops' rules (above)."""
 
     generate_vmap_rule = True
 

@@ -4,8 +4,9 @@ functional_call with the buffers handed in (meta-learning), stacked models
 trained under vmap (ensembles). The transforms follow torch's ops only: the
 model then runs unfused (torch's BatchNorm and ReLU around the sparse
 layers) and each sparse layer through an autograd.Function written for
-them; vmap runs the layers once per sample. Forward-mode AD (jvp, jacfwd,
-hessian) is refused by torch, not computed wrongly."""
+them; vmap folds its dimension into the layers' batch where the weights
+are not vmapped (f32), else runs the layers once per sample. Forward-mode
+AD (jvp, jacfwd, hessian) is refused by torch, not computed wrongly."""
 
 import copy
 
@@ -136,3 +137,28 @@ def test_forward_mode_is_refused_not_computed_wrongly():
     x = torch.randn(2, 2, 8, 8)
     with pytest.raises(NotImplementedError, match="jvp"):
         jvp(ours, (x,), (torch.ones_like(x),))
+
+
+def test_a_vmapped_batch_is_folded_into_the_layers_batch_where_it_can_be(monkeypatch):
+    # f32 with the weights not vmapped: forward and backward-data one call
+    # each over the folded batch, the same values as one call per sample
+    # (the rule's fallback), the weights' per-sample gradients a call each
+    import qsparseprop._ops as ops
+
+    dense = _network(6).eval()
+    ours = _swapped(dense, "f32").eval()
+    x, labels = torch.randn(5, 2, 8, 8), torch.tensor([0, 1, 2, 3, 4])
+    params, buffers = _state(ours)
+
+    def loss(p, xs, ys):
+        return nn.functional.cross_entropy(functional_call(ours, (p, buffers), (xs.unsqueeze(0),)), ys.unsqueeze(0))
+
+    folds = []
+    foldable = ops._foldable
+    monkeypatch.setattr(ops, "_foldable", lambda *a: folds.append(foldable(*a)) or folds[-1])
+    folded = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, labels)
+    assert folds and all(folds), "nothing was folded: the test tests nothing"
+    monkeypatch.setattr(ops, "_foldable", lambda *a: False)
+    per_sample = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, labels)
+    for k, v in per_sample.items():
+        assert_close_rel(folded[k], v, 1e-5, k)
