@@ -446,19 +446,14 @@ def _unfold(t: torch.Tensor, batch: int) -> torch.Tensor:
     return t.reshape(batch, t.shape[0] // batch, *t.shape[1:])
 
 
-def _linear_forward_vmap(info, in_dims, *args):
-    if not _foldable(in_dims, 1, args[8]) or args[0].numel() == 0:
-        return _once_per_sample(info, in_dims, *args, op=linear_forward)
-    y, ws = linear_forward(_fold(args[0], in_dims[0]), *args[1:])
-    return (_unfold(y, info.batch_size), ws), (0, None)  # ws: f32 keeps none
-
-
-def _conv2d_forward_vmap(info, in_dims, *args):
-    statistics = len(args) > 10 and args[10]  # of the whole folded batch: per sample, they would not be
+def _forward_vmap(info, in_dims, *args, op):
+    """x vmapped, f32: one folded call; y unfolded, the rest (f32's empty
+    workspace, no statistics) as they are."""
+    statistics = len(args) > 10 and args[10]  # conv's: of the whole folded batch, not per sample
     if statistics or not _foldable(in_dims, 1, args[8]) or args[0].numel() == 0:
-        return _once_per_sample(info, in_dims, *args, op=conv2d_forward)
-    y, ws, found = conv2d_forward(_fold(args[0], in_dims[0]), *args[1:])
-    return (_unfold(y, info.batch_size), ws, found), (0, None, None)
+        return _once_per_sample(info, in_dims, *args, op=op)
+    y, *rest = op(_fold(args[0], in_dims[0]), *args[1:])
+    return (_unfold(y, info.batch_size), *rest), (0,) + (None,) * len(rest)
 
 
 def _backward_vmap(info, in_dims, *args, op, need_at: int, shape_at: int | None):
@@ -489,8 +484,8 @@ def _with(args: list, at: int, values: tuple) -> list:
     return out
 
 
-torch.library.register_vmap(linear_forward, _linear_forward_vmap)
-torch.library.register_vmap(conv2d_forward, _conv2d_forward_vmap)
+torch.library.register_vmap(linear_forward, functools.partial(_forward_vmap, op=linear_forward))
+torch.library.register_vmap(conv2d_forward, functools.partial(_forward_vmap, op=conv2d_forward))
 torch.library.register_vmap(linear_backward, functools.partial(_backward_vmap, op=linear_backward, need_at=11,
                                                                shape_at=None))  # fmt: skip
 torch.library.register_vmap(conv2d_backward, functools.partial(_backward_vmap, op=conv2d_backward, need_at=13,
@@ -569,7 +564,7 @@ def linear(x, values, bias, row_ptr, col_idx, handle, seed, spec, scheme) -> tor
     if transformed():
         args = (x, values, bias, row_ptr, col_idx, handle, seed, spec, scheme, "", False, False)
         return _SparseFunctionForTransforms.apply(*args)[0]
-    if traced():
+    if torch.compiler.is_compiling():
         return linear_forward(x, values, bias, row_ptr, col_idx, handle, seed, spec, scheme)[0]
     return _SparseFunction.apply(x, values, bias, row_ptr, col_idx, handle, seed, spec, scheme, "", False, False)
 
@@ -582,7 +577,7 @@ def conv2d(x, values, bias, row_ptr, col_idx, handle, seed, spec, scheme, vector
         args = (x, values, bias, row_ptr, col_idx, handle, seed, spec, scheme, vectorization, True, statistics)
         y, _, found = _SparseFunctionForTransforms.apply(*args)
         return (y, found) if statistics else y
-    if traced():
+    if torch.compiler.is_compiling():
         y, _, found = conv2d_forward(x, values, bias, row_ptr, col_idx, handle, seed, spec, scheme, vectorization,
                                      statistics)  # fmt: skip
         return (y, found) if statistics else y
