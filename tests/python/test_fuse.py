@@ -40,6 +40,20 @@ def _pair(dense, scheme):
     return unfused, fused
 
 
+def _converted_and_fused(dense: nn.Module, scheme: str, keep: nn.Module | None = None):
+    """(a copy of ``dense`` with every Conv2d and Linear but ``keep`` (a
+    module of ``dense``) converted to the scheme's sparse layer, seed 3;
+    that model fused)."""
+    unfused = copy.deepcopy(dense)
+    linear = q.QuantizedSparseLinear if scheme == "s8" else q.SparseLinear
+    for name, m in dense.named_modules():
+        if m is not keep and type(m) in (nn.Conv2d, nn.Linear):
+            parent, _, child = name.rpartition(".")
+            cls = CLASSES[scheme] if type(m) is nn.Conv2d else linear
+            setattr(unfused.get_submodule(parent), child, cls.from_dense(unfused.get_submodule(name), seed=3))
+    return unfused, q.fuse(copy.deepcopy(unfused))
+
+
 def _close(got, want, scheme, what, at_least=0.0):
     # f32: rounding (sums in another order, over steps); s8: an int8 gradient
     # rounding may also flip on a last-bit difference of the fp32 BatchNorm;
@@ -1295,15 +1309,7 @@ def test_a_hook_on_a_fused_module_sees_what_the_unfused_module_sees(scheme, net,
     for m in dense.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)) and m is not getattr(dense, "conv", None):
             prune_random_(m, 0.6)
-    unfused = copy.deepcopy(dense)
-    for parent in list(unfused.modules()):
-        for name, child in list(parent.named_children()):
-            if child is not getattr(dense, "conv", None) and type(child) in (nn.Conv2d, nn.Linear):
-                linear = q.QuantizedSparseLinear if scheme == "s8" else q.SparseLinear
-                setattr(
-                    parent, name, (CLASSES[scheme] if type(child) is nn.Conv2d else linear).from_dense(child, seed=3)
-                )
-    fused = q.fuse(copy.deepcopy(unfused))
+    unfused, fused = _converted_and_fused(dense, scheme, keep=getattr(dense, "conv", None))
     assert any(isinstance(m, (q.FusedReLU, q.FusedBatchNorm2d)) for m in fused.modules())
     want_seen, want, want_grad = _seen_by_hooks(unfused, hooked, x)
     got_seen, got, got_grad = _seen_by_hooks(fused, hooked, x)
@@ -1372,15 +1378,7 @@ def test_a_module_put_in_place_of_a_fused_one_takes_its_place(replace, scheme):
     for i, m in enumerate(dense.modules()):
         if isinstance(m, (nn.Conv2d, nn.Linear)) and m is not dense[0]:
             prune_random_(m, 0.7, generator_seed=i)
-    unfused = copy.deepcopy(dense)
-    for parent in list(unfused.modules()):
-        for name, child in list(parent.named_children()):
-            if child is not unfused[0] and type(child) in (nn.Conv2d, nn.Linear):
-                linear = q.QuantizedSparseLinear if scheme == "s8" else q.SparseLinear
-                setattr(
-                    parent, name, (CLASSES[scheme] if type(child) is nn.Conv2d else linear).from_dense(child, seed=3)
-                )
-    fused = q.fuse(copy.deepcopy(unfused))
+    unfused, fused = _converted_and_fused(dense, scheme, keep=dense[0])
     kinds = {type(m).__name__ for m in fused.modules()}
     assert {"BatchNormReLU2d", "FusedBatchNorm2d", "FusedReLU"} <= kinds, kinds
     unfused, fused = _put_in_place(unfused, replace), _put_in_place(fused, replace)
