@@ -141,11 +141,54 @@ def _mask_kept_layers(model: nn.Module, decisions: list[SwapDecision], state_dic
             saved = state_dict.get(f"{d.name}.weight_mask")
             masked = saved is not None and not prune.is_pruned(module)
             if masked:
-                prune.custom_from_mask(module, "weight", mask=saved.to(torch.bool))
+                _KeptPattern.apply(module, "weight", saved.to(torch.bool))
         else:
             masked = _mask_kept_layer(module)
         if masked and note not in d.reason:
             d.reason += note
+
+
+class _KeptPattern(prune.CustomFromMask):
+    """``prune.custom_from_mask``'s method (so ``prune.is_pruned``,
+    ``prune.remove``, the state_dict keys and a second pruning behave as
+    torch's) whose masked weight also deep-copies. torch's pruning leaves
+    ``module.weight`` a non-leaf tensor, weight_orig * weight_mask, which
+    ``copy.deepcopy`` refuses: a model that deep-copied before the swap
+    (``copy.deepcopy(best)``, ``AveragedModel``) would not after it once a
+    layer was kept dense with its mask."""
+
+    def apply_mask(self, module):
+        weight = super().apply_mask(module)
+        if weight.grad_fn is not None and not torch.compiler.is_compiling():
+            # copy.deepcopy looks __deepcopy__ up on the object itself
+            weight.__deepcopy__ = _MaskedOnCopy(module, self._tensor_name)
+        return weight
+
+
+class _MaskedOnCopy:
+    """A masked weight's deep copy: the same product of the copy's own
+    weight_orig and weight_mask (the memo hands out those the copy holds),
+    so the copy's weight trains the copy's parameter, as the original's
+    does. It reads the module's parameters as they are now, not the
+    tensors the weight was made from: after ``torch.func.functional_call``
+    those were its stand-ins. A plain object, so a pickled model loads."""
+
+    __slots__ = ("module", "name")
+
+    def __init__(self, module: nn.Module, name: str):
+        self.module, self.name = module, name
+
+    def __call__(self, memo: dict) -> torch.Tensor:
+        module = self.module
+        orig = module._parameters.get(self.name + "_orig")
+        mask = module._buffers.get(self.name + "_mask")
+        if orig is None or mask is None:  # unpruned since: its weight as it is now
+            return copy.deepcopy(getattr(module, self.name), memo)
+        weight = copy.deepcopy(mask, memo).to(dtype=orig.dtype) * copy.deepcopy(orig, memo)
+        twin = memo.get(id(module))  # the module's copy, where the module is what is copied
+        if isinstance(twin, nn.Module):
+            weight.__deepcopy__ = _MaskedOnCopy(twin, self.name)
+        return weight
 
 
 def _mask_kept_layer(module: nn.Module) -> bool:
@@ -160,7 +203,7 @@ def _mask_kept_layer(module: nn.Module) -> bool:
         return False
     if not bool((weight == 0).any()):
         return False
-    prune.custom_from_mask(module, "weight", mask=(weight != 0))
+    _KeptPattern.apply(module, "weight", weight != 0)
     return True
 
 

@@ -294,6 +294,50 @@ def test_kept_dense_layers_keep_their_pruning():
     assert (plain[0].weight == 0).sum().item() < zeros[0], "without the mask the zeros regrow"
 
 
+def test_a_model_with_kept_dense_layers_deep_copies_and_pickles_like_before_the_swap(tmp_path):
+    """torch's pruning leaves ``layer.weight`` a non-leaf tensor (weight_orig
+    * weight_mask), which copy.deepcopy refuses: a pruned-then-plain model
+    that deep-copied before the swap (copy.deepcopy(best), AveragedModel)
+    failed after it once a layer was kept dense with its mask. The copy is
+    whole: its weight is its own weight_orig * weight_mask, trains its own
+    weight_orig, and stays masked."""
+    from torch.optim.swa_utils import AveragedModel
+
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(prune_random_(nn.Linear(64, 64), 0.9), nn.ReLU(), prune_random_(nn.Linear(64, 8), 0.5))
+
+    kept = swap_modules_with_sparse(net(), (16, 64), verbose=False, min_speedup=1e9, persistent=False)
+    assert prune.is_pruned(kept[0]) and kept[0].weight.grad_fn is not None
+    x = torch.randn(16, 64)
+    for when in ("after the swap", "after a training step"):
+        twin = copy.deepcopy(kept)
+        AveragedModel(kept)  # deep-copies at construction
+        assert prune.is_pruned(twin[0]), when
+        assert twin[0].weight_orig is not kept[0].weight_orig, when
+        torch.testing.assert_close(twin[0].weight, kept[0].weight)
+        before = kept[0].weight_orig.detach().clone()
+        grad_before = kept[0].weight_orig.grad
+        twin.zero_grad(set_to_none=True)
+        opt = torch.optim.SGD(twin.parameters(), lr=0.5)
+        # the copy's weight, read outside forward as users do for a penalty,
+        # leads to the copy's own weight_orig
+        (twin(x).square().mean() + twin[0].weight.square().sum()).backward()
+        assert twin[0].weight_orig.grad is not None and kept[0].weight_orig.grad is grad_before, when
+        opt.step()
+        twin(x)
+        assert torch.equal(kept[0].weight_orig, before), f"{when}: training the copy moved the original"
+        assert bool((twin[0].weight[kept[0].weight_mask == 0] == 0).all()), f"{when}: the copy regrew pruned weights"
+        copy.deepcopy(twin)  # a copy of a copy too
+        kept(x).square().mean().backward()  # the next case: after a training step
+    torch.save(kept, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    torch.testing.assert_close(loaded(x), kept(x))
+    copy.deepcopy(loaded)
+    prune.remove(loaded[0], "weight")
+    assert not prune.is_pruned(loaded[0]) and isinstance(loaded[0].weight, nn.Parameter)
+
+
 def test_scheme_auto_keeps_the_faster_scheme_per_layer_and_says_why(tmp_path):
     import re
 
