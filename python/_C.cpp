@@ -5,6 +5,7 @@
 // few (input shape, thread count) pairs; the pattern is fixed at
 // construction. The first time a layer sees a shape, its three directions
 // are tuned (qsp::tune) unless QSP_TUNE=0.
+#include <array>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
@@ -64,6 +65,14 @@ int64_t flat_length(const py::array &a, const char *name) {
 }
 
 constexpr auto f32_md = &qsp::plain_f32_desc;
+
+// Tests only: the implementations (forward, backward-data, backward-weights,
+// as impl_info_str() names them) a layer's next shape is built with, when no
+// team size has run it yet; empty names: picked as usual.
+std::array<std::string, 3> &implementations_forced_for_testing() {
+    static std::array<std::string, 3> names;
+    return names;
+}
 
 // An array whose memory is lent by the library's pool and given back when
 // the array (and whatever tensor wraps it) is freed: outputs of every step
@@ -183,6 +192,7 @@ public:
         qsp::sparse_backward<bwd_data_t, bwd_weights_t> both; // one call for a training step
         dims src, dst;
         std::string impls;
+        std::array<std::string, 3> impl_names; // impl_info_str() of fwd, bwd_data, bwd_weights
         bool takes_kept; // every direction's implementation reads the kept layout itself
         // The forward with a first batch_statistics post-op (the BatchNorm
         // after a Conv2d takes its statistics from it), made on first use
@@ -210,36 +220,69 @@ protected:
     std::shared_ptr<const primitives> get(const dims &src, const dims &dst, int threads,
                                           make_fwd_pd make, int variant = plain) {
         std::lock_guard<std::mutex> lock(mutex_);
-        for (auto it = cache_.begin(); it != cache_.end(); ++it)
-            if (it->src == src && it->threads == threads && it->variant == variant) {
+        const primitives *other_team = nullptr;
+        for (auto it = cache_.begin(); it != cache_.end(); ++it) {
+            if (it->src != src || it->variant != variant) continue;
+            if (it->threads == threads) {
                 cache_.splice(cache_.begin(), cache_, it);
                 return cache_.front().prims;
             }
+            other_team = it->prims.get();
+        }
         qsp::primitive_attr attr;
         attr.num_threads = threads;
         attr.vectorization = vectorization_; // backward descriptors follow the forward hint
+        // Each descriptor measures where implementations compete while it is
+        // created (attr.tune) and carries the winner: built once.
+        attr.tune = tuning_enabled();
+        if (other_team) {
+            // This shape ran at another team size (torch.set_num_threads, or
+            // one thread while other processes keep every core busy): the
+            // same implementations again, not this team's tuned ones. Each
+            // implementation's sums do not depend on the team size; two
+            // implementations' f32 sums differ in rounding, so a load-driven
+            // switch would make a run's results depend on the machine's load.
+            try {
+                return build(src, dst, make, variant, attr, &other_team->impl_names);
+            } catch (const std::exception &) {
+                // an implementation refusing this team size: pick afresh
+            }
+        }
+        const auto &forced = implementations_forced_for_testing();
+        return build(src, dst, make, variant, attr, forced[0].empty() ? nullptr : &forced);
+    }
+
+    template <typename make_fwd_pd>
+    std::shared_ptr<const primitives> build(const dims &src, const dims &dst, make_fwd_pd make,
+                                            int variant, const qsp::primitive_attr &attr,
+                                            const std::array<std::string, 3> *same_as) {
         // (only Linear asks for kept layouts: its tensors are 2-D)
         const auto src_md =
                 variant & src_kept ? qsp::kept_layout_desc(src[0], src[1]) : f32_md(src);
         const auto dst_md =
                 variant & dst_kept ? qsp::kept_layout_desc(dst[0], dst[1]) : f32_md(dst);
         const auto bias_md = with_bias_ ? f32_md({dst[1]}) : dnnl::memory::desc();
-        // Each descriptor measures where implementations compete while it is
-        // created (attr.tune) and carries the winner: built once.
-        attr.tune = tuning_enabled();
-        const typename fwd_t::primitive_desc fwd_pd = make(engine_, src_md, bias_md, dst_md, attr);
+        const auto forced = [&](size_t direction) {
+            qsp::primitive_attr a = attr;
+            if (same_as) a.implementation = (*same_as)[direction];
+            return a;
+        };
+        const typename fwd_t::primitive_desc fwd_pd =
+                make(engine_, src_md, bias_md, dst_md, forced(0));
         const typename bwd_data_t::primitive_desc bd_pd(engine_, src_md, pattern_, dst_md, fwd_pd,
-                                                        attr);
+                                                        forced(1));
         const typename bwd_weights_t::primitive_desc bw_pd(engine_, src_md, pattern_, bias_md,
-                                                           dst_md, fwd_pd, attr);
-        auto p = std::make_shared<const primitives>(primitives{
-                fwd_pd, fwd_t(fwd_pd), bwd_data_t(bd_pd), bwd_weights_t(bw_pd),
-                qsp::sparse_backward<bwd_data_t, bwd_weights_t>(bd_pd, bw_pd), src, dst,
-                fwd_pd.impl_info_str() + "/" + bd_pd.impl_info_str() + "/" + bw_pd.impl_info_str(),
-                fwd_pd.takes_kept_layout() && bd_pd.takes_kept_layout()
-                        && bw_pd.takes_kept_layout(),
-                nullptr});
-        cache_.push_front(entry{src, threads, variant, p});
+                                                           dst_md, fwd_pd, forced(2));
+        const std::array<std::string, 3> names = {fwd_pd.impl_info_str(), bd_pd.impl_info_str(),
+                                                  bw_pd.impl_info_str()};
+        auto p = std::make_shared<const primitives>(
+                primitives{fwd_pd, fwd_t(fwd_pd), bwd_data_t(bd_pd), bwd_weights_t(bw_pd),
+                           qsp::sparse_backward<bwd_data_t, bwd_weights_t>(bd_pd, bw_pd), src, dst,
+                           names[0] + "/" + names[1] + "/" + names[2], names,
+                           fwd_pd.takes_kept_layout() && bd_pd.takes_kept_layout()
+                                   && bw_pd.takes_kept_layout(),
+                           nullptr});
+        cache_.push_front(entry{src, attr.num_threads, variant, p});
         if (cache_.size() > shapes_kept) cache_.pop_back();
         return p;
     }
@@ -1070,6 +1113,14 @@ PYBIND11_MODULE(_C, m) {
                                 py::arg("kernel_ms") = e.kernel_ms));
         return out;
     });
+    m.def(
+            "_force_implementations_for_testing",
+            [](const std::string &fwd, const std::string &bwd_data,
+               const std::string &bwd_weights) {
+                implementations_forced_for_testing() = {fwd, bwd_data, bwd_weights};
+            },
+            "Tests only: the implementations the next new shape of a layer is built with (empty: "
+            "picked as usual).");
     m.def("_force_pattern_hash_for_testing", &qsp::detail::force_pattern_hash_for_testing,
           py::arg("on"), py::arg("value") = 0);
 

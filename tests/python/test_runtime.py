@@ -219,3 +219,63 @@ def test_results_do_not_depend_on_the_team_size_between_forward_and_backward(mon
     for other in results[1:]:
         for a, b in zip(results[0], other, strict=True):
             assert torch.equal(a, b)
+
+
+def _another_implementation(picked: str) -> str:
+    """An implementation other than ``picked`` that runs the same problem:
+    the other variant of the JIT tier (Linear's pattern code or not, Conv2d's
+    width or batch family); ``picked`` itself where there is none (the
+    reference on a CPU without AVX2)."""
+    kind, _, variant = picked.rpartition(":")
+    if picked.startswith("jit:") and kind.startswith("jit:"):  # jit:<isa>:<variant>
+        return {"pattern": kind, "width": kind + ":batch", "batch": kind + ":width"}.get(variant, picked)
+    if picked.startswith("jit:"):  # jit:<isa>, the plain Linear kernels
+        return picked + ":pattern"
+    return picked
+
+
+@pytest.mark.parametrize("cls", ["SparseConv2d", "SparseLinear"])
+def test_a_layer_keeps_a_shapes_implementations_at_another_team_size(cls):
+    """A shape that ran at one team size runs the same implementations at
+    another (torch.set_num_threads, or one thread while other processes keep
+    every core busy), so its f32 results stay the same to the bit: two
+    implementations' sums differ in rounding, and the tuner, timing each
+    team size apart, may pick others (on a loaded machine it did). The first
+    team's picks are forced to differ from what the second would pick."""
+    torch.manual_seed(0)
+
+    def layer():
+        if cls == "SparseConv2d":
+            dense = prune_random_(torch.nn.Conv2d(16, 24, 3, padding=1), 0.8, generator_seed=1)
+            return qsparseprop.SparseConv2d.from_dense(dense)
+        return SparseLinear.from_dense(prune_random_(torch.nn.Linear(96, 80), 0.8, generator_seed=1))
+
+    if cls == "SparseConv2d":
+        x, g = torch.randn(5, 16, 13, 11), torch.randn(5, 24, 13, 11)
+    else:
+        x, g = torch.randn(33, 96), torch.randn(33, 80)
+    shape = list(x.shape) if cls == "SparseConv2d" else x.shape[0]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    usual = layer()._kernel().implementations(shape, 2).split("/")  # what team 2 picks
+    others = [_another_implementation(p) for p in usual]
+    if cls == "SparseLinear":
+        others[2] = usual[2]  # f32 backward-weights has one JIT kernel per tier
+    model, results, picks = layer(), [], []
+    try:
+        for threads, forced in ((1, others), (2, ["", "", ""])):
+            _C._force_implementations_for_testing(*forced)
+            torch.set_num_threads(threads)
+            model.values.grad = None
+            xi = x.clone().requires_grad_()
+            y = model(xi)
+            y.backward(g)
+            results.append((y.detach(), xi.grad, model.values.grad.clone()))
+            picks.append(model._kernel().implementations(shape, threads))
+    finally:
+        _C._force_implementations_for_testing("", "", "")
+        torch.set_num_threads(before)
+    assert picks[0] == "/".join(others), (picks, usual)
+    assert picks[1] == picks[0], f"team 2 picked {picks[1]}, team 1 ran {picks[0]}"
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
