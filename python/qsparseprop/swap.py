@@ -131,12 +131,16 @@ def _mask_kept_layers(model: nn.Module, decisions: list[SwapDecision], state_dic
     forward, would leave it stale. With a checkpoint about to be loaded, the
     checkpoint decides: a layer is masked where it holds ``<name>.weight_mask``
     (a model swapped without masks, or by an earlier version, loads as it was
-    saved)."""
+    saved). A layer whose parameter another module also holds (tied) is not
+    masked: the other holder would go on reading the unmasked weight."""
     note = "; pattern kept as a pruning mask (weight_mask)"
+    owners = _parameter_owners(model)
     for d in decisions:
         if d.swapped or not d.input_shape:
             continue
         module = model.get_submodule(d.name)
+        if _tied_elsewhere(module, owners):
+            continue  # a mask on one holder of a tied weight would untie them too
         if state_dict is not None:
             saved = state_dict.get(f"{d.name}.weight_mask")
             masked = saved is not None and not prune.is_pruned(module)
@@ -372,15 +376,47 @@ def model_state_kept(model: nn.Module):
                     b.copy_(buffers[name])
 
 
+def _example_call(input_shape, example_inputs, who: str) -> tuple[tuple, dict]:
+    """The probe forward's (args, kwargs): a float input of ``input_shape``,
+    or ``example_inputs`` (a tensor, a tuple of positional arguments, or a
+    dict of keyword arguments), its tensors copied (the probe must not
+    change the caller's)."""
+    if (input_shape is None) == (example_inputs is None):
+        raise ValueError(f"{who}: pass input_shape (the shape of one float input) or example_inputs (the model's "
+                         "arguments: a tensor, a tuple, or a dict of keyword arguments), one of them")  # fmt: skip
+    if input_shape is not None:
+        if not isinstance(input_shape, (tuple, list, torch.Size)) or not all(
+            isinstance(d, int) and d > 0 for d in input_shape
+        ):
+            raise ValueError(f"input_shape must be a tuple of positive ints, got {input_shape!r}")
+        return (torch.randn(tuple(input_shape)),), {}
+
+    def copied(v):
+        return v.detach().clone() if isinstance(v, torch.Tensor) else v
+
+    if isinstance(example_inputs, torch.Tensor):
+        return (copied(example_inputs),), {}
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(copied(v) for v in example_inputs), {}
+    if isinstance(example_inputs, dict) and all(isinstance(k, str) for k in example_inputs):
+        return (), {k: copied(v) for k, v in example_inputs.items()}
+    raise TypeError(f"example_inputs must be a tensor, a tuple of positional arguments or a dict of keyword "
+                    f"arguments, got {type(example_inputs).__name__}")  # fmt: skip
+
+
 def _probe_shapes(
-    model: nn.Module, input_shape, kinds: tuple[type, ...] = (nn.Linear, nn.Conv2d), readers: list | None = None
+    model: nn.Module,
+    example: tuple[tuple, dict],
+    kinds: tuple[type, ...] = (nn.Linear, nn.Conv2d),
+    readers: list | None = None,
 ) -> tuple[dict[str, tuple[int, ...]], list[str]]:
-    """Each ``kinds`` module's input shape, from one forward pass that leaves
-    no trace: eval mode and no_grad during the probe, every buffer (BatchNorm
-    statistics, counters) and every module's mode restored afterwards. With
-    ``readers`` (a list), appends the names of each group of two or more
-    candidates whose first call read one tensor object (a residual block's
-    first convolution and its shortcut)."""
+    """Each ``kinds`` module's input shape, from one forward pass on
+    ``example`` (args, kwargs; see _example_call) that leaves no trace: eval
+    mode and no_grad during the probe, every buffer (BatchNorm statistics,
+    counters) and every module's mode restored afterwards. With ``readers``
+    (a list), appends the names of each group of two or more candidates
+    whose first call read one tensor object (a residual block's first
+    convolution and its shortcut)."""
     shapes: dict[str, tuple[int, ...]] = {}
     candidates = [name for name, mod in model.named_modules() if isinstance(mod, kinds)]
     first_inputs: list[tuple[str, torch.Tensor]] = []  # held: ids are not reused meanwhile
@@ -394,10 +430,20 @@ def _probe_shapes(
         return hook
 
     hooks = [model.get_submodule(n).register_forward_pre_hook(record(n)) for n in candidates]
+    args, kwargs = example
     try:
         with model_state_kept(model), torch.no_grad():
             model.eval()
-            model(torch.randn(tuple(input_shape)))
+            try:
+                model(*args, **kwargs)
+            except (RuntimeError, TypeError, ValueError, IndexError) as e:
+                if type(e) not in (RuntimeError, TypeError, ValueError, IndexError) or kwargs or len(args) != 1:
+                    raise
+                if not isinstance(args[0], torch.Tensor) or args[0].dtype != torch.float32:
+                    raise
+                raise type(e)(f"the probe forward on a float input of shape {tuple(args[0].shape)} failed: {e}. "
+                              "A model whose input is not one float tensor (token ids, several inputs) takes "
+                              "example_inputs=... instead of input_shape") from e  # fmt: skip
     finally:
         for h in hooks:
             h.remove()
@@ -407,6 +453,30 @@ def _probe_shapes(
             groups.setdefault(id(tensor), []).append(name)
         readers.extend(g for g in groups.values() if len(g) > 1)
     return shapes, candidates
+
+
+def _parameter_owners(model: nn.Module) -> dict[int, list[tuple[str, str, nn.Module]]]:
+    """Every parameter's holders: id -> [(module name, parameter name, module)]."""
+    owners: dict[int, list[tuple[str, str, nn.Module]]] = {}
+    for mname, m in model.named_modules(remove_duplicate=False):
+        for pname, p in m._parameters.items():
+            if p is not None:
+                owners.setdefault(id(p), []).append((mname, pname, m))
+    return owners
+
+
+def _tied_elsewhere(module: nn.Module, owners: dict) -> str:
+    """Which of ``module``'s parameters another module also holds (a
+    language model's output layer sharing the embedding's weight), as
+    "weight is also emb.weight"; empty if none. The same module under two
+    names is no tie: it is swapped under both."""
+    for pname, p in module._parameters.items():
+        if p is None:
+            continue
+        others = [f"{n}.{pn}" for n, pn, m in owners.get(id(p), []) if m is not module]
+        if others:
+            return f"{pname} is also {others[0]}"
+    return ""
 
 
 def _reparametrizations(module: nn.Module) -> str:
@@ -494,11 +564,18 @@ def swap_modules_with_sparse(
     fuse: bool = True,
     persistent: bool = True,
     mask_kept: bool = True,
+    example_inputs=None,
 ) -> nn.Module:
     """Replaces each ``nn.Linear`` / ``nn.Conv2d`` (subclasses included) that
     is at least ``min_sparsity`` sparse and, timed forward+backward at its real
     input shape (median of ``repeats`` runs after ``warmup``), at least
     ``min_speedup`` times faster as a sparse layer.
+
+    Each layer's input shape comes from one probe forward that changes
+    nothing: on a float input of ``input_shape``, or on ``example_inputs``
+    for a model that takes something else (token ids, several arguments): a
+    tensor, a tuple of positional arguments, or a dict of keyword arguments,
+    as a training batch would be (the caller's tensors are not touched).
 
     ``quantize`` picks the int8 layers, ``prototype`` their pure-PyTorch
     emulation (swapped on sparsity alone: it is for accuracy studies, not
@@ -570,8 +647,7 @@ def swap_modules_with_sparse(
     if plan is not None:
         target = model if inplace else _deepcopy_model(model)
         return apply_swap_plan(target, plan, verbose=verbose, mask_kept=mask_kept)
-    if not isinstance(input_shape, (tuple, list)) or not all(isinstance(d, int) and d > 0 for d in input_shape):
-        raise ValueError(f"input_shape must be a tuple of positive ints, got {input_shape!r}")
+    example = _example_call(input_shape, example_inputs, "swap_modules_with_sparse")
     if not 0.0 <= min_sparsity <= 1.0:
         raise ValueError(f"min_sparsity must be in [0, 1], got {min_sparsity}")
     if repeats < 1 or warmup < 0:
@@ -588,9 +664,10 @@ def swap_modules_with_sparse(
         scheme = "prototype_s8_outliers" if scheme == "s8_outliers" else "prototype"
     target = model if inplace else _deepcopy_model(model)
     readers: list[list[str]] = []
-    shapes, candidates = _probe_shapes(target, input_shape, readers=readers)
+    shapes, candidates = _probe_shapes(target, example, readers=readers)
     sparse_of: dict[str, nn.Module] = {}  # each timed candidate's sparse version, swapped or not
 
+    owners = _parameter_owners(target)
     report: list[SwapDecision] = []
     timed = [n for n in candidates if n in shapes]
     base = f"dense {autocast}".replace("torch.", "") if autocast else "dense fp32"  # what sparse is timed against
@@ -614,6 +691,10 @@ def swap_modules_with_sparse(
         reparametrized = _reparametrizations(mod)
         if reparametrized:
             row.reason = f"{reparametrized} recomputes its weight: a sparse layer would train its values without it"
+            continue
+        tied = _tied_elsewhere(mod, owners)
+        if tied:
+            row.reason = f"{tied} (tied): a sparse layer would train a copy of its own and untie them"
             continue
         if prototype:
             sparse = _sparse_class(mod, scheme).from_dense(mod).train(mod.training)

@@ -72,12 +72,16 @@ def _layer_config(m: _SparseModule) -> dict:
     )  # fmt: skip
 
 
-def export_patterns(model: nn.Module, path: str | os.PathLike, input_shape: tuple[int, ...] | None = None) -> int:
+def export_patterns(
+    model: nn.Module, path: str | os.PathLike, input_shape: tuple[int, ...] | None = None, example_inputs=None
+) -> int:
     """Writes the sparse layers of ``model`` (class, configuration, input
     shape, CSR pattern) to ``path`` for ``qsparseprop warmup``. The input
     shapes come from the model's swap report, else from one side-effect-free
-    probe forward with ``input_shape``. Returns the number of layers."""
-    from .swap import _probe_shapes
+    probe forward with a float input of ``input_shape`` or with
+    ``example_inputs`` (as :func:`swap_modules_with_sparse` takes them).
+    Returns the number of layers."""
+    from .swap import _example_call, _probe_shapes
 
     sparse = [(n, m) for n, m in model.named_modules() if isinstance(m, _SparseModule)]
     unknown = [type(m).__name__ for _, m in sparse if type(m).__name__ not in LAYER_CLASSES]
@@ -86,9 +90,11 @@ def export_patterns(model: nn.Module, path: str | os.PathLike, input_shape: tupl
                          f"(accepted: {sorted(LAYER_CLASSES)})")  # fmt: skip
     shapes = {r.name: tuple(r.input_shape) for r in getattr(model, "qsparseprop_swap_report", []) if r.input_shape}
     if any(n not in shapes for n, _ in sparse):
-        if input_shape is None:
-            raise ValueError("export_patterns: the model has no swap report with input shapes; pass input_shape")
-        probed, _ = _probe_shapes(model, input_shape, kinds=(_SparseModule,))
+        if input_shape is None and example_inputs is None:
+            raise ValueError("export_patterns: the model has no swap report with input shapes; pass input_shape "
+                             "or example_inputs")  # fmt: skip
+        example = _example_call(input_shape, example_inputs, "export_patterns")
+        probed, _ = _probe_shapes(model, example, kinds=(_SparseModule,))
         shapes.update({n: s for n, s in probed.items() if n not in shapes})
     layers = []
     for name, m in sparse:

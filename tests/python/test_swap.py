@@ -338,6 +338,87 @@ def test_a_model_with_kept_dense_layers_deep_copies_and_pickles_like_before_the_
     assert not prune.is_pruned(loaded[0]) and isinstance(loaded[0].weight, nn.Parameter)
 
 
+class _TinyLM(nn.Module):
+    """Token ids in, an embedding, a pruned hidden layer, an output layer
+    (tied to the embedding or pruned on its own)."""
+
+    def __init__(self, tie: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(300, 64)
+        self.fc = prune_random_(nn.Linear(64, 64), 0.9)
+        self.head = nn.Linear(64, 300, bias=False)
+        if tie:
+            self.head.weight = self.emb.weight
+            with torch.no_grad():  # pruned in place: both still hold it
+                self.emb.weight.mul_(
+                    torch.rand(self.emb.weight.shape, generator=torch.Generator().manual_seed(1)) > 0.9
+                )
+        else:
+            prune_random_(self.head, 0.9)
+
+    def forward(self, ids, temperature=1.0):
+        return self.head(torch.relu(self.fc(self.emb(ids)))) / temperature
+
+
+def test_a_model_taking_token_ids_is_swapped_from_example_inputs(tmp_path):
+    """The probe forward ran on torch.randn(input_shape): a model whose
+    input is token ids (every language model) could not be swapped whole.
+    example_inputs takes the model's arguments as a training batch would be
+    (a tensor, a tuple, or keyword arguments) and leaves them untouched;
+    input_shape on such a model says to use it."""
+    from qsparseprop.warmup import export_patterns
+
+    ids = torch.randint(0, 300, (8, 12))
+    kept = ids.clone()
+    with pytest.raises(RuntimeError, match="example_inputs"):
+        swap_modules_with_sparse(_TinyLM(tie=False), (8, 12), verbose=False)
+    swapped = []
+    for example in (ids, (ids,), (ids, 2.0), {"ids": ids, "temperature": 2.0}):
+        model = swap_modules_with_sparse(
+            _TinyLM(tie=False), example_inputs=example, verbose=False, min_speedup=0.0, scheme="f32"
+        )
+        rows = {r.name: r for r in model.qsparseprop_swap_report}
+        assert rows["fc"].input_shape == (8, 12, 64) and rows["head"].input_shape == (8, 12, 64), rows
+        swapped.append(sorted(n for n, r in rows.items() if r.swapped))
+        torch.testing.assert_close(model(ids), _TinyLM(tie=False)(ids), rtol=1e-4, atol=1e-5)
+    assert swapped == [["fc", "head"]] * 4, swapped
+    assert torch.equal(ids, kept), "the probe changed the caller's input"
+    with pytest.raises(ValueError, match="one of them"):
+        swap_modules_with_sparse(_TinyLM(tie=False), (8, 12), example_inputs=ids, verbose=False)
+    with pytest.raises(ValueError, match="one of them"):
+        swap_modules_with_sparse(_TinyLM(tie=False), verbose=False)
+    with pytest.raises(TypeError, match="example_inputs must be a tensor, a tuple"):
+        swap_modules_with_sparse(_TinyLM(tie=False), example_inputs={1, 2}, verbose=False)
+    model = swap_modules_with_sparse(_TinyLM(tie=False), example_inputs=ids, verbose=False, min_speedup=0.0)
+    plain = _TinyLM(tie=False)
+    for name in ("fc", "head"):  # export_patterns probes the same way without a swap report
+        setattr(plain, name, getattr(model, name))
+    assert export_patterns(plain, tmp_path / "patterns.json", example_inputs=ids) == 2
+
+
+def test_a_layer_tied_to_another_modules_parameter_stays_dense_and_tied():
+    """A language model's output layer sharing the embedding's weight was
+    swapped: the sparse layer trained a copy of its own and the two drifted
+    apart with every step, silently. It now stays dense, unmasked (a mask
+    on one holder would untie them too), and says why."""
+    ids = torch.randint(0, 300, (8, 12))
+    model = swap_modules_with_sparse(_TinyLM(tie=True), example_inputs=ids, verbose=False, min_speedup=0.0)
+    rows = {r.name: r for r in model.qsparseprop_swap_report}
+    assert rows["fc"].swapped and not rows["head"].swapped, rows
+    assert "weight is also emb.weight (tied)" in rows["head"].reason, rows["head"].reason
+    assert not prune.is_pruned(model.head) and model.head.weight is model.emb.weight
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model(ids).square().mean().backward()
+    opt.step()
+    assert model.head.weight is model.emb.weight
+    # the same module under two names is no tie: it is swapped under both
+    shared = nn.Sequential(prune_random_(nn.Linear(64, 64), 0.9), nn.ReLU())
+    shared.append(shared[0])
+    shared = swap_modules_with_sparse(shared, (8, 64), verbose=False, min_speedup=0.0)
+    assert all(r.swapped for r in shared.qsparseprop_swap_report if r.kind == "Linear")
+
+
 def test_scheme_auto_keeps_the_faster_scheme_per_layer_and_says_why(tmp_path):
     import re
 
