@@ -4,7 +4,8 @@
 // with any torch build. Each layer object keeps its primitives for the last
 // few (input shape, thread count) pairs; the pattern is fixed at
 // construction. The first time a layer sees a shape, its three directions
-// are tuned (qsp::tune) unless QSP_TUNE=0.
+// are tuned (qsp::tune) unless QSP_TUNE=0; at another thread count the
+// shape runs the same implementations again.
 #include <array>
 #include <cstdlib>
 #include <cstring>

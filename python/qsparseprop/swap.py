@@ -14,6 +14,7 @@ import sys
 import time
 import types
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.fx
@@ -376,11 +377,17 @@ def model_state_kept(model: nn.Module):
                     b.copy_(buffers[name])
 
 
-def _example_call(input_shape, example_inputs, who: str) -> tuple[tuple, dict]:
-    """The probe forward's (args, kwargs): a float input of ``input_shape``,
-    or ``example_inputs`` (a tensor, a tuple of positional arguments, or a
-    dict of keyword arguments), its tensors copied (the probe must not
-    change the caller's)."""
+class _Example(NamedTuple):
+    args: tuple
+    kwargs: dict
+    input_shape: tuple[int, ...] | None  # the args are a float input of this shape
+
+
+def _example_call(input_shape, example_inputs, who: str) -> _Example:
+    """The probe forward's arguments: a float input of ``input_shape``, or
+    ``example_inputs`` (a tensor, a tuple of positional arguments, or a dict
+    of keyword arguments), its tensors copied (the probe must not change
+    the caller's)."""
     if (input_shape is None) == (example_inputs is None):
         raise ValueError(f"{who}: pass input_shape (the shape of one float input) or example_inputs (the model's "
                          "arguments: a tensor, a tuple, or a dict of keyword arguments), one of them")  # fmt: skip
@@ -389,29 +396,29 @@ def _example_call(input_shape, example_inputs, who: str) -> tuple[tuple, dict]:
             isinstance(d, int) and d > 0 for d in input_shape
         ):
             raise ValueError(f"input_shape must be a tuple of positive ints, got {input_shape!r}")
-        return (torch.randn(tuple(input_shape)),), {}
+        return _Example((torch.randn(tuple(input_shape)),), {}, tuple(input_shape))
 
     def copied(v):
         return v.detach().clone() if isinstance(v, torch.Tensor) else v
 
     if isinstance(example_inputs, torch.Tensor):
-        return (copied(example_inputs),), {}
+        return _Example((copied(example_inputs),), {}, None)
     if isinstance(example_inputs, (tuple, list)):
-        return tuple(copied(v) for v in example_inputs), {}
+        return _Example(tuple(copied(v) for v in example_inputs), {}, None)
     if isinstance(example_inputs, dict) and all(isinstance(k, str) for k in example_inputs):
-        return (), {k: copied(v) for k, v in example_inputs.items()}
+        return _Example((), {k: copied(v) for k, v in example_inputs.items()}, None)
     raise TypeError(f"example_inputs must be a tensor, a tuple of positional arguments or a dict of keyword "
                     f"arguments, got {type(example_inputs).__name__}")  # fmt: skip
 
 
 def _probe_shapes(
     model: nn.Module,
-    example: tuple[tuple, dict],
+    example: _Example,
     kinds: tuple[type, ...] = (nn.Linear, nn.Conv2d),
     readers: list | None = None,
 ) -> tuple[dict[str, tuple[int, ...]], list[str]]:
     """Each ``kinds`` module's input shape, from one forward pass on
-    ``example`` (args, kwargs; see _example_call) that leaves no trace: eval
+    ``example`` (see _example_call) that leaves no trace: eval
     mode and no_grad during the probe, every buffer (BatchNorm statistics,
     counters) and every module's mode restored afterwards. With ``readers``
     (a list), appends the names of each group of two or more candidates
@@ -430,18 +437,15 @@ def _probe_shapes(
         return hook
 
     hooks = [model.get_submodule(n).register_forward_pre_hook(record(n)) for n in candidates]
-    args, kwargs = example
     try:
         with model_state_kept(model), torch.no_grad():
             model.eval()
             try:
-                model(*args, **kwargs)
+                model(*example.args, **example.kwargs)
             except (RuntimeError, TypeError, ValueError, IndexError) as e:
-                if type(e) not in (RuntimeError, TypeError, ValueError, IndexError) or kwargs or len(args) != 1:
+                if example.input_shape is None or type(e) not in (RuntimeError, TypeError, ValueError, IndexError):
                     raise
-                if not isinstance(args[0], torch.Tensor) or args[0].dtype != torch.float32:
-                    raise
-                raise type(e)(f"the probe forward on a float input of shape {tuple(args[0].shape)} failed: {e}. "
+                raise type(e)(f"the probe forward on a float input of shape {example.input_shape} failed: {e}. "
                               "A model whose input is not one float tensor (token ids, several inputs) takes "
                               "example_inputs=... instead of input_shape") from e  # fmt: skip
     finally:
