@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import copy
 import json
 import multiprocessing
 import os
@@ -300,10 +301,14 @@ def _warm_one(layer: _SparseModule, shape: list[int], threads: int) -> dict:
 def _warm_entry(entry: dict, batches, threads_list) -> list[dict]:
     """One layer of a patterns file, every batch size and thread count."""
     out = []
+    # A copy of the layer per thread count: one layer runs a shape at every
+    # thread count with the implementations it first ran it with, so it
+    # would tune the first thread count only.
+    teams = {t: copy.deepcopy(entry["layer"]) for t in threads_list}
     for b in batches:
         shape = [b if b else entry["input_shape"][0], *entry["input_shape"][1:]]
         for t in threads_list:
-            r = _warm_one(entry["layer"], shape, t)
+            r = _warm_one(teams[t], shape, t)
             out.append(dict(name=entry["name"], cls=entry["cls"], batch=shape[0], threads=t, **r))
     return out
 

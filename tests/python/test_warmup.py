@@ -102,6 +102,25 @@ def test_patterns_round_trip_and_warmup_tunes_every_layer_shape_and_thread_count
     assert rows[0]["implementations"] in table and rows[0]["name"] in table
 
 
+def test_warmup_tunes_each_thread_count_apart(cache_dir, tmp_path):
+    """A layer runs a shape at a new thread count with the implementations
+    it first ran it with: the tool warms each thread count on its own copy,
+    so every (shape, thread count) gets its tuned decision on disk, as a
+    fresh process at that thread count would make it."""
+    path = tmp_path / "patterns.json"
+    wu.export_patterns(_swapped(), path)
+    counts = []
+    for threads in ((1,), (1, 2)):
+        d = tmp_path / f"cache-{len(threads)}"
+        qsparseprop.set_persistent_cache_dir(d)
+        qsparseprop._C.clear_tuning_decisions()
+        wu.warmup(path, batches=(4,), threads=threads, progress=False)
+        counts.append(len(list(d.glob("tuning-*.qspc"))))
+    if qsparseprop.cpu_isa() != "ref":  # where implementations compete
+        assert counts[0] > 0
+    assert counts[1] == 2 * counts[0], counts
+
+
 def test_warmup_in_parallel_processes_leaves_a_valid_cache(cache_dir, tmp_path):
     path = tmp_path / "patterns.json"
     wu.export_patterns(_swapped(), path)
