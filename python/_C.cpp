@@ -4,8 +4,8 @@
 // with any torch build. Each layer object keeps its primitives for the last
 // few (input shape, thread count) pairs; the pattern is fixed at
 // construction. The first time a layer sees a shape, its three directions
-// are tuned (qsp::tune) unless QSP_TUNE=0; at another thread count the
-// shape runs the same implementations again.
+// are tuned (qsp::tune) unless QSP_TUNE=0; on fewer threads than it ran on
+// before, the shape runs the larger team's implementations again.
 #include <array>
 #include <cstdlib>
 #include <cstring>
@@ -221,14 +221,15 @@ protected:
     std::shared_ptr<const primitives> get(const dims &src, const dims &dst, int threads,
                                           make_fwd_pd make, int variant = plain) {
         std::lock_guard<std::mutex> lock(mutex_);
-        const primitives *other_team = nullptr;
+        const primitives *larger_team = nullptr; // the largest team that ran this shape
+        int larger = threads;
         for (auto it = cache_.begin(); it != cache_.end(); ++it) {
             if (it->src != src || it->variant != variant) continue;
             if (it->threads == threads) {
                 cache_.splice(cache_.begin(), cache_, it);
                 return cache_.front().prims;
             }
-            other_team = it->prims.get();
+            if (it->threads > larger) larger = it->threads, larger_team = it->prims.get();
         }
         qsp::primitive_attr attr;
         attr.num_threads = threads;
@@ -236,15 +237,17 @@ protected:
         // Each descriptor measures where implementations compete while it is
         // created (attr.tune) and carries the winner: built once.
         attr.tune = tuning_enabled();
-        if (other_team) {
-            // This shape ran at another team size (torch.set_num_threads, or
-            // one thread while other processes keep every core busy): the
-            // same implementations again, not this team's tuned ones. Each
+        if (larger_team) {
+            // This shape ran on a larger team (one thread now while other
+            // processes keep every core busy, or torch.set_num_threads): its
+            // implementations again, not this team's tuned ones. Each
             // implementation's sums do not depend on the team size; two
             // implementations' f32 sums differ in rounding, so a load-driven
             // switch would make a run's results depend on the machine's load.
+            // A larger team than any before is tuned for: a run that started
+            // on a busy machine does not keep one thread's picks.
             try {
-                return build(src, dst, make, variant, attr, &other_team->impl_names);
+                return build(src, dst, make, variant, attr, &larger_team->impl_names);
             } catch (const std::exception &) {
                 // an implementation refusing this team size: pick afresh
             }

@@ -75,9 +75,9 @@ def _threads() -> int:
     """The team size for the next primitive call: torch's, or 1 while other
     processes keep every core busy (see _contended). Results do not depend
     on it (the kernels' sums and rounding streams are thread-count
-    independent, the s8 workspace has one layout, and a layer runs a shape
-    at a new team size with the implementations it ran it with before), so
-    forward and backward may differ."""
+    independent, the s8 workspace has one layout, and on a smaller team a
+    layer runs a shape with its larger team's implementations), so forward
+    and backward may differ."""
     n = torch.get_num_threads()
     return 1 if n > 1 and _contended(n) else n
 

@@ -301,9 +301,9 @@ def _warm_one(layer: _SparseModule, shape: list[int], threads: int) -> dict:
 def _warm_entry(entry: dict, batches, threads_list) -> list[dict]:
     """One layer of a patterns file, every batch size and thread count."""
     out = []
-    # A copy of the layer per thread count: one layer runs a shape at every
-    # thread count with the implementations it first ran it with, so it
-    # would tune the first thread count only.
+    # A copy of the layer per thread count: on fewer threads one layer runs
+    # a shape with the implementations its larger team ran it with, so it
+    # would not tune the smaller thread counts.
     teams = {t: copy.deepcopy(entry["layer"]) for t in threads_list}
     for b in batches:
         shape = [b if b else entry["input_shape"][0], *entry["input_shape"][1:]]

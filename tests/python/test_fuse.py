@@ -837,8 +837,8 @@ def test_the_convolution_gives_the_batch_norm_its_batch_statistics(scheme, vecto
     before = torch.get_num_threads()
     try:
         outs, forwards = [], []
-        model = copy.deepcopy(given)  # one layer: a shape keeps its implementations at both
-        for threads in (1, 3):
+        model = copy.deepcopy(given)  # one layer: the smaller team runs the larger's implementations
+        for threads in (3, 1):
             torch.set_num_threads(threads)
             known.clear()
             outs.append(model[:3](x))  # the fused part (torch's 1x1 after it aside)

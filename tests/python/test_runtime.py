@@ -236,12 +236,13 @@ def _another_implementation(picked: str) -> str:
 
 @pytest.mark.parametrize("cls", ["SparseConv2d", "SparseLinear"])
 def test_a_layer_keeps_a_shapes_implementations_at_another_team_size(cls):
-    """A shape that ran at one team size runs the same implementations at
-    another (torch.set_num_threads, or one thread while other processes keep
-    every core busy), so its f32 results stay the same to the bit: two
+    """A shape that ran on a team runs the same implementations on a smaller
+    one (one thread while other processes keep every core busy, or
+    torch.set_num_threads), so its f32 results stay the same to the bit: two
     implementations' sums differ in rounding, and the tuner, timing each
-    team size apart, may pick others (on a loaded machine it did). The first
-    team's picks are forced to differ from what the second would pick."""
+    team size apart, may pick others (on a loaded machine it did). The
+    larger team's picks are forced to differ from what the smaller would
+    pick. A larger team than any before is tuned for."""
     torch.manual_seed(0)
 
     def layer():
@@ -257,13 +258,13 @@ def test_a_layer_keeps_a_shapes_implementations_at_another_team_size(cls):
     shape = list(x.shape) if cls == "SparseConv2d" else x.shape[0]
     before = torch.get_num_threads()
     torch.set_num_threads(2)
-    usual = layer()._kernel().implementations(shape, 2).split("/")  # what team 2 picks
+    usual = layer()._kernel().implementations(shape, 1).split("/")  # what team 1 picks
     others = [_another_implementation(p) for p in usual]
     if cls == "SparseLinear":
         others[2] = usual[2]  # f32 backward-weights has one JIT kernel per tier
     model, results, picks = layer(), [], []
     try:
-        for threads, forced in ((1, others), (2, ["", "", ""])):
+        for threads, forced in ((2, others), (1, ["", "", ""])):
             _C._force_implementations_for_testing(*forced)
             torch.set_num_threads(threads)
             model.values.grad = None
@@ -276,6 +277,11 @@ def test_a_layer_keeps_a_shapes_implementations_at_another_team_size(cls):
         _C._force_implementations_for_testing("", "", "")
         torch.set_num_threads(before)
     assert picks[0] == "/".join(others), (picks, usual)
-    assert picks[1] == picks[0], f"team 2 picked {picks[1]}, team 1 ran {picks[0]}"
+    assert picks[1] == picks[0], f"team 1 picked {picks[1]}, team 2 ran {picks[0]}"
     for a, b in zip(*results, strict=True):
         assert torch.equal(a, b)
+    torch.set_num_threads(3)
+    try:  # a larger team is tuned for (here: picks as usual, not the forced ones)
+        assert model._kernel().implementations(shape, 3) == layer()._kernel().implementations(shape, 3)
+    finally:
+        torch.set_num_threads(before)
