@@ -235,7 +235,7 @@ def _another_implementation(picked: str) -> str:
 
 
 @pytest.mark.parametrize("cls", ["SparseConv2d", "SparseLinear"])
-def test_a_layer_keeps_a_shapes_implementations_at_another_team_size(cls):
+def test_a_smaller_team_runs_a_shape_with_the_larger_teams_implementations(cls):
     """A shape that ran on a team runs the same implementations on a smaller
     one (one thread while other processes keep every core busy, or
     torch.set_num_threads), so its f32 results stay the same to the bit: two
