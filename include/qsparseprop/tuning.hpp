@@ -3,9 +3,12 @@
 // the sparse VNNI JIT and oneDNN's dense int8 matmul for an s8 Linear), it
 // times each on data of the problem's shapes, keeps the incumbent unless a
 // rival is clearly faster, and stores the decision; descriptors created
-// afterwards for the same problem pick it. The decision store is an
-// in-memory LRU (cache "tuning_decisions") keyed by the whole problem:
-// pattern (compared in full), shapes, scheme, direction, threads and ISA;
+// afterwards for the same problem pick it, and so do those of the same
+// problem at another batch size of its bucket (the batch rounded up to a
+// power of two: a language model's token counts change at every step). The
+// decision store is an in-memory LRU (cache "tuning_decisions") keyed by
+// the whole problem: pattern (compared in full), shapes (the batch by its
+// bucket), scheme, direction, threads and ISA;
 // decisions also go to the persistent cache (runtime.hpp), from which a
 // later process reads them instead of measuring again.
 //

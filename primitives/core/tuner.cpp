@@ -40,6 +40,23 @@ isa_level effective_level() {
     const cpu_isa isa = effective_cpu_isa();
     return {isa, isa == cpu_isa::avx2 && avx_vnni_usable()};
 }
+// A decision serves every batch size in its bucket, the batch rounded up to
+// a power of two: a model fed sequences of varying length (a language model
+// with dynamic padding) sees a new token count at nearly every step, and
+// tuning each (every candidate timed, three directions: ~0.3 s a layer for
+// a 768 x 3072 Linear) cost more than the training it served. The batch
+// changes which implementation wins over a factor of a few, not between
+// neighbours. Only the key is bucketed: the measurements run the problem's
+// own shapes, and a stored decision is used only where it accepts them.
+problem decision_problem(const problem &p) {
+    problem q = p;
+    int64_t bucket = 1;
+    while (bucket < p.outer() && bucket < (int64_t(1) << 40))
+        bucket *= 2;
+    (p.op == op_kind::linear ? q.batch : q.conv.batch) = p.outer() > 0 ? bucket : 0;
+    return q;
+}
+
 struct decision_key {
     problem prob;
     isa_level isa;
@@ -67,7 +84,7 @@ runtime::lru_cache<decision_key, decision, decision_key_hash> &decision_store() 
 // "measured=<implementation>,<median ms>" line per candidate.
 
 std::string disk_key(const problem &p, isa_level isa) {
-    return std::string(1, static_cast<char>(isa.code())) + p.key_bytes();
+    return std::string(1, static_cast<char>(isa.code())) + decision_problem(p).key_bytes();
 }
 
 std::string disk_payload(const tuning_result &r) {
@@ -101,7 +118,7 @@ std::shared_ptr<const decision> load_from_disk(const problem &p, isa_level isa) 
 
 // The stored decision for p: in memory, else on disk (then kept in memory).
 std::shared_ptr<const decision> find_decision(const problem &p) {
-    const decision_key key{p, effective_level()};
+    const decision_key key{decision_problem(p), effective_level()};
     if (auto d = decision_store().find(key)) return d;
     auto d = load_from_disk(p, key.isa);
     if (d) decision_store().put(key, d);
@@ -211,7 +228,11 @@ tuning_result tune_problem(const pd_impl &impl, const tuning_options &options) {
     std::vector<const implementation *> rivals;
     for (const implementation *c : accepting_implementations(p))
         if (!c->is_reference) rivals.push_back(c);
-    const auto found = find_decision(p);
+    auto found = find_decision(p);
+    if (found && std::none_of(rivals.begin(), rivals.end(), [&](const implementation *c) {
+            return c->name == found->impl;
+        }))
+        found = nullptr; // made for another batch of its bucket, which this one refuses
     const std::string stored = found ? found->impl : std::string();
     r.from_persistent_cache = found && found->from_disk;
     size_t incumbent = 0;
@@ -242,7 +263,7 @@ tuning_result tune_problem(const pd_impl &impl, const tuning_options &options) {
     }
     r.chosen = rivals[choose_implementation(medians, incumbent, options.min_gain)]->name;
     r.measured = true;
-    decision_store().put(decision_key{p, effective_level()},
+    decision_store().put(decision_key{decision_problem(p), effective_level()},
                          std::make_shared<const decision>(decision{r.chosen}));
     runtime::persistent_store("tuning", disk_key(p, effective_level()), disk_payload(r));
     if (verbose_level() >= 2) {

@@ -119,6 +119,48 @@ TEST(Tuner, only_competing_implementations_are_timed) {
     EXPECT_EQ(tune(fwd).measured, effective_cpu_isa() >= cpu_isa::avx2);
 }
 
+// A decision serves every batch size of its bucket (the batch rounded up to
+// a power of two), Linear and Conv2d: a language model's token count
+// changes at every step, and tuning each new one cost more than training.
+TEST(Tuner, a_decision_serves_every_batch_size_of_its_power_of_two_bucket) {
+    std::mt19937 rng(10);
+    const int64_t K = 96, N = 80;
+    auto p = csr_pattern::from_dense(random_sparse_dense(N, K, 0.9, rng).data(), N, K);
+    dnnl::engine eng(dnnl::engine::kind::cpu, 0);
+    primitive_attr attr;
+    attr.num_threads = 1;
+    auto linear = [&](int64_t batch) {
+        return sparse_linear_forward::primitive_desc(eng, prop_kind::forward_training,
+                                                     f32_desc({batch, K}), p, f32_desc({batch, N}),
+                                                     quant_scheme::f32, attr);
+    };
+    conv2d_geometry g;
+    g.kernel_h = g.kernel_w = 3;
+    g.pad_top = g.pad_left = g.pad_bottom = g.pad_right = 1;
+    auto w = csr_pattern::from_dense(random_sparse_dense(8, 6 * 9, 0.8, rng).data(), 8, 6 * 9);
+    auto conv = [&](int64_t batch) {
+        return sparse_conv2d_forward::primitive_desc(
+                eng, prop_kind::forward_training, f32_desc({batch, 6, 9, 7}), w,
+                dnnl::memory::desc(), f32_desc({batch, 8, 9, 7}), g, quant_scheme::f32, attr);
+    };
+    clear_tuning_decisions();
+    for (int op = 0; op < 2; ++op) {
+        const auto tuned = [&](int64_t batch) {
+            return op ? tune(conv(batch)) : tune(linear(batch));
+        };
+        const tuning_result first = tuned(40);
+        if (!first.measured) continue; // one implementation on this CPU
+        for (int64_t same_bucket : {33, 50, 64}) {
+            const tuning_result r = tuned(same_bucket);
+            EXPECT_FALSE(r.measured) << op << ": batch " << same_bucket << " is in 40's bucket";
+            EXPECT_EQ(r.chosen, first.chosen) << op;
+        }
+        EXPECT_TRUE(tuned(65).measured) << op << ": 65 is in the next bucket";
+        EXPECT_TRUE(tuned(32).measured) << op << ": 32 is in the one before";
+    }
+    clear_tuning_decisions();
+}
+
 } // namespace qsp::test
 
 namespace qsp::test {
