@@ -13,6 +13,7 @@ import statistics
 import sys
 import time
 import types
+import zlib
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -310,6 +311,16 @@ class _LayerTiming:
         if key:
             _C.persistent_cache_store("swap", key, json.dumps({"dense_ms": dense_ms, "sparse_ms": ms}).encode())
         return ms
+
+
+def _layer_seed(name: str) -> int:
+    """A swapped layer's rounding seed, from its name: every layer of a model
+    draws its own stochastic-rounding stream (with one seed, all layers'
+    gradients of a step rounded with the same noise at the same flat index,
+    and a layer's gradient, computed from the next one's rounded gradient,
+    met the noise that rounding had used), and a plan applied elsewhere or
+    after a restart gives each layer the same seed again."""
+    return zlib.crc32(name.encode()) & 0x7FFFFFFF
 
 
 def _sparse_class(module: nn.Module, scheme: str):
@@ -701,7 +712,7 @@ def swap_modules_with_sparse(
             row.reason = f"{tied} (tied): a sparse layer would train a copy of its own and untie them"
             continue
         if prototype:
-            sparse = _sparse_class(mod, scheme).from_dense(mod).train(mod.training)
+            sparse = _sparse_class(mod, scheme).from_dense(mod, seed=_layer_seed(name)).train(mod.training)
             row.scheme, row.pattern_hash = scheme, _pattern_hash(sparse)
             row.swapped, row.reason = True, "prototype (swapped on sparsity)"
         else:
@@ -712,7 +723,8 @@ def swap_modules_with_sparse(
                 dense_unit, row.input_shape, repeats, warmup, autocast, persistent, progress if verbose else ""
             )
             tried = [
-                _sparse_class(mod, s).from_dense(mod).train(mod.training) for s in _AUTO_ORDER.get(scheme, (scheme,))
+                _sparse_class(mod, s).from_dense(mod, seed=_layer_seed(name)).train(mod.training)
+                for s in _AUTO_ORDER.get(scheme, (scheme,))
             ]
             # a layer that will be fused is timed as its fused block (on copies), against the dense block
             ms = [timing.sparse_ms(_fused_block(t, after) if after else t) for t in tried]
@@ -1507,7 +1519,7 @@ def apply_swap_plan(
         if state_dict is not None:
             sparse = _from_checkpoint(cls, mod, state_dict, d.name)
         else:
-            sparse = cls.from_dense(mod)
+            sparse = cls.from_dense(mod, seed=_layer_seed(d.name))
         sparse.train(mod.training)
         if strict and d.pattern_hash and _pattern_hash(sparse) != d.pattern_hash:
             raise ValueError(
@@ -1562,11 +1574,12 @@ def _from_checkpoint(cls, mod: nn.Module, state_dict: dict, name: str) -> _Spars
         raise ValueError(f"swap plan: the state_dict has no {', '.join(missing)} (not a swapped model's?)")
     rp, ci, values = (state_dict[keys[k]] for k in ("row_ptr", "col_idx", "values"))
     bias = state_dict.get(keys["bias"])
+    seed = _layer_seed(name)
     if isinstance(mod, nn.Linear):
-        return cls(mod.in_features, mod.out_features, rp, ci, values, bias)
+        return cls(mod.in_features, mod.out_features, rp, ci, values, bias, seed=seed)
     return cls(
         mod.in_channels, mod.out_channels, mod.kernel_size, rp, ci, values, bias, mod.stride, mod.padding,
-        mod.dilation, mod.groups,
+        mod.dilation, mod.groups, seed=seed,
     )  # fmt: skip
 
 

@@ -419,6 +419,42 @@ def test_a_layer_tied_to_another_modules_parameter_stays_dense_and_tied():
     assert all(r.swapped for r in shared.qsparseprop_swap_report if r.kind == "Linear")
 
 
+class _TwoBranches(nn.Module):
+    """Two copies of one pruned Linear on one input, summed: both get the
+    same output gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = prune_random_(nn.Linear(64, 48), 0.9, generator_seed=5)
+        self.b = copy.deepcopy(self.a)
+
+    def forward(self, x):
+        return self.a(x) + self.b(x)
+
+
+def test_each_swapped_layer_draws_its_own_rounding_stream():
+    """Every swapped layer had seed 0: in a step all layers' int8 gradients
+    were rounded with the same noise at the same flat index (two branches
+    given one gradient got the same rounding errors, and a layer's gradient,
+    computed from the next one's rounded gradient, met the noise that
+    rounding had used). The seed now comes from the layer's name, the same
+    again when a plan or a checkpoint rebuilds the model."""
+    x, g = torch.randn(32, 64), torch.randn(32, 48)
+    model = swap_modules_with_sparse(_TwoBranches(), (32, 64), verbose=False, min_speedup=0.0, scheme="s8")
+    assert isinstance(model.a, QuantizedSparseLinear) and isinstance(model.b, QuantizedSparseLinear)
+    assert model.a.seed != model.b.seed
+    model(x).backward(g)
+    ga, gb = model.a.values.grad, model.b.values.grad
+    exact = (g.t() @ x)[model.a.to_dense().weight != 0]
+    assert not torch.equal(ga, gb), "the two branches' gradients were rounded with the same noise"
+    for got in (ga, gb):  # each still the int8 scheme's estimate of the same gradient
+        assert (got - exact).norm() / exact.norm() < 0.05
+    again = qsparseprop.apply_swap_plan(_TwoBranches(), model.qsparseprop_swap_report)
+    assert (again.a.seed, again.b.seed) == (model.a.seed, model.b.seed)
+    loaded = qsparseprop.apply_swap_plan(_TwoBranches(), model.qsparseprop_swap_report, state_dict=model.state_dict())
+    assert (loaded.a.seed, loaded.b.seed) == (model.a.seed, model.b.seed)
+
+
 def test_scheme_auto_keeps_the_faster_scheme_per_layer_and_says_why(tmp_path):
     import re
 
