@@ -192,8 +192,10 @@ public:
         bwd_weights_t bwd_weights;
         qsp::sparse_backward<bwd_data_t, bwd_weights_t> both; // one call for a training step
         dims src, dst;
-        std::string impls;
         std::array<std::string, 3> impl_names; // impl_info_str() of fwd, bwd_data, bwd_weights
+        std::string impls() const {
+            return impl_names[0] + "/" + impl_names[1] + "/" + impl_names[2];
+        }
         bool takes_kept; // every direction's implementation reads the kept layout itself
         // The forward with a first batch_statistics post-op (the BatchNorm
         // after a Conv2d takes its statistics from it), made on first use
@@ -279,13 +281,12 @@ protected:
                                                            dst_md, fwd_pd, forced(2));
         const std::array<std::string, 3> names = {fwd_pd.impl_info_str(), bd_pd.impl_info_str(),
                                                   bw_pd.impl_info_str()};
-        auto p = std::make_shared<const primitives>(
-                primitives{fwd_pd, fwd_t(fwd_pd), bwd_data_t(bd_pd), bwd_weights_t(bw_pd),
-                           qsp::sparse_backward<bwd_data_t, bwd_weights_t>(bd_pd, bw_pd), src, dst,
-                           names[0] + "/" + names[1] + "/" + names[2], names,
-                           fwd_pd.takes_kept_layout() && bd_pd.takes_kept_layout()
-                                   && bw_pd.takes_kept_layout(),
-                           nullptr});
+        auto p = std::make_shared<const primitives>(primitives{
+                fwd_pd, fwd_t(fwd_pd), bwd_data_t(bd_pd), bwd_weights_t(bw_pd),
+                qsp::sparse_backward<bwd_data_t, bwd_weights_t>(bd_pd, bw_pd), src, dst, names,
+                fwd_pd.takes_kept_layout() && bd_pd.takes_kept_layout()
+                        && bw_pd.takes_kept_layout(),
+                nullptr});
         cache_.push_front(entry{src, attr.num_threads, variant, p});
         if (cache_.size() > shapes_kept) cache_.pop_back();
         return p;
@@ -559,7 +560,9 @@ public:
     size_t workspace_bytes(int64_t batch, int threads) {
         return workspace_bytes_of(*prims(batch, threads));
     }
-    std::string implementations(int64_t batch, int threads) { return prims(batch, threads)->impls; }
+    std::string implementations(int64_t batch, int threads) {
+        return prims(batch, threads)->impls();
+    }
 
     py::tuple fwd(const py::array &x, const py::array &values, const py::object &bias, int threads,
                   const py::object &x_abs_max) {
@@ -730,7 +733,7 @@ public:
     // the hidden activation's layout.
     std::string implementations(int64_t batch, int threads) {
         const auto p = pick(batch, threads);
-        return p.a->impls + " | " + p.b->impls
+        return p.a->impls() + " | " + p.b->impls()
                + (p.hidden_md.get_ndims() == 3 ? " (hidden kept)" : " (hidden plain)");
     }
 
@@ -883,7 +886,9 @@ public:
     size_t workspace_bytes(const dims &src, int threads) {
         return workspace_bytes_of(*prims(src, threads));
     }
-    std::string implementations(const dims &src, int threads) { return prims(src, threads)->impls; }
+    std::string implementations(const dims &src, int threads) {
+        return prims(src, threads)->impls();
+    }
 
     // statistics: also dst's batch statistics (forward's with_statistics),
     // for the BatchNorm after the convolution.

@@ -422,6 +422,11 @@ def _example_call(input_shape, example_inputs, who: str) -> _Example:
                     f"arguments, got {type(example_inputs).__name__}")  # fmt: skip
 
 
+# What a model raises on an input it does not take (a float tensor where it
+# wants token ids): the probe on input_shape's float input adds a hint.
+_PROBE_ERRORS = (RuntimeError, TypeError, ValueError, IndexError)
+
+
 def _probe_shapes(
     model: nn.Module,
     example: _Example,
@@ -453,8 +458,8 @@ def _probe_shapes(
             model.eval()
             try:
                 model(*example.args, **example.kwargs)
-            except (RuntimeError, TypeError, ValueError, IndexError) as e:
-                if example.input_shape is None or type(e) not in (RuntimeError, TypeError, ValueError, IndexError):
+            except _PROBE_ERRORS as e:
+                if example.input_shape is None or type(e) not in _PROBE_ERRORS:  # a subclass: its own constructor
                     raise
                 raise type(e)(f"the probe forward on a float input of shape {example.input_shape} failed: {e}. "
                               "A model whose input is not one float tensor (token ids, several inputs) takes "
