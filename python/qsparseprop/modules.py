@@ -249,6 +249,23 @@ class MaskedReLU(nn.Module):
         return _ops.relu_bits(input)
 
 
+def _rounding_step_from(value, key: str) -> int | None:
+    """A checkpoint's step count (None: not in it), checked: an integer
+    scalar tensor (or int) in [0, 2**63)."""
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool or value.numel() != 1:
+            raise TypeError(f"{key} must be one integer (the training steps taken), got {value.dtype} of shape "
+                            f"{tuple(value.shape)}")  # fmt: skip
+        value = int(value.reshape(()).item())
+    elif not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{key} must be one integer (the training steps taken), got {type(value).__name__}")
+    if not 0 <= value < 2**63:
+        raise ValueError(f"{key} must be in [0, 2**63) (the training steps taken), got {value}")
+    return value
+
+
 def _torchscript_refusal(name: str, what: str) -> str:
     return (
         f"{name}: {what} qsparseprop's layers (their kernels run outside TorchScript): use "
@@ -290,10 +307,12 @@ class _SparseModule(nn.Module):
         if not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         self.seed = seed
-        # Training steps taken (a tensor: torch.compile traces its increment
-        # instead of recompiling for every new Python value), and the slot
-        # of the layer's C++ kernel in the ops' cache (_ops.py).
-        self.register_buffer("_step", torch.zeros((), dtype=torch.int64, device="cpu"), persistent=False)
+        # Training steps taken, each its own int8 rounding stream (a tensor:
+        # torch.compile traces its increment instead of recompiling for every
+        # new Python value; in the state_dict, so a run resumed from a
+        # checkpoint goes on with the streams it would have drawn), and the
+        # slot of the layer's C++ kernel in the ops' cache (_ops.py).
+        self.register_buffer("rounding_step", torch.zeros((), dtype=torch.int64, device="cpu"))
         self.register_buffer("_handle", _ops.new_handle(self), persistent=False)
 
     @property
@@ -323,23 +342,23 @@ class _SparseModule(nn.Module):
     def _next_seed(self) -> torch.Tensor:
         # A fresh rounding stream per training step, reproducible from self.seed.
         if self.training and torch.is_grad_enabled():
-            if _ops.transformed() and not torch._C._functorch.is_functorch_wrapped_tensor(self._step):
+            if _ops.transformed() and not torch._C._functorch.is_functorch_wrapped_tensor(self.rounding_step):
                 # the layer's own count (not one torch.func handed in, as
                 # functional_call of stacked models does): the transform
                 # refuses writes to tensors it did not hand in
                 with torch._C._DisableFuncTorch():
-                    self._step.add_(1)
+                    self.rounding_step.add_(1)
             else:
-                self._step.add_(1)
-        return (self._step + ((self.seed * 0x9E3779B1) & _SEED_MASK)) & _SEED_MASK
+                self.rounding_step.add_(1)
+        return (self.rounding_step + ((self.seed * 0x9E3779B1) & _SEED_MASK)) & _SEED_MASK
 
     def _apply(self, fn, recurse=True):
         # The kernel cache's slot and the step count are the layer's own CPU
         # int64 state, not data: moved (.to("meta")) or emptied (to_empty)
         # they would name no kernel, or another layer's.
-        handle, step = self._handle, self._step
+        handle, step = self._handle, self.rounding_step
         super()._apply(fn, recurse)
-        self._buffers["_handle"], self._buffers["_step"] = handle, step
+        self._buffers["_handle"], self._buffers["rounding_step"] = handle, step
         return self
 
     # ---- loading -----------------------------------------------------------------
@@ -356,7 +375,9 @@ class _SparseModule(nn.Module):
     ):
         name = type(self).__name__
         keys = {k: prefix + k for k in ("row_ptr", "col_idx", "values", "weight", "weight_orig", "weight_mask")}
+        step_key = prefix + "rounding_step"
         try:
+            step = _rounding_step_from(state_dict.get(step_key), step_key)
             if keys["row_ptr"] in state_dict or keys["col_idx"] in state_dict:
                 self._load_pattern(state_dict, keys)
             elif keys["values"] not in state_dict and (
@@ -368,9 +389,18 @@ class _SparseModule(nn.Module):
             return
         for k in ("weight", "weight_orig", "weight_mask"):
             state_dict.pop(keys[k], None)  # consumed above
+        # The count is copied into the layer's own tensor, never assigned
+        # (load_state_dict(assign=True) would make training count up in the
+        # caller's checkpoint); a checkpoint from before it was saved, or a
+        # dense one, leaves it as it is.
+        state_dict.pop(step_key, None)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        if step_key in missing_keys:
+            missing_keys.remove(step_key)
+        if step is not None:
+            self.rounding_step.fill_(step)
 
     def _load_pattern(self, state_dict, keys):
         for k in ("row_ptr", "col_idx", "values"):
@@ -455,7 +485,12 @@ class _SparseModule(nn.Module):
 
     def __setstate__(self, state):
         # A copy (pickle, deepcopy) gets a cache slot of its own: kernels are
-        # rebuilt on first use.
+        # rebuilt on first use. A layer pickled before the step count was
+        # named rounding_step (and saved in the state_dict) had it as _step.
+        buffers = state.get("_buffers", {})
+        if "_step" in buffers:
+            buffers["rounding_step"] = buffers.pop("_step")
+            state.get("_non_persistent_buffers_set", set()).discard("_step")
         super().__setstate__(state)
         self._buffers["_handle"] = _ops.new_handle(self)
 

@@ -305,7 +305,7 @@ class _LayerTiming:
         dense_ms = self.dense_ms()
         ms = self._time(sparse)
         layer = sparse[0] if isinstance(sparse, nn.Sequential) else sparse
-        layer._step.zero_()  # timing steps do not count: the rounding streams start where a fresh layer's do
+        layer.rounding_step.zero_()  # timing steps do not count: the rounding streams start where a fresh layer's do
         if hasattr(layer, "outliers_set"):
             layer.outliers_set.fill_(False)  # calibrated on the first real batch, not on the timing noise
         if key:

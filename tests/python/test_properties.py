@@ -189,9 +189,9 @@ def test_tampered_state_dicts_are_refused_and_leave_the_layer_as_it_was(which, h
             state[which][-1] = 2**40
     if all(torch.equal(state[k], v) for k, v in layer.state_dict().items()):
         return  # the edit was a no-op (e.g. a value already equal to it)
-    before = {k: v.clone() for k, v in layer.state_dict().items()}
     x = torch.randn(2, 12)
-    y0 = layer(x)
+    y0 = layer(x)  # (a training forward counts a step: the state after it)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
     with pytest.raises((ValueError, TypeError, RuntimeError)):
         layer.load_state_dict(state)
     for k, v in layer.state_dict().items():

@@ -10,7 +10,13 @@ import torch
 from torch.nn.utils import prune
 
 from conftest import prune_random_
-from qsparseprop import QuantizedSparseConv2d, QuantizedSparseLinear, SparseConv2d, SparseLinear
+from qsparseprop import (
+    QuantizedSparseConv2d,
+    QuantizedSparseLinear,
+    SparseConv2d,
+    SparseLinear,
+    swap_modules_with_sparse,
+)
 
 LAYERS = [
     (SparseLinear, lambda: torch.nn.Linear(12, 7), (5, 12)),
@@ -26,7 +32,7 @@ def test_state_dict_round_trip_and_copies(cls, make, shape):
     x = torch.randn(shape)
     y = layer(x)
     sd = layer.state_dict()
-    assert set(sd) == {"values", "bias", "row_ptr", "col_idx"}
+    assert set(sd) == {"values", "bias", "row_ptr", "col_idx", "rounding_step"}
     fresh = cls.from_dense(prune_random_(make(), 0.8, generator_seed=0)).eval()
     fresh.load_state_dict(sd)
     assert torch.equal(fresh(x), y)
@@ -153,6 +159,97 @@ def test_a_model_made_on_the_meta_device_or_emptied_loads_its_checkpoint(scheme)
         assert len(layers) == 3
         for layer, original in zip(layers, (m for m in model.modules() if hasattr(m, "values")), strict=True):
             assert layer._handle.device.type == "cpu" and int(layer._handle) != int(original._handle)
-            assert int(layer._step) == int(original._step) == 1
+            assert int(layer.rounding_step) == int(original.rounding_step) == 1
             assert not layer.values.is_meta and layer.values.requires_grad
         torch.testing.assert_close(built.eval()(x), want, rtol=0, atol=0)
+
+
+def _swapped_cnn(scheme: str) -> torch.nn.Module:
+    torch.manual_seed(5)
+    dense = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, padding=1, bias=False), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 16, 3, padding=1, bias=False), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+        torch.nn.Flatten(), torch.nn.Linear(16 * 6 * 6, 10),
+    )  # fmt: skip
+    for m in dense.modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+            prune_random_(m, 0.8)
+    return swap_modules_with_sparse(
+        dense, (4, 3, 6, 6), verbose=False, scheme=scheme, min_sparsity=0.5, min_speedup=0.0, repeats=1,
+        persistent=False,
+    )  # fmt: skip
+
+
+def _train(model, opt, steps: int, first: int) -> None:
+    for i in range(first, first + steps):
+        g = torch.Generator().manual_seed(i)
+        x, y = torch.randn(4, 3, 6, 6, generator=g), torch.randint(0, 10, (4,), generator=g)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("scheme", ["f32", "s8"])
+def test_a_run_resumed_from_its_checkpoint_goes_on_bit_for_bit(scheme):
+    # The int8 layers round each step's gradients with a stream of their own
+    # step count: a resumed run that started the count afresh repeated the
+    # first steps' streams (and differed from the run it resumed).
+    model = _swapped_cnn(scheme)
+    assert sum(isinstance(m, SparseConv2d | SparseLinear) for m in model.modules()) == 3
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    _train(model, opt, 3, 0)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    _train(model, opt, 3, 3)
+
+    resumed = _swapped_cnn(scheme)
+    opt2 = torch.optim.SGD(resumed.parameters(), lr=0.05, momentum=0.9)
+    buf.seek(0)
+    checkpoint = torch.load(buf)
+    resumed.load_state_dict(checkpoint["model"])
+    opt2.load_state_dict(checkpoint["opt"])
+    _train(resumed, opt2, 3, 3)
+    for (name, want), got in zip(model.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(got, want), name
+    layers = [m for m in resumed.modules() if isinstance(m, SparseConv2d | SparseLinear)]
+    assert [int(m.rounding_step) for m in layers] == [6, 6, 6]
+
+
+def test_the_step_count_loads_checked_and_stays_the_layers_own():
+    layer = QuantizedSparseLinear.from_dense(prune_random_(torch.nn.Linear(12, 7), 0.8), seed=4)
+    layer(torch.randn(5, 12)).sum().backward()
+    sd = layer.state_dict()
+    assert int(sd["rounding_step"]) == 1
+    fresh = QuantizedSparseLinear.from_dense(prune_random_(torch.nn.Linear(12, 7), 0.8), seed=4)
+    old = {k: v for k, v in sd.items() if k != "rounding_step"}  # a checkpoint saved before the count was
+    fresh.load_state_dict(old)  # strict: not a missing key
+    assert int(fresh.rounding_step) == 0
+    fresh.rounding_step.fill_(2)
+    for bad, what in (
+        (torch.tensor(1.0), "must be one integer"),
+        (torch.tensor([1, 2]), "must be one integer"),
+        (torch.tensor(True), "must be one integer"),
+        (torch.tensor(-1), "must be in \\[0, 2\\*\\*63\\)"),
+        ("3", "must be one integer"),
+    ):
+        with pytest.raises(RuntimeError, match=f"rounding_step {what}"):
+            fresh.load_state_dict(old | {"rounding_step": bad})
+        assert int(fresh.rounding_step) == 2  # nothing taken from a refused checkpoint
+    fresh.load_state_dict(old | {"rounding_step": torch.tensor(7, dtype=torch.int32)})
+    assert int(fresh.rounding_step) == 7 and fresh.rounding_step.dtype == torch.int64
+    # assign=True copies the count: training counts up in the layer, not in the checkpoint
+    fresh.load_state_dict(sd, assign=True)
+    fresh(torch.randn(5, 12)).sum().backward()
+    assert int(fresh.rounding_step) == 2 and int(sd["rounding_step"]) == 1
+
+
+def test_a_layer_pickled_with_the_old_step_buffer_loads_with_its_count():
+    layer = QuantizedSparseConv2d.from_dense(prune_random_(torch.nn.Conv2d(3, 4, 3), 0.8), seed=4)
+    layer(torch.randn(2, 3, 6, 6)).sum().backward()
+    # as a layer pickled before the count was named rounding_step and saved
+    layer._buffers["_step"] = layer._buffers.pop("rounding_step")
+    layer._non_persistent_buffers_set.add("_step")
+    copy_ = pickle.loads(pickle.dumps(layer))
+    assert int(copy_.rounding_step) == 1 and "rounding_step" in copy_.state_dict()
+    copy_(torch.randn(2, 3, 6, 6)).sum().backward()
+    assert int(copy_.rounding_step) == 2
