@@ -20,6 +20,10 @@ layer, pruned or not, swapped only where it measured faster). One line per
 phase and per epoch (with its time and what is left) even with
 --no-progress; the table reports time per epoch, speedups, training memory,
 test accuracy and the share of step time spent in the sparse layers.
+Each variant's fine-tuned model is saved in --out as
+finetuned_<variant>.pt (e.g. finetuned_qsparseprop_int8.pt);
+``qsparseprop.finetune.load_finetuned(path)`` makes it again, swapped layers
+and all, with the report's test accuracy.
 """
 
 from __future__ import annotations
@@ -617,7 +621,63 @@ def run(cfg: Config, log=print, rank: int = 0, world: int = 1) -> dict:
             later = slice(1, None) if len(v.epoch_s) > 1 else slice(None)
             v.sparse_share = sum(v.sparse_s[later]) / sum(v.epoch_s[later])
         finish(v, model, kept)
-    return _report(cfg, variants, acc_dense, acc_pruned, rank, world, skipped)
+    saved = {}
+    if rank == 0:
+        for r in runs:
+            saved[r.variant.name] = save_finetuned(r, cfg, data[0].shape[-1])
+        log(f"fine-tuned models: {', '.join(saved.values())} (qsparseprop.finetune.load_finetuned(path) loads one)")
+    return _report(cfg, variants, acc_dense, acc_pruned, rank, world, skipped, saved)
+
+
+_FINETUNED_FORMAT = 1
+
+
+def _finetuned_path(out: str, variant: str) -> str:
+    return os.path.join(out, "finetuned_" + variant.replace(" ", "_") + ".pt")
+
+
+def save_finetuned(r: _FineTuning, cfg: Config, image: int) -> str:
+    """One variant's fine-tuned model, as cfg.out/finetuned_<variant>.pt: its
+    state_dict with what rebuilds the model around it (the architecture's
+    arguments, and for ours the swap plan), plain data that ``torch.load``
+    reads with weights_only. Returns the path."""
+    inner = model_mod(r.model)
+    plan = [asdict(d) for d in inner.qsparseprop_swap_report] if r.ours else None
+    path = _finetuned_path(cfg.out, r.variant.name)
+    torch.save(
+        dict(
+            format=_FINETUNED_FORMAT, variant=r.variant.name, model=cfg.model, image=image, width=cfg.width,
+            sparsity=cfg.sparsity, plan=plan, autocast="bfloat16" if "bf16" in r.variant.name else None,
+            accuracy=r.variant.accuracy[-1], state_dict=inner.state_dict(),
+        ),
+        path,
+    )  # fmt: skip
+    return path
+
+
+def load_finetuned(path: str | os.PathLike) -> nn.Module:
+    """The model ``qsparseprop finetune`` saved as ``path``
+    (``<out>/finetuned_<variant>.pt``), in eval mode: the architecture made
+    again, the swapped variants' layers swapped again from their plan
+    (``apply_swap_plan``, no timing), then the fine-tuned state loaded; its
+    test accuracy is the report's. The bf16 variant was evaluated under
+    ``torch.autocast("cpu", dtype=torch.bfloat16)`` (the file's ``autocast``)."""
+    saved = torch.load(path, weights_only=True)
+    if not isinstance(saved, dict) or saved.get("format") != _FINETUNED_FORMAT:
+        raise ValueError(f"{path}: not a model saved by qsparseprop finetune (format {_FINETUNED_FORMAT})")
+    for key, kind, what in (
+        ("model", str, "a string"), ("image", int, "an integer"), ("width", int, "an integer"),
+        ("plan", (list, type(None)), "a list or None"), ("state_dict", dict, "a dict"),
+    ):  # fmt: skip
+        if not isinstance(saved.get(key), kind):
+            raise ValueError(f"{path}: its {key!r} is missing or not {what}")
+    model = make_model(saved["model"], saved["image"], saved["width"])
+    if saved["plan"] is None:
+        model.load_state_dict(saved["state_dict"])
+    else:
+        model = apply_swap_plan(model, saved["plan"], state_dict=saved["state_dict"], mask_kept=False)
+        use_masked_relus(model)  # as it trained (the ReLUs keep bits for the backward)
+    return model.eval()
 
 
 def model_mod(model: nn.Module) -> nn.Module:
@@ -678,7 +738,7 @@ def _best(variants: list[Variant], name: str) -> Variant | None:
 
 def _report(
     cfg: Config, variants: list[Variant], acc_dense: float, acc_pruned: float, rank: int, world: int,
-    skipped: dict[str, str] | None = None,
+    skipped: dict[str, str] | None = None, saved: dict[str, str] | None = None,
 ) -> dict:  # fmt: skip
     def med(xs):  # epochs after the first (it pays plan building and tuning), median
         xs = sorted(xs[1:] if len(xs) > 1 else xs)
@@ -700,6 +760,7 @@ def _report(
                 first_loss=v.first_loss, losses=v.losses, accuracy_curve=v.accuracy, wall_curve=v.wall,
                 sparse_share=v.sparse_share, step_ms=v.step_ms,
                 swapped_layers=v.swapped, pruned_weights_zero=v.pruned_weights_zero,
+                saved=(saved or {}).get(v.name),
             )
         )  # fmt: skip
     report = dict(

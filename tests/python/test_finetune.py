@@ -1,6 +1,7 @@
 """The main job: `qsparseprop finetune --quick` end to end, and its
 DistributedDataParallel path keeping ranks identical."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -9,12 +10,12 @@ import sys
 import pytest
 import torch
 
-from qsparseprop import finetune
+from qsparseprop import SparseConv2d, SparseLinear, finetune
 
 FIELDS = {
     "variant", "epoch_s", "speedup_vs_fp32", "speedup_vs_best_dense", "memory_mib", "memory_vs_dense", "accuracy",
     "accuracy_vs_dense", "first_loss", "losses", "accuracy_curve", "wall_curve", "sparse_share", "swapped_layers",
-    "pruned_weights_zero", "step_ms",
+    "pruned_weights_zero", "step_ms", "saved",
 }  # fmt: skip
 
 
@@ -41,7 +42,7 @@ def test_quick_run_reports_every_field_trains_and_keeps_pruned_weights_zero(tmp_
     native = finetune.machine()["bf16_native"]
     dense = ["dense fp32", "dense bf16 autocast"] if native else ["dense fp32"]
     assert names == [*dense, "qsparseprop f32", "qsparseprop int8"]
-    said = capsys.readouterr().out
+    said = said_first = capsys.readouterr().out
     if not native:
         assert set(report["skipped"]) == {"dense bf16 autocast"}
         assert "dense bf16 autocast: skipped: this CPU has no native bf16" in said
@@ -76,6 +77,33 @@ def test_quick_run_reports_every_field_trains_and_keeps_pruned_weights_zero(tmp_
     model = finetune.pretrained(cfg, data, said.append)
     assert said == [f"dense model: {cached[0]} (cached)"]
     assert finetune.evaluate(model, data[2], data[3]) == report["accuracy_dense_unpruned"]
+    # each variant's fine-tuned model is saved and loads back, ready to use:
+    # the report's accuracy again (the swapped ones rebuilt from their plan)
+    assert "fine-tuned models: " in said_first
+    for r in on_disk["variants"]:  # (as run: the report's last row was edited above)
+        path = r["saved"]
+        assert path == str(tmp_path / ("finetuned_" + r["variant"].replace(" ", "_") + ".pt"))
+        loaded = finetune.load_finetuned(path)
+        assert not loaded.training
+        swapped = [n for n, m in loaded.named_modules() if isinstance(m, (SparseConv2d, SparseLinear))]
+        assert swapped == r["swapped_layers"]
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if "bf16" in r["variant"] else contextlib.nullcontext()
+        with ctx:
+            accuracy = finetune.evaluate(loaded, data[2], data[3])
+        # f32 sums of a kernel picked again may round apart: an image or two
+        exact = r["variant"] != "qsparseprop f32"
+        assert accuracy == r["accuracy"] if exact else abs(accuracy - r["accuracy"]) <= 2 / len(data[3]), r
+    with pytest.raises(ValueError, match="not a model saved by qsparseprop finetune"):
+        finetune.load_finetuned(cached[0])
+    saved = torch.load(on_disk["variants"][-1]["saved"], weights_only=True)
+    for edit, says in (
+        ({"plan": "swap_plan_s8.json"}, "its 'plan' is missing or not a list or None"),
+        ({"width": None}, "its 'width' is missing or not an integer"),
+        ({"model": "resnet"}, "unknown model 'resnet'"),
+    ):
+        torch.save(saved | edit, tmp_path / "edited.pt")
+        with pytest.raises(ValueError, match=says):
+            finetune.load_finetuned(tmp_path / "edited.pt")
 
 
 def test_the_variants_epochs_run_in_turn_the_order_rotating(tmp_path, capsys):
