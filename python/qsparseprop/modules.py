@@ -593,7 +593,9 @@ class SparseLinear(_SparseModule):
 class QuantizedSparseLinear(SparseLinear):
     """``SparseLinear`` computing in the int8 scheme (docs/quantization.md):
     int8 weights (per output channel), activations (saved for backward in
-    int8) and output gradients (stochastic rounding seeded by ``seed``)."""
+    int8) and output gradients (stochastic rounding seeded by ``seed``: give
+    each layer of a model its own, as ``swap_modules_with_sparse`` does from
+    the layers' names; with one seed, layers round with the same noise)."""
 
     scheme = "s8"
 
@@ -1230,6 +1232,7 @@ def _linear_act_linear(first: nn.Module, act: nn.Module, second: nn.Module, inpu
 
 
 class QuantizedSparseConv2d(SparseConv2d):
-    """``SparseConv2d`` computing in the int8 scheme (docs/quantization.md)."""
+    """``SparseConv2d`` computing in the int8 scheme (docs/quantization.md);
+    ``seed`` as for ``QuantizedSparseLinear``: each layer its own."""
 
     scheme = "s8"
