@@ -15,6 +15,7 @@ from qsparseprop import (
     QuantizedSparseLinear,
     SparseConv2d,
     SparseLinear,
+    apply_swap_plan,
     swap_modules_with_sparse,
 )
 
@@ -164,7 +165,7 @@ def test_a_model_made_on_the_meta_device_or_emptied_loads_its_checkpoint(scheme)
         torch.testing.assert_close(built.eval()(x), want, rtol=0, atol=0)
 
 
-def _swapped_cnn(scheme: str) -> torch.nn.Module:
+def _pruned_cnn() -> torch.nn.Module:
     torch.manual_seed(5)
     dense = torch.nn.Sequential(
         torch.nn.Conv2d(3, 16, 3, padding=1, bias=False), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
@@ -174,8 +175,12 @@ def _swapped_cnn(scheme: str) -> torch.nn.Module:
     for m in dense.modules():
         if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
             prune_random_(m, 0.8)
+    return dense
+
+
+def _swapped_cnn(scheme: str) -> torch.nn.Module:
     return swap_modules_with_sparse(
-        dense, (4, 3, 6, 6), verbose=False, scheme=scheme, min_sparsity=0.5, min_speedup=0.0, repeats=1,
+        _pruned_cnn(), (4, 3, 6, 6), verbose=False, scheme=scheme, min_sparsity=0.5, min_speedup=0.0, repeats=1,
         persistent=False,
     )  # fmt: skip
 
@@ -202,17 +207,22 @@ def test_a_run_resumed_from_its_checkpoint_goes_on_bit_for_bit(scheme):
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
     _train(model, opt, 3, 3)
 
-    resumed = _swapped_cnn(scheme)
-    opt2 = torch.optim.SGD(resumed.parameters(), lr=0.05, momentum=0.9)
-    buf.seek(0)
-    checkpoint = torch.load(buf)
-    resumed.load_state_dict(checkpoint["model"])
-    opt2.load_state_dict(checkpoint["opt"])
-    _train(resumed, opt2, 3, 3)
-    for (name, want), got in zip(model.state_dict().items(), resumed.state_dict().values(), strict=True):
-        assert torch.equal(got, want), name
-    layers = [m for m in resumed.modules() if isinstance(m, SparseConv2d | SparseLinear)]
-    assert [int(m.rounding_step) for m in layers] == [6, 6, 6]
+    # the same swap made again, or the model rebuilt from its plan and checkpoint
+    for how in ("swap", "plan"):
+        buf.seek(0)
+        checkpoint = torch.load(buf)  # (each its own: the optimizer trains the momenta it loaded in place)
+        if how == "swap":
+            resumed = _swapped_cnn(scheme)
+            resumed.load_state_dict(checkpoint["model"])
+        else:
+            resumed = apply_swap_plan(_pruned_cnn(), model.qsparseprop_swap_report, state_dict=checkpoint["model"])
+        opt2 = torch.optim.SGD(resumed.parameters(), lr=0.05, momentum=0.9)
+        opt2.load_state_dict(checkpoint["opt"])
+        _train(resumed, opt2, 3, 3)
+        for (name, want), got in zip(model.state_dict().items(), resumed.state_dict().values(), strict=True):
+            assert torch.equal(got, want), (how, name)
+        layers = [m for m in resumed.modules() if isinstance(m, SparseConv2d | SparseLinear)]
+        assert [int(m.rounding_step) for m in layers] == [6, 6, 6], how
 
 
 def test_the_step_count_loads_checked_and_stays_the_layers_own():
