@@ -15,7 +15,7 @@ from qsparseprop import SparseConv2d, SparseLinear, finetune
 FIELDS = {
     "variant", "epoch_s", "speedup_vs_fp32", "speedup_vs_best_dense", "memory_mib", "memory_vs_dense", "accuracy",
     "accuracy_vs_dense", "first_loss", "losses", "accuracy_curve", "wall_curve", "sparse_share", "swapped_layers",
-    "pruned_weights_zero", "step_ms", "saved",
+    "pruned_weights_zero", "step_ms", "saved", "speedup_vs_best_eager_dense",
 }  # fmt: skip
 
 
@@ -40,7 +40,9 @@ def test_quick_run_reports_every_field_trains_and_keeps_pruned_weights_zero(tmp_
     names = [r["variant"] for r in report["variants"]]
     # bf16 autocast only where the CPU computes bf16 (emulated it is ~60x slower)
     native = finetune.machine()["bf16_native"]
-    dense = ["dense fp32", "dense bf16 autocast"] if native else ["dense fp32"]
+    eager = ["dense fp32", "dense bf16 autocast"] if native else ["dense fp32"]
+    # each also under torch.compile: a user's best dense may be compiled
+    dense = [*eager, *(f"{n} compiled" for n in eager)]
     assert names == [*dense, "qsparseprop f32", "qsparseprop int8"]
     said = said_first = capsys.readouterr().out
     if not native:
@@ -49,7 +51,8 @@ def test_quick_run_reports_every_field_trains_and_keeps_pruned_weights_zero(tmp_
         assert "not run: dense bf16 autocast: this CPU has no native bf16" in finetune.format_report(report)
         assert report["best_dense"] == "dense fp32"
     # one line per phase and per epoch, without progress bars
-    for phase in ("dense pre-training: 1 epochs", "pruned ", *(f"{n}: epoch 1/1 in " for n in names)):
+    compiles = (f"{n} compiled: compiled (inductor) in " for n in eager)
+    for phase in ("dense pre-training: 1 epochs", "pruned ", *compiles, *(f"{n}: epoch 1/1 in " for n in names)):
         assert phase in said, (phase, said)
     for r in report["variants"]:
         assert FIELDS <= set(r), FIELDS - set(r)
@@ -62,9 +65,18 @@ def test_quick_run_reports_every_field_trains_and_keeps_pruned_weights_zero(tmp_
         assert r["swapped_layers"], "some layers must have been swapped"
         assert 0.0 < r["sparse_share"] < 1.0
         assert r["step_ms"]["sparse layers"] > 0.0 and r["step_ms"]["batchnorm"] > 0.0
-    assert report["best_dense"] in dense
+    assert report["best_dense"] in dense and report["best_eager_dense"] in eager
+    fastest = min(dense, key=lambda n: report["variants"][names.index(n)]["epoch_s"])
+    assert report["best_dense"] == fastest
+    for r in report["variants"]:
+        best, best_eager = (
+            report["variants"][names.index(report[k])]["epoch_s"] for k in ("best_dense", "best_eager_dense")
+        )
+        assert r["speedup_vs_best_dense"] == pytest.approx(best / r["epoch_s"])
+        assert r["speedup_vs_best_eager_dense"] == pytest.approx(best_eager / r["epoch_s"])
     # a variant whose swap kept every layer dense says so under the table
     assert "kept every layer dense" not in finetune.format_report(report)
+    assert "compiled rows: inductor's fused kernels" in finetune.format_report(report)
     report["variants"][-1]["swapped_layers"] = []
     assert "note: qsparseprop int8: no layer measured faster" in finetune.format_report(report)
     assert (tmp_path / "c.png").stat().st_size > 0
@@ -110,8 +122,9 @@ def test_the_variants_epochs_run_in_turn_the_order_rotating(tmp_path, capsys):
     # one variant after the other, the machine's drift over minutes moved the
     # ratio to dense bf16 by a tenth between runs; in turn, it moves them alike
     report = finetune.main(
-        ["--quick", "--no-progress", "--epochs", "2", "--train-images", "1024", "--out", str(tmp_path)]
-    )
+        ["--quick", "--no-progress", "--epochs", "2", "--train-images", "1024", "--out", str(tmp_path),
+         "--no-dense-compile"]
+    )  # fmt: skip
     names = [r["variant"] for r in report["variants"]]
     said = capsys.readouterr().out.splitlines()
     done = [line.split(": epoch ")[0] + " " + line.split(": epoch ")[1][:3] for line in said if ": epoch " in line]
@@ -127,6 +140,7 @@ def test_two_ddp_processes_stay_identical(tmp_path):
     )
     assert report["world_size"] == 2
     assert report["ranks_identical"] is True
+    assert report["skipped"]["dense fp32 compiled"] == finetune.DENSE_COMPILE_DDP
     assert all(r["ranks_identical"] for r in report["variants"])
     assert torch.distributed.is_available()
 
@@ -252,3 +266,24 @@ def test_the_memory_measure_leaves_the_model_as_it_was(scheme):
     assert not all(
         torch.equal(a, b) for a, b in zip(before, list(model.parameters()) + list(model.buffers()), strict=True)
     )
+
+
+def test_a_dense_variant_torch_compile_fails_on_is_skipped_with_the_reason(monkeypatch):
+    # e.g. a machine without a C++ compiler for inductor: the job goes on
+    # without the compiled variant and says why, instead of failing
+    import torch._dynamo
+    import torch._inductor.config as inductor
+
+    torch._dynamo.reset()  # (no graph compiled earlier in this process reused)
+    monkeypatch.setattr(inductor.cpp, "cxx", ("/nonexistent/g++",))
+    monkeypatch.setattr(inductor, "fx_graph_cache", False)
+    model = finetune.make_model("cnn", 28, 8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    said, skipped = [], {}
+    got = finetune._compiled(model, torch.randn(4, 1, 28, 28), None, "dense fp32 compiled", said.append, skipped)
+    torch._dynamo.reset()
+    assert got is None
+    assert skipped["dense fp32 compiled"].startswith("torch.compile failed here (")
+    assert said == [f"dense fp32 compiled: skipped: {skipped['dense fp32 compiled']}"]
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
