@@ -332,45 +332,78 @@ def _block_models(name: str, sparsity: float, scheme: str, seed: int):
     return dense, unfused, fused
 
 
-def bench_block_case(name, sparsity, scheme, repeats, warmup) -> dict:
+def _autocast_bf16(module):
+    def run(t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return module(t)
+
+    return run
+
+
+def _compiled_timer(name: str, forward, x, g):
+    """A timer of a torch.compile'd dense forward, compiled here (its first
+    forward and backward, untimed), or None where torch.compile fails on this
+    machine (it says why)."""
+    try:
+        forward(x.detach().requires_grad_()).backward(g)
+    except Exception as e:  # inductor's errors have no common base
+        print(f"{name}: not timed, torch.compile failed here ({type(e).__name__})", flush=True)
+        return None
+    return _Timer(name, forward)
+
+
+def bench_block_case(name, sparsity, scheme, repeats, warmup, dense_compile=False) -> dict:
+    """Fused vs unfused vs dense fp32 / bf16 autocast (where native) and,
+    with dense_compile, the dense ones under torch.compile: a user's best
+    dense may be compiled."""
     dense, unfused, fused = _block_models(name, sparsity, scheme, 0)
     batch, width, size = BLOCK_SHAPES[name]
     x = torch.randn(batch, width) if name in _MLPS else torch.randn(batch, width, size, size)
     g = torch.randn_like(dense(x))
-
-    def dense_bf16(t):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return dense(t)
-
     timers = [_Timer("fused", fused), _Timer("unfused", unfused), _Timer("dense_fp32", dense)]
     if bf16_native():
-        timers.append(_Timer("dense_bf16", dense_bf16))
+        timers.append(_Timer("dense_bf16", _autocast_bf16(dense)))
+    if dense_compile:
+        compiled = torch.compile(dense)  # (dense's parameters)
+        wanted = [("dense_fp32_compiled", compiled)]
+        if bf16_native():
+            wanted.append(("dense_bf16_compiled", _autocast_bf16(compiled)))
+        timers += [t for t in (_compiled_timer(n, f, x, g) for n, f in wanted) if t is not None]
+        _zero_grads(dense)
     for r in range(warmup + repeats):
         for t in _round_order(timers, r):
             t.sample(x, g, record=r >= warmup, reset=lambda: _zero_grads(fused, unfused, dense))
     res = {t.name: t.medians()[2] for t in timers}
-    res.setdefault("dense_bf16", math.nan)  # not timed: torch emulates bf16 on this CPU
-    best = min(v for v in (res["dense_fp32"], res["dense_bf16"]) if not math.isnan(v))
+    for k in ("dense_bf16", "dense_fp32_compiled", "dense_bf16_compiled"):
+        res.setdefault(k, math.nan)  # not timed: emulated bf16 on this CPU, or not compiled
+    eager = [res["dense_fp32"], res["dense_bf16"]]
+    best_eager = min(v for v in eager if not math.isnan(v))
+    best = min(v for v in (*eager, res["dense_fp32_compiled"], res["dense_bf16_compiled"]) if not math.isnan(v))
     return dict(
         shape=name, sparsity=sparsity, scheme=scheme, threads=torch.get_num_threads(),
         isa=_C.effective_cpu_isa(), fused_ms=res["fused"], unfused_ms=res["unfused"],
-        fp32_ms=res["dense_fp32"], bf16_ms=res["dense_bf16"],
+        fp32_ms=res["dense_fp32"], bf16_ms=res["dense_bf16"], fp32_compiled_ms=res["dense_fp32_compiled"],
+        bf16_compiled_ms=res["dense_bf16_compiled"],
         fused_vs_unfused=res["unfused"] / res["fused"], fused_vs_fp32=res["dense_fp32"] / res["fused"],
-        fused_vs_best_dense=best / res["fused"], repeats=repeats, **machine(),
+        fused_vs_best_eager_dense=best_eager / res["fused"], fused_vs_best_dense=best / res["fused"],
+        repeats=repeats, **machine(),
     )  # fmt: skip
 
 
 def format_block_rows(rows: list[dict]) -> str:
     head = (
-        f"{'block':<5} {'sp':>5} {'sch':<4} {'fused':>8} {'unfused':>8} {'fp32':>8} {'bf16':>8} "
-        f"{'x unfused':>9} {'x fp32':>7} {'x best':>7}   (ms per forward+backward; x = speedup of fused)"
+        f"{'block':<5} {'sp':>5} {'sch':<4} {'fused':>8} {'unfused':>8} {'fp32':>8} {'bf16':>8} {'fp32 c':>8} "
+        f"{'bf16 c':>8} {'x unfused':>9} {'x fp32':>7} {'x eager':>7} {'x best':>7}   (ms per forward+backward; "
+        "c = torch.compile'd; x = speedup of fused; eager: the best dense not compiled)"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
+        nan = math.nan
         lines.append(
             f"{r['shape']:<5} {r['sparsity']:>5.2f} {r['scheme']:<4} {r['fused_ms']:>8.2f} {r['unfused_ms']:>8.2f} "
-            f"{r['fp32_ms']:>8.2f} {r['bf16_ms']:>8.2f} {r['fused_vs_unfused']:>9.2f} {r['fused_vs_fp32']:>7.2f} "
-            f"{r['fused_vs_best_dense']:>7.2f}"
+            f"{r['fp32_ms']:>8.2f} {r['bf16_ms']:>8.2f} {r.get('fp32_compiled_ms', nan):>8.2f} "
+            f"{r.get('bf16_compiled_ms', nan):>8.2f} {r['fused_vs_unfused']:>9.2f} {r['fused_vs_fp32']:>7.2f} "
+            f"{r.get('fused_vs_best_eager_dense', r['fused_vs_best_dense']):>7.2f} {r['fused_vs_best_dense']:>7.2f}"
         )
     return "\n".join(lines)
 
@@ -497,6 +530,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--isa", choices=["avx512_vnni"], help="cap our ISA (avx512_vnni) and oneDNN's (AVX512_CORE_BF16): no AMX"
     )
+    p.add_argument(
+        "--dense-compile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="block: also time the dense block under torch.compile (fp32, and bf16 where native); the best dense "
+        "is the fastest of all (default: on)",
+    )
     p.add_argument("--json", help="write the rows as JSON here")
     p.add_argument("--png", help="draw speedup vs sparsity per shape here")
     a = p.parse_args(argv)
@@ -526,7 +566,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def case(shape: str, sp: float, scheme: str) -> dict:
         if a.what == "block":
-            return bench_block_case(shape, sp, scheme, a.repeats, a.warmup)
+            return bench_block_case(shape, sp, scheme, a.repeats, a.warmup, a.dense_compile)
         if a.what == "linear":
             b, k, n = LINEAR_SHAPES[shape]
             return bench_linear_case(shape, b, k, n, sp, scheme, a.repeats, a.warmup, peak)

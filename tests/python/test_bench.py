@@ -1,6 +1,8 @@
 """The benchmark's own arithmetic (its timings are not asserted: speed is
 shown by running it, docs/benchmarks.md)."""
 
+import math
+
 import pytest
 import torch
 
@@ -78,3 +80,35 @@ def test_machine_says_what_onednns_cap_leaves_torch(tmp_path, monkeypatch, cap, 
 def test_machine_without_cpuinfo_says_unknown(tmp_path):
     m = bench.machine(str(tmp_path / "missing"))
     assert m["cpu"] == "unknown" and not m["amx"] and not m["bf16_native"]
+
+
+def test_block_mode_times_the_dense_block_compiled_too():
+    # a user's best dense may be compiled: the block mode times it and takes
+    # the fastest dense as the best (the eager one's ratio kept beside it)
+    row = bench.bench_block_case("B3", 0.9, "f32", repeats=1, warmup=1, dense_compile=True)
+    native = bench.bf16_native()
+    timed = ["fp32_ms", "fp32_compiled_ms", *(["bf16_ms", "bf16_compiled_ms"] if native else [])]
+    assert all(row[k] > 0 for k in ("fused_ms", "unfused_ms", *timed)), row
+    if not native:
+        assert math.isnan(row["bf16_ms"]) and math.isnan(row["bf16_compiled_ms"])
+    dense = [row[k] for k in timed]
+    eager = [row[k] for k in timed if "compiled" not in k]
+    assert row["fused_vs_best_dense"] == pytest.approx(min(dense) / row["fused_ms"])
+    assert row["fused_vs_best_eager_dense"] == pytest.approx(min(eager) / row["fused_ms"])
+    line = bench.format_block_rows([row]).splitlines()[-1]
+    assert f"{row['fp32_compiled_ms']:.2f}" in line and f"{row['fused_vs_best_eager_dense']:.2f}" in line
+
+
+def test_a_block_torch_compile_fails_on_is_left_out_saying_so(monkeypatch, capsys):
+    import torch._dynamo
+    import torch._inductor.config as inductor
+
+    torch._dynamo.reset()  # (no graph compiled earlier in this process reused)
+    monkeypatch.setattr(inductor.cpp, "cxx", ("/nonexistent/g++",))
+    monkeypatch.setattr(inductor, "fx_graph_cache", False)
+    dense = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU())
+    x = torch.randn(4, 8)
+    got = bench._compiled_timer("dense_fp32_compiled", torch.compile(dense), x, torch.ones(4, 8))
+    torch._dynamo.reset()
+    assert got is None
+    assert "dense_fp32_compiled: not timed, torch.compile failed here (" in capsys.readouterr().out
