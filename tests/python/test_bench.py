@@ -99,16 +99,18 @@ def test_block_mode_times_the_dense_block_compiled_too():
     assert f"{row['fp32_compiled_ms']:.2f}" in line and f"{row['fused_vs_best_eager_dense']:.2f}" in line
 
 
-def test_a_block_torch_compile_fails_on_is_left_out_saying_so(monkeypatch, capsys):
+def test_a_block_torch_compile_fails_on_is_left_out_saying_so(capsys):
     import torch._dynamo
     import torch._inductor.config as inductor
 
     torch._dynamo.reset()  # (no graph compiled earlier in this process reused)
-    monkeypatch.setattr(inductor.cpp, "cxx", ("/nonexistent/g++",))
-    monkeypatch.setattr(inductor, "fx_graph_cache", False)
+    cxx = inductor.cpp.cxx
     dense = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU())
     x = torch.randn(4, 8)
-    got = bench._compiled_timer("dense_fp32_compiled", torch.compile(dense), x, torch.ones(4, 8))
+    # inductor's own patch (pytest's monkeypatch deletes a config entry at undo)
+    with inductor.patch({"cpp.cxx": ("/nonexistent/g++",), "fx_graph_cache": False}):
+        got = bench._compiled_timer("dense_fp32_compiled", torch.compile(dense), x, torch.ones(4, 8))
     torch._dynamo.reset()
+    assert inductor.cpp.cxx == cxx  # the configuration as it was, for the tests after this one
     assert got is None
     assert "dense_fp32_compiled: not timed, torch.compile failed here (" in capsys.readouterr().out

@@ -269,20 +269,22 @@ def test_the_memory_measure_leaves_the_model_as_it_was(scheme):
     )
 
 
-def test_a_dense_variant_torch_compile_fails_on_is_skipped_with_the_reason(monkeypatch):
+def test_a_dense_variant_torch_compile_fails_on_is_skipped_with_the_reason():
     # e.g. a machine without a C++ compiler for inductor: the job goes on
     # without the compiled variant and says why, instead of failing
     import torch._dynamo
     import torch._inductor.config as inductor
 
     torch._dynamo.reset()  # (no graph compiled earlier in this process reused)
-    monkeypatch.setattr(inductor.cpp, "cxx", ("/nonexistent/g++",))
-    monkeypatch.setattr(inductor, "fx_graph_cache", False)
+    cxx = inductor.cpp.cxx
     model = finetune.make_model("cnn", 28, 8)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     said, skipped = [], {}
-    got = finetune._compiled(model, torch.randn(4, 1, 28, 28), None, "dense fp32 compiled", said.append, skipped)
+    # inductor's own patch (pytest's monkeypatch deletes a config entry at undo)
+    with inductor.patch({"cpp.cxx": ("/nonexistent/g++",), "fx_graph_cache": False}):
+        got = finetune._compiled(model, torch.randn(4, 1, 28, 28), None, "dense fp32 compiled", said.append, skipped)
     torch._dynamo.reset()
+    assert inductor.cpp.cxx == cxx  # the configuration as it was, for the tests after this one
     assert got is None
     assert skipped["dense fp32 compiled"].startswith("torch.compile failed here (")
     assert said == [f"dense fp32 compiled: skipped: {skipped['dense fp32 compiled']}"]
