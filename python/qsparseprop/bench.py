@@ -340,14 +340,20 @@ def _autocast_bf16(module):
     return run
 
 
-def _compiled_timer(name: str, forward, x, g):
+def _compiled_timer(name: str, forward, eager, x, g, bf16: bool):
     """A timer of a torch.compile'd dense forward, compiled here (its first
     forward and backward, untimed), or None where torch.compile fails on this
-    machine (it says why)."""
+    machine or its output is not the eager forward's (it says why)."""
     try:
-        forward(x.detach().requires_grad_()).backward(g)
+        out = forward(x.detach().requires_grad_())
+        out.backward(g)
     except Exception as e:  # inductor's errors have no common base
         print(f"{name}: not timed, torch.compile failed here ({type(e).__name__})", flush=True)
+        return None
+    with torch.no_grad():
+        why = compiled_output_problem(out, eager(x), bf16)
+    if why:
+        print(f"{name}: not timed, {why}", flush=True)
         return None
     return _Timer(name, forward)
 
@@ -365,10 +371,10 @@ def bench_block_case(name, sparsity, scheme, repeats, warmup, dense_compile=Fals
         timers.append(_Timer("dense_bf16", _autocast_bf16(dense)))
     if dense_compile:
         compiled = torch.compile(dense)  # (dense's parameters)
-        wanted = [("dense_fp32_compiled", compiled)]
+        wanted = [("dense_fp32_compiled", compiled, dense, False)]
         if bf16_native():
-            wanted.append(("dense_bf16_compiled", _autocast_bf16(compiled)))
-        timers += [t for t in (_compiled_timer(n, f, x, g) for n, f in wanted) if t is not None]
+            wanted.append(("dense_bf16_compiled", _autocast_bf16(compiled), _autocast_bf16(dense), True))
+        timers += [t for t in (_compiled_timer(n, f, e, x, g, b) for n, f, e, b in wanted) if t is not None]
         _zero_grads(dense)
     for r in range(warmup + repeats):
         for t in _round_order(timers, r):
@@ -499,6 +505,50 @@ def bf16_native() -> bool:
     return machine()["bf16_native"]
 
 
+def inductor_caches_off_under_aten_cap() -> str | None:
+    """Turns off inductor's FX graph cache and AOTAutograd's cache in this
+    process where ``ATEN_CPU_CAPABILITY`` is set, returning a line that says
+    so (None where it is not set, or they are off already). The code inductor
+    generates depends on the capability (the vector width it picks), its
+    caches' keys do not: a graph cached by a run without the cap was loaded
+    by a capped one and built for the narrower ISA, and computed garbage (the
+    main job's CNN capped to AVX2 on an AVX-512 CPU: outputs 1e32 off, loss
+    NaN from the first step, and the job called it the best dense). Capping
+    the three libraries together is how we stand in for another CPU; each
+    compile then starts from nothing (seconds)."""
+    import torch._functorch.config as aot_config
+    import torch._inductor.config as inductor_config
+
+    cap = os.environ.get("ATEN_CPU_CAPABILITY", "").strip()
+    if not cap or not (inductor_config.fx_graph_cache or aot_config.enable_autograd_cache):
+        return None
+    inductor_config.fx_graph_cache = False
+    aot_config.enable_autograd_cache = False
+    return (
+        f"ATEN_CPU_CAPABILITY={cap}: inductor's graph caches are off in this run (their key leaves the "
+        "capability out, and a graph cached without it computes wrong under it)"
+    )
+
+
+def compiled_output_problem(out: torch.Tensor, reference: torch.Tensor, bf16: bool) -> str | None:
+    """Why a torch.compile'd model's output is not the eager model's (None
+    where it is, within the rounding of fp32, or of bf16 autocast with
+    ``bf16``): a compiled model that computes something else is no rival, and
+    timing it would be a fake result."""
+    out, reference = out.detach().float(), reference.detach().float()
+    if out.shape != reference.shape:
+        return f"its output has shape {tuple(out.shape)}, the eager model's {tuple(reference.shape)}"
+    tol = 5e-2 if bf16 else 1e-3
+    scale = max(float(reference.abs().max()), 1.0) if reference.numel() else 1.0
+    diff = float((out - reference).abs().max()) if out.numel() else 0.0
+    if math.isfinite(diff) and diff <= tol * scale:
+        return None
+    return (
+        f"its output is not the eager model's (max |difference| {diff:.3g} against at most {tol * scale:.3g}; "
+        "a stale inductor cache, or an inductor bug)"
+    )
+
+
 def _reexec_capped(isa: str) -> None:
     """oneDNN reads its ISA cap once, at first use: set both caps, then re-exec."""
     env = dict(os.environ, QSP_MAX_CPU_ISA=isa, ONEDNN_MAX_CPU_ISA="AVX512_CORE_BF16", QSP_BENCH_CAPPED="1")
@@ -563,6 +613,8 @@ def main(argv: list[str] | None = None) -> None:
           f"measured peak: fp32 {peak['f32']:.0f} GFLOP/s, int8 {peak['s8']:.0f} GOP/s ({peak['s8_from']})",
           flush=True)  # fmt: skip
     vec = {"auto": None, "width": True, "batch": False}[a.vectorization]
+    if a.what == "block" and a.dense_compile and (line := inductor_caches_off_under_aten_cap()):
+        print(line, flush=True)
 
     def case(shape: str, sp: float, scheme: str) -> dict:
         if a.what == "block":

@@ -48,7 +48,7 @@ from torch.nn.utils import prune
 
 from . import _C, cpu_isa
 from ._paths import output_file_problem
-from .bench import machine
+from .bench import compiled_output_problem, inductor_caches_off_under_aten_cap, machine
 from .memory import saved_activation_bytes
 from .swap import apply_swap_plan, model_state_kept, save_swap_plan, swap_modules_with_sparse, use_masked_relus
 
@@ -701,24 +701,32 @@ def _compiled(model: nn.Module, x: torch.Tensor, autocast, name: str, log, skipp
     layers are planned and tuned by the swap, before theirs): one training
     step's forward and backward on x, the model's state put back. None,
     with a line saying why, where torch.compile fails here (no C++ compiler
-    for inductor, say): the job goes on without the variant."""
+    for inductor, say) or its output is not the eager model's: the job goes
+    on without the variant."""
+    if line := inductor_caches_off_under_aten_cap():
+        log(line)
     compiled = torch.compile(model)
     t = time.perf_counter()
+    why = None
     try:
         with model_state_kept(model):
             model.train()
             with torch.autocast("cpu", dtype=autocast) if autocast is not None else contextlib.nullcontext():
                 out = compiled(x)
+                with torch.no_grad():
+                    reference = model(x)
             out.float().sum().backward()
+        why = compiled_output_problem(out, reference, autocast is not None)
     except Exception as e:  # inductor's errors have no common base; any of them means no such variant here
         first = (str(e).strip().splitlines() or [""])[0][:200]
         why = f"torch.compile failed here ({type(e).__name__}: {first})"
-        skipped[name] = why
-        log(f"{name}: skipped: {why}")
-        return None
     finally:
         for p in model.parameters():
             p.grad = None
+    if why:
+        skipped[name] = why
+        log(f"{name}: skipped: {why}")
+        return None
     log(f"{name}: compiled (inductor) in {time.perf_counter() - t:.1f} s, before its first epoch")
     return compiled
 
@@ -781,6 +789,12 @@ def _best(variants: list[Variant], name: str) -> Variant | None:
     return next((v for v in variants if v.name == name), None)
 
 
+def _diverged(v: Variant) -> int | None:
+    """The first epoch (from 1) whose mean training loss is NaN or infinite;
+    None where every one is finite."""
+    return next((i + 1 for i, loss in enumerate(v.losses) if not math.isfinite(loss)), None)
+
+
 def _report(
     cfg: Config, variants: list[Variant], acc_dense: float, acc_pruned: float, rank: int, world: int,
     skipped: dict[str, str] | None = None, saved: dict[str, str] | None = None,
@@ -791,8 +805,15 @@ def _report(
 
     fp32 = _best(variants, "dense fp32")
     dense = [v for v in variants if v.name.startswith("dense ")]  # bf16 where native, compiled ones where run
-    best = min(dense, key=lambda v: med(v.epoch_s))
-    best_eager = min((v for v in dense if not v.name.endswith(" compiled")), key=lambda v: med(v.epoch_s))
+    # A variant whose loss went NaN or infinite trained nothing: its speed is
+    # no rival's (unless every dense one did so)
+    rivals = [v for v in dense if not _diverged(v)] or dense
+    best = min(rivals, key=lambda v: med(v.epoch_s))
+
+    def eager(vs):
+        return [v for v in vs if not v.name.endswith(" compiled")]
+
+    best_eager = min(eager(rivals) or eager(dense), key=lambda v: med(v.epoch_s))
     rows = []
     for v in variants:
         e = med(v.epoch_s)
@@ -806,7 +827,7 @@ def _report(
                 first_loss=v.first_loss, losses=v.losses, accuracy_curve=v.accuracy, wall_curve=v.wall,
                 sparse_share=v.sparse_share, step_ms=v.step_ms,
                 swapped_layers=v.swapped, pruned_weights_zero=v.pruned_weights_zero,
-                saved=(saved or {}).get(v.name),
+                saved=(saved or {}).get(v.name), diverged_epoch=_diverged(v),
             )
         )  # fmt: skip
     report = dict(
@@ -852,6 +873,15 @@ def format_report(report: dict) -> str:
                          "layer dense (its row is dense training); see swap_plan_*.json for the timings")  # fmt: skip
     for name, why in report.get("skipped", {}).items():
         lines.append(f"not run: {name}: {why}")
+    for r in report["variants"]:
+        if r.get("diverged_epoch"):
+            rival = ""
+            if r["variant"] == report["best_dense"]:
+                rival = " (every dense variant did: the ratios are against a model that trained nothing)"
+            elif r["variant"].startswith("dense "):
+                rival = " (so not the best dense)"
+            lines.append(f"diverged: {r['variant']}: mean training loss {r['losses'][r['diverged_epoch'] - 1]} in "
+                         f"epoch {r['diverged_epoch']}: it trained nothing usable{rival}")  # fmt: skip
     if any(r["variant"].endswith(" compiled") and r.get("step_ms") for r in report["variants"]):
         lines.append("compiled rows: inductor's fused kernels (BatchNorm, ReLU, adds) count as other")
     if report.get("best_eager_dense", report["best_dense"]) != report["best_dense"]:

@@ -2,6 +2,9 @@
 shown by running it, docs/benchmarks.md)."""
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -109,8 +112,81 @@ def test_a_block_torch_compile_fails_on_is_left_out_saying_so(capsys):
     x = torch.randn(4, 8)
     # inductor's own patch (pytest's monkeypatch deletes a config entry at undo)
     with inductor.patch({"cpp.cxx": ("/nonexistent/g++",), "fx_graph_cache": False}):
-        got = bench._compiled_timer("dense_fp32_compiled", torch.compile(dense), x, torch.ones(4, 8))
+        got = bench._compiled_timer("dense_fp32_compiled", torch.compile(dense), dense, x, torch.ones(4, 8), False)
     torch._dynamo.reset()
     assert inductor.cpp.cxx == cxx  # the configuration as it was, for the tests after this one
     assert got is None
     assert "dense_fp32_compiled: not timed, torch.compile failed here (" in capsys.readouterr().out
+
+
+def test_a_compiled_block_that_computes_something_else_is_left_out_saying_so(capsys):
+    # timing a model that computes something else would be a fake result
+    dense = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU())
+    x = torch.randn(4, 8)
+
+    def other(t):  # (stands in for a miscompiled model)
+        return dense(t) + 1.0
+
+    assert bench._compiled_timer("dense_fp32_compiled", other, dense, x, torch.ones(4, 8), False) is None
+    assert "dense_fp32_compiled: not timed, its output is not the eager model's" in capsys.readouterr().out
+    assert bench._compiled_timer("dense_fp32_compiled", dense, dense, x, torch.ones(4, 8), False) is not None
+
+
+def test_a_compiled_output_is_checked_within_its_rounding():
+    ref = torch.tensor([[3.0, -40.0], [0.5, 2.0]])
+    assert bench.compiled_output_problem(ref.clone(), ref, bf16=False) is None
+    assert bench.compiled_output_problem(ref + 0.03, ref, bf16=False) is None  # 1e-3 of max |ref| = 0.04
+    assert "max |difference| 0.05" in bench.compiled_output_problem(ref + 0.05, ref, bf16=False)
+    assert bench.compiled_output_problem(ref + 1.5, ref, bf16=True) is None  # bf16 autocast: 5e-2 of 40
+    assert "its output is not" in bench.compiled_output_problem(ref * 1e30, ref, bf16=True)
+    nan = ref.clone()
+    nan[1, 1] = math.nan
+    assert "max |difference| nan" in bench.compiled_output_problem(nan, ref, bf16=False)
+    assert "shape (2,)" in bench.compiled_output_problem(ref[0], ref, bf16=False)
+
+
+def test_inductor_caches_go_off_only_under_an_aten_cap(monkeypatch):
+    import torch._functorch.config as aot
+    import torch._inductor.config as inductor
+
+    # inductor's own patches put the configuration back for the tests after this one
+    with inductor.patch({"fx_graph_cache": True}), aot.patch({"enable_autograd_cache": True}):
+        monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+        assert bench.inductor_caches_off_under_aten_cap() is None
+        assert inductor.fx_graph_cache and aot.enable_autograd_cache
+        monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+        line = bench.inductor_caches_off_under_aten_cap()
+        assert line.startswith("ATEN_CPU_CAPABILITY=avx2: inductor's graph caches are off")
+        assert not inductor.fx_graph_cache and not aot.enable_autograd_cache
+        assert bench.inductor_caches_off_under_aten_cap() is None  # said once
+
+
+_CACHED_GRAPH = """
+import sys, torch
+from qsparseprop import bench
+if sys.argv[1] == "guarded":
+    print(bench.inductor_caches_off_under_aten_cap())
+torch.manual_seed(0)
+m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 10))
+x = torch.randn(4, 3, 16, 16)
+out = torch.compile(m)(x)
+out.sum().backward()
+with torch.no_grad():
+    print("difference", float((out - m(x)).abs().max()))
+"""
+
+
+def test_a_graph_inductor_cached_without_the_aten_cap_is_not_reused_under_it(tmp_path):
+    # torch 2.13 reused it, built for the capped ISA: on an AVX-512 CPU the
+    # capped model's outputs were off by 0.27 here (the main job's CNN: 1e32)
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path))
+    env.pop("ATEN_CPU_CAPABILITY", None)
+
+    def run(*args, **more):
+        out = subprocess.run([sys.executable, "-c", _CACHED_GRAPH, *args], env=dict(env, **more),
+                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+        return float(out.split("difference")[-1])
+
+    assert run("plain") < 1e-5  # cached, for the host's vector ISA
+    assert run("guarded", ATEN_CPU_CAPABILITY="avx2") < 1e-5

@@ -15,7 +15,7 @@ from qsparseprop import SparseConv2d, SparseLinear, finetune
 FIELDS = {
     "variant", "epoch_s", "speedup_vs_fp32", "speedup_vs_best_dense", "memory_mib", "memory_vs_dense", "accuracy",
     "accuracy_vs_dense", "first_loss", "losses", "accuracy_curve", "wall_curve", "sparse_share", "swapped_layers",
-    "pruned_weights_zero", "step_ms", "saved", "speedup_vs_best_eager_dense",
+    "pruned_weights_zero", "step_ms", "saved", "speedup_vs_best_eager_dense", "diverged_epoch",
 }  # fmt: skip
 
 
@@ -290,3 +290,60 @@ def test_a_dense_variant_torch_compile_fails_on_is_skipped_with_the_reason():
     assert said == [f"dense fp32 compiled: skipped: {skipped['dense fp32 compiled']}"]
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_dense_variant_compiled_into_something_else_is_skipped_with_the_reason(monkeypatch):
+    # a stale inductor cache made one compute garbage (loss NaN) and the job
+    # called it the best dense: its first output is now checked against the
+    # eager model's
+    class Miscompiled(torch.nn.Module):  # (stands in for a miscompiled model)
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            return self.model(x) + 1.0
+
+    monkeypatch.setattr(torch, "compile", Miscompiled)
+    model = finetune.make_model("cnn", 28, 8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    said, skipped = [], {}
+    got = finetune._compiled(model, torch.randn(4, 1, 28, 28), None, "dense fp32 compiled", said.append, skipped)
+    assert got is None
+    assert skipped["dense fp32 compiled"].startswith("its output is not the eager model's (max |difference| 1 ")
+    assert said[-1] == f"dense fp32 compiled: skipped: {skipped['dense fp32 compiled']}"
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def _variant(name, epoch_s, losses):
+    return finetune.Variant(name, epoch_s=[epoch_s] * 2, losses=losses, first_loss=2.3, accuracy=[0.8, 0.85],
+                            wall=[epoch_s, 2 * epoch_s], memory_bytes=2**20)  # fmt: skip
+
+
+def test_a_diverged_variant_is_flagged_and_never_the_best_dense():
+    nan = float("nan")
+    variants = [
+        _variant("dense fp32", 12.0, [0.5, 0.4]),
+        _variant("dense bf16 autocast", 7.0, [0.5, 0.4]),
+        _variant("dense fp32 compiled", 3.0, [nan, nan]),  # the fastest, and trained nothing
+        _variant("dense bf16 autocast compiled", 6.0, [0.5, 0.4]),
+        _variant("qsparseprop int8", 4.0, [0.5, float("inf")]),
+    ]
+    report = finetune._report(finetune.Config(), variants, 0.8, 0.2, 0, 1)
+    assert report["best_dense"] == "dense bf16 autocast compiled"
+    assert report["best_eager_dense"] == "dense bf16 autocast"
+    rows = {r["variant"]: r for r in report["variants"]}
+    assert [rows[n]["diverged_epoch"] for n in rows] == [None, None, 1, None, 2]
+    assert rows["qsparseprop int8"]["speedup_vs_best_dense"] == pytest.approx(1.5)
+    text = finetune.format_report(report)
+    assert "diverged: dense fp32 compiled: mean training loss nan in epoch 1: it trained nothing usable (so not" in text
+    assert "diverged: qsparseprop int8: mean training loss inf in epoch 2: it trained nothing usable\n" in text
+    # every dense one diverged: the fastest is still named, each flagged
+    for v in variants[:4]:
+        v.losses = [nan, nan]
+    report = finetune._report(finetune.Config(), variants, 0.8, 0.2, 0, 1)
+    assert (report["best_dense"], report["best_eager_dense"]) == ("dense fp32 compiled", "dense bf16 autocast")
+    text = finetune.format_report(report)
+    assert text.count("(so not the best dense)") == 3
+    assert "epoch 1: it trained nothing usable (every dense variant did: the ratios are against a model" in text
