@@ -246,6 +246,11 @@ def _training_memory(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tens
     return act + 2 * params + state  # parameters and their gradients
 
 
+def _autocast(dtype: torch.dtype | None):
+    """The variant's autocast (None: none, fp32)."""
+    return torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
 def train(model, variant: Variant, data, epochs, batch, lr, seed, **kwargs) -> None:
     """Trains ``model`` for ``epochs`` epochs (``training``, run to its end)."""
     for _ in training(model, variant, data, epochs, batch, lr, seed, **kwargs):
@@ -269,7 +274,7 @@ def training(
         if cosine
         else None
     )
-    ctx = torch.autocast("cpu", dtype=autocast) if autocast is not None else contextlib.nullcontext()
+    ctx = _autocast(autocast)
     gen = torch.Generator().manual_seed(seed)
     wall = 0.0
     steps = len(ytr) // batch
@@ -711,7 +716,7 @@ def _compiled(model: nn.Module, x: torch.Tensor, autocast, name: str, log, skipp
     try:
         with model_state_kept(model):
             model.train()
-            with torch.autocast("cpu", dtype=autocast) if autocast is not None else contextlib.nullcontext():
+            with _autocast(autocast):
                 out = compiled(x)
                 with torch.no_grad():
                     reference = model(x)
