@@ -795,9 +795,16 @@ def _best(variants: list[Variant], name: str) -> Variant | None:
 
 
 def _diverged(v: Variant) -> int | None:
-    """The first epoch (from 1) whose mean training loss is NaN or infinite;
-    None where every one is finite."""
-    return next((i + 1 for i, loss in enumerate(v.losses) if not math.isfinite(loss)), None)
+    """The first epoch (from 1) whose mean training loss is NaN or infinite,
+    or blew up: above 10 and ten times its first step's (a learning rate far
+    too high: the model ends at chance with a finite loss); None where none
+    did."""
+    start = v.first_loss if v.first_loss is not None and math.isfinite(v.first_loss) else math.inf
+
+    def blown(loss: float) -> bool:
+        return not math.isfinite(loss) or (loss > 10.0 and loss > 10.0 * start)
+
+    return next((i + 1 for i, loss in enumerate(v.losses) if blown(loss)), None)
 
 
 def _report(
@@ -885,8 +892,10 @@ def format_report(report: dict) -> str:
                 rival = " (every dense variant did: the ratios are against a model that trained nothing)"
             elif r["variant"].startswith("dense "):
                 rival = " (so not the best dense)"
-            lines.append(f"diverged: {r['variant']}: mean training loss {r['losses'][r['diverged_epoch'] - 1]} in "
-                         f"epoch {r['diverged_epoch']}: it trained nothing usable{rival}")  # fmt: skip
+            first = "-" if r["first_loss"] is None else f"{r['first_loss']:.4g}"
+            loss = r["losses"][r["diverged_epoch"] - 1]
+            lines.append(f"diverged: {r['variant']}: mean training loss {loss:.4g} in epoch {r['diverged_epoch']} "
+                         f"(its first step's {first}): it trained nothing usable{rival}")  # fmt: skip
     if any(r["variant"].endswith(" compiled") and r.get("step_ms") for r in report["variants"]):
         lines.append("compiled rows: inductor's fused kernels (BatchNorm, ReLU, adds) count as other")
     if report.get("best_eager_dense", report["best_dense"]) != report["best_dense"]:
@@ -1107,9 +1116,15 @@ def main(argv: list[str] | None = None) -> dict:
     launched = _torchrun_ranks()
     if launched and a.nproc > 1:
         p.error("--nproc starts processes itself; under torchrun leave it out (torchrun's --nproc-per-node)")
+    if cfg.train_subset and cfg.train_subset < cfg.batch_size:  # (an epoch of whole batches only)
+        p.error(f"--train-images {cfg.train_subset} is less than one batch (--batch-size {cfg.batch_size}): "
+                "an epoch would have no step")  # fmt: skip
+    processes = launched[1] if launched else a.nproc
+    if cfg.batch_size < processes:  # each process takes its slice of every batch
+        p.error(f"--batch-size {cfg.batch_size} gives some of the {processes} processes no images: "
+                f"at least {processes}")  # fmt: skip
     m = machine()
     if not launched or launched[0] == 0:
-        processes = launched[1] if launched else a.nproc
         images = f"{cfg.train_subset} training images per epoch" if cfg.train_subset else "all training images"
         print(f"qsparseprop finetune: {cfg.model} on {cfg.dataset} ({images}), "
               f"{cfg.sparsity:.0%} sparse ({cfg.pruning}), "

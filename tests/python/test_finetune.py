@@ -187,13 +187,17 @@ def test_a_half_set_torchrun_environment_is_refused(monkeypatch, env, says):
         (lambda d: ["--out", str(d / "file")], "--out"),  # a file where the directory goes
         (lambda d: ["--data-dir", str(d / "nowhere")], "--data-dir"),
         (lambda d: ["--data-dir", str(d)], "Fashion-MNIST not found"),
+        # an epoch without a step (a ZeroDivisionError in the learning-rate schedule, after pre-training)
+        (lambda d: ["--train-images", "100"], "--train-images 100 is less than one batch (--batch-size 128)"),
+        (lambda d: ["--batch-size", "1", "--nproc", "2"], "--batch-size 1 gives some of the 2 processes no images"),
     ],
 )
-def test_bad_paths_are_refused_before_any_work(tmp_path, capsys, make_args, says):
-    """Every output path and the data set are checked first: one argparse
-    error (exit status 2) naming the flag. They used to fail late: --json
-    after the whole run (the report lost), --out after the dense
-    pre-training, a missing --data-dir with a traceback."""
+def test_bad_paths_and_bounds_are_refused_before_any_work(tmp_path, capsys, make_args, says):
+    """Every output path, the data set and the bounds are checked first: one
+    argparse error (exit status 2) naming the flag. They used to fail late:
+    --json after the whole run (the report lost), --out and too few
+    --train-images after the dense pre-training, a missing --data-dir with
+    a traceback."""
     (tmp_path / "file").write_text("x")
     args = ["--quick", "--no-progress", "--out", str(tmp_path / "out"), *make_args(tmp_path)]
     with pytest.raises(SystemExit) as e:
@@ -337,8 +341,14 @@ def test_a_diverged_variant_is_flagged_and_never_the_best_dense():
     assert [rows[n]["diverged_epoch"] for n in rows] == [None, None, 1, None, 2]
     assert rows["qsparseprop int8"]["speedup_vs_best_dense"] == pytest.approx(1.5)
     text = finetune.format_report(report)
-    assert "diverged: dense fp32 compiled: mean training loss nan in epoch 1: it trained nothing usable (so not" in text
-    assert "diverged: qsparseprop int8: mean training loss inf in epoch 2: it trained nothing usable\n" in text
+    assert (
+        "diverged: dense fp32 compiled: mean training loss nan in epoch 1 (its first step's 2.3): it trained "
+        "nothing usable (so not the best dense)" in text
+    )
+    assert (
+        "diverged: qsparseprop int8: mean training loss inf in epoch 2 (its first step's 2.3): it trained "
+        "nothing usable\n" in text
+    )
     # every dense one diverged: the fastest is still named, each flagged
     for v in variants[:4]:
         v.losses = [nan, nan]
@@ -346,4 +356,10 @@ def test_a_diverged_variant_is_flagged_and_never_the_best_dense():
     assert (report["best_dense"], report["best_eager_dense"]) == ("dense fp32 compiled", "dense bf16 autocast")
     text = finetune.format_report(report)
     assert text.count("(so not the best dense)") == 3
-    assert "epoch 1: it trained nothing usable (every dense variant did: the ratios are against a model" in text
+    # a finite loss that blew up (a learning rate far too high) is divergence too; a rise is not
+    variants[0].losses, variants[1].losses = [0.5, 23.1], [0.5, 22.9]
+    report = finetune._report(finetune.Config(), variants, 0.8, 0.2, 0, 1)
+    assert [r["diverged_epoch"] for r in report["variants"][:2]] == [2, None]
+    variants[0].first_loss = 9.0  # 23.1 is under ten times it
+    assert finetune._report(finetune.Config(), variants, 0.8, 0.2, 0, 1)["variants"][0]["diverged_epoch"] is None
+    assert "(its first step's 2.3): it trained nothing usable (every dense variant did: the ratios are against" in text
