@@ -442,10 +442,11 @@ def export_main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
         prog="qsparseprop export-patterns",
         description="Writes a model's sparse layers (class, configuration, input shape, pattern) for "
-        "qsparseprop warmup. The model file is one saved whole with torch.save(model); loading it runs "
-        "its pickled code, so load only files you trust.",
+        "qsparseprop warmup. The model file is one saved whole with torch.save(model) (loading it runs "
+        "its pickled code, so load only files you trust), or a fine-tuned model qsparseprop finetune saved "
+        "(finetuned_<variant>.pt: plain data, its layers swapped again from their plan).",
     )
-    p.add_argument("model", help="a model saved with torch.save(model)")
+    p.add_argument("model", help="a model saved with torch.save(model), or by qsparseprop finetune")
     p.add_argument("--input-shape", type=lambda s: _ints(s, "--input-shape"), required=True,
                    help="the model's input shape, e.g. 32,3,224,224")  # fmt: skip
     p.add_argument("--scheme", choices=["f32", "s8"], default=None,
@@ -463,8 +464,16 @@ def export_main(argv: list[str] | None = None) -> None:
         p.error(f"cannot read {a.model}: {e.strerror or e}")
     except Exception as e:  # not a torch file, or its pickled classes cannot be imported here
         p.error(f"{a.model} is not a model saved with torch.save(model): {type(e).__name__}: {e}")
+    if isinstance(model, dict) and "plan" in model and "state_dict" in model:  # qsparseprop finetune's own file
+        from .finetune import load_finetuned
+
+        try:
+            model = load_finetuned(a.model)
+        except ValueError as e:
+            p.error(str(e))
     if not isinstance(model, nn.Module):
-        p.error(f"{a.model} holds a {type(model).__name__}, not a torch.nn.Module saved whole")
+        p.error(f"{a.model} holds a {type(model).__name__}, not a torch.nn.Module saved whole "
+                "(or a model qsparseprop finetune saved)")  # fmt: skip
     if a.scheme:
         from .swap import swap_modules_with_sparse
 

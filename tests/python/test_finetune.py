@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from qsparseprop import SparseConv2d, SparseLinear, finetune
+from qsparseprop import SparseConv2d, SparseLinear, finetune, warmup
 
 FIELDS = {
     "variant", "epoch_s", "speedup_vs_fp32", "speedup_vs_best_dense", "memory_mib", "memory_vs_dense", "accuracy",
@@ -108,6 +108,11 @@ def test_quick_run_reports_every_field_trains_and_keeps_pruned_weights_zero(tmp_
         assert accuracy == r["accuracy"] if exact else abs(accuracy - r["accuracy"]) <= 2 / len(data[3]), r
     with pytest.raises(ValueError, match="not a model saved by qsparseprop finetune"):
         finetune.load_finetuned(cached[0])
+    # and goes to the warm-up tool as it is: its swapped layers' patterns
+    int8 = next(r for r in on_disk["variants"] if r["variant"] == "qsparseprop int8")
+    warmup.export_main([int8["saved"], "--input-shape", "64,1,28,28", "-o", str(tmp_path / "p.json")])
+    patterns = warmup.load_patterns(str(tmp_path / "p.json"))
+    assert len(patterns) == len(int8["swapped_layers"]) > 0
     saved = torch.load(on_disk["variants"][-1]["saved"], weights_only=True)
     for edit, says in (
         ({"plan": "swap_plan_s8.json"}, "its 'plan' is missing or not a list or None"),
