@@ -1214,21 +1214,73 @@ def _linear_act_linear(first: nn.Module, act: nn.Module, second: nn.Module, inpu
     them, while the modules are what the rewrite found and no hook (theirs,
     or a global one) is there to see the calls; else the modules are
     called, as the parent's own forward would."""
-    linear = (SparseLinear, QuantizedSparseLinear)
-    fits, gelu = (False, None)
-    if type(first) in linear and type(second) in linear and first.out_features == second.in_features:
-        fits, gelu = _chain_activation(first, act)
-    plain = _called_plainly(act) and not any(map(_observed, (first, second)))  # (their ReLU markers too)
-    if fits and not _ops.traced() and plain:
-        x = first._check_input(input, tuple(range(1, 9)), "at least 1-D (..., in_features)")
-        second._check_input(x, (x.dim(),), "")  # its values' dtype
-        if x.shape[-1] == first.in_features and x.numel() > 0:
-            lead = x.shape[:-1]
-            y = _ops.linear_act_linear(first, second, x.reshape(-1, first.in_features).contiguous(), gelu)
-            if second.fused_relu:
-                y = _ops.relu_bits(y)
-            return y.reshape(*lead, second.out_features)
+    fits, gelu = _chain_activation(first, act) if _mlp_pair(first, second) else (False, None)
+    if fits and _called_plainly(act):
+        y = _mlp_block(first, second, input, gelu)
+        if y is not None:
+            return y
     return second(act(first(input)))
+
+
+def _mlp_pair(first: nn.Module, second: nn.Module) -> bool:
+    """Whether two modules are swapped Linear layers (f32 or s8) that can
+    run as one MLP block, the first's outputs the second's inputs."""
+    linear = (SparseLinear, QuantizedSparseLinear)
+    return type(first) in linear and type(second) in linear and first.out_features == second.in_features
+
+
+def _mlp_block(first: nn.Module, second: nn.Module, input, gelu: str | None) -> torch.Tensor | None:
+    """second(act(first(input))) as one block (act the ReLU with gelu None,
+    else torch's GELU of that ``approximate``), or None where it cannot run
+    so — traced, a hook on either layer (or a global one), an input of
+    another width or none — and the caller calls the modules."""
+    if _ops.traced() or any(map(_observed, (first, second))):  # (their ReLU markers too)
+        return None
+    x = first._check_input(input, tuple(range(1, 9)), "at least 1-D (..., in_features)")
+    second._check_input(x, (x.dim(),), "")  # its values' dtype
+    if x.shape[-1] != first.in_features or x.numel() == 0:
+        return None
+    lead = x.shape[:-1]
+    y = _ops.linear_act_linear(first, second, x.reshape(-1, first.in_features).contiguous(), gelu)
+    if second.fused_relu:
+        y = _ops.relu_bits(y)
+    return y.reshape(*lead, second.out_features)
+
+
+def _encoder_activation(act) -> tuple[bool, str | None]:
+    """(whether an ``nn.TransformerEncoderLayer``'s ``activation`` can run
+    inside the fused MLP block, the GELU's ``approximate`` or None for the
+    ReLU): torch's functions (its "relu" and "gelu") or modules."""
+    if act is F.relu or type(act) is nn.ReLU:
+        return True, None
+    if act is F.gelu:
+        return True, "none"
+    if type(act) is nn.GELU and act.approximate in ("none", "tanh"):
+        return True, act.approximate
+    return False, None
+
+
+def _encoder_ff_block(self: nn.TransformerEncoderLayer, x: torch.Tensor) -> torch.Tensor:
+    """``nn.TransformerEncoderLayer._ff_block`` (``dropout2(linear2(dropout(
+    activation(linear1(x)))))``) with linear1 -> activation -> linear2 run
+    as one MLP block, while its middle dropout is the identity (p 0, or
+    eval), the activation a ReLU or GELU and the two layers swapped Linear
+    layers nothing hooks; else torch's own. ``qsparseprop.fuse`` binds it to
+    the layer instance (swap._fuse_encoder_mlps): torch traces no encoder
+    layer with fx (its forward branches on its inputs), so it is matched by
+    class. Named ``_ff_block``: pickle stores a bound method by name, so an
+    unpickled layer has its class's ``_ff_block`` (the same results)."""
+    first, second, dropout = self.linear1, self.linear2, self.dropout
+    fits, gelu = _encoder_activation(self.activation) if _mlp_pair(first, second) else (False, None)
+    quiet = not isinstance(self.activation, nn.Module) or _called_plainly(self.activation)
+    if fits and quiet and (dropout.p == 0 or not dropout.training) and _called_plainly(dropout):
+        y = _mlp_block(first, second, x, gelu)
+        if y is not None:
+            return self.dropout2(y)
+    return nn.TransformerEncoderLayer._ff_block(self, x)
+
+
+_encoder_ff_block.__name__ = "_ff_block"
 
 
 class QuantizedSparseConv2d(SparseConv2d):

@@ -40,6 +40,8 @@ from .modules import (
     _conv_deferring,
     _conv_reading_deferred,
     _convs_sharing_input,
+    _encoder_activation,
+    _encoder_ff_block,
     _linear_act_linear,
     _record_places,
     _relu_marker,
@@ -801,7 +803,10 @@ def fuse(model: nn.Module, relu: bool = True) -> nn.Module:
     An ``nn.TransformerEncoderLayer`` with a sparse ``linear1`` or
     ``linear2`` is kept off torch's fused inference path, which would read
     their dense weights and run dense (``swap_modules_with_sparse`` and
-    :func:`apply_swap_plan` do the same; :func:`to_dense` restores it).
+    :func:`apply_swap_plan` do the same; :func:`to_dense` restores it);
+    with ``relu`` and both swapped, its MLP (linear1 -> ReLU or GELU ->
+    linear2) runs as one block as a traced one does, its ``_ff_block``
+    rebound to the instance (:func:`to_dense` gives the class's back).
 
     >>> import torch
     >>> from qsparseprop import SparseConv2d, fuse
@@ -828,6 +833,7 @@ def _fuse(model: nn.Module, rows: dict[str, SwapDecision] | None, batch_norm: bo
     if relu:
         _fuse_traced_relus(model, rows)
         _fuse_linear_chains(model, rows)
+        _fuse_encoder_mlps(model, rows)
     _record_places(model)
 
 
@@ -1427,11 +1433,41 @@ def _fuse_linear_chains(model: nn.Module, rows) -> None:
         _rewrite_forward(parent, graph)
 
 
+def _fuse_encoder_mlps(model: nn.Module, rows) -> None:
+    """Binds modules._encoder_ff_block to each ``nn.TransformerEncoderLayer``
+    (whose class keeps torch's ``_ff_block``) with swapped ``linear1`` and
+    ``linear2`` and a ReLU or GELU activation: its MLP runs as one block, the
+    hidden activation in the kernels' layout (int8: no fp32 copy of it kept
+    for the backward). fx cannot trace the layer's forward (it branches on
+    its inputs), so _fuse_linear_chains never sees it."""
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.TransformerEncoderLayer) or _encoder_mlp_fused(mod):
+            continue
+        if type(mod)._ff_block is not nn.TransformerEncoderLayer._ff_block:  # a subclass's own MLP
+            continue
+        first, second = getattr(mod, "linear1", None), getattr(mod, "linear2", None)
+        if not (_is_sparse_linear(first) and _is_sparse_linear(second)) or first.out_features != second.in_features:
+            continue
+        full = f"{name}.linear1" if name else "linear1"
+        if (rows is not None and full not in rows) or not _encoder_activation(mod.activation)[0]:
+            continue
+        object.__setattr__(mod, "_ff_block", types.MethodType(_encoder_ff_block, mod))
+        if rows is not None:
+            rows[full].fused_kept_layout = True
+
+
+def _encoder_mlp_fused(mod: nn.Module) -> bool:
+    return getattr(mod.__dict__.get("_ff_block"), "__func__", None) is _encoder_ff_block
+
+
 def _unfuse_traced_blocks(model: nn.Module) -> None:
-    """Gives each rewritten block its class's forward back."""
+    """Gives each rewritten block its class's forward back (an encoder
+    layer its class's _ff_block)."""
     for mod in model.modules():
         if mod.__dict__.pop(_FUSED_FORWARD, False):
             mod.__dict__.pop("forward", None)
+        if "_ff_block" in mod.__dict__ and isinstance(mod, nn.TransformerEncoderLayer):
+            del mod.__dict__["_ff_block"]  # (ours, or the class's one an unpickled layer got)
 
 
 def use_masked_relus(model: nn.Module) -> nn.Module:

@@ -344,3 +344,161 @@ def test_random_fused_mlps_equal_their_unfused_layers(width, hidden, lead, token
     unfused.eval(), fused.eval()
     with torch.no_grad():
         _same([fused(x)], [unfused(x)], "eval", tolerance)
+
+
+# torch's nn.TransformerEncoderLayer: fx cannot trace its forward, so its MLP
+# (linear1 -> activation -> dropout -> linear2) is matched by class and its
+# _ff_block rebound to the instance.
+ENCODER_ACTIVATIONS = {
+    "relu": "relu",
+    "gelu": "gelu",
+    "gelu_tanh_module": lambda: nn.GELU(approximate="tanh"),
+    "relu_module": nn.ReLU,
+}
+
+
+def _encoder(act="relu", norm_first=False, batch_first=True, dropout=0.0, seed=0):
+    torch.manual_seed(seed)
+    activation = ENCODER_ACTIVATIONS[act]
+    layer = nn.TransformerEncoderLayer(
+        16, 2, 48, dropout=dropout, activation=activation if isinstance(activation, str) else activation(),
+        batch_first=batch_first, norm_first=norm_first,
+    )  # fmt: skip
+    for m in (layer.linear1, layer.linear2):
+        prune_random_(m, 0.8)
+    return layer
+
+
+def _encoder_pair(dense, scheme):
+    unfused = copy.deepcopy(dense)
+    unfused.linear1 = CLASSES[scheme].from_dense(unfused.linear1, seed=5)
+    unfused.linear2 = CLASSES[scheme].from_dense(unfused.linear2, seed=6)
+    unfused.activation_relu_or_gelu = 0  # off torch's inference fast path (dense weights), as fuse does
+    return unfused, q.fuse(copy.deepcopy(unfused))
+
+
+@pytest.mark.parametrize("scheme", ["f32", "s8"])
+@pytest.mark.parametrize("act", ENCODER_ACTIVATIONS)
+@pytest.mark.parametrize("threads", [1, 3])
+def test_a_transformer_encoder_layers_mlp_runs_as_one_block(scheme, act, threads, monkeypatch):
+    # the unfused layer runs torch's _ff_block on the same two sparse layers:
+    # ReLU bit for bit, GELU within its rounding as above
+    tolerance = None if act.startswith("relu") else ((1e-4, 1e-5) if scheme == "f32" else (2e-2, 2e-3))
+    for norm_first, batch_first in ((False, True), (True, False)):
+        unfused, fused = _encoder_pair(_encoder(act, norm_first, batch_first), scheme)
+        assert "_ff_block" in fused.__dict__ and "_ff_block" not in unfused.__dict__
+        calls = _chain_calls(monkeypatch)
+        torch.set_num_threads(threads)
+        try:
+            gen = torch.Generator().manual_seed(3)
+            for step, shape in enumerate([(1, 1, 16), (3, 7, 16), (2, 33, 16)]):
+                x, g = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+                _same(_step(fused, x, g), _step(unfused, x, g), f"{act} step {step} {shape}", tolerance)
+                with torch.no_grad():
+                    for a, b in zip(unfused.parameters(), fused.parameters(), strict=True):
+                        a -= 0.05 * a.grad
+                        b -= 0.05 * b.grad
+            unfused.eval(), fused.eval()
+            with torch.no_grad():  # (torch's fused inference path stays off: the layers are sparse)
+                x = torch.randn(4, 5, 16, generator=gen)
+                _same([fused(x)], [unfused(x)], "eval", tolerance)
+        finally:
+            torch.set_num_threads(2)
+        assert len(calls) == 4  # every call ran as one block, eval included
+
+
+def test_an_encoder_layers_mlp_without_its_relu_would_be_seen():
+    unfused, fused = _encoder_pair(_encoder(), "s8")
+    x = torch.randn(2, 9, 16)
+    skipped = copy.deepcopy(unfused)
+    skipped.activation = nn.Identity()
+    assert torch.equal(fused(x), unfused(x)) and not torch.equal(skipped(x), unfused(x))
+
+
+def test_an_encoder_layer_runs_torchs_mlp_where_the_block_cannot(monkeypatch):
+    calls = _chain_calls(monkeypatch)
+    x, g = torch.randn(2, 6, 16), torch.randn(2, 6, 16)
+    # a dropout that drops (training), a hook on a layer, an activation the
+    # block has no kernel for: torch's _ff_block, the same values
+    unfused, fused = _encoder_pair(_encoder(dropout=0.3), "f32")
+    torch.manual_seed(7)
+    want = _step(unfused, x, g)
+    torch.manual_seed(7)
+    _same(_step(fused, x, g), want, "dropout")
+    assert not calls
+    fused.eval(), unfused.eval()
+    with torch.no_grad():
+        assert torch.equal(fused(x), unfused(x)) and len(calls) == 1  # eval: the dropout is the identity
+    unfused, fused = _encoder_pair(_encoder(), "f32")
+    calls.clear()
+    seen = []
+    handle = fused.linear2.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    _same(_step(fused, x, g), _step(unfused, x, g), "hooked")
+    handle.remove()
+    assert seen == [(2, 6, 16)] and not calls
+    fused.activation = unfused.activation = torch.tanh
+    _same(_step(fused, x, g), _step(unfused, x, g), "tanh")
+    assert not calls
+
+    # not fused at all: a subclass with its own MLP, or one sparse layer only
+    class MyLayer(nn.TransformerEncoderLayer):
+        def _ff_block(self, x):
+            return super()._ff_block(x) * 2
+
+    mine = MyLayer(16, 2, 48, dropout=0.0, batch_first=True)
+    mine.linear1 = q.SparseLinear.from_dense(mine.linear1)
+    mine.linear2 = q.SparseLinear.from_dense(mine.linear2)
+    assert "_ff_block" not in q.fuse(mine).__dict__
+    half = copy.deepcopy(_encoder())
+    half.linear1 = q.SparseLinear.from_dense(half.linear1)
+    assert "_ff_block" not in q.fuse(half).__dict__
+
+
+def test_an_encoder_layer_fused_stays_the_same_model(tmp_path):
+    unfused, fused = _encoder_pair(_encoder(), "s8")
+    assert list(fused.state_dict()) == list(unfused.state_dict())
+    x = torch.randn(3, 4, 16)
+    with torch.no_grad():
+        fused.eval(), unfused.eval()
+        want = unfused(x)
+        twin = copy.deepcopy(fused)
+        assert twin._ff_block.__self__ is twin and torch.equal(twin(x), want)
+        torch.save(fused, tmp_path / "enc.pt")
+        back = torch.load(tmp_path / "enc.pt", weights_only=False)  # torch's _ff_block: the same values
+        assert torch.equal(back(x), want) and torch.equal(q.fuse(back)(x), want)
+        assert "_ff_block" in back.__dict__  # fused again
+        dense = q.to_dense(fused)
+        assert "_ff_block" not in dense.__dict__ and type(dense.linear1) is nn.Linear
+        torch.testing.assert_close(dense(x), want, rtol=0.05, atol=0.05)  # fp32 now, not int8
+
+
+def test_the_swap_fuses_an_encoder_layers_mlp_and_its_plan_records_it(tmp_path):
+    # the main job's --model transformer: every layer's MLP, int8 keeping no
+    # fp32 hidden activation for the backward (the saved bytes below: it kept
+    # more than dense before, its int8 copy beside torch's ReLU output)
+    from qsparseprop.memory import saved_activation_bytes
+
+    torch.manual_seed(0)
+    dense = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 2, 128, dropout=0.0, batch_first=True), 2,
+                                  enable_nested_tensor=False)  # fmt: skip
+    for layer in dense.layers:
+        for m in (layer.linear1, layer.linear2):
+            prune_random_(m, 0.9)
+    fresh = copy.deepcopy(dense)
+    swapped = q.swap_modules_with_sparse(copy.deepcopy(dense), (8, 16, 32), verbose=False, min_speedup=0.0)
+    rows = {r.name: r for r in swapped.qsparseprop_swap_report}
+    assert all(rows[f"layers.{i}.linear1"].fused_kept_layout for i in range(2))
+    assert all("_ff_block" in layer.__dict__ for layer in swapped.layers)
+    x = torch.randn(8, 16, 32)
+    hidden = 8 * 16 * 128 * 4  # one layer's fp32 hidden activation
+    unfused = q.swap_modules_with_sparse(
+        copy.deepcopy(dense), (8, 16, 32), verbose=False, min_speedup=0.0, fuse_relu=False
+    )
+    saved = {m: saved_activation_bytes(m, x) for m in (dense, unfused, swapped)}
+    assert saved[unfused] > saved[dense] - hidden / 2  # (the int8 inputs' savings, about what the copy costs)
+    assert saved[swapped] < saved[dense] - 1.5 * hidden  # each layer's hidden as int8 + a bit, not fp32
+    q.save_swap_plan(swapped, tmp_path / "plan.json")
+    again = q.apply_swap_plan(fresh, tmp_path / "plan.json")
+    assert all("_ff_block" in layer.__dict__ for layer in again.layers)
+    with torch.no_grad():
+        assert torch.equal(again.eval()(x), swapped.eval()(x))
