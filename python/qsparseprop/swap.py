@@ -1441,7 +1441,7 @@ def _fuse_encoder_mlps(model: nn.Module, rows) -> None:
     for the backward). fx cannot trace the layer's forward (it branches on
     its inputs), so _fuse_linear_chains never sees it."""
     for name, mod in model.named_modules():
-        if not isinstance(mod, nn.TransformerEncoderLayer) or _encoder_mlp_fused(mod):
+        if not isinstance(mod, nn.TransformerEncoderLayer):
             continue
         if type(mod)._ff_block is not nn.TransformerEncoderLayer._ff_block:  # a subclass's own MLP
             continue
@@ -1451,13 +1451,10 @@ def _fuse_encoder_mlps(model: nn.Module, rows) -> None:
         full = f"{name}.linear1" if name else "linear1"
         if (rows is not None and full not in rows) or not _encoder_activation(mod.activation)[0]:
             continue
-        object.__setattr__(mod, "_ff_block", types.MethodType(_encoder_ff_block, mod))
+        if getattr(mod.__dict__.get("_ff_block"), "__func__", None) is not _encoder_ff_block:  # (fused once)
+            object.__setattr__(mod, "_ff_block", types.MethodType(_encoder_ff_block, mod))
         if rows is not None:
             rows[full].fused_kept_layout = True
-
-
-def _encoder_mlp_fused(mod: nn.Module) -> bool:
-    return getattr(mod.__dict__.get("_ff_block"), "__func__", None) is _encoder_ff_block
 
 
 def _unfuse_traced_blocks(model: nn.Module) -> None:
