@@ -1247,10 +1247,11 @@ def _mlp_block(first: nn.Module, second: nn.Module, input, gelu: str | None) -> 
     return y.reshape(*lead, second.out_features)
 
 
-def _encoder_activation(act) -> tuple[bool, str | None]:
-    """(whether an ``nn.TransformerEncoderLayer``'s ``activation`` can run
-    inside the fused MLP block, the GELU's ``approximate`` or None for the
-    ReLU): torch's functions (its "relu" and "gelu") or modules."""
+def _transformer_activation(act) -> tuple[bool, str | None]:
+    """(whether an ``nn.TransformerEncoderLayer``'s or decoder layer's
+    ``activation`` can run inside the fused MLP block, the GELU's
+    ``approximate`` or None for the ReLU): torch's functions (its "relu"
+    and "gelu") or modules."""
     if act is F.relu or type(act) is nn.ReLU:
         return True, None
     if act is F.gelu:
@@ -1260,27 +1261,34 @@ def _encoder_activation(act) -> tuple[bool, str | None]:
     return False, None
 
 
-def _encoder_ff_block(self: nn.TransformerEncoderLayer, x: torch.Tensor) -> torch.Tensor:
-    """``nn.TransformerEncoderLayer._ff_block`` (``dropout2(linear2(dropout(
+# torch's transformer layers whose _ff_block is dropout_end(linear2(dropout(
+# activation(linear1(x))))): the class and its last dropout's name
+_TRANSFORMER_LAYERS = ((nn.TransformerEncoderLayer, "dropout2"), (nn.TransformerDecoderLayer, "dropout3"))
+
+
+def _transformer_ff_block(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The ``_ff_block`` of torch's ``nn.TransformerEncoderLayer`` and
+    ``nn.TransformerDecoderLayer`` (``dropout_end(linear2(dropout(
     activation(linear1(x)))))``) with linear1 -> activation -> linear2 run
     as one MLP block, while its middle dropout is the identity (p 0, or
     eval), the activation a ReLU or GELU and the two layers swapped Linear
     layers nothing hooks; else torch's own. ``qsparseprop.fuse`` binds it to
-    the layer instance (swap._fuse_encoder_mlps): torch traces no encoder
-    layer with fx (its forward branches on its inputs), so it is matched by
-    class. Named ``_ff_block``: pickle stores a bound method by name, so an
+    the layer instance (swap._fuse_transformer_mlps): fx traces no such
+    layer (its forward branches on its inputs), so it is matched by class.
+    Named ``_ff_block``: pickle stores a bound method by name, so an
     unpickled layer has its class's ``_ff_block`` (the same results)."""
+    cls, end = next(c for c in _TRANSFORMER_LAYERS if isinstance(self, c[0]))
     first, second, dropout = self.linear1, self.linear2, self.dropout
-    fits, gelu = _encoder_activation(self.activation) if _mlp_pair(first, second) else (False, None)
+    fits, gelu = _transformer_activation(self.activation) if _mlp_pair(first, second) else (False, None)
     quiet = not isinstance(self.activation, nn.Module) or _called_plainly(self.activation)
     if fits and quiet and (dropout.p == 0 or not dropout.training) and _called_plainly(dropout):
         y = _mlp_block(first, second, x, gelu)
         if y is not None:
-            return self.dropout2(y)
-    return nn.TransformerEncoderLayer._ff_block(self, x)
+            return getattr(self, end)(y)
+    return cls._ff_block(self, x)
 
 
-_encoder_ff_block.__name__ = "_ff_block"
+_transformer_ff_block.__name__ = "_ff_block"
 
 
 class QuantizedSparseConv2d(SparseConv2d):

@@ -26,6 +26,7 @@ from torch.nn.utils.weight_norm import WeightNorm
 
 from . import _C, _ops
 from .modules import (
+    _TRANSFORMER_LAYERS,
     BatchNormReLU2d,
     FusedBatchNorm2d,
     FusedReLU,
@@ -40,13 +41,13 @@ from .modules import (
     _conv_deferring,
     _conv_reading_deferred,
     _convs_sharing_input,
-    _encoder_activation,
-    _encoder_ff_block,
     _linear_act_linear,
     _record_places,
     _relu_marker,
     _shares_input_with,
     _SparseModule,
+    _transformer_activation,
+    _transformer_ff_block,
     _with_hooks_of,
 )
 from .prototype import PrototypeQuantizedSparseConv2d, PrototypeQuantizedSparseLinear
@@ -806,7 +807,8 @@ def fuse(model: nn.Module, relu: bool = True) -> nn.Module:
     :func:`apply_swap_plan` do the same; :func:`to_dense` restores it);
     with ``relu`` and both swapped, its MLP (linear1 -> ReLU or GELU ->
     linear2) runs as one block as a traced one does, its ``_ff_block``
-    rebound to the instance (:func:`to_dense` gives the class's back).
+    rebound to the instance (:func:`to_dense` gives the class's back); an
+    ``nn.TransformerDecoderLayer``'s likewise.
 
     >>> import torch
     >>> from qsparseprop import SparseConv2d, fuse
@@ -833,7 +835,7 @@ def _fuse(model: nn.Module, rows: dict[str, SwapDecision] | None, batch_norm: bo
     if relu:
         _fuse_traced_relus(model, rows)
         _fuse_linear_chains(model, rows)
-        _fuse_encoder_mlps(model, rows)
+        _fuse_transformer_mlps(model, rows)
     _record_places(model)
 
 
@@ -1433,37 +1435,37 @@ def _fuse_linear_chains(model: nn.Module, rows) -> None:
         _rewrite_forward(parent, graph)
 
 
-def _fuse_encoder_mlps(model: nn.Module, rows) -> None:
-    """Binds modules._encoder_ff_block to each ``nn.TransformerEncoderLayer``
+def _fuse_transformer_mlps(model: nn.Module, rows) -> None:
+    """Binds modules._transformer_ff_block to each of torch's
+    ``nn.TransformerEncoderLayer`` and ``nn.TransformerDecoderLayer``
     (whose class keeps torch's ``_ff_block``) with swapped ``linear1`` and
     ``linear2`` and a ReLU or GELU activation: its MLP runs as one block, the
     hidden activation in the kernels' layout (int8: no fp32 copy of it kept
-    for the backward). fx cannot trace the layer's forward (it branches on
-    its inputs), so _fuse_linear_chains never sees it."""
+    for the backward). fx cannot trace these layers' forward (it branches on
+    its inputs), so _fuse_linear_chains never sees them."""
     for name, mod in model.named_modules():
-        if not isinstance(mod, nn.TransformerEncoderLayer):
-            continue
-        if type(mod)._ff_block is not nn.TransformerEncoderLayer._ff_block:  # a subclass's own MLP
+        cls = next((c for c, _ in _TRANSFORMER_LAYERS if isinstance(mod, c)), None)
+        if cls is None or type(mod)._ff_block is not cls._ff_block:  # (a subclass's own MLP)
             continue
         first, second = getattr(mod, "linear1", None), getattr(mod, "linear2", None)
         if not (_is_sparse_linear(first) and _is_sparse_linear(second)) or first.out_features != second.in_features:
             continue
         full = f"{name}.linear1" if name else "linear1"
-        if (rows is not None and full not in rows) or not _encoder_activation(mod.activation)[0]:
+        if (rows is not None and full not in rows) or not _transformer_activation(mod.activation)[0]:
             continue
-        if getattr(mod.__dict__.get("_ff_block"), "__func__", None) is not _encoder_ff_block:  # (fused once)
-            object.__setattr__(mod, "_ff_block", types.MethodType(_encoder_ff_block, mod))
+        if getattr(mod.__dict__.get("_ff_block"), "__func__", None) is not _transformer_ff_block:  # (fused once)
+            object.__setattr__(mod, "_ff_block", types.MethodType(_transformer_ff_block, mod))
         if rows is not None:
             rows[full].fused_kept_layout = True
 
 
 def _unfuse_traced_blocks(model: nn.Module) -> None:
-    """Gives each rewritten block its class's forward back (an encoder
+    """Gives each rewritten block its class's forward back (a transformer
     layer its class's _ff_block)."""
     for mod in model.modules():
         if mod.__dict__.pop(_FUSED_FORWARD, False):
             mod.__dict__.pop("forward", None)
-        if "_ff_block" in mod.__dict__ and isinstance(mod, nn.TransformerEncoderLayer):
+        if "_ff_block" in mod.__dict__ and isinstance(mod, tuple(c for c, _ in _TRANSFORMER_LAYERS)):
             del mod.__dict__["_ff_block"]  # (ours, or the class's one an unpickled layer got)
 
 

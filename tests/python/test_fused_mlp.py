@@ -502,3 +502,32 @@ def test_the_swap_fuses_an_encoder_layers_mlp_and_its_plan_records_it(tmp_path):
     assert all("_ff_block" in layer.__dict__ for layer in again.layers)
     with torch.no_grad():
         assert torch.equal(again.eval()(x), swapped.eval()(x))
+
+
+@pytest.mark.parametrize("scheme", ["f32", "s8"])
+@pytest.mark.parametrize("act", ["relu", "gelu"])
+def test_a_transformer_decoder_layers_mlp_runs_as_one_block(scheme, act, monkeypatch):
+    torch.manual_seed(0)
+    dense = nn.TransformerDecoderLayer(16, 2, 48, dropout=0.0, activation=act, batch_first=True)
+    for m in (dense.linear1, dense.linear2):
+        prune_random_(m, 0.8)
+    unfused = copy.deepcopy(dense)
+    unfused.linear1 = CLASSES[scheme].from_dense(unfused.linear1, seed=5)
+    unfused.linear2 = CLASSES[scheme].from_dense(unfused.linear2, seed=6)
+    fused = q.fuse(copy.deepcopy(unfused))
+    assert "_ff_block" in fused.__dict__
+    calls = _chain_calls(monkeypatch)
+    tolerance = None if act == "relu" else ((1e-4, 1e-5) if scheme == "f32" else (2e-2, 2e-3))
+    gen = torch.Generator().manual_seed(4)
+    tgt, memory, g = (torch.randn(3, n, 16, generator=gen) for n in (5, 7, 5))
+
+    def step(model):
+        t, mem = tgt.clone().requires_grad_(), memory.clone().requires_grad_()
+        model.zero_grad(set_to_none=True)
+        out = model(t, mem)
+        out.backward(g)
+        return [out, t.grad, mem.grad] + [p.grad for p in model.parameters()]
+
+    _same(step(fused), step(unfused), f"decoder {act}", tolerance)
+    assert len(calls) == 1
+    assert "_ff_block" not in q.to_dense(fused).__dict__
