@@ -531,3 +531,16 @@ def test_a_transformer_decoder_layers_mlp_runs_as_one_block(scheme, act, monkeyp
     _same(step(fused), step(unfused), f"decoder {act}", tolerance)
     assert len(calls) == 1
     assert "_ff_block" not in q.to_dense(fused).__dict__
+
+
+def test_an_encoder_layer_fused_compiles_and_exports():
+    # torch.compile and torch.export trace torch's _ff_block (the layers as
+    # custom ops): the same values (export's attention decomposed: within
+    # fp32 rounding)
+    unfused, fused = _encoder_pair(_encoder(), "s8")
+    x, g = torch.randn(2, 5, 16), torch.randn(2, 5, 16)
+    compiled = torch.compile(fused, backend="eager")
+    _same(_step(compiled, x, g), _step(unfused, x, g), "compiled")
+    with torch.no_grad():
+        program = torch.export.export(fused.eval(), (x,))
+        torch.testing.assert_close(program.module()(x), unfused.eval()(x), rtol=1e-5, atol=1e-6)
