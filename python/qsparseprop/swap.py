@@ -1674,15 +1674,26 @@ def _deepcopy_model(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
+# What a swapped layer runs with it, as the table says it (SwapDecision's flags)
+_FUSION_WORDS = (
+    ("fused_batch_norm", "its BatchNorm"), ("fused_residual", "the residual add"), ("fused_relu", "its ReLU"),
+    ("fused_kept_layout", "one block with the next Linear"),
+    ("fused_shared_input", "one call with the convolution sharing its input"),
+    ("fused_int8_activation", "its BatchNorm writing the next convolution's int8 input"),
+)  # fmt: skip
+
+
 def format_swap_report(report: list[SwapDecision]) -> str:
-    """The verbose table of ``swap_modules_with_sparse``."""
+    """The verbose table of ``swap_modules_with_sparse``: each candidate, its
+    timings, the decision and why, and what a swapped layer runs fused."""
     head = f"{'layer':<24} {'kind':<8} {'input shape':<20} {'sparsity':>8} {'dense ms':>9} {'sparse ms':>9}  decision"
     lines = [head, "-" * len(head)]
     for r in report:
         fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+        fused = [words for flag, words in _FUSION_WORDS if getattr(r, flag)]
         lines.append(
             f"{r.name:<24} {r.kind:<8} {str(r.input_shape):<20} {r.sparsity:>8.3f} {fmt(r.dense_ms):>9} "
             f"{fmt(r.sparse_ms):>9}  {'swap' if r.swapped else 'keep'}{' ' + r.scheme if r.swapped else ''} "
-            f"({r.reason})"
+            f"({r.reason})" + (f"; fused: {', '.join(fused)}" if fused else "")
         )
     return "\n".join(lines)

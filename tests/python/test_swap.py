@@ -48,6 +48,10 @@ def test_swap_f32_keeps_outputs_and_reports(capsys):
     torch.testing.assert_close(model(x), want, rtol=1e-4, atol=1e-5)
     table = capsys.readouterr().out
     assert "dense ms" in table and "swap" in table and "(4, 256)" in table
+    rows = {line.split()[0]: line for line in table.splitlines()[2:]}
+    assert rows["0"].endswith("; fused: its ReLU"), rows["0"]  # what each swapped layer runs with it
+    assert rows["5"].endswith("; fused: its ReLU, one block with the next Linear"), rows["5"]
+    assert "fused:" not in rows["7"]
 
 
 def test_swap_int8_within_error_and_not_inplace():
