@@ -69,6 +69,14 @@ def _step(model, x, g):
     return [out, x.grad] + [p.grad for p in model.parameters()]
 
 
+def _sgd_both(*models, lr=0.05):
+    """One plain SGD step of each model on its own gradients."""
+    with torch.no_grad():
+        for model in models:
+            for p in model.parameters():
+                p -= lr * p.grad
+
+
 def _same(got, want, what, tolerance=None):
     """Bit for bit, or within (rtol, atol) where torch's own vector code
     rounds an element differently at another position (its GELU's tails)."""
@@ -106,10 +114,7 @@ def test_a_fused_mlp_trains_as_the_unfused_layers(scheme, threads, act, monkeypa
             x = torch.randn(shape, generator=gen)
             g = torch.randn(*shape[:-1], 24, generator=gen)
             _same(_step(fused, x, g), _step(unfused, x, g), f"step {step}, input {shape}", tolerance)
-            with torch.no_grad():
-                for a, b in zip(unfused.parameters(), fused.parameters(), strict=True):
-                    a -= 0.05 * a.grad
-                    b -= 0.05 * b.grad
+            _sgd_both(unfused, fused)
         unfused.eval(), fused.eval()
         with torch.no_grad():
             x = torch.randn(17, 24, generator=gen)
@@ -394,10 +399,7 @@ def test_a_transformer_encoder_layers_mlp_runs_as_one_block(scheme, act, threads
             for step, shape in enumerate([(1, 1, 16), (3, 7, 16), (2, 33, 16)]):
                 x, g = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
                 _same(_step(fused, x, g), _step(unfused, x, g), f"{act} step {step} {shape}", tolerance)
-                with torch.no_grad():
-                    for a, b in zip(unfused.parameters(), fused.parameters(), strict=True):
-                        a -= 0.05 * a.grad
-                        b -= 0.05 * b.grad
+                _sgd_both(unfused, fused)
             unfused.eval(), fused.eval()
             with torch.no_grad():  # (torch's fused inference path stays off: the layers are sparse)
                 x = torch.randn(4, 5, 16, generator=gen)
