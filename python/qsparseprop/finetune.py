@@ -817,8 +817,8 @@ def _report(
 
     fp32 = _best(variants, "dense fp32")
     dense = [v for v in variants if v.name.startswith("dense ")]  # bf16 where native, compiled ones where run
-    # A variant whose loss went NaN or infinite trained nothing: its speed is
-    # no rival's (unless every dense one did so)
+    # A variant whose loss diverged (NaN, infinite, blown up) trained nothing:
+    # its speed is no rival's (unless every dense one did so)
     rivals = [v for v in dense if not _diverged(v)] or dense
     best = min(rivals, key=lambda v: med(v.epoch_s))
 
