@@ -23,6 +23,7 @@ _COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> None:
+    given = argv is not None
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in _COMMANDS:
         print(__doc__.strip())
@@ -32,7 +33,18 @@ def main(argv: list[str] | None = None) -> None:
     import importlib
 
     module, function, _ = _COMMANDS[argv[0]]
-    getattr(importlib.import_module(module), function)(argv[1:])
+    run = getattr(importlib.import_module(module), function)
+    if given:  # called from Python with arguments of its own
+        run(argv[1:])
+        return
+    # The command line is the subcommand's own: its usage lines name it
+    # ("qsparseprop bench", not "qsparseprop"), and a subcommand that starts
+    # itself again (bench --isa re-executes under oneDNN's cap, which oneDNN
+    # reads once) finds its arguments where it looks, in sys.argv. Run with
+    # them handed over, `qsparseprop bench --isa ...` skipped the re-exec and
+    # measured uncapped, saying nothing.
+    sys.argv = [f"qsparseprop {argv[0]}", *argv[1:]]
+    run()
 
 
 if __name__ == "__main__":

@@ -190,3 +190,17 @@ def test_a_graph_inductor_cached_without_the_aten_cap_is_not_reused_under_it(tmp
 
     assert run("plain") < 1e-5  # cached, for the host's vector ISA
     assert run("guarded", ATEN_CPU_CAPABILITY="avx2") < 1e-5
+
+
+def test_the_command_line_bench_applies_its_isa_cap_and_names_itself():
+    # `qsparseprop bench --isa` handed its arguments over, so the bench never
+    # re-executed under oneDNN's cap (read once, at first use) and measured
+    # uncapped (AMX included on an AMX Xeon), saying nothing
+    run = [sys.executable, "-m", "qsparseprop"]
+    out = subprocess.run([*run, "bench", "linear", "--isa", "avx512_vnni", "--shapes", "L4", "--sparsities", "0.9",
+                          "--schemes", "f32", "--repeats", "1", "--warmup", "0"],
+                         capture_output=True, text=True, check=True, timeout=300).stdout  # fmt: skip
+    assert "ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16" in out.splitlines()[0], out
+    for command in ("bench", "memory", "demo"):  # each usage line names its subcommand
+        usage = subprocess.run([*run, command, "--help"], capture_output=True, text=True, check=True).stdout
+        assert usage.startswith(f"usage: qsparseprop {command} "), usage
