@@ -1204,22 +1204,37 @@ def _chain_activation(first: nn.Module, act: nn.Module) -> tuple[bool, str | Non
     return False, None
 
 
-def _linear_act_linear(first: nn.Module, act: nn.Module, second: nn.Module, input: torch.Tensor) -> torch.Tensor:
-    """second(act(first(input))): what a traced Linear -> activation -> Linear
-    (a transformer MLP: the first layer's fused ReLU, its ``FusedReLU``
-    marker standing as ``act``, or an ``nn.GELU``) calls once
-    ``qsparseprop.fuse`` has rewritten its parent's forward
-    (swap._fuse_linear_chains). The two layers then run as one block, the
-    hidden activation and its gradient in the kernels' tile layout between
-    them, while the modules are what the rewrite found and no hook (theirs,
-    or a global one) is there to see the calls; else the modules are
-    called, as the parent's own forward would."""
+def _linear_act_linear(
+    first: nn.Module, act: nn.Module, second: nn.Module, input: torch.Tensor, *between: nn.Module
+) -> torch.Tensor:
+    """second(between(act(first(input)))): what a traced Linear -> activation
+    -> Linear (a transformer MLP: the first layer's fused ReLU, its
+    ``FusedReLU`` marker standing as ``act``, or an ``nn.GELU``; then any
+    ``nn.Dropout`` / ``nn.Identity`` modules) calls once ``qsparseprop.fuse``
+    has rewritten its parent's forward (swap._fuse_linear_chains). The two
+    layers then run as one block, the hidden activation and its gradient in
+    the kernels' tile layout between them, while the modules are what the
+    rewrite found, each dropout is the identity (p 0, or eval) and no hook
+    (theirs, or a global one) is there to see the calls; else the modules
+    are called, as the parent's own forward would."""
     fits, gelu = _chain_activation(first, act) if _mlp_pair(first, second) else (False, None)
-    if fits and _called_plainly(act):
+    if fits and _called_plainly(act) and all(map(_identity_now, between)):
         y = _mlp_block(first, second, input, gelu)
         if y is not None:
             return y
-    return second(act(first(input)))
+    hidden = act(first(input))
+    for module in between:
+        hidden = module(hidden)
+    return second(hidden)
+
+
+def _identity_now(module: nn.Module) -> bool:
+    """Whether calling ``module`` now gives its input back and nothing else
+    happens: an ``nn.Identity``, or an ``nn.Dropout`` with p 0 or in eval,
+    unhooked."""
+    kind = type(module)
+    quiet = kind is nn.Identity or (kind is nn.Dropout and (module.p == 0 or not module.training))
+    return quiet and _called_plainly(module)
 
 
 def _mlp_pair(first: nn.Module, second: nn.Module) -> bool:
@@ -1278,10 +1293,10 @@ def _transformer_ff_block(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     Named ``_ff_block``: pickle stores a bound method by name, so an
     unpickled layer has its class's ``_ff_block`` (the same results)."""
     cls, end = next(c for c in _TRANSFORMER_LAYERS if isinstance(self, c[0]))
-    first, second, dropout = self.linear1, self.linear2, self.dropout
+    first, second = self.linear1, self.linear2
     fits, gelu = _transformer_activation(self.activation) if _mlp_pair(first, second) else (False, None)
     quiet = not isinstance(self.activation, nn.Module) or _called_plainly(self.activation)
-    if fits and quiet and (dropout.p == 0 or not dropout.training) and _called_plainly(dropout):
+    if fits and quiet and _identity_now(self.dropout):
         y = _mlp_block(first, second, x, gelu)
         if y is not None:
             return getattr(self, end)(y)

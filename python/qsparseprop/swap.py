@@ -1375,12 +1375,14 @@ def _is_sparse_linear(m: nn.Module) -> bool:
 
 
 def _linear_chains(model: nn.Module, parent: nn.Module, graph, rows, parent_name: str):
-    """(first node, activation node, second node, the first's name) of each
-    Linear -> activation -> Linear in ``parent``'s traced graph: two swapped
-    Linear layers (f32 or s8) with, between them, the marker of the first's
-    fused ReLU or an ``nn.GELU`` module (modules._chain_activation), each
-    called once on one input and reachable under one name, each
-    intermediate used once."""
+    """(first node, activation node, second node, the first's name, the
+    nodes between activation and second) of each Linear -> activation ->
+    Linear in ``parent``'s traced graph: two swapped Linear layers (f32 or
+    s8) with, between them, the marker of the first's fused ReLU or an
+    ``nn.GELU`` module (modules._chain_activation), then any
+    ``nn.Dropout`` / ``nn.Identity`` modules (a timm-style MLP's drop and
+    norm; the block runs while each is the identity), each called once on
+    one input and reachable under one name, each intermediate used once."""
     calls = _module_calls(graph)
     chains = []
     for node in graph.nodes:
@@ -1396,14 +1398,27 @@ def _linear_chains(model: nn.Module, parent: nn.Module, graph, rows, parent_name
             continue
         if marker_node.args != (node,) or len(marker_node.users) != 1:
             continue
+        between, last = [], marker_node
         (second_node,) = marker_node.users
+        while _called_once(model, parent, calls, second_node, _passes_through) and second_node.args == (last,):
+            if len(second_node.users) != 1:
+                break
+            between.append(second_node)
+            last = second_node
+            (second_node,) = second_node.users
         second = _called_once(model, parent, calls, second_node, _is_sparse_linear)
-        if second is None or second_node.args != (marker_node,) or second.in_features != first.out_features:
+        if second is None or second_node.args != (last,) or second.in_features != first.out_features:
             continue
         if any(node is c[2] for c in chains):  # a layer ends one chain or starts one, not both
             continue
-        chains.append((node, marker_node, second_node, full))
+        chains.append((node, marker_node, second_node, full, between))
     return chains
+
+
+def _passes_through(m: nn.Module) -> bool:
+    """A module that may stand between an MLP's activation and its second
+    Linear: the identity, or a dropout (the identity while p is 0 or in eval)."""
+    return type(m) in (nn.Identity, nn.Dropout)
 
 
 def _fuse_linear_chains(model: nn.Module, rows) -> None:
@@ -1423,12 +1438,13 @@ def _fuse_linear_chains(model: nn.Module, rows) -> None:
         chains = _linear_chains(model, parent, graph, rows, parent_name)
         if not chains:
             continue
-        for first_node, marker_node, second_node, full in chains:
+        for first_node, marker_node, second_node, full, between in chains:
             with graph.inserting_before(second_node):
                 mods = [graph.get_attr(n.target) for n in (first_node, marker_node, second_node)]
-                both = graph.call_function(_linear_act_linear, (*mods, first_node.args[0]))
+                rest = [graph.get_attr(n.target) for n in between]
+                both = graph.call_function(_linear_act_linear, (*mods, first_node.args[0], *rest))
             second_node.replace_all_uses_with(both)
-            for dead in (second_node, marker_node, first_node):
+            for dead in (second_node, *reversed(between), marker_node, first_node):
                 graph.erase_node(dead)
             if rows is not None:
                 rows[full].fused_kept_layout = True

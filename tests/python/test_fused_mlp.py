@@ -546,3 +546,57 @@ def test_an_encoder_layer_fused_compiles_and_exports():
     with torch.no_grad():
         program = torch.export.export(fused.eval(), (x,))
         torch.testing.assert_close(program.module()(x), unfused.eval()(x), rtol=1e-5, atol=1e-6)
+
+
+class _TimmMlp(nn.Module):
+    """timm's Mlp as ViTs use it: fc1 -> act -> drop1 -> norm -> fc2 -> drop2."""
+
+    def __init__(self, drop=0.0):
+        super().__init__()
+        self.fc1, self.act, self.drop1 = nn.Linear(24, 40), nn.GELU(), nn.Dropout(drop)
+        self.norm, self.fc2, self.drop2 = nn.Identity(), nn.Linear(40, 24), nn.Dropout(drop)
+
+    def forward(self, x):
+        return self.drop2(self.fc2(self.norm(self.drop1(self.act(self.fc1(x))))))
+
+
+@pytest.mark.parametrize("scheme", ["f32", "s8"])
+def test_an_mlp_with_dropout_and_identity_between_its_layers_fuses(scheme, monkeypatch):
+    # a dropout (p 0, or in eval) and an identity between the activation and
+    # the second layer no longer break the chain
+    torch.manual_seed(0)
+    dense = _TimmMlp()
+    for m in (dense.fc1, dense.fc2):
+        prune_random_(m, 0.8)
+    unfused, fused = _pair(dense, scheme)
+    assert "forward" in fused.__dict__
+    calls = _chain_calls(monkeypatch)
+    x, g = torch.randn(3, 9, 24), torch.randn(3, 9, 24)
+    tolerance = (1e-4, 1e-5) if scheme == "f32" else (2e-2, 2e-3)  # GELU, as above
+    _same(_step(fused, x, g), _step(unfused, x, g), "timm Mlp", tolerance)
+    assert len(calls) == 1
+
+
+def test_a_dropout_that_drops_runs_the_modules(monkeypatch):
+    # training with p > 0: the modules are called in order (the same random
+    # draws as the unfused model's); in eval the block runs
+    torch.manual_seed(0)
+    dense = nn.Sequential(
+        prune_random_(nn.Linear(24, 40), 0.8), nn.ReLU(), nn.Dropout(0.3), prune_random_(nn.Linear(40, 24), 0.8)
+    )
+    unfused, fused = _pair(dense, "f32")
+    assert "forward" in fused.__dict__
+    calls = _chain_calls(monkeypatch)
+    x, g = torch.randn(5, 24), torch.randn(5, 24)
+    torch.manual_seed(3)
+    want = _step(unfused, x, g)
+    torch.manual_seed(3)
+    _same(_step(fused, x, g), want, "dropout in training")
+    assert not calls
+    fused.eval(), unfused.eval()
+    with torch.no_grad():
+        assert torch.equal(fused(x), unfused(x)) and len(calls) == 1
+    fused.train()
+    fused[2].p = 0.0  # the identity now: the block runs in training too
+    fused(x)
+    assert len(calls) == 2
