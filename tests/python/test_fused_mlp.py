@@ -77,6 +77,19 @@ def _sgd_both(*models, lr=0.05):
                 p -= lr * p.grad
 
 
+def _dropping_runs_the_modules_and_eval_the_block(unfused, fused, calls, x, g):
+    """With a dropout that drops (training, p > 0) the fused model calls the
+    modules, drawing what the unfused one draws; in eval the block runs."""
+    torch.manual_seed(7)
+    want = _step(unfused, x, g)
+    torch.manual_seed(7)
+    _same(_step(fused, x, g), want, "a dropout that drops")
+    assert not calls
+    fused.eval(), unfused.eval()
+    with torch.no_grad():
+        assert torch.equal(fused(x), unfused(x)) and len(calls) == 1  # eval: the dropout is the identity
+
+
 def _same(got, want, what, tolerance=None):
     """Bit for bit, or within (rtol, atol) where torch's own vector code
     rounds an element differently at another position (its GELU's tails)."""
@@ -423,14 +436,7 @@ def test_an_encoder_layer_runs_torchs_mlp_where_the_block_cannot(monkeypatch):
     # a dropout that drops (training), a hook on a layer, an activation the
     # block has no kernel for: torch's _ff_block, the same values
     unfused, fused = _encoder_pair(_encoder(dropout=0.3), "f32")
-    torch.manual_seed(7)
-    want = _step(unfused, x, g)
-    torch.manual_seed(7)
-    _same(_step(fused, x, g), want, "dropout")
-    assert not calls
-    fused.eval(), unfused.eval()
-    with torch.no_grad():
-        assert torch.equal(fused(x), unfused(x)) and len(calls) == 1  # eval: the dropout is the identity
+    _dropping_runs_the_modules_and_eval_the_block(unfused, fused, calls, x, g)
     unfused, fused = _encoder_pair(_encoder(), "f32")
     calls.clear()
     seen = []
@@ -587,15 +593,8 @@ def test_a_dropout_that_drops_runs_the_modules(monkeypatch):
     unfused, fused = _pair(dense, "f32")
     assert "forward" in fused.__dict__
     calls = _chain_calls(monkeypatch)
-    x, g = torch.randn(5, 24), torch.randn(5, 24)
-    torch.manual_seed(3)
-    want = _step(unfused, x, g)
-    torch.manual_seed(3)
-    _same(_step(fused, x, g), want, "dropout in training")
-    assert not calls
-    fused.eval(), unfused.eval()
-    with torch.no_grad():
-        assert torch.equal(fused(x), unfused(x)) and len(calls) == 1
+    x = torch.randn(5, 24)
+    _dropping_runs_the_modules_and_eval_the_block(unfused, fused, calls, x, torch.randn(5, 24))
     fused.train()
     fused[2].p = 0.0  # the identity now: the block runs in training too
     fused(x)
