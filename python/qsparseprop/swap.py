@@ -42,6 +42,7 @@ from .modules import (
     _conv_reading_deferred,
     _convs_sharing_input,
     _linear_act_linear,
+    _mlp_pair,
     _record_places,
     _relu_marker,
     _shares_input_with,
@@ -1407,7 +1408,7 @@ def _linear_chains(model: nn.Module, parent: nn.Module, graph, rows, parent_name
             last = second_node
             (second_node,) = second_node.users
         second = _called_once(model, parent, calls, second_node, _is_sparse_linear)
-        if second is None or second_node.args != (last,) or second.in_features != first.out_features:
+        if second is None or second_node.args != (last,) or not _mlp_pair(first, second):
             continue
         if any(node is c[2] for c in chains):  # a layer ends one chain or starts one, not both
             continue
@@ -1464,7 +1465,7 @@ def _fuse_transformer_mlps(model: nn.Module, rows) -> None:
         if cls is None or type(mod)._ff_block is not cls._ff_block:  # (a subclass's own MLP)
             continue
         first, second = getattr(mod, "linear1", None), getattr(mod, "linear2", None)
-        if not (_is_sparse_linear(first) and _is_sparse_linear(second)) or first.out_features != second.in_features:
+        if not _mlp_pair(first, second):
             continue
         full = f"{name}.linear1" if name else "linear1"
         if (rows is not None and full not in rows) or not _transformer_activation(mod.activation)[0]:
