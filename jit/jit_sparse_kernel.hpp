@@ -25,8 +25,9 @@ enum class sparse_dtype { f32, s8 };
 //               11-instruction nibble emulation of a quad;
 //   entry_pair  (Linear's tiles) any two entries of a row: their plain s8
 //               rows (1 byte per batch element, a quarter of f32's)
-//               interleaved and widened in registers, one vpmaddwd per 8
-//               lanes per two nonzeros.
+//               interleaved in registers, signed and multiplied by the
+//               weights in int16 (vpsignb, vpmaddubsw: exact), two items'
+//               sums widened by one vpmaddwd per 8 lanes.
 enum class s8_word { quad, pair, entry_pair };
 // Source channels per 32-bit source word (quad, pair; entry pairs read bytes).
 constexpr int channels_per_word(s8_word w) {

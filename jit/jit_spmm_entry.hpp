@@ -32,8 +32,8 @@ public:
           // does not serialise a row. AVX2 has 16 registers: one set of up to
           // 8 accumulators already hides the latency, and the emulated s8
           // dot products need the rest, so that kernel takes one entry per
-          // step; entry pairs take two general registers per item (two
-          // offsets).
+          // step; entry pairs take two items per step (their int16 sums
+          // are widened together).
           unroll_(entry_pairs_       ? 2
                   : (!avx512 && s8_) ? 1
                                      : 4),
@@ -48,8 +48,12 @@ public:
     //         20..23 s8 weights, 24..29 nibbles, constants, products.
     // avx2:   0..7 accumulators, 8..11 f32 broadcasts; s8 quads: 8 source,
     //         9 weights, 10..15 nibbles, constants, products; s8 entry
-    //         pairs: 8, 9 weight pairs, 10 the first source, 11 / 12 the
-    //         interleaved low / high halves.
+    //         pairs: 8 the first source, 9..12 two items' interleaved low /
+    //         high halves, 13 / 14 weight magnitudes / signs, 15 int16 ones.
+    // Entry pairs' accumulators hold, per 32 lanes h of a tile row, batch
+    // elements {0-3, 16-19}, {4-7, 20-23}, {8-11, 24-27}, {12-15, 28-31}
+    // (+ 32 h) in registers 4 h .. 4 h + 3: the order the in-lane unpacks
+    // leave ("pair lane order"); load_sums / store_sums convert.
     Vmm acc(int u, int v) const { return Vmm((u % sets_) * nv_ + v); }
 
     // Entry u of a step: its weight (f32, or the s8 quad dword) at w, its
@@ -83,28 +87,53 @@ public:
         }
     }
 
-    // Entry pair u of a step (avx2 s8, s8_word::entry_pair): the two int16
-    // weights at w, the two s8 source rows at src + o1 and src + o2. Per 16
-    // lanes the rows' bytes are interleaved (x1[b], x2[b]) and widened to
-    // int16: vpmaddwd with (w1, w2) gives w1 * x1[b] + w2 * x2[b] in lane b,
-    // in batch order (the byte unpack keeps it, unlike a word unpack of ymm).
-    void entry_pair(int u, const Xbyak::RegExp &w, const Xbyak::Reg64 &src, const Xbyak::Reg64 &o1,
-                    const Xbyak::Reg64 &o2) const {
+    // Entry pairs (avx2 s8, s8_word::entry_pair), one or two items at a
+    // time: item k's two source-offset dwords at at[k], its weights dword
+    // (|w1|, |w2|, w1, w2 as bytes, jit/tile_abi.hpp) at w[k], its two s8
+    // source rows at src + those offsets (loaded into o1, o2 per 32 lanes).
+    // Per 32 lanes an item's rows are interleaved byte-wise in each 128-bit
+    // half (vpunpck[lh]bw), given its weights' signs (vpsignb) and
+    // multiplied with their magnitudes (vpmaddubsw): w1 * x1[b] + w2 * x2[b]
+    // in int16, exact (sources and weights are in [-127, 127], so at most
+    // 2 * 127 * 127, and vpsignb never meets -128). The two items' int16
+    // sums are interleaved and summed into int32 by one vpmaddwd with ones.
+    // That is 2 in-lane shuffles per item per 16 lanes where widening the
+    // bytes (vpmovsxbw, across lanes) took 4, on Zen 3 the kernel's bound.
+    // The sums land in the pair lane order (above).
+    void entry_pair_items(const Xbyak::RegExp *at, const Xbyak::RegExp *w, int items,
+                          const Xbyak::Reg64 &src, const Xbyak::Reg64 &o1,
+                          const Xbyak::Reg64 &o2) const {
         auto &g = g_;
-        const Xbyak::Xmm x(10), lo(11), hi(12);
-        const Xbyak::Ymm wide_lo(11), wide_hi(12);
-        g.vpbroadcastd(bcast(u), g.dword[w]);
-        for (int c = 0; 2 * c < nv_; ++c) { // 16 lanes: accumulators 2c, 2c + 1
-            g.vmovdqu(x, g.ptr[src + o1 + c * 16]);
-            g.vpunpcklbw(lo, x, g.ptr[src + o2 + c * 16]);
-            g.vpmovsxbw(wide_lo, lo);
-            g.vpmaddwd(wide_lo, wide_lo, bcast(u));
-            g.vpaddd(acc(u, 2 * c), acc(u, 2 * c), wide_lo);
-            if (2 * c + 1 == nv_) break;
-            g.vpunpckhbw(hi, x, g.ptr[src + o2 + c * 16]);
-            g.vpmovsxbw(wide_hi, hi);
-            g.vpmaddwd(wide_hi, wide_hi, bcast(u));
-            g.vpaddd(acc(u, 2 * c + 1), acc(u, 2 * c + 1), wide_hi);
+        const Vmm t(8), mag(13), sgn(14), ones(15);
+        const Vmm lo[2] = {Vmm(9), Vmm(11)}, hi[2] = {Vmm(10), Vmm(12)};
+        for (int h = 0; h < pair_halves(); ++h) {
+            for (int k = 0; k < items; ++k) {
+                g.movsxd(o1, g.dword[at[k]]);
+                g.movsxd(o2, g.dword[at[k] + 4]);
+                g.vpbroadcastw(mag, g.word[w[k]]);
+                g.vpbroadcastw(sgn, g.word[w[k] + 2]);
+                g.vmovdqu(t, g.ptr[src + o1 + h * 32]);
+                g.vpunpckhbw(hi[k], t, g.ptr[src + o2 + h * 32]);
+                g.vpunpcklbw(lo[k], t, g.ptr[src + o2 + h * 32]);
+                g.vpsignb(lo[k], lo[k], sgn);
+                g.vpsignb(hi[k], hi[k], sgn);
+                g.vpmaddubsw(lo[k], mag, lo[k]);
+                g.vpmaddubsw(hi[k], mag, hi[k]);
+            }
+            if (items == 1) { // its sums beside zeros
+                g.vpxor(lo[1], lo[1], lo[1]);
+                g.vpxor(hi[1], hi[1], hi[1]);
+            }
+            const Vmm *halves[2] = {lo, hi};
+            for (int q = 0; q < 4; ++q) { // lanes {0-3, 16-19}, {4-7, 20-23}, {8-11, ...}, ...
+                const Vmm *from = halves[q / 2];
+                if (q % 2 == 0)
+                    g.vpunpcklwd(t, from[0], from[1]);
+                else
+                    g.vpunpckhwd(t, from[0], from[1]);
+                g.vpmaddwd(t, t, ones);
+                g.vpaddd(acc(0, 4 * h + q), acc(0, 4 * h + q), t);
+            }
         }
     }
 
@@ -120,26 +149,25 @@ public:
         auto &g = g_;
         const bool same = i.getIdx() == v.getIdx();
         Xbyak::Label step_loop, single_loop, done;
-        // Entry pairs (entry_pair_plan) take two offsets per item, in
-        // off[2u], off[2u + 1]; with two offset registers only, one item per step.
+        // Entry pairs (entry_pair_plan) take two offsets per item, loaded
+        // into off[0], off[1] where each item's 32 lanes need them.
         const int per_item = entry_pairs_ ? 2 : 1;
         if (off.size() < static_cast<size_t>(per_item))
             throw std::logic_error("spmm entry loop: too few offset registers");
-        const int step = !entry_pairs_                                    ? unroll_
-                         : off.size() >= 2 * static_cast<size_t>(unroll_) ? unroll_
-                                                                          : 1;
-        // Item u of a step (from i): its offsets loaded, its multiply-adds emitted.
-        auto item = [&](int u) {
-            const Xbyak::RegExp at = offsets + i * (4 * per_item) + u * 4 * per_item;
-            const Xbyak::RegExp w = values + v * 4 + u * 4;
+        const int step = unroll_;
+        // The first n items from i: their offsets loaded, their multiply-adds emitted.
+        auto items = [&](int n) {
+            auto at = [&](int u) { return offsets + i * (4 * per_item) + u * 4 * per_item; };
+            auto w = [&](int u) { return values + v * 4 + u * 4; };
             if (entry_pairs_) {
-                g.movsxd(off[2 * u], g.dword[at]);
-                g.movsxd(off[2 * u + 1], g.dword[at + 4]);
-                entry_pair(u, w, src, off[2 * u], off[2 * u + 1]);
-            } else {
+                const Xbyak::RegExp ats[2] = {at(0), at(1)}, ws[2] = {w(0), w(1)};
+                entry_pair_items(ats, ws, n, src, off[0], off[1]);
+                return;
+            }
+            for (int u = 0; u < n; ++u) {
                 const Xbyak::Reg64 &o = off[u % off.size()];
-                g.movsxd(o, g.dword[at]);
-                entry(u, w, src, o);
+                g.movsxd(o, g.dword[at(u)]);
+                entry(u, w(u), src, o);
             }
         };
         if (step > 1) {
@@ -147,8 +175,7 @@ public:
             g.lea(scratch, g.ptr[i + step]);
             g.cmp(scratch, end);
             g.jg(single_loop, Xbyak::CodeGenerator::T_NEAR);
-            for (int u = 0; u < step; ++u)
-                item(u);
+            items(step);
             g.add(i, step);
             if (!same) g.add(v, step);
             g.jmp(step_loop, Xbyak::CodeGenerator::T_NEAR);
@@ -156,7 +183,7 @@ public:
         g.L(single_loop);
         g.cmp(i, end);
         g.jge(done, Xbyak::CodeGenerator::T_NEAR);
-        item(0);
+        items(1);
         g.inc(i);
         if (!same) g.inc(v);
         g.jmp(single_loop, Xbyak::CodeGenerator::T_NEAR);
@@ -166,16 +193,46 @@ public:
     // Accumulator sets [first_set, sets()) to zero.
     void zero_sums(int first_set) const {
         for (int s = first_set; s < sets_; ++s)
-            for (int v = 0; v < nv_; ++v)
+            for (int v = 0; v < sum_registers(); ++v)
                 zero(acc(s, v));
     }
     // Set 0 from a destination row's stored partial sums.
     void load_sums(const Xbyak::RegExp &row) const {
+        if (entry_pairs_) {
+            // batch order to the pair lane order; vectors past n_vec are zeros
+            for (int h = 0; h < pair_halves(); ++h) {
+                const Vmm n[4] = {Vmm(8), Vmm(9), Vmm(10), Vmm(11)};
+                for (int j = 0; j < 4; ++j) {
+                    if (4 * h + j < nv_)
+                        g_.vmovdqu(n[j], g_.ptr[row + (4 * h + j) * vlen]);
+                    else
+                        zero(n[j]);
+                }
+                g_.vperm2i128(acc(0, 4 * h), n[0], n[2], 0x20);
+                g_.vperm2i128(acc(0, 4 * h + 1), n[0], n[2], 0x31);
+                g_.vperm2i128(acc(0, 4 * h + 2), n[1], n[3], 0x20);
+                g_.vperm2i128(acc(0, 4 * h + 3), n[1], n[3], 0x31);
+            }
+            return;
+        }
         for (int v = 0; v < nv_; ++v)
             g_.vmovups(acc(0, v), g_.ptr[row + v * vlen]);
     }
     // The sets added up and stored to a destination row.
     void store_sums(const Xbyak::RegExp &row) const {
+        if (entry_pairs_) {
+            // the pair lane order back to the batch's
+            for (int h = 0; h < pair_halves(); ++h) {
+                const Vmm n[4] = {Vmm(8), Vmm(9), Vmm(10), Vmm(11)};
+                g_.vperm2i128(n[0], acc(0, 4 * h), acc(0, 4 * h + 1), 0x20);
+                g_.vperm2i128(n[1], acc(0, 4 * h + 2), acc(0, 4 * h + 3), 0x20);
+                g_.vperm2i128(n[2], acc(0, 4 * h), acc(0, 4 * h + 1), 0x31);
+                g_.vperm2i128(n[3], acc(0, 4 * h + 2), acc(0, 4 * h + 3), 0x31);
+                for (int j = 0; j < 4 && 4 * h + j < nv_; ++j)
+                    g_.vmovdqu(g_.ptr[row + (4 * h + j) * vlen], n[j]);
+            }
+            return;
+        }
         for (int v = 0; v < nv_; ++v) {
             if (sets_ > 1) {
                 if (s8_)
@@ -191,6 +248,11 @@ public:
     // their table after the code.
     void load_constants(const Xbyak::Label &table) const {
         if (needs_constants()) emit_int8_dot_constants(g_, ones16(), nibble_mask(), table);
+        if (entry_pairs_) { // int16 ones for the entry pairs' widening vpmaddwd
+            const Vmm ones(15);
+            g_.vpcmpeqw(ones, ones, ones);
+            g_.vpsrlw(ones, ones, 15);
+        }
     }
     void emit_constant_table(Xbyak::Label &table) const {
         if (needs_constants()) emit_int8_dot_constant_table(g_, table);
@@ -205,6 +267,9 @@ private:
             g_.vxorps(x, x, x);
     }
     static Vmm bcast(int u) { return Vmm(8 + u); }
+    // Entry pairs: 32 lanes of a tile row per step, four accumulators each.
+    int pair_halves() const { return (nv_ + 3) / 4; }
+    int sum_registers() const { return entry_pairs_ ? 4 * pair_halves() : nv_; }
     static Vmm src_reg(int u, int v) { return avx512 ? Vmm(12 + (u % 2) * 4 + v) : Vmm(8); }
     static Vmm w_reg(int u) { return avx512 ? Vmm(20 + u) : Vmm(9); }
     static Vmm x_lo() { return Vmm(avx512 ? 24 : 10); }

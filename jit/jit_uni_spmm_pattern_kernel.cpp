@@ -18,8 +18,8 @@ namespace {
 size_t entry_code_bytes(const sparse_kernel_params &p) {
     const bool s8 = p.dtype == sparse_dtype::s8;
     const bool native = p.isa == cpu_isa::avx512_core_vnni || p.avx_vnni;
-    if (p.word == s8_word::entry_pair) // two offsets; per 8 lanes an unpack, widen, multiply, add
-        return 32 + static_cast<size_t>(p.n_vec) * 32;
+    if (p.word == s8_word::entry_pair) // per 32 lanes: two offsets, two weight broadcasts,
+        return 16 + static_cast<size_t>((p.n_vec + 3) / 4) * 128; // 7 + half of 12 vector ops
     return 24 + static_cast<size_t>(p.n_vec) * (!s8 ? 12 : native ? 24 : 96);
 }
 size_t body_code_bytes(const sparse_kernel_params &p) {
@@ -187,10 +187,12 @@ template <cpu_isa isa> void jit_uni_spmm_pattern_kernel_t<isa>::generate() {
         row_begin(lines_of(length));
         for (int64_t u = 0; u < length; ++u) {
             const int disp = static_cast<int>(u * 4);
-            if (em.entry_pairs()) { // two offsets per item (s8 sums: any order)
-                movsxd(off[0], dword[offsets + e * 8 + 2 * disp]);
-                movsxd(off[1], dword[offsets + e * 8 + 2 * disp + 4]);
-                em.entry_pair(static_cast<int>(u % 2), values + v * 4 + disp, src, off[0], off[1]);
+            if (em.entry_pairs()) { // two items at a time, two offsets each
+                const int items = u + 1 < length ? 2 : 1;
+                const RegExp at[2] = {offsets + e * 8 + 2 * disp, offsets + e * 8 + 2 * disp + 8},
+                             w[2] = {values + v * 4 + disp, values + v * 4 + disp + 4};
+                em.entry_pair_items(at, w, items, src, off[0], off[1]);
+                u += items - 1;
                 continue;
             }
             const Reg64 &o = off[u % 2];

@@ -16,12 +16,21 @@
 //                      per batch element, tile_row_bytes per row
 // (The avx2 s8 SpMM without VNNI, jit::s8_word::entry_pair, reads int8
 // tiles as they are, two rows per item: spmm_call_params' offsets are then
-// two per item.)
+// two per item, its values one entry_pair_word per item.)
 #pragma once
 
 #include <cstdint>
 
 namespace qsp::jit {
+
+// An entry pair's weights w1, w2 (in [-127, 127]) as the kernel reads them:
+// bytes |w1|, |w2|, w1, w2 (vpmaddubsw takes the magnitudes, vpsignb the
+// signs; jit_spmm_entry.hpp).
+constexpr uint32_t entry_pair_word(int w1, int w2) {
+    return static_cast<uint32_t>(w1 < 0 ? -w1 : w1) | static_cast<uint32_t>(w2 < 0 ? -w2 : w2) << 8
+           | static_cast<uint32_t>(static_cast<uint8_t>(w1)) << 16
+           | static_cast<uint32_t>(static_cast<uint8_t>(w2)) << 24;
+}
 
 constexpr int tile_batch = 64;
 constexpr int tile_row_bytes = tile_batch * 4;

@@ -341,9 +341,8 @@ void entry_pair_plan::fill(const int8_t *wq, uint32_t *words, int num_threads) c
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t i = 0; i < n; ++i) {
         const int64_t a = value_index[2 * i], b = value_index[2 * i + 1];
-        const int16_t w0 = wq[a], w1 = b < 0 ? int16_t{0} : int16_t{wq[b]};
-        words[i] = static_cast<uint32_t>(static_cast<uint16_t>(w0))
-                   | static_cast<uint32_t>(static_cast<uint16_t>(w1)) << 16;
+        const int w0 = wq[a], w1 = b < 0 ? 0 : wq[b];
+        words[i] = jit::entry_pair_word(w0, w1);
     }
 }
 

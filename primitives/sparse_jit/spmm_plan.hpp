@@ -107,8 +107,8 @@ struct quad_plan {
 
 // s8 SpMM arrays over "entry pairs" (jit::s8_word::entry_pair): any two
 // consecutive entries of a row's segment in one source group form one
-// kernel item — two byte offsets of s8 source rows and their two weights as
-// int16 in a dword (jit/tile_abi.hpp). A segment with an odd number of
+// kernel item — two byte offsets of s8 source rows and their two weights in
+// a dword (jit::entry_pair_word). A segment with an odd number of
 // entries ends with an item whose second weight is 0 and whose second source
 // is its first's. The sources are plain s8 tiles (x, no shift): the sums
 // need no correction.

@@ -201,13 +201,20 @@ TEST_P(SpmmPatternKernel, matches_the_scalar_model_on_every_tier) {
             std::memcpy(&src[4 * c], &v, 4);
         }
     }
-    // s8 entry pairs (avx2 without AVX-VNNI): two int16 weights in
-    // [-127, 127] per word, two s8 rows of 64 bytes per item (the second
-    // channel its own).
+    // s8 entry pairs (avx2 without AVX-VNNI): two weights in [-127, 127]
+    // per item (jit::entry_pair_word; the extremes and zeros included), two
+    // s8 rows of 64 bytes per item (the second channel its own).
+    std::vector<int> pair_weight(2 * word.size());
+    for (auto &w : pair_weight) {
+        const int pick = static_cast<int>(rng() % 8);
+        w = pick == 0   ? 127
+            : pick == 1 ? -127
+            : pick == 2 ? 0
+                        : static_cast<int>(rng() % 255) - 127;
+    }
     std::vector<uint32_t> pair_word(word.size());
-    for (auto &w : pair_word)
-        w = static_cast<uint16_t>(static_cast<int16_t>(rng() % 255) - 127)
-            | uint32_t(static_cast<uint16_t>(static_cast<int16_t>(rng() % 255) - 127)) << 16;
+    for (size_t i = 0; i < pair_word.size(); ++i)
+        pair_word[i] = jit::entry_pair_word(pair_weight[2 * i], pair_weight[2 * i + 1]);
     std::vector<int32_t> second_channel(static_cast<size_t>(items));
     for (auto &c : second_channel)
         c = static_cast<int32_t>(rng() % channels);
@@ -276,7 +283,7 @@ TEST_P(SpmmPatternKernel, matches_the_scalar_model_on_every_tier) {
                             const int32_t c2[2] = {channel[i], second_channel[i]};
                             for (int k = 0; k < 2; ++k)
                                 want_i += int64_t(int8_t(s8_src[c2[k] * tb + j]))
-                                          * int16_t(values[i] >> (16 * k));
+                                          * pair_weight[2 * i + k];
                         } else if (s8) {
                             for (int k = 0; k < 4; ++k)
                                 want_i += int64_t(src[(channel[i] * tb + j) * 4 + k])
