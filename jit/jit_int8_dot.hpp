@@ -7,9 +7,9 @@
 // About 5x the instructions of one vpdpbusd: the dispatcher's measurement
 // decides whether the sparse kernel still beats oneDNN's dense int8 matmul.
 // Used by the avx512_core tier and, on avx2 without AVX-VNNI, by Conv2d's
-// batch-family scatter kernel only: the other avx2 s8 kernels work on 16-bit
-// operands with vpmaddwd (entry pairs, channel pairs, widened SDDMM rows),
-// which cost far fewer instructions.
+// batch-family scatter kernel only: the other avx2 s8 kernels multiply in
+// int16 exactly (entry pairs and SDDMM rows: signed bytes, vpsignb +
+// vpmaddubsw; channel pairs: vpmaddwd), which costs far fewer instructions.
 #pragma once
 
 #include <xbyak/xbyak.h>

@@ -46,24 +46,29 @@ template <cpu_isa isa> void jit_uni_sddmm_kernel_t<isa>::generate() {
     constexpr int group = avx512 ? 16 : 8; // nonzeros reduced together
     const bool s8 = params_.dtype == sparse_dtype::s8;
     const bool native = native_dot(isa, params_.dtype, params_.avx_vnni);
-    // AVX2 without VNNI widens both operands to 16 bits instead of emulating
-    // vpdpbusd: per 16 batch elements one vpmovsxbw of x, one vpmaddwd with
-    // the dY row held as u16 (G + 128: the same sums as vpdpbusd's), one
-    // vpaddd; 12 instructions per nonzero per tile where the nibble
-    // emulation took 14, 8 of them multiplies.
-    const bool widened = !avx512 && s8 && !native;
+    // AVX2 without VNNI multiplies signed bytes in int16 instead of
+    // emulating vpdpbusd: the pixel's dY row (G + 128 as u8) becomes G (xor
+    // 0x80) and |G| once; per 32 batch elements of a nonzero, x takes G's
+    // signs (vpsignb) and vpmaddubsw multiplies it by |G| and adds
+    // neighbouring batch elements (exact: |G_b x_b + G_b+1 x_b+1| <=
+    // 2 * 127 * 127, sources and gradients in [-127, 127]), one vpmaddwd
+    // with ones sums those pairs to int32: 10 instructions per nonzero per
+    // tile, none of them a lane-crossing shuffle (widening x with vpmovsxbw
+    // took 12, four of them). The sums are of G * X: sddmm_dy_shift() is 0.
+    const bool signed_bytes = sddmm_dy_shift(params_) == 0 && s8;
     // Vectors per tile row this kernel reads: a 64-byte s8 row is 1 zmm or 2
-    // ymm (4 when widened to 16 bits).
-    const int nv = widened ? 4 : s8 ? s8_tile_row_bytes / vlen : params_.n_vec;
+    // ymm.
+    const int nv = s8 ? s8_tile_row_bytes / vlen : params_.n_vec;
 
     // Registers. Accumulators of the group: 0..group-1.
     // avx512: 16..25 the reduction tree (16/17 hold emulated products while
     //   the dots run), 26 the old dW / the nibble mask (refilled per group),
     //   27 the lane permutation, 28..31 the dY row of the pixel (f32; s8: 28
     //   whole, 29/30 its nibbles, 31 ones).
-    // avx2: 8..11 the dY row (s8: whole, or widened to u16; f32: half of
-    //   it at a time), 13/14 products and the tree, 15 the permutation /
-    //   store mask.
+    // avx2: 8..11 the dY row (s8: whole; signed bytes: 8/9 G, 10/11 |G|;
+    //   f32: half of it at a time), 12 int16 ones (signed bytes), 13/14
+    //   products and the tree, 15 the permutation / store mask (signed
+    //   bytes: 0x80 bytes while the pixels run).
     auto acc = [](int j) { return Vmm(j); };
     auto g = [&](int v) { return Vmm(avx512 ? 28 + v : 8 + v); };
     auto g_lo = [&](int v) { return Vmm(avx512 ? 29 : 8 + v); };
@@ -82,10 +87,13 @@ template <cpu_isa isa> void jit_uni_sddmm_kernel_t<isa>::generate() {
 
     // dY of the current pixel into registers (AVX2 f32: half a row at a
     // time, below).
+    const Vmm sign_bit(15);
     auto load_dy = [&] {
-        if (widened) {
-            for (int v = 0; v < nv; ++v)
-                vpmovzxbw(g(v), ptr[dy_pix + v * 16]);
+        if (signed_bytes) {
+            for (int v = 0; v < nv; ++v) {
+                vpxor(g(v), sign_bit, ptr[dy_pix + v * vlen]);
+                vpabsb(g_hi(v), g(v));
+            }
         } else if (s8 && !native) {
             for (int v = 0; v < nv; ++v) {
                 vmovups(t_lo, ptr[dy_pix + v * vlen]);
@@ -103,11 +111,13 @@ template <cpu_isa isa> void jit_uni_sddmm_kernel_t<isa>::generate() {
             const Address xv = ptr[x_pix + off + v * vlen];
             if (!s8) {
                 vfmadd231ps(acc(j), g(v), xv); // AVX-512 (AVX2 f32 runs its own loop)
-            } else if (widened) {
-                const Vmm x16 = (j + v) % 2 ? t_hi : t_lo; // alternate: two in flight
-                vpmovsxbw(x16, ptr[x_pix + off + v * 16]);
-                vpmaddwd(x16, x16, g(v));
-                vpaddd(acc(j), acc(j), x16);
+            } else if (signed_bytes) {
+                const Vmm t = (j + v) % 2 ? t_hi : t_lo; // alternate: two in flight
+                vmovdqu(t, xv);
+                vpsignb(t, t, g(v));
+                vpmaddubsw(t, g_hi(v), t);
+                vpmaddwd(t, t, ones16);
+                vpaddd(acc(j), acc(j), t);
             } else if (native) {
                 if (avx512)
                     vpdpbusd(acc(j), g(v), xv);
@@ -173,7 +183,15 @@ template <cpu_isa isa> void jit_uni_sddmm_kernel_t<isa>::generate() {
         dec(tmp.cvt32());
         kmovw(k1, tmp.cvt32());
     }
-    if (s8 && !native && !widened) emit_int8_dot_constants(*this, ones16, nibble_mask, constants);
+    if (s8 && !native && !signed_bytes)
+        emit_int8_dot_constants(*this, ones16, nibble_mask, constants);
+    if (signed_bytes) { // the store below takes register 15 back: per group
+        vpcmpeqw(ones16, ones16, ones16);
+        vpsrlw(ones16, ones16, 15);
+        mov(tmp.cvt32(), 0x80808080);
+        vmovd(Xmm(sign_bit.getIdx()), tmp.cvt32());
+        vpbroadcastd(sign_bit, Xmm(sign_bit.getIdx()));
+    }
     for (int j = 0; j < group; ++j)
         vpxor(Xmm(j), Xmm(j), Xmm(j)); // zeroes the whole register (VEX)
     mov(x_pix, x_pix_row);
@@ -284,7 +302,13 @@ template <cpu_isa isa> void jit_uni_sddmm_kernel_t<isa>::generate() {
         for (int j = 0; j < 8; ++j) // lane index, for the store mask
             dd(static_cast<uint32_t>(j));
     }
-    if (s8 && !native && !widened) emit_int8_dot_constant_table(*this, constants);
+    if (s8 && !native && !signed_bytes) emit_int8_dot_constant_table(*this, constants);
+}
+
+int sddmm_dy_shift(const sparse_kernel_params &params) {
+    if (params.dtype != sparse_dtype::s8) return 0;
+    const bool signed_bytes = params.isa == cpu_isa::avx2 && !params.avx_vnni;
+    return signed_bytes ? 0 : 128;
 }
 
 template class jit_uni_sddmm_kernel_t<cpu_isa::avx2>;

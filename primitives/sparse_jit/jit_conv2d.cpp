@@ -311,14 +311,16 @@ public:
                                                });
                 scatter_ = scatter_kernels(isa, jit::sparse_dtype::s8);
                 break;
-            case direction::backward_weights:
+            case direction::backward_weights: {
                 entries_ = std::make_unique<entry_plan>(
                         l_.forward_rows(p.pattern),
                         [&](int64_t oc, int64_t col) { return l_.x_row(oc, col) * rb8; }, threads);
-                sddmm_ = jit::sddmm_kernel(
-                        jit::make_sparse_kernel_params(isa, jit::sparse_dtype::s8, 1));
+                const auto params = jit::make_sparse_kernel_params(isa, jit::sparse_dtype::s8, 1);
+                sddmm_ = jit::sddmm_kernel(params);
+                dy_shift_ = jit::sddmm_dy_shift(params);
                 tap_of_entry_ = window_taps_of_entries(l_, p.pattern, *entries_);
                 break;
+            }
         }
     }
 
@@ -471,7 +473,7 @@ private:
 #pragma omp parallel for num_threads(nt) schedule(static)
         for (int64_t e = 0; e < nnz; ++e)
             t.diff_weights[e] =
-                    static_cast<float>(acc[e] - 128 * window_sum[tap_of_entry_[e]]) * scale;
+                    static_cast<float>(acc[e] - dy_shift_ * window_sum[tap_of_entry_[e]]) * scale;
         if (t.diff_bias) bias_grad(t.diff_dst, t.diff_bias, B, oc, l_.out_pixels(), nt);
         return nullptr;
     }
@@ -484,6 +486,7 @@ private:
     std::vector<int64_t> tap_of_entry_;                // backward-weights
     std::vector<std::shared_ptr<const jit::jit_spmm_scatter_kernel>> scatter_;
     std::shared_ptr<const jit::jit_sddmm_kernel> sddmm_;
+    int64_t dy_shift_ = 128; // what sddmm_'s sums hold of G + 128 (jit::sddmm_dy_shift)
 };
 
 // ---- implementations ---------------------------------------------------------------

@@ -12,7 +12,8 @@
 //                  one vpmaddwd per 8 batch elements; no +128 shift).
 //   backward-data  the same over the transposed pattern (quads of rows).
 //   backward-weights SDDMM: one vpdpbusd per nonzero per 64
-//                  batch elements, 16 nonzeros reduced together.
+//                  batch elements, 16 nonzeros reduced together (on avx2
+//                  without AVX-VNNI G itself in int16: no correction).
 #include "primitives/sparse_jit/jit_linear_s8.hpp"
 
 #include <algorithm>
@@ -171,7 +172,8 @@ public:
           entries_(
                   csr_rows(p.pattern.row_ptr(), p.pattern.col_idx(), p.out),
                   [](int64_t, int64_t k) { return k * jit::s8_tile_row_bytes; }, p.num_threads),
-          code_(jit::sddmm_kernel(jit::make_sparse_kernel_params(isa, jit::sparse_dtype::s8, 1))) {}
+          params_(jit::make_sparse_kernel_params(isa, jit::sparse_dtype::s8, 1)),
+          code_(jit::sddmm_kernel(params_)), dy_shift_(jit::sddmm_dy_shift(params_)) {}
 
     // G1 as plain int8, from backward-data's pass over dY in a fused backward.
     shared_gradient::form shared_form_read() const override {
@@ -188,7 +190,8 @@ private:
         const int8_t *xq = ws.src_q();
         auto *g_tiles = sp.get<uint8_t>(0, tiles * N * tb);
         auto *x_tiles = sp.get<int8_t>(1, tiles * K * tb);
-        auto *col_sum = sp.get<int32_t>(2, K);
+        // X's column sums, for the shift the kernel's sums hold (none: not taken)
+        auto *col_sum = dy_shift_ ? sp.get<int32_t>(2, K) : nullptr;
         auto *acc = sp.get<int32_t>(3, nnz);
         const float sg1 = s8::dw_gradient_tiles(t, B, N, N, g_tiles, nt);
         pack_s8_tiles(xq, B, K, x_tiles, col_sum, nt);
@@ -213,13 +216,17 @@ private:
 #pragma omp parallel for num_threads(nt) schedule(static)
         for (int64_t n = 0; n < N; ++n)
             for (int64_t e = rp[n]; e < rp[n + 1]; ++e)
-                t.diff_weights[e] = static_cast<float>(acc[e] - 128 * col_sum[ci[e]]) * scale;
+                t.diff_weights[e] =
+                        static_cast<float>(acc[e] - (col_sum ? dy_shift_ * col_sum[ci[e]] : 0))
+                        * scale;
         if (t.diff_bias) bias_grad(t.diff_dst, t.diff_bias, B, N, 1, nt);
         return nullptr;
     }
 
     entry_plan entries_;
+    jit::sparse_kernel_params params_;
     std::shared_ptr<const jit::jit_sddmm_kernel> code_;
+    int32_t dy_shift_; // what the kernel's sums hold of G + 128 (jit::sddmm_dy_shift)
 };
 
 } // namespace
