@@ -18,8 +18,10 @@ namespace {
 size_t entry_code_bytes(const sparse_kernel_params &p) {
     const bool s8 = p.dtype == sparse_dtype::s8;
     const bool native = p.isa == cpu_isa::avx512_core_vnni || p.avx_vnni;
-    if (p.word == s8_word::entry_pair) // per 32 lanes: two offsets, two weight broadcasts,
-        return 16 + static_cast<size_t>((p.n_vec + 3) / 4) * 128; // 7 + half of 12 vector ops
+    // entry pairs, per item and 32 lanes: two offset loads, two weight
+    // broadcasts, 7 vector instructions and half of the 12 that widen two
+    // items' sums (each at most 10 bytes)
+    if (p.word == s8_word::entry_pair) return 16 + static_cast<size_t>((p.n_vec + 3) / 4) * 128;
     return 24 + static_cast<size_t>(p.n_vec) * (!s8 ? 12 : native ? 24 : 96);
 }
 size_t body_code_bytes(const sparse_kernel_params &p) {

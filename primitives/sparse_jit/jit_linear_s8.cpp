@@ -8,8 +8,8 @@
 //   forward        SpMM over "k-quads": one vpdpbusd per 16
 //                  batch elements per non-empty quad of 4 columns of a row;
 //                  on avx2 without AVX-VNNI over entry pairs instead (two
-//                  nonzeros of a row per item, s8 rows widened in registers,
-//                  one vpmaddwd per 8 batch elements; no +128 shift).
+//                  nonzeros of a row per item, s8 rows interleaved and
+//                  multiplied in int16 by vpsignb + vpmaddubsw; no +128 shift).
 //   backward-data  the same over the transposed pattern (quads of rows).
 //   backward-weights SDDMM: one vpdpbusd per nonzero per 64
 //                  batch elements, 16 nonzeros reduced together (on avx2
