@@ -311,16 +311,14 @@ public:
                                                });
                 scatter_ = scatter_kernels(isa, jit::sparse_dtype::s8);
                 break;
-            case direction::backward_weights: {
+            case direction::backward_weights:
                 entries_ = std::make_unique<entry_plan>(
                         l_.forward_rows(p.pattern),
                         [&](int64_t oc, int64_t col) { return l_.x_row(oc, col) * rb8; }, threads);
-                const auto params = jit::make_sparse_kernel_params(isa, jit::sparse_dtype::s8, 1);
-                sddmm_ = jit::sddmm_kernel(params);
-                dy_shift_ = jit::sddmm_dy_shift(params);
+                sddmm_ = jit::sddmm_kernel(
+                        jit::make_sparse_kernel_params(isa, jit::sparse_dtype::s8, 1));
                 tap_of_entry_ = window_taps_of_entries(l_, p.pattern, *entries_);
                 break;
-            }
         }
     }
 
@@ -470,10 +468,11 @@ private:
                     acc[e] += piece[e];
             }
         const float scale = s8::backward_weights_scale(sg1, ws.src_scale());
+        const int64_t dy_shift = jit::sddmm_dy_shift(sddmm_->params()); // of G + 128, in the sums
 #pragma omp parallel for num_threads(nt) schedule(static)
         for (int64_t e = 0; e < nnz; ++e)
             t.diff_weights[e] =
-                    static_cast<float>(acc[e] - dy_shift_ * window_sum[tap_of_entry_[e]]) * scale;
+                    static_cast<float>(acc[e] - dy_shift * window_sum[tap_of_entry_[e]]) * scale;
         if (t.diff_bias) bias_grad(t.diff_dst, t.diff_bias, B, oc, l_.out_pixels(), nt);
         return nullptr;
     }
@@ -486,7 +485,6 @@ private:
     std::vector<int64_t> tap_of_entry_;                // backward-weights
     std::vector<std::shared_ptr<const jit::jit_spmm_scatter_kernel>> scatter_;
     std::shared_ptr<const jit::jit_sddmm_kernel> sddmm_;
-    int64_t dy_shift_ = 128; // what sddmm_'s sums hold of G + 128 (jit::sddmm_dy_shift)
 };
 
 // ---- implementations ---------------------------------------------------------------

@@ -172,8 +172,7 @@ public:
           entries_(
                   csr_rows(p.pattern.row_ptr(), p.pattern.col_idx(), p.out),
                   [](int64_t, int64_t k) { return k * jit::s8_tile_row_bytes; }, p.num_threads),
-          params_(jit::make_sparse_kernel_params(isa, jit::sparse_dtype::s8, 1)),
-          code_(jit::sddmm_kernel(params_)), dy_shift_(jit::sddmm_dy_shift(params_)) {}
+          code_(jit::sddmm_kernel(jit::make_sparse_kernel_params(isa, jit::sparse_dtype::s8, 1))) {}
 
     // G1 as plain int8, from backward-data's pass over dY in a fused backward.
     shared_gradient::form shared_form_read() const override {
@@ -190,8 +189,10 @@ private:
         const int8_t *xq = ws.src_q();
         auto *g_tiles = sp.get<uint8_t>(0, tiles * N * tb);
         auto *x_tiles = sp.get<int8_t>(1, tiles * K * tb);
-        // X's column sums, for the shift the kernel's sums hold (none: not taken)
-        auto *col_sum = dy_shift_ ? sp.get<int32_t>(2, K) : nullptr;
+        // X's column sums, for the shift the kernel's sums hold of G + 128
+        // (none: not taken)
+        const int32_t dy_shift = jit::sddmm_dy_shift(code_->params());
+        auto *col_sum = dy_shift ? sp.get<int32_t>(2, K) : nullptr;
         auto *acc = sp.get<int32_t>(3, nnz);
         const float sg1 = s8::dw_gradient_tiles(t, B, N, N, g_tiles, nt);
         pack_s8_tiles(xq, B, K, x_tiles, col_sum, nt);
@@ -217,16 +218,14 @@ private:
         for (int64_t n = 0; n < N; ++n)
             for (int64_t e = rp[n]; e < rp[n + 1]; ++e)
                 t.diff_weights[e] =
-                        static_cast<float>(acc[e] - (col_sum ? dy_shift_ * col_sum[ci[e]] : 0))
+                        static_cast<float>(acc[e] - (col_sum ? dy_shift * col_sum[ci[e]] : 0))
                         * scale;
         if (t.diff_bias) bias_grad(t.diff_dst, t.diff_bias, B, N, 1, nt);
         return nullptr;
     }
 
     entry_plan entries_;
-    jit::sparse_kernel_params params_;
     std::shared_ptr<const jit::jit_sddmm_kernel> code_;
-    int32_t dy_shift_; // what the kernel's sums hold of G + 128 (jit::sddmm_dy_shift)
 };
 
 } // namespace
