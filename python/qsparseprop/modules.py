@@ -1228,13 +1228,18 @@ def _linear_act_linear(
     return second(hidden)
 
 
+def _passes_through(module: nn.Module) -> bool:
+    """A module that may stand between an MLP's activation and its second
+    Linear: the identity, or a dropout (the identity while p is 0 or in eval)."""
+    return type(module) in (nn.Identity, nn.Dropout)
+
+
 def _identity_now(module: nn.Module) -> bool:
     """Whether calling ``module`` now gives its input back and nothing else
     happens: an ``nn.Identity``, or an ``nn.Dropout`` with p 0 or in eval,
     unhooked."""
-    kind = type(module)
-    quiet = kind is nn.Identity or (kind is nn.Dropout and (module.p == 0 or not module.training))
-    return quiet and _called_plainly(module)
+    dropping = type(module) is nn.Dropout and module.p != 0 and module.training
+    return _passes_through(module) and not dropping and _called_plainly(module)
 
 
 def _mlp_pair(first: nn.Module, second: nn.Module) -> bool:

@@ -43,6 +43,7 @@ from .modules import (
     _convs_sharing_input,
     _linear_act_linear,
     _mlp_pair,
+    _passes_through,
     _record_places,
     _relu_marker,
     _shares_input_with,
@@ -1414,12 +1415,6 @@ def _linear_chains(model: nn.Module, parent: nn.Module, graph, rows, parent_name
             continue
         chains.append((node, marker_node, second_node, full, between))
     return chains
-
-
-def _passes_through(m: nn.Module) -> bool:
-    """A module that may stand between an MLP's activation and its second
-    Linear: the identity, or a dropout (the identity while p is 0 or in eval)."""
-    return type(m) in (nn.Identity, nn.Dropout)
 
 
 def _fuse_linear_chains(model: nn.Module, rows) -> None:
