@@ -133,6 +133,7 @@ void unpack_conv_tiles(const float *tiles, int64_t batch, int64_t channels, int6
                        const float *bias, float *dst, int num_threads) {
     static constexpr pass_tier<unpack_conv_tiles_fn> tiers[] = {
             {cpu_isa::avx512_core, unpack_conv_tiles_avx512},
+            {cpu_isa::avx2, unpack_conv_tiles_avx2},
             {cpu_isa::ref, portable::unpack_conv_tiles}};
     best_tier(tiers)(tiles, batch, channels, pixels, bias, dst, num_threads);
 }

@@ -70,6 +70,7 @@ pack_conv_quad_tiles_fn pack_conv_quad_tiles_avx512;
 pack_conv_s8_tiles_fn pack_conv_s8_tiles_avx512;
 pack_conv_s8_tiles_fn pack_conv_s8_tiles_avx2;
 pack_conv_tiles_fn pack_conv_tiles_avx2;
+unpack_conv_tiles_fn unpack_conv_tiles_avx2;
 unpack_conv_s32_tiles_fn unpack_conv_s32_tiles_avx512;
 
 } // namespace qsp::detail

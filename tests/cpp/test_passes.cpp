@@ -595,6 +595,17 @@ TEST(Passes, conv_tiles_match_the_definition_on_every_tier) {
                 detail::unpack_conv_tiles(y_tiles.data(), batch, c, px, bias.data(), out_got.data(),
                                           2);
                 EXPECT_EQ(out_got, out_want);
+                if (cpu_has(cpu_isa::avx2)) {
+                    for (const float *b :
+                         std::initializer_list<const float *>{bias.data(), nullptr}) {
+                        std::vector<float> tier_got(out_want.size(), 3.f), no_bias(out_want.size());
+                        detail::portable::unpack_conv_tiles(y_tiles.data(), batch, c, px, b,
+                                                            no_bias.data(), 1);
+                        detail::unpack_conv_tiles_avx2(y_tiles.data(), batch, c, px, b,
+                                                       tier_got.data(), 3);
+                        EXPECT_EQ(tier_got, no_bias) << "unpack_conv_tiles_avx2, bias " << !!b;
+                    }
+                }
                 // int8 packs
                 std::vector<int8_t> xq(static_cast<size_t>(batch * c * px));
                 for (auto &v : xq)
