@@ -32,7 +32,18 @@ namespace qsp {
 
 struct tuning_options {
     int warmup_runs = 2; // untimed runs per candidate (caches, page faults, code)
-    int timed_runs = 7;  // timed runs per candidate; their median counts
+    int timed_runs = 7;  // timed runs per candidate at most; their median counts
+    // Screening: after its warm-up and its first two timed runs, a candidate
+    // whose faster run took at least screen_ratio times the fastest
+    // candidate's faster run is out, its median that of those two runs: a
+    // rival four times slower loses without seven more runs (at batch 1000
+    // such runs cost a CNN's layers ~10 s per shape). Where one candidate is
+    // left, nothing more is timed. 0: every candidate runs timed_runs.
+    double screen_ratio = 1.5;
+    // A candidate still in stops after three timed runs once they have taken
+    // budget_ms together: the median of a 40 ms kernel needs no seven runs.
+    // 0: no budget, timed_runs each.
+    double budget_ms = 100.0;
     // A rival replaces the incumbent only when its median is at least this
     // fraction lower: near-ties keep the incumbent, so decisions do not flip
     // with noise.
@@ -45,7 +56,8 @@ struct tuning_options {
 struct tuning_measurement {
     std::string implementation;
     double median_ms = 0;
-    std::vector<double> runs_ms;
+    std::vector<double> runs_ms; // fewer than timed_runs: screened out, or out of budget
+    bool screened_out = false;
 };
 
 struct tuning_result {

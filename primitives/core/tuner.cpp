@@ -4,7 +4,8 @@
 
 #include <algorithm>
 #include <cmath>
-#include <random>
+#include <cstdint>
+#include <cstring>
 #include <sstream>
 #include <stdexcept>
 #include <vector>
@@ -125,11 +126,25 @@ std::shared_ptr<const decision> find_decision(const problem &p) {
     return d;
 }
 
-std::vector<float> random_data(int64_t n, std::mt19937 &rng) {
-    std::uniform_real_distribution<float> u(-1.f, 1.f);
+// Timing needs no better randomness than a 32-bit LCG's: the Mersenne
+// twister (through uniform_real_distribution) had spent ~40 % of a tune's
+// wall time filling a batch-1000 convolution's buffers (~50 M values).
+struct timing_random {
+    uint32_t state;
+    uint32_t next() { return state = state * 1664525u + 1013904223u; }
+    // in [-1, 1): the top 23 bits as the mantissa of a float in [1, 2)
+    float next_float() {
+        const uint32_t bits = 0x3f800000u | (next() >> 9);
+        float one_to_two;
+        std::memcpy(&one_to_two, &bits, sizeof one_to_two);
+        return 2.f * one_to_two - 3.f;
+    }
+};
+
+std::vector<float> random_data(int64_t n, timing_random &rng) {
     std::vector<float> v(static_cast<size_t>(std::max<int64_t>(n, 1)));
     for (float &x : v)
-        x = u(rng);
+        x = rng.next_float();
     return v;
 }
 
@@ -137,7 +152,7 @@ std::vector<float> random_data(int64_t n, std::mt19937 &rng) {
 class timing_bench {
 public:
     explicit timing_bench(const problem &p) : p_(p) {
-        std::mt19937 rng(1);
+        timing_random rng{1};
         src_ = random_data(p.src_elems(), rng);
         dst_ = random_data(p.dst_elems(), rng);
         w_ = random_data(p.pattern.nnz(), rng);
@@ -150,7 +165,7 @@ public:
         ws_.resize(s8::workspace_bytes(p));
         const s8::workspace_view ws{ws_.data(), p};
         for (size_t i = ws.at.src_q; i < ws.at.weight_scale; ++i)
-            ws_[i] = static_cast<uint8_t>(rng());
+            ws_[i] = static_cast<uint8_t>(rng.next() >> 24);
         ws.set_src_scale(1.f / 127.f);
         std::fill(ws.weight_scale(), ws.weight_scale() + p.channels(), 1.f / 127.f);
         t_.src = src_.data();
@@ -166,16 +181,14 @@ public:
         t_.batch = p.outer();
     }
 
-    std::vector<double> runs_ms(const kernel &k, int warmup, int timed) const {
-        for (int r = 0; r < warmup; ++r)
+    void warm_up(const kernel &k, int runs) const {
+        for (int r = 0; r < runs; ++r)
             k.execute(t_);
-        std::vector<double> ms;
-        for (int r = 0; r < timed; ++r) {
-            const double t0 = runtime::now_ms();
-            k.execute(t_);
-            ms.push_back(runtime::now_ms() - t0);
-        }
-        return ms;
+    }
+    double run_ms(const kernel &k) const {
+        const double t0 = runtime::now_ms();
+        k.execute(t_);
+        return runtime::now_ms() - t0;
     }
 
 private:
@@ -218,6 +231,12 @@ tuning_result tune_problem(const pd_impl &impl, const tuning_options &options) {
         throw std::invalid_argument("tune: options need warmup_runs >= 0 and timed_runs >= 1, got "
                                     + std::to_string(options.warmup_runs) + " and "
                                     + std::to_string(options.timed_runs));
+    if (!(options.screen_ratio == 0.0 || options.screen_ratio > 1.0))
+        throw std::invalid_argument("tune: options.screen_ratio must be 0 (off) or above 1, got "
+                                    + std::to_string(options.screen_ratio));
+    if (!(options.budget_ms >= 0.0))
+        throw std::invalid_argument("tune: options.budget_ms must be >= 0 (0: none), got "
+                                    + std::to_string(options.budget_ms));
     if (!(options.min_gain >= 0.0 && options.min_gain < 1.0))
         throw std::invalid_argument("tune: options.min_gain must be in [0, 1), got "
                                     + std::to_string(options.min_gain));
@@ -251,16 +270,47 @@ tuning_result tune_problem(const pd_impl &impl, const tuning_options &options) {
         return r;
     }
     const timing_bench bench(p);
-    std::vector<double> medians;
+    // Screening: every candidate warmed up and timed twice; then only those
+    // within screen_ratio of the fastest run on, each up to timed_runs or
+    // its budget. The survivors' kernels are kept between the two rounds.
+    const int screen_runs = std::min(2, options.timed_runs);
+    std::vector<std::shared_ptr<const kernel>> kernels;
+    double fastest = 0;
     for (const implementation *c : rivals) {
-        auto k = c->create(p);
+        kernels.push_back(c->create(p));
         tuning_measurement m;
         m.implementation = c->name;
-        m.runs_ms = bench.runs_ms(*k, options.warmup_runs, options.timed_runs);
-        m.median_ms = median(m.runs_ms);
-        medians.push_back(m.median_ms);
+        bench.warm_up(*kernels.back(), options.warmup_runs);
+        for (int i = 0; i < screen_runs; ++i)
+            m.runs_ms.push_back(bench.run_ms(*kernels.back()));
+        const double best = *std::min_element(m.runs_ms.begin(), m.runs_ms.end());
+        fastest = r.candidates.empty() ? best : std::min(fastest, best);
         r.candidates.push_back(std::move(m));
     }
+    size_t left = 0;
+    for (size_t i = 0; i < rivals.size(); ++i) {
+        auto &m = r.candidates[i];
+        const double best = *std::min_element(m.runs_ms.begin(), m.runs_ms.end());
+        m.screened_out = options.screen_ratio > 0 && best >= options.screen_ratio * fastest;
+        if (m.screened_out) kernels[i] = nullptr;
+        left += !m.screened_out;
+    }
+    for (size_t i = 0; i < rivals.size() && left > 1; ++i) {
+        auto &m = r.candidates[i];
+        if (m.screened_out) continue;
+        double spent = 0;
+        for (double ms : m.runs_ms)
+            spent += ms;
+        while (static_cast<int>(m.runs_ms.size()) < options.timed_runs
+               && !(options.budget_ms > 0 && m.runs_ms.size() >= 3 && spent >= options.budget_ms)) {
+            m.runs_ms.push_back(bench.run_ms(*kernels[i]));
+            spent += m.runs_ms.back();
+        }
+        kernels[i] = nullptr;
+    }
+    std::vector<double> medians;
+    for (auto &m : r.candidates)
+        medians.push_back(m.median_ms = median(m.runs_ms));
     r.chosen = rivals[choose_implementation(medians, incumbent, options.min_gain)]->name;
     r.measured = true;
     decision_store().put(decision_key{decision_problem(p), effective_level()},
@@ -271,8 +321,11 @@ tuning_result tune_problem(const pd_impl &impl, const tuning_options &options) {
         line << "tune," << r.primitive << "," << r.problem << ",threads=" << p.num_threads;
         for (const auto &m : r.candidates)
             line << "," << m.implementation << "=" << m.median_ms << "ms";
-        line << ",runs=" << options.timed_runs << ",incumbent " << r.incumbent << ",chose "
-             << r.chosen;
+        line << ",runs=";
+        for (size_t i = 0; i < r.candidates.size(); ++i)
+            line << (i ? "/" : "") << r.candidates[i].runs_ms.size()
+                 << (r.candidates[i].screened_out ? " (screened out)" : "");
+        line << ",incumbent " << r.incumbent << ",chose " << r.chosen;
         runtime::verbose_print(line.str());
     }
     return r;

@@ -31,6 +31,14 @@ TEST(Tuner, options_are_validated) {
     bad = tuning_options{};
     bad.warmup_runs = -1;
     EXPECT_THROW(tune(pd, bad), std::invalid_argument);
+    bad = tuning_options{};
+    bad.screen_ratio = 0.9; // would screen out the fastest candidate itself
+    EXPECT_THROW(tune(pd, bad), std::invalid_argument);
+    bad.screen_ratio = 1.0;
+    EXPECT_THROW(tune(pd, bad), std::invalid_argument);
+    bad = tuning_options{};
+    bad.budget_ms = -1;
+    EXPECT_THROW(tune(pd, bad), std::invalid_argument);
 }
 
 // At 99.9 % sparsity on a 4096 x 4096 layer the sparse kernel does 0.1 % of
@@ -67,10 +75,18 @@ TEST(Tuner, decisions_are_stored_picked_and_stable) {
     }
     ASSERT_GE(first.candidates.size(), 2u);
     for (const auto &c : first.candidates) {
-        EXPECT_EQ(c.runs_ms.size(), 7u) << c.implementation;
         EXPECT_GT(c.median_ms, 0.0) << c.implementation;
         EXPECT_NE(out.find(c.implementation + "="), std::string::npos) << out;
+        // the dense matmul, 1000x the work, is out after its two screening runs
+        const bool dense = c.implementation.rfind("dense:", 0) == 0;
+        EXPECT_EQ(c.screened_out, dense) << c.implementation;
+        if (dense) EXPECT_EQ(c.runs_ms.size(), 2u) << c.implementation;
+        EXPECT_GE(c.runs_ms.size(), 2u) << c.implementation;
+        EXPECT_LE(c.runs_ms.size(), 7u) << c.implementation;
     }
+    if (std::any_of(first.candidates.begin(), first.candidates.end(),
+                    [](const tuning_measurement &c) { return c.screened_out; }))
+        EXPECT_NE(out.find(" (screened out)"), std::string::npos) << out;
     EXPECT_EQ(first.incumbent, first.candidates.front().implementation)
             << "the first in list order is the incumbent";
     EXPECT_EQ(first.chosen.rfind("jit:", 0), 0u) << "sparse wins at 99.9 %: " << first.chosen;
@@ -98,6 +114,52 @@ TEST(Tuner, decisions_are_stored_picked_and_stable) {
     EXPECT_TRUE(re.measured);
     EXPECT_EQ(re.incumbent, stored.chosen) << "a stored decision is the incumbent of a retune";
     EXPECT_EQ(generic_sibling(re.chosen), generic_sibling(stored.chosen));
+}
+
+// Screening and the budget only cut runs: with both off, every candidate
+// runs timed_runs; with them, a candidate still in after screening runs on
+// to three timed runs at least unless it is the only one left, and stops
+// after three only once its runs have taken budget_ms.
+TEST(Tuner, screening_and_the_budget_cut_runs_not_candidates) {
+    std::mt19937 rng(9);
+    const int64_t B = 64, K = 512, N = 512;
+    auto p = csr_pattern::from_dense(random_sparse_dense(N, K, 0.9, rng).data(), N, K);
+    dnnl::engine eng(dnnl::engine::kind::cpu, 0);
+    primitive_attr attr;
+    attr.num_threads = 1;
+    const sparse_linear_forward::primitive_desc pd(eng, prop_kind::forward_training,
+                                                   f32_desc({B, K}), p, f32_desc({B, N}),
+                                                   quant_scheme::s8, attr);
+    tuning_options all;
+    all.retune = true;
+    all.screen_ratio = 0;
+    all.budget_ms = 0;
+    const tuning_result full = tune(pd, all);
+    if (!full.measured) GTEST_SKIP() << "one s8 implementation on this CPU: nothing to compare";
+    for (const auto &c : full.candidates) {
+        EXPECT_EQ(c.runs_ms.size(), 7u) << c.implementation;
+        EXPECT_FALSE(c.screened_out) << c.implementation;
+    }
+    tuning_options screened;
+    screened.retune = true;
+    screened.budget_ms = 1e-9; // every survivor stops at three runs
+    const tuning_result r = tune(pd, screened);
+    ASSERT_EQ(r.candidates.size(), full.candidates.size());
+    double fastest = 1e300;
+    for (const auto &c : r.candidates)
+        fastest = std::min(fastest, *std::min_element(c.runs_ms.begin(), c.runs_ms.begin() + 2));
+    size_t in = 0;
+    for (const auto &c : r.candidates) {
+        const double first_two = *std::min_element(c.runs_ms.begin(), c.runs_ms.begin() + 2);
+        EXPECT_EQ(c.screened_out, first_two >= screened.screen_ratio * fastest) << c.implementation;
+        in += !c.screened_out;
+    }
+    ASSERT_GE(in, 1u) << "the fastest is never screened out";
+    for (const auto &c : r.candidates)
+        EXPECT_EQ(c.runs_ms.size(), c.screened_out || in == 1 ? 2u : 3u) << c.implementation;
+    EXPECT_TRUE(
+            std::any_of(r.candidates.begin(), r.candidates.end(),
+                        [&](const tuning_measurement &c) { return c.implementation == r.chosen; }));
 }
 
 TEST(Tuner, only_competing_implementations_are_timed) {
