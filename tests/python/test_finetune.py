@@ -89,7 +89,7 @@ def test_quick_run_reports_every_field_trains_and_keeps_pruned_weights_zero(tmp_
     data = finetune._subset(finetune.load_dataset(cfg.dataset), cfg)
     model = finetune.pretrained(cfg, data, said.append)
     assert said == [f"dense model: {cached[0]} (cached)"]
-    assert finetune.evaluate(model, data[2], data[3]) == report["accuracy_dense_unpruned"]
+    assert finetune.evaluate(model, data[2], data[3], cfg.batch_size) == report["accuracy_dense_unpruned"]
     # each variant's fine-tuned model is saved and loads back, ready to use:
     # the report's accuracy again (the swapped ones rebuilt from their plan)
     assert "fine-tuned models: " in said_first
@@ -102,7 +102,7 @@ def test_quick_run_reports_every_field_trains_and_keeps_pruned_weights_zero(tmp_
         assert swapped == r["swapped_layers"]
         ctx = torch.autocast("cpu", dtype=torch.bfloat16) if "bf16" in r["variant"] else contextlib.nullcontext()
         with ctx:
-            accuracy = finetune.evaluate(loaded, data[2], data[3])
+            accuracy = finetune.evaluate(loaded, data[2], data[3], cfg.batch_size)
         # f32 sums of a kernel picked again may round apart: an image or two
         exact = r["variant"] != "qsparseprop f32"
         assert accuracy == r["accuracy"] if exact else abs(accuracy - r["accuracy"]) <= 2 / len(data[3]), r
