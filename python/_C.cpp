@@ -3,9 +3,11 @@
 // views, zero-copy), so the module builds without torch headers and works
 // with any torch build. Each layer object keeps its primitives for the last
 // few (input shape, thread count) pairs; the pattern is fixed at
-// construction. The first time a layer sees a shape, its three directions
-// are tuned (qsp::tune) unless QSP_TUNE=0; on fewer threads than it ran on
-// before, the shape runs the larger team's implementations again.
+// construction. The first time a layer sees a shape its forward is tuned
+// (qsp::tune) unless QSP_TUNE=0, and its two backward directions the first
+// time a backward of that shape runs (an evaluation-only batch size needs
+// none); on fewer threads than it ran on before, the shape runs the larger
+// team's implementations again.
 #include <array>
 #include <cstdlib>
 #include <cstring>
@@ -184,19 +186,30 @@ public:
         dst_kept = 2, // dst / diff_dst
     };
 
+    // One shape's backward primitives, made on its first backward
+    // (backward_of): an evaluation at a batch size that training never ran
+    // builds and tunes none of them (two thirds of a new shape's tuning).
+    struct backward_primitives {
+        bwd_data_t bwd_data;
+        bwd_weights_t bwd_weights;
+        qsp::sparse_backward<bwd_data_t, bwd_weights_t> both; // one call for a training step
+        std::array<std::string, 2> names;                     // impl_info_str() of each
+        bool takes_kept; // both directions' implementations read the kept layout themselves
+    };
+
     // One shape's primitives (and what the fused blocks ask of them).
     struct primitives {
         typename fwd_t::primitive_desc fwd_pd;
         fwd_t fwd;
-        bwd_data_t bwd_data;
-        bwd_weights_t bwd_weights;
-        qsp::sparse_backward<bwd_data_t, bwd_weights_t> both; // one call for a training step
         dims src, dst;
-        std::array<std::string, 3> impl_names; // impl_info_str() of fwd, bwd_data, bwd_weights
-        std::string impls() const {
-            return impl_names[0] + "/" + impl_names[1] + "/" + impl_names[2];
-        }
-        bool takes_kept; // every direction's implementation reads the kept layout itself
+        int variant;
+        qsp::primitive_attr attr; // as the forward was made: the backward is made alike
+        // The backward's implementations where they are given (forced for a
+        // test, or a larger team's: see get()); "": picked. from_team: a
+        // larger team's, which may refuse this team size (then picked).
+        std::array<std::string, 2> backward_as;
+        bool from_team;
+        mutable std::shared_ptr<const backward_primitives> bwd; // under the layer's mutex
         // The forward with a first batch_statistics post-op (the BatchNorm
         // after a Conv2d takes its statistics from it), made on first use
         // under the layer's mutex.
@@ -240,6 +253,9 @@ protected:
         // created (attr.tune) and carries the winner: built once.
         attr.tune = tuning_enabled();
         if (larger_team) {
+            std::array<std::string, 3> names{larger_team->fwd_pd.impl_info_str(), "", ""};
+            if (larger_team->bwd) // (else: the backward looks for it again when it is made)
+                names[1] = larger_team->bwd->names[0], names[2] = larger_team->bwd->names[1];
             // This shape ran on a larger team (one thread now while other
             // processes keep every core busy, or torch.set_num_threads): its
             // implementations again, not this team's tuned ones. Each
@@ -249,49 +265,102 @@ protected:
             // A larger team than any before is tuned for: a run that started
             // on a busy machine does not keep one thread's picks.
             try {
-                return build(src, dst, make, variant, attr, &larger_team->impl_names);
+                return build(src, dst, make, variant, attr, &names, true);
             } catch (const std::exception &) {
                 // an implementation refusing this team size: pick afresh
             }
         }
         const auto &forced = implementations_forced_for_testing();
-        return build(src, dst, make, variant, attr, forced[0].empty() ? nullptr : &forced);
+        bool any_forced = false;
+        for (const auto &name : forced)
+            any_forced = any_forced || !name.empty();
+        return build(src, dst, make, variant, attr, any_forced ? &forced : nullptr, false);
     }
 
+    struct layouts {
+        dnnl::memory::desc src, dst, bias;
+    };
+    layouts layouts_of(const dims &src, const dims &dst, int variant) const {
+        // (only Linear asks for kept layouts: its tensors are 2-D)
+        return {variant & src_kept ? qsp::kept_layout_desc(src[0], src[1]) : f32_md(src),
+                variant & dst_kept ? qsp::kept_layout_desc(dst[0], dst[1]) : f32_md(dst),
+                with_bias_ ? f32_md({dst[1]}) : dnnl::memory::desc()};
+    }
+
+    // The forward of a shape; its backward waits for backward_of.
     template <typename make_fwd_pd>
     std::shared_ptr<const primitives> build(const dims &src, const dims &dst, make_fwd_pd make,
                                             int variant, const qsp::primitive_attr &attr,
-                                            const std::array<std::string, 3> *same_as) {
-        // (only Linear asks for kept layouts: its tensors are 2-D)
-        const auto src_md =
-                variant & src_kept ? qsp::kept_layout_desc(src[0], src[1]) : f32_md(src);
-        const auto dst_md =
-                variant & dst_kept ? qsp::kept_layout_desc(dst[0], dst[1]) : f32_md(dst);
-        const auto bias_md = with_bias_ ? f32_md({dst[1]}) : dnnl::memory::desc();
-        const auto forced = [&](size_t direction) {
-            qsp::primitive_attr a = attr;
-            if (same_as) a.implementation = (*same_as)[direction];
-            return a;
-        };
-        const typename fwd_t::primitive_desc fwd_pd =
-                make(engine_, src_md, bias_md, dst_md, forced(0));
-        const typename bwd_data_t::primitive_desc bd_pd(engine_, src_md, pattern_, dst_md, fwd_pd,
-                                                        forced(1));
-        const typename bwd_weights_t::primitive_desc bw_pd(engine_, src_md, pattern_, bias_md,
-                                                           dst_md, fwd_pd, forced(2));
-        const std::array<std::string, 3> names = {fwd_pd.impl_info_str(), bd_pd.impl_info_str(),
-                                                  bw_pd.impl_info_str()};
-        auto p = std::make_shared<const primitives>(primitives{
-                fwd_pd, fwd_t(fwd_pd), bwd_data_t(bd_pd), bwd_weights_t(bw_pd),
-                qsp::sparse_backward<bwd_data_t, bwd_weights_t>(bd_pd, bw_pd), src, dst, names,
-                fwd_pd.takes_kept_layout() && bd_pd.takes_kept_layout()
-                        && bw_pd.takes_kept_layout(),
-                nullptr});
+                                            const std::array<std::string, 3> *same_as,
+                                            bool from_team) {
+        const layouts l = layouts_of(src, dst, variant);
+        qsp::primitive_attr fwd_attr = attr;
+        if (same_as) fwd_attr.implementation = (*same_as)[0];
+        const typename fwd_t::primitive_desc fwd_pd = make(engine_, l.src, l.bias, l.dst, fwd_attr);
+        std::array<std::string, 2> backward_as;
+        if (same_as) backward_as = {(*same_as)[1], (*same_as)[2]};
+        auto p = std::make_shared<const primitives>(primitives{fwd_pd, fwd_t(fwd_pd), src, dst,
+                                                               variant, attr, backward_as,
+                                                               from_team, nullptr, nullptr});
         cache_.push_front(entry{src, attr.num_threads, variant, p});
         if (cache_.size() > shapes_kept) cache_.pop_back();
         return p;
     }
 
+    // p's backward primitives, made now (under the layer's mutex) with the
+    // implementations given to p, else those of a larger team that ran
+    // this shape's backward (get() says why), else picked and tuned.
+    std::shared_ptr<const backward_primitives> build_backward(const primitives &p) const {
+        std::array<std::string, 2> as = p.backward_as;
+        bool from_team = p.from_team;
+        if (as[0].empty() && as[1].empty()) {
+            int larger = p.attr.num_threads;
+            for (const entry &e : cache_)
+                if (e.src == p.src && e.variant == p.variant && e.threads > larger && e.prims->bwd)
+                    larger = e.threads, as = e.prims->bwd->names, from_team = true;
+        }
+        const layouts l = layouts_of(p.src, p.dst, p.variant);
+        const auto make = [&](const std::array<std::string, 2> &names) {
+            qsp::primitive_attr a = p.attr;
+            a.implementation = names[0];
+            const typename bwd_data_t::primitive_desc bd_pd(engine_, l.src, pattern_, l.dst,
+                                                            p.fwd_pd, a);
+            a.implementation = names[1];
+            const typename bwd_weights_t::primitive_desc bw_pd(engine_, l.src, pattern_, l.bias,
+                                                               l.dst, p.fwd_pd, a);
+            return std::make_shared<const backward_primitives>(backward_primitives{
+                    bwd_data_t(bd_pd),
+                    bwd_weights_t(bw_pd),
+                    qsp::sparse_backward<bwd_data_t, bwd_weights_t>(bd_pd, bw_pd),
+                    {bd_pd.impl_info_str(), bw_pd.impl_info_str()},
+                    bd_pd.takes_kept_layout() && bw_pd.takes_kept_layout()});
+        };
+        if (!from_team) return make(as);
+        try {
+            return make(as);
+        } catch (const std::exception &) {
+            return make({}); // a larger team's implementation refusing this team size
+        }
+    }
+
+public:
+    const backward_primitives &backward_of(const primitives &p) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        if (!p.bwd) p.bwd = build_backward(p);
+        return *p.bwd;
+    }
+    // "<forward>/<backward-data>/<backward-weights>" (the backward made if
+    // it was not yet)
+    std::string impls(const primitives &p) {
+        const backward_primitives &b = backward_of(p);
+        return p.fwd_pd.impl_info_str() + "/" + b.names[0] + "/" + b.names[1];
+    }
+    // Whether every direction's implementation reads the kept layout itself.
+    bool takes_kept(const primitives &p) {
+        return p.fwd_pd.takes_kept_layout() && backward_of(p).takes_kept;
+    }
+
+protected:
     static bool tuning_enabled() {
         const char *env = std::getenv("QSP_TUNE");
         return !(env && (std::strcmp(env, "0") == 0 || std::strcmp(env, "off") == 0));
@@ -429,9 +498,10 @@ protected:
         py::array_t<float> dx = pooled_array<float>(p.src);
         int32_t seed_storage[2];
         const qsp::exec_args args = data_args(p, dy, values, workspace, dx, seed_storage, seed);
+        const backward_primitives &b = backward_of(p);
         {
             py::gil_scoped_release release;
-            p.bwd_data.execute(stream_, args);
+            b.bwd_data.execute(stream_, args);
         }
         return dx;
     }
@@ -449,9 +519,10 @@ protected:
                                            dy_channel_abs_max);
         for (auto &kv : data_args(p, dy, values, workspace, dx, seed_storage, seed))
             args.insert(kv);
+        const backward_primitives &b = backward_of(p);
         {
             py::gil_scoped_release release;
-            p.both.execute(stream_, args);
+            b.both.execute(stream_, args);
         }
         return dx;
     }
@@ -497,8 +568,9 @@ protected:
         int32_t seed_storage[2];
         const qsp::exec_args args = weights_args(p, x, workspace, dy, dvalues, dbias, seed_storage,
                                                  seed, dy_channel_abs_max);
+        const backward_primitives &b = backward_of(p);
         py::gil_scoped_release release;
-        p.bwd_weights.execute(stream_, args);
+        b.bwd_weights.execute(stream_, args);
     }
 
     qsp::csr_pattern pattern_;
@@ -561,7 +633,7 @@ public:
         return workspace_bytes_of(*prims(batch, threads));
     }
     std::string implementations(int64_t batch, int threads) {
-        return prims(batch, threads)->impls();
+        return impls(*prims(batch, threads));
     }
 
     py::tuple fwd(const py::array &x, const py::array &values, const py::object &bias, int threads,
@@ -656,12 +728,14 @@ public:
                                                        db_b, seed_storage_b, seed_b);
         const qsp::exec_args ba = first_backward_args(p, dhidden, x, ws_a, values_a, need_dx, dx,
                                                       dv_a, db_a, seed_storage_a, seed_a);
+        const auto &backward_a = a_.backward_of(*p.a);
+        const auto &backward_b = b_.backward_of(*p.b);
         {
             py::gil_scoped_release release;
-            p.b->both.execute(b_.stream(), bb);
+            backward_b.both.execute(b_.stream(), bb);
             qsp::relu_with_mask_backward(dhidden.data(), bits, dhidden.mutable_data(), p.hidden_n,
                                          threads);
-            run_first_backward(p, ba, need_dx);
+            run_first_backward(backward_a, ba, need_dx);
         }
         return py::make_tuple(dx, dv_a, db_a, dv_b, db_b);
     }
@@ -705,9 +779,10 @@ public:
         int32_t seed_storage[2];
         const qsp::exec_args bb = second_backward_args(p, dy, hidden, ws_b, values_b, dhidden, dv_b,
                                                        db_b, seed_storage, seed_b);
+        const auto &backward_b = b_.backward_of(*p.b);
         {
             py::gil_scoped_release release;
-            p.b->both.execute(b_.stream(), bb);
+            backward_b.both.execute(b_.stream(), bb);
         }
         return py::make_tuple(dhidden, dv_b, db_b);
     }
@@ -722,9 +797,10 @@ public:
         int32_t seed_storage[2];
         const qsp::exec_args ba = first_backward_args(p, dhidden, x, ws_a, values_a, need_dx, dx,
                                                       dv_a, db_a, seed_storage, seed_a);
+        const auto &backward_a = a_.backward_of(*p.a);
         {
             py::gil_scoped_release release;
-            run_first_backward(p, ba, need_dx);
+            run_first_backward(backward_a, ba, need_dx);
         }
         return py::make_tuple(dx, dv_a, db_a);
     }
@@ -733,7 +809,7 @@ public:
     // the hidden activation's layout.
     std::string implementations(int64_t batch, int threads) {
         const auto p = pick(batch, threads);
-        return p.a->impls() + " | " + p.b->impls()
+        return a_.impls(*p.a) + " | " + b_.impls(*p.b)
                + (p.hidden_md.get_ndims() == 3 ? " (hidden kept)" : " (hidden plain)");
     }
 
@@ -754,7 +830,7 @@ private:
         auto pb = b_.prims(batch, threads, linear_layer::plain);
         const int64_t hidden = a_.out_features();
         dnnl::memory::desc md = f32_md({batch, hidden});
-        if (pa->takes_kept && pb->takes_kept) {
+        if (a_.takes_kept(*pa) && b_.takes_kept(*pb)) {
             pa = a_.prims(batch, threads, linear_layer::dst_kept);
             pb = b_.prims(batch, threads, linear_layer::src_kept);
             md = qsp::kept_layout_desc(batch, hidden);
@@ -821,11 +897,12 @@ private:
         return ba;
     }
 
-    void run_first_backward(const picked &p, const qsp::exec_args &ba, bool need_dx) const {
+    void run_first_backward(const linear_layer::backward_primitives &backward_a,
+                            const qsp::exec_args &ba, bool need_dx) const {
         if (need_dx)
-            p.a->both.execute(a_.stream(), ba);
+            backward_a.both.execute(a_.stream(), ba);
         else
-            p.a->bwd_weights.execute(a_.stream(), ba);
+            backward_a.bwd_weights.execute(a_.stream(), ba);
     }
 
     dnnl::memory mem(const dnnl::memory::desc &md, const void *p) const {
@@ -887,7 +964,7 @@ public:
         return workspace_bytes_of(*prims(src, threads));
     }
     std::string implementations(const dims &src, int threads) {
-        return prims(src, threads)->impls();
+        return impls(*prims(src, threads));
     }
 
     // statistics: also dst's batch statistics (forward's with_statistics),

@@ -140,6 +140,31 @@ def test_tuning_is_stored_and_reused(capfd):
     assert "qsp_verbose,tune," not in second, "a shape is tuned once"
 
 
+def test_a_batch_size_only_evaluated_makes_and_tunes_only_its_forward(capfd):
+    """An evaluation at a batch size training never ran (batches of 1000
+    after training at 128) needs no backward: none is made or tuned until a
+    backward of that shape runs, and then both directions are."""
+    layer = QuantizedSparseLinear.from_dense(prune_random_(torch.nn.Linear(256, 512), 0.9))
+    x = torch.randn(40, 256)
+    qsparseprop.set_verbose(2)
+    try:
+        with torch.no_grad():
+            y_eval = layer(x)
+        evaluated = capfd.readouterr().out
+        y = layer(x)
+        y.sum().backward()
+        trained = capfd.readouterr().out
+    finally:
+        qsparseprop.set_verbose(0)
+    assert "qsp_verbose,tune,sparse_linear_forward," in evaluated, evaluated
+    assert "sparse_linear_backward" not in evaluated, evaluated
+    for direction in ("backward_data", "backward_weights"):
+        assert f"qsp_verbose,tune,sparse_linear_{direction}," in trained, trained
+    assert "qsp_verbose,tune,sparse_linear_forward," not in trained, "the forward was made once"
+    assert torch.equal(y.detach(), y_eval)
+    assert layer.values.grad is not None and torch.isfinite(layer.values.grad).all()
+
+
 def test_outputs_live_in_pooled_memory_until_torch_frees_them():
     """Outputs (y, dx, the s8 workspace) are lent by the pool: in use while a
     tensor holds them, back in the pool (and reused, no fresh pages) once
