@@ -291,7 +291,9 @@ tuning_result tune_problem(const pd_impl &impl, const tuning_options &options) {
     for (size_t i = 0; i < rivals.size(); ++i) {
         auto &m = r.candidates[i];
         const double best = *std::min_element(m.runs_ms.begin(), m.runs_ms.end());
-        m.screened_out = options.screen_ratio > 0 && best >= options.screen_ratio * fastest;
+        // (best > fastest: the fastest stays in even where it timed 0 ms)
+        m.screened_out = options.screen_ratio > 0 && best > fastest
+                         && best >= options.screen_ratio * fastest;
         if (m.screened_out) kernels[i] = nullptr;
         left += !m.screened_out;
     }
