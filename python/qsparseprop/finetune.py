@@ -219,11 +219,11 @@ class Variant:
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> float:
     """Test accuracy, ``batch`` images per forward. The tool evaluates in its
-    training batch size: a swapped layer tunes its kernels the first time it
-    sees a batch size (forward and both backward directions), and an
-    evaluation in batches of 1000 cost the --quick run on a 2-core Zen 3
-    ~24 s of tuning per sparse variant for a 0.4 s evaluation. (Under DDP,
-    each process's share of the batch: the shape its layers ran.)"""
+    training batch size, whose kernels the swapped layers have tuned: a new
+    batch size tunes their forward again (batches of 1000 cost --quick on a
+    2-core Zen 3 ~24 s per sparse variant while every direction was tuned,
+    ~5 s with the forward alone, for a 0.4 s evaluation). Under DDP, each
+    process's share of the batch: the shape its layers ran."""
     model.eval()
     correct = 0
     with torch.no_grad():
