@@ -275,7 +275,7 @@ tuning_result tune_problem(const pd_impl &impl, const tuning_options &options) {
     // its budget. The survivors' kernels are kept between the two rounds.
     const int screen_runs = std::min(2, options.timed_runs);
     std::vector<std::shared_ptr<const kernel>> kernels;
-    double fastest = 0;
+    std::vector<double> screen_best; // each candidate's faster screening run
     for (const implementation *c : rivals) {
         kernels.push_back(c->create(p));
         tuning_measurement m;
@@ -283,14 +283,14 @@ tuning_result tune_problem(const pd_impl &impl, const tuning_options &options) {
         bench.warm_up(*kernels.back(), options.warmup_runs);
         for (int i = 0; i < screen_runs; ++i)
             m.runs_ms.push_back(bench.run_ms(*kernels.back()));
-        const double best = *std::min_element(m.runs_ms.begin(), m.runs_ms.end());
-        fastest = r.candidates.empty() ? best : std::min(fastest, best);
+        screen_best.push_back(*std::min_element(m.runs_ms.begin(), m.runs_ms.end()));
         r.candidates.push_back(std::move(m));
     }
+    const double fastest = *std::min_element(screen_best.begin(), screen_best.end());
     size_t left = 0;
     for (size_t i = 0; i < rivals.size(); ++i) {
         auto &m = r.candidates[i];
-        const double best = *std::min_element(m.runs_ms.begin(), m.runs_ms.end());
+        const double best = screen_best[i];
         // (best > fastest: the fastest stays in even where it timed 0 ms)
         m.screened_out = options.screen_ratio > 0 && best > fastest
                          && best >= options.screen_ratio * fastest;
