@@ -236,16 +236,12 @@ protected:
     std::shared_ptr<const primitives> get(const dims &src, const dims &dst, int threads,
                                           make_fwd_pd make, int variant = plain) {
         std::lock_guard<std::mutex> lock(mutex_);
-        const primitives *larger_team = nullptr; // the largest team that ran this shape
-        int larger = threads;
-        for (auto it = cache_.begin(); it != cache_.end(); ++it) {
-            if (it->src != src || it->variant != variant) continue;
-            if (it->threads == threads) {
+        for (auto it = cache_.begin(); it != cache_.end(); ++it)
+            if (it->src == src && it->variant == variant && it->threads == threads) {
                 cache_.splice(cache_.begin(), cache_, it);
                 return cache_.front().prims;
             }
-            if (it->threads > larger) larger = it->threads, larger_team = it->prims.get();
-        }
+        const primitives *larger_team = largest_team_above(src, variant, threads, false);
         qsp::primitive_attr attr;
         attr.num_threads = threads;
         attr.vectorization = vectorization_; // backward descriptors follow the forward hint
@@ -275,6 +271,19 @@ protected:
         for (const auto &name : forced)
             any_forced = any_forced || !name.empty();
         return build(src, dst, make, variant, attr, any_forced ? &forced : nullptr, false);
+    }
+
+    // The primitives of the largest team above `threads` that ran this
+    // shape (with_backward: its backward too), or null; under the mutex.
+    const primitives *largest_team_above(const dims &src, int variant, int threads,
+                                         bool with_backward) const {
+        const primitives *found = nullptr;
+        int larger = threads;
+        for (const entry &e : cache_)
+            if (e.src == src && e.variant == variant && e.threads > larger
+                && (!with_backward || e.prims->bwd))
+                larger = e.threads, found = e.prims.get();
+        return found;
     }
 
     struct layouts {
@@ -313,12 +322,10 @@ protected:
     std::shared_ptr<const backward_primitives> build_backward(const primitives &p) const {
         std::array<std::string, 2> as = p.backward_as;
         bool from_team = p.from_team;
-        if (as[0].empty() && as[1].empty()) {
-            int larger = p.attr.num_threads;
-            for (const entry &e : cache_)
-                if (e.src == p.src && e.variant == p.variant && e.threads > larger && e.prims->bwd)
-                    larger = e.threads, as = e.prims->bwd->names, from_team = true;
-        }
+        if (as[0].empty() && as[1].empty())
+            if (const primitives *team =
+                        largest_team_above(p.src, p.variant, p.attr.num_threads, true))
+                as = team->bwd->names, from_team = true;
         const layouts l = layouts_of(p.src, p.dst, p.variant);
         const auto make = [&](const std::array<std::string, 2> &names) {
             qsp::primitive_attr a = p.attr;
