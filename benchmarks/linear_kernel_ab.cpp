@@ -8,6 +8,10 @@
 //   build/benchmarks/qsp_linear_kernel_ab [--scheme f32|s8] [--shapes L1,L3]
 //       [--sparsities 0.8,0.9] [--rounds 30] [--flush] [impl ...]
 //
+// A shape is a name (L1-L4, the bench's) or batch x in x out ("256x96x3072":
+// an experiment's own, say the same rows and entries with a source that
+// fits L1).
+//
 // Default implementations: the tier's generic kernels and the layer's
 // specialised code (jit:<isa>, jit:<isa>:pattern). --flush streams 32 MiB
 // through the cache before each call (what a call meets inside a network).
@@ -49,7 +53,7 @@ void flush_caches() {
 int usage(const char *why) {
     std::fprintf(stderr,
                  "qsp_linear_kernel_ab: %s\nusage: qsp_linear_kernel_ab [--scheme f32|s8] "
-                 "[--shapes L1,L2,L3,L4] [--sparsities 0.8,0.9,0.95,0.98] [--rounds N] "
+                 "[--shapes L1,L2,L3,L4,BxINxOUT] [--sparsities 0.8,0.9,0.95,0.98] [--rounds N] "
                  "[--flush] [implementation ...]\n",
                  why);
     return 2;
@@ -59,10 +63,10 @@ int usage(const char *why) {
 
 int main(int argc, char **argv) {
     using namespace qsp;
-    const std::map<std::string, std::array<int64_t, 3>> shapes{{"L1", {256, 768, 3072}},
-                                                               {"L2", {256, 3072, 768}},
-                                                               {"L3", {128, 4096, 4096}},
-                                                               {"L4", {64, 512, 1000}}};
+    std::map<std::string, std::array<int64_t, 3>> shapes{{"L1", {256, 768, 3072}},
+                                                         {"L2", {256, 3072, 768}},
+                                                         {"L3", {128, 4096, 4096}},
+                                                         {"L4", {64, 512, 1000}}};
     std::string scheme_name = "f32";
     std::vector<std::string> names = {"L1", "L2", "L3", "L4"}, impls;
     std::vector<double> sparsities = {0.8, 0.9, 0.95, 0.98};
@@ -91,8 +95,16 @@ int main(int argc, char **argv) {
     }
     if (scheme_name != "f32" && scheme_name != "s8") return usage("--scheme is f32 or s8");
     if (rounds < 1) return usage("--rounds must be >= 1");
-    for (const auto &n : names)
-        if (!shapes.count(n)) return usage(("unknown shape " + n).c_str());
+    for (const auto &n : names) {
+        if (shapes.count(n)) continue;
+        long long b = 0, k = 0, o = 0;
+        char tail = 0;
+        if (std::sscanf(n.c_str(), "%lldx%lldx%lld%c", &b, &k, &o, &tail) != 3 || b < 1 || k < 1
+            || o < 1)
+            return usage(("unknown shape " + n + " (a name, or batch x in x out: 256x768x3072)")
+                                 .c_str());
+        shapes[n] = {b, k, o};
+    }
     const quant_scheme scheme = scheme_name == "s8" ? quant_scheme::s8 : quant_scheme::f32;
     const cpu_isa isa = effective_cpu_isa();
     if (impls.empty()) {
@@ -107,8 +119,8 @@ int main(int argc, char **argv) {
     }
     std::printf("qsp_linear_kernel_ab: isa=%s scheme=%s threads=2 rounds=%d flush=%d\n",
                 to_string(isa), scheme_name.c_str(), rounds, int(flush));
-    std::printf("%-5s %5s %-32s %10s %10s %10s %10s\n", "shape", "sp", "implementation", "fwd kern",
-                "fwd total", "bd kern", "bd total");
+    std::printf("%-5s %5s %-32s %10s %10s %10s %10s %10s %10s\n", "shape", "sp", "implementation",
+                "fwd kern", "fwd total", "bd kern", "bd total", "bw kern", "bw total");
     dnnl::engine eng(dnnl::engine::kind::cpu, 0);
     dnnl::stream strm(eng);
     set_profiling(true);
