@@ -366,6 +366,8 @@ public:
     bool takes_kept(const primitives &p) {
         return p.fwd_pd.takes_kept_layout() && backward_of(p).takes_kept;
     }
+    // Whether the forward's does (a forward with no backward to follow).
+    static bool forward_takes_kept(const primitives &p) { return p.fwd_pd.takes_kept_layout(); }
 
 protected:
     static bool tuning_enabled() {
@@ -696,10 +698,13 @@ public:
     // y = second(relu(first(x))); returns (y, hidden, mask, workspace of
     // the first, workspace of the second): hidden (the ReLU's output, flat,
     // in the layout the block picked) is what an f32 second layer's backward
-    // reads, mask its ReLU's bits.
+    // reads, mask its ReLU's bits. need_backward false (no gradient will be
+    // asked: torch.no_grad, nothing requiring one): the layout is picked by
+    // the forwards alone, and no backward primitive is made.
     py::tuple forward(const py::array &x, const py::array &values_a, const py::object &bias_a,
-                      const py::array &values_b, const py::object &bias_b, int threads) {
-        const auto p = pick(batch_of(x, "x", a_.in_features()), threads);
+                      const py::array &values_b, const py::object &bias_b, int threads,
+                      bool need_backward) {
+        const auto p = pick(batch_of(x, "x", a_.in_features()), threads, need_backward);
         py::array_t<float> hidden = pooled_array<float>({p.hidden_n});
         py::array_t<uint8_t> mask = pooled_array<uint8_t>({(p.hidden_n + 7) / 8});
         py::array_t<uint8_t> ws_a, ws_b;
@@ -750,8 +755,8 @@ public:
     // The steps, for an activation applied between them. first_forward:
     // (hidden before the activation, flat, the block's layout; workspace).
     py::tuple first_forward(const py::array &x, const py::array &values_a, const py::object &bias_a,
-                            int threads) {
-        const auto p = pick(batch_of(x, "x", a_.in_features()), threads);
+                            int threads, bool need_backward) {
+        const auto p = pick(batch_of(x, "x", a_.in_features()), threads, need_backward);
         py::array_t<float> hidden = pooled_array<float>({p.hidden_n});
         py::array_t<uint8_t> ws_a;
         const qsp::exec_args fa = first_forward_args(p, x, values_a, bias_a, hidden, ws_a);
@@ -764,8 +769,9 @@ public:
 
     // second_forward: (y, workspace) from the activation's output.
     py::tuple second_forward(const py::array &hidden, const py::array &values_b,
-                             const py::object &bias_b, int64_t batch, int threads) {
-        const auto p = pick(batch, threads);
+                             const py::object &bias_b, int64_t batch, int threads,
+                             bool need_backward) {
+        const auto p = pick(batch, threads, need_backward);
         py::array_t<float> y = pooled_array<float>({p.batch, b_.out_features()});
         py::array_t<uint8_t> ws_b;
         const qsp::exec_args fb = second_forward_args(p, hidden, values_b, bias_b, y, ws_b);
@@ -831,13 +837,16 @@ private:
     // The two layers' primitives and the hidden activation's layout: kept
     // where every direction of both layers reads it natively, plain where
     // one would convert (the conversions would cost more than the layout
-    // saves).
-    picked pick(int64_t batch, int threads) {
+    // saves). A forward with no backward to follow asks its forwards only:
+    // the layers' backward primitives are not made for it.
+    picked pick(int64_t batch, int threads, bool need_backward = true) {
         auto pa = a_.prims(batch, threads, linear_layer::plain);
         auto pb = b_.prims(batch, threads, linear_layer::plain);
         const int64_t hidden = a_.out_features();
         dnnl::memory::desc md = f32_md({batch, hidden});
-        if (a_.takes_kept(*pa) && b_.takes_kept(*pb)) {
+        const bool kept = need_backward ? a_.takes_kept(*pa) && b_.takes_kept(*pb)
+                                        : a_.forward_takes_kept(*pa) && b_.forward_takes_kept(*pb);
+        if (kept) {
             pa = a_.prims(batch, threads, linear_layer::dst_kept);
             pb = b_.prims(batch, threads, linear_layer::src_kept);
             md = qsp::kept_layout_desc(batch, hidden);

@@ -617,8 +617,8 @@ def _maybe(t: torch.Tensor, wanted: bool):
 
 class _LinearReluLinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, v1, b1, v2, b2, chain, seed1, seed2, f32_first, f32_second):
-        y, hidden, mask, ws1, ws2 = chain.forward(_np(x), _np(v1), _np(b1), _np(v2), _np(b2), _threads())
+    def forward(ctx, x, v1, b1, v2, b2, chain, seed1, seed2, f32_first, f32_second, need_backward):
+        y, hidden, mask, ws1, ws2 = chain.forward(_np(x), _np(v1), _np(b1), _np(v2), _np(b2), _threads(), need_backward)
         hidden, mask = torch.from_numpy(hidden), torch.from_numpy(mask)
         ws1, ws2 = torch.from_numpy(ws1), torch.from_numpy(ws2)
         ctx.save_for_backward(x if f32_first else _empty(), hidden if f32_second else _empty(), mask, ws1, ws2, v1, v2)
@@ -635,17 +635,17 @@ class _LinearReluLinearFunction(torch.autograd.Function):
             _maybe(ws1, True), _maybe(ws2, True), _np(v1), _np(v2), *ctx.seeds, need[0], _threads(),
         )  # fmt: skip
         grads = [torch.from_numpy(g) for g in (dx, dv1, db1, dv2, db2)]
-        return tuple(g if n else None for g, n in zip(grads, need[:5], strict=True)) + (None,) * 5
+        return tuple(g if n else None for g, n in zip(grads, need[:5], strict=True)) + (None,) * 6
 
 
 class _LinearGeluLinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, v1, b1, v2, b2, chain, seed1, seed2, f32_first, f32_second, approximate):
+    def forward(ctx, x, v1, b1, v2, b2, chain, seed1, seed2, f32_first, f32_second, need_backward, approximate):
         threads = _threads()
-        z, ws1 = chain.first_forward(_np(x), _np(v1), _np(b1), threads)
+        z, ws1 = chain.first_forward(_np(x), _np(v1), _np(b1), threads, need_backward)
         z = torch.from_numpy(z)
         hidden = torch.nn.functional.gelu(z, approximate=approximate)
-        y, ws2 = chain.second_forward(_np(hidden), _np(v2), _np(b2), x.shape[0], threads)
+        y, ws2 = chain.second_forward(_np(hidden), _np(v2), _np(b2), x.shape[0], threads, need_backward)
         ws1, ws2 = torch.from_numpy(ws1), torch.from_numpy(ws2)
         ctx.save_for_backward(x if f32_first else _empty(), hidden if f32_second else _empty(), z, ws1, ws2, v1, v2)
         ctx.chain, ctx.seeds, ctx.f32 = chain, (int(seed1), int(seed2)), (f32_first, f32_second)
@@ -666,7 +666,7 @@ class _LinearGeluLinearFunction(torch.autograd.Function):
             _np(dz), _maybe(x, ctx.f32[0]), _maybe(ws1, True), _np(v1), ctx.seeds[0], need[0], ctx.batch, threads
         )
         grads = [torch.from_numpy(g) for g in (dx, dv1, db1, dv2, db2)]
-        return tuple(g if n else None for g, n in zip(grads, need[:5], strict=True)) + (None,) * 6
+        return tuple(g if n else None for g, n in zip(grads, need[:5], strict=True)) + (None,) * 7
 
 
 def linear_act_linear(first, second, x: torch.Tensor, gelu: str | None = None) -> torch.Tensor:
@@ -674,9 +674,13 @@ def linear_act_linear(first, second, x: torch.Tensor, gelu: str | None = None) -
     2-D contiguous float32 x, eager mode: act the first layer's fused ReLU
     (gelu None) or torch's GELU (gelu: its ``approximate``, "none" or "tanh")."""
     chain = _chain_of(first._kernel(), second._kernel())
+    tensors = (x, first.values, first.bias, second.values, second.bias)
+    # no gradient to follow (torch.no_grad, nothing requiring one): the
+    # layers' backward primitives are neither made nor tuned for this shape
+    need_backward = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     args = (
-        x, first.values, first.bias, second.values, second.bias, chain, first._next_seed(), second._next_seed(),
-        first.scheme == "f32", second.scheme == "f32",
+        *tensors, chain, first._next_seed(), second._next_seed(), first.scheme == "f32", second.scheme == "f32",
+        need_backward,
     )  # fmt: skip
     if gelu is None:
         return _LinearReluLinearFunction.apply(*args)

@@ -599,3 +599,38 @@ def test_a_dropout_that_drops_runs_the_modules(monkeypatch):
     fused[2].p = 0.0  # the identity now: the block runs in training too
     fused(x)
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("act", [nn.ReLU, nn.GELU])
+@pytest.mark.parametrize("scheme", ["f32", "s8"])
+def test_a_batch_size_only_evaluated_makes_and_tunes_only_the_forwards(capfd, monkeypatch, scheme, act):
+    """A fused block evaluated at a batch size training never ran (under
+    torch.no_grad, or with nothing requiring a gradient) picks its hidden
+    layout by the two forwards alone: no backward primitive is made or
+    tuned for it until a backward of that shape runs; the outputs are the
+    same bits either way."""
+    unfused, fused = _pair(_mlp(act=act()), scheme)
+    calls = _chain_calls(monkeypatch)
+    x = torch.randn(45, 24)
+    q.set_verbose(2)
+    try:
+        with torch.no_grad():
+            y_no_grad = fused(x)
+        fused.requires_grad_(False)  # grad mode on, nothing requiring a gradient
+        y_eval = fused(x)
+        evaluated = capfd.readouterr().out
+        fused.requires_grad_(True)
+        y = fused(x.clone().requires_grad_())
+        y.sum().backward()
+        trained = capfd.readouterr().out
+    finally:
+        q.set_verbose(0)
+    assert len(calls) == 3, "each call ran as one block"
+    assert "qsp_verbose,tune,sparse_linear_forward," in evaluated, evaluated
+    assert "sparse_linear_backward" not in evaluated, evaluated
+    for direction in ("backward_data", "backward_weights"):
+        assert f"qsp_verbose,tune,sparse_linear_{direction}," in trained, trained
+    tolerance = None if act is nn.ReLU else (1e-4, 1e-5)
+    _same([y_no_grad, y_eval], [y.detach(), y.detach()], "evaluated against trained", tolerance)
+    assert not y_eval.requires_grad and fused[0].values.grad is not None
+    assert torch.isfinite(fused[0].values.grad).all() and torch.isfinite(fused[2].values.grad).all()
