@@ -362,12 +362,13 @@ public:
         const backward_primitives &b = backward_of(p);
         return p.fwd_pd.impl_info_str() + "/" + b.names[0] + "/" + b.names[1];
     }
-    // Whether every direction's implementation reads the kept layout itself.
-    bool takes_kept(const primitives &p) {
-        return p.fwd_pd.takes_kept_layout() && backward_of(p).takes_kept;
-    }
-    // Whether the forward's does (a forward with no backward to follow).
+    // Whether the forward's implementation reads the kept layout itself (a
+    // forward with no backward to follow asks this alone).
     static bool forward_takes_kept(const primitives &p) { return p.fwd_pd.takes_kept_layout(); }
+    // Whether every direction's does.
+    bool takes_kept(const primitives &p) {
+        return forward_takes_kept(p) && backward_of(p).takes_kept;
+    }
 
 protected:
     static bool tuning_enabled() {
