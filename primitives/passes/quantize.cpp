@@ -168,6 +168,12 @@ expand_quad_words_fn *expand_quad_words_tier() {
     return best_tier(tiers);
 }
 
+entry_pair_words_fn *entry_pair_words_tier() {
+    static constexpr pass_tier<entry_pair_words_fn> tiers[] = {
+            {cpu_isa::avx2, entry_pair_words_avx2}, {cpu_isa::ref, nullptr}};
+    return best_tier(tiers);
+}
+
 stochastic_pair_run_fn *stochastic_pair_run_tier() {
     static constexpr pass_tier<stochastic_pair_run_fn> tiers[] = {
             {cpu_isa::avx2, stochastic_pair_run_avx2},

@@ -147,6 +147,15 @@ using expand_quad_words_fn = void(const quad_word_masks &m, const int8_t *values
 // which reads each entry's slot, then fills the words).
 expand_quad_words_fn *expand_quad_words_tier();
 
+// Entry pairs' words (jit::entry_pair_word) from a step's quantized
+// weights: item i takes values wq[value_index[2i]] and wq[value_index[2i+1]]
+// (-1: none, a zero weight). `values` (>= 4) bounds wq: each value is read
+// as a byte of a dword that lies inside wq.
+using entry_pair_words_fn = void(const int32_t *value_index, int64_t items, const int8_t *wq,
+                                 int64_t values, uint32_t *words, int num_threads);
+// The vector tier the effective ISA allows, or null (the plan's own loop).
+entry_pair_words_fn *entry_pair_words_tier();
+
 quantize_rne_fn quantize_rne;
 quantize_stochastic_fn quantize_stochastic;
 quantize_stochastic_pair_fn quantize_stochastic_pair;
@@ -193,6 +202,8 @@ pack_s8_tiles_fn pack_s8_tiles_avx2;
 pack_quad_tiles_fn pack_quad_tiles_avx2;
 shift_to_s8_tiles_fn shift_to_s8_tiles_avx2;
 column_sums_s8_fn column_sums_s8_avx2;
+// Two dword gathers per 8 items (the byte at its place in each).
+entry_pair_words_fn entry_pair_words_avx2;
 // Reads the rows only, like quantize_weights_avx512.
 void quantize_weights_avx2(const int64_t *row_ptr, int64_t rows, const float *values, int8_t *q,
                            float *scale, int num_threads);

@@ -6,7 +6,9 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <stdexcept>
 
+#include "jit/tile_abi.hpp"
 #include "primitives/passes/quantize.hpp"
 #include "primitives/passes/simd_avx2.hpp"
 #include "qsparseprop/quantization.hpp"
@@ -549,6 +551,49 @@ void unpack_s32_tiles_avx2(const int32_t *tiles, int64_t batch, int64_t channels
                 }
             }
         }
+}
+
+namespace {
+
+// Value i as the low byte of its lane: the dword gathered at max(i - 3, 0)
+// ends at or past byte i and lies inside the values (at least 4), i sitting
+// at byte i - max(i - 3, 0); i = -1 shifts by 2^32 - 8 bits, which leaves 0.
+inline __m256i gather_values(const int8_t *wq, __m256i index) {
+    const __m256i at =
+            _mm256_max_epi32(_mm256_sub_epi32(index, _mm256_set1_epi32(3)), _mm256_setzero_si256());
+    const __m256i dwords = _mm256_i32gather_epi32(reinterpret_cast<const int *>(wq), at, 1);
+    const __m256i bits = _mm256_slli_epi32(_mm256_sub_epi32(index, at), 3);
+    return _mm256_and_si256(_mm256_srlv_epi32(dwords, bits), _mm256_set1_epi32(0xff));
+}
+
+// Four items' words from their index pairs (first, second, first, ...):
+// first | second << 8 in each qword's low dword, gathered into the low half.
+inline __m128i four_pair_values(const int8_t *wq, const int32_t *index) {
+    __m256i v = gather_values(wq, _mm256_loadu_si256(reinterpret_cast<const __m256i *>(index)));
+    v = _mm256_or_si256(v, _mm256_srli_epi64(v, 24));
+    v = _mm256_permutevar8x32_epi32(v, _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7));
+    return _mm256_castsi256_si128(v);
+}
+
+} // namespace
+
+void entry_pair_words_avx2(const int32_t *value_index, int64_t items, const int8_t *wq,
+                           int64_t values, uint32_t *words, int num_threads) {
+    if (values < 4) throw std::logic_error("entry_pair_words_avx2: fewer than 4 values");
+    const int64_t blocks = items / 8;
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t b = 0; b < blocks; ++b) {
+        const int32_t *index = value_index + 16 * b;
+        const __m256i pairs =
+                _mm256_setr_m128i(four_pair_values(wq, index), four_pair_values(wq, index + 8));
+        // bytes |w1|, |w2|, w1, w2 (bytes 2 and 3 of the pairs are 0)
+        const __m256i w = _mm256_or_si256(_mm256_abs_epi8(pairs), _mm256_slli_epi32(pairs, 16));
+        _mm256_storeu_si256(reinterpret_cast<__m256i *>(words + 8 * b), w);
+    }
+    for (int64_t i = blocks * 8; i < items; ++i) {
+        const int32_t a = value_index[2 * i], b = value_index[2 * i + 1];
+        words[i] = jit::entry_pair_word(wq[a], b < 0 ? 0 : wq[b]);
+    }
 }
 
 } // namespace qsp::detail

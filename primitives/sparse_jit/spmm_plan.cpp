@@ -319,6 +319,9 @@ entry_pair_plan::entry_pair_plan(const sparse_rows &m,
         item_ptr[r + 1] = items();
     }
     bounds = balance_rows(item_ptr.data(), rows, std::max(1, parts));
+    values = m.entries();
+    if (values <= std::numeric_limits<int32_t>::max())
+        value_index32.assign(value_index.begin(), value_index.end());
 }
 
 void entry_pair_plan::reorder_offsets(const std::vector<int64_t> &order) {
@@ -338,6 +341,11 @@ void entry_pair_plan::reorder_offsets(const std::vector<int64_t> &order) {
 
 void entry_pair_plan::fill(const int8_t *wq, uint32_t *words, int num_threads) const {
     const int64_t n = items();
+    if (values >= 4 && !value_index32.empty())
+        if (entry_pair_words_fn *vector_fill = entry_pair_words_tier()) {
+            vector_fill(value_index32.data(), n, wq, values, words, num_threads);
+            return;
+        }
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t i = 0; i < n; ++i) {
         const int64_t a = value_index[2 * i], b = value_index[2 * i + 1];

@@ -117,8 +117,11 @@ struct entry_pair_plan {
     std::vector<int64_t> item_ptr, bounds; // kernel rows over items
     std::vector<int32_t> offsets;          // per item: two byte offsets
     std::vector<int64_t> value_index;      // per item: its entries' values (-1: none)
-    std::vector<int64_t> group_ptr;        // per row and source group: its first item, then the end
-    int64_t n_groups = 1, group_size = 0;  // groups of group_size channels
+    // value_index as int32 for the vector fill (empty past 2^31 values)
+    std::vector<int32_t> value_index32;
+    int64_t values = 0;                   // the layer's weights (the entries of m)
+    std::vector<int64_t> group_ptr;       // per row and source group: its first item, then the end
+    int64_t n_groups = 1, group_size = 0; // groups of group_size channels
     // offset(row, key): byte offset of the entry's source row; the source
     // groups over `channels` channels of `channel_bytes` (key = channel).
     entry_pair_plan(const sparse_rows &m, const std::function<int64_t(int64_t, int64_t)> &offset,

@@ -7,7 +7,11 @@
 #include <cstdint>
 #include <cstring>
 #include <random>
+#include <stdexcept>
 #include <vector>
+
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include <gtest/gtest.h>
 
@@ -119,6 +123,97 @@ TEST(QuadPlan, vector_fill_matches_the_plans_loop) {
                 EXPECT_EQ(quads_of(words), quads_of(want));
             }
         }
+}
+
+// Bytes that end (or begin) at an inaccessible page, so a read past the end
+// (before the start) faults instead of passing unseen.
+class guarded_bytes {
+public:
+    guarded_bytes(size_t n, bool at_end) {
+        page_ = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+        const size_t pages = (n + page_ - 1) / page_ + 2;
+        size_ = pages * page_;
+        void *m = mmap(nullptr, size_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (m == MAP_FAILED) throw std::runtime_error("guarded_bytes: mmap failed");
+        base_ = static_cast<uint8_t *>(m);
+        mprotect(base_, page_, PROT_NONE);
+        mprotect(base_ + size_ - page_, page_, PROT_NONE);
+        data_ = at_end ? base_ + size_ - page_ - n : base_ + page_;
+    }
+    ~guarded_bytes() { munmap(base_, size_); }
+    guarded_bytes(const guarded_bytes &) = delete;
+    guarded_bytes &operator=(const guarded_bytes &) = delete;
+    int8_t *data() { return reinterpret_cast<int8_t *>(data_); }
+
+private:
+    size_t page_ = 0, size_ = 0;
+    uint8_t *base_ = nullptr, *data_ = nullptr;
+};
+
+// The s8 entry pairs' words from a step's weights: the vector fill (AVX2,
+// where this CPU has it) makes the words of their definition
+// (jit::entry_pair_word of each item's two values, 0 for a missing second),
+// for the CSR and its transpose, odd and empty rows, one and two source
+// groups, item counts around the vector's 8, and weights that end or start
+// at an inaccessible page (its gathers read dwords: none may leave them).
+TEST(EntryPairPlan, vector_fill_makes_each_items_word) {
+    std::mt19937 rng(12);
+    struct shape {
+        int64_t rows, cols;
+        double density;
+    };
+    for (const shape &sh :
+         {shape{4, 8, 0.0}, shape{1, 1, 1.0}, shape{1, 3, 1.0}, shape{2, 3, 1.0}, shape{3, 17, 1.0},
+          shape{5, 9, 0.3}, shape{64, 65, 0.1}, shape{300, 700, 0.1}, shape{40, 3000, 0.02}})
+        for (int threads : {1, 3})
+            for (int64_t channel_bytes : {int64_t{64}, int64_t{4096}}) // one group, or several
+                for (bool at_end : {true, false}) {
+                    SCOPED_TRACE(std::to_string(sh.rows) + "x" + std::to_string(sh.cols) + ", "
+                                 + std::to_string(threads) + " threads, channel bytes "
+                                 + std::to_string(channel_bytes) + (at_end ? ", end" : ", start"));
+                    std::vector<int64_t> row_ptr{0};
+                    std::vector<int32_t> col_idx;
+                    for (int64_t r = 0; r < sh.rows; ++r) {
+                        for (int64_t c = 0; c < sh.cols; ++c)
+                            if (r % 5 != 2 && double(rng() % 10000) < sh.density * 10000)
+                                col_idx.push_back(static_cast<int32_t>(c));
+                        row_ptr.push_back(static_cast<int64_t>(col_idx.size()));
+                    }
+                    const int64_t nnz = row_ptr.back();
+                    guarded_bytes wq(static_cast<size_t>(nnz), at_end);
+                    for (int64_t l = 0; l < nnz; ++l)
+                        wq.data()[l] = static_cast<int8_t>(static_cast<int>(rng() % 255) - 127);
+                    for (bool transposed : {false, true}) {
+                        SCOPED_TRACE(transposed ? "transpose" : "CSR");
+                        const detail::sparse_rows m =
+                                transposed
+                                        ? detail::transposed_rows(row_ptr.data(), col_idx.data(),
+                                                                  sh.rows, sh.cols)
+                                        : detail::csr_rows(row_ptr.data(), col_idx.data(), sh.rows);
+                        const int64_t channels = transposed ? sh.rows : sh.cols;
+                        const detail::entry_pair_plan q(
+                                m, [](int64_t, int64_t key) { return key * 64; }, channels,
+                                channel_bytes, 1, threads);
+                        ASSERT_EQ(q.values, nnz);
+                        std::vector<uint32_t> want(static_cast<size_t>(q.items()));
+                        for (int64_t i = 0; i < q.items(); ++i) {
+                            const int64_t a = q.value_index[2 * i], b = q.value_index[2 * i + 1];
+                            want[i] = jit::entry_pair_word(wq.data()[a], b < 0 ? 0 : wq.data()[b]);
+                        }
+                        // one word past the items: the fill may not write it
+                        std::vector<uint32_t> words(want.size() + 1, 0xCDCDCDCDu);
+                        q.fill(wq.data(), words.data(), threads);
+                        EXPECT_EQ(words.back(), 0xCDCDCDCDu);
+                        words.pop_back();
+                        EXPECT_EQ(words, want);
+                        if (channel_bytes == 4096 && sh.rows * sh.cols >= 3000 && !transposed)
+                            EXPECT_GT(q.n_groups, 1);    // the groups' odd segments were met
+                        isa_cap_guard cap(cpu_isa::ref); // the plan's loop
+                        std::fill(words.begin(), words.end(), 0u);
+                        q.fill(wq.data(), words.data(), threads);
+                        EXPECT_EQ(words, want);
+                    }
+                }
 }
 
 TEST(SpmmSchedule, every_item_once_sorted_by_length) {
