@@ -40,6 +40,7 @@ struct shared_gradient {
         none,
         f32_tiles,     // dY in f32 tiles (Linear's f32 SpMM and SDDMM)
         s8_plain_dy_q, // G1 of the s8 protocol as plain int8, like dY; `scale` is sg1
+        s8_g1_tiles,   // the same G1 as the SDDMM's u8 tiles (G1 + 128): dY was kept
     };
     runtime::scratchpad scratch;
     form kind = form::none;
@@ -130,10 +131,11 @@ struct implementation {
     // The operation it implements (none: every one). Implementations of
     // another operation are not candidates, and are not listed as refusals.
     std::optional<op_kind> op;
-    // Its kernels read and write the kept layout (tensors::src_kept /
-    // dst_kept) themselves; for the others the core converts to and from the
-    // plain layout around the call.
-    bool kept_layout_native = false;
+    // Whether its kernels read and write the kept layout (tensors::src_kept /
+    // dst_kept) themselves, asked when a descriptor picks it (empty: no);
+    // for the others the core converts to and from the plain layout around
+    // the call.
+    std::function<bool(const problem &)> kept_layout_native;
 };
 
 // Ordered by expectation, best first; the first that accepts a problem is

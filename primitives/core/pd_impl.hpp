@@ -35,6 +35,9 @@ struct pd_impl {
     // a property of the memory, not of the problem (plans and tuning
     // decisions serve both layouts).
     bool src_kept = false, dst_kept = false;
+    // The pick's kernels read the kept layout themselves (its
+    // kept_layout_native, asked once at the pick).
+    bool kept_native = false;
     conv2d_geometry geometry{};
     std::vector<post_ops::kind> post_op_chain; // forward only (primitive_attr::ops)
 };

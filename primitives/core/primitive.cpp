@@ -138,7 +138,7 @@ void primitive_base::execute(const dnnl::stream &stream, const exec_args &args,
                 t.dst = static_cast<float *>(h);
                 break;
             case DNNL_ARG_WORKSPACE:
-                t.workspace = s8::workspace_view{static_cast<uint8_t *>(h), pd.prob};
+                t.workspace = s8::workspace_view{static_cast<uint8_t *>(h), pd.prob, pd.src_kept};
                 break;
             case DNNL_ARG_DIFF_DST:
                 t.diff_dst = static_cast<const float *>(h);
@@ -264,7 +264,7 @@ void primitive_base::execute(const dnnl::stream &stream, const exec_args &args,
                                           statistics_range.empty() ? nullptr
                                                                    : statistics_range.data()};
         if (statistics_first) t.dst_statistics = &statistics;
-        if (pd.impl->kept_layout_native) {
+        if (pd.kept_native) {
             t.src_kept = pd.src_kept;
             t.dst_kept = pd.dst_kept;
             ran = kernel_->execute(t);

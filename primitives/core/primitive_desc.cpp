@@ -129,6 +129,7 @@ void pick(pd_impl &pd) {
                                + chosen->name + why);
     pd.impl_name = chosen->name;
     pd.impl = chosen;
+    pd.kept_native = chosen->kept_layout_native && chosen->kept_layout_native(pd.prob);
 }
 
 // The optional QSP_ARG_BN_* arguments of an s8 Conv2d backward: diff_dst
@@ -195,8 +196,9 @@ void finish_pd(pd_impl &pd, const dnnl::engine &engine, const primitive_attr &at
     pd.forced_impl = attr.implementation;
     const problem &p = pd.prob;
     pd.weights_md = plain_f32_desc({p.pattern.nnz()});
-    const dnnl::memory::desc ws_md({static_cast<dnnl::memory::dim>(s8::workspace_bytes(p))},
-                                   dnnl::memory::data_type::u8, dnnl::memory::dims{1});
+    const dnnl::memory::desc ws_md(
+            {static_cast<dnnl::memory::dim>(s8::workspace_bytes(p, pd.src_kept))},
+            dnnl::memory::data_type::u8, dnnl::memory::dims{1});
     // Every direction of an s8 training step describes the one workspace
     // the forward fills and both backward directions read (oneDNN's habit).
     pd.workspace_md = p.needs_workspace() ? ws_md : dnnl::memory::desc();
@@ -320,7 +322,7 @@ const tuning_result *primitive_desc_base::tuning() const {
     return impl_->tuning.get();
 }
 bool primitive_desc_base::takes_kept_layout() const {
-    return impl_->impl->kept_layout_native;
+    return impl_->kept_native;
 }
 
 batch_norm_source_descs batch_norm_source_descriptors(const dnnl::memory::dims &dst_dims) {

@@ -20,17 +20,27 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <stdexcept>
 
+#include "jit/tile_abi.hpp"
 #include "primitives/core/problem.hpp"
 #include "qsparseprop/quantization.hpp"
 
 namespace qsp::detail::s8 {
 
-// Workspace: a header holding the activation scale (64 bytes keep Xq
-// cache-line aligned), then Xq (one byte per src element: a quarter of
-// saving the f32 src), then Wq (one byte per weight) and the weights'
-// per-output-channel scales, each starting on a cache line.
+// Workspace: a header holding the activation scale and the form of Xq (64
+// bytes keep Xq cache-line aligned), then Xq (one byte per src element: a
+// quarter of saving the f32 src), then Wq (one byte per weight) and the
+// weights' per-output-channel scales, each starting on a cache line. A
+// Linear whose src is in the kept layout (kept_layout_desc) has room for Xq
+// in that layout's tiles (its batch padded to 64), which the JIT's entry
+// pairs write there: their kernels read those tiles, and so does
+// backward-weights, so Xq is never packed a second time.
 constexpr size_t workspace_header_bytes = 64;
+enum class src_q_form : uint8_t {
+    plain = 0, // batch x in (or the convolution's src shape)
+    tiles = 1, // the kept layout's tiles, a byte an element
+};
 struct workspace_layout {
     size_t src_q = 0, weights_q = 0, weight_scale = 0, bytes = 0;
     workspace_layout() = default;
@@ -41,11 +51,12 @@ struct workspace_layout {
         weight_scale = line(weights_q + static_cast<size_t>(nnz));
         bytes = weight_scale + sizeof(float) * static_cast<size_t>(channels);
     }
-    explicit workspace_layout(const problem &p)
-        : workspace_layout(p.src_elems(), p.pattern.nnz(), p.channels()) {}
+    explicit workspace_layout(const problem &p, bool src_kept = false)
+        : workspace_layout(src_kept ? jit::tiled_elems(p.batch, p.in) : p.src_elems(),
+                           p.pattern.nnz(), p.channels()) {}
 };
-inline size_t workspace_bytes(const problem &p) {
-    return workspace_layout(p).bytes;
+inline size_t workspace_bytes(const problem &p, bool src_kept = false) {
+    return workspace_layout(p, src_kept).bytes;
 }
 
 // An execution's workspace, its parts located from the descriptor's problem
@@ -54,7 +65,8 @@ struct workspace_view {
     uint8_t *base = nullptr;
     workspace_layout at;
     workspace_view() = default;
-    workspace_view(uint8_t *workspace, const problem &p) : base(workspace), at(p) {}
+    workspace_view(uint8_t *workspace, const problem &p, bool src_kept = false)
+        : base(workspace), at(p, src_kept) {}
     explicit operator bool() const { return base != nullptr; }
 
     float src_scale() const {
@@ -62,8 +74,29 @@ struct workspace_view {
         std::memcpy(&s, base, sizeof(float));
         return s;
     }
-    void set_src_scale(float s) const { std::memcpy(base, &s, sizeof(float)); }
+    // The forward's: the scale, and the form it wrote Xq in.
+    void set_src_scale(float s, src_q_form form = src_q_form::plain) const {
+        std::memcpy(base, &s, sizeof(float));
+        base[sizeof(float)] = static_cast<uint8_t>(form);
+    }
+    src_q_form src_form() const {
+        return base[sizeof(float)] == static_cast<uint8_t>(src_q_form::tiles) ? src_q_form::tiles
+                                                                              : src_q_form::plain;
+    }
+    // Where the forward writes Xq (in either form).
     int8_t *src_q() const { return reinterpret_cast<int8_t *>(base + at.src_q); }
+    // Xq for a backward that reads the plain form: a workspace whose
+    // forward wrote tiles (the JIT's entry pairs with a kept src) is refused
+    // by name rather than read as the wrong layout.
+    const int8_t *plain_src_q() const {
+        if (src_form() != src_q_form::plain)
+            throw std::invalid_argument(
+                    "s8 workspace: its forward wrote the quantized src in the kept layout's "
+                    "tiles (a sparse JIT forward with src in kept_layout_desc), which this "
+                    "backward implementation reads only in the plain layout; run the forward "
+                    "with a plain src, or force the same JIT implementation for the backward");
+        return src_q();
+    }
     int8_t *weights_q() const { return reinterpret_cast<int8_t *>(base + at.weights_q); }
     float *weight_scale() const { return reinterpret_cast<float *>(base + at.weight_scale); }
 };

@@ -112,7 +112,7 @@ public:
             case direction::backward_weights: {
                 const auto [g1, sg1] = s8::quantize_dw_gradient(
                         t, B * N, N, sp.get<int8_t>(3, static_cast<int64_t>(B * N)), nt);
-                run(g1, ws.src_q(), acc, sp);
+                run(g1, ws.plain_src_q(), acc, sp);
                 const float scale = s8::backward_weights_scale(sg1, ws.src_scale());
 #pragma omp parallel for num_threads(nt) schedule(static)
                 for (int64_t n = 0; n < N; ++n)

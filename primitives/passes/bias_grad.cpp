@@ -2,6 +2,8 @@
 
 #include <algorithm>
 
+#include "jit/tile_abi.hpp"
+
 namespace qsp::detail {
 
 void bias_grad(const float *diff_dst, float *diff_bias, int64_t outer, int64_t channels,
@@ -48,6 +50,26 @@ void bias_grad(const float *diff_dst, float *diff_bias, int64_t outer, int64_t c
         for (int64_t l = 0; l < lanes; ++l)
             acc += part[l];
         diff_bias[c] = acc;
+    }
+}
+
+void bias_grad_kept(const float *diff_dst, float *diff_bias, int64_t batch, int64_t channels,
+                    int num_threads) {
+    constexpr int64_t tb = jit::tile_batch, block = 8; // 8 channels' sums side by side
+    const int64_t tiles = jit::tile_count(batch), blocks = (channels + block - 1) / block;
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t cb = 0; cb < blocks; ++cb) {
+        const int64_t c0 = cb * block, cn = std::min(block, channels - c0);
+        float acc[block] = {};
+        for (int64_t t = 0; t < tiles; ++t) {
+            const float *rows = diff_dst + (t * channels + c0) * tb;
+            const int64_t lanes = std::min(tb, batch - t * tb);
+            for (int64_t j = 0; j < lanes; ++j)
+                for (int64_t k = 0; k < cn; ++k)
+                    acc[k] += rows[k * tb + j];
+        }
+        for (int64_t k = 0; k < cn; ++k)
+            diff_bias[c0 + k] = acc[k];
     }
 }
 

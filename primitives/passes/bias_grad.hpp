@@ -12,4 +12,10 @@ namespace qsp::detail {
 void bias_grad(const float *diff_dst, float *diff_bias, int64_t outer, int64_t channels,
                int64_t inner, int num_threads);
 
+// Linear's (inner 1) from diff_dst in the kept layout (kept_layout_desc:
+// tiles [tiles][channels][64]): each channel summed in batch order, the
+// same float additions as bias_grad's, so the same bits.
+void bias_grad_kept(const float *diff_dst, float *diff_bias, int64_t batch, int64_t channels,
+                    int num_threads);
+
 } // namespace qsp::detail

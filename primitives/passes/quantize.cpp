@@ -174,6 +174,10 @@ entry_pair_words_fn *entry_pair_words_tier() {
     return best_tier(tiers);
 }
 
+const kept_s8_passes *kept_s8_passes_tier() {
+    return effective_cpu_isa() >= cpu_isa::avx2 ? &kept_s8_passes_avx2 : nullptr;
+}
+
 stochastic_pair_run_fn *stochastic_pair_run_tier() {
     static constexpr pass_tier<stochastic_pair_run_fn> tiers[] = {
             {cpu_isa::avx2, stochastic_pair_run_avx2},

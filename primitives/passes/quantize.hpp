@@ -156,6 +156,30 @@ using entry_pair_words_fn = void(const int32_t *value_index, int64_t items, cons
 // The vector tier the effective ISA allows, or null (the plan's own loop).
 entry_pair_words_fn *entry_pair_words_tier();
 
+// s8 Linear in the kept layout (kept_layout_desc: tiles [tiles][channels][64]
+// of f32, padding zero). Entry pairs read s8 tiles, which are that order at
+// a byte an element, so quantize_rne over the kept tiles makes the
+// forward's; these make the rest with the plain layout's integers: each
+// element's rounding hashed at its plain index b * channels + c.
+struct kept_s8_passes {
+    // dst = float(acc - correction[r]) * scale[r] (+ bias[r]) over int32
+    // tiles [tiles][rows][64], unpack_s32_tiles' float operations, padding
+    // lanes 0; dst may be acc's memory.
+    void (*dequantize)(const int32_t *acc, int64_t batch, int64_t rows, const int32_t *correction,
+                       const float *scale, const float *bias, float *dst, int num_threads);
+    // quantize_stochastic(x * multiplier[c], seed32) into s8 tiles q and,
+    // with g1 (plain_seed32), quantize_stochastic(x) as the SDDMM's u8 tiles
+    // (G1 + 128, padding 128); returns (sg2, sg1) as quantize_stochastic_pair.
+    stochastic_scales (*stochastic)(const float *x, int64_t batch, int64_t channels,
+                                    const float *multiplier, uint32_t seed32, int8_t *q,
+                                    uint32_t plain_seed32, uint8_t *g1, int num_threads);
+    // quantize_stochastic(x, seed32) alone as the SDDMM's u8 tiles; sg1.
+    float (*stochastic_g1)(const float *x, int64_t batch, int64_t channels, uint32_t seed32,
+                           uint8_t *g1, int num_threads);
+};
+// The tier the effective ISA allows (AVX2 and up), or null.
+const kept_s8_passes *kept_s8_passes_tier();
+
 quantize_rne_fn quantize_rne;
 quantize_stochastic_fn quantize_stochastic;
 quantize_stochastic_pair_fn quantize_stochastic_pair;
@@ -204,6 +228,7 @@ shift_to_s8_tiles_fn shift_to_s8_tiles_avx2;
 column_sums_s8_fn column_sums_s8_avx2;
 // Two dword gathers per 8 items (the byte at its place in each).
 entry_pair_words_fn entry_pair_words_avx2;
+extern const kept_s8_passes kept_s8_passes_avx2;
 // Reads the rows only, like quantize_weights_avx512.
 void quantize_weights_avx2(const int64_t *row_ptr, int64_t rows, const float *values, int8_t *q,
                            float *scale, int num_threads);

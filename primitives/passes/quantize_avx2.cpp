@@ -596,6 +596,103 @@ void entry_pair_words_avx2(const int32_t *value_index, int64_t items, const int8
     }
 }
 
+namespace {
+
+// ---- the kept layout ----
+
+void dequantize_kept(const int32_t *acc, int64_t batch, int64_t rows, const int32_t *correction,
+                     const float *scale, const float *bias, float *dst, int num_threads) {
+    constexpr int64_t tb = jit::tile_batch;
+    const int64_t tiles = jit::tile_count(batch);
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+#pragma omp parallel for collapse(2) num_threads(num_threads) schedule(static)
+    for (int64_t t = 0; t < tiles; ++t)
+        for (int64_t r = 0; r < rows; ++r) {
+            const int32_t *a = acc + (t * rows + r) * tb;
+            float *y = dst + (t * rows + r) * tb;
+            const int64_t lanes = std::min(tb, batch - t * tb);
+            const __m256i corr = _mm256_set1_epi32(correction ? correction[r] : 0);
+            const __m256 sc = _mm256_set1_ps(scale[r]), bs = _mm256_set1_ps(bias ? bias[r] : 0.f);
+            for (int64_t j = 0; j < tb; j += 8) {
+                const __m256i exact = _mm256_sub_epi32(
+                        _mm256_loadu_si256(reinterpret_cast<const __m256i *>(a + j)), corr);
+                __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(exact), sc);
+                if (bias) v = _mm256_add_ps(v, bs);
+                if (j + 8 > lanes) // the padding: 0, bias or not
+                    v = _mm256_and_ps(
+                            v, _mm256_castsi256_ps(_mm256_cmpgt_epi32(
+                                       _mm256_set1_epi32(static_cast<int>(lanes - j)), lane)));
+                _mm256_storeu_ps(y + j, v);
+            }
+        }
+}
+
+// a's rounding of x * multiplier[c] (optional) into tiles qa (^ flip_a),
+// and b's (optional) of x into u8 tiles qb (^ 0x80: the SDDMM's G + 128):
+// element (t, c, j) hashed at its plain index (t * 64 + j) * channels + c.
+// Padding (x = 0) rounds to 0: the noise is below 2^16.
+void stochastic_kept_pass(const float *x, int64_t batch, int64_t channels, const float *multiplier,
+                          const stochastic_rounding &a, uint8_t *qa, uint8_t flip_a,
+                          const stochastic_rounding *b, uint8_t *qb, int num_threads) {
+    constexpr int64_t tb = jit::tile_batch;
+    const int64_t tiles = jit::tile_count(batch);
+    const bool shared = b && a.shares_hash(*b);
+    const __m128i flip = _mm_set1_epi8(static_cast<char>(0x80)),
+                  flip_first = _mm_set1_epi8(static_cast<char>(flip_a));
+    const __m256i step = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(8 * channels)));
+    const __m256i lane_index = _mm256_mullo_epi32(
+            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+            _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(channels))));
+#pragma omp parallel for collapse(2) num_threads(num_threads) schedule(static)
+    for (int64_t t = 0; t < tiles; ++t)
+        for (int64_t c = 0; c < channels; ++c) {
+            const int64_t row = (t * channels + c) * tb;
+            const __m256 mult = _mm256_set1_ps(multiplier ? multiplier[c] : 1.f);
+            __m256i idx = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(
+                                                   static_cast<uint32_t>(t * tb * channels + c))),
+                                           lane_index);
+            for (int64_t j = 0; j < tb; j += 8) {
+                const __m256 x_v = _mm256_loadu_ps(x + row + j);
+                const __m256 v = multiplier ? _mm256_mul_ps(x_v, mult) : x_v;
+                const __m256i h = a.hash(idx);
+                _mm_storel_epi64(reinterpret_cast<__m128i *>(qa + row + j),
+                                 _mm_xor_si128(a.bytes_hashed(v, h), flip_first));
+                if (b)
+                    _mm_storel_epi64(
+                            reinterpret_cast<__m128i *>(qb + row + j),
+                            _mm_xor_si128(b->bytes_hashed(x_v, shared ? h : b->hash(idx)), flip));
+                idx = _mm256_add_epi32(idx, step);
+            }
+        }
+}
+
+stochastic_scales stochastic_kept(const float *x, int64_t batch, int64_t channels,
+                                  const float *multiplier, uint32_t seed32, int8_t *q,
+                                  uint32_t plain_seed32, uint8_t *g1, int num_threads) {
+    const int64_t n = jit::tiled_elems(batch, channels);
+    // the kept tiles are (tiles, channels, 64): a multiplier per row of 64
+    const maxima m =
+            g1 ? abs_maxima<true>(x, n, multiplier, channels, jit::tile_batch, num_threads)
+               : maxima{abs_max(x, n, multiplier, channels, jit::tile_batch, num_threads), 0.f};
+    const stochastic_rounding scaled(m.scaled, seed32), plain(m.plain, plain_seed32);
+    stochastic_kept_pass(x, batch, channels, multiplier, scaled, reinterpret_cast<uint8_t *>(q), 0,
+                         g1 ? &plain : nullptr, g1, num_threads);
+    return {scaled.s.scale, plain.s.scale};
+}
+
+float stochastic_g1_kept(const float *x, int64_t batch, int64_t channels, uint32_t seed32,
+                         uint8_t *g1, int num_threads) {
+    const stochastic_rounding plain(
+            abs_max(x, jit::tiled_elems(batch, channels), nullptr, 1, 1, num_threads), seed32);
+    stochastic_kept_pass(x, batch, channels, nullptr, plain, g1, 0x80, nullptr, nullptr,
+                         num_threads);
+    return plain.s.scale;
+}
+
+} // namespace
+
+const kept_s8_passes kept_s8_passes_avx2 = {dequantize_kept, stochastic_kept, stochastic_g1_kept};
+
 } // namespace qsp::detail
 
 QSP_END_TARGET

@@ -110,11 +110,12 @@ private:
                         portable::quantize_stochastic(t.diff_dst, p_.dst_elems(), nullptr, 1, 1,
                                                       s8::dw_stream(t.seed), g1.data(), nt);
                 if (lin)
-                    ref::linear_bwd_weights_s8(p_.pattern, ws.src_q(), ws.src_scale(), g1.data(),
-                                               g1_scale, t.diff_weights, p_.batch, nt);
+                    ref::linear_bwd_weights_s8(p_.pattern, ws.plain_src_q(), ws.src_scale(),
+                                               g1.data(), g1_scale, t.diff_weights, p_.batch, nt);
                 else
-                    ref::conv2d_bwd_weights_s8(p_.conv, p_.pattern, ws.src_q(), ws.src_scale(),
-                                               g1.data(), g1_scale, t.diff_weights, nt);
+                    ref::conv2d_bwd_weights_s8(p_.conv, p_.pattern, ws.plain_src_q(),
+                                               ws.src_scale(), g1.data(), g1_scale, t.diff_weights,
+                                               nt);
                 break;
             }
         }

@@ -432,7 +432,7 @@ private:
         const int64_t x_rows = l_.in_c * l_.hp * l_.wp, dy_rows = oc * l_.out_pixels();
         const int64_t taps = l_.in_c * l_.kh * l_.kw, tiles = tile_count(B);
         const s8::workspace_view &ws = t.workspace;
-        const int8_t *xq = ws.src_q();
+        const int8_t *xq = ws.plain_src_q();
         auto *g1 = sp.get<uint8_t>(0, tiles * dy_rows * rb8);
         auto *x = sp.get<int8_t>(1, tiles * x_rows * rb8);
         auto *piece = sp.get<int32_t>(2, nnz + jit::sddmm_offset_padding);

@@ -701,7 +701,7 @@ private:
         const int64_t dy_image = oc * channel_bytes;
         const int64_t taps = l().in_c * l().kh * l().kw;
         const s8::workspace_view &ws = t.workspace;
-        const int8_t *xq = ws.src_q();
+        const int8_t *xq = ws.plain_src_q();
         auto *g1_scratch = sp.get<int8_t>(0, B * oc * l().out_pixels());
         auto *dy = sp.get<uint8_t>(1, B * dy_image);
         auto *x = sp.get<int8_t>(2, B * image);

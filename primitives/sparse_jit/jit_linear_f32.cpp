@@ -195,7 +195,7 @@ implementation jit_linear_f32(cpu_isa isa, spmm_code code) {
             },
             false,
             op_kind::linear,
-            /*kept_layout_native=*/true};
+            /*kept_layout_native=*/[](const problem &) { return true; }};
 }
 
 } // namespace qsp::detail

@@ -23,6 +23,7 @@
 #include <omp.h>
 
 #include "jit/jit_uni_sddmm_kernel.hpp"
+#include "primitives/core/kept_layout.hpp"
 #include "primitives/core/s8_dy_quantization.hpp"
 #include "primitives/core/s8_protocol.hpp"
 #include "primitives/passes/bias_grad.hpp"
@@ -102,6 +103,17 @@ private:
     const char *spmm(const tensors &t, runtime::scratchpad &sp) const {
         const int nt = p_.num_threads;
         const bool fwd = p_.dir == direction::forward;
+        // The side the direction reads (forward: src; backward-data: dY) and
+        // the one it writes, each plain or in the kept layout.
+        const bool in_kept = fwd ? t.src_kept : t.dst_kept,
+                   out_kept = fwd ? t.dst_kept : t.src_kept;
+        const kept_s8_passes *kept = nullptr;
+        if (in_kept || out_kept) {
+            if constexpr (entry_pairs) kept = kept_s8_passes_tier();
+            if (!kept) // quads read their own words; or capped below AVX2 since the pick
+                return run_on_plain_layout(p_, t, t.src_kept, t.dst_kept,
+                                           [&](const tensors &plain) { return spmm(plain, sp); });
+        }
         const int64_t B = t.batch, K = p_.in, N = p_.out, nnz = p_.pattern.nnz();
         const int64_t src_ch = source_channels(p_), tiles = tile_count(B), tb = jit::tile_batch;
         const int64_t rows = items_.rows;
@@ -114,9 +126,12 @@ private:
             n_items = items_.quads();
         auto *words = sp.get<uint32_t>(2, n_items);
         auto *correction = sp.get<int32_t>(3, rows);
-        auto *src_q = sp.get<int8_t>(4, B * src_ch);
+        auto *src_q = in_kept ? nullptr : sp.get<int8_t>(4, B * src_ch);
         auto *src_tiles = sp.get<uint8_t>(5, tiles * src_tile_bytes);
-        auto *acc = sp.get<int32_t>(6, tiles * rows * tb);
+        // kept: the sums go straight to the output's memory (tiles of the
+        // same shape), then become its floats in place
+        auto *acc = out_kept ? reinterpret_cast<int32_t *>(fwd ? t.dst : t.diff_src)
+                             : sp.get<int32_t>(6, tiles * rows * tb);
         auto *row_scale = sp.get<float>(7, rows);
         // The forward quantizes this step's weights (into the workspace when
         // training); backward-data reads the forward's copy.
@@ -128,7 +143,8 @@ private:
             if constexpr (entry_pairs) {
                 items_.fill(wq, words, nt);
                 std::fill(correction, correction + rows, 0); // plain s8 sources: no shift
-                pack_s8_tiles(q, B, src_ch, reinterpret_cast<int8_t *>(src_tiles), nullptr, nt);
+                if (q)
+                    pack_s8_tiles(q, B, src_ch, reinterpret_cast<int8_t *>(src_tiles), nullptr, nt);
             } else {
                 // backward-data's values in the transpose's order: gathered
                 int8_t *gathered =
@@ -138,15 +154,33 @@ private:
             }
         };
         if (fwd) {
-            int8_t *xq = t.workspace ? ws.src_q() : src_q;
-            const float sx = quantize_rne(t.src, B * K, xq, t.src_abs_max, nt);
-            if (t.workspace) ws.set_src_scale(sx);
-            pack(xq);
+            float sx = 0.f;
+            if (in_kept) {
+                // the kept tiles quantized element by element are the
+                // kernel's s8 tiles; training keeps them as Xq for
+                // backward-weights (which then packs nothing)
+                int8_t *xq = t.workspace ? ws.src_q() : reinterpret_cast<int8_t *>(src_tiles);
+                sx = quantize_rne(t.src, tiled_elems(B, K), xq, t.src_abs_max, nt);
+                if (t.workspace) ws.set_src_scale(sx, s8::src_q_form::tiles);
+                src_tiles = reinterpret_cast<uint8_t *>(xq);
+                pack(nullptr);
+            } else {
+                int8_t *xq = t.workspace ? ws.src_q() : src_q;
+                sx = quantize_rne(t.src, B * K, xq, t.src_abs_max, nt);
+                if (t.workspace) ws.set_src_scale(sx);
+                pack(xq);
+            }
             for (int64_t n = 0; n < N; ++n)
                 row_scale[n] = s8::forward_scale(sx, w_scale[n]);
         } else {
-            const float sg2 = s8::quantize_dx_gradient(t, B * N, w_scale, N, 1, src_q, nt);
-            pack(src_q);
+            float sg2 = 0.f;
+            if (in_kept) {
+                sg2 = kept_dx_gradient(t, *kept, w_scale, reinterpret_cast<int8_t *>(src_tiles));
+                pack(nullptr);
+            } else {
+                sg2 = s8::quantize_dx_gradient(t, B * N, w_scale, N, 1, src_q, nt);
+                pack(src_q);
+            }
             std::fill(row_scale, row_scale + rows, sg2);
         }
         {
@@ -154,9 +188,35 @@ private:
             spmm_.run(B, words, items_.offsets.data(), src_tiles, src_tile_bytes,
                       reinterpret_cast<uint8_t *>(acc), rows * tb * 4, nt);
         }
-        unpack_s32_tiles(acc, B, rows, correction, row_scale, fwd ? t.bias : nullptr,
-                         fwd ? t.dst : t.diff_src, nt, 1);
+        const float *bias = fwd ? t.bias : nullptr;
+        if (out_kept)
+            kept->dequantize(acc, B, rows, correction, row_scale, bias,
+                             reinterpret_cast<float *>(acc), nt);
+        else
+            unpack_s32_tiles(acc, B, rows, correction, row_scale, bias, fwd ? t.dst : t.diff_src,
+                             nt, 1);
         return nullptr;
+    }
+
+    // G2 of a kept dY into the s8 tiles g2, and G1 alongside (as the SDDMM's
+    // u8 tiles) when the fused backward's backward-weights reads it; sg2.
+    // Linear's dY is never a BatchNorm's backward, and its channel maxima,
+    // where handed over, are those the pass finds.
+    float kept_dx_gradient(const tensors &t, const kept_s8_passes &kept, const float *w_scale,
+                           int8_t *g2) const {
+        const int64_t B = t.batch, N = p_.out;
+        shared_gradient *shared = t.shared;
+        const bool g1_wanted = shared && shared->wanted == shared_gradient::form::s8_plain_dy_q;
+        uint8_t *g1 = g1_wanted ? shared->scratch.get<uint8_t>(0, tiled_elems(B, N)) : nullptr;
+        const stochastic_scales s =
+                kept.stochastic(t.diff_dst, B, N, w_scale, s8::dx_stream(t.seed), g2,
+                                s8::dw_stream(t.seed), g1, p_.num_threads);
+        if (g1) {
+            shared->kind = shared_gradient::form::s8_g1_tiles;
+            shared->data = g1;
+            shared->scale = s.plain;
+        }
+        return s.scaled;
     }
 
     size_t owned_code_bytes() const override { return spmm_.pattern_code_bytes(); }
@@ -184,18 +244,40 @@ private:
         const int nt = p_.num_threads;
         const int64_t B = t.batch, K = p_.in, N = p_.out, nnz = p_.pattern.nnz();
         const int64_t tiles = tile_count(B), tb = jit::tile_batch;
+        const bool g1_shared_tiles =
+                t.shared && t.shared->kind == shared_gradient::form::s8_g1_tiles;
+        const kept_s8_passes *kept = t.dst_kept ? kept_s8_passes_tier() : nullptr;
+        if (t.dst_kept && !kept && !g1_shared_tiles) // capped below AVX2 since the pick
+            return run_on_plain_layout(p_, t, t.src_kept, t.dst_kept, [&](const tensors &plain) {
+                return backward_weights(plain, sp);
+            });
         const s8::workspace_view &ws = t.workspace;
         const float sx = ws.src_scale();
-        const int8_t *xq = ws.src_q();
         auto *g_tiles = sp.get<uint8_t>(0, tiles * N * tb);
-        auto *x_tiles = sp.get<int8_t>(1, tiles * K * tb);
         // X's column sums, for the shift the kernel's sums hold of G + 128
         // (none: not taken)
         const int32_t dy_shift = jit::sddmm_dy_shift(code_->params());
         auto *col_sum = dy_shift ? sp.get<int32_t>(2, K) : nullptr;
         auto *acc = sp.get<int32_t>(3, nnz);
-        const float sg1 = s8::dw_gradient_tiles(t, B, N, N, g_tiles, nt);
-        pack_s8_tiles(xq, B, K, x_tiles, col_sum, nt);
+        float sg1 = 0.f;
+        if (g1_shared_tiles) { // made by backward-data's pass over the kept dY
+            g_tiles = static_cast<uint8_t *>(const_cast<void *>(t.shared->data));
+            sg1 = t.shared->scale;
+        } else if (kept && !(t.shared && t.shared->kind == shared_gradient::form::s8_plain_dy_q)) {
+            sg1 = kept->stochastic_g1(t.diff_dst, B, N, s8::dw_stream(t.seed), g_tiles, nt);
+        } else {
+            sg1 = s8::dw_gradient_tiles(t, B, N, N, g_tiles, nt);
+        }
+        // Xq: the kept layout's tiles as the forward left them, else packed
+        const int8_t *x_tiles = nullptr;
+        if (ws.src_form() == s8::src_q_form::tiles) {
+            x_tiles = ws.src_q();
+            if (col_sum) tile_column_sums(x_tiles, B, K, col_sum, nt);
+        } else {
+            auto *packed = sp.get<int8_t>(1, tiles * K * tb);
+            pack_s8_tiles(ws.src_q(), B, K, packed, col_sum, nt);
+            x_tiles = packed;
+        }
         std::fill(acc, acc + nnz, 0);
         {
             const auto timed = kernel_time(p_.dir);
@@ -220,8 +302,27 @@ private:
                 t.diff_weights[e] =
                         static_cast<float>(acc[e] - (col_sum ? dy_shift * col_sum[ci[e]] : 0))
                         * scale;
-        if (t.diff_bias) bias_grad(t.diff_dst, t.diff_bias, B, N, 1, nt);
+        if (t.diff_bias) {
+            if (t.dst_kept)
+                bias_grad_kept(t.diff_dst, t.diff_bias, B, N, nt);
+            else
+                bias_grad(t.diff_dst, t.diff_bias, B, N, 1, nt);
+        }
         return nullptr;
+    }
+
+    // Column sums of Xq from its kept tiles (the padding lanes are 0).
+    static void tile_column_sums(const int8_t *x_tiles, int64_t batch, int64_t channels,
+                                 int32_t *sums, int num_threads) {
+        const int64_t tiles = tile_count(batch), tb = jit::tile_batch;
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+        for (int64_t k = 0; k < channels; ++k) {
+            int32_t sum = 0;
+            for (int64_t tile = 0; tile < tiles; ++tile)
+                for (int64_t j = 0; j < tb; ++j)
+                    sum += x_tiles[(tile * channels + k) * tb + j];
+            sums[k] = sum;
+        }
     }
 
     entry_plan entries_;
@@ -261,7 +362,10 @@ implementation jit_linear_s8(cpu_isa isa, spmm_code code) {
                                                                                       specialise);
                 });
             },
-            false, op_kind::linear};
+            false, op_kind::linear,
+            // entry pairs read s8 tiles, the kept layout's order; quads convert
+            /*kept_layout_native=*/
+            [isa](const problem &) { return jit::s8_spmm_word(isa) != jit::s8_word::quad; }};
 }
 
 } // namespace qsp::detail

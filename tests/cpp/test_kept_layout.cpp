@@ -98,6 +98,47 @@ TEST(KeptLayout, a_linear_step_in_it_equals_the_plain_step_on_every_tier) {
     }
 }
 
+// An s8 forward that reads a kept src natively (the JIT's entry pairs)
+// leaves Xq in the workspace as the kept layout's tiles; a backward-weights
+// implementation that reads only the plain form refuses that workspace by
+// name instead of reading it as plain (the same JIT's reads both).
+TEST(KeptLayout, an_s8_workspace_in_tiles_is_refused_by_a_plain_reader) {
+    std::mt19937 rng(9);
+    const int64_t batch = 65, K = 33, N = 40;
+    const auto w = csr_weights::from_dense(random_sparse_dense(N, K, 0.7, rng).data(), N, K);
+    const auto x = random_vector(static_cast<size_t>(batch * K), rng);
+    const auto dy = random_vector(static_cast<size_t>(batch * N), rng);
+    const std::vector<float> bias(static_cast<size_t>(N), 0.5f);
+    int native_levels = 0;
+    for (isa_level isa : isa_levels()) {
+        isa_cap_guard cap(isa);
+        SCOPED_TRACE(to_string(isa));
+        step_options o;
+        o.scheme = quant_scheme::s8;
+        o.src_kept = true;
+        const step_result jit = training_step(linear_layer{batch, K, N}, w, x, dy, bias, o);
+        const bool tiles = jit.workspace.size() > 4 && jit.workspace[4] == 1; // src_q_form::tiles
+        o.weights_implementation = "ref:any";
+        if (!tiles) { // a forward that wrote Xq plain: the reference reads it
+            const step_result ref = training_step(linear_layer{batch, K, N}, w, x, dy, bias, o);
+            expect_same_bits(ref.dw, jit.dw, "diff_weights");
+            continue;
+        }
+        ++native_levels;
+        EXPECT_EQ(jit.impl.rfind("jit:avx2", 0), 0u) << jit.impl;
+        try {
+            training_step(linear_layer{batch, K, N}, w, x, dy, bias, o);
+            ADD_FAILURE() << "a plain reader read a workspace in tiles";
+        } catch (const std::invalid_argument &e) {
+            EXPECT_NE(std::string(e.what()).find("kept layout's tiles"), std::string::npos)
+                    << e.what();
+        }
+    }
+    // entry pairs run on AVX2 without AVX-VNNI (every AVX2-or-better CPU
+    // has that tier among its levels)
+    if (detected_cpu_isa() >= cpu_isa::avx2) EXPECT_GT(native_levels, 0);
+}
+
 // The implementations that convert (their kernels read plain tensors).
 TEST(KeptLayout, implementations_that_convert_give_the_same_bits) {
     std::mt19937 rng(3);
@@ -223,23 +264,28 @@ TEST(KeptLayout, a_descriptor_says_whether_its_implementation_reads_it_natively)
     dnnl::engine eng(dnnl::engine::kind::cpu, 0);
     std::mt19937 rng(7);
     const auto w = csr_weights::from_dense(random_sparse_dense(8, 5, 0.5, rng).data(), 8, 5);
-    auto takes = [&](const char *impl, quant_scheme scheme) {
+    auto pd = [&](const char *impl, quant_scheme scheme) {
         primitive_attr attr;
         attr.implementation = impl;
         return sparse_linear_forward::primitive_desc(eng, prop_kind::forward_training,
                                                      f32_desc({4, 5}), w.pattern,
-                                                     kept_layout_desc(4, 8), scheme, attr)
-                .takes_kept_layout();
+                                                     kept_layout_desc(4, 8), scheme, attr);
+    };
+    auto takes = [&](const char *impl, quant_scheme scheme) {
+        return pd(impl, scheme).takes_kept_layout();
     };
     EXPECT_FALSE(takes("ref:any", quant_scheme::f32));
     EXPECT_FALSE(takes("ref:any", quant_scheme::s8));
-    // the JIT tiers' picks: f32 reads tiles, s8 converts (its workspace is plain)
+    // the JIT tiers' picks: f32 reads tiles; s8 where its kernels read s8
+    // tiles (entry pairs: AVX2 without AVX-VNNI), the quads' tiers convert
     for (isa_level isa : isa_levels()) {
         if (isa < cpu_isa::avx2) continue;
         isa_cap_guard cap(isa);
         SCOPED_TRACE(to_string(isa));
         EXPECT_TRUE(takes("", quant_scheme::f32));
-        EXPECT_FALSE(takes("", quant_scheme::s8));
+        const std::string picked = pd("", quant_scheme::s8).impl_info_str();
+        const bool entry_pairs = picked.rfind("jit:avx2", 0) == 0 && !avx_vnni_usable();
+        EXPECT_EQ(takes("", quant_scheme::s8), entry_pairs) << picked;
     }
 }
 
