@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "primitives/core/s8_protocol.hpp"
 #include "primitives/passes/tile_layout.hpp"
 #include "qsparseprop/runtime.hpp"
 #include "training_step.hpp"
@@ -117,7 +118,10 @@ TEST(KeptLayout, an_s8_workspace_in_tiles_is_refused_by_a_plain_reader) {
         o.scheme = quant_scheme::s8;
         o.src_kept = true;
         const step_result jit = training_step(linear_layer{batch, K, N}, w, x, dy, bias, o);
-        const bool tiles = jit.workspace.size() > 4 && jit.workspace[4] == 1; // src_q_form::tiles
+        // the header's form byte, after the scale (s8_protocol.hpp)
+        const bool tiles = jit.workspace.size() > sizeof(float)
+                           && jit.workspace[sizeof(float)]
+                                      == static_cast<uint8_t>(detail::s8::src_q_form::tiles);
         o.weights_implementation = "ref:any";
         if (!tiles) { // a forward that wrote Xq plain: the reference reads it
             const step_result ref = training_step(linear_layer{batch, K, N}, w, x, dy, bias, o);
