@@ -553,6 +553,7 @@ void unpack_s32_tiles_avx2(const int32_t *tiles, int64_t batch, int64_t channels
         }
 }
 
+namespace avx2 {
 namespace {
 
 // Value i as the low byte of its lane: the dword gathered at max(i - 3, 0)
@@ -576,6 +577,7 @@ inline __m128i four_pair_values(const int8_t *wq, const int32_t *index) {
 }
 
 } // namespace
+} // namespace avx2
 
 void entry_pair_words_avx2(const int32_t *value_index, int64_t items, const int8_t *wq,
                            int64_t values, uint32_t *words, int num_threads) {
@@ -584,8 +586,8 @@ void entry_pair_words_avx2(const int32_t *value_index, int64_t items, const int8
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t b = 0; b < blocks; ++b) {
         const int32_t *index = value_index + 16 * b;
-        const __m256i pairs =
-                _mm256_setr_m128i(four_pair_values(wq, index), four_pair_values(wq, index + 8));
+        const __m256i pairs = _mm256_setr_m128i(avx2::four_pair_values(wq, index),
+                                                avx2::four_pair_values(wq, index + 8));
         // bytes |w1|, |w2|, w1, w2 (bytes 2 and 3 of the pairs are 0)
         const __m256i w = _mm256_or_si256(_mm256_abs_epi8(pairs), _mm256_slli_epi32(pairs, 16));
         _mm256_storeu_si256(reinterpret_cast<__m256i *>(words + 8 * b), w);
@@ -596,6 +598,7 @@ void entry_pair_words_avx2(const int32_t *value_index, int64_t items, const int8
     }
 }
 
+namespace avx2 {
 namespace {
 
 // ---- the kept layout ----
@@ -690,8 +693,10 @@ float stochastic_g1_kept(const float *x, int64_t batch, int64_t channels, uint32
 }
 
 } // namespace
+} // namespace avx2
 
-const kept_s8_passes kept_s8_passes_avx2 = {dequantize_kept, stochastic_kept, stochastic_g1_kept};
+const kept_s8_passes kept_s8_passes_avx2 = {avx2::dequantize_kept, avx2::stochastic_kept,
+                                            avx2::stochastic_g1_kept};
 
 } // namespace qsp::detail
 
