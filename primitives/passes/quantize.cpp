@@ -175,7 +175,9 @@ entry_pair_words_fn *entry_pair_words_tier() {
 }
 
 const kept_s8_passes *kept_s8_passes_tier() {
-    return effective_cpu_isa() >= cpu_isa::avx2 ? &kept_s8_passes_avx2 : nullptr;
+    static constexpr pass_tier<const kept_s8_passes> tiers[] = {
+            {cpu_isa::avx2, &kept_s8_passes_avx2}, {cpu_isa::ref, nullptr}};
+    return best_tier(tiers);
 }
 
 stochastic_pair_run_fn *stochastic_pair_run_tier() {
