@@ -320,8 +320,10 @@ entry_pair_plan::entry_pair_plan(const sparse_rows &m,
     }
     bounds = balance_rows(item_ptr.data(), rows, std::max(1, parts));
     values = m.entries();
-    if (values <= std::numeric_limits<int32_t>::max())
+    if (values <= std::numeric_limits<int32_t>::max()) {
         value_index32.assign(value_index.begin(), value_index.end());
+        value_index = {};
+    }
 }
 
 void entry_pair_plan::reorder_offsets(const std::vector<int64_t> &order) {
@@ -348,7 +350,7 @@ void entry_pair_plan::fill(const int8_t *wq, uint32_t *words, int num_threads) c
         }
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t i = 0; i < n; ++i) {
-        const int64_t a = value_index[2 * i], b = value_index[2 * i + 1];
+        const int64_t a = value_of(2 * i), b = value_of(2 * i + 1);
         const int w0 = wq[a], w1 = b < 0 ? 0 : wq[b];
         words[i] = jit::entry_pair_word(w0, w1);
     }

@@ -116,10 +116,15 @@ struct entry_pair_plan {
     int64_t rows = 0;
     std::vector<int64_t> item_ptr, bounds; // kernel rows over items
     std::vector<int32_t> offsets;          // per item: two byte offsets
-    std::vector<int64_t> value_index;      // per item: its entries' values (-1: none)
-    // value_index as int32 for the vector fill (empty past 2^31 values)
+    // Per item: its two entries' values (-1: none), held once: as int32
+    // (what the vector fill reads) up to 2^31 values, else as int64.
     std::vector<int32_t> value_index32;
-    int64_t values = 0;                   // the layer's weights (the entries of m)
+    std::vector<int64_t> value_index;
+    int64_t values = 0; // the layer's weights (the entries of m)
+    int64_t value_of(int64_t slot) const {
+        return value_index32.empty() ? value_index[static_cast<size_t>(slot)]
+                                     : value_index32[static_cast<size_t>(slot)];
+    }
     std::vector<int64_t> group_ptr;       // per row and source group: its first item, then the end
     int64_t n_groups = 1, group_size = 0; // groups of group_size channels
     // offset(row, key): byte offset of the entry's source row; the source

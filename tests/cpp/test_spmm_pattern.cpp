@@ -197,7 +197,7 @@ TEST(EntryPairPlan, vector_fill_makes_each_items_word) {
                         ASSERT_EQ(q.values, nnz);
                         std::vector<uint32_t> want(static_cast<size_t>(q.items()));
                         for (int64_t i = 0; i < q.items(); ++i) {
-                            const int64_t a = q.value_index[2 * i], b = q.value_index[2 * i + 1];
+                            const int64_t a = q.value_of(2 * i), b = q.value_of(2 * i + 1);
                             want[i] = jit::entry_pair_word(wq.data()[a], b < 0 ? 0 : wq.data()[b]);
                         }
                         // one word past the items: the fill may not write it
