@@ -505,7 +505,7 @@ std::vector<int64_t> window_taps_of_entries(const conv_layout &l, const csr_patt
     std::vector<int64_t> taps(static_cast<size_t>(p.nnz()));
     for (int64_t oc = 0; oc < l.out_c; ++oc)
         for (int64_t i = entries.row_ptr[oc]; i < entries.row_ptr[oc + 1]; ++i) {
-            const int64_t v = entries.value_index.empty() ? i : entries.value_index[i];
+            const int64_t v = entries.value_index[i];
             const auto tp = l.decode(p.col_idx()[v]);
             const int64_t ic = l.group_of_out(oc) * l.icg + tp.ic;
             taps[i] = (ic * l.kh + tp.kh) * l.kw + tp.kw;

@@ -179,9 +179,10 @@ grouping make_grouping(const conv_width &w, const sparse_rows &m, const entry_pl
 }
 grouping make_grouping(const conv_width &w, const sparse_rows &m, const quad_plan &quads,
                        int64_t channels, int64_t rows_touched, int64_t channel_bytes_per_row) {
+    const std::vector<int64_t> item_of = quads.item_of();
     return make_source_groups(
-            m, quads.quad_ptr, &quads.quad_of, [&w](int64_t key) { return w.key_channel(key); },
-            channels, rows_touched * channel_bytes_per_row);
+            m, quads.quad_ptr, &item_of, [&w](int64_t key) { return w.key_channel(key); }, channels,
+            rows_touched * channel_bytes_per_row);
 }
 
 // Source rows that a block of the kernels' output rows reads per channel.
@@ -597,7 +598,7 @@ private:
                 float s = 0.f;
                 for (int64_t k = 0; k < vl; ++k)
                     s += partial[i * vl + k];
-                t.diff_weights[e.value_index.empty() ? i : e.value_index[i]] = s;
+                t.diff_weights[e.value_index[i]] = s;
             }
         });
         if (t.diff_bias) bias_grad(t.diff_dst, t.diff_bias, B, l().out_c, l().out_pixels(), nt);
@@ -769,7 +770,7 @@ private:
         const float scale = s8::backward_weights_scale(sg1, ws.src_scale());
 #pragma omp parallel for num_threads(nt) schedule(static)
         for (int64_t i = 0; i < nnz; ++i)
-            t.diff_weights[e.value_index.empty() ? i : e.value_index[i]] =
+            t.diff_weights[e.value_index[i]] =
                     static_cast<float>(acc[i] - 128 * window_sum[tap_of_entry_[i]]) * scale;
         if (t.diff_bias) bias_grad(t.diff_dst, t.diff_bias, B, oc, l().out_pixels(), nt);
         return nullptr;

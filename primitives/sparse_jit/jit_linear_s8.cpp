@@ -83,13 +83,17 @@ private:
                     m, [](int64_t, int64_t quad) { return quad * jit::tile_row_bytes; },
                     p.num_threads);
     }
-    source_groups groups(const problem &p, const sparse_rows &m, bool specialise) const {
+    // The runner's source groups (an entry pair plan's are handed over: they
+    // are not read after the runner is built).
+    source_groups groups(const problem &p, const sparse_rows &m, bool specialise) {
         if constexpr (entry_pairs)
-            return source_groups{items_.n_groups, items_.group_size, items_.group_ptr};
-        else
+            return source_groups{items_.n_groups, items_.group_size, std::move(items_.group_ptr)};
+        else {
+            const std::vector<int64_t> item_of = items_.item_of();
             return make_source_groups(
-                    m, items_.quad_ptr, &items_.quad_of, [](int64_t key) { return key; },
+                    m, items_.quad_ptr, &item_of, [](int64_t key) { return key; },
                     source_channels(p), jit::tile_row_bytes / 4, 4, min_group_items(specialise));
+        }
     }
 
     // Forward and backward-data are one SpMM (the plan was built for one).
@@ -147,8 +151,9 @@ private:
                     pack_s8_tiles(q, B, src_ch, reinterpret_cast<int8_t *>(src_tiles), nullptr, nt);
             } else {
                 // backward-data's values in the transpose's order: gathered
-                int8_t *gathered =
-                        items_.values_in_order ? nullptr : sp.get<int8_t>(8, items_.entries());
+                int8_t *gathered = items_.value_index.in_order()
+                                           ? nullptr
+                                           : sp.get<int8_t>(8, items_.entries());
                 items_.fill(wq, words, correction, nt, gathered);
                 pack_quad_tiles(q, B, src_ch, src_tiles, nt);
             }

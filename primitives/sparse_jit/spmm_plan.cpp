@@ -24,6 +24,23 @@ int32_t checked_offset(int64_t bytes) {
 
 } // namespace
 
+value_indices::value_indices(const std::vector<int64_t> &index, identity keep_identity) {
+    const int64_t n = static_cast<int64_t>(index.size());
+    if (keep_identity == identity::dropped) {
+        int64_t e = 0;
+        while (e < n && index[static_cast<size_t>(e)] == e)
+            ++e;
+        if (e == n) return;
+    }
+    const bool fits = std::all_of(index.begin(), index.end(), [](int64_t v) {
+        return v >= std::numeric_limits<int32_t>::min() && v <= std::numeric_limits<int32_t>::max();
+    });
+    if (fits)
+        narrow_.assign(index.begin(), index.end());
+    else
+        wide_ = index;
+}
+
 sparse_rows csr_rows(const int64_t *row_ptr, const int32_t *col_idx, int64_t rows) {
     sparse_rows m;
     for (int64_t r = 0; r < rows; ++r) {
@@ -75,16 +92,23 @@ entry_plan::entry_plan(const sparse_rows &m, const std::function<int64_t(int64_t
     for (int64_t r = 0; r < rows; ++r)
         for (int64_t e = row_ptr[r]; e < row_ptr[r + 1]; ++e)
             offsets[e] = checked_offset(offset(r, m.key[e]));
-    if (!m.values_in_order()) value_index = m.value_index;
+    value_index = value_indices(m.value_index, value_indices::identity::dropped);
     bounds = balance_rows(row_ptr.data(), rows, std::max(1, parts));
 }
 
 const float *entry_plan::values(const float *csr_values, float *scratch, int num_threads) const {
-    if (value_index.empty()) return csr_values;
-    const int64_t n = static_cast<int64_t>(value_index.size());
+    if (value_index.in_order()) return csr_values;
+    const int64_t n = row_ptr.back();
+    if (const int32_t *index = value_index.narrow()) {
 #pragma omp parallel for num_threads(num_threads) schedule(static)
-    for (int64_t s = 0; s < n; ++s)
-        scratch[s] = csr_values[value_index[s]];
+        for (int64_t s = 0; s < n; ++s)
+            scratch[s] = csr_values[index[s]];
+    } else {
+        const int64_t *wide = value_index.wide();
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+        for (int64_t s = 0; s < n; ++s)
+            scratch[s] = csr_values[wide[s]];
+    }
     return scratch;
 }
 
@@ -121,12 +145,12 @@ quad_plan::quad_plan(const sparse_rows &m,
                      const std::function<int64_t(int64_t, int64_t)> &quad_offset, int parts,
                      int channels_per_word_)
     : rows(m.rows), channels_per_word(channels_per_word_), entry_ptr(m.row_ptr),
-      value_index(m.value_index) {
+      value_index(m.value_index, value_indices::identity::dropped) {
     if (channels_per_word != 4 && channels_per_word != 2)
         throw std::logic_error("quad plan: a word holds 4 or 2 channels");
     const int64_t n = m.entries();
     quad_ptr.assign(static_cast<size_t>(rows) + 1, 0);
-    quad_of.resize(static_cast<size_t>(n));
+    std::vector<int64_t> quad_of(static_cast<size_t>(n)); // item_of(), while it is built
     slot_of.resize(static_cast<size_t>(n));
     for (int64_t r = 0; r < rows; ++r) {
         int64_t last = -1;
@@ -143,12 +167,8 @@ quad_plan::quad_plan(const sparse_rows &m,
         }
         quad_ptr[r + 1] = static_cast<int64_t>(offsets.size());
     }
+    offsets.shrink_to_fit(); // grown by push_back: up to twice its size held
     bounds = balance_rows(quad_ptr.data(), rows, std::max(1, parts));
-    // fill's own copy of the value indices: none when they are 0, 1, 2, ...
-    // (a forward plan's), else as int32 where they fit (half the bytes)
-    values_in_order = m.values_in_order();
-    if (!values_in_order && n <= std::numeric_limits<int32_t>::max())
-        value_index32.assign(value_index.begin(), value_index.end());
     if (channels_per_word == 4) {
         const int64_t blocks = (quads() * 4 + 15) / 16;
         byte_masks.assign(static_cast<size_t>(blocks), 0);
@@ -162,6 +182,18 @@ quad_plan::quad_plan(const sparse_rows &m,
         for (size_t g = 1; g < group_entry.size(); ++g) // counts -> first entries
             group_entry[g] += group_entry[g - 1];
     }
+}
+
+std::vector<int64_t> quad_plan::item_of() const {
+    std::vector<int64_t> item(slot_of.size());
+    for (int64_t r = 0; r < rows; ++r) {
+        int64_t q = quad_ptr[r] - 1;
+        for (int64_t l = entry_ptr[r]; l < entry_ptr[r + 1]; ++l) {
+            q += (slot_of[l] & new_word) != 0;
+            item[l] = q;
+        }
+    }
+    return item;
 }
 
 namespace {
@@ -202,17 +234,16 @@ void fill_words(const quad_plan &p, const int8_t *wq, uint32_t *words, int32_t *
 template <int channels_per_word>
 void fill_words(const quad_plan &p, const int8_t *wq, uint32_t *words, int32_t *correction,
                 int num_threads) {
-    if (p.values_in_order) {
+    if (p.value_index.in_order()) {
         fill_words<channels_per_word>(
                 p, wq, words, correction, [](int64_t l) { return l; }, num_threads);
-    } else if (!p.value_index32.empty()) {
-        const int32_t *index = p.value_index32.data();
+    } else if (const int32_t *index = p.value_index.narrow()) {
         fill_words<channels_per_word>(
                 p, wq, words, correction, [index](int64_t l) { return index[l]; }, num_threads);
     } else {
-        const int64_t *index = p.value_index.data();
+        const int64_t *wide = p.value_index.wide();
         fill_words<channels_per_word>(
-                p, wq, words, correction, [index](int64_t l) { return index[l]; }, num_threads);
+                p, wq, words, correction, [wide](int64_t l) { return wide[l]; }, num_threads);
     }
 }
 
@@ -220,11 +251,12 @@ void fill_words(const quad_plan &p, const int8_t *wq, uint32_t *words, int32_t *
 
 void quad_plan::fill(const int8_t *wq, uint32_t *words, int32_t *correction, int num_threads,
                      int8_t *gathered) const {
-    if (channels_per_word == 4 && (values_in_order || (gathered && !value_index32.empty())))
+    const int32_t *narrow = value_index.narrow();
+    if (channels_per_word == 4 && (value_index.in_order() || (gathered && narrow)))
         if (expand_quad_words_fn *expand = expand_quad_words_tier()) {
             const int8_t *values = wq;
-            if (!values_in_order) {
-                const int32_t *index = value_index32.data();
+            if (!value_index.in_order()) {
+                const int32_t *index = narrow;
                 const int64_t n = entries();
 #pragma omp parallel for num_threads(num_threads) schedule(static)
                 for (int64_t l = 0; l < n; ++l)
@@ -303,6 +335,7 @@ entry_pair_plan::entry_pair_plan(const sparse_rows &m,
     group_size = g.size;
     item_ptr.assign(static_cast<size_t>(rows) + 1, 0);
     group_ptr.reserve(g.ptr.size());
+    std::vector<int64_t> slot_values; // value_index, while it is built
     for (int64_t r = 0; r < rows; ++r) {
         for (int64_t grp = 0; grp < g.n; ++grp) {
             group_ptr.push_back(items());
@@ -311,19 +344,18 @@ entry_pair_plan::entry_pair_plan(const sparse_rows &m,
                 const int64_t second = l + 1 < end ? l + 1 : l;
                 offsets.push_back(checked_offset(offset(r, m.key[l])));
                 offsets.push_back(checked_offset(offset(r, m.key[second])));
-                value_index.push_back(m.value_index[l]);
-                value_index.push_back(l + 1 < end ? m.value_index[l + 1] : -1);
+                slot_values.push_back(m.value_index[l]);
+                slot_values.push_back(l + 1 < end ? m.value_index[l + 1] : -1);
             }
         }
         group_ptr.push_back(items());
         item_ptr[r + 1] = items();
     }
     bounds = balance_rows(item_ptr.data(), rows, std::max(1, parts));
+    offsets.shrink_to_fit(); // grown by push_back: up to twice its size held
     values = m.entries();
-    if (values <= std::numeric_limits<int32_t>::max()) {
-        value_index32.assign(value_index.begin(), value_index.end());
-        value_index = {};
-    }
+    // held even in order: the vector fill reads the int32 indices
+    value_index = value_indices(slot_values, value_indices::identity::held);
 }
 
 void entry_pair_plan::reorder_offsets(const std::vector<int64_t> &order) {
@@ -343,14 +375,14 @@ void entry_pair_plan::reorder_offsets(const std::vector<int64_t> &order) {
 
 void entry_pair_plan::fill(const int8_t *wq, uint32_t *words, int num_threads) const {
     const int64_t n = items();
-    if (values >= 4 && !value_index32.empty())
+    if (values >= 4 && value_index.narrow())
         if (entry_pair_words_fn *vector_fill = entry_pair_words_tier()) {
-            vector_fill(value_index32.data(), n, wq, values, words, num_threads);
+            vector_fill(value_index.narrow(), n, wq, values, words, num_threads);
             return;
         }
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t i = 0; i < n; ++i) {
-        const int64_t a = value_of(2 * i), b = value_of(2 * i + 1);
+        const int64_t a = value_index[2 * i], b = value_index[2 * i + 1];
         const int w0 = wq[a], w1 = b < 0 ? 0 : wq[b];
         words[i] = jit::entry_pair_word(w0, w1);
     }

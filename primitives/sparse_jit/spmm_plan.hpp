@@ -40,6 +40,35 @@ struct sparse_rows {
     }
 };
 
+// Where a plan's slots (entries, or entry pairs' halves) take their values
+// from among the layer's CSR values, each index held once: nothing where
+// slot s takes value s and the plan may say so (a forward plan walks the
+// CSR in its own order), else as int32 while every index fits (what the
+// vector fills read; half the bytes of int64), as int64 past 2^31 values.
+// -1: no value (an entry pair's missing second).
+class value_indices {
+public:
+    enum class identity { dropped, held };
+    value_indices() = default; // slot s takes value s
+    value_indices(const std::vector<int64_t> &index, identity keep_identity);
+    // Whether slot s takes value s (no index held).
+    bool in_order() const { return narrow_.empty() && wide_.empty(); }
+    int64_t operator[](int64_t slot) const {
+        const auto s = static_cast<size_t>(slot);
+        return !narrow_.empty() ? narrow_[s] : !wide_.empty() ? wide_[s] : slot;
+    }
+    // The indices as held: int32 (else null), int64 (else null).
+    const int32_t *narrow() const { return narrow_.empty() ? nullptr : narrow_.data(); }
+    const int64_t *wide() const { return wide_.empty() ? nullptr : wide_.data(); }
+    size_t bytes() const {
+        return narrow_.size() * sizeof(int32_t) + wide_.size() * sizeof(int64_t);
+    }
+
+private:
+    std::vector<int32_t> narrow_;
+    std::vector<int64_t> wide_;
+};
+
 // The CSR itself (row r, key = column) and its transpose (row = column,
 // key = row, ascending).
 sparse_rows csr_rows(const int64_t *row_ptr, const int32_t *col_idx, int64_t rows);
@@ -53,8 +82,8 @@ sparse_rows rows_from_triples(int64_t rows, std::vector<std::array<int64_t, 3>> 
 struct entry_plan {
     int64_t rows = 0;
     std::vector<int64_t> row_ptr, bounds;
-    std::vector<int32_t> offsets;     // + sddmm_offset_padding readable entries
-    std::vector<int64_t> value_index; // empty: the CSR order itself
+    std::vector<int32_t> offsets; // + sddmm_offset_padding readable entries
+    value_indices value_index;    // in order: the CSR order itself
     // offset(row, key): byte offset of the entry's source row from the
     // pixel base; parts: the thread count (rows are split nnz-balanced).
     entry_plan(const sparse_rows &m, const std::function<int64_t(int64_t, int64_t)> &offset,
@@ -76,14 +105,11 @@ struct quad_plan {
     int channels_per_word = 4;
     std::vector<int64_t> quad_ptr, bounds; // kernel rows over quads
     std::vector<int32_t> offsets;          // per quad
-    std::vector<int64_t> entry_ptr, value_index, quad_of;
+    std::vector<int64_t> entry_ptr;
+    value_indices value_index; // each entry's value (in order: a forward plan's)
     // the entry's slot in its word, | new_word for the first entry of a word
     std::vector<uint8_t> slot_of;
     static constexpr uint8_t new_word = 0x80;
-    // what fill reads wq through: nothing when value_index is 0, 1, 2, ...;
-    // else value_index as int32 (empty past 2^31 entries: value_index then)
-    bool values_in_order = false;
-    std::vector<int32_t> value_index32;
     // The vector fill's view (4 channels a word): per 16 bytes of words the
     // bytes an entry fills, and per quad_word_group of them the first entry.
     std::vector<uint16_t> byte_masks;
@@ -93,6 +119,9 @@ struct quad_plan {
     quad_plan(const sparse_rows &m, const std::function<int64_t(int64_t, int64_t)> &quad_offset,
               int parts, int channels_per_word = 4);
     int64_t quads() const { return static_cast<int64_t>(offsets.size()); }
+    // Each entry's quad (the kernel item its weight goes into), from
+    // slot_of: what make_source_groups takes (not kept: 8 bytes an entry).
+    std::vector<int64_t> item_of() const;
     // From this step's quantized weights: the quad dwords, and per row the
     // exact term 128 * sum(w) that the kernel's +128 shift adds.
     // gathered (or null): `entries` bytes of scratch where the values are
@@ -116,16 +145,12 @@ struct entry_pair_plan {
     int64_t rows = 0;
     std::vector<int64_t> item_ptr, bounds; // kernel rows over items
     std::vector<int32_t> offsets;          // per item: two byte offsets
-    // Per item: its two entries' values (-1: none), held once: as int32
-    // (what the vector fill reads) up to 2^31 values, else as int64.
-    std::vector<int32_t> value_index32;
-    std::vector<int64_t> value_index;
+    // Per item: its two entries' values (-1: none), slots 2i and 2i + 1.
+    value_indices value_index;
     int64_t values = 0; // the layer's weights (the entries of m)
-    int64_t value_of(int64_t slot) const {
-        return value_index32.empty() ? value_index[static_cast<size_t>(slot)]
-                                     : value_index32[static_cast<size_t>(slot)];
-    }
-    std::vector<int64_t> group_ptr;       // per row and source group: its first item, then the end
+    // per row and source group: its first item, then the end (a plan hands
+    // them to its runner)
+    std::vector<int64_t> group_ptr;
     int64_t n_groups = 1, group_size = 0; // groups of group_size channels
     // offset(row, key): byte offset of the entry's source row; the source
     // groups over `channels` channels of `channel_bytes` (key = channel).

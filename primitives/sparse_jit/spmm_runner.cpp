@@ -92,6 +92,7 @@ spmm_runner::spmm_runner(cpu_isa isa, jit::sparse_dtype dtype, const std::vector
     }
     const double t0 = runtime::now_ms();
     schedule_ = std::make_unique<spmm_schedule>(bounds_, groups_, jit::tile_row_bytes);
+    std::vector<int64_t>().swap(groups_.ptr); // the schedule holds the segments now
     shape_.lengths = schedule_->lengths;
     pattern_ = std::vector<pattern_slot>(static_cast<size_t>(full));
     const auto &code = pattern_code(full); // whole tiles now; a batch tail on first use

@@ -88,7 +88,9 @@ TEST(QuadPlan, vector_fill_matches_the_plans_loop) {
                                    : detail::csr_rows(row_ptr.data(), col_idx.data(), sh.rows);
                 const detail::quad_plan q(
                         m, [](int64_t, int64_t quad) { return quad * 256; }, threads);
-                ASSERT_EQ(q.values_in_order, !transposed || nnz <= 1);
+                ASSERT_EQ(q.value_index.in_order(), !transposed || nnz <= 1);
+                // the indices once, as int32 (a transposed plan's), or none
+                ASSERT_EQ(q.value_index.bytes(), q.value_index.in_order() ? 0 : 4 * q.entries());
                 // one word past the quads: neither fill may write it
                 const size_t n_words = static_cast<size_t>(q.quads()) + 1;
                 std::vector<uint32_t> want(n_words, 0xABABABABu), words(n_words, 0xCDCDCDCDu);
@@ -101,12 +103,13 @@ TEST(QuadPlan, vector_fill_matches_the_plans_loop) {
                     q.fill(wq.data(), want.data(), want_corr.data(), threads);
                 }
                 // the loop's words from their definition
+                const std::vector<int64_t> item_of = q.item_of();
                 for (int64_t r = 0; r < q.rows; ++r) {
                     int32_t sum = 0;
                     for (int64_t l = q.entry_ptr[r]; l < q.entry_ptr[r + 1]; ++l) {
                         const int8_t v = wq[static_cast<size_t>(q.value_index[l])];
                         const auto bytes = reinterpret_cast<const int8_t *>(want.data());
-                        ASSERT_EQ(bytes[q.quad_of[l] * 4 + m.key[l] % 4], v);
+                        ASSERT_EQ(bytes[item_of[l] * 4 + m.key[l] % 4], v);
                         sum += v;
                     }
                     ASSERT_EQ(want_corr[r], 128 * sum);
@@ -195,9 +198,12 @@ TEST(EntryPairPlan, vector_fill_makes_each_items_word) {
                                 m, [](int64_t, int64_t key) { return key * 64; }, channels,
                                 channel_bytes, 1, threads);
                         ASSERT_EQ(q.values, nnz);
+                        // two int32 indices an item, held once (even in order:
+                        // the vector fill reads them)
+                        ASSERT_EQ(q.value_index.bytes(), 8 * static_cast<size_t>(q.items()));
                         std::vector<uint32_t> want(static_cast<size_t>(q.items()));
                         for (int64_t i = 0; i < q.items(); ++i) {
-                            const int64_t a = q.value_of(2 * i), b = q.value_of(2 * i + 1);
+                            const int64_t a = q.value_index[2 * i], b = q.value_index[2 * i + 1];
                             want[i] = jit::entry_pair_word(wq.data()[a], b < 0 ? 0 : wq.data()[b]);
                         }
                         // one word past the items: the fill may not write it
@@ -214,6 +220,39 @@ TEST(EntryPairPlan, vector_fill_makes_each_items_word) {
                         EXPECT_EQ(words, want);
                     }
                 }
+}
+
+TEST(ValueIndices, each_index_once_in_the_narrowest_form_that_holds_it) {
+    using detail::value_indices;
+    const std::vector<int64_t> in_order{0, 1, 2, 3}, shuffled{2, 0, -1, 1};
+    const value_indices none(in_order, value_indices::identity::dropped);
+    EXPECT_TRUE(none.in_order());
+    EXPECT_EQ(none.bytes(), 0u);
+    EXPECT_EQ(none.narrow(), nullptr);
+    EXPECT_EQ(none.wide(), nullptr);
+    for (int64_t s = 0; s < 4; ++s)
+        EXPECT_EQ(none[s], s);
+    const value_indices held(in_order, value_indices::identity::held);
+    EXPECT_FALSE(held.in_order());
+    ASSERT_NE(held.narrow(), nullptr);
+    EXPECT_EQ(held.bytes(), 4 * in_order.size());
+    for (const auto identity : {value_indices::identity::dropped, value_indices::identity::held}) {
+        const value_indices narrow(shuffled, identity);
+        ASSERT_NE(narrow.narrow(), nullptr);
+        EXPECT_EQ(narrow.wide(), nullptr);
+        EXPECT_EQ(narrow.bytes(), 4 * shuffled.size());
+        for (size_t s = 0; s < shuffled.size(); ++s)
+            EXPECT_EQ(narrow[static_cast<int64_t>(s)], shuffled[s]); // -1 (no value) too
+    }
+    // past 2^31 values an index needs 64 bits: all are held so
+    const std::vector<int64_t> far{5, int64_t(1) << 32, -1};
+    const value_indices wide(far, value_indices::identity::dropped);
+    EXPECT_EQ(wide.narrow(), nullptr);
+    ASSERT_NE(wide.wide(), nullptr);
+    EXPECT_EQ(wide.bytes(), 8 * far.size());
+    for (size_t s = 0; s < far.size(); ++s)
+        EXPECT_EQ(wide[static_cast<int64_t>(s)], far[s]);
+    EXPECT_TRUE(value_indices({}, value_indices::identity::held).in_order()); // no slots
 }
 
 TEST(SpmmSchedule, every_item_once_sorted_by_length) {
