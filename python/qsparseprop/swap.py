@@ -133,9 +133,10 @@ def _sparsity(module: nn.Module) -> float:
 def _mask_kept_layers(model: nn.Module, decisions: list[SwapDecision], state_dict: dict | None = None) -> None:
     """Masks the layers the decisions keep dense (see ``mask_kept``) and notes
     it in their reasons. Layers not called in the probe forward are left
-    alone: their parent reads ``.weight`` directly (MultiheadAttention's
-    out_proj), where a pruning hook, which recomputes it on the layer's own
-    forward, would leave it stale. With a checkpoint about to be loaded, the
+    alone (a pruning hook recomputes ``.weight`` on the layer's own forward:
+    a parent reading it directly would read it stale), except a
+    MultiheadAttention's projections (:func:`_mask_kept_attention`). With a
+    checkpoint about to be loaded, the
     checkpoint decides: a layer is masked where it holds ``<name>.weight_mask``
     (a model swapped without masks, or by an earlier version, loads as it was
     saved). A layer whose parameter another module also holds (tied) is not
@@ -148,15 +149,74 @@ def _mask_kept_layers(model: nn.Module, decisions: list[SwapDecision], state_dic
         module = model.get_submodule(d.name)
         if _tied_elsewhere(module, owners):
             continue  # a mask on one holder of a tied weight would untie them too
-        if state_dict is not None:
-            saved = state_dict.get(f"{d.name}.weight_mask")
-            masked = saved is not None and not prune.is_pruned(module)
-            if masked:
-                _KeptPattern.apply(module, "weight", saved.to(torch.bool))
-        else:
-            masked = _mask_kept_layer(module)
+        masked = _mask_kept_weight(module, state_dict, f"{d.name}.weight_mask")
         if masked and note not in d.reason:
             d.reason += note
+    rows = {d.name: d for d in decisions}
+    for name, mha in model.named_modules():
+        if isinstance(mha, nn.MultiheadAttention):
+            masked = _mask_kept_attention(mha, name, owners, state_dict)
+            row = rows.get(f"{name}.out_proj" if name else "out_proj")
+            attention_note = f"; its attention's pattern kept as pruning masks ({', '.join(masked)})"
+            if masked and row is not None and attention_note not in row.reason:
+                row.reason += attention_note
+
+
+# ---- kept-dense attention ----------------------------------------------------------
+#
+# nn.MultiheadAttention is no layer the swap can replace: it reads its
+# projections' weights itself (in_proj_weight, or q/k/v_proj_weight, and
+# out_proj.weight, never calling out_proj). Pruned, they trained densely and
+# their zeros regrew: a 90 % pruned encoder layer's attention had none left
+# after 5 SGD steps while its swapped MLP stayed 90 % sparse. Each pruned
+# projection now gets its pattern as a pruning mask like a kept-dense layer;
+# out_proj's is applied by a pre-hook on the attention, as its own hook
+# never runs.
+
+
+def _refresh_out_proj(mha: nn.Module, args) -> None:
+    """A forward pre-hook of a MultiheadAttention whose out_proj holds a
+    pruning mask: out_proj.weight recomputed from it before the attention
+    reads it (what out_proj's own hook would do on a forward it never
+    gets); nothing once ``prune.remove`` made it plain."""
+    out = mha.out_proj
+    for hook in list(out._forward_pre_hooks.values()):
+        if isinstance(hook, prune.BasePruningMethod):
+            hook(out, args)
+
+
+def _mask_kept_attention(mha: nn.MultiheadAttention, name: str, owners: dict, state_dict: dict | None) -> list[str]:
+    """Masks a MultiheadAttention's pruned projections (its input projection
+    weights, out_proj.weight) as _mask_kept_layers masks a layer, the
+    checkpoint deciding where one is about to be loaded; returns the masks'
+    names. A projection with a mask or parametrization of its own, tied to
+    another module, or without a zero weight is left as it is."""
+    prefix = f"{name}." if name else ""
+    masked = []
+    projections = ["in_proj_weight"] if mha._qkv_same_embed_dim else ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
+    for pname in projections:
+        weight = mha._parameters.get(pname)
+        if weight is None or pname in getattr(mha, "parametrizations", {}):
+            continue
+        if any(m is not mha for _, _, m in owners.get(id(weight), [])):
+            continue
+        if state_dict is not None:
+            mask = state_dict.get(f"{prefix}{pname}_mask")
+            if mask is None:
+                continue
+            mask = mask.to(torch.bool)
+        elif bool((weight == 0).any()):
+            mask = weight != 0
+        else:
+            continue
+        _KeptPattern.apply(mha, pname, mask)
+        masked.append(f"{pname}_mask")
+    out = mha.out_proj
+    if not _tied_elsewhere(out, owners) and _mask_kept_weight(out, state_dict, f"{prefix}out_proj.weight_mask"):
+        masked.append("out_proj.weight_mask")
+        if not any(h is _refresh_out_proj for h in mha._forward_pre_hooks.values()):
+            mha.register_forward_pre_hook(_refresh_out_proj)
+    return masked
 
 
 class _KeptPattern(prune.CustomFromMask):
@@ -200,6 +260,19 @@ class _MaskedOnCopy:
         if isinstance(twin, nn.Module):
             weight.__deepcopy__ = _MaskedOnCopy(twin, self.name)
         return weight
+
+
+def _mask_kept_weight(module: nn.Module, state_dict: dict | None, key: str) -> bool:
+    """Masks a kept-dense layer's weight, or says False: with a checkpoint
+    about to be loaded, where it holds the mask ``key`` (and the layer has
+    none yet); else by the weight's zeros (:func:`_mask_kept_layer`)."""
+    if state_dict is None:
+        return _mask_kept_layer(module)
+    saved = state_dict.get(key)
+    if saved is None or prune.is_pruned(module):
+        return False
+    _KeptPattern.apply(module, "weight", saved.to(torch.bool))
+    return True
 
 
 def _mask_kept_layer(module: nn.Module) -> bool:
@@ -645,7 +718,12 @@ def swap_modules_with_sparse(
     makes), so its pruned weights stay zero while it trains like the swapped
     layers' do; ``prune.remove(layer, "weight")`` makes it plain again. A layer
     with a pruning mask or parametrization of its own, or without a zero
-    weight, is left as it is. The table says which layers got one.
+    weight, is left as it is. The table says which layers got one. An
+    ``nn.MultiheadAttention`` is never swapped (it reads its projections'
+    weights itself); pruned, its ``in_proj_weight`` (or ``q/k/v_proj_weight``)
+    and ``out_proj.weight`` get masks the same way (out_proj's applied by a
+    hook on the attention, which never calls out_proj), noted on the
+    out_proj row.
     ``plan`` (a report of an earlier swap, or a file written by
     :func:`save_swap_plan`) makes exactly those swaps without timing anything
     (``input_shape`` is then not needed): the same model on another rank or

@@ -298,6 +298,143 @@ def test_kept_dense_layers_keep_their_pruning():
     assert (plain[0].weight == 0).sum().item() < zeros[0], "without the mask the zeros regrow"
 
 
+def _pruned_90(model: nn.Module) -> nn.Module:
+    """Every matrix of ``model`` (an attention's projections included) 90 %
+    exact zeros."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(torch.rand(p.shape, generator=g) >= 0.9)
+    return model
+
+
+def _pruned_encoder() -> nn.TransformerEncoder:
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+    return _pruned_90(nn.TransformerEncoder(layer, 1, enable_nested_tensor=False))
+
+
+class _CrossAttention(nn.Module):
+    """Attention over a memory of other widths (kdim, vdim): separate q, k, v
+    projection weights instead of in_proj_weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=True, kdim=16, vdim=24)
+        self.head = nn.Linear(32, 32)
+
+    def forward(self, x, keys, values):
+        return self.head(self.attn(x, keys, values, need_weights=False)[0])
+
+
+def _attention_zeros(mha: nn.MultiheadAttention) -> list[int]:
+    names = ["in_proj_weight"] if mha._qkv_same_embed_dim else ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
+    return [(getattr(mha, n) == 0).sum().item() for n in names] + [(mha.out_proj.weight == 0).sum().item()]
+
+
+def _sgd_steps(model: nn.Module, *inputs: torch.Tensor) -> None:
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(5):
+        opt.zero_grad()
+        model(*inputs).square().mean().backward()
+        opt.step()
+
+
+def test_a_pruned_attention_keeps_its_pruning_like_a_kept_dense_layer():
+    """nn.MultiheadAttention reads its projections' weights itself (and never
+    calls out_proj): the swap cannot replace it, and, pruned, it trained
+    densely: every zero of a 90 % pruned encoder layer's attention was gone
+    after 5 SGD steps while its swapped MLP stayed sparse. Its projections
+    now get their patterns as pruning masks (out_proj's applied by a hook on
+    the attention); the table says so; eval after a step reads the stepped
+    weights; a copy, a plan or a checkpoint masks the same; prune.remove
+    makes each plain again; mask_kept=False leaves them (and the zeros
+    regrow: the test can fail)."""
+    kwargs = dict(verbose=False, min_speedup=0.0, persistent=False)
+    x = torch.randn(4, 10, 32)
+    swapped = swap_modules_with_sparse(_pruned_encoder(), tuple(x.shape), **kwargs)
+    mha = swapped.layers[0].self_attn
+    zeros = _attention_zeros(mha)
+    assert all(z > 0 for z in zeros)
+    assert prune.is_pruned(mha) and prune.is_pruned(mha.out_proj)
+    row = next(r for r in swapped.qsparseprop_swap_report if r.name == "layers.0.self_attn.out_proj")
+    assert "(in_proj_weight_mask, out_proj.weight_mask)" in row.reason, row.reason
+    _sgd_steps(swapped, x)
+    assert _attention_zeros(mha) == zeros
+    # eval right after a step reads the weights of after it (the masks' hooks
+    # run: torch's fast path, which would read them from before, stays off)
+    with torch.no_grad():
+        got = swapped.eval()(x)
+        want = swapped.train()(x)
+    torch.testing.assert_close(got, want)
+    swapped.train()
+    assert {k for k in swapped.state_dict() if k.startswith("layers.0.self_attn.") and k.endswith("_mask")} == {
+        "layers.0.self_attn.in_proj_weight_mask",
+        "layers.0.self_attn.out_proj.weight_mask",
+    }
+    # a copy is masked and trains its own weights
+    twin = copy.deepcopy(swapped)
+    _sgd_steps(twin, x)
+    assert _attention_zeros(twin.layers[0].self_attn) == zeros
+    # the plan on another rank; a checkpoint rebuilt on the dense architecture
+    again = qsparseprop.apply_swap_plan(_pruned_encoder(), swapped.qsparseprop_swap_report)
+    assert prune.is_pruned(again.layers[0].self_attn.out_proj) and prune.is_pruned(again.layers[0].self_attn)
+    torch.manual_seed(5)
+    dense = nn.TransformerEncoder(
+        nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True), 1, enable_nested_tensor=False
+    )
+    rebuilt = qsparseprop.apply_swap_plan(dense, swapped.qsparseprop_swap_report, state_dict=swapped.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), swapped(x))
+    assert _attention_zeros(rebuilt.layers[0].self_attn) == zeros
+    # prune.remove: plain parameters, the zeros in place, the hook a no-op
+    prune.remove(mha, "in_proj_weight")
+    prune.remove(mha.out_proj, "weight")
+    assert not prune.is_pruned(mha) and _attention_zeros(mha) == zeros
+    swapped(x).sum().backward()
+
+    plain = swap_modules_with_sparse(_pruned_encoder(), tuple(x.shape), mask_kept=False, **kwargs)
+    assert not prune.is_pruned(plain.layers[0].self_attn)
+    _sgd_steps(plain, x)
+    assert all(a < b for a, b in zip(_attention_zeros(plain.layers[0].self_attn), zeros, strict=True))
+
+
+def test_an_encoder_layer_kept_dense_with_its_masks_evaluates_its_latest_weights():
+    """torch's encoder layer fast path (eval, no autograd) reads linear1,
+    linear2 and the attention's weights itself: where they hold pruning
+    masks (every layer kept dense here) it would read them as the masks'
+    hooks left them on the last training forward, before the optimizer's
+    step. torch leaves the path where a submodule has hooks; this holds it
+    to that."""
+    x = torch.randn(4, 10, 32)
+    kept = swap_modules_with_sparse(_pruned_encoder(), tuple(x.shape), verbose=False, min_speedup=1e9, persistent=False)
+    layer = kept.layers[0]
+    assert all(prune.is_pruned(m) for m in (layer.linear1, layer.linear2, layer.self_attn))
+    _sgd_steps(kept, x)
+    with torch.no_grad():
+        got = kept.eval()(x)  # right after the step
+        want = kept.train()(x)  # each module's forward: its hooks recompute its weights
+    torch.testing.assert_close(got, want)
+
+
+def test_an_attention_with_separate_projections_keeps_its_pruning():
+    """kdim / vdim unlike embed_dim: q, k and v have weights of their own,
+    each masked."""
+    torch.manual_seed(0)
+    inputs = (torch.randn(4, 6, 32), torch.randn(4, 5, 16), torch.randn(4, 5, 24))
+    model = swap_modules_with_sparse(
+        _pruned_90(_CrossAttention()), None, example_inputs=inputs, verbose=False, min_speedup=0.0, persistent=False
+    )
+    mha = model.attn
+    zeros = _attention_zeros(mha)
+    assert all(z > 0 for z in zeros) and len(zeros) == 4
+    assert prune.is_pruned(mha.out_proj)
+    assert all(f"{n}_mask" in dict(mha.named_buffers()) for n in ("q_proj_weight", "k_proj_weight", "v_proj_weight"))
+    _sgd_steps(model, *inputs)
+    assert _attention_zeros(mha) == zeros
+
+
 def test_a_model_with_kept_dense_layers_deep_copies_and_pickles_like_before_the_swap(tmp_path):
     """torch's pruning leaves ``layer.weight`` a non-leaf tensor (weight_orig
     * weight_mask), which copy.deepcopy refuses: a pruned-then-plain model
