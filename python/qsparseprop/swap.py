@@ -214,8 +214,9 @@ def _mask_kept_attention(mha: nn.MultiheadAttention, name: str, owners: dict, st
     out = mha.out_proj
     if not _tied_elsewhere(out, owners) and _mask_kept_weight(out, state_dict, f"{prefix}out_proj.weight_mask"):
         masked.append("out_proj.weight_mask")
-        if not any(h is _refresh_out_proj for h in mha._forward_pre_hooks.values()):
-            mha.register_forward_pre_hook(_refresh_out_proj)
+    # whoever masked it (here, as a layer called elsewhere too, or its owner)
+    if prune.is_pruned(out) and not any(h is _refresh_out_proj for h in mha._forward_pre_hooks.values()):
+        mha.register_forward_pre_hook(_refresh_out_proj)
     return masked
 
 

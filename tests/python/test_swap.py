@@ -418,6 +418,26 @@ def test_an_encoder_layer_kept_dense_with_its_masks_evaluates_its_latest_weights
     torch.testing.assert_close(got, want)
 
 
+def test_an_out_proj_pruned_by_its_owner_trains_through_the_attention():
+    """torch's pruning hook on an attention's out_proj recomputes its weight
+    on out_proj's own forward, which the attention never calls: the weight
+    stays the product made at pruning time, and a second backward through
+    it fails (its graph was freed). The swap leaves the owner's mask and
+    recomputes the weight before each call of the attention."""
+    x = torch.randn(4, 10, 32)
+    enc = _pruned_encoder()
+    out_proj = enc.layers[0].self_attn.out_proj
+    prune.random_unstructured(out_proj, "weight", amount=0.5)  # the owner's, not removed
+    mask = out_proj.weight_mask.clone()
+    swapped = swap_modules_with_sparse(enc, tuple(x.shape), verbose=False, min_speedup=0.0, persistent=False)
+    out_proj = swapped.layers[0].self_attn.out_proj
+    _sgd_steps(swapped, x)  # failed at the second backward
+    with torch.no_grad():
+        swapped(x)  # the weight as of this call: after the last step
+    assert torch.equal(out_proj.weight_mask, mask)
+    torch.testing.assert_close(out_proj.weight, out_proj.weight_orig * mask)
+
+
 def test_an_attention_with_separate_projections_keeps_its_pruning():
     """kdim / vdim unlike embed_dim: q, k and v have weights of their own,
     each masked."""
