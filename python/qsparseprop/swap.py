@@ -1720,7 +1720,10 @@ def _from_checkpoint(cls, mod: nn.Module, state_dict: dict, name: str) -> _Spars
 def to_dense(model: nn.Module, inplace: bool = False) -> nn.Module:
     """An ordinary torch model: every sparse layer replaced by the dense
     ``nn.Linear`` / ``nn.Conv2d`` with its (fine-tuned) weights, zeros where
-    pruned. ``torch.export``, ONNX and TorchScript take the result.
+    pruned; the pruning masks the swap gave kept-dense layers and
+    attentions (``mask_kept``) removed the same way (``prune.remove``: plain
+    weights, the zeros in place; masks of your own stay). ``torch.export``,
+    ONNX and TorchScript take the result.
 
     >>> import torch
     >>> from qsparseprop import SparseLinear, to_dense
@@ -1748,9 +1751,28 @@ def to_dense(model: nn.Module, inplace: bool = False) -> nn.Module:
     for name, mod in list(target.named_modules()):
         if isinstance(mod, _SparseModule):
             _replace(target, name, _with_hooks_of(mod.to_dense().train(mod.training), mod))
+    _remove_kept_masks(target)
     if hasattr(target, "qsparseprop_swap_report"):
         del target.qsparseprop_swap_report
     return target
+
+
+def _remove_kept_masks(model: nn.Module) -> None:
+    """The pruning masks the swap put on kept-dense layers and attentions
+    removed (``prune.remove``: plain parameters, the zeros in place, as they
+    were before the swap), then each attention's out_proj hook where out_proj
+    holds no mask any more. torch's pruning hooks are no TorchScript
+    (jit.script failed on ``'_KeptPattern' object has no attribute
+    '__name__'``); masks of the user's own stay."""
+    for module in model.modules():
+        for hook in list(module._forward_pre_hooks.values()):
+            if type(hook) is _KeptPattern:
+                prune.remove(module, hook._tensor_name)
+    for module in model.modules():
+        if isinstance(module, nn.MultiheadAttention) and not prune.is_pruned(module.out_proj):
+            for key, hook in list(module._forward_pre_hooks.items()):
+                if hook is _refresh_out_proj:
+                    del module._forward_pre_hooks[key]
 
 
 def _deepcopy_model(model: nn.Module) -> nn.Module:

@@ -276,6 +276,12 @@ def test_kept_dense_layers_keep_their_pruning():
     train_steps(kept)
     assert [(m.weight == 0).sum().item() for m in (kept[0], kept[2])] == zeros
     assert "0.weight_mask" in kept.state_dict() and "0.weight_orig" in kept.state_dict()
+    # to_dense makes them plain, zeros in place: an ordinary model TorchScript
+    # takes (jit.script failed on the masks' hooks)
+    dense = qsparseprop.to_dense(kept)
+    assert not prune.is_pruned(dense) and [(m.weight == 0).sum().item() for m in (dense[0], dense[2])] == zeros
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(torch.jit.script(dense)(x), dense(x))
     prune.remove(kept[0], "weight")  # plain again, zeros in place
     assert not prune.is_pruned(kept[0]) and (kept[0].weight == 0).sum().item() == zeros[0]
     # a plan applied elsewhere (another DDP rank) masks the same layers
@@ -388,6 +394,15 @@ def test_a_pruned_attention_keeps_its_pruning_like_a_kept_dense_layer():
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(x), swapped(x))
     assert _attention_zeros(rebuilt.layers[0].self_attn) == zeros
+    # to_dense: plain parameters, the zeros in place, no hook left, and
+    # TorchScript takes it (torch's pruning hooks are no TorchScript); the
+    # swapped model keeps its masks
+    dense = qsparseprop.to_dense(swapped).eval()
+    assert not prune.is_pruned(dense) and not dense.layers[0].self_attn._forward_pre_hooks
+    assert _attention_zeros(dense.layers[0].self_attn) == zeros
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.script(dense)(x), dense(x))
+    assert prune.is_pruned(mha)
     # prune.remove: plain parameters, the zeros in place, the hook a no-op
     prune.remove(mha, "in_proj_weight")
     prune.remove(mha.out_proj, "weight")
