@@ -87,7 +87,7 @@ private:
     // are not read after the runner is built).
     source_groups groups(const problem &p, const sparse_rows &m, bool specialise) {
         if constexpr (entry_pairs)
-            return source_groups{items_.n_groups, items_.group_size, std::move(items_.group_ptr)};
+            return std::move(items_.groups);
         else {
             const std::vector<int64_t> item_of = items_.item_of();
             return make_source_groups(

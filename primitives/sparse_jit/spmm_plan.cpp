@@ -256,11 +256,10 @@ void quad_plan::fill(const int8_t *wq, uint32_t *words, int32_t *correction, int
         if (expand_quad_words_fn *expand = expand_quad_words_tier()) {
             const int8_t *values = wq;
             if (!value_index.in_order()) {
-                const int32_t *index = narrow;
                 const int64_t n = entries();
 #pragma omp parallel for num_threads(num_threads) schedule(static)
                 for (int64_t l = 0; l < n; ++l)
-                    gathered[l] = wq[index[l]];
+                    gathered[l] = wq[narrow[l]];
                 values = gathered;
             }
             const quad_word_masks m{byte_masks.data(), static_cast<int64_t>(byte_masks.size()),
@@ -331,14 +330,14 @@ entry_pair_plan::entry_pair_plan(const sparse_rows &m,
     const source_groups g = make_source_groups(
             m, m.row_ptr, nullptr, [](int64_t key) { return key; }, channels, channel_bytes, 1,
             min_group_items);
-    n_groups = g.n;
-    group_size = g.size;
+    groups.n = g.n;
+    groups.size = g.size;
     item_ptr.assign(static_cast<size_t>(rows) + 1, 0);
-    group_ptr.reserve(g.ptr.size());
+    groups.ptr.reserve(g.ptr.size());
     std::vector<int64_t> slot_values; // value_index, while it is built
     for (int64_t r = 0; r < rows; ++r) {
         for (int64_t grp = 0; grp < g.n; ++grp) {
-            group_ptr.push_back(items());
+            groups.ptr.push_back(items());
             const int64_t begin = g.ptr[r * (g.n + 1) + grp], end = g.ptr[r * (g.n + 1) + grp + 1];
             for (int64_t l = begin; l < end; l += 2) {
                 const int64_t second = l + 1 < end ? l + 1 : l;
@@ -348,7 +347,7 @@ entry_pair_plan::entry_pair_plan(const sparse_rows &m,
                 slot_values.push_back(l + 1 < end ? m.value_index[l + 1] : -1);
             }
         }
-        group_ptr.push_back(items());
+        groups.ptr.push_back(items());
         item_ptr[r + 1] = items();
     }
     bounds = balance_rows(item_ptr.data(), rows, std::max(1, parts));

@@ -31,13 +31,6 @@ struct sparse_rows {
         ++rows;
     }
     int64_t entries() const { return static_cast<int64_t>(key.size()); }
-    // Whether entry e holds value e for every e (a forward plan's rows: the
-    // CSR in its own order), so a plan needs no index into the values.
-    bool values_in_order() const {
-        for (int64_t e = 0; e < entries(); ++e)
-            if (value_index[static_cast<size_t>(e)] != e) return false;
-        return true;
-    }
 };
 
 // Where a plan's slots (entries, or entry pairs' halves) take their values
@@ -134,6 +127,15 @@ struct quad_plan {
     void reorder_offsets(const std::vector<int64_t> &order);
 };
 
+// Source channels (columns of the pattern) taken in groups whose source
+// rows fit in L1 while every destination row of a pass uses them; the
+// kernels store a row's sums after each group and reload them in the next
+// (jit/tile_abi.hpp, jit/width_abi.hpp: group_ptr).
+struct source_groups {
+    int64_t n = 1, size = 0;  // groups of `size` channels (the last may hold fewer)
+    std::vector<int64_t> ptr; // per row: each group's first kernel item, then the row's end
+};
+
 // s8 SpMM arrays over "entry pairs" (jit::s8_word::entry_pair): any two
 // consecutive entries of a row's segment in one source group form one
 // kernel item — two byte offsets of s8 source rows and their two weights in
@@ -148,10 +150,8 @@ struct entry_pair_plan {
     // Per item: its two entries' values (-1: none), slots 2i and 2i + 1.
     value_indices value_index;
     int64_t values = 0; // the layer's weights (the entries of m)
-    // per row and source group: its first item, then the end (a plan hands
-    // them to its runner)
-    std::vector<int64_t> group_ptr;
-    int64_t n_groups = 1, group_size = 0; // groups of group_size channels
+    // The source groups, ptr over items (a plan hands them to its runner).
+    source_groups groups;
     // offset(row, key): byte offset of the entry's source row; the source
     // groups over `channels` channels of `channel_bytes` (key = channel).
     entry_pair_plan(const sparse_rows &m, const std::function<int64_t(int64_t, int64_t)> &offset,
@@ -164,14 +164,6 @@ struct entry_pair_plan {
     void reorder_offsets(const std::vector<int64_t> &order);
 };
 
-// Source channels (columns of the pattern) taken in groups whose source
-// rows fit in L1 while every destination row of a pass uses them; the
-// kernels store a row's sums after each group and reload them in the next
-// (jit/tile_abi.hpp, jit/width_abi.hpp: group_ptr).
-struct source_groups {
-    int64_t n = 1, size = 0;  // groups of `size` channels (the last may hold fewer)
-    std::vector<int64_t> ptr; // per row: each group's first kernel item, then the row's end
-};
 // channel_bytes: the source bytes one channel occupies during a pass.
 // Groups are a multiple of `align` channels (s8 quads: 4) and at most one per
 // `min_items` kernel items of an average row (fewer items per group would not

@@ -213,7 +213,7 @@ TEST(EntryPairPlan, vector_fill_makes_each_items_word) {
                         words.pop_back();
                         EXPECT_EQ(words, want);
                         if (channel_bytes == 4096 && sh.rows * sh.cols >= 3000 && !transposed)
-                            EXPECT_GT(q.n_groups, 1);    // the groups' odd segments were met
+                            EXPECT_GT(q.groups.n, 1);    // the groups' odd segments were met
                         isa_cap_guard cap(cpu_isa::ref); // the plan's loop
                         std::fill(words.begin(), words.end(), 0u);
                         q.fill(wq.data(), words.data(), threads);
