@@ -13,6 +13,7 @@ import os
 import torch  # noqa: F401
 
 from . import _C
+from .attention import ProjectedMultiheadAttention
 from .modules import (
     BatchNormReLU2d,
     FusedBatchNorm2d,
@@ -172,6 +173,7 @@ __all__ = [
     "fuse",
     "MaskedReLU",
     "use_masked_relus",
+    "ProjectedMultiheadAttention",
     "OutlierQuantizedSparseLinear",
     "PrototypeOutlierQuantizedSparseLinear",
     "format_swap_report",

@@ -25,6 +25,7 @@ from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
 from . import _C, _ops
+from .attention import _PROJECTIONS, ProjectedMultiheadAttention
 from .modules import (
     _TRANSFORMER_LAYERS,
     BatchNormReLU2d,
@@ -146,7 +147,10 @@ def _mask_kept_layers(model: nn.Module, decisions: list[SwapDecision], state_dic
     for d in decisions:
         if d.swapped or not d.input_shape:
             continue
-        module = model.get_submodule(d.name)
+        try:
+            module = model.get_submodule(d.name)
+        except AttributeError:  # a projection of an attention given back to torch's (masked below)
+            continue
         if _tied_elsewhere(module, owners):
             continue  # a mask on one holder of a tied weight would untie them too
         masked = _mask_kept_weight(module, state_dict, f"{d.name}.weight_mask")
@@ -218,6 +222,72 @@ def _mask_kept_attention(mha: nn.MultiheadAttention, name: str, owners: dict, st
     if prune.is_pruned(out) and not any(h is _refresh_out_proj for h in mha._forward_pre_hooks.values()):
         mha.register_forward_pre_hook(_refresh_out_proj)
     return masked
+
+
+# ---- attentions with projections of their own -------------------------------------
+#
+# A pruned attention whose projections are to be swapped becomes a
+# ProjectedMultiheadAttention (its q/k/v_proj and out_proj layers it calls),
+# so each projection is a Linear the swap times, swaps or keeps like any
+# other; one where no projection was swapped goes back to torch's, masked.
+
+
+def _projectable(mha: nn.Module, owners: dict, min_sparsity: float) -> bool:
+    """Whether the swap turns ``mha`` into a ProjectedMultiheadAttention: an
+    nn.MultiheadAttention (not a subclass: its own forward might differ)
+    with a projection at least ``min_sparsity`` sparse, whose weights
+    nothing recomputes (a pruning mask excepted) and no other module holds."""
+    if type(mha) is not nn.MultiheadAttention or _reparametrizations(mha) or _tied_elsewhere(mha, owners):
+        return False
+    out = mha.out_proj
+    if _reparametrizations(out) or _tied_elsewhere(out, owners):
+        return False
+    if mha._qkv_same_embed_dim:
+        weights = list(mha.in_proj_weight.detach().chunk(3))
+    else:
+        weights = [mha.q_proj_weight.detach(), mha.k_proj_weight.detach(), mha.v_proj_weight.detach()]
+    weights.append(out.weight.detach())
+    return any(1.0 - float((w != 0).float().mean()) >= min_sparsity for w in weights if w.numel())
+
+
+def _project_attention(root: nn.Module, name: str) -> ProjectedMultiheadAttention:
+    """Puts the ProjectedMultiheadAttention of the attention ``name`` in its
+    place (under every name it has); a hook of the swap's on it goes."""
+    mha = root.get_submodule(name)
+    new = ProjectedMultiheadAttention.from_attention(mha)
+    pre = new.__dict__.get("_forward_pre_hooks", {})
+    for key in [k for k, h in pre.items() if h is _refresh_out_proj]:
+        del pre[key]  # (out_proj is called now: its own hook applies its mask)
+    _replace(root, name, new)
+    return new
+
+
+def _submodule(root: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return root.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def _project_attentions(root: nn.Module, min_sparsity: float) -> list[str]:
+    owners = _parameter_owners(root)
+    names = [n for n, m in root.named_modules() if _projectable(m, owners, min_sparsity)]
+    for name in names:
+        _project_attention(root, name)
+    return names
+
+
+def _unproject_unswapped(root: nn.Module, names: list[str], report: list[SwapDecision]) -> None:
+    """Gives each attention of ``names`` none of whose projections was
+    swapped torch's nn.MultiheadAttention back (the model as it was, masked
+    like any kept attention), and says so in its projections' rows."""
+    for name in names:
+        rows = [r for r in report if r.name.rpartition(".")[0] == name and r.name.rpartition(".")[2] in _PROJECTIONS]
+        if any(r.swapped for r in rows):
+            continue
+        _replace(root, name, root.get_submodule(name).to_attention())
+        for r in rows:
+            r.reason += "; no projection of its attention swapped: the attention stays torch's"
 
 
 class _KeptPattern(prune.CustomFromMask):
@@ -720,11 +790,19 @@ def swap_modules_with_sparse(
     layers' do; ``prune.remove(layer, "weight")`` makes it plain again. A layer
     with a pruning mask or parametrization of its own, or without a zero
     weight, is left as it is. The table says which layers got one. An
-    ``nn.MultiheadAttention`` is never swapped (it reads its projections'
-    weights itself); pruned, its ``in_proj_weight`` (or ``q/k/v_proj_weight``)
-    and ``out_proj.weight`` get masks the same way (out_proj's applied by a
-    hook on the attention, which never calls out_proj), noted on the
-    out_proj row.
+    ``nn.MultiheadAttention`` reads its projections' weights itself, so a
+    sparse layer in their place would never run: one with a projection at
+    least ``min_sparsity`` sparse becomes a
+    :class:`~qsparseprop.ProjectedMultiheadAttention` (the same attention
+    and arguments, its projections ``q_proj``, ``k_proj``, ``v_proj`` and
+    ``out_proj`` layers it calls; it also loads torch's attention's
+    checkpoint keys), and each
+    projection is a candidate like any Linear (its own row, timing, scheme,
+    mask). Where none of them is swapped it goes back to torch's attention,
+    whose pruned ``in_proj_weight`` (or ``q/k/v_proj_weight``) and
+    ``out_proj.weight`` get masks the same way (out_proj's applied by a hook
+    on the attention, which never calls out_proj), noted on the out_proj
+    row. :func:`to_dense` gives torch's attention back.
     ``plan`` (a report of an earlier swap, or a file written by
     :func:`save_swap_plan`) makes exactly those swaps without timing anything
     (``input_shape`` is then not needed): the same model on another rank or
@@ -767,6 +845,8 @@ def swap_modules_with_sparse(
     if prototype:
         scheme = "prototype_s8_outliers" if scheme == "s8_outliers" else "prototype"
     target = model if inplace else _deepcopy_model(model)
+    projected = _project_attentions(target, min_sparsity)
+    _keep_sparse_layers_off_torchs_fast_path(target)  # (the probe must call the projections)
     readers: list[list[str]] = []
     shapes, candidates = _probe_shapes(target, example, readers=readers)
     sparse_of: dict[str, nn.Module] = {}  # each timed candidate's sparse version, swapped or not
@@ -842,6 +922,8 @@ def swap_modules_with_sparse(
 
     if fuse and not prototype:
         _decide_shared_inputs(target, report, readers, sparse_of, min_speedup, base)
+    _unproject_unswapped(target, projected, report)
+    _restore_torchs_fast_path(target)  # (kept off it again below where a sparse layer needs it)
     if mask_kept:
         _mask_kept_layers(target, report)
     _fuse(target, {r.name: r for r in report if r.swapped}, batch_norm=fuse, relu=fuse_relu)
@@ -933,8 +1015,9 @@ _FAST_PATH_ACTIVATION = "_qsparseprop_fast_path_activation"
 
 def _keep_sparse_layers_off_torchs_fast_path(model: nn.Module) -> None:
     for mod in model.modules():
-        if isinstance(mod, nn.TransformerEncoderLayer) and any(
-            isinstance(getattr(mod, name, None), _SparseModule) for name in ("linear1", "linear2")
+        if isinstance(mod, nn.TransformerEncoderLayer) and (
+            any(isinstance(getattr(mod, name, None), _SparseModule) for name in ("linear1", "linear2"))
+            or isinstance(getattr(mod, "self_attn", None), ProjectedMultiheadAttention)
         ):
             mod.__dict__.setdefault(_FAST_PATH_ACTIVATION, mod.activation_relu_or_gelu)
             mod.activation_relu_or_gelu = 0
@@ -1637,6 +1720,10 @@ def apply_swap_plan(
     keeps dense get their pattern as a pruning mask (so every rank of a job
     has the same parameters)."""
     decisions = _as_decisions(plan)
+    for d in decisions:  # an attention whose projection the plan swaps gets projections of its own first
+        parent, _, child = d.name.rpartition(".")
+        if d.swapped and child in _PROJECTIONS and parent and type(_submodule(model, parent)) is nn.MultiheadAttention:
+            _project_attention(model, parent)
     for d in decisions:
         if not d.swapped:
             continue
@@ -1752,6 +1839,9 @@ def to_dense(model: nn.Module, inplace: bool = False) -> nn.Module:
         if isinstance(mod, _SparseModule):
             _replace(target, name, _with_hooks_of(mod.to_dense().train(mod.training), mod))
     _remove_kept_masks(target)
+    for name, mod in list(target.named_modules()):
+        if isinstance(mod, ProjectedMultiheadAttention):
+            _replace(target, name, mod.to_attention())
     if hasattr(target, "qsparseprop_swap_report"):
         del target.qsparseprop_swap_report
     return target

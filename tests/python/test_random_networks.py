@@ -31,7 +31,7 @@ from test_fuse import _InPlaceBasicBlock  # torchvision's BasicBlock, line for l
 from torch import nn
 
 from conftest import a_relu_input_near_a_kink, assert_close_rel, at_pattern, property_settings, torch_threads
-from qsparseprop import swap_modules_with_sparse
+from qsparseprop import ProjectedMultiheadAttention, swap_modules_with_sparse
 from qsparseprop.finetune import _Residual
 
 MIN_SPARSITY = 0.6  # layers drawn below it stay dense
@@ -193,9 +193,16 @@ def _gradients(model, reference):
     against the reference's weight gradient at its pattern (the reference
     dense: at the pattern; swapped too: the values), a kept layer's masked
     weight against the reference's gradient masked the same way, any other
-    parameter (BatchNorm's, LayerNorm's, attention's) by its name."""
-    for name, ref in reference.named_modules():
-        got = model.get_submodule(name)
+    parameter (BatchNorm's, LayerNorm's, attention's) by its name; an
+    attention the swap gave projections of its own against torch's, its
+    projections against the rows of the packed in_proj_weight."""
+    for name, got in model.named_modules():
+        ref = _submodule_or_none(reference, name)
+        if ref is None:  # a projection of an attention whose reference is torch's: see below
+            continue
+        if isinstance(got, ProjectedMultiheadAttention) and isinstance(ref, nn.MultiheadAttention):
+            yield from _projections_against_packed(name, got, ref)
+            continue
         if hasattr(got, "values"):
             want = ref.values.grad if hasattr(ref, "values") else at_pattern(ref.weight.grad, got)
             yield f"{name} values", got.values.grad, want
@@ -208,6 +215,29 @@ def _gradients(model, reference):
             own = [p for p, _ in got.named_parameters(recurse=False)]
         for p in own:
             yield f"{name} {p}", getattr(got, p).grad, getattr(ref, p).grad
+
+
+def _submodule_or_none(model, name):
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def _projections_against_packed(name, got, ref):
+    grads = ref.in_proj_weight.grad.chunk(3) if ref._qkv_same_embed_dim else (
+        ref.q_proj_weight.grad, ref.k_proj_weight.grad, ref.v_proj_weight.grad)  # fmt: skip
+    biases = ref.in_proj_bias.grad.chunk(3) if ref.in_proj_bias is not None else (None,) * 3
+    for proj, want, bias in zip(("q_proj", "k_proj", "v_proj"), grads, biases, strict=True):
+        layer = getattr(got, proj)
+        if hasattr(layer, "values"):
+            yield f"{name}.{proj} values", layer.values.grad, at_pattern(want, layer)
+        elif hasattr(layer, "weight_mask"):
+            yield f"{name}.{proj} weight (masked)", layer.weight_orig.grad, want * layer.weight_mask
+        else:
+            yield f"{name}.{proj} weight", layer.weight.grad, want
+        if bias is not None:
+            yield f"{name}.{proj} bias", layer.bias.grad, bias
 
 
 def _train_and_compare(model, references, xs, input_grad, judge):
@@ -450,5 +480,5 @@ def test_random_transformer_encoders_swapped_train_as_their_references(
             repeats=1, warmup=0, persistent=False, **options,
         )  # fmt: skip
 
-    with torch_threads(threads):  # (attention's own Linear is not swapped: its parent reads its weight)
-        _swap_train_and_compare(dense, swapped, scheme, xs, input_grad, lambda name: not name.endswith("out_proj"))
+    with torch_threads(threads):  # (a sparse out_proj: the attention gets projections of its own)
+        _swap_train_and_compare(dense, swapped, scheme, xs, input_grad)

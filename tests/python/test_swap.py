@@ -119,7 +119,9 @@ def test_subclasses_are_considered_and_every_skip_is_listed():
     swap_modules_with_sparse(m, (2, 5, 16), verbose=False, min_speedup=0.0)
     rows = {r.name: r for r in m.qsparseprop_swap_report}
     assert "attn.out_proj" in rows, "a subclass of nn.Linear is a candidate"
-    assert not rows["attn.out_proj"].swapped and "not called" in rows["attn.out_proj"].reason
+    # the attention calls its pruned out_proj once it has projections of its own
+    assert rows["attn.out_proj"].swapped and isinstance(m.attn, qsparseprop.ProjectedMultiheadAttention)
+    assert all("< min_sparsity" in rows[f"attn.{p}_proj"].reason for p in "qkv")  # in_proj is dense
     assert rows["ff"].swapped
     m(torch.randn(2, 5, 16)).sum().backward()  # the block still trains
 
@@ -304,21 +306,23 @@ def test_kept_dense_layers_keep_their_pruning():
     assert (plain[0].weight == 0).sum().item() < zeros[0], "without the mask the zeros regrow"
 
 
-def _pruned_90(model: nn.Module) -> nn.Module:
-    """Every matrix of ``model`` (an attention's projections included) 90 %
-    exact zeros."""
+def _pruned_90(model: nn.Module, attention: float = 0.9) -> nn.Module:
+    """Every matrix of ``model`` 90 % exact zeros, an attention's
+    projections ``attention`` (below min_sparsity's 0.8 the swap leaves the
+    attention torch's, its projections masked)."""
     g = torch.Generator().manual_seed(1)
+    in_attention = {id(p) for m in model.modules() if isinstance(m, nn.MultiheadAttention) for p in m.parameters()}
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
-                p.mul_(torch.rand(p.shape, generator=g) >= 0.9)
+                p.mul_(torch.rand(p.shape, generator=g) >= (attention if id(p) in in_attention else 0.9))
     return model
 
 
-def _pruned_encoder() -> nn.TransformerEncoder:
+def _pruned_encoder(attention: float = 0.9) -> nn.TransformerEncoder:
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
-    return _pruned_90(nn.TransformerEncoder(layer, 1, enable_nested_tensor=False))
+    return _pruned_90(nn.TransformerEncoder(layer, 1, enable_nested_tensor=False), attention)
 
 
 class _CrossAttention(nn.Module):
@@ -349,8 +353,9 @@ def _sgd_steps(model: nn.Module, *inputs: torch.Tensor) -> None:
 
 def test_a_pruned_attention_keeps_its_pruning_like_a_kept_dense_layer():
     """nn.MultiheadAttention reads its projections' weights itself (and never
-    calls out_proj): the swap cannot replace it, and, pruned, it trained
-    densely: every zero of a 90 % pruned encoder layer's attention was gone
+    calls out_proj); left torch's (here its projections are below
+    min_sparsity; test_attention.py has those the swap makes sparse) and
+    pruned, it trained densely: every zero of a 90 % pruned encoder layer's attention was gone
     after 5 SGD steps while its swapped MLP stayed sparse. Its projections
     now get their patterns as pruning masks (out_proj's applied by a hook on
     the attention); the table says so; eval after a step reads the stepped
@@ -359,7 +364,7 @@ def test_a_pruned_attention_keeps_its_pruning_like_a_kept_dense_layer():
     regrow: the test can fail)."""
     kwargs = dict(verbose=False, min_speedup=0.0, persistent=False)
     x = torch.randn(4, 10, 32)
-    swapped = swap_modules_with_sparse(_pruned_encoder(), tuple(x.shape), **kwargs)
+    swapped = swap_modules_with_sparse(_pruned_encoder(0.5), tuple(x.shape), **kwargs)
     mha = swapped.layers[0].self_attn
     zeros = _attention_zeros(mha)
     assert all(z > 0 for z in zeros)
@@ -384,7 +389,7 @@ def test_a_pruned_attention_keeps_its_pruning_like_a_kept_dense_layer():
     _sgd_steps(twin, x)
     assert _attention_zeros(twin.layers[0].self_attn) == zeros
     # the plan on another rank; a checkpoint rebuilt on the dense architecture
-    again = qsparseprop.apply_swap_plan(_pruned_encoder(), swapped.qsparseprop_swap_report)
+    again = qsparseprop.apply_swap_plan(_pruned_encoder(0.5), swapped.qsparseprop_swap_report)
     assert prune.is_pruned(again.layers[0].self_attn.out_proj) and prune.is_pruned(again.layers[0].self_attn)
     torch.manual_seed(5)
     dense = nn.TransformerEncoder(
@@ -409,7 +414,7 @@ def test_a_pruned_attention_keeps_its_pruning_like_a_kept_dense_layer():
     assert not prune.is_pruned(mha) and _attention_zeros(mha) == zeros
     swapped(x).sum().backward()
 
-    plain = swap_modules_with_sparse(_pruned_encoder(), tuple(x.shape), mask_kept=False, **kwargs)
+    plain = swap_modules_with_sparse(_pruned_encoder(0.5), tuple(x.shape), mask_kept=False, **kwargs)
     assert not prune.is_pruned(plain.layers[0].self_attn)
     _sgd_steps(plain, x)
     assert all(a < b for a, b in zip(_attention_zeros(plain.layers[0].self_attn), zeros, strict=True))
@@ -440,7 +445,7 @@ def test_an_out_proj_pruned_by_its_owner_trains_through_the_attention():
     it fails (its graph was freed). The swap leaves the owner's mask and
     recomputes the weight before each call of the attention."""
     x = torch.randn(4, 10, 32)
-    enc = _pruned_encoder()
+    enc = _pruned_encoder(0.5)  # (the owner's mask makes out_proj 75 % sparse: below min_sparsity)
     out_proj = enc.layers[0].self_attn.out_proj
     prune.random_unstructured(out_proj, "weight", amount=0.5)  # the owner's, not removed
     mask = out_proj.weight_mask.clone()
@@ -459,7 +464,12 @@ def test_an_attention_with_separate_projections_keeps_its_pruning():
     torch.manual_seed(0)
     inputs = (torch.randn(4, 6, 32), torch.randn(4, 5, 16), torch.randn(4, 5, 24))
     model = swap_modules_with_sparse(
-        _pruned_90(_CrossAttention()), None, example_inputs=inputs, verbose=False, min_speedup=0.0, persistent=False
+        _pruned_90(_CrossAttention(), attention=0.5),
+        None,
+        example_inputs=inputs,
+        verbose=False,
+        min_speedup=0.0,
+        persistent=False,
     )
     mha = model.attn
     zeros = _attention_zeros(mha)
