@@ -418,3 +418,30 @@ def test_a_decoder_layers_self_and_cross_attention_are_both_projected():
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     got.sum().backward()
     assert model.multihead_attn.k_proj.values.grad.abs().sum() > 0
+
+
+def test_compile_and_export_take_the_projected_attention():
+    """torch.compile (forward and backward) and torch.export of an encoder
+    layer whose attention the swap projected compute what eager does."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+    with torch.no_grad():
+        for p in layer.parameters():
+            if p.dim() == 2:
+                p.mul_(torch.rand(p.shape) >= 0.9)
+    x = torch.randn(3, 7, 32)
+    model = qsparseprop.swap_modules_with_sparse(layer, tuple(x.shape), verbose=False, min_speedup=0.0,
+                                                 persistent=False, scheme="f32")  # fmt: skip
+    assert isinstance(model.self_attn, ProjectedMultiheadAttention)
+    eager = model(x)
+    eager.sum().backward()
+    want = model.self_attn.q_proj.values.grad.clone()
+    model.zero_grad()
+    compiled = torch.compile(model)(x)
+    compiled.sum().backward()
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.self_attn.q_proj.values.grad, want, rtol=1e-5, atol=1e-5)
+    model.eval()
+    with torch.no_grad():
+        exported = torch.export.export(model, (x,)).module()(x)
+        torch.testing.assert_close(exported, model(x))
