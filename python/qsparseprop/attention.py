@@ -14,6 +14,7 @@ attention between them stays torch's.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -128,7 +129,9 @@ class ProjectedMultiheadAttention(nn.Module):
     def from_attention(cls, mha: nn.MultiheadAttention) -> ProjectedMultiheadAttention:
         """The same attention with its weights copied into ``nn.Linear``
         projections (the effective weights, where pruning masks them), its
-        forward hooks and mode taken over; ``out_proj`` is ``mha``'s own."""
+        mode and hooks taken over (the very dicts, so their handles still
+        remove them; torch's pruning hooks, which recompute ``mha``'s own
+        weights, stay on ``mha`` alone); ``out_proj`` is ``mha``'s own."""
         if not isinstance(mha, nn.MultiheadAttention):
             raise TypeError(f"mha must be a torch.nn.MultiheadAttention, got {type(mha).__name__}")
         e = mha.embed_dim
@@ -151,9 +154,13 @@ class ProjectedMultiheadAttention(nn.Module):
             mha.add_zero_attn,
         )  # fmt: skip
         _with_hooks_of(new, mha)
-        pre = new.__dict__.get("_forward_pre_hooks", {})
-        for key in [k for k, h in pre.items() if isinstance(h, prune.BasePruningMethod)]:
-            del pre[key]  # they recompute mha's weights; the copies hold them as they are now
+        pre = mha.__dict__.get("_forward_pre_hooks", {})
+        if any(isinstance(h, prune.BasePruningMethod) for h in pre.values()):
+            # torch's pruning hooks recompute mha's own weights (the copies hold them as they are now): the
+            # new module gets the other pre-hooks in a dict of its own, mha keeps its hooks as they were
+            new._forward_pre_hooks = OrderedDict(
+                (k, h) for k, h in pre.items() if not isinstance(h, prune.BasePruningMethod)
+            )
         return new.train(mha.training)
 
     def to_attention(self) -> nn.MultiheadAttention:

@@ -250,16 +250,12 @@ def _projectable(mha: nn.Module, owners: dict, min_sparsity: float) -> bool:
     return any(1.0 - float((w != 0).float().mean()) >= min_sparsity for w in weights if w.numel())
 
 
-def _project_attention(root: nn.Module, name: str) -> ProjectedMultiheadAttention:
+def _project_attention(root: nn.Module, name: str) -> nn.MultiheadAttention:
     """Puts the ProjectedMultiheadAttention of the attention ``name`` in its
-    place (under every name it has); a hook of the swap's on it goes."""
+    place (under every name it has); returns the attention."""
     mha = root.get_submodule(name)
-    new = ProjectedMultiheadAttention.from_attention(mha)
-    pre = new.__dict__.get("_forward_pre_hooks", {})
-    for key in [k for k, h in pre.items() if h is _refresh_out_proj]:
-        del pre[key]  # (out_proj is called now: its own hook applies its mask)
-    _replace(root, name, new)
-    return new
+    _replace(root, name, ProjectedMultiheadAttention.from_attention(mha))
+    return mha
 
 
 def _submodule(root: nn.Module, name: str) -> nn.Module | None:
@@ -269,23 +265,23 @@ def _submodule(root: nn.Module, name: str) -> nn.Module | None:
         return None
 
 
-def _project_attentions(root: nn.Module, min_sparsity: float) -> list[str]:
+def _project_attentions(root: nn.Module, min_sparsity: float) -> dict[str, nn.MultiheadAttention]:
+    """Projects every attention _projectable finds; returns them by name."""
     owners = _parameter_owners(root)
     names = [n for n, m in root.named_modules() if _projectable(m, owners, min_sparsity)]
-    for name in names:
-        _project_attention(root, name)
-    return names
+    return {name: _project_attention(root, name) for name in names}
 
 
-def _unproject_unswapped(root: nn.Module, names: list[str], report: list[SwapDecision]) -> None:
-    """Gives each attention of ``names`` none of whose projections was
-    swapped torch's nn.MultiheadAttention back (the model as it was, masked
-    like any kept attention), and says so in its projections' rows."""
-    for name in names:
+def _unproject_unswapped(root: nn.Module, originals: dict, report: list[SwapDecision]) -> None:
+    """Puts back each attention of ``originals`` (name -> torch's attention)
+    none of whose projections was swapped — the very module, as it was
+    (nothing trained it meanwhile), masked later like any kept attention —
+    and says so in its projections' rows."""
+    for name, original in originals.items():
         rows = [r for r in report if r.name.rpartition(".")[0] == name and r.name.rpartition(".")[2] in _PROJECTIONS]
         if any(r.swapped for r in rows):
             continue
-        _replace(root, name, root.get_submodule(name).to_attention())
+        _replace(root, name, original)
         for r in rows:
             r.reason += "; no projection of its attention swapped: the attention stays torch's"
 

@@ -277,11 +277,13 @@ def test_an_attention_without_a_swapped_projection_stays_torchs():
     """Nothing swapped in it (timed slower, here by min_speedup): the model
     keeps torch's attention, masked as before; the rows say why."""
     x = torch.randn(4, 10, 32)
-    model = qsparseprop.swap_modules_with_sparse(
-        _pruned_transformer(), tuple(x.shape), verbose=False, min_speedup=1e9, persistent=False
-    )
+    dense = _pruned_transformer()
+    original = dense.layers[0].self_attn
+    model = qsparseprop.swap_modules_with_sparse(dense, tuple(x.shape), verbose=False, min_speedup=1e9,
+                                                 persistent=False)  # fmt: skip
     attn = model.layers[0].self_attn
-    assert type(attn) is nn.MultiheadAttention and prune.is_pruned(attn)
+    assert attn is original, "the very module back"
+    assert prune.is_pruned(attn)
     rows = {r.name: r for r in model.qsparseprop_swap_report}
     assert "the attention stays torch's" in rows["layers.0.self_attn.q_proj"].reason
     assert "in_proj_weight_mask" in rows["layers.0.self_attn.out_proj"].reason
@@ -445,3 +447,22 @@ def test_compile_and_export_take_the_projected_attention():
     with torch.no_grad():
         exported = torch.export.export(model, (x,)).module()(x)
         torch.testing.assert_close(exported, model(x))
+
+
+def test_from_attention_leaves_a_pruned_attention_as_it_was():
+    """torch's pruning hook on the attention recomputes its own weight: the
+    projected copy does not take it, and the attention keeps it (and its
+    other hooks, shared with the copy)."""
+    mha = _attention(batch_first=True)
+    prune.l1_unstructured(mha, "in_proj_weight", amount=0.5)
+    seen = []
+    mha.register_forward_hook(lambda m, a, out: seen.append(type(m).__name__))
+    ours = ProjectedMultiheadAttention.from_attention(mha)
+    assert prune.is_pruned(mha) and not any(
+        isinstance(h, prune.BasePruningMethod) for h in ours._forward_pre_hooks.values()
+    )
+    x = torch.randn(2, 5, E)
+    torch.testing.assert_close(ours(x, x, x)[0], mha(x, x, x)[0], rtol=1e-5, atol=1e-5)
+    assert seen == ["ProjectedMultiheadAttention", "MultiheadAttention"]
+    mha(x, x, x)[0].sum().backward()  # the attention still trains through its mask
+    assert mha.in_proj_weight_orig.grad is not None
