@@ -1885,13 +1885,20 @@ _FUSION_WORDS = (
 def format_swap_report(report: list[SwapDecision]) -> str:
     """The verbose table of ``swap_modules_with_sparse``: each candidate, its
     timings, the decision and why, and what a swapped layer runs fused."""
-    head = f"{'layer':<24} {'kind':<8} {'input shape':<20} {'sparsity':>8} {'dense ms':>9} {'sparse ms':>9}  decision"
+    # the columns as wide as their longest entry (an attention's projection: a long name and
+    # kind, "layers.0.self_attn.out_proj", "NonDynamicallyQuantizableLinear")
+    name_w = max([24] + [len(r.name) for r in report])
+    kind_w = max([8] + [len(r.kind) for r in report])
+    head = (
+        f"{'layer':<{name_w}} {'kind':<{kind_w}} {'input shape':<20} {'sparsity':>8} {'dense ms':>9} "
+        f"{'sparse ms':>9}  decision"
+    )
     lines = [head, "-" * len(head)]
     for r in report:
         fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
         fused = [words for flag, words in _FUSION_WORDS if getattr(r, flag)]
         lines.append(
-            f"{r.name:<24} {r.kind:<8} {str(r.input_shape):<20} {r.sparsity:>8.3f} {fmt(r.dense_ms):>9} "
+            f"{r.name:<{name_w}} {r.kind:<{kind_w}} {str(r.input_shape):<20} {r.sparsity:>8.3f} {fmt(r.dense_ms):>9} "
             f"{fmt(r.sparse_ms):>9}  {'swap' if r.swapped else 'keep'}{' ' + r.scheme if r.swapped else ''} "
             f"({r.reason})" + (f"; fused: {', '.join(fused)}" if fused else "")
         )
