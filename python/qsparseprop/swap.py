@@ -266,9 +266,11 @@ def _submodule(root: nn.Module, name: str) -> nn.Module | None:
 
 
 def _project_attentions(root: nn.Module, min_sparsity: float) -> dict[str, nn.MultiheadAttention]:
-    """Projects every attention _projectable finds; returns them by name."""
+    """Projects every attention _projectable finds; returns them by name.
+    A model that is an attention itself stays as it is (nothing to put it
+    in)."""
     owners = _parameter_owners(root)
-    names = [n for n, m in root.named_modules() if _projectable(m, owners, min_sparsity)]
+    names = [n for n, m in root.named_modules() if n and _projectable(m, owners, min_sparsity)]
     return {name: _project_attention(root, name) for name in names}
 
 
@@ -844,7 +846,14 @@ def swap_modules_with_sparse(
     projected = _project_attentions(target, min_sparsity)
     _keep_sparse_layers_off_torchs_fast_path(target)  # (the probe must call the projections)
     readers: list[list[str]] = []
-    shapes, candidates = _probe_shapes(target, example, readers=readers)
+    try:
+        shapes, candidates = _probe_shapes(target, example, readers=readers)
+    except BaseException:  # (a model the probe cannot run is handed back as it came)
+        for name, original in projected.items():
+            _replace(target, name, original)
+        _restore_torchs_fast_path(target)
+        _keep_sparse_layers_off_torchs_fast_path(target)
+        raise
     sparse_of: dict[str, nn.Module] = {}  # each timed candidate's sparse version, swapped or not
 
     owners = _parameter_owners(target)
@@ -1836,8 +1845,10 @@ def to_dense(model: nn.Module, inplace: bool = False) -> nn.Module:
             _replace(target, name, _with_hooks_of(mod.to_dense().train(mod.training), mod))
     _remove_kept_masks(target)
     for name, mod in list(target.named_modules()):
-        if isinstance(mod, ProjectedMultiheadAttention):
+        if name and isinstance(mod, ProjectedMultiheadAttention):
             _replace(target, name, mod.to_attention())
+    if isinstance(target, ProjectedMultiheadAttention):
+        target = target.to_attention()
     if hasattr(target, "qsparseprop_swap_report"):
         del target.qsparseprop_swap_report
     return target

@@ -466,3 +466,32 @@ def test_from_attention_leaves_a_pruned_attention_as_it_was():
     assert seen == ["ProjectedMultiheadAttention", "MultiheadAttention"]
     mha(x, x, x)[0].sum().backward()  # the attention still trains through its mask
     assert mha.in_proj_weight_orig.grad is not None
+
+
+def test_a_probe_that_fails_hands_the_model_back_as_it_came():
+    """The swap projects the attentions before its probe forward: a probe
+    that cannot run (a wrong input shape) raises with the model untouched."""
+    model = _pruned_transformer()
+    attention = model.layers[0].self_attn
+    with pytest.raises(ValueError, match="probe forward"):  # (ours: query must be embed_dim wide)
+        qsparseprop.swap_modules_with_sparse(model, (4, 10, 31), verbose=False, persistent=False)
+    assert model.layers[0].self_attn is attention
+    assert model.layers[0].activation_relu_or_gelu == 1  # torch's fast path as it was
+
+
+def test_an_attention_alone_and_to_dense_of_a_projected_one():
+    """A model that is an attention itself stays torch's (nothing to put its
+    projected version in); to_dense of a projected attention with sparse
+    projections gives torch's attention computing the same."""
+    mha = _attention(batch_first=True)
+    with torch.no_grad():
+        mha.out_proj.weight.mul_(torch.rand(mha.out_proj.weight.shape) > 0.9)
+    x = torch.randn(2, 5, E)
+    swapped = qsparseprop.swap_modules_with_sparse(mha, None, example_inputs=(x, x, x), verbose=False,
+                                                   persistent=False, min_speedup=0.0)  # fmt: skip
+    assert swapped is mha and type(mha) is nn.MultiheadAttention
+    ours = ProjectedMultiheadAttention.from_attention(mha)
+    ours.out_proj = SparseLinear.from_dense(ours.out_proj)
+    back = qsparseprop.to_dense(ours)
+    assert type(back) is nn.MultiheadAttention and type(back.out_proj) is not SparseLinear
+    torch.testing.assert_close(back(x, x, x)[0], ours(x, x, x)[0], rtol=1e-5, atol=1e-5)
