@@ -41,9 +41,15 @@ void check_params(const sparse_kernel_params &p) {
 int spmm_width_max_accumulators(cpu_isa isa, sparse_dtype dtype, bool avx_vnni, s8_word word) {
     const int regs = vector_registers(isa);
     // The weight and two source temporaries (pairs: two products); emulated
-    // dot products also hold nibbles, two constants and two products.
+    // dot products also hold nibbles, two constants and two products. AVX2
+    // f32 multiplies from memory and needs one temporary only (the tail's
+    // mask, outside the entries): its 14th sum makes C3's 14 rows two
+    // blocks of 7 instead of 5, 5, 4, each entry's weight and offset read
+    // twice an image instead of three times. (AVX-512's block statistics
+    // take the third register.)
     const bool emulated = emulated_dot(isa, dtype, avx_vnni) && word == s8_word::quad;
-    return regs - (emulated ? 8 : 3);
+    if (emulated) return regs - 8;
+    return regs - (dtype == sparse_dtype::f32 && isa < cpu_isa::avx512_core ? 2 : 3);
 }
 
 template <cpu_isa isa>
