@@ -40,16 +40,20 @@ void check_params(const sparse_kernel_params &p) {
 
 int spmm_width_max_accumulators(cpu_isa isa, sparse_dtype dtype, bool avx_vnni, s8_word word) {
     const int regs = vector_registers(isa);
-    // The weight and two source temporaries (pairs: two products); emulated
-    // dot products also hold nibbles, two constants and two products. AVX2
-    // f32 multiplies from memory and needs one temporary only (the tail's
-    // mask, outside the entries): its 14th sum makes C3's 14 rows two
-    // blocks of 7 instead of 5, 5, 4, each entry's weight and offset read
-    // twice an image instead of three times. (AVX-512's block statistics
-    // take the third register.)
+    // The weight and two source temporaries (quads: two loads in flight);
+    // emulated dot products also hold nibbles, two constants and two
+    // products. On AVX2, f32 multiplies from memory and s8 pairs through one
+    // product register (renamed on every write: reusing it serialises
+    // nothing), so one temporary does (the tail's mask and the s8 epilogue's
+    // constants take it outside the entries): the 14th sum makes C3's 14
+    // rows two blocks of 7 instead of 5, 5, 4, each entry's weight and
+    // offset read twice an image instead of three times (C3's training step
+    // 1.01-1.04x f32, 1.02-1.06x s8; docs/benchmarks.md). AVX-512's block
+    // statistics take the third register.
     const bool emulated = emulated_dot(isa, dtype, avx_vnni) && word == s8_word::quad;
     if (emulated) return regs - 8;
-    return regs - (dtype == sparse_dtype::f32 && isa < cpu_isa::avx512_core ? 2 : 3);
+    const bool pairs = dtype == sparse_dtype::s8 && word == s8_word::pair;
+    return regs - ((dtype == sparse_dtype::f32 || pairs) && isa < cpu_isa::avx512_core ? 2 : 3);
 }
 
 template <cpu_isa isa>
@@ -279,9 +283,8 @@ template <cpu_isa isa> void jit_uni_spmm_width_kernel_t<isa>::generate() {
                 if (!s8) {
                     vfmadd231ps(acc(r, v), w, x);
                 } else if (pairs) {
-                    const Vmm &t = (r * nv + v) % 2 ? tmp1 : tmp0; // two products in flight
-                    vpmaddwd(t, w, x);
-                    vpaddd(acc(r, v), acc(r, v), t);
+                    vpmaddwd(tmp0, w, x);
+                    vpaddd(acc(r, v), acc(r, v), tmp0);
                 } else if (!emulated) {
                     const Vmm &t = (r * nv + v) % 2 ? tmp1 : tmp0; // two loads in flight
                     vmovups(t, x);
@@ -303,17 +306,23 @@ template <cpu_isa isa> void jit_uni_spmm_width_kernel_t<isa>::generate() {
             inc(tmp);
             cmp(tmp, field(offsetof(cp, n_groups)));
             jne(not_last, T_NEAR);
-            const Vmm corr(tmp0), scale(tmp1), bias(w);
+            // one constant at a time in the two registers the sums leave
+            // (pairs use all but those): the same operations per sum, in the
+            // same order, so the same bits
+            const Vmm corr(tmp0), scale(tmp0), bias(w);
             mov(tmp, field(offsetof(cp, correction)));
             vpbroadcastd(corr, dword[tmp + row * 4]);
+            for (int r = 0; r < rows; ++r)
+                for (int v = 0; v < nv; ++v) {
+                    vpsubd(acc(r, v), acc(r, v), corr);
+                    vcvtdq2ps(acc(r, v), acc(r, v));
+                }
             mov(tmp, field(offsetof(cp, scale)));
             vbroadcastss(scale, dword[tmp + row * 4]);
             mov(tmp, field(offsetof(cp, bias)));
             vbroadcastss(bias, dword[tmp + row * 4]);
             for (int r = 0; r < rows; ++r)
                 for (int v = 0; v < nv; ++v) {
-                    vpsubd(acc(r, v), acc(r, v), corr);
-                    vcvtdq2ps(acc(r, v), acc(r, v));
                     // two roundings, as the scheme states (not one fused)
                     vmulps(acc(r, v), acc(r, v), scale);
                     vaddps(acc(r, v), acc(r, v), bias);

@@ -61,7 +61,7 @@ template <typename kernel_t> struct row_calls {
 
 // Output rows per kernel block: as many as the kernel's registers hold
 // (and width_max_rows), balanced over an image's `out_rows`: 14 rows at up
-// to 6 a block (AVX2 s8 pairs, two vectors a row) go as 5, 5, 4 (6, 6, 2
+// to 6 a block (AVX2 s8 quads, two vectors a row) go as 5, 5, 4 (6, 6, 2
 // would make the last block a whole pass over the entries for a third of
 // the work).
 // out_rows 0: not known when the plan is made (images, which any batch

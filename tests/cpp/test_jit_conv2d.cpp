@@ -199,8 +199,8 @@ TEST(JitConv2dEdges, non_square_asymmetric_dilated_grouped_depthwise) {
             {1, 120, 120, 24, 24, geometry(3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 1), 0.9},
             {2, 40, 24, 40, 40, geometry(3, 3, 2, 2, 1, 1, 1, 1, 1, 1, 1), 0.8},
             // tall and narrow: the width kernels' most rows a block (AVX-512:
-            // 13, 13, 11; AVX2 f32: five of 7 and 2, all 14 sums; s8 pairs:
-            // six of 6 and 1), over several groups
+            // 13, 13, 11; AVX2 f32 and s8 pairs: five of 7 and 2, all 14
+            // sums), over several groups
             {2, 40, 8, 37, 13, geometry(3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 1), 0.85},
             // s8 backward-weights' flat rows (an image a row) in two chunks
             // of AVX-512 vectors, dilated
