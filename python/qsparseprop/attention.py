@@ -297,14 +297,14 @@ class ProjectedMultiheadAttention(nn.Module):
                         f"a 2-D attn_mask must be (target, source length) = {(tgt_len, src_len)}, got "
                         f"{tuple(attn_mask.shape)}"
                     )
-                attn_mask = attn_mask.view(1, 1, tgt_len, src_len)
+                attn_mask = attn_mask[None, None]  # (a view of any layout, as torch's unsqueeze)
             elif attn_mask.dim() == 3:
                 if tuple(attn_mask.shape) != (bsz * heads, tgt_len, src_len):
                     raise ValueError(
                         f"a 3-D attn_mask must be (batch * num_heads, target, source length) = "
                         f"{(bsz * heads, tgt_len, src_len)}, got {tuple(attn_mask.shape)}"
                     )
-                attn_mask = attn_mask.view(bsz, heads, tgt_len, src_len)
+                attn_mask = attn_mask.reshape(bsz, heads, tgt_len, src_len)
             else:
                 raise ValueError(f"attn_mask must be 2-D or 3-D, got {attn_mask.dim()}-D")
 

@@ -56,9 +56,10 @@ def _masks(kind: str, unbatched: bool, tgt: int, src: int):
         return None, None
     if kind == "bool":  # a 2-D boolean attn_mask and a boolean padding mask
         return torch.rand(tgt, src, generator=g) > 0.7, padding
-    if kind == "float":  # a 3-D additive attn_mask per batch entry and head, a float padding mask
+    if kind == "float":  # a 3-D additive attn_mask per batch entry and head (not contiguous), a float padding mask
         heads = HEADS if unbatched else 3 * HEADS
-        return torch.randn(heads, tgt, src, generator=g), torch.zeros(padding.shape).masked_fill_(padding, -1e4)
+        attn_mask = torch.randn(src, tgt, heads, generator=g).permute(2, 1, 0)
+        return attn_mask, torch.zeros(padding.shape).masked_fill_(padding, -1e4)
     raise AssertionError(kind)
 
 
