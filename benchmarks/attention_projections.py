@@ -13,10 +13,9 @@ variants interleaved round by round in one process, medians.
 import argparse
 import copy
 import dataclasses
-import statistics
-import time
 
 import torch
+from encoder_mlp_fusion import _step_medians  # (run from benchmarks/: the script's folder is on the path)
 from torch import nn
 from torch.nn.utils import prune
 
@@ -40,27 +39,6 @@ def _pruned_layer(sparsity: float) -> nn.Module:
     return layer
 
 
-def _step_medians(models: dict, x: torch.Tensor, rounds: int, steps: int) -> dict:
-    opts = {k: torch.optim.SGD(v.parameters(), lr=1e-4) for k, v in models.items()}
-
-    def step(k):
-        opts[k].zero_grad(set_to_none=True)
-        models[k](x).square().mean().backward()
-        opts[k].step()
-
-    for k in models:
-        step(k)
-        step(k)
-    times = {k: [] for k in models}
-    for r in range(rounds):
-        for k in models if r % 2 else reversed(list(models)):
-            t = time.perf_counter()
-            for _ in range(steps):
-                step(k)
-            times[k].append((time.perf_counter() - t) / steps)
-    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sparsity", type=float, default=0.9)
@@ -82,7 +60,7 @@ def main() -> None:
         assert isinstance(ours.self_attn, q.ProjectedMultiheadAttention)
         assert type(mlp_only.self_attn) is nn.MultiheadAttention
         variants = {"sparse attention": ours, "torch attention": mlp_only, "dense fp32": copy.deepcopy(dense)}
-        ms = _step_medians(variants, x, args.rounds, args.steps)
+        ms = _step_medians(variants, x, lambda out: out.square().mean(), args.rounds, args.steps)
         print(f"\n{scheme}: ms per step (median of {args.rounds} rounds x {args.steps} steps)")
         for k, v in ms.items():
             print(f"  {k:<20} {v:8.2f}")

@@ -22,13 +22,15 @@ from qsparseprop.finetune import make_model, prune_model
 from qsparseprop.memory import saved_activation_bytes
 
 
-def _step_medians(models: dict, x, y, rounds: int, steps: int) -> dict:
-    """Median ms of an SGD step of each model, rounds interleaved."""
+def _step_medians(models: dict, x, loss, rounds: int, steps: int) -> dict:
+    """Median ms of an SGD step (``loss(model(x))`` backward, then the
+    update) of each model, rounds interleaved; benchmarks/attention_projections.py
+    times its variants with it too."""
     opts = {k: torch.optim.SGD(v.parameters(), lr=0.01, momentum=0.9) for k, v in models.items()}
 
     def step(k):
         opts[k].zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(models[k](x), y).backward()
+        loss(models[k](x)).backward()
         opts[k].step()
 
     for k in models:
@@ -62,7 +64,7 @@ def main() -> None:
             for fused in (True, False)
         }  # fmt: skip
         saved = {k: saved_activation_bytes(v, x) / 2**20 for k, v in models.items()}
-        ms = _step_medians(models, x, y, args.rounds, args.steps)
+        ms = _step_medians(models, x, lambda out: nn.functional.cross_entropy(out, y), args.rounds, args.steps)
         print(f"{scheme:>4}: a step fused {ms[True]:.2f} ms, unfused {ms[False]:.2f} ms ({ms[False] / ms[True]:.2f}x); "
               f"saved activations fused {saved[True]:.2f} MiB, unfused {saved[False]:.2f}, "
               f"dense fp32 {saved_activation_bytes(dense, x) / 2**20:.2f}")  # fmt: skip

@@ -225,6 +225,15 @@ def _pruned_transformer(attention: float = 0.9) -> nn.TransformerEncoder:
     return model
 
 
+def _matrices_pruned(model: nn.Module) -> nn.Module:
+    """Every weight matrix of ``model`` 90 % zeros (torch's random stream)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(torch.rand(p.shape) >= 0.9)
+    return model
+
+
 def _zeros(model: nn.Module) -> list[int]:
     return [int((m.self_attn.in_proj_weight == 0).sum()) + int((m.self_attn.out_proj.weight == 0).sum())
             for m in model.layers]  # fmt: skip
@@ -402,11 +411,7 @@ def test_a_decoder_layers_self_and_cross_attention_are_both_projected():
     """nn.TransformerDecoderLayer: self-attention, then cross-attention over
     a memory of another length (key and value not the query)."""
     torch.manual_seed(0)
-    dense = nn.TransformerDecoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
-    with torch.no_grad():
-        for p in dense.parameters():
-            if p.dim() == 2:
-                p.mul_(torch.rand(p.shape) >= 0.9)
+    dense = _matrices_pruned(nn.TransformerDecoderLayer(32, 4, 64, dropout=0.0, batch_first=True))
     tgt, memory = torch.randn(3, 7, 32), torch.randn(3, 11, 32)
     causal = nn.Transformer.generate_square_subsequent_mask(7)
     model = qsparseprop.swap_modules_with_sparse(
@@ -427,11 +432,7 @@ def test_compile_and_export_take_the_projected_attention():
     """torch.compile (forward and backward) and torch.export of an encoder
     layer whose attention the swap projected compute what eager does."""
     torch.manual_seed(0)
-    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
-    with torch.no_grad():
-        for p in layer.parameters():
-            if p.dim() == 2:
-                p.mul_(torch.rand(p.shape) >= 0.9)
+    layer = _matrices_pruned(nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True))
     x = torch.randn(3, 7, 32)
     model = qsparseprop.swap_modules_with_sparse(layer, tuple(x.shape), verbose=False, min_speedup=0.0,
                                                  persistent=False, scheme="f32")  # fmt: skip
