@@ -75,6 +75,8 @@ template <cpu_isa isa> void jit_uni_spmm_width_kernel_t<isa>::generate() {
 
     // Vector registers: sums from 0 up, the rest from the top.
     auto acc = [nv](int r, int v) { return Vmm(r * nv + v); };
+    // tmp1 is the 14th sum of AVX2 f32 and s8 pairs (spmm_width_max_accumulators):
+    // only s8 quads and AVX-512 may use it.
     const Vmm w(n_regs - 1), tmp0(n_regs - 2), tmp1(n_regs - 3);
     const Vmm lo(n_regs - 3), hi(n_regs - 4), ones16(n_regs - 5), nibble_mask(n_regs - 6),
             p_lo(n_regs - 7), p_hi(n_regs - 8);

@@ -147,9 +147,8 @@ def _mask_kept_layers(model: nn.Module, decisions: list[SwapDecision], state_dic
     for d in decisions:
         if d.swapped or not d.input_shape:
             continue
-        try:
-            module = model.get_submodule(d.name)
-        except AttributeError:  # a projection of an attention given back to torch's (masked below)
+        module = _submodule(model, d.name)
+        if module is None:  # a projection of an attention given back to torch's (masked below)
             continue
         if _tied_elsewhere(module, owners):
             continue  # a mask on one holder of a tied weight would untie them too
@@ -280,7 +279,8 @@ def _unproject_unswapped(root: nn.Module, originals: dict, report: list[SwapDeci
     (nothing trained it meanwhile), masked later like any kept attention —
     and says so in its projections' rows."""
     for name, original in originals.items():
-        rows = [r for r in report if r.name.rpartition(".")[0] == name and r.name.rpartition(".")[2] in _PROJECTIONS]
+        projections = {f"{name}.{p}" for p in _PROJECTIONS}
+        rows = [r for r in report if r.name in projections]
         if any(r.swapped for r in rows):
             continue
         _replace(root, name, original)
