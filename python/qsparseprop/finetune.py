@@ -171,30 +171,75 @@ def make_model(name: str, image: int, width: int) -> nn.Module:
     raise ValueError(f"unknown model {name!r}: cnn, mlp or transformer")
 
 
-def prunable(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The layers that get pruned (and may be swapped): every Linear / Conv2d
-    except the first convolution and the classifier (the usual practice)."""
+_QKV = ("q_proj", "k_proj", "v_proj")  # an attention's input projections, as ProjectedMultiheadAttention names them
+
+
+def prunable(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The layers that get pruned (and may be swapped), each as (name,
+    weight): every Linear / Conv2d except the first convolution and the
+    classifier (the usual practice), and every attention's query, key and
+    value projections, named ``<attention>.q_proj`` etc. (the layers the swap
+    makes of them; their weights here are the rows of torch's packed
+    ``in_proj_weight``, or its separate ``q_proj_weight`` ...)."""
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     first_conv = next((n for n, m in layers if isinstance(m, nn.Conv2d)), None)
     last = layers[-1][0] if layers else None
-    return [(n, m) for n, m in layers if n not in (first_conv, last) and m.weight.numel() >= 256]
+    out = []
+    for n, m in model.named_modules():
+        if isinstance(m, nn.MultiheadAttention):
+            out += [(f"{n}.{p}", _weight_of(model, f"{n}.{p}")) for p in _QKV]
+        elif isinstance(m, (nn.Linear, nn.Conv2d)) and n not in (first_conv, last):
+            out.append((n, m.weight))
+    return [(n, w) for n, w in out if w.numel() >= 256]
+
+
+def _weight_of(model: nn.Module, name: str) -> torch.Tensor:
+    """The weight of the pruned layer ``name`` (a name of ``prunable``): the
+    layer's own, or for a projection of torch's attention (which the swap
+    left as it was) its rows of ``in_proj_weight`` (a view: masking it masks
+    them), or its own ``q_proj_weight`` ..."""
+    parent, _, leaf = name.rpartition(".")
+    if leaf in _QKV:
+        owner = model.get_submodule(parent)
+        if isinstance(owner, nn.MultiheadAttention):
+            if not owner._qkv_same_embed_dim:
+                return getattr(owner, f"{leaf}_weight")
+            e = owner.embed_dim
+            i = _QKV.index(leaf)
+            return owner.in_proj_weight[i * e : (i + 1) * e]
+    return model.get_submodule(name).weight
+
+
+def _kept_dense(model: nn.Module, name: str) -> bool:
+    """Whether the pruned layer ``name`` trains as a dense weight (the swap
+    kept it as torch's): its pruned weights are the tool's to keep zero."""
+    parent, _, leaf = name.rpartition(".")
+    if leaf in _QKV and isinstance(model.get_submodule(parent), nn.MultiheadAttention):
+        return True
+    return isinstance(model.get_submodule(name), (nn.Linear, nn.Conv2d))
 
 
 def prune_model(model: nn.Module, sparsity: float, method: str) -> None:
-    layers = [m for _, m in prunable(model)]
-    if method == "global":
-        prune.global_unstructured([(m, "weight") for m in layers], prune.L1Unstructured, amount=sparsity)
-    elif method == "layer":
-        for m in layers:
-            prune.l1_unstructured(m, "weight", amount=sparsity)
-    else:
+    """Prunes ``prunable(model)`` by magnitude to ``sparsity``: each layer on
+    its own (``layer``) or all together (``global``), as
+    ``torch.nn.utils.prune``'s l1_unstructured / global_unstructured would,
+    the zeros left in the weights (as after ``prune.remove``)."""
+    if method not in ("layer", "global"):
         raise ValueError(f"unknown pruning method {method!r}: layer or global")
-    for m in layers:
-        prune.remove(m, "weight")  # the zeros stay in the weights; masks below keep them there
+    weights = [w for _, w in prunable(model)]
+    method_ = prune.L1Unstructured(amount=sparsity)
+    with torch.no_grad():
+        if method == "layer":
+            masks = [method_.compute_mask(w, torch.ones_like(w)) for w in weights]
+        else:
+            flat = torch.cat([w.detach().reshape(-1) for w in weights]) if weights else torch.empty(0)
+            masks = list(method_.compute_mask(flat, torch.ones_like(flat)).split([w.numel() for w in weights]))
+        for w, mask in zip(weights, masks, strict=True):
+            w.mul_(mask.view_as(w))  # the zeros stay in the weights; masks below keep them there
 
 
 def _masks(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: (m.weight != 0) for n, m in prunable(model)}
+    return {n: (w != 0) for n, w in prunable(model)}
 
 
 # ---- training --------------------------------------------------------------------
@@ -281,6 +326,7 @@ def training(
         else None
     )
     ctx = _autocast(autocast)
+    masked = [(_weight_of(model_mod(model), name), mask) for name, mask in (masks or {}).items()]
     gen = torch.Generator().manual_seed(seed)
     wall = 0.0
     steps = len(ytr) // batch
@@ -302,10 +348,10 @@ def training(
             opt.step()
             if sched:
                 sched.step()
-            if masks:  # layers that stayed dense: pruned weights stay zero
+            if masked:  # layers that stayed dense: pruned weights stay zero
                 with torch.no_grad():
-                    for name, mask in masks.items():
-                        model_mod(model).get_submodule(name).weight.mul_(mask)
+                    for weight, mask in masked:
+                        weight.mul_(mask)
             total += loss.item() * len(idx)
             count += len(idx)
             if variant.first_loss is None:
@@ -622,7 +668,7 @@ def run(cfg: Config, log=print, rank: int = 0, world: int = 1) -> dict:
         # The ReLUs between BatchNorm and a sparse layer keep bits, not their
         # fp32 output: the int8 layer's copy is then the activation's only one.
         use_masked_relus(model)
-        kept_dense = {n: m for n, m in masks.items() if isinstance(model.get_submodule(n), (nn.Linear, nn.Conv2d))}
+        kept_dense = {n: m for n, m in masks.items() if _kept_dense(model, n)}
         model = _ddp(model, world)
         epochs = training(model, v, data, masks=kept_dense, log=log, **fine)
         runs.append(_FineTuning(v, model, epochs, kept_dense, ours=True))
@@ -763,8 +809,7 @@ def _pruned_weights_zero(model: nn.Module, masks: dict[str, torch.Tensor]) -> bo
     checked against the masks; sparse layers have no parameter for them (their
     dense view is zero outside the pattern, which must be the mask)."""
     for name, mask in masks.items():
-        m = model.get_submodule(name)
-        w = m.weight.detach().reshape(mask.shape)
+        w = _weight_of(model, name).detach().reshape(mask.shape)
         if (w[~mask] != 0).any():
             return False
     return True

@@ -228,6 +228,74 @@ def test_unpruned_layers_are_swap_candidates_only_without_an_exact_zero_weight()
     assert not finetune._no_exact_zeros(model, masks)
 
 
+@pytest.mark.parametrize("method", ["layer", "global"])
+def test_an_attentions_projections_are_pruned_as_layers_and_stay_pruned(method):
+    """The transformer's attentions: their q/k/v projections (rows of torch's
+    in_proj_weight) are pruned as layers of their own, named as the swap
+    names the layers it makes of them; every other layer exactly as torch's
+    pruning does it; training keeps the pruned rows zero, swapped or not."""
+    import copy
+
+    from torch.nn.utils import prune
+
+    from qsparseprop import swap_modules_with_sparse
+
+    torch.manual_seed(0)
+    model = finetune.make_model("transformer", 28, 8)
+    torch_pruned = copy.deepcopy(model)
+    finetune.prune_model(model, 0.9, method)
+    names = [n for n, _ in finetune.prunable(model)]
+    for i in range(2):
+        attention = f"encoder.layers.{i}.self_attn"
+        assert [f"{attention}.{p}" for p in ("q_proj", "k_proj", "v_proj", "out_proj")] == [
+            n for n in names if n.startswith(attention)
+        ]
+    assert "head" not in names
+    weights = dict(finetune.prunable(model))
+    if method == "layer":
+        for name, w in weights.items():  # each layer to the sparsity on its own
+            assert int((w == 0).sum()) == round(0.9 * w.numel()), name
+    # torch's own pruning of the same weights, in_proj_weight's rows as three
+    # layers in the attention's place (global pruning's ties go by order: the
+    # encoder's layers start as copies of one another)
+    layers = []
+    for n, m in torch_pruned.named_modules():
+        if isinstance(m, torch.nn.MultiheadAttention):
+            for j in range(3):
+                rows = torch.nn.Module()
+                e = m.embed_dim
+                rows.weight = torch.nn.Parameter(m.in_proj_weight.detach()[j * e : (j + 1) * e].clone())
+                layers.append((rows, "weight"))
+        elif isinstance(m, torch.nn.Linear) and n != "head":
+            layers.append((m, "weight"))
+    if method == "layer":
+        for m, p in layers:
+            prune.l1_unstructured(m, p, amount=0.9)
+    else:
+        prune.global_unstructured(layers, prune.L1Unstructured, amount=0.9)
+    assert [torch.equal(w, m.weight) for w, (m, _) in zip(weights.values(), layers, strict=True)] == [True] * len(
+        layers
+    )
+    masks = finetune._masks(model)
+    data = (torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,)), torch.randn(8, 1, 28, 28), torch.zeros(8).long())
+    # dense: the tool's masks keep the in_proj rows zero; without them they fill in
+    for kept in (masks, None):
+        dense = copy.deepcopy(model)
+        finetune.train(dense, finetune.Variant("v"), data, 1, 32, 0.1, 0, masks=kept, progress=False, measure=False)
+        assert finetune._pruned_weights_zero(dense, masks) == (kept is not None)
+    # swapped: every projection a layer of its own, swapped or kept dense
+    swapped = swap_modules_with_sparse(
+        copy.deepcopy(model), (32, 1, 28, 28), verbose=False, min_sparsity=0.0, min_speedup=0.0,
+        persistent=False, repeats=1, mask_kept=False,
+    )  # fmt: skip
+    sparse = {n for n, m in swapped.named_modules() if isinstance(m, SparseLinear)}
+    assert "encoder.layers.0.self_attn.q_proj" in sparse
+    kept = {n: m for n, m in masks.items() if finetune._kept_dense(swapped, n)}
+    assert set(kept) == set(masks) - sparse
+    finetune.train(swapped, finetune.Variant("v"), data, 1, 32, 0.1, 0, masks=kept, progress=False, measure=False)
+    assert finetune._pruned_weights_zero(swapped, masks)
+
+
 def test_every_autograd_function_of_the_library_counts_for_a_part_of_the_step():
     # an op the profiler records under a function's name that no part
     # matches would land in "other" (the paired convolutions once did)
