@@ -7,10 +7,9 @@
 // Every output element is summed by one call in one order: results do not
 // depend on the thread count.
 #include <algorithm>
+#include <atomic>
 #include <limits>
 #include <memory>
-
-#include <omp.h>
 
 #include "jit/jit_uni_sddmm_width_kernel.hpp"
 #include "jit/jit_uni_spmm_width_kernel.hpp"
@@ -126,21 +125,25 @@ row_calls<jit::jit_sddmm_width_kernel> sddmm_calls(cpu_isa isa, sparse_dtype dt,
     return c;
 }
 
-// body(image, row_begin, row_end): whole images per thread when there are
-// enough of them to share, else images x the plan's channel parts.
+// body(image, row_begin, row_end): whole images when there are enough of
+// them to share, else images x the plan's channel parts; each thread takes
+// the next item when it is done with its last. (Dealt round-robin in
+// advance, a thread that the host slowed left the other waiting at the
+// end: the C3 training step 1.02-1.08x faster taken this way on a busy
+// 2-core EPYC, none slower. Each item's output is written by one call
+// either way: results do not depend on who runs it.)
 template <typename body_t>
 void for_images(direction dir, int64_t batch, const std::vector<int64_t> &bounds, int threads,
                 body_t body) {
     const auto timed = kernel_time(dir);
     const int64_t parts = batch >= 4 * threads ? 1 : static_cast<int64_t>(bounds.size()) - 1;
     const int64_t rows = bounds.back(), items = batch * parts;
+    std::atomic<int64_t> next{0};
 #pragma omp parallel num_threads(threads)
-    {
-        const int nthr = omp_get_num_threads(), tid = omp_get_thread_num();
-        for (int64_t item = tid; item < items; item += nthr) {
-            const int64_t b = item / parts, part = item % parts;
-            body(b, parts == 1 ? 0 : bounds[part], parts == 1 ? rows : bounds[part + 1]);
-        }
+    for (int64_t item = next.fetch_add(1, std::memory_order_relaxed); item < items;
+         item = next.fetch_add(1, std::memory_order_relaxed)) {
+        const int64_t b = item / parts, part = item % parts;
+        body(b, parts == 1 ? 0 : bounds[part], parts == 1 ? rows : bounds[part + 1]);
     }
 }
 
