@@ -22,9 +22,10 @@ done
 # qemu-user (the emulated-CPU test runs), binutils (objdump: the ISA check),
 # Fashion-MNIST (the main job's default data set), nlohmann-json (qsp-warmup
 # reads patterns files), clang with its runtimes (libFuzzer and the sanitizers
-# of the fuzz targets live in libclang-rt-dev, not in clang itself).
+# of the fuzz targets live in libclang-rt-dev, not in clang itself), ccache
+# (below).
 APT_PACKAGES=(g++ git libxbyak-dev libgtest-dev libbenchmark-dev clang-format qemu-user binutils
-  dataset-fashion-mnist nlohmann-json3-dev clang libclang-rt-dev)
+  dataset-fashion-mnist nlohmann-json3-dev clang libclang-rt-dev ccache)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -51,6 +52,16 @@ if [[ "$(cat .venv/.requirements.sha256 2>/dev/null)" != "$req_sha" ]]; then
   pip install -q --disable-pip-version-check -r requirements.txt 2>&1 | grep -v '^WARNING: Location' || true
   python -c 'import torch, sklearn, pybind11, scikit_build_core, idx2numpy, tqdm' # fail loudly if pip did not deliver
   echo "$req_sha" > .venv/.requirements.sha256
+fi
+
+# `pip install .` builds the library again in its own directory
+# (build/python), the same sources with the same flags: through ccache the
+# second build takes its objects from the first (a fresh clone on 2 Zen 3
+# cores: the library's 63 objects in under a second instead of about 90 s).
+# CMake takes the launcher from the environment when it configures a build
+# directory for the first time.
+if command -v ccache >/dev/null; then
+  export CMAKE_CXX_COMPILER_LAUNCHER=ccache
 fi
 
 # C++ library, tools and GoogleTest suite.
