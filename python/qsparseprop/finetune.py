@@ -48,6 +48,7 @@ from torch.nn.utils import prune
 
 from . import _C, cpu_isa
 from ._paths import output_file_problem
+from .attention import _PROJECTIONS
 from .bench import compiled_output_problem, inductor_caches_off_under_aten_cap, machine
 from .memory import saved_activation_bytes
 from .swap import apply_swap_plan, model_state_kept, save_swap_plan, swap_modules_with_sparse, use_masked_relus
@@ -171,7 +172,7 @@ def make_model(name: str, image: int, width: int) -> nn.Module:
     raise ValueError(f"unknown model {name!r}: cnn, mlp or transformer")
 
 
-_QKV = ("q_proj", "k_proj", "v_proj")  # an attention's input projections, as ProjectedMultiheadAttention names them
+_QKV = _PROJECTIONS[:3]  # an attention's input projections, as ProjectedMultiheadAttention names them
 
 
 def prunable(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -193,30 +194,38 @@ def prunable(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return [(n, w) for n, w in out if w.numel() >= 256]
 
 
+def _torch_attention_rows(model: nn.Module, name: str) -> tuple[nn.MultiheadAttention, str] | None:
+    """(torch's attention, projection) where the pruned layer ``name`` is a
+    q/k/v projection of an ``nn.MultiheadAttention`` (one the swap left as
+    it was: it holds the projection's weight itself), else None."""
+    parent, _, leaf = name.rpartition(".")
+    if leaf not in _QKV:
+        return None
+    owner = model.get_submodule(parent)
+    return (owner, leaf) if isinstance(owner, nn.MultiheadAttention) else None
+
+
 def _weight_of(model: nn.Module, name: str) -> torch.Tensor:
     """The weight of the pruned layer ``name`` (a name of ``prunable``): the
-    layer's own, or for a projection of torch's attention (which the swap
-    left as it was) its rows of ``in_proj_weight`` (a view: masking it masks
-    them), or its own ``q_proj_weight`` ..."""
-    parent, _, leaf = name.rpartition(".")
-    if leaf in _QKV:
-        owner = model.get_submodule(parent)
-        if isinstance(owner, nn.MultiheadAttention):
-            if not owner._qkv_same_embed_dim:
-                return getattr(owner, f"{leaf}_weight")
-            e = owner.embed_dim
-            i = _QKV.index(leaf)
-            return owner.in_proj_weight[i * e : (i + 1) * e]
-    return model.get_submodule(name).weight
+    layer's own, or for a projection of torch's attention its rows of
+    ``in_proj_weight`` (a view: masking it masks them), or its own
+    ``q_proj_weight`` ..."""
+    rows = _torch_attention_rows(model, name)
+    if rows is None:
+        return model.get_submodule(name).weight
+    owner, leaf = rows
+    if not owner._qkv_same_embed_dim:
+        return getattr(owner, f"{leaf}_weight")
+    e, i = owner.embed_dim, _QKV.index(leaf)
+    return owner.in_proj_weight[i * e : (i + 1) * e]
 
 
 def _kept_dense(model: nn.Module, name: str) -> bool:
     """Whether the pruned layer ``name`` trains as a dense weight (the swap
     kept it as torch's): its pruned weights are the tool's to keep zero."""
-    parent, _, leaf = name.rpartition(".")
-    if leaf in _QKV and isinstance(model.get_submodule(parent), nn.MultiheadAttention):
-        return True
-    return isinstance(model.get_submodule(name), (nn.Linear, nn.Conv2d))
+    return _torch_attention_rows(model, name) is not None or isinstance(
+        model.get_submodule(name), (nn.Linear, nn.Conv2d)
+    )
 
 
 def prune_model(model: nn.Module, sparsity: float, method: str) -> None:
@@ -227,13 +236,13 @@ def prune_model(model: nn.Module, sparsity: float, method: str) -> None:
     if method not in ("layer", "global"):
         raise ValueError(f"unknown pruning method {method!r}: layer or global")
     weights = [w for _, w in prunable(model)]
-    method_ = prune.L1Unstructured(amount=sparsity)
+    l1 = prune.L1Unstructured(amount=sparsity)
     with torch.no_grad():
         if method == "layer":
-            masks = [method_.compute_mask(w, torch.ones_like(w)) for w in weights]
+            masks = [l1.compute_mask(w, torch.ones_like(w)) for w in weights]
         else:
             flat = torch.cat([w.detach().reshape(-1) for w in weights]) if weights else torch.empty(0)
-            masks = list(method_.compute_mask(flat, torch.ones_like(flat)).split([w.numel() for w in weights]))
+            masks = list(l1.compute_mask(flat, torch.ones_like(flat)).split([w.numel() for w in weights]))
         for w, mask in zip(weights, masks, strict=True):
             w.mul_(mask.view_as(w))  # the zeros stay in the weights; masks below keep them there
 
