@@ -6,10 +6,11 @@
 // vpmaddwd with ones widens the pairs to int32, and acc += lo + 16 * hi.
 // About 5x the instructions of one vpdpbusd: the dispatcher's measurement
 // decides whether the sparse kernel still beats oneDNN's dense int8 matmul.
-// Used by the avx512_core tier and, on avx2 without AVX-VNNI, by Conv2d's
-// batch-family scatter kernel only: the other avx2 s8 kernels multiply in
-// int16 exactly (entry pairs and SDDMM rows: signed bytes, vpsignb +
-// vpmaddubsw; channel pairs: vpmaddwd), which costs far fewer instructions.
+// Used by Conv2d's batch-family scatter kernel only (avx512_core, and avx2
+// without AVX-VNNI): the other s8 kernels without VNNI multiply in int16
+// exactly (entry pairs and SDDMM rows: signed bytes, vpsignb or a masked
+// negation + vpmaddubsw; channel pairs: vpmaddwd), which costs far fewer
+// instructions.
 #pragma once
 
 #include <xbyak/xbyak.h>

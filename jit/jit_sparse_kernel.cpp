@@ -42,8 +42,18 @@ sparse_kernel_params make_sparse_kernel_params(cpu_isa isa, sparse_dtype dtype, 
     return p;
 }
 
-s8_word s8_spmm_word(cpu_isa isa) {
-    return isa == cpu_isa::avx2 && !avx_vnni_usable() ? s8_word::pair : s8_word::quad;
+namespace {
+bool without_vpdpbusd(cpu_isa isa) {
+    return isa == cpu_isa::avx512_core || (isa == cpu_isa::avx2 && !avx_vnni_usable());
+}
+} // namespace
+
+s8_word s8_tile_word(cpu_isa isa) {
+    return without_vpdpbusd(isa) ? s8_word::entry_pair : s8_word::quad;
+}
+
+s8_word s8_width_word(cpu_isa isa) {
+    return without_vpdpbusd(isa) ? s8_word::pair : s8_word::quad;
 }
 
 void check_s8_word(const sparse_kernel_params &p, const char *family, bool pairs_emitted,
@@ -55,9 +65,13 @@ void check_s8_word(const sparse_kernel_params &p, const char *family, bool pairs
         throw std::invalid_argument(
                 std::string("jit ") + family + ": " + what
                 + (entry_pairs ? " are a generic SpMM word only" : " are an SpMM word only"));
-    if (p.isa != cpu_isa::avx2 || p.dtype != sparse_dtype::s8 || p.avx_vnni)
+    if (p.dtype != sparse_dtype::s8 || p.avx_vnni)
         throw std::invalid_argument(std::string("jit ") + family + ": " + what
-                                    + " apply to the avx2 s8 kernel without avx_vnni only");
+                                    + " apply to s8 kernels without avx_vnni only");
+    if (p.isa != cpu_isa::avx2 && p.isa != cpu_isa::avx512_core)
+        throw std::invalid_argument(std::string("jit ") + family + ": " + what
+                                    + " apply to the avx2 and avx512_core tiers only, not "
+                                    + to_string(p.isa));
 }
 
 void check_width_row_step(const sparse_kernel_params &p, const char *family) {

@@ -26,8 +26,9 @@ enum class sparse_dtype { f32, s8 };
 //   entry_pair  (Linear's tiles) any two entries of a row: their plain s8
 //               rows (1 byte per batch element, a quarter of f32's)
 //               interleaved in registers, signed and multiplied by the
-//               weights in int16 (vpsignb, vpmaddubsw: exact), two items'
-//               sums widened by one vpmaddwd per 8 lanes.
+//               weights in int16 (vpsignb or a masked negation, vpmaddubsw:
+//               exact), two items' sums widened by one vpmaddwd per 8 or 16
+//               lanes.
 enum class s8_word { quad, pair, entry_pair };
 // Source channels per 32-bit source word (quad, pair; entry pairs read bytes).
 constexpr int channels_per_word(s8_word w) {
@@ -68,18 +69,21 @@ int vector_lanes(cpu_isa isa);
 // The parameters for a tier; avx_vnni from the CPU and the cap (avx_vnni_usable).
 sparse_kernel_params make_sparse_kernel_params(cpu_isa isa, sparse_dtype dtype, int n_vec);
 
-// Whether a tier's s8 SpMMs leave vpdpbusd quads on this CPU: pair (Conv2d
-// width planes) / entry_pair (Linear tiles) on avx2 without AVX-VNNI, where
-// the nibble-emulated quads made the s8 forward of L1 at 90 % 4x slower than
-// f32; quad wherever vpdpbusd is native. The avx512_core tier (AVX-512
-// without VNNI) keeps its emulated quads: the same change on zmm was not
-// measured on such a CPU.
-s8_word s8_spmm_word(cpu_isa isa);
+// The words a tier's s8 SpMMs read where vpdpbusd is not native (a quad's
+// nibble emulation costs 11 instructions per 8 or 16 lanes: it made the s8
+// forward of L1 at 90 % 4x slower than f32 on AVX2, and C3's int8 step
+// slower than f32 on AVX-512 without VNNI, docs/benchmarks.md):
+// On avx2 without AVX-VNNI and on avx512_core:
+//   s8_tile_word   Linear's tiles: entry_pair;
+//   s8_width_word  Conv2d's width planes: pair (vpmaddwd on u16 pairs);
+// quad where vpdpbusd is native.
+s8_word s8_tile_word(cpu_isa isa);
+s8_word s8_width_word(cpu_isa isa);
 
 // Throws std::invalid_argument, naming the family, unless p.word is one the
 // family emits for p: pairs in the width SpMM (pairs_emitted), entry pairs
-// in the tile SpMMs (entry_pairs_emitted), both on the avx2 s8 kernels
-// without AVX-VNNI.
+// in the tile SpMMs (entry_pairs_emitted), each on the tiers that read it
+// (s8_tile_word, s8_width_word).
 void check_s8_word(const sparse_kernel_params &p, const char *family, bool pairs_emitted,
                    bool entry_pairs_emitted = false);
 

@@ -5,6 +5,7 @@
 // both give the same sums (f32: the same order of additions per row).
 #pragma once
 
+#include <array>
 #include <stdexcept>
 #include <type_traits>
 #include <vector>
@@ -37,7 +38,7 @@ public:
           unroll_(entry_pairs_       ? 2
                   : (!avx512 && s8_) ? 1
                                      : 4),
-          sets_(avx512 ? 2 : 1) {}
+          sets_(avx512 && !entry_pairs_ ? 2 : 1) {}
 
     int unroll() const { return unroll_; }
     bool entry_pairs() const { return entry_pairs_; }
@@ -50,10 +51,14 @@ public:
     //         9 weights, 10..15 nibbles, constants, products; s8 entry
     //         pairs: 8 the first source, 9..12 two items' interleaved low /
     //         high halves, 13 / 14 weight magnitudes / signs, 15 int16 ones.
+    // avx512 s8 entry pairs (avx512_core): 0..3 accumulators, 8..15 as on
+    //         avx2, 16 zero, 17..20 the order's conversion, k2 the signs.
     // Entry pairs' accumulators hold, per 32 lanes h of a tile row, batch
     // elements {0-3, 16-19}, {4-7, 20-23}, {8-11, 24-27}, {12-15, 28-31}
-    // (+ 32 h) in registers 4 h .. 4 h + 3: the order the in-lane unpacks
-    // leave ("pair lane order"); load_sums / store_sums convert.
+    // (+ 32 h) in registers 4 h .. 4 h + 3 (zmm: all 64 lanes in 0..3,
+    // register q holding elements 16 j + 4 q .. 16 j + 4 q + 3 in its 128-bit
+    // lane j): the order the in-lane unpacks leave ("pair lane order");
+    // load_sums / store_sums convert.
     Vmm acc(int u, int v) const { return Vmm((u % sets_) * nv_ + v); }
 
     // Entry u of a step: its weight (f32, or the s8 quad dword) at w, its
@@ -99,12 +104,15 @@ public:
     // sums are interleaved and summed into int32 by one vpmaddwd with ones.
     // That is 2 in-lane shuffles per item per 16 lanes where widening the
     // bytes (vpmovsxbw, across lanes) took 4, on Zen 3 the kernel's bound.
-    // The sums land in the pair lane order (above).
+    // AVX-512 has no vpsignb: there the interleaved bytes whose weight is
+    // negative are negated under a mask (vpmovb2m of the signs; sources are
+    // never -128), 64 lanes per step. The sums land in the pair lane order
+    // (above).
     void entry_pair_items(const Xbyak::RegExp *at, const Xbyak::RegExp *w, int items,
                           const Xbyak::Reg64 &src, const Xbyak::Reg64 &o1,
                           const Xbyak::Reg64 &o2) const {
         auto &g = g_;
-        const Vmm t(8), mag(13), sgn(14), ones(15);
+        const Vmm t(8), mag(13), sgn(14), ones(15), zeros(16);
         const Vmm lo[2] = {Vmm(9), Vmm(11)}, hi[2] = {Vmm(10), Vmm(12)};
         for (int h = 0; h < pair_halves(); ++h) {
             for (int k = 0; k < items; ++k) {
@@ -112,17 +120,26 @@ public:
                 g.movsxd(o2, g.dword[at[k] + 4]);
                 g.vpbroadcastw(mag, g.word[w[k]]);
                 g.vpbroadcastw(sgn, g.word[w[k] + 2]);
-                g.vmovdqu(t, g.ptr[src + o1 + h * 32]);
-                g.vpunpckhbw(hi[k], t, g.ptr[src + o2 + h * 32]);
-                g.vpunpcklbw(lo[k], t, g.ptr[src + o2 + h * 32]);
-                g.vpsignb(lo[k], lo[k], sgn);
-                g.vpsignb(hi[k], hi[k], sgn);
+                if (avx512)
+                    g.vmovdqu8(t, g.ptr[src + o1]);
+                else
+                    g.vmovdqu(t, g.ptr[src + o1 + h * vlen]);
+                g.vpunpckhbw(hi[k], t, g.ptr[src + o2 + h * vlen]);
+                g.vpunpcklbw(lo[k], t, g.ptr[src + o2 + h * vlen]);
+                if (avx512) {
+                    g.vpmovb2m(Xbyak::Opmask(2), sgn);
+                    g.vpsubb(lo[k] | Xbyak::Opmask(2), zeros, lo[k]);
+                    g.vpsubb(hi[k] | Xbyak::Opmask(2), zeros, hi[k]);
+                } else {
+                    g.vpsignb(lo[k], lo[k], sgn);
+                    g.vpsignb(hi[k], hi[k], sgn);
+                }
                 g.vpmaddubsw(lo[k], mag, lo[k]);
                 g.vpmaddubsw(hi[k], mag, hi[k]);
             }
             if (items == 1) { // its sums beside zeros
-                g.vpxor(lo[1], lo[1], lo[1]);
-                g.vpxor(hi[1], hi[1], hi[1]);
+                zero(lo[1]);
+                zero(hi[1]);
             }
             const Vmm *halves[2] = {lo, hi};
             for (int q = 0; q < 4; ++q) { // lanes {0-3, 16-19}, {4-7, 20-23}, {8-11, ...}, ...
@@ -198,6 +215,19 @@ public:
     }
     // Set 0 from a destination row's stored partial sums.
     void load_sums(const Xbyak::RegExp &row) const {
+        if (entry_pairs_ && avx512) {
+            // batch order to the pair lane order: a 4 x 4 transpose of
+            // 128-bit lanes (its own inverse); vectors past n_vec are zeros
+            for (int j = 0; j < 4; ++j) {
+                if (j < nv_)
+                    g_.vmovdqu32(Vmm(8 + j), g_.ptr[row + j * vlen]);
+                else
+                    zero(Vmm(8 + j));
+            }
+            transpose_lanes({Vmm(8), Vmm(9), Vmm(10), Vmm(11)},
+                            {acc(0, 0), acc(0, 1), acc(0, 2), acc(0, 3)});
+            return;
+        }
         if (entry_pairs_) {
             // batch order to the pair lane order; vectors past n_vec are zeros
             for (int h = 0; h < pair_halves(); ++h) {
@@ -220,6 +250,13 @@ public:
     }
     // The sets added up and stored to a destination row.
     void store_sums(const Xbyak::RegExp &row) const {
+        if (entry_pairs_ && avx512) { // the pair lane order back to the batch's
+            transpose_lanes({acc(0, 0), acc(0, 1), acc(0, 2), acc(0, 3)},
+                            {Vmm(8), Vmm(9), Vmm(10), Vmm(11)});
+            for (int j = 0; j < nv_; ++j)
+                g_.vmovdqu32(g_.ptr[row + j * vlen], Vmm(8 + j));
+            return;
+        }
         if (entry_pairs_) {
             // the pair lane order back to the batch's
             for (int h = 0; h < pair_halves(); ++h) {
@@ -248,7 +285,12 @@ public:
     // their table after the code.
     void load_constants(const Xbyak::Label &table) const {
         if (needs_constants()) emit_int8_dot_constants(g_, ones16(), nibble_mask(), table);
-        if (entry_pairs_) { // int16 ones for the entry pairs' widening vpmaddwd
+        if (entry_pairs_ && avx512) { // int16 ones, and the zero the signs subtract from
+            const Vmm ones(15);
+            g_.vpternlogd(ones, ones, ones, 0xff);
+            g_.vpsrlw(ones, ones, 15);
+            g_.vpxord(Vmm(16), Vmm(16), Vmm(16));
+        } else if (entry_pairs_) { // int16 ones for the entry pairs' widening vpmaddwd
             const Vmm ones(15);
             g_.vpcmpeqw(ones, ones, ones);
             g_.vpsrlw(ones, ones, 15);
@@ -259,6 +301,20 @@ public:
     }
 
 private:
+    // out[q] = (in[0] lane q, in[1] lane q, in[2] lane q, in[3] lane q) over
+    // the 128-bit lanes of four zmm (registers 17..20 in between; out may be
+    // in).
+    void transpose_lanes(const std::array<Vmm, 4> &in, const std::array<Vmm, 4> &out) const {
+        const Vmm t[4] = {Vmm(17), Vmm(18), Vmm(19), Vmm(20)};
+        g_.vshufi32x4(t[0], in[0], in[1], 0x44); // in0.0 in0.1 in1.0 in1.1
+        g_.vshufi32x4(t[1], in[0], in[1], 0xee); // in0.2 in0.3 in1.2 in1.3
+        g_.vshufi32x4(t[2], in[2], in[3], 0x44);
+        g_.vshufi32x4(t[3], in[2], in[3], 0xee);
+        g_.vshufi32x4(out[0], t[0], t[2], 0x88); // in0.0 in1.0 in2.0 in3.0
+        g_.vshufi32x4(out[1], t[0], t[2], 0xdd);
+        g_.vshufi32x4(out[2], t[1], t[3], 0x88);
+        g_.vshufi32x4(out[3], t[1], t[3], 0xdd);
+    }
     void zero(const Vmm &v) const {
         const Xbyak::Xmm x(v.getIdx()); // VEX: zeroes the upper bits too
         if (s8_)
@@ -267,8 +323,9 @@ private:
             g_.vxorps(x, x, x);
     }
     static Vmm bcast(int u) { return Vmm(8 + u); }
-    // Entry pairs: 32 lanes of a tile row per step, four accumulators each.
-    int pair_halves() const { return (nv_ + 3) / 4; }
+    // Entry pairs: 32 lanes of a tile row per step (zmm: all 64), four
+    // accumulators each.
+    int pair_halves() const { return avx512 ? 1 : (nv_ + 3) / 4; }
     int sum_registers() const { return entry_pairs_ ? 4 * pair_halves() : nv_; }
     static Vmm src_reg(int u, int v) { return avx512 ? Vmm(12 + (u % 2) * 4 + v) : Vmm(8); }
     static Vmm w_reg(int u) { return avx512 ? Vmm(20 + u) : Vmm(9); }

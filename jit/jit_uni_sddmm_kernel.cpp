@@ -7,7 +7,6 @@
 #include <type_traits>
 
 #include "jit/cpu_isa_traits.hpp"
-#include "jit/jit_int8_dot.hpp"
 #include "jit/jit_reduce.hpp"
 #include "runtime/lru_cache.hpp"
 
@@ -46,35 +45,37 @@ template <cpu_isa isa> void jit_uni_sddmm_kernel_t<isa>::generate() {
     constexpr int group = avx512 ? 16 : 8; // nonzeros reduced together
     const bool s8 = params_.dtype == sparse_dtype::s8;
     const bool native = native_dot(isa, params_.dtype, params_.avx_vnni);
-    // AVX2 without VNNI multiplies signed bytes in int16 instead of
-    // emulating vpdpbusd: the pixel's dY row (G + 128 as u8) becomes G (xor
-    // 0x80) and |G| once; per 32 batch elements of a nonzero, x takes G's
-    // signs (vpsignb) and vpmaddubsw multiplies it by |G| and adds
+    // Without VNNI (AVX2, avx512_core) signed bytes are multiplied in int16
+    // instead of emulating vpdpbusd: the pixel's dY row (G + 128 as u8)
+    // becomes G (xor 0x80) and |G| once; per 32 (64) batch elements of a
+    // nonzero, x takes G's signs (AVX2: vpsignb; AVX-512, which has no
+    // vpsignb: x negated under the mask of G's negative bytes; where G = 0
+    // the product is 0 either way) and vpmaddubsw multiplies it by |G| and adds
     // neighbouring batch elements (exact: |G_b x_b + G_b+1 x_b+1| <=
     // 2 * 127 * 127, sources and gradients in [-127, 127]), one vpmaddwd
     // with ones sums those pairs to int32: 10 instructions per nonzero per
     // tile, none of them a lane-crossing shuffle (widening x with vpmovsxbw
-    // took 12, four of them). The sums are of G * X: sddmm_dy_shift() is 0.
-    const bool signed_bytes = sddmm_dy_shift(params_) == 0 && s8;
+    // took 12, four of them; the nibble emulation 11 and 4 constants). The
+    // sums are of G * X: sddmm_dy_shift() is 0.
+    const bool signed_bytes = s8 && !native;
     // Vectors per tile row this kernel reads: a 64-byte s8 row is 1 zmm or 2
     // ymm.
     const int nv = s8 ? s8_tile_row_bytes / vlen : params_.n_vec;
 
     // Registers. Accumulators of the group: 0..group-1.
-    // avx512: 16..25 the reduction tree (16/17 hold emulated products while
-    //   the dots run), 26 the old dW / the nibble mask (refilled per group),
-    //   27 the lane permutation, 28..31 the dY row of the pixel (f32; s8: 28
-    //   whole, 29/30 its nibbles, 31 ones).
+    // avx512: 16..25 the reduction tree (16/17 hold products while the
+    //   dots run), 26 the old dW / 0x80 bytes (refilled per group), 27 the
+    //   lane permutation, 28..31 the dY row of the pixel (f32; s8: 28 whole
+    //   or G, 29 zero, 30 |G|, 31 int16 ones; k2 G's negative bytes).
     // avx2: 8..11 the dY row (s8: whole; signed bytes: 8/9 G, 10/11 |G|;
     //   f32: half of it at a time), 12 int16 ones (signed bytes), 13/14
     //   products and the tree, 15 the permutation / store mask (signed
     //   bytes: 0x80 bytes while the pixels run).
     auto acc = [](int j) { return Vmm(j); };
     auto g = [&](int v) { return Vmm(avx512 ? 28 + v : 8 + v); };
-    auto g_lo = [&](int v) { return Vmm(avx512 ? 29 : 8 + v); };
-    auto g_hi = [&](int v) { return Vmm(avx512 ? 30 : 10 + v); };
+    auto g_abs = [&](int v) { return Vmm(avx512 ? 30 : 10 + v); };
     const Vmm ones16(avx512 ? 31 : 12), t_lo(avx512 ? 16 : 13), t_hi(avx512 ? 17 : 14),
-            nibble_mask(avx512 ? 26 : 15);
+            zero(29); // avx512 signed bytes only
 
     // General registers; rdi keeps the params. The pixel loop's row starts
     // and counter live in a small stack frame.
@@ -87,17 +88,16 @@ template <cpu_isa isa> void jit_uni_sddmm_kernel_t<isa>::generate() {
 
     // dY of the current pixel into registers (AVX2 f32: half a row at a
     // time, below).
-    const Vmm sign_bit(15);
+    const Vmm sign_bit(avx512 ? 26 : 15);
     auto load_dy = [&] {
-        if (signed_bytes) {
+        if (signed_bytes && avx512) { // nv = 1: a 64-byte row
+            vpxord(g(0), sign_bit, ptr[dy_pix]);
+            vpabsb(g_abs(0), g(0));
+            vpmovb2m(k2, g(0));
+        } else if (signed_bytes) {
             for (int v = 0; v < nv; ++v) {
                 vpxor(g(v), sign_bit, ptr[dy_pix + v * vlen]);
-                vpabsb(g_hi(v), g(v));
-            }
-        } else if (s8 && !native) {
-            for (int v = 0; v < nv; ++v) {
-                vmovups(t_lo, ptr[dy_pix + v * vlen]);
-                emit_split_nibbles(*this, t_lo, g_lo(v), g_hi(v), nibble_mask);
+                vpabsb(g_abs(v), g(v));
             }
         } else if (s8 || avx512) {
             for (int v = 0; v < nv; ++v)
@@ -113,19 +113,20 @@ template <cpu_isa isa> void jit_uni_sddmm_kernel_t<isa>::generate() {
                 vfmadd231ps(acc(j), g(v), xv); // AVX-512 (AVX2 f32 runs its own loop)
             } else if (signed_bytes) {
                 const Vmm t = (j + v) % 2 ? t_hi : t_lo; // alternate: two in flight
-                vmovdqu(t, xv);
-                vpsignb(t, t, g(v));
-                vpmaddubsw(t, g_hi(v), t);
+                if (avx512) {
+                    vmovdqu8(t, xv);
+                    vpsubb(t | k2, zero, t);
+                } else {
+                    vmovdqu(t, xv);
+                    vpsignb(t, t, g(v));
+                }
+                vpmaddubsw(t, g_abs(v), t);
                 vpmaddwd(t, t, ones16);
                 vpaddd(acc(j), acc(j), t);
-            } else if (native) {
-                if (avx512)
-                    vpdpbusd(acc(j), g(v), xv);
-                else
-                    vpdpbusd(acc(j), g(v), xv, VexEncoding);
+            } else if (avx512) {
+                vpdpbusd(acc(j), g(v), xv);
             } else {
-                emit_dot_u8s8_nibbles(*this, acc(j), g_lo(v), g_hi(v), xv, ones16, t_lo, t_hi,
-                                      true);
+                vpdpbusd(acc(j), g(v), xv, VexEncoding);
             }
         }
     };
@@ -133,8 +134,7 @@ template <cpu_isa isa> void jit_uni_sddmm_kernel_t<isa>::generate() {
     // Rows of pixels outside: the source rows one row of pixels needs stay
     // in cache while every group of every row uses them; each group reduces
     // and adds its sums once per row of pixels.
-    Label tables, constants, pix_h_loop, row_loop, rows_done, group_loop, pix_w_loop, next_row,
-            done;
+    Label tables, pix_h_loop, row_loop, rows_done, group_loop, pix_w_loop, next_row, done;
     preamble();
     sub(rsp, 24);
     mov(offsets, field(offsetof(sddmm_call_params, src_offsets)));
@@ -183,9 +183,13 @@ template <cpu_isa isa> void jit_uni_sddmm_kernel_t<isa>::generate() {
         dec(tmp.cvt32());
         kmovw(k1, tmp.cvt32());
     }
-    if (s8 && !native && !signed_bytes)
-        emit_int8_dot_constants(*this, ones16, nibble_mask, constants);
-    if (signed_bytes) { // the store below takes register 15 back: per group
+    if (signed_bytes && avx512) { // the store below takes register 26 back: per group
+        mov(tmp.cvt32(), 0x00010001);
+        vpbroadcastd(ones16, tmp.cvt32());
+        mov(tmp.cvt32(), 0x80808080);
+        vpbroadcastd(sign_bit, tmp.cvt32());
+        vpxord(zero, zero, zero);
+    } else if (signed_bytes) { // the store below takes register 15 back: per group
         vpcmpeqw(ones16, ones16, ones16);
         vpsrlw(ones16, ones16, 15);
         mov(tmp.cvt32(), 0x80808080);
@@ -302,12 +306,11 @@ template <cpu_isa isa> void jit_uni_sddmm_kernel_t<isa>::generate() {
         for (int j = 0; j < 8; ++j) // lane index, for the store mask
             dd(static_cast<uint32_t>(j));
     }
-    if (s8 && !native && !signed_bytes) emit_int8_dot_constant_table(*this, constants);
 }
 
 int sddmm_dy_shift(const sparse_kernel_params &params) {
     if (params.dtype != sparse_dtype::s8) return 0;
-    const bool signed_bytes = params.isa == cpu_isa::avx2 && !params.avx_vnni;
+    const bool signed_bytes = !native_dot(params.isa, params.dtype, params.avx_vnni);
     return signed_bytes ? 0 : 128;
 }
 

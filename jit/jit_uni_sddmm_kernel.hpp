@@ -8,10 +8,10 @@
 //
 //   f32  tiles of f32; n_vec multiply-adds per nonzero; diff_values f32.
 //   s8   tiles of int8 (row = 64 bytes): dy_tile holds G + 128 as u8, x_tile
-//        X as s8; u8 x s8 dot products (vpdpbusd, or emulated exactly);
+//        X as s8; u8 x s8 dot products (vpdpbusd) or, without VNNI, G
+//        itself times X in int16 (exact);
 //        diff_values int32 sums of (G + sddmm_dy_shift()) * X: the caller
-//        subtracts sddmm_dy_shift() * sum_b X (128; 0 on AVX2 without
-//        VNNI, whose kernel multiplies G itself in int16).
+//        subtracts sddmm_dy_shift() * sum_b X (128 with vpdpbusd, else 0).
 #pragma once
 
 #include <memory>
@@ -36,7 +36,7 @@ private:
 std::shared_ptr<const jit_sddmm_kernel> sddmm_kernel(const sparse_kernel_params &params);
 
 // The shift the s8 kernel for params leaves in its sums (above): 128, or 0
-// (AVX2 without AVX-VNNI; f32: 0).
+// (without VNNI: AVX2 without AVX-VNNI, avx512_core; f32: 0).
 int sddmm_dy_shift(const sparse_kernel_params &params);
 
 } // namespace qsp::jit

@@ -7,7 +7,6 @@
 #include <type_traits>
 
 #include "jit/cpu_isa_traits.hpp"
-#include "jit/jit_int8_dot.hpp"
 #include "jit/jit_uni_spmm_width_kernel.hpp"
 #include "jit/jit_width_row_walk.hpp"
 #include "runtime/lru_cache.hpp"
@@ -24,7 +23,7 @@ struct unroll_t {
     int entries, chains;
 };
 unroll_t unroll_for(cpu_isa isa, bool emulated) {
-    if (emulated) return {2, 1}; // the products' temporaries serialise anyway
+    if (emulated) return {2, 1}; // widened: the products' temporaries serialise anyway
     return isa >= cpu_isa::avx512_core ? unroll_t{4, 2} : unroll_t{2, 2};
 }
 // The unroll a kernel holding `dy_vectors` dY vectors uses: the fewest sums
@@ -61,7 +60,9 @@ void check_params(const sparse_kernel_params &p) {
 
 int sddmm_width_max_dy_vectors(cpu_isa isa, sparse_dtype dtype, bool avx_vnni) {
     const int regs = vector_registers(isa);
-    if (emulated_dot(isa, dtype, avx_vnni)) // nibbles of each dY vector, 4 helpers, 2 sums
+    if (emulated_dot(isa, dtype, avx_vnni)) // widened: two halves of each dY vector, 2 sums,
+                                            // 2 products (and 2 spare: the blocks stay as
+                                            // they were with the nibble emulation)
         return (regs - 6) / 2;
     const unroll_t u = unroll_for(isa, false);
     return regs - u.entries * u.chains;
@@ -83,19 +84,20 @@ template <cpu_isa isa> void jit_uni_sddmm_width_kernel_t<isa>::generate() {
     const bool s8 = params_.dtype == sparse_dtype::s8;
     const bool emulated = emulated_dot(isa, params_.dtype, params_.avx_vnni);
     const unroll_t un = unroll_for(isa, emulated, params_.n_rows * params_.n_vec);
-    // AVX2 without VNNI widens to 16 bits instead of emulating vpdpbusd (the
-    // same registers: each dY vector's two halves as u16 where the nibbles
-    // were): per x vector two vpmovsxbw, two vpmaddwd, two vpaddd. A dword
-    // lane then sums 2 columns of each half, still 4 products per dY vector.
-    const bool widened = emulated && !avx512;
+    // Without VNNI (AVX2, avx512_core) the operands are widened to 16 bits
+    // instead of emulating vpdpbusd: each dY vector's two halves held as
+    // u16, per x vector two vpmovsxbw, two vpmaddwd, two vpaddd (the nibble
+    // emulation took 11 per vector). A dword lane then sums 2 columns of
+    // each half, still 4 products per dY vector.
+    const bool widened = emulated;
 
-    // Vector registers: dY from 0 up (emulated: its nibbles, interleaved),
-    // sums from the top, then the emulation's helpers.
+    // Vector registers: dY from 0 up (widened: its two halves, interleaved),
+    // sums from the top, then the two products of the widened operands.
     auto g = [&](int k) { return Vmm(emulated ? 2 * k : k); };
     auto g_hi = [&](int k) { return Vmm(2 * k + 1); };
     auto sum = [&](int u, int c) { return Vmm(n_regs - 1 - (u * un.chains + c)); };
     const int helpers = n_regs - un.entries * un.chains;
-    const Vmm ones16(helpers - 1), nibble_mask(helpers - 2), p_lo(helpers - 3), p_hi(helpers - 4);
+    const Vmm p_lo(helpers - 3), p_hi(helpers - 4);
 
     // General registers; rdi keeps the params; the block's position and the
     // row's end live in a small stack frame.
@@ -119,7 +121,7 @@ template <cpu_isa isa> void jit_uni_sddmm_width_kernel_t<isa>::generate() {
         else
             vaddps(a, a, b);
     };
-    Label constants, mask_table;
+    Label mask_table;
 
     // `count` entries from i: their sums start from their partials and add
     // every dY vector times the entry's x window.
@@ -148,9 +150,7 @@ template <cpu_isa isa> void jit_uni_sddmm_width_kernel_t<isa>::generate() {
                         vpmovsxbw(p_hi, x_hi);
                         vpmaddwd(p_hi, p_hi, g_hi(k));
                         vpaddd(s, s, p_hi);
-                    } else if (emulated)
-                        emit_dot_u8s8_nibbles(*this, s, g(k), g_hi(k), x, ones16, p_lo, p_hi, true);
-                    else if (avx512)
+                    } else if (avx512)
                         vpdpbusd(s, g(k), x);
                     else
                         vpdpbusd(s, g(k), x, VexEncoding);
@@ -194,14 +194,12 @@ template <cpu_isa isa> void jit_uni_sddmm_width_kernel_t<isa>::generate() {
                     vpmovzxbw(g_hi(k), ptr[tmp + v * vlen + vlen / 2]);
                     continue;
                 }
-                const Vmm dst = emulated ? p_lo : g(k);
                 if (!masked)
-                    vmovups(dst, a);
+                    vmovups(g(k), a);
                 else if (avx512)
-                    vmovups(dst | k1 | T_z, a);
+                    vmovups(g(k) | k1 | T_z, a);
                 else
-                    vmaskmovps(dst, sum(0, 0), a);
-                if (emulated) emit_split_nibbles(*this, p_lo, g(k), g_hi(k), nibble_mask);
+                    vmaskmovps(g(k), sum(0, 0), a);
             }
         }
         // entries [group_ptr[row * (n_groups + 1) + group], ... + 1)
@@ -253,7 +251,6 @@ template <cpu_isa isa> void jit_uni_sddmm_width_kernel_t<isa>::generate() {
     sub(rsp, 40);
     mov(offsets, field(offsetof(cp, x_offsets)));
     mov(group_ptr, field(offsetof(cp, group_ptr)));
-    if (emulated && !widened) emit_int8_dot_constants(*this, ones16, nibble_mask, constants);
     if (avx512 && tail != 0) {
         mov(tmp.cvt32(), (1 << tail) - 1);
         kmovw(k1, tmp.cvt32());
@@ -264,7 +261,6 @@ template <cpu_isa isa> void jit_uni_sddmm_width_kernel_t<isa>::generate() {
                         params_.n_rows, block);
     add(rsp, 40);
     postamble();
-    if (emulated && !widened) emit_int8_dot_constant_table(*this, constants);
     if (!avx512 && tail != 0) {
         align(32);
         L(mask_table);

@@ -18,10 +18,12 @@ namespace {
 size_t entry_code_bytes(const sparse_kernel_params &p) {
     const bool s8 = p.dtype == sparse_dtype::s8;
     const bool native = p.isa == cpu_isa::avx512_core_vnni || p.avx_vnni;
-    // entry pairs, per item and 32 lanes: two offset loads, two weight
-    // broadcasts, 7 vector instructions and half of the 12 that widen two
-    // items' sums (each at most 10 bytes)
-    if (p.word == s8_word::entry_pair) return 16 + static_cast<size_t>((p.n_vec + 3) / 4) * 128;
+    // entry pairs, per item and 32 lanes (zmm: 64): two offset loads, two
+    // weight broadcasts, 7 vector instructions (zmm: 8) and half of the 12
+    // that widen two items' sums (each at most 10 bytes; EVEX 11)
+    if (p.word == s8_word::entry_pair)
+        return p.isa >= cpu_isa::avx512_core ? 176
+                                             : 16 + static_cast<size_t>((p.n_vec + 3) / 4) * 128;
     return 24 + static_cast<size_t>(p.n_vec) * (!s8 ? 12 : native ? 24 : 96);
 }
 size_t body_code_bytes(const sparse_kernel_params &p) {

@@ -5,7 +5,8 @@
 // per vector read straight from the padded source planes; the epilogue adds
 // the bias (s8: removes the +128 shift, dequantizes) and stores the rows.
 // f32, and s8 over quads (vpdpbusd, or its exact emulation), on every tier;
-// on avx2 without AVX-VNNI s8 over pairs of u16 (vpmaddwd, s8_word::pair).
+// without VNNI (avx2 without AVX-VNNI, avx512_core) s8 over pairs of u16
+// (vpmaddwd, s8_word::pair).
 #pragma once
 
 #include <memory>

@@ -14,7 +14,7 @@
 //   quad tiles (s8 SpMM source) row c holds, per batch element, the 4 bytes
 //                      of channels 4c..4c+3 as u8 (value + 128): one dword
 //                      per batch element, tile_row_bytes per row
-// (The avx2 s8 SpMM without VNNI, jit::s8_word::entry_pair, reads int8
+// (The s8 SpMM without VNNI, jit::s8_word::entry_pair, reads int8
 // tiles as they are, two rows per item: spmm_call_params' offsets are then
 // two per item, its values one entry_pair_word per item.)
 #pragma once
@@ -24,8 +24,8 @@
 namespace qsp::jit {
 
 // An entry pair's weights w1, w2 (in [-127, 127]) as the kernel reads them:
-// bytes |w1|, |w2|, w1, w2 (vpmaddubsw takes the magnitudes, vpsignb the
-// signs; jit_spmm_entry.hpp).
+// bytes |w1|, |w2|, w1, w2 (vpmaddubsw takes the magnitudes, vpsignb or the
+// negating mask the signs; jit_spmm_entry.hpp).
 constexpr uint32_t entry_pair_word(int w1, int w2) {
     return static_cast<uint32_t>(w1 < 0 ? -w1 : w1) | static_cast<uint32_t>(w2 < 0 ? -w2 : w2) << 8
            | static_cast<uint32_t>(static_cast<uint8_t>(w1)) << 16

@@ -16,7 +16,7 @@
 //   f32 source          one float per position
 //   s8 SpMM source      quads: one dword per position holding the u8 bytes
 //                       (value + 128) of 4 consecutive channels, one plane
-//                       per 4 channels; or pairs (avx2 without AVX-VNNI,
+//                       per 4 channels; or pairs (without VNNI,
 //                       s8_word::pair): the u16 (value + 128) of 2
 //                       consecutive channels, one plane per 2 channels
 //   s8 SDDMM            x: one s8 byte per position; dY: u8 (g + 128) rows

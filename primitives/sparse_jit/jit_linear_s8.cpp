@@ -1,19 +1,21 @@
 // "jit:avx512_core_vnni" for sparse Linear in s8, on vpdpbusd (u8 x s8,
-// 4 multiply-adds per 32-bit lane), and "jit:avx512_core", the same kernels
-// with vpdpbusd emulated exactly on AVX-512BW (jit/jit_int8_dot.hpp). The unsigned operand is
-// always stored shifted by +128 and the exact term 128 * sum(other operand) subtracted afterwards
-// (no sign tricks: the peer's is wrong at -128). Sums are exact int32 (255 * 127 * length < 2^31
+// 4 multiply-adds per 32-bit lane), and "jit:avx512_core" (AVX-512 without VNNI), the same
+// plans over the int16 products of AVX2 without AVX-VNNI below. With vpdpbusd the unsigned
+// operand is stored shifted by +128 and the exact term 128 * sum(other operand) subtracted
+// afterwards (no sign tricks: the peer's is wrong at -128; ours take signs only from operands
+// in [-127, 127]). Sums are exact int32 (255 * 127 * length < 2^31
 // for lengths <= 65536), so every result equals the reference bit for bit.
 //
 //   forward        SpMM over "k-quads": one vpdpbusd per 16
 //                  batch elements per non-empty quad of 4 columns of a row;
-//                  on avx2 without AVX-VNNI over entry pairs instead (two
-//                  nonzeros of a row per item, s8 rows interleaved and
-//                  multiplied in int16 by vpsignb + vpmaddubsw; no +128 shift).
+//                  without VNNI (avx2 without AVX-VNNI, avx512_core) over
+//                  entry pairs instead (two nonzeros of a row per item, s8
+//                  rows interleaved and multiplied in int16 by vpsignb or a
+//                  masked negation + vpmaddubsw; no +128 shift).
 //   backward-data  the same over the transposed pattern (quads of rows).
 //   backward-weights SDDMM: one vpdpbusd per nonzero per 64
-//                  batch elements, 16 nonzeros reduced together (on avx2
-//                  without AVX-VNNI G itself in int16: no correction).
+//                  batch elements, 16 nonzeros reduced together (without
+//                  VNNI G itself in int16: no correction).
 #include "primitives/sparse_jit/jit_linear_s8.hpp"
 
 #include <algorithm>
@@ -41,9 +43,9 @@ namespace {
 
 // Forward (rows = output features, items over input features) and
 // backward-data (rows = input features, items over output features), over
-// k-quads (quad_plan: vpdpbusd, native or emulated) or, on avx2 without
-// AVX-VNNI, entry pairs (entry_pair_plan: plain s8 tiles, 64-byte rows a
-// quarter of f32's, so L1's source tile of 768 channels is 48 KiB).
+// k-quads (quad_plan: vpdpbusd) or, without VNNI (jit::s8_tile_word), entry
+// pairs (entry_pair_plan: plain s8 tiles, 64-byte rows a quarter of f32's,
+// so L1's source tile of 768 channels is 48 KiB).
 template <typename items_t> class jit_linear_s8_spmm_plan : public jit_plan {
     static constexpr bool entry_pairs = std::is_same_v<items_t, entry_pair_plan>;
 
@@ -360,7 +362,7 @@ implementation jit_linear_s8(cpu_isa isa, spmm_code code) {
                 return cached_plan(name, isa, p, [&]() -> std::shared_ptr<const kernel> {
                     if (p.dir == direction::backward_weights)
                         return std::make_shared<const jit_linear_s8_bwd_weights_plan>(p, isa);
-                    if (jit::s8_spmm_word(isa) != jit::s8_word::quad)
+                    if (jit::s8_tile_word(isa) != jit::s8_word::quad)
                         return std::make_shared<const jit_linear_s8_spmm_plan<entry_pair_plan>>(
                                 p, isa, specialise);
                     return std::make_shared<const jit_linear_s8_spmm_plan<quad_plan>>(p, isa,
@@ -370,7 +372,7 @@ implementation jit_linear_s8(cpu_isa isa, spmm_code code) {
             false, op_kind::linear,
             // entry pairs read s8 tiles, the kept layout's order; quads convert
             /*kept_layout_native=*/
-            [isa](const problem &) { return jit::s8_spmm_word(isa) != jit::s8_word::quad; }};
+            [isa](const problem &) { return jit::s8_tile_word(isa) != jit::s8_word::quad; }};
 }
 
 } // namespace qsp::detail

@@ -102,7 +102,7 @@ std::vector<jit::sparse_kernel_params> every_kernel_params(bool sddmm) {
                                             : jit::tile_batch / jit::vector_lanes(isa);
                 for (int nv = 1; nv <= max_vec; ++nv) {
                     out.push_back(jit::sparse_kernel_params{isa, dt, nv, avx_vnni});
-                    if (!sddmm && isa == cpu_isa::avx2 && dt == jit::sparse_dtype::s8
+                    if (!sddmm && isa != cpu_isa::avx512_core_vnni && dt == jit::sparse_dtype::s8
                         && !avx_vnni) {
                         out.push_back(out.back());
                         out.back().word = jit::s8_word::entry_pair;
@@ -134,7 +134,7 @@ TEST(JitGenerator, every_kernel_variant_is_never_writable_and_executable) {
         expect_sealed(*jit::sddmm_kernel(p));
         ++variants;
     }
-    EXPECT_EQ(variants, (4 + 8 + 4 + 8 + 4 + 4 + 8 + 8) + (8 + 1 + 4 + 1 + 4 + 1 + 1));
+    EXPECT_EQ(variants, (4 + 8 + 4 + 8 + 4 + 4 + 8 + 8 + 4) + (8 + 1 + 4 + 1 + 4 + 1 + 1));
 }
 
 // The width kernels at their most rows for every vector count, with a
@@ -146,10 +146,10 @@ TEST(JitGenerator, width_kernels_at_their_most_rows_are_generated) {
             for (bool avx_vnni : {false, true}) {
                 if (avx_vnni && (isa != cpu_isa::avx2 || dt != jit::sparse_dtype::s8)) continue;
                 const bool s8 = dt == jit::sparse_dtype::s8;
+                const bool pairs = s8 && !avx_vnni && isa != cpu_isa::avx512_core_vnni;
                 const auto words =
-                        isa == cpu_isa::avx2 && s8 && !avx_vnni
-                                ? std::vector<jit::s8_word>{jit::s8_word::quad, jit::s8_word::pair}
-                                : std::vector<jit::s8_word>{jit::s8_word::quad};
+                        pairs ? std::vector<jit::s8_word>{jit::s8_word::quad, jit::s8_word::pair}
+                              : std::vector<jit::s8_word>{jit::s8_word::quad};
                 jit::sparse_kernel_params p{isa, dt, 1, avx_vnni};
                 p.row_step = 4096;
                 for (auto word : words) {
@@ -197,8 +197,9 @@ TEST(JitGenerator, code_cache_keys_on_every_parameter) {
                  std::invalid_argument);
     EXPECT_THROW(jit::spmm_kernel({cpu_isa::avx512_core, jit::sparse_dtype::s8, 1, true}),
                  std::invalid_argument);
-    // s8 words past quads, on avx2 s8 without AVX-VNNI only: entry pairs in
-    // the tile SpMMs, channel pairs in the width SpMM, neither elsewhere
+    // s8 words past quads, where vpdpbusd is not native (avx2 without
+    // AVX-VNNI, avx512_core): entry pairs in the tile SpMMs, channel pairs in
+    // the width SpMM, neither elsewhere
     auto with_word = [](jit::sparse_kernel_params p, jit::s8_word word) {
         p.word = word;
         return p;
@@ -213,12 +214,19 @@ TEST(JitGenerator, code_cache_keys_on_every_parameter) {
     EXPECT_THROW(jit::spmm_kernel(with_word(avx2_s8, pair)), std::invalid_argument);
     EXPECT_THROW(jit::spmm_width_kernel(with_word(width_s8, entry_pair)), std::invalid_argument);
     EXPECT_THROW(jit::sddmm_kernel(with_word(avx2_s8, pair)), std::invalid_argument);
-    EXPECT_THROW(jit::spmm_kernel(
-                         with_word({cpu_isa::avx512_core, jit::sparse_dtype::s8, 1}, entry_pair)),
+    EXPECT_NO_THROW(jit::spmm_kernel(
+            with_word({cpu_isa::avx512_core, jit::sparse_dtype::s8, 1}, entry_pair)));
+    EXPECT_THROW(jit::spmm_kernel(with_word({cpu_isa::avx512_core_vnni, jit::sparse_dtype::s8, 1},
+                                            entry_pair)),
                  std::invalid_argument);
     EXPECT_THROW(
             jit::spmm_kernel(with_word({cpu_isa::avx2, jit::sparse_dtype::f32, 1}, entry_pair)),
             std::invalid_argument);
+    jit::sparse_kernel_params width_zmm = width_s8;
+    width_zmm.isa = cpu_isa::avx512_core;
+    EXPECT_NO_THROW(jit::spmm_width_kernel(with_word(width_zmm, pair)));
+    width_zmm.isa = cpu_isa::avx512_core_vnni;
+    EXPECT_THROW(jit::spmm_width_kernel(with_word(width_zmm, pair)), std::invalid_argument);
     width_s8.avx_vnni = true;
     EXPECT_THROW(jit::spmm_width_kernel(with_word(width_s8, pair)), std::invalid_argument);
 }

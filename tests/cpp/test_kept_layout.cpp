@@ -129,7 +129,10 @@ TEST(KeptLayout, an_s8_workspace_in_tiles_is_refused_by_a_plain_reader) {
             continue;
         }
         ++native_levels;
-        EXPECT_EQ(jit.impl.rfind("jit:avx2", 0), 0u) << jit.impl;
+        EXPECT_TRUE(jit.impl.rfind("jit:avx2", 0) == 0
+                    || (jit.impl.rfind("jit:avx512_core", 0) == 0
+                        && jit.impl.rfind("jit:avx512_core_vnni", 0) != 0))
+                << jit.impl;
         try {
             training_step(linear_layer{batch, K, N}, w, x, dy, bias, o);
             ADD_FAILURE() << "a plain reader read a workspace in tiles";
@@ -138,8 +141,8 @@ TEST(KeptLayout, an_s8_workspace_in_tiles_is_refused_by_a_plain_reader) {
                     << e.what();
         }
     }
-    // entry pairs run on AVX2 without AVX-VNNI (every AVX2-or-better CPU
-    // has that tier among its levels)
+    // entry pairs run on AVX2 without AVX-VNNI and on AVX-512 without VNNI
+    // (every AVX2-or-better CPU has the first among its levels)
     if (detected_cpu_isa() >= cpu_isa::avx2) EXPECT_GT(native_levels, 0);
 }
 
@@ -281,14 +284,17 @@ TEST(KeptLayout, a_descriptor_says_whether_its_implementation_reads_it_natively)
     EXPECT_FALSE(takes("ref:any", quant_scheme::f32));
     EXPECT_FALSE(takes("ref:any", quant_scheme::s8));
     // the JIT tiers' picks: f32 reads tiles; s8 where its kernels read s8
-    // tiles (entry pairs: AVX2 without AVX-VNNI), the quads' tiers convert
+    // tiles (entry pairs: AVX2 without AVX-VNNI, AVX-512 without VNNI), the
+    // quads' tiers convert
     for (isa_level isa : isa_levels()) {
         if (isa < cpu_isa::avx2) continue;
         isa_cap_guard cap(isa);
         SCOPED_TRACE(to_string(isa));
         EXPECT_TRUE(takes("", quant_scheme::f32));
         const std::string picked = pd("", quant_scheme::s8).impl_info_str();
-        const bool entry_pairs = picked.rfind("jit:avx2", 0) == 0 && !avx_vnni_usable();
+        const bool entry_pairs = (picked.rfind("jit:avx2", 0) == 0 && !avx_vnni_usable())
+                                 || (picked.rfind("jit:avx512_core", 0) == 0
+                                     && picked.rfind("jit:avx512_core_vnni", 0) != 0);
         EXPECT_EQ(takes("", quant_scheme::s8), entry_pairs) << picked;
     }
 }

@@ -335,7 +335,7 @@ TEST_P(SpmmPatternKernel, matches_the_scalar_model_on_every_tier) {
             std::memcpy(&src[4 * c], &v, 4);
         }
     }
-    // s8 entry pairs (avx2 without AVX-VNNI): two weights in [-127, 127]
+    // s8 entry pairs (avx2 without AVX-VNNI, avx512_core): two weights in [-127, 127]
     // per item (jit::entry_pair_word; the extremes and zeros included), two
     // s8 rows of 64 bytes per item (the second channel its own).
     std::vector<int> pair_weight(2 * word.size());
@@ -364,7 +364,8 @@ TEST_P(SpmmPatternKernel, matches_the_scalar_model_on_every_tier) {
     shape.lengths = s.lengths;
     shape.code_budget = budget;
     // s8 at avx2: quads on AVX-VNNI where the CPU has it, emulated quads and
-    // entry pairs on any AVX2 CPU
+    // entry pairs on any AVX2 CPU; at avx512_core emulated quads and entry
+    // pairs
     struct variant {
         cpu_isa isa;
         jit::s8_word word;
@@ -375,7 +376,8 @@ TEST_P(SpmmPatternKernel, matches_the_scalar_model_on_every_tier) {
         const bool s8_avx2 = s8 && isa == cpu_isa::avx2;
         variants.push_back({isa, jit::s8_word::quad, false});
         if (s8_avx2 && cpu_has_avx_vnni()) variants.push_back({isa, jit::s8_word::quad, true});
-        if (s8_avx2) variants.push_back({isa, jit::s8_word::entry_pair, false});
+        if (s8_avx2 || (s8 && isa == cpu_isa::avx512_core))
+            variants.push_back({isa, jit::s8_word::entry_pair, false});
     }
     for (const auto &[isa, word_kind, avx_vnni] : variants) {
         const int lanes = jit::vector_lanes(isa);

@@ -54,6 +54,14 @@ def _pair(dense, scheme):
     return unfused, q.fuse(copy.deepcopy(unfused))
 
 
+def _tiles_read_as_s8():
+    """Whether the JIT's s8 SpMMs read plain s8 tiles here (entry pairs:
+    where vpdpbusd is not native, AVX2 without AVX-VNNI and AVX-512 without
+    VNNI), so an s8 chain keeps its hidden layout."""
+    isa = q._C.effective_cpu_isa()
+    return isa == "avx512_core" or (isa == "avx2" and not q._C.avx_vnni_usable())
+
+
 def _chain_calls(monkeypatch):
     calls = []
     real = _ops.linear_act_linear
@@ -139,7 +147,7 @@ def test_a_fused_mlp_trains_as_the_unfused_layers(scheme, threads, act, monkeypa
 
 def test_the_hidden_layout_is_kept_where_both_layers_read_it(monkeypatch):
     # f32 on the JIT tiers keeps the tiles; s8 where the JIT's kernels read
-    # s8 tiles (entry pairs: AVX2 without AVX-VNNI); oneDNN's int8, the JIT's
+    # s8 tiles (entry pairs, _tiles_read_as_s8); oneDNN's int8, the JIT's
     # quads and the reference tier keep the plain layout
     unfused, fused = _pair(_mlp(), "f32")
     fused(torch.randn(70, 24))
@@ -150,7 +158,7 @@ def test_the_hidden_layout_is_kept_where_both_layers_read_it(monkeypatch):
     s8 = _pair(_mlp(), "s8")[1]
     s8(torch.randn(70, 24))
     impls = _ops._chain_of(s8[0]._kernel(), s8[2]._kernel()).implementations(70, _ops._threads())
-    entry_pairs = q._C.effective_cpu_isa() == "avx2" and not q._C.avx_vnni_usable()
+    entry_pairs = _tiles_read_as_s8()
     assert impls.endswith("(hidden kept)" if entry_pairs else "(hidden plain)"), impls
 
 
@@ -327,7 +335,7 @@ def test_layers_of_two_schemes_fuse_as_scheme_auto_may_leave_them(schemes):
     for step in range(2):
         _same(_step(fused, x, g), _step(unfused, x, g), f"{schemes} step {step}")
     chain = _ops._chain_of(fused[0]._kernel(), fused[2]._kernel())
-    entry_pairs = q._C.effective_cpu_isa() == "avx2" and not q._C.avx_vnni_usable()
+    entry_pairs = _tiles_read_as_s8()
     impls = chain.implementations(33, _ops._threads())
     assert impls.endswith("(hidden kept)" if entry_pairs else "(hidden plain)"), impls
 
