@@ -6,11 +6,11 @@
 // vpmaddwd with ones widens the pairs to int32, and acc += lo + 16 * hi.
 // About 5x the instructions of one vpdpbusd: the dispatcher's measurement
 // decides whether the sparse kernel still beats oneDNN's dense int8 matmul.
-// Used by Conv2d's batch-family scatter kernel only (avx512_core, and avx2
-// without AVX-VNNI): the other s8 kernels without VNNI multiply in int16
+// No plan picks it any more: the s8 kernels without VNNI multiply in int16
 // exactly (entry pairs and SDDMM rows: signed bytes, vpsignb or a masked
 // negation + vpmaddubsw; channel pairs: vpmaddwd), which costs far fewer
-// instructions.
+// instructions. The SpMM kernels still emit it for quad words on tiers
+// without vpdpbusd (tested against the reference), the exact fallback.
 #pragma once
 
 #include <xbyak/xbyak.h>

@@ -52,7 +52,7 @@ s8_word s8_tile_word(cpu_isa isa) {
     return without_vpdpbusd(isa) ? s8_word::entry_pair : s8_word::quad;
 }
 
-s8_word s8_width_word(cpu_isa isa) {
+s8_word s8_conv_word(cpu_isa isa) {
     return without_vpdpbusd(isa) ? s8_word::pair : s8_word::quad;
 }
 

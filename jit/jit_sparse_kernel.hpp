@@ -17,7 +17,8 @@ enum class sparse_dtype { f32, s8 };
 // How an s8 SpMM kernel item reads its sources (jit/tile_abi.hpp):
 //   quad        source rows hold 4 channels per batch element as u8 (x + 128):
 //               vpdpbusd, native or emulated;
-//   pair        (Conv2d's width planes) 2 channels per position as u16
+//   pair        (Conv2d's width planes and batch tiles) 2 channels per
+//               position (batch lane) as u16
 //               (x + 128): vpmaddwd, whose 16-bit products are exact without
 //               VNNI. At 90 % sparsity a non-empty quad holds 1.16 nonzeros
 //               and a pair 1.05, so pairs issue about as many words per
@@ -75,15 +76,16 @@ sparse_kernel_params make_sparse_kernel_params(cpu_isa isa, sparse_dtype dtype, 
 // slower than f32 on AVX-512 without VNNI, docs/benchmarks.md):
 // On avx2 without AVX-VNNI and on avx512_core:
 //   s8_tile_word   Linear's tiles: entry_pair;
-//   s8_width_word  Conv2d's width planes: pair (vpmaddwd on u16 pairs);
+//   s8_conv_word   Conv2d's sources (width planes, batch tiles): pair
+//                  (vpmaddwd on u16 pairs);
 // quad where vpdpbusd is native.
 s8_word s8_tile_word(cpu_isa isa);
-s8_word s8_width_word(cpu_isa isa);
+s8_word s8_conv_word(cpu_isa isa);
 
 // Throws std::invalid_argument, naming the family, unless p.word is one the
 // family emits for p: pairs in the width SpMM (pairs_emitted), entry pairs
 // in the tile SpMMs (entry_pairs_emitted), each on the tiers that read it
-// (s8_tile_word, s8_width_word).
+// (s8_tile_word, s8_conv_word).
 void check_s8_word(const sparse_kernel_params &p, const char *family, bool pairs_emitted,
                    bool entry_pairs_emitted = false);
 

@@ -24,7 +24,7 @@ void check_params(const sparse_kernel_params &p) {
     if (p.avx_vnni && (p.isa != cpu_isa::avx2 || p.dtype != sparse_dtype::s8))
         throw std::invalid_argument(
                 "jit spmm_scatter: avx_vnni applies to the avx2 s8 kernel only");
-    check_s8_word(p, "spmm_scatter", false);
+    check_s8_word(p, "spmm_scatter", true);
 }
 
 } // namespace
@@ -45,6 +45,12 @@ template <cpu_isa isa> void jit_uni_spmm_scatter_kernel_t<isa>::generate() {
     const int nv = params_.n_vec;
     const bool s8 = params_.dtype == sparse_dtype::s8;
     const bool native = native_dot(isa, params_.dtype, params_.avx_vnni);
+    // Pairs (s8_word::pair, without VNNI): source rows hold 2 channels per
+    // batch lane as u16 (x + 128), the weights two int16 per dword: one
+    // vpmaddwd (exact) and one vpaddd per vector, where a quad's emulation
+    // takes 7 after its row's nibble split.
+    const bool pairs = s8 && params_.word == s8_word::pair;
+    const bool emulated = s8 && !native && !pairs;
     // AVX-512 keeps the source row in registers (split into nibbles for the
     // emulated s8 dot products) and takes two entries per step; AVX2 has 16
     // registers and no embedded broadcast: one entry per step, the source
@@ -87,6 +93,11 @@ template <cpu_isa isa> void jit_uni_spmm_scatter_kernel_t<isa>::generate() {
                     vfmadd231ps(t(u, v), x(v), ptr_b[values + i * 4 + u * 4]);
                 else
                     vfmadd231ps(t(u, v), w_reg(u), ptr[x_row + v * vlen]);
+            } else if (pairs) {
+                const Vmm &x_v = x_in_regs ? x(v) : x_tmp;
+                if (!x_in_regs) vmovups(x_tmp, ptr[x_row + v * vlen]);
+                vpmaddwd(p_lo, x_v, w_reg(u));
+                vpaddd(t(u, v), t(u, v), p_lo);
             } else if (native) {
                 if (avx512) {
                     vpdpbusd(t(u, v), x(v), ptr_b[values + i * 4 + u * 4]);
@@ -123,7 +134,7 @@ template <cpu_isa isa> void jit_uni_spmm_scatter_kernel_t<isa>::generate() {
     jl(done, T_NEAR);
     cmp(field(pix + offsetof(pixel_grid, n_w)), 1);
     jl(done, T_NEAR);
-    if (s8 && !native) emit_int8_dot_constants(*this, ones16, nibble_mask, constants);
+    if (emulated) emit_int8_dot_constants(*this, ones16, nibble_mask, constants);
     if (avx512)
         vpxord(zero, zero, zero);
     else
@@ -168,7 +179,7 @@ template <cpu_isa isa> void jit_uni_spmm_scatter_kernel_t<isa>::generate() {
     if (x_in_regs) {
         for (int v = 0; v < nv; ++v) {
             vmovups(x(v), ptr[x_row + v * vlen]);
-            if (s8 && !native) emit_split_nibbles(*this, x(v), x_lo(v), x_hi(v), nibble_mask);
+            if (emulated) emit_split_nibbles(*this, x(v), x_lo(v), x_hi(v), nibble_mask);
         }
     }
     if (unroll > 1) {
@@ -212,7 +223,7 @@ template <cpu_isa isa> void jit_uni_spmm_scatter_kernel_t<isa>::generate() {
     L(done);
     add(rsp, 40);
     postamble();
-    if (s8 && !native) emit_int8_dot_constant_table(*this, constants);
+    if (emulated) emit_int8_dot_constant_table(*this, constants);
 }
 
 template class jit_uni_spmm_scatter_kernel_t<cpu_isa::avx2>;

@@ -2,7 +2,9 @@
 // spmm_scatter_call_params in tile_abi.hpp): per pixel, each source row is
 // loaded once and its entries add value * row into their destination rows,
 // which stay in L1. f32, and s8 over quads (u8 x s8 dot products of 4
-// channels per batch lane, vpdpbusd or emulated exactly), on every tier.
+// channels per batch lane, vpdpbusd or emulated exactly), on every tier;
+// without VNNI (avx2 without AVX-VNNI, avx512_core) s8 over pairs of u16
+// (vpmaddwd, s8_word::pair).
 #pragma once
 
 #include <memory>

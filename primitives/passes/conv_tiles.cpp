@@ -60,26 +60,48 @@ void unpack_conv_tiles(const float *tiles, int64_t batch, int64_t channels, int6
                         + (bias ? bias[c] : 0.f);
 }
 
-void pack_conv_quad_tiles(const int8_t *x, int64_t batch, int64_t channels, int64_t h, int64_t w,
+namespace {
+
+// Quad (per_word 4: the bytes x + 128) or pair (2: the u16 x + 128) tiles:
+// one 4-byte word per batch lane of each row.
+template <int per_word>
+void pack_conv_word_tiles(const int8_t *x, int64_t batch, int64_t channels, int64_t h, int64_t w,
                           const spatial_pad &pad, uint8_t *tiles, int num_threads) {
+    constexpr int slot_bytes = 4 / per_word;
     const padded_plane pl(h, w, pad);
-    const int64_t quads = (channels + 3) / 4, rows = pl.hp * pl.wp * quads, plane = h * w;
+    const int64_t words = (channels + per_word - 1) / per_word, rows = pl.hp * pl.wp * words,
+                  plane = h * w;
 #pragma omp parallel for collapse(2) num_threads(num_threads) schedule(static)
     for (int64_t t = 0; t < jit::tile_count(batch); ++t)
         for (int64_t px = 0; px < pl.hp * pl.wp; ++px) {
             const int64_t s = pl.source(px / pl.wp, px % pl.wp);
-            for (int64_t q = 0; q < quads; ++q) {
-                uint8_t *row = tiles + (t * rows + px * quads + q) * jit::tile_row_bytes;
+            for (int64_t q = 0; q < words; ++q) {
+                uint8_t *row = tiles + (t * rows + px * words + q) * jit::tile_row_bytes;
                 for (int64_t j = 0; j < tile_lanes(batch, t); ++j)
-                    for (int64_t k = 0; k < 4; ++k) {
-                        const int64_t b = t * tb + j, c = 4 * q + k;
+                    for (int64_t k = 0; k < per_word; ++k) {
+                        const int64_t b = t * tb + j, c = per_word * q + k;
                         const int8_t v = s >= 0 && b < batch && c < channels
                                                  ? x[(b * channels + c) * plane + s]
                                                  : 0;
-                        row[j * 4 + k] = static_cast<uint8_t>(v ^ 0x80); // x + 128
+                        uint8_t *slot = row + j * 4 + k * slot_bytes;
+                        slot[0] = static_cast<uint8_t>(v ^ 0x80); // x + 128
+                        for (int z = 1; z < slot_bytes; ++z)
+                            slot[z] = 0;
                     }
             }
         }
+}
+
+} // namespace
+
+void pack_conv_quad_tiles(const int8_t *x, int64_t batch, int64_t channels, int64_t h, int64_t w,
+                          const spatial_pad &pad, uint8_t *tiles, int num_threads) {
+    pack_conv_word_tiles<4>(x, batch, channels, h, w, pad, tiles, num_threads);
+}
+
+void pack_conv_pair_tiles(const int8_t *x, int64_t batch, int64_t channels, int64_t h, int64_t w,
+                          const spatial_pad &pad, uint8_t *tiles, int num_threads) {
+    pack_conv_word_tiles<2>(x, batch, channels, h, w, pad, tiles, num_threads);
 }
 
 void pack_conv_s8_tiles(const int8_t *x, int64_t batch, int64_t channels, int64_t h, int64_t w,
@@ -143,6 +165,14 @@ void pack_conv_quad_tiles(const int8_t *x, int64_t batch, int64_t channels, int6
     static constexpr pass_tier<pack_conv_quad_tiles_fn> tiers[] = {
             {cpu_isa::avx512_core, pack_conv_quad_tiles_avx512},
             {cpu_isa::ref, portable::pack_conv_quad_tiles}};
+    best_tier(tiers)(x, batch, channels, h, w, pad, tiles, num_threads);
+}
+
+void pack_conv_pair_tiles(const int8_t *x, int64_t batch, int64_t channels, int64_t h, int64_t w,
+                          const spatial_pad &pad, uint8_t *tiles, int num_threads) {
+    static constexpr pass_tier<pack_conv_pair_tiles_fn> tiers[] = {
+            {cpu_isa::avx512_core, pack_conv_pair_tiles_avx512},
+            {cpu_isa::ref, portable::pack_conv_pair_tiles}};
     best_tier(tiers)(x, batch, channels, h, w, pad, tiles, num_threads);
 }
 

@@ -32,6 +32,10 @@ using unpack_conv_tiles_fn = void(const float *tiles, int64_t batch, int64_t cha
 using pack_conv_quad_tiles_fn = void(const int8_t *x, int64_t batch, int64_t channels, int64_t h,
                                      int64_t w, const spatial_pad &pad, uint8_t *tiles,
                                      int num_threads);
+// int8 x -> pair tiles of rows (padded pixel, channel / 2): per batch lane
+// the u16 (x + 128) of channels 2q, 2q+1; 128 (x = 0) in the padding and
+// past the channels. The s8 scatter's source without VNNI (vpmaddwd).
+using pack_conv_pair_tiles_fn = pack_conv_quad_tiles_fn;
 // int8 x -> int8 tiles of rows (padded pixel, channel), 0 in the padding,
 // all 64 lanes written (the s8 SDDMM reads whole rows); with plane_sums
 // (channels * h * w, or null), also column_sums_s8 of x as [batch x
@@ -52,6 +56,7 @@ using unpack_conv_s32_tiles_fn = void(const int32_t *tiles, int64_t batch, int64
 pack_conv_tiles_fn pack_conv_tiles;
 unpack_conv_tiles_fn unpack_conv_tiles;
 pack_conv_quad_tiles_fn pack_conv_quad_tiles;
+pack_conv_pair_tiles_fn pack_conv_pair_tiles;
 pack_conv_s8_tiles_fn pack_conv_s8_tiles;
 unpack_conv_s32_tiles_fn unpack_conv_s32_tiles;
 
@@ -60,6 +65,7 @@ namespace portable {
 pack_conv_tiles_fn pack_conv_tiles;
 unpack_conv_tiles_fn unpack_conv_tiles;
 pack_conv_quad_tiles_fn pack_conv_quad_tiles;
+pack_conv_pair_tiles_fn pack_conv_pair_tiles;
 pack_conv_s8_tiles_fn pack_conv_s8_tiles;
 unpack_conv_s32_tiles_fn unpack_conv_s32_tiles;
 } // namespace portable
@@ -67,6 +73,7 @@ unpack_conv_s32_tiles_fn unpack_conv_s32_tiles;
 pack_conv_tiles_fn pack_conv_tiles_avx512;
 unpack_conv_tiles_fn unpack_conv_tiles_avx512;
 pack_conv_quad_tiles_fn pack_conv_quad_tiles_avx512;
+pack_conv_pair_tiles_fn pack_conv_pair_tiles_avx512;
 pack_conv_s8_tiles_fn pack_conv_s8_tiles_avx512;
 pack_conv_s8_tiles_fn pack_conv_s8_tiles_avx2;
 pack_conv_tiles_fn pack_conv_tiles_avx2;

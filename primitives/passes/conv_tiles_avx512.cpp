@@ -130,13 +130,22 @@ void unpack_conv_tiles_avx512(const float *tiles, int64_t batch, int64_t channel
             }
 }
 
-void pack_conv_quad_tiles_avx512(const int8_t *x, int64_t batch, int64_t channels, int64_t h,
+namespace {
+
+// Quad (per_word 4) or pair (2) tiles (conv_tiles.hpp): per batch element
+// and 16 columns, the words of channels per_word q.. as 16 dwords (a pair's
+// channels widened to u16 by the zeros between them), transposed to rows.
+template <int per_word>
+void pack_conv_word_tiles_avx512(const int8_t *x, int64_t batch, int64_t channels, int64_t h,
                                  int64_t w, const spatial_pad &pad, uint8_t *tiles,
                                  int num_threads) {
-    const int64_t tb = jit::tile_batch, wp = w + pad.left + pad.right, quads = (channels + 3) / 4,
-                  rows = (h + pad.top + pad.bottom) * wp * quads, plane = h * w,
+    const int64_t tb = jit::tile_batch, wp = w + pad.left + pad.right,
+                  words_n = (channels + per_word - 1) / per_word,
+                  rows = (h + pad.top + pad.bottom) * wp * words_n, plane = h * w,
                   tiles_n = jit::tile_count(batch), wblocks = (w + 15) / 16;
-    const __m512i flip = _mm512_set1_epi32(static_cast<int>(0x80808080u)); // x -> x + 128 as u8
+    // x -> x + 128 in each channel's low byte (a pair's high bytes stay 0)
+    const __m512i flip =
+            _mm512_set1_epi32(static_cast<int>(per_word == 4 ? 0x80808080u : 0x00800080u));
     uint32_t *words = reinterpret_cast<uint32_t *>(tiles);
 #pragma omp parallel num_threads(num_threads)
     {
@@ -144,29 +153,36 @@ void pack_conv_quad_tiles_avx512(const int8_t *x, int64_t batch, int64_t channel
         for (int64_t t = 0; t < tiles_n; ++t)
             for (int64_t y = 0; y < h; ++y)
                 for (int64_t wb = 0; wb < wblocks; ++wb)
-                    for (int64_t q = 0; q < quads; ++q) {
+                    for (int64_t q = 0; q < words_n; ++q) {
                         const int64_t x0 = wb * 16, xn = std::min<int64_t>(16, w - x0);
                         const __mmask16 xmask = first_lanes(xn);
-                        uint32_t *base = words
-                                         + (t * rows + ((y + pad.top) * wp + x0 + pad.left) * quads
-                                            + q) * tb;
+                        uint32_t *base =
+                                words
+                                + (t * rows + ((y + pad.top) * wp + x0 + pad.left) * words_n + q)
+                                          * tb;
                         for (int64_t j0 = 0; j0 < tile_lanes(batch, t); j0 += 16) {
                             __m512 r[16];
                             for (int i = 0; i < 16; ++i) {
                                 const int64_t b = t * tb + j0 + i;
-                                __m128i ch[4];
-                                for (int k = 0; k < 4; ++k) {
-                                    const int64_t c = 4 * q + k;
+                                __m128i ch[per_word];
+                                for (int k = 0; k < per_word; ++k) {
+                                    const int64_t c = per_word * q + k;
                                     ch[k] = b < batch && c < channels ? _mm_maskz_loadu_epi8(
                                                     xmask,
                                                     x + (b * channels + c) * plane + y * w + x0)
                                                                       : _mm_setzero_si128();
                                 }
-                                // 16 dwords, one per w: the bytes of channels 4q..4q+3
-                                const __m128i lo01 = _mm_unpacklo_epi8(ch[0], ch[1]),
-                                              hi01 = _mm_unpackhi_epi8(ch[0], ch[1]),
-                                              lo23 = _mm_unpacklo_epi8(ch[2], ch[3]),
-                                              hi23 = _mm_unpackhi_epi8(ch[2], ch[3]);
+                                // the 4 bytes of each word: a quad's channels, or a
+                                // pair's each followed by a zero
+                                const __m128i zero = _mm_setzero_si128();
+                                const __m128i a0 = ch[0], a1 = per_word == 4 ? ch[1] : zero,
+                                              a2 = per_word == 4 ? ch[2] : ch[1],
+                                              a3 = per_word == 4 ? ch[3] : zero;
+                                // 16 dwords, one per w
+                                const __m128i lo01 = _mm_unpacklo_epi8(a0, a1),
+                                              hi01 = _mm_unpackhi_epi8(a0, a1),
+                                              lo23 = _mm_unpacklo_epi8(a2, a3),
+                                              hi23 = _mm_unpackhi_epi8(a2, a3);
                                 __m512i v = _mm512_castsi128_si512(_mm_unpacklo_epi16(lo01, lo23));
                                 v = _mm512_inserti32x4(v, _mm_unpackhi_epi16(lo01, lo23), 1);
                                 v = _mm512_inserti32x4(v, _mm_unpacklo_epi16(hi01, hi23), 2);
@@ -176,17 +192,31 @@ void pack_conv_quad_tiles_avx512(const int8_t *x, int64_t batch, int64_t channel
                             transpose16(r); // moves 32-bit lanes bit for bit
                             for (int64_t k = 0; k < xn; ++k)
                                 _mm512_storeu_si512(
-                                        base + k * quads * tb + j0,
+                                        base + k * words_n * tb + j0,
                                         _mm512_xor_si512(_mm512_castps_si512(r[k]), flip));
                         }
                     }
         avx512::for_padding_pixels(tiles_n, h, w, pad, [&](int64_t t, int64_t y, int64_t xx) {
-            uint32_t *row = words + (t * rows + (y * wp + xx) * quads) * tb;
-            for (int64_t q = 0; q < quads; ++q)
+            uint32_t *row = words + (t * rows + (y * wp + xx) * words_n) * tb;
+            for (int64_t q = 0; q < words_n; ++q)
                 for (int64_t j0 = 0; j0 < tile_lanes(batch, t); j0 += 16)
                     _mm512_storeu_si512(row + q * tb + j0, flip); // x = 0
         });
     }
+}
+
+} // namespace
+
+void pack_conv_quad_tiles_avx512(const int8_t *x, int64_t batch, int64_t channels, int64_t h,
+                                 int64_t w, const spatial_pad &pad, uint8_t *tiles,
+                                 int num_threads) {
+    pack_conv_word_tiles_avx512<4>(x, batch, channels, h, w, pad, tiles, num_threads);
+}
+
+void pack_conv_pair_tiles_avx512(const int8_t *x, int64_t batch, int64_t channels, int64_t h,
+                                 int64_t w, const spatial_pad &pad, uint8_t *tiles,
+                                 int num_threads) {
+    pack_conv_word_tiles_avx512<2>(x, batch, channels, h, w, pad, tiles, num_threads);
 }
 
 void pack_conv_s8_tiles_avx512(const int8_t *x, int64_t batch, int64_t channels, int64_t h,

@@ -5,14 +5,6 @@
 
 namespace qsp::detail {
 
-namespace {
-
-int64_t ceil_div4(int64_t n) {
-    return (n + 3) / 4;
-}
-
-} // namespace
-
 bool conv_layout::tap_in_phase(int64_t p, int64_t k, int64_t d, int64_t s, int64_t &m) {
     const int64_t diff = p - k * d;
     if (diff % s != 0) return false;
@@ -87,17 +79,17 @@ int64_t conv_layout::dy_row(const phase &f, int64_t c, int64_t channels, int64_t
     return ((f.qh0 + mh + dy_pad.top) * owp + f.qw0 + mw + dy_pad.left) * channels + c;
 }
 
-conv_layout::scatter_rows conv_layout::forward_scatter(const csr_pattern &p, bool s8_quads) const {
+conv_layout::scatter_rows conv_layout::forward_scatter(const csr_pattern &p, int per_word) const {
     const int64_t *rp = p.row_ptr();
     const int32_t *ci = p.col_idx();
-    const int64_t chans = s8_quads ? ceil_div4(in_c) : in_c, rows = chans * kh * kw;
+    const int64_t chans = (in_c + per_word - 1) / per_word, rows = chans * kh * kw;
     std::vector<std::array<int64_t, 3>> triples;
     for (int64_t oc = 0; oc < out_c; ++oc)
         for (int64_t e = rp[oc]; e < rp[oc + 1]; ++e) {
             const tap t = decode(ci[e]);
             const int64_t ic = group_of_out(oc) * icg + t.ic;
-            const int64_t src = ((s8_quads ? ic / 4 : ic) * kh + t.kh) * kw + t.kw;
-            triples.push_back({src, s8_quads ? oc * 4 + ic % 4 : oc, e});
+            const int64_t src = ((ic / per_word) * kh + t.kh) * kw + t.kw;
+            triples.push_back({src, oc * per_word + ic % per_word, e});
         }
     scatter_rows out{rows_from_triples(rows, triples), {}};
     for (int64_t r = 0; r < rows; ++r) {
@@ -108,10 +100,10 @@ conv_layout::scatter_rows conv_layout::forward_scatter(const csr_pattern &p, boo
 }
 
 conv_layout::scatter_rows conv_layout::backward_data_scatter(const csr_pattern &p, const phase &f,
-                                                             bool s8_quads) const {
+                                                             int per_word) const {
     const int64_t *rp = p.row_ptr();
     const int32_t *ci = p.col_idx();
-    const int64_t chans = s8_quads ? ceil_div4(out_c) : out_c, rows = chans * kh * kw;
+    const int64_t chans = (out_c + per_word - 1) / per_word, rows = chans * kh * kw;
     std::vector<std::array<int64_t, 3>> triples;
     for (int64_t oc = 0; oc < out_c; ++oc)
         for (int64_t e = rp[oc]; e < rp[oc + 1]; ++e) {
@@ -120,13 +112,13 @@ conv_layout::scatter_rows conv_layout::backward_data_scatter(const csr_pattern &
             if (!tap_in_phase(f.ph, t.kh, dh, sh, mh) || !tap_in_phase(f.pw, t.kw, dw, sw, mw))
                 continue;
             const int64_t ic = group_of_out(oc) * icg + t.ic;
-            const int64_t src = ((s8_quads ? oc / 4 : oc) * kh + t.kh) * kw + t.kw;
-            triples.push_back({src, s8_quads ? ic * 4 + oc % 4 : ic, e});
+            const int64_t src = ((oc / per_word) * kh + t.kh) * kw + t.kw;
+            triples.push_back({src, ic * per_word + oc % per_word, e});
         }
     scatter_rows out{rows_from_triples(rows, triples), {}};
     for (int64_t r = 0; r < rows; ++r) {
         const int64_t c = r / (kh * kw), k_h = (r / kw) % kh, k_w = r % kw;
-        out.src_row.push_back(dy_row(f, c, chans, k_h, k_w)); // quads: a row per 4 channels
+        out.src_row.push_back(dy_row(f, c, chans, k_h, k_w)); // a row per word of channels
     }
     return out;
 }

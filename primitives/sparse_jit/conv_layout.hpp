@@ -71,18 +71,18 @@ struct conv_layout {
 
     // The scatter walks (tile_abi.hpp): source rows, each with the tile row
     // it reads at the grid's first pixel, and per source row its entries
-    // keyed by destination channel (s8: channel * 4 + the source channel's
-    // byte in the quad, so that quad_plan packs one dword per destination).
+    // keyed by destination channel (s8: channel * per_word + the source
+    // channel's slot in its word of per_word channels, 4 a quad, 2 a pair,
+    // so that quad_plan packs one dword per destination; f32: per_word 1).
     struct scatter_rows {
         sparse_rows rows;
         std::vector<int64_t> src_row;
     };
-    // Forward: source rows (ic, kh, kw), or (ic / 4, kh, kw) quads for s8;
-    // destinations oc.
-    scatter_rows forward_scatter(const csr_pattern &p, bool s8_quads) const;
-    // Backward-data, one phase: source rows (oc, kh, kw) of the phase's
-    // taps, or (oc / 4, kh, kw) quads; destinations ic.
-    scatter_rows backward_data_scatter(const csr_pattern &p, const phase &ph, bool s8_quads) const;
+    // Forward: source rows (ic / per_word, kh, kw); destinations oc.
+    scatter_rows forward_scatter(const csr_pattern &p, int per_word) const;
+    // Backward-data, one phase: source rows (oc / per_word, kh, kw) of the
+    // phase's taps; destinations ic.
+    scatter_rows backward_data_scatter(const csr_pattern &p, const phase &ph, int per_word) const;
 
     // m: the output row offset of tap k in a phase, (p - k * d) / s, when whole.
     static bool tap_in_phase(int64_t p, int64_t k, int64_t d, int64_t s, int64_t &m);

@@ -72,10 +72,13 @@ std::vector<int32_t> src_offsets(const std::vector<int64_t> &src_rows, int64_t r
 }
 
 std::vector<std::shared_ptr<const jit::jit_spmm_scatter_kernel>>
-scatter_kernels(cpu_isa isa, jit::sparse_dtype dt) {
+scatter_kernels(cpu_isa isa, jit::sparse_dtype dt, jit::s8_word word = jit::s8_word::quad) {
     std::vector<std::shared_ptr<const jit::jit_spmm_scatter_kernel>> out;
-    for (int nv = 1; nv <= jit::tile_batch / jit::vector_lanes(isa); ++nv)
-        out.push_back(jit::spmm_scatter_kernel(jit::make_sparse_kernel_params(isa, dt, nv)));
+    for (int nv = 1; nv <= jit::tile_batch / jit::vector_lanes(isa); ++nv) {
+        jit::sparse_kernel_params k = jit::make_sparse_kernel_params(isa, dt, nv);
+        k.word = word;
+        out.push_back(jit::spmm_scatter_kernel(k));
+    }
     return out;
 }
 
@@ -119,31 +122,32 @@ void run_scatter(direction dir, const walk_t &w, const kernels_t &kernels, int l
 }
 
 // The scatter walks of both schemes, built alike: entry_plan over single
-// entries (f32) or quad_plan over quads of 4 input channels (s8); either
-// way a destination row is one pixel's channels, contiguous (rb apart).
-template <typename plan_t> constexpr bool over_quads = std::is_same_v<plan_t, quad_plan>;
-
+// entries (f32, per_word 1) or quad_plan over words of per_word input
+// channels (s8: 4, a quad, or 2, a pair); either way a destination row is
+// one pixel's channels, contiguous (rb apart).
 template <typename plan_t>
-scatter_walk<plan_t> make_walk(const conv_layout::scatter_rows &walk, int threads) {
-    return {plan_t(
-                    walk.rows, [](int64_t, int64_t channel) { return channel * rb; }, threads),
-            src_offsets(walk.src_row, rb)};
+scatter_walk<plan_t> make_walk(const conv_layout::scatter_rows &walk, int threads, int per_word) {
+    const auto offset = [](int64_t, int64_t channel) { return channel * rb; };
+    if constexpr (std::is_same_v<plan_t, quad_plan>)
+        return {quad_plan(walk.rows, offset, threads, per_word), src_offsets(walk.src_row, rb)};
+    else
+        return {plan_t(walk.rows, offset, threads), src_offsets(walk.src_row, rb)};
 }
 
 template <typename plan_t>
 std::unique_ptr<scatter_walk<plan_t>> forward_walk(const conv_layout &l, const csr_pattern &p,
-                                                   int threads) {
+                                                   int threads, int per_word = 1) {
     return std::make_unique<scatter_walk<plan_t>>(
-            make_walk<plan_t>(l.forward_scatter(p, over_quads<plan_t>), threads));
+            make_walk<plan_t>(l.forward_scatter(p, per_word), threads, per_word));
 }
 
 // Backward-data: one walk per stride phase; on_phase(phase, walk, rows).
 template <typename plan_t, typename on_phase_t>
-void backward_data_walks(const conv_layout &l, const csr_pattern &p, int threads,
+void backward_data_walks(const conv_layout &l, const csr_pattern &p, int threads, int per_word,
                          on_phase_t on_phase) {
     for (const auto &f : l.phases) {
-        const auto walk = l.backward_data_scatter(p, f, over_quads<plan_t>);
-        on_phase(f, make_walk<plan_t>(walk, threads), walk.rows);
+        const auto walk = l.backward_data_scatter(p, f, per_word);
+        on_phase(f, make_walk<plan_t>(walk, threads, per_word), walk.rows);
     }
 }
 
@@ -190,7 +194,7 @@ public:
                 scatter_ = scatter_kernels(isa, jit::sparse_dtype::f32);
                 break;
             case direction::backward_data:
-                backward_data_walks<entry_plan>(l_, p.pattern, threads,
+                backward_data_walks<entry_plan>(l_, p.pattern, threads, 1,
                                                 [&](const conv_layout::phase &f,
                                                     scatter_walk<entry_plan> walk,
                                                     const sparse_rows &) {
@@ -292,24 +296,25 @@ private:
 class jit_conv2d_s8_plan : public jit_plan {
 public:
     jit_conv2d_s8_plan(const problem &p, cpu_isa isa)
-        : jit_plan(p), l_(p.conv), lanes_(jit::vector_lanes(isa)) {
+        : jit_plan(p), l_(p.conv), lanes_(jit::vector_lanes(isa)), word_(jit::s8_conv_word(isa)),
+          per_word_(jit::channels_per_word(word_)) {
         const int threads = p.num_threads;
         switch (p.dir) {
             case direction::forward:
-                forward_ = forward_walk<quad_plan>(l_, p.pattern, threads);
-                scatter_ = scatter_kernels(isa, jit::sparse_dtype::s8);
+                forward_ = forward_walk<quad_plan>(l_, p.pattern, threads, per_word_);
+                scatter_ = scatter_kernels(isa, jit::sparse_dtype::s8, word_);
                 break;
             case direction::backward_data:
-                backward_data_walks<quad_plan>(l_, p.pattern, threads,
+                backward_data_walks<quad_plan>(l_, p.pattern, threads, per_word_,
                                                [&](const conv_layout::phase &f,
                                                    scatter_walk<quad_plan> walk,
                                                    const sparse_rows &rows) {
                                                    phase_plan pp{f, std::move(walk), {}};
                                                    for (int64_t key : rows.key)
-                                                       pp.dst_channel.push_back(key / 4);
+                                                       pp.dst_channel.push_back(key / per_word_);
                                                    phases_.push_back(std::move(pp));
                                                });
-                scatter_ = scatter_kernels(isa, jit::sparse_dtype::s8);
+                scatter_ = scatter_kernels(isa, jit::sparse_dtype::s8, word_);
                 break;
             case direction::backward_weights:
                 entries_ = std::make_unique<entry_plan>(
@@ -342,10 +347,16 @@ private:
         std::vector<int64_t> dst_channel; // per entry: its input channel
     };
 
+    // The pass that packs the scatter's source in this plan's words.
+    pack_conv_quad_tiles_fn *pack_words() const {
+        return word_ == jit::s8_word::pair ? pack_conv_pair_tiles : pack_conv_quad_tiles;
+    }
+
     const char *forward(const tensors &t, runtime::scratchpad &sp) const override {
         const int nt = p_.num_threads;
         const int64_t B = t.batch, nnz = p_.pattern.nnz(), oc = l_.out_c;
-        const int64_t x_rows = (l_.in_c + 3) / 4 * l_.hp * l_.wp, y_rows = oc * l_.out_pixels();
+        const int64_t x_words = (l_.in_c + per_word_ - 1) / per_word_;
+        const int64_t x_rows = x_words * l_.hp * l_.wp, y_rows = oc * l_.out_pixels();
         const int64_t src_elems = B * l_.in_c * l_.in_pixels();
         const quad_plan &q = forward_->entries;
         const s8::workspace_view &ws = t.workspace; // training: Xq, Wq kept for the backward
@@ -370,12 +381,12 @@ private:
         int8_t *xq = t.workspace ? ws.src_q() : local_xq;
         const float sx = s8::quantized_src(t, src_elems, xq, nt);
         if (t.workspace) ws.set_src_scale(sx);
-        pack_conv_quad_tiles(xq, B, l_.in_c, l_.in_h, l_.in_w, l_.x_pad, x, nt);
+        pack_words()(xq, B, l_.in_c, l_.in_h, l_.in_w, l_.x_pad, x, nt);
         for (int64_t o = 0; o < oc; ++o)
             row_scale[o] = s8::forward_scale(sx, w_scale[o]);
         run_scatter(p_.dir, *forward_, scatter_, lanes_, B, words, x, x_rows * rb,
                     reinterpret_cast<uint8_t *>(acc), y_rows * rb, oc, rb,
-                    output_grid(l_, l_.out_h, (l_.in_c + 3) / 4 * rb, oc * rb), nt);
+                    output_grid(l_, l_.out_h, x_words * rb, oc * rb), nt);
         unpack_conv_s32_tiles(acc, B, oc, l_.out_pixels(), correction, l_.out_pixels(), row_scale,
                               l_.out_pixels(), t.bias, t.dst, nt);
         return nullptr;
@@ -384,7 +395,8 @@ private:
     const char *backward_data(const tensors &t, runtime::scratchpad &sp) const override {
         const int nt = p_.num_threads;
         const int64_t B = t.batch, oc = l_.out_c, in_px = l_.in_pixels();
-        const int64_t dy_rows = (oc + 3) / 4 * l_.ohp * l_.owp, dx_rows = l_.in_c * in_px;
+        const int64_t dy_words = (oc + per_word_ - 1) / per_word_;
+        const int64_t dy_rows = dy_words * l_.ohp * l_.owp, dx_rows = l_.in_c * in_px;
         int64_t max_quads = 1, max_rows = 1;
         for (const phase_plan &f : phases_) {
             max_quads = std::max(max_quads, f.walk.entries.quads());
@@ -402,7 +414,7 @@ private:
         auto *correction = sp.get<int32_t>(8, dx_rows); // channel-major: (ic, pixel)
         const float sg2 = s8::quantize_dx_gradient(t, B * oc * l_.out_pixels(), w_scale, oc,
                                                    l_.out_pixels(), g2, nt);
-        pack_conv_quad_tiles(g2, B, oc, l_.out_h, l_.out_w, l_.dy_pad, dy, nt);
+        pack_words()(g2, B, oc, l_.out_h, l_.out_w, l_.dy_pad, dy, nt);
         for (const phase_plan &f : phases_) {
             const quad_plan &q = f.walk.entries;
             q.fill(wq, words, row_sums, nt);
@@ -413,7 +425,7 @@ private:
             const int64_t start = (f.phase.ih0 * l_.in_w + f.phase.iw0) * l_.in_c * rb;
             run_scatter(p_.dir, f.walk, scatter_, lanes_, B, words, dy, dy_rows * rb,
                         reinterpret_cast<uint8_t *>(acc) + start, dx_rows * rb, l_.in_c, rb,
-                        phase_grid(l_, f.phase, (oc + 3) / 4 * rb), nt);
+                        phase_grid(l_, f.phase, dy_words * rb), nt);
 #pragma omp parallel for num_threads(nt) schedule(static)
             for (int64_t ic = 0; ic < l_.in_c; ++ic)
                 for (int64_t a = 0; a < f.phase.n_h; ++a)
@@ -479,6 +491,8 @@ private:
 
     conv_layout l_;
     int lanes_;
+    jit::s8_word word_; // source words: quads, or pairs without VNNI (jit::s8_conv_word)
+    int per_word_;      // channels per source word
     std::unique_ptr<scatter_walk<quad_plan>> forward_; // forward
     std::vector<phase_plan> phases_;                   // backward-data, per stride phase
     std::unique_ptr<entry_plan> entries_;              // backward-weights

@@ -283,7 +283,7 @@ struct spmm_run {
 
 // What the f32 and s8 plans differ in, by the SpMM's entries: one per weight
 // (f32) or one per word of input channels sharing a 4-byte position (s8: a
-// quad, or a pair without VNNI: jit::s8_width_word). element_bytes: the SDDMM's.
+// quad, or a pair without VNNI: jit::s8_conv_word). element_bytes: the SDDMM's.
 template <typename spmm_entries_t> struct width_scheme;
 template <> struct width_scheme<entry_plan> {
     static constexpr sparse_dtype dt = sparse_dtype::f32;
@@ -314,7 +314,7 @@ protected:
 
     jit_conv2d_width_plan(const problem &p, cpu_isa isa)
         : jit_plan(p), w_(p.conv),
-          word_(scheme::dt == sparse_dtype::s8 ? jit::s8_width_word(isa) : jit::s8_word::quad) {
+          word_(scheme::dt == sparse_dtype::s8 ? jit::s8_conv_word(isa) : jit::s8_word::quad) {
         const int threads = p.num_threads;
         const int64_t per_position = scheme::spmm_per_position(word_),
                       bytes = scheme::element_bytes, spmm_bytes = 4 / per_position;

@@ -83,6 +83,7 @@ TEST(JitGenerator, dump_writes_the_code_for_objdump) {
 #include "jit/jit_uni_sddmm_kernel.hpp"
 #include "jit/jit_uni_sddmm_width_kernel.hpp"
 #include "jit/jit_uni_spmm_kernel.hpp"
+#include "jit/jit_uni_spmm_scatter_kernel.hpp"
 #include "jit/jit_uni_spmm_width_kernel.hpp"
 
 namespace qsp::test {
@@ -199,7 +200,7 @@ TEST(JitGenerator, code_cache_keys_on_every_parameter) {
                  std::invalid_argument);
     // s8 words past quads, where vpdpbusd is not native (avx2 without
     // AVX-VNNI, avx512_core): entry pairs in the tile SpMMs, channel pairs in
-    // the width SpMM, neither elsewhere
+    // the width and scatter SpMMs, neither elsewhere
     auto with_word = [](jit::sparse_kernel_params p, jit::s8_word word) {
         p.word = word;
         return p;
@@ -212,6 +213,18 @@ TEST(JitGenerator, code_cache_keys_on_every_parameter) {
     EXPECT_NO_THROW(jit::spmm_width_kernel(with_word(width_s8, pair)));
     EXPECT_NE(jit::spmm_width_kernel(with_word(width_s8, pair)), jit::spmm_width_kernel(width_s8));
     EXPECT_THROW(jit::spmm_kernel(with_word(avx2_s8, pair)), std::invalid_argument);
+    // the batch family's scatter kernel reads pairs too (not entry pairs)
+    for (cpu_isa isa : {cpu_isa::avx2, cpu_isa::avx512_core}) {
+        const jit::sparse_kernel_params scatter_s8{isa, jit::sparse_dtype::s8, 1};
+        EXPECT_NO_THROW(jit::spmm_scatter_kernel(with_word(scatter_s8, pair)));
+        EXPECT_NE(jit::spmm_scatter_kernel(with_word(scatter_s8, pair)),
+                  jit::spmm_scatter_kernel(scatter_s8));
+        EXPECT_THROW(jit::spmm_scatter_kernel(with_word(scatter_s8, entry_pair)),
+                     std::invalid_argument);
+    }
+    EXPECT_THROW(jit::spmm_scatter_kernel(
+                         with_word({cpu_isa::avx512_core_vnni, jit::sparse_dtype::s8, 1}, pair)),
+                 std::invalid_argument);
     EXPECT_THROW(jit::spmm_width_kernel(with_word(width_s8, entry_pair)), std::invalid_argument);
     EXPECT_THROW(jit::sddmm_kernel(with_word(avx2_s8, pair)), std::invalid_argument);
     EXPECT_NO_THROW(jit::spmm_kernel(

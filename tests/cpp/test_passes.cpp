@@ -637,6 +637,39 @@ TEST(Passes, conv_tiles_match_the_definition_on_every_tier) {
                             const size_t i = static_cast<size_t>((t * qrows + r) * 256 + j);
                             ASSERT_EQ(qgot[i], qwant[i]) << "quad tile " << t << " row " << r;
                         }
+                // pairs: the u16 x + 128 of channels 2q, 2q + 1 per batch lane
+                const int64_t pairs = (c + 1) / 2, prows = hp * wp * pairs;
+                std::vector<uint8_t> pwant(static_cast<size_t>(tiles * prows * 256), 1);
+                detail::portable::pack_conv_pair_tiles(xq.data(), batch, c, h, w, pad, pwant.data(),
+                                                       2);
+                for (int64_t b = 0; b < batch; ++b)
+                    for (int64_t y = 0; y < hp; ++y)
+                        for (int64_t xx = 0; xx < wp; ++xx)
+                            for (int64_t ch = 0; ch < pairs * 2; ++ch) {
+                                const int64_t s = at(y, xx);
+                                const int v = s < 0 || ch >= c ? 0 : xq[(b * c + ch) * px + s];
+                                const size_t i = static_cast<size_t>(
+                                        (((b / 64) * prows + (y * wp + xx) * pairs + ch / 2) * 64
+                                         + b % 64)
+                                                * 4
+                                        + 2 * (ch % 2));
+                                ASSERT_EQ(pwant[i], v + 128);
+                                ASSERT_EQ(pwant[i + 1], 0);
+                            }
+                std::vector<detail::pack_conv_pair_tiles_fn *> pair_tiers{
+                        detail::pack_conv_pair_tiles};
+                if (cpu_has(cpu_isa::avx512_core))
+                    pair_tiers.push_back(detail::pack_conv_pair_tiles_avx512);
+                for (auto *tier : pair_tiers) {
+                    std::vector<uint8_t> pgot(pwant.size(), 2);
+                    tier(xq.data(), batch, c, h, w, pad, pgot.data(), 3);
+                    for (int64_t t = 0; t < tiles; ++t)
+                        for (int64_t r = 0; r < prows; ++r)
+                            for (int64_t j = 0; j < detail::tile_lanes(batch, t) * 4; ++j) {
+                                const size_t i = static_cast<size_t>((t * prows + r) * 256 + j);
+                                ASSERT_EQ(pgot[i], pwant[i]) << "pair tile " << t << " row " << r;
+                            }
+                }
                 std::vector<int8_t> swant(static_cast<size_t>(tiles * rows * 64), 1);
                 detail::portable::pack_conv_s8_tiles(xq.data(), batch, c, h, w, pad, swant.data(),
                                                      nullptr, 2);
