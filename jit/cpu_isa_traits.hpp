@@ -25,8 +25,9 @@ inline int vector_registers(cpu_isa isa) {
 }
 
 // s8 dot products run natively (vpdpbusd) with VNNI, or on the avx2 tier
-// with AVX-VNNI (VEX-encoded); elsewhere they are emulated exactly
-// (jit_int8_dot.hpp), which costs registers and instructions.
+// with AVX-VNNI (VEX-encoded); elsewhere (emulated_dot) the kernels multiply
+// exactly in int16 (pairs, entry pairs, signed bytes, widened operands:
+// jit::s8_word) or, for quad words, emulate vpdpbusd (jit_int8_dot.hpp).
 inline bool native_dot(cpu_isa isa, sparse_dtype dtype, bool avx_vnni) {
     return dtype == sparse_dtype::s8 && (isa == cpu_isa::avx512_core_vnni || avx_vnni);
 }

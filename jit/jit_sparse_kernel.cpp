@@ -3,6 +3,7 @@
 #include <limits>
 #include <stdexcept>
 
+#include "jit/cpu_isa_traits.hpp"
 #include "runtime/lru_cache.hpp"
 
 namespace qsp::jit {
@@ -43,8 +44,12 @@ sparse_kernel_params make_sparse_kernel_params(cpu_isa isa, sparse_dtype dtype, 
 }
 
 namespace {
+// A JIT tier whose s8 kernels have no vpdpbusd here (emulated_dot, with the
+// AVX-VNNI that make_sparse_kernel_params finds).
 bool without_vpdpbusd(cpu_isa isa) {
-    return isa == cpu_isa::avx512_core || (isa == cpu_isa::avx2 && !avx_vnni_usable());
+    return isa != cpu_isa::ref
+           && emulated_dot(isa, sparse_dtype::s8,
+                           make_sparse_kernel_params(isa, sparse_dtype::s8, 1).avx_vnni);
 }
 } // namespace
 
@@ -65,13 +70,11 @@ void check_s8_word(const sparse_kernel_params &p, const char *family, bool pairs
         throw std::invalid_argument(
                 std::string("jit ") + family + ": " + what
                 + (entry_pairs ? " are a generic SpMM word only" : " are an SpMM word only"));
-    if (p.dtype != sparse_dtype::s8 || p.avx_vnni)
+    if (p.isa == cpu_isa::ref || !emulated_dot(p.isa, p.dtype, p.avx_vnni))
         throw std::invalid_argument(std::string("jit ") + family + ": " + what
-                                    + " apply to s8 kernels without avx_vnni only");
-    if (p.isa != cpu_isa::avx2 && p.isa != cpu_isa::avx512_core)
-        throw std::invalid_argument(std::string("jit ") + family + ": " + what
-                                    + " apply to the avx2 and avx512_core tiers only, not "
-                                    + to_string(p.isa));
+                                    + " apply to s8 kernels without vpdpbusd (avx2 without "
+                                      "avx_vnni, avx512_core) only, not "
+                                    + p.str());
 }
 
 void check_width_row_step(const sparse_kernel_params &p, const char *family) {

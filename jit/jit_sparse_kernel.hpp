@@ -83,9 +83,9 @@ s8_word s8_tile_word(cpu_isa isa);
 s8_word s8_conv_word(cpu_isa isa);
 
 // Throws std::invalid_argument, naming the family, unless p.word is one the
-// family emits for p: pairs in the width SpMM (pairs_emitted), entry pairs
-// in the tile SpMMs (entry_pairs_emitted), each on the tiers that read it
-// (s8_tile_word, s8_conv_word).
+// family emits for p: pairs in the width and scatter SpMMs (pairs_emitted),
+// entry pairs in the tile SpMMs (entry_pairs_emitted), each on the tiers
+// without vpdpbusd (s8_tile_word, s8_conv_word).
 void check_s8_word(const sparse_kernel_params &p, const char *family, bool pairs_emitted,
                    bool entry_pairs_emitted = false);
 

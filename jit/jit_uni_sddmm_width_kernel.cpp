@@ -22,17 +22,17 @@ namespace {
 struct unroll_t {
     int entries, chains;
 };
-unroll_t unroll_for(cpu_isa isa, bool emulated) {
-    if (emulated) return {2, 1}; // widened: the products' temporaries serialise anyway
+unroll_t unroll_for(cpu_isa isa, bool widened) {
+    if (widened) return {2, 1}; // the products' temporaries serialise anyway
     return isa >= cpu_isa::avx512_core ? unroll_t{4, 2} : unroll_t{2, 2};
 }
 // The unroll a kernel holding `dy_vectors` dY vectors uses: the fewest sums
 // above, or as many entries (up to 4, two sums each) as the registers left
 // allow. A multiply-add waits 4 cycles on its sum and two issue per cycle,
 // so fewer than 8 independent sums leave the multiply-add ports idle.
-unroll_t unroll_for(cpu_isa isa, bool emulated, int dy_vectors) {
-    const unroll_t fewest = unroll_for(isa, emulated);
-    if (emulated) return fewest;
+unroll_t unroll_for(cpu_isa isa, bool widened, int dy_vectors) {
+    const unroll_t fewest = unroll_for(isa, widened);
+    if (widened) return fewest;
     return {std::max(fewest.entries, std::min(4, (vector_registers(isa) - dy_vectors) / 2)), 2};
 }
 
@@ -82,18 +82,17 @@ template <cpu_isa isa> void jit_uni_sddmm_width_kernel_t<isa>::generate() {
     constexpr int vlen = traits::vlen, n_regs = traits::n_vregs;
     const int nv = params_.n_vec, tail = params_.tail;
     const bool s8 = params_.dtype == sparse_dtype::s8;
-    const bool emulated = emulated_dot(isa, params_.dtype, params_.avx_vnni);
-    const unroll_t un = unroll_for(isa, emulated, params_.n_rows * params_.n_vec);
     // Without VNNI (AVX2, avx512_core) the operands are widened to 16 bits
     // instead of emulating vpdpbusd: each dY vector's two halves held as
     // u16, per x vector two vpmovsxbw, two vpmaddwd, two vpaddd (the nibble
     // emulation took 11 per vector). A dword lane then sums 2 columns of
     // each half, still 4 products per dY vector.
-    const bool widened = emulated;
+    const bool widened = emulated_dot(isa, params_.dtype, params_.avx_vnni);
+    const unroll_t un = unroll_for(isa, widened, params_.n_rows * params_.n_vec);
 
     // Vector registers: dY from 0 up (widened: its two halves, interleaved),
     // sums from the top, then the two products of the widened operands.
-    auto g = [&](int k) { return Vmm(emulated ? 2 * k : k); };
+    auto g = [&](int k) { return Vmm(widened ? 2 * k : k); };
     auto g_hi = [&](int k) { return Vmm(2 * k + 1); };
     auto sum = [&](int u, int c) { return Vmm(n_regs - 1 - (u * un.chains + c)); };
     const int helpers = n_regs - un.entries * un.chains;

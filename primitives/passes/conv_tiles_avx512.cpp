@@ -164,25 +164,21 @@ void pack_conv_word_tiles_avx512(const int8_t *x, int64_t batch, int64_t channel
                             __m512 r[16];
                             for (int i = 0; i < 16; ++i) {
                                 const int64_t b = t * tb + j0 + i;
-                                __m128i ch[per_word];
+                                // the 4 bytes of each word: a quad's channels, or a
+                                // pair's each followed by a zero byte
+                                __m128i a[4] = {_mm_setzero_si128(), _mm_setzero_si128(),
+                                                _mm_setzero_si128(), _mm_setzero_si128()};
                                 for (int k = 0; k < per_word; ++k) {
                                     const int64_t c = per_word * q + k;
-                                    ch[k] = b < batch && c < channels ? _mm_maskz_loadu_epi8(
-                                                    xmask,
-                                                    x + (b * channels + c) * plane + y * w + x0)
-                                                                      : _mm_setzero_si128();
+                                    if (b < batch && c < channels)
+                                        a[k * (4 / per_word)] = _mm_maskz_loadu_epi8(
+                                                xmask, x + (b * channels + c) * plane + y * w + x0);
                                 }
-                                // the 4 bytes of each word: a quad's channels, or a
-                                // pair's each followed by a zero
-                                const __m128i zero = _mm_setzero_si128();
-                                const __m128i a0 = ch[0], a1 = per_word == 4 ? ch[1] : zero,
-                                              a2 = per_word == 4 ? ch[2] : ch[1],
-                                              a3 = per_word == 4 ? ch[3] : zero;
                                 // 16 dwords, one per w
-                                const __m128i lo01 = _mm_unpacklo_epi8(a0, a1),
-                                              hi01 = _mm_unpackhi_epi8(a0, a1),
-                                              lo23 = _mm_unpacklo_epi8(a2, a3),
-                                              hi23 = _mm_unpackhi_epi8(a2, a3);
+                                const __m128i lo01 = _mm_unpacklo_epi8(a[0], a[1]),
+                                              hi01 = _mm_unpackhi_epi8(a[0], a[1]),
+                                              lo23 = _mm_unpacklo_epi8(a[2], a[3]),
+                                              hi23 = _mm_unpackhi_epi8(a[2], a[3]);
                                 __m512i v = _mm512_castsi128_si512(_mm_unpacklo_epi16(lo01, lo23));
                                 v = _mm512_inserti32x4(v, _mm_unpackhi_epi16(lo01, lo23), 1);
                                 v = _mm512_inserti32x4(v, _mm_unpacklo_epi16(hi01, hi23), 2);

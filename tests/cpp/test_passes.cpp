@@ -549,7 +549,7 @@ TEST(Passes, conv_tiles_match_the_definition_on_every_tier) {
                              + std::to_string(h) + "x" + std::to_string(w) + " pad "
                              + std::to_string(pad.top));
                 const int64_t hp = h + pad.top + pad.bottom, wp = w + pad.left + pad.right;
-                const int64_t tiles = jit::tile_count(batch), quads = (c + 3) / 4, px = h * w;
+                const int64_t tiles = jit::tile_count(batch), px = h * w;
                 auto at = [&](int64_t y, int64_t xx) {
                     const int64_t iy = y - pad.top, ix = xx - pad.left;
                     return iy >= 0 && iy < h && ix >= 0 && ix < w ? iy * w + ix : int64_t(-1);
@@ -610,66 +610,58 @@ TEST(Passes, conv_tiles_match_the_definition_on_every_tier) {
                 std::vector<int8_t> xq(static_cast<size_t>(batch * c * px));
                 for (auto &v : xq)
                     v = static_cast<int8_t>(static_cast<int>(rng() % 255) - 127);
-                const int64_t qrows = hp * wp * quads;
-                std::vector<uint8_t> qwant(static_cast<size_t>(tiles * qrows * 256), 1),
-                        qgot(qwant.size(), 2);
-                detail::portable::pack_conv_quad_tiles(xq.data(), batch, c, h, w, pad, qwant.data(),
-                                                       2);
-                for (int64_t b = 0; b < batch; ++b)
-                    for (int64_t y = 0; y < hp; ++y)
-                        for (int64_t xx = 0; xx < wp; ++xx)
-                            for (int64_t ch = 0; ch < quads * 4; ++ch) {
-                                const int64_t s = at(y, xx);
-                                const int v = s < 0 || ch >= c ? 0 : xq[(b * c + ch) * px + s];
-                                ASSERT_EQ(
-                                        qwant[static_cast<size_t>(
-                                                (((b / 64) * qrows + (y * wp + xx) * quads + ch / 4)
-                                                         * 64
-                                                 + b % 64)
-                                                        * 4
-                                                + ch % 4)],
-                                        v + 128);
+                // word tiles, per batch lane one 4-byte word: quads hold the
+                // bytes x + 128 of channels 4q..4q+3, pairs the u16 x + 128
+                // of channels 2q, 2q+1; every tier as the portable pass
+                auto check_word_tiles =
+                        [&](int per_word, detail::pack_conv_quad_tiles_fn *portable_pack,
+                            const std::vector<detail::pack_conv_quad_tiles_fn *> &tiers,
+                            const char *what) {
+                            const int64_t words = (c + per_word - 1) / per_word,
+                                          wrows = hp * wp * words, slot = 4 / per_word;
+                            std::vector<uint8_t> want(static_cast<size_t>(tiles * wrows * 256), 1);
+                            portable_pack(xq.data(), batch, c, h, w, pad, want.data(), 2);
+                            for (int64_t b = 0; b < batch; ++b)
+                                for (int64_t y = 0; y < hp; ++y)
+                                    for (int64_t xx = 0; xx < wp; ++xx)
+                                        for (int64_t ch = 0; ch < words * per_word; ++ch) {
+                                            const int64_t s = at(y, xx);
+                                            const int v = s < 0 || ch >= c
+                                                                  ? 0
+                                                                  : xq[(b * c + ch) * px + s];
+                                            const size_t i = static_cast<size_t>(
+                                                    (((b / 64) * wrows + (y * wp + xx) * words
+                                                      + ch / per_word)
+                                                             * 64
+                                                     + b % 64)
+                                                            * 4
+                                                    + slot * (ch % per_word));
+                                            ASSERT_EQ(want[i], v + 128) << what;
+                                            for (int64_t z = 1; z < slot; ++z)
+                                                ASSERT_EQ(want[i + z], 0) << what;
+                                        }
+                            for (auto *tier : tiers) {
+                                std::vector<uint8_t> got(want.size(), 2);
+                                tier(xq.data(), batch, c, h, w, pad, got.data(), 3);
+                                for (int64_t t = 0; t < tiles; ++t)
+                                    for (int64_t r = 0; r < wrows; ++r)
+                                        for (int64_t j = 0; j < detail::tile_lanes(batch, t) * 4;
+                                             ++j) {
+                                            const size_t i =
+                                                    static_cast<size_t>((t * wrows + r) * 256 + j);
+                                            ASSERT_EQ(got[i], want[i])
+                                                    << what << " tile " << t << " row " << r;
+                                        }
                             }
-                detail::pack_conv_quad_tiles(xq.data(), batch, c, h, w, pad, qgot.data(), 3);
-                for (int64_t t = 0; t < tiles; ++t)
-                    for (int64_t r = 0; r < qrows; ++r)
-                        for (int64_t j = 0; j < detail::tile_lanes(batch, t) * 4; ++j) {
-                            const size_t i = static_cast<size_t>((t * qrows + r) * 256 + j);
-                            ASSERT_EQ(qgot[i], qwant[i]) << "quad tile " << t << " row " << r;
-                        }
-                // pairs: the u16 x + 128 of channels 2q, 2q + 1 per batch lane
-                const int64_t pairs = (c + 1) / 2, prows = hp * wp * pairs;
-                std::vector<uint8_t> pwant(static_cast<size_t>(tiles * prows * 256), 1);
-                detail::portable::pack_conv_pair_tiles(xq.data(), batch, c, h, w, pad, pwant.data(),
-                                                       2);
-                for (int64_t b = 0; b < batch; ++b)
-                    for (int64_t y = 0; y < hp; ++y)
-                        for (int64_t xx = 0; xx < wp; ++xx)
-                            for (int64_t ch = 0; ch < pairs * 2; ++ch) {
-                                const int64_t s = at(y, xx);
-                                const int v = s < 0 || ch >= c ? 0 : xq[(b * c + ch) * px + s];
-                                const size_t i = static_cast<size_t>(
-                                        (((b / 64) * prows + (y * wp + xx) * pairs + ch / 2) * 64
-                                         + b % 64)
-                                                * 4
-                                        + 2 * (ch % 2));
-                                ASSERT_EQ(pwant[i], v + 128);
-                                ASSERT_EQ(pwant[i + 1], 0);
-                            }
+                        };
+                ASSERT_NO_FATAL_FAILURE(check_word_tiles(4, detail::portable::pack_conv_quad_tiles,
+                                                         {detail::pack_conv_quad_tiles}, "quad"));
                 std::vector<detail::pack_conv_pair_tiles_fn *> pair_tiers{
                         detail::pack_conv_pair_tiles};
                 if (cpu_has(cpu_isa::avx512_core))
                     pair_tiers.push_back(detail::pack_conv_pair_tiles_avx512);
-                for (auto *tier : pair_tiers) {
-                    std::vector<uint8_t> pgot(pwant.size(), 2);
-                    tier(xq.data(), batch, c, h, w, pad, pgot.data(), 3);
-                    for (int64_t t = 0; t < tiles; ++t)
-                        for (int64_t r = 0; r < prows; ++r)
-                            for (int64_t j = 0; j < detail::tile_lanes(batch, t) * 4; ++j) {
-                                const size_t i = static_cast<size_t>((t * prows + r) * 256 + j);
-                                ASSERT_EQ(pgot[i], pwant[i]) << "pair tile " << t << " row " << r;
-                            }
-                }
+                ASSERT_NO_FATAL_FAILURE(check_word_tiles(2, detail::portable::pack_conv_pair_tiles,
+                                                         pair_tiers, "pair"));
                 std::vector<int8_t> swant(static_cast<size_t>(tiles * rows * 64), 1);
                 detail::portable::pack_conv_s8_tiles(xq.data(), batch, c, h, w, pad, swant.data(),
                                                      nullptr, 2);
