@@ -14,6 +14,7 @@ std::string sparse_kernel_params::str() const {
            + (n_rows != 1 ? "_r" + std::to_string(n_rows) : "")
            + (tail != 0 ? "_t" + std::to_string(tail) : "")
            + (row_step != 0 ? "_s" + std::to_string(row_step) : "")
+           + (shifts != 0 ? "_sh" + std::to_string(shifts) : "")
            + (word == s8_word::pair         ? "_pairs"
               : word == s8_word::entry_pair ? "_entry_pairs"
                                             : "");
@@ -27,6 +28,7 @@ size_t sparse_kernel_params_hash::operator()(const sparse_kernel_params &p) cons
     h = runtime::hash_mix(h, static_cast<uint64_t>(p.n_rows));
     h = runtime::hash_mix(h, static_cast<uint64_t>(p.word));
     h = runtime::hash_mix(h, static_cast<uint64_t>(p.row_step));
+    h = runtime::hash_mix(h, static_cast<uint64_t>(p.shifts));
     return static_cast<size_t>(runtime::hash_mix(h, static_cast<uint64_t>(p.tail)));
 }
 

@@ -52,10 +52,17 @@ struct sparse_kernel_params {
     // s8 SpMMs only: entry pairs in the tile SpMMs (generic and pattern),
     // pairs in the width SpMM (check_s8_word).
     s8_word word = s8_word::quad;
+    // The width SpMM on AVX-512 only: 0, or the source rows start on vector
+    // boundaries and each source group's entries come in `shifts` runs, run
+    // s reading its source s lanes past its (aligned) offset: one aligned
+    // load, two where the vector's real lanes reach past the next boundary,
+    // rotated into place by valignd (width_abi.hpp).
+    int shifts = 0;
 
     bool operator==(const sparse_kernel_params &o) const {
         return isa == o.isa && dtype == o.dtype && n_vec == o.n_vec && avx_vnni == o.avx_vnni
-               && n_rows == o.n_rows && tail == o.tail && row_step == o.row_step && word == o.word;
+               && n_rows == o.n_rows && tail == o.tail && row_step == o.row_step && word == o.word
+               && shifts == o.shifts;
     }
     std::string str() const;
 };

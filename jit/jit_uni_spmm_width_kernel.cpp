@@ -1,5 +1,6 @@
 #include "jit/jit_uni_spmm_width_kernel.hpp"
 
+#include <algorithm>
 #include <cstddef>
 #include <functional>
 #include <stdexcept>
@@ -34,6 +35,14 @@ void check_params(const sparse_kernel_params &p) {
     if (p.avx_vnni && (p.isa != cpu_isa::avx2 || p.dtype != sparse_dtype::s8))
         throw std::invalid_argument("jit spmm_width: avx_vnni applies to the avx2 s8 kernel only");
     check_s8_word(p, "spmm_width", true, false);
+    if (p.shifts < 0 || p.shifts > lanes)
+        throw std::invalid_argument("jit spmm_width: shifts must be in [0, " + std::to_string(lanes)
+                                    + "], got " + std::to_string(p.shifts));
+    if (p.shifts != 0
+        && (p.isa < cpu_isa::avx512_core || p.dtype != sparse_dtype::f32 || p.row_step % 64 != 0))
+        throw std::invalid_argument("jit spmm_width: shifts (aligned sources) need an AVX-512 "
+                                    "tier, f32 and a row step of whole vectors, got "
+                                    + p.str());
 }
 
 } // namespace
@@ -58,7 +67,7 @@ int spmm_width_max_accumulators(cpu_isa isa, sparse_dtype dtype, bool avx_vnni, 
 
 template <cpu_isa isa>
 jit_uni_spmm_width_kernel_t<isa>::jit_uni_spmm_width_kernel_t(const sparse_kernel_params &params)
-    : jit_spmm_width_kernel("spmm_width", params) {
+    : jit_spmm_width_kernel("spmm_width", params, max_code_bytes * std::max(1, params.shifts)) {
     check_params(params);
     finish();
 }
@@ -84,7 +93,9 @@ template <cpu_isa isa> void jit_uni_spmm_width_kernel_t<isa>::generate() {
     // General registers; rdi keeps the params, the block's position lives in
     // a small stack frame.
     const Reg64 param = rdi, values = r8, offsets = r9, group_ptr = r10, i = rax, end = rdx,
-                off = rsi, row = r15, tmp = rcx, dptr = rbx, src = r11;
+                off = rsi, row = r15, tmp = rcx, dptr = rbx, src = r11, runs_ptr = r12;
+    // a group's entries: one run, or one per shift (params_.shifts)
+    const int runs = std::max(1, params_.shifts);
     const Address rows_left = qword[rsp], src_blk = qword[rsp + 8], dst_blk = qword[rsp + 16],
                   group = qword[rsp + 24], first_block = qword[rsp + 32];
     constexpr int frame_bytes = 48;
@@ -228,11 +239,67 @@ template <cpu_isa isa> void jit_uni_spmm_width_kernel_t<isa>::generate() {
         L(skip);
     };
 
+    // Entry i (run `shift`) into the sums of a block of `rows` rows: its
+    // weight broadcast, then per vector one multiply-add of its source.
+    auto entry = [&](int rows, int shift) {
+        movsxd(off, dword[offsets + i * 4]);
+        if (s8)
+            vpbroadcastd(w, dword[values + i * 4]);
+        else
+            vbroadcastss(w, dword[values + i * 4]);
+        auto x_at = [&](int r, int v) { return ptr[src + off + r * params_.row_step + v * vlen]; };
+        if (shift != 0) {
+            // aligned loads, rotated by `shift` lanes: the vector's real
+            // lanes from this one and, past its end, the next, whose load
+            // the row's next vector reuses (a load crossing a cache line
+            // costs AVX-512 about twice an aligned one: C3's source rows
+            // are 18 floats, 72 bytes, and every tap but one in 16 crossed)
+            for (int r = 0; r < rows; ++r) {
+                Vmm here = tmp0, next = tmp1;
+                vmovups(here, x_at(r, 0));
+                for (int v = 0; v < nv; ++v) {
+                    const int real = v == nv - 1 && tail != 0 ? tail : vlen / 4;
+                    if (shift + real <= vlen / 4) {
+                        valignd(here, here, here, shift);
+                        vfmadd231ps(acc(r, v), w, here);
+                        if (v + 1 < nv) vmovups(here, x_at(r, v + 1));
+                        continue;
+                    }
+                    vmovups(next, x_at(r, v + 1));
+                    valignd(here, next, here, shift);
+                    vfmadd231ps(acc(r, v), w, here);
+                    std::swap(here, next);
+                }
+            }
+            return;
+        }
+        for (int r = 0; r < rows; ++r)
+            for (int v = 0; v < nv; ++v) {
+                const Address x = x_at(r, v);
+                if (!s8) {
+                    vfmadd231ps(acc(r, v), w, x);
+                } else if (pairs) {
+                    vpmaddwd(tmp0, w, x);
+                    vpaddd(acc(r, v), acc(r, v), tmp0);
+                } else if (!emulated) {
+                    const Vmm &t = (r * nv + v) % 2 ? tmp1 : tmp0; // two loads in flight
+                    vmovups(t, x);
+                    if (avx512)
+                        vpdpbusd(acc(r, v), t, w);
+                    else
+                        vpdpbusd(acc(r, v), t, w, VexEncoding);
+                } else {
+                    vmovups(tmp0, x);
+                    emit_split_nibbles(*this, tmp0, lo, hi, nibble_mask);
+                    emit_dot_u8s8_nibbles(*this, acc(r, v), lo, hi, w, ones16, p_lo, p_hi, true);
+                }
+            }
+    };
+
     // One block of `rows` output rows: every group, and in it every channel
     // of the row range.
     auto block = [&](int rows) {
-        Label group_loop, groups_done, row_loop, entry_loop, entries_done, rows_done, first_group,
-                sums_ready, not_last;
+        Label group_loop, groups_done, row_loop, rows_done, first_group, sums_ready, not_last;
         mov(src, src_blk);
         mov(qword[rsp + 24], 0);
         L(group_loop);
@@ -264,45 +331,28 @@ template <cpu_isa isa> void jit_uni_spmm_width_kernel_t<isa>::generate() {
                     vbroadcastss(acc(r, v), dword[tmp + row * 4]);
         }
         L(sums_ready);
-        // entries [group_ptr[row * (n_groups + 1) + group], ... + 1)
-        mov(i, row);
-        imul(i, field(offsetof(cp, n_groups)));
-        add(i, row);
-        add(i, group);
-        mov(end, ptr[group_ptr + i * 8 + 8]);
-        mov(i, ptr[group_ptr + i * 8]);
-        L(entry_loop);
-        cmp(i, end);
-        jge(entries_done, T_NEAR);
-        movsxd(off, dword[offsets + i * 4]);
-        if (s8)
-            vpbroadcastd(w, dword[values + i * 4]);
-        else
-            vbroadcastss(w, dword[values + i * 4]);
-        for (int r = 0; r < rows; ++r)
-            for (int v = 0; v < nv; ++v) {
-                const Address x = ptr[src + off + r * params_.row_step + v * vlen];
-                if (!s8) {
-                    vfmadd231ps(acc(r, v), w, x);
-                } else if (pairs) {
-                    vpmaddwd(tmp0, w, x);
-                    vpaddd(acc(r, v), acc(r, v), tmp0);
-                } else if (!emulated) {
-                    const Vmm &t = (r * nv + v) % 2 ? tmp1 : tmp0; // two loads in flight
-                    vmovups(t, x);
-                    if (avx512)
-                        vpdpbusd(acc(r, v), t, w);
-                    else
-                        vpdpbusd(acc(r, v), t, w, VexEncoding);
-                } else {
-                    vmovups(tmp0, x);
-                    emit_split_nibbles(*this, tmp0, lo, hi, nibble_mask);
-                    emit_dot_u8s8_nibbles(*this, acc(r, v), lo, hi, w, ones16, p_lo, p_hi, true);
-                }
-            }
+        // the runs of entries [group_ptr[row * (n_groups * runs + 1) + group * runs
+        // + s], ... + 1) for s in [0, runs)
+        mov(i, field(offsetof(cp, n_groups)));
+        if (runs > 1) imul(i, i, runs);
         inc(i);
-        jmp(entry_loop);
-        L(entries_done);
+        imul(i, row);
+        mov(tmp, group);
+        if (runs > 1) imul(tmp, tmp, runs);
+        add(i, tmp);
+        lea(runs_ptr, ptr[group_ptr + i * 8]);
+        for (int s = 0; s < runs; ++s) {
+            Label entry_loop, entries_done;
+            mov(i, ptr[runs_ptr + s * 8]);
+            mov(end, ptr[runs_ptr + s * 8 + 8]);
+            L(entry_loop);
+            cmp(i, end);
+            jge(entries_done, T_NEAR);
+            entry(rows, s);
+            inc(i);
+            jmp(entry_loop);
+            L(entries_done);
+        }
         if (s8) { // after the last group: float(sum - correction) * scale + bias
             mov(tmp, group);
             inc(tmp);

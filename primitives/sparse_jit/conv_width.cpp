@@ -26,12 +26,20 @@ width_split split_width(int64_t width, int64_t lanes, int max_vectors) {
     return s;
 }
 
-width_plane conv_width::x_plane(int64_t read_lanes) const {
+namespace {
+
+int64_t round_up(int64_t v, int64_t align) {
+    return (v + align - 1) / align * align;
+}
+
+} // namespace
+
+width_plane conv_width::x_plane(int64_t read_lanes, int64_t align) const {
     width_plane p;
     p.rows = l.hp;
     p.phases = l.sw;
     const int64_t last_start = (l.kw - 1) * l.dw / l.sw; // the largest tap start in a phase
-    p.phase_len = std::max((l.wp + l.sw - 1) / l.sw, last_start + read_lanes);
+    p.phase_len = round_up(std::max((l.wp + l.sw - 1) / l.sw, last_start + read_lanes), align);
     return p;
 }
 
@@ -60,7 +68,7 @@ sparse_rows conv_width::forward_rows(const csr_pattern &p) const {
     return rows_from_triples(l.out_c, triples);
 }
 
-width_plane conv_width::dy_plane(const std::vector<int64_t> &read_lanes) const {
+width_plane conv_width::dy_plane(const std::vector<int64_t> &read_lanes, int64_t align) const {
     width_plane p;
     p.rows = l.ohp;
     p.phases = 1;
@@ -73,6 +81,7 @@ width_plane conv_width::dy_plane(const std::vector<int64_t> &read_lanes) const {
                 p.phase_len = std::max(p.phase_len, f.qw0 + m + l.dy_pad.left + read_lanes[i]);
         }
     }
+    p.phase_len = round_up(p.phase_len, align);
     return p;
 }
 

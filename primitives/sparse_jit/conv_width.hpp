@@ -60,8 +60,9 @@ struct conv_width {
     int64_t key_tap(int64_t key) const { return key / 4 % taps; }
 
     // Forward / backward-weights source: padded x planes whose rows hold
-    // `read_lanes` lanes past every tap's start.
-    width_plane x_plane(int64_t read_lanes) const;
+    // `read_lanes` lanes past every tap's start, `align` lanes long a whole
+    // number of times (aligned sources: every row starts on a vector).
+    width_plane x_plane(int64_t read_lanes, int64_t align = 1) const;
     // The same when an image is one output row (s8 backward-weights at
     // stride 1): rows at the padded width, and zero rows past the image for
     // the farthest tap's read of the last vector.
@@ -72,8 +73,9 @@ struct conv_width {
     sparse_rows forward_rows(const csr_pattern &p) const;
 
     // Backward-data source: dY padded by l.dy_pad, rows long enough for
-    // `read_lanes(phase)` lanes of every phase's taps.
-    width_plane dy_plane(const std::vector<int64_t> &read_lanes) const;
+    // `read_lanes(phase)` lanes of every phase's taps (and `align` long a
+    // whole number of times, as x_plane's).
+    width_plane dy_plane(const std::vector<int64_t> &read_lanes, int64_t align = 1) const;
     // Element offset in the dY plane of tap t of phase f at its first position.
     int64_t dy_tap(const width_plane &plane, const conv_layout::phase &f, int64_t tap) const;
     // Per input channel: the phase's entries keyed by (output channel, tap).

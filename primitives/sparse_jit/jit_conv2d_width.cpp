@@ -52,6 +52,32 @@ statistics_part part_of(const jit::width_statistics &w, int64_t n) {
     return p;
 }
 
+// Where the width SpMM reads its sources from aligned planes
+// (sparse_kernel_params::shifts): AVX-512, f32. A load that crosses a cache
+// line costs AVX-512 about twice an aligned one, and on planes whose rows
+// are not whole vectors (C3's 18 floats) almost every load crossed one.
+bool aligned_sources(cpu_isa isa, sparse_dtype dt) {
+    return isa >= cpu_isa::avx512_core && dt == sparse_dtype::f32;
+}
+constexpr int64_t source_vector_bytes = 64;
+
+// The lanes (4-byte positions) an aligned plane's entry starts past the
+// vector boundary below it, and that boundary.
+int64_t shift_of(int64_t offset_bytes) {
+    return offset_bytes % source_vector_bytes / 4;
+}
+int64_t aligned_offset(int64_t offset_bytes) {
+    return offset_bytes - offset_bytes % source_vector_bytes;
+}
+// The shift runs m's entries need: one more than their largest shift.
+int shift_count(const sparse_rows &m, const std::function<int64_t(int64_t, int64_t)> &offset) {
+    int64_t most = 0;
+    for (int64_t r = 0; r < m.rows; ++r)
+        for (int64_t e = m.row_ptr[r]; e < m.row_ptr[r + 1]; ++e)
+            most = std::max(most, shift_of(offset(r, m.key[e])));
+    return static_cast<int>(most) + 1;
+}
+
 // The kernels covering one output row: one per chunk of the split.
 template <typename kernel_t> struct row_calls {
     width_split split;
@@ -82,12 +108,14 @@ width_split spmm_split(cpu_isa isa, sparse_dtype dt, int64_t width, jit::s8_word
 
 // The SpMM kernels of a split: out_rows per image, the source moving
 // row_step bytes per output row.
+// shifts: 0, or the shift runs of aligned sources.
 row_calls<jit::jit_spmm_width_kernel> spmm_calls(cpu_isa isa, sparse_dtype dt,
                                                  const width_split &split, jit::s8_word word,
-                                                 int64_t out_rows, int64_t row_step) {
+                                                 int64_t out_rows, int64_t row_step, int shifts) {
     jit::sparse_kernel_params base = jit::make_sparse_kernel_params(isa, dt, 1);
     base.word = word;
     base.row_step = row_step;
+    base.shifts = shifts;
     const int max_acc = jit::spmm_width_max_accumulators(isa, dt, base.avx_vnni, word);
     row_calls<jit::jit_spmm_width_kernel> c{split, {}};
     for (int64_t ch = 0; ch < c.split.chunks(); ++ch) {
@@ -175,11 +203,15 @@ using grouping = source_groups;
 
 // rows_touched: source rows one block of output rows reads per channel;
 // channel_bytes_per_row: bytes of one such row per channel.
-grouping make_grouping(const conv_width &w, const sparse_rows &m, const entry_plan &entries,
-                       int64_t channels, int64_t rows_touched, int64_t channel_bytes_per_row) {
+grouping make_grouping(const conv_width &w, const sparse_rows &m, int64_t channels,
+                       int64_t rows_touched, int64_t channel_bytes_per_row) {
     return make_source_groups(
-            m, entries.row_ptr, nullptr, [&w](int64_t key) { return w.key_channel(key); }, channels,
+            m, m.row_ptr, nullptr, [&w](int64_t key) { return w.key_channel(key); }, channels,
             rows_touched * channel_bytes_per_row);
+}
+grouping make_grouping(const conv_width &w, const sparse_rows &m, const entry_plan &,
+                       int64_t channels, int64_t rows_touched, int64_t channel_bytes_per_row) {
+    return make_grouping(w, m, channels, rows_touched, channel_bytes_per_row);
 }
 grouping make_grouping(const conv_width &w, const sparse_rows &m, const quad_plan &quads,
                        int64_t channels, int64_t rows_touched, int64_t channel_bytes_per_row) {
@@ -202,23 +234,46 @@ template <typename entries_t> struct phase_plan {
     grouping groups;
 };
 
-// The phases' kernels, and the dY plane all their reads fit in.
+// The phases with their splits (the kernels follow from their entries),
+// and the dY plane all their reads fit in: rows of whole vectors on
+// aligned sources, whose reads stop at the vector holding a row's last
+// real lane.
 template <typename entries_t>
 width_plane make_phases(const conv_width &w, cpu_isa isa, sparse_dtype dt, jit::s8_word word,
                         std::vector<phase_plan<entries_t>> &phases) {
-    std::vector<width_split> splits;
+    const bool aligned = aligned_sources(isa, dt);
     std::vector<int64_t> read_lanes;
     for (const auto &f : w.l.phases) {
-        splits.push_back(spmm_split(isa, dt, f.n_w, word));
-        read_lanes.push_back(splits.back().read_lanes());
+        phases.push_back({f, {spmm_split(isa, dt, f.n_w, word), {}}, nullptr, {}});
+        read_lanes.push_back(aligned ? f.n_w : phases.back().calls.split.read_lanes());
     }
-    const width_plane plane = w.dy_plane(read_lanes);
-    for (size_t i = 0; i < splits.size(); ++i) {
-        const conv_layout::phase &f = w.l.phases[i];
-        phases.push_back(
-                {f, spmm_calls(isa, dt, splits[i], word, f.n_h, plane.row_len() * 4), nullptr, {}});
+    return w.dy_plane(read_lanes, aligned ? jit::vector_lanes(isa) : 1);
+}
+
+// The SpMM entries of m and their groups (`rows_touched` source rows of
+// `channel_bytes_per_row` per channel a block): on aligned sources each
+// group's entries in runs by shift, their offsets down to the vector
+// boundary (the kernels rotate what they load).
+template <typename scheme_t, typename entries_t>
+void spmm_entries(const conv_width &w, const sparse_rows &m,
+                  const std::function<int64_t(int64_t, int64_t)> &offset, int shifts,
+                  int64_t channels, int64_t rows_touched, int64_t channel_bytes_per_row,
+                  int threads, jit::s8_word word, std::unique_ptr<entries_t> &entries,
+                  grouping &groups) {
+    if (shifts == 0) {
+        entries = scheme_t::entries(m, offset, threads, word);
+        groups = make_grouping(w, m, *entries, channels, rows_touched, channel_bytes_per_row);
+        return;
     }
-    return plane;
+    if (scheme_t::dt != sparse_dtype::f32)
+        throw std::logic_error("conv width plan: aligned sources are f32 only");
+    shift_runs runs = split_runs_by_shift(
+            m, make_grouping(w, m, channels, rows_touched, channel_bytes_per_row), shifts,
+            [&offset](int64_t r, int64_t key) { return shift_of(offset(r, key)); });
+    entries = scheme_t::entries(
+            runs.rows, [&offset](int64_t r, int64_t key) { return aligned_offset(offset(r, key)); },
+            threads, word);
+    groups = std::move(runs.groups);
 }
 
 // Runs the SpMM kernels of one output layout over every image: `src` holds
@@ -319,22 +374,23 @@ protected:
         const int64_t per_position = scheme::spmm_per_position(word_),
                       bytes = scheme::element_bytes, spmm_bytes = 4 / per_position;
         const conv_width &w = w_;
+        const bool aligned = aligned_sources(isa, scheme::dt);
         switch (p.dir) {
             case direction::forward: {
                 const width_split split = spmm_split(isa, scheme::dt, w_.l.out_w, word_);
-                plane_ = w_.x_plane(split.read_lanes());
-                fwd_ = spmm_calls(isa, scheme::dt, split, word_, w_.l.out_h,
-                                  w_.l.sh * plane_.row_len() * 4);
+                plane_ = aligned ? w_.x_plane(w_.l.out_w, split.lanes)
+                                 : w_.x_plane(split.read_lanes());
                 const width_plane plane = plane_;
                 const sparse_rows m = w_.forward_rows(p.pattern);
-                spmm_ = scheme::entries(
-                        m,
+                const auto offset =
                         plane_offset(w_, plane.size(), per_position, 4,
-                                     [&w, plane](int64_t tap) { return w.x_tap(plane, tap); }),
-                        threads, word_);
-                groups_ =
-                        make_grouping(w_, m, *spmm_, w_.l.in_c, block_rows(fwd_, w_.l.sh, x_span()),
-                                      plane_.row_len() * spmm_bytes);
+                                     [&w, plane](int64_t tap) { return w.x_tap(plane, tap); });
+                const int shifts = aligned ? shift_count(m, offset) : 0;
+                fwd_ = spmm_calls(isa, scheme::dt, split, word_, w_.l.out_h,
+                                  w_.l.sh * plane_.row_len() * 4, shifts);
+                spmm_entries<scheme>(w_, m, offset, shifts, w_.l.in_c,
+                                     block_rows(fwd_, w_.l.sh, x_span()),
+                                     plane_.row_len() * spmm_bytes, threads, word_, spmm_, groups_);
                 break;
             }
             case direction::backward_data:
@@ -343,15 +399,15 @@ protected:
                     const conv_layout::phase ph = f.phase;
                     const width_plane plane = plane_;
                     const sparse_rows m = w_.backward_data_rows(p.pattern, ph);
-                    f.entries = scheme::entries(m,
-                                                plane_offset(w_, plane.size(), per_position, 4,
-                                                             [&w, plane, ph](int64_t tap) {
-                                                                 return w.dy_tap(plane, ph, tap);
-                                                             }),
-                                                threads, word_);
-                    f.groups = make_grouping(w_, m, *f.entries, w_.l.out_c,
-                                             block_rows(f.calls, 1, dy_span()),
-                                             plane_.row_len() * spmm_bytes);
+                    const auto offset = plane_offset(
+                            w_, plane.size(), per_position, 4,
+                            [&w, plane, ph](int64_t tap) { return w.dy_tap(plane, ph, tap); });
+                    const int shifts = aligned ? shift_count(m, offset) : 0;
+                    f.calls = spmm_calls(isa, scheme::dt, f.calls.split, word_, ph.n_h,
+                                         plane_.row_len() * 4, shifts);
+                    spmm_entries<scheme>(
+                            w_, m, offset, shifts, w_.l.out_c, block_rows(f.calls, 1, dy_span()),
+                            plane_.row_len() * spmm_bytes, threads, word_, f.entries, f.groups);
                 }
                 break;
             case direction::backward_weights: {
@@ -795,14 +851,19 @@ std::string width_refusal(const problem &p, quant_scheme scheme, cpu_isa isa) {
     const int64_t fwd_lanes = (w.l.out_w + lanes - 1) / lanes * lanes;
     const int64_t sddmm_lanes =
             s8 ? (w.l.out_w + 4 * lanes - 1) / (4 * lanes) * 4 * lanes : fwd_lanes;
+    // aligned sources: rows of whole vectors holding the real lanes
+    const bool aligned = aligned_sources(isa, s8 ? sparse_dtype::s8 : sparse_dtype::f32);
+    const int64_t align = aligned ? lanes : 1;
     std::vector<int64_t> phase_lanes;
     for (const auto &f : w.l.phases)
-        phase_lanes.push_back((f.n_w + lanes - 1) / lanes * lanes);
-    const int64_t x_chans = s8 ? (w.l.in_c + 3) / 4 : w.l.in_c,
-                  dy_chans = s8 ? (w.l.out_c + 3) / 4 : w.l.out_c;
-    const int64_t biggest = std::max({x_chans * w.x_plane(fwd_lanes).size() * 4,
-                                      w.l.in_c * w.x_plane(sddmm_lanes).size() * (s8 ? 1 : 4),
-                                      dy_chans * w.dy_plane(phase_lanes).size() * 4});
+        phase_lanes.push_back(aligned ? f.n_w : (f.n_w + lanes - 1) / lanes * lanes);
+    // s8 SpMM planes hold a word of channels (pairs: 2, quads: 4) each
+    const int64_t cpw = s8 ? jit::channels_per_word(jit::s8_conv_word(isa)) : 1;
+    const int64_t x_chans = (w.l.in_c + cpw - 1) / cpw, dy_chans = (w.l.out_c + cpw - 1) / cpw;
+    const int64_t biggest =
+            std::max({x_chans * w.x_plane(aligned ? w.l.out_w : fwd_lanes, align).size() * 4,
+                      w.l.in_c * w.x_plane(sddmm_lanes).size() * (s8 ? 1 : 4),
+                      dy_chans * w.dy_plane(phase_lanes, align).size() * 4});
     if (biggest > std::numeric_limits<int32_t>::max())
         return "an image's padded planes exceed the 32-bit entry offsets";
     if (s8) {

@@ -322,6 +322,45 @@ source_groups make_source_groups(const sparse_rows &m, const std::vector<int64_t
     return g;
 }
 
+shift_runs split_runs_by_shift(const sparse_rows &m, const source_groups &g, int64_t runs,
+                               const std::function<int64_t(int64_t, int64_t)> &shift_of) {
+    if (runs < 1 || g.runs != 1 || static_cast<int64_t>(g.ptr.size()) != m.rows * (g.n + 1))
+        throw std::logic_error("sparse JIT plan: shift runs need one run per group of every row");
+    shift_runs out;
+    out.rows.rows = 0;
+    out.rows.key.reserve(m.key.size());
+    out.rows.value_index.reserve(m.value_index.size());
+    out.groups = g;
+    out.groups.runs = runs;
+    out.groups.ptr.clear();
+    out.groups.ptr.reserve(static_cast<size_t>(m.rows * (g.n * runs + 1)));
+    std::vector<int64_t> order;
+    for (int64_t r = 0; r < m.rows; ++r) {
+        for (int64_t grp = 0; grp < g.n; ++grp) {
+            const int64_t begin = g.ptr[r * (g.n + 1) + grp], end = g.ptr[r * (g.n + 1) + grp + 1];
+            order.clear();
+            for (int64_t l = begin; l < end; ++l) {
+                const int64_t s = shift_of(r, m.key[l]);
+                if (s < 0 || s >= runs)
+                    throw std::logic_error("sparse JIT plan: an entry's shift is past the runs");
+                order.push_back(l);
+            }
+            std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+                return shift_of(r, m.key[a]) < shift_of(r, m.key[b]);
+            });
+            size_t next = 0;
+            for (int64_t s = 0; s < runs; ++s) {
+                out.groups.ptr.push_back(out.rows.entries());
+                for (; next < order.size() && shift_of(r, m.key[order[next]]) == s; ++next)
+                    out.rows.add(m.key[order[next]], m.value_index[order[next]]);
+            }
+        }
+        out.groups.ptr.push_back(out.rows.entries());
+        out.rows.end_row();
+    }
+    return out;
+}
+
 entry_pair_plan::entry_pair_plan(const sparse_rows &m,
                                  const std::function<int64_t(int64_t, int64_t)> &offset,
                                  int64_t channels, int64_t channel_bytes, int64_t min_group_items,

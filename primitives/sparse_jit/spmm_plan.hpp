@@ -132,8 +132,11 @@ struct quad_plan {
 // kernels store a row's sums after each group and reload them in the next
 // (jit/tile_abi.hpp, jit/width_abi.hpp: group_ptr).
 struct source_groups {
-    int64_t n = 1, size = 0;  // groups of `size` channels (the last may hold fewer)
-    std::vector<int64_t> ptr; // per row: each group's first kernel item, then the row's end
+    int64_t n = 1, size = 0; // groups of `size` channels (the last may hold fewer)
+    // Per row: each group's first kernel item, then the row's end; with
+    // runs > 1 (split_runs_by_shift) each group's `runs` runs' first items.
+    std::vector<int64_t> ptr;
+    int64_t runs = 1;
 };
 
 // s8 SpMM arrays over "entry pairs" (jit::s8_word::entry_pair): any two
@@ -176,6 +179,17 @@ source_groups make_source_groups(const sparse_rows &m, const std::vector<int64_t
                                  const std::function<int64_t(int64_t)> &channel_of,
                                  int64_t channels, int64_t channel_bytes, int64_t align = 4,
                                  int64_t min_items = 6);
+
+// m's entries (one kernel item each) with every run of a row in one of
+// groups g ordered by shift_of(row, key) in [0, runs), stably, and g's
+// pointer split to match: per row, per group, the first entry of each
+// shift's run, then the row's end (jit::sparse_kernel_params::shifts).
+struct shift_runs {
+    sparse_rows rows;
+    source_groups groups;
+};
+shift_runs split_runs_by_shift(const sparse_rows &m, const source_groups &g, int64_t runs,
+                               const std::function<int64_t(int64_t, int64_t)> &shift_of);
 
 // Linear's SpMMs take a group only for segments of at least this many
 // entries per row. Measured (L3, 4096 -> 4096, 90 %, f32 forward): 32

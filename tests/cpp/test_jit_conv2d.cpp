@@ -214,6 +214,25 @@ TEST(JitConv2dEdges, non_square_asymmetric_dilated_grouped_depthwise) {
     }
 }
 
+// Output rows of whole vectors (16 and 32 columns): on AVX-512's aligned
+// sources a row's last vector then reaches past its vector boundary at
+// every shift but 0 and reads the next vector too (the rotated loads of
+// sparse_kernel_params::shifts), at shifts up to 4 (5x5, dilated).
+TEST(JitConv2dEdges, rows_of_whole_vectors_at_every_shift) {
+    const std::vector<conv_case> cases = {
+            {2, 5, 7, 6, 16, geometry(3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 1), 0.5},
+            {2, 5, 7, 5, 32, geometry(5, 5, 1, 1, 2, 2, 2, 2, 1, 1, 1), 0.6},
+            {1, 6, 4, 6, 34, geometry(3, 3, 1, 1, 1, 1, 1, 1, 1, 2, 1), 0.4},
+            {2, 4, 3, 4, 48, geometry(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1), 0.3},
+    };
+    int threads = 1;
+    unsigned seed = 70;
+    for (const conv_case &c : cases) {
+        compare_with_reference(c, threads, seed++);
+        threads = threads % 3 + 1;
+    }
+}
+
 TEST(JitConv2dEdges, odd_channel_counts_and_batches) {
     unsigned seed = 80;
     for (int64_t n : {1, 3, 17, 65})

@@ -162,6 +162,12 @@ TEST(JitGenerator, width_kernels_at_their_most_rows_are_generated) {
                         p.tail = 3;
                         SCOPED_TRACE("spmm_width " + p.str());
                         ASSERT_NO_THROW(expect_sealed(*jit::spmm_width_kernel(p)));
+                        // aligned sources: a block per row count for each shift
+                        if (isa < cpu_isa::avx512_core || s8) continue;
+                        jit::sparse_kernel_params aligned = p;
+                        aligned.shifts = jit::vector_lanes(isa);
+                        SCOPED_TRACE("spmm_width " + aligned.str());
+                        ASSERT_NO_THROW(expect_sealed(*jit::spmm_width_kernel(aligned)));
                     }
                 }
                 p.word = jit::s8_word::quad;
@@ -269,6 +275,39 @@ TEST(JitGenerator, width_kernels_key_on_their_row_step) {
         EXPECT_THROW(jit::spmm_width_kernel(other), std::invalid_argument);
         EXPECT_THROW(jit::sddmm_width_kernel(other), std::invalid_argument);
     }
+}
+
+// Aligned sources (shifts: runs per group, rotated loads) are a separate
+// code, and only where valignd exists and the loads stay aligned: AVX-512,
+// f32, a row step of whole vectors, at most a vector's lanes of runs.
+TEST(JitGenerator, width_spmm_takes_aligned_sources_where_they_are_emitted) {
+    jit::sparse_kernel_params p =
+            jit::make_sparse_kernel_params(cpu_isa::avx512_core, jit::sparse_dtype::f32, 1);
+    p.n_rows = 3;
+    p.row_step = 128;
+    jit::sparse_kernel_params aligned = p;
+    aligned.shifts = 3;
+    EXPECT_NE(jit::spmm_width_kernel(p), jit::spmm_width_kernel(aligned));
+    EXPECT_EQ(jit::spmm_width_kernel(aligned)->params(), aligned);
+    EXPECT_NE(aligned.str().find("_sh3"), std::string::npos);
+    auto refused = [](jit::sparse_kernel_params bad, const char *why) {
+        SCOPED_TRACE(why);
+        EXPECT_THROW(jit::spmm_width_kernel(bad), std::invalid_argument);
+    };
+    jit::sparse_kernel_params bad = aligned;
+    bad.row_step = 72; // C3's unaligned rows
+    refused(bad, "row step of 72 bytes");
+    bad = aligned;
+    bad.shifts = 17;
+    refused(bad, "17 runs");
+    bad.shifts = -1;
+    refused(bad, "negative runs");
+    bad = aligned;
+    bad.isa = cpu_isa::avx2;
+    refused(bad, "avx2");
+    bad = aligned;
+    bad.dtype = jit::sparse_dtype::s8;
+    refused(bad, "s8");
 }
 
 } // namespace qsp::test
