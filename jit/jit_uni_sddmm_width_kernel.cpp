@@ -54,6 +54,14 @@ void check_params(const sparse_kernel_params &p) {
     if (p.avx_vnni && (p.isa != cpu_isa::avx2 || p.dtype != sparse_dtype::s8))
         throw std::invalid_argument("jit sddmm_width: avx_vnni applies to the avx2 s8 kernel only");
     check_s8_word(p, "sddmm_width", false);
+    if (p.shifts != 0
+        && (p.isa < cpu_isa::avx512_core || p.dtype != sparse_dtype::f32 || p.n_vec != 1
+            || p.tail == 0 || p.shifts < 1 || p.tail + p.shifts - 1 > lanes
+            || p.row_step % 64 != 0))
+        throw std::invalid_argument(
+                "jit sddmm_width: shifts (aligned sources) need an AVX-512 tier, f32, one "
+                "vector a row whose real lanes stay in it at every shift (tail + shifts - 1 <= "
+                + std::to_string(lanes) + ") and a row step of whole vectors, got " + p.str());
 }
 
 } // namespace
@@ -70,7 +78,7 @@ int sddmm_width_max_dy_vectors(cpu_isa isa, sparse_dtype dtype, bool avx_vnni) {
 
 template <cpu_isa isa>
 jit_uni_sddmm_width_kernel_t<isa>::jit_uni_sddmm_width_kernel_t(const sparse_kernel_params &params)
-    : jit_sddmm_width_kernel("sddmm_width", params) {
+    : jit_sddmm_width_kernel("sddmm_width", params, max_code_bytes * std::max(1, params.shifts)) {
     check_params(params);
     finish();
 }
@@ -102,7 +110,9 @@ template <cpu_isa isa> void jit_uni_sddmm_width_kernel_t<isa>::generate() {
     // row's end live in a small stack frame.
     const Reg64 param = rdi, offsets = r9, group_ptr = r10, i = rax, row = r15, tmp = rcx, pp = rbx;
     const Reg64 off[4] = {rsi, rbp, r8, rdx};
-    const Reg64 xb = r11; // the block's x, output row 0
+    const Reg64 xb = r11, runs_ptr = r12; // the block's x, output row 0; the group's runs
+    // a group's entries: one run, or one per shift (params_.shifts)
+    const int runs = std::max(1, params_.shifts);
     const Address rows_left = qword[rsp], x_blk = qword[rsp + 8], dy_blk = qword[rsp + 16],
                   end = qword[rsp + 24], group = qword[rsp + 32];
     auto field = [&](size_t offset) { return qword[param + offset]; };
@@ -165,8 +175,7 @@ template <cpu_isa isa> void jit_uni_sddmm_width_kernel_t<isa>::generate() {
     // One block of `rows` output rows: every group, and in it every channel
     // of the row range (the group's x rows stay in L1 across channels).
     auto block = [&](int rows) {
-        Label groups_loop, groups_done, row_loop, group_loop, single_loop, singles, row_done,
-                rows_done;
+        Label groups_loop, groups_done, row_loop, rows_done;
         mov(xb, x_blk);
         mov(group, 0);
         L(groups_loop);
@@ -201,44 +210,61 @@ template <cpu_isa isa> void jit_uni_sddmm_width_kernel_t<isa>::generate() {
                     vmaskmovps(g(k), sum(0, 0), a);
             }
         }
-        // entries [group_ptr[row * (n_groups + 1) + group], ... + 1)
-        mov(i, row);
-        imul(i, field(offsetof(cp, n_groups)));
-        add(i, row);
-        add(i, group);
-        mov(tmp, ptr[group_ptr + i * 8 + 8]);
-        mov(end, tmp);
-        mov(i, ptr[group_ptr + i * 8]);
-        mov(pp, i);
-        shl(pp, avx512 ? 6 : 5);
-        add(pp, field(offsetof(cp, partial)));
-        L(group_loop);
-        lea(tmp, ptr[i + un.entries]);
-        cmp(tmp, end);
-        jg(single_loop, T_NEAR);
-        entries(un.entries, rows);
-        add(i, un.entries);
-        add(pp, un.entries * vlen);
-        jmp(group_loop, T_NEAR);
-        L(single_loop);
-        if (un.entries > 2) { // at most one pair left: two sums per chain beat one
-            Label no_pair;
-            lea(tmp, ptr[i + 2]);
-            cmp(tmp, end);
-            jg(no_pair, T_NEAR);
-            entries(2, rows);
-            add(i, 2);
-            add(pp, 2 * vlen);
-            L(no_pair);
-        }
-        L(singles);
-        cmp(i, end);
-        jge(row_done, T_NEAR);
-        entries(1, rows);
+        // the runs of entries [group_ptr[row * (n_groups * runs + 1) + group * runs
+        // + s], ... + 1) for s in [0, runs)
+        mov(i, field(offsetof(cp, n_groups)));
+        if (runs > 1) imul(i, i, runs);
         inc(i);
-        add(pp, vlen);
-        jmp(singles, T_NEAR);
-        L(row_done);
+        imul(i, row);
+        mov(tmp, group);
+        if (runs > 1) imul(tmp, tmp, runs);
+        add(i, tmp);
+        lea(runs_ptr, ptr[group_ptr + i * 8]);
+        for (int s = 0; s < runs; ++s) {
+            Label group_loop, single_loop, singles, run_done;
+            if (s > 0) {
+                // Aligned sources: run s reads x from s lanes past its
+                // aligned offset, and the lanes are summed whatever their
+                // order, so the dY rows move up a lane instead (lane 15
+                // comes round to 0: it is a zero lane, past the real ones
+                // at every shift, check_params).
+                for (int k = 0; k < rows * nv; ++k)
+                    valignd(g(k), g(k), g(k), vlen / 4 - 1);
+            }
+            mov(i, ptr[runs_ptr + s * 8]);
+            mov(tmp, ptr[runs_ptr + s * 8 + 8]);
+            mov(end, tmp);
+            mov(pp, i);
+            shl(pp, avx512 ? 6 : 5);
+            add(pp, field(offsetof(cp, partial)));
+            L(group_loop);
+            lea(tmp, ptr[i + un.entries]);
+            cmp(tmp, end);
+            jg(single_loop, T_NEAR);
+            entries(un.entries, rows);
+            add(i, un.entries);
+            add(pp, un.entries * vlen);
+            jmp(group_loop, T_NEAR);
+            L(single_loop);
+            if (un.entries > 2) { // at most one pair left: two sums per chain beat one
+                Label no_pair;
+                lea(tmp, ptr[i + 2]);
+                cmp(tmp, end);
+                jg(no_pair, T_NEAR);
+                entries(2, rows);
+                add(i, 2);
+                add(pp, 2 * vlen);
+                L(no_pair);
+            }
+            L(singles);
+            cmp(i, end);
+            jge(run_done, T_NEAR);
+            entries(1, rows);
+            inc(i);
+            add(pp, vlen);
+            jmp(singles, T_NEAR);
+            L(run_done);
+        }
         inc(row);
         jmp(row_loop, T_NEAR);
         L(rows_done);

@@ -38,10 +38,12 @@ void check_params(const sparse_kernel_params &p) {
     if (p.shifts < 0 || p.shifts > lanes)
         throw std::invalid_argument("jit spmm_width: shifts must be in [0, " + std::to_string(lanes)
                                     + "], got " + std::to_string(p.shifts));
-    if (p.shifts != 0
-        && (p.isa < cpu_isa::avx512_core || p.dtype != sparse_dtype::f32 || p.row_step % 64 != 0))
+    const bool nibbles =
+            emulated_dot(p.isa, p.dtype, p.avx_vnni) && p.word == s8_word::quad; // no plan's
+    if (p.shifts != 0 && (p.isa < cpu_isa::avx512_core || nibbles || p.row_step % 64 != 0))
         throw std::invalid_argument("jit spmm_width: shifts (aligned sources) need an AVX-512 "
-                                    "tier, f32 and a row step of whole vectors, got "
+                                    "tier, words other than emulated quads and a row step of "
+                                    "whole vectors, got "
                                     + p.str());
 }
 
@@ -248,6 +250,17 @@ template <cpu_isa isa> void jit_uni_spmm_width_kernel_t<isa>::generate() {
         else
             vbroadcastss(w, dword[values + i * 4]);
         auto x_at = [&](int r, int v) { return ptr[src + off + r * params_.row_step + v * vlen]; };
+        // the sum += the weight times source x (in a register, clobbered)
+        auto multiply_add = [&](const Vmm &sum, const Vmm &x) {
+            if (!s8) {
+                vfmadd231ps(sum, w, x);
+            } else if (pairs) {
+                vpmaddwd(x, w, x);
+                vpaddd(sum, sum, x);
+            } else {
+                vpdpbusd(sum, x, w);
+            }
+        };
         if (shift != 0) {
             // aligned loads, rotated by `shift` lanes: the vector's real
             // lanes from this one and, past its end, the next, whose load
@@ -261,13 +274,13 @@ template <cpu_isa isa> void jit_uni_spmm_width_kernel_t<isa>::generate() {
                     const int real = v == nv - 1 && tail != 0 ? tail : vlen / 4;
                     if (shift + real <= vlen / 4) {
                         valignd(here, here, here, shift);
-                        vfmadd231ps(acc(r, v), w, here);
+                        multiply_add(acc(r, v), here);
                         if (v + 1 < nv) vmovups(here, x_at(r, v + 1));
                         continue;
                     }
                     vmovups(next, x_at(r, v + 1));
                     valignd(here, next, here, shift);
-                    vfmadd231ps(acc(r, v), w, here);
+                    multiply_add(acc(r, v), here);
                     std::swap(here, next);
                 }
             }

@@ -57,7 +57,7 @@ struct spmm_width_call_params {
     // of one group stay in L1 while every channel uses them; a channel's sums
     // are stored after each group and reloaded by the next (s8: as int32
     // bits in dst, until the last group's epilogue).
-    // Aligned sources (the kernel's shifts S > 0, AVX-512 f32): the source,
+    // Aligned sources (the kernel's shifts S > 0, AVX-512): the source,
     // its rows and its offsets sit on 64-byte vector boundaries, and each
     // group's entries come in S runs, run s reading lanes from s past the
     // entry's offset: [group_ptr[r * (n_groups * S + 1) + g * S + s], the
@@ -96,7 +96,7 @@ struct spmm_width_call_params {
 // dY's zero past each row), the row step then an image's.
 struct sddmm_width_call_params {
     const int32_t *x_offsets; // per entry: byte offset from the x base of output row 0
-    const int64_t *group_ptr; // as in spmm_width_call_params
+    const int64_t *group_ptr; // as in spmm_width_call_params (runs too, f32)
     int64_t n_groups;
     int64_t row_begin, row_end;
     const void *x;

@@ -52,12 +52,16 @@ statistics_part part_of(const jit::width_statistics &w, int64_t n) {
     return p;
 }
 
-// Where the width SpMM reads its sources from aligned planes
-// (sparse_kernel_params::shifts): AVX-512, f32. A load that crosses a cache
-// line costs AVX-512 about twice an aligned one, and on planes whose rows
-// are not whole vectors (C3's 18 floats) almost every load crossed one.
-bool aligned_sources(cpu_isa isa, sparse_dtype dt) {
-    return isa >= cpu_isa::avx512_core && dt == sparse_dtype::f32;
+// Where the width kernels read their sources from aligned planes
+// (sparse_kernel_params::shifts): the SpMM on AVX-512, the SDDMM there in
+// f32 (its s8 x planes hold bytes). A load that crosses a cache line costs
+// AVX-512 about twice an aligned one, and on planes whose rows are not
+// whole vectors (C3's 18 floats) almost every load crossed one.
+bool aligned_sources(cpu_isa isa) {
+    return isa >= cpu_isa::avx512_core;
+}
+bool aligned_sddmm_sources(cpu_isa isa, sparse_dtype dt) {
+    return aligned_sources(isa) && dt == sparse_dtype::f32;
 }
 constexpr int64_t source_vector_bytes = 64;
 
@@ -70,11 +74,13 @@ int64_t aligned_offset(int64_t offset_bytes) {
     return offset_bytes - offset_bytes % source_vector_bytes;
 }
 // The shift runs m's entries need: one more than their largest shift.
-int shift_count(const sparse_rows &m, const std::function<int64_t(int64_t, int64_t)> &offset) {
+// offset(row, key / per_word): an entry's source offset (as width_entries').
+int shift_count(const sparse_rows &m, const std::function<int64_t(int64_t, int64_t)> &offset,
+                int64_t per_word = 1) {
     int64_t most = 0;
     for (int64_t r = 0; r < m.rows; ++r)
         for (int64_t e = m.row_ptr[r]; e < m.row_ptr[r + 1]; ++e)
-            most = std::max(most, shift_of(offset(r, m.key[e])));
+            most = std::max(most, shift_of(offset(r, m.key[e] / per_word)));
     return static_cast<int>(most) + 1;
 }
 
@@ -138,9 +144,10 @@ width_split sddmm_split(cpu_isa isa, sparse_dtype dt, int64_t width) {
 
 row_calls<jit::jit_sddmm_width_kernel> sddmm_calls(cpu_isa isa, sparse_dtype dt,
                                                    const width_split &split, int64_t out_rows,
-                                                   int64_t row_step) {
+                                                   int64_t row_step, int shifts = 0) {
     jit::sparse_kernel_params base = jit::make_sparse_kernel_params(isa, dt, 1);
     base.row_step = row_step;
+    base.shifts = shifts;
     const int max_dy = jit::sddmm_width_max_dy_vectors(isa, dt, base.avx_vnni);
     row_calls<jit::jit_sddmm_width_kernel> c{split, {}};
     for (int64_t ch = 0; ch < c.split.chunks(); ++ch) {
@@ -241,7 +248,7 @@ template <typename entries_t> struct phase_plan {
 template <typename entries_t>
 width_plane make_phases(const conv_width &w, cpu_isa isa, sparse_dtype dt, jit::s8_word word,
                         std::vector<phase_plan<entries_t>> &phases) {
-    const bool aligned = aligned_sources(isa, dt);
+    const bool aligned = aligned_sources(isa);
     std::vector<int64_t> read_lanes;
     for (const auto &f : w.l.phases) {
         phases.push_back({f, {spmm_split(isa, dt, f.n_w, word), {}}, nullptr, {}});
@@ -250,30 +257,48 @@ width_plane make_phases(const conv_width &w, cpu_isa isa, sparse_dtype dt, jit::
     return w.dy_plane(read_lanes, aligned ? jit::vector_lanes(isa) : 1);
 }
 
-// The SpMM entries of m and their groups (`rows_touched` source rows of
+// A plan's items are its entries (entry_plan), or words of them
+// (quad_plan: a group's runs then start at their first entries' words).
+void runs_over_items(const entry_plan &, const sparse_rows &, grouping &) {}
+void runs_over_items(const quad_plan &words, const sparse_rows &m, grouping &g) {
+    const std::vector<int64_t> item_of = words.item_of();
+    const int64_t per_row = g.n * g.runs + 1;
+    for (int64_t r = 0; r < m.rows; ++r)
+        for (int64_t k = 0; k < per_row; ++k) {
+            int64_t &at = g.ptr[r * per_row + k];
+            at = at == m.row_ptr[r + 1] ? words.quad_ptr[r + 1] : item_of[at];
+        }
+}
+
+// The entries of m and their groups (`rows_touched` source rows of
 // `channel_bytes_per_row` per channel a block): on aligned sources each
 // group's entries in runs by shift, their offsets down to the vector
-// boundary (the kernels rotate what they load).
+// boundary (the kernels rotate what they load). offset(row, index): an
+// item's source offset, index its key (f32) or word (s8: key / channels a
+// word; a word's channels share a tap, so its entries share a run).
 template <typename scheme_t, typename entries_t>
-void spmm_entries(const conv_width &w, const sparse_rows &m,
-                  const std::function<int64_t(int64_t, int64_t)> &offset, int shifts,
-                  int64_t channels, int64_t rows_touched, int64_t channel_bytes_per_row,
-                  int threads, jit::s8_word word, std::unique_ptr<entries_t> &entries,
-                  grouping &groups) {
+void width_entries(const conv_width &w, const sparse_rows &m,
+                   const std::function<int64_t(int64_t, int64_t)> &offset, int shifts,
+                   int64_t channels, int64_t rows_touched, int64_t channel_bytes_per_row,
+                   int threads, jit::s8_word word, std::unique_ptr<entries_t> &entries,
+                   grouping &groups) {
     if (shifts == 0) {
         entries = scheme_t::entries(m, offset, threads, word);
         groups = make_grouping(w, m, *entries, channels, rows_touched, channel_bytes_per_row);
         return;
     }
-    if (scheme_t::dt != sparse_dtype::f32)
-        throw std::logic_error("conv width plan: aligned sources are f32 only");
+    const int64_t per_word = scheme_t::spmm_per_position(word);
     shift_runs runs = split_runs_by_shift(
             m, make_grouping(w, m, channels, rows_touched, channel_bytes_per_row), shifts,
-            [&offset](int64_t r, int64_t key) { return shift_of(offset(r, key)); });
+            [&offset, per_word](int64_t r, int64_t key) {
+                return shift_of(offset(r, key / per_word));
+            });
     entries = scheme_t::entries(
-            runs.rows, [&offset](int64_t r, int64_t key) { return aligned_offset(offset(r, key)); },
+            runs.rows,
+            [&offset](int64_t r, int64_t index) { return aligned_offset(offset(r, index)); },
             threads, word);
     groups = std::move(runs.groups);
+    runs_over_items(*entries, runs.rows, groups);
 }
 
 // Runs the SpMM kernels of one output layout over every image: `src` holds
@@ -374,7 +399,7 @@ protected:
         const int64_t per_position = scheme::spmm_per_position(word_),
                       bytes = scheme::element_bytes, spmm_bytes = 4 / per_position;
         const conv_width &w = w_;
-        const bool aligned = aligned_sources(isa, scheme::dt);
+        const bool aligned = aligned_sources(isa);
         switch (p.dir) {
             case direction::forward: {
                 const width_split split = spmm_split(isa, scheme::dt, w_.l.out_w, word_);
@@ -385,12 +410,12 @@ protected:
                 const auto offset =
                         plane_offset(w_, plane.size(), per_position, 4,
                                      [&w, plane](int64_t tap) { return w.x_tap(plane, tap); });
-                const int shifts = aligned ? shift_count(m, offset) : 0;
+                const int shifts = aligned ? shift_count(m, offset, per_position) : 0;
                 fwd_ = spmm_calls(isa, scheme::dt, split, word_, w_.l.out_h,
                                   w_.l.sh * plane_.row_len() * 4, shifts);
-                spmm_entries<scheme>(w_, m, offset, shifts, w_.l.in_c,
-                                     block_rows(fwd_, w_.l.sh, x_span()),
-                                     plane_.row_len() * spmm_bytes, threads, word_, spmm_, groups_);
+                width_entries<scheme>(
+                        w_, m, offset, shifts, w_.l.in_c, block_rows(fwd_, w_.l.sh, x_span()),
+                        plane_.row_len() * spmm_bytes, threads, word_, spmm_, groups_);
                 break;
             }
             case direction::backward_data:
@@ -402,10 +427,10 @@ protected:
                     const auto offset = plane_offset(
                             w_, plane.size(), per_position, 4,
                             [&w, plane, ph](int64_t tap) { return w.dy_tap(plane, ph, tap); });
-                    const int shifts = aligned ? shift_count(m, offset) : 0;
+                    const int shifts = aligned ? shift_count(m, offset, per_position) : 0;
                     f.calls = spmm_calls(isa, scheme::dt, f.calls.split, word_, ph.n_h,
                                          plane_.row_len() * 4, shifts);
-                    spmm_entries<scheme>(
+                    width_entries<scheme>(
                             w_, m, offset, shifts, w_.l.out_c, block_rows(f.calls, 1, dy_span()),
                             plane_.row_len() * spmm_bytes, threads, word_, f.entries, f.groups);
                 }
@@ -419,24 +444,35 @@ protected:
                     plane_ = w_.flat_x_plane(split.read_lanes());
                     bwd_ = sddmm_calls(isa, scheme::dt, split, 0,
                                        w_.l.in_c * plane_.size() * bytes);
-                } else {
-                    const width_split split = sddmm_split(isa, scheme::dt, w_.l.out_w);
-                    plane_ = w_.x_plane(split.read_lanes());
-                    bwd_ = sddmm_calls(isa, scheme::dt, split, w_.l.out_h,
-                                       w_.l.sh * plane_.row_len() * bytes);
                 }
-                const width_plane plane = plane_;
                 const sparse_rows m = w_.forward_rows(p.pattern);
-                sddmm_ = std::make_unique<entry_plan>(
-                        m,
-                        plane_offset(w_, plane.size(), 1, bytes,
-                                     [&w, plane](int64_t tap) { return w.x_tap(plane, tap); }),
-                        threads);
+                auto offset_in = [&](const width_plane &plane) {
+                    return plane_offset(w_, plane.size(), 1, bytes,
+                                        [&w, plane](int64_t tap) { return w.x_tap(plane, tap); });
+                };
+                int shifts = 0;
+                if (!flat_) {
+                    const width_split split = sddmm_split(isa, scheme::dt, w_.l.out_w);
+                    // aligned sources where a row is one vector whose real
+                    // lanes stay in it at every shift (the kernel moves dY's
+                    // lanes instead of x's: no instruction per entry)
+                    const int tail = split.tail(0);
+                    if (aligned_sddmm_sources(isa, scheme::dt) && split.vectors == 1 && tail != 0) {
+                        const width_plane rows = w_.x_plane(w_.l.out_w, split.lanes);
+                        const int runs = shift_count(m, offset_in(rows));
+                        if (tail + runs - 1 <= split.lanes) plane_ = rows, shifts = runs;
+                    }
+                    if (shifts == 0) plane_ = w_.x_plane(split.read_lanes());
+                    bwd_ = sddmm_calls(isa, scheme::dt, split, w_.l.out_h,
+                                       w_.l.sh * plane_.row_len() * bytes, shifts);
+                }
                 // x a block reads per channel: flat_, its images' planes
                 const int64_t rows_touched = flat_ ? bwd_.kernels.front()->params().n_rows
                                                    : block_rows(bwd_, w_.l.sh, x_span());
                 const int64_t row_bytes = (flat_ ? plane_.size() : plane_.row_len()) * bytes;
-                groups_ = make_grouping(w_, m, *sddmm_, w_.l.in_c, rows_touched, row_bytes);
+                width_entries<width_scheme<entry_plan>>(w_, m, offset_in(plane_), shifts, w_.l.in_c,
+                                                        rows_touched, row_bytes, threads, word_,
+                                                        sddmm_, groups_);
                 break;
             }
         }
@@ -852,7 +888,7 @@ std::string width_refusal(const problem &p, quant_scheme scheme, cpu_isa isa) {
     const int64_t sddmm_lanes =
             s8 ? (w.l.out_w + 4 * lanes - 1) / (4 * lanes) * 4 * lanes : fwd_lanes;
     // aligned sources: rows of whole vectors holding the real lanes
-    const bool aligned = aligned_sources(isa, s8 ? sparse_dtype::s8 : sparse_dtype::f32);
+    const bool aligned = aligned_sources(isa);
     const int64_t align = aligned ? lanes : 1;
     std::vector<int64_t> phase_lanes;
     for (const auto &f : w.l.phases)

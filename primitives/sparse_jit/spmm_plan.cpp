@@ -152,19 +152,26 @@ quad_plan::quad_plan(const sparse_rows &m,
     quad_ptr.assign(static_cast<size_t>(rows) + 1, 0);
     std::vector<int64_t> quad_of(static_cast<size_t>(n)); // item_of(), while it is built
     slot_of.resize(static_cast<size_t>(n));
+    std::vector<int64_t> row_words; // a row's words in order, each once
     for (int64_t r = 0; r < rows; ++r) {
         int64_t last = -1;
+        row_words.clear();
         for (int64_t l = entry_ptr[r]; l < entry_ptr[r + 1]; ++l) {
             const int64_t quad = m.key[l] / channels_per_word;
             if (quad != last) {
-                if (quad < last) throw std::logic_error("quad plan: keys must ascend within a row");
                 last = quad;
+                row_words.push_back(quad);
                 offsets.push_back(checked_offset(quad_offset(r, quad)));
             }
             quad_of[l] = static_cast<int64_t>(offsets.size()) - 1;
             slot_of[l] = static_cast<uint8_t>(m.key[l] % channels_per_word)
                          | (l == entry_ptr[r] || quad_of[l] != quad_of[l - 1] ? new_word : 0);
         }
+        // a word's entries are consecutive (keys ascend within a row, or
+        // within each of its shift runs: split_runs_by_shift)
+        std::sort(row_words.begin(), row_words.end());
+        if (std::adjacent_find(row_words.begin(), row_words.end()) != row_words.end())
+            throw std::logic_error("quad plan: a word's entries must be consecutive in a row");
         quad_ptr[r + 1] = static_cast<int64_t>(offsets.size());
     }
     offsets.shrink_to_fit(); // grown by push_back: up to twice its size held

@@ -177,6 +177,13 @@ TEST(JitGenerator, width_kernels_at_their_most_rows_are_generated) {
                     p.tail = s8 ? 0 : 3;
                     SCOPED_TRACE("sddmm_width " + p.str());
                     ASSERT_NO_THROW(expect_sealed(*jit::sddmm_width_kernel(p)));
+                    // aligned sources: one vector a row, its 3 real lanes
+                    // in it at 14 shifts
+                    if (isa < cpu_isa::avx512_core || s8 || p.n_vec != 1) continue;
+                    jit::sparse_kernel_params aligned = p;
+                    aligned.shifts = jit::vector_lanes(isa) - p.tail + 1;
+                    SCOPED_TRACE("sddmm_width " + aligned.str());
+                    ASSERT_NO_THROW(expect_sealed(*jit::sddmm_width_kernel(aligned)));
                 }
             }
 }
@@ -279,7 +286,8 @@ TEST(JitGenerator, width_kernels_key_on_their_row_step) {
 
 // Aligned sources (shifts: runs per group, rotated loads) are a separate
 // code, and only where valignd exists and the loads stay aligned: AVX-512,
-// f32, a row step of whole vectors, at most a vector's lanes of runs.
+// f32, a row step of whole vectors, at most a vector's lanes of runs (the
+// SDDMM: one vector a row, its real lanes in it at every shift).
 TEST(JitGenerator, width_spmm_takes_aligned_sources_where_they_are_emitted) {
     jit::sparse_kernel_params p =
             jit::make_sparse_kernel_params(cpu_isa::avx512_core, jit::sparse_dtype::f32, 1);
@@ -290,9 +298,12 @@ TEST(JitGenerator, width_spmm_takes_aligned_sources_where_they_are_emitted) {
     EXPECT_NE(jit::spmm_width_kernel(p), jit::spmm_width_kernel(aligned));
     EXPECT_EQ(jit::spmm_width_kernel(aligned)->params(), aligned);
     EXPECT_NE(aligned.str().find("_sh3"), std::string::npos);
-    auto refused = [](jit::sparse_kernel_params bad, const char *why) {
+    auto refused = [](jit::sparse_kernel_params bad, const char *why, bool sddmm = false) {
         SCOPED_TRACE(why);
-        EXPECT_THROW(jit::spmm_width_kernel(bad), std::invalid_argument);
+        if (sddmm)
+            EXPECT_THROW(jit::sddmm_width_kernel(bad), std::invalid_argument);
+        else
+            EXPECT_THROW(jit::spmm_width_kernel(bad), std::invalid_argument);
     };
     jit::sparse_kernel_params bad = aligned;
     bad.row_step = 72; // C3's unaligned rows
@@ -308,6 +319,19 @@ TEST(JitGenerator, width_spmm_takes_aligned_sources_where_they_are_emitted) {
     bad = aligned;
     bad.dtype = jit::sparse_dtype::s8;
     refused(bad, "s8");
+    // the SDDMM: one vector a row whose real lanes stay in it at every shift
+    aligned.tail = 14;
+    EXPECT_NO_THROW(jit::sddmm_width_kernel(aligned));
+    EXPECT_NE(jit::sddmm_width_kernel(aligned), jit::sddmm_width_kernel(p));
+    bad = aligned;
+    bad.shifts = 4; // lane 14 + 3 past the vector
+    refused(bad, "SDDMM tail 14 at 4 shifts", true);
+    bad = aligned;
+    bad.tail = 0;
+    refused(bad, "SDDMM whole vector", true);
+    bad = aligned;
+    bad.n_vec = 2;
+    refused(bad, "SDDMM two vectors", true);
 }
 
 } // namespace qsp::test
