@@ -55,12 +55,11 @@ void check_params(const sparse_kernel_params &p) {
         throw std::invalid_argument("jit sddmm_width: avx_vnni applies to the avx2 s8 kernel only");
     check_s8_word(p, "sddmm_width", false);
     if (p.shifts != 0
-        && (p.isa < cpu_isa::avx512_core || p.dtype != sparse_dtype::f32 || p.n_vec != 1
-            || p.tail == 0 || p.shifts < 1 || p.tail + p.shifts - 1 > lanes
-            || p.row_step % 64 != 0))
+        && (p.isa < cpu_isa::avx512_core || p.dtype != sparse_dtype::f32 || p.tail == 0
+            || p.shifts < 1 || p.tail + p.shifts - 1 > lanes || p.row_step % 64 != 0))
         throw std::invalid_argument(
-                "jit sddmm_width: shifts (aligned sources) need an AVX-512 tier, f32, one "
-                "vector a row whose real lanes stay in it at every shift (tail + shifts - 1 <= "
+                "jit sddmm_width: shifts (aligned sources) need an AVX-512 tier, f32, rows "
+                "whose last vector's real lanes stay in it at every shift (tail + shifts - 1 <= "
                 + std::to_string(lanes) + ") and a row step of whole vectors, got " + p.str());
 }
 
@@ -225,11 +224,16 @@ template <cpu_isa isa> void jit_uni_sddmm_width_kernel_t<isa>::generate() {
             if (s > 0) {
                 // Aligned sources: run s reads x from s lanes past its
                 // aligned offset, and the lanes are summed whatever their
-                // order, so the dY rows move up a lane instead (lane 15
-                // comes round to 0: it is a zero lane, past the real ones
-                // at every shift, check_params).
-                for (int k = 0; k < rows * nv; ++k)
-                    valignd(g(k), g(k), g(k), vlen / 4 - 1);
+                // order, so the dY rows move up a lane instead, each
+                // vector taking the lane its neighbour below gives up
+                // (from the top down: that one still holds it), the first
+                // a zero (k2); the last vector's top lane is past its real
+                // ones at every shift (check_params), so nothing is lost.
+                for (int r = 0; r < rows; ++r) {
+                    for (int v = nv - 1; v > 0; --v)
+                        valignd(g(r * nv + v), g(r * nv + v), g(r * nv + v - 1), vlen / 4 - 1);
+                    valignd(g(r * nv) | k2 | T_z, g(r * nv), g(r * nv), vlen / 4 - 1);
+                }
             }
             mov(i, ptr[runs_ptr + s * 8]);
             mov(tmp, ptr[runs_ptr + s * 8 + 8]);
@@ -279,6 +283,10 @@ template <cpu_isa isa> void jit_uni_sddmm_width_kernel_t<isa>::generate() {
     if (avx512 && tail != 0) {
         mov(tmp.cvt32(), (1 << tail) - 1);
         kmovw(k1, tmp.cvt32());
+    }
+    if (avx512 && params_.shifts > 1) { // every lane but 0
+        mov(tmp.cvt32(), 0xfffe);
+        kmovw(k2, tmp.cvt32());
     }
     emit_width_row_walk(*this, param,
                         {rows_left, x_blk, dy_blk, tmp, offsetof(cp, n_out_rows), offsetof(cp, x),

@@ -453,11 +453,13 @@ protected:
                 int shifts = 0;
                 if (!flat_) {
                     const width_split split = sddmm_split(isa, scheme::dt, w_.l.out_w);
-                    // aligned sources where a row is one vector whose real
-                    // lanes stay in it at every shift (the kernel moves dY's
-                    // lanes instead of x's: no instruction per entry)
-                    const int tail = split.tail(0);
-                    if (aligned_sddmm_sources(isa, scheme::dt) && split.vectors == 1 && tail != 0) {
+                    // aligned sources where a row is one call whose last
+                    // vector's real lanes stay in it at every shift (the
+                    // kernel moves dY's lanes instead of x's: no instruction
+                    // per entry)
+                    const int tail = split.tail(0); // 0 unless one chunk
+                    if (aligned_sddmm_sources(isa, scheme::dt) && split.chunks() == 1
+                        && tail != 0) {
                         const width_plane rows = w_.x_plane(w_.l.out_w, split.lanes);
                         const int runs = shift_count(m, offset_in(rows));
                         if (tail + runs - 1 <= split.lanes) plane_ = rows, shifts = runs;

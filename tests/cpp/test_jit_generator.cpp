@@ -177,9 +177,9 @@ TEST(JitGenerator, width_kernels_at_their_most_rows_are_generated) {
                     p.tail = s8 ? 0 : 3;
                     SCOPED_TRACE("sddmm_width " + p.str());
                     ASSERT_NO_THROW(expect_sealed(*jit::sddmm_width_kernel(p)));
-                    // aligned sources: one vector a row, its 3 real lanes
-                    // in it at 14 shifts
-                    if (isa < cpu_isa::avx512_core || s8 || p.n_vec != 1) continue;
+                    // aligned sources: the last vector's 3 real lanes in it
+                    // at 14 shifts
+                    if (isa < cpu_isa::avx512_core || s8) continue;
                     jit::sparse_kernel_params aligned = p;
                     aligned.shifts = jit::vector_lanes(isa) - p.tail + 1;
                     SCOPED_TRACE("sddmm_width " + aligned.str());
@@ -287,7 +287,7 @@ TEST(JitGenerator, width_kernels_key_on_their_row_step) {
 // Aligned sources (shifts: runs per group, rotated loads) are a separate
 // code, and only where valignd exists and the loads stay aligned: AVX-512,
 // f32, a row step of whole vectors, at most a vector's lanes of runs (the
-// SDDMM: one vector a row, its real lanes in it at every shift).
+// SDDMM: the last vector's real lanes in it at every shift).
 TEST(JitGenerator, width_spmm_takes_aligned_sources_where_they_are_emitted) {
     jit::sparse_kernel_params p =
             jit::make_sparse_kernel_params(cpu_isa::avx512_core, jit::sparse_dtype::f32, 1);
@@ -319,7 +319,7 @@ TEST(JitGenerator, width_spmm_takes_aligned_sources_where_they_are_emitted) {
     bad = aligned;
     bad.dtype = jit::sparse_dtype::s8;
     refused(bad, "s8");
-    // the SDDMM: one vector a row whose real lanes stay in it at every shift
+    // the SDDMM: the last vector's real lanes stay in it at every shift
     aligned.tail = 14;
     EXPECT_NO_THROW(jit::sddmm_width_kernel(aligned));
     EXPECT_NE(jit::sddmm_width_kernel(aligned), jit::sddmm_width_kernel(p));
@@ -329,9 +329,6 @@ TEST(JitGenerator, width_spmm_takes_aligned_sources_where_they_are_emitted) {
     bad = aligned;
     bad.tail = 0;
     refused(bad, "SDDMM whole vector", true);
-    bad = aligned;
-    bad.n_vec = 2;
-    refused(bad, "SDDMM two vectors", true);
 }
 
 } // namespace qsp::test
