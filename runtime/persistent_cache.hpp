@@ -35,8 +35,9 @@ std::optional<std::string> persistent_load(const std::string &kind, const std::s
 // throws.
 void persistent_store(const std::string &kind, const std::string &key, const std::string &payload);
 
-// "<version>;<CPU brand>;<detected ISA>": what an entry must have been
-// written under.
+// "<version>[+<build ID>];<CPU brand>;<detected ISA>": what an entry must
+// have been written under (the GNU build ID of the library: a rebuild at
+// the same version tunes again).
 std::string persistent_environment();
 
 // Tests only: called by persistent_load with the entry's path after the entry

@@ -98,7 +98,7 @@ def persistent_cache_info() -> dict:
     ``~/.cache/qsparseprop``; ``""`` turns it off), ``reason`` (why it is off),
     ``entries``, ``bytes``, ``max_bytes`` (``QSP_CACHE_MAX_MB``, default 256).
     It holds data, never machine code; an entry is used only when its
-    checksum, format, library version, CPU and full key match."""
+    checksum, format, library version and build, CPU and full key match."""
     return _C.persistent_cache_status()
 
 
@@ -115,7 +115,8 @@ def clear_persistent_cache() -> int:
 
 def check_persistent_cache() -> dict:
     """Reads every entry and removes those that would not be used (damaged,
-    another library version or CPU): ``valid``, ``removed``, ``problems``."""
+    another library version or build, or CPU): ``valid``, ``removed``,
+    ``problems``."""
     return _C.check_persistent_cache()
 
 

@@ -194,6 +194,19 @@ TEST(PersistentCache, bad_entries_are_ignored_and_rebuilt_never_trusted) {
     EXPECT_EQ(check_persistent_cache().valid, 1u);
 }
 
+// Entries are keyed on the library's build, not its version alone: a
+// rebuild with other kernels at the same version must tune again.
+TEST(PersistentCache, entries_are_keyed_on_the_library_build) {
+    const std::string env = runtime::persistent_environment();
+    const std::string first = env.substr(0, env.find(';'));
+    ASSERT_EQ(first.rfind(version(), 0), 0u) << env;
+    const size_t plus = first.find('+');
+    ASSERT_NE(plus, std::string::npos) << "no GNU build ID in " << env;
+    const std::string id = first.substr(plus + 1);
+    EXPECT_GE(id.size(), 16u) << env;
+    EXPECT_EQ(id.find_first_not_of("0123456789abcdef"), std::string::npos) << env;
+}
+
 TEST(PersistentCache, unusable_directories_turn_it_off_and_the_library_still_works) {
     const std::string base = fresh_dir("dirs");
     ASSERT_EQ(::mkdir(base.c_str(), 0700), 0);
