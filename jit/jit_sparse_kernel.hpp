@@ -52,14 +52,14 @@ struct sparse_kernel_params {
     // s8 SpMMs only: entry pairs in the tile SpMMs (generic and pattern),
     // pairs in the width SpMM (check_s8_word).
     s8_word word = s8_word::quad;
-    // The width kernels on AVX-512 only: 0, or the source rows start on
-    // vector boundaries and each source group's entries come in `shifts`
-    // runs, run s reading its source s lanes past its (aligned) offset
-    // (width_abi.hpp). The SpMM rotates what it loads into place (valignd:
-    // one aligned load, two where the vector's real lanes reach past the
-    // next boundary); the f32 SDDMM, whose lanes are summed in any order,
-    // moves its dY lanes up one per run instead (rows of one vector whose
-    // real lanes stay in it at every shift).
+    // The width kernels: 0, or the source rows start on vector boundaries
+    // and each source group's entries come in `shifts` runs, run s reading
+    // its source s lanes past its (aligned) offset (width_abi.hpp). The
+    // SpMM (AVX-512) rotates what it loads into place (valignd: one aligned
+    // load, two where the vector's real lanes reach past the next
+    // boundary); the f32 SDDMM (AVX-512 and AVX2), whose lanes are summed in
+    // any order, moves its dY lanes up one per run instead (rows whose last
+    // vector's real lanes stay in it at every shift).
     int shifts = 0;
 
     bool operator==(const sparse_kernel_params &o) const {

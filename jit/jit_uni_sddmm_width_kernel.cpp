@@ -55,11 +55,11 @@ void check_params(const sparse_kernel_params &p) {
         throw std::invalid_argument("jit sddmm_width: avx_vnni applies to the avx2 s8 kernel only");
     check_s8_word(p, "sddmm_width", false);
     if (p.shifts != 0
-        && (p.isa < cpu_isa::avx512_core || p.dtype != sparse_dtype::f32 || p.tail == 0
-            || p.shifts < 1 || p.tail + p.shifts - 1 > lanes || p.row_step % 64 != 0))
+        && (p.dtype != sparse_dtype::f32 || p.tail == 0 || p.shifts < 1
+            || p.tail + p.shifts - 1 > lanes || p.row_step % (4 * lanes) != 0))
         throw std::invalid_argument(
-                "jit sddmm_width: shifts (aligned sources) need an AVX-512 tier, f32, rows "
-                "whose last vector's real lanes stay in it at every shift (tail + shifts - 1 <= "
+                "jit sddmm_width: shifts (aligned sources) need f32, rows whose last vector's "
+                "real lanes stay in it at every shift (tail + shifts - 1 <= "
                 + std::to_string(lanes) + ") and a row step of whole vectors, got " + p.str());
 }
 
@@ -129,7 +129,7 @@ template <cpu_isa isa> void jit_uni_sddmm_width_kernel_t<isa>::generate() {
         else
             vaddps(a, a, b);
     };
-    Label mask_table;
+    Label mask_table, rotate_table;
 
     // `count` entries from i: their sums start from their partials and add
     // every dY vector times the entry's x window.
@@ -229,10 +229,29 @@ template <cpu_isa isa> void jit_uni_sddmm_width_kernel_t<isa>::generate() {
                 // (from the top down: that one still holds it), the first
                 // a zero (k2); the last vector's top lane is past its real
                 // ones at every shift (check_params), so nothing is lost.
-                for (int r = 0; r < rows; ++r) {
-                    for (int v = nv - 1; v > 0; --v)
-                        valignd(g(r * nv + v), g(r * nv + v), g(r * nv + v - 1), vlen / 4 - 1);
-                    valignd(g(r * nv) | k2 | T_z, g(r * nv), g(r * nv), vlen / 4 - 1);
+                if (avx512) {
+                    for (int r = 0; r < rows; ++r) {
+                        for (int v = nv - 1; v > 0; --v)
+                            valignd(g(r * nv + v), g(r * nv + v), g(r * nv + v - 1), vlen / 4 - 1);
+                        valignd(g(r * nv) | k2 | T_z, g(r * nv), g(r * nv), vlen / 4 - 1);
+                    }
+                } else {
+                    // AVX2: each vector rotated up a lane (vpermps), lane
+                    // 0 then blended from its neighbour's rotation, or
+                    // zero; in the sums' registers, free between entries
+                    const Vmm index = sum(0, 0), rotated = sum(0, 1), below = sum(1, 0),
+                              zeros = sum(1, 1);
+                    vmovups(index, ptr[rip + rotate_table]);
+                    vxorps(zeros, zeros, zeros);
+                    for (int r = 0; r < rows; ++r) {
+                        vpermps(rotated, index, g(r * nv + nv - 1));
+                        for (int v = nv - 1; v >= 0; --v) {
+                            const Vmm &from = v > 0 ? below : zeros;
+                            if (v > 0) vpermps(below, index, g(r * nv + v - 1));
+                            vblendps(g(r * nv + v), rotated, from, 1);
+                            if (v > 0) vmovaps(rotated, below);
+                        }
+                    }
                 }
             }
             mov(i, ptr[runs_ptr + s * 8]);
@@ -299,6 +318,12 @@ template <cpu_isa isa> void jit_uni_sddmm_width_kernel_t<isa>::generate() {
         L(mask_table);
         for (int l = 0; l < 8; ++l)
             dd(l < tail ? 0xffffffffu : 0u);
+    }
+    if (!avx512 && params_.shifts > 1) { // lane l takes lane l - 1 (lane 0: lane 7)
+        align(32);
+        L(rotate_table);
+        for (int l = 0; l < 8; ++l)
+            dd(static_cast<uint32_t>((l + 7) % 8));
     }
 }
 

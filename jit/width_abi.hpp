@@ -57,8 +57,8 @@ struct spmm_width_call_params {
     // of one group stay in L1 while every channel uses them; a channel's sums
     // are stored after each group and reloaded by the next (s8: as int32
     // bits in dst, until the last group's epilogue).
-    // Aligned sources (the kernel's shifts S > 0, AVX-512): the source,
-    // its rows and its offsets sit on 64-byte vector boundaries, and each
+    // Aligned sources (the kernel's shifts S > 0): the source, its rows and
+    // its offsets sit on vector boundaries (64 or 32 bytes), and each
     // group's entries come in S runs, run s reading lanes from s past the
     // entry's offset: [group_ptr[r * (n_groups * S + 1) + g * S + s], the
     // next). A row's lanes then never cross a cache line in a load.

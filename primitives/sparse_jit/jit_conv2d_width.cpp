@@ -53,15 +53,16 @@ statistics_part part_of(const jit::width_statistics &w, int64_t n) {
 }
 
 // Where the width kernels read their sources from aligned planes
-// (sparse_kernel_params::shifts): the SpMM on AVX-512, the SDDMM there in
-// f32 (its s8 x planes hold bytes). A load that crosses a cache line costs
-// AVX-512 about twice an aligned one, and on planes whose rows are not
-// whole vectors (C3's 18 floats) almost every load crossed one.
+// (sparse_kernel_params::shifts): the SpMM on AVX-512 (valignd rotates its
+// loads), the SDDMM in f32 on both tiers (it rotates dY once per run; its
+// s8 x planes hold bytes). A load that crosses a cache line costs Zen 4
+// about 1.5x an aligned one, and on planes whose rows are not whole
+// vectors (C3's 18 floats) almost every 64-byte load crossed one.
 bool aligned_sources(cpu_isa isa) {
     return isa >= cpu_isa::avx512_core;
 }
-bool aligned_sddmm_sources(cpu_isa isa, sparse_dtype dt) {
-    return aligned_sources(isa) && dt == sparse_dtype::f32;
+bool aligned_sddmm_sources(sparse_dtype dt) {
+    return dt == sparse_dtype::f32;
 }
 constexpr int64_t source_vector_bytes = 64;
 
@@ -458,8 +459,7 @@ protected:
                     // kernel moves dY's lanes instead of x's: no instruction
                     // per entry)
                     const int tail = split.tail(0); // 0 unless one chunk
-                    if (aligned_sddmm_sources(isa, scheme::dt) && split.chunks() == 1
-                        && tail != 0) {
+                    if (aligned_sddmm_sources(scheme::dt) && split.chunks() == 1 && tail != 0) {
                         const width_plane rows = w_.x_plane(w_.l.out_w, split.lanes);
                         const int runs = shift_count(m, offset_in(rows));
                         if (tail + runs - 1 <= split.lanes) plane_ = rows, shifts = runs;
@@ -901,6 +901,7 @@ std::string width_refusal(const problem &p, quant_scheme scheme, cpu_isa isa) {
     const int64_t biggest =
             std::max({x_chans * w.x_plane(aligned ? w.l.out_w : fwd_lanes, align).size() * 4,
                       w.l.in_c * w.x_plane(sddmm_lanes).size() * (s8 ? 1 : 4),
+                      s8 ? 0 : w.l.in_c * w.x_plane(w.l.out_w, lanes).size() * 4, // aligned
                       dy_chans * w.dy_plane(phase_lanes, align).size() * 4});
     if (biggest > std::numeric_limits<int32_t>::max())
         return "an image's padded planes exceed the 32-bit entry offsets";

@@ -177,9 +177,9 @@ TEST(JitGenerator, width_kernels_at_their_most_rows_are_generated) {
                     p.tail = s8 ? 0 : 3;
                     SCOPED_TRACE("sddmm_width " + p.str());
                     ASSERT_NO_THROW(expect_sealed(*jit::sddmm_width_kernel(p)));
-                    // aligned sources: the last vector's 3 real lanes in it
-                    // at 14 shifts
-                    if (isa < cpu_isa::avx512_core || s8) continue;
+                    // aligned sources (f32): the last vector's 3 real lanes
+                    // in it at every shift they allow (14, AVX2 6)
+                    if (s8) continue;
                     jit::sparse_kernel_params aligned = p;
                     aligned.shifts = jit::vector_lanes(isa) - p.tail + 1;
                     SCOPED_TRACE("sddmm_width " + aligned.str());
@@ -285,9 +285,10 @@ TEST(JitGenerator, width_kernels_key_on_their_row_step) {
 }
 
 // Aligned sources (shifts: runs per group, rotated loads) are a separate
-// code, and only where valignd exists and the loads stay aligned: AVX-512,
-// f32, a row step of whole vectors, at most a vector's lanes of runs (the
-// SDDMM: the last vector's real lanes in it at every shift).
+// code, and only where the loads stay aligned and the rotation exists: the
+// SpMM on AVX-512 (valignd), the f32 SDDMM on both tiers (its dY rotated
+// once per run; the last vector's real lanes in it at every shift), a row
+// step of whole vectors, at most a vector's lanes of runs.
 TEST(JitGenerator, width_spmm_takes_aligned_sources_where_they_are_emitted) {
     jit::sparse_kernel_params p =
             jit::make_sparse_kernel_params(cpu_isa::avx512_core, jit::sparse_dtype::f32, 1);
@@ -329,6 +330,17 @@ TEST(JitGenerator, width_spmm_takes_aligned_sources_where_they_are_emitted) {
     bad = aligned;
     bad.tail = 0;
     refused(bad, "SDDMM whole vector", true);
+    // AVX2 (8 lanes): rotated by vpermps, rows of whole 32-byte vectors
+    jit::sparse_kernel_params ymm = aligned;
+    ymm.isa = cpu_isa::avx2;
+    ymm.tail = 6;
+    EXPECT_NO_THROW(jit::sddmm_width_kernel(ymm));
+    bad = ymm;
+    bad.shifts = 4; // lane 6 + 3 past the vector
+    refused(bad, "AVX2 SDDMM tail 6 at 4 shifts", true);
+    bad = ymm;
+    bad.row_step = 80;
+    refused(bad, "AVX2 SDDMM row step of 80 bytes", true);
 }
 
 } // namespace qsp::test
