@@ -64,25 +64,30 @@ bool aligned_sources(cpu_isa isa) {
 bool aligned_sddmm_sources(sparse_dtype dt) {
     return dt == sparse_dtype::f32;
 }
-constexpr int64_t source_vector_bytes = 64;
-
-// The lanes (4-byte positions) an aligned plane's entry starts past the
-// vector boundary below it, and that boundary.
-int64_t shift_of(int64_t offset_bytes) {
-    return offset_bytes % source_vector_bytes / 4;
-}
-int64_t aligned_offset(int64_t offset_bytes) {
-    return offset_bytes - offset_bytes % source_vector_bytes;
-}
-// The shift runs m's entries need: one more than their largest shift.
-// offset(row, key / per_word): an entry's source offset (as width_entries').
-int shift_count(const sparse_rows &m, const std::function<int64_t(int64_t, int64_t)> &offset,
-                int64_t per_word = 1) {
-    int64_t most = 0;
+// A kernel's source runs: `shifts` of them on aligned sources of
+// `vector_bytes` vectors (0: the sources as they are).
+struct source_runs {
+    int shifts = 0;
+    int64_t vector_bytes = 64;
+    // the lanes (4-byte positions) an offset starts past the vector
+    // boundary below it, and that boundary
+    int64_t shift_of(int64_t offset_bytes) const { return offset_bytes % vector_bytes / 4; }
+    int64_t aligned(int64_t offset_bytes) const {
+        return offset_bytes - offset_bytes % vector_bytes;
+    }
+};
+// The runs m's entries need on aligned sources: one more than their largest
+// shift. offset(row, key / per_word): an entry's source offset (as
+// width_entries').
+source_runs runs_of(const sparse_rows &m, const std::function<int64_t(int64_t, int64_t)> &offset,
+                    int64_t vector_bytes, int64_t per_word = 1) {
+    source_runs runs{1, vector_bytes};
     for (int64_t r = 0; r < m.rows; ++r)
         for (int64_t e = m.row_ptr[r]; e < m.row_ptr[r + 1]; ++e)
-            most = std::max(most, shift_of(offset(r, m.key[e] / per_word)));
-    return static_cast<int>(most) + 1;
+            runs.shifts =
+                    std::max(runs.shifts,
+                             static_cast<int>(runs.shift_of(offset(r, m.key[e] / per_word))) + 1);
+    return runs;
 }
 
 // The kernels covering one output row: one per chunk of the split.
@@ -279,27 +284,27 @@ void runs_over_items(const quad_plan &words, const sparse_rows &m, grouping &g) 
 // word; a word's channels share a tap, so its entries share a run).
 template <typename scheme_t, typename entries_t>
 void width_entries(const conv_width &w, const sparse_rows &m,
-                   const std::function<int64_t(int64_t, int64_t)> &offset, int shifts,
+                   const std::function<int64_t(int64_t, int64_t)> &offset, const source_runs &runs,
                    int64_t channels, int64_t rows_touched, int64_t channel_bytes_per_row,
                    int threads, jit::s8_word word, std::unique_ptr<entries_t> &entries,
                    grouping &groups) {
-    if (shifts == 0) {
+    if (runs.shifts == 0) {
         entries = scheme_t::entries(m, offset, threads, word);
         groups = make_grouping(w, m, *entries, channels, rows_touched, channel_bytes_per_row);
         return;
     }
     const int64_t per_word = scheme_t::spmm_per_position(word);
-    shift_runs runs = split_runs_by_shift(
-            m, make_grouping(w, m, channels, rows_touched, channel_bytes_per_row), shifts,
-            [&offset, per_word](int64_t r, int64_t key) {
-                return shift_of(offset(r, key / per_word));
+    shift_runs split = split_runs_by_shift(
+            m, make_grouping(w, m, channels, rows_touched, channel_bytes_per_row), runs.shifts,
+            [&offset, &runs, per_word](int64_t r, int64_t key) {
+                return runs.shift_of(offset(r, key / per_word));
             });
     entries = scheme_t::entries(
-            runs.rows,
-            [&offset](int64_t r, int64_t index) { return aligned_offset(offset(r, index)); },
+            split.rows,
+            [&offset, &runs](int64_t r, int64_t index) { return runs.aligned(offset(r, index)); },
             threads, word);
-    groups = std::move(runs.groups);
-    runs_over_items(*entries, runs.rows, groups);
+    groups = std::move(split.groups);
+    runs_over_items(*entries, split.rows, groups);
 }
 
 // Runs the SpMM kernels of one output layout over every image: `src` holds
@@ -411,11 +416,12 @@ protected:
                 const auto offset =
                         plane_offset(w_, plane.size(), per_position, 4,
                                      [&w, plane](int64_t tap) { return w.x_tap(plane, tap); });
-                const int shifts = aligned ? shift_count(m, offset, per_position) : 0;
+                const source_runs runs =
+                        aligned ? runs_of(m, offset, split.lanes * 4, per_position) : source_runs{};
                 fwd_ = spmm_calls(isa, scheme::dt, split, word_, w_.l.out_h,
-                                  w_.l.sh * plane_.row_len() * 4, shifts);
+                                  w_.l.sh * plane_.row_len() * 4, runs.shifts);
                 width_entries<scheme>(
-                        w_, m, offset, shifts, w_.l.in_c, block_rows(fwd_, w_.l.sh, x_span()),
+                        w_, m, offset, runs, w_.l.in_c, block_rows(fwd_, w_.l.sh, x_span()),
                         plane_.row_len() * spmm_bytes, threads, word_, spmm_, groups_);
                 break;
             }
@@ -428,11 +434,13 @@ protected:
                     const auto offset = plane_offset(
                             w_, plane.size(), per_position, 4,
                             [&w, plane, ph](int64_t tap) { return w.dy_tap(plane, ph, tap); });
-                    const int shifts = aligned ? shift_count(m, offset, per_position) : 0;
+                    const source_runs runs =
+                            aligned ? runs_of(m, offset, f.calls.split.lanes * 4, per_position)
+                                    : source_runs{};
                     f.calls = spmm_calls(isa, scheme::dt, f.calls.split, word_, ph.n_h,
-                                         plane_.row_len() * 4, shifts);
+                                         plane_.row_len() * 4, runs.shifts);
                     width_entries<scheme>(
-                            w_, m, offset, shifts, w_.l.out_c, block_rows(f.calls, 1, dy_span()),
+                            w_, m, offset, runs, w_.l.out_c, block_rows(f.calls, 1, dy_span()),
                             plane_.row_len() * spmm_bytes, threads, word_, f.entries, f.groups);
                 }
                 break;
@@ -451,7 +459,7 @@ protected:
                     return plane_offset(w_, plane.size(), 1, bytes,
                                         [&w, plane](int64_t tap) { return w.x_tap(plane, tap); });
                 };
-                int shifts = 0;
+                source_runs runs;
                 if (!flat_) {
                     const width_split split = sddmm_split(isa, scheme::dt, w_.l.out_w);
                     // aligned sources where a row is one call whose last
@@ -461,18 +469,18 @@ protected:
                     const int tail = split.tail(0); // 0 unless one chunk
                     if (aligned_sddmm_sources(scheme::dt) && split.chunks() == 1 && tail != 0) {
                         const width_plane rows = w_.x_plane(w_.l.out_w, split.lanes);
-                        const int runs = shift_count(m, offset_in(rows));
-                        if (tail + runs - 1 <= split.lanes) plane_ = rows, shifts = runs;
+                        const source_runs fit = runs_of(m, offset_in(rows), split.lanes * bytes);
+                        if (tail + fit.shifts - 1 <= split.lanes) plane_ = rows, runs = fit;
                     }
-                    if (shifts == 0) plane_ = w_.x_plane(split.read_lanes());
+                    if (runs.shifts == 0) plane_ = w_.x_plane(split.read_lanes());
                     bwd_ = sddmm_calls(isa, scheme::dt, split, w_.l.out_h,
-                                       w_.l.sh * plane_.row_len() * bytes, shifts);
+                                       w_.l.sh * plane_.row_len() * bytes, runs.shifts);
                 }
                 // x a block reads per channel: flat_, its images' planes
                 const int64_t rows_touched = flat_ ? bwd_.kernels.front()->params().n_rows
                                                    : block_rows(bwd_, w_.l.sh, x_span());
                 const int64_t row_bytes = (flat_ ? plane_.size() : plane_.row_len()) * bytes;
-                width_entries<width_scheme<entry_plan>>(w_, m, offset_in(plane_), shifts, w_.l.in_c,
+                width_entries<width_scheme<entry_plan>>(w_, m, offset_in(plane_), runs, w_.l.in_c,
                                                         rows_touched, row_bytes, threads, word_,
                                                         sddmm_, groups_);
                 break;
