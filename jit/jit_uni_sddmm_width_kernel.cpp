@@ -209,16 +209,9 @@ template <cpu_isa isa> void jit_uni_sddmm_width_kernel_t<isa>::generate() {
                     vmaskmovps(g(k), sum(0, 0), a);
             }
         }
-        // the runs of entries [group_ptr[row * (n_groups * runs + 1) + group * runs
-        // + s], ... + 1) for s in [0, runs)
-        mov(i, field(offsetof(cp, n_groups)));
-        if (runs > 1) imul(i, i, runs);
-        inc(i);
-        imul(i, row);
-        mov(tmp, group);
-        if (runs > 1) imul(tmp, tmp, runs);
-        add(i, tmp);
-        lea(runs_ptr, ptr[group_ptr + i * 8]);
+        // the runs of entries [runs_ptr[s], runs_ptr[s + 1]) for s in [0, runs)
+        emit_group_runs(*this, runs_ptr, group_ptr, field(offsetof(cp, n_groups)), row, group, i,
+                        tmp, runs);
         for (int s = 0; s < runs; ++s) {
             Label group_loop, single_loop, singles, run_done;
             if (s > 0) {

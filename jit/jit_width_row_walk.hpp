@@ -1,10 +1,11 @@
-// The driver the two output-width-innermost generators (SpMM and SDDMM,
-// width_abi.hpp) share: walk the call's output rows in blocks of n_rows, then
-// the rows left (fewer than n_rows) as one block of their own, moving the
-// source and destination blocks on by their per-row steps after each block.
-// What a block does is the kernel's own. (The rows left had gone one at a
-// time: a 7-row image took a block of 4 and three single rows, each pass
-// over the entries as costly as a block's with a quarter of its work.)
+// What the two output-width-innermost generators (SpMM and SDDMM,
+// width_abi.hpp) share: the driver that walks the call's output rows in
+// blocks of n_rows, then the rows left (fewer than n_rows) as one block of
+// their own, moving the source and destination blocks on by their per-row
+// steps after each block (what a block does is the kernel's own; the rows
+// left had gone one at a time: a 7-row image took a block of 4 and three
+// single rows, each pass over the entries as costly as a block's with a
+// quarter of its work), and the address of a group's entry runs.
 #pragma once
 
 #include <cstddef>
@@ -75,6 +76,23 @@ inline void emit_width_row_walk(Xbyak::CodeGenerator &g, const Xbyak::Reg64 &par
     advance(1);
     g.jmp(single_loop, CodeGenerator::T_NEAR);
     g.L(done);
+}
+
+// Points runs_ptr at the first of the `runs` group pointers of (row,
+// group): group_ptr + (row * (n_groups * runs + 1) + group * runs) * 8
+// (width_abi.hpp: one run per group, or one per shift). Clobbers i, tmp.
+inline void emit_group_runs(Xbyak::CodeGenerator &g, const Xbyak::Reg64 &runs_ptr,
+                            const Xbyak::Reg64 &group_ptr, const Xbyak::Address &n_groups,
+                            const Xbyak::Reg64 &row, const Xbyak::Address &group,
+                            const Xbyak::Reg64 &i, const Xbyak::Reg64 &tmp, int runs) {
+    g.mov(i, n_groups);
+    if (runs > 1) g.imul(i, i, runs);
+    g.inc(i);
+    g.imul(i, row);
+    g.mov(tmp, group);
+    if (runs > 1) g.imul(tmp, tmp, runs);
+    g.add(i, tmp);
+    g.lea(runs_ptr, g.ptr[group_ptr + i * 8]);
 }
 
 } // namespace qsp::jit

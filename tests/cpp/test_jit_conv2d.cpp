@@ -143,6 +143,15 @@ void compare_with_reference(const conv_case &c, int threads, unsigned seed) {
     }
 }
 
+// Each case against the reference, seeds from `seed` on, 1-3 threads in turn.
+void compare_cases(const std::vector<conv_case> &cases, unsigned seed) {
+    int threads = 1;
+    for (const conv_case &c : cases) {
+        compare_with_reference(c, threads, seed++);
+        threads = threads % 3 + 1;
+    }
+}
+
 conv2d_geometry geometry(int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t pt, int64_t pb,
                          int64_t pl, int64_t pr, int64_t dh, int64_t dw, int64_t groups) {
     conv2d_geometry g;
@@ -206,12 +215,7 @@ TEST(JitConv2dEdges, non_square_asymmetric_dilated_grouped_depthwise) {
             // of AVX-512 vectors, dilated
             {3, 6, 8, 40, 41, geometry(3, 3, 1, 1, 2, 2, 2, 2, 2, 2, 1), 0.7},
     };
-    int threads = 1;
-    unsigned seed = 50;
-    for (const conv_case &c : cases) {
-        compare_with_reference(c, threads, seed++);
-        threads = threads % 3 + 1;
-    }
+    compare_cases(cases, 50);
 }
 
 // Output rows of whole vectors (16 and 32 columns): on AVX-512's aligned
@@ -225,12 +229,7 @@ TEST(JitConv2dEdges, rows_of_whole_vectors_at_every_shift) {
             {1, 6, 4, 6, 34, geometry(3, 3, 1, 1, 1, 1, 1, 1, 1, 2, 1), 0.4},
             {2, 4, 3, 4, 48, geometry(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1), 0.3},
     };
-    int threads = 1;
-    unsigned seed = 70;
-    for (const conv_case &c : cases) {
-        compare_with_reference(c, threads, seed++);
-        threads = threads % 3 + 1;
-    }
+    compare_cases(cases, 70);
 }
 
 TEST(JitConv2dEdges, odd_channel_counts_and_batches) {
