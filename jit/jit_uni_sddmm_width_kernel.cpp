@@ -5,6 +5,7 @@
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+#include <utility>
 
 #include "jit/cpu_isa_traits.hpp"
 #include "jit/jit_uni_spmm_width_kernel.hpp"
@@ -232,18 +233,18 @@ template <cpu_isa isa> void jit_uni_sddmm_width_kernel_t<isa>::generate() {
                     // AVX2: each vector rotated up a lane (vpermps), lane
                     // 0 then blended from its neighbour's rotation, or
                     // zero; in the sums' registers, free between entries
-                    const Vmm index = sum(0, 0), rotated = sum(0, 1), below = sum(1, 0),
-                              zeros = sum(1, 1);
+                    const Vmm index = sum(0, 0), zeros = sum(1, 1);
                     vmovups(index, ptr[rip + rotate_table]);
                     vxorps(zeros, zeros, zeros);
                     for (int r = 0; r < rows; ++r) {
+                        Vmm rotated = sum(0, 1), below = sum(1, 0);
                         vpermps(rotated, index, g(r * nv + nv - 1));
-                        for (int v = nv - 1; v >= 0; --v) {
-                            const Vmm &from = v > 0 ? below : zeros;
-                            if (v > 0) vpermps(below, index, g(r * nv + v - 1));
-                            vblendps(g(r * nv + v), rotated, from, 1);
-                            if (v > 0) vmovaps(rotated, below);
+                        for (int v = nv - 1; v > 0; --v) {
+                            vpermps(below, index, g(r * nv + v - 1));
+                            vblendps(g(r * nv + v), rotated, below, 1);
+                            std::swap(rotated, below);
                         }
+                        vblendps(g(r * nv), rotated, zeros, 1);
                     }
                 }
             }

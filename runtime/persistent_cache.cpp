@@ -481,11 +481,53 @@ void set_persistent_load_hook_for_testing(void (*hook)(const std::string &path))
 
 namespace {
 
-// The GNU build ID of the object holding this code (hex), "" where it has
-// none. A rebuilt library at the same version has other kernels: keyed on
-// the version alone, it read the decisions the old build's tuner had made
-// (a width kernel made 1.3x faster kept losing to the batch family's
-// stored decision).
+// Whether a loaded segment of o maps [vaddr, vaddr + size), vaddr from o's
+// base: in memory, or (from_file) with bytes from the file, as notes are.
+bool loads(const dl_phdr_info &o, ElfW(Addr) vaddr, ElfW(Xword) size, bool from_file) {
+    for (int i = 0; i < o.dlpi_phnum; ++i) {
+        const ElfW(Phdr) &ph = o.dlpi_phdr[i];
+        if (ph.p_type == PT_LOAD && vaddr >= ph.p_vaddr
+            && vaddr + size <= ph.p_vaddr + (from_file ? ph.p_filesz : ph.p_memsz))
+            return true;
+    }
+    return false;
+}
+
+// The GNU build ID among o's mapped notes (hex), "" where it has none.
+std::string build_id_of(const dl_phdr_info &o) {
+    for (int i = 0; i < o.dlpi_phnum; ++i) {
+        const ElfW(Phdr) &ph = o.dlpi_phdr[i];
+        if (ph.p_type != PT_NOTE || !loads(o, ph.p_vaddr, ph.p_memsz, true)) continue;
+        const auto *at = reinterpret_cast<const unsigned char *>(o.dlpi_addr + ph.p_vaddr);
+        const unsigned char *end = at + ph.p_memsz;
+        while (at + sizeof(ElfW(Nhdr)) <= end) {
+            ElfW(Nhdr) n;
+            std::memcpy(&n, at, sizeof n);
+            const unsigned char *name = at + sizeof n;
+            const unsigned char *desc = name + ((n.n_namesz + 3) & ~3u);
+            const unsigned char *next = desc + ((n.n_descsz + 3) & ~3u);
+            if (next > end) break;
+            if (n.n_type == NT_GNU_BUILD_ID && n.n_namesz == 4
+                && std::memcmp(name, "GNU", 4) == 0) {
+                static const char hex[] = "0123456789abcdef";
+                std::string id;
+                for (uint32_t k = 0; k < n.n_descsz; ++k) {
+                    id += hex[desc[k] >> 4];
+                    id += hex[desc[k] & 15];
+                }
+                return id;
+            }
+            at = next;
+        }
+    }
+    return "";
+}
+
+// The GNU build ID of the object holding this code, "" where it has none.
+// A rebuilt library at the same version has other kernels: keyed on the
+// version alone, it read the decisions the old build's tuner had made (a
+// width kernel made 1.3x faster kept losing to the batch family's stored
+// decision).
 std::string library_build_id() {
     struct search {
         uintptr_t code;
@@ -494,48 +536,8 @@ std::string library_build_id() {
     dl_iterate_phdr(
             [](dl_phdr_info *info, size_t, void *data) -> int {
                 auto &s = *static_cast<search *>(data);
-                bool holds = false;
-                for (int i = 0; i < info->dlpi_phnum && !holds; ++i) {
-                    const ElfW(Phdr) &ph = info->dlpi_phdr[i];
-                    const uintptr_t start = info->dlpi_addr + ph.p_vaddr;
-                    holds = ph.p_type == PT_LOAD && s.code >= start && s.code < start + ph.p_memsz;
-                }
-                if (!holds) return 0;
-                // read only notes that a loaded segment maps
-                auto mapped = [info](const ElfW(Phdr) & note) {
-                    for (int i = 0; i < info->dlpi_phnum; ++i) {
-                        const ElfW(Phdr) &ph = info->dlpi_phdr[i];
-                        if (ph.p_type == PT_LOAD && note.p_vaddr >= ph.p_vaddr
-                            && note.p_vaddr + note.p_memsz <= ph.p_vaddr + ph.p_filesz)
-                            return true;
-                    }
-                    return false;
-                };
-                for (int i = 0; i < info->dlpi_phnum; ++i) {
-                    const ElfW(Phdr) &ph = info->dlpi_phdr[i];
-                    if (ph.p_type != PT_NOTE || !mapped(ph)) continue;
-                    const auto *at =
-                            reinterpret_cast<const unsigned char *>(info->dlpi_addr + ph.p_vaddr);
-                    const unsigned char *end = at + ph.p_memsz;
-                    while (at + sizeof(ElfW(Nhdr)) <= end) {
-                        ElfW(Nhdr) n;
-                        std::memcpy(&n, at, sizeof n);
-                        const unsigned char *name = at + sizeof n;
-                        const unsigned char *desc = name + ((n.n_namesz + 3) & ~3u);
-                        const unsigned char *next = desc + ((n.n_descsz + 3) & ~3u);
-                        if (next > end) break;
-                        if (n.n_type == NT_GNU_BUILD_ID && n.n_namesz == 4
-                            && std::memcmp(name, "GNU", 4) == 0) {
-                            static const char hex[] = "0123456789abcdef";
-                            for (uint32_t k = 0; k < n.n_descsz; ++k) {
-                                s.id += hex[desc[k] >> 4];
-                                s.id += hex[desc[k] & 15];
-                            }
-                            return 1;
-                        }
-                        at = next;
-                    }
-                }
+                if (!loads(*info, s.code - info->dlpi_addr, 1, false)) return 0;
+                s.id = build_id_of(*info);
                 return 1;
             },
             &s);

@@ -341,25 +341,21 @@ shift_runs split_runs_by_shift(const sparse_rows &m, const source_groups &g, int
     out.groups.runs = runs;
     out.groups.ptr.clear();
     out.groups.ptr.reserve(static_cast<size_t>(m.rows * (g.n * runs + 1)));
-    std::vector<int64_t> order;
+    std::vector<int64_t> shift; // of the group's entries, each taken once
     for (int64_t r = 0; r < m.rows; ++r) {
         for (int64_t grp = 0; grp < g.n; ++grp) {
             const int64_t begin = g.ptr[r * (g.n + 1) + grp], end = g.ptr[r * (g.n + 1) + grp + 1];
-            order.clear();
+            shift.clear();
             for (int64_t l = begin; l < end; ++l) {
-                const int64_t s = shift_of(r, m.key[l]);
-                if (s < 0 || s >= runs)
+                shift.push_back(shift_of(r, m.key[l]));
+                if (shift.back() < 0 || shift.back() >= runs)
                     throw std::logic_error("sparse JIT plan: an entry's shift is past the runs");
-                order.push_back(l);
             }
-            std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
-                return shift_of(r, m.key[a]) < shift_of(r, m.key[b]);
-            });
-            size_t next = 0;
+            // a pass per run (at most a vector's lanes of them): stable
             for (int64_t s = 0; s < runs; ++s) {
                 out.groups.ptr.push_back(out.rows.entries());
-                for (; next < order.size() && shift_of(r, m.key[order[next]]) == s; ++next)
-                    out.rows.add(m.key[order[next]], m.value_index[order[next]]);
+                for (int64_t l = begin; l < end; ++l)
+                    if (shift[l - begin] == s) out.rows.add(m.key[l], m.value_index[l]);
             }
         }
         out.groups.ptr.push_back(out.rows.entries());
