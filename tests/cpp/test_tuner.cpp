@@ -77,9 +77,14 @@ TEST(Tuner, decisions_are_stored_picked_and_stable) {
     for (const auto &c : first.candidates) {
         EXPECT_GT(c.median_ms, 0.0) << c.implementation;
         EXPECT_NE(out.find(c.implementation + "="), std::string::npos) << out;
-        // the dense matmul, 1000x the work, is out after its two screening runs
+        // the dense matmul, 1000x the work, is out after its two screening
+        // runs; the sparse kernels run this layer in about the same time, so
+        // on a busy host either may still time 1.5x the other in both its
+        // screening runs (a fresh clone's run saw the pattern code screened
+        // out once): only the chosen one must have stayed in
         const bool dense = c.implementation.rfind("dense:", 0) == 0;
-        EXPECT_EQ(c.screened_out, dense) << c.implementation;
+        if (dense) EXPECT_TRUE(c.screened_out) << c.implementation;
+        if (c.implementation == first.chosen) EXPECT_FALSE(c.screened_out) << c.implementation;
         if (dense) EXPECT_EQ(c.runs_ms.size(), 2u) << c.implementation;
         EXPECT_GE(c.runs_ms.size(), 2u) << c.implementation;
         EXPECT_LE(c.runs_ms.size(), 7u) << c.implementation;
