@@ -312,4 +312,22 @@ void portable::interleave_width_phases(const width_phase_rows *phases, int64_t c
         }
 }
 
+void unflatten_width_rows(const float *flat, int64_t planes, int64_t n_h, int64_t n_w,
+                          int64_t row_len, int64_t plane_stride, float *out, int num_threads) {
+    static constexpr pass_tier<unflatten_width_rows_fn> tiers[] = {
+            {cpu_isa::avx512_core, unflatten_width_rows_avx512},
+            {cpu_isa::ref, portable::unflatten_width_rows}};
+    best_tier(tiers)(flat, planes, n_h, n_w, row_len, plane_stride, out, num_threads);
+}
+
+void portable::unflatten_width_rows(const float *flat, int64_t planes, int64_t n_h, int64_t n_w,
+                                    int64_t row_len, int64_t plane_stride, float *out,
+                                    int num_threads) {
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t p = 0; p < planes; ++p)
+        for (int64_t a = 0; a < n_h; ++a)
+            std::memcpy(out + (p * n_h + a) * n_w, flat + p * plane_stride + a * row_len,
+                        static_cast<size_t>(n_w) * sizeof(float));
+}
+
 } // namespace qsp::detail

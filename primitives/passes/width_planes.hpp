@@ -76,6 +76,15 @@ using interleave_width_phases_fn = void(const width_phase_rows *phases, int64_t 
                                         int num_threads);
 interleave_width_phases_fn interleave_width_phases;
 
+// The flat SpMM's output (an image's output rows side by side at the
+// source's padded width, as one kernel row): out[p][a][j] =
+// flat[p * plane_stride + a * row_len + j] for planes p, rows a < n_h and
+// columns j < n_w (the lanes past n_w in each row are the padding's: dropped).
+using unflatten_width_rows_fn = void(const float *flat, int64_t planes, int64_t n_h, int64_t n_w,
+                                     int64_t row_len, int64_t plane_stride, float *out,
+                                     int num_threads);
+unflatten_width_rows_fn unflatten_width_rows;
+
 // The tiers (the same values bit for bit; tested).
 namespace portable {
 pack_width_planes_fn pack_width_planes;
@@ -83,6 +92,7 @@ pack_width_quads_fn pack_width_quads;
 pack_width_pairs_fn pack_width_pairs;
 pack_width_dy_u8_fn pack_width_dy_u8;
 interleave_width_phases_fn interleave_width_phases;
+unflatten_width_rows_fn unflatten_width_rows;
 } // namespace portable
 // Planes without column phases only.
 pack_width_planes_fn pack_width_planes_avx512;
@@ -96,6 +106,7 @@ pack_width_pairs_fn pack_width_pairs_avx2;
 interleave_width_phases_fn interleave_width_phases_avx512;
 interleave_width_phases_fn interleave_width_phases_avx2;
 pack_width_dy_u8_fn pack_width_dy_u8_avx512;
+unflatten_width_rows_fn unflatten_width_rows_avx512;
 pack_width_dy_u8_fn pack_width_dy_u8_avx2;
 
 } // namespace qsp::detail

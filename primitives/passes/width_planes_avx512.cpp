@@ -173,6 +173,21 @@ void pack_width_dy_u8_avx512(const int8_t *g, int64_t batch, int64_t channels, i
     }
 }
 
+void unflatten_width_rows_avx512(const float *flat, int64_t planes, int64_t n_h, int64_t n_w,
+                                 int64_t row_len, int64_t plane_stride, float *out,
+                                 int num_threads) {
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t p = 0; p < planes; ++p) {
+        const float *in = flat + p * plane_stride;
+        float *o = out + p * n_h * n_w;
+        for (int64_t a = 0; a < n_h; ++a, in += row_len, o += n_w)
+            for (int64_t j = 0; j < n_w; j += 16) {
+                const __mmask16 m = first_lanes(n_w - j);
+                _mm512_mask_storeu_ps(o + j, m, _mm512_maskz_loadu_ps(m, in + j));
+            }
+    }
+}
+
 } // namespace qsp::detail
 
 QSP_END_TARGET

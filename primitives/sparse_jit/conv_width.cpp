@@ -85,6 +85,17 @@ width_plane conv_width::dy_plane(const std::vector<int64_t> &read_lanes, int64_t
     return p;
 }
 
+width_plane conv_width::flat_dy_plane(const conv_layout::phase &f, int64_t read_lanes) const {
+    width_plane p;
+    p.rows = l.ohp;
+    p.phase_len = l.owp;
+    int64_t reach = p.size();
+    for (int64_t tap = 0; tap < taps; ++tap)
+        reach = std::max(reach, dy_tap(p, f, tap) + read_lanes);
+    p.rows = (reach + p.phase_len - 1) / p.phase_len;
+    return p;
+}
+
 int64_t conv_width::dy_tap(const width_plane &plane, const conv_layout::phase &f,
                            int64_t tap) const {
     int64_t mh = 0, mw = 0;

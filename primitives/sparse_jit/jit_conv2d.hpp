@@ -13,4 +13,8 @@ namespace qsp::detail {
 implementation jit_conv2d_batch(quant_scheme scheme, cpu_isa isa);
 implementation jit_conv2d_width(quant_scheme scheme, cpu_isa isa);
 
+// For tests: how many width SpMM runs so far took the flat form (an image's
+// output rows as one kernel row, narrow rows at stride 1).
+int64_t flat_spmm_runs_for_testing();
+
 } // namespace qsp::detail

@@ -33,6 +33,8 @@ namespace {
 
 using jit::sparse_dtype;
 
+std::atomic<int64_t> flat_spmm_runs{0};
+
 // A part of channel_statistics (passes/batch_norm.hpp) from the statistics
 // a kernel call took while it wrote n values (jit::width_statistics): its
 // lanes summed in double, the mean and the squares about it from the
@@ -118,8 +120,16 @@ width_split spmm_split(cpu_isa isa, sparse_dtype dt, int64_t width, jit::s8_word
                        jit::spmm_width_max_accumulators(isa, dt, vnni, word));
 }
 
-// The SpMM kernels of a split: out_rows per image, the source moving
-// row_step bytes per output row.
+// The flat SpMM's sums a block holds (images x the vectors of one): 8.
+// More images a block make the source groups, sized to L1 for a block's
+// images, smaller, and their sums' stores and reloads more frequent: C4
+// (32 x 512 x 7 x 7, 90 %, Zen 4) f32 forward 9.7 ms at two images of 4
+// vectors, 10.8 at 3, 11.6 at 4, 13.7 at 7 (the most the registers hold);
+// one image 10.0. The main job's 96-channel 7 x 7 layer the same at 1-3.
+constexpr int flat_accumulators = 8;
+
+// The SpMM kernels of a split: out_rows per image (0: the flat SpMM's,
+// a block of images), the source moving row_step bytes per output row.
 // shifts: 0, or the shift runs of aligned sources.
 row_calls<jit::jit_spmm_width_kernel> spmm_calls(cpu_isa isa, sparse_dtype dt,
                                                  const width_split &split, jit::s8_word word,
@@ -133,11 +143,35 @@ row_calls<jit::jit_spmm_width_kernel> spmm_calls(cpu_isa isa, sparse_dtype dt,
     for (int64_t ch = 0; ch < c.split.chunks(); ++ch) {
         jit::sparse_kernel_params k = base;
         k.n_vec = c.split.chunk_vectors(ch);
-        k.n_rows = balanced_rows(out_rows, max_acc / k.n_vec);
+        k.n_rows = balanced_rows(out_rows, (out_rows > 0 ? max_acc : flat_accumulators) / k.n_vec);
         k.tail = c.split.tail(ch);
         c.kernels.push_back(jit::spmm_width_kernel(k));
     }
     return c;
+}
+
+// The flat SpMM (stride 1 both ways): an image's output rows side by side
+// at the source's padded width `row_len` make one row of the kernels, and a
+// block of them a block of images. A lane past a row's last column sums a
+// window that runs into the padding and the next row: the plan drops it
+// (unflatten_width_rows). Rows narrower than a vector lose those lanes and
+// more: 7 columns fill 7 of AVX-512's 16 lanes, 4 flat vectors an image
+// where the rows took 7. Taken where it needs at most 4/5 of the rows'
+// vectors; a split of width 0 where not.
+width_split flat_spmm_split(cpu_isa isa, sparse_dtype dt, jit::s8_word word, int64_t n_h,
+                            int64_t n_w, int64_t row_len) {
+    const width_split rows = spmm_split(isa, dt, n_w, word),
+                      flat = spmm_split(isa, dt, n_h * row_len, word);
+    if (5 * flat.vectors > 4 * n_h * rows.vectors) return {};
+    return flat;
+}
+
+// Whether the flat SpMM's kernels can step a block of images of
+// `image_bytes` (jit::check_width_row_step's bound: a block's last image
+// within a 32-bit displacement).
+bool flat_images_fit(int64_t image_bytes) {
+    return image_bytes > 0
+           && image_bytes <= (std::numeric_limits<int32_t>::max() - 4096) / jit::width_max_rows;
 }
 
 // s8 lanes are bytes: a dword lane sums 4 output columns, so a vector
@@ -325,18 +359,29 @@ struct spmm_run {
     // Null, or the batch statistics the kernels take (forward): image b's
     // channel r's of chunk ch at (b * channels + r) * chunks + ch.
     jit::width_statistics *statistics = nullptr;
+    // The flat SpMM (flat_spmm_split): a call's output rows are this many
+    // images (the kernels' source step is src_image_bytes, dst_row unused,
+    // no statistics); 0: an image's rows.
+    int64_t images_per_call = 0;
 
     template <typename calls_t>
     void operator()(direction dir, const calls_t &calls, int64_t batch, int nt) const {
+        // an item: an image, or (flat) a call's images
+        const bool flat = images_per_call > 0;
+        const int64_t per_item = flat ? images_per_call : 1,
+                      items = (batch + per_item - 1) / per_item;
+        const int64_t row_bytes = (flat ? dst_image : dst_row) * 4;
         // one call per row (a single chunk) writing rows dst_row apart that
         // are that wide, and a tail vector's lanes past the row no more than
         // a row: they land in the next row of the block, nowhere further
         const int64_t width = calls.split.width, lanes = calls.split.lanes;
         const int64_t overflow = (lanes - width % lanes) % lanes;
         const int64_t back_to_back =
-                calls.split.chunks() == 1 && dst_row == width && overflow <= width;
+                !flat && calls.split.chunks() == 1 && dst_row == width && overflow <= width;
         const int64_t chunks = calls.split.chunks(), channels = bounds->back();
-        for_images(dir, batch, *bounds, nt, [&](int64_t b, int64_t r0, int64_t r1) {
+        for_images(dir, items, *bounds, nt, [&](int64_t item, int64_t r0, int64_t r1) {
+            const int64_t b = item * per_item,
+                          rows = flat ? std::min(per_item, batch - b) : n_out_rows;
             for (int64_t ch = 0; ch < chunks; ++ch) {
                 const int64_t lane = calls.split.first_lane(ch);
                 jit::width_statistics *taken =
@@ -349,10 +394,10 @@ struct spmm_run {
                         r0,
                         r1,
                         src + b * src_image_bytes + lane * elem_bytes,
-                        n_out_rows,
+                        rows,
                         dst + b * dst_image + lane,
                         dst_channel * 4,
-                        dst_row * 4,
+                        row_bytes,
                         bias,
                         correction,
                         scale,
@@ -408,16 +453,39 @@ protected:
         const bool aligned = aligned_sources(isa);
         switch (p.dir) {
             case direction::forward: {
-                const width_split split = spmm_split(isa, scheme::dt, w_.l.out_w, word_);
-                plane_ = aligned ? w_.x_plane(w_.l.out_w, split.lanes)
-                                 : w_.x_plane(split.read_lanes());
+                width_split split = spmm_split(isa, scheme::dt, w_.l.out_w, word_);
+                const int64_t words = (w_.l.in_c + per_position - 1) / per_position;
+                // (not where the AVX-512 kernels take a forward's batch
+                // statistics in their epilogue, which the flat rows' dropped
+                // lanes would spoil: rows that wide lose few lanes anyway)
+                const bool statistics = aligned && w_.l.out_pixels() >= statistics_min_plane;
+                if (w_.l.sh == 1 && w_.l.sw == 1 && !statistics) {
+                    const width_split flat = flat_spmm_split(isa, scheme::dt, word_, w_.l.out_h,
+                                                             w_.l.out_w, w_.l.wp);
+                    const width_plane plane = w_.flat_x_plane(flat.read_lanes());
+                    if (flat.width != 0 && flat_images_fit(words * plane.size() * 4))
+                        flat_spmm_ = true, split = flat, plane_ = plane;
+                }
+                if (!flat_spmm_)
+                    plane_ = aligned ? w_.x_plane(w_.l.out_w, split.lanes)
+                                     : w_.x_plane(split.read_lanes());
                 const width_plane plane = plane_;
                 const sparse_rows m = w_.forward_rows(p.pattern);
                 const auto offset =
                         plane_offset(w_, plane.size(), per_position, 4,
                                      [&w, plane](int64_t tap) { return w.x_tap(plane, tap); });
-                const source_runs runs =
-                        aligned ? runs_of(m, offset, split.lanes * 4, per_position) : source_runs{};
+                // flat rows start a tap anywhere in a vector: no runs by shift
+                const source_runs runs = aligned && !flat_spmm_
+                                                 ? runs_of(m, offset, split.lanes * 4, per_position)
+                                                 : source_runs{};
+                if (flat_spmm_) {
+                    fwd_ = spmm_calls(isa, scheme::dt, split, word_, 0, words * plane.size() * 4,
+                                      0);
+                    width_entries<scheme>(
+                            w_, m, offset, runs, w_.l.in_c, fwd_.kernels.front()->params().n_rows,
+                            plane.size() * spmm_bytes, threads, word_, spmm_, groups_);
+                    break;
+                }
                 fwd_ = spmm_calls(isa, scheme::dt, split, word_, w_.l.out_h,
                                   w_.l.sh * plane_.row_len() * 4, runs.shifts);
                 width_entries<scheme>(
@@ -427,6 +495,23 @@ protected:
             }
             case direction::backward_data:
                 plane_ = make_phases(w_, isa, scheme::dt, word_, phases_);
+                if (flat_backward_data(isa, per_position)) {
+                    phase_plan<spmm_entries_t> &f = phases_.front();
+                    const conv_layout::phase ph = f.phase;
+                    const width_plane plane = plane_;
+                    const sparse_rows m = w_.backward_data_rows(p.pattern, ph);
+                    const auto offset = plane_offset(
+                            w_, plane.size(), per_position, 4,
+                            [&w, plane, ph](int64_t tap) { return w.dy_tap(plane, ph, tap); });
+                    const int64_t words = (w_.l.out_c + per_position - 1) / per_position;
+                    f.calls = spmm_calls(isa, scheme::dt, f.calls.split, word_, 0,
+                                         words * plane.size() * 4, 0);
+                    width_entries<scheme>(w_, m, offset, source_runs{}, w_.l.out_c,
+                                          f.calls.kernels.front()->params().n_rows,
+                                          plane.size() * spmm_bytes, threads, word_, f.entries,
+                                          f.groups);
+                    break;
+                }
                 for (auto &f : phases_) {
                     const conv_layout::phase ph = f.phase;
                     const width_plane plane = plane_;
@@ -491,6 +576,47 @@ protected:
     const conv_layout &l() const { return w_.l; }
     int64_t x_span() const { return (l().kh - 1) * l().dh + 1; }
 
+    // Backward-data at stride 1 (one phase) on the flat SpMM, where it pays
+    // (flat_spmm_split) and every real lane of a row reads inside its dY row
+    // (the lanes past them, which read on into the next row, are dropped):
+    // sets flat_spmm_, the flat dY plane and the phase's split.
+    bool flat_backward_data(cpu_isa isa, int64_t per_position) {
+        if (l().sh != 1 || l().sw != 1 || phases_.size() != 1) return false;
+        phase_plan<spmm_entries_t> &f = phases_.front();
+        if (f.phase.n_h != l().in_h || f.phase.n_w != l().in_w) return false; // diff_src whole
+        const width_split flat =
+                flat_spmm_split(isa, scheme::dt, word_, f.phase.n_h, f.phase.n_w, l().owp);
+        if (flat.width == 0) return false;
+        for (int64_t kw = 0; kw < l().kw; ++kw) {
+            int64_t mw = 0;
+            conv_layout::tap_in_phase(f.phase.pw, kw, l().dw, l().sw, mw);
+            if (f.phase.qw0 + mw + l().dy_pad.left + f.phase.n_w > l().owp) return false;
+        }
+        const width_plane plane = w_.flat_dy_plane(f.phase, flat.read_lanes());
+        const int64_t words = (l().out_c + per_position - 1) / per_position;
+        if (!flat_images_fit(words * plane.size() * 4)) return false;
+        flat_spmm_ = true;
+        plane_ = plane;
+        f.calls.split = flat;
+        return true;
+    }
+    // The flat SpMM's output of `planes` planes of n_h x n_w into `out`,
+    // through scratch slot 9 (its rows at the source's padded width).
+    template <typename run_t>
+    void run_flat(const tensors &t, runtime::scratchpad &sp, spmm_run run, const run_t &calls,
+                  int64_t channels, int64_t n_h, int64_t n_w, int64_t row_len, float *out) const {
+        const int64_t stride = calls.split.read_lanes();
+        float *flat = sp.get<float>(9, t.batch * channels * stride);
+        run.dst = flat;
+        run.dst_image = channels * stride;
+        run.dst_channel = stride;
+        run.images_per_call = calls.kernels.front()->params().n_rows;
+        run(p_.dir, calls, t.batch, p_.num_threads);
+        flat_spmm_runs.fetch_add(1, std::memory_order_relaxed);
+        unflatten_width_rows(flat, t.batch * channels, n_h, n_w, row_len, stride, out,
+                             p_.num_threads);
+    }
+
     // The batch statistics of the forward's dst, taken by the AVX-512
     // kernels in their epilogue (tensors::dst_statistics; width_abi.hpp):
     // prepare_statistics points `run` at scratch `slot` for them when they
@@ -502,7 +628,7 @@ protected:
     // +0.05, 128x96x7x7 +0.3).
     static constexpr int64_t statistics_min_plane = 512;
     bool kernels_take_statistics() const {
-        return fwd_.kernels.front()->params().isa >= cpu_isa::avx512_core
+        return !flat_spmm_ && fwd_.kernels.front()->params().isa >= cpu_isa::avx512_core
                && l().out_pixels() >= statistics_min_plane;
     }
     void prepare_statistics(const tensors &t, runtime::scratchpad &sp, int slot,
@@ -531,6 +657,10 @@ protected:
                      bias,
                      correction,
                      scale};
+        if (flat_spmm_) {
+            run_flat(t, sp, run, fwd_, l().out_c, l().out_h, l().out_w, l().wp, t.dst);
+            return;
+        }
         prepare_statistics(t, sp, slot, run);
         run(p_.dir, fwd_, t.batch, p_.num_threads);
         finish_statistics(t, run);
@@ -587,6 +717,26 @@ protected:
                                scale};
             run(p_.dir, f.calls, B, nt);
         };
+        if (flat_spmm_) { // stride 1: the one phase is diff_src whole
+            const auto &f = phases_.front();
+            const spmm_run run{phase_values(f),
+                               f.entries->offsets.data(),
+                               &f.groups,
+                               &f.entries->bounds,
+                               static_cast<const uint8_t *>(dy),
+                               image_bytes,
+                               4,
+                               f.phase.n_h,
+                               nullptr,
+                               0,
+                               0,
+                               0,
+                               zeros,
+                               correction,
+                               scale};
+            run_flat(t, sp, run, f.calls, ic, f.phase.n_h, f.phase.n_w, l().owp, t.diff_src);
+            return;
+        }
         if (l().sw == 1) {
             for (const auto &f : phases_)
                 run_phase(f, t.diff_src + f.phase.ih0 * l().in_w + f.phase.iw0, ic * in_px, in_px,
@@ -622,6 +772,11 @@ protected:
     // SDDMM (a block holds images): lanes are never lost to a row narrower
     // than a vector (14 columns of a 64-byte vector), only to the padding
     bool flat_ = false;
+    // The SpMM at stride 1 on rows narrower than a vector (forward or
+    // backward-data; flat_spmm_split): an image is one output row of the
+    // kernels, a block holds images, the output goes through a scratch of
+    // flat rows (run_flat)
+    bool flat_spmm_ = false;
     jit::s8_word word_; // s8 SpMM source words: quads, or pairs without VNNI
     width_plane plane_; // forward / backward-weights: x; backward-data: dY
     row_calls<jit::jit_spmm_width_kernel> fwd_;
@@ -922,6 +1077,10 @@ std::string width_refusal(const problem &p, quant_scheme scheme, cpu_isa isa) {
 }
 
 } // namespace
+
+int64_t flat_spmm_runs_for_testing() {
+    return flat_spmm_runs.load(std::memory_order_relaxed);
+}
 
 implementation jit_conv2d_width(quant_scheme scheme, cpu_isa isa) {
     const char *name = jit_implementation_name(isa, "width");

@@ -6,6 +6,7 @@
 // serves them.
 #include <cstring>
 
+#include "primitives/sparse_jit/jit_conv2d.hpp"
 #include "training_step.hpp"
 
 namespace qsp::test {
@@ -230,6 +231,29 @@ TEST(JitConv2dEdges, rows_of_whole_vectors_at_every_shift) {
             {2, 4, 3, 4, 48, geometry(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1), 0.3},
     };
     compare_cases(cases, 70);
+}
+
+// Rows narrower than a vector at stride 1 run flat (an image's rows at the
+// padded width as one kernel row, the lanes past each row dropped): 7, 5,
+// 4 and 3 columns on AVX-512, 3 and 4 on AVX2, through padding on one side
+// only, dilation, a 1x1 kernel, odd channel counts (s8 words part empty),
+// batches not a multiple of a block's images, several source groups.
+TEST(JitConv2dEdges, narrow_rows_run_flat) {
+    const int64_t before = detail::flat_spmm_runs_for_testing();
+    const std::vector<conv_case> cases = {
+            {3, 5, 6, 7, 7, geometry(3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 1), 0.5},
+            {1, 4, 3, 5, 5, geometry(5, 5, 1, 1, 2, 2, 2, 2, 1, 1, 1), 0.6},
+            {17, 3, 5, 4, 4, geometry(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1), 0.3},
+            {2, 6, 7, 3, 3, geometry(3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 1), 0.4},
+            {3, 5, 4, 8, 5, geometry(3, 3, 1, 1, 0, 2, 1, 0, 1, 1, 1), 0.5},
+            {2, 3, 5, 7, 7, geometry(3, 3, 1, 1, 2, 2, 2, 2, 2, 2, 1), 0.5},
+            {2, 9, 6, 9, 9, geometry(3, 3, 1, 1, 0, 0, 0, 0, 1, 1, 1), 0.5},
+            {5, 120, 72, 7, 7, geometry(3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 1), 0.9},
+    };
+    compare_cases(cases, 120);
+    if (effective_cpu_isa() >= cpu_isa::avx2)
+        EXPECT_GT(detail::flat_spmm_runs_for_testing(), before)
+                << "no case took the flat SpMM: the cases no longer test it";
 }
 
 TEST(JitConv2dEdges, odd_channel_counts_and_batches) {

@@ -1259,4 +1259,37 @@ TEST(Passes, interleave_width_phases_writes_each_column_from_its_phase) {
             }
 }
 
+// The flat SpMM's output: each plane's n_h rows of n_w columns taken from
+// rows row_len apart (the lanes past n_w dropped), planes plane_stride
+// apart; every tier the CPU has, the portable one, 1-3 threads, rows of 1
+// to 33 columns (the AVX-512 tier's masks past 16 and 32).
+TEST(Passes, unflatten_width_rows_keeps_each_rows_columns) {
+    std::mt19937 rng(9);
+    int threads = 1;
+    for (int64_t n_w : {1, 3, 7, 16, 17, 33})
+        for (int64_t n_h : {1, 5}) {
+            const int64_t planes = 5, row_len = n_w + 2, stride = n_h * row_len + 3;
+            SCOPED_TRACE("n_w " + std::to_string(n_w) + " n_h " + std::to_string(n_h));
+            const auto flat = random_vector(static_cast<size_t>(planes * stride), rng);
+            const size_t n = static_cast<size_t>(planes * n_h * n_w);
+            std::vector<float> want(n);
+            for (int64_t p = 0; p < planes; ++p)
+                for (int64_t a = 0; a < n_h; ++a)
+                    for (int64_t j = 0; j < n_w; ++j)
+                        want[static_cast<size_t>((p * n_h + a) * n_w + j)] =
+                                flat[static_cast<size_t>(p * stride + a * row_len + j)];
+            std::vector<detail::unflatten_width_rows_fn *> tiers{
+                    detail::unflatten_width_rows, detail::portable::unflatten_width_rows};
+            if (cpu_has(cpu_isa::avx512_core)) tiers.push_back(detail::unflatten_width_rows_avx512);
+            for (auto *tier : tiers) {
+                std::vector<float> got(n + 16, -3.f); // and nothing written past the planes
+                tier(flat.data(), planes, n_h, n_w, row_len, stride, got.data(), threads);
+                EXPECT_EQ(std::memcmp(got.data(), want.data(), n * sizeof(float)), 0);
+                for (size_t i = n; i < got.size(); ++i)
+                    EXPECT_EQ(got[i], -3.f);
+                threads = threads % 3 + 1;
+            }
+        }
+}
+
 } // namespace qsp::test
