@@ -13,8 +13,10 @@ namespace qsp::detail {
 implementation jit_conv2d_batch(quant_scheme scheme, cpu_isa isa);
 implementation jit_conv2d_width(quant_scheme scheme, cpu_isa isa);
 
-// For tests: how many width SpMM runs so far took the flat form (an image's
-// output rows as one kernel row, narrow rows at stride 1).
-int64_t flat_spmm_runs_for_testing();
+// For tests: how many width-kernel runs of `dir` so far took the flat form
+// on narrow rows at stride 1 (an image's output rows as one kernel row):
+// the SpMM's (forward, backward-data) and the f32 SDDMM's (backward-weights;
+// the s8 SDDMM's, flat at every stride-1 width, are not counted).
+int64_t flat_width_runs_for_testing(direction dir);
 
 } // namespace qsp::detail

@@ -33,7 +33,8 @@ namespace {
 
 using jit::sparse_dtype;
 
-std::atomic<int64_t> flat_spmm_runs{0};
+// Flat runs so far per direction (flat_width_runs_for_testing).
+std::atomic<int64_t> flat_runs[3];
 
 // A part of channel_statistics (passes/batch_norm.hpp) from the statistics
 // a kernel call took while it wrote n values (jit::width_statistics): its
@@ -530,7 +531,7 @@ protected:
                 }
                 break;
             case direction::backward_weights: {
-                flat_ = scheme::dt == sparse_dtype::s8 && w_.l.sh == 1 && w_.l.sw == 1;
+                flat_ = w_.l.sh == 1 && w_.l.sw == 1 && flat_sddmm_pays(isa);
                 if (flat_) {
                     // a whole image is one output row: its rows at the
                     // padded width back to back (dY too), a block of images
@@ -576,6 +577,20 @@ protected:
     const conv_layout &l() const { return w_.l; }
     int64_t x_span() const { return (l().kh - 1) * l().dh + 1; }
 
+    // Whether backward-weights at stride 1 takes an image as one output row
+    // (flat_): always in s8, whose byte lanes make a vector 4x f32's columns
+    // (C3's 14 columns filled 22 % of one); in f32 where the flat rows need
+    // at most 4/5 of the rows' vectors, as the flat SpMM (7 columns on
+    // AVX-512: 4 vectors an image, not 7), and the images fit the kernels'
+    // row step.
+    bool flat_sddmm_pays(cpu_isa isa) const {
+        if (scheme::dt == sparse_dtype::s8) return true;
+        const width_split rows = sddmm_split(isa, scheme::dt, l().out_w),
+                          flat = sddmm_split(isa, scheme::dt, l().out_h * l().wp);
+        return 5 * flat.vectors <= 4 * l().out_h * rows.vectors
+               && flat_images_fit(l().in_c * w_.flat_x_plane(flat.read_lanes()).size() * 4);
+    }
+
     // Backward-data at stride 1 (one phase) on the flat SpMM, where it pays
     // (flat_spmm_split) and every real lane of a row reads inside its dY row
     // (the lanes past them, which read on into the next row, are dropped):
@@ -612,7 +627,7 @@ protected:
         run.dst_channel = stride;
         run.images_per_call = calls.kernels.front()->params().n_rows;
         run(p_.dir, calls, t.batch, p_.num_threads);
-        flat_spmm_runs.fetch_add(1, std::memory_order_relaxed);
+        flat_runs[static_cast<int>(p_.dir)].fetch_add(1, std::memory_order_relaxed);
         unflatten_width_rows(flat, t.batch * channels, n_h, n_w, row_len, stride, out,
                              p_.num_threads);
     }
@@ -832,14 +847,33 @@ private:
     const char *backward_weights(const tensors &t, runtime::scratchpad &sp) const override {
         const int nt = p_.num_threads;
         const int64_t B = t.batch, image = l().in_c * plane_.size(), nnz = p_.pattern.nnz();
-        const int64_t vl = bwd_.split.lanes, out_image = l().out_c * l().out_pixels();
+        const int64_t vl = bwd_.split.lanes;
         float *x = sp.get<float>(0, B * image);
         float *partial = sp.get<float>(1, nnz * vl);
         pack_width_planes(t.src, B, l().in_c, l().in_h, l().in_w, l().x_pad, plane_, x, nt);
+        // dY as it is, or (flat_) in rows of the padded width, zeros past
+        // each row's columns (the windows there add nothing) and past the
+        // image up to the vectors' width
+        const float *dy = t.diff_dst;
+        int64_t channel = l().out_pixels(), row = l().out_w;
+        if (flat_) {
+            const width_plane rows{(bwd_.split.read_lanes() + l().wp - 1) / l().wp, 1, l().wp};
+            float *flat = sp.get<float>(2, B * l().out_c * rows.size());
+            pack_width_planes(t.diff_dst, B, l().out_c, l().out_h, l().out_w, spatial_pad{}, rows,
+                              flat, nt);
+            dy = flat;
+            channel = rows.size();
+        }
+        const int64_t dy_image = l().out_c * channel;
+        // The calls' output rows: each image's (flat_: the images), the dY
+        // block moving per row by dy_step floats (x by the kernel's step).
+        const int64_t n_rows = flat_ ? B : l().out_h, images = flat_ ? 1 : B;
+        const int64_t dy_step = flat_ ? dy_image : row;
+        if (flat_) flat_runs[2].fetch_add(1, std::memory_order_relaxed);
         const entry_plan &e = *sddmm_;
         for_parts(p_.dir, e.bounds, nt, [&](int64_t r0, int64_t r1) {
             std::fill(partial + e.row_ptr[r0] * vl, partial + e.row_ptr[r1] * vl, 0.f);
-            for (int64_t b = 0; b < B; ++b)
+            for (int64_t b = 0; b < images; ++b)
                 for (int64_t ch = 0; ch < bwd_.split.chunks(); ++ch) {
                     const int64_t lane = bwd_.split.first_lane(ch);
                     const jit::sddmm_width_call_params c{e.offsets.data(),
@@ -848,10 +882,10 @@ private:
                                                          r0,
                                                          r1,
                                                          x + b * image + lane,
-                                                         t.diff_dst + b * out_image + lane,
-                                                         l().out_pixels() * 4,
-                                                         l().out_w * 4,
-                                                         l().out_h,
+                                                         dy + b * dy_image + lane,
+                                                         channel * 4,
+                                                         dy_step * 4,
+                                                         n_rows,
                                                          partial};
                     (*bwd_.kernels[ch])(c);
                 }
@@ -1078,8 +1112,8 @@ std::string width_refusal(const problem &p, quant_scheme scheme, cpu_isa isa) {
 
 } // namespace
 
-int64_t flat_spmm_runs_for_testing() {
-    return flat_spmm_runs.load(std::memory_order_relaxed);
+int64_t flat_width_runs_for_testing(direction dir) {
+    return flat_runs[static_cast<int>(dir)].load(std::memory_order_relaxed);
 }
 
 implementation jit_conv2d_width(quant_scheme scheme, cpu_isa isa) {
