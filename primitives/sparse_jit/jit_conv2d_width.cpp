@@ -124,9 +124,10 @@ width_split spmm_split(cpu_isa isa, sparse_dtype dt, int64_t width, jit::s8_word
 // The flat SpMM's sums a block holds (images x the vectors of one): 8.
 // More images a block make the source groups, sized to L1 for a block's
 // images, smaller, and their sums' stores and reloads more frequent: C4
-// (32 x 512 x 7 x 7, 90 %, Zen 4) f32 forward 9.7 ms at two images of 4
-// vectors, 10.8 at 3, 11.6 at 4, 13.7 at 7 (the most the registers hold);
-// one image 10.0. The main job's 96-channel 7 x 7 layer the same at 1-3.
+// (32 x 512 x 7 x 7, 90 %, Zen 4) f32 forward kernel 9.0 ms at two images
+// of 4 vectors, 10.1 at 3, 10.8 at 4, 13.0 at 7 (the most the registers
+// hold); one image 9.3. The main job's 96-channel 7 x 7 layer the same at
+// 1-3.
 constexpr int flat_accumulators = 8;
 
 // The SpMM kernels of a split: out_rows per image (0: the flat SpMM's,
