@@ -106,7 +106,7 @@ pack_width_pairs_fn pack_width_pairs_avx2;
 interleave_width_phases_fn interleave_width_phases_avx512;
 interleave_width_phases_fn interleave_width_phases_avx2;
 pack_width_dy_u8_fn pack_width_dy_u8_avx512;
-unflatten_width_rows_fn unflatten_width_rows_avx512;
 pack_width_dy_u8_fn pack_width_dy_u8_avx2;
+unflatten_width_rows_fn unflatten_width_rows_avx512;
 
 } // namespace qsp::detail

@@ -63,10 +63,11 @@ struct conv_width {
     // `read_lanes` lanes past every tap's start, `align` lanes long a whole
     // number of times (aligned sources: every row starts on a vector).
     width_plane x_plane(int64_t read_lanes, int64_t align = 1) const;
-    // The same when an image is one output row (stride 1: the s8
-    // backward-weights, and the SpMM of narrow rows): rows at the padded
-    // width, and zero rows past the image for the farthest tap's read of the
-    // last vector.
+    // The same when an image is one output row (stride 1: backward-weights
+    // in s8, the SpMM and the f32 backward-weights on narrow rows; see
+    // jit_conv2d_width.cpp's flat_spmm_split): rows at the padded width,
+    // and zero rows past the image for the farthest tap's read of the last
+    // vector.
     width_plane flat_x_plane(int64_t read_lanes) const;
     // Element offset in an x plane of tap t at output position (0, 0).
     int64_t x_tap(const width_plane &plane, int64_t tap) const;
@@ -78,8 +79,9 @@ struct conv_width {
     // whole number of times, as x_plane's).
     width_plane dy_plane(const std::vector<int64_t> &read_lanes, int64_t align = 1) const;
     // The same when an image is one output row of the SpMM (stride 1,
-    // width_flat_spmm): rows at the padded width back to back, zero rows
-    // past the image for the farthest tap's read of the last vector.
+    // narrow rows: flat_spmm_split): rows at the padded width back to back,
+    // zero rows past the image for the farthest tap's read of the last
+    // vector.
     width_plane flat_dy_plane(const conv_layout::phase &f, int64_t read_lanes) const;
     // Element offset in the dY plane of tap t of phase f at its first position.
     int64_t dy_tap(const width_plane &plane, const conv_layout::phase &f, int64_t tap) const;

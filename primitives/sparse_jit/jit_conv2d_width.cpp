@@ -159,13 +159,17 @@ row_calls<jit::jit_spmm_width_kernel> spmm_calls(cpu_isa isa, sparse_dtype dt,
 // (unflatten_width_rows). Rows narrower than a vector lose those lanes and
 // more: 7 columns fill 7 of AVX-512's 16 lanes, 4 flat vectors an image
 // where the rows took 7. Taken where it needs at most 4/5 of the rows'
-// vectors; a split of width 0 where not.
+// vectors; a split of width 0 where not. Its width is whole vectors: the
+// flat rows go to a scratch whose channels are that long, the planes hold
+// the reads of every vector, so the last one is stored (and reloaded
+// between groups) whole, without a mask (AVX2's vmaskmovps is microcoded
+// on AMD).
 width_split flat_spmm_split(cpu_isa isa, sparse_dtype dt, jit::s8_word word, int64_t n_h,
                             int64_t n_w, int64_t row_len) {
     const width_split rows = spmm_split(isa, dt, n_w, word),
                       flat = spmm_split(isa, dt, n_h * row_len, word);
     if (5 * flat.vectors > 4 * n_h * rows.vectors) return {};
-    return flat;
+    return spmm_split(isa, dt, flat.read_lanes(), word);
 }
 
 // Whether the flat SpMM's kernels can step a block of images of
@@ -535,8 +539,11 @@ protected:
                 flat_ = w_.l.sh == 1 && w_.l.sw == 1 && flat_sddmm_pays(isa);
                 if (flat_) {
                     // a whole image is one output row: its rows at the
-                    // padded width back to back (dY too), a block of images
-                    const width_split split = sddmm_split(isa, scheme::dt, w_.l.out_h * w_.l.wp);
+                    // padded width back to back (dY too, zeros up to the
+                    // vectors' width: no tail to mask), a block of images
+                    const width_split split = sddmm_split(
+                            isa, scheme::dt,
+                            sddmm_split(isa, scheme::dt, w_.l.out_h * w_.l.wp).read_lanes());
                     plane_ = w_.flat_x_plane(split.read_lanes());
                     bwd_ = sddmm_calls(isa, scheme::dt, split, 0,
                                        w_.l.in_c * plane_.size() * bytes);
