@@ -484,40 +484,22 @@ protected:
                 const source_runs runs = aligned && !flat_spmm_
                                                  ? runs_of(m, offset, split.lanes * 4, per_position)
                                                  : source_runs{};
-                if (flat_spmm_) {
-                    fwd_ = spmm_calls(isa, scheme::dt, split, word_, 0, words * plane.size() * 4,
-                                      0);
-                    width_entries<scheme>(
-                            w_, m, offset, runs, w_.l.in_c, fwd_.kernels.front()->params().n_rows,
-                            plane.size() * spmm_bytes, threads, word_, spmm_, groups_);
-                    break;
-                }
-                fwd_ = spmm_calls(isa, scheme::dt, split, word_, w_.l.out_h,
-                                  w_.l.sh * plane_.row_len() * 4, runs.shifts);
-                width_entries<scheme>(
-                        w_, m, offset, runs, w_.l.in_c, block_rows(fwd_, w_.l.sh, x_span()),
-                        plane_.row_len() * spmm_bytes, threads, word_, spmm_, groups_);
+                // flat: the kernels' rows are images, a block of them reads
+                // their planes whole
+                fwd_ = flat_spmm_ ? spmm_calls(isa, scheme::dt, split, word_, 0,
+                                               words * plane.size() * 4, 0)
+                                  : spmm_calls(isa, scheme::dt, split, word_, w_.l.out_h,
+                                               w_.l.sh * plane.row_len() * 4, runs.shifts);
+                width_entries<scheme>(w_, m, offset, runs, w_.l.in_c,
+                                      flat_spmm_ ? fwd_.kernels.front()->params().n_rows
+                                                 : block_rows(fwd_, w_.l.sh, x_span()),
+                                      (flat_spmm_ ? plane.size() : plane.row_len()) * spmm_bytes,
+                                      threads, word_, spmm_, groups_);
                 break;
             }
             case direction::backward_data:
                 plane_ = make_phases(w_, isa, scheme::dt, word_, phases_);
-                if (flat_backward_data(isa, per_position)) {
-                    phase_plan<spmm_entries_t> &f = phases_.front();
-                    const conv_layout::phase ph = f.phase;
-                    const width_plane plane = plane_;
-                    const sparse_rows m = w_.backward_data_rows(p.pattern, ph);
-                    const auto offset = plane_offset(
-                            w_, plane.size(), per_position, 4,
-                            [&w, plane, ph](int64_t tap) { return w.dy_tap(plane, ph, tap); });
-                    const int64_t words = (w_.l.out_c + per_position - 1) / per_position;
-                    f.calls = spmm_calls(isa, scheme::dt, f.calls.split, word_, 0,
-                                         words * plane.size() * 4, 0);
-                    width_entries<scheme>(w_, m, offset, source_runs{}, w_.l.out_c,
-                                          f.calls.kernels.front()->params().n_rows,
-                                          plane.size() * spmm_bytes, threads, word_, f.entries,
-                                          f.groups);
-                    break;
-                }
+                choose_flat_backward_data(isa, per_position); // the one phase's, at stride 1
                 for (auto &f : phases_) {
                     const conv_layout::phase ph = f.phase;
                     const width_plane plane = plane_;
@@ -526,13 +508,20 @@ protected:
                             w_, plane.size(), per_position, 4,
                             [&w, plane, ph](int64_t tap) { return w.dy_tap(plane, ph, tap); });
                     const source_runs runs =
-                            aligned ? runs_of(m, offset, f.calls.split.lanes * 4, per_position)
+                            aligned && !flat_spmm_
+                                    ? runs_of(m, offset, f.calls.split.lanes * 4, per_position)
                                     : source_runs{};
-                    f.calls = spmm_calls(isa, scheme::dt, f.calls.split, word_, ph.n_h,
-                                         plane_.row_len() * 4, runs.shifts);
-                    width_entries<scheme>(
-                            w_, m, offset, runs, w_.l.out_c, block_rows(f.calls, 1, dy_span()),
-                            plane_.row_len() * spmm_bytes, threads, word_, f.entries, f.groups);
+                    const int64_t words = (w_.l.out_c + per_position - 1) / per_position;
+                    f.calls = flat_spmm_ ? spmm_calls(isa, scheme::dt, f.calls.split, word_, 0,
+                                                      words * plane.size() * 4, 0)
+                                         : spmm_calls(isa, scheme::dt, f.calls.split, word_, ph.n_h,
+                                                      plane.row_len() * 4, runs.shifts);
+                    width_entries<scheme>(w_, m, offset, runs, w_.l.out_c,
+                                          flat_spmm_ ? f.calls.kernels.front()->params().n_rows
+                                                     : block_rows(f.calls, 1, dy_span()),
+                                          (flat_spmm_ ? plane.size() : plane.row_len())
+                                                  * spmm_bytes,
+                                          threads, word_, f.entries, f.groups);
                 }
                 break;
             case direction::backward_weights: {
@@ -603,25 +592,24 @@ protected:
     // (flat_spmm_split) and every real lane of a row reads inside its dY row
     // (the lanes past them, which read on into the next row, are dropped):
     // sets flat_spmm_, the flat dY plane and the phase's split.
-    bool flat_backward_data(cpu_isa isa, int64_t per_position) {
-        if (l().sh != 1 || l().sw != 1 || phases_.size() != 1) return false;
+    void choose_flat_backward_data(cpu_isa isa, int64_t per_position) {
+        if (l().sh != 1 || l().sw != 1 || phases_.size() != 1) return;
         phase_plan<spmm_entries_t> &f = phases_.front();
-        if (f.phase.n_h != l().in_h || f.phase.n_w != l().in_w) return false; // diff_src whole
+        if (f.phase.n_h != l().in_h || f.phase.n_w != l().in_w) return; // diff_src whole
         const width_split flat =
                 flat_spmm_split(isa, scheme::dt, word_, f.phase.n_h, f.phase.n_w, l().owp);
-        if (flat.width == 0) return false;
+        if (flat.width == 0) return;
         for (int64_t kw = 0; kw < l().kw; ++kw) {
             int64_t mw = 0;
             conv_layout::tap_in_phase(f.phase.pw, kw, l().dw, l().sw, mw);
-            if (f.phase.qw0 + mw + l().dy_pad.left + f.phase.n_w > l().owp) return false;
+            if (f.phase.qw0 + mw + l().dy_pad.left + f.phase.n_w > l().owp) return;
         }
         const width_plane plane = w_.flat_dy_plane(f.phase, flat.read_lanes());
         const int64_t words = (l().out_c + per_position - 1) / per_position;
-        if (!flat_images_fit(words * plane.size() * 4)) return false;
+        if (!flat_images_fit(words * plane.size() * 4)) return;
         flat_spmm_ = true;
         plane_ = plane;
         f.calls.split = flat;
-        return true;
     }
     // The flat SpMM's output of `planes` planes of n_h x n_w into `out`,
     // through scratch slot 9 (its rows at the source's padded width).
@@ -721,43 +709,34 @@ protected:
                            const float *scale, values_t phase_values) const {
         const int64_t B = t.batch, ic = l().in_c, in_px = l().in_pixels();
         const int nt = p_.num_threads;
+        // the kernels of phase f writing rows `row` floats apart, `channel`
+        // a channel and `image` an image from `out`
+        auto phase_run = [&](const phase_plan<spmm_entries_t> &f, float *out, int64_t image,
+                             int64_t channel, int64_t row) {
+            return spmm_run{phase_values(f),
+                            f.entries->offsets.data(),
+                            &f.groups,
+                            &f.entries->bounds,
+                            static_cast<const uint8_t *>(dy),
+                            image_bytes,
+                            4,
+                            f.phase.n_h,
+                            out,
+                            image,
+                            channel,
+                            row,
+                            zeros,
+                            correction,
+                            scale};
+        };
         auto run_phase = [&](const phase_plan<spmm_entries_t> &f, float *out, int64_t image,
                              int64_t channel, int64_t row) {
-            const spmm_run run{phase_values(f),
-                               f.entries->offsets.data(),
-                               &f.groups,
-                               &f.entries->bounds,
-                               static_cast<const uint8_t *>(dy),
-                               image_bytes,
-                               4,
-                               f.phase.n_h,
-                               out,
-                               image,
-                               channel,
-                               row,
-                               zeros,
-                               correction,
-                               scale};
-            run(p_.dir, f.calls, B, nt);
+            phase_run(f, out, image, channel, row)(p_.dir, f.calls, B, nt);
         };
         if (flat_spmm_) { // stride 1: the one phase is diff_src whole
             const auto &f = phases_.front();
-            const spmm_run run{phase_values(f),
-                               f.entries->offsets.data(),
-                               &f.groups,
-                               &f.entries->bounds,
-                               static_cast<const uint8_t *>(dy),
-                               image_bytes,
-                               4,
-                               f.phase.n_h,
-                               nullptr,
-                               0,
-                               0,
-                               0,
-                               zeros,
-                               correction,
-                               scale};
-            run_flat(t, sp, run, f.calls, ic, f.phase.n_h, f.phase.n_w, l().owp, t.diff_src);
+            run_flat(t, sp, phase_run(f, nullptr, 0, 0, 0), f.calls, ic, f.phase.n_h, f.phase.n_w,
+                     l().owp, t.diff_src);
             return;
         }
         if (l().sw == 1) {
