@@ -92,8 +92,10 @@ struct spmm_width_call_params {
 // sum over output rows a of dy[r][a][lane] * x[x_offsets[e] + a * row_step +
 // lane] (the kernel's row_step). f32 dY rows are read as they are (the tail
 // lanes masked to zero); s8 dY rows are padded with zero bytes. An output
-// row may be a whole image (s8 at stride 1: its rows at the padded width,
-// dY's zero past each row), the row step then an image's.
+// row may be a whole image (at stride 1, s8 always and f32 on narrow rows:
+// its rows at the padded width, dY's zero past each row), the row step then
+// an image's. So may the SpMM's (narrow rows at stride 1: the lanes past
+// each row are then the caller's to drop).
 struct sddmm_width_call_params {
     const int32_t *x_offsets; // per entry: byte offset from the x base of output row 0
     const int64_t *group_ptr; // as in spmm_width_call_params (runs too, f32)

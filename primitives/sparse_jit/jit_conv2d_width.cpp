@@ -856,7 +856,9 @@ private:
         // block moving per row by dy_step floats (x by the kernel's step).
         const int64_t n_rows = flat_ ? B : l().out_h, images = flat_ ? 1 : B;
         const int64_t dy_step = flat_ ? dy_image : row;
-        if (flat_) flat_runs[2].fetch_add(1, std::memory_order_relaxed);
+        if (flat_)
+            flat_runs[static_cast<int>(direction::backward_weights)].fetch_add(
+                    1, std::memory_order_relaxed);
         const entry_plan &e = *sddmm_;
         for_parts(p_.dir, e.bounds, nt, [&](int64_t r0, int64_t r1) {
             std::fill(partial + e.row_ptr[r0] * vl, partial + e.row_ptr[r1] * vl, 0.f);
