@@ -236,11 +236,14 @@ std::string dense_conv_refusal(const problem &p) {
 } // namespace
 
 implementation dense_onednn_s8_conv2d_implementation() {
-    return {"dense:onednn_s8", dense_conv_refusal,
+    return {"dense:onednn_s8",
+            dense_conv_refusal,
             [](const problem &p) -> std::shared_ptr<const kernel> {
                 return std::make_shared<const dense_s8_conv2d_kernel>(p);
             },
-            false, op_kind::conv2d};
+            false,
+            op_kind::conv2d,
+            {}};
 }
 
 } // namespace qsp::detail

@@ -577,7 +577,8 @@ std::string conv_refusal(const problem &p, quant_scheme scheme, cpu_isa isa) {
 
 implementation jit_conv2d_batch(quant_scheme scheme, cpu_isa isa) {
     const char *name = jit_implementation_name(isa, "batch");
-    return {name, [scheme, isa](const problem &p) { return conv_refusal(p, scheme, isa); },
+    return {name,
+            [scheme, isa](const problem &p) { return conv_refusal(p, scheme, isa); },
             [name, scheme, isa](const problem &p) -> std::shared_ptr<const kernel> {
                 return cached_plan(name, isa, p, [&]() -> std::shared_ptr<const kernel> {
                     if (scheme == quant_scheme::s8)
@@ -585,7 +586,9 @@ implementation jit_conv2d_batch(quant_scheme scheme, cpu_isa isa) {
                     return std::make_shared<const jit_conv2d_f32_plan>(p, isa);
                 });
             },
-            false, op_kind::conv2d};
+            false,
+            op_kind::conv2d,
+            {}};
 }
 
 } // namespace qsp::detail

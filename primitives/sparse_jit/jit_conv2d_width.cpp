@@ -1107,7 +1107,8 @@ int64_t flat_width_runs_for_testing(direction dir) {
 
 implementation jit_conv2d_width(quant_scheme scheme, cpu_isa isa) {
     const char *name = jit_implementation_name(isa, "width");
-    return {name, [scheme, isa](const problem &p) { return width_refusal(p, scheme, isa); },
+    return {name,
+            [scheme, isa](const problem &p) { return width_refusal(p, scheme, isa); },
             [name, scheme, isa](const problem &p) -> std::shared_ptr<const kernel> {
                 return cached_plan(name, isa, p, [&]() -> std::shared_ptr<const kernel> {
                     if (scheme == quant_scheme::s8)
@@ -1115,7 +1116,9 @@ implementation jit_conv2d_width(quant_scheme scheme, cpu_isa isa) {
                     return std::make_shared<const jit_conv2d_width_f32_plan>(p, isa);
                 });
             },
-            false, op_kind::conv2d};
+            false,
+            op_kind::conv2d,
+            {}};
 }
 
 } // namespace qsp::detail
