@@ -152,6 +152,18 @@ row_calls<jit::jit_spmm_width_kernel> spmm_calls(cpu_isa isa, sparse_dtype dt,
     return c;
 }
 
+// The split of flat rows (n_h rows of row_len side by side, whole vectors)
+// against rows of n_w, or one of width 0 where it does not pay (flat_spmm_split
+// says which pay); split_of(width): the kernels' split of a row that wide;
+// `always`: taken whatever it saves (the s8 backward-weights).
+template <typename split_of_t>
+width_split flat_split(const split_of_t &split_of, int64_t n_h, int64_t n_w, int64_t row_len,
+                       bool always = false) {
+    const width_split rows = split_of(n_w), flat = split_of(n_h * row_len);
+    if (!always && 5 * flat.vectors > 4 * n_h * rows.vectors) return {};
+    return split_of(flat.read_lanes());
+}
+
 // The flat SpMM (stride 1 both ways): an image's output rows side by side
 // at the source's padded width `row_len` make one row of the kernels, and a
 // block of them a block of images. A lane past a row's last column sums a
@@ -166,10 +178,8 @@ row_calls<jit::jit_spmm_width_kernel> spmm_calls(cpu_isa isa, sparse_dtype dt,
 // on AMD).
 width_split flat_spmm_split(cpu_isa isa, sparse_dtype dt, jit::s8_word word, int64_t n_h,
                             int64_t n_w, int64_t row_len) {
-    const width_split rows = spmm_split(isa, dt, n_w, word),
-                      flat = spmm_split(isa, dt, n_h * row_len, word);
-    if (5 * flat.vectors > 4 * n_h * rows.vectors) return {};
-    return spmm_split(isa, dt, flat.read_lanes(), word);
+    return flat_split([&](int64_t width) { return spmm_split(isa, dt, width, word); }, n_h, n_w,
+                      row_len);
 }
 
 // Whether the flat SpMM's kernels can step a block of images of
@@ -525,17 +535,14 @@ protected:
                 }
                 break;
             case direction::backward_weights: {
-                flat_ = w_.l.sh == 1 && w_.l.sw == 1 && flat_sddmm_pays(isa);
+                const width_split flat = flat_sddmm_split(isa);
+                flat_ = flat.width != 0;
                 if (flat_) {
                     // a whole image is one output row: its rows at the
                     // padded width back to back (dY too, zeros up to the
                     // vectors' width: no tail to mask), a block of images
-                    const width_split split = sddmm_split(
-                            isa, scheme::dt,
-                            sddmm_split(isa, scheme::dt, w_.l.out_h * w_.l.wp).read_lanes());
-                    plane_ = w_.flat_x_plane(split.read_lanes());
-                    bwd_ = sddmm_calls(isa, scheme::dt, split, 0,
-                                       w_.l.in_c * plane_.size() * bytes);
+                    plane_ = w_.flat_x_plane(flat.read_lanes());
+                    bwd_ = sddmm_calls(isa, scheme::dt, flat, 0, w_.l.in_c * plane_.size() * bytes);
                 }
                 const sparse_rows m = w_.forward_rows(p.pattern);
                 auto offset_in = [&](const width_plane &plane) {
@@ -574,18 +581,21 @@ protected:
     const conv_layout &l() const { return w_.l; }
     int64_t x_span() const { return (l().kh - 1) * l().dh + 1; }
 
-    // Whether backward-weights at stride 1 takes an image as one output row
-    // (flat_): always in s8, whose byte lanes make a vector 4x f32's columns
-    // (C3's 14 columns filled 22 % of one); in f32 where the flat rows need
-    // at most 4/5 of the rows' vectors, as the flat SpMM (7 columns on
-    // AVX-512: 4 vectors an image, not 7), and the images fit the kernels'
-    // row step.
-    bool flat_sddmm_pays(cpu_isa isa) const {
-        if (scheme::dt == sparse_dtype::s8) return true;
-        const width_split rows = sddmm_split(isa, scheme::dt, l().out_w),
-                          flat = sddmm_split(isa, scheme::dt, l().out_h * l().wp);
-        return 5 * flat.vectors <= 4 * l().out_h * rows.vectors
-               && flat_images_fit(l().in_c * w_.flat_x_plane(flat.read_lanes()).size() * 4);
+    // The split of backward-weights' flat rows (flat_: an image one output
+    // row) at stride 1, or a split of width 0: always in s8, whose byte lanes
+    // make a vector 4x f32's columns (C3's 14 columns filled 22 % of one);
+    // in f32 where the flat rows need at most 4/5 of the rows' vectors, as
+    // the flat SpMM (7 columns on AVX-512: 4 vectors an image, not 7), and
+    // the images fit the kernels' row step.
+    width_split flat_sddmm_split(cpu_isa isa) const {
+        if (l().sh != 1 || l().sw != 1) return {};
+        const bool s8 = scheme::dt == sparse_dtype::s8;
+        const width_split flat =
+                flat_split([&](int64_t width) { return sddmm_split(isa, scheme::dt, width); },
+                           l().out_h, l().out_w, l().wp, s8);
+        if (s8 || flat.width == 0) return flat;
+        const int64_t image_bytes = l().in_c * w_.flat_x_plane(flat.read_lanes()).size() * 4;
+        return flat_images_fit(image_bytes) ? flat : width_split{};
     }
 
     // Backward-data at stride 1 (one phase) on the flat SpMM, where it pays
